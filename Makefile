@@ -1,0 +1,40 @@
+# The one entry point for contributors and CI: `make test` works on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SYSTEM_TOOLS := iptables iptables-legacy iptables-nft nft ip git socat
+APT_PACKAGES := iptables nftables iproute2 git socat netcat-openbsd conntrack libxtables-dev
+
+.PHONY: test lint unit sysdeps venv bench clean
+
+test: sysdeps venv lint
+	$(PY) -m pytest -q -ra
+
+lint: venv
+	$(VENV)/bin/ruff check reconciler tests bench
+	$(VENV)/bin/ruff format --check reconciler tests bench
+
+# Installs the kernel-facing tools the tests drive, only when one is missing.
+sysdeps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing system packages (missing:$$missing)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	  else echo "warning: missing$$missing; tests that need them will skip" >&2; fi; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+bench: venv
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

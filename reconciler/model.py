@@ -1,0 +1,380 @@
+"""The policy model: what a policy repository means once loaded and validated.
+
+Everything here is immutable and hashable so that compiled plans are deterministic and can be
+compared, cached and content-addressed.  Addresses and ports are normalised on construction
+(a CIDR, a one-address range and a bare address that cover the same interval compare equal),
+because Cloud Foundry lets the same destination be written many ways and the plan must not
+change when only the spelling does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Literal
+
+Protocol = Literal["tcp", "udp", "icmp", "icmpv6", "all"]
+Lifecycle = Literal["running", "staging"]
+PROTOCOLS: tuple[str, ...] = ("tcp", "udp", "icmp", "icmpv6", "all")
+LIFECYCLES: tuple[str, ...] = ("running", "staging")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Location:
+    """Where a value was written, so every finding and every installed rule can point at it."""
+
+    file: str
+    line: int
+    col: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+    @property
+    def short(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class AddressRange:
+    """An inclusive interval of addresses of one IP version.
+
+    Kept as integers so that containment, overlap and equality are exact regardless of how the
+    policy author spelled the destination.
+    """
+
+    version: int
+    first: int
+    last: int
+
+    @classmethod
+    def parse(cls, text: str) -> AddressRange:
+        """Parse an address, CIDR (host bits allowed, as in CF) or `a-b` range.
+
+        Raises ValueError; callers that need Cloud Foundry's messages validate first.
+        """
+        if "-" in text:
+            lo, hi = text.split("-", 1)
+            a, b = ipaddress.ip_address(lo), ipaddress.ip_address(hi)
+            if a.version != b.version:
+                raise ValueError("range ends are of different IP versions")
+            if int(a) > int(b):
+                raise ValueError("range endpoints are inverted")
+            return cls(a.version, int(a), int(b))
+        net = ipaddress.ip_network(text, strict=False)
+        return cls(net.version, int(net.network_address), int(net.broadcast_address))
+
+    @property
+    def bits(self) -> int:
+        return 32 if self.version == 4 else 128
+
+    def _addr(self, value: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        if self.version == 4:
+            return ipaddress.IPv4Address(value)
+        return ipaddress.IPv6Address(value)
+
+    @property
+    def first_address(self) -> str:
+        return str(self._addr(self.first))
+
+    @property
+    def last_address(self) -> str:
+        return str(self._addr(self.last))
+
+    def cidr(self) -> str | None:
+        """The exact CIDR covering this interval, if it is one (iptables `-d` can match it)."""
+        size = self.last - self.first + 1
+        if size & (size - 1):
+            return None
+        if self.first % size:
+            return None
+        prefix = self.bits - (size.bit_length() - 1)
+        return f"{self.first_address}/{prefix}"
+
+    def contains(self, version: int, address: int) -> bool:
+        return version == self.version and self.first <= address <= self.last
+
+    def covers(self, other: AddressRange) -> bool:
+        return (
+            other.version == self.version and self.first <= other.first and other.last <= self.last
+        )
+
+    def __str__(self) -> str:
+        cidr = self.cidr()
+        if cidr is not None:
+            return cidr.removesuffix("/32") if self.version == 4 else cidr.removesuffix("/128")
+        return f"{self.first_address}-{self.last_address}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PortRange:
+    first: int
+    last: int
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+    def covers(self, other: PortRange) -> bool:
+        return self.first <= other.first and other.last <= self.last
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One Cloud Foundry rule, normalised.
+
+    `destinations` is the parsed comma list (one entry for a single destination).  `ports` is
+    empty for protocols that take none.  ICMP type and code use -1 for "any", as CF's API does.
+    """
+
+    protocol: str
+    destinations: tuple[AddressRange, ...]
+    ports: tuple[PortRange, ...] = ()
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    log: bool = False
+    description: str = field(default="", compare=False)
+    location: Location | None = field(default=None, compare=False)
+
+    def items(self) -> tuple[RuleItem, ...]:
+        """One item per destination: the unit that is installed, deduplicated and explained."""
+        return tuple(
+            RuleItem(self.protocol, d, self.ports, self.icmp_type, self.icmp_code, self.log)
+            for d in self.destinations
+        )
+
+    def covers(self, other: Rule) -> bool:
+        """True if every packet `other` allows is also allowed by this rule."""
+        return all(any(mine.covers(item) for mine in self.items()) for item in other.items())
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class RuleItem:
+    """A rule with a single destination: what one line of the dataplane matches."""
+
+    protocol: str
+    destination: AddressRange
+    ports: tuple[PortRange, ...] = ()
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    log: bool = False
+
+    @property
+    def version(self) -> int:
+        return self.destination.version
+
+    def key(self) -> str:
+        """A canonical text form: the content that rule ids and group ids hash."""
+        parts = [self.protocol, str(self.destination.version), str(self.destination)]
+        if self.ports:
+            parts.append(",".join(str(p) for p in self.ports))
+        if self.icmp_type is not None:
+            parts.append(f"type={self.icmp_type}")
+        if self.icmp_code is not None:
+            parts.append(f"code={self.icmp_code}")
+        if self.log:
+            parts.append("log")
+        return " ".join(parts)
+
+    def covers(self, other: RuleItem) -> bool:
+        if not self.destination.covers(other.destination):
+            return False
+        if self.protocol != "all" and self.protocol != other.protocol:
+            return False
+        if self.protocol in ("tcp", "udp"):
+            return all(any(p.covers(q) for p in self.ports) for q in other.ports)
+        if self.protocol in ("icmp", "icmpv6"):
+            if self.icmp_type not in (-1, other.icmp_type):
+                return False
+            return self.icmp_code in (-1, other.icmp_code)
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityGroup:
+    """An Application Security Group with its bindings resolved to space GUIDs."""
+
+    name: str
+    rules: tuple[Rule, ...]
+    description: str = ""
+    running_default: bool = False
+    staging_default: bool = False
+    running_spaces: tuple[str, ...] = ()
+    staging_spaces: tuple[str, ...] = ()
+    location: Location | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """A named external service (CF's dynamic egress destination)."""
+
+    name: str
+    protocol: str
+    ips: tuple[AddressRange, ...]
+    ports: tuple[PortRange, ...] = ()
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    description: str = ""
+    location: Location | None = field(default=None, compare=False)
+
+    def as_rule(self) -> Rule:
+        return Rule(
+            protocol=self.protocol,
+            destinations=self.ips,
+            ports=self.ports,
+            icmp_type=self.icmp_type,
+            icmp_code=self.icmp_code,
+            description=self.description,
+            location=self.location,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EgressPolicy:
+    """Grants one destination to an app, a space, or every app (`default`)."""
+
+    name: str
+    source_type: Literal["app", "space", "default"]
+    source_id: str | None
+    destination: str
+    app_lifecycle: Literal["running", "staging", "all"] = "all"
+    description: str = ""
+    location: Location | None = field(default=None, compare=False)
+
+    def applies_to(self, lifecycle: str) -> bool:
+        return self.app_lifecycle in ("all", lifecycle)
+
+
+@dataclass(frozen=True, slots=True)
+class Org:
+    guid: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Space:
+    guid: str
+    name: str
+    org_guid: str
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    guid: str
+    name: str
+    space_guid: str
+
+
+@dataclass(frozen=True)
+class Directory:
+    """Names and GUIDs of orgs, spaces and apps, so policy can say `payments/prod/backend`."""
+
+    orgs: tuple[Org, ...] = ()
+    spaces: tuple[Space, ...] = ()
+    apps: tuple[App, ...] = ()
+
+    @cached_property
+    def _org_by_guid(self) -> dict[str, Org]:
+        return {o.guid: o for o in self.orgs}
+
+    @cached_property
+    def _space_by_guid(self) -> dict[str, Space]:
+        return {s.guid: s for s in self.spaces}
+
+    @cached_property
+    def _app_by_guid(self) -> dict[str, App]:
+        return {a.guid: a for a in self.apps}
+
+    @cached_property
+    def _space_by_path(self) -> dict[str, str]:
+        return {self.space_path(s.guid): s.guid for s in self.spaces}
+
+    @cached_property
+    def _app_by_path(self) -> dict[str, str]:
+        return {self.app_path(a.guid): a.guid for a in self.apps}
+
+    def space_path(self, guid: str) -> str:
+        """`org/space` for a known space GUID, else the GUID itself."""
+        space = self._space_by_guid.get(guid)
+        if space is None:
+            return guid
+        org = self._org_by_guid.get(space.org_guid)
+        return f"{org.name if org else space.org_guid}/{space.name}"
+
+    def app_path(self, guid: str) -> str:
+        """`org/space/app` for a known app GUID, else the GUID itself."""
+        app = self._app_by_guid.get(guid)
+        if app is None:
+            return guid
+        return f"{self.space_path(app.space_guid)}/{app.name}"
+
+    def resolve_space(self, ref: str) -> str | None:
+        """A space GUID for `org/space` or a GUID; None when a name does not resolve."""
+        if "/" in ref:
+            return self._space_by_path.get(ref)
+        return ref
+
+    def resolve_app(self, ref: str) -> str | None:
+        if "/" in ref:
+            return self._app_by_path.get(ref)
+        return ref
+
+    def knows_space(self, guid: str) -> bool:
+        return guid in self._space_by_guid
+
+    def knows_app(self, guid: str) -> bool:
+        return guid in self._app_by_guid
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """Everything one revision of a policy repository says, validated and resolved."""
+
+    security_groups: tuple[SecurityGroup, ...] = ()
+    destinations: tuple[Destination, ...] = ()
+    egress_policies: tuple[EgressPolicy, ...] = ()
+    directory: Directory = field(default_factory=Directory)
+    tests: tuple[PolicyTest, ...] = ()
+
+    @cached_property
+    def destination_by_name(self) -> dict[str, Destination]:
+        return {d.name: d for d in self.destinations}
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyTest:
+    """An assertion kept in the policy repo: this principal may (not) reach this endpoint."""
+
+    name: str
+    app: str | None
+    space: str | None
+    lifecycle: str
+    protocol: str
+    address: str
+    port: int | None
+    expect: Literal["allow", "deny"]
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    location: Location | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Container:
+    """A container on a cell, as CF's container metadata store describes it."""
+
+    handle: str
+    ip: str
+    app_id: str = ""
+    space_id: str = ""
+    org_id: str = ""
+    policy_group_id: str = ""
+    workload: str = "app"
+
+    @property
+    def version(self) -> int:
+        return ipaddress.ip_address(self.ip).version
+
+    @property
+    def lifecycle(self) -> str:
+        """CF gives staging containers the staging rules; apps and tasks the running ones."""
+        return "staging" if self.workload == "staging" else "running"
