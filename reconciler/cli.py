@@ -1,9 +1,233 @@
-"""The asgctl command line: a thin click layer over the reconciler API."""
+"""The asgctl command line: a thin click layer over the reconciler API.
+
+Exit codes follow the tools operators already script against: 0 success, 1 invalid input or
+failure, 2 usage error (click's own) -- except where a command documents a detailed code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
 
 import click
+
+from reconciler.compile import compile_cell
+from reconciler.endpoint import parse_endpoint
+from reconciler.explain import explain, find_container
+from reconciler.inventory import InventoryError, parse_store
+from reconciler.model import PolicySet
+from reconciler.plan import CellPlan
+from reconciler.policy.findings import render_findings
+from reconciler.policy.load import load_policy
+from reconciler.render.iptables import render_text
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _policy(policies: str, rev: str | None) -> PolicySet:
+    """Load and validate; any error stops the command before it computes anything."""
+    result = load_policy(policies, rev)
+    if not result.ok:
+        click.echo(render_findings(result.findings, "text"), err=True, nl=False)
+        _fail(f"policy at {policies}{'@' + rev if rev else ''} is invalid; nothing was done")
+    return result.policy
+
+
+def _inventory(path: str):  # type: ignore[no-untyped-def]
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        _fail(f"{path}: {exc.strerror}")
+    try:
+        return parse_store(data, path)
+    except InventoryError as exc:
+        _fail(str(exc))
+
+
+def _plan(policies: str, rev: str | None, containers: str, cell: str) -> tuple[PolicySet, CellPlan]:
+    policy = _policy(policies, rev)
+    return policy, compile_cell(policy, _inventory(containers), cell)
+
+
+policies_option = click.option(
+    "--policies",
+    default="policies",
+    show_default=True,
+    type=click.Path(file_okay=True, dir_okay=True),
+    help="Policy folder (read from disk, or from git with --rev).",
+)
+rev_option = click.option(
+    "--rev", default=None, help="Read the policies at this git revision instead of the disk."
+)
+containers_option = click.option(
+    "--containers",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The cell's container metadata store (CF's store.json).",
+)
 
 
 @click.group()
 @click.version_option(package_name="asgctl")
 def main() -> None:
     """GitOps reconciler for Cloud Foundry-style egress firewalls."""
+
+
+@main.command()
+@click.argument("path", default="policies", type=click.Path())
+@rev_option
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "github"]),
+    default="text",
+    show_default=True,
+)
+def validate(path: str, rev: str | None, fmt: str) -> None:
+    """Validate a policy repository: JSON Schemas, then Cloud Foundry's rule grammar.
+
+    Exit 0 when valid (warnings allowed), 1 when invalid.
+    """
+    result = load_policy(path, rev)
+    click.echo(render_findings(result.findings, fmt), nl=False)
+    sys.exit(0 if result.ok else 1)
+
+
+@main.command("import-cf")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--name", default=None, help="Group name for a bare rules array (default: file name)."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Write one YAML file per group here (default: print to stdout).",
+)
+def import_cf_cmd(files: tuple[str, ...], name: str | None, out_dir: str | None) -> None:
+    """Convert Cloud Foundry ASG JSON (rules array, v3 resource or v3 list) to policy YAML.
+
+    Invalid CF rules are reported with Cloud Controller's messages and nothing is written.
+    """
+    from reconciler.policy.importcf import dump_documents, import_cf
+
+    docs: list[dict] = []
+    errors: list[str] = []
+    for file in files:
+        try:
+            data = json.loads(Path(file).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            errors.append(f"{file}: cannot read JSON: {exc}")
+            continue
+        got, errs = import_cf(data, name=name or Path(file).stem)
+        docs.extend(got)
+        errors.extend(f"{file}: {e}" for e in errs)
+    names = [d.get("name") for d in docs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    errors.extend(f"group name {n!r} appears more than once" for n in dupes)
+    if errors:
+        for e in errors:
+            click.echo(e, err=True)
+        _fail("nothing was written")
+    if out_dir is None:
+        click.echo(dump_documents(docs), nl=False)
+        return
+    target = Path(out_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    for doc in docs:
+        path = target / f"{_file_stem(doc['name'])}.yaml"
+        path.write_text(dump_documents([doc]), encoding="utf-8")
+        click.echo(f"wrote {path}")
+
+
+def _file_stem(name: str) -> str:
+    safe = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_" for ch in name)
+    return safe.strip(".")[:120] or "group"
+
+
+@main.command()
+@containers_option
+@policies_option
+@rev_option
+@click.option("--cell", default="", help="Cell name recorded in the plan.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["iptables", "json"]),
+    default="iptables",
+    show_default=True,
+)
+@click.option(
+    "--family",
+    type=click.Choice(["4", "6"]),
+    default=None,
+    help="Only this IP family (iptables format prints both by default).",
+)
+def render(
+    containers: str, policies: str, rev: str | None, cell: str, fmt: str, family: str | None
+) -> None:
+    """Compile the cell's plan and print it as iptables-restore input or JSON."""
+    _, plan = _plan(policies, rev, containers, cell)
+    if fmt == "json":
+        click.echo(plan.to_json(), nl=False)
+        return
+    families = [int(family)] if family else [4, 6]
+    for fam in families:
+        if len(families) > 1:
+            click.echo(f"# {'iptables' if fam == 4 else 'ip6tables'}-restore --noflush")
+        click.echo(render_text(plan, fam), nl=False)
+
+
+@main.command("explain")
+@containers_option
+@policies_option
+@rev_option
+@click.option("--app", default=None, help="App GUID or org/space/app.")
+@click.option("--container", "handle", default=None, help="Container handle.")
+@click.option("--to", "to", required=True, help="IP[:PORT][/PROTO], e.g. 198.51.100.7:443/tcp.")
+@click.option("--icmp-type", type=int, default=None)
+@click.option("--icmp-code", type=int, default=None)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def explain_cmd(
+    containers: str,
+    policies: str,
+    rev: str | None,
+    app: str | None,
+    handle: str | None,
+    to: str,
+    icmp_type: int | None,
+    icmp_code: int | None,
+    fmt: str,
+) -> None:
+    """Would this app's container be allowed to reach IP:PORT, and by which rules?
+
+    Exit 0 when allowed, 3 when denied, 1 on error.
+    """
+    if (app is None) == (handle is None):
+        raise click.UsageError("give exactly one of --app or --container")
+    try:
+        endpoint = parse_endpoint(to, icmp_type, icmp_code)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--to") from None
+    policy, plan = _plan(policies, rev, containers, "")
+    app_id = None
+    if app is not None:
+        app_id = policy.directory.resolve_app(app)
+        if app_id is None:
+            _fail(f"app {app!r} is not in the directory")
+    try:
+        cp = find_container(plan, handle=handle, app=app_id)
+    except LookupError as exc:
+        _fail(str(exc))
+    decision = explain(policy, plan, cp, endpoint)
+    if fmt == "json":
+        click.echo(json.dumps(decision.to_dict(), indent=2))
+    else:
+        name = policy.directory.app_path(cp.container.app_id) if cp.container.app_id else ""
+        click.echo(decision.text(name), nl=False)
+    sys.exit(0 if decision.allowed else 3)

@@ -1,0 +1,186 @@
+"""Compile a policy set and a cell's inventory into that cell's Plan (pure, deterministic).
+
+Cloud Foundry semantics, as the vxlan-policy-agent applies them:
+
+* `staging` containers get the ASGs bound to their space for staging plus the global staging
+  defaults; `app` and `task` containers get the running ones.
+* Egress policies add their destination to containers whose app (type app), space (type
+  space) or any app (type default) matches, when `app_lifecycle` is `all` or equals the
+  container's lifecycle.
+* A container without a space (CF writes none for some system containers) gets only what does
+  not need one: the global defaults, `default` egress policies and policies for its app GUID.
+* Rules only allow; everything else is rejected.
+
+Where CF installs every rule of every ASG again for every container, the plan installs each
+distinct rule once per cell: rules are partitioned by the exact set of container profiles
+that get them, each part becomes one shared group chain, and each container jumps to the
+groups of its profile.  A rule two ASGs both contain is therefore installed once.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from reconciler.model import Container, PolicySet, Rule, RuleItem
+from reconciler.plan import (
+    CF_CONTAINER_FIXED_LINES,
+    CellPlan,
+    ContainerPlan,
+    PlanRule,
+    Provenance,
+    RuleGroup,
+    content_id,
+    item_lines,
+)
+
+Profile = tuple[int, str, str, str]  # (IP version, lifecycle, space GUID, app GUID)
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A rule a container gets, with the document that grants it."""
+
+    provenance: Provenance
+    rule: Rule
+
+
+def profile_of(container: Container) -> Profile:
+    """Everything that decides which rules a container gets; equal profiles, equal rules."""
+    return (container.version, container.lifecycle, container.space_id, container.app_id)
+
+
+class _Index:
+    """Bindings indexed once per compile, so each profile's sources are found without scans."""
+
+    def __init__(self, policy: PolicySet):
+        self.global_groups: dict[str, list[Source]] = defaultdict(list)
+        self.space_groups: dict[tuple[str, str], list[Source]] = defaultdict(list)
+        for sg in policy.security_groups:
+            sources = [
+                Source(
+                    Provenance(
+                        "SecurityGroup",
+                        sg.name,
+                        i,
+                        rule.location.short if rule.location else _where(sg.location),
+                    ),
+                    rule,
+                )
+                for i, rule in enumerate(sg.rules)
+            ]
+            if sg.running_default:
+                self.global_groups["running"].extend(sources)
+            if sg.staging_default:
+                self.global_groups["staging"].extend(sources)
+            for space in sg.running_spaces:
+                self.space_groups[("running", space)].extend(sources)
+            for space in sg.staging_spaces:
+                self.space_groups[("staging", space)].extend(sources)
+        self.default_policies: dict[str, list[Source]] = defaultdict(list)
+        self.app_policies: dict[tuple[str, str], list[Source]] = defaultdict(list)
+        self.space_policies: dict[tuple[str, str], list[Source]] = defaultdict(list)
+        destinations = policy.destination_by_name
+        for ep in policy.egress_policies:
+            dest = destinations.get(ep.destination)
+            if dest is None:
+                continue
+            src = Source(
+                Provenance("EgressPolicy", ep.name, None, _where(ep.location), dest.name),
+                dest.as_rule(),
+            )
+            for lifecycle in ("running", "staging"):
+                if not ep.applies_to(lifecycle):
+                    continue
+                if ep.source_type == "default":
+                    self.default_policies[lifecycle].append(src)
+                elif ep.source_type == "app" and ep.source_id:
+                    self.app_policies[(lifecycle, ep.source_id)].append(src)
+                elif ep.source_type == "space" and ep.source_id:
+                    self.space_policies[(lifecycle, ep.source_id)].append(src)
+
+    def sources(self, lifecycle: str, space_id: str, app_id: str) -> list[Source]:
+        out = list(self.global_groups.get(lifecycle, ()))
+        out.extend(self.default_policies.get(lifecycle, ()))
+        if space_id:
+            out.extend(self.space_groups.get((lifecycle, space_id), ()))
+            out.extend(self.space_policies.get((lifecycle, space_id), ()))
+        if app_id:
+            out.extend(self.app_policies.get((lifecycle, app_id), ()))
+        return out
+
+
+def _where(location: object) -> str:
+    short = getattr(location, "short", None)
+    return short if isinstance(short, str) else ""
+
+
+def container_sources(policy: PolicySet, container: Container) -> list[Source]:
+    """Every rule the container gets and who grants it (used by `explain` and policy tests)."""
+    return _Index(policy).sources(container.lifecycle, container.space_id, container.app_id)
+
+
+def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str = "") -> CellPlan:
+    """The plan for one cell; same input, same plan, byte for byte."""
+    index = _Index(policy)
+    containers = sorted(containers)
+    item_cache: dict[int, tuple[RuleItem, ...]] = {}
+    profiles: dict[Profile, dict[RuleItem, set[Provenance]]] = {}
+    for c in containers:
+        profile = profile_of(c)
+        if profile in profiles:
+            continue
+        items: dict[RuleItem, set[Provenance]] = {}
+        for src in index.sources(profile[1], profile[2], profile[3]):
+            key = id(src.rule)
+            cached = item_cache.get(key)
+            if cached is None:
+                cached = item_cache[key] = src.rule.items()
+            for item in cached:
+                if item.version == profile[0]:
+                    items.setdefault(item, set()).add(src.provenance)
+        profiles[profile] = items
+
+    # Partition the distinct items by the exact set of profiles that get them.
+    holders: dict[RuleItem, list[Profile]] = defaultdict(list)
+    provenance: dict[RuleItem, set[Provenance]] = defaultdict(set)
+    for profile in sorted(profiles):
+        for item, prov in profiles[profile].items():
+            holders[item].append(profile)
+            provenance[item] |= prov
+    parts: dict[tuple[Profile, ...], list[RuleItem]] = defaultdict(list)
+    for item, owners in holders.items():
+        parts[tuple(owners)].append(item)
+
+    groups: list[RuleGroup] = []
+    groups_of: dict[Profile, list[RuleGroup]] = defaultdict(list)
+    for owners, items in parts.items():
+        rules = tuple(
+            PlanRule(content_id(item.key()), item, tuple(sorted(provenance[item])))
+            for item in sorted(items)
+        )
+        group = RuleGroup(content_id("\n".join(r.id for r in rules)), items[0].version, rules)
+        groups.append(group)
+        for profile in owners:
+            groups_of[profile].append(group)
+
+    container_plans = []
+    cf_equivalent = 0
+    for c in containers:
+        mine = groups_of.get(profile_of(c), [])
+        # Groups with logging rules first: a log rule must see the packet before a silent
+        # accept of the same traffic in another group can take it.
+        ordered = sorted(mine, key=lambda g: (not g.has_log, g.id))
+        container_plans.append(
+            ContainerPlan(c, content_id("container " + c.handle), tuple(g.id for g in ordered))
+        )
+        cf_equivalent += CF_CONTAINER_FIXED_LINES + sum(
+            item_lines(item) for item in profiles[profile_of(c)]
+        )
+    return CellPlan(
+        cell=cell,
+        containers=tuple(container_plans),
+        groups=tuple(sorted(groups, key=lambda g: g.id)),
+        cf_equivalent_rules=cf_equivalent,
+    )

@@ -1,0 +1,86 @@
+"""The `IP[:PORT][/PROTO]` notation shared by `asgctl explain`, policy tests and the lab."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+_PORT_PROTOCOLS = ("tcp", "udp")
+_ALL_PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6")
+_BRACKETED = re.compile(r"^\[(?P<ip>[0-9A-Fa-f:.]+)\](?::(?P<port>[0-9]{1,5}))?$")
+_PLAIN = re.compile(r"^(?P<ip>[0-9.]+)(?::(?P<port>[0-9]{1,5}))?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A concrete packet's destination: what a policy decision is asked about."""
+
+    version: int
+    address: int
+    protocol: str
+    port: int | None = None
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+
+    @property
+    def address_text(self) -> str:
+        if self.version == 4:
+            return str(ipaddress.IPv4Address(self.address))
+        return str(ipaddress.IPv6Address(self.address))
+
+    def __str__(self) -> str:
+        addr = self.address_text
+        if self.version == 6 and self.port is not None:
+            addr = f"[{addr}]"
+        text = addr if self.port is None else f"{addr}:{self.port}"
+        return f"{text}/{self.protocol}"
+
+
+def parse_endpoint(
+    text: str, icmp_type: int | None = None, icmp_code: int | None = None
+) -> Endpoint:
+    """Parse `198.18.0.1:443/tcp`, `[fd00::1]:53/udp`, `fd00::1/icmpv6`, `198.18.0.1/icmp`.
+
+    A port without a protocol means TCP.  ICMP without a type means an echo request (the ping
+    most people test with).  Raises ValueError with a message fit for a user.
+    """
+    body, _, proto = text.strip().partition("/")
+    proto = proto.lower()
+    match = _BRACKETED.match(body) or _PLAIN.match(body)
+    if match is None:
+        try:
+            ip = ipaddress.ip_address(body)
+        except ValueError:
+            raise ValueError(f"{text!r} is not IP[:PORT][/PROTO]") from None
+        port_text = None
+    else:
+        try:
+            ip = ipaddress.ip_address(match["ip"])
+        except ValueError:
+            raise ValueError(f"{match['ip']!r} is not an IP address") from None
+        port_text = match["port"]
+    port = int(port_text) if port_text is not None else None
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 1-65535")
+    if not proto:
+        if port is None:
+            raise ValueError(f"{text!r}: give a port (for tcp) or a protocol, e.g. /icmp")
+        proto = "tcp"
+    if proto not in _ALL_PROTOCOLS:
+        raise ValueError(f"protocol {proto!r} must be one of {', '.join(_ALL_PROTOCOLS)}")
+    if proto in _PORT_PROTOCOLS and port is None:
+        raise ValueError(f"{text!r}: {proto} needs a port")
+    if proto not in _PORT_PROTOCOLS and port is not None:
+        raise ValueError(f"{text!r}: {proto} takes no port")
+    if proto == "icmp" and ip.version != 4:
+        raise ValueError("icmp needs an IPv4 address (use icmpv6)")
+    if proto == "icmpv6" and ip.version != 6:
+        raise ValueError("icmpv6 needs an IPv6 address")
+    if proto in ("icmp", "icmpv6"):
+        echo = 8 if proto == "icmp" else 128
+        icmp_type = echo if icmp_type is None else icmp_type
+        icmp_code = 0 if icmp_code is None else icmp_code
+    else:
+        icmp_type = icmp_code = None
+    return Endpoint(ip.version, int(ip), proto, port, icmp_type, icmp_code)

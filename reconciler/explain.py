@@ -1,0 +1,128 @@
+"""Why a container may or may not reach an endpoint, answered from the compiled plan.
+
+The answer is read off the same plan the dataplane installs (the container's groups and their
+rules), then each allowing rule is traced to the documents that grant it to *this* container,
+so app developers see the ASG or egress policy and the file:line, not a chain name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reconciler.compile import container_sources
+from reconciler.endpoint import Endpoint
+from reconciler.model import Container, PolicySet, RuleItem
+from reconciler.plan import CellPlan, ContainerPlan, PlanRule, Provenance
+
+
+def item_allows(item: RuleItem, ep: Endpoint) -> bool:
+    """Does this rule item accept a new connection to `ep`?  Mirrors the rendered match."""
+    if not item.destination.contains(ep.version, ep.address):
+        return False
+    if item.protocol == "all":
+        return True
+    if item.protocol != ep.protocol:
+        return False
+    if item.protocol in ("tcp", "udp"):
+        if not item.ports:
+            return True
+        return ep.port is not None and any(p.first <= ep.port <= p.last for p in item.ports)
+    if item.icmp_type is None or item.icmp_type < 0:
+        return True
+    if item.icmp_type != ep.icmp_type:
+        return False
+    return item.icmp_code is None or item.icmp_code < 0 or item.icmp_code == ep.icmp_code
+
+
+@dataclass(frozen=True)
+class Match:
+    group: str
+    rule: PlanRule
+    sources: tuple[Provenance, ...]
+
+
+@dataclass(frozen=True)
+class Decision:
+    container: Container
+    endpoint: Endpoint
+    allowed: bool
+    matches: tuple[Match, ...]
+    near_misses: tuple[Match, ...]
+    rule_count: int
+
+    def text(self, directory_name: str = "") -> str:
+        who = directory_name or self.container.app_id or self.container.handle
+        head = "ALLOW" if self.allowed else "DENY"
+        lines = [
+            f"{head} {self.container.handle} ({who}, {self.container.lifecycle}) -> {self.endpoint}"
+        ]
+        if self.allowed:
+            for m in self.matches:
+                lines.append(f"  allowed by rule {m.rule.id} in group {m.group}:")
+                lines.extend(f"    {s}" for s in m.sources)
+        else:
+            lines.append(
+                f"  no rule allows it: the container has {self.rule_count} rules in its groups"
+            )
+            for m in self.near_misses:
+                lines.append(
+                    f"  {_describe(m.rule.item)} covers the address but not this "
+                    f"protocol/port, from:"
+                )
+                lines.extend(f"    {s}" for s in m.sources)
+            lines.append("  everything not allowed is rejected and logged (ASG DENY)")
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "container": self.container.handle,
+            "endpoint": str(self.endpoint),
+            "decision": "allow" if self.allowed else "deny",
+            "matches": [
+                {
+                    "group": m.group,
+                    "rule": m.rule.to_dict() | {"sources": [s.to_dict() for s in m.sources]},
+                }
+                for m in self.matches
+            ],
+            "near_misses": [{"group": m.group, "rule": m.rule.to_dict()} for m in self.near_misses],
+        }
+
+
+def _describe(item: RuleItem) -> str:
+    text = f"{item.protocol} {item.destination}"
+    if item.ports:
+        text += " ports " + ",".join(str(p) for p in item.ports)
+    return text
+
+
+def explain(policy: PolicySet, plan: CellPlan, cp: ContainerPlan, ep: Endpoint) -> Decision:
+    """Allow or deny for one container and endpoint, with every deciding rule and its origin."""
+    mine = {s.provenance for s in container_sources(policy, cp.container)}
+    groups = plan.group_by_id
+    matches: list[Match] = []
+    near: list[Match] = []
+    count = 0
+    for gid in cp.groups:
+        for rule in groups[gid].rules:
+            count += 1
+            sources = tuple(s for s in rule.sources if s in mine)
+            if item_allows(rule.item, ep):
+                matches.append(Match(gid, rule, sources))
+            elif rule.item.destination.contains(ep.version, ep.address):
+                near.append(Match(gid, rule, sources))
+    return Decision(cp.container, ep, bool(matches), tuple(matches), tuple(near), count)
+
+
+def find_container(
+    plan: CellPlan, *, handle: str | None = None, app: str | None = None
+) -> ContainerPlan:
+    """The container to explain: by handle, or the first container (by handle) of an app."""
+    for cp in plan.containers:
+        if handle is not None and cp.container.handle == handle:
+            return cp
+        if app is not None and cp.container.app_id == app:
+            return cp
+    if handle is not None:
+        raise LookupError(f"container {handle!r} is not in the inventory")
+    raise LookupError(f"app {app!r} has no container in the inventory")

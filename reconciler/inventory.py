@@ -1,0 +1,112 @@
+"""A cell's containers, read from Cloud Foundry's container metadata store (`store.json`).
+
+The format is the one garden-external-networker writes on a real cell
+(`{handle: {handle, ip, metadata: {app_id, space_id, org_id, policy_group_id,
+container_workload}}}`), so the agent runs on a CF cell unchanged.  Handles and GUIDs never
+reach rendered rules (chains are named by hashes), but they do reach logs, status files and
+PR comments, so they are held to a conservative alphabet here, at the edge.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from typing import Any
+
+from reconciler.model import Container
+
+WORKLOADS = ("app", "task", "staging")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+MAX_STORE_BYTES = 64 * 1024 * 1024
+
+
+class InventoryError(ValueError):
+    """The metadata store cannot be used; the agent keeps its last good inventory."""
+
+
+def parse_store(text: str | bytes, source: str = "store.json") -> tuple[Container, ...]:
+    """Containers of a metadata store, sorted by handle; raises InventoryError naming the handle."""
+    if len(text) > MAX_STORE_BYTES:
+        raise InventoryError(f"{source}: larger than {MAX_STORE_BYTES} bytes")
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InventoryError(f"{source}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InventoryError(f"{source}: expected an object of handle -> container")
+    containers: list[Container] = []
+    by_ip: dict[str, str] = {}
+    for key, entry in data.items():
+        c = _container(source, key, entry)
+        if c.ip in by_ip:
+            raise InventoryError(
+                f"{source}: container {c.handle!r}: ip {c.ip} is already used by "
+                f"container {by_ip[c.ip]!r}"
+            )
+        by_ip[c.ip] = c.handle
+        containers.append(c)
+    return tuple(sorted(containers))
+
+
+def _container(source: str, key: str, entry: Any) -> Container:
+    where = f"{source}: container {_printable(key)}"
+    if not _SAFE_ID.match(key):
+        raise InventoryError(f"{where}: handle must match {_SAFE_ID.pattern}")
+    if not isinstance(entry, dict):
+        raise InventoryError(f"{where}: entry must be an object")
+    handle = entry.get("handle", key)
+    if handle != key:
+        raise InventoryError(f"{where}: handle field {_printable(handle)} differs from its key")
+    ip_text = entry.get("ip")
+    if not isinstance(ip_text, str) or not ip_text:
+        raise InventoryError(f"{where}: missing field 'ip'")
+    try:
+        ip = ipaddress.ip_address(ip_text)
+    except ValueError:
+        raise InventoryError(f"{where}: ip {_printable(ip_text)} is not an IP address") from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise InventoryError(f"{where}: ip {ip} cannot be a container address")
+    meta = entry.get("metadata")
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise InventoryError(f"{where}: metadata must be an object")
+    fields: dict[str, str] = {}
+    for name in ("app_id", "space_id", "org_id", "policy_group_id"):
+        value = meta.get(name, "")
+        if value is None:
+            value = ""
+        if not isinstance(value, str) or (value and not _SAFE_ID.match(value)):
+            raise InventoryError(f"{where}: metadata.{name} must be a GUID")
+        fields[name] = value
+    workload = meta.get("container_workload") or "app"
+    if workload not in WORKLOADS:
+        raise InventoryError(
+            f"{where}: metadata.container_workload must be one of {', '.join(WORKLOADS)}"
+        )
+    return Container(handle=key, ip=str(ip), workload=workload, **fields)
+
+
+def _printable(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def dump_store(containers: tuple[Container, ...] | list[Container]) -> str:
+    """The metadata store for these containers, as a CF cell would write it."""
+    doc = {
+        c.handle: {
+            "handle": c.handle,
+            "ip": c.ip,
+            "metadata": {
+                "app_id": c.app_id,
+                "space_id": c.space_id,
+                "org_id": c.org_id,
+                "policy_group_id": c.policy_group_id,
+                "container_workload": c.workload,
+            },
+        }
+        for c in sorted(containers)
+    }
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,196 @@
+"""The Plan: what a cell must enforce, as pure data.
+
+A plan names everything by content: a rule's id is a hash of its normalised match, a group's
+id a hash of its rules' ids, a container chain's id a hash of the container handle.  The same
+policy and inventory therefore give byte-identical plans on the CI runner and on the cell, and
+a rule installed in the kernel can be traced back through its id to the ASG, rule index and
+file:line that asked for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from reconciler.model import Container, PortRange, RuleItem
+
+ID_LEN = 16
+MULTIPORT_SLOTS = 15
+
+
+def content_id(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:ID_LEN]
+
+
+def port_chunks(ports: tuple[PortRange, ...]) -> list[tuple[PortRange, ...]]:
+    """Split ports into runs that fit one multiport match (15 slots; a range takes two)."""
+    chunks: list[tuple[PortRange, ...]] = []
+    current: list[PortRange] = []
+    used = 0
+    for p in ports:
+        cost = 1 if p.first == p.last else 2
+        if used + cost > MULTIPORT_SLOTS:
+            chunks.append(tuple(current))
+            current, used = [], 0
+        current.append(p)
+        used += cost
+    if current or not chunks:
+        chunks.append(tuple(current))
+    return chunks
+
+
+def item_lines(item: RuleItem) -> int:
+    """How many dataplane lines one rule item becomes (multiport runs, LOG before ACCEPT)."""
+    return len(port_chunks(item.ports)) * (2 if item.log else 1)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Provenance:
+    """Why a rule is installed: the document and rule that asked for it."""
+
+    kind: str
+    name: str
+    index: int | None
+    location: str
+    destination: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "SecurityGroup":
+            return f"SecurityGroup/{self.name} rules[{self.index}] ({self.location})"
+        return f"EgressPolicy/{self.name} -> Destination/{self.destination} ({self.location})"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "name": self.name, "location": self.location}
+        if self.index is not None:
+            out["index"] = self.index
+        if self.destination:
+            out["destination"] = self.destination
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRule:
+    id: str
+    item: RuleItem
+    sources: tuple[Provenance, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "protocol": self.item.protocol}
+        out["destination"] = str(self.item.destination)
+        if self.item.ports:
+            out["ports"] = ",".join(str(p) for p in self.item.ports)
+        if self.item.icmp_type is not None:
+            out["type"] = self.item.icmp_type
+            out["code"] = self.item.icmp_code
+        if self.item.log:
+            out["log"] = True
+        out["sources"] = [s.to_dict() for s in self.sources]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RuleGroup:
+    """Rules shared by exactly the same containers: one chain, jumped to by each of them."""
+
+    id: str
+    version: int
+    rules: tuple[PlanRule, ...]
+
+    @property
+    def has_log(self) -> bool:
+        return any(r.item.log for r in self.rules)
+
+    @property
+    def lines(self) -> int:
+        return sum(item_lines(r.item) for r in self.rules)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "family": self.version,
+            "rules": [r.to_dict() for r in self.rules],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerPlan:
+    container: Container
+    chain_id: str
+    groups: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.container
+        return {
+            "handle": c.handle,
+            "ip": c.ip,
+            "chain": self.chain_id,
+            "app_id": c.app_id,
+            "space_id": c.space_id,
+            "org_id": c.org_id,
+            "workload": c.workload,
+            "groups": list(self.groups),
+        }
+
+
+# Per container, outside its groups: the dispatch jump, ESTABLISHED, INVALID, LOG and REJECT.
+CONTAINER_FIXED_LINES = 5
+# CF's vxlan-policy-agent per container: FORWARD jump, netout jump to the ASG chain,
+# ESTABLISHED, INVALID, LOG and REJECT, then every rule of every bound ASG again.
+CF_CONTAINER_FIXED_LINES = 6
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    """What one cell enforces: its containers, the groups they jump to, and the counts."""
+
+    cell: str
+    containers: tuple[ContainerPlan, ...]
+    groups: tuple[RuleGroup, ...]
+    cf_equivalent_rules: int
+
+    @property
+    def group_by_id(self) -> dict[str, RuleGroup]:
+        return {g.id: g for g in self.groups}
+
+    def families(self) -> tuple[int, ...]:
+        return tuple(sorted({c.container.version for c in self.containers}))
+
+    @property
+    def installed_rules(self) -> int:
+        """Lines this plan puts in the kernel, FORWARD jumps included (both families)."""
+        total = len(self.families())
+        for cp in self.containers:
+            total += CONTAINER_FIXED_LINES + len(cp.groups)
+        return total + sum(g.lines for g in self.groups)
+
+    @property
+    def chains(self) -> int:
+        return sum(1 for _ in self.families()) + len(self.containers) + len(self.groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cell": self.cell,
+            "counts": {
+                "containers": len(self.containers),
+                "groups": len(self.groups),
+                "chains": self.chains,
+                "installed_rules": self.installed_rules,
+                "cf_equivalent_rules": self.cf_equivalent_rules,
+            },
+            "containers": [c.to_dict() for c in self.containers],
+            "groups": [g.to_dict() for g in self.groups],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def digest(self) -> str:
+        """A short fingerprint of what is enforced (provenance excluded: it moves no packet)."""
+        h = hashlib.sha256()
+        for cp in self.containers:
+            h.update(f"c {cp.container.ip} {cp.chain_id} {' '.join(cp.groups)}\n".encode())
+        for g in self.groups:
+            h.update(f"g {g.id}\n".encode())
+        return "sha256:" + h.hexdigest()[:32]

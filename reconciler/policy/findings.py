@@ -1,0 +1,106 @@
+"""Validation findings and their three presentations (text, JSON, GitHub annotations)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from reconciler.model import Location
+
+Severity = Literal["error", "warning"]
+Path = tuple[str | int, ...]
+
+
+def field_path(path: Path) -> str:
+    """`('rules', 0, 'destination')` -> `rules[0].destination`, the form findings use."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+@dataclass(frozen=True, order=True)
+class Finding:
+    """One problem in a policy repo, pinned to the file, line and field that caused it."""
+
+    file: str
+    line: int
+    col: int
+    severity: Severity
+    kind: str
+    name: str
+    field: str
+    message: str
+
+    @classmethod
+    def at(
+        cls,
+        loc: Location,
+        message: str,
+        *,
+        kind: str = "",
+        name: str = "",
+        field: str = "",
+        severity: Severity = "error",
+    ) -> Finding:
+        return cls(loc.file, loc.line, loc.col, severity, kind, name, field, message)
+
+    @property
+    def subject(self) -> str:
+        if self.kind and self.name:
+            return f"{self.kind}/{self.name}"
+        return self.kind
+
+    def __str__(self) -> str:
+        parts = [f"{self.file}:{self.line}:{self.col}"]
+        if self.subject:
+            parts.append(self.subject)
+        if self.field:
+            parts.append(self.field)
+        message = self.message if self.severity == "error" else f"warning: {self.message}"
+        return ": ".join([*parts, message])
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def github(self) -> str:
+        """A workflow command, so the finding shows on the pull request's diff line."""
+        level = "error" if self.severity == "error" else "warning"
+        title = ": ".join(p for p in (self.subject, self.field) if p) or "asgctl"
+        return (
+            f"::{level} file={_gh_property(self.file)},line={self.line},col={self.col},"
+            f"title={_gh_property(title)}::{_gh_data(self.message)}"
+        )
+
+
+def _gh_data(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _gh_property(text: str) -> str:
+    return _gh_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def render_findings(findings: list[Finding] | tuple[Finding, ...], fmt: str) -> str:
+    """Findings as `text` (one per line, then a count), `json` or `github` annotations."""
+    ordered = sorted(findings)
+    if fmt == "json":
+        errors = sum(1 for f in ordered if f.severity == "error")
+        doc = {
+            "valid": errors == 0,
+            "errors": errors,
+            "warnings": len(ordered) - errors,
+            "findings": [f.to_dict() for f in ordered],
+        }
+        return json.dumps(doc, indent=2) + "\n"
+    if fmt == "github":
+        return "".join(f.github() + "\n" for f in ordered)
+    lines = [str(f) for f in ordered]
+    errors = sum(1 for f in ordered if f.severity == "error")
+    warnings = len(ordered) - errors
+    lines.append(f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}")
+    return "\n".join(lines) + "\n"

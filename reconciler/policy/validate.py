@@ -1,0 +1,443 @@
+"""Validation in two layers: JSON Schema for shape, then Cloud Foundry's semantics.
+
+The schema layer is what editors also run while typing; the semantic layer is Cloud
+Controller's rule grammar (with its messages, so an operator's CF knowledge carries over),
+references between documents, uniqueness, and warnings for rules that add nothing.  Rule
+bodies are judged by the CF grammar alone, so one mistake yields one message, in CF's words.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path as FsPath
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+
+from reconciler.endpoint import parse_endpoint
+from reconciler.model import (
+    App,
+    Destination,
+    Directory,
+    EgressPolicy,
+    Location,
+    Org,
+    PolicySet,
+    PolicyTest,
+    PortRange,
+    Rule,
+    SecurityGroup,
+    Space,
+)
+from reconciler.policy import grammar
+from reconciler.policy.findings import Finding, Path, field_path
+from reconciler.policy.yamlsafe import Document
+
+SCHEMA_DIR = FsPath(__file__).resolve().parent.parent / "schemas"
+SCHEMA_FILES = {
+    "SecurityGroup": "security-group.schema.json",
+    "Destination": "destination.schema.json",
+    "EgressPolicy": "egress-policy.schema.json",
+    "Directory": "directory.schema.json",
+    "PolicyTest": "policy-test.schema.json",
+}
+KINDS = tuple(SCHEMA_FILES)
+_ALL_PORTS = (PortRange(1, 65535),)
+
+
+@cache
+def _validators() -> dict[str, Draft202012Validator]:
+    resources = []
+    for name in [*SCHEMA_FILES.values(), "asgctl.schema.json"]:
+        contents = json.loads((SCHEMA_DIR / name).read_text())
+        resources.append((name, Resource.from_contents(contents)))
+    registry: Registry = Registry().with_resources(resources)
+    return {
+        kind: Draft202012Validator(registry[file].contents, registry=registry)
+        for kind, file in SCHEMA_FILES.items()
+    }
+
+
+@dataclass(frozen=True)
+class Result:
+    """A validated policy set and everything found on the way.
+
+    `policy` always holds what could be understood; callers must not act on it when
+    `ok` is false, which is why the agent and `apply` check `ok` first.
+    """
+
+    policy: PolicySet
+    findings: tuple[Finding, ...] = field(default=())
+
+    @property
+    def errors(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.severity == "error")
+
+    @property
+    def warnings(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.severity == "warning")
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class _Context:
+    """Collects findings for one document, so every message carries file, line and subject."""
+
+    def __init__(self, doc: Document, sink: list[Finding]):
+        self.doc = doc
+        self.sink = sink
+        data = doc.data if isinstance(doc.data, dict) else {}
+        kind = data.get("kind")
+        name = data.get("name")
+        self.kind = kind if isinstance(kind, str) else ""
+        self.name = name if isinstance(name, str) else ""
+
+    def loc(self, path: Path = ()) -> Location:
+        return self.doc.location(path)
+
+    def error(self, path: Path, message: str, severity: str = "error") -> None:
+        self.sink.append(
+            Finding.at(
+                self.loc(path),
+                message,
+                kind=self.kind,
+                name=self.name[:80],
+                field=field_path(path),
+                severity=severity,  # type: ignore[arg-type]
+            )
+        )
+
+    def warn(self, path: Path, message: str) -> None:
+        self.error(path, message, "warning")
+
+
+def validate_documents(docs: Iterable[Document]) -> Result:
+    """Validate every document and build the policy set; pure, deterministic."""
+    findings: list[Finding] = []
+    by_kind: dict[str, list[_Context]] = {k: [] for k in KINDS}
+    for doc in docs:
+        ctx = _Context(doc, findings)
+        if not isinstance(doc.data, dict):
+            ctx.error((), "a policy document must be a mapping with a 'kind'")
+            continue
+        kind = doc.data.get("kind")
+        if kind not in SCHEMA_FILES:
+            ctx.error(("kind",), f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+            continue
+        if _schema_ok(ctx):
+            by_kind[kind].append(ctx)
+
+    _check_unique_names(by_kind, findings)
+    directory = _build_directory(by_kind["Directory"])
+    groups = tuple(g for c in by_kind["SecurityGroup"] if (g := _security_group(c, directory)))
+    destinations = tuple(d for c in by_kind["Destination"] if (d := _destination(c)))
+    known = {d.name for d in destinations} | {
+        c.name for c in by_kind["Destination"]
+    }  # a broken destination is reported once, not again by each policy using it
+    policies = tuple(
+        p for c in by_kind["EgressPolicy"] if (p := _egress_policy(c, directory, known))
+    )
+    tests = tuple(t for c in by_kind["PolicyTest"] for t in _policy_tests(c, directory))
+    policy = PolicySet(
+        security_groups=tuple(sorted(groups, key=lambda g: g.name)),
+        destinations=tuple(sorted(destinations, key=lambda d: d.name)),
+        egress_policies=tuple(sorted(policies, key=lambda p: p.name)),
+        directory=directory,
+        tests=tests,
+    )
+    return Result(policy, tuple(sorted(set(findings))))
+
+
+def _schema_ok(ctx: _Context) -> bool:
+    """Schema findings, except inside rule bodies, which the CF grammar reports in CF's words."""
+    validator = _validators()[ctx.doc.data["kind"]]
+    ok = True
+    for err in validator.iter_errors(ctx.doc.data):
+        path = tuple(err.absolute_path)
+        if ctx.kind == "SecurityGroup" and len(path) >= 2 and path[0] == "rules":
+            continue
+        ok = False
+        ctx.error(path, _schema_message(err))
+    return ok
+
+
+def _schema_message(err: Any) -> str:
+    if err.validator == "required":
+        return err.message.replace("is a required property", "is required")
+    if err.validator == "maxLength" and isinstance(err.instance, str):
+        return f"must be at most {err.validator_value} characters (got {len(err.instance)})"
+    if err.validator in ("anyOf", "oneOf") and err.context:
+        best = min(err.context, key=lambda e: len(e.message))
+        return f"{_short(err.instance)} is not valid: {best.message}"
+    return err.message if len(err.message) < 300 else err.message[:297] + "..."
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_unique_names(by_kind: dict[str, list[_Context]], findings: list[Finding]) -> None:
+    for kind in ("SecurityGroup", "Destination", "EgressPolicy", "PolicyTest"):
+        seen: dict[str, Location] = {}
+        for ctx in by_kind[kind]:
+            first = seen.setdefault(ctx.name, ctx.loc(("name",)))
+            if first != ctx.loc(("name",)):
+                ctx.error(("name",), f"name is already used by {kind} at {first.short}")
+
+
+def _build_directory(contexts: list[_Context]) -> Directory:
+    orgs: list[Org] = []
+    spaces: list[Space] = []
+    apps: list[App] = []
+    guids: dict[str, Location] = {}
+    names: dict[tuple[str, ...], Location] = {}
+
+    def claim(ctx: _Context, path: Path, guid: str, scoped: tuple[str, ...]) -> bool:
+        here = ctx.loc(path)
+        if guid in guids:
+            ctx.error((*path, "guid"), f"GUID {guid} is already used at {guids[guid].short}")
+            return False
+        if scoped in names:
+            ctx.error(
+                (*path, "name"), f"{'/'.join(scoped)} is already defined at {names[scoped].short}"
+            )
+            return False
+        guids[guid] = names[scoped] = here
+        return True
+
+    for ctx in contexts:
+        for i, org in enumerate(ctx.doc.data.get("orgs", [])):
+            opath: Path = ("orgs", i)
+            if not claim(ctx, opath, org["guid"], (org["name"],)):
+                continue
+            orgs.append(Org(org["guid"], org["name"]))
+            for j, space in enumerate(org.get("spaces", [])):
+                spath: Path = (*opath, "spaces", j)
+                if not claim(ctx, spath, space["guid"], (org["name"], space["name"])):
+                    continue
+                spaces.append(Space(space["guid"], space["name"], org["guid"]))
+                for k, app in enumerate(space.get("apps", [])):
+                    apath: Path = (*spath, "apps", k)
+                    scoped = (org["name"], space["name"], app["name"])
+                    if claim(ctx, apath, app["guid"], scoped):
+                        apps.append(App(app["guid"], app["name"], space["guid"]))
+    return Directory(tuple(orgs), tuple(spaces), tuple(apps))
+
+
+def _resolve_space(ctx: _Context, directory: Directory, path: Path, ref: str) -> str | None:
+    if "/" in ref:
+        if ref.count("/") != 1:
+            ctx.error(path, f"space {ref!r} must be org/space or a space GUID")
+            return None
+        guid = directory.resolve_space(ref)
+        if guid is None:
+            ctx.error(path, f"space {ref!r} is not in the directory")
+        return guid
+    if directory.spaces and not directory.knows_space(ref):
+        ctx.warn(path, f"space GUID {ref} is not in the directory")
+    return ref
+
+
+def _resolve_app(ctx: _Context, directory: Directory, path: Path, ref: str) -> str | None:
+    if "/" in ref:
+        if ref.count("/") != 2:
+            ctx.error(path, f"app {ref!r} must be org/space/app or an app GUID")
+            return None
+        guid = directory.resolve_app(ref)
+        if guid is None:
+            ctx.error(path, f"app {ref!r} is not in the directory")
+        return guid
+    if directory.apps and not directory.knows_app(ref):
+        ctx.warn(path, f"app GUID {ref} is not in the directory")
+    return ref
+
+
+def _security_group(ctx: _Context, directory: Directory) -> SecurityGroup | None:
+    data = ctx.doc.data
+    rules: list[Rule] = []
+    ok = True
+    for i, raw in enumerate(data["rules"]):
+        rule, errors = grammar.parse_rule(raw, location=ctx.loc(("rules", i)))
+        for err in errors:
+            path: Path = ("rules", i, err.field) if err.field else ("rules", i)
+            ctx.error(path, err.message)
+        if rule is None:
+            ok = False
+        else:
+            rules.append(rule)
+    if ok:
+        _check_redundant(ctx, rules)
+    bindings: dict[str, list[str]] = {}
+    for key in ("running_spaces", "staging_spaces"):
+        resolved: list[str] = []
+        for i, ref in enumerate(data.get(key, [])):
+            guid = _resolve_space(ctx, directory, (key, i), ref)
+            if guid is None:
+                ok = False
+            elif guid in resolved:
+                ctx.warn((key, i), f"space {ref!r} is listed twice")
+            else:
+                resolved.append(guid)
+        bindings[key] = sorted(resolved)
+    if not ok:
+        return None
+    enabled = data.get("globally_enabled", {})
+    return SecurityGroup(
+        name=data["name"],
+        rules=tuple(rules),
+        description=data.get("description", ""),
+        running_default=bool(enabled.get("running", False)),
+        staging_default=bool(enabled.get("staging", False)),
+        running_spaces=tuple(bindings["running_spaces"]),
+        staging_spaces=tuple(bindings["staging_spaces"]),
+        location=ctx.loc(),
+    )
+
+
+_REDUNDANCY_BUDGET = 250_000
+
+
+def _check_redundant(ctx: _Context, rules: list[Rule]) -> None:
+    """Warn on duplicates and on rules a broader rule of the same group already covers.
+
+    Such rules are harmless to packets (the compiler installs each once) but usually mean a
+    copy-paste or a forgotten narrowing, which reviewers want to hear about.
+    """
+    sizes = [len(r.destinations) for r in rules]
+    if sum(sizes) ** 2 > _REDUNDANCY_BUDGET:
+        return
+    first_seen: dict[Rule, int] = {}
+    for i, rule in enumerate(rules):
+        j = first_seen.setdefault(rule, i)
+        if j != i:
+            ctx.warn(("rules", i), f"duplicate of rules[{j}]")
+            continue
+        for k, other in enumerate(rules):
+            if k == i or other == rule or (rule.log and not other.log):
+                continue
+            if other.covers(rule) and not (rule.covers(other) and k > i):
+                ctx.warn(("rules", i), f"redundant: rules[{k}] already allows all of it")
+                break
+
+
+def _destination(ctx: _Context) -> Destination | None:
+    data = ctx.doc.data
+    protocol = data["protocol"]
+    ips, ip_errors = grammar.parse_destination_ips(data["ips"])
+    for err in ip_errors:
+        ctx.error(("ips",), err.message)
+    ports: tuple[PortRange, ...] = ()
+    ok = ips is not None
+    if "ports" in data:
+        if protocol not in ("tcp", "udp"):
+            ctx.error(("ports",), f"ports are not allowed for protocol {protocol}")
+            ok = False
+        else:
+            parsed, port_errors = grammar.parse_port_ranges(data["ports"])
+            for err in port_errors:
+                ctx.error(("ports",), err.message)
+            ok = ok and parsed is not None
+            ports = parsed or ()
+    elif protocol in ("tcp", "udp"):
+        ports = _ALL_PORTS
+    icmp_type = data.get("icmp_type")
+    icmp_code = data.get("icmp_code")
+    if protocol in ("icmp", "icmpv6"):
+        icmp_type = -1 if icmp_type is None else icmp_type
+        icmp_code = -1 if icmp_code is None else icmp_code
+    else:
+        for key in ("icmp_type", "icmp_code"):
+            if key in data:
+                ctx.error((key,), f"{key} is only allowed for protocols icmp and icmpv6")
+                ok = False
+    if ips is not None:
+        want = {"icmp": 4, "icmpv6": 6}.get(protocol)
+        if want is not None and any(r.version != want for r in ips):
+            ctx.error(("ips",), f"protocol {protocol} needs IPv{want} addresses")
+            ok = False
+    if not ok or ips is None:
+        return None
+    return Destination(
+        name=data["name"],
+        protocol=protocol,
+        ips=ips,
+        ports=ports,
+        icmp_type=icmp_type,
+        icmp_code=icmp_code,
+        description=data.get("description", ""),
+        location=ctx.loc(),
+    )
+
+
+def _egress_policy(
+    ctx: _Context, directory: Directory, destinations: set[str]
+) -> EgressPolicy | None:
+    data = ctx.doc.data
+    source = data["source"]
+    stype = source["type"]
+    ref = source.get("name") or source.get("id")
+    source_id: str | None = None
+    ok = True
+    if stype == "app":
+        source_id = _resolve_app(ctx, directory, ("source",), ref)
+        ok = source_id is not None
+    elif stype == "space":
+        source_id = _resolve_space(ctx, directory, ("source",), ref)
+        ok = source_id is not None
+    if data["destination"] not in destinations:
+        ctx.error(("destination",), f"destination {data['destination']!r} is not defined")
+        ok = False
+    if not ok:
+        return None
+    return EgressPolicy(
+        name=data["name"],
+        source_type=stype,
+        source_id=source_id,
+        destination=data["destination"],
+        app_lifecycle=data.get("app_lifecycle", "all"),
+        description=data.get("description", ""),
+        location=ctx.loc(),
+    )
+
+
+def _policy_tests(ctx: _Context, directory: Directory) -> list[PolicyTest]:
+    out: list[PolicyTest] = []
+    for i, case in enumerate(ctx.doc.data["cases"]):
+        base: Path = ("cases", i)
+        try:
+            endpoint = parse_endpoint(case["to"], case.get("icmp_type"), case.get("icmp_code"))
+        except ValueError as exc:
+            ctx.error((*base, "to"), str(exc))
+            continue
+        app = space = None
+        if "app" in case:
+            app = _resolve_app(ctx, directory, (*base, "app"), case["app"])
+            if app is None:
+                continue
+        else:
+            space = _resolve_space(ctx, directory, (*base, "space"), case["space"])
+            if space is None:
+                continue
+        out.append(
+            PolicyTest(
+                name=f"{ctx.name}[{i}]",
+                app=app,
+                space=space,
+                lifecycle=case.get("lifecycle", "running"),
+                protocol=endpoint.protocol,
+                address=endpoint.address_text,
+                port=endpoint.port,
+                expect=case["expect"],
+                icmp_type=endpoint.icmp_type,
+                icmp_code=endpoint.icmp_code,
+                location=ctx.loc(base),
+            )
+        )
+    return out

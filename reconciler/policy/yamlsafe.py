@@ -1,0 +1,271 @@
+"""Safe YAML loading that remembers where every value was written.
+
+PyYAML's composer is recursive (10,000-deep nesting ends in RecursionError), expands aliases
+without limit when the result is walked (an alias bomb), silently keeps the last of duplicate
+keys and forgets line numbers once values are constructed.  Policy files come from pull
+requests, so this module builds plain Python values straight from the parser's event stream:
+iteratively, with limits on size, documents, depth and alias expansion, rejecting duplicate
+keys and non-standard tags, and recording a (line, column) for every path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from yaml import events as ev
+
+from reconciler.model import Location
+
+Path = tuple[str | int, ...]
+
+_Parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_SAFE_TAGS = {
+    "tag:yaml.org,2002:str",
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:null",
+    "tag:yaml.org,2002:map",
+    "tag:yaml.org,2002:seq",
+    "tag:yaml.org,2002:timestamp",
+}
+_MERGE = "<<"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that keep a hostile or mistaken file from exhausting the CI runner or a cell."""
+
+    max_file_bytes: int = 8 * 1024 * 1024
+    max_documents: int = 10_000
+    max_depth: int = 64
+    max_nodes: int = 2_000_000
+    max_files: int = 20_000
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class LoadError(Exception):
+    """A file that cannot be read as policy YAML; carries where, so the CLI can point at it."""
+
+    def __init__(self, file: str, message: str, line: int | None = None, col: int | None = None):
+        super().__init__(message)
+        self.file = file
+        self.message = message
+        self.line = line
+        self.col = col
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return f"{self.file}: {self.message}"
+        return f"{self.file}:{self.line}:{self.col or 1}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One YAML document: its data as plain values, and the position of every path in it."""
+
+    file: str
+    index: int
+    data: Any
+    line: int
+    positions: dict[Path, tuple[int, int]] = field(repr=False, compare=False)
+
+    def location(self, path: Path = ()) -> Location:
+        """Where `path` was written, or its nearest written ancestor (for a missing key)."""
+        p = tuple(path)
+        while p:
+            pos = self.positions.get(p)
+            if pos is not None:
+                return Location(self.file, pos[0], pos[1])
+            p = p[:-1]
+        pos = self.positions.get((), (self.line, 1))
+        return Location(self.file, pos[0], pos[1])
+
+
+class _Frame:
+    __slots__ = ("anchor", "is_map", "key", "key_mark", "merges", "nodes_at_start", "path", "value")
+
+    def __init__(self, value: Any, path: Path, anchor: str | None, nodes: int):
+        self.value = value
+        self.path = path
+        self.is_map = isinstance(value, dict)
+        self.key: Any = _NO_KEY
+        self.key_mark: Any = None
+        self.anchor = anchor
+        self.nodes_at_start = nodes
+        self.merges: list[Any] = []
+
+
+_NO_KEY = object()
+
+
+def decode(file: str, raw: bytes, limits: Limits = DEFAULT_LIMITS) -> str:
+    """Bytes to text, refusing oversized and non-UTF-8 input with a message that says where."""
+    if len(raw) > limits.max_file_bytes:
+        raise LoadError(
+            file, f"file is {len(raw)} bytes, over the limit of {limits.max_file_bytes} bytes"
+        )
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise LoadError(file, "file is not valid UTF-8", line, col) from None
+
+
+def load_documents(file: str, text: str, limits: Limits = DEFAULT_LIMITS) -> list[Document]:
+    """Parse every document of a YAML stream; empty documents are skipped."""
+    if len(text) > limits.max_file_bytes:
+        raise LoadError(file, f"file is over the limit of {limits.max_file_bytes} bytes")
+    builder = _Builder(file, limits)
+    try:
+        for event in yaml.parse(text, Loader=_Parser):
+            builder.feed(event)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        message = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
+        if mark is None:
+            raise LoadError(file, message) from None
+        raise LoadError(file, message, mark.line + 1, mark.column + 1) from None
+    except yaml.YAMLError as exc:
+        raise LoadError(file, f"invalid YAML: {exc}") from None
+    return builder.documents
+
+
+class _Builder:
+    """Turns parser events into values; iterative, so depth costs no Python stack."""
+
+    def __init__(self, file: str, limits: Limits):
+        self.file = file
+        self.limits = limits
+        self.documents: list[Document] = []
+        self.resolver = yaml.resolver.Resolver()
+        self.constructor = yaml.constructor.SafeConstructor()
+        self._reset(0)
+
+    def _reset(self, line: int) -> None:
+        self.stack: list[_Frame] = []
+        self.anchors: dict[str, tuple[Any, int]] = {}
+        self.positions: dict[Path, tuple[int, int]] = {}
+        self.nodes = 0
+        self.root: Any = None
+        self.has_root = False
+        self.doc_line = line
+
+    def fail(self, message: str, mark: Any) -> LoadError:
+        if mark is None:
+            return LoadError(self.file, message)
+        return LoadError(self.file, message, mark.line + 1, mark.column + 1)
+
+    def feed(self, event: ev.Event) -> None:
+        if isinstance(event, ev.DocumentStartEvent):
+            if len(self.documents) >= self.limits.max_documents:
+                raise self.fail(
+                    f"more than {self.limits.max_documents} documents in one file",
+                    event.start_mark,
+                )
+            self._reset(event.start_mark.line + 1)
+        elif isinstance(event, ev.DocumentEndEvent):
+            if self.has_root and self.root is not None:
+                self.documents.append(
+                    Document(
+                        self.file,
+                        len(self.documents),
+                        self.root,
+                        self.doc_line,
+                        self.positions,
+                    )
+                )
+        elif isinstance(event, ev.ScalarEvent):
+            self._add(self._scalar(event), event.start_mark, event.anchor, 1)
+        elif isinstance(event, ev.AliasEvent):
+            if event.anchor not in self.anchors:
+                raise self.fail(f"unknown alias *{event.anchor}", event.start_mark)
+            value, size = self.anchors[event.anchor]
+            self._add(value, event.start_mark, None, size)
+        elif isinstance(event, ev.MappingStartEvent | ev.SequenceStartEvent):
+            self._check_tag(event.tag, event.start_mark, collection=True)
+            if len(self.stack) >= self.limits.max_depth:
+                raise self.fail(
+                    f"nesting deeper than {self.limits.max_depth} levels", event.start_mark
+                )
+            value: Any = {} if isinstance(event, ev.MappingStartEvent) else []
+            path = self._add(value, event.start_mark, None, 1)
+            self.stack.append(_Frame(value, path, event.anchor, self.nodes))
+        elif isinstance(event, ev.MappingEndEvent | ev.SequenceEndEvent):
+            frame = self.stack.pop()
+            if frame.merges:
+                self._merge(frame, event.start_mark)
+            if frame.anchor is not None:
+                self.anchors[frame.anchor] = (frame.value, self.nodes - frame.nodes_at_start + 1)
+
+    def _check_tag(self, tag: str | None, mark: Any, collection: bool) -> None:
+        if tag is None or tag == "!":
+            return
+        if tag not in _SAFE_TAGS:
+            raise self.fail(f"tag {tag!r} is not allowed in policy files", mark)
+        if collection and tag not in ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"):
+            raise self.fail(f"tag {tag!r} cannot be used on a collection", mark)
+
+    def _scalar(self, event: ev.ScalarEvent) -> Any:
+        self._check_tag(event.tag, event.start_mark, collection=False)
+        tag = event.tag
+        if tag is None or tag == "!":
+            tag = self.resolver.resolve(yaml.ScalarNode, event.value, event.implicit)
+            if tag == "tag:yaml.org,2002:merge":
+                return _MERGE
+        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            raise self.fail(f"cannot read scalar: {exc}", event.start_mark) from None
+
+    def _add(self, value: Any, mark: Any, anchor: str | None, size: int) -> Path:
+        self.nodes += size
+        if self.nodes > self.limits.max_nodes:
+            raise self.fail(
+                f"document expands to more than {self.limits.max_nodes} values (aliases included)",
+                mark,
+            )
+        if anchor is not None:
+            self.anchors[anchor] = (value, 1)
+        pos = (mark.line + 1, mark.column + 1)
+        if not self.stack:
+            self.root, self.has_root = value, True
+            self.positions[()] = pos
+            return ()
+        top = self.stack[-1]
+        if not top.is_map:
+            path = (*top.path, len(top.value))
+            top.value.append(value)
+            self.positions[path] = pos
+            return path
+        if top.key is _NO_KEY:
+            if isinstance(value, dict | list):
+                raise self.fail("a mapping key must be a plain value", mark)
+            if value in top.value or (value == _MERGE and top.merges):
+                raise self.fail(f"duplicate key {value!r}", mark)
+            top.key, top.key_mark = value, mark
+            return top.path
+        key, top.key = top.key, _NO_KEY
+        if key == _MERGE:
+            top.merges.append((value, mark))
+            return top.path
+        path = (*top.path, key if isinstance(key, str) else str(key))
+        top.value[key] = value
+        self.positions[path] = pos
+        return path
+
+    def _merge(self, frame: _Frame, mark: Any) -> None:
+        """YAML merge keys (`<<: *defaults`): explicit keys win, as the spec says."""
+        for value, vmark in frame.merges:
+            sources = value if isinstance(value, list) else [value]
+            for source in sources:
+                if not isinstance(source, dict):
+                    raise self.fail("a merge key must refer to a mapping", vmark)
+                for k, v in source.items():
+                    frame.value.setdefault(k, v)
