@@ -149,13 +149,15 @@ def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str =
         for item, prov in profiles[profile].items():
             holders[item].append(profile)
             provenance[item] |= prov
-    parts: dict[tuple[Profile, ...], list[RuleItem]] = defaultdict(list)
+    # Logging rules get groups of their own, which containers jump to first, so a log rule
+    # sees every packet it matches before any silent accept of the same traffic can take it.
+    parts: dict[tuple[tuple[Profile, ...], bool], list[RuleItem]] = defaultdict(list)
     for item, owners in holders.items():
-        parts[tuple(owners)].append(item)
+        parts[(tuple(owners), item.log)].append(item)
 
     groups: list[RuleGroup] = []
     groups_of: dict[Profile, list[RuleGroup]] = defaultdict(list)
-    for owners, items in parts.items():
+    for (owners, _), items in parts.items():
         rules = tuple(
             PlanRule(content_id(item.key()), item, tuple(sorted(provenance[item])))
             for item in sorted(items)
@@ -169,8 +171,6 @@ def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str =
     cf_equivalent = 0
     for c in containers:
         mine = groups_of.get(profile_of(c), [])
-        # Groups with logging rules first: a log rule must see the packet before a silent
-        # accept of the same traffic in another group can take it.
         ordered = sorted(mine, key=lambda g: (not g.has_log, g.id))
         container_plans.append(
             ContainerPlan(c, content_id("container " + c.handle), tuple(g.id for g in ordered))

@@ -50,7 +50,7 @@ class Ruleset:
         """A complete `iptables-restore --noflush` transaction installing this ruleset."""
         lines = ["*filter"]
         lines.extend(f":{name} - [0:0]" for name in sorted(self.chains))
-        if hook:
+        if hook and self.chains:
             lines.append(hook_rule().replace("-A FORWARD", "-I FORWARD 1", 1))
         for name in sorted(self.chains, key=_chain_order):
             lines.extend(self.chains[name])

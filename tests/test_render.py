@@ -1,0 +1,180 @@
+"""Rendering plans as iptables-restore input: golden files, kernel acceptance, injection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from reconciler.cli import main
+from reconciler.compile import compile_cell
+from reconciler.inventory import InventoryError, parse_store
+from reconciler.model import Container
+from reconciler.policy.load import load_folder
+from reconciler.render.iptables import render_cell, render_text
+from tests.golden import GOLDEN_DIR, assert_golden
+from tests.policyrepo import write_tree
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).parent / "data"
+CASES = {
+    "example": (REPO / "policies", DATA / "example-store.json"),
+    "edge": (DATA / "edge-policies", DATA / "edge-store.json"),
+}
+
+
+def plan_for(case: str):
+    policies, store = CASES[case]
+    result = load_folder(policies)
+    assert result.ok
+    return compile_cell(result.policy, parse_store(store.read_text()), case)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("family", [4, 6])
+def test_rendered_iptables_match_golden_files(case, family):
+    assert_golden(f"{case}.v{family}.rules", render_text(plan_for(case), family))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rendered_plan_json_matches_golden_file(case):
+    policies, store = CASES[case]
+    result = CliRunner().invoke(
+        main,
+        [
+            "render",
+            "--containers",
+            str(store),
+            "--policies",
+            str(policies),
+            "--format",
+            "json",
+            "--cell",
+            case,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert_golden(f"{case}.plan.json", result.output)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rule_counts_match_the_rendered_lines(case):
+    plan = plan_for(case)
+    rendered = sum(render_cell(plan, fam).rule_count for fam in (4, 6))
+    hooks = len(plan.families())
+    assert plan.installed_rules == rendered + hooks
+
+
+def test_an_empty_cell_renders_no_chains():
+    result = load_folder(REPO / "policies")
+    plan = compile_cell(result.policy, [])
+    assert render_cell(plan, 4).chains == {}
+    assert render_text(plan, 4) == "*filter\nCOMMIT\n"
+
+
+def test_chain_names_fit_iptables():
+    plan = plan_for("edge")
+    for fam in (4, 6):
+        assert all(len(name) <= 28 for name in render_cell(plan, fam).chains)
+
+
+@pytest.mark.parametrize("variant", ["legacy", "nft"])
+def test_every_golden_file_is_accepted_by_the_kernel(make_lab, variant):
+    lab = make_lab()
+    for path in sorted(GOLDEN_DIR.glob("*.rules")):
+        tool = "iptables" if ".v4." in path.name else "ip6tables"
+        text = path.read_text()
+        run = lab.cell_exec([f"{tool}-{variant}-restore", "--test", "--noflush"], input=text)
+        assert run.returncode == 0, f"{path.name} rejected by {tool}-{variant}: {run.stderr}"
+
+
+HOSTILE = [
+    'evil"\n-A FORWARD -j ACCEPT\nCOMMIT\n*filter',
+    "x' ; rm -rf / ; echo '",
+    "-j ACCEPT --comment $(reboot) `id` | & > <",
+    "COMMIT",
+    "*filter\n:INPUT DROP [0:0]",
+    "\u202e\u0000\r\n\t",
+    "a" * 10_000,
+]
+
+
+def _policy_text(name: str, description: str) -> str:
+    return f"""
+kind: Directory
+orgs:
+  - name: org
+    guid: org-1
+    spaces:
+      - name: space
+        guid: space-1
+        apps: [{{name: app, guid: app-1}}]
+---
+kind: SecurityGroup
+name: {_yaml_str(name[:250])}
+description: {_yaml_str(description)}
+rules:
+  - protocol: tcp
+    destination: 198.19.0.1
+    ports: "443"
+    description: {_yaml_str(description)}
+running_spaces: [org/space]
+---
+kind: Destination
+name: {_yaml_str(name[:250])}
+description: {_yaml_str(description)}
+protocol: udp
+ips: 198.19.0.2
+ports: 53
+---
+kind: EgressPolicy
+name: {_yaml_str(name[:250])}
+description: {_yaml_str(description)}
+source: {{type: app, name: org/space/app}}
+destination: {_yaml_str(name[:250])}
+"""
+
+
+def _yaml_str(text: str) -> str:
+    import json
+
+    return json.dumps(text)
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_no_policy_string_reaches_or_changes_the_rendered_rules(tmp_path, hostile):
+    container = Container("c1", "198.18.0.2", app_id="app-1", space_id="space-1")
+    benign = load_folder(write_tree(tmp_path / "benign", {"p.yaml": _policy_text("ok", "ok")}))
+    evil = load_folder(write_tree(tmp_path / "evil", {"p.yaml": _policy_text(hostile, hostile)}))
+    assert benign.ok and evil.ok, [str(f) for f in evil.findings]
+    expected = render_text(compile_cell(benign.policy, [container]), 4)
+    actual = render_text(compile_cell(evil.policy, [container]), 4)
+    assert actual == expected
+    assert actual.count("COMMIT") == 1 and actual.count("*filter") == 1
+
+
+@pytest.mark.parametrize("hostile", [h for h in HOSTILE if h != "COMMIT"])
+@pytest.mark.parametrize("field", ["handle", "app_id", "space_id", "org_id", "policy_group_id"])
+def test_hostile_inventory_strings_are_refused_naming_the_container(hostile, field):
+    import json
+
+    entry = {"handle": "c1", "ip": "198.18.0.2", "metadata": {"app_id": "app-1"}}
+    key = "c1"
+    if field == "handle":
+        key = entry["handle"] = hostile
+    else:
+        entry["metadata"][field] = hostile
+    with pytest.raises(InventoryError) as err:
+        parse_store(json.dumps({key: entry}))
+    assert "store.json: container " in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_inventory_strings_never_reach_the_rendered_rules():
+    store = parse_store(
+        '{"COMMIT": {"handle": "COMMIT", "ip": "198.18.0.2", "metadata": {"app_id": "ACCEPT"}}}'
+    )
+    text = render_text(compile_cell(load_folder(REPO / "policies").policy, store), 4)
+    assert text.count("COMMIT") == 1
+    assert "ACCEPT\n" not in text.replace("-j ACCEPT\n", "")

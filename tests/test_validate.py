@@ -1,0 +1,331 @@
+"""Validation of a policy repository: schema, CF grammar, references, warnings, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from reconciler.cli import main
+from reconciler.policy.load import load_folder, load_policy
+from tests.golden import assert_golden
+from tests.policyrepo import commit_all, init_repo, write_tree
+
+REPO = Path(__file__).resolve().parent.parent
+DIRECTORY = """
+    kind: Directory
+    orgs:
+      - name: acme
+        guid: org-1
+        spaces:
+          - name: prod
+            guid: space-1
+            apps:
+              - {name: api, guid: app-1}
+    """
+
+
+def findings(tmp_path: Path, files: dict[str, str]) -> list[str]:
+    write_tree(tmp_path, {"directory.yaml": DIRECTORY, **files})
+    return [str(f) for f in load_folder(tmp_path).findings]
+
+
+def test_the_example_repo_is_valid_and_clean():
+    result = load_folder(REPO / "policies")
+    assert result.ok
+    assert result.findings == ()
+    names = [g.name for g in result.policy.security_groups]
+    assert names == ["package-mirrors", "payments-api", "platform-dns"]
+
+
+def test_a_finding_names_file_line_column_subject_field_and_cf_message(tmp_path):
+    got = findings(
+        tmp_path,
+        {
+            "sg.yaml": """
+                kind: SecurityGroup
+                name: web
+                rules:
+                  - {protocol: tcp, destination: 10.0.0.1, ports: "443"}
+                  - protocol: tcpx
+                    destination: 10.0.0.2
+                """
+        },
+    )
+    assert got == [
+        "sg.yaml:5:15: SecurityGroup/web: rules[1].protocol: "
+        "protocol must be 'tcp', 'udp', 'icmp', 'icmpv6' or 'all'"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        (
+            "kind: SecurityGroup\nrules: []\n",
+            "x.yaml:1:1: SecurityGroup: 'name' is required",
+        ),
+        (
+            "kind: SecurityGroup\nname: a\nrules: []\nglobally_enabled: {running: 'yes'}\n",
+            "x.yaml:4:29: SecurityGroup/a: globally_enabled.running: 'yes' is not of type "
+            "'boolean'",
+        ),
+        (
+            "kind: SecurityGroup\nname: a\nrules: []\nbindings: []\n",
+            "x.yaml:1:1: SecurityGroup/a: Additional properties are not allowed "
+            "('bindings' was unexpected)",
+        ),
+        (
+            "kind: Firewall\nname: a\n",
+            "x.yaml:1:7: Firewall/a: kind: unknown kind 'Firewall'; expected one of SecurityGroup, "
+            "Destination, EgressPolicy, Directory, PolicyTest",
+        ),
+        ("- a\n- b\n", "x.yaml:1:1: a policy document must be a mapping with a 'kind'"),
+        (
+            f"kind: SecurityGroup\nname: {'n' * 251}\nrules: []\n",
+            f"x.yaml:2:7: SecurityGroup/{'n' * 80}: name: must be at most 250 characters (got 251)",
+        ),
+        (
+            "kind: SecurityGroup\nname: a\nrules: {protocol: all}\n",
+            "x.yaml:3:8: SecurityGroup/a: rules: {'protocol': 'all'} is not of type 'array'",
+        ),
+    ],
+)
+def test_schema_findings(tmp_path, doc, expected):
+    assert findings(tmp_path, {"x.yaml": doc}) == [expected]
+
+
+def test_names_are_unique_per_kind_across_files(tmp_path):
+    sg = "kind: SecurityGroup\nname: dup\nrules: []\n"
+    got = findings(tmp_path, {"a.yaml": sg, "b.yaml": sg})
+    assert got == [
+        "b.yaml:2:7: SecurityGroup/dup: name: name is already used by SecurityGroup at a.yaml:2"
+    ]
+
+
+def test_references_resolve_through_the_directory(tmp_path):
+    got = findings(
+        tmp_path,
+        {
+            "x.yaml": """
+                kind: SecurityGroup
+                name: a
+                rules: []
+                running_spaces: [acme/prod, acme/nope, a/b/c]
+                ---
+                kind: EgressPolicy
+                name: p
+                source: {type: app, name: acme/prod/ghost}
+                destination: missing
+                """
+        },
+    )
+    assert got == [
+        "x.yaml:4:29: SecurityGroup/a: running_spaces[1]: space 'acme/nope' is not in the "
+        "directory",
+        "x.yaml:4:40: SecurityGroup/a: running_spaces[2]: space 'a/b/c' must be org/space or a "
+        "space GUID",
+        "x.yaml:8:9: EgressPolicy/p: source: app 'acme/prod/ghost' is not in the directory",
+        "x.yaml:9:14: EgressPolicy/p: destination: destination 'missing' is not defined",
+    ]
+
+
+def test_guids_always_work_and_unknown_ones_only_warn(tmp_path):
+    result = load_folder(
+        write_tree(
+            tmp_path,
+            {
+                "directory.yaml": DIRECTORY,
+                "sg.yaml": "kind: SecurityGroup\nname: a\nrules: []\n"
+                "running_spaces: [space-1, space-404]\n",
+            },
+        )
+    )
+    assert result.ok
+    assert [str(f) for f in result.findings] == [
+        "sg.yaml:4:27: SecurityGroup/a: running_spaces[1]: warning: space GUID space-404 is "
+        "not in the directory"
+    ]
+    assert result.policy.security_groups[0].running_spaces == ("space-1", "space-404")
+
+
+def test_duplicate_and_redundant_rules_are_warnings(tmp_path):
+    got = findings(
+        tmp_path,
+        {
+            "sg.yaml": """
+                kind: SecurityGroup
+                name: a
+                rules:
+                  - {protocol: tcp, destination: 10.0.0.0/24, ports: "443"}
+                  - {protocol: tcp, destination: 10.0.0.0-10.0.0.255, ports: "443"}
+                  - {protocol: tcp, destination: 10.0.0.7, ports: "443"}
+                  - {protocol: all, destination: 192.168.0.0/16}
+                  - {protocol: udp, destination: 192.168.1.1, ports: "53,54"}
+                  - {protocol: tcp, destination: 10.0.0.7, ports: "443", log: true}
+                """
+        },
+    )
+    assert got == [
+        "sg.yaml:5:5: SecurityGroup/a: rules[1]: warning: duplicate of rules[0]",
+        "sg.yaml:6:5: SecurityGroup/a: rules[2]: warning: redundant: rules[0] already allows "
+        "all of it",
+        "sg.yaml:8:5: SecurityGroup/a: rules[4]: warning: redundant: rules[3] already allows "
+        "all of it",
+    ]
+
+
+def test_destination_semantics(tmp_path):
+    got = findings(
+        tmp_path,
+        {
+            "d.yaml": """
+                kind: Destination
+                name: ping
+                protocol: icmp
+                ips: fd00::1
+                ports: 80
+                ---
+                kind: Destination
+                name: web
+                protocol: tcp
+                ips: 10.0.0.1
+                icmp_type: 3
+                """
+        },
+    )
+    assert got == [
+        "d.yaml:4:6: Destination/ping: ips: protocol icmp needs IPv4 addresses",
+        "d.yaml:5:8: Destination/ping: ports: ports are not allowed for protocol icmp",
+        "d.yaml:11:12: Destination/web: icmp_type: icmp_type is only allowed for protocols icmp "
+        "and icmpv6",
+    ]
+
+
+def test_destination_without_ports_allows_every_port(tmp_path):
+    write_tree(tmp_path, {"d.yaml": "kind: Destination\nname: db\nprotocol: tcp\nips: 10.0.0.1\n"})
+    (dest,) = load_folder(tmp_path).policy.destinations
+    assert [(p.first, p.last) for p in dest.ports] == [(1, 65535)]
+
+
+def write_bad(tmp_path: Path, name: str, data: bytes) -> Path:
+    tmp_path.joinpath(name).write_bytes(data)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("broken.yaml", b"kind: [\n", "broken.yaml:2:1: "),
+        (
+            "latin.yaml",
+            b"kind: Destination\nname: caf\xe9\n",
+            "latin.yaml:2:10: file is not valid UTF-8",
+        ),
+        (
+            "huge.yaml",
+            b"#" * (50 * 1024 * 1024),
+            "huge.yaml:1:1: file is 52428800 bytes, over the limit",
+        ),
+        ("deep.yaml", b"a: " + b"[" * 10_000 + b"]" * 10_000, "deep.yaml:1:"),
+        (
+            "bomb.yaml",
+            b"a: &a [x,x,x,x,x,x,x,x,x,x]\n"
+            + b"".join(
+                f"{c}: &{c} [{','.join(['*' + p] * 10)}]\n".encode()
+                for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+            ),
+            "bomb.yaml:",
+        ),
+    ],
+)
+def test_bad_files_get_a_clean_error_and_exit_1(tmp_path, name, data, message):
+    write_bad(tmp_path, name, data)
+    result = CliRunner().invoke(main, ["validate", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_symlink_out_of_the_tree_is_refused(tmp_path):
+    outside = tmp_path / "outside.yaml"
+    outside.write_text("kind: Directory\norgs: []\n")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    os.symlink(outside, repo / "leak.yaml")
+    os.symlink("/etc", repo / "etc")
+    result = load_folder(repo)
+    messages = sorted(str(f) for f in result.findings)
+    assert not result.ok
+    assert messages[0].startswith("etc:1:1: symlink points outside the policy tree")
+    assert messages[1].startswith("leak.yaml:1:1: symlink points outside the policy tree")
+
+
+def test_a_revision_is_read_from_git_without_a_checkout(tmp_path):
+    repo = init_repo(tmp_path / "repo")
+    write_tree(repo, {"policies/sg.yaml": "kind: SecurityGroup\nname: v1\nrules: []\n"})
+    first = commit_all(repo, "v1")
+    write_tree(repo, {"policies/sg.yaml": "kind: SecurityGroup\nname: v2\nrules: [\n"})
+    commit_all(repo, "v2 (broken)")
+    write_tree(repo, {"policies/sg.yaml": "kind: SecurityGroup\nname: dirty\nrules: []\n"})
+    at_first = load_policy(repo / "policies", first)
+    assert at_first.ok
+    assert [g.name for g in at_first.policy.security_groups] == ["v1"]
+    at_head = load_policy(repo / "policies", "HEAD")
+    assert [str(f) for f in at_head.findings] == [
+        "sg.yaml:4:1: while parsing a flow node did not find expected node content"
+    ]
+    assert [str(f) for f in load_policy(repo / "policies", "nope").findings] == [
+        f"{repo}:1:1: unknown revision 'nope'"
+    ]
+
+
+def test_git_symlink_escaping_the_policy_folder_is_refused(tmp_path):
+    repo = init_repo(tmp_path / "repo")
+    write_tree(repo, {"secrets.yaml": "kind: Directory\norgs: []\n", "policies/ok.yaml": DIRECTORY})
+    os.symlink("../secrets.yaml", repo / "policies" / "leak.yaml")
+    rev = commit_all(repo, "link")
+    result = load_policy(repo / "policies", rev)
+    assert [str(f) for f in result.findings] == [
+        "leak.yaml:1:1: symlink points outside the policy tree (../secrets.yaml)"
+    ]
+
+
+def invalid_repo(tmp_path: Path) -> Path:
+    return write_tree(
+        tmp_path,
+        {
+            "directory.yaml": DIRECTORY,
+            "sg.yaml": """
+                kind: SecurityGroup
+                name: "web, \\"prod\\""
+                rules:
+                  - {protocol: tcp, destination: 10.0.0.01, ports: "80-80"}
+                  - {protocol: all, destination: 10.0.0.0/8}
+                  - {protocol: all, destination: 10.1.0.0/16}
+                """,
+        },
+    )
+
+
+@pytest.mark.parametrize("fmt", ["text", "json", "github"])
+def test_validate_output_formats(tmp_path, fmt):
+    repo = invalid_repo(tmp_path)
+    result = CliRunner().invoke(main, ["validate", str(repo), "--format", fmt])
+    assert result.exit_code == 1
+    assert_golden(f"validate.{fmt}", result.output)
+    if fmt == "json":
+        assert json.loads(result.output)["valid"] is False
+
+
+def test_validate_exit_codes(tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(main, ["validate", str(REPO / "policies")]).exit_code == 0
+    assert runner.invoke(main, ["validate", "--format", "yaml"]).exit_code == 2
+    missing = runner.invoke(main, ["validate", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 1
+    assert "no such file or directory" in missing.output
