@@ -231,3 +231,59 @@ def explain_cmd(
         name = policy.directory.app_path(cp.container.app_id) if cp.container.app_id else ""
         click.echo(decision.text(name), nl=False)
     sys.exit(0 if decision.allowed else 3)
+
+
+@main.command("apply")
+@containers_option
+@policies_option
+@rev_option
+@click.option("--cell", default="", help="Cell name recorded in the plan.")
+@click.option(
+    "--backend",
+    "backend_name",
+    type=click.Choice(["iptables", "libiptc"]),
+    default="iptables",
+    show_default=True,
+    help="Dataplane backend.",
+)
+@click.option(
+    "--variant",
+    type=click.Choice(["auto", "legacy", "nft"]),
+    default="auto",
+    show_default=True,
+    help="iptables variant; auto follows what the host already uses.",
+)
+@click.option("--dry-run", is_flag=True, help="Print the transactions; change nothing.")
+@click.option("--report-only", is_flag=True, help="Report drift and changes; change nothing.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def apply_cmd(
+    containers: str,
+    policies: str,
+    rev: str | None,
+    cell: str,
+    backend_name: str,
+    variant: str,
+    dry_run: bool,
+    report_only: bool,
+    fmt: str,
+) -> None:
+    """Converge this host's firewall (current network namespace) to the cell's plan, once.
+
+    Exit 0 when already in sync (nothing sent), 2 when something changed (or would, with
+    --dry-run or --report-only), 1 on error (invalid policy or store: nothing touched).
+    """
+    from reconciler.dataplane import DataplaneError, converge, open_backend
+    from reconciler.dataplane.summary import format_text
+
+    _, plan = _plan(policies, rev, containers, cell)
+    try:
+        backend = open_backend(backend_name, variant)
+    except DataplaneError as exc:
+        _fail(str(exc))
+    mode = "dry-run" if dry_run else "report-only" if report_only else "apply"
+    result = converge(backend, plan, mode=mode)
+    if fmt == "json":
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(format_text(result, transactions=dry_run), nl=False)
+    sys.exit(1 if not result.ok else 0 if result.in_sync else 2)

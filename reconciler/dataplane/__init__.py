@@ -1,0 +1,62 @@
+"""The dataplane edge: read the kernel's state of our rules, and converge it to a plan.
+
+`open_backend` picks a backend by name; `converge` runs one read-delta-apply-verify cycle.
+Everything here does I/O except `compute_delta` and `parse_save`, which are pure.
+"""
+
+from __future__ import annotations
+
+from reconciler.dataplane.backend import Backend, ConvergeResult, FamilyResult, Mode, converge
+from reconciler.dataplane.delta import compute_delta
+from reconciler.dataplane.errors import (
+    ApplyError,
+    DataplaneError,
+    ReadError,
+    VariantError,
+    VerifyError,
+)
+from reconciler.dataplane.records import Change, Delta, Drift, OwnedState
+from reconciler.dataplane.runner import Runner
+from reconciler.dataplane.saveparse import parse_save
+
+BACKENDS = ("iptables", "libiptc")
+
+
+def open_backend(
+    name: str = "iptables", variant: str = "auto", runner: Runner | None = None
+) -> Backend:
+    """A backend for this host (or for the namespace `runner` runs in)."""
+    if name == "iptables":
+        from reconciler.dataplane.iptables import IptablesBackend
+
+        return IptablesBackend.open(variant, runner)
+    if name == "libiptc":
+        try:
+            from reconciler.dataplane.libiptc import LibiptcBackend
+        except ImportError as exc:
+            raise DataplaneError(f"the libiptc backend is not available: {exc}") from None
+        return LibiptcBackend.open(variant, runner)
+    raise DataplaneError(f"unknown dataplane backend {name!r} (one of {', '.join(BACKENDS)})")
+
+
+__all__ = [
+    "BACKENDS",
+    "ApplyError",
+    "Backend",
+    "Change",
+    "ConvergeResult",
+    "DataplaneError",
+    "Delta",
+    "Drift",
+    "FamilyResult",
+    "Mode",
+    "OwnedState",
+    "ReadError",
+    "Runner",
+    "VariantError",
+    "VerifyError",
+    "compute_delta",
+    "converge",
+    "open_backend",
+    "parse_save",
+]

@@ -1,0 +1,192 @@
+"""The backend interface and the one converge cycle every backend shares.
+
+A backend turns a CellPlan into its own desired state, reads the kernel's, computes a delta,
+applies it and verifies.  `converge` runs those steps per IP family and records what it did;
+it never raises for a kernel failure (the agent must write status either way), it returns the
+error in the result instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from reconciler.dataplane.errors import DataplaneError
+from reconciler.dataplane.records import Change, Delta, Drift, OwnedState
+from reconciler.plan import CellPlan
+from reconciler.render.iptables import Ruleset
+
+Mode = Literal["apply", "dry-run", "report-only"]
+FAMILIES = (4, 6)
+
+
+class Backend(Protocol):
+    """What the converge loop needs from a dataplane (iptables-restore, libiptc, ...)."""
+
+    @property
+    def name(self) -> str:
+        """Backend and variant, for logs and status (e.g. `iptables (nft)`)."""
+        ...
+
+    def render(self, plan: CellPlan, family: int) -> Ruleset:
+        """The plan as this backend's desired state for one family (pure)."""
+        ...
+
+    def read(self, family: int) -> OwnedState:
+        """Our part of the kernel's state; ReadError rather than a guess."""
+        ...
+
+    def delta(
+        self,
+        desired: Ruleset,
+        observed: OwnedState,
+        last: Ruleset | None,
+        *,
+        heal_drift: bool = True,
+    ) -> Delta:
+        """What to send (pure)."""
+        ...
+
+    def apply(self, delta: Delta) -> None:
+        """Send one atomic transaction; ApplyError leaves the previous rules in place."""
+        ...
+
+    def verify(self, desired: Ruleset, delta: Delta) -> None:
+        """Read back: did every part of `delta` take effect?  VerifyError if not."""
+        ...
+
+
+@dataclass(frozen=True)
+class FamilyResult:
+    """One family's cycle: the delta, whether it was sent, how long each phase took."""
+
+    family: int
+    delta: Delta
+    sent: bool = False
+    error: str | None = None
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def in_sync(self) -> bool:
+        return self.error is None and self.delta.empty
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.delta
+        return {
+            "family": self.family,
+            "in_sync": self.in_sync,
+            "sent": self.sent,
+            "error": self.error,
+            "written": list(d.written),
+            "deleted": list(d.deleted),
+            "orphaned": list(d.orphaned),
+            "changes": [c.to_dict() for c in d.changes],
+            "drift": [{**x.to_dict(), "repaired": self.sent and x.repair} for x in d.drift],
+            "notes": list(d.notes),
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+
+@dataclass(frozen=True)
+class ConvergeResult:
+    backend: str
+    mode: str
+    families: tuple[FamilyResult, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(f.error is None for f in self.families)
+
+    @property
+    def in_sync(self) -> bool:
+        """Nothing needed sending (the cheap no-op cycle)."""
+        return all(f.in_sync for f in self.families)
+
+    @property
+    def drift(self) -> tuple[Drift, ...]:
+        return tuple(x for f in self.families for x in f.delta.drift)
+
+    @property
+    def changes(self) -> tuple[Change, ...]:
+        return tuple(x for f in self.families for x in f.delta.changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "mode": self.mode,
+            "ok": self.ok,
+            "in_sync": self.in_sync,
+            "families": [f.to_dict() for f in self.families],
+        }
+
+
+LastApplied = CellPlan | Mapping[int, Ruleset] | None
+
+
+def converge(
+    backend: Backend,
+    plan: CellPlan,
+    last: LastApplied = None,
+    *,
+    mode: Mode = "apply",
+    heal_drift: bool = True,
+    families: tuple[int, ...] = FAMILIES,
+) -> ConvergeResult:
+    """Bring each family's kernel state to the plan: read, delta, apply, verify.
+
+    `last` is what the previous successful cycle applied (its plan or rendered rulesets); it
+    only decides whether a difference is reported as drift or as a change.  `dry-run` and
+    `report-only` compute everything and send nothing; report-only is meant for drift audits,
+    dry-run for printing the transactions.  Families are independent tables: one failing does
+    not stop the other.
+    """
+    out = []
+    for family in families:
+        out.append(_one(backend, plan, last, family, mode, heal_drift))
+    return ConvergeResult(backend.name, mode, tuple(out))
+
+
+def _last_for(last: LastApplied, backend: Backend, family: int) -> Ruleset | None:
+    if last is None:
+        return None
+    if isinstance(last, CellPlan):
+        return backend.render(last, family)
+    return last.get(family, Ruleset(family, {}))
+
+
+def _one(
+    backend: Backend,
+    plan: CellPlan,
+    last: LastApplied,
+    family: int,
+    mode: Mode,
+    heal_drift: bool,
+) -> FamilyResult:
+    timings: dict[str, float] = {}
+    delta = Delta(family)
+    clock = time.perf_counter
+    try:
+        t = clock()
+        desired = backend.render(plan, family)
+        previous = _last_for(last, backend, family)
+        timings["render"] = clock() - t
+        t = clock()
+        observed = backend.read(family)
+        timings["read"] = clock() - t
+        t = clock()
+        delta = backend.delta(desired, observed, previous, heal_drift=heal_drift)
+        timings["delta"] = clock() - t
+        if delta.empty or mode != "apply":
+            return FamilyResult(family, delta, False, None, timings)
+        t = clock()
+        backend.apply(delta)
+        timings["apply"] = clock() - t
+        t = clock()
+        backend.verify(desired, delta)
+        timings["verify"] = clock() - t
+        return FamilyResult(family, delta, True, None, timings)
+    except DataplaneError as exc:
+        sent = "apply" in timings
+        return FamilyResult(family, delta, sent, str(exc), timings)

@@ -1,0 +1,293 @@
+"""Build the minimal `iptables-restore --noflush` transaction from plan, kernel and last plan.
+
+Pure: three values in (the desired Ruleset, the kernel's OwnedState, the Ruleset last applied
+or None), one Delta out.  The transaction carries only chains whose rules differ, in an order
+that is valid at every step for iptables-restore's own checks and atomic for packets:
+
+1. declare every chain we write or remove (`:C - [0:0]`; under --noflush that creates a new
+   chain or flushes an existing one, which also drops its jumps to chains about to go);
+2. delete every copy of our FORWARD hook that is wrong, by full rule text (never by index: other
+   programs insert into FORWARD concurrently);
+3. fill the written chains, rule groups first, then container chains, then the dispatch chain,
+   so a chain is complete before anything jumps to it;
+4. insert the hook at position 1 if it is not already there exactly once;
+5. delete (`-X`) the removed chains, which nothing references any more -- except chains a
+   foreign rule still jumps to: those stay, empty, and are reported.
+
+A difference is *drift* when the kernel differs from the last plan applied (someone changed it
+from outside), and a *change* when the plan differs from it.  Without a last plan, every
+difference is a change.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+from reconciler.dataplane import records as r
+from reconciler.dataplane.records import Change, Delta, Drift, OwnedState
+from reconciler.dataplane.saveparse import jump_targets
+from reconciler.render.iptables import (
+    CONTAINER_PREFIX,
+    GROUP_PREFIX,
+    HOOK_CHAIN,
+    TOP_CHAIN,
+    Ruleset,
+    hook_rule,
+)
+
+Chains = Mapping[str, tuple[str, ...]]
+
+
+def compute_delta(
+    desired: Ruleset,
+    observed: OwnedState,
+    last: Ruleset | None = None,
+    *,
+    heal_drift: bool = True,
+) -> Delta:
+    """The transaction taking `observed` to `desired`, with drift and changes explained.
+
+    With `heal_drift=False` a chain that only drifted (the plan did not change it) is reported
+    but left as it is (Argo CD's selfHeal=false); chains the plan changes are written anyway,
+    which repairs their drift too.
+    """
+    want, have = desired.chains, observed.chains
+    base = last.chains if last is not None else None
+    drift: list[Drift] = []
+    changes: list[Change] = []
+    written: list[str] = []
+    removed: list[str] = []
+    for name in sorted(set(want) | set(have) | set(base or {})):
+        w, h = want.get(name), have.get(name)
+        if w == h:
+            continue
+        planned = (w != h) if base is None else (w != base.get(name))
+        drifted = base is not None and h != base.get(name)
+        act = planned or heal_drift
+        if drifted:
+            drift.extend(_chain_drift(observed.family, name, base.get(name), h, repair=act))
+        if planned:
+            changes.append(_chain_change(observed.family, name, w, h))
+        if not act:
+            continue
+        if w is None:
+            removed.append(name)
+        else:
+            written.append(name)
+
+    hook_ops, hook_drift, hook_change = _hook(desired, observed, last, heal_drift)
+    drift.extend(hook_drift)
+    changes.extend(hook_change)
+
+    # After the transaction, which rules still jump to the chains we remove?
+    final = {n: want[n] for n in written}
+    final.update({n: rules for n, rules in have.items() if n not in final and n not in removed})
+    referenced = set(observed.foreign_refs)
+    if not hook_ops:  # hook copies we leave in place keep their targets alive
+        for copy in observed.hooks:
+            referenced |= jump_targets(copy.text)
+    if removed:
+        for name, rules in final.items():
+            for rule in rules:
+                referenced |= jump_targets(rule) - {name}
+    deleted = tuple(n for n in removed if n not in referenced)
+    orphaned = tuple(n for n in removed if n in referenced)
+    notes = tuple(
+        f"ipv{observed.family} {n}: no longer planned but still referenced by a rule that is "
+        "not ours; flushed, not deleted"
+        for n in orphaned
+    )
+
+    ops: list[str] = [f":{n} - [0:0]" for n in sorted({*written, *removed})]
+    ops.extend(op for op in hook_ops if op.startswith("-D "))
+    for name in sorted(written, key=_fill_order):
+        ops.extend(want[name])
+    ops.extend(op for op in hook_ops if op.startswith("-I "))
+    ops.extend(f"-X {n}" for n in deleted)
+    return Delta(
+        family=observed.family,
+        ops=tuple(ops),
+        drift=tuple(drift),
+        changes=tuple(changes),
+        written=tuple(sorted(written)),
+        deleted=deleted,
+        orphaned=orphaned,
+        notes=notes,
+    )
+
+
+def _fill_order(name: str) -> tuple[int, str]:
+    """Groups before containers before dispatch: jump targets are filled first."""
+    if name.startswith(GROUP_PREFIX):
+        return (0, name)
+    if name.startswith(CONTAINER_PREFIX):
+        return (1, name)
+    if name == TOP_CHAIN:
+        return (3, name)
+    return (2, name)
+
+
+def _hook(
+    desired: Ruleset, observed: OwnedState, last: Ruleset | None, heal_drift: bool
+) -> tuple[list[str], list[Drift], list[Change]]:
+    """Keep exactly one hook, first in FORWARD, when the family has chains; none otherwise."""
+    family = observed.family
+    copies = observed.hooks
+    wanted = bool(desired.chains)
+    expected = hook_rule()
+    if wanted and len(copies) == 1 and copies[0].index == 0 and copies[0].text == expected:
+        return [], [], []
+    if not wanted and not copies:
+        return [], [], []
+    # Was the hook there after the last apply?  Then any difference is someone else's doing.
+    known = last is not None
+    had_hook = known and bool(last.chains)  # type: ignore[union-attr]
+    if wanted:
+        if not copies:
+            kind = r.HOOK_MISSING
+        elif len(copies) > 1:
+            kind = r.HOOK_DUPLICATED
+        elif copies[0].text != expected:
+            kind = r.HOOK_CHANGED
+        else:
+            kind = r.HOOK_MOVED
+    else:
+        kind = r.HOOK_EXTRA
+    drifted = known and had_hook == wanted
+    planned = not drifted
+    act = planned or heal_drift
+    drift: list[Drift] = []
+    change: list[Change] = []
+    found = tuple(f"{c.index + 1}: {c.text}" for c in copies)
+    if drifted:
+        drift.append(Drift(family, HOOK_CHAIN, kind, (expected,) if wanted else (), found, act))
+    else:
+        what = r.HOOK_ADDED if wanted and not copies else r.HOOK_REMOVED
+        if wanted and copies:
+            what = r.HOOK_FIXED
+        change.append(Change(family, HOOK_CHAIN, what, 1 if wanted else 0))
+    if not act:
+        return [], drift, change
+    ops = [_delete_op(c.text) for c in copies]
+    if wanted:
+        ops.append(expected.replace(f"-A {HOOK_CHAIN} ", f"-I {HOOK_CHAIN} 1 ", 1))
+    return ops, drift, change
+
+
+def _delete_op(rule: str) -> str:
+    """Delete a rule by its full text: `-A CHAIN spec` -> `-D CHAIN spec`."""
+    return "-D " + rule[3:]
+
+
+def _chain_change(
+    family: int, name: str, want: tuple[str, ...] | None, have: tuple[str, ...] | None
+) -> Change:
+    if want is None:
+        return Change(family, name, r.CHAIN_REMOVED, 0)
+    if have is None:
+        return Change(family, name, r.CHAIN_ADDED, len(want))
+    return Change(family, name, r.CHAIN_REWRITTEN, len(want))
+
+
+def _comment_key(rule: str) -> str:
+    """The id comment of a rule (`asg:r:<id>`, ...): pairs a changed rule with its original."""
+    marker = '--comment "'
+    at = rule.find(marker)
+    if at < 0:
+        return ""
+    end = rule.find('"', at + len(marker))
+    return rule[at + len(marker) : end]
+
+
+def _chain_drift(
+    family: int,
+    chain: str,
+    expected: tuple[str, ...] | None,
+    found: tuple[str, ...] | None,
+    repair: bool,
+) -> list[Drift]:
+    """Classify how one chain differs from what the last plan put there."""
+    if found is None:
+        return [Drift(family, chain, r.CHAIN_MISSING, expected or (), (), repair)]
+    if expected is None:
+        return [Drift(family, chain, r.CHAIN_EXTRA, (), found, repair)]
+    missing = _take(expected, Counter(expected) - Counter(found))
+    extra = _take(found, Counter(found) - Counter(expected))
+    out: list[Drift] = []
+    # Pair rules that lost and gained a line under the same id: that rule was changed.
+    by_key: dict[str, list[str]] = {}
+    for line in extra:
+        by_key.setdefault(_comment_key(line), []).append(line)
+    changed_old: list[str] = []
+    changed_new: list[str] = []
+    still_missing: list[str] = []
+    for line in missing:
+        bucket = by_key.get(_comment_key(line))
+        if bucket and _comment_key(line):
+            changed_old.append(line)
+            changed_new.append(bucket.pop(0))
+        else:
+            still_missing.append(line)
+    leftover = Counter(x for bucket in by_key.values() for x in bucket)
+    still_extra = _take(found, leftover)
+    if still_missing:
+        out.append(Drift(family, chain, r.RULE_MISSING, tuple(still_missing), (), repair))
+    if still_extra:
+        out.append(Drift(family, chain, r.RULE_EXTRA, (), tuple(still_extra), repair))
+    if changed_old:
+        out.append(
+            Drift(family, chain, r.RULE_CHANGED, tuple(changed_old), tuple(changed_new), repair)
+        )
+    if _drop(expected, missing) != _drop(found, extra):
+        out.append(Drift(family, chain, r.RULES_REORDERED, expected, found, repair))
+    return out
+
+
+def _take(lines: Sequence[str], counts: Counter[str]) -> list[str]:
+    """The last `counts[x]` occurrences of each x, in order (a duplicate is the later copy)."""
+    left = Counter(counts)
+    picked = []
+    for line in reversed(lines):
+        if left[line] > 0:
+            left[line] -= 1
+            picked.append(line)
+    return picked[::-1]
+
+
+def _drop(lines: Sequence[str], remove: Sequence[str]) -> list[str]:
+    """`lines` without the occurrences `_take` picked: the rules both sides share, in order."""
+    left = Counter(remove)
+    kept = []
+    for line in reversed(lines):
+        if left[line] > 0:
+            left[line] -= 1
+        else:
+            kept.append(line)
+    return kept[::-1]
+
+
+def check_applied(desired: Ruleset, delta: Delta, observed: OwnedState) -> list[str]:
+    """What of `delta` is not in the kernel after it was applied ([] when all of it is).
+
+    Checks only what the transaction touched: drift left alone on purpose (no self-heal) and
+    other programs' rules are not this transaction's business.  A written chain that reads
+    back differently means the renderer's canonical form disagrees with iptables-save.
+    """
+    problems = []
+    for name in delta.written:
+        got = observed.chains.get(name)
+        if got is None:
+            problems.append(f"{name} is missing")
+        elif got != desired.chains[name]:
+            diff = [x for x in got if x not in set(desired.chains[name])][:1]
+            problems.append(f"{name} reads back differently" + (f": {diff[0]}" if diff else ""))
+    problems.extend(f"{n} still exists" for n in delta.deleted if n in observed.chains)
+    problems.extend(f"{n} is not empty" for n in delta.orphaned if observed.chains.get(n))
+    if any(op.startswith(f"-I {HOOK_CHAIN} ") for op in delta.ops):
+        hooks = observed.hooks
+        if len(hooks) != 1 or hooks[0].index != 0 or hooks[0].text != hook_rule():
+            problems.append(f"the {HOOK_CHAIN} hook is not there exactly once and first")
+    elif any(op.startswith(f"-D {HOOK_CHAIN} ") for op in delta.ops) and observed.hooks:
+        problems.append(f"the {HOOK_CHAIN} hook is still there")
+    return problems

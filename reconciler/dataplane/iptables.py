@@ -1,0 +1,211 @@
+"""The default backend: `iptables-save` to read, `iptables-restore --noflush` to write.
+
+One variant (legacy or nft) is chosen once and used for both families, because mixing them on
+one host breaks traffic in ways neither side can see (calico#3709).  The choice follows what
+the host already uses, as kube-proxy's iptables-wrapper does: wherever our own chains already
+are, else whichever variant holds more rules, else what `iptables -V` says the system default
+is.  An explicit variant overrides the heuristic, but never leads to mixing: if our chains
+exist in the other variant, opening the backend fails.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from reconciler.dataplane.delta import check_applied, compute_delta
+from reconciler.dataplane.errors import (
+    ApplyError,
+    DataplaneError,
+    ReadError,
+    VariantError,
+    VerifyError,
+)
+from reconciler.dataplane.records import Delta, OwnedState
+from reconciler.dataplane.runner import Runner
+from reconciler.dataplane.saveparse import count_rules, parse_save
+from reconciler.plan import CellPlan
+from reconciler.render.iptables import Ruleset, render_cell
+
+VARIANTS = ("legacy", "nft")
+_ERROR_LINE = re.compile(r"(?:line:?\s+|line )(\d+)", re.IGNORECASE)
+
+
+def tool(variant: str, family: int, kind: str) -> str:
+    """`iptables-nft-save`, `ip6tables-legacy-restore`, ..."""
+    return f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-{kind}"
+
+
+@dataclass(frozen=True, slots=True)
+class VariantProbe:
+    """What one variant holds on this host: rule count (all tables, both families) and
+    whether our chains are among them."""
+
+    variant: str
+    available: bool
+    rules: int = 0
+    ours: bool = False
+
+
+def probe_variant(runner: Runner, variant: str) -> VariantProbe:
+    """Full saves without `-t`: they list only tables that exist, so probing loads nothing."""
+    rules, ours, available = 0, False, False
+    for family in (4, 6):
+        try:
+            res = runner.run([tool(variant, family, "save")])
+        except DataplaneError:
+            continue
+        if res.returncode != 0:
+            continue
+        available = True
+        n, mine = count_rules(res.stdout)
+        rules += n
+        ours = ours or mine
+    return VariantProbe(variant, available, rules, ours)
+
+
+def system_default(runner: Runner) -> str | None:
+    """The variant `iptables` points at (`iptables v1.8.9 (nf_tables)`), if it says."""
+    try:
+        res = runner.run(["iptables", "-V"])
+    except DataplaneError:
+        return None
+    text = res.stdout + res.stderr
+    if "nf_tables" in text:
+        return "nft"
+    if "legacy" in text:
+        return "legacy"
+    return None
+
+
+def choose_variant(
+    probes: dict[str, VariantProbe], wanted: str = "auto", default: str | None = None
+) -> tuple[str, str]:
+    """The variant to use and why; VariantError when any choice would mix the two."""
+    mine = [v for v in VARIANTS if probes[v].ours]
+    if len(mine) > 1:
+        raise VariantError(
+            "our chains exist in both iptables-legacy and iptables-nft; remove one set "
+            "(mixing the variants breaks traffic)"
+        )
+    if wanted != "auto":
+        if wanted not in VARIANTS:
+            raise VariantError(f"unknown iptables variant {wanted!r} (legacy, nft or auto)")
+        if mine and mine[0] != wanted:
+            raise VariantError(
+                f"our chains are installed with iptables-{mine[0]}; refusing to install with "
+                f"iptables-{wanted} as well (mixing the variants breaks traffic)"
+            )
+        if not probes[wanted].available:
+            raise VariantError(f"iptables-{wanted} is not usable on this host")
+        return wanted, "explicit"
+    usable = [v for v in VARIANTS if probes[v].available]
+    if not usable:
+        raise VariantError("neither iptables-legacy nor iptables-nft works on this host")
+    if mine:
+        return mine[0], "our chains are there"
+    legacy, nft = probes["legacy"].rules, probes["nft"].rules
+    if legacy != nft and len(usable) == 2:
+        pick = "legacy" if legacy > nft else "nft"
+        return pick, f"it holds more rules (legacy {legacy}, nft {nft})"
+    if default in usable:
+        return default, "system default (iptables -V)"
+    return usable[-1], "only usable variant" if len(usable) == 1 else "no rules anywhere"
+
+
+@dataclass(frozen=True)
+class IptablesBackend:
+    """Converges our chains with iptables-save/iptables-restore of one variant.
+
+    `fault` rewrites each transaction just before it is sent: a test hook to prove that a
+    failing transaction leaves everything as it was.
+    """
+
+    variant: str
+    runner: Runner = field(default_factory=Runner)
+    wait_seconds: int = 10
+    reason: str = ""
+    fault: Callable[[int, str], str] | None = None
+
+    @classmethod
+    def open(
+        cls,
+        variant: str = "auto",
+        runner: Runner | None = None,
+        *,
+        fault: Callable[[int, str], str] | None = None,
+    ) -> IptablesBackend:
+        """Choose the variant for this host (see module doc) and return a backend using it."""
+        runner = runner or Runner()
+        probes = {v: probe_variant(runner, v) for v in VARIANTS}
+        default = system_default(runner) if variant == "auto" else None
+        chosen, reason = choose_variant(probes, variant, default)
+        return cls(chosen, runner, reason=reason, fault=fault)
+
+    @property
+    def name(self) -> str:
+        return f"iptables-{self.variant}"
+
+    def render(self, plan: CellPlan, family: int) -> Ruleset:
+        return render_cell(plan, family)
+
+    def read(self, family: int) -> OwnedState:
+        cmd = tool(self.variant, family, "save")
+        res = self.runner.run([cmd, "-t", "filter"])
+        if res.returncode != 0:
+            raise ReadError(f"{cmd} failed (exit {res.returncode}): {_first(res.stderr)}")
+        if "incompatible" in res.stderr.lower():
+            raise ReadError(f"{cmd}: {_first(res.stderr)}")
+        return parse_save(res.stdout, family)
+
+    def delta(
+        self,
+        desired: Ruleset,
+        observed: OwnedState,
+        last: Ruleset | None,
+        *,
+        heal_drift: bool = True,
+    ) -> Delta:
+        return compute_delta(desired, observed, last, heal_drift=heal_drift)
+
+    def apply(self, delta: Delta) -> None:
+        if delta.empty:
+            return
+        text = delta.text()
+        if self.fault is not None:
+            text = self.fault(delta.family, text)
+        cmd = tool(self.variant, delta.family, "restore")
+        res = self.runner.run([cmd, "--noflush", f"--wait={self.wait_seconds}"], stdin=text)
+        if res.returncode == 0:
+            return
+        line, where = _error_line(res.stderr, text)
+        raise ApplyError(
+            f"{cmd} refused the transaction (exit {res.returncode}){where}: "
+            f"{_first(res.stderr)}; nothing was changed",
+            line,
+            text,
+        )
+
+    def verify(self, desired: Ruleset, delta: Delta) -> None:
+        problems = check_applied(desired, delta, self.read(delta.family))
+        if problems:
+            raise VerifyError(
+                f"ipv{delta.family}: after apply the kernel differs: " + "; ".join(problems[:5])
+            )
+
+
+def _first(stderr: str) -> str:
+    """The meaningful part of a tool's stderr (it ends with a `Try ... --help` line)."""
+    lines = [x.strip() for x in stderr.splitlines() if x.strip() and not x.startswith("Try `")]
+    return " / ".join(lines) if lines else "(no message)"
+
+
+def _error_line(stderr: str, text: str) -> tuple[int | None, str]:
+    m = _ERROR_LINE.search(stderr)
+    if m is None:
+        return None, ""
+    line = int(m.group(1))
+    lines = text.splitlines()
+    shown = lines[line - 1] if 0 < line <= len(lines) else ""
+    return line, f" at line {line} ({shown[:160]!r})" if shown else f" at line {line}"

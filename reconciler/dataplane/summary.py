@@ -1,0 +1,50 @@
+"""Human-readable account of a converge cycle, for `asgctl apply` and the agent's log.
+
+Drift is listed rule by rule: it is someone else's change to a firewall, and an operator
+needs to see exactly what was there instead of what the plan put there.
+"""
+
+from __future__ import annotations
+
+from reconciler.dataplane.backend import ConvergeResult, FamilyResult
+
+_VERB = {"apply": "", "dry-run": " (dry run: nothing sent)", "report-only": " (report only)"}
+
+
+def format_text(result: ConvergeResult, transactions: bool = False) -> str:
+    lines = [f"backend {result.backend}{_VERB.get(result.mode, '')}"]
+    for fam in result.families:
+        lines.extend(_family(fam, result.mode))
+        if transactions and not fam.delta.empty:
+            lines.append(f"# ipv{fam.family}: {_tool(result.backend, fam.family)} --noflush")
+            lines.append(fam.delta.text().rstrip("\n"))
+    return "\n".join(lines) + "\n"
+
+
+def _tool(backend: str, family: int) -> str:
+    variant = backend.removeprefix("iptables-")
+    return f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-restore"
+
+
+def _family(fam: FamilyResult, mode: str) -> list[str]:
+    d = fam.delta
+    head = f"ipv{fam.family}: "
+    if fam.error is not None:
+        out = [head + "error: " + fam.error]
+    elif d.empty:
+        out = [head + "in sync" + (f", {len(d.drift)} drift left alone" if d.drift else "")]
+    else:
+        did = "sent" if fam.sent else "would send"
+        parts = [f"{len(d.written)} chain(s) written", f"{len(d.deleted)} deleted"]
+        if d.orphaned:
+            parts.append(f"{len(d.orphaned)} flushed and kept")
+        out = [head + f"{did} {len(d.ops)} line(s): " + ", ".join(parts)]
+    for c in d.changes:
+        out.append(f"  change {c}")
+    for x in d.drift:
+        state = "repaired" if fam.sent and x.repair else "not repaired"
+        out.append(f"  drift  {x} [{state}]")
+        out.extend(f"      - {rule}" for rule in x.expected)
+        out.extend(f"      + {rule}" for rule in x.found)
+    out.extend(f"  note   {n}" for n in d.notes)
+    return out
