@@ -19,8 +19,9 @@ groups of its profile.  A rule two ASGs both contain is therefore installed once
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from reconciler.model import Container, PolicySet, Rule, RuleItem
@@ -36,6 +37,7 @@ from reconciler.plan import (
 )
 
 Profile = tuple[int, str, str, str]  # (IP version, lifecycle, space GUID, app GUID)
+ProfileRules = Mapping[RuleItem, frozenset[Provenance]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,35 @@ class _Index:
                 elif ep.source_type == "space" and ep.source_id:
                     self.space_policies[(lifecycle, ep.source_id)].append(src)
 
+        # What each profile gets, computed once per policy object: a fleet-wide plan (CI) or a
+        # cell with many containers of one app compiles each distinct profile only once.
+        self._profiles: dict[Profile, ProfileRules] = {}
+        self._item_cache: dict[int, tuple[RuleItem, ...]] = {}
+        self.rule_ids: dict[RuleItem, str] = {}
+
+    def profile_rules(self, profile: Profile) -> ProfileRules:
+        cached = self._profiles.get(profile)
+        if cached is not None:
+            return cached
+        items: dict[RuleItem, set[Provenance]] = {}
+        for src in self.sources(profile[1], profile[2], profile[3]):
+            key = id(src.rule)
+            expanded = self._item_cache.get(key)
+            if expanded is None:
+                expanded = self._item_cache[key] = src.rule.items()
+            for item in expanded:
+                if item.version == profile[0]:
+                    items.setdefault(item, set()).add(src.provenance)
+        out = {item: frozenset(prov) for item, prov in items.items()}
+        self._profiles[profile] = out
+        return out
+
+    def rule_id(self, item: RuleItem) -> str:
+        rid = self.rule_ids.get(item)
+        if rid is None:
+            rid = self.rule_ids[item] = content_id(item.key())
+        return rid
+
     def sources(self, lifecycle: str, space_id: str, app_id: str) -> list[Source]:
         out = list(self.global_groups.get(lifecycle, ()))
         out.extend(self.default_policies.get(lifecycle, ()))
@@ -116,31 +147,44 @@ def _where(location: object) -> str:
     return short if isinstance(short, str) else ""
 
 
+# PolicySet is immutable, so its index can be kept for as long as the object lives.  Keyed by
+# identity (hashing a whole policy set would cost more than the index saves), with a weak
+# reference to tell a live entry from a recycled id.
+_INDEXES: dict[int, tuple[weakref.ref[PolicySet], _Index]] = {}
+
+
+def _index_for(policy: PolicySet) -> _Index:
+    hit = _INDEXES.get(id(policy))
+    if hit is not None and hit[0]() is policy:
+        return hit[1]
+    index = _Index(policy)
+    key = id(policy)
+    _INDEXES[key] = (weakref.ref(policy, lambda _ref: _INDEXES.pop(key, None)), index)
+    return index
+
+
+def profile_rules(policy: PolicySet, profile: Profile) -> ProfileRules:
+    """The rule items a container of this profile gets, each with the documents granting it.
+
+    Memoised per policy object: the CI plan diffs the same profiles across a whole fleet.
+    """
+    return _index_for(policy).profile_rules(profile)
+
+
 def container_sources(policy: PolicySet, container: Container) -> list[Source]:
     """Every rule the container gets and who grants it (used by `explain` and policy tests)."""
-    return _Index(policy).sources(container.lifecycle, container.space_id, container.app_id)
+    return _index_for(policy).sources(container.lifecycle, container.space_id, container.app_id)
 
 
 def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str = "") -> CellPlan:
     """The plan for one cell; same input, same plan, byte for byte."""
-    index = _Index(policy)
+    index = _index_for(policy)
     containers = sorted(containers)
-    item_cache: dict[int, tuple[RuleItem, ...]] = {}
-    profiles: dict[Profile, dict[RuleItem, set[Provenance]]] = {}
+    profiles: dict[Profile, ProfileRules] = {}
     for c in containers:
         profile = profile_of(c)
-        if profile in profiles:
-            continue
-        items: dict[RuleItem, set[Provenance]] = {}
-        for src in index.sources(profile[1], profile[2], profile[3]):
-            key = id(src.rule)
-            cached = item_cache.get(key)
-            if cached is None:
-                cached = item_cache[key] = src.rule.items()
-            for item in cached:
-                if item.version == profile[0]:
-                    items.setdefault(item, set()).add(src.provenance)
-        profiles[profile] = items
+        if profile not in profiles:
+            profiles[profile] = index.profile_rules(profile)
 
     # Partition the distinct items by the exact set of profiles that get them.
     holders: dict[RuleItem, list[Profile]] = defaultdict(list)
@@ -159,7 +203,7 @@ def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str =
     groups_of: dict[Profile, list[RuleGroup]] = defaultdict(list)
     for (owners, _), items in parts.items():
         rules = tuple(
-            PlanRule(content_id(item.key()), item, tuple(sorted(provenance[item])))
+            PlanRule(index.rule_id(item), item, tuple(sorted(provenance[item])))
             for item in sorted(items)
         )
         group = RuleGroup(content_id("\n".join(r.id for r in rules)), items[0].version, rules)
@@ -168,19 +212,32 @@ def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str =
             groups_of[profile].append(group)
 
     container_plans = []
-    cf_equivalent = 0
     for c in containers:
         mine = groups_of.get(profile_of(c), [])
         ordered = sorted(mine, key=lambda g: (not g.has_log, g.id))
         container_plans.append(
             ContainerPlan(c, content_id("container " + c.handle), tuple(g.id for g in ordered))
         )
-        cf_equivalent += CF_CONTAINER_FIXED_LINES + sum(
-            item_lines(item) for item in profiles[profile_of(c)]
-        )
     return CellPlan(
         cell=cell,
         containers=tuple(container_plans),
         groups=tuple(sorted(groups, key=lambda g: g.id)),
-        cf_equivalent_rules=cf_equivalent,
+        cf_equivalent_rules=cf_equivalent_rules(policy, containers),
     )
+
+
+def cf_equivalent_rules(policy: PolicySet, containers: Iterable[Container]) -> int:
+    """What CF's layout would install here: every rule of every ASG again, per container.
+
+    Its own function so the CI plan can count a cell it does not need to compile.
+    """
+    index = _index_for(policy)
+    per_profile: dict[Profile, int] = {}
+    total = 0
+    for c in containers:
+        profile = profile_of(c)
+        lines = per_profile.get(profile)
+        if lines is None:
+            lines = per_profile[profile] = sum(item_lines(i) for i in index.profile_rules(profile))
+        total += CF_CONTAINER_FIXED_LINES + lines
+    return total
