@@ -287,3 +287,76 @@ def apply_cmd(
     else:
         click.echo(format_text(result, transactions=dry_run), nl=False)
     sys.exit(1 if not result.ok else 0 if result.in_sync else 2)
+
+
+@main.command("plan")
+@click.option("--base", required=True, help="Base revision (e.g. origin/main or a SHA).")
+@click.option("--head", "head", default="HEAD", show_default=True, help="Head revision.")
+@policies_option
+@click.option(
+    "--inventory",
+    "inventory",
+    multiple=True,
+    help="`status` (the cells' status/<cell> branches; the default when there are any), "
+    "`directory` (a synthetic cell: one container per app and lifecycle), or store.json "
+    "files or folders of them (repeat the option).  A file's cell is its folder's name when "
+    "it is called store.json (cells/cell-1/store.json -> cell-1), else its stem "
+    "(cell-1.json -> cell-1).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "markdown", "json"]),
+    default="text",
+    show_default=True,
+)
+@click.option(
+    "--detailed-exitcode",
+    is_flag=True,
+    help="Exit 0 when nothing changes, 2 when something does, 1 on error.",
+)
+def plan_cmd(
+    base: str,
+    head: str,
+    policies: str,
+    inventory: tuple[str, ...],
+    fmt: str,
+    detailed_exitcode: bool,
+) -> None:
+    """What a change does: who gains and loses access, and the iptables chains that change.
+
+    Both revisions are read from git without a checkout and compiled for every cell of the
+    inventory.  Exit 0, or 1 on error (a head that does not validate, an unreadable
+    inventory, a cell over the rule limit); with --detailed-exitcode, 2 when there are changes.
+    """
+    from reconciler.planrun import run_plan
+    from reconciler.report import render
+
+    report = run_plan(policies, base, head, inventory)
+    click.echo(render(report, fmt), nl=False)
+    sys.exit(report.exit_code(detailed_exitcode))
+
+
+@main.command("test")
+@click.argument("path", default="policies", type=click.Path())
+@rev_option
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "github"]),
+    default="text",
+    show_default=True,
+)
+@click.option("-v", "--verbose", is_flag=True, help="Also list the tests that pass.")
+def test_cmd(path: str, rev: str | None, fmt: str, verbose: bool) -> None:
+    """Check the repo's PolicyTest assertions (e.g. policies/tests/*.yaml) against the plan.
+
+    Exit 0 when every test passes, 1 on any failure or invalid policy.
+    """
+    from reconciler.planrun import locate
+    from reconciler.policytest import render_results, run_tests
+
+    policy = _policy(path, rev)
+    results = run_tests(policy)
+    click.echo(render_results(results, fmt, locate(path).prefix, verbose), nl=False)
+    sys.exit(0 if all(r.passed for r in results) else 1)

@@ -1,0 +1,617 @@
+"""PlanDiff: what a pull request changes, as access per principal and as chains per cell.
+
+Two levels, because two audiences read a policy PR:
+
+* **Semantic**, for reviewers: per container profile (app or space, lifecycle), which
+  destinations and ports it gains and loses, each with the document change responsible
+  ("Destination/mysql ips changed (policies/destinations.yaml:3)").  Access is compared as
+  packet sets, not as rule text, so re-spelling or splitting a rule is no change, and a rule
+  narrowed from ports 80,443 to 443 loses exactly port 80.
+* **Dataplane**, for operators: per cell, the iptables chains and lines that the agents
+  will create, update and delete, from the same compile and render the agents run.
+
+Pure and deterministic (data in, data out), so CI can run it and golden tests can pin it.
+
+Speed: compiling is a function of each container's *profile* (IP family, lifecycle, space,
+app), and `compile.profile_rules` memoises that per policy object.  A cell whose profiles all
+get the same rule items at base and head renders byte-identical chains, so it is not
+compiled at all; only cells holding a touched profile are compiled, rendered and diffed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from reconciler.compile import Profile, cf_equivalent_rules, compile_cell, profile_of, profile_rules
+from reconciler.inventory_sources import CellInventory
+from reconciler.model import (
+    AddressRange,
+    Container,
+    Destination,
+    PolicySet,
+    PortRange,
+    RuleItem,
+    SecurityGroup,
+)
+from reconciler.plan import Provenance
+from reconciler.render.iptables import CONTAINER_PREFIX, GROUP_PREFIX, render_cell
+
+CF_RULES_WARNING = 150_000
+CF_RULES_ERROR = 500_000
+
+Principal = tuple[str, str, str]  # (lifecycle, space GUID, app GUID)
+ChainAction = Literal["create", "update", "delete"]
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Access:
+    """A slice of what a container may reach (one protocol, one address range, some ports)."""
+
+    protocol: str
+    destination: AddressRange
+    ports: tuple[PortRange, ...] = ()
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.protocol} {self.destination}"
+        if self.ports and self.ports != (PortRange(1, 65535),):
+            word = (
+                "port"
+                if len(self.ports) == 1 and self.ports[0].first == self.ports[0].last
+                else "ports"
+            )
+            text += f" {word} " + ",".join(str(p) for p in self.ports)
+        elif self.protocol in ("tcp", "udp"):
+            text += " all ports"
+        if self.icmp_type is not None and self.icmp_type >= 0:
+            text += f" type {self.icmp_type}"
+            if self.icmp_code is not None and self.icmp_code >= 0:
+                text += f" code {self.icmp_code}"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class AccessChange:
+    """Access gained, lost or re-logged, and why: the documents (file:line) that changed it."""
+
+    access: Access
+    reasons: tuple[str, ...]
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class PrincipalDiff:
+    """What every container of one app (or app-less space) in one lifecycle gains and loses."""
+
+    lifecycle: str
+    space_id: str
+    app_id: str
+    name: str
+    kind: Literal["app", "space", "none"]
+    containers: int
+    cells: int
+    gained: tuple[AccessChange, ...]
+    lost: tuple[AccessChange, ...]
+    logging: tuple[AccessChange, ...] = ()
+    containers_gaining: int = 0  # a container only gets rules of its own IP family
+    containers_losing: int = 0
+
+
+@dataclass(frozen=True)
+class ChainDiff:
+    """One chain of one cell: created, updated or deleted, with its lines as a diff."""
+
+    family: int
+    chain: str
+    action: ChainAction
+    added: int
+    removed: int
+    lines: tuple[str, ...]  # "+ ...", "- ...", "  ..." in chain order
+
+
+@dataclass(frozen=True)
+class CellDiff:
+    """One cell's dataplane change and its rule counts before and after."""
+
+    cell: str
+    origin: str
+    containers: int
+    containers_rechained: int
+    chains: tuple[ChainDiff, ...]
+    base_cf_rules: int
+    head_cf_rules: int
+    base_installed: int | None = None  # only computed for cells that change
+    head_installed: int | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.chains)
+
+    @property
+    def rules_added(self) -> int:
+        return sum(c.added for c in self.chains)
+
+    @property
+    def rules_removed(self) -> int:
+        return sum(c.removed for c in self.chains)
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A limit crossed by the head revision (warning) or one the plan refuses (error)."""
+
+    level: Literal["warning", "error"]
+    cell: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PlanDiff:
+    cells: tuple[CellDiff, ...]
+    principals: tuple[PrincipalDiff, ...]
+    notices: tuple[Notice, ...] = field(default=())
+
+    @property
+    def changed_cells(self) -> tuple[CellDiff, ...]:
+        return tuple(c for c in self.cells if c.changed)
+
+    @property
+    def containers_gaining(self) -> int:
+        return sum(p.containers_gaining for p in self.principals)
+
+    @property
+    def containers_losing(self) -> int:
+        return sum(p.containers_losing for p in self.principals)
+
+    @property
+    def rules_added(self) -> int:
+        return sum(c.rules_added for c in self.cells)
+
+    @property
+    def rules_removed(self) -> int:
+        return sum(c.rules_removed for c in self.cells)
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.changed_cells or self.principals)
+
+    @property
+    def errors(self) -> tuple[Notice, ...]:
+        return tuple(n for n in self.notices if n.level == "error")
+
+
+# ----------------------------------------------------------------------------- diff
+
+
+def diff_plans(
+    base: PolicySet,
+    head: PolicySet,
+    inventory: Sequence[CellInventory],
+    location_prefix: str = "",
+) -> PlanDiff:
+    """Compare what `base` and `head` make every cell of `inventory` enforce.
+
+    `location_prefix` is put before every file:line (the policy folder inside the repo,
+    e.g. `policies/`), so PR readers get paths they can open.
+    """
+    # Every distinct profile once: is it touched (different rule items at base and head)?
+    touched: dict[Profile, bool] = {}
+    profile_count: dict[Profile, int] = defaultdict(int)
+    for cell in inventory:
+        for c in cell.containers:
+            p = profile_of(c)
+            profile_count[p] += 1
+            if p not in touched:
+                touched[p] = profile_rules(base, p).keys() != profile_rules(head, p).keys()
+
+    cells = tuple(_diff_cell(base, head, cell, touched) for cell in inventory)
+    notices = tuple(n for c in cells for n in _limit_notices(c))
+    principals = _principal_diffs(base, head, inventory, touched, location_prefix)
+    return PlanDiff(cells, principals, notices)
+
+
+def _diff_cell(
+    base: PolicySet, head: PolicySet, cell: CellInventory, touched: dict[Profile, bool]
+) -> CellDiff:
+    containers = cell.containers
+    base_cf = cf_equivalent_rules(base, containers)
+    head_cf = cf_equivalent_rules(head, containers)
+    if not any(touched[profile_of(c)] for c in containers):
+        return CellDiff(cell.cell, cell.origin, len(containers), 0, (), base_cf, head_cf)
+    before = compile_cell(base, containers, cell.cell)
+    after = compile_cell(head, containers, cell.cell)
+    chains: list[ChainDiff] = []
+    for family in (4, 6):
+        old = render_cell(before, family).chains
+        new = render_cell(after, family).chains
+        for name in sorted(old.keys() | new.keys(), key=_chain_sort):
+            a, b = old.get(name, ()), new.get(name, ())
+            if a != b:
+                chains.append(_chain_diff(family, name, a, b))
+    rechained = sum(1 for c in chains if c.chain.startswith(CONTAINER_PREFIX))
+    return CellDiff(
+        cell.cell,
+        cell.origin,
+        len(containers),
+        rechained,
+        tuple(chains),
+        base_cf,
+        head_cf,
+        before.installed_rules,
+        after.installed_rules,
+    )
+
+
+def _chain_sort(name: str) -> tuple[int, str]:
+    """Groups, then containers, then dispatch: the order the agent creates them in."""
+    if name.startswith(GROUP_PREFIX):
+        return (0, name)
+    if name.startswith(CONTAINER_PREFIX):
+        return (1, name)
+    return (2, name)
+
+
+def _chain_diff(family: int, name: str, old: tuple[str, ...], new: tuple[str, ...]) -> ChainDiff:
+    if not old:
+        return ChainDiff(family, name, "create", len(new), 0, tuple("+ " + x for x in new))
+    if not new:
+        return ChainDiff(family, name, "delete", 0, len(old), tuple("- " + x for x in old))
+    lines: list[str] = []
+    added = removed = 0
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes():
+        if op == "equal":
+            lines.extend("  " + x for x in old[i1:i2])
+            continue
+        lines.extend("- " + x for x in old[i1:i2])
+        lines.extend("+ " + x for x in new[j1:j2])
+        removed += i2 - i1
+        added += j2 - j1
+    return ChainDiff(family, name, "update", added, removed, tuple(lines))
+
+
+def _limit_notices(cell: CellDiff) -> list[Notice]:
+    n = cell.head_cf_rules
+    if n > CF_RULES_ERROR:
+        return [
+            Notice(
+                "error",
+                cell.cell,
+                f"{n:,} CF-equivalent rules, over the limit of {CF_RULES_ERROR:,}",
+            )
+        ]
+    if n > CF_RULES_WARNING:
+        return [
+            Notice(
+                "warning",
+                cell.cell,
+                f"{n:,} CF-equivalent rules, over {CF_RULES_WARNING:,} (where CF's layout chokes)",
+            )
+        ]
+    return []
+
+
+# ----------------------------------------------------------------------------- semantic
+
+
+def _principal_diffs(
+    base: PolicySet,
+    head: PolicySet,
+    inventory: Sequence[CellInventory],
+    touched: dict[Profile, bool],
+    prefix: str,
+) -> tuple[PrincipalDiff, ...]:
+    families: dict[Principal, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    cells: dict[Principal, set[str]] = defaultdict(set)
+    for cell in inventory:
+        for c in cell.containers:
+            pr = _principal(c)
+            families[pr][c.version] += 1
+            cells[pr].add(cell.cell)
+    explainer = _Explainer(base, head, prefix)
+    out: list[PrincipalDiff] = []
+    for pr in sorted(families):
+        fams = sorted(families[pr])
+        if not any(touched[(f, *pr)] for f in fams):
+            continue
+        before: dict[RuleItem, frozenset[Provenance]] = {}
+        after: dict[RuleItem, frozenset[Provenance]] = {}
+        for f in fams:
+            before.update(profile_rules(base, (f, *pr)))
+            after.update(profile_rules(head, (f, *pr)))
+        lost = _changes(before, after, lambda p, pr=pr: explainer.why(p, pr, lost=True))
+        gained = _changes(after, before, lambda p, pr=pr: explainer.why(p, pr, lost=False))
+        logging = _logging_changes(before, after, explainer, pr)
+        if not (lost or gained or logging):
+            continue
+        name, kind = explainer.principal_name(pr)
+        per_family = families[pr]
+        gaining = {c.access.destination.version for c in gained}
+        losing = {c.access.destination.version for c in lost}
+        out.append(
+            PrincipalDiff(
+                lifecycle=pr[0],
+                space_id=pr[1],
+                app_id=pr[2],
+                name=name,
+                kind=kind,
+                containers=sum(per_family.values()),
+                cells=len(cells[pr]),
+                gained=gained,
+                lost=lost,
+                logging=logging,
+                containers_gaining=sum(per_family[f] for f in gaining),
+                containers_losing=sum(per_family[f] for f in losing),
+            )
+        )
+    out.sort(key=lambda p: (p.name, p.lifecycle, p.space_id, p.app_id))
+    return tuple(out)
+
+
+def _principal(c: Container) -> Principal:
+    return (c.lifecycle, c.space_id, c.app_id)
+
+
+# An access atom: (protocol, icmp type, icmp code, family, first address, last address,
+# first port, last port).  Ports are (0, 0) for protocols that have none.
+Atom = tuple[str, int, int, int, int, int, int, int]
+_ALL = (1, 65535)
+
+
+def _atoms(item: RuleItem) -> list[Atom]:
+    d = item.destination
+    t = -1 if item.icmp_type is None else item.icmp_type
+    code = -1 if item.icmp_code is None else item.icmp_code
+    if item.protocol in ("tcp", "udp"):
+        ports = [(p.first, p.last) for p in item.ports] or [_ALL]
+        return [(item.protocol, t, code, d.version, d.first, d.last, lo, hi) for lo, hi in ports]
+    return [(item.protocol, t, code, d.version, d.first, d.last, 0, 0)]
+
+
+def _cuts(a: Atom, b: Atom) -> Atom | None:
+    """The part of `b` that covers packets of `a`, as a box in a's own coordinates."""
+    if a[3] != b[3]:
+        return None
+    if b[0] == "all":
+        return (*a[:4], b[4], b[5], a[6], a[7])
+    if a[0] != b[0]:
+        return None
+    if a[0] in ("icmp", "icmpv6") and (b[1] not in (-1, a[1]) or b[2] not in (-1, a[2])):
+        return None  # partial ICMP coverage is not expressible; keep `a` whole
+    return b
+
+
+def _subtract(a: Atom, others: Iterable[Atom]) -> list[Atom]:
+    """`a` minus the union of `others`: what `a` allows that none of them does."""
+    pieces = [a]
+    for other in others:
+        nxt: list[Atom] = []
+        for p in pieces:
+            b = _cuts(p, other)
+            if b is None:
+                nxt.append(p)
+                continue
+            lo, hi = max(p[4], b[4]), min(p[5], b[5])
+            plo, phi = max(p[6], b[6]), min(p[7], b[7])
+            if lo > hi or plo > phi:
+                nxt.append(p)
+                continue
+            head = p[:4]
+            if p[4] < lo:
+                nxt.append((*head, p[4], lo - 1, p[6], p[7]))
+            if hi < p[5]:
+                nxt.append((*head, hi + 1, p[5], p[6], p[7]))
+            if p[6] < plo:
+                nxt.append((*head, lo, hi, p[6], plo - 1))
+            if phi < p[7]:
+                nxt.append((*head, lo, hi, phi + 1, p[7]))
+        pieces = nxt
+        if not pieces:
+            break
+    return pieces
+
+
+def _strip_log(item: RuleItem) -> RuleItem:
+    if not item.log:
+        return item
+    return RuleItem(item.protocol, item.destination, item.ports, item.icmp_type, item.icmp_code)
+
+
+def _changes(
+    mine: dict[RuleItem, frozenset[Provenance]],
+    theirs: dict[RuleItem, frozenset[Provenance]],
+    why,  # type: ignore[no-untyped-def]
+) -> tuple[AccessChange, ...]:
+    """Access that `mine` grants and `theirs` does not, with the reasons for each slice."""
+    their_items = {_strip_log(i) for i in theirs}
+    their_atoms = [a for i in their_items for a in _atoms(i)]
+    residue: dict[tuple, tuple[list[tuple[int, int]], set[Provenance]]] = {}
+    for item, provs in sorted(mine.items()):
+        plain = _strip_log(item)
+        if plain in their_items:
+            continue
+        for atom in _atoms(plain):
+            for piece in _subtract(atom, their_atoms):
+                key = (piece[0], piece[1], piece[2], piece[3], piece[4], piece[5])
+                ports, sources = residue.setdefault(key, ([], set()))
+                if piece[0] in ("tcp", "udp"):
+                    ports.append((piece[6], piece[7]))
+                sources.update(provs)
+    out = []
+    for key, (ports, sources) in residue.items():
+        proto, t, code, version, first, last = key
+        access = Access(
+            proto,
+            AddressRange(version, first, last),
+            _merge_ports(ports),
+            None if proto not in ("icmp", "icmpv6") else t,
+            None if proto not in ("icmp", "icmpv6") else code,
+        )
+        reasons = tuple(sorted({why(p) for p in sources}))
+        out.append(AccessChange(access, reasons))
+    out.sort(key=lambda c: c.access)
+    return tuple(out)
+
+
+def _merge_ports(ports: list[tuple[int, int]]) -> tuple[PortRange, ...]:
+    merged: list[list[int]] = []
+    for lo, hi in sorted(set(ports)):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return tuple(PortRange(lo, hi) for lo, hi in merged)
+
+
+def _logging_changes(
+    before: dict[RuleItem, frozenset[Provenance]],
+    after: dict[RuleItem, frozenset[Provenance]],
+    explainer: _Explainer,
+    pr: Principal,
+) -> tuple[AccessChange, ...]:
+    """Same access, but new connections are now logged, or no longer are."""
+    plain_before = {_strip_log(i) for i in before}
+    plain_after = {_strip_log(i) for i in after}
+    logged_before = {_strip_log(i): p for i, p in before.items() if i.log}
+    logged_after = {_strip_log(i): p for i, p in after.items() if i.log}
+    out = []
+    for item in sorted(set(logged_before) ^ set(logged_after)):
+        if item not in plain_before or item not in plain_after:
+            continue  # gained or lost outright; reported there
+        on = item in logged_after
+        sources = logged_after[item] if on else logged_before[item]
+        reasons = tuple(sorted({explainer.why(p, pr, lost=not on) for p in sources}))
+        access = Access(item.protocol, item.destination, item.ports, item.icmp_type, item.icmp_code)
+        out.append(AccessChange(access, reasons, "logging on" if on else "logging off"))
+    return tuple(out)
+
+
+class _Explainer:
+    """Names the document change behind a gained or lost rule: what a reviewer must look at."""
+
+    def __init__(self, base: PolicySet, head: PolicySet, prefix: str):
+        self.base, self.head, self.prefix = base, head, prefix
+        self._sg = {id(p): {g.name: g for g in p.security_groups} for p in (base, head)}
+        self._ep = {id(p): {e.name: e for e in p.egress_policies} for p in (base, head)}
+
+    def loc(self, where: object) -> str:
+        text = where if isinstance(where, str) else getattr(where, "short", "")
+        return f" ({self.prefix}{text})" if text else ""
+
+    def space_name(self, guid: str) -> str:
+        for d in (self.head.directory, self.base.directory):
+            if d.knows_space(guid):
+                return d.space_path(guid)
+        return guid
+
+    def principal_name(self, pr: Principal) -> tuple[str, Literal["app", "space", "none"]]:
+        _, space, app = pr
+        if app:
+            for d in (self.head.directory, self.base.directory):
+                if d.knows_app(app):
+                    return d.app_path(app), "app"
+            return app, "app"
+        if space:
+            return self.space_name(space), "space"
+        return "(no space)", "none"
+
+    def why(self, prov: Provenance, pr: Principal, *, lost: bool) -> str:
+        """For `lost`, why base granted it and head does not; else why head now grants it."""
+        have, other = (self.base, self.head) if lost else (self.head, self.base)
+        if prov.kind == "SecurityGroup":
+            return self._why_group(prov, pr, have, other, lost)
+        return self._why_policy(prov, pr, have, other, lost)
+
+    def _why_group(
+        self, prov: Provenance, pr: Principal, have: PolicySet, other: PolicySet, lost: bool
+    ) -> str:
+        name = prov.name
+        subject = f"SecurityGroup/{name}"
+        mine = self._sg[id(have)].get(name)
+        theirs = self._sg[id(other)].get(name)
+        if mine is None:  # cannot happen: provenance names a group of `have`
+            return f"{subject} changed"
+        head_group = mine if not lost else theirs
+        if theirs is None:
+            return f"{subject} {'deleted' if lost else 'added'}{self.loc(mine.location)}"
+        lifecycle, space, _ = pr
+        if _binding(theirs, lifecycle, space) is None:
+            how = _binding(mine, lifecycle, space)
+            where = self.loc(head_group.location if head_group else None)
+            if how == "global":
+                state = "off" if lost else "on"
+                return f"{subject} globally_enabled.{lifecycle} turned {state}{where}"
+            target = self.space_name(space)
+            verb = "removed" if lost else "added"
+            return f"{subject} binding to {target} ({lifecycle}) {verb}{where}"
+        index = prov.index if prov.index is not None else 0
+        rule = mine.rules[index] if index < len(mine.rules) else None
+        if rule is not None and rule not in theirs.rules:
+            if index < len(theirs.rules):
+                now = theirs.rules[index] if lost else rule
+                return f"{subject} rules[{index}] changed{self.loc(now.location)}"
+            verb = "removed" if lost else "added"
+            return f"{subject} rules[{index}] {verb}{self.loc(prov.location)}"
+        return f"{subject} rules[{index}] changed{self.loc(prov.location)}"
+
+    def _why_policy(
+        self, prov: Provenance, pr: Principal, have: PolicySet, other: PolicySet, lost: bool
+    ) -> str:
+        name = prov.name
+        subject = f"EgressPolicy/{name}"
+        mine = self._ep[id(have)].get(name)
+        theirs = self._ep[id(other)].get(name)
+        if mine is None:
+            return f"{subject} changed"
+        if theirs is None:
+            return f"{subject} {'deleted' if lost else 'added'}{self.loc(mine.location)}"
+        head_ep = theirs if lost else mine
+        where = self.loc(head_ep.location)
+        if (mine.source_type, mine.source_id) != (theirs.source_type, theirs.source_id):
+            return f"{subject} source changed{where}"
+        if mine.app_lifecycle != theirs.app_lifecycle:
+            return f"{subject} app_lifecycle changed to {head_ep.app_lifecycle}{where}"
+        if mine.destination != theirs.destination:
+            return f"{subject} destination changed to Destination/{head_ep.destination}{where}"
+        dest_name = prov.destination or mine.destination
+        d_mine = have.destination_by_name.get(dest_name)
+        d_theirs = other.destination_by_name.get(dest_name)
+        if d_mine is None:
+            return f"{subject} changed{where}"
+        if d_theirs is None:
+            verb = "deleted" if lost else "added"
+            return f"Destination/{dest_name} {verb}{self.loc(d_mine.location)}"
+        fields = _destination_fields(d_mine, d_theirs)
+        head_dest = d_theirs if lost else d_mine
+        what = " and ".join(fields) if fields else "rules"
+        return f"Destination/{dest_name} {what} changed{self.loc(head_dest.location)}"
+
+
+def _binding(sg: SecurityGroup, lifecycle: str, space: str) -> str | None:
+    """How a group reaches containers of this lifecycle and space: globally, by space, or not."""
+    if sg.running_default if lifecycle == "running" else sg.staging_default:
+        return "global"
+    spaces = sg.running_spaces if lifecycle == "running" else sg.staging_spaces
+    if space and space in spaces:
+        return "space"
+    return None
+
+
+def _destination_fields(a: Destination, b: Destination) -> list[str]:
+    out = []
+    if a.protocol != b.protocol:
+        out.append("protocol")
+    if a.ips != b.ips:
+        out.append("ips")
+    if a.ports != b.ports:
+        out.append("ports")
+    if (a.icmp_type, a.icmp_code) != (b.icmp_type, b.icmp_code):
+        out.append("icmp")
+    return out

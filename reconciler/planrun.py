@@ -1,0 +1,165 @@
+"""`asgctl plan` and `asgctl test` at the edge: git, files and inventories are read here.
+
+Everything after this module is pure (`diff.diff_plans`, `report.*`, `policytest.run_tests`),
+so the CI plan differs from the agents' compile only in where its inputs come from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from reconciler.diff import diff_plans
+from reconciler.inventory import InventoryError
+from reconciler.inventory_sources import (
+    CellInventory,
+    StatusBranches,
+    StoreFiles,
+    synthetic_inventory,
+)
+from reconciler.model import PolicySet
+from reconciler.policy.load import load_policy
+from reconciler.report.plan import PlanReport, Revision
+
+STATUS = "status"
+SYNTHETIC = "directory"
+
+
+@dataclass(frozen=True)
+class RepoPlace:
+    """Where a policy folder sits: its git work tree (if any) and its path inside it."""
+
+    top: Path | None
+    folder: str  # e.g. "policies"; "" for the repository root
+
+    @property
+    def prefix(self) -> str:
+        """What to put before a policy-relative file name to get a repository path."""
+        return f"{self.folder}/" if self.folder else ""
+
+
+def locate(policies: str | os.PathLike[str]) -> RepoPlace:
+    """Find the git work tree holding `policies` (the folder need not exist on disk)."""
+    import git
+
+    target = Path(policies).resolve()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        repo = git.Repo(probe, search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return RepoPlace(None, Path(policies).as_posix().rstrip("/"))
+    top = Path(repo.working_tree_dir or probe).resolve()
+    folder = target.relative_to(top).as_posix() if target != top else ""
+    return RepoPlace(top, "" if folder == "." else folder)
+
+
+def resolve_revision(top: Path | None, rev: str) -> str | None:
+    """The commit SHA a revision names, or None when it names nothing."""
+    if top is None:
+        return None
+    import git
+
+    try:
+        return git.Repo(top).commit(rev).hexsha
+    except (git.BadName, ValueError, git.GitCommandError):
+        return None
+
+
+def _store_paths(spec: Sequence[str]) -> tuple[str, ...]:
+    """Files as given; a folder means every `store.json` below it, else its `*.json` files."""
+    out: list[str] = []
+    for item in spec:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(p.rglob("store.json")) or sorted(p.glob("*.json"))
+            if not found:
+                raise InventoryError(f"{item}: no store.json or *.json files in this folder")
+            out.extend(str(f) for f in found)
+        else:
+            out.append(item)
+    return tuple(out)
+
+
+def load_inventory(
+    spec: Sequence[str], place: RepoPlace, policies: Sequence[PolicySet]
+) -> tuple[tuple[CellInventory, ...], str]:
+    """The cells to plan for, and a description of where they came from.
+
+    `spec` is empty (status branches when there are any, else a synthetic cell), `status`,
+    `directory` (the synthetic cell), or store files and folders of them.
+    """
+    status = StatusBranches(str(place.top)) if place.top is not None else None
+    if list(spec) == [STATUS] or (not spec and status is not None and status.exists()):
+        if status is None:
+            raise InventoryError("--inventory status: the policies are not in a git repository")
+        cells = status.cells()
+        if not cells:
+            raise InventoryError("--inventory status: there are no status/<cell> branches")
+        return cells, f"status branches ({len(cells):,} cells)"
+    if not spec or list(spec) == [SYNTHETIC]:
+        cell = synthetic_inventory(policies)
+        return (cell,), (
+            "synthetic (one container per app and lifecycle from the directory; "
+            "no status branches yet)"
+        )
+    if STATUS in spec or SYNTHETIC in spec:
+        raise InventoryError("--inventory: 'status' and 'directory' cannot be mixed with files")
+    source = StoreFiles(_store_paths(spec))
+    cells = source.cells()
+    return cells, f"{source.description} ({len(cells):,} cells)"
+
+
+def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ()) -> PlanReport:
+    """Load both revisions from git (no checkout), read the inventory, diff, and report."""
+    place = locate(policies)
+    folder = place.folder or "."
+    base_sha = resolve_revision(place.top, base)
+    head_sha = resolve_revision(place.top, head)
+    report = PlanReport(
+        base=Revision(base, base_sha or ""),
+        head=Revision(head, head_sha or ""),
+        policies=folder,
+        inventory="",
+        location_prefix=place.prefix,
+    )
+    if place.top is None:
+        return _with(report, error=f"{policies} is not in a git repository")
+    for name, sha in ((base, base_sha), (head, head_sha)):
+        if sha is None:
+            return _with(report, error=f"unknown revision {name!r}")
+    head_result = load_policy(policies, head_sha)
+    if not head_result.ok:
+        return _with(report, head_findings=head_result.findings)
+    base_result = load_policy(policies, base_sha)
+    warnings: list[str] = []
+    base_policy = base_result.policy
+    if not base_result.ok:
+        # No agent can be running an invalid revision; compare against nothing, and say so.
+        base_policy = PolicySet()
+        warnings.append(
+            f"the base revision does not validate ({len(base_result.errors)} errors), so the "
+            "plan compares the head against an empty policy"
+        )
+    try:
+        cells, described = load_inventory(inventory, place, (base_policy, head_result.policy))
+    except InventoryError as exc:
+        return _with(report, error=str(exc), base_findings=base_result.findings)
+    diff = diff_plans(base_policy, head_result.policy, cells, place.prefix)
+    return _with(
+        report,
+        inventory=described,
+        diff=diff,
+        head_findings=head_result.findings,
+        base_findings=base_result.findings,
+        warnings=tuple(warnings),
+    )
+
+
+def _with(report: PlanReport, **changes: object) -> PlanReport:
+    from dataclasses import replace
+
+    return replace(report, **changes)  # type: ignore[arg-type]

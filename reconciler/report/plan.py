@@ -1,0 +1,539 @@
+"""A plan as people read it: a PR comment (markdown), a terminal (text), or tools (JSON).
+
+The shape is the one Terraform and Atlantis users already know: the summary line first
+("Plan: 3 cells change, 41 containers gain access, 2 lose access; +120 -8 rules"), "No
+changes." when there are none, a legend only for the actions present, a reason on every
+removal, and long output folded into `<details>` with `diff` fences.  The markdown carries a
+hidden marker so CI edits one sticky comment instead of adding one per push, and stays under
+GitHub's comment limit by cutting details (never the summary) and saying what it cut.
+
+Templates only lay out: every string from a policy, a directory, a file name or a git ref is
+escaped for its destination (`escape.md`, `escape.visible`) here, before a template sees it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Literal
+
+import jinja2
+
+from reconciler.diff import AccessChange, CellDiff, ChainDiff, PlanDiff, PrincipalDiff
+from reconciler.policy.findings import Finding
+from reconciler.report.escape import fence, md, visible
+
+MARKER = "<!-- asgctl-plan -->"
+COMMENT_LIMIT = 65_000  # GitHub allows 65,536; the rest is headroom for the CI's own words
+Status = Literal["changes", "no-changes", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """A revision as the user named it and the commit it resolved to."""
+
+    name: str
+    sha: str = ""
+
+    @property
+    def short(self) -> str:
+        return self.sha[:7]
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """Everything a plan presentation needs; built by `reconciler.planrun`, pure from here on."""
+
+    base: Revision
+    head: Revision
+    policies: str  # the policy folder inside the repo, e.g. "policies"
+    inventory: str  # where the cells' containers came from
+    diff: PlanDiff | None = None
+    head_findings: tuple[Finding, ...] = ()
+    base_findings: tuple[Finding, ...] = ()
+    error: str = ""  # a failure that is not a finding (bad revision, unreadable inventory)
+    location_prefix: str = ""
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def head_errors(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.head_findings if f.severity == "error")
+
+    @property
+    def status(self) -> Status:
+        if self.error or self.head_errors or self.diff is None or self.diff.errors:
+            return "error"
+        return "changes" if self.diff.has_changes else "no-changes"
+
+    def exit_code(self, detailed: bool) -> int:
+        """Terraform's `-detailed-exitcode`: 0 no changes, 2 changes, 1 error."""
+        status = self.status
+        if status == "error":
+            return 1
+        return 2 if detailed and status == "changes" else 0
+
+
+# ----------------------------------------------------------------------------- words
+
+
+def _n(count: int, one: str, many: str | None = None) -> str:
+    return f"{count:,} {one if count == 1 else (many or one + 's')}"
+
+
+def summary_line(diff: PlanDiff) -> str:
+    """The one line a reviewer reads first; the same in every format."""
+    if not diff.has_changes:
+        return "No changes. Every cell would enforce exactly what it enforces at the base."
+    cells = len(diff.changed_cells)
+    gain, lose = diff.containers_gaining, diff.containers_losing
+    return (
+        f"Plan: {_n(cells, 'cell')} {'changes' if cells == 1 else 'change'}, "
+        f"{_n(gain, 'container')} {'gains' if gain == 1 else 'gain'} access, "
+        f"{lose:,} {'loses' if lose == 1 else 'lose'} access; "
+        f"+{diff.rules_added:,} -{diff.rules_removed:,} rules"
+    )
+
+
+def _access_sign(kind: str) -> str:
+    return {"gained": "+", "lost": "-", "logging": "~"}[kind]
+
+
+def _access_entries(p: PrincipalDiff) -> list[tuple[str, AccessChange]]:
+    """Losses first: a policy that validates clean can still revoke everyone."""
+    out = [("lost", c) for c in p.lost]
+    out += [("gained", c) for c in p.gained]
+    out += [("logging", c) for c in p.logging]
+    return out
+
+
+def _principal_title(p: PrincipalDiff) -> str:
+    what = {"app": "", "space": " (space, no app)", "none": ""}[p.kind]
+    return f"{p.name}{what}"
+
+
+def _principal_counts(p: PrincipalDiff) -> str:
+    parts = []
+    if p.gained:
+        parts.append(f"+{len(p.gained)}")
+    if p.lost:
+        parts.append(f"-{len(p.lost)}")
+    if p.logging:
+        parts.append(f"~{len(p.logging)}")
+    return " ".join(parts)
+
+
+def _where(p: PrincipalDiff) -> str:
+    return f"{_n(p.containers, 'container')} on {_n(p.cells, 'cell')}"
+
+
+def _chain_counts(c: CellDiff) -> str:
+    actions = {"create": "+", "update": "~", "delete": "-"}
+    parts = []
+    for action, sign in actions.items():
+        k = sum(1 for ch in c.chains if ch.action == action)
+        if k:
+            parts.append(f"{sign}{k}")
+    return " ".join(parts)
+
+
+def _counts(before: int | None, after: int | None) -> str:
+    if before is None or after is None:
+        return "unchanged"
+    if before == after:
+        return f"{after:,}"
+    return f"{before:,} → {after:,}"
+
+
+def _family(ch: ChainDiff) -> str:
+    return "IPv4" if ch.family == 4 else "IPv6"
+
+
+def _chain_lines(c: CellDiff) -> list[str]:
+    """The cell's dataplane diff; only hex ids and addresses, but escaped all the same."""
+    lines: list[str] = []
+    for ch in c.chains:
+        lines.append(f"@@ {ch.chain} ({_family(ch)}): {ch.action} @@")
+        lines.extend(visible(x) for x in ch.lines)
+    return lines
+
+
+def _legends(diff: PlanDiff) -> tuple[str, str]:
+    access = []
+    if any(p.gained for p in diff.principals):
+        access.append("+ gains access")
+    if any(p.lost for p in diff.principals):
+        access.append("- loses access")
+    if any(p.logging for p in diff.principals):
+        access.append("~ logging changes")
+    actions = {ch.action for c in diff.cells for ch in c.chains}
+    chains = [
+        text
+        for action, text in (
+            ("create", "+ create"),
+            ("update", "~ update in place"),
+            ("delete", "- destroy"),
+        )
+        if action in actions
+    ]
+    return ", ".join(access), ", ".join(chains)
+
+
+def _finding_lines(findings: tuple[Finding, ...], prefix: str) -> list[str]:
+    return [visible(prefix + str(f)) for f in sorted(findings)]
+
+
+def _revision_text(rev: Revision, esc: Callable[[str], str]) -> str:
+    if rev.short and rev.name != rev.sha and not rev.sha.startswith(rev.name):
+        return f"{esc(rev.name)} ({rev.short})"
+    return rev.short or esc(rev.name)
+
+
+# ----------------------------------------------------------------------------- templates
+
+
+@cache
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("reconciler.report", "templates"),
+        autoescape=False,  # markdown is not HTML; strings arrive escaped by this module
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+
+
+@dataclass(frozen=True)
+class _AccessView:
+    title: str
+    lifecycle: str
+    counts: str
+    where: str
+    body: str  # the fenced diff, ready to place
+
+
+@dataclass(frozen=True)
+class _CellView:
+    name: str
+    containers: str
+    rechained: str
+    chains: str
+    rules: str
+    installed: str
+    cf: str
+    body: str
+
+
+def _access_lines(p: PrincipalDiff, esc: Callable[[str], str]) -> list[str]:
+    lines = []
+    for kind, change in _access_entries(p):
+        text = f"{_access_sign(kind)} {change.access}"
+        if change.detail:
+            text += f" {change.detail}"
+        reasons = "; ".join(change.reasons)
+        lines.append(f"{text}    # {esc(reasons)}" if reasons else text)
+    return lines
+
+
+def _access_view_md(p: PrincipalDiff) -> _AccessView:
+    body = fence("\n".join(_access_lines(p, visible)), "diff")
+    return _AccessView(md(_principal_title(p)), p.lifecycle, _principal_counts(p), _where(p), body)
+
+
+def _cell_view_md(c: CellDiff) -> _CellView:
+    return _CellView(
+        name=md(c.cell),
+        containers=f"{c.containers:,}",
+        rechained=f"{c.containers_rechained:,}",
+        chains=_chain_counts(c),
+        rules=f"+{c.rules_added:,} -{c.rules_removed:,}",
+        installed=_counts(c.base_installed, c.head_installed),
+        cf=_counts(c.base_cf_rules, c.head_cf_rules),
+        body=fence("\n".join(_chain_lines(c)), "diff"),
+    )
+
+
+def _common(report: PlanReport, esc: Callable[[str], str]) -> dict[str, Any]:
+    diff = report.diff
+    out: dict[str, Any] = {
+        "marker": MARKER,
+        "policies": esc(report.policies),
+        "base": _revision_text(report.base, esc),
+        "head": _revision_text(report.head, esc),
+        "base_name": esc(report.base.name),
+        "head_name": esc(report.head.name),
+        "inventory": esc(report.inventory),
+        "status": report.status,
+        "error": esc(report.error),
+        "warnings": [esc(w) for w in report.warnings],
+        "findings": _finding_lines(report.head_errors, report.location_prefix),
+        "n_errors": _n(len(report.head_errors), "error"),
+        "base_findings": len([f for f in report.base_findings if f.severity == "error"]),
+        "summary": summary_line(diff) if diff is not None else "",
+        "notices": [],
+        "access_legend": "",
+        "chain_legend": "",
+        "cells_total": 0,
+        "cells_changed": 0,
+    }
+    if diff is not None:
+        out["notices"] = [
+            {"level": n.level, "cell": esc(n.cell), "message": esc(n.message)} for n in diff.notices
+        ]
+        out["access_legend"], out["chain_legend"] = _legends(diff)
+        out["cells_total"] = len(diff.cells)
+        out["cells_changed"] = len(diff.changed_cells)
+    return out
+
+
+def _principal_order(diff: PlanDiff) -> list[PrincipalDiff]:
+    return sorted(diff.principals, key=lambda p: (not p.lost, p.name, p.lifecycle))
+
+
+def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
+    """The sticky PR comment; never longer than `limit` characters."""
+    env = _env()
+    template = env.get_template("plan.md.j2")
+    macros = env.get_template("blocks.md.j2").module  # type: ignore[attr-defined]
+    ctx = _common(report, md)
+    ctx["findings_block"] = fence("\n".join(ctx["findings"]), "text")
+    diff = report.diff
+    principals = _principal_order(diff) if diff is not None else []
+    cells = list(diff.changed_cells) if diff is not None else []
+    access_views = [_access_view_md(p) for p in principals]
+    cell_views = [_cell_view_md(c) for c in cells]
+    access_full = [str(macros.access_block(v)) for v in access_views]
+    access_short = [str(macros.access_line(v)) for v in access_views]
+    cell_rows = [str(macros.cell_row(v)) for v in cell_views]
+    cell_details = [str(macros.cell_block(v)) for v in cell_views]
+
+    def render(access: list[str], rows: list[str], details: list[str], cut: str) -> str:
+        return template.render(
+            **ctx,
+            access=access,
+            has_access=bool(principals),
+            rows=rows,
+            details=details,
+            has_cells=bool(cells),
+            cut=cut,
+        )
+
+    full = render(access_full, cell_rows, cell_details, "")
+    if len(full) <= limit:
+        return full
+
+    # Too long for one comment: keep the summary, then fill greedily -- one line per
+    # principal, one row per cell, then access details, then dataplane details.
+    reserve = 700  # the cut note
+    budget = limit - len(render([], [], [], "")) - reserve
+    chosen: list[str | None] = [None] * len(principals)
+    for i, line in enumerate(access_short):
+        if len(line) > budget:
+            break
+        chosen[i] = line
+        budget -= len(line)
+    rows_kept = 0
+    for row in cell_rows:
+        if len(row) > budget:
+            break
+        rows_kept += 1
+        budget -= len(row)
+    for i, block in enumerate(access_full):
+        if chosen[i] is None:
+            break
+        extra = len(block) - len(access_short[i])
+        if extra <= budget:
+            chosen[i] = block
+            budget -= extra
+    details_kept: list[str] = []
+    for block in cell_details[:rows_kept]:
+        if len(block) <= budget:
+            details_kept.append(block)
+            budget -= len(block)
+    access_kept = [c for c in chosen if c is not None]
+    folded = sum(1 for i, c in enumerate(chosen) if c is not None and c == access_short[i])
+    note = _cut_note(
+        ctx,
+        access_unlisted=len(principals) - len(access_kept),
+        access_folded=folded,
+        cells_unlisted=len(cells) - rows_kept,
+        cells_folded=rows_kept - len(details_kept),
+        limit=limit,
+    )
+    out = render(access_kept, cell_rows[:rows_kept], details_kept, note)
+    if len(out) > limit:  # cannot happen with the reserve above; never post an oversize one
+        out = render([], [], [], note)
+    return out
+
+
+def _cut_note(
+    ctx: dict[str, Any],
+    *,
+    access_unlisted: int,
+    access_folded: int,
+    cells_unlisted: int,
+    cells_folded: int,
+    limit: int,
+) -> str:
+    parts = []
+    if access_folded:
+        parts.append(f"the access details of {_n(access_folded, 'principal')}")
+    if access_unlisted:
+        parts.append(f"{_n(access_unlisted, 'more principal')} with access changes")
+    if cells_folded:
+        parts.append(f"the chain diffs of {_n(cells_folded, 'cell')}")
+    if cells_unlisted:
+        parts.append(f"{_n(cells_unlisted, 'more changed cell')}")
+    cut = ", ".join(parts) or "some details"
+    return (
+        f"**Cut to fit one comment ({limit:,} characters):** {cut} not shown. "
+        f"The full plan: <code>asgctl plan --base {ctx['base_name']} --head {ctx['head_name']}"
+        "</code> (text, or <code>--format json</code>), also in this job's log."
+    )
+
+
+def render_text(report: PlanReport) -> str:
+    """The terminal form: everything, nothing folded; control characters made visible."""
+    template = _env().get_template("plan.txt.j2")
+    ctx = _common(report, visible)
+    diff = report.diff
+    principals = []
+    cells = []
+    if diff is not None:
+        for p in _principal_order(diff):
+            principals.append(
+                {
+                    "title": visible(_principal_title(p)),
+                    "lifecycle": p.lifecycle,
+                    "where": _where(p),
+                    "lines": _access_text_lines(p),
+                }
+            )
+        for c in diff.changed_cells:
+            cells.append(
+                {
+                    "name": visible(c.cell),
+                    "rechained": _n(c.containers_rechained, "container"),
+                    "chains": _chain_counts(c),
+                    "rules": f"+{c.rules_added:,} -{c.rules_removed:,}",
+                    "installed": _counts(c.base_installed, c.head_installed),
+                    "cf": _counts(c.base_cf_rules, c.head_cf_rules),
+                    "lines": _chain_lines(c),
+                }
+            )
+    return template.render(**ctx, principals=principals, cells=cells)
+
+
+def _access_text_lines(p: PrincipalDiff) -> list[str]:
+    lines = []
+    for kind, change in _access_entries(p):
+        text = f"{_access_sign(kind)} {change.access}"
+        if change.detail:
+            text += f" {change.detail}"
+        lines.append(text)
+        lines.extend(f"    {visible(r)}" for r in change.reasons)
+    return lines
+
+
+def render_json(report: PlanReport) -> str:
+    """Machine-readable and complete; strings as they are (JSON escapes them)."""
+    diff = report.diff
+    doc: dict[str, Any] = {
+        "marker": MARKER,
+        "status": report.status,
+        "base": {"name": report.base.name, "sha": report.base.sha},
+        "head": {"name": report.head.name, "sha": report.head.sha},
+        "policies": report.policies,
+        "inventory": report.inventory,
+        "summary": summary_line(diff) if diff is not None else None,
+        "error": report.error or None,
+        "warnings": list(report.warnings),
+        "findings": [
+            f.to_dict() | {"file": report.location_prefix + f.file}
+            for f in sorted(report.head_findings)
+        ],
+    }
+    if diff is not None:
+        doc["counts"] = {
+            "cells": len(diff.cells),
+            "cells_changed": len(diff.changed_cells),
+            "cells_unchanged": len(diff.cells) - len(diff.changed_cells),
+            "containers_gaining_access": diff.containers_gaining,
+            "containers_losing_access": diff.containers_losing,
+            "rules_added": diff.rules_added,
+            "rules_removed": diff.rules_removed,
+        }
+        doc["notices"] = [
+            {"level": n.level, "cell": n.cell, "message": n.message} for n in diff.notices
+        ]
+        doc["principals"] = [_principal_json(p) for p in _principal_order(diff)]
+        doc["cells"] = [_cell_json(c) for c in diff.cells]
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
+def _change_json(c: AccessChange) -> dict[str, Any]:
+    a = c.access
+    out: dict[str, Any] = {
+        "access": str(a),
+        "protocol": a.protocol,
+        "destination": str(a.destination),
+    }
+    if a.ports:
+        out["ports"] = ",".join(str(p) for p in a.ports)
+    if a.icmp_type is not None:
+        out["icmp_type"] = a.icmp_type
+        out["icmp_code"] = a.icmp_code
+    if c.detail:
+        out["detail"] = c.detail
+    out["reasons"] = list(c.reasons)
+    return out
+
+
+def _principal_json(p: PrincipalDiff) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "kind": p.kind,
+        "lifecycle": p.lifecycle,
+        "space_id": p.space_id,
+        "app_id": p.app_id,
+        "containers": p.containers,
+        "cells": p.cells,
+        "gained": [_change_json(c) for c in p.gained],
+        "lost": [_change_json(c) for c in p.lost],
+        "logging": [_change_json(c) for c in p.logging],
+    }
+
+
+def _cell_json(c: CellDiff) -> dict[str, Any]:
+    return {
+        "cell": c.cell,
+        "origin": c.origin,
+        "changed": c.changed,
+        "containers": c.containers,
+        "containers_rechained": c.containers_rechained,
+        "rules_added": c.rules_added,
+        "rules_removed": c.rules_removed,
+        "installed_rules": {"base": c.base_installed, "head": c.head_installed},
+        "cf_equivalent_rules": {"base": c.base_cf_rules, "head": c.head_cf_rules},
+        "chains": [
+            {
+                "family": ch.family,
+                "chain": ch.chain,
+                "action": ch.action,
+                "added": ch.added,
+                "removed": ch.removed,
+                "lines": list(ch.lines),
+            }
+            for ch in c.chains
+        ],
+    }
+
+
+def render(report: PlanReport, fmt: str) -> str:
+    if fmt == "markdown":
+        return render_markdown(report)
+    if fmt == "json":
+        return render_json(report)
+    return render_text(report)
