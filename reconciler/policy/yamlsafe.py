@@ -145,6 +145,7 @@ class _Builder:
         self.documents: list[Document] = []
         self.resolver = yaml.resolver.Resolver()
         self.constructor = yaml.constructor.SafeConstructor()
+        self._scalars: dict[tuple[Any, ...], Any] = {}
         self._reset(0)
 
     def _reset(self, line: int) -> None:
@@ -162,7 +163,10 @@ class _Builder:
         return LoadError(self.file, message, mark.line + 1, mark.column + 1)
 
     def feed(self, event: ev.Event) -> None:
-        if isinstance(event, ev.DocumentStartEvent):
+        kind = type(event)
+        if kind is ev.ScalarEvent:
+            self._add(self._scalar(event), event.start_mark, event.anchor, 1)  # type: ignore[arg-type]
+        elif isinstance(event, ev.DocumentStartEvent):
             if len(self.documents) >= self.limits.max_documents:
                 raise self.fail(
                     f"more than {self.limits.max_documents} documents in one file",
@@ -180,8 +184,6 @@ class _Builder:
                         self.positions,
                     )
                 )
-        elif isinstance(event, ev.ScalarEvent):
-            self._add(self._scalar(event), event.start_mark, event.anchor, 1)
         elif isinstance(event, ev.AliasEvent):
             if event.anchor not in self.anchors:
                 raise self.fail(f"unknown alias *{event.anchor}", event.start_mark)
@@ -212,6 +214,18 @@ class _Builder:
             raise self.fail(f"tag {tag!r} cannot be used on a collection", mark)
 
     def _scalar(self, event: ev.ScalarEvent) -> Any:
+        # Policy files repeat the same keys and values (protocol, tcp, ports...) thousands of
+        # times; resolving and constructing each distinct plain scalar once keeps big repos fast.
+        key = (event.value, event.implicit, event.tag, event.style)
+        cached = self._scalars.get(key, _NO_KEY)
+        if cached is not _NO_KEY:
+            return cached
+        value = self._construct_scalar(event)
+        if isinstance(value, str | int | float | bool) or value is None:
+            self._scalars[key] = value
+        return value
+
+    def _construct_scalar(self, event: ev.ScalarEvent) -> Any:
         self._check_tag(event.tag, event.start_mark, collection=False)
         tag = event.tag
         if tag is None or tag == "!":
