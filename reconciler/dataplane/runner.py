@@ -32,6 +32,13 @@ class Runner:
     def in_netns(cls, name: str, timeout: float = 300.0) -> Runner:
         return cls(("ip", "netns", "exec", name), timeout)
 
+    @property
+    def netns(self) -> str | None:
+        """The namespace this runner enters, when it was made by `in_netns`."""
+        if len(self.prefix) == 4 and self.prefix[:3] == ("ip", "netns", "exec"):
+            return self.prefix[3]
+        return None
+
     def run(self, argv: Sequence[str], stdin: str | None = None) -> Result:
         full = (*self.prefix, *argv)
         try:

@@ -1,0 +1,273 @@
+"""Optional backend for legacy hosts: the same transaction, committed in-process by libiptc.
+
+It exists for cells where forking `iptables-restore` every cycle is unwelcome.  Only the
+write path differs from the iptables backend: reading stays `iptables-legacy-save` (the
+canonical text the plan is rendered in, and the only form drift can be compared in), and the
+delta is the very same list of lines.  Each line is parsed into a python-iptables rule by
+xtables' own option parsers and applied to one libiptc handle; a single commit at the end
+replaces the table atomically, and anything that fails before it leaves the kernel untouched.
+
+libiptc speaks only to legacy iptables.  It takes no lock of its own, so the backend takes
+the xtables lock (`/run/xtables.lock`, as the iptables tools do) around the transaction.
+Needs `pip install 'asgctl[libiptc]'` (python-iptables).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import shlex
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.dataplane.delta import check_applied, compute_delta
+from reconciler.dataplane.errors import ApplyError, DataplaneError, VariantError, VerifyError
+from reconciler.dataplane.iptables import VARIANTS, IptablesBackend, choose_variant, probe_variant
+from reconciler.dataplane.records import Delta, OwnedState
+from reconciler.dataplane.runner import Runner
+from reconciler.plan import CellPlan
+from reconciler.render.iptables import OWNED_PREFIX, Ruleset
+
+_CLONE_NEWNET = 0x40000000
+_PROTOCOLS = {"icmp": "1", "tcp": "6", "udp": "17", "ipv6-icmp": "58", "icmpv6": "58"}
+
+
+def _iptc() -> Any:
+    try:
+        import iptc  # type: ignore[import-not-found, import-untyped]
+    except (ImportError, OSError) as exc:  # OSError: libxtables/libiptc missing
+        raise DataplaneError(
+            f"the libiptc backend needs python-iptables (pip install 'asgctl[libiptc]'): {exc}"
+        ) from None
+    return iptc
+
+
+@dataclass(frozen=True)
+class LibiptcBackend:
+    """Reads with iptables-legacy-save, writes one libiptc commit per family."""
+
+    runner: Runner = field(default_factory=Runner)
+    wait_seconds: int = 10
+    reason: str = ""
+    fault: Callable[[int, str], str] | None = None
+    lock_path: str = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
+
+    @classmethod
+    def open(
+        cls,
+        variant: str = "auto",
+        runner: Runner | None = None,
+        *,
+        fault: Callable[[int, str], str] | None = None,
+    ) -> LibiptcBackend:
+        _iptc()
+        runner = runner or Runner()
+        if variant == "nft":
+            raise VariantError("the libiptc backend drives legacy iptables only")
+        probes = {v: probe_variant(runner, v) for v in VARIANTS}
+        nft, legacy = probes["nft"], probes["legacy"]
+        if variant == "auto" and nft.rules > legacy.rules and not legacy.ours:
+            raise VariantError(
+                f"this host uses iptables-nft ({nft.rules} rules, legacy {legacy.rules}); "
+                "libiptc drives legacy iptables only: use the iptables backend"
+            )
+        _, reason = choose_variant(probes, "legacy")
+        return cls(runner, reason=reason, fault=fault)
+
+    @property
+    def name(self) -> str:
+        return "libiptc"
+
+    @property
+    def _reader(self) -> IptablesBackend:
+        return IptablesBackend("legacy", self.runner)
+
+    def render(self, plan: CellPlan, family: int) -> Ruleset:
+        return self._reader.render(plan, family)
+
+    def read(self, family: int) -> OwnedState:
+        return self._reader.read(family)
+
+    def delta(
+        self,
+        desired: Ruleset,
+        observed: OwnedState,
+        last: Ruleset | None,
+        *,
+        heal_drift: bool = True,
+    ) -> Delta:
+        return compute_delta(desired, observed, last, heal_drift=heal_drift)
+
+    def apply(self, delta: Delta) -> None:
+        if delta.empty:
+            return
+        text = delta.text()
+        if self.fault is not None:
+            text = self.fault(delta.family, text)
+        netns = self.runner.netns
+        if netns is None:
+            self._commit(delta.family, text)
+            return
+        # setns(2) moves only the calling thread: do the whole transaction on a thread of its
+        # own, so the caller never leaves its namespace, whatever happens.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(_in_netns, netns, self._commit, delta.family, text).result()
+
+    def verify(self, desired: Ruleset, delta: Delta) -> None:
+        problems = check_applied(desired, delta, self.read(delta.family))
+        if problems:
+            raise VerifyError(
+                f"ipv{delta.family}: after apply the kernel differs: " + "; ".join(problems[:5])
+            )
+
+    def _commit(self, family: int, text: str) -> None:
+        iptc = _iptc()
+        cls = iptc.Table if family == 4 else iptc.Table6
+        with _xtables_lock(self.lock_path, self.wait_seconds):
+            # A handle of our own: python-iptables caches one per table name for the whole
+            # process, bound to the namespace it was first opened in.
+            table = object.__new__(cls)
+            table._init("filter", False)
+            try:
+                for number, line in enumerate(text.splitlines(), 1):
+                    try:
+                        _op(iptc, table, family, line)
+                    except Exception as exc:  # any refusal, from libiptc, xtables or us
+                        raise ApplyError(
+                            f"libiptc refused the transaction at line {number} "
+                            f"({line[:160]!r}): {exc}; nothing was changed",
+                            number,
+                            text,
+                        ) from None
+                try:
+                    table.commit()
+                except iptc.IPTCError as exc:
+                    raise ApplyError(f"libiptc commit failed: {exc}; nothing was changed") from None
+            finally:
+                table.close()
+
+
+def _op(iptc: Any, table: Any, family: int, line: str) -> None:
+    """One line of an iptables-restore transaction, on a libiptc handle."""
+    if not line or line.startswith("#") or line in ("*filter", "COMMIT"):
+        return
+    if line.startswith(":"):
+        name = line[1:].split()[0]
+        if table.is_chain(name):
+            table.flush_entries(name)
+        else:
+            table.create_chain(name)
+        return
+    words = shlex.split(line)
+    op, chain = words[0], words[1] if len(words) > 1 else ""
+    if op == "-X":
+        table.delete_chain(chain)
+        return
+    if op not in ("-A", "-D", "-I"):
+        raise ValueError(f"unsupported operation {op!r}")
+    rest = words[2:]
+    position = 0
+    if op == "-I" and rest and rest[0].isdigit():
+        position, rest = int(rest[0]) - 1, rest[1:]
+    rule, jump = _rule(iptc, family, rest)
+    if jump is not None and op != "-D" and not table.is_chain(jump):
+        # libiptc would only find out at commit, without saying which line.
+        raise ValueError(f"chain {jump} does not exist")
+    target = iptc.Chain(table, chain)
+    if op == "-A":
+        target.append_rule(rule)
+    elif op == "-I":
+        target.insert_rule(rule, position)
+    else:
+        target.delete_rule(rule)
+
+
+def _rule(iptc: Any, family: int, words: list[str]) -> tuple[Any, str | None]:
+    """A python-iptables rule from iptables-save words, options parsed by xtables itself,
+    and the chain it jumps to, if it jumps to one of ours."""
+    rule = iptc.Rule() if family == 4 else iptc.Rule6()
+    jump: str | None = None
+    current: Any = None  # the match or target that following --options belong to
+    target: Any = None
+    negate = False
+    i = 0
+    while i < len(words):
+        word = words[i]
+        value = words[i + 1] if i + 1 < len(words) else None
+        if word == "!":
+            negate, i = True, i + 1
+            continue
+        if value is None:
+            raise ValueError(f"option {word} has no value")
+        shown = ("!" if negate else "") + value
+        if word in ("-s", "--source"):
+            rule.src = shown
+        elif word in ("-d", "--destination"):
+            rule.dst = shown
+        elif word in ("-p", "--protocol"):
+            # By number: python-iptables' own IPv6 protocol table lacks `ipv6-icmp`.
+            rule.protocol = ("!" if negate else "") + _PROTOCOLS.get(value, value)
+        elif word in ("-i", "--in-interface"):
+            rule.in_interface = shown
+        elif word in ("-o", "--out-interface"):
+            rule.out_interface = shown
+        elif word in ("-m", "--match"):
+            current = iptc.Match(rule, value)
+            rule.add_match(current)
+        elif word in ("-j", "--jump") and value.startswith(OWNED_PREFIX):
+            # A jump to a chain is a standard target named after it.  Built by hand, because
+            # python-iptables would otherwise open every table (loading nat, raw, ... into the
+            # namespace) to find out whether the name is a chain.
+            current = target = iptc.Target(rule, "ACCEPT")
+            target.standard_target = jump = value
+        elif word in ("-j", "--jump"):
+            current = target = iptc.Target(rule, value)
+        elif word.startswith("--") and current is not None:
+            current.parse(word[2:], shown)
+        else:
+            raise ValueError(f"unsupported word {word!r}")
+        negate = False
+        i += 2
+    if target is not None:
+        rule.target = target
+    return rule, jump
+
+
+def _in_netns(name: str, fn: Callable[..., None], *args: Any) -> None:
+    """Run `fn` with this (worker) thread inside network namespace `name`."""
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if hasattr(os, "setns"):
+            os.setns(fd, _CLONE_NEWNET)
+        else:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise DataplaneError(f"cannot enter netns {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    fn(*args)
+
+
+@contextlib.contextmanager
+def _xtables_lock(path: str, wait: float) -> Iterator[None]:
+    """The lock every iptables tool takes, so our commit never races theirs."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ApplyError(f"{path}: held by another program for {wait} s") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
