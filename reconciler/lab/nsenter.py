@@ -1,0 +1,121 @@
+"""Entering network namespaces, from a thread (for sockets) or a child process (for commands).
+
+Sockets keep the network namespace they were created in for their whole life, whichever
+namespace the process moves to afterwards.  So a probe does not need a child process per
+connection attempt: the calling thread steps into the container's namespace just long enough
+to create the socket, steps back, and then connects from the test's own process.  That keeps
+probes fast (no interpreter start-up per probe) and lets a test hold a connection open across
+rule changes as an ordinary Python object.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+NETNS_RUN_DIR = "/run/netns"
+_CLONE_NEWNET = 0x40000000
+
+
+class NetnsError(RuntimeError):
+    """A namespace could not be entered or a command that sets one up failed."""
+
+
+def _setns(fd: int) -> None:
+    # os.setns exists from Python 3.12; 3.11 goes through libc directly.
+    if hasattr(os, "setns"):
+        os.setns(fd, _CLONE_NEWNET)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Run the body with the *calling thread* inside network namespace `name`.
+
+    Only this thread moves (setns(2) on a network namespace is per thread), and it is always
+    moved back, even when the body raises.  Keep the body short: create sockets, nothing else.
+    """
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            target = os.open(os.path.join(NETNS_RUN_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NetnsError(f"network namespace {name!r} does not exist") from None
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(home)
+
+
+def socket_in(name: str, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A socket that lives in network namespace `name` (see the module docstring)."""
+    with in_netns(name):
+        return socket.socket(family, kind, proto)
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    input: str | None = None,
+    check: bool = True,
+    timeout: float = 30.0,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command, capturing text output; with `check`, fail with its stderr in the error."""
+    proc = subprocess.run(
+        list(argv),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=None if env is None else dict(env),
+    )
+    if check and proc.returncode != 0:
+        raise NetnsError(
+            f"command failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr.strip()}"
+        )
+    return proc
+
+
+def netns_exec_argv(name: str, argv: Sequence[str]) -> list[str]:
+    """The argv that runs `argv` inside namespace `name` (ip netns exec execs, so PIDs match)."""
+    return ["ip", "netns", "exec", name, *argv]
+
+
+def list_netns() -> list[str]:
+    """Names of all named network namespaces (`ip netns list`), without the `(id: N)` suffix."""
+    out = run(["ip", "netns", "list"], check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def netns_pids(name: str) -> list[int]:
+    """PIDs of processes whose network namespace is `name`."""
+    out = run(["ip", "netns", "pids", name], check=False).stdout
+    return [int(tok) for tok in out.split() if tok.isdigit()]
+
+
+def list_links(netns: str | None = None) -> list[str]:
+    """Interface names in `netns` (or the namespace we run in), without the `@peer` suffix."""
+    argv = ["ip", "-o", "link", "show"] if netns is None else ["ip", "-n", netns, "-o", "link"]
+    out = run(argv, check=False).stdout
+    names = []
+    for line in out.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) >= 2:
+            names.append(parts[1].strip().split("@", 1)[0])
+    return names

@@ -1,0 +1,82 @@
+"""Shared test helpers: the network-namespace lab for end-to-end tests.
+
+`require_netns()` skips a test on hosts that cannot create namespaces, except under CI=true,
+where it fails: CI runs as root, so a skip there would mean the end-to-end tests silently
+stopped running.  `make_lab` builds labs that are always torn down after the test, however it
+ends; `lab` is a small standard cell for tests that need nothing special.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+
+from reconciler.lab.netns import (
+    ContainerSpec,
+    Lab,
+    ServiceSpec,
+    cleanup_stale,
+    netns_unavailable_reason,
+)
+
+# The standard cell: a dual-stack app and a staging container of the same app; an echo
+# service (dual-stack) and a second, unrelated one.
+STANDARD_CONTAINERS = (
+    ContainerSpec(
+        "web",
+        app_id="app-web",
+        space_id="space-prod",
+        org_id="org-acme",
+        policy_group_id="pg-web",
+        ipv6=True,
+    ),
+    ContainerSpec(
+        "stager", app_id="app-web", space_id="space-prod", org_id="org-acme", workload="staging"
+    ),
+)
+STANDARD_SERVICES = (
+    ServiceSpec("echo", tcp_ports=(80, 8080), udp_ports=(53,), ipv6=True),
+    ServiceSpec("other", tcp_ports=(443,)),
+)
+
+
+def require_netns() -> None:
+    """Skip unless this host can run a lab (root, `ip`, namespaces); fail instead under CI."""
+    reason = netns_unavailable_reason()
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true, but the netns lab cannot run here: {reason}", pytrace=False)
+    pytest.skip(f"netns lab unavailable: {reason}")
+
+
+@pytest.fixture(scope="session")
+def _stale_labs_reaped() -> None:
+    """Once per session: remove labs left by crashed runs (never those of a live process)."""
+    require_netns()
+    cleanup_stale()
+
+
+@pytest.fixture
+def make_lab(_stale_labs_reaped: None) -> Iterator[Callable[..., Lab]]:
+    """`make_lab(containers, services, **kwargs)` -> a started Lab, torn down after the test."""
+    with ExitStack() as stack:
+
+        def make(
+            containers: Sequence[ContainerSpec] = (),
+            services: Sequence[ServiceSpec] = (),
+            **kwargs: Any,
+        ) -> Lab:
+            return stack.enter_context(Lab(containers, services, **kwargs))
+
+        yield make
+
+
+@pytest.fixture
+def lab(make_lab: Callable[..., Lab]) -> Lab:
+    """The standard cell (STANDARD_CONTAINERS, STANDARD_SERVICES), started."""
+    return make_lab(STANDARD_CONTAINERS, STANDARD_SERVICES)
