@@ -269,7 +269,7 @@ def _security_group(ctx: _Context, directory: Directory) -> SecurityGroup | None
         rule, errors = grammar.parse_rule(raw, location=ctx.loc(("rules", i)))
         for err in errors:
             path: Path = ("rules", i, err.field) if err.field else ("rules", i)
-            ctx.error(path, err.message)
+            ctx.error(path, _with_item(err))
         if rule is None:
             ok = False
         else:
@@ -301,6 +301,14 @@ def _security_group(ctx: _Context, directory: Directory) -> SecurityGroup | None
         staging_spaces=tuple(bindings["staging_spaces"]),
         location=ctx.loc(),
     )
+
+
+def _with_item(err: grammar.FieldError) -> str:
+    """CF's message, plus the list entry it is about: in a list of hundreds, CF never says."""
+    if err.item is None:
+        return err.message
+    item = err.item if len(err.item) <= 60 else err.item[:57] + "..."
+    return f"{err.message} (entry {item!r})"
 
 
 _REDUNDANCY_BUDGET = 250_000
@@ -350,7 +358,7 @@ def _destination(ctx: _Context) -> Destination | None:
     protocol = data["protocol"]
     ips, ip_errors = grammar.parse_destination_ips(data["ips"])
     for err in ip_errors:
-        ctx.error(("ips",), err.message)
+        ctx.error(("ips",), _with_item(err))
     ports: tuple[PortRange, ...] = ()
     ok = ips is not None
     if "ports" in data:
@@ -360,7 +368,7 @@ def _destination(ctx: _Context) -> Destination | None:
         else:
             parsed, port_errors = grammar.parse_port_ranges(data["ports"])
             for err in port_errors:
-                ctx.error(("ports",), err.message)
+                ctx.error(("ports",), _with_item(err))
             ok = ok and parsed is not None
             ports = parsed or ()
     elif protocol in ("tcp", "udp"):
