@@ -124,7 +124,10 @@ def import_cf_cmd(files: tuple[str, ...], name: str | None, out_dir: str | None)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             errors.append(f"{file}: cannot read JSON: {exc}")
             continue
-        got, errs = import_cf(data, name=name or Path(file).stem)
+        # A bare rules array has no name of its own: --name, else the file name.  For a v3
+        # resource or list, --name picks one group out of it.
+        group_name = (name or Path(file).stem) if isinstance(data, list) else name
+        got, errs = import_cf(data, name=group_name)
         docs.extend(got)
         errors.extend(f"{file}: {e}" for e in errs)
     names = [d.get("name") for d in docs]

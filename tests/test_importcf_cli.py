@@ -1,0 +1,65 @@
+"""`asgctl import-cf` end to end: CF JSON files in, a valid policy folder out."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from reconciler.cli import main
+from reconciler.policy.load import load_folder
+from tests.test_importcf import PUBLIC_NETWORKS, V2_DOCS_RULES, V3_DOCS_GROUP, rules_of, v3_list
+
+
+def test_imported_folder_validates_and_describes_the_same_rules(tmp_path):
+    (tmp_path / "dns.json").write_text(json.dumps(V2_DOCS_RULES))
+    (tmp_path / "all.json").write_text(json.dumps(v3_list(V3_DOCS_GROUP, PUBLIC_NETWORKS)))
+    out = tmp_path / "policies"
+    result = CliRunner().invoke(
+        main,
+        ["import-cf", str(tmp_path / "dns.json"), str(tmp_path / "all.json"), "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "dns.yaml",
+        "my-group0.yaml",
+        "public_networks.yaml",
+    ]
+    loaded = load_folder(out)
+    # The docs' example ends in an allow-all rule, which makes two of its rules redundant.
+    assert loaded.ok
+    assert [f"{f.file} {f.field} {f.message}" for f in loaded.findings] == [
+        "dns.yaml rules[0] redundant: rules[3] already allows all of it",
+        "dns.yaml rules[2] redundant: rules[3] already allows all of it",
+    ]
+    groups = {g.name: g for g in loaded.policy.security_groups}
+    assert list(groups["dns"].rules) == rules_of(V2_DOCS_RULES)
+    assert list(groups["public_networks"].rules) == rules_of(PUBLIC_NETWORKS["rules"])
+    assert groups["public_networks"].running_default and groups["public_networks"].staging_default
+    assert groups["my-group0"].staging_spaces == ("space-guid-1", "space-guid-2")
+    validate = CliRunner().invoke(main, ["validate", str(out)])
+    assert validate.exit_code == 0
+
+
+def test_name_picks_one_group_from_a_list(tmp_path):
+    (tmp_path / "all.json").write_text(json.dumps(v3_list(V3_DOCS_GROUP, PUBLIC_NETWORKS)))
+    result = CliRunner().invoke(
+        main, ["import-cf", str(tmp_path / "all.json"), "--name", "public_networks"]
+    )
+    assert result.exit_code == 0
+    assert "name: public_networks" in result.output and "my-group0" not in result.output
+
+
+def test_invalid_cf_rules_are_reported_with_cf_messages_and_nothing_is_written(tmp_path):
+    bad = [{"protocol": "tcp", "destination": "10.0.0.1", "ports": "80-80"}]
+    (tmp_path / "good.json").write_text(json.dumps(V2_DOCS_RULES))
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        ["import-cf", str(tmp_path / "good.json"), str(tmp_path / "bad.json"), "--out", str(out)],
+    )
+    assert result.exit_code == 1
+    assert "bad.json: " in result.output and "Rules[0]: ports must be a valid" in result.output
+    assert "nothing was written" in result.output
+    assert not out.exists()
