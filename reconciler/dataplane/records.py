@@ -7,7 +7,7 @@ reported (status, PR comment) or sent, and the same inputs always give the same 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Kinds of drift: the kernel differs from the last plan applied, so someone else changed it.
@@ -126,7 +126,7 @@ class Delta:
     written: tuple[str, ...] = ()
     deleted: tuple[str, ...] = ()
     orphaned: tuple[str, ...] = ()
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:

@@ -1,0 +1,680 @@
+"""Converging a namespace's iptables to a plan: atomic, incremental, drift-repairing.
+
+Every kernel test runs in a fresh network namespace of its own, once with iptables-legacy and
+once with iptables-nft, and compares full `iptables-save` output, so "nothing else changed"
+is checked byte for byte rather than assumed.  The pure parts (parser, delta) are tested
+without a kernel at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from reconciler.cli import main
+from reconciler.compile import compile_cell
+from reconciler.dataplane import (
+    ApplyError,
+    Backend,
+    ConvergeResult,
+    ReadError,
+    Runner,
+    VariantError,
+    compute_delta,
+    converge,
+    parse_save,
+)
+from reconciler.dataplane import records as rec
+from reconciler.dataplane.iptables import IptablesBackend, tool
+from reconciler.dataplane.records import OwnedState
+from reconciler.inventory import parse_store
+from reconciler.lab.nsenter import in_netns
+from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
+from reconciler.plan import CellPlan
+from reconciler.policy.load import load_folder
+from reconciler.render.iptables import TOP_CHAIN, Ruleset, hook_rule, render_cell
+from tests.conftest import require_netns
+
+DATA = Path(__file__).parent / "data"
+VARIANTS = ("legacy", "nft")
+FOREIGN_V4 = (
+    "*filter",
+    ":FOREIGN - [0:0]",
+    "-A FORWARD -s 198.18.200.1/32 -m comment --comment foreign-first -j ACCEPT",
+    "-A FORWARD -d 198.18.200.2/32 -j FOREIGN",
+    "-A FOREIGN -p tcp -m tcp --dport 9 -j DROP",
+    "-A INPUT -s 198.18.200.3/32 -j DROP",
+    "COMMIT",
+)
+
+
+# -- plans ----------------------------------------------------------------------------------
+
+
+def edge_plan() -> CellPlan:
+    """Every rendering branch (protocols, ranges, multiport, ICMP, IPv6, logging)."""
+    result = load_folder(DATA / "edge-policies")
+    assert result.ok
+    return compile_cell(result.policy, parse_store((DATA / "edge-store.json").read_text()), "t")
+
+
+def _rule(proto: str, dest: str, ports: str = "") -> Rule:
+    rng = tuple(
+        PortRange(int(a), int(b or a)) for a, _, b in (p.partition("-") for p in ports.split(","))
+    )
+    return Rule(proto, (AddressRange.parse(dest),), rng if ports else ())
+
+
+def small_policy(extra: tuple[Rule, ...] = ()) -> PolicySet:
+    rules = (_rule("tcp", "198.19.1.0/24", "443"), _rule("udp", "fd00:19::1", "53"), *extra)
+    return PolicySet(
+        security_groups=(
+            SecurityGroup("web", rules, running_spaces=("space-a",)),
+            SecurityGroup("dns", (_rule("udp", "198.19.53.53", "53"),), running_default=True),
+        )
+    )
+
+
+CONTAINERS = (
+    Container("c1", "198.18.0.2", app_id="app-1", space_id="space-a"),
+    Container("c2", "198.18.0.3", app_id="app-2", space_id="space-b"),
+    Container("c6", "fd00:18::2", app_id="app-1", space_id="space-a"),
+)
+
+
+def small_plan(extra: tuple[Rule, ...] = (), containers=CONTAINERS) -> CellPlan:
+    return compile_cell(small_policy(extra), containers, "t")
+
+
+# -- namespace helpers -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingRunner(Runner):
+    """A runner that remembers every command, to prove a no-op cycle sends nothing."""
+
+    calls: list[tuple[str, ...]] = field(default_factory=list)
+
+    def run(self, argv, stdin=None):  # type: ignore[no-untyped-def]
+        self.calls.append(tuple(argv))
+        return Runner.run(self, argv, stdin)
+
+    def restores(self) -> list[tuple[str, ...]]:
+        return [c for c in self.calls if c[0].endswith("-restore")]
+
+
+@dataclass
+class Host:
+    """A fresh namespace, and the backend and iptables variant under test."""
+
+    netns: str
+    variant: str
+    kind: str = "iptables"
+
+    def runner(self) -> RecordingRunner:
+        return RecordingRunner(("ip", "netns", "exec", self.netns))
+
+    def backend(self, **kw) -> Backend:  # type: ignore[no-untyped-def]
+        if self.kind == "libiptc":
+            from reconciler.dataplane.libiptc import LibiptcBackend
+
+            return LibiptcBackend.open(self.variant, self.runner(), **kw)
+        return IptablesBackend.open(self.variant, self.runner(), **kw)
+
+    def run(self, *argv: str, stdin: str | None = None, check: bool = True) -> str:
+        proc = subprocess.run(
+            ["ip", "netns", "exec", self.netns, *argv],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{argv}: {proc.stderr}")
+        return proc.stdout
+
+    def ipt(self, family: int, *args: str) -> str:
+        cmd = f"{'iptables' if family == 4 else 'ip6tables'}-{self.variant}"
+        return self.run(cmd, "-w", *args)
+
+    def restore(self, family: int, lines: tuple[str, ...]) -> None:
+        self.run(tool(self.variant, family, "restore"), "--noflush", stdin="\n".join(lines) + "\n")
+
+    def save(self) -> str:
+        """Both families' filter tables, without the timestamp comments."""
+        out = []
+        for family in (4, 6):
+            text = self.run(tool(self.variant, family, "save"), "-t", "filter")
+            out.extend(x for x in text.splitlines() if not x.startswith("#"))
+        return "\n".join(out)
+
+    def foreign(self) -> list[str]:
+        """Every line of the v4 table that is not ours, in order."""
+        return [
+            x
+            for x in self.save().split("COMMIT")[0].splitlines()
+            if "ASG-" not in x and "asg:" not in x
+        ]
+
+
+_seq = iter(range(1_000_000))
+
+
+def _has_libiptc() -> bool:
+    try:
+        import iptc  # type: ignore[import-not-found, import-untyped]  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+LIBIPTC = pytest.mark.skipif(
+    not _has_libiptc(), reason="python-iptables not installed (pip install 'asgctl[libiptc]')"
+)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("iptables", "legacy"), id="legacy"),
+        pytest.param(("iptables", "nft"), id="nft"),
+        pytest.param(("libiptc", "legacy"), id="libiptc", marks=LIBIPTC),
+    ]
+)
+def host(request: pytest.FixtureRequest) -> Iterator[Host]:
+    require_netns()
+    kind, variant = request.param
+    name = f"asgdp{os.getpid() % 100000}x{next(_seq)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield Host(name, variant, kind)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def transactions(backend: Backend, result: ConvergeResult) -> int:
+    """Transactions a cycle sent; for the iptables backend, also counted at the process level."""
+    sent = sum(f.sent for f in result.families)
+    if isinstance(backend, IptablesBackend):
+        assert len(backend.runner.restores()) == sent  # type: ignore[attr-defined]
+    return sent
+
+
+def assert_matches_plan(host: Host, plan: CellPlan) -> None:
+    """Our chains read back exactly as rendered, and the hook is there once and first."""
+    backend = host.backend()
+    for family in (4, 6):
+        desired = render_cell(plan, family)
+        observed = backend.read(family)
+        assert dict(observed.chains) == desired.chains
+        if desired.chains:
+            assert [(h.index, h.text) for h in observed.hooks] == [(0, hook_rule())]
+        else:
+            assert observed.hooks == ()
+
+
+# -- apply, read back, no-op -----------------------------------------------------------------
+
+
+def test_apply_reads_back_exactly_and_second_apply_sends_nothing(host: Host) -> None:
+    plan = edge_plan()
+    backend = host.backend()
+    first = converge(backend, plan)
+    assert first.ok, first.to_dict()
+    assert not first.in_sync
+    assert transactions(backend, first) == 2
+    assert_matches_plan(host, plan)
+    # The raw save holds every rendered line verbatim: the renderer's canonical form is right.
+    saved = host.save().splitlines()
+    for family in (4, 6):
+        for rules in render_cell(plan, family).chains.values():
+            assert set(rules) <= set(saved)
+    again = host.backend()
+    second = converge(again, plan, plan)
+    assert second.ok and second.in_sync
+    assert transactions(again, second) == 0
+    reads = [c for c in again.runner.calls if c[1:] == ("-t", "filter")]
+    variant = "legacy" if host.kind == "libiptc" else host.variant
+    assert reads == [(tool(variant, f, "save"), "-t", "filter") for f in (4, 6)]
+    assert second.drift == () and second.changes == ()
+
+
+def test_dry_run_and_report_only_change_nothing(host: Host) -> None:
+    before = host.save()
+    for mode in ("dry-run", "report-only"):
+        result = converge(host.backend(), edge_plan(), mode=mode)
+        assert result.ok and not result.in_sync
+        assert all(not f.sent for f in result.families)
+        assert "-I FORWARD 1" in result.families[0].delta.text()
+    assert host.save() == before
+
+
+def test_plan_change_sends_only_changed_chains_and_removes_stale_ones(host: Host) -> None:
+    a = small_plan()
+    b = small_plan(
+        extra=(_rule("tcp", "198.19.2.0/24", "80"),),
+        containers=CONTAINERS[1:],  # c1 leaves the cell
+    )
+    assert converge(host.backend(), a).ok
+    before = {f: dict(host.backend().read(f).chains) for f in (4, 6)}
+    result = converge(host.backend(), b, a)
+    assert result.ok, result.to_dict()
+    assert result.drift == ()
+    v4, v6 = result.families
+    want4 = render_cell(b, 4).chains
+    # Only chains whose content differs were sent; unchanged ones were not rewritten.
+    assert set(v4.delta.written) == {n for n in want4 if before[4].get(n) != want4[n]}
+    assert set(v4.delta.deleted) == set(before[4]) - set(want4)
+    assert v4.delta.deleted  # c1's container chain is gone
+    assert all(c.what != rec.HOOK_ADDED for c in v4.delta.changes)
+    assert v6.delta.empty and not v6.sent  # the change is v4 only: ip6tables is not touched
+    assert_matches_plan(host, b)
+    # Removing every container removes every chain and the hook, in one transaction each.
+    empty = compile_cell(small_policy(), (), "t")
+    result = converge(host.backend(), empty, b)
+    assert result.ok
+    assert_matches_plan(host, empty)
+    assert "ASG-" not in host.save() and "asg:" not in host.save()
+
+
+def test_jumps_are_swapped_atomically_when_a_group_changes(host: Host) -> None:
+    a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
+    assert converge(host.backend(), a).ok
+    result = converge(host.backend(), b, a)
+    delta = result.families[0].delta
+    text = delta.ops
+    new_groups = [n for n in delta.written if n.startswith("ASG-G-")]
+    assert new_groups and delta.deleted
+    # The new group is filled before the container chain that jumps to it; the old one is
+    # deleted last, after the container chain no longer references it.
+    first_fill = min(i for i, x in enumerate(text) if x.startswith(f"-A {new_groups[0]} "))
+    first_jump = min(i for i, x in enumerate(text) if x.endswith(f"-j {new_groups[0]}"))
+    assert first_fill < first_jump
+    assert text[-len(delta.deleted) :] == tuple(f"-X {n}" for n in delta.deleted)
+    assert_matches_plan(host, b)
+
+
+# -- drift ----------------------------------------------------------------------------------
+
+
+def _group(plan: CellPlan, family: int = 4) -> str:
+    """A group chain with at least two rules (to reorder)."""
+    chains = render_cell(plan, family).chains
+    return next(n for n in sorted(chains) if n.startswith("ASG-G-") and len(chains[n]) >= 2)
+
+
+def _container(plan: CellPlan, family: int = 4) -> str:
+    return next(n for n in sorted(render_cell(plan, family).chains) if n.startswith("ASG-C-"))
+
+
+def _drift_rule_deleted(h: Host, p: CellPlan) -> tuple[str, str]:
+    h.ipt(4, "-D", _group(p), "1")
+    return _group(p), rec.RULE_MISSING
+
+
+def _drift_rule_added(h: Host, p: CellPlan) -> tuple[str, str]:
+    h.ipt(4, "-I", _container(p), "3", "-d", "198.18.99.0/24", "-j", "ACCEPT")
+    return _container(p), rec.RULE_EXTRA
+
+
+def _drift_reordered(h: Host, p: CellPlan) -> tuple[str, str]:
+    chain = _group(p)
+    first = render_cell(p, 4).chains[chain][0]
+    h.ipt(4, "-D", chain, "1")
+    h.restore(4, ("*filter", first, "COMMIT"))  # appended at the end
+    return chain, rec.RULES_REORDERED
+
+
+def _drift_changed(h: Host, p: CellPlan) -> tuple[str, str]:
+    chain = _group(p)
+    rules = render_cell(p, 4).chains[chain]
+    i = next(i for i, x in enumerate(rules) if x.endswith("-j ACCEPT"))
+    h.ipt(4, "-D", chain, str(i + 1))
+    changed = rules[i].replace(f"-A {chain} ", f"-I {chain} {i + 1} ").replace("ACCEPT", "DROP")
+    h.restore(4, ("*filter", changed, "COMMIT"))
+    return chain, rec.RULE_CHANGED
+
+
+def _drift_flushed(h: Host, p: CellPlan) -> tuple[str, str]:
+    h.ipt(4, "-F", _container(p))
+    return _container(p), rec.RULE_MISSING
+
+
+def _drift_chain_deleted(h: Host, p: CellPlan) -> tuple[str, str]:
+    chain = _container(p)
+    dispatch = next(x for x in render_cell(p, 4).chains[TOP_CHAIN] if x.endswith(chain))
+    h.restore(4, ("*filter", "-D" + dispatch[2:], f"-F {chain}", f"-X {chain}", "COMMIT"))
+    return chain, rec.CHAIN_MISSING
+
+
+def _drift_chain_extra(h: Host, p: CellPlan) -> tuple[str, str]:
+    h.ipt(4, "-N", "ASG-G-0000000000000000")
+    h.ipt(4, "-A", "ASG-G-0000000000000000", "-j", "ACCEPT")
+    return "ASG-G-0000000000000000", rec.CHAIN_EXTRA
+
+
+def _drift_hook_removed(h: Host, p: CellPlan) -> tuple[str, str]:
+    h.ipt(4, "-D", "FORWARD", "1")
+    return "FORWARD", rec.HOOK_MISSING
+
+
+def _drift_hook_moved(h: Host, p: CellPlan) -> tuple[str, str]:
+    h.ipt(4, "-I", "FORWARD", "1", "-s", "198.18.200.9/32", "-j", "ACCEPT")
+    return "FORWARD", rec.HOOK_MOVED
+
+
+def _drift_hook_duplicated(h: Host, p: CellPlan) -> tuple[str, str]:
+    h.restore(4, ("*filter", hook_rule(), "COMMIT"))
+    return "FORWARD", rec.HOOK_DUPLICATED
+
+
+DRIFTS: dict[str, Callable[[Host, CellPlan], tuple[str, str]]] = {
+    "rule-deleted": _drift_rule_deleted,
+    "rule-added": _drift_rule_added,
+    "reordered": _drift_reordered,
+    "rule-changed": _drift_changed,
+    "chain-flushed": _drift_flushed,
+    "chain-deleted": _drift_chain_deleted,
+    "chain-extra": _drift_chain_extra,
+    "hook-removed": _drift_hook_removed,
+    "hook-moved": _drift_hook_moved,
+    "hook-duplicated": _drift_hook_duplicated,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DRIFTS))
+def test_drift_is_reported_and_repaired(host: Host, kind: str) -> None:
+    plan = edge_plan()
+    assert converge(host.backend(), plan).ok
+    chain, what = DRIFTS[kind](host, plan)
+    tampered = host.save()
+
+    report = converge(host.backend(), plan, plan, mode="report-only")
+    assert report.ok and not report.in_sync
+    assert (chain, what) in {(d.chain, d.what) for d in report.drift}, report.to_dict()
+    assert report.changes == ()  # the plan did not change: all of it is drift
+    assert host.save() == tampered  # report-only repaired nothing
+
+    foreign = [x for x in tampered.splitlines() if x.startswith("-A FORWARD -s 198.18.200.9")]
+    backend = host.backend()
+    result = converge(backend, plan, plan)
+    assert result.ok, result.to_dict()
+    assert (chain, what) in {(d.chain, d.what) for d in result.drift}
+    assert all(d.repair for d in result.drift)
+    assert transactions(backend, result) == 1  # one transaction, only the drifted family
+    assert_matches_plan(host, plan)
+    assert all(x in host.save().splitlines() for x in foreign)  # a foreign insert survives
+    assert converge(host.backend(), plan, plan).in_sync
+
+
+def test_drift_details_name_the_rules(host: Host) -> None:
+    plan = small_plan()
+    assert converge(host.backend(), plan).ok
+    chain = next(n for n in render_cell(plan, 4).chains if n.startswith("ASG-G-"))
+    lost = render_cell(plan, 4).chains[chain][0]
+    host.ipt(4, "-D", chain, "1")
+    (drift,) = converge(host.backend(), plan, plan).drift
+    assert drift == rec.Drift(4, chain, rec.RULE_MISSING, (lost,), (), True)
+
+
+def test_without_self_heal_drift_is_left_but_plan_changes_apply(host: Host) -> None:
+    a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
+    assert converge(host.backend(), a).ok
+    host.ipt(4, "-D", "FORWARD", "1")  # hook drift, in a part the plan change does not touch
+    host.ipt(6, "-I", _container(a, 6), "1", "-j", "ACCEPT")
+    result = converge(host.backend(), b, a, heal_drift=False)
+    assert result.ok, result.to_dict()
+    assert {(d.family, d.what, d.repair) for d in result.drift} >= {
+        (4, rec.HOOK_MISSING, False),
+    }
+    assert host.backend().read(4).hooks == ()  # left alone
+    assert dict(host.backend().read(4).chains) == render_cell(b, 4).chains  # change applied
+
+
+def test_without_last_plan_differences_are_changes_not_drift(host: Host) -> None:
+    plan = small_plan()
+    assert converge(host.backend(), plan).ok
+    host.ipt(4, "-D", "FORWARD", "1")
+    result = converge(host.backend(), plan)
+    assert result.drift == ()
+    assert [c.what for c in result.changes] == [rec.HOOK_ADDED]
+    assert_matches_plan(host, plan)
+
+
+# -- other programs' rules ------------------------------------------------------------------
+
+
+def test_foreign_rules_and_chains_survive_every_apply(host: Host) -> None:
+    host.restore(4, FOREIGN_V4)
+    foreign = host.foreign()
+    a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
+    steps: list[tuple[CellPlan, CellPlan | None]] = [(a, None), (b, a)]
+    for plan, last in steps:
+        assert converge(host.backend(), plan, last).ok
+        assert host.foreign() == foreign
+        assert_matches_plan(host, plan)
+    # Our hook went first, ahead of the foreign rule that was first before.
+    assert host.ipt(4, "-S", "FORWARD").splitlines()[1] == hook_rule()
+    host.ipt(4, "-I", "FORWARD", "1", "-s", "198.18.200.9/32", "-j", "ACCEPT")  # before ours
+    foreign = host.foreign()
+    assert converge(host.backend(), b, b).ok
+    assert host.foreign() == foreign
+    empty = compile_cell(small_policy(), (), "t")
+    assert converge(host.backend(), empty, b).ok
+    assert host.foreign() == foreign
+
+
+def test_chain_a_foreign_rule_jumps_to_is_flushed_not_deleted(host: Host) -> None:
+    a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
+    assert converge(host.backend(), a).ok
+    old = next(
+        n
+        for n in render_cell(a, 4).chains
+        if n.startswith("ASG-G-") and n not in render_cell(b, 4).chains
+    )
+    host.ipt(4, "-A", "INPUT", "-s", "198.18.200.4/32", "-j", old)
+    result = converge(host.backend(), b, a)
+    assert result.ok, result.to_dict()
+    assert old in result.families[0].delta.orphaned
+    assert host.backend().read(4).chains[old] == ()
+    assert f"-A INPUT -s 198.18.200.4/32 -j {old}" in host.save()
+
+
+# -- failures change nothing ---------------------------------------------------------------
+
+
+def test_failed_transaction_changes_nothing(host: Host) -> None:
+    host.restore(4, FOREIGN_V4)
+    a, b = small_plan(), edge_plan()
+    assert converge(host.backend(), a).ok
+    before = host.save()
+
+    def bad_line(family: int, text: str) -> str:
+        lines = text.splitlines()
+        lines.insert(len(lines) - 1, "-A FORWARD --bogus-option 1 -j ACCEPT")
+        return "\n".join(lines) + "\n"
+
+    result = converge(host.backend(fault=bad_line), b, a)
+    assert not result.ok
+    errors = [f.error for f in result.families]
+    assert all(e and "refused" in e and "line" in e for e in errors), errors
+    assert all(not f.sent for f in result.families)
+    assert host.save() == before
+
+
+def test_jump_to_a_missing_chain_is_refused_atomically(host: Host) -> None:
+    plan = small_plan()
+    assert converge(host.backend(), plan).ok
+    before = host.save()
+    backend = host.backend()
+    desired = render_cell(plan, 4)
+    chains = dict(desired.chains)
+    chain = _container(plan)
+    chains[chain] = (
+        *chains[chain][:2],
+        f"-A {chain} -j ASG-G-ffffffffffffffff",
+        *chains[chain][2:],
+    )
+    broken = Ruleset(4, chains)
+    delta = backend.delta(broken, backend.read(4), desired)
+    assert delta.written == (chain,)
+    with pytest.raises(ApplyError) as err:
+        backend.apply(delta)
+    assert err.value.line is not None
+    assert host.save() == before
+
+
+def test_unreadable_nft_table_is_an_error_not_an_empty_table(host: Host) -> None:
+    if host.variant != "nft" or host.kind != "iptables":
+        pytest.skip("the nft tool writes rules iptables-nft cannot read; legacy has no such case")
+    host.run(
+        "nft",
+        "-f",
+        "-",
+        stdin="table ip filter {\n chain FORWARD { type filter hook forward priority 0; "
+        "policy accept; udp dport 53 ct mark set 1; }\n}\n",
+    )
+    before = host.run("nft", "list", "table", "ip", "filter")
+    with pytest.raises(ReadError, match="incompatible"):
+        host.backend().read(4)
+    result = converge(host.backend(), small_plan())
+    assert not result.ok
+    v4, v6 = result.families
+    assert "incompatible" in (v4.error or "") and not v4.sent
+    assert host.run("nft", "list", "table", "ip", "filter") == before
+    assert v6.error is None and v6.sent  # the families are independent tables
+
+
+# -- variant detection ---------------------------------------------------------------------
+
+
+def test_auto_variant_follows_the_rules_already_there(host: Host) -> None:
+    if host.kind != "iptables":
+        pytest.skip("variant detection of the iptables backend")
+    host.restore(4, FOREIGN_V4)
+    backend = IptablesBackend.open("auto", host.runner())
+    assert backend.variant == host.variant
+    assert converge(backend, small_plan()).ok
+    # Once our chains are in one variant, the other is refused: never mix.
+    other = "nft" if host.variant == "legacy" else "legacy"
+    with pytest.raises(VariantError, match="mixing"):
+        IptablesBackend.open(other, host.runner())
+    assert IptablesBackend.open("auto", host.runner()).variant == host.variant
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+def test_asgctl_apply_exit_codes(host: Host, tmp_path: Path) -> None:
+    base = [
+        "apply",
+        "--containers",
+        str(DATA / "edge-store.json"),
+        "--policies",
+        str(DATA / "edge-policies"),
+        "--variant",
+        host.variant,
+        "--backend",
+        host.kind,
+    ]
+
+    def run(*extra: str) -> Result:
+        # In-process, with this thread in the namespace: the tools asgctl starts (and a
+        # libiptc handle) inherit it, and no interpreter is started per call.
+        with in_netns(host.netns):
+            return CliRunner().invoke(main, [*base, *extra])
+
+    before = host.save()
+    dry = run("--dry-run")
+    assert dry.exit_code == 2, dry.output
+    assert "*filter" in dry.output and "COMMIT" in dry.output
+    assert host.save() == before
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.yaml").write_text("kind: SecurityGroup\nname: x\nrules: [{protocol: tcp}]\n")
+    assert run("--policies", str(bad)).exit_code == 1
+    (tmp_path / "store.json").write_text("{not json")
+    assert run("--containers", str(tmp_path / "store.json")).exit_code == 1
+    assert host.save() == before
+    applied = run()
+    assert applied.exit_code == 2, applied.output
+    assert_matches_plan(host, edge_plan())
+    again = run("--format", "json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output)["in_sync"] is True
+    host.ipt(4, "-D", "FORWARD", "1")
+    report = run("--report-only")
+    assert report.exit_code == 2 and "hook-added" in report.output
+    assert host.backend().read(4).hooks == ()
+    assert run().exit_code == 2
+    assert_matches_plan(host, edge_plan())
+    assert run().exit_code == 0
+
+
+# -- pure parts ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "# Table `filter' is incompatible, use 'nft' tool.\n",
+        "*filter\n:INPUT ACCEPT [0:0]\n",  # truncated
+        "*filter\n:ASG-X - [0:0]\n-A ASG-X -j ACCEPT\nsomething odd\nCOMMIT\n",
+        "*filter\n-A ASG-Y -j ACCEPT\nCOMMIT\n",  # rule for an undeclared chain
+        "*nat\nCOMMIT\n",
+    ],
+)
+def test_parser_refuses_ambiguous_output(text: str) -> None:
+    with pytest.raises(ReadError):
+        parse_save(text, 4)
+
+
+def test_parser_keeps_only_ours() -> None:
+    text = "\n".join(
+        [
+            "# Generated by iptables-save",
+            "*filter",
+            ":INPUT ACCEPT [0:0]",
+            ":FORWARD ACCEPT [5:300]",
+            ":ASG-FORWARD - [0:0]",
+            ":OTHER - [0:0]",
+            "-A FORWARD -j OTHER",
+            hook_rule(),
+            "-A OTHER -j ASG-FORWARD",
+            '-A OTHER -m comment --comment "mentions -j ASG-NOPE" -j ACCEPT',
+            "COMMIT",
+            "# Completed",
+        ]
+    )
+    state = parse_save(text, 4)
+    assert dict(state.chains) == {"ASG-FORWARD": ()}
+    assert [(h.index, h.text) for h in state.hooks] == [(1, hook_rule())]
+    assert state.foreign_refs == frozenset({"ASG-FORWARD"})
+
+
+def test_delta_is_empty_when_the_kernel_matches() -> None:
+    plan = edge_plan()
+    for family in (4, 6):
+        desired = render_cell(plan, family)
+        observed = OwnedState(family, desired.chains, (rec.HookCopy(0, hook_rule()),), frozenset())
+        assert compute_delta(desired, observed, desired).empty
+
+
+def test_delta_orders_declare_delete_fill_insert_remove() -> None:
+    a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
+    old = render_cell(a, 4)
+    observed = OwnedState(4, old.chains, (rec.HookCopy(3, hook_rule()),), frozenset())
+    delta = compute_delta(render_cell(b, 4), observed, old)
+    kinds = [op.split()[0] for op in delta.ops]
+    order = {":": 0, "-D": 1, "-A": 2, "-I": 3, "-X": 4}
+    seen = [order[k[0] if k.startswith(":") else k] for k in kinds]
+    assert seen == sorted(seen)
+    assert [d.what for d in delta.drift] == [rec.HOOK_MOVED]
+    assert replace(delta, ops=()).empty
