@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from reconciler.agent.commands import agent_cmd, status_cmd
 from reconciler.compile import compile_cell
 from reconciler.endpoint import parse_endpoint
 from reconciler.explain import explain, find_container
@@ -363,3 +364,7 @@ def test_cmd(path: str, rev: str | None, fmt: str, verbose: bool) -> None:
     results = run_tests(policy)
     click.echo(render_results(results, fmt, locate(path).prefix, verbose), nl=False)
     sys.exit(0 if all(r.passed for r in results) else 1)
+
+
+main.add_command(agent_cmd)
+main.add_command(status_cmd)

@@ -1,0 +1,256 @@
+"""The agent's settings: defaults, then a YAML file (`--config`), then command-line flags.
+
+Config file keys are the long flag names without `--` (`policies-path: policies`), so what a
+flag does and what a key does can never drift apart, and "the flag overrides the file" is a
+plain dictionary merge.  Unknown keys are an error: a misspelt `alow-rewind: true` silently
+ignored would be a safety setting that is not in force.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_CELL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,199}$")
+VERIFY_MODES = ("none", "signed")
+WATCH_MODES = ("auto", "inotify", "poll")
+
+
+class ConfigError(ValueError):
+    """The settings cannot run an agent; the message names the key."""
+
+
+def parse_duration(value: object, key: str) -> float:
+    """`60s`, `1.5m`, `500ms`, `2h` or a bare number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration such as 60s, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if m is None:
+            raise ConfigError(f"{key}: expected a duration such as 60s or 500ms, got {value!r}")
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds < 0:
+        raise ConfigError(f"{key}: must not be negative")
+    return seconds
+
+
+def parse_share(value: object, key: str) -> float:
+    """`10%` or `0.1` -> 0.1; must lie in [0, 1]."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a share such as 10%, got {value!r}")
+    text = str(value).strip()
+    try:
+        share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a share such as 10% or 0.1, got {value!r}") from None
+    if not 0 <= share <= 1:
+        raise ConfigError(f"{key}: must be between 0% and 100%")
+    return share
+
+
+def _bool(value: object, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+        return False
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything one agent process runs with; built by `build_config`, never mutated."""
+
+    source: str
+    cell: str
+    containers: str
+    branch: str = "main"
+    policies_path: str = "policies"
+    interval: float = 60.0
+    jitter: float = 0.1
+    backend: str = "iptables"
+    variant: str = "auto"
+    netns: str | None = None
+    """Run the dataplane tools in this network namespace (the lab and tests; a real cell
+    leaves it unset and enforces in the agent's own namespace)."""
+    once: bool = False
+    state_dir: str = "/var/lib/asgctl"
+    fetch_depth: int = 1
+    """Depth of the first fetch into an empty cache (0 = full history).  Later fetches are
+    incremental and complete, so every commit since the first one is present for the
+    ancestry check; a rewind fetches what it needs."""
+    git_timeout: float = 60.0
+    retry_base: float = 2.0
+    retry_cap: float = 0.0
+    """Longest wait between retries after failures; 0 means the interval."""
+    verify: str = "none"
+    allowed_signers: str | None = None
+    gpg_keyring: str | None = None
+    allow_rewind: bool = False
+    mass_revoke_threshold: float = 0.5
+    mass_revoke_trailer: str = "Asgctl-Allow-Mass-Revoke"
+    heal_drift: bool = True
+    status_push: bool = True
+    status_branch_prefix: str = "status/"
+    heartbeat: float = 600.0
+    status_min_interval: float = 1.0
+    """Pushes closer together than this are merged into one (bursts of container changes)."""
+    metrics_listen: str | None = None
+    """`127.0.0.1:9465` serves Prometheus text on that address; unset or empty, no server."""
+    metrics_textfile: str | None = None
+    watch: str = "auto"
+    watch_poll: float = 0.1
+
+    @property
+    def status_branch(self) -> str:
+        return f"{self.status_branch_prefix}{self.cell}"
+
+    @property
+    def effective_retry_cap(self) -> float:
+        return self.retry_cap if self.retry_cap > 0 else max(self.interval, self.retry_base)
+
+    def revision(self, sha: str) -> str:
+        """Flux's revision spelling: `main@sha1:<sha>`."""
+        return f"{self.branch}@sha1:{sha}"
+
+    def public(self) -> dict[str, Any]:
+        """The settings worth showing in status: no paths to keys, source URL without secrets."""
+        return {
+            "url": redact_url(self.source),
+            "branch": self.branch,
+            "policiesPath": self.policies_path,
+            "interval": self.interval,
+            "jitter": self.jitter,
+            "backend": self.backend,
+            "verify": self.verify,
+            "allowRewind": self.allow_rewind,
+            "massRevokeThreshold": self.mass_revoke_threshold,
+            "healDrift": self.heal_drift,
+        }
+
+
+def redact_url(url: str) -> str:
+    """`https://user:token@host/x` -> `https://***@host/x`: status and logs are world-readable."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@]+@", r"\1***@", url)
+
+
+_KEYS = {f.name.replace("_", "-"): f.name for f in fields(AgentConfig)}
+_DURATIONS = {
+    "interval",
+    "git_timeout",
+    "retry_base",
+    "retry_cap",
+    "heartbeat",
+    "status_min_interval",
+    "watch_poll",
+}
+_SHARES = {"jitter", "mass_revoke_threshold"}
+_BOOLS = {"once", "allow_rewind", "heal_drift", "status_push"}
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """A config file's keys as given (kebab-case), checked only for being a mapping."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    return data
+
+
+def build_config(file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> AgentConfig:
+    """Merge file values and flags (flags win; None means "not given") into a checked config.
+
+    Keys may be spelt kebab-case (as in the file) or snake_case (as click passes them).
+    """
+    merged: dict[str, Any] = {}
+    for origin, values in (("config file", file_values), ("flags", flags)):
+        for key, value in values.items():
+            name = _KEYS.get(str(key)) or (key if key in _KEYS.values() else None)
+            if name is None:
+                known = ", ".join(sorted(_KEYS))
+                raise ConfigError(f"{origin}: unknown setting {key!r} (known: {known})")
+            if value is not None:
+                merged[name] = value
+    if not merged.get("cell"):
+        merged["cell"] = _default_cell()
+    for required in ("source", "containers"):
+        if not merged.get(required):
+            raise ConfigError(f"{required.replace('_', '-')}: required (flag or config file)")
+    out: dict[str, Any] = {}
+    for name, value in merged.items():
+        key = name.replace("_", "-")
+        if name in _DURATIONS:
+            out[name] = parse_duration(value, key)
+        elif name in _SHARES:
+            out[name] = parse_share(value, key)
+        elif name in _BOOLS:
+            out[name] = _bool(value, key)
+        elif name == "fetch_depth":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{key}: expected a whole number >= 0 (0 = full history)")
+            out[name] = value
+        elif value == "" and name in ("metrics_listen", "metrics_textfile", "netns"):
+            out[name] = None
+        else:
+            out[name] = str(value)
+    cfg = AgentConfig(**out)
+    _check(cfg)
+    return cfg
+
+
+def _default_cell() -> str:
+    name = socket.gethostname().split(".")[0]
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", name) or "cell"
+
+
+def _check(cfg: AgentConfig) -> None:
+    if not _CELL_NAME.match(cfg.cell):
+        raise ConfigError(f"cell: {cfg.cell!r} must match {_CELL_NAME.pattern}")
+    if not _BRANCH.match(cfg.branch) or ".." in cfg.branch or cfg.branch.endswith((".", "/")):
+        raise ConfigError(f"branch: {cfg.branch!r} is not a branch name")
+    if cfg.branch.startswith(cfg.status_branch_prefix) or cfg.status_branch == cfg.branch:
+        raise ConfigError("branch: the policy branch cannot be a status branch")
+    if not _BRANCH.match(cfg.status_branch):
+        raise ConfigError(f"status-branch-prefix: {cfg.status_branch_prefix!r} is not usable")
+    if cfg.interval <= 0:
+        raise ConfigError("interval: must be longer than 0")
+    if cfg.retry_base <= 0:
+        raise ConfigError("retry-base: must be longer than 0")
+    if cfg.verify not in VERIFY_MODES:
+        raise ConfigError(f"verify: one of {', '.join(VERIFY_MODES)}, got {cfg.verify!r}")
+    if cfg.verify == "signed" and not (cfg.allowed_signers or cfg.gpg_keyring):
+        raise ConfigError("verify: signed needs allowed-signers (SSH) and/or gpg-keyring (GPG)")
+    if cfg.watch not in WATCH_MODES:
+        raise ConfigError(f"watch: one of {', '.join(WATCH_MODES)}, got {cfg.watch!r}")
+    if cfg.metrics_listen:
+        parse_listen(cfg.metrics_listen)
+    if not cfg.mass_revoke_trailer or not re.match(r"^[A-Za-z0-9-]+$", cfg.mass_revoke_trailer):
+        raise ConfigError("mass-revoke-trailer: a trailer key such as Asgctl-Allow-Mass-Revoke")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`127.0.0.1:9465` or `:9465` (loopback) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"metrics-listen: expected HOST:PORT, got {text!r}")
+    return (host.strip("[]") or "127.0.0.1"), int(port)

@@ -1,0 +1,403 @@
+"""The agent's decisions, as pure functions of values the edges gathered.
+
+Nothing here touches git, files, the kernel or the clock (times come in as arguments), so the
+rules that keep a fleet safe are unit-tested directly:
+
+* the gates a fetched head must pass before it is applied (`signature_verdict`,
+  `ancestry_verdict`, `validation_verdict`, `revoke_verdict`), each returning a `Verdict`
+  that names the reason when the head must wait, or None when it passes;
+* the Flux-style conditions a cycle leaves behind (`cycle_conditions`, `merge_conditions`),
+  with `lastTransitionTime` moving only when a condition's status flips;
+* the history of the last syncs (`add_history`), aggregated like Flux's: a sync that repeats
+  the previous one only bumps its count, so an idle cell's history does not churn;
+* which containers' rules really changed between two plans (`container_changes`), the only
+  thing the agent logs on a normal cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from reconciler.agent.verify import SignatureCheck
+from reconciler.model import Directory
+from reconciler.plan import CellPlan, ContainerPlan
+from reconciler.policy.findings import Finding
+
+CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "SourceVerified", "Drifted")
+HISTORY_LIMIT = 5
+
+# Reasons a head is not applied that need a human (Stalled=True), and transient ones (retry).
+REFUSALS = (
+    "UnsignedCommit",
+    "UntrustedSignature",
+    "VerificationFailed",
+    "HistoryRewritten",
+    "ValidationFailed",
+    "MassRevokeBlocked",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """One Flux-style condition: {type, status, reason, message, lastTransitionTime}."""
+
+    type: str
+    status: str  # "True" | "False" | "Unknown"
+    reason: str
+    message: str
+    last_transition: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "type": self.type,
+            "status": self.status,
+            "reason": self.reason,
+            "message": self.message,
+            "lastTransitionTime": self.last_transition,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Condition:
+        return cls(
+            str(d.get("type", "")),
+            str(d.get("status", "Unknown")),
+            str(d.get("reason", "")),
+            str(d.get("message", "")),
+            str(d.get("lastTransitionTime", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A failure with the reason a condition carries and a message for humans."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Why a head is not applied: the condition reason and the message to report."""
+
+    reason: str
+    message: str
+    findings: tuple[Finding, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeShare:
+    """How much of a cell's allowed access a plan takes away, in (container, rule) pairs."""
+
+    removed: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        return self.removed / self.total if self.total else 0.0
+
+
+# -- gates ---------------------------------------------------------------------------------
+
+
+def signature_verdict(check: SignatureCheck | None) -> Verdict | None:
+    """None when verification is off (`check` is None) or the signature is trusted."""
+    if check is None or check.ok:
+        return None
+    return Verdict(check.reason, check.message)
+
+
+def ancestry_verdict(
+    applied: str | None, head: str, descends: bool | None, allow_rewind: bool
+) -> Verdict | None:
+    """A head that does not descend from the applied revision waits, unless rewinds are allowed.
+
+    `descends` is None when nothing was applied yet (no history to protect).
+    """
+    if applied is None or descends is None or descends or allow_rewind or applied == head:
+        return None
+    return Verdict(
+        "HistoryRewritten",
+        f"head {head[:12]} does not descend from the applied revision {applied[:12]} "
+        "(force-push or rewind); not applied (set allow-rewind to accept it)",
+    )
+
+
+def validation_verdict(findings: Sequence[Finding]) -> Verdict | None:
+    """A revision with any error finding is never applied; the findings go to the status."""
+    errors = [f for f in findings if f.severity == "error"]
+    if not errors:
+        return None
+    first = str(sorted(errors)[0])
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return Verdict(
+        "ValidationFailed",
+        f"{len(errors)} validation error{'s' * (len(errors) != 1)}: {first}{more}",
+        tuple(sorted(findings)),
+    )
+
+
+def allowed_pairs(plan: CellPlan | None) -> frozenset[tuple[str, str]]:
+    """(container handle, rule id) for every rule each container is allowed."""
+    if plan is None:
+        return frozenset()
+    groups = plan.group_by_id
+    return frozenset(
+        (cp.container.handle, rule.id)
+        for cp in plan.containers
+        for gid in cp.groups
+        for rule in groups[gid].rules
+    )
+
+
+def revoke_share(old: CellPlan | None, new: CellPlan) -> RevokeShare:
+    """Share of `old`'s allowed pairs that `new` drops.
+
+    Both plans must be compiled for the same inventory, so containers that simply stopped
+    running never count as revoked access.
+    """
+    before = allowed_pairs(old)
+    return RevokeShare(len(before - allowed_pairs(new)), len(before))
+
+
+def revoke_verdict(
+    share: RevokeShare, threshold: float, override: bool, trailer: str
+) -> Verdict | None:
+    """A plan removing more than `threshold` of the cell's allowed rules waits for an override."""
+    if share.total == 0 or share.share <= threshold or override:
+        return None
+    return Verdict(
+        "MassRevokeBlocked",
+        f"the plan removes {share.removed} of {share.total} allowed rules "
+        f"({share.share:.0%} > {threshold:.0%}); not applied without the commit trailer "
+        f"'{trailer}: true'",
+    )
+
+
+# -- conditions ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CycleView:
+    """What the conditions depend on, after a cycle (every field plain data)."""
+
+    verify_enabled: bool
+    applied_revision: str | None
+    head_revision: str | None
+    source_error: Problem | None = None
+    refusal: Verdict | None = None
+    signature: SignatureCheck | None = None
+    enforce_error: Problem | None = None
+    inventory_error: str | None = None
+    waiting_for: str | None = None
+    """Why nothing could be enforced yet (no inventory, no revision), when that is the case."""
+    drift: tuple[str, ...] = ()
+    drift_repaired: bool = True
+
+
+def cycle_conditions(view: CycleView) -> list[tuple[str, str, str, str]]:
+    """(type, status, reason, message) for every condition type, from one cycle's view."""
+    applied = view.applied_revision
+    keeping = f"; still enforcing {applied}" if applied else "; nothing applied yet"
+    ready: tuple[str, str, str]
+    if view.enforce_error is not None:
+        e = view.enforce_error
+        ready = ("False", e.reason, e.message + keeping)
+    elif view.source_error is not None:
+        e = view.source_error
+        ready = ("False", e.reason, e.message + keeping)
+    elif view.refusal is not None:
+        head = view.head_revision or "the head"
+        ready = ("False", view.refusal.reason, f"{head}: {view.refusal.message}{keeping}")
+    elif view.inventory_error is not None:
+        ready = ("False", "InventoryInvalid", view.inventory_error + " (last good one kept)")
+    elif view.waiting_for is not None:
+        ready = ("False", "Progressing", view.waiting_for)
+    else:
+        ready = ("True", "ReconciliationSucceeded", f"Applied revision: {applied}")
+    transient = view.enforce_error is not None or view.source_error is not None
+    stalled = view.refusal is not None and not transient
+    out = [("Ready", *ready)]
+    if transient:
+        out.append(("Reconciling", "True", "ProgressingWithRetry", ready[2]))
+    elif view.waiting_for is not None:
+        out.append(("Reconciling", "True", "Progressing", view.waiting_for))
+    else:
+        out.append(("Reconciling", "False", ready[1], ""))
+    if stalled:
+        out.append(("Stalled", "True", ready[1], ready[2]))
+    else:
+        out.append(("Stalled", "False", ready[1], ""))
+    if not view.verify_enabled:
+        out.append(
+            (
+                "SourceVerified",
+                "Unknown",
+                "VerificationDisabled",
+                "commit signatures are not checked",
+            )
+        )
+    elif view.signature is None:
+        out.append(("SourceVerified", "Unknown", "NotChecked", "no head verified yet"))
+    else:
+        s = view.signature
+        out.append(("SourceVerified", "True" if s.ok else "False", s.reason, s.message))
+    if view.drift:
+        reason = "DriftCorrected" if view.drift_repaired else "DriftDetected"
+        summary = "; ".join(view.drift[:3]) + (
+            f"; and {len(view.drift) - 3} more" if len(view.drift) > 3 else ""
+        )
+        out.append(("Drifted", "True", reason, summary))
+    else:
+        out.append(("Drifted", "False", "NoDrift", ""))
+    return out
+
+
+def merge_conditions(
+    previous: Iterable[Condition], new: Iterable[tuple[str, str, str, str]], now: str
+) -> tuple[Condition, ...]:
+    """New conditions; each keeps its lastTransitionTime unless its status changed."""
+    before = {c.type: c for c in previous}
+    out = []
+    for type_, status, reason, message in new:
+        old = before.get(type_)
+        since = old.last_transition if old is not None and old.status == status else now
+        out.append(Condition(type_, status, reason, message, since))
+    return tuple(out)
+
+
+def condition(conditions: Iterable[Condition], type_: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)
+
+
+# -- history -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One run of identical syncs (Flux's `history[]`): same revision, digest and outcome."""
+
+    revision: str
+    digest: str
+    status: str
+    first_reconciled: str
+    last_reconciled: str
+    total: int = 1
+    last_duration: float = 0.0
+
+    def key(self) -> tuple[str, str, str]:
+        return (self.revision, self.digest, self.status)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "revision": self.revision,
+            "digest": self.digest,
+            "status": self.status,
+            "firstReconciled": self.first_reconciled,
+            "lastReconciled": self.last_reconciled,
+            "totalReconciliations": self.total,
+            "lastReconciledDuration": round(self.last_duration, 4),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> HistoryEntry:
+        return cls(
+            str(d.get("revision", "")),
+            str(d.get("digest", "")),
+            str(d.get("status", "")),
+            str(d.get("firstReconciled", "")),
+            str(d.get("lastReconciled", "")),
+            int(d.get("totalReconciliations", 1)),
+            float(d.get("lastReconciledDuration", 0.0)),
+        )
+
+
+def add_history(
+    history: Sequence[HistoryEntry],
+    revision: str,
+    digest: str,
+    status: str,
+    now: str,
+    duration: float,
+) -> tuple[HistoryEntry, ...]:
+    """Newest first, at most HISTORY_LIMIT runs; a repeat of the newest run bumps its count."""
+    if history and history[0].key() == (revision, digest, status):
+        head = history[0]
+        bumped = replace(head, last_reconciled=now, total=head.total + 1, last_duration=duration)
+        return (bumped, *history[1:])
+    entry = HistoryEntry(revision, digest, status, now, now, 1, duration)
+    return (entry, *history)[:HISTORY_LIMIT]
+
+
+# -- container changes ---------------------------------------------------------------------
+
+
+def _effective(plan: CellPlan | None) -> dict[str, tuple[ContainerPlan, set[str], set[str]]]:
+    """handle -> (container plan, rule ids it is allowed, names of the documents granting them)."""
+    if plan is None:
+        return {}
+    groups = plan.group_by_id
+    out = {}
+    for cp in plan.containers:
+        rules: set[str] = set()
+        sources: set[str] = set()
+        for gid in cp.groups:
+            for rule in groups[gid].rules:
+                rules.add(rule.id)
+                sources.update(f"{s.kind}/{s.name}" for s in rule.sources)
+        out[cp.container.handle] = (cp, rules, sources)
+    return out
+
+
+def container_changes(
+    old: CellPlan | None,
+    new: CellPlan,
+    *,
+    cell: str,
+    revision: str,
+    directory: Directory | None = None,
+) -> list[dict[str, Any]]:
+    """One log record per container whose allowed rules really changed (or that came or went).
+
+    Group chains may be renamed when the partition of a cell's rules shifts, without any
+    container's access changing; comparing rule ids per container keeps those out of the log.
+    """
+    before, after = _effective(old), _effective(new)
+    records = []
+    for handle in sorted(set(before) | set(after)):
+        b, a = before.get(handle), after.get(handle)
+        b_rules, b_src = (b[1], b[2]) if b else (set(), set())
+        a_rules, a_src = (a[1], a[2]) if a else (set(), set())
+        if b is not None and a is not None and b_rules == a_rules and b_src == a_src:
+            continue
+        cp = (a or b)[0]  # type: ignore[index]
+        c = cp.container
+        change = "added" if b is None else "removed" if a is None else "updated"
+        record: dict[str, Any] = {
+            "event": "container-rules-changed",
+            "cell": cell,
+            "change": change,
+            "handle": c.handle,
+            "ip": c.ip,
+            "workload": c.workload,
+            "app_id": c.app_id,
+            "space_id": c.space_id,
+            "org_id": c.org_id,
+        }
+        if directory is not None:
+            if c.app_id and directory.knows_app(c.app_id):
+                record["app"] = directory.app_path(c.app_id)
+            if c.space_id and directory.knows_space(c.space_id):
+                record["space"] = directory.space_path(c.space_id)
+        record.update(
+            {
+                "revision": revision,
+                "groups_added": sorted(a_src - b_src),
+                "groups_removed": sorted(b_src - a_src),
+                "rules_added": len(a_rules - b_rules),
+                "rules_removed": len(b_rules - a_rules),
+            }
+        )
+        records.append(record)
+    return records

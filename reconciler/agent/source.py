@@ -1,0 +1,327 @@
+"""The git edge: fetch one branch into a local bare cache, and answer questions about it.
+
+Only the policy branch is fetched (`+refs/heads/<branch>:refs/remotes/origin/<branch>`, no
+tags), so a cell never downloads the other cells' status branches.  The first fetch into an
+empty cache is shallow (`fetch-depth`, default 1) -- a policy repo with years of history costs
+a new cell one commit -- and every later fetch is an ordinary incremental one, so every commit
+since the first is present and "does the new head descend from what we applied?" is a local
+question.  When the answer is "no" in a shallow cache it is checked again after unshallowing,
+since only a full history can prove a negative.
+
+Failures are classified into the reasons the status reports (`GitUnreachable`,
+`AuthenticationFailed`, `BranchNotFound`, `GitTimeout`, `CacheCorrupt`, `FetchFailed`).  A
+corrupt cache is deleted and fetched again in the same call: it is a cache, the remote is
+the truth.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import git
+
+REMOTE_REF = "refs/remotes/origin/{branch}"
+
+_UNREACHABLE = (
+    "connection refused",
+    "could not resolve",
+    "unable to connect",
+    "unable to look up",
+    "connection timed out",
+    "no route to host",
+    "network is unreachable",
+    "connection reset",
+    "remote end hung up unexpectedly",
+    "failed to connect",
+    "couldn't connect",
+    "early eof",
+)
+_AUTH = (
+    "authentication failed",
+    "permission denied",
+    "could not read username",
+    "could not read password",
+    "terminal prompts disabled",
+    "access denied",
+    "returned error: 401",
+    "returned error: 403",
+    "host key verification failed",
+)
+_CORRUPT = (
+    "not a git repository",
+    "corrupt",
+    "bad object",
+    "unable to read",
+    "packfile",
+    "index-pack",
+    "missing object",
+    "invalid object",
+    "object file",
+    "inflate",
+    "bad file",
+    "broken link",
+    "fatal: bad config",
+    "bad numeric config",
+    "invalid gitfile",
+)
+
+
+class SourceError(Exception):
+    """The branch could not be fetched; `reason` is the status condition's reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def classify(stderr: str) -> str:
+    """A git failure's reason from its stderr (first match wins: unreachable, auth, corrupt)."""
+    text = stderr.lower()
+    if "couldn't find remote ref" in text or "couldn't find remote ref" in text.replace("'", ""):
+        return "BranchNotFound"
+    if any(s in text for s in _AUTH):
+        return "AuthenticationFailed"
+    if any(s in text for s in _UNREACHABLE):
+        return "GitUnreachable"
+    if any(s in text for s in _CORRUPT):
+        return "CacheCorrupt"
+    return "FetchFailed"
+
+
+def git_env() -> dict[str, str]:
+    """Never prompt (an agent has no terminal) and never read the operator's git config."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_ASKPASS": "/bin/false",
+            "SSH_ASKPASS": "/bin/false",
+            "GIT_SSH_COMMAND": env.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes"),
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": "/dev/null",
+        }
+    )
+    return env
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """The head of the branch after a fetch, and what the fetch cost."""
+
+    sha: str
+    seconds: float
+    recloned: bool = False
+    shallow: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CommitInfo:
+    sha: str
+    message: str
+    author: str
+    committed_at: int
+    signed: bool
+
+
+class GitSource:
+    """A bare cache of one branch of one remote, under `cache_dir`."""
+
+    def __init__(
+        self,
+        url: str,
+        branch: str,
+        cache_dir: str | os.PathLike[str],
+        *,
+        depth: int = 1,
+        timeout: float = 60.0,
+    ) -> None:
+        self.url = url
+        self.branch = branch
+        self.path = Path(cache_dir)
+        self.depth = depth
+        self.timeout = timeout
+        self._repo: git.Repo | None = None
+
+    @property
+    def ref(self) -> str:
+        return REMOTE_REF.format(branch=self.branch)
+
+    # -- the cache ---------------------------------------------------------------------------
+
+    def _open(self) -> git.Repo:
+        if self._repo is not None:
+            return self._repo
+        if self.path.exists():
+            try:
+                repo = git.Repo(self.path)
+                if not repo.bare:
+                    raise git.InvalidGitRepositoryError(str(self.path))
+                self._repo = repo
+                return repo
+            except (git.InvalidGitRepositoryError, git.NoSuchPathError, ValueError, OSError):
+                self.reset()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        repo = git.Repo.init(self.path, bare=True)
+        with repo.config_writer() as cw:
+            cw.set_value("gc", "auto", "0")  # maintenance is ours, between cycles
+            cw.set_value("core", "logAllRefUpdates", "false")
+            cw.set_value("fetch", "writeCommitGraph", "false")
+        self._repo = repo
+        return repo
+
+    def reset(self) -> None:
+        """Forget the cache entirely (it is corrupt); the next fetch starts from scratch."""
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def close(self) -> None:
+        if self._repo is not None:
+            self._repo.close()
+            self._repo = None
+
+    def _git(self, *args: str, timeout: float | None = None) -> _Run:
+        """Run git on the cache (through gitpython, C locale, our environment).
+
+        Never raises for a non-zero exit; a run killed at the timeout is GitTimeout.
+        """
+        limit = timeout or self.timeout
+        t0 = time.monotonic()
+        status, out, err = git.Git().execute(
+            ["git", f"--git-dir={self.path}", *args],
+            with_extended_output=True,
+            with_exceptions=False,
+            kill_after_timeout=limit,
+            env=git_env(),
+            strip_newline_in_stdout=False,
+        )
+        if status != 0 and time.monotonic() - t0 >= limit:
+            raise SourceError("GitTimeout", f"git {args[0]}: no answer within {limit:g} s")
+        return _Run(int(status or 0), str(out), str(err))
+
+    def head(self) -> str | None:
+        """The cached branch head, if the cache has one."""
+        if not self.path.exists():
+            return None
+        res = self._git("rev-parse", "--verify", "--quiet", f"{self.ref}^{{commit}}")
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    def has_commit(self, sha: str) -> bool:
+        return self._git("cat-file", "-e", f"{sha}^{{commit}}").returncode == 0
+
+    @property
+    def shallow(self) -> bool:
+        return (self.path / "shallow").exists()
+
+    # -- fetch -------------------------------------------------------------------------------
+
+    def fetch(self) -> Fetched:
+        """Fetch the branch; re-create a corrupt cache once.  SourceError on failure."""
+        t0 = time.perf_counter()
+        try:
+            sha = self._fetch_once()
+            return Fetched(sha, time.perf_counter() - t0, False, self.shallow)
+        except SourceError as exc:
+            if exc.reason != "CacheCorrupt":
+                raise
+        self.reset()
+        sha = self._fetch_once()
+        return Fetched(sha, time.perf_counter() - t0, True, self.shallow)
+
+    def _fetch_once(self) -> str:
+        try:
+            self._open()
+        except (git.GitCommandError, OSError) as exc:
+            raise SourceError("CacheCorrupt", f"cannot create the cache: {exc}") from None
+        args = ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-auto-gc"]
+        if self.depth > 0 and self.head() is None:
+            args.append(f"--depth={self.depth}")
+        refspec = f"+refs/heads/{self.branch}:{self.ref}"
+        res = self._git(*args, "--", self.url, refspec)
+        if res.returncode != 0:
+            reason = classify(res.stderr)
+            raise SourceError(reason, _git_message(res.stderr, self.url))
+        sha = self.head()
+        if sha is None or self._git("cat-file", "-e", f"{sha}^{{tree}}").returncode != 0:
+            raise SourceError("CacheCorrupt", "the fetched head cannot be read from the cache")
+        return sha
+
+    # -- questions about commits -------------------------------------------------------------
+
+    def is_ancestor(self, old: str, new: str) -> bool:
+        """Does `new` descend from `old` (or equal it)?  Unshallows before saying no."""
+        for attempt in range(2):
+            if self.has_commit(old):
+                res = self._git("merge-base", "--is-ancestor", old, new)
+                if res.returncode == 0:
+                    return True
+                if res.returncode != 1:
+                    raise SourceError("CacheCorrupt", _git_message(res.stderr, self.url))
+            if attempt == 0 and self.shallow:
+                res = self._git(
+                    "fetch",
+                    "--quiet",
+                    "--no-tags",
+                    "--no-write-fetch-head",
+                    "--no-auto-gc",
+                    "--unshallow",
+                    "--",
+                    self.url,
+                    f"+refs/heads/{self.branch}:{self.ref}",
+                )
+                if res.returncode != 0:
+                    raise SourceError(classify(res.stderr), _git_message(res.stderr, self.url))
+                continue
+            return False
+        return False
+
+    def commit_info(self, sha: str) -> CommitInfo:
+        res = self._git("cat-file", "commit", sha)
+        if res.returncode != 0:
+            raise SourceError("CacheCorrupt", f"commit {sha[:12]} cannot be read from the cache")
+        header, _, message = res.stdout.partition("\n\n")
+        author, committed, signed = "", 0, False
+        for line in header.splitlines():
+            if line.startswith("author "):
+                author = line[7:].rsplit(" ", 2)[0]
+            elif line.startswith("committer "):
+                parts = line.rsplit(" ", 2)
+                committed = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+            elif line.startswith("gpgsig ") or line.startswith("gpgsig-sha256 "):
+                signed = True
+        return CommitInfo(sha, message, author, committed, signed)
+
+    def intact(self) -> bool:
+        """A full object check, for when a revision fails to load: cache fault or bad commit?"""
+        res = self._git("fsck", "--no-progress", "--no-dangling", timeout=max(self.timeout, 120))
+        return res.returncode == 0
+
+    def maintain(self) -> None:
+        """Between cycles: let git pack loose objects when there are many (cheap otherwise)."""
+        self._git("-c", "gc.auto=6700", "gc", "--auto", "--quiet")
+
+
+def _git_message(stderr: str, url: str) -> str:
+    """git's own words, minus hints and progress, with the URL's credentials hidden."""
+    from reconciler.agent.config import redact_url
+
+    lines = [
+        x.strip()
+        for x in stderr.splitlines()
+        if x.strip() and not x.lstrip().startswith(("hint:", "remote: Counting", "remote: Total"))
+    ]
+    text = " / ".join(lines[-3:]) or "git failed without a message"
+    if url != redact_url(url):
+        text = text.replace(url, redact_url(url))
+    return text[:500]

@@ -1,0 +1,156 @@
+"""What an agent knows between cycles, and the part of it that survives a restart.
+
+`AgentState` is a frozen value: a cycle builds the next one, it never edits the current one,
+so a cycle that dies half-way (an exception, SIGKILL) leaves the last consistent state behind.
+The persisted subset (`state.json` in the state directory, written by rename) is what a
+restarted or `--once` agent needs to keep its promises: the applied revision (rewinds are
+measured against it), the inventory it was applied with (to tell the next change from drift
+and to log only real changes), the conditions' transition times, history and drift counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reconciler.agent.core import Condition, HistoryEntry, Problem, Verdict
+from reconciler.agent.verify import SignatureCheck
+from reconciler.inventory import InventoryError, dump_store, parse_store
+from reconciler.model import Container, PolicySet
+from reconciler.plan import CellPlan
+
+STATE_VERSION = 1
+DRIFT_LOG_LIMIT = 10
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The revision the kernel holds: its plan, and the policy and inventory it came from.
+
+    `policy` and `plan` are None after a restart until the revision is loaded again from the
+    cache; the sha alone is enough to protect against rewinds.
+    """
+
+    sha: str
+    digest: str
+    at: str
+    inventory: tuple[Container, ...]
+    policy: PolicySet | None = None
+    plan: CellPlan | None = None
+
+
+@dataclass(frozen=True)
+class Head:
+    """The branch head last fetched and what was decided about it."""
+
+    sha: str
+    subject: str = ""
+    signature: SignatureCheck | None = None
+    verdict: Verdict | None = None
+    """Why it is not applied; None when it passed every gate."""
+    policy: PolicySet | None = None
+
+
+@dataclass(frozen=True)
+class AgentState:
+    applied: Applied | None = None
+    head: Head | None = None
+    attempted: str | None = None
+    inventory: tuple[Container, ...] | None = None
+    inventory_error: str | None = None
+    inventory_at: str = ""
+    conditions: tuple[Condition, ...] = ()
+    history: tuple[HistoryEntry, ...] = ()
+    drift_corrections: int = 0
+    drift_log: tuple[Mapping[str, Any], ...] = ()
+    failures: int = 0
+    """Consecutive cycles that failed for a transient reason (sets the retry back-off)."""
+    last_sync: str = ""
+    last_success: str = ""
+    timings: Mapping[str, float] = field(default_factory=dict)
+    source_error: Problem | None = None
+    enforce_error: Problem | None = None
+    backend: str = ""
+
+
+def to_persisted(state: AgentState) -> dict[str, Any]:
+    a = state.applied
+    return {
+        "version": STATE_VERSION,
+        "applied": (
+            {
+                "sha": a.sha,
+                "digest": a.digest,
+                "at": a.at,
+                "store": json.loads(dump_store(a.inventory)),
+            }
+            if a is not None
+            else None
+        ),
+        "attempted": state.attempted,
+        "conditions": [c.to_dict() for c in state.conditions],
+        "history": [h.to_dict() for h in state.history],
+        "driftCorrections": state.drift_corrections,
+        "driftLog": list(state.drift_log),
+        "lastSuccess": state.last_success,
+    }
+
+
+def from_persisted(data: Mapping[str, Any]) -> AgentState:
+    """The state a previous run left; anything unreadable is dropped, never guessed."""
+    if data.get("version") != STATE_VERSION:
+        return AgentState()
+    applied = None
+    a = data.get("applied")
+    if isinstance(a, dict) and isinstance(a.get("sha"), str):
+        try:
+            inventory = parse_store(json.dumps(a.get("store") or {}), "state.json")
+        except InventoryError:
+            inventory = ()
+        applied = Applied(a["sha"], str(a.get("digest", "")), str(a.get("at", "")), inventory)
+    return AgentState(
+        applied=applied,
+        attempted=data.get("attempted") if isinstance(data.get("attempted"), str) else None,
+        conditions=tuple(Condition.from_dict(c) for c in data.get("conditions") or ()),
+        history=tuple(HistoryEntry.from_dict(h) for h in data.get("history") or ()),
+        drift_corrections=int(data.get("driftCorrections") or 0),
+        drift_log=tuple(data.get("driftLog") or ()),
+        last_success=str(data.get("lastSuccess") or ""),
+    )
+
+
+def load_state(path: str | os.PathLike[str]) -> AgentState:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return AgentState()
+    if not isinstance(data, dict):
+        return AgentState()
+    try:
+        return from_persisted(data)
+    except (TypeError, ValueError, AttributeError):
+        return AgentState()
+
+
+def save_state(path: str | os.PathLike[str], state: AgentState) -> None:
+    """Write by rename, so a crash leaves the old file or the new one, never half of one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".state.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(to_persisted(state), fh, indent=1, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

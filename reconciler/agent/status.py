@@ -1,0 +1,410 @@
+"""The status document and how it reaches the cell's `status/<cell>` branch.
+
+The document (`build_status`, pure) borrows Flux's vocabulary -- conditions, observed /
+attempted / applied revisions, history -- and carries what an operator asks of a cell: which
+revision it enforces and since when, what it refused and why (validation findings with
+file:line), how long each phase took, how many rules it installs against how many Cloud
+Foundry would, what drifted, and which containers got which groups.  Its `containers:` list
+follows the status-branch contract of `reconciler.inventory_sources`, so `asgctl plan` can use
+the fleet's status branches as its inventory.
+
+Writing (`StatusWriter`) never touches the policy branch or the fetch cache: it has its own
+bare repository, makes a *new root commit* holding only `status.yaml` for every push, and
+force-pushes exactly `refs/heads/status/<cell>`.  The branch is therefore always one commit
+deep however long the agent runs, the replaced commits become unreachable garbage the server
+prunes, and two agents can never conflict because each only ever names its own ref.
+
+Pushing (`StatusPusher`) runs on its own thread: enforcement never waits for the git server.
+It pushes when the document's meaningful content changes (not its timestamps), as a
+heartbeat at a slower rate otherwise, merges bursts (`min_interval`), and retries failures
+with capped exponential back-off.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reconciler.agent.source import git_env
+from reconciler.agent.state import AgentState
+from reconciler.plan import CellPlan
+from reconciler.policy.findings import Finding
+
+PHASES = ("fetch", "verify", "load", "render", "enforce", "cleanup", "total")
+API_VERSION = "asgctl.io/v1"
+KIND = "CellStatus"
+STATUS_FILE = "status.yaml"
+VOLATILE = ("reportedAt", "lastSyncTime", "lastSuccessTime", "timings")
+VOLATILE_HISTORY = ("lastReconciled", "totalReconciliations", "lastReconciledDuration")
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def _finding_text(f: Finding, prefix: str) -> str:
+    return str(replace(f, file=prefix + f.file)) if prefix else str(f)
+
+
+def container_entries(plan: CellPlan | None) -> list[dict[str, Any]]:
+    """The contract's container list, plus each container's chain, groups and their sources."""
+    if plan is None:
+        return []
+    groups = plan.group_by_id
+    out = []
+    for cp in plan.containers:
+        c = cp.container
+        sources = sorted(
+            {f"{s.kind}/{s.name}" for g in cp.groups for r in groups[g].rules for s in r.sources}
+        )
+        out.append(
+            {
+                "handle": c.handle,
+                "ip": c.ip,
+                "app_id": c.app_id,
+                "space_id": c.space_id,
+                "org_id": c.org_id,
+                "workload": c.workload,
+                "chain": cp.chain_id,
+                "groups": list(cp.groups),
+                "sources": sources,
+            }
+        )
+    return out
+
+
+def build_status(
+    state: AgentState,
+    *,
+    cell: str,
+    settings: Mapping[str, Any],
+    agent: Mapping[str, Any],
+    revision: Callable[[str], str],
+    policies_prefix: str,
+    containers_path: str,
+    now: str,
+) -> dict[str, Any]:
+    """The status document for `state` (pure; `now` stamps `reportedAt`)."""
+    applied = state.applied
+    head = state.head
+    plan = applied.plan if applied is not None else None
+    doc: dict[str, Any] = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "cell": cell,
+        "reportedAt": now,
+        "agent": dict(agent),
+        "source": dict(settings),
+        "observedRevision": revision(head.sha) if head else "",
+        "lastAttemptedRevision": revision(state.attempted) if state.attempted else "",
+        "lastAppliedRevision": revision(applied.sha) if applied else "",
+        "lastAppliedDigest": applied.digest if applied else "",
+        "lastAppliedTime": applied.at if applied else "",
+        "lastSyncTime": state.last_sync,
+        "lastSuccessTime": state.last_success,
+        "conditions": [c.to_dict() for c in state.conditions],
+    }
+    if head is not None and head.verdict is not None:
+        doc["refused"] = {
+            "revision": revision(head.sha),
+            "subject": head.subject,
+            "reason": head.verdict.reason,
+            "message": head.verdict.message,
+            "findings": [_finding_text(f, policies_prefix) for f in head.verdict.findings],
+        }
+    order = {phase: i for i, phase in enumerate(PHASES)}
+    doc["timings"] = {
+        k: round(v, 4)
+        for k, v in sorted(state.timings.items(), key=lambda kv: order.get(kv[0], 99))
+    }
+    doc["counts"] = {
+        "containers": len(plan.containers) if plan else 0,
+        "groups": len(plan.groups) if plan else 0,
+        "chains": plan.chains if plan else 0,
+        "installedRules": plan.installed_rules if plan else 0,
+        "cfEquivalentRules": plan.cf_equivalent_rules if plan else 0,
+    }
+    doc["drift"] = {"corrections": state.drift_corrections, "recent": list(state.drift_log)}
+    doc["inventory"] = {
+        "path": containers_path,
+        "containers": len(state.inventory) if state.inventory is not None else None,
+        "updatedAt": state.inventory_at,
+        "error": state.inventory_error or "",
+    }
+    doc["containers"] = container_entries(plan)
+    doc["history"] = [h.to_dict() for h in state.history]
+    return doc
+
+
+def dump_status(doc: Mapping[str, Any]) -> str:
+    return yaml.dump(
+        dict(doc),
+        Dumper=_DUMPER,
+        sort_keys=False,
+        default_flow_style=False,
+        allow_unicode=True,
+        width=4096,
+    )
+
+
+def fingerprint(doc: Mapping[str, Any]) -> str:
+    """A digest of what the document *says*; timestamps and counters of repeats left out.
+
+    Two documents with the same fingerprint need not both be pushed: only the heartbeat
+    carries the fresher timestamps.
+    """
+    stable = copy.deepcopy(dict(doc))
+    for key in VOLATILE:
+        stable.pop(key, None)
+    for entry in stable.get("history") or ():
+        for key in VOLATILE_HISTORY:
+            entry.pop(key, None)
+    text = json.dumps(stable, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+class StatusPushError(Exception):
+    pass
+
+
+class StatusWriter:
+    """Commits `status.yaml` as a new root commit and force-pushes it to `refs/heads/<branch>`."""
+
+    def __init__(
+        self, url: str, branch: str, repo_dir: str | os.PathLike[str], timeout: float = 30.0
+    ) -> None:
+        if not branch.startswith("status/"):
+            raise ValueError(f"refusing to write status to {branch!r}: not a status/ branch")
+        self.url = url
+        self.branch = branch
+        self.path = Path(repo_dir)
+        self.timeout = timeout
+        self.pushes = 0
+
+    def _git(self, *args: str, input: str | None = None) -> str:
+        try:
+            res = subprocess.run(
+                ["git", f"--git-dir={self.path}", *args],
+                input=input,
+                capture_output=True,
+                text=True,
+                env={**git_env(), "LC_ALL": "C"},
+                timeout=self.timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise StatusPushError(f"git {args[0]}: no answer within {self.timeout:g} s") from None
+        if res.returncode != 0:
+            lines = [x.strip() for x in res.stderr.splitlines() if x.strip()]
+            raise StatusPushError(f"git {args[0]}: " + (" / ".join(lines[-3:]) or "failed"))
+        return res.stdout.strip()
+
+    def _ensure_repo(self) -> None:
+        if (self.path / "HEAD").exists() and (self.path / "objects").is_dir():
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._git("init", "--quiet", "--bare")
+        self._git("config", "gc.auto", "0")
+
+    def commit(self, text: str, message: str, when: int) -> str:
+        """A new root commit holding only status.yaml; returns its sha."""
+        self._ensure_repo()
+        try:
+            blob = self._git("hash-object", "-w", "--stdin", input=text)
+            tree = self._git("mktree", input=f"100644 blob {blob}\t{STATUS_FILE}\n")
+        except StatusPushError:
+            # A damaged local repo is only a scratch area: start a new one.
+            shutil.rmtree(self.path, ignore_errors=True)
+            self._ensure_repo()
+            blob = self._git("hash-object", "-w", "--stdin", input=text)
+            tree = self._git("mktree", input=f"100644 blob {blob}\t{STATUS_FILE}\n")
+        ident = self.branch.replace("/", "-")
+        env = {
+            "GIT_AUTHOR_NAME": f"asgctl agent {ident}",
+            "GIT_AUTHOR_EMAIL": f"{ident}@asgctl.invalid",
+            "GIT_AUTHOR_DATE": f"{when} +0000",
+            "GIT_COMMITTER_NAME": f"asgctl agent {ident}",
+            "GIT_COMMITTER_EMAIL": f"{ident}@asgctl.invalid",
+            "GIT_COMMITTER_DATE": f"{when} +0000",
+        }
+        res = subprocess.run(
+            ["git", f"--git-dir={self.path}", "commit-tree", tree, "-m", message],
+            capture_output=True,
+            text=True,
+            env={**git_env(), **env, "LC_ALL": "C"},
+            timeout=self.timeout,
+            check=False,
+        )
+        if res.returncode != 0:
+            raise StatusPushError(f"git commit-tree: {res.stderr.strip()[-300:]}")
+        return res.stdout.strip()
+
+    def push(self, text: str, message: str, when: int | None = None) -> str:
+        """Commit and force-push; StatusPushError on failure (the caller retries later)."""
+        sha = self.commit(text, message, int(when if when is not None else time.time()))
+        self._git(
+            "push", "--quiet", "--force", "--no-verify", self.url, f"{sha}:refs/heads/{self.branch}"
+        )
+        self.pushes += 1
+        if self.pushes % 50 == 0:
+            # Every push leaves the previous root commit unreachable here too.
+            self._git("prune", "--expire=now")
+        return sha
+
+
+def commit_message(doc: Mapping[str, Any]) -> str:
+    ready = next((c for c in doc.get("conditions", ()) if c.get("type") == "Ready"), {})
+    applied = doc.get("lastAppliedRevision") or "nothing applied"
+    return (
+        f"status {doc.get('cell')}: Ready={ready.get('status', 'Unknown')} "
+        f"({ready.get('reason', '')}), {applied}"
+    )
+
+
+@dataclass(frozen=True)
+class PushResult:
+    ok: bool
+    error: str = ""
+    seconds: float = 0.0
+
+
+class StatusPusher:
+    """Pushes the latest document from its own thread; see the module docstring."""
+
+    def __init__(
+        self,
+        writer: StatusWriter,
+        *,
+        heartbeat: float,
+        min_interval: float = 1.0,
+        retry_base: float = 2.0,
+        retry_cap: float = 60.0,
+        on_result: Callable[[PushResult], None] | None = None,
+    ) -> None:
+        self.writer = writer
+        self.heartbeat = heartbeat
+        self.min_interval = min_interval
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        self.on_result = on_result
+        self._cv = threading.Condition()
+        self._doc: dict[str, Any] | None = None
+        self._fp: str | None = None
+        self._pushed_fp: str | None = None
+        self._last_push = float("-inf")
+        self._last_attempt = float("-inf")
+        self._failures = 0
+        self._stop = False
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def offer(self, doc: Mapping[str, Any]) -> None:
+        """The newest document; replaces any not yet pushed."""
+        with self._cv:
+            self._doc = dict(doc)
+            self._fp = fingerprint(doc)
+            self._cv.notify_all()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="status-pusher", daemon=True)
+        self._thread.start()
+
+    def _due(self, now: float) -> float | None:
+        """Seconds until the next push should happen (0 = now), None = nothing to do."""
+        if self._doc is None:
+            return None
+        if self._failures:
+            backoff = min(self.retry_cap, self.retry_base * 2 ** (self._failures - 1))
+            return max(0.0, self._last_attempt + backoff - now)
+        if self._fp != self._pushed_fp:
+            return max(0.0, self._last_push + self.min_interval - now)
+        return max(0.0, self._last_push + self.heartbeat - now)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop:
+                    wait = self._due(time.monotonic())
+                    if wait == 0:
+                        break
+                    self._cv.wait(wait)
+                if self._stop:
+                    return
+                doc, fp = self._doc, self._fp
+                self._busy = True
+            assert doc is not None
+            result = self._push(doc)
+            with self._cv:
+                self._busy = False
+                self._last_attempt = time.monotonic()
+                if result.ok:
+                    self._pushed_fp = fp
+                    self._last_push = self._last_attempt
+                    self._failures = 0
+                else:
+                    self._failures += 1
+                self._cv.notify_all()
+
+    def _push(self, doc: dict[str, Any]) -> PushResult:
+        t0 = time.perf_counter()
+        stamped = {**doc, "reportedAt": iso(time.time())}
+        try:
+            self.writer.push(dump_status(stamped), commit_message(stamped))
+            result = PushResult(True, "", time.perf_counter() - t0)
+        except (StatusPushError, OSError) as exc:
+            result = PushResult(False, str(exc), time.perf_counter() - t0)
+        if self.on_result is not None:
+            self.on_result(result)
+        return result
+
+    def push_now(self) -> PushResult:
+        """Push the latest document synchronously (for `--once`), whatever changed."""
+        with self._cv:
+            while self._busy:
+                self._cv.wait(1.0)
+            doc, fp = self._doc, self._fp
+        if doc is None:
+            return PushResult(True)
+        result = self._push(doc)
+        if result.ok:
+            with self._cv:
+                self._pushed_fp = fp
+                self._last_push = time.monotonic()
+                self._failures = 0
+        return result
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the latest document is pushed (or `timeout`); True when it was."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._fp != self._pushed_fp or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+            return True
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=self.writer.timeout + 5)
+
+
+def iso(t: float) -> str:
+    """UTC, millisecond precision: enough to measure commit-to-applied on one host."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
