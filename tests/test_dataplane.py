@@ -9,9 +9,8 @@ without a kernel at the end.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,12 +34,12 @@ from reconciler.dataplane import records as rec
 from reconciler.dataplane.iptables import IptablesBackend, tool
 from reconciler.dataplane.records import OwnedState
 from reconciler.inventory import parse_store
+from reconciler.lab.netns import Lab
 from reconciler.lab.nsenter import in_netns
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.plan import CellPlan
 from reconciler.policy.load import load_folder
 from reconciler.render.iptables import TOP_CHAIN, Ruleset, hook_rule, render_cell
-from tests.conftest import require_netns
 
 DATA = Path(__file__).parent / "data"
 VARIANTS = ("legacy", "nft")
@@ -164,9 +163,6 @@ class Host:
         ]
 
 
-_seq = iter(range(1_000_000))
-
-
 def _has_libiptc() -> bool:
     try:
         import iptc  # type: ignore[import-not-found, import-untyped]  # noqa: F401
@@ -187,15 +183,11 @@ LIBIPTC = pytest.mark.skipif(
         pytest.param(("libiptc", "legacy"), id="libiptc", marks=LIBIPTC),
     ]
 )
-def host(request: pytest.FixtureRequest) -> Iterator[Host]:
-    require_netns()
+def host(request: pytest.FixtureRequest, make_lab: Callable[..., Lab]) -> Host:
+    """A bare lab cell: a fresh namespace that the lab guarantees to remove, even after a
+    killed run (conntrack off: nothing but what the test puts there)."""
     kind, variant = request.param
-    name = f"asgdp{os.getpid() % 100000}x{next(_seq)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield Host(name, variant, kind)
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+    return Host(make_lab(conntrack=False).cell, variant, kind)
 
 
 def transactions(backend: Backend, result: ConvergeResult) -> int:
