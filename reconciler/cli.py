@@ -290,6 +290,9 @@ def apply_cmd(
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         click.echo(format_text(result, transactions=dry_run), nl=False)
+    for fam in result.families:
+        if fam.error is not None:
+            click.echo(f"error: ipv{fam.family}: {fam.error}", err=True)
     sys.exit(1 if not result.ok else 0 if result.in_sync else 2)
 
 

@@ -607,6 +607,12 @@ def test_asgctl_apply_exit_codes(host: Host, tmp_path: Path) -> None:
     assert run().exit_code == 2
     assert_matches_plan(host, edge_plan())
     assert run().exit_code == 0
+    if host.kind == "iptables":  # the other variant would mix: refused, exit 1, untouched
+        other = "nft" if host.variant == "legacy" else "legacy"
+        before = host.save()
+        mixed = run("--variant", other)
+        assert mixed.exit_code == 1 and "mixing" in mixed.output
+        assert host.save() == before
 
 
 # -- pure parts ----------------------------------------------------------------------------

@@ -85,6 +85,7 @@ class FamilyResult:
             "changes": [c.to_dict() for c in d.changes],
             "drift": [{**x.to_dict(), "repaired": self.sent and x.repair} for x in d.drift],
             "notes": list(d.notes),
+            "transaction": d.text(),
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
 
