@@ -66,6 +66,7 @@ from reconciler.agent.watch import InventoryWatcher
 from reconciler.compile import compile_cell
 from reconciler.inventory import InventoryError, parse_store
 from reconciler.model import Container
+from reconciler.policy.findings import Finding
 from reconciler.policy.load import load_revision
 
 SYNC = "sync"
@@ -218,7 +219,7 @@ class Agent:
         t = time.perf_counter()
         result = load_revision(self.source.path, sha, cfg.policies_path)
         timings["load"] = time.perf_counter() - t
-        verdict = validation_verdict(result.findings)
+        verdict = validation_verdict(tuple(self._repo_path(f) for f in result.findings))
         if verdict is not None:
             if not self.source.intact():
                 self.source.reset()
@@ -235,6 +236,13 @@ class Agent:
             if verdict is not None:
                 return Head(sha, subject, check, verdict)
         return Head(sha, subject, check, None, result.policy)
+
+    def _repo_path(self, finding: Finding) -> Finding:
+        """Findings name files relative to the policy folder; status shows repository paths."""
+        prefix = self.cfg.policies_path.strip("/")
+        if prefix in ("", "."):
+            return finding
+        return replace(finding, file=f"{prefix}/{finding.file}")
 
     # -- one cycle -----------------------------------------------------------------------------
 
@@ -432,7 +440,6 @@ class Agent:
 
     def status_document(self, st: AgentState) -> dict[str, Any]:
         cfg = self.cfg
-        prefix = cfg.policies_path.strip("/")
         return build_status(
             st,
             cell=cfg.cell,
@@ -445,7 +452,6 @@ class Agent:
                 "inventoryWatch": self.watcher.mechanism if self.watcher else "per-cycle",
             },
             revision=cfg.revision,
-            policies_prefix=f"{prefix}/" if prefix not in ("", ".") else "",
             containers_path=cfg.containers,
             now=iso(self.clock()),
         )

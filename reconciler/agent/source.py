@@ -153,6 +153,7 @@ class GitSource:
         self.depth = depth
         self.timeout = timeout
         self._repo: git.Repo | None = None
+        self._recloned = False
 
     @property
     def ref(self) -> str:
@@ -172,6 +173,7 @@ class GitSource:
                 return repo
             except (git.InvalidGitRepositoryError, git.NoSuchPathError, ValueError, OSError):
                 self.reset()
+                self._recloned = True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         repo = git.Repo.init(self.path, bare=True)
         with repo.config_writer() as cw:
@@ -229,9 +231,10 @@ class GitSource:
     def fetch(self) -> Fetched:
         """Fetch the branch; re-create a corrupt cache once.  SourceError on failure."""
         t0 = time.perf_counter()
+        self._recloned = False
         try:
             sha = self._fetch_once()
-            return Fetched(sha, time.perf_counter() - t0, False, self.shallow)
+            return Fetched(sha, time.perf_counter() - t0, self._recloned, self.shallow)
         except SourceError as exc:
             if exc.reason != "CacheCorrupt":
                 raise

@@ -31,7 +31,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,6 @@ import yaml
 from reconciler.agent.source import git_env
 from reconciler.agent.state import AgentState
 from reconciler.plan import CellPlan
-from reconciler.policy.findings import Finding
 
 PHASES = ("fetch", "verify", "load", "render", "enforce", "cleanup", "total")
 API_VERSION = "asgctl.io/v1"
@@ -49,10 +48,6 @@ STATUS_FILE = "status.yaml"
 VOLATILE = ("reportedAt", "lastSyncTime", "lastSuccessTime", "timings")
 VOLATILE_HISTORY = ("lastReconciled", "totalReconciliations", "lastReconciledDuration")
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-
-
-def _finding_text(f: Finding, prefix: str) -> str:
-    return str(replace(f, file=prefix + f.file)) if prefix else str(f)
 
 
 def container_entries(plan: CellPlan | None) -> list[dict[str, Any]]:
@@ -89,7 +84,6 @@ def build_status(
     settings: Mapping[str, Any],
     agent: Mapping[str, Any],
     revision: Callable[[str], str],
-    policies_prefix: str,
     containers_path: str,
     now: str,
 ) -> dict[str, Any]:
@@ -119,7 +113,7 @@ def build_status(
             "subject": head.subject,
             "reason": head.verdict.reason,
             "message": head.verdict.message,
-            "findings": [_finding_text(f, policies_prefix) for f in head.verdict.findings],
+            "findings": [str(f) for f in head.verdict.findings],
         }
     order = {phase: i for i, phase in enumerate(PHASES)}
     doc["timings"] = {
