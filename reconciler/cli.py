@@ -17,6 +17,7 @@ from reconciler.compile import compile_cell
 from reconciler.endpoint import parse_endpoint
 from reconciler.explain import explain, find_container
 from reconciler.inventory import InventoryError, parse_store
+from reconciler.lab.cli import lab as lab_group
 from reconciler.model import PolicySet
 from reconciler.plan import CellPlan
 from reconciler.policy.findings import render_findings
@@ -371,3 +372,4 @@ def test_cmd(path: str, rev: str | None, fmt: str, verbose: bool) -> None:
 
 main.add_command(agent_cmd)
 main.add_command(status_cmd)
+main.add_command(lab_group)

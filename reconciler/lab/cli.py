@@ -1,0 +1,188 @@
+"""`asgctl lab up|down|status|probe|demo`: click options only; the lab is in `platform`.
+
+Kept out of `reconciler/cli.py` (which only registers the group) so the lab's commands can
+grow without touching the file every other command lives in.  Every command that touches
+namespaces checks first and exits 1 with a plain reason on a host that cannot run the lab
+(not Linux, not root, tools missing), instead of failing half-way through with a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+name_option = click.option(
+    "--name",
+    default="default",
+    show_default=True,
+    envvar="ASGCTL_LAB_NAME",
+    help="Which lab (several can run side by side).",
+)
+
+
+def _require_host() -> None:
+    from reconciler.lab.platform import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        click.echo(f"error: {reason}", err=True)
+        sys.exit(1)
+
+
+def _load(name: str):  # type: ignore[no-untyped-def]
+    from reconciler.lab.platform import PlatformError, load
+
+    try:
+        return load(name)
+    except PlatformError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+@click.group("lab")
+def lab() -> None:
+    """A Cloud Foundry-style platform in network namespaces (root, Linux).
+
+    Cells with containers, outside services (MySQL, an HTTPS API, DNS, mirrors, metrics),
+    a git server with the policy repo, and an agent per cell.  State: /run/asgctl-lab/NAME
+    (or $ASGCTL_LAB_STATE/NAME).
+    """
+
+
+@lab.command("up")
+@name_option
+@click.option("--cells", default=2, show_default=True, type=click.IntRange(1, 60))
+@click.option(
+    "--policies",
+    default="policies",
+    show_default=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Seed the lab's policy repo from this folder.",
+)
+@click.option(
+    "--agents/--no-agents", default=True, show_default=True, help="Start an agent per cell."
+)
+@click.option("--interval", default="2s", show_default=True, help="Agent sync interval.")
+def up_cmd(name: str, cells: int, policies: str, agents: bool, interval: str) -> None:
+    """Build the lab and leave it running (until `asgctl lab down`)."""
+    from pathlib import Path
+
+    from reconciler.lab.platform import PlatformError, default_spec, render_status, start_agents
+    from reconciler.lab.platform import up as lab_up
+
+    _require_host()
+    try:
+        info = lab_up(
+            name,
+            default_spec(cells),
+            policies=Path(policies),
+            log=lambda m: click.echo(m, err=True),
+        )
+        if agents:
+            info = start_agents(info, interval, log=lambda m: click.echo(m, err=True))
+    except PlatformError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(render_status(info), nl=False)
+    flag = "" if name == "default" else f" --name {name}"
+    click.echo(
+        f"\nnext: asgctl lab probe{flag}   |   git clone {info.git_url}   |   "
+        f"asgctl status --source {info.git_url}   |   asgctl lab down{flag}"
+    )
+
+
+@lab.command("down")
+@name_option
+@click.option("--all", "everything", is_flag=True, help="Every lab, and orphaned namespaces.")
+def down_cmd(name: str, everything: bool) -> None:
+    """Remove everything a lab made (also after a crashed `up`); safe to run twice."""
+    from reconciler.lab.platform import down, list_labs, orphans, remove_orphan
+
+    _require_host()
+    names = list_labs() if everything else [name]
+    total = 0
+    for n in names:
+        removed = down(n)
+        total += len(removed)
+        if removed:
+            ns = sum(r.startswith("netns ") for r in removed)
+            procs = sum(r.startswith("process ") for r in removed)
+            click.echo(f"lab {n}: removed {ns} namespaces, {procs} processes and its state")
+        else:
+            click.echo(f"lab {n}: nothing to remove")
+    if everything:
+        for lab_id in orphans():
+            removed = remove_orphan(lab_id)
+            total += len(removed)
+            click.echo(f"orphan {lab_id}: removed {len(removed)} namespaces/processes")
+
+
+@lab.command("status")
+@name_option
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def status_cmd(name: str, fmt: str) -> None:
+    """Where the lab's parts are and whether they are alive.  Exit 0 healthy, 1 otherwise."""
+    import json
+
+    from reconciler.lab.platform import health, render_status
+
+    _require_host()
+    info = _load(name)
+    h = health(info)
+    if fmt == "json":
+        doc = {
+            "name": info.name,
+            "id": info.lab_id,
+            "phase": info.phase,
+            "git_url": info.git_url,
+            "state_dir": str(info.directory),
+            "cells": {c: info.cell_netns(c) for c in info.cells},
+            "healthy": h.ok,
+            "missing_namespaces": list(h.missing_namespaces),
+            "dead_processes": [f"{p.role} {p.pid}" for p in h.dead],
+        }
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(render_status(info), nl=False)
+    sys.exit(0 if h.ok else 1)
+
+
+@lab.command("probe")
+@name_option
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    help="[LABEL=]IP:PORT[/tcp|udp] (repeat); default: every service's ports.",
+)
+@click.option("--from", "sources", multiple=True, help="Only these containers (repeat).")
+@click.option("--timeout", default=1.0, show_default=True, type=float)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def probe_cmd(
+    name: str, targets: tuple[str, ...], sources: tuple[str, ...], timeout: float, fmt: str
+) -> None:
+    """Reachability matrix: every container against every service port (✓ / ✗ and why)."""
+    from reconciler.lab.matrix import parse_target, probe_matrix
+
+    _require_host()
+    info = _load(name)
+    try:
+        parsed = [parse_target(t) for t in targets] or None
+        matrix = probe_matrix(info, parsed, sources or None, timeout=timeout)
+    except (ValueError, KeyError) as exc:
+        raise click.BadParameter(str(exc)) from None
+    click.echo(matrix.to_json() if fmt == "json" else matrix.render(), nl=False)
+
+
+@lab.command("demo")
+@click.option("--name", default="demo", show_default=True, help="The demo's own lab.")
+@click.option("--interval", default="2s", show_default=True, help="Agent sync interval.")
+@click.option("--timeout", default=60.0, show_default=True, help="Longest wait for the cells.")
+@click.option("--policies", default="policies", show_default=True, type=click.Path(file_okay=False))
+def demo_cmd(name: str, interval: str, timeout: float, policies: str) -> None:
+    """Tell the seeds' stories on a fresh lab, then tear it down (also on Ctrl-C)."""
+    from reconciler.lab.demo import main as demo_main
+
+    args = ["--name", name, "--interval", interval, "--timeout", str(timeout)]
+    sys.exit(demo_main([*args, "--policies", policies]))

@@ -1,0 +1,1335 @@
+"""`asgctl lab`: a small Cloud Foundry-style platform in network namespaces, on one machine.
+
+Where `netns.Lab` is one cell for one test, this is the whole picture the seeds describe:
+several cells with containers behind them, external services they may or may not reach, a
+git server holding the policy repo, and an agent per cell.  It outlives the command that
+built it (`up` returns; `down`, `status`, `probe` and the demo find it again from other
+processes through its state dir), so an operator can poke at it with ordinary tools.
+
+Topology (every box a network namespace, every line a veth pair)::
+
+    container --+                                     +-- service mysql 198.19.10.10
+    container --+-- cell-1 --+                        +-- service payments-api
+                             +-- core (the network) --+-- service dns 198.19.53.53
+    container --+-- cell-2 --+                        +-- ...
+    container --+
+
+Containers are routed (no NAT, no bridge) through their cell, so their egress crosses the
+cell's FORWARD chain, where the agent enforces; the core routes between cells and services.
+Services keep the addresses the example policy repo names (198.19.0.0/16), so the policies
+need no rewriting; everything lab-internal (containers, links) lives in 198.18.0.0/16.
+Nothing is ever created in the host's namespace except the git daemon (loopback only) and the
+agents, which enforce through `ip netns exec <cell>` (their `--netns`).
+
+Every namespace and interface is named `<lab id>-...` with a lab id `asgl` + 4 hex digits, a
+prefix the test harness's `cleanup_stale` (which reaps `asgt*`) never touches.  `down` works
+from the state dir alone and is idempotent; it also cleans up after an `up` that was killed
+with SIGKILL half-way, because `up` records the lab id before it creates anything and every
+process it starts either lives in a lab namespace or is recorded (and, failing that, found
+by the state-dir path in its command line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from reconciler.lab.netns import netns_unavailable_reason, write_json_atomic
+from reconciler.lab.nsenter import list_links, list_netns, netns_exec_argv, netns_pids, run
+
+PREFIX = "asgl"
+"""Lab ids are `asgl` + 4 hex digits: disjoint from the test harness's `asgt` labs."""
+STATE_ENV = "ASGCTL_LAB_STATE"
+DEFAULT_STATE_ROOT = Path("/run/asgctl-lab")
+STATE_FILE = "lab.json"
+DEFAULT_NAME = "default"
+
+LAB_V4 = ipaddress.IPv4Network("198.18.0.0/16")
+"""Containers (198.18.<cell>.0/24), cell uplinks (198.18.0.0/24), service gateways
+(198.18.255.0/24): all lab-internal, never named by policy."""
+SERVICES_V4 = ipaddress.IPv4Network("198.19.0.0/16")
+"""Service addresses: what the policy repo names."""
+UPLINKS = ipaddress.IPv4Network("198.18.0.0/24")
+SERVICE_GATEWAYS = ipaddress.IPv4Network("198.18.255.0/24")
+MAX_CELLS = 60  # uplink /30s in 198.18.0.0/24, cell subnets 198.18.1-60.0/24
+MAX_CONTAINERS_PER_CELL = 63  # /30s in a /24
+MAX_SERVICES = 250
+MAX_IFNAME = 15
+
+Workload = Literal["app", "task", "staging"]
+_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+_ENDPOINT_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
+_LAB_ID_RE = re.compile(rf"^{PREFIX}[0-9a-f]{{4}}$")
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+class PlatformError(RuntimeError):
+    """The lab cannot be built, found or used; the message says what to do."""
+
+
+# -- what to build -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LabContainer:
+    """A container on a cell, running an app of the directory (by `org/space/app` path)."""
+
+    name: str
+    """Its CF handle (the store.json key); unique in the lab."""
+    cell: str
+    app: str
+    workload: Workload = "app"
+
+    def __post_init__(self) -> None:
+        if not _ENDPOINT_RE.match(self.name):
+            raise ValueError(f"container name {self.name!r} must match {_ENDPOINT_RE.pattern}")
+        if self.workload not in ("app", "task", "staging"):
+            raise ValueError(f"container {self.name}: unknown workload {self.workload!r}")
+        if self.app.count("/") != 2:
+            raise ValueError(f"container {self.name}: app must be org/space/app, not {self.app!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class LabService:
+    """An external service: echo servers on its ports, reachable at each of its addresses."""
+
+    name: str
+    addresses: tuple[str, ...]
+    tcp: tuple[int, ...] = ()
+    udp: tuple[int, ...] = ()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not _ENDPOINT_RE.match(self.name):
+            raise ValueError(f"service name {self.name!r} must match {_ENDPOINT_RE.pattern}")
+        object.__setattr__(self, "addresses", tuple(self.addresses))
+        object.__setattr__(self, "tcp", tuple(self.tcp))
+        object.__setattr__(self, "udp", tuple(self.udp))
+        if not self.addresses:
+            raise ValueError(f"service {self.name}: needs at least one address")
+        for address in self.addresses:
+            check_service_address(address)
+        if any(not 0 < p < 65536 for p in (*self.tcp, *self.udp)):
+            raise ValueError(f"service {self.name}: ports must be in 1..65535")
+
+
+@dataclass(frozen=True, slots=True)
+class LabSpec:
+    """Cells, containers and services of one lab."""
+
+    cells: tuple[str, ...]
+    containers: tuple[LabContainer, ...]
+    services: tuple[LabService, ...]
+
+    def __post_init__(self) -> None:
+        if not self.cells or len(self.cells) > MAX_CELLS:
+            raise ValueError(f"a lab has 1 to {MAX_CELLS} cells")
+        for cell in self.cells:
+            if not _ENDPOINT_RE.match(cell):
+                raise ValueError(f"cell name {cell!r} must match {_ENDPOINT_RE.pattern}")
+        for kind, names in (
+            ("cell", list(self.cells)),
+            ("container", [c.name for c in self.containers]),
+            ("service", [s.name for s in self.services]),
+        ):
+            if len(set(names)) != len(names):
+                raise ValueError(f"duplicate {kind} names in {sorted(names)}")
+        for c in self.containers:
+            if c.cell not in self.cells:
+                raise ValueError(f"container {c.name}: no cell {c.cell!r}")
+        for cell in self.cells:
+            if sum(c.cell == cell for c in self.containers) > MAX_CONTAINERS_PER_CELL:
+                raise ValueError(f"cell {cell}: more than {MAX_CONTAINERS_PER_CELL} containers")
+        if len(self.services) > MAX_SERVICES:
+            raise ValueError(f"at most {MAX_SERVICES} services")
+        addresses = [a for s in self.services for a in s.addresses]
+        if len(set(addresses)) != len(addresses):
+            raise ValueError("two services share an address")
+
+
+def check_service_address(address: str) -> str:
+    """Services live in 198.19.0.0/16 only: lab traffic never leaves the benchmark range."""
+    try:
+        addr = ipaddress.IPv4Address(address)
+    except ValueError:
+        raise ValueError(f"service address {address!r} is not an IPv4 address") from None
+    if addr not in SERVICES_V4 or addr in (SERVICES_V4[0], SERVICES_V4[-1]):
+        raise ValueError(f"service address {address} must lie inside {SERVICES_V4}")
+    return str(addr)
+
+
+def default_spec(cells: int = 2) -> LabSpec:
+    """The seeds' platform: payments/prod backend and frontend side by side on cell-1, a
+    marketing blog, the payments staging space and a staging (buildpack) container, and the
+    services the example policy repo names.  Every extra cell runs one more backend instance,
+    so "every cell converges" is visible however many cells there are.
+    """
+    if not 1 <= cells <= MAX_CELLS:
+        raise ValueError(f"cells must be 1..{MAX_CELLS}")
+    names = tuple(f"cell-{i}" for i in range(1, cells + 1))
+    last = names[-1]
+    containers = [
+        LabContainer("backend-0", "cell-1", "payments/prod/backend"),
+        LabContainer("frontend-0", "cell-1", "payments/prod/frontend"),
+        LabContainer("blog-0", "cell-1", "marketing/web/blog"),
+    ]
+    containers += [
+        LabContainer(f"backend-{i - 1}", f"cell-{i}", "payments/prod/backend")
+        for i in range(2, cells + 1)
+    ]
+    containers += [
+        LabContainer("stg-backend-0", last, "payments/staging/backend"),
+        LabContainer("blog-staging", last, "marketing/web/blog", "staging"),
+    ]
+    services = (
+        LabService("mysql", ("198.19.10.10",), tcp=(3306,), description="payments MySQL"),
+        LabService(
+            "payments-api",
+            ("198.19.20.20", "198.19.20.21"),
+            tcp=(443,),
+            description="card network API",
+        ),
+        LabService("dns", ("198.19.53.53",), tcp=(53,), udp=(53,), description="platform DNS"),
+        LabService(
+            "dns-2", ("198.19.53.54",), tcp=(53,), udp=(53,), description="second DNS resolver"
+        ),
+        LabService("mirror", ("198.19.80.10",), tcp=(80, 443), description="package mirror"),
+        LabService("metrics", ("198.19.30.30",), udp=(8125,), description="statsd collector"),
+    )
+    return LabSpec(names, tuple(containers), services)
+
+
+# -- the address plan (pure) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Veth:
+    """One veth pair, each end created directly in its namespace."""
+
+    a_netns: str
+    a_if: str
+    b_netns: str
+    b_if: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerNet:
+    netns: str
+    ip: str
+    gateway: str
+    ifname: str
+    cell_ifname: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceNet:
+    netns: str
+    gateway: str
+    """The core's address on this service's link; the service's default route."""
+    ifname: str
+    core_ifname: str
+
+
+@dataclass(frozen=True, slots=True)
+class CellNet:
+    netns: str
+    subnet: str
+    uplink_ip: str
+    core_ip: str
+    ifname: str
+    core_ifname: str
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """Every namespace, veth, address and route of a lab, as `ip -batch` scripts."""
+
+    lab_id: str
+    core: str
+    cells: Mapping[str, CellNet]
+    containers: Mapping[str, ContainerNet]
+    services: Mapping[str, ServiceNet]
+    veths: tuple[Veth, ...]
+    scripts: Mapping[str, tuple[str, ...]]
+    """netns -> `ip -batch` commands run inside it once the veths exist."""
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        return (
+            self.core,
+            *(c.netns for c in self.cells.values()),
+            *(c.netns for c in self.containers.values()),
+            *(s.netns for s in self.services.values()),
+        )
+
+    @property
+    def routers(self) -> tuple[str, ...]:
+        """Namespaces that forward packets (the core and the cells)."""
+        return (self.core, *(c.netns for c in self.cells.values()))
+
+
+def _v4(net: ipaddress.IPv4Network, offset: int) -> str:
+    return str(net.network_address + offset)
+
+
+def plan_network(lab_id: str, spec: LabSpec) -> NetworkPlan:
+    """Names, addresses and `ip` commands for `spec`; deterministic, so it is unit-tested.
+
+    Cell i (from 0) gets uplink /30 number i of 198.18.0.0/24 (core .1, cell .2 of the
+    block) and container subnet 198.18.(i+1).0/24, split into /30s, one per container
+    (gateway .1, container .2 of the block).  Service j gets gateway 198.18.255.(j+1) on the
+    core's end of its link and its own addresses as /32s on its end, with a host route for
+    each in the core, so a service can hold any address of 198.19.0.0/16 -- and can move.
+    """
+    if not _LAB_ID_RE.match(lab_id):
+        raise ValueError(f"lab id {lab_id!r} must match {_LAB_ID_RE.pattern}")
+    core = f"{lab_id}-core"
+    cells: dict[str, CellNet] = {}
+    containers: dict[str, ContainerNet] = {}
+    services: dict[str, ServiceNet] = {}
+    veths: list[Veth] = []
+    scripts: dict[str, list[str]] = {core: ["link set lo up"]}
+
+    for i, cell in enumerate(spec.cells):
+        block = ipaddress.IPv4Network((int(UPLINKS.network_address) + 4 * i, 30))
+        subnet = ipaddress.IPv4Network(f"198.18.{i + 1}.0/24")
+        cn = CellNet(
+            netns=f"{lab_id}-{cell}",
+            subnet=str(subnet),
+            uplink_ip=_v4(block, 2),
+            core_ip=_v4(block, 1),
+            ifname=f"{lab_id}-u{i}",
+            core_ifname=f"{lab_id}-u{i}p",
+        )
+        cells[cell] = cn
+        veths.append(Veth(cn.netns, cn.ifname, core, cn.core_ifname))
+        scripts[core] += [
+            f"addr add {cn.core_ip}/30 dev {cn.core_ifname}",
+            f"link set {cn.core_ifname} up",
+            f"route add {cn.subnet} via {cn.uplink_ip}",
+        ]
+        scripts[cn.netns] = [
+            "link set lo up",
+            f"addr add {cn.uplink_ip}/30 dev {cn.ifname}",
+            f"link set {cn.ifname} up",
+            f"route add default via {cn.core_ip}",
+        ]
+        for j, c in enumerate(x for x in spec.containers if x.cell == cell):
+            cblock = ipaddress.IPv4Network((int(subnet.network_address) + 4 * j, 30))
+            n = len(containers)
+            net = ContainerNet(
+                netns=f"{lab_id}-c-{c.name}",
+                ip=_v4(cblock, 2),
+                gateway=_v4(cblock, 1),
+                ifname=f"{lab_id}-c{n}p",
+                cell_ifname=f"{lab_id}-c{n}",
+            )
+            containers[c.name] = net
+            veths.append(Veth(cn.netns, net.cell_ifname, net.netns, net.ifname))
+            scripts[cn.netns] += [
+                f"addr add {net.gateway}/30 dev {net.cell_ifname}",
+                f"link set {net.cell_ifname} up",
+            ]
+            scripts[net.netns] = [
+                "link set lo up",
+                f"addr add {net.ip}/30 dev {net.ifname}",
+                f"link set {net.ifname} up",
+                f"route add default via {net.gateway}",
+            ]
+
+    for j, s in enumerate(spec.services):
+        gateway = _v4(SERVICE_GATEWAYS, j + 1)
+        sn = ServiceNet(
+            netns=f"{lab_id}-s-{s.name}",
+            gateway=gateway,
+            ifname=f"{lab_id}-s{j}p",
+            core_ifname=f"{lab_id}-s{j}",
+        )
+        services[s.name] = sn
+        veths.append(Veth(core, sn.core_ifname, sn.netns, sn.ifname))
+        scripts[core] += [
+            f"addr add {gateway}/32 dev {sn.core_ifname}",
+            f"link set {sn.core_ifname} up",
+            *(f"route add {a}/32 dev {sn.core_ifname}" for a in s.addresses),
+        ]
+        scripts[sn.netns] = [
+            "link set lo up",
+            *(f"addr add {a}/32 dev {sn.ifname}" for a in s.addresses),
+            f"link set {sn.ifname} up",
+            f"route add {gateway}/32 dev {sn.ifname}",
+            f"route add default via {gateway} dev {sn.ifname}",
+        ]
+
+    for v in veths:
+        for name in (v.a_if, v.b_if):
+            if len(name) > MAX_IFNAME:
+                raise ValueError(f"interface name {name} is longer than {MAX_IFNAME}")
+    return NetworkPlan(
+        lab_id=lab_id,
+        core=core,
+        cells=cells,
+        containers=containers,
+        services=services,
+        veths=tuple(veths),
+        scripts={k: tuple(v) for k, v in scripts.items()},
+    )
+
+
+# -- inventory -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Guids:
+    app_id: str
+    space_id: str
+    org_id: str
+
+
+def resolve_guids(policies: Path, apps: Sequence[str]) -> dict[str, Guids]:
+    """GUIDs of `org/space/app` paths from the policy repo's directory.
+
+    The lab's containers carry the same GUIDs a real cell's store.json would, so the agents
+    compile exactly what they would compile in production from the same repo.
+    """
+    from reconciler.policy.load import load_policy
+
+    result = load_policy(policies)
+    if not result.ok:
+        raise PlatformError(f"{policies} does not validate; run `asgctl validate {policies}`")
+    d = result.policy.directory
+    spaces = {s.guid: s for s in d.spaces}
+    out: dict[str, Guids] = {}
+    for path in apps:
+        guid = d.resolve_app(path)
+        app = next((a for a in d.apps if a.guid == guid), None)
+        if guid is None or app is None:
+            raise PlatformError(f"app {path!r} is not in the directory of {policies}")
+        space = spaces[app.space_guid]
+        out[path] = Guids(app.guid, space.guid, space.org_guid)
+    return out
+
+
+def store_document(
+    spec: LabSpec, cell: str, net: NetworkPlan, guids: Mapping[str, Guids]
+) -> dict[str, Any]:
+    """One cell's containers in CF's container metadata store format (store.json)."""
+    doc: dict[str, Any] = {}
+    for c in spec.containers:
+        if c.cell != cell:
+            continue
+        g = guids[c.app]
+        doc[c.name] = {
+            "handle": c.name,
+            "ip": net.containers[c.name].ip,
+            "metadata": {
+                "app_id": g.app_id,
+                "space_id": g.space_id,
+                "org_id": g.org_id,
+                "policy_group_id": g.app_id,
+                "container_workload": c.workload,
+            },
+        }
+    return doc
+
+
+# -- state on disk -------------------------------------------------------------------------
+
+
+def state_root() -> Path:
+    """Where running labs are recorded: $ASGCTL_LAB_STATE, else /run/asgctl-lab.
+
+    /run is a tmpfs, so a reboot (which also removes every namespace) forgets labs too.
+    """
+    return Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_ROOT)
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise PlatformError(f"lab name {name!r} must match {_NAME_RE.pattern}")
+    return name
+
+
+def lab_dir(name: str) -> Path:
+    return state_root() / check_name(name)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRecord:
+    """A process the lab started, identified by PID *and* start time (PIDs get reused)."""
+
+    role: str
+    pid: int
+    start: int | None
+    netns: str = ""
+    cell: str = ""
+
+    def alive(self) -> bool:
+        return self.start is not None and process_start_time(self.pid) == self.start
+
+
+@dataclass(frozen=True)
+class LabInfo:
+    """A lab as its state file describes it (read-only; `update_state` writes)."""
+
+    name: str
+    lab_id: str
+    phase: str
+    directory: Path
+    created: str
+    spec: LabSpec
+    net: NetworkPlan
+    git_url: str
+    processes: tuple[ProcessRecord, ...]
+    service_addresses: Mapping[str, tuple[str, ...]]
+    guids: Mapping[str, Guids] = field(default_factory=dict)
+
+    @property
+    def cells(self) -> tuple[str, ...]:
+        return self.spec.cells
+
+    def cell_netns(self, cell: str) -> str:
+        return self.net.cells[cell].netns
+
+    def store_path(self, cell: str) -> Path:
+        return self.directory / "cells" / cell / "store.json"
+
+    def container(self, name: str) -> LabContainer:
+        for c in self.spec.containers:
+            if c.name == name:
+                return c
+        raise KeyError(f"no container {name!r} in lab {self.name}")
+
+    def service(self, name: str) -> LabService:
+        for s in self.spec.services:
+            if s.name == name:
+                return s
+        raise KeyError(f"no service {name!r} in lab {self.name}")
+
+    def by_role(self, role: str) -> list[ProcessRecord]:
+        return [p for p in self.processes if p.role == role]
+
+    def container_pids(self) -> dict[str, ProcessRecord]:
+        return {p.netns.split("-c-", 1)[1]: p for p in self.by_role("container")}
+
+    def agents(self) -> dict[str, ProcessRecord]:
+        return {p.cell: p for p in self.by_role("agent") if p.alive()}
+
+    @property
+    def git_root(self) -> Path:
+        return self.directory / "git"
+
+
+def _spec_to_dict(spec: LabSpec) -> dict[str, Any]:
+    return {
+        "cells": list(spec.cells),
+        "containers": [
+            {"name": c.name, "cell": c.cell, "app": c.app, "workload": c.workload}
+            for c in spec.containers
+        ],
+        "services": [
+            {
+                "name": s.name,
+                "addresses": list(s.addresses),
+                "tcp": list(s.tcp),
+                "udp": list(s.udp),
+                "description": s.description,
+            }
+            for s in spec.services
+        ],
+    }
+
+
+def _spec_from_dict(d: Mapping[str, Any]) -> LabSpec:
+    return LabSpec(
+        tuple(d["cells"]),
+        tuple(LabContainer(**c) for c in d["containers"]),
+        tuple(
+            LabService(
+                s["name"],
+                tuple(s["addresses"]),
+                tuple(s["tcp"]),
+                tuple(s["udp"]),
+                s.get("description", ""),
+            )
+            for s in d["services"]
+        ),
+    )
+
+
+def load(name: str = DEFAULT_NAME) -> LabInfo:
+    """The lab called `name`; PlatformError (with what to do) when there is none."""
+    path = lab_dir(name) / STATE_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PlatformError(f"no lab called {name!r} is up (try `asgctl lab up`)") from None
+    except (OSError, ValueError) as exc:
+        raise PlatformError(f"{path}: unreadable ({exc}); `asgctl lab down` removes it") from None
+    return _info(name, doc)
+
+
+def _info(name: str, doc: Mapping[str, Any]) -> LabInfo:
+    spec = _spec_from_dict(doc["spec"])
+    addresses = {k: tuple(v) for k, v in (doc.get("service_addresses") or {}).items()}
+    return LabInfo(
+        name=name,
+        lab_id=doc["id"],
+        phase=doc.get("phase", "?"),
+        directory=lab_dir(name),
+        created=doc.get("created", ""),
+        spec=spec,
+        net=plan_network(doc["id"], spec),
+        git_url=doc.get("git_url", ""),
+        processes=tuple(ProcessRecord(**p) for p in doc.get("processes") or []),
+        service_addresses=addresses or {s.name: s.addresses for s in spec.services},
+        guids={k: Guids(**v) for k, v in (doc.get("guids") or {}).items()},
+    )
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Serialise read-modify-write of lab.json between processes (up, demo, CLI)."""
+    with open(directory / "lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def update_state(directory: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Apply `change` to lab.json under the lock and write it back atomically."""
+    with _locked(directory):
+        path = directory / STATE_FILE
+        doc = json.loads(path.read_text())
+        change(doc)
+        write_json_atomic(path, doc)
+        return doc
+
+
+def record_process(directory: Path, record: ProcessRecord) -> None:
+    """Remember a process at once, so a crash right after starting it cannot orphan it."""
+    entry = {
+        "role": record.role,
+        "pid": record.pid,
+        "start": record.start,
+        "netns": record.netns,
+        "cell": record.cell,
+    }
+    update_state(directory, lambda d: d.setdefault("processes", []).append(entry))
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time in clock ticks since boot: with the PID it names one process for good.
+
+    None for a process that is gone, or a zombie (dead, merely not yet reaped).
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+# -- availability --------------------------------------------------------------------------
+
+
+def unavailable_reason() -> str | None:
+    """Why this machine cannot run the lab, in words an operator can act on; None if it can."""
+    if not sys.platform.startswith("linux"):
+        return f"the lab needs Linux network namespaces; this is {sys.platform}"
+    if os.geteuid() != 0:
+        return "the lab creates network namespaces and firewall rules: run it as root (sudo)"
+    missing = [t for t in ("ip", "git", "nft", "iptables") if shutil.which(t) is None]
+    if missing:
+        return f"missing tools: {', '.join(missing)} (`make sysdeps` installs them)"
+    return netns_unavailable_reason()
+
+
+# -- up ------------------------------------------------------------------------------------
+
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def new_lab_id() -> str:
+    taken = {n.split("-", 1)[0] for n in _safe_list_netns()}
+    root = state_root()
+    if root.is_dir():
+        for p in root.glob(f"*/{STATE_FILE}"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                taken.add(json.loads(p.read_text())["id"])
+    for _ in range(200):
+        lab_id = PREFIX + secrets.token_hex(2)
+        if lab_id not in taken:
+            return lab_id
+    raise PlatformError("could not find an unused lab id")
+
+
+def up(
+    name: str = DEFAULT_NAME,
+    spec: LabSpec | None = None,
+    *,
+    policies: Path = Path("policies"),
+    seed_hook: Callable[[Path], None] | None = None,
+    log: Log = _quiet,
+) -> LabInfo:
+    """Build the lab, start its services and git server, and return; it runs until `down`.
+
+    On any failure (or Ctrl-C) everything made so far is removed before the error propagates.
+    `seed_hook` may edit the policy repo's first commit (a folder) before it is committed:
+    the demo uses it to start from the state before its first story.
+    """
+    reason = unavailable_reason()
+    if reason:
+        raise PlatformError(reason)
+    spec = spec or default_spec()
+    directory = lab_dir(name)
+    if (directory / STATE_FILE).exists():
+        raise PlatformError(
+            f"a lab called {name!r} exists already ({directory}); "
+            f"`asgctl lab down --name {name}` removes it"
+        )
+    guids = resolve_guids(policies, sorted({c.app for c in spec.containers}))
+    directory.mkdir(parents=True, exist_ok=True)
+    lab_id = new_lab_id()
+    net = plan_network(lab_id, spec)
+    # The id is on disk before anything named after it exists: `down` can always find it.
+    write_json_atomic(
+        directory / STATE_FILE,
+        {
+            "id": lab_id,
+            "phase": "building",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "owner": {"pid": os.getpid(), "start": process_start_time(os.getpid())},
+            "spec": _spec_to_dict(spec),
+            "guids": {
+                k: {"app_id": g.app_id, "space_id": g.space_id, "org_id": g.org_id}
+                for k, g in guids.items()
+            },
+            "processes": [],
+        },
+    )
+    try:
+        t0 = time.monotonic()
+        _build_network(net)
+        log(f"network: {len(net.namespaces)} namespaces in {time.monotonic() - t0:.1f}s")
+        for cell in spec.cells:
+            store = directory / "cells" / cell / "store.json"
+            store.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(store, store_document(spec, cell, net, guids))
+        (directory / "logs").mkdir(exist_ok=True)
+        _start_containers(directory, spec, net)
+        _start_services(directory, spec, net)
+        log(f"containers and services running after {time.monotonic() - t0:.1f}s")
+        url = _start_git(directory, spec, net, guids, policies, seed_hook)
+        log(f"git server: {url}")
+
+        def done(d: dict[str, Any]) -> None:
+            d["phase"] = "up"
+            d["git_url"] = url
+            d.pop("owner", None)
+
+        update_state(directory, done)
+    except BaseException:
+        down(name)
+        raise
+    return load(name)
+
+
+Batch = tuple[subprocess.Popen[str], str]
+
+
+def _ip_batch(argv_prefix: list[str], commands: Sequence[str]) -> Batch:
+    """Start `ip -batch -` (fed `commands` by `_wait`), so many namespaces are set up at once."""
+    proc = subprocess.Popen(
+        [*argv_prefix, "-batch", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, "\n".join(commands) + "\n"
+
+
+def _command(argv: Sequence[str]) -> Batch:
+    proc = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, ""
+
+
+def _wait(batches: Sequence[Batch], what: str) -> None:
+    """Wait for setup commands started in parallel; fail listing every one that failed."""
+    errors = []
+    for proc, script in batches:
+        _, err = proc.communicate(script or None, timeout=60)
+        if proc.returncode != 0:
+            errors.append(f"{' '.join(map(str, proc.args))}: {err.strip()}")  # type: ignore[arg-type]
+    if errors:
+        raise PlatformError(f"{what} failed:\n" + "\n".join(errors))
+
+
+def _build_network(net: NetworkPlan) -> None:
+    """Namespaces, sysctls, veths, addresses, routes, conntrack; in as few processes as can be.
+
+    Sysctls go first so that interfaces inherit them:
+    - no ICMP rate limit: the matrix fires dozens of rejected probes at once, and the default
+      limit turns later REJECTs into timeouts, which would read as a DROP;
+    - no reverse-path filter on the routers (the host's default may be strict);
+    - forwarding on the core and the cells.
+    """
+    _wait([_ip_batch(["ip"], [f"netns add {ns}" for ns in net.namespaces])], "netns add")
+    common = ["net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0"]
+    router = [
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.default.rp_filter=0",
+    ]
+    procs = []
+    for ns in net.namespaces:
+        settings = [*common, *(router if ns in net.routers else [])]
+        procs.append(_command(netns_exec_argv(ns, ["sysctl", "-q", "-w", *settings])))
+    _wait(procs, "sysctl")
+    _wait(
+        [
+            _ip_batch(
+                ["ip"],
+                [
+                    f"link add name {v.a_if} netns {v.a_netns} type veth"
+                    f" peer name {v.b_if} netns {v.b_netns}"
+                    for v in net.veths
+                ],
+            )
+        ],
+        "veths",
+    )
+    # Cells and containers first; the core's routes need its uplinks up, which they are by
+    # the time its own script runs (the same script brings them up first).
+    _wait(
+        [_ip_batch(["ip", "-n", ns], cmds) for ns, cmds in net.scripts.items()],
+        "addresses and routes",
+    )
+    for cell in net.cells.values():
+        _enable_conntrack(net.lab_id, cell.netns)
+
+
+def _enable_conntrack(lab_id: str, netns: str) -> None:
+    """Connection tracking on from the start, as on a real cell (see `netns.Lab`).
+
+    Without it conntrack starts with the agent's first rule, and a connection opened before
+    that would be judged NEW mid-stream and cut -- the opposite of what the demo shows.  An nft
+    table of the lab's own is invisible to what the agents read back with iptables-save.
+    """
+    ruleset = (
+        f"table inet {lab_id}-lab {{\n"
+        '  comment "asgctl lab: connection tracking on from the start"\n'
+        "  chain track {\n"
+        "    type filter hook prerouting priority raw; policy accept;\n"
+        "    ct state new counter\n"
+        "  }\n"
+        "}\n"
+    )
+    run(netns_exec_argv(netns, ["nft", "-f", "-"]), input=ruleset)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def spawn(
+    directory: Path,
+    role: str,
+    argv: Sequence[str],
+    *,
+    netns: str = "",
+    cell: str = "",
+    log: Path | None = None,
+    stdout: Path | None = None,
+) -> ProcessRecord:
+    """Start a process that outlives us (own session, no terminal) and record it at once."""
+    out = open(stdout or log or os.devnull, "ab")  # noqa: SIM115 - the child keeps it
+    err = open(log or os.devnull, "ab")  # noqa: SIM115
+    try:
+        proc = subprocess.Popen(
+            netns_exec_argv(netns, argv) if netns else list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=_env(),
+            start_new_session=True,  # Ctrl-C in the terminal goes to us, not to the lab
+            close_fds=True,
+        )
+    finally:
+        out.close()
+        err.close()
+    _CHILDREN.append(proc)
+    record = ProcessRecord(role, proc.pid, process_start_time(proc.pid), netns, cell)
+    record_process(directory, record)
+    return record
+
+
+_CHILDREN: list[subprocess.Popen[Any]] = []
+"""Lab processes this process started.  They outlive us when we exit (`up` returns), but
+while we run (the demo) they are our children: `down` reaps them, so none lingers as a
+zombie that would still look alive by PID."""
+
+
+def _reap_children() -> None:
+    for proc in list(_CHILDREN):
+        if proc.poll() is not None:
+            _CHILDREN.remove(proc)
+
+
+def _start_containers(directory: Path, spec: LabSpec, net: NetworkPlan) -> None:
+    """One long-lived process per container: its PID must not change while policy does."""
+    for c in spec.containers:
+        spawn(directory, "container", ["sleep", "infinity"], netns=net.containers[c.name].netns)
+
+
+def _start_services(directory: Path, spec: LabSpec, net: NetworkPlan) -> None:
+    logs = directory / "logs"
+    waiting = []
+    for s in spec.services:
+        argv = [sys.executable, "-m", "reconciler.lab.serve"]
+        argv += [a for p in s.tcp for a in ("--tcp", f"0.0.0.0:{p}")]
+        argv += [a for p in s.udp for a in ("--udp", f"0.0.0.0:{p}")]
+        log = logs / f"service-{s.name}.log"
+        spawn(directory, "service", argv, netns=net.services[s.name].netns, stdout=log, log=log)
+        waiting.append(log)
+    deadline = time.monotonic() + 20
+    while waiting:
+        waiting = [p for p in waiting if b"ready" not in p.read_bytes()]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            tails = "; ".join(f"{p.name}: {p.read_text(errors='replace')[-300:]}" for p in waiting)
+            raise PlatformError(f"services did not start: {tails}")
+        time.sleep(0.02)
+
+
+def _start_git(
+    directory: Path,
+    spec: LabSpec,
+    net: NetworkPlan,
+    guids: Mapping[str, Guids],
+    policies: Path,
+    seed_hook: Callable[[Path], None] | None,
+) -> str:
+    """Seed the bare repository and serve it with `git daemon` on the host's loopback."""
+    from reconciler.lab import policyrepo
+    from reconciler.lab.gitserver import GitDaemon
+
+    root = directory / "git"
+    root.mkdir()
+    repo = policyrepo.init_bare(root)
+    with tempfile.TemporaryDirectory(prefix="asgctl-lab-seed-") as tmp:
+        tree = Path(tmp)
+        shutil.copytree(policies, tree / "policies")
+        (tree / "lab.yaml").write_text(lab_yaml(spec, net, guids))
+        (tree / "README.md").write_text(SEED_README)
+        if seed_hook is not None:
+            seed_hook(tree)
+        policyrepo.seed(repo, tree, "Policy repository of the asgctl lab")
+    daemon = GitDaemon(root)
+    daemon.start()
+    assert daemon.proc is not None
+    _CHILDREN.append(daemon.proc)
+    record = ProcessRecord("git-daemon", daemon.proc.pid, process_start_time(daemon.proc.pid))
+    record_process(directory, record)
+    url = daemon.url(policyrepo.REPO_NAME.removesuffix(".git"))
+    policyrepo.git("ls-remote", url)
+    return url
+
+
+SEED_README = """\
+# The asgctl lab's policy repository
+
+`policies/` is the example policy repo of asgctl; the cells' agents enforce it.  `lab.yaml`
+describes the lab this repo was made for (cells, containers and services with their
+addresses); nothing reads it but people.  Each cell's agent writes its status to the branch
+`status/<cell>`; `asgctl status --source <this repo's URL>` shows them all.
+"""
+
+
+def lab_yaml(spec: LabSpec, net: NetworkPlan, guids: Mapping[str, Guids]) -> str:
+    """The lab's topology, for the people reading the policy repo (deterministic)."""
+    import yaml
+
+    doc = {
+        "cells": {
+            cell: {
+                "containers": [
+                    {
+                        "handle": c.name,
+                        "ip": net.containers[c.name].ip,
+                        "app": c.app,
+                        "app_id": guids[c.app].app_id,
+                        "workload": c.workload,
+                    }
+                    for c in spec.containers
+                    if c.cell == cell
+                ]
+            }
+            for cell in spec.cells
+        },
+        "services": {
+            s.name: {
+                "addresses": list(s.addresses),
+                "tcp": list(s.tcp),
+                "udp": list(s.udp),
+                "description": s.description,
+            }
+            for s in spec.services
+        },
+    }
+    header = "# The asgctl lab this repository was seeded for (informational).\n"
+    return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+
+
+# -- agents --------------------------------------------------------------------------------
+
+
+def asgctl_argv() -> list[str]:
+    """How to run asgctl from here: the venv's script, else this interpreter."""
+    script = Path(sys.executable).parent / "asgctl"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from reconciler.cli import main; main()"]
+
+
+def agent_log(info: LabInfo, cell: str) -> Path:
+    """The agent's stdout: one JSON record per line (container-rules-changed, ...)."""
+    return info.directory / "logs" / f"agent-{cell}.out"
+
+
+def start_agents(
+    info: LabInfo, interval: str = "2s", extra: Sequence[str] = (), log: Log = _quiet
+) -> LabInfo:
+    """One `asgctl agent` per cell, enforcing through `ip netns exec <cell>` (`--netns`).
+
+    They run in the host's namespace so they reach the git server on loopback like a real
+    cell reaches its git server over the network; only their iptables commands enter the cell.
+    """
+    if info.agents():
+        raise PlatformError(f"agents already run: {sorted(info.agents())}")
+    for cell in info.cells:
+        state = info.directory / "agents" / cell
+        state.mkdir(parents=True, exist_ok=True)
+        argv = [
+            *asgctl_argv(),
+            "agent",
+            "--source",
+            info.git_url,
+            "--branch",
+            "main",
+            "--cell",
+            cell,
+            "--containers",
+            str(info.store_path(cell)),
+            "--interval",
+            interval,
+            "--netns",
+            info.cell_netns(cell),
+            "--state-dir",
+            str(state),
+            *extra,
+        ]
+        rec = spawn(
+            info.directory,
+            "agent",
+            argv,
+            cell=cell,
+            stdout=agent_log(info, cell),
+            log=info.directory / "logs" / f"agent-{cell}.err",
+        )
+        log(f"agent for {cell}: pid {rec.pid}, every {interval}, netns {info.cell_netns(cell)}")
+    return load(info.name)
+
+
+def stop_agents(info: LabInfo, timeout: float = 10.0) -> None:
+    """SIGTERM every agent (each finishes its cycle and leaves the rules in place)."""
+    records = [p for p in info.by_role("agent") if p.alive()]
+    for p in records:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(p.alive() for p in records) and time.monotonic() < deadline:
+        _reap_children()
+        time.sleep(0.05)
+    for p in records:
+        if p.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+
+    def forget(d: dict[str, Any]) -> None:
+        d["processes"] = [x for x in d.get("processes", []) if x["role"] != "agent"]
+
+    update_state(info.directory, forget)
+
+
+# -- services that move --------------------------------------------------------------------
+
+
+def add_service_address(info: LabInfo, service: str, address: str) -> LabInfo:
+    """Give a running service one more address (e.g. MySQL comes up in a new data center)."""
+    address = check_service_address(address)
+    sn = info.net.services[service]
+    current = info.service_addresses[service]
+    if address in current:
+        return info
+    for other, addrs in info.service_addresses.items():
+        if address in addrs:
+            raise PlatformError(f"{address} already belongs to service {other}")
+    run(["ip", "-n", sn.netns, "addr", "add", f"{address}/32", "dev", sn.ifname])
+    run(["ip", "-n", info.net.core, "route", "add", f"{address}/32", "dev", sn.core_ifname])
+    return _set_addresses(info, service, (*current, address))
+
+
+def remove_service_address(info: LabInfo, service: str, address: str) -> LabInfo:
+    """Take an address away from a service (the old data center is switched off)."""
+    sn = info.net.services[service]
+    current = info.service_addresses[service]
+    if address not in current:
+        return info
+    run(["ip", "-n", info.net.core, "route", "del", f"{address}/32"], check=False)
+    run(["ip", "-n", sn.netns, "addr", "del", f"{address}/32", "dev", sn.ifname], check=False)
+    return _set_addresses(info, service, tuple(a for a in current if a != address))
+
+
+def _set_addresses(info: LabInfo, service: str, addresses: tuple[str, ...]) -> LabInfo:
+    def change(d: dict[str, Any]) -> None:
+        current = d.setdefault(
+            "service_addresses", {k: list(v) for k, v in info.service_addresses.items()}
+        )
+        current[service] = list(addresses)
+
+    update_state(info.directory, change)
+    return load(info.name)
+
+
+# -- down ----------------------------------------------------------------------------------
+
+
+def down(name: str = DEFAULT_NAME) -> list[str]:
+    """Remove everything lab `name` made; returns what was removed.  Idempotent.
+
+    Works from the state dir alone, so it also cleans up after an `up` killed half-way:
+    processes first (a process or socket inside keeps a deleted namespace alive, unnamed and
+    unfindable), then namespaces and any stray link with the lab id, then the state dir.
+    """
+    directory = lab_dir(name)
+    removed: list[str] = []
+    if not directory.exists():
+        return removed
+    lab_id: str | None = None
+    records: list[ProcessRecord] = []
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        doc = json.loads((directory / STATE_FILE).read_text())
+        lab_id = doc["id"] if _LAB_ID_RE.match(doc["id"]) else None
+        records = [ProcessRecord(**p) for p in doc.get("processes") or []]
+        owner = doc.get("owner") or {}
+        if owner.get("pid") and owner.get("pid") != os.getpid():
+            # An `up` still building this lab: stop it first, or it builds on.
+            owner_rec = ProcessRecord("up", int(owner["pid"]), owner.get("start"))
+            if owner_rec.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(owner_rec.pid, signal.SIGKILL)
+                removed.append(f"process {owner_rec.pid} (the `up` building it)")
+    # Host-namespace processes (git daemon, agents): by record, killing the whole process
+    # group (upload-pack children, agents' git commands); then by state-dir path, for one
+    # started in the instant before it could be recorded.
+    for rec in records:
+        if not rec.netns and rec.alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(rec.pid, signal.SIGKILL)
+            removed.append(f"process {rec.pid} ({rec.role})")
+    for pid in _processes_mentioning(directory):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        removed.append(f"process {pid} (by path)")
+    if lab_id is not None:
+        removed += _remove_namespaces(lab_id)
+    _reap_children()
+    shutil.rmtree(directory, ignore_errors=True)
+    removed.append(f"dir {directory}")
+    return removed
+
+
+def _remove_namespaces(lab_id: str) -> list[str]:
+    removed = []
+    namespaces = [n for n in _safe_list_netns() if n.split("-", 1)[0] == lab_id]
+    for ns in namespaces:
+        for pid in netns_pids(ns):
+            if pid != os.getpid():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    removed.append(f"process {pid} (in {ns})")
+    for ns in namespaces:
+        if run(["ip", "netns", "del", ns], check=False).returncode == 0:
+            removed.append(f"netns {ns}")
+    for link in list_links():  # normally none: veth ends are created inside namespaces
+        if link.split("-", 1)[0] == lab_id and (
+            run(["ip", "link", "del", link], check=False).returncode == 0
+        ):
+            removed.append(f"link {link}")
+    return removed
+
+
+_KILLABLE = ("git", "python", "asgctl")
+
+
+def _processes_mentioning(directory: Path) -> list[int]:
+    """PIDs of git/python/asgctl processes whose command line names a path under `directory`.
+
+    Restricted to the programs the lab itself starts, so an editor or a shell that merely
+    has a lab file open is never killed.
+    """
+    needle = str(directory).rstrip("/") + "/"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv or not argv[0]:
+            continue
+        prog = os.path.basename(argv[0].decode(errors="replace"))
+        if not prog.startswith(_KILLABLE):
+            continue
+        if any(needle in a.decode(errors="replace") for a in argv[1:]):
+            found.append(int(entry.name))
+    return found
+
+
+def list_labs() -> list[str]:
+    """Names of the labs recorded under the state root."""
+    root = state_root()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
+
+
+def orphans() -> list[str]:
+    """Lab ids that have namespaces but no state dir (e.g. the state root was wiped)."""
+    known = set()
+    for name in list_labs():
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            known.add(json.loads((lab_dir(name) / STATE_FILE).read_text())["id"])
+    ids = {n.split("-", 1)[0] for n in _safe_list_netns()}
+    return sorted(i for i in ids if _LAB_ID_RE.match(i) and i not in known)
+
+
+def remove_orphan(lab_id: str) -> list[str]:
+    if not _LAB_ID_RE.match(lab_id):
+        raise PlatformError(f"{lab_id!r} is not a lab id")
+    return _remove_namespaces(lab_id)
+
+
+def _safe_list_netns() -> list[str]:
+    try:
+        return list_netns()
+    except (OSError, subprocess.SubprocessError):
+        return []
+
+
+# -- status --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """What is missing from a lab that should be running."""
+
+    missing_namespaces: tuple[str, ...]
+    dead: tuple[ProcessRecord, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing_namespaces and not self.dead
+
+
+def health(info: LabInfo) -> Health:
+    present = set(_safe_list_netns())
+    missing = tuple(ns for ns in info.net.namespaces if ns not in present)
+    dead = tuple(p for p in info.processes if not p.alive())
+    return Health(missing, dead)
+
+
+def render_status(info: LabInfo) -> str:
+    """The lab at a glance: where everything is, and whether it is still alive."""
+    h = health(info)
+    alive = {(p.role, p.netns, p.cell): p for p in info.processes}
+
+    def pid(role: str, netns: str = "", cell: str = "") -> str:
+        p = alive.get((role, netns, cell))
+        if p is None:
+            return "-"
+        return f"pid {p.pid}" + ("" if p.alive() else " DEAD")
+
+    lines = [
+        f"lab {info.name} ({info.lab_id}): {info.phase}, created {info.created}",
+        f"  state   {info.directory}",
+        f"  git     {info.git_url or '-'}  ({pid('git-daemon')})",
+        f"  network {info.net.core} routes between the cells and the services",
+        "",
+    ]
+    for cell in info.cells:
+        cn = info.net.cells[cell]
+        lines.append(
+            f"{cell}  netns {cn.netns}  containers {cn.subnet}  agent {pid('agent', '', cell)}"
+        )
+        lines.append(f"  store {info.store_path(cell)}")
+        for c in info.spec.containers:
+            if c.cell != cell:
+                continue
+            net = info.net.containers[c.name]
+            lines.append(
+                f"  {c.name:<14} {net.ip:<13} {c.app:<26} {c.workload:<8}"
+                f" {pid('container', net.netns)}"
+            )
+    lines.append("")
+    lines.append("services")
+    for s in info.spec.services:
+        sn = info.net.services[s.name]
+        ports = [f"{p}/tcp" for p in s.tcp] + [f"{p}/udp" for p in s.udp]
+        addrs = ",".join(info.service_addresses.get(s.name, s.addresses))
+        lines.append(f"  {s.name:<13} {addrs:<27} {' '.join(ports):<16} {pid('service', sn.netns)}")
+    lines.append("")
+    if h.ok:
+        lines.append("healthy: every namespace and process is in place")
+    else:
+        if h.missing_namespaces:
+            lines.append(f"UNHEALTHY: missing namespaces {', '.join(h.missing_namespaces)}")
+        for p in h.dead:
+            lines.append(f"UNHEALTHY: {p.role} {p.cell or p.netns} (pid {p.pid}) is gone")
+    return "\n".join(lines) + "\n"
