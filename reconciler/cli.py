@@ -246,10 +246,10 @@ def explain_cmd(
 @click.option(
     "--backend",
     "backend_name",
-    type=click.Choice(["iptables", "libiptc"]),
+    type=click.Choice(["iptables", "libiptc", "nftables"]),
     default="iptables",
     show_default=True,
-    help="Dataplane backend.",
+    help="Dataplane backend (nftables: table inet asgctl; --variant does not apply).",
 )
 @click.option(
     "--variant",

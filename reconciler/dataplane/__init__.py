@@ -19,7 +19,7 @@ from reconciler.dataplane.records import Change, Delta, Drift, OwnedState
 from reconciler.dataplane.runner import Runner
 from reconciler.dataplane.saveparse import parse_save
 
-BACKENDS = ("iptables", "libiptc")
+BACKENDS = ("iptables", "libiptc", "nftables")
 
 
 def open_backend(
@@ -36,6 +36,10 @@ def open_backend(
         except ImportError as exc:
             raise DataplaneError(f"the libiptc backend is not available: {exc}") from None
         return LibiptcBackend.open(variant, runner)
+    if name == "nftables":
+        from reconciler.dataplane.nftables import NftablesBackend
+
+        return NftablesBackend.open(variant, runner)
     raise DataplaneError(f"unknown dataplane backend {name!r} (one of {', '.join(BACKENDS)})")
 
 

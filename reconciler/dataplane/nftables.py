@@ -1,0 +1,200 @@
+"""The nftables backend: `nft -j` to read, one `nft -j -f -` transaction per family to write.
+
+Our rules live in a table of their own, `inet asgctl` (see `reconciler.render.nft` for the
+layout and for why it hooks in at priority filter - 1 and rejects rather than drops or merely
+accepts).  Nothing outside that table is ever written: iptables (legacy or nft) and other
+programs' nft tables keep their rules and their own say over every packet.  The table has no
+global lock to share, unlike iptables-restore's.
+
+Reading back has two depths:
+
+* full (the default): `nft -j -n list table inet asgctl`, every set element included, so
+  drift anywhere in the table is found and repaired, as the iptables backend does;
+* terse (`read_elements=False`): `nft -j -n -t list ruleset` (chains, rules and set headers,
+  no elements) plus the dispatch map's elements.  At a million rules a full listing costs
+  tens of seconds and a terse one a tenth of a second, because the elements are where the
+  rules are.  Group sets are named by their content and never edited, so their elements
+  are checked when written (verify reads them back) and audited by the periodic full read
+  an agent should schedule (as Calico's refresh timer and kube-proxy's full syncs do).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from reconciler.dataplane.errors import ApplyError, DataplaneError, ReadError, VerifyError
+from reconciler.dataplane.nftdelta import NftDelta, check_applied, compute_nft_delta
+from reconciler.dataplane.nftparse import NftState, parse_listing, parse_set_listing
+from reconciler.dataplane.runner import Runner
+from reconciler.plan import CellPlan
+from reconciler.render.iptables import Ruleset
+from reconciler.render.nft import (
+    NFT_FAMILY,
+    TABLE,
+    NftRuleset,
+    NftSet,
+    dispatch_map,
+    render_cell,
+)
+
+_INDEX = re.compile(r"at index (\d+)")
+VERIFY_SAMPLE = 8
+"""After a terse read, how many written sets verify lists element by element (each costs a
+process); a full read audits the rest."""
+_NO_SET = NftSet("", ())
+
+
+@dataclass(frozen=True)
+class NftablesBackend:
+    """Converges our table with the `nft` command, in JSON both ways.
+
+    `fault` rewrites each transaction just before it is sent: a test hook to prove that a
+    failing transaction leaves everything as it was.
+    """
+
+    runner: Runner = field(default_factory=Runner)
+    read_elements: bool = True
+    fault: Callable[[int, str], str] | None = None
+    nft: str = "nft"
+    reason: str = ""
+
+    @classmethod
+    def open(
+        cls,
+        variant: str = "auto",
+        runner: Runner | None = None,
+        *,
+        read_elements: bool = True,
+        fault: Callable[[int, str], str] | None = None,
+    ) -> NftablesBackend:
+        """A backend for this host, after checking that `nft` runs and speaks JSON.
+
+        `variant` is accepted for symmetry with the iptables backends and ignored: nft has
+        one flavour.
+        """
+        runner = runner or Runner()
+        res = runner.run(["nft", "-j", "list", "tables"])
+        if res.returncode != 0:
+            raise DataplaneError(f"nft is not usable here (exit {res.returncode}): {_msg(res)}")
+        try:
+            json.loads(res.stdout)
+        except ValueError:
+            raise DataplaneError(
+                "nft does not print JSON (nftables 0.9.3 or newer needed)"
+            ) from None
+        return cls(runner, read_elements, fault, reason="nft with JSON")
+
+    @property
+    def name(self) -> str:
+        return "nftables"
+
+    def render(self, plan: CellPlan, family: int) -> NftRuleset:
+        return render_cell(plan, family)
+
+    def read(self, family: int) -> NftState:
+        if self.read_elements:
+            res = self.runner.run([self.nft, "-j", "-n", "list", "table", NFT_FAMILY, TABLE])
+            if res.returncode != 0:
+                if self._table_absent():
+                    return NftState(family, {})
+                raise ReadError(f"nft list table failed (exit {res.returncode}): {_msg(res)}")
+            return parse_listing(res.stdout, family)
+        res = self.runner.run([self.nft, "-j", "-n", "-t", "list", "ruleset"])
+        if res.returncode != 0:
+            raise ReadError(f"nft list ruleset failed (exit {res.returncode}): {_msg(res)}")
+        state = parse_listing(res.stdout, family, elements_read=False)
+        dispatch = dispatch_map(family)
+        if dispatch not in state.sets:
+            return state
+        sets = dict(state.sets)
+        sets[dispatch] = self._read_set(dispatch, "map")
+        return replace(state, sets=sets)
+
+    def _read_set(self, name: str, kind: str = "set") -> NftSet:
+        res = self.runner.run([self.nft, "-j", "-n", "list", kind, NFT_FAMILY, TABLE, name])
+        if res.returncode != 0:
+            raise ReadError(f"nft list {kind} {name} failed (exit {res.returncode}): {_msg(res)}")
+        return parse_set_listing(res.stdout, name)
+
+    def _table_absent(self) -> bool:
+        """Whether our table does not exist (a failed listing alone could mean anything)."""
+        res = self.runner.run([self.nft, "-j", "list", "tables"])
+        if res.returncode != 0:
+            return False
+        try:
+            items = json.loads(res.stdout)["nftables"]
+        except (ValueError, KeyError, TypeError):
+            return False
+        return not any(
+            isinstance(x, dict)
+            and isinstance(x.get("table"), dict)
+            and x["table"].get("family") == NFT_FAMILY
+            and x["table"].get("name") == TABLE
+            for x in items
+        )
+
+    def delta(
+        self,
+        desired: Ruleset,
+        observed: NftState,  # type: ignore[override]
+        last: Ruleset | None,
+        *,
+        heal_drift: bool = True,
+    ) -> NftDelta:
+        if not isinstance(desired, NftRuleset):
+            desired = NftRuleset(desired.family, dict(desired.chains))
+        return compute_nft_delta(desired, observed, last, heal_drift=heal_drift)
+
+    def apply(self, delta: NftDelta) -> None:  # type: ignore[override]
+        if delta.empty:
+            return
+        text = delta.text()
+        if self.fault is not None:
+            text = self.fault(delta.family, text)
+        res = self.runner.run([self.nft, "-j", "-f", "-"], stdin=text)
+        if res.returncode == 0:
+            return
+        line, where = None, ""
+        m = _INDEX.search(res.stderr)
+        if m is not None:
+            line = int(m.group(1)) + 1
+            ops = delta.ops
+            shown = ops[line - 1] if 0 < line <= len(ops) else ""
+            where = f" at command {line}" + (f" ({shown[:160]})" if shown else "")
+        raise ApplyError(
+            f"nft refused the transaction (exit {res.returncode}){where}: {_msg(res)}; "
+            "nothing was changed",
+            line,
+            text,
+        )
+
+    def verify(self, desired: Ruleset, delta: NftDelta) -> None:  # type: ignore[override]
+        observed = self.read(delta.family)
+        if not observed.elements_read and isinstance(desired, NftRuleset):
+            unread = [
+                n
+                for n in delta.written
+                if n in desired.sets and observed.sets.get(n, _NO_SET).elements is None
+            ]
+            if len(unread) > VERIFY_SAMPLE:
+                unread = unread[:: max(1, len(unread) // VERIFY_SAMPLE)][:VERIFY_SAMPLE]
+            if unread:
+                sets = dict(observed.sets)
+                for name in unread:
+                    sets[name] = self._read_set(name, "map" if desired.sets[name].data else "set")
+                observed = replace(observed, sets=sets)
+        problems = check_applied(desired, delta, observed)  # type: ignore[arg-type]
+        if problems:
+            raise VerifyError(
+                f"ipv{delta.family}: after apply the kernel differs: " + "; ".join(problems[:5])
+            )
+
+
+def _msg(res: object) -> str:
+    """The meaningful part of nft's stderr (`internal:0:0-0: Error: ...`)."""
+    stderr = getattr(res, "stderr", "")
+    lines = [x.strip().removeprefix("internal:0:0-0: ") for x in stderr.splitlines() if x.strip()]
+    return " / ".join(lines) if lines else "(no message)"

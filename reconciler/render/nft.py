@@ -1,0 +1,630 @@
+"""Render a cell plan as nftables state: one `inet` table, verdict-map dispatch, shared sets.
+
+Layout (one table, `inet asgctl`, holding both families; every name carries its family, so
+each IP family is a disjoint slice of the table that converges on its own)::
+
+    chain forward4  type filter hook forward priority filter - 1; policy accept
+        ct state established,related accept
+        ip saddr vmap @containers4                  # one hash lookup, any number of containers
+    map containers4 { ipv4_addr : verdict }         # container address : goto c4-<chain id>
+    chain c4-<chain id>                             # one per container
+        ct state invalid drop
+        ip daddr @g4-<group>-a accept                                  # protocol all
+        ip daddr . meta l4proto . th dport @g4-<group>-p accept        # tcp/udp and ports
+        ip daddr . icmp type . icmp code @g4-<group>-i accept          # icmp type/code
+        jump g4-<group>                                                # a logging group
+        limit rate 1/second log prefix "ASG DENY <chain id> "
+        reject with icmpx port-unreachable
+    set g4-<group>-{a,p,i} { flags interval }       # one group = the rules of one partition,
+                                                    # shared by every container that has it
+    chain g4-<group>                                # logging groups only: rule by rule, so
+                                                    # each logs its own id on new connections
+
+A new connection from a container therefore costs one map lookup plus a few set lookups per
+group the container has, whatever the number of rules on the cell.  Group sets are named by
+the group's content id, so a changed group is a new set and an unchanged one is never
+rewritten: the only element deltas in normal operation are the dispatch maps'.
+
+Why priority `filter - 1`, and why reject rather than merely not accept: in nftables an
+`accept` ends only the base chain it is in; the packet still traverses every other base chain
+on the forward hook (iptables-nft's `ip filter FORWARD`, iptables-legacy's, other programs'
+tables), and any of them may still drop it.  A `drop` or `reject` is final.  So our chain
+accepts what the plan allows (which lets other firewalls have their say, as they should) and
+rejects everything else a container sends, which no rule elsewhere can undo.  Running just
+before the filter priority makes our reject, with its log line, the verdict a denied
+container sees, even where a later foreign rule would have dropped it silently; established
+traffic is accepted at once, so held connections never reach a chain that is being rewritten.
+
+Every rule is rendered in the exact JSON form `nft -j -n list` prints (which nft also accepts
+as input), so read-back compares as strings; set elements compare as canonical text built
+from integers.  Nothing a policy author wrote reaches nft: names and comments carry hex ids
+from the plan, addresses are re-printed from integers, ports, protocols and ICMP values are
+integers, and the whole transaction is JSON, so there is no syntax to inject into.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.model import RuleItem
+from reconciler.plan import CellPlan, ContainerPlan, PlanRule, RuleGroup
+from reconciler.render.iptables import Ruleset
+
+NFT_FAMILY = "inet"
+TABLE = "asgctl"
+PRIORITY = -1  # filter - 1: just before iptables' filter FORWARD (priority 0)
+PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
+ADDRESS_TYPES = frozenset({"ipv4_addr", "ipv6_addr"})
+ANY_PORT = (0, 65535)
+ANY_BYTE = (0, 255)
+_CT_INVALID, _CT_ESTABLISHED, _CT_RELATED, _CT_NEW = 1, 2, 4, 8
+_ICMPX_PORT_UNREACHABLE = 1
+
+Range = tuple[int, int]
+Box = tuple[Range, ...]
+
+
+def base_chain(family: int) -> str:
+    return f"forward{family}"
+
+
+def dispatch_map(family: int) -> str:
+    return f"containers{family}"
+
+
+def container_chain(family: int, chain_id: str) -> str:
+    return f"c{family}-{chain_id}"
+
+
+def group_chain(family: int, group_id: str) -> str:
+    return f"g{family}-{group_id}"
+
+
+def group_set(family: int, group_id: str, kind: str) -> str:
+    """`a`: destinations for protocol all; `p`: address . protocol . port; `i`: ICMP."""
+    return f"g{family}-{group_id}-{kind}"
+
+
+def family_of(name: str) -> int:
+    """Which family's slice an object of our table belongs to, by name.
+
+    Objects whose name is none of ours (someone else added them) belong to the IPv4 slice, so
+    exactly one family reports and removes them.
+    """
+    if name in (base_chain(6), dispatch_map(6)) or name.startswith(("c6-", "g6-")):
+        return 6
+    return 4
+
+
+# -- the desired state ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BaseHook:
+    """How a base chain hooks into the kernel (what `nft -j list` prints for it)."""
+
+    type: str = "filter"
+    hook: str = "forward"
+    prio: int = PRIORITY
+    policy: str = "accept"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "hook": self.hook, "prio": self.prio, "policy": self.policy}
+
+    def __str__(self) -> str:
+        return f"type {self.type} hook {self.hook} priority {self.prio}; policy {self.policy}"
+
+
+@dataclass(frozen=True, slots=True)
+class NftSet:
+    """A named set or verdict map: its key types, flags and elements as canonical text.
+
+    An element's text is built from integers (`198.19.0.1-198.19.0.5 . 6 . 80-90`; a map
+    element adds ` : goto <chain>`), so the kernel's way of printing it (prefix or range,
+    names or numbers) never makes equal elements differ.  `elements` is None when they were
+    not read (a terse read-back): unknown, not empty.
+    """
+
+    name: str
+    keys: tuple[str, ...]
+    flags: tuple[str, ...] = ()
+    data: str = ""
+    elements: frozenset[str] | None = frozenset()
+
+    @property
+    def header(self) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+        return (self.keys, self.flags, self.data)
+
+    def describe(self) -> str:
+        kind = "map" if self.data else "set"
+        keys = " . ".join(self.keys) + (f" : {self.data}" if self.data else "")
+        flags = f"; flags {','.join(self.flags)}" if self.flags else ""
+        return f"{kind} {self.name} {{ type {keys}{flags} }}"
+
+
+@dataclass(frozen=True)
+class NftRuleset(Ruleset):
+    """One family's slice of our table: chains (rules as canonical JSON), sets and maps.
+
+    A Ruleset, so the shared converge loop can carry it; `chains` holds every chain, base
+    chains included, and `base_hooks` says which of them are base chains and how they hook in.
+    """
+
+    base_hooks: Mapping[str, BaseHook] = field(default_factory=dict)
+    sets: Mapping[str, NftSet] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.chains and not self.sets
+
+    @property
+    def rule_count(self) -> int:
+        """Rules plus set elements: what the kernel holds of this slice."""
+        elements = sum(len(s.elements or ()) for s in self.sets.values())
+        return sum(len(r) for r in self.chains.values()) + elements
+
+    def text(self, hook: bool = True) -> str:
+        """The transaction that creates this slice in an empty table (`nft -j -f -` input)."""
+        return transaction_text(creation_commands(self))
+
+
+def canonical_rule(expr: Sequence[Any], comment: str | None) -> str:
+    """A rule as one string: how desired and read-back rules are compared and reported."""
+    body: dict[str, Any] = {"expr": list(expr)}
+    if comment is not None:
+        body["comment"] = comment
+    return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
+def rule_body(rule: str) -> dict[str, Any]:
+    """The `expr` (and `comment`) of a canonical rule, for an `add rule` command."""
+    body: dict[str, Any] = json.loads(rule)
+    return body
+
+
+def rule_comment(rule: str) -> str:
+    """The id comment of a canonical rule ("" without one): pairs a changed rule with its
+    original when drift is classified."""
+    try:
+        comment = json.loads(rule).get("comment", "")
+    except (ValueError, AttributeError):
+        return ""
+    return comment if isinstance(comment, str) else ""
+
+
+# -- expressions, in the form `nft -j -n list` prints them -----------------------------------
+
+
+def _payload(protocol: str, field_name: str) -> dict[str, Any]:
+    return {"payload": {"protocol": protocol, "field": field_name}}
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _ct_state(mask: int | list[int]) -> dict[str, Any]:
+    return _match({"ct": {"key": "state"}}, mask, "in")
+
+
+ACCEPT: dict[str, Any] = {"accept": None}
+
+
+def _ip(family: int) -> str:
+    return "ip" if family == 4 else "ip6"
+
+
+def _addr_text(version: int, value: int) -> str:
+    if version == 4:
+        return str(ipaddress.IPv4Address(value))
+    return str(ipaddress.IPv6Address(value))
+
+
+def _address_value(version: int, first: int, last: int) -> Any:
+    """An address match's right-hand side as nft prints it: address, prefix or range."""
+    if first == last:
+        return _addr_text(version, first)
+    size = last - first + 1
+    bits = 32 if version == 4 else 128
+    if size & (size - 1) == 0 and first % size == 0:
+        return {"prefix": {"addr": _addr_text(version, first), "len": bits - size.bit_length() + 1}}
+    return {"range": [_addr_text(version, first), _addr_text(version, last)]}
+
+
+def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
+    """Sorted, with overlapping and adjacent ranges joined: one canonical form per union."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
+
+
+def _number_value(lo: int, hi: int) -> Any:
+    return lo if lo == hi else {"range": [lo, hi]}
+
+
+def _log_rule_matches(item: RuleItem) -> list[dict[str, Any]]:
+    """The match part of one logging rule (log groups are rendered rule by rule)."""
+    dest = item.destination
+    ip = _ip(dest.version)
+    out: list[dict[str, Any]] = []
+    if not (dest.first == 0 and dest.last == (1 << dest.bits) - 1):
+        out.append(
+            _match(_payload(ip, "daddr"), _address_value(dest.version, dest.first, dest.last))
+        )
+    proto = item.protocol
+    if proto in ("tcp", "udp"):
+        ports = merge_ranges((p.first, p.last) for p in item.ports)
+        if not ports or ports == [ANY_PORT]:
+            out.append(_match({"meta": {"key": "l4proto"}}, PROTO_NUMBERS[proto]))
+        elif len(ports) == 1:
+            out.append(_match(_payload(proto, "dport"), _number_value(*ports[0])))
+        else:
+            out.append(
+                _match(_payload(proto, "dport"), {"set": [_number_value(*p) for p in ports]})
+            )
+    elif proto in ("icmp", "icmpv6"):
+        native = (proto == "icmp") == (dest.version == 4)
+        typ = item.icmp_type if item.icmp_type is not None else -1
+        code = item.icmp_code if item.icmp_code is not None else -1
+        if not native or typ < 0:
+            out.append(_match({"meta": {"key": "l4proto"}}, PROTO_NUMBERS[proto]))
+        else:
+            out.append(_match(_payload(proto, "type"), typ))
+            if code >= 0:
+                out.append(_match(_payload(proto, "code"), code))
+    return out
+
+
+# -- groups ---------------------------------------------------------------------------------
+
+
+def disjoint_boxes(boxes: Iterable[Box]) -> list[Box]:
+    """A canonical cover of the union of `boxes` by boxes that do not overlap.
+
+    nft refuses overlapping elements in an interval set (the kernel's pipapo backend refuses
+    an element whose start or end lies inside another), while two ASG rules may well overlap.
+    Membership is all a set answers, so the union is what counts: sweep the first axis, cover
+    each stretch of it by the canonical cover of the remaining axes of the boxes active
+    there, and join neighbouring stretches whose covers are equal.
+    """
+    unique = set(boxes)
+    if not unique:
+        return []
+    if len(unique) == 1:
+        return list(unique)
+    if len(next(iter(unique))) == 1:
+        return [(r,) for r in merge_ranges(b[0] for b in unique)]
+    events: dict[int, list[tuple[int, Box]]] = {}
+    for box in unique:
+        (lo, hi), rest = box[0], box[1:]
+        events.setdefault(lo, []).append((1, rest))
+        events.setdefault(hi + 1, []).append((-1, rest))
+    active: Counter[Box] = Counter()
+    memo: dict[frozenset[Box], tuple[Box, ...]] = {}
+    stretches: list[tuple[int, int, tuple[Box, ...]]] = []
+    points = sorted(events)
+    for i, point in enumerate(points):
+        for delta, rest in events[point]:
+            active[rest] += delta
+            if not active[rest]:
+                del active[rest]
+        if not active or i + 1 == len(points):
+            continue
+        end = points[i + 1] - 1
+        key = frozenset(active)
+        cover = memo.get(key)
+        if cover is None:
+            cover = memo[key] = tuple(disjoint_boxes(key)) if len(key) > 1 else tuple(key)
+        if stretches and stretches[-1][1] + 1 == point and stretches[-1][2] == cover:
+            stretches[-1] = (stretches[-1][0], end, cover)
+        else:
+            stretches.append((point, end, cover))
+    return [((lo, hi), *rest) for lo, hi, cover in stretches for rest in cover]
+
+
+def _set_keys(family: int, kind: str) -> tuple[str, ...]:
+    addr = "ipv4_addr" if family == 4 else "ipv6_addr"
+    if kind == "a":
+        return (addr,)
+    if kind == "p":
+        return (addr, "inet_proto", "inet_service")
+    icmp = "icmp" if family == 4 else "icmpv6"
+    return (addr, f"{icmp}_type", f"{icmp}_code")
+
+
+def _set_match(family: int, kind: str, name: str) -> dict[str, Any]:
+    ip = _ip(family)
+    daddr = _payload(ip, "daddr")
+    if kind == "a":
+        left: Any = daddr
+    elif kind == "p":
+        left = {"concat": [daddr, {"meta": {"key": "l4proto"}}, _payload("th", "dport")]}
+    else:
+        icmp = "icmp" if family == 4 else "icmpv6"
+        left = {"concat": [daddr, _payload(icmp, "type"), _payload(icmp, "code")]}
+    return _match(left, "@" + name)
+
+
+def _item_boxes(item: RuleItem) -> tuple[str, list[Box]]:
+    """Which set of its group an item goes to, and the boxes it adds there."""
+    d = item.destination
+    addr = (d.first, d.last)
+    proto = item.protocol
+    if proto == "all":
+        return "a", [(addr,)]
+    if proto in ("tcp", "udp"):
+        ports = [(p.first, p.last) for p in item.ports] or [ANY_PORT]
+        number = PROTO_NUMBERS[proto]
+        return "p", [(addr, (number, number), port) for port in ports]
+    native = (proto == "icmp") == (d.version == 4)
+    if not native:
+        # icmp to an IPv6 destination (or icmpv6 to IPv4) is refused by validation; matched
+        # like iptables' `-p icmp` there: by protocol number, any type.
+        number = PROTO_NUMBERS[proto]
+        return "p", [(addr, (number, number), ANY_PORT)]
+    typ = item.icmp_type if item.icmp_type is not None else -1
+    code = item.icmp_code if item.icmp_code is not None else -1
+    types = ANY_BYTE if typ < 0 else (typ, typ)
+    codes = ANY_BYTE if typ < 0 or code < 0 else (code, code)
+    return "i", [(addr, types, codes)]
+
+
+def element_text(keys: Sequence[str], box: Box) -> str:
+    """The canonical text of one element: its fields as integers re-printed, ` . `-joined."""
+    parts = []
+    for typ, (lo, hi) in zip(keys, box, strict=True):
+        if typ in ADDRESS_TYPES:
+            version = 4 if typ == "ipv4_addr" else 6
+            text = _addr_text(version, lo)
+            parts.append(text if lo == hi else f"{text}-{_addr_text(version, hi)}")
+        else:
+            parts.append(str(lo) if lo == hi else f"{lo}-{hi}")
+    return " . ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedGroup:
+    """A group as nft objects: its sets, its chain (logging groups), and the rules a
+    container chain uses to reach it."""
+
+    sets: tuple[NftSet, ...]
+    chain: tuple[str, ...] | None
+    entry: tuple[str, ...]
+
+
+_GROUP_CACHE: dict[str, RenderedGroup] = {}
+_GROUP_CACHE_MAX = 200_000
+
+
+def render_group(group: RuleGroup) -> RenderedGroup:
+    """One group's objects.  Memoised by group id: the id is a hash of the group's content,
+    so a group renders the same forever, and a cell of a million rules is rendered once, not
+    on every cycle (provenance, which is not part of the id, is not rendered)."""
+    hit = _GROUP_CACHE.get(group.id)
+    if hit is not None:
+        return hit
+    out = _render_group(group)
+    if len(_GROUP_CACHE) >= _GROUP_CACHE_MAX:
+        _GROUP_CACHE.clear()
+    _GROUP_CACHE[group.id] = out
+    return out
+
+
+def _render_group(group: RuleGroup) -> RenderedGroup:
+    family = group.version
+    comment = "asg:g:" + group.id
+    if group.has_log:
+        name = group_chain(family, group.id)
+        rules: list[str] = []
+        for rule in group.rules:
+            rules.extend(_log_rules(rule))
+        entry = canonical_rule([{"jump": {"target": name}}], comment)
+        return RenderedGroup((), tuple(rules), (entry,))
+    boxes: dict[str, list[Box]] = {"a": [], "p": [], "i": []}
+    for rule in group.rules:
+        kind, found = _item_boxes(rule.item)
+        boxes[kind].extend(found)
+    sets = []
+    entries = []
+    for kind in ("a", "p", "i"):
+        if not boxes[kind]:
+            continue
+        name = group_set(family, group.id, kind)
+        keys = _set_keys(family, kind)
+        elements = frozenset(element_text(keys, b) for b in disjoint_boxes(boxes[kind]))
+        sets.append(NftSet(name, keys, ("interval",), "", elements))
+        entries.append(canonical_rule([_set_match(family, kind, name), ACCEPT], comment))
+    return RenderedGroup(tuple(sets), None, tuple(entries))
+
+
+def _log_rules(rule: PlanRule) -> list[str]:
+    """LOG on new connections, then ACCEPT, as the iptables backend does: two rules, so an
+    untracked packet is accepted without being logged as a new connection."""
+    matches = _log_rule_matches(rule.item)
+    comment = "asg:r:" + rule.id
+    log = {"log": {"prefix": f"ASG OK {rule.id} "}}
+    return [
+        canonical_rule([*matches, _ct_state(_CT_NEW), log], comment),
+        canonical_rule([*matches, ACCEPT], comment),
+    ]
+
+
+# -- containers and the cell ----------------------------------------------------------------
+
+
+def _invalid_rule() -> str:
+    return canonical_rule([_ct_state(_CT_INVALID), {"drop": None}], "asg:invalid")
+
+
+def _established_rule() -> str:
+    return canonical_rule([_ct_state([_CT_ESTABLISHED, _CT_RELATED]), ACCEPT], "asg:est")
+
+
+def _dispatch_rule(family: int) -> str:
+    vmap = {"vmap": {"key": _payload(_ip(family), "saddr"), "data": "@" + dispatch_map(family)}}
+    return canonical_rule([vmap], "asg:dispatch")
+
+
+def _deny_rules(chain_id: str) -> tuple[str, str]:
+    log = canonical_rule(
+        [
+            {"limit": {"rate": 1, "burst": 5, "per": "second"}},
+            {"log": {"prefix": f"ASG DENY {chain_id} "}},
+        ],
+        "asg:deny-log",
+    )
+    reject = canonical_rule(
+        [{"reject": {"type": "icmpx", "expr": _ICMPX_PORT_UNREACHABLE}}], "asg:reject"
+    )
+    return log, reject
+
+
+def _container_rules(cp: ContainerPlan, groups: Mapping[str, RenderedGroup]) -> tuple[str, ...]:
+    rules = [_invalid_rule()]
+    for gid in cp.groups:
+        rules.extend(groups[gid].entry)
+    rules.extend(_deny_rules(cp.chain_id))
+    return tuple(rules)
+
+
+def render_cell(plan: CellPlan, family: int) -> NftRuleset:
+    """One family's slice of the table for a cell plan (empty when it has no containers)."""
+    containers = [c for c in plan.containers if c.container.version == family]
+    if not containers:
+        return NftRuleset(family, {})
+    by_id = {g.id: g for g in plan.groups if g.version == family}
+    used = sorted({gid for cp in containers for gid in cp.groups})
+    groups = {gid: render_group(by_id[gid]) for gid in used}
+    chains: dict[str, tuple[str, ...]] = {}
+    sets: dict[str, NftSet] = {}
+    for gid in used:
+        rendered = groups[gid]
+        if rendered.chain is not None:
+            chains[group_chain(family, gid)] = rendered.chain
+        for s in rendered.sets:
+            sets[s.name] = s
+    elements = set()
+    seen: set[int] = set()
+    for cp in sorted(containers, key=lambda cp: (cp.container.ip, cp.chain_id)):
+        name = container_chain(family, cp.chain_id)
+        chains[name] = _container_rules(cp, groups)
+        address = int(ipaddress.ip_address(cp.container.ip))
+        if address in seen:  # two containers, one address: the first wins, as in iptables
+            continue
+        seen.add(address)
+        elements.add(f"{_addr_text(family, address)} : goto {name}")
+    keys = ("ipv4_addr",) if family == 4 else ("ipv6_addr",)
+    dispatch = dispatch_map(family)
+    sets[dispatch] = NftSet(dispatch, keys, (), "verdict", frozenset(elements))
+    chains[base_chain(family)] = (_established_rule(), _dispatch_rule(family))
+    return NftRuleset(family, chains, base_hooks={base_chain(family): BaseHook()}, sets=sets)
+
+
+# -- JSON commands ------------------------------------------------------------------------
+
+
+def _ref(**extra: Any) -> dict[str, Any]:
+    return {"family": NFT_FAMILY, "table": TABLE, **extra}
+
+
+def table_command(verb: str = "add") -> dict[str, Any]:
+    return {verb: {"table": {"family": NFT_FAMILY, "name": TABLE}}}
+
+
+def chain_command(verb: str, name: str, hook: BaseHook | None = None) -> dict[str, Any]:
+    body = _ref(name=name)
+    if hook is not None and verb == "add":
+        body.update(hook.to_json())
+    return {verb: {"chain": body}}
+
+
+def rule_command(chain: str, rule: str) -> dict[str, Any]:
+    return {"add": {"rule": _ref(chain=chain, **rule_body(rule))}}
+
+
+def set_command(verb: str, s: NftSet, with_elements: bool = True) -> dict[str, Any]:
+    kind = "map" if s.data else "set"
+    body = _ref(name=s.name)
+    if verb == "add":
+        body["type"] = s.keys[0] if len(s.keys) == 1 else list(s.keys)
+        if s.data:
+            body["map"] = s.data
+        if s.flags:
+            body["flags"] = list(s.flags)
+        if with_elements and s.elements:
+            body["elem"] = [element_json(s.keys, e) for e in sorted(s.elements)]
+    return {verb: {kind: body}}
+
+
+def element_command(verb: str, s: NftSet, elements: Iterable[str]) -> dict[str, Any]:
+    """Add or delete elements (a map element is deleted by its key alone)."""
+    values = [element_json(s.keys, e, key_only=verb == "delete") for e in sorted(elements)]
+    return {verb: {"element": _ref(name=s.name, elem=values)}}
+
+
+def object_command(verb: str, kind: str, name: str) -> dict[str, Any]:
+    return {verb: {kind: _ref(name=name)}}
+
+
+def element_json(keys: Sequence[str], text: str, *, key_only: bool = False) -> Any:
+    """An element's canonical text back as nft JSON (what `add`/`delete element` take)."""
+    if text.startswith("json:"):
+        raw = json.loads(text[5:])
+        return raw[0] if key_only and isinstance(raw, list) and len(raw) == 2 else raw
+    key_text, _, verdict = text.partition(" : ")
+    fields = key_text.split(" . ")
+    values: list[Any] = []
+    for typ, part in zip(keys, fields, strict=True):
+        lo, sep, hi = part.partition("-")
+        if typ in ADDRESS_TYPES:
+            values.append({"range": [lo, hi]} if sep else lo)
+        else:
+            values.append({"range": [int(lo), int(hi)]} if sep else int(lo))
+    key: Any = values[0] if len(values) == 1 else {"concat": values}
+    if not verdict or key_only:
+        return key
+    kind, _, target = verdict.partition(" ")
+    return [key, {kind: {"target": target}} if target else {kind: None}]
+
+
+def transaction_text(commands: Sequence[Mapping[str, Any] | str]) -> str:
+    """`nft -j -f -` input: one command per line, so a failing one is easy to find."""
+    if not commands:
+        return ""
+    lines = [c if isinstance(c, str) else json.dumps(c, separators=(",", ":")) for c in commands]
+    return '{"nftables": [\n' + ",\n".join(lines) + "\n]}\n"
+
+
+def chain_order(name: str) -> tuple[int, str]:
+    """Fill order: logging groups, then containers, then base chains (targets first)."""
+    if name.startswith(("g4-", "g6-")):
+        return (0, name)
+    if name.startswith(("c4-", "c6-")):
+        return (1, name)
+    return (2, name)
+
+
+def creation_commands(ruleset: NftRuleset) -> list[dict[str, Any]]:
+    """Everything of a slice, created in an order valid at every step: table, chains (empty),
+    sets and maps, rules, base chains last."""
+    if ruleset.empty:
+        return []
+    cmds = [table_command()]
+    regular = sorted(n for n in ruleset.chains if n not in ruleset.base_hooks)
+    cmds.extend(chain_command("add", n) for n in regular)
+    cmds.extend(set_command("add", ruleset.sets[n]) for n in sorted(ruleset.sets))
+    for name in sorted(regular, key=chain_order):
+        cmds.extend(rule_command(name, r) for r in ruleset.chains[name])
+    for name in sorted(ruleset.base_hooks):
+        cmds.append(chain_command("add", name, ruleset.base_hooks[name]))
+        cmds.extend(rule_command(name, r) for r in ruleset.chains[name])
+    return cmds
