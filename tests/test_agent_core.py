@@ -344,3 +344,17 @@ def test_metrics_text_exposition() -> None:
     assert 'asgctl_agent_sync_failures_total{cell="c1",reason="GitUnreachable"} 1' in text
     assert 'revision="main@sha1:b"' in text and 'revision="main@sha1:a"' not in text
     assert text.endswith("\n")
+
+
+def test_the_sample_config_and_units_agree_with_the_code() -> None:
+    from pathlib import Path
+
+    from reconciler.agent.config import load_file
+
+    root = Path(__file__).resolve().parent.parent / "deploy"
+    cfg = build_config(load_file(str(root / "agent.yaml")), {"cell": "c9", "once": True})
+    assert cfg.cell == "c9" and cfg.once and cfg.interval == 60 and cfg.heartbeat == 600
+    assert cfg.metrics_listen == "127.0.0.1:9465" and cfg.verify == "none"
+    units = root / "systemd"
+    assert "--once" in (units / "asgctl-agent-once.service").read_text()
+    assert "asgctl agent --config" in (units / "asgctl-agent.service").read_text()

@@ -311,7 +311,15 @@ class Agent:
             waiting = f"no valid container metadata yet ({st.inventory_error})"
         else:
             t = time.perf_counter()
-            plan = compile_cell(policy, st.inventory, cfg.cell)
+            if (
+                applied is not None
+                and applied.plan is not None
+                and applied.sha == target_sha
+                and applied.inventory == st.inventory
+            ):
+                plan = applied.plan  # nothing moved: the idle cycle only checks the kernel
+            else:
+                plan = compile_cell(policy, st.inventory, cfg.cell)
             compile_seconds = time.perf_counter() - t
             try:
                 backend = self._dataplane()
