@@ -158,9 +158,15 @@ def status_cmd(name: str, fmt: str) -> None:
 )
 @click.option("--from", "sources", multiple=True, help="Only these containers (repeat).")
 @click.option("--timeout", default=1.0, show_default=True, type=float)
+@click.option("--wide", is_flag=True, help="Also show each container's app.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def probe_cmd(
-    name: str, targets: tuple[str, ...], sources: tuple[str, ...], timeout: float, fmt: str
+    name: str,
+    targets: tuple[str, ...],
+    sources: tuple[str, ...],
+    timeout: float,
+    wide: bool,
+    fmt: str,
 ) -> None:
     """Reachability matrix: every container against every service port (✓ / ✗ and why)."""
     from reconciler.lab.matrix import parse_target, probe_matrix
@@ -172,7 +178,7 @@ def probe_cmd(
         matrix = probe_matrix(info, parsed, sources or None, timeout=timeout)
     except (ValueError, KeyError) as exc:
         raise click.BadParameter(str(exc)) from None
-    click.echo(matrix.to_json() if fmt == "json" else matrix.render(), nl=False)
+    click.echo(matrix.to_json() if fmt == "json" else matrix.render(wide=wide), nl=False)
 
 
 @lab.command("demo")

@@ -29,6 +29,7 @@ import json
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from typing import Any, TextIO
 import yaml
 
 from reconciler.lab import platform
-from reconciler.lab.matrix import Matrix, Target, probe_matrix
+from reconciler.lab.matrix import Matrix, Target, Verdict, probe_matrix
 from reconciler.lab.policyrepo import CellStatus, GitError, Operator
 from reconciler.lab.probe import HeldConnection
 
@@ -59,6 +60,9 @@ TARGETS = (
 )
 """The demo's columns, fixed for the whole run so each matrix compares with the last."""
 HELD_FROM = "backend-0"
+OPEN, REJ = Verdict.OPEN, Verdict.REJECTED
+Expect = tuple[str, str, Verdict]
+"""(container, target label, verdict): a claim of the story, checked against packets."""
 
 
 class DemoError(RuntimeError):
@@ -269,6 +273,15 @@ class Demo:
         return self.info
 
     @property
+    def backends(self) -> list[str]:
+        """Every payments/prod/backend container, whatever cell it runs on."""
+        return [c.name for c in self.lab.spec.containers if c.app == "payments/prod/backend"]
+
+    @property
+    def everyone(self) -> list[str]:
+        return [c.name for c in self.lab.spec.containers]
+
+    @property
     def op(self) -> Operator:
         assert self.operator is not None
         return self.operator
@@ -278,17 +291,51 @@ class Demo:
         self.held_checks.append(ok)
         return ok
 
-    def _matrix(self, key: str, title: str, revision: str, **extra: Any) -> Step:
+    def _same_pids(self) -> list[str]:
+        """Containers whose process is no longer the one that started with the lab."""
+        return [
+            name
+            for name, (pid, start) in sorted(self.pids_before.items())
+            if platform.process_start_time(pid) != start
+        ]
+
+    def _matrix(
+        self,
+        key: str,
+        title: str,
+        revision: str,
+        expect: Sequence[Expect] = (),
+        **extra: Any,
+    ) -> Step:
+        """Probe, print, and hold the story to its claims: DemoError when one is false."""
         matrix = probe_matrix(self.lab, TARGETS)
         step = Step(key, title, revision, matrix, **extra)
         self.steps.append(step)
         self.n.line()
-        self.n.block(matrix.render(), indent="   ")
+        self.n.block(matrix.render(title=f"Reachability: {title}"), indent="   ")
+        wrong = []
+        for container, label, verdict in expect:
+            got = matrix.verdict(container, label)
+            if got is not verdict:
+                wrong.append(f"{container} → {label}: {got.value}, expected {verdict.value}")
         held = self._check_held()
+        restarted = self._same_pids()
         self.n.say(
             f"held connection {HELD_FROM} → api {API}:443: "
-            + ("still open, echoed" if held else "BROKEN")
+            + ("open, echoes" if held else "BROKEN")
+            + f";  containers: {len(self.pids_before) - len(restarted)} of "
+            f"{len(self.pids_before)} still the same process"
         )
+        if expect and not wrong:
+            claims = ", ".join(f"{c}→{lbl} {v.symbol}" for c, lbl, v in expect[:4])
+            more = f" (+{len(expect) - 4} more)" if len(expect) > 4 else ""
+            for ln in textwrap.wrap(f"as the story says: {claims}{more}", 94):
+                self.n.say(ln)
+        if wrong or not held or restarted:
+            problems = [*wrong]
+            problems += [] if held else ["the held connection broke"]
+            problems += [f"{c} restarted" for c in restarted]
+            raise DemoError(f"{title}: " + "; ".join(problems))
         return step
 
     def _agent_records(self, cell: str) -> list[dict[str, Any]]:
@@ -357,18 +404,25 @@ class Demo:
                 f"({applied[cell]:.1f}s after the push; interval {interval:g}s)"
             )
 
-    def _print_changes(self, records: Sequence[Mapping[str, Any]]) -> None:
+    def _print_changes(self, records: Sequence[Mapping[str, Any]], raw: bool = False) -> None:
+        """The agents' `container-rules-changed` records, one line per container.
+
+        With `raw`, the first record is also shown as the agent logged it (JSON, as a log
+        pipeline would receive it).
+        """
         for r in records:
-            added = [f"+{g}" for g in r.get("groups_added", [])]
-            removed = [f"-{g}" for g in r.get("groups_removed", [])]
-            rules = f"+{r.get('rules_added', 0)}/-{r.get('rules_removed', 0)} rules"
-            what = " ".join([*added, *removed]) or "rules changed"
+            groups = [f"+{g}" for g in r.get("groups_added", [])]
+            groups += [f"-{g}" for g in r.get("groups_removed", [])]
             app = r.get("app") or r.get("app_id", "")
             workload = "" if r.get("workload") == "app" else f" [{r.get('workload')}]"
+            rules = f"rules +{r.get('rules_added', 0)} -{r.get('rules_removed', 0)}"
             self.n.say(
-                f"{r.get('cell')} {r.get('handle')} ({app}{workload}): {r.get('change')} "
-                f"{what}, {rules}"
+                f"  {r.get('cell')} {r.get('handle'):<13} {app + workload:<30} "
+                f"{r.get('change')}: {rules}" + (f"  {' '.join(groups)}" if groups else "")
             )
+        if raw and records:
+            self.n.say("  as logged (first record):")
+            self.n.block(json.dumps(records[0], separators=(",", ":")), indent="     ")
 
     def commit(self, message: str) -> tuple[str, float]:
         """Show the diff, run the repo's policy tests, commit and push; (sha, push time)."""
@@ -449,7 +503,17 @@ class Demo:
             f"{HELD_FROM} opens a TCP connection to the card API {API}:443 and keeps it open "
             "for the whole demo."
         )
-        self._matrix("start", "the platform before the stories", seed_sha)
+        self._matrix(
+            "start",
+            "the platform before the stories",
+            seed_sha,
+            expect=[
+                *((b, "mysql", REJ) for b in self.backends),
+                ("frontend-0", "mysql", REJ),
+                (HELD_FROM, "api", OPEN),
+                *((c, "dns-2", REJ) for c in self.everyone),
+            ],
+        )
 
     def story_1(self) -> None:
         n = self.n
@@ -476,6 +540,11 @@ class Demo:
             "story1",
             "backend reaches MySQL, frontend does not",
             sha,
+            expect=[
+                *((b, "mysql", OPEN) for b in self.backends),
+                ("frontend-0", "mysql", REJ),
+                ("stg-backend-0", "mysql", REJ),
+            ],
             applied_after=applied,
             changes=tuple(records),
         )
@@ -489,7 +558,13 @@ class Demo:
         )
         self.info = platform.add_service_address(self.lab, "mysql", MYSQL_NEW)
         self._matrix(
-            "story2-before", "MySQL also at the new address; policy unchanged", self.op.head()
+            "story2-before",
+            "MySQL also at the new address; policy unchanged",
+            self.op.head(),
+            expect=[
+                *((b, "mysql-dc2", REJ) for b in self.backends),
+                *((b, "mysql", OPEN) for b in self.backends),
+            ],
         )
         n.say(
             "The backend cannot reach the new address yet: the Destination still names the "
@@ -530,6 +605,11 @@ class Demo:
             "story2",
             "access moved with the Destination",
             sha,
+            expect=[
+                *((b, "mysql-dc2", OPEN) for b in self.backends),
+                *((b, "mysql", REJ) for b in self.backends),
+                ("frontend-0", "mysql-dc2", REJ),
+            ],
             applied_after=applied,
             changes=tuple(records),
         )
@@ -569,13 +649,14 @@ class Demo:
         )
         applied, records = self.wait_applied(sha, pushed)
         n.say("What each agent logged, one line per container whose rules changed:")
-        self._print_changes(records)
+        self._print_changes(records, raw=True)
         n.say("What each cell's status branch says:")
         self._print_applied(sha, applied)
         self._matrix(
             "story3",
             "every container reaches the new resolver",
             sha,
+            expect=[(c, "dns-2", OPEN) for c in self.everyone],
             applied_after=applied,
             changes=tuple(records),
         )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,7 +94,18 @@ class Verdict(StrEnum):
 
     @property
     def symbol(self) -> str:
-        return "✓" if self is Verdict.OPEN else f"✗ {self.value[:8]}"
+        """What a matrix cell shows: at most 10 characters, so columns stay narrow."""
+        return _SYMBOLS[self]
+
+
+_SYMBOLS = {
+    Verdict.OPEN: "✓",
+    Verdict.REJECTED: "✗ rejected",
+    Verdict.TIMEOUT: "✗ timeout",
+    Verdict.REFUSED: "✗ refused",
+    Verdict.UNREACHABLE: "✗ no route",
+    Verdict.ERROR: "✗ error",
+}
 
 
 def classify(result: ProbeResult, gateway: str, address: str) -> Verdict:
@@ -126,8 +138,14 @@ class Row:
 
     @property
     def label(self) -> str:
+        """`cell-1/backend-0`: short, so seven columns fit a terminal."""
+        return f"{self.cell}/{self.container}"
+
+    @property
+    def wide_label(self) -> str:
+        """`cell-1/backend-0 payments/prod/backend` (+ `[staging]`)."""
         suffix = f" [{self.workload}]" if self.workload != "app" else ""
-        return f"{self.cell} {self.container:<13} {self.app}{suffix}"
+        return f"{self.label:<20} {self.app}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -149,24 +167,30 @@ class Matrix:
     def column(self, label: str) -> dict[str, Verdict]:
         return {r.container: self.verdict(r.container, label) for r in self.rows}
 
-    def render(self, *, legend: bool = True) -> str:
-        width = max(len(r.label) for r in self.rows) if self.rows else 0
+    def render(self, *, title: str = "", wide: bool = False, legend: bool = True) -> str:
+        """A table with ✓ / ✗ <how>; `wide` adds each container's app to its row."""
+        labels = [r.wide_label if wide else r.label for r in self.rows]
+        width = max(map(len, labels)) if labels else 0
         cols = [max(len(t.label), 10) for t in self.targets]
-        labels = [t.label.ljust(w) for t, w in zip(self.targets, cols, strict=True)]
-        head = " " * width + "  " + " ".join(labels)
-        lines = [head.rstrip()]
-        for r in self.rows:
+        heads = [t.label.ljust(w) for t, w in zip(self.targets, cols, strict=True)]
+        lines = [title] if title else []
+        lines.append((" " * width + "  " + " ".join(heads)).rstrip())
+        for r, label in zip(self.rows, labels, strict=True):
             cells = [
                 self.verdict(r.container, t.label).symbol.ljust(w)
                 for t, w in zip(self.targets, cols, strict=True)
             ]
-            lines.append((r.label.ljust(width) + "  " + " ".join(cells)).rstrip())
+            lines.append((label.ljust(width) + "  " + " ".join(cells)).rstrip())
         if legend:
             lines.append("")
-            lines.append("  " + ", ".join(f"{t.label} = {t}" for t in self.targets))
+            where = ", ".join(f"{t.label} {t}" for t in self.targets)
+            lines += textwrap.wrap(where, 96, initial_indent="  ", subsequent_indent="  ")
             lines.append(
-                "  ✗ rejected: the cell's firewall refused at once (ICMP from the gateway);"
-                " ✗ timeout: dropped"
+                "  ✗ rejected = the cell's firewall said no (ICMP from the container's gateway, "
+                "at once);"
+            )
+            lines.append(
+                "  ✗ timeout = dropped;  ✗ refused / ✗ no route = the service / the network said no"
             )
         return "\n".join(lines) + "\n"
 
