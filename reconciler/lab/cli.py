@@ -94,28 +94,20 @@ def up_cmd(name: str, cells: int, policies: str, agents: bool, interval: str) ->
 
 @lab.command("down")
 @name_option
-@click.option("--all", "everything", is_flag=True, help="Every lab, and orphaned namespaces.")
+@click.option("--all", "everything", is_flag=True, help="Every lab under the state dir.")
 def down_cmd(name: str, everything: bool) -> None:
     """Remove everything a lab made (also after a crashed `up`); safe to run twice."""
-    from reconciler.lab.platform import down, list_labs, orphans, remove_orphan
+    from reconciler.lab.platform import down, list_labs
 
     _require_host()
-    names = list_labs() if everything else [name]
-    total = 0
-    for n in names:
+    for n in list_labs() if everything else [name]:
         removed = down(n)
-        total += len(removed)
         if removed:
             ns = sum(r.startswith("netns ") for r in removed)
             procs = sum(r.startswith("process ") for r in removed)
             click.echo(f"lab {n}: removed {ns} namespaces, {procs} processes and its state")
         else:
             click.echo(f"lab {n}: nothing to remove")
-    if everything:
-        for lab_id in orphans():
-            removed = remove_orphan(lab_id)
-            total += len(removed)
-            click.echo(f"orphan {lab_id}: removed {len(removed)} namespaces/processes")
 
 
 @lab.command("status")

@@ -1240,22 +1240,6 @@ def list_labs() -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
 
 
-def orphans() -> list[str]:
-    """Lab ids that have namespaces but no state dir (e.g. the state root was wiped)."""
-    known = set()
-    for name in list_labs():
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            known.add(json.loads((lab_dir(name) / STATE_FILE).read_text())["id"])
-    ids = {n.split("-", 1)[0] for n in _safe_list_netns()}
-    return sorted(i for i in ids if _LAB_ID_RE.match(i) and i not in known)
-
-
-def remove_orphan(lab_id: str) -> list[str]:
-    if not _LAB_ID_RE.match(lab_id):
-        raise PlatformError(f"{lab_id!r} is not a lab id")
-    return _remove_namespaces(lab_id)
-
-
 def _safe_list_netns() -> list[str]:
     try:
         return list_netns()
