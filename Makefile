@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SYSTEM_TOOLS := iptables iptables-legacy iptables-nft nft ip git socat sysctl
 APT_PACKAGES := iptables nftables iproute2 git socat netcat-openbsd conntrack procps libxtables-dev
 
-.PHONY: test lint unit sysdeps venv bench clean
+.PHONY: test lint unit sysdeps venv bench clean demo
 
 test: sysdeps venv lint
 	$(PY) -m pytest -q -ra
@@ -35,6 +35,13 @@ $(STAMP): pyproject.toml
 
 bench: venv
 	$(PY) bench/run_all.py
+
+# The seeds' stories on this machine (root): a platform in network namespaces, an agent per
+# cell, three policy changes pushed through git, a reachability matrix after each; the lab
+# is always torn down.  DEMO_ARGS="--interval 5s" etc. (python -m reconciler.lab.demo -h).
+DEMO_ARGS ?=
+demo: sysdeps venv
+	$(PY) -m reconciler.lab.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
