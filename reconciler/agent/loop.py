@@ -131,6 +131,7 @@ class Agent:
         self.state = load_state(self.state_file)
         self._backend = backend
         self._cycles = 0
+        self._crashes = 0
         self._inventory_seen: tuple[Container, ...] | None = None
         self.pusher: StatusPusher | None = None
         if cfg.status_push:
@@ -439,6 +440,7 @@ class Agent:
 
         self._report_transition(self.state, st)
         self.state = st
+        self._crashes = 0
         self._update_metrics(st, transient, source_error or enforce_error)
         doc = self.status_document(st)
         self.last_doc = doc
@@ -592,7 +594,27 @@ class Agent:
             if STOP in events or self._stopping.is_set():
                 return
             if SYNC in events or time.monotonic() >= due:
-                st = self.cycle(SYNC)
-                due = time.monotonic() + next_delay(self.cfg, st.failures, rng.random())
+                failures = self._guarded(SYNC)
+                due = time.monotonic() + next_delay(self.cfg, failures, rng.random())
             elif INVENTORY in events:
-                self.cycle(INVENTORY)
+                self._guarded(INVENTORY)
+
+    def _guarded(self, trigger: str) -> int:
+        """Run a cycle; a bug in one cycle is logged and retried, never the end of enforcement.
+
+        Returns the consecutive transient failures, which set the back-off.
+        """
+        try:
+            return self.cycle(trigger).failures
+        except Exception as exc:  # the last line of defence: the rules stay as they are
+            self._crashes += 1
+            self.metrics.inc("asgctl_agent_sync_failures_total", reason="InternalError")
+            self._log(
+                self.err,
+                {
+                    "event": "cycle-failed",
+                    "trigger": trigger,
+                    "error": f"{type(exc).__name__}: {exc}",
+                },
+            )
+            return self.state.failures + self._crashes

@@ -84,8 +84,9 @@ class GitDaemon:
         try:
             self.proc = subprocess.Popen(
                 [
-                    "git",
-                    "daemon",
+                    # git-daemon itself, not `git daemon`: the `git` wrapper would stay our
+                    # child and hide the daemon's CPU (and its children's) until it exits.
+                    str(Path(git("--exec-path")) / "git-daemon"),
                     "--export-all",
                     "--enable=receive-pack",
                     f"--base-path={self.base}",
@@ -107,8 +108,9 @@ class GitDaemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"git daemon exited: {self._log_tail()}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
             ):
                 return self
             time.sleep(0.02)
