@@ -312,7 +312,8 @@ class Demo:
         step = Step(key, title, revision, matrix, **extra)
         self.steps.append(step)
         self.n.line()
-        self.n.block(matrix.render(title=f"Reachability: {title}"), indent="   ")
+        first = len(self.steps) == 1  # the legend once; later matrices compare with it
+        self.n.block(matrix.render(title=f"Reachability: {title}", legend=first), indent="   ")
         wrong = []
         for container, label, verdict in expect:
             got = matrix.verdict(container, label)
@@ -320,11 +321,11 @@ class Demo:
                 wrong.append(f"{container} → {label}: {got.value}, expected {verdict.value}")
         held = self._check_held()
         restarted = self._same_pids()
+        same = len(self.pids_before) - len(restarted)
         self.n.say(
-            f"held connection {HELD_FROM} → api {API}:443: "
+            f"held connection {HELD_FROM} → api: "
             + ("open, echoes" if held else "BROKEN")
-            + f";  containers: {len(self.pids_before) - len(restarted)} of "
-            f"{len(self.pids_before)} still the same process"
+            + f"  ·  containers: {same} of {len(self.pids_before)} still the same process"
         )
         if expect and not wrong:
             claims = ", ".join(f"{c}→{lbl} {v.symbol}" for c, lbl, v in expect[:4])
