@@ -2,8 +2,10 @@
 
 Every kernel test runs in a fresh network namespace of its own, once with iptables-legacy and
 once with iptables-nft, and compares full `iptables-save` output, so "nothing else changed"
-is checked byte for byte rather than assumed.  The pure parts (parser, delta) are tested
-without a kernel at the end.
+is checked byte for byte rather than assumed.  The tests that do not depend on iptables'
+layout (apply, read-back, no-op, plan changes, failed transactions, foreign rules, the CLI)
+also run with the nftables backend, whose own drift kinds are in test_nftables.  The pure
+parts (parser, delta) are tested without a kernel at the end.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from reconciler.dataplane import (
 )
 from reconciler.dataplane import records as rec
 from reconciler.dataplane.iptables import IptablesBackend, tool
+from reconciler.dataplane.nftables import NftablesBackend
 from reconciler.dataplane.records import OwnedState
 from reconciler.inventory import parse_store
 from reconciler.lab.netns import Lab
@@ -40,6 +43,8 @@ from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule
 from reconciler.plan import CellPlan
 from reconciler.policy.load import load_folder
 from reconciler.render.iptables import TOP_CHAIN, Ruleset, hook_rule, render_cell
+from reconciler.render.nft import base_chain, canonical_rule
+from reconciler.render.nft import render_cell as render_nft
 
 DATA = Path(__file__).parent / "data"
 VARIANTS = ("legacy", "nft")
@@ -121,6 +126,8 @@ class Host:
         return RecordingRunner(("ip", "netns", "exec", self.netns))
 
     def backend(self, **kw) -> Backend:  # type: ignore[no-untyped-def]
+        if self.kind == "nftables":
+            return NftablesBackend.open("auto", self.runner(), **kw)
         if self.kind == "libiptc":
             from reconciler.dataplane.libiptc import LibiptcBackend
 
@@ -147,7 +154,17 @@ class Host:
         self.run(tool(self.variant, family, "restore"), "--noflush", stdin="\n".join(lines) + "\n")
 
     def save(self) -> str:
-        """Both families' filter tables, without the timestamp comments."""
+        """Both families' filter tables, without the timestamp comments (nftables: every nft
+        table, iptables-nft's included, and iptables-legacy's filter tables)."""
+        if self.kind == "nftables":
+            out = self.run("nft", "list", "ruleset").splitlines()
+            for family in (4, 6):
+                text = self.run(tool("legacy", family, "save"), "-t", "filter")
+                out.extend(x for x in text.splitlines() if not x.startswith("#"))
+            return "\n".join(out)
+        return self.ipt_save()
+
+    def ipt_save(self) -> str:
         out = []
         for family in (4, 6):
             text = self.run(tool(self.variant, family, "save"), "-t", "filter")
@@ -158,9 +175,40 @@ class Host:
         """Every line of the v4 table that is not ours, in order."""
         return [
             x
-            for x in self.save().split("COMMIT")[0].splitlines()
+            for x in self.ipt_save().split("COMMIT")[0].splitlines()
             if "ASG-" not in x and "asg:" not in x
         ]
+
+    def render(self, plan: CellPlan, family: int) -> Ruleset:
+        return render_nft(plan, family) if self.kind == "nftables" else render_cell(plan, family)
+
+    def objects(self, state: object) -> dict[str, object]:
+        """Named things of ours (chains; for nftables also base hooks, sets and maps)."""
+        chains = getattr(state, "chains", {})
+        if self.kind != "nftables":
+            return dict(chains)
+        hooks = getattr(state, "base_hooks", {})
+        out: dict[str, object] = {n: (hooks.get(n), r) for n, r in chains.items()}
+        out.update(getattr(state, "sets", {}))
+        return out
+
+    def unhook(self, family: int) -> None:
+        """Remove our hook by hand: the FORWARD jump, or the nftables base chain."""
+        if self.kind == "nftables":
+            self.run("nft", "delete", "chain", "inet", "asgctl", base_chain(family))
+        else:
+            self.ipt(family, "-D", "FORWARD", "1")
+
+    def hooked(self, family: int) -> bool:
+        state = self.backend().read(family)
+        if self.kind == "nftables":
+            return base_chain(family) in state.chains
+        return state.hooks != ()
+
+
+def iptables_only(host: Host, why: str = "iptables layout") -> None:
+    if host.kind == "nftables":
+        pytest.skip(f"{why}; the nftables counterpart is in test_nftables")
 
 
 def _has_libiptc() -> bool:
@@ -181,6 +229,7 @@ LIBIPTC = pytest.mark.skipif(
         pytest.param(("iptables", "legacy"), id="legacy"),
         pytest.param(("iptables", "nft"), id="nft"),
         pytest.param(("libiptc", "legacy"), id="libiptc", marks=LIBIPTC),
+        pytest.param(("nftables", "nft"), id="nftables"),
     ]
 )
 def host(request: pytest.FixtureRequest, make_lab: Callable[..., Lab]) -> Host:
@@ -195,6 +244,9 @@ def transactions(backend: Backend, result: ConvergeResult) -> int:
     sent = sum(f.sent for f in result.families)
     if isinstance(backend, IptablesBackend):
         assert len(backend.runner.restores()) == sent  # type: ignore[attr-defined]
+    if isinstance(backend, NftablesBackend):
+        calls = backend.runner.calls  # type: ignore[attr-defined]
+        assert len([c for c in calls if c[:3] == ("nft", "-j", "-f")]) == sent
     return sent
 
 
@@ -202,10 +254,12 @@ def assert_matches_plan(host: Host, plan: CellPlan) -> None:
     """Our chains read back exactly as rendered, and the hook is there once and first."""
     backend = host.backend()
     for family in (4, 6):
-        desired = render_cell(plan, family)
+        desired = host.render(plan, family)
         observed = backend.read(family)
         assert dict(observed.chains) == desired.chains
-        if desired.chains:
+        if host.kind == "nftables":
+            assert host.objects(observed) == host.objects(desired)
+        elif desired.chains:
             assert [(h.index, h.text) for h in observed.hooks] == [(0, hook_rule())]
         else:
             assert observed.hooks == ()
@@ -224,16 +278,20 @@ def test_apply_reads_back_exactly_and_second_apply_sends_nothing(host: Host) -> 
     assert_matches_plan(host, plan)
     # The raw save holds every rendered line verbatim: the renderer's canonical form is right.
     saved = host.save().splitlines()
-    for family in (4, 6):
+    for family in (4, 6) if host.kind != "nftables" else ():
         for rules in render_cell(plan, family).chains.values():
             assert set(rules) <= set(saved)
     again = host.backend()
     second = converge(again, plan, plan)
     assert second.ok and second.in_sync
     assert transactions(again, second) == 0
-    reads = [c for c in again.runner.calls if c[1:] == ("-t", "filter")]
-    variant = "legacy" if host.kind == "libiptc" else host.variant
-    assert reads == [(tool(variant, f, "save"), "-t", "filter") for f in (4, 6)]
+    if host.kind == "nftables":  # one listing per family, nothing else
+        listing = ("nft", "-j", "-n", "list", "table", "inet", "asgctl")
+        assert [c for c in again.runner.calls if c[0] == "nft"][-2:] == [listing, listing]
+    else:
+        reads = [c for c in again.runner.calls if c[1:] == ("-t", "filter")]
+        variant = "legacy" if host.kind == "libiptc" else host.variant
+        assert reads == [(tool(variant, f, "save"), "-t", "filter") for f in (4, 6)]
     assert second.drift == () and second.changes == ()
 
 
@@ -243,7 +301,8 @@ def test_dry_run_and_report_only_change_nothing(host: Host) -> None:
         result = converge(host.backend(), edge_plan(), mode=mode)
         assert result.ok and not result.in_sync
         assert all(not f.sent for f in result.families)
-        assert "-I FORWARD 1" in result.families[0].delta.text()
+        hooking = '"hook":"forward"' if host.kind == "nftables" else "-I FORWARD 1"
+        assert hooking in result.families[0].delta.text()
     assert host.save() == before
 
 
@@ -254,12 +313,12 @@ def test_plan_change_sends_only_changed_chains_and_removes_stale_ones(host: Host
         containers=CONTAINERS[1:],  # c1 leaves the cell
     )
     assert converge(host.backend(), a).ok
-    before = {f: dict(host.backend().read(f).chains) for f in (4, 6)}
+    before = {f: host.objects(host.backend().read(f)) for f in (4, 6)}
     result = converge(host.backend(), b, a)
     assert result.ok, result.to_dict()
     assert result.drift == ()
     v4, v6 = result.families
-    want4 = render_cell(b, 4).chains
+    want4 = host.objects(host.render(b, 4))
     # Only chains whose content differs were sent; unchanged ones were not rewritten.
     assert set(v4.delta.written) == {n for n in want4 if before[4].get(n) != want4[n]}
     assert set(v4.delta.deleted) == set(before[4]) - set(want4)
@@ -276,6 +335,7 @@ def test_plan_change_sends_only_changed_chains_and_removes_stale_ones(host: Host
 
 
 def test_jumps_are_swapped_atomically_when_a_group_changes(host: Host) -> None:
+    iptables_only(host, "iptables-restore line order")
     a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
     assert converge(host.backend(), a).ok
     result = converge(host.backend(), b, a)
@@ -382,6 +442,7 @@ DRIFTS: dict[str, Callable[[Host, CellPlan], tuple[str, str]]] = {
 
 @pytest.mark.parametrize("kind", sorted(DRIFTS))
 def test_drift_is_reported_and_repaired(host: Host, kind: str) -> None:
+    iptables_only(host, "drift made with iptables")
     plan = edge_plan()
     assert converge(host.backend(), plan).ok
     chain, what = DRIFTS[kind](host, plan)
@@ -406,6 +467,7 @@ def test_drift_is_reported_and_repaired(host: Host, kind: str) -> None:
 
 
 def test_drift_details_name_the_rules(host: Host) -> None:
+    iptables_only(host, "drift made with iptables")
     plan = small_plan()
     assert converge(host.backend(), plan).ok
     chain = next(n for n in render_cell(plan, 4).chains if n.startswith("ASG-G-"))
@@ -416,6 +478,7 @@ def test_drift_details_name_the_rules(host: Host) -> None:
 
 
 def test_without_self_heal_drift_is_left_but_plan_changes_apply(host: Host) -> None:
+    iptables_only(host, "drift made with iptables")
     a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
     assert converge(host.backend(), a).ok
     host.ipt(4, "-D", "FORWARD", "1")  # hook drift, in a part the plan change does not touch
@@ -432,7 +495,7 @@ def test_without_self_heal_drift_is_left_but_plan_changes_apply(host: Host) -> N
 def test_without_last_plan_differences_are_changes_not_drift(host: Host) -> None:
     plan = small_plan()
     assert converge(host.backend(), plan).ok
-    host.ipt(4, "-D", "FORWARD", "1")
+    host.unhook(4)
     result = converge(host.backend(), plan)
     assert result.drift == ()
     assert [c.what for c in result.changes] == [rec.HOOK_ADDED]
@@ -452,7 +515,8 @@ def test_foreign_rules_and_chains_survive_every_apply(host: Host) -> None:
         assert host.foreign() == foreign
         assert_matches_plan(host, plan)
     # Our hook went first, ahead of the foreign rule that was first before.
-    assert host.ipt(4, "-S", "FORWARD").splitlines()[1] == hook_rule()
+    if host.kind != "nftables":  # (nftables: our own base chain, in our own table)
+        assert host.ipt(4, "-S", "FORWARD").splitlines()[1] == hook_rule()
     host.ipt(4, "-I", "FORWARD", "1", "-s", "198.18.200.9/32", "-j", "ACCEPT")  # before ours
     foreign = host.foreign()
     assert converge(host.backend(), b, b).ok
@@ -463,6 +527,7 @@ def test_foreign_rules_and_chains_survive_every_apply(host: Host) -> None:
 
 
 def test_chain_a_foreign_rule_jumps_to_is_flushed_not_deleted(host: Host) -> None:
+    iptables_only(host, "nft rules cannot jump into another table")
     a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
     assert converge(host.backend(), a).ok
     old = next(
@@ -488,6 +553,10 @@ def test_failed_transaction_changes_nothing(host: Host) -> None:
     before = host.save()
 
     def bad_line(family: int, text: str) -> str:
+        if host.kind == "nftables":  # a command nft cannot parse, last in the transaction
+            doc = json.loads(text)
+            doc["nftables"].append({"add": {"bogus": {}}})
+            return json.dumps(doc)
         lines = text.splitlines()
         lines.insert(len(lines) - 1, "-A FORWARD --bogus-option 1 -j ACCEPT")
         return "\n".join(lines) + "\n"
@@ -495,7 +564,8 @@ def test_failed_transaction_changes_nothing(host: Host) -> None:
     result = converge(host.backend(fault=bad_line), b, a)
     assert not result.ok
     errors = [f.error for f in result.families]
-    assert all(e and "refused" in e and "line" in e for e in errors), errors
+    where = "command" if host.kind == "nftables" else "line"
+    assert all(e and "refused" in e and where in e for e in errors), errors
     assert all(not f.sent for f in result.families)
     assert host.save() == before
 
@@ -505,20 +575,26 @@ def test_jump_to_a_missing_chain_is_refused_atomically(host: Host) -> None:
     assert converge(host.backend(), plan).ok
     before = host.save()
     backend = host.backend()
-    desired = render_cell(plan, 4)
+    desired = host.render(plan, 4)
     chains = dict(desired.chains)
-    chain = _container(plan)
-    chains[chain] = (
-        *chains[chain][:2],
-        f"-A {chain} -j ASG-G-ffffffffffffffff",
-        *chains[chain][2:],
-    )
-    broken = Ruleset(4, chains)
+    if host.kind == "nftables":
+        chain = next(n for n in sorted(chains) if n.startswith("c4-"))
+        jump = canonical_rule([{"jump": {"target": "g4-ffffffffffffffff"}}], "asg:g:ffff")
+        broken: Ruleset = replace(desired, chains={**chains, chain: (jump, *chains[chain])})
+    else:
+        chain = _container(plan)
+        chains[chain] = (
+            *chains[chain][:2],
+            f"-A {chain} -j ASG-G-ffffffffffffffff",
+            *chains[chain][2:],
+        )
+        broken = Ruleset(4, chains)
     delta = backend.delta(broken, backend.read(4), desired)
     assert delta.written == (chain,)
     with pytest.raises(ApplyError) as err:
         backend.apply(delta)
-    assert err.value.line is not None
+    if host.kind != "nftables":  # (nft names no position for errors the kernel reports)
+        assert err.value.line is not None
     assert host.save() == before
 
 
@@ -585,7 +661,10 @@ def test_asgctl_apply_exit_codes(host: Host, tmp_path: Path) -> None:
     before = host.save()
     dry = run("--dry-run")
     assert dry.exit_code == 2, dry.output
-    assert "*filter" in dry.output and "COMMIT" in dry.output
+    if host.kind == "nftables":
+        assert '{"nftables": [' in dry.output and '"hook":"forward"' in dry.output
+    else:
+        assert "*filter" in dry.output and "COMMIT" in dry.output
     assert host.save() == before
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -600,10 +679,10 @@ def test_asgctl_apply_exit_codes(host: Host, tmp_path: Path) -> None:
     again = run("--format", "json")
     assert again.exit_code == 0, again.output
     assert json.loads(again.output)["in_sync"] is True
-    host.ipt(4, "-D", "FORWARD", "1")
+    host.unhook(4)
     report = run("--report-only")
     assert report.exit_code == 2 and "hook-added" in report.output
-    assert host.backend().read(4).hooks == ()
+    assert not host.hooked(4)
     assert run().exit_code == 2
     assert_matches_plan(host, edge_plan())
     assert run().exit_code == 0
