@@ -1,9 +1,10 @@
 """End to end: policies compiled, converged into a lab cell, and checked with real packets.
 
-One lab cell per iptables variant holds three containers (a running app, dual-stack; the same
-app's staging container; an unrelated app) and two services.  Every allowed destination must
-answer, and every denied one must be REJECTED by the cell (an ICMP error from the container's
-gateway, at once), never left to time out and never refused by the service itself.
+One lab cell per backend (iptables-legacy, iptables-nft, nftables) holds three containers (a
+running app, dual-stack; the same app's staging container; an unrelated app) and two services.
+Every allowed destination must answer, and every denied one must be REJECTED by the cell (an
+ICMP error from the container's gateway, at once), never left to time out and never refused by
+the service itself.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 import pytest
 
 from reconciler.compile import compile_cell
-from reconciler.dataplane import Runner, converge
+from reconciler.dataplane import Backend, Runner, converge
 from reconciler.dataplane.iptables import IptablesBackend
+from reconciler.dataplane.nftables import NftablesBackend
 from reconciler.lab.netns import ContainerSpec, Lab, ServiceSpec
 from reconciler.lab.probe import Outcome, ProbeResult
 from reconciler.model import (
@@ -32,7 +34,7 @@ from reconciler.model import (
 from reconciler.plan import CellPlan
 from tests.conftest import require_netns
 
-VARIANTS = ("legacy", "nft")
+VARIANTS = ("legacy", "nft", "nftables")  # two iptables variants, and the nftables backend
 CONTAINERS = (
     ContainerSpec("web", app_id="app-web", space_id="space-prod", ipv6=True),
     ContainerSpec("stager", app_id="app-web", space_id="space-prod", workload="staging"),
@@ -116,12 +118,17 @@ def plan_for(lab: Lab, extra: tuple[Rule, ...] = ()) -> CellPlan:
 @dataclass
 class Cell:
     lab: Lab
-    backend: IptablesBackend
+    backend: Backend
 
 
 def start_cell(variant: str) -> tuple[Lab, Cell]:
     lab = Lab(CONTAINERS, SERVICES).start()
-    backend = IptablesBackend.open(variant, Runner.in_netns(lab.cell))
+    runner = Runner.in_netns(lab.cell)
+    backend: Backend
+    if variant == "nftables":
+        backend = NftablesBackend.open("auto", runner)
+    else:
+        backend = IptablesBackend.open(variant, runner)
     result = converge(backend, plan_for(lab))
     assert result.ok, result.to_dict()
     return lab, Cell(lab, backend)
