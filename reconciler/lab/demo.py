@@ -264,6 +264,7 @@ class Demo:
         self.pids_before: dict[str, tuple[int, int | None]] = {}
         self.log_offsets: dict[str, int] = {}
         self.report: dict[str, Any] = {}
+        self.owns_lab = False
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -455,6 +456,13 @@ class Demo:
         cfg = self.cfg
         n = self.n
         n.section("The platform")
+        user = platform.live_user(cfg.name)
+        if user is not None:
+            raise DemoError(
+                f"lab {cfg.name!r} is in use by process {user.pid}; run the demo with "
+                "another --name, or stop that one first"
+            )
+        self.owns_lab = True  # from here on, the lab of this name is ours to remove
         leftovers = platform.down(cfg.name)
         if leftovers:
             n.say(f"(removed a previous demo lab first: {len(leftovers)} items)")
@@ -465,6 +473,7 @@ class Demo:
             seed_hook=seed_before_story,
             log=lambda m: None,
         )
+        platform.hold(self.lab)
         lab = self.lab
         n.say(
             f"{len(lab.cells)} cells, {len(lab.spec.containers)} containers and "
@@ -722,6 +731,8 @@ class Demo:
         }
 
     def teardown(self) -> None:
+        if not self.owns_lab:  # another demo's lab: not ours to remove
+            return
         if self.held is not None:
             self.held.close()
         if self.info is not None:
@@ -785,7 +796,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted; the lab was torn down", file=sys.stderr)
         report, code = {**demo.result(), "error": "interrupted"}, 130
     except (DemoError, platform.PlatformError, GitError) as exc:
-        print(f"\nerror: {exc}\n(the lab was torn down)", file=sys.stderr)
+        note = "\n(the lab was torn down)" if demo.owns_lab else ""
+        print(f"\nerror: {exc}{note}", file=sys.stderr)
         report, code = {**demo.result(), "error": str(exc)}, 1
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -649,6 +649,30 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def live_user(name: str) -> ProcessRecord | None:
+    """The live process that builds (`owner`) or runs a demo on (`holder`) lab `name`.
+
+    Lets a second demo refuse to start instead of tearing down a lab another one is using.
+    """
+    try:
+        doc = json.loads((lab_dir(name) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    for role in ("owner", "holder"):
+        entry = doc.get(role) or {}
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            rec = ProcessRecord(role, int(entry["pid"]), entry.get("start"))
+            if rec.pid != os.getpid() and rec.alive():
+                return rec
+    return None
+
+
+def hold(info: LabInfo) -> None:
+    """Record this process as the one using the lab (see `live_user`)."""
+    me = {"pid": os.getpid(), "start": process_start_time(os.getpid())}
+    update_state(info.directory, lambda d: d.__setitem__("holder", me))
+
+
 # -- availability --------------------------------------------------------------------------
 
 
