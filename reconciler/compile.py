@@ -48,13 +48,55 @@ class Source:
     rule: Rule
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """What one profile gets, by number: the unit compile works with."""
+
+    keys: frozenset[int]  # the binding keys it has
+    atoms: tuple[int, ...]  # what those keys grant, of its family
+    numbers: tuple[int, ...]  # the atoms' items, sorted
+    rule_ids: tuple[str, ...]
+    cf_lines: int
+
+
+def _item_order(item: RuleItem) -> tuple:
+    """RuleItem's own ordering as a plain tuple, so sorting runs at C speed."""
+    d = item.destination
+    ports = tuple((p.first, p.last) for p in item.ports)
+    return (
+        item.protocol,
+        (d.version, d.first, d.last),
+        ports,
+        item.icmp_type,
+        item.icmp_code,
+        item.log,
+    )
+
+
 def profile_of(container: Container) -> Profile:
-    """Everything that decides which rules a container gets; equal profiles, equal rules."""
-    return (container.version, container.lifecycle, container.space_id, container.app_id)
+    """Everything that decides which rules a container gets; equal profiles, equal rules.
+
+    The family is read off the (already validated) address text: parsing it with ipaddress
+    for every container was the largest single cost of a fleet-wide plan.
+    """
+    version = 6 if ":" in container.ip else 4
+    return (version, container.lifecycle, container.space_id, container.app_id)
 
 
 class _Index:
-    """Bindings indexed once per compile, so each profile's sources are found without scans."""
+    """A policy set indexed once, so compiling a cell touches only what its containers get.
+
+    Bindings are kept by key (global defaults and default policies per lifecycle, space
+    groups and space policies per lifecycle and space, app policies per lifecycle and app).
+    A container's profile names a handful of keys; everything it gets is what those keys
+    grant.
+
+    Items (rules with one destination) are numbered in their sort order, and grouped into
+    *atoms*: the items granted by exactly the same keys, of one family and one log flag.  Two
+    items of an atom are held by the same containers in every cell, so compiling partitions
+    a cell's atoms (a few per profile) instead of its items (dozens per profile); that is
+    what makes a fleet-wide CI plan, thousands of compiles, take seconds.
+    """
 
     def __init__(self, policy: PolicySet):
         self.global_groups: dict[str, list[Source]] = defaultdict(list)
@@ -101,35 +143,156 @@ class _Index:
                     self.app_policies[(lifecycle, ep.source_id)].append(src)
                 elif ep.source_type == "space" and ep.source_id:
                     self.space_policies[(lifecycle, ep.source_id)].append(src)
+        self._build_atoms()
 
-        # What each profile gets, computed once per policy object: a fleet-wide plan (CI) or a
-        # cell with many containers of one app compiles each distinct profile only once.
-        self._profiles: dict[Profile, ProfileRules] = {}
-        self._item_cache: dict[int, tuple[RuleItem, ...]] = {}
-        self.rule_ids: dict[RuleItem, str] = {}
-
-    def profile_rules(self, profile: Profile) -> ProfileRules:
-        cached = self._profiles.get(profile)
-        if cached is not None:
-            return cached
-        items: dict[RuleItem, set[Provenance]] = {}
-        for src in self.sources(profile[1], profile[2], profile[3]):
-            key = id(src.rule)
-            expanded = self._item_cache.get(key)
-            if expanded is None:
-                expanded = self._item_cache[key] = src.rule.items()
-            for item in expanded:
-                if item.version == profile[0]:
-                    items.setdefault(item, set()).add(src.provenance)
-        out = {item: frozenset(prov) for item, prov in items.items()}
-        self._profiles[profile] = out
+    def _bindings(self) -> list[tuple[tuple[str, ...], list[Source]]]:
+        out: list[tuple[tuple[str, ...], list[Source]]] = []
+        out += [(("global", lc), v) for lc, v in self.global_groups.items()]
+        out += [(("default", lc), v) for lc, v in self.default_policies.items()]
+        out += [(("space-group", *k), v) for k, v in self.space_groups.items()]
+        out += [(("space-policy", *k), v) for k, v in self.space_policies.items()]
+        out += [(("app-policy", *k), v) for k, v in self.app_policies.items()]
         return out
 
-    def rule_id(self, item: RuleItem) -> str:
-        rid = self.rule_ids.get(item)
-        if rid is None:
-            rid = self.rule_ids[item] = content_id(item.key())
-        return rid
+    def _build_atoms(self) -> None:
+        bindings = self._bindings()
+        expanded: dict[int, tuple[RuleItem, ...]] = {}
+        provs: set[Provenance] = set()
+        for _, sources in bindings:
+            for src in sources:
+                if id(src.rule) not in expanded:
+                    expanded[id(src.rule)] = src.rule.items()
+                provs.add(src.provenance)
+        # Numbers follow the sort order, so sorting numbers sorts items and provenances
+        # exactly as the plan orders them, at the speed of sorting ints.
+        self.items: list[RuleItem] = sorted(
+            {i for items in expanded.values() for i in items}, key=_item_order
+        )
+        number = {item: n for n, item in enumerate(self.items)}
+        self.provenances: list[Provenance] = sorted(provs)
+        prov_number = {p: n for n, p in enumerate(self.provenances)}
+        self.item_ids = [content_id(i.key()) for i in self.items]
+        self.item_lines = [item_lines(i) for i in self.items]
+        # Per key: which items it grants, and which documents grant each of them.
+        self.key_number: dict[tuple[str, ...], int] = {}
+        grants: list[dict[int, set[int]]] = []
+        for key, sources in bindings:
+            k = self.key_number.setdefault(key, len(grants))
+            if k == len(grants):
+                grants.append({})
+            for src in sources:
+                p = prov_number[src.provenance]
+                for item in expanded[id(src.rule)]:
+                    grants[k].setdefault(number[item], set()).add(p)
+        self.grants: list[dict[int, frozenset[int]]] = [
+            {n: frozenset(ps) for n, ps in g.items()} for g in grants
+        ]
+        signature: dict[int, list[int]] = defaultdict(list)
+        for k, granted in enumerate(self.grants):
+            for n in granted:
+                signature[n].append(k)
+        atoms: dict[tuple[tuple[int, ...], int, bool], list[int]] = defaultdict(list)
+        for n in sorted(signature):
+            item = self.items[n]
+            atoms[(tuple(signature[n]), item.version, item.log)].append(n)
+        self.atom_items: list[tuple[int, ...]] = []
+        self.atom_keyset: list[frozenset[int]] = []
+        self.atom_version: list[int] = []
+        self.atom_log: list[bool] = []
+        # An atom is *uniform* when every key grants each of its items through the same
+        # documents (an ASG bound to many spaces): its provenance then does not depend on
+        # which of those keys a cell's containers have, and needs no per-cell work.
+        self.atom_uniform: list[tuple[frozenset[int], ...] | None] = []
+        self.key_atoms: list[list[int]] = [[] for _ in self.grants]
+        for (keys, version, log), numbers in atoms.items():
+            a = len(self.atom_items)
+            self.atom_items.append(tuple(numbers))
+            self.atom_keyset.append(frozenset(keys))
+            self.atom_version.append(version)
+            self.atom_log.append(log)
+            per_item = [{self.grants[k][n] for k in keys} for n in numbers]
+            uniform = all(len(p) == 1 for p in per_item)
+            self.atom_uniform.append(tuple(p.pop() for p in per_item) if uniform else None)
+            for k in keys:
+                self.key_atoms[k].append(a)
+        self._entries: dict[Profile, _Entry] = {}
+        self._profile_rules: dict[Profile, ProfileRules] = {}
+        self._rules: dict[tuple[int, frozenset[int]], PlanRule] = {}
+        self._groups: dict[tuple[tuple[int, frozenset[int] | None], ...], RuleGroup] = {}
+
+    def profile_keys(self, profile: Profile) -> frozenset[int]:
+        _, lifecycle, space, app = profile
+        names: list[tuple[str, ...]] = [("global", lifecycle), ("default", lifecycle)]
+        if space:
+            names += [("space-group", lifecycle, space), ("space-policy", lifecycle, space)]
+        if app:
+            names.append(("app-policy", lifecycle, app))
+        return frozenset(self.key_number[n] for n in names if n in self.key_number)
+
+    def entry(self, profile: Profile) -> _Entry:
+        """What a profile gets, computed once per policy object and reused by every cell."""
+        cached = self._entries.get(profile)
+        if cached is not None:
+            return cached
+        keys = self.profile_keys(profile)
+        atoms = sorted(
+            {a for k in keys for a in self.key_atoms[k] if self.atom_version[a] == profile[0]}
+        )
+        numbers = tuple(sorted(n for a in atoms for n in self.atom_items[a]))
+        entry = _Entry(
+            keys=keys,
+            atoms=tuple(atoms),
+            numbers=numbers,
+            rule_ids=tuple(self.item_ids[n] for n in numbers),
+            cf_lines=sum(self.item_lines[n] for n in numbers),
+        )
+        self._entries[profile] = entry
+        return entry
+
+    def provenance(self, n: int, keys: Iterable[int]) -> frozenset[int]:
+        """The documents granting item `n` through any of these keys."""
+        out: set[int] = set()
+        for k in keys:
+            out |= self.grants[k].get(n, frozenset())
+        return frozenset(out)
+
+    def profile_rules(self, profile: Profile) -> ProfileRules:
+        cached = self._profile_rules.get(profile)
+        if cached is None:
+            e = self.entry(profile)
+            cached = {
+                self.items[n]: frozenset(self.provenances[p] for p in self.provenance(n, e.keys))
+                for n in e.numbers
+            }
+            self._profile_rules[profile] = cached
+        return cached
+
+    def _plan_rule(self, n: int, provs: frozenset[int]) -> PlanRule:
+        key = (n, provs)
+        rule = self._rules.get(key)
+        if rule is None:
+            sources = tuple(self.provenances[p] for p in sorted(provs))
+            rule = self._rules[key] = PlanRule(self.item_ids[n], self.items[n], sources)
+        return rule
+
+    def group(self, parts: tuple[tuple[int, frozenset[int] | None], ...]) -> RuleGroup:
+        """The group of these atoms, each with the keys through which the cell gets it
+        (None for a uniform atom, whose provenance is the same through any of its keys)."""
+        group = self._groups.get(parts)
+        if group is None:
+            numbered = []
+            for a, keys in parts:
+                uniform = self.atom_uniform[a]
+                if keys is None and uniform is not None:
+                    numbered.extend(zip(self.atom_items[a], uniform, strict=True))
+                else:
+                    keys = self.atom_keyset[a] if keys is None else keys
+                    numbered.extend((n, self.provenance(n, keys)) for n in self.atom_items[a])
+            numbered.sort()
+            rules = tuple(self._plan_rule(n, provs) for n, provs in numbered)
+            gid = content_id("\n".join(r.id for r in rules))
+            group = self._groups[parts] = RuleGroup(gid, self.atom_version[parts[0][0]], rules)
+        return group
 
     def sources(self, lifecycle: str, space_id: str, app_id: str) -> list[Source]:
         out = list(self.global_groups.get(lifecycle, ()))
@@ -171,6 +334,15 @@ def profile_rules(policy: PolicySet, profile: Profile) -> ProfileRules:
     return _index_for(policy).profile_rules(profile)
 
 
+def profile_signature(policy: PolicySet, profile: Profile) -> tuple[str, ...]:
+    """The ids of the rule items a profile gets, in plan order.
+
+    Equal signatures at two revisions mean equal chains for every container of the profile,
+    which lets the CI plan skip cells that no change touches.
+    """
+    return _index_for(policy).entry(profile).rule_ids
+
+
 def container_sources(policy: PolicySet, container: Container) -> list[Source]:
     """Every rule the container gets and who grants it (used by `explain` and policy tests)."""
     return _index_for(policy).sources(container.lifecycle, container.space_id, container.app_id)
@@ -180,49 +352,61 @@ def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str =
     """The plan for one cell; same input, same plan, byte for byte."""
     index = _index_for(policy)
     containers = sorted(containers)
-    profiles: dict[Profile, ProfileRules] = {}
-    for c in containers:
-        profile = profile_of(c)
-        if profile not in profiles:
-            profiles[profile] = index.profile_rules(profile)
+    of = [profile_of(c) for c in containers]
+    profiles = sorted(set(of))
+    position = {p: i for i, p in enumerate(profiles)}
+    entries = [index.entry(p) for p in profiles]
 
-    # Partition the distinct items by the exact set of profiles that get them.
-    holders: dict[RuleItem, list[Profile]] = defaultdict(list)
-    provenance: dict[RuleItem, set[Provenance]] = defaultdict(set)
-    for profile in sorted(profiles):
-        for item, prov in profiles[profile].items():
-            holders[item].append(profile)
-            provenance[item] |= prov
+    # Partition the cell's rules by the exact set of profiles that get them.  Every item of
+    # an atom has the same holders, so the partition is computed over atoms.
+    holders: dict[int, list[int]] = {}
+    for i, entry in enumerate(entries):
+        for a in entry.atoms:
+            owners = holders.get(a)
+            if owners is None:
+                holders[a] = [i]
+            else:
+                owners.append(i)
     # Logging rules get groups of their own, which containers jump to first, so a log rule
     # sees every packet it matches before any silent accept of the same traffic can take it.
-    parts: dict[tuple[tuple[Profile, ...], bool], list[RuleItem]] = defaultdict(list)
-    for item, owners in holders.items():
-        parts[(tuple(owners), item.log)].append(item)
+    parts: dict[tuple[tuple[int, ...], bool], list[int]] = defaultdict(list)
+    for a, owners in holders.items():
+        parts[(tuple(owners), index.atom_log[a])].append(a)
 
     groups: list[RuleGroup] = []
-    groups_of: dict[Profile, list[RuleGroup]] = defaultdict(list)
-    for (owners, _), items in parts.items():
-        rules = tuple(
-            PlanRule(index.rule_id(item), item, tuple(sorted(provenance[item])))
-            for item in sorted(items)
-        )
-        group = RuleGroup(content_id("\n".join(r.id for r in rules)), items[0].version, rules)
+    groups_of: list[list[tuple[bool, str]]] = [[] for _ in profiles]
+    for (owners, log), atoms in parts.items():
+        # A rule's provenance is every document granting it to some container of the cell:
+        # the atom's keys that at least one owner has.
+        union: frozenset[int] | None = None
+        keyed: list[tuple[int, frozenset[int] | None]] = []
+        for a in sorted(atoms):
+            if index.atom_uniform[a] is not None:
+                keyed.append((a, None))
+                continue
+            keys = index.atom_keyset[a]
+            if len(keys) > 1:  # granted through several keys: keep those the owners have
+                if union is None:
+                    union = frozenset().union(*(entries[i].keys for i in owners))
+                keys = keys & union
+            keyed.append((a, keys))
+        group = index.group(tuple(keyed))
         groups.append(group)
-        for profile in owners:
-            groups_of[profile].append(group)
+        key = (not log, group.id)  # a part's rules all log or none do: this is has_log
+        for i in owners:
+            groups_of[i].append(key)
+    chain_groups = [tuple(gid for _, gid in sorted(mine)) for mine in groups_of]
 
-    container_plans = []
-    for c in containers:
-        mine = groups_of.get(profile_of(c), [])
-        ordered = sorted(mine, key=lambda g: (not g.has_log, g.id))
-        container_plans.append(
-            ContainerPlan(c, content_id("container " + c.handle), tuple(g.id for g in ordered))
-        )
+    slots = [position[p] for p in of]
+    container_plans = tuple(
+        ContainerPlan(c, content_id("container " + c.handle), chain_groups[i])
+        for c, i in zip(containers, slots, strict=True)
+    )
     return CellPlan(
         cell=cell,
-        containers=tuple(container_plans),
+        containers=container_plans,
         groups=tuple(sorted(groups, key=lambda g: g.id)),
-        cf_equivalent_rules=cf_equivalent_rules(policy, containers),
+        cf_equivalent_rules=sum(CF_CONTAINER_FIXED_LINES + entries[i].cf_lines for i in slots),
     )
 
 
@@ -232,12 +416,4 @@ def cf_equivalent_rules(policy: PolicySet, containers: Iterable[Container]) -> i
     Its own function so the CI plan can count a cell it does not need to compile.
     """
     index = _index_for(policy)
-    per_profile: dict[Profile, int] = {}
-    total = 0
-    for c in containers:
-        profile = profile_of(c)
-        lines = per_profile.get(profile)
-        if lines is None:
-            lines = per_profile[profile] = sum(item_lines(i) for i in index.profile_rules(profile))
-        total += CF_CONTAINER_FIXED_LINES + lines
-    return total
+    return sum(CF_CONTAINER_FIXED_LINES + index.entry(profile_of(c)).cf_lines for c in containers)

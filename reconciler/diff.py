@@ -13,9 +13,10 @@ Two levels, because two audiences read a policy PR:
 Pure and deterministic (data in, data out), so CI can run it and golden tests can pin it.
 
 Speed: compiling is a function of each container's *profile* (IP family, lifecycle, space,
-app), and `compile.profile_rules` memoises that per policy object.  A cell whose profiles all
-get the same rule items at base and head renders byte-identical chains, so it is not
-compiled at all; only cells holding a touched profile are compiled, rendered and diffed.
+app), memoised per policy object in `compile`.  A cell whose profiles all get the same rule
+items at base and head (`profile_signature`) renders byte-identical chains, so it is not
+compiled at all; cells holding a touched profile are compiled at both revisions, and only
+their created, deleted and re-chained chains are rendered and compared.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from reconciler.compile import Profile, cf_equivalent_rules, compile_cell, profile_of, profile_rules
+from reconciler.compile import (
+    Profile,
+    cf_equivalent_rules,
+    compile_cell,
+    profile_of,
+    profile_rules,
+    profile_signature,
+)
 from reconciler.inventory_sources import CellInventory
 from reconciler.model import (
     AddressRange,
@@ -37,8 +45,8 @@ from reconciler.model import (
     RuleItem,
     SecurityGroup,
 )
-from reconciler.plan import Provenance
-from reconciler.render.iptables import CONTAINER_PREFIX, GROUP_PREFIX, render_cell
+from reconciler.plan import CONTAINER_FIXED_LINES, CellPlan, ContainerPlan, Provenance, RuleGroup
+from reconciler.render.iptables import CONTAINER_PREFIX, GROUP_PREFIX, TOP_CHAIN, render_cell
 
 CF_RULES_WARNING = 150_000
 CF_RULES_ERROR = 500_000
@@ -210,16 +218,21 @@ def diff_plans(
             p = profile_of(c)
             profile_count[p] += 1
             if p not in touched:
-                touched[p] = profile_rules(base, p).keys() != profile_rules(head, p).keys()
+                touched[p] = profile_signature(base, p) != profile_signature(head, p)
 
-    cells = tuple(_diff_cell(base, head, cell, touched) for cell in inventory)
+    group_lines: dict[str, int] = {}
+    cells = tuple(_diff_cell(base, head, cell, touched, group_lines) for cell in inventory)
     notices = tuple(n for c in cells for n in _limit_notices(c))
     principals = _principal_diffs(base, head, inventory, touched, location_prefix)
     return PlanDiff(cells, principals, notices)
 
 
 def _diff_cell(
-    base: PolicySet, head: PolicySet, cell: CellInventory, touched: dict[Profile, bool]
+    base: PolicySet,
+    head: PolicySet,
+    cell: CellInventory,
+    touched: dict[Profile, bool],
+    group_lines: dict[str, int],
 ) -> CellDiff:
     containers = cell.containers
     base_cf = cf_equivalent_rules(base, containers)
@@ -228,14 +241,7 @@ def _diff_cell(
         return CellDiff(cell.cell, cell.origin, len(containers), 0, (), base_cf, head_cf)
     before = compile_cell(base, containers, cell.cell)
     after = compile_cell(head, containers, cell.cell)
-    chains: list[ChainDiff] = []
-    for family in (4, 6):
-        old = render_cell(before, family).chains
-        new = render_cell(after, family).chains
-        for name in sorted(old.keys() | new.keys(), key=_chain_sort):
-            a, b = old.get(name, ()), new.get(name, ())
-            if a != b:
-                chains.append(_chain_diff(family, name, a, b))
+    chains = [ch for family in (4, 6) for ch in _family_diff(before, after, family)]
     rechained = sum(1 for c in chains if c.chain.startswith(CONTAINER_PREFIX))
     return CellDiff(
         cell.cell,
@@ -245,9 +251,53 @@ def _diff_cell(
         tuple(chains),
         base_cf,
         head_cf,
-        before.installed_rules,
-        after.installed_rules,
+        _installed(before, group_lines),
+        _installed(after, group_lines),
     )
+
+
+def _family_diff(before: CellPlan, after: CellPlan, family: int) -> list[ChainDiff]:
+    """The chains of one family that differ, rendering only those.
+
+    Chains are content-addressed, so a group chain present at both revisions is identical,
+    and a container chain is identical when its list of groups is: only created and deleted
+    groups and re-chained containers are rendered.  (Rendering every chain of a cell twice
+    was most of the plan's time at fleet scale.)
+    """
+    old_groups = {g.id: g for g in before.groups if g.version == family}
+    new_groups = {g.id: g for g in after.groups if g.version == family}
+    old_cs = {c.chain_id: c for c in before.containers if _family(c.container) == family}
+    new_cs = {c.chain_id: c for c in after.containers if _family(c.container) == family}
+    changed = sorted(
+        k
+        for k in old_cs.keys() | new_cs.keys()
+        if k not in old_cs or k not in new_cs or old_cs[k].groups != new_cs[k].groups
+    )
+    dispatch = {(c.container.ip, k) for k, c in old_cs.items()} != {
+        (c.container.ip, k) for k, c in new_cs.items()
+    }
+    gone = sorted(old_groups.keys() - new_groups.keys())
+    added = sorted(new_groups.keys() - old_groups.keys())
+    if not (changed or dispatch or gone or added):
+        return []
+    if dispatch or not changed:
+        changed = sorted(old_cs.keys() | new_cs.keys())  # render all; equal chains drop out
+
+    def sub(plan: CellPlan, cs: dict[str, ContainerPlan], groups: list[RuleGroup]) -> CellPlan:
+        mine = tuple(cs[k] for k in changed if k in cs)
+        return CellPlan(plan.cell, mine, tuple(groups), 0)
+
+    old = render_cell(sub(before, old_cs, [old_groups[g] for g in gone]), family).chains
+    new = render_cell(sub(after, new_cs, [new_groups[g] for g in added]), family).chains
+    if not dispatch:
+        old.pop(TOP_CHAIN, None)
+        new.pop(TOP_CHAIN, None)
+    out = []
+    for name in sorted(old.keys() | new.keys(), key=_chain_sort):
+        a, b = old.get(name, ()), new.get(name, ())
+        if a != b:
+            out.append(_chain_diff(family, name, a, b))
+    return out
 
 
 def _chain_sort(name: str) -> tuple[int, str]:
@@ -313,7 +363,7 @@ def _principal_diffs(
     for cell in inventory:
         for c in cell.containers:
             pr = _principal(c)
-            families[pr][c.version] += 1
+            families[pr][_family(c)] += 1
             cells[pr].add(cell.cell)
     explainer = _Explainer(base, head, prefix)
     out: list[PrincipalDiff] = []
@@ -353,6 +403,23 @@ def _principal_diffs(
         )
     out.sort(key=lambda p: (p.name, p.lifecycle, p.space_id, p.app_id))
     return tuple(out)
+
+
+def _family(c: Container) -> int:
+    """4 or 6, from the validated address text (cheaper than parsing it again)."""
+    return 6 if ":" in c.ip else 4
+
+
+def _installed(plan: CellPlan, group_lines: dict[str, int]) -> int:
+    """`CellPlan.installed_rules`, with each shared group's line count computed once."""
+    total = len({_family(cp.container) for cp in plan.containers})
+    total += sum(CONTAINER_FIXED_LINES + len(cp.groups) for cp in plan.containers)
+    for g in plan.groups:
+        n = group_lines.get(g.id)
+        if n is None:
+            n = group_lines[g.id] = g.lines
+        total += n
+    return total
 
 
 def _principal(c: Container) -> Principal:

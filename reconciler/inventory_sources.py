@@ -33,6 +33,7 @@ import ipaddress
 import json
 import os
 import re
+import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,19 +148,116 @@ def status_refs(repo: Any) -> dict[str, str]:
     return best
 
 
+CONTRACT_KEYS = ("handle", "ip", "app_id", "space_id", "org_id", "workload")
+_KEYS = "|".join(CONTRACT_KEYS)
+# The block style PyYAML writes: `- key: value` opens an entry, `  key: value` continues it,
+# `  - item` and deeper lines belong to a field without an inline value.  A value may not
+# start a flow collection (other than an empty one), an anchor, alias, tag, block scalar,
+# double-quoted string or comment: anything like that goes to the full YAML loader.
+_SHAPE = re.compile(
+    r"(?:(?:- |  )[A-Za-z_][A-Za-z0-9_]*:"
+    r"(?: (?:\[\]|\{\}|(?![\[{&*!|>\"#%@`])[^\n]*))?\n"
+    r"|  - [^\n]*\n|    [^\n]*\n)*"
+)
+# A contract field, and the start of the next line: deeper means a multi-line value.
+_FIELD = re.compile(rf"^(?:- |  )({_KEYS}):(?: ([^\n]*))?\n((?:    |  - )?)", re.M)
+_NEXT_TOP_KEY = re.compile(r"\n[^ \n-]")
+_PLAIN = re.compile(r"[A-Za-z0-9_.:/-]+")
+_SINGLE_QUOTED = re.compile(r"'((?:[^'\n]|'')*)'")
+_NULLS = ("~", "null", "Null", "NULL")
+_UNSEEN: Any = object()
+
+
+def _plain_is_string(value: str) -> bool:
+    """Would YAML read this plain scalar as a string (not a number, bool, null or date)?"""
+    for _tag, regexp in yaml.resolver.Resolver.yaml_implicit_resolvers.get(value[:1], []):
+        if regexp.match(value):
+            return False
+    return True
+
+
+def _fast_entries(text: str) -> list[dict[str, str]] | None:
+    """The contract fields of `containers:` in PyYAML's block style, without a YAML load.
+
+    A full YAML load of a fleet's status files took most of a fleet-wide plan (each entry
+    also carries chains, groups and sources that the plan does not need).  This accepts only
+    the shape the agent writes (`yaml.dump(..., default_flow_style=False)`) and returns None
+    on anything else -- comments, tabs, flow collections, double quotes, multi-line values,
+    a contract field that is not a plain or single-quoted string -- so the caller falls back
+    to the full YAML loader, and the two read the same containers from every valid file.
+    """
+    at = 0 if text.startswith("containers:") else text.find("\ncontainers:") + 1
+    if at == 0 and not text.startswith("containers:"):
+        return None
+    if text.find("\ncontainers:", at + 1) != -1:
+        return None
+    eol = text.find("\n", at)
+    head = text[at : eol if eol != -1 else len(text)]
+    if head in ("containers: []", "containers: null", "containers: ~"):
+        return []
+    if head != "containers:":
+        return None
+    body_start = eol + 1
+    m = _NEXT_TOP_KEY.search(text, body_start - 1)
+    block = text[body_start : m.start() + 1 if m else len(text)]
+    if block and not block.endswith("\n"):
+        block += "\n"
+    if " #" in block or "\t" in block or "\r" in block or not block.startswith("- "):
+        return None if block else []
+    if _SHAPE.fullmatch(block) is None:
+        return None
+    checked: dict[str, str | None] = {}
+    entries: list[dict[str, str]] = []
+    for i, chunk in enumerate(block.split("\n- ")):
+        entry: dict[str, str] = {}
+        text_of = (chunk if i == 0 else "- " + chunk) + "\n"
+        for key, raw, deeper in _FIELD.findall(text_of):
+            if key in entry or not raw or deeper:
+                return None
+            value = checked.get(raw, _UNSEEN)
+            if value is _UNSEEN:
+                value = checked[raw] = _scalar(raw)
+            if value is None:
+                return None
+            entry[key] = value
+        entries.append(entry)
+    return entries
+
+
+def _scalar(raw: str) -> str | None:
+    """A contract field's string value, or None when only a YAML loader can say."""
+    if raw in _NULLS:
+        return ""  # YAML null: the field is empty, as the loader path reads it
+    quoted = _SINGLE_QUOTED.fullmatch(raw)
+    if quoted is not None:
+        return quoted.group(1).replace("''", "'")
+    if _PLAIN.fullmatch(raw) and _plain_is_string(raw):
+        return raw
+    return None
+
+
 def containers_from_status(text: bytes | str, origin: str) -> tuple[Container, ...]:
     """The containers of a `status.yaml` (the contract above), validated like a store file."""
     if len(text) > MAX_STORE_BYTES:
         raise InventoryError(f"{origin}: larger than {MAX_STORE_BYTES} bytes")
-    try:
-        doc = yaml.load(text, Loader=_YAML_LOADER)  # CSafeLoader or SafeLoader
-    except yaml.YAMLError as exc:
-        raise InventoryError(f"{origin}: not valid YAML: {exc}") from None
-    if doc is None:
-        doc = {}
-    if not isinstance(doc, dict):
-        raise InventoryError(f"{origin}: expected a mapping with 'containers'")
-    entries = doc.get("containers") or []
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InventoryError(f"{origin}: not UTF-8") from None
+    fast = _fast_entries(text)
+    if fast is not None:
+        entries: Any = fast
+    else:
+        try:
+            doc = yaml.load(text, Loader=_YAML_LOADER)  # CSafeLoader or SafeLoader
+        except yaml.YAMLError as exc:
+            raise InventoryError(f"{origin}: not valid YAML: {exc}") from None
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, dict):
+            raise InventoryError(f"{origin}: expected a mapping with 'containers'")
+        entries = doc.get("containers") or []
     if not isinstance(entries, list):
         raise InventoryError(f"{origin}: 'containers' must be a list")
     store: dict[str, Any] = {}
@@ -180,6 +278,33 @@ def containers_from_status(text: bytes | str, origin: str) -> tuple[Container, .
             },
         }
     return parse_store(json.dumps(store), origin)
+
+
+def _read_blobs(git_dir: str, specs: list[str]) -> list[bytes | None]:
+    """`<ref>:<path>` blobs in one `git cat-file --batch` (one process, not one per cell)."""
+    if not specs:
+        return []
+    out = subprocess.run(
+        ["git", "-C", git_dir, "cat-file", "--batch"],
+        input="".join(s + "\n" for s in specs).encode(),
+        capture_output=True,
+        check=True,
+    ).stdout
+    blobs: list[bytes | None] = []
+    pos = 0
+    for _ in specs:
+        eol = out.index(b"\n", pos)
+        header = out[pos:eol].split()
+        pos = eol + 1
+        if len(header) != 3 or header[1] != b"blob":
+            blobs.append(None)  # "<spec> missing", or not a file
+            if len(header) == 3:
+                pos += int(header[2]) + 1
+            continue
+        size = int(header[2])
+        blobs.append(out[pos : pos + size])
+        pos += size + 1
+    return blobs
 
 
 @dataclass(frozen=True)
@@ -209,16 +334,14 @@ class StatusBranches:
 
     def cells(self) -> tuple[CellInventory, ...]:
         repo = self._repo()
-        found = []
-        for cell, ref in status_refs(repo).items():
+        refs = status_refs(repo)
+        for cell, ref in refs.items():
             _check_cell(cell, ref)
-            try:
-                blob = repo.commit(ref).tree / STATUS_FILE
-            except KeyError:
-                raise InventoryError(f"{ref}: has no {STATUS_FILE}") from None
-            if blob.type != "blob" or blob.size > MAX_STORE_BYTES:
-                raise InventoryError(f"{ref}:{STATUS_FILE}: not a file of at most 64 MiB")
-            data = blob.data_stream.read()
+        blobs = _read_blobs(repo.git_dir, [f"{ref}:{STATUS_FILE}" for ref in refs.values()])
+        found = []
+        for (cell, ref), data in zip(refs.items(), blobs, strict=True):
+            if data is None:
+                raise InventoryError(f"{ref}: has no file {STATUS_FILE}")
             found.append(CellInventory(cell, containers_from_status(data, ref), ref))
         return _sorted_unique(found)
 

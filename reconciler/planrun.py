@@ -6,6 +6,7 @@ so the CI plan differs from the agents' compile only in where its inputs come fr
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -148,6 +149,9 @@ def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ())
         cells, described = load_inventory(inventory, place, (base_policy, head_result.policy))
     except InventoryError as exc:
         return _with(report, error=str(exc), base_findings=base_result.findings)
+    # Everything loaded so far lives until the end; taking it out of the cyclic collector's
+    # view keeps full collections (a quarter of a fleet-wide diff's time) from rescanning it.
+    gc.freeze()
     diff = diff_plans(base_policy, head_result.policy, cells, place.prefix)
     return _with(
         report,

@@ -242,7 +242,7 @@ def _access_view_md(p: PrincipalDiff) -> _AccessView:
     return _AccessView(md(_principal_title(p)), p.lifecycle, _principal_counts(p), _where(p), body)
 
 
-def _cell_view_md(c: CellDiff) -> _CellView:
+def _cell_view_md(c: CellDiff, body: bool = True) -> _CellView:
     return _CellView(
         name=md(c.cell),
         containers=f"{c.containers:,}",
@@ -251,7 +251,7 @@ def _cell_view_md(c: CellDiff) -> _CellView:
         rules=f"+{c.rules_added:,} -{c.rules_removed:,}",
         installed=_counts(c.base_installed, c.head_installed),
         cf=_counts(c.base_cf_rules, c.head_cf_rules),
-        body=fence("\n".join(_chain_lines(c)), "diff"),
+        body=fence("\n".join(_chain_lines(c)), "diff") if body else "",
     )
 
 
@@ -303,11 +303,12 @@ def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
     principals = _principal_order(diff) if diff is not None else []
     cells = list(diff.changed_cells) if diff is not None else []
     access_views = [_access_view_md(p) for p in principals]
-    cell_views = [_cell_view_md(c) for c in cells]
     access_full = [str(macros.access_block(v)) for v in access_views]
     access_short = [str(macros.access_line(v)) for v in access_views]
-    cell_rows = [str(macros.cell_row(v)) for v in cell_views]
-    cell_details = [str(macros.cell_block(v)) for v in cell_views]
+    cell_rows = [str(macros.cell_row(_cell_view_md(c, body=False))) for c in cells]
+
+    def cell_detail(c: CellDiff) -> str:  # rendered only when it may be shown
+        return str(macros.cell_block(_cell_view_md(c)))
 
     def render(access: list[str], rows: list[str], details: list[str], cut: str) -> str:
         return template.render(
@@ -320,9 +321,12 @@ def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
             cut=cut,
         )
 
-    full = render(access_full, cell_rows, cell_details, "")
-    if len(full) <= limit:
-        return full
+    estimate = sum(map(len, access_full)) + sum(map(len, cell_rows))
+    estimate += sum(len(x) + 1 for c in cells for ch in c.chains for x in ch.lines)
+    if estimate <= limit:
+        full = render(access_full, cell_rows, [cell_detail(c) for c in cells], "")
+        if len(full) <= limit:
+            return full
 
     # Too long for one comment: keep the summary, then fill greedily -- one line per
     # principal, one row per cell, then access details, then dataplane details.
@@ -348,7 +352,11 @@ def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
             chosen[i] = block
             budget -= extra
     details_kept: list[str] = []
-    for block in cell_details[:rows_kept]:
+    for c in cells[:rows_kept]:
+        size = sum(len(x) + 1 for ch in c.chains for x in ch.lines)
+        if size > budget:
+            continue  # cheaper to skip by estimate than to render and measure
+        block = cell_detail(c)
         if len(block) <= budget:
             details_kept.append(block)
             budget -= len(block)

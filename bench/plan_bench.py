@@ -1,0 +1,359 @@
+"""The CI plan at fleet scale: 1,000 cells x 250 containers, 2,000 ASGs, one ASG changed.
+
+The pull request edits one rule of an ASG bound to 10% of the spaces, which is the common
+large change: about a tenth of every cell's containers gain and lose access.  The figure that
+matters is `asgctl plan --format markdown` end to end (a fresh interpreter, as CI runs it):
+wall time and peak RSS, target under 30 s and 2 GB.  A second, in-process run splits the time
+into phases, and `--profile` prints where it goes function by function.
+
+Usage: python bench/plan_bench.py [--cells N] [--containers N] [--asgs N]
+                                  [--inventory files|status] [--profile] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime as dt
+import io
+import json
+import os
+import platform
+import pstats
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = Path(__file__).resolve().parent / "results"
+
+ORGS, SPACES_PER_ORG, APPS_PER_SPACE = 100, 10, 10  # 1,000 spaces, 10,000 apps
+ASG_RULES = 5
+ASGS_PER_SPACE = 5  # running bindings per space (plus one staging binding)
+GLOBAL_RUNNING, GLOBAL_STAGING = 3, 2
+STAGING_SHARE = 0.04  # of containers
+CHANGED_SHARE = 0.10  # of spaces bound to the ASG the PR edits
+TARGET_SECONDS, TARGET_MIB = 30.0, 2048.0
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {
+        "nproc": str(os.cpu_count()),
+        "model name": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "bench",
+        "GIT_AUTHOR_EMAIL": "bench@example.invalid",
+        "GIT_COMMITTER_NAME": "bench",
+        "GIT_COMMITTER_EMAIL": "bench@example.invalid",
+    }
+    out = subprocess.run(
+        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, env=env
+    )
+    return out.stdout.strip()
+
+
+def guid(kind: int, n: int) -> str:
+    return f"{kind:08x}-0000-4000-8000-{n:012x}"
+
+
+def build(root: Path, cells: int, per_cell: int, asgs: int, inventory: str) -> dict[str, int]:
+    """A policy repo with two commits (base, head) and the fleet's inventory."""
+    rng = random.Random(42)
+    pol = root / "policies"
+    (pol / "security-groups").mkdir(parents=True)
+    orgs = []
+    spaces: list[str] = []
+    apps: list[tuple[str, str, str]] = []  # (app guid, space guid, org guid)
+    for o in range(ORGS):
+        org = {"name": f"org-{o:03d}", "guid": guid(1, o), "spaces": []}
+        for s in range(SPACES_PER_ORG):
+            sid = len(spaces)
+            space = {"name": f"space-{s:02d}", "guid": guid(2, sid), "apps": []}
+            spaces.append(space["guid"])
+            for a in range(APPS_PER_SPACE):
+                aid = len(apps)
+                space["apps"].append({"name": f"app-{a:02d}", "guid": guid(3, aid)})
+                apps.append((guid(3, aid), space["guid"], org["guid"]))
+            org["spaces"].append(space)
+        orgs.append(org)
+    (pol / "directory.yaml").write_text(yaml.safe_dump({"kind": "Directory", "orgs": orgs}))
+
+    changed = 42
+    bound: dict[int, list[str]] = {g: [] for g in range(asgs)}
+    for space in spaces:
+        for g in rng.sample(range(GLOBAL_RUNNING + GLOBAL_STAGING, asgs), ASGS_PER_SPACE):
+            if g != changed:
+                bound[g].append(space)
+    bound[changed] = sorted(rng.sample(spaces, int(len(spaces) * CHANGED_SHARE)))
+
+    def group(g: int, edited: bool) -> dict:
+        rules = []
+        for r in range(ASG_RULES):
+            third, fourth = (g * ASG_RULES + r) // 256 % 256, (g * ASG_RULES + r) % 256
+            rules.append(
+                {
+                    "protocol": "tcp",
+                    "destination": f"10.{g % 200}.{third}.{fourth}",
+                    "ports": str(1000 + r) if not (edited and r == 2) else "1000-1010",
+                }
+            )
+        doc: dict = {"kind": "SecurityGroup", "name": f"asg-{g:04d}", "rules": rules}
+        if g < GLOBAL_RUNNING:
+            doc["globally_enabled"] = {"running": True}
+        elif g < GLOBAL_RUNNING + GLOBAL_STAGING:
+            doc["globally_enabled"] = {"staging": True}
+        else:
+            doc["running_spaces"] = bound[g]
+            if g % 7 == 0:
+                doc["staging_spaces"] = bound[g][:3]
+        return doc
+
+    def write_groups(edited: bool) -> None:
+        per_file = 100
+        for f in range(0, asgs, per_file):
+            docs = [group(g, edited and g == changed) for g in range(f, min(asgs, f + per_file))]
+            text = yaml.safe_dump_all(docs, sort_keys=False)
+            (pol / "security-groups" / f"groups-{f // per_file:03d}.yaml").write_text(text)
+
+    write_groups(False)
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "base")
+    write_groups(True)
+    git(root, "commit", "-q", "-am", "head: widen one rule of asg-0042")
+
+    total = 0
+    stores: dict[str, dict] = {}
+    for cell in range(cells):
+        store = {}
+        for i in range(per_cell):
+            app, space, org = apps[rng.randrange(len(apps))]
+            handle = f"c{cell:04d}-{i:03d}"
+            ip = f"198.18.{cell % 256}.{i + 2}" if cell < 256 else f"198.19.{cell % 256}.{i + 2}"
+            store[handle] = {
+                "handle": handle,
+                "ip": ip,
+                "metadata": {
+                    "app_id": app,
+                    "space_id": space,
+                    "org_id": org,
+                    "policy_group_id": app,
+                    "container_workload": "staging" if rng.random() < STAGING_SHARE else "app",
+                },
+            }
+            total += 1
+        stores[f"cell-{cell:04d}"] = store
+    if inventory == "files":
+        for name, store in stores.items():
+            d = root / "cells" / name
+            d.mkdir(parents=True)
+            (d / "store.json").write_text(json.dumps(store))
+    else:
+        _status_branches(root, stores)
+    return {"spaces": len(spaces), "apps": len(apps), "containers": total}
+
+
+def _status_branches(root: Path, stores: dict[str, dict]) -> None:
+    """One `status/<cell>` branch per cell with a status.yaml, written by git fast-import."""
+    buf = io.StringIO()
+    rng = random.Random(7)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    for name, store in stores.items():
+        # Shaped like the agent's status document: header fields, then per container the
+        # contract fields plus its chain, groups and the documents behind them.
+        doc = {
+            "apiVersion": "asgctl.io/v1",
+            "kind": "CellStatus",
+            "cell": name,
+            "observedRevision": "main@sha1:" + "0" * 40,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Applied"}],
+            "containers": [
+                {
+                    "handle": c["handle"],
+                    "ip": c["ip"],
+                    "app_id": c["metadata"]["app_id"],
+                    "space_id": c["metadata"]["space_id"],
+                    "org_id": c["metadata"]["org_id"],
+                    "workload": c["metadata"]["container_workload"],
+                    "chain": f"{rng.getrandbits(64):016x}",
+                    "groups": [f"{rng.getrandbits(64):016x}" for _ in range(7)],
+                    "sources": [f"SecurityGroup/asg-{rng.randrange(2000):04d}" for _ in range(7)],
+                }
+                for c in store.values()
+            ],
+            "history": [{"revision": "main@sha1:" + "0" * 40, "status": "Applied"}],
+        }
+        data = yaml.dump(
+            doc, Dumper=dumper, sort_keys=False, default_flow_style=False, width=4096
+        ).encode()
+        buf.write(f"commit refs/heads/status/{name}\n")
+        buf.write("committer bench <bench@example.invalid> 1700000000 +0000\n")
+        buf.write("data 6\nstatus\n")
+        buf.write(f"M 100644 inline status.yaml\ndata {len(data)}\n")
+        buf.write(data.decode() + "\n")
+    subprocess.run(
+        ["git", "-C", str(root), "fast-import", "--quiet"],
+        input=buf.getvalue().encode(),
+        check=True,
+    )
+
+
+def end_to_end(root: Path, inventory: str) -> tuple[float, float, int, int]:
+    """`asgctl plan` in a fresh interpreter: wall seconds, peak RSS MiB, exit code, size."""
+    inv = ["--inventory", "cells"] if inventory == "files" else ["--inventory", "status"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from reconciler.cli import main; main()",
+        "plan",
+        "--base",
+        "HEAD~1",
+        "--head",
+        "HEAD",
+        "--policies",
+        "policies",
+        *inv,
+        "--format",
+        "markdown",
+        "--detailed-exitcode",
+    ]
+    code = (
+        "import resource, subprocess, sys, time\n"
+        "t = time.perf_counter()\n"
+        "p = subprocess.run(sys.argv[1:], capture_output=True)\n"
+        "wall = time.perf_counter() - t\n"
+        "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+        "sys.stderr.write(p.stderr.decode()[-2000:])\n"
+        "print(wall, rss, p.returncode, len(p.stdout.decode()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *cmd],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    if out.stderr.strip():
+        print(out.stderr, file=sys.stderr)
+    wall, rss, rc, size = out.stdout.split()
+    return float(wall), float(rss), int(rc), int(size)
+
+
+def phases(root: Path, inventory: str, profile: bool) -> tuple[list[tuple[str, float]], str]:
+    """The same work in-process, timed phase by phase (and profiled with --profile)."""
+    os.chdir(root)
+    from reconciler.diff import diff_plans
+    from reconciler.planrun import load_inventory, locate
+    from reconciler.policy.load import load_policy
+    from reconciler.report.plan import PlanReport, Revision, render_markdown
+
+    prof = cProfile.Profile() if profile else None
+    if prof:
+        prof.enable()
+    times: list[tuple[str, float]] = []
+    t = time.perf_counter()
+    head = load_policy("policies", "HEAD")
+    times.append(("load + validate head", time.perf_counter() - t))
+    t = time.perf_counter()
+    base = load_policy("policies", "HEAD~1")
+    times.append(("load + validate base", time.perf_counter() - t))
+    t = time.perf_counter()
+    place = locate("policies")
+    spec = ["cells"] if inventory == "files" else ["status"]
+    cells, described = load_inventory(spec, place, (base.policy, head.policy))
+    times.append((f"inventory ({inventory})", time.perf_counter() - t))
+    t = time.perf_counter()
+    diff = diff_plans(base.policy, head.policy, cells, place.prefix)
+    times.append(("diff (compile, render, compare)", time.perf_counter() - t))
+    t = time.perf_counter()
+    report = PlanReport(
+        Revision("HEAD~1"), Revision("HEAD"), "policies", described, diff, head.findings
+    )
+    text = render_markdown(report)
+    times.append(("markdown report", time.perf_counter() - t))
+    stats = ""
+    if prof:
+        prof.disable()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+        stats = s.getvalue()
+    summary = next(line for line in text.splitlines() if line.startswith("**"))
+    times.append((summary.strip("*"), 0.0))
+    return times, stats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", type=int, default=1000)
+    ap.add_argument("--containers", type=int, default=250)
+    ap.add_argument("--asgs", type=int, default=2000)
+    ap.add_argument("--inventory", choices=["files", "status"], default="status")
+    ap.add_argument("--profile", action="store_true", help="print the top functions by time")
+    ap.add_argument("--record", action="store_true", help="write bench/results/plan.md")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="plan-bench-") as tmp:
+        root = Path(tmp)
+        t = time.perf_counter()
+        shape = build(root, args.cells, args.containers, args.asgs, args.inventory)
+        setup = time.perf_counter() - t
+        wall, rss, rc, size = end_to_end(root, args.inventory)
+        steps, stats = phases(root, args.inventory, args.profile)
+        os.chdir(ROOT)
+    ok = wall < TARGET_SECONDS and rss < TARGET_MIB
+    rows = [
+        ("cells x containers", f"{args.cells:,} x {args.containers:,} = {shape['containers']:,}"),
+        ("ASGs (rules each)", f"{args.asgs:,} ({ASG_RULES})"),
+        ("spaces / apps", f"{shape['spaces']:,} / {shape['apps']:,}"),
+        ("change", f"one rule of an ASG bound to {CHANGED_SHARE:.0%} of the spaces"),
+        ("inventory", args.inventory),
+        ("`asgctl plan` wall time", f"{wall:.1f} s (target < {TARGET_SECONDS:.0f} s)"),
+        ("`asgctl plan` peak RSS", f"{rss:,.0f} MiB (target < {TARGET_MIB:,.0f} MiB)"),
+        ("exit code / comment size", f"{rc} / {size:,} characters"),
+        ("verdict", "within target" if ok else "OVER TARGET"),
+    ]
+    phase_rows = [(name, f"{sec:.2f} s" if sec else "") for name, sec in steps]
+    lines = ["| measure | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "| phase (in-process run) | time |", "|---|--:|"]
+    lines += [f"| {k} | {v} |" for k, v in phase_rows]
+    table = "\n".join(lines)
+    print(table)
+    print(f"\n(setup, not timed: {setup:.1f} s)")
+    if stats:
+        print(stats)
+    if args.record:
+        m = machine()
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "plan.md").write_text(
+            "# asgctl plan at fleet scale\n\n"
+            f"Machine: nproc {m['nproc']}, {m['model name']}, kernel {m['kernel']}, "
+            f"Python {m['python']}. Date: {m['date']}.\n\n"
+            f"Command: `python bench/plan_bench.py --cells {args.cells} "
+            f"--containers {args.containers} --asgs {args.asgs} "
+            f"--inventory {args.inventory} --record`\n\n{table}\n"
+        )
+        print(f"wrote {RESULTS / 'plan.md'}")
+
+
+if __name__ == "__main__":
+    main()
