@@ -187,7 +187,7 @@ def test_rendered_table_and_cf_semantics_agree(policy, inventory, data):  # type
 _ranges = st.tuples(st.integers(0, 12), st.integers(0, 12)).map(lambda t: (min(t), max(t)))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(boxes=st.lists(st.tuples(_ranges, _ranges, _ranges), max_size=8))
 def test_disjoint_boxes_cover_the_union_without_overlap(boxes):  # type: ignore[no-untyped-def]
     cover = disjoint_boxes(boxes)
@@ -195,7 +195,7 @@ def test_disjoint_boxes_cover_the_union_without_overlap(boxes):  # type: ignore[
     def inside(box, point) -> bool:  # type: ignore[no-untyped-def]
         return all(lo <= p <= hi for (lo, hi), p in zip(box, point, strict=True))
 
-    grid = [(x, y, z) for x in range(13) for y in range(0, 13, 3) for z in range(0, 13, 2)]
+    grid = [(x, y, z) for x in range(13) for y in range(0, 13, 4) for z in range(0, 13, 3)]
     for point in grid:
         want = any(inside(b, point) for b in boxes)
         hits = sum(inside(b, point) for b in cover)
@@ -678,3 +678,27 @@ def test_an_unreadable_listing_is_an_error_not_an_empty_table(nft_host: NftHost)
     broken = NftablesBackend(RecordingRunner(("ip", "netns", "exec", "no-such-netns-asg")))
     with pytest.raises(ReadError):
         broken.read(4)
+
+
+def test_auto_depth_reads_terse_once_the_table_is_large(nft_host: NftHost) -> None:
+    h = nft_host
+    plan = small_plan()
+    assert converge(h.backend(), plan).ok
+    full = ("nft", "-j", "-n", "list", "table", "inet", "asgctl")
+    terse = ("nft", "-j", "-n", "-t", "list", "ruleset")
+    big = replace(h.backend(), auto_limit=1)  # "large" from one element on
+    start = len(h.runner.calls)
+    for _ in range(3):
+        big.read(4)
+    assert h.runner.calls[start:][0] == full  # the first read of a family is a full one
+    assert [c for c in h.runner.calls[start:] if c[0] == "nft"][1:] == [
+        terse,
+        ("nft", "-j", "-n", "list", "map", "inet", "asgctl", "containers4"),
+    ] * 2
+    small = h.backend()  # a small table is read in full every time
+    assert small.full_read_due(4)
+    small.read(4)
+    assert small.full_read_due(4)
+    due = replace(h.backend(), auto_limit=1, audit_seconds=0.0)  # an audit is always due
+    due.read(4)
+    assert due.full_read_due(4)

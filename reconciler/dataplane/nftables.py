@@ -8,20 +8,26 @@ global lock to share, unlike iptables-restore's.
 
 Reading back has two depths:
 
-* full (the default): `nft -j -n list table inet asgctl`, every set element included, so
-  drift anywhere in the table is found and repaired, as the iptables backend does;
-* terse (`read_elements=False`): `nft -j -n -t list ruleset` (chains, rules and set headers,
-  no elements) plus the dispatch map's elements.  At a million rules a full listing costs
-  tens of seconds and a terse one a tenth of a second, because the elements are where the
-  rules are.  Group sets are named by their content and never edited, so their elements
-  are checked when written (verify reads them back) and audited by the periodic full read
-  an agent should schedule (as Calico's refresh timer and kube-proxy's full syncs do).
+* full: `nft -j -n list table inet asgctl`, every set element included, so drift anywhere in
+  the table is found and repaired, as the iptables backend does;
+* terse: `nft -j -n -t list ruleset` (chains, rules and set headers, no elements) plus the
+  dispatch map's elements.  At a million rules a full listing costs tens of seconds and a
+  terse one a tenth of a second, because the elements are where the rules are.  Group sets
+  are named by their content and never edited, so their elements are checked when written
+  (verify reads them back) and audited by a periodic full read (as Calico's refresh timer
+  and kube-proxy's periodic full syncs do).
+
+`read_elements=None` (the default) chooses: full reads while the table is small (under
+`auto_limit` elements, both families', at this family's last full read), and once it is
+large, terse reads with a full one per family every `audit_seconds`.  True or False forces
+one depth.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -56,10 +62,13 @@ class NftablesBackend:
     """
 
     runner: Runner = field(default_factory=Runner)
-    read_elements: bool = True
+    read_elements: bool | None = None
     fault: Callable[[int, str], str] | None = None
     nft: str = "nft"
     reason: str = ""
+    auto_limit: int = 50_000
+    audit_seconds: float = 600.0
+    _audits: dict[int, tuple[float, int]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def open(
@@ -67,7 +76,7 @@ class NftablesBackend:
         variant: str = "auto",
         runner: Runner | None = None,
         *,
-        read_elements: bool = True,
+        read_elements: bool | None = None,
         fault: Callable[[int, str], str] | None = None,
     ) -> NftablesBackend:
         """A backend for this host, after checking that `nft` runs and speaks JSON.
@@ -94,14 +103,28 @@ class NftablesBackend:
     def render(self, plan: CellPlan, family: int) -> NftRuleset:
         return render_cell(plan, family)
 
+    def full_read_due(self, family: int) -> bool:
+        """Whether the next read of `family` lists every element (see the module doc)."""
+        if self.read_elements is not None:
+            return self.read_elements
+        last = self._audits.get(family)
+        if last is None:
+            return True
+        when, elements = last
+        return elements < self.auto_limit or time.monotonic() - when >= self.audit_seconds
+
     def read(self, family: int) -> NftState:
-        if self.read_elements:
+        if self.full_read_due(family):
             res = self.runner.run([self.nft, "-j", "-n", "list", "table", NFT_FAMILY, TABLE])
             if res.returncode != 0:
                 if self._table_absent():
+                    self._audits[family] = (time.monotonic(), 0)
                     return NftState(family, {})
                 raise ReadError(f"nft list table failed (exit {res.returncode}): {_msg(res)}")
-            return parse_listing(res.stdout, family)
+            state = parse_listing(res.stdout, family)
+            mine = sum(len(s.elements or ()) for s in state.sets.values())
+            self._audits[family] = (time.monotonic(), mine + state.other_elements)
+            return state
         res = self.runner.run([self.nft, "-j", "-n", "-t", "list", "ruleset"])
         if res.returncode != 0:
             raise ReadError(f"nft list ruleset failed (exit {res.returncode}): {_msg(res)}")

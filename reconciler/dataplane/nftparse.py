@@ -39,7 +39,8 @@ class NftState(OwnedState):
     after a terse read: group sets' elements were not listed and are unknown, not empty.
     `others` are objects of our table that are neither chain, set nor map (someone else's),
     keyed "kind name"; `other_slice` counts the other family's objects, which decides whether
-    removing this slice may remove the table.
+    removing this slice may remove the table, and `other_elements` their set elements (with
+    this slice's, the size of the table: what a full read costs).
     """
 
     table: bool = False
@@ -48,6 +49,7 @@ class NftState(OwnedState):
     sets: Mapping[str, NftSet] = field(default_factory=dict)
     others: Mapping[str, str] = field(default_factory=dict)
     other_slice: int = 0
+    other_elements: int = 0
     elements_read: bool = True
 
     @property
@@ -76,6 +78,7 @@ def parse_listing(text: str, family: int, *, elements_read: bool = True) -> NftS
     sets: dict[str, NftSet] = {}
     others: dict[str, str] = {}
     other_slice = 0
+    other_elements = 0
     pending_rules: list[dict[str, Any]] = []
     for entry in items:
         if not isinstance(entry, dict) or len(entry) != 1:
@@ -100,6 +103,8 @@ def parse_listing(text: str, family: int, *, elements_read: bool = True) -> NftS
         if family_of(name) != family:
             if kind != "rule":
                 other_slice += 1
+                elem = body.get("elem")
+                other_elements += len(elem) if isinstance(elem, list) else 0
             continue
         if kind == "chain":
             chains.setdefault(name, [])
@@ -134,6 +139,7 @@ def parse_listing(text: str, family: int, *, elements_read: bool = True) -> NftS
         sets=sets,
         others=others,
         other_slice=other_slice,
+        other_elements=other_elements,
         elements_read=elements_read,
     )
 
