@@ -307,7 +307,8 @@ def apply_cmd(
     multiple=True,
     help="`status` (the cells' status/<cell> branches; the default when there are any), "
     "`directory` (a synthetic cell: one container per app and lifecycle), or store.json "
-    "files or folders of them (repeat the option).  A file's cell is its folder's name when "
+    "files or folders of them (repeat the option; a folder means every store.json below it "
+    "and every *.json directly in it).  A file's cell is its folder's name when "
     "it is called store.json (cells/cell-1/store.json -> cell-1), else its stem "
     "(cell-1.json -> cell-1).",
 )

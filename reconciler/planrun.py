@@ -71,12 +71,12 @@ def resolve_revision(top: Path | None, rev: str) -> str | None:
 
 
 def _store_paths(spec: Sequence[str]) -> tuple[str, ...]:
-    """Files as given; a folder means every `store.json` below it, else its `*.json` files."""
+    """Files as given; a folder means every `store.json` below it and its own `*.json`."""
     out: list[str] = []
     for item in spec:
         p = Path(item)
         if p.is_dir():
-            found = sorted(p.rglob("store.json")) or sorted(p.glob("*.json"))
+            found = sorted(set(p.rglob("store.json")) | set(p.glob("*.json")))
             if not found:
                 raise InventoryError(f"{item}: no store.json or *.json files in this folder")
             out.extend(str(f) for f in found)

@@ -1,0 +1,542 @@
+"""`asgctl plan`: pull-request plan diffs, from two commits of a policy repo made here.
+
+Golden files pin the markdown (the sticky PR comment) and the text form for the scenarios a
+reviewer meets: a destination added, a rule removed, a destination's IP moved, a space-level
+grant, a global ASG change, a head that does not validate, nothing at all, and a plan too
+big for one comment.  Commit SHAs are replaced by placeholders before comparing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from reconciler.cli import main
+from reconciler.compile import compile_cell
+from reconciler.diff import (
+    CF_RULES_ERROR,
+    CF_RULES_WARNING,
+    CellDiff,
+    PlanDiff,
+    _family_diff,
+    _limit_notices,
+    diff_plans,
+)
+from reconciler.inventory import InventoryError, dump_store
+from reconciler.inventory_sources import (
+    CellInventory,
+    StoreFiles,
+    _fast_entries,
+    cell_name_for,
+    containers_from_status,
+)
+from reconciler.model import Container
+from reconciler.planrun import run_plan
+from reconciler.policy.load import load_folder
+from reconciler.render.iptables import render_cell
+from reconciler.report import MARKER, PlanReport, Revision, render_markdown
+from tests.golden import assert_golden
+from tests.policyrepo import commit_all, git, init_repo, write_tree
+
+REPO = Path(__file__).resolve().parent.parent
+BACKEND = "a1b2c3d4-0003-4e5f-9a8b-000000000003"
+FRONTEND = "a1b2c3d4-0004-4e5f-9a8b-000000000004"
+STAGING_BACKEND = "a1b2c3d4-0006-4e5f-9a8b-000000000006"
+BLOG = "a1b2c3d4-0009-4e5f-9a8b-000000000009"
+PROD = "7b1d2e4f-0002-4c3a-8f2b-000000000002"
+STAGING = "7b1d2e4f-0005-4c3a-8f2b-000000000005"
+WEB = "7b1d2e4f-0008-4c3a-8f2b-000000000008"
+PAYMENTS = "5e2f3c8a-0001-4a6e-9d1e-000000000001"
+MARKETING = "5e2f3c8a-0007-4a6e-9d1e-000000000007"
+
+
+def c(handle: str, ip: str, app: str, space: str, org: str, workload: str = "app") -> Container:
+    return Container(handle, ip, app, space, org, "", workload)
+
+
+CELLS = {
+    "cells/cell-1/store.json": [
+        c("backend-0", "198.18.1.2", BACKEND, PROD, PAYMENTS),
+        c("backend-1", "198.18.1.3", BACKEND, PROD, PAYMENTS),
+        c("frontend-0", "198.18.1.4", FRONTEND, PROD, PAYMENTS),
+        c("backend-stage", "198.18.1.5", BACKEND, PROD, PAYMENTS, "staging"),
+    ],
+    "cells/cell-2.json": [
+        c("blog-0", "198.18.2.2", BLOG, WEB, MARKETING),
+        c("blog-v6", "fd00:18:2::2", BLOG, WEB, MARKETING, "task"),
+        c("staging-backend-0", "198.18.2.3", STAGING_BACKEND, STAGING, PAYMENTS),
+    ],
+    "cells/cell-3/store.json": [
+        c("blog-stage", "198.18.3.2", BLOG, WEB, MARKETING, "staging"),
+        c("system-0", "198.18.3.3", "", "", ""),
+    ],
+}
+
+
+def policy_repo(tmp_path: Path) -> Path:
+    """The example policy repo (with its tests) and a small fleet's store files, committed."""
+    repo = init_repo(tmp_path / "repo")
+    shutil.copytree(REPO / "policies", repo / "policies")
+    for rel, containers in CELLS.items():
+        write_tree(repo, {rel: dump_store(containers)})
+    commit_all(repo, "base")
+    return repo
+
+
+def edit(repo: Path, rel: str, old: str, new: str) -> None:
+    path = repo / "policies" / rel
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {rel}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def plan(repo: Path, fmt: str, inventory: str = "cells") -> tuple[int, str]:
+    """`asgctl plan` base HEAD~1, head HEAD, store-file inventory; SHAs made stable."""
+    args = ["plan", "--base", "HEAD~1", "--head", "HEAD", "--policies", str(repo / "policies")]
+    args += ["--inventory", str(repo / inventory), "--format", fmt, "--detailed-exitcode"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    out = result.output
+    for rev, placeholder in (("HEAD~1", "bbbbbbb"), ("HEAD", "hhhhhhh")):
+        out = out.replace(git(repo, "rev-parse", rev)[:7], placeholder)
+    return result.exit_code, out
+
+
+def golden_pair(repo: Path, name: str, expect_code: int) -> str:
+    code, markdown = plan(repo, "markdown")
+    assert code == expect_code, markdown
+    assert_golden(f"plan/{name}.md", markdown)
+    code, text = plan(repo, "text")
+    assert code == expect_code, text
+    assert_golden(f"plan/{name}.txt", text)
+    assert markdown.startswith(MARKER)
+    assert len(markdown) < 65_000
+    return markdown
+
+
+# ----------------------------------------------------------------------------- goldens
+
+
+def test_added_destination(tmp_path):
+    repo = policy_repo(tmp_path)
+    write_tree(
+        repo / "policies",
+        {
+            "ledger-replica.yaml": """
+                kind: Destination
+                name: ledger-replica
+                description: Read replica for reports
+                protocol: tcp
+                ips: 198.19.10.11
+                ports: 3306
+                ---
+                kind: EgressPolicy
+                name: backend-to-replica
+                source: {type: app, name: payments/prod/backend}
+                destination: ledger-replica
+                app_lifecycle: running
+                """
+        },
+    )
+    commit_all(repo, "backend reads the replica")
+    md = golden_pair(repo, "added-destination", 2)
+    assert "Plan: 1 cell changes, 2 containers gain access, 0 lose access; +" in md
+    assert "EgressPolicy/backend-to-replica added (policies/ledger-replica.yaml:8)" in md
+
+
+def test_removed_rule(tmp_path):
+    repo = policy_repo(tmp_path)
+    edit(
+        repo,
+        "security-groups/platform-dns.yaml",
+        """  - protocol: tcp
+    destination: 198.19.53.53
+    ports: "53"
+    description: DNS over TCP for large answers
+""",
+        "",
+    )
+    commit_all(repo, "drop DNS over TCP")
+    md = golden_pair(repo, "removed-rule", 2)
+    reason = "SecurityGroup/platform-dns rules[1] removed"
+    assert f"{reason} (policies/security-groups/platform-dns.yaml:11)" in md
+    assert "0 containers gain access, 8 lose access" in md
+
+
+def test_destination_ip_moved(tmp_path):
+    repo = policy_repo(tmp_path)
+    edit(
+        repo,
+        "destinations.yaml",
+        "198.19.10.10, end: 198.19.10.10",
+        "198.19.10.20, end: 198.19.10.20",
+    )
+    commit_all(repo, "MySQL moves")
+    md = golden_pair(repo, "destination-moved", 2)
+    assert "- tcp 198.19.10.10 port 3306    # Destination/mysql ips changed" in md
+    assert "+ tcp 198.19.10.20 port 3306    # Destination/mysql ips changed" in md
+    # One edit of the Destination moves the access of exactly the app granted it.
+    assert "2 containers gain access, 2 lose access" in md
+
+
+def test_space_level_grant(tmp_path):
+    repo = policy_repo(tmp_path)
+    write_tree(
+        repo / "policies",
+        {
+            "marketing-cdn.yaml": """
+                kind: Destination
+                name: cdn-origin
+                protocol: tcp
+                ips: 198.19.70.0/28
+                ports: [443]
+                ---
+                kind: EgressPolicy
+                name: marketing-web-to-cdn
+                source: {type: space, name: marketing/web}
+                destination: cdn-origin
+                """
+        },
+    )
+    commit_all(repo, "marketing/web reaches the CDN origin")
+    md = golden_pair(repo, "space-grant", 2)
+    assert (
+        "marketing/web/blog" in md
+        and "payments" not in md.split("#### Cells")[0].split("#### Access")[1]
+    )
+
+
+def test_global_asg_change(tmp_path):
+    repo = policy_repo(tmp_path)
+    edit(
+        repo,
+        "security-groups/platform-dns.yaml",
+        '    destination: 198.19.53.53\n    ports: "53"\n    description: primary resolver',
+        '    destination: 198.19.53.53-198.19.53.54\n    ports: "53"\n    description: resolvers',
+    )
+    commit_all(repo, "second resolver")
+    md = golden_pair(repo, "global-asg", 2)
+    assert "Plan: 3 cells change, 8 containers gain access, 0 lose access" in md
+
+
+def test_validation_failure(tmp_path):
+    repo = policy_repo(tmp_path)
+    edit(repo, "destinations.yaml", "ips: 198.19.30.30", "ips: 198.19.30.300")
+    commit_all(repo, "typo")
+    md = golden_pair(repo, "validation-failure", 1)
+    assert (
+        "policies/destinations.yaml:14:6: Destination/metrics: ips: invalid" in md
+        and "Plan failed" in md
+    )
+
+
+def test_empty_plan(tmp_path):
+    repo = policy_repo(tmp_path)
+    edit(repo, "destinations.yaml", "description: Payments MySQL cluster", "description: Ledger")
+    edit(repo, "egress-policies.yaml", "# App-level grants", "# Moved lines do not matter\n\n#")
+    commit_all(repo, "words only")
+    md = golden_pair(repo, "empty", 0)
+    assert "No changes." in md
+
+
+def test_plan_too_big_for_one_comment(tmp_path):
+    repo = policy_repo(tmp_path)
+    fleet = repo / "fleet"
+    rng = random.Random(5)
+    apps = [(BACKEND, PROD, PAYMENTS), (FRONTEND, PROD, PAYMENTS), (BLOG, WEB, MARKETING)]
+    for n in range(25):
+        containers = []
+        for i in range(4):
+            app, space, org = rng.choice(apps)
+            containers.append(c(f"c{n:02d}-{i}", f"198.18.{n}.{i + 2}", app, space, org))
+        write_tree(fleet, {f"cell-{n:02d}.json": dump_store(containers)})
+    commit_all(repo, "fleet")
+    edit(repo, "security-groups/platform-dns.yaml", 'ports: "53"', 'ports: "53,853"')
+    commit_all(repo, "DNS over TLS")
+    code, md = plan(repo, "markdown", "fleet")
+    code_text, text = plan(repo, "text", "fleet")
+    assert code == code_text == 2
+    # Cut, but never the summary; and it says what it cut.
+    assert len(text) > 65_000 > len(md)
+    assert "**Plan: 25 cells change, 100 containers gain access, 0 lose access;" in md
+    assert "Cut to fit one comment (65,000 characters):" in md
+    assert "not shown" in md
+    assert_golden("plan/too-big.md", md)
+    assert_golden("plan/too-big.txt", text)
+
+
+# ----------------------------------------------------------------------------- behaviour
+
+
+def test_exit_codes_and_json(tmp_path):
+    repo = policy_repo(tmp_path)
+    commit_all(repo, "nothing")
+    code, out = plan(repo, "json")
+    assert code == 0 and json.loads(out)["status"] == "no-changes"
+    plain = CliRunner().invoke(
+        main, ["plan", "--base", "HEAD~1", "--policies", str(repo / "policies"), "--format", "json"]
+    )
+    assert plain.exit_code == 0
+    edit(repo, "destinations.yaml", "ports: 8125", "ports: 8126")
+    commit_all(repo, "port")
+    code, out = plan(repo, "json")
+    doc = json.loads(out)
+    assert code == 2 and doc["status"] == "changes"
+    assert doc["counts"]["cells_changed"] == 3 and doc["counts"]["cells"] == 3
+    lost = [p for p in doc["principals"] if p["lost"]]
+    assert lost and all(ch["reasons"] for p in lost for ch in p["lost"])
+    bad = CliRunner().invoke(
+        main, ["plan", "--base", "nope", "--policies", str(repo / "policies"), "--format", "text"]
+    )
+    assert bad.exit_code == 1 and "unknown revision 'nope'" in bad.output
+
+
+def test_without_inventory_a_synthetic_cell_per_directory_is_planned(tmp_path):
+    repo = policy_repo(tmp_path)
+    edit(repo, "destinations.yaml", "ports: 8125", "ports: 8126")
+    commit_all(repo, "port")
+    report = run_plan(str(repo / "policies"), "HEAD~1", "HEAD")
+    assert report.inventory.startswith("synthetic")
+    names = {p.name for p in report.diff.principals}
+    assert {"payments/prod/backend", "marketing/web/blog"} <= names
+
+
+def status_branch(repo: Path, cell: str, text: str, ref: str | None = None) -> None:
+    """Commit `status.yaml` on its own root commit at refs/heads/status/<cell> (or `ref`)."""
+    blob = (
+        subprocess.run(
+            ["git", "-C", str(repo), "hash-object", "-w", "--stdin"],
+            input=text.encode(),
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .strip()
+    )
+    tree = (
+        subprocess.run(
+            ["git", "-C", str(repo), "mktree"],
+            input=f"100644 blob {blob}\tstatus.yaml\n".encode(),
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .strip()
+    )
+    commit = git(repo, "commit-tree", tree, "-m", f"status of {cell}")
+    git(repo, "update-ref", ref or f"refs/heads/status/{cell}", commit)
+
+
+def status_text(containers: list[Container]) -> str:
+    doc = {
+        "apiVersion": "asgctl.io/v1",
+        "kind": "CellStatus",
+        "conditions": [{"type": "Ready", "status": "True"}],
+        "containers": [
+            {
+                "handle": x.handle,
+                "ip": x.ip,
+                "app_id": x.app_id,
+                "space_id": x.space_id,
+                "org_id": x.org_id,
+                "workload": x.workload,
+                "chain": "0123456789abcdef",
+                "groups": ["fedcba9876543210"],
+                "sources": ["SecurityGroup/platform-dns"],
+            }
+            for x in containers
+        ],
+    }
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+
+
+def test_status_branches_are_the_default_inventory(tmp_path):
+    repo = policy_repo(tmp_path)
+    for rel, containers in CELLS.items():
+        status_branch(repo, cell_name_for(rel), status_text(containers))
+    # A remote-tracking ref wins over a stale local branch of the same cell.
+    status_branch(repo, "cell-2", status_text([]), "refs/remotes/origin/status/cell-2")
+    edit(repo, "destinations.yaml", "ports: 8125", "ports: 8126")
+    commit_all(repo, "port")
+    report = run_plan(str(repo / "policies"), "HEAD~1", "HEAD")
+    assert report.inventory == "status branches (3 cells)"
+    by_cell = {c.cell: c for c in report.diff.cells}
+    assert by_cell["cell-1"].containers == 4
+    assert by_cell["cell-2"].containers == 0 and by_cell["cell-2"].origin.startswith("refs/remotes")
+    assert by_cell["cell-3"].containers == 2
+    # The same plan from store files.
+    files = run_plan(str(repo / "policies"), "HEAD~1", "HEAD", [str(repo / "cells")])
+    assert replace(files.diff.cells[0], origin="") == replace(by_cell["cell-1"], origin="")
+    explicit = run_plan(str(repo / "policies"), "HEAD~1", "HEAD", ["status"])
+    assert explicit.inventory == report.inventory
+
+
+def test_cell_names_of_store_files():
+    assert cell_name_for("cells/cell-1/store.json") == "cell-1"
+    assert cell_name_for("cell-1.json") == "cell-1"
+    assert cell_name_for("/var/vcap/data/cell-7/store.json") == "cell-7"
+
+
+def test_store_files_refuse_a_cell_given_twice(tmp_path):
+    write_tree(tmp_path, {"a/cell-1/store.json": "{}", "b/cell-1.json": "{}"})
+    with pytest.raises(InventoryError, match="cell 'cell-1' is given twice"):
+        StoreFiles((str(tmp_path / "a/cell-1/store.json"), str(tmp_path / "b/cell-1.json"))).cells()
+
+
+def test_status_reader_fast_path_agrees_with_yaml():
+    """The line reader must read exactly what a YAML load reads, or step aside."""
+    rng = random.Random(11)
+    values = ["abc", "", None, "true", "123", "1e3", "null", "fd00::1", "198.18.0.2", "it's"]
+    values += ["a b", "x#y", "a: b", "-x", "2001-01-01", "0x1f", "~", "yes", "été", "l\nb"]
+    fast_files = 0
+    for _ in range(1500):
+        entries = []
+        for i in range(rng.randrange(0, 4)):
+            e = {"chain": "x"} if rng.random() < 0.3 else {}
+            e |= {"handle": f"h{i}", "ip": rng.choice(values), "app_id": rng.choice(values)}
+            e |= {"groups": rng.choice([[], ["a", "b"], None, "x", {"k": [1]}])}
+            e |= {"workload": rng.choice(values)}
+            entries.append(e)
+        doc = {"cell": "c", "containers": entries, "after": {"x": 1}}
+        text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
+        fast = _fast_entries(text)
+        if fast is None:
+            continue
+        fast_files += 1
+        loaded = yaml.safe_load(text)["containers"] or []
+        keys = ("handle", "ip", "app_id", "space_id", "org_id", "workload")
+        assert fast == [{k: e[k] or "" for k in keys if k in e} for e in loaded], text
+    assert fast_files > 300
+    assert _fast_entries("containers: # comment\n") is None
+    assert _fast_entries("cell: x\ncontainers: []\n") == []
+
+
+def test_status_entries_are_held_to_the_store_rules():
+    bad = "containers:\n- handle: 'a;b'\n  ip: 198.18.0.2\n"
+    with pytest.raises(InventoryError, match="handle must match"):
+        containers_from_status(bad, "refs/heads/status/x")
+    dup = "containers:\n- {handle: a, ip: 198.18.0.2}\n- {handle: a, ip: 198.18.0.3}\n"
+    with pytest.raises(InventoryError, match="listed twice"):
+        containers_from_status(dup, "x")
+
+
+def test_dataplane_diff_renders_only_changed_chains_but_equals_a_full_diff(tmp_path):
+    """The structural diff must equal diffing every rendered chain of both plans."""
+    base = load_folder(REPO / "policies").policy
+    variants = {
+        "moved": ("198.19.10.10, end: 198.19.10.10", "198.19.10.20, end: 198.19.10.20"),
+        "ports": ('ports: "53"', 'ports: "53,5353"'),
+        "unbound": ("  - payments/staging\n", ""),
+    }
+    rng = random.Random(2)
+    pool = [x for cs in CELLS.values() for x in cs]
+    for name, (old, new) in variants.items():
+        tree = tmp_path / name
+        shutil.copytree(REPO / "policies", tree)
+        for path in tree.rglob("*.yaml"):
+            path.write_text(path.read_text().replace(old, new))
+        head = load_folder(tree).policy
+        for _ in range(20):
+            containers = rng.sample(pool, rng.randrange(1, len(pool)))
+            before, after = compile_cell(base, containers), compile_cell(head, containers)
+            for family in (4, 6):
+                mine = {d.chain: d.lines for d in _family_diff(before, after, family)}
+                old_chains = render_cell(before, family).chains
+                new_chains = render_cell(after, family).chains
+                full = {
+                    k
+                    for k in old_chains.keys() | new_chains.keys()
+                    if old_chains.get(k) != new_chains.get(k)
+                }
+                assert set(mine) == full
+                for chain, lines in mine.items():
+                    assert [x[2:] for x in lines if x[0] in "- "] == list(old_chains.get(chain, ()))
+                    assert [x[2:] for x in lines if x[0] in "+ "] == list(new_chains.get(chain, ()))
+
+
+def test_installed_and_cf_counts_match_the_plans(tmp_path):
+    base = load_folder(REPO / "policies").policy
+    tree = tmp_path / "p"
+    shutil.copytree(REPO / "policies", tree)
+    dns = tree / "security-groups/platform-dns.yaml"
+    dns.write_text(dns.read_text().replace('ports: "53"', 'ports: "53,853"'))
+    head = load_folder(tree).policy
+    cells = [CellInventory(cell_name_for(k), tuple(v), k) for k, v in CELLS.items()]
+    diff = diff_plans(base, head, cells)
+    for cell, inv in zip(diff.cells, cells, strict=True):
+        assert cell.base_installed == compile_cell(base, inv.containers).installed_rules
+        assert cell.head_installed == compile_cell(head, inv.containers).installed_rules
+        assert cell.head_cf_rules == compile_cell(head, inv.containers).cf_equivalent_rules
+
+
+def test_rule_limits_warn_and_error():
+    def cell(n: int) -> CellDiff:
+        return CellDiff("c", "", 1, 0, (), 0, n)
+
+    assert _limit_notices(cell(CF_RULES_WARNING)) == []
+    assert _limit_notices(cell(CF_RULES_WARNING + 1))[0].level == "warning"
+    assert _limit_notices(cell(CF_RULES_ERROR + 1))[0].level == "error"
+    diff = PlanDiff(
+        (cell(CF_RULES_ERROR + 1),), (), tuple(_limit_notices(cell(CF_RULES_ERROR + 1)))
+    )
+    report = PlanReport(Revision("a", "a" * 40), Revision("b", "b" * 40), "policies", "x", diff)
+    assert report.exit_code(detailed=True) == 1
+    assert "**Error:** cell c: 500,001 CF-equivalent rules" in render_markdown(report)
+
+
+HOSTILE = "x`y</details><img src=x>|z\n+ tcp 0.0.0.0/0 @everyone ${{ secrets }} \x1b[31m\u202e"
+
+
+def test_policy_strings_are_escaped_in_markdown_and_text(tmp_path):
+    repo = policy_repo(tmp_path)
+    shutil.rmtree(repo / "policies" / "tests")  # they name the app being renamed
+    app = "b`<i>|@everyone${{x}}\u202e"  # directory names: no whitespace or slash
+    edit(repo, "directory.yaml", "{name: backend, guid", f"{{name: {json.dumps(app)}, guid")
+    edit(
+        repo,
+        "egress-policies.yaml",
+        "name: payments/prod/backend",
+        f"name: {json.dumps('payments/prod/' + app)}",
+    )
+    edit(repo, "egress-policies.yaml", "destination: mysql", f"destination: {json.dumps(HOSTILE)}")
+    edit(repo, "destinations.yaml", "name: mysql", f"name: {json.dumps(HOSTILE)}")
+    commit_all(repo, "hostile names")
+    edit(repo, "destinations.yaml", "ports: [{start: 3306, end: 3306}]", "ports: 3307")
+    commit_all(repo, "port")
+    code, md = plan(repo, "markdown")
+    assert code == 2, md
+    assert "Destination/" in md and "ports changed" in md
+    # Outside code fences nothing a policy wrote may act as markup; inside, a fence longer
+    # than any backtick run keeps it literal, and control characters are shown escaped.
+    fences = list(re.finditer(r"^(`{3,})diff\n(.*?)\n\1$", md, re.M | re.S))
+    assert fences
+    outside = re.sub(r"^(`{3,})diff\n(.*?)\n\1$", "", md, flags=re.M | re.S)
+    for raw in ("<img", "<i>", "</details><", "@everyone", "${{", "|z", "|@", "`"):
+        assert raw not in outside, raw
+    for f in fences:
+        assert "`" * len(f.group(1)) not in f.group(2)
+    assert "\x1b" not in md and "\u202e" not in md
+    assert "\n+ tcp 0.0.0.0/0" not in md  # a name cannot start a diff line of its own
+    code, text = plan(repo, "text")
+    assert "\x1b" not in text and "\u202e" not in text and "\n+ tcp 0.0.0.0/0" not in text
+    assert "\\x1b" in text  # shown, escaped
+
+
+def test_markdown_cut_keeps_the_summary_at_any_limit(tmp_path):
+    repo = policy_repo(tmp_path)
+    edit(repo, "security-groups/platform-dns.yaml", 'ports: "53"', 'ports: "53,853"')
+    commit_all(repo, "dot")
+    report = run_plan(str(repo / "policies"), "HEAD~1", "HEAD", [str(repo / "cells")])
+    full = render_markdown(report)
+    for limit in (2_500, 4_000, len(full) - 1):
+        cut = render_markdown(report, limit=limit)
+        assert len(cut) <= limit
+        assert "**Plan: 3 cells change" in cut and "Cut to fit one comment" in cut
