@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import signal
 import subprocess
@@ -662,6 +663,13 @@ class Demo:
         self._print_changes(records, raw=True)
         n.say("What each cell's status branch says:")
         self._print_applied(sha, applied)
+        slowest = max(applied.values())
+        budget = interval * 1.1 + 1.0  # the interval, its 10% jitter, and one cycle's work
+        n.say(
+            f"every running container on every cell had it {slowest:.1f}s after the push: "
+            + ("within one sync interval" if slowest <= budget else "slower than one interval")
+            + f" ({interval:g}s); no app team did anything"
+        )
         self._matrix(
             "story3",
             "every container reaches the new resolver",
@@ -786,6 +794,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         return 1
+    # ✓, ✗ and box lines on a terminal that is not UTF-8: degrade to "?" rather than fail
+    # half-way through the story.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="replace")
     cfg = DemoConfig(args.name, args.interval, args.timeout, Path(args.policies), args.cells)
     demo = Demo(cfg, sys.stdout)
     code = 0
