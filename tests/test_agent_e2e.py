@@ -228,6 +228,14 @@ def test_git_server_down_keeps_rules_then_recovers(
     assert conds["Stalled"]["status"] == "False"
     assert dict(kernel(lab.cell).chains) == before
     assert lab.probe_tcp("web", "echo", 80).outcome is Outcome.CONNECTED
+    # A failing git server (and failing status pushes) never hold up enforcement.
+    store = Path(a.settings["containers"])
+    extra = container("late", 40)
+    t0 = time.monotonic()
+    write_store(store, [*parse_store(store.read_text()), extra])
+    chain = "ASG-C-" + content_id("container late")
+    wait_for(lambda: chain in kernel(lab.cell).chains, 3, 0.01, "new container while down")
+    assert time.monotonic() - t0 < 1.0
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     assert re.search(
         r'asgctl_agent_sync_failures_total\{cell="cell-a",reason="GitUnreachable"\} [1-9]', text

@@ -162,3 +162,21 @@ def test_dataplane_failures_keep_state_and_back_off(setup) -> None:  # type: ign
     assert any(json.loads(x)["event"] == "cycle-failed" for x in err.getvalue().splitlines())
     dp.fail = None
     assert agent._guarded(SYNC) == 0
+
+
+def test_a_corrupt_cache_is_fetched_again_without_touching_the_rules(setup) -> None:  # type: ignore[no-untyped-def]
+    cfg, commit, _, _ = setup
+    sha = commit({"sg.yaml": sg("web", tcp_rules(3))})
+    dp = MemoryDataplane()
+    agent, _, _ = _agent(cfg, dp)
+    agent.cycle(SYNC)
+    kernel = {f: dict(c) for f, c in dp.chains.items()}
+    agent.source.close()
+    for f in (Path(cfg.state_dir) / "cache.git" / "objects").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    (Path(cfg.state_dir) / "cache.git" / "HEAD").write_text("nonsense")
+    st = agent.cycle(SYNC)
+    assert condition(st.conditions, "Ready").status == "True"  # type: ignore[union-attr]
+    assert st.applied is not None and st.applied.sha == sha
+    assert dp.chains == kernel

@@ -372,7 +372,7 @@ class Agent:
                     applied = Applied(
                         target_sha,
                         plan.digest(),
-                        now if changed or applied is None else applied.at,
+                        iso(self.clock()) if changed or applied is None else applied.at,
                         st.inventory,
                         policy,
                         plan,
