@@ -64,7 +64,8 @@ def lab() -> None:
     "--agents/--no-agents", default=True, show_default=True, help="Start an agent per cell."
 )
 @click.option("--interval", default="2s", show_default=True, help="Agent sync interval.")
-def up_cmd(name: str, cells: int, policies: str, agents: bool, interval: str) -> None:
+@click.option("--backend", default="iptables", show_default=True, help="Agents' dataplane.")
+def up_cmd(name: str, cells: int, policies: str, agents: bool, interval: str, backend: str) -> None:
     """Build the lab and leave it running (until `asgctl lab down`)."""
     from pathlib import Path
 
@@ -80,7 +81,9 @@ def up_cmd(name: str, cells: int, policies: str, agents: bool, interval: str) ->
             log=lambda m: click.echo(m, err=True),
         )
         if agents:
-            info = start_agents(info, interval, log=lambda m: click.echo(m, err=True))
+            info = start_agents(
+                info, interval, ["--backend", backend], log=lambda m: click.echo(m, err=True)
+            )
     except PlatformError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -178,9 +181,10 @@ def probe_cmd(
 @click.option("--interval", default="2s", show_default=True, help="Agent sync interval.")
 @click.option("--timeout", default=60.0, show_default=True, help="Longest wait for the cells.")
 @click.option("--policies", default="policies", show_default=True, type=click.Path(file_okay=False))
-def demo_cmd(name: str, interval: str, timeout: float, policies: str) -> None:
+@click.option("--backend", default="iptables", show_default=True, help="Agents' dataplane.")
+def demo_cmd(name: str, interval: str, timeout: float, policies: str, backend: str) -> None:
     """Tell the seeds' stories on a fresh lab, then tear it down (also on Ctrl-C)."""
     from reconciler.lab.demo import main as demo_main
 
     args = ["--name", name, "--interval", interval, "--timeout", str(timeout)]
-    sys.exit(demo_main([*args, "--policies", policies]))
+    sys.exit(demo_main([*args, "--policies", policies, "--backend", backend]))

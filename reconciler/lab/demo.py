@@ -242,6 +242,8 @@ class DemoConfig:
     timeout: float = 60.0
     policies: Path = Path("policies")
     cells: int = 2
+    backend: str = "iptables"
+    """The agents' dataplane backend (iptables, libiptc, nftables): the stories hold on each."""
 
 
 def _parse_iso(text: str) -> float | None:
@@ -502,8 +504,13 @@ class Demo:
             "team\nasked for MySQL: no Destination 'mysql', no EgressPolicy 'backend-to-mysql'."
         )
         n.line()
-        n.say(f"Starting one agent per cell (asgctl agent --interval {cfg.interval} --netns …):")
-        self.info = platform.start_agents(lab, cfg.interval, log=n.say)
+        n.say(
+            f"Starting one agent per cell (asgctl agent --interval {cfg.interval} "
+            f"--backend {cfg.backend} --netns …):"
+        )
+        self.info = platform.start_agents(
+            lab, cfg.interval, extra=["--backend", cfg.backend], log=n.say
+        )
         applied, records = self.wait_applied(seed_sha, time.time())
         cells = ", ".join(f"{c} in {t:.1f}s" for c, t in applied.items())
         n.say(f"every cell applied main@sha1:{seed_sha[:10]} ({cells}); {len(records)} containers")
@@ -787,6 +794,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="longest wait per step")
     parser.add_argument("--policies", default="policies", help="the example policy repo")
     parser.add_argument("--cells", type=int, default=2)
+    parser.add_argument(
+        "--backend", default="iptables", help="agents' dataplane: iptables, libiptc, nftables"
+    )
     parser.add_argument("--report", default=None, help="write a JSON report here")
     args = parser.parse_args(argv)
 
@@ -798,7 +808,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # half-way through the story.
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="replace")
-    cfg = DemoConfig(args.name, args.interval, args.timeout, Path(args.policies), args.cells)
+    cfg = DemoConfig(
+        args.name, args.interval, args.timeout, Path(args.policies), args.cells, args.backend
+    )
     demo = Demo(cfg, sys.stdout)
     code = 0
     try:
