@@ -702,3 +702,22 @@ def test_auto_depth_reads_terse_once_the_table_is_large(nft_host: NftHost) -> No
     due = replace(h.backend(), auto_limit=1, audit_seconds=0.0)  # an audit is always due
     due.read(4)
     assert due.full_read_due(4)
+
+
+def test_one_listing_per_cycle_and_never_an_old_one(nft_host: NftHost) -> None:
+    """IPv6 reuses the listing IPv4 just took (after its transaction, by its verify); a new
+    cycle always lists afresh, so drift made between two cycles of one backend is seen."""
+    h = nft_host
+    a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
+    backend = h.backend()
+    assert converge(backend, a).ok
+    listing = ("nft", "-j", "-n", "list", "table", "inet", "asgctl")
+    start = len(h.runner.calls)
+    result = converge(backend, b, a)
+    assert result.ok and result.families[0].sent and not result.families[1].sent
+    calls = [c for c in h.runner.calls[start:] if c[0] == "nft"]
+    assert calls == [listing, ("nft", "-j", "-f", "-"), listing]  # read, apply, verify (v4)
+    h.nft({"delete": {"chain": {**T, "name": "forward6"}}})  # at once, with the same backend
+    again = converge(backend, b, b)
+    assert (6, rec.HOOK_MISSING) in {(d.family, d.what) for d in again.drift}
+    assert_matches(h, b)

@@ -51,6 +51,7 @@ VERIFY_SAMPLE = 8
 """After a terse read, how many written sets verify lists element by element (each costs a
 process); a full read audits the rest."""
 _NO_SET = NftSet("", ())
+REUSE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,12 @@ class NftablesBackend:
     reason: str = ""
     auto_limit: int = 50_000
     audit_seconds: float = 600.0
-    _audits: dict[int, tuple[float, int]] = field(default_factory=dict, compare=False, repr=False)
+    _audits: dict[int, tuple[float, int]] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
+    _shared: dict[str, tuple[float, bool, str]] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     @classmethod
     def open(
@@ -114,27 +120,53 @@ class NftablesBackend:
         return elements < self.auto_limit or time.monotonic() - when >= self.audit_seconds
 
     def read(self, family: int) -> NftState:
-        if self.full_read_due(family):
-            res = self.runner.run([self.nft, "-j", "-n", "list", "table", NFT_FAMILY, TABLE])
-            if res.returncode != 0:
-                if self._table_absent():
-                    self._audits[family] = (time.monotonic(), 0)
-                    return NftState(family, {})
-                raise ReadError(f"nft list table failed (exit {res.returncode}): {_msg(res)}")
-            state = parse_listing(res.stdout, family)
+        """One family's slice.  The listing holds the whole table, so the IPv6 read of a cycle
+        reuses the IPv4 one (see `_listing`) instead of listing everything again."""
+        full = self.full_read_due(family)
+        text = self._listing(family, full)
+        if full:
+            state = parse_listing(text, family)
             mine = sum(len(s.elements or ()) for s in state.sets.values())
             self._audits[family] = (time.monotonic(), mine + state.other_elements)
             return state
-        res = self.runner.run([self.nft, "-j", "-n", "-t", "list", "ruleset"])
-        if res.returncode != 0:
-            raise ReadError(f"nft list ruleset failed (exit {res.returncode}): {_msg(res)}")
-        state = parse_listing(res.stdout, family, elements_read=False)
+        state = parse_listing(text, family, elements_read=False)
         dispatch = dispatch_map(family)
         if dispatch not in state.sets:
             return state
         sets = dict(state.sets)
         sets[dispatch] = self._read_set(dispatch, "map")
         return replace(state, sets=sets)
+
+    def _listing(self, family: int, full: bool) -> str:
+        """The table's listing (full) or the ruleset's (terse), as JSON text.
+
+        converge reads IPv4 then IPv6, one after the other.  A listing taken for IPv4 (by its
+        read, or by its verify after its transaction) therefore serves the IPv6 read that
+        follows, once, if it is at most `REUSE_SECONDS` old and no transaction of ours was
+        sent since: one listing per cycle instead of two, the largest cost of a cycle at
+        scale.  An IPv4 read always lists afresh, so no cycle starts from an old listing.
+        """
+        cached = self._shared.pop("listing", None)
+        if family != 4 and cached is not None:
+            when, depth, text = cached
+            if time.monotonic() - when <= REUSE_SECONDS and (depth or not full):
+                return text
+        if full:
+            res = self.runner.run([self.nft, "-j", "-n", "list", "table", NFT_FAMILY, TABLE])
+            if res.returncode == 0:
+                text = res.stdout
+            elif self._table_absent():
+                text = '{"nftables": []}'
+            else:
+                raise ReadError(f"nft list table failed (exit {res.returncode}): {_msg(res)}")
+        else:
+            res = self.runner.run([self.nft, "-j", "-n", "-t", "list", "ruleset"])
+            if res.returncode != 0:
+                raise ReadError(f"nft list ruleset failed (exit {res.returncode}): {_msg(res)}")
+            text = res.stdout
+        if family == 4:
+            self._shared["listing"] = (time.monotonic(), full, text)
+        return text
 
     def _read_set(self, name: str, kind: str = "set") -> NftSet:
         res = self.runner.run([self.nft, "-j", "-n", "list", kind, NFT_FAMILY, TABLE, name])
@@ -179,6 +211,7 @@ class NftablesBackend:
             text = self.fault(delta.family, text)
         res = self.runner.run([self.nft, "-j", "-f", "-"], stdin=text)
         if res.returncode == 0:
+            self._shared.pop("listing", None)  # what was listed before is history now
             return
         line, where = None, ""
         m = _INDEX.search(res.stderr)
