@@ -71,7 +71,11 @@ class Decision:
                 )
                 lines.extend(f"    {s}" for s in m.sources)
             lines.append("  everything not allowed is rejected and logged (ASG DENY)")
-        return "\n".join(lines) + "\n"
+        # Names and sources come from the policy repo: a newline in one must not start a
+        # line of its own (a forged ALLOW in a CI log), so each line is escaped on its own.
+        from reconciler.report.escape import visible
+
+        return "\n".join(visible(x) for x in lines) + "\n"
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -31,8 +31,12 @@ def parse_store(text: str | bytes, source: str = "store.json") -> tuple[Containe
         raise InventoryError(f"{source}: larger than {MAX_STORE_BYTES} bytes")
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
+        # ValueError also covers integers over Python's 4300-digit conversion limit.
         raise InventoryError(f"{source}: not valid JSON: {exc}") from None
+    except RecursionError:
+        # json's decoder recurses per nesting level: `[[[[...` is an error, not a crash.
+        raise InventoryError(f"{source}: not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise InventoryError(f"{source}: expected an object of handle -> container")
     containers: list[Container] = []
@@ -65,6 +69,10 @@ def _container(source: str, key: str, entry: Any) -> Container:
         ip = ipaddress.ip_address(ip_text)
     except ValueError:
         raise InventoryError(f"{where}: ip {_printable(ip_text)} is not an IP address") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        # ipaddress keeps a zone id verbatim (`fd00::1%<anything, newlines too>`) and the
+        # address text goes into rendered rules: a zone id is never a container's address.
+        raise InventoryError(f"{where}: ip {_printable(ip_text)} has a zone id")
     if ip.is_unspecified or ip.is_multicast:
         raise InventoryError(f"{where}: ip {ip} cannot be a container address")
     meta = entry.get("metadata")

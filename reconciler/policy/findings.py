@@ -56,13 +56,18 @@ class Finding:
         return self.kind
 
     def __str__(self) -> str:
+        """One line, whatever the policy said: names and values quoted in messages come from
+        pull requests, and a raw newline or escape sequence in them would forge extra lines
+        (a fake `0 errors`) in CI logs or rewrite the terminal."""
         parts = [f"{self.file}:{self.line}:{self.col}"]
         if self.subject:
             parts.append(self.subject)
         if self.field:
             parts.append(self.field)
         message = self.message if self.severity == "error" else f"warning: {self.message}"
-        return ": ".join([*parts, message])
+        from reconciler.report.escape import visible  # reconciler.report imports this module
+
+        return visible(": ".join([*parts, message]))
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

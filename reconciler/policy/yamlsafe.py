@@ -103,6 +103,11 @@ class _Frame:
 _NO_KEY = object()
 
 
+def _clip(text: str, limit: int = 40) -> str:
+    """A scalar quoted for a message, shortened: the offending value may be megabytes."""
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
 def decode(file: str, raw: bytes, limits: Limits = DEFAULT_LIMITS) -> str:
     """Bytes to text, refusing oversized and non-UTF-8 input with a message that says where."""
     if len(raw) > limits.max_file_bytes:
@@ -237,6 +242,12 @@ class _Builder:
             return self.constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
             raise self.fail(f"cannot read scalar: {exc}", event.start_mark) from None
+        except (ValueError, OverflowError) as exc:
+            # PyYAML's constructors raise these for `2001-02-30` (no such date) and for
+            # integers over Python's 4300-digit conversion limit: a finding, not a traceback.
+            raise self.fail(
+                f"cannot read scalar {_clip(event.value)}: {exc}", event.start_mark
+            ) from None
 
     def _add(self, value: Any, mark: Any, anchor: str | None, size: int) -> Path:
         self.nodes += size
