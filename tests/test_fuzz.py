@@ -106,7 +106,7 @@ VALUES = st.recursive(
         st.lists(inner, max_size=4),
         st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=5), inner, max_size=6),
     ),
-    max_leaves=30,
+    max_leaves=15,
 )
 DOCUMENT = st.fixed_dictionaries(
     {"kind": st.sampled_from(["SecurityGroup", "Destination", "EgressPolicy", "Directory"])},
@@ -135,8 +135,8 @@ def run_pipeline(files: list[SourceFile]) -> None:
         assert text.count("COMMIT") == 1
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(DOCUMENT, min_size=1, max_size=4))
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(DOCUMENT, min_size=1, max_size=3))
 def test_arbitrary_structures_give_clean_findings(docs):
     text = yaml.safe_dump_all(
         [json.loads(json.dumps(d, default=str, allow_nan=True)) for d in docs]
