@@ -454,7 +454,12 @@ def report(
         "",
         f"The wait is dominated by the interval: a commit lands at a uniformly random point of "
         f"each agent's {fl['interval']:g} s (+10 %) cycle, so the expected median is about half "
-        "an interval plus one cycle's work; the report follows the apply by one push.",
+        "an interval plus one cycle's work, and the bound one interval plus jitter "
+        f"({fl['interval'] * 1.1:.1f} s) plus one cycle.  Cycles that apply take longer while "
+        f"all {fl['agents']} agents, the git server and this benchmark's poller share the "
+        "machine's cores, which is what stretches the tail.  The status push starts "
+        "within milliseconds of the apply; the rest of the report delay is the push itself "
+        "and the poller, under the same contention.",
         "",
         "## Cost",
         "",

@@ -28,7 +28,7 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class FleetError(Exception):
-    pass
+    """The remote or a status branch could not be read."""
 
 
 @dataclass(frozen=True)

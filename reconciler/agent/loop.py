@@ -21,6 +21,7 @@ cycle in progress finish, flush the status briefly and exit with the rules in pl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -174,11 +175,9 @@ class Agent:
 
     def _log(self, stream: TextIO, record: dict[str, Any]) -> None:
         line = json.dumps({"time": iso(self.clock()), **record}, separators=(",", ":"))
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed stdout must not stop enforcement
             stream.write(line + "\n")
             stream.flush()
-        except (OSError, ValueError):
-            pass  # a closed stdout must not stop enforcement
 
     def _pushed(self, result: PushResult) -> None:
         self.metrics.inc("asgctl_agent_status_pushes_total", result="ok" if result.ok else "error")

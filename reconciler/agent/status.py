@@ -170,7 +170,7 @@ def fingerprint(doc: Mapping[str, Any]) -> str:
 
 
 class StatusPushError(Exception):
-    pass
+    """A status commit could not be made or pushed; the pusher retries with back-off."""
 
 
 class StatusWriter:
