@@ -23,6 +23,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from reconciler.model import Container, PolicySet, Rule, RuleItem
 from reconciler.plan import (
@@ -71,6 +72,13 @@ def _item_order(item: RuleItem) -> tuple:
         item.icmp_code,
         item.log,
     )
+
+
+@lru_cache(maxsize=1 << 16)
+def _chain_id(handle: str) -> str:
+    """A container chain's id (a hash of its handle), cached: cells recompile the same
+    containers every cycle, and the CI plan compiles each cell twice."""
+    return content_id("container " + handle)
 
 
 def profile_of(container: Container) -> Profile:
@@ -399,7 +407,7 @@ def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str =
 
     slots = [position[p] for p in of]
     container_plans = tuple(
-        ContainerPlan(c, content_id("container " + c.handle), chain_groups[i])
+        ContainerPlan(c, _chain_id(c.handle), chain_groups[i])
         for c, i in zip(containers, slots, strict=True)
     )
     return CellPlan(

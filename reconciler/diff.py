@@ -204,43 +204,91 @@ def diff_plans(
     head: PolicySet,
     inventory: Sequence[CellInventory],
     location_prefix: str = "",
+    workers: int = 1,
 ) -> PlanDiff:
     """Compare what `base` and `head` make every cell of `inventory` enforce.
 
     `location_prefix` is put before every file:line (the policy folder inside the repo,
-    e.g. `policies/`), so PR readers get paths they can open.
+    e.g. `policies/`), so PR readers get paths they can open.  `workers` > 1 compiles the
+    touched cells in that many forked processes; the result is the same either way.
     """
     # Every distinct profile once: is it touched (different rule items at base and head)?
     touched: dict[Profile, bool] = {}
-    profile_count: dict[Profile, int] = defaultdict(int)
+    # Per principal: containers per family, and the cells they run on.
+    families: dict[Principal, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    cells_of: dict[Principal, set[str]] = defaultdict(set)
+    profiles_of_cell = []
     for cell in inventory:
-        for c in cell.containers:
-            p = profile_of(c)
-            profile_count[p] += 1
+        profiles = [profile_of(c) for c in cell.containers]
+        profiles_of_cell.append(profiles)
+        for p in set(profiles):
             if p not in touched:
                 touched[p] = profile_signature(base, p) != profile_signature(head, p)
+            cells_of[p[1:]].add(cell.cell)
+        for p in profiles:
+            families[p[1:]][p[0]] += 1
 
-    group_lines: dict[str, int] = {}
-    cells = tuple(_diff_cell(base, head, cell, touched, group_lines) for cell in inventory)
+    work = (base, head, tuple(inventory), profiles_of_cell, touched)
+    cells = _diff_cells(work, workers)
     notices = tuple(n for c in cells for n in _limit_notices(c))
-    principals = _principal_diffs(base, head, inventory, touched, location_prefix)
+    principals = _principal_diffs(base, head, families, cells_of, touched, location_prefix)
     return PlanDiff(cells, principals, notices)
+
+
+# What forked workers read: set just before the pool forks, so it is inherited, not pickled.
+_WORK: tuple | None = None
+_MIN_CELLS_PER_WORKER = 32
+
+
+def _diff_range(bounds: tuple[int, int]) -> list[CellDiff]:
+    assert _WORK is not None
+    base, head, inventory, profiles_of_cell, touched = _WORK
+    group_lines: dict[str, int] = {}
+    return [
+        _diff_cell(base, head, inventory[i], profiles_of_cell[i], touched, group_lines)
+        for i in range(*bounds)
+    ]
+
+
+def _diff_cells(work: tuple, workers: int) -> tuple[CellDiff, ...]:
+    """Every cell's diff, in inventory order; in forked workers when there are many cells.
+
+    Compiling touched cells at both revisions is most of a fleet-wide plan and each cell is
+    independent, so it splits cleanly across cores.  The parent has already built both
+    policies' indexes and profile entries, which the workers inherit copy-on-write.
+    """
+    global _WORK
+    n = len(work[2])
+    workers = max(1, min(workers, n // _MIN_CELLS_PER_WORKER))
+    _WORK = work
+    try:
+        if workers == 1:
+            return tuple(_diff_range((0, n)))
+        import multiprocessing
+
+        step = -(-n // (workers * 4))
+        chunks = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return tuple(c for part in pool.map(_diff_range, chunks) for c in part)
+    finally:
+        _WORK = None
 
 
 def _diff_cell(
     base: PolicySet,
     head: PolicySet,
     cell: CellInventory,
+    profiles: list[Profile],
     touched: dict[Profile, bool],
     group_lines: dict[str, int],
 ) -> CellDiff:
     containers = cell.containers
-    base_cf = cf_equivalent_rules(base, containers)
-    head_cf = cf_equivalent_rules(head, containers)
-    if not any(touched[profile_of(c)] for c in containers):
-        return CellDiff(cell.cell, cell.origin, len(containers), 0, (), base_cf, head_cf)
+    if not any(touched[p] for p in set(profiles)):
+        cf = cf_equivalent_rules(base, containers)  # untouched: the same at head
+        return CellDiff(cell.cell, cell.origin, len(containers), 0, (), cf, cf)
     before = compile_cell(base, containers, cell.cell)
     after = compile_cell(head, containers, cell.cell)
+    base_cf, head_cf = before.cf_equivalent_rules, after.cf_equivalent_rules
     chains = [ch for family in (4, 6) for ch in _family_diff(before, after, family)]
     rechained = sum(1 for c in chains if c.chain.startswith(CONTAINER_PREFIX))
     return CellDiff(
@@ -314,7 +362,24 @@ def _chain_diff(family: int, name: str, old: tuple[str, ...], new: tuple[str, ..
         return ChainDiff(family, name, "create", len(new), 0, tuple("+ " + x for x in new))
     if not new:
         return ChainDiff(family, name, "delete", 0, len(old), tuple("- " + x for x in old))
-    lines: list[str] = []
+    gone, came = set(old) - set(new), set(new) - set(old)
+    kept_old = [x for x in old if x not in gone]
+    if kept_old == [x for x in new if x not in came]:
+        # The common lines keep their order (the usual case: jumps swapped in place), so a
+        # merge walk gives the diff without difflib's cost.
+        lines, i = [], 0
+        for x in new:
+            while i < len(old) and old[i] in gone:
+                lines.append("- " + old[i])
+                i += 1
+            if x in came:
+                lines.append("+ " + x)
+            else:
+                lines.append("  " + x)
+                i += 1
+        lines.extend("- " + x for x in old[i:])
+        return ChainDiff(family, name, "update", len(came), len(gone), tuple(lines))
+    lines = []
     added = removed = 0
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes():
         if op == "equal":
@@ -354,17 +419,11 @@ def _limit_notices(cell: CellDiff) -> list[Notice]:
 def _principal_diffs(
     base: PolicySet,
     head: PolicySet,
-    inventory: Sequence[CellInventory],
+    families: dict[Principal, dict[int, int]],
+    cells: dict[Principal, set[str]],
     touched: dict[Profile, bool],
     prefix: str,
 ) -> tuple[PrincipalDiff, ...]:
-    families: dict[Principal, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-    cells: dict[Principal, set[str]] = defaultdict(set)
-    for cell in inventory:
-        for c in cell.containers:
-            pr = _principal(c)
-            families[pr][_family(c)] += 1
-            cells[pr].add(cell.cell)
     explainer = _Explainer(base, head, prefix)
     out: list[PrincipalDiff] = []
     for pr in sorted(families):
@@ -420,10 +479,6 @@ def _installed(plan: CellPlan, group_lines: dict[str, int]) -> int:
             n = group_lines[g.id] = g.lines
         total += n
     return total
-
-
-def _principal(c: Container) -> Principal:
-    return (c.lifecycle, c.space_id, c.app_id)
 
 
 # An access atom: (protocol, icmp type, icmp code, family, first address, last address,

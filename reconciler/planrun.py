@@ -25,6 +25,7 @@ from reconciler.policy.load import load_policy
 from reconciler.report.plan import PlanReport, Revision
 
 STATUS = "status"
+MAX_WORKERS = 4  # forked processes for a fleet-wide diff (see diff._diff_cells)
 SYNTHETIC = "directory"
 
 
@@ -152,7 +153,8 @@ def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ())
     # Everything loaded so far lives until the end; taking it out of the cyclic collector's
     # view keeps full collections (a quarter of a fleet-wide diff's time) from rescanning it.
     gc.freeze()
-    diff = diff_plans(base_policy, head_result.policy, cells, place.prefix)
+    workers = min(os.cpu_count() or 1, MAX_WORKERS)
+    diff = diff_plans(base_policy, head_result.policy, cells, place.prefix, workers)
     return _with(
         report,
         inventory=described,
