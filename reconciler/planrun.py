@@ -142,9 +142,10 @@ def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ())
     if not base_result.ok:
         # No agent can be running an invalid revision; compare against nothing, and say so.
         base_policy = PolicySet()
+        n = len(base_result.errors)
         warnings.append(
-            f"the base revision does not validate ({len(base_result.errors)} errors), so the "
-            "plan compares the head against an empty policy"
+            f"the base revision does not validate ({n} error{'s' * (n != 1)}), so the plan "
+            "compares the head against an empty policy"
         )
     try:
         cells, described = load_inventory(inventory, place, (base_policy, head_result.policy))

@@ -540,3 +540,29 @@ def test_markdown_cut_keeps_the_summary_at_any_limit(tmp_path):
         cut = render_markdown(report, limit=limit)
         assert len(cut) <= limit
         assert "**Plan: 3 cells change" in cut and "Cut to fit one comment" in cut
+
+
+def test_an_invalid_base_is_compared_as_empty_and_said_so(tmp_path):
+    repo = policy_repo(tmp_path)
+    edit(repo, "destinations.yaml", "ips: 198.19.30.30", "ips: 198.19.30.300")
+    commit_all(repo, "broken main")
+    edit(repo, "destinations.yaml", "ips: 198.19.30.300", "ips: 198.19.30.30")
+    commit_all(repo, "fixed")
+    code, text = plan(repo, "text")
+    assert code == 2
+    assert "Warning: the base revision does not validate (1 error), so the plan compares" in text
+
+
+def test_forked_workers_give_the_same_diff(tmp_path):
+    base = load_folder(REPO / "policies").policy
+    tree = tmp_path / "p"
+    shutil.copytree(REPO / "policies", tree)
+    dns = tree / "security-groups/platform-dns.yaml"
+    dns.write_text(dns.read_text().replace('ports: "53"', 'ports: "53,853"'))
+    head = load_folder(tree).policy
+    pool = [x for cs in CELLS.values() for x in cs]
+    rng = random.Random(9)
+    cells = [
+        CellInventory(f"cell-{i:03d}", tuple(sorted(rng.sample(pool, 4))), "") for i in range(70)
+    ]
+    assert diff_plans(base, head, cells, workers=2) == diff_plans(base, head, cells, workers=1)
