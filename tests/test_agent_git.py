@@ -102,6 +102,10 @@ def test_fetch_failures_are_classified(tmp_path: Path, git_server: GitDaemon) ->
         src.fetch()
     assert e.value.reason == "GitUnreachable" and "127.0.0.1" in e.value.message
     assert classify("fatal: Authentication failed for 'https://h/r.git'") == "AuthenticationFailed"
+    assert classify("remote: fatal: bad object abc\nfatal: early EOF") == "GitUnreachable"
+    assert classify("remote: error: object file x is corrupt") == "FetchFailed"
+    missing = "fatal: '/x.git' does not appear to be a git repository\nfatal: Could not read"
+    assert classify(missing) == "RepositoryNotFound"
     assert classify("error: object file x is empty\nfatal: loose object x is corrupt") == (
         "CacheCorrupt"
     )

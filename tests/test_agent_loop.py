@@ -180,3 +180,23 @@ def test_a_corrupt_cache_is_fetched_again_without_touching_the_rules(setup) -> N
     assert condition(st.conditions, "Ready").status == "True"  # type: ignore[union-attr]
     assert st.applied is not None and st.applied.sha == sha
     assert dp.chains == kernel
+
+
+def test_a_source_failure_stands_until_a_sync_shows_recovery(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, commit, store, bare = setup
+    commit({"sg.yaml": sg("web", tcp_rules(3))})
+    dp = MemoryDataplane()
+    agent, _, _ = _agent(cfg, dp)
+    agent.cycle(SYNC)
+    bare.rename(tmp_path / "away.git")
+    down = agent.cycle(SYNC)
+    assert condition(down.conditions, "Ready").reason == "RepositoryNotFound"  # type: ignore[union-attr]
+    assert down.failures == 1
+    # A container arrives: enforced, but the source problem is still reported.
+    write_store(store, [container("c0", 0), container("c1", 1), container("c2", 2)])
+    st = agent.cycle(INVENTORY)
+    assert st.applied is not None and len(st.applied.inventory) == 3
+    assert condition(st.conditions, "Ready").reason == "RepositoryNotFound"  # type: ignore[union-attr]
+    assert st.failures == 1
+    (tmp_path / "away.git").rename(bare)
+    assert condition(agent.cycle(SYNC).conditions, "Ready").status == "True"  # type: ignore[union-attr]

@@ -270,7 +270,8 @@ class Agent:
         else:
             st = replace(st, inventory_error=inv_error)
 
-        source_error: Problem | None = None
+        # An inventory cycle does not fetch: the last sync's verdict on the source stands.
+        source_error: Problem | None = st.source_error if trigger != SYNC else None
         head = st.head
         attempted = st.attempted
         if trigger == SYNC:
@@ -396,6 +397,10 @@ class Agent:
         conditions = merge_conditions(st.conditions, cycle_conditions(view), now)
         ready = condition(conditions, "Ready")
         transient = source_error is not None or enforce_error is not None
+        if trigger == SYNC:
+            failures = st.failures + 1 if transient else 0
+        else:  # only a sync can show the source has recovered
+            failures = st.failures + 1 if enforce_error else st.failures if source_error else 0
         timings["total"] = time.perf_counter() - t_start
         st = replace(
             st,
@@ -405,7 +410,7 @@ class Agent:
             conditions=conditions,
             drift_corrections=corrections,
             drift_log=tuple(drift_log[:10]),
-            failures=st.failures + 1 if transient else 0,
+            failures=failures,
             last_sync=now,
             last_success=now if ready and ready.status == "True" else st.last_success,
             source_error=source_error,

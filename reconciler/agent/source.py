@@ -9,7 +9,8 @@ question.  When the answer is "no" in a shallow cache it is checked again after 
 since only a full history can prove a negative.
 
 Failures are classified into the reasons the status reports (`GitUnreachable`,
-`AuthenticationFailed`, `BranchNotFound`, `GitTimeout`, `CacheCorrupt`, `FetchFailed`).  A
+`AuthenticationFailed`, `BranchNotFound`, `RepositoryNotFound`, `GitTimeout`, `CacheCorrupt`,
+`FetchFailed`).  A
 corrupt cache is deleted and fetched again in the same call: it is a cache, the remote is
 the truth.
 """
@@ -80,16 +81,31 @@ class SourceError(Exception):
 
 
 def classify(stderr: str) -> str:
-    """A git failure's reason from its stderr (first match wins: unreachable, auth, corrupt)."""
+    """A git failure's reason from its stderr (first match wins: no branch, auth,
+    unreachable, no repository, corrupt cache).
+
+    Only our own git's complaints can mean a corrupt *cache*; what the server says
+    (`remote: ...`, `fatal: remote error: ...`) never does, or a broken server would make
+    every agent throw its cache away on every cycle.
+    """
     text = stderr.lower()
-    if "couldn't find remote ref" in text or "couldn't find remote ref" in text.replace("'", ""):
+    if "couldn't find remote ref" in text:
         return "BranchNotFound"
     if any(s in text for s in _AUTH):
         return "AuthenticationFailed"
     if any(s in text for s in _UNREACHABLE):
         return "GitUnreachable"
-    if any(s in text for s in _CORRUPT):
+    if "does not appear to be a git repository" in text or "repository not found" in text:
+        return "RepositoryNotFound"
+    local = "\n".join(
+        line
+        for line in text.splitlines()
+        if not line.startswith(("remote:", "fatal: remote error", "error: remote"))
+    )
+    if any(s in local for s in _CORRUPT):
         return "CacheCorrupt"
+    if "could not read from remote repository" in text:
+        return "GitUnreachable"
     return "FetchFailed"
 
 
