@@ -10,7 +10,7 @@ since only a full history can prove a negative.
 
 Failures are classified into the reasons the status reports (`GitUnreachable`,
 `AuthenticationFailed`, `BranchNotFound`, `RepositoryNotFound`, `GitTimeout`, `CacheCorrupt`,
-`FetchFailed`).  A
+`DiskFull`, `FetchFailed`).  A
 corrupt cache is deleted and fetched again in the same call: it is a cache, the remote is
 the truth.
 """
@@ -71,6 +71,9 @@ _CORRUPT = (
 )
 
 
+_DISK_FULL = ("no space left on device", "disk quota exceeded")
+
+
 class SourceError(Exception):
     """The branch could not be fetched; `reason` is the status condition's reason."""
 
@@ -81,7 +84,7 @@ class SourceError(Exception):
 
 
 def classify(stderr: str) -> str:
-    """A git failure's reason from its stderr (first match wins: no branch, auth,
+    """A git failure's reason from its stderr (first match wins: no branch, a full disk, auth,
     unreachable, no repository, corrupt cache).
 
     Only our own git's complaints can mean a corrupt *cache*; what the server says
@@ -91,6 +94,10 @@ def classify(stderr: str) -> str:
     text = stderr.lower()
     if "couldn't find remote ref" in text:
         return "BranchNotFound"
+    if any(s in text for s in _DISK_FULL):
+        # Checked before the corruption markers: "unable to write loose object file: No
+        # space left on device" is a full disk, and wiping the cache would not help it.
+        return "DiskFull"
     if any(s in text for s in _AUTH):
         return "AuthenticationFailed"
     if any(s in text for s in _UNREACHABLE):
@@ -252,6 +259,11 @@ class GitSource:
             sha = self._fetch_once()
             return Fetched(sha, time.perf_counter() - t0, self._recloned, self.shallow)
         except SourceError as exc:
+            if exc.reason == "DiskFull":
+                # The failed fetch left the loose objects it managed to write, filling the
+                # disk the state file and the status repo need too: drop them (no ref names
+                # them), keep the history the cache already had.
+                self._git("prune", "--expire=now")
             if exc.reason != "CacheCorrupt":
                 raise
         self.reset()
