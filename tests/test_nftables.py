@@ -686,7 +686,7 @@ def test_auto_depth_reads_terse_once_the_table_is_large(nft_host: NftHost) -> No
     assert converge(h.backend(), plan).ok
     full = ("nft", "-j", "-n", "list", "table", "inet", "asgctl")
     terse = ("nft", "-j", "-n", "-t", "list", "ruleset")
-    big = replace(h.backend(), auto_limit=1)  # "large" from one element on
+    big = replace(h.backend(), auto_limit=1, remember=False)  # "large" from one element on
     start = len(h.runner.calls)
     for _ in range(3):
         big.read(4)
@@ -695,21 +695,22 @@ def test_auto_depth_reads_terse_once_the_table_is_large(nft_host: NftHost) -> No
         terse,
         ("nft", "-j", "-n", "list", "map", "inet", "asgctl", "containers4"),
     ] * 2
-    small = h.backend()  # a small table is read in full every time
+    small = replace(h.backend(), remember=False)  # a small table is read in full every time
     assert small.full_read_due(4)
     small.read(4)
     assert small.full_read_due(4)
-    due = replace(h.backend(), auto_limit=1, audit_seconds=0.0)  # an audit is always due
+    due = replace(h.backend(), auto_limit=1, audit_seconds=0.0, remember=False)
     due.read(4)
     assert due.full_read_due(4)
 
 
 def test_one_listing_per_cycle_and_never_an_old_one(nft_host: NftHost) -> None:
-    """IPv6 reuses the listing IPv4 just took (after its transaction, by its verify); a new
-    cycle always lists afresh, so drift made between two cycles of one backend is seen."""
+    """Without the generation shortcut, IPv6 reuses the listing IPv4 just took (after its
+    transaction, by its verify); a new cycle always lists afresh, so drift made between two
+    cycles of one backend is seen."""
     h = nft_host
     a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
-    backend = h.backend()
+    backend = h.backend(remember=False)
     assert converge(backend, a).ok
     listing = ("nft", "-j", "-n", "list", "table", "inet", "asgctl")
     start = len(h.runner.calls)
@@ -720,4 +721,34 @@ def test_one_listing_per_cycle_and_never_an_old_one(nft_host: NftHost) -> None:
     h.nft({"delete": {"chain": {**T, "name": "forward6"}}})  # at once, with the same backend
     again = converge(backend, b, b)
     assert (6, rec.HOOK_MISSING) in {(d.family, d.what) for d in again.drift}
+    assert_matches(h, b)
+
+
+def test_generation_id_spares_listings_and_sees_any_change(nft_host: NftHost) -> None:
+    """Once the kernel has printed our shapes back, a change cycle lists once (before its
+    transaction) and a no-op cycle not at all; any other transaction, by any program in any
+    table, makes the next read list again."""
+    h = nft_host
+    a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
+    backend = h.backend()
+    assert converge(backend, a).ok
+    start = len(h.runner.calls)
+    result = converge(backend, b, a)
+    assert result.ok and result.families[0].sent
+    calls = [c for c in h.runner.calls[start:] if c[0] == "nft"]
+    assert calls == [
+        ("nft", "-j", "-n", "list", "table", "inet", "asgctl"),
+        ("nft", "-j", "-f", "-"),
+    ]
+    start = len(h.runner.calls)
+    assert converge(backend, b, b).in_sync
+    assert h.runner.calls[start:] == []  # nothing listed, nothing sent
+    assert_matches(h, b)  # and what was remembered is what the kernel holds
+    h.run("iptables-nft", "-w", "-A", "INPUT", "-j", "ACCEPT")  # another table, another tool
+    start = len(h.runner.calls)
+    assert converge(backend, b, b).in_sync
+    assert ("nft", "-j", "-n", "list", "table", "inet", "asgctl") in h.runner.calls[start:]
+    _d_chain_flushed(h, b)
+    result = converge(backend, b, b)
+    assert (_container(b), rec.RULE_MISSING) in {(d.chain, d.what) for d in result.drift}
     assert_matches(h, b)

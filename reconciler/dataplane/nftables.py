@@ -21,6 +21,13 @@ Reading back has two depths:
 `auto_limit` elements, both families', at this family's last full read), and once it is
 large, terse reads with a full one per family every `audit_seconds`.  True or False forces
 one depth.
+
+Most cycles list nothing at all.  The kernel numbers every committed nftables transaction
+(the generation id, `nftgen`); a state read at the current id is still exact, and after our
+own transaction, if the id moved by exactly one, the kernel holds what we read with our
+delta applied (`state_after`), provided the kernel has printed rules of the same shapes back
+as rendered before (otherwise verify lists, and learns).  Any other program's transaction,
+in any table, moves the id and the next read lists again.
 """
 
 from __future__ import annotations
@@ -32,7 +39,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from reconciler.dataplane.errors import ApplyError, DataplaneError, ReadError, VerifyError
-from reconciler.dataplane.nftdelta import NftDelta, check_applied, compute_nft_delta
+from reconciler.dataplane.nftdelta import (
+    NftDelta,
+    check_applied,
+    compute_nft_delta,
+    shape,
+    slice_size,
+    state_after,
+)
+from reconciler.dataplane.nftgen import GenerationProbe
 from reconciler.dataplane.nftparse import NftState, parse_listing, parse_set_listing
 from reconciler.dataplane.runner import Runner
 from reconciler.plan import CellPlan
@@ -54,12 +69,50 @@ _NO_SET = NftSet("", ())
 REUSE_SECONDS = 2.0
 
 
+@dataclass
+class _Memory:
+    """What a backend remembers of the kernel between calls (see the module doc)."""
+
+    probe: GenerationProbe | None = None
+    opened: bool = False
+    known: dict[int, tuple[int, NftState]] = field(default_factory=dict)
+    shapes: set[str] = field(default_factory=set)
+    kinds: set[tuple[tuple[str, ...], tuple[str, ...], str]] = field(default_factory=set)
+    pending: dict[int, tuple[NftRuleset, NftState]] = field(default_factory=dict)
+
+    def generation(self, runner: Runner, enabled: bool = True) -> int | None:
+        if not enabled:
+            return None
+        if not self.opened:
+            self.opened = True
+            netns = getattr(runner, "netns", None)
+            if not runner.prefix or netns is not None:
+                self.probe = GenerationProbe(netns)
+        return self.probe.generation() if self.probe is not None else None
+
+    def learn(self, state: NftState) -> None:
+        """Rule shapes, and kinds of set whose elements, the kernel has printed back."""
+        for rules in state.chains.values():
+            self.shapes.update(shape(r) for r in rules)
+        self.kinds.update(s.header for s in state.sets.values() if s.elements is not None)
+
+    def trusted(self, desired: NftRuleset, delta: NftDelta) -> bool:
+        """Whether everything `delta` writes is of a shape the kernel has printed as rendered."""
+        for name in delta.written:
+            if any(shape(r) not in self.shapes for r in desired.chains.get(name, ())):
+                return False
+            if name in desired.sets and desired.sets[name].header not in self.kinds:
+                return False
+        return True
+
+
 @dataclass(frozen=True)
 class NftablesBackend:
     """Converges our table with the `nft` command, in JSON both ways.
 
     `fault` rewrites each transaction just before it is sent: a test hook to prove that a
-    failing transaction leaves everything as it was.
+    failing transaction leaves everything as it was.  `remember=False` makes every read list
+    the kernel (no generation-id shortcut).
     """
 
     runner: Runner = field(default_factory=Runner)
@@ -69,12 +122,14 @@ class NftablesBackend:
     reason: str = ""
     auto_limit: int = 50_000
     audit_seconds: float = 600.0
+    remember: bool = True
     _audits: dict[int, tuple[float, int]] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
     _shared: dict[str, tuple[float, bool, str]] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
+    _memory: _Memory = field(default_factory=_Memory, init=False, compare=False, repr=False)
 
     @classmethod
     def open(
@@ -84,6 +139,7 @@ class NftablesBackend:
         *,
         read_elements: bool | None = None,
         fault: Callable[[int, str], str] | None = None,
+        remember: bool = True,
     ) -> NftablesBackend:
         """A backend for this host, after checking that `nft` runs and speaks JSON.
 
@@ -100,7 +156,7 @@ class NftablesBackend:
             raise DataplaneError(
                 "nft does not print JSON (nftables 0.9.3 or newer needed)"
             ) from None
-        return cls(runner, read_elements, fault, reason="nft with JSON")
+        return cls(runner, read_elements, fault, reason="nft with JSON", remember=remember)
 
     @property
     def name(self) -> str:
@@ -120,14 +176,29 @@ class NftablesBackend:
         return elements < self.auto_limit or time.monotonic() - when >= self.audit_seconds
 
     def read(self, family: int) -> NftState:
-        """One family's slice.  The listing holds the whole table, so the IPv6 read of a cycle
-        reuses the IPv4 one (see `_listing`) instead of listing everything again."""
+        """One family's slice: remembered if the generation id says it is still exact, else
+        listed (and the IPv6 read of a cycle reuses the IPv4 listing, see `_listing`)."""
+        memory = self._memory
         full = self.full_read_due(family)
+        generation = memory.generation(self.runner, self.remember)
+        hit = memory.known.get(family)
+        fresh = generation is not None and hit is not None and hit[0] == generation
+        if fresh and hit is not None and (hit[1].elements_read or not full):
+            return hit[1]
+        state = self._list_state(family, full)
+        if generation is not None and memory.generation(self.runner, self.remember) == generation:
+            memory.known[family] = (generation, state)
+            memory.learn(state)
+        else:
+            memory.known.pop(family, None)
+        return state
+
+    def _list_state(self, family: int, full: bool) -> NftState:
         text = self._listing(family, full)
         if full:
             state = parse_listing(text, family)
-            mine = sum(len(s.elements or ()) for s in state.sets.values())
-            self._audits[family] = (time.monotonic(), mine + state.other_elements)
+            elements = slice_size(state)[1] + state.other_elements
+            self._audits[family] = (time.monotonic(), elements)
             return state
         state = parse_listing(text, family, elements_read=False)
         dispatch = dispatch_map(family)
@@ -201,18 +272,24 @@ class NftablesBackend:
     ) -> NftDelta:
         if not isinstance(desired, NftRuleset):
             desired = NftRuleset(desired.family, dict(desired.chains))
+        self._memory.pending[observed.family] = (desired, observed)
         return compute_nft_delta(desired, observed, last, heal_drift=heal_drift)
 
     def apply(self, delta: NftDelta) -> None:  # type: ignore[override]
         if delta.empty:
             return
         text = delta.text()
+        memory = self._memory
+        before = memory.generation(self.runner, self.remember)
         if self.fault is not None:
             text = self.fault(delta.family, text)
+            before = None  # what was sent is not what the delta says
         res = self.runner.run([self.nft, "-j", "-f", "-"], stdin=text)
         if res.returncode == 0:
             self._shared.pop("listing", None)  # what was listed before is history now
+            self._remember(delta, before, memory.generation(self.runner, self.remember))
             return
+        memory.known.clear()
         line, where = None, ""
         m = _INDEX.search(res.stderr)
         if m is not None:
@@ -226,6 +303,35 @@ class NftablesBackend:
             line,
             text,
         )
+
+    def _remember(self, delta: NftDelta, before: int | None, after: int | None) -> None:
+        """After our transaction: the state it left, if nothing else can have changed."""
+        memory = self._memory
+        family = delta.family
+        desired, observed = memory.pending.pop(family, (None, None))
+        hit = memory.known.get(family)
+        exact = (
+            before is not None
+            and after == before + 1
+            and desired is not None
+            and hit is not None
+            and hit[0] == before
+            and hit[1] is observed
+            and memory.trusted(desired, delta)
+        )
+        if not exact or after is None or observed is None or desired is None:
+            memory.known.clear()
+            return
+        state = state_after(observed, desired, delta)
+        memory.known[family] = (after, state)
+        other = 6 if family == 4 else 4
+        theirs = memory.known.get(other)
+        if theirs is not None and theirs[0] == before:
+            objects, elements = slice_size(state)
+            counts = {"other_slice": objects, "other_elements": elements}
+            memory.known[other] = (after, replace(theirs[1], **counts))
+        else:
+            memory.known.pop(other, None)
 
     def verify(self, desired: Ruleset, delta: NftDelta) -> None:  # type: ignore[override]
         observed = self.read(delta.family)
@@ -241,6 +347,7 @@ class NftablesBackend:
                 sets = dict(observed.sets)
                 for name in unread:
                     sets[name] = self._read_set(name, "map" if desired.sets[name].data else "set")
+                    self._memory.kinds.add(sets[name].header)
                 observed = replace(observed, sets=sets)
         problems = check_applied(desired, delta, observed)  # type: ignore[arg-type]
         if problems:

@@ -464,6 +464,62 @@ def _set_drift(
     return out
 
 
+_HEX_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def shape(rule: str) -> str:
+    """A canonical rule with its 16-hex-digit ids blanked: rules of one shape print alike, so
+    once the kernel has printed a shape back as rendered, new rules of it can be trusted."""
+    return _HEX_ID.sub("~", rule)
+
+
+def slice_size(state: NftState) -> tuple[int, int]:
+    """A slice's objects and set elements (what the other family's `other_*` counts)."""
+    objects = len(state.chains) + len(state.sets) + len(state.others)
+    return objects, sum(len(s.elements or ()) for s in state.sets.values())
+
+
+def state_after(observed: NftState, desired: NftRuleset, delta: NftDelta) -> NftState:
+    """What the kernel holds once `delta`, computed from `observed`, has been committed.
+
+    Exact when nothing else committed in between (the generation id moved by one): a
+    transaction is all or nothing.  Written objects are as desired, deleted ones gone,
+    orphaned chains empty; everything else is as it was read.
+    """
+    if delta.table_deleted:
+        return NftState(observed.family, {}, elements_read=observed.elements_read)
+    chains = dict(observed.chains)
+    hooks = dict(observed.base_hooks)
+    sets = dict(observed.sets)
+    others = dict(observed.others)
+    for name in delta.written:
+        if name in desired.chains:
+            chains[name] = desired.chains[name]
+            if name in desired.base_hooks:
+                hooks[name] = desired.base_hooks[name]
+            else:
+                hooks.pop(name, None)
+        if name in desired.sets:
+            sets[name] = desired.sets[name]
+    for name in delta.deleted:
+        chains.pop(name, None)
+        hooks.pop(name, None)
+        sets.pop(name, None)
+        others.pop(name, None)
+    for name in delta.orphaned:
+        chains[name] = ()
+    table_flags = () if delta.ops else observed.table_flags
+    return replace(
+        observed,
+        chains=chains,
+        base_hooks=hooks,
+        sets=sets,
+        others=others,
+        table=True,
+        table_flags=table_flags,
+    )
+
+
 def check_applied(desired: NftRuleset, delta: NftDelta, observed: NftState) -> list[str]:
     """What of `delta` is not in the kernel after it was applied ([] when all of it is).
 
