@@ -20,7 +20,7 @@ groups of its profile.  A rule two ASGs both contain is therefore installed once
 from __future__ import annotations
 
 import weakref
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,8 +33,8 @@ from reconciler.plan import (
     PlanRule,
     Provenance,
     RuleGroup,
+    cf_rule_keys,
     content_id,
-    item_lines,
 )
 
 Profile = tuple[int, str, str, str]  # (IP version, lifecycle, space GUID, app GUID)
@@ -180,7 +180,13 @@ class _Index:
         self.provenances: list[Provenance] = sorted(provs)
         prov_number = {p: n for n, p in enumerate(self.provenances)}
         self.item_ids = [content_id(i.key()) for i in self.items]
-        self.item_lines = [item_lines(i) for i in self.items]
+        # CF's lines per item (one per port range), and whether another item could print one
+        # of them too (same match but ports): only those need a set to count as CF dedups.
+        cf_keys = [cf_rule_keys(i) for i in self.items]
+        bases = Counter(keys[0][:4] + keys[0][5:] for keys in cf_keys)
+        self.cf_keys = cf_keys
+        self.cf_count = [len(keys) for keys in cf_keys]
+        self.cf_shared = [bases[keys[0][:4] + keys[0][5:]] > 1 for keys in cf_keys]
         # Per key: which items it grants, and which documents grant each of them.
         self.key_number: dict[tuple[str, ...], int] = {}
         grants: list[dict[int, set[int]]] = []
@@ -252,10 +258,16 @@ class _Index:
             atoms=tuple(atoms),
             numbers=numbers,
             rule_ids=tuple(self.item_ids[n] for n in numbers),
-            cf_lines=sum(self.item_lines[n] for n in numbers),
+            cf_lines=self._cf_lines(numbers),
         )
         self._entries[profile] = entry
         return entry
+
+    def _cf_lines(self, numbers: tuple[int, ...]) -> int:
+        """The ASG lines CF writes for these items in one container (see `cf_rule_lines`)."""
+        shared = [n for n in numbers if self.cf_shared[n]]
+        alone = sum(self.cf_count[n] for n in numbers if not self.cf_shared[n])
+        return alone + len({key for n in shared for key in self.cf_keys[n]})
 
     def provenance(self, n: int, keys: Iterable[int]) -> frozenset[int]:
         """The documents granting item `n` through any of these keys."""
@@ -421,7 +433,10 @@ def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str =
 def cf_equivalent_rules(policy: PolicySet, containers: Iterable[Container]) -> int:
     """What CF's layout would install here: every rule of every ASG again, per container.
 
-    Its own function so the CI plan can count a cell it does not need to compile.
+    Counted as silk's vxlan-policy-agent writes it (`render/cflayout.py` renders it, and its
+    tests hold the two equal): one rule per destination and port range, repeats within a
+    container dropped, plus CF_CONTAINER_FIXED_LINES.  Its own function so the CI plan can
+    count a cell it does not need to compile.
     """
     index = _index_for(policy)
     return sum(CF_CONTAINER_FIXED_LINES + index.entry(profile_of(c)).cf_lines for c in containers)

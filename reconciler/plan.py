@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,9 +137,33 @@ class ContainerPlan:
 
 # Per container, outside its groups: the dispatch jump, ESTABLISHED, INVALID, LOG and REJECT.
 CONTAINER_FIXED_LINES = 5
-# CF's vxlan-policy-agent per container: FORWARD jump, netout jump to the ASG chain,
-# ESTABLISHED, INVALID, LOG and REJECT, then every rule of every bound ASG again.
-CF_CONTAINER_FIXED_LINES = 6
+# CF per container (silk's cni-wrapper-plugin and vxlan-policy-agent): the FORWARD jump to
+# netout--<handle>, its jump to asg-<hash>, ESTABLISHED, INVALID, the rate-limited deny LOG and
+# REJECT, and the netout--<handle>--log chain (LOG, ACCEPT) that every container gets; then
+# every rule of every bound ASG again (`cf_rule_lines`).
+CF_CONTAINER_FIXED_LINES = 8
+
+CfLine = tuple[str, int, int, int, tuple[int, int] | None, int | None, int | None, bool]
+
+
+def cf_rule_keys(item: RuleItem) -> tuple[CfLine, ...]:
+    """The lines CF writes for one rule item, as keys that are equal when the lines are.
+
+    CF's RuleConverter writes one rule per destination and *port range* (no multiport: "80,443"
+    is two rules), a log rule as one `-g` to the container's log chain, and the agent drops
+    rules whose text repeats within the container.  Equal keys are exactly equal texts.
+    """
+    d = item.destination
+    head = (item.protocol, d.version, d.first, d.last)
+    tail = (item.icmp_type, item.icmp_code, item.log)
+    if not item.ports:
+        return ((*head, None, *tail),)
+    return tuple((*head, (p.first, p.last), *tail) for p in item.ports)
+
+
+def cf_rule_lines(items: Iterable[RuleItem]) -> int:
+    """How many ASG lines CF writes into one container's chain for these items (deduplicated)."""
+    return len({key for item in items for key in cf_rule_keys(item)})
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,9 @@ def test_groups_are_shared_and_counts_beat_cfs_layout(tmp_path):
     assert all(cp.groups == (group.id,) for cp in plan.containers)
     # 4 rules (dns, api, metrics... each once), 100 containers x 6 lines, 1 FORWARD jump.
     assert plan.installed_rules == 1 + 100 * (5 + 1) + group.lines
-    assert plan.cf_equivalent_rules == 100 * (6 + group.lines)
+    # CF: per container the FORWARD and netout jumps, ESTABLISHED, INVALID, LOG, REJECT and
+    # its log chain's LOG and ACCEPT, then the 3 rules (one port each) again.
+    assert plan.cf_equivalent_rules == 100 * (8 + group.lines)
     assert plan.installed_rules < plan.cf_equivalent_rules
 
 
