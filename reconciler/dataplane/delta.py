@@ -89,8 +89,12 @@ def compute_delta(
             referenced |= jump_targets(copy.text)
     if removed:
         for name, rules in final.items():
-            for rule in rules:
-                referenced |= jump_targets(rule) - {name}
+            # Only a chain whose text names a removed chain can jump to one: one substring
+            # test per chain spares the regex on every rule (tens of thousands) of a big cell.
+            text = "\n".join(rules)
+            if any(gone in text for gone in removed if gone != name):
+                for rule in rules:
+                    referenced |= jump_targets(rule) - {name}
     deleted = tuple(n for n in removed if n not in referenced)
     orphaned = tuple(n for n in removed if n in referenced)
     notes = tuple(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from reconciler.dataplane.delta import check_applied, compute_delta
 from reconciler.dataplane.errors import (
@@ -22,7 +22,10 @@ from reconciler.dataplane.errors import (
     VariantError,
     VerifyError,
 )
+from reconciler.dataplane.generation import EMPTY_FILTER_ENTRIES
+from reconciler.dataplane.memory import MAX_LISTED, KernelMemory
 from reconciler.dataplane.records import Delta, OwnedState
+from reconciler.dataplane.rendercache import RenderCache
 from reconciler.dataplane.runner import Runner
 from reconciler.dataplane.saveparse import count_rules, parse_save
 from reconciler.plan import CellPlan
@@ -127,6 +130,10 @@ class IptablesBackend:
     wait_seconds: int = 10
     reason: str = ""
     fault: Callable[[int, str], str] | None = None
+    renders: RenderCache = field(default_factory=RenderCache, compare=False, repr=False)
+    memory: KernelMemory = field(
+        default_factory=KernelMemory, init=False, compare=False, repr=False
+    )
 
     @classmethod
     def open(
@@ -148,9 +155,33 @@ class IptablesBackend:
         return f"iptables-{self.variant}"
 
     def render(self, plan: CellPlan, family: int) -> Ruleset:
-        return render_cell(plan, family)
+        return self.renders.get(plan, family, render_cell)
 
     def read(self, family: int) -> OwnedState:
+        """Our state in the kernel, read in full only when the kernel may have changed.
+
+        nft: a state read at the current generation id is still the kernel's (see
+        `memory`).  legacy: a table with no rule and no user chain holds nothing of ours,
+        which spares the save of a family without containers.
+        """
+        memory = self.memory
+        probe = memory.open(self.runner)
+        generation = None
+        if probe is not None and self.variant == "nft":
+            generation = probe.generation()
+            if generation is not None:
+                known = memory.recall(family, generation)
+                if known is not None:
+                    return known
+        elif probe is not None and probe.legacy_entries(family) == EMPTY_FILTER_ENTRIES:
+            return OwnedState(family, {})
+        state = self._read_save(family)
+        if generation is not None:
+            consistent = probe is not None and probe.generation() == generation
+            memory.remember(family, generation if consistent else None, state)
+        return state
+
+    def _read_save(self, family: int) -> OwnedState:
         cmd = tool(self.variant, family, "save")
         res = self.runner.run([cmd, "-t", "filter"])
         if res.returncode != 0:
@@ -176,9 +207,13 @@ class IptablesBackend:
         if self.fault is not None:
             text = self.fault(delta.family, text)
         cmd = tool(self.variant, delta.family, "restore")
+        memory = self.memory
+        before = memory.generation() if self.variant == "nft" and self.fault is None else None
         res = self.runner.run([cmd, "--noflush", f"--wait={self.wait_seconds}"], stdin=text)
         if res.returncode == 0:
+            memory.applied(delta, before, memory.generation() if before is not None else None)
             return
+        memory.forget()
         line, where = _error_line(res.stderr, text)
         raise ApplyError(
             f"{cmd} refused the transaction (exit {res.returncode}){where}: "
@@ -188,11 +223,52 @@ class IptablesBackend:
         )
 
     def verify(self, desired: Ruleset, delta: Delta) -> None:
-        problems = check_applied(desired, delta, self.read(delta.family))
+        observed = self._proven(desired, delta) or self.read(delta.family)
+        problems = check_applied(desired, delta, observed)
         if problems:
+            self.memory.forget()
             raise VerifyError(
                 f"ipv{delta.family}: after apply the kernel differs: " + "; ".join(problems[:5])
             )
+
+    def _proven(self, desired: Ruleset, delta: Delta) -> OwnedState | None:
+        """The kernel's state after our transaction without a full read, when the generation
+        id shows it was the only change (see `memory`); None when that cannot be shown."""
+        memory = self.memory
+        family = delta.family
+        expected = memory.expected.pop(family, None)
+        if expected is None:
+            return None
+        generation, state = expected
+        if memory.generation() != generation:
+            return None
+        unshaped = memory.unshaped(desired.chains, delta.written)
+        if len(unshaped) > MAX_LISTED:
+            return None
+        chains = dict(state.chains)
+        for name in unshaped:
+            listed = self._list_chain(family, name)
+            if listed is None:
+                return None
+            chains[name] = listed
+            memory.learn(name, listed)
+        if unshaped:
+            if memory.generation() != generation:
+                return None
+            state = replace(state, chains=chains)
+        memory.remember(family, generation, state, read=False)
+        return state
+
+    def _list_chain(self, family: int, name: str) -> tuple[str, ...] | None:
+        """One chain's rules in save form (`iptables -S CHAIN`), or None if it cannot be
+        listed."""
+        cmd = f"{'iptables' if family == 4 else 'ip6tables'}-{self.variant}"
+        res = self.runner.run([cmd, "-w", str(self.wait_seconds), "-S", name])
+        if res.returncode != 0:
+            return None
+        head = f"-A {name}"
+        lines = (line.rstrip() for line in res.stdout.splitlines())
+        return tuple(x for x in lines if x == head or x.startswith(head + " "))
 
 
 def _first(stderr: str) -> str:

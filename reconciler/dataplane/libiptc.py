@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import re
 import shlex
 import time
 from collections.abc import Callable, Iterator
@@ -29,9 +30,10 @@ from reconciler.dataplane.delta import check_applied, compute_delta
 from reconciler.dataplane.errors import ApplyError, DataplaneError, VariantError, VerifyError
 from reconciler.dataplane.iptables import VARIANTS, IptablesBackend, choose_variant, probe_variant
 from reconciler.dataplane.records import Delta, OwnedState
+from reconciler.dataplane.rendercache import RenderCache
 from reconciler.dataplane.runner import Runner
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import OWNED_PREFIX, Ruleset
+from reconciler.render.iptables import OWNED_PREFIX, Ruleset, render_cell
 
 _CLONE_NEWNET = 0x40000000
 _PROTOCOLS = {"icmp": "1", "tcp": "6", "udp": "17", "ipv6-icmp": "58", "icmpv6": "58"}
@@ -56,6 +58,8 @@ class LibiptcBackend:
     reason: str = ""
     fault: Callable[[int, str], str] | None = None
     lock_path: str = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
+    renders: RenderCache = field(default_factory=RenderCache, compare=False, repr=False)
+    _reader: IptablesBackend = field(init=False, compare=False, repr=False)
 
     @classmethod
     def open(
@@ -83,12 +87,13 @@ class LibiptcBackend:
     def name(self) -> str:
         return "libiptc"
 
-    @property
-    def _reader(self) -> IptablesBackend:
-        return IptablesBackend("legacy", self.runner)
+    def __post_init__(self) -> None:
+        # One reader for the backend's life, so what it learns of the kernel (the probe
+        # sockets, see IptablesBackend.read) outlives a single call.
+        object.__setattr__(self, "_reader", IptablesBackend("legacy", self.runner))
 
     def render(self, plan: CellPlan, family: int) -> Ruleset:
-        return self._reader.render(plan, family)
+        return self.renders.get(plan, family, render_cell)
 
     def read(self, family: int) -> OwnedState:
         return self._reader.read(family)
@@ -134,9 +139,10 @@ class LibiptcBackend:
             table = object.__new__(cls)
             table._init("filter", False)
             try:
+                built: dict[tuple[str, ...], tuple[Any, str | None]] = {}
                 for number, line in enumerate(text.splitlines(), 1):
                     try:
-                        _op(iptc, table, family, line)
+                        _op(iptc, table, family, line, built)
                     except Exception as exc:  # any refusal, from libiptc, xtables or us
                         raise ApplyError(
                             f"libiptc refused the transaction at line {number} "
@@ -152,8 +158,13 @@ class LibiptcBackend:
                 table.close()
 
 
-def _op(iptc: Any, table: Any, family: int, line: str) -> None:
-    """One line of an iptables-restore transaction, on a libiptc handle."""
+def _op(iptc: Any, table: Any, family: int, line: str, built: dict[tuple[str, ...], Any]) -> None:
+    """One line of an iptables-restore transaction, on a libiptc handle.
+
+    `built` keeps the entry each distinct rule text became in this transaction: container
+    chains repeat the same lines (ESTABLISHED, REJECT, the jump to a shared group) hundreds
+    of times, and building a rule through xtables costs far more than appending it.
+    """
     if not line or line.startswith("#") or line in ("*filter", "COMMIT"):
         return
     if line.startswith(":"):
@@ -163,7 +174,7 @@ def _op(iptc: Any, table: Any, family: int, line: str) -> None:
         else:
             table.create_chain(name)
         return
-    words = shlex.split(line)
+    words = _words(line)
     op, chain = words[0], words[1] if len(words) > 1 else ""
     if op == "-X":
         table.delete_chain(chain)
@@ -174,17 +185,57 @@ def _op(iptc: Any, table: Any, family: int, line: str) -> None:
     position = 0
     if op == "-I" and rest and rest[0].isdigit():
         position, rest = int(rest[0]) - 1, rest[1:]
-    rule, jump = _rule(iptc, family, rest)
-    if jump is not None and op != "-D" and not table.is_chain(jump):
+    if op == "-D":
+        rule, _ = _rule(iptc, family, rest)
+        iptc.Chain(table, chain).delete_rule(rule)
+        return
+    key = tuple(rest)
+    entry = built.get(key)
+    if entry is None:
+        rule, jump = _rule(iptc, family, rest)
+        _final_check(rule)
+        buf = rule.rule
+        if not buf:
+            raise ValueError("invalid rule")
+        entry = built[key] = (buf, jump)
+    buf, jump = entry
+    if jump is not None and not table.is_chain(jump):
         # libiptc would only find out at commit, without saying which line.
         raise ValueError(f"chain {jump} does not exist")
-    target = iptc.Chain(table, chain)
     if op == "-A":
-        target.append_rule(rule)
-    elif op == "-I":
-        target.insert_rule(rule, position)
+        table.append_entry(chain, buf)
     else:
-        target.delete_rule(rule)
+        table.insert_entry(chain, buf, position)
+
+
+# A word of iptables-save output: a double-quoted string without escapes, or a bare word; each
+# must end at a blank or the end of the line.  Anything else (a backslash, a single quote, a
+# quote inside a word) makes the line take shlex's slower, general path.
+_WORD = re.compile(r'"([^"\\]*)"(?=\s|$)|([^\s"\'\\]+)(?=\s|$)|(\S)')
+
+
+def _words(line: str) -> list[str]:
+    """shlex.split for the lines we render (quotes only around comments and log prefixes),
+    at a fraction of its cost: shlex was the largest single cost of a large transaction."""
+    words = []
+    for quoted, bare, other in _WORD.findall(line):
+        if other:
+            return shlex.split(line)
+        words.append(bare or quoted)
+    return words
+
+
+def _final_check(rule: Any) -> None:
+    """xtables' final check of every match and the target, as python-iptables' own
+    `Rule.final_check` does, minus its round trip of saving every option through a pipe and
+    parsing it back, which cost more than building the rule: our options were just parsed by
+    the same xtables parsers."""
+    for match in rule.matches:
+        if match._module:
+            match._final_check()
+    target = rule.target
+    if target is not None and target._module:
+        target._final_check()
 
 
 def _rule(iptc: Any, family: int, words: list[str]) -> tuple[Any, str | None]:

@@ -1,0 +1,176 @@
+"""What an iptables backend may remember of the kernel between two reads, and when.
+
+Reading our state back (`iptables-save` and its parse) is the largest cost of a cycle that
+changes little or nothing: on the nft variant a 500k-rule cell takes hundreds of
+milliseconds to save, ten times the one-ASG transaction itself.  nftables numbers every
+committed transaction in a namespace (its generation id, see `generation`), which makes two
+shortcuts exact rather than hopeful:
+
+* a read at the generation of a previous full read returns that read's state: nothing in any
+  nftables table changed since;
+* after our own transaction, if the generation moved by exactly one from the one we read at,
+  nothing but our transaction happened, and the kernel holds what we read with the delta
+  applied.  What that cannot show is whether iptables prints our new lines back exactly as we
+  rendered them (the renderer's canonical form, the point of verifying).  A line is trusted
+  when the kernel has printed its body before (everything after `-A CHAIN`, which iptables
+  prints whatever the chain: a group's rules move to a new group chain unchanged), or, in
+  container and dispatch chains, a line of the same *shape* (equal but for its 16-hex-digit
+  ids, which iptables prints verbatim: the jump to a new group).  The few chains with a line
+  of neither kind are listed on their own (`iptables -S CHAIN`, which the nft variant answers
+  from that chain alone).  More than a few: one full read, as before.
+
+Anything unexpected (no generation, a second writer, a failed transaction, a test's fault
+hook) drops what is remembered, and the next read is a full one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from reconciler.dataplane.generation import KernelProbe
+from reconciler.dataplane.records import Delta, HookCopy, OwnedState
+from reconciler.dataplane.runner import Runner
+from reconciler.render.iptables import GROUP_PREFIX, HOOK_CHAIN
+
+MAX_LISTED = 4
+"""Chains with lines of a new shape that verify lists one by one before it reads in full."""
+
+_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def shape(line: str) -> str:
+    """A rule line with its ids blanked: lines of one shape print back alike."""
+    return _ID.sub("~", line)
+
+
+@dataclass
+class KernelMemory:
+    """Per backend: the probe, states read at known generations, lines printed before."""
+
+    probe: KernelProbe | None = None
+    seen: dict[int, tuple[int, OwnedState]] = field(default_factory=dict)
+    expected: dict[int, tuple[int, OwnedState]] = field(default_factory=dict)
+    bodies: set[str] = field(default_factory=set)
+    shapes: set[str] = field(default_factory=set)
+    unfolded: list[Mapping[str, tuple[str, ...]]] = field(default_factory=list)
+    _opened: bool = False
+
+    def open(self, runner: Runner) -> KernelProbe | None:
+        """The probe for the runner's namespace; None when the runner's context is unknown
+        (a prefix that is not `ip netns exec`)."""
+        if not self._opened:
+            self._opened = True
+            if runner.netns is not None or not runner.prefix:
+                self.probe = KernelProbe(runner.netns)
+        return self.probe
+
+    def generation(self) -> int | None:
+        return self.probe.generation() if self.probe is not None else None
+
+    def recall(self, family: int, generation: int) -> OwnedState | None:
+        hit = self.seen.get(family)
+        return hit[1] if hit is not None and hit[0] == generation else None
+
+    def remember(
+        self, family: int, generation: int | None, state: OwnedState, *, read: bool = True
+    ) -> None:
+        """A state of the kernel while the generation stayed `generation`: read in full, or
+        proven by `IptablesBackend.verify` (`read=False`).
+
+        A full read's lines are kept as printed lines, folded in only when a verify needs
+        them (a large cell has tens of thousands), and only the latest reads: older ones add
+        little.  A proven state adds nothing: its lines were known or listed.
+        """
+        if generation is None:
+            self.seen.pop(family, None)
+            return
+        self.seen[family] = (generation, state)
+        if read:
+            self.unfolded = [*self.unfolded[-1:], state.chains]
+
+    def forget(self) -> None:
+        self.seen.clear()
+        self.expected.clear()
+
+    def applied(self, delta: Delta, before: int | None, after: int | None) -> None:
+        """After our transaction: keep what is still provably true, and what to expect."""
+        family = delta.family
+        hit = self.seen.pop(family, None)
+        self.expected.pop(family, None)
+        if before is None or after != before + 1:
+            self.forget()
+            return
+        # Only our transaction happened: other families' states still hold.
+        for other, (generation, state) in list(self.seen.items()):
+            self.seen[other] = (after, state) if generation == before else (generation, state)
+        if hit is not None and hit[0] == before:
+            expected = after_delta(hit[1], delta)
+            if expected is not None:
+                self.expected[family] = (after, expected)
+
+    def learn(self, chain: str, lines: Iterable[str]) -> None:
+        """Lines the kernel printed for `chain`: lines with their body or shape print alike.
+
+        Shapes are kept for all but group chains, whose lines differ by content anyway:
+        blanking ids is a regex pass, the one costly step here.
+        """
+        lines = list(lines)
+        body = len(chain) + 4
+        self.bodies.update(line[body:] for line in lines)
+        if not chain.startswith(GROUP_PREFIX):
+            self.shapes.update(shape(line) for line in lines)
+
+    def unshaped(self, chains: Mapping[str, tuple[str, ...]], names: Iterable[str]) -> list[str]:
+        """The chains among `names` with a line whose body and shape were never printed."""
+        if self.unfolded:
+            lines = sum(len(rules) for read in self.unfolded for rules in read.values())
+            if len(self.bodies) > 4 * lines + 10_000:
+                self.bodies, self.shapes = set(), set()  # mostly rules long gone: start again
+            for read in self.unfolded:
+                for chain, rules in read.items():
+                    self.learn(chain, rules)
+            self.unfolded.clear()
+        return [n for n in names if not all(self._known(n, line) for line in chains[n])]
+
+    def _known(self, chain: str, line: str) -> bool:
+        return line[len(chain) + 4 :] in self.bodies or shape(line) in self.shapes
+
+
+def after_delta(state: OwnedState, delta: Delta) -> OwnedState | None:
+    """`state` with the transaction applied, as iptables-restore applies it; None for an
+    operation this does not model."""
+    chains = {name: list(rules) for name, rules in state.chains.items()}
+    hooks = list(state.hooks)
+    for op in delta.ops:
+        if op.startswith(":"):
+            chains[op[1:].split(" ", 1)[0]] = []
+        elif op.startswith("-A "):
+            end = op.find(" ", 3)
+            rules = chains.get(op[3:end] if end > 0 else op[3:])
+            if rules is None:
+                return None
+            rules.append(op)
+        elif op.startswith("-X "):
+            chains.pop(op[3:], None)
+        elif op.startswith(f"-D {HOOK_CHAIN} "):
+            text = "-A " + op[3:]
+            gone = next((h for h in hooks if h.text == text), None)
+            if gone is None:
+                return None
+            hooks = [
+                HookCopy(h.index - 1 if h.index > gone.index else h.index, h.text)
+                for h in hooks
+                if h is not gone
+            ]
+        elif op.startswith(f"-I {HOOK_CHAIN} 1 "):
+            text = f"-A {HOOK_CHAIN} " + op[len(f"-I {HOOK_CHAIN} 1 ") :]
+            hooks = [HookCopy(0, text), *(HookCopy(h.index + 1, h.text) for h in hooks)]
+        else:
+            return None
+    return replace(
+        state,
+        chains={name: tuple(rules) for name, rules in chains.items()},
+        hooks=tuple(sorted(hooks, key=lambda h: h.index)),
+    )

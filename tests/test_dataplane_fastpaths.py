@@ -1,0 +1,247 @@
+"""The iptables backend's shortcuts must never see less than a full read would.
+
+What the dataplane remembers between reads (nft generation ids, the state after our own
+transaction, lines iptables printed before), the incremental render, the legacy empty-table
+check and libiptc's own tokenizer are all checked here against the slow path they replace:
+same state, same delta, same errors, and a full read again whenever anything else changed.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import pytest
+
+from reconciler.compile import compile_cell
+from reconciler.dataplane import Runner, VerifyError, compute_delta, converge
+from reconciler.dataplane.iptables import IptablesBackend, tool
+from reconciler.dataplane.libiptc import _words
+from reconciler.dataplane.memory import after_delta, shape
+from reconciler.dataplane.records import HookCopy, OwnedState
+from reconciler.dataplane.rendercache import RenderCache
+from reconciler.dataplane.saveparse import parse_save
+from reconciler.inventory import parse_store
+from reconciler.lab.netns import Lab
+from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
+from reconciler.plan import CellPlan
+from reconciler.policy.load import load_folder
+from reconciler.render.iptables import Ruleset, group_chain, hook_rule, render_cell
+from tests.test_dataplane import DATA
+
+# -- plans ----------------------------------------------------------------------------------
+
+
+def _rule(proto: str, dest: str, port: int) -> Rule:
+    return Rule(proto, (AddressRange.parse(dest),), (PortRange(port, port),))
+
+
+def policy(extra: tuple[Rule, ...] = ()) -> PolicySet:
+    web = (_rule("tcp", "198.19.1.0/24", 443), _rule("tcp", "198.19.1.7", 8080), *extra)
+    return PolicySet(
+        security_groups=(
+            SecurityGroup("web", web, running_spaces=("space-a",)),
+            SecurityGroup("dns", (_rule("udp", "198.19.53.53", 53),), running_default=True),
+        )
+    )
+
+
+CONTAINERS = tuple(
+    Container(f"c{i}", f"198.18.0.{i + 2}", app_id=f"app-{i}", space_id=f"space-{'ab'[i % 2]}")
+    for i in range(6)
+)
+
+
+def plan(extra: tuple[Rule, ...] = ()) -> CellPlan:
+    return compile_cell(policy(extra), CONTAINERS, "t")
+
+
+def edge_plan() -> CellPlan:
+    result = load_folder(DATA / "edge-policies")
+    assert result.ok
+    return compile_cell(result.policy, parse_store((DATA / "edge-store.json").read_text()), "t")
+
+
+# -- pure -----------------------------------------------------------------------------------
+
+
+def test_incremental_render_equals_a_full_render() -> None:
+    cache = RenderCache()
+    plans = [plan(), plan((_rule("tcp", "198.19.9.9", 22),)), edge_plan(), plan()]
+    for p in plans + plans[::-1]:
+        for family in (4, 6):
+            assert cache.get(p, family, render_cell) == render_cell(p, family)
+
+
+def test_incremental_render_renders_only_new_groups() -> None:
+    cache = RenderCache()
+    rendered: list[int] = []
+
+    def counting(p: CellPlan, family: int) -> Ruleset:
+        rendered.append(sum(1 for g in p.groups if g.version == family))
+        return render_cell(p, family)
+
+    before, after = plan(), plan((_rule("tcp", "198.19.9.9", 22),))
+    cache.get(before, 4, counting)
+    cache.get(after, 4, counting)
+    cache.get(after, 4, counting)  # seen: not rendered again
+    new = {g.id for g in after.groups} - {g.id for g in before.groups}
+    assert rendered == [len(before.groups), len(new)]
+
+
+def test_libiptc_words_split_every_rendered_line_as_shlex_does() -> None:
+    lines = [
+        line for f in (4, 6) for r in render_cell(edge_plan(), f).chains.values() for line in r
+    ]
+    odd = ['-A X -m comment --comment "a b" -j Y', "-A X 'q'", 'a"b" c', '-A X "a\\"b"', '-A X ""']
+    for line in [*lines, *odd]:
+        assert _words(line) == shlex.split(line), line
+
+
+def test_after_delta_models_declare_fill_delete_and_hook_moves() -> None:
+    first, desired = render_cell(plan(), 4), render_cell(plan((_rule("tcp", "198.19.9.9", 22),)), 4)
+    foreign = "-A FORWARD -j ACCEPT"
+    observed = OwnedState(4, first.chains, (HookCopy(1, hook_rule()), HookCopy(3, hook_rule())))
+    delta = compute_delta(desired, observed, first)
+    state = after_delta(observed, delta)
+    assert state is not None and dict(state.chains) == desired.chains
+    assert [(h.index, h.text) for h in state.hooks] == [(0, hook_rule())]
+    assert after_delta(observed, replace(delta, ops=(foreign,))) is None  # not ours to model
+
+
+def test_shapes_blank_ids_only() -> None:
+    line = '-A ASG-C-0123456789abcdef -m comment --comment "asg:g:fedcba9876543210" -j ASG-G-x'
+    assert shape(line) == '-A ASG-C-~ -m comment --comment "asg:g:~" -j ASG-G-x'
+    assert shape("-A ASG-G-1 -d 198.19.1.0/24 -p tcp") == "-A ASG-G-1 -d 198.19.1.0/24 -p tcp"
+
+
+# -- in a namespace -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Recording(Runner):
+    """Remembers every command, to count full reads and listings."""
+
+    calls: list[tuple[str, ...]] = field(default_factory=list)
+
+    def run(self, argv, stdin=None):  # type: ignore[no-untyped-def]
+        self.calls.append(tuple(argv))
+        return Runner.run(self, argv, stdin)
+
+    def saves(self) -> int:
+        return sum(1 for c in self.calls if c[0].endswith("-save"))
+
+    def listings(self) -> int:
+        return sum(1 for c in self.calls if "-S" in c)
+
+
+@pytest.fixture
+def cell(make_lab: Callable[..., Lab]) -> str:
+    return make_lab(conntrack=False).cell
+
+
+def backend(netns: str, variant: str) -> IptablesBackend:
+    return IptablesBackend(variant, Recording(("ip", "netns", "exec", netns)))
+
+
+def calls(b: IptablesBackend) -> Recording:
+    assert isinstance(b.runner, Recording)
+    return b.runner
+
+
+def full_read(netns: str, variant: str, family: int = 4) -> dict[str, tuple[str, ...]]:
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, tool(variant, family, "save"), "-t", "filter"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(parse_save(out, family).chains)
+
+
+def test_nft_no_op_cycle_reads_nothing_and_still_sees_drift(cell: str) -> None:
+    b = backend(cell, "nft")
+    p = plan()
+    assert converge(b, p).ok
+    calls(b).calls.clear()
+    again = converge(b, p, p)
+    assert again.ok and again.in_sync
+    assert calls(b).calls == []  # the generation id answered for both families
+    # Someone else changes our chain: the generation moves, the read is full, drift shows.
+    chain = group_chain(p.groups[0].id)
+    subprocess.run(
+        ["ip", "netns", "exec", cell, "iptables-nft", "-A", chain, "-j", "DROP"], check=True
+    )
+    healed = converge(b, p, p)
+    assert healed.ok and healed.drift and calls(b).saves() >= 1
+    assert full_read(cell, "nft") == render_cell(p, 4).chains
+
+
+def test_nft_change_is_verified_from_the_generation_and_one_listing(cell: str) -> None:
+    b = backend(cell, "nft")
+    before, after = plan(), plan((_rule("tcp", "198.19.9.9", 22),))
+    assert converge(b, before).ok
+    calls(b).calls.clear()
+    result = converge(b, after, before)
+    assert result.ok and not result.in_sync
+    assert calls(b).saves() == 0
+    assert calls(b).listings() == 1  # the group with the new rule: a line never printed
+    assert full_read(cell, "nft") == render_cell(after, 4).chains
+    assert dict(b.read(4).chains) == full_read(cell, "nft")  # the state it proved is the kernel's
+    calls(b).calls.clear()
+    back = converge(b, before, after)  # every line printed before: nothing to list
+    assert back.ok and calls(b).saves() == 0 and calls(b).listings() == 0
+    assert full_read(cell, "nft") == render_cell(before, 4).chains
+
+
+def test_nft_verify_catches_a_line_iptables_prints_differently(cell: str) -> None:
+    b = backend(cell, "nft")
+    p = plan()
+    assert converge(b, p).ok
+    desired = render_cell(p, 4)
+    name = group_chain(p.groups[0].id)
+    # Same rule, options in another order: accepted, but printed back in canonical order.
+    odd = f"-A {name} -p tcp -d 198.19.2.2/32 -m tcp --dport 25 -j ACCEPT"
+    chains = dict(desired.chains)
+    chains[name] = (*chains[name], odd)
+    wrong = Ruleset(4, chains)
+    delta = b.delta(wrong, b.read(4), desired)
+    b.apply(delta)
+    with pytest.raises(VerifyError, match="reads back differently"):
+        b.verify(wrong, delta)
+    assert calls(b).listings() == 1
+
+
+def test_nft_second_writer_between_read_and_apply_means_a_full_verify(cell: str) -> None:
+    b = backend(cell, "nft")
+    before, after = plan(), plan((_rule("tcp", "198.19.9.9", 22),))
+    assert converge(b, before).ok
+    desired = b.render(after, 4)
+    observed = b.read(4)
+    subprocess.run(["ip", "netns", "exec", cell, "iptables-nft", "-N", "FOREIGN"], check=True)
+    delta = b.delta(desired, observed, b.render(before, 4))
+    calls(b).calls.clear()
+    b.apply(delta)
+    b.verify(desired, delta)
+    assert calls(b).saves() == 1
+
+
+@pytest.mark.parametrize("variant", ["legacy", "nft"])
+def test_a_family_without_containers_is_not_saved_on_legacy(cell: str, variant: str) -> None:
+    b = backend(cell, variant)
+    p = plan()  # IPv4 only
+    assert converge(b, p).ok
+    calls(b).calls.clear()
+    assert converge(b, p, p).in_sync
+    v6_saves = [c for c in calls(b).calls if c[0].startswith("ip6tables")]
+    assert v6_saves == []
+    # ... but a v6 rule of anyone's is read (it might be ours), and our hook is repaired.
+    hook = '-I FORWARD -m comment --comment "asg:forward" -j ACCEPT'
+    subprocess.run(
+        ["ip", "netns", "exec", cell, f"ip6tables-{variant}", *shlex.split(hook)], check=True
+    )
+    fixed = converge(b, p, p)
+    assert fixed.ok and not fixed.in_sync
+    assert full_read(cell, variant, 6) == {}
