@@ -99,6 +99,7 @@ def to_persisted(state: AgentState) -> dict[str, Any]:
         "driftCorrections": state.drift_corrections,
         "driftLog": list(state.drift_log),
         "lastSuccess": state.last_success,
+        "inventoryAt": state.inventory_at,
     }
 
 
@@ -116,6 +117,9 @@ def from_persisted(data: Mapping[str, Any]) -> AgentState:
         applied = Applied(a["sha"], str(a.get("digest", "")), str(a.get("at", "")), inventory)
     return AgentState(
         applied=applied,
+        # The inventory the kernel holds rules for is the last good one until the file is read.
+        inventory=applied.inventory if applied is not None else None,
+        inventory_at=str(data.get("inventoryAt") or ""),
         attempted=data.get("attempted") if isinstance(data.get("attempted"), str) else None,
         conditions=tuple(Condition.from_dict(c) for c in data.get("conditions") or ()),
         history=tuple(HistoryEntry.from_dict(h) for h in data.get("history") or ()),
