@@ -22,6 +22,7 @@ import pytest
 
 from reconciler.compile import compile_cell
 from reconciler.inventory import parse_store
+from reconciler.inventory_sources import StatusBranches
 from reconciler.lab.gitserver import GitDaemon, git
 from reconciler.lab.netns import ContainerSpec, Lab, ServiceSpec
 from reconciler.lab.probe import Outcome
@@ -163,6 +164,15 @@ def test_a_commit_reaches_every_agent_within_an_interval(
             ("updated", _rev(c2)),
         ]
         assert records[1]["rules_added"] == 1 and records[1]["groups_added"] == []
+
+    # `asgctl plan` reads the same branches as its inventory (the status-branch contract).
+    clone = policy_repo.root.parent / "ci-clone"
+    git("clone", "-q", str(policy_repo.bare), str(clone))
+    cells = StatusBranches(str(clone)).cells()
+    assert [(c.cell, [x.handle for x in c.containers]) for c in cells] == [
+        ("cell-a", ["web"]),
+        ("cell-b", ["web"]),
+    ]
 
     # The fleet view.
     out = subprocess.run(
