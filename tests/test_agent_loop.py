@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,19 @@ def test_a_restarted_agent_remembers_what_it_applied(setup) -> None:  # type: ig
     assert changes["c2"]["change"] == "added"
     assert changes["c0"]["change"] == "updated" and changes["c0"]["rules_added"] == 1
     assert [h.total for h in st.history] == [1, 1]
+
+
+def test_metrics_go_to_a_textfile_for_node_exporter(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg, commit, _, _ = setup
+    sha = commit({"sg.yaml": sg("web", tcp_rules(3))})
+    prom = tmp_path / "asgctl.prom"
+    agent, _, _ = _agent(replace(cfg, metrics_textfile=str(prom)), MemoryDataplane())
+    agent.cycle(SYNC)
+    text = prom.read_text()
+    assert 'asgctl_agent_applied_revision_info{cell="mem",digest="' in text
+    assert f'revision="main@sha1:{sha}"' in text
+    assert 'asgctl_agent_rules_installed{cell="mem"} ' in text
+    assert 'asgctl_agent_sync_duration_seconds_count{cell="mem",phase="enforce"} 1' in text
 
 
 def test_dataplane_failures_keep_state_and_back_off(setup) -> None:  # type: ignore[no-untyped-def]
