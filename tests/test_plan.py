@@ -566,3 +566,15 @@ def test_forked_workers_give_the_same_diff(tmp_path):
         CellInventory(f"cell-{i:03d}", tuple(sorted(rng.sample(pool, 4))), "") for i in range(70)
     ]
     assert diff_plans(base, head, cells, workers=2) == diff_plans(base, head, cells, workers=1)
+
+
+def test_the_agents_status_file_is_read_by_the_fast_path():
+    """The contract end to end: what the agent writes is what the plan reads, quickly."""
+    from reconciler.agent.status import container_entries, dump_status
+
+    policy = load_folder(REPO / "policies").policy
+    containers = [x for cs in CELLS.values() for x in cs]
+    plan_ = compile_cell(policy, containers, "cell-x")
+    text = dump_status({"cell": "cell-x", "containers": container_entries(plan_), "history": []})
+    assert _fast_entries(text) is not None
+    assert containers_from_status(text, "refs/heads/status/cell-x") == tuple(sorted(containers))
