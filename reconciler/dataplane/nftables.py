@@ -126,7 +126,7 @@ class NftablesBackend:
     _audits: dict[int, tuple[float, int]] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
-    _shared: dict[str, tuple[float, bool, str]] = field(
+    _shared: dict[str, tuple[float, bool, str, int | None]] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
     _memory: _Memory = field(default_factory=_Memory, init=False, compare=False, repr=False)
@@ -185,7 +185,7 @@ class NftablesBackend:
         fresh = generation is not None and hit is not None and hit[0] == generation
         if fresh and hit is not None and (hit[1].elements_read or not full):
             return hit[1]
-        state = self._list_state(family, full)
+        state = self._list_state(family, full, generation)
         if generation is not None and memory.generation(self.runner, self.remember) == generation:
             memory.known[family] = (generation, state)
             memory.learn(state)
@@ -193,8 +193,8 @@ class NftablesBackend:
             memory.known.pop(family, None)
         return state
 
-    def _list_state(self, family: int, full: bool) -> NftState:
-        text = self._listing(family, full)
+    def _list_state(self, family: int, full: bool, generation: int | None) -> NftState:
+        text = self._listing(family, full, generation)
         if full:
             state = parse_listing(text, family)
             elements = slice_size(state)[1] + state.other_elements
@@ -208,19 +208,22 @@ class NftablesBackend:
         sets[dispatch] = self._read_set(dispatch, "map")
         return replace(state, sets=sets)
 
-    def _listing(self, family: int, full: bool) -> str:
+    def _listing(self, family: int, full: bool, generation: int | None) -> str:
         """The table's listing (full) or the ruleset's (terse), as JSON text.
 
-        converge reads IPv4 then IPv6, one after the other.  A listing taken for IPv4 (by its
-        read, or by its verify after its transaction) therefore serves the IPv6 read that
-        follows, once, if it is at most `REUSE_SECONDS` old and no transaction of ours was
-        sent since: one listing per cycle instead of two, the largest cost of a cycle at
-        scale.  An IPv4 read always lists afresh, so no cycle starts from an old listing.
+        One listing holds both families, so a listing serves the next read of the other
+        family, once: when the generation id is unchanged since it was taken (exact), or,
+        without generation ids, when the IPv6 read follows within `REUSE_SECONDS` the IPv4
+        read or verify that took it, with no transaction of ours in between (converge reads
+        IPv4 then IPv6, one after the other).  An IPv4 read never takes an old listing
+        without a generation id to vouch for it, so no cycle starts from one.
         """
         cached = self._shared.pop("listing", None)
-        if family != 4 and cached is not None:
-            when, depth, text = cached
-            if time.monotonic() - when <= REUSE_SECONDS and (depth or not full):
+        if cached is not None:
+            when, depth, text, taken = cached
+            same = generation is not None and taken == generation
+            recent = generation is None and family != 4 and time.monotonic() - when <= REUSE_SECONDS
+            if (depth or not full) and (same or recent):
                 return text
         if full:
             res = self.runner.run([self.nft, "-j", "-n", "list", "table", NFT_FAMILY, TABLE])
@@ -235,8 +238,8 @@ class NftablesBackend:
             if res.returncode != 0:
                 raise ReadError(f"nft list ruleset failed (exit {res.returncode}): {_msg(res)}")
             text = res.stdout
-        if family == 4:
-            self._shared["listing"] = (time.monotonic(), full, text)
+        if family == 4 or generation is not None:
+            self._shared["listing"] = (time.monotonic(), full, text, generation)
         return text
 
     def _read_set(self, name: str, kind: str = "set") -> NftSet:

@@ -217,10 +217,10 @@ def compute_nft_delta(
             for rule in rules:
                 referenced |= (set(_TARGET.findall(rule)) | set(_SET_REF.findall(rule))) - {name}
         for name in set(want_sets) | set(have_sets):
-            if name in removed_sets:
-                continue
             s = want_sets.get(name) if name in want_sets else have_sets.get(name)
-            referenced |= _element_targets(s.elements if s else None)
+            if name in removed_sets or s is None or s.data != "verdict":
+                continue  # only a verdict map's elements refer to chains
+            referenced |= _element_targets(s.elements)
     orphaned = tuple(n for n in removed_chains if n in referenced)
     orphaned_sets = tuple(n for n in removed_sets if n in referenced)
     deleted_chains = [n for n in removed_chains if n not in referenced]
