@@ -396,7 +396,9 @@ class StatusPusher:
             self._stop = True
             self._cv.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=self.writer.timeout + 5)
+            # A push stuck on an unresponsive server must not hold up the exit: the thread
+            # is a daemon, and the next run pushes the newest status anyway.
+            self._thread.join(timeout=2.0)
 
 
 def iso(t: float) -> str:
