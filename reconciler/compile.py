@@ -233,6 +233,8 @@ class _Index:
         self._profile_rules: dict[Profile, ProfileRules] = {}
         self._rules: dict[tuple[int, frozenset[int]], PlanRule] = {}
         self._groups: dict[tuple[tuple[int, frozenset[int] | None], ...], RuleGroup] = {}
+        # The group of a part that is one uniform atom, by atom: most parts of most cells.
+        self.single_groups: dict[int, RuleGroup] = {}
 
     def profile_keys(self, profile: Profile) -> frozenset[int]:
         _, lifecycle, space, app = profile
@@ -395,7 +397,15 @@ def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str =
 
     groups: list[RuleGroup] = []
     groups_of: list[list[tuple[bool, str]]] = [[] for _ in profiles]
+    single = index.single_groups
     for (owners, log), atoms in parts.items():
+        if len(atoms) == 1 and atoms[0] in single:  # the common part: one uniform atom
+            group = single[atoms[0]]
+            groups.append(group)
+            key = (not log, group.id)
+            for i in owners:
+                groups_of[i].append(key)
+            continue
         # A rule's provenance is every document granting it to some container of the cell:
         # the atom's keys that at least one owner has.
         union: frozenset[int] | None = None
@@ -411,6 +421,8 @@ def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str =
                 keys = keys & union
             keyed.append((a, keys))
         group = index.group(tuple(keyed))
+        if len(keyed) == 1 and keyed[0][1] is None:
+            single[keyed[0][0]] = group
         groups.append(group)
         key = (not log, group.id)  # a part's rules all log or none do: this is has_log
         for i in owners:
