@@ -242,6 +242,46 @@ def _access_view_md(p: PrincipalDiff) -> _AccessView:
     return _AccessView(md(_principal_title(p)), p.lifecycle, _principal_counts(p), _where(p), body)
 
 
+MAX_NAMES = 60  # principals named in one shared block before "and N more"
+
+
+def _same_change(p: PrincipalDiff) -> tuple:
+    """What a principal gains, loses and re-logs, and why: equal for a shared change."""
+    return tuple((kind, c.access, c.detail, c.reasons) for kind, c in _access_entries(p))
+
+
+def _access_groups(principals: list[PrincipalDiff]) -> list[list[PrincipalDiff]]:
+    """Principals with exactly the same change, together: one ASG edit reaching 900 apps is
+    one block naming them, not 900 identical blocks (which no comment could hold)."""
+    groups: dict[tuple, list[PrincipalDiff]] = {}
+    for p in principals:
+        groups.setdefault(_same_change(p), []).append(p)
+    return list(groups.values())
+
+
+def _group_view_md(members: list[PrincipalDiff]) -> _AccessView:
+    if len(members) == 1:
+        return _access_view_md(members[0])
+    first = members[0]
+    names = [md(f"{_principal_title(p)} ({p.lifecycle})") for p in members]
+    shown = ", ".join(names[:MAX_NAMES])
+    if len(names) > MAX_NAMES:
+        shown += f" and {len(names) - MAX_NAMES:,} more"
+    body = f"{shown}\n\n" + fence("\n".join(_access_lines(first, visible)), "diff")
+    # Containers the change reaches (a principal's other-family containers may not be).
+    containers = sum(
+        max(p.containers_gaining, p.containers_losing) or p.containers for p in members
+    )
+    lifecycles = sorted({p.lifecycle for p in members})
+    return _AccessView(
+        f"{len(members):,} principals, the same change",
+        " and ".join(lifecycles),
+        _principal_counts(first),
+        f"{_n(containers, 'container')}",
+        body,
+    )
+
+
 def _cell_view_md(c: CellDiff, body: bool = True) -> _CellView:
     return _CellView(
         name=md(c.cell),
@@ -302,7 +342,7 @@ def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
     diff = report.diff
     principals = _principal_order(diff) if diff is not None else []
     cells = list(diff.changed_cells) if diff is not None else []
-    access_views = [_access_view_md(p) for p in principals]
+    access_views = [_group_view_md(g) for g in _access_groups(principals)]
     access_full = [str(macros.access_block(v)) for v in access_views]
     access_short = [str(macros.access_line(v)) for v in access_views]
     cell_rows = [str(macros.cell_row(_cell_view_md(c, body=False))) for c in cells]
@@ -332,7 +372,7 @@ def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
     # principal, one row per cell, then access details, then dataplane details.
     reserve = 700  # the cut note
     budget = limit - len(render([], [], [], "")) - reserve
-    chosen: list[str | None] = [None] * len(principals)
+    chosen: list[str | None] = [None] * len(access_views)
     for i, line in enumerate(access_short):
         if len(line) > budget:
             break
@@ -364,7 +404,7 @@ def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
     folded = sum(1 for i, c in enumerate(chosen) if c is not None and c == access_short[i])
     note = _cut_note(
         ctx,
-        access_unlisted=len(principals) - len(access_kept),
+        access_unlisted=len(access_views) - len(access_kept),
         access_folded=folded,
         cells_unlisted=len(cells) - rows_kept,
         cells_folded=rows_kept - len(details_kept),
@@ -387,9 +427,9 @@ def _cut_note(
 ) -> str:
     parts = []
     if access_folded:
-        parts.append(f"the access details of {_n(access_folded, 'principal')}")
+        parts.append(f"the diffs of {_n(access_folded, 'access change')}")
     if access_unlisted:
-        parts.append(f"{_n(access_unlisted, 'more principal')} with access changes")
+        parts.append(f"{_n(access_unlisted, 'more access change')}")
     if cells_folded:
         parts.append(f"the chain diffs of {_n(cells_folded, 'cell')}")
     if cells_unlisted:
