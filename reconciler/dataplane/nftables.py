@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from reconciler.dataplane.errors import ApplyError, DataplaneError, ReadError, VerifyError
@@ -79,6 +79,20 @@ class _Memory:
     shapes: set[str] = field(default_factory=set)
     kinds: set[tuple[tuple[str, ...], tuple[str, ...], str]] = field(default_factory=set)
     pending: dict[int, tuple[NftRuleset, NftState]] = field(default_factory=dict)
+    interned: dict[int, Mapping[str, NftSet]] = field(default_factory=dict)
+
+    def intern(self, state: NftState) -> NftState:
+        """Read-back sets equal to ones last rendered, swapped for those: a million elements
+        are compared once per listing, not once per cycle (equal objects compare at once)."""
+        interned = self.interned.get(state.family)
+        if not state.elements_read or not interned:
+            return state
+        sets = dict(state.sets)
+        for name, s in state.sets.items():
+            mine = interned.get(name)
+            if mine is not None and mine is not s and mine == s:
+                sets[name] = mine
+        return replace(state, sets=sets)
 
     def generation(self, runner: Runner, enabled: bool = True) -> int | None:
         if not enabled:
@@ -185,7 +199,7 @@ class NftablesBackend:
         fresh = generation is not None and hit is not None and hit[0] == generation
         if fresh and hit is not None and (hit[1].elements_read or not full):
             return hit[1]
-        state = self._list_state(family, full, generation)
+        state = memory.intern(self._list_state(family, full, generation))
         if generation is not None and memory.generation(self.runner, self.remember) == generation:
             memory.known[family] = (generation, state)
             memory.learn(state)
@@ -276,6 +290,7 @@ class NftablesBackend:
         if not isinstance(desired, NftRuleset):
             desired = NftRuleset(desired.family, dict(desired.chains))
         self._memory.pending[observed.family] = (desired, observed)
+        self._memory.interned[observed.family] = desired.sets
         return compute_nft_delta(desired, observed, last, heal_drift=heal_drift)
 
     def apply(self, delta: NftDelta) -> None:  # type: ignore[override]

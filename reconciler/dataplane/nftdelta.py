@@ -320,8 +320,8 @@ def _known(have: NftSet | None, want: NftSet | None, last: NftSet | None) -> Nft
     if have is None or have.elements is not None:
         return have
     for ref in (want, last):
-        if ref is not None and ref.header == have.header:
-            return replace(have, elements=ref.elements)
+        if ref is not None and ref.name == have.name and ref.header == have.header:
+            return ref  # equal to `have` with those elements, and cheap to compare with
     return replace(have, elements=frozenset())
 
 

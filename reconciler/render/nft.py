@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -496,8 +497,27 @@ def _container_rules(cp: ContainerPlan, groups: Mapping[str, RenderedGroup]) -> 
     return tuple(rules)
 
 
+_CELL_CACHE: dict[tuple[int, int], tuple[weakref.ref[CellPlan], NftRuleset]] = {}
+
+
 def render_cell(plan: CellPlan, family: int) -> NftRuleset:
-    """One family's slice of the table for a cell plan (empty when it has no containers)."""
+    """One family's slice of the table for a cell plan (empty when it has no containers).
+
+    Memoised for the last few plans by identity (a plan is immutable): a converge cycle
+    renders both the plan and the last one applied, which the cycle before rendered too.
+    """
+    key = (id(plan), family)
+    hit = _CELL_CACHE.get(key)
+    if hit is not None and hit[0]() is plan:
+        return hit[1]
+    out = _render_cell(plan, family)
+    if len(_CELL_CACHE) >= 8:
+        _CELL_CACHE.pop(next(iter(_CELL_CACHE)))
+    _CELL_CACHE[key] = (weakref.ref(plan), out)
+    return out
+
+
+def _render_cell(plan: CellPlan, family: int) -> NftRuleset:
     containers = [c for c in plan.containers if c.container.version == family]
     if not containers:
         return NftRuleset(family, {})
