@@ -318,11 +318,22 @@ def main() -> None:
     ap.add_argument("--inventory", choices=["files", "status"], default="status")
     ap.add_argument("--profile", action="store_true", help="print the top functions by time")
     ap.add_argument("--record", action="store_true", help="write bench/results/plan.md")
+    ap.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="build the repo in DIR and reuse it on later runs (same shape options)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="plan-bench-") as tmp:
-        root = Path(tmp)
+        root = Path(args.keep or tmp)
         t = time.perf_counter()
-        shape = build(root, args.cells, args.containers, args.asgs, args.inventory)
+        marker = root / "shape.json"
+        if args.keep and marker.exists():  # built by an earlier run with the same --keep
+            shape = json.loads(marker.read_text())
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            shape = build(root, args.cells, args.containers, args.asgs, args.inventory)
+            marker.write_text(json.dumps(shape))
         setup = time.perf_counter() - t
         load_before = os.getloadavg()[0]
         wall, cpu, rss, rc, size = end_to_end(root, args.inventory)
