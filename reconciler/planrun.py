@@ -154,8 +154,11 @@ def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ())
     # Everything loaded so far lives until the end; taking it out of the cyclic collector's
     # view keeps full collections (a quarter of a fleet-wide diff's time) from rescanning it.
     gc.freeze()
-    workers = min(os.cpu_count() or 1, MAX_WORKERS)
-    diff = diff_plans(base_policy, head_result.policy, cells, place.prefix, workers)
+    try:
+        workers = min(os.cpu_count() or 1, MAX_WORKERS)
+        diff = diff_plans(base_policy, head_result.policy, cells, place.prefix, workers)
+    finally:
+        gc.unfreeze()  # a long-lived caller (tests, a server) gets its collector back
     return _with(
         report,
         inventory=described,
