@@ -844,6 +844,8 @@ def test_xtables_lock_held_by_another_program(
         assert len(reports) == 1 and doc["timings"]["enforce"] >= hold - 0.5, doc["timings"]
     else:  # longer than --wait: reported as the lock, retried, then applied
         assert failed and all(r[1] == "EnforcementFailed" for r in failed), failed
+        # ...and the cycles that gave up say how long they waited (--wait=10).
+        assert all(x >= 9.0 for x in timings[: len(failed)]), timings
         assert any("xtables lock" in r[2] for r in failed), failed
         assert any("still enforcing" in r[2] for r in failed), failed
 
@@ -864,3 +866,36 @@ def test_a_full_disk_is_reported_as_such_not_as_a_corrupt_cache() -> None:
     assert classify("error: object file x is empty\nfatal: loose object x is corrupt") == (
         "CacheCorrupt"
     )
+
+
+def test_a_failed_apply_keeps_its_time_in_the_timings() -> None:
+    """A transaction that waits (for the xtables lock) and then fails must report the wait:
+    the agent's `enforce` timing is the only place an operator sees it."""
+    from reconciler.dataplane import ApplyError, compute_delta
+    from reconciler.dataplane.records import OwnedState
+    from reconciler.render.iptables import render_cell
+
+    class Slow:
+        name = "slow"
+
+        def render(self, plan: CellPlan, family: int) -> Any:
+            return render_cell(plan, family)
+
+        def read(self, family: int) -> OwnedState:
+            return OwnedState(family, {}, ())
+
+        def delta(self, desired: Any, observed: Any, last: Any, *, heal_drift: bool = True) -> Any:
+            return compute_delta(desired, observed, last, heal_drift=heal_drift)
+
+        def apply(self, delta: Any) -> None:
+            time.sleep(0.3)
+            raise ApplyError("Another app is currently holding the xtables lock", None, "")
+
+        def verify(self, desired: Any, delta: Any) -> None:
+            raise AssertionError("not reached")
+
+    plan = compile_files({"a.yaml": sg("web", tcp_rules(2))}, inventory(2))
+    result = converge(Slow(), plan, families=(4,))
+    fam = result.families[0]
+    assert not result.ok and not fam.sent
+    assert fam.timings["apply"] >= 0.3, fam.timings

@@ -168,26 +168,28 @@ def _one(
     timings: dict[str, float] = {}
     delta = Delta(family)
     clock = time.perf_counter
+    phase, t = "render", clock()
     try:
-        t = clock()
         desired = backend.render(plan, family)
         previous = _last_for(last, backend, family)
         timings["render"] = clock() - t
-        t = clock()
+        phase, t = "read", clock()
         observed = backend.read(family)
         timings["read"] = clock() - t
-        t = clock()
+        phase, t = "delta", clock()
         delta = backend.delta(desired, observed, previous, heal_drift=heal_drift)
         timings["delta"] = clock() - t
         if delta.empty or mode != "apply":
             return FamilyResult(family, delta, False, None, timings)
-        t = clock()
+        phase, t = "apply", clock()
         backend.apply(delta)
         timings["apply"] = clock() - t
-        t = clock()
+        phase, t = "verify", clock()
         backend.verify(desired, delta)
         timings["verify"] = clock() - t
         return FamilyResult(family, delta, True, None, timings)
     except DataplaneError as exc:
-        sent = "apply" in timings
-        return FamilyResult(family, delta, sent, str(exc), timings)
+        # The phase that failed keeps its time: an iptables-restore that waited 10 s for the
+        # xtables lock and then gave up must not be reported as 0.02 s of enforcing.
+        timings[phase] = clock() - t
+        return FamilyResult(family, delta, phase == "verify", str(exc), timings)
