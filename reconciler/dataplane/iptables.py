@@ -22,12 +22,13 @@ from reconciler.dataplane.errors import (
     VariantError,
     VerifyError,
 )
-from reconciler.dataplane.generation import EMPTY_FILTER_ENTRIES
+from reconciler.dataplane.generation import EMPTY_FILTER_ENTRIES, KernelProbe
 from reconciler.dataplane.memory import MAX_LISTED, KernelMemory
 from reconciler.dataplane.records import Delta, OwnedState
 from reconciler.dataplane.rendercache import RenderCache
 from reconciler.dataplane.runner import Runner
 from reconciler.dataplane.saveparse import count_rules, parse_save
+from reconciler.dataplane.xlock import xtables_lock
 from reconciler.plan import CellPlan
 from reconciler.render.iptables import Ruleset, render_cell
 
@@ -160,28 +161,46 @@ class IptablesBackend:
     def read(self, family: int) -> OwnedState:
         """Our state in the kernel, read in full only when the kernel may have changed.
 
-        nft: a state read at the current generation id is still the kernel's (see
-        `memory`).  legacy: a table with no rule and no user chain holds nothing of ours,
-        which spares the save of a family without containers.
+        Each variant has an exact, cheap token of its table (see `generation`): nft its
+        generation id, legacy a digest of the table the kernel hands out.  A state read at the
+        current token is still the kernel's (see `memory`).  A legacy table with no rule and
+        no user chain holds nothing of ours: no save at all for a family without containers.
         """
         memory = self.memory
         probe = memory.open(self.runner)
-        generation = None
-        if probe is not None and self.variant == "nft":
+        if probe is None:
+            return self.read_full(family)
+        if self.variant == "nft":
             generation = probe.generation()
             if generation is not None:
                 known = memory.recall(family, generation)
                 if known is not None:
                     return known
-        elif probe is not None and probe.legacy_entries(family) == EMPTY_FILTER_ENTRIES:
-            return OwnedState(family, {})
-        state = self._read_save(family)
-        if generation is not None:
-            consistent = probe is not None and probe.generation() == generation
+            state = self.read_full(family)
+            consistent = generation is not None and probe.generation() == generation
             memory.remember(family, generation if consistent else None, state)
+            return state
+        if probe.legacy_entries(family) == EMPTY_FILTER_ENTRIES:
+            return OwnedState(family, {})
+        if family in memory.seen:  # else there is nothing to recall: no digest to take first
+            known = memory.recall(family, probe.legacy_digest(family))
+            if known is not None:
+                return known
+        return self._read_legacy(probe, family)
+
+    def _read_legacy(self, probe: KernelProbe, family: int) -> OwnedState:
+        """Save and digest the table under the xtables lock, so both describe one table:
+        iptables-legacy-save does not lock, every well-behaved writer does.  The lock is only
+        tried, never waited for (a read must not queue behind other programs' writes, nor
+        make them queue long): when it is busy, a plain save, and nothing remembered."""
+        with xtables_lock(wait=0) as held:
+            state = self.read_full(family)
+            digest = probe.legacy_digest(family) if held else None
+        self.memory.remember(family, digest, state)
         return state
 
-    def _read_save(self, family: int) -> OwnedState:
+    def read_full(self, family: int) -> OwnedState:
+        """`iptables-save` and its parse, whatever is remembered."""
         cmd = tool(self.variant, family, "save")
         res = self.runner.run([cmd, "-t", "filter"])
         if res.returncode != 0:
@@ -211,7 +230,10 @@ class IptablesBackend:
         before = memory.generation() if self.variant == "nft" and self.fault is None else None
         res = self.runner.run([cmd, "--noflush", f"--wait={self.wait_seconds}"], stdin=text)
         if res.returncode == 0:
-            memory.applied(delta, before, memory.generation() if before is not None else None)
+            if self.variant == "nft":
+                memory.applied(delta, before, memory.generation() if before is not None else None)
+            else:  # a legacy table's token is its own digest: only this family's moved
+                memory.seen.pop(delta.family, None)
             return
         memory.forget()
         line, where = _error_line(res.stderr, text)

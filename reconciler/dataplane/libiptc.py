@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import os
 import re
 import shlex
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from reconciler.dataplane.iptables import VARIANTS, IptablesBackend, choose_vari
 from reconciler.dataplane.records import Delta, OwnedState
 from reconciler.dataplane.rendercache import RenderCache
 from reconciler.dataplane.runner import Runner
+from reconciler.dataplane.xlock import xtables_lock
 from reconciler.plan import CellPlan
 from reconciler.render.iptables import OWNED_PREFIX, Ruleset, render_cell
 
@@ -114,6 +113,7 @@ class LibiptcBackend:
         text = delta.text()
         if self.fault is not None:
             text = self.fault(delta.family, text)
+        self._reader.memory.seen.pop(delta.family, None)  # the table is about to change
         netns = self.runner.netns
         if netns is None:
             self._commit(delta.family, text)
@@ -124,7 +124,7 @@ class LibiptcBackend:
             pool.submit(_in_netns, netns, self._commit, delta.family, text).result()
 
     def verify(self, desired: Ruleset, delta: Delta) -> None:
-        problems = check_applied(desired, delta, self.read(delta.family))
+        problems = check_applied(desired, delta, self._reader.read(delta.family))
         if problems:
             raise VerifyError(
                 f"ipv{delta.family}: after apply the kernel differs: " + "; ".join(problems[:5])
@@ -308,17 +308,7 @@ def _in_netns(name: str, fn: Callable[..., None], *args: Any) -> None:
 @contextlib.contextmanager
 def _xtables_lock(path: str, wait: float) -> Iterator[None]:
     """The lock every iptables tool takes, so our commit never races theirs."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ApplyError(f"{path}: held by another program for {wait} s") from None
-                time.sleep(0.05)
+    with xtables_lock(path, wait) as held:
+        if not held:
+            raise ApplyError(f"{path}: held by another program for {wait} s")
         yield
-    finally:
-        os.close(fd)

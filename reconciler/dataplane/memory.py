@@ -26,7 +26,7 @@ hook) drops what is remembered, and the next read is a full one.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from reconciler.dataplane.generation import KernelProbe
@@ -50,7 +50,7 @@ class KernelMemory:
     """Per backend: the probe, states read at known generations, lines printed before."""
 
     probe: KernelProbe | None = None
-    seen: dict[int, tuple[int, OwnedState]] = field(default_factory=dict)
+    seen: dict[int, tuple[Hashable, OwnedState]] = field(default_factory=dict)
     expected: dict[int, tuple[int, OwnedState]] = field(default_factory=dict)
     bodies: set[str] = field(default_factory=set)
     shapes: set[str] = field(default_factory=set)
@@ -69,15 +69,16 @@ class KernelMemory:
     def generation(self) -> int | None:
         return self.probe.generation() if self.probe is not None else None
 
-    def recall(self, family: int, generation: int) -> OwnedState | None:
+    def recall(self, family: int, generation: Hashable) -> OwnedState | None:
         hit = self.seen.get(family)
         return hit[1] if hit is not None and hit[0] == generation else None
 
     def remember(
-        self, family: int, generation: int | None, state: OwnedState, *, read: bool = True
+        self, family: int, generation: Hashable | None, state: OwnedState, *, read: bool = True
     ) -> None:
-        """A state of the kernel while the generation stayed `generation`: read in full, or
-        proven by `IptablesBackend.verify` (`read=False`).
+        """A state of the kernel while its token stayed `generation` (nft: the generation id;
+        legacy: the table's digest): read in full, or proven by `IptablesBackend.verify`
+        (`read=False`).
 
         A full read's lines are kept as printed lines, folded in only when a verify needs
         them (a large cell has tens of thousands), and only the latest reads: older ones add
