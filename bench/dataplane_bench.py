@@ -1,0 +1,362 @@
+"""Converge one cell's iptables: from scratch, after a one-ASG change, and a no-op cycle.
+
+The same synthetic cells as bench/compile_bench.py (250 containers; its repo generator and
+inventory, sized here to 150k and 500k CF-equivalent rules), converged in fresh network
+namespaces with iptables-legacy, iptables-nft and libiptc (legacy), and compared with two raw
+`iptables-restore` runs into an empty namespace:
+
+* the floor: our own rendered rules, restored in one go (what converging from scratch cannot
+  beat: it sends exactly this, plus a read before and a read-back after);
+* CF: Cloud Foundry's per-container layout of the same policies and inventory
+  (reconciler/render/cflayout.py), what a CF cell has to load.
+
+Every measurement is repeated, the backends interleaved within each repetition, so the noise
+of a shared machine falls on all of them alike; figures are medians.  Needs root.
+
+Usage: .venv/bin/python bench/dataplane_bench.py [--repeat 5] [--case 150k] [--record]
+       [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import io
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RESULTS, machine
+from bench.compile_bench import build_repo, inventory
+from reconciler.compile import compile_cell
+from reconciler.dataplane import ConvergeResult, Runner, compute_delta, converge, open_backend
+from reconciler.dataplane.backend import Backend
+from reconciler.dataplane.iptables import IptablesBackend
+from reconciler.dataplane.libiptc import LibiptcBackend
+from reconciler.dataplane.records import OwnedState
+from reconciler.lab.netns import Lab
+from reconciler.model import AddressRange, PolicySet, PortRange, Rule
+from reconciler.plan import CellPlan
+from reconciler.policy.load import load_folder
+from reconciler.render.cflayout import render_cf, rule_count
+from reconciler.render.iptables import render_cell
+
+# name: (ASGs, rules per ASG, ASGs bound per space) for compile_bench's build_repo; 250
+# containers each.  Sized to CF's real layout (compile_bench's own cases count 172k and 572k).
+CASES = {
+    "150k": (100, 26, 20),
+    "500k": (200, 87, 20),
+}
+CHANGES = 4  # one-ASG changes per round: A->B, B->A, ...; the first follows a full read
+# (label, backend, iptables variant)
+BACKENDS = (
+    ("legacy", "iptables", "legacy"),
+    ("nft", "iptables", "nft"),
+    ("libiptc", "libiptc", "legacy"),
+)
+VARIANTS = ("legacy", "nft")
+# The rule a one-ASG change adds to (and then removes from) one bound ASG.
+EXTRA_RULE = Rule("tcp", (AddressRange.parse("198.19.250.250"),), (PortRange(8443, 8443),))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One case: the plan, the plan after a one-ASG change, and the two raw transactions."""
+
+    name: str
+    plan: CellPlan
+    changed: CellPlan
+    changed_asg: str
+    ours: str
+    cf: str
+
+    @property
+    def cf_rules(self) -> int:
+        return rule_count(self.cf)
+
+
+def one_asg_changed(policy: PolicySet) -> tuple[PolicySet, str]:
+    """The policy with one rule added to the first ASG bound to some spaces."""
+    groups = list(policy.security_groups)
+    i = next(i for i, g in enumerate(groups) if g.running_spaces)
+    groups[i] = dataclasses.replace(groups[i], rules=(*groups[i].rules, EXTRA_RULE))
+    return dataclasses.replace(policy, security_groups=tuple(groups)), groups[i].name
+
+
+def build_cell(name: str) -> Cell:
+    with tempfile.TemporaryDirectory(prefix="asgctl-bench-") as tmp:
+        build_repo(Path(tmp), *CASES[name])
+        result = load_folder(tmp)
+    assert result.ok and result.policy is not None
+    containers = inventory()
+    plan = compile_cell(result.policy, containers, "bench")
+    changed_policy, asg = one_asg_changed(result.policy)
+    changed = compile_cell(changed_policy, containers, "bench")
+    assert not any(c.container.version == 6 for c in plan.containers)
+    return Cell(name, plan, changed, asg, render_cell(plan, 4).text(), render_cf(plan, 4))
+
+
+@contextmanager
+def fresh_cell() -> Iterator[str]:
+    """An empty cell namespace (no containers, no conntrack), removed afterwards."""
+    with Lab(conntrack=False) as lab:
+        yield lab.cell
+
+
+def open_in(netns: str, kind: str, variant: str) -> Backend:
+    """A backend for the namespace, taking the benchmark's own xtables lock (see main)."""
+    backend = open_backend(kind, variant, Runner.in_netns(netns))
+    if isinstance(backend, LibiptcBackend):  # its lock path is read at import
+        backend = dataclasses.replace(backend, lock_path=os.environ["XTABLES_LOCKFILE"])
+    return backend
+
+
+def raw(netns: str, argv: list[str], stdin: str | None = None) -> float:
+    """Wall time of one tool run in the namespace (the same `ip netns exec` as converge)."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        ["ip", "netns", "exec", netns, *argv], input=stdin, capture_output=True, text=True
+    )
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed: {proc.stderr.strip()[:300]}")
+    return elapsed
+
+
+def timed_converge(backend: Backend, plan: CellPlan, last: CellPlan | None) -> tuple[float, dict]:
+    start = time.perf_counter()
+    result = converge(backend, plan, last)
+    elapsed = time.perf_counter() - start
+    if not result.ok:
+        raise RuntimeError(f"{backend.name}: {[f.error for f in result.families]}")
+    return elapsed, phases(result)
+
+
+def phases(result: ConvergeResult) -> dict[str, float]:
+    """IPv4's phases, plus the whole IPv6 pass (no v6 containers here: its cost is overhead)."""
+    out: dict[str, float] = {}
+    for f in result.families:
+        if f.family == 4:
+            out.update(f.timings)
+        else:
+            out["v6"] = sum(f.timings.values())
+    return out
+
+
+class Samples:
+    """Seconds per (case, backend, measure), and per-phase seconds for converge runs."""
+
+    def __init__(self) -> None:
+        self.times: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+        self.phases: dict[tuple[str, str, str], list[dict[str, float]]] = defaultdict(list)
+
+    def add(self, key: tuple[str, str, str], seconds: float, ph: dict | None = None) -> None:
+        self.times[key].append(seconds)
+        if ph is not None:
+            self.phases[key].append(ph)
+
+    def median(self, key: tuple[str, str, str]) -> float:
+        return statistics.median(self.times[key])
+
+    def phase_medians(self, key: tuple[str, str, str]) -> dict[str, float]:
+        runs = self.phases[key]
+        names = dict.fromkeys(k for r in runs for k in r)
+        return {n: statistics.median(r.get(n, 0.0) for r in runs) for n in names}
+
+
+def measure(cell: Cell, samples: Samples, repeat: int, cf_repeat: int, wait: int) -> None:
+    """`repeat` rounds; each round runs every measure once per backend, side by side.
+
+    The raw restores use the flags converge uses (`--noflush --wait`), so both take the
+    xtables lock alike.  CF's layout, by far the slowest, is restored in the first
+    `cf_repeat` rounds only.
+    """
+    for rnd in range(repeat):
+        for variant in VARIANTS:
+            restore = [f"iptables-{variant}-restore", "--noflush", f"--wait={wait}"]
+            with fresh_cell() as ns:
+                samples.add((cell.name, variant, "floor"), raw(ns, restore, cell.ours))
+                save = raw(ns, [f"iptables-{variant}-save", "-t", "filter"])
+                samples.add((cell.name, variant, "save"), save)
+            if rnd < cf_repeat:
+                with fresh_cell() as ns:
+                    samples.add((cell.name, variant, "cf"), raw(ns, restore, cell.cf))
+        for label, kind, variant in BACKENDS:
+            with fresh_cell() as ns:
+                backend = open_in(ns, kind, variant)
+                key = (cell.name, label)
+                samples.add((*key, "scratch"), *timed_converge(backend, cell.plan, None))
+                samples.add((*key, "noop"), *timed_converge(backend, cell.plan, cell.plan))
+                samples.add((*key, "idle"), *timed_converge(backend, cell.plan, cell.plan))
+                plans = (cell.plan, cell.changed)
+                for i in range(CHANGES):
+                    new, old = plans[(i + 1) % 2], plans[i % 2]
+                    what = "first change" if i == 0 else "change"
+                    samples.add((*key, what), *timed_converge(backend, new, old))
+                samples.add((*key, "noop"), *timed_converge(backend, cell.plan, cell.plan))
+                samples.add((*key, "idle"), *timed_converge(backend, cell.plan, cell.plan))
+        print(f"  {cell.name}: round {rnd + 1}/{repeat} done", file=sys.stderr, flush=True)
+
+
+def profile(cell: Cell) -> str:
+    """Where a converge spends its Python time (cProfile, cumulative), per backend and cycle."""
+    out = io.StringIO()
+    for label, kind, variant in BACKENDS:
+        with fresh_cell() as ns:
+            backend = open_in(ns, kind, variant)
+            for what, plan, last in (
+                ("scratch", cell.plan, None),
+                ("change", cell.changed, cell.plan),
+                ("noop", cell.changed, cell.changed),
+            ):
+                prof = cProfile.Profile()
+                prof.runcall(converge, backend, plan, last)
+                out.write(f"\n### {cell.name} {label} {what}\n")
+                pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(14)
+    return out.getvalue()
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.0f} ms" if seconds < 10 else f"{seconds:,.1f} s"
+
+
+def tables(cells: list[Cell], s: Samples) -> list[str]:
+    lines = [
+        "| case | backend | floor: restore ours | CF layout: restore | from scratch | "
+        "scratch / floor | CF / scratch | one-ASG change | first change after a full read | "
+        "no-op cycle (idle) | idle / scratch | first no-op after a change |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        for label, _, variant in BACKENDS:
+            floor = s.median((cell.name, variant, "floor"))
+            cf = s.median((cell.name, variant, "cf"))
+            scratch = s.median((cell.name, label, "scratch"))
+            change = s.median((cell.name, label, "change"))
+            first = s.median((cell.name, label, "first change"))
+            noop = s.median((cell.name, label, "noop"))
+            idle = s.median((cell.name, label, "idle"))
+            lines.append(
+                f"| {cell.name} | {label} | {ms(floor)} | {ms(cf)} | {ms(scratch)} | "
+                f"{scratch / floor:.2f}x | {cf / scratch:.1f}x | {ms(change)} | {ms(first)} | "
+                f"{ms(idle)} | {idle / scratch:.1%} | {ms(noop)} |"
+            )
+    lines += [
+        "",
+        "Targets: from scratch <= 1.3x the floor; one-ASG change on nft <= 100 ms; "
+        "no-op (idle) <= 10% of from scratch.",
+        "",
+        "| case | backend | scratch <= 1.3x floor | nft change <= 100 ms | no-op <= 10% |",
+        "|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        for label, _, variant in BACKENDS:
+            floor = s.median((cell.name, variant, "floor"))
+            scratch = s.median((cell.name, label, "scratch"))
+            change = s.median((cell.name, label, "change"))
+            noop = s.median((cell.name, label, "idle"))
+            nft = ("met" if change <= 0.1 else "missed") if label == "nft" else "-"
+            lines.append(
+                f"| {cell.name} | {label} | {'met' if scratch <= 1.3 * floor else 'missed'} | "
+                f"{nft} | {'met' if noop <= 0.1 * scratch else 'missed'} |"
+            )
+    lines += [
+        "",
+        "Per phase (medians of the IPv4 pass; `read` and `verify` include iptables-save and "
+        "its parse when they need one, `apply` is the restore or the libiptc commit, `v6` the "
+        "whole IPv6 pass: no IPv6 containers here), and a bare `iptables-save -t filter` of "
+        "our rules:",
+        "",
+        "| case | backend | cycle | render | read | delta | apply | verify | v6 | save alone |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        for label, _, variant in BACKENDS:
+            save = s.median((cell.name, variant, "save"))
+            for what in ("scratch", "first change", "change", "noop", "idle"):
+                p = s.phase_medians((cell.name, label, what))
+                cols = " | ".join(
+                    ms(p[k]) if k in p else "-"
+                    for k in ("render", "read", "delta", "apply", "verify", "v6")
+                )
+                lines.append(f"| {cell.name} | {label} | {what} | {cols} | {ms(save)} |")
+    return lines
+
+
+def sizes(cells: list[Cell]) -> list[str]:
+    lines = [
+        "| case | containers | CF-equivalent rules | CF layout lines | our rules | "
+        "our chains | one-ASG change |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        d = compute_delta(render_cell(c.changed, 4), OwnedState(4, render_cell(c.plan, 4).chains))
+        lines.append(
+            f"| {c.name} | {len(c.plan.containers)} | {c.plan.cf_equivalent_rules:,} | "
+            f"{c.cf_rules:,} | {c.plan.installed_rules:,} | {c.plan.chains:,} | "
+            f"one rule added to {c.changed_asg}: {len(d.written)} chains written, "
+            f"{len(d.deleted)} deleted, {len(d.ops):,} lines |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=5, help="rounds (default 5)")
+    parser.add_argument(
+        "--cf-repeat", type=int, default=3, help="rounds that also restore CF's layout"
+    )
+    parser.add_argument("--case", action="append", choices=sorted(CASES))
+    parser.add_argument("--record", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also print cProfile output")
+    parser.add_argument("--output", default="dataplane.md", help="file under bench/results/")
+    args = parser.parse_args()
+    names = args.case or list(CASES)
+    # A lock of the benchmark's own: legacy iptables (and the libiptc backend) take the
+    # xtables lock, one file for every namespace on the host, and on a shared machine other
+    # people's iptables runs would otherwise show up here as seconds of waiting.
+    os.environ["XTABLES_LOCKFILE"] = str(Path(tempfile.gettempdir()) / "asgctl-bench-xtables.lock")
+    started = time.perf_counter()
+    cells = []
+    samples = Samples()
+    wait = IptablesBackend("legacy").wait_seconds
+    for name in names:
+        cell = build_cell(name)
+        cells.append(cell)
+        print(
+            f"{name}: {cell.plan.cf_equivalent_rules:,} CF-equivalent rules, "
+            f"{cell.plan.installed_rules:,} ours",
+            file=sys.stderr,
+            flush=True,
+        )
+        measure(cell, samples, args.repeat, min(args.cf_repeat, args.repeat), wait)
+    lines = [*sizes(cells), "", *tables(cells, samples)]
+    print("\n".join(lines))
+    took = time.perf_counter() - started
+    print(f"\n({took:.0f} s)", file=sys.stderr)
+    if args.profile:
+        print("".join(profile(c) for c in cells))
+    if args.record:
+        RESULTS.mkdir(exist_ok=True)
+        flags = " ".join(sys.argv[1:])
+        (RESULTS / args.output).write_text(
+            "# Dataplane benchmark (one cell, 250 containers)\n\n"
+            f"Machine: {machine()}\n\n"
+            f"Command: `sudo .venv/bin/python bench/dataplane_bench.py {flags}` "
+            f"({args.repeat} rounds, medians; {took:.0f} s in all)\n\n" + "\n".join(lines) + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
