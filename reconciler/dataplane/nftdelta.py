@@ -214,6 +214,9 @@ def compute_nft_delta(
     referenced: set[str] = set()
     if removed_chains or removed_sets:
         for name, rules in final_rules.items():
+            mine = desired.chains.get(name)
+            if mine is rules or mine == rules:
+                continue  # as planned: refers only to what is planned, never to what goes
             for rule in rules:
                 referenced |= (set(_TARGET.findall(rule)) | set(_SET_REF.findall(rule))) - {name}
         for name in set(want_sets) | set(have_sets):

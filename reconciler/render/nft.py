@@ -44,6 +44,7 @@ integers, and the whole transaction is JSON, so there is no syntax to inject int
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import weakref
@@ -490,10 +491,16 @@ def _deny_rules(chain_id: str) -> tuple[str, str]:
 
 
 def _container_rules(cp: ContainerPlan, groups: Mapping[str, RenderedGroup]) -> tuple[str, ...]:
+    return _container_rules_of(cp.chain_id, tuple(groups[g].entry for g in cp.groups))
+
+
+@functools.lru_cache(maxsize=65536)
+def _container_rules_of(chain_id: str, entries: tuple[tuple[str, ...], ...]) -> tuple[str, ...]:
+    """A container chain, memoised: most containers keep theirs from one plan to the next."""
     rules = [_invalid_rule()]
-    for gid in cp.groups:
-        rules.extend(groups[gid].entry)
-    rules.extend(_deny_rules(cp.chain_id))
+    for entry in entries:
+        rules.extend(entry)
+    rules.extend(_deny_rules(chain_id))
     return tuple(rules)
 
 
