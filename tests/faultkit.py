@@ -296,40 +296,51 @@ class Rival:
     """A shell loop in `netns` adding and deleting its own FORWARD rules and chains.
 
     Each round inserts a rule at the top of FORWARD, appends one at the bottom, creates a
-    chain with a jump to it, then removes all of it again by rule text.  Every command's
-    failure is counted: a failing delete means its rule had vanished.
+    chain with a jump to it, then removes all of it again by rule text.  It deletes only what
+    it managed to add, so a failing delete means its rule had vanished (`lost`: someone
+    deleted it).  An insert can fail without anything being lost: iptables-nft turns
+    `-I FORWARD 2` into "insert before the rule with handle H" from its cache, and the
+    kernel says ENOENT when another writer replaced that rule meanwhile (`raced`; the
+    program sees the error and may retry, as it would with any other concurrent writer).
     """
 
-    def __init__(self, netns: str, variant: str, workdir: Path) -> None:
+    def __init__(self, netns: str, variant: str, workdir: Path, tag: int = 0) -> None:
         self.netns = netns
         self.variant = variant
-        self.stop_file = workdir / f"rival-{netns}.stop"
+        self.tag = tag
+        self.stop_file = workdir / f"rival{tag}-{netns}.stop"
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> Rival:
         ipt = f"iptables-{self.variant} -w"
         script = """
-n=0; fail=0
-run() { $IPT "$@" 2>>"$ERR" || fail=$((fail+1)); }
+n=0; lost=0; raced=0; other=0
+add() { $IPT "$@" 2>>"$ERR" && return 0; raced=$((raced+1)); return 1; }
+del() { $IPT "$@" 2>>"$ERR" || lost=$((lost+1)); }
+run() { $IPT "$@" 2>>"$ERR" || other=$((other+1)); }
 while [ ! -e "$STOP" ]; do
   n=$((n+1)); a=$((n % 250 + 1))
-  run -I FORWARD 1 -s 198.18.211.$a/32 -m comment --comment rival-top -j ACCEPT
-  run -A FORWARD -d 198.18.212.$a/32 -m comment --comment rival-bottom -j DROP
-  run -N RIVAL-$n
-  run -A RIVAL-$n -m comment --comment rival-chain -j RETURN
-  run -I FORWARD 2 -j RIVAL-$n
-  run -D FORWARD -s 198.18.211.$a/32 -m comment --comment rival-top -j ACCEPT
-  run -D FORWARD -j RIVAL-$n
-  run -D FORWARD -d 198.18.212.$a/32 -m comment --comment rival-bottom -j DROP
-  run -F RIVAL-$n
-  run -X RIVAL-$n
+  top=0; bottom=0; jump=0
+  add -I FORWARD 1 -s 198.18.$TOP.$a/32 -m comment --comment rival-top -j ACCEPT && top=1
+  add -A FORWARD -d 198.18.$BOTTOM.$a/32 -m comment --comment rival-end -j DROP && bottom=1
+  run -N RIVAL$TAG-$n
+  run -A RIVAL$TAG-$n -m comment --comment rival-chain -j RETURN
+  add -I FORWARD 2 -j RIVAL$TAG-$n && jump=1
+  [ $top = 1 ] && del -D FORWARD -s 198.18.$TOP.$a/32 -m comment --comment rival-top -j ACCEPT
+  [ $jump = 1 ] && del -D FORWARD -j RIVAL$TAG-$n
+  [ $bottom = 1 ] && del -D FORWARD -d 198.18.$BOTTOM.$a/32 -m comment --comment rival-end -j DROP
+  run -F RIVAL$TAG-$n
+  run -X RIVAL$TAG-$n
 done
-echo "$n $fail"
+echo "$n $lost $raced $other"
 """
         self.stop_file.unlink(missing_ok=True)
         env = {
             **os.environ,
             "IPT": ipt,
+            "TAG": str(self.tag),
+            "TOP": str(211 + 2 * self.tag),
+            "BOTTOM": str(212 + 2 * self.tag),
             "STOP": str(self.stop_file),
             "ERR": str(self.stop_file.with_suffix(".err")),
         }
@@ -342,10 +353,10 @@ echo "$n $fail"
         )
         return self
 
-    def stop(self, timeout: float = 30.0) -> tuple[int, int, str]:
-        """Finish the round in progress; (rounds, failed commands, their stderr)."""
+    def stop(self, timeout: float = 30.0) -> RivalResult:
+        """Finish the round in progress and say how it went."""
         if self.proc is None:
-            return 0, 0, ""
+            return RivalResult(0, 0, 0, 0, "")
         self.stop_file.touch()
         proc, self.proc = self.proc, None
         try:
@@ -358,8 +369,23 @@ echo "$n $fail"
         err_file = self.stop_file.with_suffix(".err")
         errors = err_file.read_text() if err_file.exists() else ""
         err_file.unlink(missing_ok=True)
-        rounds, failed = (int(x) for x in out.split())
-        return rounds, failed, errors
+        rounds, lost, raced, other = (int(x) for x in out.split())
+        return RivalResult(rounds, lost, raced, other, errors)
+
+
+@dataclass(frozen=True)
+class RivalResult:
+    """Rounds run; deletes that found their rule gone; inserts that raced; other failures."""
+
+    rounds: int
+    lost: int
+    raced: int
+    other: int
+    errors: str
+
+    @property
+    def commands(self) -> int:
+        return self.rounds * 10
 
 
 # -- reading the table -----------------------------------------------------------------------
