@@ -419,6 +419,9 @@ POLICY_CASES: list[tuple[str, str, str | None]] = [
     ("test-zone-id", _edit(4, ("cases", 0, "to"), "[fe80::1%eth0]:443"), "to"),
     ("test-unicode-digits", _edit(4, ("cases", 0, "to"), "１９８.19.5.5:5432"), "to"),
     ("test-host-bits", _edit(4, ("cases", 0, "to"), "198.19.5.5/24:5432"), "to"),
+    # A kind that is not a string (found by atheris: `kind` followed by a list crashed).
+    ("kind-list", "kind:\n  - SecurityGroup\nname: g\n", "unknown kind"),
+    ("kind-map", "kind: {SecurityGroup: 1}\nname: g\n", "unknown kind"),
     # 6001 destinations as a YAML list in a rule (the comma form is in test_hostile.py).
     (
         "sg-6001-list",

@@ -131,7 +131,7 @@ def validate_documents(docs: Iterable[Document]) -> Result:
             ctx.error((), "a policy document must be a mapping with a 'kind'")
             continue
         kind = doc.data.get("kind")
-        if kind not in SCHEMA_FILES:
+        if not isinstance(kind, str) or kind not in SCHEMA_FILES:  # `kind: [a]` is unhashable
             ctx.error(("kind",), f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
             continue
         if _schema_ok(ctx):
