@@ -322,11 +322,27 @@ def _read_blobs(git_dir: str, specs: list[str]) -> list[bytes | None]:
 
 
 _MIN_CELLS_PER_WORKER = 64
+# The jobs forked workers read: set just before the pool forks, so ~100 MB of status files
+# are inherited rather than pickled to them.
+_JOBS: list[tuple[str, str, bytes]] = []
+ContainerRow = tuple[str, str, str, str, str, str, str]
 
 
 def _parse_status(job: tuple[str, str, bytes]) -> CellInventory:
     cell, ref, data = job
     return CellInventory(cell, containers_from_status(data, ref), ref)
+
+
+def _parse_range(bounds: tuple[int, int]) -> list[tuple[str, str, list[ContainerRow]]]:
+    """Workers send plain tuples back: far cheaper to pickle than dataclass instances."""
+    out = []
+    for cell, ref, data in _JOBS[bounds[0] : bounds[1]]:
+        rows = [
+            (c.handle, c.ip, c.app_id, c.space_id, c.org_id, c.policy_group_id, c.workload)
+            for c in containers_from_status(data, ref)
+        ]
+        out.append((cell, ref, rows))
+    return out
 
 
 @dataclass(frozen=True)
@@ -372,8 +388,20 @@ class StatusBranches:
         import multiprocessing
 
         # Parsing a fleet's status files is CPU-bound and per cell: split it across cores.
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            return _sorted_unique(pool.map(_parse_status, jobs, chunksize=16))
+        global _JOBS
+        _JOBS = jobs
+        step = -(-len(jobs) // (workers * 4))
+        ranges = [(lo, min(len(jobs), lo + step)) for lo in range(0, len(jobs), step)]
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                parts = pool.map(_parse_range, ranges)
+        finally:
+            _JOBS = []
+        return _sorted_unique(
+            CellInventory(cell, tuple(Container(*row) for row in rows), ref)
+            for part in parts
+            for cell, ref, rows in part
+        )
 
 
 def synthetic_inventory(policies: Sequence[PolicySet]) -> CellInventory:

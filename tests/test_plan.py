@@ -578,3 +578,29 @@ def test_the_agents_status_file_is_read_by_the_fast_path():
     text = dump_status({"cell": "cell-x", "containers": container_entries(plan_), "history": []})
     assert _fast_entries(text) is not None
     assert containers_from_status(text, "refs/heads/status/cell-x") == tuple(sorted(containers))
+
+
+def test_status_files_parsed_in_workers_read_the_same(tmp_path):
+    repo = init_repo(tmp_path / "repo")
+    commit_all(repo, "empty")
+    stream = []
+    for n in range(130):
+        text = status_text(
+            [c(f"h{n}-{i}", f"198.18.{n}.{i + 2}", BLOG, WEB, MARKETING) for i in range(3)]
+        )
+        data = text.encode()
+        stream.append(
+            f"commit refs/heads/status/cell-{n:03d}\n"
+            "committer t <t@example.invalid> 1700000000 +0000\ndata 1\nx\n"
+            f"M 100644 inline status.yaml\ndata {len(data)}\n{text}\n"
+        )
+    subprocess.run(
+        ["git", "-C", str(repo), "fast-import", "--quiet"],
+        input="".join(stream).encode(),
+        check=True,
+    )
+    from reconciler.inventory_sources import StatusBranches
+
+    one = StatusBranches(str(repo), workers=1).cells()
+    assert len(one) == 130 and one[0].cell == "cell-000" and len(one[0].containers) == 3
+    assert StatusBranches(str(repo), workers=2).cells() == one
