@@ -486,7 +486,7 @@ def main() -> None:
                 f"(apply {_phase(row.change, 'apply')}), no-op {_ms(row.noop)} ms",
                 flush=True,
             )
-    note = " ".join(["bench/newconn_bench.py", *sys.argv[1:]])
+    note = shlex.join(["bench/newconn_bench.py", *sys.argv[1:]])
     load = f"{LOADS[0]} at the start, {_load()} at the end"
     text = report(rows, plans, note, time.perf_counter() - started, load)
     print()

@@ -748,3 +748,18 @@ def test_generation_id_spares_listings_and_sees_any_change(nft_host: NftHost) ->
     result = converge(backend, b, b)
     assert (_container(b), rec.RULE_MISSING) in {(d.chain, d.what) for d in result.drift}
     assert_matches(h, b)
+
+
+def test_one_backend_removes_everything_and_stays_in_sync(nft_host: NftHost) -> None:
+    """The table both families share is gone for both once the last of it is deleted."""
+    backend = nft_host.backend()
+    plan, empty = small_plan(), compile_cell(small_policy(), (), "t")
+    assert converge(backend, plan).ok
+    assert converge(backend, plan, plan).in_sync
+    result = converge(backend, empty, plan)
+    assert result.ok, result.to_dict()
+    assert "asgctl" not in nft_host.run("nft", "list", "tables")
+    again = converge(backend, empty, empty)
+    assert again.ok and again.in_sync, again.to_dict()
+    assert converge(backend, plan, empty).ok
+    assert_matches(nft_host, plan)

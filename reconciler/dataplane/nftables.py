@@ -346,8 +346,16 @@ class NftablesBackend:
         theirs = memory.known.get(other)
         if theirs is not None and theirs[0] == before:
             objects, elements = slice_size(state)
-            counts = {"other_slice": objects, "other_elements": elements}
-            memory.known[other] = (after, replace(theirs[1], **counts))
+            memory.known[other] = (
+                after,
+                replace(
+                    theirs[1],
+                    other_slice=objects,
+                    other_elements=elements,
+                    table=state.table,  # the table is shared: created or deleted for both
+                    table_flags=state.table_flags,
+                ),
+            )
         else:
             memory.known.pop(other, None)
 
