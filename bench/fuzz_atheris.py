@@ -103,9 +103,13 @@ def main() -> None:
     corpus = Path(tempfile.mkdtemp(prefix=f"asg-fuzz-{args.target}-"))
     seed_corpus(args.target, corpus)
     target = policy_target if args.target == "policy" else store_target
+    crashes = Path(tempfile.gettempdir()) / "asg-fuzz-crashes"
+    crashes.mkdir(exist_ok=True)
+    print(f"fuzzing {args.target} for {args.seconds} s; crashing inputs go to {crashes}/")
     argv = [
         sys.argv[0],
         f"-max_total_time={args.seconds}",
+        f"-artifact_prefix={crashes}/{args.target}-",
         "-print_final_stats=1",
         "-max_len=4096",
         "-rss_limit_mb=4096",
