@@ -21,7 +21,7 @@ from reconciler.lab.cli import lab as lab_group
 from reconciler.model import PolicySet
 from reconciler.plan import CellPlan
 from reconciler.policy.findings import render_findings
-from reconciler.policy.load import load_policy
+from reconciler.policy.load import load_policy, repo_location
 from reconciler.render.iptables import render_text
 
 
@@ -95,7 +95,11 @@ def validate(path: str, rev: str | None, fmt: str) -> None:
     Exit 0 when valid (warnings allowed), 1 when invalid.
     """
     result = load_policy(path, rev)
-    click.echo(render_findings(result.findings, fmt), nl=False)
+    prefix = ""
+    if fmt == "github":
+        where = repo_location(path)
+        prefix = where[1] if where else ""
+    click.echo(render_findings(result.findings, fmt, prefix), nl=False)
     sys.exit(0 if result.ok else 1)
 
 

@@ -329,3 +329,14 @@ def test_validate_exit_codes(tmp_path):
     missing = runner.invoke(main, ["validate", str(tmp_path / "nowhere")])
     assert missing.exit_code == 1
     assert "no such file or directory" in missing.output
+
+
+def test_github_annotations_use_repository_relative_paths(tmp_path, monkeypatch):
+    repo = init_repo(tmp_path / "repo")
+    write_tree(repo, {"policies/sg.yaml": "kind: SecurityGroup\nname: x\nrules: [{}]\n"})
+    monkeypatch.chdir(repo)
+    result = CliRunner().invoke(main, ["validate", "policies", "--format", "github"])
+    assert result.exit_code == 1
+    assert result.output.startswith("::error file=policies/sg.yaml,line=3,col=9,")
+    plain = CliRunner().invoke(main, ["validate", "policies"])
+    assert plain.output.startswith("sg.yaml:3:9: ")

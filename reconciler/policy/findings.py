@@ -72,12 +72,17 @@ class Finding:
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
-    def github(self) -> str:
-        """A workflow command, so the finding shows on the pull request's diff line."""
+    def github(self, prefix: str = "") -> str:
+        """A workflow command, so the finding shows on the pull request's diff line.
+
+        `prefix` is the policy folder's path in the repository: GitHub wants file paths
+        relative to the repository root.
+        """
         level = "error" if self.severity == "error" else "warning"
         title = ": ".join(p for p in (self.subject, self.field) if p) or "asgctl"
+        file = f"{prefix.rstrip('/')}/{self.file}" if prefix else self.file
         return (
-            f"::{level} file={_gh_property(self.file)},line={self.line},col={self.col},"
+            f"::{level} file={_gh_property(file)},line={self.line},col={self.col},"
             f"title={_gh_property(title)}::{_gh_data(self.message)}"
         )
 
@@ -90,8 +95,13 @@ def _gh_property(text: str) -> str:
     return _gh_data(text).replace(":", "%3A").replace(",", "%2C")
 
 
-def render_findings(findings: list[Finding] | tuple[Finding, ...], fmt: str) -> str:
-    """Findings as `text` (one per line, then a count), `json` or `github` annotations."""
+def render_findings(
+    findings: list[Finding] | tuple[Finding, ...], fmt: str, prefix: str = ""
+) -> str:
+    """Findings as `text` (one per line, then a count), `json` or `github` annotations.
+
+    `prefix` (github only) is prepended to file paths to make them repository-relative.
+    """
     ordered = sorted(findings)
     if fmt == "json":
         errors = sum(1 for f in ordered if f.severity == "error")
@@ -103,7 +113,7 @@ def render_findings(findings: list[Finding] | tuple[Finding, ...], fmt: str) -> 
         }
         return json.dumps(doc, indent=2) + "\n"
     if fmt == "github":
-        return "".join(f.github() + "\n" for f in ordered)
+        return "".join(f.github(prefix) + "\n" for f in ordered)
     lines = [str(f) for f in ordered]
     errors = sum(1 for f in ordered if f.severity == "error")
     warnings = len(ordered) - errors

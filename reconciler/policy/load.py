@@ -62,14 +62,12 @@ def load_revision(
     return parse_files(files, limits)
 
 
-def load_policy(
-    path: str | os.PathLike[str] = "policies",
-    rev: str | None = None,
-    limits: Limits = DEFAULT_LIMITS,
-) -> Result:
-    """The policy folder `path` as it is on disk, or as it was at `rev` in its git repo."""
-    if rev is None:
-        return load_folder(path, limits)
+def repo_location(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
+    """The git work tree holding `path`, and `path` relative to it; None outside git.
+
+    Finding paths are relative to the policy folder; code hosts want them relative to the
+    repository, so annotations land on the right file of a pull request.
+    """
     import git
 
     target = Path(path).resolve()
@@ -79,8 +77,23 @@ def load_policy(
     try:
         top = Path(git.Repo(probe, search_parent_directories=True).working_tree_dir or probe)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return None
+    top = top.resolve()
+    return top, target.relative_to(top).as_posix() if target != top else ""
+
+
+def load_policy(
+    path: str | os.PathLike[str] = "policies",
+    rev: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Result:
+    """The policy folder `path` as it is on disk, or as it was at `rev` in its git repo."""
+    if rev is None:
+        return load_folder(path, limits)
+    where = repo_location(path)
+    if where is None:
         return Result(
             PolicySet(), (Finding.at(Location(str(path), 1, 1), "not in a git repository"),)
         )
-    subdir = target.relative_to(top.resolve()).as_posix() if target != top.resolve() else ""
+    top, subdir = where
     return load_revision(top, rev, subdir, limits)
