@@ -167,26 +167,34 @@ def _file_stem(name: str) -> str:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["iptables", "json"]),
+    type=click.Choice(["iptables", "nft", "json"]),
     default="iptables",
     show_default=True,
+    help="iptables-restore input, the nftables backend's `nft -j -f` JSON, or the plan.",
 )
 @click.option(
     "--family",
     type=click.Choice(["4", "6"]),
     default=None,
-    help="Only this IP family (iptables format prints both by default).",
+    help="Only this IP family (both by default).",
 )
 def render(
     containers: str, policies: str, rev: str | None, cell: str, fmt: str, family: str | None
 ) -> None:
-    """Compile the cell's plan and print it as iptables-restore input or JSON."""
+    """Compile the cell's plan and print it as a from-scratch transaction or JSON."""
     _, plan = _plan(policies, rev, containers, cell)
     if fmt == "json":
         click.echo(plan.to_json(), nl=False)
         return
     families = [int(family)] if family else [4, 6]
     for fam in families:
+        if fmt == "nft":
+            from reconciler.render.nft import render_cell as render_nft
+
+            if len(families) > 1:
+                click.echo(f"# nft -j -f - (table inet asgctl, IPv{fam})")
+            click.echo(render_nft(plan, fam).text(), nl=False)
+            continue
         if len(families) > 1:
             click.echo(f"# {'iptables' if fam == 4 else 'ip6tables'}-restore --noflush")
         click.echo(render_text(plan, fam), nl=False)

@@ -178,3 +178,32 @@ def test_inventory_strings_never_reach_the_rendered_rules():
     text = render_text(compile_cell(load_folder(REPO / "policies").policy, store), 4)
     assert text.count("COMMIT") == 1
     assert "ACCEPT\n" not in text.replace("-j ACCEPT\n", "")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("family", [4, 6])
+def test_rendered_nft_matches_golden_files(case, family):
+    policies, store = CASES[case]
+    result = CliRunner().invoke(
+        main,
+        [
+            "render",
+            "--containers",
+            str(store),
+            "--policies",
+            str(policies),
+            "--format",
+            "nft",
+            "--family",
+            str(family),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert_golden(f"{case}.v{family}.nft.json", result.output)
+
+
+def test_every_nft_golden_file_is_accepted_by_the_kernel(make_lab):
+    lab = make_lab()
+    for path in sorted(GOLDEN_DIR.glob("*.nft.json")):
+        run = lab.cell_exec(["nft", "-c", "-j", "-f", "-"], input=path.read_text())
+        assert run.returncode == 0, f"{path.name} rejected by nft: {run.stderr}"
