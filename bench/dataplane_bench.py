@@ -10,10 +10,15 @@ namespaces with iptables-legacy, iptables-nft and libiptc (legacy), and compared
 * CF: Cloud Foundry's per-container layout of the same policies and inventory
   (reconciler/render/cflayout.py), what a CF cell has to load.
 
-Every measurement is repeated, the backends interleaved within each repetition, so the noise
-of a shared machine falls on all of them alike; figures are medians.  Needs root.
+Each round converges every backend from scratch in a fresh namespace, then runs a no-op
+cycle twice (the first after a change re-reads the kernel, the second is an idle agent's
+cycle), four one-ASG changes (the first follows a full read) and the no-op pair again.  The
+backends are interleaved within each round, so the noise of a shared machine falls on all of
+them alike; figures are medians.  The xtables lock is a private file (XTABLES_LOCKFILE), so
+other people's iptables runs on the machine do not show up as waits.  Needs root; about three
+minutes with the defaults.
 
-Usage: .venv/bin/python bench/dataplane_bench.py [--repeat 5] [--case 150k] [--record]
+Usage: .venv/bin/python bench/dataplane_bench.py [--repeat 3] [--case 150k] [--record]
        [--profile]
 """
 
@@ -311,9 +316,21 @@ def sizes(cells: list[Cell]) -> list[str]:
     return lines
 
 
+def versions() -> str:
+    """The tools measured: iptables (both variants) and python-iptables."""
+    out = subprocess.run(["iptables-legacy", "-V"], capture_output=True, text=True).stdout
+    try:
+        from importlib.metadata import version
+
+        pyipt = f"python-iptables {version('python-iptables')}"
+    except Exception:
+        pyipt = "python-iptables not installed"
+    return f"{out.strip()} and its nf_tables variant, {pyipt}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeat", type=int, default=5, help="rounds (default 5)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds (default 3)")
     parser.add_argument(
         "--cf-repeat", type=int, default=3, help="rounds that also restore CF's layout"
     )
@@ -352,8 +369,8 @@ def main() -> None:
         flags = " ".join(sys.argv[1:])
         (RESULTS / args.output).write_text(
             "# Dataplane benchmark (one cell, 250 containers)\n\n"
-            f"Machine: {machine()}\n\n"
-            f"Command: `sudo .venv/bin/python bench/dataplane_bench.py {flags}` "
+            f"Machine: {machine()}; {versions()}\n\n"
+            f"Command (as root): `.venv/bin/python bench/dataplane_bench.py {flags}` "
             f"({args.repeat} rounds, medians; {took:.0f} s in all)\n\n" + "\n".join(lines) + "\n"
         )
 

@@ -188,6 +188,9 @@ class KernelProbe:
         level = _LEVEL[family]
         return _libc().getsockopt(raw.fileno(), level, option, buf, ctypes.byref(size)) == 0
 
+    def __del__(self) -> None:  # a backend dropped without closing: no ResourceWarning
+        self.close()
+
     def close(self) -> None:
         for sock in (self._netlink, *self._raw.values()):
             if sock is not None:

@@ -23,7 +23,7 @@ from reconciler.dataplane.errors import (
     VerifyError,
 )
 from reconciler.dataplane.generation import EMPTY_FILTER_ENTRIES, KernelProbe
-from reconciler.dataplane.memory import MAX_LISTED, KernelMemory
+from reconciler.dataplane.memory import MAX_LISTED, KernelMemory, after_delta
 from reconciler.dataplane.records import Delta, OwnedState
 from reconciler.dataplane.rendercache import RenderCache
 from reconciler.dataplane.runner import Runner
@@ -259,13 +259,16 @@ class IptablesBackend:
         memory = self.memory
         family = delta.family
         expected = memory.expected.pop(family, None)
-        if expected is None:
+        if expected is None or expected[2] is not delta:
             return None
-        generation, state = expected
+        generation, before, _ = expected
         if memory.generation() != generation:
             return None
         unshaped = memory.unshaped(desired.chains, delta.written)
         if len(unshaped) > MAX_LISTED:
+            return None
+        state = after_delta(before, delta)
+        if state is None:
             return None
         chains = dict(state.chains)
         for name in unshaped:

@@ -51,7 +51,7 @@ class KernelMemory:
 
     probe: KernelProbe | None = None
     seen: dict[int, tuple[Hashable, OwnedState]] = field(default_factory=dict)
-    expected: dict[int, tuple[int, OwnedState]] = field(default_factory=dict)
+    expected: dict[int, tuple[int, OwnedState, Delta]] = field(default_factory=dict)
     bodies: set[str] = field(default_factory=set)
     shapes: set[str] = field(default_factory=set)
     unfolded: list[Mapping[str, tuple[str, ...]]] = field(default_factory=list)
@@ -107,9 +107,9 @@ class KernelMemory:
         for other, (generation, state) in list(self.seen.items()):
             self.seen[other] = (after, state) if generation == before else (generation, state)
         if hit is not None and hit[0] == before:
-            expected = after_delta(hit[1], delta)
-            if expected is not None:
-                self.expected[family] = (after, expected)
+            # What the kernel now holds is hit[1] with the delta applied; worked out only if
+            # verify gets that far (`after_delta`), which a large transaction never does.
+            self.expected[family] = (after, hit[1], delta)
 
     def learn(self, chain: str, lines: Iterable[str]) -> None:
         """Lines the kernel printed for `chain`: lines with their body or shape print alike.
@@ -123,8 +123,11 @@ class KernelMemory:
         if not chain.startswith(GROUP_PREFIX):
             self.shapes.update(shape(line) for line in lines)
 
-    def unshaped(self, chains: Mapping[str, tuple[str, ...]], names: Iterable[str]) -> list[str]:
-        """The chains among `names` with a line whose body and shape were never printed."""
+    def unshaped(
+        self, chains: Mapping[str, tuple[str, ...]], names: Iterable[str], limit: int = MAX_LISTED
+    ) -> list[str]:
+        """The chains among `names` with a line whose body and shape were never printed;
+        only up to one more than `limit` (beyond it, verify reads in full anyway)."""
         if self.unfolded:
             lines = sum(len(rules) for read in self.unfolded for rules in read.values())
             if len(self.bodies) > 4 * lines + 10_000:
@@ -133,7 +136,13 @@ class KernelMemory:
                 for chain, rules in read.items():
                     self.learn(chain, rules)
             self.unfolded.clear()
-        return [n for n in names if not all(self._known(n, line) for line in chains[n])]
+        unknown: list[str] = []
+        for name in names:
+            if not all(self._known(name, line) for line in chains[name]):
+                unknown.append(name)
+                if len(unknown) > limit:
+                    break
+        return unknown
 
     def _known(self, chain: str, line: str) -> bool:
         return line[len(chain) + 4 :] in self.bodies or shape(line) in self.shapes
