@@ -16,7 +16,7 @@ from reconciler.agent.commands import agent_cmd, status_cmd
 from reconciler.compile import compile_cell
 from reconciler.endpoint import parse_endpoint
 from reconciler.explain import explain, find_container
-from reconciler.inventory import InventoryError, parse_store
+from reconciler.inventory import InventoryError, read_store
 from reconciler.lab.cli import lab as lab_group
 from reconciler.model import PolicySet
 from reconciler.plan import CellPlan
@@ -41,11 +41,7 @@ def _policy(policies: str, rev: str | None) -> PolicySet:
 
 def _inventory(path: str):  # type: ignore[no-untyped-def]
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        _fail(f"{path}: {exc.strerror}")
-    try:
-        return parse_store(data, path)
+        return read_store(path)
     except InventoryError as exc:
         _fail(str(exc))
 

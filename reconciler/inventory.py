@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 from typing import Any
 
@@ -51,6 +52,19 @@ def parse_store(text: str | bytes, source: str = "store.json") -> tuple[Containe
         by_ip[c.ip] = c.handle
         containers.append(c)
     return tuple(sorted(containers))
+
+
+def read_store(path: str | os.PathLike[str]) -> tuple[Container, ...]:
+    """Read and parse a metadata store file, refusing an oversized one before reading it."""
+    try:
+        size = os.stat(path).st_size
+        if size > MAX_STORE_BYTES:
+            raise InventoryError(f"{path}: larger than {MAX_STORE_BYTES} bytes")
+        with open(path, "rb") as f:
+            data = f.read(MAX_STORE_BYTES + 1)
+    except OSError as exc:
+        raise InventoryError(f"{path}: {exc.strerror or exc}") from None
+    return parse_store(data, str(path))
 
 
 def _container(source: str, key: str, entry: Any) -> Container:

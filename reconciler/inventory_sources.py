@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from reconciler.inventory import MAX_STORE_BYTES, InventoryError, parse_store
+from reconciler.inventory import MAX_STORE_BYTES, InventoryError, parse_store, read_store
 from reconciler.model import Container, PolicySet
 
 STATUS_FILE = "status.yaml"
@@ -111,12 +111,8 @@ class StoreFiles:
     def cells(self) -> tuple[CellInventory, ...]:
         found = []
         for path in self.paths:
-            try:
-                data = Path(path).read_bytes()
-            except OSError as exc:
-                raise InventoryError(f"{path}: {exc.strerror}") from None
             cell = _check_cell(cell_name_for(path), path)
-            found.append(CellInventory(cell, parse_store(data, path), path))
+            found.append(CellInventory(cell, read_store(path), str(path)))
         return _sorted_unique(found)
 
 

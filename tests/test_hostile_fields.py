@@ -548,11 +548,11 @@ def test_a_100_mb_blob_at_a_git_revision_is_refused_without_reading_it(tmp_path:
     ), result.findings
 
 
-def test_host_bits_and_6001_ips_in_a_destination_grant_exactly_what_was_written(
+def test_host_bits_and_6000_ips_in_a_destination_grant_exactly_what_was_written(
     tmp_path: Path,
 ) -> None:
-    """Valid input: a CIDR with host bits is its network (CF's reading), and a Destination --
-    which has no per-rule limit in CF -- with 6001 addresses renders those 6001 and no more."""
+    """A CIDR with host bits is its network (CF's reading); a Destination holds at most 6000
+    addresses, as a rule's destination list does: 6000 render exactly, 6001 are refused."""
     repo = Repo(tmp_path)
     repo.write(_edit(1, ("ips",), "198.19.5.77/24"))
     validate, render, _ = repo.run()
@@ -562,14 +562,19 @@ def test_host_bits_and_6001_ips_in_a_destination_grant_exactly_what_was_written(
     assert verdict(chains, Packet("198.18.0.2", "198.19.6.1", "tcp", 5432)) == "REJECT"
     assert len(_group_rules(render.output)) == 2
 
-    ips = _many_ips(6001)
+    ips = _many_ips(6000)
     repo.write(_edit(1, ("ips",), ips))
     validate, render, _ = repo.run()
     assert validate.exit_code == 0 and render.exit_code == 0, validate.output[-300:]
     rules = _group_rules(render.output)
     granted = {r[r.index("-d") + 1] for r in rules}
     assert granted == {f"{ip}/32" for ip in ips} | {"198.19.0.1/32"}
-    assert len(rules) == 6002
+    assert len(rules) == 6001
+
+    repo.write(_edit(1, ("ips",), _many_ips(6001)))
+    validate, render, _ = repo.run()
+    assert validate.exit_code == 1 and render.exit_code == 1
+    assert "ips: at most 6000 ips per destination" in validate.output
 
 
 # -- fuzzing what test_fuzz.py does not reach: the store, and PolicyTest cases -------------

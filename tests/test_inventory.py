@@ -92,3 +92,15 @@ def test_containers_sort_by_handle():
     a = Container("b", "10.0.0.2")
     b = Container("a", "10.0.0.1")
     assert parse_store(dump_store([a, b])) == (b, a)
+
+
+def test_an_oversized_store_is_refused_from_its_size(tmp_path):
+    from reconciler.inventory import MAX_STORE_BYTES, read_store
+
+    huge = tmp_path / "store.json"
+    with huge.open("wb") as f:
+        f.truncate(MAX_STORE_BYTES + 1)
+    with pytest.raises(InventoryError, match="larger than"):
+        read_store(huge)
+    with pytest.raises(InventoryError, match="No such file"):
+        read_store(tmp_path / "missing.json")

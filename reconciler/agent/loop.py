@@ -65,7 +65,7 @@ from reconciler.agent.status import (
 from reconciler.agent.verify import SignatureVerifier, trailer_true
 from reconciler.agent.watch import InventoryWatcher
 from reconciler.compile import compile_cell
-from reconciler.inventory import InventoryError, parse_store
+from reconciler.inventory import InventoryError, read_store
 from reconciler.model import Container
 from reconciler.policy.findings import Finding
 from reconciler.policy.load import load_revision
@@ -155,13 +155,8 @@ class Agent:
     # -- edges: inventory, backend, logs --------------------------------------------------------
 
     def _read_inventory(self) -> tuple[tuple[Container, ...] | None, str | None]:
-        path = self.cfg.containers
         try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            return None, f"{path}: {exc.strerror or exc}"
-        try:
-            return parse_store(data, path), None
+            return read_store(self.cfg.containers), None
         except InventoryError as exc:
             return None, str(exc)
 

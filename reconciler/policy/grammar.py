@@ -55,6 +55,7 @@ ALLOWED_RULE_KEYS: tuple[str, ...] = (
 )
 _ALLOWED_KEY_SET = frozenset(ALLOWED_RULE_KEYS)
 MAX_DESTINATIONS_PER_RULE = 6000
+MSG_TOO_MANY_IPS = f"at most {MAX_DESTINATIONS_PER_RULE} ips per destination"
 MIN_PORT, MAX_PORT = 1, 65535
 MIN_ICMP, MAX_ICMP = -1, 255
 
@@ -679,6 +680,9 @@ def parse_destination_ips(
     entries = value if isinstance(value, list) else [value]
     if not entries:
         return None, [FieldError(field, MSG_IPS_MISSING)]
+    if len(entries) > MAX_DESTINATIONS_PER_RULE:
+        # The same bound as a rule's destination list: a destination is one rule's worth.
+        return None, [FieldError(field, MSG_TOO_MANY_IPS)]
     ranges: list[AddressRange] = []
     errors: list[FieldError] = []
     for entry in entries:
