@@ -23,7 +23,7 @@ from reconciler.dataplane.errors import (
     VerifyError,
 )
 from reconciler.dataplane.generation import EMPTY_FILTER_ENTRIES, KernelProbe
-from reconciler.dataplane.memory import MAX_LISTED, KernelMemory, after_delta
+from reconciler.dataplane.memory import MAX_LISTED, KernelMemory, after_delta, rewrites_most
 from reconciler.dataplane.records import Delta, OwnedState
 from reconciler.dataplane.rendercache import RenderCache
 from reconciler.dataplane.runner import Runner
@@ -245,7 +245,11 @@ class IptablesBackend:
         )
 
     def verify(self, desired: Ruleset, delta: Delta) -> None:
-        observed = self._proven(desired, delta) or self.read(delta.family)
+        observed = self._proven(desired, delta)
+        if observed is None and self.variant == "legacy" and rewrites_most(desired.chains, delta):
+            observed = self.read_full(delta.family)
+        elif observed is None:
+            observed = self.read(delta.family)
         problems = check_applied(desired, delta, observed)
         if problems:
             self.memory.forget()

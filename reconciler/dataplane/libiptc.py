@@ -27,6 +27,7 @@ from typing import Any
 from reconciler.dataplane.delta import check_applied, compute_delta
 from reconciler.dataplane.errors import ApplyError, DataplaneError, VariantError, VerifyError
 from reconciler.dataplane.iptables import VARIANTS, IptablesBackend, choose_variant, probe_variant
+from reconciler.dataplane.memory import rewrites_most
 from reconciler.dataplane.records import Delta, OwnedState
 from reconciler.dataplane.rendercache import RenderCache
 from reconciler.dataplane.runner import Runner
@@ -124,7 +125,10 @@ class LibiptcBackend:
             pool.submit(_in_netns, netns, self._commit, delta.family, text).result()
 
     def verify(self, desired: Ruleset, delta: Delta) -> None:
-        problems = check_applied(desired, delta, self._reader.read(delta.family))
+        reader = self._reader
+        large = rewrites_most(desired.chains, delta)
+        observed = reader.read_full(delta.family) if large else reader.read(delta.family)
+        problems = check_applied(desired, delta, observed)
         if problems:
             raise VerifyError(
                 f"ipv{delta.family}: after apply the kernel differs: " + "; ".join(problems[:5])

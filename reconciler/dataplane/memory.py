@@ -148,6 +148,16 @@ class KernelMemory:
         return line[len(chain) + 4 :] in self.bodies or shape(line) in self.shapes
 
 
+def rewrites_most(chains: Mapping[str, tuple[str, ...]], delta: Delta) -> bool:
+    """Whether a transaction rewrote most of our chains (converging from scratch, say).
+
+    Its read-back then serves that cycle only: taking a legacy table's digest as well would
+    cost a third of a save more, for a table likely to change again before the next cycle
+    (a restart, a large policy change), and the next cycle takes the digest anyway.
+    """
+    return 2 * len(delta.written) > len(chains)
+
+
 def after_delta(state: OwnedState, delta: Delta) -> OwnedState | None:
     """`state` with the transaction applied, as iptables-restore applies it; None for an
     operation this does not model."""
