@@ -16,14 +16,19 @@ def format_text(result: ConvergeResult, transactions: bool = False) -> str:
     for fam in result.families:
         lines.extend(_family(fam, result.mode))
         if transactions and not fam.delta.empty:
-            lines.append(f"# ipv{fam.family}: {_tool(result.backend, fam.family)} --noflush")
+            lines.append(f"# ipv{fam.family}: {_tool(result.backend, fam.family)}")
             lines.append(fam.delta.text().rstrip("\n"))
     return "\n".join(lines) + "\n"
 
 
 def _tool(backend: str, family: int) -> str:
+    """The command each backend feeds its transaction to, as the dry run's header."""
+    if backend == "nftables":
+        return "nft -j -f - (table inet asgctl)"
+    if backend == "libiptc":
+        return "one libiptc commit (shown as iptables-restore input)"
     variant = backend.removeprefix("iptables-")
-    return f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-restore"
+    return f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-restore --noflush"
 
 
 def _family(fam: FamilyResult, mode: str) -> list[str]:
