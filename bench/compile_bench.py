@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -72,12 +73,18 @@ def child(repo: str, repeat: int) -> None:
     result = load_folder(repo)
     assert result.ok
     containers = inventory()
-    compile_s, plan = median_time(lambda: compile_cell(result.policy, containers, "bench"), repeat)
+    # A fresh PolicySet per run: compile memoises its index per policy object, and the
+    # figure wanted here is a cold compile (what a new revision costs the agent).
+    compile_s, plan = median_time(
+        lambda: compile_cell(replace(result.policy), containers, "bench"), repeat
+    )
+    warm_s, _ = median_time(lambda: compile_cell(result.policy, containers, "bench"), repeat)
     render_s, text = median_time(lambda: render_text(plan, 4), repeat)
     print(
         json.dumps(
             {
                 "compile_s": compile_s,
+                "warm_s": warm_s,
                 "render_s": render_s,
                 "installed": plan.installed_rules,
                 "cf_equivalent": plan.cf_equivalent_rules,
@@ -101,8 +108,8 @@ def main() -> None:
         return
     lines = [
         "| case | containers | CF-equivalent rules | installed rules | ratio | groups | "
-        "compile (median) | render (median) | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "compile, cold (median) | compile, same policy again | render (median) | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (groups, rules, per_space) in CASES.items():
         with tempfile.TemporaryDirectory(prefix="asgctl-bench-") as tmp:
@@ -113,7 +120,8 @@ def main() -> None:
         lines.append(
             f"| {name} | {SPACES * PER_SPACE} | {r['cf_equivalent']:,} | {r['installed']:,} | "
             f"{r['cf_equivalent'] / r['installed']:.1f}x | {r['groups']} | "
-            f"{r['compile_s'] * 1000:.0f} ms | {r['render_s'] * 1000:.0f} ms | "
+            f"{r['compile_s'] * 1000:.0f} ms | {r['warm_s'] * 1000:.1f} ms | "
+            f"{r['render_s'] * 1000:.0f} ms | "
             f"{r['rss_mib']:.0f} MiB |"
         )
         print(lines[-1], flush=True)
