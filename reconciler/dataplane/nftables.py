@@ -23,9 +23,9 @@ large, terse reads with a full one per family every `audit_seconds`.  True or Fa
 one depth.
 
 Most cycles list nothing at all.  The kernel numbers every committed nftables transaction
-(the generation id, `nftgen`); a state read at the current id is still exact, and after our
-own transaction, if the id moved by exactly one, the kernel holds what we read with our
-delta applied (`state_after`), provided the kernel has printed rules of the same shapes back
+(the generation id, `generation.KernelProbe`); a state read at the current id is still
+exact, and after our own transaction, if the id moved by exactly one, the kernel holds what
+we read with our delta applied (`state_after`), provided the kernel has printed rules of the same shapes back
 as rendered before (otherwise verify lists, and learns).  Any other program's transaction,
 in any table, moves the id and the next read lists again.
 """
@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from reconciler.dataplane.errors import ApplyError, DataplaneError, ReadError, VerifyError
+from reconciler.dataplane.generation import KernelProbe
 from reconciler.dataplane.nftdelta import (
     NftDelta,
     check_applied,
@@ -47,7 +48,6 @@ from reconciler.dataplane.nftdelta import (
     slice_size,
     state_after,
 )
-from reconciler.dataplane.nftgen import GenerationProbe
 from reconciler.dataplane.nftparse import NftState, parse_listing, parse_set_listing
 from reconciler.dataplane.runner import Runner
 from reconciler.plan import CellPlan
@@ -73,7 +73,7 @@ REUSE_SECONDS = 2.0
 class _Memory:
     """What a backend remembers of the kernel between calls (see the module doc)."""
 
-    probe: GenerationProbe | None = None
+    probe: KernelProbe | None = None
     opened: bool = False
     known: dict[int, tuple[int, NftState]] = field(default_factory=dict)
     shapes: set[str] = field(default_factory=set)
@@ -101,7 +101,7 @@ class _Memory:
             self.opened = True
             netns = getattr(runner, "netns", None)
             if not runner.prefix or netns is not None:
-                self.probe = GenerationProbe(netns)
+                self.probe = KernelProbe(netns)
         return self.probe.generation() if self.probe is not None else None
 
     def learn(self, state: NftState) -> None:
