@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from reconciler.agent.commands import agent_cmd, status_cmd
+from reconciler.cli_options import format_option
 from reconciler.compile import compile_cell
 from reconciler.endpoint import parse_endpoint
 from reconciler.explain import explain, find_container
@@ -78,13 +79,7 @@ def main() -> None:
 @main.command()
 @click.argument("path", default="policies", type=click.Path())
 @rev_option
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["text", "json", "github"]),
-    default="text",
-    show_default=True,
-)
+@format_option("text", "json", "github")
 def validate(path: str, rev: str | None, fmt: str) -> None:
     """Validate a policy repository: JSON Schemas, then Cloud Foundry's rule grammar.
 
@@ -160,12 +155,10 @@ def _file_stem(name: str) -> str:
 @policies_option
 @rev_option
 @click.option("--cell", default="", help="Cell name recorded in the plan.")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["iptables", "nft", "json"]),
-    default="iptables",
-    show_default=True,
+@format_option(
+    "iptables",
+    "nft",
+    "json",
     help="iptables-restore input, the nftables backend's `nft -j -f` JSON, or the plan.",
 )
 @click.option(
@@ -205,7 +198,7 @@ def render(
 @click.option("--to", "to", required=True, help="IP[:PORT][/PROTO], e.g. 198.51.100.7:443/tcp.")
 @click.option("--icmp-type", type=int, default=None)
 @click.option("--icmp-code", type=int, default=None)
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@format_option("text", "json")
 def explain_cmd(
     containers: str,
     policies: str,
@@ -268,7 +261,7 @@ def explain_cmd(
 )
 @click.option("--dry-run", is_flag=True, help="Print the transactions; change nothing.")
 @click.option("--report-only", is_flag=True, help="Report drift and changes; change nothing.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@format_option("text", "json")
 def apply_cmd(
     containers: str,
     policies: str,
@@ -320,13 +313,7 @@ def apply_cmd(
     "it is called store.json (cells/cell-1/store.json -> cell-1), else its stem "
     "(cell-1.json -> cell-1).",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["text", "markdown", "json"]),
-    default="text",
-    show_default=True,
-)
+@format_option("text", "markdown", "json")
 @click.option(
     "--detailed-exitcode",
     is_flag=True,
@@ -357,13 +344,7 @@ def plan_cmd(
 @main.command("test")
 @click.argument("path", default="policies", type=click.Path())
 @rev_option
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["text", "json", "github"]),
-    default="text",
-    show_default=True,
-)
+@format_option("text", "json", "github")
 @click.option("-v", "--verbose", is_flag=True, help="Also list the tests that pass.")
 def test_cmd(path: str, rev: str | None, fmt: str, verbose: bool) -> None:
     """Check the repo's PolicyTest assertions (e.g. policies/tests/*.yaml) against the plan.

@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from reconciler.cli_options import format_option
+
 
 def _opt(*names: str, **kwargs: Any) -> Any:
     return click.option(*names, default=None, **kwargs)
@@ -71,9 +73,7 @@ def agent_cmd(config_file: str | None, **flags: Any) -> None:
 @click.option("--source", required=True, help="Policy repository URL.")
 @click.option("--branch", default="main", show_default=True, help="Policy branch.")
 @click.option("--cache", default=None, help="Keep a bare repository here between runs.")
-@click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
-)
+@format_option("text", "json")
 def status_cmd(source: str, branch: str, cache: str | None, fmt: str) -> None:
     """Every cell's status from the status/<cell> branches: applied revision, commits behind
     the branch head, last sync, Ready, drift and rule counts.

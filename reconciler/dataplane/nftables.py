@@ -25,9 +25,9 @@ one depth.
 Most cycles list nothing at all.  The kernel numbers every committed nftables transaction
 (the generation id, `generation.KernelProbe`); a state read at the current id is still
 exact, and after our own transaction, if the id moved by exactly one, the kernel holds what
-we read with our delta applied (`state_after`), provided the kernel has printed rules of the same shapes back
-as rendered before (otherwise verify lists, and learns).  Any other program's transaction,
-in any table, moves the id and the next read lists again.
+we read with our delta applied (`state_after`), provided the kernel has printed rules of the
+same shapes back as rendered before (otherwise verify lists, and learns).  Any other
+program's transaction, in any table, moves the id and the next read lists again.
 """
 
 from __future__ import annotations

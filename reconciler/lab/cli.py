@@ -12,6 +12,8 @@ import sys
 
 import click
 
+from reconciler.cli_options import format_option
+
 name_option = click.option(
     "--name",
     default="default",
@@ -115,7 +117,7 @@ def down_cmd(name: str, everything: bool) -> None:
 
 @lab.command("status")
 @name_option
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@format_option("text", "json")
 def status_cmd(name: str, fmt: str) -> None:
     """Where the lab's parts are and whether they are alive.  Exit 0 healthy, 1 otherwise."""
     import json
@@ -154,7 +156,7 @@ def status_cmd(name: str, fmt: str) -> None:
 @click.option("--from", "sources", multiple=True, help="Only these containers (repeat).")
 @click.option("--timeout", default=1.0, show_default=True, type=float)
 @click.option("--wide", is_flag=True, help="Also show each container's app.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@format_option("text", "json")
 def probe_cmd(
     name: str,
     targets: tuple[str, ...],
