@@ -33,8 +33,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,libiptc]'
 	touch $(STAMP)
 
-bench: venv
-	$(PY) bench/run_all.py
+# Every benchmark at the issues' sizes, each recording bench/results/<name>.md with the
+# machine and date (root for the dataplane, agent and new-connection ones; about half an
+# hour on 2 cores).  Not part of `make test`: figures, not assertions.
+BENCHES := validate_bench compile_bench plan_bench dataplane_bench newconn_bench agent_fleet
+bench: sysdeps venv
+	set -e; for b in $(BENCHES); do echo "== $$b"; $(PY) bench/$$b.py --record; done
 
 # The seeds' stories on this machine (root): a platform in network namespaces, an agent per
 # cell, three policy changes pushed through git, a reachability matrix after each; the lab
