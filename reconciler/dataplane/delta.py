@@ -22,7 +22,7 @@ difference is a change.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from reconciler.dataplane import records as r
 from reconciler.dataplane.records import Change, Delta, Drift, OwnedState
@@ -216,25 +216,44 @@ def _chain_drift(
         return [Drift(family, chain, r.CHAIN_MISSING, expected or (), (), repair)]
     if expected is None:
         return [Drift(family, chain, r.CHAIN_EXTRA, (), found, repair)]
+    return rules_drift(family, chain, expected, found, repair, _comment_key)
+
+
+def rules_drift(
+    family: int,
+    chain: str,
+    expected: Sequence[str],
+    found: Sequence[str],
+    repair: bool,
+    rule_id: Callable[[str], str],
+) -> list[Drift]:
+    """How a chain's rules differ from the last plan's: missing, extra, changed, reordered.
+
+    Shared by every backend: `rule_id` reads the id a rule carries (an iptables comment, an
+    nft rule comment), so a rule that lost one line and gained another under the same id is
+    reported once as changed rather than as one missing and one extra.
+    """
+    if tuple(expected) == tuple(found):
+        return []
     missing = _take(expected, Counter(expected) - Counter(found))
     extra = _take(found, Counter(found) - Counter(expected))
-    out: list[Drift] = []
-    # Pair rules that lost and gained a line under the same id: that rule was changed.
     by_key: dict[str, list[str]] = {}
     for line in extra:
-        by_key.setdefault(_comment_key(line), []).append(line)
+        by_key.setdefault(rule_id(line), []).append(line)
     changed_old: list[str] = []
     changed_new: list[str] = []
     still_missing: list[str] = []
     for line in missing:
-        bucket = by_key.get(_comment_key(line))
-        if bucket and _comment_key(line):
+        key = rule_id(line)
+        bucket = by_key.get(key)
+        if bucket and key:
             changed_old.append(line)
             changed_new.append(bucket.pop(0))
         else:
             still_missing.append(line)
     leftover = Counter(x for bucket in by_key.values() for x in bucket)
     still_extra = _take(found, leftover)
+    out: list[Drift] = []
     if still_missing:
         out.append(Drift(family, chain, r.RULE_MISSING, tuple(still_missing), (), repair))
     if still_extra:
@@ -244,7 +263,7 @@ def _chain_drift(
             Drift(family, chain, r.RULE_CHANGED, tuple(changed_old), tuple(changed_new), repair)
         )
     if _drop(expected, missing) != _drop(found, extra):
-        out.append(Drift(family, chain, r.RULES_REORDERED, expected, found, repair))
+        out.append(Drift(family, chain, r.RULES_REORDERED, tuple(expected), tuple(found), repair))
     return out
 
 

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from reconciler.dataplane import records as r
+from reconciler.dataplane.delta import rules_drift
 from reconciler.dataplane.nftparse import NftState
 from reconciler.dataplane.records import Change, Delta, Drift
 from reconciler.render.iptables import Ruleset
@@ -369,68 +369,8 @@ def _chain_drift(
         out.append(
             Drift(family, chain, r.HOOK_CHANGED, (str(expected[0]),), (str(found[0]),), repair)
         )
-    out.extend(_rules_drift(family, chain, expected[1], found[1], repair))
+    out.extend(rules_drift(family, chain, expected[1], found[1], repair, rule_comment))
     return out
-
-
-def _rules_drift(
-    family: int, chain: str, expected: Sequence[str], found: Sequence[str], repair: bool
-) -> list[Drift]:
-    if tuple(expected) == tuple(found):
-        return []
-    missing = _take(expected, Counter(expected) - Counter(found))
-    extra = _take(found, Counter(found) - Counter(expected))
-    by_key: dict[str, list[str]] = {}
-    for line in extra:
-        by_key.setdefault(rule_comment(line), []).append(line)
-    changed_old: list[str] = []
-    changed_new: list[str] = []
-    still_missing: list[str] = []
-    for line in missing:
-        key = rule_comment(line)
-        bucket = by_key.get(key)
-        if bucket and key:
-            changed_old.append(line)
-            changed_new.append(bucket.pop(0))
-        else:
-            still_missing.append(line)
-    leftover = Counter(x for bucket in by_key.values() for x in bucket)
-    still_extra = _take(found, leftover)
-    out: list[Drift] = []
-    if still_missing:
-        out.append(Drift(family, chain, r.RULE_MISSING, tuple(still_missing), (), repair))
-    if still_extra:
-        out.append(Drift(family, chain, r.RULE_EXTRA, (), tuple(still_extra), repair))
-    if changed_old:
-        out.append(
-            Drift(family, chain, r.RULE_CHANGED, tuple(changed_old), tuple(changed_new), repair)
-        )
-    if _drop(expected, missing) != _drop(found, extra):
-        out.append(Drift(family, chain, r.RULES_REORDERED, tuple(expected), tuple(found), repair))
-    return out
-
-
-def _take(lines: Sequence[str], counts: Counter[str]) -> list[str]:
-    """The last `counts[x]` occurrences of each x, in order (a duplicate is the later copy)."""
-    left = Counter(counts)
-    picked = []
-    for line in reversed(lines):
-        if left[line] > 0:
-            left[line] -= 1
-            picked.append(line)
-    return picked[::-1]
-
-
-def _drop(lines: Sequence[str], remove: Sequence[str]) -> list[str]:
-    """`lines` without the occurrences `_take` picked: what both sides share, in order."""
-    left = Counter(remove)
-    kept = []
-    for line in reversed(lines):
-        if left[line] > 0:
-            left[line] -= 1
-        else:
-            kept.append(line)
-    return kept[::-1]
 
 
 def _set_change(family: int, name: str, want: NftSet | None, have: NftSet | None) -> Change:
