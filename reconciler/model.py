@@ -10,6 +10,7 @@ change when only the spelling does.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -69,18 +70,20 @@ class AddressRange:
     def bits(self) -> int:
         return 32 if self.version == 4 else 128
 
-    def _addr(self, value: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    def _text(self, value: int) -> str:
+        # inet_ntoa prints IPv4 exactly as ipaddress and iptables-save do, at a tenth of the
+        # cost: rendering a large cell formats one address per rule.
         if self.version == 4:
-            return ipaddress.IPv4Address(value)
-        return ipaddress.IPv6Address(value)
+            return socket.inet_ntoa(value.to_bytes(4, "big"))
+        return str(ipaddress.IPv6Address(value))
 
     @property
     def first_address(self) -> str:
-        return str(self._addr(self.first))
+        return self._text(self.first)
 
     @property
     def last_address(self) -> str:
-        return str(self._addr(self.last))
+        return self._text(self.last)
 
     def cidr(self) -> str | None:
         """The exact CIDR covering this interval, if it is one (iptables `-d` can match it)."""

@@ -260,3 +260,67 @@ def test_a_family_without_containers_is_not_saved_on_legacy(cell: str, variant: 
     fixed = converge(b, p, p)
     assert fixed.ok and not fixed.in_sync
     assert full_read(cell, variant, 6) == {}
+
+
+# -- an install's read-back, deferred to the next cycle's read --------------------------------
+
+
+@dataclass(frozen=True)
+class PrintsDifferently(IptablesBackend):
+    """Renders one line in an order iptables accepts but prints back in its own: the case a
+    read-back exists to catch."""
+
+    def render(self, plan: CellPlan, family: int) -> Ruleset:
+        rendered = IptablesBackend.render(self, plan, family)
+        if not rendered.chains:
+            return rendered
+        name = group_chain(plan.groups[0].id)
+        chains = dict(rendered.chains)
+        chains[name] = (
+            *chains[name],
+            f"-A {name} -p tcp -d 198.19.2.2/32 -m tcp --dport 25 -j ACCEPT",
+        )
+        return Ruleset(family, chains)
+
+
+def _after_restore(b: IptablesBackend) -> list[tuple[str, ...]]:
+    restores = [i for i, c in enumerate(calls(b).calls) if c[0].endswith("-restore")]
+    assert restores, "nothing was sent"
+    return calls(b).calls[restores[-1] + 1 :]
+
+
+@pytest.mark.parametrize("variant", ["legacy", "nft"])
+def test_an_install_is_read_back_by_the_next_cycle_not_its_own(cell: str, variant: str) -> None:
+    b = backend(cell, variant)
+    p = plan()
+    installed = converge(b, p, defer_install_verify=True)
+    v4 = installed.families[0]
+    assert installed.ok and v4.sent and not v4.verified
+    ipv4_reads = [c for c in _after_restore(b) if c[0].startswith("iptables-")]
+    assert not [c for c in ipv4_reads if c[0].endswith("-save") or "-S" in c]
+    calls(b).calls.clear()
+    checked = converge(b, p, p, defer_install_verify=True)
+    assert checked.ok and checked.in_sync
+    assert calls(b).saves() >= 1  # the read that checks the install is a real one
+    assert full_read(cell, variant) == render_cell(p, 4).chains
+
+
+@pytest.mark.parametrize("variant", ["legacy", "nft"])
+def test_a_change_to_installed_chains_is_still_verified_at_once(cell: str, variant: str) -> None:
+    b = backend(cell, variant)
+    before, after = plan(), plan((_rule("tcp", "198.19.9.9", 22),))
+    assert converge(b, before, defer_install_verify=True).ok
+    changed = converge(b, after, before, defer_install_verify=True)
+    assert changed.ok and changed.families[0].sent and changed.families[0].verified
+    assert full_read(cell, variant) == render_cell(after, 4).chains
+
+
+def test_an_install_that_reads_back_differently_fails_the_cycle_after(cell: str) -> None:
+    b = PrintsDifferently("legacy", Recording(("ip", "netns", "exec", cell)))
+    p = plan()
+    assert converge(b, p, defer_install_verify=True).ok
+    for _ in range(2):  # every cycle after: a repair verified at once, and its VerifyError
+        again = converge(b, p, p, defer_install_verify=True)
+        v4 = again.families[0]
+        assert v4.delta.drift and v4.sent and v4.verified
+        assert not again.ok and "reads back differently" in (v4.error or "")

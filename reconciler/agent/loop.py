@@ -326,7 +326,10 @@ class Agent:
                 from reconciler.dataplane import converge
 
                 last = applied.plan if applied is not None else None
-                result = converge(backend, plan, last, heal_drift=cfg.heal_drift)
+                # An install is read back by the next cycle's read (see converge).
+                result = converge(
+                    backend, plan, last, heal_drift=cfg.heal_drift, defer_install_verify=True
+                )
                 fam_t = [f.timings for f in result.families]
                 timings["render"] = compile_seconds + sum(x.get("render", 0.0) for x in fam_t)
                 timings["enforce"] = sum(

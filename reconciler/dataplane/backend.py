@@ -67,6 +67,9 @@ class FamilyResult:
     sent: bool = False
     error: str | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
+    verified: bool = False
+    """Read back in this cycle (whether or not it matched); false when nothing was sent, or
+    when an install's read-back was left to the next cycle's read (`defer_install_verify`)."""
 
     @property
     def in_sync(self) -> bool:
@@ -78,6 +81,7 @@ class FamilyResult:
             "family": self.family,
             "in_sync": self.in_sync,
             "sent": self.sent,
+            "verified": self.verified,
             "error": self.error,
             "written": list(d.written),
             "deleted": list(d.deleted),
@@ -134,6 +138,7 @@ def converge(
     mode: Mode = "apply",
     heal_drift: bool = True,
     families: tuple[int, ...] = FAMILIES,
+    defer_install_verify: bool = False,
 ) -> ConvergeResult:
     """Bring each family's kernel state to the plan: read, delta, apply, verify.
 
@@ -142,10 +147,20 @@ def converge(
     `report-only` compute everything and send nothing; report-only is meant for drift audits,
     dry-run for printing the transactions.  Families are independent tables: one failing does
     not stop the other.
+
+    `defer_install_verify` is for a caller that converges again (the agent): a transaction
+    that installs our chains into a table holding none of them is then not read back in this
+    cycle but by the next cycle's read, which compares the kernel with this plan anyway and
+    would find any difference as drift.  The restore is atomic and reports its own failure;
+    the read-back only catches the kernel printing our rules differently from how we render
+    them, and reading a freshly installed table costs a third of installing it (Calico checks
+    its writes the same way, by a later read).  Only an install is deferred: a repair of what
+    that later read found is verified at once, so a persistent difference still ends in a
+    VerifyError rather than a loop of repairs.  A one-shot `asgctl apply` verifies at once.
     """
     out = []
     for family in families:
-        out.append(_one(backend, plan, last, family, mode, heal_drift))
+        out.append(_one(backend, plan, last, family, mode, heal_drift, defer_install_verify))
     return ConvergeResult(backend.name, mode, tuple(out))
 
 
@@ -164,6 +179,7 @@ def _one(
     family: int,
     mode: Mode,
     heal_drift: bool,
+    defer_install_verify: bool = False,
 ) -> FamilyResult:
     timings: dict[str, float] = {}
     delta = Delta(family)
@@ -184,12 +200,15 @@ def _one(
         phase, t = "apply", clock()
         backend.apply(delta)
         timings["apply"] = clock() - t
+        if defer_install_verify and not observed.chains:
+            return FamilyResult(family, delta, True, None, timings, verified=False)
         phase, t = "verify", clock()
         backend.verify(desired, delta)
         timings["verify"] = clock() - t
-        return FamilyResult(family, delta, True, None, timings)
+        return FamilyResult(family, delta, True, None, timings, verified=True)
     except DataplaneError as exc:
         # The phase that failed keeps its time: an iptables-restore that waited 10 s for the
         # xtables lock and then gave up must not be reported as 0.02 s of enforcing.
         timings[phase] = clock() - t
-        return FamilyResult(family, delta, phase == "verify", str(exc), timings)
+        read_back = phase == "verify"
+        return FamilyResult(family, delta, read_back, str(exc), timings, verified=read_back)
