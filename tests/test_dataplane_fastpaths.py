@@ -17,6 +17,7 @@ import pytest
 
 from reconciler.compile import compile_cell
 from reconciler.dataplane import Runner, VerifyError, compute_delta, converge
+from reconciler.dataplane.generation import KernelProbe
 from reconciler.dataplane.iptables import IptablesBackend, tool
 from reconciler.dataplane.libiptc import _words
 from reconciler.dataplane.memory import after_delta, shape
@@ -28,7 +29,7 @@ from reconciler.lab.netns import Lab
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.plan import CellPlan
 from reconciler.policy.load import load_folder
-from reconciler.render.iptables import Ruleset, group_chain, hook_rule, render_cell
+from reconciler.render.iptables import TOP_CHAIN, Ruleset, group_chain, hook_rule, render_cell
 from tests.test_dataplane import DATA
 
 # -- plans ----------------------------------------------------------------------------------
@@ -324,3 +325,31 @@ def test_an_install_that_reads_back_differently_fails_the_cycle_after(cell: str)
         v4 = again.families[0]
         assert v4.delta.drift and v4.sent and v4.verified
         assert not again.ok and "reads back differently" in (v4.error or "")
+
+
+def test_a_legacy_table_token_ignores_counters_and_nothing_else(cell: str) -> None:
+    b = backend(cell, "legacy")
+    p = plan()
+    assert converge(b, p).ok
+    probe = KernelProbe(cell)
+    try:
+        remembered = probe.legacy_token(4, relayout=True)
+        assert remembered is not None
+        assert probe.legacy_token(4) == remembered
+        first = render_cell(p, 4).chains[TOP_CHAIN][0]
+        words = shlex.split(first)[2:]
+
+        def replace_rule(*extra: str) -> None:
+            cmd = ["iptables-legacy", "-R", TOP_CHAIN, "1", *extra, *words]
+            subprocess.run(["ip", "netns", "exec", cell, *cmd], check=True)
+
+        replace_rule("-c", "7", "700")  # the same rule, other counters: traffic, to the token
+        assert probe.legacy_token(4) == remembered
+        words[words.index("-s") + 1] = "198.18.0.99/32"  # same size, other address
+        replace_rule()
+        assert probe.legacy_token(4) != remembered
+        # A token cut along another layout never matches, even of the very same table.
+        now = probe.legacy_token(4)
+        assert now is not None and probe.legacy_token(4, relayout=True) != now
+    finally:
+        probe.close()

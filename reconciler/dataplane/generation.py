@@ -9,7 +9,7 @@
   read of a family without containers needs no `ip6tables-legacy-save` process.
 * Legacy tables have no generation, but the kernel hands out the table itself
   (IPT_SO_GET_ENTRIES: what iptables-legacy-save fetches before it formats every rule as
-  text).  Its digest, packet and byte counters blanked, is equal exactly when the rules are:
+  text).  Its bytes, packet and byte counters left out, are equal exactly when the rules are:
   a few times cheaper than the save and its parse, and exact.
 
 Both answers come from sockets made inside the cell's network namespace: a socket keeps the
@@ -23,11 +23,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import os
 import socket
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 _CLONE_NEWNET = 0x40000000
@@ -91,6 +91,44 @@ def _libc() -> Any:
     return ctypes.CDLL(None, use_errno=True)
 
 
+@dataclass(frozen=True, eq=False)
+class TableToken:
+    """A legacy table's rules as the bytes between its counters, cut along `layout`."""
+
+    layout: struct.Struct
+    parts: tuple[bytes, ...]
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, TableToken)
+            and other.layout is self.layout
+            and other.parts == self.parts
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.layout), len(self.parts)))
+
+
+def _layout(entries: memoryview, family: int) -> struct.Struct | None:
+    """A Struct that cuts a table of this entry layout into the bytes between counters."""
+    size = len(entries)
+    next_at, counters = _NEXT_OFFSET_AT[family], _COUNTERS_AT[family]
+    formats, kept, at = [], 0, 0
+    while at < size:
+        if at + next_at + 2 > size:
+            return None
+        formats.append(f"{at + counters - kept}s{_COUNTERS_SIZE}x")
+        kept = at + counters + _COUNTERS_SIZE
+        step = _NEXT.unpack_from(entries, at + next_at)[0]
+        if step <= 0:
+            return None
+        at += step
+    if at != size:
+        return None
+    formats.append(f"{size - kept}s")
+    return struct.Struct("=" + "".join(formats))
+
+
 class KernelProbe:
     """The generation id and legacy entry counts of one network namespace.
 
@@ -102,6 +140,7 @@ class KernelProbe:
         self.netns = netns
         self._netlink: socket.socket | None = None
         self._raw: dict[int, socket.socket] = {}
+        self._layouts: dict[tuple[int, str], struct.Struct] = {}
         self._seq = 0
         self._broken = False
 
@@ -144,8 +183,20 @@ class KernelProbe:
         info = self._legacy_info(family, table)
         return None if info is None else struct.unpack_from("=I", info, _NUM_ENTRIES_AT)[0]
 
-    def legacy_digest(self, family: int, table: str = "filter") -> bytes | None:
-        """A digest of a legacy table's rules (not its counters), or None."""
+    def legacy_token(
+        self, family: int, table: str = "filter", *, relayout: bool = False
+    ) -> TableToken | None:
+        """A token equal exactly when a legacy table's rules are (counters aside), or None.
+
+        The table is fetched whole (the kernel hands out nothing smaller) and cut, in one
+        C-level `struct` call, into the bytes between its entries' counters, along the entry
+        layout of a table read before.  Comparing that with the token taken then is exact:
+        equal bytes outside the old counters include every entry's length, so the layout is
+        the same and only counters can differ.  Walking the entries to find the layout costs
+        three times the cut, so it is done only with `relayout` (for a token to remember, after
+        a full read) or when the size changed (the table did too).  Tokens cut along different
+        layouts never compare equal.
+        """
         for _ in range(3):  # the table may be replaced between the two calls: ask again
             info = self._legacy_info(family, table)
             if info is None:
@@ -158,15 +209,13 @@ class KernelProbe:
         else:
             return None
         entries = memoryview(buf).cast("B")[_ENTRIES_AT : _ENTRIES_AT + size]
-        at, next_at, counters = 0, _NEXT_OFFSET_AT[family], _COUNTERS_AT[family]
-        blank = bytes(_COUNTERS_SIZE)
-        while at < size:
-            entries[at + counters : at + counters + _COUNTERS_SIZE] = blank
-            step = _NEXT.unpack_from(entries, at + next_at)[0]
-            if step <= 0:
+        layout = self._layouts.get((family, table))
+        if relayout or layout is None or layout.size != size:
+            layout = _layout(entries, family)
+            if layout is None:
                 return None
-            at += step
-        return hashlib.sha1(entries, usedforsecurity=False).digest()  # speed, not secrecy
+            self._layouts[(family, table)] = layout
+        return TableToken(layout, layout.unpack_from(entries))
 
     def _legacy_info(self, family: int, table: str) -> ctypes.Array[ctypes.c_char] | None:
         buf = ctypes.create_string_buffer(table.encode(), _GETINFO_SIZE)

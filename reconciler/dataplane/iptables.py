@@ -162,7 +162,7 @@ class IptablesBackend:
         """Our state in the kernel, read in full only when the kernel may have changed.
 
         Each variant has an exact, cheap token of its table (see `generation`): nft its
-        generation id, legacy a digest of the table the kernel hands out.  A state read at the
+        generation id, legacy a token of the table the kernel hands out.  A state read at the
         current token is still the kernel's (see `memory`).  A legacy table with no rule and
         no user chain holds nothing of ours: no save at all for a family without containers.
         """
@@ -182,21 +182,21 @@ class IptablesBackend:
             return state
         if probe.legacy_entries(family) == EMPTY_FILTER_ENTRIES:
             return OwnedState(family, {})
-        if family in memory.seen:  # else there is nothing to recall: no digest to take first
-            known = memory.recall(family, probe.legacy_digest(family))
+        if family in memory.seen:  # else there is nothing to recall: no token to take first
+            known = memory.recall(family, probe.legacy_token(family))
             if known is not None:
                 return known
         return self._read_legacy(probe, family)
 
     def _read_legacy(self, probe: KernelProbe, family: int) -> OwnedState:
-        """Save and digest the table under the xtables lock, so both describe one table:
+        """Save the table and take its token under the xtables lock, so both describe one table:
         iptables-legacy-save does not lock, every well-behaved writer does.  The lock is only
         tried, never waited for (a read must not queue behind other programs' writes, nor
         make them queue long): when it is busy, a plain save, and nothing remembered."""
         with xtables_lock(wait=0) as held:
             state = self.read_full(family)
-            digest = probe.legacy_digest(family) if held else None
-        self.memory.remember(family, digest, state)
+            token = probe.legacy_token(family, relayout=True) if held else None
+        self.memory.remember(family, token, state)
         return state
 
     def read_full(self, family: int) -> OwnedState:
@@ -232,7 +232,7 @@ class IptablesBackend:
         if res.returncode == 0:
             if self.variant == "nft":
                 memory.applied(delta, before, memory.generation() if before is not None else None)
-            else:  # a legacy table's token is its own digest: only this family's moved
+            else:  # a legacy table is its own token: only this family's moved
                 memory.seen.pop(delta.family, None)
             return
         memory.forget()

@@ -77,7 +77,7 @@ class KernelMemory:
         self, family: int, generation: Hashable | None, state: OwnedState, *, read: bool = True
     ) -> None:
         """A state of the kernel while its token stayed `generation` (nft: the generation id;
-        legacy: the table's digest): read in full, or proven by `IptablesBackend.verify`
+        legacy: the table's token): read in full, or proven by `IptablesBackend.verify`
         (`read=False`).
 
         A full read's lines are kept as printed lines, folded in only when a verify needs
@@ -151,9 +151,9 @@ class KernelMemory:
 def rewrites_most(chains: Mapping[str, tuple[str, ...]], delta: Delta) -> bool:
     """Whether a transaction rewrote most of our chains (converging from scratch, say).
 
-    Its read-back then serves that cycle only: taking a legacy table's digest as well would
+    Its read-back then serves that cycle only: taking a legacy table's token as well would
     cost a third of a save more, for a table likely to change again before the next cycle
-    (a restart, a large policy change), and the next cycle takes the digest anyway.
+    (a restart, a large policy change), and the next cycle takes the token anyway.
     """
     return 2 * len(delta.written) > len(chains)
 

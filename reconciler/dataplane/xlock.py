@@ -2,8 +2,8 @@
 writer on the host takes, whatever network namespace it works in.
 
 Our libiptc commits take it like iptables-restore does.  The legacy read takes it too, while
-it saves the table and digests it (see IptablesBackend.read): iptables-legacy-save itself
-never locks, so holding the lock is what makes the saved text and the digest describe the
+it saves the table and takes its token (see IptablesBackend.read): iptables-legacy-save itself
+never locks, so holding the lock is what makes the saved text and the token describe the
 same table -- no well-behaved writer can replace it in between.
 """
 
