@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from reconciler.model import Container, PortRange, RuleItem
@@ -213,6 +214,11 @@ class CellPlan:
 
     def digest(self) -> str:
         """A short fingerprint of what is enforced (provenance excluded: it moves no packet)."""
+        return self._digest
+
+    @cached_property
+    def _digest(self) -> str:
+        # Once per plan object: an idle agent's cycle asks for it four times (render caches).
         h = hashlib.sha256()
         for cp in self.containers:
             h.update(f"c {cp.container.ip} {cp.chain_id} {' '.join(cp.groups)}\n".encode())

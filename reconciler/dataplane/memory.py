@@ -55,6 +55,7 @@ class KernelMemory:
     bodies: set[str] = field(default_factory=set)
     shapes: set[str] = field(default_factory=set)
     unfolded: list[Mapping[str, tuple[str, ...]]] = field(default_factory=list)
+    deltas: dict[int, tuple[tuple[object, ...], Delta]] = field(default_factory=dict)
     _opened: bool = False
 
     def open(self, runner: Runner) -> KernelProbe | None:
