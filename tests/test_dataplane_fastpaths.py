@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from reconciler.compile import compile_cell
-from reconciler.dataplane import Runner, VerifyError, compute_delta, converge
+from reconciler.dataplane import Runner, VerifyError, compute_delta, converge, generation
 from reconciler.dataplane.generation import KernelProbe
 from reconciler.dataplane.iptables import IptablesBackend, tool
 from reconciler.dataplane.libiptc import _words
@@ -327,7 +327,11 @@ def test_an_install_that_reads_back_differently_fails_the_cycle_after(cell: str)
         assert not again.ok and "reads back differently" in (v4.error or "")
 
 
-def test_a_legacy_table_token_ignores_counters_and_nothing_else(cell: str) -> None:
+@pytest.mark.parametrize("chunk", [3, generation.CHUNK_ENTRIES])
+def test_a_legacy_table_token_ignores_counters_and_nothing_else(
+    cell: str, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(generation, "CHUNK_ENTRIES", chunk)
     b = backend(cell, "legacy")
     p = plan()
     assert converge(b, p).ok

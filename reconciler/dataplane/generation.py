@@ -91,42 +91,91 @@ def _libc() -> Any:
     return ctypes.CDLL(None, use_errno=True)
 
 
-@dataclass(frozen=True, eq=False)
-class TableToken:
-    """A legacy table's rules as the bytes between its counters, cut along `layout`."""
+CHUNK_ENTRIES = 64
+"""Entries per chunk of a legacy table token: compared as raw bytes first, cut only if not."""
 
-    layout: struct.Struct
-    parts: tuple[bytes, ...]
+
+@dataclass(frozen=True, eq=False)
+class TableLayout:
+    """Where a legacy table's entries keep their counters, in chunks of whole entries: each
+    chunk's span and a Struct that cuts it into the bytes between counters."""
+
+    size: int
+    chunks: tuple[tuple[int, int, struct.Struct], ...]
+
+
+class TableToken:
+    """A legacy table as the kernel handed it out, equal to another exactly when their rules
+    are (counters aside).
+
+    Both are read along `layout`, the entry layout of the older one (see `legacy_token`).
+    Chunks whose bytes are equal need nothing more; in the others only counters may differ,
+    which the chunk's cut leaves out.  Equal bytes outside the older table's counters include
+    every entry's length, so the layouts are the same and the comparison is exact.  Counters
+    move only where packets go (a busy container's chain, a destination just reached): most
+    chunks of a large table compare as raw bytes.  A chunk's cut is kept, so a token compared
+    again (the remembered one, next cycle) does not cut it twice.
+    """
+
+    __slots__ = ("_cuts", "layout", "raw")
+
+    def __init__(self, layout: TableLayout, raw: bytes) -> None:
+        self.layout = layout
+        self.raw = raw
+        self._cuts: dict[int, tuple[bytes, ...]] = {}
+
+    def _cut(self, index: int) -> tuple[bytes, ...]:
+        cut = self._cuts.get(index)
+        if cut is None:
+            lo, _, layout = self.layout.chunks[index]
+            cut = self._cuts[index] = layout.unpack_from(self.raw, lo)
+        return cut
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, TableToken)
-            and other.layout is self.layout
-            and other.parts == self.parts
-        )
+        if not isinstance(other, TableToken) or other.layout is not self.layout:
+            return False
+        mine, theirs = self.raw, other.raw
+        if mine == theirs:
+            return True
+        if len(mine) != len(theirs):
+            return False
+        view = memoryview(theirs)
+        for index, (lo, hi, _) in enumerate(self.layout.chunks):
+            if not mine.startswith(view[lo:hi], lo) and self._cut(index) != other._cut(index):
+                return False
+        return True
 
     def __hash__(self) -> int:
-        return hash((id(self.layout), len(self.parts)))
+        return hash((id(self.layout), len(self.raw)))
 
 
-def _layout(entries: memoryview, family: int) -> struct.Struct | None:
-    """A Struct that cuts a table of this entry layout into the bytes between counters."""
+def _layout(entries: memoryview, family: int) -> TableLayout | None:
+    """The entry layout of a table (see TableLayout), or None if its entries do not add up."""
     size = len(entries)
     next_at, counters = _NEXT_OFFSET_AT[family], _COUNTERS_AT[family]
-    formats, kept, at = [], 0, 0
+    starts, at = [], 0
     while at < size:
         if at + next_at + 2 > size:
             return None
-        formats.append(f"{at + counters - kept}s{_COUNTERS_SIZE}x")
-        kept = at + counters + _COUNTERS_SIZE
+        starts.append(at)
         step = _NEXT.unpack_from(entries, at + next_at)[0]
         if step <= 0:
             return None
         at += step
     if at != size:
         return None
-    formats.append(f"{size - kept}s")
-    return struct.Struct("=" + "".join(formats))
+    chunks = []
+    for first in range(0, len(starts), CHUNK_ENTRIES):
+        group = starts[first : first + CHUNK_ENTRIES]
+        lo = group[0]
+        hi = starts[first + CHUNK_ENTRIES] if first + CHUNK_ENTRIES < len(starts) else size
+        formats, kept = [], lo
+        for start in group:
+            formats.append(f"{start + counters - kept}s{_COUNTERS_SIZE}x")
+            kept = start + counters + _COUNTERS_SIZE
+        formats.append(f"{hi - kept}s")
+        chunks.append((lo, hi, struct.Struct("=" + "".join(formats))))
+    return TableLayout(size, tuple(chunks))
 
 
 class KernelProbe:
@@ -140,7 +189,7 @@ class KernelProbe:
         self.netns = netns
         self._netlink: socket.socket | None = None
         self._raw: dict[int, socket.socket] = {}
-        self._layouts: dict[tuple[int, str], struct.Struct] = {}
+        self._layouts: dict[tuple[int, str], TableLayout] = {}
         self._seq = 0
         self._broken = False
 
@@ -188,14 +237,11 @@ class KernelProbe:
     ) -> TableToken | None:
         """A token equal exactly when a legacy table's rules are (counters aside), or None.
 
-        The table is fetched whole (the kernel hands out nothing smaller) and cut, in one
-        C-level `struct` call, into the bytes between its entries' counters, along the entry
-        layout of a table read before.  Comparing that with the token taken then is exact:
-        equal bytes outside the old counters include every entry's length, so the layout is
-        the same and only counters can differ.  Walking the entries to find the layout costs
-        three times the cut, so it is done only with `relayout` (for a token to remember, after
-        a full read) or when the size changed (the table did too).  Tokens cut along different
-        layouts never compare equal.
+        The table is fetched whole (the kernel hands out nothing smaller) and compared along
+        the entry layout of a table read before (see TableToken).  Walking the entries to find
+        the layout costs more than a comparison, so it is done only with `relayout` (for a
+        token to remember, after a full read) or when the size changed (the table did too).
+        Tokens read along different layouts never compare equal.
         """
         for _ in range(3):  # the table may be replaced between the two calls: ask again
             info = self._legacy_info(family, table)
@@ -215,7 +261,7 @@ class KernelProbe:
             if layout is None:
                 return None
             self._layouts[(family, table)] = layout
-        return TableToken(layout, layout.unpack_from(entries))
+        return TableToken(layout, entries.tobytes())
 
     def _legacy_info(self, family: int, table: str) -> ctypes.Array[ctypes.c_char] | None:
         buf = ctypes.create_string_buffer(table.encode(), _GETINFO_SIZE)

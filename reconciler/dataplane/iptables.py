@@ -183,8 +183,12 @@ class IptablesBackend:
         if probe.legacy_entries(family) == EMPTY_FILTER_ENTRIES:
             return OwnedState(family, {})
         if family in memory.seen:  # else there is nothing to recall: no token to take first
-            known = memory.recall(family, probe.legacy_token(family))
+            token = probe.legacy_token(family)
+            known = memory.recall(family, token)
             if known is not None:
+                # The newer token holds the latest counters: the next comparison finds fewer
+                # chunks where only counters moved.
+                memory.remember(family, token, known, read=False)
                 return known
         return self._read_legacy(probe, family)
 
