@@ -190,6 +190,7 @@ class KernelProbe:
         self._netlink: socket.socket | None = None
         self._raw: dict[int, socket.socket] = {}
         self._layouts: dict[tuple[int, str], TableLayout] = {}
+        self._buffers: dict[tuple[int, str], ctypes.Array[ctypes.c_char]] = {}
         self._seq = 0
         self._broken = False
 
@@ -248,7 +249,14 @@ class KernelProbe:
             if info is None:
                 return None
             size = struct.unpack_from("=I", info, _TABLE_SIZE_AT)[0]
-            buf = ctypes.create_string_buffer(table.encode(), _ENTRIES_AT + size)
+            # One buffer per table, kept while the size holds: the kernel then writes into
+            # pages already mapped (a 500k cell's table is 10 MB, 2,500 page faults).
+            buf = self._buffers.get((family, table))
+            if buf is None or len(buf) != _ENTRIES_AT + size:
+                buf = ctypes.create_string_buffer(_ENTRIES_AT + size)
+                self._buffers[(family, table)] = buf
+            buf[: len(table)] = table.encode()
+            buf[len(table)] = b"\0"
             struct.pack_into("=I", buf, 32, size)
             if self._getsockopt(family, _SO_GET_ENTRIES, buf):
                 break
@@ -293,3 +301,4 @@ class KernelProbe:
                     sock.close()
         self._netlink = None
         self._raw.clear()
+        self._buffers.clear()
