@@ -32,6 +32,7 @@ class MemoryDataplane:
         self.rendered: dict[int, Ruleset] = {}
         self.fail: Exception | None = None
         self.applies = 0
+        self.verifies = 0
 
     def render(self, plan: CellPlan, family: int) -> Ruleset:
         ruleset = render_cell(plan, family)
@@ -53,7 +54,7 @@ class MemoryDataplane:
         self.chains[delta.family] = dict(self.rendered[delta.family].chains)
 
     def verify(self, desired: Ruleset, delta: Delta) -> None:
-        return None
+        self.verifies += 1
 
 
 @pytest.fixture
@@ -122,6 +123,20 @@ def test_a_cycle_applies_logs_persists_and_reports(setup) -> None:  # type: igno
     # A touch of the metadata file is no change either.
     store.write_text(store.read_text())
     assert agent.cycle(INVENTORY) is agent.state
+
+
+@pytest.mark.parametrize("once", [False, True])
+def test_an_install_is_read_back_next_cycle_unless_there_is_none(setup, once: bool) -> None:  # type: ignore[no-untyped-def]
+    cfg, commit, _, _ = setup
+    commit({"sg.yaml": sg("web", tcp_rules(3))})
+    dp = MemoryDataplane()
+    agent, _, _ = _agent(replace(cfg, once=once), dp)
+    agent.cycle(SYNC)
+    assert dp.applies == 1
+    assert dp.verifies == (1 if once else 0)  # a --once run has no next cycle to read it back
+    commit({"sg.yaml": sg("web", tcp_rules(4))})
+    agent.cycle(SYNC)
+    assert dp.applies == 2 and dp.verifies == (2 if once else 1)  # a change: read back at once
 
 
 def test_a_restarted_agent_remembers_what_it_applied(setup) -> None:  # type: ignore[no-untyped-def]

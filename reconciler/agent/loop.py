@@ -326,9 +326,14 @@ class Agent:
                 from reconciler.dataplane import converge
 
                 last = applied.plan if applied is not None else None
-                # An install is read back by the next cycle's read (see converge).
+                # An install is read back by the next cycle's read (see converge); a --once
+                # run has no next cycle of its own, so it reads back at once.
                 result = converge(
-                    backend, plan, last, heal_drift=cfg.heal_drift, defer_install_verify=True
+                    backend,
+                    plan,
+                    last,
+                    heal_drift=cfg.heal_drift,
+                    defer_install_verify=not cfg.once,
                 )
                 fam_t = [f.timings for f in result.families]
                 timings["render"] = compile_seconds + sum(x.get("render", 0.0) for x in fam_t)
