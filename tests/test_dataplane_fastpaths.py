@@ -339,7 +339,7 @@ def test_a_legacy_table_token_ignores_counters_and_nothing_else(
     try:
         remembered = probe.legacy_token(4, relayout=True)
         assert remembered is not None
-        assert probe.legacy_token(4) == remembered
+        assert remembered == probe.legacy_token(4)  # as memory.recall compares
         first = render_cell(p, 4).chains[TOP_CHAIN][0]
         words = shlex.split(first)[2:]
 
@@ -348,10 +348,10 @@ def test_a_legacy_table_token_ignores_counters_and_nothing_else(
             subprocess.run(["ip", "netns", "exec", cell, *cmd], check=True)
 
         replace_rule("-c", "7", "700")  # the same rule, other counters: traffic, to the token
-        assert probe.legacy_token(4) == remembered
+        assert remembered == probe.legacy_token(4)
         words[words.index("-s") + 1] = "198.18.0.99/32"  # same size, other address
         replace_rule()
-        assert probe.legacy_token(4) != remembered
+        assert remembered != probe.legacy_token(4)
         # A token cut along another layout never matches, even of the very same table.
         now = probe.legacy_token(4)
         assert now is not None and probe.legacy_token(4, relayout=True) != now

@@ -98,23 +98,26 @@ CHUNK_ENTRIES = 64
 @dataclass(frozen=True, eq=False)
 class TableLayout:
     """Where a legacy table's entries keep their counters, in chunks of whole entries: each
-    chunk's span and a Struct that cuts it into the bytes between counters."""
+    chunk's span, a Struct that cuts it into the bytes between counters, and where each of
+    those pieces starts."""
 
     size: int
-    chunks: tuple[tuple[int, int, struct.Struct], ...]
+    chunks: tuple[tuple[int, int, struct.Struct, tuple[int, ...]], ...]
 
 
 class TableToken:
     """A legacy table as the kernel handed it out, equal to another exactly when their rules
     are (counters aside).
 
-    Both are read along `layout`, the entry layout of the older one (see `legacy_token`).
-    Chunks whose bytes are equal need nothing more; in the others only counters may differ,
-    which the chunk's cut leaves out.  Equal bytes outside the older table's counters include
-    every entry's length, so the layouts are the same and the comparison is exact.  Counters
-    move only where packets go (a busy container's chain, a destination just reached): most
-    chunks of a large table compare as raw bytes.  A chunk's cut is kept, so a token compared
-    again (the remembered one, next cycle) does not cut it twice.
+    Both are read along `layout`, the entry layout of the one remembered after a full read
+    (`legacy_token(relayout=True)`), which compares as `remembered == newer`.  Chunks whose
+    bytes are equal need nothing more; in the others only counters may differ: the newer
+    table must hold the remembered one's pieces between counters, each where it was.  Equal
+    bytes outside the remembered table's counters include every entry's length, so the
+    layouts are the same and the comparison is exact.  Counters move only where packets go (a
+    busy container's chain, a destination just reached), so most chunks of a large table
+    compare as raw bytes; the remembered token cuts a chunk once, and a newer one is never
+    cut (it is only searched, in C, allocating nothing).
     """
 
     __slots__ = ("_cuts", "layout", "raw")
@@ -127,8 +130,8 @@ class TableToken:
     def _cut(self, index: int) -> tuple[bytes, ...]:
         cut = self._cuts.get(index)
         if cut is None:
-            lo, _, layout = self.layout.chunks[index]
-            cut = self._cuts[index] = layout.unpack_from(self.raw, lo)
+            lo, _, pieces, _ = self.layout.chunks[index]
+            cut = self._cuts[index] = pieces.unpack_from(self.raw, lo)
         return cut
 
     def __eq__(self, other: object) -> bool:
@@ -139,9 +142,10 @@ class TableToken:
             return True
         if len(mine) != len(theirs):
             return False
-        view = memoryview(theirs)
-        for index, (lo, hi, _) in enumerate(self.layout.chunks):
-            if not mine.startswith(view[lo:hi], lo) and self._cut(index) != other._cut(index):
+        view = memoryview(mine)
+        holds = theirs.startswith
+        for index, (lo, hi, _, starts) in enumerate(self.layout.chunks):
+            if not holds(view[lo:hi], lo) and not all(map(holds, self._cut(index), starts)):
                 return False
         return True
 
@@ -169,12 +173,13 @@ def _layout(entries: memoryview, family: int) -> TableLayout | None:
         group = starts[first : first + CHUNK_ENTRIES]
         lo = group[0]
         hi = starts[first + CHUNK_ENTRIES] if first + CHUNK_ENTRIES < len(starts) else size
-        formats, kept = [], lo
+        formats, kept, pieces = [], lo, [lo]
         for start in group:
             formats.append(f"{start + counters - kept}s{_COUNTERS_SIZE}x")
             kept = start + counters + _COUNTERS_SIZE
+            pieces.append(kept)
         formats.append(f"{hi - kept}s")
-        chunks.append((lo, hi, struct.Struct("=" + "".join(formats))))
+        chunks.append((lo, hi, struct.Struct("=" + "".join(formats)), tuple(pieces)))
     return TableLayout(size, tuple(chunks))
 
 

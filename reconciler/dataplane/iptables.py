@@ -183,12 +183,8 @@ class IptablesBackend:
         if probe.legacy_entries(family) == EMPTY_FILTER_ENTRIES:
             return OwnedState(family, {})
         if family in memory.seen:  # else there is nothing to recall: no token to take first
-            token = probe.legacy_token(family)
-            known = memory.recall(family, token)
+            known = memory.recall(family, probe.legacy_token(family))
             if known is not None:
-                # The newer token holds the latest counters: the next comparison finds fewer
-                # chunks where only counters moved.
-                memory.remember(family, token, known, read=False)
                 return known
         return self._read_legacy(probe, family)
 
