@@ -338,7 +338,6 @@ def tables(cells: list[Cell], s: Samples) -> list[str]:
             idle = s.median((cell.name, label, "idle"))
             busy = busy_idle(s, cell.name, label)
             nft = ("met" if change <= 0.1 else "missed") if label == "nft" else "-"
-
             busy_verdict = share_verdict(busy, scratch) if busy else "-"
             lines.append(
                 f"| {cell.name} | {label} | "

@@ -62,11 +62,10 @@ def compute_delta(
         w, h = want.get(name), have.get(name)
         if w == h:
             continue
-        planned = (w != h) if base is None else (w != base.get(name))
-        drifted = base is not None and h != base.get(name)
-        act = planned or heal_drift
+        b = base.get(name) if base is not None else None
+        planned, drifted, act = judge(w, h, b, base is not None, heal_drift)
         if drifted:
-            drift.extend(_chain_drift(observed.family, name, base.get(name), h, repair=act))
+            drift.extend(_chain_drift(observed.family, name, b, h, repair=act))
         if planned:
             changes.append(_chain_change(observed.family, name, w, h))
         if not act:
@@ -204,6 +203,18 @@ def _comment_key(rule: str) -> str:
     return rule[at + len(marker) : end]
 
 
+def judge(
+    want: object, have: object, last: object, last_known: bool, heal_drift: bool
+) -> tuple[bool, bool, bool]:
+    """How one object (chain, set, ...) that differs from the plan is to be taken: whether
+    the plan changes it (a change), whether the kernel moved away from the last plan applied
+    (drift: someone else's doing), and whether the transaction rewrites it.  Without a last
+    plan every difference is a change; drift is rewritten only with `heal_drift`."""
+    planned = want != (last if last_known else have)
+    drifted = last_known and have != last
+    return planned, drifted, planned or heal_drift
+
+
 def _chain_drift(
     family: int,
     chain: str,
@@ -235,8 +246,8 @@ def rules_drift(
     """
     if tuple(expected) == tuple(found):
         return []
-    missing = _take(expected, Counter(expected) - Counter(found))
-    extra = _take(found, Counter(found) - Counter(expected))
+    missing, expected_shared = _split(expected, Counter(expected) - Counter(found))
+    extra, found_shared = _split(found, Counter(found) - Counter(expected))
     by_key: dict[str, list[str]] = {}
     for line in extra:
         by_key.setdefault(rule_id(line), []).append(line)
@@ -252,7 +263,7 @@ def rules_drift(
         else:
             still_missing.append(line)
     leftover = Counter(x for bucket in by_key.values() for x in bucket)
-    still_extra = _take(found, leftover)
+    still_extra = _split(found, leftover)[0]
     out: list[Drift] = []
     if still_missing:
         out.append(Drift(family, chain, r.RULE_MISSING, tuple(still_missing), (), repair))
@@ -262,32 +273,23 @@ def rules_drift(
         out.append(
             Drift(family, chain, r.RULE_CHANGED, tuple(changed_old), tuple(changed_new), repair)
         )
-    if _drop(expected, missing) != _drop(found, extra):
+    if expected_shared != found_shared:  # the rules both sides keep, in another order
         out.append(Drift(family, chain, r.RULES_REORDERED, tuple(expected), tuple(found), repair))
     return out
 
 
-def _take(lines: Sequence[str], counts: Counter[str]) -> list[str]:
-    """The last `counts[x]` occurrences of each x, in order (a duplicate is the later copy)."""
+def _split(lines: Sequence[str], counts: Counter[str]) -> tuple[list[str], list[str]]:
+    """The last `counts[x]` occurrences of each x (a duplicate is the later copy), and the
+    lines left, both in order."""
     left = Counter(counts)
-    picked = []
+    picked, kept = [], []
     for line in reversed(lines):
         if left[line] > 0:
             left[line] -= 1
             picked.append(line)
-    return picked[::-1]
-
-
-def _drop(lines: Sequence[str], remove: Sequence[str]) -> list[str]:
-    """`lines` without the occurrences `_take` picked: the rules both sides share, in order."""
-    left = Counter(remove)
-    kept = []
-    for line in reversed(lines):
-        if left[line] > 0:
-            left[line] -= 1
         else:
             kept.append(line)
-    return kept[::-1]
+    return picked[::-1], kept[::-1]
 
 
 def check_applied(desired: Ruleset, delta: Delta, observed: OwnedState) -> list[str]:

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.dataplane.delta import check_applied, compute_delta
+from reconciler.dataplane.delta import check_applied
 from reconciler.dataplane.errors import ApplyError, DataplaneError, VariantError, VerifyError
 from reconciler.dataplane.iptables import VARIANTS, IptablesBackend, choose_variant, probe_variant
 from reconciler.dataplane.memory import rewrites_most
@@ -106,7 +106,7 @@ class LibiptcBackend:
         *,
         heal_drift: bool = True,
     ) -> Delta:
-        return compute_delta(desired, observed, last, heal_drift=heal_drift)
+        return self._reader.delta(desired, observed, last, heal_drift=heal_drift)
 
     def apply(self, delta: Delta) -> None:
         if delta.empty:

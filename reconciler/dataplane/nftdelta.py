@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from reconciler.dataplane import records as r
-from reconciler.dataplane.delta import rules_drift
+from reconciler.dataplane.delta import judge, rules_drift
 from reconciler.dataplane.nftparse import NftState
 from reconciler.dataplane.records import Change, Delta, Drift
 from reconciler.render.iptables import Ruleset
@@ -131,9 +131,7 @@ def compute_nft_delta(
         if w == h:
             continue
         b = _chain_key(last.chains, last_hooks, name) if last is not None else None
-        planned = w != h if last is None else w != b
-        drifted = last is not None and h != b
-        act = planned or heal_drift
+        planned, drifted, act = judge(w, h, b, last is not None, heal_drift)
         if drifted:
             drift.extend(_chain_drift(family, name, b, h, act))
         if planned:
@@ -161,9 +159,7 @@ def compute_nft_delta(
         hs = _known(have_sets.get(name), ws, bs)
         if ws == hs:
             continue
-        planned = ws != hs if last_sets is None else ws != bs
-        drifted = last_sets is not None and hs != bs
-        act = planned or heal_drift
+        planned, drifted, act = judge(ws, hs, bs, last_sets is not None, heal_drift)
         if drifted:
             drift.extend(_set_drift(family, name, bs, hs, act))
         if planned:
