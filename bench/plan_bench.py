@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime as dt
 import gc
 import io
 import json
 import os
-import platform
 import pstats
 import random
 import resource
@@ -33,7 +31,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-RESULTS = Path(__file__).resolve().parent / "results"
+
+from bench.common import RESULTS, machine  # noqa: E402
+from reconciler.agent.status import dump_status  # noqa: E402
+from reconciler.lab.gitserver import git  # noqa: E402
 
 ORGS, SPACES_PER_ORG, APPS_PER_SPACE = 100, 10, 10  # 1,000 spaces, 10,000 apps
 ASG_RULES = 5
@@ -75,35 +76,6 @@ Remaining CPU, roughly: inventory 40%, compiling 1,000 cells twice 35%, loading 
 validating both revisions 15%, the rest 10%.  Wall time depends on what else the machine
 runs: the load average is recorded above, and CPU time is the figure to compare.
 """
-
-
-def machine() -> dict[str, str]:
-    model = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return {
-        "nproc": str(os.cpu_count()),
-        "model name": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
-def git(repo: Path, *args: str) -> str:
-    env = {
-        **os.environ,
-        "GIT_AUTHOR_NAME": "bench",
-        "GIT_AUTHOR_EMAIL": "bench@example.invalid",
-        "GIT_COMMITTER_NAME": "bench",
-        "GIT_COMMITTER_EMAIL": "bench@example.invalid",
-    }
-    out = subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, env=env
-    )
-    return out.stdout.strip()
 
 
 def guid(kind: int, n: int) -> str:
@@ -170,11 +142,11 @@ def build(root: Path, cells: int, per_cell: int, asgs: int, inventory: str) -> d
             (pol / "security-groups" / f"groups-{f // per_file:03d}.yaml").write_text(text)
 
     write_groups(False)
-    git(root, "init", "-q", "-b", "main")
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "base")
+    git("init", "-q", "-b", "main", cwd=root)
+    git("add", "-A", cwd=root)
+    git("commit", "-q", "-m", "base", cwd=root)
     write_groups(True)
-    git(root, "commit", "-q", "-am", "head: widen one rule of asg-0042")
+    git("commit", "-q", "-am", "head: widen one rule of asg-0042", cwd=root)
 
     total = 0
     stores: dict[str, dict] = {}
@@ -211,7 +183,6 @@ def _status_branches(root: Path, stores: dict[str, dict]) -> None:
     """One `status/<cell>` branch per cell with a status.yaml, written by git fast-import."""
     buf = io.StringIO()
     rng = random.Random(7)
-    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
     for name, store in stores.items():
         # Shaped like the agent's status document: header fields, then per container the
         # contract fields plus its chain, groups and the documents behind them.
@@ -237,9 +208,7 @@ def _status_branches(root: Path, stores: dict[str, dict]) -> None:
             ],
             "history": [{"revision": "main@sha1:" + "0" * 40, "status": "Applied"}],
         }
-        data = yaml.dump(
-            doc, Dumper=dumper, sort_keys=False, default_flow_style=False, width=4096
-        ).encode()
+        data = dump_status(doc).encode()
         buf.write(f"commit refs/heads/status/{name}\n")
         buf.write("committer bench <bench@example.invalid> 1700000000 +0000\n")
         buf.write("data 6\nstatus\n")
@@ -412,12 +381,10 @@ def main() -> None:
     if stats:
         print(stats)
     if args.record:
-        m = machine()
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "plan.md").write_text(
             "# asgctl plan at fleet scale\n\n"
-            f"Machine: nproc {m['nproc']}, {m['model name']}, kernel {m['kernel']}, "
-            f"Python {m['python']}. Date: {m['date']}.\n\n"
+            f"Machine: {machine()}.\n\n"
             f"Command: `python bench/plan_bench.py --cells {args.cells} "
             f"--containers {args.containers} --asgs {args.asgs} "
             f"--inventory {args.inventory} --record`\n\n{table}\n\n{NOTES}"
