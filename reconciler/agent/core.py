@@ -11,7 +11,8 @@ rules that keep a fleet safe are unit-tested directly:
 * the history of the last syncs (`add_history`), aggregated like Flux's: a sync that repeats
   the previous one only bumps its count, so an idle cell's history does not churn;
 * which containers' rules really changed between two plans (`container_changes`), the only
-  thing the agent logs on a normal cycle.
+  thing the agent logs on a normal cycle;
+* how long to wait after consecutive transient failures (`backoff`).
 """
 
 from __future__ import annotations
@@ -96,6 +97,21 @@ class RevokeShare:
     @property
     def share(self) -> float:
         return self.removed / self.total if self.total else 0.0
+
+
+# -- retries -------------------------------------------------------------------------------
+
+# 2**1024 no longer converts to a float; any larger exponent only lands further past the cap.
+_MAX_EXPONENT = 1023
+
+
+def backoff(failures: int, base: float, cap: float) -> float:
+    """Seconds to wait after `failures` consecutive failures: base * 2^(failures-1), capped.
+
+    The exponent is bounded, so a source or status server that stays down for weeks never
+    makes the wait overflow (the answer is then simply `cap`).
+    """
+    return min(cap, base * 2 ** min(failures - 1, _MAX_EXPONENT))
 
 
 # -- gates ---------------------------------------------------------------------------------

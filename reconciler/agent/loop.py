@@ -43,6 +43,7 @@ from reconciler.agent.core import (
     Problem,
     add_history,
     ancestry_verdict,
+    backoff,
     condition,
     container_changes,
     cycle_conditions,
@@ -83,7 +84,7 @@ def next_delay(cfg: AgentConfig, failures: int, rand: float) -> float:
     retry_base * 2^(failures-1), capped, with the same relative jitter.
     """
     if failures > 0:
-        base = min(cfg.effective_retry_cap, cfg.retry_base * 2 ** (failures - 1))
+        base = backoff(failures, cfg.retry_base, cfg.effective_retry_cap)
     else:
         base = cfg.interval
     return base * (1 + cfg.jitter * rand)

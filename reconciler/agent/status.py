@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from reconciler.agent.core import backoff
 from reconciler.agent.source import git_env
 from reconciler.agent.state import AgentState
 from reconciler.plan import CellPlan
@@ -321,8 +322,8 @@ class StatusPusher:
         if self._doc is None:
             return None
         if self._failures:
-            backoff = min(self.retry_cap, self.retry_base * 2 ** (self._failures - 1))
-            return max(0.0, self._last_attempt + backoff - now)
+            wait = backoff(self._failures, self.retry_base, self.retry_cap)
+            return max(0.0, self._last_attempt + wait - now)
         if self._fp != self._pushed_fp:
             return max(0.0, self._last_push + self.min_interval - now)
         return max(0.0, self._last_push + self.heartbeat - now)

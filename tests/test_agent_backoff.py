@@ -1,0 +1,49 @@
+"""The retry back-off: capped exponential, and no overflow however long the failures last.
+
+Before the shared helper, 1025 consecutive failures made `2 ** (failures - 1)` too large to
+multiply with a float; the OverflowError ended the agent loop or the status pusher thread.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from reconciler.agent.config import AgentConfig
+from reconciler.agent.core import backoff
+from reconciler.agent.loop import next_delay
+from reconciler.agent.status import StatusPusher
+
+
+@pytest.mark.parametrize(
+    ("failures", "expected"),
+    [(1, 2.0), (2, 4.0), (10, 60.0), (1024, 60.0), (1025, 60.0), (5000, 60.0)],
+)
+def test_backoff_doubles_up_to_the_cap(failures: int, expected: float) -> None:
+    wait = backoff(failures, 2.0, 60.0)
+    assert wait == expected
+    assert wait <= 60.0
+
+
+def test_backoff_never_exceeds_the_cap_for_a_tiny_cap() -> None:
+    for failures in (1, 2, 10, 5000):
+        assert backoff(failures, 2.0, 1.5) == 1.5
+
+
+def test_backoff_matches_the_plain_formula_where_that_did_not_overflow() -> None:
+    for failures in range(1, 1025):
+        assert backoff(failures, 0.5, 3600.0) == min(3600.0, 0.5 * 2 ** (failures - 1))
+
+
+def test_next_delay_does_not_raise_after_many_failures() -> None:
+    cfg = AgentConfig("s", "c", "/x", interval=60, jitter=0.1, retry_base=2.0, retry_cap=300)
+    assert next_delay(cfg, 5000, 0.0) == 300
+    assert next_delay(cfg, 5000, 0.5) == pytest.approx(315)
+
+
+def test_status_pusher_waits_the_cap_after_many_failures() -> None:
+    pusher = StatusPusher(None, heartbeat=60, retry_base=2.0, retry_cap=60.0)  # type: ignore[arg-type]
+    pusher.offer({"cell": "c"})
+    pusher._failures = 5000
+    pusher._last_attempt = 100.0
+    assert pusher._due(100.0) == 60.0
+    assert pusher._due(200.0) == 0.0
