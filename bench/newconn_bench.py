@@ -50,8 +50,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS, machine  # noqa: E402
-from reconciler.dataplane import Backend, ConvergeResult, Runner, converge  # noqa: E402
-from reconciler.dataplane.iptables import IptablesBackend  # noqa: E402
+from reconciler.dataplane import (  # noqa: E402
+    Backend,
+    ConvergeResult,
+    Runner,
+    converge,
+    open_backend,
+)
 from reconciler.dataplane.nftables import NftablesBackend  # noqa: E402
 from reconciler.lab.netns import ContainerSpec, Lab, ServiceSpec  # noqa: E402
 from reconciler.model import AddressRange, Container, PortRange, RuleItem  # noqa: E402
@@ -258,13 +263,6 @@ def stop_cell(cell: Cell) -> None:
     cell.lab.teardown()
 
 
-def open_backend(name: str, runner: Runner) -> Backend:
-    """Each backend as `asgctl apply --backend` and the agent open it (defaults)."""
-    if name == "nftables":
-        return NftablesBackend.open("auto", runner)
-    return IptablesBackend.open(name.removeprefix("iptables-"), runner)
-
-
 @dataclass
 class Cycle:
     seconds: float
@@ -318,7 +316,10 @@ def run_one(scale: str, backend_name: str, plans: Plans, seconds: float, repeat:
     cell = start_cell()
     try:
         runner = Runner.in_netns(cell.lab.cell, timeout=900)
-        backend = open_backend(backend_name, runner)
+        # Opened as `asgctl apply --backend` and the agent open it (defaults):
+        # "iptables-legacy" is kind "iptables", variant "legacy"; "nftables" has no variant.
+        kind, _, variant = backend_name.partition("-")
+        backend = open_backend(kind, variant or "auto", runner)
         scratch = timed(backend, plans.plan, None)
         baseline, rate, extra, failed = cell.cost(backend_name, seconds, repeat)
         # Measuring moved the hook, which any backend must notice: a cycle that finds the
