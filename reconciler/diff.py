@@ -46,7 +46,7 @@ from reconciler.model import (
     SecurityGroup,
 )
 from reconciler.plan import CONTAINER_FIXED_LINES, CellPlan, ContainerPlan, Provenance, RuleGroup
-from reconciler.render.iptables import CONTAINER_PREFIX, GROUP_PREFIX, TOP_CHAIN, render_cell
+from reconciler.render.iptables import CONTAINER_PREFIX, TOP_CHAIN, chain_order, render_cell
 
 CF_RULES_WARNING = 150_000
 CF_RULES_ERROR = 500_000
@@ -341,20 +341,11 @@ def _family_diff(before: CellPlan, after: CellPlan, family: int) -> list[ChainDi
         old.pop(TOP_CHAIN, None)
         new.pop(TOP_CHAIN, None)
     out = []
-    for name in sorted(old.keys() | new.keys(), key=_chain_sort):
+    for name in sorted(old.keys() | new.keys(), key=chain_order):
         a, b = old.get(name, ()), new.get(name, ())
         if a != b:
             out.append(_chain_diff(family, name, a, b))
     return out
-
-
-def _chain_sort(name: str) -> tuple[int, str]:
-    """Groups, then containers, then dispatch: the order the agent creates them in."""
-    if name.startswith(GROUP_PREFIX):
-        return (0, name)
-    if name.startswith(CONTAINER_PREFIX):
-        return (1, name)
-    return (2, name)
 
 
 def _chain_diff(family: int, name: str, old: tuple[str, ...], new: tuple[str, ...]) -> ChainDiff:

@@ -52,7 +52,7 @@ class Ruleset:
         lines.extend(f":{name} - [0:0]" for name in sorted(self.chains))
         if hook and self.chains:
             lines.append(hook_rule().replace("-A FORWARD", "-I FORWARD 1", 1))
-        for name in sorted(self.chains, key=_chain_order):
+        for name in sorted(self.chains, key=chain_order):
             lines.extend(self.chains[name])
         lines.append("COMMIT")
         return "\n".join(lines) + "\n"
@@ -62,7 +62,7 @@ class Ruleset:
         return sum(len(rules) for rules in self.chains.values())
 
 
-def _chain_order(name: str) -> tuple[int, str]:
+def chain_order(name: str) -> tuple[int, str]:
     """Groups before containers before dispatch: a chain is filled before anything jumps to it."""
     if name.startswith(GROUP_PREFIX):
         return (0, name)
