@@ -47,7 +47,7 @@ from reconciler.agent.config import build_config  # noqa: E402
 from reconciler.agent.loop import SYNC, Agent  # noqa: E402
 from reconciler.agent.source import GitSource  # noqa: E402
 from reconciler.inventory import dump_store  # noqa: E402
-from reconciler.lab.gitserver import GitDaemon, git  # noqa: E402
+from reconciler.lab.gitserver import GitDaemon, git, proc_cpu  # noqa: E402
 from reconciler.lab.netns import Lab, cleanup_stale  # noqa: E402
 from reconciler.model import Container  # noqa: E402
 
@@ -114,14 +114,6 @@ def cell_store(cell: int) -> str:
 
 
 # -- measurements --------------------------------------------------------------------------
-
-
-def proc_cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_rss_mib(pid: int) -> float:

@@ -54,6 +54,19 @@ def git(*args: str, cwd: str | os.PathLike[str] | None = None, input: str | None
     return res.stdout.strip()
 
 
+def proc_cpu(pid: int) -> float:
+    """utime + stime + cutime + cstime of `pid` (its CPU and its reaped children's), in s.
+
+    0.0 once the process is gone.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 class GitDaemon:
     """`git daemon` over `base` on 127.0.0.1; repositories are `base/<name>.git`."""
 
@@ -122,7 +135,7 @@ class GitDaemon:
         proc = self.proc
         if proc is None:
             return
-        self._cpu_before_restarts += self._cpu(proc.pid) if proc.poll() is None else 0.0
+        self._cpu_before_restarts += proc_cpu(proc.pid) if proc.poll() is None else 0.0
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -140,17 +153,7 @@ class GitDaemon:
             return (self.base / "daemon.log").read_text(errors="replace")[-500:]
         return ""
 
-    @staticmethod
-    def _cpu(pid: int) -> float:
-        """utime + stime + cutime + cstime of `pid`, in seconds."""
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        ticks = sum(int(x) for x in fields[11:15])
-        return ticks / os.sysconf("SC_CLK_TCK")
-
     def cpu_seconds(self) -> float:
         """CPU the daemon and its reaped children used, over every start so far."""
         pid = self.pid
-        return self._cpu_before_restarts + (self._cpu(pid) if pid is not None else 0.0)
+        return self._cpu_before_restarts + (proc_cpu(pid) if pid is not None else 0.0)
