@@ -51,7 +51,6 @@ from reconciler.compile import compile_cell
 from reconciler.dataplane import ConvergeResult, Runner, compute_delta, converge, open_backend
 from reconciler.dataplane.backend import Backend
 from reconciler.dataplane.iptables import IptablesBackend
-from reconciler.dataplane.libiptc import LibiptcBackend
 from reconciler.dataplane.records import OwnedState
 from reconciler.lab.netns import Lab
 from reconciler.model import AddressRange, PolicySet, PortRange, Rule
@@ -124,11 +123,8 @@ def fresh_cell() -> Iterator[str]:
 
 
 def open_in(netns: str, kind: str, variant: str) -> Backend:
-    """A backend for the namespace, taking the benchmark's own xtables lock (see main)."""
-    backend = open_backend(kind, variant, Runner.in_netns(netns))
-    if isinstance(backend, LibiptcBackend):  # its lock path is read at import
-        backend = dataclasses.replace(backend, lock_path=os.environ["XTABLES_LOCKFILE"])
-    return backend
+    """A backend for the namespace; it takes the benchmark's own xtables lock (see main)."""
+    return open_backend(kind, variant, Runner.in_netns(netns))
 
 
 def raw(netns: str, argv: list[str], stdin: str | None = None) -> float:

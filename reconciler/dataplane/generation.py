@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
-import os
 import socket
 import struct
-import threading
 from dataclasses import dataclass
-from typing import Any
 
-_CLONE_NEWNET = 0x40000000
+from reconciler.dataplane.nsthread import libc, run_in_netns
+
 _NETLINK_NETFILTER = 12
 _NFNL_SUBSYS_NFTABLES = 10
 _NFT_MSG_GETGEN = 16
@@ -62,33 +59,7 @@ def socket_in(netns: str | None, family: int, kind: int, proto: int) -> socket.s
     """A socket in network namespace `netns` (None: the caller's own)."""
     if netns is None:
         return socket.socket(family, kind, proto)
-    made: dict[str, Any] = {}
-
-    def create() -> None:
-        try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if hasattr(os, "setns"):
-                    os.setns(fd, _CLONE_NEWNET)
-                elif _libc().setns(fd, _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            made["socket"] = socket.socket(family, kind, proto)
-        except OSError as exc:
-            made["error"] = exc
-
-    worker = threading.Thread(target=create, name=f"netns-{netns}")
-    worker.start()
-    worker.join()
-    if "error" in made:
-        raise made["error"]
-    return made["socket"]
-
-
-@functools.cache
-def _libc() -> Any:
-    return ctypes.CDLL(None, use_errno=True)
+    return run_in_netns(netns, socket.socket, family, kind, proto)
 
 
 CHUNK_ENTRIES = 64
@@ -294,7 +265,7 @@ class KernelProbe:
             return False
         size = ctypes.c_uint(len(buf))
         level = _LEVEL[family]
-        return _libc().getsockopt(raw.fileno(), level, option, buf, ctypes.byref(size)) == 0
+        return libc().getsockopt(raw.fileno(), level, option, buf, ctypes.byref(size)) == 0
 
     def __del__(self) -> None:  # a backend dropped without closing: no ResourceWarning
         self.close()

@@ -15,27 +15,23 @@ Needs `pip install 'asgctl[libiptc]'` (python-iptables).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import re
 import shlex
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.dataplane.delta import check_applied
-from reconciler.dataplane.errors import ApplyError, DataplaneError, VariantError, VerifyError
+from reconciler.dataplane.errors import ApplyError, DataplaneError, VariantError
 from reconciler.dataplane.iptables import VARIANTS, IptablesBackend, choose_variant, probe_variant
-from reconciler.dataplane.memory import rewrites_most
+from reconciler.dataplane.nsthread import run_in_netns
 from reconciler.dataplane.records import Delta, OwnedState
 from reconciler.dataplane.rendercache import RenderCache
 from reconciler.dataplane.runner import Runner
+from reconciler.dataplane.xlock import lock_path as default_lock_path
 from reconciler.dataplane.xlock import xtables_lock
 from reconciler.plan import CellPlan
 from reconciler.render.iptables import OWNED_PREFIX, Ruleset, render_cell
 
-_CLONE_NEWNET = 0x40000000
 _PROTOCOLS = {"icmp": "1", "tcp": "6", "udp": "17", "ipv6-icmp": "58", "icmpv6": "58"}
 
 
@@ -57,7 +53,7 @@ class LibiptcBackend:
     wait_seconds: int = 10
     reason: str = ""
     fault: Callable[[int, str], str] | None = None
-    lock_path: str = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
+    lock_path: str = field(default_factory=default_lock_path)
     renders: RenderCache = field(default_factory=RenderCache, compare=False, repr=False)
     _reader: IptablesBackend = field(init=False, compare=False, repr=False)
 
@@ -119,20 +115,15 @@ class LibiptcBackend:
         if netns is None:
             self._commit(delta.family, text)
             return
-        # setns(2) moves only the calling thread: do the whole transaction on a thread of its
-        # own, so the caller never leaves its namespace, whatever happens.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pool.submit(_in_netns, netns, self._commit, delta.family, text).result()
+        # The whole transaction on a thread of its own inside the namespace: the caller never
+        # leaves its namespace, whatever happens.
+        try:
+            run_in_netns(netns, self._commit, delta.family, text)
+        except OSError as exc:
+            raise DataplaneError(f"cannot enter netns {netns}: {exc.strerror or exc}") from None
 
     def verify(self, desired: Ruleset, delta: Delta) -> None:
-        reader = self._reader
-        large = rewrites_most(desired.chains, delta)
-        observed = reader.read_full(delta.family) if large else reader.read(delta.family)
-        problems = check_applied(desired, delta, observed)
-        if problems:
-            raise VerifyError(
-                f"ipv{delta.family}: after apply the kernel differs: " + "; ".join(problems[:5])
-            )
+        self._reader.verify(desired, delta)
 
     def _commit(self, family: int, text: str) -> None:
         iptc = _iptc()
@@ -291,22 +282,6 @@ def _rule(iptc: Any, family: int, words: list[str]) -> tuple[Any, str | None]:
     if target is not None:
         rule.target = target
     return rule, jump
-
-
-def _in_netns(name: str, fn: Callable[..., None], *args: Any) -> None:
-    """Run `fn` with this (worker) thread inside network namespace `name`."""
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if hasattr(os, "setns"):
-            os.setns(fd, _CLONE_NEWNET)
-        else:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(fd, _CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise DataplaneError(f"cannot enter netns {name}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-    fn(*args)
 
 
 @contextlib.contextmanager

@@ -10,30 +10,17 @@ rule changes as an ordinary Python object.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-NETNS_RUN_DIR = "/run/netns"
-_CLONE_NEWNET = 0x40000000
+from reconciler.dataplane.nsthread import NETNS_RUN_DIR, setns_net
 
 
 class NetnsError(RuntimeError):
     """A namespace could not be entered or a command that sets one up failed."""
-
-
-def _setns(fd: int) -> None:
-    # os.setns exists from Python 3.12; 3.11 goes through libc directly.
-    if hasattr(os, "setns"):
-        os.setns(fd, _CLONE_NEWNET)
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 @contextmanager
@@ -50,13 +37,13 @@ def in_netns(name: str) -> Iterator[None]:
         except FileNotFoundError:
             raise NetnsError(f"network namespace {name!r} does not exist") from None
         try:
-            _setns(target)
+            setns_net(target)
         finally:
             os.close(target)
         try:
             yield
         finally:
-            _setns(home)
+            setns_net(home)
     finally:
         os.close(home)
 
