@@ -6,12 +6,16 @@ multiply with a float; the OverflowError ended the agent loop or the status push
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from reconciler.agent.config import AgentConfig
 from reconciler.agent.core import backoff
 from reconciler.agent.loop import next_delay
-from reconciler.agent.status import StatusPusher
+from reconciler.agent.status import StatusPusher, StatusPushError, StatusWriter
 
 
 @pytest.mark.parametrize(
@@ -47,3 +51,22 @@ def test_status_pusher_waits_the_cap_after_many_failures() -> None:
     pusher._last_attempt = 100.0
     assert pusher._due(100.0) == 60.0
     assert pusher._due(200.0) == 0.0
+
+
+def test_a_git_timeout_is_a_push_error_the_pusher_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every git call of a status push, commit-tree included, reports a timeout as
+    StatusPushError (retried with back-off), never as a TimeoutExpired that ends the thread."""
+    writer = StatusWriter("file:///nowhere.git", "status/c", tmp_path / "s.git", timeout=5)
+    writer._ensure_repo()
+    real = subprocess.run
+
+    def slow_commit_tree(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        if "commit-tree" in argv:
+            raise subprocess.TimeoutExpired(argv, kw["timeout"])
+        return real(argv, **kw)
+
+    monkeypatch.setattr(subprocess, "run", slow_commit_tree)
+    with pytest.raises(StatusPushError, match=r"git commit-tree: no answer within 5 s"):
+        writer.commit("x: 1\n", "status c", 1_700_000_000)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -21,7 +20,7 @@ from typing import Any
 import yaml
 
 from reconciler.agent.config import redact_url
-from reconciler.agent.source import git_env
+from reconciler.agent.source import run_git
 from reconciler.agent.status import STATUS_FILE
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -74,21 +73,7 @@ class Fleet:
 
 
 def _git(git_dir: Path, *args: str, timeout: float = 120.0) -> str:
-    try:
-        res = subprocess.run(
-            ["git", f"--git-dir={git_dir}", *args],
-            capture_output=True,
-            text=True,
-            env={**git_env(), "LC_ALL": "C"},
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise FleetError(f"git {args[0]}: no answer within {timeout:g} s") from None
-    if res.returncode != 0:
-        lines = [x.strip() for x in res.stderr.splitlines() if x.strip()]
-        raise FleetError(f"git {args[0]}: " + (" / ".join(lines[-3:]) or "failed"))
-    return res.stdout
+    return run_git(git_dir, *args, timeout=timeout, error=FleetError)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,38 @@ def git_env() -> dict[str, str]:
         }
     )
     return env
+
+
+def run_git(
+    git_dir: str | os.PathLike[str],
+    *args: str,
+    timeout: float,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+    error: type[Exception] = RuntimeError,
+) -> str:
+    """`git --git-dir=<git_dir> <args>` without prompts or operator config; its stdout.
+
+    `env` adds to `git_env()` (e.g. a commit's author and date).  A non-zero exit or no answer
+    within `timeout` seconds raises `error` with the subcommand and the last lines git wrote
+    to stderr, so a caller's thread never dies of a bare `TimeoutExpired`.
+    """
+    try:
+        res = subprocess.run(
+            ["git", f"--git-dir={git_dir}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env={**git_env(), **(env or {}), "LC_ALL": "C"},
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise error(f"git {args[0]}: no answer within {timeout:g} s") from None
+    if res.returncode != 0:
+        lines = [x.strip() for x in res.stderr.splitlines() if x.strip()]
+        raise error(f"git {args[0]}: " + (" / ".join(lines[-3:]) or "failed"))
+    return res.stdout
 
 
 @dataclass(frozen=True, slots=True)

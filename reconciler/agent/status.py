@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -38,7 +37,7 @@ from typing import Any
 import yaml
 
 from reconciler.agent.core import backoff
-from reconciler.agent.source import git_env
+from reconciler.agent.source import run_git
 from reconciler.agent.state import AgentState
 from reconciler.plan import CellPlan
 
@@ -188,23 +187,11 @@ class StatusWriter:
         self.timeout = timeout
         self.pushes = 0
 
-    def _git(self, *args: str, input: str | None = None) -> str:
-        try:
-            res = subprocess.run(
-                ["git", f"--git-dir={self.path}", *args],
-                input=input,
-                capture_output=True,
-                text=True,
-                env={**git_env(), "LC_ALL": "C"},
-                timeout=self.timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise StatusPushError(f"git {args[0]}: no answer within {self.timeout:g} s") from None
-        if res.returncode != 0:
-            lines = [x.strip() for x in res.stderr.splitlines() if x.strip()]
-            raise StatusPushError(f"git {args[0]}: " + (" / ".join(lines[-3:]) or "failed"))
-        return res.stdout.strip()
+    def _git(self, *args: str, input: str | None = None, env: dict[str, str] | None = None) -> str:
+        out = run_git(
+            self.path, *args, timeout=self.timeout, input=input, env=env, error=StatusPushError
+        )
+        return out.strip()
 
     def _ensure_repo(self) -> None:
         if (self.path / "HEAD").exists() and (self.path / "objects").is_dir():
@@ -235,17 +222,7 @@ class StatusWriter:
             "GIT_COMMITTER_EMAIL": f"{ident}@asgctl.invalid",
             "GIT_COMMITTER_DATE": f"{when} +0000",
         }
-        res = subprocess.run(
-            ["git", f"--git-dir={self.path}", "commit-tree", tree, "-m", message],
-            capture_output=True,
-            text=True,
-            env={**git_env(), **env, "LC_ALL": "C"},
-            timeout=self.timeout,
-            check=False,
-        )
-        if res.returncode != 0:
-            raise StatusPushError(f"git commit-tree: {res.stderr.strip()[-300:]}")
-        return res.stdout.strip()
+        return self._git("commit-tree", tree, "-m", message, env=env)
 
     def push(self, text: str, message: str, when: int | None = None) -> str:
         """Commit and force-push; StatusPushError on failure (the caller retries later)."""
