@@ -82,13 +82,8 @@ def _chain_id(handle: str) -> str:
 
 
 def profile_of(container: Container) -> Profile:
-    """Everything that decides which rules a container gets; equal profiles, equal rules.
-
-    The family is read off the (already validated) address text: parsing it with ipaddress
-    for every container was the largest single cost of a fleet-wide plan.
-    """
-    version = 6 if ":" in container.ip else 4
-    return (version, container.lifecycle, container.space_id, container.app_id)
+    """Everything that decides which rules a container gets; equal profiles, equal rules."""
+    return (container.version, container.lifecycle, container.space_id, container.app_id)
 
 
 class _Index:

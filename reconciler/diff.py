@@ -38,7 +38,6 @@ from reconciler.compile import (
 from reconciler.inventory_sources import CellInventory
 from reconciler.model import (
     AddressRange,
-    Container,
     Destination,
     PolicySet,
     PortRange,
@@ -314,8 +313,8 @@ def _family_diff(before: CellPlan, after: CellPlan, family: int) -> list[ChainDi
     """
     old_groups = {g.id: g for g in before.groups if g.version == family}
     new_groups = {g.id: g for g in after.groups if g.version == family}
-    old_cs = {c.chain_id: c for c in before.containers if _family(c.container) == family}
-    new_cs = {c.chain_id: c for c in after.containers if _family(c.container) == family}
+    old_cs = {c.chain_id: c for c in before.containers if c.container.version == family}
+    new_cs = {c.chain_id: c for c in after.containers if c.container.version == family}
     changed = sorted(
         k
         for k in old_cs.keys() | new_cs.keys()
@@ -455,14 +454,9 @@ def _principal_diffs(
     return tuple(out)
 
 
-def _family(c: Container) -> int:
-    """4 or 6, from the validated address text (cheaper than parsing it again)."""
-    return 6 if ":" in c.ip else 4
-
-
 def _installed(plan: CellPlan, group_lines: dict[str, int]) -> int:
     """`CellPlan.installed_rules`, with each shared group's line count computed once."""
-    total = len({_family(cp.container) for cp in plan.containers})
+    total = len({cp.container.version for cp in plan.containers})
     total += sum(CONTAINER_FIXED_LINES + len(cp.groups) for cp in plan.containers)
     for g in plan.groups:
         n = group_lines.get(g.id)
