@@ -21,7 +21,7 @@ import yaml
 
 from reconciler.agent.config import redact_url
 from reconciler.agent.source import run_git
-from reconciler.agent.status import STATUS_FILE
+from reconciler.inventory_sources import STATUS_FILE
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 

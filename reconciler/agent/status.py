@@ -39,12 +39,12 @@ import yaml
 from reconciler.agent.core import backoff
 from reconciler.agent.source import run_git
 from reconciler.agent.state import AgentState
+from reconciler.inventory_sources import STATUS_FILE
 from reconciler.plan import CellPlan
 
 PHASES = ("fetch", "verify", "load", "render", "enforce", "cleanup", "total")
 API_VERSION = "asgctl.io/v1"
 KIND = "CellStatus"
-STATUS_FILE = "status.yaml"
 VOLATILE = ("reportedAt", "lastSyncTime", "lastSuccessTime", "timings")
 VOLATILE_HISTORY = ("lastReconciled", "totalReconciliations", "lastReconciledDuration")
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
