@@ -121,6 +121,13 @@ class PolicyRepo:
         git("reset", "-q", "--hard", rev, cwd=self.root)
 
 
+def local_repo(tmp_path: Path) -> PolicyRepo:
+    """A policy repo pushed to a bare repository on disk (file://), for in-process agents."""
+    bare = tmp_path / "origin.git"
+    git("init", "-q", "--bare", "-b", "main", str(bare))
+    return PolicyRepo(tmp_path / "work", f"file://{bare}", bare)
+
+
 def read_status(bare: Path, cell: str) -> dict[str, Any] | None:
     """The cell's status.yaml as pushed to the server, or None when there is none yet."""
     try:

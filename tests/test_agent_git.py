@@ -19,23 +19,24 @@ from reconciler.agent.status import StatusWriter
 from reconciler.agent.verify import SignatureVerifier
 from reconciler.agent.watch import InventoryWatcher
 from reconciler.lab.gitserver import GitDaemon, git
-from tests.agentkit import git_server, policy_repo, sg, tcp_rules  # noqa: F401 - fixtures
+from tests.agentkit import (  # noqa: F401 - fixtures
+    git_server,
+    local_repo,
+    policy_repo,
+    sg,
+    tcp_rules,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
 
 def _origin(tmp_path: Path, commits: int = 5) -> tuple[Path, Path, str]:
     """A work tree with `commits` commits pushed to a bare repo; returns (work, bare, url)."""
-    work, bare = tmp_path / "work", tmp_path / "origin.git"
-    git("init", "-q", "-b", "main", str(work))
-    git("init", "-q", "--bare", "-b", "main", str(bare))
+    repo = local_repo(tmp_path)
     for i in range(commits):
-        (work / "policies").mkdir(exist_ok=True)
-        (work / "policies" / "sg.yaml").write_text(sg("web", tcp_rules(i + 1)))
-        git("add", "-A", cwd=work)
-        git("commit", "-qm", f"c{i}", cwd=work)
-    git("push", "-q", str(bare), "main", cwd=work)
-    return work, bare, f"file://{bare}"
+        repo.commit(f"c{i}", {"sg.yaml": sg("web", tcp_rules(i + 1))}, push=False)
+    repo.push()
+    return repo.root, repo.bare, repo.url
 
 
 def test_first_fetch_is_shallow_and_later_ones_keep_the_history(tmp_path: Path) -> None:

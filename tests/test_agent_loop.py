@@ -19,7 +19,7 @@ from reconciler.dataplane.records import HookCopy
 from reconciler.lab.gitserver import git
 from reconciler.plan import CellPlan
 from reconciler.render.iptables import Ruleset, hook_rule, render_cell
-from tests.agentkit import container, sg, tcp_rules, write_store
+from tests.agentkit import container, local_repo, sg, tcp_rules, write_store
 
 
 class MemoryDataplane:
@@ -59,25 +59,16 @@ class MemoryDataplane:
 
 @pytest.fixture
 def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
-    work, bare = tmp_path / "work", tmp_path / "origin.git"
-    git("init", "-q", "-b", "main", str(work))
-    git("init", "-q", "--bare", "-b", "main", str(bare))
+    repo = local_repo(tmp_path)
+    bare = repo.bare
 
     def commit(files: dict[str, str], message: str = "change") -> str:
-        for p in (work / "policies").glob("*.yaml") if (work / "policies").exists() else ():
-            p.unlink()
-        for name, text in files.items():
-            (work / "policies").mkdir(exist_ok=True)
-            (work / "policies" / name).write_text(text)
-        git("add", "-A", cwd=work)
-        git("commit", "-q", "--allow-empty", "-m", message, cwd=work)
-        git("push", "-q", str(bare), "main", cwd=work)
-        return git("rev-parse", "HEAD", cwd=work)
+        return repo.commit(message, files)
 
     store = write_store(tmp_path / "store.json", [container("c0", 0), container("c1", 1)])
     cfg = build_config(
         {
-            "source": f"file://{bare}",
+            "source": repo.url,
             "cell": "mem",
             "containers": str(store),
             "state-dir": str(tmp_path / "state"),

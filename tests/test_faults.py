@@ -54,6 +54,7 @@ from tests.agentkit import (  # noqa: F401 - fixtures
     agents,
     container,
     git_server,
+    local_repo,
     policy_repo,
     read_status,
     sg,
@@ -286,13 +287,6 @@ def test_another_program_editing_forward_while_we_converge(
 
 
 # -- agents: shared set-up --------------------------------------------------------------------
-
-
-def local_repo(tmp_path: Path) -> PolicyRepo:
-    """A policy repo pushed to a bare repository on disk (file://), for in-process agents."""
-    bare = tmp_path / "origin.git"
-    git("init", "-q", "--bare", "-b", "main", str(bare))
-    return PolicyRepo(tmp_path / "work", f"file://{bare}", bare)
 
 
 def agent_config(tmp_path: Path, repo: PolicyRepo, store: Path, netns: str, **more: Any) -> Any:

@@ -36,11 +36,11 @@ from hypothesis import strategies as st
 
 from reconciler.cli import main
 from reconciler.inventory import InventoryError, parse_store
-from reconciler.lab.gitserver import git
 from reconciler.policy.load import load_revision, parse_files
 from reconciler.policy.source import SourceFile
 from reconciler.policytest import render_results, run_tests
 from tests.iptables_eval import Packet, parse_restore, verdict
+from tests.policyrepo import commit_all, init_repo
 
 INJECTIONS = [
     '"\n-A FORWARD -j ACCEPT\nCOMMIT',
@@ -532,14 +532,12 @@ def test_a_100_mb_store_is_refused(tmp_path: Path) -> None:
 
 def test_a_100_mb_blob_at_a_git_revision_is_refused_without_reading_it(tmp_path: Path) -> None:
     """The agent loads policy from git objects: the size check must come before the read."""
-    work = tmp_path / "work"
-    git("init", "-q", "-b", "main", str(work))
+    work = init_repo(tmp_path / "work")
     (work / "policies").mkdir()
     (work / "policies" / "ok.yaml").write_text(_dump(BASE))
     with (work / "policies" / "huge.yaml").open("wb") as f:
         f.truncate(100 * 1024 * 1024)
-    git("add", "-A", cwd=work)
-    git("commit", "-qm", "huge", cwd=work)
+    commit_all(work, "huge")
     result = load_revision(work, "HEAD", "policies")
     assert not result.ok
     assert any(
