@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Self
 
@@ -38,19 +39,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def git(*args: str, cwd: str | os.PathLike[str] | None = None, input: str | None = None) -> str:
-    """Run git with a neutral identity and no user or system config; raise on failure."""
+def git(
+    *args: str,
+    cwd: str | os.PathLike[str] | None = None,
+    input: str | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+) -> str:
+    """Run git and return its stdout, stripped; RuntimeError with its stderr on failure.
+
+    `env` is the whole environment; by default the caller's with a neutral identity and no
+    user or system config.
+    """
     res = subprocess.run(
         ["git", *args],
         cwd=cwd,
         input=input,
         capture_output=True,
         text=True,
-        env={**os.environ, **_GIT_ENV},
+        timeout=timeout,
+        env=dict(env) if env is not None else {**os.environ, **_GIT_ENV},
         check=False,
     )
     if res.returncode != 0:
-        raise RuntimeError(f"git {' '.join(args)} failed: {res.stderr.strip()}")
+        raise RuntimeError(f"git {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
     return res.stdout.strip()
 
 

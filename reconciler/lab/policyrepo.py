@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from reconciler.lab import gitserver
 
 REPO_NAME = "policies.git"
 STATUS_PREFIX = "status/"
@@ -57,20 +58,11 @@ def git(
     input: str | None = None,
     timeout: float = 60.0,
 ) -> str:
-    """Run one git command and return its stdout; GitError with stderr on failure."""
-    proc = subprocess.run(
-        ["git", *args],
-        cwd=cwd,
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=git_env(),
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise GitError(f"git {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
+    """Run one git command as the operator and return its stdout; GitError on failure."""
+    try:
+        return gitserver.git(*args, cwd=cwd, input=input, env=git_env(), timeout=timeout)
+    except RuntimeError as exc:  # gitserver.git's failure, stderr in the message
+        raise GitError(str(exc)) from None
 
 
 def init_bare(git_root: Path) -> Path:
