@@ -67,7 +67,8 @@ from reconciler.agent.verify import SignatureVerifier, trailer_true
 from reconciler.agent.watch import InventoryWatcher
 from reconciler.compile import compile_cell
 from reconciler.inventory import InventoryError, read_store
-from reconciler.model import Container
+from reconciler.model import Container, PolicySet
+from reconciler.plan import CellPlan
 from reconciler.policy.findings import Finding
 from reconciler.policy.load import load_revision
 
@@ -135,6 +136,7 @@ class Agent:
         self._cycles = 0
         self._crashes = 0
         self._inventory_seen: tuple[Container, ...] | None = None
+        self._compiled: tuple[PolicySet, tuple[Container, ...], CellPlan] | None = None
         self.pusher: StatusPusher | None = None
         if cfg.status_push:
             writer = StatusWriter(
@@ -178,6 +180,23 @@ class Agent:
     def _pushed(self, result: PushResult) -> None:
         self.metrics.inc("asgctl_agent_status_pushes_total", result="ok" if result.ok else "error")
 
+    # -- compiling -----------------------------------------------------------------------------
+
+    def _compile(self, policy: PolicySet, inventory: tuple[Container, ...]) -> CellPlan:
+        """This cell's plan for `policy` over `inventory`, remembering the last one (one slot).
+
+        A sync compiles a new head for the mass-revoke gate, the applied revision beside it,
+        and the head again to enforce it; compile_cell is pure and deterministic, so the same
+        policy object over an equal inventory gets the remembered plan back.  The slot is
+        seeded with the applied plan, so the gate's "before" side is usually free.
+        """
+        memo = self._compiled
+        if memo is not None and memo[0] is policy and memo[1] == inventory:
+            return memo[2]
+        plan = compile_cell(policy, inventory, self.cfg.cell)
+        self._compiled = (policy, inventory, plan)
+        return plan
+
     # -- the gates -----------------------------------------------------------------------------
 
     def _restore_applied(self, st: AgentState) -> AgentState:
@@ -190,7 +209,7 @@ class Agent:
         result = load_revision(self.source.path, a.sha, self.cfg.policies_path)
         if not result.ok:
             return st
-        plan = compile_cell(result.policy, a.inventory, self.cfg.cell)
+        plan = self._compile(result.policy, a.inventory)
         return replace(st, applied=replace(a, policy=result.policy, plan=plan))
 
     def _evaluate(self, st: AgentState, sha: str, timings: dict[str, float]) -> Head:
@@ -223,8 +242,8 @@ class Agent:
             return Head(sha, subject, check, verdict)
         a = st.applied
         if a is not None and a.policy is not None and st.inventory is not None:
-            old = compile_cell(a.policy, st.inventory, cfg.cell)
-            new = compile_cell(result.policy, st.inventory, cfg.cell)
+            old = self._compile(a.policy, st.inventory)
+            new = self._compile(result.policy, st.inventory)
             override = trailer_true(info.message, cfg.mass_revoke_trailer)
             verdict = revoke_verdict(
                 revoke_share(old, new), cfg.mass_revoke_threshold, override, cfg.mass_revoke_trailer
@@ -316,7 +335,7 @@ class Agent:
             ):
                 plan = applied.plan  # nothing moved: the idle cycle only checks the kernel
             else:
-                plan = compile_cell(policy, st.inventory, cfg.cell)
+                plan = self._compile(policy, st.inventory)
             compile_seconds = time.perf_counter() - t
             try:
                 backend = self._dataplane()
@@ -381,6 +400,7 @@ class Agent:
                         policy,
                         plan,
                     )
+                    self._compiled = (policy, st.inventory, plan)  # seed: the applied plan
                 else:
                     errors = [f"ipv{f.family}: {f.error}" for f in result.families if f.error]
                     enforce_error = Problem("EnforcementFailed", "; ".join(errors))
