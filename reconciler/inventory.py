@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from reconciler.model import Container
@@ -115,9 +116,9 @@ def _printable(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def dump_store(containers: tuple[Container, ...] | list[Container]) -> str:
-    """The metadata store for these containers, as a CF cell would write it."""
-    doc = {
+def store_document(containers: Iterable[Container]) -> dict[str, Any]:
+    """The metadata store document for these containers, as a CF cell would write it."""
+    return {
         c.handle: {
             "handle": c.handle,
             "ip": c.ip,
@@ -131,4 +132,8 @@ def dump_store(containers: tuple[Container, ...] | list[Container]) -> str:
         }
         for c in sorted(containers)
     }
-    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+
+def dump_store(containers: tuple[Container, ...] | list[Container]) -> str:
+    """The metadata store for these containers, as a CF cell would write it."""
+    return json.dumps(store_document(containers), indent=2, sort_keys=True) + "\n"

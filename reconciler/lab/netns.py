@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
 
+from reconciler import inventory
 from reconciler.lab.nsenter import (
     NetnsError,
     list_links,
@@ -56,6 +57,7 @@ from reconciler.lab.nsenter import (
     run,
 )
 from reconciler.lab.probe import HeldConnection, ProbeResult, ping, probe_tcp, probe_udp
+from reconciler.model import Container
 
 PREFIX_ROOT = "asgt"
 """Every lab id starts with this; `cleanup_stale(PREFIX_ROOT)` finds all dead labs."""
@@ -216,20 +218,18 @@ def store_document(
     containers: Iterable[ContainerSpec], endpoints: Mapping[str, Endpoint]
 ) -> dict[str, Any]:
     """The cell's containers in CF's container metadata store format (store.json)."""
-    return {
-        c.handle: {
-            "handle": c.handle,
-            "ip": endpoints[c.name].ipv4,
-            "metadata": {
-                "app_id": c.app_id,
-                "space_id": c.space_id,
-                "org_id": c.org_id,
-                "policy_group_id": c.policy_group_id,
-                "container_workload": c.workload,
-            },
-        }
+    return inventory.store_document(
+        Container(
+            handle=c.handle,
+            ip=endpoints[c.name].ipv4,
+            app_id=c.app_id,
+            space_id=c.space_id,
+            org_id=c.org_id,
+            policy_group_id=c.policy_group_id,
+            workload=c.workload,
+        )
         for c in containers
-    }
+    )
 
 
 def write_json_atomic(path: Path, document: Any) -> Path:

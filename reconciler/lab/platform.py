@@ -49,8 +49,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from reconciler import inventory
 from reconciler.lab.netns import netns_unavailable_reason, write_json_atomic
 from reconciler.lab.nsenter import list_links, list_netns, netns_exec_argv, netns_pids, run
+from reconciler.model import Container
 
 PREFIX = "asgl"
 """Lab ids are `asgl` + 4 hex digits: disjoint from the test harness's `asgt` labs."""
@@ -428,23 +430,18 @@ def store_document(
     spec: LabSpec, cell: str, net: NetworkPlan, guids: Mapping[str, Guids]
 ) -> dict[str, Any]:
     """One cell's containers in CF's container metadata store format (store.json)."""
-    doc: dict[str, Any] = {}
-    for c in spec.containers:
-        if c.cell != cell:
-            continue
-        g = guids[c.app]
-        doc[c.name] = {
-            "handle": c.name,
-            "ip": net.containers[c.name].ip,
-            "metadata": {
-                "app_id": g.app_id,
-                "space_id": g.space_id,
-                "org_id": g.org_id,
-                "policy_group_id": g.app_id,
-                "container_workload": c.workload,
-            },
-        }
-    return doc
+    return inventory.store_document(
+        Container(
+            handle=c.name,
+            ip=net.containers[c.name].ip,
+            app_id=g.app_id,
+            space_id=g.space_id,
+            org_id=g.org_id,
+            policy_group_id=g.app_id,
+            workload=c.workload,
+        )
+        for c, g in ((c, guids[c.app]) for c in spec.containers if c.cell == cell)
+    )
 
 
 # -- state on disk -------------------------------------------------------------------------
