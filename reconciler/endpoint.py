@@ -6,6 +6,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from reconciler.model import address_text
+
 _PORT_PROTOCOLS = ("tcp", "udp")
 _ALL_PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6")
 _BRACKETED = re.compile(r"^\[(?P<ip>[0-9A-Fa-f:.]+)\](?::(?P<port>[0-9]{1,5}))?$")
@@ -25,9 +27,7 @@ class Endpoint:
 
     @property
     def address_text(self) -> str:
-        if self.version == 4:
-            return str(ipaddress.IPv4Address(self.address))
-        return str(ipaddress.IPv6Address(self.address))
+        return address_text(self.version, self.address)
 
     def __str__(self) -> str:
         addr = self.address_text

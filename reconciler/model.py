@@ -37,6 +37,19 @@ class Location:
         return f"{self.file}:{self.line}"
 
 
+def address_text(version: int, value: int) -> str:
+    """An address (4 or 6) as ipaddress, iptables-save and nft print it, from its integer."""
+    if version == 4:
+        # inet_ntoa prints IPv4 exactly as ipaddress and iptables-save do, at a tenth of the
+        # cost: rendering a large cell formats one address per rule.
+        try:
+            return socket.inet_ntoa(value.to_bytes(4, "big"))
+        except OverflowError:
+            pass  # not an IPv4 address: ipaddress raises its ValueError for it
+        return str(ipaddress.IPv4Address(value))
+    return str(ipaddress.IPv6Address(value))
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class AddressRange:
     """An inclusive interval of addresses of one IP version.
@@ -70,30 +83,27 @@ class AddressRange:
     def bits(self) -> int:
         return 32 if self.version == 4 else 128
 
-    def _text(self, value: int) -> str:
-        # inet_ntoa prints IPv4 exactly as ipaddress and iptables-save do, at a tenth of the
-        # cost: rendering a large cell formats one address per rule.
-        if self.version == 4:
-            return socket.inet_ntoa(value.to_bytes(4, "big"))
-        return str(ipaddress.IPv6Address(value))
-
     @property
     def first_address(self) -> str:
-        return self._text(self.first)
+        return address_text(self.version, self.first)
 
     @property
     def last_address(self) -> str:
-        return self._text(self.last)
+        return address_text(self.version, self.last)
 
-    def cidr(self) -> str | None:
-        """The exact CIDR covering this interval, if it is one (iptables `-d` can match it)."""
+    def prefix_length(self) -> int | None:
+        """The prefix length if this interval is exactly one CIDR block, else None."""
         size = self.last - self.first + 1
         if size & (size - 1):
             return None
         if self.first % size:
             return None
-        prefix = self.bits - (size.bit_length() - 1)
-        return f"{self.first_address}/{prefix}"
+        return self.bits - (size.bit_length() - 1)
+
+    def cidr(self) -> str | None:
+        """The exact CIDR covering this interval, if it is one (iptables `-d` can match it)."""
+        prefix = self.prefix_length()
+        return None if prefix is None else f"{self.first_address}/{prefix}"
 
     def contains(self, version: int, address: int) -> bool:
         return version == self.version and self.first <= address <= self.last

@@ -53,7 +53,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.model import RuleItem
+from reconciler.model import AddressRange, RuleItem, address_text
 from reconciler.plan import CellPlan, ContainerPlan, PlanRule, RuleGroup
 from reconciler.render.iptables import Ruleset
 
@@ -221,21 +221,14 @@ def _ip(family: int) -> str:
     return "ip" if family == 4 else "ip6"
 
 
-def _addr_text(version: int, value: int) -> str:
-    if version == 4:
-        return str(ipaddress.IPv4Address(value))
-    return str(ipaddress.IPv6Address(value))
-
-
-def _address_value(version: int, first: int, last: int) -> Any:
+def _address_value(dest: AddressRange) -> Any:
     """An address match's right-hand side as nft prints it: address, prefix or range."""
-    if first == last:
-        return _addr_text(version, first)
-    size = last - first + 1
-    bits = 32 if version == 4 else 128
-    if size & (size - 1) == 0 and first % size == 0:
-        return {"prefix": {"addr": _addr_text(version, first), "len": bits - size.bit_length() + 1}}
-    return {"range": [_addr_text(version, first), _addr_text(version, last)]}
+    if dest.first == dest.last:
+        return dest.first_address
+    prefix = dest.prefix_length()
+    if prefix is not None:
+        return {"prefix": {"addr": dest.first_address, "len": prefix}}
+    return {"range": [dest.first_address, dest.last_address]}
 
 
 def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
@@ -259,9 +252,7 @@ def _log_rule_matches(item: RuleItem) -> list[dict[str, Any]]:
     ip = _ip(dest.version)
     out: list[dict[str, Any]] = []
     if not (dest.first == 0 and dest.last == (1 << dest.bits) - 1):
-        out.append(
-            _match(_payload(ip, "daddr"), _address_value(dest.version, dest.first, dest.last))
-        )
+        out.append(_match(_payload(ip, "daddr"), _address_value(dest)))
     proto = item.protocol
     if proto in ("tcp", "udp"):
         ports = merge_ranges((p.first, p.last) for p in item.ports)
@@ -386,8 +377,8 @@ def element_text(keys: Sequence[str], box: Box) -> str:
     for typ, (lo, hi) in zip(keys, box, strict=True):
         if typ in ADDRESS_TYPES:
             version = 4 if typ == "ipv4_addr" else 6
-            text = _addr_text(version, lo)
-            parts.append(text if lo == hi else f"{text}-{_addr_text(version, hi)}")
+            text = address_text(version, lo)
+            parts.append(text if lo == hi else f"{text}-{address_text(version, hi)}")
         else:
             parts.append(str(lo) if lo == hi else f"{lo}-{hi}")
     return " . ".join(parts)
@@ -548,7 +539,7 @@ def _render_cell(plan: CellPlan, family: int) -> NftRuleset:
         if address in seen:  # two containers, one address: the first wins, as in iptables
             continue
         seen.add(address)
-        elements.add(f"{_addr_text(family, address)} : goto {name}")
+        elements.add(f"{address_text(family, address)} : goto {name}")
     keys = ("ipv4_addr",) if family == 4 else ("ipv6_addr",)
     dispatch = dispatch_map(family)
     sets[dispatch] = NftSet(dispatch, keys, (), "verdict", frozenset(elements))
