@@ -128,6 +128,24 @@ def local_repo(tmp_path: Path) -> PolicyRepo:
     return PolicyRepo(tmp_path / "work", f"file://{bare}", bare)
 
 
+def ssh_signing_keys(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Two SSH keys and an allowed-signers file trusting only the first.
+
+    Returns (trusted .pub, stranger .pub, allowed_signers); git signs with a public key path
+    as `user.signingkey` (PolicyRepo.commit's `sign_with`) and finds the private key next to it.
+    """
+    keys = []
+    for name in ("trusted", "stranger"):
+        k = tmp_path / name
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(k)], check=True
+        )
+        keys.append(k.with_suffix(".pub"))
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f'ops@example.invalid namespaces="git" {keys[0].read_text()}')
+    return keys[0], keys[1], allowed
+
+
 def read_status(bare: Path, cell: str) -> dict[str, Any] | None:
     """The cell's status.yaml as pushed to the server, or None when there is none yet."""
     try:

@@ -47,6 +47,7 @@ from tests.agentkit import (  # noqa: F401 - fixtures
     read_status,
     ready,
     sg,
+    ssh_signing_keys,
     tcp_rules,
     wait_for,
     write_store,
@@ -264,19 +265,6 @@ def test_git_server_down_keeps_rules_then_recovers(
     assert re.search(r"asgctl_agent_last_success_timestamp_seconds\{[^}]*\} 1\d{9}", text)
 
 
-def _keys(tmp_path: Path) -> tuple[Path, Path, Path]:
-    keys = []
-    for name in ("trusted", "stranger"):
-        k = tmp_path / name
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(k)], check=True
-        )
-        keys.append(k.with_suffix(".pub"))
-    allowed = tmp_path / "allowed_signers"
-    allowed.write_text(f'ops@example.invalid namespaces="git" {keys[0].read_text()}')
-    return keys[0], keys[1], allowed
-
-
 def test_untrusted_invalid_rewound_and_mass_revoking_heads_wait(
     tmp_path: Path,
     make_lab: Callable[..., Lab],
@@ -287,7 +275,7 @@ def test_untrusted_invalid_rewound_and_mass_revoking_heads_wait(
     lab = make_lab([], [], conntrack=False)
     store = write_store(tmp_path / "store.json", [container(f"c{i}", i) for i in range(4)])
     inventory = parse_store(store.read_text())
-    trusted, stranger, allowed = _keys(tmp_path)
+    trusted, stranger, allowed = ssh_signing_keys(tmp_path)
     a = agents(
         "cell-a",
         source=policy_repo.url,

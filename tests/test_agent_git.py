@@ -24,6 +24,7 @@ from tests.agentkit import (  # noqa: F401 - fixtures
     local_repo,
     policy_repo,
     sg,
+    ssh_signing_keys,
     tcp_rules,
 )
 
@@ -115,25 +116,13 @@ def test_fetch_failures_are_classified(tmp_path: Path, git_server: GitDaemon) ->
 # -- signatures ----------------------------------------------------------------------------
 
 
-def _keys(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """Two SSH keys and an allowed-signers file trusting only the first."""
-    k1, k2 = tmp_path / "trusted", tmp_path / "stranger"
-    for k in (k1, k2):
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", k.name, "-f", str(k)], check=True
-        )
-    allowed = tmp_path / "allowed_signers"
-    allowed.write_text(f'ops@example.invalid namespaces="git" {k1.with_suffix(".pub").read_text()}')
-    return k1, k2, allowed
-
-
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
 def test_ssh_signatures_trusted_untrusted_and_missing(tmp_path: Path) -> None:
     work, bare, url = _origin(tmp_path, commits=1)
-    trusted, stranger, allowed = _keys(tmp_path)
+    trusted, stranger, allowed = ssh_signing_keys(tmp_path)
     shas = {}
     for name, key in (("good", trusted), ("bad", stranger), ("none", None)):
-        sign = ["-c", "gpg.format=ssh", "-c", f"user.signingkey={key}.pub"] if key else []
+        sign = ["-c", "gpg.format=ssh", "-c", f"user.signingkey={key}"] if key else []
         git(*sign, "commit", "-q", "--allow-empty", "-m", name, *(["-S"] if key else []), cwd=work)
         shas[name] = git("rev-parse", "HEAD", cwd=work)
     git("push", "-q", str(bare), "main", cwd=work)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from tests.agentkit import (  # noqa: F401 - fixtures
     policy_repo,
     read_status,
     sg,
+    ssh_signing_keys,
     tcp_rules,
     write_store,
 )
@@ -140,19 +140,6 @@ class Cell:
         return out.split()
 
 
-def _keys(tmp_path: Path) -> tuple[Path, Path, Path]:
-    keys = []
-    for name in ("trusted", "stranger"):
-        k = tmp_path / name
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(k)], check=True
-        )
-        keys.append(k.with_suffix(".pub"))
-    allowed = tmp_path / "allowed_signers"
-    allowed.write_text(f'ops@example.invalid namespaces="git" {keys[0].read_text()}')
-    return keys[0], keys[1], allowed
-
-
 @pytest.fixture
 def cell(
     tmp_path: Path,
@@ -161,7 +148,7 @@ def cell(
 ) -> Any:
     require_netns()
     lab = make_lab(conntrack=False)
-    trusted, stranger, allowed = _keys(tmp_path)
+    trusted, stranger, allowed = ssh_signing_keys(tmp_path)
     c = Cell(tmp_path, lab, policy_repo, allowed)
     c.trusted, c.stranger = trusted, stranger  # type: ignore[attr-defined]
     yield c
