@@ -39,6 +39,14 @@ def parse_store(text: str | bytes, source: str = "store.json") -> tuple[Containe
     except RecursionError:
         # json's decoder recurses per nesting level: `[[[[...` is an error, not a crash.
         raise InventoryError(f"{source}: not valid JSON: nested too deeply") from None
+    return parse_store_document(data, source)
+
+
+def parse_store_document(data: Any, source: str = "store.json") -> tuple[Container, ...]:
+    """Containers of an already decoded metadata store (`parse_store` without the JSON).
+
+    For documents that are already in memory; the size limit is `parse_store`'s, on text.
+    """
     if not isinstance(data, dict):
         raise InventoryError(f"{source}: expected an object of handle -> container")
     containers: list[Container] = []

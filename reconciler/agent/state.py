@@ -21,7 +21,7 @@ from typing import Any
 
 from reconciler.agent.core import Condition, HistoryEntry, Problem, Verdict
 from reconciler.agent.verify import SignatureCheck
-from reconciler.inventory import InventoryError, dump_store, parse_store
+from reconciler.inventory import InventoryError, parse_store_document, store_document
 from reconciler.model import Container, PolicySet
 from reconciler.plan import CellPlan
 
@@ -88,7 +88,7 @@ def to_persisted(state: AgentState) -> dict[str, Any]:
                 "sha": a.sha,
                 "digest": a.digest,
                 "at": a.at,
-                "store": json.loads(dump_store(a.inventory)),
+                "store": store_document(a.inventory),
             }
             if a is not None
             else None
@@ -111,7 +111,7 @@ def from_persisted(data: Mapping[str, Any]) -> AgentState:
     a = data.get("applied")
     if isinstance(a, dict) and isinstance(a.get("sha"), str):
         try:
-            inventory = parse_store(json.dumps(a.get("store") or {}), "state.json")
+            inventory = parse_store_document(a.get("store") or {}, "state.json")
         except InventoryError:
             inventory = ()
         applied = Applied(a["sha"], str(a.get("digest", "")), str(a.get("at", "")), inventory)
