@@ -114,6 +114,44 @@ def backoff(failures: int, base: float, cap: float) -> float:
     return min(cap, base * 2 ** min(failures - 1, _MAX_EXPONENT))
 
 
+# -- what each container is granted --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerGrant:
+    """One container of a plan, the rule ids its groups allow it, and the documents
+    (`kind/name`) those rules come from."""
+
+    container: ContainerPlan
+    rules: frozenset[str]
+    sources: frozenset[str]
+
+    @property
+    def handle(self) -> str:
+        return self.container.container.handle
+
+
+def container_grants(plan: CellPlan | None) -> tuple[ContainerGrant, ...]:
+    """Every container of `plan`, in plan order, with what its groups grant it.
+
+    The one walk of plan groups behind the mass-revoke count (`allowed_pairs`), the
+    container-change log (`container_changes`) and the status document's `sources`.
+    """
+    if plan is None:
+        return ()
+    groups = plan.group_by_id
+    out = []
+    for cp in plan.containers:
+        rules: set[str] = set()
+        sources: set[str] = set()
+        for gid in cp.groups:
+            for rule in groups[gid].rules:
+                rules.add(rule.id)
+                sources.update(f"{s.kind}/{s.name}" for s in rule.sources)
+        out.append(ContainerGrant(cp, frozenset(rules), frozenset(sources)))
+    return tuple(out)
+
+
 # -- gates ---------------------------------------------------------------------------------
 
 
@@ -156,15 +194,7 @@ def validation_verdict(findings: Sequence[Finding]) -> Verdict | None:
 
 def allowed_pairs(plan: CellPlan | None) -> frozenset[tuple[str, str]]:
     """(container handle, rule id) for every rule each container is allowed."""
-    if plan is None:
-        return frozenset()
-    groups = plan.group_by_id
-    return frozenset(
-        (cp.container.handle, rule.id)
-        for cp in plan.containers
-        for gid in cp.groups
-        for rule in groups[gid].rules
-    )
+    return frozenset((g.handle, rule_id) for g in container_grants(plan) for rule_id in g.rules)
 
 
 def revoke_share(old: CellPlan | None, new: CellPlan) -> RevokeShare:
@@ -349,23 +379,6 @@ def add_history(
 # -- container changes ---------------------------------------------------------------------
 
 
-def _effective(plan: CellPlan | None) -> dict[str, tuple[ContainerPlan, set[str], set[str]]]:
-    """handle -> (container plan, rule ids it is allowed, names of the documents granting them)."""
-    if plan is None:
-        return {}
-    groups = plan.group_by_id
-    out = {}
-    for cp in plan.containers:
-        rules: set[str] = set()
-        sources: set[str] = set()
-        for gid in cp.groups:
-            for rule in groups[gid].rules:
-                rules.add(rule.id)
-                sources.update(f"{s.kind}/{s.name}" for s in rule.sources)
-        out[cp.container.handle] = (cp, rules, sources)
-    return out
-
-
 def container_changes(
     old: CellPlan | None,
     new: CellPlan,
@@ -379,16 +392,17 @@ def container_changes(
     Group chains may be renamed when the partition of a cell's rules shifts, without any
     container's access changing; comparing rule ids per container keeps those out of the log.
     """
-    before, after = _effective(old), _effective(new)
+    before = {g.handle: g for g in container_grants(old)}
+    after = {g.handle: g for g in container_grants(new)}
     records = []
+    none: frozenset[str] = frozenset()
     for handle in sorted(set(before) | set(after)):
         b, a = before.get(handle), after.get(handle)
-        b_rules, b_src = (b[1], b[2]) if b else (set(), set())
-        a_rules, a_src = (a[1], a[2]) if a else (set(), set())
+        b_rules, b_src = (b.rules, b.sources) if b else (none, none)
+        a_rules, a_src = (a.rules, a.sources) if a else (none, none)
         if b is not None and a is not None and b_rules == a_rules and b_src == a_src:
             continue
-        cp = (a or b)[0]  # type: ignore[index]
-        c = cp.container
+        c = (a or b).container.container  # type: ignore[union-attr]
         change = "added" if b is None else "removed" if a is None else "updated"
         record: dict[str, Any] = {
             "event": "container-rules-changed",

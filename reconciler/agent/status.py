@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from reconciler.agent.core import backoff
+from reconciler.agent.core import backoff, container_grants
 from reconciler.agent.source import run_git
 from reconciler.agent.state import AgentState
 from reconciler.inventory_sources import STATUS_FILE
@@ -52,15 +52,10 @@ _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 def container_entries(plan: CellPlan | None) -> list[dict[str, Any]]:
     """The contract's container list, plus each container's chain, groups and their sources."""
-    if plan is None:
-        return []
-    groups = plan.group_by_id
     out = []
-    for cp in plan.containers:
+    for grant in container_grants(plan):
+        cp = grant.container
         c = cp.container
-        sources = sorted(
-            {f"{s.kind}/{s.name}" for g in cp.groups for r in groups[g].rules for s in r.sources}
-        )
         out.append(
             {
                 "handle": c.handle,
@@ -71,7 +66,7 @@ def container_entries(plan: CellPlan | None) -> list[dict[str, Any]]:
                 "workload": c.workload,
                 "chain": cp.chain_id,
                 "groups": list(cp.groups),
-                "sources": sources,
+                "sources": sorted(grant.sources),
             }
         )
     return out
