@@ -43,6 +43,7 @@ from reconciler.model import (
     PortRange,
     RuleItem,
     SecurityGroup,
+    merge_ranges,
 )
 from reconciler.plan import CONTAINER_FIXED_LINES, CellPlan, ContainerPlan, Provenance, RuleGroup
 from reconciler.render.iptables import CONTAINER_PREFIX, TOP_CHAIN, chain_order, render_cell
@@ -557,7 +558,7 @@ def _changes(
         access = Access(
             proto,
             AddressRange(version, first, last),
-            _merge_ports(ports),
+            tuple(PortRange(lo, hi) for lo, hi in merge_ranges(set(ports))),
             None if proto not in ("icmp", "icmpv6") else t,
             None if proto not in ("icmp", "icmpv6") else code,
         )
@@ -565,16 +566,6 @@ def _changes(
         out.append(AccessChange(access, reasons))
     out.sort(key=lambda c: c.access)
     return tuple(out)
-
-
-def _merge_ports(ports: list[tuple[int, int]]) -> tuple[PortRange, ...]:
-    merged: list[list[int]] = []
-    for lo, hi in sorted(set(ports)):
-        if merged and lo <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    return tuple(PortRange(lo, hi) for lo, hi in merged)
 
 
 def _logging_changes(

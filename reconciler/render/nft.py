@@ -53,7 +53,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.model import AddressRange, RuleItem, address_text
+from reconciler.model import AddressRange, RuleItem, address_text, merge_ranges
 from reconciler.plan import CellPlan, ContainerPlan, PlanRule, RuleGroup
 from reconciler.render.iptables import Ruleset
 
@@ -229,17 +229,6 @@ def _address_value(dest: AddressRange) -> Any:
     if prefix is not None:
         return {"prefix": {"addr": dest.first_address, "len": prefix}}
     return {"range": [dest.first_address, dest.last_address]}
-
-
-def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
-    """Sorted, with overlapping and adjacent ranges joined: one canonical form per union."""
-    out: list[list[int]] = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return [(lo, hi) for lo, hi in out]
 
 
 def _number_value(lo: int, hi: int) -> Any:
