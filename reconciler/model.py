@@ -170,7 +170,8 @@ class Rule:
 
     def covers(self, other: Rule) -> bool:
         """True if every packet `other` allows is also allowed by this rule."""
-        return all(any(mine.covers(item) for mine in self.items()) for item in other.items())
+        mine = self.items()
+        return all(any(m.covers(item) for m in mine) for item in other.items())
 
 
 @dataclass(frozen=True, slots=True, order=True)
