@@ -111,25 +111,9 @@ def import_cf_cmd(files: tuple[str, ...], name: str | None, out_dir: str | None)
 
     Invalid CF rules are reported with Cloud Controller's messages and nothing is written.
     """
-    from reconciler.policy.importcf import dump_documents, import_cf
+    from reconciler.policy.importcf import document_filename, dump_documents, import_files
 
-    docs: list[dict] = []
-    errors: list[str] = []
-    for file in files:
-        try:
-            data = json.loads(Path(file).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            errors.append(f"{file}: cannot read JSON: {exc}")
-            continue
-        # A bare rules array has no name of its own: --name, else the file name.  For a v3
-        # resource or list, --name picks one group out of it.
-        group_name = (name or Path(file).stem) if isinstance(data, list) else name
-        got, errs = import_cf(data, name=group_name)
-        docs.extend(got)
-        errors.extend(f"{file}: {e}" for e in errs)
-    names = [d.get("name") for d in docs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    errors.extend(f"group name {n!r} appears more than once" for n in dupes)
+    docs, errors = import_files(files, name)
     if errors:
         for e in errors:
             click.echo(e, err=True)
@@ -140,14 +124,9 @@ def import_cf_cmd(files: tuple[str, ...], name: str | None, out_dir: str | None)
     target = Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
     for doc in docs:
-        path = target / f"{_file_stem(doc['name'])}.yaml"
+        path = target / document_filename(doc["name"])
         path.write_text(dump_documents([doc]), encoding="utf-8")
         click.echo(f"wrote {path}")
-
-
-def _file_stem(name: str) -> str:
-    safe = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_" for ch in name)
-    return safe.strip(".")[:120] or "group"
 
 
 @main.command()

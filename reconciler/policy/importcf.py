@@ -14,14 +14,19 @@ space GUIDs plus `globally_enabled`.  Every rule is checked with the CF grammar 
 errors are reported in Cloud Controller's v3 form (`Rules[<index>]: <message>`), prefixed
 with the group name, so the caller can refuse to write anything when one group is wrong.
 
-Pure: data in, data out.  Space GUIDs are not resolved to `org/space` names here, because
-CF's v3 presenter only shows the spaces the exporting user can see and a GUID is always
-exact; the validator resolves GUIDs against the repository's directory.
+`import_cf` is pure: data in, data out.  `import_files` reads the JSON files the command is
+given (naming a bare rules array after its file) and adds the checks that span files;
+`document_filename` is the file a group is written to.  Space GUIDs are not resolved to
+`org/space` names here, because CF's v3 presenter only shows the spaces the exporting user
+can see and a GUID is always exact; the validator resolves GUIDs against the repository's
+directory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -84,6 +89,37 @@ def import_cf(data: object, *, name: str | None) -> tuple[list[dict], list[str]]
         doc, errors = _convert(data.get("name"), data, is_resource=True)
         return [doc], errors
     return [], [_unrecognised(data)]
+
+
+def import_files(paths: Sequence[str], name: str | None) -> tuple[list[dict], list[str]]:
+    """Documents from CF JSON files, in order, and every error, each naming its file.
+
+    A bare rules array has no name of its own: `name`, else the file's stem.  For a v3
+    resource or list, `name` picks one group out of it.  Group names must be unique across
+    all files.  Any error means nothing should be written.
+    """
+    docs: list[dict] = []
+    errors: list[str] = []
+    for file in paths:
+        try:
+            data = json.loads(Path(file).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            errors.append(f"{file}: cannot read JSON: {exc}")
+            continue
+        group_name = (name or Path(file).stem) if isinstance(data, list) else name
+        got, errs = import_cf(data, name=group_name)
+        docs.extend(got)
+        errors.extend(f"{file}: {e}" for e in errs)
+    names = [d.get("name") for d in docs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    errors.extend(f"group name {n!r} appears more than once" for n in dupes)
+    return docs, errors
+
+
+def document_filename(name: str) -> str:
+    """`<name>.yaml`, with anything but ASCII letters, digits, `-_.` replaced by `_`."""
+    safe = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_" for ch in name)
+    return f"{safe.strip('.')[:120] or 'group'}.yaml"
 
 
 def _unrecognised(data: object) -> str:
