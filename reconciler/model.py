@@ -319,6 +319,14 @@ class Directory:
     def _app_by_path(self) -> dict[str, str]:
         return {self.app_path(a.guid): a.guid for a in self.apps}
 
+    def space(self, guid: str) -> Space | None:
+        """The space with this GUID, if the directory knows it."""
+        return self._space_by_guid.get(guid)
+
+    def app(self, guid: str) -> App | None:
+        """The app with this GUID, if the directory knows it."""
+        return self._app_by_guid.get(guid)
+
     def space_path(self, guid: str) -> str:
         """`org/space` for a known space GUID, else the GUID itself."""
         space = self._space_by_guid.get(guid)

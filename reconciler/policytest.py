@@ -55,9 +55,10 @@ def synthetic_container(policy: PolicySet, test: PolicyTest, version: int) -> Co
     app = test.app or ""
     space = test.space or ""
     if app:
-        known = {a.guid: a.space_guid for a in d.apps}
-        space = known.get(app, "")
-    org = next((s.org_guid for s in d.spaces if s.guid == space), "")
+        known_app = d.app(app)
+        space = known_app.space_guid if known_app else ""
+    known_space = d.space(space)
+    org = known_space.org_guid if known_space else ""
     return Container(
         handle="policy-test",
         ip=_IPV4 if version == 4 else _IPV6,
