@@ -24,13 +24,12 @@ asgctl_agent_status_pushes_total{result}               counter
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import threading
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+
+from reconciler.atomicfile import atomic_write_text
 
 _HELP = {
     "asgctl_agent_sync_duration_seconds": ("summary", "Time spent per sync phase."),
@@ -168,14 +167,4 @@ class MetricsServer:
 
 def write_textfile(path: str | os.PathLike[str], text: str) -> None:
     """For node_exporter's textfile collector: written by rename, never seen half-written."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text, mode=0o644)

@@ -10,10 +10,8 @@ and to log only real changes), the conditions' transition times, history and dri
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 
 from reconciler.agent.core import Condition, HistoryEntry, Problem, Verdict
 from reconciler.agent.verify import SignatureCheck
+from reconciler.atomicfile import atomic_write_text
 from reconciler.inventory import InventoryError, parse_store_document, store_document
 from reconciler.model import Container, PolicySet
 from reconciler.plan import CellPlan
@@ -146,15 +145,5 @@ def save_state(path: str | os.PathLike[str], state: AgentState) -> None:
     """Write by rename, so a crash leaves the old file or the new one, never half of one."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".state.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(to_persisted(state), fh, indent=1, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(to_persisted(state), indent=1, sort_keys=True) + "\n"
+    atomic_write_text(target, text, fsync=True, prefix=".state.")

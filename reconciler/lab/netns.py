@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 from reconciler import inventory
+from reconciler.atomicfile import atomic_write_text
 from reconciler.lab.nsenter import (
     NetnsError,
     list_links,
@@ -238,21 +239,8 @@ def write_json_atomic(path: Path, document: Any) -> Path:
     The agent may read store.json while the lab rewrites it; a reader must see either the
     old file or the new one, never half of one.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(document, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    text = json.dumps(document, indent=2, sort_keys=True) + "\n"
+    return atomic_write_text(path, text, mode=0o644, fsync=True)
 
 
 class Lab:
