@@ -9,31 +9,16 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from reconciler.compile import cf_equivalent_rules, compile_cell
-from reconciler.inventory import parse_store
 from reconciler.lab.netns import Lab
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.plan import CF_CONTAINER_FIXED_LINES, CellPlan
-from reconciler.policy.load import load_folder
 from reconciler.render.cflayout import render_cf, rule_count
-
-REPO = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).parent / "data"
-CASES = {
-    "example": (REPO / "policies", DATA / "example-store.json"),
-    "edge": (DATA / "edge-policies", DATA / "edge-store.json"),
-}
-
-
-def case(name: str) -> tuple[PolicySet, list[Container]]:
-    policies, store = CASES[name]
-    result = load_folder(policies)
-    assert result.ok and result.policy is not None
-    return result.policy, parse_store(store.read_text())
+from tests.cases import CASES
+from tests.cases import load_case as case
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

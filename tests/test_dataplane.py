@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,6 @@ from reconciler.dataplane import (
     Backend,
     ConvergeResult,
     ReadError,
-    Runner,
     VariantError,
     compute_delta,
     converge,
@@ -36,17 +35,15 @@ from reconciler.dataplane import records as rec
 from reconciler.dataplane.iptables import IptablesBackend, tool
 from reconciler.dataplane.nftables import NftablesBackend
 from reconciler.dataplane.records import OwnedState
-from reconciler.inventory import parse_store
 from reconciler.lab.netns import Lab
 from reconciler.lab.nsenter import in_netns
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.plan import CellPlan
-from reconciler.policy.load import load_folder
 from reconciler.render.iptables import TOP_CHAIN, Ruleset, hook_rule, render_cell
 from reconciler.render.nft import base_chain, canonical_rule
 from reconciler.render.nft import render_cell as render_nft
+from tests.cases import DATA, RecordingRunner, edge_plan
 
-DATA = Path(__file__).parent / "data"
 VARIANTS = ("legacy", "nft")
 FOREIGN_V4 = (
     "*filter",
@@ -60,13 +57,6 @@ FOREIGN_V4 = (
 
 
 # -- plans ----------------------------------------------------------------------------------
-
-
-def edge_plan() -> CellPlan:
-    """Every rendering branch (protocols, ranges, multiport, ICMP, IPv6, logging)."""
-    result = load_folder(DATA / "edge-policies")
-    assert result.ok
-    return compile_cell(result.policy, parse_store((DATA / "edge-store.json").read_text()), "t")
 
 
 def _rule(proto: str, dest: str, ports: str = "") -> Rule:
@@ -98,20 +88,6 @@ def small_plan(extra: tuple[Rule, ...] = (), containers=CONTAINERS) -> CellPlan:
 
 
 # -- namespace helpers -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RecordingRunner(Runner):
-    """A runner that remembers every command, to prove a no-op cycle sends nothing."""
-
-    calls: list[tuple[str, ...]] = field(default_factory=list)
-
-    def run(self, argv, stdin=None):  # type: ignore[no-untyped-def]
-        self.calls.append(tuple(argv))
-        return Runner.run(self, argv, stdin)
-
-    def restores(self) -> list[tuple[str, ...]]:
-        return [c for c in self.calls if c[0].endswith("-restore")]
 
 
 @dataclass

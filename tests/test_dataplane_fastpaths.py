@@ -11,12 +11,12 @@ from __future__ import annotations
 import shlex
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import pytest
 
 from reconciler.compile import compile_cell
-from reconciler.dataplane import Runner, VerifyError, compute_delta, converge, generation
+from reconciler.dataplane import VerifyError, compute_delta, converge, generation
 from reconciler.dataplane.generation import KernelProbe
 from reconciler.dataplane.iptables import IptablesBackend, tool
 from reconciler.dataplane.libiptc import _words
@@ -24,13 +24,12 @@ from reconciler.dataplane.memory import after_delta, shape
 from reconciler.dataplane.records import HookCopy, OwnedState
 from reconciler.dataplane.rendercache import RenderCache
 from reconciler.dataplane.saveparse import parse_save
-from reconciler.inventory import parse_store
 from reconciler.lab.netns import Lab
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.plan import CellPlan
-from reconciler.policy.load import load_folder
 from reconciler.render.iptables import TOP_CHAIN, Ruleset, group_chain, hook_rule, render_cell
-from tests.test_dataplane import DATA
+from tests.cases import RecordingRunner as Recording
+from tests.cases import edge_plan
 
 # -- plans ----------------------------------------------------------------------------------
 
@@ -57,12 +56,6 @@ CONTAINERS = tuple(
 
 def plan(extra: tuple[Rule, ...] = ()) -> CellPlan:
     return compile_cell(policy(extra), CONTAINERS, "t")
-
-
-def edge_plan() -> CellPlan:
-    result = load_folder(DATA / "edge-policies")
-    assert result.ok
-    return compile_cell(result.policy, parse_store((DATA / "edge-store.json").read_text()), "t")
 
 
 # -- pure -----------------------------------------------------------------------------------
@@ -119,23 +112,6 @@ def test_shapes_blank_ids_only() -> None:
 
 
 # -- in a namespace -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Recording(Runner):
-    """Remembers every command, to count full reads and listings."""
-
-    calls: list[tuple[str, ...]] = field(default_factory=list)
-
-    def run(self, argv, stdin=None):  # type: ignore[no-untyped-def]
-        self.calls.append(tuple(argv))
-        return Runner.run(self, argv, stdin)
-
-    def saves(self) -> int:
-        return sum(1 for c in self.calls if c[0].endswith("-save"))
-
-    def listings(self) -> int:
-        return sum(1 for c in self.calls if "-S" in c)
 
 
 @pytest.fixture

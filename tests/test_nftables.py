@@ -51,12 +51,11 @@ from reconciler.render.nft import (
     element_text,
     render_cell,
 )
+from tests.cases import RecordingRunner, edge_plan
 from tests.iptables_eval import Packet
 from tests.test_dataplane import (
     CONTAINERS,
-    RecordingRunner,
     _rule,
-    edge_plan,
     small_plan,
     small_policy,
 )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from click.testing import CliRunner
 
@@ -13,22 +11,14 @@ from reconciler.inventory import InventoryError, parse_store
 from reconciler.model import Container
 from reconciler.policy.load import load_folder
 from reconciler.render.iptables import render_cell, render_text
+from tests.cases import CASES, REPO, case_plan
 from tests.golden import GOLDEN_DIR, assert_golden
 from tests.policyrepo import write_tree
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).parent / "data"
-CASES = {
-    "example": (REPO / "policies", DATA / "example-store.json"),
-    "edge": (DATA / "edge-policies", DATA / "edge-store.json"),
-}
-
 
 def plan_for(case: str):
-    policies, store = CASES[case]
-    result = load_folder(policies)
-    assert result.ok
-    return compile_cell(result.policy, parse_store(store.read_text()), case)
+    """CASES[case] compiled for a cell named after the case (the goldens carry that name)."""
+    return case_plan(case, case)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
