@@ -261,7 +261,8 @@ class _Index:
         return entry
 
     def _cf_lines(self, numbers: tuple[int, ...]) -> int:
-        """The ASG lines CF writes for these items in one container (see `cf_rule_lines`)."""
+        """The ASG lines CF writes for these items in one container: their distinct
+        `cf_rule_keys`."""
         shared = [n for n in numbers if self.cf_shared[n]]
         alone = sum(self.cf_count[n] for n in numbers if not self.cf_shared[n])
         return alone + len({key for n in shared for key in self.cf_keys[n]})

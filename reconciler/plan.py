@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -141,7 +140,7 @@ CONTAINER_FIXED_LINES = 5
 # CF per container (silk's cni-wrapper-plugin and vxlan-policy-agent): the FORWARD jump to
 # netout--<handle>, its jump to asg-<hash>, ESTABLISHED, INVALID, the rate-limited deny LOG and
 # REJECT, and the netout--<handle>--log chain (LOG, ACCEPT) that every container gets; then
-# every rule of every bound ASG again (`cf_rule_lines`).
+# every rule of every bound ASG again (`cf_rule_keys`, deduplicated per container).
 CF_CONTAINER_FIXED_LINES = 8
 
 CfLine = tuple[str, int, int, int, tuple[int, int] | None, int | None, int | None, bool]
@@ -160,11 +159,6 @@ def cf_rule_keys(item: RuleItem) -> tuple[CfLine, ...]:
     if not item.ports:
         return ((*head, None, *tail),)
     return tuple((*head, (p.first, p.last), *tail) for p in item.ports)
-
-
-def cf_rule_lines(items: Iterable[RuleItem]) -> int:
-    """How many ASG lines CF writes into one container's chain for these items (deduplicated)."""
-    return len({key for item in items for key in cf_rule_keys(item)})
 
 
 @dataclass(frozen=True)
