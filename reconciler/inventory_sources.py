@@ -408,22 +408,22 @@ def synthetic_inventory(policies: Sequence[PolicySet]) -> CellInventory:
     policy grants an IPv6 destination, so IPv4-only repos get no doubled noise.  Addresses
     come from the benchmarking range 198.18.0.0/15 and fd00::/8 and mean nothing.
     """
-    spaces: dict[str, str] = {}
-    org_of: dict[str, str] = {}
+    org_of: dict[str, str] = {}  # space guid -> org guid
     apps: dict[str, str] = {}
     for policy in policies:
         d = policy.directory
         for s in d.spaces:
-            spaces.setdefault(s.guid, s.org_guid)
             org_of.setdefault(s.guid, s.org_guid)
         for a in d.apps:
             apps.setdefault(a.guid, a.space_guid)
     with_apps = set(apps.values())
     principals = sorted((space, app) for app, space in apps.items())
-    principals += sorted((space, "") for space in spaces if space not in with_apps)
+    principals += sorted((space, "") for space in org_of if space not in with_apps)
     families = [4]
     if any(_has_v6(p) for p in policies):
         families.append(6)
+    base4 = int(ipaddress.IPv4Address("198.18.0.1"))
+    base6 = int(ipaddress.IPv6Address("fd00:18::"))
     containers: list[Container] = []
     n = 0
     for space, app in principals:
@@ -431,9 +431,9 @@ def synthetic_inventory(policies: Sequence[PolicySet]) -> CellInventory:
             for family in families:
                 n += 1
                 ip = (
-                    ipaddress.IPv4Address(int(ipaddress.IPv4Address("198.18.0.1")) + n)
+                    ipaddress.IPv4Address(base4 + n)
                     if family == 4
-                    else ipaddress.IPv6Address(int(ipaddress.IPv6Address("fd00:18::")) + n)
+                    else ipaddress.IPv6Address(base6 + n)
                 )
                 containers.append(
                     Container(
