@@ -17,7 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,10 +230,15 @@ class AgentProc:
             *extra,
         ]
 
-    def start(self) -> AgentProc:
+    def start(self, prefix: Sequence[str] = ()) -> AgentProc:
+        """Start the agent, run under `prefix` (e.g. a wrapper that enters a mount namespace)."""
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
-                self.argv(), stdout=out, stderr=err, cwd=REPO_ROOT, start_new_session=True
+                [*prefix, *self.argv()],
+                stdout=out,
+                stderr=err,
+                cwd=REPO_ROOT,
+                start_new_session=True,
             )
         return self
 

@@ -577,14 +577,7 @@ def test_disk_full_under_the_state_dir_enforcement_continues_and_recovers(
             jitter="0%",
             **{"state-dir": str(state_dir), "mass-revoke-threshold": "100%"},
         )
-        with open(a.stdout_path, "ab") as out, open(a.stderr_path, "ab") as err:
-            a.proc = subprocess.Popen(
-                [*view.prefix, *a.argv()],
-                stdout=out,
-                stderr=err,
-                cwd=REPO_ROOT,
-                start_new_session=True,
-            )
+        a.start(prefix=view.prefix)
         seen = view.path(state_dir)
 
         def status() -> dict[str, Any]:
