@@ -44,14 +44,19 @@ STANDARD_SERVICES = (
 )
 
 
-def require_netns() -> None:
-    """Skip unless this host can run a lab (root, `ip`, namespaces); fail instead under CI."""
-    reason = netns_unavailable_reason()
-    if reason is None:
+def skip_unless_available(what: str, reason: str | None) -> None:
+    """Nothing when `reason` is None; else skip (`what` unavailable: reason), or fail under
+    CI=true, where a skip would mean the tests needing `what` silently stopped running."""
+    if not reason:
         return
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true, but the netns lab cannot run here: {reason}", pytrace=False)
-    pytest.skip(f"netns lab unavailable: {reason}")
+        pytest.fail(f"CI=true, but the {what} cannot run here: {reason}", pytrace=False)
+    pytest.skip(f"{what} unavailable: {reason}")
+
+
+def require_netns() -> None:
+    """Skip unless this host can run a lab (root, `ip`, namespaces); fail instead under CI."""
+    skip_unless_available("netns lab", netns_unavailable_reason())
 
 
 @pytest.fixture(scope="session")

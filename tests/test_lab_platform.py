@@ -27,7 +27,7 @@ from reconciler.lab.matrix import Matrix, Row, Target, Verdict, classify, parse_
 from reconciler.lab.nsenter import list_netns
 from reconciler.lab.policyrepo import parse_status
 from reconciler.lab.probe import Outcome, ProbeResult
-from tests.conftest import require_netns
+from tests.conftest import require_netns, skip_unless_available
 
 POLICIES = Path(__file__).resolve().parents[1] / "policies"
 LAB_NETS = (ipaddress.ip_network("198.18.0.0/15"),)
@@ -220,11 +220,7 @@ def test_lab_commands_refuse_clearly_without_root(monkeypatch: pytest.MonkeyPatc
 def require_lab() -> None:
     """require_netns(), and the lab's own tools (git, nft): skip, or fail under CI=true."""
     require_netns()
-    reason = platform.unavailable_reason()
-    if reason:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true, but the lab cannot run here: {reason}", pytrace=False)
-        pytest.skip(f"lab unavailable: {reason}")
+    skip_unless_available("lab", platform.unavailable_reason())
 
 
 def asgctl(
