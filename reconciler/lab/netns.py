@@ -52,10 +52,10 @@ from reconciler.atomicfile import atomic_write_text
 from reconciler.lab.nsenter import (
     NetnsError,
     list_links,
-    list_netns,
     netns_exec_argv,
     netns_pids,
     run,
+    safe_list_netns,
 )
 from reconciler.lab.probe import HeldConnection, ProbeResult, ping, probe_tcp, probe_udp
 from reconciler.model import Container
@@ -157,7 +157,7 @@ class Endpoint:
 
 def new_lab_id() -> str:
     """`asgt` + 4 hex digits, not used by any namespace or temp dir on this host."""
-    taken = {n.split("-", 1)[0] for n in _safe_list_netns()}
+    taken = {n.split("-", 1)[0] for n in safe_list_netns()}
     taken |= {p.name.split("-", 1)[0] for p in Path(tempfile.gettempdir()).glob("asgt*-*")}
     taken |= {p.stem for p in OWNER_DIR.glob("*.json")}
     for _ in range(100):
@@ -595,7 +595,7 @@ def cleanup_stale(prefix: str = PREFIX_ROOT, *, include_live: bool = False) -> l
     A lab whose owning process is still running is left alone unless `include_live`, so a
     test session can call ``cleanup_stale()`` at start without breaking a parallel session.
     """
-    ids = {n.split("-", 1)[0] for n in _safe_list_netns() if n.startswith(prefix)}
+    ids = {n.split("-", 1)[0] for n in safe_list_netns() if n.startswith(prefix)}
     ids |= {n.split("-", 1)[0] for n in list_links() if n.startswith(prefix)}
     ids |= {p.stem for p in OWNER_DIR.glob(f"{prefix}*.json")}
     tmp = Path(tempfile.gettempdir())
@@ -610,7 +610,7 @@ def cleanup_stale(prefix: str = PREFIX_ROOT, *, include_live: bool = False) -> l
 def _remove_lab(lab_id: str) -> list[str]:
     """Delete everything named after `lab_id`: processes, namespaces, links, dirs, record."""
     removed: list[str] = []
-    namespaces = [n for n in _safe_list_netns() if n.split("-", 1)[0] == lab_id]
+    namespaces = [n for n in safe_list_netns() if n.split("-", 1)[0] == lab_id]
     # Processes first: a process (or open socket) inside keeps a namespace alive after
     # `ip netns del`, merely unnamed and so unfindable.
     for ns in namespaces:
@@ -656,13 +656,6 @@ def _process_start_time(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _safe_list_netns() -> list[str]:
-    try:
-        return list_netns()
-    except (OSError, subprocess.SubprocessError):
-        return []
 
 
 # -- processes -----------------------------------------------------------------------------

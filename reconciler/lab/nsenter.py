@@ -90,6 +90,14 @@ def list_netns() -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
+def safe_list_netns() -> list[str]:
+    """`list_netns`, or [] when `ip` cannot be run at all (missing, timed out)."""
+    try:
+        return list_netns()
+    except (OSError, subprocess.SubprocessError):
+        return []
+
+
 def netns_pids(name: str) -> list[int]:
     """PIDs of processes whose network namespace is `name`."""
     out = run(["ip", "netns", "pids", name], check=False).stdout

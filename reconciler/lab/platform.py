@@ -51,7 +51,7 @@ from typing import Any, Literal
 
 from reconciler import inventory
 from reconciler.lab.netns import netns_unavailable_reason, write_json_atomic
-from reconciler.lab.nsenter import list_links, list_netns, netns_exec_argv, netns_pids, run
+from reconciler.lab.nsenter import list_links, netns_exec_argv, netns_pids, run, safe_list_netns
 from reconciler.model import Container
 
 PREFIX = "asgl"
@@ -696,7 +696,7 @@ def _quiet(_: str) -> None:
 
 
 def new_lab_id() -> str:
-    taken = {n.split("-", 1)[0] for n in _safe_list_netns()}
+    taken = {n.split("-", 1)[0] for n in safe_list_netns()}
     root = state_root()
     if root.is_dir():
         for p in root.glob(f"*/{STATE_FILE}"):
@@ -1207,7 +1207,7 @@ def down(name: str = DEFAULT_NAME) -> list[str]:
 
 def _remove_namespaces(lab_id: str) -> list[str]:
     removed = []
-    namespaces = [n for n in _safe_list_netns() if n.split("-", 1)[0] == lab_id]
+    namespaces = [n for n in safe_list_netns() if n.split("-", 1)[0] == lab_id]
     for ns in namespaces:
         for pid in netns_pids(ns):
             if pid != os.getpid():
@@ -1261,13 +1261,6 @@ def list_labs() -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
 
 
-def _safe_list_netns() -> list[str]:
-    try:
-        return list_netns()
-    except (OSError, subprocess.SubprocessError):
-        return []
-
-
 # -- status --------------------------------------------------------------------------------
 
 
@@ -1284,7 +1277,7 @@ class Health:
 
 
 def health(info: LabInfo) -> Health:
-    present = set(_safe_list_netns())
+    present = set(safe_list_netns())
     missing = tuple(ns for ns in info.net.namespaces if ns not in present)
     dead = tuple(p for p in info.processes if not p.alive())
     return Health(missing, dead)
