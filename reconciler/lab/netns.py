@@ -37,7 +37,6 @@ import re
 import secrets
 import selectors
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,7 +52,7 @@ from reconciler.lab.nsenter import (
     NetnsError,
     list_links,
     netns_exec_argv,
-    netns_pids,
+    remove_namespaces,
     run,
     safe_list_netns,
 )
@@ -609,24 +608,7 @@ def cleanup_stale(prefix: str = PREFIX_ROOT, *, include_live: bool = False) -> l
 
 def _remove_lab(lab_id: str) -> list[str]:
     """Delete everything named after `lab_id`: processes, namespaces, links, dirs, record."""
-    removed: list[str] = []
-    namespaces = [n for n in safe_list_netns() if n.split("-", 1)[0] == lab_id]
-    # Processes first: a process (or open socket) inside keeps a namespace alive after
-    # `ip netns del`, merely unnamed and so unfindable.
-    for ns in namespaces:
-        for pid in netns_pids(ns):
-            if pid == os.getpid():  # our main thread, inside only to open a probe socket
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    for ns in namespaces:
-        if run(["ip", "netns", "del", ns], check=False).returncode == 0:
-            removed.append(f"netns {ns}")
-    for link in list_links():  # normally none: veth ends are created inside the namespaces
-        if link.split("-", 1)[0] == lab_id and (
-            run(["ip", "link", "del", link], check=False).returncode == 0
-        ):
-            removed.append(f"link {link}")
+    removed = remove_namespaces(lab_id)
     record = OWNER_DIR / f"{lab_id}.json"
     dirs = set(Path(tempfile.gettempdir()).glob(f"{lab_id}-*"))
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):

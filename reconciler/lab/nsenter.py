@@ -10,7 +10,9 @@ rule changes as an ordinary Python object.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
@@ -114,3 +116,29 @@ def list_links(netns: str | None = None) -> list[str]:
         if len(parts) >= 2:
             names.append(parts[1].strip().split("@", 1)[0])
     return names
+
+
+def remove_namespaces(lab_id: str) -> list[str]:
+    """Delete every namespace and link named `<lab_id>-...`; returns what was removed.
+
+    Processes inside are killed first: a process (or open socket) inside keeps a namespace
+    alive after `ip netns del`, merely unnamed and so unfindable.  Our own process is spared
+    (its main thread may be inside only to open a probe socket).
+    """
+    removed: list[str] = []
+    namespaces = [n for n in safe_list_netns() if n.split("-", 1)[0] == lab_id]
+    for ns in namespaces:
+        for pid in netns_pids(ns):
+            if pid != os.getpid():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    removed.append(f"process {pid} (in {ns})")
+    for ns in namespaces:
+        if run(["ip", "netns", "del", ns], check=False).returncode == 0:
+            removed.append(f"netns {ns}")
+    for link in list_links():  # normally none: veth ends are created inside the namespaces
+        if link.split("-", 1)[0] == lab_id and (
+            run(["ip", "link", "del", link], check=False).returncode == 0
+        ):
+            removed.append(f"link {link}")
+    return removed

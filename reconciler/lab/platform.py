@@ -51,7 +51,7 @@ from typing import Any, Literal
 
 from reconciler import inventory
 from reconciler.lab.netns import netns_unavailable_reason, write_json_atomic
-from reconciler.lab.nsenter import list_links, netns_exec_argv, netns_pids, run, safe_list_netns
+from reconciler.lab.nsenter import netns_exec_argv, remove_namespaces, run, safe_list_netns
 from reconciler.model import Container
 
 PREFIX = "asgl"
@@ -1198,30 +1198,10 @@ def down(name: str = DEFAULT_NAME) -> list[str]:
             os.kill(pid, signal.SIGKILL)
         removed.append(f"process {pid} (by path)")
     if lab_id is not None:
-        removed += _remove_namespaces(lab_id)
+        removed += remove_namespaces(lab_id)
     _reap_children()
     shutil.rmtree(directory, ignore_errors=True)
     removed.append(f"dir {directory}")
-    return removed
-
-
-def _remove_namespaces(lab_id: str) -> list[str]:
-    removed = []
-    namespaces = [n for n in safe_list_netns() if n.split("-", 1)[0] == lab_id]
-    for ns in namespaces:
-        for pid in netns_pids(ns):
-            if pid != os.getpid():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                    removed.append(f"process {pid} (in {ns})")
-    for ns in namespaces:
-        if run(["ip", "netns", "del", ns], check=False).returncode == 0:
-            removed.append(f"netns {ns}")
-    for link in list_links():  # normally none: veth ends are created inside namespaces
-        if link.split("-", 1)[0] == lab_id and (
-            run(["ip", "link", "del", link], check=False).returncode == 0
-        ):
-            removed.append(f"link {link}")
     return removed
 
 
