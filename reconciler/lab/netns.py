@@ -52,6 +52,7 @@ from reconciler.lab.nsenter import (
     NetnsError,
     list_links,
     netns_exec_argv,
+    process_start_time,
     remove_namespaces,
     run,
     safe_list_netns,
@@ -344,7 +345,7 @@ class Lab:
         one.  The record lives in OWNER_DIR, not in the temp dir, so it is found whatever
         TMPDIR the other session has, and it names the temp dir so that is found too.
         """
-        owner = {"pid": os.getpid(), "start_time": _process_start_time(os.getpid())}
+        owner = {"pid": os.getpid(), "start_time": process_start_time(os.getpid())}
         OWNER_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
         record = OWNER_DIR / f"{self.lab_id}.json"
         write_json_atomic(record, owner)
@@ -626,18 +627,9 @@ def _remove_lab(lab_id: str) -> list[str]:
 def _owner_alive(lab_id: str) -> bool:
     try:
         owner = json.loads((OWNER_DIR / f"{lab_id}.json").read_text())
-        return _process_start_time(int(owner["pid"])) == owner["start_time"]
+        return process_start_time(int(owner["pid"]), zombie_is_dead=False) == owner["start_time"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-
-
-def _process_start_time(pid: int) -> int | None:
-    """Start time in clock ticks, which tells a live owner from a recycled PID."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 # -- processes -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import socket
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from reconciler.dataplane.nsthread import NETNS_RUN_DIR, setns_net
 
@@ -116,6 +117,22 @@ def list_links(netns: str | None = None) -> list[str]:
         if len(parts) >= 2:
             names.append(parts[1].strip().split("@", 1)[0])
     return names
+
+
+def process_start_time(pid: int, *, zombie_is_dead: bool = True) -> int | None:
+    """Start time in clock ticks since boot: with the PID it names one process for good.
+
+    None for a process that is gone, or (unless `zombie_is_dead` is False) a zombie: dead,
+    merely not yet reaped.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if zombie_is_dead and fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
 
 
 def remove_namespaces(lab_id: str) -> list[str]:

@@ -51,7 +51,13 @@ from typing import Any, Literal
 
 from reconciler import inventory
 from reconciler.lab.netns import netns_unavailable_reason, write_json_atomic
-from reconciler.lab.nsenter import netns_exec_argv, remove_namespaces, run, safe_list_netns
+from reconciler.lab.nsenter import (
+    netns_exec_argv,
+    process_start_time,
+    remove_namespaces,
+    run,
+    safe_list_netns,
+)
 from reconciler.model import Container
 
 PREFIX = "asgl"
@@ -629,21 +635,6 @@ def record_process(directory: Path, record: ProcessRecord) -> None:
         "cell": record.cell,
     }
     update_state(directory, lambda d: d.setdefault("processes", []).append(entry))
-
-
-def process_start_time(pid: int) -> int | None:
-    """Start time in clock ticks since boot: with the PID it names one process for good.
-
-    None for a process that is gone, or a zombie (dead, merely not yet reaped).
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
 
 
 def live_user(name: str) -> ProcessRecord | None:
