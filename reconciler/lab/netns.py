@@ -49,13 +49,15 @@ from typing import Any, Literal, Self
 from reconciler import inventory
 from reconciler.atomicfile import atomic_write_text
 from reconciler.lab.nsenter import (
-    NetnsError,
     list_links,
     netns_exec_argv,
     process_start_time,
     remove_namespaces,
     run,
     safe_list_netns,
+    start_command,
+    start_ip_batch,
+    wait_all,
 )
 from reconciler.lab.probe import HeldConnection, ProbeResult, ping, probe_tcp, probe_udp
 from reconciler.model import Container
@@ -369,16 +371,18 @@ class Lab:
             "net.ipv6.icmp.ratelimit=0",
         ]
         forwarding = ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]
-        _wait_all(
+        wait_all(
             [
-                _spawn(
+                start_command(
                     netns_exec_argv(
                         ns,
                         ["sysctl", "-q", "-w", *common, *(forwarding if ns == self.cell else [])],
                     )
                 )
                 for ns in self.namespaces
-            ]
+            ],
+            "lab setup",
+            timeout=30,
         )
         # 3. the veths, each end created directly in its namespace: nothing ever exists in
         #    the host's namespace, so nothing can be left behind there.
@@ -397,7 +401,7 @@ class Lab:
             if e.gateway6:
                 cell_cmds.append(f"addr add {e.gateway6}/64 dev {e.cell_ifname} nodad")
             cell_cmds.append(f"link set {e.cell_ifname} up")
-        procs = [_spawn(["ip", "-n", self.cell, "-batch", "-"], cell_cmds)]
+        procs = [start_ip_batch(["ip", "-n", self.cell], cell_cmds)]
         for e in endpoints:
             cmds = ["link set lo up", f"addr add {e.ipv4}/30 dev {e.ifname}"]
             if e.ipv6:
@@ -405,8 +409,8 @@ class Lab:
             cmds += [f"link set {e.ifname} up", f"route add default via {e.gateway4}"]
             if e.gateway6:
                 cmds.append(f"route add default via {e.gateway6}")
-            procs.append(_spawn(["ip", "-n", e.netns, "-batch", "-"], cmds))
-        _wait_all(procs)
+            procs.append(start_ip_batch(["ip", "-n", e.netns], cmds))
+        wait_all(procs, "lab setup", timeout=30)
 
     def _enable_conntrack(self) -> None:
         if shutil.which("nft") is None:
@@ -633,31 +637,6 @@ def _owner_alive(lab_id: str) -> bool:
 
 
 # -- processes -----------------------------------------------------------------------------
-
-
-def _spawn(
-    argv: list[str], batch: list[str] | None = None
-) -> tuple[list[str], subprocess.Popen[str], str | None]:
-    """Start a setup command (optionally fed an `ip -batch` script) without waiting for it."""
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.PIPE if batch is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    return argv, proc, None if batch is None else "\n".join(batch) + "\n"
-
-
-def _wait_all(procs: list[tuple[list[str], subprocess.Popen[str], str | None]]) -> None:
-    """Wait for setup commands started in parallel; raise listing every one that failed."""
-    errors = []
-    for argv, proc, script in procs:
-        _, err = proc.communicate(script, timeout=30)
-        if proc.returncode != 0:
-            errors.append(f"{' '.join(argv)} ({proc.returncode}): {err.strip()}")
-    if errors:
-        raise NetnsError("lab setup failed:\n" + "\n".join(errors))
 
 
 def _ip_batch(commands: list[str]) -> None:

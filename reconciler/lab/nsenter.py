@@ -82,6 +82,42 @@ def run(
     return proc
 
 
+Started = tuple[subprocess.Popen[str], str | None]
+"""A command `start_command` started, and the script `wait_all` feeds to its stdin."""
+
+
+def start_command(argv: Sequence[str], script: Sequence[str] | None = None) -> Started:
+    """Start a setup command without waiting for it, so many namespaces are set up at once.
+
+    `script`, if given, is fed to its stdin (one line each) by `wait_all`.
+    """
+    proc = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL if script is None else subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, None if script is None else "\n".join(script) + "\n"
+
+
+def start_ip_batch(ip_argv: Sequence[str], commands: Sequence[str]) -> Started:
+    """Start `ip ... -batch -` running `commands`; `ip_argv` is e.g. ``["ip", "-n", ns]``."""
+    return start_command([*ip_argv, "-batch", "-"], commands)
+
+
+def wait_all(started: Sequence[Started], what: str, *, timeout: float) -> None:
+    """Wait for commands started in parallel; raise NetnsError listing every one that failed."""
+    errors = []
+    for proc, script in started:
+        _, err = proc.communicate(script, timeout=timeout)
+        if proc.returncode != 0:
+            argv = " ".join(map(str, proc.args))  # type: ignore[arg-type]
+            errors.append(f"{argv} ({proc.returncode}): {err.strip()}")
+    if errors:
+        raise NetnsError(f"{what} failed:\n" + "\n".join(errors))
+
+
 def netns_exec_argv(name: str, argv: Sequence[str]) -> list[str]:
     """The argv that runs `argv` inside namespace `name` (ip netns exec execs, so PIDs match)."""
     return ["ip", "netns", "exec", name, *argv]

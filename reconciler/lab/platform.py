@@ -52,11 +52,16 @@ from typing import Any, Literal
 from reconciler import inventory
 from reconciler.lab.netns import netns_unavailable_reason, write_json_atomic
 from reconciler.lab.nsenter import (
+    NetnsError,
+    Started,
     netns_exec_argv,
     process_start_time,
     remove_namespaces,
     run,
     safe_list_netns,
+    start_command,
+    start_ip_batch,
+    wait_all,
 )
 from reconciler.model import Container
 
@@ -771,41 +776,12 @@ def up(
     return load(name)
 
 
-Batch = tuple[subprocess.Popen[str], str]
-
-
-def _ip_batch(argv_prefix: list[str], commands: Sequence[str]) -> Batch:
-    """Start `ip -batch -` (fed `commands` by `_wait`), so many namespaces are set up at once."""
-    proc = subprocess.Popen(
-        [*argv_prefix, "-batch", "-"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    return proc, "\n".join(commands) + "\n"
-
-
-def _command(argv: Sequence[str]) -> Batch:
-    proc = subprocess.Popen(
-        list(argv),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    return proc, ""
-
-
-def _wait(batches: Sequence[Batch], what: str) -> None:
+def _wait(started: Sequence[Started], what: str) -> None:
     """Wait for setup commands started in parallel; fail listing every one that failed."""
-    errors = []
-    for proc, script in batches:
-        _, err = proc.communicate(script or None, timeout=60)
-        if proc.returncode != 0:
-            errors.append(f"{' '.join(map(str, proc.args))}: {err.strip()}")  # type: ignore[arg-type]
-    if errors:
-        raise PlatformError(f"{what} failed:\n" + "\n".join(errors))
+    try:
+        wait_all(started, what, timeout=60)
+    except NetnsError as exc:
+        raise PlatformError(str(exc)) from None
 
 
 def _build_network(net: NetworkPlan) -> None:
@@ -817,7 +793,7 @@ def _build_network(net: NetworkPlan) -> None:
     - no reverse-path filter on the routers (the host's default may be strict);
     - forwarding on the core and the cells.
     """
-    _wait([_ip_batch(["ip"], [f"netns add {ns}" for ns in net.namespaces])], "netns add")
+    _wait([start_ip_batch(["ip"], [f"netns add {ns}" for ns in net.namespaces])], "netns add")
     common = ["net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0"]
     router = [
         "net.ipv4.ip_forward=1",
@@ -827,11 +803,11 @@ def _build_network(net: NetworkPlan) -> None:
     procs = []
     for ns in net.namespaces:
         settings = [*common, *(router if ns in net.routers else [])]
-        procs.append(_command(netns_exec_argv(ns, ["sysctl", "-q", "-w", *settings])))
+        procs.append(start_command(netns_exec_argv(ns, ["sysctl", "-q", "-w", *settings])))
     _wait(procs, "sysctl")
     _wait(
         [
-            _ip_batch(
+            start_ip_batch(
                 ["ip"],
                 [
                     f"link add name {v.a_if} netns {v.a_netns} type veth"
@@ -845,7 +821,7 @@ def _build_network(net: NetworkPlan) -> None:
     # Cells and containers first; the core's routes need its uplinks up, which they are by
     # the time its own script runs (the same script brings them up first).
     _wait(
-        [_ip_batch(["ip", "-n", ns], cmds) for ns, cmds in net.scripts.items()],
+        [start_ip_batch(["ip", "-n", ns], cmds) for ns, cmds in net.scripts.items()],
         "addresses and routes",
     )
     for cell in net.cells.values():
