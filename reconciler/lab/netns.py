@@ -49,6 +49,7 @@ from typing import Any, Literal, Self
 from reconciler import inventory
 from reconciler.atomicfile import atomic_write_text
 from reconciler.lab.nsenter import (
+    enable_conntrack,
     list_links,
     netns_exec_argv,
     process_start_time,
@@ -415,18 +416,11 @@ class Lab:
     def _enable_conntrack(self) -> None:
         if shutil.which("nft") is None:
             raise LabError("conntrack=True needs nft (apt-get install nftables) or pass False")
-        # An nft table of our own: invisible to iptables-save (legacy or nft flavour), so it
-        # never shows up in what the reconciler reads back from the filter table.
-        ruleset = (
-            f"table inet {self.lab_id}-lab {{\n"
-            '  comment "asgt lab: connection tracking on from the start, as on a real cell"\n'
-            "  chain track {\n"
-            "    type filter hook prerouting priority raw; policy accept;\n"
-            "    ct state new counter\n"
-            "  }\n"
-            "}\n"
+        enable_conntrack(
+            self.cell,
+            self.lab_id,
+            "asgt lab: connection tracking on from the start, as on a real cell",
         )
-        run(netns_exec_argv(self.cell, ["nft", "-f", "-"]), input=ruleset)
 
     def _start_servers(self) -> None:
         assert self.workdir is not None

@@ -123,6 +123,27 @@ def netns_exec_argv(name: str, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", name, *argv]
 
 
+def enable_conntrack(netns: str, lab_id: str, comment: str) -> None:
+    """Connection tracking on in `netns` from now on, as on a real cell.
+
+    Otherwise conntrack starts only with the first rule that needs it, and a connection
+    opened before that is picked up mid-stream as NEW (and cut by a default-reject ruleset).
+    The table (`<lab_id>-lab`, with `comment`) is nft's own, so it is invisible to
+    iptables-save (legacy or nft flavour) and never shows up in what the reconciler or the
+    agents read back from the filter table.
+    """
+    ruleset = (
+        f"table inet {lab_id}-lab {{\n"
+        f'  comment "{comment}"\n'
+        "  chain track {\n"
+        "    type filter hook prerouting priority raw; policy accept;\n"
+        "    ct state new counter\n"
+        "  }\n"
+        "}\n"
+    )
+    run(netns_exec_argv(netns, ["nft", "-f", "-"]), input=ruleset)
+
+
 def list_netns() -> list[str]:
     """Names of all named network namespaces (`ip netns list`), without the `(id: N)` suffix."""
     out = run(["ip", "netns", "list"], check=False).stdout

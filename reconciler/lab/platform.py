@@ -54,6 +54,7 @@ from reconciler.lab.netns import netns_unavailable_reason, write_json_atomic
 from reconciler.lab.nsenter import (
     NetnsError,
     Started,
+    enable_conntrack,
     netns_exec_argv,
     process_start_time,
     remove_namespaces,
@@ -825,26 +826,9 @@ def _build_network(net: NetworkPlan) -> None:
         "addresses and routes",
     )
     for cell in net.cells.values():
-        _enable_conntrack(net.lab_id, cell.netns)
-
-
-def _enable_conntrack(lab_id: str, netns: str) -> None:
-    """Connection tracking on from the start, as on a real cell (see `netns.Lab`).
-
-    Without it conntrack starts with the agent's first rule, and a connection opened before
-    that would be judged NEW mid-stream and cut -- the opposite of what the demo shows.  An nft
-    table of the lab's own is invisible to what the agents read back with iptables-save.
-    """
-    ruleset = (
-        f"table inet {lab_id}-lab {{\n"
-        '  comment "asgctl lab: connection tracking on from the start"\n'
-        "  chain track {\n"
-        "    type filter hook prerouting priority raw; policy accept;\n"
-        "    ct state new counter\n"
-        "  }\n"
-        "}\n"
-    )
-    run(netns_exec_argv(netns, ["nft", "-f", "-"]), input=ruleset)
+        enable_conntrack(
+            cell.netns, net.lab_id, "asgctl lab: connection tracking on from the start"
+        )
 
 
 def _env() -> dict[str, str]:
