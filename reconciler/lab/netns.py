@@ -53,6 +53,7 @@ from reconciler.lab.nsenter import (
     list_links,
     netns_exec_argv,
     process_start_time,
+    python_env,
     remove_namespaces,
     run,
     safe_list_netns,
@@ -81,7 +82,6 @@ Role = Literal["container", "service"]
 
 _LAB_ID_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 class LabError(RuntimeError):
@@ -424,10 +424,7 @@ class Lab:
 
     def _start_servers(self) -> None:
         assert self.workdir is not None
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")])
-        )
+        env = python_env()
         for spec in self.service_specs:
             if not (spec.tcp_ports or spec.udp_ports):
                 continue

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from reconciler.dataplane.nsthread import NETNS_RUN_DIR, setns_net
 
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
 
 class NetnsError(RuntimeError):
     """A namespace could not be entered or a command that sets one up failed."""
@@ -116,6 +118,17 @@ def wait_all(started: Sequence[Started], what: str, *, timeout: float) -> None:
             errors.append(f"{argv} ({proc.returncode}): {err.strip()}")
     if errors:
         raise NetnsError(f"{what} failed:\n" + "\n".join(errors))
+
+
+def python_env() -> dict[str, str]:
+    """Our environment with this checkout first on PYTHONPATH.
+
+    So that `python -m reconciler...` children (echo servers, agents) import this code,
+    whatever their working directory.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    return env
 
 
 def netns_exec_argv(name: str, argv: Sequence[str]) -> list[str]:

@@ -57,6 +57,7 @@ from reconciler.lab.nsenter import (
     enable_conntrack,
     netns_exec_argv,
     process_start_time,
+    python_env,
     remove_namespaces,
     run,
     safe_list_netns,
@@ -89,7 +90,6 @@ Workload = Literal["app", "task", "staging"]
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 _ENDPOINT_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
 _LAB_ID_RE = re.compile(rf"^{PREFIX}[0-9a-f]{{4}}$")
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 class PlatformError(RuntimeError):
@@ -831,12 +831,6 @@ def _build_network(net: NetworkPlan) -> None:
         )
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
 def spawn(
     directory: Path,
     role: str,
@@ -856,7 +850,7 @@ def spawn(
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
-            env=_env(),
+            env=python_env(),
             start_new_session=True,  # Ctrl-C in the terminal goes to us, not to the lab
             close_fds=True,
         )
