@@ -53,7 +53,7 @@ from tests.faultkit import Snapshot, expected_snapshot, record, snapshot
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen"),
+    pytest.mark.requires("ssh-keygen", "git"),
 ]
 
 ALLOW_ALL = {"evil.yaml": sg("evil", ["{protocol: all, destination: 0.0.0.0/0}"])}
