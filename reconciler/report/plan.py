@@ -109,7 +109,10 @@ def _access_entries(p: PrincipalDiff) -> list[tuple[str, AccessChange]]:
 
 
 def _principal_title(p: PrincipalDiff) -> str:
+    """The principal's name, or its GUID and why the Directory's name is not trusted."""
     what = {"app": "", "space": " (space, no app)", "none": ""}[p.kind]
+    if p.name_mismatch:
+        what += f" [name unverified: {p.name_mismatch}]"
     return f"{p.name}{what}"
 
 
@@ -548,6 +551,8 @@ def _principal_json(p: PrincipalDiff) -> dict[str, Any]:
         "lifecycle": p.lifecycle,
         "space_id": p.space_id,
         "app_id": p.app_id,
+        "name_verified": not p.name_mismatch,
+        "name_mismatch": p.name_mismatch or None,
         "containers": p.containers,
         "cells": p.cells,
         "gained": [_change_json(c) for c in p.gained],
