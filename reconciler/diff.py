@@ -610,10 +610,10 @@ class _Explainer:
         base: PolicySet,
         head: PolicySet,
         prefix: str,
-        orgs_of_space: dict[str, set[str]] | None = None,
+        orgs_of_space: dict[str, set[str]],
     ):
         self.base, self.head, self.prefix = base, head, prefix
-        self.orgs_of_space = orgs_of_space or {}
+        self.orgs_of_space = orgs_of_space  # space GUID -> org GUIDs, as the inventory says
         self._sg = {id(p): {g.name: g for g in p.security_groups} for p in (base, head)}
         self._ep = {id(p): {e.name: e for e in p.egress_policies} for p in (base, head)}
 
@@ -634,7 +634,8 @@ class _Explainer:
         swaps two apps' GUIDs would otherwise have the plan name one app while the containers
         that gain the access run another, in another space.  So a name is given only when the
         inventory runs the app in the space the Directory puts it in, and that space in the
-        Directory's org; otherwise the GUID, and (third) both sides of the disagreement.
+        Directory's org.  Otherwise the name is the GUID, and the third value says what
+        each side claims (empty when they agree).
         """
         _, space, app = pr
         if app:
@@ -644,14 +645,9 @@ class _Explainer:
                     continue
                 said = d.app_path(app)
                 if known.space_guid != space:
-                    return (
-                        app,
-                        "app",
-                        (
-                            f"directory says {said} in space {known.space_guid}, "
-                            f"inventory says space {self._inventory_space(space)}"
-                        ),
-                    )
+                    where = self._inventory_space(space)
+                    mismatch = f"directory says {said} in space {known.space_guid}, "
+                    return app, "app", f"{mismatch}inventory says space {where}"
                 mismatch = self._org_mismatch(d, space, said)
                 return (app, "app", mismatch) if mismatch else (said, "app", "")
             return app, "app", ""
@@ -665,13 +661,13 @@ class _Explainer:
         return "(no space)", "none", ""
 
     def _inventory_orgs(self, space: str) -> str:
-        return ", ".join(sorted(o or "(none)" for o in self.orgs_of_space.get(space, ()))) or "?"
+        return ", ".join(sorted(o or "(none)" for o in self.orgs_of_space.get(space, ("",))))
 
     def _org_mismatch(self, d: Directory, space: str, said: str) -> str:
         """Empty when every container of `space` runs in the org the Directory gives it."""
         known = d.space(space)
         org = known.org_guid if known is not None else ""
-        if known is not None and self.orgs_of_space.get(space, {org}) == {org}:
+        if known is not None and self.orgs_of_space.get(space, {""}) == {org}:
             return ""
         return (
             f"directory says {said} in org {org or '(none)'}, "
