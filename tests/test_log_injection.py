@@ -24,10 +24,12 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from reconciler.cli import main
-from reconciler.policy.findings import Finding
+from reconciler.model import Location
+from reconciler.policy.findings import Finding, render_findings
 from reconciler.report.escape import gh_data, gh_property, log_text, md, visible
 from tests.policyrepo import commit_all, init_repo, write_tree
 
@@ -370,31 +372,32 @@ def test_plan_text_and_markdown_issue_no_commands(tmp_path):
         assert "\x1b" not in out and "\u2028" not in out and "\r" not in out
 
 
-def test_plan_of_an_invalid_head_lists_hostile_files_without_commands(tmp_path):
+@pytest.mark.parametrize("folder", ["policies", ""])
+def test_plan_of_an_invalid_head_lists_hostile_files_without_commands(tmp_path, folder):
+    """Findings open their lines with the file name when the policies are the repo's root."""
     repo = init_repo(tmp_path / "repo")
-    write_tree(repo, {"policies/ok.yaml": "kind: Destination\nname: a\nips: 198.19.0.1\n"})
+    policies = repo / folder if folder else repo
+    write_tree(policies, {"ok.yaml": "kind: Destination\nname: a\nips: 198.19.0.1\n"})
     commit_all(repo, "base")
     for file, name in hostile_documents():
-        (repo / "policies" / file).write_text(invalid_destination(name))
+        (policies / file).write_text(invalid_destination(name))
     commit_all(repo, "hostile")
     for fmt in ("text", "markdown"):
         result = cli(
             "plan",
-            *("--base", "HEAD~1", "--head", "HEAD", "--policies", str(repo / "policies")),
+            *("--base", "HEAD~1", "--head", "HEAD", "--policies", str(policies)),
             *("--inventory", "directory", "--format", fmt),
         )
         assert result.exit_code == 1, result.output
         assert_no_commands(result.output)
         assert "owned.yaml" in result.output
+        assert "\x1b" not in result.output
 
 
 def test_findings_text_is_one_inert_line_per_finding():
-    from reconciler.model import Location
-    from reconciler.policy.findings import render_findings
-
     findings = [
-        Finding.at(Location(f, 1, 1), m, kind="Destination", name=n)
-        for f, m, n in zip(FILE_NAMES, DOC_NAMES + DOC_NAMES, DOC_NAMES * 2, strict=False)
+        Finding.at(Location(file, 1, 1), name, kind="Destination", name=name)
+        for file, name in hostile_documents()
     ]
     out = render_findings(findings, "text")
     assert_no_commands(out)
