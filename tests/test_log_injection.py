@@ -186,10 +186,14 @@ def test_visible_shows_every_line_break_the_runner_knows():
 # ----------------------------------------------------------------------------- validate
 
 
+def _yaml_str(text: str) -> str:
+    """`text` as a double-quoted YAML scalar, control characters and all."""
+    return '"' + text.encode("unicode_escape").decode().replace('"', '\\"') + '"'
+
+
 def invalid_destination(name: str) -> str:
     """A Destination that fails validation (a bad address), so a finding names its file."""
-    quoted = name.encode("unicode_escape").decode().replace('"', '\\"')
-    return f'kind: Destination\nname: "{quoted}"\nprotocol: tcp\nips: 198.19.0.300\n'
+    return f"kind: Destination\nname: {_yaml_str(name)}\nprotocol: tcp\nips: 198.19.0.300\n"
 
 
 def hostile_repo(tmp_path: Path) -> Path:
@@ -267,10 +271,6 @@ def policy_test_repo(tmp_path: Path) -> Path:
     )
     commit_all(repo, "hostile names")
     return repo
-
-
-def _yaml_str(text: str) -> str:
-    return '"' + text.encode("unicode_escape").decode().replace('"', '\\"') + '"'
 
 
 def test_policy_test_text_output_issues_no_commands(tmp_path):
