@@ -22,6 +22,8 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -177,6 +179,14 @@ def test_markdown_names_cannot_start_a_command_line():
     assert "::" not in md(ORG) and "##[" not in md(SPACE)
     assert md("fd00::1") == "fd00&#58;&#58;1" and md("a:b") == "a:b"
     assert_no_commands(md(ORG) + "\n" + md(APP))
+
+
+def test_visible_escapes_exactly_unicode_other_and_separator_characters():
+    """Every code point: the one-call fast path keeps nothing it should have escaped."""
+    for code in range(sys.maxunicode + 1):
+        ch = chr(code)
+        control = ch != " " and unicodedata.category(ch)[0] in "CZ"
+        assert (visible(ch) != ch) == control, hex(code)
 
 
 def test_visible_shows_every_line_break_the_runner_knows():
