@@ -39,7 +39,7 @@ from reconciler.lab.netns import Lab
 from reconciler.lab.nsenter import in_netns
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import TOP_CHAIN, Ruleset, hook_rule, render_cell
+from reconciler.render.iptables import TOP_CHAIN, Ruleset, hook_rule, marker_rule, render_cell
 from reconciler.render.nft import base_chain, canonical_rule
 from reconciler.render.nft import render_cell as render_nft
 from tests.cases import DATA, RecordingRunner, edge_plan
@@ -342,8 +342,11 @@ def _container(plan: CellPlan, family: int = 4) -> str:
     return next(n for n in sorted(render_cell(plan, family).chains) if n.startswith("ASG-C-"))
 
 
+# Rule 1 of every chain of ours is its ownership marker: the plan's rules start at 2.
+
+
 def _drift_rule_deleted(h: Host, p: CellPlan) -> tuple[str, str]:
-    h.ipt(4, "-D", _group(p), "1")
+    h.ipt(4, "-D", _group(p), "2")
     return _group(p), rec.RULE_MISSING
 
 
@@ -355,7 +358,7 @@ def _drift_rule_added(h: Host, p: CellPlan) -> tuple[str, str]:
 def _drift_reordered(h: Host, p: CellPlan) -> tuple[str, str]:
     chain = _group(p)
     first = render_cell(p, 4).chains[chain][0]
-    h.ipt(4, "-D", chain, "1")
+    h.ipt(4, "-D", chain, "2")
     h.restore(4, ("*filter", first, "COMMIT"))  # appended at the end
     return chain, rec.RULES_REORDERED
 
@@ -364,8 +367,8 @@ def _drift_changed(h: Host, p: CellPlan) -> tuple[str, str]:
     chain = _group(p)
     rules = render_cell(p, 4).chains[chain]
     i = next(i for i, x in enumerate(rules) if x.endswith("-j ACCEPT"))
-    h.ipt(4, "-D", chain, str(i + 1))
-    changed = rules[i].replace(f"-A {chain} ", f"-I {chain} {i + 1} ").replace("ACCEPT", "DROP")
+    h.ipt(4, "-D", chain, str(i + 2))
+    changed = rules[i].replace(f"-A {chain} ", f"-I {chain} {i + 2} ").replace("ACCEPT", "DROP")
     h.restore(4, ("*filter", changed, "COMMIT"))
     return chain, rec.RULE_CHANGED
 
@@ -373,6 +376,12 @@ def _drift_changed(h: Host, p: CellPlan) -> tuple[str, str]:
 def _drift_flushed(h: Host, p: CellPlan) -> tuple[str, str]:
     h.ipt(4, "-F", _container(p))
     return _container(p), rec.RULE_MISSING
+
+
+def _drift_marker_deleted(h: Host, p: CellPlan) -> tuple[str, str]:
+    """Still ours without its marker: the last plan applied put the chain there."""
+    h.ipt(4, "-D", _group(p), "1")
+    return _group(p), rec.MARKER_MISSING
 
 
 def _drift_chain_deleted(h: Host, p: CellPlan) -> tuple[str, str]:
@@ -383,9 +392,12 @@ def _drift_chain_deleted(h: Host, p: CellPlan) -> tuple[str, str]:
 
 
 def _drift_chain_extra(h: Host, p: CellPlan) -> tuple[str, str]:
-    h.ipt(4, "-N", "ASG-G-0000000000000000")
-    h.ipt(4, "-A", "ASG-G-0000000000000000", "-j", "ACCEPT")
-    return "ASG-G-0000000000000000", rec.CHAIN_EXTRA
+    """A chain of ours the plan does not have (an old one put back from a saved table): it
+    carries our marker, so it is ours to remove.  Without it, it would be someone else's
+    (test_foreign_prefixed_chains_are_reported_and_left_alone)."""
+    chain = "ASG-G-0000000000000000"
+    h.restore(4, ("*filter", f":{chain} - [0:0]", marker_rule(chain), f"-A {chain} -j ACCEPT", "COMMIT"))
+    return chain, rec.CHAIN_EXTRA
 
 
 def _drift_hook_removed(h: Host, p: CellPlan) -> tuple[str, str]:
@@ -409,6 +421,7 @@ DRIFTS: dict[str, Callable[[Host, CellPlan], tuple[str, str]]] = {
     "reordered": _drift_reordered,
     "rule-changed": _drift_changed,
     "chain-flushed": _drift_flushed,
+    "marker-deleted": _drift_marker_deleted,
     "chain-deleted": _drift_chain_deleted,
     "chain-extra": _drift_chain_extra,
     "hook-removed": _drift_hook_removed,
@@ -449,7 +462,7 @@ def test_drift_details_name_the_rules(host: Host) -> None:
     assert converge(host.backend(), plan).ok
     chain = next(n for n in render_cell(plan, 4).chains if n.startswith("ASG-G-"))
     lost = render_cell(plan, 4).chains[chain][0]
-    host.ipt(4, "-D", chain, "1")
+    host.ipt(4, "-D", chain, "2")
     (drift,) = converge(host.backend(), plan, plan).drift
     assert drift == rec.Drift(4, chain, rec.RULE_MISSING, (lost,), (), True)
 
@@ -698,9 +711,14 @@ def test_parser_keeps_only_ours() -> None:
             ":INPUT ACCEPT [0:0]",
             ":FORWARD ACCEPT [5:300]",
             ":ASG-FORWARD - [0:0]",
+            ":ASG-LEGACY - [0:0]",
             ":OTHER - [0:0]",
             "-A FORWARD -j OTHER",
             hook_rule(),
+            '-A FORWARD -m comment --comment "asg:forward" -j ACCEPT',  # not a jump to ours
+            "-A ASG-FORWARD -s 198.18.0.2/32 -j ACCEPT",
+            marker_rule("ASG-FORWARD"),  # wherever it is: it changes no verdict
+            "-A ASG-LEGACY -j ASG-FORWARD",
             "-A OTHER -j ASG-FORWARD",
             '-A OTHER -m comment --comment "mentions -j ASG-NOPE" -j ACCEPT',
             "COMMIT",
@@ -708,7 +726,8 @@ def test_parser_keeps_only_ours() -> None:
         ]
     )
     state = parse_save(text, 4)
-    assert dict(state.chains) == {"ASG-FORWARD": ()}
+    assert dict(state.chains) == {"ASG-FORWARD": ("-A ASG-FORWARD -s 198.18.0.2/32 -j ACCEPT",)}
+    assert dict(state.unmarked) == {"ASG-LEGACY": ("-A ASG-LEGACY -j ASG-FORWARD",)}
     assert [(h.index, h.text) for h in state.hooks] == [(1, hook_rule())]
     assert state.foreign_refs == frozenset({"ASG-FORWARD"})
 
