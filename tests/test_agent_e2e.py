@@ -602,7 +602,9 @@ def test_the_hosts_prefixed_chains_are_logged_once_and_never_taken_over(
         return [x for x in text.splitlines() if not x.startswith("#")]
 
     lab = make_lab(conntrack=False)
-    lab.cell_exec(["iptables-legacy-restore", "--noflush"], input="\n".join(HOST_CHAINS_V4) + "\n", check=True)
+    lab.cell_exec(
+        ["iptables-legacy-restore", "--noflush"], input="\n".join(HOST_CHAINS_V4) + "\n", check=True
+    )
     theirs = [x for x in save(lab) if "ASG-LEGACY" in x or "ASG-ADMIN" in x]
     a, err = agent(lab, "state-a")
     for _ in range(2):
@@ -616,7 +618,9 @@ def test_the_hosts_prefixed_chains_are_logged_once_and_never_taken_over(
 
     other = make_lab(conntrack=False)
     clash = (*HOST_CHAINS_V4[:-1], ":ASG-FORWARD - [0:0]", "-A ASG-FORWARD -j RETURN", "COMMIT")
-    other.cell_exec(["iptables-legacy-restore", "--noflush"], input="\n".join(clash) + "\n", check=True)
+    other.cell_exec(
+        ["iptables-legacy-restore", "--noflush"], input="\n".join(clash) + "\n", check=True
+    )
     before = save(other)
     b, _ = agent(other, "state-b")
     st = b.cycle(SYNC)

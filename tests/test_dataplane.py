@@ -402,9 +402,11 @@ def _drift_chain_deleted(h: Host, p: CellPlan) -> tuple[str, str]:
 def _drift_chain_extra(h: Host, p: CellPlan) -> tuple[str, str]:
     """A chain of ours the plan does not have (an old one put back from a saved table): it
     carries our marker, so it is ours to remove.  Without it, it would be someone else's
-    (test_foreign_prefixed_chains_are_reported_and_left_alone)."""
+    (test_foreign_rules_and_chains_survive_every_apply)."""
     chain = "ASG-G-0000000000000000"
-    h.restore(4, ("*filter", f":{chain} - [0:0]", marker_rule(chain), f"-A {chain} -j ACCEPT", "COMMIT"))
+    h.restore(
+        4, ("*filter", f":{chain} - [0:0]", marker_rule(chain), f"-A {chain} -j ACCEPT", "COMMIT")
+    )
     return chain, rec.CHAIN_EXTRA
 
 

@@ -249,12 +249,15 @@ def test_a_family_without_containers_is_not_saved_on_legacy(cell: str, variant: 
     assert fixed.ok and not fixed.in_sync
     assert fixed.families[1].delta.deleted == (TOP_CHAIN,)
     assert full_read(cell, variant, 6) == {}
-    assert "asg:" not in subprocess.run(
-        ["ip", "netns", "exec", cell, tool(variant, 6, "save"), "-t", "filter"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    assert (
+        "asg:"
+        not in subprocess.run(
+            ["ip", "netns", "exec", cell, tool(variant, 6, "save"), "-t", "filter"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
 
 
 # -- an install's read-back, deferred to the next cycle's read --------------------------------
