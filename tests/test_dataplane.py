@@ -36,6 +36,7 @@ from reconciler.dataplane import records as rec
 from reconciler.dataplane.iptables import IptablesBackend, tool
 from reconciler.dataplane.nftables import NftablesBackend
 from reconciler.dataplane.records import OwnedState
+from reconciler.dataplane.saveparse import count_rules
 from reconciler.lab.netns import Lab
 from reconciler.lab.nsenter import in_netns
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
@@ -732,9 +733,11 @@ def test_auto_variant_follows_the_rules_already_there(host: Host) -> None:
     host.restore(4, FOREIGN_V4)
     backend = IptablesBackend.open("auto", host.runner())
     assert backend.variant == host.variant
+    other = "nft" if host.variant == "legacy" else "legacy"
+    # The host's own `ASG-` chains are not ours: the other variant is not mixing yet.
+    assert IptablesBackend.open(other, host.runner()).variant == other
     assert converge(backend, small_plan()).ok
     # Once our chains are in one variant, the other is refused: never mix.
-    other = "nft" if host.variant == "legacy" else "legacy"
     with pytest.raises(VariantError, match="mixing"):
         IptablesBackend.open(other, host.runner())
     assert IptablesBackend.open("auto", host.runner()).variant == host.variant
@@ -893,3 +896,18 @@ def test_delta_tells_our_unmarked_chains_from_the_hosts() -> None:
     blind = compute_delta(new, observed, None)
     assert blind.foreign == (gone, "ASG-LEGACY")
     assert not any(gone in op for op in blind.ops)
+
+
+def test_variant_detection_counts_only_chains_we_can_prove_ours() -> None:
+    """The host's `ASG-` chains in one variant must not pin us to it, nor make installing in
+    the other look like mixing; our marker, or our dispatch chain by name (a chain of ours
+    from before markers: never risk mixing), does."""
+    host = "\n".join(FOREIGN_V4) + "\n"
+    assert count_rules(host) == (8, False)
+    ours = host.replace("COMMIT", f":{TOP_CHAIN} - [0:0]\n{marker_rule(TOP_CHAIN)}\nCOMMIT")
+    assert count_rules(ours) == (9, True)
+    old = host.replace("COMMIT", f":{TOP_CHAIN} - [0:0]\nCOMMIT")
+    assert count_rules(old) == (8, True)
+    # A marker copied into another chain's line proves nothing about that line's chain.
+    odd = host.replace("COMMIT", f"-A ASG-LEGACY -s 198.18.200.9/32 {marker_rule('X')[5:]}\nCOMMIT")
+    assert count_rules(odd)[1] is False
