@@ -245,7 +245,8 @@ BASE_RULES: set[tuple[str, ...]] = set()
 
 def _group_rules(text: str) -> list[tuple[str, ...]]:
     chains = parse_restore(text)
-    return [tuple(r) for n, rs in chains.items() if n.startswith("ASG-G-") for r in rs]
+    # rs[0] is each chain's ownership marker, no rule of the policy's
+    return [tuple(r) for n, rs in chains.items() if n.startswith("ASG-G-") for r in rs[1:]]
 
 
 def assert_only_asked(render: Result) -> None:

@@ -137,6 +137,8 @@ class Agent:
         self._crashes = 0
         self._inventory_seen: tuple[Container, ...] | None = None
         self._compiled: tuple[PolicySet, tuple[Container, ...], CellPlan] | None = None
+        self._foreign: tuple[tuple[int, str], ...] = ()
+        """Chains with our name prefix that are not ours, as last logged."""
         self.pusher: StatusPusher | None = None
         if cfg.status_push:
             writer = StatusWriter(
@@ -170,6 +172,27 @@ class Agent:
             runner = Runner.in_netns(self.cfg.netns) if self.cfg.netns else Runner()
             self._backend = open_backend(self.cfg.backend, self.cfg.variant, runner)
         return self._backend
+
+    def _report_foreign(self, result: Any) -> None:
+        """Log the chains with our name prefix that we did not create (the host's own
+        `ASG-...` chains), which the dataplane leaves alone: once when they appear or change,
+        not every cycle.  A plan that needs one of their names fails the cycle instead
+        (OwnershipError, reported as EnforcementFailed)."""
+        foreign = tuple((f.family, n) for f in result.families for n in f.delta.foreign)
+        if foreign == self._foreign:
+            return
+        self._foreign = foreign
+        if foreign:
+            self._log(
+                self.err,
+                {
+                    "event": "foreign-chains",
+                    "cell": self.cfg.cell,
+                    "chains": [f"ipv{family} {name}" for family, name in foreign],
+                    "message": "chains with asgctl's name prefix but not its ownership marker, "
+                    "not created by the last plan applied: someone else's, left alone",
+                },
+            )
 
     def _log(self, stream: TextIO, record: dict[str, Any]) -> None:
         line = json.dumps({"time": iso(self.clock()), **record}, separators=(",", ":"))
@@ -361,6 +384,7 @@ class Agent:
                     x.get(k, 0.0) for x in fam_t for k in ("read", "delta", "apply", "verify")
                 )
                 st = replace(st, backend=result.backend)
+                self._report_foreign(result)
                 for fam in result.families:
                     for d in fam.delta.drift:
                         repaired = fam.sent and d.repair and fam.error is None

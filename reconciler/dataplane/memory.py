@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from reconciler.dataplane.generation import KernelProbe
 from reconciler.dataplane.records import Delta, HookCopy, OwnedState
 from reconciler.dataplane.runner import Runner
-from reconciler.render.iptables import GROUP_PREFIX, HOOK_CHAIN
+from reconciler.render.iptables import GROUP_PREFIX, HOOK_CHAIN, is_marker
 
 MAX_LISTED = 4
 """Chains with lines of a new shape that verify lists one by one before it reads in full."""
@@ -163,18 +163,29 @@ def after_delta(state: OwnedState, delta: Delta) -> OwnedState | None:
     """`state` with the transaction applied, as iptables-restore applies it; None for an
     operation this does not model."""
     chains = {name: list(rules) for name, rules in state.chains.items()}
+    unmarked = dict(state.unmarked)
+    declared: set[str] = set()
     hooks = list(state.hooks)
     for op in delta.ops:
         if op.startswith(":"):
-            chains[op[1:].split(" ", 1)[0]] = []
+            name = op[1:].split(" ", 1)[0]
+            chains[name] = []
+            declared.add(name)
+            unmarked.pop(name, None)
         elif op.startswith("-A "):
             end = op.find(" ", 3)
-            rules = chains.get(op[3:end] if end > 0 else op[3:])
+            name = op[3:end] if end > 0 else op[3:]
+            rules = chains.get(name)
             if rules is None:
                 return None
-            rules.append(op)
+            if is_marker(name, op):
+                declared.discard(name)
+            else:
+                rules.append(op)
         elif op.startswith("-X "):
             chains.pop(op[3:], None)
+            unmarked.pop(op[3:], None)
+            declared.discard(op[3:])
         elif op.startswith(f"-D {HOOK_CHAIN} "):
             text = "-A " + op[3:]
             gone = next((h for h in hooks if h.text == text), None)
@@ -190,8 +201,11 @@ def after_delta(state: OwnedState, delta: Delta) -> OwnedState | None:
             hooks = [HookCopy(0, text), *(HookCopy(h.index + 1, h.text) for h in hooks)]
         else:
             return None
+    if declared:  # a chain left without its marker: not a delta of ours, not modelled
+        return None
     return replace(
         state,
         chains={name: tuple(rules) for name, rules in chains.items()},
         hooks=tuple(sorted(hooks, key=lambda h: h.index)),
+        unmarked=unmarked,
     )

@@ -18,6 +18,10 @@ TOP_CHAIN = "ASG-FORWARD"
 CONTAINER_PREFIX = "ASG-C-"
 GROUP_PREFIX = "ASG-G-"
 OWNED_PREFIX = "ASG-"
+"""Names we give our chains.  A name says nothing about who made a chain: the host may well
+have chains of its own that start with it (`ASG-ADMIN-BLOCKLIST`), so ownership is proven
+by `marker_rule`, never by this prefix alone."""
+OWNER_COMMENT = "asg:owned"
 HOOK_CHAIN = "FORWARD"
 DENY_LOG_LIMIT = "-m limit --limit 1/sec"
 
@@ -34,6 +38,29 @@ def _comment(text: str) -> str:
     return f'-m comment --comment "{text}"'
 
 
+MARKER_TAIL = " " + _comment(OWNER_COMMENT)
+
+
+def marker_rule(chain: str) -> str:
+    """The ownership marker: the first rule of every chain we create, so a chain is ours
+    only when it says so, whoever else uses our name prefix.
+
+    A comment match with no target: it matches every packet and does nothing (the packet
+    goes on to the next rule), so it costs one comparison and changes no verdict.  It lives
+    in the kernel with the chain, so it survives anything that loses our own records (a lost
+    state directory, a kill mid-cycle), and no chain gets it by accident: it has to be written
+    exactly so, as the only line without a target in a chain with our prefix.  It is not one
+    of the plan's rules (`Ruleset.chains` holds only those); the dataplane adds it to every
+    chain it writes and strips it when it reads.
+    """
+    return f"-A {chain}{MARKER_TAIL}"
+
+
+def is_marker(chain: str, line: str) -> bool:
+    """Whether `line` is `chain`'s ownership marker (one length test, one `endswith`)."""
+    return len(line) == len(chain) + 3 + len(MARKER_TAIL) and line.endswith(MARKER_TAIL)
+
+
 def hook_rule() -> str:
     """The one rule we own in FORWARD: kept first, so no earlier ACCEPT can bypass us."""
     return f"-A {HOOK_CHAIN} {_comment('asg:forward')} -j {TOP_CHAIN}"
@@ -41,7 +68,11 @@ def hook_rule() -> str:
 
 @dataclass(frozen=True)
 class Ruleset:
-    """Our chains for one family, each with its rules in iptables-save form, in order."""
+    """Our chains for one family, each with its rules in iptables-save form, in order.
+
+    The rules are the plan's; each chain's ownership marker (`marker_rule`) comes on top of
+    them in the kernel, and is written by `text` and by the dataplane's deltas.
+    """
 
     family: int
     chains: dict[str, tuple[str, ...]]
@@ -53,6 +84,7 @@ class Ruleset:
         if hook and self.chains:
             lines.append(hook_rule().replace("-A FORWARD", "-I FORWARD 1", 1))
         for name in sorted(self.chains, key=chain_order):
+            lines.append(marker_rule(name))
             lines.extend(self.chains[name])
         lines.append("COMMIT")
         return "\n".join(lines) + "\n"
