@@ -356,10 +356,10 @@ def read_git(
     parts = [p for p in prefix.split("/") if p not in ("", ".")]
     for i, part in enumerate(parts):
         child = _git_child(node, part)
+        if child is not None and _git_kind(child) == "link":
+            require_real_folder(RepoPlace(None, prefix, "/".join(parts[: i + 1])), prefix)
         if child is None or (child.type == "blob" and i < len(parts) - 1):
             raise LoadError(prefix, f"no such folder at {rev}")
-        if _git_kind(child) == "link":
-            require_real_folder(RepoPlace(None, prefix, "/".join(parts[: i + 1])), prefix)
         node = child
     if node.type == "blob":
         if _git_kind(node) != "file":
