@@ -367,8 +367,8 @@ def read_git(
         return [SourceFile(parts[-1], _read_blob(node, parts[-1], Budget(limits)))]
     if node.type != "tree":
         raise LoadError(prefix, "not a folder or a regular file")
-    listing = _git_listing(node, limits)
-    return _read_all(listing, lambda real, name, b: _read_blob(node / real, name, b), limits)
+    listing, blobs = _git_listing(node, limits)
+    return _read_all(listing, lambda real, name, b: _read_blob(blobs[real], name, b), limits)
 
 
 def _git_child(tree: Any, name: str) -> Any:
@@ -388,8 +388,10 @@ def _git_kind(item: Any) -> EntryKind:
     return "file" if stat.S_ISREG(item.mode) else "other"
 
 
-def _git_listing(tree: Any, limits: Limits) -> dict[str, Entry]:
+def _git_listing(tree: Any, limits: Limits) -> tuple[dict[str, Entry], dict[str, Any]]:
+    """The tree as a Listing, and each regular file's blob (looked up by path once, here)."""
     listing: dict[str, Entry] = {}
+    blobs: dict[str, Any] = {}
     counter = _Counter(limits)
     pending: list[tuple[str, Any]] = [("", tree)]
     while pending:
@@ -410,7 +412,9 @@ def _git_listing(tree: Any, limits: Limits) -> dict[str, Entry]:
                 listing[name] = Entry(kind)
                 if kind == "dir":
                     pending.append((name, item))
-    return listing
+                elif kind == "file":
+                    blobs[name] = item
+    return listing, blobs
 
 
 def _read_blob(blob: Any, name: str, budget: Budget) -> bytes:
