@@ -28,7 +28,7 @@ from reconciler.policy.load import load_folder, load_policy, load_revision
 from reconciler.policy.source import LoadErrors, read_folder, read_git
 from reconciler.policy.yamlsafe import LoadError
 from reconciler.policytest import run_tests
-from tests.policyrepo import commit_all, init_repo, write_tree
+from tests.policyrepo import commit_all, git, init_repo, write_tree
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "runner-secret-4f1c9e"  # must never appear in anything asgctl prints
@@ -345,3 +345,28 @@ def test_a_quoted_merge_key_is_an_unknown_field_not_an_allow_all_rule(tmp_path):
             result.output
         )
         assert "rules[0].destination: nil destination" in result.output
+
+
+@pytest.mark.parametrize("checkout", ["head", "base"])
+def test_plan_refuses_a_head_whose_policy_folder_became_a_link(tmp_path, checkout):
+    """Whatever the working tree holds (the PR's link, or the base's real folder), the plan
+    reads the head from git and refuses it; nothing of the runner's files reaches the comment."""
+    from reconciler.planrun import run_plan
+    from reconciler.report import render
+
+    runner_files = outside_secrets(tmp_path)
+    repo = policy_checkout(tmp_path)
+    base = commit_all(repo, "base")
+    shutil.rmtree(repo / "policies")
+    os.symlink(runner_files, repo / "policies")
+    head = commit_all(repo, "policies is now a link")
+    if checkout == "base":
+        git(repo, "checkout", "-q", base)
+    report = run_plan(str(repo / "policies"), base, head, ["directory"])
+    assert report.exit_code(True) == 1
+    assert [f.message for f in report.head_findings] == [
+        "the policy folder goes through a symlink (policies); it must be a folder of the "
+        "repository, so nothing was read"
+    ]
+    for fmt in ("markdown", "text", "json"):
+        assert SECRET not in render(report, fmt)
