@@ -370,3 +370,30 @@ def test_plan_refuses_a_head_whose_policy_folder_became_a_link(tmp_path, checkou
     ]
     for fmt in ("markdown", "text", "json"):
         assert SECRET not in render(report, fmt)
+
+
+def test_a_link_to_another_repository_is_refused_but_an_operators_own_link_is_not(tmp_path):
+    """`policies -> /elsewhere/repo` makes another repository look like the top; the
+    enclosing repository tracks that link, so it is refused.  `~/src -> /data/src` under a
+    dotfiles repository in `~` is not tracked there: the operator's own layout, read as is."""
+    other = init_repo(tmp_path / "elsewhere" / "repo")
+    write_tree(other, {"creds.yaml": f"{SECRET}: 1\n"})
+    commit_all(other, "someone else's repository")
+    repo = init_repo(tmp_path / "repo")
+    os.symlink(other, repo / "policies")
+    commit_all(repo, "policies is a link to another repository")
+    result = load_folder(repo / "policies")
+    assert [f.message for f in result.findings] == [
+        "the policy folder goes through a symlink (policies); it must be a folder of the "
+        "repository, so nothing was read"
+    ]
+    assert SECRET not in str(result.findings)
+    assert not load_policy(repo / "policies", "HEAD").ok
+
+    home = init_repo(tmp_path / "home")  # a dotfiles repository
+    data = policy_checkout(tmp_path / "data")
+    os.symlink(data.parent, home / "src")
+    through_own_link = home / "src" / "repo" / "policies"
+    assert load_folder(through_own_link) == load_folder(data / "policies")
+    assert load_policy(through_own_link, "HEAD") == load_folder(data / "policies")
+    assert load_folder(data / "policies").ok

@@ -33,7 +33,7 @@ import os
 import posixpath
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,10 +101,12 @@ class RepoPlace:
 def locate(path: str | os.PathLike[str]) -> RepoPlace:
     """Find the git work tree holding `path` without following links below its top.
 
-    The path is made absolute lexically (the caller's own `..` is the caller's); `.git` is
-    looked for in its ancestors, and any ancestor that is a symlink below the outermost
-    repository found is reported in `link`.  (A link inside the repository could lead to a
-    folder that holds some other `.git`; checking below the outermost top catches that too.)
+    The path is made absolute lexically (the caller's own `..` is the caller's) and `.git` is
+    looked for in its ancestors; the nearest is the top.  A symlink between the top and the
+    path is reported in `link`.  So is a symlink that an enclosing repository tracks on the
+    way to the top: a pull request's `policies -> /elsewhere/some-repo` makes that other
+    repository look like the top.  (A link the enclosing repository does not track, such as
+    `~/src -> /data/src` under a home-directory dotfiles repository, is the operator's own.)
     """
     absolute = Path(os.path.abspath(path))
     chain = [absolute, *absolute.parents]
@@ -112,11 +114,32 @@ def locate(path: str | os.PathLike[str]) -> RepoPlace:
     if not repos:
         link = absolute.name if absolute.is_symlink() else None
         return RepoPlace(None, Path(path).as_posix().rstrip("/"), link)
-    top, outermost = repos[0], repos[-1]
-    links = [a for a in chain if a != outermost and a.is_relative_to(outermost) and a.is_symlink()]
+    top = repos[0]
     folder = absolute.relative_to(top).as_posix()
-    link = links[-1].relative_to(outermost).as_posix() if links else None
-    return RepoPlace(top, "" if folder == "." else folder, link)
+    place = RepoPlace(top, "" if folder == "." else folder)
+    below = [a for a in chain if a != top and a.is_relative_to(top) and a.is_symlink()]
+    if below:
+        return replace(place, link=below[-1].relative_to(top).as_posix())
+    for outer in repos[1:]:
+        crossing = [
+            a
+            for a in chain
+            if a != outer and a.is_relative_to(outer) and top.is_relative_to(a) and a.is_symlink()
+        ]
+        for a in reversed(crossing):
+            if _tracks(outer, a.relative_to(outer).as_posix()):
+                return replace(place, link=a.relative_to(outer).as_posix())
+    return place
+
+
+def _tracks(repo: Path, rel: str) -> bool:
+    """Whether the work tree `repo` has `rel` in its index (a committed or added path)."""
+    import git
+
+    try:
+        return bool(git.Repo(repo).git.ls_files("--", rel))
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError, git.GitCommandError):
+        return False
 
 
 def require_real_folder(place: RepoPlace, shown: str) -> None:
