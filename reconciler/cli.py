@@ -22,7 +22,8 @@ from reconciler.lab.cli import lab as lab_group
 from reconciler.model import PolicySet
 from reconciler.plan import CellPlan
 from reconciler.policy.findings import render_findings
-from reconciler.policy.load import load_policy, repo_location
+from reconciler.policy.load import load_policy
+from reconciler.policy.source import locate
 from reconciler.render.iptables import render_text
 
 
@@ -92,10 +93,8 @@ def validate(path: str, rev: str | None, fmt: str) -> None:
     Exit 0 when valid (warnings allowed), 1 when invalid.
     """
     result = load_policy(path, rev)
-    prefix = ""
-    if fmt == "github":
-        where = repo_location(path)
-        prefix = where[1] if where else ""
+    place = locate(path)
+    prefix = place.prefix if fmt == "github" and place.top is not None else ""
     click.echo(render_findings(result.findings, fmt, prefix), nl=False)
     sys.exit(0 if result.ok else 1)
 
@@ -338,7 +337,6 @@ def test_cmd(path: str, rev: str | None, fmt: str, verbose: bool) -> None:
 
     Exit 0 when every test passes, 1 on any failure or invalid policy.
     """
-    from reconciler.planrun import locate
     from reconciler.policytest import render_results, run_tests
 
     prefix = locate(path).prefix
