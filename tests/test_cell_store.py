@@ -248,6 +248,61 @@ def test_render_works_on_a_store_with_bad_entries_and_reports_them(tmp_path: Pat
     assert reach(result.stdout, "198.18.0.4") == {"www"}  # a free-text org is just an org
 
 
+# -- the agent: reports, and the CI plan agrees with it --------------------------------------
+
+
+def test_the_agent_and_the_ci_plan_from_its_status_branch_compile_the_same_cell(tmp_path: Path):
+    """The agent reports every rejection (log, status, metric) and still applies the cell;
+    `asgctl plan --inventory status` reads the status file's containers back, and compiling
+    them gives the very plan the agent applied: held and shared IPs included."""
+    from reconciler.agent.status import dump_status
+    from reconciler.inventory_sources import containers_from_status
+    from reconciler.policy.load import load_revision
+    from tests.test_agent_loop import MemoryDataplane
+
+    repo = local_repo(tmp_path)
+    rule = '{{protocol: tcp, destination: {}, ports: "{}"}}'.format
+    sha = repo.commit(
+        "asgs",
+        {
+            "a.yaml": sg("payments-mysql", [rule(MYSQL, 3306)], False, ("payments",)),
+            "b.yaml": sg("marketing-web", [rule(WWW, 80)], False, ("marketing",)),
+            "c.yaml": sg("dns", [rule(DNS, 53)]),
+        },
+    )
+    store = tmp_path / "store.json"
+    store.write_text(json.dumps({**BAD_CELL, "ghost": {"ip": "198.18.0.9", "metadata": None}}))
+    cfg = build_config(
+        {
+            "source": repo.url,
+            "cell": "mem",
+            "containers": str(store),
+            "state-dir": str(tmp_path / "state"),
+            "status-push": False,
+        },
+        {},
+    )
+    err = io.StringIO()
+    agent = Agent(cfg, out=io.StringIO(), err=err, backend=MemoryDataplane())
+    try:
+        st = agent.cycle(SYNC)
+    finally:
+        agent.source.close()
+    ready = condition(st.conditions, "Ready")
+    assert ready is not None and ready.status == "True", ready
+    assert st.applied is not None and st.applied.plan is not None
+    expected = {("shared", "blog-0"), ("shared", "backend-0"), ("skipped", "broken"),
+                ("held", "ghost")}  # fmt: skip
+    assert {(r["kind"], r["handle"]) for r in _events(err)} == expected
+    doc = agent.status_document(st)
+    assert {(r["kind"], r["handle"]) for r in doc["inventory"]["rejected"]} == expected
+    assert agent.metrics.get("asgctl_agent_inventory_rejected_entries", kind="held") == 1
+
+    containers = containers_from_status(dump_status(doc), "status/mem")
+    policy = load_revision(repo.root, sha, "policies").policy
+    assert compile_cell(policy, containers, "mem").digest() == st.applied.plan.digest()
+
+
 # -- the agent on a real kernel ----------------------------------------------------------------
 
 

@@ -199,8 +199,8 @@ def test_container_workload_follows_silks_planner(metadata, workload, lifecycle)
 
 
 def test_every_claimant_of_a_shared_ip_is_kept_and_reported():
-    """Stale entries that claim a live container's IP are common (silk ships a datastore
-    syncer for them): both stay, each reported as `shared`; compile narrows the IP."""
+    """A stale entry claiming a live container's IP (its container gone, the address reused)
+    does not fail the store: both stay, each reported as `shared`; compile narrows the IP."""
     store = {
         "live": {"ip": "10.0.0.1", "metadata": {"space_id": "blog"}},
         "stale": {"ip": "10.0.0.1", "metadata": {"space_id": "payments"}},
