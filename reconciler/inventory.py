@@ -41,7 +41,6 @@ from typing import Any, Literal
 
 from reconciler.model import Container
 
-WORKLOADS = ("app", "task", "staging")
 MAX_STORE_BYTES = 64 * 1024 * 1024
 MAX_TEXT = 1024
 """Longest handle or id accepted (a GUID is 36); longer ones hold their entry's IP."""
