@@ -17,7 +17,7 @@ from reconciler.cli_options import format_option
 from reconciler.compile import compile_cell
 from reconciler.endpoint import parse_endpoint
 from reconciler.explain import explain, find_container
-from reconciler.inventory import InventoryError, read_store
+from reconciler.inventory import InventoryError, load_store
 from reconciler.lab.cli import lab as lab_group
 from reconciler.model import PolicySet
 from reconciler.plan import CellPlan
@@ -48,10 +48,14 @@ def _policy(policies: str, rev: str | None, annotate: str | None = None) -> Poli
 
 
 def _inventory(path: str):  # type: ignore[no-untyped-def]
+    """The store's containers; each entry not used as written is a warning on stderr."""
     try:
-        return read_store(path)
+        reading = load_store(path)
     except InventoryError as exc:
         _fail(str(exc))
+    for rejected in reading.rejected:
+        click.echo(f"warning: {rejected}", err=True)
+    return reading.containers
 
 
 def _plan(policies: str, rev: str | None, containers: str, cell: str) -> tuple[PolicySet, CellPlan]:

@@ -236,6 +236,8 @@ class CycleView:
     signature: SignatureCheck | None = None
     enforce_error: Problem | None = None
     inventory_error: str | None = None
+    inventory_rejected: int = 0
+    """Store entries not used as written (skipped, held or shared); the rest is enforced."""
     waiting_for: str | None = None
     """Why nothing could be enforced yet (no inventory, no revision), when that is the case."""
     drift: tuple[str, ...] = ()
@@ -262,6 +264,13 @@ def cycle_conditions(view: CycleView) -> list[tuple[str, str, str, str]]:
         ready = ("False", "Progressing", view.waiting_for)
     else:
         ready = ("True", "ReconciliationSucceeded", f"Applied revision: {applied}")
+        if view.inventory_rejected:
+            # Not a failure (the rest of the cell converged), but never silent either.
+            ready = (
+                *ready[:2],
+                f"{ready[2]}; {view.inventory_rejected} container metadata entries not used "
+                "as written (see inventory.rejected)",
+            )
     transient = view.enforce_error is not None or view.source_error is not None
     stalled = view.refusal is not None and not transient
     out = [("Ready", *ready)]

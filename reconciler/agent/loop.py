@@ -66,7 +66,7 @@ from reconciler.agent.status import (
 from reconciler.agent.verify import SignatureVerifier, trailer_true
 from reconciler.agent.watch import InventoryWatcher
 from reconciler.compile import compile_cell
-from reconciler.inventory import InventoryError, read_store
+from reconciler.inventory import InventoryError, Rejection, StoreReading, load_store
 from reconciler.model import Container, PolicySet
 from reconciler.plan import CellPlan
 from reconciler.policy.findings import Finding
@@ -159,11 +159,22 @@ class Agent:
 
     # -- edges: inventory, backend, logs --------------------------------------------------------
 
-    def _read_inventory(self) -> tuple[tuple[Container, ...] | None, str | None]:
+    def _read_inventory(self) -> tuple[StoreReading | None, str | None]:
+        """The store judged entry by entry, or why it cannot be read at all."""
         try:
-            return read_store(self.cfg.containers), None
+            return load_store(self.cfg.containers), None
         except InventoryError as exc:
             return None, str(exc)
+
+    def _log_rejections(self, before: tuple[Rejection, ...], after: tuple[Rejection, ...]) -> None:
+        """One stderr line per store entry newly not used as written (not again every cycle)."""
+        seen = set(before)
+        for r in after:
+            if r not in seen:
+                self._log(
+                    self.err,
+                    {"event": "inventory-entry-rejected", "cell": self.cfg.cell, **r.to_dict()},
+                )
 
     def _dataplane(self) -> Any:
         if self._backend is None:
@@ -293,9 +304,13 @@ class Agent:
         timings: dict[str, float] = {}
         st = self.state
 
-        inventory, inv_error = self._read_inventory()
+        reading, inv_error = self._read_inventory()
+        inventory = reading.containers if reading is not None else None
+        rejected = reading.rejected if reading is not None else st.inventory_rejected
         unchanged = (
-            inventory == st.inventory and st.inventory_error is None
+            inventory == st.inventory
+            and st.inventory_error is None
+            and rejected == st.inventory_rejected
             if inventory is not None
             else inv_error == st.inventory_error
         )
@@ -304,8 +319,9 @@ class Agent:
         if inventory is not None:
             if inventory != st.inventory:
                 st = replace(st, inventory=inventory, inventory_at=now)
-            st = replace(st, inventory_error=None)
-        else:
+            self._log_rejections(st.inventory_rejected, rejected)
+            st = replace(st, inventory_error=None, inventory_rejected=rejected)
+        else:  # unusable as a whole: the last good inventory (and its rejections) stands
             st = replace(st, inventory_error=inv_error)
 
         # An inventory cycle does not fetch: the last sync's verdict on the source stands.
@@ -438,6 +454,7 @@ class Agent:
             signature=head.signature if head is not None else None,
             enforce_error=enforce_error,
             inventory_error=st.inventory_error,
+            inventory_rejected=len(st.inventory_rejected),
             waiting_for=waiting,
             drift=drift_notes,
             drift_repaired=drift_repaired,
@@ -549,6 +566,9 @@ class Agent:
         if ok:
             m.set("asgctl_agent_last_success_timestamp_seconds", round(self.clock(), 3))
         m.set("asgctl_agent_drift_corrections_total", st.drift_corrections)
+        for kind in ("skipped", "held", "shared"):
+            count = sum(1 for r in st.inventory_rejected if r.kind == kind)
+            m.set("asgctl_agent_inventory_rejected_entries", count, kind=kind)
         a = st.applied
         if a is not None and a.plan is not None:
             m.set("asgctl_agent_rules_installed", a.plan.installed_rules)
