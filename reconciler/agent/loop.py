@@ -211,6 +211,11 @@ class Agent:
         if not result.ok:
             return st
         plan = self._compile(result.policy, a.inventory)
+        if a.digest and plan.digest() != a.digest:
+            # Compiled otherwise than what was applied (an upgrade that renamed chains, such
+            # as the move to 128-bit ids): the kernel holds the old version's chains, so there
+            # is no last plan to tell drift from change, and every difference is a change.
+            return replace(st, applied=replace(a, policy=result.policy, plan=None))
         return replace(st, applied=replace(a, policy=result.policy, plan=plan))
 
     def _evaluate(self, st: AgentState, sha: str, timings: dict[str, float]) -> Head:
