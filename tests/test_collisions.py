@@ -34,6 +34,8 @@ from reconciler.agent.core import condition, container_changes, revoke_share
 from reconciler.agent.loop import SYNC, Agent
 from reconciler.cli import main
 from reconciler.compile import compile_cell
+from reconciler.dataplane import Runner
+from reconciler.dataplane.nftables import NftablesBackend
 from reconciler.dataplane.nftdelta import compute_nft_delta
 from reconciler.dataplane.nftparse import NftState
 from reconciler.dataplane.rendercache import RenderCache
@@ -57,6 +59,7 @@ NARROW_ITEM = RuleItem(
 )
 WIDE_ITEM = RuleItem("tcp", AddressRange.parse("0.0.0.0/0"), (PortRange(1, 65535),))
 ONLY_WIDE_ALLOWS = "198.19.200.1:3306"  # no port or host of NARROW
+WIDE_ELEMENT = "0.0.0.0-255.255.255.255 . 6 . 1-65535"  # its nft set element
 
 
 def _collide(text: str) -> str:
@@ -184,7 +187,7 @@ def test_render_caches_render_the_new_content(collision: None) -> None:
     nft.render_cell(narrow, 4)  # fills nft's group cache with the narrow group
     sets = nft.render_cell(wide, 4).sets
     elements = {e for s in sets.values() for e in s.elements or ()}
-    assert "0.0.0.0-255.255.255.255 . 6 . 1-65535" in elements, elements
+    assert WIDE_ELEMENT in elements, elements
 
 
 def test_nft_delta_edits_a_set_whose_name_now_means_other_content(collision: None) -> None:
@@ -262,16 +265,23 @@ def test_one_name_for_two_contents_is_refused_everywhere(
 
 
 class Cell:
-    """Agents enforcing a policy repo's `main` in a lab namespace (iptables-legacy)."""
+    """Agents enforcing a policy repo's `main` in a lab namespace, on iptables-legacy or on
+    nftables with terse reads (set elements not listed: what a large cell does)."""
 
-    def __init__(self, tmp_path: Path, lab: Lab) -> None:
+    def __init__(self, tmp_path: Path, lab: Lab, backend: str = "iptables") -> None:
         self.tmp_path = tmp_path
         self.lab = lab
+        self.backend = backend
         self.repo = local_repo(tmp_path)
         self.store = write_store(tmp_path / "store.json", list(CONTAINERS))
         self.foreign, _ = snapshot(lab.cell, "legacy")
 
     def agent(self, **more: Any) -> Agent:
+        """A fresh agent process, as a restart or a systemd timer makes one."""
+        backend = None
+        if self.backend == "nftables":
+            runner = Runner.in_netns(self.lab.cell)
+            backend = NftablesBackend.open(runner=runner, read_elements=False)
         settings = {
             "source": self.repo.url,
             "cell": "cell-a",
@@ -284,7 +294,8 @@ class Cell:
             "status-push": False,
         }
         settings.update(more)
-        return Agent(build_config(settings, {}), out=io.StringIO(), err=io.StringIO())
+        cfg = build_config(settings, {})
+        return Agent(cfg, out=io.StringIO(), err=io.StringIO(), backend=backend)
 
     def commit(self, rule: str) -> str:
         return self.repo.commit(rule, {"open.yaml": sg("open", [rule])})
@@ -292,6 +303,15 @@ class Cell:
     def holds(self, item: RuleItem) -> None:
         """The kernel holds exactly the plan of `item` (and the wide rule, if that one)."""
         plan = compile_cell(_policy(item), CONTAINERS, "cell-a")
+        if self.backend == "nftables":  # a full read, every element listed
+            runner = Runner.in_netns(self.lab.cell)
+            state = NftablesBackend.open(runner=runner, read_elements=True).read(4)
+            want = nft.render_cell(plan, 4)
+            assert dict(state.chains) == dict(want.chains)
+            assert dict(state.sets) == dict(want.sets), state.sets
+            elements = {e for s in state.sets.values() for e in s.elements or ()}
+            assert (WIDE_ELEMENT in elements) == (item == WIDE_ITEM), elements
+            return
         state, raw = snapshot(self.lab.cell, "legacy")
         assert state == expected_snapshot(self.foreign, plan), raw[-2000:]
         assert ("--dport 1:65535" in raw) == (item == WIDE_ITEM), raw[-2000:]
@@ -303,10 +323,10 @@ def _changes(agent: Agent) -> list[dict[str, Any]]:
     return [r for r in records if r.get("event") == "container-rules-changed"]
 
 
-@pytest.fixture
-def cell(tmp_path: Path, make_lab: Callable[..., Lab]) -> Cell:
+@pytest.fixture(params=["iptables", "nftables"])
+def cell(request: pytest.FixtureRequest, tmp_path: Path, make_lab: Callable[..., Lab]) -> Cell:
     require_netns()
-    return Cell(tmp_path, make_lab(conntrack=False))
+    return Cell(tmp_path, make_lab(conntrack=False), request.param)
 
 
 @pytest.mark.netns
