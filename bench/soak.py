@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify-every", type=int, default=50)
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args(argv)
-    from bench.common import machine
+    from bench.common import machine, revision
 
     print(
         f"soak: {args.cycles} cycles, {args.backend} ({args.variant}), seed {args.seed}",
@@ -472,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=True,
     )
     figures["machine"] = machine()
+    figures["revision"] = revision()
     text = json.dumps(figures, indent=1)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

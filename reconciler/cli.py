@@ -31,11 +31,17 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def _policy(policies: str, rev: str | None) -> PolicySet:
-    """Load and validate; any error stops the command before it computes anything."""
+def _policy(policies: str, rev: str | None, annotate: str | None = None) -> PolicySet:
+    """Load and validate; any error stops the command before it computes anything.
+
+    The findings go to stderr as text, or, with `annotate` (the policy folder's path in the
+    repository), as GitHub annotations: a command asked for `--format github` runs in
+    Actions, where a text line can be read as a workflow command.
+    """
     result = load_policy(policies, rev)
     if not result.ok:
-        click.echo(render_findings(result.findings, "text"), err=True, nl=False)
+        fmt = "text" if annotate is None else "github"
+        click.echo(render_findings(result.findings, fmt, annotate or ""), err=True, nl=False)
         _fail(f"policy at {policies}{'@' + rev if rev else ''} is invalid; nothing was done")
     return result.policy
 
@@ -216,8 +222,10 @@ def explain_cmd(
     if fmt == "json":
         click.echo(json.dumps(decision.to_dict(), indent=2))
     else:
+        from reconciler.report.escape import log_text
+
         name = policy.directory.app_path(cp.container.app_id) if cp.container.app_id else ""
-        click.echo(decision.text(name), nl=False)
+        click.echo(log_text(decision.text(name)), nl=False)
     sys.exit(0 if decision.allowed else 3)
 
 
@@ -336,9 +344,10 @@ def test_cmd(path: str, rev: str | None, fmt: str, verbose: bool) -> None:
     from reconciler.planrun import locate
     from reconciler.policytest import render_results, run_tests
 
-    policy = _policy(path, rev)
+    prefix = locate(path).prefix
+    policy = _policy(path, rev, prefix if fmt == "github" else None)
     results = run_tests(policy)
-    click.echo(render_results(results, fmt, locate(path).prefix, verbose), nl=False)
+    click.echo(render_results(results, fmt, prefix, verbose), nl=False)
     sys.exit(0 if all(r.passed for r in results) else 1)
 
 

@@ -162,6 +162,13 @@ def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ())
         return _with(report, error=str(exc), base_findings=base_result.findings)
     finally:
         gc.unfreeze()  # a long-lived caller (tests, a server) gets its collector back
+    unverified = sum(1 for p in diff.principals if p.name_mismatch)
+    if unverified:
+        # Said up front: in a comment cut to fit, the flagged blocks may be folded away.
+        warnings.append(
+            f"{unverified} principal{'s' * (unverified != 1)} shown by GUID (name unverified): "
+            "the directory puts the app or space elsewhere than the inventory runs it"
+        )
     return _with(
         report,
         inventory=described,

@@ -54,7 +54,7 @@ from tests.agentkit import (  # noqa: F401 - fixtures
 )
 from tests.conftest import require_netns
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.requires("git")]
 
 WEB = ContainerSpec("web", app_id="app-web", space_id=SPACE, org_id=ORG)
 ECHO = ServiceSpec("echo", tcp_ports=(80, 8080))
@@ -265,6 +265,7 @@ def test_git_server_down_keeps_rules_then_recovers(
     assert re.search(r"asgctl_agent_last_success_timestamp_seconds\{[^}]*\} 1\d{9}", text)
 
 
+@pytest.mark.requires("ssh-keygen")
 def test_untrusted_invalid_rewound_and_mass_revoking_heads_wait(
     tmp_path: Path,
     make_lab: Callable[..., Lab],

@@ -187,17 +187,7 @@ def iptables_only(host: Host, why: str = "iptables layout") -> None:
         pytest.skip(f"{why}; the nftables counterpart is in test_nftables")
 
 
-def _has_libiptc() -> bool:
-    try:
-        import iptc  # type: ignore[import-not-found, import-untyped]  # noqa: F401
-    except (ImportError, OSError):
-        return False
-    return True
-
-
-LIBIPTC = pytest.mark.skipif(
-    not _has_libiptc(), reason="python-iptables not installed (pip install 'asgctl[libiptc]')"
-)
+LIBIPTC = pytest.mark.requires("libiptc")
 
 
 @pytest.fixture(
