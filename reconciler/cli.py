@@ -20,7 +20,7 @@ from reconciler.explain import explain, find_container
 from reconciler.inventory import InventoryError, load_store
 from reconciler.lab.cli import lab as lab_group
 from reconciler.model import PolicySet
-from reconciler.plan import CellPlan
+from reconciler.plan import CellPlan, PlanError
 from reconciler.policy.findings import render_findings
 from reconciler.policy.load import load_policy
 from reconciler.policy.source import locate
@@ -60,7 +60,10 @@ def _inventory(path: str):  # type: ignore[no-untyped-def]
 
 def _plan(policies: str, rev: str | None, containers: str, cell: str) -> tuple[PolicySet, CellPlan]:
     policy = _policy(policies, rev)
-    return policy, compile_cell(policy, _inventory(containers), cell)
+    try:
+        return policy, compile_cell(policy, _inventory(containers), cell)
+    except PlanError as exc:
+        _fail(str(exc))
 
 
 policies_option = click.option(

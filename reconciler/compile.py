@@ -61,7 +61,7 @@ class _Entry:
     keys: frozenset[int]  # the binding keys it has
     atoms: tuple[int, ...]  # what those keys grant, of its family
     numbers: tuple[int, ...]  # the atoms' items, sorted
-    rule_ids: tuple[str, ...]
+    items: tuple[RuleItem, ...]  # those items themselves: what the profile's chains match
     cf_lines: int
 
 
@@ -260,7 +260,7 @@ class _Index:
             keys=keys,
             atoms=tuple(atoms),
             numbers=numbers,
-            rule_ids=tuple(self.item_ids[n] for n in numbers),
+            items=tuple(self.items[n] for n in numbers),
             cf_lines=self._cf_lines(numbers),
         )
         self._entries[profile] = entry
@@ -383,13 +383,14 @@ def profile_rules(policy: PolicySet, profile: Profile) -> ProfileRules:
     return _index_for(policy).profile_rules(profile)
 
 
-def profile_signature(policy: PolicySet, profile: Profile) -> tuple[str, ...]:
-    """The ids of the rule items a profile gets, in plan order.
+def profile_signature(policy: PolicySet, profile: Profile) -> tuple[RuleItem, ...]:
+    """The rule items a profile gets, in plan order.
 
     Equal signatures at two revisions mean equal chains for every container of the profile,
-    which lets the CI plan skip cells that no change touches.
+    which lets the CI plan skip cells that no change touches.  They are the items themselves,
+    not their ids: a rule whose id collides with another's is still a different rule.
     """
-    return _index_for(policy).entry(profile).rule_ids
+    return _index_for(policy).entry(profile).items
 
 
 def container_sources(policy: PolicySet, container: Container) -> list[Source]:
@@ -398,7 +399,11 @@ def container_sources(policy: PolicySet, container: Container) -> list[Source]:
 
 
 def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str = "") -> CellPlan:
-    """The plan for one cell; same input, same plan, byte for byte."""
+    """The plan for one cell; same input, same plan, byte for byte.
+
+    Raises PlanError when two different groups or containers would get one chain name (a
+    hash collision, see `plan._check_names`): nothing is better than a shared chain.
+    """
     index = _index_for(policy)
     containers = sorted(containers)
     of = [profile_of(c) for c in containers]

@@ -20,6 +20,7 @@ from reconciler.inventory_sources import (
     synthetic_inventory,
 )
 from reconciler.model import PolicySet
+from reconciler.plan import PlanError
 from reconciler.policy.load import load_policy
 from reconciler.policy.source import RepoPlace, locate
 from reconciler.report.plan import PlanReport, Revision
@@ -127,6 +128,8 @@ def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ())
     try:
         workers = min(os.cpu_count() or 1, MAX_WORKERS)
         diff = diff_plans(base_policy, head_result.policy, cells, place.prefix, workers)
+    except PlanError as exc:  # a hash collision: no agent would apply it either
+        return _with(report, error=str(exc), base_findings=base_result.findings)
     finally:
         gc.unfreeze()  # a long-lived caller (tests, a server) gets its collector back
     unverified = sum(1 for p in diff.principals if p.name_mismatch)

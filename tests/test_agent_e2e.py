@@ -31,7 +31,7 @@ from reconciler.lab.probe import Outcome
 from reconciler.model import Container
 from reconciler.plan import content_id
 from reconciler.policy.load import load_revision
-from reconciler.render.iptables import render_cell
+from reconciler.render.iptables import container_chain, render_cell
 from tests.agentkit import (  # noqa: F401 - fixtures
     ASGCTL,
     ORG,
@@ -246,7 +246,7 @@ def test_git_server_down_keeps_rules_then_recovers(
     extra = container("late", 40)
     t0 = time.monotonic()
     write_store(store, [*parse_store(store.read_text()), extra])
-    chain = "ASG-C-" + content_id("container late")
+    chain = container_chain(content_id("container late"))
     wait_for(lambda: chain in kernel(lab.cell).chains, 3, 0.01, "new container while down")
     assert time.monotonic() - t0 < 1.0
     text = urllib.request.urlopen(url, timeout=5).read().decode()
@@ -378,7 +378,7 @@ def test_containers_are_enforced_within_a_second(
     wait_for(_applied(policy_repo.bare, "cell-a", c1), 15, what="first apply")
 
     def chain(handle: str) -> str:
-        return "ASG-C-" + content_id(f"container {handle}")
+        return container_chain(content_id(f"container {handle}"))
 
     latencies = []
     for i in range(1, 6):

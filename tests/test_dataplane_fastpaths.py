@@ -28,6 +28,7 @@ from reconciler.lab.netns import Lab
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.plan import CellPlan
 from reconciler.render.iptables import (
+    CONTAINER_PREFIX,
     TOP_CHAIN,
     Ruleset,
     group_chain,
@@ -113,9 +114,15 @@ def test_after_delta_models_declare_fill_delete_and_hook_moves() -> None:
 
 
 def test_shapes_blank_ids_only() -> None:
-    line = '-A ASG-C-0123456789abcdef -m comment --comment "asg:g:fedcba9876543210" -j ASG-G-x'
+    gid = "fedcba9876543210" * 2  # a whole id in the comment, a cut one in the chain names
+    line = f'-A ASG-C-0123456789abcdef012345 -m comment --comment "asg:g:{gid}" -j ASG-G-x'
     assert shape(line) == '-A ASG-C-~ -m comment --comment "asg:g:~" -j ASG-G-x'
     assert shape("-A ASG-G-1 -d 198.19.1.0/24 -p tcp") == "-A ASG-G-1 -d 198.19.1.0/24 -p tcp"
+    chains = render_cell(plan(), 4).chains
+    containers = [rules for name, rules in chains.items() if name.startswith(CONTAINER_PREFIX)]
+    assert len(containers) == len(CONTAINERS)
+    for at in (0, -2):  # every container chain's ESTABLISHED and deny-log line: one shape
+        assert len({shape(rules[at]) for rules in containers}) == 1
 
 
 # -- in a namespace -------------------------------------------------------------------------

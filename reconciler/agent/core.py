@@ -119,8 +119,9 @@ def backoff(failures: int, base: float, cap: float) -> float:
 
 @dataclass(frozen=True, slots=True)
 class ContainerGrant:
-    """One container of a plan, the rule ids its groups allow it, and the documents
-    (`kind/name`) those rules come from."""
+    """One container of a plan, the rules its groups allow it (by the full SHA-256 of each
+    rule's match, not by id: a rule whose id collides with another's is still another
+    rule), and the documents (`kind/name`) those rules come from."""
 
     container: ContainerPlan
     rules: frozenset[str]
@@ -146,7 +147,7 @@ def container_grants(plan: CellPlan | None) -> tuple[ContainerGrant, ...]:
         sources: set[str] = set()
         for gid in cp.groups:
             for rule in groups[gid].rules:
-                rules.add(rule.id)
+                rules.add(rule.digest)
                 sources.update(f"{s.kind}/{s.name}" for s in rule.sources)
         out.append(ContainerGrant(cp, frozenset(rules), frozenset(sources)))
     return tuple(out)
@@ -193,8 +194,8 @@ def validation_verdict(findings: Sequence[Finding]) -> Verdict | None:
 
 
 def allowed_pairs(plan: CellPlan | None) -> frozenset[tuple[str, str]]:
-    """(container handle, rule id) for every rule each container is allowed."""
-    return frozenset((g.handle, rule_id) for g in container_grants(plan) for rule_id in g.rules)
+    """(container handle, rule digest) for every rule each container is allowed."""
+    return frozenset((g.handle, rule) for g in container_grants(plan) for rule in g.rules)
 
 
 def revoke_share(old: CellPlan | None, new: CellPlan) -> RevokeShare:
@@ -399,7 +400,8 @@ def container_changes(
     """One log record per container whose allowed rules really changed (or that came or went).
 
     Group chains may be renamed when the partition of a cell's rules shifts, without any
-    container's access changing; comparing rule ids per container keeps those out of the log.
+    container's access changing; comparing rules per container (by content digest, never by
+    id alone) keeps those out of the log and every real change in it.
     """
     before = {g.handle: g for g in container_grants(old)}
     after = {g.handle: g for g in container_grants(new)}

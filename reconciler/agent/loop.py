@@ -41,6 +41,7 @@ from reconciler.agent.config import AgentConfig, parse_listen
 from reconciler.agent.core import (
     CycleView,
     Problem,
+    Verdict,
     add_history,
     ancestry_verdict,
     backoff,
@@ -68,7 +69,7 @@ from reconciler.agent.watch import InventoryWatcher
 from reconciler.compile import compile_cell
 from reconciler.inventory import InventoryError, Rejection, StoreReading, load_store
 from reconciler.model import Container, PolicySet
-from reconciler.plan import CellPlan
+from reconciler.plan import CellPlan, PlanError
 from reconciler.policy.findings import Finding
 from reconciler.policy.load import load_revision
 
@@ -244,6 +245,11 @@ class Agent:
         if not result.ok:
             return st
         plan = self._compile(result.policy, a.inventory)
+        if a.digest and plan.digest() != a.digest:
+            # Compiled otherwise than what was applied (an upgrade that renamed chains, such
+            # as the move to 128-bit ids): the kernel holds the old version's chains, so there
+            # is no last plan to tell drift from change, and every difference is a change.
+            return replace(st, applied=replace(a, policy=result.policy, plan=None))
         return replace(st, applied=replace(a, policy=result.policy, plan=plan))
 
     def _evaluate(self, st: AgentState, sha: str, timings: dict[str, float]) -> Head:
@@ -277,7 +283,10 @@ class Agent:
         a = st.applied
         if a is not None and a.policy is not None and st.inventory is not None:
             old = self._compile(a.policy, st.inventory)
-            new = self._compile(result.policy, st.inventory)
+            try:
+                new = self._compile(result.policy, st.inventory)
+            except PlanError as exc:  # two contents under one name: apply neither
+                return Head(sha, subject, check, Verdict("PlanRefused", str(exc)))
             override = trailer_true(info.message, cfg.mass_revoke_trailer)
             verdict = revoke_verdict(
                 revoke_share(old, new), cfg.mass_revoke_threshold, override, cfg.mass_revoke_trailer
@@ -374,13 +383,17 @@ class Agent:
             ):
                 plan = applied.plan  # nothing moved: the idle cycle only checks the kernel
             else:
-                plan = self._compile(policy, st.inventory)
+                try:
+                    plan = self._compile(policy, st.inventory)
+                except PlanError as exc:  # two contents under one name: keep what is installed
+                    enforce_error = Problem("PlanRefused", str(exc))
             compile_seconds = time.perf_counter() - t
-            try:
-                backend = self._dataplane()
-            except Exception as exc:  # any backend failure is reported, never fatal
-                enforce_error = Problem("DataplaneUnavailable", str(exc))
-                backend = None
+            backend = None
+            if enforce_error is None:
+                try:
+                    backend = self._dataplane()
+                except Exception as exc:  # any backend failure is reported, never fatal
+                    enforce_error = Problem("DataplaneUnavailable", str(exc))
             if backend is not None:
                 from reconciler.dataplane import converge
 

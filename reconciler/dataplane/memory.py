@@ -14,8 +14,8 @@ shortcuts exact rather than hopeful:
   rendered them (the renderer's canonical form, the point of verifying).  A line is trusted
   when the kernel has printed its body before (everything after `-A CHAIN`, which iptables
   prints whatever the chain: a group's rules move to a new group chain unchanged), or, in
-  container and dispatch chains, a line of the same *shape* (equal but for its 16-hex-digit
-  ids, which iptables prints verbatim: the jump to a new group).  The few chains with a line
+  container and dispatch chains, a line of the same *shape* (equal but for its hex ids,
+  which iptables prints verbatim: the jump to a new group).  The few chains with a line
   of neither kind are listed on their own (`iptables -S CHAIN`, which the nft variant answers
   from that chain alone).  More than a few: one full read, as before.
 
@@ -37,7 +37,7 @@ from reconciler.render.iptables import GROUP_PREFIX, HOOK_CHAIN, is_marker
 MAX_LISTED = 4
 """Chains with lines of a new shape that verify lists one by one before it reads in full."""
 
-_ID = re.compile(r"[0-9a-f]{16}")
+_ID = re.compile(r"[0-9a-f]{16,}")
 
 
 def shape(line: str) -> str:

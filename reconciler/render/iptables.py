@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from reconciler.model import RuleItem
-from reconciler.plan import CellPlan, ContainerPlan, PlanRule, port_chunks
+from reconciler.plan import LOG_ID_LEN, NAME_ID_LEN, CellPlan, ContainerPlan, PlanRule, port_chunks
 
 TOP_CHAIN = "ASG-FORWARD"
 CONTAINER_PREFIX = "ASG-C-"
@@ -27,11 +27,21 @@ DENY_LOG_LIMIT = "-m limit --limit 1/sec"
 
 
 def container_chain(chain_id: str) -> str:
-    return CONTAINER_PREFIX + chain_id
+    """A container's chain: iptables names hold 28 characters, so the id is cut to
+    NAME_ID_LEN digits (the plan refuses two containers under one name); its comments and
+    log prefix say which container it is."""
+    return CONTAINER_PREFIX + chain_id[:NAME_ID_LEN]
 
 
 def group_chain(group_id: str) -> str:
-    return GROUP_PREFIX + group_id
+    """A group's chain, its id cut as `container_chain`'s; the jump to it carries the whole
+    id (`asg:g:<id>`), and the plan refuses two different groups under one name."""
+    return GROUP_PREFIX + group_id[:NAME_ID_LEN]
+
+
+def log_id(full_id: str) -> str:
+    """The id in a log prefix (29 characters at most): the comment carries the whole id."""
+    return full_id[:LOG_ID_LEN]
 
 
 def _comment(text: str) -> str:
@@ -134,7 +144,7 @@ def _container_lines(name: str, cp: ContainerPlan, family: int) -> tuple[str, ..
     lines.extend(f"-A {name} {_comment('asg:g:' + gid)} -j {group_chain(gid)}" for gid in cp.groups)
     lines.append(
         f"-A {name} {DENY_LOG_LIMIT} {_comment('asg:deny-log')} "
-        f'-j LOG --log-prefix "ASG DENY {cp.chain_id} "'
+        f'-j LOG --log-prefix "ASG DENY {log_id(cp.chain_id)} "'
     )
     lines.append(f"-A {name} {_comment('asg:reject')} -j REJECT --reject-with {reject}")
     return tuple(lines)
@@ -148,7 +158,7 @@ def _rule_lines(chain: str, rule: PlanRule) -> list[str]:
         if item.log:
             out.append(
                 f"-A {chain}{match} -m conntrack --ctstate NEW {comment} "
-                f'-j LOG --log-prefix "ASG OK {rule.id} "'
+                f'-j LOG --log-prefix "ASG OK {log_id(rule.id)} "'
             )
         out.append(f"-A {chain}{match} {comment} -j ACCEPT")
     return out
@@ -198,7 +208,3 @@ def _matches(item: RuleItem) -> list[str]:
 def render_text(plan: CellPlan, family: int) -> str:
     """The full transaction for one family: what `asgctl render` prints."""
     return render_cell(plan, family).text()
-
-
-def group_of_chain(name: str) -> str | None:
-    return name[len(GROUP_PREFIX) :] if name.startswith(GROUP_PREFIX) else None
