@@ -285,7 +285,7 @@ class _Index:
             keys=frozenset().union(*(e.keys for e in parts)),
             atoms=tuple(atoms),
             numbers=numbers,
-            rule_ids=tuple(self.item_ids[n] for n in numbers),
+            items=tuple(self.items[n] for n in numbers),
             cf_lines=self._cf_lines(numbers),
         )
         self._shared_entries[profiles] = entry
