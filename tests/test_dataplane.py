@@ -50,6 +50,7 @@ VARIANTS = ("legacy", "nft")
 HOST_CHAINS = ("ASG-ADMIN-BLOCKLIST", "ASG-LEGACY")
 """The host's own chains with our name prefix (issue 20): one unreferenced, with rules; one
 jumped to from INPUT.  Neither is ours, whatever its name."""
+DATA = Path(__file__).resolve().parent / "data"
 FOREIGN_V4 = (
     "*filter",
     ":FOREIGN - [0:0]",
@@ -567,6 +568,26 @@ def test_a_restart_that_lost_its_state_still_cleans_up_our_chains(host: Host) ->
     if host.kind != "nftables":
         ours = [x for x in host.ipt_save().splitlines() if _OURS.search(x) or "asg:" in x]
         assert ours == []
+
+
+def test_an_upgrade_from_before_markers_takes_the_old_chains_over(host: Host) -> None:
+    """A cell still holding what the previous release wrote (16-digit ids, no markers; the
+    example repo's rules as that release rendered them) and no usable last plan (every chain
+    was renamed): the old chains are proven ours by their exact shape, replaced by the plan
+    and removed, and the host's `ASG-` chains are still left alone."""
+    iptables_only(host, "the nftables backend has its own table")
+    host.restore(4, FOREIGN_V4)
+    foreign = host.foreign()
+    old = (DATA / "pre-marker.v4.rules").read_text().splitlines()
+    host.restore(4, tuple(old))
+    plan = small_plan()
+    result = converge(host.backend(), plan)  # no last plan, as after the upgrade
+    assert result.ok, result.families[0].error
+    _not_about_host_chains(host, result)
+    old_chains = {x[1:].split()[0] for x in old if x.startswith(":")}
+    assert old_chains - {TOP_CHAIN} <= set(result.families[0].delta.deleted)
+    assert_matches_plan(host, plan)
+    assert host.foreign() == foreign
 
 
 @pytest.mark.parametrize("which", ["dispatch", "group"])

@@ -29,6 +29,7 @@ take it over.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -152,14 +153,34 @@ def compute_delta(
     )
 
 
+# The chains asgctl wrote before it marked them: 16-digit ids, every rule tagged `asg:`.
+_PRE_MARKER_NAME = re.compile(r"ASG-FORWARD|ASG-[CG]-[0-9a-f]{16}")
+
+
+def _pre_marker(name: str, rules: Sequence[str]) -> bool:
+    """A chain an asgctl from before ownership markers wrote: its exact name shape, and not
+    one rule without our comment.  A host's own chain has neither by accident; without this,
+    an upgrade (which also renames every chain, so there is no last plan to record them)
+    would leave the old chains as someone else's and refuse ASG-FORWARD forever."""
+    return (
+        _PRE_MARKER_NAME.fullmatch(name) is not None
+        and bool(rules)
+        and all('-m comment --comment "asg:' in rule for rule in rules)
+    )
+
+
 def _unmarked(observed: OwnedState, base: Chains | None) -> tuple[Chains, Chains]:
     """The prefixed chains without our marker, split into ours (the last plan applied put
-    them there: flushed, or their marker deleted) and someone else's."""
+    them there: flushed, or their marker deleted; or an older asgctl wrote them) and someone
+    else's."""
     if not observed.unmarked:
         return {}, {}
     recorded = base or {}
-    ours = {n: rules for n, rules in observed.unmarked.items() if n in recorded}
-    theirs = {n: rules for n, rules in observed.unmarked.items() if n not in recorded}
+    ours: dict[str, tuple[str, ...]] = {}
+    theirs: dict[str, tuple[str, ...]] = {}
+    for name, rules in observed.unmarked.items():
+        mine = name in recorded or _pre_marker(name, rules)
+        (ours if mine else theirs)[name] = rules
     return ours, theirs
 
 
