@@ -87,14 +87,15 @@ def _agent_doc(rng: st.DataObject) -> dict[str, Any]:
         if rng.draw(st.booleans()):
             e["groups"] = rng.draw(st.sampled_from([[], ["a", "b"], None, "x", {"k": [1]}]))
         entries.append(e)
+    message = rng.draw(st.sampled_from(VALUES))
     return {
         "apiVersion": "asgctl.io/v1",
         "kind": "CellStatus",
         "cell": "c",
-        "conditions": [{"type": "Ready", "status": "True", "message": rng.draw(st.sampled_from(VALUES))}],
+        "conditions": [{"type": "Ready", "status": "True", "message": message}],
         "containers": entries,
         "history": [{"revision": "main@sha1:" + "0" * 40, "status": "Applied"}],
-    }  # fmt: skip
+    }
 
 
 # Lines that change what the lines around them mean.
