@@ -297,7 +297,7 @@ GOOD = dump_status(
                 "workload": "app",
             }
         ],
-    }  # fmt: skip
+    }
 )
 
 
