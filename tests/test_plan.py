@@ -391,6 +391,34 @@ def test_store_files_refuse_a_cell_given_twice(tmp_path):
         StoreFiles((str(tmp_path / "a/cell-1/store.json"), str(tmp_path / "b/cell-1.json"))).cells()
 
 
+def test_hostile_status_branches_are_skipped_with_a_warning_not_a_traceback(tmp_path):
+    """Issue 20, attack 6: an alias bomb (a MemoryError in a JSON round trip before), wrong
+    types (TypeError before) and a `containers:` inside a quoted string, each on its own
+    status branch: `asgctl plan --inventory status` plans the good cells and names the rest."""
+    repo = policy_repo(tmp_path)
+    status_branch(repo, "cell-1", status_text(CELLS["cells/cell-1/store.json"]))
+    bomb = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefg", "bcdefgh")
+    )
+    status_branch(repo, "bomb", bomb + "containers: [*h, *h, *h]\n")
+    status_branch(repo, "types", "containers:\n- handle: a\n  ip: {x: 1}\n")
+    quoted = "note: 'x\ncontainers:\n- handle: evil\n  ip: 198.18.9.9\n'\ncontainers: []\n"
+    status_branch(repo, "quoted", quoted)
+    edit(repo, "destinations.yaml", "ports: 8125", "ports: 8126")
+    commit_all(repo, "port")
+    args = ["plan", "--base", "HEAD~1", "--head", "HEAD", "--policies", str(repo / "policies")]
+    args += ["--inventory", "status", "--format", "json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    doc = json.loads(result.output)
+    assert doc["inventory"] == "status branches (2 cells)"
+    warnings = "\n".join(doc["warnings"])
+    assert "refs/heads/status/bomb:status.yaml" in warnings and "expands to more than" in warnings
+    assert "refs/heads/status/types:status.yaml: containers[0].ip: must be a string" in warnings
+    assert "left out of the plan" in warnings
+    assert "quoted" not in warnings and "evil" not in result.output
+
+
 def test_status_entries_are_held_to_the_store_rules():
     bad = "containers:\n- handle: 'a;b'\n  ip: 198.18.0.2\n"
     with pytest.raises(InventoryError, match="handle must match"):

@@ -8,6 +8,7 @@ field -- never a traceback, never a whole oversized blob in memory.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 from pathlib import Path
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from reconciler.agent.status import dump_status
 from reconciler.inventory import InventoryError
+from reconciler.lab.gitserver import GitDaemon, git
 from reconciler.inventory_sources import StatusBranches
 from reconciler.statusdoc import (
     CONTRACT_KEYS,
@@ -30,6 +32,7 @@ from reconciler.statusdoc import (
     parse_status,
     read_status_blobs,
 )
+from tests.agentkit import git_server  # noqa: F401 - fixture
 
 # -- the fast path reads exactly what the loader reads -----------------------------------------
 
@@ -330,3 +333,69 @@ def test_an_oversized_blob_is_never_read(tmp_path: Path) -> None:
     assert good == GOOD.encode()
     missing = read_status_blobs(str(repo / ".git"), ["refs/heads/status/none:status.yaml"])
     assert isinstance(missing[0], InventoryError) and "no such file" in str(missing[0])
+
+
+# -- asgctl status -------------------------------------------------------------------------
+
+
+def test_asgctl_status_reports_each_hostile_branch_and_escapes_terminal_text(
+    tmp_path: Path,
+    git_server: GitDaemon,  # noqa: F811
+) -> None:
+    """Status branches on a git daemon: a bomb, wrong types, an oversized blob and escape
+    sequences give one row each, an exit code, and no traceback or raw control character."""
+    from click.testing import CliRunner
+
+    from reconciler.agent.status import StatusWriter
+    from reconciler.cli import main
+
+    bare = git_server.create("policy")
+    url = git_server.url("policy")
+    work = tmp_path / "work"
+    git("init", "-q", "-b", "main", str(work))
+    git("commit", "-q", "--allow-empty", "-m", "c0", cwd=work)
+    git("push", "-q", str(bare), "main", cwd=work)
+    sha = git("rev-parse", "HEAD", cwd=work)
+    evil = "\x1b[2J\x1b[31mFAKE\rcell-z  True\nforged row"
+    files = {
+        "a-good": GOOD.replace("cell: good", f"cell: a-good\nlastAppliedRevision: main@sha1:{sha}"),
+        "b-bomb": ALIAS_BOMB,
+        "c-types": "counts: {installedRules: [1, 2]}\nconditions: [{type: Ready}]\n",
+        "d-escape": dump_status(
+            {
+                "conditions": [
+                    {"type": "Ready", "status": "False", "reason": evil, "message": evil}
+                ],
+                "lastSyncTime": evil,
+                "refused": {"revision": "r", "reason": evil},
+                "lastAppliedRevision": "main@sha1:--output=/tmp/x",
+            }
+        ),
+        "e-big": "a: '" + "x" * (MAX_STATUS_BYTES + 10) + "'\n",
+    }
+    for cell, text in files.items():
+        StatusWriter(url, f"status/{cell}", tmp_path / f"{cell}.git").push(text, "s")
+    result = CliRunner().invoke(main, ["status", "--source", url])
+    out = result.output
+    assert result.exit_code == 3, out
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in out
+    assert "\x1b" not in out and "\r" not in out
+    assert "forged row" not in out.replace("\\nforged row", "")
+    assert "\\x1b[2J" in out  # shown, escaped
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(tuple(files))}
+    assert rows["a-good"].split()[1] == "True"
+    notes = "\n".join(out.splitlines())
+    assert "b-bomb: refs/remotes/origin/status/b-bomb:status.yaml" in notes and "expands" in notes
+    assert "c-types: refs/remotes/origin/status/c-types:status.yaml: counts.installedRules" in notes
+    assert (
+        "e-big: refs/remotes/origin/status/e-big:status.yaml: " in notes
+        and "over the limit" in notes
+    )
+    as_json = CliRunner().invoke(main, ["status", "--source", url, "--format", "json"])
+    assert as_json.exit_code == 3 and "\x1b" not in as_json.output
+    by_cell = {c["cell"]: c for c in json.loads(as_json.output)["cells"]}
+    assert by_cell["a-good"]["behind"] == 0
+    # `--output=/tmp/x` is not a commit name, so it never reaches git's command line.
+    assert by_cell["d-escape"]["behind"] is None and not by_cell["d-escape"]["diverged"]
+    assert by_cell["d-escape"]["message"] == evil  # JSON keeps the text, escaped by JSON
