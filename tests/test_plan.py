@@ -398,7 +398,8 @@ def test_hostile_status_branches_are_skipped_with_a_warning_not_a_traceback(tmp_
     repo = policy_repo(tmp_path)
     status_branch(repo, "cell-1", status_text(CELLS["cells/cell-1/store.json"]))
     bomb = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
-        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefg", "bcdefgh")
+        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n"
+        for p, n in zip("abcdefg", "bcdefgh", strict=True)
     )
     status_branch(repo, "bomb", bomb + "containers: [*h, *h, *h]\n")
     status_branch(repo, "types", "containers:\n- handle: a\n  ip: {x: 1}\n")

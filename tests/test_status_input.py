@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from reconciler.agent.status import dump_status
 from reconciler.inventory import InventoryError
-from reconciler.lab.gitserver import GitDaemon, git
 from reconciler.inventory_sources import StatusBranches
+from reconciler.lab.gitserver import GitDaemon, git
 from reconciler.statusdoc import (
     CONTRACT_KEYS,
     MAX_STATUS_BYTES,
