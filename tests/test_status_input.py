@@ -399,3 +399,23 @@ def test_asgctl_status_reports_each_hostile_branch_and_escapes_terminal_text(
     # `--output=/tmp/x` is not a commit name, so it never reaches git's command line.
     assert by_cell["d-escape"]["behind"] is None and not by_cell["d-escape"]["diverged"]
     assert by_cell["d-escape"]["message"] == evil  # JSON keeps the text, escaped by JSON
+
+
+def test_the_lab_reads_status_branches_the_same_way(tmp_path: Path) -> None:
+    """The lab's operator waits on status branches: a hostile one is left out, not loaded."""
+    from reconciler.agent.status import StatusWriter
+    from reconciler.lab.policyrepo import Operator
+
+    bare = tmp_path / "policy.git"
+    git("init", "-q", "--bare", "-b", "main", str(bare))
+    work = tmp_path / "seed"
+    git("init", "-q", "-b", "main", str(work))
+    git("commit", "-q", "--allow-empty", "-m", "c0", cwd=work)
+    git("push", "-q", str(bare), "main", cwd=work)
+    url = f"file://{bare}"
+    good = GOOD.replace("cell: good", "cell: good\nlastAppliedRevision: main@sha1:" + "a" * 40)
+    StatusWriter(url, "status/good", tmp_path / "g.git").push(good, "s")
+    StatusWriter(url, "status/bomb", tmp_path / "b.git").push(ALIAS_BOMB, "s")
+    found = Operator(url, tmp_path / "op").clone().status_branches()
+    assert list(found) == ["good"]
+    assert found["good"].applied_sha == "a" * 40 and found["good"].ready == "True"

@@ -229,6 +229,7 @@ class SignatureVerifier:
                     f"gpg.ssh.allowedSignersFile={allowed}",
                     "verify-commit",
                     "--raw",
+                    "--",
                     sha,
                 ],
                 capture_output=True,
