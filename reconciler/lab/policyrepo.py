@@ -167,7 +167,10 @@ class Operator:
         specs = [f"{commit}:{STATUS_FILE}" for _name, _, commit in found]
         # Status branches are read like `asgctl status` reads them (size first, the safe
         # loader, the status schema); one that cannot be used is left out, as if not there.
-        blobs = statusdoc.read_status_blobs(str(self.workdir), specs)
+        try:
+            blobs = statusdoc.read_status_blobs(str(self.workdir), specs)
+        except InventoryError as exc:
+            raise GitError(str(exc)) from None
         for (name, _, commit), spec, data in zip(found, specs, blobs, strict=True):
             if isinstance(data, InventoryError):
                 continue
