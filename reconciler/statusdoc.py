@@ -81,24 +81,26 @@ def load_yaml(text: str, origin: str) -> Any:
 
 # -- the fast path -------------------------------------------------------------------------
 
-# Characters after which YAML's reading of a line is no longer a matter of that line: tabs
-# and carriage returns (indentation, line breaks), the other Unicode line breaks PyYAML
-# honours, a byte-order mark, and everything PyYAML refuses as non-printable.
-_UNSETTLED = re.compile(
-    "[^\n\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]"
-)
-_UNSETTLED_ASCII = re.compile("[^\n\x20-\x7e]")
 _MARKERS = ("---", "...", "%")  # documents and directives, at the start of a line
 _KEY = r"[A-Za-z_][A-Za-z0-9_]*"
 # A plain scalar that is one line and nothing but a scalar: no indicator first, no `: ` or
 # ` #` inside, no trailing blank, no `:` at the end; and none that the loader resolves to a
 # number or date but cannot construct (`0x_`, `._`, no such date, an integer past Python's
 # digit limit), since the loader refuses those files.
+# Characters inside a block value: none after which YAML's reading of a line is no longer a
+# matter of that line (tabs, carriage returns and the other line breaks PyYAML honours, a
+# byte-order mark) nor any PyYAML refuses as non-printable.  The text around the block is
+# read by the loader itself.
+_SETTLED = "[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\ufeff\ufffe\uffff{}]"
 _PLAIN_LINE = (
     r"(?![0-9]{4}-[0-9][0-9]?-[0-9][0-9]?[\nTt ]|0[bx]_+\n|\._+(?:[eE][-+][0-9]+)?\n|[0-9_]{4000})"
-    r"[A-Za-z0-9_./][^\n :]*(?:(?: (?=[^ \n#])|:(?=[^ \n]))[^\n :]*)*"
+    + "[A-Za-z0-9_./]"
+    + _SETTLED.format(" :")
+    + "*(?:(?: (?=[^ \\n#])|:(?=[^ \\n]))"
+    + _SETTLED.format(" :")
+    + "*)*"
 )
-_QUOTED_LINE = r"'[^'\n]*(?:''[^'\n]*)*'"
+_QUOTED_LINE = "'" + _SETTLED.format("'") + "*(?:''" + _SETTLED.format("'") + "*)*'"
 _VALUE = rf"(?:\[\]|\{{\}}|{_QUOTED_LINE}|{_PLAIN_LINE})"
 _FIELD_RE = rf"{_KEY}:(?: {_VALUE}\n|\n(?:  - {_VALUE}\n)*)"
 # The containers block as the agent writes it: entries of scalar or scalar-list fields.
@@ -167,8 +169,7 @@ def _fast_parts(text: str, origin: str) -> tuple[dict[str, Any], list[dict[str, 
     """(everything but `containers`, the contract fields of each entry), without a full YAML
     load; None whenever the file is not exactly in the agent's block style (see the module
     docstring), and the caller loads it in full."""
-    unsettled = _UNSETTLED_ASCII if text.isascii() else _UNSETTLED
-    if unsettled.search(text) or text.startswith(_MARKERS):
+    if text.startswith(_MARKERS):
         return None
     if any("\n" + marker in text for marker in _MARKERS):
         return None
