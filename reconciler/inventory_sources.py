@@ -25,6 +25,10 @@ The status-branch contract (the agent writes it, this module reads it)
   list means the cell runs no container.
 * Entries are held to exactly the rules of `parse_store` (safe handles and GUIDs, valid and
   unique IPs), so a status branch cannot smuggle into a PR comment what a store file cannot.
+* Whoever can push a status branch is untrusted: the file is read by `reconciler.statusdoc`
+  (size asked of git first, the safe YAML loader with budgets, `cell-status.schema.json`),
+  and a branch that breaks any rule is skipped with a message naming it and the field
+  (`StatusBranches.read().skipped`; the plan shows them as warnings).
 """
 
 from __future__ import annotations
