@@ -225,17 +225,9 @@ def test_signer_validity_is_judged_by_the_agents_clock() -> None:
     assert kept.startswith("# comment\n")
 
 
-@needs_ssh_keygen
-def test_a_retired_key_cannot_sign_a_backdated_commit(tmp_path: Path) -> None:
-    trusted, _stranger, _allowed = ssh_signing_keys(tmp_path)
-    key = trusted.read_text().strip()
-    retired = tmp_path / "allowed_retired"
-    retired.write_text(f'ops@example.invalid namespaces="git",valid-before="20250101" {key}\n')
-    current = tmp_path / "allowed_current"
-    current.write_text(f'ops@example.invalid namespaces="git",valid-before="20990101" {key}\n')
-    repo = local_repo(tmp_path)
-    repo.commit("base", {"sg.yaml": sg("web", tcp_rules(1))})
-    backdated = {
+def _backdated_env() -> dict[str, str]:
+    """git's environment for a commit dated 2024-06-01, when the retired key was valid."""
+    return {
         **os.environ,
         "GIT_CONFIG_NOSYSTEM": "1",
         "GIT_CONFIG_GLOBAL": "/dev/null",
@@ -246,6 +238,19 @@ def test_a_retired_key_cannot_sign_a_backdated_commit(tmp_path: Path) -> None:
         "GIT_AUTHOR_DATE": "2024-06-01T12:00:00Z",
         "GIT_COMMITTER_DATE": "2024-06-01T12:00:00Z",
     }
+
+
+@needs_ssh_keygen
+def test_a_retired_key_cannot_sign_a_backdated_commit(tmp_path: Path) -> None:
+    trusted, _stranger, _allowed = ssh_signing_keys(tmp_path)
+    key = trusted.read_text().strip()
+    retired = tmp_path / "allowed_retired"
+    retired.write_text(f'ops@example.invalid namespaces="git",valid-before="20250101" {key}\n')
+    current = tmp_path / "allowed_current"
+    current.write_text(f'ops@example.invalid namespaces="git",valid-before="20990101" {key}\n')
+    repo = local_repo(tmp_path)
+    repo.commit("base", {"sg.yaml": sg("web", tcp_rules(1))})
+    backdated = _backdated_env()
     sign = ["-c", "gpg.format=ssh", "-c", f"user.signingkey={trusted}"]
     git(
         *sign,
@@ -291,16 +296,7 @@ def test_an_agent_refuses_a_backdated_commit_by_a_retired_key(tmp_path: Path) ->
     allowed = tmp_path / "allowed"
     allowed.write_text(f'ops@example.invalid namespaces="git",valid-before="20250101" {key}\n')
     repo = local_repo(tmp_path)
-    backdated = {
-        **os.environ,
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": "/dev/null",
-        "GIT_AUTHOR_NAME": "ops",
-        "GIT_AUTHOR_EMAIL": "ops@example.invalid",
-        "GIT_COMMITTER_NAME": "ops",
-        "GIT_COMMITTER_EMAIL": "ops@example.invalid",
-        "GIT_COMMITTER_DATE": "2024-06-01T12:00:00Z",
-    }
+    backdated = _backdated_env()
     repo.write({"sg.yaml": sg("web", tcp_rules(3))})
     git("add", "-A", cwd=repo.root, env=backdated)
     sign = ["-c", "gpg.format=ssh", "-c", f"user.signingkey={trusted}"]
