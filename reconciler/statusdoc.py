@@ -83,15 +83,15 @@ def load_yaml(text: str, origin: str) -> Any:
 
 _MARKERS = ("---", "...", "%")  # documents and directives, at the start of a line
 _KEY = r"[A-Za-z_][A-Za-z0-9_]*"
-# A plain scalar that is one line and nothing but a scalar: no indicator first, no `: ` or
-# ` #` inside, no trailing blank, no `:` at the end; and none that the loader resolves to a
-# number or date but cannot construct (`0x_`, `._`, no such date, an integer past Python's
-# digit limit), since the loader refuses those files.
 # Characters inside a block value: none after which YAML's reading of a line is no longer a
 # matter of that line (tabs, carriage returns and the other line breaks PyYAML honours, a
 # byte-order mark) nor any PyYAML refuses as non-printable.  The text around the block is
 # read by the loader itself.
 _SETTLED = "[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\ufeff\ufffe\uffff{}]"
+# A plain scalar that is one line and nothing but a scalar: no indicator first, no `: ` or
+# ` #` inside, no trailing blank, no `:` at the end; and none that the loader resolves to a
+# number or date but cannot construct (`0x_`, `._`, no such date, an integer past Python's
+# digit limit), since the loader refuses those files.
 _PLAIN_LINE = (
     r"(?![0-9]{4}-[0-9][0-9]?-[0-9][0-9]?[\nTt ]|0[bx]_+\n|\._+(?:[eE][-+][0-9]+)?\n|[0-9_]{4000})"
     + "[A-Za-z0-9_./]"
