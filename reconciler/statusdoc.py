@@ -45,10 +45,12 @@ STATUS_LIMITS = yamlsafe.Limits(
     max_file_bytes=MAX_STATUS_BYTES,
     max_documents=1,
     max_depth=16,
-    # Never binding on a file without aliases (no YAML node takes less than half a byte), so
-    # the budget only ever stops alias expansion, and both read paths agree on every file.
-    max_nodes=2 * MAX_STATUS_BYTES,
+    max_nodes=1_000_000,
 )
+_FAST_MAX_BYTES = 1024 * 1024
+"""The fast path reads files up to this size only: without aliases (which it never takes),
+YAML needs at least 4 bytes for 3 nodes (`{a},` in a flow sequence), so no such file can
+reach the node budget, and the fast path and the loader agree on every file it reads."""
 CONTRACT_KEYS = ("handle", "ip", "app_id", "space_id", "org_id", "workload")
 _SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "cell-status.schema.json"
 
@@ -169,7 +171,7 @@ def _fast_parts(text: str, origin: str) -> tuple[dict[str, Any], list[dict[str, 
     """(everything but `containers`, the contract fields of each entry), without a full YAML
     load; None whenever the file is not exactly in the agent's block style (see the module
     docstring), and the caller loads it in full."""
-    if text.startswith(_MARKERS):
+    if len(text) > _FAST_MAX_BYTES or text.startswith(_MARKERS):
         return None
     if any("\n" + marker in text for marker in _MARKERS):
         return None
