@@ -312,3 +312,30 @@ def test_an_agent_refuses_a_backdated_commit_by_a_retired_key(tmp_path: Path) ->
     )
     assert condition(st.conditions, "Stalled").status == "True"  # type: ignore[union-attr]
     assert st.head is not None and st.head.verdict is not None
+
+
+def test_a_refused_revision_lists_a_bounded_number_of_inert_findings() -> None:
+    """A pull request can produce thousands of findings quoting its own text: the status
+    keeps the first hundred, escaped, and counts the rest."""
+    from reconciler.agent.core import Verdict
+    from reconciler.agent.state import AgentState, Head
+    from reconciler.agent.status import MAX_FINDINGS, build_status
+    from reconciler.policy.findings import Finding
+
+    findings = tuple(
+        Finding("p/sg.yaml", i + 1, 1, "error", "SecurityGroup", "web", "name", "bad \x1b[2J")
+        for i in range(MAX_FINDINGS + 150)
+    )
+    state = AgentState(head=Head("b" * 40, "s", None, Verdict("ValidationFailed", "m", findings)))
+    doc = build_status(
+        state,
+        cell="c",
+        settings={},
+        agent={},
+        revision=lambda sha: sha,
+        containers_path="/x",
+        now="t",
+    )
+    listed = doc["refused"]["findings"]
+    assert len(listed) == MAX_FINDINGS + 1 and listed[-1] == "... and 150 more"
+    assert all("\x1b" not in f and "\\x1b[2J" in f for f in listed[:-1])

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from reconciler.agent.core import backoff, container_grants
-from reconciler.agent.source import run_git
+from reconciler.agent.source import clip, run_git
 from reconciler.agent.state import AgentState
 from reconciler.inventory_sources import STATUS_FILE
 from reconciler.plan import CellPlan
@@ -107,7 +107,7 @@ def build_status(
     if head is not None and head.verdict is not None:
         # Commit texts are cut and escaped where they are read (source.clip); a refused
         # revision may still carry thousands of findings, and the status must stay small.
-        findings = [str(f) for f in head.verdict.findings[:MAX_FINDINGS]]
+        findings = [clip(str(f), 500) for f in head.verdict.findings[:MAX_FINDINGS]]
         if len(head.verdict.findings) > MAX_FINDINGS:
             findings.append(f"... and {len(head.verdict.findings) - MAX_FINDINGS} more")
         doc["refused"] = {
