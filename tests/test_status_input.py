@@ -419,3 +419,17 @@ def test_the_lab_reads_status_branches_the_same_way(tmp_path: Path) -> None:
     found = Operator(url, tmp_path / "op").clone().status_branches()
     assert list(found) == ["good"]
     assert found["good"].applied_sha == "a" * 40 and found["good"].ready == "True"
+
+
+def test_the_status_push_ends_its_options_before_the_url(tmp_path: Path) -> None:
+    """Issue 20, attack 11: the URL is always git's <repository>, never an option.  Given
+    `--repo=<elsewhere>` as the URL, git must refuse that as a repository name (without `--`
+    it would be the push option `--repo`, and the refspec would become the repository)."""
+    from reconciler.agent.status import StatusPushError, StatusWriter
+
+    elsewhere = tmp_path / "elsewhere.git"
+    git("init", "-q", "--bare", "--", str(elsewhere))
+    writer = StatusWriter(f"--repo={elsewhere}", "status/cell-1", tmp_path / "scratch.git")
+    with pytest.raises(StatusPushError, match=r"pathname '--repo=.*elsewhere.git' blocked"):
+        writer.push("cell: cell-1\n", "s", when=1_700_000_000)
+    assert git("--git-dir", str(elsewhere), "for-each-ref") == ""
