@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.agent.config import redact_url
-from reconciler.agent.source import run_git
+from reconciler.agent.source import clip, run_git
 from reconciler.inventory import InventoryError
 from reconciler.report.escape import visible
 from reconciler.statusdoc import STATUS_FILE, parse_status, read_status_blobs
@@ -191,9 +191,7 @@ _NOTE_CHARS = 300
 
 def _shown(text: str, limit: int = 0) -> str:
     """A status-file string for the terminal: control characters escaped, long ones cut."""
-    if limit and len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return visible(text)
+    return clip(text, limit) if limit else visible(text)
 
 
 def render_fleet(fleet: Fleet, fmt: str) -> str:
