@@ -306,10 +306,10 @@ def parse_status(data: bytes | str, origin: str) -> StatusDocument:
 
 
 def containers_of(doc: StatusDocument, origin: str) -> tuple[Container, ...]:
-    """The document's containers, each held to the store file's rules (`parse_store`'s)."""
-    out: list[Container] = []
-    handles: set[str] = set()
-    by_ip: dict[str, str] = {}
+    """The document's containers: each entry a mapping whose contract fields are text (or
+    null), each handle once; then the store file's own rules (`parse_store_document`) judge
+    the values, exactly as they judge a `store.json`."""
+    store: dict[str, Any] = {}
     for i, entry in enumerate(doc.entries):
         where = f"{origin}: containers[{i}]"
         if not isinstance(entry, dict):
@@ -321,27 +321,19 @@ def containers_of(doc: StatusDocument, origin: str) -> tuple[Container, ...]:
         handle = entry.get("handle")
         if not handle:
             raise InventoryError(f"{where}.handle: missing")
-        if handle in handles:
+        if handle in store:
             raise InventoryError(f"{where}.handle: container {handle!r} is listed twice")
-        handles.add(handle)
-        store = {
-            handle: {
-                "handle": handle,
-                "ip": entry.get("ip"),
-                "metadata": {
-                    "app_id": entry.get("app_id") or "",
-                    "space_id": entry.get("space_id") or "",
-                    "org_id": entry.get("org_id") or "",
-                    "container_workload": entry.get("workload") or "app",
-                },
-            }
+        store[handle] = {
+            "handle": handle,
+            "ip": entry.get("ip"),
+            "metadata": {
+                "app_id": entry.get("app_id") or "",
+                "space_id": entry.get("space_id") or "",
+                "org_id": entry.get("org_id") or "",
+                "container_workload": entry.get("workload") or "app",
+            },
         }
-        (c,) = parse_store_document(store, where)
-        if c.ip in by_ip:
-            raise InventoryError(f"{where}.ip: {c.ip} is already used by container {by_ip[c.ip]!r}")
-        by_ip[c.ip] = c.handle
-        out.append(c)
-    return tuple(sorted(out))
+    return parse_store_document(store, origin)
 
 
 def containers_from_status(data: bytes | str, origin: str) -> tuple[Container, ...]:
