@@ -296,7 +296,7 @@ def phases(root: Path, inventory: str, profile: bool) -> tuple[list[tuple[str, f
     t, c = time.perf_counter(), _cpu()
     place = locate("policies")
     spec = ["cells"] if inventory == "files" else ["status"]
-    cells, described = load_inventory(spec, place, (base.policy, head.policy))
+    cells, described, _skipped = load_inventory(spec, place, (base.policy, head.policy))
     times.append((f"inventory ({inventory})", time.perf_counter() - t, _cpu() - c))
     t, c = time.perf_counter(), _cpu()
     gc.freeze()  # as run_plan does

@@ -59,8 +59,9 @@ def _store_paths(spec: Sequence[str]) -> tuple[str, ...]:
 
 def load_inventory(
     spec: Sequence[str], place: RepoPlace, policies: Sequence[PolicySet]
-) -> tuple[tuple[CellInventory, ...], str]:
-    """The cells to plan for, and a description of where they came from.
+) -> tuple[tuple[CellInventory, ...], str, tuple[str, ...]]:
+    """The cells to plan for, a description of where they came from, and the status
+    branches skipped as unusable (each with the reason, for the report's warnings).
 
     `spec` is empty (status branches when there are any, else a synthetic cell), `status`,
     `directory` (the synthetic cell), or store files and folders of them.
@@ -69,21 +70,30 @@ def load_inventory(
     if list(spec) == [STATUS] or (not spec and status is not None and status.exists()):
         if status is None:
             raise InventoryError("--inventory status: the policies are not in a git repository")
-        cells = status.cells()
-        if not cells:
+        found = status.read()
+        if not found.cells:
+            if found.skipped:
+                raise InventoryError(
+                    "--inventory status: no usable status/<cell> branch; skipped: "
+                    + "; ".join(found.skipped)
+                )
             raise InventoryError("--inventory status: there are no status/<cell> branches")
-        return cells, f"status branches ({len(cells):,} cells)"
+        skipped = [f"{m} (this cell is left out of the plan)" for m in found.skipped]
+        n = len(found.cells)
+        return found.cells, f"status branches ({n:,} cells)", tuple(skipped)
     if not spec or list(spec) == [SYNTHETIC]:
         cell = synthetic_inventory(policies)
-        return (cell,), (
+        return (
+            (cell,),
             "synthetic (one container per app and lifecycle from the directory; "
-            "no status branches yet)"
+            "no status branches yet)",
+            (),
         )
     if STATUS in spec or SYNTHETIC in spec:
         raise InventoryError("--inventory: 'status' and 'directory' cannot be mixed with files")
     source = StoreFiles(_store_paths(spec))
     cells = source.cells()
-    return cells, f"{source.description} ({len(cells):,} cells)"
+    return cells, f"{source.description} ({len(cells):,} cells)", ()
 
 
 def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ()) -> PlanReport:
@@ -119,9 +129,12 @@ def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ())
             "compares the head against an empty policy"
         )
     try:
-        cells, described = load_inventory(inventory, place, (base_policy, head_result.policy))
+        cells, described, skipped = load_inventory(
+            inventory, place, (base_policy, head_result.policy)
+        )
     except InventoryError as exc:
         return _with(report, error=str(exc), base_findings=base_result.findings)
+    warnings.extend(skipped)
     # Everything loaded so far lives until the end; taking it out of the cyclic collector's
     # view keeps full collections (a quarter of a fleet-wide diff's time) from rescanning it.
     gc.freeze()

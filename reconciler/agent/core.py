@@ -31,6 +31,7 @@ HISTORY_LIMIT = 5
 
 # Reasons a head is not applied that need a human (Stalled=True), and transient ones (retry).
 REFUSALS = (
+    "MalformedCommit",
     "UnsignedCommit",
     "UntrustedSignature",
     "VerificationFailed",

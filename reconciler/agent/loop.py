@@ -55,7 +55,7 @@ from reconciler.agent.core import (
     validation_verdict,
 )
 from reconciler.agent.metrics import Metrics, MetricsServer, write_textfile
-from reconciler.agent.source import GitSource, SourceError
+from reconciler.agent.source import GitSource, MalformedCommit, SourceError, clip
 from reconciler.agent.state import AgentState, Applied, Head, load_state, save_state
 from reconciler.agent.status import (
     PushResult,
@@ -64,7 +64,7 @@ from reconciler.agent.status import (
     build_status,
     iso,
 )
-from reconciler.agent.verify import SignatureVerifier, trailer_true
+from reconciler.agent.verify import SignatureCheck, SignatureVerifier, trailer_true
 from reconciler.agent.watch import InventoryWatcher
 from reconciler.compile import compile_cell
 from reconciler.inventory import InventoryError, Rejection, StoreReading, load_store
@@ -126,7 +126,9 @@ class Agent:
             timeout=cfg.git_timeout,
         )
         self.verifier = (
-            SignatureVerifier(cfg.allowed_signers, cfg.gpg_keyring, self.state_dir, cfg.git_timeout)
+            SignatureVerifier(
+                cfg.allowed_signers, cfg.gpg_keyring, self.state_dir, cfg.git_timeout, clock
+            )
             if cfg.verify == "signed"
             else None
         )
@@ -256,8 +258,20 @@ class Agent:
         """Put a new head through every gate, in order; the first that fails decides."""
         cfg = self.cfg
         t = time.perf_counter()
-        info = self.source.commit_info(sha)
-        subject = info.message.strip().splitlines()[0] if info.message.strip() else ""
+        try:
+            info = self.source.commit_info(sha)
+        except MalformedCommit as exc:
+            # Refused like a bad signature (it is looked at before one): Stalled, the
+            # applied revision stays enforced, and the next push to the branch is judged.
+            timings["verify"] = time.perf_counter() - t
+            problem = SignatureCheck(False, "MalformedCommit", clip(str(exc), 500))
+            return Head(
+                sha,
+                "",
+                problem if self.verifier is not None else None,
+                Verdict(problem.reason, problem.message),
+            )
+        subject = info.subject
         check = None
         if self.verifier is not None:
             check = self.verifier.verify(self.source.path, sha, info.signed)
