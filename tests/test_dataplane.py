@@ -50,7 +50,6 @@ VARIANTS = ("legacy", "nft")
 HOST_CHAINS = ("ASG-ADMIN-BLOCKLIST", "ASG-LEGACY")
 """The host's own chains with our name prefix (issue 20): one unreferenced, with rules; one
 jumped to from INPUT.  Neither is ours, whatever its name."""
-DATA = Path(__file__).resolve().parent / "data"
 FOREIGN_V4 = (
     "*filter",
     ":FOREIGN - [0:0]",
