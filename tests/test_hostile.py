@@ -16,7 +16,13 @@ from click.testing import CliRunner
 from reconciler.cli import main
 from tests.iptables_eval import Packet, parse_restore, verdict
 
-STORE = {"c1": {"handle": "c1", "ip": "198.18.0.2", "metadata": {"space_id": "s1"}}}
+STORE = {
+    "c1": {
+        "handle": "c1",
+        "ip": "198.18.0.2",
+        "metadata": {"space_id": "s1", "container_workload": "app"},
+    }
+}
 INJECTIONS = [
     '"\n-A FORWARD -j ACCEPT\nCOMMIT',
     "-j ACCEPT",

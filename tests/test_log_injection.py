@@ -331,7 +331,8 @@ def plan_repo(tmp_path: Path) -> Path:
                 {"blog-0": {"handle": "blog-0", "ip": "198.18.2.2", "metadata": {
                   "app_id": "a1b2c3d4-0009-4e5f-9a8b-000000000009",
                   "space_id": "7b1d2e4f-0008-4c3a-8f2b-000000000008",
-                  "org_id": "5e2f3c8a-0007-4a6e-9d1e-000000000007"}}}
+                  "org_id": "5e2f3c8a-0007-4a6e-9d1e-000000000007",
+                  "container_workload": "app"}}}
                 """
         },
     )
