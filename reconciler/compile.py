@@ -29,6 +29,7 @@ from reconciler.model import Container, PolicySet, Rule, RuleItem
 from reconciler.plan import (
     CF_CONTAINER_FIXED_LINES,
     CellPlan,
+    CellSettings,
     ContainerPlan,
     PlanRule,
     Provenance,
@@ -366,8 +367,16 @@ def container_sources(policy: PolicySet, container: Container) -> list[Source]:
     return _index_for(policy).sources(container.lifecycle, container.space_id, container.app_id)
 
 
-def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str = "") -> CellPlan:
-    """The plan for one cell; same input, same plan, byte for byte."""
+def compile_cell(
+    policy: PolicySet,
+    containers: Iterable[Container],
+    cell: str = "",
+    settings: CellSettings | None = None,
+) -> CellPlan:
+    """The plan for one cell; same input, same plan, byte for byte.
+
+    `settings` are the cell's own (underlay, deny networks, connection limit): carried into
+    the plan untouched, so the render sees them and the plan shows them."""
     index = _index_for(policy)
     containers = sorted(containers)
     of = [profile_of(c) for c in containers]
@@ -435,6 +444,7 @@ def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str =
         containers=container_plans,
         groups=tuple(sorted(groups, key=lambda g: g.id)),
         cf_equivalent_rules=sum(CF_CONTAINER_FIXED_LINES + entries[i].cf_lines for i in slots),
+        settings=settings or CellSettings(),
     )
 
 

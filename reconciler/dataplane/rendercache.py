@@ -64,4 +64,4 @@ class RenderCache:
         chains = dict(partial.chains)
         for g in mine:
             chains.setdefault(group_chain(g.id), known.get(group_chain(g.id), ()))
-        return Ruleset(family, chains)
+        return Ruleset(family, chains, partial.hooks)
