@@ -191,6 +191,14 @@ def check_network(text: object) -> str:
         raise ValueError(f"{text!r} is not a CIDR such as 10.0.0.0/8") from None
 
 
+def deny_list(workload: str) -> str | None:
+    """Which of CF's deny lists a workload gets besides `always`: `running` for apps and
+    tasks, `staging` for staging, none for anything else (netout_chain.go)."""
+    if workload in ("app", "task"):
+        return "running"
+    return "staging" if workload == "staging" else None
+
+
 @dataclass(frozen=True, slots=True)
 class DenyNetworks:
     """CF's `deny_networks`: destinations rejected before any ASG or egress policy is asked.
@@ -204,14 +212,17 @@ class DenyNetworks:
     running: tuple[str, ...] = ()
     staging: tuple[str, ...] = ()
 
+    def lists(self, workload: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The lists that apply to a workload, by name: `always`, then its lifecycle's."""
+        own = deny_list(workload)
+        out = [("always", self.always)]
+        if own is not None:
+            out.append((own, getattr(self, own)))
+        return tuple(out)
+
     def for_workload(self, workload: str) -> tuple[str, ...]:
         """The networks a container of this workload may never reach, in silk's order."""
-        out = list(self.always)
-        if workload in ("app", "task"):
-            out.extend(self.running)
-        elif workload == "staging":
-            out.extend(self.staging)
-        return tuple(dict.fromkeys(out))
+        return tuple(dict.fromkeys(n for _, nets in self.lists(workload) for n in nets))
 
     def __bool__(self) -> bool:
         return bool(self.always or self.running or self.staging)

@@ -627,6 +627,8 @@ def test_asgctl_apply_exit_codes(host: Host, tmp_path: Path) -> None:
         host.variant,
         "--backend",
         host.kind,
+        "--underlay-interface",  # the host namespace has no default route to find it by
+        "eth0",
     ]
 
     def run(*extra: str) -> Result:

@@ -312,6 +312,20 @@ def parse_outbound(value: object, key: str) -> RateLimit:
     )
 
 
+def file_cell_settings(values: Mapping[str, Any], underlay: tuple[str, ...] = ()) -> CellSettings:
+    """The cell settings of an agent config file's values (the rest is not looked at), with
+    `underlay` (from a flag) overriding the file's: what `asgctl render`/`explain` show for
+    that cell without being on it."""
+    names = underlay or values.get("underlay-interface") or ()
+    v = parse_interfaces(names, "underlay-interface") if names else ()
+    return CellSettings(
+        v,
+        v,
+        parse_deny_networks(values.get("deny-networks"), "deny-networks"),
+        parse_outbound(values.get("outbound-connections"), "outbound-connections"),
+    )
+
+
 def _default_cell() -> str:
     name = socket.gethostname().split(".")[0]
     return re.sub(r"[^A-Za-z0-9_.-]", "-", name) or "cell"

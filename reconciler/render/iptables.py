@@ -19,6 +19,7 @@ from reconciler.plan import (
     PlanRule,
     RateLimit,
     check_interface_name,
+    deny_list,
     port_chunks,
 )
 
@@ -144,10 +145,8 @@ def _reject(family: int) -> str:
 
 
 def deny_class(workload: str) -> str:
-    """Which of CF's deny lists a workload gets besides `always` (netout_chain.go)."""
-    if workload in ("app", "task"):
-        return "running"
-    return "staging" if workload == "staging" else "always"
+    """The name of a workload's deny chain or set: its lifecycle's list, else `always`."""
+    return deny_list(workload) or "always"
 
 
 def deny_chain(workload: str) -> str:
