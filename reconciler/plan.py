@@ -165,14 +165,14 @@ def cf_rule_keys(item: RuleItem) -> tuple[CfLine, ...]:
 
 IFNAMSIZ = 16
 """Linux's interface name buffer: a name is at most 15 bytes."""
-_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,14}$")
+_IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,14}")
 LIFECYCLES = ("always", "running", "staging")
 
 
 def check_interface_name(name: object) -> str:
     """An interface name as the kernel allows it, and nothing more: it is rendered into
     iptables rules and nft JSON, so it must not carry a space, quote, `+` wildcard or `/`."""
-    if not isinstance(name, str) or not _IFNAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _IFNAME.fullmatch(name) or name in (".", ".."):
         raise ValueError(
             f"{name!r} is not an interface name (1-{IFNAMSIZ - 1} of A-Z a-z 0-9 _ . @ -)"
         )
@@ -313,15 +313,32 @@ class CellPlan:
 
     @property
     def installed_rules(self) -> int:
-        """Lines this plan puts in the kernel, FORWARD jumps included (both families)."""
-        total = len(self.families())
+        """Lines this plan puts in the kernel (iptables layout), FORWARD hooks included (one
+        per underlay interface and family), deny-network chains and the connection limit."""
+        st = self.settings
+        total = sum(max(1, len(st.underlay(f))) for f in self.families())
+        deny_chains: dict[tuple[int, str], int] = {}
         for cp in self.containers:
-            total += CONTAINER_FIXED_LINES + len(cp.groups)
-        return total + sum(g.lines for g in self.groups)
+            total += CONTAINER_FIXED_LINES + len(cp.groups) + (1 if st.outbound.limit else 0)
+            family, workload = cp.container.version, cp.container.workload
+            deny = st.deny(workload, family)
+            if deny:
+                total += 1
+                deny_chains[(family, deny_list(workload) or "always")] = len(deny)
+        if st.outbound.limit and st.outbound.logging:
+            total += 2 * len(self.families())
+        return total + sum(deny_chains.values()) + sum(g.lines for g in self.groups)
 
     @property
     def chains(self) -> int:
-        return sum(1 for _ in self.families()) + len(self.containers) + len(self.groups)
+        st = self.settings
+        deny = {
+            (cp.container.version, deny_list(cp.container.workload))
+            for cp in self.containers
+            if st.deny(cp.container.workload, cp.container.version)
+        }
+        rate = len(self.families()) if st.outbound.limit and st.outbound.logging else 0
+        return len(self.families()) + len(self.containers) + len(self.groups) + len(deny) + rate
 
     def to_dict(self) -> dict[str, Any]:
         return {
