@@ -58,6 +58,8 @@ pytestmark = pytest.mark.netns
 
 WEB = ContainerSpec("web", app_id="app-web", space_id=SPACE, org_id=ORG)
 ECHO = ServiceSpec("echo", tcp_ports=(80, 8080))
+BARE_CELL = {"underlay-interface": "uplink0"}
+"""A lab cell without services has no default route to find its underlay by: name one."""
 
 
 def _rev(sha: str) -> str:
@@ -283,6 +285,7 @@ def test_untrusted_invalid_rewound_and_mass_revoking_heads_wait(
         netns=lab.cell,
         verify="signed",
         **{"allowed-signers": str(allowed)},
+        **BARE_CELL,
     )
     bare = policy_repo.bare
     ten = {"sg.yaml": sg("web", tcp_rules(10))}
@@ -370,7 +373,12 @@ def test_containers_are_enforced_within_a_second(
     write_store(store, present)
     c1 = policy_repo.commit("rules", {"sg.yaml": sg("web", tcp_rules(5))})
     a = agents(
-        "cell-a", source=policy_repo.url, containers=str(store), netns=lab.cell, interval="60s"
+        "cell-a",
+        source=policy_repo.url,
+        containers=str(store),
+        netns=lab.cell,
+        interval="60s",
+        **BARE_CELL,
     ).start()
     wait_for(_applied(policy_repo.bare, "cell-a", c1), 15, what="first apply")
 
@@ -499,6 +507,7 @@ def test_kill9_at_random_points_leaves_the_old_or_the_new_plan(
         interval="100ms",
         jitter="0%",
         **{"mass-revoke-threshold": "100%", "status-push": False},
+        **BARE_CELL,
     )
     rng = random.Random(1234)
     seen: dict[str, int] = {"A": 0, "B": 0, "empty": 0}

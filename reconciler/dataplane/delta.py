@@ -148,9 +148,10 @@ def _hook(
         return [], [], []
     if not wanted and not copies:
         return [], [], []
-    # Was the hook there after the last apply?  Then any difference is someone else's doing.
+    # Are the hooks as the last apply left them?  Then the difference is the plan's (a new
+    # underlay, the first or last container of the family); otherwise someone else's doing.
     known = last is not None
-    had_hook = known and bool(last.chains)  # type: ignore[union-attr]
+    last_hooks = last.hooks if last is not None and last.chains else ()
     if wanted:
         texts = [c.text for c in copies]
         if not copies:
@@ -163,7 +164,7 @@ def _hook(
             kind = r.HOOK_MOVED
     else:
         kind = r.HOOK_EXTRA
-    drifted = known and had_hook == wanted
+    drifted = known and not _hooks_in_place(copies, last_hooks)
     planned = not drifted
     act = planned or heal_drift
     drift: list[Drift] = []
