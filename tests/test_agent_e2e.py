@@ -558,3 +558,32 @@ def _await_restore(pid: int, timeout: float) -> bool:
                 return True
         time.sleep(0.0005)
     return False
+
+
+def test_a_cell_without_an_underlay_is_not_enforced_and_says_why(
+    tmp_path: Path,
+    make_lab: Callable[..., Lab],
+    policy_repo: PolicyRepo,  # noqa: F811
+    agents: Callable[..., AgentProc],  # noqa: F811
+) -> None:
+    """No default route and no `underlay-interface`: judging every packet would break
+    container-to-container traffic, judging none would lift every ASG, so nothing is
+    installed and Ready says why; naming the underlay enforces at once."""
+    require_netns()
+    lab = make_lab([], [], conntrack=False)
+    store = write_store(tmp_path / "store.json", [container("c0", 0)])
+    sha = policy_repo.commit("rules", {"sg.yaml": sg("web", tcp_rules(3))})
+    a = agents("cell-a", source=policy_repo.url, containers=str(store), netns=lab.cell)
+    res = a.once()
+    assert res.returncode == 1, res.stderr
+    doc = read_status(policy_repo.bare, "cell-a")
+    assert ready(doc)["status"] == "False" and ready(doc)["reason"] == "UnderlayUnknown"
+    assert "set underlay-interface" in ready(doc)["message"]
+    assert dict(kernel(lab.cell).chains) == {} and not kernel(lab.cell).hooks
+    named = agents(
+        "cell-a", source=policy_repo.url, containers=str(store), netns=lab.cell, **BARE_CELL
+    )
+    assert named.once().returncode == 0
+    assert read_status(policy_repo.bare, "cell-a")["lastAppliedRevision"] == _rev(sha)
+    hooks = [h.text for h in kernel(lab.cell).hooks]
+    assert hooks == ['-A FORWARD -o uplink0 -m comment --comment "asg:forward" -j ASG-FORWARD']

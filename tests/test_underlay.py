@@ -21,8 +21,10 @@ import json
 from dataclasses import replace
 
 import pytest
+from click.testing import CliRunner
 
 from reconciler.agent.config import ConfigError, build_config
+from reconciler.cli import main
 from reconciler.dataplane import records as rec
 from reconciler.dataplane.delta import compute_delta
 from reconciler.dataplane.records import HookCopy, OwnedState
@@ -30,8 +32,9 @@ from reconciler.dataplane.underlay import UnderlayError, default_route_devices
 from reconciler.endpoint import parse_endpoint
 from reconciler.explain import explain
 from reconciler.plan import CellSettings, DenyNetworks, RateLimit
+from reconciler.render import nft
 from reconciler.render.iptables import hook_rule, render_cell
-from tests.cases import case_plan, load_case
+from tests.cases import CASES, case_plan, load_case
 
 BASE = {"source": "file:///x", "containers": "/x/store.json", "cell": "c1"}
 
@@ -176,3 +179,26 @@ def test_explain_names_the_deny_network_that_beats_the_asg() -> None:
     assert f"deny_networks.always {network}" in denied.text()
     assert "would allow it" in denied.text()
     assert denied.to_dict()["deny_networks"] == [{"list": "always", "network": network}]
+
+
+def test_explain_reads_the_cells_deny_networks_from_its_agent_config(tmp_path) -> None:
+    policies, store = CASES["example"]
+    base = ["explain", "--containers", str(store), "--policies", str(policies)]
+    base += ["--container", "c-backend-1", "--to", "198.19.10.10:3306/tcp"]
+    allowed = CliRunner().invoke(main, base)
+    assert allowed.exit_code == 0, allowed.output
+    config = tmp_path / "agent.yaml"
+    config.write_text("deny-networks:\n  running: [198.19.10.0/24]\n")
+    denied = CliRunner().invoke(main, [*base, "--agent-config", str(config)])
+    assert denied.exit_code == 3, denied.output
+    assert "deny_networks.running 198.19.10.0/24" in denied.output
+    config.write_text("deny-networks:\n  running: [198.19.10.0/24x]\n")
+    bad = CliRunner().invoke(main, [*base, "--agent-config", str(config)])
+    assert bad.exit_code == 1 and "deny-networks.running" in bad.output, bad.output
+
+
+def test_every_nft_object_of_the_settings_belongs_to_its_familys_slice() -> None:
+    names6 = [nft.deny_set(6, "app"), nft.rate_set(6), nft.rate_log_chain(6)]
+    names4 = [nft.deny_set(4, "staging"), nft.rate_set(4), nft.rate_log_chain(4)]
+    assert [nft.family_of(n) for n in names6] == [6, 6, 6]
+    assert [nft.family_of(n) for n in names4] == [4, 4, 4]
