@@ -1,17 +1,18 @@
 """The cell's settings, without root: underlay detection, the hooks' delta, agent settings,
 deny networks in `explain`.
 
-The behaviour pinned here is silk-release's:
+The behaviour pinned here is cloudfoundry/silk-release's (file@commit:line):
 - the underlay: a jump per interface, `-s <ip> -o <underlay> -j netout--<handle>`
-  (lib/rules/rules.go, NewNetOutJumpConditions), interfaces looked up from the underlay IPs
-  unless `temporary.underlay_interface_names` names them (cni-wrapper-plugin/main.go, cmdAdd;
-  lib/interfacelookup/interface_name_lookup.go);
+  (src/code.cloudfoundry.org/lib/rules/rules.go@0a8b534:50, NewNetOutJumpConditions); silk
+  finds the interfaces holding the underlay IPs unless `temporary_underlay_interface_names`
+  names them (cni-wrapper-plugin/main.go@00cd892, cmdAdd; lib/interfacelookup/
+  interface_name_lookup.go@b9f210a, GetNamesFromIPs);
 - deny networks: `always` for all, `running` for app and task, `staging` for staging, each a
   REJECT before the ASG accepts, CIDRs normalised by net.ParseCIDR
-  (cni-wrapper-plugin/netrules/netout_chain.go, Validate and denyNetworksRules);
-- the connection limit: off by default, burst 1000, 100/s (jobs/silk-cni/spec,
-  outbound_connections), idle buckets expire after ceil(burst/rate) s (netout_chain.go,
-  rateLimitExpiryPeriod).
+  (cni-wrapper-plugin/netrules/netout_chain.go@0fc76f3:22 Validate, :85 denyNetworksRules);
+- the connection limit: off by default, burst 1000, 100/s (jobs/silk-cni/spec@0ceeb54,
+  outbound_connections); idle buckets expire after ceil(burst/rate) s
+  (netout_chain.go@0fc76f3:124, rateLimitExpiryPeriod).
 """
 
 from __future__ import annotations

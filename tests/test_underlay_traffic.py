@@ -1,17 +1,22 @@
 """Real packets: ASGs judge only what a container sends out through the cell's underlay.
 
-silk-release sends a container's packet to its ASG chain only when it leaves through the
-underlay: `FORWARD -s <ip> -o <underlay> -j netout--<handle>`, one jump per underlay interface
-(lib/rules/rules.go, NewNetOutJumpConditions; cni-wrapper-plugin/netrules/netout.go,
-defaultNetOutRules).  Traffic to another container on the cell, or over the overlay, is
-decided by CF's network policies (the vxlan-policy-agent's `vpa--` chain, which it inserts
-first in FORWARD, vxlan-policy-agent/enforcer/enforcer.go `enforce`; and
-`overlay--<handle>`), never by ASGs.  CF's `deny_networks` reject before every ASG accept
-(cni-wrapper-plugin/netrules/netout_chain.go, IPTablesRules and denyNetworksRules: `always`
-for every container, `running` for apps and tasks, `staging` for staging), and so does the
-outbound connection limit (lib/rules/rules.go, NewNetOutConnRateLimitRule: hashlimit above
-rate/sec after a burst, per container, destination address and port; silk-cni's job spec
-`outbound_connections`, off by default).
+Pinned against cloudfoundry/silk-release (file@commit:line):
+- silk sends a container's packet to its ASG chain only when it leaves through the underlay:
+  `FORWARD -s <ip> -o <underlay> -j netout--<handle>`, one jump per underlay interface
+  (src/code.cloudfoundry.org/lib/rules/rules.go@0a8b534:50, NewNetOutJumpConditions),
+  appended to FORWARD (cni-wrapper-plugin/netrules/common.go@7ed0ad5:11, initChains) by
+  defaultNetOutRules (cni-wrapper-plugin/netrules/netout.go@17a1c64);
+- traffic between containers is the network policies': the vxlan-policy-agent inserts its
+  `vpa--<time>` chain first in FORWARD (vxlan-policy-agent/enforcer/enforcer.go@01b6775,
+  `enforce`: BulkInsert at 1) and each container gets `-j overlay--<handle>`
+  (netout.go@17a1c64, defaultNetOutRules);
+- deny networks reject before every ASG accept: `always` for every container, `running` for
+  `app` and `task`, `staging` for `staging` (cni-wrapper-plugin/netrules/
+  netout_chain.go@0fc76f3:58 IPTablesRules, :85 denyNetworksRules, :92 and :98);
+- the outbound connection limit: hashlimit above rate/sec after a burst, per container,
+  destination address and port (lib/rules/rules.go@0a8b534, NewNetOutConnRateLimitRule;
+  netout_chain.go@0fc76f3:107 rateLimitRule), off by default with burst 1000 and 100/s
+  (jobs/silk-cni/spec@0ceeb54, outbound_connections).
 
 One lab cell per backend (iptables-legacy, iptables-nft, nftables).  The cell's default routes
 leave through its two service veths (ECMP), so the underlay is found as the agent finds it on
