@@ -1,5 +1,5 @@
-"""The cell's settings, without root: underlay detection, the hooks' delta, agent settings,
-deny networks in `explain`.
+"""The cell's settings: underlay detection, the hooks' delta, agent settings, deny networks
+in `explain`, and every change of settings converging on every backend (a lab cell).
 
 The behaviour pinned here is cloudfoundry/silk-release's (file@commit:line):
 - the underlay: a jump per interface, `-s <ip> -o <underlay> -j netout--<handle>`
@@ -26,8 +26,11 @@ from click.testing import CliRunner
 
 from reconciler.agent.config import ConfigError, build_config
 from reconciler.cli import main
+from reconciler.dataplane import Runner, converge
 from reconciler.dataplane import records as rec
 from reconciler.dataplane.delta import compute_delta
+from reconciler.dataplane.iptables import IptablesBackend
+from reconciler.dataplane.nftables import NftablesBackend
 from reconciler.dataplane.records import HookCopy, OwnedState
 from reconciler.dataplane.underlay import UnderlayError, default_route_devices
 from reconciler.endpoint import parse_endpoint
@@ -203,3 +206,40 @@ def test_every_nft_object_of_the_settings_belongs_to_its_familys_slice() -> None
     names4 = [nft.deny_set(4, "staging"), nft.rate_set(4), nft.rate_log_chain(4)]
     assert [nft.family_of(n) for n in names6] == [6, 6, 6]
     assert [nft.family_of(n) for n in names4] == [4, 4, 4]
+
+
+SETTINGS_OVER_TIME = (
+    CellSettings(("eth0",), ("eth0",), DenyNetworks(("10.0.0.0/8",)), RateLimit(True, 5, 1)),
+    CellSettings(
+        ("eth0", "eth1"),
+        ("eth1",),
+        DenyNetworks(("10.0.0.0/8", "fd00::/8"), ("192.0.2.0/24",)),
+        RateLimit(True, 10, 1, True),
+    ),
+    CellSettings(("eth1",), ("eth1",), DenyNetworks((), (), ("192.0.2.0/24",))),
+    CellSettings(),
+    CellSettings(("eth0",), ("eth0",), DenyNetworks(("10.0.0.0/8",)), RateLimit(True, 5, 1)),
+)
+
+
+@pytest.mark.parametrize("variant", ["legacy", "nft", "nftables"])
+def test_every_change_of_the_cells_settings_converges_as_a_change_never_drift(
+    make_lab, variant
+) -> None:
+    """A new underlay, deny list or limit rewrites hooks, chains and sets in one transaction
+    each, reads back as rendered, and the next cycle finds nothing to do."""
+    lab = make_lab()
+    runner = Runner.in_netns(lab.cell)
+    if variant == "nftables":
+        backend = NftablesBackend.open("auto", runner)
+    else:
+        backend = IptablesBackend.open(variant, runner)
+    plan = case_plan("example", "t")
+    last = None
+    for settings in SETTINGS_OVER_TIME:
+        wanted = replace(plan, settings=settings)
+        result = converge(backend, wanted, last)
+        assert result.ok and result.drift == (), result.to_dict()
+        again = converge(backend, wanted, wanted)
+        assert again.in_sync and again.drift == (), again.to_dict()
+        last = wanted

@@ -207,13 +207,16 @@ def test_deny_networks_beat_an_allow_all_asg_by_lifecycle(cell: Cell) -> None:
 def test_the_connection_limit_rejects_beyond_the_burst(cell: Cell) -> None:
     lab = cell.lab
     burst = 3
-    cell.converge(allow_all(), outbound=RateLimit(limit=True, burst=burst, rate_per_sec=1))
+    plan = cell.converge(allow_all(), outbound=RateLimit(limit=True, burst=burst, rate_per_sec=1))
     results = [lab.probe_tcp("web", "echo", 443) for _ in range(12)]
     assert all(r.reached for r in results[:burst]), [str(r) for r in results]
     rejected = [r for r in results[burst:] if not r.reached]
     assert rejected, [str(r) for r in results]
     for r in rejected:
         assert_rejected_by_cell(lab, "web", r, False)
+    # The buckets the packets filled are the kernel's state, not drift from the plan.
+    again = converge(cell.backend, plan, plan)
+    assert again.ok and again.in_sync and again.drift == (), again.to_dict()
     # Per destination port: another port has its own bucket; containers' traffic has none.
     assert lab.probe_tcp("web", "echo", 80).reached
     assert all(lab.probe_tcp("web", "peer", 8080).reached for _ in range(8))
