@@ -136,6 +136,8 @@ def test_agent_settings_take_cfs_keys_and_check_every_value() -> None:
         ({"underlay-interface": []}, "underlay-interface: expected an interface name"),
         ({"deny-networks": {"always": ["10.0.0.0"]}}, "deny-networks.always: '10.0.0.0' is not"),
         ({"deny-networks": {"always": ["10.0.0.0/33"]}}, "deny-networks.always"),
+        ({"deny-networks": {"always": ["10.0.0.0/8 -j ACCEPT"]}}, "deny-networks.always"),
+        ({"deny-networks": {"running": ['10.0.0.0/8"\n-A FORWARD']}}, "deny-networks.running"),
         ({"deny-networks": {"alway": []}}, "deny-networks.alway: unknown setting"),
         ({"deny-networks": ["10.0.0.0/8"]}, "deny-networks: expected a mapping"),
         ({"deny-networks": {"running": "10.0.0.0/8"}}, "deny-networks.running: expected a list"),
