@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -20,7 +21,7 @@ from reconciler.explain import explain, find_container
 from reconciler.inventory import InventoryError, load_store
 from reconciler.lab.cli import lab as lab_group
 from reconciler.model import PolicySet
-from reconciler.plan import CellPlan, PlanError
+from reconciler.plan import CellPlan, CellSettings, PlanError
 from reconciler.policy.findings import render_findings
 from reconciler.policy.load import load_policy
 from reconciler.policy.source import locate
@@ -58,12 +59,51 @@ def _inventory(path: str):  # type: ignore[no-untyped-def]
     return reading.containers
 
 
-def _plan(policies: str, rev: str | None, containers: str, cell: str) -> tuple[PolicySet, CellPlan]:
+def _plan(
+    policies: str,
+    rev: str | None,
+    containers: str,
+    cell: str,
+    settings: CellSettings | None = None,
+) -> tuple[PolicySet, CellPlan]:
     policy = _policy(policies, rev)
     try:
-        return policy, compile_cell(policy, _inventory(containers), cell)
+        return policy, compile_cell(policy, _inventory(containers), cell, settings)
     except PlanError as exc:
         _fail(str(exc))
+        raise  # unreachable: _fail exits
+
+
+def _settings(agent_config: str | None, underlay: tuple[str, ...]) -> CellSettings:
+    """The cell's settings from `--agent-config` (its underlay-interface, deny-networks and
+    outbound-connections keys) and `--underlay-interface`, which wins; bad values stop the
+    command before anything is computed."""
+    from reconciler.agent.config import ConfigError, file_cell_settings, load_file
+
+    try:
+        values = load_file(agent_config) if agent_config else {}
+        return file_cell_settings(values, underlay)
+    except ConfigError as exc:
+        _fail(f"{agent_config}: {exc}" if agent_config else str(exc))
+        raise  # unreachable: _fail exits
+
+
+def cell_options(func: Any) -> Any:
+    """`--agent-config` and `--underlay-interface`: the cell settings a plan renders."""
+    func = click.option(
+        "--underlay-interface",
+        "underlay",
+        multiple=True,
+        help="Judge only what containers send out through this interface (repeatable); "
+        "overrides the agent config's.  Without one, every packet a container sends is judged.",
+    )(func)
+    return click.option(
+        "--agent-config",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="Read the cell's underlay-interface, deny-networks and outbound-connections "
+        "from this agent settings file (deploy/agent.yaml).",
+    )(func)
 
 
 policies_option = click.option(
@@ -158,11 +198,19 @@ def import_cf_cmd(files: tuple[str, ...], name: str | None, out_dir: str | None)
     default=None,
     help="Only this IP family (both by default).",
 )
+@cell_options
 def render(
-    containers: str, policies: str, rev: str | None, cell: str, fmt: str, family: str | None
+    containers: str,
+    policies: str,
+    rev: str | None,
+    cell: str,
+    fmt: str,
+    family: str | None,
+    agent_config: str | None,
+    underlay: tuple[str, ...],
 ) -> None:
     """Compile the cell's plan and print it as a from-scratch transaction or JSON."""
-    _, plan = _plan(policies, rev, containers, cell)
+    _, plan = _plan(policies, rev, containers, cell, _settings(agent_config, underlay))
     if fmt == "json":
         click.echo(plan.to_json(), nl=False)
         return
@@ -190,6 +238,7 @@ def render(
 @click.option("--icmp-type", type=int, default=None)
 @click.option("--icmp-code", type=int, default=None)
 @format_option("text", "json")
+@cell_options
 def explain_cmd(
     containers: str,
     policies: str,
@@ -200,6 +249,8 @@ def explain_cmd(
     icmp_type: int | None,
     icmp_code: int | None,
     fmt: str,
+    agent_config: str | None,
+    underlay: tuple[str, ...],
 ) -> None:
     """Would this app's container be allowed to reach IP:PORT, and by which rules?
 
@@ -211,7 +262,7 @@ def explain_cmd(
         endpoint = parse_endpoint(to, icmp_type, icmp_code)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--to") from None
-    policy, plan = _plan(policies, rev, containers, "")
+    policy, plan = _plan(policies, rev, containers, "", _settings(agent_config, underlay))
     app_id = None
     if app is not None:
         app_id = policy.directory.resolve_app(app)
@@ -255,6 +306,7 @@ def explain_cmd(
 @click.option("--dry-run", is_flag=True, help="Print the transactions; change nothing.")
 @click.option("--report-only", is_flag=True, help="Report drift and changes; change nothing.")
 @format_option("text", "json")
+@cell_options
 def apply_cmd(
     containers: str,
     policies: str,
@@ -265,16 +317,28 @@ def apply_cmd(
     dry_run: bool,
     report_only: bool,
     fmt: str,
+    agent_config: str | None,
+    underlay: tuple[str, ...],
 ) -> None:
     """Converge this host's firewall (current network namespace) to the cell's plan, once.
 
     Exit 0 when already in sync (nothing sent), 2 when something changed (or would, with
     --dry-run or --report-only), 1 on error (invalid policy or store: nothing touched).
     """
-    from reconciler.dataplane import DataplaneError, converge, open_backend
-    from reconciler.dataplane.summary import format_text
+    from dataclasses import replace
 
-    _, plan = _plan(policies, rev, containers, cell)
+    from reconciler.dataplane import DataplaneError, Runner, converge, open_backend
+    from reconciler.dataplane.summary import format_text
+    from reconciler.dataplane.underlay import detect_underlay
+
+    settings = _settings(agent_config, underlay)
+    if not settings.underlay4:  # on the cell itself: the underlay its default routes use
+        try:
+            found = detect_underlay(Runner())
+        except DataplaneError as exc:
+            _fail(str(exc))
+        settings = replace(settings, underlay4=found[4], underlay6=found[6])
+    _, plan = _plan(policies, rev, containers, cell, settings)
     try:
         backend = open_backend(backend_name, variant)
     except DataplaneError as exc:

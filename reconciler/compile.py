@@ -34,6 +34,7 @@ from reconciler.model import Container, PolicySet, Rule, RuleItem
 from reconciler.plan import (
     CF_CONTAINER_FIXED_LINES,
     CellPlan,
+    CellSettings,
     ContainerPlan,
     PlanRule,
     Provenance,
@@ -398,8 +399,16 @@ def container_sources(policy: PolicySet, container: Container) -> list[Source]:
     return _index_for(policy).sources(container.lifecycle, container.space_id, container.app_id)
 
 
-def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str = "") -> CellPlan:
+def compile_cell(
+    policy: PolicySet,
+    containers: Iterable[Container],
+    cell: str = "",
+    settings: CellSettings | None = None,
+) -> CellPlan:
     """The plan for one cell; same input, same plan, byte for byte.
+
+    `settings` are the cell's own (underlay, deny networks, connection limit): carried into
+    the plan untouched, so the render sees them and the plan shows them.
 
     Raises PlanError when two different groups or containers would get one chain name (a
     hash collision, see `plan._check_names`): nothing is better than a shared chain.
@@ -474,6 +483,7 @@ def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str =
         groups=tuple(sorted(groups, key=lambda g: g.id)),
         # CF installs every claimant's own rules in its own chain: counted per container.
         cf_equivalent_rules=sum(CF_CONTAINER_FIXED_LINES + index.entry(p).cf_lines for p in of),
+        settings=settings or CellSettings(),
     )
 
 

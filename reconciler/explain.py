@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from reconciler.compile import container_sources
 from reconciler.endpoint import Endpoint
-from reconciler.model import Container, PolicySet, RuleItem
+from reconciler.model import AddressRange, Container, PolicySet, RuleItem
 from reconciler.plan import CellPlan, ContainerPlan, PlanRule, Provenance
 
 
@@ -42,6 +42,14 @@ class Match:
 
 
 @dataclass(frozen=True)
+class DenyNetworkMatch:
+    """A deny network of the cell that covers the endpoint: it decides before any ASG."""
+
+    lifecycle: str  # which of CF's lists: always, running or staging
+    network: str
+
+
+@dataclass(frozen=True)
 class Decision:
     container: Container
     endpoint: Endpoint
@@ -49,6 +57,7 @@ class Decision:
     matches: tuple[Match, ...]
     near_misses: tuple[Match, ...]
     rule_count: int
+    denied_by: tuple[DenyNetworkMatch, ...] = ()
 
     def text(self, directory_name: str = "") -> str:
         who = directory_name or self.container.app_id or self.container.handle
@@ -56,9 +65,18 @@ class Decision:
         lines = [
             f"{head} {self.container.handle} ({who}, {self.container.lifecycle}) -> {self.endpoint}"
         ]
+        for d in self.denied_by:
+            lines.append(
+                f"  rejected by the cell's deny_networks.{d.lifecycle} {d.network}, "
+                "before any ASG or egress policy"
+            )
         if self.allowed:
             for m in self.matches:
                 lines.append(f"  allowed by rule {m.rule.id} in group {m.group}:")
+                lines.extend(f"    {s}" for s in m.sources)
+        elif self.matches:  # allowed by an ASG, but a deny network comes first
+            for m in self.matches:
+                lines.append(f"  rule {m.rule.id} in group {m.group} would allow it, from:")
                 lines.extend(f"    {s}" for s in m.sources)
         else:
             lines.append(
@@ -70,6 +88,7 @@ class Decision:
                     f"protocol/port, from:"
                 )
                 lines.extend(f"    {s}" for s in m.sources)
+        if not self.allowed and not self.denied_by:
             lines.append("  everything not allowed is rejected and logged (ASG DENY)")
         # Names and sources come from the policy repo: a newline in one must not start a
         # line of its own (a forged ALLOW in a CI log), so each line is escaped on its own.
@@ -90,6 +109,7 @@ class Decision:
                 for m in self.matches
             ],
             "near_misses": [{"group": m.group, "rule": m.rule.to_dict()} for m in self.near_misses],
+            "deny_networks": [{"list": d.lifecycle, "network": d.network} for d in self.denied_by],
         }
 
 
@@ -115,7 +135,22 @@ def explain(policy: PolicySet, plan: CellPlan, cp: ContainerPlan, ep: Endpoint) 
                 matches.append(Match(gid, rule, sources))
             elif rule.item.destination.contains(ep.version, ep.address):
                 near.append(Match(gid, rule, sources))
-    return Decision(cp.container, ep, bool(matches), tuple(matches), tuple(near), count)
+    denied = deny_network_matches(plan, cp.container, ep)
+    allowed = bool(matches) and not denied
+    return Decision(cp.container, ep, allowed, tuple(matches), tuple(near), count, denied)
+
+
+def deny_network_matches(
+    plan: CellPlan, container: Container, ep: Endpoint
+) -> tuple[DenyNetworkMatch, ...]:
+    """The cell's deny networks that reject this container's traffic to `ep`, by list: the
+    render puts them before every allow, so any one of them decides."""
+    return tuple(
+        DenyNetworkMatch(name, net)
+        for name, networks in plan.settings.deny_networks.lists(container.workload)
+        for net in networks
+        if AddressRange.parse(net).contains(ep.version, ep.address)
+    )
 
 
 def find_container(

@@ -18,7 +18,9 @@ digits, a log prefix `LOG_ID_LEN`), a plan refuses two different contents under 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -204,14 +206,146 @@ def cf_rule_keys(item: RuleItem) -> tuple[CfLine, ...]:
     return tuple((*head, (p.first, p.last), *tail) for p in item.ports)
 
 
+IFNAMSIZ = 16
+"""Linux's interface name buffer: a name is at most 15 bytes."""
+_IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,14}")
+LIFECYCLES = ("always", "running", "staging")
+
+
+def check_interface_name(name: object) -> str:
+    """An interface name as the kernel allows it, and nothing more: it is rendered into
+    iptables rules and nft JSON, so it must not carry a space, quote, `+` wildcard or `/`."""
+    if not isinstance(name, str) or not _IFNAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            f"{name!r} is not an interface name (1-{IFNAMSIZ - 1} of A-Z a-z 0-9 _ . @ -)"
+        )
+    return name
+
+
+def check_network(text: object) -> str:
+    """A deny network as silk reads it (Go's net.ParseCIDR), normalised to its network
+    address: `10.1.2.3/8` -> `10.0.0.0/8` (cni-wrapper-plugin/netrules/netout_chain.go,
+    NetOutChain.Validate)."""
+    if not isinstance(text, str) or "/" not in text:
+        raise ValueError(f"{text!r} is not a CIDR such as 10.0.0.0/8")
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a CIDR such as 10.0.0.0/8") from None
+
+
+def deny_list(workload: str) -> str | None:
+    """Which of CF's deny lists a workload gets besides `always`: `running` for apps and
+    tasks, `staging` for staging, none for anything else (netout_chain.go)."""
+    if workload in ("app", "task"):
+        return "running"
+    return "staging" if workload == "staging" else None
+
+
+@dataclass(frozen=True, slots=True)
+class DenyNetworks:
+    """CF's `deny_networks`: destinations rejected before any ASG or egress policy is asked.
+
+    silk-release cni-wrapper-plugin/netrules/netout_chain.go (NetOutChain.denyNetworksRules):
+    `always` applies to every container, `running` to workloads `app` and `task`, `staging`
+    to `staging`; each network is one `REJECT` placed before the ASG accepts.
+    """
+
+    always: tuple[str, ...] = ()
+    running: tuple[str, ...] = ()
+    staging: tuple[str, ...] = ()
+
+    def lists(self, workload: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The lists that apply to a workload, by name: `always`, then its lifecycle's."""
+        own = deny_list(workload)
+        out = [("always", self.always)]
+        if own is not None:
+            out.append((own, getattr(self, own)))
+        return tuple(out)
+
+    def for_workload(self, workload: str) -> tuple[str, ...]:
+        """The networks a container of this workload may never reach, in silk's order."""
+        return tuple(dict.fromkeys(n for _, nets in self.lists(workload) for n in nets))
+
+    def __bool__(self) -> bool:
+        return bool(self.always or self.running or self.staging)
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {k: list(getattr(self, k)) for k in LIFECYCLES}
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """CF's `outbound_connections`: new TCP connections per container, destination address and
+    port, over `rate_per_sec` after a `burst`, are rejected (silk-release lib/rules/rules.go,
+    NewNetOutConnRateLimitRule: hashlimit `dstip,dstport`, one table per container).  Off by
+    default, as in silk-cni's job spec (limit: false, burst: 1000, rate_per_sec: 100)."""
+
+    limit: bool = False
+    burst: int = 1000
+    rate_per_sec: int = 100
+    logging: bool = False
+
+    @property
+    def expire_ms(self) -> int:
+        """How long an idle bucket is kept: silk's rateLimitExpiryPeriod, ceil(burst/rate) s."""
+        return -(-self.burst // self.rate_per_sec) * 1000
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "limit": self.limit,
+            "burst": self.burst,
+            "rate_per_sec": self.rate_per_sec,
+            "logging": self.logging,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CellSettings:
+    """What a cell's operator decides beyond the policy repo: rendered, so part of the plan.
+
+    `underlay4`/`underlay6`: the interfaces through which a container's egress leaves the
+    cell, per family.  Only packets going out through one of them are judged (silk's
+    `FORWARD -s <ip> -o <underlay> -j netout--<handle>`); empty means "not known", and then
+    every packet a container sends is judged, the strict reading for a render without a cell.
+    """
+
+    underlay4: tuple[str, ...] = ()
+    underlay6: tuple[str, ...] = ()
+    deny_networks: DenyNetworks = field(default_factory=DenyNetworks)
+    outbound: RateLimit = field(default_factory=RateLimit)
+
+    def underlay(self, family: int) -> tuple[str, ...]:
+        return self.underlay4 if family == 4 else self.underlay6
+
+    def deny(self, workload: str, family: int) -> tuple[str, ...]:
+        """The deny networks of one workload in one family."""
+        return tuple(
+            n for n in self.deny_networks.for_workload(workload) if (":" in n) == (family == 6)
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "underlay": {"ipv4": list(self.underlay4), "ipv6": list(self.underlay6)},
+            "deny_networks": self.deny_networks.to_dict(),
+            "outbound_connections": self.outbound.to_dict(),
+        }
+
+    def fingerprint(self) -> str:
+        """Everything here that moves packets, as one line (part of the plan's digest)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
 @dataclass(frozen=True)
 class CellPlan:
-    """What one cell enforces: its containers, the groups they jump to, and the counts."""
+    """What one cell enforces: its containers, the groups they jump to, the cell's settings
+    (underlay, deny networks, connection limit), and the counts."""
 
     cell: str
     containers: tuple[ContainerPlan, ...]
     groups: tuple[RuleGroup, ...]
     cf_equivalent_rules: int
+    settings: CellSettings = field(default_factory=CellSettings)
 
     def __post_init__(self) -> None:
         _check_names(self)
@@ -225,15 +359,32 @@ class CellPlan:
 
     @property
     def installed_rules(self) -> int:
-        """Lines this plan puts in the kernel, FORWARD jumps included (both families)."""
-        total = len(self.families())
+        """Lines this plan puts in the kernel (iptables layout), FORWARD hooks included (one
+        per underlay interface and family), deny-network chains and the connection limit."""
+        st = self.settings
+        total = sum(max(1, len(st.underlay(f))) for f in self.families())
+        deny_chains: dict[tuple[int, str], int] = {}
         for cp in self.containers:
-            total += CONTAINER_FIXED_LINES + len(cp.groups)
-        return total + sum(g.lines for g in self.groups)
+            total += CONTAINER_FIXED_LINES + len(cp.groups) + (1 if st.outbound.limit else 0)
+            family, workload = cp.container.version, cp.container.workload
+            deny = st.deny(workload, family)
+            if deny:
+                total += 1
+                deny_chains[(family, deny_list(workload) or "always")] = len(deny)
+        if st.outbound.limit and st.outbound.logging:
+            total += 2 * len(self.families())
+        return total + sum(deny_chains.values()) + sum(g.lines for g in self.groups)
 
     @property
     def chains(self) -> int:
-        return sum(1 for _ in self.families()) + len(self.containers) + len(self.groups)
+        st = self.settings
+        deny = {
+            (cp.container.version, deny_list(cp.container.workload))
+            for cp in self.containers
+            if st.deny(cp.container.workload, cp.container.version)
+        }
+        rate = len(self.families()) if st.outbound.limit and st.outbound.logging else 0
+        return len(self.families()) + len(self.containers) + len(self.groups) + len(deny) + rate
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -245,6 +396,7 @@ class CellPlan:
                 "installed_rules": self.installed_rules,
                 "cf_equivalent_rules": self.cf_equivalent_rules,
             },
+            "settings": self.settings.to_dict(),
             "containers": [c.to_dict() for c in self.containers],
             "groups": [g.to_dict() for g in self.groups],
         }
@@ -262,6 +414,8 @@ class CellPlan:
         # Groups enter by content digest, not id: two plans whose groups share ids but not
         # rules must never digest alike (the render caches and "applied" are keyed by this).
         h = hashlib.sha256()
+        if self.settings != CellSettings():  # a plan without settings keeps its old digest
+            h.update(f"s {self.settings.fingerprint()}\n".encode())
         for cp in self.containers:
             h.update(f"c {cp.container.ip} {cp.chain_id} {' '.join(cp.groups)}\n".encode())
         for g in self.groups:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from reconciler.dataplane.iptables import tool
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import hook_rule, marker_rule, render_cell
+from reconciler.render.iptables import marker_rule, render_cell
 
 XTABLES_LOCK = "/run/xtables.lock"
 
@@ -428,14 +428,14 @@ def parse_snapshot(text: str) -> Snapshot:
 
 
 def expected_snapshot(foreign: Snapshot, plan: CellPlan | None, family: int = 4) -> Snapshot:
-    """`foreign` (the table with none of ours) plus the plan's chains and the hook, first."""
+    """`foreign` (the table with none of ours) plus the plan's chains and its hooks, first."""
     out = dict(foreign)
     if plan is None:
         return out
-    chains = render_cell(plan, family).chains
-    out.update({name: (marker_rule(name), *rules) for name, rules in chains.items()})
-    if chains:
-        out["FORWARD"] = (hook_rule(), *foreign.get("FORWARD", ()))
+    ruleset = render_cell(plan, family)
+    out.update({name: (marker_rule(name), *rules) for name, rules in ruleset.chains.items()})
+    if ruleset.chains:
+        out["FORWARD"] = (*ruleset.hooks, *foreign.get("FORWARD", ()))
     return out
 
 

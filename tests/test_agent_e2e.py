@@ -60,6 +60,8 @@ pytestmark = [pytest.mark.netns, pytest.mark.requires("git")]
 
 WEB = ContainerSpec("web", app_id="app-web", space_id=SPACE, org_id=ORG)
 ECHO = ServiceSpec("echo", tcp_ports=(80, 8080))
+BARE_CELL = {"underlay-interface": "uplink0"}
+"""A lab cell without services has no default route to find its underlay by: name one."""
 
 
 def _rev(sha: str) -> str:
@@ -286,6 +288,7 @@ def test_untrusted_invalid_rewound_and_mass_revoking_heads_wait(
         netns=lab.cell,
         verify="signed",
         **{"allowed-signers": str(allowed)},
+        **BARE_CELL,
     )
     bare = policy_repo.bare
     ten = {"sg.yaml": sg("web", tcp_rules(10))}
@@ -373,7 +376,12 @@ def test_containers_are_enforced_within_a_second(
     write_store(store, present)
     c1 = policy_repo.commit("rules", {"sg.yaml": sg("web", tcp_rules(5))})
     a = agents(
-        "cell-a", source=policy_repo.url, containers=str(store), netns=lab.cell, interval="60s"
+        "cell-a",
+        source=policy_repo.url,
+        containers=str(store),
+        netns=lab.cell,
+        interval="60s",
+        **BARE_CELL,
     ).start()
     wait_for(_applied(policy_repo.bare, "cell-a", c1), 15, what="first apply")
 
@@ -502,6 +510,7 @@ def test_kill9_at_random_points_leaves_the_old_or_the_new_plan(
         interval="100ms",
         jitter="0%",
         **{"mass-revoke-threshold": "100%", "status-push": False},
+        **BARE_CELL,
     )
     rng = random.Random(1234)
     seen: dict[str, int] = {"A": 0, "B": 0, "empty": 0}
@@ -629,3 +638,32 @@ def test_the_hosts_prefixed_chains_are_logged_once_and_never_taken_over(
     assert ready is not None and ready.status == "False" and ready.reason == "EnforcementFailed"
     assert "ASG-FORWARD" in ready.message and "not taken over" in ready.message
     assert save(other) == before
+
+
+def test_a_cell_without_an_underlay_is_not_enforced_and_says_why(
+    tmp_path: Path,
+    make_lab: Callable[..., Lab],
+    policy_repo: PolicyRepo,  # noqa: F811
+    agents: Callable[..., AgentProc],  # noqa: F811
+) -> None:
+    """No default route and no `underlay-interface`: judging every packet would break
+    container-to-container traffic, judging none would lift every ASG, so nothing is
+    installed and Ready says why; naming the underlay enforces at once."""
+    require_netns()
+    lab = make_lab([], [], conntrack=False)
+    store = write_store(tmp_path / "store.json", [container("c0", 0)])
+    sha = policy_repo.commit("rules", {"sg.yaml": sg("web", tcp_rules(3))})
+    a = agents("cell-a", source=policy_repo.url, containers=str(store), netns=lab.cell)
+    res = a.once()
+    assert res.returncode == 1, res.stderr
+    doc = read_status(policy_repo.bare, "cell-a")
+    assert ready(doc)["status"] == "False" and ready(doc)["reason"] == "UnderlayUnknown"
+    assert "set underlay-interface" in ready(doc)["message"]
+    assert dict(kernel(lab.cell).chains) == {} and not kernel(lab.cell).hooks
+    named = agents(
+        "cell-a", source=policy_repo.url, containers=str(store), netns=lab.cell, **BARE_CELL
+    )
+    assert named.once().returncode == 0
+    assert read_status(policy_repo.bare, "cell-a")["lastAppliedRevision"] == _rev(sha)
+    hooks = [h.text for h in kernel(lab.cell).hooks]
+    assert hooks == ['-A FORWARD -o uplink0 -m comment --comment "asg:forward" -j ASG-FORWARD']

@@ -36,6 +36,7 @@ from reconciler.agent.status import StatusWriter
 from reconciler.compile import compile_cell
 from reconciler.lab.gitserver import GitDaemon, git
 from reconciler.lab.netns import Lab
+from reconciler.plan import CellSettings
 from reconciler.policy.load import load_revision
 from tests.agentkit import (  # noqa: F401 - fixtures
     PolicyRepo,
@@ -59,6 +60,8 @@ pytestmark = [
 ALLOW_ALL = {"evil.yaml": sg("evil", ["{protocol: all, destination: 0.0.0.0/0}"])}
 GOOD = {"web.yaml": sg("web", tcp_rules(5))}
 BETTER = {"web.yaml": sg("web", tcp_rules(6))}
+UNDERLAY = "uplink0"
+ON_UNDERLAY = CellSettings((UNDERLAY,), (UNDERLAY,))
 
 
 class Cell:
@@ -88,6 +91,7 @@ class Cell:
             "allowed-signers": str(self.allowed),
             "mass-revoke-threshold": "100%",
             "fetch-depth": 1,
+            "underlay-interface": UNDERLAY,  # a lab cell without services has no default route
         }
         settings.update(more)
         return build_config(settings, {})
@@ -105,7 +109,8 @@ class Cell:
     def expected(self, sha: str) -> Snapshot:
         result = load_revision(self.repo.root, sha, "policies")
         assert result.ok, result.findings
-        return expected_snapshot(self.foreign, compile_cell(result.policy, self.containers))
+        plan = compile_cell(result.policy, self.containers, settings=ON_UNDERLAY)
+        return expected_snapshot(self.foreign, plan)
 
     def holds(self, sha: str) -> None:
         """The kernel holds exactly revision `sha`'s plan (and nothing else of ours): one

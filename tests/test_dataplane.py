@@ -40,7 +40,7 @@ from reconciler.dataplane.saveparse import count_rules
 from reconciler.lab.netns import Lab
 from reconciler.lab.nsenter import in_netns
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
-from reconciler.plan import CellPlan
+from reconciler.plan import CellPlan, CellSettings
 from reconciler.render.iptables import TOP_CHAIN, Ruleset, hook_rule, marker_rule, render_cell
 from reconciler.render.nft import base_chain, canonical_rule
 from reconciler.render.nft import render_cell as render_nft
@@ -235,7 +235,7 @@ def assert_matches_plan(host: Host, plan: CellPlan) -> None:
         if host.kind == "nftables":
             assert host.objects(observed) == host.objects(desired)
         elif desired.chains:
-            assert [(h.index, h.text) for h in observed.hooks] == [(0, hook_rule())]
+            assert [(h.index, h.text) for h in observed.hooks] == list(enumerate(desired.hooks))
         else:
             assert observed.hooks == ()
 
@@ -767,6 +767,8 @@ def test_asgctl_apply_exit_codes(host: Host, tmp_path: Path) -> None:
         host.variant,
         "--backend",
         host.kind,
+        "--underlay-interface",  # the host namespace has no default route to find it by
+        "eth0",
     ]
 
     def run(*extra: str) -> Result:
@@ -796,7 +798,8 @@ def test_asgctl_apply_exit_codes(host: Host, tmp_path: Path) -> None:
     if host.kind != "nftables":  # the host's `ASG-` chains: named in a note, left alone
         notes = [x for x in applied.output.splitlines() if "note" in x and "left alone" in x]
         assert [n for n in HOST_CHAINS if any(n in x for x in notes)] == list(HOST_CHAINS)
-    assert_matches_plan(host, edge_plan())
+    on_eth0 = replace(edge_plan(), settings=CellSettings(("eth0",), ("eth0",)))
+    assert_matches_plan(host, on_eth0)
     again = run("--format", "json")
     assert again.exit_code == 0, again.output
     assert json.loads(again.output)["in_sync"] is True
@@ -805,7 +808,7 @@ def test_asgctl_apply_exit_codes(host: Host, tmp_path: Path) -> None:
     assert report.exit_code == 2 and "hook-added" in report.output
     assert not host.hooked(4)
     assert run().exit_code == 2
-    assert_matches_plan(host, edge_plan())
+    assert_matches_plan(host, on_eth0)
     assert run().exit_code == 0
     if host.kind == "iptables":  # the other variant would mix: refused, exit 1, untouched
         other = "nft" if host.variant == "legacy" else "legacy"

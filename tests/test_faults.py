@@ -44,7 +44,7 @@ from reconciler.dataplane.iptables import IptablesBackend
 from reconciler.lab.gitserver import GitDaemon, git
 from reconciler.lab.netns import Lab
 from reconciler.model import Container
-from reconciler.plan import CellPlan
+from reconciler.plan import CellPlan, CellSettings
 from reconciler.policy.load import load_revision, parse_files
 from reconciler.policy.source import SourceFile
 from tests.agentkit import (  # noqa: F401 - fixtures
@@ -108,10 +108,15 @@ POLICY_B = {
 both; 600 rules in the changing group make each transaction big enough to be caught."""
 
 
+UNDERLAY = "uplink0"
+"""The lab cells here have no services, so no default route to find an underlay by."""
+ON_UNDERLAY = CellSettings((UNDERLAY,), (UNDERLAY,))
+
+
 def compile_files(files: dict[str, str], containers: tuple[Container, ...]) -> CellPlan:
     result = parse_files([SourceFile(k, v.encode()) for k, v in sorted(files.items())])
     assert result.ok, result.findings
-    return compile_cell(result.policy, containers, "cell-a")
+    return compile_cell(result.policy, containers, "cell-a", ON_UNDERLAY)
 
 
 def variant_of(netns: str) -> str:
@@ -307,6 +312,7 @@ def agent_config(tmp_path: Path, repo: PolicyRepo, store: Path, netns: str, **mo
         "git-timeout": "20s",
         "mass-revoke-threshold": "100%",
         "status-push": False,
+        "underlay-interface": UNDERLAY,
     }
     settings.update({k.replace("_", "-"): v for k, v in more.items()})
     return build_config(settings, {})
@@ -386,6 +392,7 @@ def test_kill9_of_agents_leaves_the_old_or_the_new_plan_and_they_recover(
         interval="100ms",
         jitter="0%",
         **{"mass-revoke-threshold": "100%", "status-min-interval": "50ms"},
+        **{"underlay-interface": UNDERLAY},
     )
     kills = scale(6, 60)
     rng = random.Random(7)
@@ -479,6 +486,7 @@ def test_git_server_killed_mid_fetch_keeps_rules_reports_and_recovers(
         interval="200ms",
         jitter="0%",
         **{"mass-revoke-threshold": "100%", "git-timeout": "10s"},
+        **{"underlay-interface": UNDERLAY},
     ).start()
     wait_for(lambda: applied_sha(a.state_dir) == first, 20, what="first apply")
     rng = random.Random(11)
@@ -588,6 +596,7 @@ def test_disk_full_under_the_state_dir_enforcement_continues_and_recovers(
             interval="200ms",
             jitter="0%",
             **{"state-dir": str(state_dir), "mass-revoke-threshold": "100%"},
+            **{"underlay-interface": UNDERLAY},
         )
         a.start(prefix=view.prefix)
         seen = view.path(state_dir)
@@ -756,7 +765,10 @@ def test_half_written_or_invalid_metadata_keeps_the_last_good_inventory(
     st = agent.cycle(INVENTORY)
     assert ready_of(st)[:2] == ("True", "ReconciliationSucceeded")
     plan = compile_cell(
-        load_revision(repo.root, first, "policies").policy, tuple(sorted(containers)), "cell-a"
+        load_revision(repo.root, first, "policies").policy,
+        tuple(sorted(containers)),
+        "cell-a",
+        ON_UNDERLAY,
     )
     state, raw = snapshot(lab.cell, "legacy")
     host = {k: v for k, v in good_state.items() if not k.startswith("ASG-")}
@@ -803,7 +815,7 @@ def test_xtables_lock_held_by_another_program(
         before, _ = snapshot(lab.cell, variant)
         second = repo.commit("B", {"a.yaml": sg("web", tcp_rules(25))})
         plan_b = compile_cell(load_revision(repo.root, second, "policies").policy, containers,
-                              "cell-a")  # fmt: skip
+                              "cell-a", ON_UNDERLAY)  # fmt: skip
         reports: list[tuple[str, str, str]] = []
         timings: list[float] = []
         checks = Checks()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from click.testing import CliRunner
 
+from reconciler.agent.config import file_cell_settings, load_file
 from reconciler.cli import main
 from reconciler.compile import compile_cell
 from reconciler.inventory import parse_store
@@ -54,6 +57,73 @@ def test_rule_counts_match_the_rendered_lines(case):
     rendered = sum(render_cell(plan, fam).rule_count for fam in (4, 6))
     hooks = len(plan.families())
     assert plan.installed_rules == rendered + hooks
+    with_settings = replace(plan, settings=file_cell_settings(load_file(str(CELL_CONFIG))))
+    rulesets = [render_cell(with_settings, fam) for fam in (4, 6)]
+    rendered = sum(r.rule_count + len(r.hooks) for r in rulesets if r.chains)
+    assert with_settings.installed_rules == rendered
+    assert with_settings.chains == sum(len(r.chains) for r in rulesets)
+
+
+CELL_CONFIG = REPO / "tests" / "data" / "cell-agent.yaml"
+"""Underlay interfaces, deny networks and the connection limit, as a cell's agent.yaml."""
+
+
+def _render_cell_settings(fmt: str, *extra: str) -> str:
+    policies, store = CASES["example"]
+    argv = ["render", "--containers", str(store), "--policies", str(policies), "--cell", "cell"]
+    argv += ["--format", fmt, "--agent-config", str(CELL_CONFIG), *extra]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_cell_settings_render_to_golden_files(family):
+    """One FORWARD hook per underlay interface (silk's `-o <underlay>`, in the order given),
+    deny networks in a shared chain per lifecycle jumped to before every group, the
+    connection limit first of all (silk's order, netout_chain.go IPTablesRules): pinned in
+    both backends' goldens, which the kernel-acceptance tests below load."""
+    text = _render_cell_settings("iptables", "--family", str(family))
+    assert_golden(f"example-cell.v{family}.rules", text)
+    assert_golden(
+        f"example-cell.v{family}.nft.json", _render_cell_settings("nft", "--family", str(family))
+    )
+
+
+def test_the_plan_shows_the_cell_settings():
+    assert_golden("example-cell.plan.json", _render_cell_settings("json"))
+
+
+def test_underlay_interface_flag_overrides_the_agent_config():
+    text = _render_cell_settings("iptables", "--family", "4", "--underlay-interface", "ens5")
+    hooks = [x for x in text.splitlines() if x.startswith("-I FORWARD")]
+    assert hooks == ['-I FORWARD 1 -o ens5 -m comment --comment "asg:forward" -j ASG-FORWARD']
+
+
+def test_without_an_underlay_every_packet_a_container_sends_is_judged():
+    """The strict reading for a render without a cell: the hook has no `-o`."""
+    hooks = [x for x in render_text(plan_for("example"), 4).splitlines() if "FORWARD 1" in x]
+    assert hooks == ['-I FORWARD 1 -m comment --comment "asg:forward" -j ASG-FORWARD']
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["eth0 -j ACCEPT", 'eth0"', "eth+", "a" * 16, "", "-o", "eth0\n", "../x", "eth/0", "é0"],
+)
+def test_an_interface_name_the_kernel_would_not_take_is_refused(tmp_path, name):
+    """Interface names are rendered into rules and nft JSON: only what IFNAMSIZ and the
+    kernel allow gets through (no spaces, quotes, `+` wildcards, slashes), from a flag or
+    a file, and nothing is printed."""
+    policies, store = CASES["example"]
+    base = ["render", "--containers", str(store), "--policies", str(policies)]
+    flag = CliRunner().invoke(main, [*base, "--underlay-interface", name])
+    assert flag.exit_code == 1 and "not an interface name" in flag.output, flag.output
+    assert "*filter" not in flag.output
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"underlay-interface: [{_yaml_str(name)}]\n")
+    filed = CliRunner().invoke(main, [*base, "--agent-config", str(config)])
+    assert filed.exit_code == 1 and "underlay-interface" in filed.output, filed.output
+    assert str(config) in filed.output
 
 
 def test_an_empty_cell_renders_no_chains():

@@ -50,6 +50,12 @@ def _opt(*names: str, **kwargs: Any) -> Any:
 @_opt("--metrics-textfile", help="Also write the metrics to this file.")
 @_opt("--watch", type=click.Choice(["auto", "inotify", "poll"]), help="Inventory watching.")
 @_opt("--watch-poll", help="Polling period when not using inotify.  [default: 100ms]")
+@click.option(
+    "--underlay-interface",
+    multiple=True,
+    help="Judge only egress out through this interface (repeat for several).  "
+    "[default: the interfaces of the default routes]",
+)
 def agent_cmd(config_file: str | None, **flags: Any) -> None:
     """Pull the policy branch on a timer, converge this cell, commit status back.
 
@@ -59,6 +65,7 @@ def agent_cmd(config_file: str | None, **flags: Any) -> None:
     from reconciler.agent.config import ConfigError, build_config, load_file
     from reconciler.agent.loop import Agent
 
+    flags["underlay_interface"] = flags.get("underlay_interface") or None  # () = not given
     if flags.get("once") is False:
         flags["once"] = None  # an absent flag must not override `once: true` in the file
     try:

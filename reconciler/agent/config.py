@@ -3,7 +3,9 @@
 Config file keys are the long flag names without `--` (`policies-path: policies`), so what a
 flag does and what a key does can never drift apart, and "the flag overrides the file" is a
 plain dictionary merge.  Unknown keys are an error: a misspelt `alow-rewind: true` silently
-ignored would be a safety setting that is not in force.
+ignored would be a safety setting that is not in force.  Two keys are mappings and live in the
+file only, as CF spells them: `deny-networks` (`always`, `running`, `staging`) and
+`outbound-connections` (`limit`, `burst`, `rate-per-sec`, `logging`).
 """
 
 from __future__ import annotations
@@ -11,11 +13,20 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from reconciler.plan import (
+    LIFECYCLES,
+    CellSettings,
+    DenyNetworks,
+    RateLimit,
+    check_interface_name,
+    check_network,
+)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -112,6 +123,19 @@ class AgentConfig:
     metrics_textfile: str | None = None
     watch: str = "auto"
     watch_poll: float = 0.1
+    underlay_interface: tuple[str, ...] = ()
+    """Interfaces through which containers' egress leaves the cell; the only traffic judged.
+    Empty: the interfaces of the default routes in the namespace enforced, per family."""
+    deny_networks: DenyNetworks = field(default_factory=DenyNetworks)
+    outbound_connections: RateLimit = field(default_factory=RateLimit)
+
+    def cell_settings(self, detected: dict[int, tuple[str, ...]] | None = None) -> CellSettings:
+        """What the plan renders besides policy: the underlay (configured, else `detected`
+        per family), the deny networks and the connection limit."""
+        found = detected or {}
+        v4 = self.underlay_interface or found.get(4, ())
+        v6 = self.underlay_interface or found.get(6, ())
+        return CellSettings(v4, v6, self.deny_networks, self.outbound_connections)
 
     @property
     def status_branch(self) -> str:
@@ -138,6 +162,9 @@ class AgentConfig:
             "allowRewind": self.allow_rewind,
             "massRevokeThreshold": self.mass_revoke_threshold,
             "healDrift": self.heal_drift,
+            "underlayInterface": list(self.underlay_interface),
+            "denyNetworks": self.deny_networks.to_dict(),
+            "outboundConnections": self.outbound_connections.to_dict(),
         }
 
 
@@ -209,6 +236,12 @@ def build_config(file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> Ag
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{key}: expected a whole number >= 0 (0 = full history)")
             out[name] = value
+        elif name == "underlay_interface":
+            out[name] = parse_interfaces(value, key)
+        elif name == "deny_networks":
+            out[name] = parse_deny_networks(value, key)
+        elif name == "outbound_connections":
+            out[name] = parse_outbound(value, key)
         elif value == "" and name in ("metrics_listen", "metrics_textfile", "netns"):
             out[name] = None
         else:
@@ -216,6 +249,81 @@ def build_config(file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> Ag
     cfg = AgentConfig(**out)
     _check(cfg)
     return cfg
+
+
+def parse_interfaces(value: object, key: str) -> tuple[str, ...]:
+    """`eth0`, or a list of names: each checked as the kernel would take it (rendered)."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not names:
+        raise ConfigError(f"{key}: expected an interface name or a list of them")
+    try:
+        return tuple(dict.fromkeys(check_interface_name(n) for n in names))
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _mapping(value: object, key: str, known: tuple[str, ...]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping with keys {', '.join(known)}")
+    for k in value:
+        if str(k) not in known:
+            raise ConfigError(f"{key}.{k}: unknown setting (known: {', '.join(known)})")
+    return {str(k): v for k, v in value.items()}
+
+
+def parse_deny_networks(value: object, key: str) -> DenyNetworks:
+    """CF's deny_networks: `always`, `running`, `staging`, each a list of CIDRs (IPv4 and
+    IPv6 alike; silk-cni's deny_networks and deny_networks_ipv6 in one list)."""
+    if isinstance(value, DenyNetworks):
+        return value
+    lists: dict[str, tuple[str, ...]] = {}
+    for name, raw in _mapping(value, key, LIFECYCLES).items():
+        items = [] if raw is None else raw
+        if not isinstance(items, list):
+            raise ConfigError(f"{key}.{name}: expected a list of CIDRs")
+        try:
+            lists[name] = tuple(dict.fromkeys(check_network(x) for x in items))
+        except ValueError as exc:
+            raise ConfigError(f"{key}.{name}: {exc}") from None
+    return DenyNetworks(**lists)
+
+
+def _count(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+        raise ConfigError(f"{key}: expected a whole number from 1 to 1000000, got {value!r}")
+    return value
+
+
+def parse_outbound(value: object, key: str) -> RateLimit:
+    """CF's outbound_connections: `limit` (off by default), `burst`, `rate-per-sec`,
+    `logging` (silk-cni's job spec; both > 0, as cni-wrapper-plugin's config check wants)."""
+    if isinstance(value, RateLimit):
+        return value
+    known = ("limit", "burst", "rate-per-sec", "logging")
+    raw = _mapping(value, key, known)
+    default = RateLimit()
+    return RateLimit(
+        limit=_bool(raw.get("limit", default.limit), f"{key}.limit"),
+        burst=_count(raw.get("burst", default.burst), f"{key}.burst"),
+        rate_per_sec=_count(raw.get("rate-per-sec", default.rate_per_sec), f"{key}.rate-per-sec"),
+        logging=_bool(raw.get("logging", default.logging), f"{key}.logging"),
+    )
+
+
+def file_cell_settings(values: Mapping[str, Any], underlay: tuple[str, ...] = ()) -> CellSettings:
+    """The cell settings of an agent config file's values (the rest is not looked at), with
+    `underlay` (from a flag) overriding the file's: what `asgctl render`/`explain` show for
+    that cell without being on it."""
+    names = underlay or values.get("underlay-interface") or ()
+    v = parse_interfaces(names, "underlay-interface") if names else ()
+    return CellSettings(
+        v,
+        v,
+        parse_deny_networks(values.get("deny-networks"), "deny-networks"),
+        parse_outbound(values.get("outbound-connections"), "outbound-connections"),
+    )
 
 
 def _default_cell() -> str:

@@ -69,7 +69,7 @@ from reconciler.agent.watch import InventoryWatcher
 from reconciler.compile import compile_cell
 from reconciler.inventory import InventoryError, Rejection, StoreReading, load_store
 from reconciler.model import Container, PolicySet
-from reconciler.plan import CellPlan, PlanError
+from reconciler.plan import CellPlan, CellSettings, PlanError
 from reconciler.policy.findings import Finding
 from reconciler.policy.load import load_revision
 
@@ -136,6 +136,8 @@ class Agent:
         self.events: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.state = load_state(self.state_file)
         self._backend = backend
+        self._backend_owned = backend is None
+        self._settings: CellSettings | None = None
         self._cycles = 0
         self._crashes = 0
         self._inventory_seen: tuple[Container, ...] | None = None
@@ -187,6 +189,23 @@ class Agent:
             self._backend = open_backend(self.cfg.backend, self.cfg.variant, runner)
         return self._backend
 
+    def _cell_settings(self) -> CellSettings:
+        """The cell's settings for the plan, the underlay found once (raises UnderlayError).
+
+        The underlay is configured, or read off the default routes of the namespace this agent
+        enforces in; an agent handed its backend (tests) detects nothing and uses what is
+        configured (none: every packet a container sends is judged)."""
+        if self._settings is None:
+            detected = None
+            if not self.cfg.underlay_interface and self._backend_owned:
+                from reconciler.dataplane import Runner
+                from reconciler.dataplane.underlay import detect_underlay
+
+                runner = Runner.in_netns(self.cfg.netns) if self.cfg.netns else Runner()
+                detected = detect_underlay(runner)
+            self._settings = self.cfg.cell_settings(detected)
+        return self._settings
+
     def _report_foreign(self, result: Any) -> None:
         """Log the chains with our name prefix that we did not create (the host's own
         `ASG-...` chains), which the dataplane leaves alone: once when they appear or change,
@@ -227,10 +246,16 @@ class Agent:
         policy object over an equal inventory gets the remembered plan back.  The slot is
         seeded with the applied plan, so the gate's "before" side is usually free.
         """
+        settings = self._settings or self.cfg.cell_settings()  # gates: settings move no rule
         memo = self._compiled
-        if memo is not None and memo[0] is policy and memo[1] == inventory:
+        if (
+            memo is not None
+            and memo[0] is policy
+            and memo[1] == inventory
+            and memo[2].settings == settings
+        ):
             return memo[2]
-        plan = compile_cell(policy, inventory, self.cfg.cell)
+        plan = compile_cell(policy, inventory, self.cfg.cell, settings)
         self._compiled = (policy, inventory, plan)
         return plan
 
@@ -388,12 +413,20 @@ class Agent:
         elif st.inventory is None:
             waiting = f"no valid container metadata yet ({st.inventory_error})"
         else:
+            from reconciler.dataplane.underlay import UnderlayError
+
             t = time.perf_counter()
+            try:
+                settings: CellSettings | None = self._cell_settings()
+            except UnderlayError as exc:  # nothing is judged rather than the wrong traffic
+                enforce_error = Problem("UnderlayUnknown", str(exc))
+                settings = None
             if (
                 applied is not None
                 and applied.plan is not None
                 and applied.sha == target_sha
                 and applied.inventory == st.inventory
+                and applied.plan.settings == settings
             ):
                 plan = applied.plan  # nothing moved: the idle cycle only checks the kernel
             else:

@@ -6,11 +6,12 @@ that is valid at every step for iptables-restore's own checks and atomic for pac
 
 1. declare every chain we write or remove (`:C - [0:0]`; under --noflush that creates a new
    chain or flushes an existing one, which also drops its jumps to chains about to go);
-2. delete every copy of our FORWARD hook that is wrong, by full rule text (never by index: other
-   programs insert into FORWARD concurrently);
+2. delete every copy of our FORWARD hooks that is wrong, by full rule text (never by index:
+   other programs insert into FORWARD concurrently);
 3. fill the written chains, rule groups first, then container chains, then the dispatch chain,
    so a chain is complete before anything jumps to it;
-4. insert the hook at position 1 if it is not already there exactly once;
+4. insert the hooks (one per underlay interface) at position 1, last first, unless they are
+   already there exactly once each, first in FORWARD and in order;
 5. delete (`-X`) the removed chains, which nothing references any more -- except chains a
    foreign rule still jumps to: those stay, empty, and are reported.
 
@@ -44,7 +45,7 @@ from reconciler.render.iptables import (
     HOOK_CHAIN,
     TOP_CHAIN,
     Ruleset,
-    hook_rule,
+    insert_hook_ops,
     marker_rule,
 )
 
@@ -211,48 +212,62 @@ def _fill_order(name: str) -> tuple[int, str]:
 def _hook(
     desired: Ruleset, observed: OwnedState, last: Ruleset | None, heal_drift: bool
 ) -> tuple[list[str], list[Drift], list[Change]]:
-    """Keep exactly one hook, first in FORWARD, when the family has chains; none otherwise."""
+    """Keep the hooks, first in FORWARD and in order, when the family has chains; none otherwise.
+
+    A hook whose interface changed (another underlay) is a wrong copy like any other: all
+    copies go and the wanted ones are inserted, in one transaction.
+    """
     family = observed.family
     copies = observed.hooks
     wanted = bool(desired.chains)
-    expected = hook_rule()
-    if wanted and len(copies) == 1 and copies[0].index == 0 and copies[0].text == expected:
+    expected = desired.hooks
+    if wanted and _hooks_in_place(copies, expected):
         return [], [], []
     if not wanted and not copies:
         return [], [], []
-    # Was the hook there after the last apply?  Then any difference is someone else's doing.
+    # Are the hooks as the last apply left them?  Then the difference is the plan's (a new
+    # underlay, the first or last container of the family); otherwise someone else's doing.
     known = last is not None
-    had_hook = known and bool(last.chains)  # type: ignore[union-attr]
+    last_hooks = last.hooks if last is not None and last.chains else ()
     if wanted:
+        texts = [c.text for c in copies]
         if not copies:
             kind = r.HOOK_MISSING
-        elif len(copies) > 1:
+        elif len(texts) > len(set(texts)):
             kind = r.HOOK_DUPLICATED
-        elif copies[0].text != expected:
+        elif sorted(texts) != sorted(expected):
             kind = r.HOOK_CHANGED
         else:
             kind = r.HOOK_MOVED
     else:
         kind = r.HOOK_EXTRA
-    drifted = known and had_hook == wanted
+    drifted = known and not _hooks_in_place(copies, last_hooks)
     planned = not drifted
     act = planned or heal_drift
     drift: list[Drift] = []
     change: list[Change] = []
     found = tuple(f"{c.index + 1}: {c.text}" for c in copies)
     if drifted:
-        drift.append(Drift(family, HOOK_CHAIN, kind, (expected,) if wanted else (), found, act))
+        drift.append(Drift(family, HOOK_CHAIN, kind, expected if wanted else (), found, act))
     else:
         what = r.HOOK_ADDED if wanted and not copies else r.HOOK_REMOVED
         if wanted and copies:
             what = r.HOOK_FIXED
-        change.append(Change(family, HOOK_CHAIN, what, 1 if wanted else 0))
+        change.append(Change(family, HOOK_CHAIN, what, len(expected) if wanted else 0))
     if not act:
         return [], drift, change
     ops = [_delete_op(c.text) for c in copies]
     if wanted:
-        ops.append(expected.replace(f"-A {HOOK_CHAIN} ", f"-I {HOOK_CHAIN} 1 ", 1))
+        ops.extend(insert_hook_ops(expected))
     return ops, drift, change
+
+
+def _hooks_in_place(copies: Sequence[r.HookCopy], expected: Sequence[str]) -> bool:
+    """Each wanted hook exactly once, at FORWARD's top, in order, and no other copy."""
+    if len(copies) != len(expected):
+        return False
+    pairs = enumerate(zip(copies, expected, strict=True))
+    return all(c.index == i and c.text == text for i, (c, text) in pairs)
 
 
 def _delete_op(rule: str) -> str:
@@ -395,12 +410,13 @@ def check_applied(desired: Ruleset, delta: Delta, observed: OwnedState) -> list[
         elif observed.chains.get(name):
             problems.append(f"{name} is not empty")
     if any(op.startswith(f"-I {HOOK_CHAIN} ") for op in delta.ops):
-        # Exactly once, but not necessarily still first: `-I FORWARD 1` did put it first,
-        # and another program may insert above it before this read (Docker, firewalld...
-        # do).  That is drift for the next cycle to repair, not a failed transaction.
-        hooks = observed.hooks
-        if len(hooks) != 1 or hooks[0].text != hook_rule():
-            problems.append(f"the {HOOK_CHAIN} hook is not there exactly once")
+        # Exactly once each, but not necessarily still first: `-I FORWARD 1` did put them
+        # first, and another program may insert above them before this read (Docker,
+        # firewalld... do).  That is drift for the next cycle to repair, not a failed
+        # transaction.
+        found = sorted(h.text for h in observed.hooks)
+        if found != sorted(desired.hooks):
+            problems.append(f"the {HOOK_CHAIN} hooks are not there exactly once each")
     elif any(op.startswith(f"-D {HOOK_CHAIN} ") for op in delta.ops) and observed.hooks:
         problems.append(f"the {HOOK_CHAIN} hook is still there")
     return problems

@@ -171,14 +171,20 @@ def _parse_set(kind: str, body: Mapping[str, Any], elements_read: bool) -> NftSe
     flags = tuple(sorted(_strings(body.get("flags"))))
     data = str(body.get("map", "")) if kind == "map" else ""
     raw = body.get("elem")
+    timeout = body.get("timeout", 0)
+    timeout = timeout if isinstance(timeout, int) and not isinstance(timeout, bool) else -1
     elements: frozenset[str] | None
-    if raw is None:
+    if "timeout" in flags:
+        # Elements that expire are put there by packets (the connection-limit buckets),
+        # not by a plan: they are state, never drift.
+        elements = frozenset()
+    elif raw is None:
         elements = frozenset() if elements_read else None
     else:
         if not isinstance(raw, list):
             raise ReadError(f"elements of {body.get('name')} are not a list")
         elements = frozenset(_element(keys, data, e) for e in raw)
-    return NftSet(str(body["name"]), keys, flags, data, elements)
+    return NftSet(str(body["name"]), keys, flags, data, elements, timeout)
 
 
 def _element(keys: Sequence[str], data: str, raw: Any) -> str:

@@ -68,4 +68,4 @@ class RenderCache:
         for g in mine:
             if g.digest in known:
                 chains[group_chain(g.id)] = known[g.digest]
-        return Ruleset(family, chains)
+        return Ruleset(family, chains, partial.hooks)

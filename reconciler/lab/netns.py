@@ -10,7 +10,12 @@ Topology (every box is a network namespace, every line a veth pair)::
                           +-----------+
 
 The cell routes between containers and services, so container egress crosses the cell's
-FORWARD chain: exactly where a real cell (and the reconciler) filters it.  Each veth is its
+FORWARD chain: exactly where a real cell (and the reconciler) filters it.  The service veths
+are the cell's underlay: its default routes leave through them (one ECMP route per family
+over every service of that family), as a Diego cell's leave through its BOSH interface, so
+the underlay is found the way the agent finds it on a real cell.  A container may listen too
+(`ContainerSpec.tcp_ports`): traffic to it crosses FORWARD out of its container veth, never
+the underlay, as container-to-container traffic does on a real cell.  Each veth is its
 own point-to-point subnet (a /30 and, when dual-stack, a /64) with the gateway on the cell's
 end, so no bridge, no proxy ARP and no NAT is involved and the source address a rule sees is
 the container's own.  Addresses come only from 198.18.0.0/15 and fd00::/8: containers from
@@ -106,6 +111,9 @@ class ContainerSpec:
     handle: str = ""
     """CF container handle (the store.json key); defaults to `name`."""
     ipv6: bool = False
+    tcp_ports: tuple[int, ...] = ()
+    """Echo servers in the container: another app's container a peer can reach on the cell."""
+    udp_ports: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check_name("container", self.name)
@@ -113,6 +121,7 @@ class ContainerSpec:
             raise ValueError(f"workload must be one of {WORKLOADS}, got {self.workload!r}")
         if not self.handle:
             object.__setattr__(self, "handle", self.name)
+        _check_ports(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +135,15 @@ class ServiceSpec:
 
     def __post_init__(self) -> None:
         _check_name("service", self.name)
-        for attr in ("tcp_ports", "udp_ports"):
-            ports = tuple(getattr(self, attr))  # accept lists; store tuples (hashable)
-            if any(not 0 < p < 65536 for p in ports):
-                raise ValueError(f"{attr} must be in 1..65535, got {ports}")
-            object.__setattr__(self, attr, ports)
+        _check_ports(self)
+
+
+def _check_ports(spec: ContainerSpec | ServiceSpec) -> None:
+    for attr in ("tcp_ports", "udp_ports"):
+        ports = tuple(getattr(spec, attr))  # accept lists; store tuples (hashable)
+        if any(not 0 < p < 65536 for p in ports):
+            raise ValueError(f"{attr} must be in 1..65535, got {ports}")
+        object.__setattr__(spec, attr, ports)
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +415,7 @@ class Lab:
             if e.gateway6:
                 cell_cmds.append(f"addr add {e.gateway6}/64 dev {e.cell_ifname} nodad")
             cell_cmds.append(f"link set {e.cell_ifname} up")
+        cell_cmds.extend(self._default_routes())
         procs = [start_ip_batch(["ip", "-n", self.cell], cell_cmds)]
         for e in endpoints:
             cmds = ["link set lo up", f"addr add {e.ipv4}/30 dev {e.ifname}"]
@@ -412,6 +426,27 @@ class Lab:
                 cmds.append(f"route add default via {e.gateway6}")
             procs.append(start_ip_batch(["ip", "-n", e.netns], cmds))
         wait_all(procs, "lab setup", timeout=30)
+
+    @property
+    def underlay(self) -> tuple[str, ...]:
+        """The cell's underlay interfaces: its service veths, where its default routes go."""
+        return tuple(e.cell_ifname for e in self.services.values())
+
+    def _default_routes(self) -> list[str]:
+        """The cell's default routes: per family, one (ECMP) route over its services."""
+        out = []
+        for family in (4, 6):
+            hops = [
+                (e.address(family == 6), e.cell_ifname)
+                for e in self.services.values()
+                if family == 4 or e.ipv6
+            ]
+            if len(hops) == 1:
+                out.append(f"route add default via {hops[0][0]} dev {hops[0][1]}")
+            elif hops:
+                nexthops = " ".join(f"nexthop via {a} dev {d}" for a, d in hops)
+                out.append(f"route add default {nexthops}")
+        return out
 
     def _enable_conntrack(self) -> None:
         if shutil.which("nft") is None:
@@ -425,7 +460,11 @@ class Lab:
     def _start_servers(self) -> None:
         assert self.workdir is not None
         env = python_env()
-        for spec in self.service_specs:
+        specs: list[tuple[ContainerSpec | ServiceSpec, Endpoint]] = [
+            *((s, self.services[s.name]) for s in self.service_specs),
+            *((c, self.containers[c.name]) for c in self.container_specs),
+        ]
+        for spec, endpoint in specs:
             if not (spec.tcp_ports or spec.udp_ports):
                 continue
             hosts = ["0.0.0.0"] + (["[::]"] if spec.ipv6 else [])
@@ -433,9 +472,9 @@ class Lab:
             for host in hosts:
                 argv += [a for p in spec.tcp_ports for a in ("--tcp", f"{host}:{p}")]
                 argv += [a for p in spec.udp_ports for a in ("--udp", f"{host}:{p}")]
-            with open(self.workdir / f"echo-{spec.name}.log", "wb") as log:
+            with open(self.workdir / f"echo-{endpoint.netns}.log", "wb") as log:
                 proc = subprocess.Popen(
-                    netns_exec_argv(self.services[spec.name].netns, argv),
+                    netns_exec_argv(endpoint.netns, argv),
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=log,
@@ -529,7 +568,12 @@ class Lab:
     # -- probes ------------------------------------------------------------------------------
 
     def _target(self, service: str, ipv6: bool) -> str:
-        return self.services[service].address(ipv6) if service in self.services else service
+        """A service's address, else a (listening) container's, else `service` as given."""
+        if service in self.services:
+            return self.services[service].address(ipv6)
+        if service in self.containers:
+            return self.containers[service].address(ipv6)
+        return service
 
     def probe_tcp(
         self, container: str, service: str, port: int, *, ipv6: bool = False, timeout: float = 1.0

@@ -2,12 +2,17 @@
 
 This is the baseline the benchmarks measure us against, so it follows what silk's
 cni-wrapper-plugin and the vxlan-policy-agent write, rule for rule (see
-`reference/cf-asg.md`): per container a `FORWARD -s <ip> -j netout--<c>` jump, `netout--<c>`
+`reference/cf-asg.md`): per container and underlay interface a
+`FORWARD -s <ip> -o <underlay> -j netout--<c>` jump (silk-release lib/rules/rules.go,
+NewNetOutJumpConditions, appended by cni-wrapper-plugin/netrules/common.go initChains; a plan
+without an underlay gets one jump without `-o`, so a benchmark's packets, whatever interface
+they leave by, still meet CF's chains), `netout--<c>`
 jumping to `asg-<c>`, and in `asg-<c>` RELATED,ESTABLISHED accept, INVALID drop, every rule of
 every bound ASG again (one per destination and port range, repeats within the container
 dropped), a rate-limited LOG and REJECT; log rules go (`-g`) to the container's
-`netout--<c>--log` chain, which LOGs and ACCEPTs.  Its rule count is the plan's
-`cf_equivalent_rules`, which the tests check.
+`netout--<c>--log` chain, which LOGs and ACCEPTs.  With at most one underlay interface its
+rule count is the plan's `cf_equivalent_rules`, which the tests check; silk writes one more
+FORWARD jump per container for each further underlay interface.
 
 Chain names carry the plan's container hash (`chain_id`), never a handle or app name, for the
 same reason as our renderer: nothing from the metadata store or a policy file reaches the
@@ -17,7 +22,7 @@ transaction text.  Pure; used by the benchmarks only.
 from __future__ import annotations
 
 from reconciler.model import RuleItem
-from reconciler.plan import LOG_ID_LEN, CellPlan, ContainerPlan
+from reconciler.plan import LOG_ID_LEN, CellPlan, ContainerPlan, check_interface_name
 
 
 def _short(chain_id: str) -> str:
@@ -61,16 +66,19 @@ def _rule(item: RuleItem, log_chain: str) -> list[str]:
     ]
 
 
-def _container(cp: ContainerPlan, items: list[RuleItem], family: int) -> list[str]:
+def _container(
+    cp: ContainerPlan, items: list[RuleItem], family: int, underlay: tuple[str, ...]
+) -> list[str]:
     netout, asg, log = _chains(cp.chain_id)
     host = "/32" if family == 4 else "/128"
+    outs = [f" -o {check_interface_name(n)}" for n in underlay] or [""]
     reject = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
     asg_rules: dict[str, None] = {}  # CF's DeduplicateRules: first copy of each text wins
     for item in items:
         for line in _rule(item, log):
             asg_rules.setdefault(line, None)
     return [
-        f"-A FORWARD -s {cp.container.ip}{host} -j {netout}",
+        *(f"-A FORWARD -s {cp.container.ip}{host}{out} -j {netout}" for out in outs),
         f"-A {netout} -j {asg}",
         f"-A {asg} -m state --state RELATED,ESTABLISHED -j ACCEPT",
         f"-A {asg} -p tcp -m state --state INVALID -j DROP",
@@ -98,7 +106,7 @@ def render_cf(plan: CellPlan, family: int) -> str:
         lines.extend(f":{name} - [0:0]" for name in _chains(cp.chain_id))
     for cp in containers:
         items = sorted(r.item for gid in cp.groups for r in groups[gid].rules)
-        lines.extend(_container(cp, items, family))
+        lines.extend(_container(cp, items, family, plan.settings.underlay(family)))
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 

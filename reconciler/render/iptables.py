@@ -12,11 +12,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from reconciler.model import RuleItem
-from reconciler.plan import LOG_ID_LEN, NAME_ID_LEN, CellPlan, ContainerPlan, PlanRule, port_chunks
+from reconciler.plan import (
+    LOG_ID_LEN,
+    NAME_ID_LEN,
+    CellPlan,
+    CellSettings,
+    ContainerPlan,
+    PlanRule,
+    RateLimit,
+    check_interface_name,
+    deny_list,
+    port_chunks,
+)
 
 TOP_CHAIN = "ASG-FORWARD"
 CONTAINER_PREFIX = "ASG-C-"
 GROUP_PREFIX = "ASG-G-"
+DENY_PREFIX = "ASG-D-"
+RATE_CHAIN = "ASG-RATE"
 OWNED_PREFIX = "ASG-"
 """Names we give our chains.  A name says nothing about who made a chain: the host may well
 have chains of its own that start with it (`ASG-ADMIN-BLOCKLIST`), so ownership is proven
@@ -24,6 +37,8 @@ by `marker_rule`, never by this prefix alone."""
 OWNER_COMMENT = "asg:owned"
 HOOK_CHAIN = "FORWARD"
 DENY_LOG_LIMIT = "-m limit --limit 1/sec"
+RATE_TABLE_PREFIX = "asg"
+XT_NAME_MAX = 15  # hashlimit names live in a char[IFNAMSIZ]
 
 
 def container_chain(chain_id: str) -> str:
@@ -71,14 +86,34 @@ def is_marker(chain: str, line: str) -> bool:
     return len(line) == len(chain) + 3 + len(MARKER_TAIL) and line.endswith(MARKER_TAIL)
 
 
-def hook_rule() -> str:
-    """The one rule we own in FORWARD: kept first, so no earlier ACCEPT can bypass us."""
-    return f"-A {HOOK_CHAIN} {_comment('asg:forward')} -j {TOP_CHAIN}"
+def hook_rule(underlay: str | None = None) -> str:
+    """One rule we own in FORWARD: the jump for what containers send out through `underlay`.
+
+    silk-release sends a container's packet to its ASG chain only when it leaves through the
+    underlay: `FORWARD -s <ip> -o <underlay> -j netout--<handle>`, one jump per underlay
+    interface (lib/rules/rules.go, NewNetOutJumpConditions; cni-wrapper-plugin/netrules/
+    netout.go, defaultNetOutRules).  Traffic to another container on the cell leaves through
+    that container's veth and traffic over the overlay through silk-vtep; both belong to the
+    network policies (the vpa-- and overlay--<handle> chains) and never reach this jump.
+    Kept first in FORWARD so no earlier ACCEPT can bypass us; it matches only underlay egress,
+    so being first never puts us between silk and overlay traffic.  `None` (no underlay
+    known) judges every packet forwarded.
+    """
+    out = f" -o {check_interface_name(underlay)}" if underlay is not None else ""
+    return f"-A {HOOK_CHAIN}{out} {_comment('asg:forward')} -j {TOP_CHAIN}"
+
+
+def hook_rules(underlay: tuple[str, ...]) -> tuple[str, ...]:
+    """Our FORWARD rules for a family, in the order they stand first in FORWARD."""
+    if not underlay:
+        return (hook_rule(),)
+    return tuple(hook_rule(name) for name in dict.fromkeys(underlay))
 
 
 @dataclass(frozen=True)
 class Ruleset:
-    """Our chains for one family, each with its rules in iptables-save form, in order.
+    """Our chains for one family, each with its rules in iptables-save form, in order, and
+    the rules that hook them into FORWARD (for every underlay interface).
 
     The rules are the plan's; each chain's ownership marker (`marker_rule`) comes on top of
     them in the kernel, and is written by `text` and by the dataplane's deltas.
@@ -86,13 +121,14 @@ class Ruleset:
 
     family: int
     chains: dict[str, tuple[str, ...]]
+    hooks: tuple[str, ...] = (hook_rule(),)
 
     def text(self, hook: bool = True) -> str:
         """A complete `iptables-restore --noflush` transaction installing this ruleset."""
         lines = ["*filter"]
         lines.extend(f":{name} - [0:0]" for name in sorted(self.chains))
         if hook and self.chains:
-            lines.append(hook_rule().replace("-A FORWARD", "-I FORWARD 1", 1))
+            lines.extend(insert_hook_ops(self.hooks))
         for name in sorted(self.chains, key=chain_order):
             lines.append(marker_rule(name))
             lines.extend(self.chains[name])
@@ -104,9 +140,15 @@ class Ruleset:
         return sum(len(rules) for rules in self.chains.values())
 
 
+def insert_hook_ops(hooks: tuple[str, ...]) -> list[str]:
+    """`-I FORWARD 1` for each hook, last first, so they end up first in FORWARD in order."""
+    return [h.replace(f"-A {HOOK_CHAIN} ", f"-I {HOOK_CHAIN} 1 ", 1) for h in reversed(hooks)]
+
+
 def chain_order(name: str) -> tuple[int, str]:
-    """Groups before containers before dispatch: a chain is filled before anything jumps to it."""
-    if name.startswith(GROUP_PREFIX):
+    """Groups (and the shared deny and rate chains) before containers before dispatch: a
+    chain is filled before anything jumps to it."""
+    if name.startswith((GROUP_PREFIX, DENY_PREFIX)) or name == RATE_CHAIN:
         return (0, name)
     if name.startswith(CONTAINER_PREFIX):
         return (1, name)
@@ -116,31 +158,96 @@ def chain_order(name: str) -> tuple[int, str]:
 def render_cell(plan: CellPlan, family: int) -> Ruleset:
     """Our chains for one IP family (4 or 6) of a cell plan."""
     chains: dict[str, tuple[str, ...]] = {}
+    settings = plan.settings
+    hooks = hook_rules(settings.underlay(family))
     containers = [c for c in plan.containers if c.container.version == family]
     groups = [g for g in plan.groups if g.version == family]
     if not containers:
-        return Ruleset(family, {})
+        return Ruleset(family, {}, hooks)
     for group in groups:
         name = group_chain(group.id)
         chains[name] = tuple(line for r in group.rules for line in _rule_lines(name, r))
+    if settings.outbound.limit and settings.outbound.logging:
+        chains[RATE_CHAIN] = _rate_log_lines(family)
     for cp in containers:
         name = container_chain(cp.chain_id)
-        chains[name] = _container_lines(name, cp, family)
+        deny = settings.deny(cp.container.workload, family)
+        if deny:
+            chains.setdefault(deny_chain(cp.container.workload), _deny_lines(cp, deny, family))
+        chains[name] = _container_lines(name, cp, family, settings)
     host = "/32" if family == 4 else "/128"
     chains[TOP_CHAIN] = tuple(
         f"-A {TOP_CHAIN} -s {cp.container.ip}{host} {_comment('asg:c:' + cp.chain_id)} "
         f"-j {container_chain(cp.chain_id)}"
         for cp in sorted(containers, key=lambda cp: (cp.container.ip, cp.chain_id))
     )
-    return Ruleset(family, chains)
+    return Ruleset(family, chains, hooks)
 
 
-def _container_lines(name: str, cp: ContainerPlan, family: int) -> tuple[str, ...]:
-    reject = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
+def _reject(family: int) -> str:
+    return "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
+
+
+def deny_class(workload: str) -> str:
+    """The name of a workload's deny chain or set: its lifecycle's list, else `always`."""
+    return deny_list(workload) or "always"
+
+
+def deny_chain(workload: str) -> str:
+    """The shared chain of a workload's deny networks: every running container jumps to the
+    same one, so N deny networks cost N rules per cell, not per container."""
+    return DENY_PREFIX + deny_class(workload)
+
+
+def _deny_lines(cp: ContainerPlan, networks: tuple[str, ...], family: int) -> tuple[str, ...]:
+    name = deny_chain(cp.container.workload)
+    return tuple(
+        f"-A {name} -d {net} {_comment('asg:deny-network')} -j REJECT --reject-with "
+        f"{_reject(family)}"
+        for net in networks
+    )
+
+
+def rate_table(chain_id: str) -> str:
+    """The container's hashlimit table: one per container, as silk names one per handle."""
+    return (RATE_TABLE_PREFIX + chain_id)[:XT_NAME_MAX]
+
+
+def _rate_line(name: str, cp: ContainerPlan, rate: RateLimit, family: int) -> str:
+    """silk's NewNetOutConnRateLimitRule (lib/rules/rules.go), in iptables-save's spelling."""
+    verdict = f"-j {RATE_CHAIN}" if rate.logging else f"-j REJECT --reject-with {_reject(family)}"
+    return (
+        f"-A {name} -p tcp -m conntrack --ctstate NEW -m hashlimit --hashlimit-above "
+        f"{rate.rate_per_sec}/sec --hashlimit-burst {rate.burst} --hashlimit-mode "
+        f"dstip,dstport --hashlimit-name {rate_table(cp.chain_id)} --hashlimit-htable-expire "
+        f"{rate.expire_ms} {_comment('asg:rate')} {verdict}"
+    )
+
+
+def _rate_log_lines(family: int) -> tuple[str, ...]:
+    """silk's rl-log chain (netout.go, connRateLimitLogChain): a rate-limited LOG, REJECT."""
+    return (
+        f"-A {RATE_CHAIN} {DENY_LOG_LIMIT} {_comment('asg:rate-log')} "
+        f'-j LOG --log-prefix "ASG DENY RATE "',
+        f"-A {RATE_CHAIN} {_comment('asg:reject')} -j REJECT --reject-with {_reject(family)}",
+    )
+
+
+def _container_lines(
+    name: str, cp: ContainerPlan, family: int, settings: CellSettings
+) -> tuple[str, ...]:
+    """ESTABLISHED, INVALID, the connection limit, the deny networks, the groups, LOG and
+    REJECT: silk's order in its asg chain (netout_chain.go, IPTablesRules, inserted in
+    reverse), so deny networks beat every allow."""
+    reject = _reject(family)
     lines = [
         f"-A {name} -m conntrack --ctstate RELATED,ESTABLISHED {_comment('asg:est')} -j ACCEPT",
         f"-A {name} -m conntrack --ctstate INVALID {_comment('asg:invalid')} -j DROP",
     ]
+    if settings.outbound.limit:
+        lines.append(_rate_line(name, cp, settings.outbound, family))
+    if settings.deny(cp.container.workload, family):
+        lines.append(f"-A {name} {_comment('asg:deny')} -j {deny_chain(cp.container.workload)}")
     lines.extend(f"-A {name} {_comment('asg:g:' + gid)} -j {group_chain(gid)}" for gid in cp.groups)
     lines.append(
         f"-A {name} {DENY_LOG_LIMIT} {_comment('asg:deny-log')} "

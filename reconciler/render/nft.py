@@ -5,10 +5,14 @@ each IP family is a disjoint slice of the table that converges on its own)::
 
     chain forward4  type filter hook forward priority filter - 1; policy accept
         ct state established,related accept
-        ip saddr vmap @containers4                  # one hash lookup, any number of containers
+        oifname "eth0" ip saddr vmap @containers4   # underlay egress only; one hash lookup,
+                                                    # any number of containers
     map containers4 { ipv4_addr : verdict }         # container address : goto c4-<chain id>
     chain c4-<chain id>                             # one per container
         ct state invalid drop
+        ct state new update @rate4 { ip saddr . ip daddr . tcp dport limit rate over R/second
+            burst B packets } reject                # outbound_connections.limit only
+        ip daddr @d4-running reject                 # deny_networks of the container's workload
         ip daddr @g4-<group>-a accept                                  # protocol all
         ip daddr . meta l4proto . th dport @g4-<group>-p accept        # tcp/udp and ports
         ip daddr . icmp type . icmp code @g4-<group>-i accept          # icmp type/code
@@ -19,6 +23,13 @@ each IP family is a disjoint slice of the table that converges on its own)::
                                                     # shared by every container that has it
     chain g4-<group>                                # logging groups only: rule by rule, so
                                                     # each logs its own id on new connections
+    set d4-{always,running,staging} { flags interval }  # CF's deny_networks, by workload
+    set rate4 { ipv4_addr . ipv4_addr . inet_service; flags timeout }  # buckets, per
+                                                    # container, destination and port
+
+Only what a container sends out through the cell's underlay is judged (the `oifname` match,
+silk's `-o <underlay>`): traffic to another container on the cell, or over the overlay, is
+CF's network policies' business and passes this table untouched.
 
 A new connection from a container therefore costs one map lookup plus a few set lookups per
 group the container has, whatever the number of rules on the cell.  Group sets are named by
@@ -56,8 +67,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.model import AddressRange, RuleItem, address_text, merge_ranges
-from reconciler.plan import CellPlan, ContainerPlan, PlanRule, RuleGroup
-from reconciler.render.iptables import Ruleset, log_id
+from reconciler.plan import (
+    CellPlan,
+    CellSettings,
+    ContainerPlan,
+    PlanRule,
+    RateLimit,
+    RuleGroup,
+    check_interface_name,
+)
+from reconciler.render.iptables import Ruleset, deny_class, log_id
 
 NFT_FAMILY = "inet"
 TABLE = "asgctl"
@@ -94,13 +113,29 @@ def group_set(family: int, group_id: str, kind: str) -> str:
     return f"g{family}-{group_id}-{kind}"
 
 
+def deny_set(family: int, workload: str) -> str:
+    """The deny networks of a workload's class (`always`, `running`, `staging`)."""
+    return f"d{family}-{deny_class(workload)}"
+
+
+def rate_set(family: int) -> str:
+    """The connection-limit buckets of every container of the family (keyed by source)."""
+    return f"rate{family}"
+
+
+def rate_log_chain(family: int) -> str:
+    return f"ratelog{family}"
+
+
 def family_of(name: str) -> int:
     """Which family's slice an object of our table belongs to, by name.
 
     Objects whose name is none of ours (someone else added them) belong to the IPv4 slice, so
     exactly one family reports and removes them.
     """
-    if name in (base_chain(6), dispatch_map(6)) or name.startswith(("c6-", "g6-")):
+    if name in (base_chain(6), dispatch_map(6), rate_set(6), rate_log_chain(6)):
+        return 6
+    if name.startswith(("c6-", "g6-", "d6-")):
         return 6
     return 4
 
@@ -139,10 +174,13 @@ class NftSet:
     flags: tuple[str, ...] = ()
     data: str = ""
     elements: frozenset[str] | None = frozenset()
+    timeout: int = 0
+    """Seconds an element lives (sets flagged `timeout`): the connection-limit buckets,
+    whose elements packets add, not the plan, so they are never compared or written."""
 
     @property
-    def header(self) -> tuple[tuple[str, ...], tuple[str, ...], str]:
-        return (self.keys, self.flags, self.data)
+    def header(self) -> tuple[tuple[str, ...], tuple[str, ...], str, int]:
+        return (self.keys, self.flags, self.data, self.timeout)
 
     def describe(self) -> str:
         kind = "map" if self.data else "set"
@@ -454,9 +492,87 @@ def _established_rule() -> str:
     return canonical_rule([_ct_state([_CT_ESTABLISHED, _CT_RELATED]), ACCEPT], "asg:est")
 
 
-def _dispatch_rule(family: int) -> str:
+def _dispatch_rule(family: int, underlay: tuple[str, ...]) -> str:
+    """Dispatch by source, for what leaves through the underlay only: one `oifname` match,
+    an interface name or an anonymous set of them (silk's `-o <underlay>`; see
+    render/iptables.py hook_rule).  No underlay known: every forwarded packet is judged."""
     vmap = {"vmap": {"key": _payload(_ip(family), "saddr"), "data": "@" + dispatch_map(family)}}
-    return canonical_rule([vmap], "asg:dispatch")
+    names = [check_interface_name(n) for n in dict.fromkeys(underlay)]
+    if not names:
+        return canonical_rule([vmap], "asg:dispatch")
+    right: Any = names[0] if len(names) == 1 else {"set": names}
+    return canonical_rule([_match({"meta": {"key": "oifname"}}, right), vmap], "asg:dispatch")
+
+
+def _reject_expr() -> dict[str, Any]:
+    return {"reject": {"type": "icmpx", "expr": _ICMPX_PORT_UNREACHABLE}}
+
+
+def _deny_rule(family: int, workload: str) -> str:
+    match = _match(_payload(_ip(family), "daddr"), "@" + deny_set(family, workload))
+    return canonical_rule([match, _reject_expr()], "asg:deny")
+
+
+def _deny_networks_set(family: int, workload: str, networks: tuple[str, ...]) -> NftSet:
+    """A workload class's deny networks as an interval set (overlaps merged, as nft needs)."""
+    keys = ("ipv4_addr",) if family == 4 else ("ipv6_addr",)
+    boxes = [((r.first, r.last),) for r in (AddressRange.parse(n) for n in networks)]
+    elements = frozenset(element_text(keys, b) for b in disjoint_boxes(boxes))
+    return NftSet(deny_set(family, workload), keys, ("interval",), "", elements)
+
+
+def _rate_rule(family: int, rate: RateLimit) -> str:
+    """silk's NewNetOutConnRateLimitRule in nft: a bucket per container (source), destination
+    address and TCP port in one set, over `rate` after `burst` new connections rejected."""
+    ip = _ip(family)
+    update = {
+        "set": {
+            "op": "update",
+            "elem": {
+                "concat": [
+                    _payload(ip, "saddr"),
+                    _payload(ip, "daddr"),
+                    _payload("tcp", "dport"),
+                ]
+            },
+            "set": "@" + rate_set(family),
+            "stmt": [
+                {
+                    "limit": {
+                        "rate": rate.rate_per_sec,
+                        "burst": rate.burst,
+                        "per": "second",
+                        "inv": True,
+                    }
+                }
+            ],
+        }
+    }
+    verdict = {"jump": {"target": rate_log_chain(family)}} if rate.logging else _reject_expr()
+    return canonical_rule([_ct_state(_CT_NEW), update, verdict], "asg:rate")
+
+
+def _rate_set(family: int, rate: RateLimit) -> NftSet:
+    addr = "ipv4_addr" if family == 4 else "ipv6_addr"
+    return NftSet(
+        rate_set(family),
+        (addr, addr, "inet_service"),
+        ("timeout",),
+        "",
+        frozenset(),
+        timeout=rate.expire_ms // 1000,
+    )
+
+
+def _rate_log_rules() -> tuple[str, ...]:
+    log = canonical_rule(
+        [
+            {"limit": {"rate": 1, "burst": 5, "per": "second"}},
+            {"log": {"prefix": "ASG DENY RATE "}},
+        ],
+        "asg:rate-log",
+    )
+    return (log, canonical_rule([_reject_expr()], "asg:reject"))
 
 
 def _deny_rules(chain_id: str) -> tuple[str, str]:
@@ -467,20 +583,33 @@ def _deny_rules(chain_id: str) -> tuple[str, str]:
         ],
         "asg:deny-log",
     )
-    reject = canonical_rule(
-        [{"reject": {"type": "icmpx", "expr": _ICMPX_PORT_UNREACHABLE}}], "asg:reject"
-    )
+    reject = canonical_rule([_reject_expr()], "asg:reject")
     return log, reject
 
 
-def _container_rules(cp: ContainerPlan, groups: Mapping[str, RenderedGroup]) -> tuple[str, ...]:
-    return _container_rules_of(cp.chain_id, tuple(groups[g].entry for g in cp.groups))
+def _container_rules(
+    cp: ContainerPlan, groups: Mapping[str, RenderedGroup], head: tuple[str, ...]
+) -> tuple[str, ...]:
+    return _container_rules_of(cp.chain_id, head, tuple(groups[g].entry for g in cp.groups))
+
+
+def _container_head(cp: ContainerPlan, settings: CellSettings, family: int) -> tuple[str, ...]:
+    """What a container chain checks before its groups: the connection limit, then the deny
+    networks of its workload (silk's order: netout_chain.go, IPTablesRules)."""
+    head = []
+    if settings.outbound.limit:
+        head.append(_rate_rule(family, settings.outbound))
+    if settings.deny(cp.container.workload, family):
+        head.append(_deny_rule(family, cp.container.workload))
+    return tuple(head)
 
 
 @functools.lru_cache(maxsize=65536)
-def _container_rules_of(chain_id: str, entries: tuple[tuple[str, ...], ...]) -> tuple[str, ...]:
+def _container_rules_of(
+    chain_id: str, head: tuple[str, ...], entries: tuple[tuple[str, ...], ...]
+) -> tuple[str, ...]:
     """A container chain, memoised: most containers keep theirs from one plan to the next."""
-    rules = [_invalid_rule()]
+    rules = [_invalid_rule(), *head]
     for entry in entries:
         rules.extend(entry)
     rules.extend(_deny_rules(chain_id))
@@ -522,11 +651,20 @@ def _render_cell(plan: CellPlan, family: int) -> NftRuleset:
             chains[group_chain(family, gid)] = rendered.chain
         for s in rendered.sets:
             sets[s.name] = s
+    settings = plan.settings
+    if settings.outbound.limit:
+        sets[rate_set(family)] = _rate_set(family, settings.outbound)
+        if settings.outbound.logging:
+            chains[rate_log_chain(family)] = _rate_log_rules()
     elements = set()
     seen: set[int] = set()
     for cp in sorted(containers, key=lambda cp: (cp.container.ip, cp.chain_id)):
         name = container_chain(family, cp.chain_id)
-        chains[name] = _container_rules(cp, groups)
+        deny = settings.deny(cp.container.workload, family)
+        if deny and deny_set(family, cp.container.workload) not in sets:
+            denied = _deny_networks_set(family, cp.container.workload, deny)
+            sets[denied.name] = denied
+        chains[name] = _container_rules(cp, groups, _container_head(cp, settings, family))
         address = int(ipaddress.ip_address(cp.container.ip))
         if address in seen:  # two containers, one address: the first wins, as in iptables
             continue
@@ -535,7 +673,10 @@ def _render_cell(plan: CellPlan, family: int) -> NftRuleset:
     keys = ("ipv4_addr",) if family == 4 else ("ipv6_addr",)
     dispatch = dispatch_map(family)
     sets[dispatch] = NftSet(dispatch, keys, (), "verdict", frozenset(elements))
-    chains[base_chain(family)] = (_established_rule(), _dispatch_rule(family))
+    chains[base_chain(family)] = (
+        _established_rule(),
+        _dispatch_rule(family, settings.underlay(family)),
+    )
     return NftRuleset(family, chains, base_hooks={base_chain(family): BaseHook()}, sets=sets)
 
 
@@ -570,6 +711,8 @@ def set_command(verb: str, s: NftSet, with_elements: bool = True) -> dict[str, A
             body["map"] = s.data
         if s.flags:
             body["flags"] = list(s.flags)
+        if s.timeout:
+            body["timeout"] = s.timeout
         if with_elements and s.elements:
             body["elem"] = [element_json(s.keys, e) for e in sorted(s.elements)]
     return {verb: {kind: body}}
@@ -615,8 +758,9 @@ def transaction_text(commands: Sequence[Mapping[str, Any] | str]) -> str:
 
 
 def chain_order(name: str) -> tuple[int, str]:
-    """Fill order: logging groups, then containers, then base chains (targets first)."""
-    if name.startswith(("g4-", "g6-")):
+    """Fill order: logging groups (and the rate log), then containers, then base chains
+    (targets first)."""
+    if name.startswith(("g4-", "g6-", "ratelog")):
         return (0, name)
     if name.startswith(("c4-", "c6-")):
         return (1, name)
