@@ -55,7 +55,7 @@ def test_dump_and_parse_round_trip():
 @pytest.mark.parametrize(
     ("store", "message"),
     [
-        ("{not json", "store.json: not valid JSON"),
+        ("{not json", "store.json:1:2: not valid JSON"),
         ("[]", "store.json: expected an object of handle -> container"),
         ('{"c1": {"handle": "c1"}}', "store.json: container 'c1': missing field 'ip'"),
         (

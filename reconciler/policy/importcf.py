@@ -24,13 +24,13 @@ directory.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from reconciler import jsonsafe
 from reconciler.policy.grammar import ALLOWED_RULE_KEYS, parse_rule
 
 __all__ = ["SCHEMA_COMMENT", "dump_documents", "import_cf"]
@@ -102,9 +102,12 @@ def import_files(paths: Sequence[str], name: str | None) -> tuple[list[dict], li
     errors: list[str] = []
     for file in paths:
         try:
-            data = json.loads(Path(file).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            errors.append(f"{file}: cannot read JSON: {exc}")
+            data = jsonsafe.loads(Path(file).read_bytes(), file, reject_duplicate_keys=True)
+        except OSError as exc:
+            errors.append(f"{file}: cannot read: {exc.strerror or exc}")
+            continue
+        except jsonsafe.JsonInputError as exc:
+            errors.append(str(exc))
             continue
         group_name = (name or Path(file).stem) if isinstance(data, list) else name
         got, errs = import_cf(data, name=group_name)
