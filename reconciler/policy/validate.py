@@ -274,6 +274,8 @@ def _security_group(ctx: _Context, directory: Directory) -> SecurityGroup | None
             ok = False
         else:
             rules.append(rule)
+            for note in grammar.host_bits_notes(raw.get("destination")):
+                ctx.warn(("rules", i, "destination"), note.message)
     if ok:
         _check_redundant(ctx, rules)
     bindings: dict[str, list[str]] = {}
@@ -372,7 +374,10 @@ def _destination(ctx: _Context) -> Destination | None:
             ok = ok and parsed is not None
             ports = parsed or ()
     elif protocol in ("tcp", "udp"):
+        # The policy server's default, kept so existing repositories mean what they meant; but
+        # a grant to every port is rarely what was wanted, so the reviewer is told.
         ports = _ALL_PORTS
+        ctx.warn(("ports",), f"no ports given: {protocol} to these ips on all ports (1-65535)")
     icmp_type = data.get("icmp_type")
     icmp_code = data.get("icmp_code")
     if protocol in ("icmp", "icmpv6"):
