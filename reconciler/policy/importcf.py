@@ -413,7 +413,11 @@ class _BoshState:
         for i, op in enumerate(data):
             message = self._op(op)
             if message:
-                errors.append(f"ops[{i}] ({_short(op.get('path'))}): {message}")
+                path = op.get("path")
+                shown = path if isinstance(path, str) and len(path) <= 80 else _short(path)
+                if isinstance(path, str) and len(path) > 80:
+                    shown = "..." + path[-77:]  # the end of a path is the part that differs
+                errors.append(f"ops[{i}] ({shown}): {message}")
         return errors
 
     def _manifest(self, data: Mapping) -> list[str]:
@@ -547,8 +551,10 @@ def _apply_op(root: dict, segments: list[str], kind: str, value: Any, optional: 
         seg = raw.removesuffix("?")
         if isinstance(node, dict):
             if last:
-                if kind == "replace":
+                if kind == "replace" and (seg in node or optional):
                     node[seg] = value
+                elif kind == "replace":
+                    return f"{seg!r} is not there (add ? to create it)"
                 elif seg in node:
                     del node[seg]
                 elif not optional:
