@@ -612,7 +612,7 @@ def cf_exact_errors(raw: object) -> list[FieldError]:
     ports = raw.get("ports")
     if protocol in ("tcp", "udp") and not _absent(ports) and not isinstance(ports, str):
         errors.append(FieldError("ports", MSG_PORTS_INVALID))
-    if protocol in CF_MODEL_KEYS:
+    if isinstance(protocol, str) and protocol in CF_MODEL_KEYS:  # `[]` is unhashable
         allowed = CF_MODEL_KEYS[protocol]
         for key in ALLOWED_RULE_KEYS:
             # A non-absent value is already parse_rule's finding, in the request's words.
