@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from reconciler.policy.yamlsafe import LoadError
+
 __all__ = ["MAX_DEPTH", "MAX_INT_DIGITS", "JsonInputError", "loads"]
 
 # No JSON we read nests deeper than ~8 levels or holds a number longer than an int64; these
@@ -25,20 +27,8 @@ _KEY_BEFORE = re.compile(r'("(?:[^"\\]|\\.)*")\s*:\s*$')
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 
 
-class JsonInputError(ValueError):
-    """JSON that cannot be used, with where: `source:line:col: message`."""
-
-    def __init__(self, source: str, message: str, line: int | None = None, col: int | None = None):
-        super().__init__(message)
-        self.source = source
-        self.message = message
-        self.line = line
-        self.col = col
-
-    def __str__(self) -> str:
-        if self.line is None:
-            return f"{self.source}: {self.message}"
-        return f"{self.source}:{self.line}:{self.col or 1}: {self.message}"
+class JsonInputError(LoadError, ValueError):
+    """JSON that cannot be used, with where: `file:line:col: message` (as for policy YAML)."""
 
 
 class _TooLong(Exception):

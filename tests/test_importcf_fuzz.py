@@ -14,19 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.cli import main
-from reconciler.policy.grammar import parse_rule
+from reconciler.policy.grammar import ALLOWED_RULE_KEYS, parse_rule
 from reconciler.policy.importcf import Imported, dump_documents, import_files, import_sources
 from reconciler.policy.load import parse_files
 from reconciler.policy.source import SourceFile
 
 KEYS = [
-    "protocol",
-    "destination",
-    "ports",
-    "type",
-    "code",
-    "log",
-    "description",
+    *ALLOWED_RULE_KEYS,
     "name",
     "rules",
     "guid",
