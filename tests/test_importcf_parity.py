@@ -298,6 +298,20 @@ class TestPages:
             "security group 'asg-117' is not in the input (pages 1, 3 were not given)"
         ]
 
+    def test_separate_listings_are_judged_apart(self) -> None:
+        """`cf curl '/v3/security_groups?names=a'` and `...?names=b` are two complete
+        listings of one page each, not one listing given page 1 twice."""
+        a, b = listing(1, 50)[0], listing(1, 50)[0]
+        b = json.loads(json.dumps(b).replace("per_page=50", "names=asg-x&per_page=50"))
+        b["resources"][0]["name"] = "asg-x"
+        result = import_sources([("a.json", a), ("b.json", b)], None)
+        assert result.errors == []
+        assert [d["name"] for d in result.documents] == ["asg-000", "asg-x"]
+
+    def test_pages_without_links_are_each_complete_on_their_own(self) -> None:
+        bare = [{"resources": [group(1)]}, {"resources": [group(2)]}]
+        assert import_sources([("a.json", bare[0]), ("b.json", bare[1])], None).errors == []
+
     def test_one_page_holding_everything_is_complete(self) -> None:
         (only,) = listing(120, 5000)
         assert import_sources([("all.json", only)], None).errors == []

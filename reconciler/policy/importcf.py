@@ -45,7 +45,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import yaml
 
@@ -277,6 +277,7 @@ class _Page:
     """One `GET /v3/security_groups` page and what its pagination says about the whole."""
 
     file: str
+    listing: str
     number: int | None
     total_results: int | None
     total_pages: int | None
@@ -292,6 +293,20 @@ def _href_page(link: object) -> int | None:
     values = parse_qs(urlsplit(href).query).get("page", [])
     text = values[0] if values else ""
     return int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else None
+
+
+def _listing(pagination: Mapping, file: str) -> str:
+    """Which listing a page belongs to: its links' path and query without `page`, so pages
+    of one `cf curl` loop pool together while `?names=a` and `?names=b` stay apart.  A page
+    without links is a listing of its own."""
+    for key in ("first", "last", "next", "previous"):
+        link = pagination.get(key)
+        href = link.get("href") if isinstance(link, Mapping) else None
+        if isinstance(href, str):
+            url = urlsplit(href)
+            query = sorted((k, v) for k, v in parse_qsl(url.query) if k != "page")
+            return f"{url.path}?{query}"
+    return f"file {file}"
 
 
 def _count(value: object) -> int | None:
@@ -317,6 +332,7 @@ def _page(file: str, data: Mapping) -> tuple[_Page | None, list[str]]:
         number = None
     page = _Page(
         file=file,
+        listing=_listing(pagination, file),
         number=number,
         total_results=_count(pagination.get("total_results")),
         total_pages=_count(pagination.get("total_pages")),
@@ -377,7 +393,11 @@ def _page_errors(pages: list[_Page]) -> list[str]:
 def _import_pages(pages: list[_Page], name: str | None, out: _Collector, prefix: bool) -> None:
     pages = sorted(pages, key=lambda p: (p.number is None, p.number or 0))
     if name is None:
-        out.errors.extend(_page_errors(pages))
+        listings: dict[str, list[_Page]] = {}
+        for page in pages:
+            listings.setdefault(page.listing, []).append(page)
+        for listing in listings.values():
+            out.errors.extend(_page_errors(listing))
     for page in pages:
         where = f"{page.file}: " if prefix else ""
         for i, resource in enumerate(page.resources):
