@@ -117,7 +117,7 @@ def import_cf_cmd(files: tuple[str, ...], name: str | None, out_dir: str | None)
     nothing is written (exit 1).  Warnings (ICMP ports dropped, CIDRs with host bits, ...) go
     to stderr and the import goes ahead (exit 0).
     """
-    from reconciler.policy.importcf import document_filename, dump_documents, import_files
+    from reconciler.policy.importcf import document_filenames, dump_documents, import_files
 
     docs, errors, warnings = import_files(files, name)
     for w in warnings:
@@ -131,8 +131,8 @@ def import_cf_cmd(files: tuple[str, ...], name: str | None, out_dir: str | None)
         return
     target = Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
-    for doc in docs:
-        path = target / document_filename(doc["name"])
+    for doc, filename in zip(docs, document_filenames([d["name"] for d in docs]), strict=True):
+        path = target / filename
         path.write_text(dump_documents([doc]), encoding="utf-8")
         click.echo(f"wrote {path}")
 

@@ -62,6 +62,7 @@ __all__ = [
     "SCHEMA_COMMENT",
     "Imported",
     "document_filename",
+    "document_filenames",
     "dump_documents",
     "import_cf",
     "import_files",
@@ -70,6 +71,7 @@ __all__ = [
 
 SCHEMA_COMMENT = "# yaml-language-server: $schema=../schemas/asgctl.schema.json"
 MAX_NAME_LENGTH = 250  # SecurityGroupCreateMessage::MAX_SECURITY_GROUP_NAME_LENGTH
+MAX_INPUT_BYTES = 256 * 1024 * 1024  # far above any CF export; keeps /dev/zero out of memory
 MAX_RULES_CHAR_LENGTH = 2**24 - 1  # SecurityGroup::MAX_RULES_CHAR_LENGTH (serialized rules)
 # Cloud Controller's v3 messages for the group itself (ActiveModel full messages).
 MSG_RULES_NOT_ARRAY = "Rules must be an array"
@@ -231,7 +233,11 @@ def import_files(paths: Sequence[str], name: str | None) -> Imported:
     errors: list[str] = []
     for file in paths:
         try:
-            raw = Path(file).read_bytes()
+            with open(file, "rb") as f:
+                raw = f.read(MAX_INPUT_BYTES + 1)
+            if len(raw) > MAX_INPUT_BYTES:
+                errors.append(f"{file}: larger than {MAX_INPUT_BYTES} bytes")
+                continue
         except OSError as exc:
             errors.append(f"{file}: cannot read: {exc.strerror or exc}")
             continue
@@ -258,6 +264,22 @@ def document_filename(name: str) -> str:
     """`<name>.yaml`, with anything but ASCII letters, digits, `-_.` replaced by `_`."""
     safe = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_" for ch in name)
     return f"{safe.strip('.')[:120] or 'group'}.yaml"
+
+
+def document_filenames(names: Sequence[str]) -> list[str]:
+    """One distinct file per group: `a b` and `a_b` (or `Web` and `web`, on a file system
+    that ignores case) would share `a_b.yaml`, and the second would silently replace the first."""
+    taken: set[str] = set()
+    out: list[str] = []
+    for name in names:
+        stem = document_filename(name).removesuffix(".yaml")
+        candidate, n = f"{stem}.yaml", 1
+        while candidate.lower() in taken:
+            n += 1
+            candidate = f"{stem}-{n}.yaml"
+        taken.add(candidate.lower())
+        out.append(candidate)
+    return out
 
 
 def _unrecognised(data: object) -> str:
