@@ -231,6 +231,15 @@ def test_destination_without_ports_is_quiet_where_ports_mean_nothing(tmp_path, p
     assert load_folder(tmp_path).findings == ()
 
 
+def test_destination_cidr_with_host_bits_is_a_warning(tmp_path):
+    doc = "kind: Destination\nname: db\nprotocol: all\nips: [10.1.2.3/8, {start: 10.0.0.1}]\n"
+    write_tree(tmp_path, {"d.yaml": doc})
+    assert [str(f) for f in load_folder(tmp_path).findings] == [
+        "d.yaml:4:6: Destination/db: ips: warning: 10.1.2.3/8 has host bits set: it means "
+        "10.0.0.0/8 (10.0.0.0-10.255.255.255)"
+    ]
+
+
 def test_cidr_with_host_bits_is_a_warning(tmp_path):
     """cloud_controller_ng's own model spec uses 198.41.191.47/1 (security_group_spec.rb
     `build_transport_rule`): accepted, and it means 128.0.0.0/1, half the internet."""

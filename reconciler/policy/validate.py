@@ -361,6 +361,9 @@ def _destination(ctx: _Context) -> Destination | None:
     ips, ip_errors = grammar.parse_destination_ips(data["ips"])
     for err in ip_errors:
         ctx.error(("ips",), _with_item(err))
+    if ips is not None:
+        for note in grammar.host_bits_notes(data["ips"]):
+            ctx.warn(("ips",), note.message)
     ports: tuple[PortRange, ...] = ()
     ok = ips is not None
     if "ports" in data:
