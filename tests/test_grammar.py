@@ -607,7 +607,7 @@ class TestPorts:
 class TestCfModelValidator:
     """Cloud Controller validates a rule twice: the v3 request validator (the `Rules[i]:`
     messages above), then the model (cloudfoundry/cloud_controller_ng
-    app/models/runtime/security_group.rb:60-86 `validate_rules`, which runs
+    app/models/runtime/security_group.rb:60-88 `validate_rules`, which runs
     lib/cloud_controller/rule_validator.rb:22-25 `validate_fields` with the per-protocol
     `required_fields + optional_fields`: rule_validator.rb:5-6 protocol, destination, log,
     description; transport_rule_validator.rb:3 adds ports; icmp_rule_validator.rb:3 adds code

@@ -18,6 +18,7 @@ from reconciler.policy.grammar import ALLOWED_RULE_KEYS, parse_rule
 from reconciler.policy.importcf import Imported, dump_documents, import_files, import_sources
 from reconciler.policy.load import parse_files
 from reconciler.policy.source import SourceFile
+from tests.test_importcf import cf_rules
 
 KEYS = [
     *ALLOWED_RULE_KEYS,
@@ -117,6 +118,53 @@ RULE = st.fixed_dictionaries(
 @given(st.lists(RULE, max_size=5))
 def test_plausible_rules_give_errors_or_valid_policy(rules: list) -> None:
     check(import_sources([("rules.json", rules)], "g"))
+
+
+KEY = st.sampled_from(
+    [
+        "security_group_definitions",
+        "security_group_definitions?",
+        "default_running_security_groups?",
+        "default_staging_security_groups",
+    ]
+)
+TAIL = st.sampled_from(
+    ["", "/-", "/0", "/-1", "/7", "/name=dns", "/name=dns?", "/name=dns/rules/-", "/x/y", "/-/x"]
+)
+CC = "/instance_groups/name=api/jobs/name=cloud_controller_ng/properties/cc/"
+VALID_DEFINITION = st.fixed_dictionaries(
+    {"name": st.sampled_from(["dns", "web", "db"]), "rules": st.lists(cf_rules(), max_size=3)}
+)
+DEFINITION = st.fixed_dictionaries(
+    {"name": st.sampled_from(["dns", "web", ""]), "rules": st.lists(cf_rules() | RULE, max_size=3)}
+)
+OPS = st.lists(
+    st.fixed_dictionaries(
+        {
+            "type": st.sampled_from(["replace", "remove", "delete"]),
+            "path": st.tuples(KEY, TAIL).map(lambda kt: CC + "".join(kt)),
+        },
+        optional={"value": JSONISH | cf_rules() | DEFINITION | st.lists(DEFINITION, max_size=2)},
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(OPS)
+def test_bosh_ops_give_errors_or_valid_policy(ops: list) -> None:
+    """`bosh int`-style operations on cc.security_group_definitions, on their own."""
+    check(import_sources([("ops.yml", ops)], None))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(VALID_DEFINITION, max_size=3, unique_by=lambda d: d["name"]), OPS)
+def test_bosh_ops_on_valid_definitions_give_errors_or_valid_policy(
+    definitions: list, ops: list
+) -> None:
+    seed = {"type": "replace", "path": CC + "security_group_definitions?", "value": definitions}
+    check(import_sources([("ops.yml", [seed, *ops])], None))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))

@@ -3,7 +3,7 @@
 Cases come from cloud_controller_ng's own specs and code, cited per case:
 * the v3 request validator, app/messages/validators/security_group_rule_validator.rb, and its
   spec spec/unit/messages/validators/security_group_rule_validator_spec.rb;
-* the model validator, app/models/runtime/security_group.rb:60-86 (`validate_rules`) with
+* the model validator, app/models/runtime/security_group.rb:60-88 (`validate_rules`) with
   lib/cloud_controller/rule_validator.rb, transport_rule_validator.rb, icmp_rule_validator.rb,
   and its spec spec/unit/models/runtime/security_group_spec.rb;
 * seeding from the BOSH manifest, lib/cloud_controller/seeds.rb `create_seed_security_groups`.

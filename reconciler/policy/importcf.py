@@ -546,7 +546,7 @@ class _BoshState:
                 self.errors.append(f"cc.{key} must be a list of group names")
                 value = []
             defaults[lifecycle] = value
-        defined = {d.get("name") for d in definitions if isinstance(d, Mapping)}
+        defined = [d.get("name") for d in definitions if isinstance(d, Mapping)]  # may be [..]
         for lifecycle, listed in defaults.items():
             for group in listed:
                 if group not in defined:
