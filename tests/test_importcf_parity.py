@@ -510,6 +510,10 @@ class TestBosh:
                 "unknown key(s) running_default",
             ),
             ("- type: replace\n  path: /name\n  value: x\n", "security_group_definitions is not"),
+            (
+                f"- type: remove\n  path: {CC_PATH}/security_group_definitions?/name=x\n",
+                "cc.security_group_definitions is not set",  # an optional remove is a no-op
+            ),
             ("a: [[[[", "asgs.yml:2:1: "),
         ],
     )

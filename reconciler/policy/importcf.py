@@ -184,17 +184,18 @@ def import_sources(
             out.add(where, _convert(data.get("name"), data, is_resource=True))
         elif kind in ("bosh-manifest", "bosh-ops"):
             errors = bosh.apply(data, kind)
+            bosh.failed = bosh.failed or bool(errors)
             out.errors.extend(f"{where}{e}" for e in errors)
         else:
             out.errors.append(f"{where}{_unrecognised(data)}")
     if pages:
         _import_pages(pages, name, out, prefix_files)
-    if bosh.used:
+    if bosh.used and not bosh.failed:  # after a broken manifest or op, the rest is noise
         for converted in bosh.groups(name):
             out.found = True
             out.add("", converted)
         out.errors.extend(bosh.errors)
-        out.warnings.extend(bosh.warnings)
+    out.warnings.extend(bosh.warnings)
     if name is not None and not out.found and not out.array_named(name) and not out.errors:
         missing = _missing_pages(pages)
         hint = f" (pages {missing} were not given)" if missing else ""
@@ -442,6 +443,7 @@ class _BoshState:
     def __init__(self) -> None:
         self.cc: dict[str, Any] = {}
         self.used = False
+        self.failed = False
         self.errors: list[str] = []
         self.warnings: list[str] = []
 
@@ -605,6 +607,8 @@ def _apply_op(root: dict, segments: list[str], kind: str, value: Any, optional: 
             if seg not in node:
                 if not optional:
                     return f"{seg!r} is not there (add ? to create it)"
+                if kind == "remove":
+                    return None  # nothing to remove on an optional path
                 following = segments[index + 1].removesuffix("?")
                 node[seg] = [] if following == "-" or following.startswith("name=") else {}
             node = node[seg]
