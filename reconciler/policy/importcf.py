@@ -457,11 +457,10 @@ class _BoshState:
         for i, op in enumerate(data):
             message = self._op(op)
             if message:
-                path = op.get("path")
-                shown = path if isinstance(path, str) and len(path) <= 80 else _short(path)
-                if isinstance(path, str) and len(path) > 80:
-                    shown = "..." + path[-77:]  # the end of a path is the part that differs
-                errors.append(f"ops[{i}] ({shown}): {message}")
+                path = op.get("path") if isinstance(op, Mapping) else None
+                # The end of a long path is the part that differs from the other operations.
+                shown = "..." + path[-77:] if isinstance(path, str) and len(path) > 80 else path
+                errors.append(f"ops[{i}] ({_short(shown)}): {message}")
         return errors
 
     def _manifest(self, data: Mapping) -> list[str]:
