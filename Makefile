@@ -3,8 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSTEM_TOOLS := iptables iptables-legacy iptables-nft nft ip git socat sysctl
-APT_PACKAGES := iptables nftables iproute2 git socat netcat-openbsd conntrack procps libxtables-dev
+SYSTEM_TOOLS := iptables iptables-legacy iptables-nft nft ip git socat sysctl ssh-keygen gpg
+APT_PACKAGES := iptables nftables iproute2 git socat netcat-openbsd conntrack procps libxtables-dev openssh-client gnupg
 
 .PHONY: test lint unit sysdeps venv bench clean demo soak fuzz
 
@@ -50,7 +50,8 @@ demo: sysdeps venv
 # The long runs (root; about half an hour on 2 cores): the fault and attack tests at the
 # issue's sizes (ASGCTL_SOAK=1: 200 kills per variant, a 30 s xtables lock, 400 rounds of a
 # rival editing FORWARD...), then the 10,000-cycle soak.  Figures: $(RELIABILITY_LOG) and
-# bench/results/soak.json, summarised in docs/reliability.md.  `make test` runs all of it
+# bench/results/soak.json, from which bench/reliability_report.py writes the figures of
+# docs/reliability.md.  `make test` runs all of it
 # small.
 SOAK_CYCLES ?= 10000
 RELIABILITY_LOG ?= bench/results/reliability.jsonl
@@ -59,6 +60,7 @@ soak: sysdeps venv
 	ASGCTL_SOAK=1 ASGCTL_RELIABILITY_LOG=$(RELIABILITY_LOG) $(PY) -m pytest -q -ra \
 	  tests/test_faults.py tests/test_attacks.py tests/test_soak.py tests/test_hostile_fields.py
 	$(PY) bench/soak.py --cycles $(SOAK_CYCLES) --json bench/results/soak.json
+	$(PY) bench/reliability_report.py
 
 # Coverage-guided fuzzing of load -> validate -> compile -> render and of the store parser
 # with atheris, when it installs (it has wheels on PyPI), for FUZZ_SECONDS per target.

@@ -38,6 +38,23 @@ def machine() -> str:
     )
 
 
+def revision() -> str:
+    """The commit whose code is measured: HEAD, with "+changes" when tracked files other
+    than the recorded results differ from it (a figure from uncommitted code says so)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  ":!bench/results", ":!docs/reliability.md")  # fmt: skip
+    return head + ("+changes" if changed else "")
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -200,8 +200,8 @@ def _status_branches(root: Path, stores: dict[str, dict]) -> None:
                     "space_id": c["metadata"]["space_id"],
                     "org_id": c["metadata"]["org_id"],
                     "workload": c["metadata"]["container_workload"],
-                    "chain": f"{rng.getrandbits(64):016x}",
-                    "groups": [f"{rng.getrandbits(64):016x}" for _ in range(7)],
+                    "chain": f"{rng.getrandbits(128):032x}",
+                    "groups": [f"{rng.getrandbits(128):032x}" for _ in range(7)],
                     "sources": [f"SecurityGroup/asg-{rng.randrange(2000):04d}" for _ in range(7)],
                 }
                 for c in store.values()

@@ -17,12 +17,13 @@ from reconciler.cli_options import format_option
 from reconciler.compile import compile_cell
 from reconciler.endpoint import parse_endpoint
 from reconciler.explain import explain, find_container
-from reconciler.inventory import InventoryError, read_store
+from reconciler.inventory import InventoryError, load_store
 from reconciler.lab.cli import lab as lab_group
 from reconciler.model import PolicySet
-from reconciler.plan import CellPlan
+from reconciler.plan import CellPlan, PlanError
 from reconciler.policy.findings import render_findings
-from reconciler.policy.load import load_policy, repo_location
+from reconciler.policy.load import load_policy
+from reconciler.policy.source import locate
 from reconciler.render.iptables import render_text
 
 
@@ -31,25 +32,38 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def _policy(policies: str, rev: str | None) -> PolicySet:
-    """Load and validate; any error stops the command before it computes anything."""
+def _policy(policies: str, rev: str | None, annotate: str | None = None) -> PolicySet:
+    """Load and validate; any error stops the command before it computes anything.
+
+    The findings go to stderr as text, or, with `annotate` (the policy folder's path in the
+    repository), as GitHub annotations: a command asked for `--format github` runs in
+    Actions, where a text line can be read as a workflow command.
+    """
     result = load_policy(policies, rev)
     if not result.ok:
-        click.echo(render_findings(result.findings, "text"), err=True, nl=False)
+        fmt = "text" if annotate is None else "github"
+        click.echo(render_findings(result.findings, fmt, annotate or ""), err=True, nl=False)
         _fail(f"policy at {policies}{'@' + rev if rev else ''} is invalid; nothing was done")
     return result.policy
 
 
 def _inventory(path: str):  # type: ignore[no-untyped-def]
+    """The store's containers; each entry not used as written is a warning on stderr."""
     try:
-        return read_store(path)
+        reading = load_store(path)
     except InventoryError as exc:
         _fail(str(exc))
+    for rejected in reading.rejected:
+        click.echo(f"warning: {rejected}", err=True)
+    return reading.containers
 
 
 def _plan(policies: str, rev: str | None, containers: str, cell: str) -> tuple[PolicySet, CellPlan]:
     policy = _policy(policies, rev)
-    return policy, compile_cell(policy, _inventory(containers), cell)
+    try:
+        return policy, compile_cell(policy, _inventory(containers), cell)
+    except PlanError as exc:
+        _fail(str(exc))
 
 
 policies_option = click.option(
@@ -86,10 +100,8 @@ def validate(path: str, rev: str | None, fmt: str) -> None:
     Exit 0 when valid (warnings allowed), 1 when invalid.
     """
     result = load_policy(path, rev)
-    prefix = ""
-    if fmt == "github":
-        where = repo_location(path)
-        prefix = where[1] if where else ""
+    place = locate(path)
+    prefix = place.prefix if fmt == "github" and place.top is not None else ""
     click.echo(render_findings(result.findings, fmt, prefix), nl=False)
     sys.exit(0 if result.ok else 1)
 
@@ -221,8 +233,10 @@ def explain_cmd(
     if fmt == "json":
         click.echo(json.dumps(decision.to_dict(), indent=2))
     else:
+        from reconciler.report.escape import log_text
+
         name = policy.directory.app_path(cp.container.app_id) if cp.container.app_id else ""
-        click.echo(decision.text(name), nl=False)
+        click.echo(log_text(decision.text(name)), nl=False)
     sys.exit(0 if decision.allowed else 3)
 
 
@@ -338,12 +352,12 @@ def test_cmd(path: str, rev: str | None, fmt: str, verbose: bool) -> None:
 
     Exit 0 when every test passes, 1 on any failure or invalid policy.
     """
-    from reconciler.planrun import locate
     from reconciler.policytest import render_results, run_tests
 
-    policy = _policy(path, rev)
+    prefix = locate(path).prefix
+    policy = _policy(path, rev, prefix if fmt == "github" else None)
     results = run_tests(policy)
-    click.echo(render_results(results, fmt, locate(path).prefix, verbose), nl=False)
+    click.echo(render_results(results, fmt, prefix, verbose), nl=False)
     sys.exit(0 if all(r.passed for r in results) else 1)
 
 

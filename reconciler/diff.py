@@ -39,6 +39,7 @@ from reconciler.inventory_sources import CellInventory
 from reconciler.model import (
     AddressRange,
     Destination,
+    Directory,
     PolicySet,
     PortRange,
     RuleItem,
@@ -111,6 +112,9 @@ class PrincipalDiff:
     logging: tuple[AccessChange, ...] = ()
     containers_gaining: int = 0  # a container only gets rules of its own IP family
     containers_losing: int = 0
+    # Empty when the inventory runs this principal where the Directory says it lives; else
+    # both sides of the disagreement, and `name` is the GUID (see _Explainer.principal_name).
+    name_mismatch: str = ""
 
 
 @dataclass(frozen=True)
@@ -217,8 +221,11 @@ def diff_plans(
     # Per principal: containers per family, and the cells they run on.
     families: dict[Principal, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     cells_of: dict[Principal, set[str]] = defaultdict(set)
+    orgs_of_space: dict[str, set[str]] = defaultdict(set)  # what the inventory says
     profiles_of_cell = []
     for cell in inventory:
+        for space, org in {(c.space_id, c.org_id) for c in cell.containers}:
+            orgs_of_space[space].add(org)
         profiles = [profile_of(c) for c in cell.containers]
         profiles_of_cell.append(profiles)
         for p in set(profiles):
@@ -231,7 +238,9 @@ def diff_plans(
     work = (base, head, tuple(inventory), profiles_of_cell, touched)
     cells = _diff_cells(work, workers)
     notices = tuple(n for c in cells for n in _limit_notices(c))
-    principals = _principal_diffs(base, head, families, cells_of, touched, location_prefix)
+    principals = _principal_diffs(
+        base, head, families, cells_of, touched, location_prefix, orgs_of_space
+    )
     return PlanDiff(cells, principals, notices)
 
 
@@ -307,13 +316,15 @@ def _diff_cell(
 def _family_diff(before: CellPlan, after: CellPlan, family: int) -> list[ChainDiff]:
     """The chains of one family that differ, rendering only those.
 
-    Chains are content-addressed, so a group chain present at both revisions is identical,
-    and a container chain is identical when its list of groups is: only created and deleted
+    A group with the same content digest at both revisions renders the same chain, and a
+    container chain is identical when its list of groups is: only created and deleted
     groups and re-chained containers are rendered.  (Rendering every chain of a cell twice
-    was most of the plan's time at fleet scale.)
+    was most of the plan's time at fleet scale.)  Groups are matched by digest, never by
+    id: a group whose id collides with the old one's but whose rules differ is rendered on
+    both sides, and its chain shows as updated.
     """
-    old_groups = {g.id: g for g in before.groups if g.version == family}
-    new_groups = {g.id: g for g in after.groups if g.version == family}
+    old_groups = {g.digest: g for g in before.groups if g.version == family}
+    new_groups = {g.digest: g for g in after.groups if g.version == family}
     old_cs = {c.chain_id: c for c in before.containers if c.container.version == family}
     new_cs = {c.chain_id: c for c in after.containers if c.container.version == family}
     changed = sorted(
@@ -414,8 +425,9 @@ def _principal_diffs(
     cells: dict[Principal, set[str]],
     touched: dict[Profile, bool],
     prefix: str,
+    orgs_of_space: dict[str, set[str]],
 ) -> tuple[PrincipalDiff, ...]:
-    explainer = _Explainer(base, head, prefix)
+    explainer = _Explainer(base, head, prefix, orgs_of_space)
     out: list[PrincipalDiff] = []
     for pr in sorted(families):
         fams = sorted(families[pr])
@@ -431,7 +443,7 @@ def _principal_diffs(
         logging = _logging_changes(before, after, explainer, pr)
         if not (lost or gained or logging):
             continue
-        name, kind = explainer.principal_name(pr)
+        name, kind, mismatch = explainer.principal_name(pr)
         per_family = families[pr]
         gaining = {c.access.destination.version for c in gained}
         losing = {c.access.destination.version for c in lost}
@@ -449,6 +461,7 @@ def _principal_diffs(
                 logging=logging,
                 containers_gaining=sum(per_family[f] for f in gaining),
                 containers_losing=sum(per_family[f] for f in losing),
+                name_mismatch=mismatch,
             )
         )
     out.sort(key=lambda p: (p.name, p.lifecycle, p.space_id, p.app_id))
@@ -460,9 +473,9 @@ def _installed(plan: CellPlan, group_lines: dict[str, int]) -> int:
     total = len({cp.container.version for cp in plan.containers})
     total += sum(CONTAINER_FIXED_LINES + len(cp.groups) for cp in plan.containers)
     for g in plan.groups:
-        n = group_lines.get(g.id)
+        n = group_lines.get(g.digest)
         if n is None:
-            n = group_lines[g.id] = g.lines
+            n = group_lines[g.digest] = g.lines
         total += n
     return total
 
@@ -594,8 +607,15 @@ def _logging_changes(
 class _Explainer:
     """Names the document change behind a gained or lost rule: what a reviewer must look at."""
 
-    def __init__(self, base: PolicySet, head: PolicySet, prefix: str):
+    def __init__(
+        self,
+        base: PolicySet,
+        head: PolicySet,
+        prefix: str,
+        orgs_of_space: dict[str, set[str]],
+    ):
         self.base, self.head, self.prefix = base, head, prefix
+        self.orgs_of_space = orgs_of_space  # space GUID -> org GUIDs, as the inventory says
         self._sg = {id(p): {g.name: g for g in p.security_groups} for p in (base, head)}
         self._ep = {id(p): {e.name: e for e in p.egress_policies} for p in (base, head)}
 
@@ -609,16 +629,61 @@ class _Explainer:
                 return d.space_path(guid)
         return guid
 
-    def principal_name(self, pr: Principal) -> tuple[str, Literal["app", "space", "none"]]:
+    def principal_name(self, pr: Principal) -> tuple[str, Literal["app", "space", "none"], str]:
+        """The Directory's name for a principal where the inventory agrees; else its GUID.
+
+        Names come from the pull request's Directory, GUIDs from the inventory.  A PR that
+        swaps two apps' GUIDs would otherwise have the plan name one app while the containers
+        that gain the access run another, in another space.  So a name is given only when the
+        inventory runs the app in the space the Directory puts it in, and that space in the
+        Directory's org.  Otherwise the name is the GUID, and the third value says what
+        each side claims (empty when they agree).
+        """
         _, space, app = pr
         if app:
             for d in (self.head.directory, self.base.directory):
-                if d.knows_app(app):
-                    return d.app_path(app), "app"
-            return app, "app"
+                known = d.app(app)
+                if known is None:
+                    continue
+                said = d.app_path(app)
+                if known.space_guid != space:
+                    where = self._inventory_space(space)
+                    mismatch = f"directory says {said} in space {known.space_guid}, "
+                    return app, "app", f"{mismatch}inventory says space {where}"
+                mismatch = self._org_mismatch(d, space, said)
+                return (app, "app", mismatch) if mismatch else (said, "app", "")
+            return app, "app", ""
         if space:
-            return self.space_name(space), "space"
-        return "(no space)", "none"
+            for d in (self.head.directory, self.base.directory):
+                if d.knows_space(space):
+                    said = d.space_path(space)
+                    mismatch = self._org_mismatch(d, space, said)
+                    return (space, "space", mismatch) if mismatch else (said, "space", "")
+            return space, "space", ""
+        return "(no space)", "none", ""
+
+    def _inventory_orgs(self, space: str) -> str:
+        return ", ".join(sorted(o or "(none)" for o in self.orgs_of_space.get(space, ("",))))
+
+    def _org_mismatch(self, d: Directory, space: str, said: str) -> str:
+        """Empty when every container of `space` runs in the org the Directory gives it."""
+        known = d.space(space)
+        org = known.org_guid if known is not None else ""
+        if known is not None and self.orgs_of_space.get(space, {""}) == {org}:
+            return ""
+        return (
+            f"directory says {said} in org {org or '(none)'}, "
+            f"inventory says org {self._inventory_orgs(space)}"
+        )
+
+    def _inventory_space(self, space: str) -> str:
+        """The inventory's space GUID, with a name only where the Directory's org agrees."""
+        if not space:
+            return "(none)"
+        for d in (self.head.directory, self.base.directory):
+            if d.knows_space(space) and not self._org_mismatch(d, space, ""):
+                return f"{space} ({d.space_path(space)})"
+        return space
 
     def why(self, prov: Provenance, pr: Principal, *, lost: bool) -> str:
         """For `lost`, why base granted it and head does not; else why head now grants it."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.diff import diff_plans
@@ -21,42 +20,14 @@ from reconciler.inventory_sources import (
     synthetic_inventory,
 )
 from reconciler.model import PolicySet
+from reconciler.plan import PlanError
 from reconciler.policy.load import load_policy
+from reconciler.policy.source import RepoPlace, locate
 from reconciler.report.plan import PlanReport, Revision
 
 STATUS = "status"
 MAX_WORKERS = 4  # forked processes for a fleet-wide diff (see diff._diff_cells)
 SYNTHETIC = "directory"
-
-
-@dataclass(frozen=True)
-class RepoPlace:
-    """Where a policy folder sits: its git work tree (if any) and its path inside it."""
-
-    top: Path | None
-    folder: str  # e.g. "policies"; "" for the repository root
-
-    @property
-    def prefix(self) -> str:
-        """What to put before a policy-relative file name to get a repository path."""
-        return f"{self.folder}/" if self.folder else ""
-
-
-def locate(policies: str | os.PathLike[str]) -> RepoPlace:
-    """Find the git work tree holding `policies` (the folder need not exist on disk)."""
-    import git
-
-    target = Path(policies).resolve()
-    probe = target
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        repo = git.Repo(probe, search_parent_directories=True)
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        return RepoPlace(None, Path(policies).as_posix().rstrip("/"))
-    top = Path(repo.working_tree_dir or probe).resolve()
-    folder = target.relative_to(top).as_posix() if target != top else ""
-    return RepoPlace(top, "" if folder == "." else folder)
 
 
 def resolve_revision(top: Path | None, rev: str) -> str | None:
@@ -157,8 +128,17 @@ def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ())
     try:
         workers = min(os.cpu_count() or 1, MAX_WORKERS)
         diff = diff_plans(base_policy, head_result.policy, cells, place.prefix, workers)
+    except PlanError as exc:  # a hash collision: no agent would apply it either
+        return _with(report, error=str(exc), base_findings=base_result.findings)
     finally:
         gc.unfreeze()  # a long-lived caller (tests, a server) gets its collector back
+    unverified = sum(1 for p in diff.principals if p.name_mismatch)
+    if unverified:
+        # Said up front: in a comment cut to fit, the flagged blocks may be folded away.
+        warnings.append(
+            f"{unverified} principal{'s' * (unverified != 1)} shown by GUID (name unverified): "
+            "the directory puts the app or space elsewhere than the inventory runs it"
+        )
     return _with(
         report,
         inventory=described,

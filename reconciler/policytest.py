@@ -19,7 +19,7 @@ from reconciler.endpoint import Endpoint
 from reconciler.explain import Decision, explain
 from reconciler.model import Container, Location, PolicySet, PolicyTest
 from reconciler.policy.findings import Finding
-from reconciler.report.escape import visible
+from reconciler.report.escape import log_text, visible
 
 _IPV4 = "198.18.0.2"
 _IPV6 = "fd00:18::2"
@@ -158,7 +158,7 @@ def render_results(
     if lines:
         lines.append("")
     lines.append(_summary(total, passed, failed))
-    return "\n".join(lines) + "\n"
+    return log_text("\n".join(lines) + "\n")
 
 
 def _summary(total: int, passed: int, failed: int) -> str:

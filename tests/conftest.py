@@ -9,6 +9,7 @@ ends; `lab` is a small standard cell for tests that need nothing special.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -57,6 +58,28 @@ def skip_unless_available(what: str, reason: str | None) -> None:
 def require_netns() -> None:
     """Skip unless this host can run a lab (root, `ip`, namespaces); fail instead under CI."""
     skip_unless_available("netns lab", netns_unavailable_reason())
+
+
+def _libiptc_unavailable() -> str | None:
+    try:
+        import iptc  # type: ignore[import-not-found, import-untyped]  # noqa: F401 - untyped C binding
+    except (ImportError, OSError) as e:
+        return f"python-iptables does not load ({e}); pip install -e '.[libiptc]'"
+    return None
+
+
+def tool_unavailable_reason(tool: str) -> str | None:
+    """Why `tool` (a program on PATH, or "libiptc") cannot be used here; None when it can."""
+    if tool == "libiptc":
+        return _libiptc_unavailable()
+    return None if shutil.which(tool) else f"`{tool}` is not on PATH (make sysdeps installs it)"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`@pytest.mark.requires("ssh-keygen", ...)`: skip without the tools, fail under CI."""
+    for mark in item.iter_markers("requires"):
+        for tool in mark.args:
+            skip_unless_available(tool, tool_unavailable_reason(tool))
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from reconciler.dataplane.iptables import tool
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import hook_rule, render_cell
+from reconciler.render.iptables import hook_rule, marker_rule, render_cell
 
 XTABLES_LOCK = "/run/xtables.lock"
 
@@ -433,7 +433,7 @@ def expected_snapshot(foreign: Snapshot, plan: CellPlan | None, family: int = 4)
     if plan is None:
         return out
     chains = render_cell(plan, family).chains
-    out.update(chains)
+    out.update({name: (marker_rule(name), *rules) for name, rules in chains.items()})
     if chains:
         out["FORWARD"] = (hook_rule(), *foreign.get("FORWARD", ()))
     return out
@@ -462,20 +462,28 @@ def orphans(state: Snapshot, plan: CellPlan, family: int = 4) -> list[str]:
     return sorted(c for c in state if c.startswith("ASG-") and c not in want)
 
 
-@dataclass
-class Tally:
-    """Counts for the report: what was injected and what was seen."""
+class Checks:
+    """The invariant checks of a fault run, counted as they are made.
 
-    faults: int = 0
-    applies: int = 0
-    checks: int = 0
-    violations: int = 0
+    A run records how many checks it made and how many failed, as counted here, never a
+    literal: `held()` fails the test with the first broken ones before anything is recorded.
+    """
 
-    def add(self, other: Tally) -> None:
-        self.faults += other.faults
-        self.applies += other.applies
-        self.checks += other.checks
-        self.violations += other.violations
+    def __init__(self) -> None:
+        self.made = 0
+        self.broken: list[str] = []
+
+    def check(self, ok: bool, what: str) -> bool:
+        self.made += 1
+        if not ok:
+            self.broken.append(what)
+        return ok
+
+    def held(self) -> dict[str, int]:
+        """Assert none broke; the figures to record."""
+        assert self.made > 0, "no invariant was checked"
+        assert not self.broken, f"{len(self.broken)} of {self.made} checks broke: {self.broken[:3]}"
+        return {"checks": self.made, "violations": len(self.broken)}
 
 
 # -- scale and figures -----------------------------------------------------------------------
@@ -493,8 +501,11 @@ def record(test: str, **figures: object) -> None:
     """Append one JSON line of figures to $ASGCTL_RELIABILITY_LOG (the soak's report)."""
     import json
 
+    from bench.common import machine, revision
+
     path = os.environ.get("ASGCTL_RELIABILITY_LOG")
-    line = json.dumps({"test": test, "soak": SOAK, "time": time.time(), **figures})
+    head = {"test": test, "soak": SOAK, "time": time.time(), "revision": revision()}
+    line = json.dumps({**head, **figures, "machine": machine()})
     print(line)
     if path:
         with open(path, "a", encoding="utf-8") as f:

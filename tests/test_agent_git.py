@@ -5,7 +5,6 @@ daemon on loopback).
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import threading
 import time
@@ -28,7 +27,7 @@ from tests.agentkit import (  # noqa: F401 - fixtures
     tcp_rules,
 )
 
-pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+pytestmark = pytest.mark.requires("git")
 
 
 def _origin(tmp_path: Path, commits: int = 5) -> tuple[Path, Path, str]:
@@ -116,7 +115,7 @@ def test_fetch_failures_are_classified(tmp_path: Path, git_server: GitDaemon) ->
 # -- signatures ----------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
+@pytest.mark.requires("ssh-keygen")
 def test_ssh_signatures_trusted_untrusted_and_missing(tmp_path: Path) -> None:
     work, bare, url = _origin(tmp_path, commits=1)
     trusted, stranger, allowed = ssh_signing_keys(tmp_path)
@@ -137,7 +136,7 @@ def test_ssh_signatures_trusted_untrusted_and_missing(tmp_path: Path) -> None:
     assert not none.ok and none.reason == "UnsignedCommit"
 
 
-@pytest.mark.skipif(shutil.which("gpg") is None, reason="needs gpg")
+@pytest.mark.requires("gpg")
 def test_gpg_keyring_is_the_trust_list(tmp_path: Path) -> None:
     work, bare, url = _origin(tmp_path, commits=1)
     home = tmp_path / "signer-gnupg"

@@ -49,11 +49,11 @@ from tests.agentkit import (  # noqa: F401 - fixtures
     write_store,
 )
 from tests.conftest import require_netns
-from tests.faultkit import Snapshot, expected_snapshot, record, snapshot
+from tests.faultkit import Checks, Snapshot, expected_snapshot, record, snapshot
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen"),
+    pytest.mark.requires("ssh-keygen", "git"),
 ]
 
 ALLOW_ALL = {"evil.yaml": sg("evil", ["{protocol: all, destination: 0.0.0.0/0}"])}
@@ -74,6 +74,7 @@ class Cell:
         self.foreign, _ = snapshot(lab.cell, "legacy")
         self.agent = self.new_agent()
         self.refusals: list[str] = []
+        self.checks = Checks()
 
     def config(self, **more: Any) -> Any:
         settings = {
@@ -107,9 +108,12 @@ class Cell:
         return expected_snapshot(self.foreign, compile_cell(result.policy, self.containers))
 
     def holds(self, sha: str) -> None:
-        """The kernel holds exactly revision `sha`'s plan (and nothing else of ours)."""
+        """The kernel holds exactly revision `sha`'s plan (and nothing else of ours): one
+        check, counted; a broken one fails the test at once (the next attack would start from
+        a kernel nobody asked for)."""
         state, raw = snapshot(self.lab.cell, "legacy")
-        assert state == self.expected(sha), raw[-2000:]
+        if not self.checks.check(state == self.expected(sha), f"not {sha}: {raw[-2000:]}"):
+            self.checks.held()
 
     def accepted(self, sha: str) -> dict[str, Any]:
         st = self.cycle()
@@ -202,7 +206,7 @@ def test_unsigned_untrusted_and_forged_heads_are_refused(cell: Any) -> None:
     # The real commit is fine; the trust list is what decides, not the content.
     _push(repo, benign)
     cell.accepted(benign)
-    record("attacks-signatures", refused=cell.refusals, violations=0)
+    record("attacks-signatures", refused=cell.refusals, **cell.checks.held())
 
 
 def test_rollbacks_and_rewrites_are_refused_also_after_a_restart(cell: Any) -> None:
@@ -235,7 +239,7 @@ def test_rollbacks_and_rewrites_are_refused_also_after_a_restart(cell: Any) -> N
     # Only an operator's explicit setting lets a rewind through.
     cell.agent = cell.new_agent(**{"allow-rewind": True})
     cell.accepted(rewritten)
-    record("attacks-rewind", refused=cell.refusals, violations=0)
+    record("attacks-rewind", refused=cell.refusals, **cell.checks.held())
 
 
 def test_policy_on_other_branches_and_refs_is_never_read(
@@ -254,7 +258,8 @@ def test_policy_on_other_branches_and_refs_is_never_read(
     # An allow-all tree, signed by the trusted key: on any other ref it must not count.
     repo.reset(good)
     evil = repo.commit("allow everything", ALLOW_ALL, sign_with=cell.trusted, push=False)
-    for ref in ("refs/heads/status/cell-a", "refs/tags/main", "refs/heads/status/main"):
+    refs = ("refs/heads/status/cell-a", "refs/tags/main", "refs/heads/status/main")
+    for ref in refs:
         _push(repo, evil, ref)
     # Another cell's agent, writing (its own kind of document plus policy) to our branch.
     intruder = StatusWriter(repo.url, "status/cell-a", cell.tmp_path / "intruder.git")
@@ -280,7 +285,7 @@ def test_policy_on_other_branches_and_refs_is_never_read(
     assert git("--git-dir", str(repo.bare), "ls-tree", "--name-only", "status/cell-a") == (
         "status.yaml"
     )
-    record("attacks-other-refs", refs_tried=4, applied_from_them=0, violations=0)
+    record("attacks-other-refs", refs_tried=len(refs) + 1, **cell.checks.held())
 
 
 def test_symlinks_out_of_the_policy_tree_are_refused(cell: Any, tmp_path: Path) -> None:
@@ -329,4 +334,4 @@ def test_symlinks_out_of_the_policy_tree_are_refused(cell: Any, tmp_path: Path) 
     plan = cell.agent.state.applied.plan
     names = {s.name for g in plan.groups for r in g.rules for s in r.sources}
     assert names == {"web", "linked"}, names
-    record("attacks-symlinks", refused=refused, violations=0)
+    record("attacks-symlinks", refused=refused, **cell.checks.held())

@@ -207,3 +207,52 @@ def test_an_empty_cell_has_an_empty_plan(tmp_path):
     plan = compile_cell(policy(tmp_path), [])
     assert plan.containers == () and plan.groups == ()
     assert plan.installed_rules == 0 and plan.cf_equivalent_rules == 0
+
+
+def test_explain_names_a_space_scoped_egress_policy_as_the_grant(tmp_path):
+    """A space-scoped egress policy is a source of the rule for that space's containers: the
+    answer names it (and only it), not just ALLOW with nobody to ask about it."""
+    pol = policy(tmp_path)
+    plan = compile_cell(pol, CONTAINERS)
+    decision = explain(pol, plan, find_container(plan, handle="b-stage"),
+                       parse_endpoint("198.19.10.10:3306"))  # fmt: skip
+    assert decision.allowed
+    assert [(s.kind, s.name) for m in decision.matches for s in m.sources] == [
+        ("EgressPolicy", "space-b-to-db-staging")
+    ]
+
+
+def test_a_rules_sources_are_only_the_documents_granting_it_on_this_cell(tmp_path):
+    """The same rule granted to two spaces by two ASGs: a cell running only the first space's
+    containers installs it with the first ASG as its only source, so the plan (and the diff,
+    and the rule's comment trail) never names a document that grants nothing here."""
+    pol = policy(
+        tmp_path,
+        """
+kind: Directory
+orgs:
+  - name: o
+    guid: org-1
+    spaces:
+      - {name: a, guid: space-a}
+      - {name: b, guid: space-b}
+---
+kind: SecurityGroup
+name: for-a
+rules: [{protocol: tcp, destination: 198.19.7.7, ports: "443"}]
+running_spaces: [o/a]
+---
+kind: SecurityGroup
+name: for-b
+rules: [{protocol: tcp, destination: 198.19.7.7, ports: "443"}]
+running_spaces: [o/b]
+""",
+    )
+    only_a = compile_cell(pol, [c("a-1", "198.18.0.2", "space-a", "app-a")])
+    both = compile_cell(
+        pol,
+        [c("a-1", "198.18.0.2", "space-a", "app-a"), c("b-1", "198.18.0.3", "space-b", "app-b")],
+    )
+    sources = {cell: [s.name for g in p.groups for r in g.rules for s in r.sources]
+               for cell, p in (("only_a", only_a), ("both", both))}  # fmt: skip
+    assert sources == {"only_a": ["for-a"], "both": ["for-a", "for-b"]}

@@ -64,6 +64,7 @@ from tests.agentkit import (  # noqa: F401 - fixtures
 )
 from tests.conftest import require_netns
 from tests.faultkit import (
+    Checks,
     MountView,
     Rival,
     expected_snapshot,
@@ -150,6 +151,7 @@ def test_kill9_of_a_converge_loop_leaves_exactly_the_old_or_the_new_plan(
     modes: Counter[str] = Counter()
     applies = errors = mid_restore = 0
     current = "A"
+    checks = Checks()
     t0 = time.monotonic()
     for i in range(kills):
         mode = KILL_MODES[i % len(KILL_MODES)]
@@ -188,9 +190,16 @@ def test_kill9_of_a_converge_loop_leaves_exactly_the_old_or_the_new_plan(
         errors += out.count("error ")
         state, raw = snapshot(lab.cell, variant)
         name, diffs = match_plan(state, expect)
-        assert name is not None, f"kill {i} ({mode}): neither plan: {diffs[:5]}\n{raw[-2000:]}"
+        if not checks.check(name is not None, f"kill {i} ({mode}): neither plan: {diffs[:5]}"):
+            print(raw[-2000:])
+            break
         seen[name] += 1
         current = name
+    figures = checks.held()
+    assert mid_restore >= kills // 2, "the kills rarely landed while iptables-restore ran"
+    assert applies >= kills // 2, (applies, seen)
+    if kills >= 50:  # a dozen kills may all land on the same side; hundreds never do
+        assert len(seen) == 2, seen
     record(
         "kill9-converge-loop",
         variant=variant,
@@ -200,13 +209,9 @@ def test_kill9_of_a_converge_loop_leaves_exactly_the_old_or_the_new_plan(
         converge_errors=errors,
         killed_while_restore_ran=mid_restore,
         states=dict(seen),
-        violations=0,
+        **figures,
         seconds=round(time.monotonic() - t0, 1),
     )
-    assert mid_restore >= kills // 2, "the kills rarely landed while iptables-restore ran"
-    assert applies >= kills // 2, (applies, seen)
-    if kills >= 50:  # a dozen kills may all land on the same side; hundreds never do
-        assert len(seen) == 2, seen
 
 
 def with_suppressed_kill(proc: subprocess.Popen[Any]) -> None:
@@ -237,7 +242,7 @@ def test_another_program_editing_forward_while_we_converge(
     backend = open_backend(backend_name, variant, Runner.in_netns(lab.cell))
     rounds, budget = scale(16, 400), scale(5, 600)
     rival = Rival(lab.cell, variant, tmp_path).start()
-    failures: list[str] = []
+    checks = Checks()
     last: CellPlan | None = None
     t0 = time.monotonic()
     try:
@@ -248,8 +253,8 @@ def test_another_program_editing_forward_while_we_converge(
                 break
             plan = plans[i % 2]
             result = converge(backend, plan, last, families=(4,))
-            if not result.ok:
-                failures.append(f"round {i}: " + "; ".join(str(f.error) for f in result.families))
+            errors = "; ".join(str(f.error) for f in result.families if f.error)
+            checks.check(result.ok, f"round {i}: {errors}")
             last = plan
     finally:
         rival_result = rival.stop()
@@ -265,25 +270,26 @@ def test_another_program_editing_forward_while_we_converge(
         assert state == expected_snapshot(foreign, last), raw
         assert orphans(state, last) == []  # type: ignore[arg-type]
     r = rival_result
-    record(
-        "rival-editing-forward",
-        backend=kind,
-        our_converges=rounds,
-        our_failures=len(failures),
-        rival_rounds=r.rounds,
-        rival_commands=r.commands,
-        rival_rules_lost=r.lost,
-        rival_inserts_raced=r.raced,
-        rival_other_failures=r.other,
-        seconds=round(seconds, 1),
-    )
-    assert r.lost == 0 and r.other == 0, r.errors[-2000:]
+    checks.check(r.lost == 0, f"the rival lost {r.lost} rules: {r.errors[-2000:]}")
+    checks.check(r.other == 0, f"{r.other} rival commands failed: {r.errors[-2000:]}")
+    figures = checks.held()
     # A raced insert is iptables-nft's positional insert meeting a replaced rule (ENOENT);
     # iptables-legacy serialises every writer through the xtables lock, so it never races.
     races = [x for x in r.errors.splitlines() if "RULE_INSERT failed" in x]
     assert len(races) == r.raced and (r.raced == 0 or variant == "nft"), r.errors[-2000:]
     assert r.rounds >= 5, "the rival hardly ran"
-    assert failures == [], failures[:5]
+    record(
+        "rival-editing-forward",
+        backend=kind,
+        our_converges=rounds,
+        rival_rounds=r.rounds,
+        rival_commands=r.commands,
+        rival_rules_lost=r.lost,
+        rival_inserts_raced=r.raced,
+        rival_other_failures=r.other,
+        **figures,
+        seconds=round(seconds, 1),
+    )
 
 
 # -- agents: shared set-up --------------------------------------------------------------------
@@ -384,6 +390,7 @@ def test_kill9_of_agents_leaves_the_old_or_the_new_plan_and_they_recover(
     kills = scale(6, 60)
     rng = random.Random(7)
     seen: Counter[str] = Counter()
+    checks = Checks()
     mid_restore = 0
     writer = threading.Thread(target=flip, daemon=True)
     writer.start()
@@ -409,7 +416,9 @@ def test_kill9_of_agents_leaves_the_old_or_the_new_plan_and_they_recover(
             wait_session_gone(pid)
             state, raw = snapshot(lab.cell, variant)
             name, diffs = match_plan(state, expect)
-            assert name is not None, f"kill {i} ({mode}): {diffs[:5]}\n{raw[-1500:]}"
+            if not checks.check(name is not None, f"kill {i} ({mode}): {diffs[:5]}"):
+                print(raw[-1500:])
+                break
             seen[name] += 1
             persisted(a.state_dir)  # parses (or is absent): never half a file
             doc = read_status(policy_repo.bare, "cell-a")
@@ -423,18 +432,19 @@ def test_kill9_of_agents_leaves_the_old_or_the_new_plan_and_they_recover(
     wait_for(lambda: applied_sha(a.state_dir) == final, 30, what="the final head applied")
     assert persisted_ready(a.state_dir).get("status") == "True"
     state, raw = snapshot(lab.cell, variant)
-    assert state == expect["A"], raw
+    checks.check(state == expect["A"], f"after recovery: {raw[-1500:]}")
+    figures = checks.held()
+    assert mid_restore >= kills // 2 - 1
     record(
         "kill9-agent",
         variant=variant,
         kills=kills,
         killed_while_restore_ran=mid_restore,
         states=dict(seen),
-        violations=0,
+        **figures,
         recovered=True,
         seconds=round(time.monotonic() - t0, 1),
     )
-    assert mid_restore >= kills // 2 - 1
 
 
 # -- the git server killed mid-fetch ----------------------------------------------------------
@@ -477,6 +487,7 @@ def test_git_server_killed_mid_fetch_keeps_rules_reports_and_recovers(
     mid_fetch = 0
     messages: set[str] = set()
     current = "A"
+    checks = Checks()
     t0 = time.monotonic()
     for i in range(rounds):
         new = "B" if current == "A" else "A"
@@ -496,7 +507,7 @@ def test_git_server_killed_mid_fetch_keeps_rules_reports_and_recovers(
         git_server.stop()
         state, raw = snapshot(lab.cell, variant)
         name, diffs = match_plan(state, {current: expect[current], new: expect[new]})
-        assert name is not None, f"round {i}: {diffs[:5]}\n{raw[-1500:]}"
+        checks.check(name is not None, f"round {i}, server killed: {diffs[:5]}\n{raw[-1500:]}")
         # The agent notices: either the fetch failed and Ready says why, or it had finished.
         outcome = wait_for(
             lambda s=sha: (
@@ -517,12 +528,12 @@ def test_git_server_killed_mid_fetch_keeps_rules_reports_and_recovers(
             messages.add(f"{outcome}: {message.split('; still enforcing')[0][:160]}")
             time.sleep(rng.uniform(0.3, 0.8))  # retries while down change nothing
             state_down, raw = snapshot(lab.cell, variant)
-            assert state_down == expect[current], raw
+            checks.check(state_down == expect[current], f"round {i}, retrying: {raw[-1500:]}")
         git_server.start()
         wait_for(lambda s=sha: applied_sha(a.state_dir) == s, 30, what="the new head applied")
         wait_for(lambda: persisted_ready(a.state_dir).get("status") == "True", 10, what="Ready")
         state, raw = snapshot(lab.cell, variant)
-        assert state == expect[new], raw
+        checks.check(state == expect[new], f"round {i}, recovered: {raw[-1500:]}")
         current = new
     a.stop()
     fsck = subprocess.run(
@@ -531,17 +542,18 @@ def test_git_server_killed_mid_fetch_keeps_rules_reports_and_recovers(
         text=True,
         check=False,
     )
-    assert fsck.returncode == 0, fsck.stderr
+    checks.check(fsck.returncode == 0, f"the cache is corrupt: {fsck.stderr}")
+    figures = checks.held()
+    assert sum(n for r, n in reasons.items() if r != "applied") >= 1, reasons
     record(
         "git-server-killed-mid-fetch",
         rounds=rounds,
         reported=dict(reasons),
         killed_while_upload_pack_ran=mid_fetch,
         messages=sorted(messages),
-        violations=0,
+        **figures,
         seconds=round(time.monotonic() - t0, 1),
     )
-    assert sum(n for r, n in reasons.items() if r != "applied") >= 1, reasons
 
 
 # -- disk full --------------------------------------------------------------------------------
@@ -606,8 +618,10 @@ def test_disk_full_under_the_state_dir_enforcement_continues_and_recovers(
             30,
             what="DiskFull in the pushed status",
         )
+        checks = Checks()
         state, raw = snapshot(lab.cell, variant)
-        assert state == expected_snapshot(foreign, compile_files(POLICY_A, tuple(containers))), raw
+        want_a = expected_snapshot(foreign, compile_files(POLICY_A, tuple(containers)))
+        checks.check(state == want_a, f"nearly full: {raw[-1500:]}")
         assert applied_sha(seen) == first
 
         # 2. Full: not a byte left.  A container arrives and must get its rules anyway.
@@ -618,6 +632,8 @@ def test_disk_full_under_the_state_dir_enforcement_continues_and_recovers(
         want = expected_snapshot(foreign, compile_files(POLICY_A, tuple(containers)))
         wait_for(lambda: snapshot(lab.cell, variant)[0] == want, 10, what="the new container")
         time.sleep(1.0)  # several cycles that cannot save state or push status
+        state, raw = snapshot(lab.cell, variant)
+        enforced_while_full = checks.check(state == want, f"full: {raw[-1500:]}")
         assert applied_sha(seen) == first  # the old state.json, whole
         leftovers = sorted(p.name for p in seen.iterdir() if p.name.startswith(".state."))
         assert leftovers == [], leftovers
@@ -643,16 +659,18 @@ def test_disk_full_under_the_state_dir_enforcement_continues_and_recovers(
             what="the status pushed again",
         )
         state, raw = snapshot(lab.cell, variant)
-        assert state == expected_snapshot(foreign, compile_files(POLICY_B, tuple(containers)))
+        want_b = expected_snapshot(foreign, compile_files(POLICY_B, tuple(containers)))
+        recovered = checks.check(state == want_b, f"space again: {raw[-1500:]}")
         a.stop()
+    figures = checks.held()
     record(
         "disk-full",
         tmpfs="8m",
         cache_write_failure=f"{cache_error['reason']}: {cache_error['message'][:160]}",
         state_not_saved_events=sum(1 for r in errors if r["event"] == "state-not-saved"),
-        enforced_while_full=True,
-        recovered=True,
-        violations=0,
+        enforced_while_full=enforced_while_full,
+        recovered=recovered,
+        **figures,
         seconds=round(time.monotonic() - t0, 1),
     )
 
@@ -675,10 +693,8 @@ def _corruptions(good: bytes, rng: random.Random, cuts: int) -> list[tuple[str, 
         ("a string", b'"store"'),
         ("deep nesting", b"[" * 200_000 + b"]" * 200_000),
         ("a 5000-digit number", b'{"c1": ' + b"9" * 5000 + b"}"),
-        ("zone id injection", json.dumps(
-            {"x": {"handle": "x", "ip": "fd00:18::9%x\n-A FORWARD -j ACCEPT"}}).encode()),
-        ("duplicate ip", good.replace(b'"198.18.0.3"', b'"198.18.0.2"')),
-        ("bad workload", good.replace(b'"app"', b'"root"', 1)),
+        # A bad *entry* (a zone id, a shared IP, an odd workload) is judged on its own and
+        # the rest of the store used: tests/test_cell_store.py.  Only whole files here.
         ("not utf-8", b'{"c\xff": {}}'),
         ("missing", None),
         ("a directory", b"<dir>"),
@@ -706,6 +722,7 @@ def test_half_written_or_invalid_metadata_keeps_the_last_good_inventory(
     good = store.read_bytes()
     rng = random.Random(5)
     cases = _corruptions(good, rng, scale(12, 200))
+    checks = Checks()
     t0 = time.monotonic()
     for name, content in cases:
         if store.is_dir():
@@ -731,7 +748,7 @@ def test_half_written_or_invalid_metadata_keeps_the_last_good_inventory(
             assert doc["inventory"]["error"] and doc["inventory"]["containers"] == len(containers)
             assert "\n" not in doc["inventory"]["error"], name
         state, raw = snapshot(lab.cell, "legacy")
-        assert state == good_state, f"{name}: the kernel changed\n{raw[-1500:]}"
+        checks.check(state == good_state, f"{name}: the kernel changed\n{raw[-1500:]}")
     if store.is_dir():
         store.rmdir()
     containers.append(container("next", 9))
@@ -742,15 +759,16 @@ def test_half_written_or_invalid_metadata_keeps_the_last_good_inventory(
         load_revision(repo.root, first, "policies").policy, tuple(sorted(containers)), "cell-a"
     )
     state, raw = snapshot(lab.cell, "legacy")
-    assert state == expected_snapshot({k: v for k, v in good_state.items()
-                                       if not k.startswith("ASG-")} | {
-        "FORWARD": good_state["FORWARD"][1:]}, plan), raw  # fmt: skip
+    host = {k: v for k, v in good_state.items() if not k.startswith("ASG-")}
+    host["FORWARD"] = good_state["FORWARD"][1:]
+    checks.check(state == expected_snapshot(host, plan), f"the next good file: {raw[-1500:]}")
     agent.source.close()
+    figures = checks.held()
     record(
         "metadata-invalid",
         files_tried=len(cases),
         cycles=2 * len(cases) + 1,
-        violations=0,
+        **figures,
         seconds=round(time.monotonic() - t0, 1),
     )
 
@@ -788,6 +806,7 @@ def test_xtables_lock_held_by_another_program(
                               "cell-a")  # fmt: skip
         reports: list[tuple[str, str, str]] = []
         timings: list[float] = []
+        checks = Checks()
         done = threading.Event()
 
         def run() -> None:  # cycles as the loop would run them, until Ready again
@@ -810,17 +829,30 @@ def test_xtables_lock_held_by_another_program(
             during, raw = snapshot(lab.cell, variant)
             if variant == "legacy":
                 assert not done.is_set()
-                assert during == before, raw  # waiting: the old rules, whole
+                checks.check(during == before, f"waiting: not the old rules, whole: {raw[-1500:]}")
             done.wait(hold + 5)
             waited = time.monotonic() - t0
         worker.join(timeout=60)
         assert done.is_set() and reports and reports[-1][0] == "True", reports
         state, raw = snapshot(lab.cell, variant)
-        assert state == expected_snapshot(foreign, plan_b), raw
+        checks.check(state == expected_snapshot(foreign, plan_b), f"after: {raw[-1500:]}")
         assert agent.state.applied is not None and agent.state.applied.sha == second
         doc = agent.status_document(agent.state)
         agent.source.close()
     failed = [r for r in reports if r[0] == "False"]
+    figures = checks.held()
+    if variant == "nft":
+        assert waited < hold and not failed  # iptables-nft takes no xtables lock
+    else:
+        assert waited >= hold - 0.5
+    if variant == "legacy" and hold < 10:  # within --wait=10: one cycle that waited, and...
+        assert len(reports) == 1 and doc["timings"]["enforce"] >= hold - 0.5, doc["timings"]
+    elif variant == "legacy":  # longer than --wait: reported as the lock, retried, then applied
+        assert failed and all(r[1] == "EnforcementFailed" for r in failed), failed
+        # ...and the cycles that gave up say how long they waited (--wait=10).
+        assert all(x >= 9.0 for x in timings[: len(failed)]), timings
+        assert any("xtables lock" in r[2] for r in failed), failed
+        assert any("still enforcing" in r[2] for r in failed), failed
     record(
         "xtables-lock-held",
         variant=variant,
@@ -829,21 +861,9 @@ def test_xtables_lock_held_by_another_program(
         cycles=len(reports),
         reported=[f"{r[1]}: {r[2][:150]}" for r in failed],
         enforce_seconds_reported=[round(x, 2) for x in timings],
-        violations=0,
+        **figures,
         seconds=round(time.monotonic() - t_all, 1),
     )
-    if variant == "nft":
-        assert waited < hold and not failed  # iptables-nft takes no xtables lock
-        return
-    assert waited >= hold - 0.5
-    if hold < 10:  # within --wait=10: one cycle that waited, and its timings say so
-        assert len(reports) == 1 and doc["timings"]["enforce"] >= hold - 0.5, doc["timings"]
-    else:  # longer than --wait: reported as the lock, retried, then applied
-        assert failed and all(r[1] == "EnforcementFailed" for r in failed), failed
-        # ...and the cycles that gave up say how long they waited (--wait=10).
-        assert all(x >= 9.0 for x in timings[: len(failed)]), timings
-        assert any("xtables lock" in r[2] for r in failed), failed
-        assert any("still enforcing" in r[2] for r in failed), failed
 
 
 def test_a_full_disk_is_reported_as_such_not_as_a_corrupt_cache() -> None:

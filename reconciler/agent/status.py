@@ -63,7 +63,10 @@ def container_entries(plan: CellPlan | None) -> list[dict[str, Any]]:
                 "app_id": c.app_id,
                 "space_id": c.space_id,
                 "org_id": c.org_id,
-                "workload": c.workload,
+                # The status-branch reader takes an empty workload for "app": a container
+                # bound to nothing (no workload in its metadata) is written as "none", which,
+                # like every workload but app, task and staging, binds nothing when read back.
+                "workload": c.workload or "none",
                 "chain": cp.chain_id,
                 "groups": list(cp.groups),
                 "sources": sorted(grant.sources),
@@ -128,6 +131,7 @@ def build_status(
         "containers": len(state.inventory) if state.inventory is not None else None,
         "updatedAt": state.inventory_at,
         "error": state.inventory_error or "",
+        "rejected": [r.to_dict() for r in state.inventory_rejected],
     }
     doc["containers"] = container_entries(plan)
     doc["history"] = [h.to_dict() for h in state.history]

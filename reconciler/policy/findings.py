@@ -76,23 +76,19 @@ class Finding:
         """A workflow command, so the finding shows on the pull request's diff line.
 
         `prefix` is the policy folder's path in the repository: GitHub wants file paths
-        relative to the repository root.
+        relative to the repository root.  The file name, subject and message come from the
+        pull request: each is escaped for its place in the command, so none can end it early
+        or start another.
         """
+        from reconciler.report.escape import gh_data, gh_property
+
         level = "error" if self.severity == "error" else "warning"
         title = ": ".join(p for p in (self.subject, self.field) if p) or "asgctl"
         file = f"{prefix.rstrip('/')}/{self.file}" if prefix else self.file
         return (
-            f"::{level} file={_gh_property(file)},line={self.line},col={self.col},"
-            f"title={_gh_property(title)}::{_gh_data(self.message)}"
+            f"::{level} file={gh_property(file)},line={self.line},col={self.col},"
+            f"title={gh_property(title)}::{gh_data(self.message)}"
         )
-
-
-def _gh_data(text: str) -> str:
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def _gh_property(text: str) -> str:
-    return _gh_data(text).replace(":", "%3A").replace(",", "%2C")
 
 
 def render_findings(
@@ -114,8 +110,10 @@ def render_findings(
         return json.dumps(doc, indent=2) + "\n"
     if fmt == "github":
         return "".join(f.github(prefix) + "\n" for f in ordered)
+    from reconciler.report.escape import log_text
+
     lines = [str(f) for f in ordered]
     errors = sum(1 for f in ordered if f.severity == "error")
     warnings = len(ordered) - errors
     lines.append(f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}")
-    return "\n".join(lines) + "\n"
+    return log_text("\n".join(lines) + "\n")

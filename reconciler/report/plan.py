@@ -23,7 +23,7 @@ import jinja2
 
 from reconciler.diff import AccessChange, CellDiff, ChainDiff, PlanDiff, PrincipalDiff
 from reconciler.policy.findings import Finding
-from reconciler.report.escape import fence, md, visible
+from reconciler.report.escape import fence, log_text, md, visible
 
 MARKER = "<!-- asgctl-plan -->"
 COMMENT_LIMIT = 65_000  # GitHub allows 65,536; the rest is headroom for the CI's own words
@@ -109,7 +109,10 @@ def _access_entries(p: PrincipalDiff) -> list[tuple[str, AccessChange]]:
 
 
 def _principal_title(p: PrincipalDiff) -> str:
+    """The principal's name, or its GUID and why the Directory's name is not trusted."""
     what = {"app": "", "space": " (space, no app)", "none": ""}[p.kind]
+    if p.name_mismatch:
+        what += f" [name unverified: {p.name_mismatch}]"
     return f"{p.name}{what}"
 
 
@@ -351,14 +354,16 @@ def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
         return str(macros.cell_block(_cell_view_md(c)))
 
     def render(access: list[str], rows: list[str], details: list[str], cut: str) -> str:
-        return template.render(
-            **ctx,
-            access=access,
-            has_access=bool(principals),
-            rows=rows,
-            details=details,
-            has_cells=bool(cells),
-            cut=cut,
+        return log_text(
+            template.render(
+                **ctx,
+                access=access,
+                has_access=bool(principals),
+                rows=rows,
+                details=details,
+                has_cells=bool(cells),
+                cut=cut,
+            )
         )
 
     estimate = sum(map(len, access_full)) + sum(map(len, cell_rows))
@@ -471,7 +476,7 @@ def render_text(report: PlanReport) -> str:
                     "lines": _chain_lines(c),
                 }
             )
-    return template.render(**ctx, principals=principals, cells=cells)
+    return log_text(template.render(**ctx, principals=principals, cells=cells))
 
 
 def _access_text_lines(p: PrincipalDiff) -> list[str]:
@@ -546,6 +551,8 @@ def _principal_json(p: PrincipalDiff) -> dict[str, Any]:
         "lifecycle": p.lifecycle,
         "space_id": p.space_id,
         "app_id": p.app_id,
+        "name_verified": not p.name_mismatch,
+        "name_mismatch": p.name_mismatch or None,
         "containers": p.containers,
         "cells": p.cells,
         "gained": [_change_json(c) for c in p.gained],
