@@ -56,7 +56,7 @@ from reconciler.policy.grammar import (
     host_bits_notes,
     parse_rule,
 )
-from reconciler.policy.yamlsafe import LoadError, decode, load_documents
+from reconciler.policy.yamlsafe import LoadError, load_yaml
 
 __all__ = [
     "SCHEMA_COMMENT",
@@ -244,7 +244,7 @@ def import_files(paths: Sequence[str], name: str | None) -> Imported:
             continue
         if file.endswith(_YAML_SUFFIXES):
             try:
-                docs = load_documents(file, decode(file, raw))
+                docs = load_yaml(file, raw)
             except LoadError as exc:
                 errors.append(str(exc))
                 continue
