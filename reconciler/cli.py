@@ -149,7 +149,10 @@ def validate(path: str, rev: str | None, fmt: str) -> None:
 @main.command("import-cf")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option(
-    "--name", default=None, help="Group name for a bare rules array (default: file name)."
+    "--name",
+    default=None,
+    help="Group name for a bare rules array (default: file name); otherwise import only "
+    "the group of this name.",
 )
 @click.option(
     "--out",
@@ -159,13 +162,18 @@ def validate(path: str, rev: str | None, fmt: str) -> None:
     help="Write one YAML file per group here (default: print to stdout).",
 )
 def import_cf_cmd(files: tuple[str, ...], name: str | None, out_dir: str | None) -> None:
-    """Convert Cloud Foundry ASG JSON (rules array, v3 resource or v3 list) to policy YAML.
+    """Convert Cloud Foundry ASGs to policy YAML: a rules array, a v3 security group, every
+    page of /v3/security_groups, or a BOSH manifest / ops files (cc.security_group_definitions).
 
-    Invalid CF rules are reported with Cloud Controller's messages and nothing is written.
+    Rules are judged as Cloud Controller judges them, with its messages; any error means
+    nothing is written (exit 1).  Warnings (ICMP ports dropped, CIDRs with host bits, ...) go
+    to stderr and the import goes ahead (exit 0).
     """
-    from reconciler.policy.importcf import document_filename, dump_documents, import_files
+    from reconciler.policy.importcf import document_filenames, dump_documents, import_files
 
-    docs, errors = import_files(files, name)
+    docs, errors, warnings = import_files(files, name)
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
     if errors:
         for e in errors:
             click.echo(e, err=True)
@@ -175,8 +183,8 @@ def import_cf_cmd(files: tuple[str, ...], name: str | None, out_dir: str | None)
         return
     target = Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
-    for doc in docs:
-        path = target / document_filename(doc["name"])
+    for doc, filename in zip(docs, document_filenames([d["name"] for d in docs]), strict=True):
+        path = target / filename
         path.write_text(dump_documents([doc]), encoding="utf-8")
         click.echo(f"wrote {path}")
 

@@ -39,6 +39,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from reconciler import jsonsafe
 from reconciler.model import Container
 
 MAX_STORE_BYTES = 64 * 1024 * 1024
@@ -92,13 +93,10 @@ def decode_store(text: str | bytes, source: str = "store.json") -> StoreReading:
     if len(text) > MAX_STORE_BYTES:
         raise InventoryError(f"{source}: larger than {MAX_STORE_BYTES} bytes")
     try:
-        data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        # ValueError also covers integers over Python's 4300-digit conversion limit.
-        raise InventoryError(f"{source}: not valid JSON: {exc}") from None
-    except RecursionError:
-        # json's decoder recurses per nesting level: `[[[[...` is an error, not a crash.
-        raise InventoryError(f"{source}: not valid JSON: nested too deeply") from None
+        # Deep nesting, 5000-digit integers and bad UTF-8 become errors naming line and column.
+        data = jsonsafe.loads(text, source)
+    except jsonsafe.JsonInputError as exc:
+        raise InventoryError(str(exc)) from None
     return judge_store(data, source)
 
 

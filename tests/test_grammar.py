@@ -18,6 +18,8 @@ from reconciler.model import PROTOCOLS, AddressRange, Location, PortRange, Rule
 from reconciler.policy.grammar import (
     MAX_DESTINATIONS_PER_RULE,
     FieldError,
+    cf_exact_errors,
+    host_bits_notes,
     parse_destination_ips,
     parse_port_ranges,
     parse_rule,
@@ -252,10 +254,17 @@ class TestValidRules:
     @pytest.mark.parametrize("ports", [None, False])
     def test_null_or_false_ports_count_as_absent(self, protocol: str, ports: object) -> None:
         raw = icmp("2001:db8::1" if protocol == "icmpv6" else "10.0.0.1", protocol)
+        if protocol == "all":
+            raw = {"protocol": "all", "destination": "10.0.0.1"}
         assert ok({**raw, "ports": ports}).ports == ()
 
-    def test_type_and_code_are_ignored_for_tcp_as_in_cf(self) -> None:
-        rule = ok({**tcp("10.0.0.1"), "type": 8, "code": "anything"})
+    @pytest.mark.parametrize("protocol", ["tcp", "udp", "all"])
+    @pytest.mark.parametrize("value", [None, False])
+    def test_null_or_false_type_and_code_count_as_absent_outside_icmp(
+        self, protocol: str, value: object
+    ) -> None:
+        raw = tcp("10.0.0.1") if protocol != "all" else {"protocol": "all", "destination": "::1"}
+        rule = ok({**raw, "protocol": protocol, "type": value, "code": value})
         assert (rule.icmp_type, rule.icmp_code) == (None, None)
 
     def test_location_is_attached(self) -> None:
@@ -578,7 +587,10 @@ class TestPorts:
     def test_ports_are_not_allowed_without_tcp_or_udp(
         self, protocol: str, destination: str, ports: object
     ) -> None:
-        """CF has the message for `all`; it silently ignores ports on icmp, which we refuse."""
+        """CF has the message for `all`.  For icmp its request validator says nothing
+        (security_group_rule_validator.rb:52-62) and its model refuses the key
+        (icmp_rule_validator.rb:3 has no `ports`); policy YAML refuses it in CF's words for
+        `all`.  `import-cf` drops such ports with a warning instead (tests/test_importcf.py)."""
         raw = {**icmp(destination, protocol), "ports": ports}
         if protocol == "all":
             raw = {"protocol": "all", "destination": destination, "ports": ports}
@@ -590,6 +602,134 @@ class TestPorts:
         assert errors_of(
             {"protocol": "all", "destination": "192.168.10.2/24", "ports": "6000"}
         ) == [("ports", PORTS_NOT_ALL)]
+
+
+class TestCfModelValidator:
+    """Cloud Controller validates a rule twice: the v3 request validator (the `Rules[i]:`
+    messages above), then the model (cloudfoundry/cloud_controller_ng
+    app/models/runtime/security_group.rb:60-88 `validate_rules`, which runs
+    lib/cloud_controller/rule_validator.rb:22-25 `validate_fields` with the per-protocol
+    `required_fields + optional_fields`: rule_validator.rb:5-6 protocol, destination, log,
+    description; transport_rule_validator.rb:3 adds ports; icmp_rule_validator.rb:3 adds code
+    and type).  The model's spec pins "rule number 1 contains the invalid field 'foobar'" for
+    every protocol (spec/unit/models/runtime/security_group_spec.rb, "when the rule contains
+    extraneous fields").  So type/code outside ICMP, which the request validator never looks
+    at, are refused by CF, and by us."""
+
+    @pytest.mark.parametrize("protocol", ["tcp", "udp", "all"])
+    @pytest.mark.parametrize("field", ["type", "code"])
+    def test_type_and_code_outside_icmp_are_invalid_fields(self, protocol: str, field: str) -> None:
+        raw = tcp("10.0.0.1") if protocol != "all" else {"protocol": "all", "destination": "::1"}
+        assert errors_of({**raw, "protocol": protocol, field: 8}) == [
+            (field, f"contains the invalid field '{field}'")
+        ]
+
+    @pytest.mark.parametrize(
+        ("raw", "expected"),
+        [
+            # CF JSON has no null-means-absent: the model looks at keys (rule.keys - allowed).
+            ({"protocol": "all", "destination": "10.0.0.1", "ports": None}, [("ports", "F")]),
+            (
+                {"protocol": "tcp", "destination": "10.0.0.1", "ports": "1", "type": None},
+                [("type", "F")],
+            ),
+            (
+                {
+                    "protocol": "icmp",
+                    "destination": "10.0.0.1",
+                    "type": 0,
+                    "code": 0,
+                    "ports": False,
+                },
+                [("ports", "F")],
+            ),
+            # rule_validator.rb:15 `rule.key?('log') && !validate_boolean(rule['log'])`
+            (
+                {"protocol": "all", "destination": "10.0.0.1", "log": None},
+                [("log", "contains invalid log value")],
+            ),
+            # rule_validator.rb:17 `rule.key?('description') && !...is_a?(String)`
+            (
+                {"protocol": "all", "destination": "10.0.0.1", "description": None},
+                [("description", "contains invalid description")],
+            ),
+            (
+                {"protocol": "all", "destination": "10.0.0.1", "description": False},
+                [("description", "contains invalid description")],
+            ),
+            # security_group_rule_validator.rb:107-108 `return false unless ports.is_a?(String)`
+            (
+                {"protocol": "tcp", "destination": "10.0.0.1", "ports": 443},
+                [("ports", PORTS_INVALID)],
+            ),
+            (
+                {"protocol": "udp", "destination": "10.0.0.1", "ports": [53]},
+                [("ports", PORTS_INVALID)],
+            ),
+            ({"protocol": "all", "destination": ["10.0.0.1"]}, [("destination", DEST_NOT_STRING)]),
+        ],
+    )
+    def test_cf_exact_refuses_what_only_our_yaml_allows(self, raw: dict, expected: list) -> None:
+        """`parse_rule` reads YAML (null = absent, lists, integer ports); `cf_exact_errors` is
+        what import-cf adds so that CF JSON is judged exactly as Cloud Controller judges it."""
+        assert parse_rule(raw)[1] == []
+        found = [(e.field, e.message) for e in cf_exact_errors(raw)]
+        assert found == [
+            (f, f"contains the invalid field '{f}'" if m == "F" else m) for f, m in expected
+        ]
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            {"protocol": "tcp", "destination": "10.0.0.1", "ports": "443", "log": False},
+            {"protocol": "icmp", "destination": "10.0.0.1", "type": -1, "code": -1, "log": True},
+            {"protocol": "all", "destination": "10.0.0.1", "description": ""},
+            {"protocol": "udp", "destination": "10.0.0.1", "ports": " 53, 5353 "},
+        ],
+    )
+    def test_cf_exact_accepts_what_cf_accepts(self, raw: dict) -> None:
+        assert parse_rule(raw)[1] == [] and cf_exact_errors(raw) == []
+
+
+class TestHostBits:
+    """`198.41.191.47/1` is the model spec's own transport rule destination
+    (cloudfoundry/cloud_controller_ng spec/unit/models/runtime/security_group_spec.rb
+    `build_transport_rule`): CF accepts it and NetAddr reads it as 128.0.0.0/1."""
+
+    @pytest.mark.parametrize(
+        ("destination", "notes"),
+        [
+            (
+                "198.41.191.47/1",
+                [
+                    "198.41.191.47/1 has host bits set: it means 128.0.0.0/1 "
+                    "(128.0.0.0-255.255.255.255)"
+                ],
+            ),
+            (
+                ["10.0.0.0/8", "10.1.2.3/255.255.0.0"],
+                [
+                    "10.1.2.3/255.255.0.0 has host bits set: it means 10.1.0.0/16 "
+                    "(10.1.0.0-10.1.255.255)"
+                ],
+            ),
+            (
+                "2001:db8::1/126",
+                [
+                    "2001:db8::1/126 has host bits set: it means 2001:db8::/126 "
+                    "(2001:db8::-2001:db8::3)"
+                ],
+            ),
+            ("10.0.0.0/8,10.0.0.1,10.0.0.1-10.0.0.9,::/0", []),
+            ("not-an-address/8,10.0.0.1/33", []),  # errors are parse_rule's, not notes
+            (42, []),
+        ],
+    )
+    def test_notes(self, destination: object, notes: list[str]) -> None:
+        assert [n.message for n in host_bits_notes(destination)] == notes
+        assert ok({"protocol": "all", "destination": "198.41.191.47/1"}).destinations == (
+            r("128.0.0.0/1"),
+        )
 
 
 class TestIcmp:

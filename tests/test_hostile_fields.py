@@ -500,7 +500,7 @@ STORE_CASES: list[tuple[str, bytes, str]] = [
     ("deep-array", _deep(100_000).encode(), "nested too deeply"),
     ("deep-object", ('{"a": ' * 100_000 + "1" + "}" * 100_000).encode(), "nested too deeply"),
     ("not-utf8", b'{"c1": {"handle": "\xff\xfe"}}', "valid JSON"),
-    ("nan", b'{"c1": NaN}', "entry must be an object"),
+    ("nan", b'{"c1": NaN}', "store.json:1:8: not valid JSON: NaN"),
     (
         "workload-list",
         json.dumps(_store_with(metadata={"container_workload": ["app"]})).encode(),

@@ -63,3 +63,32 @@ def test_invalid_cf_rules_are_reported_with_cf_messages_and_nothing_is_written(t
     assert "bad.json: " in result.output and "Rules[0]: ports must be a valid" in result.output
     assert "nothing was written" in result.output
     assert not out.exists()
+
+
+def test_names_that_share_a_file_name_get_files_of_their_own(tmp_path):
+    groups = [{"name": n, "rules": []} for n in ("a b", "a_b", "A_B", "a/b")]
+    (tmp_path / "all.json").write_text(json.dumps(v3_list(*groups)))
+    out = tmp_path / "policies"
+    result = CliRunner().invoke(main, ["import-cf", str(tmp_path / "all.json"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "A_B-3.yaml",
+        "a_b-2.yaml",
+        "a_b-4.yaml",
+        "a_b.yaml",
+    ]
+    assert sorted(g.name for g in load_folder(out).policy.security_groups) == sorted(
+        g["name"] for g in groups
+    )
+
+
+def test_warnings_go_to_stderr_and_the_import_goes_ahead(tmp_path):
+    rules = [{"protocol": "icmp", "destination": "10.0.0.0/8", "type": 8, "code": 0, "ports": "80"}]
+    (tmp_path / "ping.json").write_text(json.dumps(rules))
+    result = CliRunner().invoke(main, ["import-cf", str(tmp_path / "ping.json")])
+    assert result.exit_code == 0
+    assert result.stderr == (
+        'warning: ping.json: ping: Rules[0]: ports "80" dropped: icmp has no ports '
+        "(Cloud Controller's request validator ignores them)\n"
+    ).replace("ping.json", str(tmp_path / "ping.json"), 1)
+    assert "ports" not in result.stdout and "name: ping" in result.stdout

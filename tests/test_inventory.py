@@ -60,9 +60,9 @@ def test_dump_and_parse_round_trip():
 @pytest.mark.parametrize(
     ("store", "message"),
     [
-        ("{not json", "store.json: not valid JSON"),
-        ('{"c1": {"handle": "c1", "ip": "10.0.0.1", "metad', "store.json: not valid JSON"),
-        ("", "store.json: not valid JSON"),
+        ("{not json", "store.json:1:2: not valid JSON"),
+        ('{"c1": {"handle": "c1", "ip": "10.0.0.1", "metad', "store.json:1:43: not valid JSON"),
+        ("", "store.json:1:1: not valid JSON"),
         ("[]", "store.json: expected an object of handle -> container"),
         ("null", "store.json: expected an object of handle -> container"),
     ],

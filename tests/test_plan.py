@@ -152,6 +152,33 @@ def test_added_destination(tmp_path):
     assert "EgressPolicy/backend-to-replica added (policies/ledger-replica.yaml:8)" in md
 
 
+def test_destination_without_ports_is_marked_all_ports(tmp_path):
+    """A tcp/udp Destination without `ports` grants every port (the policy server's default);
+    validation warns (tests/test_validate.py) and the plan says "all ports" on the grant."""
+    repo = policy_repo(tmp_path)
+    write_tree(
+        repo / "policies",
+        {
+            "ledger-replica.yaml": """
+                kind: Destination
+                name: ledger-replica
+                protocol: tcp
+                ips: 198.19.10.11
+                ---
+                kind: EgressPolicy
+                name: backend-to-replica
+                source: {type: app, name: payments/prod/backend}
+                destination: ledger-replica
+                """
+        },
+    )
+    commit_all(repo, "backend reads the replica, every port")
+    for fmt in ("markdown", "text"):
+        code, out = plan(repo, fmt)
+        assert code == 2, out
+        assert "+ tcp 198.19.10.11 all ports" in out, out
+
+
 def test_removed_rule(tmp_path):
     repo = policy_repo(tmp_path)
     edit(

@@ -224,15 +224,67 @@ def test_destination_semantics(tmp_path):
     assert got == [
         "d.yaml:4:6: Destination/ping: ips: protocol icmp needs IPv4 addresses",
         "d.yaml:5:8: Destination/ping: ports: ports are not allowed for protocol icmp",
+        "d.yaml:7:1: Destination/web: ports: warning: no ports given: tcp to these ips on all "
+        "ports (1-65535)",
         "d.yaml:11:12: Destination/web: icmp_type: icmp_type is only allowed for protocols icmp "
         "and icmpv6",
     ]
 
 
-def test_destination_without_ports_allows_every_port(tmp_path):
-    write_tree(tmp_path, {"d.yaml": "kind: Destination\nname: db\nprotocol: tcp\nips: 10.0.0.1\n"})
-    (dest,) = load_folder(tmp_path).policy.destinations
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_destination_without_ports_allows_every_port_and_says_so(tmp_path, protocol):
+    """The policy server's default (no ports = every port) is kept, but never silently: a
+    warning names it, validation still passes (exit 0) and the plan marks the grant."""
+    doc = f"kind: Destination\nname: db\nprotocol: {protocol}\nips: 10.0.0.1\n"
+    write_tree(tmp_path, {"d.yaml": doc})
+    result = load_folder(tmp_path)
+    (dest,) = result.policy.destinations
     assert [(p.first, p.last) for p in dest.ports] == [(1, 65535)]
+    assert result.ok
+    assert [str(f) for f in result.findings] == [
+        f"d.yaml:1:1: Destination/db: ports: warning: no ports given: {protocol} to these ips "
+        "on all ports (1-65535)"
+    ]
+    assert CliRunner().invoke(main, ["validate", str(tmp_path)]).exit_code == 0
+
+
+@pytest.mark.parametrize("protocol", ["icmp", "all"])
+def test_destination_without_ports_is_quiet_where_ports_mean_nothing(tmp_path, protocol):
+    doc = f"kind: Destination\nname: db\nprotocol: {protocol}\nips: 10.0.0.1\n"
+    write_tree(tmp_path, {"d.yaml": doc})
+    assert load_folder(tmp_path).findings == ()
+
+
+def test_destination_cidr_with_host_bits_is_a_warning(tmp_path):
+    doc = "kind: Destination\nname: db\nprotocol: all\nips: [10.1.2.3/8, {start: 10.0.0.1}]\n"
+    write_tree(tmp_path, {"d.yaml": doc})
+    assert [str(f) for f in load_folder(tmp_path).findings] == [
+        "d.yaml:4:6: Destination/db: ips: warning: 10.1.2.3/8 has host bits set: it means "
+        "10.0.0.0/8 (10.0.0.0-10.255.255.255)"
+    ]
+
+
+def test_cidr_with_host_bits_is_a_warning(tmp_path):
+    """cloud_controller_ng's own model spec uses 198.41.191.47/1 (security_group_spec.rb
+    `build_transport_rule`): accepted, and it means 128.0.0.0/1, half the internet."""
+    got = findings(
+        tmp_path,
+        {
+            "sg.yaml": """
+                kind: SecurityGroup
+                name: a
+                rules:
+                  - {protocol: udp, destination: 198.41.191.47/1, ports: "8080-9090"}
+                  - {protocol: all, destination: [10.0.0.0/8, "2001:db8::1/64"]}
+                """
+        },
+    )
+    assert got == [
+        "sg.yaml:4:34: SecurityGroup/a: rules[0].destination: warning: 198.41.191.47/1 has "
+        "host bits set: it means 128.0.0.0/1 (128.0.0.0-255.255.255.255)",
+        "sg.yaml:5:34: SecurityGroup/a: rules[1].destination: warning: 2001:db8::1/64 has "
+        "host bits set: it means 2001:db8::/64 (2001:db8::-2001:db8::ffff:ffff:ffff:ffff)",
+    ]
 
 
 def write_bad(tmp_path: Path, name: str, data: bytes) -> Path:

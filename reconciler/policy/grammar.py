@@ -28,6 +28,7 @@ Everything here is pure and never raises, whatever object it is given: it is fed
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
@@ -37,8 +38,11 @@ from reconciler.model import PROTOCOLS, AddressRange, Location, PortRange, Rule
 
 __all__ = [
     "ALLOWED_RULE_KEYS",
+    "CF_MODEL_KEYS",
     "MAX_DESTINATIONS_PER_RULE",
     "FieldError",
+    "cf_exact_errors",
+    "host_bits_notes",
     "parse_destination_ips",
     "parse_port_ranges",
     "parse_rule",
@@ -91,6 +95,22 @@ MSG_TYPE_INVALID = "type must be an integer between -1 and 255 (inclusive)"
 MSG_LOG = "log must be a boolean"
 MSG_DESCRIPTION = "description must be a string"
 
+# Cloud Controller's model validator (`app/models/runtime/security_group.rb#validate_rules` with
+# `lib/cloud_controller/rule_validator.rb`, `transport_rule_validator.rb`,
+# `icmp_rule_validator.rb`): after the request validator above, the model takes only these keys
+# per protocol (`required_fields + optional_fields`), whatever their value, and `log` /
+# `description` must be a boolean / string whenever the key is present, even `null`.
+_MODEL_BASE = frozenset(("protocol", "destination", "log", "description"))
+CF_MODEL_KEYS: dict[str, frozenset[str]] = {
+    "tcp": _MODEL_BASE | {"ports"},
+    "udp": _MODEL_BASE | {"ports"},
+    "icmp": _MODEL_BASE | {"type", "code"},
+    "icmpv6": _MODEL_BASE | {"type", "code"},
+    "all": _MODEL_BASE,
+}
+MSG_MODEL_LOG = "contains invalid log value"
+MSG_MODEL_DESCRIPTION = "contains invalid description"
+
 # Our own messages, for forms CF does not have (YAML lists, integer ports), in CF's style.
 MSG_DEST_EMPTY_LIST = "destination must not be an empty list"
 MSG_PORTS_EMPTY_LIST = "ports must not be an empty list"
@@ -100,6 +120,15 @@ MSG_PORTS_ENTRY_TYPE = "ports list entries must be integers or strings"
 def msg_unknown_fields(keys: list[str]) -> str:
     """CF prints the offending keys as a Ruby array: `unknown field(s): ["a", "b"]`."""
     return f"unknown field(s): {json.dumps(keys, ensure_ascii=False)}"
+
+
+def msg_invalid_field(key: str) -> str:
+    """The model validator's words (`rule number N contains the invalid field 'type'`)."""
+    return f"contains the invalid field '{key}'"
+
+
+def msg_host_bits(item: str, network: str, first: str, last: str) -> str:
+    return f"{item} has host bits set: it means {network} ({first}-{last})"
 
 
 def msg_wrong_ip_version(protocol: str, version: int) -> str:
@@ -537,6 +566,14 @@ def parse_rule(
         icmp_type, type_errors = _icmp_field(raw.get("type"), "type")
         errors.extend(code_errors)
         errors.extend(type_errors)
+    elif protocol is not None:
+        # The request validator never looks at type/code outside ICMP; the model then refuses
+        # the rule (RuleValidator.validate_fields), so a policy that CF would refuse is refused.
+        errors.extend(
+            FieldError(key, msg_invalid_field(key))
+            for key in ("type", "code")
+            if not _absent(raw.get(key))
+        )
 
     if errors or protocol is None or destinations is None:
         return None, _dedupe(errors)
@@ -553,6 +590,69 @@ def parse_rule(
         ),
         [],
     )
+
+
+def cf_exact_errors(raw: object) -> list[FieldError]:
+    """What Cloud Controller refuses in a rule that `parse_rule` accepts for our YAML.
+
+    `parse_rule` reads YAML policy, where `null`/`false` mean "not given" and `destination` /
+    `ports` may be lists or integers.  CF JSON has none of that: the request validator wants
+    strings (`valid_ports` returns false unless `ports.is_a?(String)`; `destination must be a
+    string`), and the model validator refuses every key its protocol does not take and any
+    non-boolean `log` or non-string `description`, `null` included.  `import-cf` adds these
+    findings to `parse_rule`'s so that it accepts exactly what CF accepts.  Never raises.
+    """
+    if not isinstance(raw, Mapping):
+        return []
+    errors: list[FieldError] = []
+    protocol = raw.get("protocol")
+    destination = raw.get("destination")
+    if isinstance(destination, list):
+        errors.append(FieldError("destination", MSG_DEST_NOT_STRING))
+    ports = raw.get("ports")
+    if protocol in ("tcp", "udp") and not _absent(ports) and not isinstance(ports, str):
+        errors.append(FieldError("ports", MSG_PORTS_INVALID))
+    if isinstance(protocol, str) and protocol in CF_MODEL_KEYS:  # `[]` is unhashable
+        allowed = CF_MODEL_KEYS[protocol]
+        for key in ALLOWED_RULE_KEYS:
+            # A non-absent value is already parse_rule's finding, in the request's words.
+            if key in raw and key not in allowed and _absent(raw[key]):
+                errors.append(FieldError(key, msg_invalid_field(key)))
+    if "log" in raw and raw["log"] is None:
+        errors.append(FieldError("log", MSG_MODEL_LOG))
+    if "description" in raw and _absent(raw["description"]):
+        errors.append(FieldError("description", MSG_MODEL_DESCRIPTION))
+    return errors
+
+
+def host_bits_notes(value: object) -> list[FieldError]:
+    """One note per CIDR of `destination` whose address has bits set past the prefix.
+
+    CF (and this grammar) read `198.41.191.47/1` as the network it lies in, `128.0.0.0/1`:
+    half the internet, where the writer almost certainly meant one host.  Not an error,
+    because CF accepts it and rules already in CF must import unchanged, but worth saying.
+    """
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list):
+        return []
+    notes: list[FieldError] = []
+    for item in items:
+        if not isinstance(item, str) or "/" not in item or "-" in item:
+            continue
+        addr_text, _, prefix_text = item.partition("/")
+        parsed = _parse_address(addr_text)
+        if parsed is None:
+            continue
+        version, address = parsed
+        prefix = _parse_prefix(prefix_text, version)
+        rng = _parse_network(item)
+        if prefix is None or rng is None or rng.first == address:
+            continue
+        cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+        first, last = str(cls(rng.first)), str(cls(rng.last))
+        message = msg_host_bits(_show(item), f"{first}/{prefix}", first, last)
+        notes.append(FieldError("destination", message, _show(item)))
+    return notes
 
 
 def _icmp_field(value: object, name: str) -> tuple[int | None, list[FieldError]]:

@@ -1,57 +1,112 @@
 """Import Cloud Foundry security groups into policy documents (`asgctl import-cf`).
 
-Accepted inputs, all as parsed JSON:
+Accepted inputs:
 
 * a bare rules array, as given to `cf create-security-group NAME rules.json` (the caller
   supplies NAME);
 * one v3 security group resource (`GET /v3/security_groups/:guid`);
-* a v3 list response (`GET /v3/security_groups`, `{pagination, resources}`).
+* v3 list responses (`GET /v3/security_groups`, `{pagination, resources}`): one page, or every
+  page of a paginated listing given together; an incomplete set of pages is refused (by
+  `pagination.total_results`), because importing part of a listing silently loses groups;
+* a BOSH manifest (cf-deployment.yml) and BOSH ops files (YAML): Cloud Controller seeds
+  `cc.security_group_definitions` of the `cloud_controller_ng` job on first start, marking the
+  groups named in `cc.default_running_security_groups` / `default_staging_security_groups`
+  globally enabled (cloud_controller_ng lib/cloud_controller/seeds.rb
+  `create_seed_security_groups`).  Ops files are applied in the order given, like
+  `bosh int manifest.yml -o ops.yml`, so an ops file can be imported alone or on a manifest.
 
-The output describes exactly the same rules: rule values are kept as CF gave them (strings
-stay strings, `"53, 5353"` is not rewritten), only keys with `null` values and empty
-descriptions are dropped, and bindings become `running_spaces` / `staging_spaces` lists of
-space GUIDs plus `globally_enabled`.  Every rule is checked with the CF grammar first and
-errors are reported in Cloud Controller's v3 form (`Rules[<index>]: <message>`), prefixed
-with the group name, so the caller can refuse to write anything when one group is wrong.
+Rules are judged exactly as Cloud Controller judges CF JSON: its v3 request validator
+(`grammar.parse_rule`, messages `Rules[<index>]: ...`) and then its model validator
+(`grammar.cf_exact_errors`: keys per protocol, `null`s, string-only `ports`).  One exception,
+made on purpose: ICMP rules that carry `ports` are imported without them and with a warning
+naming what was dropped.  CC's request validator never looks at `ports` on icmp, such rules
+are found in real exports, and ports mean nothing to ICMP, so dropping them changes no packet;
+refusing would fail the whole import.  (CC's model, `icmp_rule_validator.rb`, has no `ports`
+key either, so CF would refuse to create such a rule today; the policy YAML refuses it too.)
+CIDRs with host bits (`198.41.191.47/1`, which means `128.0.0.0/1`) are imported unchanged,
+as CF reads them, with a warning.
 
-`import_cf` is pure: data in, data out.  `import_files` reads the JSON files the command is
-given (naming a bare rules array after its file) and adds the checks that span files;
-`document_filename` is the file a group is written to.  Space GUIDs are not resolved to
-`org/space` names here, because CF's v3 presenter only shows the spaces the exporting user
-can see and a GUID is always exact; the validator resolves GUIDs against the repository's
-directory.
+The output describes exactly the same rules: values are kept as CF gave them (strings stay
+strings, `"53, 5353"` is not rewritten), only empty descriptions are dropped, and bindings
+become `running_spaces` / `staging_spaces` lists of space GUIDs plus `globally_enabled`.
+Errors and warnings are prefixed with the group name; any error means nothing is written.
+
+`import_cf` and `import_sources` are pure: data in, data out.  `import_files` reads the files
+(JSON through the one safe JSON reader, YAML through the safe YAML loader).  Space GUIDs are not
+resolved to `org/space` names here: CF's v3 presenter only shows the spaces the exporting user
+can see and a GUID is always exact; the validator resolves GUIDs against the directory.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import yaml
 
-from reconciler.policy.grammar import ALLOWED_RULE_KEYS, parse_rule
+from reconciler import jsonsafe
+from reconciler.policy.grammar import (
+    ALLOWED_RULE_KEYS,
+    cf_exact_errors,
+    host_bits_notes,
+    parse_rule,
+)
+from reconciler.policy.yamlsafe import LoadError, load_yaml
 
-__all__ = ["SCHEMA_COMMENT", "dump_documents", "import_cf"]
+__all__ = [
+    "SCHEMA_COMMENT",
+    "Imported",
+    "document_filename",
+    "document_filenames",
+    "dump_documents",
+    "import_cf",
+    "import_files",
+    "import_sources",
+]
 
 SCHEMA_COMMENT = "# yaml-language-server: $schema=../schemas/asgctl.schema.json"
 MAX_NAME_LENGTH = 250  # SecurityGroupCreateMessage::MAX_SECURITY_GROUP_NAME_LENGTH
+MAX_INPUT_BYTES = 256 * 1024 * 1024  # far above any CF export; keeps /dev/zero out of memory
+MAX_RULES_CHAR_LENGTH = 2**24 - 1  # SecurityGroup::MAX_RULES_CHAR_LENGTH (serialized rules)
 # Cloud Controller's v3 messages for the group itself (ActiveModel full messages).
 MSG_RULES_NOT_ARRAY = "Rules must be an array"
 MSG_NAME_BLANK = "Name can't be blank"
 MSG_NAME_NOT_STRING = "Name must be a string"
 MSG_NAME_TOO_LONG = f"Name is too long (maximum is {MAX_NAME_LENGTH} characters)"
+# The model's: validates_format SECURITY_GROUP_NAME_REGEX (printable characters) and
+# validate_rules_length.
+MSG_NAME_FORMAT = "name is invalid (Cloud Controller allows printable characters only)"
+MSG_RULES_TOO_LONG = f"rules length must not exceed {MAX_RULES_CHAR_LENGTH} characters"
 MSG_GLOBAL_NOT_OBJECT = "Globally enabled must be an object"
 MSG_GLOBAL_KEYS = "Globally enabled only allows keys 'running' or 'staging'"
 MSG_GLOBAL_VALUES = "Globally enabled values must be booleans"
 
-MSG_V2 = (
-    "this is a v2 API response; export the v3 form with cf curl '/v3/security_groups?per_page=5000'"
-)
+MSG_V2 = "this is a v2 API response; export the v3 form (README: Importing from Cloud Foundry)"
+MSG_PAGES = "pass every page of /v3/security_groups (README: Importing from Cloud Foundry)"
 
 _BINDINGS = ("running_spaces", "staging_spaces")
 _RESOURCE_KEYS = ("guid", "name", "rules", "globally_enabled", "relationships")
+_ICMP = ("icmp", "icmpv6")
+_CC_KEYS = (
+    "security_group_definitions",
+    "default_running_security_groups",
+    "default_staging_security_groups",
+)
+_DEFINITION_KEYS = ("name", "rules")
+_YAML_SUFFIXES = (".yml", ".yaml")
+
+
+class Imported(NamedTuple):
+    """Documents to write, errors (any one means write nothing) and warnings (write anyway)."""
+
+    documents: list[dict]
+    errors: list[str]
+    warnings: list[str]
 
 
 def _is_v2_list(data: Mapping) -> bool:
@@ -64,56 +119,146 @@ def _is_v2_list(data: Mapping) -> bool:
     )
 
 
-def import_cf(data: object, *, name: str | None) -> tuple[list[dict], list[str]]:
-    """Convert CF input into SecurityGroup documents.
+def _kind(data: object) -> str:
+    """Which CF input this is: array, v2, list, resource, bosh-manifest, bosh-ops, unknown."""
+    if isinstance(data, list):
+        if data and all(isinstance(op, Mapping) and "type" in op and "path" in op for op in data):
+            return "bosh-ops"
+        return "array"
+    if not isinstance(data, Mapping):
+        return "unknown"
+    if "entity" in data or _is_v2_list(data):
+        return "v2"
+    if "resources" in data:
+        return "list"
+    if "instance_groups" in data or isinstance(data.get("properties"), Mapping):
+        return "bosh-manifest"
+    if any(key in data for key in _RESOURCE_KEYS):
+        return "resource"
+    return "unknown"
+
+
+def import_cf(data: object, *, name: str | None) -> Imported:
+    """Convert one CF JSON input into SecurityGroup documents.
 
     `name` names the group of a bare rules array; for a resource or a list response it
     selects the group of that name (an error if there is none), so one group can be pulled
-    out of a full `/v3/security_groups` dump.  Returns `(documents, errors)`; when `errors`
-    is not empty the documents are incomplete and must not be written.
+    out of a full `/v3/security_groups` dump.
     """
-    if isinstance(data, list):
-        if name is None:
-            return [], ["a name is required to import a bare rules array"]
-        doc, errors = _convert(name, {"rules": data}, is_resource=False)
-        return [doc], errors
-    if not isinstance(data, Mapping):
-        return [], [_unrecognised(data)]
-    if "entity" in data or _is_v2_list(data):
-        return [], [MSG_V2]
-    if "resources" in data:
-        return _import_list(data, name)
-    if any(key in data for key in _RESOURCE_KEYS):
-        if name is not None and data.get("name") != name:
-            return [], [f"security group {name!r} is not in the input"]
-        doc, errors = _convert(data.get("name"), data, is_resource=True)
-        return [doc], errors
-    return [], [_unrecognised(data)]
+    if _kind(data) == "array" and name is None:
+        return Imported([], ["a name is required to import a bare rules array"], [])
+    return import_sources([("<input>", data)], name, prefix_files=False)
 
 
-def import_files(paths: Sequence[str], name: str | None) -> tuple[list[dict], list[str]]:
-    """Documents from CF JSON files, in order, and every error, each naming its file.
+def import_sources(
+    sources: Sequence[tuple[str, object]], name: str | None, *, prefix_files: bool = True
+) -> Imported:
+    """Documents from parsed inputs `(file, data)`, in order, with every error and warning.
 
-    A bare rules array has no name of its own: `name`, else the file's stem.  For a v3
-    resource or list, `name` picks one group out of it.  Group names must be unique across
-    all files.  Any error means nothing should be written.
+    A bare rules array is named `name`, else its file's stem.  v3 list pages are pooled and
+    must be complete; BOSH manifests and ops files are applied in order and then read as
+    Cloud Controller's seeds.  For everything but a bare array, `name` picks one group.
+    Group names must be unique across all inputs.
     """
-    docs: list[dict] = []
+    out = _Collector()
+    pages: list[_Page] = []
+    bosh = _BoshState()
+    for file, data in sources:
+        where = f"{file}: " if prefix_files else ""
+        kind = _kind(data)
+        if kind == "array":
+            group_name = name if name is not None else Path(file).stem
+            out.add(where, _convert(group_name, {"rules": data}, is_resource=False))
+        elif kind == "v2":
+            out.errors.append(f"{where}{MSG_V2}")
+        elif kind == "list":
+            page, errors = _page(file, data)
+            out.errors.extend(f"{where}{e}" for e in errors)
+            if page is not None:
+                pages.append(page)
+        elif kind == "resource":
+            assert isinstance(data, Mapping)
+            if name is not None and data.get("name") != name:
+                continue
+            out.found = True
+            out.add(where, _convert(data.get("name"), data, is_resource=True))
+        elif kind in ("bosh-manifest", "bosh-ops"):
+            errors = bosh.apply(data, kind)
+            bosh.failed = bosh.failed or bool(errors)
+            out.errors.extend(f"{where}{e}" for e in errors)
+        else:
+            out.errors.append(f"{where}{_unrecognised(data)}")
+    if pages:
+        _import_pages(pages, name, out, prefix_files)
+    if bosh.used and not bosh.failed:  # after a broken manifest or op, the rest is noise
+        for converted in bosh.groups(name):
+            out.found = True
+            out.add("", converted)
+        out.errors.extend(bosh.errors)
+    out.warnings.extend(bosh.warnings)
+    if name is not None and not out.found and not out.array_named(name) and not out.errors:
+        missing = _missing_pages(pages)
+        hint = f" (pages {missing} were not given)" if missing else ""
+        out.errors.append(f"security group {name!r} is not in the input{hint}")
+    names = [d.get("name") for d in out.docs]
+    dupes = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
+    out.errors.extend(f"Security group with name '{n}' already exists." for n in dupes)
+    return Imported(out.docs, out.errors, out.warnings)
+
+
+class _Collector:
+    """Accumulates documents, errors and warnings across inputs."""
+
+    def __init__(self) -> None:
+        self.docs: list[dict] = []
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.found = False
+
+    def add(self, where: str, converted: tuple[dict, list[str], list[str]]) -> None:
+        doc, errors, warnings = converted
+        self.docs.append(doc)
+        self.errors.extend(f"{where}{e}" for e in errors)
+        self.warnings.extend(f"{where}{w}" for w in warnings)
+
+    def array_named(self, name: str) -> bool:
+        return any(d.get("name") == name for d in self.docs)
+
+
+def import_files(paths: Sequence[str], name: str | None) -> Imported:
+    """Read the files (`.yml`/`.yaml` as BOSH YAML, anything else as JSON) and import them.
+
+    Unreadable or hostile files are errors naming file, line and column, never tracebacks.
+    """
+    sources: list[tuple[str, object]] = []
     errors: list[str] = []
     for file in paths:
         try:
-            data = json.loads(Path(file).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            errors.append(f"{file}: cannot read JSON: {exc}")
+            with open(file, "rb") as f:
+                raw = f.read(MAX_INPUT_BYTES + 1)
+            if len(raw) > MAX_INPUT_BYTES:
+                errors.append(f"{file}: larger than {MAX_INPUT_BYTES} bytes")
+                continue
+        except OSError as exc:
+            errors.append(f"{file}: cannot read: {exc.strerror or exc}")
             continue
-        group_name = (name or Path(file).stem) if isinstance(data, list) else name
-        got, errs = import_cf(data, name=group_name)
-        docs.extend(got)
-        errors.extend(f"{file}: {e}" for e in errs)
-    names = [d.get("name") for d in docs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    errors.extend(f"group name {n!r} appears more than once" for n in dupes)
-    return docs, errors
+        if file.endswith(_YAML_SUFFIXES):
+            try:
+                docs = load_yaml(file, raw)
+            except LoadError as exc:
+                errors.append(str(exc))
+                continue
+            if len(docs) != 1:
+                errors.append(f"{file}: expected one YAML document, found {len(docs)}")
+                continue
+            sources.append((file, docs[0].data))
+            continue
+        try:
+            sources.append((file, jsonsafe.loads(raw, file, reject_duplicate_keys=True)))
+        except jsonsafe.JsonInputError as exc:
+            errors.append(str(exc))
+    result = import_sources(sources, name)
+    return Imported(result.documents, errors + result.errors, result.warnings)
 
 
 def document_filename(name: str) -> str:
@@ -122,51 +267,401 @@ def document_filename(name: str) -> str:
     return f"{safe.strip('.')[:120] or 'group'}.yaml"
 
 
+def document_filenames(names: Sequence[str]) -> list[str]:
+    """One distinct file per group: `a b` and `a_b` (or `Web` and `web`, on a file system
+    that ignores case) would share `a_b.yaml`, and the second would silently replace the first."""
+    taken: set[str] = set()
+    out: list[str] = []
+    for name in names:
+        stem = document_filename(name).removesuffix(".yaml")
+        candidate, n = f"{stem}.yaml", 1
+        while candidate.lower() in taken:
+            n += 1
+            candidate = f"{stem}-{n}.yaml"
+        taken.add(candidate.lower())
+        out.append(candidate)
+    return out
+
+
 def _unrecognised(data: object) -> str:
     kind = type(data).__name__
     return (
-        f"input is not a CF rules array, a v3 security group, or a v3 security group list "
-        f"(got a JSON {kind})"
+        f"input is not a CF rules array, a v3 security group, a v3 security group list, or a "
+        f"BOSH manifest or ops file (got a JSON {kind})"
     )
 
 
-def _import_list(data: Mapping, name: str | None) -> tuple[list[dict], list[str]]:
+# --------------------------------------------------------------------------------------------
+# v3 list pages
+
+
+@dataclass(frozen=True)
+class _Page:
+    """One `GET /v3/security_groups` page and what its pagination says about the whole."""
+
+    file: str
+    listing: str
+    number: int | None
+    total_results: int | None
+    total_pages: int | None
+    next_number: int | None
+    resources: tuple[Any, ...]
+
+
+def _href_page(link: object) -> int | None:
+    """`page=N` of a pagination link (`{"href": ".../v3/security_groups?page=2&per_page=50"}`)."""
+    href = link.get("href") if isinstance(link, Mapping) else None
+    if not isinstance(href, str):
+        return None
+    values = parse_qs(urlsplit(href).query).get("page", [])
+    text = values[0] if values else ""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else None
+
+
+def _listing(pagination: Mapping, file: str) -> str:
+    """Which listing a page belongs to: its links' path and query without `page`, so pages
+    of one `cf curl` loop pool together while `?names=a` and `?names=b` stay apart.  A page
+    without links is a listing of its own."""
+    for key in ("first", "last", "next", "previous"):
+        link = pagination.get(key)
+        href = link.get("href") if isinstance(link, Mapping) else None
+        if isinstance(href, str):
+            url = urlsplit(href)
+            query = sorted((k, v) for k, v in parse_qsl(url.query) if k != "page")
+            return f"{url.path}?{query}"
+    return f"file {file}"
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _page(file: str, data: Mapping) -> tuple[_Page | None, list[str]]:
     resources = data.get("resources")
     if not isinstance(resources, list):
-        return [], ["resources must be an array"]
-    errors: list[str] = []
+        return None, ["resources must be an array"]
     pagination = data.get("pagination")
-    if isinstance(pagination, Mapping) and pagination.get("next"):
+    if not isinstance(pagination, Mapping):
+        pagination = {}
+    next_number = _href_page(pagination.get("next"))
+    previous = _href_page(pagination.get("previous"))
+    if next_number is not None:
+        number: int | None = next_number - 1
+    elif previous is not None:
+        number = previous + 1
+    elif pagination.get("previous") is None:
+        number = 1
+    else:
+        number = None
+    page = _Page(
+        file=file,
+        listing=_listing(pagination, file),
+        number=number,
+        total_results=_count(pagination.get("total_results")),
+        total_pages=_count(pagination.get("total_pages")),
+        next_number=next_number if pagination.get("next") else None,
+        resources=tuple(resources),
+    )
+    return page, []
+
+
+def _missing_pages(pages: list[_Page]) -> str:
+    """The page numbers a listing says it has and the given pages lack, as `2, 3`."""
+    total = max((p.total_pages or 0 for p in pages), default=0)
+    given = {p.number for p in pages}
+    wanted = set(range(1, total + 1)) | {p.next_number for p in pages if p.next_number}
+    return ", ".join(str(n) for n in sorted(wanted - given))
+
+
+def _page_errors(pages: list[_Page]) -> list[str]:
+    """Why the pages are not one complete listing, or nothing."""
+    errors: list[str] = []
+    by_number: dict[int, str] = {}
+    for page in pages:
+        if page.number is None:
+            continue
+        if page.number in by_number:
+            errors.append(
+                f"page {page.number} is given twice ({by_number[page.number]}, {page.file})"
+            )
+        by_number.setdefault(page.number, page.file)
+    totals = {p.total_results for p in pages if p.total_results is not None}
+    if len(totals) > 1:
+        listed = ", ".join(f"{p.total_results} in {p.file}" for p in pages)
         errors.append(
-            "the input is one page of a paginated list; fetch every security group at once "
-            "(cf curl '/v3/security_groups?per_page=5000') so that none is left out"
+            f"the pages disagree on pagination.total_results ({listed}): the list changed "
+            "while it was fetched; fetch every page again"
         )
-    docs: list[dict] = []
-    seen: dict[str, int] = {}
-    found = False
-    for i, resource in enumerate(resources):
-        if not isinstance(resource, Mapping):
-            errors.append(f"resources[{i}] must be an object")
-            continue
-        group_name = resource.get("name")
-        if name is not None and group_name != name:
-            continue
-        found = True
-        if isinstance(group_name, str):
-            if group_name in seen:
-                errors.append(f"Security group with name '{group_name}' already exists.")
-            seen.setdefault(group_name, i)
-        doc, doc_errors = _convert(group_name, resource, is_resource=True)
-        docs.append(doc)
-        errors.extend(doc_errors)
-    if name is not None and not found:
-        errors.append(f"security group {name!r} is not in the input")
-    return docs, errors
+        return errors
+    count = sum(len(p.resources) for p in pages)
+    missing = _missing_pages(pages)
+    if totals:
+        (total,) = totals
+        if count < total:
+            hint = f" (missing pages: {missing})" if missing else ""
+            errors.append(
+                f"incomplete: the pages hold {count} of the {total} security groups that "
+                f"pagination.total_results counts{hint}; {MSG_PAGES}"
+            )
+        elif count > total:
+            errors.append(
+                f"the pages hold {count} security groups but pagination.total_results says "
+                f"{total}: the list changed while it was fetched; fetch every page again"
+            )
+    elif missing:
+        errors.append(f"incomplete: pages {missing} are missing; {MSG_PAGES}")
+    return errors
 
 
-def _convert(name: object, source: Mapping, *, is_resource: bool) -> tuple[dict, list[str]]:
+def _import_pages(pages: list[_Page], name: str | None, out: _Collector, prefix: bool) -> None:
+    pages = sorted(pages, key=lambda p: (p.number is None, p.number or 0))
+    if name is None:
+        listings: dict[str, list[_Page]] = {}
+        for page in pages:
+            listings.setdefault(page.listing, []).append(page)
+        for listing in listings.values():
+            out.errors.extend(_page_errors(listing))
+    for page in pages:
+        where = f"{page.file}: " if prefix else ""
+        for i, resource in enumerate(page.resources):
+            if not isinstance(resource, Mapping):
+                out.errors.append(f"{where}resources[{i}] must be an object")
+                continue
+            if name is not None and resource.get("name") != name:
+                continue
+            out.found = True
+            out.add(where, _convert(resource.get("name"), resource, is_resource=True))
+
+
+# --------------------------------------------------------------------------------------------
+# BOSH manifests and ops files
+
+
+class _BoshState:
+    """`cc.security_group_definitions` and the default lists, as manifests and ops set them."""
+
+    def __init__(self) -> None:
+        self.cc: dict[str, Any] = {}
+        self.used = False
+        self.failed = False
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def apply(self, data: object, kind: str) -> list[str]:
+        self.used = True
+        if kind == "bosh-manifest":
+            assert isinstance(data, Mapping)
+            return self._manifest(data)
+        assert isinstance(data, list)
+        errors: list[str] = []
+        for i, op in enumerate(data):
+            message = self._op(op)
+            if message:
+                path = op.get("path") if isinstance(op, Mapping) else None
+                # The end of a long path is the part that differs from the other operations.
+                shown = "..." + path[-77:] if isinstance(path, str) and len(path) > 80 else path
+                errors.append(f"ops[{i}] ({_short(shown)}): {message}")
+        return errors
+
+    def _manifest(self, data: Mapping) -> list[str]:
+        found: list[tuple[str, Mapping]] = []
+        groups = data.get("instance_groups")
+        for group in groups if isinstance(groups, list) else []:
+            jobs = group.get("jobs") if isinstance(group, Mapping) else None
+            for job in jobs if isinstance(jobs, list) else []:
+                if not isinstance(job, Mapping) or job.get("name") != "cloud_controller_ng":
+                    continue
+                props = job.get("properties")
+                cc = props.get("cc") if isinstance(props, Mapping) else None
+                if isinstance(cc, Mapping) and any(k in cc for k in _CC_KEYS):
+                    found.append((f"instance group {_short(group.get('name'))}", cc))
+        props = data.get("properties")
+        cc = props.get("cc") if isinstance(props, Mapping) else None
+        if not found and isinstance(cc, Mapping):
+            found.append(("properties", cc))  # a BOSH v1 manifest's global properties
+        if not found:
+            return [
+                "no cloud_controller_ng job with cc.security_group_definitions in this manifest"
+            ]
+        first_where, first = found[0]
+        for where, other in found[1:]:
+            if any(other.get(k) != first.get(k) for k in _CC_KEYS):
+                return [f"{first_where} and {where} seed different security groups"]
+        for key in _CC_KEYS:
+            if key in first:
+                self.cc[key] = copy.deepcopy(first[key])
+        return []
+
+    def _op(self, op: object) -> str | None:
+        if not isinstance(op, Mapping):
+            return "an operation must be a mapping"
+        path, kind = op.get("path"), op.get("type")
+        if not isinstance(path, str) or not path.startswith("/"):
+            return "path must be a string starting with /"
+        segments = path[1:].split("/")
+        names = [s.removesuffix("?") for s in segments]
+        for k in range(2, len(names) + 1):
+            if names[k - 2 : k] == ["properties", "cc"]:
+                break
+        else:
+            return None  # an operation on something else: not ours to judge
+        if "jobs" in names[: k - 2]:
+            job = names[names.index("jobs") + 1] if names.index("jobs") + 1 < k else ""
+            if job != "name=cloud_controller_ng":
+                if any(n in _CC_KEYS for n in names[k:]):
+                    self.warnings.append(
+                        f"{path}: only the cloud_controller_ng job seeds security groups; ignored"
+                    )
+                return None
+        rest = segments[k:]
+        if not rest:  # the whole `cc` mapping
+            if kind != "replace" or not isinstance(op.get("value"), Mapping):
+                return None
+            value = op["value"]
+            for key in _CC_KEYS:
+                if key in value:
+                    self.cc[key] = copy.deepcopy(value[key])
+            return None
+        if rest[0].removesuffix("?") not in _CC_KEYS:
+            return None
+        if kind not in ("replace", "remove"):
+            return f"unknown operation type {_short(kind)}"
+        optional = any(s.endswith("?") for s in segments[:k])
+        return _apply_op(self.cc, rest, kind, copy.deepcopy(op.get("value")), optional)
+
+    def groups(self, name: str | None) -> list[tuple[dict, list[str], list[str]]]:
+        definitions = self.cc.get("security_group_definitions")
+        if definitions is None:
+            self.errors.append("cc.security_group_definitions is not set")
+            return []
+        if not isinstance(definitions, list):
+            self.errors.append("cc.security_group_definitions must be a list")
+            return []
+        defaults: dict[str, list[str]] = {}
+        for key, lifecycle in (
+            ("default_running_security_groups", "running"),
+            ("default_staging_security_groups", "staging"),
+        ):
+            value = self.cc.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                self.errors.append(f"cc.{key} must be a list of group names")
+                value = []
+            defaults[lifecycle] = value
+        defined = [d.get("name") for d in definitions if isinstance(d, Mapping)]  # may be [..]
+        for lifecycle, listed in defaults.items():
+            for group in listed:
+                if group not in defined:
+                    self.warnings.append(
+                        f"cc.default_{lifecycle}_security_groups names {group!r}, which "
+                        "cc.security_group_definitions does not define (Cloud Controller "
+                        "ignores it)"
+                    )
+        out = []
+        for i, definition in enumerate(definitions):
+            if not isinstance(definition, Mapping):
+                self.errors.append(f"cc.security_group_definitions[{i}] must be a mapping")
+                continue
+            unknown = [str(k) for k in definition if k not in _DEFINITION_KEYS]
+            if unknown:
+                self.errors.append(
+                    f"cc.security_group_definitions[{i}]: unknown key(s) {', '.join(unknown)} "
+                    "(a definition has name and rules)"
+                )
+            group_name = definition.get("name")
+            if name is not None and group_name != name:
+                continue
+            doc, errors, warnings = _convert(group_name, definition, is_resource=False)
+            enabled = {k: True for k, listed in defaults.items() if group_name in listed}
+            if enabled:
+                doc["globally_enabled"] = enabled
+            out.append((doc, errors, warnings))
+        return out
+
+
+def _short(value: object) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _apply_op(root: dict, segments: list[str], kind: str, value: Any, optional: bool) -> str | None:
+    """A BOSH `replace` / `remove` on `root` (the `cc` properties), as `bosh int` does it:
+    `name=X` finds a list entry by name, `-` appends, `N` indexes, and a `?` segment makes the
+    rest of the path optional (created when missing for replace, ignored for remove)."""
+    node: Any = root
+    for index, raw in enumerate(segments):
+        last = index == len(segments) - 1
+        optional = optional or raw.endswith("?")
+        seg = raw.removesuffix("?")
+        if isinstance(node, dict):
+            if last:
+                if kind == "replace" and (seg in node or optional):
+                    node[seg] = value
+                elif kind == "replace":
+                    return f"{seg!r} is not there (add ? to create it)"
+                elif seg in node:
+                    del node[seg]
+                elif not optional:
+                    return f"cannot remove {seg!r}: it is not there"
+                return None
+            if seg not in node:
+                if not optional:
+                    return f"{seg!r} is not there (add ? to create it)"
+                if kind == "remove":
+                    return None  # nothing to remove on an optional path
+                following = segments[index + 1].removesuffix("?")
+                node[seg] = [] if following == "-" or following.startswith("name=") else {}
+            node = node[seg]
+        elif isinstance(node, list):
+            if seg == "-":
+                if not (last and kind == "replace"):
+                    return "'-' can only append a value"
+                node.append(value)
+                return None
+            if seg.startswith("name="):
+                wanted = seg[len("name=") :]
+                hits = [
+                    i
+                    for i, v in enumerate(node)
+                    if isinstance(v, Mapping) and v.get("name") == wanted
+                ]
+                if not hits:
+                    if not optional:
+                        return f"no entry named {wanted!r}"
+                    if kind == "remove":
+                        return None
+                    node.append(value if last else {"name": wanted})
+                    if last:
+                        return None
+                    hits = [len(node) - 1]
+                position = hits[0]
+            elif seg.lstrip("-").isdigit() and seg.isascii() and len(seg) <= 9:
+                position = int(seg)
+                if not -len(node) <= position < len(node):
+                    return f"index {position} is out of range"
+            else:
+                return f"cannot step into a list with {seg!r}"
+            if last:
+                if kind == "replace":
+                    node[position] = value
+                else:
+                    del node[position]
+                return None
+            node = node[position]
+        else:
+            return f"cannot step into {type(node).__name__} with {seg!r}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# One group
+
+
+def _convert(
+    name: object, source: Mapping, *, is_resource: bool
+) -> tuple[dict, list[str], list[str]]:
     """One group: CF's checks on name, globally_enabled and rules, then the document."""
     errors: list[str] = []
+    warnings: list[str] = []
     label = name if isinstance(name, str) and name else "<unnamed>"
 
     def fail(message: str) -> None:
@@ -178,6 +673,8 @@ def _convert(name: object, source: Mapping, *, is_resource: bool) -> tuple[dict,
         fail(MSG_NAME_NOT_STRING)
     elif len(name) > MAX_NAME_LENGTH:
         fail(MSG_NAME_TOO_LONG)
+    elif not name.isprintable():
+        fail(MSG_NAME_FORMAT)
 
     doc: dict[str, Any] = {"kind": "SecurityGroup", "name": name}
 
@@ -186,12 +683,15 @@ def _convert(name: object, source: Mapping, *, is_resource: bool) -> tuple[dict,
     if not isinstance(rules_value, list):
         fail(MSG_RULES_NOT_ARRAY)
     else:
+        serialized = json.dumps(rules_value, ensure_ascii=False, separators=(",", ":"), default=str)
+        if len(serialized) > MAX_RULES_CHAR_LENGTH:
+            fail(MSG_RULES_TOO_LONG)
         for index, raw in enumerate(rules_value):
-            _, rule_errors = parse_rule(raw)
-            for err in rule_errors:
-                fail(f"Rules[{index}]: {err.message}")
-            if isinstance(raw, Mapping):
-                rules.append(_clean_rule(raw))
+            rule_errors, rule_warnings, cleaned = _check_rule(raw)
+            errors.extend(f"{label}: Rules[{index}]: {m}" for m in rule_errors)
+            warnings.extend(f"{label}: Rules[{index}]: {m}" for m in rule_warnings)
+            if cleaned is not None:
+                rules.append(cleaned)
     doc["rules"] = rules
 
     if is_resource:
@@ -211,18 +711,36 @@ def _convert(name: object, source: Mapping, *, is_resource: bool) -> tuple[dict,
                 fail(message)
             if guids:
                 doc[key] = guids
-    return doc, errors
+    return doc, errors, warnings
+
+
+def _check_rule(raw: object) -> tuple[list[str], list[str], dict | None]:
+    """Errors and warnings for one CF rule, and the rule as it is written out."""
+    warnings: list[str] = []
+    if isinstance(raw, Mapping) and raw.get("protocol") in _ICMP and "ports" in raw:
+        warnings.append(
+            f"ports {_short(json.dumps(raw['ports'], default=str))} dropped: {raw['protocol']} "
+            "has no ports (Cloud Controller's request validator ignores them)"
+        )
+        raw = {k: v for k, v in raw.items() if k != "ports"}
+    _, found = parse_rule(raw)
+    seen = set(found)
+    found += [e for e in cf_exact_errors(raw) if e not in seen]
+    errors = [e.message for e in found]
+    if isinstance(raw, Mapping) and not errors:
+        warnings += [n.message for n in host_bits_notes(raw.get("destination"))]
+    return errors, warnings, _clean_rule(raw) if isinstance(raw, Mapping) else None
 
 
 def _clean_rule(raw: Mapping) -> dict:
-    """The rule as CF gave it, keys in CF's documented order, `null`s and "" descriptions
-    dropped (both mean "not given" to CF, so the rule means the same without them)."""
+    """The rule as CF gave it, keys in CF's documented order, an empty description dropped
+    (CF treats "" as no description, so the rule means the same without it)."""
     out: dict[str, Any] = {}
     for key in ALLOWED_RULE_KEYS:
         if key not in raw:
             continue
         value = raw[key]
-        if value is None or (key == "description" and value == ""):
+        if key == "description" and value == "":
             continue
         out[key] = value
     return out

@@ -274,6 +274,8 @@ def _security_group(ctx: _Context, directory: Directory) -> SecurityGroup | None
             ok = False
         else:
             rules.append(rule)
+            for note in grammar.host_bits_notes(raw.get("destination")):
+                ctx.warn(("rules", i, "destination"), note.message)
     if ok:
         _check_redundant(ctx, rules)
     bindings: dict[str, list[str]] = {}
@@ -359,6 +361,9 @@ def _destination(ctx: _Context) -> Destination | None:
     ips, ip_errors = grammar.parse_destination_ips(data["ips"])
     for err in ip_errors:
         ctx.error(("ips",), _with_item(err))
+    if ips is not None:
+        for note in grammar.host_bits_notes(data["ips"]):
+            ctx.warn(("ips",), note.message)
     ports: tuple[PortRange, ...] = ()
     ok = ips is not None
     if "ports" in data:
@@ -372,7 +377,11 @@ def _destination(ctx: _Context) -> Destination | None:
             ok = ok and parsed is not None
             ports = parsed or ()
     elif protocol in ("tcp", "udp"):
+        # The policy server's default, kept so existing repositories mean what they meant; but
+        # a grant to every port is rarely what was wanted, so the reviewer is told.
         ports = _ALL_PORTS
+        if ips is not None:  # about the grant; with unreadable ips there is none to warn about
+            ctx.warn(("ports",), f"no ports given: {protocol} to these ips on all ports (1-65535)")
     icmp_type = data.get("icmp_type")
     icmp_code = data.get("icmp_code")
     if protocol in ("icmp", "icmpv6"):
