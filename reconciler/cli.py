@@ -16,7 +16,7 @@ from reconciler.agent.commands import agent_cmd, status_cmd
 from reconciler.cli_options import format_option
 from reconciler.compile import compile_cell
 from reconciler.endpoint import parse_endpoint
-from reconciler.explain import explain, find_container
+from reconciler.explain import LIFECYCLES, explain, find_containers
 from reconciler.inventory import InventoryError, read_store
 from reconciler.lab.cli import lab as lab_group
 from reconciler.model import PolicySet
@@ -175,55 +175,98 @@ def render(
 
 
 @main.command("explain")
-@containers_option
+@click.option(
+    "--containers",
+    "stores",
+    required=True,
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="A cell's container metadata store (CF's store.json); repeat it for several cells, "
+    "each named as `plan --inventory` names it (cells/cell-1/store.json -> cell-1).",
+)
 @policies_option
 @rev_option
 @click.option("--app", default=None, help="App GUID or org/space/app.")
 @click.option("--container", "handle", default=None, help="Container handle.")
+@click.option(
+    "--lifecycle",
+    type=click.Choice(LIFECYCLES),
+    default="all",
+    show_default=True,
+    help="Only these containers: running (app instances and tasks), staging, or task.",
+)
 @click.option("--to", "to", required=True, help="IP[:PORT][/PROTO], e.g. 198.51.100.7:443/tcp.")
 @click.option("--icmp-type", type=int, default=None)
 @click.option("--icmp-code", type=int, default=None)
 @format_option("text", "json")
 def explain_cmd(
-    containers: str,
+    stores: tuple[str, ...],
     policies: str,
     rev: str | None,
     app: str | None,
     handle: str | None,
+    lifecycle: str,
     to: str,
     icmp_type: int | None,
     icmp_code: int | None,
     fmt: str,
 ) -> None:
-    """Would this app's container be allowed to reach IP:PORT, and by which rules?
+    """Would this app's containers be allowed to reach IP:PORT, and by which rules?
 
-    Exit 0 when allowed, 3 when denied, 1 on error.
+    One verdict per container of the app (or with the handle) on every cell given: running
+    instances, tasks and staging containers get different groups.  JSON is a list of them.
+    Exit 0 when every container is allowed, 3 when any is denied, 1 on error.
     """
+    from reconciler.inventory_sources import StoreFiles
+
     if (app is None) == (handle is None):
         raise click.UsageError("give exactly one of --app or --container")
     try:
         endpoint = parse_endpoint(to, icmp_type, icmp_code)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--to") from None
-    policy, plan = _plan(policies, rev, containers, "")
+    policy = _policy(policies, rev)
+    try:
+        cells = StoreFiles(stores).cells()
+    except InventoryError as exc:
+        _fail(str(exc))
+    plans = [compile_cell(policy, c.containers, c.cell) for c in cells]
     app_id = None
     if app is not None:
         app_id = policy.directory.resolve_app(app)
         if app_id is None:
             _fail(f"app {app!r} is not in the directory")
-    try:
-        cp = find_container(plan, handle=handle, app=app_id)
-    except LookupError as exc:
-        _fail(str(exc))
-    decision = explain(policy, plan, cp, endpoint)
+    found = find_containers(plans, handle=handle, app=app_id, lifecycle=lifecycle)
+    if not found:  # named as typed: the GUID an org/space/app resolved to means nothing here
+        which = "" if lifecycle == "all" else f"{lifecycle} "
+        if handle is not None:
+            kind = f" as a {lifecycle} container" if which else ""
+            _fail(f"container {handle!r} is not in the inventory{kind}")
+        _fail(f"app {app!r} has no {which}container in the inventory")
+    verdicts = [(plan.cell, explain(policy, plan, cp, endpoint)) for plan, cp in found]
     if fmt == "json":
-        click.echo(json.dumps(decision.to_dict(), indent=2))
+        docs = [
+            {"cell": cell, "lifecycle": d.container.lifecycle, "workload": d.container.workload}
+            | d.to_dict()
+            for cell, d in verdicts
+        ]
+        click.echo(json.dumps(docs, indent=2))
     else:
         from reconciler.report.escape import log_text
 
-        name = policy.directory.app_path(cp.container.app_id) if cp.container.app_id else ""
-        click.echo(log_text(decision.text(name)), nl=False)
-    sys.exit(0 if decision.allowed else 3)
+        blocks = []
+        for cell, d in verdicts:
+            app_id = d.container.app_id
+            name = policy.directory.app_path(app_id) if app_id else ""
+            where = f"on cell {cell}:\n" if len(cells) > 1 else ""
+            blocks.append(where + d.text(name))
+        if len(verdicts) > 1:
+            allowed = sum(d.allowed for _, d in verdicts)
+            blocks.append(
+                f"{len(verdicts)} containers: {allowed} allowed, {len(verdicts) - allowed} denied\n"
+            )
+        click.echo(log_text("\n".join(blocks)), nl=False)
+    sys.exit(0 if all(d.allowed for _, d in verdicts) else 3)
 
 
 @main.command("apply")
