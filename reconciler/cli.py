@@ -307,6 +307,7 @@ def apply_cmd(
 
     Exit 0 when already in sync (nothing sent), 2 when something changed (or would, with
     --dry-run or --report-only), 1 on error (invalid policy or store: nothing touched).
+    The summary goes to stdout; each error, once, to stderr.
     """
     from reconciler.dataplane import DataplaneError, converge, open_backend
     from reconciler.dataplane.summary import format_text

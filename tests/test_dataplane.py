@@ -11,7 +11,9 @@ parts (parser, delta) are tested without a kernel at the end.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,6 +45,7 @@ from reconciler.render.iptables import TOP_CHAIN, Ruleset, hook_rule, render_cel
 from reconciler.render.nft import base_chain, canonical_rule
 from reconciler.render.nft import render_cell as render_nft
 from tests.cases import DATA, RecordingRunner, edge_plan
+from tests.conftest import skip_unless_available
 
 VARIANTS = ("legacy", "nft")
 FOREIGN_V4 = (
@@ -659,6 +662,51 @@ def test_asgctl_apply_exit_codes(host: Host, tmp_path: Path) -> None:
         mixed = run("--variant", other)
         assert mixed.exit_code == 1 and "mixing" in mixed.output
         assert host.save() == before
+
+
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+@pytest.mark.requires("setpriv", "iptables-legacy-save")
+@pytest.mark.parametrize(
+    "caps",
+    [
+        pytest.param((), id="no-capabilities"),
+        # Enough to list the (still empty) tables of a fresh namespace, so the variant probe
+        # passes; not enough to open the filter table (CAP_NET_RAW): the read fails instead.
+        pytest.param(("net_admin", "dac_read_search"), id="past-the-probe"),
+    ],
+)
+def test_asgctl_apply_without_privileges_says_so_once(
+    make_lab: Callable[..., Lab], caps: tuple[str, ...]
+) -> None:
+    host = Host(make_lab(conntrack=False).cell, "legacy")
+    grant = ",".join(f"+{c}" for c in caps)
+    user = [*NOBODY, *([f"--inh-caps={grant}", f"--ambient-caps={grant}"] if caps else [])]
+
+    def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+        cmd = ["ip", "netns", "exec", host.netns, *user, sys.executable, *argv]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
+
+    readable = as_nobody("-c", "import reconciler.cli")
+    skip_unless_available("unprivileged asgctl", readable.stderr.strip() or None)
+    # (No save before: it would create the filter table, and the probe would refuse early.)
+    store, policies = DATA / "edge-store.json", DATA / "edge-policies"
+    result = as_nobody(
+        "-c",
+        "from reconciler.cli import main; main()",
+        *("apply", "--containers", str(store), "--policies", str(policies)),
+        *("--variant", "legacy"),
+    )
+    assert result.returncode == 1, result
+    said = result.stdout + result.stderr
+    errors = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
+    assert errors and any("ermission denied" in x or "usable" in x for x in errors), said
+    for line in errors:  # each failure said once, on stderr, and not again in the summary
+        message = re.sub(r"^error: (ipv[46]: )?", "", line)
+        assert said.count(message) == 1, said
+    assert "Traceback" not in said
+    assert "ASG-" not in host.save()
 
 
 # -- pure parts ----------------------------------------------------------------------------

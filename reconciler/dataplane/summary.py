@@ -35,7 +35,9 @@ def _family(fam: FamilyResult, mode: str) -> list[str]:
     d = fam.delta
     head = f"ipv{fam.family}: "
     if fam.error is not None:
-        out = [head + "error: " + fam.error]
+        # The error itself is the caller's to print, once, where errors go (stderr): a
+        # permission failure shown here too reached a terminal twice.
+        out = [head + "failed" + (" after sending its transaction" if fam.sent else "")]
     elif d.empty:
         out = [head + "in sync" + (f", {len(d.drift)} drift left alone" if d.drift else "")]
     else:
