@@ -290,7 +290,11 @@ def explain_cmd(
     help="iptables variant; auto follows what the host already uses.",
 )
 @click.option("--dry-run", is_flag=True, help="Print the transactions; change nothing.")
-@click.option("--report-only", is_flag=True, help="Report drift and changes; change nothing.")
+@click.option(
+    "--report-only",
+    is_flag=True,
+    help="Audit: report how the kernel drifted from the plan; change nothing.",
+)
 @format_option("text", "json")
 def apply_cmd(
     containers: str,
@@ -318,7 +322,9 @@ def apply_cmd(
     except DataplaneError as exc:
         _fail(str(exc))
     mode = "dry-run" if dry_run else "report-only" if report_only else "apply"
-    result = converge(backend, plan, mode=mode)
+    # A report-only run audits the host against the plan it is given: whatever the kernel
+    # holds otherwise is drift (to --dry-run, with no last plan, it is a change to send).
+    result = converge(backend, plan, plan if mode == "report-only" else None, mode=mode)
     if fmt == "json":
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

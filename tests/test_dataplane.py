@@ -27,6 +27,7 @@ from reconciler.dataplane import (
     ApplyError,
     Backend,
     ConvergeResult,
+    FamilyResult,
     ReadError,
     VariantError,
     compute_delta,
@@ -37,6 +38,7 @@ from reconciler.dataplane import records as rec
 from reconciler.dataplane.iptables import IptablesBackend, tool
 from reconciler.dataplane.nftables import NftablesBackend
 from reconciler.dataplane.records import OwnedState
+from reconciler.dataplane.summary import format_text
 from reconciler.lab.netns import Lab
 from reconciler.lab.nsenter import in_netns
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
@@ -650,8 +652,21 @@ def test_asgctl_apply_exit_codes(host: Host, tmp_path: Path) -> None:
     assert again.exit_code == 0, again.output
     assert json.loads(again.output)["in_sync"] is True
     host.unhook(4)
+    # Report-only audits the kernel against the plan: the removed hook is drift, left alone,
+    # and not a change it would make.
     report = run("--report-only")
-    assert report.exit_code == 2 and "hook-added" in report.output
+    assert report.exit_code == 2, report.output
+    assert "ipv4: 1 drift; nothing sent (report-only)\n" in report.output
+    assert re.search(
+        r"^  drift: ipv4 \S+: hook-missing \(\d rules?\), not repaired \(report-only\)$",
+        report.output,
+        re.M,
+    ), report.output
+    assert "change " not in report.output and "would send" not in report.output
+    [v4, _] = json.loads(run("--report-only", "--format", "json").output)["families"]
+    assert v4["changes"] == [] and [(d["what"], d["repaired"]) for d in v4["drift"]] == [
+        ("hook-missing", False)
+    ]
     assert not host.hooked(4)
     assert run().exit_code == 2
     assert_matches_plan(host, edge_plan())
@@ -710,6 +725,30 @@ def test_asgctl_apply_without_privileges_says_so_once(
 
 
 # -- pure parts ----------------------------------------------------------------------------
+
+
+def test_the_summary_tells_drift_from_planned_changes() -> None:
+    drift = rec.Drift(4, "ASG-C-1", rec.RULE_MISSING, ("-A ASG-C-1 -j ACCEPT",), ())
+    change = rec.Change(4, "ASG-G-2", rec.CHAIN_ADDED, 1)
+    delta = rec.Delta(4, (":ASG-C-1 - [0:0]",), (drift,), (change,), written=("ASG-C-1",))
+
+    def summary(mode: str, *, sent: bool = False, repair: bool = True) -> list[str]:
+        d = replace(delta, drift=(replace(drift, repair=repair),))
+        family = FamilyResult(4, d, sent)
+        return format_text(ConvergeResult("iptables-nft", mode, (family,))).splitlines()
+
+    assert summary("report-only")[1:4] == [
+        "ipv4: 1 planned change(s), 1 drift; nothing sent (report-only)",
+        "  change ipv4 ASG-G-2: chain-added (1 rules)",
+        "  drift: ipv4 ASG-C-1: rule-missing (1 rule), not repaired (report-only)",
+    ]
+    assert (
+        summary("apply", sent=True)[3] == "  drift: ipv4 ASG-C-1: rule-missing (1 rule), repaired"
+    )
+    assert summary("apply", sent=True, repair=False)[3].endswith(
+        "rule-missing (1 rule), not repaired (self-heal off)"
+    )
+    assert summary("dry-run")[3].endswith("not repaired (dry-run)")
 
 
 @pytest.mark.parametrize(
