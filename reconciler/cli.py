@@ -226,11 +226,16 @@ def explain_cmd(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--to") from None
     policy = _policy(policies, rev)
-    try:
-        cells = StoreFiles(stores).cells()
-    except InventoryError as exc:
-        _fail(str(exc))
-    plans = [compile_cell(policy, c.containers, c.cell) for c in cells]
+    if len(stores) == 1:
+        # One store is one unnamed cell: a cell's own store path names no cell
+        # (/var/vcap/data/container-metadata/store.json), so none is made up for it.
+        plans = [compile_cell(policy, _inventory(stores[0]), "")]
+    else:
+        try:
+            cells = StoreFiles(stores).cells()
+        except InventoryError as exc:
+            _fail(str(exc))
+        plans = [compile_cell(policy, c.containers, c.cell) for c in cells]
     app_id = None
     if app is not None:
         app_id = policy.directory.resolve_app(app)
@@ -258,7 +263,7 @@ def explain_cmd(
         for cell, d in verdicts:
             app_id = d.container.app_id
             name = policy.directory.app_path(app_id) if app_id else ""
-            where = f"on cell {cell}:\n" if len(cells) > 1 else ""
+            where = f"on cell {cell}:\n" if cell else ""
             blocks.append(where + d.text(name))
         if len(verdicts) > 1:
             allowed = sum(d.allowed for _, d in verdicts)

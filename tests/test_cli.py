@@ -69,11 +69,8 @@ def test_explain_by_container_json():
     )
     assert result.exit_code == 0
     [doc] = json.loads(result.output)
-    assert (doc["cell"], doc["lifecycle"], doc["container"]) == (
-        "example-store",
-        "staging",
-        "c-backend-stg",
-    )
+    # One store is one unnamed cell: its path is not taken for a cell name.
+    assert (doc["cell"], doc["lifecycle"], doc["container"]) == ("", "staging", "c-backend-stg")
     assert doc["decision"] == "allow"
     assert doc["matches"][0]["rule"]["sources"][0]["name"] == "package-mirrors"
 
@@ -221,3 +218,9 @@ def test_explain_names_a_missing_app_as_typed_not_by_its_guid():
     assert result.exit_code == 1
     assert "app 'payments/staging/backend' has no container in the inventory" in result.output
     assert "a1b2c3d4-0006" not in result.output
+
+
+def test_explain_refuses_a_cell_given_twice(tmp_path):
+    cells = two_cells(tmp_path)
+    twice = explain_backend("198.19.80.7:443", *cells, *cells[:2])
+    assert twice.exit_code == 1 and "cell 'cell-1' is given twice" in twice.output
