@@ -200,8 +200,8 @@ def _status_branches(root: Path, stores: dict[str, dict]) -> None:
                     "space_id": c["metadata"]["space_id"],
                     "org_id": c["metadata"]["org_id"],
                     "workload": c["metadata"]["container_workload"],
-                    "chain": f"{rng.getrandbits(64):016x}",
-                    "groups": [f"{rng.getrandbits(64):016x}" for _ in range(7)],
+                    "chain": f"{rng.getrandbits(128):032x}",
+                    "groups": [f"{rng.getrandbits(128):032x}" for _ in range(7)],
                     "sources": [f"SecurityGroup/asg-{rng.randrange(2000):04d}" for _ in range(7)],
                 }
                 for c in store.values()
@@ -296,7 +296,7 @@ def phases(root: Path, inventory: str, profile: bool) -> tuple[list[tuple[str, f
     t, c = time.perf_counter(), _cpu()
     place = locate("policies")
     spec = ["cells"] if inventory == "files" else ["status"]
-    cells, described = load_inventory(spec, place, (base.policy, head.policy))
+    cells, described, _skipped = load_inventory(spec, place, (base.policy, head.policy))
     times.append((f"inventory ({inventory})", time.perf_counter() - t, _cpu() - c))
     t, c = time.perf_counter(), _cpu()
     gc.freeze()  # as run_plan does

@@ -57,7 +57,7 @@ from reconciler.model import (
     SecurityGroup,
 )
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import hook_rule, render_cell
+from reconciler.render.iptables import hook_rule, marker_rule, render_cell
 
 SPACES = tuple(f"space-{i}" for i in range(6))
 APPS = tuple(f"app-{i}" for i in range(12))  # app i lives in space i % 6
@@ -298,7 +298,7 @@ def check(
         for name in sorted(set(want) - set(ours)):
             problems.append(f"ipv{family}: {name} missing")
         for name in sorted(set(want) & set(ours)):
-            if ours[name] != want[name]:
+            if ours[name] != (marker_rule(name), *want[name]):  # our marker, then the plan's
                 problems.append(f"ipv{family}: {name} differs from the plan")
         forward = others.get("FORWARD", ())
         hooks = [i for i, x in enumerate(forward) if x == hook_rule()]

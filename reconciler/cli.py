@@ -17,12 +17,13 @@ from reconciler.cli_options import format_option
 from reconciler.compile import compile_cell
 from reconciler.endpoint import parse_endpoint
 from reconciler.explain import LIFECYCLES, explain, find_containers
-from reconciler.inventory import InventoryError, read_store
+from reconciler.inventory import InventoryError, load_store
 from reconciler.lab.cli import lab as lab_group
 from reconciler.model import PolicySet
-from reconciler.plan import CellPlan
+from reconciler.plan import CellPlan, PlanError
 from reconciler.policy.findings import render_findings
-from reconciler.policy.load import load_policy, repo_location
+from reconciler.policy.load import load_policy
+from reconciler.policy.source import locate
 from reconciler.render.iptables import render_text
 
 
@@ -47,15 +48,22 @@ def _policy(policies: str, rev: str | None, annotate: str | None = None) -> Poli
 
 
 def _inventory(path: str):  # type: ignore[no-untyped-def]
+    """The store's containers; each entry not used as written is a warning on stderr."""
     try:
-        return read_store(path)
+        reading = load_store(path)
     except InventoryError as exc:
         _fail(str(exc))
+    for rejected in reading.rejected:
+        click.echo(f"warning: {rejected}", err=True)
+    return reading.containers
 
 
 def _plan(policies: str, rev: str | None, containers: str, cell: str) -> tuple[PolicySet, CellPlan]:
     policy = _policy(policies, rev)
-    return policy, compile_cell(policy, _inventory(containers), cell)
+    try:
+        return policy, compile_cell(policy, _inventory(containers), cell)
+    except PlanError as exc:
+        _fail(str(exc))
 
 
 policies_option = click.option(
@@ -92,10 +100,8 @@ def validate(path: str, rev: str | None, fmt: str) -> None:
     Exit 0 when valid (warnings allowed), 1 when invalid.
     """
     result = load_policy(path, rev)
-    prefix = ""
-    if fmt == "github":
-        where = repo_location(path)
-        prefix = where[1] if where else ""
+    place = locate(path)
+    prefix = place.prefix if fmt == "github" and place.top is not None else ""
     click.echo(render_findings(result.findings, fmt, prefix), nl=False)
     sys.exit(0 if result.ok else 1)
 
@@ -225,17 +231,18 @@ def explain_cmd(
         endpoint = parse_endpoint(to, icmp_type, icmp_code)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--to") from None
-    policy = _policy(policies, rev)
     if len(stores) == 1:
         # One store is one unnamed cell: a cell's own store path names no cell
         # (/var/vcap/data/container-metadata/store.json), so none is made up for it.
-        plans = [compile_cell(policy, _inventory(stores[0]), "")]
+        policy, plan = _plan(policies, rev, stores[0], "")
+        plans = [plan]
     else:
+        policy = _policy(policies, rev)
         try:
             cells = StoreFiles(stores).cells()
-        except InventoryError as exc:
+            plans = [compile_cell(policy, c.containers, c.cell) for c in cells]
+        except (InventoryError, PlanError) as exc:
             _fail(str(exc))
-        plans = [compile_cell(policy, c.containers, c.cell) for c in cells]
     app_id = None
     if app is not None:
         app_id = policy.directory.resolve_app(app)
@@ -393,7 +400,6 @@ def test_cmd(path: str, rev: str | None, fmt: str, verbose: bool) -> None:
 
     Exit 0 when every test passes, 1 on any failure or invalid policy.
     """
-    from reconciler.planrun import locate
     from reconciler.policytest import render_results, run_tests
 
     prefix = locate(path).prefix

@@ -9,6 +9,11 @@ Cloud Foundry semantics, as the vxlan-policy-agent applies them:
   container's lifecycle.
 * A container without a space (CF writes none for some system containers) gets only what does
   not need one: the global defaults, `default` egress policies and policies for its app GUID.
+* A container of any other workload (none included) gets nothing, as silk gives it no ASG.
+* An IP several containers claim (a stale metadata entry beside the live one) gets only what
+  every claimant gets: the intersection of their rules, never wider than any one of them.
+  Each claimant keeps its own chain, all with the same groups, so whichever the kernel
+  dispatches to, the address gets the same narrow access.
 * Rules only allow; everything else is rejected.
 
 Where CF installs every rule of every ASG again for every container, the plan installs each
@@ -56,7 +61,7 @@ class _Entry:
     keys: frozenset[int]  # the binding keys it has
     atoms: tuple[int, ...]  # what those keys grant, of its family
     numbers: tuple[int, ...]  # the atoms' items, sorted
-    rule_ids: tuple[str, ...]
+    items: tuple[RuleItem, ...]  # those items themselves: what the profile's chains match
     cf_lines: int
 
 
@@ -225,6 +230,7 @@ class _Index:
             for k in keys:
                 self.key_atoms[k].append(a)
         self._entries: dict[Profile, _Entry] = {}
+        self._shared_entries: dict[tuple[Profile, ...], _Entry] = {}
         self._profile_rules: dict[Profile, ProfileRules] = {}
         self._rules: dict[tuple[int, frozenset[int]], PlanRule] = {}
         self._groups: dict[tuple[tuple[int, frozenset[int] | None], ...], RuleGroup] = {}
@@ -254,10 +260,35 @@ class _Index:
             keys=keys,
             atoms=tuple(atoms),
             numbers=numbers,
-            rule_ids=tuple(self.item_ids[n] for n in numbers),
+            items=tuple(self.items[n] for n in numbers),
             cf_lines=self._cf_lines(numbers),
         )
         self._entries[profile] = entry
+        return entry
+
+    def shared_entry(self, profiles: tuple[Profile, ...]) -> _Entry:
+        """What an IP claimed by containers of these profiles gets: what every one gets.
+
+        An atom is held whole or not at all by a profile, so the intersection of the
+        profiles' atoms is exactly the intersection of their items.  Provenance is taken
+        through all their keys: each document that grants a shared item to some claimant.
+        """
+        if len(profiles) == 1:
+            return self.entry(profiles[0])
+        cached = self._shared_entries.get(profiles)
+        if cached is not None:
+            return cached
+        parts = [self.entry(p) for p in profiles]
+        atoms = sorted(set(parts[0].atoms).intersection(*(e.atoms for e in parts[1:])))
+        numbers = tuple(sorted(n for a in atoms for n in self.atom_items[a]))
+        entry = _Entry(
+            keys=frozenset().union(*(e.keys for e in parts)),
+            atoms=tuple(atoms),
+            numbers=numbers,
+            items=tuple(self.items[n] for n in numbers),
+            cf_lines=self._cf_lines(numbers),
+        )
+        self._shared_entries[profiles] = entry
         return entry
 
     def _cf_lines(self, numbers: tuple[int, ...]) -> int:
@@ -352,13 +383,14 @@ def profile_rules(policy: PolicySet, profile: Profile) -> ProfileRules:
     return _index_for(policy).profile_rules(profile)
 
 
-def profile_signature(policy: PolicySet, profile: Profile) -> tuple[str, ...]:
-    """The ids of the rule items a profile gets, in plan order.
+def profile_signature(policy: PolicySet, profile: Profile) -> tuple[RuleItem, ...]:
+    """The rule items a profile gets, in plan order.
 
     Equal signatures at two revisions mean equal chains for every container of the profile,
-    which lets the CI plan skip cells that no change touches.
+    which lets the CI plan skip cells that no change touches.  They are the items themselves,
+    not their ids: a rule whose id collides with another's is still a different rule.
     """
-    return _index_for(policy).entry(profile).rule_ids
+    return _index_for(policy).entry(profile).items
 
 
 def container_sources(policy: PolicySet, container: Container) -> list[Source]:
@@ -367,13 +399,19 @@ def container_sources(policy: PolicySet, container: Container) -> list[Source]:
 
 
 def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str = "") -> CellPlan:
-    """The plan for one cell; same input, same plan, byte for byte."""
+    """The plan for one cell; same input, same plan, byte for byte.
+
+    Raises PlanError when two different groups or containers would get one chain name (a
+    hash collision, see `plan._check_names`): nothing is better than a shared chain.
+    """
     index = _index_for(policy)
     containers = sorted(containers)
     of = [profile_of(c) for c in containers]
-    profiles = sorted(set(of))
+    # The unit compiled is an IP's profiles: one for most, every claimant's for a shared IP.
+    slots_of = _ip_profiles(containers, of)
+    profiles = sorted(set(slots_of))
     position = {p: i for i, p in enumerate(profiles)}
-    entries = [index.entry(p) for p in profiles]
+    entries = [index.shared_entry(p) for p in profiles]
 
     # Partition the cell's rules by the exact set of profiles that get them.  Every item of
     # an atom has the same holders, so the partition is computed over atoms.
@@ -425,7 +463,7 @@ def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str =
             groups_of[i].append(key)
     chain_groups = [tuple(gid for _, gid in sorted(mine)) for mine in groups_of]
 
-    slots = [position[p] for p in of]
+    slots = [position[p] for p in slots_of]
     container_plans = tuple(
         ContainerPlan(c, _chain_id(c.handle), chain_groups[i])
         for c, i in zip(containers, slots, strict=True)
@@ -434,8 +472,18 @@ def compile_cell(policy: PolicySet, containers: Iterable[Container], cell: str =
         cell=cell,
         containers=container_plans,
         groups=tuple(sorted(groups, key=lambda g: g.id)),
-        cf_equivalent_rules=sum(CF_CONTAINER_FIXED_LINES + entries[i].cf_lines for i in slots),
+        # CF installs every claimant's own rules in its own chain: counted per container.
+        cf_equivalent_rules=sum(CF_CONTAINER_FIXED_LINES + index.entry(p).cf_lines for p in of),
     )
+
+
+def _ip_profiles(containers: list[Container], of: list[Profile]) -> list[tuple[Profile, ...]]:
+    """Per container, the distinct profiles of every container claiming its IP, sorted."""
+    by_ip: dict[str, set[Profile]] = defaultdict(set)
+    for c, p in zip(containers, of, strict=True):
+        by_ip[c.ip].add(p)
+    shared = {ip: tuple(sorted(ps)) for ip, ps in by_ip.items()}
+    return [shared[c.ip] for c in containers]
 
 
 def cf_equivalent_rules(policy: PolicySet, containers: Iterable[Container]) -> int:

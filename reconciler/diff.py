@@ -316,13 +316,15 @@ def _diff_cell(
 def _family_diff(before: CellPlan, after: CellPlan, family: int) -> list[ChainDiff]:
     """The chains of one family that differ, rendering only those.
 
-    Chains are content-addressed, so a group chain present at both revisions is identical,
-    and a container chain is identical when its list of groups is: only created and deleted
+    A group with the same content digest at both revisions renders the same chain, and a
+    container chain is identical when its list of groups is: only created and deleted
     groups and re-chained containers are rendered.  (Rendering every chain of a cell twice
-    was most of the plan's time at fleet scale.)
+    was most of the plan's time at fleet scale.)  Groups are matched by digest, never by
+    id: a group whose id collides with the old one's but whose rules differ is rendered on
+    both sides, and its chain shows as updated.
     """
-    old_groups = {g.id: g for g in before.groups if g.version == family}
-    new_groups = {g.id: g for g in after.groups if g.version == family}
+    old_groups = {g.digest: g for g in before.groups if g.version == family}
+    new_groups = {g.digest: g for g in after.groups if g.version == family}
     old_cs = {c.chain_id: c for c in before.containers if c.container.version == family}
     new_cs = {c.chain_id: c for c in after.containers if c.container.version == family}
     changed = sorted(
@@ -471,9 +473,9 @@ def _installed(plan: CellPlan, group_lines: dict[str, int]) -> int:
     total = len({cp.container.version for cp in plan.containers})
     total += sum(CONTAINER_FIXED_LINES + len(cp.groups) for cp in plan.containers)
     for g in plan.groups:
-        n = group_lines.get(g.id)
+        n = group_lines.get(g.digest)
         if n is None:
-            n = group_lines[g.id] = g.lines
+            n = group_lines[g.digest] = g.lines
         total += n
     return total
 

@@ -394,7 +394,12 @@ class PolicyTest:
 
 @dataclass(frozen=True, slots=True, order=True)
 class Container:
-    """A container on a cell, as CF's container metadata store describes it."""
+    """A container on a cell, as CF's container metadata store describes it.
+
+    `app_id` is the id policies name the app by: the store's `policy_group_id` as silk's
+    planner reads it, else its `app_id` (see `reconciler.inventory`); `policy_group_id` is
+    the store's own field.
+    """
 
     handle: str
     ip: str
@@ -412,5 +417,11 @@ class Container:
 
     @property
     def lifecycle(self) -> str:
-        """CF gives staging containers the staging rules; apps and tasks the running ones."""
-        return "staging" if self.workload == "staging" else "running"
+        """CF gives staging containers the staging rules; apps and tasks the running ones.
+
+        Any other workload, none included, has no lifecycle ("") and so is bound to nothing:
+        silk's planner gives such a container no ASG rules.
+        """
+        if self.workload == "staging":
+            return "staging"
+        return "running" if self.workload in ("app", "task") else ""

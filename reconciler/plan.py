@@ -5,24 +5,49 @@ id a hash of its rules' ids, a container chain's id a hash of the container hand
 policy and inventory therefore give byte-identical plans on the CI runner and on the cell, and
 a rule installed in the kernel can be traced back through its id to the ASG, rule index and
 file:line that asked for it.
+
+Ids are names, not proof of equality.  They are 128 bits of SHA-256 (`ID_LEN` hex digits), so
+no search finds two contents with one id; even so, nothing that decides compares ids alone:
+rules and groups also carry the full SHA-256 of their content (`digest`), and the plan digest,
+the CI diff, the agent's change log and mass-revoke gate and the render caches compare those.
+Where a name must be shorter than an id (an iptables chain name holds `NAME_ID_LEN` hex
+digits, a log prefix `LOG_ID_LEN`), a plan refuses two different contents under one name
+(`PlanError`) instead of letting one chain stand for both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 from reconciler.model import Container, PortRange, RuleItem
 
-ID_LEN = 16
+ID_LEN = 32
+"""Hex digits of an id: 128 bits, out of reach of a birthday search (2^64 hashes)."""
+NAME_ID_LEN = 22
+"""Hex digits of an id in an iptables chain name: a name holds 28 characters, and the
+prefixes (`ASG-G-`, `ASG-C-`) take 6.  88 bits: a plan checks them unique per cell."""
+LOG_ID_LEN = 16
+"""Hex digits of an id in a log prefix (iptables allows 29 characters): enough to find the
+rule, whose comment carries the whole id."""
 MULTIPORT_SLOTS = 15
 
 
+class PlanError(ValueError):
+    """A plan that cannot be installed as asked: two different contents under one name."""
+
+
+def content_digest(text: str) -> str:
+    """The full SHA-256 of a canonical text: what decides whether two contents are equal."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def content_id(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:ID_LEN]
+    """The id that names a content in the plan, chains, comments and status."""
+    return content_digest(text)[:ID_LEN]
 
 
 def port_chunks(ports: tuple[PortRange, ...]) -> list[tuple[PortRange, ...]]:
@@ -73,9 +98,19 @@ class Provenance:
 
 @dataclass(frozen=True, slots=True)
 class PlanRule:
+    """One rule item as installed: its id (a name), its match, and who asked for it.
+
+    `digest` is the full SHA-256 of the match, computed here from the item itself, so two
+    rules that share an id but not a match never compare or digest alike.
+    """
+
     id: str
     item: RuleItem
     sources: tuple[Provenance, ...]
+    digest: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "digest", content_digest(self.item.key()))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "protocol": self.item.protocol}
@@ -98,6 +133,14 @@ class RuleGroup:
     id: str
     version: int
     rules: tuple[PlanRule, ...]
+    digest: str = field(init=False, repr=False)
+    """The full SHA-256 of everything its chain renders from: family, id, and each rule's id
+    and match.  Equal digests render equal chains; equal ids alone prove nothing."""
+
+    def __post_init__(self) -> None:
+        lines = [f"{self.version} {self.id}"]
+        lines.extend(f"{r.id} {r.digest}" for r in self.rules)
+        object.__setattr__(self, "digest", content_digest("\n".join(lines)))
 
     @property
     def has_log(self) -> bool:
@@ -170,6 +213,9 @@ class CellPlan:
     groups: tuple[RuleGroup, ...]
     cf_equivalent_rules: int
 
+    def __post_init__(self) -> None:
+        _check_names(self)
+
     @property
     def group_by_id(self) -> dict[str, RuleGroup]:
         return {g.id: g for g in self.groups}
@@ -213,9 +259,40 @@ class CellPlan:
     @cached_property
     def _digest(self) -> str:
         # Once per plan object: an idle agent's cycle asks for it four times (render caches).
+        # Groups enter by content digest, not id: two plans whose groups share ids but not
+        # rules must never digest alike (the render caches and "applied" are keyed by this).
         h = hashlib.sha256()
         for cp in self.containers:
             h.update(f"c {cp.container.ip} {cp.chain_id} {' '.join(cp.groups)}\n".encode())
         for g in self.groups:
-            h.update(f"g {g.id}\n".encode())
-        return "sha256:" + h.hexdigest()[:32]
+            h.update(f"g {g.digest}\n".encode())
+        return "sha256:" + h.hexdigest()
+
+
+def _check_names(plan: CellPlan) -> None:
+    """Refuse a plan in which one name would stand for two different contents.
+
+    Containers jump to groups by id, and the iptables renderer names chains by the first
+    `NAME_ID_LEN` hex digits of an id.  Two groups with different rules (or two containers)
+    under one such name would share one chain: whichever was written last would enforce
+    for both.  Ids are hashes, so this takes a collision, which only a search finds; the
+    plan then fails loudly, on the CI runner and on the cell alike, and nothing is applied.
+    """
+    groups: dict[str, RuleGroup] = {}
+    for g in plan.groups:
+        other = groups.setdefault(g.id[:NAME_ID_LEN], g)
+        if other.digest != g.digest:
+            raise PlanError(
+                f"cell {plan.cell or '(unnamed)'}: rule groups {other.id} and {g.id} hold "
+                f"different rules under one chain name ({g.id[:NAME_ID_LEN]}): a hash "
+                "collision; refusing to plan either"
+            )
+    handles: dict[str, str] = {}
+    for cp in plan.containers:
+        handle = handles.setdefault(cp.chain_id[:NAME_ID_LEN], cp.container.handle)
+        if handle != cp.container.handle:
+            raise PlanError(
+                f"cell {plan.cell or '(unnamed)'}: containers {handle!r} and "
+                f"{cp.container.handle!r} get one chain name ({cp.chain_id[:NAME_ID_LEN]}): "
+                "a hash collision; refusing to plan either"
+            )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.diff import diff_plans
@@ -21,42 +20,14 @@ from reconciler.inventory_sources import (
     synthetic_inventory,
 )
 from reconciler.model import PolicySet
+from reconciler.plan import PlanError
 from reconciler.policy.load import load_policy
+from reconciler.policy.source import RepoPlace, locate
 from reconciler.report.plan import PlanReport, Revision
 
 STATUS = "status"
 MAX_WORKERS = 4  # forked processes for a fleet-wide diff (see diff._diff_cells)
 SYNTHETIC = "directory"
-
-
-@dataclass(frozen=True)
-class RepoPlace:
-    """Where a policy folder sits: its git work tree (if any) and its path inside it."""
-
-    top: Path | None
-    folder: str  # e.g. "policies"; "" for the repository root
-
-    @property
-    def prefix(self) -> str:
-        """What to put before a policy-relative file name to get a repository path."""
-        return f"{self.folder}/" if self.folder else ""
-
-
-def locate(policies: str | os.PathLike[str]) -> RepoPlace:
-    """Find the git work tree holding `policies` (the folder need not exist on disk)."""
-    import git
-
-    target = Path(policies).resolve()
-    probe = target
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        repo = git.Repo(probe, search_parent_directories=True)
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        return RepoPlace(None, Path(policies).as_posix().rstrip("/"))
-    top = Path(repo.working_tree_dir or probe).resolve()
-    folder = target.relative_to(top).as_posix() if target != top else ""
-    return RepoPlace(top, "" if folder == "." else folder)
 
 
 def resolve_revision(top: Path | None, rev: str) -> str | None:
@@ -88,8 +59,9 @@ def _store_paths(spec: Sequence[str]) -> tuple[str, ...]:
 
 def load_inventory(
     spec: Sequence[str], place: RepoPlace, policies: Sequence[PolicySet]
-) -> tuple[tuple[CellInventory, ...], str]:
-    """The cells to plan for, and a description of where they came from.
+) -> tuple[tuple[CellInventory, ...], str, tuple[str, ...]]:
+    """The cells to plan for, a description of where they came from, and the status
+    branches skipped as unusable (each with the reason, for the report's warnings).
 
     `spec` is empty (status branches when there are any, else a synthetic cell), `status`,
     `directory` (the synthetic cell), or store files and folders of them.
@@ -98,21 +70,30 @@ def load_inventory(
     if list(spec) == [STATUS] or (not spec and status is not None and status.exists()):
         if status is None:
             raise InventoryError("--inventory status: the policies are not in a git repository")
-        cells = status.cells()
-        if not cells:
+        found = status.read()
+        if not found.cells:
+            if found.skipped:
+                raise InventoryError(
+                    "--inventory status: no usable status/<cell> branch; skipped: "
+                    + "; ".join(found.skipped)
+                )
             raise InventoryError("--inventory status: there are no status/<cell> branches")
-        return cells, f"status branches ({len(cells):,} cells)"
+        skipped = [f"{m} (this cell is left out of the plan)" for m in found.skipped]
+        n = len(found.cells)
+        return found.cells, f"status branches ({n:,} cells)", tuple(skipped)
     if not spec or list(spec) == [SYNTHETIC]:
         cell = synthetic_inventory(policies)
-        return (cell,), (
+        return (
+            (cell,),
             "synthetic (one container per app and lifecycle from the directory; "
-            "no status branches yet)"
+            "no status branches yet)",
+            (),
         )
     if STATUS in spec or SYNTHETIC in spec:
         raise InventoryError("--inventory: 'status' and 'directory' cannot be mixed with files")
     source = StoreFiles(_store_paths(spec))
     cells = source.cells()
-    return cells, f"{source.description} ({len(cells):,} cells)"
+    return cells, f"{source.description} ({len(cells):,} cells)", ()
 
 
 def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ()) -> PlanReport:
@@ -148,15 +129,20 @@ def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ())
             "compares the head against an empty policy"
         )
     try:
-        cells, described = load_inventory(inventory, place, (base_policy, head_result.policy))
+        cells, described, skipped = load_inventory(
+            inventory, place, (base_policy, head_result.policy)
+        )
     except InventoryError as exc:
         return _with(report, error=str(exc), base_findings=base_result.findings)
+    warnings.extend(skipped)
     # Everything loaded so far lives until the end; taking it out of the cyclic collector's
     # view keeps full collections (a quarter of a fleet-wide diff's time) from rescanning it.
     gc.freeze()
     try:
         workers = min(os.cpu_count() or 1, MAX_WORKERS)
         diff = diff_plans(base_policy, head_result.policy, cells, place.prefix, workers)
+    except PlanError as exc:  # a hash collision: no agent would apply it either
+        return _with(report, error=str(exc), base_findings=base_result.findings)
     finally:
         gc.unfreeze()  # a long-lived caller (tests, a server) gets its collector back
     unverified = sum(1 for p in diff.principals if p.name_mismatch)

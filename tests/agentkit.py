@@ -115,7 +115,7 @@ class PolicyRepo:
         return sha
 
     def push(self, force: bool = False) -> None:
-        git("push", "-q", *(["--force"] if force else []), self.url, "main", cwd=self.root)
+        git("push", "-q", *(["--force"] if force else []), "--", self.url, "main", cwd=self.root)
 
     def reset(self, rev: str) -> None:
         git("reset", "-q", "--hard", rev, cwd=self.root)

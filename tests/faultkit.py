@@ -35,7 +35,7 @@ from pathlib import Path
 
 from reconciler.dataplane.iptables import tool
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import hook_rule, render_cell
+from reconciler.render.iptables import hook_rule, marker_rule, render_cell
 
 XTABLES_LOCK = "/run/xtables.lock"
 
@@ -433,7 +433,7 @@ def expected_snapshot(foreign: Snapshot, plan: CellPlan | None, family: int = 4)
     if plan is None:
         return out
     chains = render_cell(plan, family).chains
-    out.update(chains)
+    out.update({name: (marker_rule(name), *rules) for name, rules in chains.items()})
     if chains:
         out["FORWARD"] = (hook_rule(), *foreign.get("FORWARD", ()))
     return out

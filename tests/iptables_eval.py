@@ -114,14 +114,15 @@ def _matches(words: list[str], pkt: Packet) -> tuple[bool, str, list[str]]:
                 raise AssertionError(f"unknown match module {module}")
         else:
             raise AssertionError(f"unknown option {w}")
-    raise AssertionError(f"rule without target: {words}")
+    # No target: iptables goes on to the next rule (our ownership marker is such a rule).
+    return ok, "", []
 
 
 def verdict(chains: dict[str, list[list[str]]], pkt: Packet, chain: str = "FORWARD") -> str:
     """ACCEPT, REJECT or DROP for the packet, or RETURN if it falls off FORWARD."""
     for words in chains.get(chain, []):
         ok, target, _ = _matches(words, pkt)
-        if not ok or target == "LOG":
+        if not ok or target in ("", "LOG"):
             continue
         if target in ("ACCEPT", "REJECT", "DROP"):
             return target

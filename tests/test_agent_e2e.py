@@ -7,6 +7,8 @@ Each agent is an `asgctl agent` process in the host namespace (it reaches the da
 
 from __future__ import annotations
 
+import io
+import json
 import random
 import re
 import shlex
@@ -29,7 +31,7 @@ from reconciler.lab.probe import Outcome
 from reconciler.model import Container
 from reconciler.plan import content_id
 from reconciler.policy.load import load_revision
-from reconciler.render.iptables import render_cell
+from reconciler.render.iptables import container_chain, render_cell
 from tests.agentkit import (  # noqa: F401 - fixtures
     ASGCTL,
     ORG,
@@ -244,7 +246,7 @@ def test_git_server_down_keeps_rules_then_recovers(
     extra = container("late", 40)
     t0 = time.monotonic()
     write_store(store, [*parse_store(store.read_text()), extra])
-    chain = "ASG-C-" + content_id("container late")
+    chain = container_chain(content_id("container late"))
     wait_for(lambda: chain in kernel(lab.cell).chains, 3, 0.01, "new container while down")
     assert time.monotonic() - t0 < 1.0
     text = urllib.request.urlopen(url, timeout=5).read().decode()
@@ -376,7 +378,7 @@ def test_containers_are_enforced_within_a_second(
     wait_for(_applied(policy_repo.bare, "cell-a", c1), 15, what="first apply")
 
     def chain(handle: str) -> str:
-        return "ASG-C-" + content_id(f"container {handle}")
+        return container_chain(content_id(f"container {handle}"))
 
     latencies = []
     for i in range(1, 6):
@@ -550,3 +552,80 @@ def _await_restore(pid: int, timeout: float) -> bool:
                 return True
         time.sleep(0.0005)
     return False
+
+
+HOST_CHAINS_V4 = (
+    "*filter",
+    ":ASG-ADMIN-BLOCKLIST - [0:0]",
+    ":ASG-LEGACY - [0:0]",
+    "-A INPUT -j ASG-ADMIN-BLOCKLIST",
+    "-A ASG-ADMIN-BLOCKLIST -s 198.18.200.7/32 -j DROP",
+    "-A ASG-LEGACY -d 198.18.200.8/32 -p tcp -m tcp --dport 22 -j ACCEPT",
+    "COMMIT",
+)
+
+
+def test_the_hosts_prefixed_chains_are_logged_once_and_never_taken_over(
+    make_lab: Callable[..., Lab], tmp_path: Path
+) -> None:
+    """Issue 20 through the agent's cycle (in-process, real kernel): the host's `ASG-`
+    chains are logged once as someone else's and survive, Ready stays True; a host chain
+    named like the plan's dispatch chain makes the cycle fail (Ready False) with the reason,
+    and is left exactly as it was."""
+    from reconciler.agent.config import build_config
+    from reconciler.agent.core import condition
+    from reconciler.agent.loop import SYNC, Agent
+    from reconciler.dataplane import Runner
+    from reconciler.dataplane.iptables import IptablesBackend
+    from tests.agentkit import local_repo
+
+    require_netns()
+    repo = local_repo(tmp_path)
+    repo.commit("allow", {"sg.yaml": sg("web", tcp_rules(3))})
+    store = write_store(tmp_path / "store.json", [container("c0", 0), container("c1", 1)])
+
+    def agent(lab: Lab, state: str) -> tuple[Agent, io.StringIO]:
+        cfg = build_config(
+            {
+                "source": repo.url,
+                "cell": "host",
+                "containers": str(store),
+                "state-dir": str(tmp_path / state),
+            },
+            {},
+        )
+        backend = IptablesBackend.open("legacy", Runner.in_netns(lab.cell))
+        err = io.StringIO()
+        return Agent(cfg, out=io.StringIO(), err=err, backend=backend), err
+
+    def save(lab: Lab) -> list[str]:
+        text = lab.cell_exec(["iptables-legacy-save", "-t", "filter"], check=True).stdout
+        return [x for x in text.splitlines() if not x.startswith("#")]
+
+    lab = make_lab(conntrack=False)
+    lab.cell_exec(
+        ["iptables-legacy-restore", "--noflush"], input="\n".join(HOST_CHAINS_V4) + "\n", check=True
+    )
+    theirs = [x for x in save(lab) if "ASG-LEGACY" in x or "ASG-ADMIN" in x]
+    a, err = agent(lab, "state-a")
+    for _ in range(2):
+        st = a.cycle(SYNC)
+        assert condition(st.conditions, "Ready").status == "True"  # type: ignore[union-attr]
+        assert st.applied is not None and kernel(lab.cell).chains
+        assert [x for x in save(lab) if "ASG-LEGACY" in x or "ASG-ADMIN" in x] == theirs
+    logged = [json.loads(x) for x in err.getvalue().splitlines()]
+    foreign = [x for x in logged if x["event"] == "foreign-chains"]
+    assert [x["chains"] for x in foreign] == [["ipv4 ASG-ADMIN-BLOCKLIST", "ipv4 ASG-LEGACY"]]
+
+    other = make_lab(conntrack=False)
+    clash = (*HOST_CHAINS_V4[:-1], ":ASG-FORWARD - [0:0]", "-A ASG-FORWARD -j RETURN", "COMMIT")
+    other.cell_exec(
+        ["iptables-legacy-restore", "--noflush"], input="\n".join(clash) + "\n", check=True
+    )
+    before = save(other)
+    b, _ = agent(other, "state-b")
+    st = b.cycle(SYNC)
+    ready = condition(st.conditions, "Ready")
+    assert ready is not None and ready.status == "False" and ready.reason == "EnforcementFailed"
+    assert "ASG-FORWARD" in ready.message and "not taken over" in ready.message
+    assert save(other) == before

@@ -4,6 +4,7 @@ anywhere (no root), and pins down what a cycle logs, persists and reports.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import replace
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import reconciler.compile as compile_module
 from reconciler.agent.config import build_config
 from reconciler.agent.core import condition
 from reconciler.agent.loop import INVENTORY, SYNC, Agent
@@ -168,6 +170,35 @@ def test_report_only_drift_is_reported_as_drift_and_left(setup) -> None:  # type
     assert condition(st.conditions, "Ready").status == "True"  # type: ignore[union-attr]
     assert dp.applies == applies and out.getvalue() == ""  # nothing sent, no change logged
     assert st.drift_log[0]["repaired"] is False and st.drift_corrections == 0
+
+
+def test_an_upgrade_that_renames_chains_installs_them_without_self_heal(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel holds what an older asgctl rendered (64-bit ids, other chain names) and
+    state.json its digest; the new version must not take its own plan for the last one
+    applied, or with self-heal off every renamed chain would count as drift, left alone."""
+    cfg, commit, _, _ = setup
+    cfg = replace(cfg, heal_drift=False)
+    commit({"sg.yaml": sg("web", tcp_rules(3))})
+    monkeypatch.setattr(
+        compile_module, "content_id", lambda t: hashlib.sha256(t.encode()).hexdigest()[:16]
+    )
+    compile_module._chain_id.cache_clear()
+    dp = MemoryDataplane()
+    old, _, _ = _agent(cfg, dp)
+    old.cycle(SYNC)
+    old.source.close()
+    monkeypatch.undo()
+    compile_module._chain_id.cache_clear()
+    installed = dict(dp.chains[4])
+    assert installed and all(len(n) <= 22 for n in installed)  # ASG-G-<16 digits>
+
+    again, _, _ = _agent(cfg, dp)
+    st = again.cycle(SYNC)
+    assert condition(st.conditions, "Ready").status == "True"  # type: ignore[union-attr]
+    assert st.applied is not None and st.applied.plan is not None
+    assert dp.chains[4] == render_cell(st.applied.plan, 4).chains != installed
 
 
 def test_metrics_go_to_a_textfile_for_node_exporter(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -38,27 +38,38 @@ from reconciler.dataplane import records as rec
 from reconciler.dataplane.iptables import IptablesBackend, tool
 from reconciler.dataplane.nftables import NftablesBackend
 from reconciler.dataplane.records import OwnedState
+from reconciler.dataplane.saveparse import count_rules
 from reconciler.dataplane.summary import format_text
 from reconciler.lab.netns import Lab
 from reconciler.lab.nsenter import in_netns
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import TOP_CHAIN, Ruleset, hook_rule, render_cell
+from reconciler.render.iptables import TOP_CHAIN, Ruleset, hook_rule, marker_rule, render_cell
 from reconciler.render.nft import base_chain, canonical_rule
 from reconciler.render.nft import render_cell as render_nft
 from tests.cases import DATA, RecordingRunner, edge_plan
 from tests.conftest import skip_unless_available
 
 VARIANTS = ("legacy", "nft")
+HOST_CHAINS = ("ASG-ADMIN-BLOCKLIST", "ASG-LEGACY")
+"""The host's own chains with our name prefix (issue 20): one unreferenced, with rules; one
+jumped to from INPUT.  Neither is ours, whatever its name."""
 FOREIGN_V4 = (
     "*filter",
     ":FOREIGN - [0:0]",
+    ":ASG-ADMIN-BLOCKLIST - [0:0]",
+    ":ASG-LEGACY - [0:0]",
     "-A FORWARD -s 198.18.200.1/32 -m comment --comment foreign-first -j ACCEPT",
     "-A FORWARD -d 198.18.200.2/32 -j FOREIGN",
     "-A FOREIGN -p tcp -m tcp --dport 9 -j DROP",
     "-A INPUT -s 198.18.200.3/32 -j DROP",
+    "-A INPUT -j ASG-ADMIN-BLOCKLIST",
+    "-A ASG-ADMIN-BLOCKLIST -s 198.18.200.7/32 -m comment --comment blocked -j DROP",
+    "-A ASG-LEGACY -d 198.18.200.8/32 -p tcp -m tcp --dport 22 -j ACCEPT",
+    "-A ASG-LEGACY -j RETURN",
     "COMMIT",
 )
+_OURS = re.compile(r"^(?::|-A )ASG-(?:FORWARD|[GC]-[0-9a-f]+)\b|asg:forward")
 
 
 # -- plans ----------------------------------------------------------------------------------
@@ -153,12 +164,9 @@ class Host:
         return "\n".join(out)
 
     def foreign(self) -> list[str]:
-        """Every line of the v4 table that is not ours, in order."""
-        return [
-            x
-            for x in self.ipt_save().split("COMMIT")[0].splitlines()
-            if "ASG-" not in x and "asg:" not in x
-        ]
+        """Every line of the v4 table that is not ours (the host's `ASG-` chains included),
+        in order."""
+        return [x for x in self.ipt_save().split("COMMIT")[0].splitlines() if not _OURS.search(x)]
 
     def render(self, plan: CellPlan, family: int) -> Ruleset:
         return render_nft(plan, family) if self.kind == "nftables" else render_cell(plan, family)
@@ -337,8 +345,11 @@ def _container(plan: CellPlan, family: int = 4) -> str:
     return next(n for n in sorted(render_cell(plan, family).chains) if n.startswith("ASG-C-"))
 
 
+# Rule 1 of every chain of ours is its ownership marker: the plan's rules start at 2.
+
+
 def _drift_rule_deleted(h: Host, p: CellPlan) -> tuple[str, str]:
-    h.ipt(4, "-D", _group(p), "1")
+    h.ipt(4, "-D", _group(p), "2")
     return _group(p), rec.RULE_MISSING
 
 
@@ -350,7 +361,7 @@ def _drift_rule_added(h: Host, p: CellPlan) -> tuple[str, str]:
 def _drift_reordered(h: Host, p: CellPlan) -> tuple[str, str]:
     chain = _group(p)
     first = render_cell(p, 4).chains[chain][0]
-    h.ipt(4, "-D", chain, "1")
+    h.ipt(4, "-D", chain, "2")
     h.restore(4, ("*filter", first, "COMMIT"))  # appended at the end
     return chain, rec.RULES_REORDERED
 
@@ -359,8 +370,8 @@ def _drift_changed(h: Host, p: CellPlan) -> tuple[str, str]:
     chain = _group(p)
     rules = render_cell(p, 4).chains[chain]
     i = next(i for i, x in enumerate(rules) if x.endswith("-j ACCEPT"))
-    h.ipt(4, "-D", chain, str(i + 1))
-    changed = rules[i].replace(f"-A {chain} ", f"-I {chain} {i + 1} ").replace("ACCEPT", "DROP")
+    h.ipt(4, "-D", chain, str(i + 2))
+    changed = rules[i].replace(f"-A {chain} ", f"-I {chain} {i + 2} ").replace("ACCEPT", "DROP")
     h.restore(4, ("*filter", changed, "COMMIT"))
     return chain, rec.RULE_CHANGED
 
@@ -368,6 +379,12 @@ def _drift_changed(h: Host, p: CellPlan) -> tuple[str, str]:
 def _drift_flushed(h: Host, p: CellPlan) -> tuple[str, str]:
     h.ipt(4, "-F", _container(p))
     return _container(p), rec.RULE_MISSING
+
+
+def _drift_marker_deleted(h: Host, p: CellPlan) -> tuple[str, str]:
+    """Still ours without its marker: the last plan applied put the chain there."""
+    h.ipt(4, "-D", _group(p), "1")
+    return _group(p), rec.MARKER_MISSING
 
 
 def _drift_chain_deleted(h: Host, p: CellPlan) -> tuple[str, str]:
@@ -378,9 +395,14 @@ def _drift_chain_deleted(h: Host, p: CellPlan) -> tuple[str, str]:
 
 
 def _drift_chain_extra(h: Host, p: CellPlan) -> tuple[str, str]:
-    h.ipt(4, "-N", "ASG-G-0000000000000000")
-    h.ipt(4, "-A", "ASG-G-0000000000000000", "-j", "ACCEPT")
-    return "ASG-G-0000000000000000", rec.CHAIN_EXTRA
+    """A chain of ours the plan does not have (an old one put back from a saved table): it
+    carries our marker, so it is ours to remove.  Without it, it would be someone else's
+    (test_foreign_rules_and_chains_survive_every_apply)."""
+    chain = "ASG-G-0000000000000000"
+    h.restore(
+        4, ("*filter", f":{chain} - [0:0]", marker_rule(chain), f"-A {chain} -j ACCEPT", "COMMIT")
+    )
+    return chain, rec.CHAIN_EXTRA
 
 
 def _drift_hook_removed(h: Host, p: CellPlan) -> tuple[str, str]:
@@ -404,6 +426,7 @@ DRIFTS: dict[str, Callable[[Host, CellPlan], tuple[str, str]]] = {
     "reordered": _drift_reordered,
     "rule-changed": _drift_changed,
     "chain-flushed": _drift_flushed,
+    "marker-deleted": _drift_marker_deleted,
     "chain-deleted": _drift_chain_deleted,
     "chain-extra": _drift_chain_extra,
     "hook-removed": _drift_hook_removed,
@@ -444,7 +467,7 @@ def test_drift_details_name_the_rules(host: Host) -> None:
     assert converge(host.backend(), plan).ok
     chain = next(n for n in render_cell(plan, 4).chains if n.startswith("ASG-G-"))
     lost = render_cell(plan, 4).chains[chain][0]
-    host.ipt(4, "-D", chain, "1")
+    host.ipt(4, "-D", chain, "2")
     (drift,) = converge(host.backend(), plan, plan).drift
     assert drift == rec.Drift(4, chain, rec.RULE_MISSING, (lost,), (), True)
 
@@ -477,13 +500,30 @@ def test_without_last_plan_differences_are_changes_not_drift(host: Host) -> None
 # -- other programs' rules ------------------------------------------------------------------
 
 
+def _not_about_host_chains(host: Host, result: ConvergeResult) -> None:
+    """The host's `ASG-` chains are reported as someone else's and nowhere called ours."""
+    assert result.ok, result.to_dict()
+    assert not {x.chain for x in (*result.drift, *result.changes)} & set(HOST_CHAINS)
+    v4 = result.families[0].delta
+    for family in result.families:
+        assert not set(HOST_CHAINS) & {*family.delta.written, *family.delta.deleted}
+        assert not set(HOST_CHAINS) & set(family.delta.orphaned)
+    if host.kind != "nftables":  # (nftables never reads iptables' tables at all)
+        assert v4.foreign == HOST_CHAINS
+        assert all(any(n in note for note in v4.notes) for n in HOST_CHAINS)
+
+
 def test_foreign_rules_and_chains_survive_every_apply(host: Host) -> None:
+    """Issue 20: the host's `ASG-LEGACY` and `ASG-ADMIN-BLOCKLIST` (jumped to from INPUT) are
+    not ours for their prefix: first apply, plan change, drift repair, a restart that lost
+    its state, and the teardown leave them byte for byte, and no report calls them ours."""
     host.restore(4, FOREIGN_V4)
     foreign = host.foreign()
+    assert any(x.startswith("-A ASG-LEGACY ") for x in foreign)
     a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
     steps: list[tuple[CellPlan, CellPlan | None]] = [(a, None), (b, a)]
     for plan, last in steps:
-        assert converge(host.backend(), plan, last).ok
+        _not_about_host_chains(host, converge(host.backend(), plan, last))
         assert host.foreign() == foreign
         assert_matches_plan(host, plan)
     # Our hook went first, ahead of the foreign rule that was first before.
@@ -491,11 +531,118 @@ def test_foreign_rules_and_chains_survive_every_apply(host: Host) -> None:
         assert host.ipt(4, "-S", "FORWARD").splitlines()[1] == hook_rule()
     host.ipt(4, "-I", "FORWARD", "1", "-s", "198.18.200.9/32", "-j", "ACCEPT")  # before ours
     foreign = host.foreign()
-    assert converge(host.backend(), b, b).ok
+    _not_about_host_chains(host, converge(host.backend(), b, b))
+    assert host.foreign() == foreign
+    host.unhook(4)  # drift: repaired, and only that
+    repaired = converge(host.backend(), b, b)
+    _not_about_host_chains(host, repaired)
+    assert repaired.drift and all(x.repair for x in repaired.drift)
+    assert host.foreign() == foreign
+    assert_matches_plan(host, b)
+    _not_about_host_chains(host, converge(host.backend(), b))  # restarted, state lost
     assert host.foreign() == foreign
     empty = compile_cell(small_policy(), (), "t")
-    assert converge(host.backend(), empty, b).ok
+    _not_about_host_chains(host, converge(host.backend(), empty, b))
     assert host.foreign() == foreign
+    assert_matches_plan(host, empty)
+
+
+def test_a_restart_that_lost_its_state_still_cleans_up_our_chains(host: Host) -> None:
+    """No last plan (the state directory is gone): the marker alone proves which chains are
+    ours, so stale ones are still removed, and the host's are still left alone."""
+    host.restore(4, FOREIGN_V4)
+    foreign = host.foreign()
+    a = small_plan()
+    b = small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),), containers=CONTAINERS[1:])
+    assert converge(host.backend(), a).ok
+    before = {f: host.objects(host.backend().read(f)) for f in (4, 6)}
+    result = converge(host.backend(), b)  # a new process: no last plan
+    _not_about_host_chains(host, result)
+    assert set(result.families[0].delta.deleted) == set(before[4]) - set(
+        host.objects(host.render(b, 4))
+    )
+    assert result.families[0].delta.deleted
+    assert_matches_plan(host, b)
+    assert host.foreign() == foreign
+    empty = compile_cell(small_policy(), (), "t")
+    _not_about_host_chains(host, converge(host.backend(), empty))
+    assert_matches_plan(host, empty)
+    assert host.foreign() == foreign
+    if host.kind != "nftables":
+        ours = [x for x in host.ipt_save().splitlines() if _OURS.search(x) or "asg:" in x]
+        assert ours == []
+
+
+def test_an_upgrade_from_before_markers_takes_the_old_chains_over(host: Host) -> None:
+    """A cell still holding what the previous release wrote (16-digit ids, no markers; the
+    example repo's rules as that release rendered them) and no usable last plan (every chain
+    was renamed): the old chains are proven ours by their exact shape, replaced by the plan
+    and removed, and the host's `ASG-` chains are still left alone."""
+    iptables_only(host, "the nftables backend has its own table")
+    host.restore(4, FOREIGN_V4)
+    foreign = host.foreign()
+    old = (DATA / "pre-marker.v4.rules").read_text().splitlines()
+    host.restore(4, tuple(old))
+    plan = small_plan()
+    result = converge(host.backend(), plan)  # no last plan, as after the upgrade
+    assert result.ok, result.families[0].error
+    _not_about_host_chains(host, result)
+    old_chains = {x[1:].split()[0] for x in old if x.startswith(":")}
+    assert old_chains - {TOP_CHAIN} <= set(result.families[0].delta.deleted)
+    assert_matches_plan(host, plan)
+    assert host.foreign() == foreign
+
+
+@pytest.mark.parametrize("which", ["dispatch", "group"])
+def test_a_planned_chain_never_takes_over_a_foreign_chain_of_its_name(
+    host: Host, which: str
+) -> None:
+    """A chain of the plan's name that we cannot prove ours (no marker, not in the last plan
+    applied) is refused with a clear error, never flushed or rewritten; the other family,
+    a separate table, still converges."""
+    iptables_only(host, "the nftables backend writes only its own table")
+    plan = small_plan()
+    chains = render_cell(plan, 4).chains
+    name = TOP_CHAIN if which == "dispatch" else next(n for n in chains if n.startswith("ASG-G-"))
+    host.restore(4, (*FOREIGN_V4[:-1], f":{name} - [0:0]", f"-A {name} -j DROP", "COMMIT"))
+    before = host.ipt_save().split("COMMIT")[0]
+    result = converge(host.backend(), plan)
+    v4, v6 = result.families
+    assert not result.ok and not v4.sent
+    assert v4.error is not None and name in v4.error and "not taken over" in v4.error
+    assert host.ipt_save().split("COMMIT")[0] == before  # byte for byte: nothing sent
+    assert v6.error is None and v6.sent
+    # Once its owner removes it, the next cycle installs.
+    host.restore(4, ("*filter", f"-F {name}", f"-X {name}", "COMMIT"))
+    assert converge(host.backend(), plan).ok
+    assert_matches_plan(host, plan)
+
+
+def test_only_our_own_hook_rule_is_ever_touched_in_forward(host: Host) -> None:
+    """FORWARD rules that merely look like our hook (our comment, another target; our
+    target, no comment) are someone else's: they survive install, change and teardown, and
+    keep the dispatch chain they jump to alive (flushed, still marked, not deleted)."""
+    iptables_only(host, "the nftables backend hooks in with its own base chain")
+    lookalikes = (
+        '-A FORWARD -s 198.18.200.10/32 -m comment --comment "asg:forward" -j ACCEPT',
+        f"-A FORWARD -s 198.18.200.11/32 -j {TOP_CHAIN}",
+    )
+    a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
+    assert converge(host.backend(), a).ok
+    host.restore(4, ("*filter", *lookalikes, "COMMIT"))
+    for plan, last in ((b, a), (b, b)):
+        result = converge(host.backend(), plan, last)
+        assert result.ok, result.to_dict()
+        assert all(x.chain != "FORWARD" for x in (*result.drift, *result.changes))
+        rules = host.ipt(4, "-S", "FORWARD").splitlines()
+        assert rules[1] == hook_rule() and all(x in rules for x in lookalikes)
+    empty = compile_cell(small_policy(), (), "t")
+    result = converge(host.backend(), empty, b)
+    assert result.ok, result.to_dict()
+    assert result.families[0].delta.orphaned == (TOP_CHAIN,)
+    rules = host.ipt(4, "-S", "FORWARD").splitlines()
+    assert hook_rule() not in rules and all(x in rules for x in lookalikes)
+    assert host.ipt(4, "-S", TOP_CHAIN).splitlines()[1:] == [marker_rule(TOP_CHAIN)]
 
 
 def test_chain_a_foreign_rule_jumps_to_is_flushed_not_deleted(host: Host) -> None:
@@ -600,9 +747,11 @@ def test_auto_variant_follows_the_rules_already_there(host: Host) -> None:
     host.restore(4, FOREIGN_V4)
     backend = IptablesBackend.open("auto", host.runner())
     assert backend.variant == host.variant
+    other = "nft" if host.variant == "legacy" else "legacy"
+    # The host's own `ASG-` chains are not ours: the other variant is not mixing yet.
+    assert IptablesBackend.open(other, host.runner()).variant == other
     assert converge(backend, small_plan()).ok
     # Once our chains are in one variant, the other is refused: never mix.
-    other = "nft" if host.variant == "legacy" else "legacy"
     with pytest.raises(VariantError, match="mixing"):
         IptablesBackend.open(other, host.runner())
     assert IptablesBackend.open("auto", host.runner()).variant == host.variant
@@ -630,6 +779,7 @@ def test_asgctl_apply_exit_codes(host: Host, tmp_path: Path) -> None:
         with in_netns(host.netns):
             return CliRunner().invoke(main, [*base, *extra])
 
+    host.restore(4, FOREIGN_V4)
     before = host.save()
     dry = run("--dry-run")
     assert dry.exit_code == 2, dry.output
@@ -647,6 +797,9 @@ def test_asgctl_apply_exit_codes(host: Host, tmp_path: Path) -> None:
     assert host.save() == before
     applied = run()
     assert applied.exit_code == 2, applied.output
+    if host.kind != "nftables":  # the host's `ASG-` chains: named in a note, left alone
+        notes = [x for x in applied.output.splitlines() if "note" in x and "left alone" in x]
+        assert [n for n in HOST_CHAINS if any(n in x for x in notes)] == list(HOST_CHAINS)
     assert_matches_plan(host, edge_plan())
     again = run("--format", "json")
     assert again.exit_code == 0, again.output
@@ -775,9 +928,14 @@ def test_parser_keeps_only_ours() -> None:
             ":INPUT ACCEPT [0:0]",
             ":FORWARD ACCEPT [5:300]",
             ":ASG-FORWARD - [0:0]",
+            ":ASG-LEGACY - [0:0]",
             ":OTHER - [0:0]",
             "-A FORWARD -j OTHER",
             hook_rule(),
+            '-A FORWARD -m comment --comment "asg:forward" -j ACCEPT',  # not a jump to ours
+            "-A ASG-FORWARD -s 198.18.0.2/32 -j ACCEPT",
+            marker_rule("ASG-FORWARD"),  # wherever it is: it changes no verdict
+            "-A ASG-LEGACY -j ASG-FORWARD",
             "-A OTHER -j ASG-FORWARD",
             '-A OTHER -m comment --comment "mentions -j ASG-NOPE" -j ACCEPT',
             "COMMIT",
@@ -785,7 +943,8 @@ def test_parser_keeps_only_ours() -> None:
         ]
     )
     state = parse_save(text, 4)
-    assert dict(state.chains) == {"ASG-FORWARD": ()}
+    assert dict(state.chains) == {"ASG-FORWARD": ("-A ASG-FORWARD -s 198.18.0.2/32 -j ACCEPT",)}
+    assert dict(state.unmarked) == {"ASG-LEGACY": ("-A ASG-LEGACY -j ASG-FORWARD",)}
     assert [(h.index, h.text) for h in state.hooks] == [(1, hook_rule())]
     assert state.foreign_refs == frozenset({"ASG-FORWARD"})
 
@@ -809,3 +968,46 @@ def test_delta_orders_declare_delete_fill_insert_remove() -> None:
     assert seen == sorted(seen)
     assert [d.what for d in delta.drift] == [rec.HOOK_MOVED]
     assert replace(delta, ops=()).empty
+
+
+def test_delta_tells_our_unmarked_chains_from_the_hosts() -> None:
+    """Without a marker, a prefixed chain is ours only if the last plan applied put it
+    there; a foreign chain's jump keeps a chain of ours alive like any foreign rule's."""
+    a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
+    old, new = render_cell(a, 4), render_cell(b, 4)
+    gone = next(n for n in old.chains if n.startswith("ASG-G-") and n not in new.chains)
+    legacy = ("-A ASG-LEGACY -s 198.18.200.5/32 -j " + gone,)
+    observed = OwnedState(
+        4,
+        {n: rules for n, rules in old.chains.items() if n != gone},
+        (rec.HookCopy(0, hook_rule()),),
+        frozenset(),
+        unmarked={gone: (), "ASG-LEGACY": legacy},  # ours, flushed; the host's
+    )
+    delta = compute_delta(new, observed, old)
+    assert delta.foreign == ("ASG-LEGACY",)
+    assert not any("ASG-LEGACY" in op.split(" -j ")[0] for op in delta.ops)
+    assert delta.orphaned == (gone,) and f"-X {gone}" not in delta.ops
+    assert marker_rule(gone) in delta.ops  # kept, and provably ours again
+    assert (gone, rec.MARKER_MISSING) in {(d.chain, d.what) for d in delta.drift}
+    for name in delta.written:  # every chain written gets its marker before its rules
+        assert delta.ops.index(marker_rule(name)) < delta.ops.index(new.chains[name][0])
+    # Without a last plan nothing proves `gone` ours: it is left alone as well.
+    blind = compute_delta(new, observed, None)
+    assert blind.foreign == (gone, "ASG-LEGACY")
+    assert not any(gone in op for op in blind.ops)
+
+
+def test_variant_detection_counts_only_chains_we_can_prove_ours() -> None:
+    """The host's `ASG-` chains in one variant must not pin us to it, nor make installing in
+    the other look like mixing; our marker, or our dispatch chain by name (a chain of ours
+    from before markers: never risk mixing), does."""
+    host = "\n".join(FOREIGN_V4) + "\n"
+    assert count_rules(host) == (8, False)
+    ours = host.replace("COMMIT", f":{TOP_CHAIN} - [0:0]\n{marker_rule(TOP_CHAIN)}\nCOMMIT")
+    assert count_rules(ours) == (9, True)
+    old = host.replace("COMMIT", f":{TOP_CHAIN} - [0:0]\nCOMMIT")
+    assert count_rules(old) == (8, True)
+    # A marker copied into another chain's line proves nothing about that line's chain.
+    odd = host.replace("COMMIT", f"-A ASG-LEGACY -s 198.18.200.9/32 {marker_rule('X')[5:]}\nCOMMIT")
+    assert count_rules(odd)[1] is False

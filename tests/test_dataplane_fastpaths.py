@@ -27,7 +27,15 @@ from reconciler.dataplane.saveparse import parse_save
 from reconciler.lab.netns import Lab
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import TOP_CHAIN, Ruleset, group_chain, hook_rule, render_cell
+from reconciler.render.iptables import (
+    CONTAINER_PREFIX,
+    TOP_CHAIN,
+    Ruleset,
+    group_chain,
+    hook_rule,
+    marker_rule,
+    render_cell,
+)
 from tests.cases import RecordingRunner as Recording
 from tests.cases import edge_plan
 
@@ -106,9 +114,15 @@ def test_after_delta_models_declare_fill_delete_and_hook_moves() -> None:
 
 
 def test_shapes_blank_ids_only() -> None:
-    line = '-A ASG-C-0123456789abcdef -m comment --comment "asg:g:fedcba9876543210" -j ASG-G-x'
+    gid = "fedcba9876543210" * 2  # a whole id in the comment, a cut one in the chain names
+    line = f'-A ASG-C-0123456789abcdef012345 -m comment --comment "asg:g:{gid}" -j ASG-G-x'
     assert shape(line) == '-A ASG-C-~ -m comment --comment "asg:g:~" -j ASG-G-x'
     assert shape("-A ASG-G-1 -d 198.19.1.0/24 -p tcp") == "-A ASG-G-1 -d 198.19.1.0/24 -p tcp"
+    chains = render_cell(plan(), 4).chains
+    containers = [rules for name, rules in chains.items() if name.startswith(CONTAINER_PREFIX)]
+    assert len(containers) == len(CONTAINERS)
+    for at in (0, -2):  # every container chain's ESTABLISHED and deny-log line: one shape
+        assert len({shape(rules[at]) for rules in containers}) == 1
 
 
 # -- in a namespace -------------------------------------------------------------------------
@@ -161,7 +175,7 @@ def test_idle_cycle_reads_nothing_and_still_sees_drift(cell: str, variant: str) 
             f"iptables-{variant}",
             "-R",
             chain,
-            "1",
+            "2",  # rule 1 is the chain's ownership marker
             *shlex.split(changed)[2:],
         ],
         check=True,
@@ -229,14 +243,28 @@ def test_a_family_without_containers_is_not_saved_on_legacy(cell: str, variant: 
     assert converge(b, p, p).in_sync
     v6_saves = [c for c in calls(b).calls if c[0].startswith("ip6tables")]
     assert v6_saves == []
-    # ... but a v6 rule of anyone's is read (it might be ours), and our hook is repaired.
-    hook = '-I FORWARD -m comment --comment "asg:forward" -j ACCEPT'
+    # ... but a v6 rule of anyone's is read (it might be ours), and a stale hook and
+    # dispatch chain of ours (marked) are removed.
+    stale = ("*filter", f":{TOP_CHAIN} - [0:0]", marker_rule(TOP_CHAIN), hook_rule(), "COMMIT")
     subprocess.run(
-        ["ip", "netns", "exec", cell, f"ip6tables-{variant}", *shlex.split(hook)], check=True
+        ["ip", "netns", "exec", cell, tool(variant, 6, "restore"), "--noflush"],
+        input="\n".join(stale) + "\n",
+        text=True,
+        check=True,
     )
     fixed = converge(b, p, p)
     assert fixed.ok and not fixed.in_sync
+    assert fixed.families[1].delta.deleted == (TOP_CHAIN,)
     assert full_read(cell, variant, 6) == {}
+    assert (
+        "asg:"
+        not in subprocess.run(
+            ["ip", "netns", "exec", cell, tool(variant, 6, "save"), "-t", "filter"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
 
 
 # -- an install's read-back, deferred to the next cycle's read --------------------------------
@@ -320,7 +348,7 @@ def test_a_legacy_table_token_ignores_counters_and_nothing_else(
         words = shlex.split(first)[2:]
 
         def replace_rule(*extra: str) -> None:
-            cmd = ["iptables-legacy", "-R", TOP_CHAIN, "1", *extra, *words]
+            cmd = ["iptables-legacy", "-R", TOP_CHAIN, "2", *extra, *words]  # 1: the marker
             subprocess.run(["ip", "netns", "exec", cell, *cmd], check=True)
 
         replace_rule("-c", "7", "700")  # the same rule, other counters: traffic, to the token

@@ -197,6 +197,9 @@ def test_kill9_of_a_converge_loop_leaves_exactly_the_old_or_the_new_plan(
         current = name
     figures = checks.held()
     assert mid_restore >= kills // 2, "the kills rarely landed while iptables-restore ran"
+    assert applies >= kills // 2, (applies, seen)
+    if kills >= 50:  # a dozen kills may all land on the same side; hundreds never do
+        assert len(seen) == 2, seen
     record(
         "kill9-converge-loop",
         variant=variant,
@@ -209,9 +212,6 @@ def test_kill9_of_a_converge_loop_leaves_exactly_the_old_or_the_new_plan(
         **figures,
         seconds=round(time.monotonic() - t0, 1),
     )
-    assert applies >= kills // 2, (applies, seen)
-    if kills >= 50:  # a dozen kills may all land on the same side; hundreds never do
-        assert len(seen) == 2, seen
 
 
 def with_suppressed_kill(proc: subprocess.Popen[Any]) -> None:
@@ -693,10 +693,8 @@ def _corruptions(good: bytes, rng: random.Random, cuts: int) -> list[tuple[str, 
         ("a string", b'"store"'),
         ("deep nesting", b"[" * 200_000 + b"]" * 200_000),
         ("a 5000-digit number", b'{"c1": ' + b"9" * 5000 + b"}"),
-        ("zone id injection", json.dumps(
-            {"x": {"handle": "x", "ip": "fd00:18::9%x\n-A FORWARD -j ACCEPT"}}).encode()),
-        ("duplicate ip", good.replace(b'"198.18.0.3"', b'"198.18.0.2"')),
-        ("bad workload", good.replace(b'"app"', b'"root"', 1)),
+        # A bad *entry* (a zone id, a shared IP, an odd workload) is judged on its own and
+        # the rest of the store used: tests/test_cell_store.py.  Only whole files here.
         ("not utf-8", b'{"c\xff": {}}'),
         ("missing", None),
         ("a directory", b"<dir>"),

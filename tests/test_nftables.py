@@ -40,7 +40,7 @@ from reconciler.dataplane.nftdelta import (
 from reconciler.dataplane.nftparse import NftState, parse_listing
 from reconciler.explain import find_container
 from reconciler.lab.netns import Lab
-from reconciler.plan import CellPlan
+from reconciler.plan import ID_LEN, LOG_ID_LEN, CellPlan
 from reconciler.render.nft import (
     ADDRESS_TYPES,
     NftRuleset,
@@ -226,9 +226,10 @@ def test_element_text_and_json_round_trip(keys: tuple[str, ...], box) -> None:  
 
 def test_rendered_names_and_strings_carry_only_ids() -> None:
     """Nothing a policy author wrote reaches nft: names, comments and prefixes are hex ids."""
-    name = re.compile(r"^(forward[46]|containers[46]|[cg][46]-[0-9a-f]{16}(-[api])?)$")
-    comment = re.compile(r"^asg:(est|dispatch|invalid|deny-log|reject|[gr]:[0-9a-f]{16})$")
-    prefix = re.compile(r"^ASG (OK|DENY) [0-9a-f]{16} $")
+    hex_id = f"[0-9a-f]{{{ID_LEN}}}"  # nft names hold 256 characters: whole ids
+    name = re.compile(rf"^(forward[46]|containers[46]|[cg][46]-{hex_id}(-[api])?)$")
+    comment = re.compile(rf"^asg:(est|dispatch|invalid|deny-log|reject|[gr]:{hex_id})$")
+    prefix = re.compile(rf"^ASG (OK|DENY) [0-9a-f]{{{LOG_ID_LEN}}} $")
     for family in (4, 6):
         rs = render_cell(edge_plan(), family)
         assert all(name.match(n) for n in [*rs.chains, *rs.sets])

@@ -281,12 +281,11 @@ def test_a_symlink_out_of_the_tree_is_refused(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     os.symlink(outside, repo / "leak.yaml")
-    os.symlink("/etc", repo / "etc")
+    os.symlink("/etc", repo / "etc")  # a link to a folder is never walked, from disk or git
     result = load_folder(repo)
-    messages = sorted(str(f) for f in result.findings)
-    assert not result.ok
-    assert messages[0].startswith("etc:1:1: symlink points outside the policy tree")
-    assert messages[1].startswith("leak.yaml:1:1: symlink points outside the policy tree")
+    assert [str(f) for f in result.findings] == [
+        f"leak.yaml:1:1: symlink points outside the policy tree ({outside})"
+    ]
 
 
 def test_a_revision_is_read_from_git_without_a_checkout(tmp_path):

@@ -76,9 +76,18 @@ def test_policy_pr_workflow_validates_tests_plans_and_keeps_one_comment():
     assert flow["permissions"] == {"contents": "read", "pull-requests": "write"}
     steps = flow["jobs"]["plan"]["steps"]
     script = "\n".join(s.get("run", "") for s in steps)
-    assert "pip install ." in script
-    assert "asgctl validate policies --format github" in script
-    assert "asgctl test policies" in script
+    # The judge is installed from the base revision, never from the PR's own code.
+    assert "pip install ." not in script
+    (install,) = [s for s in steps if "pip install" in s.get("run", "")]
+    assert install["env"]["BASE_SHA"] == "${{ github.event.pull_request.base.sha }}"
+    assert 'git worktree add --detach "$RUNNER_TEMP/asgctl-base" "$BASE_SHA"' in install["run"]
+    assert 'pip install "$RUNNER_TEMP/asgctl-base"' in install["run"]
+    # CI reads the PR head from git, as the cells read the merged commit (one reader).
+    assert 'asgctl validate policies --rev "$HEAD_SHA" --format github' in script
+    assert 'asgctl test policies --rev "$HEAD_SHA" --format github' in script
+    for step in steps:
+        if "asgctl validate" in step.get("run", "") or "asgctl test" in step.get("run", ""):
+            assert step["env"]["HEAD_SHA"] == "${{ github.event.pull_request.head.sha }}"
     assert "--format markdown --detailed-exitcode" in script
     assert f"marker='{MARKER}'" in script and "--method PATCH" in script
     # Pull-request values reach the shell through env, never through ${{ }} in a script.

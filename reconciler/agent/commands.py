@@ -84,7 +84,7 @@ def status_cmd(source: str, branch: str, cache: str | None, fmt: str) -> None:
 
     try:
         fleet = read_fleet(source, branch, cache)
-    except FleetError as exc:
+    except (FleetError, OSError) as exc:  # OSError: the --cache folder cannot be made
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     click.echo(render_fleet(fleet, fmt), nl=False)

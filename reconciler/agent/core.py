@@ -31,6 +31,7 @@ HISTORY_LIMIT = 5
 
 # Reasons a head is not applied that need a human (Stalled=True), and transient ones (retry).
 REFUSALS = (
+    "MalformedCommit",
     "UnsignedCommit",
     "UntrustedSignature",
     "VerificationFailed",
@@ -119,8 +120,9 @@ def backoff(failures: int, base: float, cap: float) -> float:
 
 @dataclass(frozen=True, slots=True)
 class ContainerGrant:
-    """One container of a plan, the rule ids its groups allow it, and the documents
-    (`kind/name`) those rules come from."""
+    """One container of a plan, the rules its groups allow it (by the full SHA-256 of each
+    rule's match, not by id: a rule whose id collides with another's is still another
+    rule), and the documents (`kind/name`) those rules come from."""
 
     container: ContainerPlan
     rules: frozenset[str]
@@ -146,7 +148,7 @@ def container_grants(plan: CellPlan | None) -> tuple[ContainerGrant, ...]:
         sources: set[str] = set()
         for gid in cp.groups:
             for rule in groups[gid].rules:
-                rules.add(rule.id)
+                rules.add(rule.digest)
                 sources.update(f"{s.kind}/{s.name}" for s in rule.sources)
         out.append(ContainerGrant(cp, frozenset(rules), frozenset(sources)))
     return tuple(out)
@@ -193,8 +195,8 @@ def validation_verdict(findings: Sequence[Finding]) -> Verdict | None:
 
 
 def allowed_pairs(plan: CellPlan | None) -> frozenset[tuple[str, str]]:
-    """(container handle, rule id) for every rule each container is allowed."""
-    return frozenset((g.handle, rule_id) for g in container_grants(plan) for rule_id in g.rules)
+    """(container handle, rule digest) for every rule each container is allowed."""
+    return frozenset((g.handle, rule) for g in container_grants(plan) for rule in g.rules)
 
 
 def revoke_share(old: CellPlan | None, new: CellPlan) -> RevokeShare:
@@ -236,6 +238,8 @@ class CycleView:
     signature: SignatureCheck | None = None
     enforce_error: Problem | None = None
     inventory_error: str | None = None
+    inventory_rejected: int = 0
+    """Store entries not used as written (skipped, held or shared); the rest is enforced."""
     waiting_for: str | None = None
     """Why nothing could be enforced yet (no inventory, no revision), when that is the case."""
     drift: tuple[str, ...] = ()
@@ -264,6 +268,13 @@ def cycle_conditions(view: CycleView) -> list[tuple[str, str, str, str]]:
         ready = ("False", "Progressing", view.waiting_for)
     else:
         ready = ("True", "ReconciliationSucceeded", f"Applied revision: {applied}")
+        if view.inventory_rejected:
+            # Not a failure (the rest of the cell converged), but never silent either.
+            ready = (
+                *ready[:2],
+                f"{ready[2]}; {view.inventory_rejected} container metadata entries not used "
+                "as written (see inventory.rejected)",
+            )
     transient = view.enforce_error is not None or view.source_error is not None
     stalled = view.refusal is not None and not transient
     out = [("Ready", *ready)]
@@ -395,7 +406,8 @@ def container_changes(
     """One log record per container whose allowed rules really changed (or that came or went).
 
     Group chains may be renamed when the partition of a cell's rules shifts, without any
-    container's access changing; comparing rule ids per container keeps those out of the log.
+    container's access changing; comparing rules per container (by content digest, never by
+    id alone) keeps those out of the log and every real change in it.
     """
     before = {g.handle: g for g in container_grants(old)}
     after = {g.handle: g for g in container_grants(new)}

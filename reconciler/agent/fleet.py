@@ -5,25 +5,32 @@ branch into a bare repository (a temporary one, or `--cache DIR` to fetch increm
 each `status.yaml` is read straight from git objects.  "Behind" is counted on the policy
 branch's own history: how many commits the cell's applied revision is behind the head, or
 `diverged` when the applied revision is no longer in that history (a rewind).
+
+Whoever can push a status branch writes what this shows, so each file is read like the plan
+reads it (`reconciler.statusdoc`: size asked of git first, the safe loader with budgets, the
+status schema): a bad file becomes that cell's `error`, never a traceback, and every string
+from a status file is shown with its control characters escaped (`report.escape.visible`),
+so a status branch cannot move the cursor, clear the screen or forge table rows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from reconciler.agent.config import redact_url
-from reconciler.agent.source import run_git
-from reconciler.inventory_sources import STATUS_FILE
+from reconciler.agent.source import clip, run_git
+from reconciler.inventory import InventoryError
+from reconciler.report.escape import visible
+from reconciler.statusdoc import STATUS_FILE, parse_status, read_status_blobs
 
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
 
 class FleetError(Exception):
@@ -92,8 +99,10 @@ def _repo(cache: str | None) -> Iterator[Path]:
 
 
 def _sha_of(revision: str) -> str:
-    """`main@sha1:<sha>` -> `<sha>`."""
-    return revision.rsplit("sha1:", 1)[-1] if "sha1:" in revision else ""
+    """`main@sha1:<sha>` -> `<sha>`; "" unless that is a full hex object name (the value
+    comes from a status file and reaches git's command line)."""
+    sha = revision.rsplit("sha1:", 1)[-1] if "sha1:" in revision else ""
+    return sha if _SHA.match(sha) else ""
 
 
 def _cond(doc: dict[str, Any], type_: str) -> dict[str, Any]:
@@ -116,23 +125,33 @@ def read_fleet(url: str, branch: str = "main", cache: str | None = None) -> Flee
             specs.append(f"+refs/heads/{branch}:refs/remotes/origin/{branch}")
         _git(repo, "fetch", "--quiet", "--no-tags", "--prune", "--", url, *specs)
         head = refs.get(f"refs/heads/{branch}", "")
-        rows = []
-        for ref in sorted(r for r in refs if r.startswith("refs/heads/status/")):
-            cell = ref[len("refs/heads/status/") :]
-            rows.append(_row(repo, cell, f"refs/remotes/origin/status/{cell}", head))
+        if not _SHA.match(head):
+            head = ""
+        prefix = "refs/heads/status/"
+        cells = sorted(r[len(prefix) :] for r in refs if r.startswith(prefix))
+        specs = [f"refs/remotes/origin/status/{cell}:{STATUS_FILE}" for cell in cells]
+        try:
+            blobs = read_status_blobs(str(repo), specs)
+        except InventoryError as exc:
+            raise FleetError(str(exc)) from None
+        rows = [
+            _row(repo, cell, spec, data, head)
+            for cell, spec, data in zip(cells, specs, blobs, strict=True)
+        ]
         return Fleet(redact_url(url), branch, head, tuple(rows))
 
 
-def _row(repo: Path, cell: str, ref: str, head: str) -> CellRow:
+def _row(repo: Path, cell: str, origin: str, data: bytes | InventoryError, head: str) -> CellRow:
+    """One cell's row; a status file that cannot be used is the row's error, named."""
     try:
-        text = _git(repo, "cat-file", "blob", f"{ref}:{STATUS_FILE}")
-        doc = yaml.load(text, Loader=_LOADER)
-        if not isinstance(doc, dict):
-            raise FleetError(f"{STATUS_FILE} is not a mapping")
-    except (FleetError, yaml.YAMLError) as exc:
+        if isinstance(data, InventoryError):
+            raise data
+        doc = parse_status(data, origin).header
+    except InventoryError as exc:
         return CellRow(
             cell, "Unknown", "", "", "", None, False, "", "", "", 0, 0, 0, 0, "", str(exc)
         )
+    # The schema has checked every field read below: strings are strings, counts integers.
     applied = str(doc.get("lastAppliedRevision") or "")
     sha = _sha_of(applied)
     behind: int | None = None
@@ -167,13 +186,25 @@ def _row(repo: Path, cell: str, ref: str, head: str) -> CellRow:
     )
 
 
+_NOTE_CHARS = 300
+
+
+def _shown(text: str, limit: int = 0) -> str:
+    """A status-file string for the terminal: control characters escaped, long ones cut."""
+    return clip(text, limit) if limit else visible(text)
+
+
 def render_fleet(fleet: Fleet, fmt: str) -> str:
+    """The fleet as JSON (strings escaped by JSON itself) or as a text table."""
     if fmt == "json":
         return json.dumps(fleet.to_dict(), indent=2) + "\n"
     if not fleet.cells:
-        return f"no status/<cell> branches on {fleet.source}\n"
+        return f"no status/<cell> branches on {_shown(fleet.source)}\n"
     head = fleet.head[:12] or "(missing)"
-    lines = [f"{fleet.source} {fleet.branch} at {head}: {len(fleet.cells)} cells", ""]
+    lines = [
+        f"{_shown(fleet.source)} {_shown(fleet.branch)} at {head}: {len(fleet.cells)} cells",
+        "",
+    ]
     header = (
         "CELL",
         "READY",
@@ -193,12 +224,12 @@ def render_fleet(fleet: Fleet, fmt: str) -> str:
         drift = f"{c.drift_corrections}" + ("*" if c.drifted == "True" else "")
         table.append(
             (
-                c.cell,
-                c.ready,
-                c.reason or c.error,
+                _shown(c.cell, 64),
+                _shown(c.ready, 16),
+                _shown(c.reason, 40) if c.reason else "error" if c.error else "",
                 sha[:12] or "-",
                 behind,
-                c.last_sync or "-",
+                _shown(c.last_sync, 40) or "-",
                 drift,
                 str(c.installed_rules),
                 str(c.cf_equivalent_rules),
@@ -208,8 +239,19 @@ def render_fleet(fleet: Fleet, fmt: str) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-    notes = [f"{c.cell}: {c.message}" for c in fleet.cells if c.ready != "True" and c.message]
-    notes += [f"{c.cell}: refused {c.refused}" for c in fleet.cells if c.refused]
+    notes = [
+        f"{_shown(c.cell, 64)}: {_shown(c.error, _NOTE_CHARS)}" for c in fleet.cells if c.error
+    ]
+    notes += [
+        f"{_shown(c.cell, 64)}: {_shown(c.message, _NOTE_CHARS)}"
+        for c in fleet.cells
+        if c.ready != "True" and c.message
+    ]
+    notes += [
+        f"{_shown(c.cell, 64)}: refused {_shown(c.refused, _NOTE_CHARS)}"
+        for c in fleet.cells
+        if c.refused
+    ]
     if notes:
         lines.append("")
         lines.extend(notes)

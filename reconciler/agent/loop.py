@@ -41,6 +41,7 @@ from reconciler.agent.config import AgentConfig, parse_listen
 from reconciler.agent.core import (
     CycleView,
     Problem,
+    Verdict,
     add_history,
     ancestry_verdict,
     backoff,
@@ -54,7 +55,7 @@ from reconciler.agent.core import (
     validation_verdict,
 )
 from reconciler.agent.metrics import Metrics, MetricsServer, write_textfile
-from reconciler.agent.source import GitSource, SourceError
+from reconciler.agent.source import GitSource, MalformedCommit, SourceError, clip
 from reconciler.agent.state import AgentState, Applied, Head, load_state, save_state
 from reconciler.agent.status import (
     PushResult,
@@ -63,12 +64,12 @@ from reconciler.agent.status import (
     build_status,
     iso,
 )
-from reconciler.agent.verify import SignatureVerifier, trailer_true
+from reconciler.agent.verify import SignatureCheck, SignatureVerifier, trailer_true
 from reconciler.agent.watch import InventoryWatcher
 from reconciler.compile import compile_cell
-from reconciler.inventory import InventoryError, read_store
+from reconciler.inventory import InventoryError, Rejection, StoreReading, load_store
 from reconciler.model import Container, PolicySet
-from reconciler.plan import CellPlan
+from reconciler.plan import CellPlan, PlanError
 from reconciler.policy.findings import Finding
 from reconciler.policy.load import load_revision
 
@@ -125,7 +126,9 @@ class Agent:
             timeout=cfg.git_timeout,
         )
         self.verifier = (
-            SignatureVerifier(cfg.allowed_signers, cfg.gpg_keyring, self.state_dir, cfg.git_timeout)
+            SignatureVerifier(
+                cfg.allowed_signers, cfg.gpg_keyring, self.state_dir, cfg.git_timeout, clock
+            )
             if cfg.verify == "signed"
             else None
         )
@@ -137,6 +140,8 @@ class Agent:
         self._crashes = 0
         self._inventory_seen: tuple[Container, ...] | None = None
         self._compiled: tuple[PolicySet, tuple[Container, ...], CellPlan] | None = None
+        self._foreign: tuple[tuple[int, str], ...] = ()
+        """Chains with our name prefix that are not ours, as last logged."""
         self.pusher: StatusPusher | None = None
         if cfg.status_push:
             writer = StatusWriter(
@@ -157,11 +162,22 @@ class Agent:
 
     # -- edges: inventory, backend, logs --------------------------------------------------------
 
-    def _read_inventory(self) -> tuple[tuple[Container, ...] | None, str | None]:
+    def _read_inventory(self) -> tuple[StoreReading | None, str | None]:
+        """The store judged entry by entry, or why it cannot be read at all."""
         try:
-            return read_store(self.cfg.containers), None
+            return load_store(self.cfg.containers), None
         except InventoryError as exc:
             return None, str(exc)
+
+    def _log_rejections(self, before: tuple[Rejection, ...], after: tuple[Rejection, ...]) -> None:
+        """One stderr line per store entry newly not used as written (not again every cycle)."""
+        seen = set(before)
+        for r in after:
+            if r not in seen:
+                self._log(
+                    self.err,
+                    {"event": "inventory-entry-rejected", "cell": self.cfg.cell, **r.to_dict()},
+                )
 
     def _dataplane(self) -> Any:
         if self._backend is None:
@@ -170,6 +186,27 @@ class Agent:
             runner = Runner.in_netns(self.cfg.netns) if self.cfg.netns else Runner()
             self._backend = open_backend(self.cfg.backend, self.cfg.variant, runner)
         return self._backend
+
+    def _report_foreign(self, result: Any) -> None:
+        """Log the chains with our name prefix that we did not create (the host's own
+        `ASG-...` chains), which the dataplane leaves alone: once when they appear or change,
+        not every cycle.  A plan that needs one of their names fails the cycle instead
+        (OwnershipError, reported as EnforcementFailed)."""
+        foreign = tuple((f.family, n) for f in result.families for n in f.delta.foreign)
+        if foreign == self._foreign:
+            return
+        self._foreign = foreign
+        if foreign:
+            self._log(
+                self.err,
+                {
+                    "event": "foreign-chains",
+                    "cell": self.cfg.cell,
+                    "chains": [f"ipv{family} {name}" for family, name in foreign],
+                    "message": "chains with asgctl's name prefix but not its ownership marker, "
+                    "not created by the last plan applied: someone else's, left alone",
+                },
+            )
 
     def _log(self, stream: TextIO, record: dict[str, Any]) -> None:
         line = json.dumps({"time": iso(self.clock()), **record}, separators=(",", ":"))
@@ -210,14 +247,31 @@ class Agent:
         if not result.ok:
             return st
         plan = self._compile(result.policy, a.inventory)
+        if a.digest and plan.digest() != a.digest:
+            # Compiled otherwise than what was applied (an upgrade that renamed chains, such
+            # as the move to 128-bit ids): the kernel holds the old version's chains, so there
+            # is no last plan to tell drift from change, and every difference is a change.
+            return replace(st, applied=replace(a, policy=result.policy, plan=None))
         return replace(st, applied=replace(a, policy=result.policy, plan=plan))
 
     def _evaluate(self, st: AgentState, sha: str, timings: dict[str, float]) -> Head:
         """Put a new head through every gate, in order; the first that fails decides."""
         cfg = self.cfg
         t = time.perf_counter()
-        info = self.source.commit_info(sha)
-        subject = info.message.strip().splitlines()[0] if info.message.strip() else ""
+        try:
+            info = self.source.commit_info(sha)
+        except MalformedCommit as exc:
+            # Refused like a bad signature (it is looked at before one): Stalled, the
+            # applied revision stays enforced, and the next push to the branch is judged.
+            timings["verify"] = time.perf_counter() - t
+            problem = SignatureCheck(False, "MalformedCommit", clip(str(exc), 500))
+            return Head(
+                sha,
+                "",
+                problem if self.verifier is not None else None,
+                Verdict(problem.reason, problem.message),
+            )
+        subject = info.subject
         check = None
         if self.verifier is not None:
             check = self.verifier.verify(self.source.path, sha, info.signed)
@@ -243,7 +297,10 @@ class Agent:
         a = st.applied
         if a is not None and a.policy is not None and st.inventory is not None:
             old = self._compile(a.policy, st.inventory)
-            new = self._compile(result.policy, st.inventory)
+            try:
+                new = self._compile(result.policy, st.inventory)
+            except PlanError as exc:  # two contents under one name: apply neither
+                return Head(sha, subject, check, Verdict("PlanRefused", str(exc)))
             override = trailer_true(info.message, cfg.mass_revoke_trailer)
             verdict = revoke_verdict(
                 revoke_share(old, new), cfg.mass_revoke_threshold, override, cfg.mass_revoke_trailer
@@ -270,9 +327,13 @@ class Agent:
         timings: dict[str, float] = {}
         st = self.state
 
-        inventory, inv_error = self._read_inventory()
+        reading, inv_error = self._read_inventory()
+        inventory = reading.containers if reading is not None else None
+        rejected = reading.rejected if reading is not None else st.inventory_rejected
         unchanged = (
-            inventory == st.inventory and st.inventory_error is None
+            inventory == st.inventory
+            and st.inventory_error is None
+            and rejected == st.inventory_rejected
             if inventory is not None
             else inv_error == st.inventory_error
         )
@@ -281,8 +342,9 @@ class Agent:
         if inventory is not None:
             if inventory != st.inventory:
                 st = replace(st, inventory=inventory, inventory_at=now)
-            st = replace(st, inventory_error=None)
-        else:
+            self._log_rejections(st.inventory_rejected, rejected)
+            st = replace(st, inventory_error=None, inventory_rejected=rejected)
+        else:  # unusable as a whole: the last good inventory (and its rejections) stands
             st = replace(st, inventory_error=inv_error)
 
         # An inventory cycle does not fetch: the last sync's verdict on the source stands.
@@ -335,13 +397,17 @@ class Agent:
             ):
                 plan = applied.plan  # nothing moved: the idle cycle only checks the kernel
             else:
-                plan = self._compile(policy, st.inventory)
+                try:
+                    plan = self._compile(policy, st.inventory)
+                except PlanError as exc:  # two contents under one name: keep what is installed
+                    enforce_error = Problem("PlanRefused", str(exc))
             compile_seconds = time.perf_counter() - t
-            try:
-                backend = self._dataplane()
-            except Exception as exc:  # any backend failure is reported, never fatal
-                enforce_error = Problem("DataplaneUnavailable", str(exc))
-                backend = None
+            backend = None
+            if enforce_error is None:
+                try:
+                    backend = self._dataplane()
+                except Exception as exc:  # any backend failure is reported, never fatal
+                    enforce_error = Problem("DataplaneUnavailable", str(exc))
             if backend is not None:
                 from reconciler.dataplane import converge
 
@@ -361,6 +427,7 @@ class Agent:
                     x.get(k, 0.0) for x in fam_t for k in ("read", "delta", "apply", "verify")
                 )
                 st = replace(st, backend=result.backend)
+                self._report_foreign(result)
                 for fam in result.families:
                     for d in fam.delta.drift:
                         repaired = fam.sent and d.repair and fam.error is None
@@ -414,6 +481,7 @@ class Agent:
             signature=head.signature if head is not None else None,
             enforce_error=enforce_error,
             inventory_error=st.inventory_error,
+            inventory_rejected=len(st.inventory_rejected),
             waiting_for=waiting,
             drift=drift_notes,
             drift_repaired=drift_repaired,
@@ -526,6 +594,9 @@ class Agent:
         if ok:
             m.set("asgctl_agent_last_success_timestamp_seconds", round(self.clock(), 3))
         m.set("asgctl_agent_drift_corrections_total", st.drift_corrections)
+        for kind in ("skipped", "held", "shared"):
+            count = sum(1 for r in st.inventory_rejected if r.kind == kind)
+            m.set("asgctl_agent_inventory_rejected_entries", count, kind=kind)
         a = st.applied
         if a is not None and a.plan is not None:
             m.set("asgctl_agent_rules_installed", a.plan.installed_rules)

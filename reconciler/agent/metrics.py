@@ -19,6 +19,7 @@ asgctl_agent_drift_corrections_total                   counter
 asgctl_agent_applied_revision_info{revision,digest}    gauge = 1 (info style)
 asgctl_agent_ready                                     gauge: 1 when Ready=True
 asgctl_agent_status_pushes_total{result}               counter
+asgctl_agent_inventory_rejected_entries{kind}          gauge: store entries skipped | held | shared
 =====================================================  ======================================
 """
 
@@ -51,6 +52,10 @@ _HELP = {
     "asgctl_agent_applied_revision_info": ("gauge", "The applied revision (value is always 1)."),
     "asgctl_agent_ready": ("gauge", "1 when the Ready condition is True."),
     "asgctl_agent_status_pushes_total": ("counter", "Status branch pushes by result."),
+    "asgctl_agent_inventory_rejected_entries": (
+        "gauge",
+        "Container metadata entries not used as written, by what became of them.",
+    ),
 }
 
 

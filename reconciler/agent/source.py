@@ -18,6 +18,7 @@ the truth.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -182,6 +183,14 @@ class Fetched:
     shallow: bool = False
 
 
+MAX_COMMIT_BYTES = 1024 * 1024
+"""A commit object's header and message; a real one is a few KB even when signed."""
+SUBJECT_CHARS = 200
+"""How much of a commit's subject goes into logs and the status (the author chose it)."""
+_IDENT = re.compile(r"^(.*) <([^<>\n]*)> ([0-9]{1,15}) ([+-][0-9]{4})$", re.ASCII)
+_OID = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+
+
 @dataclass(frozen=True, slots=True)
 class CommitInfo:
     sha: str
@@ -189,6 +198,71 @@ class CommitInfo:
     author: str
     committed_at: int
     signed: bool
+
+    @property
+    def subject(self) -> str:
+        """The first line of the message, cut and with control characters escaped: it goes
+        into the status and logs, and whoever pushed the commit wrote it."""
+        return clip(self.message.strip().split("\n", 1)[0], SUBJECT_CHARS)
+
+
+class MalformedCommit(Exception):
+    """A commit git stores but that is not what `git commit` writes (a date of unicode
+    digits, a missing committer, an absurd size); the agent refuses it like a bad signature."""
+
+
+def clip(text: str, limit: int) -> str:
+    """Untrusted text for a status or a log line: control characters escaped, at most
+    `limit` characters (with `...` when cut)."""
+    from reconciler.report.escape import visible
+
+    shown = visible(text[: limit + 1])
+    return shown if len(shown) <= limit else shown[: max(0, limit - 3)] + "..."
+
+
+def parse_commit(sha: str, raw: str) -> CommitInfo:
+    """The fields the agent uses from `git cat-file commit` output, strictly.
+
+    Dates are ASCII digits (`str.isdigit()` also accepts `²²²`, which `int()` refuses), the
+    tree, author and committer are each there exactly once, and anything else is a
+    MalformedCommit naming what is wrong.
+    """
+    header, sep, message = raw.partition("\n\n")
+    if not sep:
+        header, message = raw.rstrip("\n"), ""
+    seen: dict[str, str] = {}
+    signed = False
+    for line in header.split("\n"):
+        if line.startswith(" "):
+            continue  # the continuation of a multi-line header (gpgsig, mergetag)
+        name, _, value = line.partition(" ")
+        if name in ("gpgsig", "gpgsig-sha256"):
+            signed = True
+        if name in ("tree", "author", "committer"):
+            if name in seen:
+                raise MalformedCommit(f"commit {sha[:12]} has more than one {name!r} line")
+            seen[name] = value
+    for name in ("tree", "author", "committer"):
+        if name not in seen:
+            raise MalformedCommit(f"commit {sha[:12]} has no {name!r} line")
+    if not _OID.match(seen["tree"]):
+        raise MalformedCommit(f"commit {sha[:12]}: tree {clip(seen['tree'], 80)} is not an id")
+    idents = {}
+    for name in ("author", "committer"):
+        m = _IDENT.match(seen[name])
+        if m is None:
+            raise MalformedCommit(
+                f"commit {sha[:12]}: {name} {clip(seen[name], 120)} is not "
+                "'Name <email> <seconds since 1970> <+hhmm>'"
+            )
+        idents[name] = m
+    return CommitInfo(
+        sha,
+        message,
+        idents["author"].group(1),
+        int(idents["committer"].group(3)),
+        signed,
+    )
 
 
 class GitSource:
@@ -351,20 +425,25 @@ class GitSource:
         return False
 
     def commit_info(self, sha: str) -> CommitInfo:
+        """The commit's fields, parsed strictly (`parse_commit`); its size is asked first, so
+        a commit with a 70 MB message is refused without being read.
+
+        SourceError when the cache cannot answer; MalformedCommit when the commit is bad.
+        """
+        size = self._git("cat-file", "-s", sha)
+        if size.returncode != 0:
+            raise SourceError("CacheCorrupt", f"commit {sha[:12]} cannot be read from the cache")
+        if not size.stdout.strip().isascii() or not size.stdout.strip().isdigit():
+            raise SourceError("CacheCorrupt", f"commit {sha[:12]}: git gave no size")
+        if int(size.stdout) > MAX_COMMIT_BYTES:
+            raise MalformedCommit(
+                f"commit {sha[:12]} is {int(size.stdout)} bytes, over the limit of "
+                f"{MAX_COMMIT_BYTES} bytes for a commit's header and message"
+            )
         res = self._git("cat-file", "commit", sha)
         if res.returncode != 0:
             raise SourceError("CacheCorrupt", f"commit {sha[:12]} cannot be read from the cache")
-        header, _, message = res.stdout.partition("\n\n")
-        author, committed, signed = "", 0, False
-        for line in header.splitlines():
-            if line.startswith("author "):
-                author = line[7:].rsplit(" ", 2)[0]
-            elif line.startswith("committer "):
-                parts = line.rsplit(" ", 2)
-                committed = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
-            elif line.startswith("gpgsig ") or line.startswith("gpgsig-sha256 "):
-                signed = True
-        return CommitInfo(sha, message, author, committed, signed)
+        return parse_commit(sha, res.stdout)
 
     def intact(self) -> bool:
         """A full object check, for when a revision fails to load: cache fault or bad commit?"""

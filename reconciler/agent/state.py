@@ -20,7 +20,12 @@ from typing import Any
 from reconciler.agent.core import Condition, HistoryEntry, Problem, Verdict
 from reconciler.agent.verify import SignatureCheck
 from reconciler.atomicfile import atomic_write_text
-from reconciler.inventory import InventoryError, parse_store_document, store_document
+from reconciler.inventory import (
+    InventoryError,
+    Rejection,
+    parse_store_document,
+    store_document,
+)
 from reconciler.model import Container, PolicySet
 from reconciler.plan import CellPlan
 
@@ -64,6 +69,8 @@ class AgentState:
     inventory: tuple[Container, ...] | None = None
     inventory_error: str | None = None
     inventory_at: str = ""
+    inventory_rejected: tuple[Rejection, ...] = ()
+    """Entries of the last good store not used as written (read again each run, not saved)."""
     conditions: tuple[Condition, ...] = ()
     history: tuple[HistoryEntry, ...] = ()
     drift_corrections: int = 0

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from reconciler.agent.core import backoff, container_grants
-from reconciler.agent.source import run_git
+from reconciler.agent.source import clip, run_git
 from reconciler.agent.state import AgentState
 from reconciler.inventory_sources import STATUS_FILE
 from reconciler.plan import CellPlan
@@ -48,6 +48,8 @@ KIND = "CellStatus"
 VOLATILE = ("reportedAt", "lastSyncTime", "lastSuccessTime", "timings")
 VOLATILE_HISTORY = ("lastReconciled", "totalReconciliations", "lastReconciledDuration")
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+MAX_FINDINGS = 100
+"""Findings of a refused revision listed in the status (the first, in order; then a count)."""
 
 
 def container_entries(plan: CellPlan | None) -> list[dict[str, Any]]:
@@ -63,7 +65,10 @@ def container_entries(plan: CellPlan | None) -> list[dict[str, Any]]:
                 "app_id": c.app_id,
                 "space_id": c.space_id,
                 "org_id": c.org_id,
-                "workload": c.workload,
+                # The status-branch reader takes an empty workload for "app": a container
+                # bound to nothing (no workload in its metadata) is written as "none", which,
+                # like every workload but app, task and staging, binds nothing when read back.
+                "workload": c.workload or "none",
                 "chain": cp.chain_id,
                 "groups": list(cp.groups),
                 "sources": sorted(grant.sources),
@@ -103,12 +108,17 @@ def build_status(
         "conditions": [c.to_dict() for c in state.conditions],
     }
     if head is not None and head.verdict is not None:
+        # Commit texts are cut and escaped where they are read (source.clip); a refused
+        # revision may still carry thousands of findings, and the status must stay small.
+        findings = [clip(str(f), 500) for f in head.verdict.findings[:MAX_FINDINGS]]
+        if len(head.verdict.findings) > MAX_FINDINGS:
+            findings.append(f"... and {len(head.verdict.findings) - MAX_FINDINGS} more")
         doc["refused"] = {
             "revision": revision(head.sha),
             "subject": head.subject,
             "reason": head.verdict.reason,
             "message": head.verdict.message,
-            "findings": [str(f) for f in head.verdict.findings],
+            "findings": findings,
         }
     order = {phase: i for i, phase in enumerate(PHASES)}
     doc["timings"] = {
@@ -128,6 +138,7 @@ def build_status(
         "containers": len(state.inventory) if state.inventory is not None else None,
         "updatedAt": state.inventory_at,
         "error": state.inventory_error or "",
+        "rejected": [r.to_dict() for r in state.inventory_rejected],
     }
     doc["containers"] = container_entries(plan)
     doc["history"] = [h.to_dict() for h in state.history]
@@ -223,7 +234,13 @@ class StatusWriter:
         """Commit and force-push; StatusPushError on failure (the caller retries later)."""
         sha = self.commit(text, message, int(when if when is not None else time.time()))
         self._git(
-            "push", "--quiet", "--force", "--no-verify", self.url, f"{sha}:refs/heads/{self.branch}"
+            "push",
+            "--quiet",
+            "--force",
+            "--no-verify",
+            "--",
+            self.url,
+            f"{sha}:refs/heads/{self.branch}",
         )
         self.pushes += 1
         if self.pushes % 50 == 0:

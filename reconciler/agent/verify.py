@@ -7,6 +7,12 @@ The keyring is the trust list: a key that is in it is trusted, anything else is 
 operator manages trust by managing one file.  Git never reads the host's git config or the
 root user's own GnuPG keyring here: an agent must not trust whatever root happens to trust.
 
+Git checks an SSH key's `valid-after`/`valid-before` (allowed signers) at the commit's own
+committer date, which whoever signs chooses: a retired key (`valid-before="20250101"`) would
+still sign a commit backdated to 2024.  So the agent hands git only the lines of the
+allowed-signers file that are valid *now* by its own clock (`signers_valid_at`); git then
+also checks them at the commit's date, and a key must pass both.
+
 Trailer parsing is pure and lives here too, because the mass-revoke override is a statement
 *in the signed commit*: `Asgctl-Allow-Mass-Revoke: true` only counts on a commit that passed
 verification (when verification is on).
@@ -14,15 +20,18 @@ verification (when verification is on).
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import os
 import re
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.agent.source import git_env
+from reconciler.agent.source import clip, git_env
 
 _TRAILER = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)\s*:\s*(.*?)\s*$")
 _SSH_GOOD = re.compile(r'Good "git" signature (?:for (\S+) )?with (\S+) key (\S+)')
@@ -64,6 +73,80 @@ def trailer_true(message: str, key: str) -> bool:
     return any(v.strip().lower() in _TRUE for v in values)
 
 
+_OPTION_NAMES = ("cert-authority", "namespaces=", "valid-after=", "valid-before=")
+_SIGNER_TIME = re.compile(r"^([0-9]{8})(?:([0-9]{4})([0-9]{2})?)?(Z?)$", re.ASCII)
+
+
+def _fields(line: str) -> list[str]:
+    """Whitespace-separated fields, a double-quoted stretch staying in one field (as
+    ssh-keygen reads principals and options)."""
+    out, cur, quoted = [], "", False
+    for ch in line:
+        if ch == '"':
+            quoted = not quoted
+        if ch in " \t" and not quoted:
+            if cur:
+                out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _options(text: str) -> dict[str, str]:
+    """`cert-authority,valid-before="2025..."` -> {name: value} (names lower-cased)."""
+    out, cur, quoted = {}, "", False
+    for ch in text + ",":
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            name, _, value = cur.partition("=")
+            out[name.strip().lower()] = value.strip().strip('"')
+            cur = ""
+        else:
+            cur += ch
+    return out
+
+
+def _signer_time(text: str) -> float | None:
+    """ssh-keygen's absolute time: YYYYMMDD[HHMM[SS]], UTC with a trailing Z, else local."""
+    m = _SIGNER_TIME.match(text)
+    if m is None:
+        return None
+    stamp = m.group(1) + (m.group(2) or "0000") + (m.group(3) or "00")
+    try:
+        parsed = time.strptime(stamp, "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+    return float(calendar.timegm(parsed) if m.group(4) else time.mktime(parsed))
+
+
+def signers_valid_at(text: str, now: float) -> str:
+    """The allowed-signers lines whose key is valid at `now` (comments and blank lines kept).
+
+    A line whose `valid-after` is still ahead, whose `valid-before` has passed, or whose
+    times cannot be read, is left out: a key nobody can show to be valid now signs nothing.
+    """
+    kept = []
+    for line in text.splitlines():
+        fields = _fields(line.strip())
+        if not fields or fields[0].startswith("#"):
+            kept.append(line)
+            continue
+        opts = {}
+        if len(fields) > 1 and fields[1].lower().startswith(_OPTION_NAMES):
+            opts = _options(fields[1])
+        after, before = opts.get("valid-after"), opts.get("valid-before")
+        start = _signer_time(after) if after is not None else float("-inf")
+        end = _signer_time(before) if before is not None else float("inf")
+        if start is None or end is None or not start <= now < end:
+            continue
+        kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
 class SignatureVerifier:
     """Runs `git verify-commit` against the configured trust sources only.
 
@@ -78,12 +161,24 @@ class SignatureVerifier:
         gpg_keyring: str | None,
         work_dir: str | os.PathLike[str],
         timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.allowed_signers = allowed_signers
         self.gpg_keyring = gpg_keyring
         self.work_dir = Path(work_dir)
         self.timeout = timeout
+        self.clock = clock
         self._imported: str | None = None
+
+    def _signers_now(self) -> str:
+        """A copy of the allowed-signers file holding only the keys valid by our clock."""
+        if not self.allowed_signers:
+            return os.devnull
+        text = Path(self.allowed_signers).read_text(encoding="utf-8", errors="replace")
+        path = self.work_dir / "allowed_signers.valid-now"
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(signers_valid_at(text, self.clock()), encoding="utf-8")
+        return str(path)
 
     def _gnupg_home(self) -> str:
         if self.gpg_keyring and Path(self.gpg_keyring).is_dir():
@@ -119,7 +214,12 @@ class SignatureVerifier:
             home = self._gnupg_home()
         except OSError as exc:
             return SignatureCheck(False, "VerificationFailed", f"cannot load the keyring: {exc}")
-        allowed = self.allowed_signers or os.devnull
+        try:
+            allowed = self._signers_now()
+        except OSError as exc:
+            return SignatureCheck(
+                False, "VerificationFailed", f"cannot read the allowed signers: {exc}"
+            )
         try:
             res = subprocess.run(
                 [
@@ -129,6 +229,7 @@ class SignatureVerifier:
                     f"gpg.ssh.allowedSignersFile={allowed}",
                     "verify-commit",
                     "--raw",
+                    "--",
                     sha,
                 ],
                 capture_output=True,
@@ -141,10 +242,12 @@ class SignatureVerifier:
             return SignatureCheck(False, "VerificationFailed", f"git verify-commit: {exc}")
         text = res.stderr + res.stdout
         if res.returncode == 0:
+            signer = clip(_signer(text), 200)
             return SignatureCheck(
-                True, "Succeeded", f"commit {sha[:12]} signed by {_signer(text)}", _signer(text)
+                True, "Succeeded", f"commit {sha[:12]} signed by {signer}", signer
             )
-        detail = " / ".join(x.strip() for x in text.splitlines() if x.strip())[-300:]
+        # git's words quote the signature, which the signer wrote: cut and escaped.
+        detail = clip(" / ".join(x.strip() for x in text.splitlines() if x.strip())[-300:], 300)
         return SignatureCheck(
             False,
             "UntrustedSignature",

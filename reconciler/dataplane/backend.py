@@ -86,6 +86,7 @@ class FamilyResult:
             "written": list(d.written),
             "deleted": list(d.deleted),
             "orphaned": list(d.orphaned),
+            "foreign": list(d.foreign),
             "changes": [c.to_dict() for c in d.changes],
             "drift": [{**x.to_dict(), "repaired": self.sent and x.repair} for x in d.drift],
             "notes": list(d.notes),

@@ -17,14 +17,25 @@ that is valid at every step for iptables-restore's own checks and atomic for pac
 A difference is *drift* when the kernel differs from the last plan applied (someone changed it
 from outside), and a *change* when the plan differs from it.  Without a last plan, every
 difference is a change.
+
+Only what is ours is ever written, flushed or deleted.  A chain is ours when it carries our
+ownership marker (`marker_rule`), or when the last plan applied put it there (the recorded
+set: a chain someone flushed has lost its marker, not its owner).  Every chain written gets
+its marker first.  Any other chain with our name prefix is someone else's: it is reported
+(`Delta.foreign`), its rules' jumps keep our chains they target alive like any foreign
+rule's, and a plan that needs its name is refused (`OwnershipError`) rather than allowed to
+take it over.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from reconciler.dataplane import records as r
+from reconciler.dataplane.errors import OwnershipError
 from reconciler.dataplane.records import Change, Delta, Drift, OwnedState
 from reconciler.dataplane.saveparse import jump_targets
 from reconciler.render.iptables import (
@@ -34,6 +45,7 @@ from reconciler.render.iptables import (
     TOP_CHAIN,
     Ruleset,
     hook_rule,
+    marker_rule,
 )
 
 Chains = Mapping[str, tuple[str, ...]]
@@ -52,20 +64,32 @@ def compute_delta(
     but left as it is (Argo CD's selfHeal=false); chains the plan changes are written anyway,
     which repairs their drift too.
     """
+    family = observed.family
     want, have = desired.chains, observed.chains
     base = last.chains if last is not None else None
+    adopted, foreign = _unmarked(observed, base)
+    if adopted:
+        have = {**have, **adopted}
+    if foreign:
+        _refuse_collisions(family, want, foreign)
+        if TOP_CHAIN in foreign:  # jumps to someone else's chain are not our hook either
+            observed = replace(observed, hooks=())
     drift: list[Drift] = []
     changes: list[Change] = []
     written: list[str] = []
     removed: list[str] = []
     for name in sorted(set(want) | set(have) | set(base or {})):
         w, h = want.get(name), have.get(name)
-        if w == h:
+        lost_marker = name in adopted
+        if w == h and not lost_marker:
             continue
         b = base.get(name) if base is not None else None
         planned, drifted, act = judge(w, h, b, base is not None, heal_drift)
+        if lost_marker:
+            act = act or heal_drift
+            drift.append(Drift(family, name, r.MARKER_MISSING, (marker_rule(name),), (), act))
         if drifted:
-            drift.extend(_chain_drift(observed.family, name, b, h, repair=act))
+            drift.extend(_chain_drift(family, name, b, h, repair=act))
         if planned:
             changes.append(_chain_change(observed.family, name, w, h))
         if not act:
@@ -79,9 +103,11 @@ def compute_delta(
     drift.extend(hook_drift)
     changes.extend(hook_change)
 
-    # After the transaction, which rules still jump to the chains we remove?
+    # After the transaction, which rules still jump to the chains we remove?  Rules in
+    # chains that are not ours count like any other program's.
     final = {n: want[n] for n in written}
     final.update({n: rules for n, rules in have.items() if n not in final and n not in removed})
+    final.update(foreign)
     referenced = set(observed.foreign_refs)
     if not hook_ops:  # hook copies we leave in place keep their targets alive
         for copy in observed.hooks:
@@ -97,19 +123,25 @@ def compute_delta(
     deleted = tuple(n for n in removed if n not in referenced)
     orphaned = tuple(n for n in removed if n in referenced)
     notes = tuple(
-        f"ipv{observed.family} {n}: no longer planned but still referenced by a rule that is "
-        "not ours; flushed, not deleted"
+        f"ipv{family} {n}: no longer planned but still referenced by a rule that is "
+        "not ours; flushed (keeping our marker), not deleted"
         for n in orphaned
+    ) + tuple(
+        f"ipv{family} {n}: has our name prefix but not our ownership marker, and the last "
+        "plan applied did not create it: someone else's chain, left alone"
+        for n in sorted(foreign)
     )
 
     ops: list[str] = [f":{n} - [0:0]" for n in sorted({*written, *removed})]
     ops.extend(op for op in hook_ops if op.startswith("-D "))
     for name in sorted(written, key=_fill_order):
+        ops.append(marker_rule(name))
         ops.extend(want[name])
+    ops.extend(marker_rule(n) for n in orphaned)  # kept, so still provably ours
     ops.extend(op for op in hook_ops if op.startswith("-I "))
     ops.extend(f"-X {n}" for n in deleted)
     return Delta(
-        family=observed.family,
+        family=family,
         ops=tuple(ops),
         drift=tuple(drift),
         changes=tuple(changes),
@@ -117,7 +149,52 @@ def compute_delta(
         deleted=deleted,
         orphaned=orphaned,
         notes=notes,
+        foreign=tuple(sorted(foreign)),
     )
+
+
+# The chains asgctl wrote before it marked them: 16-digit ids, every rule tagged `asg:`.
+_PRE_MARKER_NAME = re.compile(r"ASG-FORWARD|ASG-[CG]-[0-9a-f]{16}")
+
+
+def _pre_marker(name: str, rules: Sequence[str]) -> bool:
+    """A chain an asgctl from before ownership markers wrote: its exact name shape, and not
+    one rule without our comment.  A host's own chain has neither by accident; without this,
+    an upgrade (which also renames every chain, so there is no last plan to record them)
+    would leave the old chains as someone else's and refuse ASG-FORWARD forever."""
+    return (
+        _PRE_MARKER_NAME.fullmatch(name) is not None
+        and bool(rules)
+        and all('-m comment --comment "asg:' in rule for rule in rules)
+    )
+
+
+def _unmarked(observed: OwnedState, base: Chains | None) -> tuple[Chains, Chains]:
+    """The prefixed chains without our marker, split into ours (the last plan applied put
+    them there: flushed, or their marker deleted; or an older asgctl wrote them) and someone
+    else's."""
+    if not observed.unmarked:
+        return {}, {}
+    recorded = base or {}
+    ours: dict[str, tuple[str, ...]] = {}
+    theirs: dict[str, tuple[str, ...]] = {}
+    for name, rules in observed.unmarked.items():
+        mine = name in recorded or _pre_marker(name, rules)
+        (ours if mine else theirs)[name] = rules
+    return ours, theirs
+
+
+def _refuse_collisions(family: int, want: Chains, foreign: Chains) -> None:
+    """A planned chain whose name someone else's chain already has: refused, never taken."""
+    clash = sorted(n for n in foreign if n in want)
+    if clash:
+        raise OwnershipError(
+            f"ipv{family}: the plan needs chain {', '.join(clash)}, but the filter table "
+            "already has a chain of that name without asgctl's ownership marker that the last "
+            "plan applied did not create: someone else's, so it is not taken over and nothing "
+            f"is sent for ipv{family}; remove or rename it (if an older asgctl created it, "
+            "delete it) and asgctl installs on its next cycle"
+        )
 
 
 def _fill_order(name: str) -> tuple[int, str]:
@@ -300,15 +377,23 @@ def check_applied(desired: Ruleset, delta: Delta, observed: OwnedState) -> list[
     back differently means the renderer's canonical form disagrees with iptables-save.
     """
     problems = []
+    unmarked = observed.unmarked
     for name in delta.written:
         got = observed.chains.get(name)
         if got is None:
-            problems.append(f"{name} is missing")
+            lost = name in unmarked
+            problems.append(f"{name} has no ownership marker" if lost else f"{name} is missing")
         elif got != desired.chains[name]:
             diff = [x for x in got if x not in set(desired.chains[name])][:1]
             problems.append(f"{name} reads back differently" + (f": {diff[0]}" if diff else ""))
-    problems.extend(f"{n} still exists" for n in delta.deleted if n in observed.chains)
-    problems.extend(f"{n} is not empty" for n in delta.orphaned if observed.chains.get(n))
+    problems.extend(
+        f"{n} still exists" for n in delta.deleted if n in observed.chains or n in unmarked
+    )
+    for name in delta.orphaned:
+        if name in unmarked:
+            problems.append(f"{name} has no ownership marker")
+        elif observed.chains.get(name):
+            problems.append(f"{name} is not empty")
     if any(op.startswith(f"-I {HOOK_CHAIN} ") for op in delta.ops):
         # Exactly once, but not necessarily still first: `-I FORWARD 1` did put it first,
         # and another program may insert above it before this read (Docker, firewalld...

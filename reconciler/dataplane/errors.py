@@ -32,3 +32,9 @@ class VerifyError(DataplaneError):
 
 class VariantError(DataplaneError):
     """The iptables variant (legacy or nft) cannot be chosen without mixing the two."""
+
+
+class OwnershipError(DataplaneError):
+    """A chain the plan needs exists in the kernel but is not ours (it lacks our ownership
+    marker and is not in the last plan applied): taking it over would destroy another
+    program's rules, so nothing is sent for that family until someone removes or renames it."""

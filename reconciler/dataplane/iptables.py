@@ -30,7 +30,7 @@ from reconciler.dataplane.runner import Runner
 from reconciler.dataplane.saveparse import count_rules, parse_save
 from reconciler.dataplane.xlock import xtables_lock
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import Ruleset, render_cell
+from reconciler.render.iptables import Ruleset, is_marker, render_cell
 
 VARIANTS = ("legacy", "nft")
 _ERROR_LINE = re.compile(r"(?:line:?\s+|line )(\d+)", re.IGNORECASE)
@@ -297,15 +297,17 @@ class IptablesBackend:
         return state
 
     def _list_chain(self, family: int, name: str) -> tuple[str, ...] | None:
-        """One chain's rules in save form (`iptables -S CHAIN`), or None if it cannot be
-        listed."""
+        """One chain's rules in save form (`iptables -S CHAIN`) without its ownership
+        marker, or None if it cannot be listed or has no marker."""
         cmd = f"{'iptables' if family == 4 else 'ip6tables'}-{self.variant}"
         res = self.runner.run([cmd, "-w", str(self.wait_seconds), "-S", name])
         if res.returncode != 0:
             return None
         head = f"-A {name}"
         lines = (line.rstrip() for line in res.stdout.splitlines())
-        return tuple(x for x in lines if x == head or x.startswith(head + " "))
+        rules = [x for x in lines if x == head or x.startswith(head + " ")]
+        kept = [x for x in rules if not is_marker(name, x)]
+        return tuple(kept) if len(kept) < len(rules) else None
 
 
 def _first(stderr: str) -> str:

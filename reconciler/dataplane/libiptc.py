@@ -279,8 +279,10 @@ def _rule(iptc: Any, family: int, words: list[str]) -> tuple[Any, str | None]:
             raise ValueError(f"unsupported word {word!r}")
         negate = False
         i += 2
-    if target is not None:
-        rule.target = target
+    if target is None:  # no -j (our ownership marker): the standard "go on" verdict
+        target = iptc.Target(rule, "ACCEPT")
+        target.standard_target = ""
+    rule.target = target
     return rule, jump
 
 

@@ -14,8 +14,8 @@ shortcuts exact rather than hopeful:
   rendered them (the renderer's canonical form, the point of verifying).  A line is trusted
   when the kernel has printed its body before (everything after `-A CHAIN`, which iptables
   prints whatever the chain: a group's rules move to a new group chain unchanged), or, in
-  container and dispatch chains, a line of the same *shape* (equal but for its 16-hex-digit
-  ids, which iptables prints verbatim: the jump to a new group).  The few chains with a line
+  container and dispatch chains, a line of the same *shape* (equal but for its hex ids,
+  which iptables prints verbatim: the jump to a new group).  The few chains with a line
   of neither kind are listed on their own (`iptables -S CHAIN`, which the nft variant answers
   from that chain alone).  More than a few: one full read, as before.
 
@@ -32,12 +32,12 @@ from dataclasses import dataclass, field, replace
 from reconciler.dataplane.generation import KernelProbe
 from reconciler.dataplane.records import Delta, HookCopy, OwnedState
 from reconciler.dataplane.runner import Runner
-from reconciler.render.iptables import GROUP_PREFIX, HOOK_CHAIN
+from reconciler.render.iptables import GROUP_PREFIX, HOOK_CHAIN, is_marker
 
 MAX_LISTED = 4
 """Chains with lines of a new shape that verify lists one by one before it reads in full."""
 
-_ID = re.compile(r"[0-9a-f]{16}")
+_ID = re.compile(r"[0-9a-f]{16,}")
 
 
 def shape(line: str) -> str:
@@ -163,18 +163,29 @@ def after_delta(state: OwnedState, delta: Delta) -> OwnedState | None:
     """`state` with the transaction applied, as iptables-restore applies it; None for an
     operation this does not model."""
     chains = {name: list(rules) for name, rules in state.chains.items()}
+    unmarked = dict(state.unmarked)
+    declared: set[str] = set()
     hooks = list(state.hooks)
     for op in delta.ops:
         if op.startswith(":"):
-            chains[op[1:].split(" ", 1)[0]] = []
+            name = op[1:].split(" ", 1)[0]
+            chains[name] = []
+            declared.add(name)
+            unmarked.pop(name, None)
         elif op.startswith("-A "):
             end = op.find(" ", 3)
-            rules = chains.get(op[3:end] if end > 0 else op[3:])
+            name = op[3:end] if end > 0 else op[3:]
+            rules = chains.get(name)
             if rules is None:
                 return None
-            rules.append(op)
+            if is_marker(name, op):
+                declared.discard(name)
+            else:
+                rules.append(op)
         elif op.startswith("-X "):
             chains.pop(op[3:], None)
+            unmarked.pop(op[3:], None)
+            declared.discard(op[3:])
         elif op.startswith(f"-D {HOOK_CHAIN} "):
             text = "-A " + op[3:]
             gone = next((h for h in hooks if h.text == text), None)
@@ -190,8 +201,11 @@ def after_delta(state: OwnedState, delta: Delta) -> OwnedState | None:
             hooks = [HookCopy(0, text), *(HookCopy(h.index + 1, h.text) for h in hooks)]
         else:
             return None
+    if declared:  # a chain left without its marker: not a delta of ours, not modelled
+        return None
     return replace(
         state,
         chains={name: tuple(rules) for name, rules in chains.items()},
         hooks=tuple(sorted(hooks, key=lambda h: h.index)),
+        unmarked=unmarked,
     )

@@ -315,10 +315,12 @@ def _empty(desired: Ruleset) -> bool:
 
 def _known(have: NftSet | None, want: NftSet | None, last: NftSet | None) -> NftSet | None:
     """A read-back set whose elements were not read, taken to hold what it should: what the
-    plan wants, or else what the last plan put there."""
+    last plan put there (checked when written), or else, with no last plan, what this one
+    wants.  The last plan comes first: a set is named by its group's id, and a group whose
+    id collides with the old one's is a set of other elements under the same name."""
     if have is None or have.elements is not None:
         return have
-    for ref in (want, last):
+    for ref in (last, want):
         if ref is not None and ref.name == have.name and ref.header == have.header:
             return ref  # equal to `have` with those elements, and cheap to compare with
     return replace(have, elements=frozenset())
@@ -403,12 +405,13 @@ def _set_drift(
     return out
 
 
-_HEX_ID = re.compile(r"[0-9a-f]{16}")
+_HEX_ID = re.compile(r"[0-9a-f]{16,}")
 
 
 def shape(rule: str) -> str:
-    """A canonical rule with its 16-hex-digit ids blanked: rules of one shape print alike, so
-    once the kernel has printed a shape back as rendered, new rules of it can be trusted."""
+    """A canonical rule with its hex ids (16 digits and more) blanked: rules of one shape
+    print alike, so once the kernel has printed a shape back as rendered, new rules of it
+    can be trusted."""
     return _HEX_ID.sub("~", rule)
 
 

@@ -7,7 +7,7 @@ reported (status, PR comment) or sent, and the same inputs always give the same 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # Kinds of drift: the kernel differs from the last plan applied, so someone else changed it.
@@ -22,6 +22,9 @@ HOOK_MOVED = "hook-moved"
 HOOK_DUPLICATED = "hook-duplicated"
 HOOK_CHANGED = "hook-changed"
 HOOK_EXTRA = "hook-extra"
+MARKER_MISSING = "marker-missing"
+"""A chain the last plan put there lost its ownership marker (flushed, or the marker rule
+deleted): still ours, because the last plan says so, and rewritten with it."""
 
 # Kinds of change: the plan differs from what was applied (or from the kernel, when the last
 # plan applied is unknown).
@@ -45,19 +48,26 @@ class HookCopy:
 class OwnedState:
     """What the kernel holds of ours for one family, read back in `iptables-save` form.
 
-    Only our chains (by prefix) and the FORWARD rules carrying our hook comment are kept;
-    other programs' rules are not even stored.  `foreign_refs` names our chains that a rule
-    outside our chains jumps to: those must not be deleted, or the whole restore would fail.
+    `chains` are the chains that carry our ownership marker (`render.iptables.marker_rule`),
+    with their rules minus the marker: provably ours.  `unmarked` are chains with our name
+    prefix but no marker: someone else's (the host's `ASG-ADMIN-BLOCKLIST`), or ours after
+    someone flushed them or removed the marker, which only the last plan applied can tell
+    (`delta.compute_delta` decides).  `hooks` are the FORWARD rules carrying our hook comment
+    and jumping to our dispatch chain; other programs' rules are not even stored.
+    `foreign_refs` names chains that a rule outside the prefixed chains jumps to: those must
+    not be deleted, or the whole restore would fail.
     """
 
     family: int
     chains: Mapping[str, tuple[str, ...]]
     hooks: tuple[HookCopy, ...] = ()
     foreign_refs: frozenset[str] = frozenset()
+    unmarked: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def rule_count(self) -> int:
-        return sum(len(r) for r in self.chains.values()) + len(self.hooks)
+        """Rules of ours in the kernel: the plan's rules, each chain's marker, the hook."""
+        return sum(len(r) + 1 for r in self.chains.values()) + len(self.hooks)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -116,7 +126,8 @@ class Delta:
     `ops` are the lines between `*filter` and `COMMIT`; empty means nothing to send.
     `written` chains are declared (which flushes them under --noflush) and refilled,
     `deleted` chains flushed and removed, `orphaned` chains flushed but kept because a rule
-    that is not ours still jumps to them.
+    that is not ours still jumps to them.  `foreign` are chains with our name prefix that
+    are not ours: reported, never written, flushed or deleted.
     """
 
     family: int
@@ -127,6 +138,7 @@ class Delta:
     deleted: tuple[str, ...] = ()
     orphaned: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    foreign: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:

@@ -13,7 +13,13 @@ import re
 
 from reconciler.dataplane.errors import ReadError
 from reconciler.dataplane.records import HookCopy, OwnedState
-from reconciler.render.iptables import HOOK_CHAIN, OWNED_PREFIX
+from reconciler.render.iptables import (
+    HOOK_CHAIN,
+    MARKER_TAIL,
+    OWNED_PREFIX,
+    TOP_CHAIN,
+    is_marker,
+)
 
 _HOOK_COMMENT = re.compile(r'(?:^|\s)--comment\s+"?asg:forward"?(?:\s|$)')
 _JUMP = re.compile(r"(?:^|\s)(?:-j|--jump|-g|--goto)\s+(" + re.escape(OWNED_PREFIX) + r"\S+)")
@@ -22,8 +28,10 @@ _CHAIN_DECL = re.compile(r"^:(\S+) (\S+) \[\d+:\d+\]$")
 
 
 def is_hook(rule: str) -> bool:
-    """A FORWARD rule is ours when it carries our hook comment, whatever else it says."""
-    return _HOOK_COMMENT.search(rule) is not None
+    """A FORWARD rule is our hook when it carries our hook comment and jumps to our dispatch
+    chain, whatever else it matches; a rule with the comment that jumps anywhere else is some
+    other program's (or an operator's copy), and never ours to delete or move."""
+    return _HOOK_COMMENT.search(rule) is not None and TOP_CHAIN in jump_targets(rule)
 
 
 def jump_targets(rule: str) -> set[str]:
@@ -41,11 +49,15 @@ def jump_targets(rule: str) -> set[str]:
 def parse_save(text: str, family: int, table: str = "filter") -> OwnedState:
     """Our chains, hook copies and foreign references from one table's save output.
 
-    Runs on every cycle over the whole table (tens of thousands of lines at 500k
+    Chains with our name prefix are sorted by their ownership marker (`marker_rule`, which
+    is stripped): with it into `chains`, without it into `unmarked`.  Runs over the whole
+    table whenever the kernel may have changed (tens of thousands of lines at 500k
     CF-equivalent rules), so the common line -- a rule in one of our chains -- takes one
-    prefix test, one `find` and one dict lookup; line numbers are only counted for errors.
+    prefix test, one `find`, one dict lookup and one `endswith`; line numbers are only
+    counted for errors.
     """
     chains: dict[str, list[str]] = {}
+    marked: set[str] = set()
     hooks: list[HookCopy] = []
     foreign: set[str] = set()
     forward_index = 0
@@ -62,7 +74,10 @@ def parse_save(text: str, family: int, table: str = "filter") -> OwnedState:
             rules = chains.get(chain)
             if rules is None:
                 raise ReadError(f"ipv{family}: rule for undeclared chain {chain} at line {number}")
-            rules.append(line)
+            if is_marker(chain, line):  # wherever it is: a marker changes no verdict
+                marked.add(chain)
+            else:
+                rules.append(line)
             continue
         line = line.rstrip()
         if not line:
@@ -102,23 +117,32 @@ def parse_save(text: str, family: int, table: str = "filter") -> OwnedState:
         raise ReadError(f"ipv{family}: iptables-save output has {what}")
     return OwnedState(
         family=family,
-        chains={name: tuple(rules) for name, rules in chains.items()},
+        chains={name: tuple(rules) for name, rules in chains.items() if name in marked},
         hooks=tuple(hooks),
         foreign_refs=frozenset(foreign),
+        unmarked={name: tuple(rules) for name, rules in chains.items() if name not in marked},
     )
 
 
 def count_rules(text: str) -> tuple[int, bool]:
-    """Rules in a full (all tables) save, and whether any chain of ours is declared.
+    """Rules in a full (all tables) save, and whether chains of ours may be there.
 
     Used to tell which iptables variant a host already uses; tolerant, as the counts are a
-    heuristic (kube-proxy's iptables-wrapper counts the same way).
+    heuristic (kube-proxy's iptables-wrapper counts the same way).  "Ours" is a chain with
+    our ownership marker, or our dispatch chain by name: a chain of ours from before markers
+    existed must still keep the other variant from being chosen (mixing the two breaks
+    traffic), and if the name is someone else's, the delta refuses to take it over anyway.
+    A host's own `ASG-...` chains alone do not count.
     """
     rules = 0
     ours = False
+    head = "-A " + OWNED_PREFIX
     for line in text.splitlines():
         if line.startswith("-"):
             rules += 1
-        elif line.startswith(":" + OWNED_PREFIX):
+            if line.startswith(head) and line.endswith(MARKER_TAIL):
+                end = line.find(" ", 3)
+                ours = ours or is_marker(line[3:end], line)
+        elif line.startswith(f":{TOP_CHAIN} "):
             ours = True
     return rules, ours

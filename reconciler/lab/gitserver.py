@@ -95,7 +95,7 @@ class GitDaemon:
     def create(self, name: str) -> Path:
         """An empty bare repository `name.git`, ready to be pushed to."""
         path = self.base / f"{name}.git"
-        git("init", "--quiet", "--bare", "-b", "main", str(path))
+        git("init", "--quiet", "--bare", "-b", "main", "--", str(path))
         return path
 
     @property

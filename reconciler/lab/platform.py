@@ -932,7 +932,7 @@ def _start_git(
     record = ProcessRecord("git-daemon", daemon.proc.pid, process_start_time(daemon.proc.pid))
     record_process(directory, record)
     url = daemon.url(policyrepo.REPO_NAME.removesuffix(".git"))
-    policyrepo.git("ls-remote", url)
+    policyrepo.git("ls-remote", "--", url)
     return url
 
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from reconciler import statusdoc
+from reconciler.inventory import InventoryError
 from reconciler.lab import gitserver
 
 REPO_NAME = "policies.git"
 STATUS_PREFIX = "status/"
-STATUS_FILE = "status.yaml"
+STATUS_FILE = statusdoc.STATUS_FILE
 IDENTITY = {
     "GIT_AUTHOR_NAME": "asgctl lab operator",
     "GIT_AUTHOR_EMAIL": "operator@lab.asgctl.invalid",
@@ -68,7 +68,7 @@ def git(
 def init_bare(git_root: Path) -> Path:
     """An empty bare repository `policies.git` under `git_root`, with `main` as its HEAD."""
     repo = git_root / REPO_NAME
-    git("init", "--quiet", "--bare", "--initial-branch=main", str(repo))
+    git("init", "--quiet", "--bare", "--initial-branch=main", "--", str(repo))
     # The agents force-push their status branches (each push is a new root commit).
     git("config", "receive.denyNonFastForwards", "false", cwd=repo)
     return repo
@@ -79,7 +79,7 @@ def seed(repo: Path, tree: Path, message: str) -> str:
     git("init", "--quiet", "--initial-branch=main", cwd=tree)
     git("add", "--all", cwd=tree)
     git("commit", "--quiet", "-m", message, cwd=tree)
-    git("push", "--quiet", str(repo), "main:main", cwd=tree)
+    git("push", "--quiet", "--", str(repo), "main:main", cwd=tree)
     return git("rev-parse", "HEAD", cwd=tree).strip()
 
 
@@ -112,7 +112,7 @@ class Operator:
         if self.workdir.exists():
             shutil.rmtree(self.workdir)
         self.workdir.parent.mkdir(parents=True, exist_ok=True)
-        git("clone", "--quiet", "--branch", "main", self.url, str(self.workdir))
+        git("clone", "--quiet", "--branch", "main", "--", self.url, str(self.workdir))
         return self
 
     def path(self, relative: str) -> Path:
@@ -163,13 +163,22 @@ class Operator:
             cwd=self.workdir,
         )
         out: dict[str, CellStatus] = {}
-        for line in refs.splitlines():
-            name, _, commit = line.partition(" ")
-            cell = name.removeprefix(STATUS_PREFIX)
-            with contextlib.suppress(GitError, yaml.YAMLError):
-                doc = yaml.safe_load(git("show", f"{commit}:{STATUS_FILE}", cwd=self.workdir))
-                if isinstance(doc, dict):
-                    out[cell] = parse_status(cell, commit, doc)
+        found = [line.partition(" ") for line in refs.splitlines()]
+        specs = [f"{commit}:{STATUS_FILE}" for _name, _, commit in found]
+        # Status branches are read like `asgctl status` reads them (size first, the safe
+        # loader, the status schema); one that cannot be used is left out, as if not there.
+        try:
+            blobs = statusdoc.read_status_blobs(str(self.workdir), specs)
+        except InventoryError as exc:
+            raise GitError(str(exc)) from None
+        for (name, _, commit), spec, data in zip(found, specs, blobs, strict=True):
+            if isinstance(data, InventoryError):
+                continue
+            with contextlib.suppress(InventoryError):
+                doc = statusdoc.parse_status(data, spec).header
+                out[name.removeprefix(STATUS_PREFIX)] = parse_status(
+                    name.removeprefix(STATUS_PREFIX), commit, doc
+                )
         return out
 
 

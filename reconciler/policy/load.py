@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from reconciler.model import Location, PolicySet
 from reconciler.policy.findings import Finding
-from reconciler.policy.source import LoadErrors, SourceFile, read_folder, read_git
+from reconciler.policy.source import (
+    LoadErrors,
+    SourceFile,
+    locate,
+    read_folder,
+    read_git,
+    require_real_folder,
+)
 from reconciler.policy.validate import Result, validate_documents
 from reconciler.policy.yamlsafe import (
     DEFAULT_LIMITS,
+    Budget,
     Document,
     Limits,
     LoadError,
-    decode,
-    load_documents,
+    load_yaml,
 )
 
 
@@ -25,12 +31,16 @@ def _load_error_findings(exc: LoadError) -> list[Finding]:
 
 
 def parse_files(files: list[SourceFile], limits: Limits = DEFAULT_LIMITS) -> Result:
-    """Parse and validate already-read files; a file that fails to parse is one finding."""
+    """Parse and validate already-read files; a file that fails to parse is one finding.
+
+    The files are one load: one budget of bytes and values spans them all.
+    """
     docs: list[Document] = []
     findings: list[Finding] = []
+    budget = Budget(limits)
     for f in files:
         try:
-            docs.extend(load_documents(f.path, decode(f.path, f.data, limits), limits))
+            docs.extend(load_yaml(f.path, f.data, limits, budget))
         except LoadError as exc:
             findings.extend(_load_error_findings(exc))
     result = validate_documents(docs)
@@ -62,26 +72,6 @@ def load_revision(
     return parse_files(files, limits)
 
 
-def repo_location(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
-    """The git work tree holding `path`, and `path` relative to it; None outside git.
-
-    Finding paths are relative to the policy folder; code hosts want them relative to the
-    repository, so annotations land on the right file of a pull request.
-    """
-    import git
-
-    target = Path(path).resolve()
-    probe = target if target.is_dir() else target.parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        top = Path(git.Repo(probe, search_parent_directories=True).working_tree_dir or probe)
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        return None
-    top = top.resolve()
-    return top, target.relative_to(top).as_posix() if target != top else ""
-
-
 def load_policy(
     path: str | os.PathLike[str] = "policies",
     rev: str | None = None,
@@ -90,10 +80,15 @@ def load_policy(
     """The policy folder `path` as it is on disk, or as it was at `rev` in its git repo."""
     if rev is None:
         return load_folder(path, limits)
-    where = repo_location(path)
-    if where is None:
+    place = locate(path)
+    if place.top is None:
         return Result(
             PolicySet(), (Finding.at(Location(str(path), 1, 1), "not in a git repository"),)
         )
-    top, subdir = where
-    return load_revision(top, rev, subdir, limits)
+    try:
+        # The repository is found on disk before the folder is read from git: a link on the
+        # way could lead into another repository, so it is refused as the disk reader does.
+        require_real_folder(place, str(path))
+    except LoadError as exc:
+        return Result(PolicySet(), tuple(_load_error_findings(exc)))
+    return load_revision(place.top, rev, place.folder, limits)

@@ -17,12 +17,20 @@ transaction text.  Pure; used by the benchmarks only.
 from __future__ import annotations
 
 from reconciler.model import RuleItem
-from reconciler.plan import CellPlan, ContainerPlan
+from reconciler.plan import LOG_ID_LEN, CellPlan, ContainerPlan
+
+
+def _short(chain_id: str) -> str:
+    """The container id as CF-style names and prefixes carry it: its log-prefix length,
+    which keeps `netout--<id>` within iptables' 28 characters (and the baseline's lines as
+    long as they always were)."""
+    return chain_id[:LOG_ID_LEN]
 
 
 def _chains(chain_id: str) -> tuple[str, str, str]:
     """netout, asg and log chain names (at most 25 characters; iptables allows 28)."""
-    return f"netout--{chain_id}", f"asg-{chain_id}", f"netout--{chain_id[:12]}--log"
+    cid = _short(chain_id)
+    return f"netout--{cid}", f"asg-{cid}", f"netout--{cid[:12]}--log"
 
 
 def _rule(item: RuleItem, log_chain: str) -> list[str]:
@@ -67,10 +75,10 @@ def _container(cp: ContainerPlan, items: list[RuleItem], family: int) -> list[st
         f"-A {asg} -m state --state RELATED,ESTABLISHED -j ACCEPT",
         f"-A {asg} -p tcp -m state --state INVALID -j DROP",
         *(f"-A {asg} {rule}" for rule in asg_rules),
-        f'-A {asg} -m limit --limit 1/sec -j LOG --log-prefix "DENY_{cp.chain_id} "',
+        f'-A {asg} -m limit --limit 1/sec -j LOG --log-prefix "DENY_{_short(cp.chain_id)} "',
         f"-A {asg} -j REJECT --reject-with {reject}",
         f"-A {log} -p tcp -m conntrack --ctstate INVALID,NEW,UNTRACKED "
-        f'-j LOG --log-prefix "OK_{cp.chain_id} "',
+        f'-j LOG --log-prefix "OK_{_short(cp.chain_id)} "',
         f"-A {log} -j ACCEPT",
     ]
 

@@ -12,26 +12,63 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from reconciler.model import RuleItem
-from reconciler.plan import CellPlan, ContainerPlan, PlanRule, port_chunks
+from reconciler.plan import LOG_ID_LEN, NAME_ID_LEN, CellPlan, ContainerPlan, PlanRule, port_chunks
 
 TOP_CHAIN = "ASG-FORWARD"
 CONTAINER_PREFIX = "ASG-C-"
 GROUP_PREFIX = "ASG-G-"
 OWNED_PREFIX = "ASG-"
+"""Names we give our chains.  A name says nothing about who made a chain: the host may well
+have chains of its own that start with it (`ASG-ADMIN-BLOCKLIST`), so ownership is proven
+by `marker_rule`, never by this prefix alone."""
+OWNER_COMMENT = "asg:owned"
 HOOK_CHAIN = "FORWARD"
 DENY_LOG_LIMIT = "-m limit --limit 1/sec"
 
 
 def container_chain(chain_id: str) -> str:
-    return CONTAINER_PREFIX + chain_id
+    """A container's chain: iptables names hold 28 characters, so the id is cut to
+    NAME_ID_LEN digits (the plan refuses two containers under one name); its comments and
+    log prefix say which container it is."""
+    return CONTAINER_PREFIX + chain_id[:NAME_ID_LEN]
 
 
 def group_chain(group_id: str) -> str:
-    return GROUP_PREFIX + group_id
+    """A group's chain, its id cut as `container_chain`'s; the jump to it carries the whole
+    id (`asg:g:<id>`), and the plan refuses two different groups under one name."""
+    return GROUP_PREFIX + group_id[:NAME_ID_LEN]
+
+
+def log_id(full_id: str) -> str:
+    """The id in a log prefix (29 characters at most): the comment carries the whole id."""
+    return full_id[:LOG_ID_LEN]
 
 
 def _comment(text: str) -> str:
     return f'-m comment --comment "{text}"'
+
+
+MARKER_TAIL = " " + _comment(OWNER_COMMENT)
+
+
+def marker_rule(chain: str) -> str:
+    """The ownership marker: the first rule of every chain we create, so a chain is ours
+    only when it says so, whoever else uses our name prefix.
+
+    A comment match with no target: it matches every packet and does nothing (the packet
+    goes on to the next rule), so it costs one comparison and changes no verdict.  It lives
+    in the kernel with the chain, so it survives anything that loses our own records (a lost
+    state directory, a kill mid-cycle), and no chain gets it by accident: it has to be written
+    exactly so, as the only line without a target in a chain with our prefix.  It is not one
+    of the plan's rules (`Ruleset.chains` holds only those); the dataplane adds it to every
+    chain it writes and strips it when it reads.
+    """
+    return f"-A {chain}{MARKER_TAIL}"
+
+
+def is_marker(chain: str, line: str) -> bool:
+    """Whether `line` is `chain`'s ownership marker (one length test, one `endswith`)."""
+    return len(line) == len(chain) + 3 + len(MARKER_TAIL) and line.endswith(MARKER_TAIL)
 
 
 def hook_rule() -> str:
@@ -41,7 +78,11 @@ def hook_rule() -> str:
 
 @dataclass(frozen=True)
 class Ruleset:
-    """Our chains for one family, each with its rules in iptables-save form, in order."""
+    """Our chains for one family, each with its rules in iptables-save form, in order.
+
+    The rules are the plan's; each chain's ownership marker (`marker_rule`) comes on top of
+    them in the kernel, and is written by `text` and by the dataplane's deltas.
+    """
 
     family: int
     chains: dict[str, tuple[str, ...]]
@@ -53,6 +94,7 @@ class Ruleset:
         if hook and self.chains:
             lines.append(hook_rule().replace("-A FORWARD", "-I FORWARD 1", 1))
         for name in sorted(self.chains, key=chain_order):
+            lines.append(marker_rule(name))
             lines.extend(self.chains[name])
         lines.append("COMMIT")
         return "\n".join(lines) + "\n"
@@ -102,7 +144,7 @@ def _container_lines(name: str, cp: ContainerPlan, family: int) -> tuple[str, ..
     lines.extend(f"-A {name} {_comment('asg:g:' + gid)} -j {group_chain(gid)}" for gid in cp.groups)
     lines.append(
         f"-A {name} {DENY_LOG_LIMIT} {_comment('asg:deny-log')} "
-        f'-j LOG --log-prefix "ASG DENY {cp.chain_id} "'
+        f'-j LOG --log-prefix "ASG DENY {log_id(cp.chain_id)} "'
     )
     lines.append(f"-A {name} {_comment('asg:reject')} -j REJECT --reject-with {reject}")
     return tuple(lines)
@@ -116,7 +158,7 @@ def _rule_lines(chain: str, rule: PlanRule) -> list[str]:
         if item.log:
             out.append(
                 f"-A {chain}{match} -m conntrack --ctstate NEW {comment} "
-                f'-j LOG --log-prefix "ASG OK {rule.id} "'
+                f'-j LOG --log-prefix "ASG OK {log_id(rule.id)} "'
             )
         out.append(f"-A {chain}{match} {comment} -j ACCEPT")
     return out
@@ -166,7 +208,3 @@ def _matches(item: RuleItem) -> list[str]:
 def render_text(plan: CellPlan, family: int) -> str:
     """The full transaction for one family: what `asgctl render` prints."""
     return render_cell(plan, family).text()
-
-
-def group_of_chain(name: str) -> str | None:
-    return name[len(GROUP_PREFIX) :] if name.startswith(GROUP_PREFIX) else None

@@ -22,8 +22,10 @@ each IP family is a disjoint slice of the table that converges on its own)::
 
 A new connection from a container therefore costs one map lookup plus a few set lookups per
 group the container has, whatever the number of rules on the cell.  Group sets are named by
-the group's content id, so a changed group is a new set and an unchanged one is never
-rewritten: the only element deltas in normal operation are the dispatch maps'.
+the group's content id (all 128 bits: nft names hold 256 characters), so a changed group is
+a new set and an unchanged one is never rewritten: the only element deltas in normal
+operation are the dispatch maps'.  The name is not trusted as content: the delta compares
+a set's elements with those the last plan wrote under that name.
 
 Why priority `filter - 1`, and why reject rather than merely not accept: in nftables an
 `accept` ends only the base chain it is in; the packet still traverses every other base chain
@@ -55,7 +57,7 @@ from typing import Any
 
 from reconciler.model import AddressRange, RuleItem, address_text, merge_ranges
 from reconciler.plan import CellPlan, ContainerPlan, PlanRule, RuleGroup
-from reconciler.render.iptables import Ruleset
+from reconciler.render.iptables import Ruleset, log_id
 
 NFT_FAMILY = "inet"
 TABLE = "asgctl"
@@ -388,16 +390,17 @@ _GROUP_CACHE_MAX = 200_000
 
 
 def render_group(group: RuleGroup) -> RenderedGroup:
-    """One group's objects.  Memoised by group id: the id is a hash of the group's content,
-    so a group renders the same forever, and a cell of a million rules is rendered once, not
-    on every cycle (provenance, which is not part of the id, is not rendered)."""
-    hit = _GROUP_CACHE.get(group.id)
+    """One group's objects.  Memoised by the group's content digest (family, id, each rule's
+    id and match: all it renders from), so a group renders the same forever, and a cell of a
+    million rules is rendered once, not on every cycle (provenance is not rendered).  Never
+    by id alone: a group whose id collides with a cached one's is a different group."""
+    hit = _GROUP_CACHE.get(group.digest)
     if hit is not None:
         return hit
     out = _render_group(group)
     if len(_GROUP_CACHE) >= _GROUP_CACHE_MAX:
         _GROUP_CACHE.clear()
-    _GROUP_CACHE[group.id] = out
+    _GROUP_CACHE[group.digest] = out
     return out
 
 
@@ -433,7 +436,7 @@ def _log_rules(rule: PlanRule) -> list[str]:
     untracked packet is accepted without being logged as a new connection."""
     matches = _log_rule_matches(rule.item)
     comment = "asg:r:" + rule.id
-    log = {"log": {"prefix": f"ASG OK {rule.id} "}}
+    log = {"log": {"prefix": f"ASG OK {log_id(rule.id)} "}}
     return [
         canonical_rule([*matches, _ct_state(_CT_NEW), log], comment),
         canonical_rule([*matches, ACCEPT], comment),
@@ -460,7 +463,7 @@ def _deny_rules(chain_id: str) -> tuple[str, str]:
     log = canonical_rule(
         [
             {"limit": {"rate": 1, "burst": 5, "per": "second"}},
-            {"log": {"prefix": f"ASG DENY {chain_id} "}},
+            {"log": {"prefix": f"ASG DENY {log_id(chain_id)} "}},
         ],
         "asg:deny-log",
     )

@@ -1,0 +1,396 @@
+"""Reading an agent's `status.yaml` from a status branch: untrusted input, read with budgets.
+
+Whoever can push a `status/<cell>` branch chooses every byte of that file, and two readers
+trust it: `asgctl plan --inventory status` (which containers run where) and `asgctl status`
+(the fleet table).  So, for both:
+
+* the blob's size is asked of git (`git cat-file --batch-check`) and an oversized blob is
+  never read (`read_status_blobs`);
+* the YAML is parsed by the project's one safe loader (`reconciler.policy.yamlsafe`: no alias
+  expansion past a node budget, bounded depth, one document, no custom tags) -- never by a
+  plain `yaml.load` whose result could be an alias bomb waiting for the first walk over it;
+* the document is held to `schemas/cell-status.schema.json` (`StatusDocument.header`) and
+  every container entry to the store file's rules (`containers_of`), and whatever is wrong
+  is an `InventoryError` naming the branch and the field, so the caller skips that cell.
+
+A fleet-wide plan reads ~150 KB of status per cell, and a full YAML load of that was most of
+the plan's time.  `_fast_parts` reads the block style the agent writes without building the
+whole document: it proves, line by line, that the file has exactly the structure it assumes
+and returns None on anything else, which sends the file to the loader.  The property tests
+(tests/test_status_input.py) feed both paths hostile files -- `containers:` inside quoted
+strings, comments, flow style, anchors, tags, duplicate keys, odd indentation -- and require
+that whenever the fast path answers, it answers exactly what the loader reads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reconciler.inventory import InventoryError, parse_store_document
+from reconciler.model import Container
+from reconciler.policy import yamlsafe
+
+STATUS_FILE = "status.yaml"
+MAX_STATUS_BYTES = 8 * 1024 * 1024
+"""A cell of ~250 containers writes ~150 KB; 8 MB is room for ~13,000 containers."""
+STATUS_LIMITS = yamlsafe.Limits(
+    max_file_bytes=MAX_STATUS_BYTES,
+    max_documents=1,
+    max_depth=16,
+    max_nodes=1_000_000,
+)
+_FAST_MAX_BYTES = 1024 * 1024
+"""The fast path reads files up to this size only: without aliases (which it never takes),
+YAML needs at least 4 bytes for 3 nodes (`{a},` in a flow sequence), so no such file can
+reach the node budget, and the fast path and the loader agree on every file it reads."""
+CONTRACT_KEYS = ("handle", "ip", "app_id", "space_id", "org_id", "workload")
+_SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "cell-status.schema.json"
+
+
+@dataclass(frozen=True)
+class StatusDocument:
+    """A status file that passed the schema: its top-level fields without `containers`, and
+    the `containers` entries (mappings, not yet held to the store rules)."""
+
+    header: dict[str, Any]
+    entries: tuple[Any, ...]
+
+
+# -- the one loader, behind a seam ---------------------------------------------------------
+
+
+def load_yaml(text: str, origin: str) -> Any:
+    """The single document of `text`, loaded by the safe loader with the status budget.
+
+    The seam to `yamlsafe`: everything in this module that loads YAML goes through here.
+    """
+    try:
+        docs = yamlsafe.load_documents(origin, text, STATUS_LIMITS)
+    except yamlsafe.LoadError as exc:
+        raise InventoryError(str(exc)) from None  # names origin:line:column
+    if len(docs) > 1:
+        raise InventoryError(f"{origin}: more than one YAML document")
+    return docs[0].data if docs else None
+
+
+# -- the fast path -------------------------------------------------------------------------
+
+_MARKERS = ("---", "...", "%")  # documents and directives, at the start of a line
+_KEY = r"[A-Za-z_][A-Za-z0-9_]*"
+# Characters inside a block value: none after which YAML's reading of a line is no longer a
+# matter of that line (tabs, carriage returns and the other line breaks PyYAML honours, a
+# byte-order mark) nor any PyYAML refuses as non-printable.  The text around the block is
+# read by the loader itself.
+_SETTLED = "[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\ufeff\ufffe\uffff{}]"
+# A plain scalar that is one line and nothing but a scalar: no indicator first, no `: ` or
+# ` #` inside, no trailing blank, no `:` at the end; and none that the loader resolves to a
+# number or date but cannot construct (`0x_`, `._`, no such date, an integer past Python's
+# digit limit), since the loader refuses those files.
+_PLAIN_LINE = (
+    r"(?![0-9]{4}-[0-9][0-9]?-[0-9][0-9]?[\nTt ]|0[bx]_+\n|\._+(?:[eE][-+][0-9]+)?\n|[0-9_]{4000})"
+    + "[A-Za-z0-9_./]"
+    + _SETTLED.format(" :")
+    + "*(?:(?: (?=[^ \\n#])|:(?=[^ \\n]))"
+    + _SETTLED.format(" :")
+    + "*)*"
+)
+_QUOTED_LINE = "'" + _SETTLED.format("'") + "*(?:''" + _SETTLED.format("'") + "*)*'"
+_VALUE = rf"(?:\[\]|\{{\}}|{_QUOTED_LINE}|{_PLAIN_LINE})"
+_FIELD_RE = rf"{_KEY}:(?: {_VALUE}\n|\n(?:  - {_VALUE}\n)*)"
+# The containers block as the agent writes it: entries of scalar or scalar-list fields.
+_BLOCK = re.compile(rf"(?:- {_FIELD_RE}(?:  {_FIELD_RE})*)*")
+# Every field line of the block: `- ` opens an entry, `  ` continues it.
+_FIELDS = re.compile(rf"^(- |  )({_KEY}):(?: ([^\n]*))?$", re.M)
+_TOP_KEY = re.compile(rf"{_KEY}:(?: |\n)")
+_NEXT_TOP = re.compile(r"\n[^ \n-]|\n-[^ ]")
+_CONTAINERS = "containers:"
+_EMPTY = ("", " []", " ~", " null", " Null", " NULL")
+_NULLS = ("~", "null", "Null", "NULL")
+_UNSEEN: Any = object()
+
+# YAML's implicit resolvers (null, bool, int, float, timestamp, merge, value) as one regex:
+# a plain scalar it matches is not a string.  Each pattern pins its own first characters, so
+# one match does what the resolver's per-first-character lookup does, at C speed.
+_NOT_A_STRING = re.compile(
+    "|".join(
+        sorted(
+            {
+                f"(?:{regexp.pattern})"
+                for resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.values()
+                for _tag, regexp in resolvers
+            }
+        )
+    ),
+    re.X,
+)
+
+
+def _plain_is_string(value: str) -> bool:
+    """Would YAML read this plain scalar as a string (not a number, bool, null or date)?"""
+    return _NOT_A_STRING.match(value) is None
+
+
+def _scalar(raw: str) -> Any:
+    """A contract field's value as YAML reads it, or _UNSEEN when only the loader can say.
+
+    `raw` already passed `_VALUE`: a one-line single-quoted scalar, `[]`, `{}`, or a
+    one-line plain scalar, which YAML reads as its own text unless a resolver claims it.
+    """
+    if raw[0] == "'":
+        return raw[1:-1].replace("''", "'")
+    if raw in ("[]", "{}"):
+        return _UNSEEN
+    if _NOT_A_STRING.match(raw) is None:
+        return raw
+    return None if raw in _NULLS else _UNSEEN
+
+
+def _mapping_part(text: str, origin: str) -> dict[str, Any] | None:
+    """The text before or after the containers block, loaded on its own; None when that
+    could read differently from the same lines inside the whole file."""
+    if not text:
+        return {}
+    if _TOP_KEY.match(text) is None or "*" in text or "&" in text:
+        return None  # not a block mapping at column 0, or aliases the budget must see whole
+    try:
+        doc = load_yaml(text, origin)
+    except InventoryError:
+        return None  # the full load says what is wrong, with the file's own line numbers
+    return doc if isinstance(doc, dict) and "containers" not in doc else None
+
+
+def _fast_parts(text: str, origin: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """(everything but `containers`, the contract fields of each entry), without a full YAML
+    load; None whenever the file is not exactly in the agent's block style (see the module
+    docstring), and the caller loads it in full."""
+    if len(text) > _FAST_MAX_BYTES or text.startswith(_MARKERS):
+        return None
+    if any("\n" + marker in text for marker in _MARKERS):
+        return None
+    at = 0 if text.startswith(_CONTAINERS) else text.find("\n" + _CONTAINERS) + 1
+    if at == 0 and not text.startswith(_CONTAINERS):
+        return None
+    if text.find("\n" + _CONTAINERS, at) != -1:
+        return None  # twice: the loader refuses a duplicate key
+    eol = text.find("\n", at)
+    eol = len(text) if eol == -1 else eol
+    rest = text[at + len(_CONTAINERS) : eol]
+    nxt = _NEXT_TOP.search(text, eol)
+    body_end = nxt.start() + 1 if nxt else len(text)
+    block = text[eol + 1 : body_end]
+    if block and not block.endswith("\n"):
+        return None
+    if rest not in _EMPTY or (rest and block):
+        return None
+    if _BLOCK.fullmatch(block) is None:
+        return None
+    head = _mapping_part(text[:at], origin)
+    tail = _mapping_part(text[body_end:], origin)
+    if head is None or tail is None or head.keys() & tail.keys():
+        return None
+    entries: list[dict[str, Any]] = []
+    entry: dict[str, Any] = {}
+    seen: set[str] = set()
+    checked: dict[str, Any] = {}
+    key_ok: dict[str, bool] = {}
+    for dash, key, raw in _FIELDS.findall(block):
+        if dash == "- ":
+            entry, seen = {}, set()
+            entries.append(entry)
+        if key in seen:
+            return None  # a duplicate key: the loader refuses the file
+        seen.add(key)
+        ok = key_ok.get(key)
+        if ok is None:
+            ok = key_ok[key] = _plain_is_string(key)
+        if not ok:
+            return None  # `null:`, `yes:`...: not the key it looks like
+        if key not in CONTRACT_KEYS:
+            continue
+        if not raw:
+            return None  # a list, or null by omission: the loader decides
+        value = checked.get(raw, _UNSEEN)
+        if value is _UNSEEN:
+            value = checked[raw] = _scalar(raw)
+        if value is _UNSEEN:
+            return None
+        entry[key] = value
+    return {**head, **tail}, entries
+
+
+# -- the document --------------------------------------------------------------------------
+
+
+@cache
+def _validator() -> Any:
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads(_SCHEMA_FILE.read_text(encoding="utf-8"))
+    # Container entries are held to the store rules by `containers_of`, with the same
+    # messages on both paths; the schema keeps describing them for readers of the format.
+    header = {**schema, "properties": {**schema["properties"], "containers": {}}}
+    return Draft202012Validator(header)
+
+
+def field_path(path: Any) -> str:
+    """`('conditions', 0, 'status')` -> `conditions[0].status`."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(document)"
+
+
+def _schema_message(err: Any) -> str:
+    """A schema error in a few words: the value itself may be megabytes, so never quoted."""
+    if err.validator == "type":
+        types = err.validator_value
+        names = " or ".join(types) if isinstance(types, list) else types
+        return f"must be {names}, not {type(err.instance).__name__}"
+    if err.validator in ("enum", "const"):
+        allowed = err.validator_value if err.validator == "enum" else [err.validator_value]
+        return "must be one of " + ", ".join(repr(a) for a in allowed)
+    if err.validator == "required":
+        return str(err.message)[:200]
+    if err.validator in ("minimum", "maximum"):
+        return f"must be {'at least' if err.validator == 'minimum' else 'at most'} " + str(
+            err.validator_value
+        )
+    return f"fails the schema's {err.validator!r} rule"
+
+
+def check_header(header: dict[str, Any], origin: str) -> None:
+    """Hold the document (minus its containers) to the status schema; first error wins."""
+    errors = sorted(_validator().iter_errors(header), key=lambda e: [str(p) for p in e.path])
+    if errors:
+        err = errors[0]
+        raise InventoryError(f"{origin}: {field_path(err.absolute_path)}: {_schema_message(err)}")
+
+
+def parse_status(data: bytes | str, origin: str) -> StatusDocument:
+    """A status file's content, parsed and schema-checked; InventoryError naming the field."""
+    if len(data) > MAX_STATUS_BYTES:
+        raise InventoryError(f"{origin}: larger than {MAX_STATUS_BYTES} bytes")
+    if isinstance(data, bytes):
+        try:
+            text = yamlsafe.decode(origin, data, STATUS_LIMITS)
+        except yamlsafe.LoadError as exc:
+            raise InventoryError(str(exc)) from None
+    else:
+        text = data
+    fast = _fast_parts(text, origin)
+    if fast is not None:
+        header, entries = fast
+    else:
+        doc = load_yaml(text, origin)
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, dict):
+            raise InventoryError(f"{origin}: must be a mapping (the agent's status document)")
+        header = {k: v for k, v in doc.items() if k != "containers"}
+        listed = doc.get("containers")
+        if listed is None:
+            listed = []
+        if not isinstance(listed, list):
+            raise InventoryError(f"{origin}: containers: must be a list")
+        entries = listed
+    check_header(header, origin)
+    return StatusDocument(header, tuple(entries))
+
+
+def containers_of(doc: StatusDocument, origin: str) -> tuple[Container, ...]:
+    """The document's containers: each entry a mapping whose contract fields are text (or
+    null), each handle once; then the store file's own rules (`parse_store_document`) judge
+    the values, exactly as they judge a `store.json`."""
+    store: dict[str, Any] = {}
+    for i, entry in enumerate(doc.entries):
+        where = f"{origin}: containers[{i}]"
+        if not isinstance(entry, dict):
+            raise InventoryError(f"{where}: must be a mapping")
+        for key in CONTRACT_KEYS:
+            value = entry.get(key)
+            if value is not None and not isinstance(value, str):
+                raise InventoryError(f"{where}.{key}: must be a string, not {type(value).__name__}")
+        handle = entry.get("handle")
+        if not handle:
+            raise InventoryError(f"{where}.handle: missing")
+        if handle in store:
+            raise InventoryError(f"{where}.handle: container {handle!r} is listed twice")
+        store[handle] = {
+            "handle": handle,
+            "ip": entry.get("ip"),
+            "metadata": {
+                "app_id": entry.get("app_id") or "",
+                "space_id": entry.get("space_id") or "",
+                "org_id": entry.get("org_id") or "",
+                "container_workload": entry.get("workload") or "app",
+            },
+        }
+    return parse_store_document(store, origin)
+
+
+def containers_from_status(data: bytes | str, origin: str) -> tuple[Container, ...]:
+    """The containers of a `status.yaml` (the status-branch contract), validated."""
+    return containers_of(parse_status(data, origin), origin)
+
+
+# -- reading blobs from git ----------------------------------------------------------------
+
+
+def read_status_blobs(
+    git_dir: str, specs: list[str], limit: int = MAX_STATUS_BYTES
+) -> list[bytes | InventoryError]:
+    """`<ref>:<path>` blobs, or the reason each cannot be used (missing, not a file, too big).
+
+    Sizes come first from `git cat-file --batch-check`, so an oversized blob (a status file
+    that compresses 2 GB into 10 MB on the server) is never read; the rest come from one
+    `git cat-file --batch` (one process, not one per cell).
+    """
+    if not specs:
+        return []
+    checked = _cat_file(git_dir, "--batch-check", specs).split(b"\n")
+    out: list[bytes | InventoryError] = []
+    wanted: list[tuple[int, str, int]] = []
+    for i, spec in enumerate(specs):
+        header = checked[i].split() if i < len(checked) else []
+        if len(header) != 3 or header[1] != b"blob" or not header[2].isdigit():
+            out.append(InventoryError(f"{spec}: no such file"))
+            continue
+        size = int(header[2])
+        if size > limit:
+            out.append(InventoryError(f"{spec}: {size} bytes, over the limit of {limit} bytes"))
+            continue
+        out.append(b"")
+        wanted.append((i, header[0].decode("ascii"), size))
+    if wanted:
+        data = _cat_file(git_dir, "--batch", [oid for _i, oid, _s in wanted])
+        pos = 0
+        for i, oid, size in wanted:
+            eol = data.index(b"\n", pos)
+            header = data[pos:eol].split()
+            pos = eol + 1
+            if header[:1] != [oid.encode()] or header[2:3] != [str(size).encode()]:
+                out[i] = InventoryError(f"{specs[i]}: changed while being read")
+                break
+            out[i] = data[pos : pos + size]
+            pos += size + 1
+    return out
+
+
+def _cat_file(git_dir: str, mode: str, lines: list[str]) -> bytes:
+    try:
+        return subprocess.run(
+            ["git", "-C", git_dir, "cat-file", mode],
+            input="".join(s + "\n" for s in lines).encode(),
+            capture_output=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise InventoryError(f"{git_dir}: git cat-file failed: {exc}") from None
