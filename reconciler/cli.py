@@ -17,7 +17,7 @@ from reconciler.agent.commands import agent_cmd, status_cmd
 from reconciler.cli_options import format_option
 from reconciler.compile import compile_cell
 from reconciler.endpoint import parse_endpoint
-from reconciler.explain import explain, find_container
+from reconciler.explain import LIFECYCLES, explain, find_containers
 from reconciler.inventory import InventoryError, load_store
 from reconciler.lab.cli import lab as lab_group
 from reconciler.model import PolicySet
@@ -237,22 +237,38 @@ def render(
 
 
 @main.command("explain")
-@containers_option
+@click.option(
+    "--containers",
+    "stores",
+    required=True,
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="A cell's container metadata store (CF's store.json); repeat it for several cells, "
+    "each named as `plan --inventory` names it (cells/cell-1/store.json -> cell-1).",
+)
 @policies_option
 @rev_option
 @click.option("--app", default=None, help="App GUID or org/space/app.")
 @click.option("--container", "handle", default=None, help="Container handle.")
+@click.option(
+    "--lifecycle",
+    type=click.Choice(LIFECYCLES),
+    default="all",
+    show_default=True,
+    help="Only these containers: running (app instances and tasks), staging, or task.",
+)
 @click.option("--to", "to", required=True, help="IP[:PORT][/PROTO], e.g. 198.51.100.7:443/tcp.")
 @click.option("--icmp-type", type=int, default=None)
 @click.option("--icmp-code", type=int, default=None)
 @format_option("text", "json")
 @cell_options
 def explain_cmd(
-    containers: str,
+    stores: tuple[str, ...],
     policies: str,
     rev: str | None,
     app: str | None,
     handle: str | None,
+    lifecycle: str,
     to: str,
     icmp_type: int | None,
     icmp_code: int | None,
@@ -260,35 +276,69 @@ def explain_cmd(
     agent_config: str | None,
     underlay: tuple[str, ...],
 ) -> None:
-    """Would this app's container be allowed to reach IP:PORT, and by which rules?
+    """Would this app's containers be allowed to reach IP:PORT, and by which rules?
 
-    Exit 0 when allowed, 3 when denied, 1 on error.
+    One verdict per container of the app (or with the handle) on every cell given: running
+    instances, tasks and staging containers get different groups.  JSON is a list of them.
+    Exit 0 when every container is allowed, 3 when any is denied, 1 on error.
     """
+    from reconciler.inventory_sources import StoreFiles
+
     if (app is None) == (handle is None):
         raise click.UsageError("give exactly one of --app or --container")
     try:
         endpoint = parse_endpoint(to, icmp_type, icmp_code)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--to") from None
-    policy, plan = _plan(policies, rev, containers, "", _settings(agent_config, underlay))
+    settings = _settings(agent_config, underlay)
+    if len(stores) == 1:
+        # One store is one unnamed cell: a cell's own store path names no cell
+        # (/var/vcap/data/container-metadata/store.json), so none is made up for it.
+        policy, plan = _plan(policies, rev, stores[0], "", settings)
+        plans = [plan]
+    else:
+        policy = _policy(policies, rev)
+        try:
+            cells = StoreFiles(stores).cells()
+            plans = [compile_cell(policy, c.containers, c.cell, settings) for c in cells]
+        except (InventoryError, PlanError) as exc:
+            _fail(str(exc))
     app_id = None
     if app is not None:
         app_id = policy.directory.resolve_app(app)
         if app_id is None:
             _fail(f"app {app!r} is not in the directory")
-    try:
-        cp = find_container(plan, handle=handle, app=app_id)
-    except LookupError as exc:
-        _fail(str(exc))
-    decision = explain(policy, plan, cp, endpoint)
+    found = find_containers(plans, handle=handle, app=app_id, lifecycle=lifecycle)
+    if not found:  # named as typed: the GUID an org/space/app resolved to means nothing here
+        which = "" if lifecycle == "all" else f"{lifecycle} "
+        if handle is not None:
+            kind = f" as a {lifecycle} container" if which else ""
+            _fail(f"container {handle!r} is not in the inventory{kind}")
+        _fail(f"app {app!r} has no {which}container in the inventory")
+    verdicts = [(plan.cell, explain(policy, plan, cp, endpoint)) for plan, cp in found]
     if fmt == "json":
-        click.echo(json.dumps(decision.to_dict(), indent=2))
+        docs = [
+            {"cell": cell, "lifecycle": d.container.lifecycle, "workload": d.container.workload}
+            | d.to_dict()
+            for cell, d in verdicts
+        ]
+        click.echo(json.dumps(docs, indent=2))
     else:
         from reconciler.report.escape import log_text
 
-        name = policy.directory.app_path(cp.container.app_id) if cp.container.app_id else ""
-        click.echo(log_text(decision.text(name)), nl=False)
-    sys.exit(0 if decision.allowed else 3)
+        blocks = []
+        for cell, d in verdicts:
+            app_id = d.container.app_id
+            name = policy.directory.app_path(app_id) if app_id else ""
+            where = f"on cell {cell}:\n" if cell else ""
+            blocks.append(where + d.text(name))
+        if len(verdicts) > 1:
+            allowed = sum(d.allowed for _, d in verdicts)
+            blocks.append(
+                f"{len(verdicts)} containers: {allowed} allowed, {len(verdicts) - allowed} denied\n"
+            )
+        click.echo(log_text("\n".join(blocks)), nl=False)
+    sys.exit(0 if all(d.allowed for _, d in verdicts) else 3)
 
 
 @main.command("apply")
@@ -312,7 +362,11 @@ def explain_cmd(
     help="iptables variant; auto follows what the host already uses.",
 )
 @click.option("--dry-run", is_flag=True, help="Print the transactions; change nothing.")
-@click.option("--report-only", is_flag=True, help="Report drift and changes; change nothing.")
+@click.option(
+    "--report-only",
+    is_flag=True,
+    help="Audit: report how the kernel drifted from the plan; change nothing.",
+)
 @format_option("text", "json")
 @cell_options
 def apply_cmd(
@@ -332,6 +386,7 @@ def apply_cmd(
 
     Exit 0 when already in sync (nothing sent), 2 when something changed (or would, with
     --dry-run or --report-only), 1 on error (invalid policy or store: nothing touched).
+    The summary goes to stdout; each error, once, to stderr.
     """
     from dataclasses import replace
 
@@ -352,7 +407,9 @@ def apply_cmd(
     except DataplaneError as exc:
         _fail(str(exc))
     mode = "dry-run" if dry_run else "report-only" if report_only else "apply"
-    result = converge(backend, plan, mode=mode)
+    # A report-only run audits the host against the plan it is given: whatever the kernel
+    # holds otherwise is drift (to --dry-run, with no last plan, it is a change to send).
+    result = converge(backend, plan, plan if mode == "report-only" else None, mode=mode)
     if fmt == "json":
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

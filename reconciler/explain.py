@@ -7,6 +7,7 @@ so app developers see the ASG or egress policy and the file:line, not a chain na
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from reconciler.compile import container_sources
@@ -153,15 +154,50 @@ def deny_network_matches(
     )
 
 
-def find_container(
-    plan: CellPlan, *, handle: str | None = None, app: str | None = None
-) -> ContainerPlan:
-    """The container to explain: by handle, or the first container (by handle) of an app."""
+LIFECYCLES = ("running", "staging", "task", "all")
+
+
+def in_lifecycle(container: Container, lifecycle: str) -> bool:
+    """Does `container` belong to `lifecycle` as `explain --lifecycle` means it?
+
+    `running` and `staging` are CF's two lifecycles (tasks run with the running rules, see
+    `Container.lifecycle`); `task` narrows `running` to tasks; `all` takes every container.
+    """
+    if lifecycle == "all":
+        return True
+    if lifecycle == "task":
+        return container.workload == "task"
+    return container.lifecycle == lifecycle
+
+
+def find_container(plan: CellPlan, *, handle: str) -> ContainerPlan:
+    """The container with this handle (a handle names one container of a cell)."""
     for cp in plan.containers:
-        if handle is not None and cp.container.handle == handle:
+        if cp.container.handle == handle:
             return cp
-        if app is not None and cp.container.app_id == app:
-            return cp
-    if handle is not None:
-        raise LookupError(f"container {handle!r} is not in the inventory")
-    raise LookupError(f"app {app!r} has no container in the inventory")
+    raise LookupError(f"container {handle!r} is not in the inventory")
+
+
+def find_containers(
+    plans: Sequence[CellPlan],
+    *,
+    handle: str | None = None,
+    app: str | None = None,
+    lifecycle: str = "all",
+) -> tuple[tuple[CellPlan, ContainerPlan], ...]:
+    """Every container with this handle, or of this app (GUID), in the lifecycle, per cell.
+
+    All of them, in the plans' order: an app runs instances, tasks and staging containers,
+    often on several cells, and their groups differ (staging has its own rules), so one of
+    them picked for the app would answer for the others too.
+    """
+    return tuple(
+        (plan, cp)
+        for plan in plans
+        for cp in plan.containers
+        if (
+            (handle is not None and cp.container.handle == handle)
+            or (app is not None and cp.container.app_id == app)
+        )
+        and in_lifecycle(cp.container, lifecycle)
+    )

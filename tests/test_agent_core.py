@@ -214,6 +214,30 @@ def test_conditions_for_success_transient_failure_and_refusal() -> None:
     assert drift["Drifted"] == ("True", "DriftCorrected") and drift["Ready"][0] == "True"
 
 
+def test_drift_left_alone_says_so_and_why() -> None:
+    """Report-only (--no-heal-drift) drift is named drift, not repaired, and not a change."""
+    found = ("ipv4 X: rule-missing (1 rule)",)
+    refused = Problem("EnforcementFailed", "ipv4: refused")
+
+    def drifted(view: CycleView) -> tuple[str, str, str]:
+        c = next(c for c in cycle_conditions(view) if c[0] == "Drifted")
+        return c[1], c[2], c[3]
+
+    assert drifted(CycleView(False, "a", "a", drift=found)) == (
+        "True",
+        "DriftCorrected",
+        "ipv4 X: rule-missing (1 rule)",
+    )
+    left = CycleView(False, "a", "a", drift=found, drift_repaired=False, heal_drift=False)
+    assert drifted(left) == (
+        "True",
+        "DriftDetected",
+        "ipv4 X: rule-missing (1 rule); not repaired (report-only)",
+    )
+    failed = CycleView(False, "a", "a", enforce_error=refused, drift=found, drift_repaired=False)
+    assert drifted(failed)[2].endswith("; not repaired (the repair failed)")
+
+
 def test_transition_time_moves_only_when_the_status_flips() -> None:
     first = merge_conditions((), [("Ready", "True", "A", "")], "t1")
     same = merge_conditions(first, [("Ready", "True", "B", "m")], "t2")

@@ -152,6 +152,26 @@ def test_a_restarted_agent_remembers_what_it_applied(setup) -> None:  # type: ig
     assert [h.total for h in st.history] == [1, 1]
 
 
+def test_report_only_drift_is_reported_as_drift_and_left(setup) -> None:  # type: ignore[no-untyped-def]
+    cfg, commit, _, _ = setup
+    commit({"sg.yaml": sg("web", tcp_rules(3))})
+    dp = MemoryDataplane()
+    agent, out, _ = _agent(replace(cfg, heal_drift=False), dp)
+    agent.cycle(SYNC)
+    chain = next(n for n in dp.chains[4] if n.startswith("ASG-C-"))
+    dp.chains[4][chain] = dp.chains[4][chain][:-1]  # someone deletes a rule
+    out.seek(0)
+    out.truncate()
+    applies = dp.applies
+    st = agent.cycle(SYNC)
+    drifted = condition(st.conditions, "Drifted")
+    assert drifted is not None and (drifted.status, drifted.reason) == ("True", "DriftDetected")
+    assert drifted.message == f"ipv4 {chain}: rule-missing (1 rule); not repaired (report-only)"
+    assert condition(st.conditions, "Ready").status == "True"  # type: ignore[union-attr]
+    assert dp.applies == applies and out.getvalue() == ""  # nothing sent, no change logged
+    assert st.drift_log[0]["repaired"] is False and st.drift_corrections == 0
+
+
 def test_an_upgrade_that_renames_chains_installs_them_without_self_heal(  # type: ignore[no-untyped-def]
     setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:

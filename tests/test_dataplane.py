@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from reconciler.dataplane import (
     ApplyError,
     Backend,
     ConvergeResult,
+    FamilyResult,
     ReadError,
     VariantError,
     compute_delta,
@@ -37,6 +39,7 @@ from reconciler.dataplane.iptables import IptablesBackend, tool
 from reconciler.dataplane.nftables import NftablesBackend
 from reconciler.dataplane.records import OwnedState
 from reconciler.dataplane.saveparse import count_rules
+from reconciler.dataplane.summary import format_text
 from reconciler.lab.netns import Lab
 from reconciler.lab.nsenter import in_netns
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
@@ -45,6 +48,7 @@ from reconciler.render.iptables import TOP_CHAIN, Ruleset, hook_rule, marker_rul
 from reconciler.render.nft import base_chain, canonical_rule
 from reconciler.render.nft import render_cell as render_nft
 from tests.cases import DATA, RecordingRunner, edge_plan
+from tests.conftest import skip_unless_available
 
 VARIANTS = ("legacy", "nft")
 HOST_CHAINS = ("ASG-ADMIN-BLOCKLIST", "ASG-LEGACY")
@@ -804,8 +808,21 @@ def test_asgctl_apply_exit_codes(host: Host, tmp_path: Path) -> None:
     assert again.exit_code == 0, again.output
     assert json.loads(again.output)["in_sync"] is True
     host.unhook(4)
+    # Report-only audits the kernel against the plan: the removed hook is drift, left alone,
+    # and not a change it would make.
     report = run("--report-only")
-    assert report.exit_code == 2 and "hook-added" in report.output
+    assert report.exit_code == 2, report.output
+    assert "ipv4: 1 drift; nothing sent (report-only)\n" in report.output
+    assert re.search(
+        r"^  drift: ipv4 \S+: hook-missing \(\d rules?\), not repaired \(report-only\)$",
+        report.output,
+        re.M,
+    ), report.output
+    assert "change " not in report.output and "would send" not in report.output
+    [v4, _] = json.loads(run("--report-only", "--format", "json").output)["families"]
+    assert v4["changes"] == [] and [(d["what"], d["repaired"]) for d in v4["drift"]] == [
+        ("hook-missing", False)
+    ]
     assert not host.hooked(4)
     assert run().exit_code == 2
     assert_matches_plan(host, on_eth0)
@@ -818,7 +835,76 @@ def test_asgctl_apply_exit_codes(host: Host, tmp_path: Path) -> None:
         assert host.save() == before
 
 
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+@pytest.mark.requires("setpriv", "iptables-legacy-save")
+@pytest.mark.parametrize(
+    "caps",
+    [
+        pytest.param((), id="no-capabilities"),
+        # Enough to list the (still empty) tables of a fresh namespace, so the variant probe
+        # passes; not enough to open the filter table (CAP_NET_RAW): the read fails instead.
+        pytest.param(("net_admin", "dac_read_search"), id="past-the-probe"),
+    ],
+)
+def test_asgctl_apply_without_privileges_says_so_once(
+    make_lab: Callable[..., Lab], caps: tuple[str, ...]
+) -> None:
+    host = Host(make_lab(conntrack=False).cell, "legacy")
+    grant = ",".join(f"+{c}" for c in caps)
+    user = [*NOBODY, *([f"--inh-caps={grant}", f"--ambient-caps={grant}"] if caps else [])]
+
+    def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+        cmd = ["ip", "netns", "exec", host.netns, *user, sys.executable, *argv]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
+
+    readable = as_nobody("-c", "import reconciler.cli")
+    skip_unless_available("unprivileged asgctl", readable.stderr.strip() or None)
+    # (No save before: it would create the filter table, and the probe would refuse early.)
+    store, policies = DATA / "edge-store.json", DATA / "edge-policies"
+    result = as_nobody(
+        "-c",
+        "from reconciler.cli import main; main()",
+        *("apply", "--containers", str(store), "--policies", str(policies)),
+        *("--variant", "legacy"),
+    )
+    assert result.returncode == 1, result
+    said = result.stdout + result.stderr
+    errors = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
+    assert errors and any("ermission denied" in x or "usable" in x for x in errors), said
+    for line in errors:  # each failure said once, on stderr, and not again in the summary
+        message = re.sub(r"^error: (ipv[46]: )?", "", line)
+        assert said.count(message) == 1, said
+    assert "Traceback" not in said
+    assert "ASG-" not in host.save()
+
+
 # -- pure parts ----------------------------------------------------------------------------
+
+
+def test_the_summary_tells_drift_from_planned_changes() -> None:
+    drift = rec.Drift(4, "ASG-C-1", rec.RULE_MISSING, ("-A ASG-C-1 -j ACCEPT",), ())
+    change = rec.Change(4, "ASG-G-2", rec.CHAIN_ADDED, 1)
+    delta = rec.Delta(4, (":ASG-C-1 - [0:0]",), (drift,), (change,), written=("ASG-C-1",))
+
+    def summary(mode: str, *, sent: bool = False, repair: bool = True) -> list[str]:
+        d = replace(delta, drift=(replace(drift, repair=repair),))
+        family = FamilyResult(4, d, sent)
+        return format_text(ConvergeResult("iptables-nft", mode, (family,))).splitlines()
+
+    assert summary("report-only")[1:4] == [
+        "ipv4: 1 planned change(s), 1 drift; nothing sent (report-only)",
+        "  change ipv4 ASG-G-2: chain-added (1 rules)",
+        "  drift: ipv4 ASG-C-1: rule-missing (1 rule), not repaired (report-only)",
+    ]
+    assert (
+        summary("apply", sent=True)[3] == "  drift: ipv4 ASG-C-1: rule-missing (1 rule), repaired"
+    )
+    assert summary("apply", sent=True, repair=False)[3].endswith(
+        "rule-missing (1 rule), not repaired (self-heal off)"
+    )
+    assert summary("dry-run")[3].endswith("not repaired (dry-run)")
 
 
 @pytest.mark.parametrize(

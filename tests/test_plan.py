@@ -37,8 +37,9 @@ from reconciler.inventory_sources import (
     StoreFiles,
     cell_name_for,
     containers_from_status,
+    synthetic_inventory,
 )
-from reconciler.model import Container
+from reconciler.model import Container, Space
 from reconciler.planrun import run_plan
 from reconciler.policy.load import load_folder
 from reconciler.render.iptables import render_cell
@@ -334,6 +335,44 @@ def test_without_inventory_a_synthetic_cell_per_directory_is_planned(tmp_path):
     assert report.inventory.startswith("synthetic")
     names = {p.name for p in report.diff.principals}
     assert {"payments/prod/backend", "marketing/web/blog"} <= names
+
+
+def test_the_readme_describes_the_synthetic_inventory_as_planned(tmp_path):
+    """README's `plan --inventory directory` section, claim by claim, against the code."""
+    readme = " ".join((REPO / "README.md").read_text().split())
+    repo = policy_repo(tmp_path)
+    edit(repo, "destinations.yaml", "ports: 8125", "ports: 8126")
+    commit_all(repo, "port")
+    args = ["plan", "--base", "HEAD~1", "--policies", str(repo / "policies")]
+    result = CliRunner().invoke(main, [*args, "--inventory", "directory"])
+    assert result.exit_code == 0, result.output
+    said = result.output.splitlines()[0].split("inventory: ", 1)[1]
+    assert f"says `inventory: {said}`" in readme
+    mixed = CliRunner().invoke(main, [*args, "--inventory", "directory", "--inventory", "status"])
+    assert mixed.exit_code == 1 and "cannot be mixed" in mixed.output
+    assert "`directory` cannot be combined with `status` or files (exit 1)" in readme
+
+    policy = load_folder(REPO / "policies").policy
+    d = policy.directory
+    empty = Space("space-empty", "empty", d.orgs[0].guid)  # a space that lists no app
+    policy = replace(policy, directory=replace(d, spaces=(*d.spaces, empty)))
+    cell = synthetic_inventory((policy,))
+    assert cell.cell == "directory" and "one synthetic cell named `directory`" in readme
+    by_principal: dict[tuple[str, str], set[tuple[str, int]]] = {}
+    for x in cell.containers:
+        assert x.handle.startswith("synthetic-") and x.org_id
+        by_principal.setdefault((x.space_id, x.app_id), set()).add((x.workload, x.version))
+    apps = {(a.space_guid, a.guid) for a in policy.directory.apps}
+    bare = {(s.guid, "") for s in policy.directory.spaces if s.guid not in {a for a, _ in apps}}
+    assert set(by_principal) == apps | bare and bare  # every app, every app-less space
+    assert "one per space that lists no app" in readme
+    # The example grants an IPv6 destination: app and staging, each in both families.
+    assert all(
+        k == {(w, v) for w in ("app", "staging") for v in (4, 6)} for k in by_principal.values()
+    )
+    v4_only = replace(policy, security_groups=(), destinations=(), egress_policies=())
+    assert {x.version for x in synthetic_inventory((v4_only,)).containers} == {4}
+    assert "an IPv6 twin of each when some policy of either revision grants an IPv6" in readme
 
 
 def status_branch(repo: Path, cell: str, text: str, ref: str | None = None) -> None:

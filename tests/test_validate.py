@@ -415,3 +415,151 @@ def test_github_annotations_use_repository_relative_paths(tmp_path, monkeypatch)
     assert result.output.startswith("::error file=policies/sg.yaml,line=3,col=9,")
     plain = CliRunner().invoke(main, ["validate", "policies"])
     assert plain.output.startswith("sg.yaml:3:9: ")
+
+
+# -- a schema error does not hide the reference errors -----------------------------------
+
+
+def test_a_schema_error_and_the_references_of_the_same_document_in_one_run(tmp_path):
+    # A typo'd key fails the schema; the policy's source and destination are still sound,
+    # so their errors come in the same run instead of after the typo is fixed.
+    got = findings(
+        tmp_path,
+        {
+            "x.yaml": """
+                kind: EgressPolicy
+                name: p
+                descripton: typo
+                source: {type: app, name: acme/prod/ghost}
+                destination: missing
+                ---
+                kind: SecurityGroup
+                name: a
+                rules: [{protocol: tcpx, destination: 10.0.0.1}]
+                globally_enabled: {running: 'yes'}
+                running_spaces: [acme/nope]
+                """
+        },
+    )
+    assert got == [
+        "x.yaml:1:1: EgressPolicy/p: Additional properties are not allowed "
+        "('descripton' was unexpected)",
+        "x.yaml:4:9: EgressPolicy/p: source: app 'acme/prod/ghost' is not in the directory",
+        "x.yaml:5:14: EgressPolicy/p: destination: destination 'missing' is not defined",
+        "x.yaml:9:20: SecurityGroup/a: rules[0].protocol: protocol must be 'tcp', 'udp', "
+        "'icmp', 'icmpv6' or 'all'",
+        "x.yaml:10:29: SecurityGroup/a: globally_enabled.running: 'yes' is not of type 'boolean'",
+        "x.yaml:11:18: SecurityGroup/a: running_spaces[0]: space 'acme/nope' is not in the "
+        "directory",
+    ]
+
+
+def test_the_faulty_part_itself_is_not_checked_again(tmp_path):
+    # The source is what the schema rejects (both name and id): only the schema says so.
+    got = findings(
+        tmp_path,
+        {
+            "p.yaml": """
+                kind: EgressPolicy
+                name: p
+                source: {type: app, name: acme/prod/ghost, id: app-9}
+                destination: missing
+                """
+        },
+    )
+    assert len(got) == 2 and got[1].endswith("destination 'missing' is not defined")
+    assert "source" in got[0] and "ghost" not in "".join(got[1:])
+
+
+def test_each_sound_policy_test_case_is_checked_next_to_a_broken_one(tmp_path):
+    got = findings(
+        tmp_path,
+        {
+            "t.yaml": """
+                kind: PolicyTest
+                name: t
+                cases:
+                  - {app: acme/prod/api, to: "10.0.0.1:443", expect: alow}
+                  - {app: acme/prod/ghost, to: "10.0.0.1:443", expect: deny}
+                """
+        },
+    )
+    assert len(got) == 2, got
+    assert got[0].startswith("t.yaml:4:") and "cases[0].expect" in got[0]
+    assert got[1].endswith("cases[1].app: app 'acme/prod/ghost' is not in the directory")
+
+
+def test_a_policy_using_a_destination_that_failed_its_schema_is_not_told_it_is_undefined(
+    tmp_path,
+):
+    got = findings(
+        tmp_path,
+        {
+            "d.yaml": """
+                kind: Destination
+                name: db
+                protocol: tcp
+                ips: 10.0.0.5
+                port: 5432
+                ---
+                kind: EgressPolicy
+                name: p
+                source: {type: app, name: acme/prod/api}
+                destination: db
+                """
+        },
+    )
+    assert got == [
+        "d.yaml:1:1: Destination/db: Additional properties are not allowed ('port' was unexpected)"
+    ]
+
+
+def test_a_broken_directory_leaves_names_unjudged_but_resolves_what_it_can(tmp_path):
+    # The Directory fails its schema, so "not in the directory" cannot be said of a name it
+    # may hold; references whose form is wrong, and names the other Directory holds, are
+    # still judged.
+    write_tree(
+        tmp_path,
+        {
+            "directory.yaml": DIRECTORY,
+            "more.yaml": """
+                kind: Directory
+                orgs:
+                  - name: other org
+                    guid: org-2
+                """,
+            "x.yaml": """
+                kind: SecurityGroup
+                name: a
+                rules: []
+                running_spaces: [other org/web, acme/prod, a/b/c]
+                ---
+                kind: EgressPolicy
+                name: p
+                source: {type: app, name: acme/prod/api}
+                destination: missing
+                """,
+        },
+    )
+    got = [str(f) for f in load_folder(tmp_path).findings]
+    assert got == [
+        "more.yaml:3:11: Directory: orgs[0].name: 'other org' does not match '^[^/\\\\s]+$'",
+        "x.yaml:4:44: SecurityGroup/a: running_spaces[2]: space 'a/b/c' must be org/space or "
+        "a space GUID",
+        "x.yaml:9:14: EgressPolicy/p: destination: destination 'missing' is not defined",
+    ]
+
+
+def test_names_of_documents_that_failed_their_schema_are_still_unique(tmp_path):
+    got = findings(
+        tmp_path,
+        {
+            "a.yaml": "kind: SecurityGroup\nname: dup\nrules: []\n",
+            "b.yaml": "kind: SecurityGroup\nname: dup\nrules: []\nbindings: []\n",
+        },
+    )
+    assert got == [
+        "b.yaml:1:1: SecurityGroup/dup: Additional properties are not allowed "
+        "('bindings' was unexpected)",
+        "b.yaml:2:7: SecurityGroup/dup: name: name is already used by SecurityGroup at a.yaml:2",
+    ]

@@ -244,6 +244,8 @@ class CycleView:
     """Why nothing could be enforced yet (no inventory, no revision), when that is the case."""
     drift: tuple[str, ...] = ()
     drift_repaired: bool = True
+    heal_drift: bool = True
+    """False in report-only mode (`--no-heal-drift`): drift is reported, never repaired."""
 
 
 def cycle_conditions(view: CycleView) -> list[tuple[str, str, str, str]]:
@@ -305,6 +307,9 @@ def cycle_conditions(view: CycleView) -> list[tuple[str, str, str, str]]:
         summary = "; ".join(view.drift[:3]) + (
             f"; and {len(view.drift) - 3} more" if len(view.drift) > 3 else ""
         )
+        if not view.drift_repaired:  # say why, so it is not read as a change still to come
+            why = "report-only" if not view.heal_drift else "the repair failed"
+            summary += f"; not repaired ({why})"
         out.append(("Drifted", "True", reason, summary))
     else:
         out.append(("Drifted", "False", "NoDrift", ""))

@@ -518,6 +518,7 @@ class Agent:
             waiting_for=waiting,
             drift=drift_notes,
             drift_repaired=drift_repaired,
+            heal_drift=cfg.heal_drift,
         )
         conditions = merge_conditions(st.conditions, cycle_conditions(view), now)
         ready = condition(conditions, "Ready")

@@ -7,6 +7,7 @@ needs to see exactly what was there instead of what the plan put there.
 from __future__ import annotations
 
 from reconciler.dataplane.backend import ConvergeResult, FamilyResult
+from reconciler.dataplane.records import Drift
 
 _VERB = {"apply": "", "dry-run": " (dry run: nothing sent)", "report-only": " (report only)"}
 
@@ -31,13 +32,31 @@ def _tool(backend: str, family: int) -> str:
     return f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-restore --noflush"
 
 
+def _drift_state(fam: FamilyResult, drift: Drift, mode: str) -> str:
+    if fam.sent and drift.repair:
+        return "repaired"
+    if mode in ("report-only", "dry-run"):
+        return f"not repaired ({mode})"
+    return "not repaired" if drift.repair else "not repaired (self-heal off)"
+
+
 def _family(fam: FamilyResult, mode: str) -> list[str]:
     d = fam.delta
     head = f"ipv{fam.family}: "
     if fam.error is not None:
-        out = [head + "error: " + fam.error]
+        # The error itself is the caller's to print, once, where errors go (stderr): a
+        # permission failure shown here too reached a terminal twice.
+        out = [head + "failed" + (" after sending its transaction" if fam.sent else "")]
     elif d.empty:
         out = [head + "in sync" + (f", {len(d.drift)} drift left alone" if d.drift else "")]
+    elif mode == "report-only":
+        # An audit: what differs is counted as what it is, and nothing would be sent.
+        found = []
+        if d.changes:
+            found.append(f"{len(d.changes)} planned change(s)")
+        if d.drift:
+            found.append(f"{len(d.drift)} drift")
+        out = [head + (", ".join(found) or "differs") + "; nothing sent (report-only)"]
     else:
         did = "sent" if fam.sent else "would send"
         parts = [f"{len(d.written)} chain(s) written", f"{len(d.deleted)} deleted"]
@@ -47,8 +66,7 @@ def _family(fam: FamilyResult, mode: str) -> list[str]:
     for c in d.changes:
         out.append(f"  change {c}")
     for x in d.drift:
-        state = "repaired" if fam.sent and x.repair else "not repaired"
-        out.append(f"  drift  {x} [{state}]")
+        out.append(f"  drift: {x}, {_drift_state(fam, x, mode)}")
         out.extend(f"      - {rule}" for rule in x.expected)
         out.extend(f"      + {rule}" for rule in x.found)
     out.extend(f"  note   {n}" for n in d.notes)

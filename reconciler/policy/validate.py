@@ -101,6 +101,16 @@ class _Context:
         name = data.get("name")
         self.kind = kind if isinstance(kind, str) else ""
         self.name = name if isinstance(name, str) else ""
+        self.unsound: frozenset[Path] = frozenset()
+        """The parts the schema found fault with (top-level fields, or one PolicyTest case):
+        checks that read only other parts still run, so one run reports everything."""
+        self.directory_complete = True
+        """False when a Directory document failed its schema: a name it may hold cannot be
+        said to be missing."""
+
+    def sound(self, path: Path) -> bool:
+        """Is the part at `path` schema-valid (so the semantic checks can read it)?"""
+        return not any(path[: len(u)] == u for u in self.unsound)
 
     def loc(self, path: Path = ()) -> Location:
         return self.doc.location(path)
@@ -125,6 +135,11 @@ def validate_documents(docs: Iterable[Document]) -> Result:
     """Validate every document and build the policy set; pure, deterministic."""
     findings: list[Finding] = []
     by_kind: dict[str, list[_Context]] = {k: [] for k in KINDS}
+    # Documents that failed their schema still get the reference checks their sound parts
+    # allow (and count for names others refer to): a schema error must not hide a reference
+    # error until the next round.  They never become part of the policy.
+    broken: dict[str, list[_Context]] = {k: [] for k in KINDS}
+    every: dict[str, list[_Context]] = {k: [] for k in KINDS}
     for doc in docs:
         ctx = _Context(doc, findings)
         if not isinstance(doc.data, dict):
@@ -134,20 +149,31 @@ def validate_documents(docs: Iterable[Document]) -> Result:
         if not isinstance(kind, str) or kind not in SCHEMA_FILES:  # `kind: [a]` is unhashable
             ctx.error(("kind",), f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
             continue
-        if _schema_ok(ctx):
-            by_kind[kind].append(ctx)
+        (by_kind if _schema_ok(ctx) else broken)[kind].append(ctx)
+        every[kind].append(ctx)
 
-    _check_unique_names(by_kind, findings)
+    _check_unique_names(
+        {k: [c for c in cs if c.sound(("name",))] for k, cs in every.items()}, findings
+    )
     directory = _build_directory(by_kind["Directory"])
+    if broken["Directory"]:
+        for ctx in (c for cs in every.values() for c in cs):
+            ctx.directory_complete = False
     groups = tuple(g for c in by_kind["SecurityGroup"] if (g := _security_group(c, directory)))
     destinations = tuple(d for c in by_kind["Destination"] if (d := _destination(c)))
     known = {d.name for d in destinations} | {
-        c.name for c in by_kind["Destination"]
+        c.name for c in every["Destination"] if c.name
     }  # a broken destination is reported once, not again by each policy using it
     policies = tuple(
         p for c in by_kind["EgressPolicy"] if (p := _egress_policy(c, directory, known))
     )
     tests = tuple(t for c in by_kind["PolicyTest"] for t in _policy_tests(c, directory))
+    for ctx in broken["SecurityGroup"]:
+        _security_group(ctx, directory)
+    for ctx in broken["EgressPolicy"]:
+        _egress_policy(ctx, directory, known)
+    for ctx in broken["PolicyTest"]:
+        _policy_tests(ctx, directory)
     policy = PolicySet(
         security_groups=tuple(sorted(groups, key=lambda g: g.name)),
         destinations=tuple(sorted(destinations, key=lambda d: d.name)),
@@ -162,11 +188,27 @@ def _schema_ok(ctx: _Context) -> bool:
     """Schema findings for the document's shape (rule bodies are the grammar's)."""
     validator = _validators()[ctx.doc.data["kind"]]
     ok = True
+    unsound: set[Path] = set()
     for err in validator.iter_errors(ctx.doc.data):
         path = tuple(err.absolute_path)
         ok = False
         ctx.error(path, _schema_message(err))
+        unsound.update(_faulty_parts(err, path))
+    ctx.unsound = frozenset(unsound)
     return ok
+
+
+def _faulty_parts(err: Any, path: Path) -> set[Path]:
+    """The parts of a document a schema error makes unreadable: the top-level field it is
+    in, or the PolicyTest case; a missing or unexpected key is the part it names, and an
+    error about the document as a whole (path ()) takes all of it."""
+    paths = [path]
+    if isinstance(err.instance, dict) and err.validator == "required":
+        paths = [(*path, k) for k in err.validator_value if k not in err.instance]
+    elif isinstance(err.instance, dict) and err.validator == "additionalProperties":
+        known = err.schema.get("properties", {})
+        paths = [(*path, k) for k in err.instance if k not in known]
+    return {p[: 2 if p[:1] == ("cases",) else 1] for p in paths}
 
 
 def _schema_message(err: Any) -> str:
@@ -239,10 +281,10 @@ def _resolve_space(ctx: _Context, directory: Directory, path: Path, ref: str) ->
             ctx.error(path, f"space {ref!r} must be org/space or a space GUID")
             return None
         guid = directory.resolve_space(ref)
-        if guid is None:
+        if guid is None and ctx.directory_complete:
             ctx.error(path, f"space {ref!r} is not in the directory")
         return guid
-    if directory.spaces and not directory.knows_space(ref):
+    if ctx.directory_complete and directory.spaces and not directory.knows_space(ref):
         ctx.warn(path, f"space GUID {ref} is not in the directory")
     return ref
 
@@ -253,10 +295,10 @@ def _resolve_app(ctx: _Context, directory: Directory, path: Path, ref: str) -> s
             ctx.error(path, f"app {ref!r} must be org/space/app or an app GUID")
             return None
         guid = directory.resolve_app(ref)
-        if guid is None:
+        if guid is None and ctx.directory_complete:
             ctx.error(path, f"app {ref!r} is not in the directory")
         return guid
-    if directory.apps and not directory.knows_app(ref):
+    if ctx.directory_complete and directory.apps and not directory.knows_app(ref):
         ctx.warn(path, f"app GUID {ref} is not in the directory")
     return ref
 
@@ -265,7 +307,7 @@ def _security_group(ctx: _Context, directory: Directory) -> SecurityGroup | None
     data = ctx.doc.data
     rules: list[Rule] = []
     ok = True
-    for i, raw in enumerate(data["rules"]):
+    for i, raw in enumerate(data["rules"] if ctx.sound(("rules",)) else ()):
         rule, errors = grammar.parse_rule(raw, location=ctx.loc(("rules", i)))
         for err in errors:
             path: Path = ("rules", i, err.field) if err.field else ("rules", i)
@@ -281,7 +323,7 @@ def _security_group(ctx: _Context, directory: Directory) -> SecurityGroup | None
     bindings: dict[str, list[str]] = {}
     for key in ("running_spaces", "staging_spaces"):
         resolved: list[str] = []
-        for i, ref in enumerate(data.get(key, [])):
+        for i, ref in enumerate(data.get(key, []) if ctx.sound((key,)) else ()):
             guid = _resolve_space(ctx, directory, (key, i), ref)
             if guid is None:
                 ok = False
@@ -290,7 +332,7 @@ def _security_group(ctx: _Context, directory: Directory) -> SecurityGroup | None
             else:
                 resolved.append(guid)
         bindings[key] = sorted(resolved)
-    if not ok:
+    if not ok or ctx.unsound:
         return None
     enabled = data.get("globally_enabled", {})
     return SecurityGroup(
@@ -415,18 +457,18 @@ def _egress_policy(
     ctx: _Context, directory: Directory, destinations: set[str]
 ) -> EgressPolicy | None:
     data = ctx.doc.data
-    source = data["source"]
+    source = data["source"] if ctx.sound(("source",)) else {"type": None}
     stype = source["type"]
     ref = source.get("name") or source.get("id")
     source_id: str | None = None
-    ok = True
+    ok = not ctx.unsound
     if stype == "app":
         source_id = _resolve_app(ctx, directory, ("source",), ref)
-        ok = source_id is not None
+        ok = ok and source_id is not None
     elif stype == "space":
         source_id = _resolve_space(ctx, directory, ("source",), ref)
-        ok = source_id is not None
-    if data["destination"] not in destinations:
+        ok = ok and source_id is not None
+    if ctx.sound(("destination",)) and data["destination"] not in destinations:
         ctx.error(("destination",), f"destination {data['destination']!r} is not defined")
         ok = False
     if not ok:
@@ -444,8 +486,10 @@ def _egress_policy(
 
 def _policy_tests(ctx: _Context, directory: Directory) -> list[PolicyTest]:
     out: list[PolicyTest] = []
-    for i, case in enumerate(ctx.doc.data["cases"]):
+    for i, case in enumerate(ctx.doc.data["cases"] if ctx.sound(("cases",)) else ()):
         base: Path = ("cases", i)
+        if not ctx.sound(base):
+            continue
         try:
             endpoint = parse_endpoint(case["to"], case.get("icmp_type"), case.get("icmp_code"))
         except ValueError as exc:
