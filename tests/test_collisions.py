@@ -292,6 +292,7 @@ class Cell:
             "verify": "none",
             "mass-revoke-threshold": "100%",
             "status-push": False,
+            "underlay-interface": "uplink0",  # a lab cell without services: no default route
         }
         settings.update(more)
         cfg = build_config(settings, {})
