@@ -35,6 +35,7 @@ from reconciler.compile import (
     profile_rules,
     profile_signature,
 )
+from reconciler.forkpool import fork_ranges
 from reconciler.inventory_sources import CellInventory
 from reconciler.model import (
     AddressRange,
@@ -244,14 +245,11 @@ def diff_plans(
     return PlanDiff(cells, principals, notices)
 
 
-# What forked workers read: set just before the pool forks, so it is inherited, not pickled.
-_WORK: tuple | None = None
 _MIN_CELLS_PER_WORKER = 32
 
 
-def _diff_range(bounds: tuple[int, int]) -> list[CellDiff]:
-    assert _WORK is not None
-    base, head, inventory, profiles_of_cell, touched = _WORK
+def _diff_range(work: tuple, bounds: tuple[int, int]) -> list[CellDiff]:
+    base, head, inventory, profiles_of_cell, touched = work
     group_lines: dict[str, int] = {}
     return [
         _diff_cell(base, head, inventory[i], profiles_of_cell[i], touched, group_lines)
@@ -266,21 +264,9 @@ def _diff_cells(work: tuple, workers: int) -> tuple[CellDiff, ...]:
     independent, so it splits cleanly across cores.  The parent has already built both
     policies' indexes and profile entries, which the workers inherit copy-on-write.
     """
-    global _WORK
     n = len(work[2])
     workers = max(1, min(workers, n // _MIN_CELLS_PER_WORKER))
-    _WORK = work
-    try:
-        if workers == 1:
-            return tuple(_diff_range((0, n)))
-        import multiprocessing
-
-        step = -(-n // (workers * 4))
-        chunks = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            return tuple(c for part in pool.map(_diff_range, chunks) for c in part)
-    finally:
-        _WORK = None
+    return tuple(c for part in fork_ranges(_diff_range, work, n, workers) for c in part)
 
 
 def _diff_cell(

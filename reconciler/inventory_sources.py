@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from reconciler.forkpool import fork_ranges
 from reconciler.inventory import InventoryError, read_store
 from reconciler.model import Container, PolicySet
 from reconciler.statusdoc import (
@@ -150,19 +151,19 @@ def status_refs(repo: Any) -> dict[str, str]:
 
 
 _MIN_CELLS_PER_WORKER = 64
-# The jobs forked workers read: set just before the pool forks, so ~100 MB of status files
-# are inherited rather than pickled to them.
-_JOBS: list[tuple[str, str, bytes]] = []
 ContainerRow = tuple[str, str, str, str, str, str, str]
 
 
-def _parse_range(bounds: tuple[int, int]) -> list[tuple[str, str, list[ContainerRow] | str]]:
+def _parse_range(
+    jobs: list[tuple[str, str, bytes]], bounds: tuple[int, int]
+) -> list[tuple[str, str, list[ContainerRow] | str]]:
     """Each cell's container rows, or why the cell is skipped.
 
-    Workers send plain tuples back: far cheaper to pickle than dataclass instances.
+    Workers inherit the jobs (~100 MB of status files at fleet scale) rather than have them
+    pickled, and send plain tuples back: far cheaper to pickle than dataclass instances.
     """
     out: list[tuple[str, str, list[ContainerRow] | str]] = []
-    for cell, ref, data in _JOBS[bounds[0] : bounds[1]]:
+    for cell, ref, data in jobs[bounds[0] : bounds[1]]:
         try:
             containers = containers_from_status(data, f"{ref}:{STATUS_FILE}")
         except InventoryError as exc:
@@ -236,22 +237,8 @@ class StatusBranches:
             else:
                 jobs.append((cell, ref, data))
         workers = min(os.cpu_count() or 1, self.workers, len(jobs) // _MIN_CELLS_PER_WORKER)
-        global _JOBS
-        _JOBS = jobs
-        try:
-            if workers <= 1:
-                parts = [_parse_range((0, len(jobs)))]
-            else:
-                import multiprocessing
-
-                # Parsing a fleet's status files is CPU-bound and per cell: split it across
-                # cores.
-                step = -(-len(jobs) // (workers * 4))
-                ranges = [(lo, min(len(jobs), lo + step)) for lo in range(0, len(jobs), step)]
-                with multiprocessing.get_context("fork").Pool(workers) as pool:
-                    parts = pool.map(_parse_range, ranges)
-        finally:
-            _JOBS = []
+        # Parsing a fleet's status files is CPU-bound and per cell: split across cores.
+        parts = fork_ranges(_parse_range, jobs, len(jobs), workers)
         cells = []
         for part in parts:
             for cell, ref, rows in part:

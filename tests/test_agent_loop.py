@@ -271,3 +271,25 @@ def test_a_source_failure_stands_until_a_sync_shows_recovery(setup, tmp_path: Pa
     assert st.failures == 1
     (tmp_path / "away.git").rename(bare)
     assert condition(agent.cycle(SYNC).conditions, "Ready").status == "True"  # type: ignore[union-attr]
+
+
+def test_an_in_process_run_gives_the_signals_back(setup) -> None:  # type: ignore[no-untyped-def]
+    """The agent handles SIGTERM/SIGINT/SIGHUP while it runs; run in-process (a test, an
+    embedding program), it puts the previous handlers back, or that process would stay deaf
+    to SIGTERM -- and so would anything it forks."""
+    import signal
+
+    def mine(signum, frame):  # type: ignore[no-untyped-def]
+        pass
+
+    cfg, commit, _, _ = setup
+    commit({"sg.yaml": sg("web", tcp_rules(3))})
+    before = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        agent, _, _ = _agent(replace(cfg, once=True, status_push=False), MemoryDataplane())
+        assert agent.run() == 0
+        for sig in before:
+            assert signal.getsignal(sig) is mine, sig
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

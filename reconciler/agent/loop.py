@@ -656,11 +656,15 @@ class Agent:
             self._stopping.set()
             self.events.put(STOP)
 
-    def _install_signals(self) -> None:
+    def _install_signals(self) -> dict[int, Any]:
+        """Ours for the run; the previous handlers, to put back when it ends (an agent run
+        in-process must not leave a host process, or its forked children, deaf to SIGTERM)."""
         if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
+            return {}
+        return {
+            sig: signal.signal(sig, self._on_signal)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
 
     def start_sidecars(self) -> None:
         cfg = self.cfg
@@ -693,7 +697,7 @@ class Agent:
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (or one cycle with `once`); the exit code for the CLI."""
-        self._install_signals()
+        previous = self._install_signals()
         self.start_sidecars()
         try:
             if self.cfg.once:
@@ -708,6 +712,8 @@ class Agent:
             return 0
         finally:
             self.stop_sidecars()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _loop(self) -> None:
         rng = random.Random()
