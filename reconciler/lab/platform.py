@@ -1068,6 +1068,22 @@ def _cf_variant(wanted: str) -> str:
     return system_default(Runner()) or "nft"
 
 
+def cf_layout_variant(backend: str) -> str:
+    """The variant to install CF's chains with, for agents on `backend`: `auto`, which an
+    agent's `--variant auto` then follows (it picks the variant holding the rules).
+
+    CF's chains are iptables; an nftables agent would leave silk's netout chains judging
+    underlay egress after it (with the ASGs the containers started with), so the pair is
+    refused rather than shown as asgctl's decision.
+    """
+    if backend == "nftables":
+        raise PlatformError(
+            "--cf-layout installs CF's iptables chains; run the agents with an iptables "
+            "backend (iptables, libiptc), not nftables"
+        )
+    return "auto"
+
+
 def _seed_policy(policies: Path, seed_hook: Callable[[Path], None] | None) -> Any:
     """The policy of the lab's first commit: what silk wrote when the containers started."""
     from reconciler.policy.load import load_policy
