@@ -46,12 +46,22 @@ def test_address_plan_stays_in_the_lab_ranges_with_short_unique_names(cells: int
         == 1 + cells + len(spec.containers) + len(spec.services)
     )
     assert all(ns.startswith("asgl00ff-") for ns in net.namespaces)
-    ifnames = [n for v in net.veths for n in (v.a_if, v.b_if)]
-    assert len(set(ifnames)) == len(ifnames)
-    assert all(len(n) <= platform.MAX_IFNAME and n.startswith("asgl00ff-") for n in ifnames)
+    ends = [(ns, n) for v in net.veths for ns, n in ((v.a_netns, v.a_if), (v.b_netns, v.b_if))]
+    assert len(set(ends)) == len(ends)  # unique within each namespace
+    ifnames = [n for _, n in ends]
+    assert all(len(n) <= platform.MAX_IFNAME for n in ifnames)
+    # Named after the lab, so a stray one is found -- but a cell's underlay is `eth0`, as on
+    # a Diego cell, and lives (and dies) only inside the cell's namespace.
+    cells_ns = {c.netns for c in net.cells.values()}
+    for ns, n in ends:
+        assert n.startswith("asgl00ff-") or (n == "eth0" and ns in cells_ns), (ns, n)
+    assert (
+        sorted(n for ns, n in ends if ns in cells_ns and not n.startswith("asgl"))
+        == ["eth0"] * cells
+    )
     addresses = [c.ip for c in net.containers.values()]
     addresses += [c.gateway for c in net.containers.values()]
-    addresses += [a for c in net.cells.values() for a in (c.uplink_ip, c.core_ip)]
+    addresses += [a for c in net.cells.values() for a in (c.uplink_ip, c.core_ip, c.vtep_ip)]
     addresses += [s.gateway for s in net.services.values()]
     addresses += [a for s in spec.services for a in s.addresses]
     assert len(set(addresses)) == len(addresses)

@@ -535,11 +535,11 @@ def resolve_guids(policies: Path, apps: Sequence[str]) -> dict[str, Guids]:
     return out
 
 
-def store_document(
-    spec: LabSpec, cell: str, net: NetworkPlan, guids: Mapping[str, Guids]
-) -> dict[str, Any]:
-    """One cell's containers in CF's container metadata store format (store.json)."""
-    return inventory.store_document(
+def cell_containers(
+    spec: LabSpec, net: NetworkPlan, guids: Mapping[str, Guids], cell: str
+) -> list[Container]:
+    """One cell's containers as the agent reads them from its store.json."""
+    return [
         Container(
             handle=c.name,
             ip=net.containers[c.name].ip,
@@ -550,7 +550,14 @@ def store_document(
             workload=c.workload,
         )
         for c, g in ((c, guids[c.app]) for c in spec.containers if c.cell == cell)
-    )
+    ]
+
+
+def store_document(
+    spec: LabSpec, cell: str, net: NetworkPlan, guids: Mapping[str, Guids]
+) -> dict[str, Any]:
+    """One cell's containers in CF's container metadata store format (store.json)."""
+    return inventory.store_document(cell_containers(spec, net, guids, cell))
 
 
 # -- state on disk -------------------------------------------------------------------------
@@ -1116,21 +1123,10 @@ def cf_layout_text(
     from reconciler.plan import CellSettings
     from reconciler.render.cflayout import render_diego
 
-    containers = [
-        Container(
-            handle=c.name,
-            ip=net.containers[c.name].ip,
-            app_id=guids[c.app].app_id,
-            space_id=guids[c.app].space_id,
-            org_id=guids[c.app].org_id,
-            policy_group_id=guids[c.app].app_id,
-            workload=c.workload,
-        )
-        for c in spec.containers
-        if c.cell == cell
-    ]
     underlay = (UNDERLAY_IF,)
-    plan = compile_cell(policy, containers, cell, CellSettings(underlay, underlay))
+    plan = compile_cell(
+        policy, cell_containers(spec, net, guids, cell), cell, CellSettings(underlay, underlay)
+    )
     stamp = int(time.time())
     return render_diego(plan, network_policies(spec, guids), vtep=VTEP_IF, stamp=stamp)
 
