@@ -276,7 +276,7 @@ def test_up_and_down_twice_in_a_row_leave_nothing_behind(lab_env: dict[str, str]
         doc = json.loads((root / "twice" / "lab.json").read_text())
         lab_id, pids = doc["id"], [p["pid"] for p in doc["processes"]]
         roles = sorted({p["role"] for p in doc["processes"]})
-        assert roles == ["agent", "container", "git-daemon", "service"], attempt
+        assert roles == ["agent", "app", "container", "git-daemon", "service"], attempt
         assert doc["phase"] == "up" and doc["git_url"].startswith("git://127.0.0.1:")
         status = asgctl("lab", "status", "--name", "twice", env=lab_env)
         assert status.returncode == 0 and "healthy" in status.stdout, status.stdout
