@@ -156,6 +156,7 @@ def status_cmd(name: str, fmt: str) -> None:
             "git_url": info.git_url,
             "state_dir": str(info.directory),
             "cells": {c: info.cell_netns(c) for c in info.cells},
+            "cf_layout": info.cf_layout,
             "healthy": h.ok,
             "missing_namespaces": list(h.missing_namespaces),
             "dead_processes": [f"{p.role} {p.pid}" for p in h.dead],

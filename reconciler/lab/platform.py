@@ -1465,13 +1465,26 @@ def render_status(info: LabInfo) -> str:
         f"lab {info.name} ({info.lab_id}): {info.phase}, created {info.created}",
         f"  state   {info.directory}",
         f"  git     {info.git_url or '-'}  ({pid('git-daemon')})",
-        f"  network {info.net.core} routes between the cells and the services",
+        f"  network {info.net.core} routes between the cells and the services (the underlay)",
+        f"  overlay {VTEP_IF} (VXLAN {VXLAN_VNI}, port {VXLAN_PORT}) in every cell, "
+        f"{OVERLAY_V4} standing in for CF's 10.255.0.0/16",
+        "  network policies "
+        + (
+            ", ".join(
+                f"{p.source} -> {p.dest}:{p.port}/{p.protocol}" for p in info.spec.network_policies
+            )
+            or "-"
+        )
+        + (f"; CF's chains installed (iptables-{info.cf_layout})" if info.cf_layout else ""),
         "",
     ]
     for cell in info.cells:
         cn = info.net.cells[cell]
         lines.append(
             f"{cell}  netns {cn.netns}  containers {cn.subnet}  agent {pid('agent', '', cell)}"
+        )
+        lines.append(
+            f"  underlay {cn.ifname} {cn.uplink_ip}  overlay {VTEP_IF} {cn.vtep_ip} {cn.vtep_mac}"
         )
         lines.append(f"  store {info.store_path(cell)}")
         for c in info.spec.containers:
