@@ -788,9 +788,16 @@ class Demo:
         far = self.backends[-1]
         n.say(
             f"{OVERLAY_FROM} has talked to the backends over the overlay at every step so far "
-            f"(to {far} across\ncells, through {platform.VTEP_IF}), by the network policy "
-            "alone: no ASG names a container address.\nNow payments decommissions MySQL: "
-            "the operator removes the backend's egress grant."
+            f"(to {far} across\ncells, through {platform.VTEP_IF}); no ASG names a container "
+            "address, and none is asked: "
+            + (
+                "the network policy alone decides."
+                if self.lab.cf_layout
+                else "without CF's chains\nin the cells (--no-cf-layout), the overlay lets "
+                "everyone through, the blog too."
+            )
+            + "\nNow payments decommissions MySQL: the operator removes the backend's egress "
+            "grant."
         )
         self.op.pull()
         for path, kind, name in GRANT:
