@@ -24,6 +24,11 @@ What the lab mimics, pinned against cloudfoundry/silk-release (file@commit):
   (vxlan-policy-agent/planner/planner_linux.go@25ea819 planIPTableRules; lib/rules/rules.go
   NewMarkSetRule, NewMarkAllowRule); the tag crosses cells in the VXLAN GBP header.
 
+Backends: with CF's chains, asgctl enforces with iptables-legacy and iptables-nft (the same
+variant as CF's chains, as an agent's `--variant auto` picks); without them, with
+iptables-nft and nftables (`--cf-layout` refuses nftables: silk's netout chains would judge
+again what asgctl's table accepted).
+
 Addresses: the overlay is 198.18.0.0/17, standing in for CF's 10.255.0.0/16 (tests use only
 198.18.0.0/15).  Each real-packet lab has a state root of its own and is always torn down.
 """
@@ -45,6 +50,8 @@ from reconciler.cli import main as cli
 from reconciler.compile import compile_cell
 from reconciler.dataplane import Runner, converge
 from reconciler.dataplane.iptables import IptablesBackend
+from reconciler.dataplane.nftables import NftablesBackend
+from reconciler.dataplane.underlay import detect_underlay
 from reconciler.lab import platform
 from reconciler.lab.nsenter import list_netns
 from reconciler.lab.probe import Outcome, ProbeResult, probe_tcp, probe_udp
@@ -189,12 +196,17 @@ def asg_policy(info: platform.LabInfo, allow: bool) -> PolicySet:
 class DiegoLab:
     info: platform.LabInfo
     variant: str
+    """The iptables variant asgctl enforces with, or `nftables` for that backend."""
 
     def converge(self, allow: bool) -> None:
         """What each cell's agent would do for this policy (without git in between)."""
         for cell in self.info.cells:
             runner = Runner.in_netns(self.info.cell_netns(cell))
-            backend = IptablesBackend.open(self.variant, runner)
+            backend = (
+                NftablesBackend.open("auto", runner)
+                if self.variant == "nftables"
+                else IptablesBackend.open(self.variant, runner)
+            )
             containers = platform.cell_containers(
                 self.info.spec, self.info.net, self.info.guids, cell
             )
@@ -294,21 +306,38 @@ def test_asgs_decide_underlay_egress_with_cfs_chains_in_place(diego: DiegoLab) -
     assert max(forward.index(h) for h in hooks) < vpa
 
 
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DiegoLab]:
+@pytest.fixture(scope="module", params=["nft", "nftables"])
+def plain(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DiegoLab]:
+    """A lab without CF's chains, enforced by asgctl's iptables-nft or nftables backend."""
     root = tmp_path_factory.mktemp("plain-labs")
-    yield from (DiegoLab(info, "nft") for info in _up("plain", root, None))
+    yield from (DiegoLab(info, request.param) for info in _up("plain", root, None))
+
+
+@pytest.mark.netns
+def test_the_agent_finds_eth0_as_the_cells_underlay(plain: DiegoLab) -> None:
+    for cell in plain.info.cells:
+        found = detect_underlay(Runner.in_netns(plain.info.cell_netns(cell)))
+        assert found == {4: ("eth0",), 6: ("eth0",)}
 
 
 @pytest.mark.netns
 def test_without_cfs_chains_the_overlay_is_open_and_asgs_still_do_not_touch_it(
     plain: DiegoLab,
 ) -> None:
-    plain.converge(allow=False)
     net = plain.info.net.containers
+    plain.converge(allow=False)
+    before = plain.vtep_packets("cell-1")
     assert plain.c2c("blog-0", "backend-1").reached  # no overlay policy, no ASG: open
     assert plain.c2c("frontend-0", "backend-1").reached
+    assert plain.c2c("blog-0", "backend-0").reached
+    assert plain.vtep_packets("cell-1") > before
     assert_rejected_by(probe_udp(net["blog-0"].netns, DNS, 53), net["blog-0"].gateway)
+    assert_rejected_by(probe_tcp(net["backend-1"].netns, DNS, 53), net["backend-1"].gateway)
+    plain.converge(allow=True)
+    assert probe_udp(net["blog-0"].netns, DNS, 53).reached
+    assert plain.c2c("blog-0", "backend-1").reached
 
 
 @pytest.mark.netns
