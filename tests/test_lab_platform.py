@@ -176,6 +176,10 @@ def test_matrix_tells_who_said_no() -> None:
     assert classify(_result(Outcome.REJECTED, gw), gw, addr) is Verdict.REJECTED
     assert classify(_result(Outcome.REJECTED, addr), gw, addr) is Verdict.REFUSED
     assert classify(_result(Outcome.REJECTED, "198.18.0.1"), gw, addr) is Verdict.UNREACHABLE
+    # Across the overlay, the destination's cell says no from its silk-vtep address.
+    vtep2 = "198.18.2.0"
+    assert classify(_result(Outcome.REJECTED, vtep2), gw, "198.18.2.2", {vtep2}) is Verdict.REJECTED
+    assert classify(_result(Outcome.REJECTED, vtep2), gw, "198.18.2.2") is Verdict.UNREACHABLE
     assert classify(_result(Outcome.TIMEOUT), gw, addr) is Verdict.TIMEOUT
     assert classify(_result(Outcome.REFUSED), gw, addr) is Verdict.REFUSED
     rows = (Row("backend-0", "cell-1", "payments/prod/backend", "app", "ns", gw),)

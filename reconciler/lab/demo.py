@@ -49,9 +49,9 @@ from typing import Any, TextIO
 import yaml
 
 from reconciler.lab import platform
-from reconciler.lab.matrix import Matrix, Target, Verdict, probe_matrix
+from reconciler.lab.matrix import Matrix, Target, Verdict, classify, probe_matrix
 from reconciler.lab.policyrepo import CellStatus, GitError, Operator
-from reconciler.lab.probe import HeldConnection, Outcome, ProbeResult, probe_tcp
+from reconciler.lab.probe import HeldConnection, probe_tcp
 
 MYSQL_OLD = "198.19.10.10"
 MYSQL_NEW = "198.19.110.10"
@@ -337,27 +337,19 @@ class Demo:
         pairs = [(OVERLAY_FROM, b, port, OPEN) for b in self.backends]
         return [*pairs, ("blog-0", self.backends[-1], port, denied)]
 
-    def _overlay_verdict(self, source: str, result: ProbeResult) -> Verdict:
-        """A cell's REJECT comes from the source's gateway (same cell) or from the
-        destination cell's vtep address (across the overlay)."""
-        if result.reached:
-            return OPEN
-        cells = {c.vtep_ip for c in self.lab.net.cells.values()}
-        cells.add(self.lab.net.containers[source].gateway)
-        if result.outcome is Outcome.REJECTED and result.icmp_from in cells:
-            return REJ
-        if result.outcome is Outcome.TIMEOUT:
-            return Verdict.TIMEOUT
-        return Verdict.UNREACHABLE if result.outcome is Outcome.REJECTED else Verdict.ERROR
-
     def _probe_overlay(self) -> tuple[dict[str, str], list[str]]:
-        """Probe every overlay pair; (verdicts by `src->dst:port`, claims that were false)."""
+        """Probe every overlay pair; (verdicts by `src->dst:port`, claims that were false).
+
+        A cell's REJECT comes from the source's gateway (same cell) or from the destination
+        cell's vtep address (across the overlay): both are the firewall saying no.
+        """
         verdicts: dict[str, str] = {}
         wrong = []
+        cells = {c.vtep_ip for c in self.lab.net.cells.values()}
         for src, dst, port, want in self.overlay_pairs():
             net = self.lab.net.containers
             result = probe_tcp(net[src].netns, net[dst].ip, port, timeout=1.0)
-            got = self._overlay_verdict(src, result)
+            got = classify(result, net[src].gateway, net[dst].ip, cells)
             key = f"{src}->{dst}:{port}"
             verdicts[key] = got.value
             if got is not want:
