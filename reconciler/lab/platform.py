@@ -42,7 +42,9 @@ Nothing is ever created in the host's namespace except the git daemon (loopback 
 agents, which enforce through `ip netns exec <cell>` (their `--netns`).
 
 Every namespace and interface is named `<lab id>-...` with a lab id `asgl` + 4 hex digits, a
-prefix the test harness's `cleanup_stale` (which reaps `asgt*`) never touches.  `down` works
+prefix the test harness's `cleanup_stale` (which reaps `asgt*`) never touches -- except a
+cell's `eth0` and `silk-vtep`, named as on a Diego cell, which are created inside the cell's
+namespace (never in the host's) and go with it.  `down` works
 from the state dir alone and is idempotent; it also cleans up after an `up` that was killed
 with SIGKILL half-way, because `up` records the lab id before it creates anything and every
 process it starts either lives in a lab namespace or is recorded (and, failing that, found
@@ -1193,8 +1195,19 @@ def lab_yaml(spec: LabSpec, net: NetworkPlan, guids: Mapping[str, Guids]) -> str
     import yaml
 
     doc = {
+        "overlay": str(OVERLAY_V4),
+        "network_policies": [
+            {"source": p.source, "destination": p.dest, "port": p.port, "protocol": p.protocol}
+            for p in spec.network_policies
+        ],
         "cells": {
             cell: {
+                "underlay": {"interface": UNDERLAY_IF, "ip": net.cells[cell].uplink_ip},
+                "overlay": {
+                    "interface": VTEP_IF,
+                    "ip": net.cells[cell].vtep_ip,
+                    "lease": net.cells[cell].subnet,
+                },
                 "containers": [
                     {
                         "handle": c.name,
@@ -1205,7 +1218,7 @@ def lab_yaml(spec: LabSpec, net: NetworkPlan, guids: Mapping[str, Guids]) -> str
                     }
                     for c in spec.containers
                     if c.cell == cell
-                ]
+                ],
             }
             for cell in spec.cells
         },
