@@ -337,7 +337,8 @@ class CellNet:
     vtep_ip: str = ""
     """The lease's first address, held by `silk-vtep` (silk's overlay IP of the cell)."""
     vtep_mac: str = ""
-    """ee:ee + the vtep address, as silk derives it (silk/daemon/vtep/config_creator.go)."""
+    """ee:ee + the vtep address, as silk derives it (silk lib/hardware_address_generator.go,
+    GenerateForVTEP)."""
 
 
 @dataclass(frozen=True)
