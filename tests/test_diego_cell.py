@@ -11,9 +11,9 @@ What the lab mimics, pinned against cloudfoundry/silk-release (file@commit):
 - silk's vtep: a VXLAN device `silk-vtep`, VNI 1, port 4789, group-based policy on, holding
   the cell's lease address with the overlay's prefix, MAC ee:ee:<lease address>
   (src/code.cloudfoundry.org/silk/daemon/vtep/factory.go@85ad715 CreateVTEP; the MAC from
-  cloudfoundry/silk lib/hardware_address_generator.go, GenerateForVTEP); per other cell a route to its lease via its vtep address, a permanent
-  ARP entry and an FDB entry naming its underlay address (vtep/converger.go@85ad715,
-  Converge, addRoute, addNeighs);
+  cloudfoundry/silk lib/hardware_address_generator.go, GenerateForVTEP); per other cell a
+  route to its lease via its vtep address, a permanent ARP entry and an FDB entry naming its
+  underlay address (vtep/converger.go@85ad715, Converge, addRoute, addNeighs);
 - silk-cni's `overlay--<handle>` chain, jumped to from FORWARD: accept leaving over the vtep
   only when marked, accept RELATED,ESTABLISHED to the container, reject the rest to it
   (cni-wrapper-plugin/netrules/netout.go@17a1c64 defaultNetOutRules; lib/rules/rules.go
