@@ -40,9 +40,10 @@ BENCHES := validate_bench compile_bench plan_bench dataplane_bench newconn_bench
 bench: sysdeps venv
 	set -e; for b in $(BENCHES); do echo "== $$b"; $(PY) bench/$$b.py --record; done
 
-# The seeds' stories on this machine (root): a platform in network namespaces, an agent per
-# cell, three policy changes pushed through git, a reachability matrix after each; the lab
-# is always torn down.  DEMO_ARGS="--interval 5s" etc. (python -m reconciler.lab.demo -h).
+# The seeds' stories on this machine (root): a platform of Diego-like cells in network
+# namespaces (eth0 underlay, silk-vtep overlay, CF's own chains), an agent per cell, four
+# policy changes pushed through git, a reachability matrix after each; the lab is always
+# torn down.  DEMO_ARGS="--interval 5s" etc. (python -m reconciler.lab.demo -h).
 DEMO_ARGS ?=
 demo: sysdeps venv
 	$(PY) -m reconciler.lab.demo $(DEMO_ARGS)

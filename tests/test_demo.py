@@ -102,6 +102,21 @@ def test_the_stories_edits_keep_the_repo_valid_and_its_tests_green(tmp_path: Pat
     assert group["globally_enabled"] == {"running": True, "staging": True}
     assert load_folder(tree / "policies").ok
 
+    tests = tree / "policies/tests/platform.yaml"  # story 3's edit of its policy test
+    tests.write_text(
+        tests.read_text().replace(
+            f'to: "{demo.DNS2}:53/udp", expect: deny', f'to: "{demo.DNS2}:53/udp", expect: allow'
+        )
+    )
+    # Story 4 takes the backend's grant away again, whatever story 2 made of it.
+    for path, kind, name in demo.GRANT:
+        file = tree / path
+        file.write_text(demo.remove_document(file.read_text(), kind, name)[0])
+    story4 = load_folder(tree / "policies")
+    assert story4.ok, story4.findings
+    assert "mysql" not in {d.name for d in story4.policy.destinations}
+    assert all(r.passed for r in run_tests(story4.policy))
+
 
 # -- the run -------------------------------------------------------------------------------
 
@@ -111,7 +126,7 @@ def _verdicts(step: dict[str, Any], label: str) -> dict[str, str]:
 
 
 @pytest.mark.netns
-def test_make_demo_tells_the_three_stories(tmp_path: Path) -> None:
+def test_make_demo_tells_the_four_stories(tmp_path: Path) -> None:
     require_lab()
     env = {**os.environ, platform.STATE_ENV: str(tmp_path / "labs")}
     report_file = tmp_path / "report.json"
@@ -139,7 +154,7 @@ def test_make_demo_tells_the_three_stories(tmp_path: Path) -> None:
     report = json.loads(report_file.read_text())
     assert report["ok"] is True
     steps = {s["key"]: s for s in report["steps"]}
-    assert list(steps) == ["start", "story1", "story2-before", "story2", "story3"]
+    assert list(steps) == ["start", "story1", "story2-before", "story2", "story3", "story4"]
     backends = ["backend-0", "backend-1"]
 
     # Before the stories: nobody reaches MySQL or the second resolver.
@@ -176,6 +191,23 @@ def test_make_demo_tells_the_three_stories(tmp_path: Path) -> None:
     assert logged == {r["container"] for r in s3["matrix"]["rows"]}
     assert all(r["revision"].endswith(s3["revision"]) for r in s3["changes"])
 
+    # Story 4: the backend's MySQL grant goes; the overlay is the network policy's alone at
+    # every step, ASG changes or not: the frontend reaches both backends (one across the
+    # cells' VXLAN), the blog, with no network policy, is rejected -- CF's chains are in.
+    s4 = steps["story4"]
+    assert all(_verdicts(s4, "mysql-dc2")[b] == "rejected" for b in backends)
+    assert report["cf_layout"] in ("legacy", "nft")
+    overlay = {
+        "frontend-0->backend-0:8080": "open",
+        "frontend-0->backend-1:8080": "open",
+        "blog-0->backend-1:8080": "rejected",
+    }
+    assert all(s["overlay"] == overlay for s in steps.values()), [
+        s["overlay"] for s in steps.values()
+    ]
+    assert all(report["overlay_held"]["checks"]) and report["overlay_held"]["open_at_end"]
+    assert len(report["overlay_held"]["checks"]) == len(steps) + 1
+
     # Nothing restarted, nothing disconnected; the fleet is Ready at the new revision.
     assert report["restarted"] == []
     assert report["held"]["open_at_end"] is True and all(report["held"]["checks"])
@@ -183,9 +215,16 @@ def test_make_demo_tells_the_three_stories(tmp_path: Path) -> None:
     assert report["status_exit"] == 0
     for cell in ("cell-1", "cell-2"):
         line = next(ln for ln in report["status_text"].splitlines() if ln.startswith(cell))
-        assert "True" in line and s3["revision"][:12] in line
+        assert "True" in line and s4["revision"][:12] in line
 
-    for marker in ("Story 1", "Story 2", "Story 3", "asgctl status", "Nothing restarted"):
+    for marker in (
+        "Story 1",
+        "Story 2",
+        "Story 3",
+        "Story 4",
+        "asgctl status",
+        "Nothing restarted",
+    ):
         assert marker in transcript
     # Always torn down.
     lab_id = re.search(r"\(lab (asgl[0-9a-f]{4})\)", transcript)

@@ -46,12 +46,22 @@ def test_address_plan_stays_in_the_lab_ranges_with_short_unique_names(cells: int
         == 1 + cells + len(spec.containers) + len(spec.services)
     )
     assert all(ns.startswith("asgl00ff-") for ns in net.namespaces)
-    ifnames = [n for v in net.veths for n in (v.a_if, v.b_if)]
-    assert len(set(ifnames)) == len(ifnames)
-    assert all(len(n) <= platform.MAX_IFNAME and n.startswith("asgl00ff-") for n in ifnames)
+    ends = [(ns, n) for v in net.veths for ns, n in ((v.a_netns, v.a_if), (v.b_netns, v.b_if))]
+    assert len(set(ends)) == len(ends)  # unique within each namespace
+    ifnames = [n for _, n in ends]
+    assert all(len(n) <= platform.MAX_IFNAME for n in ifnames)
+    # Named after the lab, so a stray one is found -- but a cell's underlay is `eth0`, as on
+    # a Diego cell, and lives (and dies) only inside the cell's namespace.
+    cells_ns = {c.netns for c in net.cells.values()}
+    for ns, n in ends:
+        assert n.startswith("asgl00ff-") or (n == "eth0" and ns in cells_ns), (ns, n)
+    assert (
+        sorted(n for ns, n in ends if ns in cells_ns and not n.startswith("asgl"))
+        == ["eth0"] * cells
+    )
     addresses = [c.ip for c in net.containers.values()]
     addresses += [c.gateway for c in net.containers.values()]
-    addresses += [a for c in net.cells.values() for a in (c.uplink_ip, c.core_ip)]
+    addresses += [a for c in net.cells.values() for a in (c.uplink_ip, c.core_ip, c.vtep_ip)]
     addresses += [s.gateway for s in net.services.values()]
     addresses += [a for s in spec.services for a in s.addresses]
     assert len(set(addresses)) == len(addresses)
@@ -166,6 +176,10 @@ def test_matrix_tells_who_said_no() -> None:
     assert classify(_result(Outcome.REJECTED, gw), gw, addr) is Verdict.REJECTED
     assert classify(_result(Outcome.REJECTED, addr), gw, addr) is Verdict.REFUSED
     assert classify(_result(Outcome.REJECTED, "198.18.0.1"), gw, addr) is Verdict.UNREACHABLE
+    # Across the overlay, the destination's cell says no from its silk-vtep address.
+    vtep2 = "198.18.2.0"
+    assert classify(_result(Outcome.REJECTED, vtep2), gw, "198.18.2.2", {vtep2}) is Verdict.REJECTED
+    assert classify(_result(Outcome.REJECTED, vtep2), gw, "198.18.2.2") is Verdict.UNREACHABLE
     assert classify(_result(Outcome.TIMEOUT), gw, addr) is Verdict.TIMEOUT
     assert classify(_result(Outcome.REFUSED), gw, addr) is Verdict.REFUSED
     rows = (Row("backend-0", "cell-1", "payments/prod/backend", "app", "ns", gw),)
@@ -266,7 +280,7 @@ def test_up_and_down_twice_in_a_row_leave_nothing_behind(lab_env: dict[str, str]
         doc = json.loads((root / "twice" / "lab.json").read_text())
         lab_id, pids = doc["id"], [p["pid"] for p in doc["processes"]]
         roles = sorted({p["role"] for p in doc["processes"]})
-        assert roles == ["agent", "container", "git-daemon", "service"], attempt
+        assert roles == ["agent", "app", "container", "git-daemon", "service"], attempt
         assert doc["phase"] == "up" and doc["git_url"].startswith("git://127.0.0.1:")
         status = asgctl("lab", "status", "--name", "twice", env=lab_env)
         assert status.returncode == 0 and "healthy" in status.stdout, status.stdout

@@ -67,11 +67,31 @@ def lab() -> None:
 )
 @click.option("--interval", default="2s", show_default=True, help="Agent sync interval.")
 @click.option("--backend", default="iptables", show_default=True, help="Agents' dataplane.")
-def up_cmd(name: str, cells: int, policies: str, agents: bool, interval: str, backend: str) -> None:
+@click.option(
+    "--cf-layout",
+    is_flag=True,
+    help="Also install CF's own chains in each cell, as silk and the vxlan-policy-agent write "
+    "them (netout, overlay and vpa chains; iptables backends only).",
+)
+def up_cmd(
+    name: str,
+    cells: int,
+    policies: str,
+    agents: bool,
+    interval: str,
+    backend: str,
+    cf_layout: bool,
+) -> None:
     """Build the lab and leave it running (until `asgctl lab down`)."""
     from pathlib import Path
 
-    from reconciler.lab.platform import PlatformError, default_spec, render_status, start_agents
+    from reconciler.lab.platform import (
+        PlatformError,
+        cf_layout_variant,
+        default_spec,
+        render_status,
+        start_agents,
+    )
     from reconciler.lab.platform import up as lab_up
 
     _require_host()
@@ -81,6 +101,7 @@ def up_cmd(name: str, cells: int, policies: str, agents: bool, interval: str, ba
             default_spec(cells),
             policies=Path(policies),
             log=lambda m: click.echo(m, err=True),
+            cf_layout=cf_layout_variant(backend) if cf_layout else None,
         )
         if agents:
             info = start_agents(
@@ -135,6 +156,7 @@ def status_cmd(name: str, fmt: str) -> None:
             "git_url": info.git_url,
             "state_dir": str(info.directory),
             "cells": {c: info.cell_netns(c) for c in info.cells},
+            "cf_layout": info.cf_layout,
             "healthy": h.ok,
             "missing_namespaces": list(h.missing_namespaces),
             "dead_processes": [f"{p.role} {p.pid}" for p in h.dead],
@@ -184,9 +206,18 @@ def probe_cmd(
 @click.option("--timeout", default=60.0, show_default=True, help="Longest wait for the cells.")
 @click.option("--policies", default="policies", show_default=True, type=click.Path(file_okay=False))
 @click.option("--backend", default="iptables", show_default=True, help="Agents' dataplane.")
-def demo_cmd(name: str, interval: str, timeout: float, policies: str, backend: str) -> None:
+@click.option(
+    "--cf-layout/--no-cf-layout",
+    default=None,
+    help="CF's own chains in each cell (default: on, except with the nftables backend).",
+)
+def demo_cmd(
+    name: str, interval: str, timeout: float, policies: str, backend: str, cf_layout: bool | None
+) -> None:
     """Tell the seeds' stories on a fresh lab, then tear it down (also on Ctrl-C)."""
     from reconciler.lab.demo import main as demo_main
 
     args = ["--name", name, "--interval", interval, "--timeout", str(timeout)]
+    if cf_layout is not None:
+        args.append("--cf-layout" if cf_layout else "--no-cf-layout")
     sys.exit(demo_main([*args, "--policies", policies, "--backend", backend]))

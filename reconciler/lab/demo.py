@@ -10,6 +10,13 @@
 3. *The dynamic-ASG article*: the security team edits a *global* ASG.  Every running
    container has it within one sync interval, each agent logs which apps changed, and each
    cell's `status/<cell>` branch names the revision it applied.
+4. *On a Diego cell*: the frontend talks to the backends over the overlay (`silk-vtep`, on
+   its own cell and across cells), allowed by a CF network policy, while the ASGs change
+   under it: the backend's MySQL access is revoked, and the overlay neither notices nor
+   cares.  With CF's own chains in the cells (`--cf-layout`, the default with an iptables
+   backend), the blog, which has no network policy, is rejected by the destination's cell
+   at every step: container-to-container traffic is the overlay policy's, underlay egress
+   the ASGs'.
 
 Everything goes through git as an operator would do it (clone, edit YAML, run the policy
 tests, commit, push), and the demo learns that a change is in force only from the cells'
@@ -42,9 +49,9 @@ from typing import Any, TextIO
 import yaml
 
 from reconciler.lab import platform
-from reconciler.lab.matrix import Matrix, Target, Verdict, probe_matrix
+from reconciler.lab.matrix import Matrix, Target, Verdict, classify, probe_matrix
 from reconciler.lab.policyrepo import CellStatus, GitError, Operator
-from reconciler.lab.probe import HeldConnection
+from reconciler.lab.probe import HeldConnection, probe_tcp
 
 MYSQL_OLD = "198.19.10.10"
 MYSQL_NEW = "198.19.110.10"
@@ -61,6 +68,8 @@ TARGETS = (
 )
 """The demo's columns, fixed for the whole run so each matrix compares with the last."""
 HELD_FROM = "backend-0"
+OVERLAY_FROM = "frontend-0"
+"""Holds a connection to the last cell's backend over the overlay for the whole demo."""
 OPEN, REJ = Verdict.OPEN, Verdict.REJECTED
 Expect = tuple[str, str, Verdict]
 """(container, target label, verdict): a claim of the story, checked against packets."""
@@ -223,12 +232,15 @@ class Step:
     matrix: Matrix
     applied_after: Mapping[str, float] = field(default_factory=dict)
     changes: tuple[Mapping[str, Any], ...] = ()
+    overlay: Mapping[str, str] = field(default_factory=dict)
+    """`src->dst:port` -> verdict of a container-to-container probe over the overlay."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "key": self.key,
             "title": self.title,
             "revision": self.revision,
+            "overlay": dict(self.overlay),
             "applied_after": dict(self.applied_after),
             "changes": list(self.changes),
             "matrix": self.matrix.to_dict(),
@@ -244,6 +256,13 @@ class DemoConfig:
     cells: int = 2
     backend: str = "iptables"
     """The agents' dataplane backend (iptables, libiptc, nftables): the stories hold on each."""
+    cf_layout: bool | None = None
+    """CF's own chains in the cells; None: on unless the backend is nftables (which cannot
+    share FORWARD with silk's netout chains, see `platform.cf_layout_variant`)."""
+
+    @property
+    def with_cf_layout(self) -> bool:
+        return self.backend != "nftables" if self.cf_layout is None else self.cf_layout
 
 
 def _parse_iso(text: str) -> float | None:
@@ -264,6 +283,8 @@ class Demo:
         self.operator: Operator | None = None
         self.held: HeldConnection | None = None
         self.held_checks: list[bool] = []
+        self.overlay_held: HeldConnection | None = None
+        self.overlay_checks: list[bool] = []
         self.pids_before: dict[str, tuple[int, int | None]] = {}
         self.log_offsets: dict[str, int] = {}
         self.report: dict[str, Any] = {}
@@ -295,6 +316,11 @@ class Demo:
         self.held_checks.append(ok)
         return ok
 
+    def _check_overlay_held(self) -> bool:
+        ok = self.overlay_held is not None and self.overlay_held.check(timeout=2.0)
+        self.overlay_checks.append(ok)
+        return ok
+
     def _same_pids(self) -> list[str]:
         """Containers whose process is no longer the one that started with the lab."""
         return [
@@ -302,6 +328,33 @@ class Demo:
             for name, (pid, start) in sorted(self.pids_before.items())
             if platform.process_start_time(pid) != start
         ]
+
+    def overlay_pairs(self) -> list[tuple[str, str, int, Verdict]]:
+        """(source, destination, port, expected): the frontend to every backend (policy),
+        the blog to the last backend (no policy: rejected only where CF's chains are)."""
+        port = platform.BACKEND_PORT
+        denied = REJ if self.cfg.with_cf_layout else OPEN
+        pairs = [(OVERLAY_FROM, b, port, OPEN) for b in self.backends]
+        return [*pairs, ("blog-0", self.backends[-1], port, denied)]
+
+    def _probe_overlay(self) -> tuple[dict[str, str], list[str]]:
+        """Probe every overlay pair; (verdicts by `src->dst:port`, claims that were false).
+
+        A cell's REJECT comes from the source's gateway (same cell) or from the destination
+        cell's vtep address (across the overlay): both are the firewall saying no.
+        """
+        verdicts: dict[str, str] = {}
+        wrong = []
+        cells = {c.vtep_ip for c in self.lab.net.cells.values()}
+        for src, dst, port, want in self.overlay_pairs():
+            net = self.lab.net.containers
+            result = probe_tcp(net[src].netns, net[dst].ip, port, timeout=1.0)
+            got = classify(result, net[src].gateway, net[dst].ip, cells)
+            key = f"{src}->{dst}:{port}"
+            verdicts[key] = got.value
+            if got is not want:
+                wrong.append(f"{key} over the overlay: {got.value}, expected {want.value}")
+        return verdicts, wrong
 
     def _matrix(
         self,
@@ -313,7 +366,8 @@ class Demo:
     ) -> Step:
         """Probe, print, and hold the story to its claims: DemoError when one is false."""
         matrix = probe_matrix(self.lab, TARGETS)
-        step = Step(key, title, revision, matrix, **extra)
+        overlay, overlay_wrong = self._probe_overlay()
+        step = Step(key, title, revision, matrix, overlay=overlay, **extra)
         self.steps.append(step)
         self.n.line()
         first = len(self.steps) == 1  # the legend once; later matrices compare with it
@@ -331,6 +385,16 @@ class Demo:
             + ("open, echoes" if held else "BROKEN")
             + f"  ·  containers: {same} of {len(self.pids_before)} still the same process"
         )
+        overlay_held = self._check_overlay_held()
+        self.n.say(
+            "over the overlay: "
+            + "  ".join(f"{k} {Verdict(v).symbol}" for k, v in overlay.items())
+            + f"  ·  held {OVERLAY_FROM} → {self.backends[-1]}: "
+            + ("echoes" if overlay_held else "BROKEN")
+        )
+        wrong += overlay_wrong
+        if not overlay_held:
+            wrong.append("the held overlay connection broke")
         if expect and not wrong:
             claims = ", ".join(f"{c}→{lbl} {v.symbol}" for c, lbl, v in expect[:4])
             more = f" (+{len(expect) - 4} more)" if len(expect) > 4 else ""
@@ -475,6 +539,7 @@ class Demo:
             policies=cfg.policies,
             seed_hook=seed_before_story,
             log=lambda m: None,
+            cf_layout=platform.cf_layout_variant(cfg.backend) if cfg.with_cf_layout else None,
         )
         platform.hold(self.lab)
         lab = self.lab
@@ -496,6 +561,21 @@ class Demo:
         self.pids_before = {
             name: (rec.pid, rec.start) for name, rec in lab.container_pids().items()
         }
+        n.line()
+        n.say(
+            f"Each cell is shaped like a Diego cell: underlay {platform.UNDERLAY_IF} (default "
+            f"route, where ASGs judge egress), overlay\n{platform.VTEP_IF} (VXLAN, "
+            f"{platform.OVERLAY_V4} standing in for CF's 10.255.0.0/16) between the cells' "
+            "containers.\nNetwork policy: "
+            + ", ".join(f"{p.source} → {p.dest}:{p.port}" for p in lab.spec.network_policies)
+            + "."
+        )
+        if lab.cf_layout:
+            n.say(
+                f"CF's own chains are in every cell (iptables-{lab.cf_layout}): silk's netout--"
+                " and overlay-- chains, and the\nvxlan-policy-agent's vpa-- chain first in "
+                "FORWARD, which lets only network-policy traffic through the overlay."
+            )
         self.operator = Operator(lab.git_url, lab.directory / "operator").clone()
         seed_sha = self.op.head()
         n.line()
@@ -517,9 +597,17 @@ class Demo:
         self.held = HeldConnection(
             lab.net.containers[HELD_FROM].netns, API, 443, timeout=2.0
         )  # after the first sync, as a running app would have it
+        far = self.backends[-1]
+        self.overlay_held = HeldConnection(
+            lab.net.containers[OVERLAY_FROM].netns,
+            lab.net.containers[far].ip,
+            platform.BACKEND_PORT,
+            timeout=2.0,
+        )
         n.say(
-            f"{HELD_FROM} opens a TCP connection to the card API {API}:443 and keeps it open "
-            "for the whole demo."
+            f"{HELD_FROM} opens a TCP connection to the card API {API}:443, and {OVERLAY_FROM} "
+            f"one to {far}\n({lab.net.containers[far].ip}:{platform.BACKEND_PORT}, over the "
+            "overlay); both stay open for the whole demo."
         )
         self._matrix(
             "start",
@@ -686,6 +774,53 @@ class Demo:
             changes=tuple(records),
         )
 
+    def story_4(self) -> None:
+        n = self.n
+        n.section("Story 4: containers talk over the overlay while the ASGs change")
+        far = self.backends[-1]
+        n.say(
+            f"{OVERLAY_FROM} has talked to the backends over the overlay at every step so far "
+            f"(to {far} across\ncells, through {platform.VTEP_IF}); no ASG names a container "
+            "address, and none is asked: "
+            + (
+                "the network policy alone decides."
+                if self.lab.cf_layout
+                else "without CF's chains\nin the cells (--no-cf-layout), the overlay lets "
+                "everyone through, the blog too."
+            )
+            + "\nNow payments decommissions MySQL: the operator removes the backend's egress "
+            "grant."
+        )
+        self.op.pull()
+        for path, kind, name in GRANT:
+            self.op.write(path, remove_document(self.op.read(path), kind, name)[0])
+        sha, pushed = self.commit(
+            "payments no longer uses MySQL: remove the backend's grant\n\n"
+            "Destination mysql, EgressPolicy backend-to-mysql and its policy test go.\n"
+        )
+        applied, records = self.wait_applied(sha, pushed)
+        self._print_applied(sha, applied)
+        self._print_changes(records)
+        self._matrix(
+            "story4",
+            "MySQL access revoked; the overlay is untouched",
+            sha,
+            expect=[(b, "mysql-dc2", REJ) for b in self.backends],
+            applied_after=applied,
+            changes=tuple(records),
+        )
+        verdicts = {k: v for s in self.steps for k, v in s.overlay.items()}
+        same = all(s.overlay == self.steps[0].overlay for s in self.steps)
+        n.say(
+            f"over the overlay, at all {len(self.steps)} steps: "
+            + ("the same verdicts" if same else "DIFFERENT verdicts")
+            + f" ({', '.join(f'{k} {Verdict(v).symbol}' for k, v in verdicts.items())});"
+            f"\nthe held connection {OVERLAY_FROM} → {far} echoed "
+            f"{sum(self.overlay_checks)}/{len(self.overlay_checks)} times."
+        )
+        if not same:
+            raise DemoError("an ASG change moved a verdict over the overlay")
+
     def finale(self) -> None:
         n = self.n
         lab = self.lab
@@ -703,6 +838,13 @@ class Demo:
             f"held connection {HELD_FROM} → {API}:443: "
             f"{sum(self.held_checks)}/{total} echoes" + (", still open" if held else ", BROKEN")
         )
+        far = self.backends[-1]
+        overlay_ok = self._check_overlay_held()
+        n.say(
+            f"held connection {OVERLAY_FROM} → {far} over the overlay: "
+            f"{sum(self.overlay_checks)}/{len(self.overlay_checks)} echoes"
+            + (", still open" if overlay_ok else ", BROKEN")
+        )
         n.section("asgctl status")
         n.cmd(f"asgctl status --source {lab.git_url}")
         status = subprocess.run(
@@ -718,6 +860,8 @@ class Demo:
                 "restarted": restarted,
                 "pids": {k: v[0] for k, v in self.pids_before.items()},
                 "held": {"checks": self.held_checks, "open_at_end": held},
+                "overlay_held": {"checks": self.overlay_checks, "open_at_end": overlay_ok},
+                "cf_layout": self.lab.cf_layout,
                 "status_exit": status.returncode,
                 "status_text": status.stdout,
             }
@@ -730,6 +874,7 @@ class Demo:
             self.story_1()
             self.story_2()
             self.story_3()
+            self.story_4()
             self.finale()
             self.report["ok"] = True
         finally:
@@ -748,8 +893,9 @@ class Demo:
     def teardown(self) -> None:
         if not self.owns_lab:  # another demo's lab: not ours to remove
             return
-        if self.held is not None:
-            self.held.close()
+        for conn in (self.held, self.overlay_held):
+            if conn is not None:
+                conn.close()
         if self.info is not None:
             platform.stop_agents(self.info, timeout=5.0)
         removed = platform.down(self.cfg.name)
@@ -798,6 +944,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--backend", default="iptables", help="agents' dataplane: iptables, libiptc, nftables"
     )
     parser.add_argument("--report", default=None, help="write a JSON report here")
+    parser.add_argument(
+        "--cf-layout",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CF's own chains in the cells (default: on, except with --backend nftables)",
+    )
     args = parser.parse_args(argv)
 
     reason = platform.unavailable_reason()
@@ -809,7 +961,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="replace")
     cfg = DemoConfig(
-        args.name, args.interval, args.timeout, Path(args.policies), args.cells, args.backend
+        args.name,
+        args.interval,
+        args.timeout,
+        Path(args.policies),
+        args.cells,
+        args.backend,
+        args.cf_layout,
     )
     demo = Demo(cfg, sys.stdout)
     code = 0

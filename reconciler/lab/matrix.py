@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import re
 import textwrap
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -108,12 +108,18 @@ _SYMBOLS = {
 }
 
 
-def classify(result: ProbeResult, gateway: str, address: str) -> Verdict:
-    """Who answered decides: the container's gateway is its cell, i.e. the firewall."""
+def classify(
+    result: ProbeResult, gateway: str, address: str, cells: Collection[str] = ()
+) -> Verdict:
+    """Who answered decides: the container's gateway is its cell, i.e. the firewall.
+
+    `cells` are the other cells' overlay addresses: a container on another cell is behind
+    that cell's firewall, which answers from its `silk-vtep` address.
+    """
     if result.reached:
         return Verdict.OPEN
     if result.outcome is Outcome.REJECTED:
-        if result.icmp_from == gateway:
+        if result.icmp_from == gateway or result.icmp_from in cells:
             return Verdict.REJECTED
         if result.icmp_from == address:
             return Verdict.REFUSED
@@ -155,11 +161,14 @@ class Matrix:
     rows: tuple[Row, ...]
     targets: tuple[Target, ...]
     results: Mapping[tuple[str, str], ProbeResult]
+    cells: frozenset[str] = field(default_factory=frozenset)
+    """The cells' overlay addresses (see `classify`)."""
 
     def verdict(self, container: str, label: str) -> Verdict:
         row = next(r for r in self.rows if r.container == container)
         target = next(t for t in self.targets if t.label == label)
-        return classify(self.results[(container, label)], row.gateway, target.address)
+        result = self.results[(container, label)]
+        return classify(result, row.gateway, target.address, self.cells)
 
     def reached(self, container: str, label: str) -> bool:
         return self.verdict(container, label) is Verdict.OPEN
@@ -261,4 +270,5 @@ def probe_matrix(
     with ThreadPoolExecutor(max_workers=min(64, max(1, len(pairs)))) as pool:
         futures = {(r.container, t.label): pool.submit(one, r, t) for r, t in pairs}
         results = {k: f.result() for k, f in futures.items()}
-    return Matrix(rows, cols, results)
+    cells = frozenset(c.vtep_ip for c in info.net.cells.values())
+    return Matrix(rows, cols, results, cells)

@@ -8,21 +8,43 @@ processes through its state dir), so an operator can poke at it with ordinary to
 
 Topology (every box a network namespace, every line a veth pair)::
 
-    container --+                                     +-- service mysql 198.19.10.10
-    container --+-- cell-1 --+                        +-- service payments-api
-                             +-- core (the network) --+-- service dns 198.19.53.53
-    container --+-- cell-2 --+                        +-- ...
-    container --+
+    container --+            eth0                          +-- service mysql 198.19.10.10
+    container --+-- cell-1 ------+                         +-- service payments-api
+                    silk-vtep    +-- core (the underlay) --+-- service dns 198.19.53.53
+                      : vxlan    |                         +-- ...
+    container --+-- cell-2 ------+
+    container --+   silk-vtep    eth0
 
+Each cell looks like a Diego cell: its underlay is `eth0`, holding the cell's address and the
+default route (via the core), which is how the agent finds the underlay; its overlay is
+`silk-vtep`, a VXLAN device as silk-daemon makes it (VNI 1, port 4789, group-policy
+extension on, learning off; a static route, ARP and FDB entry per other cell;
+silk-release silk/daemon/vtep/factory.go@85ad715 CreateVTEP, converger.go Converge).
 Containers are routed (no NAT, no bridge) through their cell, so their egress crosses the
-cell's FORWARD chain, where the agent enforces; the core routes between cells and services.
-Services keep the addresses the example policy repo names (198.19.0.0/16), so the policies
-need no rewriting; everything lab-internal (containers, links) lives in 198.18.0.0/16.
+cell's FORWARD chain, where the agent enforces: out through `eth0` to services, out through
+`silk-vtep` (encapsulated, over the underlay) to containers on other cells.
+
+Addresses: the overlay is 198.18.0.0/17 and stands in for CF's 10.255.0.0/16 (the lab only
+ever uses the benchmark ranges): cell i leases 198.18.(i+1).0/24 as silk-controller leases a
+/24, its vtep holds the lease's first address (ee:ee:<address> as its MAC, as silk does) and
+its containers hold /30s of it.  The underlay links are in 198.18.128.0/24, the services'
+links in 198.18.255.0/24, and the services keep the addresses the example policy repo names
+(198.19.0.0/16), so the policies need no rewriting.  Silk masquerades overlay traffic leaving
+through the underlay; the lab routes it instead (the core knows each cell's lease), so the
+services see container addresses -- ASGs are judged before NAT either way.
+
+`up(cf_layout=True)` (`asgctl lab up --cf-layout`) also installs CF's own chains in each cell
+as silk and the vxlan-policy-agent write them (`render/cflayout.py` `render_diego`): silk's
+netout chains with the ASGs of the seed revision, one `overlay--` chain per container, and the
+VPA's `vpa--` chain first in FORWARD, which allows container-to-container traffic only for the
+lab's network policies (`LabSpec.network_policies`), on one cell and across cells.
 Nothing is ever created in the host's namespace except the git daemon (loopback only) and the
 agents, which enforce through `ip netns exec <cell>` (their `--netns`).
 
 Every namespace and interface is named `<lab id>-...` with a lab id `asgl` + 4 hex digits, a
-prefix the test harness's `cleanup_stale` (which reaps `asgt*`) never touches.  `down` works
+prefix the test harness's `cleanup_stale` (which reaps `asgt*`) never touches -- except a
+cell's `eth0` and `silk-vtep`, named as on a Diego cell, which are created inside the cell's
+namespace (never in the host's) and go with it.  `down` works
 from the state dir alone and is idempotent; it also cleans up after an `up` that was killed
 with SIGKILL half-way, because `up` records the lab id before it creates anything and every
 process it starts either lives in a lab namespace or is recorded (and, failing that, found
@@ -75,13 +97,22 @@ STATE_FILE = "lab.json"
 DEFAULT_NAME = "default"
 
 LAB_V4 = ipaddress.IPv4Network("198.18.0.0/16")
-"""Containers (198.18.<cell>.0/24), cell uplinks (198.18.0.0/24), service gateways
+"""Containers (198.18.<cell>.0/24), cell uplinks (198.18.128.0/24), service gateways
 (198.18.255.0/24): all lab-internal, never named by policy."""
 SERVICES_V4 = ipaddress.IPv4Network("198.19.0.0/16")
 """Service addresses: what the policy repo names."""
-UPLINKS = ipaddress.IPv4Network("198.18.0.0/24")
+OVERLAY_V4 = ipaddress.IPv4Network("198.18.0.0/17")
+"""The container network; stands in for CF's overlay 10.255.0.0/16 (cf_network.network)."""
+UPLINKS = ipaddress.IPv4Network("198.18.128.0/24")
 SERVICE_GATEWAYS = ipaddress.IPv4Network("198.18.255.0/24")
-MAX_CELLS = 60  # uplink /30s in 198.18.0.0/24, cell subnets 198.18.1-60.0/24
+UNDERLAY_IF = "eth0"
+"""The cell's underlay interface, named as on a Diego cell's VM."""
+VTEP_IF = "silk-vtep"
+"""silk-daemon's VXLAN device (silk-release jobs/silk-daemon/spec, vtep_name default)."""
+VXLAN_VNI = 1
+VXLAN_PORT = 4789
+"""silk's defaults (jobs/silk-daemon/spec: vni 1, vtep_port 4789)."""
+MAX_CELLS = 60  # uplink /30s in 198.18.128.0/24, cell subnets 198.18.1-60.0/24
 MAX_CONTAINERS_PER_CELL = 63  # /30s in a /24
 MAX_SERVICES = 250
 MAX_IFNAME = 15
@@ -108,8 +139,14 @@ class LabContainer:
     cell: str
     app: str
     workload: Workload = "app"
+    tcp: tuple[int, ...] = ()
+    """Ports its app listens on (an echo server), for other containers to reach over the
+    overlay."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tcp", tuple(self.tcp))
+        if any(not 0 < p < 65536 for p in self.tcp):
+            raise ValueError(f"container {self.name}: ports must be in 1..65535")
         if not _ENDPOINT_RE.match(self.name):
             raise ValueError(f"container name {self.name!r} must match {_ENDPOINT_RE.pattern}")
         if self.workload not in ("app", "task", "staging"):
@@ -143,14 +180,34 @@ class LabService:
 
 
 @dataclass(frozen=True, slots=True)
+class LabNetworkPolicy:
+    """A CF network policy between two apps of the directory (by `org/space/app` path):
+    what `cf add-network-policy SOURCE DEST --protocol tcp --port PORT` makes."""
+
+    source: str
+    dest: str
+    port: int
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+    def __post_init__(self) -> None:
+        for path in (self.source, self.dest):
+            if path.count("/") != 2:
+                raise ValueError(f"network policy: app must be org/space/app, not {path!r}")
+        if not 0 < self.port < 65536 or self.protocol not in ("tcp", "udp"):
+            raise ValueError(f"network policy {self.source} -> {self.dest}: bad port/protocol")
+
+
+@dataclass(frozen=True, slots=True)
 class LabSpec:
-    """Cells, containers and services of one lab."""
+    """Cells, containers and services of one lab, and the network policies between apps."""
 
     cells: tuple[str, ...]
     containers: tuple[LabContainer, ...]
     services: tuple[LabService, ...]
+    network_policies: tuple[LabNetworkPolicy, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "network_policies", tuple(self.network_policies))
         if not self.cells or len(self.cells) > MAX_CELLS:
             raise ValueError(f"a lab has 1 to {MAX_CELLS} cells")
         for cell in self.cells:
@@ -191,19 +248,21 @@ def default_spec(cells: int = 2) -> LabSpec:
     """The seeds' platform: payments/prod backend and frontend side by side on cell-1, a
     marketing blog, the payments staging space and a staging (buildpack) container, and the
     services the example policy repo names.  Every extra cell runs one more backend instance,
-    so "every cell converges" is visible however many cells there are.
+    so "every cell converges" is visible however many cells there are.  Every backend
+    listens on 8080 for the frontend, which a CF network policy lets reach it over the
+    overlay (on its own cell and across cells); the blog has no such policy.
     """
     if not 1 <= cells <= MAX_CELLS:
         raise ValueError(f"cells must be 1..{MAX_CELLS}")
     names = tuple(f"cell-{i}" for i in range(1, cells + 1))
     last = names[-1]
     containers = [
-        LabContainer("backend-0", "cell-1", "payments/prod/backend"),
+        LabContainer("backend-0", "cell-1", "payments/prod/backend", tcp=(BACKEND_PORT,)),
         LabContainer("frontend-0", "cell-1", "payments/prod/frontend"),
         LabContainer("blog-0", "cell-1", "marketing/web/blog"),
     ]
     containers += [
-        LabContainer(f"backend-{i - 1}", f"cell-{i}", "payments/prod/backend")
+        LabContainer(f"backend-{i - 1}", f"cell-{i}", "payments/prod/backend", tcp=(BACKEND_PORT,))
         for i in range(2, cells + 1)
     ]
     containers += [
@@ -225,7 +284,13 @@ def default_spec(cells: int = 2) -> LabSpec:
         LabService("mirror", ("198.19.80.10",), tcp=(80, 443), description="package mirror"),
         LabService("metrics", ("198.19.30.30",), udp=(8125,), description="statsd collector"),
     )
-    return LabSpec(names, tuple(containers), services)
+    policies = (LabNetworkPolicy("payments/prod/frontend", "payments/prod/backend", BACKEND_PORT),)
+    return LabSpec(names, tuple(containers), services, policies)
+
+
+BACKEND_PORT = 8080
+"""Where the backends listen for the frontend, over the overlay (the default spec's one
+network policy: payments/prod/frontend -> payments/prod/backend, tcp 8080)."""
 
 
 # -- the address plan (pure) ---------------------------------------------------------------
@@ -263,10 +328,17 @@ class ServiceNet:
 class CellNet:
     netns: str
     subnet: str
+    """The cell's overlay lease (a /24 of OVERLAY_V4)."""
     uplink_ip: str
+    """Its underlay address, on `eth0`."""
     core_ip: str
     ifname: str
     core_ifname: str
+    vtep_ip: str = ""
+    """The lease's first address, held by `silk-vtep` (silk's overlay IP of the cell)."""
+    vtep_mac: str = ""
+    """ee:ee + the vtep address, as silk derives it (silk lib/hardware_address_generator.go,
+    GenerateForVTEP)."""
 
 
 @dataclass(frozen=True)
@@ -281,6 +353,8 @@ class NetworkPlan:
     veths: tuple[Veth, ...]
     scripts: Mapping[str, tuple[str, ...]]
     """netns -> `ip -batch` commands run inside it once the veths exist."""
+    fdb: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """cell netns -> `bridge -batch` commands (the vteps' forwarding entries), run after."""
 
     @property
     def namespaces(self) -> tuple[str, ...]:
@@ -304,11 +378,15 @@ def _v4(net: ipaddress.IPv4Network, offset: int) -> str:
 def plan_network(lab_id: str, spec: LabSpec) -> NetworkPlan:
     """Names, addresses and `ip` commands for `spec`; deterministic, so it is unit-tested.
 
-    Cell i (from 0) gets uplink /30 number i of 198.18.0.0/24 (core .1, cell .2 of the
-    block) and container subnet 198.18.(i+1).0/24, split into /30s, one per container
-    (gateway .1, container .2 of the block).  Service j gets gateway 198.18.255.(j+1) on the
-    core's end of its link and its own addresses as /32s on its end, with a host route for
-    each in the core, so a service can hold any address of 198.19.0.0/16 -- and can move.
+    Cell i (from 0) gets uplink /30 number i of 198.18.128.0/24 on its `eth0` (core .1, cell
+    .2 of the block) and overlay lease 198.18.(i+1).0/24, split into /30s, one per container
+    (gateway .1, container .2 of the block); its `silk-vtep` holds the lease's first address
+    with the overlay's prefix and routes every other cell's lease via that cell's vtep
+    address, with a permanent ARP entry and an FDB entry naming the cell's underlay address
+    (silk's converger; the FDB entries are `bridge` commands, in `fdb`).  Service j gets
+    gateway 198.18.255.(j+1) on the core's end of its link and its own addresses as /32s on
+    its end, with a host route for each in the core, so a service can hold any address of
+    198.19.0.0/16 -- and can move.
     """
     if not _LAB_ID_RE.match(lab_id):
         raise ValueError(f"lab id {lab_id!r} must match {_LAB_ID_RE.pattern}")
@@ -322,13 +400,16 @@ def plan_network(lab_id: str, spec: LabSpec) -> NetworkPlan:
     for i, cell in enumerate(spec.cells):
         block = ipaddress.IPv4Network((int(UPLINKS.network_address) + 4 * i, 30))
         subnet = ipaddress.IPv4Network(f"198.18.{i + 1}.0/24")
+        vtep_ip = subnet.network_address
         cn = CellNet(
             netns=f"{lab_id}-{cell}",
             subnet=str(subnet),
             uplink_ip=_v4(block, 2),
             core_ip=_v4(block, 1),
-            ifname=f"{lab_id}-u{i}",
+            ifname=UNDERLAY_IF,
             core_ifname=f"{lab_id}-u{i}p",
+            vtep_ip=str(vtep_ip),
+            vtep_mac="ee:ee:" + ":".join(f"{b:02x}" for b in vtep_ip.packed),
         )
         cells[cell] = cn
         veths.append(Veth(cn.netns, cn.ifname, core, cn.core_ifname))
@@ -342,6 +423,10 @@ def plan_network(lab_id: str, spec: LabSpec) -> NetworkPlan:
             f"addr add {cn.uplink_ip}/30 dev {cn.ifname}",
             f"link set {cn.ifname} up",
             f"route add default via {cn.core_ip}",
+            f"link add {VTEP_IF} address {cn.vtep_mac} type vxlan id {VXLAN_VNI}"
+            f" local {cn.uplink_ip} dev {cn.ifname} dstport {VXLAN_PORT} nolearning gbp",
+            f"link set {VTEP_IF} up",
+            f"addr add {cn.vtep_ip}/{OVERLAY_V4.prefixlen} dev {VTEP_IF} scope link",
         ]
         for j, c in enumerate(x for x in spec.containers if x.cell == cell):
             cblock = ipaddress.IPv4Network((int(subnet.network_address) + 4 * j, 30))
@@ -365,6 +450,20 @@ def plan_network(lab_id: str, spec: LabSpec) -> NetworkPlan:
                 f"link set {net.ifname} up",
                 f"route add default via {net.gateway}",
             ]
+
+    fdb: dict[str, list[str]] = {}
+    for cn in cells.values():
+        fdb[cn.netns] = []
+        for other in cells.values():
+            if other is cn:
+                continue
+            scripts[cn.netns] += [
+                f"route add {other.subnet} via {other.vtep_ip} dev {VTEP_IF} src {cn.vtep_ip}",
+                f"neigh add {other.vtep_ip} lladdr {other.vtep_mac} dev {VTEP_IF} nud permanent",
+            ]
+            fdb[cn.netns].append(
+                f"fdb add {other.vtep_mac} dev {VTEP_IF} dst {other.uplink_ip} self permanent"
+            )
 
     for j, s in enumerate(spec.services):
         gateway = _v4(SERVICE_GATEWAYS, j + 1)
@@ -390,7 +489,7 @@ def plan_network(lab_id: str, spec: LabSpec) -> NetworkPlan:
         ]
 
     for v in veths:
-        for name in (v.a_if, v.b_if):
+        for name in (v.a_if, v.b_if, VTEP_IF):
             if len(name) > MAX_IFNAME:
                 raise ValueError(f"interface name {name} is longer than {MAX_IFNAME}")
     return NetworkPlan(
@@ -401,6 +500,7 @@ def plan_network(lab_id: str, spec: LabSpec) -> NetworkPlan:
         services=services,
         veths=tuple(veths),
         scripts={k: tuple(v) for k, v in scripts.items()},
+        fdb={k: tuple(v) for k, v in fdb.items()},
     )
 
 
@@ -438,11 +538,11 @@ def resolve_guids(policies: Path, apps: Sequence[str]) -> dict[str, Guids]:
     return out
 
 
-def store_document(
-    spec: LabSpec, cell: str, net: NetworkPlan, guids: Mapping[str, Guids]
-) -> dict[str, Any]:
-    """One cell's containers in CF's container metadata store format (store.json)."""
-    return inventory.store_document(
+def cell_containers(
+    spec: LabSpec, net: NetworkPlan, guids: Mapping[str, Guids], cell: str
+) -> list[Container]:
+    """One cell's containers as the agent reads them from its store.json."""
+    return [
         Container(
             handle=c.name,
             ip=net.containers[c.name].ip,
@@ -453,7 +553,14 @@ def store_document(
             workload=c.workload,
         )
         for c, g in ((c, guids[c.app]) for c in spec.containers if c.cell == cell)
-    )
+    ]
+
+
+def store_document(
+    spec: LabSpec, cell: str, net: NetworkPlan, guids: Mapping[str, Guids]
+) -> dict[str, Any]:
+    """One cell's containers in CF's container metadata store format (store.json)."""
+    return inventory.store_document(cell_containers(spec, net, guids, cell))
 
 
 # -- state on disk -------------------------------------------------------------------------
@@ -506,6 +613,8 @@ class LabInfo:
     processes: tuple[ProcessRecord, ...]
     service_addresses: Mapping[str, tuple[str, ...]]
     guids: Mapping[str, Guids] = field(default_factory=dict)
+    cf_layout: str = ""
+    """The iptables variant (legacy, nft) CF's own chains were installed with; "" if none."""
 
     @property
     def cells(self) -> tuple[str, ...]:
@@ -547,8 +656,18 @@ def _spec_to_dict(spec: LabSpec) -> dict[str, Any]:
     return {
         "cells": list(spec.cells),
         "containers": [
-            {"name": c.name, "cell": c.cell, "app": c.app, "workload": c.workload}
+            {
+                "name": c.name,
+                "cell": c.cell,
+                "app": c.app,
+                "workload": c.workload,
+                "tcp": list(c.tcp),
+            }
             for c in spec.containers
+        ],
+        "network_policies": [
+            {"source": p.source, "dest": p.dest, "port": p.port, "protocol": p.protocol}
+            for p in spec.network_policies
         ],
         "services": [
             {
@@ -566,7 +685,10 @@ def _spec_to_dict(spec: LabSpec) -> dict[str, Any]:
 def _spec_from_dict(d: Mapping[str, Any]) -> LabSpec:
     return LabSpec(
         tuple(d["cells"]),
-        tuple(LabContainer(**c) for c in d["containers"]),
+        tuple(
+            LabContainer(c["name"], c["cell"], c["app"], c["workload"], tuple(c.get("tcp", ())))
+            for c in d["containers"]
+        ),
         tuple(
             LabService(
                 s["name"],
@@ -577,6 +699,7 @@ def _spec_from_dict(d: Mapping[str, Any]) -> LabSpec:
             )
             for s in d["services"]
         ),
+        tuple(LabNetworkPolicy(**p) for p in d.get("network_policies") or []),
     )
 
 
@@ -607,6 +730,7 @@ def _info(name: str, doc: Mapping[str, Any]) -> LabInfo:
         processes=tuple(ProcessRecord(**p) for p in doc.get("processes") or []),
         service_addresses=addresses or {s.name: s.addresses for s in spec.services},
         guids={k: Guids(**v) for k, v in (doc.get("guids") or {}).items()},
+        cf_layout=str(doc.get("cf_layout") or ""),
     )
 
 
@@ -713,12 +837,16 @@ def up(
     policies: Path = Path("policies"),
     seed_hook: Callable[[Path], None] | None = None,
     log: Log = _quiet,
+    cf_layout: str | None = None,
 ) -> LabInfo:
     """Build the lab, start its services and git server, and return; it runs until `down`.
 
     On any failure (or Ctrl-C) everything made so far is removed before the error propagates.
     `seed_hook` may edit the policy repo's first commit (a folder) before it is committed:
-    the demo uses it to start from the state before its first story.
+    the demo uses it to start from the state before its first story.  `cf_layout` ("legacy",
+    "nft" or "auto": the system's `iptables`) also installs CF's own chains in every cell
+    with that iptables variant (see the module docstring); agents enforcing with iptables
+    must use the same variant, or CF's netout chains judge again what they accepted.
     """
     reason = unavailable_reason()
     if reason:
@@ -730,7 +858,10 @@ def up(
             f"a lab called {name!r} exists already ({directory}); "
             f"`asgctl lab down --name {name}` removes it"
         )
-    guids = resolve_guids(policies, sorted({c.app for c in spec.containers}))
+    apps = {c.app for c in spec.containers}
+    apps |= {a for p in spec.network_policies for a in (p.source, p.dest)}
+    guids = resolve_guids(policies, sorted(apps))
+    variant = _cf_variant(cf_layout) if cf_layout else ""
     directory.mkdir(parents=True, exist_ok=True)
     lab_id = new_lab_id()
     net = plan_network(lab_id, spec)
@@ -743,6 +874,7 @@ def up(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "owner": {"pid": os.getpid(), "start": process_start_time(os.getpid())},
             "spec": _spec_to_dict(spec),
+            "cf_layout": variant,
             "guids": {
                 k: {"app_id": g.app_id, "space_id": g.space_id, "org_id": g.org_id}
                 for k, g in guids.items()
@@ -759,6 +891,9 @@ def up(
             store.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(store, store_document(spec, cell, net, guids))
         (directory / "logs").mkdir(exist_ok=True)
+        if variant:
+            install_cf_layout(spec, net, guids, _seed_policy(policies, seed_hook), variant)
+            log(f"CF's own chains (silk, vxlan-policy-agent) installed with iptables-{variant}")
         _start_containers(directory, spec, net)
         _start_services(directory, spec, net)
         log(f"containers and services running after {time.monotonic() - t0:.1f}s")
@@ -825,6 +960,14 @@ def _build_network(net: NetworkPlan) -> None:
         [start_ip_batch(["ip", "-n", ns], cmds) for ns, cmds in net.scripts.items()],
         "addresses and routes",
     )
+    _wait(
+        [
+            start_command(["bridge", "-n", ns, "-batch", "-"], cmds)
+            for ns, cmds in net.fdb.items()
+            if cmds
+        ],
+        "vxlan forwarding entries",
+    )
     for cell in net.cells.values():
         enable_conntrack(
             cell.netns, net.lab_id, "asgctl lab: connection tracking on from the start"
@@ -876,9 +1019,35 @@ def _reap_children() -> None:
 
 
 def _start_containers(directory: Path, spec: LabSpec, net: NetworkPlan) -> None:
-    """One long-lived process per container: its PID must not change while policy does."""
+    """One long-lived process per container: its PID must not change while policy does.
+
+    A container with ports also runs its app: an echo server on them (role `app`).
+    """
+    waiting = []
     for c in spec.containers:
-        spawn(directory, "container", ["sleep", "infinity"], netns=net.containers[c.name].netns)
+        netns = net.containers[c.name].netns
+        spawn(directory, "container", ["sleep", "infinity"], netns=netns)
+        if c.tcp:
+            argv = [sys.executable, "-m", "reconciler.lab.serve"]
+            argv += [a for p in c.tcp for a in ("--tcp", f"0.0.0.0:{p}")]
+            log = directory / "logs" / f"app-{c.name}.log"
+            spawn(directory, "app", argv, netns=netns, stdout=log, log=log)
+            waiting.append(log)
+    _wait_ready(waiting, "container apps")
+
+
+def _wait_ready(logs: Sequence[Path], what: str) -> None:
+    """Until each echo server's log says `ready`; PlatformError with their tails if not."""
+    deadline = time.monotonic() + 20
+    waiting = list(logs)
+    while waiting:
+        waiting = [p for p in waiting if b"ready" not in p.read_bytes()]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            tails = "; ".join(f"{p.name}: {p.read_text(errors='replace')[-300:]}" for p in waiting)
+            raise PlatformError(f"{what} did not start: {tails}")
+        time.sleep(0.02)
 
 
 def _start_services(directory: Path, spec: LabSpec, net: NetworkPlan) -> None:
@@ -891,15 +1060,91 @@ def _start_services(directory: Path, spec: LabSpec, net: NetworkPlan) -> None:
         log = logs / f"service-{s.name}.log"
         spawn(directory, "service", argv, netns=net.services[s.name].netns, stdout=log, log=log)
         waiting.append(log)
-    deadline = time.monotonic() + 20
-    while waiting:
-        waiting = [p for p in waiting if b"ready" not in p.read_bytes()]
-        if not waiting:
-            return
-        if time.monotonic() > deadline:
-            tails = "; ".join(f"{p.name}: {p.read_text(errors='replace')[-300:]}" for p in waiting)
-            raise PlatformError(f"services did not start: {tails}")
-        time.sleep(0.02)
+    _wait_ready(waiting, "services")
+
+
+# -- CF's own chains (--cf-layout) ---------------------------------------------------------
+
+
+def _cf_variant(wanted: str) -> str:
+    """`legacy` or `nft`; `auto` is what the system's `iptables` is (as an agent's `auto`)."""
+    if wanted in ("legacy", "nft"):
+        return wanted
+    if wanted != "auto":
+        raise PlatformError(f"cf layout: unknown iptables variant {wanted!r} (legacy, nft, auto)")
+    from reconciler.dataplane.iptables import system_default
+    from reconciler.dataplane.runner import Runner
+
+    return system_default(Runner()) or "nft"
+
+
+def cf_layout_variant(backend: str) -> str:
+    """The variant to install CF's chains with, for agents on `backend`: `auto`, which an
+    agent's `--variant auto` then follows (it picks the variant holding the rules).
+
+    CF's chains are iptables; an nftables agent would leave silk's netout chains judging
+    underlay egress after it (with the ASGs the containers started with), so the pair is
+    refused rather than shown as asgctl's decision.
+    """
+    if backend == "nftables":
+        raise PlatformError(
+            "--cf-layout installs CF's iptables chains; run the agents with an iptables "
+            "backend (iptables, libiptc), not nftables"
+        )
+    return "auto"
+
+
+def _seed_policy(policies: Path, seed_hook: Callable[[Path], None] | None) -> Any:
+    """The policy of the lab's first commit: what silk wrote when the containers started."""
+    from reconciler.policy.load import load_policy
+
+    with tempfile.TemporaryDirectory(prefix="asgctl-lab-cf-") as tmp:
+        shutil.copytree(policies, Path(tmp) / "policies")
+        if seed_hook is not None:
+            seed_hook(Path(tmp))
+        result = load_policy(Path(tmp) / "policies")
+    if not result.ok:
+        raise PlatformError(f"{policies} (as seeded) does not validate")
+    return result.policy
+
+
+def network_policies(spec: LabSpec, guids: Mapping[str, Guids]) -> tuple[Any, ...]:
+    """The spec's network policies by app GUID, as the policy server hands them to the VPA."""
+    from reconciler.render.cflayout import NetworkPolicy
+
+    return tuple(
+        NetworkPolicy(guids[p.source].app_id, guids[p.dest].app_id, p.protocol, p.port, p.port)
+        for p in spec.network_policies
+    )
+
+
+def cf_layout_text(
+    spec: LabSpec, net: NetworkPlan, guids: Mapping[str, Guids], policy: Any, cell: str
+) -> str:
+    """One cell's `iptables-restore --noflush` input: `render_diego` of the seed plan."""
+    from reconciler.compile import compile_cell
+    from reconciler.plan import CellSettings
+    from reconciler.render.cflayout import render_diego
+
+    underlay = (UNDERLAY_IF,)
+    plan = compile_cell(
+        policy, cell_containers(spec, net, guids, cell), cell, CellSettings(underlay, underlay)
+    )
+    stamp = int(time.time())
+    return render_diego(plan, network_policies(spec, guids), vtep=VTEP_IF, stamp=stamp)
+
+
+def install_cf_layout(
+    spec: LabSpec, net: NetworkPlan, guids: Mapping[str, Guids], policy: Any, variant: str
+) -> None:
+    """CF's chains into every cell, one `iptables-<variant>-restore --noflush` each."""
+    for cell in spec.cells:
+        text = cf_layout_text(spec, net, guids, policy, cell)
+        argv = [f"iptables-{variant}-restore", "--noflush"]
+        try:
+            run(netns_exec_argv(net.cells[cell].netns, argv), input=text)
+        except NetnsError as exc:
+            raise PlatformError(f"{cell}: CF's chains did not install: {exc}") from None
 
 
 def _start_git(
@@ -951,8 +1196,19 @@ def lab_yaml(spec: LabSpec, net: NetworkPlan, guids: Mapping[str, Guids]) -> str
     import yaml
 
     doc = {
+        "overlay": str(OVERLAY_V4),
+        "network_policies": [
+            {"source": p.source, "destination": p.dest, "port": p.port, "protocol": p.protocol}
+            for p in spec.network_policies
+        ],
         "cells": {
             cell: {
+                "underlay": {"interface": UNDERLAY_IF, "ip": net.cells[cell].uplink_ip},
+                "overlay": {
+                    "interface": VTEP_IF,
+                    "ip": net.cells[cell].vtep_ip,
+                    "lease": net.cells[cell].subnet,
+                },
                 "containers": [
                     {
                         "handle": c.name,
@@ -963,7 +1219,7 @@ def lab_yaml(spec: LabSpec, net: NetworkPlan, guids: Mapping[str, Guids]) -> str
                     }
                     for c in spec.containers
                     if c.cell == cell
-                ]
+                ],
             }
             for cell in spec.cells
         },
@@ -1223,13 +1479,26 @@ def render_status(info: LabInfo) -> str:
         f"lab {info.name} ({info.lab_id}): {info.phase}, created {info.created}",
         f"  state   {info.directory}",
         f"  git     {info.git_url or '-'}  ({pid('git-daemon')})",
-        f"  network {info.net.core} routes between the cells and the services",
+        f"  network {info.net.core} routes between the cells and the services (the underlay)",
+        f"  overlay {VTEP_IF} (VXLAN {VXLAN_VNI}, port {VXLAN_PORT}) in every cell, "
+        f"{OVERLAY_V4} standing in for CF's 10.255.0.0/16",
+        "  network policies "
+        + (
+            ", ".join(
+                f"{p.source} -> {p.dest}:{p.port}/{p.protocol}" for p in info.spec.network_policies
+            )
+            or "-"
+        )
+        + (f"; CF's chains installed (iptables-{info.cf_layout})" if info.cf_layout else ""),
         "",
     ]
     for cell in info.cells:
         cn = info.net.cells[cell]
         lines.append(
             f"{cell}  netns {cn.netns}  containers {cn.subnet}  agent {pid('agent', '', cell)}"
+        )
+        lines.append(
+            f"  underlay {cn.ifname} {cn.uplink_ip}  overlay {VTEP_IF} {cn.vtep_ip} {cn.vtep_mac}"
         )
         lines.append(f"  store {info.store_path(cell)}")
         for c in info.spec.containers:

@@ -16,10 +16,17 @@ FORWARD jump per container for each further underlay interface.
 
 Chain names carry the plan's container hash (`chain_id`), never a handle or app name, for the
 same reason as our renderer: nothing from the metadata store or a policy file reaches the
-transaction text.  Pure; used by the benchmarks only.
+transaction text.  Pure; used by the benchmarks and by the lab's `--cf-layout` cells.
+
+`render_diego` adds what silk and the vxlan-policy-agent write for traffic *between*
+containers, so a lab cell carries a Diego cell's whole FORWARD layout (see its docstring).
 """
 
 from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from reconciler.model import RuleItem
 from reconciler.plan import LOG_ID_LEN, CellPlan, ContainerPlan, check_interface_name
@@ -114,3 +121,118 @@ def render_cf(plan: CellPlan, family: int) -> str:
 def rule_count(text: str) -> int:
     """Rules in a transaction: its `-A` lines."""
     return sum(1 for line in text.splitlines() if line.startswith("-A "))
+
+
+# -- the overlay: container-to-container traffic, as silk and the VPA write it ------------
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkPolicy:
+    """A CF network policy (`cf add-network-policy SRC DST --port P --protocol tcp`): the
+    source app's containers may open connections to the destination app's on the ports."""
+
+    source_app: str
+    """App GUID, as the container metadata store carries it (`app_id`)."""
+    dest_app: str
+    protocol: str
+    start_port: int
+    end_port: int
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("tcp", "udp"):
+            raise ValueError(f"network policy protocol must be tcp or udp, not {self.protocol!r}")
+        if not 0 < self.start_port <= self.end_port < 65536:
+            raise ValueError(f"network policy ports {self.start_port}-{self.end_port}")
+
+
+def policy_tags(policies: Sequence[NetworkPolicy]) -> dict[str, str]:
+    """The policy server's tag per source app: a 2-byte hex id (cf-networking's default
+    `tag_length`), given out in order of first appearance, so a render is deterministic."""
+    tags: dict[str, str] = {}
+    for p in policies:
+        tags.setdefault(p.source_app, f"{len(tags) + 1:04X}")
+    return tags
+
+
+def _ports(p: NetworkPolicy) -> str:
+    return str(p.start_port) if p.start_port == p.end_port else f"{p.start_port}:{p.end_port}"
+
+
+def vpa_chain_lines(plan: CellPlan, policies: Sequence[NetworkPolicy], chain: str) -> list[str]:
+    """The vxlan-policy-agent's `vpa--<time>` chain for this cell's IPv4 containers.
+
+    silk-release vxlan-policy-agent/planner/planner_linux.go@25ea819 planIPTableRules: first a
+    MARK rule per local container of a policy's *source* app (`--source <ip> -j MARK
+    --set-xmark 0x<tag>`, lib/rules NewMarkSetRule), then per local container of a policy's
+    *destination* app `-d <ip> -p <proto> --dport <ports> -m mark --mark 0x<tag> -j ACCEPT`
+    (NewMarkAllowRule).  The enforcer inserts the chain's jump at FORWARD position 1
+    (enforcer/enforcer.go, BulkInsert at 1).  The mark travels to another cell in the VXLAN
+    header's group policy id (silk's vtep is created with GBP on, silk/daemon/vtep/factory.go
+    @85ad715 CreateVTEP), so a destination cell sees the source's tag.  Comments carrying app
+    GUIDs are left out: they decide nothing, and no store field reaches our transactions.
+    """
+    tags = policy_tags(policies)
+    local = [cp.container for cp in plan.containers if cp.container.version == 4]
+    lines: list[str] = []
+    seen: set[str] = set()
+    for c in sorted(local, key=lambda c: c.ip):
+        if c.app_id in tags and c.ip not in seen:
+            seen.add(c.ip)
+            lines.append(f"-A {chain} -s {c.ip}/32 -j MARK --set-xmark 0x{tags[c.app_id]}")
+    for c in sorted(local, key=lambda c: c.ip):
+        for p in policies:
+            if p.dest_app == c.app_id:
+                lines.append(
+                    f"-A {chain} -d {c.ip}/32 -p {p.protocol} -m {p.protocol} --dport {_ports(p)}"
+                    f" -m mark --mark 0x{tags[p.source_app]} -j ACCEPT"
+                )
+    return lines
+
+
+def overlay_chain_lines(cp: ContainerPlan, vtep: str) -> tuple[str, list[str]]:
+    """silk-cni's `overlay--<handle>` chain of one container and its FORWARD jump.
+
+    silk-release cni-wrapper-plugin/netrules/netout.go@17a1c64 defaultNetOutRules: FORWARD
+    `--jump overlay--<handle>` (appended, no condition), and in the chain
+    (lib/rules/rules.go): NewOverlayAllowEgress (`-s <ip> -o <vtep> -m mark ! --mark 0x0 -j
+    ACCEPT`: leaving over the overlay only when the VPA tagged it), NewOverlayRelatedEstablished
+    Rule, NewOverlayTagAcceptRule for the ingress routers' tag (no routers in the lab: left
+    out), NewOverlayDefaultRejectRule (`-d <ip> -j REJECT`): whatever the VPA did not accept.
+    """
+    chain = f"overlay--{_short(cp.chain_id)}"
+    ip = f"{cp.container.ip}/32"
+    return chain, [
+        f"-A FORWARD -j {chain}",
+        f"-A {chain} -s {ip} -o {check_interface_name(vtep)} -m mark ! --mark 0x0 -j ACCEPT",
+        f"-A {chain} -d {ip} -m state --state RELATED,ESTABLISHED -j ACCEPT",
+        f"-A {chain} -d {ip} -j REJECT --reject-with icmp-port-unreachable",
+    ]
+
+
+def render_diego(
+    plan: CellPlan, policies: Sequence[NetworkPolicy], *, vtep: str, stamp: int
+) -> str:
+    """A Diego cell's own IPv4 FORWARD layout, for `iptables-restore --noflush`.
+
+    silk's netout chains (`render_cf`: ASG egress out of the underlay), silk's overlay chain
+    per container, and the VPA's `vpa--<stamp>` chain inserted first in FORWARD.  The FORWARD
+    entries are what a cell shows after its containers started: netout and overlay jumps
+    appended in container order, the VPA's jump on top.
+    """
+    vpa = f"vpa--{int(stamp)}"
+    if len(vpa) > 28:
+        raise ValueError(f"chain name {vpa} is longer than iptables' 28 characters")
+    containers = [cp for cp in plan.containers if cp.container.version == 4]
+    for cp in containers:
+        ipaddress.IPv4Address(cp.container.ip)  # a store's text never reaches the rules
+    body = render_cf(plan, 4).splitlines()[1:-1]  # without *filter / COMMIT
+    heads = [ln for ln in body if ln.startswith(":")]
+    rules = [ln for ln in body if not ln.startswith(":")]
+    for cp in containers:
+        chain, lines = overlay_chain_lines(cp, vtep)
+        heads.append(f":{chain} - [0:0]")
+        rules += lines
+    heads.append(f":{vpa} - [0:0]")
+    rules += vpa_chain_lines(plan, policies, vpa)
+    rules.append(f"-I FORWARD 1 -j {vpa}")
+    return "\n".join(["*filter", *heads, *rules, "COMMIT"]) + "\n"
