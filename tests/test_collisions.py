@@ -43,7 +43,7 @@ from reconciler.inventory import dump_store
 from reconciler.lab.netns import Lab
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, RuleItem
 from reconciler.model import SecurityGroup as Group
-from reconciler.plan import PlanError, content_id
+from reconciler.plan import CellSettings, PlanError, content_id
 from reconciler.render import iptables, nft
 from tests.agentkit import container, local_repo, sg, write_store
 from tests.conftest import require_netns
@@ -303,7 +303,8 @@ class Cell:
 
     def holds(self, item: RuleItem) -> None:
         """The kernel holds exactly the plan of `item` (and the wide rule, if that one)."""
-        plan = compile_cell(_policy(item), CONTAINERS, "cell-a")
+        settings = CellSettings(underlay4=("uplink0",), underlay6=("uplink0",))
+        plan = compile_cell(_policy(item), CONTAINERS, "cell-a", settings)
         if self.backend == "nftables":  # a full read, every element listed
             runner = Runner.in_netns(self.lab.cell)
             state = NftablesBackend.open(runner=runner, read_elements=True).read(4)

@@ -867,7 +867,7 @@ def test_asgctl_apply_without_privileges_says_so_once(
         "-c",
         "from reconciler.cli import main; main()",
         *("apply", "--containers", str(store), "--policies", str(policies)),
-        *("--variant", "legacy"),
+        *("--variant", "legacy", "--underlay-interface", "uplink0"),  # no default route here
     )
     assert result.returncode == 1, result
     said = result.stdout + result.stderr
