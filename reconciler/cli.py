@@ -169,7 +169,12 @@ def import_cf_cmd(files: tuple[str, ...], name: str | None, out_dir: str | None)
     nothing is written (exit 1).  Warnings (ICMP ports dropped, CIDRs with host bits, ...) go
     to stderr and the import goes ahead (exit 0).
     """
-    from reconciler.policy.importcf import document_filenames, dump_documents, import_files
+    from reconciler.policy.importcf import (
+        document_filenames,
+        dump_documents,
+        import_files,
+        schema_comment_for,
+    )
 
     docs, errors, warnings = import_files(files, name)
     for w in warnings:
@@ -183,9 +188,10 @@ def import_cf_cmd(files: tuple[str, ...], name: str | None, out_dir: str | None)
         return
     target = Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
+    hint = schema_comment_for(target)
     for doc, filename in zip(docs, document_filenames([d["name"] for d in docs]), strict=True):
         path = target / filename
-        path.write_text(dump_documents([doc]), encoding="utf-8")
+        path.write_text(dump_documents([doc], hint), encoding="utf-8")
         click.echo(f"wrote {path}")
 
 

@@ -92,3 +92,29 @@ def test_warnings_go_to_stderr_and_the_import_goes_ahead(tmp_path):
         "(Cloud Controller's request validator ignores them)\n"
     ).replace("ping.json", str(tmp_path / "ping.json"), 1)
     assert "ports" not in result.stdout and "name: ping" in result.stdout
+
+
+def test_out_writes_a_schema_hint_that_resolves_however_deep_the_folder(tmp_path):
+    """Files imported into a nested folder of a policy repo point editors at the repo's
+    schemas/asgctl.schema.json by a path that resolves from where they are; outside any
+    repo with a schemas/ folder they carry no hint rather than a broken one."""
+    (tmp_path / "all.json").write_text(json.dumps(v3_list(V3_DOCS_GROUP, PUBLIC_NETWORKS)))
+    repo = tmp_path / "repo"
+    (repo / "schemas").mkdir(parents=True)
+    (repo / "schemas" / "asgctl.schema.json").write_text("{}")
+    for out in (repo / "policies", repo / "policies" / "imported" / "from-cf"):
+        result = CliRunner().invoke(
+            main, ["import-cf", str(tmp_path / "all.json"), "--out", str(out)]
+        )
+        assert result.exit_code == 0, result.output
+        first = (out / "public_networks.yaml").read_text().splitlines()[0]
+        prefix = "# yaml-language-server: $schema="
+        assert first.startswith(prefix), first
+        assert (out / first.removeprefix(prefix)).resolve() == (
+            repo / "schemas" / "asgctl.schema.json"
+        ).resolve()
+    lone = tmp_path / "elsewhere"
+    result = CliRunner().invoke(main, ["import-cf", str(tmp_path / "all.json"), "--out", str(lone)])
+    assert result.exit_code == 0, result.output
+    assert "$schema" not in (lone / "public_networks.yaml").read_text()
+    assert load_folder(lone).ok

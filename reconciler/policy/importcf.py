@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -778,11 +779,28 @@ def _space_guids(relationships: object, key: str) -> tuple[list[str], str | None
     return sorted(guids), None
 
 
-def dump_documents(docs: list[dict]) -> str:
+SCHEMA_FILE = ("schemas", "asgctl.schema.json")
+
+
+def schema_comment_for(folder: Path) -> str | None:
+    """The schema hint for a file written into `folder`: a path relative to it that reaches
+    the policy repository's `schemas/asgctl.schema.json` (the nearest folder above holding
+    one), so editors resolve it however deep the import goes; None when no folder above
+    has one (a hint that resolves to nothing would only mislead)."""
+    here = folder.resolve()
+    for top in (here, *here.parents):
+        schema = top.joinpath(*SCHEMA_FILE)
+        if schema.is_file():
+            return f"# yaml-language-server: $schema={os.path.relpath(schema, here)}"
+    return None
+
+
+def dump_documents(docs: list[dict], schema_comment: str | None = SCHEMA_COMMENT) -> str:
     """Multi-document YAML for a policy file, with the schema hint editors pick up.
 
     Rules are written one per line in flow style, like the examples in the design, so a
-    pull request that changes one rule shows a one-line diff.
+    pull request that changes one rule shows a one-line diff.  `schema_comment` is the hint
+    (the default suits a file directly in a top-level `policies/`); None leaves it out.
     """
     body = yaml.dump_all(
         [_flow_rules(doc) for doc in docs],
@@ -792,7 +810,7 @@ def dump_documents(docs: list[dict]) -> str:
         default_flow_style=False,
         width=10_000,
     )
-    return f"{SCHEMA_COMMENT}\n{body}"
+    return body if schema_comment is None else f"{schema_comment}\n{body}"
 
 
 class _FlowMap(dict):
