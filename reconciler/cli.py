@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from reconciler.agent.commands import agent_cmd, status_cmd
+from reconciler.agent.config import BACKENDS
 from reconciler.cli_options import format_option
 from reconciler.compile import compile_cell
 from reconciler.endpoint import parse_endpoint
@@ -355,7 +356,7 @@ def explain_cmd(
 @click.option(
     "--backend",
     "backend_name",
-    type=click.Choice(["iptables", "libiptc", "nftables"]),
+    type=click.Choice(BACKENDS),
     default="iptables",
     show_default=True,
     help="Dataplane backend (nftables: table inet asgctl; --variant does not apply).",

@@ -83,6 +83,10 @@ def test_config_mistakes_are_errors_not_silence() -> None:
         build_config({**BASE, "branch": "status/c2"}, {})
     with pytest.raises(ConfigError, match="cell"):
         build_config({**BASE, "cell": "../x"}, {})
+    with pytest.raises(ConfigError, match="backend: 'nft' is not one of iptables, libiptc"):
+        build_config({**BASE, "backend": "nft"}, {})
+    with pytest.raises(ConfigError, match="variant: 'legacyy'"):
+        build_config({**BASE, "variant": "legacyy"}, {})
 
 
 def test_urls_lose_their_credentials_in_status() -> None:
@@ -379,6 +383,16 @@ def test_the_sample_config_and_units_agree_with_the_code() -> None:
     cfg = build_config(load_file(str(root / "agent.yaml")), {"cell": "c9", "once": True})
     assert cfg.cell == "c9" and cfg.once and cfg.interval == 60 and cfg.heartbeat == 600
     assert cfg.metrics_listen == "127.0.0.1:9465" and cfg.verify == "none"
+    # Every setting is there to be found, set or commented out, and every backend is named.
+    import re
+
+    from reconciler.agent.config import _KEYS, BACKENDS
+
+    text = (root / "agent.yaml").read_text()
+    listed = set(re.findall(r"^#? ?([a-z][a-z-]*):", text, re.M))
+    assert set(_KEYS) - listed == set(), "settings missing from deploy/agent.yaml"
+    backend_line = next(x for x in text.splitlines() if x.startswith("backend:"))
+    assert all(b in backend_line for b in BACKENDS), backend_line
     units = root / "systemd"
     assert "--once" in (units / "asgctl-agent-once.service").read_text()
     assert "asgctl agent --config" in (units / "asgctl-agent.service").read_text()

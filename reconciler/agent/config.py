@@ -331,7 +331,16 @@ def _default_cell() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", name) or "cell"
 
 
+BACKENDS = ("iptables", "libiptc", "nftables")
+"""The dataplane backends a cell can run (`backend`); `asgctl apply --backend` offers the same."""
+VARIANTS = ("auto", "legacy", "nft")
+
+
 def _check(cfg: AgentConfig) -> None:
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"backend: {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
+    if cfg.variant not in VARIANTS:
+        raise ConfigError(f"variant: {cfg.variant!r} is not one of {', '.join(VARIANTS)}")
     if not _CELL_NAME.match(cfg.cell):
         raise ConfigError(f"cell: {cfg.cell!r} must match {_CELL_NAME.pattern}")
     if not _BRANCH.match(cfg.branch) or ".." in cfg.branch or cfg.branch.endswith((".", "/")):
