@@ -255,6 +255,7 @@ def render_fleet(fleet: Fleet, fmt: str) -> str:
     if notes:
         lines.append("")
         lines.extend(notes)
-    lines.append("")
-    lines.append("DRIFT: corrections so far (* = drifted at the last sync)")
+    if any(c.drift_corrections or c.drifted == "True" for c in fleet.cells):
+        lines.append("")
+        lines.append("DRIFT: corrections so far (* = drifted at the last sync)")
     return "\n".join(lines) + "\n"
