@@ -119,7 +119,13 @@ def render(records: list[dict[str, Any]], soak: Mapping[str, Any] | None) -> str
     """The generated part of the page."""
     soaked = [r for r in records if r.get("soak")]
     revisions = sorted({str(r.get("revision", "unrecorded")) for r in records})
-    machines = sorted({str(r.get("machine", "unrecorded")) for r in records})
+    # `machine()` ends with the time of the run: one machine, a span of times.
+    machines = sorted({str(r.get("machine", "unrecorded")).rsplit("; ", 1)[0] for r in records})
+    times = sorted(
+        str(r["machine"]).rsplit("; ", 1)[1] for r in records if "; " in r.get("machine", "")
+    )
+    if times:
+        machines = [f"{m}; {times[0]} to {times[-1]}" for m in machines]
     faults = [r for r in records if not r["test"].startswith(("attacks-", "soak-"))]
     attacks = [r for r in records if r["test"].startswith("attacks-")]
     soaks = [r for r in records if r["test"].startswith("soak-")]
