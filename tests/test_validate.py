@@ -215,7 +215,7 @@ def test_a_rule_the_others_allow_between_them_is_redundant(tmp_path):
                 rules:
                   - {protocol: udp, destination: 10.0.0.1, ports: "53,54"}
                   - {protocol: udp, destination: 10.0.0.1, ports: "53-54"}
-                  - {protocol: tcp, destination: "10.0.1.0-10.0.1.4,10.0.1.5-10.0.1.9", ports: "443"}
+                  - {protocol: tcp, destination: "10.0.1.0-10.0.1.4,10.0.1.5-10.0.1.9", ports: 443}
                   - {protocol: tcp, destination: 10.0.1.3-10.0.1.6, ports: "443"}
                   - {protocol: icmp, destination: 10.0.2.0/24, type: -1, code: 0}
                   - {protocol: icmp, destination: 10.0.2.7, type: 3, code: 1}
