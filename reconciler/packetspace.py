@@ -153,8 +153,8 @@ def subtract(box: Box, others: Iterable[Box], along: Sequence[str] = AXES) -> li
     "lost icmp 10.0.0.0/24", not a list of the 255 types that remain); with every axis the
     answer is exact.
     """
-    cut = [AXES.index(a) + 1 for a in along]
-    kept = [i for i in range(1, len(AXES) + 1) if i not in cut]
+    cut = [AXES.index(a) for a in along]
+    kept = [i for i in range(len(AXES)) if i not in cut]
     pieces = [box]
     for other in others:
         if other.family != box.family:
@@ -168,28 +168,33 @@ def subtract(box: Box, others: Iterable[Box], along: Sequence[str] = AXES) -> li
     return pieces
 
 
+def _ranges(box: Box) -> list[Range]:
+    return [box.protocols, box.addresses, box.ports, box.types, box.codes]
+
+
 def _minus(piece: Box, other: Box, cut: list[int], kept: list[int]) -> list[Box]:
-    """`piece` minus `other` (same family), cutting only along the axes `cut`."""
+    """`piece` minus `other` (same family), cutting only along the axes `cut` (indices into
+    AXES)."""
+    mine, theirs = _ranges(piece), _ranges(other)
     for i in kept:  # `other` must hold all of the piece on every axis not cut
-        if not (other[i][0] <= piece[i][0] and piece[i][1] <= other[i][1]):
+        if not (theirs[i][0] <= mine[i][0] and mine[i][1] <= theirs[i][1]):
             return [piece]
     common: list[Range] = []
     for i in cut:
-        lo, hi = max(piece[i][0], other[i][0]), min(piece[i][1], other[i][1])
+        lo, hi = max(mine[i][0], theirs[i][0]), min(mine[i][1], theirs[i][1])
         if lo > hi:
             return [piece]  # disjoint
         common.append((lo, hi))
     out: list[Box] = []
-    rest = list(piece)
     for i, (lo, hi) in zip(cut, common, strict=True):
-        first, last = rest[i]
+        first, last = mine[i]
         if first < lo:
-            rest[i] = (first, lo - 1)
-            out.append(Box(*rest))
+            mine[i] = (first, lo - 1)
+            out.append(Box(piece.family, *mine))
         if hi < last:
-            rest[i] = (hi + 1, last)
-            out.append(Box(*rest))
-        rest[i] = (lo, hi)
+            mine[i] = (hi + 1, last)
+            out.append(Box(piece.family, *mine))
+        mine[i] = (lo, hi)
     return out
 
 
