@@ -154,10 +154,7 @@ class Rule:
         """True if every packet `other` allows is also allowed by this rule (by any of its
         destinations, or several together: 10.0.0.0-10.0.0.4,10.0.0.5-10.0.0.9 covers
         10.0.0.3-10.0.0.6)."""
-        mine = [box for item in self.items() for box in packetspace.item_space(item)]
-        return packetspace.covers(
-            mine, (box for item in other.items() for box in packetspace.item_space(item))
-        )
+        return packetspace.covers(packetspace.rule_space(self), packetspace.rule_space(other))
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # model imports this module: the types are only named here
     from reconciler.endpoint import Endpoint
-    from reconciler.model import RuleItem
+    from reconciler.model import Rule, RuleItem
 
 Range = tuple[int, int]
 
@@ -84,23 +84,47 @@ def item_space(item: RuleItem) -> tuple[Box, ...]:
     part of the space.
     """
     d = item.destination
-    family, addresses = d.version, (d.first, d.last)
-    protocol = item.protocol
+    return _space(item, ((d.version, d.first, d.last),))
+
+
+def rule_space(rule: Rule) -> tuple[Box, ...]:
+    """The packets a rule allows: its items' spaces, without building the items."""
+    return _space(rule, tuple((d.version, d.first, d.last) for d in rule.destinations))
+
+
+def _space(
+    rule: Rule | RuleItem, destinations: tuple[tuple[int, int, int], ...]
+) -> tuple[Box, ...]:
+    """The boxes of a rule's matches towards each (family, first, last) destination."""
+    protocol = rule.protocol
     if protocol == "all":
-        return (Box(family, ANY_PROTOCOL, addresses),)
+        return tuple(
+            Box(family, ANY_PROTOCOL, (lo, hi), ANY_PORT, ANY_BYTE, ANY_BYTE)
+            for family, lo, hi in destinations
+        )
     number = PROTOCOL_NUMBERS[protocol]
     protocols = (number, number)
     if protocol in ("tcp", "udp"):
-        ports = merge_ranges((p.first, p.last) for p in item.ports) or [ANY_PORT]
-        return tuple(Box(family, protocols, addresses, p) for p in ports)
-    if protocol != icmp_protocol(family):  # the other family's ICMP: by protocol number
-        return (Box(family, protocols, addresses),)
-    typ = -1 if item.icmp_type is None else item.icmp_type
-    code = -1 if item.icmp_code is None else item.icmp_code
-    if typ < 0:
-        return (Box(family, protocols, addresses),)
-    codes = ANY_BYTE if code < 0 else (code, code)
-    return (Box(family, protocols, addresses, ANY_PORT, (typ, typ), codes),)
+        if len(rule.ports) == 1:
+            ports = [(rule.ports[0].first, rule.ports[0].last)]
+        else:
+            ports = merge_ranges((p.first, p.last) for p in rule.ports) or [ANY_PORT]
+        return tuple(
+            Box(family, protocols, (lo, hi), r, ANY_BYTE, ANY_BYTE)
+            for family, lo, hi in destinations
+            for r in ports
+        )
+    typ = -1 if rule.icmp_type is None else rule.icmp_type
+    code = -1 if rule.icmp_code is None else rule.icmp_code
+    out = []
+    for family, lo, hi in destinations:
+        # Any type (and so any code); or the other family's ICMP, matched by protocol number.
+        if typ < 0 or protocol != icmp_protocol(family):
+            out.append(Box(family, protocols, (lo, hi), ANY_PORT, ANY_BYTE, ANY_BYTE))
+        else:
+            codes = ANY_BYTE if code < 0 else (code, code)
+            out.append(Box(family, protocols, (lo, hi), ANY_PORT, (typ, typ), codes))
+    return tuple(out)
 
 
 def _holds(r: Range, value: int | None, full: Range) -> bool:
@@ -129,9 +153,37 @@ def contains(space: Iterable[Box], packet: Endpoint) -> bool:
 
 
 def _box_covers(a: Box, b: Box) -> bool:
-    if a.family != b.family:
-        return False
-    return all(x[0] <= y[0] and y[1] <= x[1] for x, y in zip(a[1:], b[1:], strict=True))
+    """Does `a` hold every packet of `b`?  (Unrolled: validation asks it of many pairs.)"""
+    return (
+        a.family == b.family
+        and a.addresses[0] <= b.addresses[0]
+        and b.addresses[1] <= a.addresses[1]
+        and a.protocols[0] <= b.protocols[0]
+        and b.protocols[1] <= a.protocols[1]
+        and a.ports[0] <= b.ports[0]
+        and b.ports[1] <= a.ports[1]
+        and a.types[0] <= b.types[0]
+        and b.types[1] <= a.types[1]
+        and a.codes[0] <= b.codes[0]
+        and b.codes[1] <= a.codes[1]
+    )
+
+
+def _meet(a: Box, b: Box) -> bool:
+    """Do two boxes share a packet?"""
+    return (
+        a.family == b.family
+        and a.addresses[0] <= b.addresses[1]
+        and b.addresses[0] <= a.addresses[1]
+        and a.protocols[0] <= b.protocols[1]
+        and b.protocols[0] <= a.protocols[1]
+        and a.ports[0] <= b.ports[1]
+        and b.ports[0] <= a.ports[1]
+        and a.types[0] <= b.types[1]
+        and b.types[0] <= a.types[1]
+        and a.codes[0] <= b.codes[1]
+        and b.codes[0] <= a.codes[1]
+    )
 
 
 def covers(space: Sequence[Box], other: Iterable[Box]) -> bool:
@@ -139,7 +191,9 @@ def covers(space: Sequence[Box], other: Iterable[Box]) -> bool:
     for box in other:
         if any(_box_covers(a, box) for a in space):
             continue
-        if subtract(box, space):
+        touching = [a for a in space if _meet(a, box)]
+        # None of them holds it whole: one alone cannot cover it, several together may.
+        if len(touching) < 2 or subtract(box, touching):
             return False
     return True
 
