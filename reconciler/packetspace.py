@@ -84,47 +84,43 @@ def item_space(item: RuleItem) -> tuple[Box, ...]:
     part of the space.
     """
     d = item.destination
-    return _space(item, ((d.version, d.first, d.last),))
+    return _boxes(item, d.version, (d.first, d.last))
 
 
 def rule_space(rule: Rule) -> tuple[Box, ...]:
     """The packets a rule allows: its items' spaces, without building the items."""
-    return _space(rule, tuple((d.version, d.first, d.last) for d in rule.destinations))
+    return tuple(
+        box for d in rule.destinations for box in _boxes(rule, d.version, (d.first, d.last))
+    )
 
 
-def _space(
-    rule: Rule | RuleItem, destinations: tuple[tuple[int, int, int], ...]
-) -> tuple[Box, ...]:
-    """The boxes of a rule's matches towards each (family, first, last) destination."""
+def _boxes(rule: Rule | RuleItem, family: int, addresses: Range) -> tuple[Box, ...]:
+    """The boxes of a rule's match towards one destination range of one family."""
     protocol = rule.protocol
     if protocol == "all":
-        return tuple(
-            Box(family, ANY_PROTOCOL, (lo, hi), ANY_PORT, ANY_BYTE, ANY_BYTE)
-            for family, lo, hi in destinations
-        )
+        return (_box((family, ANY_PROTOCOL, addresses, ANY_PORT, ANY_BYTE, ANY_BYTE)),)
     number = PROTOCOL_NUMBERS[protocol]
     protocols = (number, number)
     if protocol in ("tcp", "udp"):
-        if len(rule.ports) == 1:
-            ports = [(rule.ports[0].first, rule.ports[0].last)]
-        else:
-            ports = merge_ranges((p.first, p.last) for p in rule.ports) or [ANY_PORT]
-        return tuple(
-            Box(family, protocols, (lo, hi), r, ANY_BYTE, ANY_BYTE)
-            for family, lo, hi in destinations
-            for r in ports
-        )
+        ports = rule.ports
+        if len(ports) == 1:
+            only = (ports[0].first, ports[0].last)
+            return (_box((family, protocols, addresses, only, ANY_BYTE, ANY_BYTE)),)
+        merged = merge_ranges((p.first, p.last) for p in ports) or [ANY_PORT]
+        return tuple(_box((family, protocols, addresses, r, ANY_BYTE, ANY_BYTE)) for r in merged)
     typ = -1 if rule.icmp_type is None else rule.icmp_type
+    # Any type (and so any code); or the other family's ICMP, matched by protocol number.
+    if typ < 0 or protocol != icmp_protocol(family):
+        return (_box((family, protocols, addresses, ANY_PORT, ANY_BYTE, ANY_BYTE)),)
     code = -1 if rule.icmp_code is None else rule.icmp_code
-    out = []
-    for family, lo, hi in destinations:
-        # Any type (and so any code); or the other family's ICMP, matched by protocol number.
-        if typ < 0 or protocol != icmp_protocol(family):
-            out.append(Box(family, protocols, (lo, hi), ANY_PORT, ANY_BYTE, ANY_BYTE))
-        else:
-            codes = ANY_BYTE if code < 0 else (code, code)
-            out.append(Box(family, protocols, (lo, hi), ANY_PORT, (typ, typ), codes))
-    return tuple(out)
+    codes = ANY_BYTE if code < 0 else (code, code)
+    return (_box((family, protocols, addresses, ANY_PORT, (typ, typ), codes)),)
+
+
+def _box(fields: tuple[int, Range, Range, Range, Range, Range]) -> Box:
+    """A Box from its fields, without NamedTuple's keyword handling: the render builds one
+    per rule of a cell."""
+    return tuple.__new__(Box, fields)
 
 
 def _holds(r: Range, value: int | None, full: Range) -> bool:

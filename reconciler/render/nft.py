@@ -334,16 +334,13 @@ def _set_match(family: int, kind: str, name: str) -> dict[str, Any]:
 def _item_boxes(item: RuleItem) -> tuple[str, list[Box]]:
     """Which set of its group an item goes to, and the boxes it adds there: its packet space
     (packetspace.item_space) projected onto that set's keys."""
-    out: dict[str, list[Box]] = {"a": [], "p": [], "i": []}
-    for box in item_space(item):
-        if box.protocols == ANY_PROTOCOL:
-            out["a"].append((box.addresses,))
-        elif box.protocols[0] == PROTOCOL_NUMBERS[icmp_protocol(box.family)]:
-            out["i"].append((box.addresses, box.types, box.codes))
-        else:
-            out["p"].append((box.addresses, box.protocols, box.ports))
-    ((kind, boxes),) = ((k, b) for k, b in out.items() if b)
-    return kind, boxes
+    space = item_space(item)
+    first = space[0]  # an item's boxes differ in their ports only
+    if first.protocols == ANY_PROTOCOL:
+        return "a", [(first.addresses,)]
+    if first.protocols[0] == PROTOCOL_NUMBERS[icmp_protocol(first.family)]:
+        return "i", [(first.addresses, first.types, first.codes)]
+    return "p", [(box.addresses, box.protocols, box.ports) for box in space]
 
 
 def element_text(keys: Sequence[str], box: Box) -> str:
