@@ -209,9 +209,13 @@ def subtract(box: Box, others: Iterable[Box], along: Sequence[str] = AXES) -> li
     for other in others:
         if other.family != box.family:
             continue
+        lo, hi = other.addresses
         nxt: list[Box] = []
         for piece in pieces:
-            nxt.extend(_minus(piece, other, cut, kept))
+            if piece.addresses[1] < lo or hi < piece.addresses[0]:
+                nxt.append(piece)  # no address in common: the usual case, decided at once
+            else:
+                nxt.extend(_minus(piece, other, cut, kept))
         pieces = nxt
         if not pieces:
             break
