@@ -1,4 +1,4 @@
-"""Which packets a rule allows: one answer, used by compile, explain, diff and the nft render.
+"""Which packets a rule allows: one answer, for validation, explain, the diff and the nft render.
 
 A rule item (one protocol, one destination range, its ports or ICMP type and code) allows a
 set of packets.  That set is written here once, as a few *boxes*: products of integer ranges
