@@ -30,7 +30,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-from reconciler.model import Container, PolicySet, Rule, RuleItem
+from reconciler.model import (
+    LIFECYCLES,
+    Container,
+    EgressPolicy,
+    PolicySet,
+    Rule,
+    RuleItem,
+    SecurityGroup,
+)
 from reconciler.plan import (
     CF_CONTAINER_FIXED_LINES,
     CellPlan,
@@ -87,6 +95,59 @@ def _chain_id(handle: str) -> str:
     return content_id("container " + handle)
 
 
+# How a document reaches containers: a binding key names a kind and what it is bound to.
+# ("global", lifecycle): an ASG's globally_enabled; ("default", lifecycle): an egress policy
+# for every app; ("space-group" | "space-policy", lifecycle, space GUID): an ASG bound to a
+# space, an egress policy for a space; ("app-policy", lifecycle, app GUID).
+BindingKey = tuple[str, ...]
+_KIND_ORDER = {"global": 0, "default": 1, "space-group": 2, "space-policy": 3, "app-policy": 4}
+
+
+def bindings_for(lifecycle: str, space: str, app: str) -> tuple[BindingKey, ...]:
+    """The binding keys a container of this lifecycle, space and app gets: all it gets is
+    what the documents bound by these keys grant (its IP family then picks their items).
+
+    A container without a space gets no space's groups or policies, one without an app no
+    app's policies; one without a lifecycle ("": a workload silk gives no ASGs) matches no
+    key, as no document is bound to lifecycle "".  Keys come in the order `explain` lists a
+    container's sources: global groups, default policies, space groups, space policies,
+    app policies.
+    """
+    keys: list[BindingKey] = [("global", lifecycle), ("default", lifecycle)]
+    if space:
+        keys += [("space-group", lifecycle, space), ("space-policy", lifecycle, space)]
+    if app:
+        keys.append(("app-policy", lifecycle, app))
+    return tuple(keys)
+
+
+def group_bindings(sg: SecurityGroup) -> tuple[BindingKey, ...]:
+    """The keys through which an ASG reaches containers (`bindings_for` is the other side)."""
+    keys: list[BindingKey] = []
+    if sg.running_default:
+        keys.append(("global", "running"))
+    if sg.staging_default:
+        keys.append(("global", "staging"))
+    keys += [("space-group", "running", space) for space in sg.running_spaces]
+    keys += [("space-group", "staging", space) for space in sg.staging_spaces]
+    return tuple(keys)
+
+
+def policy_bindings(ep: EgressPolicy) -> tuple[BindingKey, ...]:
+    """The keys through which an egress policy reaches containers, per lifecycle it names."""
+    keys: list[BindingKey] = []
+    for lifecycle in LIFECYCLES:
+        if not ep.applies_to(lifecycle):
+            continue
+        if ep.source_type == "default":
+            keys.append(("default", lifecycle))
+        elif ep.source_type == "app" and ep.source_id:
+            keys.append(("app-policy", lifecycle, ep.source_id))
+        elif ep.source_type == "space" and ep.source_id:
+            keys.append(("space-policy", lifecycle, ep.source_id))
+    return tuple(keys)
+
+
 def profile_of(container: Container) -> Profile:
     """Everything that decides which rules a container gets; equal profiles, equal rules."""
     return (container.version, container.lifecycle, container.space_id, container.app_id)
@@ -108,8 +169,7 @@ class _Index:
     """
 
     def __init__(self, policy: PolicySet):
-        self.global_groups: dict[str, list[Source]] = defaultdict(list)
-        self.space_groups: dict[tuple[str, str], list[Source]] = defaultdict(list)
+        bound: dict[BindingKey, list[Source]] = defaultdict(list)
         for sg in policy.security_groups:
             sources = [
                 Source(
@@ -123,17 +183,8 @@ class _Index:
                 )
                 for i, rule in enumerate(sg.rules)
             ]
-            if sg.running_default:
-                self.global_groups["running"].extend(sources)
-            if sg.staging_default:
-                self.global_groups["staging"].extend(sources)
-            for space in sg.running_spaces:
-                self.space_groups[("running", space)].extend(sources)
-            for space in sg.staging_spaces:
-                self.space_groups[("staging", space)].extend(sources)
-        self.default_policies: dict[str, list[Source]] = defaultdict(list)
-        self.app_policies: dict[tuple[str, str], list[Source]] = defaultdict(list)
-        self.space_policies: dict[tuple[str, str], list[Source]] = defaultdict(list)
+            for key in group_bindings(sg):
+                bound[key].extend(sources)
         destinations = policy.destination_by_name
         for ep in policy.egress_policies:
             dest = destinations.get(ep.destination)
@@ -143,28 +194,16 @@ class _Index:
                 Provenance("EgressPolicy", ep.name, None, _where(ep.location), dest.name),
                 dest.as_rule(),
             )
-            for lifecycle in ("running", "staging"):
-                if not ep.applies_to(lifecycle):
-                    continue
-                if ep.source_type == "default":
-                    self.default_policies[lifecycle].append(src)
-                elif ep.source_type == "app" and ep.source_id:
-                    self.app_policies[(lifecycle, ep.source_id)].append(src)
-                elif ep.source_type == "space" and ep.source_id:
-                    self.space_policies[(lifecycle, ep.source_id)].append(src)
+            for key in policy_bindings(ep):
+                bound[key].append(src)
+        # Keys by kind, in the order a container's sources are listed (`bindings_for`).
+        self.bound: dict[BindingKey, list[Source]] = dict(
+            sorted(bound.items(), key=lambda kv: _KIND_ORDER[kv[0][0]])
+        )
         self._build_atoms()
 
-    def _bindings(self) -> list[tuple[tuple[str, ...], list[Source]]]:
-        out: list[tuple[tuple[str, ...], list[Source]]] = []
-        out += [(("global", lc), v) for lc, v in self.global_groups.items()]
-        out += [(("default", lc), v) for lc, v in self.default_policies.items()]
-        out += [(("space-group", *k), v) for k, v in self.space_groups.items()]
-        out += [(("space-policy", *k), v) for k, v in self.space_policies.items()]
-        out += [(("app-policy", *k), v) for k, v in self.app_policies.items()]
-        return out
-
     def _build_atoms(self) -> None:
-        bindings = self._bindings()
+        bindings = list(self.bound.items())
         expanded: dict[int, tuple[RuleItem, ...]] = {}
         provs: set[Provenance] = set()
         for _, sources in bindings:
@@ -189,7 +228,7 @@ class _Index:
         self.cf_count = [len(keys) for keys in cf_keys]
         self.cf_shared = [bases[keys[0][:4] + keys[0][5:]] > 1 for keys in cf_keys]
         # Per key: which items it grants, and which documents grant each of them.
-        self.key_number: dict[tuple[str, ...], int] = {}
+        self.key_number: dict[BindingKey, int] = {}
         grants: list[dict[int, set[int]]] = []
         for key, sources in bindings:
             k = self.key_number.setdefault(key, len(grants))
@@ -240,11 +279,7 @@ class _Index:
 
     def profile_keys(self, profile: Profile) -> frozenset[int]:
         _, lifecycle, space, app = profile
-        names: list[tuple[str, ...]] = [("global", lifecycle), ("default", lifecycle)]
-        if space:
-            names += [("space-group", lifecycle, space), ("space-policy", lifecycle, space)]
-        if app:
-            names.append(("app-policy", lifecycle, app))
+        names = bindings_for(lifecycle, space, app)
         return frozenset(self.key_number[n] for n in names if n in self.key_number)
 
     def entry(self, profile: Profile) -> _Entry:
@@ -345,14 +380,11 @@ class _Index:
         return group
 
     def sources(self, lifecycle: str, space_id: str, app_id: str) -> list[Source]:
-        out = list(self.global_groups.get(lifecycle, ()))
-        out.extend(self.default_policies.get(lifecycle, ()))
-        if space_id:
-            out.extend(self.space_groups.get((lifecycle, space_id), ()))
-            out.extend(self.space_policies.get((lifecycle, space_id), ()))
-        if app_id:
-            out.extend(self.app_policies.get((lifecycle, app_id), ()))
-        return out
+        return [
+            src
+            for key in bindings_for(lifecycle, space_id, app_id)
+            for src in self.bound.get(key, ())
+        ]
 
 
 def _where(location: object) -> str:

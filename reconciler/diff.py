@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import difflib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from reconciler.compile import (
     Profile,
+    bindings_for,
     cf_equivalent_rules,
     compile_cell,
+    group_bindings,
     profile_of,
     profile_rules,
     profile_signature,
@@ -45,8 +47,8 @@ from reconciler.model import (
     PortRange,
     RuleItem,
     SecurityGroup,
-    merge_ranges,
 )
+from reconciler.packetspace import ANY_PORT, item_space, merge_ranges, subtract
 from reconciler.plan import CONTAINER_FIXED_LINES, CellPlan, ContainerPlan, Provenance, RuleGroup
 from reconciler.render.iptables import CONTAINER_PREFIX, TOP_CHAIN, chain_order, render_cell
 
@@ -58,6 +60,11 @@ ChainAction = Literal["create", "update", "delete"]
 
 
 # ----------------------------------------------------------------------------- results
+
+
+# Every port, as validation writes it (a Destination without ports) and as a tcp or udp
+# rule without ports means it (packetspace.ANY_PORT, port 0 included).
+_ALL_PORTS = ((PortRange(1, 65535),), (PortRange(*ANY_PORT),))
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -72,7 +79,7 @@ class Access:
 
     def __str__(self) -> str:
         text = f"{self.protocol} {self.destination}"
-        if self.ports and self.ports != (PortRange(1, 65535),):
+        if self.ports and self.ports not in _ALL_PORTS:
             word = (
                 "port"
                 if len(self.ports) == 1 and self.ports[0].first == self.ports[0].last
@@ -466,63 +473,10 @@ def _installed(plan: CellPlan, group_lines: dict[str, int]) -> int:
     return total
 
 
-# An access atom: (protocol, icmp type, icmp code, family, first address, last address,
-# first port, last port).  Ports are (0, 0) for protocols that have none.
-Atom = tuple[str, int, int, int, int, int, int, int]
-_ALL = (1, 65535)
-
-
-def _atoms(item: RuleItem) -> list[Atom]:
-    d = item.destination
-    t = -1 if item.icmp_type is None else item.icmp_type
-    code = -1 if item.icmp_code is None else item.icmp_code
-    if item.protocol in ("tcp", "udp"):
-        ports = [(p.first, p.last) for p in item.ports] or [_ALL]
-        return [(item.protocol, t, code, d.version, d.first, d.last, lo, hi) for lo, hi in ports]
-    return [(item.protocol, t, code, d.version, d.first, d.last, 0, 0)]
-
-
-def _cuts(a: Atom, b: Atom) -> Atom | None:
-    """The part of `b` that covers packets of `a`, as a box in a's own coordinates."""
-    if a[3] != b[3]:
-        return None
-    if b[0] == "all":
-        return (*a[:4], b[4], b[5], a[6], a[7])
-    if a[0] != b[0]:
-        return None
-    if a[0] in ("icmp", "icmpv6") and (b[1] not in (-1, a[1]) or b[2] not in (-1, a[2])):
-        return None  # partial ICMP coverage is not expressible; keep `a` whole
-    return b
-
-
-def _subtract(a: Atom, others: Iterable[Atom]) -> list[Atom]:
-    """`a` minus the union of `others`: what `a` allows that none of them does."""
-    pieces = [a]
-    for other in others:
-        nxt: list[Atom] = []
-        for p in pieces:
-            b = _cuts(p, other)
-            if b is None:
-                nxt.append(p)
-                continue
-            lo, hi = max(p[4], b[4]), min(p[5], b[5])
-            plo, phi = max(p[6], b[6]), min(p[7], b[7])
-            if lo > hi or plo > phi:
-                nxt.append(p)
-                continue
-            head = p[:4]
-            if p[4] < lo:
-                nxt.append((*head, p[4], lo - 1, p[6], p[7]))
-            if hi < p[5]:
-                nxt.append((*head, hi + 1, p[5], p[6], p[7]))
-            if p[6] < plo:
-                nxt.append((*head, lo, hi, p[6], plo - 1))
-            if phi < p[7]:
-                nxt.append((*head, lo, hi, phi + 1, p[7]))
-        pieces = nxt
-        if not pieces:
-            break
-    return pieces
+# The diff reports access per rule slice: it cuts a rule's packets along addresses and ports
+# only, so every slice keeps its rule's protocol and ICMP type and code (see
+# packetspace.subtract).
+_REPORTED_AXES = ("addresses", "ports")
 
 
 def _strip_log(item: RuleItem) -> RuleItem:
@@ -538,18 +492,20 @@ def _changes(
 ) -> tuple[AccessChange, ...]:
     """Access that `mine` grants and `theirs` does not, with the reasons for each slice."""
     their_items = {_strip_log(i) for i in theirs}
-    their_atoms = [a for i in their_items for a in _atoms(i)]
+    their_boxes = [b for i in their_items for b in item_space(i)]
     residue: dict[tuple, tuple[list[tuple[int, int]], set[Provenance]]] = {}
     for item, provs in sorted(mine.items()):
         plain = _strip_log(item)
         if plain in their_items:
             continue
-        for atom in _atoms(plain):
-            for piece in _subtract(atom, their_atoms):
-                key = (piece[0], piece[1], piece[2], piece[3], piece[4], piece[5])
+        t = -1 if plain.icmp_type is None else plain.icmp_type
+        code = -1 if plain.icmp_code is None else plain.icmp_code
+        for box in item_space(plain):
+            for piece in subtract(box, their_boxes, _REPORTED_AXES):
+                key = (plain.protocol, t, code, piece.family, *piece.addresses)
                 ports, sources = residue.setdefault(key, ([], set()))
-                if piece[0] in ("tcp", "udp"):
-                    ports.append((piece[6], piece[7]))
+                if plain.protocol in ("tcp", "udp"):
+                    ports.append(piece.ports)
                 sources.update(provs)
     out = []
     for key, (ports, sources) in residue.items():
@@ -745,12 +701,10 @@ class _Explainer:
 
 def _binding(sg: SecurityGroup, lifecycle: str, space: str) -> str | None:
     """How a group reaches containers of this lifecycle and space: globally, by space, or not."""
-    if sg.running_default if lifecycle == "running" else sg.staging_default:
+    keys = set(group_bindings(sg)).intersection(bindings_for(lifecycle, space, ""))
+    if ("global", lifecycle) in keys:
         return "global"
-    spaces = sg.running_spaces if lifecycle == "running" else sg.staging_spaces
-    if space and space in spaces:
-        return "space"
-    return None
+    return "space" if keys else None
 
 
 def _destination_fields(a: Destination, b: Destination) -> list[str]:

@@ -13,26 +13,8 @@ from dataclasses import dataclass
 from reconciler.compile import container_sources
 from reconciler.endpoint import Endpoint
 from reconciler.model import AddressRange, Container, PolicySet, RuleItem
+from reconciler.packetspace import contains, item_space
 from reconciler.plan import CellPlan, ContainerPlan, PlanRule, Provenance
-
-
-def item_allows(item: RuleItem, ep: Endpoint) -> bool:
-    """Does this rule item accept a new connection to `ep`?  Mirrors the rendered match."""
-    if not item.destination.contains(ep.version, ep.address):
-        return False
-    if item.protocol == "all":
-        return True
-    if item.protocol != ep.protocol:
-        return False
-    if item.protocol in ("tcp", "udp"):
-        if not item.ports:
-            return True
-        return ep.port is not None and any(p.first <= ep.port <= p.last for p in item.ports)
-    if item.icmp_type is None or item.icmp_type < 0:
-        return True
-    if item.icmp_type != ep.icmp_type:
-        return False
-    return item.icmp_code is None or item.icmp_code < 0 or item.icmp_code == ep.icmp_code
 
 
 @dataclass(frozen=True)
@@ -132,7 +114,7 @@ def explain(policy: PolicySet, plan: CellPlan, cp: ContainerPlan, ep: Endpoint) 
         for rule in groups[gid].rules:
             count += 1
             sources = tuple(s for s in rule.sources if s in mine)
-            if item_allows(rule.item, ep):
+            if contains(item_space(rule.item), ep):
                 matches.append(Match(gid, rule, sources))
             elif rule.item.destination.contains(ep.version, ep.address):
                 near.append(Match(gid, rule, sources))

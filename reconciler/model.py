@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
+
+from reconciler import packetspace
 
 Protocol = Literal["tcp", "udp", "icmp", "icmpv6", "all"]
 Lifecycle = Literal["running", "staging"]
@@ -109,11 +110,6 @@ class AddressRange:
     def contains(self, version: int, address: int) -> bool:
         return version == self.version and self.first <= address <= self.last
 
-    def covers(self, other: AddressRange) -> bool:
-        return (
-            other.version == self.version and self.first <= other.first and other.last <= self.last
-        )
-
     def __str__(self) -> str:
         cidr = self.cidr()
         if cidr is not None:
@@ -128,20 +124,6 @@ class PortRange:
 
     def __str__(self) -> str:
         return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
-
-    def covers(self, other: PortRange) -> bool:
-        return self.first <= other.first and other.last <= self.last
-
-
-def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, with overlapping and adjacent ranges joined: one canonical form per union."""
-    out: list[list[int]] = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return [(lo, hi) for lo, hi in out]
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +151,10 @@ class Rule:
         )
 
     def covers(self, other: Rule) -> bool:
-        """True if every packet `other` allows is also allowed by this rule."""
-        mine = self.items()
-        return all(any(m.covers(item) for m in mine) for item in other.items())
+        """True if every packet `other` allows is also allowed by this rule (by any of its
+        destinations, or several together: 10.0.0.0-10.0.0.4,10.0.0.5-10.0.0.9 covers
+        10.0.0.3-10.0.0.6)."""
+        return packetspace.covers(packetspace.rule_space(self), packetspace.rule_space(other))
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -203,17 +186,8 @@ class RuleItem:
         return " ".join(parts)
 
     def covers(self, other: RuleItem) -> bool:
-        if not self.destination.covers(other.destination):
-            return False
-        if self.protocol != "all" and self.protocol != other.protocol:
-            return False
-        if self.protocol in ("tcp", "udp"):
-            return all(any(p.covers(q) for p in self.ports) for q in other.ports)
-        if self.protocol in ("icmp", "icmpv6"):
-            if self.icmp_type not in (-1, other.icmp_type):
-                return False
-            return self.icmp_code in (-1, other.icmp_code)
-        return True
+        """True if every packet `other` allows is also allowed by this item."""
+        return packetspace.covers(packetspace.item_space(self), packetspace.item_space(other))
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,12 +40,12 @@ from reconciler.dataplane.nftdelta import (
 from reconciler.dataplane.nftparse import NftState, parse_listing
 from reconciler.explain import find_container
 from reconciler.lab.netns import Lab
+from reconciler.packetspace import disjoint_boxes
 from reconciler.plan import ID_LEN, LOG_ID_LEN, CellPlan
 from reconciler.render.nft import (
     ADDRESS_TYPES,
     NftRuleset,
     base_chain,
-    disjoint_boxes,
     dispatch_map,
     element_json,
     element_text,

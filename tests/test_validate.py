@@ -202,6 +202,36 @@ def test_icmp_rules_with_other_codes_are_not_redundant(tmp_path):
     ]
 
 
+def test_a_rule_the_others_allow_between_them_is_redundant(tmp_path):
+    """Coverage is of packets, however they are spelled: ports 53,54 allow all of 53-54, two
+    adjacent destination ranges all of one across them, and ICMP type -1 every type and
+    code whatever its code says (the render writes no --icmp-type for it)."""
+    got = findings(
+        tmp_path,
+        {
+            "sg.yaml": """
+                kind: SecurityGroup
+                name: a
+                rules:
+                  - {protocol: udp, destination: 10.0.0.1, ports: "53,54"}
+                  - {protocol: udp, destination: 10.0.0.1, ports: "53-54"}
+                  - {protocol: tcp, destination: "10.0.1.0-10.0.1.4,10.0.1.5-10.0.1.9", ports: 443}
+                  - {protocol: tcp, destination: 10.0.1.3-10.0.1.6, ports: "443"}
+                  - {protocol: icmp, destination: 10.0.2.0/24, type: -1, code: 0}
+                  - {protocol: icmp, destination: 10.0.2.7, type: 3, code: 1}
+                """
+        },
+    )
+    assert got == [
+        "sg.yaml:5:5: SecurityGroup/a: rules[1]: warning: redundant: rules[0] already allows "
+        "all of it",
+        "sg.yaml:7:5: SecurityGroup/a: rules[3]: warning: redundant: rules[2] already allows "
+        "all of it",
+        "sg.yaml:9:5: SecurityGroup/a: rules[5]: warning: redundant: rules[4] already allows "
+        "all of it",
+    ]
+
+
 def test_destination_semantics(tmp_path):
     got = findings(
         tmp_path,

@@ -61,12 +61,21 @@ import functools
 import ipaddress
 import json
 import weakref
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.model import AddressRange, RuleItem, address_text, merge_ranges
+from reconciler.model import AddressRange, RuleItem, address_text
+from reconciler.packetspace import (
+    ANY_BYTE,
+    ANY_PORT,
+    ANY_PROTOCOL,
+    PROTOCOL_NUMBERS,
+    Range,
+    disjoint_boxes,
+    icmp_protocol,
+    item_space,
+)
 from reconciler.plan import (
     CellPlan,
     CellSettings,
@@ -81,15 +90,10 @@ from reconciler.render.iptables import Ruleset, deny_class, log_id
 NFT_FAMILY = "inet"
 TABLE = "asgctl"
 PRIORITY = -1  # filter - 1: just before iptables' filter FORWARD (priority 0)
-PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
+Box = tuple[Range, ...]  # a set element's fields, as ranges
 ADDRESS_TYPES = frozenset({"ipv4_addr", "ipv6_addr"})
-ANY_PORT = (0, 65535)
-ANY_BYTE = (0, 255)
 _CT_INVALID, _CT_ESTABLISHED, _CT_RELATED, _CT_NEW = 1, 2, 4, 8
 _ICMPX_PORT_UNREACHABLE = 1
-
-Range = tuple[int, int]
-Box = tuple[Range, ...]
 
 
 def base_chain(family: int) -> str:
@@ -282,75 +286,26 @@ def _log_rule_matches(item: RuleItem) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if not (dest.first == 0 and dest.last == (1 << dest.bits) - 1):
         out.append(_match(_payload(ip, "daddr"), _address_value(dest)))
+    space = item_space(item)
+    first = space[0]
+    if first.protocols == ANY_PROTOCOL:
+        return out
     proto = item.protocol
-    if proto in ("tcp", "udp"):
-        ports = merge_ranges((p.first, p.last) for p in item.ports)
-        if not ports or ports == [ANY_PORT]:
-            out.append(_match({"meta": {"key": "l4proto"}}, PROTO_NUMBERS[proto]))
-        elif len(ports) == 1:
-            out.append(_match(_payload(proto, "dport"), _number_value(*ports[0])))
-        else:
-            out.append(
-                _match(_payload(proto, "dport"), {"set": [_number_value(*p) for p in ports]})
-            )
-    elif proto in ("icmp", "icmpv6"):
-        native = (proto == "icmp") == (dest.version == 4)
-        typ = item.icmp_type if item.icmp_type is not None else -1
-        code = item.icmp_code if item.icmp_code is not None else -1
-        if not native or typ < 0:
-            out.append(_match({"meta": {"key": "l4proto"}}, PROTO_NUMBERS[proto]))
-        else:
-            out.append(_match(_payload(proto, "type"), typ))
-            if code >= 0:
-                out.append(_match(_payload(proto, "code"), code))
+    ports = [box.ports for box in space]
+    if first.types != ANY_BYTE:  # one ICMP type (of the family's own ICMP: packetspace)
+        out.append(_match(_payload(proto, "type"), first.types[0]))
+        if first.codes != ANY_BYTE:
+            out.append(_match(_payload(proto, "code"), first.codes[0]))
+    elif ports == [ANY_PORT]:
+        out.append(_match({"meta": {"key": "l4proto"}}, first.protocols[0]))
+    elif len(ports) == 1:
+        out.append(_match(_payload(proto, "dport"), _number_value(*ports[0])))
+    else:
+        out.append(_match(_payload(proto, "dport"), {"set": [_number_value(*p) for p in ports]}))
     return out
 
 
 # -- groups ---------------------------------------------------------------------------------
-
-
-def disjoint_boxes(boxes: Iterable[Box]) -> list[Box]:
-    """A canonical cover of the union of `boxes` by boxes that do not overlap.
-
-    nft refuses overlapping elements in an interval set (the kernel's pipapo backend refuses
-    an element whose start or end lies inside another), while two ASG rules may well overlap.
-    Membership is all a set answers, so the union is what counts: sweep the first axis, cover
-    each stretch of it by the canonical cover of the remaining axes of the boxes active
-    there, and join neighbouring stretches whose covers are equal.
-    """
-    unique = set(boxes)
-    if not unique:
-        return []
-    if len(unique) == 1:
-        return list(unique)
-    if len(next(iter(unique))) == 1:
-        return [(r,) for r in merge_ranges(b[0] for b in unique)]
-    events: dict[int, list[tuple[int, Box]]] = {}
-    for box in unique:
-        (lo, hi), rest = box[0], box[1:]
-        events.setdefault(lo, []).append((1, rest))
-        events.setdefault(hi + 1, []).append((-1, rest))
-    active: Counter[Box] = Counter()
-    memo: dict[frozenset[Box], tuple[Box, ...]] = {}
-    stretches: list[tuple[int, int, tuple[Box, ...]]] = []
-    points = sorted(events)
-    for i, point in enumerate(points):
-        for delta, rest in events[point]:
-            active[rest] += delta
-            if not active[rest]:
-                del active[rest]
-        if not active or i + 1 == len(points):
-            continue
-        end = points[i + 1] - 1
-        key = frozenset(active)
-        cover = memo.get(key)
-        if cover is None:
-            cover = memo[key] = tuple(disjoint_boxes(key)) if len(key) > 1 else tuple(key)
-        if stretches and stretches[-1][1] + 1 == point and stretches[-1][2] == cover:
-            stretches[-1] = (stretches[-1][0], end, cover)
-        else:
-            stretches.append((point, end, cover))
-    return [((lo, hi), *rest) for lo, hi, cover in stretches for rest in cover]
 
 
 def _set_keys(family: int, kind: str) -> tuple[str, ...]:
@@ -377,27 +332,15 @@ def _set_match(family: int, kind: str, name: str) -> dict[str, Any]:
 
 
 def _item_boxes(item: RuleItem) -> tuple[str, list[Box]]:
-    """Which set of its group an item goes to, and the boxes it adds there."""
-    d = item.destination
-    addr = (d.first, d.last)
-    proto = item.protocol
-    if proto == "all":
-        return "a", [(addr,)]
-    if proto in ("tcp", "udp"):
-        ports = [(p.first, p.last) for p in item.ports] or [ANY_PORT]
-        number = PROTO_NUMBERS[proto]
-        return "p", [(addr, (number, number), port) for port in ports]
-    native = (proto == "icmp") == (d.version == 4)
-    if not native:
-        # icmp to an IPv6 destination (or icmpv6 to IPv4) is refused by validation; matched
-        # like iptables' `-p icmp` there: by protocol number, any type.
-        number = PROTO_NUMBERS[proto]
-        return "p", [(addr, (number, number), ANY_PORT)]
-    typ = item.icmp_type if item.icmp_type is not None else -1
-    code = item.icmp_code if item.icmp_code is not None else -1
-    types = ANY_BYTE if typ < 0 else (typ, typ)
-    codes = ANY_BYTE if typ < 0 or code < 0 else (code, code)
-    return "i", [(addr, types, codes)]
+    """Which set of its group an item goes to, and the boxes it adds there: its packet space
+    (packetspace.item_space) projected onto that set's keys."""
+    space = item_space(item)
+    first = space[0]  # an item's boxes differ in their ports only
+    if first.protocols == ANY_PROTOCOL:
+        return "a", [(first.addresses,)]
+    if first.protocols[0] == PROTOCOL_NUMBERS[icmp_protocol(first.family)]:
+        return "i", [(first.addresses, first.types, first.codes)]
+    return "p", [(box.addresses, box.protocols, box.ports) for box in space]
 
 
 def element_text(keys: Sequence[str], box: Box) -> str:
