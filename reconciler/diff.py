@@ -27,6 +27,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from reconciler.backends.iptables.render import (
+    CONTAINER_PREFIX,
+    TOP_CHAIN,
+    chain_order,
+    render_cell,
+)
 from reconciler.compile import (
     Profile,
     cf_equivalent_rules,
@@ -48,7 +54,6 @@ from reconciler.model import (
     merge_ranges,
 )
 from reconciler.plan import CONTAINER_FIXED_LINES, CellPlan, ContainerPlan, Provenance, RuleGroup
-from reconciler.render.iptables import CONTAINER_PREFIX, TOP_CHAIN, chain_order, render_cell
 
 CF_RULES_WARNING = 150_000
 CF_RULES_ERROR = 500_000

@@ -16,11 +16,11 @@ import reconciler.compile as compile_module
 from reconciler.agent.config import build_config
 from reconciler.agent.core import condition
 from reconciler.agent.loop import INVENTORY, SYNC, Agent
-from reconciler.dataplane import DataplaneError, Delta, OwnedState, compute_delta
-from reconciler.dataplane.records import HookCopy
+from reconciler.backends import DataplaneError, Delta, OwnedState, compute_delta
+from reconciler.backends.iptables.render import Ruleset, hook_rule, render_cell
+from reconciler.backends.records import HookCopy
 from reconciler.lab.gitserver import git
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import Ruleset, hook_rule, render_cell
 from tests.agentkit import container, local_repo, sg, tcp_rules, write_store
 
 

@@ -32,19 +32,20 @@ import reconciler.compile as compile_module
 from reconciler.agent.config import build_config
 from reconciler.agent.core import condition, container_changes, revoke_share
 from reconciler.agent.loop import SYNC, Agent
+from reconciler.backends import Runner
+from reconciler.backends.iptables import render as iptables
+from reconciler.backends.iptables.rendercache import RenderCache
+from reconciler.backends.nftables import render as nft
+from reconciler.backends.nftables.backend import NftablesBackend
+from reconciler.backends.nftables.delta import compute_nft_delta
+from reconciler.backends.nftables.parse import NftState
 from reconciler.cli import main
 from reconciler.compile import compile_cell
-from reconciler.dataplane import Runner
-from reconciler.dataplane.nftables import NftablesBackend
-from reconciler.dataplane.nftdelta import compute_nft_delta
-from reconciler.dataplane.nftparse import NftState
-from reconciler.dataplane.rendercache import RenderCache
 from reconciler.inventory import dump_store
 from reconciler.lab.netns import Lab
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, RuleItem
 from reconciler.model import SecurityGroup as Group
 from reconciler.plan import CellSettings, PlanError, content_id
-from reconciler.render import iptables, nft
 from tests.agentkit import container, local_repo, sg, write_store
 from tests.conftest import require_netns
 from tests.faultkit import expected_snapshot, snapshot

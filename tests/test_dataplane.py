@@ -21,9 +21,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from reconciler.cli import main
-from reconciler.compile import compile_cell
-from reconciler.dataplane import (
+from reconciler.backends import (
     ApplyError,
     Backend,
     ConvergeResult,
@@ -34,19 +32,27 @@ from reconciler.dataplane import (
     converge,
     parse_save,
 )
-from reconciler.dataplane import records as rec
-from reconciler.dataplane.iptables import IptablesBackend, tool
-from reconciler.dataplane.nftables import NftablesBackend
-from reconciler.dataplane.records import OwnedState
-from reconciler.dataplane.saveparse import count_rules
-from reconciler.dataplane.summary import format_text
+from reconciler.backends import records as rec
+from reconciler.backends.iptables.backend import IptablesBackend, tool
+from reconciler.backends.iptables.parse import count_rules
+from reconciler.backends.iptables.render import (
+    TOP_CHAIN,
+    Ruleset,
+    hook_rule,
+    marker_rule,
+    render_cell,
+)
+from reconciler.backends.nftables.backend import NftablesBackend
+from reconciler.backends.nftables.render import base_chain, canonical_rule
+from reconciler.backends.nftables.render import render_cell as render_nft
+from reconciler.backends.records import OwnedState
+from reconciler.backends.summary import format_text
+from reconciler.cli import main
+from reconciler.compile import compile_cell
 from reconciler.lab.netns import Lab
 from reconciler.lab.nsenter import in_netns
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.plan import CellPlan, CellSettings
-from reconciler.render.iptables import TOP_CHAIN, Ruleset, hook_rule, marker_rule, render_cell
-from reconciler.render.nft import base_chain, canonical_rule
-from reconciler.render.nft import render_cell as render_nft
 from tests.cases import DATA, RecordingRunner, edge_plan
 from tests.conftest import skip_unless_available
 
@@ -121,7 +127,7 @@ class Host:
         if self.kind == "nftables":
             return NftablesBackend.open("auto", self.runner(), **kw)
         if self.kind == "libiptc":
-            from reconciler.dataplane.libiptc import LibiptcBackend
+            from reconciler.backends.iptables.libiptc import LibiptcBackend
 
             return LibiptcBackend.open(self.variant, self.runner(), **kw)
         return IptablesBackend.open(self.variant, self.runner(), **kw)

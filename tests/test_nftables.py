@@ -23,12 +23,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.compile import compile_cell
-from reconciler.dataplane import converge
-from reconciler.dataplane import records as rec
-from reconciler.dataplane.errors import ReadError
-from reconciler.dataplane.nftables import NftablesBackend
-from reconciler.dataplane.nftdelta import (
+from reconciler.backends import converge
+from reconciler.backends import records as rec
+from reconciler.backends.errors import ReadError
+from reconciler.backends.nftables.backend import NftablesBackend
+from reconciler.backends.nftables.delta import (
     ELEMENT_EXTRA,
     ELEMENT_MISSING,
     OBJECT_EXTRA,
@@ -37,11 +36,8 @@ from reconciler.dataplane.nftdelta import (
     TABLE_DORMANT,
     compute_nft_delta,
 )
-from reconciler.dataplane.nftparse import NftState, parse_listing
-from reconciler.explain import find_container
-from reconciler.lab.netns import Lab
-from reconciler.plan import ID_LEN, LOG_ID_LEN, CellPlan
-from reconciler.render.nft import (
+from reconciler.backends.nftables.parse import NftState, parse_listing
+from reconciler.backends.nftables.render import (
     ADDRESS_TYPES,
     NftRuleset,
     base_chain,
@@ -51,6 +47,10 @@ from reconciler.render.nft import (
     element_text,
     render_cell,
 )
+from reconciler.compile import compile_cell
+from reconciler.explain import find_container
+from reconciler.lab.netns import Lab
+from reconciler.plan import ID_LEN, LOG_ID_LEN, CellPlan
 from tests.cases import RecordingRunner, edge_plan
 from tests.iptables_eval import Packet
 from tests.test_dataplane import (
@@ -218,7 +218,7 @@ def test_disjoint_boxes_merges_neighbours() -> None:
     ],
 )
 def test_element_text_and_json_round_trip(keys: tuple[str, ...], box) -> None:  # type: ignore[no-untyped-def]
-    from reconciler.dataplane.nftparse import _key_text
+    from reconciler.backends.nftables.parse import _key_text
 
     text = element_text(keys, box)
     assert _key_text(keys, element_json(keys, text)) == text

@@ -29,10 +29,10 @@ import re
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from reconciler.dataplane.generation import KernelProbe
-from reconciler.dataplane.records import Delta, HookCopy, OwnedState
-from reconciler.dataplane.runner import Runner
-from reconciler.render.iptables import GROUP_PREFIX, HOOK_CHAIN, is_marker
+from reconciler.backends.iptables.render import GROUP_PREFIX, HOOK_CHAIN, is_marker
+from reconciler.backends.kernel.generation import KernelProbe
+from reconciler.backends.kernel.runner import Runner
+from reconciler.backends.records import Delta, HookCopy, OwnedState
 
 MAX_LISTED = 4
 """Chains with lines of a new shape that verify lists one by one before it reads in full."""

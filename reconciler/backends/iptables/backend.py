@@ -14,23 +14,23 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from reconciler.dataplane.delta import check_applied, compute_delta
-from reconciler.dataplane.errors import (
+from reconciler.backends.errors import (
     ApplyError,
     DataplaneError,
     ReadError,
     VariantError,
     VerifyError,
 )
-from reconciler.dataplane.generation import EMPTY_FILTER_ENTRIES, KernelProbe
-from reconciler.dataplane.memory import MAX_LISTED, KernelMemory, after_delta, rewrites_most
-from reconciler.dataplane.records import Delta, OwnedState
-from reconciler.dataplane.rendercache import RenderCache
-from reconciler.dataplane.runner import Runner
-from reconciler.dataplane.saveparse import count_rules, parse_save
-from reconciler.dataplane.xlock import xtables_lock
+from reconciler.backends.iptables.delta import check_applied, compute_delta
+from reconciler.backends.iptables.memory import MAX_LISTED, KernelMemory, after_delta, rewrites_most
+from reconciler.backends.iptables.parse import count_rules, parse_save
+from reconciler.backends.iptables.render import Ruleset, is_marker, render_cell
+from reconciler.backends.iptables.rendercache import RenderCache
+from reconciler.backends.iptables.xlock import xtables_lock
+from reconciler.backends.kernel.generation import EMPTY_FILTER_ENTRIES, KernelProbe
+from reconciler.backends.kernel.runner import Runner
+from reconciler.backends.records import Delta, OwnedState
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import Ruleset, is_marker, render_cell
 
 VARIANTS = ("legacy", "nft")
 _ERROR_LINE = re.compile(r"(?:line:?\s+|line )(\d+)", re.IGNORECASE)

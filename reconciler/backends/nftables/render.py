@@ -66,6 +66,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from reconciler.backends.iptables.render import Ruleset, deny_class, log_id
 from reconciler.model import AddressRange, RuleItem, address_text, merge_ranges
 from reconciler.plan import (
     CellPlan,
@@ -76,7 +77,6 @@ from reconciler.plan import (
     RuleGroup,
     check_interface_name,
 )
-from reconciler.render.iptables import Ruleset, deny_class, log_id
 
 NFT_FAMILY = "inet"
 TABLE = "asgctl"
@@ -495,7 +495,7 @@ def _established_rule() -> str:
 def _dispatch_rule(family: int, underlay: tuple[str, ...]) -> str:
     """Dispatch by source, for what leaves through the underlay only: one `oifname` match,
     an interface name or an anonymous set of them (silk's `-o <underlay>`; see
-    render/iptables.py hook_rule).  No underlay known: every forwarded packet is judged."""
+    backends/iptables/render.py hook_rule).  No underlay known: every forwarded packet is judged."""
     vmap = {"vmap": {"key": _payload(_ip(family), "saddr"), "data": "@" + dispatch_map(family)}}
     names = [check_interface_name(n) for n in dict.fromkeys(underlay)]
     if not names:

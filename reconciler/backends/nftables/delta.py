@@ -30,12 +30,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from reconciler.dataplane import records as r
-from reconciler.dataplane.delta import judge, rules_drift
-from reconciler.dataplane.nftparse import NftState
-from reconciler.dataplane.records import Change, Delta, Drift
-from reconciler.render.iptables import Ruleset
-from reconciler.render.nft import (
+from reconciler.backends import records as r
+from reconciler.backends.iptables.delta import judge, rules_drift
+from reconciler.backends.iptables.render import Ruleset
+from reconciler.backends.nftables.parse import NftState
+from reconciler.backends.nftables.render import (
     BaseHook,
     NftRuleset,
     NftSet,
@@ -49,6 +48,7 @@ from reconciler.render.nft import (
     table_command,
     transaction_text,
 )
+from reconciler.backends.records import Change, Delta, Drift
 
 # Kinds of drift and change beyond the iptables ones (records.py): sets, maps and elements.
 SET_MISSING = "set-missing"

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import re
 
-from reconciler.dataplane.errors import ReadError
-from reconciler.dataplane.records import HookCopy, OwnedState
-from reconciler.render.iptables import (
+from reconciler.backends.errors import ReadError
+from reconciler.backends.iptables.render import (
     HOOK_CHAIN,
     MARKER_TAIL,
     OWNED_PREFIX,
     TOP_CHAIN,
     is_marker,
 )
+from reconciler.backends.records import HookCopy, OwnedState
 
 _HOOK_COMMENT = re.compile(r'(?:^|\s)--comment\s+"?asg:forward"?(?:\s|$)')
 _JUMP = re.compile(r"(?:^|\s)(?:-j|--jump|-g|--goto)\s+(" + re.escape(OWNED_PREFIX) + r"\S+)")

@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from reconciler.dataplane.errors import DataplaneError
-from reconciler.dataplane.records import Change, Delta, Drift, OwnedState
+from reconciler.backends.errors import DataplaneError
+from reconciler.backends.iptables.render import Ruleset
+from reconciler.backends.records import Change, Delta, Drift, OwnedState
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import Ruleset
 
 Mode = Literal["apply", "dry-run", "report-only"]
 FAMILIES = (4, 6)

@@ -21,16 +21,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.dataplane.errors import ApplyError, DataplaneError, VariantError
-from reconciler.dataplane.iptables import VARIANTS, IptablesBackend, choose_variant, probe_variant
-from reconciler.dataplane.nsthread import run_in_netns
-from reconciler.dataplane.records import Delta, OwnedState
-from reconciler.dataplane.rendercache import RenderCache
-from reconciler.dataplane.runner import Runner
-from reconciler.dataplane.xlock import lock_path as default_lock_path
-from reconciler.dataplane.xlock import xtables_lock
+from reconciler.backends.errors import ApplyError, DataplaneError, VariantError
+from reconciler.backends.iptables.backend import (
+    VARIANTS,
+    IptablesBackend,
+    choose_variant,
+    probe_variant,
+)
+from reconciler.backends.iptables.render import OWNED_PREFIX, Ruleset, render_cell
+from reconciler.backends.iptables.rendercache import RenderCache
+from reconciler.backends.iptables.xlock import lock_path as default_lock_path
+from reconciler.backends.iptables.xlock import xtables_lock
+from reconciler.backends.kernel.nsthread import run_in_netns
+from reconciler.backends.kernel.runner import Runner
+from reconciler.backends.records import Delta, OwnedState
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import OWNED_PREFIX, Ruleset, render_cell
 
 _PROTOCOLS = {"icmp": "1", "tcp": "6", "udp": "17", "ipv6-icmp": "58", "icmpv6": "58"}
 

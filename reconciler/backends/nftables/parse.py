@@ -16,9 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.dataplane.errors import ReadError
-from reconciler.dataplane.records import OwnedState
-from reconciler.render.nft import (
+from reconciler.backends.errors import ReadError
+from reconciler.backends.nftables.render import (
     ADDRESS_TYPES,
     NFT_FAMILY,
     TABLE,
@@ -28,6 +27,7 @@ from reconciler.render.nft import (
     element_text,
     family_of,
 )
+from reconciler.backends.records import OwnedState
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from reconciler.dataplane.nsthread import libc, run_in_netns
+from reconciler.backends.kernel.nsthread import libc, run_in_netns
 
 _NETLINK_NETFILTER = 12
 _NFNL_SUBSYS_NFTABLES = 10

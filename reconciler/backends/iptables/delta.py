@@ -35,11 +35,10 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
-from reconciler.dataplane import records as r
-from reconciler.dataplane.errors import OwnershipError
-from reconciler.dataplane.records import Change, Delta, Drift, OwnedState
-from reconciler.dataplane.saveparse import jump_targets
-from reconciler.render.iptables import (
+from reconciler.backends import records as r
+from reconciler.backends.errors import OwnershipError
+from reconciler.backends.iptables.parse import jump_targets
+from reconciler.backends.iptables.render import (
     CONTAINER_PREFIX,
     GROUP_PREFIX,
     HOOK_CHAIN,
@@ -48,6 +47,7 @@ from reconciler.render.iptables import (
     insert_hook_ops,
     marker_rule,
 )
+from reconciler.backends.records import Change, Delta, Drift, OwnedState
 
 Chains = Mapping[str, tuple[str, ...]]
 

@@ -6,18 +6,18 @@ Everything here does I/O except `compute_delta` and `parse_save`, which are pure
 
 from __future__ import annotations
 
-from reconciler.dataplane.backend import Backend, ConvergeResult, FamilyResult, Mode, converge
-from reconciler.dataplane.delta import compute_delta
-from reconciler.dataplane.errors import (
+from reconciler.backends.contract import Backend, ConvergeResult, FamilyResult, Mode, converge
+from reconciler.backends.errors import (
     ApplyError,
     DataplaneError,
     ReadError,
     VariantError,
     VerifyError,
 )
-from reconciler.dataplane.records import Change, Delta, Drift, OwnedState
-from reconciler.dataplane.runner import Runner
-from reconciler.dataplane.saveparse import parse_save
+from reconciler.backends.iptables.delta import compute_delta
+from reconciler.backends.iptables.parse import parse_save
+from reconciler.backends.kernel.runner import Runner
+from reconciler.backends.records import Change, Delta, Drift, OwnedState
 
 BACKENDS = ("iptables", "libiptc", "nftables")
 
@@ -27,17 +27,17 @@ def open_backend(
 ) -> Backend:
     """A backend for this host (or for the namespace `runner` runs in)."""
     if name == "iptables":
-        from reconciler.dataplane.iptables import IptablesBackend
+        from reconciler.backends.iptables.backend import IptablesBackend
 
         return IptablesBackend.open(variant, runner)
     if name == "libiptc":
         try:
-            from reconciler.dataplane.libiptc import LibiptcBackend
+            from reconciler.backends.iptables.libiptc import LibiptcBackend
         except ImportError as exc:
             raise DataplaneError(f"the libiptc backend is not available: {exc}") from None
         return LibiptcBackend.open(variant, runner)
     if name == "nftables":
-        from reconciler.dataplane.nftables import NftablesBackend
+        from reconciler.backends.nftables.backend import NftablesBackend
 
         return NftablesBackend.open(variant, runner)
     raise DataplaneError(f"unknown dataplane backend {name!r} (one of {', '.join(BACKENDS)})")

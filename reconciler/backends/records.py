@@ -48,7 +48,7 @@ class HookCopy:
 class OwnedState:
     """What the kernel holds of ours for one family, read back in `iptables-save` form.
 
-    `chains` are the chains that carry our ownership marker (`render.iptables.marker_rule`),
+    `chains` are the chains that carry our ownership marker (`iptables.render.marker_rule`),
     with their rules minus the marker: provably ours.  `unmarked` are chains with our name
     prefix but no marker: someone else's (the host's `ASG-ADMIN-BLOCKLIST`), or ours after
     someone flushed them or removed the marker, which only the last plan applied can tell

@@ -1,6 +1,6 @@
 """The nftables backend: `nft -j` to read, one `nft -j -f -` transaction per family to write.
 
-Our rules live in a table of their own, `inet asgctl` (see `reconciler.render.nft` for the
+Our rules live in a table of their own, `inet asgctl` (see `nftables.render` for the
 layout and for why it hooks in at priority filter - 1 and rejects rather than drops or merely
 accepts).  Nothing outside that table is ever written: iptables (legacy or nft) and other
 programs' nft tables keep their rules and their own say over every packet.  The table has no
@@ -38,9 +38,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from reconciler.dataplane.errors import ApplyError, DataplaneError, ReadError, VerifyError
-from reconciler.dataplane.generation import KernelProbe
-from reconciler.dataplane.nftdelta import (
+from reconciler.backends.errors import ApplyError, DataplaneError, ReadError, VerifyError
+from reconciler.backends.iptables.render import Ruleset
+from reconciler.backends.kernel.generation import KernelProbe
+from reconciler.backends.kernel.runner import Runner
+from reconciler.backends.nftables.delta import (
     NftDelta,
     check_applied,
     compute_nft_delta,
@@ -48,11 +50,8 @@ from reconciler.dataplane.nftdelta import (
     slice_size,
     state_after,
 )
-from reconciler.dataplane.nftparse import NftState, parse_listing, parse_set_listing
-from reconciler.dataplane.runner import Runner
-from reconciler.plan import CellPlan
-from reconciler.render.iptables import Ruleset
-from reconciler.render.nft import (
+from reconciler.backends.nftables.parse import NftState, parse_listing, parse_set_listing
+from reconciler.backends.nftables.render import (
     NFT_FAMILY,
     TABLE,
     NftRuleset,
@@ -60,6 +59,7 @@ from reconciler.render.nft import (
     dispatch_map,
     render_cell,
 )
+from reconciler.plan import CellPlan
 
 _INDEX = re.compile(r"at index (\d+)")
 VERIFY_SAMPLE = 8
