@@ -47,12 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, machine
 from bench.compile_bench import build_repo, inventory
-from reconciler.backends import ConvergeResult, Runner, compute_delta, converge, open_backend
+from reconciler.backends import ConvergeResult, Runner, converge, open_backend
 from reconciler.backends.contract import Backend
 from reconciler.backends.iptables.backend import IptablesBackend
 from reconciler.backends.iptables.cflayout import render_cf, rule_count
+from reconciler.backends.iptables.delta import compute_delta
+from reconciler.backends.iptables.parse import OwnedState
 from reconciler.backends.iptables.render import GROUP_PREFIX, render_cell
-from reconciler.backends.records import OwnedState
 from reconciler.compile import compile_cell
 from reconciler.lab.netns import Lab
 from reconciler.model import AddressRange, PolicySet, PortRange, Rule

@@ -28,13 +28,12 @@ from reconciler.backends import (
     FamilyResult,
     ReadError,
     VariantError,
-    compute_delta,
     converge,
-    parse_save,
 )
-from reconciler.backends import records as rec
+from reconciler.backends import contract as rec
 from reconciler.backends.iptables.backend import IptablesBackend, tool
-from reconciler.backends.iptables.parse import count_rules
+from reconciler.backends.iptables.delta import IptablesDelta, compute_delta
+from reconciler.backends.iptables.parse import HookCopy, OwnedState, count_rules, parse_save
 from reconciler.backends.iptables.render import (
     TOP_CHAIN,
     Ruleset,
@@ -45,7 +44,6 @@ from reconciler.backends.iptables.render import (
 from reconciler.backends.nftables.backend import NftablesBackend
 from reconciler.backends.nftables.render import base_chain, canonical_rule
 from reconciler.backends.nftables.render import render_cell as render_nft
-from reconciler.backends.records import OwnedState
 from reconciler.backends.summary import format_text
 from reconciler.cli import main
 from reconciler.compile import compile_cell
@@ -892,7 +890,7 @@ def test_asgctl_apply_without_privileges_says_so_once(
 def test_the_summary_tells_drift_from_planned_changes() -> None:
     drift = rec.Drift(4, "ASG-C-1", rec.RULE_MISSING, ("-A ASG-C-1 -j ACCEPT",), ())
     change = rec.Change(4, "ASG-G-2", rec.CHAIN_ADDED, 1)
-    delta = rec.Delta(4, (":ASG-C-1 - [0:0]",), (drift,), (change,), written=("ASG-C-1",))
+    delta = IptablesDelta(4, (":ASG-C-1 - [0:0]",), (drift,), (change,), written=("ASG-C-1",))
 
     def summary(mode: str, *, sent: bool = False, repair: bool = True) -> list[str]:
         d = replace(delta, drift=(replace(drift, repair=repair),))
@@ -962,14 +960,14 @@ def test_delta_is_empty_when_the_kernel_matches() -> None:
     plan = edge_plan()
     for family in (4, 6):
         desired = render_cell(plan, family)
-        observed = OwnedState(family, desired.chains, (rec.HookCopy(0, hook_rule()),), frozenset())
+        observed = OwnedState(family, desired.chains, (HookCopy(0, hook_rule()),), frozenset())
         assert compute_delta(desired, observed, desired).empty
 
 
 def test_delta_orders_declare_delete_fill_insert_remove() -> None:
     a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
     old = render_cell(a, 4)
-    observed = OwnedState(4, old.chains, (rec.HookCopy(3, hook_rule()),), frozenset())
+    observed = OwnedState(4, old.chains, (HookCopy(3, hook_rule()),), frozenset())
     delta = compute_delta(render_cell(b, 4), observed, old)
     kinds = [op.split()[0] for op in delta.ops]
     order = {":": 0, "-D": 1, "-A": 2, "-I": 3, "-X": 4}
@@ -989,7 +987,7 @@ def test_delta_tells_our_unmarked_chains_from_the_hosts() -> None:
     observed = OwnedState(
         4,
         {n: rules for n, rules in old.chains.items() if n != gone},
-        (rec.HookCopy(0, hook_rule()),),
+        (HookCopy(0, hook_rule()),),
         frozenset(),
         unmarked={gone: (), "ASG-LEGACY": legacy},  # ours, flushed; the host's
     )

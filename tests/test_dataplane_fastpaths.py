@@ -15,11 +15,12 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from reconciler.backends import VerifyError, compute_delta, converge
+from reconciler.backends import VerifyError, converge
 from reconciler.backends.iptables.backend import IptablesBackend, tool
+from reconciler.backends.iptables.delta import compute_delta
 from reconciler.backends.iptables.libiptc import _words
 from reconciler.backends.iptables.memory import after_delta, shape
-from reconciler.backends.iptables.parse import parse_save
+from reconciler.backends.iptables.parse import HookCopy, OwnedState, parse_save
 from reconciler.backends.iptables.render import (
     CONTAINER_PREFIX,
     TOP_CHAIN,
@@ -32,7 +33,6 @@ from reconciler.backends.iptables.render import (
 from reconciler.backends.iptables.rendercache import RenderCache
 from reconciler.backends.kernel import generation
 from reconciler.backends.kernel.generation import KernelProbe
-from reconciler.backends.records import HookCopy, OwnedState
 from reconciler.compile import compile_cell
 from reconciler.lab.netns import Lab
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup

@@ -899,9 +899,10 @@ def test_a_full_disk_is_reported_as_such_not_as_a_corrupt_cache() -> None:
 def test_a_failed_apply_keeps_its_time_in_the_timings() -> None:
     """A transaction that waits (for the xtables lock) and then fails must report the wait:
     the agent's `enforce` timing is the only place an operator sees it."""
-    from reconciler.backends import ApplyError, compute_delta
+    from reconciler.backends import ApplyError
+    from reconciler.backends.iptables.delta import compute_delta
+    from reconciler.backends.iptables.parse import OwnedState
     from reconciler.backends.iptables.render import render_cell
-    from reconciler.backends.records import OwnedState
 
     class Slow:
         name = "slow"

@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reconciler.backends import contract as rec
 from reconciler.backends import converge
-from reconciler.backends import records as rec
 from reconciler.backends.errors import ReadError
 from reconciler.backends.nftables.backend import NftablesBackend
 from reconciler.backends.nftables.delta import (

@@ -26,14 +26,14 @@ from click.testing import CliRunner
 
 from reconciler.agent.config import ConfigError, build_config
 from reconciler.backends import Runner, converge
-from reconciler.backends import records as rec
+from reconciler.backends import contract as rec
 from reconciler.backends.iptables.backend import IptablesBackend
 from reconciler.backends.iptables.delta import compute_delta
+from reconciler.backends.iptables.parse import HookCopy, OwnedState
 from reconciler.backends.iptables.render import hook_rule, render_cell
 from reconciler.backends.kernel.underlay import UnderlayError, default_route_devices
 from reconciler.backends.nftables import render as nft
 from reconciler.backends.nftables.backend import NftablesBackend
-from reconciler.backends.records import HookCopy, OwnedState
 from reconciler.cli import main
 from reconciler.endpoint import parse_endpoint
 from reconciler.explain import explain

@@ -632,7 +632,10 @@ class Agent:
             m.set("asgctl_agent_inventory_rejected_entries", count, kind=kind)
         a = st.applied
         if a is not None and a.plan is not None:
-            m.set("asgctl_agent_rules_installed", a.plan.installed_rules)
+            if self._backend is not None:  # counted as the running backend installs them
+                from reconciler.backends import installed_rules
+
+                m.set("asgctl_agent_rules_installed", installed_rules(self._backend, a.plan))
             m.set("asgctl_agent_chains", a.plan.chains)
             m.set("asgctl_agent_cf_equivalent_rules", a.plan.cf_equivalent_rules)
             m.set("asgctl_agent_containers", len(a.plan.containers))

@@ -1,12 +1,26 @@
-"""The dataplane edge: read the kernel's state of our rules, and converge it to a plan.
+"""The dataplane edge: converge the kernel to a plan through one of several backends.
 
-`open_backend` picks a backend by name; `converge` runs one read-delta-apply-verify cycle.
-Everything here does I/O except `compute_delta` and `parse_save`, which are pure.
+`contract` is what every backend provides and what the converge loop, status and metrics
+use; `open_backend` picks a backend by name (`iptables/`, `nftables/`: one folder each, with
+its renderer, parser, delta and kernel memory; `kernel/`: the plumbing they share).
 """
 
 from __future__ import annotations
 
-from reconciler.backends.contract import Backend, ConvergeResult, FamilyResult, Mode, converge
+from reconciler.backends.contract import (
+    AnyBackend,
+    Backend,
+    Change,
+    ConvergeResult,
+    Delta,
+    Desired,
+    Drift,
+    FamilyResult,
+    Mode,
+    Observed,
+    converge,
+    installed_rules,
+)
 from reconciler.backends.errors import (
     ApplyError,
     DataplaneError,
@@ -14,17 +28,14 @@ from reconciler.backends.errors import (
     VariantError,
     VerifyError,
 )
-from reconciler.backends.iptables.delta import compute_delta
-from reconciler.backends.iptables.parse import parse_save
 from reconciler.backends.kernel.runner import Runner
-from reconciler.backends.records import Change, Delta, Drift, OwnedState
 
 BACKENDS = ("iptables", "libiptc", "nftables")
 
 
 def open_backend(
     name: str = "iptables", variant: str = "auto", runner: Runner | None = None
-) -> Backend:
+) -> AnyBackend:
     """A backend for this host (or for the namespace `runner` runs in)."""
     if name == "iptables":
         from reconciler.backends.iptables.backend import IptablesBackend
@@ -45,22 +56,23 @@ def open_backend(
 
 __all__ = [
     "BACKENDS",
+    "AnyBackend",
     "ApplyError",
     "Backend",
     "Change",
     "ConvergeResult",
     "DataplaneError",
     "Delta",
+    "Desired",
     "Drift",
     "FamilyResult",
     "Mode",
-    "OwnedState",
+    "Observed",
     "ReadError",
     "Runner",
     "VariantError",
     "VerifyError",
-    "compute_delta",
     "converge",
+    "installed_rules",
     "open_backend",
-    "parse_save",
 ]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
+from reconciler.backends.contract import Backend
 from reconciler.backends.errors import (
     ApplyError,
     DataplaneError,
@@ -21,15 +23,14 @@ from reconciler.backends.errors import (
     VariantError,
     VerifyError,
 )
-from reconciler.backends.iptables.delta import check_applied, compute_delta
+from reconciler.backends.iptables.delta import IptablesDelta, check_applied, compute_delta
 from reconciler.backends.iptables.memory import MAX_LISTED, KernelMemory, after_delta, rewrites_most
-from reconciler.backends.iptables.parse import count_rules, parse_save
+from reconciler.backends.iptables.parse import OwnedState, count_rules, parse_save
 from reconciler.backends.iptables.render import Ruleset, is_marker, render_cell
 from reconciler.backends.iptables.rendercache import RenderCache
 from reconciler.backends.iptables.xlock import xtables_lock
 from reconciler.backends.kernel.generation import EMPTY_FILTER_ENTRIES, KernelProbe
 from reconciler.backends.kernel.runner import Runner
-from reconciler.backends.records import Delta, OwnedState
 from reconciler.plan import CellPlan
 
 VARIANTS = ("legacy", "nft")
@@ -216,7 +217,7 @@ class IptablesBackend:
         last: Ruleset | None,
         *,
         heal_drift: bool = True,
-    ) -> Delta:
+    ) -> IptablesDelta:
         """compute_delta, once per set of inputs: an idle cycle passes the very objects of
         the cycle before (the render cache's rulesets, the state its read recalled)."""
         inputs = (desired, observed, last, heal_drift)
@@ -227,7 +228,7 @@ class IptablesBackend:
         self.memory.deltas[observed.family] = (inputs, delta)
         return delta
 
-    def apply(self, delta: Delta) -> None:
+    def apply(self, delta: IptablesDelta) -> None:
         if delta.empty:
             return
         text = delta.text()
@@ -252,7 +253,7 @@ class IptablesBackend:
             text,
         )
 
-    def verify(self, desired: Ruleset, delta: Delta) -> None:
+    def verify(self, desired: Ruleset, delta: IptablesDelta) -> None:
         observed = self._proven(desired, delta)
         if observed is None and self.variant == "legacy" and rewrites_most(desired.chains, delta):
             observed = self.read_full(delta.family)
@@ -265,7 +266,7 @@ class IptablesBackend:
                 f"ipv{delta.family}: after apply the kernel differs: " + "; ".join(problems[:5])
             )
 
-    def _proven(self, desired: Ruleset, delta: Delta) -> OwnedState | None:
+    def _proven(self, desired: Ruleset, delta: IptablesDelta) -> OwnedState | None:
         """The kernel's state after our transaction without a full read, when the generation
         id shows it was the only change (see `memory`); None when that cannot be shown."""
         memory = self.memory
@@ -324,3 +325,9 @@ def _error_line(stderr: str, text: str) -> tuple[int | None, str]:
     lines = text.splitlines()
     shown = lines[line - 1] if 0 < line <= len(lines) else ""
     return line, f" at line {line} ({shown[:160]!r})" if shown else f" at line {line}"
+
+
+if TYPE_CHECKING:  # the type checker holds the backend to the contract
+
+    def _satisfies(b: IptablesBackend) -> Backend[Ruleset, OwnedState, IptablesDelta]:
+        return b

@@ -19,8 +19,9 @@ import re
 import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from reconciler.backends.contract import Backend
 from reconciler.backends.errors import ApplyError, DataplaneError, VariantError
 from reconciler.backends.iptables.backend import (
     VARIANTS,
@@ -28,13 +29,14 @@ from reconciler.backends.iptables.backend import (
     choose_variant,
     probe_variant,
 )
+from reconciler.backends.iptables.delta import IptablesDelta
+from reconciler.backends.iptables.parse import OwnedState
 from reconciler.backends.iptables.render import OWNED_PREFIX, Ruleset, render_cell
 from reconciler.backends.iptables.rendercache import RenderCache
 from reconciler.backends.iptables.xlock import lock_path as default_lock_path
 from reconciler.backends.iptables.xlock import xtables_lock
 from reconciler.backends.kernel.nsthread import run_in_netns
 from reconciler.backends.kernel.runner import Runner
-from reconciler.backends.records import Delta, OwnedState
 from reconciler.plan import CellPlan
 
 _PROTOCOLS = {"icmp": "1", "tcp": "6", "udp": "17", "ipv6-icmp": "58", "icmpv6": "58"}
@@ -42,7 +44,7 @@ _PROTOCOLS = {"icmp": "1", "tcp": "6", "udp": "17", "ipv6-icmp": "58", "icmpv6":
 
 def _iptc() -> Any:
     try:
-        import iptc  # type: ignore[import-not-found, import-untyped]
+        import iptc  # type: ignore[import-not-found, import-untyped, unused-ignore]
     except (ImportError, OSError) as exc:  # OSError: libxtables/libiptc missing
         raise DataplaneError(
             f"the libiptc backend needs python-iptables (pip install 'asgctl[libiptc]'): {exc}"
@@ -106,10 +108,10 @@ class LibiptcBackend:
         last: Ruleset | None,
         *,
         heal_drift: bool = True,
-    ) -> Delta:
+    ) -> IptablesDelta:
         return self._reader.delta(desired, observed, last, heal_drift=heal_drift)
 
-    def apply(self, delta: Delta) -> None:
+    def apply(self, delta: IptablesDelta) -> None:
         if delta.empty:
             return
         text = delta.text()
@@ -127,7 +129,7 @@ class LibiptcBackend:
         except OSError as exc:
             raise DataplaneError(f"cannot enter netns {netns}: {exc.strerror or exc}") from None
 
-    def verify(self, desired: Ruleset, delta: Delta) -> None:
+    def verify(self, desired: Ruleset, delta: IptablesDelta) -> None:
         self._reader.verify(desired, delta)
 
     def _commit(self, family: int, text: str) -> None:
@@ -298,3 +300,9 @@ def _xtables_lock(path: str, wait: float) -> Iterator[None]:
         if not held:
             raise ApplyError(f"{path}: held by another program for {wait} s")
         yield
+
+
+if TYPE_CHECKING:  # the type checker holds the backend to the contract
+
+    def _satisfies(b: LibiptcBackend) -> Backend[Ruleset, OwnedState, IptablesDelta]:
+        return b

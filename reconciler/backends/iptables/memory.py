@@ -29,10 +29,11 @@ import re
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from reconciler.backends.iptables.delta import IptablesDelta
+from reconciler.backends.iptables.parse import HookCopy, OwnedState
 from reconciler.backends.iptables.render import GROUP_PREFIX, HOOK_CHAIN, is_marker
 from reconciler.backends.kernel.generation import KernelProbe
 from reconciler.backends.kernel.runner import Runner
-from reconciler.backends.records import Delta, HookCopy, OwnedState
 
 MAX_LISTED = 4
 """Chains with lines of a new shape that verify lists one by one before it reads in full."""
@@ -51,11 +52,11 @@ class KernelMemory:
 
     probe: KernelProbe | None = None
     seen: dict[int, tuple[Hashable, OwnedState]] = field(default_factory=dict)
-    expected: dict[int, tuple[int, OwnedState, Delta]] = field(default_factory=dict)
+    expected: dict[int, tuple[int, OwnedState, IptablesDelta]] = field(default_factory=dict)
     bodies: set[str] = field(default_factory=set)
     shapes: set[str] = field(default_factory=set)
     unfolded: list[Mapping[str, tuple[str, ...]]] = field(default_factory=list)
-    deltas: dict[int, tuple[tuple[object, ...], Delta]] = field(default_factory=dict)
+    deltas: dict[int, tuple[tuple[object, ...], IptablesDelta]] = field(default_factory=dict)
     _opened: bool = False
 
     def open(self, runner: Runner) -> KernelProbe | None:
@@ -96,7 +97,7 @@ class KernelMemory:
         self.seen.clear()
         self.expected.clear()
 
-    def applied(self, delta: Delta, before: int | None, after: int | None) -> None:
+    def applied(self, delta: IptablesDelta, before: int | None, after: int | None) -> None:
         """After our transaction: keep what is still provably true, and what to expect."""
         family = delta.family
         hit = self.seen.pop(family, None)
@@ -149,7 +150,7 @@ class KernelMemory:
         return line[len(chain) + 4 :] in self.bodies or shape(line) in self.shapes
 
 
-def rewrites_most(chains: Mapping[str, tuple[str, ...]], delta: Delta) -> bool:
+def rewrites_most(chains: Mapping[str, tuple[str, ...]], delta: IptablesDelta) -> bool:
     """Whether a transaction rewrote most of our chains (converging from scratch, say).
 
     Its read-back then serves that cycle only: taking a legacy table's token as well would
@@ -159,7 +160,7 @@ def rewrites_most(chains: Mapping[str, tuple[str, ...]], delta: Delta) -> bool:
     return 2 * len(delta.written) > len(chains)
 
 
-def after_delta(state: OwnedState, delta: Delta) -> OwnedState | None:
+def after_delta(state: OwnedState, delta: IptablesDelta) -> OwnedState | None:
     """`state` with the transaction applied, as iptables-restore applies it; None for an
     operation this does not model."""
     chains = {name: list(rules) for name, rules in state.chains.items()}

@@ -139,6 +139,13 @@ class Ruleset:
     def rule_count(self) -> int:
         return sum(len(rules) for rules in self.chains.values())
 
+    @property
+    def installed_rules(self) -> int:
+        """The plan's rules plus the FORWARD hooks (none without chains): what the agent
+        reports as installed, and equal to `CellPlan.installed_rules`, the CI plan's count of
+        this layout.  Ownership markers are bookkeeping, not rules, and are not counted."""
+        return self.rule_count + (len(self.hooks) if self.chains else 0)
+
 
 def insert_hook_ops(hooks: tuple[str, ...]) -> list[str]:
     """`-I FORWARD 1` for each hook, last first, so they end up first in FORWARD in order."""

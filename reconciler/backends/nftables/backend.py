@@ -37,9 +37,10 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
+from reconciler.backends.contract import Backend
 from reconciler.backends.errors import ApplyError, DataplaneError, ReadError, VerifyError
-from reconciler.backends.iptables.render import Ruleset
 from reconciler.backends.kernel.generation import KernelProbe
 from reconciler.backends.kernel.runner import Runner
 from reconciler.backends.nftables.delta import (
@@ -77,7 +78,7 @@ class _Memory:
     opened: bool = False
     known: dict[int, tuple[int, NftState]] = field(default_factory=dict)
     shapes: set[str] = field(default_factory=set)
-    kinds: set[tuple[tuple[str, ...], tuple[str, ...], str]] = field(default_factory=set)
+    kinds: set[tuple[tuple[str, ...], tuple[str, ...], str, int]] = field(default_factory=set)
     pending: dict[int, tuple[NftRuleset, NftState]] = field(default_factory=dict)
     interned: dict[int, Mapping[str, NftSet]] = field(default_factory=dict)
 
@@ -281,19 +282,17 @@ class NftablesBackend:
 
     def delta(
         self,
-        desired: Ruleset,
-        observed: NftState,  # type: ignore[override]
-        last: Ruleset | None,
+        desired: NftRuleset,
+        observed: NftState,
+        last: NftRuleset | None,
         *,
         heal_drift: bool = True,
     ) -> NftDelta:
-        if not isinstance(desired, NftRuleset):
-            desired = NftRuleset(desired.family, dict(desired.chains))
         self._memory.pending[observed.family] = (desired, observed)
         self._memory.interned[observed.family] = desired.sets
         return compute_nft_delta(desired, observed, last, heal_drift=heal_drift)
 
-    def apply(self, delta: NftDelta) -> None:  # type: ignore[override]
+    def apply(self, delta: NftDelta) -> None:
         if delta.empty:
             return
         text = delta.text()
@@ -359,9 +358,9 @@ class NftablesBackend:
         else:
             memory.known.pop(other, None)
 
-    def verify(self, desired: Ruleset, delta: NftDelta) -> None:  # type: ignore[override]
+    def verify(self, desired: NftRuleset, delta: NftDelta) -> None:
         observed = self.read(delta.family)
-        if not observed.elements_read and isinstance(desired, NftRuleset):
+        if not observed.elements_read:
             unread = [
                 n
                 for n in delta.written
@@ -375,7 +374,7 @@ class NftablesBackend:
                     sets[name] = self._read_set(name, "map" if desired.sets[name].data else "set")
                     self._memory.kinds.add(sets[name].header)
                 observed = replace(observed, sets=sets)
-        problems = check_applied(desired, delta, observed)  # type: ignore[arg-type]
+        problems = check_applied(desired, delta, observed)
         if problems:
             raise VerifyError(
                 f"ipv{delta.family}: after apply the kernel differs: " + "; ".join(problems[:5])
@@ -387,3 +386,9 @@ def _msg(res: object) -> str:
     stderr = getattr(res, "stderr", "")
     lines = [x.strip().removeprefix("internal:0:0-0: ") for x in stderr.splitlines() if x.strip()]
     return " / ".join(lines) if lines else "(no message)"
+
+
+if TYPE_CHECKING:  # the type checker holds the backend to the contract
+
+    def _satisfies(b: NftablesBackend) -> Backend[NftRuleset, NftState, NftDelta]:
+        return b

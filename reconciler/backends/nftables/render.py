@@ -66,7 +66,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.backends.iptables.render import Ruleset, deny_class, log_id
+from reconciler.backends.iptables.render import deny_class, log_id
 from reconciler.model import AddressRange, RuleItem, address_text, merge_ranges
 from reconciler.plan import (
     CellPlan,
@@ -190,13 +190,15 @@ class NftSet:
 
 
 @dataclass(frozen=True)
-class NftRuleset(Ruleset):
+class NftRuleset:
     """One family's slice of our table: chains (rules as canonical JSON), sets and maps.
 
-    A Ruleset, so the shared converge loop can carry it; `chains` holds every chain, base
-    chains included, and `base_hooks` says which of them are base chains and how they hook in.
+    `chains` holds every chain, base chains included, and `base_hooks` says which of them
+    are base chains and how they hook in.
     """
 
+    family: int
+    chains: Mapping[str, tuple[str, ...]]
     base_hooks: Mapping[str, BaseHook] = field(default_factory=dict)
     sets: Mapping[str, NftSet] = field(default_factory=dict)
 
@@ -210,7 +212,13 @@ class NftRuleset(Ruleset):
         elements = sum(len(s.elements or ()) for s in self.sets.values())
         return sum(len(r) for r in self.chains.values()) + elements
 
-    def text(self, hook: bool = True) -> str:
+    @property
+    def installed_rules(self) -> int:
+        """What the agent reports as installed: every rule and every set element (a group's
+        rules live as elements of its sets, so the rule count alone would say little)."""
+        return self.rule_count
+
+    def text(self) -> str:
         """The transaction that creates this slice in an empty table (`nft -j -f -` input)."""
         return transaction_text(creation_commands(self))
 
