@@ -24,7 +24,12 @@ from reconciler.backends.errors import (
     VerifyError,
 )
 from reconciler.backends.iptables.delta import IptablesDelta, check_applied, compute_delta
-from reconciler.backends.iptables.memory import MAX_LISTED, KernelMemory, after_delta, rewrites_most
+from reconciler.backends.iptables.memory import (
+    MAX_LISTED,
+    IptablesMemory,
+    after_delta,
+    rewrites_most,
+)
 from reconciler.backends.iptables.parse import OwnedState, count_rules, parse_save
 from reconciler.backends.iptables.render import Ruleset, is_marker, render_cell
 from reconciler.backends.iptables.rendercache import RenderCache
@@ -119,9 +124,12 @@ def choose_variant(
     return usable[-1], "only usable variant" if len(usable) == 1 else "no rules anywhere"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class IptablesBackend:
     """Converges our chains with iptables-save/iptables-restore of one variant.
+
+    A handle, not a value: it keeps its renders and what it learned of the kernel
+    (`renders`, `memory`) for its whole life, so it is mutable and compares by identity.
 
     `fault` rewrites each transaction just before it is sent: a test hook to prove that a
     failing transaction leaves everything as it was.
@@ -133,8 +141,8 @@ class IptablesBackend:
     reason: str = ""
     fault: Callable[[int, str], str] | None = None
     renders: RenderCache = field(default_factory=RenderCache, compare=False, repr=False)
-    memory: KernelMemory = field(
-        default_factory=KernelMemory, init=False, compare=False, repr=False
+    memory: IptablesMemory = field(
+        default_factory=IptablesMemory, init=False, compare=False, repr=False
     )
 
     @classmethod
@@ -183,7 +191,7 @@ class IptablesBackend:
             return state
         if probe.legacy_entries(family) == EMPTY_FILTER_ENTRIES:
             return OwnedState(family, {})
-        if family in memory.seen:  # else there is nothing to recall: no token to take first
+        if family in memory.states:  # else there is nothing to recall: no token to take first
             known = memory.recall(family, probe.legacy_token(family))
             if known is not None:
                 return known
@@ -199,6 +207,11 @@ class IptablesBackend:
             token = probe.legacy_token(family, relayout=True) if held else None
         self.memory.remember(family, token, state)
         return state
+
+    def will_write(self, family: int) -> None:
+        """Another writer of this backend's tables (libiptc) is about to change `family`'s:
+        what was remembered of it no longer holds."""
+        self.memory.states.pop(family, None)
 
     def read_full(self, family: int) -> OwnedState:
         """`iptables-save` and its parse, whatever is remembered."""
@@ -242,7 +255,7 @@ class IptablesBackend:
             if self.variant == "nft":
                 memory.applied(delta, before, memory.generation() if before is not None else None)
             else:  # a legacy table is its own token: only this family's moved
-                memory.seen.pop(delta.family, None)
+                memory.states.pop(delta.family, None)
             return
         memory.forget()
         line, where = _error_line(res.stderr, text)

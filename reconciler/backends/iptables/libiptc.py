@@ -52,9 +52,12 @@ def _iptc() -> Any:
     return iptc
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class LibiptcBackend:
-    """Reads with iptables-legacy-save, writes one libiptc commit per family."""
+    """Reads with iptables-legacy-save, writes one libiptc commit per family.
+
+    A handle like `IptablesBackend`, whose reading, delta and verify it uses (`_reader`).
+    """
 
     runner: Runner = field(default_factory=Runner)
     wait_seconds: int = 10
@@ -93,7 +96,7 @@ class LibiptcBackend:
     def __post_init__(self) -> None:
         # One reader for the backend's life, so what it learns of the kernel (the probe
         # sockets, see IptablesBackend.read) outlives a single call.
-        object.__setattr__(self, "_reader", IptablesBackend("legacy", self.runner))
+        self._reader = IptablesBackend("legacy", self.runner)
 
     def render(self, plan: CellPlan, family: int) -> Ruleset:
         return self.renders.get(plan, family, render_cell)
@@ -117,7 +120,7 @@ class LibiptcBackend:
         text = delta.text()
         if self.fault is not None:
             text = self.fault(delta.family, text)
-        self._reader.memory.seen.pop(delta.family, None)  # the table is about to change
+        self._reader.will_write(delta.family)
         netns = self.runner.netns
         if netns is None:
             self._commit(delta.family, text)

@@ -420,16 +420,6 @@ def _set_drift(
     return out
 
 
-_HEX_ID = re.compile(r"[0-9a-f]{16,}")
-
-
-def shape(rule: str) -> str:
-    """A canonical rule with its hex ids (16 digits and more) blanked: rules of one shape
-    print alike, so once the kernel has printed a shape back as rendered, new rules of it
-    can be trusted."""
-    return _HEX_ID.sub("~", rule)
-
-
 def slice_size(state: NftState) -> tuple[int, int]:
     """A slice's objects and set elements (what the other family's `other_*` counts)."""
     objects = len(state.chains) + len(state.sets) + len(state.others)
