@@ -185,8 +185,9 @@ def test_render_caches_render_the_new_content(collision: None) -> None:
     warm = cache.get(wide, 4, iptables.render_cell)  # the narrow group's chain is cached
     assert warm == iptables.render_cell(wide, 4)
     assert any("--dport 1:65535" in line for lines in warm.chains.values() for line in lines)
-    nft.render_cell(narrow, 4)  # fills nft's group cache with the narrow group
-    sets = nft.render_cell(wide, 4).sets
+    memo = nft.RenderMemo()  # what an nftables backend's render cache keeps
+    nft.render_cell(narrow, 4, memo)  # fills the group memo with the narrow group
+    sets = nft.render_cell(wide, 4, memo).sets
     elements = {e for s in sets.values() for e in s.elements or ()}
     assert WIDE_ELEMENT in elements, elements
 

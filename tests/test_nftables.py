@@ -40,6 +40,7 @@ from reconciler.backends.nftables.parse import NftState, parse_listing
 from reconciler.backends.nftables.render import (
     ADDRESS_TYPES,
     NftRuleset,
+    RenderMemo,
     base_chain,
     disjoint_boxes,
     dispatch_map,
@@ -242,8 +243,9 @@ def test_rendered_names_and_strings_carry_only_ids() -> None:
 
 
 def test_render_is_deterministic_and_memoised_by_group_id() -> None:
-    a, b = render_cell(edge_plan(), 4), render_cell(edge_plan(), 4)
-    assert a == b and a.text() == b.text()
+    memo = RenderMemo()  # a backend's, kept by its render cache
+    a, b = render_cell(edge_plan(), 4, memo), render_cell(edge_plan(), 4, memo)
+    assert a == b and a.text() == b.text() and a == render_cell(edge_plan(), 4)
     shared = set(a.sets) & set(b.sets)
     assert all(a.sets[n] is b.sets[n] for n in shared if n != dispatch_map(4))
 

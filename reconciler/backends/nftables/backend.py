@@ -57,8 +57,8 @@ from reconciler.backends.nftables.render import (
     NftRuleset,
     NftSet,
     dispatch_map,
-    render_cell,
 )
+from reconciler.backends.nftables.rendercache import RenderCache
 from reconciler.plan import CellPlan
 
 _INDEX = re.compile(r"at index (\d+)")
@@ -95,6 +95,7 @@ class NftablesBackend:
     _shared: dict[str, tuple[float, bool, str, int | None]] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
+    renders: RenderCache = field(default_factory=RenderCache, compare=False, repr=False)
     _memory: NftMemory = field(default_factory=NftMemory, init=False, compare=False, repr=False)
 
     @classmethod
@@ -129,7 +130,7 @@ class NftablesBackend:
         return "nftables"
 
     def render(self, plan: CellPlan, family: int) -> NftRuleset:
-        return render_cell(plan, family)
+        return self.renders.get(plan, family)
 
     def _generation(self) -> int | None:
         """The kernel's generation id now; None when unknown or not to be used."""
