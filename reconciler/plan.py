@@ -359,8 +359,12 @@ class CellPlan:
 
     @property
     def installed_rules(self) -> int:
-        """Lines this plan puts in the kernel (iptables layout), FORWARD hooks included (one
-        per underlay interface and family), deny-network chains and the connection limit."""
+        """Lines this plan puts in the kernel in the iptables layout, FORWARD hooks included
+        (one per underlay interface and family), deny-network chains and the connection limit.
+
+        What CI plans and status show, as the one layout every backend's count is compared
+        with; the agent's metric reports what the running backend installs instead
+        (`backends.installed_rules`: nftables counts its rules and set elements)."""
         st = self.settings
         total = sum(max(1, len(st.underlay(f))) for f in self.families())
         deny_chains: dict[tuple[int, str], int] = {}
