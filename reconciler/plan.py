@@ -242,6 +242,18 @@ def deny_list(workload: str) -> str | None:
     return "staging" if workload == "staging" else None
 
 
+def deny_class(workload: str) -> str:
+    """The name every backend gives a workload's deny networks (a chain, a set): its
+    lifecycle's list, else `always`."""
+    return deny_list(workload) or "always"
+
+
+def log_id(full_id: str) -> str:
+    """The id in a log prefix, in every backend (iptables allows 29 characters): the
+    rule's comment carries the whole id."""
+    return full_id[:LOG_ID_LEN]
+
+
 @dataclass(frozen=True, slots=True)
 class DenyNetworks:
     """CF's `deny_networks`: destinations rejected before any ASG or egress policy is asked.

@@ -64,7 +64,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.backends.iptables.render import deny_class, log_id
 from reconciler.model import AddressRange, RuleItem, address_text, merge_ranges
 from reconciler.plan import (
     CellPlan,
@@ -74,6 +73,8 @@ from reconciler.plan import (
     RateLimit,
     RuleGroup,
     check_interface_name,
+    deny_class,
+    log_id,
 )
 
 NFT_FAMILY = "inet"
