@@ -66,9 +66,9 @@ def inventory():
 
 
 def child(repo: str, repeat: int) -> None:
+    from reconciler.backends.iptables.render import render_text
     from reconciler.compile import compile_cell
     from reconciler.policy.load import load_folder
-    from reconciler.render.iptables import render_text
 
     result = load_folder(repo)
     assert result.ok

@@ -8,7 +8,7 @@ namespaces with iptables-legacy, iptables-nft and libiptc (legacy), and compared
 * the floor: our own rendered rules, restored in one go (what converging from scratch cannot
   beat: it renders and sends exactly this, after a read of a table holding none of it);
 * CF: Cloud Foundry's per-container layout of the same policies and inventory
-  (reconciler/render/cflayout.py), what a CF cell has to load.
+  (reconciler/backends/iptables/cflayout.py), what a CF cell has to load.
 
 Each round converges every backend from scratch twice, each in a fresh namespace: once as a
 one-shot `asgctl apply` does (read back at once), once as the agent does (the install read
@@ -47,17 +47,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, machine
 from bench.compile_bench import build_repo, inventory
+from reconciler.backends import ConvergeResult, Runner, converge, open_backend
+from reconciler.backends.contract import Backend
+from reconciler.backends.iptables.backend import IptablesBackend
+from reconciler.backends.iptables.cflayout import render_cf, rule_count
+from reconciler.backends.iptables.delta import compute_delta
+from reconciler.backends.iptables.parse import OwnedState
+from reconciler.backends.iptables.render import GROUP_PREFIX, render_cell
 from reconciler.compile import compile_cell
-from reconciler.dataplane import ConvergeResult, Runner, compute_delta, converge, open_backend
-from reconciler.dataplane.backend import Backend
-from reconciler.dataplane.iptables import IptablesBackend
-from reconciler.dataplane.records import OwnedState
 from reconciler.lab.netns import Lab
 from reconciler.model import AddressRange, PolicySet, PortRange, Rule
 from reconciler.plan import CellPlan
 from reconciler.policy.load import load_folder
-from reconciler.render.cflayout import render_cf, rule_count
-from reconciler.render.iptables import GROUP_PREFIX, render_cell
 
 # name: (ASGs, rules per ASG, ASGs bound per space) for compile_bench's build_repo; 250
 # containers each.  Sized to CF's real layout (compile_bench's own cases count 172k and 572k).

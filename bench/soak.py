@@ -43,9 +43,10 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/soak.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from reconciler.backends import Runner, converge, open_backend
+from reconciler.backends.iptables.backend import tool
+from reconciler.backends.iptables.render import hook_rule, marker_rule, render_cell
 from reconciler.compile import compile_cell
-from reconciler.dataplane import Runner, converge, open_backend
-from reconciler.dataplane.iptables import tool
 from reconciler.model import (
     AddressRange,
     Container,
@@ -57,7 +58,6 @@ from reconciler.model import (
     SecurityGroup,
 )
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import hook_rule, marker_rule, render_cell
 
 SPACES = tuple(f"space-{i}" for i in range(6))
 APPS = tuple(f"app-{i}" for i in range(12))  # app i lives in space i % 6
@@ -278,7 +278,7 @@ def check(
         others = {k: v for k, v in view.items() if not k.startswith("ASG-")}
         if backend == "nftables":
             fresh = open_backend("nftables", variant, Runner.in_netns(netns))
-            from reconciler.render.nft import render_cell as render_nft
+            from reconciler.backends.nftables.render import render_cell as render_nft
 
             have, want = fresh.read(family), render_nft(plan, family)
             if dict(have.chains) != dict(want.chains):

@@ -15,6 +15,7 @@ import click
 
 from reconciler.agent.commands import agent_cmd, status_cmd
 from reconciler.agent.config import BACKENDS
+from reconciler.backends.iptables.render import render_text
 from reconciler.cli_options import format_option
 from reconciler.compile import compile_cell
 from reconciler.endpoint import parse_endpoint
@@ -26,7 +27,6 @@ from reconciler.plan import CellPlan, CellSettings, PlanError
 from reconciler.policy.findings import render_findings
 from reconciler.policy.load import load_policy
 from reconciler.policy.source import locate
-from reconciler.render.iptables import render_text
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -232,7 +232,7 @@ def render(
     families = [int(family)] if family else [4, 6]
     for fam in families:
         if fmt == "nft":
-            from reconciler.render.nft import render_cell as render_nft
+            from reconciler.backends.nftables.render import render_cell as render_nft
 
             if len(families) > 1:
                 click.echo(f"# nft -j -f - (table inet asgctl, IPv{fam})")
@@ -397,9 +397,9 @@ def apply_cmd(
     """
     from dataclasses import replace
 
-    from reconciler.dataplane import DataplaneError, Runner, converge, open_backend
-    from reconciler.dataplane.summary import format_text
-    from reconciler.dataplane.underlay import detect_underlay
+    from reconciler.backends import DataplaneError, Runner, converge, open_backend
+    from reconciler.backends.kernel.underlay import detect_underlay
+    from reconciler.backends.summary import format_text
 
     settings = _settings(agent_config, underlay)
     if not settings.underlay4:  # on the cell itself: the underlay its default routes use

@@ -531,7 +531,7 @@ def _ip_profiles(containers: list[Container], of: list[Profile]) -> list[tuple[P
 def cf_equivalent_rules(policy: PolicySet, containers: Iterable[Container]) -> int:
     """What CF's layout would install here: every rule of every ASG again, per container.
 
-    Counted as silk's vxlan-policy-agent writes it (`render/cflayout.py` renders it, and its
+    Counted as silk's vxlan-policy-agent writes it (`iptables/cflayout.py` renders it, and its
     tests hold the two equal): one rule per destination and port range, repeats within a
     container dropped, plus CF_CONTAINER_FIXED_LINES.  Its own function so the CI plan can
     count a cell it does not need to compile.

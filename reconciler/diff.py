@@ -27,6 +27,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from reconciler.backends.iptables.render import (
+    CONTAINER_PREFIX,
+    TOP_CHAIN,
+    chain_order,
+    render_cell,
+)
 from reconciler.compile import (
     Profile,
     bindings_for,
@@ -50,7 +56,6 @@ from reconciler.model import (
 )
 from reconciler.packetspace import ANY_PORT, item_space, merge_ranges, subtract
 from reconciler.plan import CONTAINER_FIXED_LINES, CellPlan, ContainerPlan, Provenance, RuleGroup
-from reconciler.render.iptables import CONTAINER_PREFIX, TOP_CHAIN, chain_order, render_cell
 
 CF_RULES_WARNING = 150_000
 CF_RULES_ERROR = 500_000

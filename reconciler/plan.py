@@ -242,6 +242,18 @@ def deny_list(workload: str) -> str | None:
     return "staging" if workload == "staging" else None
 
 
+def deny_class(workload: str) -> str:
+    """The name every backend gives a workload's deny networks (a chain, a set): its
+    lifecycle's list, else `always`."""
+    return deny_list(workload) or "always"
+
+
+def log_id(full_id: str) -> str:
+    """The id in a log prefix, in every backend (iptables allows 29 characters): the
+    rule's comment carries the whole id."""
+    return full_id[:LOG_ID_LEN]
+
+
 @dataclass(frozen=True, slots=True)
 class DenyNetworks:
     """CF's `deny_networks`: destinations rejected before any ASG or egress policy is asked.
@@ -359,8 +371,12 @@ class CellPlan:
 
     @property
     def installed_rules(self) -> int:
-        """Lines this plan puts in the kernel (iptables layout), FORWARD hooks included (one
-        per underlay interface and family), deny-network chains and the connection limit."""
+        """Lines this plan puts in the kernel in the iptables layout, FORWARD hooks included
+        (one per underlay interface and family), deny-network chains and the connection limit.
+
+        What CI plans and status show, as the one layout every backend's count is compared
+        with; the agent's metric reports what the running backend installs instead
+        (`backends.installed_rules`: nftables counts its rules and set elements)."""
         st = self.settings
         total = sum(max(1, len(st.underlay(f))) for f in self.families())
         deny_chains: dict[tuple[int, str], int] = {}

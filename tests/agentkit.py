@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
-from reconciler.dataplane import OwnedState, Runner, open_backend
+from reconciler.backends import Runner, open_backend
+from reconciler.backends.iptables.parse import OwnedState
 from reconciler.inventory import dump_store
 from reconciler.lab.gitserver import GitDaemon, git
 from reconciler.model import Container

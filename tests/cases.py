@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reconciler.backends import Runner
 from reconciler.compile import compile_cell
-from reconciler.dataplane import Runner
 from reconciler.inventory import parse_store
 from reconciler.model import Container, PolicySet
 from reconciler.plan import CellPlan

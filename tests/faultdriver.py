@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reconciler.dataplane import Runner, converge, open_backend
+from reconciler.backends import Runner, converge, open_backend
 
 
 def main(spec_path: str) -> int:

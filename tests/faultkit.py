@@ -33,9 +33,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.dataplane.iptables import tool
+from reconciler.backends.iptables.backend import tool
+from reconciler.backends.iptables.render import marker_rule, render_cell
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import marker_rule, render_cell
 
 XTABLES_LOCK = "/run/xtables.lock"
 

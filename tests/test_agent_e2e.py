@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.backends.iptables.render import container_chain, render_cell
 from reconciler.compile import compile_cell
 from reconciler.inventory import parse_store
 from reconciler.inventory_sources import StatusBranches
@@ -31,7 +32,6 @@ from reconciler.lab.probe import Outcome
 from reconciler.model import Container
 from reconciler.plan import content_id
 from reconciler.policy.load import load_revision
-from reconciler.render.iptables import container_chain, render_cell
 from tests.agentkit import (  # noqa: F401 - fixtures
     ASGCTL,
     ORG,
@@ -584,8 +584,8 @@ def test_the_hosts_prefixed_chains_are_logged_once_and_never_taken_over(
     from reconciler.agent.config import build_config
     from reconciler.agent.core import condition
     from reconciler.agent.loop import SYNC, Agent
-    from reconciler.dataplane import Runner
-    from reconciler.dataplane.iptables import IptablesBackend
+    from reconciler.backends import Runner
+    from reconciler.backends.iptables.backend import IptablesBackend
     from tests.agentkit import local_repo
 
     require_netns()

@@ -16,11 +16,12 @@ import reconciler.compile as compile_module
 from reconciler.agent.config import build_config
 from reconciler.agent.core import condition
 from reconciler.agent.loop import INVENTORY, SYNC, Agent
-from reconciler.dataplane import DataplaneError, Delta, OwnedState, compute_delta
-from reconciler.dataplane.records import HookCopy
+from reconciler.backends import DataplaneError
+from reconciler.backends.iptables.delta import IptablesDelta, compute_delta
+from reconciler.backends.iptables.parse import HookCopy, OwnedState
+from reconciler.backends.iptables.render import Ruleset, hook_rule, render_cell
 from reconciler.lab.gitserver import git
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import Ruleset, hook_rule, render_cell
 from tests.agentkit import container, local_repo, sg, tcp_rules, write_store
 
 
@@ -48,14 +49,16 @@ class MemoryDataplane:
         hooks = (HookCopy(0, hook_rule()),) if chains else ()
         return OwnedState(family, dict(chains), hooks)
 
-    def delta(self, desired: Ruleset, observed: OwnedState, last, *, heal_drift=True) -> Delta:  # type: ignore[no-untyped-def]
+    def delta(
+        self, desired: Ruleset, observed: OwnedState, last, *, heal_drift=True
+    ) -> IptablesDelta:  # type: ignore[no-untyped-def]
         return compute_delta(desired, observed, last, heal_drift=heal_drift)
 
-    def apply(self, delta: Delta) -> None:
+    def apply(self, delta: IptablesDelta) -> None:
         self.applies += 1
         self.chains[delta.family] = dict(self.rendered[delta.family].chains)
 
-    def verify(self, desired: Ruleset, delta: Delta) -> None:
+    def verify(self, desired: Ruleset, delta: IptablesDelta) -> None:
         self.verifies += 1
 
 

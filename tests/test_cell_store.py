@@ -31,6 +31,7 @@ from click.testing import CliRunner
 from reconciler.agent.config import build_config
 from reconciler.agent.core import condition
 from reconciler.agent.loop import INVENTORY, SYNC, Agent
+from reconciler.backends.iptables.render import render_text
 from reconciler.cli import main
 from reconciler.compile import cf_equivalent_rules, compile_cell, profile_of, profile_rules
 from reconciler.inventory import decode_store, judge_store
@@ -46,7 +47,6 @@ from reconciler.model import (
     Rule,
     SecurityGroup,
 )
-from reconciler.render.iptables import render_text
 from tests.agentkit import local_repo, sg
 from tests.conftest import require_netns
 from tests.iptables_eval import Packet, parse_restore, verdict

@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 import pytest
 
+from reconciler.backends.iptables.cflayout import render_cf, rule_count
 from reconciler.compile import cf_equivalent_rules, compile_cell
 from reconciler.lab.netns import Lab
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.plan import CF_CONTAINER_FIXED_LINES, CellPlan
-from reconciler.render.cflayout import render_cf, rule_count
 from tests.cases import CASES
 from tests.cases import load_case as case
 

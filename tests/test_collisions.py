@@ -32,19 +32,20 @@ import reconciler.compile as compile_module
 from reconciler.agent.config import build_config
 from reconciler.agent.core import condition, container_changes, revoke_share
 from reconciler.agent.loop import SYNC, Agent
+from reconciler.backends import Runner
+from reconciler.backends.iptables import render as iptables
+from reconciler.backends.iptables.rendercache import RenderCache
+from reconciler.backends.nftables import render as nft
+from reconciler.backends.nftables.backend import NftablesBackend
+from reconciler.backends.nftables.delta import compute_nft_delta
+from reconciler.backends.nftables.parse import NftState
 from reconciler.cli import main
 from reconciler.compile import compile_cell
-from reconciler.dataplane import Runner
-from reconciler.dataplane.nftables import NftablesBackend
-from reconciler.dataplane.nftdelta import compute_nft_delta
-from reconciler.dataplane.nftparse import NftState
-from reconciler.dataplane.rendercache import RenderCache
 from reconciler.inventory import dump_store
 from reconciler.lab.netns import Lab
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, RuleItem
 from reconciler.model import SecurityGroup as Group
 from reconciler.plan import CellSettings, PlanError, content_id
-from reconciler.render import iptables, nft
 from tests.agentkit import container, local_repo, sg, write_store
 from tests.conftest import require_netns
 from tests.faultkit import expected_snapshot, snapshot
@@ -184,8 +185,9 @@ def test_render_caches_render_the_new_content(collision: None) -> None:
     warm = cache.get(wide, 4, iptables.render_cell)  # the narrow group's chain is cached
     assert warm == iptables.render_cell(wide, 4)
     assert any("--dport 1:65535" in line for lines in warm.chains.values() for line in lines)
-    nft.render_cell(narrow, 4)  # fills nft's group cache with the narrow group
-    sets = nft.render_cell(wide, 4).sets
+    memo = nft.RenderMemo()  # what an nftables backend's render cache keeps
+    nft.render_cell(narrow, 4, memo)  # fills the group memo with the narrow group
+    sets = nft.render_cell(wide, 4, memo).sets
     elements = {e for s in sets.values() for e in s.elements or ()}
     assert WIDE_ELEMENT in elements, elements
 

@@ -21,32 +21,36 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from reconciler.cli import main
-from reconciler.compile import compile_cell
-from reconciler.dataplane import (
+from reconciler.backends import (
     ApplyError,
     Backend,
     ConvergeResult,
     FamilyResult,
     ReadError,
     VariantError,
-    compute_delta,
     converge,
-    parse_save,
 )
-from reconciler.dataplane import records as rec
-from reconciler.dataplane.iptables import IptablesBackend, tool
-from reconciler.dataplane.nftables import NftablesBackend
-from reconciler.dataplane.records import OwnedState
-from reconciler.dataplane.saveparse import count_rules
-from reconciler.dataplane.summary import format_text
+from reconciler.backends import contract as rec
+from reconciler.backends.iptables.backend import IptablesBackend, tool
+from reconciler.backends.iptables.delta import IptablesDelta, compute_delta
+from reconciler.backends.iptables.parse import HookCopy, OwnedState, count_rules, parse_save
+from reconciler.backends.iptables.render import (
+    TOP_CHAIN,
+    Ruleset,
+    hook_rule,
+    marker_rule,
+    render_cell,
+)
+from reconciler.backends.nftables.backend import NftablesBackend
+from reconciler.backends.nftables.render import base_chain, canonical_rule
+from reconciler.backends.nftables.render import render_cell as render_nft
+from reconciler.backends.summary import format_text
+from reconciler.cli import main
+from reconciler.compile import compile_cell
 from reconciler.lab.netns import Lab
 from reconciler.lab.nsenter import in_netns
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.plan import CellPlan, CellSettings
-from reconciler.render.iptables import TOP_CHAIN, Ruleset, hook_rule, marker_rule, render_cell
-from reconciler.render.nft import base_chain, canonical_rule
-from reconciler.render.nft import render_cell as render_nft
 from tests.cases import DATA, RecordingRunner, edge_plan
 from tests.conftest import skip_unless_available
 
@@ -121,7 +125,7 @@ class Host:
         if self.kind == "nftables":
             return NftablesBackend.open("auto", self.runner(), **kw)
         if self.kind == "libiptc":
-            from reconciler.dataplane.libiptc import LibiptcBackend
+            from reconciler.backends.iptables.libiptc import LibiptcBackend
 
             return LibiptcBackend.open(self.variant, self.runner(), **kw)
         return IptablesBackend.open(self.variant, self.runner(), **kw)
@@ -886,7 +890,7 @@ def test_asgctl_apply_without_privileges_says_so_once(
 def test_the_summary_tells_drift_from_planned_changes() -> None:
     drift = rec.Drift(4, "ASG-C-1", rec.RULE_MISSING, ("-A ASG-C-1 -j ACCEPT",), ())
     change = rec.Change(4, "ASG-G-2", rec.CHAIN_ADDED, 1)
-    delta = rec.Delta(4, (":ASG-C-1 - [0:0]",), (drift,), (change,), written=("ASG-C-1",))
+    delta = IptablesDelta(4, (":ASG-C-1 - [0:0]",), (drift,), (change,), written=("ASG-C-1",))
 
     def summary(mode: str, *, sent: bool = False, repair: bool = True) -> list[str]:
         d = replace(delta, drift=(replace(drift, repair=repair),))
@@ -956,14 +960,14 @@ def test_delta_is_empty_when_the_kernel_matches() -> None:
     plan = edge_plan()
     for family in (4, 6):
         desired = render_cell(plan, family)
-        observed = OwnedState(family, desired.chains, (rec.HookCopy(0, hook_rule()),), frozenset())
+        observed = OwnedState(family, desired.chains, (HookCopy(0, hook_rule()),), frozenset())
         assert compute_delta(desired, observed, desired).empty
 
 
 def test_delta_orders_declare_delete_fill_insert_remove() -> None:
     a, b = small_plan(), small_plan(extra=(_rule("tcp", "198.19.2.0/24", "80"),))
     old = render_cell(a, 4)
-    observed = OwnedState(4, old.chains, (rec.HookCopy(3, hook_rule()),), frozenset())
+    observed = OwnedState(4, old.chains, (HookCopy(3, hook_rule()),), frozenset())
     delta = compute_delta(render_cell(b, 4), observed, old)
     kinds = [op.split()[0] for op in delta.ops]
     order = {":": 0, "-D": 1, "-A": 2, "-I": 3, "-X": 4}
@@ -983,7 +987,7 @@ def test_delta_tells_our_unmarked_chains_from_the_hosts() -> None:
     observed = OwnedState(
         4,
         {n: rules for n, rules in old.chains.items() if n != gone},
-        (rec.HookCopy(0, hook_rule()),),
+        (HookCopy(0, hook_rule()),),
         frozenset(),
         unmarked={gone: (), "ASG-LEGACY": legacy},  # ours, flushed; the host's
     )

@@ -15,19 +15,13 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from reconciler.compile import compile_cell
-from reconciler.dataplane import VerifyError, compute_delta, converge, generation
-from reconciler.dataplane.generation import KernelProbe
-from reconciler.dataplane.iptables import IptablesBackend, tool
-from reconciler.dataplane.libiptc import _words
-from reconciler.dataplane.memory import after_delta, shape
-from reconciler.dataplane.records import HookCopy, OwnedState
-from reconciler.dataplane.rendercache import RenderCache
-from reconciler.dataplane.saveparse import parse_save
-from reconciler.lab.netns import Lab
-from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
-from reconciler.plan import CellPlan
-from reconciler.render.iptables import (
+from reconciler.backends import VerifyError, converge
+from reconciler.backends.iptables.backend import IptablesBackend, tool
+from reconciler.backends.iptables.delta import compute_delta
+from reconciler.backends.iptables.libiptc import _words
+from reconciler.backends.iptables.memory import after_delta
+from reconciler.backends.iptables.parse import HookCopy, OwnedState, parse_save
+from reconciler.backends.iptables.render import (
     CONTAINER_PREFIX,
     TOP_CHAIN,
     Ruleset,
@@ -36,6 +30,14 @@ from reconciler.render.iptables import (
     marker_rule,
     render_cell,
 )
+from reconciler.backends.iptables.rendercache import RenderCache
+from reconciler.backends.kernel import generation
+from reconciler.backends.kernel.generation import KernelProbe
+from reconciler.backends.kernel.memory import shape
+from reconciler.compile import compile_cell
+from reconciler.lab.netns import Lab
+from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
+from reconciler.plan import CellPlan
 from tests.cases import RecordingRunner as Recording
 from tests.cases import edge_plan
 
@@ -270,7 +272,7 @@ def test_a_family_without_containers_is_not_saved_on_legacy(cell: str, variant: 
 # -- an install's read-back, deferred to the next cycle's read --------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # a backend is a mutable handle (see IptablesBackend)
 class PrintsDifferently(IptablesBackend):
     """Renders one line in an order iptables accepts but prints back in its own: the case a
     read-back exists to catch."""

@@ -38,9 +38,9 @@ import pytest
 from reconciler.agent.config import build_config
 from reconciler.agent.core import condition
 from reconciler.agent.loop import INVENTORY, SYNC, Agent
+from reconciler.backends import Runner, converge, open_backend
+from reconciler.backends.iptables.backend import IptablesBackend
 from reconciler.compile import compile_cell
-from reconciler.dataplane import Runner, converge, open_backend
-from reconciler.dataplane.iptables import IptablesBackend
 from reconciler.lab.gitserver import GitDaemon, git
 from reconciler.lab.netns import Lab
 from reconciler.model import Container
@@ -899,9 +899,10 @@ def test_a_full_disk_is_reported_as_such_not_as_a_corrupt_cache() -> None:
 def test_a_failed_apply_keeps_its_time_in_the_timings() -> None:
     """A transaction that waits (for the xtables lock) and then fails must report the wait:
     the agent's `enforce` timing is the only place an operator sees it."""
-    from reconciler.dataplane import ApplyError, compute_delta
-    from reconciler.dataplane.records import OwnedState
-    from reconciler.render.iptables import render_cell
+    from reconciler.backends import ApplyError
+    from reconciler.backends.iptables.delta import compute_delta
+    from reconciler.backends.iptables.parse import OwnedState
+    from reconciler.backends.iptables.render import render_cell
 
     class Slow:
         name = "slow"

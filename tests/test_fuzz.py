@@ -12,12 +12,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reconciler.backends.iptables.render import render_text
 from reconciler.compile import compile_cell
 from reconciler.model import Container
 from reconciler.policy.findings import Finding
 from reconciler.policy.load import parse_files
 from reconciler.policy.source import SourceFile
-from reconciler.render.iptables import render_text
 
 CONTAINERS = [
     Container("c4", "198.18.0.2", app_id="app-1", space_id="space-1"),

@@ -23,12 +23,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.compile import compile_cell
-from reconciler.dataplane import converge
-from reconciler.dataplane import records as rec
-from reconciler.dataplane.errors import ReadError
-from reconciler.dataplane.nftables import NftablesBackend
-from reconciler.dataplane.nftdelta import (
+from reconciler.backends import contract as rec
+from reconciler.backends import converge
+from reconciler.backends.errors import ReadError
+from reconciler.backends.nftables.backend import NftablesBackend
+from reconciler.backends.nftables.delta import (
     ELEMENT_EXTRA,
     ELEMENT_MISSING,
     OBJECT_EXTRA,
@@ -37,20 +36,22 @@ from reconciler.dataplane.nftdelta import (
     TABLE_DORMANT,
     compute_nft_delta,
 )
-from reconciler.dataplane.nftparse import NftState, parse_listing
-from reconciler.explain import find_container
-from reconciler.lab.netns import Lab
-from reconciler.packetspace import disjoint_boxes
-from reconciler.plan import ID_LEN, LOG_ID_LEN, CellPlan
-from reconciler.render.nft import (
+from reconciler.backends.nftables.parse import NftState, parse_listing
+from reconciler.backends.nftables.render import (
     ADDRESS_TYPES,
     NftRuleset,
+    RenderMemo,
     base_chain,
     dispatch_map,
     element_json,
     element_text,
     render_cell,
 )
+from reconciler.compile import compile_cell
+from reconciler.explain import find_container
+from reconciler.lab.netns import Lab
+from reconciler.packetspace import disjoint_boxes
+from reconciler.plan import ID_LEN, LOG_ID_LEN, CellPlan
 from tests.cases import RecordingRunner, edge_plan
 from tests.iptables_eval import Packet
 from tests.test_dataplane import (
@@ -218,7 +219,7 @@ def test_disjoint_boxes_merges_neighbours() -> None:
     ],
 )
 def test_element_text_and_json_round_trip(keys: tuple[str, ...], box) -> None:  # type: ignore[no-untyped-def]
-    from reconciler.dataplane.nftparse import _key_text
+    from reconciler.backends.nftables.parse import _key_text
 
     text = element_text(keys, box)
     assert _key_text(keys, element_json(keys, text)) == text
@@ -242,8 +243,9 @@ def test_rendered_names_and_strings_carry_only_ids() -> None:
 
 
 def test_render_is_deterministic_and_memoised_by_group_id() -> None:
-    a, b = render_cell(edge_plan(), 4), render_cell(edge_plan(), 4)
-    assert a == b and a.text() == b.text()
+    memo = RenderMemo()  # a backend's, kept by its render cache
+    a, b = render_cell(edge_plan(), 4, memo), render_cell(edge_plan(), 4, memo)
+    assert a == b and a.text() == b.text() and a == render_cell(edge_plan(), 4)
     shared = set(a.sets) & set(b.sets)
     assert all(a.sets[n] is b.sets[n] for n in shared if n != dispatch_map(4))
 

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reconciler.backends.iptables.render import render_text
 from reconciler.compile import (
     bindings_for,
     compile_cell,
@@ -46,7 +47,6 @@ from reconciler.packetspace import (
     item_space,
     subtract,
 )
-from reconciler.render.iptables import render_text
 from tests.iptables_eval import Packet, parse_restore, verdict
 from tests.test_properties import APPS, SPACES, _addr, policies, rules
 
@@ -401,7 +401,7 @@ def test_the_one_answer_is_the_answer_each_reader_gave_before(
             assert contains(item_space(a), p) == _before_allows(a, p)
         # nft: the same set elements
         kind, boxes = _before_item_boxes(a)
-        from reconciler.render.nft import _item_boxes
+        from reconciler.backends.nftables.render import _item_boxes
 
         new_kind, new_boxes = _item_boxes(a)
         assert (new_kind, disjoint_boxes(new_boxes)) == (kind, disjoint_boxes(boxes))

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from reconciler.backends.iptables.render import render_cell
 from reconciler.cli import main
 from reconciler.compile import compile_cell
 from reconciler.diff import (
@@ -42,7 +43,6 @@ from reconciler.inventory_sources import (
 from reconciler.model import Container, Space
 from reconciler.planrun import run_plan
 from reconciler.policy.load import load_folder
-from reconciler.render.iptables import render_cell
 from reconciler.report import MARKER, PlanReport, Revision, render_markdown
 from reconciler.statusdoc import _fast_parts
 from tests.golden import assert_golden

@@ -12,6 +12,7 @@ import ipaddress
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reconciler.backends.iptables.render import render_text
 from reconciler.compile import compile_cell
 from reconciler.endpoint import Endpoint
 from reconciler.explain import explain, find_container
@@ -25,7 +26,6 @@ from reconciler.model import (
     Rule,
     SecurityGroup,
 )
-from reconciler.render.iptables import render_text
 from tests.iptables_eval import Packet, parse_restore, verdict
 
 V4 = int(ipaddress.IPv4Address("198.19.0.0"))

@@ -8,12 +8,12 @@ import pytest
 from click.testing import CliRunner
 
 from reconciler.agent.config import file_cell_settings, load_file
+from reconciler.backends.iptables.render import render_cell, render_text
 from reconciler.cli import main
 from reconciler.compile import compile_cell
 from reconciler.inventory import parse_store
 from reconciler.model import Container
 from reconciler.policy.load import load_folder
-from reconciler.render.iptables import render_cell, render_text
 from tests.cases import CASES, REPO, case_plan
 from tests.golden import GOLDEN_DIR, assert_golden
 from tests.policyrepo import write_tree

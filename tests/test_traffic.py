@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from reconciler.backends import Backend, Runner, converge
+from reconciler.backends.iptables.backend import IptablesBackend
+from reconciler.backends.nftables.backend import NftablesBackend
 from reconciler.compile import compile_cell
-from reconciler.dataplane import Backend, Runner, converge
-from reconciler.dataplane.iptables import IptablesBackend
-from reconciler.dataplane.nftables import NftablesBackend
 from reconciler.lab.netns import ContainerSpec, Lab, ServiceSpec
 from reconciler.lab.probe import Outcome, ProbeResult
 from reconciler.model import (

@@ -25,19 +25,19 @@ import pytest
 from click.testing import CliRunner
 
 from reconciler.agent.config import ConfigError, build_config
+from reconciler.backends import Runner, converge
+from reconciler.backends import contract as rec
+from reconciler.backends.iptables.backend import IptablesBackend
+from reconciler.backends.iptables.delta import compute_delta
+from reconciler.backends.iptables.parse import HookCopy, OwnedState
+from reconciler.backends.iptables.render import hook_rule, render_cell
+from reconciler.backends.kernel.underlay import UnderlayError, default_route_devices
+from reconciler.backends.nftables import render as nft
+from reconciler.backends.nftables.backend import NftablesBackend
 from reconciler.cli import main
-from reconciler.dataplane import Runner, converge
-from reconciler.dataplane import records as rec
-from reconciler.dataplane.delta import compute_delta
-from reconciler.dataplane.iptables import IptablesBackend
-from reconciler.dataplane.nftables import NftablesBackend
-from reconciler.dataplane.records import HookCopy, OwnedState
-from reconciler.dataplane.underlay import UnderlayError, default_route_devices
 from reconciler.endpoint import parse_endpoint
 from reconciler.explain import explain
 from reconciler.plan import CellSettings, DenyNetworks, RateLimit
-from reconciler.render import nft
-from reconciler.render.iptables import hook_rule, render_cell
 from tests.cases import CASES, case_plan, load_case
 
 BASE = {"source": "file:///x", "containers": "/x/store.json", "cell": "c1"}

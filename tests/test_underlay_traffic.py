@@ -32,11 +32,11 @@ from dataclasses import dataclass, replace
 
 import pytest
 
+from reconciler.backends import Backend, Runner, converge
+from reconciler.backends.iptables.backend import IptablesBackend
+from reconciler.backends.kernel.underlay import detect_underlay
+from reconciler.backends.nftables.backend import NftablesBackend
 from reconciler.compile import compile_cell
-from reconciler.dataplane import Backend, Runner, converge
-from reconciler.dataplane.iptables import IptablesBackend
-from reconciler.dataplane.nftables import NftablesBackend
-from reconciler.dataplane.underlay import detect_underlay
 from reconciler.lab.netns import ContainerSpec, Lab, ServiceSpec
 from reconciler.lab.probe import Outcome
 from reconciler.model import Container, PolicySet, SecurityGroup

@@ -183,7 +183,7 @@ class Agent:
 
     def _dataplane(self) -> Any:
         if self._backend is None:
-            from reconciler.dataplane import Runner, open_backend
+            from reconciler.backends import Runner, open_backend
 
             runner = Runner.in_netns(self.cfg.netns) if self.cfg.netns else Runner()
             self._backend = open_backend(self.cfg.backend, self.cfg.variant, runner)
@@ -198,8 +198,8 @@ class Agent:
         if self._settings is None:
             detected = None
             if not self.cfg.underlay_interface and self._backend_owned:
-                from reconciler.dataplane import Runner
-                from reconciler.dataplane.underlay import detect_underlay
+                from reconciler.backends import Runner
+                from reconciler.backends.kernel.underlay import detect_underlay
 
                 runner = Runner.in_netns(self.cfg.netns) if self.cfg.netns else Runner()
                 detected = detect_underlay(runner)
@@ -413,7 +413,7 @@ class Agent:
         elif st.inventory is None:
             waiting = f"no valid container metadata yet ({st.inventory_error})"
         else:
-            from reconciler.dataplane.underlay import UnderlayError
+            from reconciler.backends.kernel.underlay import UnderlayError
 
             t = time.perf_counter()
             try:
@@ -442,7 +442,7 @@ class Agent:
                 except Exception as exc:  # any backend failure is reported, never fatal
                     enforce_error = Problem("DataplaneUnavailable", str(exc))
             if backend is not None:
-                from reconciler.dataplane import converge
+                from reconciler.backends import converge
 
                 last = applied.plan if applied is not None else None
                 # An install is read back by the next cycle's read (see converge); a --once
@@ -632,7 +632,10 @@ class Agent:
             m.set("asgctl_agent_inventory_rejected_entries", count, kind=kind)
         a = st.applied
         if a is not None and a.plan is not None:
-            m.set("asgctl_agent_rules_installed", a.plan.installed_rules)
+            if self._backend is not None:  # counted as the running backend installs them
+                from reconciler.backends import installed_rules
+
+                m.set("asgctl_agent_rules_installed", installed_rules(self._backend, a.plan))
             m.set("asgctl_agent_chains", a.plan.chains)
             m.set("asgctl_agent_cf_equivalent_rules", a.plan.cf_equivalent_rules)
             m.set("asgctl_agent_containers", len(a.plan.containers))

@@ -11,7 +11,7 @@ asgctl_agent_last_sync_duration_seconds{phase}         gauge: the last cycle's p
 asgctl_agent_syncs_total{result}                       counter: success | failure
 asgctl_agent_sync_failures_total{reason}               counter, by condition reason
 asgctl_agent_last_success_timestamp_seconds            gauge (unix time)
-asgctl_agent_rules_installed                           gauge: lines in the kernel
+asgctl_agent_rules_installed                           gauge: rules (nft: and elements)
 asgctl_agent_chains                                    gauge
 asgctl_agent_cf_equivalent_rules                       gauge: what CF would install
 asgctl_agent_containers                                gauge
@@ -41,7 +41,10 @@ _HELP = {
         "gauge",
         "Unix time of the last sync that left the cell Ready.",
     ),
-    "asgctl_agent_rules_installed": ("gauge", "Rules the applied plan installs (both families)."),
+    "asgctl_agent_rules_installed": (
+        "gauge",
+        "Rules and set elements the running backend installs for the applied plan (both families).",
+    ),
     "asgctl_agent_chains": ("gauge", "Chains the applied plan installs."),
     "asgctl_agent_cf_equivalent_rules": (
         "gauge",

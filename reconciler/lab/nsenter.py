@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from reconciler.dataplane.nsthread import NETNS_RUN_DIR, setns_net
+from reconciler.backends.kernel.nsthread import NETNS_RUN_DIR, setns_net
 
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 

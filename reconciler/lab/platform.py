@@ -34,7 +34,7 @@ through the underlay; the lab routes it instead (the core knows each cell's leas
 services see container addresses -- ASGs are judged before NAT either way.
 
 `up(cf_layout=True)` (`asgctl lab up --cf-layout`) also installs CF's own chains in each cell
-as silk and the vxlan-policy-agent write them (`render/cflayout.py` `render_diego`): silk's
+as silk and the vxlan-policy-agent write them (`iptables/cflayout.py` `render_diego`): silk's
 netout chains with the ASGs of the seed revision, one `overlay--` chain per container, and the
 VPA's `vpa--` chain first in FORWARD, which allows container-to-container traffic only for the
 lab's network policies (`LabSpec.network_policies`), on one cell and across cells.
@@ -1072,8 +1072,8 @@ def _cf_variant(wanted: str) -> str:
         return wanted
     if wanted != "auto":
         raise PlatformError(f"cf layout: unknown iptables variant {wanted!r} (legacy, nft, auto)")
-    from reconciler.dataplane.iptables import system_default
-    from reconciler.dataplane.runner import Runner
+    from reconciler.backends.iptables.backend import system_default
+    from reconciler.backends.kernel.runner import Runner
 
     return system_default(Runner()) or "nft"
 
@@ -1110,7 +1110,7 @@ def _seed_policy(policies: Path, seed_hook: Callable[[Path], None] | None) -> An
 
 def network_policies(spec: LabSpec, guids: Mapping[str, Guids]) -> tuple[Any, ...]:
     """The spec's network policies by app GUID, as the policy server hands them to the VPA."""
-    from reconciler.render.cflayout import NetworkPolicy
+    from reconciler.backends.iptables.cflayout import NetworkPolicy
 
     return tuple(
         NetworkPolicy(guids[p.source].app_id, guids[p.dest].app_id, p.protocol, p.port, p.port)
@@ -1122,9 +1122,9 @@ def cf_layout_text(
     spec: LabSpec, net: NetworkPlan, guids: Mapping[str, Guids], policy: Any, cell: str
 ) -> str:
     """One cell's `iptables-restore --noflush` input: `render_diego` of the seed plan."""
+    from reconciler.backends.iptables.cflayout import render_diego
     from reconciler.compile import compile_cell
     from reconciler.plan import CellSettings
-    from reconciler.render.cflayout import render_diego
 
     underlay = (UNDERLAY_IF,)
     plan = compile_cell(

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from reconciler.model import RuleItem
 from reconciler.plan import (
-    LOG_ID_LEN,
     NAME_ID_LEN,
     CellPlan,
     CellSettings,
@@ -21,7 +20,8 @@ from reconciler.plan import (
     PlanRule,
     RateLimit,
     check_interface_name,
-    deny_list,
+    deny_class,
+    log_id,
     port_chunks,
 )
 
@@ -52,11 +52,6 @@ def group_chain(group_id: str) -> str:
     """A group's chain, its id cut as `container_chain`'s; the jump to it carries the whole
     id (`asg:g:<id>`), and the plan refuses two different groups under one name."""
     return GROUP_PREFIX + group_id[:NAME_ID_LEN]
-
-
-def log_id(full_id: str) -> str:
-    """The id in a log prefix (29 characters at most): the comment carries the whole id."""
-    return full_id[:LOG_ID_LEN]
 
 
 def _comment(text: str) -> str:
@@ -139,6 +134,13 @@ class Ruleset:
     def rule_count(self) -> int:
         return sum(len(rules) for rules in self.chains.values())
 
+    @property
+    def installed_rules(self) -> int:
+        """The plan's rules plus the FORWARD hooks (none without chains): what the agent
+        reports as installed, and equal to `CellPlan.installed_rules`, the CI plan's count of
+        this layout.  Ownership markers are bookkeeping, not rules, and are not counted."""
+        return self.rule_count + (len(self.hooks) if self.chains else 0)
+
 
 def insert_hook_ops(hooks: tuple[str, ...]) -> list[str]:
     """`-I FORWARD 1` for each hook, last first, so they end up first in FORWARD in order."""
@@ -186,11 +188,6 @@ def render_cell(plan: CellPlan, family: int) -> Ruleset:
 
 def _reject(family: int) -> str:
     return "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
-
-
-def deny_class(workload: str) -> str:
-    """The name of a workload's deny chain or set: its lifecycle's list, else `always`."""
-    return deny_list(workload) or "always"
 
 
 def deny_chain(workload: str) -> str:

@@ -1,6 +1,6 @@
 """The nftables backend: `nft -j` to read, one `nft -j -f -` transaction per family to write.
 
-Our rules live in a table of their own, `inet asgctl` (see `reconciler.render.nft` for the
+Our rules live in a table of their own, `inet asgctl` (see `nftables.render` for the
 layout and for why it hooks in at priority filter - 1 and rejects rather than drops or merely
 accepts).  Nothing outside that table is ever written: iptables (legacy or nft) and other
 programs' nft tables keep their rules and their own say over every packet.  The table has no
@@ -35,31 +35,31 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from reconciler.dataplane.errors import ApplyError, DataplaneError, ReadError, VerifyError
-from reconciler.dataplane.generation import KernelProbe
-from reconciler.dataplane.nftdelta import (
+from reconciler.backends.contract import Backend
+from reconciler.backends.errors import ApplyError, DataplaneError, ReadError, VerifyError
+from reconciler.backends.kernel.runner import Runner
+from reconciler.backends.nftables.delta import (
     NftDelta,
     check_applied,
     compute_nft_delta,
-    shape,
     slice_size,
     state_after,
 )
-from reconciler.dataplane.nftparse import NftState, parse_listing, parse_set_listing
-from reconciler.dataplane.runner import Runner
-from reconciler.plan import CellPlan
-from reconciler.render.iptables import Ruleset
-from reconciler.render.nft import (
+from reconciler.backends.nftables.memory import NftMemory
+from reconciler.backends.nftables.parse import NftState, parse_listing, parse_set_listing
+from reconciler.backends.nftables.render import (
     NFT_FAMILY,
     TABLE,
     NftRuleset,
     NftSet,
     dispatch_map,
-    render_cell,
 )
+from reconciler.backends.nftables.rendercache import RenderCache
+from reconciler.plan import CellPlan
 
 _INDEX = re.compile(r"at index (\d+)")
 VERIFY_SAMPLE = 8
@@ -69,60 +69,12 @@ _NO_SET = NftSet("", ())
 REUSE_SECONDS = 2.0
 
 
-@dataclass
-class _Memory:
-    """What a backend remembers of the kernel between calls (see the module doc)."""
-
-    probe: KernelProbe | None = None
-    opened: bool = False
-    known: dict[int, tuple[int, NftState]] = field(default_factory=dict)
-    shapes: set[str] = field(default_factory=set)
-    kinds: set[tuple[tuple[str, ...], tuple[str, ...], str]] = field(default_factory=set)
-    pending: dict[int, tuple[NftRuleset, NftState]] = field(default_factory=dict)
-    interned: dict[int, Mapping[str, NftSet]] = field(default_factory=dict)
-
-    def intern(self, state: NftState) -> NftState:
-        """Read-back sets equal to ones last rendered, swapped for those: a million elements
-        are compared once per listing, not once per cycle (equal objects compare at once)."""
-        interned = self.interned.get(state.family)
-        if not state.elements_read or not interned:
-            return state
-        sets = dict(state.sets)
-        for name, s in state.sets.items():
-            mine = interned.get(name)
-            if mine is not None and mine is not s and mine == s:
-                sets[name] = mine
-        return replace(state, sets=sets)
-
-    def generation(self, runner: Runner, enabled: bool = True) -> int | None:
-        if not enabled:
-            return None
-        if not self.opened:
-            self.opened = True
-            netns = getattr(runner, "netns", None)
-            if not runner.prefix or netns is not None:
-                self.probe = KernelProbe(netns)
-        return self.probe.generation() if self.probe is not None else None
-
-    def learn(self, state: NftState) -> None:
-        """Rule shapes, and kinds of set whose elements, the kernel has printed back."""
-        for rules in state.chains.values():
-            self.shapes.update(shape(r) for r in rules)
-        self.kinds.update(s.header for s in state.sets.values() if s.elements is not None)
-
-    def trusted(self, desired: NftRuleset, delta: NftDelta) -> bool:
-        """Whether everything `delta` writes is of a shape the kernel has printed as rendered."""
-        for name in delta.written:
-            if any(shape(r) not in self.shapes for r in desired.chains.get(name, ())):
-                return False
-            if name in desired.sets and desired.sets[name].header not in self.kinds:
-                return False
-        return True
-
-
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class NftablesBackend:
     """Converges our table with the `nft` command, in JSON both ways.
+
+    A handle, not a value: it keeps what it learned of the kernel (`_memory`, the last
+    listing, the last audit) for its whole life, so it is mutable and compares by identity.
 
     `fault` rewrites each transaction just before it is sent: a test hook to prove that a
     failing transaction leaves everything as it was.  `remember=False` makes every read list
@@ -143,7 +95,8 @@ class NftablesBackend:
     _shared: dict[str, tuple[float, bool, str, int | None]] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
-    _memory: _Memory = field(default_factory=_Memory, init=False, compare=False, repr=False)
+    renders: RenderCache = field(default_factory=RenderCache, compare=False, repr=False)
+    _memory: NftMemory = field(default_factory=NftMemory, init=False, compare=False, repr=False)
 
     @classmethod
     def open(
@@ -177,7 +130,14 @@ class NftablesBackend:
         return "nftables"
 
     def render(self, plan: CellPlan, family: int) -> NftRuleset:
-        return render_cell(plan, family)
+        return self.renders.get(plan, family)
+
+    def _generation(self) -> int | None:
+        """The kernel's generation id now; None when unknown or not to be used."""
+        if not self.remember:
+            return None
+        self._memory.open(self.runner)
+        return self._memory.generation()
 
     def full_read_due(self, family: int) -> bool:
         """Whether the next read of `family` lists every element (see the module doc)."""
@@ -194,17 +154,17 @@ class NftablesBackend:
         listed (and the IPv6 read of a cycle reuses the IPv4 listing, see `_listing`)."""
         memory = self._memory
         full = self.full_read_due(family)
-        generation = memory.generation(self.runner, self.remember)
-        hit = memory.known.get(family)
+        generation = self._generation()
+        hit = memory.states.get(family)
         fresh = generation is not None and hit is not None and hit[0] == generation
         if fresh and hit is not None and (hit[1].elements_read or not full):
             return hit[1]
         state = memory.intern(self._list_state(family, full, generation))
-        if generation is not None and memory.generation(self.runner, self.remember) == generation:
-            memory.known[family] = (generation, state)
+        if generation is not None and self._generation() == generation:
+            memory.states[family] = (generation, state)
             memory.learn(state)
         else:
-            memory.known.pop(family, None)
+            memory.states.pop(family, None)
         return state
 
     def _list_state(self, family: int, full: bool, generation: int | None) -> NftState:
@@ -281,33 +241,31 @@ class NftablesBackend:
 
     def delta(
         self,
-        desired: Ruleset,
-        observed: NftState,  # type: ignore[override]
-        last: Ruleset | None,
+        desired: NftRuleset,
+        observed: NftState,
+        last: NftRuleset | None,
         *,
         heal_drift: bool = True,
     ) -> NftDelta:
-        if not isinstance(desired, NftRuleset):
-            desired = NftRuleset(desired.family, dict(desired.chains))
         self._memory.pending[observed.family] = (desired, observed)
         self._memory.interned[observed.family] = desired.sets
         return compute_nft_delta(desired, observed, last, heal_drift=heal_drift)
 
-    def apply(self, delta: NftDelta) -> None:  # type: ignore[override]
+    def apply(self, delta: NftDelta) -> None:
         if delta.empty:
             return
         text = delta.text()
         memory = self._memory
-        before = memory.generation(self.runner, self.remember)
+        before = self._generation()
         if self.fault is not None:
             text = self.fault(delta.family, text)
             before = None  # what was sent is not what the delta says
         res = self.runner.run([self.nft, "-j", "-f", "-"], stdin=text)
         if res.returncode == 0:
             self._shared.pop("listing", None)  # what was listed before is history now
-            self._remember(delta, before, memory.generation(self.runner, self.remember))
+            self._remember(delta, before, self._generation())
             return
-        memory.known.clear()
+        memory.states.clear()
         line, where = None, ""
         m = _INDEX.search(res.stderr)
         if m is not None:
@@ -327,7 +285,7 @@ class NftablesBackend:
         memory = self._memory
         family = delta.family
         desired, observed = memory.pending.pop(family, (None, None))
-        hit = memory.known.get(family)
+        hit = memory.states.get(family)
         exact = (
             before is not None
             and after == before + 1
@@ -338,15 +296,15 @@ class NftablesBackend:
             and memory.trusted(desired, delta)
         )
         if not exact or after is None or observed is None or desired is None:
-            memory.known.clear()
+            memory.states.clear()
             return
         state = state_after(observed, desired, delta)
-        memory.known[family] = (after, state)
+        memory.states[family] = (after, state)
         other = 6 if family == 4 else 4
-        theirs = memory.known.get(other)
+        theirs = memory.states.get(other)
         if theirs is not None and theirs[0] == before:
             objects, elements = slice_size(state)
-            memory.known[other] = (
+            memory.states[other] = (
                 after,
                 replace(
                     theirs[1],
@@ -357,11 +315,11 @@ class NftablesBackend:
                 ),
             )
         else:
-            memory.known.pop(other, None)
+            memory.states.pop(other, None)
 
-    def verify(self, desired: Ruleset, delta: NftDelta) -> None:  # type: ignore[override]
+    def verify(self, desired: NftRuleset, delta: NftDelta) -> None:
         observed = self.read(delta.family)
-        if not observed.elements_read and isinstance(desired, NftRuleset):
+        if not observed.elements_read:
             unread = [
                 n
                 for n in delta.written
@@ -375,7 +333,7 @@ class NftablesBackend:
                     sets[name] = self._read_set(name, "map" if desired.sets[name].data else "set")
                     self._memory.kinds.add(sets[name].header)
                 observed = replace(observed, sets=sets)
-        problems = check_applied(desired, delta, observed)  # type: ignore[arg-type]
+        problems = check_applied(desired, delta, observed)
         if problems:
             raise VerifyError(
                 f"ipv{delta.family}: after apply the kernel differs: " + "; ".join(problems[:5])
@@ -387,3 +345,9 @@ def _msg(res: object) -> str:
     stderr = getattr(res, "stderr", "")
     lines = [x.strip().removeprefix("internal:0:0-0: ") for x in stderr.splitlines() if x.strip()]
     return " / ".join(lines) if lines else "(no message)"
+
+
+if TYPE_CHECKING:  # the type checker holds the backend to the contract
+
+    def _satisfies(b: NftablesBackend) -> Backend[NftRuleset, NftState, NftDelta]:
+        return b

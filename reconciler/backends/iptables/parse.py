@@ -10,16 +10,57 @@ So every line must be one we understand, and the table must be complete, or Read
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from reconciler.dataplane.errors import ReadError
-from reconciler.dataplane.records import HookCopy, OwnedState
-from reconciler.render.iptables import (
+from reconciler.backends.errors import ReadError
+from reconciler.backends.iptables.render import (
     HOOK_CHAIN,
     MARKER_TAIL,
     OWNED_PREFIX,
     TOP_CHAIN,
     is_marker,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class HookCopy:
+    """A rule in FORWARD carrying our hook comment: its 0-based position and full text."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class OwnedState:
+    """What the kernel holds of ours for one family, read back in `iptables-save` form.
+
+    `chains` are the chains that carry our ownership marker (`render.marker_rule`), with
+    their rules minus the marker: provably ours.  `unmarked` are chains with our name
+    prefix but no marker: someone else's (the host's `ASG-ADMIN-BLOCKLIST`), or ours after
+    someone flushed them or removed the marker, which only the last plan applied can tell
+    (`delta.compute_delta` decides).  `hooks` are the FORWARD rules carrying our hook comment
+    and jumping to our dispatch chain; other programs' rules are not even stored.
+    `foreign_refs` names chains that a rule outside the prefixed chains jumps to: those must
+    not be deleted, or the whole restore would fail.
+    """
+
+    family: int
+    chains: Mapping[str, tuple[str, ...]]
+    hooks: tuple[HookCopy, ...] = ()
+    foreign_refs: frozenset[str] = frozenset()
+    unmarked: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        """No chain of ours carries its marker: a transaction now installs."""
+        return not self.chains
+
+    @property
+    def rule_count(self) -> int:
+        """Rules of ours in the kernel: the plan's rules, each chain's marker, the hook."""
+        return sum(len(r) + 1 for r in self.chains.values()) + len(self.hooks)
+
 
 _HOOK_COMMENT = re.compile(r'(?:^|\s)--comment\s+"?asg:forward"?(?:\s|$)')
 _JUMP = re.compile(r"(?:^|\s)(?:-j|--jump|-g|--goto)\s+(" + re.escape(OWNED_PREFIX) + r"\S+)")

@@ -16,9 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.dataplane.errors import ReadError
-from reconciler.dataplane.records import OwnedState
-from reconciler.render.nft import (
+from reconciler.backends.errors import ReadError
+from reconciler.backends.nftables.render import (
     ADDRESS_TYPES,
     NFT_FAMILY,
     TABLE,
@@ -31,18 +30,20 @@ from reconciler.render.nft import (
 
 
 @dataclass(frozen=True)
-class NftState(OwnedState):
+class NftState:
     """One family's slice of our table as the kernel holds it.
 
-    `chains` (from OwnedState) holds every chain's rules as canonical strings; `base_hooks`
-    says how base chains hook in; `sets` includes the dispatch map.  `elements_read` is false
-    after a terse read: group sets' elements were not listed and are unknown, not empty.
-    `others` are objects of our table that are neither chain, set nor map (someone else's),
-    keyed "kind name"; `other_slice` counts the other family's objects, which decides whether
+    `chains` holds every chain's rules as canonical strings; `base_hooks` says how base
+    chains hook in; `sets` includes the dispatch map.  `elements_read` is false after a terse
+    read: group sets' elements were not listed and are unknown, not empty.  `others` are
+    objects of our table that are neither chain, set nor map (someone else's), keyed
+    "kind name"; `other_slice` counts the other family's objects, which decides whether
     removing this slice may remove the table, and `other_elements` their set elements (with
     this slice's, the size of the table: what a full read costs).
     """
 
+    family: int
+    chains: Mapping[str, tuple[str, ...]]
     table: bool = False
     table_flags: tuple[str, ...] = ()
     base_hooks: Mapping[str, BaseHook] = field(default_factory=dict)
@@ -51,6 +52,11 @@ class NftState(OwnedState):
     other_slice: int = 0
     other_elements: int = 0
     elements_read: bool = True
+
+    @property
+    def empty(self) -> bool:
+        """No chain of ours in this slice: a transaction now installs it."""
+        return not self.chains
 
     @property
     def rule_count(self) -> int:

@@ -20,8 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 
+from reconciler.backends.iptables.render import Ruleset, group_chain
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import Ruleset, group_chain
 
 
 class RenderCache:

@@ -1,7 +1,7 @@
 """Which interfaces are the cell's underlay: where a container's egress leaves the cell.
 
 silk judges a container's packet by its ASGs only when it goes out through the underlay
-(`FORWARD -s <ip> -o <underlay> -j netout--<handle>`, see render/iptables.py hook_rule).  silk
+(`FORWARD -s <ip> -o <underlay> -j netout--<handle>`, see iptables/render.py hook_rule).  silk
 names the underlay by looking up which interface holds the cell's `underlay_ips` (silk-release
 lib/interfacelookup/interface_name_lookup.go, GetNamesFromIPs; cni-wrapper-plugin/main.go),
 unless `temporary.underlay_interface_names` names them.  asgctl has no BOSH spec to read
@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from reconciler.dataplane.errors import DataplaneError
-from reconciler.dataplane.runner import Runner
+from reconciler.backends.errors import DataplaneError
+from reconciler.backends.kernel.runner import Runner
 from reconciler.plan import check_interface_name
 
 

@@ -1,43 +1,54 @@
-"""The dataplane edge: read the kernel's state of our rules, and converge it to a plan.
+"""The dataplane edge: converge the kernel to a plan through one of several backends.
 
-`open_backend` picks a backend by name; `converge` runs one read-delta-apply-verify cycle.
-Everything here does I/O except `compute_delta` and `parse_save`, which are pure.
+`contract` is what every backend provides and what the converge loop, status and metrics
+use; `open_backend` picks a backend by name (`iptables/`, `nftables/`: one folder each, with
+its renderer, parser, delta and kernel memory; `kernel/`: the plumbing they share).
 """
 
 from __future__ import annotations
 
-from reconciler.dataplane.backend import Backend, ConvergeResult, FamilyResult, Mode, converge
-from reconciler.dataplane.delta import compute_delta
-from reconciler.dataplane.errors import (
+from reconciler.backends.contract import (
+    AnyBackend,
+    Backend,
+    Change,
+    ConvergeResult,
+    Delta,
+    Desired,
+    Drift,
+    FamilyResult,
+    Mode,
+    Observed,
+    converge,
+    installed_rules,
+)
+from reconciler.backends.errors import (
     ApplyError,
     DataplaneError,
     ReadError,
     VariantError,
     VerifyError,
 )
-from reconciler.dataplane.records import Change, Delta, Drift, OwnedState
-from reconciler.dataplane.runner import Runner
-from reconciler.dataplane.saveparse import parse_save
+from reconciler.backends.kernel.runner import Runner
 
 BACKENDS = ("iptables", "libiptc", "nftables")
 
 
 def open_backend(
     name: str = "iptables", variant: str = "auto", runner: Runner | None = None
-) -> Backend:
+) -> AnyBackend:
     """A backend for this host (or for the namespace `runner` runs in)."""
     if name == "iptables":
-        from reconciler.dataplane.iptables import IptablesBackend
+        from reconciler.backends.iptables.backend import IptablesBackend
 
         return IptablesBackend.open(variant, runner)
     if name == "libiptc":
         try:
-            from reconciler.dataplane.libiptc import LibiptcBackend
+            from reconciler.backends.iptables.libiptc import LibiptcBackend
         except ImportError as exc:
             raise DataplaneError(f"the libiptc backend is not available: {exc}") from None
         return LibiptcBackend.open(variant, runner)
     if name == "nftables":
-        from reconciler.dataplane.nftables import NftablesBackend
+        from reconciler.backends.nftables.backend import NftablesBackend
 
         return NftablesBackend.open(variant, runner)
     raise DataplaneError(f"unknown dataplane backend {name!r} (one of {', '.join(BACKENDS)})")
@@ -45,22 +56,23 @@ def open_backend(
 
 __all__ = [
     "BACKENDS",
+    "AnyBackend",
     "ApplyError",
     "Backend",
     "Change",
     "ConvergeResult",
     "DataplaneError",
     "Delta",
+    "Desired",
     "Drift",
     "FamilyResult",
     "Mode",
-    "OwnedState",
+    "Observed",
     "ReadError",
     "Runner",
     "VariantError",
     "VerifyError",
-    "compute_delta",
     "converge",
+    "installed_rules",
     "open_backend",
-    "parse_save",
 ]

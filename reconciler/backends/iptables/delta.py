@@ -1,8 +1,8 @@
 """Build the minimal `iptables-restore --noflush` transaction from plan, kernel and last plan.
 
 Pure: three values in (the desired Ruleset, the kernel's OwnedState, the Ruleset last applied
-or None), one Delta out.  The transaction carries only chains whose rules differ, in an order
-that is valid at every step for iptables-restore's own checks and atomic for packets:
+or None), one IptablesDelta out.  The transaction carries only chains whose rules differ, in
+an order that is valid at every step for iptables-restore's own checks and atomic for packets:
 
 1. declare every chain we write or remove (`:C - [0:0]`; under --noflush that creates a new
    chain or flushes an existing one, which also drops its jumps to chains about to go);
@@ -23,7 +23,7 @@ Only what is ours is ever written, flushed or deleted.  A chain is ours when it 
 ownership marker (`marker_rule`), or when the last plan applied put it there (the recorded
 set: a chain someone flushed has lost its marker, not its owner).  Every chain written gets
 its marker first.  Any other chain with our name prefix is someone else's: it is reported
-(`Delta.foreign`), its rules' jumps keep our chains they target alive like any foreign
+(`IptablesDelta.foreign`), its rules' jumps keep our chains they target alive like any foreign
 rule's, and a plan that needs its name is refused (`OwnershipError`) rather than allowed to
 take it over.
 """
@@ -31,15 +31,14 @@ take it over.
 from __future__ import annotations
 
 import re
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
-from reconciler.dataplane import records as r
-from reconciler.dataplane.errors import OwnershipError
-from reconciler.dataplane.records import Change, Delta, Drift, OwnedState
-from reconciler.dataplane.saveparse import jump_targets
-from reconciler.render.iptables import (
+from reconciler.backends import contract as r
+from reconciler.backends.contract import Change, Drift, judge, rules_drift
+from reconciler.backends.errors import OwnershipError
+from reconciler.backends.iptables.parse import HookCopy, OwnedState, jump_targets
+from reconciler.backends.iptables.render import (
     CONTAINER_PREFIX,
     GROUP_PREFIX,
     HOOK_CHAIN,
@@ -52,13 +51,45 @@ from reconciler.render.iptables import (
 Chains = Mapping[str, tuple[str, ...]]
 
 
+@dataclass(frozen=True)
+class IptablesDelta:
+    """The transaction for one family, and why each part of it is there.
+
+    `ops` are the lines between `*filter` and `COMMIT`; empty means nothing to send.
+    `written` chains are declared (which flushes them under --noflush) and refilled,
+    `deleted` chains flushed and removed, `orphaned` chains flushed but kept because a rule
+    that is not ours still jumps to them.  `foreign` are chains with our name prefix that
+    are not ours: reported, never written, flushed or deleted.
+    """
+
+    family: int
+    ops: tuple[str, ...] = ()
+    drift: tuple[Drift, ...] = ()
+    changes: tuple[Change, ...] = ()
+    written: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+    orphaned: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    foreign: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.ops
+
+    def text(self) -> str:
+        """The `iptables-restore --noflush` input, or "" when there is nothing to send."""
+        if not self.ops:
+            return ""
+        return "\n".join(("*filter", *self.ops, "COMMIT")) + "\n"
+
+
 def compute_delta(
     desired: Ruleset,
     observed: OwnedState,
     last: Ruleset | None = None,
     *,
     heal_drift: bool = True,
-) -> Delta:
+) -> IptablesDelta:
     """The transaction taking `observed` to `desired`, with drift and changes explained.
 
     With `heal_drift=False` a chain that only drifted (the plan did not change it) is reported
@@ -141,7 +172,7 @@ def compute_delta(
     ops.extend(marker_rule(n) for n in orphaned)  # kept, so still provably ours
     ops.extend(op for op in hook_ops if op.startswith("-I "))
     ops.extend(f"-X {n}" for n in deleted)
-    return Delta(
+    return IptablesDelta(
         family=family,
         ops=tuple(ops),
         drift=tuple(drift),
@@ -262,7 +293,7 @@ def _hook(
     return ops, drift, change
 
 
-def _hooks_in_place(copies: Sequence[r.HookCopy], expected: Sequence[str]) -> bool:
+def _hooks_in_place(copies: Sequence[HookCopy], expected: Sequence[str]) -> bool:
     """Each wanted hook exactly once, at FORWARD's top, in order, and no other copy."""
     if len(copies) != len(expected):
         return False
@@ -295,18 +326,6 @@ def _comment_key(rule: str) -> str:
     return rule[at + len(marker) : end]
 
 
-def judge(
-    want: object, have: object, last: object, last_known: bool, heal_drift: bool
-) -> tuple[bool, bool, bool]:
-    """How one object (chain, set, ...) that differs from the plan is to be taken: whether
-    the plan changes it (a change), whether the kernel moved away from the last plan applied
-    (drift: someone else's doing), and whether the transaction rewrites it.  Without a last
-    plan every difference is a change; drift is rewritten only with `heal_drift`."""
-    planned = want != (last if last_known else have)
-    drifted = last_known and have != last
-    return planned, drifted, planned or heal_drift
-
-
 def _chain_drift(
     family: int,
     chain: str,
@@ -322,69 +341,7 @@ def _chain_drift(
     return rules_drift(family, chain, expected, found, repair, _comment_key)
 
 
-def rules_drift(
-    family: int,
-    chain: str,
-    expected: Sequence[str],
-    found: Sequence[str],
-    repair: bool,
-    rule_id: Callable[[str], str],
-) -> list[Drift]:
-    """How a chain's rules differ from the last plan's: missing, extra, changed, reordered.
-
-    Shared by every backend: `rule_id` reads the id a rule carries (an iptables comment, an
-    nft rule comment), so a rule that lost one line and gained another under the same id is
-    reported once as changed rather than as one missing and one extra.
-    """
-    if tuple(expected) == tuple(found):
-        return []
-    missing, expected_shared = _split(expected, Counter(expected) - Counter(found))
-    extra, found_shared = _split(found, Counter(found) - Counter(expected))
-    by_key: dict[str, list[str]] = {}
-    for line in extra:
-        by_key.setdefault(rule_id(line), []).append(line)
-    changed_old: list[str] = []
-    changed_new: list[str] = []
-    still_missing: list[str] = []
-    for line in missing:
-        key = rule_id(line)
-        bucket = by_key.get(key)
-        if bucket and key:
-            changed_old.append(line)
-            changed_new.append(bucket.pop(0))
-        else:
-            still_missing.append(line)
-    leftover = Counter(x for bucket in by_key.values() for x in bucket)
-    still_extra = _split(found, leftover)[0]
-    out: list[Drift] = []
-    if still_missing:
-        out.append(Drift(family, chain, r.RULE_MISSING, tuple(still_missing), (), repair))
-    if still_extra:
-        out.append(Drift(family, chain, r.RULE_EXTRA, (), tuple(still_extra), repair))
-    if changed_old:
-        out.append(
-            Drift(family, chain, r.RULE_CHANGED, tuple(changed_old), tuple(changed_new), repair)
-        )
-    if expected_shared != found_shared:  # the rules both sides keep, in another order
-        out.append(Drift(family, chain, r.RULES_REORDERED, tuple(expected), tuple(found), repair))
-    return out
-
-
-def _split(lines: Sequence[str], counts: Counter[str]) -> tuple[list[str], list[str]]:
-    """The last `counts[x]` occurrences of each x (a duplicate is the later copy), and the
-    lines left, both in order."""
-    left = Counter(counts)
-    picked, kept = [], []
-    for line in reversed(lines):
-        if left[line] > 0:
-            left[line] -= 1
-            picked.append(line)
-        else:
-            kept.append(line)
-    return picked[::-1], kept[::-1]
-
-
-def check_applied(desired: Ruleset, delta: Delta, observed: OwnedState) -> list[str]:
+def check_applied(desired: Ruleset, delta: IptablesDelta, observed: OwnedState) -> list[str]:
     """What of `delta` is not in the kernel after it was applied ([] when all of it is).
 
     Checks only what the transaction touched: drift left alone on purpose (no self-heal) and

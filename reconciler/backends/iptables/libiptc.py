@@ -19,25 +19,32 @@ import re
 import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from reconciler.dataplane.errors import ApplyError, DataplaneError, VariantError
-from reconciler.dataplane.iptables import VARIANTS, IptablesBackend, choose_variant, probe_variant
-from reconciler.dataplane.nsthread import run_in_netns
-from reconciler.dataplane.records import Delta, OwnedState
-from reconciler.dataplane.rendercache import RenderCache
-from reconciler.dataplane.runner import Runner
-from reconciler.dataplane.xlock import lock_path as default_lock_path
-from reconciler.dataplane.xlock import xtables_lock
+from reconciler.backends.contract import Backend
+from reconciler.backends.errors import ApplyError, DataplaneError, VariantError
+from reconciler.backends.iptables.backend import (
+    VARIANTS,
+    IptablesBackend,
+    choose_variant,
+    probe_variant,
+)
+from reconciler.backends.iptables.delta import IptablesDelta
+from reconciler.backends.iptables.parse import OwnedState
+from reconciler.backends.iptables.render import OWNED_PREFIX, Ruleset, render_cell
+from reconciler.backends.iptables.rendercache import RenderCache
+from reconciler.backends.iptables.xlock import lock_path as default_lock_path
+from reconciler.backends.iptables.xlock import xtables_lock
+from reconciler.backends.kernel.nsthread import run_in_netns
+from reconciler.backends.kernel.runner import Runner
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import OWNED_PREFIX, Ruleset, render_cell
 
 _PROTOCOLS = {"icmp": "1", "tcp": "6", "udp": "17", "ipv6-icmp": "58", "icmpv6": "58"}
 
 
 def _iptc() -> Any:
     try:
-        import iptc  # type: ignore[import-not-found, import-untyped]
+        import iptc  # type: ignore[import-not-found, import-untyped, unused-ignore]
     except (ImportError, OSError) as exc:  # OSError: libxtables/libiptc missing
         raise DataplaneError(
             f"the libiptc backend needs python-iptables (pip install 'asgctl[libiptc]'): {exc}"
@@ -45,9 +52,12 @@ def _iptc() -> Any:
     return iptc
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class LibiptcBackend:
-    """Reads with iptables-legacy-save, writes one libiptc commit per family."""
+    """Reads with iptables-legacy-save, writes one libiptc commit per family.
+
+    A handle like `IptablesBackend`, whose reading, delta and verify it uses (`_reader`).
+    """
 
     runner: Runner = field(default_factory=Runner)
     wait_seconds: int = 10
@@ -86,7 +96,7 @@ class LibiptcBackend:
     def __post_init__(self) -> None:
         # One reader for the backend's life, so what it learns of the kernel (the probe
         # sockets, see IptablesBackend.read) outlives a single call.
-        object.__setattr__(self, "_reader", IptablesBackend("legacy", self.runner))
+        self._reader = IptablesBackend("legacy", self.runner)
 
     def render(self, plan: CellPlan, family: int) -> Ruleset:
         return self.renders.get(plan, family, render_cell)
@@ -101,16 +111,16 @@ class LibiptcBackend:
         last: Ruleset | None,
         *,
         heal_drift: bool = True,
-    ) -> Delta:
+    ) -> IptablesDelta:
         return self._reader.delta(desired, observed, last, heal_drift=heal_drift)
 
-    def apply(self, delta: Delta) -> None:
+    def apply(self, delta: IptablesDelta) -> None:
         if delta.empty:
             return
         text = delta.text()
         if self.fault is not None:
             text = self.fault(delta.family, text)
-        self._reader.memory.seen.pop(delta.family, None)  # the table is about to change
+        self._reader.will_write(delta.family)
         netns = self.runner.netns
         if netns is None:
             self._commit(delta.family, text)
@@ -122,7 +132,7 @@ class LibiptcBackend:
         except OSError as exc:
             raise DataplaneError(f"cannot enter netns {netns}: {exc.strerror or exc}") from None
 
-    def verify(self, desired: Ruleset, delta: Delta) -> None:
+    def verify(self, desired: Ruleset, delta: IptablesDelta) -> None:
         self._reader.verify(desired, delta)
 
     def _commit(self, family: int, text: str) -> None:
@@ -293,3 +303,9 @@ def _xtables_lock(path: str, wait: float) -> Iterator[None]:
         if not held:
             raise ApplyError(f"{path}: held by another program for {wait} s")
         yield
+
+
+if TYPE_CHECKING:  # the type checker holds the backend to the contract
+
+    def _satisfies(b: LibiptcBackend) -> Backend[Ruleset, OwnedState, IptablesDelta]:
+        return b

@@ -57,10 +57,8 @@ integers, and the whole transaction is JSON, so there is no syntax to inject int
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,8 +82,9 @@ from reconciler.plan import (
     RateLimit,
     RuleGroup,
     check_interface_name,
+    deny_class,
+    log_id,
 )
-from reconciler.render.iptables import Ruleset, deny_class, log_id
 
 NFT_FAMILY = "inet"
 TABLE = "asgctl"
@@ -194,13 +193,15 @@ class NftSet:
 
 
 @dataclass(frozen=True)
-class NftRuleset(Ruleset):
+class NftRuleset:
     """One family's slice of our table: chains (rules as canonical JSON), sets and maps.
 
-    A Ruleset, so the shared converge loop can carry it; `chains` holds every chain, base
-    chains included, and `base_hooks` says which of them are base chains and how they hook in.
+    `chains` holds every chain, base chains included, and `base_hooks` says which of them
+    are base chains and how they hook in.
     """
 
+    family: int
+    chains: Mapping[str, tuple[str, ...]]
     base_hooks: Mapping[str, BaseHook] = field(default_factory=dict)
     sets: Mapping[str, NftSet] = field(default_factory=dict)
 
@@ -214,7 +215,13 @@ class NftRuleset(Ruleset):
         elements = sum(len(s.elements or ()) for s in self.sets.values())
         return sum(len(r) for r in self.chains.values()) + elements
 
-    def text(self, hook: bool = True) -> str:
+    @property
+    def installed_rules(self) -> int:
+        """What the agent reports as installed: every rule and every set element (a group's
+        rules live as elements of its sets, so the rule count alone would say little)."""
+        return self.rule_count
+
+    def text(self) -> str:
         """The transaction that creates this slice in an empty table (`nft -j -f -` input)."""
         return transaction_text(creation_commands(self))
 
@@ -366,23 +373,50 @@ class RenderedGroup:
     entry: tuple[str, ...]
 
 
-_GROUP_CACHE: dict[str, RenderedGroup] = {}
-_GROUP_CACHE_MAX = 200_000
+_ContainerKey = tuple[str, tuple[str, ...], tuple[tuple[str, ...], ...]]
 
 
-def render_group(group: RuleGroup) -> RenderedGroup:
-    """One group's objects.  Memoised by the group's content digest (family, id, each rule's
-    id and match: all it renders from), so a group renders the same forever, and a cell of a
-    million rules is rendered once, not on every cycle (provenance is not rendered).  Never
-    by id alone: a group whose id collides with a cached one's is a different group."""
-    hit = _GROUP_CACHE.get(group.digest)
-    if hit is not None:
-        return hit
-    out = _render_group(group)
-    if len(_GROUP_CACHE) >= _GROUP_CACHE_MAX:
-        _GROUP_CACHE.clear()
-    _GROUP_CACHE[group.digest] = out
-    return out
+class RenderMemo:
+    """What renders of one backend share: groups by content digest, container chains by what
+    they are made of.  Not global state: a backend owns one (`rendercache.RenderCache`), and
+    `render_cell` alone starts afresh, so the renderer stays a function of its inputs.
+
+    A group renders the same forever (its digest covers family, id, each rule's id and
+    match: all it renders from), so a cell of a million rules is rendered once, not on every
+    cycle; never by id alone: a group whose id collides with a cached one's is a different
+    group.  Most containers keep their chain from one plan to the next.
+    """
+
+    def __init__(self, max_groups: int = 200_000, max_chains: int = 65_536) -> None:
+        self.max_groups = max_groups
+        self.max_chains = max_chains
+        self._groups: dict[str, RenderedGroup] = {}
+        self._chains: dict[
+            tuple[str, tuple[str, ...], tuple[tuple[str, ...], ...]], tuple[str, ...]
+        ] = {}
+
+    def group(self, group: RuleGroup) -> RenderedGroup:
+        hit = self._groups.get(group.digest)
+        if hit is not None:
+            return hit
+        out = _render_group(group)
+        if len(self._groups) >= self.max_groups:
+            self._groups.clear()
+        self._groups[group.digest] = out
+        return out
+
+    def container(
+        self, chain_id: str, head: tuple[str, ...], entries: tuple[tuple[str, ...], ...]
+    ) -> tuple[str, ...]:
+        key: _ContainerKey = (chain_id, head, entries)
+        hit = self._chains.get(key)
+        if hit is not None:
+            return hit
+        out = _container_rules_of(chain_id, head, entries)
+        if len(self._chains) >= self.max_chains:
+            self._chains.clear()
+        self._chains[key] = out
+        return out
 
 
 def _render_group(group: RuleGroup) -> RenderedGroup:
@@ -438,7 +472,7 @@ def _established_rule() -> str:
 def _dispatch_rule(family: int, underlay: tuple[str, ...]) -> str:
     """Dispatch by source, for what leaves through the underlay only: one `oifname` match,
     an interface name or an anonymous set of them (silk's `-o <underlay>`; see
-    render/iptables.py hook_rule).  No underlay known: every forwarded packet is judged."""
+    backends/iptables/render.py hook_rule).  No underlay known: every forwarded packet is judged."""
     vmap = {"vmap": {"key": _payload(_ip(family), "saddr"), "data": "@" + dispatch_map(family)}}
     names = [check_interface_name(n) for n in dict.fromkeys(underlay)]
     if not names:
@@ -531,9 +565,9 @@ def _deny_rules(chain_id: str) -> tuple[str, str]:
 
 
 def _container_rules(
-    cp: ContainerPlan, groups: Mapping[str, RenderedGroup], head: tuple[str, ...]
+    cp: ContainerPlan, groups: Mapping[str, RenderedGroup], head: tuple[str, ...], memo: RenderMemo
 ) -> tuple[str, ...]:
-    return _container_rules_of(cp.chain_id, head, tuple(groups[g].entry for g in cp.groups))
+    return memo.container(cp.chain_id, head, tuple(groups[g].entry for g in cp.groups))
 
 
 def _container_head(cp: ContainerPlan, settings: CellSettings, family: int) -> tuple[str, ...]:
@@ -547,11 +581,10 @@ def _container_head(cp: ContainerPlan, settings: CellSettings, family: int) -> t
     return tuple(head)
 
 
-@functools.lru_cache(maxsize=65536)
 def _container_rules_of(
     chain_id: str, head: tuple[str, ...], entries: tuple[tuple[str, ...], ...]
 ) -> tuple[str, ...]:
-    """A container chain, memoised: most containers keep theirs from one plan to the next."""
+    """A container chain (`RenderMemo.container` keeps them from one plan to the next)."""
     rules = [_invalid_rule(), *head]
     for entry in entries:
         rules.extend(entry)
@@ -559,33 +592,22 @@ def _container_rules_of(
     return tuple(rules)
 
 
-_CELL_CACHE: dict[tuple[int, int], tuple[weakref.ref[CellPlan], NftRuleset]] = {}
-
-
-def render_cell(plan: CellPlan, family: int) -> NftRuleset:
+def render_cell(plan: CellPlan, family: int, memo: RenderMemo | None = None) -> NftRuleset:
     """One family's slice of the table for a cell plan (empty when it has no containers).
 
-    Memoised for the last few plans by identity (a plan is immutable): a converge cycle
-    renders both the plan and the last one applied, which the cycle before rendered too.
+    `memo` carries group and container renders over from earlier plans (a backend's
+    `RenderCache`); without one, everything is rendered afresh.
     """
-    key = (id(plan), family)
-    hit = _CELL_CACHE.get(key)
-    if hit is not None and hit[0]() is plan:
-        return hit[1]
-    out = _render_cell(plan, family)
-    if len(_CELL_CACHE) >= 8:
-        _CELL_CACHE.pop(next(iter(_CELL_CACHE)))
-    _CELL_CACHE[key] = (weakref.ref(plan), out)
-    return out
+    return _render_cell(plan, family, memo or RenderMemo())
 
 
-def _render_cell(plan: CellPlan, family: int) -> NftRuleset:
+def _render_cell(plan: CellPlan, family: int, memo: RenderMemo) -> NftRuleset:
     containers = [c for c in plan.containers if c.container.version == family]
     if not containers:
         return NftRuleset(family, {})
     by_id = {g.id: g for g in plan.groups if g.version == family}
     used = sorted({gid for cp in containers for gid in cp.groups})
-    groups = {gid: render_group(by_id[gid]) for gid in used}
+    groups = {gid: memo.group(by_id[gid]) for gid in used}
     chains: dict[str, tuple[str, ...]] = {}
     sets: dict[str, NftSet] = {}
     for gid in used:
@@ -607,7 +629,7 @@ def _render_cell(plan: CellPlan, family: int) -> NftRuleset:
         if deny and deny_set(family, cp.container.workload) not in sets:
             denied = _deny_networks_set(family, cp.container.workload, deny)
             sets[denied.name] = denied
-        chains[name] = _container_rules(cp, groups, _container_head(cp, settings, family))
+        chains[name] = _container_rules(cp, groups, _container_head(cp, settings, family), memo)
         address = int(ipaddress.ip_address(cp.container.ip))
         if address in seen:  # two containers, one address: the first wins, as in iptables
             continue

@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from reconciler.dataplane.errors import DataplaneError
+from reconciler.backends.errors import DataplaneError
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,54 +25,28 @@ hook) drops what is remembered, and the next read is a full one.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from reconciler.dataplane.generation import KernelProbe
-from reconciler.dataplane.records import Delta, HookCopy, OwnedState
-from reconciler.dataplane.runner import Runner
-from reconciler.render.iptables import GROUP_PREFIX, HOOK_CHAIN, is_marker
+from reconciler.backends.iptables.delta import IptablesDelta
+from reconciler.backends.iptables.parse import HookCopy, OwnedState
+from reconciler.backends.iptables.render import GROUP_PREFIX, HOOK_CHAIN, is_marker
+from reconciler.backends.kernel.memory import KernelMemory, shape
 
 MAX_LISTED = 4
 """Chains with lines of a new shape that verify lists one by one before it reads in full."""
 
-_ID = re.compile(r"[0-9a-f]{16,}")
-
-
-def shape(line: str) -> str:
-    """A rule line with its ids blanked: lines of one shape print back alike."""
-    return _ID.sub("~", line)
-
 
 @dataclass
-class KernelMemory:
-    """Per backend: the probe, states read at known generations, lines printed before."""
+class IptablesMemory(KernelMemory[OwnedState]):
+    """Per backend: the probe and states read at known tokens (`KernelMemory`), the lines
+    printed before, and what to expect after our own transaction."""
 
-    probe: KernelProbe | None = None
-    seen: dict[int, tuple[Hashable, OwnedState]] = field(default_factory=dict)
-    expected: dict[int, tuple[int, OwnedState, Delta]] = field(default_factory=dict)
+    expected: dict[int, tuple[int, OwnedState, IptablesDelta]] = field(default_factory=dict)
     bodies: set[str] = field(default_factory=set)
     shapes: set[str] = field(default_factory=set)
     unfolded: list[Mapping[str, tuple[str, ...]]] = field(default_factory=list)
-    deltas: dict[int, tuple[tuple[object, ...], Delta]] = field(default_factory=dict)
-    _opened: bool = False
-
-    def open(self, runner: Runner) -> KernelProbe | None:
-        """The probe for the runner's namespace; None when the runner's context is unknown
-        (a prefix that is not `ip netns exec`)."""
-        if not self._opened:
-            self._opened = True
-            if runner.netns is not None or not runner.prefix:
-                self.probe = KernelProbe(runner.netns)
-        return self.probe
-
-    def generation(self) -> int | None:
-        return self.probe.generation() if self.probe is not None else None
-
-    def recall(self, family: int, generation: Hashable) -> OwnedState | None:
-        hit = self.seen.get(family)
-        return hit[1] if hit is not None and hit[0] == generation else None
+    deltas: dict[int, tuple[tuple[object, ...], IptablesDelta]] = field(default_factory=dict)
 
     def remember(
         self, family: int, generation: Hashable | None, state: OwnedState, *, read: bool = True
@@ -86,27 +60,27 @@ class KernelMemory:
         little.  A proven state adds nothing: its lines were known or listed.
         """
         if generation is None:
-            self.seen.pop(family, None)
+            self.states.pop(family, None)
             return
-        self.seen[family] = (generation, state)
+        self.states[family] = (generation, state)
         if read:
             self.unfolded = [*self.unfolded[-1:], state.chains]
 
     def forget(self) -> None:
-        self.seen.clear()
+        self.states.clear()
         self.expected.clear()
 
-    def applied(self, delta: Delta, before: int | None, after: int | None) -> None:
+    def applied(self, delta: IptablesDelta, before: int | None, after: int | None) -> None:
         """After our transaction: keep what is still provably true, and what to expect."""
         family = delta.family
-        hit = self.seen.pop(family, None)
+        hit = self.states.pop(family, None)
         self.expected.pop(family, None)
         if before is None or after != before + 1:
             self.forget()
             return
         # Only our transaction happened: other families' states still hold.
-        for other, (generation, state) in list(self.seen.items()):
-            self.seen[other] = (after, state) if generation == before else (generation, state)
+        for other, (generation, state) in list(self.states.items()):
+            self.states[other] = (after, state) if generation == before else (generation, state)
         if hit is not None and hit[0] == before:
             # What the kernel now holds is hit[1] with the delta applied; worked out only if
             # verify gets that far (`after_delta`), which a large transaction never does.
@@ -149,7 +123,7 @@ class KernelMemory:
         return line[len(chain) + 4 :] in self.bodies or shape(line) in self.shapes
 
 
-def rewrites_most(chains: Mapping[str, tuple[str, ...]], delta: Delta) -> bool:
+def rewrites_most(chains: Mapping[str, tuple[str, ...]], delta: IptablesDelta) -> bool:
     """Whether a transaction rewrote most of our chains (converging from scratch, say).
 
     Its read-back then serves that cycle only: taking a legacy table's token as well would
@@ -159,7 +133,7 @@ def rewrites_most(chains: Mapping[str, tuple[str, ...]], delta: Delta) -> bool:
     return 2 * len(delta.written) > len(chains)
 
 
-def after_delta(state: OwnedState, delta: Delta) -> OwnedState | None:
+def after_delta(state: OwnedState, delta: IptablesDelta) -> OwnedState | None:
     """`state` with the transaction applied, as iptables-restore applies it; None for an
     operation this does not model."""
     chains = {name: list(rules) for name, rules in state.chains.items()}

@@ -26,7 +26,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from reconciler.dataplane.nsthread import libc, run_in_netns
+from reconciler.backends.kernel.nsthread import libc, run_in_netns
 
 _NETLINK_NETFILTER = 12
 _NFNL_SUBSYS_NFTABLES = 10
@@ -231,7 +231,7 @@ class KernelProbe:
             if buf is None or len(buf) != _ENTRIES_AT + size:
                 buf = ctypes.create_string_buffer(_ENTRIES_AT + size)
                 self._buffers[(family, table)] = buf
-            buf[: len(table)] = table.encode()
+            buf[: len(table)] = table.encode()  # type: ignore[call-overload]  # ctypes stubs
             buf[len(table)] = b"\0"
             struct.pack_into("=I", buf, 32, size)
             if self._getsockopt(family, _SO_GET_ENTRIES, buf):
@@ -265,7 +265,7 @@ class KernelProbe:
             return False
         size = ctypes.c_uint(len(buf))
         level = _LEVEL[family]
-        return libc().getsockopt(raw.fileno(), level, option, buf, ctypes.byref(size)) == 0
+        return bool(libc().getsockopt(raw.fileno(), level, option, buf, ctypes.byref(size)) == 0)
 
     def __del__(self) -> None:  # a backend dropped without closing: no ResourceWarning
         self.close()

@@ -13,24 +13,30 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from reconciler.dataplane.delta import check_applied, compute_delta
-from reconciler.dataplane.errors import (
+from reconciler.backends.contract import Backend
+from reconciler.backends.errors import (
     ApplyError,
     DataplaneError,
     ReadError,
     VariantError,
     VerifyError,
 )
-from reconciler.dataplane.generation import EMPTY_FILTER_ENTRIES, KernelProbe
-from reconciler.dataplane.memory import MAX_LISTED, KernelMemory, after_delta, rewrites_most
-from reconciler.dataplane.records import Delta, OwnedState
-from reconciler.dataplane.rendercache import RenderCache
-from reconciler.dataplane.runner import Runner
-from reconciler.dataplane.saveparse import count_rules, parse_save
-from reconciler.dataplane.xlock import xtables_lock
+from reconciler.backends.iptables.delta import IptablesDelta, check_applied, compute_delta
+from reconciler.backends.iptables.memory import (
+    MAX_LISTED,
+    IptablesMemory,
+    after_delta,
+    rewrites_most,
+)
+from reconciler.backends.iptables.parse import OwnedState, count_rules, parse_save
+from reconciler.backends.iptables.render import Ruleset, is_marker, render_cell
+from reconciler.backends.iptables.rendercache import RenderCache
+from reconciler.backends.iptables.xlock import xtables_lock
+from reconciler.backends.kernel.generation import EMPTY_FILTER_ENTRIES, KernelProbe
+from reconciler.backends.kernel.runner import Runner
 from reconciler.plan import CellPlan
-from reconciler.render.iptables import Ruleset, is_marker, render_cell
 
 VARIANTS = ("legacy", "nft")
 _ERROR_LINE = re.compile(r"(?:line:?\s+|line )(\d+)", re.IGNORECASE)
@@ -118,9 +124,12 @@ def choose_variant(
     return usable[-1], "only usable variant" if len(usable) == 1 else "no rules anywhere"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class IptablesBackend:
     """Converges our chains with iptables-save/iptables-restore of one variant.
+
+    A handle, not a value: it keeps its renders and what it learned of the kernel
+    (`renders`, `memory`) for its whole life, so it is mutable and compares by identity.
 
     `fault` rewrites each transaction just before it is sent: a test hook to prove that a
     failing transaction leaves everything as it was.
@@ -132,8 +141,8 @@ class IptablesBackend:
     reason: str = ""
     fault: Callable[[int, str], str] | None = None
     renders: RenderCache = field(default_factory=RenderCache, compare=False, repr=False)
-    memory: KernelMemory = field(
-        default_factory=KernelMemory, init=False, compare=False, repr=False
+    memory: IptablesMemory = field(
+        default_factory=IptablesMemory, init=False, compare=False, repr=False
     )
 
     @classmethod
@@ -182,7 +191,7 @@ class IptablesBackend:
             return state
         if probe.legacy_entries(family) == EMPTY_FILTER_ENTRIES:
             return OwnedState(family, {})
-        if family in memory.seen:  # else there is nothing to recall: no token to take first
+        if family in memory.states:  # else there is nothing to recall: no token to take first
             known = memory.recall(family, probe.legacy_token(family))
             if known is not None:
                 return known
@@ -198,6 +207,11 @@ class IptablesBackend:
             token = probe.legacy_token(family, relayout=True) if held else None
         self.memory.remember(family, token, state)
         return state
+
+    def will_write(self, family: int) -> None:
+        """Another writer of this backend's tables (libiptc) is about to change `family`'s:
+        what was remembered of it no longer holds."""
+        self.memory.states.pop(family, None)
 
     def read_full(self, family: int) -> OwnedState:
         """`iptables-save` and its parse, whatever is remembered."""
@@ -216,7 +230,7 @@ class IptablesBackend:
         last: Ruleset | None,
         *,
         heal_drift: bool = True,
-    ) -> Delta:
+    ) -> IptablesDelta:
         """compute_delta, once per set of inputs: an idle cycle passes the very objects of
         the cycle before (the render cache's rulesets, the state its read recalled)."""
         inputs = (desired, observed, last, heal_drift)
@@ -227,7 +241,7 @@ class IptablesBackend:
         self.memory.deltas[observed.family] = (inputs, delta)
         return delta
 
-    def apply(self, delta: Delta) -> None:
+    def apply(self, delta: IptablesDelta) -> None:
         if delta.empty:
             return
         text = delta.text()
@@ -241,7 +255,7 @@ class IptablesBackend:
             if self.variant == "nft":
                 memory.applied(delta, before, memory.generation() if before is not None else None)
             else:  # a legacy table is its own token: only this family's moved
-                memory.seen.pop(delta.family, None)
+                memory.states.pop(delta.family, None)
             return
         memory.forget()
         line, where = _error_line(res.stderr, text)
@@ -252,7 +266,7 @@ class IptablesBackend:
             text,
         )
 
-    def verify(self, desired: Ruleset, delta: Delta) -> None:
+    def verify(self, desired: Ruleset, delta: IptablesDelta) -> None:
         observed = self._proven(desired, delta)
         if observed is None and self.variant == "legacy" and rewrites_most(desired.chains, delta):
             observed = self.read_full(delta.family)
@@ -265,7 +279,7 @@ class IptablesBackend:
                 f"ipv{delta.family}: after apply the kernel differs: " + "; ".join(problems[:5])
             )
 
-    def _proven(self, desired: Ruleset, delta: Delta) -> OwnedState | None:
+    def _proven(self, desired: Ruleset, delta: IptablesDelta) -> OwnedState | None:
         """The kernel's state after our transaction without a full read, when the generation
         id shows it was the only change (see `memory`); None when that cannot be shown."""
         memory = self.memory
@@ -324,3 +338,9 @@ def _error_line(stderr: str, text: str) -> tuple[int | None, str]:
     lines = text.splitlines()
     shown = lines[line - 1] if 0 < line <= len(lines) else ""
     return line, f" at line {line} ({shown[:160]!r})" if shown else f" at line {line}"
+
+
+if TYPE_CHECKING:  # the type checker holds the backend to the contract
+
+    def _satisfies(b: IptablesBackend) -> Backend[Ruleset, OwnedState, IptablesDelta]:
+        return b

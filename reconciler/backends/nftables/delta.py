@@ -30,12 +30,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from reconciler.dataplane import records as r
-from reconciler.dataplane.delta import judge, rules_drift
-from reconciler.dataplane.nftparse import NftState
-from reconciler.dataplane.records import Change, Delta, Drift
-from reconciler.render.iptables import Ruleset
-from reconciler.render.nft import (
+from reconciler.backends import contract as r
+from reconciler.backends.contract import Change, Drift, judge, rules_drift
+from reconciler.backends.nftables.parse import NftState
+from reconciler.backends.nftables.render import (
     BaseHook,
     NftRuleset,
     NftSet,
@@ -50,7 +48,7 @@ from reconciler.render.nft import (
     transaction_text,
 )
 
-# Kinds of drift and change beyond the iptables ones (records.py): sets, maps and elements.
+# Kinds of drift and change beyond the contract's (chains, hooks): sets, maps and elements.
 SET_MISSING = "set-missing"
 SET_EXTRA = "set-extra"
 SET_CHANGED = "set-changed"
@@ -70,13 +68,24 @@ ChainKey = tuple[BaseHook | None, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
-class NftDelta(Delta):
+class NftDelta:
     """One family's transaction: `ops` are JSON commands, one per string.
 
     `written` names the chains and sets the transaction creates, rewrites or edits;
-    `deleted` what it removes; the element counts say how much of it is set elements.
+    `deleted` what it removes, `orphaned` chains flushed but kept because something not ours
+    refers to them; the element counts say how much of it is set elements.  `foreign` is
+    always empty: our table is ours whole, and anything else in it is removed.
     """
 
+    family: int
+    ops: tuple[str, ...] = ()
+    drift: tuple[Drift, ...] = ()
+    changes: tuple[Change, ...] = ()
+    written: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+    orphaned: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    foreign: tuple[str, ...] = ()
     elements_added: int = 0
     elements_deleted: int = 0
     table_deleted: bool = False
@@ -85,12 +94,18 @@ class NftDelta(Delta):
         """The `nft -j -f -` input, or "" when there is nothing to send."""
         return transaction_text(self.ops)
 
+    @property
+    def empty(self) -> bool:
+        return not self.ops
+
 
 def _dump(command: Mapping[str, Any]) -> str:
     return json.dumps(command, separators=(",", ":"))
 
 
-def _chain_key(rules: Mapping[str, tuple[str, ...]], hooks: Mapping[str, BaseHook], name: str):  # type: ignore[no-untyped-def]
+def _chain_key(
+    rules: Mapping[str, tuple[str, ...]], hooks: Mapping[str, BaseHook], name: str
+) -> ChainKey | None:
     if name not in rules:
         return None
     return (hooks.get(name), rules[name])
@@ -99,7 +114,7 @@ def _chain_key(rules: Mapping[str, tuple[str, ...]], hooks: Mapping[str, BaseHoo
 def compute_nft_delta(
     desired: NftRuleset,
     observed: NftState,
-    last: Ruleset | None = None,
+    last: NftRuleset | None = None,
     *,
     heal_drift: bool = True,
 ) -> NftDelta:
@@ -111,11 +126,11 @@ def compute_nft_delta(
     when written, and a full read audits them.
     """
     family = observed.family
-    want_hooks: Mapping[str, BaseHook] = getattr(desired, "base_hooks", {})
-    last_hooks: Mapping[str, BaseHook] = getattr(last, "base_hooks", {}) if last else {}
-    want_sets: Mapping[str, NftSet] = getattr(desired, "sets", {})
+    want_hooks = desired.base_hooks
+    last_hooks: Mapping[str, BaseHook] = last.base_hooks if last else {}
+    want_sets = desired.sets
     have_sets = observed.sets
-    last_sets: Mapping[str, NftSet] | None = getattr(last, "sets", {}) if last else None
+    last_sets = last.sets if last else None
     drift: list[Drift] = []
     changes: list[Change] = []
 
@@ -309,8 +324,8 @@ def compute_nft_delta(
     )
 
 
-def _empty(desired: Ruleset) -> bool:
-    return not desired.chains and not getattr(desired, "sets", None)
+def _empty(desired: NftRuleset) -> bool:
+    return desired.empty
 
 
 def _known(have: NftSet | None, want: NftSet | None, last: NftSet | None) -> NftSet | None:
@@ -403,16 +418,6 @@ def _set_drift(
     if have - want:
         out.append(Drift(family, name, ELEMENT_EXTRA, (), tuple(sorted(have - want)), repair))
     return out
-
-
-_HEX_ID = re.compile(r"[0-9a-f]{16,}")
-
-
-def shape(rule: str) -> str:
-    """A canonical rule with its hex ids (16 digits and more) blanked: rules of one shape
-    print alike, so once the kernel has printed a shape back as rendered, new rules of it
-    can be trusted."""
-    return _HEX_ID.sub("~", rule)
 
 
 def slice_size(state: NftState) -> tuple[int, int]:

@@ -57,4 +57,5 @@ def run_in_netns(name: str, fn: Callable[..., T], *args: Any) -> T:
     worker.join()
     if "error" in out:
         raise out["error"]
-    return out["result"]
+    result: T = out["result"]
+    return result

@@ -6,8 +6,7 @@ needs to see exactly what was there instead of what the plan put there.
 
 from __future__ import annotations
 
-from reconciler.dataplane.backend import ConvergeResult, FamilyResult
-from reconciler.dataplane.records import Drift
+from reconciler.backends.contract import ConvergeResult, Drift, FamilyResult
 
 _VERB = {"apply": "", "dry-run": " (dry run: nothing sent)", "report-only": " (report only)"}
 
