@@ -1,9 +1,8 @@
 """Forked workers for the fleet-wide plan and status reads: in order, and never stuck.
 
-A pool that terminated its workers hung the suite for good when an in-process agent had
-installed its SIGTERM handler in the same process: the workers inherited the handler and
-outlived terminate().  Each case runs in a child process with a timeout that only guards
-against that hang.
+A multiprocessing pool hung the suite for good twice: its terminate() waited on a worker it
+never signalled.  Workers are now plain forks with a pipe back; these cases run in a child
+process with a timeout that only guards against a hang, and check that no worker is left.
 """
 
 from __future__ import annotations
@@ -76,20 +75,54 @@ def _fails(shared: object, bounds: tuple[int, int]) -> list[int]:
     raise ValueError(f"bad range {bounds}")
 
 
-def test_a_worker_error_reaches_the_caller_and_the_pool_is_stopped() -> None:
+def test_a_worker_error_reaches_the_caller_and_no_worker_is_left() -> None:
     done = _run_child(
         """
         from tests.test_forkpool import _fails
+        import os
         try:
             fork_ranges(_fails, None, 100, 2)
         except ValueError as exc:
             print("raised", exc)
+        try:
+            os.waitpid(-1, os.WNOHANG)
+            print("a worker is left")
+        except ChildProcessError:
+            pass
         """
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("raised bad range"), done.stdout
+    assert "left" not in done.stdout
 
 
 def test_the_worker_error_is_the_callers_exception_in_process() -> None:
     with pytest.raises(ValueError, match="bad range"):
         fork_ranges(_fails, None, 100, 2)
+
+
+def _dies(shared: object, bounds: tuple[int, int]) -> list[int]:
+    import os
+
+    os._exit(3)
+
+
+def test_a_worker_that_dies_without_an_answer_is_an_error_and_is_reaped() -> None:
+    done = _run_child(
+        """
+        import os
+        from tests.test_forkpool import _dies
+        try:
+            fork_ranges(_dies, None, 100, 2)
+        except RuntimeError as exc:
+            print("raised", exc)
+        try:
+            os.waitpid(-1, os.WNOHANG)
+            print("a worker is left")
+        except ChildProcessError:
+            pass
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("raised forked worker"), done.stdout
+    assert "left" not in done.stdout
