@@ -7,7 +7,7 @@ branch's own history: how many commits the cell's applied revision is behind the
 `diverged` when the applied revision is no longer in that history (a rewind).
 
 Whoever can push a status branch writes what this shows, so each file is read like the plan
-reads it (`reconciler.statusdoc`: size asked of git first, the safe loader with budgets, the
+reads it (`reconciler.status`: size asked of git first, the safe loader with budgets, the
 status schema): a bad file becomes that cell's `error`, never a traceback, and every string
 from a status file is shown with its control characters escaped (`report.escape.visible`),
 so a status branch cannot move the cursor, clear the screen or forge table rows.
@@ -25,10 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.agent.config import redact_url
-from reconciler.agent.source import clip, run_git
+from reconciler.agent.source import clip
+from reconciler.gitio import run_git
 from reconciler.inventory import InventoryError
 from reconciler.report.escape import visible
-from reconciler.statusdoc import STATUS_FILE, parse_status, read_status_blobs
+from reconciler.status.branch import FETCHED_PREFIX, STATUS_PREFIX, blob_spec, fetch_refspec
+from reconciler.status.document import parse_status
+from reconciler.status.read import read_status_blobs
 
 _SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
@@ -115,21 +118,21 @@ def _cond(doc: dict[str, Any], type_: str) -> dict[str, Any]:
 def read_fleet(url: str, branch: str = "main", cache: str | None = None) -> Fleet:
     """Every cell's status on the remote `url` (see the module docstring)."""
     with _repo(cache) as repo:
-        listing = _git(repo, "ls-remote", "--", url, "refs/heads/status/*", f"refs/heads/{branch}")
+        prefix = f"refs/heads/{STATUS_PREFIX}"
+        listing = _git(repo, "ls-remote", "--", url, f"{prefix}*", f"refs/heads/{branch}")
         pairs = (line.split("\t", 1) for line in listing.splitlines() if "\t" in line)
         refs = {ref: sha for sha, ref in pairs}
-        if not any(r.startswith("refs/heads/status/") for r in refs):
+        if not any(r.startswith(prefix) for r in refs):
             return Fleet(redact_url(url), branch, "", ())
-        specs = ["+refs/heads/status/*:refs/remotes/origin/status/*"]
+        specs = [fetch_refspec()]
         if f"refs/heads/{branch}" in refs:
             specs.append(f"+refs/heads/{branch}:refs/remotes/origin/{branch}")
         _git(repo, "fetch", "--quiet", "--no-tags", "--prune", "--", url, *specs)
         head = refs.get(f"refs/heads/{branch}", "")
         if not _SHA.match(head):
             head = ""
-        prefix = "refs/heads/status/"
         cells = sorted(r[len(prefix) :] for r in refs if r.startswith(prefix))
-        specs = [f"refs/remotes/origin/status/{cell}:{STATUS_FILE}" for cell in cells]
+        specs = [blob_spec(f"{FETCHED_PREFIX}{cell}") for cell in cells]
         try:
             blobs = read_status_blobs(str(repo), specs)
         except InventoryError as exc:
