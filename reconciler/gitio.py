@@ -244,6 +244,86 @@ def run_git(
 # -- reading objects -----------------------------------------------------------------------
 
 
+def git_dir_of(path: str | os.PathLike[str], timeout: float = 60.0) -> str | None:
+    """The git directory of the repository holding `path` (a work tree folder or a bare
+    repository, searched upwards as git does); None when there is none."""
+    try:
+        res = run(None, "-C", os.fspath(path), "rev-parse", "--absolute-git-dir", timeout=timeout)
+    except (GitTimeout, OSError):
+        return None
+    return res.stdout.rstrip("\n") if res.returncode == 0 else None
+
+
+def resolve_commit(repo: str | os.PathLike[str], rev: str, timeout: float = 60.0) -> str | None:
+    """The commit id `rev` names in the repository holding `repo`; None when it names none.
+
+    `--end-of-options` keeps a revision from a command line (`--base -x`) from being an
+    option of git's.
+    """
+    try:
+        res = run(
+            None,
+            "-C",
+            os.fspath(repo),
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            "--end-of-options",
+            f"{rev}^{{commit}}",
+            timeout=timeout,
+        )
+    except (GitTimeout, OSError):
+        return None
+    sha = res.stdout.strip()
+    return sha if res.returncode == 0 and sha else None
+
+
+def tracks(work_tree: str | os.PathLike[str], path: str, timeout: float = 60.0) -> bool:
+    """Whether the work tree has `path` in its index (a committed or added path)."""
+    try:
+        res = run(None, "-C", os.fspath(work_tree), "ls-files", "--", path, timeout=timeout)
+    except (GitTimeout, OSError):
+        return False
+    return res.returncode == 0 and bool(res.stdout.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class TreeEntry:
+    """One entry of a tree object: its name, mode (e.g. 0o100644), type and object id."""
+
+    name: str
+    mode: int
+    oid: str
+
+    @property
+    def type(self) -> str:
+        """`tree`, `commit` (a submodule) or `blob` (files and symlinks), as the mode says."""
+        kind = self.mode >> 12
+        return "tree" if kind == 0o04 else "commit" if kind == 0o16 else "blob"
+
+
+def parse_tree(data: bytes, oid_bytes: int) -> tuple[TreeEntry, ...]:
+    """A raw tree object's entries, in stored order (`<mode> <name>\\0<binary id>`).
+
+    Names are decoded as UTF-8 with `surrogateescape`, so any byte string round-trips.
+    """
+    out: list[TreeEntry] = []
+    pos = 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        nul = data.index(b"\0", space)
+        end = nul + 1 + oid_bytes
+        if end > len(data):
+            raise ValueError("truncated tree object")
+        out.append(
+            TreeEntry(
+                decode(data[space + 1 : nul]), int(data[pos:space], 8), data[nul + 1 : end].hex()
+            )
+        )
+        pos = end
+    return tuple(out)
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
     """`git cat-file --batch-check` for one name: the object's id, type and size."""
@@ -309,6 +389,16 @@ class BlobReader:
         if len(data) != size:
             raise OSError(f"{self.git_dir}: git cat-file ended while reading {oid}")
         return data
+
+    def tree(self, oid: str) -> tuple[TreeEntry, ...]:
+        """The entries of tree `oid`; OSError when it is not a readable tree."""
+        info = self.info(oid)
+        if info is None or info.type != "tree":
+            raise OSError(f"{self.git_dir}: {oid} is not a tree")
+        try:
+            return parse_tree(self.read(info.oid), len(info.oid) // 2)
+        except ValueError as exc:
+            raise OSError(f"{self.git_dir}: tree {oid}: {exc}") from None
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
