@@ -27,7 +27,7 @@ _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 def dump_status(doc: Mapping[str, Any]) -> str:
     """The document as the agent writes it: block style, keys in the document's order, one
     line per scalar (the layout `document.parse_status` reads without a full YAML load)."""
-    return yaml.dump(
+    text: str = yaml.dump(
         dict(doc),
         Dumper=_DUMPER,
         sort_keys=False,
@@ -35,6 +35,7 @@ def dump_status(doc: Mapping[str, Any]) -> str:
         allow_unicode=True,
         width=4096,
     )
+    return text
 
 
 class StatusPushError(Exception):
@@ -115,7 +116,9 @@ class StatusWriter:
 
 def commit_message(doc: Mapping[str, Any]) -> str:
     """The status commit's subject: the cell, its Ready condition and what it applied."""
-    ready = next((c for c in doc.get("conditions", ()) if c.get("type") == "Ready"), {})
+    ready: Mapping[str, Any] = next(
+        (c for c in doc.get("conditions", ()) if c.get("type") == "Ready"), {}
+    )
     applied = doc.get("lastAppliedRevision") or "nothing applied"
     return (
         f"status {doc.get('cell')}: Ready={ready.get('status', 'Unknown')} "
