@@ -30,7 +30,7 @@ from reconciler.gitio import run_git
 from reconciler.inventory import InventoryError
 from reconciler.report.escape import visible
 from reconciler.status.branch import FETCHED_PREFIX, STATUS_PREFIX, blob_spec, fetch_refspec
-from reconciler.status.document import parse_status
+from reconciler.status.document import parse_status, summarize
 from reconciler.status.read import read_status_blobs
 
 _SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
@@ -108,13 +108,6 @@ def _sha_of(revision: str) -> str:
     return sha if _SHA.match(sha) else ""
 
 
-def _cond(doc: dict[str, Any], type_: str) -> dict[str, Any]:
-    for c in doc.get("conditions") or ():
-        if isinstance(c, dict) and c.get("type") == type_:
-            return c
-    return {}
-
-
 def read_fleet(url: str, branch: str = "main", cache: str | None = None) -> Fleet:
     """Every cell's status on the remote `url` (see the module docstring)."""
     with _repo(cache) as repo:
@@ -149,14 +142,12 @@ def _row(repo: Path, cell: str, origin: str, data: bytes | InventoryError, head:
     try:
         if isinstance(data, InventoryError):
             raise data
-        doc = parse_status(data, origin).header
+        said = summarize(parse_status(data, origin).header)
     except InventoryError as exc:
         return CellRow(
             cell, "Unknown", "", "", "", None, False, "", "", "", 0, 0, 0, 0, "", str(exc)
         )
-    # The schema has checked every field read below: strings are strings, counts integers.
-    applied = str(doc.get("lastAppliedRevision") or "")
-    sha = _sha_of(applied)
+    sha = _sha_of(said.applied_revision)
     behind: int | None = None
     diverged = False
     if sha and head:
@@ -165,27 +156,22 @@ def _row(repo: Path, cell: str, origin: str, data: bytes | InventoryError, head:
             behind = int(_git(repo, "rev-list", "--count", f"{sha}..{head}").strip())
         except FleetError:
             diverged = True
-    ready = _cond(doc, "Ready")
-    drifted = _cond(doc, "Drifted")
-    counts = doc.get("counts") or {}
-    drift = doc.get("drift") or {}
-    refused = doc.get("refused") or {}
     return CellRow(
         cell=cell,
-        ready=str(ready.get("status", "Unknown")),
-        reason=str(ready.get("reason", "")),
-        message=str(ready.get("message", "")),
-        applied=applied,
+        ready=said.ready.status,
+        reason=said.ready.reason,
+        message=said.ready.message,
+        applied=said.applied_revision,
         behind=behind,
         diverged=diverged,
-        last_sync=str(doc.get("lastSyncTime") or ""),
-        reported_at=str(doc.get("reportedAt") or ""),
-        drifted=str(drifted.get("status", "Unknown")),
-        drift_corrections=int(drift.get("corrections") or 0),
-        installed_rules=int(counts.get("installedRules") or 0),
-        cf_equivalent_rules=int(counts.get("cfEquivalentRules") or 0),
-        containers=int(counts.get("containers") or 0),
-        refused=(f"{refused.get('revision', '')}: {refused.get('reason', '')}" if refused else ""),
+        last_sync=said.last_sync,
+        reported_at=said.reported_at,
+        drifted=said.drifted.status,
+        drift_corrections=said.drift_corrections,
+        installed_rules=said.installed_rules,
+        cf_equivalent_rules=said.cf_equivalent_rules,
+        containers=said.containers,
+        refused=said.refused,
     )
 
 

@@ -184,20 +184,13 @@ class Operator:
 
 def parse_status(cell: str, commit: str, doc: Mapping[str, Any]) -> CellStatus:
     """Pick the fields the lab waits on out of a CellStatus document (pure)."""
-    ready = next(
-        (
-            c
-            for c in doc.get("conditions") or []
-            if isinstance(c, dict) and c.get("type") == "Ready"
-        ),
-        {},
-    )
+    ready = document.condition(dict(doc), "Ready")
     return CellStatus(
         cell=cell,
         commit=commit,
         applied_revision=str(doc.get("lastAppliedRevision") or ""),
-        ready=str(ready.get("status", "Unknown")),
-        reason=str(ready.get("reason", "")),
+        ready=ready.status,
+        reason=ready.reason,
         document=doc,
     )
 

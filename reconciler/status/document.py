@@ -303,6 +303,68 @@ def parse_status(data: bytes | str, origin: str) -> StatusDocument:
     return StatusDocument(header, tuple(entries))
 
 
+# -- what a status says ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One of the document's conditions (`Ready`, `Drifted`, ...); `Unknown` when absent."""
+
+    status: str = "Unknown"
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class StatusSummary:
+    """What a cell's status says, as the fleet readers show it (`asgctl status`, the lab).
+
+    Read from a header that passed the schema, so every field has its type; strings are the
+    cell's own words (untrusted: the reader escapes them before a terminal sees them).
+    """
+
+    ready: Condition
+    drifted: Condition
+    applied_revision: str
+    last_sync: str
+    reported_at: str
+    drift_corrections: int
+    installed_rules: int
+    cf_equivalent_rules: int
+    containers: int
+    refused: str
+    """`<revision>: <reason>` of the revision the cell refused, or empty."""
+
+
+def condition(header: dict[str, Any], type_: str) -> Condition:
+    """The first condition of `type_` in the document, or an Unknown one."""
+    for c in header.get("conditions") or ():
+        if isinstance(c, dict) and c.get("type") == type_:
+            return Condition(
+                str(c.get("status", "Unknown")), str(c.get("reason", "")), str(c.get("message", ""))
+            )
+    return Condition()
+
+
+def summarize(header: dict[str, Any]) -> StatusSummary:
+    """The summary of a schema-checked document's header (`parse_status(...).header`)."""
+    counts = header.get("counts") or {}
+    drift = header.get("drift") or {}
+    refused = header.get("refused") or {}
+    return StatusSummary(
+        ready=condition(header, "Ready"),
+        drifted=condition(header, "Drifted"),
+        applied_revision=str(header.get("lastAppliedRevision") or ""),
+        last_sync=str(header.get("lastSyncTime") or ""),
+        reported_at=str(header.get("reportedAt") or ""),
+        drift_corrections=int(drift.get("corrections") or 0),
+        installed_rules=int(counts.get("installedRules") or 0),
+        cf_equivalent_rules=int(counts.get("cfEquivalentRules") or 0),
+        containers=int(counts.get("containers") or 0),
+        refused=(f"{refused.get('revision', '')}: {refused.get('reason', '')}" if refused else ""),
+    )
+
+
 def containers_of(doc: StatusDocument, origin: str) -> tuple[Container, ...]:
     """The document's containers: each entry a mapping whose contract fields are text (or
     null), each handle once; then the store file's own rules (`parse_store_document`) judge
