@@ -334,42 +334,44 @@ class ObjectInfo:
 
 
 class BlobReader:
-    """One `git cat-file --batch` process for many object reads, owned and closed by us.
+    """Two long-lived `git cat-file` processes for many object reads, owned and closed by us.
 
-    Use as a context manager (or call `close`): the process ends when the reader does, so a
-    long-running agent or test suite never accumulates `cat-file` children.  Sizes are asked
-    first (`info`), so a caller can refuse an oversized object without reading it.
+    `--batch-check` answers `info` (id, type, size) and `--batch` answers `read`, so a caller
+    can refuse an oversized object before a byte of it is read.  (Both modes exist in every
+    git in use; `--batch-command` would need git 2.36.)  Use as a context manager, or call
+    `close`: the processes end when the reader does, so a long-running agent or test suite
+    never accumulates `cat-file` children.
     """
 
     def __init__(self, git_dir: str | os.PathLike[str], timeout: float = 60.0) -> None:
         self.git_dir = os.fspath(git_dir)
         self.timeout = timeout
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def _process(self) -> subprocess.Popen[bytes]:
-        if self._proc is None:
-            self._proc = subprocess.Popen(
-                _command(self.git_dir, ["cat-file", "--batch-command", "--buffer"]),
+    def _ask(self, mode: str, name: str) -> IO[bytes]:
+        if "\n" in name:
+            raise ValueError("an object name cannot hold a newline")
+        proc = self._procs.get(mode)
+        if proc is None:
+            proc = self._procs[mode] = subprocess.Popen(
+                _command(self.git_dir, ["cat-file", mode]),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 env=_environment(None),
                 start_new_session=True,
             )
-        return self._proc
-
-    def _ask(self, command: str) -> IO[bytes]:
-        if "\n" in command:
-            raise ValueError("an object name cannot hold a newline")
-        proc = self._process()
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(command.encode("utf-8", "surrogateescape") + b"\nflush\n")
-        proc.stdin.flush()
+        try:
+            proc.stdin.write(name.encode("utf-8", "surrogateescape") + b"\n")
+            proc.stdin.flush()
+        except BrokenPipeError:
+            raise OSError(f"{self.git_dir}: git cat-file ended") from None
         return proc.stdout
 
     def info(self, name: str) -> ObjectInfo | None:
         """The object `name` (an id or `<rev>:<path>`) names, or None when there is none."""
-        header = self._ask(f"info {name}").readline()
+        header = self._ask("--batch-check", name).readline()
         if not header:
             raise OSError(f"{self.git_dir}: git cat-file ended")
         parts = header.split()
@@ -379,7 +381,7 @@ class BlobReader:
 
     def read(self, oid: str) -> bytes:
         """The content of object `oid` (whose size the caller has already accepted)."""
-        out = self._ask(f"contents {oid}")
+        out = self._ask("--batch", oid)
         parts = out.readline().split()
         if len(parts) != 3 or not parts[2].isdigit():
             raise OSError(f"{self.git_dir}: object {oid} cannot be read")
@@ -401,18 +403,19 @@ class BlobReader:
             raise OSError(f"{self.git_dir}: tree {oid}: {exc}") from None
 
     def close(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(OSError):
-            assert proc.stdin is not None
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        """End both processes (closing stdin ends a cat-file; a stuck one is killed)."""
+        procs, self._procs = list(self._procs.values()), {}
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                assert proc.stdin is not None
+                proc.stdin.close()
+        for proc in procs:
+            try:
+                proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
 
     def __enter__(self) -> Self:
         return self

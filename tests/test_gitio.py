@@ -60,16 +60,19 @@ def test_the_tree_parser_lists_what_git_ls_tree_lists(tmp_path: Path) -> None:
     assert "caf\udce9.yaml" in kinds  # the raw byte survives, as the file system holds it
 
 
-def test_the_reader_ends_its_cat_file_process(tmp_path: Path) -> None:
-    """gitpython's Repo kept a `cat-file` per object alive; the adapter's reader owns one."""
+def test_the_reader_ends_its_cat_file_processes(tmp_path: Path) -> None:
+    """gitpython's Repo kept `cat-file` children alive per object; the adapter's reader owns
+    its two and ends them when it is closed."""
     repo, head = _repo(tmp_path)
     with gitio.BlobReader(repo / ".git") as reader:
         info = reader.info(f"{head}:a.yaml")
         assert info is not None and reader.read(info.oid) == b"a: 1\n"
-        proc = reader._proc
-        assert proc is not None and proc.poll() is None
-    assert proc.returncode is not None  # exited and reaped
-    assert reader._proc is None
+        assert reader.info(f"{head}:nothing.yaml") is None
+        assert reader.read(info.oid) == b"a: 1\n"  # the same processes, still in step
+        procs = list(reader._procs.values())
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.returncode is not None for p in procs)  # exited and reaped
+    assert reader._procs == {}
 
 
 def test_sizes_are_asked_before_any_blob_is_read(tmp_path: Path) -> None:
