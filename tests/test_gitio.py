@@ -131,3 +131,30 @@ def test_git_never_reads_the_operators_config(
     monkeypatch.setenv("HOME", str(home))
     res = gitio.run(None, "boom", timeout=30)
     assert res.returncode != 0 and not (tmp_path / "ran").exists()
+
+
+def _git_children() -> list[int]:
+    """Our own child processes that are git (a leaked `cat-file` would be one)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            name, rest = stat.split(") ", 1)[0].split("(", 1)[1], stat.rsplit(") ", 1)[1]
+            if name == "git" and int(rest.split()[1]) == os.getpid():
+                found.append(int(entry))
+    return found
+
+
+def test_reading_policy_from_git_leaves_no_git_process_behind(tmp_path: Path) -> None:
+    """The policy reader walks trees through the adapter's reader, which it closes: however
+    many revisions are read (an agent reads one per change, for months), no git child stays."""
+    from reconciler.policy.source import read_git
+
+    repo, head = _repo(tmp_path)
+    before = _git_children()
+    for _ in range(5):
+        assert [f.path for f in read_git(repo, head, "d")] == ["b.yaml"]
+    assert _git_children() == before == []
