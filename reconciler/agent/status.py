@@ -33,11 +33,10 @@ from reconciler.agent.core import backoff, container_grants
 from reconciler.agent.source import clip
 from reconciler.agent.state import AgentState
 from reconciler.plan import CellPlan
+from reconciler.status.document import API_VERSION, KIND
 from reconciler.status.write import StatusPushError, StatusWriter, commit_message, dump_status
 
 PHASES = ("fetch", "verify", "load", "render", "enforce", "cleanup", "total")
-API_VERSION = "asgctl.io/v1"
-KIND = "CellStatus"
 VOLATILE = ("reportedAt", "lastSyncTime", "lastSuccessTime", "timings")
 VOLATILE_HISTORY = ("lastReconciled", "totalReconciliations", "lastReconciledDuration")
 MAX_FINDINGS = 100

@@ -49,6 +49,9 @@ _FAST_MAX_BYTES = 1024 * 1024
 """The fast path reads files up to this size only: without aliases (which it never takes),
 YAML needs at least 4 bytes for 3 nodes (`{a},` in a flow sequence), so no such file can
 reach the node budget, and the fast path and the loader agree on every file it reads."""
+API_VERSION = "asgctl.io/v1"
+KIND = "CellStatus"
+"""The document's `apiVersion` and `kind` (the schema holds readers to the kind)."""
 CONTRACT_KEYS = ("handle", "ip", "app_id", "space_id", "org_id", "workload")
 _SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schemas" / "cell-status.schema.json"
 
