@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS, machine  # noqa: E402
-from reconciler.agent.status import dump_status  # noqa: E402
 from reconciler.lab.gitserver import git  # noqa: E402
+from reconciler.status.write import dump_status  # noqa: E402
 
 ORGS, SPACES_PER_ORG, APPS_PER_SPACE = 100, 10, 10  # 1,000 spaces, 10,000 apps
 ASG_RULES = 5

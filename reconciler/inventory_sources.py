@@ -12,49 +12,25 @@ A plan diff is only as true as its inventory, so the sources sit behind one smal
   holding a container per app and lifecycle of the directory, so a pull request still gets a
   per-app access diff.  The report says so.
 
-The status-branch contract (the agent writes it, this module reads it)
-----------------------------------------------------------------------
-* Branches `refs/heads/status/<cell>` or `refs/remotes/<remote>/status/<cell>`; the cell name
-  is everything after `status/` and must match `[A-Za-z0-9][A-Za-z0-9_.-]*`.  When a cell has
-  several refs, the first of `refs/remotes/origin/...`, other remotes (sorted), then
-  `refs/heads/...` wins: remotes are what the agents pushed; a local branch may be stale.
-* The tip commit holds one YAML file, `status.yaml`, at the root of its tree.
-* Its top-level `containers:` is a list of mappings with the keys `handle`, `ip`, `app_id`,
-  `space_id`, `org_id` and `workload` (`app`, `task` or `staging`), the fields of CF's
-  metadata store; any other keys (groups, chains, ...) are ignored here.  An empty or missing
-  list means the cell runs no container.
-* Entries are held to exactly the rules of `parse_store` (safe handles and GUIDs, valid and
-  unique IPs), so a status branch cannot smuggle into a PR comment what a store file cannot.
-* Whoever can push a status branch is untrusted: the file is read by `reconciler.statusdoc`
-  (size asked of git first, the safe YAML loader with budgets, `cell-status.schema.json`),
-  and a branch that breaks any rule is skipped with a message naming it and the field
-  (`StatusBranches.read().skipped`; the plan shows them as warnings).
+The status-branch contract (what the agents write and `StatusBranches` reads) is specified
+and implemented once, in `reconciler.status`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from reconciler.forkpool import fork_ranges
 from reconciler.inventory import InventoryError, read_store
 from reconciler.model import Container, PolicySet
-from reconciler.statusdoc import (
-    CONTRACT_KEYS,
-    STATUS_FILE,
-    containers_from_status,
-    read_status_blobs,
-)
+from reconciler.status.branch import CELL_NAME
+from reconciler.status.read import has_status_branches, read_fleet_containers
 
-__all__ = ["CONTRACT_KEYS", "STATUS_FILE", "containers_from_status"]
-STATUS_REF_PATTERNS = ("refs/remotes/*/status/*", "refs/heads/status/*")
 SYNTHETIC_CELL = "directory"
-_CELL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +63,8 @@ def cell_name_for(path: str | os.PathLike[str]) -> str:
 
 
 def _check_cell(name: str, origin: str) -> str:
-    if not _CELL_NAME.match(name):
-        raise InventoryError(f"{origin}: cell name {name!r} must match {_CELL_NAME.pattern}")
+    if not CELL_NAME.match(name):
+        raise InventoryError(f"{origin}: cell name {name!r} must match {CELL_NAME.pattern}")
     return name
 
 
@@ -122,61 +98,6 @@ class StoreFiles:
         return _sorted_unique(found)
 
 
-def _ref_rank(ref: str) -> tuple[int, str]:
-    if ref.startswith("refs/remotes/origin/"):
-        return (0, ref)
-    if ref.startswith("refs/remotes/"):
-        return (1, ref)
-    return (2, ref)
-
-
-def _cell_of_ref(ref: str) -> str | None:
-    if ref.startswith("refs/heads/status/"):
-        return ref[len("refs/heads/status/") :]
-    parts = ref.split("/", 4)
-    if len(parts) == 5 and parts[:2] == ["refs", "remotes"] and parts[3] == "status":
-        return parts[4]
-    return None
-
-
-def status_refs(repo: Any) -> dict[str, str]:
-    """`{cell: ref}` for every status branch of a gitpython Repo, preferring remotes."""
-    out = repo.git.for_each_ref("--format=%(refname)", *STATUS_REF_PATTERNS)
-    best: dict[str, str] = {}
-    for ref in sorted(out.split(), key=_ref_rank):
-        cell = _cell_of_ref(ref)
-        if cell is not None and cell not in best:
-            best[cell] = ref
-    return best
-
-
-_MIN_CELLS_PER_WORKER = 64
-ContainerRow = tuple[str, str, str, str, str, str, str]
-
-
-def _parse_range(
-    jobs: list[tuple[str, str, bytes]], bounds: tuple[int, int]
-) -> list[tuple[str, str, list[ContainerRow] | str]]:
-    """Each cell's container rows, or why the cell is skipped.
-
-    Workers inherit the jobs (~100 MB of status files at fleet scale) rather than have them
-    pickled, and send plain tuples back: far cheaper to pickle than dataclass instances.
-    """
-    out: list[tuple[str, str, list[ContainerRow] | str]] = []
-    for cell, ref, data in jobs[bounds[0] : bounds[1]]:
-        try:
-            containers = containers_from_status(data, f"{ref}:{STATUS_FILE}")
-        except InventoryError as exc:
-            out.append((cell, ref, str(exc)))
-            continue
-        rows = [
-            (c.handle, c.ip, c.app_id, c.space_id, c.org_id, c.policy_group_id, c.workload)
-            for c in containers
-        ]
-        out.append((cell, ref, rows))
-    return out
-
-
 @dataclass(frozen=True)
 class StatusRead:
     """The cells whose status files could be used, and a message for each one skipped."""
@@ -201,52 +122,18 @@ class StatusBranches:
     def description(self) -> str:
         return "status branches"
 
-    def _repo(self) -> Any:
-        import git
-
-        try:
-            return git.Repo(self.repo_path, search_parent_directories=True)
-        except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-            raise InventoryError(f"{self.repo_path}: not in a git repository") from None
-
     def exists(self) -> bool:
         """Are there any status branches to read?  (Decides the default inventory.)"""
-        try:
-            return bool(status_refs(self._repo()))
-        except InventoryError:
-            return False
+        return has_status_branches(self.repo_path)
 
     def cells(self) -> tuple[CellInventory, ...]:
         """The usable cells (see `read` for the skipped ones)."""
         return self.read().cells
 
     def read(self) -> StatusRead:
-        repo = self._repo()
-        skipped: list[str] = []
-        refs: dict[str, str] = {}
-        for cell, ref in status_refs(repo).items():
-            try:
-                refs[_check_cell(cell, ref)] = ref
-            except InventoryError as exc:
-                skipped.append(str(exc))
-        blobs = read_status_blobs(repo.git_dir, [f"{ref}:{STATUS_FILE}" for ref in refs.values()])
-        jobs = []
-        for (cell, ref), data in zip(refs.items(), blobs, strict=True):
-            if isinstance(data, InventoryError):
-                skipped.append(str(data))
-            else:
-                jobs.append((cell, ref, data))
-        workers = min(os.cpu_count() or 1, self.workers, len(jobs) // _MIN_CELLS_PER_WORKER)
-        # Parsing a fleet's status files is CPU-bound and per cell: split across cores.
-        parts = fork_ranges(_parse_range, jobs, len(jobs), workers)
-        cells = []
-        for part in parts:
-            for cell, ref, rows in part:
-                if isinstance(rows, str):
-                    skipped.append(rows)
-                else:
-                    cells.append(CellInventory(cell, tuple(Container(*row) for row in rows), ref))
-        return StatusRead(_sorted_unique(cells), tuple(skipped))
+        found = read_fleet_containers(self.repo_path, self.workers)
+        cells = (CellInventory(c.cell, c.containers, c.ref) for c in found.cells)
+        return StatusRead(_sorted_unique(cells), found.skipped)
 
 
 def synthetic_inventory(policies: Sequence[PolicySet]) -> CellInventory:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reconciler.diff import diff_plans
+from reconciler.gitio import resolve_commit
 from reconciler.inventory import InventoryError
 from reconciler.inventory_sources import (
     CellInventory,
@@ -34,12 +35,7 @@ def resolve_revision(top: Path | None, rev: str) -> str | None:
     """The commit SHA a revision names, or None when it names nothing."""
     if top is None:
         return None
-    import git
-
-    try:
-        return git.Repo(top).commit(rev).hexsha
-    except (git.BadName, ValueError, git.GitCommandError):
-        return None
+    return resolve_commit(top, rev)
 
 
 def _store_paths(spec: Sequence[str]) -> tuple[str, ...]:

@@ -15,7 +15,8 @@ import pytest
 from reconciler.agent.config import AgentConfig
 from reconciler.agent.core import backoff
 from reconciler.agent.loop import next_delay
-from reconciler.agent.status import StatusPusher, StatusPushError, StatusWriter
+from reconciler.agent.status import StatusPusher
+from reconciler.status.write import StatusPushError, StatusWriter
 
 
 @pytest.mark.parametrize(

@@ -35,12 +35,13 @@ from reconciler.agent.core import (
 from reconciler.agent.loop import next_delay
 from reconciler.agent.metrics import Metrics
 from reconciler.agent.state import AgentState, Applied, Head, from_persisted, to_persisted
-from reconciler.agent.status import build_status, dump_status, fingerprint
+from reconciler.agent.status import build_status, fingerprint
 from reconciler.agent.verify import SignatureCheck, parse_trailers, trailer_true
 from reconciler.compile import compile_cell
-from reconciler.inventory_sources import containers_from_status
 from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.policy.findings import Finding
+from reconciler.status.document import containers_from_status
+from reconciler.status.write import dump_status
 
 BASE = {"source": "git://x/y.git", "containers": "/s.json", "cell": "c1"}
 

@@ -32,12 +32,12 @@ from reconciler.agent.config import build_config
 from reconciler.agent.core import condition
 from reconciler.agent.loop import SYNC, Agent
 from reconciler.agent.state import AgentState
-from reconciler.agent.status import StatusWriter
 from reconciler.compile import compile_cell
 from reconciler.lab.gitserver import GitDaemon, git
 from reconciler.lab.netns import Lab
 from reconciler.plan import CellSettings
 from reconciler.policy.load import load_revision
+from reconciler.status.write import StatusWriter
 from tests.agentkit import (  # noqa: F401 - fixtures
     PolicyRepo,
     container,

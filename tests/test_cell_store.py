@@ -255,9 +255,9 @@ def test_the_agent_and_the_ci_plan_from_its_status_branch_compile_the_same_cell(
     """The agent reports every rejection (log, status, metric) and still applies the cell;
     `asgctl plan --inventory status` reads the status file's containers back, and compiling
     them gives the very plan the agent applied: held and shared IPs included."""
-    from reconciler.agent.status import dump_status
-    from reconciler.inventory_sources import containers_from_status
     from reconciler.policy.load import load_revision
+    from reconciler.status.document import containers_from_status
+    from reconciler.status.write import dump_status
     from tests.test_agent_loop import MemoryDataplane
 
     repo = local_repo(tmp_path)

@@ -881,7 +881,7 @@ def test_xtables_lock_held_by_another_program(
 def test_a_full_disk_is_reported_as_such_not_as_a_corrupt_cache() -> None:
     """git's words for ENOSPC contain 'object file', a corruption marker: the full disk must
     win, or the agent wipes its cache (and its history) and reports the wrong cause."""
-    from reconciler.agent.source import classify
+    from reconciler.gitio import classify
 
     assert (
         classify(

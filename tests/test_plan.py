@@ -37,14 +37,13 @@ from reconciler.inventory_sources import (
     CellInventory,
     StoreFiles,
     cell_name_for,
-    containers_from_status,
     synthetic_inventory,
 )
 from reconciler.model import Container, Space
 from reconciler.planrun import run_plan
 from reconciler.policy.load import load_folder
 from reconciler.report import MARKER, PlanReport, Revision, render_markdown
-from reconciler.statusdoc import _fast_parts
+from reconciler.status.document import _fast_parts, containers_from_status
 from tests.golden import assert_golden
 from tests.policyrepo import commit_all, git, init_repo, write_tree
 
@@ -639,7 +638,8 @@ def test_forked_workers_give_the_same_diff(tmp_path):
 
 def test_the_agents_status_file_is_read_by_the_fast_path():
     """The contract end to end: what the agent writes is what the plan reads, quickly."""
-    from reconciler.agent.status import container_entries, dump_status
+    from reconciler.agent.status import container_entries
+    from reconciler.status.write import dump_status
 
     policy = load_folder(REPO / "policies").policy
     containers = [x for cs in CELLS.values() for x in cs]

@@ -19,19 +19,19 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.agent.status import dump_status
 from reconciler.inventory import InventoryError
 from reconciler.inventory_sources import StatusBranches
 from reconciler.lab.gitserver import GitDaemon, git
-from reconciler.statusdoc import (
+from reconciler.status.document import (
     CONTRACT_KEYS,
     MAX_STATUS_BYTES,
     _fast_parts,
     containers_from_status,
     load_yaml,
     parse_status,
-    read_status_blobs,
 )
+from reconciler.status.read import read_status_blobs
+from reconciler.status.write import dump_status
 from tests.agentkit import git_server  # noqa: F401 - fixture
 
 # -- the fast path reads exactly what the loader reads -----------------------------------------
@@ -341,8 +341,8 @@ def test_asgctl_status_reports_each_hostile_branch_and_escapes_terminal_text(
     sequences give one row each, an exit code, and no traceback or raw control character."""
     from click.testing import CliRunner
 
-    from reconciler.agent.status import StatusWriter
     from reconciler.cli import main
+    from reconciler.status.write import StatusWriter
 
     bare = git_server.create("policy")
     url = git_server.url("policy")
@@ -398,8 +398,8 @@ def test_asgctl_status_reports_each_hostile_branch_and_escapes_terminal_text(
 
 def test_the_lab_reads_status_branches_the_same_way(tmp_path: Path) -> None:
     """The lab's operator waits on status branches: a hostile one is left out, not loaded."""
-    from reconciler.agent.status import StatusWriter
     from reconciler.lab.policyrepo import Operator
+    from reconciler.status.write import StatusWriter
 
     bare = tmp_path / "policy.git"
     git("init", "-q", "--bare", "-b", "main", str(bare))
@@ -420,7 +420,7 @@ def test_the_status_push_ends_its_options_before_the_url(tmp_path: Path) -> None
     """Issue 20, attack 11: the URL is always git's <repository>, never an option.  Given
     `--repo=<elsewhere>` as the URL, git must refuse that as a repository name (without `--`
     it would be the push option `--repo`, and the refspec would become the repository)."""
-    from reconciler.agent.status import StatusPushError, StatusWriter
+    from reconciler.status.write import StatusPushError, StatusWriter
 
     elsewhere = tmp_path / "elsewhere.git"
     git("init", "-q", "--bare", "--", str(elsewhere))

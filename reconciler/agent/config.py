@@ -27,6 +27,7 @@ from reconciler.plan import (
     check_interface_name,
     check_network,
 )
+from reconciler.status.branch import STATUS_PREFIX, branch_for
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -114,7 +115,7 @@ class AgentConfig:
     mass_revoke_trailer: str = "Asgctl-Allow-Mass-Revoke"
     heal_drift: bool = True
     status_push: bool = True
-    status_branch_prefix: str = "status/"
+    status_branch_prefix: str = STATUS_PREFIX
     heartbeat: float = 600.0
     status_min_interval: float = 1.0
     """Pushes closer together than this are merged into one (bursts of container changes)."""
@@ -139,7 +140,7 @@ class AgentConfig:
 
     @property
     def status_branch(self) -> str:
-        return f"{self.status_branch_prefix}{self.cell}"
+        return branch_for(self.cell, self.status_branch_prefix)
 
     @property
     def effective_retry_cap(self) -> float:

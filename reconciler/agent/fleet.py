@@ -7,7 +7,7 @@ branch's own history: how many commits the cell's applied revision is behind the
 `diverged` when the applied revision is no longer in that history (a rewind).
 
 Whoever can push a status branch writes what this shows, so each file is read like the plan
-reads it (`reconciler.statusdoc`: size asked of git first, the safe loader with budgets, the
+reads it (`reconciler.status`: size asked of git first, the safe loader with budgets, the
 status schema): a bad file becomes that cell's `error`, never a traceback, and every string
 from a status file is shown with its control characters escaped (`report.escape.visible`),
 so a status branch cannot move the cursor, clear the screen or forge table rows.
@@ -25,10 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.agent.config import redact_url
-from reconciler.agent.source import clip, run_git
+from reconciler.agent.source import clip
+from reconciler.gitio import run_git
 from reconciler.inventory import InventoryError
 from reconciler.report.escape import visible
-from reconciler.statusdoc import STATUS_FILE, parse_status, read_status_blobs
+from reconciler.status.branch import FETCHED_PREFIX, STATUS_PREFIX, blob_spec, fetch_refspec
+from reconciler.status.document import parse_status, summarize
+from reconciler.status.read import read_status_blobs
 
 _SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
@@ -105,31 +108,24 @@ def _sha_of(revision: str) -> str:
     return sha if _SHA.match(sha) else ""
 
 
-def _cond(doc: dict[str, Any], type_: str) -> dict[str, Any]:
-    for c in doc.get("conditions") or ():
-        if isinstance(c, dict) and c.get("type") == type_:
-            return c
-    return {}
-
-
 def read_fleet(url: str, branch: str = "main", cache: str | None = None) -> Fleet:
     """Every cell's status on the remote `url` (see the module docstring)."""
     with _repo(cache) as repo:
-        listing = _git(repo, "ls-remote", "--", url, "refs/heads/status/*", f"refs/heads/{branch}")
+        prefix = f"refs/heads/{STATUS_PREFIX}"
+        listing = _git(repo, "ls-remote", "--", url, f"{prefix}*", f"refs/heads/{branch}")
         pairs = (line.split("\t", 1) for line in listing.splitlines() if "\t" in line)
         refs = {ref: sha for sha, ref in pairs}
-        if not any(r.startswith("refs/heads/status/") for r in refs):
+        if not any(r.startswith(prefix) for r in refs):
             return Fleet(redact_url(url), branch, "", ())
-        specs = ["+refs/heads/status/*:refs/remotes/origin/status/*"]
+        specs = [fetch_refspec()]
         if f"refs/heads/{branch}" in refs:
             specs.append(f"+refs/heads/{branch}:refs/remotes/origin/{branch}")
         _git(repo, "fetch", "--quiet", "--no-tags", "--prune", "--", url, *specs)
         head = refs.get(f"refs/heads/{branch}", "")
         if not _SHA.match(head):
             head = ""
-        prefix = "refs/heads/status/"
         cells = sorted(r[len(prefix) :] for r in refs if r.startswith(prefix))
-        specs = [f"refs/remotes/origin/status/{cell}:{STATUS_FILE}" for cell in cells]
+        specs = [blob_spec(f"{FETCHED_PREFIX}{cell}") for cell in cells]
         try:
             blobs = read_status_blobs(str(repo), specs)
         except InventoryError as exc:
@@ -146,14 +142,12 @@ def _row(repo: Path, cell: str, origin: str, data: bytes | InventoryError, head:
     try:
         if isinstance(data, InventoryError):
             raise data
-        doc = parse_status(data, origin).header
+        said = summarize(parse_status(data, origin).header)
     except InventoryError as exc:
         return CellRow(
             cell, "Unknown", "", "", "", None, False, "", "", "", 0, 0, 0, 0, "", str(exc)
         )
-    # The schema has checked every field read below: strings are strings, counts integers.
-    applied = str(doc.get("lastAppliedRevision") or "")
-    sha = _sha_of(applied)
+    sha = _sha_of(said.applied_revision)
     behind: int | None = None
     diverged = False
     if sha and head:
@@ -162,27 +156,22 @@ def _row(repo: Path, cell: str, origin: str, data: bytes | InventoryError, head:
             behind = int(_git(repo, "rev-list", "--count", f"{sha}..{head}").strip())
         except FleetError:
             diverged = True
-    ready = _cond(doc, "Ready")
-    drifted = _cond(doc, "Drifted")
-    counts = doc.get("counts") or {}
-    drift = doc.get("drift") or {}
-    refused = doc.get("refused") or {}
     return CellRow(
         cell=cell,
-        ready=str(ready.get("status", "Unknown")),
-        reason=str(ready.get("reason", "")),
-        message=str(ready.get("message", "")),
-        applied=applied,
+        ready=said.ready.status,
+        reason=said.ready.reason,
+        message=said.ready.message,
+        applied=said.applied_revision,
         behind=behind,
         diverged=diverged,
-        last_sync=str(doc.get("lastSyncTime") or ""),
-        reported_at=str(doc.get("reportedAt") or ""),
-        drifted=str(drifted.get("status", "Unknown")),
-        drift_corrections=int(drift.get("corrections") or 0),
-        installed_rules=int(counts.get("installedRules") or 0),
-        cf_equivalent_rules=int(counts.get("cfEquivalentRules") or 0),
-        containers=int(counts.get("containers") or 0),
-        refused=(f"{refused.get('revision', '')}: {refused.get('reason', '')}" if refused else ""),
+        last_sync=said.last_sync,
+        reported_at=said.reported_at,
+        drifted=said.drifted.status,
+        drift_corrections=said.drift_corrections,
+        installed_rules=said.installed_rules,
+        cf_equivalent_rules=said.cf_equivalent_rules,
+        containers=said.containers,
+        refused=said.refused,
     )
 
 

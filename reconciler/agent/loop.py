@@ -57,13 +57,7 @@ from reconciler.agent.core import (
 from reconciler.agent.metrics import Metrics, MetricsServer, write_textfile
 from reconciler.agent.source import GitSource, MalformedCommit, SourceError, clip
 from reconciler.agent.state import AgentState, Applied, Head, load_state, save_state
-from reconciler.agent.status import (
-    PushResult,
-    StatusPusher,
-    StatusWriter,
-    build_status,
-    iso,
-)
+from reconciler.agent.status import PushResult, StatusPusher, build_status, iso
 from reconciler.agent.verify import SignatureCheck, SignatureVerifier, trailer_true
 from reconciler.agent.watch import InventoryWatcher
 from reconciler.compile import compile_cell
@@ -72,6 +66,7 @@ from reconciler.model import Container, PolicySet
 from reconciler.plan import CellPlan, CellSettings, PlanError
 from reconciler.policy.findings import Finding
 from reconciler.policy.load import load_revision
+from reconciler.status.write import StatusWriter
 
 SYNC = "sync"
 INVENTORY = "inventory"

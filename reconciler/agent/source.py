@@ -10,9 +10,10 @@ since only a full history can prove a negative.
 
 Failures are classified into the reasons the status reports (`GitUnreachable`,
 `AuthenticationFailed`, `BranchNotFound`, `RepositoryNotFound`, `GitTimeout`, `CacheCorrupt`,
-`DiskFull`, `FetchFailed`).  A
-corrupt cache is deleted and fetched again in the same call: it is a cache, the remote is
-the truth.
+`DiskFull`, `FetchFailed`; `gitio.classify`).  A corrupt cache is deleted and fetched again
+in the same call: it is a cache, the remote is the truth.  Every git command goes through
+`reconciler.gitio` (timeouts that kill the whole process group, no prompts, no operator
+config).
 """
 
 from __future__ import annotations
@@ -20,60 +21,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import git
+from reconciler import gitio
+from reconciler.gitio import classify
 
 REMOTE_REF = "refs/remotes/origin/{branch}"
-
-_UNREACHABLE = (
-    "connection refused",
-    "could not resolve",
-    "unable to connect",
-    "unable to look up",
-    "connection timed out",
-    "no route to host",
-    "network is unreachable",
-    "connection reset",
-    "remote end hung up unexpectedly",
-    "failed to connect",
-    "couldn't connect",
-    "early eof",
-)
-_AUTH = (
-    "authentication failed",
-    "permission denied",
-    "could not read username",
-    "could not read password",
-    "terminal prompts disabled",
-    "access denied",
-    "returned error: 401",
-    "returned error: 403",
-    "host key verification failed",
-)
-_CORRUPT = (
-    "not a git repository",
-    "corrupt",
-    "bad object",
-    "unable to read",
-    "packfile",
-    "index-pack",
-    "missing object",
-    "invalid object",
-    "object file",
-    "inflate",
-    "bad file",
-    "broken link",
-    "fatal: bad config",
-    "bad numeric config",
-    "invalid gitfile",
-)
-
-
-_DISK_FULL = ("no space left on device", "disk quota exceeded")
 
 
 class SourceError(Exception):
@@ -83,94 +38,6 @@ class SourceError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
-
-
-def classify(stderr: str) -> str:
-    """A git failure's reason from its stderr (first match wins: no branch, a full disk, auth,
-    unreachable, no repository, corrupt cache).
-
-    Only our own git's complaints can mean a corrupt *cache*; what the server says
-    (`remote: ...`, `fatal: remote error: ...`) never does, or a broken server would make
-    every agent throw its cache away on every cycle.
-    """
-    text = stderr.lower()
-    if "couldn't find remote ref" in text:
-        return "BranchNotFound"
-    if any(s in text for s in _DISK_FULL):
-        # Checked before the corruption markers: "unable to write loose object file: No
-        # space left on device" is a full disk, and wiping the cache would not help it.
-        return "DiskFull"
-    if any(s in text for s in _AUTH):
-        return "AuthenticationFailed"
-    if any(s in text for s in _UNREACHABLE):
-        return "GitUnreachable"
-    if "does not appear to be a git repository" in text or "repository not found" in text:
-        return "RepositoryNotFound"
-    local = "\n".join(
-        line
-        for line in text.splitlines()
-        if not line.startswith(("remote:", "fatal: remote error", "error: remote"))
-    )
-    if any(s in local for s in _CORRUPT):
-        return "CacheCorrupt"
-    if "could not read from remote repository" in text:
-        return "GitUnreachable"
-    return "FetchFailed"
-
-
-def git_env() -> dict[str, str]:
-    """Never prompt (an agent has no terminal) and never read the operator's git config."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "GIT_TERMINAL_PROMPT": "0",
-            "GIT_ASKPASS": "/bin/false",
-            "SSH_ASKPASS": "/bin/false",
-            "GIT_SSH_COMMAND": env.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes"),
-            "GIT_CONFIG_NOSYSTEM": "1",
-            "GIT_CONFIG_GLOBAL": "/dev/null",
-        }
-    )
-    return env
-
-
-def run_git(
-    git_dir: str | os.PathLike[str],
-    *args: str,
-    timeout: float,
-    input: str | None = None,
-    env: dict[str, str] | None = None,
-    error: type[Exception] = RuntimeError,
-) -> str:
-    """`git --git-dir=<git_dir> <args>` without prompts or operator config; its stdout.
-
-    `env` adds to `git_env()` (e.g. a commit's author and date).  A non-zero exit or no answer
-    within `timeout` seconds raises `error` with the subcommand and the last lines git wrote
-    to stderr, so a caller's thread never dies of a bare `TimeoutExpired`.
-    """
-    try:
-        res = subprocess.run(
-            ["git", f"--git-dir={git_dir}", *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            env={**git_env(), **(env or {}), "LC_ALL": "C"},
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise error(f"git {args[0]}: no answer within {timeout:g} s") from None
-    if res.returncode != 0:
-        lines = [x.strip() for x in res.stderr.splitlines() if x.strip()]
-        raise error(f"git {args[0]}: " + (" / ".join(lines[-3:]) or "failed"))
-    return res.stdout
-
-
-@dataclass(frozen=True, slots=True)
-class _Run:
-    returncode: int
-    stdout: str
-    stderr: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +149,7 @@ class GitSource:
         self.path = Path(cache_dir)
         self.depth = depth
         self.timeout = timeout
-        self._repo: git.Repo | None = None
+        self._ready = False
         self._recloned = False
 
     @property
@@ -291,27 +158,28 @@ class GitSource:
 
     # -- the cache ---------------------------------------------------------------------------
 
-    def _open(self) -> git.Repo:
-        if self._repo is not None:
-            return self._repo
+    def _open(self) -> None:
+        """Make sure the cache is a bare repository; a folder that is not one is replaced."""
+        if self._ready:
+            return
         if self.path.exists():
-            try:
-                repo = git.Repo(self.path)
-                if not repo.bare:
-                    raise git.InvalidGitRepositoryError(str(self.path))
-                self._repo = repo
-                return repo
-            except (git.InvalidGitRepositoryError, git.NoSuchPathError, ValueError, OSError):
-                self.reset()
-                self._recloned = True
+            res = self._git("rev-parse", "--is-bare-repository")
+            if res.returncode == 0 and res.stdout.strip() == "true":
+                self._ready = True
+                return
+            self.reset()
+            self._recloned = True
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        repo = git.Repo.init(self.path, bare=True)
-        with repo.config_writer() as cw:
-            cw.set_value("gc", "auto", "0")  # maintenance is ours, between cycles
-            cw.set_value("core", "logAllRefUpdates", "false")
-            cw.set_value("fetch", "writeCommitGraph", "false")
-        self._repo = repo
-        return repo
+        for args in (
+            ("init", "--quiet", "--bare"),
+            ("config", "gc.auto", "0"),  # maintenance is ours, between cycles
+            ("config", "core.logAllRefUpdates", "false"),
+            ("config", "fetch.writeCommitGraph", "false"),
+        ):
+            res = self._git(*args)
+            if res.returncode != 0:
+                raise OSError(res.stderr.strip() or f"git {args[0]} failed")
+        self._ready = True
 
     def reset(self) -> None:
         """Forget the cache entirely (it is corrupt); the next fetch starts from scratch."""
@@ -319,28 +187,20 @@ class GitSource:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def close(self) -> None:
-        if self._repo is not None:
-            self._repo.close()
-            self._repo = None
+        """Nothing stays open between git commands; the next one checks the cache again."""
+        self._ready = False
 
-    def _git(self, *args: str, timeout: float | None = None) -> _Run:
-        """Run git on the cache (through gitpython, C locale, our environment).
+    def _git(self, *args: str, timeout: float | None = None) -> gitio.Result:
+        """Run git on the cache (C locale, our environment).
 
         Never raises for a non-zero exit; a run killed at the timeout is GitTimeout.
         """
         limit = timeout or self.timeout
-        t0 = time.monotonic()
-        status, out, err = git.Git().execute(
-            ["git", f"--git-dir={self.path}", *args],
-            with_extended_output=True,
-            with_exceptions=False,
-            kill_after_timeout=limit,
-            env=git_env(),
-            strip_newline_in_stdout=False,
-        )
-        if status != 0 and time.monotonic() - t0 >= limit:
-            raise SourceError("GitTimeout", f"git {args[0]}: no answer within {limit:g} s")
-        return _Run(int(status or 0), str(out), str(err))
+        try:
+            return gitio.run(self.path, *args, timeout=limit)
+        except gitio.GitTimeout:
+            message = f"git {args[0]}: no answer within {limit:g} s"
+            raise SourceError("GitTimeout", message) from None
 
     def head(self) -> str | None:
         """The cached branch head, if the cache has one."""
@@ -380,7 +240,7 @@ class GitSource:
     def _fetch_once(self) -> str:
         try:
             self._open()
-        except (git.GitCommandError, OSError) as exc:
+        except OSError as exc:
             raise SourceError("CacheCorrupt", f"cannot create the cache: {exc}") from None
         args = ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-auto-gc"]
         if self.depth > 0 and self.head() is None:

@@ -5,14 +5,12 @@ attempted / applied revisions, history -- and carries what an operator asks of a
 revision it enforces and since when, what it refused and why (validation findings with
 file:line), how long each phase took, how many rules it installs against how many Cloud
 Foundry would, what drifted, and which containers got which groups.  Its `containers:` list
-follows the status-branch contract of `reconciler.inventory_sources`, so `asgctl plan` can use
+follows the status-branch contract of `reconciler.status`, so `asgctl plan` can use
 the fleet's status branches as its inventory.
 
-Writing (`StatusWriter`) never touches the policy branch or the fetch cache: it has its own
-bare repository, makes a *new root commit* holding only `status.yaml` for every push, and
-force-pushes exactly `refs/heads/status/<cell>`.  The branch is therefore always one commit
-deep however long the agent runs, the replaced commits become unreachable garbage the server
-prunes, and two agents can never conflict because each only ever names its own ref.
+Writing the branch (`reconciler.status.write.StatusWriter`: a new root commit holding only
+`status.yaml`, force-pushed to exactly `refs/heads/status/<cell>`) is the status-branch
+contract's own; this module decides what to write and when.
 
 Pushing (`StatusPusher`) runs on its own thread: enforcement never waits for the git server.
 It pushes when the document's meaningful content changes (not its timestamps), as a
@@ -25,29 +23,22 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from reconciler.agent.core import backoff, container_grants
-from reconciler.agent.source import clip, run_git
+from reconciler.agent.source import clip
 from reconciler.agent.state import AgentState
-from reconciler.inventory_sources import STATUS_FILE
 from reconciler.plan import CellPlan
+from reconciler.status.document import API_VERSION, KIND
+from reconciler.status.write import StatusPushError, StatusWriter, commit_message, dump_status
 
 PHASES = ("fetch", "verify", "load", "render", "enforce", "cleanup", "total")
-API_VERSION = "asgctl.io/v1"
-KIND = "CellStatus"
 VOLATILE = ("reportedAt", "lastSyncTime", "lastSuccessTime", "timings")
 VOLATILE_HISTORY = ("lastReconciled", "totalReconciliations", "lastReconciledDuration")
-_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 MAX_FINDINGS = 100
 """Findings of a refused revision listed in the status (the first, in order; then a count)."""
 
@@ -145,17 +136,6 @@ def build_status(
     return doc
 
 
-def dump_status(doc: Mapping[str, Any]) -> str:
-    return yaml.dump(
-        dict(doc),
-        Dumper=_DUMPER,
-        sort_keys=False,
-        default_flow_style=False,
-        allow_unicode=True,
-        width=4096,
-    )
-
-
 def fingerprint(doc: Mapping[str, Any]) -> str:
     """A digest of what the document *says*; timestamps and counters of repeats left out.
 
@@ -170,92 +150,6 @@ def fingerprint(doc: Mapping[str, Any]) -> str:
             entry.pop(key, None)
     text = json.dumps(stable, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-# -- writing -------------------------------------------------------------------------------
-
-
-class StatusPushError(Exception):
-    """A status commit could not be made or pushed; the pusher retries with back-off."""
-
-
-class StatusWriter:
-    """Commits `status.yaml` as a new root commit and force-pushes it to `refs/heads/<branch>`."""
-
-    def __init__(
-        self, url: str, branch: str, repo_dir: str | os.PathLike[str], timeout: float = 30.0
-    ) -> None:
-        if not branch.startswith("status/"):
-            raise ValueError(f"refusing to write status to {branch!r}: not a status/ branch")
-        self.url = url
-        self.branch = branch
-        self.path = Path(repo_dir)
-        self.timeout = timeout
-        self.pushes = 0
-
-    def _git(self, *args: str, input: str | None = None, env: dict[str, str] | None = None) -> str:
-        out = run_git(
-            self.path, *args, timeout=self.timeout, input=input, env=env, error=StatusPushError
-        )
-        return out.strip()
-
-    def _ensure_repo(self) -> None:
-        if (self.path / "HEAD").exists() and (self.path / "objects").is_dir():
-            return
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._git("init", "--quiet", "--bare")
-        self._git("config", "gc.auto", "0")
-
-    def commit(self, text: str, message: str, when: int) -> str:
-        """A new root commit holding only status.yaml; returns its sha."""
-        self._ensure_repo()
-        try:
-            blob = self._git("hash-object", "-w", "--stdin", input=text)
-            tree = self._git("mktree", input=f"100644 blob {blob}\t{STATUS_FILE}\n")
-        except StatusPushError:
-            # A damaged local repo is only a scratch area: start a new one.
-            shutil.rmtree(self.path, ignore_errors=True)
-            self._ensure_repo()
-            blob = self._git("hash-object", "-w", "--stdin", input=text)
-            tree = self._git("mktree", input=f"100644 blob {blob}\t{STATUS_FILE}\n")
-        ident = self.branch.replace("/", "-")
-        env = {
-            "GIT_AUTHOR_NAME": f"asgctl agent {ident}",
-            "GIT_AUTHOR_EMAIL": f"{ident}@asgctl.invalid",
-            "GIT_AUTHOR_DATE": f"{when} +0000",
-            "GIT_COMMITTER_NAME": f"asgctl agent {ident}",
-            "GIT_COMMITTER_EMAIL": f"{ident}@asgctl.invalid",
-            "GIT_COMMITTER_DATE": f"{when} +0000",
-        }
-        return self._git("commit-tree", tree, "-m", message, env=env)
-
-    def push(self, text: str, message: str, when: int | None = None) -> str:
-        """Commit and force-push; StatusPushError on failure (the caller retries later)."""
-        sha = self.commit(text, message, int(when if when is not None else time.time()))
-        self._git(
-            "push",
-            "--quiet",
-            "--force",
-            "--no-verify",
-            "--",
-            self.url,
-            f"{sha}:refs/heads/{self.branch}",
-        )
-        self.pushes += 1
-        if self.pushes % 50 == 0:
-            # Every push leaves the previous root commit unreachable here too.
-            self._git("prune", "--expire=now")
-        return sha
-
-
-def commit_message(doc: Mapping[str, Any]) -> str:
-    ready = next((c for c in doc.get("conditions", ()) if c.get("type") == "Ready"), {})
-    applied = doc.get("lastAppliedRevision") or "nothing applied"
-    return (
-        f"status {doc.get('cell')}: Ready={ready.get('status', 'Unknown')} "
-        f"({ready.get('reason', '')}), {applied}"
-    )
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reconciler import statusdoc
 from reconciler.inventory import InventoryError
 from reconciler.lab import gitserver
+from reconciler.status import document
+from reconciler.status.branch import STATUS_FILE, STATUS_PREFIX, fetch_refspec
+from reconciler.status.read import read_status_blobs
 
 REPO_NAME = "policies.git"
-STATUS_PREFIX = "status/"
-STATUS_FILE = statusdoc.STATUS_FILE
 IDENTITY = {
     "GIT_AUTHOR_NAME": "asgctl lab operator",
     "GIT_AUTHOR_EMAIL": "operator@lab.asgctl.invalid",
@@ -153,7 +153,7 @@ class Operator:
             "--quiet",
             "--prune",
             "origin",
-            f"+refs/heads/{STATUS_PREFIX}*:refs/remotes/origin/{STATUS_PREFIX}*",
+            fetch_refspec(),
             cwd=self.workdir,
         )
         refs = git(
@@ -168,14 +168,14 @@ class Operator:
         # Status branches are read like `asgctl status` reads them (size first, the safe
         # loader, the status schema); one that cannot be used is left out, as if not there.
         try:
-            blobs = statusdoc.read_status_blobs(str(self.workdir), specs)
+            blobs = read_status_blobs(str(self.workdir), specs)
         except InventoryError as exc:
             raise GitError(str(exc)) from None
         for (name, _, commit), spec, data in zip(found, specs, blobs, strict=True):
             if isinstance(data, InventoryError):
                 continue
             with contextlib.suppress(InventoryError):
-                doc = statusdoc.parse_status(data, spec).header
+                doc = document.parse_status(data, spec).header
                 out[name.removeprefix(STATUS_PREFIX)] = parse_status(
                     name.removeprefix(STATUS_PREFIX), commit, doc
                 )
@@ -184,20 +184,13 @@ class Operator:
 
 def parse_status(cell: str, commit: str, doc: Mapping[str, Any]) -> CellStatus:
     """Pick the fields the lab waits on out of a CellStatus document (pure)."""
-    ready = next(
-        (
-            c
-            for c in doc.get("conditions") or []
-            if isinstance(c, dict) and c.get("type") == "Ready"
-        ),
-        {},
-    )
+    ready = document.condition(dict(doc), "Ready")
     return CellStatus(
         cell=cell,
         commit=commit,
         applied_revision=str(doc.get("lastAppliedRevision") or ""),
-        ready=str(ready.get("status", "Unknown")),
-        reason=str(ready.get("reason", "")),
+        ready=ready.status,
+        reason=ready.reason,
         document=doc,
     )
 

@@ -35,8 +35,9 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+from reconciler import gitio
 from reconciler.policy.yamlsafe import DEFAULT_LIMITS, Budget, Limits, LoadError
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -127,19 +128,9 @@ def locate(path: str | os.PathLike[str]) -> RepoPlace:
             if a != outer and a.is_relative_to(outer) and top.is_relative_to(a) and a.is_symlink()
         ]
         for a in reversed(crossing):
-            if _tracks(outer, a.relative_to(outer).as_posix()):
+            if gitio.tracks(outer, a.relative_to(outer).as_posix()):
                 return replace(place, link=a.relative_to(outer).as_posix())
     return place
-
-
-def _tracks(repo: Path, rel: str) -> bool:
-    """Whether the work tree `repo` has `rel` in its index (a committed or added path)."""
-    import git
-
-    try:
-        return bool(git.Repo(repo).git.ls_files("--", rel))
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError, git.GitCommandError):
-        return False
 
 
 def require_real_folder(place: RepoPlace, shown: str) -> None:
@@ -363,45 +354,62 @@ def read_git(
     subdir: str = "",
     limits: Limits = DEFAULT_LIMITS,
 ) -> list[SourceFile]:
-    """Every policy file under `subdir` at `rev`, from git objects without a checkout."""
-    import git  # gitpython is slow to import; only git-reading paths pay for it
+    """Every policy file under `subdir` at `rev`, from git objects without a checkout.
 
-    try:
-        repository = git.Repo(repo, search_parent_directories=True)
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        raise LoadError(str(repo), "not a git repository") from None
-    try:
-        commit = repository.commit(rev)
-    except (git.BadName, ValueError, git.GitCommandError):
-        raise LoadError(str(repo), f"unknown revision {rev!r}") from None
+    Trees are read one at a time through one `git cat-file` process (`gitio.BlobReader`),
+    only those below non-hidden names, and each blob's size is asked before it is read.
+    """
+    git_dir = gitio.git_dir_of(repo)
+    if git_dir is None:
+        raise LoadError(str(repo), "not a git repository")
+    sha = gitio.resolve_commit(git_dir, rev)
+    if sha is None:
+        raise LoadError(str(repo), f"unknown revision {rev!r}")
+    with gitio.BlobReader(git_dir) as reader:
+        try:
+            return _read_git(reader, sha, rev, subdir, limits)
+        except OSError as exc:
+            raise LoadError(str(repo), f"cannot read {rev!r}: {exc}") from None
+
+
+def _read_git(
+    reader: gitio.BlobReader, sha: str, rev: str, subdir: str, limits: Limits
+) -> list[SourceFile]:
+    root = reader.info(f"{sha}^{{tree}}")
+    if root is None:
+        raise LoadError(rev, "the commit has no tree")
     prefix = subdir.strip("/")
-    node: Any = commit.tree
+    node = gitio.TreeEntry("", 0o040000, root.oid)
     parts = [p for p in prefix.split("/") if p not in ("", ".")]
     for i, part in enumerate(parts):
-        child = _git_child(node, part)
+        child = _git_child(reader, node, part) if node.type == "tree" else None
         if child is not None and _git_kind(child) == "link":
             require_real_folder(RepoPlace(None, prefix, "/".join(parts[: i + 1])), prefix)
-        if child is None or (child.type == "blob" and i < len(parts) - 1):
+        if child is None or (child.type != "tree" and i < len(parts) - 1):
             raise LoadError(prefix, f"no such folder at {rev}")
         node = child
     if node.type == "blob":
         if _git_kind(node) != "file":
             raise LoadError(prefix, "not a folder or a regular file")
-        return [SourceFile(parts[-1], _read_blob(node, parts[-1], Budget(limits)))]
+        return [SourceFile(parts[-1], _read_blob(reader, node, parts[-1], Budget(limits)))]
     if node.type != "tree":
         raise LoadError(prefix, "not a folder or a regular file")
-    listing, blobs = _git_listing(node, limits)
-    return _read_all(listing, lambda real, name, b: _read_blob(blobs[real], name, b), limits)
+    listing, blobs = _git_listing(reader, node, limits)
+    return _read_all(
+        listing, lambda real, name, b: _read_blob(reader, blobs[real], name, b), limits
+    )
 
 
-def _git_child(tree: Any, name: str) -> Any:
-    for item in tree:
+def _git_child(
+    reader: gitio.BlobReader, tree: gitio.TreeEntry, name: str
+) -> gitio.TreeEntry | None:
+    for item in reader.tree(tree.oid):
         if item.name == name:
             return item
     return None
 
 
-def _git_kind(item: Any) -> EntryKind:
+def _git_kind(item: gitio.TreeEntry) -> EntryKind:
     if item.type == "tree":
         return "dir"
     if item.type != "blob":
@@ -411,25 +419,28 @@ def _git_kind(item: Any) -> EntryKind:
     return "file" if stat.S_ISREG(item.mode) else "other"
 
 
-def _git_listing(tree: Any, limits: Limits) -> tuple[dict[str, Entry], dict[str, Any]]:
+def _git_listing(
+    reader: gitio.BlobReader, tree: gitio.TreeEntry, limits: Limits
+) -> tuple[dict[str, Entry], dict[str, gitio.TreeEntry]]:
     """The tree as a Listing, and each regular file's blob (looked up by path once, here)."""
     listing: dict[str, Entry] = {}
-    blobs: dict[str, Any] = {}
+    blobs: dict[str, gitio.TreeEntry] = {}
     counter = _Counter(limits)
-    pending: list[tuple[str, Any]] = [("", tree)]
+    pending: list[tuple[str, gitio.TreeEntry]] = [("", tree)]
     while pending:
         rel, folder = pending.pop()
-        for item in folder:
+        for item in reader.tree(folder.oid):
             if is_hidden(item.name):
                 continue
             name = f"{rel}/{item.name}" if rel else item.name
             counter.add(name)
             kind = _git_kind(item)
             if kind == "link":
-                if item.size > _MAX_LINK_TEXT:
+                info = reader.info(item.oid)
+                if info is None or info.size > _MAX_LINK_TEXT:
                     listing[name] = Entry("other")
                     continue
-                text = item.data_stream.read().decode("utf-8", "surrogateescape")
+                text = reader.read(info.oid).decode("utf-8", "surrogateescape")
                 listing[name] = Entry("link", text)
             else:
                 listing[name] = Entry(kind)
@@ -440,7 +451,9 @@ def _git_listing(tree: Any, limits: Limits) -> tuple[dict[str, Entry], dict[str,
     return listing, blobs
 
 
-def _read_blob(blob: Any, name: str, budget: Budget) -> bytes:
-    budget.spend_bytes(name, blob.size)
-    data: bytes = blob.data_stream.read()
-    return data
+def _read_blob(reader: gitio.BlobReader, blob: gitio.TreeEntry, name: str, budget: Budget) -> bytes:
+    info = reader.info(blob.oid)
+    if info is None or info.type != "blob":
+        raise LoadError(name, "cannot be read from git")
+    budget.spend_bytes(name, info.size)
+    return reader.read(info.oid)

@@ -5,7 +5,7 @@ trust it: `asgctl plan --inventory status` (which containers run where) and `asg
 (the fleet table).  So, for both:
 
 * the blob's size is asked of git (`git cat-file --batch-check`) and an oversized blob is
-  never read (`read_status_blobs`);
+  never read (`reconciler.status.read.read_status_blobs`);
 * the YAML is parsed by the project's one safe loader (`reconciler.policy.yamlsafe`: no alias
   expansion past a node budget, bounded depth, one document, no custom tags) -- never by a
   plain `yaml.load` whose result could be an alias bomb waiting for the first walk over it;
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -38,7 +37,6 @@ from reconciler.inventory import InventoryError, parse_store_document
 from reconciler.model import Container
 from reconciler.policy import yamlsafe
 
-STATUS_FILE = "status.yaml"
 MAX_STATUS_BYTES = 8 * 1024 * 1024
 """A cell of ~250 containers writes ~150 KB; 8 MB is room for ~13,000 containers."""
 STATUS_LIMITS = yamlsafe.Limits(
@@ -51,8 +49,11 @@ _FAST_MAX_BYTES = 1024 * 1024
 """The fast path reads files up to this size only: without aliases (which it never takes),
 YAML needs at least 4 bytes for 3 nodes (`{a},` in a flow sequence), so no such file can
 reach the node budget, and the fast path and the loader agree on every file it reads."""
+API_VERSION = "asgctl.io/v1"
+KIND = "CellStatus"
+"""The document's `apiVersion` and `kind` (the schema holds readers to the kind)."""
 CONTRACT_KEYS = ("handle", "ip", "app_id", "space_id", "org_id", "workload")
-_SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "cell-status.schema.json"
+_SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schemas" / "cell-status.schema.json"
 
 
 @dataclass(frozen=True)
@@ -305,6 +306,68 @@ def parse_status(data: bytes | str, origin: str) -> StatusDocument:
     return StatusDocument(header, tuple(entries))
 
 
+# -- what a status says ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One of the document's conditions (`Ready`, `Drifted`, ...); `Unknown` when absent."""
+
+    status: str = "Unknown"
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class StatusSummary:
+    """What a cell's status says, as the fleet readers show it (`asgctl status`, the lab).
+
+    Read from a header that passed the schema, so every field has its type; strings are the
+    cell's own words (untrusted: the reader escapes them before a terminal sees them).
+    """
+
+    ready: Condition
+    drifted: Condition
+    applied_revision: str
+    last_sync: str
+    reported_at: str
+    drift_corrections: int
+    installed_rules: int
+    cf_equivalent_rules: int
+    containers: int
+    refused: str
+    """`<revision>: <reason>` of the revision the cell refused, or empty."""
+
+
+def condition(header: dict[str, Any], type_: str) -> Condition:
+    """The first condition of `type_` in the document, or an Unknown one."""
+    for c in header.get("conditions") or ():
+        if isinstance(c, dict) and c.get("type") == type_:
+            return Condition(
+                str(c.get("status", "Unknown")), str(c.get("reason", "")), str(c.get("message", ""))
+            )
+    return Condition()
+
+
+def summarize(header: dict[str, Any]) -> StatusSummary:
+    """The summary of a schema-checked document's header (`parse_status(...).header`)."""
+    counts = header.get("counts") or {}
+    drift = header.get("drift") or {}
+    refused = header.get("refused") or {}
+    return StatusSummary(
+        ready=condition(header, "Ready"),
+        drifted=condition(header, "Drifted"),
+        applied_revision=str(header.get("lastAppliedRevision") or ""),
+        last_sync=str(header.get("lastSyncTime") or ""),
+        reported_at=str(header.get("reportedAt") or ""),
+        drift_corrections=int(drift.get("corrections") or 0),
+        installed_rules=int(counts.get("installedRules") or 0),
+        cf_equivalent_rules=int(counts.get("cfEquivalentRules") or 0),
+        containers=int(counts.get("containers") or 0),
+        refused=(f"{refused.get('revision', '')}: {refused.get('reason', '')}" if refused else ""),
+    )
+
+
 def containers_of(doc: StatusDocument, origin: str) -> tuple[Container, ...]:
     """The document's containers: each entry a mapping whose contract fields are text (or
     null), each handle once; then the store file's own rules (`parse_store_document`) judge
@@ -339,58 +402,3 @@ def containers_of(doc: StatusDocument, origin: str) -> tuple[Container, ...]:
 def containers_from_status(data: bytes | str, origin: str) -> tuple[Container, ...]:
     """The containers of a `status.yaml` (the status-branch contract), validated."""
     return containers_of(parse_status(data, origin), origin)
-
-
-# -- reading blobs from git ----------------------------------------------------------------
-
-
-def read_status_blobs(
-    git_dir: str, specs: list[str], limit: int = MAX_STATUS_BYTES
-) -> list[bytes | InventoryError]:
-    """`<ref>:<path>` blobs, or the reason each cannot be used (missing, not a file, too big).
-
-    Sizes come first from `git cat-file --batch-check`, so an oversized blob (a status file
-    that compresses 2 GB into 10 MB on the server) is never read; the rest come from one
-    `git cat-file --batch` (one process, not one per cell).
-    """
-    if not specs:
-        return []
-    checked = _cat_file(git_dir, "--batch-check", specs).split(b"\n")
-    out: list[bytes | InventoryError] = []
-    wanted: list[tuple[int, str, int]] = []
-    for i, spec in enumerate(specs):
-        header = checked[i].split() if i < len(checked) else []
-        if len(header) != 3 or header[1] != b"blob" or not header[2].isdigit():
-            out.append(InventoryError(f"{spec}: no such file"))
-            continue
-        size = int(header[2])
-        if size > limit:
-            out.append(InventoryError(f"{spec}: {size} bytes, over the limit of {limit} bytes"))
-            continue
-        out.append(b"")
-        wanted.append((i, header[0].decode("ascii"), size))
-    if wanted:
-        data = _cat_file(git_dir, "--batch", [oid for _i, oid, _s in wanted])
-        pos = 0
-        for i, oid, size in wanted:
-            eol = data.index(b"\n", pos)
-            header = data[pos:eol].split()
-            pos = eol + 1
-            if header[:1] != [oid.encode()] or header[2:3] != [str(size).encode()]:
-                out[i] = InventoryError(f"{specs[i]}: changed while being read")
-                break
-            out[i] = data[pos : pos + size]
-            pos += size + 1
-    return out
-
-
-def _cat_file(git_dir: str, mode: str, lines: list[str]) -> bytes:
-    try:
-        return subprocess.run(
-            ["git", "-C", git_dir, "cat-file", mode],
-            input="".join(s + "\n" for s in lines).encode(),
-            capture_output=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise InventoryError(f"{git_dir}: git cat-file failed: {exc}") from None

@@ -1,0 +1,128 @@
+"""Reading status branches out of a repository: the blobs, with budgets, and the fleet-wide parse.
+
+Both fleet readers come through here: `asgctl plan --inventory status` (every cell's
+containers, `read_fleet_containers`) and `asgctl status` (every cell's document, via
+`read_status_blobs` and `document.parse_status`).  Whoever can push a status branch chose
+what is read, so one bad branch costs only its own cell: it comes back as a message naming
+the branch and the field, never as an exception that stops the others.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from reconciler import gitio
+from reconciler.forkpool import fork_ranges
+from reconciler.inventory import InventoryError
+from reconciler.model import Container
+from reconciler.status.branch import CELL_NAME, StatusBranchError, blob_spec, status_refs
+from reconciler.status.document import MAX_STATUS_BYTES, containers_from_status
+
+
+def read_status_blobs(
+    repo: str | os.PathLike[str], specs: list[str], limit: int = MAX_STATUS_BYTES
+) -> list[bytes | InventoryError]:
+    """`<ref>:<path>` blobs, or the reason each cannot be used (missing, not a file, too big).
+
+    Sizes are asked of git first (`gitio.read_blobs`), so an oversized blob (a status file
+    that compresses 2 GB into 10 MB on the server) is never read; InventoryError when git
+    itself cannot run.
+    """
+    try:
+        found = gitio.read_blobs(repo, specs, limit)
+    except OSError as exc:
+        raise InventoryError(f"{os.fspath(repo)}: git cat-file failed: {exc}") from None
+    return [
+        data if isinstance(data, bytes) else InventoryError(f"{spec}: {data}")
+        for spec, data in zip(specs, found, strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class CellContainers:
+    """The containers one cell's status branch lists, and the ref they were read from."""
+
+    cell: str
+    ref: str
+    containers: tuple[Container, ...]
+
+
+@dataclass(frozen=True)
+class FleetContainers:
+    """The cells whose status files could be used, and a message for each one skipped."""
+
+    cells: tuple[CellContainers, ...]
+    skipped: tuple[str, ...]
+
+
+_MIN_CELLS_PER_WORKER = 64
+ContainerRow = tuple[str, str, str, str, str, str, str]
+
+
+def _parse_range(
+    jobs: list[tuple[str, str, bytes]], bounds: tuple[int, int]
+) -> list[tuple[str, str, list[ContainerRow] | str]]:
+    """Each cell's container rows, or why the cell is skipped.
+
+    Workers inherit the jobs (~100 MB of status files at fleet scale) rather than have them
+    pickled, and send plain tuples back: far cheaper to pickle than dataclass instances.
+    """
+    out: list[tuple[str, str, list[ContainerRow] | str]] = []
+    for cell, ref, data in jobs[bounds[0] : bounds[1]]:
+        try:
+            containers = containers_from_status(data, blob_spec(ref))
+        except InventoryError as exc:
+            out.append((cell, ref, str(exc)))
+            continue
+        rows = [
+            (c.handle, c.ip, c.app_id, c.space_id, c.org_id, c.policy_group_id, c.workload)
+            for c in containers
+        ]
+        out.append((cell, ref, rows))
+    return out
+
+
+def has_status_branches(repo: str | os.PathLike[str]) -> bool:
+    """Are there any status branches to read?  (False outside a repository.)"""
+    try:
+        return bool(status_refs(repo))
+    except StatusBranchError:
+        return False
+
+
+def read_fleet_containers(repo: str | os.PathLike[str], workers: int = 4) -> FleetContainers:
+    """Every status branch's containers, in the order `status_refs` lists them.
+
+    InventoryError when `repo` is not in a git repository; a branch that breaks any rule of
+    the contract is in `skipped`.  Parsing a fleet's status files is CPU-bound and per cell,
+    so it is split across up to `workers` forked processes (`forkpool.fork_ranges`).
+    """
+    try:
+        listed = status_refs(repo)
+    except StatusBranchError as exc:
+        raise InventoryError(str(exc)) from None
+    skipped: list[str] = []
+    refs: dict[str, str] = {}
+    for cell, ref in listed.items():
+        if CELL_NAME.match(cell):
+            refs[cell] = ref
+        else:
+            skipped.append(f"{ref}: cell name {cell!r} must match {CELL_NAME.pattern}")
+    blobs = read_status_blobs(repo, [blob_spec(ref) for ref in refs.values()])
+    jobs = []
+    for (cell, ref), data in zip(refs.items(), blobs, strict=True):
+        if isinstance(data, InventoryError):
+            skipped.append(str(data))
+        else:
+            jobs.append((cell, ref, data))
+    workers = min(os.cpu_count() or 1, workers, len(jobs) // _MIN_CELLS_PER_WORKER)
+    parts = fork_ranges(_parse_range, jobs, len(jobs), workers)
+    cells = []
+    for part in parts:
+        for cell, ref, rows in part:
+            if isinstance(rows, str):
+                skipped.append(rows)
+            else:
+                cells.append(CellContainers(cell, ref, tuple(Container(*row) for row in rows)))
+    return FleetContainers(tuple(cells), tuple(skipped))

@@ -1,0 +1,121 @@
+"""The status-branch contract's names (`reconciler.status.branch`) and its writer and reader
+agreeing through them, on real repositories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reconciler.inventory import InventoryError
+from reconciler.model import Container
+from reconciler.status.branch import (
+    STATUS_FILE,
+    StatusBranchError,
+    blob_spec,
+    branch_for,
+    cell_of_ref,
+    choose_refs,
+    status_refs,
+)
+from reconciler.status.read import has_status_branches, read_fleet_containers
+from reconciler.status.write import StatusWriter, dump_status
+from tests.policyrepo import commit_all, git, init_repo
+
+C1 = Container("h-1", "198.18.0.2", "app-1", "space-1", "org-1", "", "app")
+
+
+def _status_text(cell: str, containers: list[Container]) -> str:
+    entries = [
+        {
+            "handle": c.handle,
+            "ip": c.ip,
+            "app_id": c.app_id,
+            "space_id": c.space_id,
+            "org_id": c.org_id,
+            "workload": c.workload,
+        }
+        for c in containers
+    ]
+    return dump_status({"apiVersion": "asgctl.io/v1", "cell": cell, "containers": entries})
+
+
+def test_branch_names_and_the_cell_they_carry() -> None:
+    assert branch_for("cell-1") == "status/cell-1"
+    assert branch_for("cell-1", "fleet/") == "fleet/cell-1"
+    assert blob_spec("refs/heads/status/c") == f"refs/heads/status/c:{STATUS_FILE}"
+    assert cell_of_ref("refs/heads/status/c1") == "c1"
+    assert cell_of_ref("refs/remotes/up/status/c1") == "c1"
+    assert cell_of_ref("refs/remotes/up/main") is None
+    assert cell_of_ref("refs/heads/main") is None
+    assert cell_of_ref("refs/tags/status/c1") is None
+
+
+def test_what_the_agents_pushed_wins_over_a_local_branch() -> None:
+    """Remotes are what the agents pushed; a local `status/<cell>` branch may be stale."""
+    refs = [
+        "refs/heads/status/a",
+        "refs/remotes/zz/status/a",
+        "refs/remotes/origin/status/a",
+        "refs/heads/status/b",
+        "refs/remotes/up/status/b",
+        "refs/remotes/aa/status/b",
+        "refs/heads/status/c",
+        "refs/heads/main",
+    ]
+    assert choose_refs(refs) == {
+        "a": "refs/remotes/origin/status/a",
+        "b": "refs/remotes/aa/status/b",
+        "c": "refs/heads/status/c",
+    }
+
+
+def test_refs_are_listed_from_any_folder_of_the_work_tree(tmp_path: Path) -> None:
+    repo = init_repo(tmp_path / "repo")
+    (repo / "policies").mkdir()
+    head = commit_all(repo, "c0")
+    git(repo, "update-ref", "refs/heads/status/a", head)
+    git(repo, "update-ref", "refs/remotes/origin/status/b", head)
+    git(repo, "update-ref", "refs/heads/feature", head)
+    assert status_refs(repo / "policies") == {
+        "a": "refs/heads/status/a",
+        "b": "refs/remotes/origin/status/b",
+    }
+    assert has_status_branches(repo)
+
+
+def test_outside_a_repository_there_is_nothing_to_read(tmp_path: Path) -> None:
+    with pytest.raises(StatusBranchError, match="not in a git repository"):
+        status_refs(tmp_path)
+    assert not has_status_branches(tmp_path)
+    with pytest.raises(InventoryError, match="not in a git repository"):
+        read_fleet_containers(tmp_path)
+
+
+def test_what_the_writer_pushes_the_fleet_reader_reads(tmp_path: Path) -> None:
+    """The agent's writer and the plan's reader name branch and file through one module: a
+    pushed status is read back as the same containers, and a branch with an unusable cell
+    name is skipped with a message, not read."""
+    server = tmp_path / "server.git"
+    git(tmp_path, "init", "-q", "--bare", str(server))
+    StatusWriter(str(server), branch_for("cell-1"), tmp_path / "w1.git").push(
+        _status_text("cell-1", [C1]), "status cell-1"
+    )
+    StatusWriter(str(server), branch_for("cell-2"), tmp_path / "w2.git").push(
+        _status_text("cell-2", []), "status cell-2"
+    )
+    StatusWriter(str(server), branch_for("-bad"), tmp_path / "w3.git").push(
+        _status_text("-bad", [C1]), "status -bad"
+    )
+    found = read_fleet_containers(server)
+    assert [(c.cell, c.ref, c.containers) for c in found.cells] == [
+        ("cell-1", "refs/heads/status/cell-1", (C1,)),
+        ("cell-2", "refs/heads/status/cell-2", ()),
+    ]
+    (skipped,) = found.skipped
+    assert skipped.startswith("refs/heads/status/-bad: cell name '-bad' must match")
+
+
+def test_the_writer_refuses_a_branch_outside_the_contract(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a status/ branch"):
+        StatusWriter(str(tmp_path / "s.git"), "main", tmp_path / "w.git")
