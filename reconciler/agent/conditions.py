@@ -69,6 +69,8 @@ verifier's refusals.  The applied revision stays enforced; only a new head is ju
 UNDERLAY_UNKNOWN: Final = "UnderlayUnknown"
 DATAPLANE_UNAVAILABLE: Final = "DataplaneUnavailable"
 ENFORCEMENT_FAILED: Final = "EnforcementFailed"
+CACHE_CORRUPT: Final = "CacheCorrupt"
+"""The fetch cache failed `git fsck` after a head failed to load (the source names it too)."""
 INTERNAL_ERROR: Final = "InternalError"
 """A cycle that raised: counted in the failure metric, the rules left as they are."""
 
