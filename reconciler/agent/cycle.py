@@ -177,11 +177,11 @@ def judge_head(
     if facts.malformed is not None:
         # Refused like a bad signature (it is looked at before one): Stalled, the applied
         # revision stays enforced, and the next push to the branch is judged.
-        check = SignatureCheck(False, MALFORMED_COMMIT, facts.malformed)
+        refused = SignatureCheck(False, MALFORMED_COMMIT, facts.malformed)
         return Head(
             sha,
             "",
-            check if cfg.verify == "signed" else None,
+            refused if cfg.verify == "signed" else None,
             Verdict(MALFORMED_COMMIT, facts.malformed),
         )
     commit, provenance = facts.commit, facts.provenance
@@ -457,8 +457,8 @@ def settle(
     if isinstance(done, Problem):
         enforce_error = done
     elif done is not None:
-        action, target = decision.converge, decision.target
-        if action is None or target is None or st.inventory is None:
+        action, target, inventory = decision.converge, decision.target, st.inventory
+        if action is None or target is None or inventory is None:
             raise ValueError("a dataplane result for a cycle that decided not to converge")
         foreign, note = foreign_chains(st.foreign_chains, done, cfg.cell)
         logs.extend([note] if note is not None else [])
@@ -499,7 +499,7 @@ def settle(
                 target.sha,
                 plan.digest(),
                 applied_at if changed or applied is None else applied.at,
-                st.inventory,
+                inventory,
                 target.policy,
                 plan,
             )

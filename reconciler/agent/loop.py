@@ -574,7 +574,7 @@ class Agent:
             elif INVENTORY in events:
                 self._guarded(INVENTORY)
 
-    def _guarded(self, trigger: str) -> int:
+    def _guarded(self, trigger: Trigger) -> int:
         """Run a cycle; a bug in one cycle is logged and retried, never the end of enforcement.
 
         Returns the consecutive transient failures, which set the back-off.
