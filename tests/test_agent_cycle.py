@@ -429,7 +429,8 @@ def test_a_new_head_converged_becomes_the_applied_revision_and_logs_its_changes(
         ("c1", 1),
     ]
     assert _conds(out.state)[READY] == (TRUE, RECONCILIATION_SUCCEEDED)
-    assert out.state.failures == 0 and out.state.last_success == NOW and not out.transient
+    assert out.state.failures == 0 and out.state.last_success == NOW
+    assert out.state.enforce_error is None
     assert out.state.history[0].revision == CFG.revision(HEAD_SHA)
     assert [x.record["event"] for x in out.logs if x.stream == "err"] == ["ready-changed"]
 
@@ -462,7 +463,9 @@ def test_a_dataplane_failure_is_retried_and_keeps_the_applied_revision(
     assert conds[READY] == (FALSE, reason)
     assert conds[RECONCILING] == (TRUE, PROGRESSING_WITH_RETRY)
     assert conds[STALLED][0] == FALSE
-    assert out.state.failures == 3 and out.transient
+    assert out.state.failures == 3 and out.state.enforce_error == (
+        done if isinstance(done, Problem) else Problem(ENFORCEMENT_FAILED, "ipv4: restore failed")
+    )
 
 
 def test_a_refusal_stalls_without_counting_as_a_failure_to_retry() -> None:

@@ -100,6 +100,8 @@ class Need(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Provenance:
+    """Who signed a head and where it stands in history: read together, judged together."""
+
     signature: SignatureCheck | None
     """None when verification is off."""
     descends: bool | None
@@ -385,11 +387,6 @@ class Outcome:
 
     state: AgentState
     logs: tuple[Log, ...] = ()
-
-    @property
-    def transient(self) -> bool:
-        """A failure worth retrying soon (the source or the dataplane), not a refusal."""
-        return self.state.source_error is not None or self.state.enforce_error is not None
 
 
 def foreign_chains(

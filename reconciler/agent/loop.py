@@ -257,7 +257,9 @@ class Agent:
     # -- observe -------------------------------------------------------------------------------
 
     def _restore_applied(self, a: Applied | None, settings: CellSettings) -> Applied | None:
-        """After a restart, load the applied revision's policy again (from the cache only)."""
+        """After a restart, load the applied revision's policy again (from the cache only),
+        compiled with the cell's settings as found, so that an unchanged plan is recognised
+        by its digest as the last one applied."""
         if a is None or a.policy is not None or not self.source.has_commit(a.sha):
             return a
         result = load_revision(self.source.path, a.sha, self.cfg.policies_path)
