@@ -141,15 +141,15 @@ def _obs(
     underlay_error: str | None = None,
 ) -> Observation:
     return Observation(
-        trigger,
-        NOW,
-        reading,
-        inventory_error,
-        applied,
-        SETTINGS,
-        underlay_error,
-        source_error,
-        head,
+        trigger=trigger,
+        now=NOW,
+        reading=reading,
+        inventory_error=inventory_error,
+        applied=applied,
+        settings=SETTINGS,
+        underlay_error=underlay_error,
+        source_error=source_error,
+        head=head,
     )
 
 

@@ -337,15 +337,15 @@ class Agent:
                 source_error = Problem(exc.reason, exc.message)
                 head = None
         return Observation(
-            trigger,
-            now,
-            reading,
-            inventory_error,
-            self._restore_applied(applied, settings),
-            settings,
-            underlay_error,
-            source_error,
-            head,
+            trigger=trigger,
+            now=now,
+            reading=reading,
+            inventory_error=inventory_error,
+            applied=self._restore_applied(applied, settings),
+            settings=settings,
+            underlay_error=underlay_error,
+            source_error=source_error,
+            head=head,
         )
 
     # -- enforce -------------------------------------------------------------------------------
