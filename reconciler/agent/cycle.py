@@ -365,7 +365,7 @@ def decide(prev: AgentState, obs: Observation, cfg: AgentConfig, compile: Compil
             plan = compile(target.policy, st.inventory, obs.settings)
         except PlanError as exc:  # two contents under one name: keep what is installed
             problem = Problem(PLAN_REFUSED, str(exc))
-    if problem is not None:  # nothing is judged rather than the wrong traffic
+    if problem is not None:  # what is installed stays: better than judging the wrong traffic
         return replace(made, problem=problem)
     return replace(
         made,
