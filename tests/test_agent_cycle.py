@@ -10,6 +10,7 @@ test_agent_e2e.py.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,6 +37,7 @@ from reconciler.agent.conditions import (
     UNSIGNED_COMMIT,
     UNTRUSTED_SIGNATURE,
     VALIDATION_FAILED,
+    VERIFICATION_FAILED,
 )
 from reconciler.agent.config import AgentConfig, build_config
 from reconciler.agent.core import Condition, Problem, condition
@@ -57,7 +59,7 @@ from reconciler.agent.cycle import (
 )
 from reconciler.agent.source import CommitInfo
 from reconciler.agent.state import DRIFT_LOG_LIMIT, AgentState, Applied, Head
-from reconciler.agent.verify import SignatureCheck
+from reconciler.agent.verify import SignatureCheck, SignatureVerifier
 from reconciler.compile import compile_cell
 from reconciler.dataplane import ConvergeResult, Delta, Drift, FamilyResult
 from reconciler.inventory import Rejection, StoreReading
@@ -539,3 +541,12 @@ def test_the_conditions_are_listed_in_condition_type_order() -> None:
     st = _settle(decide(BEFORE, _obs(), CFG, must_not_compile), _result())
     assert tuple(c.type for c in st.conditions) == CONDITION_TYPES
     assert condition(st.conditions, READY) is st.conditions[0]
+
+
+def test_the_verifiers_refusals_are_the_reasons_named_here(tmp_path: Path) -> None:
+    """The verifier spells its reasons itself; they must be the ones REFUSALS lists."""
+    verifier = SignatureVerifier(str(tmp_path / "no-such-signers"), None, tmp_path)
+    unsigned = verifier.verify(tmp_path, HEAD_SHA, signed=False)
+    unreadable = verifier.verify(tmp_path, HEAD_SHA, signed=True)
+    assert (unsigned.reason, unreadable.reason) == (UNSIGNED_COMMIT, VERIFICATION_FAILED)
+    assert {unsigned.reason, unreadable.reason} <= set(REFUSALS)
