@@ -245,3 +245,52 @@ def test_every_change_of_the_cells_settings_converges_as_a_change_never_drift(
         again = converge(backend, wanted, wanted)
         assert again.in_sync and again.drift == (), again.to_dict()
         last = wanted
+
+
+def test_a_restarted_agent_knows_its_plan_again_by_the_underlay_it_finds(
+    make_lab, tmp_path
+) -> None:
+    """After a restart the applied revision is compiled again with the underlay read off the
+    cell's default routes (not the configured none), so the plan is recognised by its digest
+    as the one the kernel holds: no container is logged as newly added, and what differs in
+    the kernel stays drift rather than a change."""
+    import io
+
+    from reconciler.agent.core import condition
+    from reconciler.agent.loop import SYNC, Agent
+    from reconciler.lab.netns import ServiceSpec
+    from tests.agentkit import container, local_repo, sg, tcp_rules, write_store
+
+    lab = make_lab([], [ServiceSpec("echo", tcp_ports=(80,))], conntrack=False)
+    repo = local_repo(tmp_path)
+    repo.commit("web", {"sg.yaml": sg("web", tcp_rules(2))})
+    store = write_store(tmp_path / "store.json", [container("c0", 0), container("c1", 1)])
+    cfg = build_config(
+        {
+            "source": repo.url,
+            "cell": "c1",
+            "containers": str(store),
+            "state-dir": str(tmp_path / "state"),
+            "netns": lab.cell,
+            "status-push": False,
+        },
+        {},
+    )
+    first_out = io.StringIO()
+    first = Agent(cfg, out=first_out, err=io.StringIO())
+    st = first.cycle(SYNC)
+    first.source.close()
+    assert condition(st.conditions, "Ready").status == "True"  # type: ignore[union-attr]
+    assert st.applied is not None and st.applied.plan is not None
+    found = st.applied.plan.settings.underlay4
+    assert found, "the lab cell's default route names its underlay"
+    assert [json.loads(x)["change"] for x in first_out.getvalue().splitlines()] == ["added"] * 2
+
+    again_out = io.StringIO()
+    again = Agent(cfg, out=again_out, err=io.StringIO())
+    st = again.cycle(SYNC)
+    again.source.close()
+    assert condition(st.conditions, "Ready").status == "True"  # type: ignore[union-attr]
+    assert st.applied is not None and st.applied.plan is not None
+    assert st.applied.plan.settings.underlay4 == found
+    assert again_out.getvalue() == ""  # the restart changed no container's rules

@@ -21,24 +21,35 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from reconciler.agent.conditions import (
+    CONDITION_TYPES,
+    DRIFT_CORRECTED,
+    DRIFT_DETECTED,
+    DRIFTED,
+    FALSE,
+    HISTORY_REWRITTEN,
+    INVENTORY_INVALID,
+    MASS_REVOKE_BLOCKED,
+    NO_DRIFT,
+    NOT_CHECKED,
+    PROGRESSING,
+    PROGRESSING_WITH_RETRY,
+    READY,
+    RECONCILIATION_SUCCEEDED,
+    RECONCILING,
+    SOURCE_VERIFIED,
+    STALLED,
+    TRUE,
+    UNKNOWN,
+    VALIDATION_FAILED,
+    VERIFICATION_DISABLED,
+)
 from reconciler.agent.verify import SignatureCheck
 from reconciler.model import Directory
 from reconciler.plan import CellPlan, ContainerPlan
 from reconciler.policy.findings import Finding
 
-CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "SourceVerified", "Drifted")
 HISTORY_LIMIT = 5
-
-# Reasons a head is not applied that need a human (Stalled=True), and transient ones (retry).
-REFUSALS = (
-    "MalformedCommit",
-    "UnsignedCommit",
-    "UntrustedSignature",
-    "VerificationFailed",
-    "HistoryRewritten",
-    "ValidationFailed",
-    "MassRevokeBlocked",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +57,7 @@ class Condition:
     """One Flux-style condition: {type, status, reason, message, lastTransitionTime}."""
 
     type: str
-    status: str  # "True" | "False" | "Unknown"
+    status: str  # TRUE | FALSE | UNKNOWN
     reason: str
     message: str
     last_transition: str
@@ -64,7 +75,7 @@ class Condition:
     def from_dict(cls, d: Mapping[str, Any]) -> Condition:
         return cls(
             str(d.get("type", "")),
-            str(d.get("status", "Unknown")),
+            str(d.get("status", UNKNOWN)),
             str(d.get("reason", "")),
             str(d.get("message", "")),
             str(d.get("lastTransitionTime", "")),
@@ -174,7 +185,7 @@ def ancestry_verdict(
     if applied is None or descends is None or descends or allow_rewind or applied == head:
         return None
     return Verdict(
-        "HistoryRewritten",
+        HISTORY_REWRITTEN,
         f"head {head[:12]} does not descend from the applied revision {applied[:12]} "
         "(force-push or rewind); not applied (set allow-rewind to accept it)",
     )
@@ -188,7 +199,7 @@ def validation_verdict(findings: Sequence[Finding]) -> Verdict | None:
     first = str(sorted(errors)[0])
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return Verdict(
-        "ValidationFailed",
+        VALIDATION_FAILED,
         f"{len(errors)} validation error{'s' * (len(errors) != 1)}: {first}{more}",
         tuple(sorted(findings)),
     )
@@ -216,7 +227,7 @@ def revoke_verdict(
     if share.total == 0 or share.share <= threshold or override:
         return None
     return Verdict(
-        "MassRevokeBlocked",
+        MASS_REVOKE_BLOCKED,
         f"the plan removes {share.removed} of {share.total} allowed rules "
         f"({share.share:.0%} > {threshold:.0%}); not applied without the commit trailer "
         f"'{trailer}: true'",
@@ -249,25 +260,26 @@ class CycleView:
 
 
 def cycle_conditions(view: CycleView) -> list[tuple[str, str, str, str]]:
-    """(type, status, reason, message) for every condition type, from one cycle's view."""
+    """(type, status, reason, message) for every condition type, from one cycle's view, in
+    the order of `CONDITION_TYPES`."""
     applied = view.applied_revision
     keeping = f"; still enforcing {applied}" if applied else "; nothing applied yet"
     ready: tuple[str, str, str]
     if view.enforce_error is not None:
         e = view.enforce_error
-        ready = ("False", e.reason, e.message + keeping)
+        ready = (FALSE, e.reason, e.message + keeping)
     elif view.source_error is not None:
         e = view.source_error
-        ready = ("False", e.reason, e.message + keeping)
+        ready = (FALSE, e.reason, e.message + keeping)
     elif view.refusal is not None:
         head = view.head_revision or "the head"
-        ready = ("False", view.refusal.reason, f"{head}: {view.refusal.message}{keeping}")
+        ready = (FALSE, view.refusal.reason, f"{head}: {view.refusal.message}{keeping}")
     elif view.inventory_error is not None:
-        ready = ("False", "InventoryInvalid", view.inventory_error + " (last good one kept)")
+        ready = (FALSE, INVENTORY_INVALID, view.inventory_error + " (last good one kept)")
     elif view.waiting_for is not None:
-        ready = ("False", "Progressing", view.waiting_for)
+        ready = (FALSE, PROGRESSING, view.waiting_for)
     else:
-        ready = ("True", "ReconciliationSucceeded", f"Applied revision: {applied}")
+        ready = (TRUE, RECONCILIATION_SUCCEEDED, f"Applied revision: {applied}")
         if view.inventory_rejected:
             # Not a failure (the rest of the cell converged), but never silent either.
             ready = (
@@ -277,43 +289,40 @@ def cycle_conditions(view: CycleView) -> list[tuple[str, str, str, str]]:
             )
     transient = view.enforce_error is not None or view.source_error is not None
     stalled = view.refusal is not None and not transient
-    out = [("Ready", *ready)]
+    out: dict[str, tuple[str, str, str]] = {READY: ready}
     if transient:
-        out.append(("Reconciling", "True", "ProgressingWithRetry", ready[2]))
+        out[RECONCILING] = (TRUE, PROGRESSING_WITH_RETRY, ready[2])
     elif view.waiting_for is not None:
-        out.append(("Reconciling", "True", "Progressing", view.waiting_for))
+        out[RECONCILING] = (TRUE, PROGRESSING, view.waiting_for)
     else:
-        out.append(("Reconciling", "False", ready[1], ""))
+        out[RECONCILING] = (FALSE, ready[1], "")
     if stalled:
-        out.append(("Stalled", "True", ready[1], ready[2]))
+        out[STALLED] = (TRUE, ready[1], ready[2])
     else:
-        out.append(("Stalled", "False", ready[1], ""))
+        out[STALLED] = (FALSE, ready[1], "")
     if not view.verify_enabled:
-        out.append(
-            (
-                "SourceVerified",
-                "Unknown",
-                "VerificationDisabled",
-                "commit signatures are not checked",
-            )
+        out[SOURCE_VERIFIED] = (
+            UNKNOWN,
+            VERIFICATION_DISABLED,
+            "commit signatures are not checked",
         )
     elif view.signature is None:
-        out.append(("SourceVerified", "Unknown", "NotChecked", "no head verified yet"))
+        out[SOURCE_VERIFIED] = (UNKNOWN, NOT_CHECKED, "no head verified yet")
     else:
         s = view.signature
-        out.append(("SourceVerified", "True" if s.ok else "False", s.reason, s.message))
+        out[SOURCE_VERIFIED] = (TRUE if s.ok else FALSE, s.reason, s.message)
     if view.drift:
-        reason = "DriftCorrected" if view.drift_repaired else "DriftDetected"
+        reason = DRIFT_CORRECTED if view.drift_repaired else DRIFT_DETECTED
         summary = "; ".join(view.drift[:3]) + (
             f"; and {len(view.drift) - 3} more" if len(view.drift) > 3 else ""
         )
         if not view.drift_repaired:  # say why, so it is not read as a change still to come
             why = "report-only" if not view.heal_drift else "the repair failed"
             summary += f"; not repaired ({why})"
-        out.append(("Drifted", "True", reason, summary))
+        out[DRIFTED] = (TRUE, reason, summary)
     else:
-        out.append(("Drifted", "False", "NoDrift", ""))
-    return out
+        out[DRIFTED] = (FALSE, NO_DRIFT, "")
+    return [(type_, *out[type_]) for type_ in CONDITION_TYPES]
 
 
 def merge_conditions(

@@ -1,11 +1,11 @@
 """The agent process: one cycle, the timer around it, signals, and the threads at its side.
 
 A *sync* cycle (on the jittered interval, at start, on SIGHUP) fetches the branch and, when
-the head is new, puts it through the gates in `core` (signature, ancestry, validation, mass
-revoke) before it can become the revision enforced.  An *inventory* cycle (the metadata file
-changed) skips git and converges the revision already applied for the new containers.  Both
-end the same way: converge the dataplane, log the containers whose rules really changed,
-save the state, hand the status document to the pusher, update the metrics.
+the head is new, puts it through the gates (signature, ancestry, validation, mass revoke)
+before it can become the revision enforced.  An *inventory* cycle (the metadata file changed)
+skips git and converges the revision already applied for the new containers.  Every cycle is
+observe -> decide -> enforce -> settle -> report: the I/O at both ends is here (`Agent`), the
+decisions between are pure functions of what was observed (`reconciler.agent.cycle`).
 
 Whatever fails, the kernel keeps the last rules that were applied: nothing here ever flushes
 or "resets" the dataplane on an error.  Transient failures (git unreachable, a dataplane
@@ -31,47 +31,58 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
+from reconciler.agent.conditions import (
+    CACHE_CORRUPT,
+    DATAPLANE_UNAVAILABLE,
+    INTERNAL_ERROR,
+    READY,
+    TRUE,
+)
 from reconciler.agent.config import AgentConfig, parse_listen
-from reconciler.agent.core import (
-    CycleView,
-    Problem,
-    Verdict,
-    add_history,
-    ancestry_verdict,
-    backoff,
-    condition,
-    container_changes,
-    cycle_conditions,
-    merge_conditions,
-    revoke_share,
-    revoke_verdict,
-    signature_verdict,
-    validation_verdict,
+from reconciler.agent.core import Problem, backoff, condition
+from reconciler.agent.cycle import (
+    INVENTORY,
+    SYNC,
+    Converge,
+    HeadFacts,
+    Log,
+    Need,
+    Observation,
+    Outcome,
+    Provenance,
+    Trigger,
+    decide,
+    inventory_unchanged,
+    next_need,
+    restored_applied,
+    settle,
 )
 from reconciler.agent.metrics import Metrics, MetricsServer, write_textfile
 from reconciler.agent.source import GitSource, MalformedCommit, SourceError, clip
-from reconciler.agent.state import AgentState, Applied, Head, load_state, save_state
+from reconciler.agent.state import AgentState, Applied, load_state, save_state
 from reconciler.agent.status import PushResult, StatusPusher, build_status, iso
-from reconciler.agent.verify import SignatureCheck, SignatureVerifier, trailer_true
+from reconciler.agent.verify import SignatureVerifier
 from reconciler.agent.watch import InventoryWatcher
 from reconciler.compile import compile_cell
-from reconciler.inventory import InventoryError, Rejection, StoreReading, load_store
+from reconciler.inventory import InventoryError, StoreReading, load_store
 from reconciler.model import Container, PolicySet
-from reconciler.plan import CellPlan, CellSettings, PlanError
-from reconciler.policy.findings import Finding
+from reconciler.plan import CellPlan, CellSettings
 from reconciler.policy.load import load_revision
 from reconciler.status.write import StatusWriter
 
-SYNC = "sync"
-INVENTORY = "inventory"
+if TYPE_CHECKING:
+    from reconciler.backends import ConvergeResult
+
 STOP = "stop"
 MAINTAIN_EVERY = 100  # cycles between `git gc --auto` of the cache
+_PHASE_OF_NEED = {Need.COMMIT: "verify", Need.PROVENANCE: "verify", Need.REVISION: "load"}
+"""The status timing phase each fact about a head counts towards (the cache check: none)."""
 
 
 def next_delay(cfg: AgentConfig, failures: int, rand: float) -> float:
@@ -135,10 +146,9 @@ class Agent:
         self._settings: CellSettings | None = None
         self._cycles = 0
         self._crashes = 0
-        self._inventory_seen: tuple[Container, ...] | None = None
         self._compiled: tuple[PolicySet, tuple[Container, ...], CellPlan] | None = None
-        self._foreign: tuple[tuple[int, str], ...] = ()
-        """Chains with our name prefix that are not ours, as last logged."""
+        self._compile_seconds = 0.0  # this cycle's, for its render phase
+        self._settings_seconds = 0.0
         self.pusher: StatusPusher | None = None
         if cfg.status_push:
             writer = StatusWriter(
@@ -166,16 +176,6 @@ class Agent:
         except InventoryError as exc:
             return None, str(exc)
 
-    def _log_rejections(self, before: tuple[Rejection, ...], after: tuple[Rejection, ...]) -> None:
-        """One stderr line per store entry newly not used as written (not again every cycle)."""
-        seen = set(before)
-        for r in after:
-            if r not in seen:
-                self._log(
-                    self.err,
-                    {"event": "inventory-entry-rejected", "cell": self.cfg.cell, **r.to_dict()},
-                )
-
     def _dataplane(self) -> Any:
         if self._backend is None:
             from reconciler.backends import Runner, open_backend
@@ -184,64 +184,55 @@ class Agent:
             self._backend = open_backend(self.cfg.backend, self.cfg.variant, runner)
         return self._backend
 
-    def _cell_settings(self) -> CellSettings:
-        """The cell's settings for the plan, the underlay found once (raises UnderlayError).
+    def _cell_settings(self) -> tuple[CellSettings, str | None]:
+        """The cell's settings for the plan, with the underlay found once; when it cannot be
+        found, the configured settings and why (UnderlayUnknown: nothing is converged).
 
         The underlay is configured, or read off the default routes of the namespace this agent
         enforces in; an agent handed its backend (tests) detects nothing and uses what is
         configured (none: every packet a container sends is judged)."""
         if self._settings is None:
+            from reconciler.backends.kernel.underlay import UnderlayError
+
             detected = None
             if not self.cfg.underlay_interface and self._backend_owned:
                 from reconciler.backends import Runner
                 from reconciler.backends.kernel.underlay import detect_underlay
 
                 runner = Runner.in_netns(self.cfg.netns) if self.cfg.netns else Runner()
-                detected = detect_underlay(runner)
+                try:
+                    detected = detect_underlay(runner)
+                except UnderlayError as exc:
+                    return self.cfg.cell_settings(), str(exc)
             self._settings = self.cfg.cell_settings(detected)
-        return self._settings
+        return self._settings, None
 
-    def _report_foreign(self, result: Any) -> None:
-        """Log the chains with our name prefix that we did not create (the host's own
-        `ASG-...` chains), which the dataplane leaves alone: once when they appear or change,
-        not every cycle.  A plan that needs one of their names fails the cycle instead
-        (OwnershipError, reported as EnforcementFailed)."""
-        foreign = tuple((f.family, n) for f in result.families for n in f.delta.foreign)
-        if foreign == self._foreign:
-            return
-        self._foreign = foreign
-        if foreign:
-            self._log(
-                self.err,
-                {
-                    "event": "foreign-chains",
-                    "cell": self.cfg.cell,
-                    "chains": [f"ipv{family} {name}" for family, name in foreign],
-                    "message": "chains with asgctl's name prefix but not its ownership marker, "
-                    "not created by the last plan applied: someone else's, left alone",
-                },
-            )
-
-    def _log(self, stream: TextIO, record: dict[str, Any]) -> None:
+    def _log(self, stream: TextIO, record: Mapping[str, Any]) -> None:
         line = json.dumps({"time": iso(self.clock()), **record}, separators=(",", ":"))
         with contextlib.suppress(OSError, ValueError):  # a closed stdout must not stop enforcement
             stream.write(line + "\n")
             stream.flush()
+
+    def _write_logs(self, logs: Iterable[Log]) -> None:
+        for log in logs:
+            self._log(self.out if log.stream == "out" else self.err, log.record)
 
     def _pushed(self, result: PushResult) -> None:
         self.metrics.inc("asgctl_agent_status_pushes_total", result="ok" if result.ok else "error")
 
     # -- compiling -----------------------------------------------------------------------------
 
-    def _compile(self, policy: PolicySet, inventory: tuple[Container, ...]) -> CellPlan:
+    def _compile(
+        self, policy: PolicySet, inventory: tuple[Container, ...], settings: CellSettings
+    ) -> CellPlan:
         """This cell's plan for `policy` over `inventory`, remembering the last one (one slot).
 
         A sync compiles a new head for the mass-revoke gate, the applied revision beside it,
         and the head again to enforce it; compile_cell is pure and deterministic, so the same
         policy object over an equal inventory gets the remembered plan back.  The slot is
-        seeded with the applied plan, so the gate's "before" side is usually free.
+        seeded with the applied plan, so the gate's "before" side is usually free.  The time
+        spent compiling is the first part of the cycle's `render` phase.
         """
-        settings = self._settings or self.cfg.cell_settings()  # gates: settings move no rule
         memo = self._compiled
         if (
             memo is not None
@@ -250,323 +241,189 @@ class Agent:
             and memo[2].settings == settings
         ):
             return memo[2]
-        plan = compile_cell(policy, inventory, self.cfg.cell, settings)
+        t = time.perf_counter()
+        try:
+            plan = compile_cell(policy, inventory, self.cfg.cell, settings)
+        finally:
+            self._compile_seconds += time.perf_counter() - t
         self._compiled = (policy, inventory, plan)
         return plan
 
-    # -- the gates -----------------------------------------------------------------------------
+    # -- observe -------------------------------------------------------------------------------
 
-    def _restore_applied(self, st: AgentState) -> AgentState:
-        """After a restart, load the applied revision's policy again (from the cache only)."""
-        a = st.applied
-        if a is None or a.policy is not None:
-            return st
-        if not self.source.has_commit(a.sha):
-            return st
+    def _restore_applied(self, a: Applied | None, settings: CellSettings) -> Applied | None:
+        """After a restart, load the applied revision's policy again (from the cache only),
+        compiled with the cell's settings as found, so that an unchanged plan is recognised
+        by its digest as the last one applied."""
+        if a is None or a.policy is not None or not self.source.has_commit(a.sha):
+            return a
         result = load_revision(self.source.path, a.sha, self.cfg.policies_path)
         if not result.ok:
-            return st
-        plan = self._compile(result.policy, a.inventory)
-        if a.digest and plan.digest() != a.digest:
-            # Compiled otherwise than what was applied (an upgrade that renamed chains, such
-            # as the move to 128-bit ids): the kernel holds the old version's chains, so there
-            # is no last plan to tell drift from change, and every difference is a change.
-            return replace(st, applied=replace(a, policy=result.policy, plan=None))
-        return replace(st, applied=replace(a, policy=result.policy, plan=plan))
-
-    def _evaluate(self, st: AgentState, sha: str, timings: dict[str, float]) -> Head:
-        """Put a new head through every gate, in order; the first that fails decides."""
-        cfg = self.cfg
-        t = time.perf_counter()
-        try:
-            info = self.source.commit_info(sha)
-        except MalformedCommit as exc:
-            # Refused like a bad signature (it is looked at before one): Stalled, the
-            # applied revision stays enforced, and the next push to the branch is judged.
-            timings["verify"] = time.perf_counter() - t
-            problem = SignatureCheck(False, "MalformedCommit", clip(str(exc), 500))
-            return Head(
-                sha,
-                "",
-                problem if self.verifier is not None else None,
-                Verdict(problem.reason, problem.message),
-            )
-        subject = info.subject
-        check = None
-        if self.verifier is not None:
-            check = self.verifier.verify(self.source.path, sha, info.signed)
-        applied = st.applied.sha if st.applied else None
-        descends = None
-        if applied is not None and applied != sha:
-            descends = self.source.is_ancestor(applied, sha)
-        timings["verify"] = time.perf_counter() - t
-        verdict = signature_verdict(check) or ancestry_verdict(
-            applied, sha, descends, cfg.allow_rewind
+            return a
+        return restored_applied(
+            a, result.policy, self._compile(result.policy, a.inventory, settings)
         )
-        if verdict is not None:
-            return Head(sha, subject, check, verdict)
-        t = time.perf_counter()
-        result = load_revision(self.source.path, sha, cfg.policies_path)
-        timings["load"] = time.perf_counter() - t
-        verdict = validation_verdict(tuple(self._repo_path(f) for f in result.findings))
-        if verdict is not None:
-            if not self.source.intact():
-                self.source.reset()
-                raise SourceError("CacheCorrupt", "the cache failed `git fsck`; fetching anew")
-            return Head(sha, subject, check, verdict)
-        a = st.applied
-        if a is not None and a.policy is not None and st.inventory is not None:
-            old = self._compile(a.policy, st.inventory)
+
+    def _head_facts(
+        self, sha: str, applied_sha: str | None, timings: dict[str, float]
+    ) -> HeadFacts:
+        """Read what the gates need about a new head, one fact at a time (`next_need`)."""
+        facts = HeadFacts(sha)
+        while (need := next_need(facts, applied_sha, self.cfg.allow_rewind)) is not None:
+            t = time.perf_counter()
+            facts = self._gather(need, facts, applied_sha)
+            phase = _PHASE_OF_NEED.get(need)
+            if phase is not None:
+                timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t
+        return facts
+
+    def _gather(self, need: Need, facts: HeadFacts, applied_sha: str | None) -> HeadFacts:
+        """One fact about a head, from the cache (SourceError when the cache cannot tell)."""
+        sha = facts.sha
+        if need is Need.COMMIT:
             try:
-                new = self._compile(result.policy, st.inventory)
-            except PlanError as exc:  # two contents under one name: apply neither
-                return Head(sha, subject, check, Verdict("PlanRefused", str(exc)))
-            override = trailer_true(info.message, cfg.mass_revoke_trailer)
-            verdict = revoke_verdict(
-                revoke_share(old, new), cfg.mass_revoke_threshold, override, cfg.mass_revoke_trailer
-            )
-            if verdict is not None:
-                return Head(sha, subject, check, verdict)
-        return Head(sha, subject, check, None, result.policy)
+                return replace(facts, commit=self.source.commit_info(sha))
+            except MalformedCommit as exc:
+                return replace(facts, malformed=clip(str(exc), 500))
+        if need is Need.PROVENANCE:
+            assert facts.commit is not None  # next_need asks for the commit first
+            check = None
+            if self.verifier is not None:
+                check = self.verifier.verify(self.source.path, sha, facts.commit.signed)
+            descends = None
+            if applied_sha is not None and applied_sha != sha:
+                descends = self.source.is_ancestor(applied_sha, sha)
+            return replace(facts, provenance=Provenance(check, descends))
+        if need is Need.REVISION:
+            revision = load_revision(self.source.path, sha, self.cfg.policies_path)
+            return replace(facts, revision=revision)
+        if not self.source.intact():  # Need.CACHE_CHECK
+            self.source.reset()
+            raise SourceError(CACHE_CORRUPT, "the cache failed `git fsck`; fetching anew")
+        return replace(facts, cache_intact=True)
 
-    def _repo_path(self, finding: Finding) -> Finding:
-        """Findings name files relative to the policy folder; status shows repository paths."""
-        prefix = self.cfg.policies_path.strip("/")
-        if prefix in ("", "."):
-            return finding
-        return replace(finding, file=f"{prefix}/{finding.file}")
-
-    # -- one cycle -----------------------------------------------------------------------------
-
-    def cycle(self, trigger: str = SYNC) -> AgentState:
-        """Run one cycle (fetching only for `sync`) and return the new state."""
-        cfg = self.cfg
-        started = self.clock()
-        t_start = time.perf_counter()
-        now = iso(started)
-        timings: dict[str, float] = {}
-        st = self.state
-
-        reading, inv_error = self._read_inventory()
-        inventory = reading.containers if reading is not None else None
-        rejected = reading.rejected if reading is not None else st.inventory_rejected
-        unchanged = (
-            inventory == st.inventory
-            and st.inventory_error is None
-            and rejected == st.inventory_rejected
-            if inventory is not None
-            else inv_error == st.inventory_error
-        )
-        if trigger == INVENTORY and unchanged:
-            return st  # a notification without a change (a touch, a rewrite of the same data)
-        if inventory is not None:
-            if inventory != st.inventory:
-                st = replace(st, inventory=inventory, inventory_at=now)
-            self._log_rejections(st.inventory_rejected, rejected)
-            st = replace(st, inventory_error=None, inventory_rejected=rejected)
-        else:  # unusable as a whole: the last good inventory (and its rejections) stands
-            st = replace(st, inventory_error=inv_error)
-
-        # An inventory cycle does not fetch: the last sync's verdict on the source stands.
-        source_error: Problem | None = st.source_error if trigger != SYNC else None
-        head = st.head
-        attempted = st.attempted
+    def _observe(
+        self,
+        trigger: Trigger,
+        now: str,
+        reading: StoreReading | None,
+        inventory_error: str | None,
+        timings: dict[str, float],
+    ) -> Observation:
+        """Everything the decision needs from the world: the fetch and the new head's facts
+        (a sync only), the applied revision restored, the underlay."""
+        prev = self.state
+        t = time.perf_counter()
+        settings, underlay_error = self._cell_settings()
+        self._settings_seconds = time.perf_counter() - t
+        applied = prev.applied
+        source_error: Problem | None = None
+        head: HeadFacts | None = None
         if trigger == SYNC:
             t = time.perf_counter()
             try:
                 fetched = self.source.fetch()
                 timings["fetch"] = time.perf_counter() - t
-                st = self._restore_applied(st)
-                if head is None or head.sha != fetched.sha:
-                    head = self._evaluate(st, fetched.sha, timings)
-                    attempted = fetched.sha
+                applied = self._restore_applied(applied, settings)
+                if prev.head is None or prev.head.sha != fetched.sha:
+                    head = self._head_facts(fetched.sha, applied.sha if applied else None, timings)
             except SourceError as exc:
                 timings.setdefault("fetch", time.perf_counter() - t)
                 source_error = Problem(exc.reason, exc.message)
-        st = self._restore_applied(st)
+                head = None
+        return Observation(
+            trigger=trigger,
+            now=now,
+            reading=reading,
+            inventory_error=inventory_error,
+            applied=self._restore_applied(applied, settings),
+            settings=settings,
+            underlay_error=underlay_error,
+            source_error=source_error,
+            head=head,
+        )
 
-        # What to enforce: an accepted head, else what was applied before.
-        target_sha, policy = None, None
-        if head is not None and head.verdict is None and head.policy is not None:
-            target_sha, policy = head.sha, head.policy
-        elif st.applied is not None and st.applied.policy is not None:
-            target_sha, policy = st.applied.sha, st.applied.policy
+    # -- enforce -------------------------------------------------------------------------------
 
-        enforce_error: Problem | None = None
-        waiting: str | None = None
-        drift_notes: tuple[str, ...] = ()
-        drift_repaired = True
-        applied = st.applied
-        drift_log = list(st.drift_log)
-        corrections = st.drift_corrections
-        if policy is None or target_sha is None:
-            waiting = (
-                "no revision applied yet"
-                if source_error is None
-                else f"no revision applied yet ({source_error.reason})"
-            )
-        elif st.inventory is None:
-            waiting = f"no valid container metadata yet ({st.inventory_error})"
-        else:
-            from reconciler.backends.kernel.underlay import UnderlayError
+    def _enforce(self, action: Converge) -> ConvergeResult | Problem:
+        """Carry out the decision on the dataplane: the one place the kernel is written."""
+        try:
+            backend = self._dataplane()
+        except Exception as exc:  # any backend failure is reported, never fatal
+            return Problem(DATAPLANE_UNAVAILABLE, str(exc))
+        from reconciler.backends import converge
 
-            t = time.perf_counter()
-            try:
-                settings: CellSettings | None = self._cell_settings()
-            except UnderlayError as exc:  # nothing is judged rather than the wrong traffic
-                enforce_error = Problem("UnderlayUnknown", str(exc))
-                settings = None
-            if (
-                applied is not None
-                and applied.plan is not None
-                and applied.sha == target_sha
-                and applied.inventory == st.inventory
-                and applied.plan.settings == settings
-            ):
-                plan = applied.plan  # nothing moved: the idle cycle only checks the kernel
-            else:
-                try:
-                    plan = self._compile(policy, st.inventory)
-                except PlanError as exc:  # two contents under one name: keep what is installed
-                    enforce_error = Problem("PlanRefused", str(exc))
-            compile_seconds = time.perf_counter() - t
-            backend = None
-            if enforce_error is None:
-                try:
-                    backend = self._dataplane()
-                except Exception as exc:  # any backend failure is reported, never fatal
-                    enforce_error = Problem("DataplaneUnavailable", str(exc))
-            if backend is not None:
-                from reconciler.backends import converge
+        return converge(
+            backend,
+            action.plan,
+            action.last,
+            heal_drift=action.heal_drift,
+            defer_install_verify=action.defer_install_verify,
+        )
 
-                last = applied.plan if applied is not None else None
-                # An install is read back by the next cycle's read (see converge); a --once
-                # run has no next cycle of its own, so it reads back at once.
-                result = converge(
-                    backend,
-                    plan,
-                    last,
-                    heal_drift=cfg.heal_drift,
-                    defer_install_verify=not cfg.once,
+    # -- one cycle -----------------------------------------------------------------------------
+
+    def cycle(self, trigger: Trigger = SYNC) -> AgentState:
+        """Run one cycle (fetching only for `sync`) and return the new state."""
+        now = iso(self.clock())
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {}
+        reading, inventory_error = self._read_inventory()
+        if trigger == INVENTORY and inventory_unchanged(self.state, reading, inventory_error):
+            return self.state  # a notification without a change (a touch, the same data)
+
+        self._compile_seconds = 0.0
+        obs = self._observe(trigger, now, reading, inventory_error, timings)
+        decision = decide(self.state, obs, self.cfg, self._compile)
+        self._write_logs(decision.logs)
+
+        done: ConvergeResult | Problem | None = None
+        if decision.converge is not None:
+            compile_seconds = self._compile_seconds
+            done = self._enforce(decision.converge)
+            if not isinstance(done, Problem):
+                fam_t = [f.timings for f in done.families]
+                timings["render"] = (
+                    self._settings_seconds
+                    + compile_seconds
+                    + sum(x.get("render", 0.0) for x in fam_t)
                 )
-                fam_t = [f.timings for f in result.families]
-                timings["render"] = compile_seconds + sum(x.get("render", 0.0) for x in fam_t)
                 timings["enforce"] = sum(
                     x.get(k, 0.0) for x in fam_t for k in ("read", "delta", "apply", "verify")
                 )
-                st = replace(st, backend=result.backend)
-                self._report_foreign(result)
-                for fam in result.families:
-                    for d in fam.delta.drift:
-                        repaired = fam.sent and d.repair and fam.error is None
-                        drift_repaired = drift_repaired and repaired
-                        corrections += 1 if repaired else 0
-                        drift_log.insert(
-                            0,
-                            {
-                                "time": now,
-                                "family": d.family,
-                                "chain": d.chain,
-                                "what": d.what,
-                                "repaired": repaired,
-                            },
-                        )
-                drift_notes = tuple(str(d) for d in result.drift)
-                if result.ok:
-                    changed = (
-                        applied is None
-                        or applied.sha != target_sha
-                        or applied.digest != plan.digest()
-                    )
-                    if changed or applied is None or applied.plan is None:
-                        for record in container_changes(
-                            applied.plan if applied is not None else None,
-                            plan,
-                            cell=cfg.cell,
-                            revision=cfg.revision(target_sha),
-                            directory=policy.directory,
-                        ):
-                            self._log(self.out, record)
-                    applied = Applied(
-                        target_sha,
-                        plan.digest(),
-                        iso(self.clock()) if changed or applied is None else applied.at,
-                        st.inventory,
-                        policy,
-                        plan,
-                    )
-                    self._compiled = (policy, st.inventory, plan)  # seed: the applied plan
-                else:
-                    errors = [f"ipv{f.family}: {f.error}" for f in result.families if f.error]
-                    enforce_error = Problem("EnforcementFailed", "; ".join(errors))
-
-        view = CycleView(
-            verify_enabled=self.verifier is not None,
-            applied_revision=cfg.revision(applied.sha) if applied else None,
-            head_revision=cfg.revision(head.sha) if head else None,
-            source_error=source_error,
-            refusal=head.verdict if head is not None else None,
-            signature=head.signature if head is not None else None,
-            enforce_error=enforce_error,
-            inventory_error=st.inventory_error,
-            inventory_rejected=len(st.inventory_rejected),
-            waiting_for=waiting,
-            drift=drift_notes,
-            drift_repaired=drift_repaired,
-            heal_drift=cfg.heal_drift,
+        outcome = settle(
+            decision,
+            done,
+            self.cfg,
+            applied_at=iso(self.clock()),
+            elapsed=time.perf_counter() - t_start,
         )
-        conditions = merge_conditions(st.conditions, cycle_conditions(view), now)
-        ready = condition(conditions, "Ready")
-        transient = source_error is not None or enforce_error is not None
-        if trigger == SYNC:
-            failures = st.failures + 1 if transient else 0
-        else:  # only a sync can show the source has recovered
-            failures = st.failures + 1 if enforce_error else st.failures if source_error else 0
-        timings["total"] = time.perf_counter() - t_start
-        st = replace(
-            st,
-            applied=applied,
-            head=head,
-            attempted=attempted,
-            conditions=conditions,
-            drift_corrections=corrections,
-            drift_log=tuple(drift_log[:10]),
-            failures=failures,
-            last_sync=now,
-            last_success=now if ready and ready.status == "True" else st.last_success,
-            source_error=source_error,
-            enforce_error=enforce_error,
-        )
-        if applied is not None and ready is not None:
-            st = replace(
-                st,
-                history=add_history(
-                    st.history,
-                    cfg.revision(applied.sha),
-                    applied.digest,
-                    ready.reason,
-                    now,
-                    timings["total"],
-                ),
-            )
+        if done is not None and not isinstance(done, Problem) and done.ok:
+            a = outcome.state.applied
+            assert a is not None and a.policy is not None and a.plan is not None
+            self._compiled = (a.policy, a.inventory, a.plan)  # seed: the applied plan
+        return self._report(outcome, timings, t_start)
 
-        # Housekeeping ("cleanup"): persist, and now and then let git pack the cache.
+    # -- report --------------------------------------------------------------------------------
+
+    def _report(self, outcome: Outcome, timings: dict[str, float], t_start: float) -> AgentState:
+        """Logs, then housekeeping (persist; now and then let git pack the cache), metrics and
+        the status document for the pusher."""
+        self._write_logs(outcome.logs)
         t = time.perf_counter()
         self._cycles += 1
         try:
-            save_state(self.state_file, st)
+            save_state(self.state_file, outcome.state)
         except OSError as exc:
             self._log(self.err, {"event": "state-not-saved", "error": str(exc)})
         if self._cycles % MAINTAIN_EVERY == 0:
             self.source.maintain()
         timings["cleanup"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
-        st = replace(st, timings=dict(timings))
-
-        self._report_transition(self.state, st)
+        st = replace(outcome.state, timings=dict(timings))
         self.state = st
         self._crashes = 0
-        self._update_metrics(st, transient, source_error or enforce_error)
+        self._update_metrics(st)
         doc = self.status_document(st)
         self.last_doc = doc
         if self.pusher is not None:
@@ -591,30 +448,11 @@ class Agent:
             now=iso(self.clock()),
         )
 
-    def _report_transition(self, before: AgentState, after: AgentState) -> None:
-        """One stderr line when Ready changes status or reason; silence otherwise."""
-        old = condition(before.conditions, "Ready")
-        new = condition(after.conditions, "Ready")
-        if new is None or (
-            old is not None and (old.status, old.reason) == (new.status, new.reason)
-        ):
-            return
-        record: dict[str, Any] = {
-            "event": "ready-changed",
-            "cell": self.cfg.cell,
-            "status": new.status,
-            "reason": new.reason,
-            "message": new.message,
-        }
-        if after.head is not None and after.head.verdict is not None:
-            record["findings"] = [str(f) for f in after.head.verdict.findings[:20]]
-        self._log(self.err, record)
-
-    def _update_metrics(self, st: AgentState, transient: bool, problem: Problem | None) -> None:
+    def _update_metrics(self, st: AgentState) -> None:
         m = self.metrics
         m.observe_timings(st.timings)
-        ready = condition(st.conditions, "Ready")
-        ok = ready is not None and ready.status == "True"
+        ready = condition(st.conditions, READY)
+        ok = ready is not None and ready.status == TRUE
         m.inc("asgctl_agent_syncs_total", result="success" if ok else "failure")
         if not ok and ready is not None:
             m.inc("asgctl_agent_sync_failures_total", reason=ready.reason)
@@ -704,8 +542,8 @@ class Agent:
                     result = self.pusher.push_now()
                     if not result.ok:
                         self._log(self.err, {"event": "status-push-failed", "error": result.error})
-                ready = condition(st.conditions, "Ready")
-                return 0 if ready is not None and ready.status == "True" else 1
+                ready = condition(st.conditions, READY)
+                return 0 if ready is not None and ready.status == TRUE else 1
             self._loop()
             return 0
         finally:
@@ -736,7 +574,7 @@ class Agent:
             elif INVENTORY in events:
                 self._guarded(INVENTORY)
 
-    def _guarded(self, trigger: str) -> int:
+    def _guarded(self, trigger: Trigger) -> int:
         """Run a cycle; a bug in one cycle is logged and retried, never the end of enforcement.
 
         Returns the consecutive transient failures, which set the back-off.
@@ -745,7 +583,7 @@ class Agent:
             return self.cycle(trigger).failures
         except Exception as exc:  # the last line of defence: the rules stay as they are
             self._crashes += 1
-            self.metrics.inc("asgctl_agent_sync_failures_total", reason="InternalError")
+            self.metrics.inc("asgctl_agent_sync_failures_total", reason=INTERNAL_ERROR)
             self._log(
                 self.err,
                 {

@@ -83,6 +83,9 @@ class AgentState:
     source_error: Problem | None = None
     enforce_error: Problem | None = None
     backend: str = ""
+    foreign_chains: tuple[tuple[int, str], ...] = ()
+    """(family, name) of the chains with our prefix that are not ours, as last logged (not
+    saved: a restarted agent names them once again)."""
 
 
 def to_persisted(state: AgentState) -> dict[str, Any]:

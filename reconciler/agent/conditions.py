@@ -1,0 +1,83 @@
+"""The names an agent reports: condition types, their statuses and every reason it gives.
+
+One place for the words the status document, the metrics (`sync_failures_total{reason}`)
+and the logs share, so a dashboard or an alert written against one of them matches what the
+agent says, and a new reason is added here rather than spelled anew where it is raised.
+They are plain strings (not an Enum): they go into YAML, JSON and metric labels as they are.
+
+The source's own failure reasons (`GitUnreachable`, `CacheCorrupt`, ...) are named where git's
+output is classified (`reconciler.agent.source`), and a signature check's by the verifier
+(`reconciler.agent.verify`); the ones below that match them are the ones the cycle itself
+decides on.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# -- condition types (Flux's vocabulary), in the order a status lists them ------------------
+
+READY: Final = "Ready"
+RECONCILING: Final = "Reconciling"
+STALLED: Final = "Stalled"
+SOURCE_VERIFIED: Final = "SourceVerified"
+DRIFTED: Final = "Drifted"
+CONDITION_TYPES: Final = (READY, RECONCILING, STALLED, SOURCE_VERIFIED, DRIFTED)
+
+# -- a condition's status -------------------------------------------------------------------
+
+TRUE: Final = "True"
+FALSE: Final = "False"
+UNKNOWN: Final = "Unknown"
+
+# -- reasons: a cycle that converged, or that is still on its way -----------------------------
+
+RECONCILIATION_SUCCEEDED: Final = "ReconciliationSucceeded"
+PROGRESSING: Final = "Progressing"
+"""Nothing to enforce yet (no revision, no container metadata): waiting, not failing."""
+PROGRESSING_WITH_RETRY: Final = "ProgressingWithRetry"
+"""Reconciling=True after a transient failure: the next attempt is scheduled."""
+INVENTORY_INVALID: Final = "InventoryInvalid"
+
+# -- reasons: a head that is not applied and needs a human (Stalled=True) ---------------------
+
+MALFORMED_COMMIT: Final = "MalformedCommit"
+UNSIGNED_COMMIT: Final = "UnsignedCommit"
+UNTRUSTED_SIGNATURE: Final = "UntrustedSignature"
+VERIFICATION_FAILED: Final = "VerificationFailed"
+HISTORY_REWRITTEN: Final = "HistoryRewritten"
+VALIDATION_FAILED: Final = "ValidationFailed"
+PLAN_REFUSED: Final = "PlanRefused"
+"""Two different contents under one id: as a head's verdict a refusal; when the revision
+already enforced meets new containers, a transient enforcement failure (kept installed)."""
+MASS_REVOKE_BLOCKED: Final = "MassRevokeBlocked"
+REFUSALS: Final = (
+    MALFORMED_COMMIT,
+    UNSIGNED_COMMIT,
+    UNTRUSTED_SIGNATURE,
+    VERIFICATION_FAILED,
+    HISTORY_REWRITTEN,
+    VALIDATION_FAILED,
+    PLAN_REFUSED,
+    MASS_REVOKE_BLOCKED,
+)
+"""Every reason a head's verdict can carry: the gates in `reconciler.agent.core` and the
+verifier's refusals.  The applied revision stays enforced; only a new head is judged again."""
+
+# -- reasons: enforcement failed this cycle (transient: retried with back-off) ----------------
+
+UNDERLAY_UNKNOWN: Final = "UnderlayUnknown"
+DATAPLANE_UNAVAILABLE: Final = "DataplaneUnavailable"
+ENFORCEMENT_FAILED: Final = "EnforcementFailed"
+CACHE_CORRUPT: Final = "CacheCorrupt"
+"""The fetch cache failed `git fsck` after a head failed to load (the source names it too)."""
+INTERNAL_ERROR: Final = "InternalError"
+"""A cycle that raised: counted in the failure metric, the rules left as they are."""
+
+# -- reasons: signatures and drift -----------------------------------------------------------
+
+VERIFICATION_DISABLED: Final = "VerificationDisabled"
+NOT_CHECKED: Final = "NotChecked"
+DRIFT_CORRECTED: Final = "DriftCorrected"
+DRIFT_DETECTED: Final = "DriftDetected"
+NO_DRIFT: Final = "NoDrift"
