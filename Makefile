@@ -14,6 +14,7 @@ test: sysdeps venv lint
 lint: venv
 	$(VENV)/bin/ruff check reconciler tests bench
 	$(VENV)/bin/ruff format --check reconciler tests bench
+	$(VENV)/bin/mypy
 
 # Installs the kernel-facing tools the tests drive, only when one is missing.
 sysdeps:

@@ -15,6 +15,7 @@ import click
 
 from reconciler.agent.commands import agent_cmd, status_cmd
 from reconciler.agent.config import BACKENDS
+from reconciler.backends.contract import Mode
 from reconciler.backends.iptables.render import render_text
 from reconciler.cli_options import format_option
 from reconciler.compile import compile_cell
@@ -22,7 +23,7 @@ from reconciler.endpoint import parse_endpoint
 from reconciler.explain import LIFECYCLES, explain, find_containers
 from reconciler.inventory import InventoryError, load_store
 from reconciler.lab.cli import lab as lab_group
-from reconciler.model import PolicySet
+from reconciler.model import Container, PolicySet
 from reconciler.plan import CellPlan, CellSettings, PlanError
 from reconciler.policy.findings import render_findings
 from reconciler.policy.load import load_policy
@@ -49,7 +50,7 @@ def _policy(policies: str, rev: str | None, annotate: str | None = None) -> Poli
     return result.policy
 
 
-def _inventory(path: str):  # type: ignore[no-untyped-def]
+def _inventory(path: str) -> tuple[Container, ...]:
     """The store's containers; each entry not used as written is a warning on stderr."""
     try:
         reading = load_store(path)
@@ -413,7 +414,7 @@ def apply_cmd(
         backend = open_backend(backend_name, variant)
     except DataplaneError as exc:
         _fail(str(exc))
-    mode = "dry-run" if dry_run else "report-only" if report_only else "apply"
+    mode: Mode = "dry-run" if dry_run else "report-only" if report_only else "apply"
     # A report-only run audits the host against the plan it is given: whatever the kernel
     # holds otherwise is drift (to --dry-run, with no last plan, it is a change to send).
     result = converge(backend, plan, plan if mode == "report-only" else None, mode=mode)

@@ -29,6 +29,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from reconciler.model import (
     LIFECYCLES,
@@ -74,7 +75,7 @@ class _Entry:
     cf_lines: int
 
 
-def _item_order(item: RuleItem) -> tuple:
+def _item_order(item: RuleItem) -> tuple[Any, ...]:
     """RuleItem's own ordering as a plain tuple, so sorting runs at C speed."""
     d = item.destination
     ports = tuple((p.first, p.last) for p in item.ports)
@@ -365,7 +366,7 @@ class _Index:
         (None for a uniform atom, whose provenance is the same through any of its keys)."""
         group = self._groups.get(parts)
         if group is None:
-            numbered = []
+            numbered: list[tuple[int, frozenset[int]]] = []
             for a, keys in parts:
                 uniform = self.atom_uniform[a]
                 if keys is None and uniform is not None:
@@ -459,16 +460,16 @@ def compile_cell(
     holders: dict[int, list[int]] = {}
     for i, entry in enumerate(entries):
         for a in entry.atoms:
-            owners = holders.get(a)
-            if owners is None:
+            held = holders.get(a)
+            if held is None:
                 holders[a] = [i]
             else:
-                owners.append(i)
+                held.append(i)
     # Logging rules get groups of their own, which containers jump to first, so a log rule
     # sees every packet it matches before any silent accept of the same traffic can take it.
     parts: dict[tuple[tuple[int, ...], bool], list[int]] = defaultdict(list)
-    for a, owners in holders.items():
-        parts[(tuple(owners), index.atom_log[a])].append(a)
+    for a, held in holders.items():
+        parts[(tuple(held), index.atom_log[a])].append(a)
 
     groups: list[RuleGroup] = []
     groups_of: list[list[tuple[bool, str]]] = [[] for _ in profiles]

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import difflib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from functools import partial
+from typing import Any, Literal
 
 from reconciler.backends.iptables.render import (
     CONTAINER_PREFIX,
@@ -260,7 +261,7 @@ def diff_plans(
 _MIN_CELLS_PER_WORKER = 32
 
 
-def _diff_range(work: tuple, bounds: tuple[int, int]) -> list[CellDiff]:
+def _diff_range(work: tuple[Any, ...], bounds: tuple[int, int]) -> list[CellDiff]:
     base, head, inventory, profiles_of_cell, touched = work
     group_lines: dict[str, int] = {}
     return [
@@ -269,7 +270,7 @@ def _diff_range(work: tuple, bounds: tuple[int, int]) -> list[CellDiff]:
     ]
 
 
-def _diff_cells(work: tuple, workers: int) -> tuple[CellDiff, ...]:
+def _diff_cells(work: tuple[Any, ...], workers: int) -> tuple[CellDiff, ...]:
     """Every cell's diff, in inventory order; in forked workers when there are many cells.
 
     Compiling touched cells at both revisions is most of a fleet-wide plan and each cell is
@@ -436,8 +437,8 @@ def _principal_diffs(
         for f in fams:
             before.update(profile_rules(base, (f, *pr)))
             after.update(profile_rules(head, (f, *pr)))
-        lost = _changes(before, after, lambda p, pr=pr: explainer.why(p, pr, lost=True))
-        gained = _changes(after, before, lambda p, pr=pr: explainer.why(p, pr, lost=False))
+        lost = _changes(before, after, partial(explainer.why, pr=pr, lost=True))
+        gained = _changes(after, before, partial(explainer.why, pr=pr, lost=False))
         logging = _logging_changes(before, after, explainer, pr)
         if not (lost or gained or logging):
             continue
@@ -493,12 +494,12 @@ def _strip_log(item: RuleItem) -> RuleItem:
 def _changes(
     mine: dict[RuleItem, frozenset[Provenance]],
     theirs: dict[RuleItem, frozenset[Provenance]],
-    why,  # type: ignore[no-untyped-def]
+    why: Callable[[Provenance], str],
 ) -> tuple[AccessChange, ...]:
     """Access that `mine` grants and `theirs` does not, with the reasons for each slice."""
     their_items = {_strip_log(i) for i in theirs}
     their_boxes = [b for i in their_items for b in item_space(i)]
-    residue: dict[tuple, tuple[list[tuple[int, int]], set[Provenance]]] = {}
+    residue: dict[tuple[Any, ...], tuple[list[tuple[int, int]], set[Provenance]]] = {}
     for item, provs in sorted(mine.items()):
         plain = _strip_log(item)
         if plain in their_items:

@@ -224,7 +224,7 @@ def _is_text(value: Any) -> bool:
 def _held_handle(key: Any, taken: set[str]) -> str:
     """A handle for a held entry: its key when usable, else a stable name derived from it."""
     if _is_text(key) and key not in taken:
-        return key
+        return str(key)
     digest = hashlib.sha256(str(key).encode("utf-8", "surrogatepass")).hexdigest()[:16]
     handle = f"held-{digest}"
     while handle in taken:  # only a store written to collide gets here

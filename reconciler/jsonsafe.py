@@ -136,11 +136,11 @@ def loads(data: str | bytes, source: str, *, reject_duplicate_keys: bool = False
         raise JsonInputError(source, message, line, col) from None
     except _Duplicate as exc:
         # Point at the second occurrence: the one the reader would have silently kept.
-        key = json.dumps(exc.key)
-        first = text.find(key)
-        second = text.find(key, first + 1) if first >= 0 else -1
+        quoted = json.dumps(exc.key)
+        first = text.find(quoted)
+        second = text.find(quoted, first + 1) if first >= 0 else -1
         line, col = _position(text, max(second, first, 0))
-        raise JsonInputError(source, f"not valid JSON: duplicate key {key}", line, col) from None
+        raise JsonInputError(source, f"not valid JSON: duplicate key {quoted}", line, col) from None
     except ValueError as exc:  # any other conversion limit of the json module
         raise JsonInputError(source, f"not valid JSON: {exc}") from None
     return value

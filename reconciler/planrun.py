@@ -161,4 +161,5 @@ def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ())
 def _with(report: PlanReport, **changes: object) -> PlanReport:
     from dataclasses import replace
 
+    # `changes` names fields of PlanReport; mypy cannot check keyword splats into replace().
     return replace(report, **changes)  # type: ignore[arg-type]

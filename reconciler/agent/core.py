@@ -428,7 +428,7 @@ def container_changes(
         a_rules, a_src = (a.rules, a.sources) if a else (none, none)
         if b is not None and a is not None and b_rules == a_rules and b_src == a_src:
             continue
-        c = (a or b).container.container  # type: ignore[union-attr]
+        c = (a or b).container.container  # type: ignore[union-attr]  # a or b: never both None
         change = "added" if b is None else "removed" if a is None else "updated"
         record: dict[str, Any] = {
             "event": "container-rules-changed",

@@ -9,6 +9,7 @@ namespaces checks first and exits 1 with a plain reason on a host that cannot ru
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -32,7 +33,7 @@ def _require_host() -> None:
         sys.exit(1)
 
 
-def _load(name: str):  # type: ignore[no-untyped-def]
+def _load(name: str) -> Any:  # a started Platform (imported lazily: root-only code)
     from reconciler.lab.platform import PlatformError, load
 
     try:

@@ -64,13 +64,14 @@ def serve(tcp: list[str], udp: list[str]) -> None:
     while True:
         for key, _ in sel.select():
             if key.data == "stdin":
-                if not sys.stdin.buffer.read1(4096):
+                # stdin's buffer is a BufferedReader; typeshed calls it a BinaryIO, without read1.
+                if not sys.stdin.buffer.read1(4096):  # type: ignore[union-attr]
                     return
             elif key.data == "tcp":
-                conn, _ = key.fileobj.accept()  # type: ignore[union-attr]
+                conn, _ = key.fileobj.accept()  # type: ignore[union-attr]  # our listening socket
                 threading.Thread(target=_echo_stream, args=(conn,), daemon=True).start()
             else:
-                sock: socket.socket = key.fileobj  # type: ignore[assignment]
+                sock: socket.socket = key.fileobj  # type: ignore[assignment]  # registered socket
                 try:
                     data, peer = sock.recvfrom(65536)
                     sock.sendto(data, peer)

@@ -49,7 +49,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import IO, Any, Literal, Self, cast
 
 from reconciler import inventory
 from reconciler.atomicfile import atomic_write_text
@@ -496,12 +496,12 @@ class Lab:
                 if left <= 0:
                     raise LabError(f"echo servers not ready after {timeout}s: {self._logs()}")
                 for key, _ in sel.select(left):
-                    stream = key.fileobj
-                    line = stream.readline()  # type: ignore[union-attr]
+                    ready = cast(IO[bytes], key.fileobj)  # registered above: a server's stdout
+                    line = ready.readline()
                     if line.strip() != b"ready":
                         raise LabError(f"echo server failed to start: {self._logs()}")
-                    sel.unregister(stream)
-                    del waiting[stream]  # type: ignore[arg-type]
+                    sel.unregister(ready)
+                    del waiting[ready]
         finally:
             sel.close()
 

@@ -114,7 +114,7 @@ def wait_all(started: Sequence[Started], what: str, *, timeout: float) -> None:
     for proc, script in started:
         _, err = proc.communicate(script, timeout=timeout)
         if proc.returncode != 0:
-            argv = " ".join(map(str, proc.args))  # type: ignore[arg-type]
+            argv = " ".join(map(str, proc.args))  # type: ignore[arg-type]  # a list, as we started it
             errors.append(f"{argv} ({proc.returncode}): {err.strip()}")
     if errors:
         raise NetnsError(f"{what} failed:\n" + "\n".join(errors))

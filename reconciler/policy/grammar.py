@@ -33,6 +33,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from reconciler.model import PROTOCOLS, AddressRange, Location, PortRange, Rule
 
@@ -742,7 +743,7 @@ def _ips_endpoint(value: object, key: str) -> tuple[tuple[int, int] | None, list
     return (parsed if not messages else None), messages
 
 
-def _ips_mapping(entry: Mapping) -> tuple[AddressRange | None, list[str]]:
+def _ips_mapping(entry: Mapping[str, Any]) -> tuple[AddressRange | None, list[str]]:
     """A policy-server `{start, end}` entry; `end` defaults to `start` (one address)."""
     messages: list[str] = []
     unknown = [_key_text(k) for k in entry if not (isinstance(k, str) and k in _RANGE_KEYS)]
@@ -752,6 +753,7 @@ def _ips_mapping(entry: Mapping) -> tuple[AddressRange | None, list[str]]:
         return None, [*messages, "start is required"]
     start, start_msgs = _ips_endpoint(entry.get("start"), "start")
     end_value = entry.get("end")
+    end_msgs: list[str]
     if end_value is None:
         end, end_msgs = start, []
     else:

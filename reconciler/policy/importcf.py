@@ -105,12 +105,12 @@ _YAML_SUFFIXES = (".yml", ".yaml")
 class Imported(NamedTuple):
     """Documents to write, errors (any one means write nothing) and warnings (write anyway)."""
 
-    documents: list[dict]
+    documents: list[dict[str, Any]]
     errors: list[str]
     warnings: list[str]
 
 
-def _is_v2_list(data: Mapping) -> bool:
+def _is_v2_list(data: Mapping[str, Any]) -> bool:
     resources = data.get("resources")
     return (
         isinstance(resources, list)
@@ -172,7 +172,7 @@ def import_sources(
             out.add(where, _convert(group_name, {"rules": data}, is_resource=False))
         elif kind == "v2":
             out.errors.append(f"{where}{MSG_V2}")
-        elif kind == "list":
+        elif kind == "list" and isinstance(data, Mapping):  # _kind says "list" for a mapping
             page, errors = _page(file, data)
             out.errors.extend(f"{where}{e}" for e in errors)
             if page is not None:
@@ -211,12 +211,12 @@ class _Collector:
     """Accumulates documents, errors and warnings across inputs."""
 
     def __init__(self) -> None:
-        self.docs: list[dict] = []
+        self.docs: list[dict[str, Any]] = []
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.found = False
 
-    def add(self, where: str, converted: tuple[dict, list[str], list[str]]) -> None:
+    def add(self, where: str, converted: tuple[dict[str, Any], list[str], list[str]]) -> None:
         doc, errors, warnings = converted
         self.docs.append(doc)
         self.errors.extend(f"{where}{e}" for e in errors)
@@ -319,7 +319,7 @@ def _href_page(link: object) -> int | None:
     return int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else None
 
 
-def _listing(pagination: Mapping, file: str) -> str:
+def _listing(pagination: Mapping[str, Any], file: str) -> str:
     """Which listing a page belongs to: its links' path and query without `page`, so pages
     of one `cf curl` loop pool together while `?names=a` and `?names=b` stay apart.  A page
     without links is a listing of its own."""
@@ -337,7 +337,7 @@ def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _page(file: str, data: Mapping) -> tuple[_Page | None, list[str]]:
+def _page(file: str, data: Mapping[str, Any]) -> tuple[_Page | None, list[str]]:
     resources = data.get("resources")
     if not isinstance(resources, list):
         return None, ["resources must be an array"]
@@ -464,8 +464,8 @@ class _BoshState:
                 errors.append(f"ops[{i}] ({_short(shown)}): {message}")
         return errors
 
-    def _manifest(self, data: Mapping) -> list[str]:
-        found: list[tuple[str, Mapping]] = []
+    def _manifest(self, data: Mapping[str, Any]) -> list[str]:
+        found: list[tuple[str, Mapping[str, Any]]] = []
         groups = data.get("instance_groups")
         for group in groups if isinstance(groups, list) else []:
             jobs = group.get("jobs") if isinstance(group, Mapping) else None
@@ -530,7 +530,7 @@ class _BoshState:
         optional = any(s.endswith("?") for s in segments[:k])
         return _apply_op(self.cc, rest, kind, copy.deepcopy(op.get("value")), optional)
 
-    def groups(self, name: str | None) -> list[tuple[dict, list[str], list[str]]]:
+    def groups(self, name: str | None) -> list[tuple[dict[str, Any], list[str], list[str]]]:
         definitions = self.cc.get("security_group_definitions")
         if definitions is None:
             self.errors.append("cc.security_group_definitions is not set")
@@ -584,7 +584,9 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _apply_op(root: dict, segments: list[str], kind: str, value: Any, optional: bool) -> str | None:
+def _apply_op(
+    root: dict[str, Any], segments: list[str], kind: str, value: Any, optional: bool
+) -> str | None:
     """A BOSH `replace` / `remove` on `root` (the `cc` properties), as `bosh int` does it:
     `name=X` finds a list entry by name, `-` appends, `N` indexes, and a `?` segment makes the
     rest of the path optional (created when missing for replace, ignored for remove)."""
@@ -658,8 +660,8 @@ def _apply_op(root: dict, segments: list[str], kind: str, value: Any, optional: 
 
 
 def _convert(
-    name: object, source: Mapping, *, is_resource: bool
-) -> tuple[dict, list[str], list[str]]:
+    name: object, source: Mapping[str, Any], *, is_resource: bool
+) -> tuple[dict[str, Any], list[str], list[str]]:
     """One group: CF's checks on name, globally_enabled and rules, then the document."""
     errors: list[str] = []
     warnings: list[str] = []
@@ -680,7 +682,7 @@ def _convert(
     doc: dict[str, Any] = {"kind": "SecurityGroup", "name": name}
 
     rules_value = source.get("rules", [] if is_resource else None)
-    rules: list[dict] = []
+    rules: list[dict[str, Any]] = []
     if not isinstance(rules_value, list):
         fail(MSG_RULES_NOT_ARRAY)
     else:
@@ -715,7 +717,7 @@ def _convert(
     return doc, errors, warnings
 
 
-def _check_rule(raw: object) -> tuple[list[str], list[str], dict | None]:
+def _check_rule(raw: object) -> tuple[list[str], list[str], dict[str, Any] | None]:
     """Errors and warnings for one CF rule, and the rule as it is written out."""
     warnings: list[str] = []
     if isinstance(raw, Mapping) and raw.get("protocol") in _ICMP and "ports" in raw:
@@ -733,7 +735,7 @@ def _check_rule(raw: object) -> tuple[list[str], list[str], dict | None]:
     return errors, warnings, _clean_rule(raw) if isinstance(raw, Mapping) else None
 
 
-def _clean_rule(raw: Mapping) -> dict:
+def _clean_rule(raw: Mapping[str, Any]) -> dict[str, Any]:
     """The rule as CF gave it, keys in CF's documented order, an empty description dropped
     (CF treats "" as no description, so the rule means the same without it)."""
     out: dict[str, Any] = {}
@@ -795,7 +797,7 @@ def schema_comment_for(folder: Path) -> str | None:
     return None
 
 
-def dump_documents(docs: list[dict], schema_comment: str | None = SCHEMA_COMMENT) -> str:
+def dump_documents(docs: list[dict[str, Any]], schema_comment: str | None = SCHEMA_COMMENT) -> str:
     """Multi-document YAML for a policy file, with the schema hint editors pick up.
 
     Rules are written one per line in flow style, like the examples in the design, so a
@@ -813,7 +815,7 @@ def dump_documents(docs: list[dict], schema_comment: str | None = SCHEMA_COMMENT
     return body if schema_comment is None else f"{schema_comment}\n{body}"
 
 
-class _FlowMap(dict):
+class _FlowMap(dict[str, Any]):
     """Marks a mapping to be written in flow style (`{protocol: tcp, ...}`)."""
 
 
@@ -840,7 +842,7 @@ _Dumper.add_representer(_FlowMap, _represent_flow_map)
 _Dumper.add_representer(str, _represent_str)
 
 
-def _flow_rules(doc: dict) -> dict:
+def _flow_rules(doc: dict[str, Any]) -> dict[str, Any]:
     rules = doc.get("rules")
     if not isinstance(rules, list):
         return doc

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path as FsPath
-from typing import Any
+from typing import Any, Literal, cast
 
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
@@ -36,6 +36,8 @@ from reconciler.model import (
 from reconciler.policy import grammar
 from reconciler.policy.findings import Finding, Path, field_path
 from reconciler.policy.yamlsafe import Document
+
+SourceType = Literal["app", "space", "default"]
 
 SCHEMA_DIR = FsPath(__file__).resolve().parent.parent / "schemas"
 SCHEMA_FILES = {
@@ -123,7 +125,7 @@ class _Context:
                 kind=self.kind,
                 name=self.name[:80],
                 field=field_path(path),
-                severity=severity,  # type: ignore[arg-type]
+                severity=severity,  # type: ignore[arg-type]  # "error" or "warning", by caller
             )
         )
 
@@ -213,13 +215,14 @@ def _faulty_parts(err: Any, path: Path) -> set[Path]:
 
 def _schema_message(err: Any) -> str:
     if err.validator == "required":
-        return err.message.replace("is a required property", "is required")
+        return str(err.message).replace("is a required property", "is required")
     if err.validator == "maxLength" and isinstance(err.instance, str):
         return f"must be at most {err.validator_value} characters (got {len(err.instance)})"
     if err.validator in ("anyOf", "oneOf") and err.context:
         best = min(err.context, key=lambda e: len(e.message))
         return f"{_short(err.instance)} is not valid: {best.message}"
-    return err.message if len(err.message) < 300 else err.message[:297] + "..."
+    message = str(err.message)
+    return message if len(message) < 300 else message[:297] + "..."
 
 
 def _short(value: Any) -> str:
@@ -459,7 +462,7 @@ def _egress_policy(
     data = ctx.doc.data
     source = data["source"] if ctx.sound(("source",)) else {"type": None}
     stype = source["type"]
-    ref = source.get("name") or source.get("id")
+    ref = str(source.get("name") or source.get("id") or "")  # the schema made it a string
     source_id: str | None = None
     ok = not ctx.unsound
     if stype == "app":
@@ -475,7 +478,7 @@ def _egress_policy(
         return None
     return EgressPolicy(
         name=data["name"],
-        source_type=stype,
+        source_type=cast(SourceType, stype),  # the schema allows only these
         source_id=source_id,
         destination=data["destination"],
         app_lifecycle=data.get("app_lifecycle", "all"),

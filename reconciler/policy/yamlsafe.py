@@ -19,7 +19,7 @@ quoted `"<<"` is an ordinary string key (and so an unknown field), not a merge.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from yaml import events as ev
@@ -248,15 +248,16 @@ class _Builder:
 
     def feed(self, event: ev.Event) -> None:
         kind = type(event)
-        if kind is ev.ScalarEvent:
-            self._add(self._scalar(event), event.start_mark, event.anchor, 1)  # type: ignore[arg-type]
+        if kind is ev.ScalarEvent:  # the commonest event: an identity test, not isinstance
+            scalar = cast(ev.ScalarEvent, event)
+            self._add(self._scalar(scalar), scalar.start_mark, scalar.anchor, 1)
         elif isinstance(event, ev.DocumentStartEvent):
             if len(self.documents) >= self.limits.max_documents:
                 raise self.fail(
                     f"more than {self.limits.max_documents} documents in one file",
                     event.start_mark,
                 )
-            self._reset(event.start_mark.line + 1)
+            self._reset(event.start_mark.line + 1 if event.start_mark is not None else 1)
         elif isinstance(event, ev.DocumentEndEvent):
             if self.has_root and self.root is not None:
                 self.documents.append(
@@ -285,9 +286,9 @@ class _Builder:
                 raise self.fail(
                     f"nesting deeper than {self.limits.max_depth} levels", event.start_mark
                 )
-            value: Any = {} if isinstance(event, ev.MappingStartEvent) else []
-            path = self._add(value, event.start_mark, None, 1)
-            self.stack.append(_Frame(value, path, event.anchor, self.nodes))
+            collection: Any = {} if isinstance(event, ev.MappingStartEvent) else []
+            path = self._add(collection, event.start_mark, None, 1)
+            self.stack.append(_Frame(collection, path, event.anchor, self.nodes))
         elif isinstance(event, ev.MappingEndEvent | ev.SequenceEndEvent):
             frame = self.stack.pop()
             if frame.merges:
@@ -319,10 +320,19 @@ class _Builder:
         self._check_tag(event.tag, event.start_mark, collection=False)
         tag = event.tag
         if tag is None or tag == "!":
-            tag = self.resolver.resolve(yaml.ScalarNode, event.value, event.implicit)
+            tag = self.resolver.resolve(  # type: ignore[no-untyped-call]  # PyYAML's stubs
+                yaml.ScalarNode, event.value, event.implicit
+            )
             if tag == "tag:yaml.org,2002:merge":
                 return _MERGE
-        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+        # The C parser's marks are its own class; ScalarNode only keeps them.
+        node = yaml.ScalarNode(
+            tag,
+            event.value,
+            cast(Any, event.start_mark),
+            cast(Any, event.end_mark),
+            event.style,
+        )
         try:
             return self.constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:

@@ -248,7 +248,7 @@ def _access_view_md(p: PrincipalDiff) -> _AccessView:
 MAX_NAMES = 60  # principals named in one shared block before "and N more"
 
 
-def _same_change(p: PrincipalDiff) -> tuple:
+def _same_change(p: PrincipalDiff) -> tuple[Any, ...]:
     """What a principal gains, loses and re-logs, and why: equal for a shared change."""
     return tuple((kind, c.access, c.detail, c.reasons) for kind, c in _access_entries(p))
 
@@ -256,7 +256,7 @@ def _same_change(p: PrincipalDiff) -> tuple:
 def _access_groups(principals: list[PrincipalDiff]) -> list[list[PrincipalDiff]]:
     """Principals with exactly the same change, together: one ASG edit reaching 900 apps is
     one block naming them, not 900 identical blocks (which no comment could hold)."""
-    groups: dict[tuple, list[PrincipalDiff]] = {}
+    groups: dict[tuple[Any, ...], list[PrincipalDiff]] = {}
     for p in principals:
         groups.setdefault(_same_change(p), []).append(p)
     return list(groups.values())
@@ -339,19 +339,22 @@ def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
     """The sticky PR comment; never longer than `limit` characters."""
     env = _env()
     template = env.get_template("plan.md.j2")
-    macros = env.get_template("blocks.md.j2").module  # type: ignore[attr-defined]
+    macros = env.get_template("blocks.md.j2").module
     ctx = _common(report, md)
     ctx["findings_block"] = fence("\n".join(ctx["findings"]), "text")
     diff = report.diff
     principals = _principal_order(diff) if diff is not None else []
     cells = list(diff.changed_cells) if diff is not None else []
     access_views = [_group_view_md(g) for g in _access_groups(principals)]
-    access_full = [str(macros.access_block(v)) for v in access_views]
-    access_short = [str(macros.access_line(v)) for v in access_views]
-    cell_rows = [str(macros.cell_row(_cell_view_md(c, body=False))) for c in cells]
+    # The template's macros, looked up by name: jinja2 types a module's macros as unknown.
+    access_block, access_line = macros.access_block, macros.access_line  # type: ignore[attr-defined]
+    cell_row, cell_block = macros.cell_row, macros.cell_block  # type: ignore[attr-defined]
+    access_full = [str(access_block(v)) for v in access_views]
+    access_short = [str(access_line(v)) for v in access_views]
+    cell_rows = [str(cell_row(_cell_view_md(c, body=False))) for c in cells]
 
     def cell_detail(c: CellDiff) -> str:  # rendered only when it may be shown
-        return str(macros.cell_block(_cell_view_md(c)))
+        return str(cell_block(_cell_view_md(c)))
 
     def render(access: list[str], rows: list[str], details: list[str], cut: str) -> str:
         return log_text(

@@ -44,7 +44,7 @@ _PROTOCOLS = {"icmp": "1", "tcp": "6", "udp": "17", "ipv6-icmp": "58", "icmpv6":
 
 def _iptc() -> Any:
     try:
-        import iptc  # type: ignore[import-not-found, import-untyped, unused-ignore]
+        import iptc  # type: ignore[import-not-found, import-untyped, unused-ignore]  # no stubs
     except (ImportError, OSError) as exc:  # OSError: libxtables/libiptc missing
         raise DataplaneError(
             f"the libiptc backend needs python-iptables (pip install 'asgctl[libiptc]'): {exc}"
