@@ -7,12 +7,12 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from reconciler.model import Location
+from reconciler.policy.yamlsafe import FieldPath
 
 Severity = Literal["error", "warning"]
-Path = tuple[str | int, ...]
 
 
-def field_path(path: Path) -> str:
+def field_path(path: FieldPath) -> str:
     """`('rules', 0, 'destination')` -> `rules[0].destination`, the form findings use."""
     out = ""
     for part in path:

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path as FsPath
+from pathlib import Path
 from typing import Any, Literal, cast
 
 from jsonschema import Draft202012Validator
@@ -34,12 +34,12 @@ from reconciler.model import (
     Space,
 )
 from reconciler.policy import grammar
-from reconciler.policy.findings import Finding, Path, field_path
-from reconciler.policy.yamlsafe import Document
+from reconciler.policy.findings import Finding, field_path
+from reconciler.policy.yamlsafe import Document, FieldPath
 
 SourceType = Literal["app", "space", "default"]
 
-SCHEMA_DIR = FsPath(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 SCHEMA_FILES = {
     "SecurityGroup": "security-group.schema.json",
     "Destination": "destination.schema.json",
@@ -103,21 +103,21 @@ class _Context:
         name = data.get("name")
         self.kind = kind if isinstance(kind, str) else ""
         self.name = name if isinstance(name, str) else ""
-        self.unsound: frozenset[Path] = frozenset()
+        self.unsound: frozenset[FieldPath] = frozenset()
         """The parts the schema found fault with (top-level fields, or one PolicyTest case):
         checks that read only other parts still run, so one run reports everything."""
         self.directory_complete = True
         """False when a Directory document failed its schema: a name it may hold cannot be
         said to be missing."""
 
-    def sound(self, path: Path) -> bool:
+    def sound(self, path: FieldPath) -> bool:
         """Is the part at `path` schema-valid (so the semantic checks can read it)?"""
         return not any(path[: len(u)] == u for u in self.unsound)
 
-    def loc(self, path: Path = ()) -> Location:
+    def loc(self, path: FieldPath = ()) -> Location:
         return self.doc.location(path)
 
-    def error(self, path: Path, message: str, severity: str = "error") -> None:
+    def error(self, path: FieldPath, message: str, severity: str = "error") -> None:
         self.sink.append(
             Finding.at(
                 self.loc(path),
@@ -129,7 +129,7 @@ class _Context:
             )
         )
 
-    def warn(self, path: Path, message: str) -> None:
+    def warn(self, path: FieldPath, message: str) -> None:
         self.error(path, message, "warning")
 
 
@@ -190,7 +190,7 @@ def _schema_ok(ctx: _Context) -> bool:
     """Schema findings for the document's shape (rule bodies are the grammar's)."""
     validator = _validators()[ctx.doc.data["kind"]]
     ok = True
-    unsound: set[Path] = set()
+    unsound: set[FieldPath] = set()
     for err in validator.iter_errors(ctx.doc.data):
         path = tuple(err.absolute_path)
         ok = False
@@ -200,7 +200,7 @@ def _schema_ok(ctx: _Context) -> bool:
     return ok
 
 
-def _faulty_parts(err: Any, path: Path) -> set[Path]:
+def _faulty_parts(err: Any, path: FieldPath) -> set[FieldPath]:
     """The parts of a document a schema error makes unreadable: the top-level field it is
     in, or the PolicyTest case; a missing or unexpected key is the part it names, and an
     error about the document as a whole (path ()) takes all of it."""
@@ -246,7 +246,7 @@ def _build_directory(contexts: list[_Context]) -> Directory:
     guids: dict[str, Location] = {}
     names: dict[tuple[str, ...], Location] = {}
 
-    def claim(ctx: _Context, path: Path, guid: str, scoped: tuple[str, ...]) -> bool:
+    def claim(ctx: _Context, path: FieldPath, guid: str, scoped: tuple[str, ...]) -> bool:
         here = ctx.loc(path)
         if guid in guids:
             ctx.error((*path, "guid"), f"GUID {guid} is already used at {guids[guid].short}")
@@ -261,24 +261,24 @@ def _build_directory(contexts: list[_Context]) -> Directory:
 
     for ctx in contexts:
         for i, org in enumerate(ctx.doc.data.get("orgs", [])):
-            opath: Path = ("orgs", i)
+            opath: FieldPath = ("orgs", i)
             if not claim(ctx, opath, org["guid"], (org["name"],)):
                 continue
             orgs.append(Org(org["guid"], org["name"]))
             for j, space in enumerate(org.get("spaces", [])):
-                spath: Path = (*opath, "spaces", j)
+                spath: FieldPath = (*opath, "spaces", j)
                 if not claim(ctx, spath, space["guid"], (org["name"], space["name"])):
                     continue
                 spaces.append(Space(space["guid"], space["name"], org["guid"]))
                 for k, app in enumerate(space.get("apps", [])):
-                    apath: Path = (*spath, "apps", k)
+                    apath: FieldPath = (*spath, "apps", k)
                     scoped = (org["name"], space["name"], app["name"])
                     if claim(ctx, apath, app["guid"], scoped):
                         apps.append(App(app["guid"], app["name"], space["guid"]))
     return Directory(tuple(orgs), tuple(spaces), tuple(apps))
 
 
-def _resolve_space(ctx: _Context, directory: Directory, path: Path, ref: str) -> str | None:
+def _resolve_space(ctx: _Context, directory: Directory, path: FieldPath, ref: str) -> str | None:
     if "/" in ref:
         if ref.count("/") != 1:
             ctx.error(path, f"space {ref!r} must be org/space or a space GUID")
@@ -292,7 +292,7 @@ def _resolve_space(ctx: _Context, directory: Directory, path: Path, ref: str) ->
     return ref
 
 
-def _resolve_app(ctx: _Context, directory: Directory, path: Path, ref: str) -> str | None:
+def _resolve_app(ctx: _Context, directory: Directory, path: FieldPath, ref: str) -> str | None:
     if "/" in ref:
         if ref.count("/") != 2:
             ctx.error(path, f"app {ref!r} must be org/space/app or an app GUID")
@@ -313,7 +313,7 @@ def _security_group(ctx: _Context, directory: Directory) -> SecurityGroup | None
     for i, raw in enumerate(data["rules"] if ctx.sound(("rules",)) else ()):
         rule, errors = grammar.parse_rule(raw, location=ctx.loc(("rules", i)))
         for err in errors:
-            path: Path = ("rules", i, err.field) if err.field else ("rules", i)
+            path: FieldPath = ("rules", i, err.field) if err.field else ("rules", i)
             ctx.error(path, _with_item(err))
         if rule is None:
             ok = False
@@ -490,7 +490,7 @@ def _egress_policy(
 def _policy_tests(ctx: _Context, directory: Directory) -> list[PolicyTest]:
     out: list[PolicyTest] = []
     for i, case in enumerate(ctx.doc.data["cases"] if ctx.sound(("cases",)) else ()):
-        base: Path = ("cases", i)
+        base: FieldPath = ("cases", i)
         if not ctx.sound(base):
             continue
         try:

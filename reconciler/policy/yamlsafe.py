@@ -26,7 +26,8 @@ from yaml import events as ev
 
 from reconciler.model import Location
 
-Path = tuple[str | int, ...]
+FieldPath = tuple[str | int, ...]
+"""Where a value sits in a document: mapping keys and sequence indexes from the root."""
 
 _Parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _SAFE_TAGS = {
@@ -127,9 +128,9 @@ class Document:
     index: int
     data: Any
     line: int
-    positions: dict[Path, tuple[int, int]] = field(repr=False, compare=False)
+    positions: dict[FieldPath, tuple[int, int]] = field(repr=False, compare=False)
 
-    def location(self, path: Path = ()) -> Location:
+    def location(self, path: FieldPath = ()) -> Location:
         """Where `path` was written, or its nearest written ancestor (for a missing key)."""
         p = tuple(path)
         while p:
@@ -144,7 +145,7 @@ class Document:
 class _Frame:
     __slots__ = ("anchor", "is_map", "key", "key_mark", "merges", "nodes_at_start", "path", "value")
 
-    def __init__(self, value: Any, path: Path, anchor: str | None, nodes: int):
+    def __init__(self, value: Any, path: FieldPath, anchor: str | None, nodes: int):
         self.value = value
         self.path = path
         self.is_map = isinstance(value, dict)
@@ -236,7 +237,7 @@ class _Builder:
     def _reset(self, line: int) -> None:
         self.stack: list[_Frame] = []
         self.anchors: dict[str, tuple[Any, int]] = {}
-        self.positions: dict[Path, tuple[int, int]] = {}
+        self.positions: dict[FieldPath, tuple[int, int]] = {}
         self.root: Any = None
         self.has_root = False
         self.doc_line = line
@@ -344,7 +345,7 @@ class _Builder:
                 f"cannot read scalar {_clip(event.value)}: {exc}", event.start_mark
             ) from None
 
-    def _add(self, value: Any, mark: Any, anchor: str | None, size: int) -> Path:
+    def _add(self, value: Any, mark: Any, anchor: str | None, size: int) -> FieldPath:
         if value is _MERGE and not (
             self.stack and self.stack[-1].is_map and self.stack[-1].key is _NO_KEY
         ):
