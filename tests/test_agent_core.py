@@ -20,8 +20,8 @@ from reconciler.agent.core import (
     Condition,
     CycleView,
     Problem,
+    Refusal,
     RevokeShare,
-    Verdict,
     add_history,
     ancestry_verdict,
     container_changes,
@@ -206,7 +206,7 @@ def test_conditions_for_success_transient_failure_and_refusal() -> None:
                 True,
                 "main@sha1:a",
                 "main@sha1:b",
-                refusal=Verdict("UntrustedSignature", "no"),
+                refusal=Refusal("UntrustedSignature", "no"),
                 signature=SignatureCheck(False, "UntrustedSignature", "no"),
             )
         )
@@ -331,7 +331,7 @@ def test_refused_revisions_carry_their_findings() -> None:
     f = Finding("policies/sg.yaml", 3, 5, "error", "SecurityGroup", "web", "rules[0].ports", "bad")
     st = _state()
     st = AgentState(
-        **{**st.__dict__, "head": Head("b" * 40, "oops", None, Verdict("X", "m", (f,)))}
+        **{**st.__dict__, "head": Head("b" * 40, "oops", None, Refusal("X", "m", (f,)))}
     )
     doc = _doc(st)
     assert doc["refused"]["findings"] == [

@@ -317,7 +317,7 @@ def test_an_agent_refuses_a_backdated_commit_by_a_retired_key(tmp_path: Path) ->
 def test_a_refused_revision_lists_a_bounded_number_of_inert_findings() -> None:
     """A pull request can produce thousands of findings quoting its own text: the status
     keeps the first hundred, escaped, and counts the rest."""
-    from reconciler.agent.core import Verdict
+    from reconciler.agent.core import Refusal
     from reconciler.agent.state import AgentState, Head
     from reconciler.agent.status import MAX_FINDINGS, build_status
     from reconciler.policy.findings import Finding
@@ -326,7 +326,7 @@ def test_a_refused_revision_lists_a_bounded_number_of_inert_findings() -> None:
         Finding("p/sg.yaml", i + 1, 1, "error", "SecurityGroup", "web", "name", "bad \x1b[2J")
         for i in range(MAX_FINDINGS + 150)
     )
-    state = AgentState(head=Head("b" * 40, "s", None, Verdict("ValidationFailed", "m", findings)))
+    state = AgentState(head=Head("b" * 40, "s", None, Refusal("ValidationFailed", "m", findings)))
     doc = build_status(
         state,
         cell="c",

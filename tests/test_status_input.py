@@ -238,12 +238,12 @@ def test_an_oversized_status_is_refused_before_it_is_decoded() -> None:
 
 def test_what_the_agent_writes_passes_the_schema() -> None:
     """The schema agrees with agent/status.py: a full document built by build_status."""
-    from reconciler.agent.core import Condition, HistoryEntry, Verdict
+    from reconciler.agent.core import Condition, HistoryEntry, Refusal
     from reconciler.agent.state import AgentState, Applied, Head
 
     state = AgentState(
         applied=Applied("a" * 40, "d", "t", ()),
-        head=Head("b" * 40, "subject", None, Verdict("ValidationFailed", "m")),
+        head=Head("b" * 40, "subject", None, Refusal("ValidationFailed", "m")),
         conditions=(Condition("Ready", "False", "ValidationFailed", "m", "t"),),
         history=(HistoryEntry("r", "d", "s", "t", "t"),),
         drift_log=({"time": "t", "family": 4, "chain": "c", "what": "w", "repaired": True},),

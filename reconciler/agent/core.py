@@ -4,7 +4,7 @@ Nothing here touches git, files, the kernel or the clock (times come in as argum
 rules that keep a fleet safe are unit-tested directly:
 
 * the gates a fetched head must pass before it is applied (`signature_verdict`,
-  `ancestry_verdict`, `validation_verdict`, `revoke_verdict`), each returning a `Verdict`
+  `ancestry_verdict`, `validation_verdict`, `revoke_verdict`), each returning a `Refusal`
   that names the reason when the head must wait, or None when it passes;
 * the Flux-style conditions a cycle leaves behind (`cycle_conditions`, `merge_conditions`),
   with `lastTransitionTime` moving only when a condition's status flips;
@@ -91,7 +91,7 @@ class Problem:
 
 
 @dataclass(frozen=True, slots=True)
-class Verdict:
+class Refusal:
     """Why a head is not applied: the condition reason and the message to report."""
 
     reason: str
@@ -168,37 +168,37 @@ def container_grants(plan: CellPlan | None) -> tuple[ContainerGrant, ...]:
 # -- gates ---------------------------------------------------------------------------------
 
 
-def signature_verdict(check: SignatureCheck | None) -> Verdict | None:
+def signature_verdict(check: SignatureCheck | None) -> Refusal | None:
     """None when verification is off (`check` is None) or the signature is trusted."""
     if check is None or check.ok:
         return None
-    return Verdict(check.reason, check.message)
+    return Refusal(check.reason, check.message)
 
 
 def ancestry_verdict(
     applied: str | None, head: str, descends: bool | None, allow_rewind: bool
-) -> Verdict | None:
+) -> Refusal | None:
     """A head that does not descend from the applied revision waits, unless rewinds are allowed.
 
     `descends` is None when nothing was applied yet (no history to protect).
     """
     if applied is None or descends is None or descends or allow_rewind or applied == head:
         return None
-    return Verdict(
+    return Refusal(
         HISTORY_REWRITTEN,
         f"head {head[:12]} does not descend from the applied revision {applied[:12]} "
         "(force-push or rewind); not applied (set allow-rewind to accept it)",
     )
 
 
-def validation_verdict(findings: Sequence[Finding]) -> Verdict | None:
+def validation_verdict(findings: Sequence[Finding]) -> Refusal | None:
     """A revision with any error finding is never applied; the findings go to the status."""
     errors = [f for f in findings if f.severity == "error"]
     if not errors:
         return None
     first = str(sorted(errors)[0])
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return Verdict(
+    return Refusal(
         VALIDATION_FAILED,
         f"{len(errors)} validation error{'s' * (len(errors) != 1)}: {first}{more}",
         tuple(sorted(findings)),
@@ -222,11 +222,11 @@ def revoke_share(old: CellPlan | None, new: CellPlan) -> RevokeShare:
 
 def revoke_verdict(
     share: RevokeShare, threshold: float, override: bool, trailer: str
-) -> Verdict | None:
+) -> Refusal | None:
     """A plan removing more than `threshold` of the cell's allowed rules waits for an override."""
     if share.total == 0 or share.share <= threshold or override:
         return None
-    return Verdict(
+    return Refusal(
         MASS_REVOKE_BLOCKED,
         f"the plan removes {share.removed} of {share.total} allowed rules "
         f"({share.share:.0%} > {threshold:.0%}); not applied without the commit trailer "
@@ -245,7 +245,7 @@ class CycleView:
     applied_revision: str | None
     head_revision: str | None
     source_error: Problem | None = None
-    refusal: Verdict | None = None
+    refusal: Refusal | None = None
     signature: SignatureCheck | None = None
     enforce_error: Problem | None = None
     inventory_error: str | None = None

@@ -39,7 +39,7 @@ from reconciler.agent.config import AgentConfig
 from reconciler.agent.core import (
     CycleView,
     Problem,
-    Verdict,
+    Refusal,
     add_history,
     ancestry_verdict,
     condition,
@@ -146,7 +146,7 @@ def next_need(facts: HeadFacts, applied_sha: str | None, allow_rewind: bool) -> 
 
 def _provenance_verdict(
     sha: str, provenance: Provenance, applied_sha: str | None, allow_rewind: bool
-) -> Verdict | None:
+) -> Refusal | None:
     return signature_verdict(provenance.signature) or ancestry_verdict(
         applied_sha, sha, provenance.descends, allow_rewind
     )
@@ -184,7 +184,7 @@ def judge_head(
             sha,
             "",
             refused if cfg.verify == "signed" else None,
-            Verdict(MALFORMED_COMMIT, facts.malformed),
+            Refusal(MALFORMED_COMMIT, facts.malformed),
         )
     commit, provenance = facts.commit, facts.provenance
     if commit is None or provenance is None:
@@ -206,7 +206,7 @@ def judge_head(
         try:
             new = compile(revision.policy, inventory, settings)
         except PlanError as exc:  # two contents under one name: apply neither
-            return Head(sha, subject, check, Verdict(PLAN_REFUSED, str(exc)))
+            return Head(sha, subject, check, Refusal(PLAN_REFUSED, str(exc)))
         override = trailer_true(commit.message, cfg.mass_revoke_trailer)
         verdict = revoke_verdict(
             revoke_share(old, new), cfg.mass_revoke_threshold, override, cfg.mass_revoke_trailer

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler.agent.core import Condition, HistoryEntry, Problem, Verdict
+from reconciler.agent.core import Condition, HistoryEntry, Problem, Refusal
 from reconciler.agent.verify import SignatureCheck
 from reconciler.atomicfile import atomic_write_text
 from reconciler.inventory import (
@@ -56,7 +56,7 @@ class Head:
     sha: str
     subject: str = ""
     signature: SignatureCheck | None = None
-    verdict: Verdict | None = None
+    verdict: Refusal | None = None
     """Why it is not applied; None when it passed every gate."""
     policy: PolicySet | None = None
 
