@@ -55,6 +55,19 @@ def revision() -> str:
     return head + ("+changes" if changed else "")
 
 
+def splice(path: Path, begin: str, end: str, body: str) -> None:
+    """Write `body` between the `begin` and `end` markers of `path`, keeping the rest (the
+    written analysis and the history); a file without the markers gets the block on top."""
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    old = path.read_text() if path.exists() else ""
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = block + "\n\n" + old
+    path.write_text(text)
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
