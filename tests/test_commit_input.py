@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -41,8 +40,8 @@ from tests.agentkit import (
 )
 from tests.test_agent_loop import MemoryDataplane
 
-pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
-needs_ssh_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen")
+pytestmark = pytest.mark.requires("git")
+needs_ssh_keygen = pytest.mark.requires("ssh-keygen")
 
 
 def _agent(tmp_path: Path, repo: PolicyRepo, **settings: Any) -> Agent:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -317,11 +316,10 @@ class TestPages:
         assert import_sources([("all.json", only)], None).errors == []
 
 
+@pytest.mark.requires("jq", "bash")
 def test_readme_recipe_imports_more_than_50_groups(tmp_path: Path) -> None:
     """The README's `cf curl` recipe, run by bash against a `cf` stand-in that pages like
     Cloud Controller (this one at most 50 per page, so 120 groups take 3 pages)."""
-    if shutil.which("jq") is None:
-        pytest.skip("the README recipe uses jq")
     readme = (REPO / "README.md").read_text()
     match = re.search(r"<!-- import-recipe -->\n```sh\n(.*?)```", readme, re.S)
     assert match, "README must keep the import recipe under <!-- import-recipe -->"
