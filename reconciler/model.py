@@ -44,11 +44,9 @@ def address_text(version: int, value: int) -> str:
     if version == 4:
         # inet_ntoa prints IPv4 exactly as ipaddress and iptables-save do, at a tenth of the
         # cost: rendering a large cell formats one address per rule.
-        try:
+        if 0 <= value <= 0xFFFFFFFF:
             return socket.inet_ntoa(value.to_bytes(4, "big"))
-        except OverflowError:
-            pass  # not an IPv4 address: ipaddress raises its ValueError for it
-        return str(ipaddress.IPv4Address(value))
+        return str(ipaddress.IPv4Address(value))  # not an IPv4 address: its ValueError
     return str(ipaddress.IPv6Address(value))
 
 
