@@ -170,9 +170,10 @@ class Delta(Protocol):
 
 
 @dataclass(frozen=True)
-class NoDelta:
-    """The delta of a family whose cycle failed before a delta was computed (a read error):
-    nothing to send, nothing found."""
+class DeltaRecord:
+    """What every backend's delta says besides its transaction: the fields of `Delta`, in
+    one place.  Backends extend it with their own `text()` (and fields of their own); it is
+    a record to share, not a backend to inherit from."""
 
     family: int
     ops: tuple[str, ...] = ()
@@ -186,7 +187,13 @@ class NoDelta:
 
     @property
     def empty(self) -> bool:
-        return True
+        return not self.ops
+
+
+@dataclass(frozen=True)
+class NoDelta(DeltaRecord):
+    """The delta of a family whose cycle failed before a delta was computed (a read error):
+    nothing to send, nothing found."""
 
     def text(self) -> str:
         return ""

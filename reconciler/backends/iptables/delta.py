@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from reconciler.backends import contract as r
-from reconciler.backends.contract import Change, Drift, judge, rules_drift
+from reconciler.backends.contract import Change, DeltaRecord, Drift, judge, rules_drift
 from reconciler.backends.errors import OwnershipError
 from reconciler.backends.iptables.parse import HookCopy, OwnedState, jump_targets
 from reconciler.backends.iptables.render import (
@@ -52,7 +52,7 @@ Chains = Mapping[str, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
-class IptablesDelta:
+class IptablesDelta(DeltaRecord):
     """The transaction for one family, and why each part of it is there.
 
     `ops` are the lines between `*filter` and `COMMIT`; empty means nothing to send.
@@ -61,20 +61,6 @@ class IptablesDelta:
     that is not ours still jumps to them.  `foreign` are chains with our name prefix that
     are not ours: reported, never written, flushed or deleted.
     """
-
-    family: int
-    ops: tuple[str, ...] = ()
-    drift: tuple[Drift, ...] = ()
-    changes: tuple[Change, ...] = ()
-    written: tuple[str, ...] = ()
-    deleted: tuple[str, ...] = ()
-    orphaned: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-    foreign: tuple[str, ...] = ()
-
-    @property
-    def empty(self) -> bool:
-        return not self.ops
 
     def text(self) -> str:
         """The `iptables-restore --noflush` input, or "" when there is nothing to send."""

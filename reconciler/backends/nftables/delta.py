@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from reconciler.backends import contract as r
-from reconciler.backends.contract import Change, Drift, judge, rules_drift
+from reconciler.backends.contract import Change, DeltaRecord, Drift, judge, rules_drift
 from reconciler.backends.nftables.parse import NftState
 from reconciler.backends.nftables.render import (
     BaseHook,
@@ -68,7 +68,7 @@ ChainKey = tuple[BaseHook | None, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
-class NftDelta:
+class NftDelta(DeltaRecord):
     """One family's transaction: `ops` are JSON commands, one per string.
 
     `written` names the chains and sets the transaction creates, rewrites or edits;
@@ -77,15 +77,6 @@ class NftDelta:
     always empty: our table is ours whole, and anything else in it is removed.
     """
 
-    family: int
-    ops: tuple[str, ...] = ()
-    drift: tuple[Drift, ...] = ()
-    changes: tuple[Change, ...] = ()
-    written: tuple[str, ...] = ()
-    deleted: tuple[str, ...] = ()
-    orphaned: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-    foreign: tuple[str, ...] = ()
     elements_added: int = 0
     elements_deleted: int = 0
     table_deleted: bool = False
@@ -93,10 +84,6 @@ class NftDelta:
     def text(self) -> str:
         """The `nft -j -f -` input, or "" when there is nothing to send."""
         return transaction_text(self.ops)
-
-    @property
-    def empty(self) -> bool:
-        return not self.ops
 
 
 def _dump(command: Mapping[str, Any]) -> str:
