@@ -75,14 +75,15 @@ def _fails(shared: object, bounds: tuple[int, int]) -> list[int]:
     raise ValueError(f"bad range {bounds}")
 
 
-def test_a_worker_error_reaches_the_caller_and_no_worker_is_left() -> None:
+def _failure_in_child(fn: str, error: str) -> str:
+    """Run fork_ranges(fn) in a child process: what it raised, and whether a worker is left."""
     done = _run_child(
-        """
-        from tests.test_forkpool import _fails
+        f"""
         import os
+        from tests.test_forkpool import {fn}
         try:
-            fork_ranges(_fails, None, 100, 2)
-        except ValueError as exc:
+            fork_ranges({fn}, None, 100, 2)
+        except {error} as exc:
             print("raised", exc)
         try:
             os.waitpid(-1, os.WNOHANG)
@@ -92,8 +93,12 @@ def test_a_worker_error_reaches_the_caller_and_no_worker_is_left() -> None:
         """
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("raised bad range"), done.stdout
     assert "left" not in done.stdout
+    return done.stdout
+
+
+def test_a_worker_error_reaches_the_caller_and_no_worker_is_left() -> None:
+    assert _failure_in_child("_fails", "ValueError").startswith("raised bad range")
 
 
 def test_the_worker_error_is_the_callers_exception_in_process() -> None:
@@ -108,21 +113,4 @@ def _dies(shared: object, bounds: tuple[int, int]) -> list[int]:
 
 
 def test_a_worker_that_dies_without_an_answer_is_an_error_and_is_reaped() -> None:
-    done = _run_child(
-        """
-        import os
-        from tests.test_forkpool import _dies
-        try:
-            fork_ranges(_dies, None, 100, 2)
-        except RuntimeError as exc:
-            print("raised", exc)
-        try:
-            os.waitpid(-1, os.WNOHANG)
-            print("a worker is left")
-        except ChildProcessError:
-            pass
-        """
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("raised forked worker"), done.stdout
-    assert "left" not in done.stdout
+    assert _failure_in_child("_dies", "RuntimeError").startswith("raised forked worker")
