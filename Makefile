@@ -12,8 +12,8 @@ test: sysdeps venv lint
 	$(PY) -m pytest -q -ra
 
 lint: venv
-	$(VENV)/bin/ruff check reconciler tests bench
-	$(VENV)/bin/ruff format --check reconciler tests bench
+	$(VENV)/bin/ruff check reconciler lab tests bench
+	$(VENV)/bin/ruff format --check reconciler lab tests bench
 	$(VENV)/bin/mypy
 
 # Installs the kernel-facing tools the tests drive, only when one is missing.
@@ -28,10 +28,10 @@ sysdeps:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml lab/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,libiptc]'
+	$(PY) -m pip install -q -e '.[dev,libiptc]' -e ./lab
 	touch $(STAMP)
 
 # Every benchmark at the issues' sizes, each recording bench/results/<name>.md with the
@@ -44,10 +44,10 @@ bench: sysdeps venv
 # The seeds' stories on this machine (root): a platform of Diego-like cells in network
 # namespaces (eth0 underlay, silk-vtep overlay, CF's own chains), an agent per cell, four
 # policy changes pushed through git, a reachability matrix after each; the lab is always
-# torn down.  DEMO_ARGS="--interval 5s" etc. (python -m reconciler.lab.demo -h).
+# torn down.  DEMO_ARGS="--interval 5s" etc. (python -m asgctl_lab.demo -h).
 DEMO_ARGS ?=
 demo: sysdeps venv
-	$(PY) -m reconciler.lab.demo $(DEMO_ARGS)
+	$(PY) -m asgctl_lab.demo $(DEMO_ARGS)
 
 # The long runs (root; about half an hour on 2 cores): the fault and attack tests at the
 # issue's sizes (ASGCTL_SOAK=1: 200 kills per variant, a 30 s xtables lock, 400 rounds of a

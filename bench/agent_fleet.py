@@ -42,14 +42,14 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from asgctl_lab.gitserver import GitDaemon, git, proc_cpu  # noqa: E402
+from asgctl_lab.netns import Lab, cleanup_stale  # noqa: E402
 from bench.common import RESULTS, machine  # noqa: E402
 from reconciler.agent.config import build_config  # noqa: E402
 from reconciler.agent.loop import SYNC, Agent  # noqa: E402
 from reconciler.agent.source import GitSource  # noqa: E402
-from reconciler.inventory import dump_store  # noqa: E402
-from reconciler.lab.gitserver import GitDaemon, git, proc_cpu  # noqa: E402
-from reconciler.lab.netns import Lab, cleanup_stale  # noqa: E402
-from reconciler.model import Container  # noqa: E402
+from reconciler.core.model import Container  # noqa: E402
+from reconciler.sources.cellstore import dump_store  # noqa: E402
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 ASGCTL = (sys.executable, "-c", "import sys; from reconciler.cli import main; sys.exit(main())")

@@ -47,7 +47,7 @@ def build_repo(root: Path, groups: int, rules: int, per_space: int) -> None:
 
 
 def inventory():
-    from reconciler.model import Container
+    from reconciler.core.model import Container
 
     out = []
     for s in range(SPACES):
@@ -67,7 +67,7 @@ def inventory():
 
 def child(repo: str, repeat: int) -> None:
     from reconciler.backends.iptables.render import render_text
-    from reconciler.compile import compile_cell
+    from reconciler.core.compile import compile_cell
     from reconciler.policy.load import load_folder
 
     result = load_folder(repo)

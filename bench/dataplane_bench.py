@@ -54,6 +54,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from asgctl_lab.netns import Lab
 from bench.common import RESULTS, machine, revision, splice
 from bench.compile_bench import build_repo, inventory
 from reconciler.backends import ConvergeResult, Runner, converge, open_backend
@@ -63,10 +64,9 @@ from reconciler.backends.iptables.cflayout import render_cf, rule_count
 from reconciler.backends.iptables.delta import compute_delta
 from reconciler.backends.iptables.parse import OwnedState
 from reconciler.backends.iptables.render import GROUP_PREFIX, marker_rule, render_cell
-from reconciler.compile import compile_cell
-from reconciler.lab.netns import Lab
-from reconciler.model import AddressRange, PolicySet, PortRange, Rule
-from reconciler.plan import CellPlan, CellSettings, DenyNetworks
+from reconciler.core.cellplan import CellPlan, CellSettings, DenyNetworks
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import AddressRange, PolicySet, PortRange, Rule
 from reconciler.policy.load import load_folder
 
 # name: (ASGs, rules per ASG, ASGs bound per space) for compile_bench's build_repo; 250

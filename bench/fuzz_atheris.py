@@ -38,11 +38,11 @@ if str(ROOT) not in sys.path:
 
 with atheris.instrument_imports():
     from reconciler.backends.iptables.render import render_text
-    from reconciler.compile import compile_cell
-    from reconciler.inventory import InventoryError, parse_store
-    from reconciler.model import Container
+    from reconciler.core.compile import compile_cell
+    from reconciler.core.model import Container
     from reconciler.policy.load import parse_files
     from reconciler.policy.source import SourceFile
+    from reconciler.sources.cellstore import InventoryError, parse_store
 
 CONTAINERS = [
     Container("c4", "198.18.0.2", app_id="app-1", space_id="space-1"),

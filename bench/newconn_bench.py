@@ -49,6 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec  # noqa: E402
 from bench.common import RESULTS, machine  # noqa: E402
 from reconciler.backends import (  # noqa: E402
     Backend,
@@ -60,9 +61,8 @@ from reconciler.backends import (  # noqa: E402
 from reconciler.backends.iptables.render import hook_rule  # noqa: E402
 from reconciler.backends.nftables.backend import NftablesBackend  # noqa: E402
 from reconciler.backends.nftables.render import render_cell as render_nft  # noqa: E402
-from reconciler.lab.netns import ContainerSpec, Lab, ServiceSpec  # noqa: E402
-from reconciler.model import AddressRange, Container, PortRange, RuleItem  # noqa: E402
-from reconciler.plan import CellPlan, ContainerPlan, PlanRule, RuleGroup, content_id  # noqa: E402
+from reconciler.core.cellplan import CellPlan, ContainerPlan, PlanRule, RuleGroup, content_id  # noqa: E402
+from reconciler.core.model import AddressRange, Container, PortRange, RuleItem  # noqa: E402
 
 SCALES = {"1k": 1_000, "10k": 10_000, "100k": 100_000, "1m": 1_000_000}
 BACKENDS = ("iptables-legacy", "iptables-nft", "nftables")

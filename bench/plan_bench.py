@@ -32,8 +32,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from asgctl_lab.gitserver import git  # noqa: E402
 from bench.common import RESULTS, machine  # noqa: E402
-from reconciler.lab.gitserver import git  # noqa: E402
 from reconciler.status.write import dump_status  # noqa: E402
 
 ORGS, SPACES_PER_ORG, APPS_PER_SPACE = 100, 10, 10  # 1,000 spaces, 10,000 apps
@@ -278,10 +278,10 @@ def _cpu() -> float:
 def phases(root: Path, inventory: str, profile: bool) -> tuple[list[tuple[str, float, float]], str]:
     """The same work in-process, timed phase by phase (and profiled with --profile)."""
     os.chdir(root)
-    from reconciler.diff import diff_plans
-    from reconciler.planrun import MAX_WORKERS, load_inventory, locate
+    from reconciler.ci.plan import MAX_WORKERS, load_inventory, locate
+    from reconciler.ci.report.plan import PlanReport, Revision, render_markdown
+    from reconciler.core.diff import diff_plans
     from reconciler.policy.load import load_policy
-    from reconciler.report.plan import PlanReport, Revision, render_markdown
 
     prof = cProfile.Profile() if profile else None
     if prof:

@@ -46,8 +46,9 @@ if __package__ in (None, ""):  # `python bench/soak.py`: make the repo importabl
 from reconciler.backends import Runner, converge, open_backend
 from reconciler.backends.iptables.backend import tool
 from reconciler.backends.iptables.render import hook_rule, marker_rule, render_cell
-from reconciler.compile import compile_cell
-from reconciler.model import (
+from reconciler.core.cellplan import CellPlan
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import (
     AddressRange,
     Container,
     Destination,
@@ -57,7 +58,6 @@ from reconciler.model import (
     Rule,
     SecurityGroup,
 )
-from reconciler.plan import CellPlan
 
 SPACES = tuple(f"space-{i}" for i in range(6))
 APPS = tuple(f"app-{i}" for i in range(12))  # app i lives in space i % 6
@@ -326,7 +326,7 @@ def _cell(netns: str | None) -> Iterator[str]:
     if netns is not None:
         yield netns
         return
-    from reconciler.lab.netns import Lab
+    from asgctl_lab.netns import Lab
 
     with Lab(conntrack=False) as lab:
         yield lab.cell

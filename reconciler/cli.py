@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,15 @@ from reconciler.agent.config import BACKENDS
 from reconciler.backends.contract import Mode
 from reconciler.backends.iptables.render import render_text
 from reconciler.cli_options import format_option
-from reconciler.compile import compile_cell
-from reconciler.endpoint import parse_endpoint
-from reconciler.explain import LIFECYCLES, explain, find_containers
-from reconciler.inventory import InventoryError, load_store
-from reconciler.lab.cli import lab as lab_group
-from reconciler.model import Container, PolicySet
-from reconciler.plan import CellPlan, CellSettings, PlanError
+from reconciler.core.cellplan import CellPlan, CellSettings, PlanError
+from reconciler.core.compile import compile_cell
+from reconciler.core.endpoint import parse_endpoint
+from reconciler.core.explain import LIFECYCLES, explain, find_containers
+from reconciler.core.model import Container, PolicySet
 from reconciler.policy.findings import render_findings
 from reconciler.policy.load import load_policy
 from reconciler.policy.source import locate
+from reconciler.sources.cellstore import InventoryError, load_store
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -126,7 +126,50 @@ containers_option = click.option(
 )
 
 
-@click.group()
+PLUGIN_GROUP = "asgctl.commands"
+
+
+class _PluginGroup(click.Group):
+    """The built-in commands, plus any a separately installed distribution adds.
+
+    The lab ships as its own distribution (`asgctl-lab`) so a cell's install carries no
+    namespace or demo code; installed beside asgctl it still answers as `asgctl lab`.  A
+    plugin is imported only when its command runs or help lists it, and it can add a command
+    but never replace a built-in one.
+    """
+
+    def _plugins(self) -> dict[str, Any]:
+        found = {}
+        for ep in entry_points(group=PLUGIN_GROUP):
+            if ep.name not in self.commands:
+                found[ep.name] = ep
+        return found
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._plugins()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            return command
+        plugin = self._plugins().get(cmd_name)
+        if plugin is None:
+            return None
+        try:
+            loaded = plugin.load()
+        except ImportError as exc:
+            raise click.ClickException(
+                f"the {cmd_name!r} command comes from {plugin.value}, which cannot be imported: "
+                f"{exc}"
+            ) from exc
+        if not isinstance(loaded, click.Command):
+            raise click.ClickException(
+                f"the {cmd_name!r} command's entry point {plugin.value} is not a click command"
+            )
+        return loaded
+
+
+@click.group(cls=_PluginGroup)
 @click.version_option(package_name="asgctl")
 def main() -> None:
     """GitOps reconciler for Cloud Foundry-style egress firewalls."""
@@ -290,7 +333,7 @@ def explain_cmd(
     instances, tasks and staging containers get different groups.  JSON is a list of them.
     Exit 0 when every container is allowed, 3 when any is denied, 1 on error.
     """
-    from reconciler.inventory_sources import StoreFiles
+    from reconciler.sources.inventories import StoreFiles
 
     if (app is None) == (handle is None):
         raise click.UsageError("give exactly one of --app or --container")
@@ -332,7 +375,7 @@ def explain_cmd(
         ]
         click.echo(json.dumps(docs, indent=2))
     else:
-        from reconciler.report.escape import log_text
+        from reconciler.escape import log_text
 
         blocks = []
         for cell, d in verdicts:
@@ -463,8 +506,8 @@ def plan_cmd(
     inventory.  Exit 0, or 1 on error (a head that does not validate, an unreadable
     inventory, a cell over the rule limit); with --detailed-exitcode, 2 when there are changes.
     """
-    from reconciler.planrun import run_plan
-    from reconciler.report import render
+    from reconciler.ci.plan import run_plan
+    from reconciler.ci.report import render
 
     report = run_plan(policies, base, head, inventory)
     click.echo(render(report, fmt), nl=False)
@@ -481,7 +524,7 @@ def test_cmd(path: str, rev: str | None, fmt: str, verbose: bool) -> None:
 
     Exit 0 when every test passes, 1 on any failure or invalid policy.
     """
-    from reconciler.policytest import render_results, run_tests
+    from reconciler.core.policytest import render_results, run_tests
 
     prefix = locate(path).prefix
     policy = _policy(path, rev, prefix if fmt == "github" else None)
@@ -492,4 +535,3 @@ def test_cmd(path: str, rev: str | None, fmt: str, verbose: bool) -> None:
 
 main.add_command(agent_cmd)
 main.add_command(status_cmd)
-main.add_command(lab_group)

@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 import yaml
 
+from asgctl_lab.gitserver import GitDaemon, git
 from reconciler.backends import Runner, open_backend
 from reconciler.backends.iptables.parse import OwnedState
-from reconciler.inventory import dump_store
-from reconciler.lab.gitserver import GitDaemon, git
-from reconciler.model import Container
+from reconciler.core.model import Container
+from reconciler.sources.cellstore import dump_store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ASGCTL = (sys.executable, "-c", "import sys; from reconciler.cli import main; sys.exit(main())")

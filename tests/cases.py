@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler.backends import Runner
-from reconciler.compile import compile_cell
-from reconciler.inventory import parse_store
-from reconciler.model import Container, PolicySet
-from reconciler.plan import CellPlan
+from reconciler.core.cellplan import CellPlan
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import Container, PolicySet
 from reconciler.policy.load import load_folder
+from reconciler.sources.cellstore import parse_store
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"

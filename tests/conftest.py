@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.lab.netns import (
+from asgctl_lab.netns import (
     ContainerSpec,
     Lab,
     ServiceSpec,

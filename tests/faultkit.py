@@ -35,7 +35,7 @@ from pathlib import Path
 
 from reconciler.backends.iptables.backend import tool
 from reconciler.backends.iptables.render import marker_rule, render_cell
-from reconciler.plan import CellPlan
+from reconciler.core.cellplan import CellPlan
 
 XTABLES_LOCK = "/run/xtables.lock"
 

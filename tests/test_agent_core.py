@@ -17,7 +17,6 @@ from reconciler.agent.config import (
     redact_url,
 )
 from reconciler.agent.core import (
-    Condition,
     CycleView,
     Problem,
     Refusal,
@@ -37,10 +36,10 @@ from reconciler.agent.metrics import Metrics
 from reconciler.agent.state import AgentState, Applied, Head, from_persisted, to_persisted
 from reconciler.agent.status import build_status, fingerprint
 from reconciler.agent.verify import SignatureCheck, parse_trailers, trailer_true
-from reconciler.compile import compile_cell
-from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.policy.findings import Finding
-from reconciler.status.document import containers_from_status
+from reconciler.status.document import Condition, containers_from_status
 from reconciler.status.write import dump_status
 
 BASE = {"source": "git://x/y.git", "containers": "/s.json", "cell": "c1"}

@@ -40,7 +40,7 @@ from reconciler.agent.conditions import (
     VERIFICATION_FAILED,
 )
 from reconciler.agent.config import AgentConfig, build_config
-from reconciler.agent.core import Condition, Problem, condition
+from reconciler.agent.core import Problem, condition
 from reconciler.agent.cycle import (
     INVENTORY,
     SYNC,
@@ -62,12 +62,13 @@ from reconciler.agent.state import DRIFT_LOG_LIMIT, AgentState, Applied, Head
 from reconciler.agent.verify import SignatureCheck, SignatureVerifier
 from reconciler.backends import ConvergeResult, Drift, FamilyResult
 from reconciler.backends.iptables.delta import IptablesDelta as Delta
-from reconciler.compile import compile_cell
-from reconciler.inventory import Rejection, StoreReading
-from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
-from reconciler.plan import CellPlan, CellSettings, PlanError
+from reconciler.core.cellplan import CellPlan, CellSettings, PlanError
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.policy.findings import Finding
 from reconciler.policy.validate import Result
+from reconciler.sources.cellstore import Rejection, StoreReading
+from reconciler.status.document import Condition
 
 CELL = "c1"
 CFG = build_config({"source": "git://x/y.git", "containers": "/s.json", "cell": CELL}, {})

@@ -22,16 +22,16 @@ from pathlib import Path
 
 import pytest
 
+from asgctl_lab.gitserver import GitDaemon, git
+from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
+from asgctl_lab.probe import Outcome
 from reconciler.backends.iptables.render import container_chain, render_cell
-from reconciler.compile import compile_cell
-from reconciler.inventory import parse_store
-from reconciler.inventory_sources import StatusBranches
-from reconciler.lab.gitserver import GitDaemon, git
-from reconciler.lab.netns import ContainerSpec, Lab, ServiceSpec
-from reconciler.lab.probe import Outcome
-from reconciler.model import Container
-from reconciler.plan import content_id
+from reconciler.core.cellplan import content_id
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import Container
 from reconciler.policy.load import load_revision
+from reconciler.sources.cellstore import parse_store
+from reconciler.sources.inventories import StatusBranches
 from tests.agentkit import (  # noqa: F401 - fixtures
     ASGCTL,
     ORG,

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from asgctl_lab.gitserver import GitDaemon, git
 from reconciler.agent.fleet import read_fleet, render_fleet
 from reconciler.agent.source import GitSource, SourceError
 from reconciler.agent.verify import SignatureVerifier
 from reconciler.agent.watch import InventoryWatcher
-from reconciler.gitio import classify
-from reconciler.lab.gitserver import GitDaemon, git
+from reconciler.sources.gitio import classify
 from reconciler.status.write import StatusWriter
 from tests.agentkit import (  # noqa: F401 - fixtures
     git_server,

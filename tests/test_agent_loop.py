@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import reconciler.compile as compile_module
+import reconciler.core.compile as compile_module
+from asgctl_lab.gitserver import git
 from reconciler.agent.config import build_config
 from reconciler.agent.core import condition
 from reconciler.agent.loop import INVENTORY, SYNC, Agent
@@ -20,8 +21,7 @@ from reconciler.backends import DataplaneError
 from reconciler.backends.iptables.delta import IptablesDelta, compute_delta
 from reconciler.backends.iptables.parse import HookCopy, OwnedState
 from reconciler.backends.iptables.render import Ruleset, hook_rule, render_cell
-from reconciler.lab.gitserver import git
-from reconciler.plan import CellPlan
+from reconciler.core.cellplan import CellPlan
 from tests.agentkit import container, local_repo, sg, tcp_rules, write_store
 
 

@@ -28,14 +28,14 @@ from typing import Any
 
 import pytest
 
+from asgctl_lab.gitserver import GitDaemon, git
+from asgctl_lab.netns import Lab
 from reconciler.agent.config import build_config
 from reconciler.agent.core import condition
 from reconciler.agent.loop import SYNC, Agent
 from reconciler.agent.state import AgentState
-from reconciler.compile import compile_cell
-from reconciler.lab.gitserver import GitDaemon, git
-from reconciler.lab.netns import Lab
-from reconciler.plan import CellSettings
+from reconciler.core.cellplan import CellSettings
+from reconciler.core.compile import compile_cell
 from reconciler.policy.load import load_revision
 from reconciler.status.write import StatusWriter
 from tests.agentkit import (  # noqa: F401 - fixtures

@@ -21,7 +21,7 @@ from reconciler.backends.nftables.backend import NftablesBackend
 from reconciler.backends.nftables.delta import NftDelta, compute_nft_delta
 from reconciler.backends.nftables.parse import NftState
 from reconciler.backends.nftables.render import NftRuleset, render_cell
-from reconciler.plan import CellPlan
+from reconciler.core.cellplan import CellPlan
 from tests.agentkit import sg, tcp_rules
 from tests.cases import CASES, case_plan
 from tests.test_agent_loop import _agent, setup  # noqa: F401  (setup is a fixture)

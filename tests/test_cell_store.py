@@ -28,16 +28,15 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
+from asgctl_lab.probe import Outcome
 from reconciler.agent.config import build_config
 from reconciler.agent.core import condition
 from reconciler.agent.loop import INVENTORY, SYNC, Agent
 from reconciler.backends.iptables.render import render_text
 from reconciler.cli import main
-from reconciler.compile import cf_equivalent_rules, compile_cell, profile_of, profile_rules
-from reconciler.inventory import decode_store, judge_store
-from reconciler.lab.netns import ContainerSpec, Lab, ServiceSpec
-from reconciler.lab.probe import Outcome
-from reconciler.model import (
+from reconciler.core.compile import cf_equivalent_rules, compile_cell, profile_of, profile_rules
+from reconciler.core.model import (
     AddressRange,
     Container,
     Destination,
@@ -47,6 +46,7 @@ from reconciler.model import (
     Rule,
     SecurityGroup,
 )
+from reconciler.sources.cellstore import decode_store, judge_store
 from tests.agentkit import local_repo, sg
 from tests.conftest import require_netns
 from tests.iptables_eval import Packet, parse_restore, verdict

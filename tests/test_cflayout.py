@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 import pytest
 
+from asgctl_lab.netns import Lab
 from reconciler.backends.iptables.cflayout import render_cf, rule_count
-from reconciler.compile import cf_equivalent_rules, compile_cell
-from reconciler.lab.netns import Lab
-from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
-from reconciler.plan import CF_CONTAINER_FIXED_LINES, CellPlan
+from reconciler.core.cellplan import CF_CONTAINER_FIXED_LINES, CellPlan
+from reconciler.core.compile import cf_equivalent_rules, compile_cell
+from reconciler.core.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from tests.cases import CASES
 from tests.cases import load_case as case
 

@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-import reconciler.compile as compile_module
+import reconciler.core.compile as compile_module
+from asgctl_lab.netns import Lab
 from reconciler.agent.config import build_config
 from reconciler.agent.core import condition, container_changes, revoke_share
 from reconciler.agent.loop import SYNC, Agent
@@ -40,12 +41,11 @@ from reconciler.backends.nftables.backend import NftablesBackend
 from reconciler.backends.nftables.delta import compute_nft_delta
 from reconciler.backends.nftables.parse import NftState
 from reconciler.cli import main
-from reconciler.compile import compile_cell
-from reconciler.inventory import dump_store
-from reconciler.lab.netns import Lab
-from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, RuleItem
-from reconciler.model import SecurityGroup as Group
-from reconciler.plan import CellSettings, PlanError, content_id
+from reconciler.core.cellplan import CellSettings, PlanError, content_id
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import AddressRange, Container, PolicySet, PortRange, Rule, RuleItem
+from reconciler.core.model import SecurityGroup as Group
+from reconciler.sources.cellstore import dump_store
 from tests.agentkit import container, local_repo, sg, write_store
 from tests.conftest import require_netns
 from tests.faultkit import expected_snapshot, snapshot

@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 import yaml
 
+from asgctl_lab.gitserver import git
 from reconciler.agent.config import build_config
 from reconciler.agent.core import condition
 from reconciler.agent.loop import SYNC, Agent
 from reconciler.agent.source import MalformedCommit, parse_commit
 from reconciler.agent.verify import SignatureVerifier, signers_valid_at
-from reconciler.lab.gitserver import git
 from tests.agentkit import (
     PolicyRepo,
     container,

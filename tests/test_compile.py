@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from reconciler.compile import compile_cell
-from reconciler.endpoint import parse_endpoint
-from reconciler.explain import explain, find_container
-from reconciler.model import Container
+from reconciler.core.compile import compile_cell
+from reconciler.core.endpoint import parse_endpoint
+from reconciler.core.explain import explain, find_container
+from reconciler.core.model import Container
 from reconciler.policy.load import load_folder
 from tests.policyrepo import write_tree
 

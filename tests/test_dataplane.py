@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from asgctl_lab.netns import Lab
+from asgctl_lab.nsenter import in_netns
 from reconciler.backends import (
     ApplyError,
     Backend,
@@ -46,11 +48,9 @@ from reconciler.backends.nftables.render import base_chain, canonical_rule
 from reconciler.backends.nftables.render import render_cell as render_nft
 from reconciler.backends.summary import format_text
 from reconciler.cli import main
-from reconciler.compile import compile_cell
-from reconciler.lab.netns import Lab
-from reconciler.lab.nsenter import in_netns
-from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
-from reconciler.plan import CellPlan, CellSettings
+from reconciler.core.cellplan import CellPlan, CellSettings
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from tests.cases import DATA, RecordingRunner, edge_plan
 from tests.conftest import skip_unless_available
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
+from asgctl_lab.netns import Lab
 from reconciler.backends import VerifyError, converge
 from reconciler.backends.iptables.backend import IptablesBackend, tool
 from reconciler.backends.iptables.delta import compute_delta
@@ -34,10 +35,9 @@ from reconciler.backends.iptables.rendercache import RenderCache
 from reconciler.backends.kernel import generation
 from reconciler.backends.kernel.generation import KernelProbe
 from reconciler.backends.kernel.memory import shape
-from reconciler.compile import compile_cell
-from reconciler.lab.netns import Lab
-from reconciler.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
-from reconciler.plan import CellPlan
+from reconciler.core.cellplan import CellPlan
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from tests.cases import RecordingRunner as Recording
 from tests.cases import edge_plan
 

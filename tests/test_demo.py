@@ -1,4 +1,4 @@
-"""The demo, end to end: `python -m reconciler.lab.demo` exactly as `make demo` runs it.
+"""The demo, end to end: `python -m asgctl_lab.demo` exactly as `make demo` runs it.
 
 What the README promises about the demo is asserted here against its JSON report: the
 reachability matrix after each story (taken from real packets), the agents' status branches
@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import yaml
 
-from reconciler.lab import demo, platform
-from reconciler.lab.nsenter import list_netns
+from asgctl_lab import demo, platform
+from asgctl_lab.nsenter import list_netns
+from reconciler.core.policytest import run_tests
 from reconciler.policy.load import load_folder
-from reconciler.policytest import run_tests
 from tests.test_lab_platform import require_lab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def test_make_demo_tells_the_four_stories(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "reconciler.lab.demo",
+            "asgctl_lab.demo",
             "--name",
             "demo-test",
             "--report",

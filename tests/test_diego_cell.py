@@ -46,18 +46,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from asgctl_lab import platform
+from asgctl_lab.nsenter import list_netns
+from asgctl_lab.probe import Outcome, ProbeResult, probe_tcp, probe_udp
 from reconciler.backends import Runner, converge
 from reconciler.backends.iptables.backend import IptablesBackend
 from reconciler.backends.iptables.cflayout import NetworkPolicy, render_diego
 from reconciler.backends.kernel.underlay import detect_underlay
 from reconciler.backends.nftables.backend import NftablesBackend
 from reconciler.cli import main as cli
-from reconciler.compile import compile_cell
-from reconciler.lab import platform
-from reconciler.lab.nsenter import list_netns
-from reconciler.lab.probe import Outcome, ProbeResult, probe_tcp, probe_udp
-from reconciler.model import PolicySet, SecurityGroup
-from reconciler.plan import CellSettings
+from reconciler.core.cellplan import CellSettings
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import PolicySet, SecurityGroup
 from tests.test_lab_platform import POLICIES, asgctl, require_lab
 from tests.test_traffic import rule
 

@@ -35,16 +35,16 @@ from typing import Any
 
 import pytest
 
+from asgctl_lab.gitserver import GitDaemon, git
+from asgctl_lab.netns import Lab
 from reconciler.agent.config import build_config
 from reconciler.agent.core import condition
 from reconciler.agent.loop import INVENTORY, SYNC, Agent
 from reconciler.backends import Runner, converge, open_backend
 from reconciler.backends.iptables.backend import IptablesBackend
-from reconciler.compile import compile_cell
-from reconciler.lab.gitserver import GitDaemon, git
-from reconciler.lab.netns import Lab
-from reconciler.model import Container
-from reconciler.plan import CellPlan, CellSettings
+from reconciler.core.cellplan import CellPlan, CellSettings
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import Container
 from reconciler.policy.load import load_revision, parse_files
 from reconciler.policy.source import SourceFile
 from tests.agentkit import (  # noqa: F401 - fixtures
@@ -881,7 +881,7 @@ def test_xtables_lock_held_by_another_program(
 def test_a_full_disk_is_reported_as_such_not_as_a_corrupt_cache() -> None:
     """git's words for ENOSPC contain 'object file', a corruption marker: the full disk must
     win, or the agent wipes its cache (and its history) and reports the wrong cause."""
-    from reconciler.gitio import classify
+    from reconciler.sources.gitio import classify
 
     assert (
         classify(

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.backends.iptables.render import render_text
-from reconciler.compile import compile_cell
-from reconciler.model import Container
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import Container
 from reconciler.policy.findings import Finding
 from reconciler.policy.load import parse_files
 from reconciler.policy.source import SourceFile

@@ -1,4 +1,4 @@
-"""The git adapter (`reconciler.gitio`): every product git call goes through it.
+"""The git adapter (`reconciler.sources.gitio`): every product git call goes through it.
 
 Real git, real repositories: the adapter's tree parser must list exactly what `git ls-tree`
 lists, its `cat-file` process must end when the reader does, blob sizes must be asked before
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import gitio
+from reconciler.sources import gitio
 from tests.policyrepo import commit_all, git, init_repo, write_tree
 
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.model import PROTOCOLS, AddressRange, Location, PortRange, Rule
+from reconciler.core.model import PROTOCOLS, AddressRange, Location, PortRange, Rule
 from reconciler.policy.grammar import (
     MAX_DESTINATIONS_PER_RULE,
     FieldError,

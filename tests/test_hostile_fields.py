@@ -35,10 +35,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.cli import main
-from reconciler.inventory import InventoryError, decode_store
+from reconciler.core.policytest import render_results, run_tests
 from reconciler.policy.load import load_revision, parse_files
 from reconciler.policy.source import SourceFile
-from reconciler.policytest import render_results, run_tests
+from reconciler.sources.cellstore import InventoryError, decode_store
 from tests.iptables_eval import Packet, parse_restore, verdict
 from tests.policyrepo import commit_all, init_repo
 

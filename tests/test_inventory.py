@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from reconciler.inventory import InventoryError, decode_store, dump_store, parse_store
-from reconciler.model import Container
+from reconciler.core.model import Container
+from reconciler.sources.cellstore import InventoryError, decode_store, dump_store, parse_store
 
 REAL_CELL = {
     # As garden-external-networker writes it on a CF cell, extra metadata keys included.
@@ -233,7 +233,7 @@ def test_containers_sort_by_handle():
 
 
 def test_an_oversized_store_is_refused_from_its_size(tmp_path):
-    from reconciler.inventory import MAX_STORE_BYTES, read_store
+    from reconciler.sources.cellstore import MAX_STORE_BYTES, read_store
 
     huge = tmp_path / "store.json"
     with huge.open("wb") as f:

@@ -1,4 +1,4 @@
-"""The one reader for JSON from outside (`reconciler.jsonsafe`): every hostile input is an
+"""The one reader for JSON from outside (`reconciler.sources.jsonsafe`): every hostile input is an
 error naming source, line and column, never a traceback.  `import-cf` and the metadata store
 reader both use it (tests/test_importcf_cli.py and tests/test_hostile_fields.py attack those)."""
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.jsonsafe import MAX_DEPTH, MAX_INT_DIGITS, JsonInputError, loads
+from reconciler.sources.jsonsafe import MAX_DEPTH, MAX_INT_DIGITS, JsonInputError, loads
 
 
 def error_of(text: str | bytes, **kw: bool) -> str:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.lab import netns as netns_module
-from reconciler.lab.netns import (
+from asgctl_lab import netns as netns_module
+from asgctl_lab.netns import (
     MAX_IFNAME,
     OWNER_DIR,
     ContainerSpec,
@@ -34,8 +34,8 @@ from reconciler.lab.netns import (
     store_document,
     write_json_atomic,
 )
-from reconciler.lab.nsenter import list_links, list_netns, netns_pids
-from reconciler.lab.probe import Outcome, check_lab_address, probe_tcp
+from asgctl_lab.nsenter import list_links, list_netns, netns_pids
+from asgctl_lab.probe import Outcome, check_lab_address, probe_tcp
 from tests.conftest import STANDARD_CONTAINERS, STANDARD_SERVICES, require_netns
 
 FAST = 0.3  # timeout for probes that are expected to time out
@@ -332,7 +332,7 @@ def test_a_failing_start_removes_what_it_made(monkeypatch: pytest.MonkeyPatch) -
 # cannot reap it before this test does.
 CRASHING_OWNER = """\
 import os, secrets, signal
-from reconciler.lab.netns import ContainerSpec, Lab, ServiceSpec
+from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
 lab = Lab(
     [ContainerSpec("web")],
     [ServiceSpec("echo", tcp_ports=(80,), udp_ports=(53,))],

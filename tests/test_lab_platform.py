@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from asgctl_lab import platform
+from asgctl_lab.matrix import Matrix, Row, Target, Verdict, classify, parse_target
+from asgctl_lab.nsenter import list_netns
+from asgctl_lab.policyrepo import parse_status
+from asgctl_lab.probe import Outcome, ProbeResult
 from reconciler.cli import main as cli
-from reconciler.lab import platform
-from reconciler.lab.matrix import Matrix, Row, Target, Verdict, classify, parse_target
-from reconciler.lab.nsenter import list_netns
-from reconciler.lab.policyrepo import parse_status
-from reconciler.lab.probe import Outcome, ProbeResult
 from tests.conftest import require_netns, skip_unless_available
 
 POLICIES = Path(__file__).resolve().parents[1] / "policies"
@@ -358,7 +358,7 @@ def test_down_also_stops_agents_and_git_after_a_kill_of_the_demo(lab_env: dict[s
     root = Path(lab_env[platform.STATE_ENV])
     script = (
         "import os, signal\n"
-        "from reconciler.lab import platform\n"
+        "from asgctl_lab import platform\n"
         "info = platform.up('orphaned', platform.default_spec(1))\n"
         "platform.start_agents(info, '1s')\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"

@@ -30,9 +30,9 @@ import pytest
 from click.testing import CliRunner
 
 from reconciler.cli import main
-from reconciler.model import Location
+from reconciler.core.model import Location
+from reconciler.escape import gh_data, gh_property, log_text, md, visible
 from reconciler.policy.findings import Finding, render_findings
-from reconciler.report.escape import gh_data, gh_property, log_text, md, visible
 from tests.policyrepo import commit_all, init_repo, write_tree
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from asgctl_lab.netns import Lab
 from reconciler.backends import contract as rec
 from reconciler.backends import converge
 from reconciler.backends.errors import ReadError
@@ -47,11 +48,10 @@ from reconciler.backends.nftables.render import (
     element_text,
     render_cell,
 )
-from reconciler.compile import compile_cell
-from reconciler.explain import find_container
-from reconciler.lab.netns import Lab
-from reconciler.packetspace import disjoint_boxes
-from reconciler.plan import ID_LEN, LOG_ID_LEN, CellPlan
+from reconciler.core.cellplan import ID_LEN, LOG_ID_LEN, CellPlan
+from reconciler.core.compile import compile_cell
+from reconciler.core.explain import find_container
+from reconciler.core.packetspace import disjoint_boxes
 from tests.cases import RecordingRunner, edge_plan
 from tests.iptables_eval import Packet
 from tests.test_dataplane import (

@@ -18,15 +18,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.backends.iptables.render import render_text
-from reconciler.compile import (
+from reconciler.core.compile import (
     bindings_for,
     compile_cell,
     container_sources,
     group_bindings,
     policy_bindings,
 )
-from reconciler.endpoint import Endpoint, parse_endpoint
-from reconciler.model import (
+from reconciler.core.endpoint import Endpoint, parse_endpoint
+from reconciler.core.model import (
     AddressRange,
     Container,
     EgressPolicy,
@@ -36,7 +36,7 @@ from reconciler.model import (
     RuleItem,
     SecurityGroup,
 )
-from reconciler.packetspace import (
+from reconciler.core.packetspace import (
     ANY_BYTE,
     ANY_PORT,
     PROTOCOL_NUMBERS,

@@ -21,9 +21,11 @@ import yaml
 from click.testing import CliRunner
 
 from reconciler.backends.iptables.render import render_cell
+from reconciler.ci.plan import run_plan
+from reconciler.ci.report import MARKER, PlanReport, Revision, render_markdown
 from reconciler.cli import main
-from reconciler.compile import compile_cell
-from reconciler.diff import (
+from reconciler.core.compile import compile_cell
+from reconciler.core.diff import (
     CF_RULES_ERROR,
     CF_RULES_WARNING,
     CellDiff,
@@ -32,17 +34,14 @@ from reconciler.diff import (
     _limit_notices,
     diff_plans,
 )
-from reconciler.inventory import InventoryError, dump_store
-from reconciler.inventory_sources import (
-    CellInventory,
+from reconciler.core.model import CellInventory, Container, Space
+from reconciler.policy.load import load_folder
+from reconciler.sources.cellstore import InventoryError, dump_store
+from reconciler.sources.inventories import (
     StoreFiles,
     cell_name_for,
     synthetic_inventory,
 )
-from reconciler.model import Container, Space
-from reconciler.planrun import run_plan
-from reconciler.policy.load import load_folder
-from reconciler.report import MARKER, PlanReport, Revision, render_markdown
 from reconciler.status.document import _fast_parts, containers_from_status
 from tests.golden import assert_golden
 from tests.policyrepo import commit_all, git, init_repo, write_tree
@@ -668,7 +667,7 @@ def test_status_files_parsed_in_workers_read_the_same(tmp_path):
         input="".join(stream).encode(),
         check=True,
     )
-    from reconciler.inventory_sources import StatusBranches
+    from reconciler.sources.inventories import StatusBranches
 
     one = StatusBranches(str(repo), workers=1).cells()
     assert len(one) == 130 and one[0].cell == "cell-000" and len(one[0].containers) == 3

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from reconciler.inventory import dump_store
-from reconciler.planrun import run_plan
-from reconciler.report.escape import md
+from reconciler.ci.plan import run_plan
+from reconciler.escape import md
+from reconciler.sources.cellstore import dump_store
 from tests.policyrepo import commit_all, write_tree
 from tests.test_plan import (
     BACKEND,

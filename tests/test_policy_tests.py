@@ -9,8 +9,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from reconciler.cli import main
+from reconciler.core.policytest import run_tests
 from reconciler.policy.load import load_folder
-from reconciler.policytest import run_tests
 from tests.policyrepo import commit_all, init_repo, write_tree
 
 REPO = Path(__file__).resolve().parent.parent

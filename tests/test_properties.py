@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.backends.iptables.render import render_text
-from reconciler.compile import compile_cell
-from reconciler.endpoint import Endpoint
-from reconciler.explain import explain, find_container
-from reconciler.model import (
+from reconciler.core.compile import compile_cell
+from reconciler.core.endpoint import Endpoint
+from reconciler.core.explain import explain, find_container
+from reconciler.core.model import (
     AddressRange,
     Container,
     Destination,

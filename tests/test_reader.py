@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.cli import main
+from reconciler.core.policytest import run_tests
 from reconciler.policy.load import load_folder, load_policy, load_revision
 from reconciler.policy.source import LoadErrors, read_folder, read_git
 from reconciler.policy.yamlsafe import LoadError
-from reconciler.policytest import run_tests
 from tests.policyrepo import commit_all, git, init_repo, write_tree
 
 REPO = Path(__file__).resolve().parent.parent
@@ -351,8 +351,8 @@ def test_a_quoted_merge_key_is_an_unknown_field_not_an_allow_all_rule(tmp_path):
 def test_plan_refuses_a_head_whose_policy_folder_became_a_link(tmp_path, checkout):
     """Whatever the working tree holds (the PR's link, or the base's real folder), the plan
     reads the head from git and refuses it; nothing of the runner's files reaches the comment."""
-    from reconciler.planrun import run_plan
-    from reconciler.report import render
+    from reconciler.ci.plan import run_plan
+    from reconciler.ci.report import render
 
     runner_files = outside_secrets(tmp_path)
     repo = policy_checkout(tmp_path)

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from reconciler.agent.config import file_cell_settings, load_file
 from reconciler.backends.iptables.render import render_cell, render_text
 from reconciler.cli import main
-from reconciler.compile import compile_cell
-from reconciler.inventory import parse_store
-from reconciler.model import Container
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import Container
 from reconciler.policy.load import load_folder
+from reconciler.sources.cellstore import parse_store
 from tests.cases import CASES, REPO, case_plan
 from tests.golden import GOLDEN_DIR, assert_golden
 from tests.policyrepo import write_tree
@@ -222,7 +222,7 @@ def test_hostile_inventory_strings_never_reach_the_rules_and_never_widen(hostile
     on one line naming the container.  Either way the rules hold none of the text."""
     import json
 
-    from reconciler.inventory import decode_store
+    from reconciler.sources.cellstore import decode_store
 
     entry = {"handle": "c1", "ip": "198.18.0.2", "metadata": {"app_id": "app-1"}}
     key = "c1"

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
+from asgctl_lab.netns import Lab
 from bench.soak import run
-from reconciler.lab.netns import Lab
 from tests.conftest import require_netns
 from tests.faultkit import record, scale
 

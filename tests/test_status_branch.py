@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.inventory import InventoryError
-from reconciler.model import Container
+from reconciler.core.model import Container
+from reconciler.sources.cellstore import InventoryError
 from reconciler.status.branch import (
     STATUS_FILE,
     StatusBranchError,

@@ -19,9 +19,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.inventory import InventoryError
-from reconciler.inventory_sources import StatusBranches
-from reconciler.lab.gitserver import GitDaemon, git
+from asgctl_lab.gitserver import GitDaemon, git
+from reconciler.sources.cellstore import InventoryError
+from reconciler.sources.inventories import StatusBranches
 from reconciler.status.document import (
     CONTRACT_KEYS,
     MAX_STATUS_BYTES,
@@ -238,8 +238,9 @@ def test_an_oversized_status_is_refused_before_it_is_decoded() -> None:
 
 def test_what_the_agent_writes_passes_the_schema() -> None:
     """The schema agrees with agent/status.py: a full document built by build_status."""
-    from reconciler.agent.core import Condition, HistoryEntry, Refusal
+    from reconciler.agent.core import HistoryEntry, Refusal
     from reconciler.agent.state import AgentState, Applied, Head
+    from reconciler.status.document import Condition
 
     state = AgentState(
         applied=Applied("a" * 40, "d", "t", ()),
@@ -398,7 +399,7 @@ def test_asgctl_status_reports_each_hostile_branch_and_escapes_terminal_text(
 
 def test_the_lab_reads_status_branches_the_same_way(tmp_path: Path) -> None:
     """The lab's operator waits on status branches: a hostile one is left out, not loaded."""
-    from reconciler.lab.policyrepo import Operator
+    from asgctl_lab.policyrepo import Operator
     from reconciler.status.write import StatusWriter
 
     bare = tmp_path / "policy.git"

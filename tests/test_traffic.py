@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 import pytest
 
+from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
+from asgctl_lab.probe import Outcome, ProbeResult
 from reconciler.backends import Backend, Runner, converge
 from reconciler.backends.iptables.backend import IptablesBackend
 from reconciler.backends.nftables.backend import NftablesBackend
-from reconciler.compile import compile_cell
-from reconciler.lab.netns import ContainerSpec, Lab, ServiceSpec
-from reconciler.lab.probe import Outcome, ProbeResult
-from reconciler.model import (
+from reconciler.core.cellplan import CellPlan
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import (
     AddressRange,
     Container,
     Destination,
@@ -31,7 +32,6 @@ from reconciler.model import (
     Rule,
     SecurityGroup,
 )
-from reconciler.plan import CellPlan
 from tests.conftest import require_netns
 
 VARIANTS = ("legacy", "nft", "nftables")  # two iptables variants, and the nftables backend

@@ -35,9 +35,9 @@ from reconciler.backends.kernel.underlay import UnderlayError, default_route_dev
 from reconciler.backends.nftables import render as nft
 from reconciler.backends.nftables.backend import NftablesBackend
 from reconciler.cli import main
-from reconciler.endpoint import parse_endpoint
-from reconciler.explain import explain
-from reconciler.plan import CellSettings, DenyNetworks, RateLimit
+from reconciler.core.cellplan import CellSettings, DenyNetworks, RateLimit
+from reconciler.core.endpoint import parse_endpoint
+from reconciler.core.explain import explain
 from tests.cases import CASES, case_plan, load_case
 
 BASE = {"source": "file:///x", "containers": "/x/store.json", "cell": "c1"}
@@ -256,9 +256,9 @@ def test_a_restarted_agent_knows_its_plan_again_by_the_underlay_it_finds(
     the kernel stays drift rather than a change."""
     import io
 
+    from asgctl_lab.netns import ServiceSpec
     from reconciler.agent.core import condition
     from reconciler.agent.loop import SYNC, Agent
-    from reconciler.lab.netns import ServiceSpec
     from tests.agentkit import container, local_repo, sg, tcp_rules, write_store
 
     lab = make_lab([], [ServiceSpec("echo", tcp_ports=(80,))], conntrack=False)

@@ -32,15 +32,15 @@ from dataclasses import dataclass, replace
 
 import pytest
 
+from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
+from asgctl_lab.probe import Outcome
 from reconciler.backends import Backend, Runner, converge
 from reconciler.backends.iptables.backend import IptablesBackend
 from reconciler.backends.kernel.underlay import detect_underlay
 from reconciler.backends.nftables.backend import NftablesBackend
-from reconciler.compile import compile_cell
-from reconciler.lab.netns import ContainerSpec, Lab, ServiceSpec
-from reconciler.lab.probe import Outcome
-from reconciler.model import Container, PolicySet, SecurityGroup
-from reconciler.plan import CellPlan, CellSettings, DenyNetworks, RateLimit
+from reconciler.core.cellplan import CellPlan, CellSettings, DenyNetworks, RateLimit
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import Container, PolicySet, SecurityGroup
 from tests.conftest import require_netns
 from tests.test_traffic import assert_rejected_by_cell, rule
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reconciler.report import MARKER
+from reconciler.ci.report import MARKER
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / ".github" / "workflows"

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from reconciler.plan import (
+from reconciler.core.cellplan import (
     LIFECYCLES,
     CellSettings,
     DenyNetworks,

@@ -45,41 +45,12 @@ from reconciler.agent.conditions import (
     VERIFICATION_DISABLED,
 )
 from reconciler.agent.verify import SignatureCheck
-from reconciler.model import Directory
-from reconciler.plan import CellPlan, ContainerPlan
+from reconciler.core.cellplan import CellPlan, ContainerPlan
+from reconciler.core.model import Directory
 from reconciler.policy.findings import Finding
+from reconciler.status.document import Condition
 
 HISTORY_LIMIT = 5
-
-
-@dataclass(frozen=True, slots=True)
-class Condition:
-    """One Flux-style condition: {type, status, reason, message, lastTransitionTime}."""
-
-    type: str
-    status: str  # TRUE | FALSE | UNKNOWN
-    reason: str
-    message: str
-    last_transition: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {
-            "type": self.type,
-            "status": self.status,
-            "reason": self.reason,
-            "message": self.message,
-            "lastTransitionTime": self.last_transition,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Condition:
-        return cls(
-            str(d.get("type", "")),
-            str(d.get("status", UNKNOWN)),
-            str(d.get("reason", "")),
-            str(d.get("message", "")),
-            str(d.get("lastTransitionTime", "")),
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,11 +54,11 @@ from reconciler.agent.core import (
 from reconciler.agent.source import CommitInfo
 from reconciler.agent.state import DRIFT_LOG_LIMIT, AgentState, Applied, Head
 from reconciler.agent.verify import SignatureCheck, trailer_true
-from reconciler.inventory import StoreReading
-from reconciler.model import Container, PolicySet
-from reconciler.plan import CellPlan, CellSettings, PlanError
+from reconciler.core.cellplan import CellPlan, CellSettings, PlanError
+from reconciler.core.model import Container, PolicySet
 from reconciler.policy.findings import Finding
 from reconciler.policy.validate import Result
+from reconciler.sources.cellstore import StoreReading
 
 if TYPE_CHECKING:
     from reconciler.backends import ConvergeResult

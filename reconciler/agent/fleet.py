@@ -26,9 +26,9 @@ from typing import Any
 
 from reconciler.agent.config import redact_url
 from reconciler.agent.source import clip
-from reconciler.gitio import run_git
-from reconciler.inventory import InventoryError
-from reconciler.report.escape import visible
+from reconciler.escape import visible
+from reconciler.sources.cellstore import InventoryError
+from reconciler.sources.gitio import run_git
 from reconciler.status.branch import FETCHED_PREFIX, STATUS_PREFIX, blob_spec, fetch_refspec
 from reconciler.status.document import parse_status, summarize
 from reconciler.status.read import read_status_blobs

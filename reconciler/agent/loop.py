@@ -69,11 +69,11 @@ from reconciler.agent.state import AgentState, Applied, load_state, save_state
 from reconciler.agent.status import PushResult, StatusPusher, build_status, iso
 from reconciler.agent.verify import SignatureVerifier
 from reconciler.agent.watch import InventoryWatcher
-from reconciler.compile import compile_cell
-from reconciler.inventory import InventoryError, StoreReading, load_store
-from reconciler.model import Container, PolicySet
-from reconciler.plan import CellPlan, CellSettings
+from reconciler.core.cellplan import CellPlan, CellSettings
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import Container, PolicySet
 from reconciler.policy.load import load_revision
+from reconciler.sources.cellstore import InventoryError, StoreReading, load_store
 from reconciler.status.write import StatusWriter
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ Failures are classified into the reasons the status reports (`GitUnreachable`,
 `AuthenticationFailed`, `BranchNotFound`, `RepositoryNotFound`, `GitTimeout`, `CacheCorrupt`,
 `DiskFull`, `FetchFailed`; `gitio.classify`).  A corrupt cache is deleted and fetched again
 in the same call: it is a cache, the remote is the truth.  Every git command goes through
-`reconciler.gitio` (timeouts that kill the whole process group, no prompts, no operator
+`reconciler.sources.gitio` (timeouts that kill the whole process group, no prompts, no operator
 config).
 """
 
@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler import gitio
-from reconciler.gitio import classify
+from reconciler.sources import gitio
+from reconciler.sources.gitio import classify
 
 REMOTE_REF = "refs/remotes/origin/{branch}"
 
@@ -81,7 +81,7 @@ class MalformedCommit(Exception):
 def clip(text: str, limit: int) -> str:
     """Untrusted text for a status or a log line: control characters escaped, at most
     `limit` characters (with `...` when cut)."""
-    from reconciler.report.escape import visible
+    from reconciler.escape import visible
 
     shown = visible(text[: limit + 1])
     return shown if len(shown) <= limit else shown[: max(0, limit - 3)] + "..."

@@ -17,17 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler.agent.core import Condition, HistoryEntry, Problem, Refusal
+from reconciler.agent.core import HistoryEntry, Problem, Refusal
 from reconciler.agent.verify import SignatureCheck
 from reconciler.atomicfile import atomic_write_text
-from reconciler.inventory import (
+from reconciler.core.cellplan import CellPlan
+from reconciler.core.model import Container, PolicySet
+from reconciler.sources.cellstore import (
     InventoryError,
     Rejection,
     parse_store_document,
     store_document,
 )
-from reconciler.model import Container, PolicySet
-from reconciler.plan import CellPlan
+from reconciler.status.document import Condition
 
 STATE_VERSION = 1
 DRIFT_LOG_LIMIT = 10

@@ -32,7 +32,7 @@ from typing import Any
 from reconciler.agent.core import backoff, container_grants
 from reconciler.agent.source import clip
 from reconciler.agent.state import AgentState
-from reconciler.plan import CellPlan
+from reconciler.core.cellplan import CellPlan
 from reconciler.status.document import API_VERSION, KIND
 from reconciler.status.write import StatusPushError, StatusWriter, commit_message, dump_status
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.agent.source import clip
-from reconciler.gitio import git_env
+from reconciler.sources.gitio import git_env
 
 _TRAILER = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)\s*:\s*(.*?)\s*$")
 _SSH_GOOD = re.compile(r'Good "git" signature (?:for (\S+) )?with (\S+) key (\S+)')

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 from reconciler.backends.errors import DataplaneError
-from reconciler.plan import CellPlan
+from reconciler.core.cellplan import CellPlan
 
 Mode = Literal["apply", "dry-run", "report-only"]
 FAMILIES = (4, 6)

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from reconciler.model import Location
+from reconciler.core.model import Location
 from reconciler.policy.yamlsafe import FieldPath
 
 Severity = Literal["error", "warning"]
@@ -65,7 +65,7 @@ class Finding:
         if self.field:
             parts.append(self.field)
         message = self.message if self.severity == "error" else f"warning: {self.message}"
-        from reconciler.report.escape import visible  # reconciler.report imports this module
+        from reconciler.escape import visible  # reconciler.ci.report imports this module
 
         return visible(": ".join([*parts, message]))
 
@@ -80,7 +80,7 @@ class Finding:
         pull request: each is escaped for its place in the command, so none can end it early
         or start another.
         """
-        from reconciler.report.escape import gh_data, gh_property
+        from reconciler.escape import gh_data, gh_property
 
         level = "error" if self.severity == "error" else "warning"
         title = ": ".join(p for p in (self.subject, self.field) if p) or "asgctl"
@@ -110,7 +110,7 @@ def render_findings(
         return json.dumps(doc, indent=2) + "\n"
     if fmt == "github":
         return "".join(f.github(prefix) + "\n" for f in ordered)
-    from reconciler.report.escape import log_text
+    from reconciler.escape import log_text
 
     lines = [str(f) for f in ordered]
     errors = sum(1 for f in ordered if f.severity == "error")

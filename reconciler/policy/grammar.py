@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from reconciler.model import PROTOCOLS, AddressRange, Location, PortRange, Rule
+from reconciler.core.model import PROTOCOLS, AddressRange, Location, PortRange, Rule
 
 __all__ = [
     "ALLOWED_RULE_KEYS",

@@ -50,7 +50,6 @@ from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import yaml
 
-from reconciler import jsonsafe
 from reconciler.policy.grammar import (
     ALLOWED_RULE_KEYS,
     cf_exact_errors,
@@ -58,6 +57,7 @@ from reconciler.policy.grammar import (
     parse_rule,
 )
 from reconciler.policy.yamlsafe import LoadError, load_yaml
+from reconciler.sources import jsonsafe
 
 __all__ = [
     "SCHEMA_COMMENT",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from reconciler.model import Location, PolicySet
+from reconciler.core.model import Location, PolicySet
 from reconciler.policy.findings import Finding
 from reconciler.policy.source import (
     LoadErrors,

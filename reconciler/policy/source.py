@@ -37,8 +37,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from reconciler import gitio
 from reconciler.policy.yamlsafe import DEFAULT_LIMITS, Budget, Limits, LoadError
+from reconciler.sources import gitio
 
 YAML_SUFFIXES = (".yaml", ".yml")
 MAX_LINK_HOPS = 8  # Linux follows 40; policy needs a handful, and loops should fail fast

@@ -18,8 +18,8 @@ from typing import Any, Literal, cast
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from reconciler.endpoint import parse_endpoint
-from reconciler.model import (
+from reconciler.core.endpoint import parse_endpoint
+from reconciler.core.model import (
     App,
     Destination,
     Directory,

@@ -24,7 +24,7 @@ from typing import Any, cast
 import yaml
 from yaml import events as ev
 
-from reconciler.model import Location
+from reconciler.core.model import Location
 
 FieldPath = tuple[str | int, ...]
 """Where a value sits in a document: mapping keys and sequence indexes from the root."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 
-from reconciler import gitio
+from reconciler.sources import gitio
 
 STATUS_PREFIX = "status/"
 """Branch names of the contract: `status/<cell>` (the agent's `status-branch-prefix`)."""

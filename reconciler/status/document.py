@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -33,9 +34,9 @@ from typing import Any
 
 import yaml
 
-from reconciler.inventory import InventoryError, parse_store_document
-from reconciler.model import Container
+from reconciler.core.model import Container
 from reconciler.policy import yamlsafe
+from reconciler.sources.cellstore import InventoryError, parse_store_document
 
 MAX_STATUS_BYTES = 8 * 1024 * 1024
 """A cell of ~250 containers writes ~150 KB; 8 MB is room for ~13,000 containers."""
@@ -309,13 +310,38 @@ def parse_status(data: bytes | str, origin: str) -> StatusDocument:
 # -- what a status says ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Condition:
-    """One of the document's conditions (`Ready`, `Drifted`, ...); `Unknown` when absent."""
+    """One Flux-style condition: {type, status, reason, message, lastTransitionTime}.
 
-    status: str = "Unknown"
+    The agent writes these and every reader (`asgctl status`, the CI plan, the lab) reads them
+    back through this one class; a condition the document lacks reads as `Unknown`.
+    """
+
+    type: str = ""
+    status: str = "Unknown"  # True | False | Unknown
     reason: str = ""
     message: str = ""
+    last_transition: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "type": self.type,
+            "status": self.status,
+            "reason": self.reason,
+            "message": self.message,
+            "lastTransitionTime": self.last_transition,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Condition:
+        return cls(
+            str(d.get("type", "")),
+            str(d.get("status", "Unknown")),
+            str(d.get("reason", "")),
+            str(d.get("message", "")),
+            str(d.get("lastTransitionTime", "")),
+        )
 
 
 @dataclass(frozen=True)
@@ -343,10 +369,8 @@ def condition(header: dict[str, Any], type_: str) -> Condition:
     """The first condition of `type_` in the document, or an Unknown one."""
     for c in header.get("conditions") or ():
         if isinstance(c, dict) and c.get("type") == type_:
-            return Condition(
-                str(c.get("status", "Unknown")), str(c.get("reason", "")), str(c.get("message", ""))
-            )
-    return Condition()
+            return Condition.from_dict(c)
+    return Condition(type_)
 
 
 def summarize(header: dict[str, Any]) -> StatusSummary:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from reconciler import gitio
+from reconciler.core.model import Container
 from reconciler.forkpool import fork_ranges
-from reconciler.inventory import InventoryError
-from reconciler.model import Container
+from reconciler.sources import gitio
+from reconciler.sources.cellstore import InventoryError
 from reconciler.status.branch import CELL_NAME, StatusBranchError, blob_spec, status_refs
 from reconciler.status.document import MAX_STATUS_BYTES, containers_from_status
 

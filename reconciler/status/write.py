@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from reconciler import gitio
+from reconciler.sources import gitio
 from reconciler.status.branch import STATUS_FILE, STATUS_PREFIX, is_status_branch
 
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)

@@ -36,7 +36,7 @@ from reconciler.backends.iptables.rendercache import RenderCache
 from reconciler.backends.iptables.xlock import xtables_lock
 from reconciler.backends.kernel.generation import EMPTY_FILTER_ENTRIES, KernelProbe
 from reconciler.backends.kernel.runner import Runner
-from reconciler.plan import CellPlan
+from reconciler.core.cellplan import CellPlan
 
 VARIANTS = ("legacy", "nft")
 _ERROR_LINE = re.compile(r"(?:line:?\s+|line )(\d+)", re.IGNORECASE)

@@ -28,8 +28,8 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from reconciler.model import RuleItem
-from reconciler.plan import LOG_ID_LEN, CellPlan, ContainerPlan, check_interface_name
+from reconciler.core.cellplan import LOG_ID_LEN, CellPlan, ContainerPlan, check_interface_name
+from reconciler.core.model import RuleItem
 
 
 def _short(chain_id: str) -> str:

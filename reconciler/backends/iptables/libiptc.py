@@ -37,7 +37,7 @@ from reconciler.backends.iptables.xlock import lock_path as default_lock_path
 from reconciler.backends.iptables.xlock import xtables_lock
 from reconciler.backends.kernel.nsthread import run_in_netns
 from reconciler.backends.kernel.runner import Runner
-from reconciler.plan import CellPlan
+from reconciler.core.cellplan import CellPlan
 
 _PROTOCOLS = {"icmp": "1", "tcp": "6", "udp": "17", "ipv6-icmp": "58", "icmpv6": "58"}
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reconciler.model import RuleItem
-from reconciler.plan import (
+from reconciler.core.cellplan import (
     NAME_ID_LEN,
     CellPlan,
     CellSettings,
@@ -24,6 +23,7 @@ from reconciler.plan import (
     log_id,
     port_chunks,
 )
+from reconciler.core.model import RuleItem
 
 TOP_CHAIN = "ASG-FORWARD"
 CONTAINER_PREFIX = "ASG-C-"

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from reconciler.backends.iptables.render import Ruleset, group_chain
-from reconciler.plan import CellPlan
+from reconciler.core.cellplan import CellPlan
 
 
 class RenderCache:

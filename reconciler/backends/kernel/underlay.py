@@ -20,7 +20,7 @@ from typing import Any
 
 from reconciler.backends.errors import DataplaneError
 from reconciler.backends.kernel.runner import Runner
-from reconciler.plan import check_interface_name
+from reconciler.core.cellplan import check_interface_name
 
 
 class UnderlayError(DataplaneError):

@@ -59,7 +59,7 @@ from reconciler.backends.nftables.render import (
     dispatch_map,
 )
 from reconciler.backends.nftables.rendercache import RenderCache
-from reconciler.plan import CellPlan
+from reconciler.core.cellplan import CellPlan
 
 _INDEX = re.compile(r"at index (\d+)")
 VERIFY_SAMPLE = 8

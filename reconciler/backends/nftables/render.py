@@ -63,18 +63,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.model import AddressRange, RuleItem, address_text
-from reconciler.packetspace import (
-    ANY_BYTE,
-    ANY_PORT,
-    ANY_PROTOCOL,
-    PROTOCOL_NUMBERS,
-    Range,
-    disjoint_boxes,
-    icmp_protocol,
-    item_space,
-)
-from reconciler.plan import (
+from reconciler.core.cellplan import (
     CellPlan,
     CellSettings,
     ContainerPlan,
@@ -84,6 +73,17 @@ from reconciler.plan import (
     check_interface_name,
     deny_class,
     log_id,
+)
+from reconciler.core.model import AddressRange, RuleItem, address_text
+from reconciler.core.packetspace import (
+    ANY_BYTE,
+    ANY_PORT,
+    ANY_PROTOCOL,
+    PROTOCOL_NUMBERS,
+    Range,
+    disjoint_boxes,
+    icmp_protocol,
+    item_space,
 )
 
 NFT_FAMILY = "inet"

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from reconciler.backends.nftables.render import NftRuleset, RenderMemo, render_cell
-from reconciler.plan import CellPlan
+from reconciler.core.cellplan import CellPlan
 
 
 class RenderCache:

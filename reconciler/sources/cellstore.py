@@ -39,8 +39,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from reconciler import jsonsafe
-from reconciler.model import Container
+from reconciler.core.model import Container
+from reconciler.sources import jsonsafe
 
 MAX_STORE_BYTES = 64 * 1024 * 1024
 MAX_TEXT = 1024

@@ -32,8 +32,8 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # model imports this module: the types are only named here
-    from reconciler.endpoint import Endpoint
-    from reconciler.model import Rule, RuleItem
+    from reconciler.core.endpoint import Endpoint
+    from reconciler.core.model import Rule, RuleItem
 
 Range = tuple[int, int]
 

@@ -6,7 +6,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from reconciler.model import address_text
+from reconciler.core.model import address_text
 
 _PORT_PROTOCOLS = ("tcp", "udp")
 _ALL_PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6")

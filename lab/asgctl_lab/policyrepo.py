@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reconciler.inventory import InventoryError
-from reconciler.lab import gitserver
+from asgctl_lab import gitserver
+from reconciler.sources.cellstore import InventoryError
 from reconciler.status import document
 from reconciler.status.branch import STATUS_FILE, STATUS_PREFIX, fetch_refspec
 from reconciler.status.read import read_status_blobs

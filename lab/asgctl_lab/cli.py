@@ -25,7 +25,7 @@ name_option = click.option(
 
 
 def _require_host() -> None:
-    from reconciler.lab.platform import unavailable_reason
+    from asgctl_lab.platform import unavailable_reason
 
     reason = unavailable_reason()
     if reason:
@@ -34,7 +34,7 @@ def _require_host() -> None:
 
 
 def _load(name: str) -> Any:  # a started Platform (imported lazily: root-only code)
-    from reconciler.lab.platform import PlatformError, load
+    from asgctl_lab.platform import PlatformError, load
 
     try:
         return load(name)
@@ -86,14 +86,14 @@ def up_cmd(
     """Build the lab and leave it running (until `asgctl lab down`)."""
     from pathlib import Path
 
-    from reconciler.lab.platform import (
+    from asgctl_lab.platform import (
         PlatformError,
         cf_layout_variant,
         default_spec,
         render_status,
         start_agents,
     )
-    from reconciler.lab.platform import up as lab_up
+    from asgctl_lab.platform import up as lab_up
 
     _require_host()
     try:
@@ -124,7 +124,7 @@ def up_cmd(
 @click.option("--all", "everything", is_flag=True, help="Every lab under the state dir.")
 def down_cmd(name: str, everything: bool) -> None:
     """Remove everything a lab made (also after a crashed `up`); safe to run twice."""
-    from reconciler.lab.platform import down, list_labs
+    from asgctl_lab.platform import down, list_labs
 
     _require_host()
     for n in list_labs() if everything else [name]:
@@ -144,7 +144,7 @@ def status_cmd(name: str, fmt: str) -> None:
     """Where the lab's parts are and whether they are alive.  Exit 0 healthy, 1 otherwise."""
     import json
 
-    from reconciler.lab.platform import health, render_status
+    from asgctl_lab.platform import health, render_status
 
     _require_host()
     info = _load(name)
@@ -189,7 +189,7 @@ def probe_cmd(
     fmt: str,
 ) -> None:
     """Reachability matrix: every container against every service port (✓ / ✗ and why)."""
-    from reconciler.lab.matrix import parse_target, probe_matrix
+    from asgctl_lab.matrix import parse_target, probe_matrix
 
     _require_host()
     info = _load(name)
@@ -216,7 +216,7 @@ def demo_cmd(
     name: str, interval: str, timeout: float, policies: str, backend: str, cf_layout: bool | None
 ) -> None:
     """Tell the seeds' stories on a fresh lab, then tear it down (also on Ctrl-C)."""
-    from reconciler.lab.demo import main as demo_main
+    from asgctl_lab.demo import main as demo_main
 
     args = ["--name", name, "--interval", interval, "--timeout", str(timeout)]
     if cf_layout is not None:

@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 import jinja2
 
-from reconciler.diff import AccessChange, CellDiff, ChainDiff, PlanDiff, PrincipalDiff
+from reconciler.core.diff import AccessChange, CellDiff, ChainDiff, PlanDiff, PrincipalDiff
+from reconciler.escape import fence, log_text, md, visible
 from reconciler.policy.findings import Finding
-from reconciler.report.escape import fence, log_text, md, visible
 
 MARKER = "<!-- asgctl-plan -->"
 COMMENT_LIMIT = 65_000  # GitHub allows 65,536; the rest is headroom for the CI's own words
@@ -44,7 +44,7 @@ class Revision:
 
 @dataclass(frozen=True)
 class PlanReport:
-    """Everything a plan presentation needs; built by `reconciler.planrun`, pure from here on."""
+    """Everything a plan presentation needs; built by `reconciler.ci.plan`, pure from here on."""
 
     base: Revision
     head: Revision
@@ -199,7 +199,7 @@ def _revision_text(rev: Revision, esc: Callable[[str], str]) -> str:
 @cache
 def _env() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("reconciler.report", "templates"),
+        loader=jinja2.PackageLoader("reconciler.ci.report", "templates"),
         autoescape=False,  # markdown is not HTML; strings arrive escaped by this module
         trim_blocks=True,
         lstrip_blocks=True,

@@ -31,16 +31,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from reconciler.model import (
-    LIFECYCLES,
-    Container,
-    EgressPolicy,
-    PolicySet,
-    Rule,
-    RuleItem,
-    SecurityGroup,
-)
-from reconciler.plan import (
+from reconciler.core.cellplan import (
     CF_CONTAINER_FIXED_LINES,
     CellPlan,
     CellSettings,
@@ -50,6 +41,15 @@ from reconciler.plan import (
     RuleGroup,
     cf_rule_keys,
     content_id,
+)
+from reconciler.core.model import (
+    LIFECYCLES,
+    Container,
+    EgressPolicy,
+    PolicySet,
+    Rule,
+    RuleItem,
+    SecurityGroup,
 )
 
 Profile = tuple[int, str, str, str]  # (IP version, lifecycle, space GUID, app GUID)

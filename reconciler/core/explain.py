@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from reconciler.compile import container_sources
-from reconciler.endpoint import Endpoint
-from reconciler.model import AddressRange, Container, PolicySet, RuleItem
-from reconciler.packetspace import contains, item_space
-from reconciler.plan import CellPlan, ContainerPlan, PlanRule, Provenance
+from reconciler.core.cellplan import CellPlan, ContainerPlan, PlanRule, Provenance
+from reconciler.core.compile import container_sources
+from reconciler.core.endpoint import Endpoint
+from reconciler.core.model import AddressRange, Container, PolicySet, RuleItem
+from reconciler.core.packetspace import contains, item_space
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class Decision:
             lines.append("  everything not allowed is rejected and logged (ASG DENY)")
         # Names and sources come from the policy repo: a newline in one must not start a
         # line of its own (a forged ALLOW in a CI log), so each line is escaped on its own.
-        from reconciler.report.escape import visible
+        from reconciler.escape import visible
 
         return "\n".join(visible(x) for x in lines) + "\n"
 

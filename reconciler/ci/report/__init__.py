@@ -1,6 +1,6 @@
 """Presentations of plans and policy tests (markdown for PRs, text for terminals, JSON)."""
 
-from reconciler.report.plan import (
+from reconciler.ci.report.plan import (
     COMMENT_LIMIT,
     MARKER,
     PlanReport,

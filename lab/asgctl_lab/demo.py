@@ -1,6 +1,6 @@
 """The demo: the seeds' three stories, told on a live lab, with packets as the evidence.
 
-    python -m reconciler.lab.demo          (or `asgctl lab demo`, or `make demo`; root)
+    python -m asgctl_lab.demo          (or `asgctl lab demo`, or `make demo`; root)
 
 1. *Scenario 1 of the dynamic egress article*: payments/prod's backend needs MySQL.  The
    operator adds a Destination and an app-level EgressPolicy; the backend reaches MySQL
@@ -48,10 +48,10 @@ from typing import Any, TextIO
 
 import yaml
 
-from reconciler.lab import platform
-from reconciler.lab.matrix import Matrix, Target, Verdict, classify, probe_matrix
-from reconciler.lab.policyrepo import CellStatus, GitError, Operator
-from reconciler.lab.probe import HeldConnection, probe_tcp
+from asgctl_lab import platform
+from asgctl_lab.matrix import Matrix, Target, Verdict, classify, probe_matrix
+from asgctl_lab.policyrepo import CellStatus, GitError, Operator
+from asgctl_lab.probe import HeldConnection, probe_tcp
 
 MYSQL_OLD = "198.19.10.10"
 MYSQL_NEW = "198.19.110.10"

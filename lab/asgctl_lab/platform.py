@@ -71,9 +71,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from reconciler import inventory
-from reconciler.lab.netns import netns_unavailable_reason, write_json_atomic
-from reconciler.lab.nsenter import (
+from asgctl_lab.netns import netns_unavailable_reason, write_json_atomic
+from asgctl_lab.nsenter import (
     NetnsError,
     Started,
     enable_conntrack,
@@ -87,7 +86,8 @@ from reconciler.lab.nsenter import (
     start_ip_batch,
     wait_all,
 )
-from reconciler.model import Container
+from reconciler.core.model import Container
+from reconciler.sources import cellstore
 
 PREFIX = "asgl"
 """Lab ids are `asgl` + 4 hex digits: disjoint from the test harness's `asgt` labs."""
@@ -560,7 +560,7 @@ def store_document(
     spec: LabSpec, cell: str, net: NetworkPlan, guids: Mapping[str, Guids]
 ) -> dict[str, Any]:
     """One cell's containers in CF's container metadata store format (store.json)."""
-    return inventory.store_document(cell_containers(spec, net, guids, cell))
+    return cellstore.store_document(cell_containers(spec, net, guids, cell))
 
 
 # -- state on disk -------------------------------------------------------------------------
@@ -1028,7 +1028,7 @@ def _start_containers(directory: Path, spec: LabSpec, net: NetworkPlan) -> None:
         netns = net.containers[c.name].netns
         spawn(directory, "container", ["sleep", "infinity"], netns=netns)
         if c.tcp:
-            argv = [sys.executable, "-m", "reconciler.lab.serve"]
+            argv = [sys.executable, "-m", "asgctl_lab.serve"]
             argv += [a for p in c.tcp for a in ("--tcp", f"0.0.0.0:{p}")]
             log = directory / "logs" / f"app-{c.name}.log"
             spawn(directory, "app", argv, netns=netns, stdout=log, log=log)
@@ -1054,7 +1054,7 @@ def _start_services(directory: Path, spec: LabSpec, net: NetworkPlan) -> None:
     logs = directory / "logs"
     waiting = []
     for s in spec.services:
-        argv = [sys.executable, "-m", "reconciler.lab.serve"]
+        argv = [sys.executable, "-m", "asgctl_lab.serve"]
         argv += [a for p in s.tcp for a in ("--tcp", f"0.0.0.0:{p}")]
         argv += [a for p in s.udp for a in ("--udp", f"0.0.0.0:{p}")]
         log = logs / f"service-{s.name}.log"
@@ -1123,8 +1123,8 @@ def cf_layout_text(
 ) -> str:
     """One cell's `iptables-restore --noflush` input: `render_diego` of the seed plan."""
     from reconciler.backends.iptables.cflayout import render_diego
-    from reconciler.compile import compile_cell
-    from reconciler.plan import CellSettings
+    from reconciler.core.cellplan import CellSettings
+    from reconciler.core.compile import compile_cell
 
     underlay = (UNDERLAY_IF,)
     plan = compile_cell(
@@ -1156,8 +1156,8 @@ def _start_git(
     seed_hook: Callable[[Path], None] | None,
 ) -> str:
     """Seed the bare repository and serve it with `git daemon` on the host's loopback."""
-    from reconciler.lab import policyrepo
-    from reconciler.lab.gitserver import GitDaemon
+    from asgctl_lab import policyrepo
+    from asgctl_lab.gitserver import GitDaemon
 
     root = directory / "git"
     root.mkdir()

@@ -34,7 +34,14 @@ from reconciler.backends.iptables.render import (
     chain_order,
     render_cell,
 )
-from reconciler.compile import (
+from reconciler.core.cellplan import (
+    CONTAINER_FIXED_LINES,
+    CellPlan,
+    ContainerPlan,
+    Provenance,
+    RuleGroup,
+)
+from reconciler.core.compile import (
     Profile,
     bindings_for,
     cf_equivalent_rules,
@@ -44,10 +51,9 @@ from reconciler.compile import (
     profile_rules,
     profile_signature,
 )
-from reconciler.forkpool import fork_ranges
-from reconciler.inventory_sources import CellInventory
-from reconciler.model import (
+from reconciler.core.model import (
     AddressRange,
+    CellInventory,
     Destination,
     Directory,
     PolicySet,
@@ -55,8 +61,8 @@ from reconciler.model import (
     RuleItem,
     SecurityGroup,
 )
-from reconciler.packetspace import ANY_PORT, item_space, merge_ranges, subtract
-from reconciler.plan import CONTAINER_FIXED_LINES, CellPlan, ContainerPlan, Provenance, RuleGroup
+from reconciler.core.packetspace import ANY_PORT, item_space, merge_ranges, subtract
+from reconciler.forkpool import fork_ranges
 
 CF_RULES_WARNING = 150_000
 CF_RULES_ERROR = 500_000

@@ -11,20 +11,19 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from reconciler.diff import diff_plans
-from reconciler.gitio import resolve_commit
-from reconciler.inventory import InventoryError
-from reconciler.inventory_sources import (
-    CellInventory,
+from reconciler.ci.report.plan import PlanReport, Revision
+from reconciler.core.cellplan import PlanError
+from reconciler.core.diff import diff_plans
+from reconciler.core.model import CellInventory, PolicySet
+from reconciler.policy.load import load_policy
+from reconciler.policy.source import RepoPlace, locate
+from reconciler.sources.cellstore import InventoryError
+from reconciler.sources.gitio import resolve_commit
+from reconciler.sources.inventories import (
     StatusBranches,
     StoreFiles,
     synthetic_inventory,
 )
-from reconciler.model import PolicySet
-from reconciler.plan import PlanError
-from reconciler.policy.load import load_policy
-from reconciler.policy.source import RepoPlace, locate
-from reconciler.report.plan import PlanReport, Revision
 
 STATUS = "status"
 MAX_WORKERS = 4  # forked processes for a fleet-wide diff (see diff._diff_cells)

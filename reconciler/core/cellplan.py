@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from reconciler.model import Container, PortRange, RuleItem
+from reconciler.core.model import Container, PortRange, RuleItem
 
 ID_LEN = 32
 """Hex digits of an id: 128 bits, out of reach of a birthday search (2^64 hashes)."""

@@ -25,21 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from reconciler.inventory import InventoryError, read_store
-from reconciler.model import Container, PolicySet
+from reconciler.core.model import CellInventory, Container, PolicySet
+from reconciler.sources.cellstore import InventoryError, read_store
 from reconciler.status.branch import CELL_NAME
 from reconciler.status.read import has_status_branches, read_fleet_containers
 
 SYNTHETIC_CELL = "directory"
-
-
-@dataclass(frozen=True, slots=True)
-class CellInventory:
-    """The containers one cell runs, and where that was read (shown in reports)."""
-
-    cell: str
-    containers: tuple[Container, ...]
-    origin: str
 
 
 class InventorySource(Protocol):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
-from reconciler import packetspace
+from reconciler.core import packetspace
 
 Protocol = Literal["tcp", "udp", "icmp", "icmpv6", "all"]
 Lifecycle = Literal["running", "staging"]
@@ -369,7 +369,7 @@ class Container:
     """A container on a cell, as CF's container metadata store describes it.
 
     `app_id` is the id policies name the app by: the store's `policy_group_id` as silk's
-    planner reads it, else its `app_id` (see `reconciler.inventory`); `policy_group_id` is
+    planner reads it, else its `app_id` (see `reconciler.sources.cellstore`); `policy_group_id` is
     the store's own field.
     """
 
@@ -397,3 +397,12 @@ class Container:
         if self.workload == "staging":
             return "staging"
         return "running" if self.workload in ("app", "task") else ""
+
+
+@dataclass(frozen=True, slots=True)
+class CellInventory:
+    """The containers one cell runs, and where that was read (shown in reports)."""
+
+    cell: str
+    containers: tuple[Container, ...]
+    origin: str

@@ -1,8 +1,8 @@
 """The lab's echo server, detached: it outlives the process that started it.
 
-    python -m reconciler.lab.serve --tcp 0.0.0.0:3306 --udp 0.0.0.0:53
+    python -m asgctl_lab.serve --tcp 0.0.0.0:3306 --udp 0.0.0.0:53
 
-`reconciler.lab.echo` exits when its stdin reaches end-of-file, which is right for the test
+`asgctl_lab.echo` exits when its stdin reaches end-of-file, which is right for the test
 harness (a killed test takes its servers with it) but wrong for `asgctl lab up`, which builds
 the platform and returns: its services must keep running until `asgctl lab down`.  So this
 wrapper gives the echo server a stdin that never ends -- a pipe whose write end it keeps open
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from reconciler.lab import echo
+from asgctl_lab import echo
 
 
 def main(argv: list[str] | None = None) -> int:

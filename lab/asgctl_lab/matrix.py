@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from reconciler.lab.platform import LabInfo
-from reconciler.lab.probe import Outcome, ProbeResult, probe_tcp, probe_udp
+from asgctl_lab.platform import LabInfo
+from asgctl_lab.probe import Outcome, ProbeResult, probe_tcp, probe_udp
 
 Proto = Literal["tcp", "udp"]
 _TARGET_RE = re.compile(

@@ -1,19 +1,19 @@
 """Network-namespace lab for the end-to-end tests and the demo (needs root; see `netns`)."""
 
-from reconciler.lab.netns import (
+from asgctl_lab.netns import (
+    Attachment,
     ContainerSpec,
-    Endpoint,
     Lab,
     LabError,
     ServiceSpec,
     cleanup_stale,
     netns_unavailable_reason,
 )
-from reconciler.lab.probe import HeldConnection, Outcome, ProbeResult
+from asgctl_lab.probe import HeldConnection, Outcome, ProbeResult
 
 __all__ = [
+    "Attachment",
     "ContainerSpec",
-    "Endpoint",
     "HeldConnection",
     "Lab",
     "LabError",

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 
-from reconciler.lab.nsenter import socket_in
+from asgctl_lab.nsenter import socket_in
 
 LAB_NETWORKS = (ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("fd00::/8"))
 

@@ -14,12 +14,12 @@ import ipaddress
 import json
 from dataclasses import dataclass
 
-from reconciler.compile import compile_cell
-from reconciler.endpoint import Endpoint
-from reconciler.explain import Decision, explain
-from reconciler.model import Container, Location, PolicySet, PolicyTest
+from reconciler.core.compile import compile_cell
+from reconciler.core.endpoint import Endpoint
+from reconciler.core.explain import Decision, explain
+from reconciler.core.model import Container, Location, PolicySet, PolicyTest
+from reconciler.escape import log_text, visible
 from reconciler.policy.findings import Finding
-from reconciler.report.escape import log_text, visible
 
 _IPV4 = "198.18.0.2"
 _IPV6 = "fd00:18::2"

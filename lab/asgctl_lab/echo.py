@@ -1,6 +1,6 @@
 """A tiny TCP/UDP echo server, run inside a lab service namespace.
 
-    python -m reconciler.lab.echo --tcp 0.0.0.0:80 --tcp [::]:80 --udp 0.0.0.0:53
+    python -m asgctl_lab.echo --tcp 0.0.0.0:80 --tcp [::]:80 --udp 0.0.0.0:53
 
 Standard library only, so the lab needs no extra tools on the host.  It prints ``ready`` on
 stdout once every socket is bound, so the lab can start many services in parallel and wait for

@@ -51,9 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, Self, cast
 
-from reconciler import inventory
-from reconciler.atomicfile import atomic_write_text
-from reconciler.lab.nsenter import (
+from asgctl_lab.nsenter import (
     enable_conntrack,
     list_links,
     netns_exec_argv,
@@ -66,8 +64,10 @@ from reconciler.lab.nsenter import (
     start_ip_batch,
     wait_all,
 )
-from reconciler.lab.probe import HeldConnection, ProbeResult, ping, probe_tcp, probe_udp
-from reconciler.model import Container
+from asgctl_lab.probe import HeldConnection, ProbeResult, ping, probe_tcp, probe_udp
+from reconciler.atomicfile import atomic_write_text
+from reconciler.core.model import Container
+from reconciler.sources import cellstore
 
 PREFIX_ROOT = "asgt"
 """Every lab id starts with this; `cleanup_stale(PREFIX_ROOT)` finds all dead labs."""
@@ -147,8 +147,11 @@ def _check_ports(spec: ContainerSpec | ServiceSpec) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoint:
-    """A container or service as the lab wires it: its namespace, interfaces and addresses."""
+class Attachment:
+    """How the lab attaches a container or service to a cell: namespace, veth ends, addresses.
+
+    (Not `core.endpoint.Endpoint`, the `IP[:PORT][/PROTO]` a rule is asked about.)
+    """
 
     name: str
     role: Role
@@ -185,10 +188,10 @@ def new_lab_id() -> str:
 
 def plan_endpoints(
     lab_id: str, containers: Sequence[ContainerSpec], services: Sequence[ServiceSpec]
-) -> tuple[dict[str, Endpoint], dict[str, Endpoint]]:
+) -> tuple[dict[str, Attachment], dict[str, Attachment]]:
     """Names and addresses for every endpoint; pure, so it is unit-tested without root.
 
-    Endpoint i of a role gets the i-th /30 (gateway .1, host .2 of the block) and the i-th
+    Attachment i of a role gets the i-th /30 (gateway .1, host .2 of the block) and the i-th
     /64 (gateway ::1, host ::2) of that role's range; order decides, so the same specs give
     the same addresses every run.
     """
@@ -204,7 +207,7 @@ def plan_endpoints(
     if len(set(handles)) != len(handles):
         raise ValueError(f"duplicate container handles: {sorted(handles)}")
 
-    def build(role: Role, tag: str, i: int, name: str, ipv6: bool) -> Endpoint:
+    def build(role: Role, tag: str, i: int, name: str, ipv6: bool) -> Attachment:
         # One veth: <id>-<tag><i> in the cell, <id>-<tag><i>p in the endpoint's namespace.
         net4, net6 = (CONTAINERS_V4, CONTAINERS_V6)
         if role == "service":
@@ -213,7 +216,7 @@ def plan_endpoints(
         base6 = int(net6.network_address) + (i << 64)
         cell_if = f"{lab_id}-{tag}{i}"
         assert len(cell_if) + 1 <= MAX_IFNAME, cell_if
-        return Endpoint(
+        return Attachment(
             name=name,
             role=role,
             netns=f"{lab_id}-{tag}-{name}",
@@ -232,10 +235,10 @@ def plan_endpoints(
 
 
 def store_document(
-    containers: Iterable[ContainerSpec], endpoints: Mapping[str, Endpoint]
+    containers: Iterable[ContainerSpec], endpoints: Mapping[str, Attachment]
 ) -> dict[str, Any]:
     """The cell's containers in CF's container metadata store format (store.json)."""
-    return inventory.store_document(
+    return cellstore.store_document(
         Container(
             handle=c.handle,
             ip=endpoints[c.name].ipv4,
@@ -460,7 +463,7 @@ class Lab:
     def _start_servers(self) -> None:
         assert self.workdir is not None
         env = python_env()
-        specs: list[tuple[ContainerSpec | ServiceSpec, Endpoint]] = [
+        specs: list[tuple[ContainerSpec | ServiceSpec, Attachment]] = [
             *((s, self.services[s.name]) for s in self.service_specs),
             *((c, self.containers[c.name]) for c in self.container_specs),
         ]
@@ -468,7 +471,7 @@ class Lab:
             if not (spec.tcp_ports or spec.udp_ports):
                 continue
             hosts = ["0.0.0.0"] + (["[::]"] if spec.ipv6 else [])
-            argv = [sys.executable, "-m", "reconciler.lab.echo"]
+            argv = [sys.executable, "-m", "asgctl_lab.echo"]
             for host in hosts:
                 argv += [a for p in spec.tcp_ports for a in ("--tcp", f"{host}:{p}")]
                 argv += [a for p in spec.udp_ports for a in ("--udp", f"{host}:{p}")]
