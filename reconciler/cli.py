@@ -471,6 +471,51 @@ def apply_cmd(
     sys.exit(1 if not result.ok else 0 if result.in_sync else 2)
 
 
+@main.command("uninstall")
+@click.option(
+    "--backend",
+    "backend_name",
+    type=click.Choice(BACKENDS),
+    default="iptables",
+    show_default=True,
+    help="The backend that installed the rules.",
+)
+@click.option(
+    "--variant",
+    type=click.Choice(["auto", "legacy", "nft"]),
+    default="auto",
+    show_default=True,
+    help="iptables variant; auto follows what the host already uses.",
+)
+@click.option("--dry-run", is_flag=True, help="Print the transactions; change nothing.")
+@format_option("text", "json")
+def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> None:
+    """Remove every rule asgctl installed on this host (current network namespace), and only those.
+
+    The way back to what enforced before (CF's own chains on a Diego cell): stop the agent
+    first, then run this.  Chains are ours by the same proof as in every apply (ownership
+    marker, the previous release's shape), so the host's chains, even ones named like ours,
+    stay.  Exit 0 when nothing of ours was there, 2 when something was removed (or would be,
+    with --dry-run), 1 on error (nothing half-removed: one transaction per family).
+    """
+    from reconciler.backends import DataplaneError, open_backend, remove
+    from reconciler.backends.summary import format_text
+
+    try:
+        backend = open_backend(backend_name, variant)
+    except DataplaneError as exc:
+        _fail(str(exc))
+    result = remove(backend, mode="dry-run" if dry_run else "apply")
+    if fmt == "json":
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(format_text(result, transactions=dry_run), nl=False)
+    for fam in result.families:
+        if fam.error is not None:
+            click.echo(f"error: ipv{fam.family}: {fam.error}", err=True)
+    sys.exit(1 if not result.ok else 0 if result.in_sync else 2)
+
+
 @main.command("plan")
 @click.option("--base", required=True, help="Base revision (e.g. origin/main or a SHA).")
 @click.option("--head", "head", default="HEAD", show_default=True, help="Head revision.")
