@@ -160,7 +160,7 @@ def notify_once(
                 what = f"{sink} {notice.context} {notice.state} {notice.sha[:12]} {notice.reason}"
                 try:
                     if sink == "github" and settings.github is not None:
-                        settings.github.send(notice, retry=settings.retry, sleep=sleep)
+                        settings.github.send(notice, retry=settings.retry, sleep=sleep, clock=clock)
                     elif settings.webhook is not None:
                         settings.webhook.send(
                             notice,
@@ -169,6 +169,7 @@ def notify_once(
                             now=now,
                             retry=settings.retry,
                             sleep=sleep,
+                            clock=clock,
                         )
                 except DeliveryError as exc:
                     if exc.kind == REJECTED:

@@ -98,7 +98,14 @@ class GitHubStatuses:
             ).replace("{sha}", _checked_sha(notice.sha))
         return out
 
-    def send(self, notice: Notice, *, retry: Retry, sleep: Callable[[float], None]) -> None:
+    def send(
+        self,
+        notice: Notice,
+        *,
+        retry: Retry,
+        sleep: Callable[[float], None],
+        clock: Callable[[], float],
+    ) -> None:
         post_json(
             self.url_for(notice.sha),
             json.dumps(self.body(notice)).encode(),
@@ -111,6 +118,7 @@ class GitHubStatuses:
             what=self.name,
             retry=retry,
             sleep=sleep,
+            clock=clock,
         )
 
 
@@ -144,6 +152,7 @@ class Webhook:
         now: str,
         retry: Retry,
         sleep: Callable[[float], None],
+        clock: Callable[[], float],
     ) -> None:
         body = self.body(notice, source=source, branch=branch, now=now)
         post_json(
@@ -158,4 +167,5 @@ class Webhook:
             what=self.name,
             retry=retry,
             sleep=sleep,
+            clock=clock,
         )
