@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,10 @@ import pytest
 from asgctl_lab.gitserver import git
 from reconciler.notify.events import FAILURE, PENDING, SUCCESS, Notice, notice_of
 from reconciler.notify.http import Retry
-from reconciler.notify.run import Settings, load_sent, notify_once
+from reconciler.notify.run import Settings, load_sent, notify_once, watch
 from reconciler.notify.sinks import GitHubStatuses, SinkError, Webhook
 from reconciler.status.write import StatusWriter, dump_status
-from tests.agentkit import ASGCTL, REPO_ROOT, local_repo, sg, tcp_rules
+from tests.agentkit import ASGCTL, REPO_ROOT, local_repo, sg, tcp_rules, wait_for
 from tests.notifykit import FakeGitHub, Scripted, SignedReceiver
 
 TOKEN = "ghp_notify_test_token_0123456789"
@@ -484,3 +485,36 @@ def test_the_command_refuses_to_run_without_a_sink_or_a_token(fleet: Fleet) -> N
         env={"ASGCTL_WEBHOOK_SECRET": ""},
     )
     assert no_secret.returncode == 2 and "ASGCTL_WEBHOOK_SECRET" in no_secret.stderr
+
+
+def test_the_service_reports_a_cell_that_fails_within_an_interval(
+    fleet: Fleet, github: FakeGitHub
+) -> None:
+    fleet.push("c1", doc("c1", applied=rev(fleet.shas[0])))
+    stop = threading.Event()
+    lines: list[str] = []
+    service = threading.Thread(
+        target=watch, args=(settings(fleet, github), 0.2, stop, lines.append), daemon=True
+    )
+    service.start()
+    try:
+        wait_for(lambda: len(github.seen) == 1, 30, what="the first success")
+        fleet.push(
+            "c1",
+            doc(
+                "c1",
+                status="False",
+                reason="EnforcementFailed",
+                message="iptables-restore: exit 4",
+                applied=rev(fleet.shas[0]),
+                observed=rev(fleet.shas[1]),
+            ),
+        )
+        wait_for(lambda: len(github.seen) == 2, 30, what="the failure")
+    finally:
+        stop.set()
+        service.join(30)
+    sha, body = list(github.statuses())[1]
+    assert (sha, body["state"], body["context"]) == (fleet.shas[1], FAILURE, "asgctl/c1")
+    assert body["description"] == "EnforcementFailed: iptables-restore: exit 4"
+    assert any(line.startswith("sent github asgctl/c1 failure") for line in lines)
