@@ -39,6 +39,8 @@ class Scripted:
     status: int
     headers: dict[str, str] = field(default_factory=dict)
     body: dict[str, Any] | None = None
+    raw: bytes | None = None
+    """Bytes to answer instead of `body` (a hostile or broken server)."""
 
 
 class _Server:
@@ -54,7 +56,7 @@ class _Server:
                 seen = Seen("POST", self.path, dict(self.headers.items()), body)
                 server.seen.append(seen)
                 status, headers, doc = server.answer(seen)
-                data = json.dumps(doc).encode()
+                data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -76,7 +78,7 @@ class _Server:
     def answer(self, seen: Seen) -> tuple[int, dict[str, str], Any]:
         if self.script:
             s = self.script.pop(0)
-            return s.status, s.headers, s.body or {}
+            return s.status, s.headers, s.raw if s.raw is not None else s.body or {}
         return self.ok(seen)
 
     def ok(self, seen: Seen) -> tuple[int, dict[str, str], Any]:

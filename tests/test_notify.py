@@ -346,6 +346,17 @@ def test_422_is_that_notice_s_problem_and_not_resent(fleet: Fleet, github: FakeG
     assert github.seen == []
 
 
+def test_a_hostile_answer_is_shown_escaped_and_cut(fleet: Fleet, github: FakeGitHub) -> None:
+    fleet.push("c1", doc("c1", applied=rev(fleet.shas[0])))
+    github.script = [
+        Scripted(500, raw=b"[" * 60_000),  # would exhaust a plain json.loads' recursion
+        Scripted(422, raw=json.dumps({"message": "\x1b[2J::error::x\n" + "m" * 10_000}).encode()),
+    ]
+    report = notify_once(settings(fleet, github), sleep=Sleeps())
+    said = report.skipped[-1]
+    assert "rejected" in said and "\x1b" not in said and "\n" not in said and len(said) < 400
+
+
 def test_an_unreachable_api_is_named_after_the_retries(fleet: Fleet) -> None:
     fleet.push("c1", doc("c1", applied=rev(fleet.shas[0])))
     with socket.socket() as s:

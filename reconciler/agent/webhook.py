@@ -23,15 +23,15 @@ what the agent fetches and verifies itself, so the webhook can never choose a re
 
 from __future__ import annotations
 
-import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from reconciler.agent.httpserve import BackgroundServer
 from reconciler.hmacsig import GITHUB_SIGNATURE_HEADER, SIGNATURE_HEADER, verify
+from reconciler.sources import jsonsafe
 
 PATH = "/hook"
 MAX_BODY_BYTES = 1024 * 1024
@@ -101,8 +101,8 @@ class SyncTrigger:
 def _ref_of(body: bytes) -> str | None:
     """A push event's `ref`, None when the body is not a JSON object with a string ref."""
     try:
-        doc = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        doc = jsonsafe.loads(body, "push event")
+    except ValueError:
         return None
     ref = doc.get("ref") if isinstance(doc, dict) else None
     return ref if isinstance(ref, str) else None
@@ -131,7 +131,7 @@ def judge(
     return 202, "push", True
 
 
-class WebhookServer:
+class WebhookServer(BackgroundServer):
     """The receiver on its own daemon thread; `log` gets one record per request."""
 
     def __init__(
@@ -229,29 +229,12 @@ class WebhookServer:
             def log_message(self, *args: object) -> None:  # our own records, not stderr text
                 return
 
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-        class Server(HTTPServer):
-            address_family = family
-
-        self._server = Server((host, port), Handler)
+        super().__init__(host, port, Handler, name="webhook")
         self.trigger = trigger
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="webhook", daemon=True
-        )
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def stop(self) -> None:
         self.trigger.stop()
-        self._server.shutdown()
-        self._server.server_close()
+        super().stop()
 
 
 def serve(

@@ -17,7 +17,6 @@ escaped and cut; no request header (the token) is ever part of an error.
 from __future__ import annotations
 
 import http.client
-import json
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +27,7 @@ from email.utils import parsedate_to_datetime
 
 from reconciler.agent.core import backoff
 from reconciler.agent.source import clip
+from reconciler.sources import jsonsafe
 
 MAX_ANSWER_BYTES = 64 * 1024
 FATAL = "fatal"
@@ -79,7 +79,7 @@ def _message(body: bytes) -> str:
     """The `message` of a JSON error body (GitHub's shape), else the start of the text."""
     text = body.decode("utf-8", "replace")
     try:
-        doc = json.loads(text)
+        doc = jsonsafe.loads(text, "answer")
     except ValueError:
         return clip(text.strip(), 200)
     if isinstance(doc, dict) and isinstance(doc.get("message"), str):

@@ -19,7 +19,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -219,9 +219,4 @@ def watch(
 
 def summary(report: Report) -> dict[str, Any]:
     """The run as JSON (`--format json`)."""
-    return {
-        "sent": report.sent,
-        "unchanged": report.unchanged,
-        "skipped": report.skipped,
-        "failed": report.failed,
-    }
+    return asdict(report)
