@@ -19,18 +19,39 @@ import io
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from asgctl_lab.gitserver import GitDaemon
+from asgctl_lab.netns import ContainerSpec, Lab
 from reconciler.agent.config import ConfigError, build_config
 from reconciler.agent.loop import STOP, SYNC, Agent
 from reconciler.agent.state import AgentState
 from reconciler.agent.webhook import MAX_BODY_BYTES, SyncTrigger, judge
-from tests.agentkit import PolicyRepo, container, local_repo, sg, tcp_rules, wait_for, write_store
+from reconciler.notify.run import Settings, notify_once
+from reconciler.notify.sinks import GitHubStatuses
+from tests.agentkit import (  # noqa: F401 - fixtures
+    ORG,
+    SPACE,
+    AgentProc,
+    PolicyRepo,
+    agents,
+    container,
+    git_server,
+    local_repo,
+    policy_repo,
+    read_status,
+    sg,
+    tcp_rules,
+    wait_for,
+    write_store,
+)
+from tests.conftest import require_netns
+from tests.notifykit import FakeGitHub
 from tests.test_agent_loop import MemoryDataplane
 
 SECRET = b"push-hook-secret"
@@ -289,3 +310,77 @@ def test_listening_needs_a_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         build_config({**base, "listen-webhook": "nowhere"}, {})
     monkeypatch.setenv("ASGCTL_WEBHOOK_SECRET", "s3cret")
     assert build_config(base, {}).listen_webhook == ":9292"
+
+
+# -- end to end: a real agent process in a lab cell, and notify reading what it pushed ------
+
+
+@pytest.mark.netns
+@pytest.mark.requires("git")
+def test_a_real_agent_syncs_on_a_push_and_notify_tells_github(
+    tmp_path: Path,
+    make_lab: Callable[..., Lab],
+    git_server: GitDaemon,  # noqa: F811
+    policy_repo: PolicyRepo,  # noqa: F811
+    agents: Callable[..., AgentProc],  # noqa: F811
+) -> None:
+    require_netns()
+    lab = make_lab([ContainerSpec("web", app_id="app-web", space_id=SPACE, org_id=ORG)], [])
+    first = policy_repo.commit("two rules", {"sg.yaml": sg("web", tcp_rules(2))})
+    secret_file = tmp_path / "hook.secret"
+    secret_file.write_bytes(SECRET)
+    agent = agents(
+        "cell-w",
+        source=policy_repo.url,
+        containers=str(lab.write_store()),
+        netns=lab.cell,
+        interval="1h",
+        **{
+            "underlay-interface": "uplink0",
+            "listen-webhook": "127.0.0.1:0",
+            "webhook-secret-file": str(secret_file),
+        },
+    ).start()
+
+    def applied(sha: str) -> Callable[[], bool]:
+        def check() -> bool:
+            doc = read_status(policy_repo.bare, "cell-w")
+            return bool(doc) and doc["lastAppliedRevision"] == f"main@sha1:{sha}"
+
+        return check
+
+    wait_for(applied(first), 30, what="the first revision applied")
+    listening = wait_for(
+        lambda: next(
+            (r for r in agent.log_records("err") if r.get("event") == "webhook-listening"), None
+        ),
+        10,
+        what="the webhook address",
+    )
+    port = int(listening["address"].rsplit(":", 1)[1])
+    second = policy_repo.commit("three rules", {"sg.yaml": sg("web", tcp_rules(3))})
+    body = push_body()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(
+            "POST",
+            "/hook",
+            body,
+            {"X-GitHub-Event": "push", "X-Hub-Signature-256": signed(body)},
+        )
+        assert conn.getresponse().status == 202
+    finally:
+        conn.close()
+    wait_for(applied(second), 30, what="the pushed revision applied long before the 1h interval")
+
+    with FakeGitHub() as github:
+        settings = Settings(
+            source=policy_repo.url,
+            state_file=tmp_path / "notify.json",
+            github=GitHubStatuses("acme/policy", "token", api=github.url),
+        )
+        report = notify_once(settings)
+        assert report.ok, report.failed
+        assert [(sha, b["context"], b["state"]) for sha, b in github.statuses()] == [
+            (second, "asgctl/cell-w", "success")
+        ]
