@@ -99,14 +99,15 @@ def save_sent(path: Path, sent: Sent) -> None:
 def read_notices(settings: Settings) -> tuple[list[str], list[Notice], list[Skipped]]:
     """Every listed cell (up to `max_cells`), the notices of those that have one, and the
     branches skipped; FetchError when the remote cannot be read."""
-    with fetched_status(settings.source, settings.branch, settings.cache) as got:
-        listed = list(got.cells[: settings.max_cells])
+    with fetched_status(
+        settings.source, settings.branch, settings.cache, settings.max_cells
+    ) as got:
+        listed = list(got.cells)
         notices: list[Notice] = []
         skipped: list[Skipped] = []
-        if len(got.cells) > settings.max_cells:
-            extra = len(got.cells) - settings.max_cells
-            skipped.append(Skipped("*", f"{extra} more status branches past --max-cells"))
-        for cell, spec, data in zip(listed, got.specs, got.blobs, strict=False):
+        if got.more:
+            skipped.append(Skipped("*", f"{got.more} more status branches past --max-cells"))
+        for cell, spec, data in zip(listed, got.specs, got.blobs, strict=True):
             try:
                 if isinstance(data, InventoryError):
                     raise data

@@ -42,6 +42,8 @@ class FetchedStatus:
     cells: tuple[str, ...]
     specs: tuple[str, ...]
     blobs: tuple[bytes | InventoryError, ...]
+    more: int = 0
+    """Status branches listed past `limit`, and not read."""
 
 
 def _git(git_dir: Path, *args: str, timeout: float = 120.0) -> str:
@@ -65,9 +67,10 @@ def _repo(cache: str | None) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def fetched_status(
-    url: str, branch: str = "main", cache: str | None = None
+    url: str, branch: str = "main", cache: str | None = None, limit: int | None = None
 ) -> Iterator[FetchedStatus]:
-    """Every `status/<cell>` branch of `url` (and `branch`, for its head), fetched and read.
+    """Every `status/<cell>` branch of `url` (and `branch`, for its head), fetched and read;
+    with `limit`, the blobs of the first `limit` cells (by name) only, the rest counted.
 
     The repository lives as long as the context (a caller may ask git more about it, e.g.
     ancestry); FetchError when the remote cannot be listed or fetched, or git cannot run.
@@ -80,9 +83,10 @@ def fetched_status(
         head = refs.get(f"refs/heads/{branch}", "")
         if not SHA.match(head):
             head = ""
-        cells = tuple(sorted(r[len(prefix) :] for r in refs if r.startswith(prefix)))
+        listed = sorted(r[len(prefix) :] for r in refs if r.startswith(prefix))
+        cells = tuple(listed[:limit] if limit is not None else listed)
         if not cells:
-            yield FetchedStatus(repo, head, (), (), ())
+            yield FetchedStatus(repo, head, (), (), (), len(listed))
             return
         specs = [fetch_refspec()]
         if f"refs/heads/{branch}" in refs:
@@ -93,4 +97,4 @@ def fetched_status(
             blobs = read_status_blobs(str(repo), list(blob_specs))
         except InventoryError as exc:
             raise FetchError(str(exc)) from None
-        yield FetchedStatus(repo, head, cells, blob_specs, tuple(blobs))
+        yield FetchedStatus(repo, head, cells, blob_specs, tuple(blobs), len(listed) - len(cells))
