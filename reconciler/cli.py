@@ -24,6 +24,7 @@ from reconciler.core.compile import compile_cell
 from reconciler.core.endpoint import parse_endpoint
 from reconciler.core.explain import LIFECYCLES, explain, find_containers
 from reconciler.core.model import Container, PolicySet
+from reconciler.notify.command import notify_cmd
 from reconciler.policy.findings import render_findings
 from reconciler.policy.load import load_policy
 from reconciler.policy.source import locate
@@ -580,3 +581,4 @@ def test_cmd(path: str, rev: str | None, fmt: str, verbose: bool) -> None:
 
 main.add_command(agent_cmd)
 main.add_command(status_cmd)
+main.add_command(notify_cmd)

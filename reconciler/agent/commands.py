@@ -48,6 +48,9 @@ def _opt(*names: str, **kwargs: Any) -> Any:
 @_opt("--status-min-interval", help="Merge status pushes closer than this.  [default: 1s]")
 @_opt("--metrics-listen", help="Serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9465).")
 @_opt("--metrics-textfile", help="Also write the metrics to this file.")
+@_opt("--listen-webhook", help="Sync at once on a signed push webhook to HOST:PORT/hook.")
+@_opt("--webhook-secret-file", help="Its HMAC secret.  [default: $ASGCTL_WEBHOOK_SECRET]")
+@_opt("--webhook-min-interval", help="At most one webhook sync this often.  [default: 10s]")
 @_opt("--watch", type=click.Choice(["auto", "inotify", "poll"]), help="Inventory watching.")
 @_opt("--watch-poll", help="Polling period when not using inotify.  [default: 100ms]")
 @click.option(

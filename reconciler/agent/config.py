@@ -122,6 +122,13 @@ class AgentConfig:
     metrics_listen: str | None = None
     """`127.0.0.1:9465` serves Prometheus text on that address; unset or empty, no server."""
     metrics_textfile: str | None = None
+    listen_webhook: str | None = None
+    """`0.0.0.0:9292` accepts signed push notifications there and syncs at once
+    (`reconciler.agent.webhook`); unset or empty, no receiver."""
+    webhook_secret_file: str | None = None
+    """The receiver's HMAC secret; unset, $ASGCTL_WEBHOOK_SECRET."""
+    webhook_min_interval: float = 10.0
+    """At most one webhook-triggered sync this often (more are coalesced or answered 429)."""
     watch: str = "auto"
     watch_poll: float = 0.1
     underlay_interface: tuple[str, ...] = ()
@@ -183,6 +190,7 @@ _DURATIONS = {
     "heartbeat",
     "status_min_interval",
     "watch_poll",
+    "webhook_min_interval",
 }
 _SHARES = {"jitter", "mass_revoke_threshold"}
 _BOOLS = {"once", "allow_rewind", "heal_drift", "status_push"}
@@ -243,7 +251,13 @@ def build_config(file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> Ag
             out[name] = parse_deny_networks(value, key)
         elif name == "outbound_connections":
             out[name] = parse_outbound(value, key)
-        elif value == "" and name in ("metrics_listen", "metrics_textfile", "netns"):
+        elif value == "" and name in (
+            "metrics_listen",
+            "metrics_textfile",
+            "netns",
+            "listen_webhook",
+            "webhook_secret_file",
+        ):
             out[name] = None
         else:
             out[name] = str(value)
@@ -362,13 +376,30 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError(f"watch: one of {', '.join(WATCH_MODES)}, got {cfg.watch!r}")
     if cfg.metrics_listen:
         parse_listen(cfg.metrics_listen)
+    if cfg.listen_webhook:
+        _check_webhook(cfg)
     if not cfg.mass_revoke_trailer or not re.match(r"^[A-Za-z0-9-]+$", cfg.mass_revoke_trailer):
         raise ConfigError("mass-revoke-trailer: a trailer key such as Asgctl-Allow-Mass-Revoke")
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def _check_webhook(cfg: AgentConfig) -> None:
+    """The receiver's address parses and its secret can be read (not kept: the config is
+    shown and logged, the secret is read again when the receiver starts)."""
+    from reconciler.agent.webhook import SECRET_ENV
+    from reconciler.hmacsig import SecretError, load_secret
+
+    parse_listen(cfg.listen_webhook or "", "listen-webhook")
+    try:
+        load_secret(cfg.webhook_secret_file, SECRET_ENV)
+    except SecretError as exc:
+        raise ConfigError(
+            f"listen-webhook needs webhook-secret-file or ${SECRET_ENV}: {exc}"
+        ) from None
+
+
+def parse_listen(text: str, key: str = "metrics-listen") -> tuple[str, int]:
     """`127.0.0.1:9465` or `:9465` (loopback) -> (host, port)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"metrics-listen: expected HOST:PORT, got {text!r}")
+        raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
     return (host.strip("[]") or "127.0.0.1"), int(port)

@@ -69,6 +69,7 @@ from reconciler.agent.state import AgentState, Applied, load_state, save_state
 from reconciler.agent.status import PushResult, StatusPusher, build_status, iso
 from reconciler.agent.verify import SignatureVerifier
 from reconciler.agent.watch import InventoryWatcher
+from reconciler.agent.webhook import WebhookServer, serve
 from reconciler.core.cellplan import CellPlan, CellSettings
 from reconciler.core.compile import compile_cell
 from reconciler.core.model import Container, PolicySet
@@ -164,6 +165,7 @@ class Agent:
             )
         self.watcher: InventoryWatcher | None = None
         self.metrics_server: MetricsServer | None = None
+        self.webhook: WebhookServer | None = None
         self.last_doc: dict[str, Any] | None = None
         self._stopping = threading.Event()
 
@@ -520,8 +522,21 @@ class Agent:
             self.watcher.start()
             if self.pusher is not None:
                 self.pusher.start()
+            if cfg.listen_webhook:
+                self.webhook = serve(
+                    cfg.listen_webhook,
+                    cfg.webhook_secret_file,
+                    branch=cfg.branch,
+                    min_interval=cfg.webhook_min_interval,
+                    fire=lambda: self.events.put(SYNC),
+                    log=lambda record: self._log(self.err, record),
+                )
+                host, port = self.webhook.address
+                self._log(self.err, {"event": "webhook-listening", "address": f"{host}:{port}"})
 
     def stop_sidecars(self) -> None:
+        if self.webhook is not None:
+            self.webhook.stop()
         if self.watcher is not None:
             self.watcher.stop()
         if self.pusher is not None:
