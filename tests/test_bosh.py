@@ -100,6 +100,8 @@ EVERY_SETTING: dict[str, tuple[str, Any, Any]] = {
     "status_min_interval": ("status_min_interval", "2s", 2.0),
     "metrics_listen": ("metrics_listen", "127.0.0.1:9999", "127.0.0.1:9999"),
     "metrics_textfile": ("metrics_textfile", "/var/vcap/data/m.prom", "/var/vcap/data/m.prom"),
+    "listen_webhook": ("listen_webhook", "0.0.0.0:9292", "0.0.0.0:9292"),
+    "webhook_min_interval": ("webhook_min_interval", "30s", 30.0),
     "watch": ("watch", "poll", "poll"),
     "watch_poll": ("watch_poll", "200ms", 0.2),
     "underlay_interface": ("underlay_interface", ["eth1"], ("eth1",)),
@@ -117,6 +119,9 @@ EVERY_SETTING: dict[str, tuple[str, Any, Any]] = {
 # Not offered by the job: monit supervises a long-lived agent (no `once`), and a cell
 # enforces in its own network namespace (`netns` is for the lab and tests).
 NOT_OFFERED = {"once", "netns"}
+# Offered another way: the receiver's secret reaches the agent in its environment (bpm.yml),
+# never as a file in the job's config folder.
+OFFERED_OTHERWISE = {"webhook_secret_file": "webhook_secret"}
 # Properties that are not agent settings: how the job reaches an ssh:// source.
 JOB_ONLY = {"source_ssh_key", "source_known_hosts"}
 # Where a Diego cell has a better default than the agent's own.
@@ -130,13 +135,14 @@ CELL_DEFAULTS = {
 
 def test_the_table_covers_every_agent_setting() -> None:
     settings = {f.name for f in dataclasses.fields(AgentConfig)}
-    assert set(EVERY_SETTING) == settings - NOT_OFFERED
+    assert set(EVERY_SETTING) == settings - NOT_OFFERED - set(OFFERED_OTHERWISE)
 
 
 def test_the_job_spec_declares_a_property_for_every_setting() -> None:
     declared = set(job_spec()["properties"])
     expected = {f"asgctl.{prop}" for prop, _, _ in EVERY_SETTING.values()}
-    assert declared == expected | {f"asgctl.{name}" for name in JOB_ONLY}
+    others = {f"asgctl.{name}" for name in [*JOB_ONLY, *OFFERED_OTHERWISE.values()]}
+    assert declared == expected | others
     assert all(d.get("description") for d in job_spec()["properties"].values())
 
 
@@ -148,11 +154,32 @@ def test_only_the_source_is_required_and_the_rest_are_the_agents_defaults(tmp_pa
         assert getattr(cfg, f.name) == expected, f.name
 
 
-def test_every_property_reaches_the_agent(tmp_path: Path) -> None:
+def test_every_property_reaches_the_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     properties = {prop: value for prop, value, _ in EVERY_SETTING.values()}
+    secret = render_bpm_env(properties | {"webhook_secret": 's3cr"t'}, tmp_path)
+    assert secret["ASGCTL_WEBHOOK_SECRET"] == 's3cr"t'
+    monkeypatch.setenv("ASGCTL_WEBHOOK_SECRET", secret["ASGCTL_WEBHOOK_SECRET"])
     cfg = agent_config(properties, tmp_path)
     for name, (_, _, expected) in EVERY_SETTING.items():
         assert getattr(cfg, name) == expected, name
+
+
+def render_bpm_env(properties: dict[str, Any], tmp_path: Path) -> dict[str, str]:
+    bpm = yaml.safe_load(render("bpm.yml.erb", properties, tmp_path))
+    env: dict[str, str] = bpm["processes"][0]["env"]
+    return env
+
+
+def test_the_webhook_secret_is_only_in_the_agents_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ASGCTL_WEBHOOK_SECRET", raising=False)
+    props = {"source": SOURCE, "listen_webhook": "0.0.0.0:9292", "webhook_secret": "s3cret"}
+    assert render_bpm_env(props, tmp_path)["ASGCTL_WEBHOOK_SECRET"] == "s3cret"
+    assert "s3cret" not in render("agent.yml.erb", props, tmp_path)
+    assert "ASGCTL_WEBHOOK_SECRET" not in render_bpm_env({"source": SOURCE}, tmp_path)
+    with pytest.raises(ConfigError, match="listen-webhook needs webhook-secret-file"):
+        agent_config({"source": SOURCE, "listen_webhook": "0.0.0.0:9292"}, tmp_path)
 
 
 def test_the_trust_files_hold_what_the_manifest_says(tmp_path: Path) -> None:
