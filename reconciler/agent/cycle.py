@@ -51,6 +51,7 @@ from reconciler.agent.core import (
     signature_verdict,
     validation_verdict,
 )
+from reconciler.agent.rollout import FleetReports, Soaking, rollout_hold
 from reconciler.agent.source import CommitInfo
 from reconciler.agent.state import DRIFT_LOG_LIMIT, AgentState, Applied, Head
 from reconciler.agent.verify import SignatureCheck, trailer_true
@@ -213,7 +214,8 @@ def judge_head(
         )
         if verdict is not None:
             return Head(sha, subject, check, verdict)
-    return Head(sha, subject, check, None, revision.policy)
+    emergency = trailer_true(commit.message, cfg.emergency_trailer)
+    return Head(sha, subject, check, None, revision.policy, emergency=emergency)
 
 
 # -- the observation and the decision ------------------------------------------------------
@@ -238,6 +240,10 @@ class Observation:
     """This sync's fetch (or reading of the new head) failed; None on an inventory cycle."""
     head: HeadFacts | None = None
     """A fetched head other than the last one judged."""
+    fleet: FleetReports | None = None
+    """The other cells' status branches, read on a sync when the head's waves need them."""
+    at: float = 0.0
+    """`now` in seconds since the epoch (this agent's clock: soaks and change windows)."""
 
 
 @dataclass(frozen=True)
@@ -278,6 +284,8 @@ class Decision:
     """Why the target is not converged this cycle (UnderlayUnknown, PlanRefused)."""
     converge: Converge | None = None
     logs: tuple[Log, ...] = ()
+    hold: Problem | None = None
+    """Why an accepted head is not applied this cycle (`reconciler.agent.rollout`)."""
 
 
 def inventory_unchanged(prev: AgentState, reading: StoreReading | None, error: str | None) -> bool:
@@ -322,6 +330,34 @@ def choose_target(head: Head | None, applied: Applied | None) -> Target | None:
     return None
 
 
+def held_back(
+    head: Head | None, st: AgentState, obs: Observation, cfg: AgentConfig
+) -> tuple[Problem | None, Soaking]:
+    """Why an accepted head waits for its turn (the Rollouts of the applied revision and of
+    the head: `reconciler.agent.rollout`), and the soak seen so far.  A cell with nothing
+    applied takes the head at once: holding it back would leave its containers with no
+    rules of ours at all, which is no safer than the head."""
+    applied = st.applied
+    if head is None or head.verdict is not None or head.policy is None:
+        return None, st.soaking
+    if applied is None or applied.sha == head.sha:
+        return None, st.soaking
+    if obs.trigger != SYNC:  # reads no status branch: the last sync's verdict stands
+        return st.hold, st.soaking
+    return rollout_hold(
+        cell=cfg.cell,
+        head_sha=head.sha,
+        revision=cfg.revision(head.sha),
+        applied=applied.policy.rollout if applied.policy is not None else None,
+        head=head.policy.rollout,
+        fleet=obs.fleet,
+        soaking=st.soaking,
+        now=obs.at,
+        emergency=head.emergency,
+        trailer=cfg.emergency_trailer,
+    )
+
+
 def decide(prev: AgentState, obs: Observation, cfg: AgentConfig, compile: Compile) -> Decision:
     """The cycle's decision: a pure function of the observation, the state and the config."""
     st, logs = take_inventory(prev, obs, cfg.cell)
@@ -340,9 +376,11 @@ def decide(prev: AgentState, obs: Observation, cfg: AgentConfig, compile: Compil
     # An inventory cycle does not fetch: the last sync's verdict on the source stands.
     source_error = obs.source_error if obs.trigger == SYNC else st.source_error
     st = replace(st, head=head, attempted=attempted, source_error=source_error)
-    made = Decision(obs.trigger, obs.now, st, logs=tuple(logs))
+    hold, soaking = held_back(head, st, obs, cfg)
+    st = replace(st, hold=hold, soaking=soaking)
+    made = Decision(obs.trigger, obs.now, st, logs=tuple(logs), hold=hold)
 
-    target = choose_target(head, st.applied)
+    target = choose_target(None if hold is not None else head, st.applied)
     if target is None:
         why = "" if source_error is None else f" ({source_error.reason})"
         return replace(made, waiting=f"no revision applied yet{why}")
@@ -519,6 +557,7 @@ def settle(
         drift=drift_notes,
         drift_repaired=drift_repaired,
         heal_drift=cfg.heal_drift,
+        hold=st.hold,
     )
     conditions = merge_conditions(st.conditions, cycle_conditions(view), now)
     ready = condition(conditions, READY)
