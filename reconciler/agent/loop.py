@@ -64,6 +64,8 @@ from reconciler.agent.cycle import (
     settle,
 )
 from reconciler.agent.metrics import Metrics, MetricsServer, write_textfile
+from reconciler.agent.peers import PeerReader
+from reconciler.agent.rollout import FleetReports, wants_fleet
 from reconciler.agent.source import GitSource, MalformedCommit, SourceError, clip
 from reconciler.agent.state import AgentState, Applied, load_state, save_state
 from reconciler.agent.status import PushResult, StatusPusher, build_status, iso
@@ -137,6 +139,12 @@ class Agent:
             )
             if cfg.verify == "signed"
             else None
+        )
+        self.peers = PeerReader(
+            cfg.source,
+            cfg.status_branch_prefix,
+            self.state_dir / "peers.git",
+            timeout=cfg.git_timeout,
         )
         self.metrics = Metrics(cfg.cell)
         self.events: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -302,6 +310,26 @@ class Agent:
             raise SourceError(CACHE_CORRUPT, "the cache failed `git fsck`; fetching anew")
         return replace(facts, cache_intact=True)
 
+    def _fleet(
+        self, fetched: str, head: HeadFacts | None, applied: Applied | None
+    ) -> FleetReports | None:
+        """The other cells' reports, read only when a valid head other than the applied
+        revision is pending and a wave of its Rollouts (or the applied one's) comes first."""
+        prev = self.state.head
+        if head is not None:
+            revision = head.revision
+            policy = revision.policy if revision is not None and revision.ok else None
+        elif prev is not None and prev.sha == fetched and prev.verdict is None:
+            policy = prev.policy
+        else:
+            policy = None
+        if policy is None or applied is None or applied.sha == fetched:
+            return None
+        before = applied.policy.rollout if applied.policy is not None else None
+        if not wants_fleet(self.cfg.cell, before, policy.rollout):
+            return None
+        return self.peers.read()
+
     def _observe(
         self,
         trigger: Trigger,
@@ -309,6 +337,7 @@ class Agent:
         reading: StoreReading | None,
         inventory_error: str | None,
         timings: dict[str, float],
+        at: float = 0.0,
     ) -> Observation:
         """Everything the decision needs from the world: the fetch and the new head's facts
         (a sync only), the applied revision restored, the underlay."""
@@ -319,6 +348,7 @@ class Agent:
         applied = prev.applied
         source_error: Problem | None = None
         head: HeadFacts | None = None
+        fleet: FleetReports | None = None
         if trigger == SYNC:
             t = time.perf_counter()
             try:
@@ -327,6 +357,7 @@ class Agent:
                 applied = self._restore_applied(applied, settings)
                 if prev.head is None or prev.head.sha != fetched.sha:
                     head = self._head_facts(fetched.sha, applied.sha if applied else None, timings)
+                fleet = self._fleet(fetched.sha, head, applied)
             except SourceError as exc:
                 timings.setdefault("fetch", time.perf_counter() - t)
                 source_error = Problem(exc.reason, exc.message)
@@ -341,6 +372,8 @@ class Agent:
             underlay_error=underlay_error,
             source_error=source_error,
             head=head,
+            fleet=fleet,
+            at=at,
         )
 
     # -- enforce -------------------------------------------------------------------------------
@@ -365,7 +398,8 @@ class Agent:
 
     def cycle(self, trigger: Trigger = SYNC) -> AgentState:
         """Run one cycle (fetching only for `sync`) and return the new state."""
-        now = iso(self.clock())
+        at = self.clock()
+        now = iso(at)
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
         reading, inventory_error = self._read_inventory()
@@ -373,7 +407,7 @@ class Agent:
             return self.state  # a notification without a change (a touch, the same data)
 
         self._compile_seconds = 0.0
-        obs = self._observe(trigger, now, reading, inventory_error, timings)
+        obs = self._observe(trigger, now, reading, inventory_error, timings, at)
         decision = decide(self.state, obs, self.cfg, self._compile)
         self._write_logs(decision.logs)
 
