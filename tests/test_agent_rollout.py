@@ -412,3 +412,60 @@ def test_the_emergency_trailer_is_read_from_the_head_commit() -> None:
         obs = replace(_obs(_facts(freeze_new, message=message), applied=APPLIED_WAVES), at=T0)
         d = decide(replace(BEFORE, applied=APPLIED_WAVES), obs, cfg, compile_plan)
         assert (d.hold.reason if d.hold else None) == reason
+
+
+# -- a pin: cells converge to the pinned revision and stay there -----------------------------
+
+PIN_SHA = "d" * 40
+PINNED = _policy(1, 2, 3, 4, 6)
+PINNING = replace(NEW, rollout=replace(WAVES, pause=True, pinned=PIN_SHA))
+
+
+def _pin_obs(pinned_facts, fleet=None):  # type: ignore[no-untyped-def]
+    obs = _obs(_facts(PINNING), applied=APPLIED_WAVES)
+    return replace(
+        obs, pinned=pinned_facts, fleet=None if fleet is None else FleetReports(fleet), at=T0
+    )
+
+
+def test_a_head_pinning_another_revision_moves_the_cell_to_that_revision() -> None:
+    cfg = replace(CFG, cell="canary-1")
+    facts = replace(_facts(PINNED), sha=PIN_SHA)
+    d = decide(replace(BEFORE, applied=APPLIED_WAVES), _pin_obs(facts), cfg, compile_plan)
+    assert d.hold is None and d.target == Target(PIN_SHA, PINNED)
+    assert d.state.head is not None and d.state.head.sha == HEAD_SHA  # observed: the head
+    assert d.state.pinned is not None and d.state.pinned.sha == PIN_SHA
+
+    # Once there, it stays: the head's pause holds it on the pinned revision.
+    on_pin = replace(APPLIED_WAVES, sha=PIN_SHA, policy=PINNED)
+    after = replace(d.state, applied=on_pin)
+    d2 = decide(after, replace(_obs(None, applied=on_pin), at=T0), cfg, compile_plan)
+    assert d2.hold is not None and d2.hold.reason == ROLLOUT_PAUSED
+    assert d2.target is not None and d2.target.sha == PIN_SHA
+
+
+def test_a_pinned_revision_meets_the_waves_like_any_other() -> None:
+    cfg = replace(CFG, cell="cell-1")
+    facts = replace(_facts(PINNED), sha=PIN_SHA)
+    obs = _pin_obs(facts, (waiting("canary-1"),))
+    d = decide(replace(BEFORE, applied=APPLIED_WAVES), obs, cfg, compile_plan)
+    assert d.hold is not None and d.hold.reason == WAITING_FOR_WAVE
+    assert CFG.revision(PIN_SHA) in d.hold.message
+    assert d.target == Target(APPLIED_SHA, WITH_WAVES)
+
+
+@pytest.mark.parametrize(
+    ("facts", "words"),
+    [
+        (None, "not in the history fetched"),
+        (replace(_facts(PINNED, descends=False), sha=PIN_SHA), "HistoryRewritten"),
+    ],
+    ids=["missing", "refused"],
+)
+def test_a_pinned_revision_that_cannot_be_applied_keeps_the_cell_where_it_is(
+    facts, words: str
+) -> None:  # type: ignore[no-untyped-def]
+    cfg = replace(CFG, cell="canary-1")
+    d = decide(replace(BEFORE, applied=APPLIED_WAVES), _pin_obs(facts), cfg, compile_plan)
+    assert d.hold is not None and d.hold.reason == ROLLOUT_PAUSED and words in d.hold.message
+    assert d.target == Target(APPLIED_SHA, WITH_WAVES)

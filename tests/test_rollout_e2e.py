@@ -210,3 +210,28 @@ def test_a_pause_keeps_every_cell_on_its_revision_while_a_new_container_gets_its
     assert {c["handle"] for c in doc["containers"]} == {WEB.handle, API.handle}
     assert late_lab.probe_tcp("api", "echo", 80).outcome is Outcome.CONNECTED
     assert late_lab.probe_tcp("api", "echo", 8080).outcome is Outcome.REJECTED
+
+
+def test_a_pin_moves_a_cell_to_the_pinned_revision_and_keeps_it_there(
+    cells: dict[str, Lab],
+    policy_repo: PolicyRepo,  # noqa: F811
+    agents: Callable[..., AgentProc],  # noqa: F811
+) -> None:
+    bare = policy_repo.bare
+    lab = cells["late-1"]
+    late = _agent(agents, policy_repo, "late-1", lab)
+    c1 = policy_repo.commit("allow echo:80", _files(lab, 80, rollout=None))
+    assert _on(_once(late, bare), c1)
+    c2 = policy_repo.commit("also echo:8080", _files(lab, 80, 8080, rollout=None))
+    # Before the cell saw c2, the fleet is pinned to it and main moves on (back to echo:80
+    # alone: c3 is valid, and a cell would apply it but for the pin).
+    pin = f"kind: Rollout\nname: freeze\npause: {{revision: {c2}}}\n"
+    c3 = policy_repo.commit("pin c2; only echo:80", _files(lab, 80, rollout=pin))
+    doc = _once(late, bare)
+    assert doc["lastAppliedRevision"] == _rev(c2) and doc["observedRevision"] == _rev(c3)
+    assert ready(doc)["status"] == "True"
+    for _ in range(2):  # and there it stays
+        doc = _once(late, bare)
+        assert _on(doc, c2, "RolloutPaused") and f"pinned to {c2[:12]}" in ready(doc)["message"]
+    assert lab.probe_tcp("web", "echo", 80).outcome is Outcome.CONNECTED
+    assert lab.probe_tcp("web", "echo", 8080).outcome is Outcome.CONNECTED

@@ -67,7 +67,7 @@ from reconciler.agent.metrics import Metrics, MetricsServer, write_textfile
 from reconciler.agent.peers import PeerReader
 from reconciler.agent.rollout import FleetReports, wants_fleet
 from reconciler.agent.source import GitSource, MalformedCommit, SourceError, clip
-from reconciler.agent.state import AgentState, Applied, load_state, save_state
+from reconciler.agent.state import AgentState, Applied, Head, load_state, save_state
 from reconciler.agent.status import PushResult, StatusPusher, build_status, iso
 from reconciler.agent.verify import SignatureVerifier
 from reconciler.agent.watch import InventoryWatcher
@@ -310,25 +310,49 @@ class Agent:
             raise SourceError(CACHE_CORRUPT, "the cache failed `git fsck`; fetching anew")
         return replace(facts, cache_intact=True)
 
+    def _pending(self, sha: str, facts: HeadFacts | None, judged: Head | None) -> PolicySet | None:
+        """The policy of a candidate revision (the head, or the revision it pins) that may be
+        valid: as read this cycle, else as judged before."""
+        if facts is not None:
+            revision = facts.revision
+            return revision.policy if revision is not None and revision.ok else None
+        if judged is not None and judged.sha == sha and judged.verdict is None:
+            return judged.policy
+        return None
+
+    def _pinned(
+        self,
+        fetched: str,
+        policy: PolicySet | None,
+        applied: Applied | None,
+        timings: dict[str, float],
+    ) -> HeadFacts | None:
+        """The facts about the revision the head pins the fleet to, when the cell is not on it
+        and it was not judged before (SourceError when the cache cannot tell)."""
+        pin = policy.rollout.pinned if policy is not None and policy.rollout is not None else None
+        prev = self.state.pinned
+        if pin is None or pin == fetched or (applied is not None and applied.sha == pin):
+            return None
+        if prev is not None and prev.sha == pin:
+            return None
+        if not self.source.has_commit(pin):
+            self.source.is_ancestor(pin, fetched)  # a shallow cache fetches the history
+            if not self.source.has_commit(pin):
+                return None  # not on the branch: reported as such (`held_back`)
+        return self._head_facts(pin, applied.sha if applied else None, timings)
+
     def _fleet(
-        self, fetched: str, head: HeadFacts | None, applied: Applied | None
+        self, fetched: str, candidates: list[PolicySet | None], applied: Applied | None
     ) -> FleetReports | None:
-        """The other cells' reports, read only when a valid head other than the applied
-        revision is pending and a wave of its Rollouts (or the applied one's) comes first."""
-        prev = self.state.head
-        if head is not None:
-            revision = head.revision
-            policy = revision.policy if revision is not None and revision.ok else None
-        elif prev is not None and prev.sha == fetched and prev.verdict is None:
-            policy = prev.policy
-        else:
-            policy = None
-        if policy is None or applied is None or applied.sha == fetched:
+        """The other cells' reports, read only when a valid revision other than the applied
+        one is pending and a wave of its Rollout (or the applied one's) comes first."""
+        if applied is None or applied.sha == fetched:
             return None
         before = applied.policy.rollout if applied.policy is not None else None
-        if not wants_fleet(self.cfg.cell, before, policy.rollout):
-            return None
-        return self.peers.read()
+        for policy in candidates:
+            if policy is not None and wants_fleet(self.cfg.cell, before, policy.rollout):
+                return self.peers.read()
+        return None
 
     def _observe(
         self,
@@ -349,6 +373,7 @@ class Agent:
         source_error: Problem | None = None
         head: HeadFacts | None = None
         fleet: FleetReports | None = None
+        pinned: HeadFacts | None = None
         if trigger == SYNC:
             t = time.perf_counter()
             try:
@@ -357,11 +382,15 @@ class Agent:
                 applied = self._restore_applied(applied, settings)
                 if prev.head is None or prev.head.sha != fetched.sha:
                     head = self._head_facts(fetched.sha, applied.sha if applied else None, timings)
-                fleet = self._fleet(fetched.sha, head, applied)
+                policy = self._pending(fetched.sha, head, prev.head)
+                pinned = self._pinned(fetched.sha, policy, applied, timings)
+                pin = policy.rollout.pinned if policy and policy.rollout else None
+                pinned_policy = self._pending(pin or "", pinned, prev.pinned)
+                fleet = self._fleet(fetched.sha, [policy, pinned_policy], applied)
             except SourceError as exc:
                 timings.setdefault("fetch", time.perf_counter() - t)
                 source_error = Problem(exc.reason, exc.message)
-                head = None
+                head, pinned, fleet = None, None, None
         return Observation(
             trigger=trigger,
             now=now,
@@ -372,6 +401,7 @@ class Agent:
             underlay_error=underlay_error,
             source_error=source_error,
             head=head,
+            pinned=pinned,
             fleet=fleet,
             at=at,
         )

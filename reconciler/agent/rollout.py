@@ -48,7 +48,7 @@ without waves (never make a cell apply a revision its own gates refused), and a 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -300,6 +300,12 @@ def _windows(
 
 
 # -- the decision --------------------------------------------------------------------------
+
+
+def unpaused(rollout: Rollout | None) -> Rollout | None:
+    """A pinned revision's own Rollout, minus its pause: the head that pins it is the word
+    on pausing, the pinned revision's waves and windows still apply."""
+    return None if rollout is None else replace(rollout, pause=False, pinned=None)
 
 
 def rollout_hold(

@@ -91,6 +91,9 @@ class AgentState:
     foreign_chains: tuple[tuple[int, str], ...] = ()
     """(family, name) of the chains with our prefix that are not ours, as last logged (not
     saved: a restarted agent names them once again)."""
+    pinned: Head | None = None
+    """The revision the head's Rollout pins the fleet to, judged like a head, while the cell
+    is not on it yet (`pause: {revision: ...}`)."""
     hold: Problem | None = None
     """Why the accepted head is not applied yet (its Rollout's waves, pause or windows)."""
     soaking: Soaking = field(default_factory=Soaking)
