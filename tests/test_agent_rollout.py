@@ -122,7 +122,7 @@ SOAKED = Soaking(REV, (("canary-1", T0 - 60), ("canary-2", T0 - 3600)))
             (ready_on("canary-1"), ready_on("canary-2")),
             Soaking(),
             WAITING_FOR_WAVE,
-            ("canary-1", "Ready for 0s of its 60s soak"),
+            ("canary-1", "Ready, its 60s soak ends 2026-12-07T12:01:00Z"),
         ),
         # ...and goes once every earlier cell has held it Ready for the soak.
         ("cell-1", (ready_on("canary-1"), ready_on("canary-2")), SOAKED, None, ()),
@@ -147,7 +147,7 @@ SOAKED = Soaking(REV, (("canary-1", T0 - 60), ("canary-2", T0 - 3600)))
             (ready_on("canary-1"), ready_on("canary-2"), ready_on("cell-1")),
             SOAKED,
             WAITING_FOR_WAVE,
-            ("wave 'half'", "cell-1", "of its 300s soak"),
+            ("wave 'half'", "cell-1", "its 300s soak ends"),
         ),
         # Cells of the same wave do not wait for each other.
         (
@@ -208,7 +208,8 @@ def test_the_soak_is_measured_on_the_readers_clock_from_when_it_first_saw_ready(
     held, seen = hold("cell-1", fleet)
     assert held is not None and seen == Soaking(REV, (("canary-1", T0), ("canary-2", T0)))
     held, seen2 = hold("cell-1", fleet, soaking=seen, now=T0 + 59)
-    assert held is not None and "59s of its 60s" in held.message and seen2 == seen
+    assert held is not None and held.message == hold("cell-1", fleet, soaking=seen)[0].message
+    assert "soak ends 2026-12-07T12:01:00Z" in held.message and seen2 == seen
     held, _ = hold("cell-1", fleet, soaking=seen, now=T0 + 60)
     assert held is None
     # A cell seen not Ready in between starts its soak again.
@@ -221,7 +222,7 @@ def test_the_soak_is_measured_on_the_readers_clock_from_when_it_first_saw_ready(
     # What was seen of another revision does not count for this one.
     other = Soaking(CFG.revision("c" * 40), (("canary-1", T0 - 999), ("canary-2", T0 - 999)))
     held, _ = hold("cell-1", fleet, soaking=other, now=T0)
-    assert held is not None and "0s of its 60s" in held.message
+    assert held is not None and "soak ends 2026-12-07T12:01:00Z" in held.message
     # A clock that went back does not make a soak longer than it was.
     _, back = hold("cell-1", fleet, soaking=seen, now=T0 - 3600)
     assert back.since == (("canary-1", T0 - 3600), ("canary-2", T0 - 3600))

@@ -121,7 +121,7 @@ def test_the_second_wave_applies_a_revision_only_after_the_first_held_it_ready_f
     assert _on(_once(canary, bare), c2)
     assert canary_lab.probe_tcp("web", "echo", 8080).outcome is Outcome.CONNECTED
     doc = _once(late, bare)  # first sees the canary Ready on c2: the soak starts now
-    assert _on(doc, c1, "WaitingForWave") and f"of its {SOAK:g}s soak" in ready(doc)["message"]
+    assert _on(doc, c1, "WaitingForWave") and f"its {SOAK:g}s soak ends" in ready(doc)["message"]
     time.sleep(SOAK)
     assert _on(_once(late, bare), c2)
     assert late_lab.probe_tcp("web", "echo", 8080).outcome is Outcome.CONNECTED

@@ -47,6 +47,7 @@ without waves (never make a cell apply a revision its own gates refused), and a 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
@@ -221,7 +222,7 @@ def _waves(
             kept[report.cell] = since
             soak = max(_soak(applied, theirs[0]), _soak(head, theirs[1]))
             if now - since < soak:
-                why = f"Ready for {now - since:.0f}s of its {soak:.0f}s soak"
+                why = f"Ready, its {soak:g}s soak ends {_utc(since + soak)} (this agent's clock)"
                 waiting.append((theirs, _Behind(report.cell, wave, why)))
             continue
         if "NotReady" in halting and _not_ready(report, revision):
@@ -244,6 +245,12 @@ def _waves(
             f"{revision} waits for wave '{behind[0].wave}': " + _named(behind) + more,
         ), after
     return None, after
+
+
+def _utc(t: float) -> str:
+    """A time for a message, to the second: fixed while a soak runs, so the status document
+    (pushed when its content changes) does not change every cycle of the wait."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _named(behind: list[_Behind]) -> str:
