@@ -235,3 +235,36 @@ def test_a_pin_moves_a_cell_to_the_pinned_revision_and_keeps_it_there(
         assert _on(doc, c2, "RolloutPaused") and f"pinned to {c2[:12]}" in ready(doc)["message"]
     assert lab.probe_tcp("web", "echo", 80).outcome is Outcome.CONNECTED
     assert lab.probe_tcp("web", "echo", 8080).outcome is Outcome.CONNECTED
+
+
+def test_a_deny_window_holds_a_change_until_an_emergency_commit_says_otherwise(
+    cells: dict[str, Lab],
+    policy_repo: PolicyRepo,  # noqa: F811
+    agents: Callable[..., AgentProc],  # noqa: F811
+) -> None:
+    bare = policy_repo.bare
+    lab = cells["canary-1"]
+    canary = _agent(agents, policy_repo, "canary-1", lab)
+    c1 = policy_repo.commit("allow echo:80", _files(lab, 80, rollout=None))
+    assert _on(_once(canary, bare), c1)
+    # A freeze that is open whenever the test runs: every minute opens it for an hour.
+    freeze = (
+        "kind: Rollout\nname: freeze\nwindows:\n"
+        '  - {schedule: "* * * * *", duration: 1h, kind: deny, description: payments freeze}\n'
+    )
+    c2 = policy_repo.commit("freeze; also echo:8080", _files(lab, 80, 8080, rollout=freeze))
+    doc = _once(canary, bare)  # the head's own deny window acts at once, the first wave too
+    assert _on(doc, c1, "OutsideChangeWindow"), doc["conditions"]
+    message = ready(doc)["message"]
+    assert "payments freeze" in message and "Asgctl-Emergency: true" in message
+    assert lab.probe_tcp("web", "echo", 8080).outcome is Outcome.REJECTED
+
+    c3 = policy_repo.commit(
+        "hotfix\n\nAsgctl-Emergency: true", _files(lab, 80, 8080, rollout=freeze)
+    )
+    assert _on(_once(canary, bare), c3)
+    assert lab.probe_tcp("web", "echo", 8080).outcome is Outcome.CONNECTED
+    # The next commit without the trailer waits again: the freeze is still open.
+    c4 = policy_repo.commit("no longer urgent", _files(lab, 80, 8080, rollout=freeze))
+    doc = _once(canary, bare)
+    assert _on(doc, c3, "OutsideChangeWindow") and doc["observedRevision"] == _rev(c4)
