@@ -256,7 +256,8 @@ def test_a_deny_window_holds_a_change_until_an_emergency_commit_says_otherwise(
     doc = _once(canary, bare)  # the head's own deny window acts at once, the first wave too
     assert _on(doc, c1, "OutsideChangeWindow"), doc["conditions"]
     message = ready(doc)["message"]
-    assert "payments freeze" in message and "Asgctl-Emergency: true" in message
+    assert _rev(c2) in message and "payments freeze" in message
+    assert "Asgctl-Emergency: true" in message
     assert lab.probe_tcp("web", "echo", 8080).outcome is Outcome.REJECTED
 
     c3 = policy_repo.commit(
