@@ -470,3 +470,12 @@ def test_a_pinned_revision_that_cannot_be_applied_keeps_the_cell_where_it_is(
     d = decide(replace(BEFORE, applied=APPLIED_WAVES), _pin_obs(facts), cfg, compile_plan)
     assert d.hold is not None and d.hold.reason == ROLLOUT_PAUSED and words in d.hold.message
     assert d.target == Target(APPLIED_SHA, WITH_WAVES)
+
+
+def test_what_was_seen_of_a_soak_is_dropped_once_nothing_is_pending() -> None:
+    cfg = replace(CFG, cell="cell-1")
+    st = replace(BEFORE, applied=APPLIED_WAVES, soaking=SOAKED)
+    head_is_applied = replace(_facts(WITH_WAVES), sha=APPLIED_SHA)
+    obs = replace(_obs(head_is_applied, applied=APPLIED_WAVES), at=T0)
+    d = decide(st, obs, cfg, compile_plan)
+    assert d.hold is None and d.state.soaking == Soaking()

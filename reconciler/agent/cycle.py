@@ -373,7 +373,7 @@ def held_back(
     if head is None or head.verdict is not None or head.policy is None:
         return None, st.soaking
     if applied is None or applied.sha == head.sha:
-        return None, st.soaking
+        return None, Soaking()  # nothing pending: nothing to soak
     if obs.trigger != SYNC:  # reads no status branch: the last sync's verdict stands
         return st.hold, st.soaking
     return rollout_hold(
