@@ -93,6 +93,7 @@ EVERY_SETTING: dict[str, tuple[str, Any, Any]] = {
     "allow_rewind": ("allow_rewind", True, True),
     "mass_revoke_threshold": ("mass_revoke_threshold", "40%", 0.4),
     "mass_revoke_trailer": ("mass_revoke_trailer", "Fleet-Allow-Revoke", "Fleet-Allow-Revoke"),
+    "emergency_trailer": ("emergency_trailer", "Fleet-Emergency", "Fleet-Emergency"),
     "heal_drift": ("heal_drift", False, False),
     "status_push": ("status_push", False, False),
     "status_branch_prefix": ("status_branch_prefix", "fleet-status/", "fleet-status/"),

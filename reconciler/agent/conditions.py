@@ -39,6 +39,20 @@ PROGRESSING_WITH_RETRY: Final = "ProgressingWithRetry"
 """Reconciling=True after a transient failure: the next attempt is scheduled."""
 INVENTORY_INVALID: Final = "InventoryInvalid"
 
+# -- reasons: a valid head held back by the repository's Rollout (Ready=True) -----------------
+# The cell is healthy and enforces its applied revision (new containers and drift included);
+# the head waits for its turn.  See `reconciler.agent.rollout`.
+
+WAITING_FOR_WAVE: Final = "WaitingForWave"
+"""A cell of an earlier wave has not yet reported the head Ready for its wave's soak time."""
+ROLLOUT_HALTED: Final = "RolloutHalted"
+"""A cell of an earlier wave is not Ready on the head (refused it, or fails to enforce it)."""
+ROLLOUT_PAUSED: Final = "RolloutPaused"
+"""The head's Rollout pauses rollouts (or pins them to another revision)."""
+OUTSIDE_CHANGE_WINDOW: Final = "OutsideChangeWindow"
+"""A deny window is open, or allow windows exist and none is open."""
+ROLLOUT_HOLDS: Final = (WAITING_FOR_WAVE, ROLLOUT_HALTED, ROLLOUT_PAUSED, OUTSIDE_CHANGE_WINDOW)
+
 # -- reasons: a head that is not applied and needs a human (Stalled=True) ---------------------
 
 MALFORMED_COMMIT: Final = "MalformedCommit"

@@ -113,6 +113,9 @@ class AgentConfig:
     allow_rewind: bool = False
     mass_revoke_threshold: float = 0.5
     mass_revoke_trailer: str = "Asgctl-Allow-Mass-Revoke"
+    emergency_trailer: str = "Asgctl-Emergency"
+    """A head carrying `<this>: true` is applied inside a deny window (or outside every allow
+    window) of the repository's Rollout; it never skips a pause or a wave."""
     heal_drift: bool = True
     status_push: bool = True
     status_branch_prefix: str = STATUS_PREFIX
@@ -380,6 +383,8 @@ def _check(cfg: AgentConfig) -> None:
         _check_webhook(cfg)
     if not cfg.mass_revoke_trailer or not re.match(r"^[A-Za-z0-9-]+$", cfg.mass_revoke_trailer):
         raise ConfigError("mass-revoke-trailer: a trailer key such as Asgctl-Allow-Mass-Revoke")
+    if not re.match(r"^[A-Za-z0-9-]+$", cfg.emergency_trailer):
+        raise ConfigError("emergency-trailer: a trailer key such as Asgctl-Emergency")
 
 
 def _check_webhook(cfg: AgentConfig) -> None:

@@ -228,6 +228,8 @@ class CycleView:
     drift_repaired: bool = True
     heal_drift: bool = True
     """False in report-only mode (`--no-heal-drift`): drift is reported, never repaired."""
+    hold: Problem | None = None
+    """Why a valid head waits for its turn (`reconciler.agent.rollout`): Ready stays True."""
 
 
 def cycle_conditions(view: CycleView) -> list[tuple[str, str, str, str]]:
@@ -249,6 +251,8 @@ def cycle_conditions(view: CycleView) -> list[tuple[str, str, str, str]]:
         ready = (FALSE, INVENTORY_INVALID, view.inventory_error + " (last good one kept)")
     elif view.waiting_for is not None:
         ready = (FALSE, PROGRESSING, view.waiting_for)
+    elif view.hold is not None:  # healthy on the applied revision; the head waits its turn
+        ready = (TRUE, view.hold.reason, view.hold.message + keeping)
     else:
         ready = (TRUE, RECONCILIATION_SUCCEEDED, f"Applied revision: {applied}")
         if view.inventory_rejected:
@@ -265,6 +269,8 @@ def cycle_conditions(view: CycleView) -> list[tuple[str, str, str, str]]:
         out[RECONCILING] = (TRUE, PROGRESSING_WITH_RETRY, ready[2])
     elif view.waiting_for is not None:
         out[RECONCILING] = (TRUE, PROGRESSING, view.waiting_for)
+    elif view.hold is not None:
+        out[RECONCILING] = (TRUE, view.hold.reason, view.hold.message)
     else:
         out[RECONCILING] = (FALSE, ready[1], "")
     if stalled:

@@ -32,6 +32,7 @@ from reconciler.agent.conditions import (
     MALFORMED_COMMIT,
     PLAN_REFUSED,
     READY,
+    ROLLOUT_PAUSED,
     TRUE,
     UNDERLAY_UNKNOWN,
 )
@@ -51,6 +52,7 @@ from reconciler.agent.core import (
     signature_verdict,
     validation_verdict,
 )
+from reconciler.agent.rollout import FleetReports, Soaking, rollout_hold, unpaused
 from reconciler.agent.source import CommitInfo
 from reconciler.agent.state import DRIFT_LOG_LIMIT, AgentState, Applied, Head
 from reconciler.agent.verify import SignatureCheck, trailer_true
@@ -213,7 +215,8 @@ def judge_head(
         )
         if verdict is not None:
             return Head(sha, subject, check, verdict)
-    return Head(sha, subject, check, None, revision.policy)
+    emergency = trailer_true(commit.message, cfg.emergency_trailer)
+    return Head(sha, subject, check, None, revision.policy, emergency=emergency)
 
 
 # -- the observation and the decision ------------------------------------------------------
@@ -238,6 +241,13 @@ class Observation:
     """This sync's fetch (or reading of the new head) failed; None on an inventory cycle."""
     head: HeadFacts | None = None
     """A fetched head other than the last one judged."""
+    pinned: HeadFacts | None = None
+    """The revision the head pins the fleet to (`pinned_sha`), read like a head when it is
+    not the one judged last."""
+    fleet: FleetReports | None = None
+    """The other cells' status branches, read on a sync when the head's waves need them."""
+    at: float = 0.0
+    """`now` in seconds since the epoch (this agent's clock: soaks and change windows)."""
 
 
 @dataclass(frozen=True)
@@ -278,6 +288,8 @@ class Decision:
     """Why the target is not converged this cycle (UnderlayUnknown, PlanRefused)."""
     converge: Converge | None = None
     logs: tuple[Log, ...] = ()
+    hold: Problem | None = None
+    """Why an accepted head is not applied this cycle (`reconciler.agent.rollout`)."""
 
 
 def inventory_unchanged(prev: AgentState, reading: StoreReading | None, error: str | None) -> bool:
@@ -322,6 +334,62 @@ def choose_target(head: Head | None, applied: Applied | None) -> Target | None:
     return None
 
 
+def pinned_sha(head: Head | None, applied: Applied | None) -> str | None:
+    """The revision an accepted head's Rollout pins the fleet to (`pause: {revision: X}`),
+    when this cell must move to it: it is neither the head nor the revision enforced."""
+    if head is None or head.verdict is not None or head.policy is None:
+        return None
+    rollout = head.policy.rollout
+    if rollout is None or rollout.pinned is None or rollout.pinned == head.sha:
+        return None
+    if applied is not None and applied.sha == rollout.pinned:
+        return None  # there already: the head's pause holds it there
+    return rollout.pinned
+
+
+def held_back(
+    head: Head | None,
+    st: AgentState,
+    obs: Observation,
+    cfg: AgentConfig,
+    pin: str | None = None,
+) -> tuple[Problem | None, Soaking]:
+    """Why an accepted head (or, with `pin`, the pinned revision judged like one) waits for
+    its turn (the Rollouts of the applied revision and of the candidate:
+    `reconciler.agent.rollout`), and the soak seen so far.  A cell with nothing applied
+    takes the candidate at once: holding it back would leave its containers with no rules
+    of ours at all, which is no safer.  A pinned revision is not held by its own pause (the
+    head's pin is the word), but by the waves and windows like any other."""
+    applied = st.applied
+    if pin is not None:
+        pinned_to = f"rollouts are pinned to {cfg.revision(pin)}"
+        if head is None:
+            why = f"{pinned_to}, which is not in the history fetched"
+            return Problem(ROLLOUT_PAUSED, why), st.soaking
+        if head.verdict is not None:
+            refused = head.verdict
+            why = f"{pinned_to}, which this cell refuses ({refused.reason}: {refused.message})"
+            return Problem(ROLLOUT_PAUSED, why), st.soaking
+    if head is None or head.verdict is not None or head.policy is None:
+        return None, st.soaking
+    if applied is None or applied.sha == head.sha:
+        return None, Soaking()  # nothing pending: nothing to soak
+    if obs.trigger != SYNC:  # reads no status branch: the last sync's verdict stands
+        return st.hold, st.soaking
+    return rollout_hold(
+        cell=cfg.cell,
+        head_sha=head.sha,
+        revision=cfg.revision(head.sha),
+        applied=applied.policy.rollout if applied.policy is not None else None,
+        head=unpaused(head.policy.rollout) if pin is not None else head.policy.rollout,
+        fleet=obs.fleet,
+        soaking=st.soaking,
+        now=obs.at,
+        emergency=head.emergency,
+        trailer=cfg.emergency_trailer,
+    )
+
+
 def decide(prev: AgentState, obs: Observation, cfg: AgentConfig, compile: Compile) -> Decision:
     """The cycle's decision: a pure function of the observation, the state and the config."""
     st, logs = take_inventory(prev, obs, cfg.cell)
@@ -340,9 +408,23 @@ def decide(prev: AgentState, obs: Observation, cfg: AgentConfig, compile: Compil
     # An inventory cycle does not fetch: the last sync's verdict on the source stands.
     source_error = obs.source_error if obs.trigger == SYNC else st.source_error
     st = replace(st, head=head, attempted=attempted, source_error=source_error)
-    made = Decision(obs.trigger, obs.now, st, logs=tuple(logs))
+    pin = pinned_sha(head, st.applied)
+    pinned = st.pinned if st.pinned is not None and st.pinned.sha == pin else None
+    if pin is not None and obs.pinned is not None and obs.pinned.sha == pin:
+        pinned = judge_head(
+            obs.pinned,
+            applied=obs.applied,
+            inventory=st.inventory,
+            settings=obs.settings,
+            cfg=cfg,
+            compile=compile,
+        )
+    candidate = head if pin is None else pinned
+    hold, soaking = held_back(candidate, replace(st, pinned=pinned), obs, cfg, pin)
+    st = replace(st, pinned=pinned, hold=hold, soaking=soaking)
+    made = Decision(obs.trigger, obs.now, st, logs=tuple(logs), hold=hold)
 
-    target = choose_target(head, st.applied)
+    target = choose_target(None if hold is not None else candidate, st.applied)
     if target is None:
         why = "" if source_error is None else f" ({source_error.reason})"
         return replace(made, waiting=f"no revision applied yet{why}")
@@ -519,6 +601,7 @@ def settle(
         drift=drift_notes,
         drift_repaired=drift_repaired,
         heal_drift=cfg.heal_drift,
+        hold=st.hold,
     )
     conditions = merge_conditions(st.conditions, cycle_conditions(view), now)
     ready = condition(conditions, READY)

@@ -64,8 +64,10 @@ from reconciler.agent.cycle import (
     settle,
 )
 from reconciler.agent.metrics import Metrics, MetricsServer, write_textfile
+from reconciler.agent.peers import PeerReader
+from reconciler.agent.rollout import FleetReports, wants_fleet
 from reconciler.agent.source import GitSource, MalformedCommit, SourceError, clip
-from reconciler.agent.state import AgentState, Applied, load_state, save_state
+from reconciler.agent.state import AgentState, Applied, Head, load_state, save_state
 from reconciler.agent.status import PushResult, StatusPusher, build_status, iso
 from reconciler.agent.verify import SignatureVerifier
 from reconciler.agent.watch import InventoryWatcher
@@ -138,6 +140,12 @@ class Agent:
             )
             if cfg.verify == "signed"
             else None
+        )
+        self.peers = PeerReader(
+            cfg.source,
+            cfg.status_branch_prefix,
+            self.state_dir / "peers.git",
+            timeout=cfg.git_timeout,
         )
         self.metrics = Metrics(cfg.cell)
         self.events: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -304,6 +312,50 @@ class Agent:
             raise SourceError(CACHE_CORRUPT, "the cache failed `git fsck`; fetching anew")
         return replace(facts, cache_intact=True)
 
+    def _pending(self, sha: str, facts: HeadFacts | None, judged: Head | None) -> PolicySet | None:
+        """The policy of a candidate revision (the head, or the revision it pins) that may be
+        valid: as read this cycle, else as judged before."""
+        if facts is not None:
+            revision = facts.revision
+            return revision.policy if revision is not None and revision.ok else None
+        if judged is not None and judged.sha == sha and judged.verdict is None:
+            return judged.policy
+        return None
+
+    def _pinned(
+        self,
+        fetched: str,
+        policy: PolicySet | None,
+        applied: Applied | None,
+        timings: dict[str, float],
+    ) -> HeadFacts | None:
+        """The facts about the revision the head pins the fleet to, when the cell is not on it
+        and it was not judged before (SourceError when the cache cannot tell)."""
+        pin = policy.rollout.pinned if policy is not None and policy.rollout is not None else None
+        prev = self.state.pinned
+        if pin is None or pin == fetched or (applied is not None and applied.sha == pin):
+            return None
+        if prev is not None and prev.sha == pin:
+            return None
+        if not self.source.has_commit(pin):
+            self.source.is_ancestor(pin, fetched)  # a shallow cache fetches the history
+            if not self.source.has_commit(pin):
+                return None  # not on the branch: reported as such (`held_back`)
+        return self._head_facts(pin, applied.sha if applied else None, timings)
+
+    def _fleet(
+        self, fetched: str, candidates: list[PolicySet | None], applied: Applied | None
+    ) -> FleetReports | None:
+        """The other cells' reports, read only when a valid revision other than the applied
+        one is pending and a wave of its Rollout (or the applied one's) comes first."""
+        if applied is None or applied.sha == fetched:
+            return None
+        before = applied.policy.rollout if applied.policy is not None else None
+        for policy in candidates:
+            if policy is not None and wants_fleet(self.cfg.cell, before, policy.rollout):
+                return self.peers.read()
+        return None
+
     def _observe(
         self,
         trigger: Trigger,
@@ -311,6 +363,7 @@ class Agent:
         reading: StoreReading | None,
         inventory_error: str | None,
         timings: dict[str, float],
+        at: float = 0.0,
     ) -> Observation:
         """Everything the decision needs from the world: the fetch and the new head's facts
         (a sync only), the applied revision restored, the underlay."""
@@ -321,6 +374,8 @@ class Agent:
         applied = prev.applied
         source_error: Problem | None = None
         head: HeadFacts | None = None
+        fleet: FleetReports | None = None
+        pinned: HeadFacts | None = None
         if trigger == SYNC:
             t = time.perf_counter()
             try:
@@ -329,10 +384,15 @@ class Agent:
                 applied = self._restore_applied(applied, settings)
                 if prev.head is None or prev.head.sha != fetched.sha:
                     head = self._head_facts(fetched.sha, applied.sha if applied else None, timings)
+                policy = self._pending(fetched.sha, head, prev.head)
+                pinned = self._pinned(fetched.sha, policy, applied, timings)
+                pin = policy.rollout.pinned if policy and policy.rollout else None
+                pinned_policy = self._pending(pin or "", pinned, prev.pinned)
+                fleet = self._fleet(fetched.sha, [policy, pinned_policy], applied)
             except SourceError as exc:
                 timings.setdefault("fetch", time.perf_counter() - t)
                 source_error = Problem(exc.reason, exc.message)
-                head = None
+                head, pinned, fleet = None, None, None
         return Observation(
             trigger=trigger,
             now=now,
@@ -343,6 +403,9 @@ class Agent:
             underlay_error=underlay_error,
             source_error=source_error,
             head=head,
+            pinned=pinned,
+            fleet=fleet,
+            at=at,
         )
 
     # -- enforce -------------------------------------------------------------------------------
@@ -367,7 +430,8 @@ class Agent:
 
     def cycle(self, trigger: Trigger = SYNC) -> AgentState:
         """Run one cycle (fetching only for `sync`) and return the new state."""
-        now = iso(self.clock())
+        at = self.clock()
+        now = iso(at)
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
         reading, inventory_error = self._read_inventory()
@@ -375,7 +439,7 @@ class Agent:
             return self.state  # a notification without a change (a touch, the same data)
 
         self._compile_seconds = 0.0
-        obs = self._observe(trigger, now, reading, inventory_error, timings)
+        obs = self._observe(trigger, now, reading, inventory_error, timings, at)
         decision = decide(self.state, obs, self.cfg, self._compile)
         self._write_logs(decision.logs)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.agent.core import HistoryEntry, Problem, Refusal
+from reconciler.agent.rollout import Soaking
 from reconciler.agent.verify import SignatureCheck
 from reconciler.atomicfile import atomic_write_text
 from reconciler.core.cellplan import CellPlan
@@ -60,6 +61,9 @@ class Head:
     verdict: Refusal | None = None
     """Why it is not applied; None when it passed every gate."""
     policy: PolicySet | None = None
+    emergency: bool = False
+    """The commit carries the emergency trailer (`emergency-trailer: true`): change windows
+    do not hold it back (`reconciler.agent.rollout`)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,14 @@ class AgentState:
     foreign_chains: tuple[tuple[int, str], ...] = ()
     """(family, name) of the chains with our prefix that are not ours, as last logged (not
     saved: a restarted agent names them once again)."""
+    pinned: Head | None = None
+    """The revision the head's Rollout pins the fleet to, judged like a head, while the cell
+    is not on it yet (`pause: {revision: ...}`)."""
+    hold: Problem | None = None
+    """Why the accepted head is not applied yet (its Rollout's waves, pause or windows)."""
+    soaking: Soaking = field(default_factory=Soaking)
+    """Since when this agent has seen each earlier-wave cell Ready on the head (saved: a
+    `--once` agent measures a soak across runs)."""
 
 
 def to_persisted(state: AgentState) -> dict[str, Any]:
@@ -110,6 +122,7 @@ def to_persisted(state: AgentState) -> dict[str, Any]:
         "driftLog": list(state.drift_log),
         "lastSuccess": state.last_success,
         "inventoryAt": state.inventory_at,
+        "rolloutSoaking": state.soaking.to_dict(),
     }
 
 
@@ -136,6 +149,7 @@ def from_persisted(data: Mapping[str, Any]) -> AgentState:
         drift_corrections=int(data.get("driftCorrections") or 0),
         drift_log=tuple(data.get("driftLog") or ()),
         last_success=str(data.get("lastSuccess") or ""),
+        soaking=Soaking.from_dict(data.get("rolloutSoaking")),
     )
 
 
