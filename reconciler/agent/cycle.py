@@ -38,6 +38,7 @@ from reconciler.agent.conditions import (
 from reconciler.agent.config import AgentConfig
 from reconciler.agent.core import (
     CycleView,
+    PolicyTestReport,
     Problem,
     Refusal,
     add_history,
@@ -46,6 +47,7 @@ from reconciler.agent.core import (
     container_changes,
     cycle_conditions,
     merge_conditions,
+    policy_test_verdict,
     revoke_share,
     revoke_verdict,
     signature_verdict,
@@ -56,6 +58,7 @@ from reconciler.agent.state import DRIFT_LOG_LIMIT, AgentState, Applied, Head
 from reconciler.agent.verify import SignatureCheck, trailer_true
 from reconciler.core.cellplan import CellPlan, CellSettings, PlanError
 from reconciler.core.model import Container, PolicySet
+from reconciler.core.policytest import CaseResult, failure_finding, run_tests
 from reconciler.policy.findings import Finding
 from reconciler.policy.validate import Result
 from reconciler.sources.cellstore import StoreReading
@@ -71,6 +74,9 @@ INVENTORY: Final = "inventory"
 
 Compile = Callable[[PolicySet, tuple[Container, ...], CellSettings], CellPlan]
 """compile_cell for this cell (raises PlanError): pure, so a memo of it changes nothing."""
+
+RunTests = Callable[[PolicySet], tuple[CaseResult, ...]]
+"""run_tests (`asgctl test`'s): pure too; the agent runs it once per head, never on `off`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +166,23 @@ def repo_path(finding: Finding, policies_path: str) -> Finding:
     return replace(finding, file=f"{prefix}/{finding.file}")
 
 
+def policy_tests(
+    policy: PolicySet, cfg: AgentConfig, run: RunTests
+) -> PolicyTestReport | Refusal | None:
+    """The head's PolicyTests under `cfg.policy_tests` (None: `off`, not run), failures named
+    by repository path; a Refusal when a case's plan cannot be built (PlanRefused)."""
+    if cfg.policy_tests == "off":
+        return None
+    try:
+        results = run(policy)
+    except PlanError as exc:  # two contents under one name: the head's plan cannot be built
+        return Refusal(PLAN_REFUSED, str(exc))
+    failures = tuple(
+        repo_path(failure_finding(r), cfg.policies_path) for r in results if not r.passed
+    )
+    return PolicyTestReport(cfg.policy_tests, len(results), failures)
+
+
 def judge_head(
     facts: HeadFacts,
     *,
@@ -168,12 +191,15 @@ def judge_head(
     settings: CellSettings,
     cfg: AgentConfig,
     compile: Compile,
+    tests: RunTests = run_tests,
 ) -> Head:
     """Put a new head through every gate, in order; the first that fails decides.
 
-    Malformed commit, signature, ancestry, validation, then -- against the applied revision
-    over the current inventory -- a plan that cannot be built and the mass-revoke share.
-    ValueError when `facts` stop short of what `next_need` asks for (a bug, not an input).
+    Malformed commit, signature, ancestry, validation, its PolicyTests (`policy-tests`:
+    refused on a failure with `enforce`, reported with `warn`), then -- against the applied
+    revision over the current inventory -- a plan that cannot be built and the mass-revoke
+    share.  ValueError when `facts` stop short of what `next_need` asks for (a bug, not an
+    input).
     """
     sha = facts.sha
     if facts.malformed is not None:
@@ -201,19 +227,25 @@ def judge_head(
     verdict = validation_verdict(findings)
     if verdict is not None:
         return Head(sha, subject, check, verdict)
+    report = policy_tests(revision.policy, cfg, tests)
+    if isinstance(report, Refusal):
+        return Head(sha, subject, check, report)
+    verdict = policy_test_verdict(report)
+    if verdict is not None:
+        return Head(sha, subject, check, verdict, tests=report)
     if applied is not None and applied.policy is not None and inventory is not None:
         old = compile(applied.policy, inventory, settings)
         try:
             new = compile(revision.policy, inventory, settings)
         except PlanError as exc:  # two contents under one name: apply neither
-            return Head(sha, subject, check, Refusal(PLAN_REFUSED, str(exc)))
+            return Head(sha, subject, check, Refusal(PLAN_REFUSED, str(exc)), tests=report)
         override = trailer_true(commit.message, cfg.mass_revoke_trailer)
         verdict = revoke_verdict(
             revoke_share(old, new), cfg.mass_revoke_threshold, override, cfg.mass_revoke_trailer
         )
         if verdict is not None:
-            return Head(sha, subject, check, verdict)
-    return Head(sha, subject, check, None, revision.policy)
+            return Head(sha, subject, check, verdict, tests=report)
+    return Head(sha, subject, check, None, revision.policy, report)
 
 
 # -- the observation and the decision ------------------------------------------------------
@@ -322,8 +354,17 @@ def choose_target(head: Head | None, applied: Applied | None) -> Target | None:
     return None
 
 
-def decide(prev: AgentState, obs: Observation, cfg: AgentConfig, compile: Compile) -> Decision:
-    """The cycle's decision: a pure function of the observation, the state and the config."""
+def decide(
+    prev: AgentState,
+    obs: Observation,
+    cfg: AgentConfig,
+    compile: Compile,
+    tests: RunTests = run_tests,
+) -> Decision:
+    """The cycle's decision: a pure function of the observation, the state and the config.
+
+    A head is judged (and its PolicyTests run through `tests`) only in the cycle that
+    fetched it; later cycles keep the verdict."""
     st, logs = take_inventory(prev, obs, cfg.cell)
     st = replace(st, applied=obs.applied)
     head, attempted = st.head, st.attempted
@@ -335,8 +376,20 @@ def decide(prev: AgentState, obs: Observation, cfg: AgentConfig, compile: Compil
             settings=obs.settings,
             cfg=cfg,
             compile=compile,
+            tests=tests,
         )
         attempted = obs.head.sha
+        if head.tests is not None and head.tests.failures:
+            logs.append(
+                Log(
+                    {
+                        "event": "policy-tests-failed",
+                        "cell": cfg.cell,
+                        "revision": cfg.revision(head.sha),
+                        **head.tests.to_log(),
+                    }
+                )
+            )
     # An inventory cycle does not fetch: the last sync's verdict on the source stands.
     source_error = obs.source_error if obs.trigger == SYNC else st.source_error
     st = replace(st, head=head, attempted=attempted, source_error=source_error)

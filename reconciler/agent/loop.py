@@ -72,6 +72,7 @@ from reconciler.agent.watch import InventoryWatcher
 from reconciler.core.cellplan import CellPlan, CellSettings
 from reconciler.core.compile import compile_cell
 from reconciler.core.model import Container, PolicySet
+from reconciler.core.policytest import CaseResult, run_tests
 from reconciler.policy.load import load_revision
 from reconciler.sources.cellstore import InventoryError, StoreReading, load_store
 from reconciler.status.write import StatusWriter
@@ -147,6 +148,7 @@ class Agent:
         self._cycles = 0
         self._crashes = 0
         self._compiled: tuple[PolicySet, tuple[Container, ...], CellPlan] | None = None
+        self._tested: tuple[PolicySet, tuple[CaseResult, ...]] | None = None
         self._compile_seconds = 0.0  # this cycle's, for its render phase
         self._settings_seconds = 0.0
         self.pusher: StatusPusher | None = None
@@ -248,6 +250,16 @@ class Agent:
             self._compile_seconds += time.perf_counter() - t
         self._compiled = (policy, inventory, plan)
         return plan
+
+    def _run_tests(self, policy: PolicySet) -> tuple[CaseResult, ...]:
+        """The PolicyTests of `policy`, remembered for the last policy (one slot, like the
+        plan): a head is tested once, whatever asks again for the same revision."""
+        memo = self._tested
+        if memo is not None and memo[0] is policy:
+            return memo[1]
+        results = run_tests(policy)
+        self._tested = (policy, results)
+        return results
 
     # -- observe -------------------------------------------------------------------------------
 
@@ -374,7 +386,7 @@ class Agent:
 
         self._compile_seconds = 0.0
         obs = self._observe(trigger, now, reading, inventory_error, timings)
-        decision = decide(self.state, obs, self.cfg, self._compile)
+        decision = decide(self.state, obs, self.cfg, self._compile, self._run_tests)
         self._write_logs(decision.logs)
 
         done: ConvergeResult | Problem | None = None

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler.agent.core import HistoryEntry, Problem, Refusal
+from reconciler.agent.core import HistoryEntry, PolicyTestReport, Problem, Refusal
 from reconciler.agent.verify import SignatureCheck
 from reconciler.atomicfile import atomic_write_text
 from reconciler.core.cellplan import CellPlan
@@ -60,6 +60,9 @@ class Head:
     verdict: Refusal | None = None
     """Why it is not applied; None when it passed every gate."""
     policy: PolicySet | None = None
+    tests: PolicyTestReport | None = None
+    """Its PolicyTests' outcome; None when they were not run (`policy-tests: off`, or a gate
+    before them refused the head)."""
 
 
 @dataclass(frozen=True)
