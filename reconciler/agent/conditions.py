@@ -67,6 +67,11 @@ REFUSALS: Final = (
 """Every reason a head's verdict can carry: the gates in `reconciler.agent.core` and the
 verifier's refusals.  The applied revision stays enforced; only a new head is judged again."""
 
+SOURCE_CHANGED: Final = "SourceChanged"
+"""Not a condition's reason but an event's (log line, status `sourceChange`): the configured
+source (repository URL, branch) is not the one the applied revision came from; its first
+head is a fresh start, judged against the rules the cell enforces."""
+
 # -- reasons: enforcement failed this cycle (transient: retried with back-off) ----------------
 
 UNDERLAY_UNKNOWN: Final = "UnderlayUnknown"

@@ -30,8 +30,10 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from reconciler.agent.conditions import (
     ENFORCEMENT_FAILED,
     MALFORMED_COMMIT,
+    MASS_REVOKE_BLOCKED,
     PLAN_REFUSED,
     READY,
+    SOURCE_CHANGED,
     TRUE,
     UNDERLAY_UNKNOWN,
 )
@@ -54,6 +56,7 @@ from reconciler.agent.core import (
     validation_verdict,
 )
 from reconciler.agent.source import CommitInfo
+from reconciler.agent.sourceid import SourceChange, SourceRef, moved
 from reconciler.agent.state import DRIFT_LOG_LIMIT, AgentState, Applied, Head
 from reconciler.agent.verify import SignatureCheck, trailer_true
 from reconciler.core.cellplan import CellPlan, CellSettings, PlanError
@@ -183,6 +186,33 @@ def policy_tests(
     return PolicyTestReport(cfg.policy_tests, len(results), failures)
 
 
+def current_source(cfg: AgentConfig) -> SourceRef:
+    """The configured source, as the state records where a revision came from."""
+    return SourceRef.of(cfg.source, cfg.branch)
+
+
+def unknown_baseline_verdict(
+    applied: Applied | None, cfg: AgentConfig, message: str
+) -> Refusal | None:
+    """A head from a new source while the revision the cell enforces, from the old one,
+    cannot be read (neither cache holds it): what the head takes away cannot be measured,
+    so it waits for the mass-revoke trailer, as a mass revoke would.  A source change is
+    never a way around the gate."""
+    if applied is None or applied.policy is not None:
+        return None
+    if not moved(applied.source, current_source(cfg)):
+        return None
+    if trailer_true(message, cfg.mass_revoke_trailer):
+        return None
+    old = applied.source.url if applied.source is not None else "the previous source"
+    return Refusal(
+        MASS_REVOKE_BLOCKED,
+        f"the revision the cell enforces ({applied.sha[:12]}, from {old}) cannot be read "
+        "to measure what this head of the new source takes away; not applied without the "
+        f"commit trailer '{cfg.mass_revoke_trailer}: true'",
+    )
+
+
 def judge_head(
     facts: HeadFacts,
     *,
@@ -231,6 +261,9 @@ def judge_head(
     if isinstance(report, Refusal):
         return Head(sha, subject, check, report)
     verdict = policy_test_verdict(report)
+    if verdict is not None:
+        return Head(sha, subject, check, verdict, tests=report)
+    verdict = unknown_baseline_verdict(applied, cfg, commit.message)
     if verdict is not None:
         return Head(sha, subject, check, verdict, tests=report)
     if applied is not None and applied.policy is not None and inventory is not None:
@@ -345,6 +378,57 @@ def take_inventory(prev: AgentState, obs: Observation, cell: str) -> tuple[Agent
     return replace(st, inventory_error=None, inventory_rejected=reading.rejected), logs
 
 
+def note_source(st: AgentState, cfg: AgentConfig, now: str) -> tuple[AgentState, Log | None]:
+    """The state with the configured source checked against the one the applied revision
+    came from, and a log line when it is newly seen to differ.
+
+    A state from before sources were kept takes the configured one (an upgrade is not a
+    move).  A new source is a fresh start: the last attempt (of the old source) is
+    forgotten, and its first head is judged without an ancestry check unless it holds the
+    applied commit -- but the applied revision stays, because the kernel still enforces it
+    and the mass-revoke gate measures the new head against it.  Going back to the source
+    the applied revision came from, before the new one was ever applied, is a change too.
+    """
+    current = current_source(cfg)
+    a = st.applied
+    if a is not None and a.source is None:
+        a = replace(a, source=current)
+        st = replace(st, applied=a)
+    last = st.source_change
+    if last is not None and last.new == current:
+        return st, None
+    if last is not None:
+        old: SourceRef = last.new
+    elif a is not None and a.source is not None and a.source != current:
+        old = a.source
+    else:
+        return st, None
+    change = SourceChange(old, current, now, a.sha if a is not None else "")
+    pending = a is not None and moved(a.source, current)
+    message = (
+        f"the configured source is {current.url} ({current.branch}), was {old.url} "
+        f"({old.branch}): "
+        + (
+            f"still enforcing {cfg.revision(a.sha)} from the old source; the new source's "
+            "first head is judged against it (mass revoke), not as a rewind"
+            if pending and a is not None
+            else "the revision enforced already comes from the configured source"
+        )
+    )
+    log = Log(
+        {
+            "event": "source-changed",
+            "cell": cfg.cell,
+            "reason": SOURCE_CHANGED,
+            "from": old.to_dict(),
+            "to": current.to_dict(),
+            "enforced": cfg.revision(a.sha) if a is not None else "",
+            "message": message,
+        }
+    )
+    return replace(st, source_change=change, attempted=None, head=None), log
+
+
 def choose_target(head: Head | None, applied: Applied | None) -> Target | None:
     """An accepted head, else the revision applied before (once its policy is loaded)."""
     if head is not None and head.verdict is None and head.policy is not None:
@@ -366,7 +450,8 @@ def decide(
     A head is judged (and its PolicyTests run through `tests`) only in the cycle that
     fetched it; later cycles keep the verdict."""
     st, logs = take_inventory(prev, obs, cfg.cell)
-    st = replace(st, applied=obs.applied)
+    st, changed = note_source(replace(st, applied=obs.applied), cfg, obs.now)
+    logs.extend([changed] if changed is not None else [])
     head, attempted = st.head, st.attempted
     if obs.head is not None:
         head = judge_head(
@@ -545,6 +630,8 @@ def settle(
                         directory=target.policy.directory,
                     )
                 )
+            head = st.head
+            from_head = head is not None and head.verdict is None and head.sha == target.sha
             applied = Applied(
                 target.sha,
                 plan.digest(),
@@ -552,6 +639,8 @@ def settle(
                 inventory,
                 target.policy,
                 plan,
+                # A head is the configured source's; the old revision again, its own source's.
+                current_source(cfg) if from_head or applied is None else applied.source,
             )
         else:
             errors = [f"ipv{f.family}: {f.error}" for f in done.families if f.error]

@@ -29,8 +29,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reconciler.agent.conditions import SOURCE_CHANGED
 from reconciler.agent.core import backoff, container_grants
 from reconciler.agent.source import clip
+from reconciler.agent.sourceid import moved
 from reconciler.agent.state import AgentState
 from reconciler.core.cellplan import CellPlan
 from reconciler.status.document import API_VERSION, KIND
@@ -126,6 +128,17 @@ def build_status(
             "passed": report.passed,
             "failed": len(report.failures),
             "failures": bounded(report.failures),
+        }
+    change = state.source_change
+    if change is not None:
+        doc["sourceChange"] = {
+            "reason": SOURCE_CHANGED,
+            "from": change.old.to_dict(),
+            "to": change.new.to_dict(),
+            "detectedAt": change.at,
+            "enforcedRevision": revision(change.revision) if change.revision else "",
+            # Until a revision of the new source is applied, the cell enforces the old one's.
+            "pending": applied is not None and moved(applied.source, change.new),
         }
     order = {phase: i for i, phase in enumerate(PHASES)}
     doc["timings"] = {
