@@ -27,7 +27,7 @@ from reconciler.agent.conditions import (
     STALLED,
     TRUE,
 )
-from reconciler.agent.config import ConfigError, build_config
+from reconciler.agent.config import AgentConfig, ConfigError, build_config
 from reconciler.agent.core import PolicyTestReport
 from reconciler.agent.cycle import Target, decide, settle
 from reconciler.agent.state import AgentState
@@ -200,13 +200,14 @@ def _conds(st: AgentState) -> dict[str, tuple[str, str]]:
     return {c.type: (c.status, c.reason) for c in st.conditions}
 
 
-def _status(st: AgentState) -> dict[str, Any]:
+def status_of(st: AgentState, cfg: AgentConfig = CFG) -> dict[str, Any]:
+    """The status document of `st`, checked against the status schema."""
     doc = build_status(
         st,
         cell="c1",
-        settings=CFG.public(),
+        settings=cfg.public(),
         agent={},
-        revision=CFG.revision,
+        revision=cfg.revision,
         containers_path="/s.json",
         now="t9",
     )
@@ -220,7 +221,7 @@ def test_enforce_refuses_a_failing_head_and_stalls_until_the_next_push() -> None
     assert st.applied is not None and st.applied.sha == APPLIED_SHA
     assert _conds(st)[READY] == (FALSE, POLICY_TESTS_FAILED)
     assert _conds(st)[STALLED] == (TRUE, POLICY_TESTS_FAILED)
-    doc = _status(st)
+    doc = status_of(st)
     assert doc["refused"]["reason"] == POLICY_TESTS_FAILED
     assert doc["refused"]["findings"][0].startswith("policies/tests/web.yaml:5:1: PolicyTest/")
     assert doc["policyTests"] == {
@@ -237,19 +238,19 @@ def test_warn_applies_a_failing_head_and_reports_the_failures() -> None:
     st = _settled("warn", FAILING)
     assert st.applied is not None and st.applied.sha == HEAD_SHA
     assert _conds(st)[READY] == (TRUE, RECONCILIATION_SUCCEEDED)
-    doc = _status(st)
+    doc = status_of(st)
     assert "refused" not in doc
     assert (doc["policyTests"]["mode"], doc["policyTests"]["failed"]) == ("warn", 1)
     assert doc["policyTests"]["failures"][0].startswith("policies/tests/web.yaml:5:1: ")
 
 
 def test_off_reports_no_tests() -> None:
-    assert "policyTests" not in _status(_settled("off", FAILING))
+    assert "policyTests" not in status_of(_settled("off", FAILING))
 
 
 def test_thousands_of_failures_keep_the_status_small() -> None:
     many = _tested(*(_case(1000 + i, line=i + 1) for i in range(MAX_FINDINGS + 50)))
-    doc = _status(_settled("enforce", many))
+    doc = status_of(_settled("enforce", many))
     for listed in (doc["refused"]["findings"], doc["policyTests"]["failures"]):
         assert len(listed) == MAX_FINDINGS + 1 and listed[-1] == "... and 50 more"
     assert doc["policyTests"]["failed"] == MAX_FINDINGS + 50
@@ -258,7 +259,7 @@ def test_thousands_of_failures_keep_the_status_small() -> None:
 def test_untrusted_test_names_cannot_forge_lines_in_the_status() -> None:
     """A PR author names the tests: a newline in a name must not start a new status line."""
     forged = replace(_case(9), name="x\nReady: True")
-    doc = _status(_settled("enforce", _tested(forged)))
+    doc = status_of(_settled("enforce", _tested(forged)))
     assert all("\n" not in line for line in doc["policyTests"]["failures"])
     assert "x\\nReady: True" in doc["policyTests"]["failures"][0]
 

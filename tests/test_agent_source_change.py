@@ -40,9 +40,6 @@ from reconciler.agent.loop import SYNC, Agent
 from reconciler.agent.source import IDENTITY_KEY, GitSource
 from reconciler.agent.sourceid import SourceChange, SourceRef, normalise_url
 from reconciler.agent.state import AgentState, from_persisted, load_state, to_persisted
-from reconciler.agent.status import build_status
-from reconciler.status.document import parse_status
-from reconciler.status.write import dump_status
 from tests.agentkit import PolicyRepo, container, local_repo, sg, tcp_rules, write_store
 from tests.test_agent_cycle import (
     APPLIED,
@@ -58,6 +55,7 @@ from tests.test_agent_cycle import (
     compile_plan,
 )
 from tests.test_agent_loop import MemoryDataplane
+from tests.test_agent_policy_tests import status_of
 
 OLD_URL = "https://bot:old-token@git.old.example/platform/policy.git"
 NEW_URL = "https://bot:new-token@git.new.example/platform/policy.git"
@@ -207,17 +205,7 @@ def test_a_new_source_whose_enforced_revision_cannot_be_read_waits_for_the_trail
 
 
 def _status(st: AgentState) -> dict[str, Any]:
-    doc = build_status(
-        st,
-        cell="c1",
-        settings=NEW_CFG.public(),
-        agent={},
-        revision=NEW_CFG.revision,
-        containers_path="/s.json",
-        now="t9",
-    )
-    assert parse_status(dump_status(doc), "status/c1").header["cell"] == "c1"  # the schema
-    return doc
+    return status_of(st, NEW_CFG)
 
 
 def test_the_status_shows_the_change_until_and_after_the_new_source_is_applied() -> None:
