@@ -182,7 +182,7 @@ def test_tests_of_a_head_refused_before_them_are_never_run() -> None:
 
 
 def test_a_head_refused_by_the_mass_revoke_gate_still_reports_its_tests() -> None:
-    cut = replace(_policy(1), tests=(_case(2, "deny"),))  # passes; the gate refuses the cut
+    cut = replace(_policy(), tests=(_case(2, "deny"),))  # passes; the gate refuses the cut
     head = decide(BEFORE, _obs(_facts(cut)), CFG, compile_plan).state.head
     assert head is not None and head.verdict is not None
     assert head.tests == PolicyTestReport("warn", 1, ())

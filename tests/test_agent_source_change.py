@@ -155,8 +155,9 @@ def test_an_upgrade_takes_the_configured_source_without_a_change() -> None:
     ("policy", "message", "reason"),
     [
         (_policy(1, 2, 3, 4, 5), "grow", None),
-        (_policy(1), "cut", MASS_REVOKE_BLOCKED),  # judged against what the cell enforces
-        (_policy(1), f"cut\n\n{TRAILER}: true", None),
+        # Every access the cell enforces goes: judged against the rules the kernel holds.
+        (_policy(), "cut", MASS_REVOKE_BLOCKED),
+        (_policy(), f"cut\n\n{TRAILER}: true", None),
     ],
     ids=["growing", "mass-revoke", "mass-revoke-override"],
 )
@@ -210,7 +211,7 @@ def _status(st: AgentState) -> dict[str, Any]:
 
 def test_the_status_shows_the_change_until_and_after_the_new_source_is_applied() -> None:
     refused = decide(
-        MOVED, _obs(_facts(_policy(1), descends=None), applied=MOVED.applied), NEW_CFG, compile_plan
+        MOVED, _obs(_facts(_policy(), descends=None), applied=MOVED.applied), NEW_CFG, compile_plan
     )
     waiting = settle(refused, _result(), NEW_CFG, applied_at="t1", elapsed=0.1).state
     assert waiting.applied is not None and waiting.applied.source == OLD
@@ -381,7 +382,7 @@ def test_the_new_servers_first_head_is_measured_against_the_rules_the_cell_enfor
     enforced = dict(dp.chains[4])
 
     new = _second_server(tmp_path)
-    new.commit("imported, but most of it lost", {"sg.yaml": sg("web", tcp_rules(1))})
+    new.commit("imported, but the rules were lost", {"sg.yaml": sg("web", [])})
     cfg = _cfg(tmp_path, new.url)
     for _restart in range(2):  # also after a restart: the old source's cache is kept aside
         st, _ = _run(cfg, dp)
@@ -461,9 +462,9 @@ def test_a_hand_written_state_does_not_get_a_rewind_or_a_mass_revoke_past_the_ga
     assert _ready(st) == (FALSE, HISTORY_REWRITTEN) and st.applied is not None
     assert st.applied.sha == a2
 
-    # A head that descends but takes most access away: the gate measures it all the same.
+    # A head that descends but takes all access away: the gate measures it all the same.
     old_server.reset(a2)
-    old_server.commit("cut", {"sg.yaml": sg("web", tcp_rules(1))}, push=False)
+    old_server.commit("cut", {"sg.yaml": sg("web", [])}, push=False)
     old_server.push(force=True)
     _edit_state(cfg, claim)
     st, _ = _run(cfg, dp)
