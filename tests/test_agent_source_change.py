@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from asgctl_lab.gitserver import git
+from asgctl_lab.gitserver import GitDaemon, git
+from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
+from asgctl_lab.probe import Outcome
 from reconciler.agent.conditions import (
     FALSE,
     HISTORY_REWRITTEN,
@@ -40,7 +43,24 @@ from reconciler.agent.loop import SYNC, Agent
 from reconciler.agent.source import IDENTITY_KEY, GitSource
 from reconciler.agent.sourceid import SourceChange, SourceRef, normalise_url
 from reconciler.agent.state import AgentState, from_persisted, load_state, to_persisted
-from tests.agentkit import PolicyRepo, container, local_repo, sg, tcp_rules, write_store
+from tests.agentkit import (  # noqa: F401 - fixtures
+    ORG,
+    SPACE,
+    AgentProc,
+    PolicyRepo,
+    agents,
+    container,
+    git_server,
+    kernel,
+    local_repo,
+    policy_repo,
+    read_status,
+    ready,
+    sg,
+    tcp_rules,
+    write_store,
+)
+from tests.conftest import require_netns
 from tests.test_agent_cycle import (
     APPLIED,
     APPLIED_SHA,
@@ -534,3 +554,68 @@ def test_a_cache_never_holds_two_sources(tmp_path: Path) -> None:
     git("--git-dir", str(path), "config", "--unset", IDENTITY_KEY)
     again = GitSource(two.url, "main", path, identity=SourceRef.of(two.url, "main").cache_id)
     assert not again.fetch().recloned and again.cached_identity() == again.identity
+
+
+# -- end to end: an agent process moved between two git daemons, enforcing in a namespace ----------
+
+
+@pytest.mark.netns
+@pytest.mark.requires("git")
+def test_an_agent_moved_to_a_new_git_server_keeps_its_rules_until_the_new_server_is_applied(
+    tmp_path: Path,
+    make_lab: Callable[..., Lab],
+    policy_repo: PolicyRepo,  # noqa: F811 - the old server
+    agents: Callable[..., AgentProc],  # noqa: F811
+) -> None:
+    require_netns()
+    lab = make_lab(
+        [ContainerSpec("web", app_id="app-web", space_id=SPACE, org_id=ORG)],
+        [ServiceSpec("echo", tcp_ports=(80, 8080))],
+        conntrack=False,
+    )
+    ip = lab.services["echo"].ipv4
+
+    def echo(*ports: int) -> dict[str, str]:
+        return {
+            "sg.yaml": sg(
+                "echo", [f'{{protocol: tcp, destination: {ip}, ports: "{p}"}}' for p in ports]
+            )
+        }
+
+    old = policy_repo.commit("echo:80", echo(80))
+    cell = agents(
+        "cell-m", source=policy_repo.url, containers=str(lab.write_store()), netns=lab.cell
+    )
+    assert cell.once().returncode == 0
+    enforced = dict(kernel(lab.cell).chains)
+
+    new_server = GitDaemon(tmp_path / "srv-new")
+    try:
+        new_server.start()
+        new = PolicyRepo(
+            tmp_path / "work-new", new_server.url("policy"), new_server.create("policy")
+        )
+        # Re-imported, not mirrored: a history of its own, and the import lost the rules.
+        new.commit("import", echo())
+        cell.settings["source"] = new.url
+        assert cell.once().returncode == 1
+        doc = read_status(new.bare, cell.name)
+        assert doc is not None
+        assert (ready(doc)["status"], ready(doc)["reason"]) == ("False", MASS_REVOKE_BLOCKED)
+        assert doc["lastAppliedRevision"] == f"main@sha1:{old}"
+        assert doc["sourceChange"]["from"]["url"] == policy_repo.url
+        assert doc["sourceChange"]["to"]["url"] == new.url
+        assert doc["sourceChange"]["pending"] is True
+        assert dict(kernel(lab.cell).chains) == enforced
+        assert lab.probe_tcp("web", "echo", 80).outcome is Outcome.CONNECTED
+
+        fixed = new.commit("restore echo:80, and open 8080", echo(80, 8080))
+        assert cell.once().returncode == 0
+        doc = read_status(new.bare, cell.name)
+        assert doc is not None and doc["lastAppliedRevision"] == f"main@sha1:{fixed}"
+        assert doc["sourceChange"]["pending"] is False
+        assert lab.probe_tcp("web", "echo", 8080).outcome is Outcome.CONNECTED
+        changes = [r for r in cell.log_records("err") if r.get("event") == "source-changed"]
+        assert [(r["from"]["url"], r["to"]["url"]) for r in changes] == [(policy_repo.url, new.url)]
+    finally:
+        new_server.stop()
