@@ -177,7 +177,9 @@ class GitSource:
                     self._ready = True
                     return
                 if tag is None:  # a cache from before the tag: the configured source's
-                    self._tag()
+                    # Adopted even when the tag cannot be written (a full disk): it is
+                    # adopted again next time, and a cache is never deleted for that.
+                    self._git("config", IDENTITY_KEY, self.identity)
                     self._ready = True
                     return
             self.reset()  # not a repository, or another source's objects: start clean
