@@ -35,6 +35,7 @@ from reconciler.agent.conditions import (
     RECONCILIATION_SUCCEEDED,
     SOURCE_CHANGED,
     TRUE,
+    UNSIGNED_COMMIT,
 )
 from reconciler.agent.config import AgentConfig, build_config
 from reconciler.agent.core import condition
@@ -67,7 +68,9 @@ from tests.test_agent_cycle import (
     BEFORE,
     CFG,
     HEAD_SHA,
+    SIGNED,
     TRAILER,
+    UNSIGNED,
     _facts,
     _obs,
     _policy,
@@ -194,6 +197,15 @@ def test_the_first_head_of_a_new_source_meets_the_gate_against_the_enforced_rule
     head = d.state.head
     assert head is not None
     assert (head.verdict.reason if head.verdict else None) == reason
+
+
+def test_the_first_head_of_a_new_source_is_verified_as_always() -> None:
+    signed = replace(SIGNED, source=NEW_URL)
+    facts = _facts(_policy(1, 2, 3, 4, 5), signature=UNSIGNED, descends=None)
+    d = decide(MOVED, _obs(facts, applied=MOVED.applied), signed, compile_plan)
+    assert d.state.head is not None and d.state.head.verdict is not None
+    assert d.state.head.verdict.reason == UNSIGNED_COMMIT
+    assert d.target is not None and d.target.sha == APPLIED_SHA
 
 
 def test_a_new_source_holding_the_applied_commit_must_still_descend_from_it() -> None:
