@@ -94,6 +94,7 @@ EVERY_SETTING: dict[str, tuple[str, Any, Any]] = {
     "mass_revoke_threshold": ("mass_revoke_threshold", "40%", 0.4),
     "mass_revoke_trailer": ("mass_revoke_trailer", "Fleet-Allow-Revoke", "Fleet-Allow-Revoke"),
     "emergency_trailer": ("emergency_trailer", "Fleet-Emergency", "Fleet-Emergency"),
+    "policy_tests": ("policy_tests", "enforce", "enforce"),
     "heal_drift": ("heal_drift", False, False),
     "status_push": ("status_push", False, False),
     "status_branch_prefix": ("status_branch_prefix", "fleet-status/", "fleet-status/"),

@@ -42,6 +42,7 @@ def _opt(*names: str, **kwargs: Any) -> Any:
 @_opt("--allow-rewind/--no-allow-rewind", help="Apply heads that do not descend.")
 @_opt("--mass-revoke-threshold", help="Share of allowed rules a plan may remove.  [50%]")
 @_opt("--mass-revoke-trailer", help="Commit trailer that overrides the mass-revoke gate.")
+@_opt("--policy-tests", help="PolicyTests of a new head: enforce, warn or off.  [default: warn]")
 @_opt("--heal-drift/--no-heal-drift", help="Repair changes made by others.  [default: on]")
 @_opt("--status-push/--no-status-push", help="Write status/<cell>.  [default: on]")
 @_opt("--heartbeat", help="Push an unchanged status this often.  [default: 10m]")

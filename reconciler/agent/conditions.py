@@ -65,6 +65,8 @@ PLAN_REFUSED: Final = "PlanRefused"
 """Two different contents under one id: as a head's verdict a refusal; when the revision
 already enforced meets new containers, a transient enforcement failure (kept installed)."""
 MASS_REVOKE_BLOCKED: Final = "MassRevokeBlocked"
+POLICY_TESTS_FAILED: Final = "PolicyTestsFailed"
+"""With `policy-tests: enforce`, a head whose PolicyTest cases fail (the failures are listed)."""
 REFUSALS: Final = (
     MALFORMED_COMMIT,
     UNSIGNED_COMMIT,
@@ -74,9 +76,15 @@ REFUSALS: Final = (
     VALIDATION_FAILED,
     PLAN_REFUSED,
     MASS_REVOKE_BLOCKED,
+    POLICY_TESTS_FAILED,
 )
 """Every reason a head's verdict can carry: the gates in `reconciler.agent.core` and the
 verifier's refusals.  The applied revision stays enforced; only a new head is judged again."""
+
+SOURCE_CHANGED: Final = "SourceChanged"
+"""Not a condition's reason but an event's (log line, status `sourceChange`): the configured
+source (repository URL, branch) is not the one the applied revision came from; its first
+head is a fresh start, judged against the rules the cell enforces."""
 
 # -- reasons: enforcement failed this cycle (transient: retried with back-off) ----------------
 

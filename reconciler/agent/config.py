@@ -35,6 +35,8 @@ _CELL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,199}$")
 VERIFY_MODES = ("none", "signed")
 WATCH_MODES = ("auto", "inotify", "poll")
+POLICY_TEST_MODES = ("enforce", "warn", "off")
+"""`policy-tests`: refuse a head whose PolicyTests fail, apply it and report, or skip them."""
 
 
 class ConfigError(ValueError):
@@ -117,6 +119,9 @@ class AgentConfig:
     """A head carrying `<this>: true` is applied inside a deny window (or outside every allow
     window) of the repository's Rollout; it never skips a pause or a wave."""
     heal_drift: bool = True
+    policy_tests: str = "warn"
+    """The repository's PolicyTest documents, run once per new head: `enforce` refuses a head
+    with a failing test (PolicyTestsFailed), `warn` applies it and reports the failures."""
     status_push: bool = True
     status_branch_prefix: str = STATUS_PREFIX
     heartbeat: float = 600.0
@@ -173,6 +178,7 @@ class AgentConfig:
             "allowRewind": self.allow_rewind,
             "massRevokeThreshold": self.mass_revoke_threshold,
             "healDrift": self.heal_drift,
+            "policyTests": self.policy_tests,
             "underlayInterface": list(self.underlay_interface),
             "denyNetworks": self.deny_networks.to_dict(),
             "outboundConnections": self.outbound_connections.to_dict(),
@@ -375,6 +381,9 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError(f"verify: one of {', '.join(VERIFY_MODES)}, got {cfg.verify!r}")
     if cfg.verify == "signed" and not (cfg.allowed_signers or cfg.gpg_keyring):
         raise ConfigError("verify: signed needs allowed-signers (SSH) and/or gpg-keyring (GPG)")
+    if cfg.policy_tests not in POLICY_TEST_MODES:
+        modes = ", ".join(POLICY_TEST_MODES)
+        raise ConfigError(f"policy-tests: one of {modes}, got {cfg.policy_tests!r}")
     if cfg.watch not in WATCH_MODES:
         raise ConfigError(f"watch: one of {', '.join(WATCH_MODES)}, got {cfg.watch!r}")
     if cfg.metrics_listen:

@@ -4,8 +4,9 @@ Nothing here touches git, files, the kernel or the clock (times come in as argum
 rules that keep a fleet safe are unit-tested directly:
 
 * the gates a fetched head must pass before it is applied (`signature_verdict`,
-  `ancestry_verdict`, `validation_verdict`, `revoke_verdict`), each returning a `Refusal`
-  that names the reason when the head must wait, or None when it passes;
+  `ancestry_verdict`, `validation_verdict`, `policy_test_verdict`, `revoke_verdict`), each
+  returning a `Refusal` that names the reason when the head must wait, or None when it
+  passes;
 * the Flux-style conditions a cycle leaves behind (`cycle_conditions`, `merge_conditions`),
   with `lastTransitionTime` moving only when a condition's status flips;
 * the history of the last syncs (`add_history`), aggregated like Flux's: a sync that repeats
@@ -32,6 +33,7 @@ from reconciler.agent.conditions import (
     MASS_REVOKE_BLOCKED,
     NO_DRIFT,
     NOT_CHECKED,
+    POLICY_TESTS_FAILED,
     PROGRESSING,
     PROGRESSING_WITH_RETRY,
     READY,
@@ -173,6 +175,43 @@ def validation_verdict(findings: Sequence[Finding]) -> Refusal | None:
         VALIDATION_FAILED,
         f"{len(errors)} validation error{'s' * (len(errors) != 1)}: {first}{more}",
         tuple(sorted(findings)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyTestReport:
+    """What a head's PolicyTest cases said, under the `policy-tests` mode they were run in:
+    how many ran, and each failure as a finding at its test's file:line."""
+
+    mode: str
+    tests: int
+    failures: tuple[Finding, ...] = ()
+
+    @property
+    def passed(self) -> int:
+        return self.tests - len(self.failures)
+
+    def to_log(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "tests": self.tests,
+            "failed": len(self.failures),
+            "failures": [str(f) for f in self.failures[:20]],
+        }
+
+
+def policy_test_verdict(report: PolicyTestReport | None) -> Refusal | None:
+    """With `policy-tests: enforce`, a head with a failing case is refused like an invalid
+    one (its failures are the findings); `warn` and `off` never refuse."""
+    if report is None or report.mode != "enforce" or not report.failures:
+        return None
+    failed = len(report.failures)
+    more = f" (and {failed - 1} more)" if failed > 1 else ""
+    return Refusal(
+        POLICY_TESTS_FAILED,
+        f"{failed} of {report.tests} policy test{'s' * (report.tests != 1)} "
+        f"fail{'s' * (failed == 1)}: {report.failures[0]}{more}",
+        report.failures,
     )
 
 

@@ -26,6 +26,7 @@ import json
 import os
 import queue
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -57,6 +58,7 @@ from reconciler.agent.cycle import (
     Outcome,
     Provenance,
     Trigger,
+    current_source,
     decide,
     inventory_unchanged,
     next_need,
@@ -67,6 +69,7 @@ from reconciler.agent.metrics import Metrics, MetricsServer, write_textfile
 from reconciler.agent.peers import PeerReader
 from reconciler.agent.rollout import FleetReports, wants_fleet
 from reconciler.agent.source import GitSource, MalformedCommit, SourceError, clip
+from reconciler.agent.sourceid import moved
 from reconciler.agent.state import AgentState, Applied, Head, load_state, save_state
 from reconciler.agent.status import PushResult, StatusPusher, build_status, iso
 from reconciler.agent.verify import SignatureVerifier
@@ -75,6 +78,7 @@ from reconciler.agent.webhook import WebhookServer, serve
 from reconciler.core.cellplan import CellPlan, CellSettings
 from reconciler.core.compile import compile_cell
 from reconciler.core.model import Container, PolicySet
+from reconciler.core.policytest import CaseResult, run_tests
 from reconciler.policy.load import load_revision
 from reconciler.sources.cellstore import InventoryError, StoreReading, load_store
 from reconciler.status.write import StatusWriter
@@ -127,12 +131,14 @@ class Agent:
         self.state_dir = Path(cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = self.state_dir / "state.json"
+        self.source_ref = current_source(cfg)
         self.source = GitSource(
             cfg.source,
             cfg.branch,
             self.state_dir / "cache.git",
             depth=cfg.fetch_depth,
             timeout=cfg.git_timeout,
+            identity=self.source_ref.cache_id,
         )
         self.verifier = (
             SignatureVerifier(
@@ -150,12 +156,14 @@ class Agent:
         self.metrics = Metrics(cfg.cell)
         self.events: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.state = load_state(self.state_file)
+        self.applied_cache = self._keep_applied_cache()
         self._backend = backend
         self._backend_owned = backend is None
         self._settings: CellSettings | None = None
         self._cycles = 0
         self._crashes = 0
         self._compiled: tuple[PolicySet, tuple[Container, ...], CellPlan] | None = None
+        self._tested: tuple[PolicySet, tuple[CaseResult, ...]] | None = None
         self._compile_seconds = 0.0  # this cycle's, for its render phase
         self._settings_seconds = 0.0
         self.pusher: StatusPusher | None = None
@@ -176,6 +184,37 @@ class Agent:
         self.webhook: WebhookServer | None = None
         self.last_doc: dict[str, Any] | None = None
         self._stopping = threading.Event()
+
+    # -- edges: the applied revision's source ---
+
+    @property
+    def _applied_cache_path(self) -> Path:
+        return self.state_dir / "cache-applied.git"
+
+    def _keep_applied_cache(self) -> GitSource | None:
+        """When the applied revision came from another source than the configured one, keep
+        that source's cache aside (never fetched into) to read the applied revision from:
+        the mass-revoke gate measures the new source's first head against it.  Otherwise
+        there is no such cache (one left from a finished move is removed)."""
+        kept = self._applied_cache_path
+        applied = self.state.applied
+        old = applied.source if applied is not None else None
+        if old is None or not moved(old, self.source_ref):
+            shutil.rmtree(kept, ignore_errors=True)
+            return None
+        if not kept.exists() and self.source.cached_identity() in (old.cache_id, None):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.source.path, kept)
+        return GitSource(old.url, old.branch, kept, timeout=self.cfg.git_timeout)
+
+    def _drop_applied_cache(self, st: AgentState) -> None:
+        """Once a revision of the configured source is applied (and saved), the old
+        source's cache has served its purpose."""
+        if self.applied_cache is None or st.applied is None:
+            return
+        if not moved(st.applied.source, self.source_ref):
+            self.applied_cache = None
+            shutil.rmtree(self._applied_cache_path, ignore_errors=True)
 
     # -- edges: inventory, backend, logs --------------------------------------------------------
 
@@ -259,15 +298,32 @@ class Agent:
         self._compiled = (policy, inventory, plan)
         return plan
 
+    def _run_tests(self, policy: PolicySet) -> tuple[CaseResult, ...]:
+        """The PolicyTests of `policy`, remembered for the last policy (one slot, like the
+        plan): a head is tested once, whatever asks again for the same revision."""
+        memo = self._tested
+        if memo is not None and memo[0] is policy:
+            return memo[1]
+        results = run_tests(policy)
+        self._tested = (policy, results)
+        return results
+
     # -- observe -------------------------------------------------------------------------------
 
     def _restore_applied(self, a: Applied | None, settings: CellSettings) -> Applied | None:
-        """After a restart, load the applied revision's policy again (from the cache only),
-        compiled with the cell's settings as found, so that an unchanged plan is recognised
-        by its digest as the last one applied."""
-        if a is None or a.policy is not None or not self.source.has_commit(a.sha):
+        """After a restart, load the applied revision's policy again (from the caches only:
+        the kept one of the source it came from, when that is not the configured one, else
+        the fetch cache), compiled with the cell's settings as found, so that an unchanged
+        plan is recognised by its digest as the last one applied."""
+        if a is None or a.policy is not None:
             return a
-        result = load_revision(self.source.path, a.sha, self.cfg.policies_path)
+        cache = next(
+            (c for c in (self.applied_cache, self.source) if c is not None and c.has_commit(a.sha)),
+            None,
+        )
+        if cache is None:
+            return a
+        result = load_revision(cache.path, a.sha, self.cfg.policies_path)
         if not result.ok:
             return a
         return restored_applied(
@@ -275,20 +331,28 @@ class Agent:
         )
 
     def _head_facts(
-        self, sha: str, applied_sha: str | None, timings: dict[str, float]
+        self, sha: str, applied_sha: str | None, new_source: bool, timings: dict[str, float]
     ) -> HeadFacts:
-        """Read what the gates need about a new head, one fact at a time (`next_need`)."""
+        """Read what the gates need about a new head, one fact at a time (`next_need`).
+
+        `new_source`: the applied revision came from another source than the one fetched."""
         facts = HeadFacts(sha)
         while (need := next_need(facts, applied_sha, self.cfg.allow_rewind)) is not None:
             t = time.perf_counter()
-            facts = self._gather(need, facts, applied_sha)
+            facts = self._gather(need, facts, applied_sha, new_source)
             phase = _PHASE_OF_NEED.get(need)
             if phase is not None:
                 timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t
         return facts
 
-    def _gather(self, need: Need, facts: HeadFacts, applied_sha: str | None) -> HeadFacts:
-        """One fact about a head, from the cache (SourceError when the cache cannot tell)."""
+    def _gather(
+        self, need: Need, facts: HeadFacts, applied_sha: str | None, new_source: bool = False
+    ) -> HeadFacts:
+        """One fact about a head, from the cache (SourceError when the cache cannot tell).
+
+        On a new source, a head has no history to protect when the source does not hold the
+        applied commit at all (another repository): a fresh start.  When it does (the same
+        repository moved, a mirror), the head must descend from it as always."""
         sha = facts.sha
         if need is Need.COMMIT:
             try:
@@ -301,7 +365,12 @@ class Agent:
             if self.verifier is not None:
                 check = self.verifier.verify(self.source.path, sha, facts.commit.signed)
             descends = None
-            if applied_sha is not None and applied_sha != sha:
+            # A new source without the applied commit: nothing to descend from (None).
+            if (
+                applied_sha is not None
+                and applied_sha != sha
+                and (not new_source or self.source.holds(applied_sha))
+            ):
                 descends = self.source.is_ancestor(applied_sha, sha)
             return replace(facts, provenance=Provenance(check, descends))
         if need is Need.REVISION:
@@ -341,7 +410,8 @@ class Agent:
             self.source.is_ancestor(pin, fetched)  # a shallow cache fetches the history
             if not self.source.has_commit(pin):
                 return None  # not on the branch: reported as such (`held_back`)
-        return self._head_facts(pin, applied.sha if applied else None, timings)
+        fresh = applied is not None and moved(applied.source, self.source_ref)
+        return self._head_facts(pin, applied.sha if applied else None, fresh, timings)
 
     def _fleet(
         self, fetched: str, candidates: list[PolicySet | None], applied: Applied | None
@@ -383,7 +453,9 @@ class Agent:
                 timings["fetch"] = time.perf_counter() - t
                 applied = self._restore_applied(applied, settings)
                 if prev.head is None or prev.head.sha != fetched.sha:
-                    head = self._head_facts(fetched.sha, applied.sha if applied else None, timings)
+                    fresh = applied is not None and moved(applied.source, self.source_ref)
+                    applied_sha = applied.sha if applied else None
+                    head = self._head_facts(fetched.sha, applied_sha, fresh, timings)
                 policy = self._pending(fetched.sha, head, prev.head)
                 pinned = self._pinned(fetched.sha, policy, applied, timings)
                 pin = policy.rollout.pinned if policy and policy.rollout else None
@@ -440,7 +512,7 @@ class Agent:
 
         self._compile_seconds = 0.0
         obs = self._observe(trigger, now, reading, inventory_error, timings, at)
-        decision = decide(self.state, obs, self.cfg, self._compile)
+        decision = decide(self.state, obs, self.cfg, self._compile, self._run_tests)
         self._write_logs(decision.logs)
 
         done: ConvergeResult | Problem | None = None
@@ -480,6 +552,7 @@ class Agent:
         self._cycles += 1
         try:
             save_state(self.state_file, outcome.state)
+            self._drop_applied_cache(outcome.state)
         except OSError as exc:
             self._log(self.err, {"event": "state-not-saved", "error": str(exc)})
         if self._cycles % MAINTAIN_EVERY == 0:
