@@ -53,6 +53,7 @@ PER_PAGE = 5000  # the largest page CC grants (docs/v3 .../security_groups/_list
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a page of 5,000 apps with all their fields is ~10 MiB
 MAX_PAGES = 100_000  # per listing; 2,000,000 resources at 20 a page
 MAX_RESOURCES = 2_000_000  # per listing: ten times the largest foundation we know of
+LISTING_ATTEMPTS = 3  # passes over a listing that keeps changing while it is paged
 MAX_ATTEMPTS = 6  # per request: 1 + 5 retries, ~1 minute of back-off before giving up
 MAX_RETRY_AFTER = 120.0  # a server asking for more is not waited for: the sync fails instead
 TOKEN_MARGIN = 30.0  # seconds before expiry at which a token is renewed, as the cf CLI does
@@ -444,11 +445,33 @@ class Client:
         """Every resource of a v3 listing (`/v3/apps`), each kept as `pick` makes it.
 
         Asks for `PER_PAGE` and follows `pagination.next` whatever page size the server
-        grants (docs/v3/source/includes/concepts/_pagination.md.erb:9-22).  The listing must
-        hold as many distinct GUIDs as its last page's `total_results` says: a listing that
-        changed while it was paged can skip a resource, and a sync must not write half a view.
+        grants (docs/v3/source/includes/concepts/_pagination.md.erb:9-22).  Pages are offsets,
+        so a resource created or deleted while the listing is paged can shift another one
+        past us unseen: every page must report the same `total_results` and the listing must
+        hold that many distinct GUIDs, else it is read again from the start (up to
+        `LISTING_ATTEMPTS` times) and then refused -- a sync must not write half a view.
         `strict` refuses duplicate JSON keys (for what becomes policy).
         """
+        kind = path.rsplit("/", 1)[-1]
+        for attempt in range(1, LISTING_ATTEMPTS + 1):
+            out, changed = self._list_once(path, pick, strict, progress)
+            if changed is None:
+                return out
+            if attempt == LISTING_ATTEMPTS:
+                raise self._fail(
+                    f"{kind} changed while it was read ({changed}), {LISTING_ATTEMPTS} times; "
+                    "nothing was written, run the sync again"
+                )
+        raise AssertionError("unreachable")
+
+    def _list_once(
+        self,
+        path: str,
+        pick: Callable[[Mapping[str, Any]], T],
+        strict: bool,
+        progress: Callable[[Progress], None],
+    ) -> tuple[list[T], str | None]:
+        """One pass over a listing, and how it changed meanwhile (None if it did not)."""
         kind = path.rsplit("/", 1)[-1]
         base = f"{self.api}{path}"
         base_path = _parse_url(base, "URL")[1]
@@ -456,7 +479,7 @@ class Client:
         seen_urls: set[str] = set()
         guids: set[str] = set()
         out: list[T] = []
-        total_results: int | None = None
+        totals: set[int | None] = set()
         page = 0
         while url is not None:
             page += 1
@@ -477,13 +500,14 @@ class Client:
                 if not isinstance(guid, str):
                     raise self._fail(f"GET {_clip(url)}: resources[{index}] has no guid string")
                 if guid in guids:
-                    continue  # a page boundary moved under a concurrent change; counted below
+                    continue  # a page boundary moved under a concurrent change; judged below
                 guids.add(guid)
                 out.append(pick(resource))
             if len(guids) > MAX_RESOURCES:
                 raise self._fail(f"{kind}: more than {MAX_RESOURCES} resources; refusing")
             total = pagination.get("total_results")
             total_results = total if isinstance(total, int) and total >= 0 else None
+            totals.add(total_results)
             pages = pagination.get("total_pages")
             progress(
                 Progress(
@@ -495,12 +519,12 @@ class Client:
                 )
             )
             url = self._next(pagination, base_path, url, seen_urls)
-        if total_results is not None and total_results != len(guids):
-            raise self._fail(
-                f"{kind} changed while it was read ({len(guids)} read, the Cloud Controller "
-                f"counts {total_results}); nothing was written, run the sync again"
-            )
-        return out
+        counted = sorted(t for t in totals if t is not None)
+        if len(totals) > 1:
+            return out, f"its pages counted {', '.join(map(str, counted))}"
+        if counted and counted[0] != len(guids):
+            return out, f"{len(guids)} read, the Cloud Controller counts {counted[0]}"
+        return out, None
 
     def _next(
         self, pagination: Mapping[str, Any], base_path: str, current: str, seen: set[str]
