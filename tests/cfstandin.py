@@ -98,7 +98,8 @@ class StandIn:
         self.tokens: dict[str, int] = {}  # token -> uses left
         self.revoke_after: int | None = None
         self.issued = 0
-        self.overrides: dict[str, Any] = {}  # path -> JSON served as is (hostile answers)
+        self.overrides: dict[str, Any] = {}  # path -> JSON (or raw bytes) served as is
+        self.frozen: dict[tuple[str, int, int], bytes] = {}  # (kind, page, per_page) -> body
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -241,6 +242,15 @@ class StandIn:
             "resources": [make(i) for i in items[start : start + per_page]],
         }
 
+    def freeze(self, per_page: int = MAX_PER_PAGE) -> None:
+        """Serialise every page of every listing now, so serving one is a write (the bench:
+        the stand-in's own work must not be what the sync's wall time measures)."""
+        for kind in ("organizations", "spaces", "apps", "security_groups"):
+            items, _ = self._listing(kind)
+            for page in range(1, max(1, -(-len(items) // per_page)) + 1):
+                body = json.dumps(self.page(kind, page, per_page)).encode()
+                self.frozen[(kind, page, per_page)] = body
+
     # -- server ---------------------------------------------------------------------------
 
     @property
@@ -362,7 +372,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"links": links})
             return
         if path in self.owner.overrides:
-            self._json(200, self.owner.overrides[path])
+            body = self.owner.overrides[path]
+            if isinstance(body, bytes):
+                self._send(200, body)
+            else:
+                self._json(200, body)
             return
         auth = self.headers.get("Authorization", "")
         token = auth[len("bearer ") :] if auth.lower().startswith("bearer ") else ""
@@ -389,6 +403,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, "CF-BadQueryParameter", "Per page must be between 1 and 5000", 10005)
             return
         per_page = min(per_page, self.owner.max_per_page)
+        frozen = self.owner.frozen.get((kind, page, per_page))
+        if frozen is not None:
+            self._send(200, frozen)
+            return
         self._json(200, self.owner.page(kind, page, per_page))
 
 
@@ -429,6 +447,7 @@ def main(argv: list[str]) -> None:
     standin = StandIn()
     with running(standin):
         foundation(standin, orgs, spaces, apps, groups)
+        standin.freeze()
         print(standin.url, flush=True)
         sys.stdin.read()
 

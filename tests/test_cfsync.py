@@ -372,6 +372,25 @@ def test_a_binding_that_is_not_a_guid_is_refused(tmp_path: Path):
     assert "g: running_spaces: payments/prod is not a GUID" in result.stderr
 
 
+def test_a_group_with_a_duplicated_json_key_is_refused(tmp_path: Path):
+    """`{"ports": "443", "ports": "1-65535"}`: a reviewer reads the first, a JSON reader keeps
+    the last; what becomes policy is read by jsonsafe with duplicate keys refused."""
+    with running(StandIn()) as cc:
+        page = json.dumps(cc.page("security_groups", 1, 50))
+        rule = (
+            '{"protocol": "tcp", "destination": "198.19.0.1", "ports": "443", "ports": "1-65535"}'
+        )
+        body = page.replace(
+            '"resources": []', f'"resources": [{{"guid": "g1", "name": "g", "rules": [{rule}]}}]'
+        )
+        body = body.replace('"total_results": 0', '"total_results": 1')
+        cc.overrides["/v3/security_groups"] = body.encode()
+        result = sync(cc.url, tmp_path / "p")
+    assert result.exit_code == 1
+    assert 'not valid JSON: duplicate key "ports"' in result.stderr
+    assert not (tmp_path / "p").exists()
+
+
 def test_a_page_larger_than_the_cap_is_refused(tmp_path: Path):
     with running(StandIn()) as cc:
         space = cc.add_space(cc.add_org("o"), "s")
