@@ -67,12 +67,14 @@ def main() -> None:
     try:
         assert server.stdout is not None
         api = server.stdout.readline().strip()
+        load_before = os.getloadavg()[0]
         with tempfile.TemporaryDirectory(prefix="asgctl-cfsync-bench-") as tmp:
             out = Path(tmp) / "policies"
             first = timed_sync(api, out)
             files = [p for p in out.rglob("*.yaml")]
             size = sum(p.stat().st_size for p in files)
             second = timed_sync(api, out)
+        load_after = os.getloadavg()[0]
     finally:
         if server.stdin is not None:
             server.stdin.close()
@@ -85,6 +87,8 @@ def main() -> None:
         f"{first[1]:.0f} MiB ({len(files)} files, {size / 2**20:.1f} MiB of YAML; {first[2]})",
         f"cf sync again, nothing changed in CF: {second[0]:.1f} s, peak RSS {second[1]:.0f} MiB "
         f"({second[2]})",
+        f"1-minute load average before and after (2 cores shared with other work): "
+        f"{load_before:.1f}, {load_after:.1f}",
     ]
     print("\n".join(lines))
     if args.record:
