@@ -18,6 +18,7 @@ from reconciler.agent.commands import agent_cmd, status_cmd
 from reconciler.agent.config import BACKENDS
 from reconciler.backends.contract import Mode
 from reconciler.backends.iptables.render import render_text
+from reconciler.cfcompare import cf_compare_group
 from reconciler.cli_options import format_option
 from reconciler.core.cellplan import CellPlan, CellSettings, PlanError
 from reconciler.core.compile import compile_cell
@@ -535,3 +536,4 @@ def test_cmd(path: str, rev: str | None, fmt: str, verbose: bool) -> None:
 
 main.add_command(agent_cmd)
 main.add_command(status_cmd)
+main.add_command(cf_compare_group)
