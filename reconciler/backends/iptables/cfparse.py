@@ -522,8 +522,8 @@ class _Walker:
                     Accepted(rule, p) for m in match for p in subtract(m, blocked)
                 )
                 continue
-            if a.target in ("DROP", "REJECT"):
-                state.decided.extend(match)
+            if a.target in ("DROP", "REJECT"):  # not what left this chain by RETURN or -g
+                state.decided.extend(p for m in match for p in subtract(m, mine))
             elif a.target == "RETURN":
                 mine.extend(match)
             else:  # a user chain
