@@ -448,7 +448,8 @@ def test_icmp_type_and_code_as_the_kernel_reads_them() -> None:
     reference/cf-asg.md); `any` is every type."""
     assert _walk(
         [
-            "-p icmp -m iprange --dst-range 198.19.0.1-198.19.0.1 -m icmp --icmp-type 8/255 -j ACCEPT",
+            "-p icmp -m iprange --dst-range 198.19.0.1-198.19.0.1 -m icmp --icmp-type 8/255"
+            " -j ACCEPT",
             "-p icmp -d 198.19.0.2/32 -m icmp --icmp-type 8 -j ACCEPT",
             "-p icmp -d 198.19.0.3/32 -m icmp --icmp-type any -j ACCEPT",
             "-j REJECT --reject-with icmp-port-unreachable",
