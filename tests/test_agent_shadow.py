@@ -1,0 +1,106 @@
+"""`asgctl agent --mode shadow`: on a cell where CF still enforces, every cycle compares the
+plan with CF's chains, reports parity on the status branch and as metrics, and writes
+nothing to the kernel.
+
+The cell is a network namespace holding CF's layout as silk writes it (`silk_cell`, pinned
+in tests/test_cf_compare.py); the agent is a real `asgctl agent` process pulling from a bare
+repository, its dataplane tools run in the namespace.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from reconciler.cli import main
+from reconciler.status.document import check_header
+from tests.agentkit import AgentProc, local_repo, read_status
+from tests.agentkit import agents as agents
+from tests.test_cf_compare import GROUPS, SPACE_A, STORE, load, saved, silk_cell
+from tests.test_cf_compare import netns as netns
+
+
+def _policies(tmp_path: Path) -> dict[str, str]:
+    """The groups as `asgctl import-cf` writes them: the repo's policy files."""
+    (tmp_path / "sg.json").write_text(json.dumps({"resources": GROUPS, "pagination": {}}))
+    out = tmp_path / "imported"
+    res = CliRunner().invoke(main, ["import-cf", str(tmp_path / "sg.json"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return {p.name: p.read_text() for p in sorted(out.glob("*.yaml"))}
+
+
+def _metrics(agent: AgentProc) -> dict[str, float]:
+    lines = Path(agent.settings["metrics-textfile"]).read_text().splitlines()
+    return {
+        k: float(v)
+        for k, _, v in (x.rpartition(" ") for x in lines if x.startswith("asgctl_agent_parity"))
+    }
+
+
+def test_shadow_cycles_report_parity_then_a_difference_and_never_touch_the_kernel(
+    tmp_path: Path,
+    netns: str,
+    agents: Callable[..., AgentProc],
+) -> None:
+    load(netns, silk_cell(STORE, GROUPS))
+    kernel_before = saved(netns)
+    repo = local_repo(tmp_path)
+    files = _policies(tmp_path)
+    repo.commit("import CF's groups", files)
+    store = tmp_path / "store.json"
+    store.write_text(json.dumps(STORE))
+    agent = agents(
+        "cell-shadow",
+        source=repo.url,
+        containers=str(store),
+        netns=netns,
+        mode="shadow",
+        underlay_interface="eth0",
+        metrics_textfile=str(tmp_path / "metrics.prom"),
+    )
+
+    for _ in range(2):  # the comparison is made every cycle, the idle one too
+        res = agent.once()
+        assert res.returncode == 0, res.stderr
+        doc = read_status(repo.bare, "cell-shadow")
+        assert doc is not None
+        check_header(doc, "status/cell-shadow")  # raises when the schema refuses it
+        assert doc["agent"]["backend"] == "cf-shadow"
+        assert doc["source"]["mode"] == "shadow"
+        assert doc["parity"]["parity"] == "same"
+        assert doc["parity"]["counts"]["same"] == 4
+        assert _metrics(agent) == {
+            'asgctl_agent_parity_containers{cell="cell-shadow",result="same"}': 4,
+            'asgctl_agent_parity_containers{cell="cell-shadow",result="different"}': 0,
+            'asgctl_agent_parity_containers{cell="cell-shadow",result="unknown"}': 0,
+            'asgctl_agent_parity_containers{cell="cell-shadow",result="no-cf-chain"}': 0,
+            'asgctl_agent_parity_cf_chains_without_container{cell="cell-shadow"}': 0,
+            'asgctl_agent_parity_same{cell="cell-shadow"}': 1,
+        }
+        assert saved(netns) == kernel_before
+
+    files["public-web.yaml"] = files["public-web.yaml"].replace("'80,443'", "'80,8443'")
+    repo.commit("web: 8443 instead of 443", files)
+    res = agent.once()
+    assert res.returncode == 0, res.stderr
+    doc = read_status(repo.bare, "cell-shadow")
+    assert doc is not None
+    check_header(doc, "status/cell-shadow")
+    parity = doc["parity"]
+    assert parity["parity"] == "different"
+    assert parity["counts"]["different"] == 2 and parity["counts"]["same"] == 2
+    web = next(c for c in parity["containers"] if c["handle"] == "web-1")
+    assert web["result"] == "different" and web["space_id"] == SPACE_A
+    assert [p["text"] for p in web["only_cf_allows"]] == ["tcp 198.19.10.0/24 port 443"]
+    assert [p["text"] for p in web["only_asgctl_allows"]] == ["tcp 198.19.10.0/24 port 8443"]
+    line = 1 + next(i for i, x in enumerate(files["public-web.yaml"].splitlines()) if "8443" in x)
+    assert f"SecurityGroup/public-web rules[0] (public-web.yaml:{line})" in " ".join(
+        web["only_asgctl_allows"][0]["by"]
+    )
+    m = _metrics(agent)
+    assert m['asgctl_agent_parity_containers{cell="cell-shadow",result="different"}'] == 2
+    assert m['asgctl_agent_parity_same{cell="cell-shadow"}'] == 0
+    assert saved(netns) == kernel_before
