@@ -47,11 +47,10 @@ from reconciler.core.packetspace import (
     ANY_PROTOCOL,
     Box,
     Range,
-    canonical,
     intersect,
     subtract,
 )
-from reconciler.core.parity import CfGrant, CfSide, CfUnread
+from reconciler.core.parity import CfGrant, CfSide, CfUnread, same_set_key
 
 NETOUT_PREFIX = "netout--"
 """silk's per-container egress chain (cni-wrapper-plugin/netrules: prefixNetOut)."""
@@ -69,10 +68,15 @@ class CfParseError(ValueError):
     """The save output is not an `iptables-save` filter table: nothing can be judged."""
 
 
+_SPACES = {
+    4: Box(4, ANY_PROTOCOL, (0, (1 << 32) - 1)),
+    6: Box(6, ANY_PROTOCOL, (0, (1 << 128) - 1)),
+}
+
+
 def family_space(family: int) -> Box:
     """Every packet of a family: the walk starts from it."""
-    top = (1 << 32) - 1 if family == 4 else (1 << 128) - 1
-    return Box(family, ANY_PROTOCOL, (0, top))
+    return _SPACES[family]
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +185,28 @@ def _split(text: str) -> list[str]:
     return shlex.split(text)
 
 
+def _v4(text: str) -> int | None:
+    """A dotted quad as an int, without ipaddress's objects (150,000 rules are read); None
+    when it is not one, and ipaddress decides."""
+    parts = text.split(".")
+    if len(parts) != 4:
+        return None
+    value = 0
+    for part in parts:
+        if not part.isdigit() or len(part) > 3 or int(part) > 255:
+            return None
+        value = value << 8 | int(part)
+    return value
+
+
 def _addr(text: str, family: int) -> tuple[int, int]:
+    if family == 4:
+        host, _, bits = text.partition("/")
+        value = _v4(host)
+        if value is not None and (not bits or (bits.isdigit() and int(bits) <= 32)):
+            size = 1 << (32 - int(bits or 32))
+            first = value & ~(size - 1)
+            return first, first + size - 1
     net = ipaddress.ip_network(text, strict=False)
     if net.version != family:
         raise ValueError(f"{text} is not IPv{family}")
@@ -190,6 +215,10 @@ def _addr(text: str, family: int) -> tuple[int, int]:
 
 def _range(text: str, family: int) -> tuple[int, int]:
     lo, sep, hi = text.partition("-")
+    if family == 4 and sep:
+        a4, b4 = _v4(lo), _v4(hi)
+        if a4 is not None and b4 is not None and a4 <= b4:
+            return a4, b4
     a, b = ipaddress.ip_address(lo), ipaddress.ip_address(hi if sep else lo)
     if a.version != family or b.version != family or int(a) > int(b):
         raise ValueError(f"{text} is not an IPv{family} range")
@@ -434,13 +463,13 @@ class _Walker:
     def __init__(self, table: FilterTable) -> None:
         self.table = table
         self.top = family_space(table.family)
-        self.cache: dict[tuple[str, int], Analysis] = {}
+        self.cache: dict[str, Analysis] = {}
 
     def analysis(self, rule: CfRule) -> Analysis:
-        key = (rule.chain, rule.index)
-        found = self.cache.get(key)
+        """By text: every container of a space holds the same rule texts."""
+        found = self.cache.get(rule.text)
         if found is None:
-            found = self.cache[key] = analyse(rule.text, self.table.family)
+            found = self.cache[rule.text] = analyse(rule.text, self.table.family)
         return found
 
     def walk(self, address: int, out: str | None) -> Walk:
@@ -610,9 +639,11 @@ def allow_sets(table: FilterTable, addresses: Iterable[str] | None = None) -> di
             continue
         first = walker.walk(address, outs[0])
         notes = list(dict.fromkeys(first.notes))
-        mine = canonical(a.box for a in first.accepted)
         for other in outs[1:]:
-            if canonical(a.box for a in walker.walk(address, other).accepted) != mine:
+            again = walker.walk(address, other).accepted
+            if {a.box for a in again} != {a.box for a in first.accepted} and same_set_key(
+                a.box for a in again
+            ) != same_set_key(a.box for a in first.accepted):
                 notes.append(f"CF allows other packets out of {other} than out of {outs[0]}")
         result[str(make(address))] = CfSide(
             address=str(make(address)),
