@@ -45,9 +45,12 @@ reader cannot judge for it; CF has no netout chain for its address."""
 
 @dataclass(frozen=True, slots=True)
 class CfGrant:
-    """Packets one of CF's rules accepts for a container (what no earlier rule decided)."""
+    """Packets one of CF's rules accepts for a container (what no earlier rule decided).
 
-    rule: str
+    `rule` is shown with `str()` (the reader's rule object: formatted only when a
+    difference is reported, not for each of a cell's 150,000 grants)."""
+
+    rule: object
     box: Box
 
 
@@ -346,7 +349,7 @@ def _cf_rules(side: CfSide, piece: Box, most: int = 3) -> tuple[str, ...]:
     found: dict[str, None] = {}
     for g in side.grants:
         if _meets(piece, g.box):
-            found.setdefault(g.rule, None)
+            found.setdefault(str(g.rule), None)
             if len(found) >= most:
                 break
     return tuple(found)

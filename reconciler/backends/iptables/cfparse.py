@@ -38,6 +38,7 @@ import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from reconciler.backends.errors import DataplaneError
 from reconciler.backends.kernel.runner import Runner
@@ -79,16 +80,16 @@ def family_space(family: int) -> Box:
     return _SPACES[family]
 
 
-@dataclass(frozen=True, slots=True)
-class CfRule:
-    """One rule of CF's table, where it stands: `-A <chain> <text>`, the `index`-th (from 1)."""
+class CfRule(NamedTuple):
+    """One rule of CF's table, where it stands: `-A <chain> <text>`, the `number`-th (from 1).
+    (A named tuple: a cell's save holds 150,000 of them.)"""
 
     chain: str
-    index: int
+    number: int
     text: str
 
     def __str__(self) -> str:
-        return f"{self.chain} rule {self.index}: -A {self.chain} {self.text}"
+        return f"{self.chain} rule {self.number}: -A {self.chain} {self.text}"
 
 
 @dataclass(frozen=True)
@@ -269,9 +270,26 @@ def _mark(text: str) -> tuple[int, int]:
     return int(value, 0), int(mask, 0) if mask else 0xFFFFFFFF
 
 
+_SILK_ACCEPT = re.compile(
+    r"-p (tcp|udp) -m iprange --dst-range ([0-9.]+)-([0-9.]+) -m \1 --dport (\d+)(?::(\d+))? "
+    r"-j ACCEPT"
+)
+"""The rule silk writes most (NewNetOutWithPortsRule) as iptables-save prints it back: read
+without splitting (a cell holds 150,000 of them).  Anything else takes the general path."""
+
+
 def analyse(text: str, family: int) -> Analysis:
     """Read one rule's text (`-A <chain>` removed).  Never raises: what it cannot read comes
     back as `unknown`, with the reason."""
+    m = _SILK_ACCEPT.fullmatch(text) if family == 4 else None
+    if m is not None:
+        first, last = _v4(m.group(2)), _v4(m.group(3))
+        lo = int(m.group(4))
+        hi = int(m.group(5)) if m.group(5) else lo
+        if first is not None and last is not None and first <= last and lo <= hi <= 65535:
+            number = _PROTOCOLS[m.group(1)]
+            box = Box(4, (number, number), (first, last), (lo, hi))
+            return Analysis(target="ACCEPT", boxes=(box,))
     try:
         tokens = _split(text)
     except ValueError as exc:
@@ -432,14 +450,6 @@ def _set_mark(args: list[str]) -> tuple[int, int] | None:
 
 
 @dataclass(frozen=True, slots=True)
-class Accepted:
-    """Packets a CF rule accepts (after every earlier decision)."""
-
-    rule: CfRule
-    box: Box
-
-
-@dataclass(frozen=True, slots=True)
 class NotUnderstood:
     """A rule reached by packets still undecided, which this reader cannot judge."""
 
@@ -452,7 +462,7 @@ class NotUnderstood:
 class Walk:
     """One container's walk through the table, for one out interface."""
 
-    accepted: list[Accepted] = field(default_factory=list)
+    accepted: list[CfGrant] = field(default_factory=list)
     unknown: list[NotUnderstood] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     decided: list[Box] = field(default_factory=list)
@@ -464,6 +474,9 @@ class _Walker:
         self.table = table
         self.top = family_space(table.family)
         self.cache: dict[str, Analysis] = {}
+        self.index: dict[
+            str, tuple[list[tuple[CfRule, Analysis]], list[int], dict[int, list[int]]]
+        ] = {}
 
     def analysis(self, rule: CfRule) -> Analysis:
         """By text: every container of a space holds the same rule texts."""
@@ -471,6 +484,28 @@ class _Walker:
         if found is None:
             found = self.cache[rule.text] = analyse(rule.text, self.table.family)
         return found
+
+    def rules(self, name: str, address: int) -> list[tuple[CfRule, Analysis]]:
+        """The rules of `name` that can concern `address`, in order: those without a
+        single-host source, and those for this host.  FORWARD holds a jump per container
+        (several per interface, and the overlay's): each container meets its own only."""
+        index = self.index.get(name)
+        if index is None:
+            general: list[int] = []
+            by_host: dict[int, list[int]] = {}
+            pairs = [(r, self.analysis(r)) for r in self.table.chains.get(name, ())]
+            for i, (_, a) in enumerate(pairs):
+                src = a.sources[0] if len(a.sources) == 1 else None
+                if src is not None and not src.negated and src.first == src.last:
+                    by_host.setdefault(src.first, []).append(i)
+                else:
+                    general.append(i)
+            index = self.index[name] = (pairs, general, by_host)
+        pairs, general, by_host = index
+        own = by_host.get(address)
+        if not own:
+            return [pairs[i] for i in general]
+        return [pairs[i] for i in sorted(general + own)]
 
     def walk(self, address: int, out: str | None) -> Walk:
         state = Walk()
@@ -480,7 +515,7 @@ class _Walker:
             rest = subtract(self.top, [*state.decided, *(a.box for a in state.accepted)])
             if rest and self.table.policies.get("FORWARD", "ACCEPT") == "ACCEPT":
                 rule = CfRule("FORWARD", 0, "(the end of FORWARD: its policy ACCEPT)")
-                state.accepted.extend(Accepted(rule, box) for box in rest)
+                state.accepted.extend(CfGrant(rule, box) for box in rest)
         return state
 
     def _chain(
@@ -503,8 +538,7 @@ class _Walker:
         if depth > MAX_DEPTH:
             raise CfParseError(f"jumps nested deeper than {MAX_DEPTH} at chain {name!r}")
         mine = list(gone)
-        for rule in self.table.chains.get(name, ()):
-            a = self.analysis(rule)
+        for rule, a in self.rules(name, address):
             if a.passive or a.never_new:
                 continue
             if not all(c.holds(address) for c in a.sources):
@@ -542,14 +576,19 @@ class _Walker:
                 else:
                     state.mark = None
                 continue
-            match = [m for r in reach for b in a.boxes if (m := intersect(r, b)) is not None]
+            whole = len(reach) == 1 and reach[0] == self.top
+            if whole:  # the usual case: nothing narrowed the packets on the way here
+                match = list(a.boxes)
+            else:
+                match = [m for r in reach for b in a.boxes if (m := intersect(r, b)) is not None]
             if not match:
                 continue
             if a.target == "ACCEPT":
+                if not state.decided and not mine:
+                    state.accepted.extend(CfGrant(rule, m) for m in match)
+                    continue
                 blocked = [*state.decided, *mine]
-                state.accepted.extend(
-                    Accepted(rule, p) for m in match for p in subtract(m, blocked)
-                )
+                state.accepted.extend(CfGrant(rule, p) for m in match for p in subtract(m, blocked))
                 continue
             if a.target in ("DROP", "REJECT"):  # not what left this chain by RETURN or -g
                 state.decided.extend(p for m in match for p in subtract(m, mine))
@@ -648,7 +687,7 @@ def allow_sets(table: FilterTable, addresses: Iterable[str] | None = None) -> di
         result[str(make(address))] = CfSide(
             address=str(make(address)),
             interfaces=tuple(o or "*" for o in outs),
-            grants=tuple(CfGrant(str(a.rule), a.box) for a in first.accepted),
+            grants=tuple(first.accepted),
             unread=tuple(CfUnread(str(u.rule), u.reason, u.boxes) for u in first.unknown),
             notes=tuple(notes),
         )
