@@ -478,3 +478,22 @@ def test_all_protocols_a_goto_to_the_log_chain_and_return() -> None:
 def test_what_returns_to_forward_meets_its_policy() -> None:
     """A RETURN hands packets back to FORWARD; with policy ACCEPT the kernel lets them go."""
     assert _walk(["-d 198.19.9.0/24 -j RETURN", "-j REJECT"]) == ["all 198.19.9.0/24"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "-p tcp -m iprange --dst-range 198.19.1.0-198.19.1.255 -m tcp --dport 80:443 -j ACCEPT",
+        "-p udp -m iprange --dst-range 198.19.1.7-198.19.1.7 -m udp --dport 53 -j ACCEPT",
+        "-p tcp -m iprange --dst-range 198.19.1.9-198.19.1.7 -m tcp --dport 80 -j ACCEPT",
+        "-p tcp -m iprange --dst-range 198.19.1.1-198.19.1.7 -m udp --dport 80 -j ACCEPT",
+    ],
+)
+def test_the_fast_reading_of_silks_commonest_rule_is_the_general_one(text: str) -> None:
+    """silk's NewNetOutWithPortsRule as iptables-save prints it is read without splitting;
+    whatever that reading gives, the general reading gives too (or both refuse the text)."""
+    from reconciler.backends.iptables import cfparse
+
+    fast = cfparse.analyse(text, 4)
+    general = cfparse.analyse(text + " ", 4)  # a trailing space: not the fast path's form
+    assert fast.boxes == general.boxes and bool(fast.unknown) == bool(general.unknown)
