@@ -497,3 +497,56 @@ def test_the_fast_reading_of_silks_commonest_rule_is_the_general_one(text: str) 
     fast = cfparse.analyse(text, 4)
     general = cfparse.analyse(text + " ", 4)  # a trailing space: not the fast path's form
     assert fast.boxes == general.boxes and bool(fast.unknown) == bool(general.unknown)
+
+
+def test_icmp_code_minus_one_as_silk_writes_it_is_a_difference(
+    netns: str, cell: dict[str, Path]
+) -> None:
+    """Cloud Controller takes ICMP `code: -1` as any code; silk writes `--icmp-type 8/255`
+    (garden.ICMPCode is a uint8; rule_converter.go@390d225 Convert with rules.go@0a8b534
+    :179-188), which the kernel reads as code 255 only.  asgctl allows every code: the
+    comparison says so instead of calling it parity."""
+    groups = [dict(g) for g in GROUPS]
+    groups[0] = dict(groups[0])
+    rules = [dict(r) for r in groups[0]["rules"]]
+    rules[2] = {"protocol": "icmp", "destination": "198.19.12.0/24", "type": 8, "code": -1}
+    groups[0]["rules"] = rules
+    (cell["policies"].parent / "sg.json").write_text(json.dumps({"resources": groups}))
+    res = CliRunner().invoke(
+        main,
+        ["import-cf", str(cell["policies"].parent / "sg.json"), "--out", str(cell["policies"])],
+    )
+    assert res.exit_code == 0, res.output
+    load(netns, silk_cell(STORE, groups))
+    res = cf_compare(cell, netns)
+    assert res.exit_code == 3
+    web = res.output.split("DIFFERENT web-1")[1].split("DIFFERENT")[0]
+    assert "only asgctl allows: icmp 198.19.12.0/24 type 8 code 0-254\n" in web
+    assert "only CF allows" not in web
+
+
+def test_ipv6_chains_and_the_rate_limit_note() -> None:
+    """ip6tables-save text: `-d` with an IPv6 prefix, icmpv6; silk's connection limit
+    (rules.go@0a8b534:293-301 NewNetOutConnRateLimitRule) takes only packets over the rate,
+    so it is noted, not read as a REJECT of every new tcp connection."""
+    text = "\n".join(
+        [
+            "*filter",
+            ":FORWARD ACCEPT [0:0]",
+            ":netout--h - [0:0]",
+            "-A FORWARD -s fd00:18::2/128 -o eth0 -j netout--h",
+            "-A netout--h -p tcp -m conntrack --ctstate NEW -m hashlimit --hashlimit-above "
+            "100/sec --hashlimit-burst 1000 --hashlimit-mode dstip,dstport --hashlimit-name h "
+            "--hashlimit-htable-expire 10000 -j REJECT --reject-with icmp6-port-unreachable",
+            "-A netout--h -d fd00:19::/64 -p tcp -m tcp --dport 443 -j ACCEPT",
+            "-A netout--h -d fd00:1a::/64 -p ipv6-icmp -m icmp6 --icmpv6-type 128/0 -j ACCEPT",
+            "-A netout--h -j REJECT --reject-with icmp6-port-unreachable",
+            "COMMIT",
+        ]
+    )
+    side = allow_sets(parse_save(text, 6))["fd00:18::2"]
+    assert sorted(describe_box(g.box) for g in side.grants) == [
+        "icmpv6 fd00:1a::/64 type 128 code 0",
+        "tcp fd00:19::/64 port 443",
+    ]
+    assert len(side.notes) == 1 and side.notes[0].startswith("connection rate limit")

@@ -702,6 +702,7 @@ def read_filter_table(runner: Runner, family: int, variant: str = "auto") -> Fil
     tool = "iptables" if family == 4 else "ip6tables"
     variants = ("legacy", "nft") if variant == "auto" else (variant,)
     tables: dict[str, FilterTable] = {}
+    texts: dict[str, str] = {}
     errors = []
     for v in variants:
         try:
@@ -709,10 +710,18 @@ def read_filter_table(runner: Runner, family: int, variant: str = "auto") -> Fil
         except DataplaneError as exc:
             errors.append(str(exc))
             continue
-        if res.returncode != 0 or "incompatible" in res.stdout + res.stderr:
+        incompatible = any(  # iptables-nft-save's "# Table `filter' is incompatible", exit 0
+            x.startswith("# Table") and "incompatible" in x for x in res.stdout.splitlines()[:5]
+        )
+        if res.returncode != 0 or incompatible:
             errors.append(f"{tool}-{v}-save: {(res.stderr or res.stdout).strip()[:200]}")
             continue
-        tables[v] = parse_save(res.stdout, family)
+        texts[v] = res.stdout
+    # Parse the variant that holds silk's chains; the other, only when it holds them too
+    # (that is refused) or when neither does (the one that answered first, to judge on).
+    with_text = [v for v, text in texts.items() if f":{NETOUT_PREFIX}" in text]
+    for v in with_text or list(texts)[:1]:
+        tables[v] = parse_save(texts[v], family)
     if not tables:
         raise DataplaneError("; ".join(errors) or f"no {tool}-save answered")
     with_cf = [v for v, t in tables.items() if netout_jumps(t)]
