@@ -104,3 +104,37 @@ def test_shadow_cycles_report_parity_then_a_difference_and_never_touch_the_kerne
     assert m['asgctl_agent_parity_containers{cell="cell-shadow",result="different"}'] == 2
     assert m['asgctl_agent_parity_same{cell="cell-shadow"}'] == 0
     assert saved(netns) == kernel_before
+
+
+def test_the_status_section_stays_bounded_however_much_differs() -> None:
+    """60 containers that each differ in 20 packet sets, and a CF rule with a long comment:
+    the status lists 50 containers, 5 sets each, rule texts cut, and counts them all."""
+    from reconciler.agent.shadow import STATUS_WIDTH, parity_status
+    from reconciler.core.compile import compile_cell
+    from reconciler.core.model import (
+        AddressRange,
+        Container,
+        PolicySet,
+        PortRange,
+        Rule,
+        SecurityGroup,
+    )
+    from reconciler.core.packetspace import Box
+    from reconciler.core.parity import CfGrant, CfSide, compare
+
+    rules = tuple(
+        Rule("tcp", (AddressRange.parse(f"198.19.{2 * i}.0/24"),), (PortRange(443, 443),))
+        for i in range(20)
+    )
+    policy = PolicySet(security_groups=(SecurityGroup("wide", rules, running_default=True),))
+    containers = [Container(f"c-{i:02d}", f"198.18.1.{i + 2}", space_id="s") for i in range(60)]
+    plan = compile_cell(policy, containers, "big")
+    long_rule = "asg-x rule 1: -A asg-x -m comment --comment " + "x" * 2000 + " -j ACCEPT"
+    grant = CfGrant(long_rule, Box(4, (17, 17), (0, 10)))
+    sides = {c.ip: CfSide(c.ip, ("eth0",), (grant,)) for c in containers}
+    doc = parity_status(compare(policy, plan, sides))
+    assert doc["counts"]["different"] == 60 and len(doc["containers"]) == 50
+    first = doc["containers"][0]
+    assert first["only_asgctl_allows_total"] == 20 and len(first["only_asgctl_allows"]) == 5
+    assert all(len(b) <= STATUS_WIDTH for p in first["only_cf_allows"] for b in p["by"])
+    assert len(json.dumps(doc)) < 200_000

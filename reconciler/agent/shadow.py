@@ -28,6 +28,8 @@ STATUS_CONTAINERS = 50
 """Containers listed in the status document (those that differ first); counts are whole."""
 STATUS_PIECES = 5
 """Packet sets listed per container and side in the status document."""
+STATUS_WIDTH = 300
+"""Characters of a rule's text (or a note) in the status document."""
 
 
 def shadow_converge(
@@ -51,7 +53,7 @@ def shadow_converge(
 
 def parity_status(report: ParityReport) -> dict[str, Any]:
     """The status document's `parity` section: bounded, whatever the cell holds."""
-    return report.to_dict(limit=STATUS_PIECES, containers=STATUS_CONTAINERS)
+    return report.to_dict(limit=STATUS_PIECES, containers=STATUS_CONTAINERS, width=STATUS_WIDTH)
 
 
 def parity_metrics(metrics: Metrics, report: ParityReport) -> None:

@@ -82,8 +82,8 @@ class Piece:
     box: Box
     by: tuple[str, ...]
 
-    def to_dict(self) -> dict[str, Any]:
-        return box_dict(self.box) | {"by": [visible(x) for x in self.by]}
+    def to_dict(self, width: int | None = None) -> dict[str, Any]:
+        return box_dict(self.box) | {"by": [_cut(x, width) for x in self.by]}
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,8 @@ class ContainerParity:
     unread: tuple[CfUnread, ...] = ()
     notes: tuple[str, ...] = ()
 
-    def to_dict(self, limit: int | None = None) -> dict[str, Any]:
-        n = limit if limit is not None else None
+    def to_dict(self, limit: int | None = None, width: int | None = None) -> dict[str, Any]:
+        n = limit
         return {
             "handle": visible(self.handle),
             "ip": self.ip,
@@ -116,14 +116,15 @@ class ContainerParity:
             "space_id": visible(self.space_id),
             "space": visible(self.space),
             "result": self.result,
-            "only_cf_allows": [p.to_dict() for p in self.cf_only[:n]],
+            "only_cf_allows": [p.to_dict(width) for p in self.cf_only[:n]],
             "only_cf_allows_total": self.cf_only_total,
-            "only_asgctl_allows": [p.to_dict() for p in self.asgctl_only[:n]],
+            "only_asgctl_allows": [p.to_dict(width) for p in self.asgctl_only[:n]],
             "only_asgctl_allows_total": self.asgctl_only_total,
             "cf_rules_not_understood": [
-                {"rule": visible(u.rule), "reason": visible(u.reason)} for u in self.unread[:n]
+                {"rule": _cut(u.rule, width), "reason": _cut(u.reason, width)}
+                for u in self.unread[:n]
             ],
-            "notes": [visible(x) for x in self.notes[:n]],
+            "notes": [_cut(x, width) for x in self.notes[:n]],
         }
 
 
@@ -152,15 +153,18 @@ class ParityReport:
         out["cf_chains_without_container"] = len(self.orphans)
         return out
 
-    def to_dict(self, limit: int | None = None, containers: int | None = None) -> dict[str, Any]:
-        """The report as JSON data; `limit` caps the pieces per container and `containers`
-        the containers listed (the differing first), so a status document stays bounded;
-        the totals always count everything."""
+    def to_dict(
+        self, limit: int | None = None, containers: int | None = None, width: int | None = None
+    ) -> dict[str, Any]:
+        """The report as JSON data; `limit` caps the pieces per container, `containers` the
+        containers listed (the differing first) and `width` the characters of a rule's text
+        (the kernel's comments are anyone's), so a status document stays bounded; the
+        totals always count everything."""
         listed = sorted(self.containers, key=lambda c: (c.result == "same", c.handle))
         return {
             "parity": "same" if self.same else "different",
             "counts": self.counts(),
-            "containers": [c.to_dict(limit) for c in listed[:containers]],
+            "containers": [c.to_dict(limit, width) for c in listed[:containers]],
             "cf_chains_without_container": [visible(x) for x in self.orphans[:containers]],
         }
 
@@ -179,6 +183,14 @@ class ParityReport:
         for cp in order:
             lines.extend(_container_text(cp, limit))
         return "\n".join(visible(x) for x in lines) + "\n"
+
+
+def _cut(text: str, width: int | None) -> str:
+    """`text` shown safely (`escape.visible`), cut to `width` characters when given."""
+    shown = visible(text)
+    if width is None or len(shown) <= width:
+        return shown
+    return shown[: max(0, width - 3)] + "..."
 
 
 def _container_text(c: ContainerParity, limit: int) -> list[str]:
@@ -367,7 +379,7 @@ def _our_rules(
             found.setdefault(f"rule {rule.id[:12]} from {s}", None)
         if len(found) >= most:
             break
-    return tuple(found)
+    return tuple(found)[: 3 * most]
 
 
 # -- showing packets ------------------------------------------------------------------------
