@@ -177,6 +177,20 @@ class Analysis:
     rate_limited: bool = False
     passive: bool = False
     unknown: str = ""
+    plain: bool = field(init=False, default=False)
+    """An ACCEPT of its boxes and nothing else to judge: most of a cell's rules."""
+
+    def __post_init__(self) -> None:
+        plain = self.target == "ACCEPT" and not (
+            self.sources
+            or self.out
+            or self.mark
+            or self.never_new
+            or self.rate_limited
+            or self.passive
+            or self.unknown
+        )
+        object.__setattr__(self, "plain", plain)
 
 
 def _split(text: str) -> list[str]:
@@ -538,7 +552,11 @@ class _Walker:
         if depth > MAX_DEPTH:
             raise CfParseError(f"jumps nested deeper than {MAX_DEPTH} at chain {name!r}")
         mine = list(gone)
+        whole = len(reach) == 1 and reach[0] == self.top
         for rule, a in self.rules(name, address):
+            if a.plain and whole and not mine and not state.decided:
+                state.accepted.extend(CfGrant(rule, b) for b in a.boxes)  # nothing to cut
+                continue
             if a.passive or a.never_new:
                 continue
             if not all(c.holds(address) for c in a.sources):
@@ -576,7 +594,6 @@ class _Walker:
                 else:
                     state.mark = None
                 continue
-            whole = len(reach) == 1 and reach[0] == self.top
             if whole:  # the usual case: nothing narrowed the packets on the way here
                 match = list(a.boxes)
             else:
