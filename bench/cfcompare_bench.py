@@ -196,7 +196,15 @@ def main() -> int:
         "The cell is CF's layout as `cflayout.render_diego` renders it (silk's netout and ASG "
         "chains with `-o eth0`, the overlay chains, the VPA's chain first in FORWARD), "
         "loaded with iptables-legacy-restore into a namespace; the store and policies are "
-        "the ones it was rendered from, so every container must come out the same.\n"
+        "the ones it was rendered from, so every container must come out the same.\n\n"
+        "Where the time goes: `load + compile` is what every asgctl command that takes "
+        "`--policies` pays (validation, with its redundant-rule warnings, then the cell "
+        "compile); the rest is this command's own: the kernel's save, reading it (rule texts "
+        "once per cell: a space's containers share them), the walk (FORWARD's jumps indexed "
+        "by source host, a plain ACCEPT reached by every packet granted without cutting) and "
+        "the comparison (equal box sets need no sweep; canonical forms once per distinct "
+        "set).  The machine is shared by several jobs: the load average above is part of "
+        "every figure.\n"
     )
     print(text)
     if args.record:

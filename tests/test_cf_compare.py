@@ -550,3 +550,17 @@ def test_ipv6_chains_and_the_rate_limit_note() -> None:
         "tcp fd00:19::/64 port 443",
     ]
     assert len(side.notes) == 1 and side.notes[0].startswith("connection rate limit")
+
+
+def test_errors_exit_1_and_change_nothing(cell: dict[str, Path]) -> None:
+    """No namespace to read from, or save output that is not an iptables-save table."""
+    from reconciler.backends.iptables.cfparse import CfParseError
+
+    require_netns()
+    res = cf_compare(cell, f"asgcfc-missing-{secrets.token_hex(3)}")
+    assert res.exit_code == 1
+    assert "error: reading CF's chains: " in res.output
+    with pytest.raises(CfParseError, match="line 3: not an iptables-save line"):
+        parse_save("*filter\n:FORWARD ACCEPT [0:0]\nnonsense\nCOMMIT\n", 4)
+    with pytest.raises(CfParseError, match="rule in undeclared chain 'x'"):
+        parse_save("*filter\n-A x -j ACCEPT\nCOMMIT\n", 4)

@@ -111,6 +111,13 @@ def parse_save(text: str, family: int) -> FilterTable:
     chains: dict[str, list[CfRule]] = {}
     in_filter = seen_filter = False
     for number, line in enumerate(text.splitlines(), 1):
+        if in_filter and line.startswith("-A "):  # most lines: checked first
+            chain, _, rest = line[3:].partition(" ")
+            rules = chains.get(chain)
+            if rules is None:
+                raise CfParseError(f"line {number}: rule in undeclared chain {chain!r}")
+            rules.append(CfRule(chain, len(rules) + 1, rest))
+            continue
         if not line or line.startswith("#"):
             continue
         if line.startswith("*"):
@@ -129,13 +136,6 @@ def parse_save(text: str, family: int) -> FilterTable:
             chains.setdefault(m.group(1), [])
             if m.group(2) != "-":
                 policies[m.group(1)] = m.group(2)
-            continue
-        if line.startswith("-A "):
-            chain, _, rest = line[3:].partition(" ")
-            if chain not in chains:
-                raise CfParseError(f"line {number}: rule in undeclared chain {chain!r}")
-            rules = chains[chain]
-            rules.append(CfRule(chain, len(rules) + 1, rest))
             continue
         raise CfParseError(f"line {number}: not an iptables-save line: {line[:80]!r}")
     if not seen_filter:
