@@ -7,6 +7,7 @@ in `cli.py` as the `cf` group (which `asgctl cf sync` shares).
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -82,6 +83,7 @@ def cf_compare_cmd(
     from reconciler.core.parity import compare
 
     policy, plan = _plan(policies, rev, containers, "", _settings(agent_config, ()))
+    gc.freeze()  # the policy and plan live to the end: full collections need not rescan them
     runner = Runner.in_netns(netns) if netns else Runner()
     families = plan.families() or (4,)
     try:

@@ -33,6 +33,7 @@ one Runner).
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import re
 import shlex
@@ -752,8 +753,17 @@ def read_filter_table(runner: Runner, family: int, variant: str = "auto") -> Fil
 def read_cf_sides(
     runner: Runner, families: Iterable[int], variant: str = "auto"
 ) -> dict[str, CfSide]:
-    """CF's allow set per source address, for each family asked, read from the kernel."""
+    """CF's allow set per source address, for each family asked, read from the kernel.
+
+    The saved table (150,000 rules on a large cell) lives until the walk ends: it is taken
+    out of the cyclic collector's view meanwhile, as the CI plan does with its fleet, so
+    full collections do not rescan it (a fifth of the command's time)."""
     sides: dict[str, CfSide] = {}
-    for family in sorted(set(families)):
-        sides.update(allow_sets(read_filter_table(runner, family, variant)))
+    try:
+        for family in sorted(set(families)):
+            table = read_filter_table(runner, family, variant)
+            gc.freeze()
+            sides.update(allow_sets(table))
+    finally:
+        gc.unfreeze()  # a long-lived caller (the agent) gets its collector back
     return sides
