@@ -147,12 +147,15 @@ def main() -> int:
             )
             argv = [*ASGCTL, "cf", "compare", "--containers", str(store)]
             argv += ["--policies", str(policies), "--netns", netns, "--format", "json"]
-            walls, codes = [], []
+            walls, cpus, codes = [], [], []
             load_before = os.getloadavg()[0]
             for _ in range(args.repeat):
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t = time.perf_counter()
                 done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
                 walls.append(time.perf_counter() - t)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
                 codes.append(done.returncode)
                 if done.returncode not in (0, 3):
                     print(done.stderr, file=sys.stderr)
@@ -177,6 +180,10 @@ def main() -> int:
             f"{wall:.2f} s (target < {TARGET_SECONDS:g} s)",
         ),
         ("runs", ", ".join(f"{w:.2f} s" for w in walls)),
+        (
+            "CPU time (user + sys, the command and its iptables-save), median",
+            f"{statistics.median(cpus):.2f} s: what the wall time would be on a quiet core",
+        ),
         ("peak RSS of a run", f"{rss:.0f} MiB"),
         ("exit codes", ", ".join(map(str, codes))),
         ("result", ", ".join(f"{k} {v}" for k, v in counts.items())),
