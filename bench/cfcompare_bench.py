@@ -167,7 +167,10 @@ def main() -> int:
             subprocess.run(["ip", "netns", "del", netns], check=False)
 
     wall = statistics.median(walls)
-    verdict = "within target" if wall < TARGET_SECONDS else "OVER TARGET"
+    cpu = statistics.median(cpus)
+    verdict = "wall time within target" if wall < TARGET_SECONDS else "wall time OVER TARGET"
+    verdict += f" at load {load_before:.1f} on {os.cpu_count()} cores; CPU time "
+    verdict += "within target" if cpu < TARGET_SECONDS else "OVER TARGET"
     rows = [
         ("containers", f"{args.containers:,}"),
         ("CF rules in the cell (`-A`/`-I` lines of the layout)", f"{cf_rules:,}"),
@@ -182,7 +185,8 @@ def main() -> int:
         ("runs", ", ".join(f"{w:.2f} s" for w in walls)),
         (
             "CPU time (user + sys, the command and its iptables-save), median",
-            f"{statistics.median(cpus):.2f} s: what the wall time would be on a quiet core",
+            f"{cpu:.2f} s (one thread that waits on little else: about its wall time on a "
+            "quiet core)",
         ),
         ("peak RSS of a run", f"{rss:.0f} MiB"),
         ("exit codes", ", ".join(map(str, codes))),
