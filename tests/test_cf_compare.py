@@ -564,3 +564,18 @@ def test_errors_exit_1_and_change_nothing(cell: dict[str, Path]) -> None:
         parse_save("*filter\n:FORWARD ACCEPT [0:0]\nnonsense\nCOMMIT\n", 4)
     with pytest.raises(CfParseError, match="rule in undeclared chain 'x'"):
         parse_save("*filter\n-A x -j ACCEPT\nCOMMIT\n", 4)
+
+
+def test_a_hostile_chain_name_is_shown_escaped(netns: str, cell: dict[str, Path]) -> None:
+    """The kernel takes an escape sequence in a chain name (iptables-restore accepts it);
+    the report names the chain that accepted the packets, escaped, never raw."""
+    chain = "evil\x1b[2J"
+    extra = {"web-1": [f"-d 198.19.99.0/24 -g {chain}"]}
+    text = silk_cell(STORE, GROUPS, extra=extra)
+    text = text.replace("*filter\n", f"*filter\n:{chain} - [0:0]\n-A {chain} -j ACCEPT\n", 1)
+    load(netns, text)
+    res = cf_compare(cell, netns)
+    assert res.exit_code == 3
+    assert "\x1b" not in res.output
+    assert "only CF allows: all 198.19.99.0/24\n" in res.output
+    assert "by CF rule evil\\x1b[2J rule 1: -A evil\\x1b[2J -j ACCEPT" in res.output

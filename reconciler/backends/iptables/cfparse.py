@@ -371,7 +371,7 @@ def _analyse(tokens: list[str], family: int) -> Analysis:
                 number = int(value) if value.isdigit() else -2
             if number == -2:
                 return Analysis(target=target, unknown=f"protocol {value!r}")
-            chosen = [ANY_PROTOCOL] if number == -1 else [(number, number)]
+            chosen = [ANY_PROTOCOL] if number in (-1, 0) else [(number, number)]  # 0: all
             protocols = _complement(chosen, ANY_PROTOCOL) if negate else chosen
         elif tok in ("-d", "--destination", "--dst-range"):
             first, last = (_range if tok == "--dst-range" else _addr)(value, family)
