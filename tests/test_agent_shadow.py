@@ -138,3 +138,34 @@ def test_the_status_section_stays_bounded_however_much_differs() -> None:
     assert first["only_asgctl_allows_total"] == 20 and len(first["only_asgctl_allows"]) == 5
     assert all(len(b) <= STATUS_WIDTH for p in first["only_cf_allows"] for b in p["by"])
     assert len(json.dumps(doc)) < 200_000
+
+
+def test_when_cfs_chains_cannot_be_read_the_cycle_is_a_problem_not_parity(
+    tmp_path: Path,
+) -> None:
+    """A cell whose chains cannot be read proves nothing: DataplaneUnavailable, no report."""
+    import secrets
+
+    from reconciler.agent.config import build_config
+    from reconciler.agent.core import Problem
+    from reconciler.agent.shadow import shadow_converge
+    from reconciler.core.compile import compile_cell
+    from reconciler.core.model import Container, PolicySet
+    from tests.conftest import require_netns
+
+    require_netns()
+    cfg = build_config(
+        {},
+        {
+            "source": "file:///nowhere",
+            "containers": str(tmp_path / "store.json"),
+            "cell": "c1",
+            "netns": f"asgcfc-missing-{secrets.token_hex(3)}",
+            "mode": "shadow",
+        },
+    )
+    plan = compile_cell(PolicySet(), [Container("h", "198.18.0.2", space_id="s")], "c1")
+    done, report = shadow_converge(cfg, None, plan)
+    assert isinstance(done, Problem) and report is None
+    assert done.reason == "DataplaneUnavailable"
+    assert done.message.startswith("reading CF's chains: ")
