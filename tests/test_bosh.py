@@ -72,6 +72,7 @@ EVERY_SETTING: dict[str, tuple[str, Any, Any]] = {
     "policies_path": ("policies_path", "asg", "asg"),
     "interval": ("interval", "30s", 30.0),
     "jitter": ("jitter", "5%", 0.05),
+    "mode": ("mode", "shadow", "shadow"),
     "backend": ("backend", "nftables", "nftables"),
     "variant": ("variant", "nft", "nft"),
     "state_dir": ("state_dir", "/var/vcap/store/asgctl", "/var/vcap/store/asgctl"),

@@ -30,6 +30,12 @@ def _opt(*names: str, **kwargs: Any) -> Any:
 @_opt("--backend", help="Dataplane backend (iptables, libiptc, ...).  [default: iptables]")
 @_opt("--variant", help="iptables variant: auto, legacy or nft.  [default: auto]")
 @_opt("--netns", help="Enforce in this network namespace (lab and tests).")
+@_opt(
+    "--mode",
+    type=click.Choice(["enforce", "shadow"]),
+    help="shadow: write nothing to the kernel; compare the plan with CF's chains every cycle "
+    "and report parity in status and metrics.  [default: enforce]",
+)
 @_opt("--once", is_flag=True, help="One cycle, push status, exit (for a systemd timer).")
 @_opt("--state-dir", help="Cache, state and status repo.  [default: /var/lib/asgctl]")
 @_opt("--fetch-depth", type=int, help="Depth of the first fetch (0 = full).  [default: 1]")

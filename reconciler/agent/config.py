@@ -144,6 +144,9 @@ class AgentConfig:
     Empty: the interfaces of the default routes in the namespace enforced, per family."""
     deny_networks: DenyNetworks = field(default_factory=DenyNetworks)
     outbound_connections: RateLimit = field(default_factory=RateLimit)
+    mode: str = "enforce"
+    """`enforce` converges the kernel; `shadow` writes nothing to it and, every cycle, compares
+    the plan with what CF's own chains allow each container (`reconciler.agent.shadow`)."""
 
     def cell_settings(self, detected: dict[int, tuple[str, ...]] | None = None) -> CellSettings:
         """What the plan renders besides policy: the underlay (configured, else `detected`
@@ -182,6 +185,7 @@ class AgentConfig:
             "underlayInterface": list(self.underlay_interface),
             "denyNetworks": self.deny_networks.to_dict(),
             "outboundConnections": self.outbound_connections.to_dict(),
+            "mode": self.mode,
         }
 
 
@@ -358,6 +362,7 @@ def _default_cell() -> str:
 BACKENDS = ("iptables", "libiptc", "nftables")
 """The dataplane backends a cell can run (`backend`); `asgctl apply --backend` offers the same."""
 VARIANTS = ("auto", "legacy", "nft")
+MODES = ("enforce", "shadow")
 
 
 def _check(cfg: AgentConfig) -> None:
@@ -365,6 +370,8 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError(f"backend: {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
     if cfg.variant not in VARIANTS:
         raise ConfigError(f"variant: {cfg.variant!r} is not one of {', '.join(VARIANTS)}")
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode: {cfg.mode!r} is not one of {', '.join(MODES)}")
     if not _CELL_NAME.match(cfg.cell):
         raise ConfigError(f"cell: {cfg.cell!r} must match {_CELL_NAME.pattern}")
     if not _BRANCH.match(cfg.branch) or ".." in cfg.branch or cfg.branch.endswith((".", "/")):

@@ -85,6 +85,7 @@ from reconciler.status.write import StatusWriter
 
 if TYPE_CHECKING:
     from reconciler.backends import ConvergeResult
+    from reconciler.core.parity import ParityReport
 
 STOP = "stop"
 MAINTAIN_EVERY = 100  # cycles between `git gc --auto` of the cache
@@ -183,6 +184,8 @@ class Agent:
         self.metrics_server: MetricsServer | None = None
         self.webhook: WebhookServer | None = None
         self.last_doc: dict[str, Any] | None = None
+        self.parity: ParityReport | None = None
+        """Shadow mode: the last comparison with CF's chains (None before the first)."""
         self._stopping = threading.Event()
 
     # -- edges: the applied revision's source ---
@@ -484,6 +487,13 @@ class Agent:
 
     def _enforce(self, action: Converge) -> ConvergeResult | Problem:
         """Carry out the decision on the dataplane: the one place the kernel is written."""
+        if self.cfg.mode == "shadow":  # compare with CF's chains; write nothing
+            from reconciler.agent.shadow import shadow_converge
+
+            memo = self._compiled
+            policy = memo[0] if memo is not None and memo[2] is action.plan else None
+            done, self.parity = shadow_converge(self.cfg, policy, action.plan)
+            return done
         try:
             backend = self._dataplane()
         except Exception as exc:  # any backend failure is reported, never fatal
@@ -571,7 +581,7 @@ class Agent:
 
     def status_document(self, st: AgentState) -> dict[str, Any]:
         cfg = self.cfg
-        return build_status(
+        doc = build_status(
             st,
             cell=cfg.cell,
             settings=cfg.public(),
@@ -586,6 +596,11 @@ class Agent:
             containers_path=cfg.containers,
             now=iso(self.clock()),
         )
+        if cfg.mode == "shadow" and self.parity is not None:
+            from reconciler.agent.shadow import parity_status
+
+            doc["parity"] = parity_status(self.parity)
+        return doc
 
     def _update_metrics(self, st: AgentState) -> None:
         m = self.metrics
@@ -616,6 +631,10 @@ class Agent:
                 revision=self.cfg.revision(a.sha),
                 digest=a.digest,
             )
+        if self.cfg.mode == "shadow" and self.parity is not None:
+            from reconciler.agent.shadow import parity_metrics
+
+            parity_metrics(m, self.parity)
         if self.cfg.metrics_textfile:
             try:
                 write_textfile(self.cfg.metrics_textfile, m.render())
