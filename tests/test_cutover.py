@@ -251,6 +251,36 @@ ALLOW_ALL = PolicySet(
 globally (running and staging); every other group unbound."""
 
 
+def enforce_with_agents(info: platform.LabInfo, tmp_path: Path) -> platform.LabInfo:
+    """Start an agent per cell (the lab's policy repo, CF's iptables variant) and wait until
+    every cell's status branch says it applied the repo's head and is Ready, as an operator
+    checks with `asgctl status`."""
+    info = platform.start_agents(info, "1s", ["--backend", "iptables", "--variant", info.cf_layout])
+    op = Operator(info.git_url, tmp_path / "operator").clone()
+    head = op.head()
+    wait_for(
+        lambda: all(
+            (s := op.status_branches().get(c)) is not None
+            and s.applied_sha == head
+            and s.ready == "True"
+            for c in info.cells
+        ),
+        STATE_TIMEOUT,
+        interval=0.5,
+        what=f"every cell Ready at {head[:10]}",
+    )
+    return info
+
+
+def uninstall(info: platform.LabInfo) -> None:
+    """`asgctl uninstall` in every cell: 2 (something removed), then nothing left (0)."""
+    for cell in info.cells:
+        done = asgctl_cli(info, cell, "uninstall", "--variant", info.cf_layout)
+        assert done.returncode == 2, done.stdout + done.stderr
+        again = asgctl_cli(info, cell, "uninstall", "--variant", info.cf_layout, "--dry-run")
+        assert again.returncode == 0, again.stdout + again.stderr
+
+
 # -- the walk ------------------------------------------------------------------------------
 
 
@@ -289,22 +319,7 @@ def test_cutover_and_rollback_change_no_verdict_and_leave_cfs_chains_as_they_wer
 
         # 1. asgctl enforces the same ASGs: the agents apply the seed revision on every cell.
         prober.enter("asgctl-enforcing")
-        info = platform.start_agents(
-            info, "1s", ["--backend", "iptables", "--variant", info.cf_layout]
-        )
-        op = Operator(info.git_url, tmp_path / "operator").clone()
-        head = op.head()
-        wait_for(
-            lambda: all(
-                (s := op.status_branches().get(c)) is not None
-                and s.applied_sha == head
-                and s.ready == "True"
-                for c in info.cells
-            ),
-            STATE_TIMEOUT,
-            interval=0.5,
-            what=f"every cell Ready at {head[:10]}",
-        )
+        info = enforce_with_agents(info, tmp_path)
         for cell in info.cells:
             rules = forward(info, cell)
             hooks = [i for i, ln in enumerate(rules) if "-j ASG-FORWARD" in ln]
@@ -346,11 +361,7 @@ def test_cutover_and_rollback_change_no_verdict_and_leave_cfs_chains_as_they_wer
 
         # 5. `asgctl uninstall` on each cell: CF's chains judge again, as at the start.
         prober.enter("uninstalled")
-        for cell in info.cells:
-            done = asgctl_cli(info, cell, "uninstall", "--variant", info.cf_layout)
-            assert done.returncode == 2, done.stdout + done.stderr  # 2: something removed
-            again = asgctl_cli(info, cell, "uninstall", "--variant", info.cf_layout, "--dry-run")
-            assert again.returncode == 0, again.stdout + again.stderr  # 0: nothing of ours
+        uninstall(info)
         prober.settle()
         held_ok("uninstalled")
     finally:
@@ -373,3 +384,30 @@ def test_cutover_and_rollback_change_no_verdict_and_leave_cfs_chains_as_they_wer
     for cell in info.cells:
         for family in (4, 6):
             assert save(info, cell, family) == start[(cell, family)], (cell, family)
+
+
+@pytest.fixture
+def legacy_lab(tmp_path: Path) -> Iterator[platform.LabInfo]:
+    yield from _up("wrong-order", tmp_path / "labs", "legacy")
+
+
+@pytest.mark.netns
+def test_uninstalling_before_cfs_asgs_are_restored_opens_egress(
+    legacy_lab: platform.LabInfo, tmp_path: Path
+) -> None:
+    """Why the rollback restores CF's ASGs first: with CF reduced to allow-all, asgctl's
+    rules are the only thing between a container and what its ASGs deny.  Taken away in the
+    wrong order, denied flows get through until CF's ASGs are back."""
+    info = enforce_with_agents(legacy_lab, tmp_path)
+    prober = Prober(info)  # used here for its probe(), not as a thread
+    denied = [f for f in FLOWS if f.expected == "rejected" and not f.target.startswith("back")]
+    assert denied and all(verdict(prober.probe(f)) == "rejected" for f in denied)
+    platform.sync_cf_asgs(info, ALLOW_ALL)
+    assert all(verdict(prober.probe(f)) == "rejected" for f in denied)  # asgctl still decides
+    platform.stop_agents(info)
+    uninstall(info)
+    opened = [f for f in denied if verdict(prober.probe(f)) == "allowed"]
+    assert opened == denied  # no backstop: every underlay flow the ASGs deny is open
+    seed = load_policy(POLICIES)
+    platform.sync_cf_asgs(info, seed.policy)
+    assert all(verdict(prober.probe(f)) == "rejected" for f in denied)  # CF's ASGs again
