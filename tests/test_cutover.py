@@ -48,11 +48,13 @@ from typing import Literal
 import pytest
 
 from asgctl_lab import platform
+from asgctl_lab.netns import write_json_atomic
 from asgctl_lab.nsenter import netns_exec_argv
 from asgctl_lab.policyrepo import Operator
 from asgctl_lab.probe import HeldConnection, Outcome, ProbeResult, probe_tcp, probe_udp
 from reconciler.core.model import PolicySet, SecurityGroup
 from reconciler.policy.load import load_policy
+from reconciler.sources import cellstore
 from tests.agentkit import wait_for
 from tests.test_diego_cell import _up
 from tests.test_lab_platform import POLICIES
@@ -395,15 +397,32 @@ def legacy_lab(tmp_path: Path) -> Iterator[platform.LabInfo]:
 def test_uninstalling_before_cfs_asgs_are_restored_opens_egress(
     legacy_lab: platform.LabInfo, tmp_path: Path
 ) -> None:
-    """Why the rollback restores CF's ASGs first: with CF reduced to allow-all, asgctl's
-    rules are the only thing between a container and what its ASGs deny.  Taken away in the
-    wrong order, denied flows get through until CF's ASGs are back."""
+    """The trade-off of reducing CF's ASGs (docs/cutover.md): reduced to allow-all, CF's
+    chains are no backstop.  A container asgctl does not know yet is let out, and asgctl's
+    rules taken away before CF's ASGs are back (the rollback in the wrong order) open every
+    flow the ASGs deny, until CF's ASGs are restored."""
     info = enforce_with_agents(legacy_lab, tmp_path)
     prober = Prober(info)  # used here for its probe(), not as a thread
     denied = [f for f in FLOWS if f.expected == "rejected" and not f.target.startswith("back")]
     assert denied and all(verdict(prober.probe(f)) == "rejected" for f in denied)
     platform.sync_cf_asgs(info, ALLOW_ALL)
     assert all(verdict(prober.probe(f)) == "rejected" for f in denied)  # asgctl still decides
+    # A container the agent does not know (not in the store it last read: one that just
+    # started, say) falls through asgctl's dispatch chain to CF's: reduced, they let it out.
+    blog = info.net.containers["blog-0"].ip
+    known = platform.cell_containers(info.spec, info.net, info.guids, "cell-1")
+    unknown = [c for c in known if c.handle != "blog-0"]
+    write_json_atomic(info.store_path("cell-1"), cellstore.store_document(unknown))
+    wait_for(
+        lambda: (
+            not [ln for ln in save(info, "cell-1", 4) if f"-s {blog}/32" in ln and "ASG-" in ln]
+        ),
+        STATE_TIMEOUT,
+        what="the agent dropping blog-0's chain",
+    )
+    blog_flows = [f for f in denied if f.container == "blog-0"]
+    assert blog_flows and all(verdict(prober.probe(f)) == "allowed" for f in blog_flows)
+    assert all(verdict(prober.probe(f)) == "rejected" for f in denied if f not in blog_flows)
     platform.stop_agents(info)
     uninstall(info)
     opened = [f for f in denied if verdict(prober.probe(f)) == "allowed"]
