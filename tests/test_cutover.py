@@ -38,6 +38,7 @@ path@commit:line):
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -430,3 +431,15 @@ def test_uninstalling_before_cfs_asgs_are_restored_opens_egress(
     seed = load_policy(POLICIES)
     platform.sync_cf_asgs(info, seed.policy)
     assert all(verdict(prober.probe(f)) == "rejected" for f in denied)  # CF's ASGs again
+
+
+def test_the_cutover_doc_names_only_tests_that_exist() -> None:
+    """docs/cutover.md points at these tests as its proof; a renamed test must not leave it
+    pointing at nothing."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cutover.md").read_text()
+    named = set(re.findall(r"`(?:tests/test_cutover\.py::)?(test_[a-z0-9_]+)`", doc))
+    assert {
+        "test_cutover_and_rollback_change_no_verdict_and_leave_cfs_chains_as_they_were",
+        "test_uninstalling_before_cfs_asgs_are_restored_opens_egress",
+    } <= named
+    assert all(callable(globals().get(name)) for name in named), named
