@@ -66,6 +66,10 @@ Verdict = Literal["allowed", "rejected"]
 PROBE_TIMEOUT = 5.0
 """How long one probe waits for an answer: a bound, not an assertion (a denied flow is
 rejected at once; an allowed one answers at once unless the machine is very busy)."""
+PACE = 0.05
+"""The prober's pause between rounds. Unpaced, a cell answering hundreds of rejected probes a
+second runs out of the kernel's ICMP error budget (net.ipv4.icmp_msgs_per_sec, 1000 a second
+with a burst of 50, per namespace), and a REJECT then reads as silence."""
 STATE_TIMEOUT = 90.0
 """How long a step may take to show in the kernel or on the status branches."""
 
@@ -153,6 +157,7 @@ class Prober(threading.Thread):
                         self.records.append(Record(step, flow, result))
                 with self._lock:
                     self.rounds += 1
+                self._halt.wait(PACE)
         except BaseException as exc:  # re-raised by stop(), in the test's thread
             self.error = exc
 
