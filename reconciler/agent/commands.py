@@ -40,7 +40,15 @@ def _opt(*names: str, **kwargs: Any) -> Any:
 @_opt("--allowed-signers", help="SSH allowed signers file (gpg.ssh.allowedSignersFile).")
 @_opt("--gpg-keyring", help="Trusted OpenPGP public keys (a file, or a GnuPG home).")
 @_opt("--allow-rewind/--no-allow-rewind", help="Apply heads that do not descend.")
-@_opt("--mass-revoke-threshold", help="Share of allowed rules a plan may remove.  [50%]")
+@_opt(
+    "--mass-revoke-threshold",
+    help="Share of the cell's container-rule pairs a plan may take away, net.  [50%]",
+)
+@_opt(
+    "--mass-revoke-min",
+    type=int,
+    help="...and the net pairs it must take away as well to be held back.  [100]",
+)
 @_opt("--mass-revoke-trailer", help="Commit trailer that overrides the mass-revoke gate.")
 @_opt("--heal-drift/--no-heal-drift", help="Repair changes made by others.  [default: on]")
 @_opt("--status-push/--no-status-push", help="Write status/<cell>.  [default: on]")

@@ -46,7 +46,6 @@ from reconciler.agent.core import (
     container_changes,
     cycle_conditions,
     merge_conditions,
-    revoke_share,
     revoke_verdict,
     signature_verdict,
     validation_verdict,
@@ -55,6 +54,7 @@ from reconciler.agent.source import CommitInfo
 from reconciler.agent.state import DRIFT_LOG_LIMIT, AgentState, Applied, Head
 from reconciler.agent.verify import SignatureCheck, trailer_true
 from reconciler.core.cellplan import CellPlan, CellSettings, PlanError
+from reconciler.core.gate import revoke_count
 from reconciler.core.model import Container, PolicySet
 from reconciler.policy.findings import Finding
 from reconciler.policy.validate import Result
@@ -172,7 +172,7 @@ def judge_head(
     """Put a new head through every gate, in order; the first that fails decides.
 
     Malformed commit, signature, ancestry, validation, then -- against the applied revision
-    over the current inventory -- a plan that cannot be built and the mass-revoke share.
+    over the current inventory -- a plan that cannot be built and the mass-revoke gate.
     ValueError when `facts` stop short of what `next_need` asks for (a bug, not an input).
     """
     sha = facts.sha
@@ -208,9 +208,7 @@ def judge_head(
         except PlanError as exc:  # two contents under one name: apply neither
             return Head(sha, subject, check, Refusal(PLAN_REFUSED, str(exc)))
         override = trailer_true(commit.message, cfg.mass_revoke_trailer)
-        verdict = revoke_verdict(
-            revoke_share(old, new), cfg.mass_revoke_threshold, override, cfg.mass_revoke_trailer
-        )
+        verdict = revoke_verdict(revoke_count(old, new), cfg.gate, override)
         if verdict is not None:
             return Head(sha, subject, check, verdict)
     return Head(sha, subject, check, None, revision.policy)

@@ -13,9 +13,12 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from reconciler.core import packetspace
+
+if TYPE_CHECKING:  # gate imports nothing of the model at run time; only named here
+    from reconciler.core.gate import GateSettings
 
 Protocol = Literal["tcp", "udp", "icmp", "icmpv6", "all"]
 Lifecycle = Literal["running", "staging"]
@@ -406,3 +409,6 @@ class CellInventory:
     cell: str
     containers: tuple[Container, ...]
     origin: str
+    gate: GateSettings | None = None
+    """The mass-revoke gate settings the cell's agent reports (status branches); None when
+    the inventory does not say, and the plan judges with its own."""
