@@ -97,7 +97,12 @@ def _gate_settings(agent_config: str | None) -> GateSettings:
     from reconciler.agent.config import ConfigError, file_gate_settings, load_file
 
     try:
-        return file_gate_settings(load_file(agent_config) if agent_config else {})
+        values = load_file(agent_config) if agent_config else {}  # its errors name the file
+    except ConfigError as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
+    try:
+        return file_gate_settings(values)
     except ConfigError as exc:
         _fail(f"{agent_config}: {exc}")
         raise  # unreachable: _fail exits
