@@ -319,9 +319,10 @@ def test_mass_revoke_gate(tmp_path):
     assert "| cell-4 | 3 / 3 | all access goes to nothing (100% > 50%) |" in gate
     assert "<code>Asgctl-Allow-Mass-Revoke: true</code>" in gate
     assert "cell-3" not in gate  # 5 of 6 pairs: 83%, but under the floor of 100
-    code, text = plan(repo, "text")
+    _, text = plan(repo, "text")
     assert "cell cell-4: the plan takes away all of the cell's access" in text
     code, out = plan(repo, "json")
+    assert code == 2
     doc = json.loads(out)
     assert doc["mass_revoke_gate"] == {
         "settings": "the agent's defaults",
