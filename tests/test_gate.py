@@ -9,6 +9,7 @@ when a cell's access goes to nothing.  The agent (tests/test_agent_cycle.py) and
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -137,9 +138,9 @@ def test_nothing_applied_yet_has_nothing_to_lose() -> None:
 
 def test_containers_with_the_same_groups_are_counted_once_and_the_memo_is_shared() -> None:
     old, new = plan(BIG, group("web", many(10))), plan(BIG, group("web", many(3)))
-    memo: Memo = {}
+    memo = Memo()
     first = revoke_count(old, new, memo)
-    assert len(memo) == 1  # twenty containers, one profile
+    assert len(memo.counts) == 1  # twenty containers, one profile
     assert revoke_count(old, new, memo) == first == RevokeCount(140, 200, 140, 0, 20, False)
 
 
@@ -246,3 +247,96 @@ def test_within_one_container_a_replacement_is_not_a_revoke() -> None:
     # ...but only as far as it goes: keeping one replacement of ten is a loss of nine each.
     n = count(BIG, [group("web", many(10))], [group("web", many(1, net=4))])
     assert (n.net_lost, n.total) == (180, 200) and judge(n, DEFAULT_GATE) is not None
+
+
+# -- the count is the definition, whatever the plan's grouping -------------------------------
+
+
+def _by_definition(old: CellPlan, new: CellPlan) -> tuple[int, int, int, bool]:
+    """(net lost, total, containers losing, to nothing), straight from the module docstring:
+    every container's rules by digest, every rule checked against the other side's packets."""
+    from reconciler.core.packetspace import covers, item_space
+
+    def rules(plan: CellPlan) -> dict[str, dict[str, object]]:
+        groups = plan.group_by_id
+        return {
+            cp.container.handle: {r.digest: r.item for g in cp.groups for r in groups[g].rules}
+            for cp in plan.containers
+        }
+
+    before, after = rules(old), rules(new)
+    net = total = losing = 0
+    had, emptied = 0, 0
+    for handle, mine in before.items():
+        theirs = after.get(handle, {})
+        new_space = [b for item in theirs.values() for b in item_space(item)]
+        old_space = [b for item in mine.values() for b in item_space(item)]
+        lost = sum(1 for item in mine.values() if not covers(new_space, item_space(item)))
+        gained = sum(1 for item in theirs.values() if not covers(old_space, item_space(item)))
+        total += len(mine)
+        net += max(0, lost - gained)
+        losing += lost > gained
+        if mine:
+            had += 1
+            emptied += not theirs
+    return net, total, losing, had > 0 and emptied == had
+
+
+def _random_policy(rng: random.Random, spaces: list[str]) -> PolicySet:
+    pool = [
+        tcp(f"198.19.{rng.randrange(3)}.{rng.randrange(1, 5)}", rng.choice((80, 443, (8000, 8010))))
+        for _ in range(12)
+    ]
+    pool += [Rule("udp", (AddressRange.parse("198.19.9.0/30"),), (PortRange(53, 53),))]
+    pool += [Rule("icmp", (AddressRange.parse("198.19.0.0/24"),), (), 8, -1)]
+    groups = []
+    for n in range(rng.randrange(0, 5)):
+        rules = tuple(rng.sample(pool, rng.randrange(1, 6)))
+        bound = tuple(s for s in spaces if rng.random() < 0.4)
+        groups.append(
+            SecurityGroup(f"g{n}", rules, running_default=rng.random() < 0.3, running_spaces=bound)
+        )
+    return PolicySet(security_groups=tuple(groups))
+
+
+def _edited(rng: random.Random, policy: PolicySet) -> PolicySet:
+    groups = list(policy.security_groups)
+    if not groups:
+        return policy
+    i = rng.randrange(len(groups))
+    g = groups[i]
+    edit = rng.choice(("drop", "swap", "unbind"))
+    if edit == "drop" and len(g.rules) > 1:
+        g = replace(g, rules=g.rules[1:])
+    elif edit == "swap":
+        first = g.rules[0]
+        moved = replace(first, ports=(PortRange(5432, 5432),)) if first.ports else first
+        g = replace(g, rules=(moved, *g.rules[1:]))
+    else:
+        g = replace(g, running_default=False, running_spaces=g.running_spaces[1:])
+    groups[i] = g
+    return replace(policy, security_groups=tuple(groups))
+
+
+@pytest.mark.parametrize("seed", range(80))
+def test_the_count_is_the_definition_for_random_plans(seed: int) -> None:
+    """The fast count (group by group, memoised) against the definition, rule by rule, on
+    random policies and inventories (shared IPs included: they get the intersection)."""
+    rng = random.Random(seed)
+    spaces = ["space-a", "space-b", "space-c"]
+    inventory = tuple(
+        Container(
+            f"c{i}", f"198.18.0.{rng.randrange(2, 12)}", f"app-{i % 4}", rng.choice(spaces), "org"
+        )
+        for i in range(rng.randrange(1, 9))
+    )
+    before = _random_policy(rng, spaces)
+    # Odd seeds: one edit of one group, so most groups stay (the count's shortcut); even
+    # seeds: another policy altogether.
+    after = _edited(rng, before) if seed % 2 else _random_policy(rng, spaces)
+    old = plan(inventory, *before.security_groups)
+    new = plan(inventory, *after.security_groups)
+    memo = Memo()
+    n = revoke_count(old, new, memo)
+    assert (n.net_lost, n.total, n.containers_losing, n.to_nothing) == _by_definition(old, new)
+    assert revoke_count(old, new, memo) == n  # and the memo changes nothing

@@ -297,7 +297,7 @@ _MIN_CELLS_PER_WORKER = 32
 def _diff_range(work: tuple[Any, ...], bounds: tuple[int, int]) -> list[CellDiff]:
     base, head, inventory, profiles_of_cell, touched, gate = work
     group_lines: dict[str, int] = {}
-    memo: Memo = {}
+    memo = Memo()
     return [
         _diff_cell(base, head, inventory[i], profiles_of_cell[i], touched, group_lines, memo, gate)
         for i in range(*bounds)

@@ -47,14 +47,16 @@ the commit is trusted at all is decided before, by the signature gate.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING, Literal
 
 from reconciler.core.packetspace import Box, covers, item_space
 
 if TYPE_CHECKING:
-    from reconciler.core.cellplan import CellPlan, PlanRule
+    from reconciler.core.cellplan import CellPlan, PlanRule, RuleGroup
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,37 +100,72 @@ class RevokeCount:
 NOTHING_LOST = RevokeCount(0, 0)
 
 _PerContainer = tuple[int, int, int, bool]  # (old pairs, lost, gained, none left)
-Memo = dict[tuple[tuple[str, ...], tuple[str, ...]], _PerContainer]
-"""Per (old group digests, new group digests) of a container: its count.  Containers with the
-same groups have the same count, within a cell and across the cells of a fleet-wide plan."""
+_Key = tuple[str, ...]  # a container's group digests, in plan order
 
 
-def _rules(plan: CellPlan) -> dict[str, tuple[tuple[str, ...], dict[str, PlanRule]]]:
-    """Per container handle: its groups' digests (the memo key) and its rules by digest."""
-    groups = plan.group_by_id
-    out = {}
-    for cp in plan.containers:
-        mine = [groups[gid] for gid in cp.groups]
-        rules = {r.digest: r for g in mine for r in g.rules}
-        out[cp.container.handle] = (tuple(g.digest for g in mine), rules)
-    return out
+class Memo:
+    """What a fleet-wide plan computes once and every cell reuses: the count of a container
+    per (old group digests, new group digests) -- containers with the same groups have the
+    same count -- and each rule's packet space, by rule digest.  Keys are full digests, so
+    cells of different plans share it safely."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[_Key, _Key], _PerContainer] = {}
+        self.spaces: dict[str, tuple[Box, ...]] = {}
+
+    def space_of(self, rule: PlanRule) -> tuple[Box, ...]:
+        """The packets one rule allows (`packetspace.item_space`), computed once per rule."""
+        boxes = self.spaces.get(rule.digest)
+        if boxes is None:
+            boxes = self.spaces[rule.digest] = item_space(rule.item)
+        return boxes
+
+    def space(self, groups: Iterable[RuleGroup]) -> list[Box]:
+        """Every packet the rules of `groups` allow, as boxes."""
+        return [box for g in groups for r in g.rules for box in self.space_of(r)]
+
+    def not_covered(self, rules: Iterable[PlanRule], space: list[Box]) -> int:
+        """How many of `rules` allow some packet that `space` does not."""
+        return sum(1 for r in rules if not covers(space, self.space_of(r)))
 
 
-def _not_covered(rules: Iterable[PlanRule], space: list[Box]) -> int:
-    """How many of `rules` allow some packet that `space` does not."""
-    return sum(1 for r in rules if not covers(space, item_space(r.item)))
+def _moved_out(mine: list[RuleGroup], theirs: list[RuleGroup]) -> list[PlanRule]:
+    """Rules of `mine` (groups one side has and the other does not) that are in none of
+    `theirs` (the other side's groups this side lacks)."""
+    elsewhere = {r.digest for g in theirs for r in g.rules}
+    return [r for g in mine for r in g.rules if r.digest not in elsewhere]
 
 
-def _space(rules: dict[str, PlanRule]) -> list[Box]:
-    return [box for r in rules.values() for box in item_space(r.item)]
+def _container(
+    old_key: _Key,
+    new_key: _Key,
+    old_groups: dict[str, RuleGroup],
+    new_groups: dict[str, RuleGroup],
+    memo: Memo,
+) -> _PerContainer:
+    """One container's count, from its groups at both sides.
 
-
-def _container(old: dict[str, PlanRule], new: dict[str, PlanRule]) -> _PerContainer:
-    gone = [r for d, r in old.items() if d not in new]
-    came = [r for d, r in new.items() if d not in old]
-    lost = _not_covered(gone, _space(new)) if gone else 0
-    gained = _not_covered(came, _space(old)) if came and lost else 0
-    return len(old), lost, gained, not new
+    A plan puts each rule of a cell in exactly one group (the rules shared by exactly the
+    same containers), so a group both sides give the container keeps all its rules, and a
+    rule of a group only the old side gives can now be held only through a group only the
+    new side gives: only those groups are looked into.  Pairs are told apart by rule digest.
+    """
+    pairs = sum(len(old_groups[d].rules) for d in old_key)
+    if old_key == new_key:  # the usual container: a change elsewhere
+        return pairs, 0, 0, pairs == 0
+    old_set, new_set = set(old_key), set(new_key)
+    old_only = [old_groups[d] for d in old_key if d not in new_set]
+    new_only = [new_groups[d] for d in new_key if d not in old_set]
+    none_left = not any(new_groups[d].rules for d in new_key)
+    gone = _moved_out(old_only, new_only)
+    if not gone:
+        return pairs, 0, 0, none_left
+    lost = memo.not_covered(gone, memo.space(new_groups[d] for d in new_key))
+    if not lost:
+        return pairs, 0, 0, none_left
+    came = _moved_out(new_only, old_only)
+    gained = memo.not_covered(came, memo.space(old_groups[d] for d in old_key)) if came else 0
+    return pairs, lost, gained, none_left
 
 
 def revoke_count(old: CellPlan | None, new: CellPlan, memo: Memo | None = None) -> RevokeCount:
@@ -140,28 +177,52 @@ def revoke_count(old: CellPlan | None, new: CellPlan, memo: Memo | None = None) 
     """
     if old is None:
         return NOTHING_LOST
-    memo = {} if memo is None else memo
-    before, after = _rules(old), _rules(new)
-    total = net = lost = gained = losing = 0
-    had_access = emptied = 0
-    for handle, (old_key, old_rules) in before.items():
-        new_key, new_rules = after.get(handle, ((), {}))
-        key = (old_key, new_key)
-        found = memo.get(key)
+    memo = Memo() if memo is None else memo
+    old_ids = {g.id: g for g in old.groups}
+    new_ids = {g.id: g for g in new.groups}
+    after = {cp.container.handle: cp.groups for cp in new.containers}
+    # Groups under the same id with the same digest at both sides: a container jumping to
+    # exactly these, at both sides, keeps every rule (the usual container of a large cell).
+    same = {i for i, g in old_ids.items() if i in new_ids and new_ids[i].digest == g.digest}
+    by_digest: tuple[dict[str, RuleGroup], dict[str, RuleGroup]] | None = None  # at a change
+    # Per (old group ids, new group ids): within these two plans an id names one group, so
+    # containers with the same ids are counted once, before any digest is looked up.
+    local: dict[tuple[tuple[str, ...], tuple[str, ...]], _PerContainer] = {}
+    # Each rule of a plan is in exactly one group, so a container's pairs are its groups'
+    # sizes, and the cell's total is every group's size times the containers jumping to it.
+    jumps = Counter(chain.from_iterable(cp.groups for cp in old.containers))
+    total = sum(len(old_ids[i].rules) * n for i, n in jumps.items())
+    net = lost = gained = losing = 0
+    some_kept = False  # some container that had access keeps some
+    for cp in old.containers:
+        ids = (cp.groups, after.get(cp.container.handle, ()))
+        if ids[0] == ids[1] and same.issuperset(ids[0]):
+            some_kept = some_kept or bool(ids[0])
+            continue
+        found = local.get(ids)
         if found is None:
-            found = memo[key] = _container(old_rules, new_rules)
+            key = (
+                tuple(old_ids[i].digest for i in ids[0]),
+                tuple(new_ids[i].digest for i in ids[1]),
+            )
+            found = memo.counts.get(key)
+            if found is None:
+                if by_digest is None:
+                    by_digest = (
+                        {g.digest: g for g in old.groups},
+                        {g.digest: g for g in new.groups},
+                    )
+                found = _container(*key, *by_digest, memo)
+                memo.counts[key] = found
+            local[ids] = found
         pairs, c_lost, c_gained, none_left = found
-        total += pairs
         lost += c_lost
         gained += c_gained
         if c_lost > c_gained:
             net += c_lost - c_gained
             losing += 1
-        if pairs:
-            had_access += 1
-            emptied += none_left
-    to_nothing = had_access > 0 and emptied == had_access
-    return RevokeCount(net, total, lost, gained, losing, to_nothing)
+        some_kept = some_kept or (pairs > 0 and not none_left)
+    return RevokeCount(net, total, lost, gained, losing, total > 0 and not some_kept)
 
 
 # -- the verdict ---------------------------------------------------------------------------
