@@ -17,12 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from asgctl_lab.gitserver import git
-from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
+from asgctl_lab.netns import Lab
 from asgctl_lab.probe import Outcome
 from reconciler.cli import main
 from tests.agentkit import (  # noqa: F401 - fixtures
-    ORG,
-    SPACE,
     AgentProc,
     PolicyRepo,
     agents,
@@ -35,16 +33,11 @@ from tests.agentkit import (  # noqa: F401 - fixtures
     tcp_rules,
 )
 from tests.conftest import require_netns
+from tests.test_agent_e2e import ECHO, WEB, _allow, _rev
 
 pytestmark = [pytest.mark.netns, pytest.mark.requires("git")]
 
-WEB = ContainerSpec("web", app_id="app-web", space_id=SPACE, org_id=ORG)
-ECHO = ServiceSpec("echo", tcp_ports=(80, 8080))
 TRAILER = "Asgctl-Allow-Mass-Revoke"
-
-
-def _rev(sha: str) -> str:
-    return f"main@sha1:{sha}"
 
 
 def _plan(repo: PolicyRepo, base: str, head: str, fmt: str = "markdown") -> str:
@@ -68,9 +61,6 @@ def test_a_port_swap_applies_and_a_mass_revoke_waits_as_the_plan_said(
     cell = "cell-a"
     agent = agents(cell, source=policy_repo.url, containers=str(lab.write_store()), netns=lab.cell)
 
-    def echo_on(port: int) -> str:
-        return sg("echo", [f'{{protocol: tcp, destination: {echo}, ports: "{port}"}}'])
-
     def reaches(port: int) -> bool:
         return lab.probe_tcp("web", "echo", port).outcome is Outcome.CONNECTED
 
@@ -83,9 +73,7 @@ def test_a_port_swap_applies_and_a_mass_revoke_waits_as_the_plan_said(
 
     # The cell's access: echo on port 80, and a ledger group of 120 rules (198.19.1.0/24).
     ledger = sg("ledger", tcp_rules(120))
-    first = policy_repo.commit(
-        "echo:80 and the ledger", {"echo.yaml": echo_on(80), "l.yaml": ledger}
-    )
+    first = policy_repo.commit("echo:80 and the ledger", {**_allow(lab, 80), "l.yaml": ledger})
     doc = once(0)
     assert doc["lastAppliedRevision"] == _rev(first)
     assert doc["source"]["massRevokeMin"] == 100  # reported: the plan judges with it
@@ -93,7 +81,7 @@ def test_a_port_swap_applies_and_a_mass_revoke_waits_as_the_plan_said(
 
     # 1. The database moves port: one rule swapped on a one-container cell.  Nothing is
     #    taken away, the plan names no gate, and the agent applies it.
-    swap = policy_repo.commit("echo moves to 8080", {"echo.yaml": echo_on(8080), "l.yaml": ledger})
+    swap = policy_repo.commit("echo moves to 8080", {**_allow(lab, 8080), "l.yaml": ledger})
     said = _plan(policy_repo, first, swap)
     assert f"- tcp {echo} port 80" in said and f"+ tcp {echo} port 8080" in said
     assert "Mass-revoke gate" not in said
@@ -104,7 +92,7 @@ def test_a_port_swap_applies_and_a_mass_revoke_waits_as_the_plan_said(
     # 2. The ledger group goes: 120 of the cell's 121 pairs, over 50% and over the floor of
     #    100.  The plan says so beforehand, with the trailer; the agent refuses and keeps
     #    enforcing the swap.
-    drop = policy_repo.commit("retire the ledger", {"echo.yaml": echo_on(8080)})
+    drop = policy_repo.commit("retire the ledger", _allow(lab, 8080))
     said = _plan(policy_repo, swap, drop)
     gate = said.split("#### Mass-revoke gate", 1)[1].split("#### Access", 1)[0]
     assert "1 cell would refuse this change" in gate
@@ -120,9 +108,7 @@ def test_a_port_swap_applies_and_a_mass_revoke_waits_as_the_plan_said(
     assert reaches(8080)  # the kernel still holds the swap's rules
 
     # 3. The same tree with the trailer in the merge commit: applied.
-    allowed = policy_repo.commit(
-        f"retire the ledger\n\n{TRAILER}: true", {"echo.yaml": echo_on(8080)}
-    )
+    allowed = policy_repo.commit(f"retire the ledger\n\n{TRAILER}: true", _allow(lab, 8080))
     assert "Mass-revoke gate" in _plan(policy_repo, swap, allowed)  # the plan still warns
     doc = once(0)
     assert doc["lastAppliedRevision"] == _rev(allowed) and "refused" not in doc

@@ -22,18 +22,20 @@ from click.testing import CliRunner
 
 from reconciler.backends.iptables.render import render_cell
 from reconciler.ci.plan import run_plan
-from reconciler.ci.report import MARKER, PlanReport, Revision, render_markdown
+from reconciler.ci.report import MARKER, PlanReport, Revision, render, render_markdown
 from reconciler.cli import main
 from reconciler.core.compile import compile_cell
 from reconciler.core.diff import (
     CF_RULES_ERROR,
     CF_RULES_WARNING,
     CellDiff,
+    ChainDiff,
     PlanDiff,
     _family_diff,
     _limit_notices,
     diff_plans,
 )
+from reconciler.core.gate import RevokeCount
 from reconciler.core.model import CellInventory, Container, Space
 from reconciler.policy.load import load_folder
 from reconciler.sources.cellstore import InventoryError, dump_store
@@ -359,6 +361,24 @@ def test_the_plan_judges_the_gate_with_an_agent_config(tmp_path, monkeypatch):
     bad = CliRunner().invoke(main, [*args, "--format", "text"])
     assert bad.exit_code == 1
     assert "agent.yaml: mass-revoke-min: expected a whole number >= 0" in bad.output
+
+
+def test_a_gate_section_for_a_whole_fleet_stays_short_in_a_comment():
+    """A change that empties 400 cells names 30 of them in the PR comment and counts the
+    rest; the text form and JSON list every one."""
+    chain = ChainDiff(4, "ASG-C-x", "delete", 0, 1, ("- -A ASG-C-x -j ACCEPT",))
+    emptied = RevokeCount(3, 3, 3, 0, 1, True)
+    cells = tuple(
+        CellDiff(f"cell-{i:03d}", "s", 1, 1, (chain,), 3, 0, revoke=emptied) for i in range(400)
+    )
+    report = PlanReport(Revision("a"), Revision("b"), "policies", "x", PlanDiff(cells, ()))
+    md = render_markdown(report)
+    gate = md.split("#### Mass-revoke gate", 1)[1].split("#### Access", 1)[0]
+    assert "400 cells would refuse this change" in gate and "| and 370 more |" in gate
+    assert "| cell-029 |" in gate and "| cell-030 |" not in gate
+    text = render(report, "text")
+    assert text.count(": the plan takes away all of the cell's access") == 400
+    assert len(json.loads(render(report, "json"))["mass_revoke_gate"]["cells_refusing"]) == 400
 
 
 # ----------------------------------------------------------------------------- behaviour
