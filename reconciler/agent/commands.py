@@ -47,7 +47,8 @@ def _opt(*names: str, **kwargs: Any) -> Any:
 @_opt(
     "--mass-revoke-min",
     type=int,
-    help="...and the net pairs it must take away as well to be held back.  [100]",
+    help="Container-rule pairs a plan must also take away, net, to be held back (a cell "
+    "left with no access is held back below it).  [100]",
 )
 @_opt("--mass-revoke-trailer", help="Commit trailer that overrides the mass-revoke gate.")
 @_opt("--heal-drift/--no-heal-drift", help="Repair changes made by others.  [default: on]")
