@@ -18,6 +18,7 @@ from reconciler.agent.commands import agent_cmd, status_cmd
 from reconciler.agent.config import BACKENDS
 from reconciler.backends.contract import Mode
 from reconciler.backends.iptables.render import render_text
+from reconciler.cf_commands import cf_group
 from reconciler.cli_options import format_option
 from reconciler.core.cellplan import CellPlan, CellSettings, PlanError
 from reconciler.core.compile import compile_cell
@@ -25,6 +26,7 @@ from reconciler.core.endpoint import parse_endpoint
 from reconciler.core.explain import LIFECYCLES, explain, find_containers
 from reconciler.core.gate import GateSettings
 from reconciler.core.model import Container, PolicySet
+from reconciler.notify.command import notify_cmd
 from reconciler.policy.findings import render_findings
 from reconciler.policy.load import load_policy
 from reconciler.policy.source import locate
@@ -489,6 +491,51 @@ def apply_cmd(
     sys.exit(1 if not result.ok else 0 if result.in_sync else 2)
 
 
+@main.command("uninstall")
+@click.option(
+    "--backend",
+    "backend_name",
+    type=click.Choice(BACKENDS),
+    default="iptables",
+    show_default=True,
+    help="The backend that installed the rules.",
+)
+@click.option(
+    "--variant",
+    type=click.Choice(["auto", "legacy", "nft"]),
+    default="auto",
+    show_default=True,
+    help="iptables variant; auto follows what the host already uses.",
+)
+@click.option("--dry-run", is_flag=True, help="Print the transactions; change nothing.")
+@format_option("text", "json")
+def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> None:
+    """Remove every rule asgctl installed on this host (current network namespace), and only those.
+
+    The way back to what enforced before (CF's own chains on a Diego cell): stop the agent
+    first, then run this.  Chains are ours by the same proof as in every apply (ownership
+    marker, the previous release's shape), so the host's chains, even ones named like ours,
+    stay.  Exit 0 when nothing of ours was there, 2 when something was removed (or would be,
+    with --dry-run), 1 on error (nothing half-removed: one transaction per family).
+    """
+    from reconciler.backends import DataplaneError, open_backend, remove
+    from reconciler.backends.summary import format_text
+
+    try:
+        backend = open_backend(backend_name, variant)
+    except DataplaneError as exc:
+        _fail(str(exc))
+    result = remove(backend, mode="dry-run" if dry_run else "apply")
+    if fmt == "json":
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(format_text(result, transactions=dry_run), nl=False)
+    for fam in result.families:
+        if fam.error is not None:
+            click.echo(f"error: ipv{fam.family}: {fam.error}", err=True)
+    sys.exit(1 if not result.ok else 0 if result.in_sync else 2)
+
+
 @main.command("plan")
 @click.option("--base", required=True, help="Base revision (e.g. origin/main or a SHA).")
 @click.option("--head", "head", default="HEAD", show_default=True, help="Head revision.")
@@ -564,3 +611,5 @@ def test_cmd(path: str, rev: str | None, fmt: str, verbose: bool) -> None:
 
 main.add_command(agent_cmd)
 main.add_command(status_cmd)
+main.add_command(notify_cmd)
+main.add_command(cf_group)

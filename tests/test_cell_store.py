@@ -170,11 +170,12 @@ def test_a_shared_ip_is_never_wider_than_any_claimant():
 )
 def test_container_workload_decides_the_rules_as_in_silk(workload, expected):
     """silk binds running ASGs to `app` and `task`, staging ASGs to `staging`, and nothing to
-    any other purpose, a missing one included (planner_linux.go:189-192; the purpose is ""
-    when the key is missing, planner.go:120-123).  The old egress-policy planner let a
-    purpose-less container match every app_lifecycle (planner_linux.go at 25ea819,
-    `containerPurposeMatchesAppLifecycle`); here it gets no policy either: a container whose
-    lifecycle is unknown is given neither lifecycle's access."""
+    any other purpose, a missing one included (planner_linux.go@be375fe:189-192; the purpose
+    is "" when the key is missing, planner.go@7fcef73:120-123).  The old egress-policy planner
+    let a purpose-less container match every app_lifecycle (planner_linux.go@25ea819:441-447,
+    `containerPurposeMatchesAppLifecycle`, :443 `containerPurpose == ""`); here it gets no
+    policy either: a container whose lifecycle is unknown is given neither lifecycle's
+    access."""
     containers = decode_store(
         json.dumps({"blog-0": entry("198.18.0.2", "marketing", "blog", workload)})
     ).containers
@@ -182,7 +183,7 @@ def test_container_workload_decides_the_rules_as_in_silk(workload, expected):
 
 
 def test_metadata_null_gets_nothing_not_the_global_defaults():
-    """silk's planner skips an entry without policy_group_id (planner.go:108-113), so CF
+    """silk's planner skips an entry without policy_group_id (planner.go@7fcef73:108-113), so CF
     gives such a container no ASG; here its IP is held to no access and reported, where it
     used to get the global running defaults."""
     reading = decode_store(json.dumps({"x": {"handle": "x", "ip": "198.18.0.9", "metadata": None}}))
@@ -193,7 +194,7 @@ def test_metadata_null_gets_nothing_not_the_global_defaults():
 
 
 def test_egress_policies_name_the_app_by_policy_group_id():
-    """silk's AppID is the store's policy_group_id (planner.go:136), never app_id."""
+    """silk's AppID is the store's policy_group_id (planner.go@7fcef73:136), never app_id."""
     store = {
         "blog-0": {
             "ip": "198.18.0.2",

@@ -31,6 +31,7 @@ from reconciler.backends import (
     ReadError,
     VariantError,
     converge,
+    remove,
 )
 from reconciler.backends import contract as rec
 from reconciler.backends.iptables.backend import IptablesBackend, tool
@@ -55,6 +56,7 @@ from tests.cases import DATA, RecordingRunner, edge_plan
 from tests.conftest import skip_unless_available
 
 VARIANTS = ("legacy", "nft")
+CLI = "from reconciler.cli import main; main()"
 HOST_CHAINS = ("ASG-ADMIN-BLOCKLIST", "ASG-LEGACY")
 """The host's own chains with our name prefix (issue 20): one unreferenced, with rules; one
 jumped to from INPUT.  Neither is ours, whatever its name."""
@@ -575,6 +577,38 @@ def test_a_restart_that_lost_its_state_still_cleans_up_our_chains(host: Host) ->
     if host.kind != "nftables":
         ours = [x for x in host.ipt_save().splitlines() if _OURS.search(x) or "asg:" in x]
         assert ours == []
+
+
+def test_uninstall_removes_ours_and_leaves_the_hosts_firewall(host: Host) -> None:
+    """The way back to CF's own chains (docs/cutover.md): `asgctl uninstall` takes out every
+    chain, set and hook of ours in one transaction per family, proves ownership as every apply
+    does (the host's `ASG-` chains stay), and a second run finds nothing to do."""
+    host.restore(4, FOREIGN_V4)
+    foreign = host.foreign()
+    assert converge(host.backend(), small_plan()).ok
+    assert any(host.objects(host.backend().read(f)) for f in (4, 6))
+
+    def uninstall(*flags: str) -> subprocess.CompletedProcess[str]:
+        argv = ["uninstall", "--backend", host.kind, "--variant", host.variant, *flags]
+        cmd = ["ip", "netns", "exec", host.netns, sys.executable, "-c", CLI, *argv]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
+
+    before = host.save()
+    dry = uninstall("--dry-run")
+    assert dry.returncode == 2, dry.stderr
+    assert host.save() == before  # a dry run changes nothing
+    done = uninstall("--format", "json")
+    assert done.returncode == 2, done.stderr
+    assert json.loads(done.stdout)["mode"] == "apply"
+    assert not any(host.objects(host.backend().read(f)) for f in (4, 6))
+    assert host.foreign() == foreign
+    if host.kind == "nftables":
+        assert "asgctl" not in host.run("nft", "list", "tables")
+    else:
+        assert [x for x in host.ipt_save().splitlines() if _OURS.search(x) or "asg:" in x] == []
+    again = uninstall()
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert remove(host.backend()).in_sync
 
 
 def test_an_upgrade_from_before_markers_takes_the_old_chains_over(host: Host) -> None:

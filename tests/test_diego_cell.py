@@ -7,22 +7,35 @@
   without CF's chains the overlay lets everything through, whatever the ASGs say.
 - ASGs decide underlay egress (out through `eth0`), with CF's chains in place.
 
-What the lab mimics, pinned against cloudfoundry/silk-release (file@commit):
+What the lab mimics, pinned against cloudfoundry/silk-release (path@commit:line):
 - silk's vtep: a VXLAN device `silk-vtep`, VNI 1, port 4789, group-based policy on, holding
   the cell's lease address with the overlay's prefix, MAC ee:ee:<lease address>
-  (src/code.cloudfoundry.org/silk/daemon/vtep/factory.go@85ad715 CreateVTEP; the MAC from
-  cloudfoundry/silk lib/hardware_address_generator.go, GenerateForVTEP); per other cell a
-  route to its lease via its vtep address, a permanent ARP entry and an FDB entry naming its
-  underlay address (vtep/converger.go@85ad715, Converge, addRoute, addNeighs);
+  (src/code.cloudfoundry.org/silk/daemon/vtep/factory.go@85ad715:37-93 CreateVTEP: the link
+  with GBP :38-61, the lease address with the overlay's mask :75-91; name, VNI and port from
+  jobs/silk-daemon/templates/client-config.json.erb@146c487:36, :41, :48 and
+  jobs/silk-daemon/spec@0e3671c:35-37, handed to the vtep's Config by
+  silk/daemon/vtep/config_creator.go@e82eab3:86, :91, :93;
+  the MAC is the lease's, src/code.cloudfoundry.org/silk/controller/leaser/
+  lease_controller.go@95a5a1a:172-185 tryAcquireLease, made by GenerateForVTEP, ee:ee then
+  the IPv4 address: cloudfoundry/silk/lib/hardware_address_generator.go@0a589a2:10-12); per
+  other cell a route to its lease via its vtep address, a permanent ARP entry and an FDB entry
+  naming its underlay address (silk/daemon/vtep/converger.go@85ad715:26-100 Converge,
+  :169-202 addRoute: Dst the lease, Gw its first address, :204-234 addNeighs: ARP :206-212,
+  FDB :213-220);
 - silk-cni's `overlay--<handle>` chain, jumped to from FORWARD: accept leaving over the vtep
   only when marked, accept RELATED,ESTABLISHED to the container, reject the rest to it
-  (cni-wrapper-plugin/netrules/netout.go@17a1c64 defaultNetOutRules; lib/rules/rules.go
-  NewOverlayAllowEgress, NewOverlayRelatedEstablishedRule, NewOverlayDefaultRejectRule);
+  (src/code.cloudfoundry.org/cni-wrapper-plugin/netrules/netout.go@17a1c64:128-141 in
+  defaultNetOutRules; src/code.cloudfoundry.org/lib/rules/rules.go@0a8b534:329-336
+  NewOverlayAllowEgress, :338-344 NewOverlayRelatedEstablishedRule, :311-317
+  NewOverlayDefaultRejectRule);
 - the vxlan-policy-agent's `vpa--<time>` chain, inserted at FORWARD position 1: MARK each
   local container of a policy's source app with the app's tag, ACCEPT to a local container
   of a destination app on the policy's port when the packet carries the source's tag
-  (vxlan-policy-agent/planner/planner_linux.go@25ea819 planIPTableRules; lib/rules/rules.go
-  NewMarkSetRule, NewMarkAllowRule); the tag crosses cells in the VXLAN GBP header.
+  (src/code.cloudfoundry.org/vxlan-policy-agent/planner/planner_linux.go@25ea819:303-326
+  getContainerPolicies picks the sources and destinations, :382-439 planIPTableRules: MARK
+  :384-389, ACCEPT :403-411; lib/rules/rules.go@0a8b534:108-113 NewMarkSetRule, :74-82
+  NewMarkAllowRule; vxlan-policy-agent/enforcer/enforcer.go@01b6775:64-71 NewPolicyChain,
+  :258 BulkInsert at 1); the tag crosses cells in the VXLAN GBP header.
 
 Backends: with CF's chains, asgctl enforces with iptables-legacy and iptables-nft (the same
 variant as CF's chains, as an agent's `--variant auto` picks); without them, with

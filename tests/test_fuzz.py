@@ -67,6 +67,7 @@ SCALARS = st.one_of(
             "EgressPolicy",
             "Directory",
             "PolicyTest",
+            "Rollout",
             "tcp",
             "udp",
             "icmp",

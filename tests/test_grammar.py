@@ -608,7 +608,7 @@ class TestCfModelValidator:
     """Cloud Controller validates a rule twice: the v3 request validator (the `Rules[i]:`
     messages above), then the model (cloudfoundry/cloud_controller_ng
     app/models/runtime/security_group.rb:60-88 `validate_rules`, which runs
-    lib/cloud_controller/rule_validator.rb:22-25 `validate_fields` with the per-protocol
+    lib/cloud_controller/rule_validator.rb@1bca0d3:22-25 `validate_fields` with the per-protocol
     `required_fields + optional_fields`: rule_validator.rb:5-6 protocol, destination, log,
     description; transport_rule_validator.rb:3 adds ports; icmp_rule_validator.rb:3 adds code
     and type).  The model's spec pins "rule number 1 contains the invalid field 'foobar'" for

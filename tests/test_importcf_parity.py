@@ -1,11 +1,14 @@
 """`import-cf` accepts exactly what Cloud Controller accepts (issue 13).
 
 Cases come from cloud_controller_ng's own specs and code, cited per case:
-* the v3 request validator, app/messages/validators/security_group_rule_validator.rb, and its
-  spec spec/unit/messages/validators/security_group_rule_validator_spec.rb;
+* the v3 request validator, app/messages/validators/security_group_rule_validator.rb (line
+  numbers are of its icmpv6 revision: :52-62 per protocol, :107-108 valid_ports, :113-140
+  valid_destination_type), and its spec
+  spec/unit/messages/validators/security_group_rule_validator_spec.rb;
 * the model validator, app/models/runtime/security_group.rb:60-88 (`validate_rules`) with
-  lib/cloud_controller/rule_validator.rb, transport_rule_validator.rb, icmp_rule_validator.rb,
-  and its spec spec/unit/models/runtime/security_group_spec.rb;
+  lib/cloud_controller/rule_validator.rb@1bca0d3 (:5-6 fields, :15 log, :17 description),
+  transport_rule_validator.rb, icmp_rule_validator.rb, and its spec
+  spec/unit/models/runtime/security_group_spec.rb;
 * seeding from the BOSH manifest, lib/cloud_controller/seeds.rb `create_seed_security_groups`.
 Also: every page of a paginated `/v3/security_groups`, BOSH manifests and ops files, and the
 README's `cf curl` recipe run against a Cloud Controller stand-in with more than 50 groups.
@@ -36,12 +39,12 @@ PORTS_INVALID = (
 
 
 def transport(**kw: object) -> dict:
-    """security_group_spec.rb `build_transport_rule`."""
+    """security_group_spec.rb@0421a54:6-12 `build_transport_rule`."""
     return {"protocol": "udp", "ports": "8080-9090", "destination": "198.41.191.47/1", **kw}
 
 
 def icmp_rule(**kw: object) -> dict:
-    """security_group_spec.rb `build_icmp_rule`."""
+    """security_group_spec.rb@0421a54:14-21 `build_icmp_rule`."""
     return {"protocol": "icmp", "type": 0, "code": 0, "destination": "0.0.0.0/0", **kw}
 
 
@@ -71,8 +74,9 @@ PARITY: list[tuple[str, dict, str | None, str]] = [
         "ports are required for protocols of type TCP and UDP",
         MODEL_SPEC + " missing required field 'ports'",
     ),
-    # security_group_rule_validator.rb `valid_ports`: `return false unless ports.is_a?(String)`
-    ("ports-integer", transport(ports=443), PORTS_INVALID, "security_group_rule_validator.rb"),
+    # security_group_rule_validator.rb:107-108 `valid_ports`:
+    # `return false unless ports.is_a?(String)`
+    ("ports-integer", transport(ports=443), PORTS_INVALID, "security_group_rule_validator.rb:108"),
     ("ports-list-yaml-only", transport(ports=[443]), PORTS_INVALID, "valid_ports"),
     (
         "extraneous-field",
@@ -130,7 +134,12 @@ PARITY: list[tuple[str, dict, str | None, str]] = [
     ("all-log-3", all_rule(log=3), "log must be a boolean", MODEL_SPEC + " non-boolean"),
     # rule_validator.rb:15/17 `rule.key?(...)`: a present null is not "not given" to the model.
     ("log-null", all_rule(log=None), "contains invalid log value", "rule_validator.rb:15"),
-    ("desc-null", all_rule(description=None), "contains invalid description", "rule_validator.rb"),
+    (
+        "desc-null",
+        all_rule(description=None),
+        "contains invalid description",
+        "rule_validator.rb:17",
+    ),
     (
         "protocol-unsupported",
         transport(protocol="foobar"),
@@ -149,7 +158,7 @@ PARITY: list[tuple[str, dict, str | None, str]] = [
         "dest-list-yaml-only",
         all_rule(destination=["10.0.0.1"]),
         "destination must be a string",
-        "security_group_rule_validator.rb valid_destination_type",
+        "security_group_rule_validator.rb:124-127 valid_destination_type",
     ),
     (
         "dest-leading-zero",
@@ -192,7 +201,8 @@ class TestCcAcceptsAndIgnores:
         ]
 
     def test_host_bits_are_imported_as_cf_reads_them_with_a_warning(self) -> None:
-        """security_group_spec.rb `build_transport_rule` uses 198.41.191.47/1: accepted."""
+        """security_group_spec.rb@0421a54:6-12 `build_transport_rule` uses 198.41.191.47/1:
+        accepted."""
         docs, errors, warnings = import_cf([transport()], name="g")
         assert errors == [] and docs[0]["rules"] == [transport()]
         assert warnings == [

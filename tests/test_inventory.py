@@ -159,7 +159,7 @@ def test_ids_are_free_text_as_in_cf():
 
 def test_policy_group_id_names_the_app_as_in_silks_planner():
     """silk's planner reads the app as `policy_group_id` (cloudfoundry/silk-release
-    src/code.cloudfoundry.org/vxlan-policy-agent/planner/planner.go:108 and :136, `AppID:
+    src/code.cloudfoundry.org/vxlan-policy-agent/planner/planner.go@7fcef73:108 and :136, `AppID:
     policyGroupID`) and never reads `app_id`.  Without one, silk matches the container to no
     app-keyed policy; here `app_id` stands in, because the status-branch contract carries only
     `app_id` and CC always writes both the same (container_network_info.rb:19-20)."""
@@ -188,9 +188,9 @@ def test_policy_group_id_names_the_app_as_in_silks_planner():
 )
 def test_container_workload_follows_silks_planner(metadata, workload, lifecycle):
     """silk reads `container_workload` as the container's purpose, "" when missing
-    (planner.go:120-123), and binds staging ASGs to `staging` and running ASGs to `app` and
+    (planner.go@7fcef73:120-123), and binds staging ASGs to `staging` and running ASGs to `app` and
     `task` only (cloudfoundry/silk-release src/code.cloudfoundry.org/vxlan-policy-agent/
-    planner/planner_linux.go:189-192): any other purpose, none included, gets no rules."""
+    planner/planner_linux.go@be375fe:189-192): any other purpose, none included, gets no rules."""
     store = {"c1": {"ip": "10.0.0.1", "metadata": {"space_id": "s", **metadata}}}
     reading = decode_store(json.dumps(store))
     assert reading.rejected == ()

@@ -81,8 +81,14 @@ def _render_cell_settings(fmt: str, *extra: str) -> str:
 def test_cell_settings_render_to_golden_files(family):
     """One FORWARD hook per underlay interface (silk's `-o <underlay>`, in the order given),
     deny networks in a shared chain per lifecycle jumped to before every group, the
-    connection limit first of all (silk's order, netout_chain.go IPTablesRules): pinned in
-    both backends' goldens, which the kernel-acceptance tests below load."""
+    connection limit before both, after only the RELATED,ESTABLISHED accept and the INVALID
+    drop.  That is silk's order: cloudfoundry/silk-release src/code.cloudfoundry.org/
+    cni-wrapper-plugin/netrules/netout_chain.go@0fc76f3:58-83 IPTablesRules lists the group
+    accepts, deny networks (:66), the limit (:74), INVALID drop and RELATED,ESTABLISHED accept
+    (:77-80); netout.go@17a1c64:79-90 BulkInsertRules inserts that list at position 1, and
+    lib/rules/locked_iptables.go@03b6465:112-138 BulkInsert writes one `-I <chain> 1` per rule,
+    so the chain holds it reversed.  Pinned in both backends' goldens, which the
+    kernel-acceptance tests below load."""
     text = _render_cell_settings("iptables", "--family", str(family))
     assert_golden(f"example-cell.v{family}.rules", text)
     assert_golden(

@@ -5,12 +5,13 @@ The behaviour pinned here is cloudfoundry/silk-release's (file@commit:line):
 - the underlay: a jump per interface, `-s <ip> -o <underlay> -j netout--<handle>`
   (src/code.cloudfoundry.org/lib/rules/rules.go@0a8b534:50, NewNetOutJumpConditions); silk
   finds the interfaces holding the underlay IPs unless `temporary_underlay_interface_names`
-  names them (cni-wrapper-plugin/main.go@00cd892, cmdAdd; lib/interfacelookup/
-  interface_name_lookup.go@b9f210a, GetNamesFromIPs);
+  names them (cni-wrapper-plugin/main.go@00cd892:111-119 in cmdAdd, passed on as
+  HostInterfaceNames :158; lib/interfacelookup/interface_name_lookup.go@b9f210a:42-52
+  GetNamesFromIPs, :20-40 GetNameFromIP);
 - deny networks: `always` for all, `running` for app and task, `staging` for staging, each a
   REJECT before the ASG accepts, CIDRs normalised by net.ParseCIDR
   (cni-wrapper-plugin/netrules/netout_chain.go@0fc76f3:22 Validate, :85 denyNetworksRules);
-- the connection limit: off by default, burst 1000, 100/s (jobs/silk-cni/spec@0ceeb54,
+- the connection limit: off by default, burst 1000, 100/s (jobs/silk-cni/spec@0ceeb54:155-166,
   outbound_connections); idle buckets expire after ceil(burst/rate) s
   (netout_chain.go@0fc76f3:124, rateLimitExpiryPeriod).
 """

@@ -5,18 +5,18 @@ Pinned against cloudfoundry/silk-release (file@commit:line):
   `FORWARD -s <ip> -o <underlay> -j netout--<handle>`, one jump per underlay interface
   (src/code.cloudfoundry.org/lib/rules/rules.go@0a8b534:50, NewNetOutJumpConditions),
   appended to FORWARD (cni-wrapper-plugin/netrules/common.go@7ed0ad5:11, initChains) by
-  defaultNetOutRules (cni-wrapper-plugin/netrules/netout.go@17a1c64);
+  defaultNetOutRules (cni-wrapper-plugin/netrules/netout.go@17a1c64:121-127);
 - traffic between containers is the network policies': the vxlan-policy-agent inserts its
-  `vpa--<time>` chain first in FORWARD (vxlan-policy-agent/enforcer/enforcer.go@01b6775,
-  `enforce`: BulkInsert at 1) and each container gets `-j overlay--<handle>`
-  (netout.go@17a1c64, defaultNetOutRules);
+  `vpa--<time>` chain first in FORWARD (vxlan-policy-agent/enforcer/enforcer.go@01b6775:64-71
+  NewPolicyChain, :258 `enforce`: BulkInsert at 1) and each container gets
+  `-j overlay--<handle>` (netout.go@17a1c64:128-134, defaultNetOutRules);
 - deny networks reject before every ASG accept: `always` for every container, `running` for
   `app` and `task`, `staging` for `staging` (cni-wrapper-plugin/netrules/
   netout_chain.go@0fc76f3:58 IPTablesRules, :85 denyNetworksRules, :92 and :98);
-- the outbound connection limit: hashlimit above rate/sec after a burst, per container,
-  destination address and port (lib/rules/rules.go@0a8b534, NewNetOutConnRateLimitRule;
-  netout_chain.go@0fc76f3:107 rateLimitRule), off by default with burst 1000 and 100/s
-  (jobs/silk-cni/spec@0ceeb54, outbound_connections).
+- the outbound connection limit: new TCP connections, hashlimit above rate/sec after a burst,
+  per container, destination address and port (lib/rules/rules.go@0a8b534:293-301,
+  NewNetOutConnRateLimitRule; netout_chain.go@0fc76f3:107 rateLimitRule), off by default
+  with burst 1000 and 100/s (jobs/silk-cni/spec@0ceeb54:155-166, outbound_connections).
 
 One lab cell per backend (iptables-legacy, iptables-nft, nftables).  The cell's default routes
 leave through its two service veths (ECMP), so the underlay is found as the agent finds it on

@@ -51,12 +51,16 @@ def _opt(*names: str, **kwargs: Any) -> Any:
     "left with no access is held back below it).  [100]",
 )
 @_opt("--mass-revoke-trailer", help="Commit trailer that overrides the mass-revoke gate.")
+@_opt("--policy-tests", help="PolicyTests of a new head: enforce, warn or off.  [default: warn]")
 @_opt("--heal-drift/--no-heal-drift", help="Repair changes made by others.  [default: on]")
 @_opt("--status-push/--no-status-push", help="Write status/<cell>.  [default: on]")
 @_opt("--heartbeat", help="Push an unchanged status this often.  [default: 10m]")
 @_opt("--status-min-interval", help="Merge status pushes closer than this.  [default: 1s]")
 @_opt("--metrics-listen", help="Serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9465).")
 @_opt("--metrics-textfile", help="Also write the metrics to this file.")
+@_opt("--listen-webhook", help="Sync at once on a signed push webhook to HOST:PORT/hook.")
+@_opt("--webhook-secret-file", help="Its HMAC secret.  [default: $ASGCTL_WEBHOOK_SECRET]")
+@_opt("--webhook-min-interval", help="At most one webhook sync this often.  [default: 10s]")
 @_opt("--watch", type=click.Choice(["auto", "inotify", "poll"]), help="Inventory watching.")
 @_opt("--watch-poll", help="Polling period when not using inotify.  [default: 100ms]")
 @click.option(

@@ -39,6 +39,20 @@ PROGRESSING_WITH_RETRY: Final = "ProgressingWithRetry"
 """Reconciling=True after a transient failure: the next attempt is scheduled."""
 INVENTORY_INVALID: Final = "InventoryInvalid"
 
+# -- reasons: a valid head held back by the repository's Rollout (Ready=True) -----------------
+# The cell is healthy and enforces its applied revision (new containers and drift included);
+# the head waits for its turn.  See `reconciler.agent.rollout`.
+
+WAITING_FOR_WAVE: Final = "WaitingForWave"
+"""A cell of an earlier wave has not yet reported the head Ready for its wave's soak time."""
+ROLLOUT_HALTED: Final = "RolloutHalted"
+"""A cell of an earlier wave is not Ready on the head (refused it, or fails to enforce it)."""
+ROLLOUT_PAUSED: Final = "RolloutPaused"
+"""The head's Rollout pauses rollouts (or pins them to another revision)."""
+OUTSIDE_CHANGE_WINDOW: Final = "OutsideChangeWindow"
+"""A deny window is open, or allow windows exist and none is open."""
+ROLLOUT_HOLDS: Final = (WAITING_FOR_WAVE, ROLLOUT_HALTED, ROLLOUT_PAUSED, OUTSIDE_CHANGE_WINDOW)
+
 # -- reasons: a head that is not applied and needs a human (Stalled=True) ---------------------
 
 MALFORMED_COMMIT: Final = "MalformedCommit"
@@ -51,6 +65,8 @@ PLAN_REFUSED: Final = "PlanRefused"
 """Two different contents under one id: as a head's verdict a refusal; when the revision
 already enforced meets new containers, a transient enforcement failure (kept installed)."""
 MASS_REVOKE_BLOCKED: Final = "MassRevokeBlocked"
+POLICY_TESTS_FAILED: Final = "PolicyTestsFailed"
+"""With `policy-tests: enforce`, a head whose PolicyTest cases fail (the failures are listed)."""
 REFUSALS: Final = (
     MALFORMED_COMMIT,
     UNSIGNED_COMMIT,
@@ -60,9 +76,15 @@ REFUSALS: Final = (
     VALIDATION_FAILED,
     PLAN_REFUSED,
     MASS_REVOKE_BLOCKED,
+    POLICY_TESTS_FAILED,
 )
 """Every reason a head's verdict can carry: the gates in `reconciler.agent.core` and the
 verifier's refusals.  The applied revision stays enforced; only a new head is judged again."""
+
+SOURCE_CHANGED: Final = "SourceChanged"
+"""Not a condition's reason but an event's (log line, status `sourceChange`): the configured
+source (repository URL, branch) is not the one the applied revision came from; its first
+head is a fresh start, judged against the rules the cell enforces."""
 
 # -- reasons: enforcement failed this cycle (transient: retried with back-off) ----------------
 

@@ -36,6 +36,8 @@ _CELL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,199}$")
 VERIFY_MODES = ("none", "signed")
 WATCH_MODES = ("auto", "inotify", "poll")
+POLICY_TEST_MODES = ("enforce", "warn", "off")
+"""`policy-tests`: refuse a head whose PolicyTests fail, apply it and report, or skip them."""
 
 
 class ConfigError(ValueError):
@@ -124,7 +126,13 @@ class AgentConfig:
     """Net container-rule pairs a plan must also take away for the share to hold it back
     (`reconciler.core.gate`); a cell emptied of access is held back below it too."""
     mass_revoke_trailer: str = DEFAULT_GATE.trailer
+    emergency_trailer: str = "Asgctl-Emergency"
+    """A head carrying `<this>: true` is applied inside a deny window (or outside every allow
+    window) of the repository's Rollout; it never skips a pause or a wave."""
     heal_drift: bool = True
+    policy_tests: str = "warn"
+    """The repository's PolicyTest documents, run once per new head: `enforce` refuses a head
+    with a failing test (PolicyTestsFailed), `warn` applies it and reports the failures."""
     status_push: bool = True
     status_branch_prefix: str = STATUS_PREFIX
     heartbeat: float = 600.0
@@ -133,6 +141,13 @@ class AgentConfig:
     metrics_listen: str | None = None
     """`127.0.0.1:9465` serves Prometheus text on that address; unset or empty, no server."""
     metrics_textfile: str | None = None
+    listen_webhook: str | None = None
+    """`0.0.0.0:9292` accepts signed push notifications there and syncs at once
+    (`reconciler.agent.webhook`); unset or empty, no receiver."""
+    webhook_secret_file: str | None = None
+    """The receiver's HMAC secret; unset, $ASGCTL_WEBHOOK_SECRET."""
+    webhook_min_interval: float = 10.0
+    """At most one webhook-triggered sync this often (more are coalesced or answered 429)."""
     watch: str = "auto"
     watch_poll: float = 0.1
     underlay_interface: tuple[str, ...] = ()
@@ -183,6 +198,7 @@ class AgentConfig:
             "massRevokeMin": self.mass_revoke_min,
             "massRevokeTrailer": self.mass_revoke_trailer,
             "healDrift": self.heal_drift,
+            "policyTests": self.policy_tests,
             "underlayInterface": list(self.underlay_interface),
             "denyNetworks": self.deny_networks.to_dict(),
             "outboundConnections": self.outbound_connections.to_dict(),
@@ -203,6 +219,7 @@ _DURATIONS = {
     "heartbeat",
     "status_min_interval",
     "watch_poll",
+    "webhook_min_interval",
 }
 _SHARES = {"jitter", "mass_revoke_threshold"}
 _BOOLS = {"once", "allow_rewind", "heal_drift", "status_push"}
@@ -263,7 +280,13 @@ def build_config(file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> Ag
             out[name] = parse_deny_networks(value, key)
         elif name == "outbound_connections":
             out[name] = parse_outbound(value, key)
-        elif value == "" and name in ("metrics_listen", "metrics_textfile", "netns"):
+        elif value == "" and name in (
+            "metrics_listen",
+            "metrics_textfile",
+            "netns",
+            "listen_webhook",
+            "webhook_secret_file",
+        ):
             out[name] = None
         else:
             out[name] = str(value)
@@ -378,11 +401,18 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError(f"verify: one of {', '.join(VERIFY_MODES)}, got {cfg.verify!r}")
     if cfg.verify == "signed" and not (cfg.allowed_signers or cfg.gpg_keyring):
         raise ConfigError("verify: signed needs allowed-signers (SSH) and/or gpg-keyring (GPG)")
+    if cfg.policy_tests not in POLICY_TEST_MODES:
+        modes = ", ".join(POLICY_TEST_MODES)
+        raise ConfigError(f"policy-tests: one of {modes}, got {cfg.policy_tests!r}")
     if cfg.watch not in WATCH_MODES:
         raise ConfigError(f"watch: one of {', '.join(WATCH_MODES)}, got {cfg.watch!r}")
     if cfg.metrics_listen:
         parse_listen(cfg.metrics_listen)
+    if cfg.listen_webhook:
+        _check_webhook(cfg)
     check_trailer(cfg.mass_revoke_trailer)
+    if not re.match(r"^[A-Za-z0-9-]+$", cfg.emergency_trailer):
+        raise ConfigError("emergency-trailer: a trailer key such as Asgctl-Emergency")
 
 
 def check_trailer(trailer: str) -> str:
@@ -407,9 +437,24 @@ def file_gate_settings(values: Mapping[str, Any]) -> GateSettings:
     )
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def _check_webhook(cfg: AgentConfig) -> None:
+    """The receiver's address parses and its secret can be read (not kept: the config is
+    shown and logged, the secret is read again when the receiver starts)."""
+    from reconciler.agent.webhook import SECRET_ENV
+    from reconciler.hmacsig import SecretError, load_secret
+
+    parse_listen(cfg.listen_webhook or "", "listen-webhook")
+    try:
+        load_secret(cfg.webhook_secret_file, SECRET_ENV)
+    except SecretError as exc:
+        raise ConfigError(
+            f"listen-webhook needs webhook-secret-file or ${SECRET_ENV}: {exc}"
+        ) from None
+
+
+def parse_listen(text: str, key: str = "metrics-listen") -> tuple[str, int]:
     """`127.0.0.1:9465` or `:9465` (loopback) -> (host, port)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"metrics-listen: expected HOST:PORT, got {text!r}")
+        raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
     return (host.strip("[]") or "127.0.0.1"), int(port)

@@ -4,10 +4,10 @@ Nothing here touches git, files, the kernel or the clock (times come in as argum
 rules that keep a fleet safe are unit-tested directly:
 
 * the gates a fetched head must pass before it is applied (`signature_verdict`,
-  `ancestry_verdict`, `validation_verdict`, `revoke_verdict`), each returning a `Refusal`
-  that names the reason when the head must wait, or None when it passes (what the
-  mass-revoke gate counts is defined once, in `reconciler.core.gate`, which the CI plan
-  asks too);
+  `ancestry_verdict`, `validation_verdict`, `policy_test_verdict`, `revoke_verdict`), each
+  returning a `Refusal` that names the reason when the head must wait, or None when it
+  passes (what the mass-revoke gate counts is defined once, in `reconciler.core.gate`,
+  which the CI plan asks too);
 * the Flux-style conditions a cycle leaves behind (`cycle_conditions`, `merge_conditions`),
   with `lastTransitionTime` moving only when a condition's status flips;
 * the history of the last syncs (`add_history`), aggregated like Flux's: a sync that repeats
@@ -34,6 +34,7 @@ from reconciler.agent.conditions import (
     MASS_REVOKE_BLOCKED,
     NO_DRIFT,
     NOT_CHECKED,
+    POLICY_TESTS_FAILED,
     PROGRESSING,
     PROGRESSING_WITH_RETRY,
     READY,
@@ -167,6 +168,43 @@ def validation_verdict(findings: Sequence[Finding]) -> Refusal | None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyTestReport:
+    """What a head's PolicyTest cases said, under the `policy-tests` mode they were run in:
+    how many ran, and each failure as a finding at its test's file:line."""
+
+    mode: str
+    tests: int
+    failures: tuple[Finding, ...] = ()
+
+    @property
+    def passed(self) -> int:
+        return self.tests - len(self.failures)
+
+    def to_log(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "tests": self.tests,
+            "failed": len(self.failures),
+            "failures": [str(f) for f in self.failures[:20]],
+        }
+
+
+def policy_test_verdict(report: PolicyTestReport | None) -> Refusal | None:
+    """With `policy-tests: enforce`, a head with a failing case is refused like an invalid
+    one (its failures are the findings); `warn` and `off` never refuse."""
+    if report is None or report.mode != "enforce" or not report.failures:
+        return None
+    failed = len(report.failures)
+    more = f" (and {failed - 1} more)" if failed > 1 else ""
+    return Refusal(
+        POLICY_TESTS_FAILED,
+        f"{failed} of {report.tests} policy test{'s' * (report.tests != 1)} "
+        f"fail{'s' * (failed == 1)}: {report.failures[0]}{more}",
+        report.failures,
+    )
+
+
 def revoke_verdict(count: RevokeCount, settings: GateSettings, override: bool) -> Refusal | None:
     """A plan the mass-revoke gate holds back (`reconciler.core.gate.judge`) waits, unless
     the head commit carries the override trailer."""
@@ -199,6 +237,8 @@ class CycleView:
     drift_repaired: bool = True
     heal_drift: bool = True
     """False in report-only mode (`--no-heal-drift`): drift is reported, never repaired."""
+    hold: Problem | None = None
+    """Why a valid head waits for its turn (`reconciler.agent.rollout`): Ready stays True."""
 
 
 def cycle_conditions(view: CycleView) -> list[tuple[str, str, str, str]]:
@@ -220,6 +260,8 @@ def cycle_conditions(view: CycleView) -> list[tuple[str, str, str, str]]:
         ready = (FALSE, INVENTORY_INVALID, view.inventory_error + " (last good one kept)")
     elif view.waiting_for is not None:
         ready = (FALSE, PROGRESSING, view.waiting_for)
+    elif view.hold is not None:  # healthy on the applied revision; the head waits its turn
+        ready = (TRUE, view.hold.reason, view.hold.message + keeping)
     else:
         ready = (TRUE, RECONCILIATION_SUCCEEDED, f"Applied revision: {applied}")
         if view.inventory_rejected:
@@ -236,6 +278,8 @@ def cycle_conditions(view: CycleView) -> list[tuple[str, str, str, str]]:
         out[RECONCILING] = (TRUE, PROGRESSING_WITH_RETRY, ready[2])
     elif view.waiting_for is not None:
         out[RECONCILING] = (TRUE, PROGRESSING, view.waiting_for)
+    elif view.hold is not None:
+        out[RECONCILING] = (TRUE, view.hold.reason, view.hold.message)
     else:
         out[RECONCILING] = (FALSE, ready[1], "")
     if stalled:

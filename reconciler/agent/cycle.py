@@ -30,14 +30,18 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from reconciler.agent.conditions import (
     ENFORCEMENT_FAILED,
     MALFORMED_COMMIT,
+    MASS_REVOKE_BLOCKED,
     PLAN_REFUSED,
     READY,
+    ROLLOUT_PAUSED,
+    SOURCE_CHANGED,
     TRUE,
     UNDERLAY_UNKNOWN,
 )
 from reconciler.agent.config import AgentConfig
 from reconciler.agent.core import (
     CycleView,
+    PolicyTestReport,
     Problem,
     Refusal,
     add_history,
@@ -46,16 +50,20 @@ from reconciler.agent.core import (
     container_changes,
     cycle_conditions,
     merge_conditions,
+    policy_test_verdict,
     revoke_verdict,
     signature_verdict,
     validation_verdict,
 )
+from reconciler.agent.rollout import FleetReports, Soaking, rollout_hold, unpaused
 from reconciler.agent.source import CommitInfo
+from reconciler.agent.sourceid import SourceChange, SourceRef, moved
 from reconciler.agent.state import DRIFT_LOG_LIMIT, AgentState, Applied, Head
 from reconciler.agent.verify import SignatureCheck, trailer_true
 from reconciler.core.cellplan import CellPlan, CellSettings, PlanError
 from reconciler.core.gate import revoke_count
 from reconciler.core.model import Container, PolicySet
+from reconciler.core.policytest import CaseResult, failure_finding, run_tests
 from reconciler.policy.findings import Finding
 from reconciler.policy.validate import Result
 from reconciler.sources.cellstore import StoreReading
@@ -71,6 +79,9 @@ INVENTORY: Final = "inventory"
 
 Compile = Callable[[PolicySet, tuple[Container, ...], CellSettings], CellPlan]
 """compile_cell for this cell (raises PlanError): pure, so a memo of it changes nothing."""
+
+RunTests = Callable[[PolicySet], tuple[CaseResult, ...]]
+"""run_tests (`asgctl test`'s): pure too; the agent runs it once per head, never on `off`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +171,50 @@ def repo_path(finding: Finding, policies_path: str) -> Finding:
     return replace(finding, file=f"{prefix}/{finding.file}")
 
 
+def policy_tests(
+    policy: PolicySet, cfg: AgentConfig, run: RunTests
+) -> PolicyTestReport | Refusal | None:
+    """The head's PolicyTests under `cfg.policy_tests` (None: `off`, not run), failures named
+    by repository path; a Refusal when a case's plan cannot be built (PlanRefused)."""
+    if cfg.policy_tests == "off":
+        return None
+    try:
+        results = run(policy)
+    except PlanError as exc:  # two contents under one name: the head's plan cannot be built
+        return Refusal(PLAN_REFUSED, str(exc))
+    failures = tuple(
+        repo_path(failure_finding(r), cfg.policies_path) for r in results if not r.passed
+    )
+    return PolicyTestReport(cfg.policy_tests, len(results), failures)
+
+
+def current_source(cfg: AgentConfig) -> SourceRef:
+    """The configured source, as the state records where a revision came from."""
+    return SourceRef.of(cfg.source, cfg.branch)
+
+
+def unknown_baseline_verdict(
+    applied: Applied | None, cfg: AgentConfig, message: str
+) -> Refusal | None:
+    """A head from a new source while the revision the cell enforces, from the old one,
+    cannot be read (neither cache holds it): what the head takes away cannot be measured,
+    so it waits for the mass-revoke trailer, as a mass revoke would.  A source change is
+    never a way around the gate."""
+    if applied is None or applied.policy is not None:
+        return None
+    if not moved(applied.source, current_source(cfg)):
+        return None
+    if trailer_true(message, cfg.mass_revoke_trailer):
+        return None
+    old = applied.source.url if applied.source is not None else "the previous source"
+    return Refusal(
+        MASS_REVOKE_BLOCKED,
+        f"the revision the cell enforces ({applied.sha[:12]}, from {old}) cannot be read "
+        "to measure what this head of the new source takes away; not applied without the "
+        f"commit trailer '{cfg.mass_revoke_trailer}: true'",
+    )
+
+
 def judge_head(
     facts: HeadFacts,
     *,
@@ -168,12 +223,15 @@ def judge_head(
     settings: CellSettings,
     cfg: AgentConfig,
     compile: Compile,
+    tests: RunTests = run_tests,
 ) -> Head:
     """Put a new head through every gate, in order; the first that fails decides.
 
-    Malformed commit, signature, ancestry, validation, then -- against the applied revision
-    over the current inventory -- a plan that cannot be built and the mass-revoke gate.
-    ValueError when `facts` stop short of what `next_need` asks for (a bug, not an input).
+    Malformed commit, signature, ancestry, validation, its PolicyTests (`policy-tests`:
+    refused on a failure with `enforce`, reported with `warn`), then -- against the applied
+    revision over the current inventory -- a plan that cannot be built and the mass-revoke
+    gate.  ValueError when `facts` stop short of what `next_need` asks for (a bug, not an
+    input).
     """
     sha = facts.sha
     if facts.malformed is not None:
@@ -201,17 +259,27 @@ def judge_head(
     verdict = validation_verdict(findings)
     if verdict is not None:
         return Head(sha, subject, check, verdict)
+    report = policy_tests(revision.policy, cfg, tests)
+    if isinstance(report, Refusal):
+        return Head(sha, subject, check, report)
+    verdict = policy_test_verdict(report)
+    if verdict is not None:
+        return Head(sha, subject, check, verdict, tests=report)
+    verdict = unknown_baseline_verdict(applied, cfg, commit.message)
+    if verdict is not None:
+        return Head(sha, subject, check, verdict, tests=report)
     if applied is not None and applied.policy is not None and inventory is not None:
         old = compile(applied.policy, inventory, settings)
         try:
             new = compile(revision.policy, inventory, settings)
         except PlanError as exc:  # two contents under one name: apply neither
-            return Head(sha, subject, check, Refusal(PLAN_REFUSED, str(exc)))
+            return Head(sha, subject, check, Refusal(PLAN_REFUSED, str(exc)), tests=report)
         override = trailer_true(commit.message, cfg.mass_revoke_trailer)
         verdict = revoke_verdict(revoke_count(old, new), cfg.gate, override)
         if verdict is not None:
-            return Head(sha, subject, check, verdict)
-    return Head(sha, subject, check, None, revision.policy)
+            return Head(sha, subject, check, verdict, tests=report)
+    emergency = trailer_true(commit.message, cfg.emergency_trailer)
+    return Head(sha, subject, check, None, revision.policy, tests=report, emergency=emergency)
 
 
 # -- the observation and the decision ------------------------------------------------------
@@ -236,6 +304,13 @@ class Observation:
     """This sync's fetch (or reading of the new head) failed; None on an inventory cycle."""
     head: HeadFacts | None = None
     """A fetched head other than the last one judged."""
+    pinned: HeadFacts | None = None
+    """The revision the head pins the fleet to (`pinned_sha`), read like a head when it is
+    not the one judged last."""
+    fleet: FleetReports | None = None
+    """The other cells' status branches, read on a sync when the head's waves need them."""
+    at: float = 0.0
+    """`now` in seconds since the epoch (this agent's clock: soaks and change windows)."""
 
 
 @dataclass(frozen=True)
@@ -276,6 +351,8 @@ class Decision:
     """Why the target is not converged this cycle (UnderlayUnknown, PlanRefused)."""
     converge: Converge | None = None
     logs: tuple[Log, ...] = ()
+    hold: Problem | None = None
+    """Why an accepted head is not applied this cycle (`reconciler.agent.rollout`)."""
 
 
 def inventory_unchanged(prev: AgentState, reading: StoreReading | None, error: str | None) -> bool:
@@ -311,6 +388,57 @@ def take_inventory(prev: AgentState, obs: Observation, cell: str) -> tuple[Agent
     return replace(st, inventory_error=None, inventory_rejected=reading.rejected), logs
 
 
+def note_source(st: AgentState, cfg: AgentConfig, now: str) -> tuple[AgentState, Log | None]:
+    """The state with the configured source checked against the one the applied revision
+    came from, and a log line when it is newly seen to differ.
+
+    A state from before sources were kept takes the configured one (an upgrade is not a
+    move).  A new source is a fresh start: the last attempt (of the old source) is
+    forgotten, and its first head is judged without an ancestry check unless it holds the
+    applied commit -- but the applied revision stays, because the kernel still enforces it
+    and the mass-revoke gate measures the new head against it.  Going back to the source
+    the applied revision came from, before the new one was ever applied, is a change too.
+    """
+    current = current_source(cfg)
+    a = st.applied
+    if a is not None and a.source is None:
+        a = replace(a, source=current)
+        st = replace(st, applied=a)
+    last = st.source_change
+    if last is not None and last.new == current:
+        return st, None
+    if last is not None:
+        old: SourceRef = last.new
+    elif a is not None and a.source is not None and a.source != current:
+        old = a.source
+    else:
+        return st, None
+    change = SourceChange(old, current, now, a.sha if a is not None else "")
+    pending = a is not None and moved(a.source, current)
+    message = (
+        f"the configured source is {current.url} ({current.branch}), was {old.url} "
+        f"({old.branch}): "
+        + (
+            f"still enforcing {cfg.revision(a.sha)} from the old source; the new source's "
+            "first head is judged against it (mass revoke), not as a rewind"
+            if pending and a is not None
+            else "the revision enforced already comes from the configured source"
+        )
+    )
+    log = Log(
+        {
+            "event": "source-changed",
+            "cell": cfg.cell,
+            "reason": SOURCE_CHANGED,
+            "from": old.to_dict(),
+            "to": current.to_dict(),
+            "enforced": cfg.revision(a.sha) if a is not None else "",
+            "message": message,
+        }
+    )
+    return replace(st, source_change=change, attempted=None, head=None), log
+
+
 def choose_target(head: Head | None, applied: Applied | None) -> Target | None:
     """An accepted head, else the revision applied before (once its policy is loaded)."""
     if head is not None and head.verdict is None and head.policy is not None:
@@ -320,10 +448,76 @@ def choose_target(head: Head | None, applied: Applied | None) -> Target | None:
     return None
 
 
-def decide(prev: AgentState, obs: Observation, cfg: AgentConfig, compile: Compile) -> Decision:
-    """The cycle's decision: a pure function of the observation, the state and the config."""
+def pinned_sha(head: Head | None, applied: Applied | None) -> str | None:
+    """The revision an accepted head's Rollout pins the fleet to (`pause: {revision: X}`),
+    when this cell must move to it: it is neither the head nor the revision enforced."""
+    if head is None or head.verdict is not None or head.policy is None:
+        return None
+    rollout = head.policy.rollout
+    if rollout is None or rollout.pinned is None or rollout.pinned == head.sha:
+        return None
+    if applied is not None and applied.sha == rollout.pinned:
+        return None  # there already: the head's pause holds it there
+    return rollout.pinned
+
+
+def held_back(
+    head: Head | None,
+    st: AgentState,
+    obs: Observation,
+    cfg: AgentConfig,
+    pin: str | None = None,
+) -> tuple[Problem | None, Soaking]:
+    """Why an accepted head (or, with `pin`, the pinned revision judged like one) waits for
+    its turn (the Rollouts of the applied revision and of the candidate:
+    `reconciler.agent.rollout`), and the soak seen so far.  A cell with nothing applied
+    takes the candidate at once: holding it back would leave its containers with no rules
+    of ours at all, which is no safer.  A pinned revision is not held by its own pause (the
+    head's pin is the word), but by the waves and windows like any other."""
+    applied = st.applied
+    if pin is not None:
+        pinned_to = f"rollouts are pinned to {cfg.revision(pin)}"
+        if head is None:
+            why = f"{pinned_to}, which is not in the history fetched"
+            return Problem(ROLLOUT_PAUSED, why), st.soaking
+        if head.verdict is not None:
+            refused = head.verdict
+            why = f"{pinned_to}, which this cell refuses ({refused.reason}: {refused.message})"
+            return Problem(ROLLOUT_PAUSED, why), st.soaking
+    if head is None or head.verdict is not None or head.policy is None:
+        return None, st.soaking
+    if applied is None or applied.sha == head.sha:
+        return None, Soaking()  # nothing pending: nothing to soak
+    if obs.trigger != SYNC:  # reads no status branch: the last sync's verdict stands
+        return st.hold, st.soaking
+    return rollout_hold(
+        cell=cfg.cell,
+        head_sha=head.sha,
+        revision=cfg.revision(head.sha),
+        applied=applied.policy.rollout if applied.policy is not None else None,
+        head=unpaused(head.policy.rollout) if pin is not None else head.policy.rollout,
+        fleet=obs.fleet,
+        soaking=st.soaking,
+        now=obs.at,
+        emergency=head.emergency,
+        trailer=cfg.emergency_trailer,
+    )
+
+
+def decide(
+    prev: AgentState,
+    obs: Observation,
+    cfg: AgentConfig,
+    compile: Compile,
+    tests: RunTests = run_tests,
+) -> Decision:
+    """The cycle's decision: a pure function of the observation, the state and the config.
+
+    A head is judged (and its PolicyTests run through `tests`) only in the cycle that
+    fetched it; later cycles keep the verdict."""
     st, logs = take_inventory(prev, obs, cfg.cell)
-    st = replace(st, applied=obs.applied)
+    st, changed = note_source(replace(st, applied=obs.applied), cfg, obs.now)
+    logs.extend([changed] if changed is not None else [])
     head, attempted = st.head, st.attempted
     if obs.head is not None:
         head = judge_head(
@@ -333,14 +527,41 @@ def decide(prev: AgentState, obs: Observation, cfg: AgentConfig, compile: Compil
             settings=obs.settings,
             cfg=cfg,
             compile=compile,
+            tests=tests,
         )
         attempted = obs.head.sha
+        if head.tests is not None and head.tests.failures:
+            logs.append(
+                Log(
+                    {
+                        "event": "policy-tests-failed",
+                        "cell": cfg.cell,
+                        "revision": cfg.revision(head.sha),
+                        **head.tests.to_log(),
+                    }
+                )
+            )
     # An inventory cycle does not fetch: the last sync's verdict on the source stands.
     source_error = obs.source_error if obs.trigger == SYNC else st.source_error
     st = replace(st, head=head, attempted=attempted, source_error=source_error)
-    made = Decision(obs.trigger, obs.now, st, logs=tuple(logs))
+    pin = pinned_sha(head, st.applied)
+    pinned = st.pinned if st.pinned is not None and st.pinned.sha == pin else None
+    if pin is not None and obs.pinned is not None and obs.pinned.sha == pin:
+        pinned = judge_head(
+            obs.pinned,
+            applied=obs.applied,
+            inventory=st.inventory,
+            settings=obs.settings,
+            cfg=cfg,
+            compile=compile,
+            tests=tests,
+        )
+    candidate = head if pin is None else pinned
+    hold, soaking = held_back(candidate, replace(st, pinned=pinned), obs, cfg, pin)
+    st = replace(st, pinned=pinned, hold=hold, soaking=soaking)
+    made = Decision(obs.trigger, obs.now, st, logs=tuple(logs), hold=hold)
 
-    target = choose_target(head, st.applied)
+    target = choose_target(None if hold is not None else candidate, st.applied)
     if target is None:
         why = "" if source_error is None else f" ({source_error.reason})"
         return replace(made, waiting=f"no revision applied yet{why}")
@@ -490,6 +711,8 @@ def settle(
                         directory=target.policy.directory,
                     )
                 )
+            head = st.head
+            from_head = head is not None and head.verdict is None and head.sha == target.sha
             applied = Applied(
                 target.sha,
                 plan.digest(),
@@ -497,6 +720,8 @@ def settle(
                 inventory,
                 target.policy,
                 plan,
+                # A head is the configured source's; the old revision again, its own source's.
+                current_source(cfg) if from_head or applied is None else applied.source,
             )
         else:
             errors = [f"ipv{f.family}: {f.error}" for f in done.families if f.error]
@@ -517,6 +742,7 @@ def settle(
         drift=drift_notes,
         drift_repaired=drift_repaired,
         heal_drift=cfg.heal_drift,
+        hold=st.hold,
     )
     conditions = merge_conditions(st.conditions, cycle_conditions(view), now)
     ready = condition(conditions, READY)

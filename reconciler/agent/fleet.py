@@ -15,11 +15,7 @@ so a status branch cannot move the cursor, clear the screen or forge table rows.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
-import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +25,8 @@ from reconciler.agent.source import clip
 from reconciler.escape import visible
 from reconciler.sources.cellstore import InventoryError
 from reconciler.sources.gitio import run_git
-from reconciler.status.branch import FETCHED_PREFIX, STATUS_PREFIX, blob_spec, fetch_refspec
 from reconciler.status.document import parse_status, summarize
-from reconciler.status.read import read_status_blobs
-
-_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+from reconciler.status.fetch import SHA, FetchError, fetched_status
 
 
 class FleetError(Exception):
@@ -86,55 +79,26 @@ def _git(git_dir: Path, *args: str, timeout: float = 120.0) -> str:
     return run_git(git_dir, *args, timeout=timeout, error=FleetError)
 
 
-@contextlib.contextmanager
-def _repo(cache: str | None) -> Iterator[Path]:
-    if cache:
-        path = Path(cache)
-        if not (path / "HEAD").exists():
-            path.mkdir(parents=True, exist_ok=True)
-            _git(path, "init", "--quiet", "--bare")
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="asgctl-status-") as tmp:
-        path = Path(tmp)
-        _git(path, "init", "--quiet", "--bare")
-        yield path
-
-
 def _sha_of(revision: str) -> str:
     """`main@sha1:<sha>` -> `<sha>`; "" unless that is a full hex object name (the value
     comes from a status file and reaches git's command line)."""
     sha = revision.rsplit("sha1:", 1)[-1] if "sha1:" in revision else ""
-    return sha if _SHA.match(sha) else ""
+    return sha if SHA.match(sha) else ""
 
 
 def read_fleet(url: str, branch: str = "main", cache: str | None = None) -> Fleet:
     """Every cell's status on the remote `url` (see the module docstring)."""
-    with _repo(cache) as repo:
-        prefix = f"refs/heads/{STATUS_PREFIX}"
-        listing = _git(repo, "ls-remote", "--", url, f"{prefix}*", f"refs/heads/{branch}")
-        pairs = (line.split("\t", 1) for line in listing.splitlines() if "\t" in line)
-        refs = {ref: sha for sha, ref in pairs}
-        if not any(r.startswith(prefix) for r in refs):
-            return Fleet(redact_url(url), branch, "", ())
-        specs = [fetch_refspec()]
-        if f"refs/heads/{branch}" in refs:
-            specs.append(f"+refs/heads/{branch}:refs/remotes/origin/{branch}")
-        _git(repo, "fetch", "--quiet", "--no-tags", "--prune", "--", url, *specs)
-        head = refs.get(f"refs/heads/{branch}", "")
-        if not _SHA.match(head):
-            head = ""
-        cells = sorted(r[len(prefix) :] for r in refs if r.startswith(prefix))
-        specs = [blob_spec(f"{FETCHED_PREFIX}{cell}") for cell in cells]
-        try:
-            blobs = read_status_blobs(str(repo), specs)
-        except InventoryError as exc:
-            raise FleetError(str(exc)) from None
-        rows = [
-            _row(repo, cell, spec, data, head)
-            for cell, spec, data in zip(cells, specs, blobs, strict=True)
-        ]
-        return Fleet(redact_url(url), branch, head, tuple(rows))
+    try:
+        with fetched_status(url, branch, cache) as got:
+            if not got.cells:
+                return Fleet(redact_url(url), branch, "", ())
+            rows = [
+                _row(got.repo, cell, spec, data, got.head)
+                for cell, spec, data in zip(got.cells, got.specs, got.blobs, strict=True)
+            ]
+            return Fleet(redact_url(url), branch, got.head, tuple(rows))
+    except FetchError as exc:
+        raise FleetError(str(exc)) from None
 
 
 def _row(repo: Path, cell: str, origin: str, data: bytes | InventoryError, head: str) -> CellRow:

@@ -26,6 +26,7 @@ import json
 import os
 import queue
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -57,6 +58,7 @@ from reconciler.agent.cycle import (
     Outcome,
     Provenance,
     Trigger,
+    current_source,
     decide,
     inventory_unchanged,
     next_need,
@@ -64,14 +66,19 @@ from reconciler.agent.cycle import (
     settle,
 )
 from reconciler.agent.metrics import Metrics, MetricsServer, write_textfile
+from reconciler.agent.peers import PeerReader
+from reconciler.agent.rollout import FleetReports, wants_fleet
 from reconciler.agent.source import GitSource, MalformedCommit, SourceError, clip
-from reconciler.agent.state import AgentState, Applied, load_state, save_state
+from reconciler.agent.sourceid import moved
+from reconciler.agent.state import AgentState, Applied, Head, load_state, save_state
 from reconciler.agent.status import PushResult, StatusPusher, build_status, iso
 from reconciler.agent.verify import SignatureVerifier
 from reconciler.agent.watch import InventoryWatcher
+from reconciler.agent.webhook import WebhookServer, serve
 from reconciler.core.cellplan import CellPlan, CellSettings
 from reconciler.core.compile import compile_cell
 from reconciler.core.model import Container, PolicySet
+from reconciler.core.policytest import CaseResult, run_tests
 from reconciler.policy.load import load_revision
 from reconciler.sources.cellstore import InventoryError, StoreReading, load_store
 from reconciler.status.write import StatusWriter
@@ -124,12 +131,14 @@ class Agent:
         self.state_dir = Path(cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = self.state_dir / "state.json"
+        self.source_ref = current_source(cfg)
         self.source = GitSource(
             cfg.source,
             cfg.branch,
             self.state_dir / "cache.git",
             depth=cfg.fetch_depth,
             timeout=cfg.git_timeout,
+            identity=self.source_ref.cache_id,
         )
         self.verifier = (
             SignatureVerifier(
@@ -138,15 +147,23 @@ class Agent:
             if cfg.verify == "signed"
             else None
         )
+        self.peers = PeerReader(
+            cfg.source,
+            cfg.status_branch_prefix,
+            self.state_dir / "peers.git",
+            timeout=cfg.git_timeout,
+        )
         self.metrics = Metrics(cfg.cell)
         self.events: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.state = load_state(self.state_file)
+        self.applied_cache = self._keep_applied_cache()
         self._backend = backend
         self._backend_owned = backend is None
         self._settings: CellSettings | None = None
         self._cycles = 0
         self._crashes = 0
         self._compiled: tuple[PolicySet, tuple[Container, ...], CellPlan] | None = None
+        self._tested: tuple[PolicySet, tuple[CaseResult, ...]] | None = None
         self._compile_seconds = 0.0  # this cycle's, for its render phase
         self._settings_seconds = 0.0
         self.pusher: StatusPusher | None = None
@@ -164,8 +181,40 @@ class Agent:
             )
         self.watcher: InventoryWatcher | None = None
         self.metrics_server: MetricsServer | None = None
+        self.webhook: WebhookServer | None = None
         self.last_doc: dict[str, Any] | None = None
         self._stopping = threading.Event()
+
+    # -- edges: the applied revision's source ---
+
+    @property
+    def _applied_cache_path(self) -> Path:
+        return self.state_dir / "cache-applied.git"
+
+    def _keep_applied_cache(self) -> GitSource | None:
+        """When the applied revision came from another source than the configured one, keep
+        that source's cache aside (never fetched into) to read the applied revision from:
+        the mass-revoke gate measures the new source's first head against it.  Otherwise
+        there is no such cache (one left from a finished move is removed)."""
+        kept = self._applied_cache_path
+        applied = self.state.applied
+        old = applied.source if applied is not None else None
+        if old is None or not moved(old, self.source_ref):
+            shutil.rmtree(kept, ignore_errors=True)
+            return None
+        if not kept.exists() and self.source.cached_identity() in (old.cache_id, None):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.source.path, kept)
+        return GitSource(old.url, old.branch, kept, timeout=self.cfg.git_timeout)
+
+    def _drop_applied_cache(self, st: AgentState) -> None:
+        """Once a revision of the configured source is applied (and saved), the old
+        source's cache has served its purpose."""
+        if self.applied_cache is None or st.applied is None:
+            return
+        if not moved(st.applied.source, self.source_ref):
+            self.applied_cache = None
+            shutil.rmtree(self._applied_cache_path, ignore_errors=True)
 
     # -- edges: inventory, backend, logs --------------------------------------------------------
 
@@ -249,15 +298,32 @@ class Agent:
         self._compiled = (policy, inventory, plan)
         return plan
 
+    def _run_tests(self, policy: PolicySet) -> tuple[CaseResult, ...]:
+        """The PolicyTests of `policy`, remembered for the last policy (one slot, like the
+        plan): a head is tested once, whatever asks again for the same revision."""
+        memo = self._tested
+        if memo is not None and memo[0] is policy:
+            return memo[1]
+        results = run_tests(policy)
+        self._tested = (policy, results)
+        return results
+
     # -- observe -------------------------------------------------------------------------------
 
     def _restore_applied(self, a: Applied | None, settings: CellSettings) -> Applied | None:
-        """After a restart, load the applied revision's policy again (from the cache only),
-        compiled with the cell's settings as found, so that an unchanged plan is recognised
-        by its digest as the last one applied."""
-        if a is None or a.policy is not None or not self.source.has_commit(a.sha):
+        """After a restart, load the applied revision's policy again (from the caches only:
+        the kept one of the source it came from, when that is not the configured one, else
+        the fetch cache), compiled with the cell's settings as found, so that an unchanged
+        plan is recognised by its digest as the last one applied."""
+        if a is None or a.policy is not None:
             return a
-        result = load_revision(self.source.path, a.sha, self.cfg.policies_path)
+        cache = next(
+            (c for c in (self.applied_cache, self.source) if c is not None and c.has_commit(a.sha)),
+            None,
+        )
+        if cache is None:
+            return a
+        result = load_revision(cache.path, a.sha, self.cfg.policies_path)
         if not result.ok:
             return a
         return restored_applied(
@@ -265,20 +331,28 @@ class Agent:
         )
 
     def _head_facts(
-        self, sha: str, applied_sha: str | None, timings: dict[str, float]
+        self, sha: str, applied_sha: str | None, new_source: bool, timings: dict[str, float]
     ) -> HeadFacts:
-        """Read what the gates need about a new head, one fact at a time (`next_need`)."""
+        """Read what the gates need about a new head, one fact at a time (`next_need`).
+
+        `new_source`: the applied revision came from another source than the one fetched."""
         facts = HeadFacts(sha)
         while (need := next_need(facts, applied_sha, self.cfg.allow_rewind)) is not None:
             t = time.perf_counter()
-            facts = self._gather(need, facts, applied_sha)
+            facts = self._gather(need, facts, applied_sha, new_source)
             phase = _PHASE_OF_NEED.get(need)
             if phase is not None:
                 timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t
         return facts
 
-    def _gather(self, need: Need, facts: HeadFacts, applied_sha: str | None) -> HeadFacts:
-        """One fact about a head, from the cache (SourceError when the cache cannot tell)."""
+    def _gather(
+        self, need: Need, facts: HeadFacts, applied_sha: str | None, new_source: bool = False
+    ) -> HeadFacts:
+        """One fact about a head, from the cache (SourceError when the cache cannot tell).
+
+        On a new source, a head has no history to protect when the source does not hold the
+        applied commit at all (another repository): a fresh start.  When it does (the same
+        repository moved, a mirror), the head must descend from it as always."""
         sha = facts.sha
         if need is Need.COMMIT:
             try:
@@ -291,7 +365,12 @@ class Agent:
             if self.verifier is not None:
                 check = self.verifier.verify(self.source.path, sha, facts.commit.signed)
             descends = None
-            if applied_sha is not None and applied_sha != sha:
+            # A new source without the applied commit: nothing to descend from (None).
+            if (
+                applied_sha is not None
+                and applied_sha != sha
+                and (not new_source or self.source.holds(applied_sha))
+            ):
                 descends = self.source.is_ancestor(applied_sha, sha)
             return replace(facts, provenance=Provenance(check, descends))
         if need is Need.REVISION:
@@ -302,6 +381,51 @@ class Agent:
             raise SourceError(CACHE_CORRUPT, "the cache failed `git fsck`; fetching anew")
         return replace(facts, cache_intact=True)
 
+    def _pending(self, sha: str, facts: HeadFacts | None, judged: Head | None) -> PolicySet | None:
+        """The policy of a candidate revision (the head, or the revision it pins) that may be
+        valid: as read this cycle, else as judged before."""
+        if facts is not None:
+            revision = facts.revision
+            return revision.policy if revision is not None and revision.ok else None
+        if judged is not None and judged.sha == sha and judged.verdict is None:
+            return judged.policy
+        return None
+
+    def _pinned(
+        self,
+        fetched: str,
+        policy: PolicySet | None,
+        applied: Applied | None,
+        timings: dict[str, float],
+    ) -> HeadFacts | None:
+        """The facts about the revision the head pins the fleet to, when the cell is not on it
+        and it was not judged before (SourceError when the cache cannot tell)."""
+        pin = policy.rollout.pinned if policy is not None and policy.rollout is not None else None
+        prev = self.state.pinned
+        if pin is None or pin == fetched or (applied is not None and applied.sha == pin):
+            return None
+        if prev is not None and prev.sha == pin:
+            return None
+        if not self.source.has_commit(pin):
+            self.source.is_ancestor(pin, fetched)  # a shallow cache fetches the history
+            if not self.source.has_commit(pin):
+                return None  # not on the branch: reported as such (`held_back`)
+        fresh = applied is not None and moved(applied.source, self.source_ref)
+        return self._head_facts(pin, applied.sha if applied else None, fresh, timings)
+
+    def _fleet(
+        self, fetched: str, candidates: list[PolicySet | None], applied: Applied | None
+    ) -> FleetReports | None:
+        """The other cells' reports, read only when a valid revision other than the applied
+        one is pending and a wave of its Rollout (or the applied one's) comes first."""
+        if applied is None or applied.sha == fetched:
+            return None
+        before = applied.policy.rollout if applied.policy is not None else None
+        for policy in candidates:
+            if policy is not None and wants_fleet(self.cfg.cell, before, policy.rollout):
+                return self.peers.read()
+        return None
+
     def _observe(
         self,
         trigger: Trigger,
@@ -309,6 +433,7 @@ class Agent:
         reading: StoreReading | None,
         inventory_error: str | None,
         timings: dict[str, float],
+        at: float = 0.0,
     ) -> Observation:
         """Everything the decision needs from the world: the fetch and the new head's facts
         (a sync only), the applied revision restored, the underlay."""
@@ -319,6 +444,8 @@ class Agent:
         applied = prev.applied
         source_error: Problem | None = None
         head: HeadFacts | None = None
+        fleet: FleetReports | None = None
+        pinned: HeadFacts | None = None
         if trigger == SYNC:
             t = time.perf_counter()
             try:
@@ -326,11 +453,18 @@ class Agent:
                 timings["fetch"] = time.perf_counter() - t
                 applied = self._restore_applied(applied, settings)
                 if prev.head is None or prev.head.sha != fetched.sha:
-                    head = self._head_facts(fetched.sha, applied.sha if applied else None, timings)
+                    fresh = applied is not None and moved(applied.source, self.source_ref)
+                    applied_sha = applied.sha if applied else None
+                    head = self._head_facts(fetched.sha, applied_sha, fresh, timings)
+                policy = self._pending(fetched.sha, head, prev.head)
+                pinned = self._pinned(fetched.sha, policy, applied, timings)
+                pin = policy.rollout.pinned if policy and policy.rollout else None
+                pinned_policy = self._pending(pin or "", pinned, prev.pinned)
+                fleet = self._fleet(fetched.sha, [policy, pinned_policy], applied)
             except SourceError as exc:
                 timings.setdefault("fetch", time.perf_counter() - t)
                 source_error = Problem(exc.reason, exc.message)
-                head = None
+                head, pinned, fleet = None, None, None
         return Observation(
             trigger=trigger,
             now=now,
@@ -341,6 +475,9 @@ class Agent:
             underlay_error=underlay_error,
             source_error=source_error,
             head=head,
+            pinned=pinned,
+            fleet=fleet,
+            at=at,
         )
 
     # -- enforce -------------------------------------------------------------------------------
@@ -365,7 +502,8 @@ class Agent:
 
     def cycle(self, trigger: Trigger = SYNC) -> AgentState:
         """Run one cycle (fetching only for `sync`) and return the new state."""
-        now = iso(self.clock())
+        at = self.clock()
+        now = iso(at)
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
         reading, inventory_error = self._read_inventory()
@@ -373,8 +511,8 @@ class Agent:
             return self.state  # a notification without a change (a touch, the same data)
 
         self._compile_seconds = 0.0
-        obs = self._observe(trigger, now, reading, inventory_error, timings)
-        decision = decide(self.state, obs, self.cfg, self._compile)
+        obs = self._observe(trigger, now, reading, inventory_error, timings, at)
+        decision = decide(self.state, obs, self.cfg, self._compile, self._run_tests)
         self._write_logs(decision.logs)
 
         done: ConvergeResult | Problem | None = None
@@ -414,6 +552,7 @@ class Agent:
         self._cycles += 1
         try:
             save_state(self.state_file, outcome.state)
+            self._drop_applied_cache(outcome.state)
         except OSError as exc:
             self._log(self.err, {"event": "state-not-saved", "error": str(exc)})
         if self._cycles % MAINTAIN_EVERY == 0:
@@ -520,8 +659,21 @@ class Agent:
             self.watcher.start()
             if self.pusher is not None:
                 self.pusher.start()
+            if cfg.listen_webhook:
+                self.webhook = serve(
+                    cfg.listen_webhook,
+                    cfg.webhook_secret_file,
+                    branch=cfg.branch,
+                    min_interval=cfg.webhook_min_interval,
+                    fire=lambda: self.events.put(SYNC),
+                    log=lambda record: self._log(self.err, record),
+                )
+                host, port = self.webhook.address
+                self._log(self.err, {"event": "webhook-listening", "address": f"{host}:{port}"})
 
     def stop_sidecars(self) -> None:
+        if self.webhook is not None:
+            self.webhook.stop()
         if self.watcher is not None:
             self.watcher.stop()
         if self.pusher is not None:

@@ -28,8 +28,9 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
+from reconciler.agent.httpserve import BackgroundServer
 from reconciler.atomicfile import atomic_write_text
 
 _HELP = {
@@ -133,7 +134,7 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-class MetricsServer:
+class MetricsServer(BackgroundServer):
     """`GET /metrics` on a local address, from a daemon thread."""
 
     def __init__(self, metrics: Metrics, host: str, port: int) -> None:
@@ -154,23 +155,7 @@ class MetricsServer:
             def log_message(self, *args: object) -> None:  # scrapes are not log lines
                 return
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="metrics", daemon=True
-        )
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(host, port, Handler, name="metrics", threaded=True)
 
 
 def write_textfile(path: str | os.PathLike[str], text: str) -> None:

@@ -11,7 +11,10 @@ since only a full history can prove a negative.
 Failures are classified into the reasons the status reports (`GitUnreachable`,
 `AuthenticationFailed`, `BranchNotFound`, `RepositoryNotFound`, `GitTimeout`, `CacheCorrupt`,
 `DiskFull`, `FetchFailed`; `gitio.classify`).  A corrupt cache is deleted and fetched again
-in the same call: it is a cache, the remote is the truth.  Every git command goes through
+in the same call: it is a cache, the remote is the truth.  A cache is tagged with the
+source it serves (`identity`, git config `asgctl.source`): one tagged for another source is
+never fetched into but replaced, so the objects of two repositories never mix (an untagged
+cache, from before the tag, is adopted).  Every git command goes through
 `reconciler.sources.gitio` (timeouts that kill the whole process group, no prompts, no operator
 config).
 """
@@ -29,6 +32,7 @@ from reconciler.sources import gitio
 from reconciler.sources.gitio import classify
 
 REMOTE_REF = "refs/remotes/origin/{branch}"
+IDENTITY_KEY = "asgctl.source"
 
 
 class SourceError(Exception):
@@ -143,8 +147,11 @@ class GitSource:
         *,
         depth: int = 1,
         timeout: float = 60.0,
+        identity: str | None = None,
     ) -> None:
         self.url = url
+        self.identity = identity
+        """The source this cache may hold (`SourceRef.cache_id`); None: not checked."""
         self.branch = branch
         self.path = Path(cache_dir)
         self.depth = depth
@@ -165,9 +172,17 @@ class GitSource:
         if self.path.exists():
             res = self._git("rev-parse", "--is-bare-repository")
             if res.returncode == 0 and res.stdout.strip() == "true":
-                self._ready = True
-                return
-            self.reset()
+                tag = self.cached_identity()
+                if self.identity is None or tag == self.identity:
+                    self._ready = True
+                    return
+                if tag is None:  # a cache from before the tag: the configured source's
+                    # Adopted even when the tag cannot be written (a full disk): it is
+                    # adopted again next time, and a cache is never deleted for that.
+                    self._git("config", IDENTITY_KEY, self.identity)
+                    self._ready = True
+                    return
+            self.reset()  # not a repository, or another source's objects: start clean
             self._recloned = True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for args in (
@@ -179,7 +194,23 @@ class GitSource:
             res = self._git(*args)
             if res.returncode != 0:
                 raise OSError(res.stderr.strip() or f"git {args[0]} failed")
+        self._tag()
         self._ready = True
+
+    def _tag(self) -> None:
+        if self.identity is not None:
+            res = self._git("config", IDENTITY_KEY, self.identity)
+            if res.returncode != 0:
+                raise OSError(res.stderr.strip() or "git config failed")
+
+    def cached_identity(self) -> str | None:
+        """The source the cache was made for (its tag), None when untagged or absent."""
+        if not self.path.exists():
+            return None
+        res = self._git("config", "--get", IDENTITY_KEY)
+        if res.returncode != 0:
+            return None
+        return res.stdout.strip() or None
 
     def reset(self) -> None:
         """Forget the cache entirely (it is corrupt); the next fetch starts from scratch."""
@@ -210,7 +241,33 @@ class GitSource:
         return res.stdout.strip() if res.returncode == 0 else None
 
     def has_commit(self, sha: str) -> bool:
+        if not self.path.exists():
+            return False
         return self._git("cat-file", "-e", f"{sha}^{{commit}}").returncode == 0
+
+    def holds(self, sha: str) -> bool:
+        """Is `sha` in the fetched branch's history?  Unshallows before saying no."""
+        if self.has_commit(sha):
+            return True
+        if self.shallow:
+            self._unshallow()
+            return self.has_commit(sha)
+        return False
+
+    def _unshallow(self) -> None:
+        res = self._git(
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-write-fetch-head",
+            "--no-auto-gc",
+            "--unshallow",
+            "--",
+            self.url,
+            f"+refs/heads/{self.branch}:{self.ref}",
+        )
+        if res.returncode != 0:
+            raise SourceError(classify(res.stderr), _git_message(res.stderr, self.url))
 
     @property
     def shallow(self) -> bool:
@@ -267,19 +324,7 @@ class GitSource:
                 if res.returncode != 1:
                     raise SourceError("CacheCorrupt", _git_message(res.stderr, self.url))
             if attempt == 0 and self.shallow:
-                res = self._git(
-                    "fetch",
-                    "--quiet",
-                    "--no-tags",
-                    "--no-write-fetch-head",
-                    "--no-auto-gc",
-                    "--unshallow",
-                    "--",
-                    self.url,
-                    f"+refs/heads/{self.branch}:{self.ref}",
-                )
-                if res.returncode != 0:
-                    raise SourceError(classify(res.stderr), _git_message(res.stderr, self.url))
+                self._unshallow()
                 continue
             return False
         return False

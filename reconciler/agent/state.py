@@ -4,20 +4,29 @@
 so a cycle that dies half-way (an exception, SIGKILL) leaves the last consistent state behind.
 The persisted subset (`state.json` in the state directory, written by rename) is what a
 restarted or `--once` agent needs to keep its promises: the applied revision (rewinds are
-measured against it), the inventory it was applied with (to tell the next change from drift
-and to log only real changes), the conditions' transition times, history and drift counts.
+measured against it) and the source it came from (`reconciler.agent.sourceid`: another
+source is a fresh start, not a rewind), the inventory it was applied with (to tell the next
+change from drift and to log only real changes), the last source change, the conditions'
+transition times, history and drift counts.
+
+The file is the agent's own, but it is read as untrusted all the same: whatever is damaged
+is dropped, and a damaged source entry reads as the configured source, so it can make the
+agent check ancestry, never skip the check.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler.agent.core import HistoryEntry, Problem, Refusal
+from reconciler.agent.core import HistoryEntry, PolicyTestReport, Problem, Refusal
+from reconciler.agent.rollout import Soaking
+from reconciler.agent.sourceid import SourceChange, SourceRef
 from reconciler.agent.verify import SignatureCheck
 from reconciler.atomicfile import atomic_write_text
 from reconciler.core.cellplan import CellPlan
@@ -31,6 +40,8 @@ from reconciler.sources.cellstore import (
 from reconciler.status.document import Condition
 
 STATE_VERSION = 1
+_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+"""An applied revision is a commit id; anything else in its place is not ours to pass to git."""
 DRIFT_LOG_LIMIT = 10
 
 
@@ -48,6 +59,9 @@ class Applied:
     inventory: tuple[Container, ...]
     policy: PolicySet | None = None
     plan: CellPlan | None = None
+    source: SourceRef | None = None
+    """The source (repository URL, branch) the revision was fetched from; None in a state
+    written before sources were kept, which is the configured one (an upgrade is not a move)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,12 @@ class Head:
     verdict: Refusal | None = None
     """Why it is not applied; None when it passed every gate."""
     policy: PolicySet | None = None
+    emergency: bool = False
+    """The commit carries the emergency trailer (`emergency-trailer: true`): change windows
+    do not hold it back (`reconciler.agent.rollout`)."""
+    tests: PolicyTestReport | None = None
+    """Its PolicyTests' outcome; None when they were not run (`policy-tests: off`, or a gate
+    before them refused the head)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +107,16 @@ class AgentState:
     foreign_chains: tuple[tuple[int, str], ...] = ()
     """(family, name) of the chains with our prefix that are not ours, as last logged (not
     saved: a restarted agent names them once again)."""
+    pinned: Head | None = None
+    """The revision the head's Rollout pins the fleet to, judged like a head, while the cell
+    is not on it yet (`pause: {revision: ...}`)."""
+    hold: Problem | None = None
+    """Why the accepted head is not applied yet (its Rollout's waves, pause or windows)."""
+    soaking: Soaking = field(default_factory=Soaking)
+    """Since when this agent has seen each earlier-wave cell Ready on the head (saved: a
+    `--once` agent measures a soak across runs)."""
+    source_change: SourceChange | None = None
+    """The last change of the configured source seen, for the status (saved)."""
 
 
 def to_persisted(state: AgentState) -> dict[str, Any]:
@@ -99,6 +129,7 @@ def to_persisted(state: AgentState) -> dict[str, Any]:
                 "digest": a.digest,
                 "at": a.at,
                 "store": store_document(a.inventory),
+                "source": a.source.to_dict() if a.source is not None else None,
             }
             if a is not None
             else None
@@ -110,6 +141,8 @@ def to_persisted(state: AgentState) -> dict[str, Any]:
         "driftLog": list(state.drift_log),
         "lastSuccess": state.last_success,
         "inventoryAt": state.inventory_at,
+        "rolloutSoaking": state.soaking.to_dict(),
+        "sourceChange": state.source_change.to_dict() if state.source_change else None,
     }
 
 
@@ -119,12 +152,18 @@ def from_persisted(data: Mapping[str, Any]) -> AgentState:
         return AgentState()
     applied = None
     a = data.get("applied")
-    if isinstance(a, dict) and isinstance(a.get("sha"), str):
+    if isinstance(a, dict) and isinstance(a.get("sha"), str) and _SHA.fullmatch(a["sha"]):
         try:
             inventory = parse_store_document(a.get("store") or {}, "state.json")
         except InventoryError:
             inventory = ()
-        applied = Applied(a["sha"], str(a.get("digest", "")), str(a.get("at", "")), inventory)
+        applied = Applied(
+            a["sha"],
+            str(a.get("digest", "")),
+            str(a.get("at", "")),
+            inventory,
+            source=SourceRef.from_dict(a.get("source")),
+        )
     return AgentState(
         applied=applied,
         # The inventory the kernel holds rules for is the last good one until the file is read.
@@ -136,6 +175,8 @@ def from_persisted(data: Mapping[str, Any]) -> AgentState:
         drift_corrections=int(data.get("driftCorrections") or 0),
         drift_log=tuple(data.get("driftLog") or ()),
         last_success=str(data.get("lastSuccess") or ""),
+        soaking=Soaking.from_dict(data.get("rolloutSoaking")),
+        source_change=SourceChange.from_dict(data.get("sourceChange")),
     )
 
 

@@ -25,12 +25,14 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reconciler.agent.conditions import SOURCE_CHANGED
 from reconciler.agent.core import backoff, container_grants
 from reconciler.agent.source import clip
+from reconciler.agent.sourceid import moved
 from reconciler.agent.state import AgentState
 from reconciler.core.cellplan import CellPlan
 from reconciler.status.document import API_VERSION, KIND
@@ -41,6 +43,16 @@ VOLATILE = ("reportedAt", "lastSyncTime", "lastSuccessTime", "timings")
 VOLATILE_HISTORY = ("lastReconciled", "totalReconciliations", "lastReconciledDuration")
 MAX_FINDINGS = 100
 """Findings of a refused revision listed in the status (the first, in order; then a count)."""
+
+
+def bounded(findings: Sequence[object]) -> list[str]:
+    """Findings for the status: the first MAX_FINDINGS, each cut to 500 characters, then a
+    count of the rest (a refused revision may carry thousands, and the status must stay
+    small)."""
+    out = [clip(str(f), 500) for f in findings[:MAX_FINDINGS]]
+    if len(findings) > MAX_FINDINGS:
+        out.append(f"... and {len(findings) - MAX_FINDINGS} more")
+    return out
 
 
 def container_entries(plan: CellPlan | None) -> list[dict[str, Any]]:
@@ -99,17 +111,34 @@ def build_status(
         "conditions": [c.to_dict() for c in state.conditions],
     }
     if head is not None and head.verdict is not None:
-        # Commit texts are cut and escaped where they are read (source.clip); a refused
-        # revision may still carry thousands of findings, and the status must stay small.
-        findings = [clip(str(f), 500) for f in head.verdict.findings[:MAX_FINDINGS]]
-        if len(head.verdict.findings) > MAX_FINDINGS:
-            findings.append(f"... and {len(head.verdict.findings) - MAX_FINDINGS} more")
+        # Commit texts are cut and escaped where they are read (source.clip).
         doc["refused"] = {
             "revision": revision(head.sha),
             "subject": head.subject,
             "reason": head.verdict.reason,
             "message": head.verdict.message,
-            "findings": findings,
+            "findings": bounded(head.verdict.findings),
+        }
+    if head is not None and head.tests is not None:
+        report = head.tests
+        doc["policyTests"] = {
+            "revision": revision(head.sha),
+            "mode": report.mode,
+            "tests": report.tests,
+            "passed": report.passed,
+            "failed": len(report.failures),
+            "failures": bounded(report.failures),
+        }
+    change = state.source_change
+    if change is not None:
+        doc["sourceChange"] = {
+            "reason": SOURCE_CHANGED,
+            "from": change.old.to_dict(),
+            "to": change.new.to_dict(),
+            "detectedAt": change.at,
+            "enforcedRevision": revision(change.revision) if change.revision else "",
+            # Until a revision of the new source is applied, the cell enforces the old one's.
+            "pending": applied is not None and moved(applied.source, change.new),
         }
     order = {phase: i for i, phase in enumerate(PHASES)}
     doc["timings"] = {

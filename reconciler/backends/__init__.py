@@ -20,6 +20,7 @@ from reconciler.backends.contract import (
     Observed,
     converge,
     installed_rules,
+    remove,
 )
 from reconciler.backends.errors import (
     ApplyError,
@@ -75,4 +76,5 @@ __all__ = [
     "converge",
     "installed_rules",
     "open_backend",
+    "remove",
 ]

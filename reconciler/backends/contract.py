@@ -430,6 +430,19 @@ def converge(
     return ConvergeResult(backend.name, mode, tuple(out))
 
 
+def remove(backend: Backend[D, O, X], *, mode: Mode = "apply") -> ConvergeResult:
+    """Take every chain, set and hook of ours out of the kernel, and nothing else.
+
+    The way back from asgctl to whatever enforced before it (CF's own chains, on a Diego
+    cell): converging to a plan with no containers leaves nothing of ours, and ownership is
+    judged exactly as in every other converge -- marker, recorded set, the previous release's
+    shape -- so the host's own chains, even ones named like ours, are never touched.  Stop
+    the agent first, or its next cycle puts the rules back.
+    """
+    nothing = CellPlan("uninstall", (), (), 0)
+    return converge(backend, nothing, None, mode=mode)
+
+
 def _one(
     backend: Backend[D, O, X],
     plan: CellPlan,

@@ -16,6 +16,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
 from reconciler.core import packetspace
+from reconciler.core.cron import Window
 
 if TYPE_CHECKING:  # gate imports nothing of the model at run time; only named here
     from reconciler.core.gate import GateSettings
@@ -344,6 +345,9 @@ class PolicySet:
     egress_policies: tuple[EgressPolicy, ...] = ()
     directory: Directory = field(default_factory=Directory)
     tests: tuple[PolicyTest, ...] = ()
+    rollout: Rollout | None = None
+    """The repository's one `kind: Rollout` document, if it has one (brakes, not policy: it
+    changes when a cell applies a revision, never what a plan allows)."""
 
     @cached_property
     def destination_by_name(self) -> dict[str, Destination]:
@@ -412,3 +416,47 @@ class CellInventory:
     gate: GateSettings | None = None
     """The mass-revoke gate settings the cell's agent reports (status branches); None when
     the inventory does not say, and the plan judges with its own."""
+
+
+HALT_CONDITIONS: tuple[str, ...] = ("NotReady",)
+"""What halts a rollout (`halt:`): a cell of an earlier wave not Ready on the revision.  The
+audit issue's flow records will add `DeniedFlowJump` (a jump in denied flows); until then the
+schema accepts only these, so a document cannot ask for a brake that does not exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class Wave:
+    """Cells (by name pattern, `fnmatch` globs) that take a new revision together, and how
+    long each of them must hold it Ready before the next wave may start."""
+
+    name: str
+    cells: tuple[str, ...]
+    soak: float
+    """Seconds."""
+    location: Location | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeWindow:
+    """A change window as written (`schedule`, `duration`, `kind`), with its parsed form."""
+
+    window: Window
+    description: str = ""
+    location: Location | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """How a new revision reaches the fleet: waves, halt conditions, a pause, change windows.
+
+    Cells that no wave names form an implicit last wave.  `pause` True holds every cell on
+    the revision it enforces; `pinned` names the one revision cells may apply while paused.
+    """
+
+    name: str
+    waves: tuple[Wave, ...] = ()
+    halt: tuple[str, ...] = HALT_CONDITIONS
+    pause: bool = False
+    pinned: str | None = None
+    windows: tuple[ChangeWindow, ...] = ()
+    location: Location | None = field(default=None, compare=False)

@@ -88,6 +88,19 @@ def run_tests(policy: PolicySet) -> tuple[CaseResult, ...]:
     return tuple(out)
 
 
+def failure_finding(result: CaseResult, prefix: str = "") -> Finding:
+    """A failed case as a finding at its test's file:line (`prefix`: the policy folder's
+    path in the repository), for GitHub annotations and the agent's status alike."""
+    r = result
+    loc = r.test.location or Location(r.test.name, 1)
+    return Finding.at(
+        Location(prefix + loc.file, loc.line, loc.col),
+        f"expected {r.test.expect}, got {r.got}: {r.subject} -> {r.endpoint}",
+        kind="PolicyTest",
+        name=r.test.name,
+    )
+
+
 def _where(result: CaseResult, prefix: str) -> str:
     loc = result.test.location
     return f"{prefix}{loc.file}:{loc.line}" if loc else result.test.name
@@ -131,18 +144,7 @@ def render_results(
         }
         return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
     if fmt == "github":
-        lines = []
-        for r in results:
-            if r.passed:
-                continue
-            loc = r.test.location or Location(r.test.name, 1)
-            finding = Finding.at(
-                Location(prefix + loc.file, loc.line, loc.col),
-                f"expected {r.test.expect}, got {r.got}: {r.subject} -> {r.endpoint}",
-                kind="PolicyTest",
-                name=r.test.name,
-            )
-            lines.append(finding.github())
+        lines = [failure_finding(r, prefix).github() for r in results if not r.passed]
         lines.append(_summary(total, passed, failed))
         return "\n".join(lines) + "\n"
     lines = []

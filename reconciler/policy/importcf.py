@@ -819,7 +819,14 @@ class _FlowMap(dict[str, Any]):
     """Marks a mapping to be written in flow style (`{protocol: tcp, ...}`)."""
 
 
-class _Dumper(yaml.SafeDumper):
+# libyaml's emitter when PyYAML has it (its wheels do): the same text as the pure-Python one
+# at a fifth of the cost, which is what lets `asgctl cf sync` write a 200,000-app Directory
+# in seconds.  The one difference: characters beyond U+FFFF (emoji) are written as \U escapes
+# in a double-quoted string instead of literally; both read back as the same string.
+_BaseDumper: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+class _Dumper(_BaseDumper):  # type: ignore[valid-type,misc]
     """SafeDumper that never writes `&id001` anchors: policy files are read by people."""
 
     def ignore_aliases(self, data: object) -> bool:

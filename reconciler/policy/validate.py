@@ -18,6 +18,7 @@ from typing import Any, Literal, cast
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
+from reconciler.core.cron import MAX_WINDOW_MINUTES, CronError, Window, parse_cron, parse_duration
 from reconciler.core.endpoint import parse_endpoint
 from reconciler.core.model import (
     App,
@@ -29,10 +30,13 @@ from reconciler.core.model import (
     PolicySet,
     PolicyTest,
     PortRange,
+    Rollout,
     Rule,
     SecurityGroup,
     Space,
+    Wave,
 )
+from reconciler.core.model import ChangeWindow as ChangeWindowModel
 from reconciler.policy import grammar
 from reconciler.policy.findings import Finding, field_path
 from reconciler.policy.yamlsafe import Document, FieldPath
@@ -46,6 +50,7 @@ SCHEMA_FILES = {
     "EgressPolicy": "egress-policy.schema.json",
     "Directory": "directory.schema.json",
     "PolicyTest": "policy-test.schema.json",
+    "Rollout": "rollout.schema.json",
 }
 KINDS = tuple(SCHEMA_FILES)
 _ALL_PORTS = (PortRange(1, 65535),)
@@ -176,12 +181,17 @@ def validate_documents(docs: Iterable[Document]) -> Result:
         _egress_policy(ctx, directory, known)
     for ctx in broken["PolicyTest"]:
         _policy_tests(ctx, directory)
+    rollouts = [r for c in by_kind["Rollout"] if (r := _rollout(c))]
+    for ctx in broken["Rollout"]:
+        _rollout(ctx)
+    _check_one_rollout(every["Rollout"])
     policy = PolicySet(
         security_groups=tuple(sorted(groups, key=lambda g: g.name)),
         destinations=tuple(sorted(destinations, key=lambda d: d.name)),
         egress_policies=tuple(sorted(policies, key=lambda p: p.name)),
         directory=directory,
         tests=tests,
+        rollout=rollouts[0] if len(rollouts) == 1 and len(every["Rollout"]) == 1 else None,
     )
     return Result(policy, tuple(sorted(set(findings))))
 
@@ -523,3 +533,74 @@ def _policy_tests(ctx: _Context, directory: Directory) -> list[PolicyTest]:
             )
         )
     return out
+
+
+def _check_one_rollout(contexts: list[_Context]) -> None:
+    """A repository says one thing about how its revisions roll out: two Rollout documents
+    would leave the cells to pick one, so every one after the first is an error naming both."""
+    if len(contexts) < 2:
+        return
+    ordered = sorted(contexts, key=lambda c: c.loc())
+    first = ordered[0].loc()
+    for ctx in ordered[1:]:
+        ctx.error(
+            ("kind",),
+            f"a repository has at most one Rollout: this one ({ctx.loc().short}) and the one "
+            f"at {first.short}",
+        )
+
+
+def _rollout(ctx: _Context) -> Rollout | None:
+    """The Rollout document's meaning: durations and schedules parsed, wave names unique."""
+    data = ctx.doc.data
+    ok = not ctx.unsound
+    waves: list[Wave] = []
+    names: dict[str, int] = {}
+    for i, raw in enumerate(data.get("waves", []) if ctx.sound(("waves",)) else ()):
+        path: FieldPath = ("waves", i)
+        if raw["name"] in names:
+            ctx.error(
+                (*path, "name"), f"wave {raw['name']!r} is already waves[{names[raw['name']]}]"
+            )
+            ok = False
+        names.setdefault(raw["name"], i)
+        soak = 0.0
+        try:
+            soak = parse_duration(raw.get("soak", 0))
+        except ValueError as exc:
+            ctx.error((*path, "soak"), str(exc))
+            ok = False
+        waves.append(Wave(raw["name"], tuple(raw["cells"]), soak, ctx.loc(path)))
+    windows: list[ChangeWindowModel] = []
+    for i, raw in enumerate(data.get("windows", []) if ctx.sound(("windows",)) else ()):
+        path = ("windows", i)
+        try:
+            cron = parse_cron(raw["schedule"])
+        except CronError as exc:
+            ctx.error((*path, "schedule"), str(exc))
+            ok = False
+            continue
+        try:
+            duration = parse_duration(raw["duration"])
+        except ValueError as exc:
+            ctx.error((*path, "duration"), str(exc))
+            ok = False
+            continue
+        if not 60 <= duration <= MAX_WINDOW_MINUTES * 60:
+            ctx.error((*path, "duration"), "a window lasts from 1m to 31 days")
+            ok = False
+            continue
+        window = Window(cron, duration, raw["kind"])
+        windows.append(ChangeWindowModel(window, raw.get("description", ""), ctx.loc(path)))
+    pause = data.get("pause", False) if ctx.sound(("pause",)) else False
+    if not ok:
+        return None
+    return Rollout(
+        name=data["name"],
+        waves=tuple(waves),
+        halt=tuple(dict.fromkeys(data.get("halt", ["NotReady"]))),
+        pause=pause is not False,
+        pinned=pause["revision"] if isinstance(pause, dict) else None,
+        windows=tuple(windows),
+        location=ctx.loc(),
+    )
