@@ -24,6 +24,7 @@ from reconciler.core.cellplan import CellPlan, CellSettings, PlanError
 from reconciler.core.compile import compile_cell
 from reconciler.core.endpoint import parse_endpoint
 from reconciler.core.explain import LIFECYCLES, explain, find_containers
+from reconciler.core.gate import GateSettings
 from reconciler.core.model import Container, PolicySet
 from reconciler.notify.command import notify_cmd
 from reconciler.policy.findings import render_findings
@@ -89,6 +90,23 @@ def _settings(agent_config: str | None, underlay: tuple[str, ...]) -> CellSettin
         return file_cell_settings(values, underlay)
     except ConfigError as exc:
         _fail(f"{agent_config}: {exc}" if agent_config else str(exc))
+        raise  # unreachable: _fail exits
+
+
+def _gate_settings(agent_config: str | None) -> GateSettings:
+    """The mass-revoke settings of `--agent-config` (defaults without one); bad values stop
+    the command before anything is computed."""
+    from reconciler.agent.config import ConfigError, file_gate_settings, load_file
+
+    try:
+        values = load_file(agent_config) if agent_config else {}  # its errors name the file
+    except ConfigError as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
+    try:
+        return file_gate_settings(values)
+    except ConfigError as exc:
+        _fail(f"{agent_config}: {exc}")
         raise  # unreachable: _fail exits
 
 
@@ -533,6 +551,14 @@ def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> N
     "it is called store.json (cells/cell-1/store.json -> cell-1), else its stem "
     "(cell-1.json -> cell-1).",
 )
+@click.option(
+    "--agent-config",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Judge the mass-revoke gate with this agent settings file's mass-revoke-threshold, "
+    "-min and -trailer, for cells whose status branch does not report them.  "
+    "[default: the agent's defaults]",
+)
 @format_option("text", "markdown", "json")
 @click.option(
     "--detailed-exitcode",
@@ -544,10 +570,12 @@ def plan_cmd(
     head: str,
     policies: str,
     inventory: tuple[str, ...],
+    agent_config: str | None,
     fmt: str,
     detailed_exitcode: bool,
 ) -> None:
-    """What a change does: who gains and loses access, and the iptables chains that change.
+    """What a change does: who gains and loses access, the iptables chains that change, and
+    the cells whose mass-revoke gate would refuse it (with the trailer that lets it through).
 
     Both revisions are read from git without a checkout and compiled for every cell of the
     inventory.  Exit 0, or 1 on error (a head that does not validate, an unreadable
@@ -556,7 +584,8 @@ def plan_cmd(
     from reconciler.ci.plan import run_plan
     from reconciler.ci.report import render
 
-    report = run_plan(policies, base, head, inventory)
+    gate = _gate_settings(agent_config)
+    report = run_plan(policies, base, head, inventory, gate, agent_config or "")
     click.echo(render(report, fmt), nl=False)
     sys.exit(report.exit_code(detailed_exitcode))
 

@@ -73,6 +73,8 @@ from reconciler.status.document import Condition
 CELL = "c1"
 CFG = build_config({"source": "git://x/y.git", "containers": "/s.json", "cell": CELL}, {})
 SIGNED = replace(CFG, verify="signed")
+FLOOR_6 = replace(CFG, mass_revoke_min=6)
+FLOOR_0 = replace(CFG, mass_revoke_min=0)
 NOW = "2026-01-01T00:00:00.000Z"
 APPLIED_SHA = "a" * 40
 HEAD_SHA = "b" * 40
@@ -218,9 +220,13 @@ def test_a_rewind_is_read_on_when_rewinds_are_allowed() -> None:
         (_facts(descends=False), replace(CFG, allow_rewind=True), None),
         (_facts(findings=(ERROR,)), CFG, VALIDATION_FAILED),
         (_facts(findings=(replace(ERROR, severity="warning"),)), CFG, None),
-        (_facts(_policy(1)), CFG, MASS_REVOKE_BLOCKED),  # 6 of 8 (container, rule) pairs go
-        (_facts(_policy(1), message=f"Cut\n\n{TRAILER}: true"), CFG, None),
-        (_facts(_policy(1, 2)), CFG, None),  # half: not more than the 50% threshold
+        # 6 of 8 (container, rule) pairs go: over 50%, and over a floor of 6 (core/gate.py)
+        (_facts(_policy(1)), FLOOR_6, MASS_REVOKE_BLOCKED),
+        (_facts(_policy(1), message=f"Cut\n\n{TRAILER}: true"), FLOOR_6, None),
+        (_facts(_policy(1)), CFG, None),  # the same 6 pairs: under the default floor of 100
+        (_facts(_policy()), CFG, MASS_REVOKE_BLOCKED),  # all access to nothing: floor or not
+        (_facts(_policy(2, 3, 4, 5)), FLOOR_0, None),  # 1 swapped for 5: nothing taken away
+        (_facts(_policy(1, 2)), FLOOR_0, None),  # half: not more than the 50% threshold
         (_facts(_policy(1, 2, 3, 4, 5), signature=TRUSTED), SIGNED, None),
     ],
     ids=[
@@ -233,6 +239,9 @@ def test_a_rewind_is_read_on_when_rewinds_are_allowed() -> None:
         "warnings-only",
         "mass-revoke",
         "mass-revoke-override",
+        "under-the-floor",
+        "all-to-nothing",
+        "port-swap",
         "revoke-at-threshold",
         "signed-and-growing",
     ],

@@ -93,6 +93,7 @@ EVERY_SETTING: dict[str, tuple[str, Any, Any]] = {
     ),
     "allow_rewind": ("allow_rewind", True, True),
     "mass_revoke_threshold": ("mass_revoke_threshold", "40%", 0.4),
+    "mass_revoke_min": ("mass_revoke_min", 20, 20),
     "mass_revoke_trailer": ("mass_revoke_trailer", "Fleet-Allow-Revoke", "Fleet-Allow-Revoke"),
     "emergency_trailer": ("emergency_trailer", "Fleet-Emergency", "Fleet-Emergency"),
     "policy_tests": ("policy_tests", "enforce", "enforce"),

@@ -46,7 +46,16 @@ def _opt(*names: str, **kwargs: Any) -> Any:
 @_opt("--allowed-signers", help="SSH allowed signers file (gpg.ssh.allowedSignersFile).")
 @_opt("--gpg-keyring", help="Trusted OpenPGP public keys (a file, or a GnuPG home).")
 @_opt("--allow-rewind/--no-allow-rewind", help="Apply heads that do not descend.")
-@_opt("--mass-revoke-threshold", help="Share of allowed rules a plan may remove.  [50%]")
+@_opt(
+    "--mass-revoke-threshold",
+    help="Share of the cell's container-rule pairs a plan may take away, net.  [50%]",
+)
+@_opt(
+    "--mass-revoke-min",
+    type=int,
+    help="Container-rule pairs a plan must also take away, net, to be held back (a cell "
+    "left with no access is held back below it).  [100]",
+)
 @_opt("--mass-revoke-trailer", help="Commit trailer that overrides the mass-revoke gate.")
 @_opt("--policy-tests", help="PolicyTests of a new head: enforce, warn or off.  [default: warn]")
 @_opt("--heal-drift/--no-heal-drift", help="Repair changes made by others.  [default: on]")

@@ -27,6 +27,7 @@ from reconciler.core.cellplan import (
     check_interface_name,
     check_network,
 )
+from reconciler.core.gate import DEFAULT_GATE, GateSettings
 from reconciler.status.branch import STATUS_PREFIX, branch_for
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -73,6 +74,13 @@ def parse_share(value: object, key: str) -> float:
     return share
 
 
+def parse_whole(value: object, key: str, meaning: str = "") -> int:
+    """A whole number >= 0 (flags arrive as int, click converts them)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key}: expected a whole number >= 0{meaning}, got {value!r}")
+    return value
+
+
 def _bool(value: object, key: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -113,8 +121,11 @@ class AgentConfig:
     allowed_signers: str | None = None
     gpg_keyring: str | None = None
     allow_rewind: bool = False
-    mass_revoke_threshold: float = 0.5
-    mass_revoke_trailer: str = "Asgctl-Allow-Mass-Revoke"
+    mass_revoke_threshold: float = DEFAULT_GATE.threshold
+    mass_revoke_min: int = DEFAULT_GATE.minimum
+    """Net container-rule pairs a plan must also take away for the share to hold it back
+    (`reconciler.core.gate`); a cell emptied of access is held back below it too."""
+    mass_revoke_trailer: str = DEFAULT_GATE.trailer
     emergency_trailer: str = "Asgctl-Emergency"
     """A head carrying `<this>: true` is applied inside a deny window (or outside every allow
     window) of the repository's Rollout; it never skips a pause or a wave."""
@@ -157,6 +168,13 @@ class AgentConfig:
         return CellSettings(v4, v6, self.deny_networks, self.outbound_connections)
 
     @property
+    def gate(self) -> GateSettings:
+        """The mass-revoke gate's settings, as the agent and the CI plan both judge with them."""
+        return GateSettings(
+            self.mass_revoke_threshold, self.mass_revoke_min, self.mass_revoke_trailer
+        )
+
+    @property
     def status_branch(self) -> str:
         return branch_for(self.cell, self.status_branch_prefix)
 
@@ -180,6 +198,8 @@ class AgentConfig:
             "verify": self.verify,
             "allowRewind": self.allow_rewind,
             "massRevokeThreshold": self.mass_revoke_threshold,
+            "massRevokeMin": self.mass_revoke_min,
+            "massRevokeTrailer": self.mass_revoke_trailer,
             "healDrift": self.heal_drift,
             "policyTests": self.policy_tests,
             "underlayInterface": list(self.underlay_interface),
@@ -255,9 +275,9 @@ def build_config(file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> Ag
         elif name in _BOOLS:
             out[name] = _bool(value, key)
         elif name == "fetch_depth":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{key}: expected a whole number >= 0 (0 = full history)")
-            out[name] = value
+            out[name] = parse_whole(value, key, " (0 = full history)")
+        elif name == "mass_revoke_min":
+            out[name] = parse_whole(value, key, " (container-rule pairs; 0 = no floor)")
         elif name == "underlay_interface":
             out[name] = parse_interfaces(value, key)
         elif name == "deny_networks":
@@ -397,10 +417,31 @@ def _check(cfg: AgentConfig) -> None:
         parse_listen(cfg.metrics_listen)
     if cfg.listen_webhook:
         _check_webhook(cfg)
-    if not cfg.mass_revoke_trailer or not re.match(r"^[A-Za-z0-9-]+$", cfg.mass_revoke_trailer):
-        raise ConfigError("mass-revoke-trailer: a trailer key such as Asgctl-Allow-Mass-Revoke")
+    check_trailer(cfg.mass_revoke_trailer)
     if not re.match(r"^[A-Za-z0-9-]+$", cfg.emergency_trailer):
         raise ConfigError("emergency-trailer: a trailer key such as Asgctl-Emergency")
+
+
+def check_trailer(trailer: str) -> str:
+    """A trailer key as git writes one (letters, digits, `-`): it is matched in commit
+    messages and shown in status and PR comments."""
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,100}", trailer):
+        raise ConfigError("mass-revoke-trailer: a trailer key such as Asgctl-Allow-Mass-Revoke")
+    return trailer
+
+
+def file_gate_settings(values: Mapping[str, Any]) -> GateSettings:
+    """The mass-revoke settings of an agent config file's values (the rest is not looked
+    at), checked as the agent checks them: what `asgctl plan --agent-config` judges with."""
+    default = DEFAULT_GATE
+    threshold = values.get("mass-revoke-threshold")
+    minimum = values.get("mass-revoke-min")
+    trailer = values.get("mass-revoke-trailer")
+    return GateSettings(
+        default.threshold if threshold is None else parse_share(threshold, "mass-revoke-threshold"),
+        default.minimum if minimum is None else parse_whole(minimum, "mass-revoke-min"),
+        default.trailer if trailer is None else check_trailer(str(trailer)),
+    )
 
 
 def _check_webhook(cfg: AgentConfig) -> None:

@@ -51,7 +51,6 @@ from reconciler.agent.core import (
     cycle_conditions,
     merge_conditions,
     policy_test_verdict,
-    revoke_share,
     revoke_verdict,
     signature_verdict,
     validation_verdict,
@@ -62,6 +61,7 @@ from reconciler.agent.sourceid import SourceChange, SourceRef, moved
 from reconciler.agent.state import DRIFT_LOG_LIMIT, AgentState, Applied, Head
 from reconciler.agent.verify import SignatureCheck, trailer_true
 from reconciler.core.cellplan import CellPlan, CellSettings, PlanError
+from reconciler.core.gate import revoke_count
 from reconciler.core.model import Container, PolicySet
 from reconciler.core.policytest import CaseResult, failure_finding, run_tests
 from reconciler.policy.findings import Finding
@@ -230,7 +230,7 @@ def judge_head(
     Malformed commit, signature, ancestry, validation, its PolicyTests (`policy-tests`:
     refused on a failure with `enforce`, reported with `warn`), then -- against the applied
     revision over the current inventory -- a plan that cannot be built and the mass-revoke
-    share.  ValueError when `facts` stop short of what `next_need` asks for (a bug, not an
+    gate.  ValueError when `facts` stop short of what `next_need` asks for (a bug, not an
     input).
     """
     sha = facts.sha
@@ -275,9 +275,7 @@ def judge_head(
         except PlanError as exc:  # two contents under one name: apply neither
             return Head(sha, subject, check, Refusal(PLAN_REFUSED, str(exc)), tests=report)
         override = trailer_true(commit.message, cfg.mass_revoke_trailer)
-        verdict = revoke_verdict(
-            revoke_share(old, new), cfg.mass_revoke_threshold, override, cfg.mass_revoke_trailer
-        )
+        verdict = revoke_verdict(revoke_count(old, new), cfg.gate, override)
         if verdict is not None:
             return Head(sha, subject, check, verdict, tests=report)
     emergency = trailer_true(commit.message, cfg.emergency_trailer)

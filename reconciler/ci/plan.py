@@ -14,6 +14,7 @@ from pathlib import Path
 from reconciler.ci.report.plan import PlanReport, Revision
 from reconciler.core.cellplan import PlanError
 from reconciler.core.diff import diff_plans
+from reconciler.core.gate import DEFAULT_GATE, GateSettings
 from reconciler.core.model import CellInventory, PolicySet
 from reconciler.policy.load import load_policy
 from reconciler.policy.source import RepoPlace, locate
@@ -91,8 +92,26 @@ def load_inventory(
     return cells, f"{source.description} ({len(cells):,} cells)", ()
 
 
-def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ()) -> PlanReport:
-    """Load both revisions from git (no checkout), read the inventory, diff, and report."""
+def gate_origin(cells: Sequence[CellInventory], given: str) -> str:
+    """Where the mass-revoke settings the plan judges each cell with come from, in words:
+    what each cell reports (status branches), else the agent config given, else defaults."""
+    if cells and all(c.gate is not None for c in cells):
+        return "as each cell reports on its status branch"
+    return f"from {given}" if given else "the agent's defaults"
+
+
+def run_plan(
+    policies: str,
+    base: str,
+    head: str,
+    inventory: Sequence[str] = (),
+    gate: GateSettings = DEFAULT_GATE,
+    gate_from: str = "",
+) -> PlanReport:
+    """Load both revisions from git (no checkout), read the inventory, diff, and report.
+
+    `gate` is the mass-revoke settings for cells that do not report their own, read from
+    `gate_from` (an agent config file; empty: the defaults)."""
     place = locate(policies)
     folder = place.folder or "."
     base_sha = resolve_revision(place.top, base)
@@ -135,7 +154,7 @@ def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ())
     gc.freeze()
     try:
         workers = min(os.cpu_count() or 1, MAX_WORKERS)
-        diff = diff_plans(base_policy, head_result.policy, cells, place.prefix, workers)
+        diff = diff_plans(base_policy, head_result.policy, cells, place.prefix, workers, gate)
     except PlanError as exc:  # a hash collision: no agent would apply it either
         return _with(report, error=str(exc), base_findings=base_result.findings)
     finally:
@@ -154,6 +173,7 @@ def run_plan(policies: str, base: str, head: str, inventory: Sequence[str] = ())
         head_findings=head_result.findings,
         base_findings=base_result.findings,
         warnings=tuple(warnings),
+        gate_settings=gate_origin(cells, gate_from),
     )
 
 

@@ -123,7 +123,7 @@ class StatusBranches:
 
     def read(self) -> StatusRead:
         found = read_fleet_containers(self.repo_path, self.workers)
-        cells = (CellInventory(c.cell, c.containers, c.ref) for c in found.cells)
+        cells = (CellInventory(c.cell, c.containers, c.ref, c.gate) for c in found.cells)
         return StatusRead(_sorted_unique(cells), found.skipped)
 
 

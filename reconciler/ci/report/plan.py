@@ -22,6 +22,7 @@ from typing import Any, Literal
 import jinja2
 
 from reconciler.core.diff import AccessChange, CellDiff, ChainDiff, PlanDiff, PrincipalDiff
+from reconciler.core.gate import percent
 from reconciler.escape import fence, log_text, md, visible
 from reconciler.policy.findings import Finding
 
@@ -56,6 +57,7 @@ class PlanReport:
     error: str = ""  # a failure that is not a finding (bad revision, unreadable inventory)
     location_prefix: str = ""
     warnings: tuple[str, ...] = field(default=())
+    gate_settings: str = ""  # where the mass-revoke settings came from (ci.plan.gate_origin)
 
     @property
     def head_errors(self) -> tuple[Finding, ...]:
@@ -193,6 +195,45 @@ def _revision_text(rev: Revision, esc: Callable[[str], str]) -> str:
     return rev.short or esc(rev.name)
 
 
+MAX_GATED = 30  # cells listed by name in the markdown gate section before "and N more"
+
+
+def _gate_rows(diff: PlanDiff | None, esc: Callable[[str], str]) -> list[dict[str, str]]:
+    """One row per cell whose agent would refuse the change: the numbers, why, the trailer."""
+    rows = []
+    for c in diff.gated_cells if diff is not None else ():
+        v = c.gate
+        assert v is not None  # gated_cells holds only cells with a verdict
+        n, s = v.count, v.settings
+        why = (
+            f"all access goes to nothing ({percent(n.share)} > {percent(s.threshold)})"
+            if v.rule == "to-nothing"
+            else f"{percent(n.share)} > {percent(s.threshold)} and {n.net_lost:,} >= {s.minimum:,}"
+        )
+        rows.append(
+            {
+                "cell": esc(c.cell),
+                "lost": f"{n.net_lost:,} / {n.total:,}",
+                "why": why,
+                "override": esc(v.override),
+                "reason": esc(v.reason),
+            }
+        )
+    return rows
+
+
+def _gate_context(report: PlanReport, esc: Callable[[str], str]) -> dict[str, Any]:
+    rows = _gate_rows(report.diff, esc)
+    trailers = sorted({r["override"] for r in rows})
+    return {
+        "gated": rows,
+        "gated_more": 0,
+        "gated_count": _n(len(rows), "cell"),
+        "gated_trailers": trailers,
+        "gate_settings": esc(report.gate_settings or "the agent's defaults"),
+    }
+
+
 # ----------------------------------------------------------------------------- templates
 
 
@@ -320,6 +361,7 @@ def _common(report: PlanReport, esc: Callable[[str], str]) -> dict[str, Any]:
         "chain_legend": "",
         "cells_total": 0,
         "cells_changed": 0,
+        **_gate_context(report, esc),
     }
     if diff is not None:
         out["notices"] = [
@@ -342,6 +384,8 @@ def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
     macros = env.get_template("blocks.md.j2").module
     ctx = _common(report, md)
     ctx["findings_block"] = fence("\n".join(ctx["findings"]), "text")
+    ctx["gated_more"] = max(0, len(ctx["gated"]) - MAX_GATED)
+    ctx["gated"] = ctx["gated"][:MAX_GATED]
     diff = report.diff
     principals = _principal_order(diff) if diff is not None else []
     cells = list(diff.changed_cells) if diff is not None else []
@@ -526,6 +570,10 @@ def render_json(report: PlanReport) -> str:
         ]
         doc["principals"] = [_principal_json(p) for p in _principal_order(diff)]
         doc["cells"] = [_cell_json(c) for c in diff.cells]
+        doc["mass_revoke_gate"] = {
+            "settings": report.gate_settings or "the agent's defaults",
+            "cells_refusing": [c.cell for c in diff.gated_cells],
+        }
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
@@ -575,6 +623,7 @@ def _cell_json(c: CellDiff) -> dict[str, Any]:
         "rules_removed": c.rules_removed,
         "installed_rules": {"base": c.base_installed, "head": c.head_installed},
         "cf_equivalent_rules": {"base": c.base_cf_rules, "head": c.head_cf_rules},
+        "mass_revoke": _gate_json(c),
         "chains": [
             {
                 "family": ch.family,
@@ -586,6 +635,25 @@ def _cell_json(c: CellDiff) -> dict[str, Any]:
             }
             for ch in c.chains
         ],
+    }
+
+
+def _gate_json(c: CellDiff) -> dict[str, Any]:
+    n, s, v = c.revoke, c.gate_settings, c.gate
+    return {
+        "net_lost": n.net_lost,
+        "total": n.total,
+        "share": round(n.share, 4),
+        "lost": n.lost,
+        "gained": n.gained,
+        "containers_losing": n.containers_losing,
+        "to_nothing": n.to_nothing,
+        "threshold": s.threshold,
+        "minimum": s.minimum,
+        "trailer": s.trailer,
+        "refused": v is not None,
+        "rule": v.rule if v is not None else None,
+        "message": v.message if v is not None else None,
     }
 
 
