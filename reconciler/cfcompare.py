@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from reconciler.cli_options import format_option
+from reconciler.cli_options import format_option, variant_option
 
 
 @click.command("compare")
@@ -39,13 +39,7 @@ from reconciler.cli_options import format_option
     "settings file, as the agent would enforce them.",
 )
 @click.option("--netns", default=None, help="Read the chains in this network namespace.")
-@click.option(
-    "--variant",
-    type=click.Choice(["auto", "legacy", "nft"]),
-    default="auto",
-    show_default=True,
-    help="iptables variant holding CF's chains; auto: the one with netout chains.",
-)
+@variant_option("iptables variant holding CF's chains; auto: the one with netout chains.")
 @click.option(
     "--limit",
     type=click.IntRange(1, 100_000),

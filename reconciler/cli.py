@@ -15,11 +15,10 @@ from typing import Any
 import click
 
 from reconciler.agent.commands import agent_cmd, status_cmd
-from reconciler.agent.config import BACKENDS
 from reconciler.backends.contract import Mode
 from reconciler.backends.iptables.render import render_text
 from reconciler.cf_commands import cf_group
-from reconciler.cli_options import format_option
+from reconciler.cli_options import backend_option, format_option, variant_option
 from reconciler.core.cellplan import CellPlan, CellSettings, PlanError
 from reconciler.core.compile import compile_cell
 from reconciler.core.endpoint import parse_endpoint
@@ -417,21 +416,8 @@ def explain_cmd(
 @policies_option
 @rev_option
 @click.option("--cell", default="", help="Cell name recorded in the plan.")
-@click.option(
-    "--backend",
-    "backend_name",
-    type=click.Choice(BACKENDS),
-    default="iptables",
-    show_default=True,
-    help="Dataplane backend (nftables: table inet asgctl; --variant does not apply).",
-)
-@click.option(
-    "--variant",
-    type=click.Choice(["auto", "legacy", "nft"]),
-    default="auto",
-    show_default=True,
-    help="iptables variant; auto follows what the host already uses.",
-)
+@backend_option("Dataplane backend (nftables: table inet asgctl; --variant does not apply).")
+@variant_option()
 @click.option("--dry-run", is_flag=True, help="Print the transactions; change nothing.")
 @click.option(
     "--report-only",
@@ -492,21 +478,8 @@ def apply_cmd(
 
 
 @main.command("uninstall")
-@click.option(
-    "--backend",
-    "backend_name",
-    type=click.Choice(BACKENDS),
-    default="iptables",
-    show_default=True,
-    help="The backend that installed the rules.",
-)
-@click.option(
-    "--variant",
-    type=click.Choice(["auto", "legacy", "nft"]),
-    default="auto",
-    show_default=True,
-    help="iptables variant; auto follows what the host already uses.",
-)
+@backend_option("The backend that installed the rules.")
+@variant_option()
 @click.option("--dry-run", is_flag=True, help="Print the transactions; change nothing.")
 @format_option("text", "json")
 def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> None:

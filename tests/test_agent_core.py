@@ -422,7 +422,8 @@ def test_the_sample_config_and_units_agree_with_the_code() -> None:
     # Every setting is there to be found, set or commented out, and every backend is named.
     import re
 
-    from reconciler.agent.config import _KEYS, BACKENDS
+    from reconciler.agent.config import _KEYS
+    from reconciler.backends import BACKENDS
 
     text = (root / "agent.yaml").read_text()
     listed = set(re.findall(r"^#? ?([a-z][a-z-]*):", text, re.M))

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from reconciler.backends import BACKENDS, VARIANT_CHOICES
 from reconciler.core.cellplan import (
     LIFECYCLES,
     CellSettings,
@@ -379,17 +380,14 @@ def _default_cell() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", name) or "cell"
 
 
-BACKENDS = ("iptables", "libiptc", "nftables")
-"""The dataplane backends a cell can run (`backend`); `asgctl apply --backend` offers the same."""
-VARIANTS = ("auto", "legacy", "nft")
 MODES = ("enforce", "shadow")
 
 
 def _check(cfg: AgentConfig) -> None:
     if cfg.backend not in BACKENDS:
         raise ConfigError(f"backend: {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
-    if cfg.variant not in VARIANTS:
-        raise ConfigError(f"variant: {cfg.variant!r} is not one of {', '.join(VARIANTS)}")
+    if cfg.variant not in VARIANT_CHOICES:
+        raise ConfigError(f"variant: {cfg.variant!r} is not one of {', '.join(VARIANT_CHOICES)}")
     if cfg.mode not in MODES:
         raise ConfigError(f"mode: {cfg.mode!r} is not one of {', '.join(MODES)}")
     if not _CELL_NAME.match(cfg.cell):
