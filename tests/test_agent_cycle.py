@@ -47,9 +47,9 @@ from reconciler.agent.cycle import (
     Converge,
     Decision,
     HeadFacts,
+    HeadTrust,
     Need,
     Observation,
-    Provenance,
     Target,
     decide,
     inventory_unchanged,
@@ -130,7 +130,7 @@ def _facts(
     return HeadFacts(
         HEAD_SHA,
         commit=_commit(message, signature is not None),
-        provenance=Provenance(signature, descends),
+        trust=HeadTrust(signature, descends),
         revision=Result(policy if policy is not None else OLD, findings),
         cache_intact=True if findings else None,
     )
@@ -173,12 +173,12 @@ UNTRUSTED = SignatureCheck(False, UNTRUSTED_SIGNATURE, "signed, but not by a tru
     [
         (HeadFacts(HEAD_SHA), Need.COMMIT),
         (HeadFacts(HEAD_SHA, malformed="oversized"), None),
-        (HeadFacts(HEAD_SHA, commit=_commit()), Need.PROVENANCE),
+        (HeadFacts(HEAD_SHA, commit=_commit()), Need.TRUST),
         # A bad signature or a rewind ends the reading: the files are never parsed.
-        (HeadFacts(HEAD_SHA, commit=_commit(), provenance=Provenance(UNSIGNED, True)), None),
-        (HeadFacts(HEAD_SHA, commit=_commit(), provenance=Provenance(None, False)), None),
+        (HeadFacts(HEAD_SHA, commit=_commit(), trust=HeadTrust(UNSIGNED, True)), None),
+        (HeadFacts(HEAD_SHA, commit=_commit(), trust=HeadTrust(None, False)), None),
         (
-            HeadFacts(HEAD_SHA, commit=_commit(), provenance=Provenance(TRUSTED, True)),
+            HeadFacts(HEAD_SHA, commit=_commit(), trust=HeadTrust(TRUSTED, True)),
             Need.REVISION,
         ),
         # A head that fails validation makes the agent check its cache before blaming it.
@@ -203,7 +203,7 @@ def test_the_gates_ask_for_one_fact_at_a_time(facts: HeadFacts, need: Need | Non
 
 
 def test_a_rewind_is_read_on_when_rewinds_are_allowed() -> None:
-    facts = HeadFacts(HEAD_SHA, commit=_commit(), provenance=Provenance(None, False))
+    facts = HeadFacts(HEAD_SHA, commit=_commit(), trust=HeadTrust(None, False))
     assert next_need(facts, APPLIED_SHA, allow_rewind=True) is Need.REVISION
 
 
@@ -305,7 +305,7 @@ def test_without_an_applied_revision_there_is_nothing_to_revoke() -> None:
 
 
 def test_judging_a_head_that_was_not_read_far_enough_is_a_bug() -> None:
-    with pytest.raises(ValueError, match="commit and provenance"):
+    with pytest.raises(ValueError, match="commit and trust"):
         judge_head(
             HeadFacts(HEAD_SHA, commit=_commit()),
             applied=APPLIED,

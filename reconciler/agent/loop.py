@@ -52,11 +52,11 @@ from reconciler.agent.cycle import (
     SYNC,
     Converge,
     HeadFacts,
+    HeadTrust,
     Log,
     Need,
     Observation,
     Outcome,
-    Provenance,
     Trigger,
     current_source,
     decide,
@@ -89,7 +89,7 @@ if TYPE_CHECKING:
 
 STOP = "stop"
 MAINTAIN_EVERY = 100  # cycles between `git gc --auto` of the cache
-_PHASE_OF_NEED = {Need.COMMIT: "verify", Need.PROVENANCE: "verify", Need.REVISION: "load"}
+_PHASE_OF_NEED = {Need.COMMIT: "verify", Need.TRUST: "verify", Need.REVISION: "load"}
 """The status timing phase each fact about a head counts towards (the cache check: none)."""
 
 
@@ -362,7 +362,7 @@ class Agent:
                 return replace(facts, commit=self.source.commit_info(sha))
             except MalformedCommit as exc:
                 return replace(facts, malformed=clip(str(exc), 500))
-        if need is Need.PROVENANCE:
+        if need is Need.TRUST:
             assert facts.commit is not None  # next_need asks for the commit first
             check = None
             if self.verifier is not None:
@@ -375,7 +375,7 @@ class Agent:
                 and (not new_source or self.source.holds(applied_sha))
             ):
                 descends = self.source.is_ancestor(applied_sha, sha)
-            return replace(facts, provenance=Provenance(check, descends))
+            return replace(facts, trust=HeadTrust(check, descends))
         if need is Need.REVISION:
             revision = load_revision(self.source.path, sha, self.cfg.policies_path)
             return replace(facts, revision=revision)
