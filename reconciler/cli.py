@@ -472,7 +472,13 @@ def apply_cmd(
 
 
 @main.command("plan")
-@click.option("--base", required=True, help="Base revision (e.g. origin/main or a SHA).")
+@click.option(
+    "--base",
+    default=None,
+    help="Base revision (e.g. origin/main or a SHA).  Without it, the head is compared with "
+    "what each cell enforces: the applied revision its status/<cell> branch reports (cells "
+    "on the same revision are planned together).",
+)
 @click.option("--head", "head", default="HEAD", show_default=True, help="Head revision.")
 @policies_option
 @click.option(
@@ -493,7 +499,7 @@ def apply_cmd(
     help="Exit 0 when nothing changes, 2 when something does, 1 on error.",
 )
 def plan_cmd(
-    base: str,
+    base: str | None,
     head: str,
     policies: str,
     inventory: tuple[str, ...],
@@ -503,7 +509,8 @@ def plan_cmd(
     """What a change does: who gains and loses access, and the iptables chains that change.
 
     Both revisions are read from git without a checkout and compiled for every cell of the
-    inventory.  Exit 0, or 1 on error (a head that does not validate, an unreadable
+    inventory; without --base, every revision the cells enforce is (and a --base that is not
+    what they enforce, or does not validate, is said so).  Exit 0, or 1 on error (a head that does not validate, an unreadable
     inventory, a cell over the rule limit); with --detailed-exitcode, 2 when there are changes.
     """
     from reconciler.ci.plan import run_plan

@@ -31,6 +31,7 @@ from reconciler.sources.cellstore import InventoryError
 from reconciler.sources.gitio import run_git
 from reconciler.status.branch import FETCHED_PREFIX, STATUS_PREFIX, blob_spec, fetch_refspec
 from reconciler.status.document import parse_status, summarize
+from reconciler.status.document import revision_sha as _sha_of
 from reconciler.status.read import read_status_blobs
 
 _SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
@@ -99,13 +100,6 @@ def _repo(cache: str | None) -> Iterator[Path]:
         path = Path(tmp)
         _git(path, "init", "--quiet", "--bare")
         yield path
-
-
-def _sha_of(revision: str) -> str:
-    """`main@sha1:<sha>` -> `<sha>`; "" unless that is a full hex object name (the value
-    comes from a status file and reaches git's command line)."""
-    sha = revision.rsplit("sha1:", 1)[-1] if "sha1:" in revision else ""
-    return sha if _SHA.match(sha) else ""
 
 
 def read_fleet(url: str, branch: str = "main", cache: str | None = None) -> Fleet:

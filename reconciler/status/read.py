@@ -17,7 +17,7 @@ from reconciler.forkpool import fork_ranges
 from reconciler.sources import gitio
 from reconciler.sources.cellstore import InventoryError
 from reconciler.status.branch import CELL_NAME, StatusBranchError, blob_spec, status_refs
-from reconciler.status.document import MAX_STATUS_BYTES, containers_from_status
+from reconciler.status.document import MAX_STATUS_BYTES, containers_of, parse_status
 
 
 def read_status_blobs(
@@ -41,11 +41,14 @@ def read_status_blobs(
 
 @dataclass(frozen=True)
 class CellContainers:
-    """The containers one cell's status branch lists, and the ref they were read from."""
+    """The containers one cell's status branch lists, the ref they were read from, and the
+    revision the document says the cell enforces (`lastAppliedRevision`, as written: the
+    cell's own words, checked against the repository by `asgctl plan`, never trusted)."""
 
     cell: str
     ref: str
     containers: tuple[Container, ...]
+    applied: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,24 +65,27 @@ ContainerRow = tuple[str, str, str, str, str, str, str]
 
 def _parse_range(
     jobs: list[tuple[str, str, bytes]], bounds: tuple[int, int]
-) -> list[tuple[str, str, list[ContainerRow] | str]]:
-    """Each cell's container rows, or why the cell is skipped.
+) -> list[tuple[str, str, list[ContainerRow] | str, str]]:
+    """Each cell's container rows and applied revision, or why the cell is skipped.
 
     Workers inherit the jobs (~100 MB of status files at fleet scale) rather than have them
     pickled, and send plain tuples back: far cheaper to pickle than dataclass instances.
     """
-    out: list[tuple[str, str, list[ContainerRow] | str]] = []
+    out: list[tuple[str, str, list[ContainerRow] | str, str]] = []
     for cell, ref, data in jobs[bounds[0] : bounds[1]]:
+        origin = blob_spec(ref)
         try:
-            containers = containers_from_status(data, blob_spec(ref))
+            doc = parse_status(data, origin)
+            containers = containers_of(doc, origin)
         except InventoryError as exc:
-            out.append((cell, ref, str(exc)))
+            out.append((cell, ref, str(exc), ""))
             continue
         rows = [
             (c.handle, c.ip, c.app_id, c.space_id, c.org_id, c.policy_group_id, c.workload)
             for c in containers
         ]
-        out.append((cell, ref, rows))
+        # The schema made it a string when present.
+        out.append((cell, ref, rows, str(doc.header.get("lastAppliedRevision") or "")))
     return out
 
 
@@ -120,9 +126,10 @@ def read_fleet_containers(repo: str | os.PathLike[str], workers: int = 4) -> Fle
     parts = fork_ranges(_parse_range, jobs, len(jobs), workers)
     cells = []
     for part in parts:
-        for cell, ref, rows in part:
+        for cell, ref, rows, applied in part:
             if isinstance(rows, str):
                 skipped.append(rows)
             else:
-                cells.append(CellContainers(cell, ref, tuple(Container(*row) for row in rows)))
+                containers = tuple(Container(*row) for row in rows)
+                cells.append(CellContainers(cell, ref, containers, applied))
     return FleetContainers(tuple(cells), tuple(skipped))
