@@ -98,8 +98,8 @@ def test_policy_pr_workflow_validates_tests_plans_and_keeps_one_comment():
     assert plan_step["env"]["HEAD_SHA"] == "${{ github.event.pull_request.head.sha }}"
     plans = [x for x in plan_step["run"].splitlines() if "asgctl plan" in x]
     assert plans and all('asgctl plan "${against[@]}" --head "$HEAD_SHA"' in x for x in plans)
-    assert "against=(--base \"$BASE_SHA\")" in plan_step["run"]
-    assert "refs/remotes/origin/status/)\" ]; then" in plan_step["run"]
+    assert 'against=(--base "$BASE_SHA")' in plan_step["run"]
+    assert 'refs/remotes/origin/status/)" ]; then' in plan_step["run"]
     assert f"marker='{MARKER}'" in script and "--method PATCH" in script
     # Pull-request values reach the shell through env, never through ${{ }} in a script.
     for step in steps:

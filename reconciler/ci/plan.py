@@ -322,9 +322,7 @@ def _plan_truth(
         cells, described, skipped = load_inventory(inventory, place, (head_policy,), found)
     except InventoryError as exc:
         return _with(report, error=str(exc))
-    truth = read_truth(
-        policies, place.top, report.head.sha, [c.cell for c in cells], found.applied
-    )
+    truth = read_truth(policies, place.top, report.head.sha, [c.cell for c in cells], found.applied)
     warnings = truth_warnings(truth) + list(skipped)
     groups: list[BaseGroup] = []
     gc.freeze()  # as in run_plan: the loaded policies and inventory live until the end

@@ -155,11 +155,18 @@ def group_against(g: BaseGroup) -> str:
 
 def _group_counts(g: BaseGroup) -> dict[str, str]:
     d = g.diff
+    changed, gain, lose = len(d.changed_cells), d.containers_gaining, d.containers_losing
+    rules = f"+{d.rules_added:,} -{d.rules_removed:,}"
     return {
-        "changed": f"{len(d.changed_cells):,}",
-        "gain": f"{d.containers_gaining:,}",
-        "lose": f"{d.containers_losing:,}",
-        "rules": f"+{d.rules_added:,} -{d.rules_removed:,}",
+        "changed": f"{changed:,}",
+        "gain": f"{gain:,}",
+        "lose": f"{lose:,}",
+        "rules": rules,
+        "summary": (
+            f"{_n(changed, 'cell')} {'changes' if changed == 1 else 'change'}, "
+            f"{_n(gain, 'container')} {'gains' if gain == 1 else 'gain'} access, "
+            f"{lose:,} {'loses' if lose == 1 else 'lose'} access; rules {rules}"
+        ),
     }
 
 
@@ -433,7 +440,7 @@ def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
     for section, members in sections:
         if section is not None:
             against = f"<sub>(planned against {group_against(section)})</sub>"
-            heading = f"\n##### {group_title(section, md)} {against}\n\n"
+            heading = f"##### {group_title(section, md)} {against}\n\n"
             heading_at.add(len(access_full))
             access_full.append(heading)
             access_short.append(heading)
