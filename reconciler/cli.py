@@ -510,8 +510,9 @@ def plan_cmd(
 
     Both revisions are read from git without a checkout and compiled for every cell of the
     inventory; without --base, every revision the cells enforce is (and a --base that is not
-    what they enforce, or does not validate, is said so).  Exit 0, or 1 on error (a head that does not validate, an unreadable
-    inventory, a cell over the rule limit); with --detailed-exitcode, 2 when there are changes.
+    what they enforce, or does not validate, is said so).  Exit 0, or 1 on error (a head
+    that does not validate, an unreadable inventory, a cell over the rule limit); with
+    --detailed-exitcode, 2 when there are changes.
     """
     from reconciler.ci.plan import run_plan
     from reconciler.ci.report import render
