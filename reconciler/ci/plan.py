@@ -280,7 +280,7 @@ def _reference(truth: FleetTruth) -> str:
     return ranked[0][0] if ranked else ""
 
 
-def _groups(
+def base_groups(
     truth: FleetTruth, cells: Sequence[CellInventory]
 ) -> list[tuple[Enforces, str, str, list[CellInventory]]]:
     """(kind, revision, planned against, cells): revisions by cells enforcing them, most
@@ -299,7 +299,7 @@ def _groups(
     return out
 
 
-def _merge(diffs: Sequence[PlanDiff]) -> PlanDiff:
+def merge_diffs(diffs: Sequence[PlanDiff]) -> PlanDiff:
     """The groups' diffs as one, for the totals: the cells are disjoint, so counts add up."""
     cells = sorted((c for d in diffs for c in d.cells), key=lambda c: c.cell)
     principals = tuple(p for d in diffs for p in d.principals)
@@ -328,7 +328,7 @@ def _plan_truth(
     gc.freeze()  # as in run_plan: the loaded policies and inventory live until the end
     try:
         workers = min(os.cpu_count() or 1, MAX_WORKERS)
-        for kind, sha, against, members in _groups(truth, cells):
+        for kind, sha, against, members in base_groups(truth, cells):
             base = truth.policies[against] if against else PolicySet()
             diff = diff_plans(base, head_policy, members, place.prefix, workers)
             groups.append(
@@ -345,7 +345,7 @@ def _plan_truth(
         return _with(report, error=str(exc))
     finally:
         gc.unfreeze()
-    merged = _merge([g.diff for g in groups])
+    merged = merge_diffs([g.diff for g in groups])
     warnings += _unverified(merged)
     return _with(
         report,
