@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -314,6 +315,33 @@ def _cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _start(profile: bool) -> tuple[cProfile.Profile | None, list[tuple[str, float, float]], Any]:
+    """The profiler (with --profile), and the first phase: the head, loaded and validated."""
+    from reconciler.policy.load import load_policy
+
+    prof = cProfile.Profile() if profile else None
+    if prof:
+        prof.enable()
+    t, c = time.perf_counter(), _cpu()
+    head = load_policy("policies", "HEAD")
+    return prof, [("load + validate head", time.perf_counter() - t, _cpu() - c)], head
+
+
+def _finish(
+    prof: cProfile.Profile | None, text: str, times: list[tuple[str, float, float]]
+) -> tuple[list[tuple[str, float, float]], str]:
+    """The phases with the plan's summary line last, and the profile's top functions."""
+    stats = ""
+    if prof:
+        prof.disable()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+        stats = s.getvalue()
+    summary = next(line for line in text.splitlines() if line.startswith("**"))
+    times.append((summary.strip("*"), 0.0, 0.0))
+    return times, stats
+
+
 def truth_phases(root: Path, profile: bool) -> tuple[list[tuple[str, float, float]], str]:
     """`plan --head HEAD` without --base in-process, timed phase by phase."""
     os.chdir(root)
@@ -327,16 +355,9 @@ def truth_phases(root: Path, profile: bool) -> tuple[list[tuple[str, float, floa
     from reconciler.ci.report.plan import PlanReport, Revision, render_markdown
     from reconciler.core.diff import diff_plans
     from reconciler.core.model import PolicySet
-    from reconciler.policy.load import load_policy
     from reconciler.sources.inventories import StatusBranches
 
-    prof = cProfile.Profile() if profile else None
-    if prof:
-        prof.enable()
-    times: list[tuple[str, float, float]] = []
-    t, c = time.perf_counter(), _cpu()
-    head = load_policy("policies", "HEAD")
-    times.append(("load + validate head", time.perf_counter() - t, _cpu() - c))
+    prof, times, head = _start(profile)
     t, c = time.perf_counter(), _cpu()
     place = locate("policies")
     found = StatusBranches(str(place.top)).read()
@@ -366,15 +387,7 @@ def truth_phases(root: Path, profile: bool) -> tuple[list[tuple[str, float, floa
     )
     text = render_markdown(report)
     times.append(("markdown report", time.perf_counter() - t, _cpu() - c))
-    stats = ""
-    if prof:
-        prof.disable()
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
-        stats = s.getvalue()
-    summary = next(line for line in text.splitlines() if line.startswith("**"))
-    times.append((summary.strip("*"), 0.0, 0.0))
-    return times, stats
+    return _finish(prof, text, times)
 
 
 def phases(root: Path, inventory: str, profile: bool) -> tuple[list[tuple[str, float, float]], str]:
@@ -385,13 +398,7 @@ def phases(root: Path, inventory: str, profile: bool) -> tuple[list[tuple[str, f
     from reconciler.core.diff import diff_plans
     from reconciler.policy.load import load_policy
 
-    prof = cProfile.Profile() if profile else None
-    if prof:
-        prof.enable()
-    times: list[tuple[str, float, float]] = []
-    t, c = time.perf_counter(), _cpu()
-    head = load_policy("policies", "HEAD")
-    times.append(("load + validate head", time.perf_counter() - t, _cpu() - c))
+    prof, times, head = _start(profile)
     t, c = time.perf_counter(), _cpu()
     base = load_policy("policies", "HEAD~1")
     times.append(("load + validate base", time.perf_counter() - t, _cpu() - c))
@@ -411,15 +418,7 @@ def phases(root: Path, inventory: str, profile: bool) -> tuple[list[tuple[str, f
     )
     text = render_markdown(report)
     times.append(("markdown report", time.perf_counter() - t, _cpu() - c))
-    stats = ""
-    if prof:
-        prof.disable()
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
-        stats = s.getvalue()
-    summary = next(line for line in text.splitlines() if line.startswith("**"))
-    times.append((summary.strip("*"), 0.0, 0.0))
-    return times, stats
+    return _finish(prof, text, times)
 
 
 def main() -> None:
