@@ -348,12 +348,12 @@ def truth_phases(root: Path, profile: bool) -> tuple[list[tuple[str, float, floa
     from reconciler.ci.plan import (
         MAX_WORKERS,
         base_groups,
+        diff_groups,
         load_inventory,
         locate,
         read_truth,
     )
     from reconciler.ci.report.plan import PlanReport, Revision, render_markdown
-    from reconciler.core.diff import diff_plans
     from reconciler.core.model import PolicySet
     from reconciler.sources.inventories import StatusBranches
 
@@ -374,10 +374,10 @@ def truth_phases(root: Path, profile: bool) -> tuple[list[tuple[str, float, floa
     t, c = time.perf_counter(), _cpu()
     gc.freeze()  # as run_plan does
     workers = min(os.cpu_count() or 1, MAX_WORKERS)
-    diffs = []
-    for _kind, _sha, against, members in base_groups(truth, cells):
-        base = truth.policies[against] if against else PolicySet()
-        diffs.append(diff_plans(base, head.policy, members, place.prefix, workers))
+    jobs = [
+        (truth.policies[a] if a else PolicySet(), m) for _k, _s, a, m in base_groups(truth, cells)
+    ]
+    diffs = diff_groups(jobs, head.policy, place.prefix, workers)
     times.append((f"diff {len(diffs)} groups", time.perf_counter() - t, _cpu() - c))
     t, c = time.perf_counter(), _cpu()
     from reconciler.ci.plan import merge_diffs

@@ -420,3 +420,38 @@ def test_a_truth_plan_cut_to_fit_keeps_every_group_line(tmp_path):
         assert "| 2 cells enforce <r1> (r1) | that revision | 2 | 0 | 4 | +13 -19 |" in cut
         assert "Cut to fit one comment" in cut
         assert "<code>asgctl plan --head <head></code>" in cut and "--base" not in cut
+
+
+def test_groups_diffed_side_by_side_equal_one_diff_per_group(tmp_path):
+    """`diff_groups` forks work by group (or by cell, for a group holding a worker's share);
+    either way each group's diff is the one `diff_plans` gives on its own."""
+    import random
+    import shutil as sh
+
+    from reconciler.ci.plan import diff_groups
+    from reconciler.core.diff import diff_plans
+    from reconciler.core.model import CellInventory
+
+    def variant(old: str, new: str) -> object:
+        tree = tmp_path / f"p{len(list(tmp_path.iterdir()))}"
+        sh.copytree(REPO / "policies", tree)
+        path = tree / "destinations.yaml"
+        path.write_text(path.read_text().replace(old, new))
+        return load_folder(tree).policy
+
+    head = variant("ports: 8125", "ports: 8126")
+    bases = [
+        load_folder(REPO / "policies").policy,
+        variant("ips: 198.19.30.30", "ips: 198.19.30.31"),
+    ]
+    bases.append(variant("ports: 8125", "ports: 9125"))
+    pool = PAYMENTS_PROD + PAYMENTS_STAGING + BLOG_ONLY
+    rng = random.Random(3)
+    cells = [
+        CellInventory(f"cell-{i:03d}", tuple(sorted(rng.sample(pool, 3))), "") for i in range(70)
+    ]
+    jobs = [(bases[0], cells[:40]), (bases[1], cells[40:55]), (bases[2], cells[55:])]
+    alone = [diff_plans(b, head, cs, workers=1) for b, cs in jobs]
+    assert diff_groups(jobs, head, "", workers=2) == alone
+    assert diff_groups(jobs, head, "", workers=1) == alone
+    assert all(d.has_changes for d in alone)

@@ -17,6 +17,7 @@ from reconciler.ci.report.plan import BaseGroup, Enforces, PlanReport, Revision
 from reconciler.core.cellplan import PlanError
 from reconciler.core.diff import PlanDiff, diff_plans
 from reconciler.core.model import CellInventory, PolicySet
+from reconciler.forkpool import fork_ranges
 from reconciler.policy.load import load_policy
 from reconciler.policy.source import RepoPlace, locate
 from reconciler.sources import gitio
@@ -299,6 +300,47 @@ def base_groups(
     return out
 
 
+DiffJob = tuple[PolicySet, Sequence[CellInventory]]
+
+
+def diff_groups(
+    jobs: Sequence[DiffJob], head: PolicySet, prefix: str, workers: int
+) -> list[PlanDiff]:
+    """`diff_plans(base, head, cells)` for every (base, cells) job, in order.
+
+    A group holding at least a worker's share of the cells is diffed on its own, split
+    across the workers as a one-base plan is.  The others are shared out whole, one forked
+    process per worker, largest first: each runs its groups one after another, so the
+    parts of a diff that do not split by cell (which profiles changed, who gains and loses
+    what) run side by side for different groups, and the head's compiled groups, memoised
+    in the process, serve each of its groups.  The result is the same either way.
+    """
+    total = sum(len(cells) for _base, cells in jobs) or 1
+    out: dict[int, PlanDiff] = {}
+    small: list[int] = []
+    for i, (base, cells) in enumerate(jobs):
+        if workers <= 1 or len(cells) * workers >= total:
+            out[i] = diff_plans(base, head, cells, prefix, workers)
+        else:
+            small.append(i)
+    small.sort(key=lambda i: -len(jobs[i][1]))
+    if small:
+        shared = (jobs, small, head, prefix)
+        for part in fork_ranges(_diff_group_range, shared, len(small), workers):
+            out.update(part)
+    return [out[i] for i in range(len(jobs))]
+
+
+def _diff_group_range(
+    shared: tuple[Sequence[DiffJob], list[int], PolicySet, str], bounds: tuple[int, int]
+) -> list[tuple[int, PlanDiff]]:
+    jobs, order, head, prefix = shared
+    return [
+        (order[k], diff_plans(jobs[order[k]][0], head, jobs[order[k]][1], prefix, 1))
+        for k in range(*bounds)
+    ]
+
+
 def merge_diffs(diffs: Sequence[PlanDiff]) -> PlanDiff:
     """The groups' diffs as one, for the totals: the cells are disjoint, so counts add up."""
     cells = sorted((c for d in diffs for c in d.cells), key=lambda c: c.cell)
@@ -324,27 +366,27 @@ def _plan_truth(
         return _with(report, error=str(exc))
     truth = read_truth(policies, place.top, report.head.sha, [c.cell for c in cells], found.applied)
     warnings = truth_warnings(truth) + list(skipped)
-    groups: list[BaseGroup] = []
+    planned = base_groups(truth, cells)
+    jobs = [(truth.policies[a] if a else PolicySet(), members) for _k, _s, a, members in planned]
     gc.freeze()  # as in run_plan: the loaded policies and inventory live until the end
     try:
         workers = min(os.cpu_count() or 1, MAX_WORKERS)
-        for kind, sha, against, members in base_groups(truth, cells):
-            base = truth.policies[against] if against else PolicySet()
-            diff = diff_plans(base, head_policy, members, place.prefix, workers)
-            groups.append(
-                BaseGroup(
-                    enforces=kind,
-                    revision=Revision(sha, sha),
-                    against=Revision(against, against),
-                    cells=tuple(c.cell for c in members),
-                    diff=diff,
-                    subject=truth.subjects.get(sha, ""),
-                )
-            )
+        diffs = diff_groups(jobs, head_policy, place.prefix, workers)
     except PlanError as exc:
         return _with(report, error=str(exc))
     finally:
         gc.unfreeze()
+    groups = [
+        BaseGroup(
+            enforces=kind,
+            revision=Revision(sha, sha),
+            against=Revision(against, against),
+            cells=tuple(c.cell for c in members),
+            diff=diff,
+            subject=truth.subjects.get(sha, ""),
+        )
+        for (kind, sha, against, members), diff in zip(planned, diffs, strict=True)
+    ]
     merged = merge_diffs([g.diff for g in groups])
     warnings += _unverified(merged)
     return _with(
