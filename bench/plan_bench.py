@@ -368,12 +368,13 @@ def truth_phases(root: Path, profile: bool) -> tuple[list[tuple[str, float, floa
     t, c = time.perf_counter(), _cpu()
     sha = git("rev-parse", "HEAD", cwd=root).strip()
     assert place.top is not None
-    truth = read_truth("policies", place.top, sha, [x.cell for x in cells], found.applied)
+    workers = min(os.cpu_count() or 1, MAX_WORKERS)
+    names = [x.cell for x in cells]
+    truth = read_truth("policies", place.top, sha, names, found.applied, True, workers)
     n = len(truth.policies)
     times.append((f"check claims, load + validate {n} bases", time.perf_counter() - t, _cpu() - c))
     t, c = time.perf_counter(), _cpu()
     gc.freeze()  # as run_plan does
-    workers = min(os.cpu_count() or 1, MAX_WORKERS)
     jobs = [
         (truth.policies[a] if a else PolicySet(), m) for _k, _s, a, m in base_groups(truth, cells)
     ]
