@@ -510,7 +510,13 @@ def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> N
 
 
 @main.command("plan")
-@click.option("--base", required=True, help="Base revision (e.g. origin/main or a SHA).")
+@click.option(
+    "--base",
+    default=None,
+    help="Base revision (e.g. origin/main or a SHA).  Without it, the head is compared with "
+    "what each cell enforces: the applied revision its status/<cell> branch reports (cells "
+    "on the same revision are planned together).",
+)
 @click.option("--head", "head", default="HEAD", show_default=True, help="Head revision.")
 @policies_option
 @click.option(
@@ -539,7 +545,7 @@ def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> N
     help="Exit 0 when nothing changes, 2 when something does, 1 on error.",
 )
 def plan_cmd(
-    base: str,
+    base: str | None,
     head: str,
     policies: str,
     inventory: tuple[str, ...],
@@ -551,8 +557,10 @@ def plan_cmd(
     the cells whose mass-revoke gate would refuse it (with the trailer that lets it through).
 
     Both revisions are read from git without a checkout and compiled for every cell of the
-    inventory.  Exit 0, or 1 on error (a head that does not validate, an unreadable
-    inventory, a cell over the rule limit); with --detailed-exitcode, 2 when there are changes.
+    inventory; without --base, every revision the cells enforce is (and a --base that is not
+    what they enforce, or does not validate, is said so).  Exit 0, or 1 on error (a head
+    that does not validate, an unreadable inventory, a cell over the rule limit); with
+    --detailed-exitcode, 2 when there are changes.
     """
     from reconciler.ci.plan import run_plan
     from reconciler.ci.report import render

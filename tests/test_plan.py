@@ -723,7 +723,9 @@ def test_markdown_cut_keeps_the_summary_at_any_limit(tmp_path):
         assert "**Plan: 3 cells change" in cut and "Cut to fit one comment" in cut
 
 
-def test_an_invalid_base_is_compared_as_empty_and_said_so(tmp_path):
+def test_an_invalid_base_without_status_branches_is_compared_as_empty_and_said_so(tmp_path):
+    """No status branch says what the cells enforce: the empty comparison is all there is,
+    and the note says it shows no loss (tests/test_plan_truth.py: with status branches)."""
     repo = policy_repo(tmp_path)
     edit(repo, "destinations.yaml", "ips: 198.19.30.30", "ips: 198.19.30.300")
     commit_all(repo, "broken main")
@@ -731,7 +733,8 @@ def test_an_invalid_base_is_compared_as_empty_and_said_so(tmp_path):
     commit_all(repo, "fixed")
     code, text = plan(repo, "text")
     assert code == 2
-    assert "Warning: the base revision does not validate (1 error), so the plan compares" in text
+    assert "Note: the base HEAD~1 does not validate (1 error): no cell applied it" in text
+    assert "compares the head with an EMPTY policy, so no access lost is shown" in text
 
 
 def test_forked_workers_give_the_same_diff(tmp_path):

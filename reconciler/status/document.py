@@ -393,6 +393,19 @@ def summarize(header: dict[str, Any]) -> StatusSummary:
     )
 
 
+_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+
+
+def revision_sha(revision: str) -> str:
+    """`main@sha1:<sha>` -> `<sha>`; "" unless that is a full hex object name.
+
+    A status document's revisions are the cell's own words and reach git's command line
+    (`asgctl status`, `asgctl plan`): only a full hex name passes, never a ref or an option.
+    """
+    sha = revision.rsplit("sha1:", 1)[-1] if "sha1:" in revision else ""
+    return sha if _SHA.match(sha) else ""
+
+
 def containers_of(doc: StatusDocument, origin: str) -> tuple[Container, ...]:
     """The document's containers: each entry a mapping whose contract fields are text (or
     null), each handle once; then the store file's own rules (`parse_store_document`) judge

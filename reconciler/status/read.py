@@ -47,13 +47,17 @@ def read_status_blobs(
 
 @dataclass(frozen=True)
 class CellContainers:
-    """The containers one cell's status branch lists, and the ref they were read from."""
+    """The containers one cell's status branch lists, the ref they were read from, and the
+    revision the document says the cell enforces (`lastAppliedRevision`, as written: the
+    cell's own words, checked against the repository by `asgctl plan`, never trusted)."""
 
     cell: str
     ref: str
     containers: tuple[Container, ...]
     gate: GateSettings = DEFAULT_GATE
     """The mass-revoke gate settings the cell's agent reports (`document.reported_gate`)."""
+    applied: str = ""
+    """The revision the cell says it enforces (`lastAppliedRevision`), as written."""
 
 
 @dataclass(frozen=True)
@@ -66,11 +70,11 @@ class FleetContainers:
 
 _MIN_CELLS_PER_WORKER = 64
 ContainerRow = tuple[str, str, str, str, str, str, str]
-Parsed = tuple[str, str, list[ContainerRow] | str, tuple[float, int, str] | None]
+Parsed = tuple[str, str, list[ContainerRow] | str, tuple[float, int, str] | None, str]
 
 
 def _parse_range(jobs: list[tuple[str, str, bytes]], bounds: tuple[int, int]) -> list[Parsed]:
-    """Each cell's container rows, or why the cell is skipped.
+    """Each cell's container rows, gate settings and applied revision, or why it is skipped.
 
     Workers inherit the jobs (~100 MB of status files at fleet scale) rather than have them
     pickled, and send plain tuples back: far cheaper to pickle than dataclass instances.
@@ -83,13 +87,15 @@ def _parse_range(jobs: list[tuple[str, str, bytes]], bounds: tuple[int, int]) ->
             containers = containers_of(doc, origin)
             gate = reported_gate(doc, origin)
         except InventoryError as exc:
-            out.append((cell, ref, str(exc), None))
+            out.append((cell, ref, str(exc), None, ""))
             continue
         rows = [
             (c.handle, c.ip, c.app_id, c.space_id, c.org_id, c.policy_group_id, c.workload)
             for c in containers
         ]
-        out.append((cell, ref, rows, (gate.threshold, gate.minimum, gate.trailer)))
+        # The schema made it a string when present.
+        applied = str(doc.header.get("lastAppliedRevision") or "")
+        out.append((cell, ref, rows, (gate.threshold, gate.minimum, gate.trailer), applied))
     return out
 
 
@@ -130,10 +136,11 @@ def read_fleet_containers(repo: str | os.PathLike[str], workers: int = 4) -> Fle
     parts = fork_ranges(_parse_range, jobs, len(jobs), workers)
     cells = []
     for part in parts:
-        for cell, ref, rows, gate in part:
+        for cell, ref, rows, gate, applied in part:
             if isinstance(rows, str) or gate is None:
                 skipped.append(str(rows))
             else:
                 containers = tuple(Container(*row) for row in rows)
-                cells.append(CellContainers(cell, ref, containers, GateSettings(*gate)))
+                settings = GateSettings(*gate)
+                cells.append(CellContainers(cell, ref, containers, settings, applied))
     return FleetContainers(tuple(cells), tuple(skipped))
