@@ -11,9 +11,8 @@ import sys
 
 import click
 
-from reconciler.core.cellplan import CellPlan, CellSettings, PlanError
+from reconciler.core.cellplan import CellPlan, CellSettings, GateSettings, PlanError
 from reconciler.core.compile import compile_cell
-from reconciler.core.gate import GateSettings
 from reconciler.core.model import Container, PolicySet
 from reconciler.policy.findings import render_findings
 from reconciler.policy.load import load_policy

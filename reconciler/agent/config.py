@@ -21,14 +21,15 @@ import yaml
 
 from reconciler.backends import BACKENDS, VARIANT_CHOICES
 from reconciler.core.cellplan import (
+    DEFAULT_GATE,
     LIFECYCLES,
     CellSettings,
     DenyNetworks,
+    GateSettings,
     RateLimit,
     check_interface_name,
     check_network,
 )
-from reconciler.core.gate import DEFAULT_GATE, GateSettings
 from reconciler.status.branch import STATUS_PREFIX, branch_for
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
