@@ -520,7 +520,13 @@ def test_kill9_at_random_points_leaves_the_old_or_the_new_plan(
     mid_restore = 0
     writer.start()
     try:
-        for i in range(14):
+        # 14 kills, half of them timed to land while iptables-restore runs.  On a loaded
+        # machine a restore can finish before the kill lands, or an agent can still be
+        # starting when it does: up to 28 more kills (bounded) until the asserts' counts are
+        # reached, so the test judges the product, not the load average.
+        for i in range(42):
+            if i >= 14 and mid_restore >= 5 and seen["A"] + seen["B"] >= 10:
+                break
             a.start()
             assert a.proc is not None
             if i % 2:
@@ -541,7 +547,7 @@ def test_kill9_at_random_points_leaves_the_old_or_the_new_plan(
     finally:
         stop.set()
         writer.join()
-    print(f"kill -9: {seen}, {mid_restore} of 7 while iptables-restore ran")
+    print(f"kill -9: {seen}, {mid_restore} kills while iptables-restore ran")
     assert seen["A"] + seen["B"] >= 10, seen
     assert mid_restore >= 5, mid_restore
 

@@ -158,7 +158,12 @@ def test_kill9_of_a_converge_loop_leaves_exactly_the_old_or_the_new_plan(
     current = "A"
     checks = Checks()
     t0 = time.monotonic()
-    for i in range(kills):
+    # `kills` kills; on a loaded machine most may land before a converge completes, so up to
+    # twice as many more (bounded) until half that many converges got through, as the
+    # assert below asks: the test judges the product, not the load average.
+    for i in range(3 * kills):
+        if i >= kills and applies >= kills // 2:
+            break
         mode = KILL_MODES[i % len(KILL_MODES)]
         order = ["A", "B"] if current == "B" else ["B", "A"]  # first converge changes things
         spec.write_bytes(
@@ -208,7 +213,7 @@ def test_kill9_of_a_converge_loop_leaves_exactly_the_old_or_the_new_plan(
     record(
         "kill9-converge-loop",
         variant=variant,
-        kills=kills,
+        kills=sum(modes.values()),
         modes=dict(modes),
         applies_completed=applies,
         converge_errors=errors,
