@@ -120,11 +120,12 @@ class FqdnService:
                 errors.append(f"{client.server}: {exc}")
         raise DnsError("; ".join(errors) or "no resolvers configured")
 
-    def refresh(self, now: float | None = None) -> int:
-        """Resolve every due name once; returns how many were asked."""
+    def refresh(self, now: float | None = None, *, everything: bool = False) -> int:
+        """Resolve every due name once (`everything`: every exact name, due or not, as
+        after a plan change); returns how many were asked."""
         now = self.clock() if now is None else now
         with self._lock:
-            todo = due(self._states, now)
+            todo = due(self._states, float("inf") if everything else now)
         for state in todo:
             qtype = QTYPE_A if state.family == 4 else QTYPE_AAAA
             try:
