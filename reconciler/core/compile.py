@@ -547,7 +547,17 @@ def compile_cell(
 
     slots = [position[p] for p in slots_of]
     names_of = [index.shared_names(p) for p in profiles] if index.named else []
-    name_rules = {r for rules in names_of for r in rules}
+    # One rule per grant in the cell; its provenance is every document granting it to some
+    # container here (as a group rule's is).
+    merged: dict[str, NameRule] = {}
+    for rules in names_of:
+        for r in rules:
+            seen = merged.get(r.id)
+            if seen is None:
+                merged[r.id] = r
+            elif not set(r.sources) <= set(seen.sources):
+                sources = tuple(sorted(set(seen.sources) | set(r.sources)))
+                merged[r.id] = NameRule(r.id, r.version, r.item, sources)
     container_plans = tuple(
         ContainerPlan(
             c,
@@ -564,7 +574,7 @@ def compile_cell(
         # CF installs every claimant's own rules in its own chain: counted per container.
         cf_equivalent_rules=sum(CF_CONTAINER_FIXED_LINES + index.entry(p).cf_lines for p in of),
         settings=settings or CellSettings(),
-        names=tuple(sorted(name_rules, key=lambda r: r.id)),
+        names=tuple(merged[k] for k in sorted(merged)),
     )
 
 
