@@ -286,6 +286,14 @@ def render(
             continue
         if len(families) > 1:
             click.echo(f"# {'iptables' if fam == 4 else 'ip6tables'}-restore --noflush")
+        named = [(f, fqdn, sid) for f, fqdn, sid in plan.name_sets() if f == fam]
+        if named:
+            from reconciler.core.cellplan import name_set
+            from reconciler.fqdn.kernelsets import ipset_create
+
+            click.echo("# name sets: ipset restore -exist; the agent fills them from DNS answers")
+            for f, fqdn, sid in named:
+                click.echo(f"# {ipset_create(name_set(f, sid), f)}  ({fqdn})")
         click.echo(render_text(plan, fam), nl=False)
 
 
@@ -310,7 +318,12 @@ def render(
     show_default=True,
     help="Only these containers: running (app instances and tasks), staging, or task.",
 )
-@click.option("--to", "to", required=True, help="IP[:PORT][/PROTO], e.g. 198.51.100.7:443/tcp.")
+@click.option(
+    "--to",
+    "to",
+    required=True,
+    help="IP[:PORT][/PROTO] or NAME[:PORT][/PROTO], e.g. 198.51.100.7:443/tcp, db.example.com:5432.",
+)
 @click.option("--icmp-type", type=int, default=None)
 @click.option("--icmp-code", type=int, default=None)
 @format_option("text", "json")

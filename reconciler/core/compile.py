@@ -472,6 +472,13 @@ def container_sources(policy: PolicySet, container: Container) -> list[Source]:
     return _index_for(policy).sources(container.lifecycle, container.space_id, container.app_id)
 
 
+def container_name_sources(policy: PolicySet, container: Container) -> frozenset[Provenance]:
+    """The egress policies that grant names to the container (used by `explain`)."""
+    index = _index_for(policy)
+    keys = bindings_for(container.lifecycle, container.space_id, container.app_id)
+    return frozenset(prov for key in keys for prov, _ in index.named.get(key, ()))
+
+
 def compile_cell(
     policy: PolicySet,
     containers: Iterable[Container],

@@ -1,4 +1,5 @@
-"""The `IP[:PORT][/PROTO]` notation shared by `asgctl explain`, policy tests and the lab."""
+"""The `IP[:PORT][/PROTO]` / `NAME[:PORT][/PROTO]` notation shared by `asgctl explain`,
+policy tests and the lab."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ _PORT_PROTOCOLS = ("tcp", "udp")
 _ALL_PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6")
 _BRACKETED = re.compile(r"^\[(?P<ip>[0-9A-Fa-f:.]+)\](?::(?P<port>[0-9]{1,5}))?$")
 _PLAIN = re.compile(r"^(?P<ip>[0-9.]+)(?::(?P<port>[0-9]{1,5}))?$")
+_NAME = re.compile(r"^(?P<name>[^:\[\]/]+)(?::(?P<port>[0-9]{1,5}))?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,12 +26,18 @@ class Endpoint:
     port: int | None = None
     icmp_type: int | None = None
     icmp_code: int | None = None
+    fqdn: str = ""
+    """A destination asked about by DNS name: then `address` means nothing, and `version` is
+    the family the protocol implies (4 for icmp, 6 for icmpv6) or 0 for either."""
 
     @property
     def address_text(self) -> str:
-        return address_text(self.version, self.address)
+        return self.fqdn or address_text(self.version, self.address)
 
     def __str__(self) -> str:
+        if self.fqdn:
+            text = self.fqdn if self.port is None else f"{self.fqdn}:{self.port}"
+            return f"{text}/{self.protocol}"
         addr = self.address_text
         if self.version == 6 and self.port is not None:
             addr = f"[{addr}]"
@@ -48,6 +56,9 @@ def parse_endpoint(
     body, _, proto = text.strip().partition("/")
     proto = proto.lower()
     match = _BRACKETED.match(body) or _PLAIN.match(body)
+    named = _NAME.match(body) if match is None else None
+    if named is not None and not _is_address(body):
+        return _name_endpoint(text, named["name"], named["port"], proto, icmp_type, icmp_code)
     if match is None:
         try:
             ip = ipaddress.ip_address(body)
@@ -84,3 +95,50 @@ def parse_endpoint(
     else:
         icmp_type = icmp_code = None
     return Endpoint(ip.version, int(ip), proto, port, icmp_type, icmp_code)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _name_endpoint(
+    text: str,
+    name: str,
+    port_text: str | None,
+    proto: str,
+    icmp_type: int | None,
+    icmp_code: int | None,
+) -> Endpoint:
+    """`db.example.com:5432`, `db.example.com:53/udp`, `db.example.com/icmp`: a concrete
+    host name (validated as a Destination's fqdns are; a wildcard is not a destination)."""
+    from reconciler.policy.grammar import fqdn_entry  # the one validator of names
+
+    fqdn, problem = fqdn_entry(name)
+    if problem is not None or fqdn is None:
+        raise ValueError(f"{text!r} is not IP[:PORT][/PROTO] or NAME[:PORT][/PROTO]: {problem}")
+    if fqdn.startswith("*."):
+        raise ValueError(f"{text!r}: ask about one name (db.example.com), not a wildcard")
+    port = int(port_text) if port_text is not None else None
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 1-65535")
+    if not proto:
+        if port is None:
+            raise ValueError(f"{text!r}: give a port (for tcp) or a protocol, e.g. /icmp")
+        proto = "tcp"
+    if proto not in _ALL_PROTOCOLS:
+        raise ValueError(f"protocol {proto!r} must be one of {', '.join(_ALL_PROTOCOLS)}")
+    if proto in _PORT_PROTOCOLS and port is None:
+        raise ValueError(f"{text!r}: {proto} needs a port")
+    if proto not in _PORT_PROTOCOLS and port is not None:
+        raise ValueError(f"{text!r}: {proto} takes no port")
+    version = {"icmp": 4, "icmpv6": 6}.get(proto, 0)
+    if proto in ("icmp", "icmpv6"):
+        icmp_type = (8 if proto == "icmp" else 128) if icmp_type is None else icmp_type
+        icmp_code = 0 if icmp_code is None else icmp_code
+    else:
+        icmp_type = icmp_code = None
+    return Endpoint(version, 0, proto, port, icmp_type, icmp_code, fqdn)

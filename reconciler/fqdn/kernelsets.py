@@ -41,15 +41,19 @@ def referenced_ipsets(text: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in _REFERENCED.finditer(text)}
 
 
+def ipset_create(name: str, family: int) -> str:
+    """The `ipset restore` line that creates a name's set (what `render` shows, too)."""
+    return (
+        f"create {name} hash:net family {'inet' if family == 4 else 'inet6'} "
+        f"timeout {IPSET_DEFAULT_TIMEOUT} maxelem {KERNEL_MAXELEM}"
+    )
+
+
 def ensure_ipsets(runner: Runner, sets: Mapping[str, int]) -> None:
     """Create the ipsets a transaction needs (existing ones are left as they are)."""
     if not sets:
         return
-    lines = [
-        f"create {name} hash:net family {'inet' if family == 4 else 'inet6'} "
-        f"timeout {IPSET_DEFAULT_TIMEOUT} maxelem {KERNEL_MAXELEM}"
-        for name, family in sorted(sets.items())
-    ]
+    lines = [ipset_create(name, family) for name, family in sorted(sets.items())]
     res = runner.run(["ipset", "restore", "-exist"], stdin="\n".join(lines) + "\n")
     if res.returncode != 0:
         raise DataplaneError(f"ipset could not create the name sets: {res.stderr.strip()}")
