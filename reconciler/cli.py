@@ -322,7 +322,7 @@ def render(
     "--to",
     "to",
     required=True,
-    help="IP[:PORT][/PROTO] or NAME[:PORT][/PROTO], e.g. 198.51.100.7:443/tcp, db.example.com:5432.",
+    help="IP[:PORT][/PROTO] or NAME[:PORT][/PROTO]: 198.51.100.7:443/tcp, db.example.com:5432.",
 )
 @click.option("--icmp-type", type=int, default=None)
 @click.option("--icmp-code", type=int, default=None)
