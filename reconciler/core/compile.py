@@ -472,6 +472,12 @@ def container_sources(policy: PolicySet, container: Container) -> list[Source]:
     return _index_for(policy).sources(container.lifecycle, container.space_id, container.app_id)
 
 
+def profile_names(policy: PolicySet, profile: Profile) -> dict[NameItem, frozenset[Provenance]]:
+    """The grants by name a container of this profile gets, with the documents granting
+    them (the plan diff compares them per principal, as `profile_rules` for addresses)."""
+    return {r.item: frozenset(r.sources) for r in _index_for(policy).names(profile)}
+
+
 def container_name_sources(policy: PolicySet, container: Container) -> frozenset[Provenance]:
     """The egress policies that grant names to the container (used by `explain`)."""
     index = _index_for(policy)
