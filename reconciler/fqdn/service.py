@@ -183,21 +183,9 @@ class FqdnService:
             states = sorted(self._states.values(), key=lambda s: (s.fqdn, s.family))
         return [s.to_dict(now) for s in states]
 
-    def metric_lines(self) -> list[str]:
-        """Prometheus text for the agent's /metrics."""
-        m = self.metrics
-        out = [
-            f"asg_fqdn_resolutions_total {m.resolutions}",
-            f"asg_fqdn_resolution_failures_total {m.failures}",
-            f"asg_fqdn_set_write_errors_total {m.write_errors}",
-            f"asg_fqdn_forged_answers_ignored_total {sum(c.stats.ignored for c in self.clients)}",
-        ]
+    def counts(self) -> list[tuple[str, int, int]]:
+        """(fqdn, family, live addresses) of every name kept: the per-name gauge."""
         now = self.clock()
         with self._lock:
-            states = list(self._states.values())
-        for s in states:
-            label = f'fqdn="{s.fqdn}",family="{s.family}"'
-            out.append(f"asg_fqdn_addresses{{{label}}} {len(s.live(now))}")
-        for name, count in sorted(m.capped.items()):
-            out.append(f'asg_fqdn_max_ips_hit_total{{fqdn="{name}"}} {count}')
-        return out
+            states = sorted(self._states.values(), key=lambda s: (s.fqdn, s.family))
+        return [(s.fqdn, s.family, len(s.live(now))) for s in states]
