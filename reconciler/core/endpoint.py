@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 
 from reconciler.core.model import address_text
+from reconciler.core.names import fqdn_entry
 
 _PORT_PROTOCOLS = ("tcp", "udp")
 _ALL_PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6")
@@ -115,8 +116,6 @@ def _name_endpoint(
 ) -> Endpoint:
     """`db.example.com:5432`, `db.example.com:53/udp`, `db.example.com/icmp`: a concrete
     host name (validated as a Destination's fqdns are; a wildcard is not a destination)."""
-    from reconciler.policy.grammar import fqdn_entry  # the one validator of names
-
     fqdn, problem = fqdn_entry(name)
     if problem is not None or fqdn is None:
         raise ValueError(f"{text!r} is not IP[:PORT][/PROTO] or NAME[:PORT][/PROTO]: {problem}")

@@ -44,7 +44,6 @@ __all__ = [
     "FieldError",
     "cf_exact_errors",
     "host_bits_notes",
-    "parse_destination_fqdns",
     "parse_destination_ips",
     "parse_port_ranges",
     "parse_rule",
@@ -801,103 +800,6 @@ def parse_destination_ips(
     if errors:
         return None, _dedupe(errors)
     return tuple(sorted(set(ranges))), []
-
-
-MAX_FQDNS_PER_DESTINATION = 256
-MAX_FQDN_LENGTH = 253
-"""RFC 1035 2.3.4: 255 octets on the wire, so 253 characters written without the root dot."""
-MAX_LABEL_LENGTH = 63
-MSG_FQDNS_MISSING = "missing destination fqdns"
-MSG_FQDNS_ENTRY = "fqdns entries must be strings"
-MSG_FQDNS_TOO_MANY = f"at most {MAX_FQDNS_PER_DESTINATION} fqdns per destination"
-_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
-
-
-def _msg_bad_fqdn(text: str, why: str) -> str:
-    return f"invalid fqdn '{_show(text)}', {why}"
-
-
-def fqdn_problem(name: str) -> str | None:
-    """Why `name` (already lower-cased, no trailing dot) is not a name we enforce, or None.
-
-    RFC 1123 2.1 host names: labels of letters, digits and inner hyphens, 1-63 characters,
-    253 in all, and a top-level label that is not all digits (so no address in disguise).
-    A wildcard is `*` as the whole left-most label, over at least two more labels: `*.com`
-    would grant a whole top-level domain."""
-    if not name:
-        return "must not be empty"
-    if any(c.isspace() for c in name):
-        return "must not contain whitespace"
-    if _parse_address(name) is not None or _parse_network(name) is not None:
-        return "is an IP address or CIDR: give it under ips"
-    if name == "*":
-        return "a bare * would allow every name: give a domain after it (*.example.com)"
-    labels = name.split(".")
-    wildcard = labels[0] == "*"
-    rest = labels[1:] if wildcard else labels
-    if any("*" in label for label in rest) or ("*" in labels[0] and not wildcard):
-        return "* may only be the whole left-most label (*.example.com)"
-    if len(name) > MAX_FQDN_LENGTH:
-        return f"must be at most {MAX_FQDN_LENGTH} characters"
-    for label in rest:
-        if not label:
-            return "must not contain empty labels"
-        if len(label) > MAX_LABEL_LENGTH:
-            return f"labels must be at most {MAX_LABEL_LENGTH} characters"
-        if not _LABEL_RE.fullmatch(label):
-            return (
-                "labels must be letters, digits and hyphens, not starting or ending with "
-                "a hyphen (RFC 1123)"
-            )
-    if len(rest) < 2:
-        if wildcard:
-            return "a wildcard needs at least two labels after * (*.example.com)"
-        return "must be a fully qualified name with at least two labels (db.example.com)"
-    if rest[-1].isdigit():
-        return "the top-level label must not be all digits"
-    return None
-
-
-def normalise_fqdn(text: str) -> str:
-    """The form names are compared and enforced in: lower case, without the root dot."""
-    lowered = text.lower()
-    return lowered[:-1] if lowered.endswith(".") and not lowered.endswith("..") else lowered
-
-
-def parse_destination_fqdns(value: object) -> tuple[tuple[str, ...] | None, list[FieldError]]:
-    """A Destination's `fqdns`: a name or a list of names, exact (`db.example.com`) or a
-    one-label wildcard (`*.s3.example.com`).  Lower-cased, sorted, duplicates dropped.
-    Never raises."""
-    field = "fqdns"
-    if value is None:
-        return None, [FieldError(field, MSG_FQDNS_MISSING)]
-    entries = value if isinstance(value, list) else [value]
-    if not entries:
-        return None, [FieldError(field, MSG_FQDNS_MISSING)]
-    if len(entries) > MAX_FQDNS_PER_DESTINATION:
-        return None, [FieldError(field, MSG_FQDNS_TOO_MANY)]
-    names: list[str] = []
-    errors: list[FieldError] = []
-    for entry in entries:
-        name, message = fqdn_entry(entry)
-        if message is not None:
-            errors.append(FieldError(field, message))
-        elif name is not None:
-            names.append(name)
-    if errors:
-        return None, _dedupe(errors)
-    return tuple(sorted(set(names))), []
-
-
-def fqdn_entry(entry: object) -> tuple[str | None, str | None]:
-    """One `fqdns` entry: its normalised name, or the message saying why it is not one."""
-    if not isinstance(entry, str):
-        return None, f"{MSG_FQDNS_ENTRY}, got {_show(entry)}"
-    name = normalise_fqdn(entry)
-    problem = fqdn_problem(name)
-    if problem is not None:
-        return None, _msg_bad_fqdn(entry, problem)
-    return name, None
 
 
 def _port_bounds(start: int, end: int) -> list[str]:

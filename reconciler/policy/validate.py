@@ -38,6 +38,7 @@ from reconciler.core.model import (
     Wave,
 )
 from reconciler.core.model import ChangeWindow as ChangeWindowModel
+from reconciler.core.names import fqdn_entry
 from reconciler.policy import grammar
 from reconciler.policy.findings import Finding, field_path
 from reconciler.policy.yamlsafe import Document, FieldPath
@@ -484,7 +485,7 @@ def _destination_fqdns(ctx: _Context) -> tuple[str, ...] | None:
     ok = True
     for i, entry in enumerate(entries):
         path: FieldPath = ("fqdns", i) if isinstance(raw, list) else ("fqdns",)
-        name, message = grammar.fqdn_entry(entry)
+        name, message = fqdn_entry(entry)
         if message is not None:
             ctx.error(path, message)
             ok = False
