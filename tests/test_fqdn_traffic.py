@@ -46,14 +46,19 @@ SERVICES = (
     ServiceSpec("db2", tcp_ports=(5432,)),
     ServiceSpec("evil", tcp_ports=(5432,)),
     ServiceSpec("dns"),
+    ServiceSpec("rr", tcp_ports=(5432,)),
 )
+RR = "rr.lab.example"
+RR_NET = "198.19.200.0/28"
+"""Sixteen more addresses of the `rr` service: one name, sixteen A records (round robin)."""
+RR_ADDRESSES = [f"198.19.200.{i}" for i in range(16)]
 
 
 def policy() -> PolicySet:
     port = (PortRange(5432, 5432),)
     return PolicySet(
         destinations=(
-            Destination("db", "tcp", (), port, fqdns=(DB,)),
+            Destination("db", "tcp", (), port, fqdns=(DB, RR)),
             Destination("s3", "tcp", (), port, fqdns=(S3,)),
         ),
         egress_policies=(
@@ -104,7 +109,11 @@ def cell(request: pytest.FixtureRequest, _stale_labs_reaped: None) -> Iterator[C
     try:
         assert lab.workdir is not None
         dns = LabDns(lab.services["dns"].netns, lab.services["dns"].ipv4, lab.workdir, TTL)
-        dns.start({DB: [lab.services["db1"].ipv4]})
+        rr = lab.services["rr"]
+        for address in RR_ADDRESSES:
+            lab.exec_in("rr", ["ip", "addr", "add", f"{address}/32", "dev", rr.ifname], check=True)
+        lab.cell_exec(["ip", "route", "add", RR_NET, "via", rr.ipv4], check=True)
+        dns.start({DB: [lab.services["db1"].ipv4], RR: RR_ADDRESSES})
         runner = Runner.in_netns(lab.cell)
         backend: Backend
         writer: SetWriter
@@ -203,3 +212,17 @@ def test_unsolicited_forged_answers_add_nothing(cell: Cell) -> None:
     assert evil not in cell.members()
     assert cell.members() == before
     assert not cell.allowed("web", "evil")
+
+
+def test_a_round_robin_name_of_16_addresses_works_50_times_in_a_row(cell: Cell) -> None:
+    """Whichever of the sixteen addresses a container was told, it connects: the agent
+    holds every address of the answer, not one per rule."""
+    cell.fqdn.want(cell.plan)
+    cell.refresh_now()
+    (set_name,) = {r.set_name for r in cell.plan.names if r.item.fqdn == RR}
+    assert set(cell.fqdn.writer.members(set_name) or {}) == set(RR_ADDRESSES)
+    for i in range(50):
+        target = RR_ADDRESSES[(i * 7) % 16]
+        outcome = cell.lab.probe_tcp("web", target, 5432).outcome
+        assert outcome is Outcome.CONNECTED, (i, target, outcome)
+    assert cell.lab.probe_tcp("other", RR_ADDRESSES[0], 5432).outcome is Outcome.REJECTED
