@@ -20,7 +20,7 @@ import pytest
 from asgctl_lab.dns import LabDns
 from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
 from asgctl_lab.probe import Outcome
-from reconciler.backends import Backend, Runner, converge
+from reconciler.backends import Backend, Runner, converge, open_backend
 from reconciler.backends.iptables.backend import IptablesBackend
 from reconciler.backends.nftables.backend import NftablesBackend
 from reconciler.core.cellplan import CellPlan
@@ -30,10 +30,10 @@ from reconciler.fqdn.dns import Client
 from reconciler.fqdn.keeper import FqdnSettings
 from reconciler.fqdn.kernelsets import IpsetWriter, NftWriter, SetWriter
 from reconciler.fqdn.service import FqdnService
-from tests.conftest import require_netns
+from tests.conftest import require_netns, skip_unless_available, tool_unavailable_reason
 from tests.dnskit import QTYPE_A, record, response
 
-VARIANTS = ("legacy", "nft", "nftables")
+VARIANTS = ("legacy", "nft", "libiptc", "nftables")
 DB = "db.lab.example"
 S3 = "*.s3.lab.example"
 TTL = 2
@@ -92,8 +92,12 @@ class Cell:
         return result.outcome is Outcome.CONNECTED
 
     def members(self) -> set[str]:
+        return set(self.members_or_none() or {})
+
+    def members_or_none(self) -> dict[str, int] | None:
+        """The name's set as the kernel holds it; None when there is no such set."""
         (set_name,) = {r.set_name for r in self.plan.names if r.item.fqdn == DB}
-        return set(self.fqdn.writer.members(set_name) or {})
+        return self.fqdn.writer.members(set_name)
 
     def refresh_now(self) -> None:
         """Ask every name at once (as if its refresh were due): the schedule itself is
@@ -104,6 +108,9 @@ class Cell:
 @pytest.fixture(scope="module", params=VARIANTS)
 def cell(request: pytest.FixtureRequest, _stale_labs_reaped: None) -> Iterator[Cell]:
     require_netns()
+    tools = ("ipset", "dnsmasq", *(("libiptc",) if request.param == "libiptc" else ()))
+    for tool in tools:
+        skip_unless_available(tool, tool_unavailable_reason(tool))
     lab = Lab(CONTAINERS, SERVICES).start()
     dns: LabDns | None = None
     try:
@@ -119,6 +126,8 @@ def cell(request: pytest.FixtureRequest, _stale_labs_reaped: None) -> Iterator[C
         writer: SetWriter
         if request.param == "nftables":
             backend, writer = NftablesBackend.open("auto", runner), NftWriter(runner)
+        elif request.param == "libiptc":
+            backend, writer = open_backend("libiptc", "legacy", runner), IpsetWriter(runner)
         else:
             backend, writer = IptablesBackend.open(request.param, runner), IpsetWriter(runner)
         plan = plan_for(lab)
@@ -226,3 +235,35 @@ def test_a_round_robin_name_of_16_addresses_works_50_times_in_a_row(cell: Cell) 
         outcome = cell.lab.probe_tcp("web", target, 5432).outcome
         assert outcome is Outcome.CONNECTED, (i, target, outcome)
     assert cell.lab.probe_tcp("other", RR_ADDRESSES[0], 5432).outcome is Outcome.REJECTED
+
+
+def test_a_cycle_that_converges_again_leaves_the_addresses_and_reports_no_drift(
+    cell: Cell,
+) -> None:
+    """The agent converges every cycle: a name's elements are state the resolver keeps,
+    never drift the dataplane repairs away."""
+    cell.fqdn.want(cell.plan)
+    cell.refresh_now()
+    before = cell.members()
+    assert before
+    result = converge(cell.backend, cell.plan, cell.plan)
+    assert result.ok, result.to_dict()
+    assert all(f.in_sync for f in result.families), result.to_dict()
+    assert cell.members() == before
+    assert cell.allowed("web", "db1")
+
+
+def test_a_name_no_plan_uses_loses_its_set(cell: Cell) -> None:
+    """When the policy stops naming the host, its rules go with the ruleset and its set with
+    them (an ipset once nothing references it; an nft set in the same transaction)."""
+    cell.fqdn.want(cell.plan)
+    cell.refresh_now()
+    without = compile_cell(PolicySet(), [Container("web", cell.lab.containers["web"].ipv4)], "lab")
+    try:
+        assert converge(cell.backend, without, cell.plan).ok
+        cell.fqdn.want(without)
+        assert cell.members_or_none() is None
+        assert not cell.allowed("web", "db1")
+    finally:
+        assert converge(cell.backend, cell.plan, without).ok
+        cell.fqdn.want(cell.plan)
