@@ -6,8 +6,6 @@ host names, lower-cased, and a wildcard is `*` as the whole left-most label only
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from click.testing import CliRunner
 
@@ -15,23 +13,7 @@ from reconciler.cli import main
 from reconciler.core.model import NameItem
 from reconciler.policy.load import load_folder
 from tests.policyrepo import write_tree
-
-DIRECTORY = """
-    kind: Directory
-    orgs:
-      - name: acme
-        guid: org-1
-        spaces:
-          - name: prod
-            guid: space-1
-            apps:
-              - {name: api, guid: app-1}
-    """
-
-
-def findings(tmp_path: Path, files: dict[str, str]) -> list[str]:
-    write_tree(tmp_path, {"directory.yaml": DIRECTORY, **files})
-    return [str(f) for f in load_folder(tmp_path).findings]
+from tests.test_validate import findings
 
 
 def test_a_destination_by_name_loads_lower_cased_sorted_and_deduplicated(tmp_path):

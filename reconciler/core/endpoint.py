@@ -72,6 +72,22 @@ def parse_endpoint(
         except ValueError:
             raise ValueError(f"{match['ip']!r} is not an IP address") from None
         port_text = match["port"]
+    port, proto, icmp_type, icmp_code = _rest(text, port_text, proto, icmp_type, icmp_code)
+    if proto == "icmp" and ip.version != 4:
+        raise ValueError("icmp needs an IPv4 address (use icmpv6)")
+    if proto == "icmpv6" and ip.version != 6:
+        raise ValueError("icmpv6 needs an IPv6 address")
+    return Endpoint(ip.version, int(ip), proto, port, icmp_type, icmp_code)
+
+
+def _rest(
+    text: str,
+    port_text: str | None,
+    proto: str,
+    icmp_type: int | None,
+    icmp_code: int | None,
+) -> tuple[int | None, str, int | None, int | None]:
+    """Port, protocol and ICMP type/code of an endpoint, by address or by name alike."""
     port = int(port_text) if port_text is not None else None
     if port is not None and not 1 <= port <= 65535:
         raise ValueError(f"port {port} is outside 1-65535")
@@ -85,17 +101,13 @@ def parse_endpoint(
         raise ValueError(f"{text!r}: {proto} needs a port")
     if proto not in _PORT_PROTOCOLS and port is not None:
         raise ValueError(f"{text!r}: {proto} takes no port")
-    if proto == "icmp" and ip.version != 4:
-        raise ValueError("icmp needs an IPv4 address (use icmpv6)")
-    if proto == "icmpv6" and ip.version != 6:
-        raise ValueError("icmpv6 needs an IPv6 address")
     if proto in ("icmp", "icmpv6"):
         echo = 8 if proto == "icmp" else 128
         icmp_type = echo if icmp_type is None else icmp_type
         icmp_code = 0 if icmp_code is None else icmp_code
     else:
         icmp_type = icmp_code = None
-    return Endpoint(ip.version, int(ip), proto, port, icmp_type, icmp_code)
+    return port, proto, icmp_type, icmp_code
 
 
 def _is_address(text: str) -> bool:
@@ -121,23 +133,6 @@ def _name_endpoint(
         raise ValueError(f"{text!r} is not IP[:PORT][/PROTO] or NAME[:PORT][/PROTO]: {problem}")
     if fqdn.startswith("*."):
         raise ValueError(f"{text!r}: ask about one name (db.example.com), not a wildcard")
-    port = int(port_text) if port_text is not None else None
-    if port is not None and not 1 <= port <= 65535:
-        raise ValueError(f"port {port} is outside 1-65535")
-    if not proto:
-        if port is None:
-            raise ValueError(f"{text!r}: give a port (for tcp) or a protocol, e.g. /icmp")
-        proto = "tcp"
-    if proto not in _ALL_PROTOCOLS:
-        raise ValueError(f"protocol {proto!r} must be one of {', '.join(_ALL_PROTOCOLS)}")
-    if proto in _PORT_PROTOCOLS and port is None:
-        raise ValueError(f"{text!r}: {proto} needs a port")
-    if proto not in _PORT_PROTOCOLS and port is not None:
-        raise ValueError(f"{text!r}: {proto} takes no port")
+    port, proto, icmp_type, icmp_code = _rest(text, port_text, proto, icmp_type, icmp_code)
     version = {"icmp": 4, "icmpv6": 6}.get(proto, 0)
-    if proto in ("icmp", "icmpv6"):
-        icmp_type = (8 if proto == "icmp" else 128) if icmp_type is None else icmp_type
-        icmp_code = 0 if icmp_code is None else icmp_code
-    else:
-        icmp_type = icmp_code = None
     return Endpoint(version, 0, proto, port, icmp_type, icmp_code, fqdn)

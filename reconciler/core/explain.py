@@ -166,9 +166,7 @@ def name_covers(rule: NameRule, ep: Endpoint) -> bool:
         return False
     if ep.version and ep.version != rule.version:
         return False
-    item = rule.item
-    anywhere = AddressRange(rule.version, 0, (1 << (32 if rule.version == 4 else 128)) - 1)
-    full = RuleItem(item.protocol, anywhere, item.ports, item.icmp_type, item.icmp_code)
+    full = rule.item.anywhere(rule.version)
     probe = Endpoint(rule.version, 0, ep.protocol, ep.port, ep.icmp_type, ep.icmp_code)
     return contains(item_space(full), probe)
 

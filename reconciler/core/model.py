@@ -156,6 +156,20 @@ class Rule:
         return packetspace.covers(packetspace.rule_space(self), packetspace.rule_space(other))
 
 
+def _key_tail(
+    ports: tuple[PortRange, ...], icmp_type: int | None, icmp_code: int | None
+) -> list[str]:
+    """The ports and ICMP part of an item's canonical text (`RuleItem.key`, `NameItem.key`)."""
+    parts = []
+    if ports:
+        parts.append(",".join(str(p) for p in ports))
+    if icmp_type is not None:
+        parts.append(f"type={icmp_type}")
+    if icmp_code is not None:
+        parts.append(f"code={icmp_code}")
+    return parts
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class RuleItem:
     """A rule with a single destination: what one line of the dataplane matches."""
@@ -174,12 +188,7 @@ class RuleItem:
     def key(self) -> str:
         """A canonical text form: the content that rule ids and group ids hash."""
         parts = [self.protocol, str(self.destination.version), str(self.destination)]
-        if self.ports:
-            parts.append(",".join(str(p) for p in self.ports))
-        if self.icmp_type is not None:
-            parts.append(f"type={self.icmp_type}")
-        if self.icmp_code is not None:
-            parts.append(f"code={self.icmp_code}")
+        parts += _key_tail(self.ports, self.icmp_type, self.icmp_code)
         if self.log:
             parts.append("log")
         return " ".join(parts)
@@ -226,14 +235,21 @@ class NameItem:
     def key(self) -> str:
         """A canonical text form: what a name rule's id hashes (never an address's key:
         `RuleItem.key` starts with a protocol and an IP version digit, this with `name`)."""
-        parts = ["name", self.protocol, self.fqdn]
-        if self.ports:
-            parts.append(",".join(str(p) for p in self.ports))
-        if self.icmp_type is not None:
-            parts.append(f"type={self.icmp_type}")
-        if self.icmp_code is not None:
-            parts.append(f"code={self.icmp_code}")
-        return " ".join(parts)
+        return " ".join(
+            [
+                "name",
+                self.protocol,
+                self.fqdn,
+                *_key_tail(self.ports, self.icmp_type, self.icmp_code),
+            ]
+        )
+
+    def anywhere(self, version: int) -> RuleItem:
+        """This grant's protocol, ports and ICMP match as an item to *every* address of a
+        family.  Only for what adds the name's set match itself (the renderers) or asks
+        about the protocol and ports alone (explain): never a rule on its own."""
+        everything = AddressRange(version, 0, (1 << (32 if version == 4 else 128)) - 1)
+        return RuleItem(self.protocol, everything, self.ports, self.icmp_type, self.icmp_code)
 
     def matches(self, qname: str) -> bool:
         """Whether an answer for `qname` (lower-case, no trailing dot) is an answer for this

@@ -24,7 +24,7 @@ from reconciler.core.cellplan import (
     log_id,
     port_chunks,
 )
-from reconciler.core.model import AddressRange, RuleItem
+from reconciler.core.model import RuleItem
 
 TOP_CHAIN = "ASG-FORWARD"
 CONTAINER_PREFIX = "ASG-C-"
@@ -275,9 +275,7 @@ def name_lines(chain: str, rule: NameRule) -> list[str]:
 
     The protocol and port matches are `_matches`' for the same item to every address; the
     set match goes right after `-p`, where iptables-save prints it."""
-    item = rule.item
-    anywhere = AddressRange(rule.version, 0, (1 << (32 if rule.version == 4 else 128)) - 1)
-    full = RuleItem(item.protocol, anywhere, item.ports, item.icmp_type, item.icmp_code)
+    full = rule.item.anywhere(rule.version)
     setmatch = f" -m set --match-set {rule.set_name} dst"
     comment = _comment("asg:n:" + rule.id)
     out = []

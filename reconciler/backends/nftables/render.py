@@ -590,9 +590,7 @@ def name_rule(rule: NameRule) -> str:
     """A grant by name: the destination's protocol and ports, to an address in the name's
     set.  The protocol and port matches are those of a logging rule for the same item to
     every address (`_log_rule_matches` leaves out a daddr match that covers everything)."""
-    item = rule.item
-    anywhere = AddressRange(rule.version, 0, (1 << (32 if rule.version == 4 else 128)) - 1)
-    full = RuleItem(item.protocol, anywhere, item.ports, item.icmp_type, item.icmp_code)
+    full = rule.item.anywhere(rule.version)
     daddr = _match(_payload(_ip(rule.version), "daddr"), "@" + rule.set_name)
     return canonical_rule([daddr, *_log_rule_matches(full), ACCEPT], "asg:n:" + rule.id)
 
