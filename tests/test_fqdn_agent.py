@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from asgctl_lab.dns import LabDns
+from asgctl_lab.gitserver import git
 from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
 from asgctl_lab.probe import Outcome
+from reconciler.status.document import parse_status
 from tests.agentkit import (  # noqa: F401 - fixtures
     ORG,
     SPACE,
@@ -107,6 +109,11 @@ def test_the_provider_moves_the_service_and_the_container_follows(
         doc = read_status(policy_repo.bare, "cell-a") or {}
         (entry,) = [n for n in doc["names"] if n["family"] == 4]
         assert entry["fqdn"] == DB and entry["count"] == 1
+        # The document with its names holds to the status schema every reader applies.
+        text = git(
+            "--git-dir", str(policy_repo.bare), "show", "refs/heads/status/cell-a:status.yaml"
+        )
+        assert parse_status(text, "status/cell-a").header["names"] == doc["names"]
     finally:
         dns.stop()
 
