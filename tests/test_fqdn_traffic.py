@@ -38,11 +38,11 @@ DB = "db.lab.example"
 S3 = "*.s3.lab.example"
 TTL = 2
 CONTAINERS = (
-    ContainerSpec("web", app_id="app-web", space_id="space-prod"),
+    ContainerSpec("web", app_id="app-web", space_id="space-prod", ipv6=True),
     ContainerSpec("other", app_id="app-other", space_id="space-prod"),
 )
 SERVICES = (
-    ServiceSpec("db1", tcp_ports=(5432, 5433)),
+    ServiceSpec("db1", tcp_ports=(5432, 5433), ipv6=True),
     ServiceSpec("db2", tcp_ports=(5432,)),
     ServiceSpec("evil", tcp_ports=(5432,)),
     ServiceSpec("dns"),
@@ -72,6 +72,8 @@ def plan_for(lab: Lab) -> CellPlan:
     inventory = [
         Container(s.handle, lab.containers[s.name].ipv4, s.app_id, s.space_id) for s in CONTAINERS
     ]
+    web6 = lab.containers["web"].ipv6 or ""
+    inventory.append(Container("web-v6", web6, "app-web", "space-prod"))
     return compile_cell(policy(), inventory, "lab")
 
 
@@ -86,17 +88,21 @@ class Cell:
     def addr(self, service: str) -> str:
         return self.lab.services[service].ipv4
 
-    def allowed(self, container: str, service: str, port: int = 5432) -> bool:
-        result = self.lab.probe_tcp(container, service, port)
+    def allowed(
+        self, container: str, service: str, port: int = 5432, *, ipv6: bool = False
+    ) -> bool:
+        result = self.lab.probe_tcp(container, service, port, ipv6=ipv6)
         assert result.outcome in (Outcome.CONNECTED, Outcome.REJECTED), str(result)
         return result.outcome is Outcome.CONNECTED
 
-    def members(self) -> set[str]:
-        return set(self.members_or_none() or {})
+    def members(self, family: int = 4) -> set[str]:
+        return set(self.members_or_none(family) or {})
 
-    def members_or_none(self) -> dict[str, int] | None:
-        """The name's set as the kernel holds it; None when there is no such set."""
-        (set_name,) = {r.set_name for r in self.plan.names if r.item.fqdn == DB}
+    def members_or_none(self, family: int = 4) -> dict[str, int] | None:
+        """The name's set of one family as the kernel holds it; None when there is none."""
+        (set_name,) = {
+            r.set_name for r in self.plan.names if r.item.fqdn == DB and r.version == family
+        }
         return self.fqdn.writer.members(set_name)
 
     def refresh_now(self) -> None:
@@ -120,7 +126,8 @@ def cell(request: pytest.FixtureRequest, _stale_labs_reaped: None) -> Iterator[C
         for address in RR_ADDRESSES:
             lab.exec_in("rr", ["ip", "addr", "add", f"{address}/32", "dev", rr.ifname], check=True)
         lab.cell_exec(["ip", "route", "add", RR_NET, "via", rr.ipv4], check=True)
-        dns.start({DB: [lab.services["db1"].ipv4], RR: RR_ADDRESSES})
+        db1 = lab.services["db1"]
+        dns.start({DB: [db1.ipv4, db1.ipv6 or ""], RR: RR_ADDRESSES})
         runner = Runner.in_netns(lab.cell)
         backend: Backend
         writer: SetWriter
@@ -148,11 +155,15 @@ def test_a_name_is_enforced_from_the_agents_own_resolution(cell: Cell) -> None:
     cell.fqdn.want(cell.plan)
     cell.refresh_now()
     assert cell.members() == {cell.addr("db1")}
+    assert cell.members(6) == {cell.lab.services["db1"].ipv6}
     assert cell.allowed("web", "db1"), "allowed db.lab.example:5432 after resolution"
     # A name never widens beyond its destination's protocol and ports...
     assert not cell.allowed("web", "db1", 5433)
     # ...nor to a container not granted the name.
     assert not cell.allowed("other", "db1")
+    # The name's AAAA answer fills its IPv6 set: the same grant over IPv6.
+    assert cell.allowed("web", "db1", ipv6=True), "allowed over IPv6 after resolution"
+    assert not cell.allowed("web", "db1", 5433, ipv6=True)
     # A wildcard is never resolved ahead: empty, so nothing, never everything.
     assert not cell.allowed("web", "evil")
     status = {(s["fqdn"], s["family"]): s for s in cell.fqdn.status()}
@@ -228,7 +239,7 @@ def test_a_round_robin_name_of_16_addresses_works_50_times_in_a_row(cell: Cell) 
     holds every address of the answer, not one per rule."""
     cell.fqdn.want(cell.plan)
     cell.refresh_now()
-    (set_name,) = {r.set_name for r in cell.plan.names if r.item.fqdn == RR}
+    (set_name,) = {r.set_name for r in cell.plan.names if r.item.fqdn == RR and r.version == 4}
     assert set(cell.fqdn.writer.members(set_name) or {}) == set(RR_ADDRESSES)
     for i in range(50):
         target = RR_ADDRESSES[(i * 7) % 16]

@@ -168,7 +168,10 @@ class FqdnService:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # never let the thread die: its names would lapse unseen
+                self.metrics.failures += 1
             nxt = self.next_due()
             wait = 60.0 if nxt is None else max(0.05, nxt - self.clock())
             self._wake.wait(min(wait, 60.0))
