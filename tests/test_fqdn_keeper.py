@@ -78,3 +78,16 @@ def test_status_is_bounded_and_counts_everything():
     shown = state.to_dict(1.0)
     assert shown["count"] == 40
     assert len(shown["addresses"]) == 32
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["0.0.0.0", "127.0.0.1", "169.254.169.254", "224.0.0.1", "240.0.0.1", "::", "::1", "fe80::1"],
+)
+def test_an_answer_pointing_at_the_cell_or_its_platform_adds_nothing(address):
+    """The attack: whoever controls a granted name's DNS answers the cloud metadata service
+    (or loopback, ...) to reach it through the grant.  Nothing is added; it is counted."""
+    state, write, _ = on_answer(DB, (address, "198.19.0.2"), 60, 0.0, S)
+    assert [a for a, _ in write.elements] == ["198.19.0.2"]
+    assert state.refused == 1
+    assert state.to_dict(1.0)["refused"] == 1

@@ -10,11 +10,16 @@ The rules (issue 15, item 3):
 * a name holds at most fqdn-max-ips live addresses per family; an answer past that adds
   nothing more and is counted (`capped`), never by evicting what containers may be using;
 * a wildcard is never resolved: it cannot be asked ahead of time and stays empty until the
-  answer interception (docs/fqdn.md) fills it.
+  answer interception (docs/fqdn.md) fills it;
+* an answer naming an address no container may be sent to through a name -- unspecified,
+  loopback, link-local (the cloud metadata service at 169.254.169.254), multicast or
+  reserved -- adds nothing: whoever controls a name's DNS must not be able to point a grant
+  at the cell itself or its platform (`refused` counts them).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, replace
 
 from reconciler.fqdn.kernelsets import Write
@@ -61,6 +66,8 @@ class NameState:
     error: str = ""
     capped: int = 0
     """Answers that had more addresses than fqdn-max-ips allowed in."""
+    refused: int = 0
+    """Addresses answered that no grant by name may reach (`usable`)."""
 
     @property
     def wildcard(self) -> bool:
@@ -85,7 +92,17 @@ class NameState:
             out["error"] = self.error
         if self.capped:
             out["capped"] = self.capped
+        if self.refused:
+            out["refused"] = self.refused
         return out
+
+
+def usable(address: str) -> bool:
+    """Whether an answered address may go into a name's set (see the module doc)."""
+    ip = ipaddress.ip_address(address)
+    return not (
+        ip.is_unspecified or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
+    )
 
 
 def on_answer(
@@ -97,8 +114,11 @@ def on_answer(
     live = dict(state.live(now))
     accepted: list[str] = []
     hit = False
+    refused = 0
     for address in addresses:
-        if address in live or len(live) < settings.max_ips:
+        if not usable(address):
+            refused += 1
+        elif address in live or len(live) < settings.max_ips:
             live[address] = expires
             accepted.append(address)
         else:
@@ -110,6 +130,7 @@ def on_answer(
         resolved_at=now,
         error="",
         capped=state.capped + (1 if hit else 0),
+        refused=state.refused + refused,
     )
     write = Write(state.set_name, state.family, tuple((a, timeout) for a in accepted))
     return new, write, hit
