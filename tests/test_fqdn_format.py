@@ -117,3 +117,11 @@ def test_a_wildcard_is_a_warning_that_it_allows_nothing_yet(tmp_path):
 )
 def test_a_wildcard_stands_for_exactly_one_label(pattern, qname, matches):
     assert NameItem("tcp", pattern).matches(qname) is matches
+
+
+def test_a_name_without_ports_allows_every_port_and_says_so(tmp_path):
+    doc = "kind: Destination\nname: db\nprotocol: tcp\nfqdns: db.lab.example\n"
+    assert findings(tmp_path, {"d.yaml": doc}) == [
+        "d.yaml:1:1: Destination/db: ports: warning: no ports given: tcp to these names on all "
+        "ports (1-65535)"
+    ]

@@ -443,8 +443,11 @@ def _destination(ctx: _Context) -> Destination | None:
         # The policy server's default, kept so existing repositories mean what they meant; but
         # a grant to every port is rarely what was wanted, so the reviewer is told.
         ports = _ALL_PORTS
-        if ips is not None:  # about the grant; with unreadable ips there is none to warn about
-            ctx.warn(("ports",), f"no ports given: {protocol} to these ips on all ports (1-65535)")
+        if ips is not None and fqdns is not None:  # with unreadable ones there is no grant
+            what = " and ".join(w for w, given in (("ips", ips), ("names", fqdns)) if given)
+            ctx.warn(
+                ("ports",), f"no ports given: {protocol} to these {what} on all ports (1-65535)"
+            )
     icmp_type = data.get("icmp_type")
     icmp_code = data.get("icmp_code")
     if protocol in ("icmp", "icmpv6"):
