@@ -6,7 +6,8 @@ temporary worktree (`git worktree add --detach`, removed afterwards) and runs th
 bench case alternately at the old revision and at HEAD, one round each (`--repeat 1`), for
 `--turns` turns, the order of the arms reversed every other turn.  Each run is a fresh
 interpreter whose own tree is first on its path: every revision is measured by its own
-`bench/dataplane_bench.py`, driving its own `reconciler` package.
+`bench/dataplane_bench.py`, driving its own `reconciler` package (each run fails if any
+`reconciler` module it loaded came from elsewhere, `OWN_MODULES`).
 
 Why each tree's own script, and not HEAD's script against the old package: HEAD's script
 drives today's API (cell settings, the ownership marker in `busy_counters`), which the old
@@ -21,15 +22,23 @@ rounded to the millisecond.  A figure under 1 ms at both revisions gets no ratio
 Reported: per figure the median of the old runs, of each HEAD arm, the ratio of the
 medians, and the median of the per-turn paired ratios.
 
+With `--cold`, the figure compared is a real one-shot `asgctl apply` from scratch, one fresh
+process per sample (`cold_apply`): no bench round before it, nothing rendered or imported
+ahead of it in its process, as on a cell.  The dataplane bench's "one-shot apply from scratch"
+column is a `converge(..., defer_install_verify=False)` inside the bench's process instead,
+after the bench rendered the plan for its raw restores (warm model caches, warm imports).
+
 Usage (as root): .venv/bin/python bench/compare_revisions.py --old a27512a --case 150k
-       [--turns 5] [--arm none --arm cf] [--record]
+       [--turns 5] [--arm none --arm cf] [--cold] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -151,16 +160,42 @@ def package_of(tree: Path) -> str:
     ).stdout.strip()
 
 
+# Ends each run below: every `reconciler` module it loaded must be its tree's own.  The
+# venv's editable install of HEAD resolves a module name the old tree lacks to HEAD's file,
+# so a run at the old revision could otherwise mix HEAD's code in without a word.  (No braces
+# here: SHIM is a format string.)
+OWN_MODULES = """
+def own_modules(tree):
+    import os, sys
+    strays = sorted(
+        name
+        for name, module in list(sys.modules.items())
+        if name.split(".")[0] == "reconciler"
+        and not (getattr(module, "__file__", None) or "").startswith(tree + os.sep)
+    )
+    if strays:
+        print("modules from outside " + tree + ": " + ", ".join(strays), file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(3)
+"""
+
 # Runs the tree's own benchmark as its `__main__` would, printing every time to the
 # microsecond: the script's `ms` (1 ms when printed) is replaced before it runs, nothing else.
-SHIM = """
+SHIM = (
+    OWN_MODULES
+    + """
 import sys
-sys.path.insert(0, sys.argv[1])
-sys.argv = [sys.argv[1] + "/{script}", *sys.argv[2:]]
+tree = sys.argv[1]
+sys.path.insert(0, tree)
+sys.argv = [tree + "/{script}", *sys.argv[2:]]
 import bench.dataplane_bench as bench
 bench.ms = lambda seconds: f"{{seconds * 1000:.3f}} ms"
-bench.main()
+try:
+    bench.main()
+finally:
+    own_modules(tree)
 """
+)
 
 
 def run(tree: Path, args: list[str]) -> str:
@@ -178,17 +213,175 @@ def run(tree: Path, args: list[str]) -> str:
     return done.stdout
 
 
+# One real `asgctl apply` at `tree` (the tree's own CLI `main`, as a cell runs it), with the
+# converge it calls timed from outside: the dataplane package's `converge` is wrapped before
+# the CLI's function-level import takes it (`reconciler.backends` since issue 18,
+# `reconciler.dataplane` before).  The IPv4 pass's phases come from the converge's result.
+# Which package by the tree's files, not by trying an import: the venv's editable install
+# would resolve a name missing from the old tree to HEAD's module.
+APPLY_SHIM = (
+    OWN_MODULES
+    + """
+import importlib, json, os, resource, sys, time
+tree = sys.argv[1]
+sys.path.insert(0, tree)
+sys.argv = ["asgctl", *sys.argv[2:]]
+name = "backends" if os.path.isdir(os.path.join(tree, "reconciler", "backends")) else "dataplane"
+package = importlib.import_module("reconciler." + name)
+real = package.converge
+
+def cpu():
+    who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, who))
+
+def timed(*args, **kwargs):
+    start, used = time.perf_counter(), cpu()
+    result = real(*args, **kwargs)
+    took, used = time.perf_counter() - start, cpu() - used
+    phases = {k: v for f in result.families if f.family == 4 for k, v in f.timings.items()}
+    print("COLD " + json.dumps({"converge": took, "cpu": used, "phases": phases}), file=sys.stderr)
+    return result
+
+package.converge = timed
+from reconciler.cli import main
+try:
+    main()
+finally:
+    own_modules(tree)
+"""
+)
+COLD_FIGURES = (
+    "asgctl apply process",
+    "asgctl apply process, CPU",
+    "before the converge (start, load, compile)",
+    "converge",
+    "converge, CPU",
+)
+
+
+def cold_inputs(case: str, where: Path) -> tuple[Path, Path]:
+    """The dataplane bench's case as files a cell has: the policy folder and store.json."""
+    from bench.compile_bench import build_repo, inventory
+    from bench.dataplane_bench import CASES
+    from reconciler.sources.cellstore import dump_store
+
+    policies = where / "policies"
+    policies.mkdir()
+    build_repo(policies, *CASES[case])
+    store = where / "store.json"
+    store.write_text(dump_store(inventory()))
+    return policies, store
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of this process's children waited for so far: around one
+    `subprocess.run`, that child's and its own children's (the iptables tools it ran).  Less
+    moved than wall time by other people's load on a shared machine."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def cold_apply(
+    tree: Path, case: str, inputs: tuple[Path, Path], backend: tuple[str, str, str]
+) -> Figures:
+    """One `asgctl apply` from scratch at `tree`, a fresh process in a fresh namespace; its
+    wall time (spawn to exit), the converge's, and the converge's IPv4 phases."""
+    from asgctl_lab.netns import Lab
+
+    label, kind, variant = backend  # as the dataplane bench's BACKENDS name them
+    policies, store = inputs
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tree),
+        # The dataplane bench's own xtables lock: other iptables runs on the host do not wait.
+        "XTABLES_LOCKFILE": str(Path(tempfile.gettempdir()) / "asgctl-bench-xtables.lock"),
+    }
+    # A real apply always has an underlay (given, or its default route's): `eth0`, rendered
+    # only, as the dataplane bench's CF-like settings name it.
+    argv = [sys.executable, "-c", APPLY_SHIM, str(tree), "apply", "--containers", str(store),
+            "--policies", str(policies), "--cell", "bench", "--backend", kind,
+            "--variant", variant, "--underlay-interface", "eth0"]  # fmt: skip
+    with Lab(conntrack=False) as lab:
+        used = _children_cpu()
+        start = time.perf_counter()
+        done = subprocess.run(
+            ["ip", "netns", "exec", lab.cell, *argv],
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        took, used = time.perf_counter() - start, _children_cpu() - used
+    marks = [line[5:] for line in done.stderr.splitlines() if line.startswith("COLD ")]
+    if done.returncode != 2 or len(marks) != 1:  # 2: something changed, as from scratch
+        raise RuntimeError(f"{tree}: apply exited {done.returncode}: {done.stderr[-800:]}")
+    inner = json.loads(marks[0])
+    out: Figures = dict(
+        zip(
+            ((case, label, f) for f in COLD_FIGURES),
+            (took, used, took - inner["converge"], inner["converge"], inner["cpu"]),
+            strict=True,
+        )
+    )
+    for phase, seconds in inner["phases"].items():
+        out[(case, label, f"converge: {phase}")] = seconds
+    return out
+
+
+def cold_turns(old_tree: Path, old: str, case: str, turns: int) -> dict[str, list[Figures]]:
+    """`turns` turns of one cold apply per backend and revision, the two revisions back to
+    back for each backend, which goes first alternating from turn to turn."""
+    from bench.dataplane_bench import BACKENDS
+
+    runs: dict[str, list[Figures]] = defaultdict(list)
+    with tempfile.TemporaryDirectory(prefix="asgctl-cold-") as tmp:
+        inputs = cold_inputs(case, Path(tmp))
+        for turn in range(turns):
+            figures: dict[str, Figures] = {old: {}, "cold": {}}
+            for backend in BACKENDS:
+                arms = [(old, old_tree), ("cold", ROOT)]
+                for label, tree in arms if turn % 2 == 0 else arms[::-1]:
+                    figures[label].update(cold_apply(tree, case, inputs, backend))
+            for label, got in figures.items():
+                runs[label].append(got)
+            print(f"  turn {turn + 1}/{turns} done", file=sys.stderr, flush=True)
+    return runs
+
+
+def bench_turns(
+    old_tree: Path, old: str, arms: list[str], common: list[str], turns: int
+) -> dict[str, list[Figures]]:
+    """`turns` turns of one dataplane bench run at the old revision and one at HEAD per
+    settings arm, the order reversed every other turn."""
+    runs: dict[str, list[Figures]] = defaultdict(list)
+    plan = [(old, old_tree, [])] + [(a, ROOT, ["--settings", a]) for a in arms]
+    for turn in range(turns):
+        for label, tree, extra in plan if turn % 2 == 0 else plan[::-1]:
+            figures = parse(run(tree, [*common, *extra]))
+            if not figures:
+                raise SystemExit(f"{label}: no figures in the output")
+            runs[label].append(figures)
+        print(f"  turn {turn + 1}/{turns} done", file=sys.stderr, flush=True)
+    return runs
+
+
 def ms(v: float) -> str:
     return f"{v * 1000:,.1f} ms" if v < 10 else f"{v:,.2f} s"
 
 
 def report(
-    old: str, arms: list[str], runs: dict[str, list[Figures]], case: str
+    old: str,
+    arms: list[str],
+    runs: dict[str, list[Figures]],
+    case: str,
+    figures: tuple[str, ...] = FIGURES,
+    phases: tuple[str, ...] = ("scratch:", "change:", "idle:"),
 ) -> tuple[list[str], list[str]]:
-    """The comparison table, and the figures over 5% (both ratios) at some HEAD arm."""
+    """The comparison table, and the figures over 5% (both ratios) at some HEAD arm:
+    `figures` in their order, then the phases of the cycles named by `phases`."""
     keys = sorted(
         {k for r in runs[old] for k in r},
-        key=lambda k: (k[1], FIGURES.index(k[2]) if k[2] in FIGURES else 99, k[2]),
+        key=lambda k: (k[1], figures.index(k[2]) if k[2] in figures else 99, k[2]),
     )
     head = " | ".join(f"HEAD {a} | {a} / old" for a in arms)
     lines = [
@@ -197,7 +390,7 @@ def report(
     ]
     over: list[str] = []
     for key in keys:
-        if key[2] not in FIGURES and not key[2].startswith(("scratch:", "change:", "idle:")):
+        if key[2] not in figures and not key[2].startswith(phases):
             continue
         base = [r.get(key) for r in runs[old]]
         if None in base:
@@ -214,7 +407,7 @@ def report(
                 continue
             paired = statistics.median(n / o for n, o in zip(new, base, strict=True) if o > 0)
             cols.append(f"{ms(mn)} | {mn / mo:.3f} ({paired:.3f})")
-            if key[2] in FIGURES and min(mn / mo, paired) > 1.05:
+            if key[2] in figures and min(mn / mo, paired) > 1.05:
                 over.append(f"{a}: {key[1]} {key[2]} ({mn / mo:.3f}, paired {paired:.3f})")
         lines.append(
             f"| {case} | {key[1]} | {key[2]} | {ms(statistics.median(base))} | {' | '.join(cols)} |"
@@ -232,10 +425,15 @@ def main() -> None:
         action="append",
         help="HEAD's cell settings to run in each turn (default: none, then cf)",
     )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="compare a real one-shot `asgctl apply` from scratch, a fresh process per sample",
+    )
     parser.add_argument("--record", action="store_true")
     parser.add_argument("--output", default="dataplane.md", help="file under bench/results/")
     args = parser.parse_args()
-    arms = args.arm or ["none", "cf"]
+    arms = ["cold"] if args.cold else args.arm or ["none", "cf"]
     started = time.perf_counter()
     head = revision()
     old_full = subprocess.run(
@@ -245,51 +443,78 @@ def main() -> None:
         check=True,
     ).stdout.strip()
     common = ["--case", args.case, "--repeat", "1", "--cf-repeat", "1"]
-    runs: dict[str, list[Figures]] = defaultdict(list)
     with worktree(args.old) as old_tree:
         for tree in (old_tree, ROOT):
             where = package_of(tree)
             if not where.startswith(str(tree)):
                 raise SystemExit(f"a run in {tree} would import reconciler from {where}")
-        plan = [(old_full, old_tree, [])] + [(a, ROOT, ["--settings", a]) for a in arms]
-        for turn in range(args.turns):
-            order = plan if turn % 2 == 0 else plan[::-1]
-            for label, tree, extra in order:
-                figures = parse(run(tree, [*common, *extra]))
-                if not figures:
-                    raise SystemExit(f"{label}: no figures in the output")
-                runs[label].append(figures)
-            print(f"  turn {turn + 1}/{args.turns} done", file=sys.stderr, flush=True)
-    lines, over = report(old_full, arms, runs, args.case)
+        if args.cold:
+            runs = cold_turns(old_tree, old_full, args.case, args.turns)
+        else:
+            runs = bench_turns(old_tree, old_full, arms, common, args.turns)
+    if args.cold:
+        lines, over = report(old_full, arms, runs, args.case, COLD_FIGURES, ("converge:",))
+    else:
+        lines, over = report(old_full, arms, runs, args.case)
     took = time.perf_counter() - started
     verdict = (
-        "no figure of the main table is more than 5% above the old revision's"
+        f"no figure {'compared' if args.cold else 'of the main table'} is more than 5% above "
+        "the old revision's"
         if not over
         else "over 5% (ratio of medians and paired ratio both): " + "; ".join(over)
     )
+    command = f"`.venv/bin/python bench/compare_revisions.py {' '.join(sys.argv[1:])}`"
+    if args.cold:
+        procedure = [
+            f"Command (as root): {command} ({args.turns} turns; in each, per backend, one "
+            f"`asgctl apply` from scratch at {old_full} and one at HEAD, back to back, which "
+            "goes first alternating from turn to turn; each apply a fresh process (the "
+            "revision's own CLI and package) in a fresh network namespace, on the dataplane "
+            f"bench's {args.case} policy folder and store.json, `--underlay-interface eth0`; "
+            f"medians over turns; {took:.0f} s in all).  Ratio: HEAD / old, of the medians, "
+            "and in brackets the median of the per-turn paired ratios; `-` where both are "
+            "under 1 ms.",
+            "",
+            "What is measured: `asgctl apply process` is the process's wall time, spawn to "
+            "exit; `converge` is the one `converge(backend, plan, None)` the CLI calls (timed "
+            "around it inside the process), the same call the dataplane bench's \"one-shot "
+            'apply from scratch" column times; `before the converge` is the difference '
+            "(interpreter start, imports, loading the policy folder and store, compiling the "
+            "plan, opening the backend); the `CPU` rows are user + system seconds (the "
+            "process's with the iptables tools it ran; the converge's in the same way, taken "
+            "inside), which other people's load on the machine moves less than wall time; "
+            "rows `converge: <phase>` are the IPv4 pass's phases.  "
+            "Nothing ran before the converge in its process but what `asgctl apply` itself "
+            "does, so every render cache and every lazily built table is cold, as on a cell; "
+            "in the dataplane bench the same converge runs after the bench rendered the plan "
+            "for its raw restores.",
+        ]
+    else:
+        procedure = [
+            f"Command (as root): {command} ({args.turns} turns, each running `{SCRIPT} "
+            f"{' '.join(common)}` once at {old_full} with its own script and package, and once "
+            f"at HEAD per settings arm ({', '.join(arms)}), the order reversed every other "
+            f"turn; medians over turns; {took:.0f} s in all).  Ratio: HEAD / old, of the "
+            "medians, and in brackets the median of the per-turn paired ratios; `-` where both "
+            "are under 1 ms.  Rows `<cycle>: <phase>` are the per-phase medians of the IPv4 "
+            "pass.",
+        ]
     body = [
         f"HEAD {head} against {old_full}, side by side.  Machine: {machine()}.",
         "",
-        f"Command (as root): `.venv/bin/python bench/compare_revisions.py "
-        f"{' '.join(sys.argv[1:])}` ({args.turns} turns, each running `{SCRIPT} "
-        f"{' '.join(common)}` once at {old_full} with its own script and package, and once at "
-        f"HEAD per settings arm ({', '.join(arms)}), the order reversed every other turn; "
-        f"medians over turns; {took:.0f} s in all).  Ratio: HEAD / old, of the medians, and in "
-        "brackets the median of the per-turn paired ratios; `-` where both are under 1 ms.  "
-        "Rows `<cycle>: <phase>` are the per-phase medians of the IPv4 pass.",
+        *procedure,
         "",
         *lines,
         "",
-        f"Verdict, {args.case}: {verdict}.",
+        f"Verdict, {args.case}{' cold' if args.cold else ''}: {verdict}.",
         "",
-        *(f"- `{k}`: {v}." for k, v in PROCEDURE_NOTES.items()),
+        *(() if args.cold else (f"- `{k}`: {v}." for k, v in PROCEDURE_NOTES.items())),
     ]
     text = "\n".join(body)
     print(text)
     if args.record:
-        begin = BEGIN.replace("-->", f"({args.case}) -->")
-        end = END.replace("-->", f"({args.case}) -->")
-        splice(RESULTS / args.output, begin, end, text)
+        which = f"({args.case}{', cold' if args.cold else ''}) -->"
+        splice(RESULTS / args.output, BEGIN.replace("-->", which), END.replace("-->", which), text)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,15 @@ matters is `asgctl plan --format markdown` end to end (a fresh interpreter, as C
 wall time and peak RSS, target under 30 s and 2 GB.  A second, in-process run splits the time
 into phases, and `--profile` prints where it goes function by function.
 
+`--against enforced` is the plan against the truth (issue 17): `asgctl plan --head HEAD`
+without --base, every cell planned against the revision its status branch says it applied.
+The fleet is mid-rollout: the cells' applied revisions are spread over `--revisions` commits
+(each widening one more rule of a small ASG), so the plan checks each claimed revision,
+compiles each once, and diffs every group of cells against its own base.
+
 Usage: python bench/plan_bench.py [--cells N] [--containers N] [--asgs N]
-                                  [--inventory files|status] [--profile] [--record]
+                                  [--inventory files|status] [--against base|enforced]
+                                  [--revisions N] [--profile] [--record]
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -33,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from asgctl_lab.gitserver import git  # noqa: E402
-from bench.common import RESULTS, machine  # noqa: E402
+from bench.common import RESULTS, machine, revision  # noqa: E402
 from reconciler.status.write import dump_status  # noqa: E402
 
 ORGS, SPACES_PER_ORG, APPS_PER_SPACE = 100, 10, 10  # 1,000 spaces, 10,000 apps
@@ -43,6 +51,7 @@ GLOBAL_RUNNING, GLOBAL_STAGING = 3, 2
 STAGING_SHARE = 0.04  # of containers
 CHANGED_SHARE = 0.10  # of spaces bound to the ASG the PR edits
 TARGET_SECONDS, TARGET_MIB = 30.0, 2048.0
+ROLLOUT_ASGS = (100, 200, 300, 400, 500, 600, 700, 800)  # edited one per revision, in order
 
 
 NOTES = """\
@@ -78,12 +87,29 @@ runs: the load average is recorded above, and CPU time is the figure to compare.
 """
 
 
+TRUTH_NOTES = """\
+## What the plan against the truth adds
+
+`asgctl plan --head HEAD` reads every status branch once (the same forked parse as the
+`--inventory status` case, now also keeping each document's `lastAppliedRevision`), checks
+each distinct claimed revision with one `git cat-file --batch-check` lookup and one
+`git merge-base`, loads and validates each distinct revision once (cells on the same revision
+share it), and runs one diff per group of cells.  Against the base-only plan, the extra cost is
+one load + validation per distinct revision (about as long as the head's) and a per-group
+diff whose cells are compiled against their own base.  No wall-clock target is asserted in a
+test; the figures above are the record.
+"""
+
+
 def guid(kind: int, n: int) -> str:
     return f"{kind:08x}-0000-4000-8000-{n:012x}"
 
 
-def build(root: Path, cells: int, per_cell: int, asgs: int, inventory: str) -> dict[str, int]:
-    """A policy repo with two commits (base, head) and the fleet's inventory."""
+def build(
+    root: Path, cells: int, per_cell: int, asgs: int, inventory: str, revisions: int = 0
+) -> dict[str, int]:
+    """A policy repo with two commits (base, head) and the fleet's inventory; with
+    `revisions`, that many commits before the head, applied round-robin by the cells."""
     rng = random.Random(42)
     pol = root / "policies"
     (pol / "security-groups").mkdir(parents=True)
@@ -134,18 +160,27 @@ def build(root: Path, cells: int, per_cell: int, asgs: int, inventory: str) -> d
                 doc["staging_spaces"] = bound[g][:3]
         return doc
 
-    def write_groups(edited: bool) -> None:
+    def write_groups(edited: set[int]) -> None:
         per_file = 100
         for f in range(0, asgs, per_file):
-            docs = [group(g, edited and g == changed) for g in range(f, min(asgs, f + per_file))]
+            docs = [group(g, g in edited) for g in range(f, min(asgs, f + per_file))]
             text = yaml.safe_dump_all(docs, sort_keys=False)
             (pol / "security-groups" / f"groups-{f // per_file:03d}.yaml").write_text(text)
 
-    write_groups(False)
+    rollout = set(ROLLOUT_ASGS[: max(0, revisions - 1)])
+    applied: list[str] = []
+    write_groups(set())
     git("init", "-q", "-b", "main", cwd=root)
     git("add", "-A", cwd=root)
     git("commit", "-q", "-m", "base", cwd=root)
-    write_groups(True)
+    for r in range(1, revisions):  # r0 is the base; each later one widens one more ASG
+        applied.append(git("rev-parse", "HEAD", cwd=root).strip())
+        write_groups(set(ROLLOUT_ASGS[:r]))
+        message = f"rollout {r}: widen one rule of asg-{ROLLOUT_ASGS[r - 1]}"
+        git("commit", "-q", "-am", message, cwd=root)
+    if revisions:
+        applied.append(git("rev-parse", "HEAD", cwd=root).strip())
+    write_groups(rollout | {changed})
     git("commit", "-q", "-am", "head: widen one rule of asg-0042", cwd=root)
 
     total = 0
@@ -175,15 +210,16 @@ def build(root: Path, cells: int, per_cell: int, asgs: int, inventory: str) -> d
             d.mkdir(parents=True)
             (d / "store.json").write_text(json.dumps(store))
     else:
-        _status_branches(root, stores)
+        _status_branches(root, stores, applied)
     return {"spaces": len(spaces), "apps": len(apps), "containers": total}
 
 
-def _status_branches(root: Path, stores: dict[str, dict]) -> None:
-    """One `status/<cell>` branch per cell with a status.yaml, written by git fast-import."""
+def _status_branches(root: Path, stores: dict[str, dict], applied: list[str]) -> None:
+    """One `status/<cell>` branch per cell with a status.yaml, written by git fast-import;
+    with `applied`, cell n says it enforces `applied[n % len(applied)]`."""
     buf = io.StringIO()
     rng = random.Random(7)
-    for name, store in stores.items():
+    for n, (name, store) in enumerate(stores.items()):
         # Shaped like the agent's status document: header fields, then per container the
         # contract fields plus its chain, groups and the documents behind them.
         doc = {
@@ -208,6 +244,8 @@ def _status_branches(root: Path, stores: dict[str, dict]) -> None:
             ],
             "history": [{"revision": "main@sha1:" + "0" * 40, "status": "Applied"}],
         }
+        if applied:
+            doc["lastAppliedRevision"] = "main@sha1:" + applied[n % len(applied)]
         data = dump_status(doc).encode()
         buf.write(f"commit refs/heads/status/{name}\n")
         buf.write("committer bench <bench@example.invalid> 1700000000 +0000\n")
@@ -221,20 +259,22 @@ def _status_branches(root: Path, stores: dict[str, dict]) -> None:
     )
 
 
-def end_to_end(root: Path, inventory: str) -> tuple[float, float, float, int, int]:
+def end_to_end(
+    root: Path, inventory: str, against: str = "base"
+) -> tuple[float, float, float, int, int]:
     """`asgctl plan` in a fresh interpreter: wall s, CPU s, peak RSS MiB, exit code, size.
 
     CPU time (user + system, forked workers included) is reported beside wall time because
     the machine is shared: other work running at the same time stretches wall time only.
     """
     inv = ["--inventory", "cells"] if inventory == "files" else ["--inventory", "status"]
+    base = ["--base", "HEAD~1"] if against == "base" else []
     cmd = [
         sys.executable,
         "-c",
         "from reconciler.cli import main; main()",
         "plan",
-        "--base",
-        "HEAD~1",
+        *base,
         "--head",
         "HEAD",
         "--policies",
@@ -275,6 +315,82 @@ def _cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _start(profile: bool) -> tuple[cProfile.Profile | None, list[tuple[str, float, float]], Any]:
+    """The profiler (with --profile), and the first phase: the head, loaded and validated."""
+    from reconciler.policy.load import load_policy
+
+    prof = cProfile.Profile() if profile else None
+    if prof:
+        prof.enable()
+    t, c = time.perf_counter(), _cpu()
+    head = load_policy("policies", "HEAD")
+    return prof, [("load + validate head", time.perf_counter() - t, _cpu() - c)], head
+
+
+def _finish(
+    prof: cProfile.Profile | None, text: str, times: list[tuple[str, float, float]]
+) -> tuple[list[tuple[str, float, float]], str]:
+    """The phases with the plan's summary line last, and the profile's top functions."""
+    stats = ""
+    if prof:
+        prof.disable()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+        stats = s.getvalue()
+    summary = next(line for line in text.splitlines() if line.startswith("**"))
+    times.append((summary.strip("*"), 0.0, 0.0))
+    return times, stats
+
+
+def truth_phases(root: Path, profile: bool) -> tuple[list[tuple[str, float, float]], str]:
+    """`plan --head HEAD` without --base in-process, timed phase by phase."""
+    os.chdir(root)
+    from reconciler.ci.plan import (
+        MAX_WORKERS,
+        base_groups,
+        diff_groups,
+        load_inventory,
+        locate,
+        read_truth,
+    )
+    from reconciler.ci.report.plan import PlanReport, Revision, render_markdown
+    from reconciler.core.model import PolicySet
+    from reconciler.sources.inventories import StatusBranches
+
+    prof, times, head = _start(profile)
+    t, c = time.perf_counter(), _cpu()
+    place = locate("policies")
+    found = StatusBranches(str(place.top)).read()
+    cells, described, _skipped = load_inventory(["status"], place, (head.policy,), found)
+    times.append(
+        ("inventory (status), with applied revisions", time.perf_counter() - t, _cpu() - c)
+    )
+    t, c = time.perf_counter(), _cpu()
+    sha = git("rev-parse", "HEAD", cwd=root).strip()
+    assert place.top is not None
+    workers = min(os.cpu_count() or 1, MAX_WORKERS)
+    names = [x.cell for x in cells]
+    truth = read_truth("policies", place.top, sha, names, found.applied, True, workers)
+    n = len(truth.policies)
+    times.append((f"check claims, load + validate {n} bases", time.perf_counter() - t, _cpu() - c))
+    t, c = time.perf_counter(), _cpu()
+    gc.freeze()  # as run_plan does
+    jobs = [
+        (truth.policies[a] if a else PolicySet(), m) for _k, _s, a, m in base_groups(truth, cells)
+    ]
+    diffs = diff_groups(jobs, head.policy, place.prefix, workers)
+    times.append((f"diff {len(diffs)} groups", time.perf_counter() - t, _cpu() - c))
+    t, c = time.perf_counter(), _cpu()
+    from reconciler.ci.plan import merge_diffs
+
+    report = PlanReport(
+        Revision(""), Revision("HEAD"), "policies", described, merge_diffs(diffs), head.findings
+    )
+    text = render_markdown(report)
+    times.append(("markdown report", time.perf_counter() - t, _cpu() - c))
+    return _finish(prof, text, times)
+
+
 def phases(root: Path, inventory: str, profile: bool) -> tuple[list[tuple[str, float, float]], str]:
     """The same work in-process, timed phase by phase (and profiled with --profile)."""
     os.chdir(root)
@@ -283,13 +399,7 @@ def phases(root: Path, inventory: str, profile: bool) -> tuple[list[tuple[str, f
     from reconciler.core.diff import diff_plans
     from reconciler.policy.load import load_policy
 
-    prof = cProfile.Profile() if profile else None
-    if prof:
-        prof.enable()
-    times: list[tuple[str, float, float]] = []
-    t, c = time.perf_counter(), _cpu()
-    head = load_policy("policies", "HEAD")
-    times.append(("load + validate head", time.perf_counter() - t, _cpu() - c))
+    prof, times, head = _start(profile)
     t, c = time.perf_counter(), _cpu()
     base = load_policy("policies", "HEAD~1")
     times.append(("load + validate base", time.perf_counter() - t, _cpu() - c))
@@ -309,15 +419,7 @@ def phases(root: Path, inventory: str, profile: bool) -> tuple[list[tuple[str, f
     )
     text = render_markdown(report)
     times.append(("markdown report", time.perf_counter() - t, _cpu() - c))
-    stats = ""
-    if prof:
-        prof.disable()
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
-        stats = s.getvalue()
-    summary = next(line for line in text.splitlines() if line.startswith("**"))
-    times.append((summary.strip("*"), 0.0, 0.0))
-    return times, stats
+    return _finish(prof, text, times)
 
 
 def main() -> None:
@@ -326,6 +428,18 @@ def main() -> None:
     ap.add_argument("--containers", type=int, default=250)
     ap.add_argument("--asgs", type=int, default=2000)
     ap.add_argument("--inventory", choices=["files", "status"], default="status")
+    ap.add_argument(
+        "--against",
+        choices=["base", "enforced"],
+        default="base",
+        help="enforced: `plan --head HEAD` without --base, against the cells' applied revisions",
+    )
+    ap.add_argument(
+        "--revisions",
+        type=int,
+        default=4,
+        help="with --against enforced: distinct revisions the cells have applied",
+    )
     ap.add_argument("--profile", action="store_true", help="print the top functions by time")
     ap.add_argument("--record", action="store_true", help="write bench/results/plan.md")
     ap.add_argument(
@@ -334,6 +448,10 @@ def main() -> None:
         help="build the repo in DIR and reuse it on later runs (same shape options)",
     )
     args = ap.parse_args()
+    truth = args.against == "enforced"
+    if truth and args.inventory != "status":
+        ap.error("--against enforced reads the status branches: use --inventory status")
+    revisions = args.revisions if truth else 0
     with tempfile.TemporaryDirectory(prefix="plan-bench-") as tmp:
         root = Path(args.keep or tmp)
         t = time.perf_counter()
@@ -342,13 +460,16 @@ def main() -> None:
             shape = json.loads(marker.read_text())
         else:
             root.mkdir(parents=True, exist_ok=True)
-            shape = build(root, args.cells, args.containers, args.asgs, args.inventory)
+            shape = build(root, args.cells, args.containers, args.asgs, args.inventory, revisions)
             marker.write_text(json.dumps(shape))
         setup = time.perf_counter() - t
         load_before = os.getloadavg()[0]
-        wall, cpu, rss, rc, size = end_to_end(root, args.inventory)
+        wall, cpu, rss, rc, size = end_to_end(root, args.inventory, args.against)
         load_after = os.getloadavg()[0]
-        steps, stats = phases(root, args.inventory, args.profile)
+        if truth:
+            steps, stats = truth_phases(root, args.profile)
+        else:
+            steps, stats = phases(root, args.inventory, args.profile)
         os.chdir(ROOT)
     ok = wall < TARGET_SECONDS and rss < TARGET_MIB
     rows = [
@@ -357,6 +478,13 @@ def main() -> None:
         ("spaces / apps", f"{shape['spaces']:,} / {shape['apps']:,}"),
         ("change", f"one rule of an ASG bound to {CHANGED_SHARE:.0%} of the spaces"),
         ("inventory", args.inventory),
+        (
+            "planned against",
+            f"what each cell enforces: {revisions} applied revisions, round-robin "
+            f"(the newest {revisions - 1} commits behind the head widen one more rule each)"
+            if truth
+            else "the base (HEAD~1)",
+        ),
         ("`asgctl plan` wall time", f"{wall:.1f} s (target < {TARGET_SECONDS:.0f} s)"),
         ("`asgctl plan` CPU time (user + sys)", f"{cpu:.1f} s"),
         ("`asgctl plan` peak RSS", f"{rss:,.0f} MiB (target < {TARGET_MIB:,.0f} MiB)"),
@@ -380,7 +508,18 @@ def main() -> None:
     print(f"\n(setup, not timed: {setup:.1f} s)")
     if stats:
         print(stats)
-    if args.record:
+    if args.record and truth:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "plan_truth.md").write_text(
+            "# asgctl plan against the truth at fleet scale (issue 17)\n\n"
+            f"Machine: {machine()}.\n\nCode: {revision()}.\n\n"
+            f"Command: `python bench/plan_bench.py --cells {args.cells} "
+            f"--containers {args.containers} --asgs {args.asgs} --inventory status "
+            f"--against enforced --revisions {args.revisions} --record`\n\n{table}\n\n"
+            f"{TRUTH_NOTES}"
+        )
+        print(f"wrote {RESULTS / 'plan_truth.md'}")
+    elif args.record:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "plan.md").write_text(
             "# asgctl plan at fleet scale\n\n"

@@ -15,6 +15,7 @@ from typing import TextIO
 
 import click
 
+from reconciler.cfcompare import cf_compare_cmd
 from reconciler.cli_options import format_option
 from reconciler.escape import visible
 from reconciler.sources.cc import CCError, Client, Progress
@@ -34,7 +35,8 @@ CLIENT_ENV = "ASGCTL_CF_CLIENT_ID"
 
 @click.group("cf")
 def cf_group() -> None:
-    """Work with a live Cloud Foundry (Cloud Controller v3 API)."""
+    """Work with a live Cloud Foundry: sync its view from the Cloud Controller v3 API, compare
+    what a cell's CF chains enforce with the plan."""
 
 
 class _ProgressLine:
@@ -185,3 +187,6 @@ def _report(
         f"{outcome.unchanged} unchanged"
     )
     click.echo("\n".join(lines))
+
+
+cf_group.add_command(cf_compare_cmd)

@@ -12,6 +12,7 @@ from reconciler.agent.config import (
     AgentConfig,
     ConfigError,
     build_config,
+    file_gate_settings,
     parse_duration,
     parse_share,
     redact_url,
@@ -20,13 +21,11 @@ from reconciler.agent.core import (
     CycleView,
     Problem,
     Refusal,
-    RevokeShare,
     add_history,
     ancestry_verdict,
     container_changes,
     cycle_conditions,
     merge_conditions,
-    revoke_share,
     revoke_verdict,
     signature_verdict,
     validation_verdict,
@@ -37,6 +36,7 @@ from reconciler.agent.state import AgentState, Applied, Head, from_persisted, to
 from reconciler.agent.status import build_status, fingerprint
 from reconciler.agent.verify import SignatureCheck, parse_trailers, trailer_true
 from reconciler.core.compile import compile_cell
+from reconciler.core.gate import DEFAULT_GATE, GateSettings, RevokeCount, revoke_count
 from reconciler.core.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.policy.findings import Finding
 from reconciler.status.document import Condition, containers_from_status
@@ -87,6 +87,35 @@ def test_config_mistakes_are_errors_not_silence() -> None:
         build_config({**BASE, "backend": "nft"}, {})
     with pytest.raises(ConfigError, match="variant: 'legacyy'"):
         build_config({**BASE, "variant": "legacyy"}, {})
+
+
+def test_the_mass_revoke_floor_is_a_whole_number_from_the_file_or_the_flag() -> None:
+    assert build_config(BASE, {}).mass_revoke_min == 100
+    cfg = build_config({**BASE, "mass-revoke-min": 20}, {"mass_revoke_min": 0})
+    assert cfg.mass_revoke_min == 0  # the flag wins, and 0 (no floor) is allowed
+    assert cfg.gate == GateSettings(0.5, 0, "Asgctl-Allow-Mass-Revoke")
+    for bad in (-1, "ten", "100", 1.5, True):
+        with pytest.raises(ConfigError, match=r"^mass-revoke-min: expected a whole number >= 0"):
+            build_config({**BASE, "mass-revoke-min": bad}, {})
+    with pytest.raises(ConfigError, match="mass-revoke-trailer: a trailer key"):
+        build_config({**BASE, "mass-revoke-trailer": "Allow\nMass-Revoke"}, {})
+
+
+def test_status_shows_the_gate_settings_the_plan_judges_with() -> None:
+    cfg = build_config({**BASE, "mass-revoke-min": 7, "mass-revoke-trailer": "Ok-Revoke"}, {})
+    shown = cfg.public()
+    assert (shown["massRevokeThreshold"], shown["massRevokeMin"]) == (0.5, 7)
+    assert shown["massRevokeTrailer"] == "Ok-Revoke"
+
+
+def test_an_agent_config_file_gives_the_plan_its_gate_settings() -> None:
+    assert file_gate_settings({}) == DEFAULT_GATE
+    values = {"mass-revoke-threshold": "30%", "mass-revoke-min": 5, "mass-revoke-trailer": "X-Ok"}
+    assert file_gate_settings(values) == GateSettings(0.3, 5, "X-Ok")
+    with pytest.raises(ConfigError, match="mass-revoke-min"):
+        file_gate_settings({"mass-revoke-min": -3})
+    with pytest.raises(ConfigError, match="mass-revoke-threshold"):
+        file_gate_settings({"mass-revoke-threshold": "150%"})
 
 
 def test_urls_lose_their_credentials_in_status() -> None:
@@ -164,16 +193,23 @@ CONTAINERS = (
 
 
 def test_mass_revoke_counts_access_per_container_and_honours_the_override() -> None:
+    """Was: pairs by rule digest, 50% alone.  Now (core/gate.py): packets lost net of the
+    same container's gains, over the share *and* the floor, or the cell emptied."""
     old = compile_cell(_policy("198.19.0.1", "198.19.0.2", "198.19.0.3", "198.19.0.4"), CONTAINERS)
     half = compile_cell(_policy("198.19.0.1", "198.19.0.2"), CONTAINERS)
     most = compile_cell(_policy("198.19.0.1"), CONTAINERS)
-    assert revoke_share(old, half) == RevokeShare(4, 8)
-    assert revoke_share(old, most).share == 0.75
-    assert revoke_verdict(revoke_share(old, half), 0.5, False, "T") is None  # not *more* than
-    v = revoke_verdict(revoke_share(old, most), 0.5, False, "Asgctl-Allow-Mass-Revoke")
-    assert v is not None and v.reason == "MassRevokeBlocked" and "6 of 8" in v.message
-    assert revoke_verdict(revoke_share(old, most), 0.5, True, "T") is None
-    assert revoke_verdict(revoke_share(None, most), 0.5, False, "T") is None  # nothing to lose
+    none = compile_cell(_policy(), CONTAINERS)
+    assert revoke_count(old, half) == RevokeCount(4, 8, 4, 0, 2, False)
+    assert revoke_count(old, most).share == 0.75
+    no_floor = GateSettings(0.5, 0, "Asgctl-Allow-Mass-Revoke")
+    assert revoke_verdict(revoke_count(old, half), no_floor, False) is None  # not *more* than
+    v = revoke_verdict(revoke_count(old, most), no_floor, False)
+    assert v is not None and v.reason == "MassRevokeBlocked" and "6 of the cell's 8" in v.message
+    assert revoke_verdict(revoke_count(old, most), no_floor, True) is None
+    assert revoke_verdict(revoke_count(old, most), DEFAULT_GATE, False) is None  # 6 < 100
+    v = revoke_verdict(revoke_count(old, none), DEFAULT_GATE, False)  # emptied: floor or not
+    assert v is not None and "all of the cell's access" in v.message
+    assert revoke_verdict(revoke_count(None, most), no_floor, False) is None  # nothing to lose
 
 
 # -- conditions and history ----------------------------------------------------------------
@@ -386,7 +422,8 @@ def test_the_sample_config_and_units_agree_with_the_code() -> None:
     # Every setting is there to be found, set or commented out, and every backend is named.
     import re
 
-    from reconciler.agent.config import _KEYS, BACKENDS
+    from reconciler.agent.config import _KEYS
+    from reconciler.backends import BACKENDS
 
     text = (root / "agent.yaml").read_text()
     listed = set(re.findall(r"^#? ?([a-z][a-z-]*):", text, re.M))

@@ -47,9 +47,9 @@ from reconciler.agent.cycle import (
     Converge,
     Decision,
     HeadFacts,
+    HeadTrust,
     Need,
     Observation,
-    Provenance,
     Target,
     decide,
     inventory_unchanged,
@@ -73,6 +73,8 @@ from reconciler.status.document import Condition
 CELL = "c1"
 CFG = build_config({"source": "git://x/y.git", "containers": "/s.json", "cell": CELL}, {})
 SIGNED = replace(CFG, verify="signed")
+FLOOR_6 = replace(CFG, mass_revoke_min=6)
+FLOOR_0 = replace(CFG, mass_revoke_min=0)
 NOW = "2026-01-01T00:00:00.000Z"
 APPLIED_SHA = "a" * 40
 HEAD_SHA = "b" * 40
@@ -128,7 +130,7 @@ def _facts(
     return HeadFacts(
         HEAD_SHA,
         commit=_commit(message, signature is not None),
-        provenance=Provenance(signature, descends),
+        trust=HeadTrust(signature, descends),
         revision=Result(policy if policy is not None else OLD, findings),
         cache_intact=True if findings else None,
     )
@@ -171,12 +173,12 @@ UNTRUSTED = SignatureCheck(False, UNTRUSTED_SIGNATURE, "signed, but not by a tru
     [
         (HeadFacts(HEAD_SHA), Need.COMMIT),
         (HeadFacts(HEAD_SHA, malformed="oversized"), None),
-        (HeadFacts(HEAD_SHA, commit=_commit()), Need.PROVENANCE),
+        (HeadFacts(HEAD_SHA, commit=_commit()), Need.TRUST),
         # A bad signature or a rewind ends the reading: the files are never parsed.
-        (HeadFacts(HEAD_SHA, commit=_commit(), provenance=Provenance(UNSIGNED, True)), None),
-        (HeadFacts(HEAD_SHA, commit=_commit(), provenance=Provenance(None, False)), None),
+        (HeadFacts(HEAD_SHA, commit=_commit(), trust=HeadTrust(UNSIGNED, True)), None),
+        (HeadFacts(HEAD_SHA, commit=_commit(), trust=HeadTrust(None, False)), None),
         (
-            HeadFacts(HEAD_SHA, commit=_commit(), provenance=Provenance(TRUSTED, True)),
+            HeadFacts(HEAD_SHA, commit=_commit(), trust=HeadTrust(TRUSTED, True)),
             Need.REVISION,
         ),
         # A head that fails validation makes the agent check its cache before blaming it.
@@ -201,7 +203,7 @@ def test_the_gates_ask_for_one_fact_at_a_time(facts: HeadFacts, need: Need | Non
 
 
 def test_a_rewind_is_read_on_when_rewinds_are_allowed() -> None:
-    facts = HeadFacts(HEAD_SHA, commit=_commit(), provenance=Provenance(None, False))
+    facts = HeadFacts(HEAD_SHA, commit=_commit(), trust=HeadTrust(None, False))
     assert next_need(facts, APPLIED_SHA, allow_rewind=True) is Need.REVISION
 
 
@@ -218,9 +220,13 @@ def test_a_rewind_is_read_on_when_rewinds_are_allowed() -> None:
         (_facts(descends=False), replace(CFG, allow_rewind=True), None),
         (_facts(findings=(ERROR,)), CFG, VALIDATION_FAILED),
         (_facts(findings=(replace(ERROR, severity="warning"),)), CFG, None),
-        (_facts(_policy(1)), CFG, MASS_REVOKE_BLOCKED),  # 6 of 8 (container, rule) pairs go
-        (_facts(_policy(1), message=f"Cut\n\n{TRAILER}: true"), CFG, None),
-        (_facts(_policy(1, 2)), CFG, None),  # half: not more than the 50% threshold
+        # 6 of 8 (container, rule) pairs go: over 50%, and over a floor of 6 (core/gate.py)
+        (_facts(_policy(1)), FLOOR_6, MASS_REVOKE_BLOCKED),
+        (_facts(_policy(1), message=f"Cut\n\n{TRAILER}: true"), FLOOR_6, None),
+        (_facts(_policy(1)), CFG, None),  # the same 6 pairs: under the default floor of 100
+        (_facts(_policy()), CFG, MASS_REVOKE_BLOCKED),  # all access to nothing: floor or not
+        (_facts(_policy(2, 3, 4, 5)), FLOOR_0, None),  # 1 swapped for 5: nothing taken away
+        (_facts(_policy(1, 2)), FLOOR_0, None),  # half: not more than the 50% threshold
         (_facts(_policy(1, 2, 3, 4, 5), signature=TRUSTED), SIGNED, None),
     ],
     ids=[
@@ -233,6 +239,9 @@ def test_a_rewind_is_read_on_when_rewinds_are_allowed() -> None:
         "warnings-only",
         "mass-revoke",
         "mass-revoke-override",
+        "under-the-floor",
+        "all-to-nothing",
+        "port-swap",
         "revoke-at-threshold",
         "signed-and-growing",
     ],
@@ -296,7 +305,7 @@ def test_without_an_applied_revision_there_is_nothing_to_revoke() -> None:
 
 
 def test_judging_a_head_that_was_not_read_far_enough_is_a_bug() -> None:
-    with pytest.raises(ValueError, match="commit and provenance"):
+    with pytest.raises(ValueError, match="commit and trust"):
         judge_head(
             HeadFacts(HEAD_SHA, commit=_commit()),
             applied=APPLIED,

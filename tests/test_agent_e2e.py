@@ -287,7 +287,8 @@ def test_untrusted_invalid_rewound_and_mass_revoking_heads_wait(
         containers=str(store),
         netns=lab.cell,
         verify="signed",
-        **{"allowed-signers": str(allowed)},
+        # Four containers: lower the floor so 28 pairs can be a mass revoke (core/gate.py).
+        **{"allowed-signers": str(allowed), "mass-revoke-min": 25},
         **BARE_CELL,
     )
     bare = policy_repo.bare
@@ -336,7 +337,9 @@ def test_untrusted_invalid_rewound_and_mass_revoking_heads_wait(
     three = {"sg.yaml": sg("web", tcp_rules(3))}
     revoke = policy_repo.commit("drop seven of ten", three, sign_with=trusted)
     doc = refused("MassRevokeBlocked", revoke)
-    assert "28 of 40" in doc["refused"]["message"]  # 4 containers x 7 rules of 4 x 10
+    # 4 containers x 7 rules of 4 x 10: over 50% and over the floor of 25
+    assert "28 of the cell's 40" in doc["refused"]["message"]
+    assert "28 >= the floor of 25" in doc["refused"]["message"]
 
     override = policy_repo.commit(
         "drop seven of ten\n\nAsgctl-Allow-Mass-Revoke: true", three, sign_with=trusted

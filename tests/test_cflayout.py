@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from asgctl_lab.netns import Lab
-from reconciler.backends.iptables.cflayout import render_cf, rule_count
+from reconciler.backends.iptables.cflayout import render_asg_sync, render_cf, rule_count
 from reconciler.core.cellplan import CF_CONTAINER_FIXED_LINES, CellPlan
 from reconciler.core.compile import cf_equivalent_rules, compile_cell
 from reconciler.core.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
@@ -107,3 +107,22 @@ def test_the_kernel_accepts_the_layout(variant: str, make_lab: Callable[..., Lab
             check=True,
         ).stdout
         assert rule_count(saved) == rule_count(text)
+
+
+def test_an_asg_sync_rewrites_only_the_asg_and_log_chains_with_render_cfs_lines() -> None:
+    """What the VPA's ASG poll changes (render_asg_sync): each container's `asg-` chain and
+    its log chain, redeclared (so flushed) and refilled; never FORWARD or `netout--<c>`."""
+    plan = one_container((_rule("tcp", "198.19.1.1", "443", log=True),))
+    full = render_cf(plan, 4).splitlines()
+    (asg,) = [ln.split()[0][1:] for ln in full if ln.startswith(":asg-")]
+    (log,) = [ln.split()[0][1:] for ln in full if ln.startswith(":netout--") and "--log " in ln]
+    lines = render_asg_sync(plan, 4).splitlines()
+    assert lines == [
+        "*filter",
+        f":{asg} - [0:0]",
+        f":{log} - [0:0]",
+        *[ln for ln in full if ln.startswith((f"-A {asg} ", f"-A {log} "))],
+        "COMMIT",
+    ]
+    assert any("-g " + log in ln for ln in lines)  # the logged rule, and its chain with it
+    assert render_asg_sync(plan, 6) == ""  # no IPv6 container: nothing to write

@@ -31,7 +31,7 @@ from click.testing import CliRunner
 import reconciler.core.compile as compile_module
 from asgctl_lab.netns import Lab
 from reconciler.agent.config import build_config
-from reconciler.agent.core import condition, container_changes, revoke_share
+from reconciler.agent.core import condition, container_changes
 from reconciler.agent.loop import SYNC, Agent
 from reconciler.backends import Runner
 from reconciler.backends.iptables import render as iptables
@@ -43,6 +43,7 @@ from reconciler.backends.nftables.parse import NftState
 from reconciler.cli import main
 from reconciler.core.cellplan import CellSettings, PlanError, content_id
 from reconciler.core.compile import compile_cell
+from reconciler.core.gate import revoke_count
 from reconciler.core.model import AddressRange, Container, PolicySet, PortRange, Rule, RuleItem
 from reconciler.core.model import SecurityGroup as Group
 from reconciler.sources.cellstore import dump_store
@@ -228,8 +229,9 @@ def test_change_log_and_mass_revoke_gate_compare_rules_not_ids(collision: None) 
         ("c0", 1, 1),
         ("c1", 1, 1),
     ]
-    share = revoke_share(wide, narrow)  # narrowing the wide rule revokes it from both
-    assert (share.removed, share.total) == (2, 2)
+    # Narrowing the wide rule revokes it from both: the gate compares packets, not ids.
+    share = revoke_count(wide, narrow)
+    assert (share.net_lost, share.total) == (2, 2)
 
 
 # ----------------------------------------------------------------------------- every id equal

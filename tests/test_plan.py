@@ -22,18 +22,20 @@ from click.testing import CliRunner
 
 from reconciler.backends.iptables.render import render_cell
 from reconciler.ci.plan import run_plan
-from reconciler.ci.report import MARKER, PlanReport, Revision, render_markdown
+from reconciler.ci.report import MARKER, PlanReport, Revision, render, render_markdown
 from reconciler.cli import main
 from reconciler.core.compile import compile_cell
 from reconciler.core.diff import (
     CF_RULES_ERROR,
     CF_RULES_WARNING,
     CellDiff,
+    ChainDiff,
     PlanDiff,
     _family_diff,
     _limit_notices,
     diff_plans,
 )
+from reconciler.core.gate import RevokeCount
 from reconciler.core.model import CellInventory, Container, Space
 from reconciler.policy.load import load_folder
 from reconciler.sources.cellstore import InventoryError, dump_store
@@ -178,18 +180,16 @@ def test_destination_without_ports_is_marked_all_ports(tmp_path):
         assert "+ tcp 198.19.10.11 all ports" in out, out
 
 
-def test_removed_rule(tmp_path):
-    repo = policy_repo(tmp_path)
-    edit(
-        repo,
-        "security-groups/platform-dns.yaml",
-        """  - protocol: tcp
+DNS_OVER_TCP = """  - protocol: tcp
     destination: 198.19.53.53
     ports: "53"
     description: DNS over TCP for large answers
-""",
-        "",
-    )
+"""
+
+
+def test_removed_rule(tmp_path):
+    repo = policy_repo(tmp_path)
+    edit(repo, "security-groups/platform-dns.yaml", DNS_OVER_TCP, "")
     commit_all(repo, "drop DNS over TCP")
     md = golden_pair(repo, "removed-rule", 2)
     reason = "SecurityGroup/platform-dns rules[1] removed"
@@ -297,6 +297,88 @@ def test_plan_too_big_for_one_comment(tmp_path):
     assert "not shown" in md
     assert_golden("plan/too-big.md", md)
     assert_golden("plan/too-big.txt", text)
+
+
+def retire_defaults(repo: Path) -> None:
+    (repo / "policies" / "security-groups" / "platform-dns.yaml").unlink()
+    path = repo / "policies" / "egress-policies.yaml"
+    text = path.read_text()
+    path.write_text(text[: text.index("---\nkind: EgressPolicy\nname: everyone-to-metrics")])
+
+
+def test_mass_revoke_gate(tmp_path):
+    """Retiring the global DNS group and the default metrics grant: cell-4 runs one
+    container whose only access those were, so its access goes to nothing and its agent
+    would refuse (floor or not); the other cells keep some access, lose fewer pairs than the
+    floor, and would apply it."""
+    repo = policy_repo(tmp_path)
+    write_tree(repo, {"cells/cell-4.json": dump_store([c("worker-0", "198.18.4.2", "", "", "")])})
+    retire_defaults(repo)
+    commit_all(repo, "retire the platform DNS group and the default metrics grant")
+    md = golden_pair(repo, "mass-revoke", 2)
+    gate = md.split("#### Mass-revoke gate", 1)[1].split("#### Access", 1)[0]
+    assert "1 cell would refuse this change" in gate
+    assert "| cell-4 | 3 / 3 | all access goes to nothing (100% > 50%) |" in gate
+    assert "<code>Asgctl-Allow-Mass-Revoke: true</code>" in gate
+    assert "cell-3" not in gate  # 5 of 6 pairs: 83%, but under the floor of 100
+    _, text = plan(repo, "text")
+    assert "cell cell-4: the plan takes away all of the cell's access" in text
+    code, out = plan(repo, "json")
+    assert code == 2
+    doc = json.loads(out)
+    assert doc["mass_revoke_gate"] == {
+        "settings": "the agent's defaults",
+        "cells_refusing": ["cell-4"],
+    }
+    by_cell = {x["cell"]: x["mass_revoke"] for x in doc["cells"]}
+    assert by_cell["cell-4"]["refused"] and by_cell["cell-4"]["rule"] == "to-nothing"
+    assert (by_cell["cell-3"]["net_lost"], by_cell["cell-3"]["total"]) == (5, 6)
+    assert not by_cell["cell-3"]["refused"]
+
+
+def test_the_plan_judges_the_gate_with_an_agent_config(tmp_path, monkeypatch):
+    repo = policy_repo(tmp_path)
+    (repo / "policies" / "security-groups" / "platform-dns.yaml").unlink()
+    commit_all(repo, "retire the platform DNS group")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "agent.yaml").write_text(
+        "mass-revoke-min: 4\nmass-revoke-trailer: Ops-Approved-Revoke\n"
+    )
+    args = ["plan", "--base", "HEAD~1", "--policies", str(repo / "policies")]
+    args += ["--inventory", str(repo / "cells"), "--agent-config", "agent.yaml"]
+    result = CliRunner().invoke(main, [*args, "--format", "text"])
+    assert result.exit_code == 0, result.output
+    assert "Mass-revoke gate: 1 cell would refuse this change (settings: from agent.yaml)" in (
+        result.output
+    )
+    assert (
+        "cell cell-3: the plan takes away 4 of the cell's 6 allowed container-rule pairs (net of "
+        "what the same containers gain) (66.7% > 50% threshold, and 4 >= the floor of 4); lets it "
+        "through: Ops-Approved-Revoke: true"
+    ) in result.output
+    assert 'Add "Ops-Approved-Revoke: true" to the merge commit' in result.output
+    (tmp_path / "agent.yaml").write_text("mass-revoke-min: -1\n")
+    bad = CliRunner().invoke(main, [*args, "--format", "text"])
+    assert bad.exit_code == 1
+    assert "agent.yaml: mass-revoke-min: expected a whole number >= 0" in bad.output
+
+
+def test_a_gate_section_for_a_whole_fleet_stays_short_in_a_comment():
+    """A change that empties 400 cells names 30 of them in the PR comment and counts the
+    rest; the text form and JSON list every one."""
+    chain = ChainDiff(4, "ASG-C-x", "delete", 0, 1, ("- -A ASG-C-x -j ACCEPT",))
+    emptied = RevokeCount(3, 3, 3, 0, 1, True)
+    cells = tuple(
+        CellDiff(f"cell-{i:03d}", "s", 1, 1, (chain,), 3, 0, revoke=emptied) for i in range(400)
+    )
+    report = PlanReport(Revision("a"), Revision("b"), "policies", "x", PlanDiff(cells, ()))
+    md = render_markdown(report)
+    gate = md.split("#### Mass-revoke gate", 1)[1].split("#### Access", 1)[0]
+    assert "400 cells would refuse this change" in gate and "| and 370 more |" in gate
+    assert "| cell-029 |" in gate and "| cell-030 |" not in gate
+    text = render(report, "text")
+    assert text.count(": the plan takes away all of the cell's access") == 400
+    assert len(json.loads(render(report, "json"))["mass_revoke_gate"]["cells_refusing"]) == 400
 
 
 # ----------------------------------------------------------------------------- behaviour
@@ -484,6 +566,38 @@ def test_hostile_status_branches_are_skipped_with_a_warning_not_a_traceback(tmp_
     assert "quoted" not in warnings and "evil" not in result.output
 
 
+def test_the_plan_judges_each_cell_with_the_gate_settings_its_status_branch_reports(tmp_path):
+    """An agent reports its mass-revoke settings in status (`source`); the plan judges that
+    cell's gate with them.  A status branch is untrusted: a value no agent could run with
+    (a trailer that would forge a line, a share over 100%) skips the cell, named."""
+    repo = policy_repo(tmp_path)
+    strict = {"massRevokeThreshold": 0.1, "massRevokeMin": 1, "massRevokeTrailer": "Payments-Ok"}
+    for rel, containers in CELLS.items():
+        doc = yaml.safe_load(status_text(containers))
+        if rel.startswith("cells/cell-1/"):
+            doc["source"] = strict
+        status_branch(repo, cell_name_for(rel), yaml.safe_dump(doc))
+    forged = yaml.safe_load(status_text([]))
+    forged["source"] = {"massRevokeTrailer": "Ok\n::warning::x"}
+    status_branch(repo, "forged", yaml.safe_dump(forged))
+    forged["source"] = {"massRevokeThreshold": 5}
+    status_branch(repo, "wide", yaml.safe_dump(forged))
+    edit(repo, "security-groups/platform-dns.yaml", DNS_OVER_TCP, "")
+    commit_all(repo, "drop DNS over TCP")
+    report = run_plan(str(repo / "policies"), "HEAD~1", "HEAD")
+    assert report.gate_settings == "as each cell reports on its status branch"
+    gated = {c.cell: c.gate for c in report.diff.gated_cells}
+    assert list(gated) == ["cell-1"]  # over its 10% and its floor of 1; the others: defaults
+    n = gated["cell-1"].count
+    assert (n.net_lost, n.total) == (4, 20) and "20% > 10%" in gated["cell-1"].reason
+    assert gated["cell-1"].override == "Payments-Ok: true"
+    warnings = "\n".join(report.warnings)
+    assert "refs/heads/status/forged:status.yaml: source.massRevokeTrailer" in warnings
+    assert "refs/heads/status/wide:status.yaml: source.massRevokeThreshold: must be at most 1" in (
+        warnings
+    )
+
+
 def test_status_entries_are_held_to_the_store_rules():
     # Free text is a handle, as in CF; one that could forge a line is held to no access.
     bad = 'containers:\n- handle: "a;b"\n  ip: 198.18.0.2\n- handle: "c\\x1bd"\n  ip: 198.18.0.3\n'
@@ -609,7 +723,9 @@ def test_markdown_cut_keeps_the_summary_at_any_limit(tmp_path):
         assert "**Plan: 3 cells change" in cut and "Cut to fit one comment" in cut
 
 
-def test_an_invalid_base_is_compared_as_empty_and_said_so(tmp_path):
+def test_an_invalid_base_without_status_branches_is_compared_as_empty_and_said_so(tmp_path):
+    """No status branch says what the cells enforce: the empty comparison is all there is,
+    and the note says it shows no loss (tests/test_plan_truth.py: with status branches)."""
     repo = policy_repo(tmp_path)
     edit(repo, "destinations.yaml", "ips: 198.19.30.30", "ips: 198.19.30.300")
     commit_all(repo, "broken main")
@@ -617,7 +733,8 @@ def test_an_invalid_base_is_compared_as_empty_and_said_so(tmp_path):
     commit_all(repo, "fixed")
     code, text = plan(repo, "text")
     assert code == 2
-    assert "Warning: the base revision does not validate (1 error), so the plan compares" in text
+    assert "Note: the base HEAD~1 does not validate (1 error): no cell applied it" in text
+    assert "compares the head with an EMPTY policy, so no access lost is shown" in text
 
 
 def test_forked_workers_give_the_same_diff(tmp_path):

@@ -89,6 +89,17 @@ def test_policy_pr_workflow_validates_tests_plans_and_keeps_one_comment():
         if "asgctl validate" in step.get("run", "") or "asgctl test" in step.get("run", ""):
             assert step["env"]["HEAD_SHA"] == "${{ github.event.pull_request.head.sha }}"
     assert "--format markdown --detailed-exitcode" in script
+    # Issue 17: the plan is against what the cells enforce (their status branches, fetched),
+    # and against the PR's base only when there is no status branch at all.
+    (fetch,) = [s for s in steps if "refs/heads/status/*" in s.get("run", "")]
+    assert "+refs/heads/status/*:refs/remotes/origin/status/*" in fetch["run"]
+    (plan_step,) = [s for s in steps if "asgctl plan" in s.get("run", "")]
+    assert steps.index(fetch) < steps.index(plan_step)
+    assert plan_step["env"]["HEAD_SHA"] == "${{ github.event.pull_request.head.sha }}"
+    plans = [x for x in plan_step["run"].splitlines() if "asgctl plan" in x]
+    assert plans and all('asgctl plan "${against[@]}" --head "$HEAD_SHA"' in x for x in plans)
+    assert 'against=(--base "$BASE_SHA")' in plan_step["run"]
+    assert 'refs/remotes/origin/status/)" ]; then' in plan_step["run"]
     assert f"marker='{MARKER}'" in script and "--method PATCH" in script
     # Pull-request values reach the shell through env, never through ${{ }} in a script.
     for step in steps:

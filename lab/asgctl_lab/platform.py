@@ -1147,6 +1147,32 @@ def install_cf_layout(
             raise PlatformError(f"{cell}: CF's chains did not install: {exc}") from None
 
 
+def sync_cf_asgs(info: LabInfo, policy: Any) -> None:
+    """Give CF's chains in every cell the ASGs of `policy`, as the vxlan-policy-agent's ASG
+    poll does after the Cloud Controller's security groups changed (`render_asg_sync`: each
+    container's `asg-` chain rewritten in one transaction; netout, overlay and vpa chains
+    untouched).  Restoring the seed's policy gives back the chains `up` installed.
+    """
+    from reconciler.backends.iptables.cflayout import render_asg_sync
+    from reconciler.core.cellplan import CellSettings
+    from reconciler.core.compile import compile_cell
+
+    if not info.cf_layout:
+        raise PlatformError(f"lab {info.name} has no CF chains (`asgctl lab up --cf-layout`)")
+    underlay = (UNDERLAY_IF,)
+    for cell in info.cells:
+        containers = cell_containers(info.spec, info.net, info.guids, cell)
+        plan = compile_cell(policy, containers, cell, CellSettings(underlay, underlay))
+        text = render_asg_sync(plan, 4)
+        if not text:
+            continue
+        argv = [f"iptables-{info.cf_layout}-restore", "--noflush"]
+        try:
+            run(netns_exec_argv(info.cell_netns(cell), argv), input=text)
+        except NetnsError as exc:
+            raise PlatformError(f"{cell}: CF's ASG chains did not update: {exc}") from None
+
+
 def _start_git(
     directory: Path,
     spec: LabSpec,

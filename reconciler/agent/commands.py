@@ -30,6 +30,12 @@ def _opt(*names: str, **kwargs: Any) -> Any:
 @_opt("--backend", help="Dataplane backend (iptables, libiptc, ...).  [default: iptables]")
 @_opt("--variant", help="iptables variant: auto, legacy or nft.  [default: auto]")
 @_opt("--netns", help="Enforce in this network namespace (lab and tests).")
+@_opt(
+    "--mode",
+    type=click.Choice(["enforce", "shadow"]),
+    help="shadow: write nothing to the kernel; compare the plan with CF's chains every cycle "
+    "and report parity in status and metrics.  [default: enforce]",
+)
 @_opt("--once", is_flag=True, help="One cycle, push status, exit (for a systemd timer).")
 @_opt("--state-dir", help="Cache, state and status repo.  [default: /var/lib/asgctl]")
 @_opt("--fetch-depth", type=int, help="Depth of the first fetch (0 = full).  [default: 1]")
@@ -40,7 +46,16 @@ def _opt(*names: str, **kwargs: Any) -> Any:
 @_opt("--allowed-signers", help="SSH allowed signers file (gpg.ssh.allowedSignersFile).")
 @_opt("--gpg-keyring", help="Trusted OpenPGP public keys (a file, or a GnuPG home).")
 @_opt("--allow-rewind/--no-allow-rewind", help="Apply heads that do not descend.")
-@_opt("--mass-revoke-threshold", help="Share of allowed rules a plan may remove.  [50%]")
+@_opt(
+    "--mass-revoke-threshold",
+    help="Share of the cell's container-rule pairs a plan may take away, net.  [50%]",
+)
+@_opt(
+    "--mass-revoke-min",
+    type=int,
+    help="Container-rule pairs a plan must also take away, net, to be held back (a cell "
+    "left with no access is held back below it).  [100]",
+)
 @_opt("--mass-revoke-trailer", help="Commit trailer that overrides the mass-revoke gate.")
 @_opt("--policy-tests", help="PolicyTests of a new head: enforce, warn or off.  [default: warn]")
 @_opt("--heal-drift/--no-heal-drift", help="Repair changes made by others.  [default: on]")

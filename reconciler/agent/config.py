@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from reconciler.backends import BACKENDS, VARIANT_CHOICES
 from reconciler.core.cellplan import (
     LIFECYCLES,
     CellSettings,
@@ -27,6 +28,7 @@ from reconciler.core.cellplan import (
     check_interface_name,
     check_network,
 )
+from reconciler.core.gate import DEFAULT_GATE, GateSettings
 from reconciler.fqdn.keeper import DEFAULT_MAX_IPS, DEFAULT_MAX_TTL, DEFAULT_MIN_TTL, FqdnSettings
 from reconciler.fqdn.service import parse_server
 from reconciler.status.branch import STATUS_PREFIX, branch_for
@@ -75,6 +77,13 @@ def parse_share(value: object, key: str) -> float:
     return share
 
 
+def parse_whole(value: object, key: str, meaning: str = "") -> int:
+    """A whole number >= 0 (flags arrive as int, click converts them)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key}: expected a whole number >= 0{meaning}, got {value!r}")
+    return value
+
+
 def _bool(value: object, key: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -115,8 +124,11 @@ class AgentConfig:
     allowed_signers: str | None = None
     gpg_keyring: str | None = None
     allow_rewind: bool = False
-    mass_revoke_threshold: float = 0.5
-    mass_revoke_trailer: str = "Asgctl-Allow-Mass-Revoke"
+    mass_revoke_threshold: float = DEFAULT_GATE.threshold
+    mass_revoke_min: int = DEFAULT_GATE.minimum
+    """Net container-rule pairs a plan must also take away for the share to hold it back
+    (`reconciler.core.gate`); a cell emptied of access is held back below it too."""
+    mass_revoke_trailer: str = DEFAULT_GATE.trailer
     emergency_trailer: str = "Asgctl-Emergency"
     """A head carrying `<this>: true` is applied inside a deny window (or outside every allow
     window) of the repository's Rollout; it never skips a pause or a wave."""
@@ -146,6 +158,9 @@ class AgentConfig:
     Empty: the interfaces of the default routes in the namespace enforced, per family."""
     deny_networks: DenyNetworks = field(default_factory=DenyNetworks)
     outbound_connections: RateLimit = field(default_factory=RateLimit)
+    mode: str = "enforce"
+    """`enforce` converges the kernel; `shadow` writes nothing to it and, every cycle, compares
+    the plan with what CF's own chains allow each container (`reconciler.agent.shadow`)."""
     fqdn_min_ttl: int = DEFAULT_MIN_TTL
     """Grants by name: the shortest a resolved address is kept (seconds), whatever its TTL."""
     fqdn_max_ttl: int = DEFAULT_MAX_TTL
@@ -167,6 +182,13 @@ class AgentConfig:
         v4 = self.underlay_interface or found.get(4, ())
         v6 = self.underlay_interface or found.get(6, ())
         return CellSettings(v4, v6, self.deny_networks, self.outbound_connections)
+
+    @property
+    def gate(self) -> GateSettings:
+        """The mass-revoke gate's settings, as the agent and the CI plan both judge with them."""
+        return GateSettings(
+            self.mass_revoke_threshold, self.mass_revoke_min, self.mass_revoke_trailer
+        )
 
     @property
     def status_branch(self) -> str:
@@ -192,11 +214,14 @@ class AgentConfig:
             "verify": self.verify,
             "allowRewind": self.allow_rewind,
             "massRevokeThreshold": self.mass_revoke_threshold,
+            "massRevokeMin": self.mass_revoke_min,
+            "massRevokeTrailer": self.mass_revoke_trailer,
             "healDrift": self.heal_drift,
             "policyTests": self.policy_tests,
             "underlayInterface": list(self.underlay_interface),
             "denyNetworks": self.deny_networks.to_dict(),
             "outboundConnections": self.outbound_connections.to_dict(),
+            "mode": self.mode,
         }
 
 
@@ -266,9 +291,9 @@ def build_config(file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> Ag
         elif name in _BOOLS:
             out[name] = _bool(value, key)
         elif name == "fetch_depth":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{key}: expected a whole number >= 0 (0 = full history)")
-            out[name] = value
+            out[name] = parse_whole(value, key, " (0 = full history)")
+        elif name == "mass_revoke_min":
+            out[name] = parse_whole(value, key, " (container-rule pairs; 0 = no floor)")
         elif name == "underlay_interface":
             out[name] = parse_interfaces(value, key)
         elif name == "deny_networks":
@@ -374,16 +399,16 @@ def _default_cell() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", name) or "cell"
 
 
-BACKENDS = ("iptables", "libiptc", "nftables")
-"""The dataplane backends a cell can run (`backend`); `asgctl apply --backend` offers the same."""
-VARIANTS = ("auto", "legacy", "nft")
+MODES = ("enforce", "shadow")
 
 
 def _check(cfg: AgentConfig) -> None:
     if cfg.backend not in BACKENDS:
         raise ConfigError(f"backend: {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
-    if cfg.variant not in VARIANTS:
-        raise ConfigError(f"variant: {cfg.variant!r} is not one of {', '.join(VARIANTS)}")
+    if cfg.variant not in VARIANT_CHOICES:
+        raise ConfigError(f"variant: {cfg.variant!r} is not one of {', '.join(VARIANT_CHOICES)}")
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode: {cfg.mode!r} is not one of {', '.join(MODES)}")
     if not _CELL_NAME.match(cfg.cell):
         raise ConfigError(f"cell: {cfg.cell!r} must match {_CELL_NAME.pattern}")
     if not _BRANCH.match(cfg.branch) or ".." in cfg.branch or cfg.branch.endswith((".", "/")):
@@ -409,8 +434,7 @@ def _check(cfg: AgentConfig) -> None:
         parse_listen(cfg.metrics_listen)
     if cfg.listen_webhook:
         _check_webhook(cfg)
-    if not cfg.mass_revoke_trailer or not re.match(r"^[A-Za-z0-9-]+$", cfg.mass_revoke_trailer):
-        raise ConfigError("mass-revoke-trailer: a trailer key such as Asgctl-Allow-Mass-Revoke")
+    check_trailer(cfg.mass_revoke_trailer)
     if not re.match(r"^[A-Za-z0-9-]+$", cfg.emergency_trailer):
         raise ConfigError("emergency-trailer: a trailer key such as Asgctl-Emergency")
     try:
@@ -432,18 +456,39 @@ def parse_resolvers(value: object, key: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+def check_trailer(trailer: str) -> str:
+    """A trailer key as git writes one (letters, digits, `-`): it is matched in commit
+    messages and shown in status and PR comments."""
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,100}", trailer):
+        raise ConfigError("mass-revoke-trailer: a trailer key such as Asgctl-Allow-Mass-Revoke")
+    return trailer
+
+
+def file_gate_settings(values: Mapping[str, Any]) -> GateSettings:
+    """The mass-revoke settings of an agent config file's values (the rest is not looked
+    at), checked as the agent checks them: what `asgctl plan --agent-config` judges with."""
+    default = DEFAULT_GATE
+    threshold = values.get("mass-revoke-threshold")
+    minimum = values.get("mass-revoke-min")
+    trailer = values.get("mass-revoke-trailer")
+    return GateSettings(
+        default.threshold if threshold is None else parse_share(threshold, "mass-revoke-threshold"),
+        default.minimum if minimum is None else parse_whole(minimum, "mass-revoke-min"),
+        default.trailer if trailer is None else check_trailer(str(trailer)),
+    )
+
+
 def _check_webhook(cfg: AgentConfig) -> None:
     """The receiver's address parses and its secret can be read (not kept: the config is
     shown and logged, the secret is read again when the receiver starts)."""
-    from reconciler.agent.webhook import SECRET_ENV
-    from reconciler.hmacsig import SecretError, load_secret
+    from reconciler.hmacsig import WEBHOOK_SECRET_ENV, SecretError, load_secret
 
     parse_listen(cfg.listen_webhook or "", "listen-webhook")
     try:
-        load_secret(cfg.webhook_secret_file, SECRET_ENV)
+        load_secret(cfg.webhook_secret_file, WEBHOOK_SECRET_ENV)
     except SecretError as exc:
         raise ConfigError(
-            f"listen-webhook needs webhook-secret-file or ${SECRET_ENV}: {exc}"
+            f"listen-webhook needs webhook-secret-file or ${WEBHOOK_SECRET_ENV}: {exc}"
         ) from None
 
 

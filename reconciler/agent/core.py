@@ -6,7 +6,8 @@ rules that keep a fleet safe are unit-tested directly:
 * the gates a fetched head must pass before it is applied (`signature_verdict`,
   `ancestry_verdict`, `validation_verdict`, `policy_test_verdict`, `revoke_verdict`), each
   returning a `Refusal` that names the reason when the head must wait, or None when it
-  passes;
+  passes (what the mass-revoke gate counts is defined once, in `reconciler.core.gate`,
+  which the CI plan asks too);
 * the Flux-style conditions a cycle leaves behind (`cycle_conditions`, `merge_conditions`),
   with `lastTransitionTime` moving only when a condition's status flips;
 * the history of the last syncs (`add_history`), aggregated like Flux's: a sync that repeats
@@ -48,6 +49,7 @@ from reconciler.agent.conditions import (
 )
 from reconciler.agent.verify import SignatureCheck
 from reconciler.core.cellplan import CellPlan, ContainerPlan
+from reconciler.core.gate import GateSettings, RevokeCount, judge
 from reconciler.core.model import Directory
 from reconciler.policy.findings import Finding
 from reconciler.status.document import Condition
@@ -70,18 +72,6 @@ class Refusal:
     reason: str
     message: str
     findings: tuple[Finding, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class RevokeShare:
-    """How much of a cell's allowed access a plan takes away, in (container, rule) pairs."""
-
-    removed: int
-    total: int
-
-    @property
-    def share(self) -> float:
-        return self.removed / self.total if self.total else 0.0
 
 
 # -- retries -------------------------------------------------------------------------------
@@ -120,8 +110,8 @@ class ContainerGrant:
 def container_grants(plan: CellPlan | None) -> tuple[ContainerGrant, ...]:
     """Every container of `plan`, in plan order, with what its groups grant it.
 
-    The one walk of plan groups behind the mass-revoke count (`allowed_pairs`), the
-    container-change log (`container_changes`) and the status document's `sources`.
+    The one walk of plan groups behind the container-change log (`container_changes`) and
+    the status document's `sources`.
     """
     if plan is None:
         return ()
@@ -215,33 +205,13 @@ def policy_test_verdict(report: PolicyTestReport | None) -> Refusal | None:
     )
 
 
-def allowed_pairs(plan: CellPlan | None) -> frozenset[tuple[str, str]]:
-    """(container handle, rule digest) for every rule each container is allowed."""
-    return frozenset((g.handle, rule) for g in container_grants(plan) for rule in g.rules)
-
-
-def revoke_share(old: CellPlan | None, new: CellPlan) -> RevokeShare:
-    """Share of `old`'s allowed pairs that `new` drops.
-
-    Both plans must be compiled for the same inventory, so containers that simply stopped
-    running never count as revoked access.
-    """
-    before = allowed_pairs(old)
-    return RevokeShare(len(before - allowed_pairs(new)), len(before))
-
-
-def revoke_verdict(
-    share: RevokeShare, threshold: float, override: bool, trailer: str
-) -> Refusal | None:
-    """A plan removing more than `threshold` of the cell's allowed rules waits for an override."""
-    if share.total == 0 or share.share <= threshold or override:
+def revoke_verdict(count: RevokeCount, settings: GateSettings, override: bool) -> Refusal | None:
+    """A plan the mass-revoke gate holds back (`reconciler.core.gate.judge`) waits, unless
+    the head commit carries the override trailer."""
+    verdict = judge(count, settings)
+    if verdict is None or override:
         return None
-    return Refusal(
-        MASS_REVOKE_BLOCKED,
-        f"the plan removes {share.removed} of {share.total} allowed rules "
-        f"({share.share:.0%} > {threshold:.0%}); not applied without the commit trailer "
-        f"'{trailer}: true'",
-    )
+    return Refusal(MASS_REVOKE_BLOCKED, verdict.message)
 
 
 # -- conditions ----------------------------------------------------------------------------

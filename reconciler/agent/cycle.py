@@ -51,7 +51,6 @@ from reconciler.agent.core import (
     cycle_conditions,
     merge_conditions,
     policy_test_verdict,
-    revoke_share,
     revoke_verdict,
     signature_verdict,
     validation_verdict,
@@ -62,6 +61,7 @@ from reconciler.agent.sourceid import SourceChange, SourceRef, moved
 from reconciler.agent.state import DRIFT_LOG_LIMIT, AgentState, Applied, Head
 from reconciler.agent.verify import SignatureCheck, trailer_true
 from reconciler.core.cellplan import CellPlan, CellSettings, PlanError
+from reconciler.core.gate import revoke_count
 from reconciler.core.model import Container, PolicySet
 from reconciler.core.policytest import CaseResult, failure_finding, run_tests
 from reconciler.policy.findings import Finding
@@ -101,7 +101,7 @@ class Need(Enum):
 
     COMMIT = "commit"
     """The commit object: subject, message (trailers), whether it is signed."""
-    PROVENANCE = "provenance"
+    TRUST = "trust"
     """Its signature (when verification is on) and whether it descends from the applied one."""
     REVISION = "revision"
     """Its policy files, loaded and validated."""
@@ -110,7 +110,7 @@ class Need(Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Provenance:
+class HeadTrust:
     """Who signed a head and where it stands in history: read together, judged together."""
 
     signature: SignatureCheck | None
@@ -127,7 +127,7 @@ class HeadFacts:
     commit: CommitInfo | None = None
     malformed: str | None = None
     """Why the commit object itself was refused (already cut and escaped), when it was."""
-    provenance: Provenance | None = None
+    trust: HeadTrust | None = None
     revision: Result | None = None
     cache_intact: bool | None = None
     """Checked after a failed validation; a damaged cache ends the cycle as a source error
@@ -144,9 +144,9 @@ def next_need(facts: HeadFacts, applied_sha: str | None, allow_rewind: bool) -> 
         return Need.COMMIT
     if facts.malformed is not None:
         return None
-    if facts.provenance is None:
-        return Need.PROVENANCE
-    if _provenance_verdict(facts.sha, facts.provenance, applied_sha, allow_rewind) is not None:
+    if facts.trust is None:
+        return Need.TRUST
+    if _trust_verdict(facts.sha, facts.trust, applied_sha, allow_rewind) is not None:
         return None
     if facts.revision is None:
         return Need.REVISION
@@ -155,11 +155,11 @@ def next_need(facts: HeadFacts, applied_sha: str | None, allow_rewind: bool) -> 
     return None
 
 
-def _provenance_verdict(
-    sha: str, provenance: Provenance, applied_sha: str | None, allow_rewind: bool
+def _trust_verdict(
+    sha: str, trust: HeadTrust, applied_sha: str | None, allow_rewind: bool
 ) -> Refusal | None:
-    return signature_verdict(provenance.signature) or ancestry_verdict(
-        applied_sha, sha, provenance.descends, allow_rewind
+    return signature_verdict(trust.signature) or ancestry_verdict(
+        applied_sha, sha, trust.descends, allow_rewind
     )
 
 
@@ -230,7 +230,7 @@ def judge_head(
     Malformed commit, signature, ancestry, validation, its PolicyTests (`policy-tests`:
     refused on a failure with `enforce`, reported with `warn`), then -- against the applied
     revision over the current inventory -- a plan that cannot be built and the mass-revoke
-    share.  ValueError when `facts` stop short of what `next_need` asks for (a bug, not an
+    gate.  ValueError when `facts` stop short of what `next_need` asks for (a bug, not an
     input).
     """
     sha = facts.sha
@@ -244,12 +244,12 @@ def judge_head(
             refused if cfg.verify == "signed" else None,
             Refusal(MALFORMED_COMMIT, facts.malformed),
         )
-    commit, provenance = facts.commit, facts.provenance
-    if commit is None or provenance is None:
-        raise ValueError(f"head {sha[:12]}: judged before its commit and provenance were read")
-    subject, check = commit.subject, provenance.signature
+    commit, trust = facts.commit, facts.trust
+    if commit is None or trust is None:
+        raise ValueError(f"head {sha[:12]}: judged before its commit and trust were read")
+    subject, check = commit.subject, trust.signature
     applied_sha = applied.sha if applied is not None else None
-    verdict = _provenance_verdict(sha, provenance, applied_sha, cfg.allow_rewind)
+    verdict = _trust_verdict(sha, trust, applied_sha, cfg.allow_rewind)
     if verdict is not None:
         return Head(sha, subject, check, verdict)
     revision = facts.revision
@@ -275,9 +275,7 @@ def judge_head(
         except PlanError as exc:  # two contents under one name: apply neither
             return Head(sha, subject, check, Refusal(PLAN_REFUSED, str(exc)), tests=report)
         override = trailer_true(commit.message, cfg.mass_revoke_trailer)
-        verdict = revoke_verdict(
-            revoke_share(old, new), cfg.mass_revoke_threshold, override, cfg.mass_revoke_trailer
-        )
+        verdict = revoke_verdict(revoke_count(old, new), cfg.gate, override)
         if verdict is not None:
             return Head(sha, subject, check, verdict, tests=report)
     emergency = trailer_true(commit.message, cfg.emergency_trailer)

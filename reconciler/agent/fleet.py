@@ -26,7 +26,8 @@ from reconciler.escape import visible
 from reconciler.sources.cellstore import InventoryError
 from reconciler.sources.gitio import run_git
 from reconciler.status.document import parse_status, summarize
-from reconciler.status.fetch import SHA, FetchError, fetched_status
+from reconciler.status.document import revision_sha as _sha_of
+from reconciler.status.fetch import FetchError, fetched_status
 
 
 class FleetError(Exception):
@@ -77,13 +78,6 @@ class Fleet:
 
 def _git(git_dir: Path, *args: str, timeout: float = 120.0) -> str:
     return run_git(git_dir, *args, timeout=timeout, error=FleetError)
-
-
-def _sha_of(revision: str) -> str:
-    """`main@sha1:<sha>` -> `<sha>`; "" unless that is a full hex object name (the value
-    comes from a status file and reaches git's command line)."""
-    sha = revision.rsplit("sha1:", 1)[-1] if "sha1:" in revision else ""
-    return sha if SHA.match(sha) else ""
 
 
 def read_fleet(url: str, branch: str = "main", cache: str | None = None) -> Fleet:

@@ -52,11 +52,11 @@ from reconciler.agent.cycle import (
     SYNC,
     Converge,
     HeadFacts,
+    HeadTrust,
     Log,
     Need,
     Observation,
     Outcome,
-    Provenance,
     Trigger,
     current_source,
     decide,
@@ -86,10 +86,11 @@ from reconciler.status.write import StatusWriter
 
 if TYPE_CHECKING:
     from reconciler.backends import ConvergeResult
+    from reconciler.core.parity import ParityReport
 
 STOP = "stop"
 MAINTAIN_EVERY = 100  # cycles between `git gc --auto` of the cache
-_PHASE_OF_NEED = {Need.COMMIT: "verify", Need.PROVENANCE: "verify", Need.REVISION: "load"}
+_PHASE_OF_NEED = {Need.COMMIT: "verify", Need.TRUST: "verify", Need.REVISION: "load"}
 """The status timing phase each fact about a head counts towards (the cache check: none)."""
 
 
@@ -184,6 +185,8 @@ class Agent:
         self.metrics_server: MetricsServer | None = None
         self.webhook: WebhookServer | None = None
         self.last_doc: dict[str, Any] | None = None
+        self.parity: ParityReport | None = None
+        """Shadow mode: the last comparison with CF's chains (None before the first)."""
         self._stopping = threading.Event()
         self.names = AgentNames(cfg.fqdn_settings(), cfg.backend, cfg.netns)
         """Grants by name: the applied plan's names, resolved into their kernel sets."""
@@ -362,7 +365,7 @@ class Agent:
                 return replace(facts, commit=self.source.commit_info(sha))
             except MalformedCommit as exc:
                 return replace(facts, malformed=clip(str(exc), 500))
-        if need is Need.PROVENANCE:
+        if need is Need.TRUST:
             assert facts.commit is not None  # next_need asks for the commit first
             check = None
             if self.verifier is not None:
@@ -375,7 +378,7 @@ class Agent:
                 and (not new_source or self.source.holds(applied_sha))
             ):
                 descends = self.source.is_ancestor(applied_sha, sha)
-            return replace(facts, provenance=Provenance(check, descends))
+            return replace(facts, trust=HeadTrust(check, descends))
         if need is Need.REVISION:
             revision = load_revision(self.source.path, sha, self.cfg.policies_path)
             return replace(facts, revision=revision)
@@ -487,6 +490,13 @@ class Agent:
 
     def _enforce(self, action: Converge) -> ConvergeResult | Problem:
         """Carry out the decision on the dataplane: the one place the kernel is written."""
+        if self.cfg.mode == "shadow":  # compare with CF's chains; write nothing
+            from reconciler.agent.shadow import shadow_converge
+
+            memo = self._compiled
+            policy = memo[0] if memo is not None and memo[2] is action.plan else None
+            done, self.parity = shadow_converge(self.cfg, policy, action.plan)
+            return done
         try:
             backend = self._dataplane()
         except Exception as exc:  # any backend failure is reported, never fatal
@@ -575,7 +585,10 @@ class Agent:
 
     def _follow_names(self, st: AgentState) -> None:
         """Keep the applied plan's names resolved (never fatal: a failure is logged, and
-        their sets stay as the kernel keeps them, expiring at their TTL)."""
+        their sets stay as the kernel keeps them, expiring at their TTL).  A shadow agent
+        writes nothing to the kernel, name sets included."""
+        if self.cfg.mode == "shadow":
+            return
         try:
             self.names.follow(st.applied.plan if st.applied is not None else None)
         except Exception as exc:
@@ -590,7 +603,7 @@ class Agent:
 
     def _status_document(self, st: AgentState) -> dict[str, Any]:
         cfg = self.cfg
-        return build_status(
+        doc = build_status(
             st,
             cell=cfg.cell,
             settings=cfg.public(),
@@ -605,6 +618,11 @@ class Agent:
             containers_path=cfg.containers,
             now=iso(self.clock()),
         )
+        if cfg.mode == "shadow" and self.parity is not None:
+            from reconciler.agent.shadow import parity_status
+
+            doc["parity"] = parity_status(self.parity)
+        return doc
 
     def _update_metrics(self, st: AgentState) -> None:
         m = self.metrics
@@ -636,6 +654,10 @@ class Agent:
                 revision=self.cfg.revision(a.sha),
                 digest=a.digest,
             )
+        if self.cfg.mode == "shadow" and self.parity is not None:
+            from reconciler.agent.shadow import parity_metrics
+
+            parity_metrics(m, self.parity)
         if self.cfg.metrics_textfile:
             try:
                 write_textfile(self.cfg.metrics_textfile, m.render())

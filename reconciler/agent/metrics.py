@@ -20,6 +20,10 @@ asgctl_agent_applied_revision_info{revision,digest}    gauge = 1 (info style)
 asgctl_agent_ready                                     gauge: 1 when Ready=True
 asgctl_agent_status_pushes_total{result}               counter
 asgctl_agent_inventory_rejected_entries{kind}          gauge: store entries skipped | held | shared
+asgctl_agent_parity_containers{result}                 gauge (--mode shadow): same | different |
+                                                       unknown | no-cf-chain
+asgctl_agent_parity_cf_chains_without_container        gauge (--mode shadow)
+asgctl_agent_parity_same                               gauge (--mode shadow): 1 when proven
 =====================================================  ======================================
 """
 
@@ -60,6 +64,15 @@ _HELP = {
         "gauge",
         "Container metadata entries not used as written, by what became of them.",
     ),
+    "asgctl_agent_parity_containers": (
+        "gauge",
+        "Shadow mode: containers whose allow set under CF's chains and the plan compare so.",
+    ),
+    "asgctl_agent_parity_cf_chains_without_container": (
+        "gauge",
+        "Shadow mode: CF netout chains for an address the container store does not hold.",
+    ),
+    "asgctl_agent_parity_same": ("gauge", "Shadow mode: 1 when every container is the same."),
 }
 
 

@@ -29,9 +29,13 @@ from reconciler.backends.errors import (
     VariantError,
     VerifyError,
 )
+from reconciler.backends.iptables.backend import VARIANTS as IPTABLES_VARIANTS
 from reconciler.backends.kernel.runner import Runner
 
 BACKENDS = ("iptables", "libiptc", "nftables")
+"""The dataplane backends a cell can run: the agent's `backend`, `apply`/`uninstall --backend`."""
+VARIANT_CHOICES = ("auto", *IPTABLES_VARIANTS)
+"""`--variant` / `variant`: an iptables variant, or `auto` to follow what the host uses."""
 
 
 def open_backend(
@@ -57,6 +61,7 @@ def open_backend(
 
 __all__ = [
     "BACKENDS",
+    "VARIANT_CHOICES",
     "AnyBackend",
     "ApplyError",
     "Backend",

@@ -8,7 +8,9 @@ Two levels, because two audiences read a policy PR:
   packet sets, not as rule text, so re-spelling or splitting a rule is no change, and a rule
   narrowed from ports 80,443 to 443 loses exactly port 80.
 * **Dataplane**, for operators: per cell, the iptables chains and lines that the agents
-  will create, update and delete, from the same compile and render the agents run.
+  will create, update and delete, from the same compile and render the agents run, and
+  whether the cell's mass-revoke gate would hold the change back (`core.gate`, the same
+  count and verdict the agent applies, with the settings the cell runs with).
 
 Pure and deterministic (data in, data out), so CI can run it and golden tests can pin it.
 
@@ -51,6 +53,16 @@ from reconciler.core.compile import (
     profile_of,
     profile_rules,
     profile_signature,
+)
+from reconciler.core.gate import (
+    DEFAULT_GATE,
+    NOTHING_LOST,
+    GateSettings,
+    GateVerdict,
+    Memo,
+    RevokeCount,
+    judge,
+    revoke_count,
 )
 from reconciler.core.model import (
     AddressRange,
@@ -178,10 +190,18 @@ class CellDiff:
     head_cf_rules: int
     base_installed: int | None = None  # only computed for cells that change
     head_installed: int | None = None
+    revoke: RevokeCount = NOTHING_LOST  # only counted for cells that change
+    gate_settings: GateSettings = DEFAULT_GATE
+    """What the cell's gate judges with: its agent's reported settings, else the plan's."""
 
     @property
     def changed(self) -> bool:
         return bool(self.chains)
+
+    @property
+    def gate(self) -> GateVerdict | None:
+        """Why the cell's agent would hold this change back, or None when it would apply it."""
+        return judge(self.revoke, self.gate_settings)
 
     @property
     def rules_added(self) -> int:
@@ -235,6 +255,11 @@ class PlanDiff:
     def errors(self) -> tuple[Notice, ...]:
         return tuple(n for n in self.notices if n.level == "error")
 
+    @property
+    def gated_cells(self) -> tuple[CellDiff, ...]:
+        """Cells whose agents would refuse the change without the override trailer."""
+        return tuple(c for c in self.cells if c.gate is not None)
+
 
 # ----------------------------------------------------------------------------- diff
 
@@ -245,12 +270,14 @@ def diff_plans(
     inventory: Sequence[CellInventory],
     location_prefix: str = "",
     workers: int = 1,
+    gate: GateSettings = DEFAULT_GATE,
 ) -> PlanDiff:
     """Compare what `base` and `head` make every cell of `inventory` enforce.
 
     `location_prefix` is put before every file:line (the policy folder inside the repo,
     e.g. `policies/`), so PR readers get paths they can open.  `workers` > 1 compiles the
     touched cells in that many forked processes; the result is the same either way.
+    `gate` is the mass-revoke settings for cells whose inventory does not report their own.
     """
     # Every distinct profile once: is it touched (different rule items at base and head)?
     touched: dict[Profile, bool] = {}
@@ -273,7 +300,7 @@ def diff_plans(
         for p in profiles:
             families[p[1:]][p[0]] += 1
 
-    work = (base, head, tuple(inventory), profiles_of_cell, touched)
+    work = (base, head, tuple(inventory), profiles_of_cell, touched, gate)
     cells = _diff_cells(work, workers)
     notices = tuple(n for c in cells for n in _limit_notices(c))
     principals = _principal_diffs(
@@ -286,10 +313,11 @@ _MIN_CELLS_PER_WORKER = 32
 
 
 def _diff_range(work: tuple[Any, ...], bounds: tuple[int, int]) -> list[CellDiff]:
-    base, head, inventory, profiles_of_cell, touched = work
+    base, head, inventory, profiles_of_cell, touched, gate = work
     group_lines: dict[str, int] = {}
+    memo = Memo()
     return [
-        _diff_cell(base, head, inventory[i], profiles_of_cell[i], touched, group_lines)
+        _diff_cell(base, head, inventory[i], profiles_of_cell[i], touched, group_lines, memo, gate)
         for i in range(*bounds)
     ]
 
@@ -313,11 +341,16 @@ def _diff_cell(
     profiles: list[Profile],
     touched: dict[Profile, bool],
     group_lines: dict[str, int],
+    memo: Memo,
+    gate: GateSettings,
 ) -> CellDiff:
     containers = cell.containers
+    settings = cell.gate or gate
     if not any(touched[p] for p in set(profiles)):
         cf = cf_equivalent_rules(base, containers)  # untouched: the same at head
-        return CellDiff(cell.cell, cell.origin, len(containers), 0, (), cf, cf)
+        return CellDiff(
+            cell.cell, cell.origin, len(containers), 0, (), cf, cf, gate_settings=settings
+        )
     before = compile_cell(base, containers, cell.cell)
     after = compile_cell(head, containers, cell.cell)
     base_cf, head_cf = before.cf_equivalent_rules, after.cf_equivalent_rules
@@ -333,6 +366,8 @@ def _diff_cell(
         head_cf,
         _installed(before, group_lines),
         _installed(after, group_lines),
+        revoke_count(before, after, memo),
+        settings,
     )
 
 

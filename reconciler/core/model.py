@@ -13,10 +13,13 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from reconciler.core import packetspace
 from reconciler.core.cron import Window
+
+if TYPE_CHECKING:  # gate imports nothing of the model at run time; only named here
+    from reconciler.core.gate import GateSettings
 
 Protocol = Literal["tcp", "udp", "icmp", "icmpv6", "all"]
 Lifecycle = Literal["running", "staging"]
@@ -478,6 +481,9 @@ class CellInventory:
     cell: str
     containers: tuple[Container, ...]
     origin: str
+    gate: GateSettings | None = None
+    """The mass-revoke gate settings the cell's agent reports (status branches); None when
+    the inventory does not say, and the plan judges with its own."""
 
 
 HALT_CONDITIONS: tuple[str, ...] = ("NotReady",)

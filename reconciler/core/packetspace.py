@@ -182,6 +182,31 @@ def _meet(a: Box, b: Box) -> bool:
     )
 
 
+def intersect(a: Box, b: Box) -> Box | None:
+    """The packets two boxes share, as one box, or None when they share none.
+
+    What a rule reached under a jump's condition matches: the jump's box and the rule's
+    (`backends/iptables/cfparse` walks CF's chains this way)."""
+    if not _meet(a, b):
+        return None
+    return Box(
+        a.family,
+        (max(a.protocols[0], b.protocols[0]), min(a.protocols[1], b.protocols[1])),
+        (max(a.addresses[0], b.addresses[0]), min(a.addresses[1], b.addresses[1])),
+        (max(a.ports[0], b.ports[0]), min(a.ports[1], b.ports[1])),
+        (max(a.types[0], b.types[0]), min(a.types[1], b.types[1])),
+        (max(a.codes[0], b.codes[0]), min(a.codes[1], b.codes[1])),
+    )
+
+
+def canonical(space: Iterable[Box]) -> tuple[Box, ...]:
+    """One form per set of packets: equal unions give equal tuples, whatever boxes made
+    them (the sweep of `disjoint_boxes`, over the family first).  Two allow sets are the
+    same set exactly when their canonical forms are equal."""
+    cover = disjoint_boxes(((b.family, b.family), *_ranges(b)) for b in space)
+    return tuple(sorted(Box(fam[0], *rest) for fam, *rest in cover))
+
+
 def covers(space: Sequence[Box], other: Iterable[Box]) -> bool:
     """Is every packet of `other` also in `space` (possibly held by several of its boxes)?"""
     for box in other:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -91,10 +91,12 @@ class StoreFiles:
 
 @dataclass(frozen=True)
 class StatusRead:
-    """The cells whose status files could be used, and a message for each one skipped."""
+    """The cells whose status files could be used, a message for each one skipped, and what
+    each usable cell says it enforces (`{cell: lastAppliedRevision}`, unchecked text)."""
 
     cells: tuple[CellInventory, ...]
     skipped: tuple[str, ...]
+    applied: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,9 @@ class StatusBranches:
 
     def read(self) -> StatusRead:
         found = read_fleet_containers(self.repo_path, self.workers)
-        cells = (CellInventory(c.cell, c.containers, c.ref) for c in found.cells)
-        return StatusRead(_sorted_unique(cells), found.skipped)
+        cells = (CellInventory(c.cell, c.containers, c.ref, c.gate) for c in found.cells)
+        applied = {c.cell: c.applied for c in found.cells}
+        return StatusRead(_sorted_unique(cells), found.skipped, applied)
 
 
 def synthetic_inventory(policies: Sequence[PolicySet]) -> CellInventory:

@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from reconciler.core.gate import DEFAULT_GATE, GateSettings
 from reconciler.core.model import Container
 from reconciler.policy import yamlsafe
 from reconciler.sources.cellstore import InventoryError, parse_store_document
@@ -392,6 +393,19 @@ def summarize(header: dict[str, Any]) -> StatusSummary:
     )
 
 
+_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+
+
+def revision_sha(revision: str) -> str:
+    """`main@sha1:<sha>` -> `<sha>`; "" unless that is a full hex object name.
+
+    A status document's revisions are the cell's own words and reach git's command line
+    (`asgctl status`, `asgctl plan`): only a full hex name passes, never a ref or an option.
+    """
+    sha = revision.rsplit("sha1:", 1)[-1] if "sha1:" in revision else ""
+    return sha if _SHA.match(sha) else ""
+
+
 def containers_of(doc: StatusDocument, origin: str) -> tuple[Container, ...]:
     """The document's containers: each entry a mapping whose contract fields are text (or
     null), each handle once; then the store file's own rules (`parse_store_document`) judge
@@ -421,6 +435,26 @@ def containers_of(doc: StatusDocument, origin: str) -> tuple[Container, ...]:
             },
         }
     return parse_store_document(store, origin)
+
+
+_TRAILER = re.compile(r"[A-Za-z0-9-]{1,100}")
+
+
+def reported_gate(doc: StatusDocument, origin: str) -> GateSettings:
+    """The mass-revoke gate settings the cell's agent reports (`source.massRevoke*`), each
+    missing one the default (an agent from before the key); InventoryError naming the field
+    when a value is not one an agent could run with.  The schema has checked the types; the
+    trailer is held to the exact key grammar, since it is shown in PR comments."""
+    source = doc.header.get("source") or {}
+    default = DEFAULT_GATE
+    trailer = source.get("massRevokeTrailer", default.trailer)
+    if not _TRAILER.fullmatch(trailer):
+        raise InventoryError(f"{origin}: source.massRevokeTrailer: not a trailer key")
+    return GateSettings(
+        float(source.get("massRevokeThreshold", default.threshold)),
+        int(source.get("massRevokeMin", default.minimum)),
+        trailer,
+    )
 
 
 def containers_from_status(data: bytes | str, origin: str) -> tuple[Container, ...]:

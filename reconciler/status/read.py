@@ -12,12 +12,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from reconciler.core.gate import DEFAULT_GATE, GateSettings
 from reconciler.core.model import Container
 from reconciler.forkpool import fork_ranges
 from reconciler.sources import gitio
 from reconciler.sources.cellstore import InventoryError
 from reconciler.status.branch import CELL_NAME, StatusBranchError, blob_spec, status_refs
-from reconciler.status.document import MAX_STATUS_BYTES, containers_from_status
+from reconciler.status.document import (
+    MAX_STATUS_BYTES,
+    containers_of,
+    parse_status,
+    reported_gate,
+)
 
 
 def read_status_blobs(
@@ -41,11 +47,17 @@ def read_status_blobs(
 
 @dataclass(frozen=True)
 class CellContainers:
-    """The containers one cell's status branch lists, and the ref they were read from."""
+    """The containers one cell's status branch lists, the ref they were read from, and the
+    revision the document says the cell enforces (`lastAppliedRevision`, as written: the
+    cell's own words, checked against the repository by `asgctl plan`, never trusted)."""
 
     cell: str
     ref: str
     containers: tuple[Container, ...]
+    gate: GateSettings = DEFAULT_GATE
+    """The mass-revoke gate settings the cell's agent reports (`document.reported_gate`)."""
+    applied: str = ""
+    """The revision the cell says it enforces (`lastAppliedRevision`), as written."""
 
 
 @dataclass(frozen=True)
@@ -58,28 +70,32 @@ class FleetContainers:
 
 _MIN_CELLS_PER_WORKER = 64
 ContainerRow = tuple[str, str, str, str, str, str, str]
+Parsed = tuple[str, str, list[ContainerRow] | str, tuple[float, int, str] | None, str]
 
 
-def _parse_range(
-    jobs: list[tuple[str, str, bytes]], bounds: tuple[int, int]
-) -> list[tuple[str, str, list[ContainerRow] | str]]:
-    """Each cell's container rows, or why the cell is skipped.
+def _parse_range(jobs: list[tuple[str, str, bytes]], bounds: tuple[int, int]) -> list[Parsed]:
+    """Each cell's container rows, gate settings and applied revision, or why it is skipped.
 
     Workers inherit the jobs (~100 MB of status files at fleet scale) rather than have them
     pickled, and send plain tuples back: far cheaper to pickle than dataclass instances.
     """
-    out: list[tuple[str, str, list[ContainerRow] | str]] = []
+    out: list[Parsed] = []
     for cell, ref, data in jobs[bounds[0] : bounds[1]]:
+        origin = blob_spec(ref)
         try:
-            containers = containers_from_status(data, blob_spec(ref))
+            doc = parse_status(data, origin)
+            containers = containers_of(doc, origin)
+            gate = reported_gate(doc, origin)
         except InventoryError as exc:
-            out.append((cell, ref, str(exc)))
+            out.append((cell, ref, str(exc), None, ""))
             continue
         rows = [
             (c.handle, c.ip, c.app_id, c.space_id, c.org_id, c.policy_group_id, c.workload)
             for c in containers
         ]
-        out.append((cell, ref, rows))
+        # The schema made it a string when present.
+        applied = str(doc.header.get("lastAppliedRevision") or "")
+        out.append((cell, ref, rows, (gate.threshold, gate.minimum, gate.trailer), applied))
     return out
 
 
@@ -120,9 +136,11 @@ def read_fleet_containers(repo: str | os.PathLike[str], workers: int = 4) -> Fle
     parts = fork_ranges(_parse_range, jobs, len(jobs), workers)
     cells = []
     for part in parts:
-        for cell, ref, rows in part:
-            if isinstance(rows, str):
-                skipped.append(rows)
+        for cell, ref, rows, gate, applied in part:
+            if isinstance(rows, str) or gate is None:
+                skipped.append(str(rows))
             else:
-                cells.append(CellContainers(cell, ref, tuple(Container(*row) for row in rows)))
+                containers = tuple(Container(*row) for row in rows)
+                settings = GateSettings(*gate)
+                cells.append(CellContainers(cell, ref, containers, settings, applied))
     return FleetContainers(tuple(cells), tuple(skipped))

@@ -118,6 +118,37 @@ def render_cf(plan: CellPlan, family: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_asg_sync(plan: CellPlan, family: int = 4) -> str:
+    """What the vxlan-policy-agent's ASG poll writes when a container's ASGs change: each
+    container's `asg-<c>` chain (and its log chain) with the plan's rules, nothing else.
+
+    silk-release vxlan-policy-agent/enforcer/enforcer.go@01b6775:224-242 (EnforceOnChain,
+    the ASG branch: replaceChainRules, then the parent `netout--<c>` keeps only its jump):
+    the container's netout chain, its FORWARD jump and the c2c chains stay as they are; only
+    the ASG chain's rules are replaced.  The VPA builds a candidate chain, jumps to it and
+    renames it (:245-280, :287 on); here the chains are redeclared in one `iptables-restore
+    --noflush` transaction (a declared chain is flushed and refilled atomically), so every
+    packet meets either the old rules or the new ones, as with the VPA's swap.  The text is
+    `render_cf`'s for the same plan, so restoring the seed's policy gives back the seed's
+    chains byte for byte.  Returns "" when the family has no containers.
+    """
+    full = render_cf(plan, family)
+    if not full:
+        return ""
+    mine: set[str] = set()
+    for cp in plan.containers:
+        if cp.container.version == family:
+            _netout, asg, log = _chains(cp.chain_id)
+            mine.update((asg, log))
+    kept = [
+        ln
+        for ln in full.splitlines()[1:-1]
+        if (ln.startswith(":") and ln[1:].split(" ", 1)[0] in mine)
+        or (ln.startswith("-A ") and ln.split(" ", 2)[1] in mine)
+    ]
+    return "\n".join(["*filter", *kept, "COMMIT"]) + "\n"
+
+
 def rule_count(text: str) -> int:
     """Rules in a transaction: its `-A` lines."""
     return sum(1 for line in text.splitlines() if line.startswith("-A "))

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import jinja2
 
 from reconciler.core.diff import AccessChange, CellDiff, ChainDiff, PlanDiff, PrincipalDiff
+from reconciler.core.gate import percent
 from reconciler.escape import fence, log_text, md, visible
 from reconciler.policy.findings import Finding
 
@@ -42,9 +43,36 @@ class Revision:
         return self.sha[:7]
 
 
+Enforces = Literal["revision", "nothing", "unknown"]
+
+
+@dataclass(frozen=True)
+class BaseGroup:
+    """Cells planned against the same base by a plan against the truth (`plan --head` alone).
+
+    `enforces` is what their status branches say, once checked against the repository: one
+    revision (`revision`, with its commit subject), `nothing` (no revision applied yet), or
+    `unknown` (no status branch, or one whose revision failed a check; the warnings say
+    which).  `against` is what the head was compared with: the same revision, or for
+    `unknown` the revision most cells enforce; an empty sha means an empty policy.
+    """
+
+    enforces: Enforces
+    revision: Revision
+    against: Revision
+    cells: tuple[str, ...]
+    diff: PlanDiff
+    subject: str = ""
+
+
 @dataclass(frozen=True)
 class PlanReport:
-    """Everything a plan presentation needs; built by `reconciler.ci.plan`, pure from here on."""
+    """Everything a plan presentation needs; built by `reconciler.ci.plan`, pure from here on.
+
+    `groups` is set by a plan against the truth: `diff` then holds every group's cells and
+    principals together (for the totals), and each group's own diff is shown under it.
+    `notes` say how the comparison relates to what the cells enforce, ahead of the warnings.
+    """
 
     base: Revision
     head: Revision
@@ -56,6 +84,14 @@ class PlanReport:
     error: str = ""  # a failure that is not a finding (bad revision, unreadable inventory)
     location_prefix: str = ""
     warnings: tuple[str, ...] = field(default=())
+    gate_settings: str = ""  # where the mass-revoke settings came from (ci.plan.gate_origin)
+    groups: tuple[BaseGroup, ...] = field(default=())
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def truth(self) -> bool:
+        """Planned against what each cell enforces (no --base)."""
+        return bool(self.groups)
 
     @property
     def head_errors(self) -> tuple[Finding, ...]:
@@ -94,6 +130,46 @@ def summary_line(diff: PlanDiff) -> str:
         f"{lose:,} {'loses' if lose == 1 else 'lose'} access; "
         f"+{diff.rules_added:,} -{diff.rules_removed:,} rules"
     )
+
+
+def group_title(g: BaseGroup, esc: Callable[[str], str]) -> str:
+    """`2 cells enforce 1a2b3c4d5e6f (subject)`: the group's heading, the same in every format."""
+    n = len(g.cells)
+    verb = "enforces" if n == 1 else "enforce"
+    if g.enforces == "revision":
+        subject = f" ({esc(g.subject)})" if g.subject else ""
+        return f"{_n(n, 'cell')} {verb} {g.revision.sha[:12]}{subject}"
+    if g.enforces == "nothing":
+        return f"{_n(n, 'cell')} {verb} nothing yet (no revision applied)"
+    return f"{_n(n, 'cell')}: what {'it enforces' if n == 1 else 'they enforce'} is unknown"
+
+
+def group_against(g: BaseGroup) -> str:
+    """What the head was compared with for this group, and why."""
+    if g.enforces == "revision":
+        return "that revision"
+    if g.enforces == "nothing":
+        return "an empty policy (what they enforce)"
+    if g.against.sha:
+        return f"{g.against.sha[:12]}, the revision most cells enforce"
+    return "an empty policy: no cell's revision is known, so no loss can be shown"
+
+
+def _group_counts(g: BaseGroup) -> dict[str, str]:
+    d = g.diff
+    changed, gain, lose = len(d.changed_cells), d.containers_gaining, d.containers_losing
+    rules = f"+{d.rules_added:,} -{d.rules_removed:,}"
+    return {
+        "changed": f"{changed:,}",
+        "gain": f"{gain:,}",
+        "lose": f"{lose:,}",
+        "rules": rules,
+        "summary": (
+            f"{_n(changed, 'cell')} {'changes' if changed == 1 else 'change'}, "
+            f"{_n(gain, 'container')} {'gains' if gain == 1 else 'gain'} access, "
+            f"{lose:,} {'loses' if lose == 1 else 'lose'} access; rules {rules}"
+        ),
+    }
 
 
 def _access_sign(kind: str) -> str:
@@ -191,6 +267,45 @@ def _revision_text(rev: Revision, esc: Callable[[str], str]) -> str:
     if rev.short and rev.name != rev.sha and not rev.sha.startswith(rev.name):
         return f"{esc(rev.name)} ({rev.short})"
     return rev.short or esc(rev.name)
+
+
+MAX_GATED = 30  # cells listed by name in the markdown gate section before "and N more"
+
+
+def _gate_rows(diff: PlanDiff | None, esc: Callable[[str], str]) -> list[dict[str, str]]:
+    """One row per cell whose agent would refuse the change: the numbers, why, the trailer."""
+    rows = []
+    for c in diff.gated_cells if diff is not None else ():
+        v = c.gate
+        assert v is not None  # gated_cells holds only cells with a verdict
+        n, s = v.count, v.settings
+        why = (
+            f"all access goes to nothing ({percent(n.share)} > {percent(s.threshold)})"
+            if v.rule == "to-nothing"
+            else f"{percent(n.share)} > {percent(s.threshold)} and {n.net_lost:,} >= {s.minimum:,}"
+        )
+        rows.append(
+            {
+                "cell": esc(c.cell),
+                "lost": f"{n.net_lost:,} / {n.total:,}",
+                "why": why,
+                "override": esc(v.override),
+                "reason": esc(v.reason),
+            }
+        )
+    return rows
+
+
+def _gate_context(report: PlanReport, esc: Callable[[str], str]) -> dict[str, Any]:
+    rows = _gate_rows(report.diff, esc)
+    trailers = sorted({r["override"] for r in rows})
+    return {
+        "gated": rows,
+        "gated_more": 0,
+        "gated_count": _n(len(rows), "cell"),
+        "gated_trailers": trailers,
+        "gate_settings": esc(report.gate_settings or "the agent's defaults"),
+    }
 
 
 # ----------------------------------------------------------------------------- templates
@@ -320,6 +435,13 @@ def _common(report: PlanReport, esc: Callable[[str], str]) -> dict[str, Any]:
         "chain_legend": "",
         "cells_total": 0,
         "cells_changed": 0,
+        **_gate_context(report, esc),
+        "truth": report.truth,
+        "notes": [esc(x) for x in report.notes],
+        "groups": [
+            {"title": group_title(g, esc), "against": group_against(g), **_group_counts(g)}
+            for g in report.groups
+        ],
     }
     if diff is not None:
         out["notices"] = [
@@ -342,15 +464,33 @@ def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
     macros = env.get_template("blocks.md.j2").module
     ctx = _common(report, md)
     ctx["findings_block"] = fence("\n".join(ctx["findings"]), "text")
+    ctx["gated_more"] = max(0, len(ctx["gated"]) - MAX_GATED)
+    ctx["gated"] = ctx["gated"][:MAX_GATED]
     diff = report.diff
     principals = _principal_order(diff) if diff is not None else []
     cells = list(diff.changed_cells) if diff is not None else []
-    access_views = [_group_view_md(g) for g in _access_groups(principals)]
     # The template's macros, looked up by name: jinja2 types a module's macros as unknown.
     access_block, access_line = macros.access_block, macros.access_line  # type: ignore[attr-defined]
     cell_row, cell_block = macros.cell_row, macros.cell_block  # type: ignore[attr-defined]
-    access_full = [str(access_block(v)) for v in access_views]
-    access_short = [str(access_line(v)) for v in access_views]
+    access_full: list[str] = []
+    access_short: list[str] = []
+    heading_at: set[int] = set()  # entries of access_full that are a group's heading
+    sections: list[tuple[BaseGroup | None, list[PrincipalDiff]]] = []
+    if not report.truth:
+        sections.append((None, principals))
+    for group in report.groups:  # against the truth: each group's access under its heading
+        if group.diff.principals:
+            sections.append((group, _principal_order(group.diff)))
+    for section, members in sections:
+        if section is not None:
+            against = f"<sub>(planned against {group_against(section)})</sub>"
+            heading = f"##### {group_title(section, md)} {against}\n\n"
+            heading_at.add(len(access_full))
+            access_full.append(heading)
+            access_short.append(heading)
+        views = [_group_view_md(m) for m in _access_groups(members)]
+        access_full += [str(access_block(v)) for v in views]
+        access_short += [str(access_line(v)) for v in views]
     cell_rows = [str(cell_row(_cell_view_md(c, body=False))) for c in cells]
 
     def cell_detail(c: CellDiff) -> str:  # rendered only when it may be shown
@@ -380,7 +520,7 @@ def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
     # principal, one row per cell, then access details, then dataplane details.
     reserve = 700  # the cut note
     budget = limit - len(render([], [], [], "")) - reserve
-    chosen: list[str | None] = [None] * len(access_views)
+    chosen: list[str | None] = [None] * len(access_full)
     for i, line in enumerate(access_short):
         if len(line) > budget:
             break
@@ -409,10 +549,15 @@ def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
             details_kept.append(block)
             budget -= len(block)
     access_kept = [c for c in chosen if c is not None]
-    folded = sum(1 for i, c in enumerate(chosen) if c is not None and c == access_short[i])
+    folded = sum(
+        1
+        for i, c in enumerate(chosen)
+        if c is not None and c == access_short[i] and i not in heading_at
+    )
+    unlisted = sum(1 for i, c in enumerate(chosen) if c is None and i not in heading_at)
     note = _cut_note(
         ctx,
-        access_unlisted=len(access_views) - len(access_kept),
+        access_unlisted=unlisted,
         access_folded=folded,
         cells_unlisted=len(cells) - rows_kept,
         cells_folded=rows_kept - len(details_kept),
@@ -443,9 +588,10 @@ def _cut_note(
     if cells_unlisted:
         parts.append(f"{_n(cells_unlisted, 'more changed cell')}")
     cut = ", ".join(parts) or "some details"
+    base = "" if ctx["truth"] else f"--base {ctx['base_name']} "
     return (
         f"**Cut to fit one comment ({limit:,} characters):** {cut} not shown. "
-        f"The full plan: <code>asgctl plan --base {ctx['base_name']} --head {ctx['head_name']}"
+        f"The full plan: <code>asgctl plan {base}--head {ctx['head_name']}"
         "</code> (text, or <code>--format json</code>), also in this job's log."
     )
 
@@ -458,15 +604,21 @@ def render_text(report: PlanReport) -> str:
     principals = []
     cells = []
     if diff is not None:
-        for p in _principal_order(diff):
-            principals.append(
-                {
-                    "title": visible(_principal_title(p)),
-                    "lifecycle": p.lifecycle,
-                    "where": _where(p),
-                    "lines": _access_text_lines(p),
-                }
-            )
+        sections: list[tuple[str, PlanDiff]] = [("", diff)] if not report.truth else []
+        for g in report.groups:  # against the truth: each group's access under its heading
+            title = f"{group_title(g, visible)}; planned against {group_against(g)}"
+            sections.append((title, g.diff))
+        for title, part in sections:
+            for i, p in enumerate(_principal_order(part)):
+                principals.append(
+                    {
+                        "group": title if i == 0 else "",
+                        "title": visible(_principal_title(p)),
+                        "lifecycle": p.lifecycle,
+                        "where": _where(p),
+                        "lines": _access_text_lines(p),
+                    }
+                )
         for c in diff.changed_cells:
             cells.append(
                 {
@@ -505,6 +657,8 @@ def render_json(report: PlanReport) -> str:
         "inventory": report.inventory,
         "summary": summary_line(diff) if diff is not None else None,
         "error": report.error or None,
+        "against": "enforced" if report.truth else "base",
+        "notes": list(report.notes),
         "warnings": list(report.warnings),
         "findings": [
             f.to_dict() | {"file": report.location_prefix + f.file}
@@ -526,7 +680,37 @@ def render_json(report: PlanReport) -> str:
         ]
         doc["principals"] = [_principal_json(p) for p in _principal_order(diff)]
         doc["cells"] = [_cell_json(c) for c in diff.cells]
+        doc["mass_revoke_gate"] = {
+            "settings": report.gate_settings or "the agent's defaults",
+            "cells_refusing": [c.cell for c in diff.gated_cells],
+        }
+    if report.truth:
+        doc["groups"] = [_group_json(g) for g in report.groups]
+        doc["principals"] = [
+            {**_principal_json(p), "group": i}
+            for i, g in enumerate(report.groups)
+            for p in _principal_order(g.diff)
+        ]
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
+def _group_json(g: BaseGroup) -> dict[str, Any]:
+    d = g.diff
+    return {
+        "enforces": g.enforces,
+        "revision": g.revision.sha or None,
+        "subject": g.subject or None,
+        "planned_against": g.against.sha or None,  # None: an empty policy
+        "title": group_title(g, str),
+        "cells": list(g.cells),
+        "counts": {
+            "cells_changed": len(d.changed_cells),
+            "containers_gaining_access": d.containers_gaining,
+            "containers_losing_access": d.containers_losing,
+            "rules_added": d.rules_added,
+            "rules_removed": d.rules_removed,
+        },
+    }
 
 
 def _change_json(c: AccessChange) -> dict[str, Any]:
@@ -575,6 +759,7 @@ def _cell_json(c: CellDiff) -> dict[str, Any]:
         "rules_removed": c.rules_removed,
         "installed_rules": {"base": c.base_installed, "head": c.head_installed},
         "cf_equivalent_rules": {"base": c.base_cf_rules, "head": c.head_cf_rules},
+        "mass_revoke": _gate_json(c),
         "chains": [
             {
                 "family": ch.family,
@@ -586,6 +771,25 @@ def _cell_json(c: CellDiff) -> dict[str, Any]:
             }
             for ch in c.chains
         ],
+    }
+
+
+def _gate_json(c: CellDiff) -> dict[str, Any]:
+    n, s, v = c.revoke, c.gate_settings, c.gate
+    return {
+        "net_lost": n.net_lost,
+        "total": n.total,
+        "share": round(n.share, 4),
+        "lost": n.lost,
+        "gained": n.gained,
+        "containers_losing": n.containers_losing,
+        "to_nothing": n.to_nothing,
+        "threshold": s.threshold,
+        "minimum": s.minimum,
+        "trailer": s.trailer,
+        "refused": v is not None,
+        "rule": v.rule if v is not None else None,
+        "message": v.message if v is not None else None,
     }
 
 
