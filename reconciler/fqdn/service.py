@@ -23,9 +23,10 @@ from reconciler.backends.kernel.nsthread import run_in_netns
 from reconciler.core.cellplan import CellPlan, name_set
 from reconciler.fqdn.dns import QTYPE_A, QTYPE_AAAA, Answer, Client, DnsError, resolv_conf_servers
 from reconciler.fqdn.keeper import FqdnSettings, NameState, due, on_answer, on_failure
-from reconciler.fqdn.kernelsets import SetWriter
+from reconciler.fqdn.kernelsets import SetWriter, Write
 
-Resolve = Callable[[str, int], Answer]
+WRITE_BATCH = 256
+"""Names whose answers go to the kernel in one set transaction."""
 
 
 def parse_server(text: str) -> tuple[str, int]:
@@ -122,32 +123,55 @@ class FqdnService:
 
     def refresh(self, now: float | None = None, *, everything: bool = False) -> int:
         """Resolve every due name once (`everything`: every exact name, due or not, as
-        after a plan change); returns how many were asked."""
-        now = self.clock() if now is None else now
+        after a plan change); returns how many were asked.
+
+        Set writes are batched, WRITE_BATCH names to one transaction (one process): a cell
+        with thousands of names would otherwise start a process per name per refresh."""
         with self._lock:
-            todo = due(self._states, float("inf") if everything else now)
+            todo = due(self._states, float("inf") if everything else (now or self.clock()))
+        pending: list[tuple[NameState, NameState, Write]] = []
         for state in todo:
+            at = self.clock() if now is None else now
             qtype = QTYPE_A if state.family == 4 else QTYPE_AAAA
             try:
                 answer = self._ask(state.fqdn, qtype)
             except DnsError as exc:
                 self.metrics.failures += 1
-                new = on_failure(state, str(exc), now, self.settings)
-            else:
-                self.metrics.resolutions += 1
-                new, write, hit = on_answer(state, answer.addresses, answer.ttl, now, self.settings)
-                if hit:
-                    self.metrics.capped[state.fqdn] = self.metrics.capped.get(state.fqdn, 0) + 1
-                try:
-                    self.writer.write([write])
-                except DataplaneError as exc:
-                    self.metrics.write_errors += 1
-                    new = replace(new, error=str(exc), next_refresh=now + self.settings.min_ttl)
-            with self._lock:
-                key = (state.family, state.fqdn)
-                if key in self._states:  # still wanted (a new plan may have dropped it)
-                    self._states[key] = new
+                self._store(on_failure(state, str(exc), at, self.settings))
+                continue
+            self.metrics.resolutions += 1
+            new, write, hit = on_answer(state, answer.addresses, answer.ttl, at, self.settings)
+            if hit:
+                self.metrics.capped[state.fqdn] = self.metrics.capped.get(state.fqdn, 0) + 1
+            pending.append((state, new, write))
+            if len(pending) >= WRITE_BATCH:
+                self._flush(pending, at)
+                pending = []
+        self._flush(pending, self.clock() if now is None else now)
         return len(todo)
+
+    def _flush(self, pending: list[tuple[NameState, NameState, Write]], at: float) -> None:
+        """Write a batch of answers to the kernel, then record them.  A failed write records
+        nothing of the answers (the kernel holds what it held): the names keep their
+        addresses and TTLs, carry the error, and are asked again after fqdn-min-ttl."""
+        if not pending:
+            return
+        try:
+            self.writer.write([w for _, _, w in pending])
+        except DataplaneError as exc:
+            self.metrics.write_errors += 1
+            retry = at + self.settings.min_ttl
+            for old, _, _ in pending:
+                self._store(replace(old, error=str(exc), next_refresh=retry))
+            return
+        for _, new, _ in pending:
+            self._store(new)
+
+    def _store(self, new: NameState) -> None:
+        with self._lock:
+            key = (new.family, new.fqdn)
+            if key in self._states:  # still wanted (a new plan may have dropped it)
+                self._states[key] = new
 
     def next_due(self) -> float | None:
         with self._lock:
