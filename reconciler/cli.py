@@ -6,6 +6,7 @@ failure, 2 usage error (click's own) -- except where a command documents a detai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from importlib.metadata import entry_points
@@ -442,6 +443,13 @@ def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> N
     except DataplaneError as exc:
         fail(str(exc))
     result = remove(backend, mode="dry-run" if dry_run else "apply")
+    if backend_name != "nftables" and not dry_run and result.ok:
+        # Grants by name: the ipsets our rules referenced (nftables' sets went with its table).
+        from reconciler.backends import Runner
+        from reconciler.fqdn.kernelsets import IpsetWriter
+
+        with contextlib.suppress(DataplaneError):  # no ipset on this host: none of ours
+            IpsetWriter(Runner()).prune(())
     if fmt == "json":
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

@@ -60,3 +60,38 @@ def test_a_refused_write_records_nothing_and_a_batch_of_300_names_lands(
         assert set(writer.members(first) or {}) == {"198.19.0.1"}
     finally:
         server.close()
+
+
+def test_uninstall_takes_our_name_sets_and_leaves_the_hosts(make_lab: Callable[..., Lab]) -> None:
+    """`asgctl uninstall` (iptables) removes the ipsets our rules referenced, by their name
+    pattern, and nothing else: a host's own ipset stays."""
+    import subprocess
+    import sys
+
+    from reconciler.backends import converge
+    from reconciler.backends.iptables.backend import IptablesBackend
+
+    require_netns()
+    skip_unless_available("ipset", tool_unavailable_reason("ipset"))
+    lab = make_lab([], [], conntrack=False)
+    runner = Runner.in_netns(lab.cell)
+    policy = PolicySet(
+        destinations=(Destination("db", "tcp", (), (PortRange(5432, 5432),), fqdns=(NAMES[0],)),),
+        egress_policies=(EgressPolicy("all", "default", None, "db"),),
+    )
+    plan = compile_cell(policy, [Container("c", "198.18.0.2", "app", "space")], "c")
+    assert converge(IptablesBackend.open("legacy", runner), plan).ok
+    runner.run(["ipset", "create", "hostset", "hash:net"])
+    ours = next(r.set_name for r in plan.names)
+    assert ours in runner.run(["ipset", "list", "-n"]).stdout.split()
+    cli = "import sys; from reconciler.cli import main; sys.exit(main())"
+    argv = ["uninstall", "--backend", "iptables", "--variant", "legacy"]
+    done = subprocess.run(
+        ["ip", "netns", "exec", lab.cell, sys.executable, "-c", cli, *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert runner.run(["ipset", "list", "-n"]).stdout.split() == ["hostset"]
