@@ -6,6 +6,7 @@ failure, 2 usage error (click's own) -- except where a command documents a detai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from importlib.metadata import entry_points
@@ -233,6 +234,14 @@ def render(
             continue
         if len(families) > 1:
             click.echo(f"# {'iptables' if fam == 4 else 'ip6tables'}-restore --noflush")
+        named = [(f, fqdn, sid) for f, fqdn, sid in plan.name_sets() if f == fam]
+        if named:
+            from reconciler.core.cellplan import name_set
+            from reconciler.fqdn.kernelsets import ipset_create
+
+            click.echo("# name sets: ipset restore -exist; the agent fills them from DNS answers")
+            for f, fqdn, sid in named:
+                click.echo(f"# {ipset_create(name_set(f, sid), f)}  ({fqdn})")
         click.echo(render_text(plan, fam), nl=False)
 
 
@@ -257,7 +266,12 @@ def render(
     show_default=True,
     help="Only these containers: running (app instances and tasks), staging, or task.",
 )
-@click.option("--to", "to", required=True, help="IP[:PORT][/PROTO], e.g. 198.51.100.7:443/tcp.")
+@click.option(
+    "--to",
+    "to",
+    required=True,
+    help="IP[:PORT][/PROTO] or NAME[:PORT][/PROTO]: 198.51.100.7:443/tcp, db.example.com:5432.",
+)
 @click.option("--icmp-type", type=int, default=None)
 @click.option("--icmp-code", type=int, default=None)
 @format_option("text", "json")
@@ -429,6 +443,13 @@ def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> N
     except DataplaneError as exc:
         fail(str(exc))
     result = remove(backend, mode="dry-run" if dry_run else "apply")
+    if backend_name != "nftables" and not dry_run and result.ok:
+        # Grants by name: the ipsets our rules referenced (nftables' sets went with its table).
+        from reconciler.backends import Runner
+        from reconciler.fqdn.kernelsets import IpsetWriter
+
+        with contextlib.suppress(DataplaneError):  # no ipset on this host: none of ours
+            IpsetWriter(Runner()).prune(())
     if fmt == "json":
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

@@ -119,6 +119,10 @@ EVERY_SETTING: dict[str, tuple[str, Any, Any]] = {
         {"limit": True, "burst": 500, "rate_per_sec": 50, "logging": True},
         RateLimit(True, 500, 50, True),
     ),
+    "fqdn_min_ttl": ("fqdn_min_ttl", 2, 2),
+    "fqdn_max_ttl": ("fqdn_max_ttl", 600, 600),
+    "fqdn_max_ips": ("fqdn_max_ips", 64, 64),
+    "fqdn_resolvers": ("fqdn_resolvers", ["169.254.0.2"], ("169.254.0.2",)),
 }
 # Not offered by the job: monit supervises a long-lived agent (no `once`), and a cell
 # enforces in its own network namespace (`netns` is for the lab and tests).

@@ -30,6 +30,8 @@ from reconciler.core.cellplan import (
     check_interface_name,
     check_network,
 )
+from reconciler.fqdn.keeper import DEFAULT_MAX_IPS, DEFAULT_MAX_TTL, DEFAULT_MIN_TTL, FqdnSettings
+from reconciler.fqdn.service import parse_server
 from reconciler.status.branch import STATUS_PREFIX, branch_for
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -160,6 +162,19 @@ class AgentConfig:
     mode: str = "enforce"
     """`enforce` converges the kernel; `shadow` writes nothing to it and, every cycle, compares
     the plan with what CF's own chains allow each container (`reconciler.agent.shadow`)."""
+    fqdn_min_ttl: int = DEFAULT_MIN_TTL
+    """Grants by name: the shortest a resolved address is kept (seconds), whatever its TTL."""
+    fqdn_max_ttl: int = DEFAULT_MAX_TTL
+    """The longest an address is kept without a fresh answer (seconds)."""
+    fqdn_max_ips: int = DEFAULT_MAX_IPS
+    """Addresses per name and family at most (a metric counts answers that hit it)."""
+    fqdn_resolvers: tuple[str, ...] = ()
+    """DNS servers the agent asks (`addr` or `addr:port`); empty: the cell's resolv.conf."""
+
+    def fqdn_settings(self) -> FqdnSettings:
+        return FqdnSettings(
+            self.fqdn_min_ttl, self.fqdn_max_ttl, self.fqdn_max_ips, self.fqdn_resolvers
+        )
 
     def cell_settings(self, detected: dict[int, tuple[str, ...]] | None = None) -> CellSettings:
         """What the plan renders besides policy: the underlay (configured, else `detected`
@@ -286,6 +301,10 @@ def build_config(file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> Ag
             out[name] = parse_deny_networks(value, key)
         elif name == "outbound_connections":
             out[name] = parse_outbound(value, key)
+        elif name in ("fqdn_min_ttl", "fqdn_max_ttl", "fqdn_max_ips"):
+            out[name] = _count(value, key)
+        elif name == "fqdn_resolvers":
+            out[name] = parse_resolvers(value, key)
         elif value == "" and name in (
             "metrics_listen",
             "metrics_textfile",
@@ -419,6 +438,23 @@ def _check(cfg: AgentConfig) -> None:
     check_trailer(cfg.mass_revoke_trailer)
     if not re.match(r"^[A-Za-z0-9-]+$", cfg.emergency_trailer):
         raise ConfigError("emergency-trailer: a trailer key such as Asgctl-Emergency")
+    try:
+        cfg.fqdn_settings()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def parse_resolvers(value: object, key: str) -> tuple[str, ...]:
+    """`198.18.0.53`, `[fd00::53]:5353`, or a list of those."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{key}: an address (addr or addr:port) or a list of them")
+    for item in items:
+        try:
+            parse_server(item)
+        except ValueError:
+            raise ConfigError(f"{key}: {item!r} is not addr or addr:port") from None
+    return tuple(items)
 
 
 def check_trailer(trailer: str) -> str:

@@ -79,6 +79,7 @@ from reconciler.core.cellplan import CellPlan, CellSettings
 from reconciler.core.compile import compile_cell
 from reconciler.core.model import Container, PolicySet
 from reconciler.core.policytest import CaseResult, run_tests
+from reconciler.fqdn.agent import AgentNames
 from reconciler.policy.load import load_revision
 from reconciler.sources.cellstore import InventoryError, StoreReading, load_store
 from reconciler.status.write import StatusWriter
@@ -187,6 +188,8 @@ class Agent:
         self.parity: ParityReport | None = None
         """Shadow mode: the last comparison with CF's chains (None before the first)."""
         self._stopping = threading.Event()
+        self.names = AgentNames(cfg.fqdn_settings(), cfg.backend, cfg.netns)
+        """Grants by name: the applied plan's names, resolved into their kernel sets."""
 
     # -- edges: the applied revision's source ---
 
@@ -572,6 +575,7 @@ class Agent:
         st = replace(outcome.state, timings=dict(timings))
         self.state = st
         self._crashes = 0
+        self._follow_names(st)
         self._update_metrics(st)
         doc = self.status_document(st)
         self.last_doc = doc
@@ -579,7 +583,25 @@ class Agent:
             self.pusher.offer(doc)
         return st
 
+    def _follow_names(self, st: AgentState) -> None:
+        """Keep the applied plan's names resolved (never fatal: a failure is logged, and
+        their sets stay as the kernel keeps them, expiring at their TTL).  A shadow agent
+        writes nothing to the kernel, name sets included."""
+        if self.cfg.mode == "shadow":
+            return
+        try:
+            self.names.follow(st.applied.plan if st.applied is not None else None)
+        except Exception as exc:
+            self._log(self.err, {"event": "fqdn-failed", "error": str(exc)})
+
     def status_document(self, st: AgentState) -> dict[str, Any]:
+        doc = self._status_document(st)
+        names = self.names.status()
+        if names is not None:
+            doc["names"] = names
+        return doc
+
+    def _status_document(self, st: AgentState) -> dict[str, Any]:
         cfg = self.cfg
         doc = build_status(
             st,
@@ -604,6 +626,7 @@ class Agent:
 
     def _update_metrics(self, st: AgentState) -> None:
         m = self.metrics
+        self.names.update_metrics(m)
         m.observe_timings(st.timings)
         ready = condition(st.conditions, READY)
         ok = ready is not None and ready.status == TRUE
@@ -669,6 +692,7 @@ class Agent:
             host, port = self.metrics_server.address
             self._log(self.err, {"event": "metrics-listening", "address": f"{host}:{port}"})
         if not cfg.once:
+            self.names.start()
             self.watcher = InventoryWatcher(
                 cfg.containers,
                 lambda: self.events.put(INVENTORY),
@@ -691,6 +715,7 @@ class Agent:
                 self._log(self.err, {"event": "webhook-listening", "address": f"{host}:{port}"})
 
     def stop_sidecars(self) -> None:
+        self.names.stop()
         if self.webhook is not None:
             self.webhook.stop()
         if self.watcher is not None:

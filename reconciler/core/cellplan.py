@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from reconciler.core.model import Container, PortRange, RuleItem
+from reconciler.core.model import Container, NameItem, PortRange, RuleItem
 
 ID_LEN = 32
 """Hex digits of an id: 128 bits, out of reach of a birthday search (2^64 hashes)."""
@@ -160,15 +160,78 @@ class RuleGroup:
         }
 
 
+def name_set_id(fqdn: str) -> str:
+    """The id of a name's kernel set: a hash of the name, cut to `NAME_ID_LEN` digits so
+    that `asgn4-<id>` fits an ipset name (31 characters).  The plan refuses two names under
+    one id (`_check_names`), as it does chains."""
+    return content_id("fqdn " + fqdn)[:NAME_ID_LEN]
+
+
+NAME_SET_PREFIX = "asgn"
+
+
+def name_set(family: int, set_id: str) -> str:
+    """The kernel set holding a name's addresses of one family, in every backend (an ipset,
+    an nft set in our table): `asgn4-<22 hex>`, 28 characters, under ipset's 31."""
+    return f"{NAME_SET_PREFIX}{family}-{set_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class NameRule:
+    """A grant by name as installed: the destination's protocol and ports, to the addresses
+    in the name's kernel set (one set per name and family, shared by every rule naming it).
+
+    The set's contents are not part of the plan: the agent fills it from DNS answers
+    (`reconciler.fqdn`), so a plan by names is the same plan whatever the names resolve to.
+    """
+
+    id: str
+    version: int
+    item: NameItem
+    sources: tuple[Provenance, ...]
+    digest: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "digest", content_digest(f"{self.version} {self.item.key()}"))
+
+    @property
+    def set_id(self) -> str:
+        return name_set_id(self.item.fqdn)
+
+    @property
+    def set_name(self) -> str:
+        return name_set(self.version, self.set_id)
+
+    @property
+    def lines(self) -> int:
+        """Dataplane lines in the iptables layout: one per multiport run, as an item."""
+        return len(port_chunks(self.item.ports))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "family": self.version}
+        out["protocol"] = self.item.protocol
+        out["fqdn"] = self.item.fqdn
+        out["set"] = self.set_id
+        if self.item.ports:
+            out["ports"] = ",".join(str(p) for p in self.item.ports)
+        if self.item.icmp_type is not None:
+            out["type"] = self.item.icmp_type
+            out["code"] = self.item.icmp_code
+        out["sources"] = [s.to_dict() for s in self.sources]
+        return out
+
+
 @dataclass(frozen=True, slots=True)
 class ContainerPlan:
     container: Container
     chain_id: str
     groups: tuple[str, ...]
+    names: tuple[str, ...] = ()
+    """The ids of the name rules (`CellPlan.names`) the container gets, after its groups."""
 
     def to_dict(self) -> dict[str, Any]:
         c = self.container
-        return {
+        out: dict[str, Any] = {
             "handle": c.handle,
             "ip": c.ip,
             "chain": self.chain_id,
@@ -178,6 +241,9 @@ class ContainerPlan:
             "workload": c.workload,
             "groups": list(self.groups),
         }
+        if self.names:  # absent without names: plans by address keep their exact form
+            out["names"] = list(self.names)
+        return out
 
 
 # Per container, outside its groups: the dispatch jump, ESTABLISHED, INVALID, LOG and REJECT.
@@ -358,6 +424,8 @@ class CellPlan:
     groups: tuple[RuleGroup, ...]
     cf_equivalent_rules: int
     settings: CellSettings = field(default_factory=CellSettings)
+    names: tuple[NameRule, ...] = ()
+    """Grants by DNS name, each rule once per cell; containers list the ids they get."""
 
     def __post_init__(self) -> None:
         _check_names(self)
@@ -365,6 +433,18 @@ class CellPlan:
     @property
     def group_by_id(self) -> dict[str, RuleGroup]:
         return {g.id: g for g in self.groups}
+
+    @property
+    def name_by_id(self) -> dict[str, NameRule]:
+        return {n.id: n for n in self.names}
+
+    def name_sets(self) -> tuple[tuple[int, str, str], ...]:
+        """(family, fqdn, set id) of every name some container of the cell uses, sorted:
+        the kernel sets the agent keeps filled."""
+        used = {n for cp in self.containers for n in cp.names}
+        return tuple(
+            sorted({(n.version, n.item.fqdn, n.set_id) for n in self.names if n.id in used})
+        )
 
     def families(self) -> tuple[int, ...]:
         return tuple(sorted({c.container.version for c in self.containers}))
@@ -379,9 +459,13 @@ class CellPlan:
         (`backends.installed_rules`: nftables counts its rules and set elements)."""
         st = self.settings
         total = sum(max(1, len(st.underlay(f))) for f in self.families())
+        by_id: dict[str, NameRule] | None = None
         deny_chains: dict[tuple[int, str], int] = {}
         for cp in self.containers:
             total += CONTAINER_FIXED_LINES + len(cp.groups) + (1 if st.outbound.limit else 0)
+            if cp.names:
+                by_id = by_id if by_id is not None else self.name_by_id
+                total += sum(by_id[n].lines for n in cp.names)
             family, workload = cp.container.version, cp.container.workload
             deny = st.deny(workload, family)
             if deny:
@@ -415,6 +499,7 @@ class CellPlan:
             "settings": self.settings.to_dict(),
             "containers": [c.to_dict() for c in self.containers],
             "groups": [g.to_dict() for g in self.groups],
+            **({"names": [n.to_dict() for n in self.names]} if self.names else {}),
         }
 
     def to_json(self) -> str:
@@ -434,8 +519,12 @@ class CellPlan:
             h.update(f"s {self.settings.fingerprint()}\n".encode())
         for cp in self.containers:
             h.update(f"c {cp.container.ip} {cp.chain_id} {' '.join(cp.groups)}\n".encode())
+            if cp.names:  # a plan without names keeps its old digest
+                h.update(f"n {' '.join(cp.names)}\n".encode())
         for g in self.groups:
             h.update(f"g {g.digest}\n".encode())
+        for n in self.names:
+            h.update(f"r {n.id} {n.digest}\n".encode())
         return "sha256:" + h.hexdigest()
 
 
@@ -456,6 +545,14 @@ def _check_names(plan: CellPlan) -> None:
                 f"cell {plan.cell or '(unnamed)'}: rule groups {other.id} and {g.id} hold "
                 f"different rules under one chain name ({g.id[:NAME_ID_LEN]}): a hash "
                 "collision; refusing to plan either"
+            )
+    fqdns: dict[str, str] = {}
+    for n in plan.names:
+        fqdn = fqdns.setdefault(n.set_id, n.item.fqdn)
+        if fqdn != n.item.fqdn:
+            raise PlanError(
+                f"cell {plan.cell or '(unnamed)'}: names {fqdn!r} and {n.item.fqdn!r} get one "
+                f"set name ({n.set_id}): a hash collision; refusing to plan either"
             )
     handles: dict[str, str] = {}
     for cp in plan.containers:

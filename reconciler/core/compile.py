@@ -36,6 +36,7 @@ from reconciler.core.cellplan import (
     CellPlan,
     CellSettings,
     ContainerPlan,
+    NameRule,
     PlanRule,
     Provenance,
     RuleGroup,
@@ -46,6 +47,7 @@ from reconciler.core.model import (
     LIFECYCLES,
     Container,
     EgressPolicy,
+    NameItem,
     PolicySet,
     Rule,
     RuleItem,
@@ -187,16 +189,19 @@ class _Index:
             for key in group_bindings(sg):
                 bound[key].extend(sources)
         destinations = policy.destination_by_name
+        named: dict[BindingKey, list[tuple[Provenance, NameItem]]] = defaultdict(list)
         for ep in policy.egress_policies:
             dest = destinations.get(ep.destination)
             if dest is None:
                 continue
-            src = Source(
-                Provenance("EgressPolicy", ep.name, None, _where(ep.location), dest.name),
-                dest.as_rule(),
-            )
+            prov = Provenance("EgressPolicy", ep.name, None, _where(ep.location), dest.name)
+            src = Source(prov, dest.as_rule())
             for key in policy_bindings(ep):
-                bound[key].append(src)
+                if dest.ips:
+                    bound[key].append(src)
+                named[key].extend((prov, item) for item in dest.name_items())
+        self.named: dict[BindingKey, list[tuple[Provenance, NameItem]]] = dict(named)
+        self._names: dict[Profile, dict[NameRule, None]] = {}
         # Keys by kind, in the order a container's sources are listed (`bindings_for`).
         self.bound: dict[BindingKey, list[Source]] = dict(
             sorted(bound.items(), key=lambda kv: _KIND_ORDER[kv[0][0]])
@@ -380,6 +385,41 @@ class _Index:
             group = self._groups[parts] = RuleGroup(gid, self.atom_version[parts[0][0]], rules)
         return group
 
+    def names(self, profile: Profile) -> dict[NameRule, None]:
+        """The name rules a container of this profile gets (ordered, as a dict for `&`):
+        what egress policies bound to its keys grant by name, of its family.  ICMP names
+        only in their own family (A answers for icmp, AAAA for icmpv6), as for addresses."""
+        hit = self._names.get(profile)
+        if hit is not None:
+            return hit
+        version, lifecycle, space, app = profile
+        provs: dict[NameItem, set[Provenance]] = defaultdict(set)
+        for key in bindings_for(lifecycle, space, app):
+            for prov, item in self.named.get(key, ()):
+                if {"icmp": 4, "icmpv6": 6}.get(item.protocol, version) == version:
+                    provs[item].add(prov)
+        out = {
+            NameRule(
+                content_id(f"name {version} {item.key()}"), version, item, tuple(sorted(p))
+            ): None
+            for item, p in sorted(provs.items())
+        }
+        self._names[profile] = out
+        return out
+
+    def shared_names(self, profiles: tuple[Profile, ...]) -> tuple[NameRule, ...]:
+        """What every claimant of one IP gets by name: never wider than any one of them.
+        A grant all claimants have keeps the provenance of each."""
+        if len(profiles) == 1:
+            return tuple(self.names(profiles[0]))
+        per = [{r.item: r for r in self.names(p)} for p in profiles]
+        out = []
+        for item, rule in per[0].items():
+            if all(item in other for other in per[1:]):
+                sources = tuple(sorted({s for other in per for s in other[item].sources}))
+                out.append(NameRule(rule.id, rule.version, item, sources))
+        return tuple(out)
+
     def sources(self, lifecycle: str, space_id: str, app_id: str) -> list[Source]:
         return [
             src
@@ -430,6 +470,19 @@ def profile_signature(policy: PolicySet, profile: Profile) -> tuple[RuleItem, ..
 def container_sources(policy: PolicySet, container: Container) -> list[Source]:
     """Every rule the container gets and who grants it (used by `explain` and policy tests)."""
     return _index_for(policy).sources(container.lifecycle, container.space_id, container.app_id)
+
+
+def profile_names(policy: PolicySet, profile: Profile) -> dict[NameItem, frozenset[Provenance]]:
+    """The grants by name a container of this profile gets, with the documents granting
+    them (the plan diff compares them per principal, as `profile_rules` for addresses)."""
+    return {r.item: frozenset(r.sources) for r in _index_for(policy).names(profile)}
+
+
+def container_name_sources(policy: PolicySet, container: Container) -> frozenset[Provenance]:
+    """The egress policies that grant names to the container (used by `explain`)."""
+    index = _index_for(policy)
+    keys = bindings_for(container.lifecycle, container.space_id, container.app_id)
+    return frozenset(prov for key in keys for prov, _ in index.named.get(key, ()))
 
 
 def compile_cell(
@@ -506,8 +559,25 @@ def compile_cell(
     chain_groups = [tuple(gid for _, gid in sorted(mine)) for mine in groups_of]
 
     slots = [position[p] for p in slots_of]
+    names_of = [index.shared_names(p) for p in profiles] if index.named else []
+    # One rule per grant in the cell; its provenance is every document granting it to some
+    # container here (as a group rule's is).
+    merged: dict[str, NameRule] = {}
+    for rules in names_of:
+        for r in rules:
+            seen = merged.get(r.id)
+            if seen is None:
+                merged[r.id] = r
+            elif not set(r.sources) <= set(seen.sources):
+                sources = tuple(sorted(set(seen.sources) | set(r.sources)))
+                merged[r.id] = NameRule(r.id, r.version, r.item, sources)
     container_plans = tuple(
-        ContainerPlan(c, _chain_id(c.handle), chain_groups[i])
+        ContainerPlan(
+            c,
+            _chain_id(c.handle),
+            chain_groups[i],
+            tuple(r.id for r in names_of[i]) if names_of else (),
+        )
         for c, i in zip(containers, slots, strict=True)
     )
     return CellPlan(
@@ -517,6 +587,7 @@ def compile_cell(
         # CF installs every claimant's own rules in its own chain: counted per container.
         cf_equivalent_rules=sum(CF_CONTAINER_FIXED_LINES + index.entry(p).cf_lines for p in of),
         settings=settings or CellSettings(),
+        names=tuple(merged[k] for k in sorted(merged)),
     )
 
 

@@ -52,6 +52,7 @@ from reconciler.core.compile import (
     cf_equivalent_rules,
     compile_cell,
     group_bindings,
+    profile_names,
     profile_of,
     profile_rules,
     profile_signature,
@@ -68,6 +69,7 @@ from reconciler.core.model import (
     AddressRange,
     Destination,
     Directory,
+    NameItem,
     PolicySet,
     PortRange,
     RuleItem,
@@ -92,11 +94,25 @@ _ALL_PORTS = ((PortRange(1, 65535),), (PortRange(*ANY_PORT),))
 
 
 @dataclass(frozen=True, slots=True, order=True)
+class NameDestination:
+    """A grant by DNS name, where an Access has an address range: enforced at the cell for
+    whatever the name resolves to, so the diff can say only which name was granted."""
+
+    fqdn: str
+    version: int = 0
+    """The lowest family of the containers it reaches (as an address range's version)."""
+
+    def __str__(self) -> str:
+        return self.fqdn
+
+
+@dataclass(frozen=True, slots=True, order=True)
 class Access:
-    """A slice of what a container may reach (one protocol, one address range, some ports)."""
+    """A slice of what a container may reach (one protocol, one address range or one DNS
+    name, some ports)."""
 
     protocol: str
-    destination: AddressRange
+    destination: AddressRange | NameDestination
     ports: tuple[PortRange, ...] = ()
     icmp_type: int | None = None
     icmp_code: int | None = None
@@ -277,7 +293,9 @@ def diff_plans(
         profiles_of_cell.append(profiles)
         for p in set(profiles):
             if p not in touched:
-                touched[p] = profile_signature(base, p) != profile_signature(head, p)
+                touched[p] = profile_signature(base, p) != profile_signature(
+                    head, p
+                ) or profile_names(base, p) != profile_names(head, p)
             cells_of[p[1:]].add(cell.cell)
         for p in profiles:
             families[p[1:]][p[0]] += 1
@@ -370,7 +388,10 @@ def _family_diff(before: CellPlan, after: CellPlan, family: int) -> list[ChainDi
     changed = sorted(
         k
         for k in old_cs.keys() | new_cs.keys()
-        if k not in old_cs or k not in new_cs or old_cs[k].groups != new_cs[k].groups
+        if k not in old_cs
+        or k not in new_cs
+        or old_cs[k].groups != new_cs[k].groups
+        or old_cs[k].names != new_cs[k].names  # name rule ids hash their content
     )
     dispatch = {(c.container.ip, k) for k, c in old_cs.items()} != {
         (c.container.ip, k) for k, c in new_cs.items()
@@ -384,7 +405,7 @@ def _family_diff(before: CellPlan, after: CellPlan, family: int) -> list[ChainDi
 
     def sub(plan: CellPlan, cs: dict[str, ContainerPlan], groups: list[RuleGroup]) -> CellPlan:
         mine = tuple(cs[k] for k in changed if k in cs)
-        return CellPlan(plan.cell, mine, tuple(groups), 0)
+        return CellPlan(plan.cell, mine, tuple(groups), 0, names=plan.names)
 
     old = render_cell(sub(before, old_cs, [old_groups[g] for g in gone]), family).chains
     new = render_cell(sub(after, new_cs, [new_groups[g] for g in added]), family).chains
@@ -480,13 +501,19 @@ def _principal_diffs(
             after.update(profile_rules(head, (f, *pr)))
         lost = _changes(before, after, partial(explainer.why, pr=pr, lost=True))
         gained = _changes(after, before, partial(explainer.why, pr=pr, lost=False))
+        names_before = {f: profile_names(base, (f, *pr)) for f in fams}
+        names_after = {f: profile_names(head, (f, *pr)) for f in fams}
+        lost += _name_changes(names_before, names_after, partial(explainer.why, pr=pr, lost=True))
+        gained += _name_changes(
+            names_after, names_before, partial(explainer.why, pr=pr, lost=False)
+        )
         logging = _logging_changes(before, after, explainer, pr)
         if not (lost or gained or logging):
             continue
         name, kind, mismatch = explainer.principal_name(pr)
         per_family = families[pr]
-        gaining = {c.access.destination.version for c in gained}
-        losing = {c.access.destination.version for c in lost}
+        gaining = {v for c in gained for v in _families(c, names_after)}
+        losing = {v for c in lost for v in _families(c, names_before)}
         out.append(
             PrincipalDiff(
                 lifecycle=pr[0],
@@ -508,6 +535,49 @@ def _principal_diffs(
     return tuple(out)
 
 
+def _name_changes(
+    mine: dict[int, dict[NameItem, frozenset[Provenance]]],
+    theirs: dict[int, dict[NameItem, frozenset[Provenance]]],
+    why: Callable[[Provenance], str],
+) -> tuple[AccessChange, ...]:
+    """Grants by name `mine` has and `theirs` does not (per name, protocol and ports: a
+    name's addresses are not known to CI, so a grant is compared as written)."""
+    families: dict[NameItem, list[int]] = defaultdict(list)
+    sources: dict[NameItem, set[Provenance]] = defaultdict(set)
+    for family, items in sorted(mine.items()):
+        for item, provs in items.items():
+            if item not in theirs.get(family, {}):
+                families[item].append(family)
+                sources[item].update(provs)
+    out = []
+    for item in sorted(families):
+        access = Access(
+            item.protocol,
+            NameDestination(item.fqdn, min(families[item])),
+            item.ports,
+            item.icmp_type,
+            item.icmp_code,
+        )
+        detail = (
+            "wildcard: allows nothing until DNS answers are intercepted" if item.wildcard else ""
+        )
+        out.append(AccessChange(access, tuple(sorted({why(p) for p in sources[item]})), detail))
+    return tuple(out)
+
+
+def _families(
+    change: AccessChange, names: dict[int, dict[NameItem, frozenset[Provenance]]]
+) -> list[int]:
+    """The families of containers a change reaches: an address range's own; a name's, each
+    family whose containers had (or have) the grant."""
+    dest = change.access.destination
+    if isinstance(dest, AddressRange):
+        return [dest.version]
+    a = change.access
+    item = NameItem(a.protocol, dest.fqdn, a.ports, a.icmp_type, a.icmp_code)
+    return [f for f, items in names.items() if item in items] or [dest.version]
+
+
 def _installed(plan: CellPlan, group_lines: dict[str, int]) -> int:
     """`CellPlan.installed_rules`, with each shared group's line count computed once."""
     total = len({cp.container.version for cp in plan.containers})
@@ -517,6 +587,9 @@ def _installed(plan: CellPlan, group_lines: dict[str, int]) -> int:
         if n is None:
             n = group_lines[g.digest] = g.lines
         total += n
+    if plan.names:  # grants by name: as `CellPlan.installed_rules` counts them
+        by_id = plan.name_by_id
+        total += sum(by_id[n].lines for cp in plan.containers for n in cp.names)
     return total
 
 
@@ -760,6 +833,8 @@ def _destination_fields(a: Destination, b: Destination) -> list[str]:
         out.append("protocol")
     if a.ips != b.ips:
         out.append("ips")
+    if a.fqdns != b.fqdns:
+        out.append("fqdns")
     if a.ports != b.ports:
         out.append("ports")
     if (a.icmp_type, a.icmp_code) != (b.icmp_type, b.icmp_code):

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from reconciler.core.cellplan import CellPlan, ContainerPlan, PlanRule, Provenance
-from reconciler.core.compile import container_sources
+from reconciler.core.cellplan import CellPlan, ContainerPlan, NameRule, PlanRule, Provenance
+from reconciler.core.compile import container_name_sources, container_sources
 from reconciler.core.endpoint import Endpoint
 from reconciler.core.model import AddressRange, Container, PolicySet, RuleItem
 from reconciler.core.packetspace import contains, item_space
@@ -21,6 +21,14 @@ from reconciler.core.packetspace import contains, item_space
 class Match:
     group: str
     rule: PlanRule
+    sources: tuple[Provenance, ...]
+
+
+@dataclass(frozen=True)
+class NameMatch:
+    """A grant by name that covers an endpoint asked about by name."""
+
+    rule: NameRule
     sources: tuple[Provenance, ...]
 
 
@@ -41,6 +49,9 @@ class Decision:
     near_misses: tuple[Match, ...]
     rule_count: int
     denied_by: tuple[DenyNetworkMatch, ...] = ()
+    names: tuple[NameMatch, ...] = ()
+    """For an endpoint by name: the name rules covering it (wildcards among them allow
+    nothing yet, see `explain_name`)."""
 
     def text(self, directory_name: str = "") -> str:
         who = directory_name or self.container.app_id or self.container.handle
@@ -53,7 +64,9 @@ class Decision:
                 f"  rejected by the cell's deny_networks.{d.lifecycle} {d.network}, "
                 "before any ASG or egress policy"
             )
-        if self.allowed:
+        if self.endpoint.fqdn:
+            lines.extend(self._name_lines())
+        elif self.allowed:
             for m in self.matches:
                 lines.append(f"  allowed by rule {m.rule.id} in group {m.group}:")
                 lines.extend(f"    {s}" for s in m.sources)
@@ -71,13 +84,37 @@ class Decision:
                     f"protocol/port, from:"
                 )
                 lines.extend(f"    {s}" for s in m.sources)
-        if not self.allowed and not self.denied_by:
+        if not self.allowed and not self.denied_by and not self.endpoint.fqdn:
             lines.append("  everything not allowed is rejected and logged (ASG DENY)")
         # Names and sources come from the policy repo: a newline in one must not start a
         # line of its own (a forged ALLOW in a CI log), so each line is escaped on its own.
         from reconciler.escape import visible
 
         return "\n".join(visible(x) for x in lines) + "\n"
+
+    def _name_lines(self) -> list[str]:
+        lines = []
+        for m in self.names:
+            item = m.rule.item
+            if item.wildcard:
+                lines.append(
+                    f"  wildcard {_describe_name(m.rule)} would allow it, but wildcards are "
+                    "filled only from intercepted DNS answers, not built yet: nothing passes"
+                )
+            else:
+                lines.append(f"  allowed by name rule {m.rule.id} ({_describe_name(m.rule)}):")
+            lines.extend(f"    {s}" for s in m.sources)
+        if self.allowed:
+            lines.append(
+                f"  enforced at the cell for the addresses {self.endpoint.fqdn} resolves to "
+                "(the agent's own resolution, TTL-bound); the cell's deny networks still apply"
+            )
+        elif not self.names:
+            lines.append(
+                f"  no grant by name covers it; an ASG rule may still allow the addresses "
+                f"{self.endpoint.fqdn} resolves to (explain --to IP:PORT)"
+            )
+        return lines
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -93,6 +130,16 @@ class Decision:
             ],
             "near_misses": [{"group": m.group, "rule": m.rule.to_dict()} for m in self.near_misses],
             "deny_networks": [{"list": d.lifecycle, "network": d.network} for d in self.denied_by],
+            **(
+                {
+                    "names": [
+                        m.rule.to_dict() | {"sources": [s.to_dict() for s in m.sources]}
+                        for m in self.names
+                    ]
+                }
+                if self.endpoint.fqdn
+                else {}
+            ),
         }
 
 
@@ -103,8 +150,46 @@ def _describe(item: RuleItem) -> str:
     return text
 
 
+def _describe_name(rule: NameRule) -> str:
+    item = rule.item
+    text = f"{item.protocol} {item.fqdn}"
+    if item.ports:
+        text += " ports " + ",".join(str(p) for p in item.ports)
+    return text
+
+
+def name_covers(rule: NameRule, ep: Endpoint) -> bool:
+    """Does a grant by name cover an endpoint asked about by name: the name (a wildcard by
+    one label), the family the protocol implies, and the protocol and ports (the same packet
+    space test as for addresses, over every address of the rule's family)."""
+    if not ep.fqdn or not rule.item.matches(ep.fqdn):
+        return False
+    if ep.version and ep.version != rule.version:
+        return False
+    full = rule.item.anywhere(rule.version)
+    probe = Endpoint(rule.version, 0, ep.protocol, ep.port, ep.icmp_type, ep.icmp_code)
+    return contains(item_space(full), probe)
+
+
+def explain_name(policy: PolicySet, plan: CellPlan, cp: ContainerPlan, ep: Endpoint) -> Decision:
+    """Allow or deny for an endpoint given by name: answered from the container's grants by
+    name.  A wildcard grant allows nothing yet (its set stays empty until DNS answers are
+    intercepted), so it is shown but does not make the answer ALLOW."""
+    mine = container_name_sources(policy, cp.container)
+    by_id = plan.name_by_id
+    found = tuple(
+        NameMatch(by_id[n], tuple(s for s in by_id[n].sources if s in mine))
+        for n in cp.names
+        if name_covers(by_id[n], ep)
+    )
+    allowed = any(not m.rule.item.wildcard for m in found)
+    return Decision(cp.container, ep, allowed, (), (), len(cp.names), (), found)
+
+
 def explain(policy: PolicySet, plan: CellPlan, cp: ContainerPlan, ep: Endpoint) -> Decision:
     """Allow or deny for one container and endpoint, with every deciding rule and its origin."""
+    if ep.fqdn:
+        return explain_name(policy, plan, cp, ep)
     mine = {s.provenance for s in container_sources(policy, cp.container)}
     groups = plan.group_by_id
     matches: list[Match] = []

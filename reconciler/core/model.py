@@ -149,6 +149,20 @@ class Rule:
         )
 
 
+def _key_tail(
+    ports: tuple[PortRange, ...], icmp_type: int | None, icmp_code: int | None
+) -> list[str]:
+    """The ports and ICMP part of an item's canonical text (`RuleItem.key`, `NameItem.key`)."""
+    parts = []
+    if ports:
+        parts.append(",".join(str(p) for p in ports))
+    if icmp_type is not None:
+        parts.append(f"type={icmp_type}")
+    if icmp_code is not None:
+        parts.append(f"code={icmp_code}")
+    return parts
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class RuleItem:
     """A rule with a single destination: what one line of the dataplane matches."""
@@ -167,12 +181,7 @@ class RuleItem:
     def key(self) -> str:
         """A canonical text form: the content that rule ids and group ids hash."""
         parts = [self.protocol, str(self.destination.version), str(self.destination)]
-        if self.ports:
-            parts.append(",".join(str(p) for p in self.ports))
-        if self.icmp_type is not None:
-            parts.append(f"type={self.icmp_type}")
-        if self.icmp_code is not None:
-            parts.append(f"code={self.icmp_code}")
+        parts += _key_tail(self.ports, self.icmp_type, self.icmp_code)
         if self.log:
             parts.append("log")
         return " ".join(parts)
@@ -192,9 +201,60 @@ class SecurityGroup:
     location: Location | None = field(default=None, compare=False)
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class NameItem:
+    """A grant by DNS name: the protocol and ports of a Destination, to whatever addresses
+    the name resolves to (`reconciler.fqdn`).  The name is validated and lower-cased; a
+    wildcard (`*.s3.example.com`) stands for exactly one more label on the left.
+
+    Kept apart from `RuleItem` on purpose: a name has no address range, and no code that
+    reads `RuleItem.destination` may ever see a stand-in for one (it would widen the grant
+    to whatever the stand-in covers)."""
+
+    protocol: str
+    fqdn: str
+    ports: tuple[PortRange, ...] = ()
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+
+    @property
+    def wildcard(self) -> bool:
+        return self.fqdn.startswith("*.")
+
+    def key(self) -> str:
+        """A canonical text form: what a name rule's id hashes (never an address's key:
+        `RuleItem.key` starts with a protocol and an IP version digit, this with `name`)."""
+        return " ".join(
+            [
+                "name",
+                self.protocol,
+                self.fqdn,
+                *_key_tail(self.ports, self.icmp_type, self.icmp_code),
+            ]
+        )
+
+    def anywhere(self, version: int) -> RuleItem:
+        """This grant's protocol, ports and ICMP match as an item to *every* address of a
+        family.  Only for what adds the name's set match itself (the renderers) or asks
+        about the protocol and ports alone (explain): never a rule on its own."""
+        everything = AddressRange(version, 0, (1 << (32 if version == 4 else 128)) - 1)
+        return RuleItem(self.protocol, everything, self.ports, self.icmp_type, self.icmp_code)
+
+    def matches(self, qname: str) -> bool:
+        """Whether an answer for `qname` (lower-case, no trailing dot) is an answer for this
+        name: equal, or, for a wildcard, exactly one label more on the left."""
+        if not self.wildcard:
+            return qname == self.fqdn
+        head, _, tail = qname.partition(".")
+        return bool(head) and head != "*" and tail == self.fqdn[2:]
+
+
 @dataclass(frozen=True, slots=True)
 class Destination:
-    """A named external service (CF's dynamic egress destination)."""
+    """A named external service (CF's dynamic egress destination).
+
+    `ips` and `fqdns` may both be given; at least one is (validation sees to it).  `fqdns`
+    are validated lower-case host names, exact or one-label wildcards (`*.example.com`)."""
 
     name: str
     protocol: str
@@ -204,6 +264,14 @@ class Destination:
     icmp_code: int | None = None
     description: str = ""
     location: Location | None = field(default=None, compare=False)
+    fqdns: tuple[str, ...] = ()
+
+    def name_items(self) -> tuple[NameItem, ...]:
+        """One name-backed item per name, with this destination's protocol and ports."""
+        return tuple(
+            NameItem(self.protocol, n, self.ports, self.icmp_type, self.icmp_code)
+            for n in self.fqdns
+        )
 
     def as_rule(self) -> Rule:
         return Rule(

@@ -44,8 +44,15 @@ class CaseResult:
 
 
 def endpoint_of(test: PolicyTest) -> Endpoint:
-    """The case's `to`, already checked by validation (which parsed it with parse_endpoint)."""
-    ip = ipaddress.ip_address(test.address)
+    """The case's `to`, already checked by validation (which parsed it with parse_endpoint):
+    an address, or a host name (then the case asks about the container's grants by name)."""
+    try:
+        ip = ipaddress.ip_address(test.address)
+    except ValueError:
+        version = {"icmp": 4, "icmpv6": 6}.get(test.protocol, 0)
+        return Endpoint(
+            version, 0, test.protocol, test.port, test.icmp_type, test.icmp_code, test.address
+        )
     return Endpoint(ip.version, int(ip), test.protocol, test.port, test.icmp_type, test.icmp_code)
 
 
@@ -81,7 +88,7 @@ def run_tests(policy: PolicySet) -> tuple[CaseResult, ...]:
     out = []
     for test in policy.tests:
         ep = endpoint_of(test)
-        container = synthetic_container(policy, test, ep.version)
+        container = synthetic_container(policy, test, ep.version or 4)
         plan = compile_cell(policy, [container], "policy-test")
         decision = explain(policy, plan, plan.containers[0], ep)
         out.append(CaseResult(test, subject_of(policy, test), ep, decision))

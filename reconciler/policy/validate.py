@@ -21,6 +21,7 @@ from referencing import Registry, Resource
 from reconciler.core.cron import MAX_WINDOW_MINUTES, CronError, Window, parse_cron, parse_duration
 from reconciler.core.endpoint import parse_endpoint
 from reconciler.core.model import (
+    AddressRange,
     App,
     Destination,
     Directory,
@@ -37,6 +38,7 @@ from reconciler.core.model import (
     Wave,
 )
 from reconciler.core.model import ChangeWindow as ChangeWindowModel
+from reconciler.core.names import fqdn_entry
 from reconciler.core.packetspace import covers, rule_space
 from reconciler.policy import grammar
 from reconciler.policy.findings import Finding, field_path
@@ -415,14 +417,20 @@ def _check_redundant(ctx: _Context, rules: list[Rule]) -> None:
 def _destination(ctx: _Context) -> Destination | None:
     data = ctx.doc.data
     protocol = data["protocol"]
-    ips, ip_errors = grammar.parse_destination_ips(data["ips"])
-    for err in ip_errors:
-        ctx.error(("ips",), _with_item(err))
-    if ips is not None:
-        for note in grammar.host_bits_notes(data["ips"]):
-            ctx.warn(("ips",), note.message)
+    ips: tuple[AddressRange, ...] | None = ()
+    if "ips" in data or "fqdns" not in data:
+        ips, ip_errors = grammar.parse_destination_ips(data.get("ips"))
+        for err in ip_errors:
+            message = _with_item(err)
+            if "fqdns" not in data and "ips" not in data:
+                message = "a destination needs ips, fqdns or both"
+            ctx.error(("ips",), message)
+        if ips is not None:
+            for note in grammar.host_bits_notes(data["ips"]):
+                ctx.warn(("ips",), note.message)
+    fqdns = _destination_fqdns(ctx) if "fqdns" in data else ()
     ports: tuple[PortRange, ...] = ()
-    ok = ips is not None
+    ok = ips is not None and fqdns is not None
     if "ports" in data:
         if protocol not in ("tcp", "udp"):
             ctx.error(("ports",), f"ports are not allowed for protocol {protocol}")
@@ -437,8 +445,11 @@ def _destination(ctx: _Context) -> Destination | None:
         # The policy server's default, kept so existing repositories mean what they meant; but
         # a grant to every port is rarely what was wanted, so the reviewer is told.
         ports = _ALL_PORTS
-        if ips is not None:  # about the grant; with unreadable ips there is none to warn about
-            ctx.warn(("ports",), f"no ports given: {protocol} to these ips on all ports (1-65535)")
+        if ips is not None and fqdns is not None:  # with unreadable ones there is no grant
+            what = " and ".join(w for w, given in (("ips", ips), ("names", fqdns)) if given)
+            ctx.warn(
+                ("ports",), f"no ports given: {protocol} to these {what} on all ports (1-65535)"
+            )
     icmp_type = data.get("icmp_type")
     icmp_code = data.get("icmp_code")
     if protocol in ("icmp", "icmpv6"):
@@ -454,7 +465,7 @@ def _destination(ctx: _Context) -> Destination | None:
         if want is not None and any(r.version != want for r in ips):
             ctx.error(("ips",), f"protocol {protocol} needs IPv{want} addresses")
             ok = False
-    if not ok or ips is None:
+    if not ok or ips is None or fqdns is None:
         return None
     return Destination(
         name=data["name"],
@@ -465,7 +476,33 @@ def _destination(ctx: _Context) -> Destination | None:
         icmp_code=icmp_code,
         description=data.get("description", ""),
         location=ctx.loc(),
+        fqdns=fqdns,
     )
+
+
+def _destination_fqdns(ctx: _Context) -> tuple[str, ...] | None:
+    """A Destination's `fqdns`, each bad entry reported at its own line; a wildcard is
+    accepted with a warning: it is enforced only from intercepted DNS answers (docs/fqdn.md),
+    which this release does not do, so until then it allows nothing, never everything."""
+    raw = ctx.doc.data["fqdns"]
+    entries = raw if isinstance(raw, list) else [raw]
+    names: list[str] = []
+    ok = True
+    for i, entry in enumerate(entries):
+        path: FieldPath = ("fqdns", i) if isinstance(raw, list) else ("fqdns",)
+        name, message = fqdn_entry(entry)
+        if message is not None:
+            ctx.error(path, message)
+            ok = False
+        elif name is not None:
+            names.append(name)
+            if name.startswith("*."):
+                ctx.warn(
+                    path,
+                    f"wildcard {name!r} is not enforced yet: it needs the DNS answer "
+                    "interception (docs/fqdn.md); until then it allows no address",
+                )
+    return tuple(sorted(set(names))) if ok else None
 
 
 def _egress_policy(

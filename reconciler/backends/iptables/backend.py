@@ -37,6 +37,7 @@ from reconciler.backends.iptables.xlock import xtables_lock
 from reconciler.backends.kernel.generation import EMPTY_FILTER_ENTRIES, KernelProbe
 from reconciler.backends.kernel.runner import Runner
 from reconciler.core.cellplan import CellPlan
+from reconciler.fqdn.kernelsets import ensure_ipsets, referenced_ipsets
 
 VARIANTS = ("legacy", "nft")
 _ERROR_LINE = re.compile(r"(?:line:?\s+|line )(\d+)", re.IGNORECASE)
@@ -248,6 +249,7 @@ class IptablesBackend:
         if self.fault is not None:
             text = self.fault(delta.family, text)
         cmd = tool(self.variant, delta.family, "restore")
+        ensure_ipsets(self.runner, referenced_ipsets(text))  # grants by name need their sets
         memory = self.memory
         before = memory.generation() if self.variant == "nft" and self.fault is None else None
         res = self.runner.run([cmd, "--noflush", f"--wait={self.wait_seconds}"], stdin=text)

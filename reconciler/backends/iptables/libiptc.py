@@ -38,6 +38,7 @@ from reconciler.backends.iptables.xlock import xtables_lock
 from reconciler.backends.kernel.nsthread import run_in_netns
 from reconciler.backends.kernel.runner import Runner
 from reconciler.core.cellplan import CellPlan
+from reconciler.fqdn.kernelsets import ensure_ipsets, referenced_ipsets
 
 _PROTOCOLS = {"icmp": "1", "tcp": "6", "udp": "17", "ipv6-icmp": "58", "icmpv6": "58"}
 
@@ -121,6 +122,7 @@ class LibiptcBackend:
         if self.fault is not None:
             text = self.fault(delta.family, text)
         self._reader.will_write(delta.family)
+        ensure_ipsets(self.runner, referenced_ipsets(text))  # grants by name need their sets
         netns = self.runner.netns
         if netns is None:
             self._commit(delta.family, text)
@@ -283,6 +285,12 @@ def _rule(iptc: Any, family: int, words: list[str]) -> tuple[Any, str | None]:
             target.standard_target = jump = value
         elif word in ("-j", "--jump"):
             current = target = iptc.Target(rule, value)
+        elif word == "--match-set" and current is not None and i + 2 < len(words):
+            # ipset's match takes two words, the set and its direction (grants by name).
+            current.parse("match-set", [*(["!"] if negate else []), value, words[i + 2]])
+            negate = False
+            i += 3
+            continue
         elif word.startswith("--") and current is not None:
             current.parse(word[2:], shown)
         else:

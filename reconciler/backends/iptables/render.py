@@ -16,6 +16,7 @@ from reconciler.core.cellplan import (
     CellPlan,
     CellSettings,
     ContainerPlan,
+    NameRule,
     PlanRule,
     RateLimit,
     check_interface_name,
@@ -177,6 +178,8 @@ def render_cell(plan: CellPlan, family: int) -> Ruleset:
         if deny:
             chains.setdefault(deny_chain(cp.container.workload), _deny_lines(cp, deny, family))
         chains[name] = _container_lines(name, cp, family, settings)
+        if cp.names:
+            chains[name] = _with_names(chains[name], name, cp, plan)
     host = "/32" if family == 4 else "/128"
     chains[TOP_CHAIN] = tuple(
         f"-A {TOP_CHAIN} -s {cp.container.ip}{host} {_comment('asg:c:' + cp.chain_id)} "
@@ -252,6 +255,35 @@ def _container_lines(
     )
     lines.append(f"-A {name} {_comment('asg:reject')} -j REJECT --reject-with {reject}")
     return tuple(lines)
+
+
+def _with_names(
+    lines: tuple[str, ...], chain: str, cp: ContainerPlan, plan: CellPlan
+) -> tuple[str, ...]:
+    """A container chain with its grants by name after its groups, before LOG and REJECT."""
+    by_id = plan.name_by_id
+    named = [line for nid in cp.names for line in name_lines(chain, by_id[nid])]
+    tail = (_comment("asg:deny-log"), _comment("asg:reject"))
+    at = next(i for i, line in enumerate(lines) if any(t in line for t in tail))
+    return (*lines[:at], *named, *lines[at:])
+
+
+def name_lines(chain: str, rule: NameRule) -> list[str]:
+    """A grant by name: the destination's protocol and ports, to the addresses in the name's
+    ipset (`-m set --match-set asgn4-<id> dst`), so the set's elements change without a
+    rule changing, and the set can never widen a grant beyond its protocol and ports.
+
+    The protocol and port matches are `_matches`' for the same item to every address; the
+    set match goes right after `-p`, where iptables-save prints it."""
+    full = rule.item.anywhere(rule.version)
+    setmatch = f" -m set --match-set {rule.set_name} dst"
+    comment = _comment("asg:n:" + rule.id)
+    out = []
+    for match in _matches(full):
+        proto, sep, rest = match.partition(" -m ")
+        body = f"{proto}{setmatch}{sep and ' -m '}{rest}" if proto else f"{setmatch}{match}"
+        out.append(f"-A {chain}{body} {comment} -j ACCEPT")
+    return out
 
 
 def _rule_lines(chain: str, rule: PlanRule) -> list[str]:

@@ -67,12 +67,14 @@ from reconciler.core.cellplan import (
     CellPlan,
     CellSettings,
     ContainerPlan,
+    NameRule,
     PlanRule,
     RateLimit,
     RuleGroup,
     check_interface_name,
     deny_class,
     log_id,
+    name_set,
 )
 from reconciler.core.model import AddressRange, RuleItem, address_text
 from reconciler.core.packetspace import (
@@ -138,7 +140,7 @@ def family_of(name: str) -> int:
     """
     if name in (base_chain(6), dispatch_map(6), rate_set(6), rate_log_chain(6)):
         return 6
-    if name.startswith(("c6-", "g6-", "d6-")):
+    if name.startswith(("c6-", "g6-", "d6-", name_set(6, ""))):
         return 6
     return 4
 
@@ -564,10 +566,33 @@ def _deny_rules(chain_id: str) -> tuple[str, str]:
     return log, reject
 
 
-def _container_rules(
-    cp: ContainerPlan, groups: Mapping[str, RenderedGroup], head: tuple[str, ...], memo: RenderMemo
-) -> tuple[str, ...]:
-    return memo.container(cp.chain_id, head, tuple(groups[g].entry for g in cp.groups))
+def _name_entry(
+    cp: ContainerPlan, plan: CellPlan, sets: dict[str, NftSet]
+) -> tuple[tuple[str, ...], ...]:
+    """A container's grants by name (after its groups), adding each name's set to `sets`.
+
+    A name's set is flagged `timeout`: its elements are put there by the agent from DNS
+    answers, each with the record's TTL, never by the plan, so they are state and not drift
+    (`parse._parse_set`), and they change without the chain changing."""
+    if not cp.names:
+        return ()
+    by_id = plan.name_by_id
+    rules = []
+    for nid in cp.names:
+        rule = by_id[nid]
+        addr = "ipv4_addr" if rule.version == 4 else "ipv6_addr"
+        sets.setdefault(rule.set_name, NftSet(rule.set_name, (addr,), ("timeout",)))
+        rules.append(name_rule(rule))
+    return (tuple(rules),)
+
+
+def name_rule(rule: NameRule) -> str:
+    """A grant by name: the destination's protocol and ports, to an address in the name's
+    set.  The protocol and port matches are those of a logging rule for the same item to
+    every address (`_log_rule_matches` leaves out a daddr match that covers everything)."""
+    full = rule.item.anywhere(rule.version)
+    daddr = _match(_payload(_ip(rule.version), "daddr"), "@" + rule.set_name)
+    return canonical_rule([daddr, *_log_rule_matches(full), ACCEPT], "asg:n:" + rule.id)
 
 
 def _container_head(cp: ContainerPlan, settings: CellSettings, family: int) -> tuple[str, ...]:
@@ -629,7 +654,11 @@ def _render_cell(plan: CellPlan, family: int, memo: RenderMemo) -> NftRuleset:
         if deny and deny_set(family, cp.container.workload) not in sets:
             denied = _deny_networks_set(family, cp.container.workload, deny)
             sets[denied.name] = denied
-        chains[name] = _container_rules(cp, groups, _container_head(cp, settings, family), memo)
+        named = _name_entry(cp, plan, sets)
+        entries = (*(groups[g].entry for g in cp.groups), *named)
+        chains[name] = memo.container(
+            cp.chain_id, _container_head(cp, settings, family), tuple(entries)
+        )
         address = int(ipaddress.ip_address(cp.container.ip))
         if address in seen:  # two containers, one address: the first wins, as in iptables
             continue

@@ -1,0 +1,207 @@
+"""Grants by DNS name at scale: N names with K addresses each on one cell (issue 15).
+
+For each backend (ipsets for iptables-legacy, sets in `inet asgctl` for nftables), in a
+fresh network namespace: converge a plan that grants one container all N names (kernel
+objects: one set per name and family, one rule per grant), then write every name's K
+addresses as the agent's resolver does (batches of `service.WRITE_BATCH` names per set
+transaction), and again (a refresh: every element renewed).  Recorded: converge time, the
+wall and CPU time of a full refresh (our process plus the ipset/nft processes it starts),
+what that costs per minute when every name is asked at half of a 300 s TTL, the kernel's own
+memory for the sets where it says (ipset's "Size in memory"), and the agent's memory for
+its per-name state.  Parsing answers is timed on its own (a K-address answer).
+
+Not measured here (docs/fqdn.md): new-connection cost with the sets compared to without,
+and the DNS-answer latency the interception will add.  Benchmarks never assert.
+
+Usage: .venv/bin/python bench/fqdn_bench.py [--names 5000] [--addresses 20] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+import timeit
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import RESULTS, machine, revision, splice  # noqa: E402
+from reconciler.backends import Runner, converge  # noqa: E402
+from reconciler.backends.iptables.backend import IptablesBackend  # noqa: E402
+from reconciler.backends.nftables.backend import NftablesBackend  # noqa: E402
+from reconciler.core.cellplan import CellPlan  # noqa: E402
+from reconciler.core.compile import compile_cell  # noqa: E402
+from reconciler.core.model import (  # noqa: E402
+    Container,
+    Destination,
+    EgressPolicy,
+    PolicySet,
+    PortRange,
+)
+from reconciler.fqdn.dns import QTYPE_A, parse_response  # noqa: E402
+from reconciler.fqdn.keeper import FqdnSettings, NameState, on_answer  # noqa: E402
+from reconciler.fqdn.kernelsets import IpsetWriter, NftWriter, SetWriter, Write  # noqa: E402
+from reconciler.fqdn.service import WRITE_BATCH  # noqa: E402
+from tests.dnskit import record, response  # noqa: E402
+
+REFRESH_EVERY = 150.0  # a 300 s TTL, asked again at half
+BEGIN, END = "<!-- fqdn-bench:begin -->", "<!-- fqdn-bench:end -->"
+
+
+def names(n: int) -> list[str]:
+    return [f"svc{i}.bench.lab.example" for i in range(n)]
+
+
+def plan_for(n: int) -> CellPlan:
+    """One container granted every name (tcp 443), as destinations of 256 names each."""
+    fqdns = names(n)
+    chunks = [tuple(fqdns[i : i + 256]) for i in range(0, n, 256)]
+    port = (PortRange(443, 443),)
+    policy = PolicySet(
+        destinations=tuple(
+            Destination(f"d{i}", "tcp", (), port, fqdns=chunk) for i, chunk in enumerate(chunks)
+        ),
+        egress_policies=tuple(
+            EgressPolicy(f"p{i}", "default", None, f"d{i}") for i in range(len(chunks))
+        ),
+    )
+    return compile_cell(policy, [Container("c", "198.18.0.2", "app", "space")], "bench")
+
+
+def addresses(i: int, k: int) -> tuple[str, ...]:
+    base = 198 << 24 | 19 << 16  # 198.19.0.0/16, the lab's outside world
+    return tuple(
+        f"198.19.{((base + i * k + j) >> 8) & 0xFF}.{(base + i * k + j) & 0xFF}" for j in range(k)
+    )
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def refresh_round(writer: SetWriter, plan: CellPlan, k: int) -> tuple[float, float]:
+    """Every v4 name's k addresses written as the resolver writes them: (wall, CPU) s."""
+    sets = [(r.set_name, r.item.fqdn) for r in plan.names if r.version == 4]
+    order = {fqdn: i for i, fqdn in enumerate(names(len(sets)))}
+    writes = [Write(s, 4, tuple((a, 300) for a in addresses(order[f], k))) for s, f in sets]
+    cpu0, own0, t0 = children_cpu(), time.process_time(), time.perf_counter()
+    for i in range(0, len(writes), WRITE_BATCH):
+        writer.write(writes[i : i + WRITE_BATCH])
+    wall = time.perf_counter() - t0
+    return wall, (children_cpu() - cpu0) + (time.process_time() - own0)
+
+
+def ipset_memory(runner: Runner) -> int:
+    out = runner.run(["ipset", "list", "-t"]).stdout
+    return sum(
+        int(line.split(":", 1)[1]) for line in out.splitlines() if line.startswith("Size in memory")
+    )
+
+
+def one_backend(kind: str, plan: CellPlan, k: int) -> dict[str, object]:
+    ns = f"fqdnbench{kind[:3]}"
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        runner = Runner.in_netns(ns)
+        writer: SetWriter
+        if kind == "nftables":
+            backend, writer = NftablesBackend.open("auto", runner), NftWriter(runner)
+        else:
+            backend, writer = IptablesBackend.open("legacy", runner), IpsetWriter(runner)
+        t0 = time.perf_counter()
+        result = converge(backend, plan)
+        install = time.perf_counter() - t0
+        assert result.ok, result.to_dict()
+        first = refresh_round(writer, plan, k)
+        again = refresh_round(writer, plan, k)
+        sets = len({r.set_name for r in plan.names})
+        out: dict[str, object] = {
+            "backend": "iptables-legacy + ipset" if kind != "nftables" else "nftables",
+            "sets": sets,
+            "rules": len(plan.names),
+            "install_s": install,
+            "fill_wall_s": first[0],
+            "refresh_wall_s": again[0],
+            "refresh_cpu_s": again[1],
+            "cpu_per_minute_s": again[1] * 60 / REFRESH_EVERY,
+        }
+        if kind != "nftables":
+            out["kernel_bytes"] = ipset_memory(runner)
+        return out
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+def agent_state_bytes(n: int, k: int) -> int:
+    """What the resolver keeps per name (NameState with k addresses), for n names."""
+    settings = FqdnSettings()
+    tracemalloc.start()
+    states = []
+    for i, fqdn in enumerate(names(n)):
+        state, _, _ = on_answer(
+            NameState(fqdn, 4, f"asgn4-{i:022x}"), addresses(i, k), 300, 0.0, settings
+        )
+        states.append(state)
+    size, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return size
+
+
+def parse_us(k: int) -> float:
+    qname = "svc0.bench.lab.example"
+    msg = response(7, qname, QTYPE_A, [record(qname, QTYPE_A, 300, a) for a in addresses(0, k)])
+    n = 2000
+    return timeit.timeit(lambda: parse_response(msg, 7, qname, QTYPE_A), number=n) / n * 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--names", type=int, default=5000)
+    ap.add_argument("--addresses", type=int, default=20)
+    ap.add_argument("--record", action="store_true")
+    args = ap.parse_args()
+    n, k = args.names, args.addresses
+    plan = plan_for(n)
+    rows = [one_backend(kind, plan, k) for kind in ("iptables", "nftables")]
+    state = agent_state_bytes(n, k)
+    parse = parse_us(k)
+    lines = [
+        f"{n:,} names x {k} addresses, one container granted all of them (tcp 443); "
+        f"{machine()}; code {revision()}.",
+        "",
+        "| backend | kernel sets | rules | converge | first fill | refresh (wall) "
+        "| refresh CPU | CPU per minute (refresh at 150 s) | kernel memory |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mem = (
+            f"{int(r['kernel_bytes']) / 2**20:.1f} MiB (ipset)"
+            if "kernel_bytes" in r
+            else "not reported by nft"
+        )
+        lines.append(
+            f"| {r['backend']} | {r['sets']:,} | {r['rules']:,} | {r['install_s']:.2f} s | "
+            f"{r['fill_wall_s']:.2f} s | {r['refresh_wall_s']:.2f} s | "
+            f"{r['refresh_cpu_s']:.2f} s | {r['cpu_per_minute_s']:.2f} s | {mem} |"
+        )
+    lines += [
+        "",
+        f"Agent state for the names: {state / 2**20:.1f} MiB (tracemalloc). "
+        f"Parsing one {k}-address answer: {parse:.0f} µs.",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.record:
+        splice(RESULTS / "fqdn.md", BEGIN, END, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

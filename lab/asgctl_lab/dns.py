@@ -1,0 +1,151 @@
+"""A real DNS server in the lab's outside world: dnsmasq in a service namespace.
+
+It serves the lab's names from a hosts file of its own (`addn-hosts`), authoritative-style
+with a short TTL (`local-ttl`), and nothing else (no upstream, no /etc/hosts, no system
+config).  `set_record` rewrites the file and sends SIGHUP, which makes dnsmasq read it
+again: the test's "the provider moves the service" without a restart.
+
+Names served here must be in `.lab.example` (reserved by RFC 2606, never on the internet)
+and addresses in the lab's ranges (198.18.0.0/15, fd00::/8).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from asgctl_lab.nsenter import netns_exec_argv
+from reconciler.backends.kernel.nsthread import run_in_netns
+from reconciler.fqdn.dns import QTYPE_A, QTYPE_AAAA, Client, DnsError
+
+LAB_DOMAIN = ".lab.example"
+_LAB_NETS = (ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("fd00::/8"))
+
+
+class LabDnsError(RuntimeError):
+    pass
+
+
+def _check(name: str, addresses: list[str]) -> None:
+    if not name.endswith(LAB_DOMAIN):
+        raise LabDnsError(f"{name!r}: lab names end in {LAB_DOMAIN}")
+    for a in addresses:
+        ip = ipaddress.ip_address(a)
+        if not any(ip in net for net in _LAB_NETS):
+            raise LabDnsError(f"{a}: lab addresses are in 198.18.0.0/15 or fd00::/8")
+
+
+class LabDns:
+    """dnsmasq listening on `address` port 53 inside namespace `netns`."""
+
+    def __init__(self, netns: str, address: str, workdir: Path, ttl: int = 2) -> None:
+        if shutil.which("dnsmasq") is None:
+            raise LabDnsError(
+                "dnsmasq is not installed (make sysdeps: apt-get install dnsmasq-base)"
+            )
+        self.netns = netns
+        self.address = address
+        self.ttl = ttl
+        self.hosts = workdir / "lab-dns.hosts"
+        self.records: dict[str, list[str]] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "lab-dns.log"
+
+    def start(self, records: dict[str, list[str]]) -> LabDns:
+        for name, addresses in records.items():
+            _check(name, addresses)
+        self.records = {k: list(v) for k, v in records.items()}
+        self._write()
+        argv = [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-poll",
+            f"--addn-hosts={self.hosts}",
+            f"--listen-address={self.address}",
+            "--bind-interfaces",
+            "--port=53",
+            f"--local-ttl={self.ttl}",
+            "--user=root",
+            "--pid-file=",
+            f"--log-facility={self.log}",
+            "--log-queries",
+        ]
+        self.proc = subprocess.Popen(
+            netns_exec_argv(self.netns, argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self._wait_listening()
+        return self
+
+    def _wait_listening(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise LabDnsError(f"dnsmasq exited ({self.proc.returncode}): {err.strip()}")
+            out = subprocess.run(
+                netns_exec_argv(self.netns, ["ss", "-Hlun", f"src {self.address}:53"]),
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+            if out.strip():
+                return
+            time.sleep(0.05)
+        raise LabDnsError("dnsmasq did not start listening")
+
+    def _write(self) -> None:
+        lines = [f"{a} {name}" for name, addrs in sorted(self.records.items()) for a in addrs]
+        tmp = self.hosts.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, self.hosts)
+
+    def set_record(self, name: str, addresses: list[str]) -> None:
+        """Point `name` at `addresses` (the provider moved it); dnsmasq rereads on SIGHUP."""
+        _check(name, addresses)
+        self.records[name] = list(addresses)
+        self._write()
+        if self.proc is None:
+            raise LabDnsError("dnsmasq is not running")
+        os.kill(self.proc.pid, signal.SIGHUP)
+        self._wait_answer(name, addresses)
+
+    def query(self, name: str, ipv6: bool = False) -> tuple[str, ...]:
+        """The server's answer now, asked from its own namespace."""
+        client = Client(self.address, 53, 1.0)
+        qtype = QTYPE_AAAA if ipv6 else QTYPE_A
+        return run_in_netns(self.netns, client.query, name, qtype).addresses
+
+    def _wait_answer(self, name: str, addresses: list[str], timeout: float = 5.0) -> None:
+        """dnsmasq rereads on SIGHUP in its own time: wait until it answers the new record."""
+        want4 = sorted(a for a in addresses if ":" not in a)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if sorted(self.query(name)) == want4:
+                    return
+            except DnsError:
+                pass
+            time.sleep(0.05)
+        raise LabDnsError(f"dnsmasq did not take the new record for {name}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None

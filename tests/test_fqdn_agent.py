@@ -1,0 +1,131 @@
+"""The agent keeps a name's set by itself (issue 15, items 2-4): a real `asgctl agent`
+process, a real git daemon, a lab cell and dnsmasq.  The provider moves the service;
+nothing is edited in git and nothing restarts, and the container follows within the TTL
+and a refresh; the status branch shows each name's current addresses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from asgctl_lab.dns import LabDns
+from asgctl_lab.gitserver import git
+from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
+from asgctl_lab.probe import Outcome
+from reconciler.status.document import parse_status
+from tests.agentkit import (  # noqa: F401 - fixtures
+    ORG,
+    SPACE,
+    AgentProc,
+    PolicyRepo,
+    agents,
+    git_server,
+    policy_repo,
+    read_status,
+    wait_for,
+)
+from tests.conftest import require_netns
+
+pytestmark = [pytest.mark.netns, pytest.mark.requires("git")]
+
+DB = "db.lab.example"
+WEB = ContainerSpec("web", app_id="app-web", space_id=SPACE, org_id=ORG)
+OTHER = ContainerSpec("other", app_id="app-other", space_id=SPACE, org_id=ORG)
+POLICY = f"""
+kind: Destination
+name: db
+protocol: tcp
+ports: 5432
+fqdns: {DB}
+---
+kind: EgressPolicy
+name: web-db
+source: {{type: app, id: app-web}}
+destination: db
+"""
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_the_provider_moves_the_service_and_the_container_follows(
+    backend: str,
+    make_lab: Callable[..., Lab],
+    policy_repo: PolicyRepo,  # noqa: F811
+    agents: Callable[..., AgentProc],  # noqa: F811
+) -> None:
+    require_netns()
+    services = [
+        ServiceSpec("db1", tcp_ports=(5432,)),
+        ServiceSpec("db2", tcp_ports=(5432,)),
+        ServiceSpec("dns"),
+    ]
+    lab = make_lab([WEB, OTHER], services)
+    assert lab.workdir is not None
+    db1, db2 = lab.services["db1"].ipv4, lab.services["db2"].ipv4
+    dns = LabDns(lab.services["dns"].netns, lab.services["dns"].ipv4, lab.workdir, ttl=2)
+    dns.start({DB: [db1]})
+    try:
+        policy_repo.commit("payments reaches the card API by name", {"db.yaml": POLICY})
+        agents(
+            "cell-a",
+            source=policy_repo.url,
+            containers=str(lab.write_store()),
+            netns=lab.cell,
+            backend=backend,
+            fqdn_resolvers=[dns.address],
+            fqdn_min_ttl=1,
+            fqdn_max_ttl=2,
+        ).start()
+
+        def shown(address: str) -> Callable[[], bool]:
+            def check() -> bool:
+                doc = read_status(policy_repo.bare, "cell-a") or {}
+                return any(n["addresses"] == [address] for n in doc.get("names", []))
+
+            return check
+
+        wait_for(shown(db1), 20, what="status lists db1 for the name")
+        wait_for(
+            lambda: lab.probe_tcp("web", "db1", 5432).outcome is Outcome.CONNECTED,
+            5,
+            what="web reaches db.lab.example",
+        )
+        assert lab.probe_tcp("other", "db1", 5432).outcome is Outcome.REJECTED
+        assert lab.probe_tcp("web", "db2", 5432).outcome is Outcome.REJECTED
+
+        dns.set_record(DB, [db2])  # the provider moves it: no commit, no restart
+        wait_for(
+            lambda: lab.probe_tcp("web", "db2", 5432).outcome is Outcome.CONNECTED,
+            10,
+            what="the new address works within the TTL and a refresh",
+        )
+        wait_for(
+            lambda: lab.probe_tcp("web", "db1", 5432).outcome is Outcome.REJECTED,
+            10,
+            what="the old address is rejected after its TTL",
+        )
+        wait_for(shown(db2), 10, what="status lists db2")
+        doc = read_status(policy_repo.bare, "cell-a") or {}
+        (entry,) = [n for n in doc["names"] if n["family"] == 4]
+        assert entry["fqdn"] == DB and entry["count"] == 1
+        # The document with its names holds to the status schema every reader applies.
+        text = git(
+            "--git-dir", str(policy_repo.bare), "show", "refs/heads/status/cell-a:status.yaml"
+        )
+        assert parse_status(text, "status/cell-a").header["names"] == doc["names"]
+    finally:
+        dns.stop()
+
+
+def test_agent_settings_refuse_a_bad_resolver(tmp_path: Path) -> None:
+    from reconciler.agent.config import ConfigError, build_config
+
+    base = {"source": "git://127.0.0.1/x", "containers": "/x", "cell": "c"}
+    with pytest.raises(ConfigError, match="fqdn-resolvers"):
+        build_config({**base, "fqdn-resolvers": ["dns.example"]}, {})
+    with pytest.raises(ConfigError, match="fqdn-min-ttl must be at least 1 and at most"):
+        build_config({**base, "fqdn-min-ttl": 100, "fqdn-max-ttl": 10}, {})
+    cfg = build_config({**base, "fqdn-resolvers": "[fd00::53]:5353", "fqdn-max-ips": 16}, {})
+    assert cfg.fqdn_settings().resolvers == ("[fd00::53]:5353",)
+    assert cfg.fqdn_settings().max_ips == 16
