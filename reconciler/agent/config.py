@@ -20,10 +20,10 @@ from typing import Any
 import yaml
 
 from reconciler.core.cellplan import (
-    LIFECYCLES,
     FLOW_LOG_GROUP,
     FLOW_LOG_MODES,
     FLOW_LOG_RATE,
+    LIFECYCLES,
     CellSettings,
     DenyNetworks,
     FlowLog,

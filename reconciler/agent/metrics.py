@@ -20,6 +20,12 @@ asgctl_agent_applied_revision_info{revision,digest}    gauge = 1 (info style)
 asgctl_agent_ready                                     gauge: 1 when Ready=True
 asgctl_agent_status_pushes_total{result}               counter
 asgctl_agent_inventory_rejected_entries{kind}          gauge: store entries skipped | held | shared
+asgctl_agent_flow_packets_total{verdict}               counter: NFLOG packets aggregated
+asgctl_agent_flow_records_total                        counter: flow records written
+asgctl_agent_flow_drops_total{reason}                  counter: kernel|aggregate-cap|queue|unparsed
+asgctl_agent_flow_denied_total{app,space}              counter: denied packets (first 20 pairs,
+                                                       the rest app="other",space="other")
+asgctl_agent_flow_rule_group_hits_total{group}         counter: log:true rule hits per group
 =====================================================  ======================================
 """
 
@@ -59,6 +65,17 @@ _HELP = {
     "asgctl_agent_inventory_rejected_entries": (
         "gauge",
         "Container metadata entries not used as written, by what became of them.",
+    ),
+    "asgctl_agent_flow_packets_total": ("counter", "Logged packets aggregated, by verdict."),
+    "asgctl_agent_flow_records_total": ("counter", "Flow records written."),
+    "asgctl_agent_flow_drops_total": ("counter", "Logged packets not recorded, by reason."),
+    "asgctl_agent_flow_denied_total": (
+        "counter",
+        "Denied packets by app and space (the first 20 pairs; the rest as other).",
+    ),
+    "asgctl_agent_flow_rule_group_hits_total": (
+        "counter",
+        "Packets accepted by log:true rules, by rule group (the first 200; then other).",
     ),
 }
 

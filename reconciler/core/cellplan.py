@@ -322,9 +322,10 @@ class FlowLog:
     """Where the kernel sends deny and `log: true` verdicts (`reconciler.flows.record` has
     the prefix scheme): `nflog` to netlink group `group`, read by the agent; `log` to the
     kernel log (the LOG target / nft `log`, rate-limited to 1/s as silk's deny log).
-    There is no `off`: the rule counts CI plans would then differ per cell.  `rate`: new log entries per second per container chain in `nflog`
-    mode, so a flood costs the kernel a bounded amount of copying (the agent counts what
-    it is sent, so a count is "at least").
+    There is no `off`: the rule counts CI plans show would then differ per cell.
+
+    `rate`: NFLOG entries per second per container chain, so a flood costs the kernel a
+    bounded amount of copying (the agent counts what it is sent: a count is "at least").
 
     The default is `log`: what a plan rendered without a cell (CI, `asgctl render`) shows,
     and what plans rendered before flow logs had.  The agent's default is `nflog`

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -144,7 +144,6 @@ class FlowRecord:
     org_id: str = ""
     rule: RuleRef | None = None
     reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

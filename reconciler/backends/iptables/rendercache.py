@@ -30,9 +30,9 @@ class RenderCache:
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
-        self._entries: OrderedDict[
-            tuple[str, int, FlowLog], tuple[Ruleset, dict[str, str]]
-        ] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, int, FlowLog], tuple[Ruleset, dict[str, str]]] = (
+            OrderedDict()
+        )
 
     def get(
         self, plan: CellPlan, family: int, render: Callable[[CellPlan, int], Ruleset]

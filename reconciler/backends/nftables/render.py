@@ -76,7 +76,6 @@ from reconciler.core.cellplan import (
     log_id,
 )
 from reconciler.core.model import AddressRange, RuleItem, address_text
-from reconciler.flows.record import ALLOW, DENY, RATE_ID, log_prefix
 from reconciler.core.packetspace import (
     ANY_BYTE,
     ANY_PORT,
@@ -87,12 +86,14 @@ from reconciler.core.packetspace import (
     icmp_protocol,
     item_space,
 )
+from reconciler.flows.record import ALLOW, DENY, RATE_ID, log_prefix
 
 NFT_FAMILY = "inet"
 TABLE = "asgctl"
 PRIORITY = -1  # filter - 1: just before iptables' filter FORWARD (priority 0)
 Box = tuple[Range, ...]  # a set element's fields, as ranges
 ADDRESS_TYPES = frozenset({"ipv4_addr", "ipv6_addr"})
+KERNEL_LOG = FlowLog()
 _CT_INVALID, _CT_ESTABLISHED, _CT_RELATED, _CT_NEW = 1, 2, 4, 8
 _ICMPX_PORT_UNREACHABLE = 1
 
@@ -395,7 +396,7 @@ class RenderMemo:
         self._groups: dict[tuple[str, FlowLog], RenderedGroup] = {}
         self._chains: dict[_ContainerKey, tuple[str, ...]] = {}
 
-    def group(self, group: RuleGroup, flow: FlowLog = FlowLog()) -> RenderedGroup:
+    def group(self, group: RuleGroup, flow: FlowLog = KERNEL_LOG) -> RenderedGroup:
         key = (group.digest, flow)  # a logging group's chain renders its log target
         hit = self._groups.get(key)
         if hit is not None:
@@ -411,7 +412,7 @@ class RenderMemo:
         chain_id: str,
         head: tuple[str, ...],
         entries: tuple[tuple[str, ...], ...],
-        flow: FlowLog = FlowLog(),
+        flow: FlowLog = KERNEL_LOG,
     ) -> tuple[str, ...]:
         key: _ContainerKey = (chain_id, head, entries, flow)
         hit = self._chains.get(key)
@@ -603,7 +604,7 @@ def _container_rules_of(
     chain_id: str,
     head: tuple[str, ...],
     entries: tuple[tuple[str, ...], ...],
-    flow: FlowLog = FlowLog(),
+    flow: FlowLog = KERNEL_LOG,
 ) -> tuple[str, ...]:
     """A container chain (`RenderMemo.container` keeps them from one plan to the next)."""
     rules = [_invalid_rule(), *head]
