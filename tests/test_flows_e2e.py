@@ -77,10 +77,10 @@ def _find(agent: AgentProc, **want: Any) -> Callable[[], list[dict[str, Any]]]:
 
 
 def _start(
-    lab: Lab, repo: PolicyRepo, agents: Callable[..., AgentProc], backend: str, **extra: Any
+    lab: Lab, repo: PolicyRepo, make: Callable[..., AgentProc], backend: str, **extra: Any
 ) -> AgentProc:
     sha = repo.commit("echo:80 logged", _policy(lab))
-    agent = agents(
+    agent = make(
         f"flows-{backend}",
         source=repo.url,
         containers=str(lab.write_store()),
