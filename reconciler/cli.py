@@ -79,7 +79,9 @@ def _plan(
         raise  # unreachable: _fail exits
 
 
-def _settings(agent_config: str | None, underlay: tuple[str, ...]) -> CellSettings:
+def _settings(
+    agent_config: str | None, underlay: tuple[str, ...], backend: str | None = None
+) -> CellSettings:
     """The cell's settings from `--agent-config` (its underlay-interface, deny-networks and
     outbound-connections keys) and `--underlay-interface`, which wins; bad values stop the
     command before anything is computed."""
@@ -87,7 +89,7 @@ def _settings(agent_config: str | None, underlay: tuple[str, ...]) -> CellSettin
 
     try:
         values = load_file(agent_config) if agent_config else {}
-        return file_cell_settings(values, underlay)
+        return file_cell_settings(values, underlay, backend)
     except ConfigError as exc:
         _fail(f"{agent_config}: {exc}" if agent_config else str(exc))
         raise  # unreachable: _fail exits
@@ -448,7 +450,7 @@ def apply_cmd(
     from reconciler.backends.kernel.underlay import detect_underlay
     from reconciler.backends.summary import format_text
 
-    settings = _settings(agent_config, underlay)
+    settings = _settings(agent_config, underlay, backend_name)
     if not settings.underlay4:  # on the cell itself: the underlay its default routes use
         try:
             found = detect_underlay(Runner())

@@ -252,7 +252,13 @@ def test_the_flow_setting_is_part_of_the_plan_digest_but_the_default_keeps_old_d
 
 def test_flow_settings_are_checked_and_name_the_key():
     base = {"source": "x", "containers": "y", "cell": "c"}
-    assert build_config(base, {}).flow_log == "nflog"
+    assert build_config(base, {}).flow_log_mode == "nflog"
+    # python-iptables corrupts its heap building NFLOG: libiptc logs to the kernel log,
+    # and refuses nflog by name (the backend refuses an NFLOG line too, never crashing).
+    assert build_config({**base, "backend": "libiptc"}, {}).flow_log_mode == "log"
+    with pytest.raises(ConfigError, match="flow-log: nflog needs backend iptables or nftables"):
+        build_config({**base, "backend": "libiptc", "flow-log": "nflog"}, {})
+    assert file_cell_settings({}, backend="libiptc").flow_log == FlowLog("log")
     for key, value, message in (
         ("flow-log", "syslog", "flow-log:"),
         ("flow-log-group", 0, "flow-log-group:"),
@@ -414,3 +420,17 @@ def test_status_lists_unused_rules_per_cell_escaped_and_schema_checked():
     doc["flows"]["unusedRules"][0]["id"] = "'; rm -rf /"  # not an id: the schema refuses it
     bad = _row(Path("."), "cell-1", "status/cell-1", json.dumps(doc).encode(), "")
     assert bad.error and "unusedRules" in bad.error
+
+
+@pytest.mark.requires("libiptc")
+def test_the_libiptc_backend_refuses_an_nflog_line_instead_of_crashing():
+    import iptc  # type: ignore[import-not-found, import-untyped]  # noqa: I001 - untyped C binding
+
+    from reconciler.backends.iptables.libiptc import _rule, _words
+
+    line = (
+        '-A ASG-C-x -m comment --comment "asg:deny-log" -j NFLOG '
+        '--nflog-prefix "ASG DENY 1716500248a327f3 " --nflog-group 16'
+    )
+    with pytest.raises(ValueError, match="NFLOG targets cannot be built through libiptc"):
+        _rule(iptc, 4, _words(line)[2:])
