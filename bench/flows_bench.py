@@ -173,8 +173,9 @@ def _ipt_rules(mode: str, prefix: str) -> list[list[str]]:
         rules.append([*base, "-m", "limit", "--limit", "1/sec", "-j", "LOG",
                       "--log-prefix", prefix])  # fmt: skip
     elif mode == "nflog":
-        rules.append([*base, "-m", "limit", "--limit", "1000/sec", "--limit-burst", "1000",
-                      "-j", "NFLOG", "--nflog-prefix", prefix, "--nflog-group", str(GROUP)])  # fmt: skip
+        limit = ["-m", "limit", "--limit", "1000/sec", "--limit-burst", "1000"]
+        nflog = ["-j", "NFLOG", "--nflog-prefix", prefix, "--nflog-group", str(GROUP)]
+        rules.append([*base, *limit, *nflog])
     rules.append([*base, "-j", "REJECT", "--reject-with", "icmp-port-unreachable"])
     return rules
 

@@ -117,6 +117,14 @@ EVERY_SETTING: dict[str, tuple[str, Any, Any]] = {
         {"limit": True, "burst": 500, "rate_per_sec": 50, "logging": True},
         RateLimit(True, 500, 50, True),
     ),
+    "flow_log": ("flow_log", "log", "log"),
+    "flow_log_group": ("flow_log_group", 42, 42),
+    "flow_log_rate": ("flow_log_rate", 200, 200),
+    "flow_log_window": ("flow_log_window", "5s", 5.0),
+    "flow_log_max_aggregates": ("flow_log_max_aggregates", 500, 500),
+    "flow_log_max_bytes": ("flow_log_max_bytes", 1048576, 1048576),
+    "flow_log_stdout": ("flow_log_stdout", True, True),
+    "flow_unused_after": ("flow_unused_after", "3d", 259200.0),
 }
 # Not offered by the job: monit supervises a long-lived agent (no `once`), and a cell
 # enforces in its own network namespace (`netns` is for the lab and tests).

@@ -23,6 +23,7 @@ from click.testing import CliRunner, Result
 
 from asgctl_lab.netns import Lab
 from asgctl_lab.nsenter import in_netns
+from reconciler.agent.config import file_cell_settings
 from reconciler.backends import (
     ApplyError,
     Backend,
@@ -49,8 +50,7 @@ from reconciler.backends.nftables.render import base_chain, canonical_rule
 from reconciler.backends.nftables.render import render_cell as render_nft
 from reconciler.backends.summary import format_text
 from reconciler.cli import main
-from reconciler.agent.config import file_cell_settings
-from reconciler.core.cellplan import CellPlan, CellSettings
+from reconciler.core.cellplan import CellPlan
 from reconciler.core.compile import compile_cell
 from reconciler.core.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from tests.cases import DATA, RecordingRunner, edge_plan

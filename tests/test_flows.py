@@ -424,7 +424,7 @@ def test_status_lists_unused_rules_per_cell_escaped_and_schema_checked():
 
 @pytest.mark.requires("libiptc")
 def test_the_libiptc_backend_refuses_an_nflog_line_instead_of_crashing():
-    import iptc  # type: ignore[import-not-found, import-untyped]  # noqa: I001 - untyped C binding
+    import iptc  # type: ignore[import-not-found, import-untyped]
 
     from reconciler.backends.iptables.libiptc import _rule, _words
 
