@@ -434,3 +434,43 @@ def test_the_libiptc_backend_refuses_an_nflog_line_instead_of_crashing():
     )
     with pytest.raises(ValueError, match="NFLOG targets cannot be built through libiptc"):
         _rule(iptc, 4, _words(line)[2:])
+
+
+def test_what_the_kernel_could_not_queue_is_counted_exactly_from_sequence_gaps():
+    """A listener that does not read while 5,000 packets are logged: the kernel drops what
+    its small buffer cannot hold, and the gaps in NFULA_SEQ count exactly those."""
+    import subprocess
+    import uuid
+
+    from reconciler.flows.nflog import NflogSocket
+    from tests.conftest import require_netns
+
+    require_netns()
+    ns = f"asgflowtest{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        run = ["ip", "netns", "exec", ns]
+        subprocess.run([*run, "ip", "link", "set", "lo", "up"], check=True)
+        subprocess.run(
+            [*run, "iptables", "-A", "OUTPUT", "-p", "udp", "--dport", "9", "-j", "NFLOG",
+             "--nflog-prefix", "ASG DENY 0123456789abcdef ", "--nflog-group", "16"],
+            check=True,
+        )  # fmt: skip
+        sock = NflogSocket(16, ns, rcvbuf=16384)
+        try:
+            sender = (
+                "import socket\ns = socket.socket(2, 2)\n"
+                "for _ in range(5000): s.sendto(b'x', ('127.0.0.1', 9))"
+            )
+            subprocess.run([*run, "python3", "-c", sender], check=True)
+            read = 0
+            while batch := sock.receive(0.5):
+                read += len(batch)
+            lost = sock.lost()
+            assert lost > 0 and read > 0
+            assert read + lost <= 5000  # gaps count what was lost, not more
+            assert 5000 - (read + lost) < 64 * 4  # at most the tail the last batches held
+        finally:
+            sock.close()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)

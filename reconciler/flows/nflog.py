@@ -9,8 +9,9 @@ attributes (linux/netfilter/nfnetlink_log.h).  The parser (`parse_messages`,
 
 Losses are counted, never guessed: the instance is configured with sequence numbers
 (NFULNL_CFG_F_SEQ), so a gap between two packets' NFULA_SEQ is exactly the number the kernel
-could not queue to us (socket buffer full); ENOBUFS on receive says the same without a
-count and is counted as one overflow.
+could not queue to us (socket buffer full) before the next one that arrived (the instance
+numbers from 0 when we bind it); ENOBUFS on receive says the same without a count, and is
+read past.
 
 The socket is opened inside the namespace whose FORWARD hook logs (`--netns` in the lab):
 a socket keeps its namespace for life, so only the opening runs there
@@ -231,21 +232,23 @@ def bind_messages(group: int, buffer: int = 65536, qthresh: int = 64) -> list[by
     ]
 
 
+RCVBUF = 4 * 1024 * 1024
+"""The socket's receive buffer: what the kernel may queue to us while we are busy."""
+
+
 class NflogSocket:
     """One bound NFLOG group.  `receive` returns what arrived (or nothing after `timeout`),
     `lost` the packets the kernel could not queue to us since the last call."""
 
-    RCVBUF = 4 * 1024 * 1024
-
-    def __init__(self, group: int, netns: str | None = None) -> None:
+    def __init__(self, group: int, netns: str | None = None, rcvbuf: int = RCVBUF) -> None:
         self.group = group
         if netns:
             from reconciler.backends.kernel.nsthread import run_in_netns
 
-            self.sock = run_in_netns(netns, _open_socket)
+            self.sock = run_in_netns(netns, _open_socket, rcvbuf)
         else:
-            self.sock = _open_socket()
-        self._next_seq: int | None = None
+            self.sock = _open_socket(rcvbuf)
+        self._next_seq: int | None = 0  # an instance numbers its packets from 0 when bound
         self._lost = 0
         try:
             self._configure()
@@ -266,15 +269,18 @@ class NflogSocket:
     def receive(self, timeout: float) -> list[LoggedPacket]:
         """Packets of one datagram (possibly several batched messages); [] after `timeout`."""
         self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(1 << 20)
-        except TimeoutError:
-            return []
-        except OSError as exc:
-            if exc.errno == errno.ENOBUFS:  # the kernel dropped; the next seq tells how many
-                self._lost += 1 if self._next_seq is None else 0
+        for _ in range(2):
+            try:
+                data = self.sock.recv(1 << 20)
+                break
+            except TimeoutError:
                 return []
-            raise
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                # The kernel dropped some: the next packet's sequence number says how many.
+        else:
+            return []
         packets, _ = parse_messages(data)
         for p in packets:
             if p.seq is not None:
@@ -298,11 +304,11 @@ class NflogSocket:
         self.sock.close()
 
 
-def _open_socket() -> socket.socket:
+def _open_socket(rcvbuf: int) -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, 33, NflogSocket.RCVBUF)  # SO_RCVBUFFORCE (root)
+        sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE (root)
     except OSError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, NflogSocket.RCVBUF)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.bind((0, 0))
     return sock
