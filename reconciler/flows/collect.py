@@ -23,6 +23,7 @@ whose label set changed with a moving top-N would reset), and hits per rule grou
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import queue
@@ -108,8 +109,6 @@ class FlowContext:
 
 
 def _normal_ip(ip: str) -> str:
-    import ipaddress
-
     try:
         return str(ipaddress.ip_address(ip))
     except ValueError:
@@ -381,10 +380,16 @@ class Collector:
         self._apps = BoundedLabels(settings.top)
         self._groups = BoundedLabels(settings.group_top)
         self.bound = threading.Event()
+        self._given: tuple[CellPlan | None, Directory | None] | None = None
 
     # -- the loop's side -------------------------------------------------------------------
 
     def set_context(self, plan: CellPlan | None, directory: Directory | None) -> None:
+        """After every cycle; rebuilt only when the plan or the directory is another object
+        (an idle cycle hands over the same ones: no work per cycle at any scale)."""
+        if self._given is not None and self._given[0] is plan and self._given[1] is directory:
+            return
+        self._given = (plan, directory)
         ctx = FlowContext.build(self.settings.cell, plan, directory)
         with self._lock:
             self.context = ctx
