@@ -117,7 +117,7 @@ EVERY_SETTING: dict[str, tuple[str, Any, Any]] = {
         {"limit": True, "burst": 500, "rate_per_sec": 50, "logging": True},
         RateLimit(True, 500, 50, True),
     ),
-    "flow_log": ("flow_log", "log", "log"),
+    "flow_log": ("flow_log", "nflog", "nflog"),
     "flow_log_group": ("flow_log_group", 42, 42),
     "flow_log_rate": ("flow_log_rate", 200, 200),
     "flow_log_window": ("flow_log_window", "5s", 5.0),

@@ -23,7 +23,6 @@ from click.testing import CliRunner, Result
 
 from asgctl_lab.netns import Lab
 from asgctl_lab.nsenter import in_netns
-from reconciler.agent.config import file_cell_settings
 from reconciler.backends import (
     ApplyError,
     Backend,
@@ -50,7 +49,7 @@ from reconciler.backends.nftables.render import base_chain, canonical_rule
 from reconciler.backends.nftables.render import render_cell as render_nft
 from reconciler.backends.summary import format_text
 from reconciler.cli import main
-from reconciler.core.cellplan import CellPlan
+from reconciler.core.cellplan import CellPlan, CellSettings
 from reconciler.core.compile import compile_cell
 from reconciler.core.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from tests.cases import DATA, RecordingRunner, edge_plan
@@ -841,8 +840,7 @@ def test_asgctl_apply_exit_codes(host: Host, tmp_path: Path) -> None:
     if host.kind != "nftables":  # the host's `ASG-` chains: named in a note, left alone
         notes = [x for x in applied.output.splitlines() if "note" in x and "left alone" in x]
         assert [n for n in HOST_CHAINS if any(n in x for x in notes)] == list(HOST_CHAINS)
-    # What `apply` renders with no agent config: the agent's defaults (flow-log: nflog).
-    on_eth0 = replace(edge_plan(), settings=file_cell_settings({}, ("eth0",), host.kind))
+    on_eth0 = replace(edge_plan(), settings=CellSettings(("eth0",), ("eth0",)))
     assert_matches_plan(host, on_eth0)
     again = run("--format", "json")
     assert again.exit_code == 0, again.output

@@ -252,13 +252,15 @@ def test_the_flow_setting_is_part_of_the_plan_digest_but_the_default_keeps_old_d
 
 def test_flow_settings_are_checked_and_name_the_key():
     base = {"source": "x", "containers": "y", "cell": "c"}
-    assert build_config(base, {}).flow_log_mode == "nflog"
-    # python-iptables corrupts its heap building NFLOG: libiptc logs to the kernel log,
-    # and refuses nflog by name (the backend refuses an NFLOG line too, never crashing).
-    assert build_config({**base, "backend": "libiptc"}, {}).flow_log_mode == "log"
+    # The kernel log stays the default: it logs whether or not an agent runs.
+    assert build_config(base, {}).flow_log == "log"
+    assert build_config({**base, "flow-log": "nflog"}, {}).flow_log_settings == FlowLog("nflog")
+    # python-iptables corrupts its heap building NFLOG: libiptc refuses nflog by name (and
+    # the backend refuses an NFLOG line too, never crashing).
     with pytest.raises(ConfigError, match="flow-log: nflog needs backend iptables or nftables"):
         build_config({**base, "backend": "libiptc", "flow-log": "nflog"}, {})
-    assert file_cell_settings({}, backend="libiptc").flow_log == FlowLog("log")
+    with pytest.raises(ConfigError, match="flow-log: nflog needs backend"):
+        file_cell_settings({"flow-log": "nflog"}, backend="libiptc")
     for key, value, message in (
         ("flow-log", "syslog", "flow-log:"),
         ("flow-log-group", 0, "flow-log-group:"),
@@ -269,8 +271,10 @@ def test_flow_settings_are_checked_and_name_the_key():
     ):
         with pytest.raises(ConfigError, match=message):
             build_config({**base, key: value}, {})
-    assert file_cell_settings({}).flow_log == FlowLog("nflog")
-    assert file_cell_settings({"flow-log": "log"}).flow_log == FlowLog("log")
+    assert file_cell_settings({}).flow_log == FlowLog("log") == CellSettings().flow_log
+    assert file_cell_settings({"flow-log": "nflog", "flow-log-group": 9}).flow_log == FlowLog(
+        "nflog", 9
+    )
     assert build_config({**base, "flow-unused-after": "3d"}, {}).flow_unused_after == 3 * 86400
 
 

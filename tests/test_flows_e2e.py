@@ -86,6 +86,7 @@ def _start(
         containers=str(lab.write_store()),
         netns=lab.cell,
         backend=backend,
+        flow_log="nflog",
         flow_log_window="1s",
         **extra,
     ).start()

@@ -148,10 +148,10 @@ class AgentConfig:
     Empty: the interfaces of the default routes in the namespace enforced, per family."""
     deny_networks: DenyNetworks = field(default_factory=DenyNetworks)
     outbound_connections: RateLimit = field(default_factory=RateLimit)
-    flow_log: str = "auto"
-    """Deny and `log: true` verdicts: `nflog` to netlink group `flow-log-group`, which the
-    agent reads into flow records (`reconciler.flows`); `log` to the kernel log (LOG);
-    `auto` (default): nflog, except with the libiptc backend (`flow_log_mode`)."""
+    flow_log: str = "log"
+    """Deny and `log: true` verdicts: `log` (default) to the kernel log (LOG, 1/s), which
+    keeps logging whether or not an agent runs; `nflog` to netlink group `flow-log-group`,
+    which this agent reads into flow records (`reconciler.flows`)."""
     flow_log_group: int = FLOW_LOG_GROUP
     flow_log_rate: int = FLOW_LOG_RATE
     """NFLOG entries per second per container chain the kernel sends at most."""
@@ -178,12 +178,8 @@ class AgentConfig:
         )
 
     @property
-    def flow_log_mode(self) -> str:
-        return flow_log_mode(self.flow_log, self.backend)
-
-    @property
     def flow_log_settings(self) -> FlowLog:
-        return FlowLog(self.flow_log_mode, self.flow_log_group, self.flow_log_rate)
+        return FlowLog(self.flow_log, self.flow_log_group, self.flow_log_rate)
 
     @property
     def status_branch(self) -> str:
@@ -216,15 +212,6 @@ class AgentConfig:
             "outboundConnections": self.outbound_connections.to_dict(),
             "flowLog": self.flow_log_settings.to_dict(),
         }
-
-
-def flow_log_mode(setting: str, backend: str | None) -> str:
-    """`auto` is nflog, except with the libiptc backend: python-iptables corrupts its heap
-    building an NFLOG target (a crash, found by the dataplane tests), so that backend logs to
-    the kernel log and asks for `flow-log: log` to be said (`_check_flows`)."""
-    if setting != "auto":
-        return setting
-    return "log" if backend == "libiptc" else "nflog"
 
 
 def redact_url(url: str) -> str:
@@ -399,13 +386,13 @@ def file_cell_settings(
     """The cell settings of an agent config file's values (the rest is not looked at), with
     `underlay` (from a flag) overriding the file's: what `asgctl render`/`explain` show for
     that cell without being on it.  `backend` (a flag) overrides the file's too: it decides
-    what `flow-log: auto` means."""
+    whether `flow-log: nflog` can be rendered."""
     backend = backend or str(values.get("backend", AgentConfig.backend))
     names = underlay or values.get("underlay-interface") or ()
     v = parse_interfaces(names, "underlay-interface") if names else ()
-    mode = flow_log_mode(str(values.get("flow-log", AgentConfig.flow_log)), backend)
-    if mode == "auto" or (mode == "nflog" and backend == "libiptc"):
-        raise ConfigError(f"flow-log: nflog or log with backend {backend}, got {mode!r}")
+    mode = str(values.get("flow-log", AgentConfig.flow_log))
+    if mode == "nflog" and backend == "libiptc":
+        raise ConfigError(LIBIPTC_NFLOG)
     try:  # the agent's defaults (class attributes of the dataclass), not FlowLog's
         flow = FlowLog(
             mode,
@@ -470,15 +457,18 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError("emergency-trailer: a trailer key such as Asgctl-Emergency")
 
 
+LIBIPTC_NFLOG = (
+    "flow-log: nflog needs backend iptables or nftables (python-iptables corrupts its heap "
+    "building NFLOG targets); use flow-log: log with libiptc"
+)
+
+
 def _check_flows(cfg: AgentConfig) -> None:
-    if cfg.flow_log not in ("auto", *FLOW_LOG_MODES):
-        modes = ", ".join(("auto", *FLOW_LOG_MODES))
+    if cfg.flow_log not in FLOW_LOG_MODES:
+        modes = ", ".join(FLOW_LOG_MODES)
         raise ConfigError(f"flow-log: one of {modes}, got {cfg.flow_log!r}")
-    if cfg.flow_log_mode == "nflog" and cfg.backend == "libiptc":
-        raise ConfigError(
-            "flow-log: nflog needs backend iptables or nftables (python-iptables cannot "
-            "build NFLOG targets safely); use flow-log: log with libiptc"
-        )
+    if cfg.flow_log == "nflog" and cfg.backend == "libiptc":
+        raise ConfigError(LIBIPTC_NFLOG)
     try:
         cfg.flow_log_settings  # noqa: B018 - checks group and rate
     except ValueError as exc:

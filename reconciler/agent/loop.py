@@ -684,7 +684,7 @@ class Agent:
     def _start_flows(self) -> None:
         """The NFLOG reader (`reconciler.flows.collect`), on threads of its own."""
         cfg = self.cfg
-        if cfg.flow_log_mode != "nflog" or not self._backend_owned:
+        if cfg.flow_log != "nflog" or not self._backend_owned:
             return
         from reconciler.flows.collect import Collector, CollectorSettings
 

@@ -327,9 +327,10 @@ class FlowLog:
     `rate`: NFLOG entries per second per container chain, so a flood costs the kernel a
     bounded amount of copying (the agent counts what it is sent: a count is "at least").
 
-    The default is `log`: what a plan rendered without a cell (CI, `asgctl render`) shows,
-    and what plans rendered before flow logs had.  The agent's default is `nflog`
-    (`reconciler.agent.config`): it is the reader."""
+    The default is `log`, as before flow records: it keeps logging whether or not an agent
+    runs (NFLOG with no listener is lost), every plan keeps its digest, and the libiptc
+    backend, which cannot build NFLOG, keeps working.  A cell opts in with `flow-log: nflog`
+    in its agent config (`reconciler.agent.config`), which CI plans read as well."""
 
     mode: str = "log"
     group: int = FLOW_LOG_GROUP
