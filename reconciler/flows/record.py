@@ -49,8 +49,10 @@ rule) seen in one window (default 10 s), with their count::
               "sources": ["SecurityGroup/x rules[0] (policies/x.yaml:7)", ...]},
      "reason": "rate-limit"}          only for the connection limit's denies
 
-Only `time`, `cell`, `container`, `verdict`, `count` are always non-empty; a reader must
-accept unknown keys (later versions add, never rename).
+Always set: `time`, `end`, `cell`, `destination`, `protocol`, `verdict`, `count`; the rest
+is "" (or null) when unknown -- `container` and the names when the source address is no
+container of the applied plan.  A reader must accept unknown keys (later versions add,
+never rename).
 """
 
 from __future__ import annotations
