@@ -122,7 +122,7 @@ def test_a_denied_connection_becomes_one_record_naming_app_space_destination_and
     agents: Callable[..., AgentProc],  # noqa: F811
     backend: str,
 ) -> None:
-    agent = _start(cell, policy_repo, agents, backend)
+    agent = _start(cell, policy_repo, agents, backend, flow_log_stdout=True)
     echo = cell.services["echo"].ipv4
     # A refused connect is one SYN (REJECT answers it at once); three of them in a row are
     # three packets of one flow: one aggregate, counted.
@@ -139,6 +139,11 @@ def test_a_denied_connection_becomes_one_record_naming_app_space_destination_and
     assert record["container"] == "web" and record["source"] == cell.containers["web"].ipv4
     assert record["protocol"] == "tcp" and record["cell"] == agent.name
     assert sum(r["count"] for r in found) == 3
+    # flow-log-stdout: the same records on the agent's stdout, as events.
+    printed = wait_for(
+        lambda: [r for r in agent.log_records() if r.get("event") == "flow"], 15, what="stdout"
+    )
+    assert any(r["destination"] == echo and r["port"] == 8080 for r in printed)
     # `asgctl flows` answers "what did app X get denied": by name, as JSON lines.
     res = _flows_cli(
         "--state-dir", str(agent.state_dir), "--app", "web", "--verdict", "deny", "--format", "json"
@@ -165,6 +170,9 @@ def test_an_allowed_connection_through_a_log_rule_names_its_group_and_file_line(
     # The rule's provenance: the SecurityGroup, its rule index, and file:line.
     assert rule["sources"] == ["SecurityGroup/echo-logged rules[0] (sg.yaml:4)"]
     assert found[0]["app"] == "acme/prod/web"
+    # The NFLOG rules read back exactly as rendered: the agent never saw them as drift.
+    doc = read_status(policy_repo.bare, agent.name) or {}
+    assert doc["drift"]["corrections"] == 0 and doc["flows"]["error"] == ""
     # "Who used rule R": by the rule's id.
     res = _flows_cli("--state-dir", str(agent.state_dir), "--rule", rule["id"][:12])
     assert res.returncode == 0, res.stderr
