@@ -465,16 +465,18 @@ class Collector:
                 continue
             try:
                 packets = sock.receive(min(0.5, window_end - now))
-            except OSError as exc:
-                self._log({"event": "flows-read-failed", "error": str(exc)})
+                ctx = self.context
+                now = self.clock()
+                with self._lock:
+                    for p in packets:
+                        self.aggregator.add(p, ctx, now)
+            except Exception as exc:  # a bug or a socket error: read again, never stop reading
+                self.error = f"{type(exc).__name__}: {exc}"
+                self._log({"event": "flows-read-failed", "error": self.error})
                 sock.close()
                 sock = None
+                self._stop.wait(1.0)
                 continue
-            ctx = self.context
-            now = self.clock()
-            with self._lock:
-                for p in packets:
-                    self.aggregator.add(p, ctx, now)
         if sock is not None:
             self._close_window(sock)
             sock.close()
