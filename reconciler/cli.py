@@ -31,6 +31,7 @@ from reconciler.core.cellplan import PlanError
 from reconciler.core.compile import compile_cell
 from reconciler.core.endpoint import parse_endpoint
 from reconciler.core.explain import LIFECYCLES, explain, find_containers
+from reconciler.flows.command import flows_cmd
 from reconciler.notify.command import notify_cmd
 from reconciler.policy.findings import render_findings
 from reconciler.policy.load import load_policy
@@ -395,7 +396,7 @@ def apply_cmd(
     from reconciler.backends.kernel.underlay import detect_underlay
     from reconciler.backends.summary import format_text
 
-    settings = cell_settings_or_exit(agent_config, underlay)
+    settings = cell_settings_or_exit(agent_config, underlay, backend_name)
     if not settings.underlay4:  # on the cell itself: the underlay its default routes use
         try:
             found = detect_underlay(Runner())
@@ -545,3 +546,4 @@ main.add_command(agent_cmd)
 main.add_command(status_cmd)
 main.add_command(notify_cmd)
 main.add_command(cf_group)
+main.add_command(flows_cmd)

@@ -66,7 +66,9 @@ def cell_plan_or_exit(
         raise  # unreachable: _fail exits
 
 
-def cell_settings_or_exit(agent_config: str | None, underlay: tuple[str, ...]) -> CellSettings:
+def cell_settings_or_exit(
+    agent_config: str | None, underlay: tuple[str, ...], backend: str | None = None
+) -> CellSettings:
     """The cell's settings from `--agent-config` (its underlay-interface, deny-networks and
     outbound-connections keys) and `--underlay-interface`, which wins; bad values stop the
     command before anything is computed."""
@@ -74,7 +76,7 @@ def cell_settings_or_exit(agent_config: str | None, underlay: tuple[str, ...]) -
 
     try:
         values = load_file(agent_config) if agent_config else {}
-        return file_cell_settings(values, underlay)
+        return file_cell_settings(values, underlay, backend)
     except ConfigError as exc:
         fail(f"{agent_config}: {exc}" if agent_config else str(exc))
         raise  # unreachable: _fail exits

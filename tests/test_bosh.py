@@ -123,6 +123,14 @@ EVERY_SETTING: dict[str, tuple[str, Any, Any]] = {
     "fqdn_max_ttl": ("fqdn_max_ttl", 600, 600),
     "fqdn_max_ips": ("fqdn_max_ips", 64, 64),
     "fqdn_resolvers": ("fqdn_resolvers", ["169.254.0.2"], ("169.254.0.2",)),
+    "flow_log": ("flow_log", "nflog", "nflog"),
+    "flow_log_group": ("flow_log_group", 42, 42),
+    "flow_log_rate": ("flow_log_rate", 200, 200),
+    "flow_log_window": ("flow_log_window", "5s", 5.0),
+    "flow_log_max_aggregates": ("flow_log_max_aggregates", 500, 500),
+    "flow_log_max_bytes": ("flow_log_max_bytes", 1048576, 1048576),
+    "flow_log_stdout": ("flow_log_stdout", True, True),
+    "flow_unused_after": ("flow_unused_after", "3d", 259200.0),
 }
 # Not offered by the job: monit supervises a long-lived agent (no `once`), and a cell
 # enforces in its own network namespace (`netns` is for the lab and tests).

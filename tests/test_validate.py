@@ -593,3 +593,15 @@ def test_names_of_documents_that_failed_their_schema_are_still_unique(tmp_path):
         "('bindings' was unexpected)",
         "b.yaml:2:7: SecurityGroup/dup: name: name is already used by SecurityGroup at a.yaml:2",
     ]
+
+
+def test_every_shipped_schema_is_json_without_duplicate_keys() -> None:
+    """Python's json keeps the last of two equal keys, so a merge that doubled a property
+    block would go unnoticed by every reader -- until the copies drift apart."""
+    from reconciler.sources.jsonsafe import loads
+
+    folder = Path(__file__).resolve().parent.parent / "schemas"
+    schemas = sorted(folder.glob("*.json"))
+    assert schemas
+    for path in schemas:
+        loads(path.read_bytes(), str(path), reject_duplicate_keys=True)

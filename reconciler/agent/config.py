@@ -22,9 +22,13 @@ import yaml
 from reconciler.backends import BACKENDS, VARIANT_CHOICES
 from reconciler.core.cellplan import (
     DEFAULT_GATE,
+    FLOW_LOG_GROUP,
+    FLOW_LOG_MODES,
+    FLOW_LOG_RATE,
     LIFECYCLES,
     CellSettings,
     DenyNetworks,
+    FlowLog,
     GateSettings,
     RateLimit,
     check_interface_name,
@@ -34,8 +38,8 @@ from reconciler.fqdn.keeper import DEFAULT_MAX_IPS, DEFAULT_MAX_TTL, DEFAULT_MIN
 from reconciler.fqdn.service import parse_server
 from reconciler.status.branch import STATUS_PREFIX, branch_for
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _CELL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,199}$")
 VERIFY_MODES = ("none", "signed")
@@ -176,13 +180,38 @@ class AgentConfig:
             self.fqdn_min_ttl, self.fqdn_max_ttl, self.fqdn_max_ips, self.fqdn_resolvers
         )
 
+    flow_log: str = "log"
+    """Deny and `log: true` verdicts: `log` (default) to the kernel log (LOG, 1/s), which
+    keeps logging whether or not an agent runs; `nflog` to netlink group `flow-log-group`,
+    which this agent reads into flow records (`reconciler.flows`)."""
+    flow_log_group: int = FLOW_LOG_GROUP
+    flow_log_rate: int = FLOW_LOG_RATE
+    """NFLOG entries per second per container chain the kernel sends at most."""
+    flow_log_window: float = 10.0
+    """Packets are aggregated per (container, destination, port, protocol, verdict, rule)
+    over this window; one record per aggregate."""
+    flow_log_max_aggregates: int = 10_000
+    """Distinct aggregates per window; packets of further ones are dropped and counted."""
+    flow_log_max_bytes: int = 16 * 1024 * 1024
+    """flows.jsonl is rotated (to flows.jsonl.1, .2) when a write would pass this size."""
+    flow_log_stdout: bool = False
+    """Also print every flow record on the agent's stdout."""
+    flow_unused_after: float = 7 * 86400.0
+    """`log: true` rules with no flow for this long are reported as unused in status."""
+
     def cell_settings(self, detected: dict[int, tuple[str, ...]] | None = None) -> CellSettings:
         """What the plan renders besides policy: the underlay (configured, else `detected`
         per family), the deny networks and the connection limit."""
         found = detected or {}
         v4 = self.underlay_interface or found.get(4, ())
         v6 = self.underlay_interface or found.get(6, ())
-        return CellSettings(v4, v6, self.deny_networks, self.outbound_connections)
+        return CellSettings(
+            v4, v6, self.deny_networks, self.outbound_connections, self.flow_log_settings
+        )
+
+    @property
+    def flow_log_settings(self) -> FlowLog:
+        return FlowLog(self.flow_log, self.flow_log_group, self.flow_log_rate)
 
     @property
     def gate(self) -> GateSettings:
@@ -223,6 +252,7 @@ class AgentConfig:
             "denyNetworks": self.deny_networks.to_dict(),
             "outboundConnections": self.outbound_connections.to_dict(),
             "mode": self.mode,
+            "flowLog": self.flow_log_settings.to_dict(),
         }
 
 
@@ -241,9 +271,12 @@ _DURATIONS = {
     "status_min_interval",
     "watch_poll",
     "webhook_min_interval",
+    "flow_log_window",
+    "flow_unused_after",
 }
 _SHARES = {"jitter", "mass_revoke_threshold"}
-_BOOLS = {"once", "allow_rewind", "heal_drift", "status_push"}
+_BOOLS = {"once", "allow_rewind", "heal_drift", "status_push", "flow_log_stdout"}
+_INTS = {"flow_log_group", "flow_log_rate", "flow_log_max_aggregates", "flow_log_max_bytes"}
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -291,6 +324,8 @@ def build_config(file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> Ag
             out[name] = parse_share(value, key)
         elif name in _BOOLS:
             out[name] = _bool(value, key)
+        elif name in _INTS:
+            out[name] = _whole(value, key)
         elif name == "fetch_depth":
             out[name] = parse_whole(value, key, " (0 = full history)")
         elif name == "mass_revoke_min":
@@ -318,6 +353,16 @@ def build_config(file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> Ag
     cfg = AgentConfig(**out)
     _check(cfg)
     return cfg
+
+
+def _whole(value: object, key: str) -> int:
+    """A whole number from a file (int) or a flag (text); ranges are checked by `_check`."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+    try:
+        return int(str(value).strip(), 10)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a whole number, got {value!r}") from None
 
 
 def parse_interfaces(value: object, key: str) -> tuple[str, ...]:
@@ -381,17 +426,33 @@ def parse_outbound(value: object, key: str) -> RateLimit:
     )
 
 
-def file_cell_settings(values: Mapping[str, Any], underlay: tuple[str, ...] = ()) -> CellSettings:
+def file_cell_settings(
+    values: Mapping[str, Any], underlay: tuple[str, ...] = (), backend: str | None = None
+) -> CellSettings:
     """The cell settings of an agent config file's values (the rest is not looked at), with
     `underlay` (from a flag) overriding the file's: what `asgctl render`/`explain` show for
-    that cell without being on it."""
+    that cell without being on it.  `backend` (a flag) overrides the file's too: it decides
+    whether `flow-log: nflog` can be rendered."""
+    backend = backend or str(values.get("backend", AgentConfig.backend))
     names = underlay or values.get("underlay-interface") or ()
     v = parse_interfaces(names, "underlay-interface") if names else ()
+    mode = str(values.get("flow-log", AgentConfig.flow_log))
+    if mode == "nflog" and backend == "libiptc":
+        raise ConfigError(LIBIPTC_NFLOG)
+    try:  # the agent's defaults (class attributes of the dataclass), not FlowLog's
+        flow = FlowLog(
+            mode,
+            _whole(values.get("flow-log-group", AgentConfig.flow_log_group), "flow-log-group"),
+            _whole(values.get("flow-log-rate", AgentConfig.flow_log_rate), "flow-log-rate"),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return CellSettings(
         v,
         v,
         parse_deny_networks(values.get("deny-networks"), "deny-networks"),
         parse_outbound(values.get("outbound-connections"), "outbound-connections"),
+        flow,
     )
 
 
@@ -429,6 +490,7 @@ def _check(cfg: AgentConfig) -> None:
     if cfg.policy_tests not in POLICY_TEST_MODES:
         modes = ", ".join(POLICY_TEST_MODES)
         raise ConfigError(f"policy-tests: one of {modes}, got {cfg.policy_tests!r}")
+    _check_flows(cfg)
     if cfg.watch not in WATCH_MODES:
         raise ConfigError(f"watch: one of {', '.join(WATCH_MODES)}, got {cfg.watch!r}")
     if cfg.metrics_listen:
@@ -477,6 +539,30 @@ def file_gate_settings(values: Mapping[str, Any]) -> GateSettings:
         default.minimum if minimum is None else parse_whole(minimum, "mass-revoke-min"),
         default.trailer if trailer is None else check_trailer(str(trailer)),
     )
+
+
+LIBIPTC_NFLOG = (
+    "flow-log: nflog needs backend iptables or nftables (python-iptables corrupts its heap "
+    "building NFLOG targets); use flow-log: log with libiptc"
+)
+
+
+def _check_flows(cfg: AgentConfig) -> None:
+    if cfg.flow_log not in FLOW_LOG_MODES:
+        modes = ", ".join(FLOW_LOG_MODES)
+        raise ConfigError(f"flow-log: one of {modes}, got {cfg.flow_log!r}")
+    if cfg.flow_log == "nflog" and cfg.backend == "libiptc":
+        raise ConfigError(LIBIPTC_NFLOG)
+    try:
+        cfg.flow_log_settings  # noqa: B018 - checks group and rate
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not 0.1 <= cfg.flow_log_window <= 3600:
+        raise ConfigError("flow-log-window: from 100ms to 1h")
+    if not 1 <= cfg.flow_log_max_aggregates <= 1_000_000:
+        raise ConfigError("flow-log-max-aggregates: from 1 to 1000000")
+    if not 4096 <= cfg.flow_log_max_bytes <= 1 << 40:
+        raise ConfigError("flow-log-max-bytes: from 4096 to 1 TiB")
 
 
 def _check_webhook(cfg: AgentConfig) -> None:

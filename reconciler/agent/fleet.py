@@ -25,7 +25,7 @@ from reconciler.agent.source import clip
 from reconciler.escape import visible
 from reconciler.sources.cellstore import InventoryError
 from reconciler.sources.gitio import run_git
-from reconciler.status.document import parse_status, summarize
+from reconciler.status.document import UnusedRule, parse_status, summarize
 from reconciler.status.document import revision_sha as _sha_of
 from reconciler.status.fetch import FetchError, fetched_status
 
@@ -54,6 +54,9 @@ class CellRow:
     containers: int
     refused: str
     error: str = ""
+    unused_rules: tuple[UnusedRule, ...] = ()
+    """log: true rules that matched nothing for the cell's unused-after (flow records)."""
+    unused_total: int = 0
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ def _row(repo: Path, cell: str, origin: str, data: bytes | InventoryError, head:
         cf_equivalent_rules=said.cf_equivalent_rules,
         containers=said.containers,
         refused=said.refused,
+        unused_rules=said.unused_rules,
+        unused_total=said.unused_total,
     )
 
 
@@ -205,4 +210,28 @@ def render_fleet(fleet: Fleet, fmt: str) -> str:
     if any(c.drift_corrections or c.drifted == "True" for c in fleet.cells):
         lines.append("")
         lines.append("DRIFT: corrections so far (* = drifted at the last sync)")
+    lines.extend(_unused_lines(fleet))
     return "\n".join(lines) + "\n"
+
+
+_UNUSED_SHOWN = 10
+
+
+def _unused_lines(fleet: Fleet) -> list[str]:
+    """Per cell, the `log: true` rules that matched nothing for its unused-after: the first
+    few, with the group and the file:line that asked for them, then how many more."""
+    cells = [c for c in fleet.cells if c.unused_total]
+    if not cells:
+        return []
+    lines = ["", "UNUSED RULES (log: true rules with no flow for the cell's flow-unused-after)"]
+    for c in cells:
+        lines.append(f"{_shown(c.cell, 64)}: {c.unused_total}")
+        for r in c.unused_rules[:_UNUSED_SHOWN]:
+            where = "; ".join(_shown(s, 200) for s in r.sources[:3])
+            lines.append(
+                f"  rule {_shown(r.id, 32)} group {_shown(r.group, 32)} "
+                f"last {_shown(r.last_hit, 40)}: {where}"
+            )
+        if c.unused_total > _UNUSED_SHOWN:
+            lines.append(f"  ... and {c.unused_total - _UNUSED_SHOWN} more")
+    return lines

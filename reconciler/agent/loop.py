@@ -184,6 +184,7 @@ class Agent:
         self.watcher: InventoryWatcher | None = None
         self.metrics_server: MetricsServer | None = None
         self.webhook: WebhookServer | None = None
+        self.flows: Any = None  # reconciler.flows.collect.Collector, when flow-log is nflog
         self.last_doc: dict[str, Any] | None = None
         self.parity: ParityReport | None = None
         """Shadow mode: the last comparison with CF's chains (None before the first)."""
@@ -577,6 +578,11 @@ class Agent:
         self._crashes = 0
         self._follow_names(st)
         self._update_metrics(st)
+        if self.flows is not None:
+            a = st.applied
+            self.flows.set_context(
+                a.plan if a else None, a.policy.directory if a and a.policy else None
+            )
         doc = self.status_document(st)
         self.last_doc = doc
         if self.pusher is not None:
@@ -622,6 +628,8 @@ class Agent:
             from reconciler.agent.shadow import parity_status
 
             doc["parity"] = parity_status(self.parity)
+        if self.flows is not None:
+            doc["flows"] = self.flows.status()
         return doc
 
     def _update_metrics(self, st: AgentState) -> None:
@@ -700,6 +708,7 @@ class Agent:
                 poll=cfg.watch_poll,
             )
             self.watcher.start()
+            self._start_flows()
             if self.pusher is not None:
                 self.pusher.start()
             if cfg.listen_webhook:
@@ -714,8 +723,37 @@ class Agent:
                 host, port = self.webhook.address
                 self._log(self.err, {"event": "webhook-listening", "address": f"{host}:{port}"})
 
+    def _start_flows(self) -> None:
+        """The NFLOG reader (`reconciler.flows.collect`), on threads of its own."""
+        cfg = self.cfg
+        if cfg.flow_log != "nflog" or not self._backend_owned:
+            return
+        from reconciler.flows.collect import Collector, CollectorSettings
+
+        settings = CollectorSettings(
+            cell=cfg.cell,
+            state_dir=self.state_dir,
+            group=cfg.flow_log_group,
+            netns=cfg.netns,
+            window=cfg.flow_log_window,
+            max_aggregates=cfg.flow_log_max_aggregates,
+            max_bytes=cfg.flow_log_max_bytes,
+            stdout=cfg.flow_log_stdout,
+            unused_after=cfg.flow_unused_after,
+        )
+        self.flows = Collector(
+            settings,
+            inc=self.metrics.inc,
+            out=self.out,
+            log=lambda record: self._log(self.err, record),
+            clock=self.clock,
+        )
+        self.flows.start()
+
     def stop_sidecars(self) -> None:
         self.names.stop()
+        if self.flows is not None:
+            self.flows.stop()
         if self.webhook is not None:
             self.webhook.stop()
         if self.watcher is not None:

@@ -24,6 +24,12 @@ asgctl_agent_parity_containers{result}                 gauge (--mode shadow): sa
                                                        unknown | no-cf-chain
 asgctl_agent_parity_cf_chains_without_container        gauge (--mode shadow)
 asgctl_agent_parity_same                               gauge (--mode shadow): 1 when proven
+asgctl_agent_flow_packets_total{verdict}               counter: NFLOG packets aggregated
+asgctl_agent_flow_records_total                        counter: flow records written
+asgctl_agent_flow_drops_total{reason}                  counter: kernel|aggregate-cap|queue|unparsed
+asgctl_agent_flow_denied_total{app,space}              counter: denied packets (first 20 pairs,
+                                                       the rest app="other",space="other")
+asgctl_agent_flow_rule_group_hits_total{group}         counter: log:true rule hits per group
 =====================================================  ======================================
 """
 
@@ -73,6 +79,17 @@ _HELP = {
         "Shadow mode: CF netout chains for an address the container store does not hold.",
     ),
     "asgctl_agent_parity_same": ("gauge", "Shadow mode: 1 when every container is the same."),
+    "asgctl_agent_flow_packets_total": ("counter", "Logged packets aggregated, by verdict."),
+    "asgctl_agent_flow_records_total": ("counter", "Flow records written."),
+    "asgctl_agent_flow_drops_total": ("counter", "Logged packets not recorded, by reason."),
+    "asgctl_agent_flow_denied_total": (
+        "counter",
+        "Denied packets by app and space (the first 20 pairs; the rest as other).",
+    ),
+    "asgctl_agent_flow_rule_group_hits_total": (
+        "counter",
+        "Packets accepted by log:true rules, by rule group (the first 200; then other).",
+    ),
 }
 
 

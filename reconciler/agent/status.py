@@ -177,6 +177,9 @@ def fingerprint(doc: Mapping[str, Any]) -> str:
     for entry in stable.get("history") or ():
         for key in VOLATILE_HISTORY:
             entry.pop(key, None)
+    flows = stable.get("flows")
+    if isinstance(flows, dict):  # packet counters move all the time; the heartbeat has them
+        flows.pop("counters", None)
     text = json.dumps(stable, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -378,6 +378,46 @@ class RateLimit:
         }
 
 
+FLOW_LOG_MODES = ("nflog", "log")
+FLOW_LOG_GROUP = 16
+FLOW_LOG_RATE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class FlowLog:
+    """Where the kernel sends deny and `log: true` verdicts (`reconciler.flows.record` has
+    the prefix scheme): `nflog` to netlink group `group`, read by the agent; `log` to the
+    kernel log (the LOG target / nft `log`, rate-limited to 1/s as silk's deny log).
+    There is no `off`: the rule counts CI plans show would then differ per cell.
+
+    `rate`: NFLOG entries per second per container chain, so a flood costs the kernel a
+    bounded amount of copying (the agent counts what it is sent: a count is "at least").
+
+    The default is `log`, as before flow records: it keeps logging whether or not an agent
+    runs (NFLOG with no listener is lost), every plan keeps its digest, and the libiptc
+    backend, which cannot build NFLOG, keeps working.  A cell opts in with `flow-log: nflog`
+    in its agent config (`reconciler.agent.config`), which CI plans read as well."""
+
+    mode: str = "log"
+    group: int = FLOW_LOG_GROUP
+    rate: int = FLOW_LOG_RATE
+
+    def __post_init__(self) -> None:
+        if self.mode not in FLOW_LOG_MODES:
+            raise ValueError(f"flow-log: one of {', '.join(FLOW_LOG_MODES)}, got {self.mode!r}")
+        if isinstance(self.group, bool) or not isinstance(self.group, int):
+            raise ValueError(f"flow-log-group: expected a whole number, got {self.group!r}")
+        if not 1 <= self.group <= 65535:
+            raise ValueError(f"flow-log-group: from 1 to 65535, got {self.group}")
+        if isinstance(self.rate, bool) or not isinstance(self.rate, int):
+            raise ValueError(f"flow-log-rate: expected a whole number, got {self.rate!r}")
+        if not 1 <= self.rate <= 10000:  # xt_limit's ceiling (XT_LIMIT_SCALE)
+            raise ValueError(f"flow-log-rate: from 1 to 10000 per second, got {self.rate}")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"mode": self.mode, "group": self.group, "rate": self.rate}
+
+
 @dataclass(frozen=True, slots=True)
 class CellSettings:
     """What a cell's operator decides beyond the policy repo: rendered, so part of the plan.
@@ -392,6 +432,7 @@ class CellSettings:
     underlay6: tuple[str, ...] = ()
     deny_networks: DenyNetworks = field(default_factory=DenyNetworks)
     outbound: RateLimit = field(default_factory=RateLimit)
+    flow_log: FlowLog = field(default_factory=FlowLog)
 
     def underlay(self, family: int) -> tuple[str, ...]:
         return self.underlay4 if family == 4 else self.underlay6
@@ -403,11 +444,14 @@ class CellSettings:
         )
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "underlay": {"ipv4": list(self.underlay4), "ipv6": list(self.underlay6)},
             "deny_networks": self.deny_networks.to_dict(),
             "outbound_connections": self.outbound.to_dict(),
         }
+        if self.flow_log != FlowLog():  # plans from before flow logs keep their digest
+            out["flow_log"] = self.flow_log.to_dict()
+        return out
 
     def fingerprint(self) -> str:
         """Everything here that moves packets, as one line (part of the plan's digest)."""

@@ -364,6 +364,35 @@ class StatusSummary:
     containers: int
     refused: str
     """`<revision>: <reason>` of the revision the cell refused, or empty."""
+    unused_rules: tuple[UnusedRule, ...] = ()
+    """`log: true` rules with no flow for the cell's unused-after (at most 100)."""
+    unused_total: int = 0
+
+
+@dataclass(frozen=True)
+class UnusedRule:
+    """A rule that matched nothing for N days, as its cell reported it (untrusted text)."""
+
+    id: str
+    group: str
+    last_hit: str
+    sources: tuple[str, ...]
+
+
+def _unused(flows: Any) -> tuple[tuple[UnusedRule, ...], int]:
+    if not isinstance(flows, dict):
+        return (), 0
+    rules = tuple(
+        UnusedRule(
+            str(r.get("id", "")),
+            str(r.get("group", "")),
+            str(r.get("lastHit", "")),
+            tuple(str(x) for x in r.get("sources") or ()),
+        )
+        for r in flows.get("unusedRules") or ()
+        if isinstance(r, dict)
+    )
+    return rules, int(flows.get("unusedRulesTotal") or len(rules))
 
 
 def condition(header: dict[str, Any], type_: str) -> Condition:
@@ -379,6 +408,7 @@ def summarize(header: dict[str, Any]) -> StatusSummary:
     counts = header.get("counts") or {}
     drift = header.get("drift") or {}
     refused = header.get("refused") or {}
+    unused, unused_total = _unused(header.get("flows"))
     return StatusSummary(
         ready=condition(header, "Ready"),
         drifted=condition(header, "Drifted"),
@@ -390,6 +420,8 @@ def summarize(header: dict[str, Any]) -> StatusSummary:
         cf_equivalent_rules=int(counts.get("cfEquivalentRules") or 0),
         containers=int(counts.get("containers") or 0),
         refused=(f"{refused.get('revision', '')}: {refused.get('reason', '')}" if refused else ""),
+        unused_rules=unused,
+        unused_total=unused_total,
     )
 
 

@@ -283,6 +283,10 @@ def _rule(iptc: Any, family: int, words: list[str]) -> tuple[Any, str | None]:
             # namespace) to find out whether the name is a chain.
             current = target = iptc.Target(rule, "ACCEPT")
             target.standard_target = jump = value
+        elif word in ("-j", "--jump") and value == "NFLOG":
+            # python-iptables corrupts its heap building NFLOG (a segfault a few rules
+            # later): refused, with a message, never a crash (flow-log: log for libiptc).
+            raise ValueError("NFLOG targets cannot be built through libiptc; use flow-log: log")
         elif word in ("-j", "--jump"):
             current = target = iptc.Target(rule, value)
         elif word == "--match-set" and current is not None and i + 2 < len(words):

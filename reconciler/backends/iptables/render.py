@@ -16,6 +16,7 @@ from reconciler.core.cellplan import (
     CellPlan,
     CellSettings,
     ContainerPlan,
+    FlowLog,
     NameRule,
     PlanRule,
     RateLimit,
@@ -25,6 +26,7 @@ from reconciler.core.cellplan import (
     port_chunks,
 )
 from reconciler.core.model import RuleItem
+from reconciler.flows.record import ALLOW, DENY, RATE_ID, log_prefix
 
 TOP_CHAIN = "ASG-FORWARD"
 CONTAINER_PREFIX = "ASG-C-"
@@ -169,9 +171,11 @@ def render_cell(plan: CellPlan, family: int) -> Ruleset:
         return Ruleset(family, {}, hooks)
     for group in groups:
         name = group_chain(group.id)
-        chains[name] = tuple(line for r in group.rules for line in _rule_lines(name, r))
+        chains[name] = tuple(
+            line for r in group.rules for line in _rule_lines(name, r, settings.flow_log)
+        )
     if settings.outbound.limit and settings.outbound.logging:
-        chains[RATE_CHAIN] = _rate_log_lines(family)
+        chains[RATE_CHAIN] = _rate_log_lines(family, settings.flow_log)
     for cp in containers:
         name = container_chain(cp.chain_id)
         deny = settings.deny(cp.container.workload, family)
@@ -224,13 +228,28 @@ def _rate_line(name: str, cp: ContainerPlan, rate: RateLimit, family: int) -> st
     )
 
 
-def _rate_log_lines(family: int) -> tuple[str, ...]:
+def _rate_log_lines(family: int, flow: FlowLog) -> tuple[str, ...]:
     """silk's rl-log chain (netout.go, connRateLimitLogChain): a rate-limited LOG, REJECT."""
     return (
-        f"-A {RATE_CHAIN} {DENY_LOG_LIMIT} {_comment('asg:rate-log')} "
-        f'-j LOG --log-prefix "ASG DENY RATE "',
+        f"-A {RATE_CHAIN} {_log_limit(flow)} {_comment('asg:rate-log')} "
+        f"{log_target(flow, log_prefix(DENY, RATE_ID))}",
         f"-A {RATE_CHAIN} {_comment('asg:reject')} -j REJECT --reject-with {_reject(family)}",
     )
+
+
+def _log_limit(flow: FlowLog) -> str:
+    """The kernel log gets silk's 1/s; NFLOG the cell's flow rate (bursting as much)."""
+    if flow.mode == "nflog":
+        return f"-m limit --limit {flow.rate}/sec --limit-burst {flow.rate}"
+    return DENY_LOG_LIMIT
+
+
+def log_target(flow: FlowLog, prefix: str) -> str:
+    """`-j LOG` or `-j NFLOG` with a prefix of `reconciler.flows.record`'s scheme, in
+    iptables-save's spelling (NFLOG: prefix, then group)."""
+    if flow.mode == "nflog":
+        return f'-j NFLOG --nflog-prefix "{prefix}" --nflog-group {flow.group}'
+    return f'-j LOG --log-prefix "{prefix}"'
 
 
 def _container_lines(
@@ -250,8 +269,8 @@ def _container_lines(
         lines.append(f"-A {name} {_comment('asg:deny')} -j {deny_chain(cp.container.workload)}")
     lines.extend(f"-A {name} {_comment('asg:g:' + gid)} -j {group_chain(gid)}" for gid in cp.groups)
     lines.append(
-        f"-A {name} {DENY_LOG_LIMIT} {_comment('asg:deny-log')} "
-        f'-j LOG --log-prefix "ASG DENY {log_id(cp.chain_id)} "'
+        f"-A {name} {_log_limit(settings.flow_log)} {_comment('asg:deny-log')} "
+        f"{log_target(settings.flow_log, log_prefix(DENY, log_id(cp.chain_id)))}"
     )
     lines.append(f"-A {name} {_comment('asg:reject')} -j REJECT --reject-with {reject}")
     return tuple(lines)
@@ -286,7 +305,7 @@ def name_lines(chain: str, rule: NameRule) -> list[str]:
     return out
 
 
-def _rule_lines(chain: str, rule: PlanRule) -> list[str]:
+def _rule_lines(chain: str, rule: PlanRule, flow: FlowLog) -> list[str]:
     item = rule.item
     comment = _comment("asg:r:" + rule.id)
     out = []
@@ -294,7 +313,7 @@ def _rule_lines(chain: str, rule: PlanRule) -> list[str]:
         if item.log:
             out.append(
                 f"-A {chain}{match} -m conntrack --ctstate NEW {comment} "
-                f'-j LOG --log-prefix "ASG OK {log_id(rule.id)} "'
+                f"{log_target(flow, log_prefix(ALLOW, log_id(rule.id)))}"
             )
         out.append(f"-A {chain}{match} {comment} -j ACCEPT")
     return out

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from reconciler.backends.iptables.render import Ruleset, group_chain
-from reconciler.core.cellplan import CellPlan
+from reconciler.core.cellplan import CellPlan, FlowLog
 
 
 class RenderCache:
@@ -30,12 +30,14 @@ class RenderCache:
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
-        self._entries: OrderedDict[tuple[str, int], tuple[Ruleset, dict[str, str]]] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, int, FlowLog], tuple[Ruleset, dict[str, str]]] = (
+            OrderedDict()
+        )
 
     def get(
         self, plan: CellPlan, family: int, render: Callable[[CellPlan, int], Ruleset]
     ) -> Ruleset:
-        key = (plan.digest(), family)
+        key = (plan.digest(), family, plan.settings.flow_log)
         hit = self._entries.get(key)
         if hit is not None:
             self._entries.move_to_end(key)
@@ -50,10 +52,11 @@ class RenderCache:
     def _render_new_groups(
         self, plan: CellPlan, family: int, render: Callable[[CellPlan, int], Ruleset]
     ) -> Ruleset:
+        flow = plan.settings.flow_log  # a logging group's chain renders its log target
         known = {
             digest: ruleset.chains[name]
-            for (_, fam), (ruleset, names) in self._entries.items()
-            if fam == family
+            for (_, fam, fl), (ruleset, names) in self._entries.items()
+            if fam == family and fl == flow
             for digest, name in names.items()
             if name in ruleset.chains
         }

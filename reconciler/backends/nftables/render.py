@@ -67,6 +67,7 @@ from reconciler.core.cellplan import (
     CellPlan,
     CellSettings,
     ContainerPlan,
+    FlowLog,
     NameRule,
     PlanRule,
     RateLimit,
@@ -87,12 +88,14 @@ from reconciler.core.packetspace import (
     icmp_protocol,
     item_space,
 )
+from reconciler.flows.record import ALLOW, DENY, RATE_ID, log_prefix
 
 NFT_FAMILY = "inet"
 TABLE = "asgctl"
 PRIORITY = -1  # filter - 1: just before iptables' filter FORWARD (priority 0)
 Box = tuple[Range, ...]  # a set element's fields, as ranges
 ADDRESS_TYPES = frozenset({"ipv4_addr", "ipv6_addr"})
+KERNEL_LOG = FlowLog()
 _CT_INVALID, _CT_ESTABLISHED, _CT_RELATED, _CT_NEW = 1, 2, 4, 8
 _ICMPX_PORT_UNREACHABLE = 1
 
@@ -375,7 +378,7 @@ class RenderedGroup:
     entry: tuple[str, ...]
 
 
-_ContainerKey = tuple[str, tuple[str, ...], tuple[tuple[str, ...], ...]]
+_ContainerKey = tuple[str, tuple[str, ...], tuple[tuple[str, ...], ...], FlowLog]
 
 
 class RenderMemo:
@@ -392,43 +395,46 @@ class RenderMemo:
     def __init__(self, max_groups: int = 200_000, max_chains: int = 65_536) -> None:
         self.max_groups = max_groups
         self.max_chains = max_chains
-        self._groups: dict[str, RenderedGroup] = {}
-        self._chains: dict[
-            tuple[str, tuple[str, ...], tuple[tuple[str, ...], ...]], tuple[str, ...]
-        ] = {}
+        self._groups: dict[tuple[str, FlowLog], RenderedGroup] = {}
+        self._chains: dict[_ContainerKey, tuple[str, ...]] = {}
 
-    def group(self, group: RuleGroup) -> RenderedGroup:
-        hit = self._groups.get(group.digest)
+    def group(self, group: RuleGroup, flow: FlowLog = KERNEL_LOG) -> RenderedGroup:
+        key = (group.digest, flow)  # a logging group's chain renders its log target
+        hit = self._groups.get(key)
         if hit is not None:
             return hit
-        out = _render_group(group)
+        out = _render_group(group, flow)
         if len(self._groups) >= self.max_groups:
             self._groups.clear()
-        self._groups[group.digest] = out
+        self._groups[key] = out
         return out
 
     def container(
-        self, chain_id: str, head: tuple[str, ...], entries: tuple[tuple[str, ...], ...]
+        self,
+        chain_id: str,
+        head: tuple[str, ...],
+        entries: tuple[tuple[str, ...], ...],
+        flow: FlowLog = KERNEL_LOG,
     ) -> tuple[str, ...]:
-        key: _ContainerKey = (chain_id, head, entries)
+        key: _ContainerKey = (chain_id, head, entries, flow)
         hit = self._chains.get(key)
         if hit is not None:
             return hit
-        out = _container_rules_of(chain_id, head, entries)
+        out = _container_rules_of(chain_id, head, entries, flow)
         if len(self._chains) >= self.max_chains:
             self._chains.clear()
         self._chains[key] = out
         return out
 
 
-def _render_group(group: RuleGroup) -> RenderedGroup:
+def _render_group(group: RuleGroup, flow: FlowLog) -> RenderedGroup:
     family = group.version
     comment = "asg:g:" + group.id
     if group.has_log:
         name = group_chain(family, group.id)
         rules: list[str] = []
         for rule in group.rules:
-            rules.extend(_log_rules(rule))
+            rules.extend(_log_rules(rule, flow))
         entry = canonical_rule([{"jump": {"target": name}}], comment)
         return RenderedGroup((), tuple(rules), (entry,))
     boxes: dict[str, list[Box]] = {"a": [], "p": [], "i": []}
@@ -448,12 +454,27 @@ def _render_group(group: RuleGroup) -> RenderedGroup:
     return RenderedGroup(tuple(sets), None, tuple(entries))
 
 
-def _log_rules(rule: PlanRule) -> list[str]:
+def log_statement(flow: FlowLog, prefix: str) -> dict[str, Any]:
+    """`log prefix ...`, with `group N` in `nflog` mode, as `nft -j list` prints it; the
+    prefix follows `reconciler.flows.record`'s scheme."""
+    if flow.mode == "nflog":
+        return {"log": {"prefix": prefix, "group": flow.group}}
+    return {"log": {"prefix": prefix}}
+
+
+def _log_limit(flow: FlowLog) -> dict[str, Any]:
+    """The kernel log gets silk's 1/s; NFLOG the cell's flow rate (bursting as much)."""
+    if flow.mode == "nflog":
+        return {"limit": {"rate": flow.rate, "burst": flow.rate, "per": "second"}}
+    return {"limit": {"rate": 1, "burst": 5, "per": "second"}}
+
+
+def _log_rules(rule: PlanRule, flow: FlowLog) -> list[str]:
     """LOG on new connections, then ACCEPT, as the iptables backend does: two rules, so an
     untracked packet is accepted without being logged as a new connection."""
     matches = _log_rule_matches(rule.item)
     comment = "asg:r:" + rule.id
-    log = {"log": {"prefix": f"ASG OK {log_id(rule.id)} "}}
+    log = log_statement(flow, log_prefix(ALLOW, log_id(rule.id)))
     return [
         canonical_rule([*matches, _ct_state(_CT_NEW), log], comment),
         canonical_rule([*matches, ACCEPT], comment),
@@ -543,23 +564,17 @@ def _rate_set(family: int, rate: RateLimit) -> NftSet:
     )
 
 
-def _rate_log_rules() -> tuple[str, ...]:
+def _rate_log_rules(flow: FlowLog) -> tuple[str, ...]:
     log = canonical_rule(
-        [
-            {"limit": {"rate": 1, "burst": 5, "per": "second"}},
-            {"log": {"prefix": "ASG DENY RATE "}},
-        ],
+        [_log_limit(flow), log_statement(flow, log_prefix(DENY, RATE_ID))],
         "asg:rate-log",
     )
     return (log, canonical_rule([_reject_expr()], "asg:reject"))
 
 
-def _deny_rules(chain_id: str) -> tuple[str, str]:
+def _deny_rules(chain_id: str, flow: FlowLog) -> tuple[str, str]:
     log = canonical_rule(
-        [
-            {"limit": {"rate": 1, "burst": 5, "per": "second"}},
-            {"log": {"prefix": f"ASG DENY {log_id(chain_id)} "}},
-        ],
+        [_log_limit(flow), log_statement(flow, log_prefix(DENY, log_id(chain_id)))],
         "asg:deny-log",
     )
     reject = canonical_rule([_reject_expr()], "asg:reject")
@@ -607,13 +622,16 @@ def _container_head(cp: ContainerPlan, settings: CellSettings, family: int) -> t
 
 
 def _container_rules_of(
-    chain_id: str, head: tuple[str, ...], entries: tuple[tuple[str, ...], ...]
+    chain_id: str,
+    head: tuple[str, ...],
+    entries: tuple[tuple[str, ...], ...],
+    flow: FlowLog = KERNEL_LOG,
 ) -> tuple[str, ...]:
     """A container chain (`RenderMemo.container` keeps them from one plan to the next)."""
     rules = [_invalid_rule(), *head]
     for entry in entries:
         rules.extend(entry)
-    rules.extend(_deny_rules(chain_id))
+    rules.extend(_deny_rules(chain_id, flow))
     return tuple(rules)
 
 
@@ -632,7 +650,8 @@ def _render_cell(plan: CellPlan, family: int, memo: RenderMemo) -> NftRuleset:
         return NftRuleset(family, {})
     by_id = {g.id: g for g in plan.groups if g.version == family}
     used = sorted({gid for cp in containers for gid in cp.groups})
-    groups = {gid: memo.group(by_id[gid]) for gid in used}
+    settings = plan.settings
+    groups = {gid: memo.group(by_id[gid], settings.flow_log) for gid in used}
     chains: dict[str, tuple[str, ...]] = {}
     sets: dict[str, NftSet] = {}
     for gid in used:
@@ -641,11 +660,10 @@ def _render_cell(plan: CellPlan, family: int, memo: RenderMemo) -> NftRuleset:
             chains[group_chain(family, gid)] = rendered.chain
         for s in rendered.sets:
             sets[s.name] = s
-    settings = plan.settings
     if settings.outbound.limit:
         sets[rate_set(family)] = _rate_set(family, settings.outbound)
         if settings.outbound.logging:
-            chains[rate_log_chain(family)] = _rate_log_rules()
+            chains[rate_log_chain(family)] = _rate_log_rules(settings.flow_log)
     elements = set()
     seen: set[int] = set()
     for cp in sorted(containers, key=lambda cp: (cp.container.ip, cp.chain_id)):
@@ -656,9 +674,8 @@ def _render_cell(plan: CellPlan, family: int, memo: RenderMemo) -> NftRuleset:
             sets[denied.name] = denied
         named = _name_entry(cp, plan, sets)
         entries = (*(groups[g].entry for g in cp.groups), *named)
-        chains[name] = memo.container(
-            cp.chain_id, _container_head(cp, settings, family), tuple(entries)
-        )
+        head = _container_head(cp, settings, family)
+        chains[name] = memo.container(cp.chain_id, head, tuple(entries), settings.flow_log)
         address = int(ipaddress.ip_address(cp.container.ip))
         if address in seen:  # two containers, one address: the first wins, as in iptables
             continue
