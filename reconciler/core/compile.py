@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -217,7 +217,7 @@ class _Index:
         self.items: list[RuleItem] = sorted(
             {i for items in expanded.values() for i in items}, key=_item_order
         )
-        number = {item: n for n, item in enumerate(self.items)}
+        number = self.number = {item: n for n, item in enumerate(self.items)}
         self.provenances: list[Provenance] = sorted(provs)
         prov_number = {p: n for n, p in enumerate(self.provenances)}
         self.item_ids = [content_id(i.key()) for i in self.items]
@@ -427,6 +427,24 @@ def profile_signature(policy: PolicySet, profile: Profile) -> tuple[RuleItem, ..
     return _index_for(policy).entry(profile).items
 
 
+def signature_comparer(base: PolicySet, head: PolicySet) -> Callable[[Profile], bool]:
+    """`profile_signature(base, p) == profile_signature(head, p)`, for any profile `p`.
+
+    The CI plan asks this of every profile of a fleet.  Comparing the items themselves
+    compares two policies' separate (equal) objects field by field; here each head item's
+    number in the base (-1 when the base has no equal item) is found once, and a profile's
+    signatures are equal exactly when its head numbers map onto its base numbers.
+    """
+    b, h = _index_for(base), _index_for(head)
+    to_base = [b.number.get(item, -1) for item in h.items]
+
+    def same(profile: Profile) -> bool:
+        mine, theirs = h.entry(profile).numbers, b.entry(profile).numbers
+        return len(mine) == len(theirs) and tuple(map(to_base.__getitem__, mine)) == theirs
+
+    return same
+
+
 def container_sources(policy: PolicySet, container: Container) -> list[Source]:
     """Every rule the container gets and who grants it (used by `explain` and policy tests)."""
     return _index_for(policy).sources(container.lifecycle, container.space_id, container.app_id)
@@ -515,7 +533,7 @@ def compile_cell(
         containers=container_plans,
         groups=tuple(sorted(groups, key=lambda g: g.id)),
         # CF installs every claimant's own rules in its own chain: counted per container.
-        cf_equivalent_rules=sum(CF_CONTAINER_FIXED_LINES + index.entry(p).cf_lines for p in of),
+        cf_equivalent_rules=_cf_lines(index, of),
         settings=settings or CellSettings(),
     )
 
@@ -537,5 +555,13 @@ def cf_equivalent_rules(policy: PolicySet, containers: Iterable[Container]) -> i
     container dropped, plus CF_CONTAINER_FIXED_LINES.  Its own function so the CI plan can
     count a cell it does not need to compile.
     """
-    index = _index_for(policy)
-    return sum(CF_CONTAINER_FIXED_LINES + index.entry(profile_of(c)).cf_lines for c in containers)
+    return _cf_lines(_index_for(policy), [profile_of(c) for c in containers])
+
+
+def _cf_lines(index: _Index, profiles: Iterable[Profile]) -> int:
+    """CF's lines for containers of these profiles: each profile's lines, once per container
+    (looked up once per distinct profile: a cell runs many containers of one app)."""
+    return sum(
+        n * (CF_CONTAINER_FIXED_LINES + index.entry(p).cf_lines)
+        for p, n in Counter(profiles).items()
+    )
