@@ -68,17 +68,19 @@ def cf_compare_cmd(
     """
     from reconciler.backends import DataplaneError, Runner
     from reconciler.backends.iptables.cfparse import CfParseError, read_cf_sides
-    from reconciler.cli import _fail, _plan, _settings
+    from reconciler.cli_inputs import cell_plan_or_exit, cell_settings_or_exit, fail
     from reconciler.core.parity import compare
 
-    policy, plan = _plan(policies, rev, containers, "", _settings(agent_config, ()))
+    policy, plan = cell_plan_or_exit(
+        policies, rev, containers, "", cell_settings_or_exit(agent_config, ())
+    )
     gc.freeze()  # the policy and plan live to the end: full collections need not rescan them
     runner = Runner.in_netns(netns) if netns else Runner()
     families = plan.families() or (4,)
     try:
         sides = read_cf_sides(runner, families, variant)
     except (DataplaneError, CfParseError) as exc:
-        _fail(f"reading CF's chains: {exc}")
+        fail(f"reading CF's chains: {exc}")
         raise  # unreachable: _fail exits
     report = compare(policy, plan, sides, keep=limit)
     if fmt == "json":

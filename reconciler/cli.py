@@ -18,95 +18,23 @@ from reconciler.agent.commands import agent_cmd, status_cmd
 from reconciler.backends.contract import Mode
 from reconciler.backends.iptables.render import render_text
 from reconciler.cf_commands import cf_group
+from reconciler.cli_inputs import (
+    cell_plan_or_exit,
+    cell_settings_or_exit,
+    fail,
+    gate_settings_or_exit,
+    policy_or_exit,
+)
 from reconciler.cli_options import backend_option, format_option, variant_option
-from reconciler.core.cellplan import CellPlan, CellSettings, PlanError
+from reconciler.core.cellplan import PlanError
 from reconciler.core.compile import compile_cell
 from reconciler.core.endpoint import parse_endpoint
 from reconciler.core.explain import LIFECYCLES, explain, find_containers
-from reconciler.core.gate import GateSettings
-from reconciler.core.model import Container, PolicySet
 from reconciler.notify.command import notify_cmd
 from reconciler.policy.findings import render_findings
 from reconciler.policy.load import load_policy
 from reconciler.policy.source import locate
-from reconciler.sources.cellstore import InventoryError, load_store
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def _policy(policies: str, rev: str | None, annotate: str | None = None) -> PolicySet:
-    """Load and validate; any error stops the command before it computes anything.
-
-    The findings go to stderr as text, or, with `annotate` (the policy folder's path in the
-    repository), as GitHub annotations: a command asked for `--format github` runs in
-    Actions, where a text line can be read as a workflow command.
-    """
-    result = load_policy(policies, rev)
-    if not result.ok:
-        fmt = "text" if annotate is None else "github"
-        click.echo(render_findings(result.findings, fmt, annotate or ""), err=True, nl=False)
-        _fail(f"policy at {policies}{'@' + rev if rev else ''} is invalid; nothing was done")
-    return result.policy
-
-
-def _inventory(path: str) -> tuple[Container, ...]:
-    """The store's containers; each entry not used as written is a warning on stderr."""
-    try:
-        reading = load_store(path)
-    except InventoryError as exc:
-        _fail(str(exc))
-    for rejected in reading.rejected:
-        click.echo(f"warning: {rejected}", err=True)
-    return reading.containers
-
-
-def _plan(
-    policies: str,
-    rev: str | None,
-    containers: str,
-    cell: str,
-    settings: CellSettings | None = None,
-) -> tuple[PolicySet, CellPlan]:
-    policy = _policy(policies, rev)
-    try:
-        return policy, compile_cell(policy, _inventory(containers), cell, settings)
-    except PlanError as exc:
-        _fail(str(exc))
-        raise  # unreachable: _fail exits
-
-
-def _settings(agent_config: str | None, underlay: tuple[str, ...]) -> CellSettings:
-    """The cell's settings from `--agent-config` (its underlay-interface, deny-networks and
-    outbound-connections keys) and `--underlay-interface`, which wins; bad values stop the
-    command before anything is computed."""
-    from reconciler.agent.config import ConfigError, file_cell_settings, load_file
-
-    try:
-        values = load_file(agent_config) if agent_config else {}
-        return file_cell_settings(values, underlay)
-    except ConfigError as exc:
-        _fail(f"{agent_config}: {exc}" if agent_config else str(exc))
-        raise  # unreachable: _fail exits
-
-
-def _gate_settings(agent_config: str | None) -> GateSettings:
-    """The mass-revoke settings of `--agent-config` (defaults without one); bad values stop
-    the command before anything is computed."""
-    from reconciler.agent.config import ConfigError, file_gate_settings, load_file
-
-    try:
-        values = load_file(agent_config) if agent_config else {}  # its errors name the file
-    except ConfigError as exc:
-        _fail(str(exc))
-        raise  # unreachable: _fail exits
-    try:
-        return file_gate_settings(values)
-    except ConfigError as exc:
-        _fail(f"{agent_config}: {exc}")
-        raise  # unreachable: _fail exits
+from reconciler.sources.cellstore import InventoryError
 
 
 def cell_options(func: Any) -> Any:
@@ -246,7 +174,7 @@ def import_cf_cmd(files: tuple[str, ...], name: str | None, out_dir: str | None)
     if errors:
         for e in errors:
             click.echo(e, err=True)
-        _fail("nothing was written")
+        fail("nothing was written")
     if out_dir is None:
         click.echo(dump_documents(docs), nl=False)
         return
@@ -288,7 +216,9 @@ def render(
     underlay: tuple[str, ...],
 ) -> None:
     """Compile the cell's plan and print it as a from-scratch transaction or JSON."""
-    _, plan = _plan(policies, rev, containers, cell, _settings(agent_config, underlay))
+    _, plan = cell_plan_or_exit(
+        policies, rev, containers, cell, cell_settings_or_exit(agent_config, underlay)
+    )
     if fmt == "json":
         click.echo(plan.to_json(), nl=False)
         return
@@ -360,31 +290,31 @@ def explain_cmd(
         endpoint = parse_endpoint(to, icmp_type, icmp_code)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--to") from None
-    settings = _settings(agent_config, underlay)
+    settings = cell_settings_or_exit(agent_config, underlay)
     if len(stores) == 1:
         # One store is one unnamed cell: a cell's own store path names no cell
         # (/var/vcap/data/container-metadata/store.json), so none is made up for it.
-        policy, plan = _plan(policies, rev, stores[0], "", settings)
+        policy, plan = cell_plan_or_exit(policies, rev, stores[0], "", settings)
         plans = [plan]
     else:
-        policy = _policy(policies, rev)
+        policy = policy_or_exit(policies, rev)
         try:
             cells = StoreFiles(stores).cells()
             plans = [compile_cell(policy, c.containers, c.cell, settings) for c in cells]
         except (InventoryError, PlanError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
     app_id = None
     if app is not None:
         app_id = policy.directory.resolve_app(app)
         if app_id is None:
-            _fail(f"app {app!r} is not in the directory")
+            fail(f"app {app!r} is not in the directory")
     found = find_containers(plans, handle=handle, app=app_id, lifecycle=lifecycle)
     if not found:  # named as typed: the GUID an org/space/app resolved to means nothing here
         which = "" if lifecycle == "all" else f"{lifecycle} "
         if handle is not None:
             kind = f" as a {lifecycle} container" if which else ""
-            _fail(f"container {handle!r} is not in the inventory{kind}")
-        _fail(f"app {app!r} has no {which}container in the inventory")
+            fail(f"container {handle!r} is not in the inventory{kind}")
+        fail(f"app {app!r} has no {which}container in the inventory")
     verdicts = [(plan.cell, explain(policy, plan, cp, endpoint)) for plan, cp in found]
     if fmt == "json":
         docs = [
@@ -451,18 +381,18 @@ def apply_cmd(
     from reconciler.backends.kernel.underlay import detect_underlay
     from reconciler.backends.summary import format_text
 
-    settings = _settings(agent_config, underlay)
+    settings = cell_settings_or_exit(agent_config, underlay)
     if not settings.underlay4:  # on the cell itself: the underlay its default routes use
         try:
             found = detect_underlay(Runner())
         except DataplaneError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         settings = replace(settings, underlay4=found[4], underlay6=found[6])
-    _, plan = _plan(policies, rev, containers, cell, settings)
+    _, plan = cell_plan_or_exit(policies, rev, containers, cell, settings)
     try:
         backend = open_backend(backend_name, variant)
     except DataplaneError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     mode: Mode = "dry-run" if dry_run else "report-only" if report_only else "apply"
     # A report-only run audits the host against the plan it is given: whatever the kernel
     # holds otherwise is drift (to --dry-run, with no last plan, it is a change to send).
@@ -497,7 +427,7 @@ def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> N
     try:
         backend = open_backend(backend_name, variant)
     except DataplaneError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     result = remove(backend, mode="dry-run" if dry_run else "apply")
     if fmt == "json":
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -565,7 +495,7 @@ def plan_cmd(
     from reconciler.ci.plan import run_plan
     from reconciler.ci.report import render
 
-    gate = _gate_settings(agent_config)
+    gate = gate_settings_or_exit(agent_config)
     report = run_plan(policies, base, head, inventory, gate, agent_config or "")
     click.echo(render(report, fmt), nl=False)
     sys.exit(report.exit_code(detailed_exitcode))
@@ -584,7 +514,7 @@ def test_cmd(path: str, rev: str | None, fmt: str, verbose: bool) -> None:
     from reconciler.core.policytest import render_results, run_tests
 
     prefix = locate(path).prefix
-    policy = _policy(path, rev, prefix if fmt == "github" else None)
+    policy = policy_or_exit(path, rev, prefix if fmt == "github" else None)
     results = run_tests(policy)
     click.echo(render_results(results, fmt, prefix, verbose), nl=False)
     sys.exit(0 if all(r.passed for r in results) else 1)

@@ -45,6 +45,10 @@ def verify(secret: bytes, body: bytes, header: str | None) -> bool:
     return hmac.compare_digest(given, sign(secret, body).encode("ascii"))
 
 
+WEBHOOK_SECRET_ENV = "ASGCTL_WEBHOOK_SECRET"
+"""Where the agent's push receiver and `asgctl notify` find their HMAC secret without a file."""
+
+
 def load_secret(path: str | None, env: str) -> bytes:
     """The shared secret from the file `path` (one trailing newline dropped), else from the
     environment variable `env`; SecretError when neither gives a non-empty one.

@@ -35,8 +35,9 @@ from reconciler.agent.metrics import Metrics
 from reconciler.agent.state import AgentState, Applied, Head, from_persisted, to_persisted
 from reconciler.agent.status import build_status, fingerprint
 from reconciler.agent.verify import SignatureCheck, parse_trailers, trailer_true
+from reconciler.core.cellplan import DEFAULT_GATE, GateSettings
 from reconciler.core.compile import compile_cell
-from reconciler.core.gate import DEFAULT_GATE, GateSettings, RevokeCount, revoke_count
+from reconciler.core.gate import RevokeCount, revoke_count
 from reconciler.core.model import AddressRange, Container, PolicySet, PortRange, Rule, SecurityGroup
 from reconciler.policy.findings import Finding
 from reconciler.status.document import Condition, containers_from_status

@@ -16,12 +16,10 @@ import pytest
 
 from reconciler.agent.conditions import MASS_REVOKE_BLOCKED
 from reconciler.agent.core import revoke_verdict
-from reconciler.core.cellplan import CellPlan
+from reconciler.core.cellplan import DEFAULT_GATE, CellPlan, GateSettings
 from reconciler.core.compile import compile_cell
 from reconciler.core.gate import (
-    DEFAULT_GATE,
     NOTHING_LOST,
-    GateSettings,
     Memo,
     RevokeCount,
     judge,

@@ -24,6 +24,7 @@ from reconciler.backends.iptables.render import render_cell
 from reconciler.ci.plan import run_plan
 from reconciler.ci.report import MARKER, PlanReport, Revision, render, render_markdown
 from reconciler.cli import main
+from reconciler.core.cellplan import CellInventory
 from reconciler.core.compile import compile_cell
 from reconciler.core.diff import (
     CF_RULES_ERROR,
@@ -36,7 +37,7 @@ from reconciler.core.diff import (
     diff_plans,
 )
 from reconciler.core.gate import RevokeCount
-from reconciler.core.model import CellInventory, Container, Space
+from reconciler.core.model import Container, Space
 from reconciler.policy.load import load_folder
 from reconciler.sources.cellstore import InventoryError, dump_store
 from reconciler.sources.inventories import (

@@ -429,8 +429,8 @@ def test_groups_diffed_side_by_side_equal_one_diff_per_group(tmp_path):
     import shutil as sh
 
     from reconciler.ci.plan import diff_groups
+    from reconciler.core.cellplan import CellInventory
     from reconciler.core.diff import diff_plans
-    from reconciler.core.model import CellInventory
 
     def variant(old: str, new: str) -> object:
         tree = tmp_path / f"p{len(list(tmp_path.iterdir()))}"

@@ -21,14 +21,15 @@ import yaml
 
 from reconciler.backends import BACKENDS, VARIANT_CHOICES
 from reconciler.core.cellplan import (
+    DEFAULT_GATE,
     LIFECYCLES,
     CellSettings,
     DenyNetworks,
+    GateSettings,
     RateLimit,
     check_interface_name,
     check_network,
 )
-from reconciler.core.gate import DEFAULT_GATE, GateSettings
 from reconciler.status.branch import STATUS_PREFIX, branch_for
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -445,15 +446,14 @@ def file_gate_settings(values: Mapping[str, Any]) -> GateSettings:
 def _check_webhook(cfg: AgentConfig) -> None:
     """The receiver's address parses and its secret can be read (not kept: the config is
     shown and logged, the secret is read again when the receiver starts)."""
-    from reconciler.agent.webhook import SECRET_ENV
-    from reconciler.hmacsig import SecretError, load_secret
+    from reconciler.hmacsig import WEBHOOK_SECRET_ENV, SecretError, load_secret
 
     parse_listen(cfg.listen_webhook or "", "listen-webhook")
     try:
-        load_secret(cfg.webhook_secret_file, SECRET_ENV)
+        load_secret(cfg.webhook_secret_file, WEBHOOK_SECRET_ENV)
     except SecretError as exc:
         raise ConfigError(
-            f"listen-webhook needs webhook-secret-file or ${SECRET_ENV}: {exc}"
+            f"listen-webhook needs webhook-secret-file or ${WEBHOOK_SECRET_ENV}: {exc}"
         ) from None
 
 

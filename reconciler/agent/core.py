@@ -48,8 +48,8 @@ from reconciler.agent.conditions import (
     VERIFICATION_DISABLED,
 )
 from reconciler.agent.verify import SignatureCheck
-from reconciler.core.cellplan import CellPlan, ContainerPlan
-from reconciler.core.gate import GateSettings, RevokeCount, judge
+from reconciler.core.cellplan import CellPlan, ContainerPlan, GateSettings
+from reconciler.core.gate import RevokeCount, judge
 from reconciler.core.model import Directory
 from reconciler.policy.findings import Finding
 from reconciler.status.document import Condition

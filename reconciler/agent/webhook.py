@@ -37,7 +37,6 @@ PATH = "/hook"
 MAX_BODY_BYTES = 1024 * 1024
 """A push event with its 20 commits is tens of KB; anything bigger is not read."""
 REQUEST_TIMEOUT = 5.0
-SECRET_ENV = "ASGCTL_WEBHOOK_SECRET"
 """Where the secret is read from when `webhook-secret-file` is not set."""
 
 
@@ -248,10 +247,10 @@ def serve(
 ) -> WebhookServer:
     """The agent's receiver on `listen` (HOST:PORT), started."""
     from reconciler.agent.config import parse_listen
-    from reconciler.hmacsig import load_secret
+    from reconciler.hmacsig import WEBHOOK_SECRET_ENV, load_secret
 
     host, port = parse_listen(listen, "listen-webhook")
-    secret = load_secret(secret_file, SECRET_ENV)
+    secret = load_secret(secret_file, WEBHOOK_SECRET_ENV)
     server = WebhookServer(
         host,
         port,

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.ci.report.plan import BaseGroup, Enforces, PlanReport, Revision
-from reconciler.core.cellplan import PlanError
+from reconciler.core.cellplan import DEFAULT_GATE, CellInventory, GateSettings, PlanError
 from reconciler.core.diff import PlanDiff, diff_plans
-from reconciler.core.gate import DEFAULT_GATE, GateSettings
-from reconciler.core.model import CellInventory, PolicySet
+from reconciler.core.model import PolicySet
 from reconciler.forkpool import fork_ranges
 from reconciler.policy.load import load_policy
 from reconciler.policy.source import RepoPlace, locate

@@ -466,3 +466,31 @@ def _check_names(plan: CellPlan) -> None:
                 f"{cp.container.handle!r} get one chain name ({cp.chain_id[:NAME_ID_LEN]}): "
                 "a hash collision; refusing to plan either"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class GateSettings:
+    """The gate's knobs, as an agent runs with them (`mass-revoke-threshold`,
+    `mass-revoke-min`, `mass-revoke-trailer`); the defaults are the agent's."""
+
+    threshold: float = 0.5
+    """Share of the cell's pairs the net loss must exceed (0 to 1)."""
+    minimum: int = 100
+    """Net lost pairs the loss must also reach (the floor), unless the cell is emptied."""
+    trailer: str = "Asgctl-Allow-Mass-Revoke"
+    """Commit trailer whose value `true` lets a gated plan through."""
+
+
+DEFAULT_GATE = GateSettings()
+
+
+@dataclass(frozen=True, slots=True)
+class CellInventory:
+    """The containers one cell runs, and where that was read (shown in reports)."""
+
+    cell: str
+    containers: tuple[Container, ...]
+    origin: str
+    gate: GateSettings | None = None
+    """The mass-revoke gate settings the cell's agent reports (status branches); None when
+    the inventory does not say, and the plan judges with its own."""

@@ -38,8 +38,11 @@ from reconciler.backends.iptables.render import (
 )
 from reconciler.core.cellplan import (
     CONTAINER_FIXED_LINES,
+    DEFAULT_GATE,
+    CellInventory,
     CellPlan,
     ContainerPlan,
+    GateSettings,
     Provenance,
     RuleGroup,
 )
@@ -54,9 +57,7 @@ from reconciler.core.compile import (
     signature_comparer,
 )
 from reconciler.core.gate import (
-    DEFAULT_GATE,
     NOTHING_LOST,
-    GateSettings,
     GateVerdict,
     Memo,
     RevokeCount,
@@ -65,7 +66,6 @@ from reconciler.core.gate import (
 )
 from reconciler.core.model import (
     AddressRange,
-    CellInventory,
     Destination,
     Directory,
     PolicySet,

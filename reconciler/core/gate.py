@@ -53,26 +53,11 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING, Literal
 
+from reconciler.core.cellplan import GateSettings
 from reconciler.core.packetspace import Box, covers, item_space
 
 if TYPE_CHECKING:
     from reconciler.core.cellplan import CellPlan, PlanRule, RuleGroup
-
-
-@dataclass(frozen=True, slots=True)
-class GateSettings:
-    """The gate's knobs, as an agent runs with them (`mass-revoke-threshold`,
-    `mass-revoke-min`, `mass-revoke-trailer`); the defaults are the agent's."""
-
-    threshold: float = 0.5
-    """Share of the cell's pairs the net loss must exceed (0 to 1)."""
-    minimum: int = 100
-    """Net lost pairs the loss must also reach (the floor), unless the cell is emptied."""
-    trailer: str = "Asgctl-Allow-Mass-Revoke"
-    """Commit trailer whose value `true` lets a gated plan through."""
-
-
-DEFAULT_GATE = GateSettings()
 
 
 @dataclass(frozen=True, slots=True)

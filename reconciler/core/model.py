@@ -13,13 +13,9 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from reconciler.core import packetspace
 from reconciler.core.cron import Window
-
-if TYPE_CHECKING:  # gate imports nothing of the model at run time; only named here
-    from reconciler.core.gate import GateSettings
 
 Protocol = Literal["tcp", "udp", "icmp", "icmpv6", "all"]
 Lifecycle = Literal["running", "staging"]
@@ -152,12 +148,6 @@ class Rule:
             for d in self.destinations
         )
 
-    def covers(self, other: Rule) -> bool:
-        """True if every packet `other` allows is also allowed by this rule (by any of its
-        destinations, or several together: 10.0.0.0-10.0.0.4,10.0.0.5-10.0.0.9 covers
-        10.0.0.3-10.0.0.6)."""
-        return packetspace.covers(packetspace.rule_space(self), packetspace.rule_space(other))
-
 
 @dataclass(frozen=True, slots=True, order=True)
 class RuleItem:
@@ -186,10 +176,6 @@ class RuleItem:
         if self.log:
             parts.append("log")
         return " ".join(parts)
-
-    def covers(self, other: RuleItem) -> bool:
-        """True if every packet `other` allows is also allowed by this item."""
-        return packetspace.covers(packetspace.item_space(self), packetspace.item_space(other))
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,18 +390,6 @@ class Container:
         if self.workload == "staging":
             return "staging"
         return "running" if self.workload in ("app", "task") else ""
-
-
-@dataclass(frozen=True, slots=True)
-class CellInventory:
-    """The containers one cell runs, and where that was read (shown in reports)."""
-
-    cell: str
-    containers: tuple[Container, ...]
-    origin: str
-    gate: GateSettings | None = None
-    """The mass-revoke gate settings the cell's agent reports (status branches); None when
-    the inventory does not say, and the plan judges with its own."""
 
 
 HALT_CONDITIONS: tuple[str, ...] = ("NotReady",)

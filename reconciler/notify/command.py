@@ -20,8 +20,8 @@ from typing import Any
 import click
 
 from reconciler.cli_options import format_option
+from reconciler.hmacsig import WEBHOOK_SECRET_ENV
 
-WEBHOOK_SECRET_ENV = "ASGCTL_WEBHOOK_SECRET"
 WEBHOOK_URL_ENV = "ASGCTL_NOTIFY_WEBHOOK"
 
 

@@ -826,7 +826,7 @@ class _FlowMap(dict[str, Any]):
 _BaseDumper: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
-class _Dumper(_BaseDumper):  # type: ignore[valid-type,misc]
+class _Dumper(_BaseDumper):  # type: ignore[valid-type,misc]  # a base picked at import time
     """SafeDumper that never writes `&id001` anchors: policy files are read by people."""
 
     def ignore_aliases(self, data: object) -> bool:

@@ -37,6 +37,7 @@ from reconciler.core.model import (
     Wave,
 )
 from reconciler.core.model import ChangeWindow as ChangeWindowModel
+from reconciler.core.packetspace import covers, rule_space
 from reconciler.policy import grammar
 from reconciler.policy.findings import Finding, field_path
 from reconciler.policy.yamlsafe import Document, FieldPath, ParseCache
@@ -414,7 +415,8 @@ def _check_redundant(ctx: _Context, rules: list[Rule]) -> None:
                 continue
             if other == rule:
                 continue
-            if other.covers(rule) and not (rule.covers(other) and k > i):
+            covered = covers(rule_space(other), rule_space(rule))
+            if covered and not (covers(rule_space(rule), rule_space(other)) and k > i):
                 ctx.warn(("rules", i), f"redundant: rules[{k}] already allows all of it")
                 break
 

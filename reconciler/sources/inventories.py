@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from reconciler.core.model import CellInventory, Container, PolicySet
+from reconciler.core.cellplan import CellInventory
+from reconciler.core.model import Container, PolicySet
 from reconciler.sources.cellstore import InventoryError, read_store
 from reconciler.status.branch import CELL_NAME
 from reconciler.status.read import has_status_branches, read_fleet_containers

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from reconciler.core.gate import DEFAULT_GATE, GateSettings
+from reconciler.core.cellplan import DEFAULT_GATE, GateSettings
 from reconciler.core.model import Container
 from reconciler.policy import yamlsafe
 from reconciler.sources.cellstore import InventoryError, parse_store_document

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from reconciler.core.gate import DEFAULT_GATE, GateSettings
+from reconciler.core.cellplan import DEFAULT_GATE, GateSettings
 from reconciler.core.model import Container
 from reconciler.forkpool import fork_ranges
 from reconciler.sources import gitio
