@@ -37,7 +37,7 @@ from reconciler.core.model import (
     Wave,
 )
 from reconciler.core.model import ChangeWindow as ChangeWindowModel
-from reconciler.core.packetspace import covers, rule_space
+from reconciler.core.packetspace import Box, covers, rule_space
 from reconciler.policy import grammar
 from reconciler.policy.findings import Finding, field_path
 from reconciler.policy.yamlsafe import Document, FieldPath, ParseCache
@@ -400,6 +400,16 @@ def _check_redundant(ctx: _Context, rules: list[Rule]) -> None:
         )
         for r in rules
     ]
+    # Each rule's packets, built once when first compared: a group of n rules makes up to
+    # n^2 comparisons, and building both sides on every one was most of this check's time.
+    spaces: list[tuple[Box, ...] | None] = [None] * len(rules)
+
+    def space(n: int) -> tuple[Box, ...]:
+        known = spaces[n]
+        if known is None:
+            known = spaces[n] = rule_space(rules[n])
+        return known
+
     first_seen: dict[Rule, int] = {}
     for i, rule in enumerate(rules):
         j = first_seen.setdefault(rule, i)
@@ -415,8 +425,8 @@ def _check_redundant(ctx: _Context, rules: list[Rule]) -> None:
                 continue
             if other == rule:
                 continue
-            covered = covers(rule_space(other), rule_space(rule))
-            if covered and not (covers(rule_space(rule), rule_space(other)) and k > i):
+            covered = covers(space(k), space(i))
+            if covered and not (k > i and covers(space(i), space(k))):
                 ctx.warn(("rules", i), f"redundant: rules[{k}] already allows all of it")
                 break
 
