@@ -275,6 +275,7 @@ class _Index:
         self._profile_rules: dict[Profile, ProfileRules] = {}
         self._rules: dict[tuple[int, frozenset[int]], PlanRule] = {}
         self._groups: dict[tuple[tuple[int, frozenset[int] | None], ...], RuleGroup] = {}
+        self._atom_rules: dict[tuple[int, frozenset[int] | None], list[tuple[int, PlanRule]]] = {}
         # The group of a part that is one uniform atom, by atom: most parts of most cells.
         self.single_groups: dict[int, RuleGroup] = {}
 
@@ -366,19 +367,30 @@ class _Index:
         (None for a uniform atom, whose provenance is the same through any of its keys)."""
         group = self._groups.get(parts)
         if group is None:
-            numbered: list[tuple[int, frozenset[int]]] = []
-            for a, keys in parts:
-                uniform = self.atom_uniform[a]
-                if keys is None and uniform is not None:
-                    numbered.extend(zip(self.atom_items[a], uniform, strict=True))
-                else:
-                    keys = self.atom_keyset[a] if keys is None else keys
-                    numbered.extend((n, self.provenance(n, keys)) for n in self.atom_items[a])
-            numbered.sort()
-            rules = tuple(self._plan_rule(n, provs) for n, provs in numbered)
+            numbered: list[tuple[int, PlanRule]] = []
+            for part in parts:
+                numbered.extend(self._part_rules(part))
+            # Atoms are disjoint, so no item number repeats: the sort never compares rules.
+            numbered.sort(key=_first)
+            rules = tuple(rule for _, rule in numbered)
             gid = content_id("\n".join(r.id for r in rules))
             group = self._groups[parts] = RuleGroup(gid, self.atom_version[parts[0][0]], rules)
         return group
+
+    def _part_rules(self, part: tuple[int, frozenset[int] | None]) -> list[tuple[int, PlanRule]]:
+        """An atom's rules (with their item numbers) as granted through these keys (None:
+        a uniform atom): the same in every group it is part of, so built once."""
+        rules = self._atom_rules.get(part)
+        if rules is None:
+            a, keys = part
+            uniform = self.atom_uniform[a]
+            if keys is None and uniform is not None:
+                numbered = zip(self.atom_items[a], uniform, strict=True)
+            else:
+                keys = self.atom_keyset[a] if keys is None else keys
+                numbered = ((n, self.provenance(n, keys)) for n in self.atom_items[a])
+            rules = self._atom_rules[part] = [(n, self._plan_rule(n, p)) for n, p in numbered]
+        return rules
 
     def sources(self, lifecycle: str, space_id: str, app_id: str) -> list[Source]:
         return [
@@ -386,6 +398,10 @@ class _Index:
             for key in bindings_for(lifecycle, space_id, app_id)
             for src in self.bound.get(key, ())
         ]
+
+
+def _first(pair: tuple[int, PlanRule]) -> int:
+    return pair[0]
 
 
 def _where(location: object) -> str:
