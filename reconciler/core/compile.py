@@ -384,6 +384,7 @@ class _Index:
         if rules is None:
             a, keys = part
             uniform = self.atom_uniform[a]
+            numbered: Iterable[tuple[int, frozenset[int]]]
             if keys is None and uniform is not None:
                 numbered = zip(self.atom_items[a], uniform, strict=True)
             else:
