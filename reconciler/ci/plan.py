@@ -15,6 +15,7 @@ from pathlib import Path
 
 from reconciler.ci.report.plan import BaseGroup, Enforces, PlanReport, Revision
 from reconciler.core.cellplan import DEFAULT_GATE, CellInventory, GateSettings, PlanError
+from reconciler.core.compile import prepare
 from reconciler.core.diff import PlanDiff, diff_plans
 from reconciler.core.model import PolicySet
 from reconciler.forkpool import fork_ranges
@@ -359,7 +360,9 @@ def diff_groups(
     process per worker, largest first: each runs its groups one after another, so the
     parts of a diff that do not split by cell (which profiles changed, who gains and loses
     what) run side by side for different groups, and the head's compiled groups, memoised
-    in the process, serve each of its groups.  The result is the same either way.
+    in the process, serve each of its groups.  The head's index and its profiles' entries
+    are built before the fork (`compile.prepare`), so the workers share one copy.  The
+    result is the same either way.
     """
     total = sum(len(cells) for _base, cells in jobs) or 1
     out: dict[int, PlanDiff] = {}
@@ -371,6 +374,8 @@ def diff_groups(
             small.append(i)
     small.sort(key=lambda i: -len(jobs[i][1]))
     if small:
+        # Every worker compiles with the head: index it and its profiles here, once.
+        prepare(head, (c for i in small for cell in jobs[i][1] for c in cell.containers))
         shared = (jobs, small, head, prefix, gate)
         for part in fork_ranges(_diff_group_range, shared, len(small), workers):
             out.update(part)

@@ -426,6 +426,18 @@ def _index_for(policy: PolicySet) -> _Index:
     return index
 
 
+def prepare(policy: PolicySet, containers: Iterable[Container]) -> None:
+    """Index `policy` and work out what each of these containers' profiles gets, now.
+
+    Both are memoised per policy object: a caller about to fork workers that all compile
+    with one policy (the head of a plan against several bases) builds them once, and every
+    worker inherits them instead of building its own copy.
+    """
+    index = _index_for(policy)
+    for profile in {profile_of(c) for c in containers}:
+        index.entry(profile)
+
+
 def profile_rules(policy: PolicySet, profile: Profile) -> ProfileRules:
     """The rule items a container of this profile gets, each with the documents granting it.
 
