@@ -19,6 +19,7 @@ Silk is cited at the versions read: planner.go at 7fcef73, planner_linux.go at b
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import random
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
 from asgctl_lab.probe import Outcome
@@ -421,3 +424,37 @@ def test_an_agent_converges_a_cell_whose_store_has_stale_and_broken_entries(
 def _events(err: io.StringIO) -> list[dict[str, Any]]:
     records = [json.loads(line) for line in err.getvalue().splitlines()]
     return [r for r in records if r["event"] == "inventory-entry-rejected"]
+
+
+_OCTET_TEXTS = st.one_of(
+    st.integers(0, 300).map(str),
+    st.sampled_from(["00", "01", "010", "255", "256", "\u0663", "1 ", "+1", "", "0x1", "1e2"]),
+)
+
+
+@given(st.lists(_OCTET_TEXTS, min_size=3, max_size=5).map(".".join))
+@example("0.0.0.0")
+@example("223.255.255.255")
+@example("224.0.0.1")
+@example("239.255.255.255")
+@example("240.0.0.1")
+@example("255.255.255.255")
+@example("10.0.0.01")
+def test_a_store_ip_is_judged_as_ipaddress_reads_it(text):
+    """A plain dotted quad skips ipaddress (a fleet's status read holds 250,000): whatever
+    the text, the verdict must be the one ipaddress gives -- its normal form, or refused as
+    no address (leading zeros, Unicode digits, out of range), unspecified or multicast."""
+    entry = {"handle": "c1", "ip": text, "metadata": {"policy_group_id": "app-1"}}
+    reading = judge_store({"c1": entry})
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        (rejection,) = reading.rejected
+        assert rejection.kind == "skipped" and "is not an IP address" in rejection.reason
+        return
+    if ip.is_unspecified or ip.is_multicast:
+        (rejection,) = reading.rejected
+        assert rejection.reason.endswith(f"ip {ip} cannot be a container address")
+        return
+    assert reading.rejected == ()
+    assert [c.ip for c in reading.containers] == [str(ip)]

@@ -13,7 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.backends.iptables.render import render_text
-from reconciler.core.compile import compile_cell
+from reconciler.core.compile import (
+    cf_equivalent_rules,
+    compile_cell,
+    profile_of,
+    profile_signature,
+    signature_comparer,
+)
 from reconciler.core.endpoint import Endpoint
 from reconciler.core.explain import explain, find_container
 from reconciler.core.model import (
@@ -215,3 +221,21 @@ def test_rendered_rules_explain_and_cf_semantics_agree(policy, inventory, data):
             assert explain(policy, plan, cp, ep).allowed == expected
             pkt = Packet(c.ip, ep.address_text, ep.protocol, ep.port, ep.icmp_type, ep.icmp_code)
             assert verdict(rendered[c.version], pkt) == ("ACCEPT" if expected else "REJECT")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(base=policies(), head=policies(), inventory=containers())
+def test_the_plans_signature_comparer_agrees_with_comparing_the_signatures(base, head, inventory):
+    """The CI plan skips a cell when every profile's rule items are equal at base and head;
+    it compares item numbers instead of the items, which must decide exactly the same."""
+    same = signature_comparer(base, head)
+    for p in {profile_of(c) for c in inventory}:
+        assert same(p) == (profile_signature(base, p) == profile_signature(head, p))
+    assert same_as_itself(head, inventory)
+    # The count of CF's lines is per container, looked up per profile.
+    assert compile_cell(head, inventory).cf_equivalent_rules == cf_equivalent_rules(head, inventory)
+
+
+def same_as_itself(policy: PolicySet, inventory: list[Container]) -> bool:
+    same = signature_comparer(policy, policy)
+    return all(same(profile_of(c)) for c in inventory)

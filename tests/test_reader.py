@@ -27,7 +27,7 @@ from reconciler.cli import main
 from reconciler.core.policytest import run_tests
 from reconciler.policy.load import load_folder, load_policy, load_revision
 from reconciler.policy.source import LoadErrors, read_folder, read_git
-from reconciler.policy.yamlsafe import LoadError
+from reconciler.policy.yamlsafe import Limits, LoadError, ParseCache
 from tests.policyrepo import commit_all, git, init_repo, write_tree
 
 REPO = Path(__file__).resolve().parent.parent
@@ -397,3 +397,45 @@ def test_a_link_to_another_repository_is_refused_but_an_operators_own_link_is_no
     assert load_folder(through_own_link) == load_folder(data / "policies")
     assert load_policy(through_own_link, "HEAD") == load_folder(data / "policies")
     assert load_folder(data / "policies").ok
+
+
+def test_revisions_loaded_through_one_parse_cache_read_as_each_alone(tmp_path):
+    """`asgctl plan` loads several revisions of one repository through one ParseCache: each
+    must come out exactly as loaded alone, schema findings and warnings with their own
+    file:line included, and validating one must not change what the next one reads."""
+    repo = init_repo(tmp_path / "repo")
+    shared = {
+        "policies/web.yaml": """
+            kind: SecurityGroup
+            name: web
+            rules:
+              - {protocol: tcp, destination: 10.0.0.0/24, ports: "443"}
+              - {protocol: tcp, destination: 10.0.0.5, ports: "443"}
+            globally_enabled: {running: true}
+            """,
+        "policies/broken.yaml": """
+            kind: SecurityGroup
+            name: broken
+            colour: blue
+            rules: []
+            """,
+    }
+    write_tree(repo, {**shared, "policies/db.yaml": "kind: SecurityGroup\nname: db\nrules: []\n"})
+    first = commit_all(repo, "first")
+    write_tree(repo, {"policies/db.yaml": "kind: SecurityGroup\nname: db\nrulez: []\n"})
+    second = commit_all(repo, "second")
+    alone = [load_revision(repo, rev, "policies") for rev in (first, second, first)]
+    cache = ParseCache()
+    together = [load_revision(repo, rev, "policies", cache=cache) for rev in (first, second, first)]
+    assert together == alone
+    assert all(not r.ok for r in alone)  # broken.yaml's unknown field, in every revision
+    assert any(f.severity == "warning" and "redundant" in f.message for f in alone[0].findings)
+    assert {(f.file, f.line) for f in together[1].findings if "colour" in f.message} == {
+        ("broken.yaml", 1)  # an unexpected field is reported at its mapping
+    }
+    assert any("rulez" in f.message for f in together[1].findings)
+    # A budget too small for two revisions' files is still too small with the cache.
+    limits = Limits(max_load_nodes=20)
+    assert load_revision(repo, first, "policies", limits) == load_revision(
+        repo, first, "policies", limits, cache
+    )

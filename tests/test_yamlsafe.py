@@ -13,6 +13,7 @@ from reconciler.policy.yamlsafe import (
     Budget,
     Limits,
     LoadError,
+    ParseCache,
     decode,
     load_documents,
     load_yaml,
@@ -169,6 +170,61 @@ def test_one_budget_spans_every_file_of_a_load():
     assert err.value.file == "c.yaml" and err.value.line == 3
     assert "the policy files expand to more than 3000 values" in err.value.message
     load_yaml("c.yaml", one, limits)  # on its own, the same file is fine
+
+
+def test_a_cached_file_still_counts_against_every_load_that_reads_it():
+    """The parse cache a plan shares between revisions hands a file parsed once to every
+    load reading the same bytes; each load is still charged its bytes and values, and the
+    load that goes over fails on the same file and line as without the cache."""
+    limits = Limits(max_nodes=5_000, max_load_nodes=3_000, max_load_bytes=10_000)
+    cache = ParseCache()
+    one = _bomb_document(levels=3).encode()  # 1,237 values
+    first = load_yaml("a.yaml", one, limits, Budget(limits), cache)
+    budget = Budget(limits)
+    again = load_yaml("a.yaml", one, limits, budget, cache)
+    assert again == first and again[0] is first[0]  # not parsed again
+    assert budget.nodes_left == 3_000 - 1_237
+    assert budget.bytes_left == 10_000 - len(one)
+    load_yaml("b.yaml", one, limits, budget, cache)
+    with pytest.raises(LoadError) as err:
+        load_yaml("a.yaml", one, limits, budget, cache)  # cached, but over what is left
+    assert err.value.file == "a.yaml" and err.value.line == 3
+    assert "the policy files expand to more than 3000 values" in err.value.message
+    assert budget.nodes_left < 0  # charged as the parse charges a failing file
+    small = Limits(max_load_bytes=len(one) + 10)
+    tight = Budget(small)
+    load_yaml("a.yaml", one, small, tight, cache)
+    with pytest.raises(LoadError, match="policy files add up to more than"):
+        load_yaml("a.yaml", one, small, tight, cache)
+
+
+def test_the_parse_cache_keys_on_name_bytes_and_limits():
+    cache = ParseCache()
+    text = b"kind: SecurityGroup\nname: web\n"
+    (doc,) = load_yaml("a.yaml", text, cache=cache)
+    (other,) = load_yaml("b.yaml", text, cache=cache)
+    assert other.file == "b.yaml" and other is not doc  # findings keep their own file
+    (changed,) = load_yaml("a.yaml", text.replace(b"web", b"db"), cache=cache)
+    assert changed.data["name"] == "db"
+    with pytest.raises(LoadError, match="more than 1 values"):
+        load_yaml("a.yaml", text, Limits(max_nodes=1), cache=cache)  # stricter: parsed again
+    with pytest.raises(LoadError):
+        load_yaml("bad.yaml", b"a: [", cache=cache)
+    with pytest.raises(LoadError):
+        load_yaml("bad.yaml", b"a: [", cache=cache)  # a failure is never kept
+
+
+def test_the_parse_cache_stops_keeping_files_past_its_size():
+    cache = ParseCache(max_bytes=40)
+    text = b"kind: SecurityGroup\nname: web\n"  # 30 bytes
+    (a,) = load_yaml("a.yaml", text, cache=cache)
+    assert load_yaml("a.yaml", text, cache=cache)[0] is a
+    (b,) = load_yaml("b.yaml", text, cache=cache)  # over the 40 bytes: parsed, not kept
+    assert load_yaml("b.yaml", text, cache=cache)[0] is not b
+    cache.keep_note(b, "x")
+    assert cache.note(b) is None  # notes only for documents the cache holds alive
+    cache.keep_note(a, "x")
+    assert cache.note(a) == "x"
 
 
 def test_bytes_are_budgeted_per_file_and_per_load():

@@ -15,11 +15,13 @@ from pathlib import Path
 
 from reconciler.ci.report.plan import BaseGroup, Enforces, PlanReport, Revision
 from reconciler.core.cellplan import DEFAULT_GATE, CellInventory, GateSettings, PlanError
+from reconciler.core.compile import prepare
 from reconciler.core.diff import PlanDiff, diff_plans
 from reconciler.core.model import PolicySet
 from reconciler.forkpool import fork_ranges
 from reconciler.policy.load import load_policy
 from reconciler.policy.source import RepoPlace, locate
+from reconciler.policy.yamlsafe import ParseCache
 from reconciler.sources import gitio
 from reconciler.sources.cellstore import InventoryError
 from reconciler.sources.gitio import resolve_commit
@@ -186,11 +188,13 @@ def read_truth(
     applied: Mapping[str, str],
     compile_revisions: bool = True,
     workers: int = 1,
+    cache: ParseCache | None = None,
 ) -> FleetTruth:
     """Check every cell's claim (`applied`: `{cell: lastAppliedRevision}`; a cell missing
     from it has no status branch) and, with `compile_revisions`, load each trusted revision
     once, most-enforced first, in up to `workers` forked processes: at most MAX_BASES that
-    validate, out of at most twice as many tried."""
+    validate, out of at most twice as many tried.  `cache` holds the files parsed so far
+    (the head's): revisions share most of them."""
     git_dir = gitio.git_dir_of(top)
     checked: dict[str, Enforced] = {}
     out: dict[str, Enforced] = {}
@@ -214,7 +218,10 @@ def read_truth(
     while ranked and len(loaded) < MAX_BASES and tried < MAX_BASES * 2:
         batch, ranked = ranked[: MAX_BASES - len(loaded)], ranked[MAX_BASES - len(loaded) :]
         tried += len(batch)
-        for sha, errors, policy in _load_revisions(policies, batch, workers):
+        # With the cache, a revision costs little more than its changed files: one after
+        # another here beats forked workers, whose policies come back pickled (measured).
+        loads = _load_revisions(policies, batch, 1 if cache is not None else workers, cache)
+        for sha, errors, policy in loads:
             if policy is None:
                 refused[sha] = (
                     f"it enforces {sha[:12]}, which does not validate here ({errors} error"
@@ -235,25 +242,25 @@ def read_truth(
 
 
 def _load_revisions(
-    policies: str, shas: list[str], workers: int
+    policies: str, shas: list[str], workers: int, cache: ParseCache | None = None
 ) -> list[tuple[str, int, PolicySet | None]]:
     """(sha, validation errors, the policy or None) for each revision, loaded in forked
     workers when there are several (loading and validating is about as long per revision
     as the head's; the policies come back pickled)."""
     return [
         row
-        for part in fork_ranges(_load_range, (policies, shas), len(shas), workers)
+        for part in fork_ranges(_load_range, (policies, shas, cache), len(shas), workers)
         for row in part
     ]
 
 
 def _load_range(
-    shared: tuple[str, list[str]], bounds: tuple[int, int]
+    shared: tuple[str, list[str], ParseCache | None], bounds: tuple[int, int]
 ) -> list[tuple[str, int, PolicySet | None]]:
-    policies, shas = shared
+    policies, shas, cache = shared
     out: list[tuple[str, int, PolicySet | None]] = []
     for sha in shas[bounds[0] : bounds[1]]:
-        result = load_policy(policies, sha)
+        result = load_policy(policies, sha, cache=cache)
         out.append((sha, len(result.errors), result.policy if result.ok else None))
     return out
 
@@ -353,7 +360,9 @@ def diff_groups(
     process per worker, largest first: each runs its groups one after another, so the
     parts of a diff that do not split by cell (which profiles changed, who gains and loses
     what) run side by side for different groups, and the head's compiled groups, memoised
-    in the process, serve each of its groups.  The result is the same either way.
+    in the process, serve each of its groups.  The head's index and its profiles' entries
+    are built before the fork (`compile.prepare`), so the workers share one copy.  The
+    result is the same either way.
     """
     total = sum(len(cells) for _base, cells in jobs) or 1
     out: dict[int, PlanDiff] = {}
@@ -365,6 +374,8 @@ def diff_groups(
             small.append(i)
     small.sort(key=lambda i: -len(jobs[i][1]))
     if small:
+        # Every worker compiles with the head: index it and its profiles here, once.
+        prepare(head, (c for i in small for cell in jobs[i][1] for c in cell.containers))
         shared = (jobs, small, head, prefix, gate)
         for part in fork_ranges(_diff_group_range, shared, len(small), workers):
             out.update(part)
@@ -400,8 +411,10 @@ def _plan_truth(
     notes: Sequence[str] = (),
     gate: GateSettings = DEFAULT_GATE,
     gate_from: str = "",
+    cache: ParseCache | None = None,
 ) -> PlanReport:
-    """The head against what each cell enforces, one diff per distinct base."""
+    """The head against what each cell enforces, one diff per distinct base (each loaded
+    through `cache`, which holds the head's files)."""
     assert place.top is not None
     try:
         cells, described, skipped = load_inventory(inventory, place, (head_policy,), found)
@@ -409,7 +422,9 @@ def _plan_truth(
         return _with(report, error=str(exc))
     workers = min(os.cpu_count() or 1, MAX_WORKERS)
     names = [c.cell for c in cells]
-    truth = read_truth(policies, place.top, report.head.sha, names, found.applied, True, workers)
+    truth = read_truth(
+        policies, place.top, report.head.sha, names, found.applied, True, workers, cache
+    )
     warnings = truth_warnings(truth) + list(skipped)
     planned = base_groups(truth, cells)
     jobs = [(truth.policies[a] if a else PolicySet(), members) for _k, _s, a, members in planned]
@@ -498,7 +513,10 @@ def run_plan(
         if name is not None and sha is None:
             return _with(report, error=f"unknown revision {name!r}")
     assert head_sha is not None and base_sha is not None
-    head_result = load_policy(policies, head_sha)
+    # Every revision this plan loads is of one repository: each distinct file is parsed and
+    # schema-checked once (each load is still charged its full budget).
+    cache = ParseCache()
+    head_result = load_policy(policies, head_sha, cache=cache)
     if not head_result.ok:
         return _with(report, head_findings=head_result.findings)
     report = _with(report, head_findings=head_result.findings)
@@ -515,9 +533,18 @@ def run_plan(
                 f"them ({FETCH_STATUS}) or give --base",
             )
         return _plan_truth(
-            report, policies, place, head_result.policy, inventory, found, (), gate, gate_from
+            report,
+            policies,
+            place,
+            head_result.policy,
+            inventory,
+            found,
+            (),
+            gate,
+            gate_from,
+            cache,
         )
-    base_result = load_policy(policies, base_sha)
+    base_result = load_policy(policies, base_sha, cache=cache)
     warnings: list[str] = []
     notes: list[str] = []
     base_policy = base_result.policy
@@ -542,6 +569,7 @@ def run_plan(
                 [note],
                 gate,
                 gate_from,
+                cache,
             )
         base_policy = PolicySet()
         notes.append(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -222,7 +222,7 @@ class _Index:
         self.items: list[RuleItem] = sorted(
             {i for items in expanded.values() for i in items}, key=_item_order
         )
-        number = {item: n for n, item in enumerate(self.items)}
+        number = self.number = {item: n for n, item in enumerate(self.items)}
         self.provenances: list[Provenance] = sorted(provs)
         prov_number = {p: n for n, p in enumerate(self.provenances)}
         self.item_ids = [content_id(i.key()) for i in self.items]
@@ -280,6 +280,7 @@ class _Index:
         self._profile_rules: dict[Profile, ProfileRules] = {}
         self._rules: dict[tuple[int, frozenset[int]], PlanRule] = {}
         self._groups: dict[tuple[tuple[int, frozenset[int] | None], ...], RuleGroup] = {}
+        self._atom_rules: dict[tuple[int, frozenset[int] | None], list[tuple[int, PlanRule]]] = {}
         # The group of a part that is one uniform atom, by atom: most parts of most cells.
         self.single_groups: dict[int, RuleGroup] = {}
 
@@ -371,16 +372,12 @@ class _Index:
         (None for a uniform atom, whose provenance is the same through any of its keys)."""
         group = self._groups.get(parts)
         if group is None:
-            numbered: list[tuple[int, frozenset[int]]] = []
-            for a, keys in parts:
-                uniform = self.atom_uniform[a]
-                if keys is None and uniform is not None:
-                    numbered.extend(zip(self.atom_items[a], uniform, strict=True))
-                else:
-                    keys = self.atom_keyset[a] if keys is None else keys
-                    numbered.extend((n, self.provenance(n, keys)) for n in self.atom_items[a])
-            numbered.sort()
-            rules = tuple(self._plan_rule(n, provs) for n, provs in numbered)
+            numbered: list[tuple[int, PlanRule]] = []
+            for part in parts:
+                numbered.extend(self._part_rules(part))
+            # Atoms are disjoint, so no item number repeats: the sort never compares rules.
+            numbered.sort(key=_first)
+            rules = tuple(rule for _, rule in numbered)
             gid = content_id("\n".join(r.id for r in rules))
             group = self._groups[parts] = RuleGroup(gid, self.atom_version[parts[0][0]], rules)
         return group
@@ -420,12 +417,32 @@ class _Index:
                 out.append(NameRule(rule.id, rule.version, item, sources))
         return tuple(out)
 
+    def _part_rules(self, part: tuple[int, frozenset[int] | None]) -> list[tuple[int, PlanRule]]:
+        """An atom's rules (with their item numbers) as granted through these keys (None:
+        a uniform atom): the same in every group it is part of, so built once."""
+        rules = self._atom_rules.get(part)
+        if rules is None:
+            a, keys = part
+            uniform = self.atom_uniform[a]
+            numbered: Iterable[tuple[int, frozenset[int]]]
+            if keys is None and uniform is not None:
+                numbered = zip(self.atom_items[a], uniform, strict=True)
+            else:
+                keys = self.atom_keyset[a] if keys is None else keys
+                numbered = ((n, self.provenance(n, keys)) for n in self.atom_items[a])
+            rules = self._atom_rules[part] = [(n, self._plan_rule(n, p)) for n, p in numbered]
+        return rules
+
     def sources(self, lifecycle: str, space_id: str, app_id: str) -> list[Source]:
         return [
             src
             for key in bindings_for(lifecycle, space_id, app_id)
             for src in self.bound.get(key, ())
         ]
+
+
+def _first(pair: tuple[int, PlanRule]) -> int:
+    return pair[0]
 
 
 def _where(location: object) -> str:
@@ -449,6 +466,18 @@ def _index_for(policy: PolicySet) -> _Index:
     return index
 
 
+def prepare(policy: PolicySet, containers: Iterable[Container]) -> None:
+    """Index `policy` and work out what each of these containers' profiles gets, now.
+
+    Both are memoised per policy object: a caller about to fork workers that all compile
+    with one policy (the head of a plan against several bases) builds them once, and every
+    worker inherits them instead of building its own copy.
+    """
+    index = _index_for(policy)
+    for profile in {profile_of(c) for c in containers}:
+        index.entry(profile)
+
+
 def profile_rules(policy: PolicySet, profile: Profile) -> ProfileRules:
     """The rule items a container of this profile gets, each with the documents granting it.
 
@@ -465,6 +494,24 @@ def profile_signature(policy: PolicySet, profile: Profile) -> tuple[RuleItem, ..
     not their ids: a rule whose id collides with another's is still a different rule.
     """
     return _index_for(policy).entry(profile).items
+
+
+def signature_comparer(base: PolicySet, head: PolicySet) -> Callable[[Profile], bool]:
+    """`profile_signature(base, p) == profile_signature(head, p)`, for any profile `p`.
+
+    The CI plan asks this of every profile of a fleet.  Comparing the items themselves
+    compares two policies' separate (equal) objects field by field; here each head item's
+    number in the base (-1 when the base has no equal item) is found once, and a profile's
+    signatures are equal exactly when its head numbers map onto its base numbers.
+    """
+    b, h = _index_for(base), _index_for(head)
+    to_base = [b.number.get(item, -1) for item in h.items]
+
+    def same(profile: Profile) -> bool:
+        mine, theirs = h.entry(profile).numbers, b.entry(profile).numbers
+        return len(mine) == len(theirs) and tuple(map(to_base.__getitem__, mine)) == theirs
+
+    return same
 
 
 def container_sources(policy: PolicySet, container: Container) -> list[Source]:
@@ -585,7 +632,7 @@ def compile_cell(
         containers=container_plans,
         groups=tuple(sorted(groups, key=lambda g: g.id)),
         # CF installs every claimant's own rules in its own chain: counted per container.
-        cf_equivalent_rules=sum(CF_CONTAINER_FIXED_LINES + index.entry(p).cf_lines for p in of),
+        cf_equivalent_rules=_cf_lines(index, of),
         settings=settings or CellSettings(),
         names=tuple(merged[k] for k in sorted(merged)),
     )
@@ -608,5 +655,13 @@ def cf_equivalent_rules(policy: PolicySet, containers: Iterable[Container]) -> i
     container dropped, plus CF_CONTAINER_FIXED_LINES.  Its own function so the CI plan can
     count a cell it does not need to compile.
     """
-    index = _index_for(policy)
-    return sum(CF_CONTAINER_FIXED_LINES + index.entry(profile_of(c)).cf_lines for c in containers)
+    return _cf_lines(_index_for(policy), [profile_of(c) for c in containers])
+
+
+def _cf_lines(index: _Index, profiles: Iterable[Profile]) -> int:
+    """CF's lines for containers of these profiles: each profile's lines, once per container
+    (looked up once per distinct profile: a cell runs many containers of one app)."""
+    return sum(
+        n * (CF_CONTAINER_FIXED_LINES + index.entry(p).cf_lines)
+        for p, n in Counter(profiles).items()
+    )

@@ -55,7 +55,7 @@ from reconciler.core.compile import (
     profile_names,
     profile_of,
     profile_rules,
-    profile_signature,
+    signature_comparer,
 )
 from reconciler.core.gate import (
     NOTHING_LOST,
@@ -286,6 +286,7 @@ def diff_plans(
     cells_of: dict[Principal, set[str]] = defaultdict(set)
     orgs_of_space: dict[str, set[str]] = defaultdict(set)  # what the inventory says
     profiles_of_cell = []
+    same = signature_comparer(base, head)
     for cell in inventory:
         for space, org in {(c.space_id, c.org_id) for c in cell.containers}:
             orgs_of_space[space].add(org)
@@ -293,9 +294,7 @@ def diff_plans(
         profiles_of_cell.append(profiles)
         for p in set(profiles):
             if p not in touched:
-                touched[p] = profile_signature(base, p) != profile_signature(
-                    head, p
-                ) or profile_names(base, p) != profile_names(head, p)
+                touched[p] = not same(p) or profile_names(base, p) != profile_names(head, p)
             cells_of[p[1:]].add(cell.cell)
         for p in profiles:
             families[p[1:]][p[0]] += 1

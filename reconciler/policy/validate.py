@@ -39,10 +39,10 @@ from reconciler.core.model import (
 )
 from reconciler.core.model import ChangeWindow as ChangeWindowModel
 from reconciler.core.names import fqdn_entry
-from reconciler.core.packetspace import covers, rule_space
+from reconciler.core.packetspace import Box, covers, rule_space
 from reconciler.policy import grammar
 from reconciler.policy.findings import Finding, field_path
-from reconciler.policy.yamlsafe import Document, FieldPath
+from reconciler.policy.yamlsafe import Document, FieldPath, ParseCache
 
 SourceType = Literal["app", "space", "default"]
 
@@ -141,8 +141,11 @@ class _Context:
         self.error(path, message, "warning")
 
 
-def validate_documents(docs: Iterable[Document]) -> Result:
-    """Validate every document and build the policy set; pure, deterministic."""
+def validate_documents(docs: Iterable[Document], cache: ParseCache | None = None) -> Result:
+    """Validate every document and build the policy set; pure, deterministic.
+
+    With the `cache` the documents came from, each one's schema check runs once however
+    many loads share it (its findings are replayed for the others)."""
     findings: list[Finding] = []
     by_kind: dict[str, list[_Context]] = {k: [] for k in KINDS}
     # Documents that failed their schema still get the reference checks their sound parts
@@ -159,7 +162,7 @@ def validate_documents(docs: Iterable[Document]) -> Result:
         if not isinstance(kind, str) or kind not in SCHEMA_FILES:  # `kind: [a]` is unhashable
             ctx.error(("kind",), f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
             continue
-        (by_kind if _schema_ok(ctx) else broken)[kind].append(ctx)
+        (by_kind if _schema_ok(ctx, cache) else broken)[kind].append(ctx)
         every[kind].append(ctx)
 
     _check_unique_names(
@@ -199,18 +202,24 @@ def validate_documents(docs: Iterable[Document]) -> Result:
     return Result(policy, tuple(sorted(set(findings))))
 
 
-def _schema_ok(ctx: _Context) -> bool:
+def _schema_ok(ctx: _Context, cache: ParseCache | None = None) -> bool:
     """Schema findings for the document's shape (rule bodies are the grammar's)."""
-    validator = _validators()[ctx.doc.data["kind"]]
-    ok = True
-    unsound: set[FieldPath] = set()
-    for err in validator.iter_errors(ctx.doc.data):
-        path = tuple(err.absolute_path)
-        ok = False
-        ctx.error(path, _schema_message(err))
-        unsound.update(_faulty_parts(err, path))
-    ctx.unsound = frozenset(unsound)
-    return ok
+    known = cache.note(ctx.doc) if cache is not None else None
+    if known is None:
+        validator = _validators()[ctx.doc.data["kind"]]
+        errors: list[tuple[FieldPath, str]] = []
+        unsound: set[FieldPath] = set()
+        for err in validator.iter_errors(ctx.doc.data):
+            path = tuple(err.absolute_path)
+            errors.append((path, _schema_message(err)))
+            unsound.update(_faulty_parts(err, path))
+        known = (tuple(errors), frozenset(unsound))
+        if cache is not None:
+            cache.keep_note(ctx.doc, known)
+    for path, message in known[0]:
+        ctx.error(path, message)
+    ctx.unsound = known[1]
+    return not known[0]
 
 
 def _faulty_parts(err: Any, path: FieldPath) -> set[FieldPath]:
@@ -393,6 +402,16 @@ def _check_redundant(ctx: _Context, rules: list[Rule]) -> None:
         )
         for r in rules
     ]
+    # Each rule's packets, built once when first compared: a group of n rules makes up to
+    # n^2 comparisons, and building both sides on every one was most of this check's time.
+    spaces: list[tuple[Box, ...] | None] = [None] * len(rules)
+
+    def space(n: int) -> tuple[Box, ...]:
+        known = spaces[n]
+        if known is None:
+            known = spaces[n] = rule_space(rules[n])
+        return known
+
     first_seen: dict[Rule, int] = {}
     for i, rule in enumerate(rules):
         j = first_seen.setdefault(rule, i)
@@ -408,8 +427,8 @@ def _check_redundant(ctx: _Context, rules: list[Rule]) -> None:
                 continue
             if other == rule:
                 continue
-            covered = covers(rule_space(other), rule_space(rule))
-            if covered and not (covers(rule_space(rule), rule_space(other)) and k > i):
+            covered = covers(space(k), space(i))
+            if covered and not (k > i and covers(space(i), space(k))):
                 ctx.warn(("rules", i), f"redundant: rules[{k}] already allows all of it")
                 break
 

@@ -18,6 +18,7 @@ quoted `"<<"` is an ordinary string key (and so an unknown field), not a merge.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -179,18 +180,88 @@ def decode(file: str, raw: bytes, limits: Limits = DEFAULT_LIMITS) -> str:
 
 
 def load_yaml(
-    file: str, raw: bytes, limits: Limits = DEFAULT_LIMITS, budget: Budget | None = None
+    file: str,
+    raw: bytes,
+    limits: Limits = DEFAULT_LIMITS,
+    budget: Budget | None = None,
+    cache: ParseCache | None = None,
 ) -> list[Document]:
     """The one budgeted way to read YAML bytes that someone else wrote (policy, status, ...).
 
     Refuses, as a LoadError naming file and line: more than `limits.max_file_bytes` bytes,
     non-UTF-8, more than `max_nodes` values or `max_aliases` alias uses in the whole file (all
     documents together), and anything over what `budget` has left when several files are
-    loaded as one.  Without a budget the file is a load of its own.
+    loaded as one.  Without a budget the file is a load of its own.  With a `cache`, a file
+    parsed before (same name, bytes and limits) is not parsed again (`ParseCache`).
     """
     budget = Budget(limits) if budget is None else budget
     budget.spend_bytes(file, len(raw))
-    return load_documents(file, decode(file, raw, limits), limits, budget)
+    if cache is None:
+        return load_documents(file, decode(file, raw, limits), limits, budget)
+    key = cache.key(file, raw, limits)
+    hit = cache.get(key)
+    if hit is not None and hit.nodes <= budget.nodes_left:
+        # The file parsed within these limits before, and the values it builds still fit
+        # what this load has left: the same documents, charged as the parse would charge.
+        budget.nodes_left -= hit.nodes
+        return list(hit.documents)
+    left = budget.nodes_left  # a miss, or over budget: parse it and let it fail as it does
+    docs = load_documents(file, decode(file, raw, limits), limits, budget)
+    cache.put(key, len(raw), _Parsed(tuple(docs), left - budget.nodes_left))
+    return docs
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    documents: tuple[Document, ...]
+    nodes: int  # what the parse charged the load's budget
+
+
+class ParseCache:
+    """Files already parsed in this process, by path, limits and content digest.
+
+    A plan loads several revisions of one repository, and they share most files: each
+    distinct file is parsed once and its documents handed to every load that reads the same
+    bytes under the same name and limits.  The budgets are charged exactly as a parse would
+    charge them (bytes before the lookup, the file's values after), so a cached file counts
+    against every load that reads it; a file that failed, or that would go over what a load
+    has left, is parsed again and fails as it did.  Documents handed out are shared between
+    loads: nothing downstream may change them (validation and compile only read).
+
+    A note (`note`, `keep_note`) is what a later pure pass found in one document it holds
+    (the schema check's findings), so that pass runs once per distinct document too.
+    Bounded: once `max_bytes` of source are held, new files are parsed but not kept.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_LIMITS.max_load_bytes):
+        self._files: dict[tuple[str, Limits, bytes], _Parsed] = {}
+        self._bytes_left = max_bytes
+        # By id(): only for documents this cache holds, which stay alive (so ids stay theirs).
+        self._held: set[int] = set()
+        self._notes: dict[int, Any] = {}
+
+    def note(self, document: Document) -> Any:
+        """What `keep_note` kept for this very document, or None."""
+        return self._notes.get(id(document))
+
+    def keep_note(self, document: Document, value: Any) -> None:
+        """Keep `value` for `document` if the cache holds it (else it is not kept)."""
+        if id(document) in self._held:
+            self._notes[id(document)] = value
+
+    @staticmethod
+    def key(file: str, raw: bytes, limits: Limits) -> tuple[str, Limits, bytes]:
+        # A digest, not the bytes: the key must not keep every version's source alive.
+        return (file, limits, hashlib.sha256(raw).digest())
+
+    def get(self, key: tuple[str, Limits, bytes]) -> _Parsed | None:
+        return self._files.get(key)
+
+    def put(self, key: tuple[str, Limits, bytes], size: int, parsed: _Parsed) -> None:
+        if size <= self._bytes_left and key not in self._files:
+            self._files[key] = parsed
+            self._bytes_left -= size
+            self._held.update(id(d) for d in parsed.documents)
 
 
 def load_documents(
