@@ -335,6 +335,7 @@ def classify_error(text: str) -> str:
         ("lock", "ref lock"),
         ("too many children", "daemon max-connections"),
         ("remote end hung up", "connection dropped"),
+        ("connection reset", "connection reset"),
         ("connection refused", "refused"),
         ("timed out", "timeout"),
         ("no answer within", "timeout"),
@@ -623,6 +624,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "git": git("--version"),
         "cgroup_accounting": cgroup.ok,
         "load_before": loadavg(),
+        "server_gc": args.server_gc,
+        "client_config": args.client_config,
     }
     try:
         server.base.mkdir(parents=True)
@@ -654,6 +657,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "push": summarize(fleet.stats, "start", "push"),
                 "retries": fleet.retries,
             }
+            if args.server_gc:
+                t0 = time.monotonic()
+                git("-C", str(bare), "gc", "--quiet")  # packs refs and objects, commit-graph
+                result["server_gc_s"] = time.monotonic() - t0
             result["refs"] = int(
                 git("-C", str(bare), "for-each-ref", "--count=1000000", "--format=x").count("x")
             )
@@ -734,6 +741,13 @@ def fmt(x: float, digits: int = 1) -> str:
     return f"{x:,.{digits}f}"
 
 
+def label(r: dict[str, Any]) -> str:
+    """A run's series: the server, whether its repository was maintained (`git gc`), and the
+    git config the cells ran with, if any."""
+    out = r["server"] + (" +gc" if r.get("server_gc") else "")
+    return out + (f" [{r['client_config']}]" if r.get("client_config") else "")
+
+
 def tables(rows: list[dict[str, Any]]) -> str:
     """The measured points, one line per run (from bench/results/fleet.jsonl)."""
     out = [
@@ -747,7 +761,7 @@ def tables(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         p, a = r["probe"], r["advertised"]
         out.append(
-            f"| {r['server']} | {r['refs']:,} | {a['fetch_refs_advertised']} "
+            f"| {label(r)} | {r['refs']:,} | {a['fetch_refs_advertised']} "
             f"({'v2' if a['fetch_protocol_v2'] else 'v0'}) | {a['push_refs_advertised']:,} | "
             f"{fmt(p['fetch_cpu_ms'], 2)} | {fmt(p['push_cpu_ms'], 2)} | "
             f"{fmt(p['fetch']['p50_s'], 3)} / {fmt(p['fetch']['p99_s'], 3)} | "
@@ -767,7 +781,7 @@ def tables(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         s, st, c = r["start"], r["steady"], r["commit"]
         out.append(
-            f"| {r['server']} | {r['cells']:,} ({r['active']:,}) | {r['compress']:g} | "
+            f"| {label(r)} | {r['cells']:,} ({r['active']:,}) | {r['compress']:g} | "
             f"{fmt(s['wall_s'])}, {fmt(s['server_cpu_s'])}, {s['push']['failed']} "
             f"({s['retries']}) | {fmt(st['fetches_per_s'])}, {fmt(st['pushes_per_s'])} | "
             f"{fmt(st['server_cores'], 2)} ({fmt(st['server_cores_real_rate'], 3)}) | "
@@ -777,7 +791,7 @@ def tables(rows: list[dict[str, Any]]) -> str:
             f" {r['load_before']} / {r['load_after']} |"
         )
     errs = [
-        f"- {r['server']} {r['cells']:,}: {phase} {kind}: {r[phase][kind]['errors']} "
+        f"- {label(r)} {r['cells']:,}: {phase} {kind}: {r[phase][kind]['errors']} "
         f"(`{r[phase][kind]['error_sample']}`)"
         for r in rows
         for phase in ("start", "probe", "steady", "commit")
@@ -788,13 +802,101 @@ def tables(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares `y = a + b x` through `points` (x: refs, y: ms); (a, b)."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
+    return my - b * mx, b
+
+
+def model(rows: list[dict[str, Any]]) -> str:
+    """The cost model, fitted per server on the probe points, checked on the steady windows
+    and extrapolated to the issue's fleet sizes at the real rates.
+
+    server CPU per no-op fetch = a_f + b_f * refs, per status push = a_p + b_p * refs;
+    steady cores = fetches/s * fetch + pushes/s * push (pushes: the heartbeat's N / 600 s);
+    a merged commit adds, within one interval, N fetches that build a pack (their measured
+    cost in the commit phase) and N status pushes.
+    """
+    out = [
+        "### The model, fitted by code on the probe points",
+        "",
+        "| server | server CPU ms / no-op fetch | server CPU ms / status push | points |",
+        "|---|---|---|---|",
+    ]
+    fits: dict[str, dict[str, tuple[float, float]]] = {}
+    for server in sorted({label(r) for r in rows}):
+        mine = [r for r in rows if label(r) == server]
+        if len({r["refs"] for r in mine}) < 2:
+            continue
+        f = fit([(r["refs"], r["probe"]["fetch_cpu_ms"]) for r in mine])
+        p = fit([(r["refs"], r["probe"]["push_cpu_ms"]) for r in mine])
+        fits[server] = {"fetch": f, "push": p}
+        out.append(
+            f"| {server} | {f[0]:.2f} + {f[1] * 1000:.3f} x refs/1000 | "
+            f"{p[0]:.2f} + {p[1] * 1000:.3f} x refs/1000 | {len(mine)} |"
+        )
+    out += [
+        "",
+        "Checked against the steady windows (the measured rates of each window times the fitted "
+        "costs at its ref count, against the cgroup's measured CPU):",
+        "",
+        "| server | refs | fetch/s | push/s | predicted cores | measured cores | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if label(r) not in fits:
+            continue
+        (af, bf), (ap, bp) = fits[label(r)]["fetch"], fits[label(r)]["push"]
+        st = r["steady"]
+        pred = (
+            st["fetches_per_s"] * (af + bf * r["refs"]) + st["pushes_per_s"] * (ap + bp * r["refs"])
+        ) / 1000
+        meas = st["server_cores"]
+        out.append(
+            f"| {label(r)} | {r['refs']:,} | {st['fetches_per_s']:.1f} | "
+            f"{st['pushes_per_s']:.1f} | {pred:.3f} | {meas:.3f} | "
+            f"{(pred - meas) / meas * 100 if meas else float('nan'):+.0f} % |"
+        )
+    out += [
+        "",
+        "Extrapolated to the real rates (interval 60 s, heartbeat 600 s, one repository holding "
+        "every cell's status branch); a merged commit adds N pack-building fetches and N "
+        "status pushes within one interval (pack fetch cost: the commit phase's server CPU "
+        "less its pushes, per fetch, largest run):",
+        "",
+        "| server | cells | steady fetch cores | steady push cores | steady total | merged "
+        "commit: extra cores over one interval | server CPU s per merged commit |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for server, f in fits.items():
+        (af, bf), (ap, bp) = f["fetch"], f["push"]
+        big = max((r for r in rows if label(r) == server), key=lambda r: r["refs"])
+        c = big["commit"]
+        pushes = c["push"]["count"]
+        fetches = max(1, c["fetch"]["count"])
+        pack_ms = max(0.0, (c["server_cpu_s"] * 1000 - pushes * (ap + bp * big["refs"])) / fetches)
+        for n in (1000, 2000, 5000, 10000):
+            fetch_cores = n / INTERVAL * (af + bf * n) / 1000
+            push_cores = n / HEARTBEAT * (ap + bp * n) / 1000
+            storm_s = n * (pack_ms + ap + bp * n) / 1000
+            out.append(
+                f"| {server} | {n:,} | {fetch_cores:.3f} | {push_cores:.3f} | "
+                f"{fetch_cores + push_cores:.3f} | {storm_s / INTERVAL:.2f} | {storm_s:,.0f} |"
+            )
+    return "\n".join(out)
+
+
 def record(result: dict[str, Any]) -> None:
     with JSONL.open("a") as f:
         f.write(json.dumps(result) + "\n")
     rows = [json.loads(x) for x in JSONL.read_text().splitlines() if x.strip()]
     from bench.common import splice
 
-    splice(MD, BEGIN, END, tables(rows))
+    splice(MD, BEGIN, END, tables(rows) + "\n\n" + model(rows))
 
 
 def main() -> int:
@@ -808,10 +910,30 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=32, help="concurrent agents at most")
     ap.add_argument("--probe", type=int, default=300, help="operations per probe")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument(
+        "--server-gc",
+        action="store_true",
+        help="`git gc` the server repository after the fleet start (a maintained host)",
+    )
+    ap.add_argument(
+        "--client-config",
+        default="",
+        help="git config every simulated cell's git runs with, e.g. protocol.version=0",
+    )
     ap.add_argument("--record", action="store_true")
+    ap.add_argument("--report", action="store_true", help="only rewrite fleet.md from the jsonl")
     args = ap.parse_args()
+    if args.report:
+        rows = [json.loads(x) for x in JSONL.read_text().splitlines() if x.strip()]
+        from bench.common import splice
+
+        splice(MD, BEGIN, END, tables(rows) + "\n\n" + model(rows))
+        return 0
     args.active = args.active or args.cells
     args.target_head = ""
+    if args.client_config:
+        key, _, value = args.client_config.partition("=")
+        os.environ["GIT_CONFIG_PARAMETERS"] = f"'{key}'='{value}'"
     result = run(args)
     print(json.dumps(result, indent=1))
     if args.record:
