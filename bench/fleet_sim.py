@@ -329,7 +329,7 @@ def pct(values: list[float], q: float) -> float:
 
 def classify_error(text: str) -> str:
     t = text.lower()
-    for key, label in (
+    for key, kind in (
         ("cannot lock ref", "ref lock"),
         ("unable to create", "ref lock"),
         ("lock", "ref lock"),
@@ -342,7 +342,7 @@ def classify_error(text: str) -> str:
         ("returned error: 5", "http 5xx"),
     ):
         if key in t:
-            return label
+            return kind
     return "other"
 
 
@@ -799,6 +799,23 @@ def tables(rows: list[dict[str, Any]]) -> str:
         if r[phase][kind]["failed"]
     ]
     out += ["", "### Failures", ""] + (errs or ["none"])
+    pinned = [r for r in rows if r.get("client_config")]
+    if pinned:
+        out += [
+            "",
+            "### The cells' git configured otherwise (before / after a product change)",
+            "",
+            "| server | refs | cells' git config | revision | fetch: protocol, refs advertised "
+            "| server CPU ms / no-op fetch | steady server cores |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in pinned:
+            a = r["advertised"]
+            out.append(
+                f"| {r['server']} | {r['refs']:,} | `{r['client_config']}` | {r['revision']} | "
+                f"{'v2' if a['fetch_protocol_v2'] else 'v0'}, {a['fetch_refs_advertised']:,} | "
+                f"{fmt(r['probe']['fetch_cpu_ms'], 2)} | {fmt(r['steady']['server_cores'], 3)} |"
+            )
     return "\n".join(out)
 
 
@@ -828,6 +845,7 @@ def model(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|",
     ]
     fits: dict[str, dict[str, tuple[float, float]]] = {}
+    rows = [r for r in rows if not r.get("client_config")]  # those are the before/after
     for server in sorted({label(r) for r in rows}):
         mine = [r for r in rows if label(r) == server]
         if len({r["refs"] for r in mine}) < 2:
@@ -866,19 +884,20 @@ def model(rows: list[dict[str, Any]]) -> str:
         "Extrapolated to the real rates (interval 60 s, heartbeat 600 s, one repository holding "
         "every cell's status branch); a merged commit adds N pack-building fetches and N "
         "status pushes within one interval (pack fetch cost: the commit phase's server CPU "
-        "less its pushes, per fetch, largest run):",
+        "less its pushes and no-op fetches, per active cell, largest run):",
         "",
         "| server | cells | steady fetch cores | steady push cores | steady total | merged "
         "commit: extra cores over one interval | server CPU s per merged commit |",
         "|---|---|---|---|---|---|---|",
     ]
-    for server, f in fits.items():
-        (af, bf), (ap, bp) = f["fetch"], f["push"]
+    for server, costs in fits.items():
+        (af, bf), (ap, bp) = costs["fetch"], costs["push"]
         big = max((r for r in rows if label(r) == server), key=lambda r: r["refs"])
         c = big["commit"]
-        pushes = c["push"]["count"]
-        fetches = max(1, c["fetch"]["count"])
-        pack_ms = max(0.0, (c["server_cpu_s"] * 1000 - pushes * (ap + bp * big["refs"])) / fetches)
+        # The commit phase: one pack-building fetch per active cell, the other fetches no-ops.
+        noop = c["fetch"]["count"] - big["active"]
+        rest = c["server_cpu_s"] * 1000 - c["push"]["count"] * (ap + bp * big["refs"])
+        pack_ms = max(0.0, (rest - noop * (af + bf * big["refs"])) / big["active"])
         for n in (1000, 2000, 5000, 10000):
             fetch_cores = n / INTERVAL * (af + bf * n) / 1000
             push_cores = n / HEARTBEAT * (ap + bp * n) / 1000
