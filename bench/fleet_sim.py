@@ -742,9 +742,13 @@ def fmt(x: float, digits: int = 1) -> str:
 
 
 def label(r: dict[str, Any]) -> str:
-    """A run's series: the server, whether its repository was maintained (`git gc`), and the
-    git config the cells ran with, if any."""
+    """A run's series: the server, whether its repository was maintained (`git gc`) or packed
+    itself during the run (`gc --auto` after ~6,700 loose objects), and the git config the
+    cells ran with, if any."""
     out = r["server"] + (" +gc" if r.get("server_gc") else "")
+    if not r.get("server_gc") and r.get("server_repo", {}).get("packed_refs_lines"):
+        # receive.autogc packed the repository during the run: a state between the two
+        out += " (gc --auto ran)"
     return out + (f" [{r['client_config']}]" if r.get("client_config") else "")
 
 
@@ -860,25 +864,32 @@ def model(rows: list[dict[str, Any]]) -> str:
     out += [
         "",
         "Checked against the steady windows (the measured rates of each window times the fitted "
-        "costs at its ref count, against the cgroup's measured CPU):",
+        "costs at its ref count, against the cgroup's measured CPU; a run whose repository "
+        "packed itself mid-run is checked against the unmaintained and the maintained fit of "
+        "its server, which bound it):",
         "",
-        "| server | refs | fetch/s | push/s | predicted cores | measured cores | error |",
-        "|---|---|---|---|---|---|---|",
+        "| server | refs | fetch/s | push/s | model | predicted cores | measured cores | error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if label(r) not in fits:
-            continue
-        (af, bf), (ap, bp) = fits[label(r)]["fetch"], fits[label(r)]["push"]
+        models = [label(r)] if label(r) in fits else []
+        if not models and r["server"] in fits:
+            models = [r["server"]] + (
+                [f"{r['server']} +gc"] if f"{r['server']} +gc" in fits else []
+            )
         st = r["steady"]
-        pred = (
-            st["fetches_per_s"] * (af + bf * r["refs"]) + st["pushes_per_s"] * (ap + bp * r["refs"])
-        ) / 1000
         meas = st["server_cores"]
-        out.append(
-            f"| {label(r)} | {r['refs']:,} | {st['fetches_per_s']:.1f} | "
-            f"{st['pushes_per_s']:.1f} | {pred:.3f} | {meas:.3f} | "
-            f"{(pred - meas) / meas * 100 if meas else float('nan'):+.0f} % |"
-        )
+        for m in models:
+            (af, bf), (ap, bp) = fits[m]["fetch"], fits[m]["push"]
+            pred = (
+                st["fetches_per_s"] * (af + bf * r["refs"])
+                + st["pushes_per_s"] * (ap + bp * r["refs"])
+            ) / 1000
+            out.append(
+                f"| {label(r)} | {r['refs']:,} | {st['fetches_per_s']:.1f} | "
+                f"{st['pushes_per_s']:.1f} | {m} | {pred:.3f} | {meas:.3f} | "
+                f"{(pred - meas) / meas * 100 if meas else float('nan'):+.0f} % |"
+            )
     out += [
         "",
         "Extrapolated to the real rates (interval 60 s, heartbeat 600 s, one repository holding "
