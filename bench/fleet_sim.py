@@ -852,8 +852,8 @@ def model(rows: list[dict[str, Any]]) -> str:
     rows = [r for r in rows if not r.get("client_config")]  # those are the before/after
     for server in sorted({label(r) for r in rows}):
         mine = [r for r in rows if label(r) == server]
-        if len({r["refs"] for r in mine}) < 2:
-            continue
+        if len({r["refs"] for r in mine}) < 2 or "gc --auto" in server:
+            continue  # one point fits no line; a repository that changed state mid-run, none
         f = fit([(r["refs"], r["probe"]["fetch_cpu_ms"]) for r in mine])
         p = fit([(r["refs"], r["probe"]["push_cpu_ms"]) for r in mine])
         fits[server] = {"fetch": f, "push": p}
