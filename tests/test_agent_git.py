@@ -5,6 +5,7 @@ daemon on loopback).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -91,6 +92,40 @@ def test_a_corrupt_cache_is_fetched_again(tmp_path: Path) -> None:
     fetched = GitSource(url, "main", tmp_path / "cache.git").fetch()
     assert fetched.sha == sha and fetched.recloned
     assert GitSource(url, "main", tmp_path / "cache.git").intact()
+
+
+@pytest.mark.parametrize("client_protocol", [None, "0"])
+def test_a_fetch_is_advertised_the_policy_branch_alone(
+    tmp_path: Path,
+    git_server: GitDaemon,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    client_protocol: str | None,
+) -> None:
+    """A fleet's repository holds one `status/<cell>` branch per cell; an agent's fetch must
+    not be sent them all every interval (at 10,000 cells the server's work and the bytes grow
+    with the fleet: bench/results/fleet.md).  Protocol v2's `ls-refs` with the refspec's
+    `ref-prefix` makes the server advertise `refs/heads/main` alone -- also when the agent's
+    environment asks git for protocol v0, which would advertise every ref."""
+    bare = git_server.create("policy")
+    work = tmp_path / "work"
+    git("init", "-q", "-b", "main", str(work))
+    git("commit", "-q", "--allow-empty", "-m", "policies", cwd=work)
+    git("push", "-q", str(bare), "main", cwd=work)
+    for i in range(40):
+        git("push", "-q", str(bare), f"HEAD:refs/heads/status/cell-{i}", cwd=work)
+    trace = tmp_path / "packets"
+    monkeypatch.setenv("GIT_TRACE_PACKET", str(trace))
+    if client_protocol is not None:
+        monkeypatch.setenv("GIT_CONFIG_PARAMETERS", f"'protocol.version'='{client_protocol}'")
+    src = GitSource(git_server.url("policy"), "main", tmp_path / "cache.git")
+    for _ in range(2):  # the first fetch (shallow) and a no-op one
+        trace.unlink(missing_ok=True)
+        src.fetch()
+        packets = trace.read_text(errors="replace")
+        advertised = set(re.findall(r"fetch< [0-9a-f]{40} (refs/\S+)", packets))
+        assert "fetch< version 2" in packets
+        assert "fetch> ref-prefix refs/heads/main" in packets
+        assert advertised == {"refs/heads/main"}
 
 
 def test_fetch_failures_are_classified(tmp_path: Path, git_server: GitDaemon) -> None:  # noqa: F811

@@ -33,6 +33,14 @@ from reconciler.sources.gitio import classify
 
 REMOTE_REF = "refs/remotes/origin/{branch}"
 IDENTITY_KEY = "asgctl.source"
+FETCH_PROTOCOL = ("-c", "protocol.version=2")
+"""Every fetch speaks git protocol v2, whose `ls-refs` takes the refspec's `ref-prefix`: the
+server then advertises the policy branch alone, never the fleet's `status/<cell>` branches.
+Under protocol v0 it advertises every ref of the repository to every fetch -- at 10,000 cells,
+10,000 refs per agent per interval (bench/results/fleet.md).  v2 is git's default since 2.26,
+but `GIT_CONFIG_PARAMETERS` in the agent's environment (which `gitio.git_env` keeps) could
+turn it off; a `-c` on the command line is read after it and wins.  A server that cannot
+speak v2 still answers in v0: the pin costs nothing where it cannot help."""
 
 
 class SourceError(Exception):
@@ -229,9 +237,8 @@ class GitSource:
         limit = timeout or self.timeout
         try:
             return gitio.run(self.path, *args, timeout=limit)
-        except gitio.GitTimeout:
-            message = f"git {args[0]}: no answer within {limit:g} s"
-            raise SourceError("GitTimeout", message) from None
+        except gitio.GitTimeout as exc:  # "git <subcommand>: no answer within <limit> s"
+            raise SourceError("GitTimeout", str(exc)) from None
 
     def head(self) -> str | None:
         """The cached branch head, if the cache has one."""
@@ -256,6 +263,7 @@ class GitSource:
 
     def _unshallow(self) -> None:
         res = self._git(
+            *FETCH_PROTOCOL,
             "fetch",
             "--quiet",
             "--no-tags",
@@ -299,7 +307,14 @@ class GitSource:
             self._open()
         except OSError as exc:
             raise SourceError("CacheCorrupt", f"cannot create the cache: {exc}") from None
-        args = ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-auto-gc"]
+        args = [
+            *FETCH_PROTOCOL,
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-write-fetch-head",
+            "--no-auto-gc",
+        ]
         if self.depth > 0 and self.head() is None:
             args.append(f"--depth={self.depth}")
         refspec = f"+refs/heads/{self.branch}:{self.ref}"

@@ -1,0 +1,975 @@
+"""A fleet of thousands of simulated cells against one real git server: what it costs.
+
+Each simulated cell does what an agent does on the wire, with the product's own code:
+
+* **sync**: `GitSource.fetch()` (reconciler/agent/source.py) into a bare cache of its own --
+  the agent's fetch of `+refs/heads/<branch>:refs/remotes/origin/<branch>`, shallow on the
+  first fetch, no tags -- every `interval` (plus the agent's 10 % jitter);
+* **status**: `StatusWriter.push()` (reconciler/status/write.py) of a status document of the
+  size an agent writes (20 containers, about 8 KiB) as a new root commit force-pushed to
+  `status/<cell>`: after a fetch that saw a new head (the agent applies and reports), and
+  every `heartbeat` otherwise; a failed push is retried with the agent's back-off
+  (`core.backoff`, base 2 s, cap 60 s) and always with the latest document;
+
+with no kernel dataplane: "applied" is the moment the fetch returned the new head.  Real
+rates are compressed in time by `--compress C`: interval 60 s / C, heartbeat 600 s / C, so a
+window of W wall seconds is C*W seconds of the real fleet, and the measured server CPU per
+wall second is C times what the real fleet would pay.
+
+The server is real and on this machine: `git daemon` on 127.0.0.1 (`git://`), or git's smart
+HTTP backend (`git http-backend` as a CGI of lighttpd, the recipe of git-http-backend(1)).
+Its CPU and memory are charged by a cgroup-v1 `cpuacct` / `memory` group the server is started
+in, so every upload-pack / receive-pack / http-backend / `gc --auto` it forks is counted
+(children included, whether or not reaped); without cgroups, /proc/<pid>/stat of the server
+(its own and its reaped children's time).
+
+Phases, per run:
+
+1. **start**: every cell's first fetch and first status push, as fast as `--workers`
+   concurrent agents can (a fleet (re)starting at once: the worst push storm).  With
+   `--prefill` the status branches of the cells beyond `--active` are made on the server
+   by `git fast-import` (one root commit each, as an agent would push), so a 10,000-ref
+   repository can be measured without 10,000 simulated clients.
+2. **probe**: `--probe` no-op fetches, then `--probe` heartbeat pushes, back to back through
+   the worker pool: the server's CPU per operation at this ref count (the model's input),
+   and what one fetch and one push are advertised (GIT_TRACE_PACKET of one of each).
+3. **steady**: `--window` wall seconds of the compressed schedule: server CPU, latencies.
+4. **commit**: a commit to the policy branch, then the schedule goes on until every active
+   cell has fetched it (applied) and pushed its status (reported): the time to 99 %.
+
+Usage (as root, for the cgroups; lighttpd from Debian for `--server http`):
+
+    apt-get install lighttpd        # only for --server http; not needed by make test
+    python bench/fleet_sim.py --cells 1000 --server daemon --compress 2 --record
+    python bench/fleet_sim.py --cells 10000 --active 1000 --prefill --server http --record
+
+`--record` appends the run as one JSON line to bench/results/fleet.jsonl and rewrites the
+measured tables of bench/results/fleet.md (between its markers) from every line there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import heapq
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from asgctl_lab.gitserver import GitDaemon, free_port, git, proc_cpu  # noqa: E402
+from bench.common import RESULTS, machine, revision  # noqa: E402
+from reconciler.agent.core import backoff  # noqa: E402
+from reconciler.agent.source import GitSource, SourceError  # noqa: E402
+from reconciler.status.branch import branch_for  # noqa: E402
+from reconciler.status.write import StatusPushError, StatusWriter, dump_status  # noqa: E402
+
+INTERVAL = 60.0
+"""The agent's default `interval` (config.py)."""
+HEARTBEAT = 600.0
+"""The agent's default `heartbeat` (config.py)."""
+JITTER = 0.1
+"""The agent's default sync jitter: the interval plus up to 10 % of it."""
+RETRY_BASE, RETRY_CAP = 2.0, 60.0
+"""The status pusher's back-off (agent/status.py StatusPusher defaults)."""
+CONTAINERS = 20
+JSONL = RESULTS / "fleet.jsonl"
+MD = RESULTS / "fleet.md"
+BEGIN, END = "<!-- fleet_sim:begin -->", "<!-- fleet_sim:end -->"
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+class Cgroup:
+    """A cgroup-v1 cpuacct + memory group the server runs in (None parts when unavailable)."""
+
+    def __init__(self, name: str) -> None:
+        self.cpu = Path("/sys/fs/cgroup/cpuacct") / name
+        self.mem = Path("/sys/fs/cgroup/memory") / name
+        self.ok = True
+        for d in (self.cpu, self.mem):
+            try:
+                d.mkdir(exist_ok=True)
+            except OSError:
+                self.ok = False
+
+    def add(self, pid: int) -> None:
+        if self.ok:
+            for d in (self.cpu, self.mem):
+                (d / "cgroup.procs").write_text(str(pid))
+
+    def cpu_seconds(self) -> float | None:
+        if not self.ok:
+            return None
+        return int((self.cpu / "cpuacct.usage").read_text()) / 1e9
+
+    def reset_peak(self) -> None:
+        if self.ok:
+            with contextlib.suppress(OSError):
+                (self.mem / "memory.max_usage_in_bytes").write_text("0")
+
+    def peak_mib(self) -> float | None:
+        """Peak memory charged to the group (its processes' pages and the page cache of
+        the files they wrote) since `reset_peak`."""
+        if not self.ok:
+            return None
+        return int((self.mem / "memory.max_usage_in_bytes").read_text()) / 2**20
+
+    def rss_mib(self) -> float | None:
+        if not self.ok:
+            return None
+        stat = dict(line.split() for line in (self.mem / "memory.stat").read_text().splitlines())
+        return int(stat.get("total_rss", stat.get("rss", "0"))) / 2**20
+
+    def remove(self) -> None:
+        for d in (self.cpu, self.mem):
+            with contextlib.suppress(OSError):
+                for pid in (d / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(OSError):
+                        os.kill(int(pid), signal.SIGKILL)
+                time.sleep(0.2)
+                d.rmdir()
+
+
+class Server:
+    """The git server under test: `daemon` (git daemon) or `http` (lighttpd + http-backend)."""
+
+    def __init__(self, kind: str, base: Path, cgroup: Cgroup) -> None:
+        self.kind = kind
+        self.base = base
+        self.cgroup = cgroup
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.daemon: GitDaemon | None = None
+        self.port = free_port()
+
+    def url(self, name: str) -> str:
+        if self.kind == "daemon":
+            return f"git://127.0.0.1:{self.port}/{name}.git"
+        return f"http://127.0.0.1:{self.port}/git/{name}.git"
+
+    def start(self) -> None:
+        if self.kind == "daemon":
+            self.daemon = GitDaemon(self.base, self.port).start()
+            assert self.daemon.proc is not None
+            self.cgroup.add(self.daemon.proc.pid)
+            return
+        backend = Path(git("--exec-path")) / "git-http-backend"
+        conf = self.base / "lighttpd.conf"
+        conf.write_text(
+            f"""server.document-root = "{self.base}"
+server.bind = "127.0.0.1"
+server.port = {self.port}
+server.errorlog = "{self.base}/lighttpd.err"
+server.max-connections = 4096
+server.max-fds = 16384
+server.modules = ("mod_alias", "mod_cgi", "mod_setenv")
+alias.url = ("/git" => "{backend}")
+$HTTP["url"] =~ "^/git" {{
+  cgi.assign = ("" => "")
+  setenv.set-environment = (
+    "GIT_PROJECT_ROOT" => "{self.base}",
+    "GIT_HTTP_EXPORT_ALL" => "",
+    "GIT_CONFIG_NOSYSTEM" => "1",
+    "GIT_CONFIG_GLOBAL" => "/dev/null",
+    "PATH" => "/usr/bin:/bin"
+  )
+}}
+"""
+        )
+        self.proc = subprocess.Popen(
+            ["lighttpd", "-D", "-f", str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.base / "lighttpd.out", "ab"),  # noqa: SIM115 - the child keeps it
+            start_new_session=True,
+        )
+        self.cgroup.add(self.proc.pid)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"lighttpd exited: {(self.base / 'lighttpd.out').read_text()}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("lighttpd did not listen")
+
+    def create(self, name: str) -> Path:
+        path = self.base / f"{name}.git"
+        git("init", "--quiet", "--bare", "-b", "main", "--", str(path))
+        git("-C", str(path), "config", "http.receivepack", "true")
+        return path
+
+    def cpu_seconds(self) -> float:
+        got = self.cgroup.cpu_seconds()
+        if got is not None:
+            return got
+        if self.daemon is not None:
+            return self.daemon.cpu_seconds()
+        return proc_cpu(self.proc.pid) if self.proc is not None else 0.0
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+
+
+# -- what a cell sends -----------------------------------------------------------------------
+
+
+def status_text(cell: str, revision_sha: str, seq: int) -> str:
+    """A status document with the fields and the size of the agent's (build_status in
+    agent/status.py; 20 containers, two groups each), for revision `revision_sha`."""
+    rng = random.Random(f"{cell}/{seq}")
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    containers = [
+        {
+            "handle": f"{cell}-c{i:03d}-{rng.getrandbits(64):016x}",
+            "ip": f"198.18.{i // 250}.{i % 250 + 2}",
+            "app_id": f"app-{rng.getrandbits(48):012x}",
+            "space_id": f"space-{i % 10}",
+            "org_id": "org-acme",
+            "workload": "app",
+            "chain": f"asg-{rng.getrandbits(40):010x}",
+            "groups": ["public_networks", f"sg-{i % 21:02d}"],
+            "sources": ["running_default", "space_running"],
+        }
+        for i in range(CONTAINERS)
+    ]
+    ready = {"type": "Ready", "status": "True", "reason": "Applied", "message": "applied"}
+    doc = {
+        "apiVersion": "asgctl.io/v1alpha1",
+        "kind": "CellStatus",
+        "cell": cell,
+        "reportedAt": now,
+        "agent": {"version": "sim", "backend": "iptables", "pid": 1},
+        "source": {"url": "git://policy", "branch": "main", "path": "."},
+        "observedRevision": revision_sha,
+        "lastAttemptedRevision": revision_sha,
+        "lastAppliedRevision": revision_sha,
+        "lastAppliedDigest": f"sha256:{rng.getrandbits(256):064x}",
+        "lastAppliedTime": now,
+        "lastSyncTime": now,
+        "lastSuccessTime": now,
+        "conditions": [ready, {**ready, "type": "Synced"}, {**ready, "type": "Enforcing"}],
+        "timings": {"fetch": 0.02, "load": 0.05, "compile": 0.01, "apply": 0.03},
+        "counts": {"containers": CONTAINERS, "groups": 21, "chains": CONTAINERS},
+        "drift": {"corrections": 0, "recent": []},
+        "inventory": {"path": "/var/vcap/data/container-metadata/store.json",
+                      "containers": CONTAINERS, "updatedAt": now, "error": "", "rejected": []},
+        "containers": containers,
+        "history": [{"revision": revision_sha, "at": now, "result": "applied"}],
+    }  # fmt: skip
+    return dump_status(doc)
+
+
+@dataclass
+class Cell:
+    name: str
+    source: GitSource
+    writer: StatusWriter
+    head: str | None = None
+    reported: str | None = None
+    push_failures: int = 0
+    seq: int = 0
+    busy: bool = False
+
+
+@dataclass
+class Op:
+    kind: str  # fetch | push
+    due: float
+    start: float
+    end: float
+    ok: bool
+    error: str = ""
+    phase: str = ""
+
+
+@dataclass
+class Stats:
+    ops: list[Op] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, op: Op) -> None:
+        with self.lock:
+            self.ops.append(op)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+def classify_error(text: str) -> str:
+    t = text.lower()
+    for key, kind in (
+        ("cannot lock ref", "ref lock"),
+        ("unable to create", "ref lock"),
+        ("lock", "ref lock"),
+        ("too many children", "daemon max-connections"),
+        ("remote end hung up", "connection dropped"),
+        ("connection reset", "connection reset"),
+        ("connection refused", "refused"),
+        ("timed out", "timeout"),
+        ("no answer within", "timeout"),
+        ("returned error: 5", "http 5xx"),
+    ):
+        if key in t:
+            return kind
+    return "other"
+
+
+# -- the simulation --------------------------------------------------------------------------
+
+
+class Fleet:
+    def __init__(self, args: argparse.Namespace, server: Server, work: Path, url: str) -> None:
+        self.args = args
+        self.server = server
+        self.url = url
+        self.stats = Stats()
+        self.compress = args.compress
+        self.interval = INTERVAL / args.compress
+        self.heartbeat = HEARTBEAT / args.compress
+        self.cells = [
+            Cell(
+                f"cell-{i:05d}",
+                GitSource(url, "main", work / f"c{i}" / "cache", timeout=120),
+                StatusWriter(url, branch_for(f"cell-{i:05d}"), work / f"c{i}" / "status", 120),
+            )
+            for i in range(args.active)
+        ]
+        self.pool = ThreadPoolExecutor(max_workers=args.workers)
+        self.retries = 0
+        self.rng = random.Random(7)
+
+    # one operation each, on a worker thread
+
+    def fetch(self, cell: Cell, due: float, phase: str) -> bool:
+        """The agent's sync: True when the fetch saw a head the cell has not applied."""
+        t0 = time.monotonic()
+        try:
+            got = cell.source.fetch()
+            self.stats.add(Op("fetch", due, t0, time.monotonic(), True, phase=phase))
+        except SourceError as exc:
+            self.stats.add(Op("fetch", due, t0, time.monotonic(), False, exc.message, phase))
+            return False
+        changed = got.sha != cell.head
+        cell.head = got.sha
+        return changed
+
+    def push(self, cell: Cell, due: float, phase: str) -> bool:
+        t0 = time.monotonic()
+        cell.seq += 1
+        head = cell.head or ""
+        try:
+            cell.writer.push(status_text(cell.name, head, cell.seq), f"status {cell.name}")
+        except (StatusPushError, OSError) as exc:
+            cell.push_failures += 1
+            self.stats.add(Op("push", due, t0, time.monotonic(), False, str(exc), phase))
+            return False
+        cell.push_failures = 0
+        cell.reported = head
+        self.stats.add(Op("push", due, t0, time.monotonic(), True, phase=phase))
+        return True
+
+    def burst(self, jobs: list[Callable[[], object]]) -> float:
+        """Run `jobs` through the pool as fast as it goes; the wall time."""
+        t0 = time.monotonic()
+        for f in [self.pool.submit(j) for j in jobs]:
+            f.result()
+        return time.monotonic() - t0
+
+    def start_all(self) -> float:
+        def one(cell: Cell) -> None:
+            now = time.monotonic()
+            self.fetch(cell, now, "start")
+            while not self.push(cell, time.monotonic(), "start"):
+                self.retries += 1
+                time.sleep(backoff(cell.push_failures, RETRY_BASE, RETRY_CAP) / self.compress)
+
+        return self.burst([lambda c=c: one(c) for c in self.cells])
+
+    def probe(self, count: int) -> dict[str, float]:
+        """Server CPU per no-op fetch and per heartbeat push at this ref count."""
+        out: dict[str, float] = {}
+        sample = [self.cells[i % len(self.cells)] for i in range(count)]
+        for kind in ("fetch", "push"):
+            cpu0 = self.server.cpu_seconds()
+            now = time.monotonic()
+            if kind == "fetch":
+                wall = self.burst([lambda c=c, t=now: self.fetch(c, t, "probe") for c in sample])
+            else:
+                wall = self.burst([lambda c=c, t=now: self.push(c, t, "probe") for c in sample])
+            out[f"{kind}_cpu_ms"] = (self.server.cpu_seconds() - cpu0) / count * 1000
+            out[f"{kind}_wall_s"] = wall
+        return out
+
+    def schedule(self, seconds: float, phase: str, commit_at: float | None = None) -> dict:
+        """Run the compressed agent schedule for `seconds` of wall time (or, with
+        `commit_at`, until every cell has reported the new head, at most `seconds`)."""
+        now = time.monotonic()
+        heap: list[tuple[float, int, str]] = []
+        for i, _cell in enumerate(self.cells):
+            heapq.heappush(heap, (now + self.rng.uniform(0, self.interval), i, "fetch"))
+            heapq.heappush(heap, (now + self.rng.uniform(0, self.heartbeat), i, "push"))
+        end = now + seconds
+        pending: set[Future[None]] = set()
+        applied: dict[int, float] = {}
+        reported: dict[int, float] = {}
+        target = self.args.target_head
+        lock = threading.Lock()
+        next_heartbeat: dict[int, float] = {}
+
+        def sync(i: int, due: float) -> None:
+            cell = self.cells[i]
+            changed = self.fetch(cell, due, phase)
+            if commit_at is not None and cell.head == target and i not in applied:
+                with lock:
+                    applied[i] = time.monotonic()
+            if changed or cell.reported != cell.head:
+                report(i, time.monotonic())
+
+        def report(i: int, due: float) -> None:
+            cell = self.cells[i]
+            while not self.push(cell, due, phase):
+                self.retries += 1
+                time.sleep(backoff(cell.push_failures, RETRY_BASE, RETRY_CAP) / self.compress)
+            if commit_at is not None and cell.reported == target and i not in reported:
+                with lock:
+                    reported[i] = time.monotonic()
+            next_heartbeat[i] = time.monotonic() + self.heartbeat
+
+        def run(i: int, kind: str, due: float) -> None:
+            cell = self.cells[i]
+            try:
+                if kind == "fetch":
+                    sync(i, due)
+                elif time.monotonic() >= next_heartbeat.get(i, 0.0):
+                    report(i, due)
+            finally:
+                cell.busy = False
+
+        lag: list[float] = []
+        while True:
+            t = time.monotonic()
+            if t >= end:
+                break
+            if commit_at is not None and len(reported) == len(self.cells):
+                break
+            due, i, kind = heap[0]
+            if due > t:
+                time.sleep(min(due - t, 0.05))
+                continue
+            heapq.heappop(heap)
+            period = self.interval * (1 + JITTER * self.rng.random())
+            heapq.heappush(heap, (due + (period if kind == "fetch" else self.heartbeat), i, kind))
+            cell = self.cells[i]
+            if cell.busy:  # the agent is still in its previous cycle: the sync waits
+                continue
+            cell.busy = True
+            lag.append(t - due)
+            pending.add(self.pool.submit(run, i, kind, due))
+            pending = {f for f in pending if not f.done()}
+        for f in pending:
+            f.result()
+        out: dict[str, Any] = {"scheduler_lag_p99_s": pct(lag, 99)}
+        if commit_at is not None:
+            a = [v - commit_at for v in applied.values()]
+            r = [v - commit_at for v in reported.values()]
+            n = len(self.cells)
+            out.update(
+                applied=len(a),
+                reported=len(r),
+                applied_p99_s=pct(a, 99) if len(a) >= 0.99 * n else float("inf"),
+                reported_p99_s=pct(r, 99) if len(r) >= 0.99 * n else float("inf"),
+                applied_p50_s=pct(a, 50),
+                reported_p50_s=pct(r, 50),
+            )
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def prefill(bare: Path, first: int, last: int) -> float:
+    """Status branches `status/cell-<first..last-1>` on the server, each one root commit
+    holding a status.yaml (what the agent would have pushed), via one `git fast-import`."""
+    t0 = time.monotonic()
+    lines: list[bytes] = []
+    for i in range(first, last):
+        name = f"cell-{i:05d}"
+        data = status_text(name, "0" * 40, 0).encode()
+        msg = f"status {name}".encode()
+        lines += [
+            f"commit refs/heads/{branch_for(name)}\n".encode(),
+            f"committer asgctl agent {name} <{name}@asgctl.invalid> 1700000000 +0000\n".encode(),
+            f"data {len(msg)}\n".encode() + msg + b"\n",
+            f"M 100644 inline status.yaml\ndata {len(data)}\n".encode() + data + b"\n",
+        ]
+    subprocess.run(
+        ["git", "-C", str(bare), "fast-import", "--quiet"],
+        input=b"".join(lines),
+        check=True,
+        env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"},
+    )
+    return time.monotonic() - t0
+
+
+def advertised(url: str, cell: Cell) -> dict[str, int]:
+    """How many refs the server advertises to one agent fetch and to one status push, and
+    the protocol version each spoke (GIT_TRACE_PACKET of the product's own calls)."""
+    out: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace"
+        os.environ["GIT_TRACE_PACKET"] = str(trace)
+        try:
+            cell.source.fetch()
+            text = trace.read_text(errors="replace") if trace.exists() else ""
+            trace.unlink(missing_ok=True)
+            cell.writer.push(status_text(cell.name, cell.head or "", 999), "probe")
+            ptext = trace.read_text(errors="replace") if trace.exists() else ""
+        finally:
+            del os.environ["GIT_TRACE_PACKET"]
+    oid_ref = re.compile(r"< [0-9a-f]{40}[ \t](refs/[^\s\x00]+)")
+
+    def refs(trace_text: str) -> int:
+        # A ref line can be traced twice (git and its remote helper): count names.
+        return len({m.group(1) for m in oid_ref.finditer(trace_text)})
+
+    out["fetch_refs_advertised"] = refs(text)
+    out["fetch_protocol_v2"] = int("version 2" in text)
+    out["fetch_ref_prefix_sent"] = int("> ref-prefix" in text)
+    out["push_refs_advertised"] = refs(ptext)
+    out["push_protocol_v2"] = int("version 2" in ptext)
+    return out
+
+
+def summarize(stats: Stats, phase: str, kind: str) -> dict[str, Any]:
+    ops = [o for o in stats.ops if o.phase == phase and o.kind == kind]
+    ok = [o for o in ops if o.ok]
+    errors: dict[str, int] = {}
+    for o in ops:
+        if not o.ok:
+            label = classify_error(o.error)
+            errors[label] = errors.get(label, 0) + 1
+    service = [o.end - o.start for o in ok]
+    return {
+        "count": len(ops),
+        "failed": len(ops) - len(ok),
+        "errors": errors,
+        "error_sample": next((o.error[:300] for o in ops if not o.ok), ""),
+        "p50_s": pct(service, 50),
+        "p99_s": pct(service, 99),
+        "max_s": max(service, default=float("nan")),
+    }
+
+
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
+
+
+@contextlib.contextmanager
+def measured(server: Server) -> Iterator[dict[str, float]]:
+    out: dict[str, float] = {}
+    server.cgroup.reset_peak()
+    cpu0, t0 = server.cpu_seconds(), time.monotonic()
+    yield out
+    out["wall_s"] = time.monotonic() - t0
+    out["server_cpu_s"] = server.cpu_seconds() - cpu0
+    peak = server.cgroup.peak_mib()
+    if peak is not None:
+        out["server_mem_peak_mib"] = peak
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="fleetsim-"))
+    cgroup = Cgroup(f"fleetsim-{os.getpid()}")
+    server = Server(args.server, work / "srv", cgroup)
+    result: dict[str, Any] = {
+        "server": args.server,
+        "cells": args.cells,
+        "active": args.active,
+        "compress": args.compress,
+        "workers": args.workers,
+        "revision": revision(),
+        "machine": machine(),
+        "git": git("--version"),
+        "cgroup_accounting": cgroup.ok,
+        "load_before": loadavg(),
+        "server_gc": args.server_gc,
+        "client_config": args.client_config,
+    }
+    try:
+        server.base.mkdir(parents=True)
+        bare = server.create("policy")
+        tree = work / "policy-work"
+        git("init", "-q", "-b", "main", str(tree))
+        for i in range(21):
+            (tree / f"sg-{i:02d}.yml").write_text(
+                f"kind: SecurityGroup\nname: sg-{i:02d}\nrules:\n"
+                + "".join(
+                    f"  - {{protocol: tcp, destination: 198.19.{i}.{r + 1}, ports: '{1000 + r}'}}\n"
+                    for r in range(20)
+                )
+            )
+        git("-C", str(tree), "add", "-A")
+        git("-C", str(tree), "commit", "-q", "-m", "policies")
+        git("-C", str(tree), "push", "-q", str(bare), "main")
+        if args.prefill and args.cells > args.active:
+            result["prefill_s"] = prefill(bare, args.active, args.cells)
+        server.start()
+        url = server.url("policy")
+        fleet = Fleet(args, server, work / "cells", url)
+        try:
+            with measured(server) as m:
+                fleet.start_all()
+            result["start"] = {
+                **m,
+                "fetch": summarize(fleet.stats, "start", "fetch"),
+                "push": summarize(fleet.stats, "start", "push"),
+                "retries": fleet.retries,
+            }
+            if args.server_gc:
+                t0 = time.monotonic()
+                git("-C", str(bare), "gc", "--quiet")  # packs refs and objects, commit-graph
+                result["server_gc_s"] = time.monotonic() - t0
+            result["refs"] = int(
+                git("-C", str(bare), "for-each-ref", "--count=1000000", "--format=x").count("x")
+            )
+            result["advertised"] = advertised(url, fleet.cells[0])
+            with measured(server) as m:
+                m.update(fleet.probe(args.probe))
+            result["probe"] = {
+                **m,
+                "fetch": summarize(fleet.stats, "probe", "fetch"),
+                "push": summarize(fleet.stats, "probe", "push"),
+            }
+            fleet.retries = 0
+            with measured(server) as m:
+                m.update(fleet.schedule(args.window, "steady"))
+            ops = [o for o in fleet.stats.ops if o.phase == "steady"]
+            result["steady"] = {
+                **m,
+                "fetch": summarize(fleet.stats, "steady", "fetch"),
+                "push": summarize(fleet.stats, "steady", "push"),
+                "retries": fleet.retries,
+                "fetches_per_s": sum(1 for o in ops if o.kind == "fetch") / m["wall_s"],
+                "pushes_per_s": sum(1 for o in ops if o.kind == "push") / m["wall_s"],
+                "server_cores": m["server_cpu_s"] / m["wall_s"],
+                "server_cores_real_rate": m["server_cpu_s"] / m["wall_s"] / args.compress,
+            }
+            sha = commit_policy(tree, bare)
+            args.target_head = sha
+            fleet.retries = 0
+            t_commit = time.monotonic()
+            with measured(server) as m:
+                m.update(fleet.schedule(4 * fleet.interval, "commit", commit_at=t_commit))
+            for k in ("applied_p99_s", "reported_p99_s", "applied_p50_s", "reported_p50_s"):
+                m[k.replace("_s", "_real_s")] = m[k] * args.compress
+            result["commit"] = {
+                **m,
+                "fetch": summarize(fleet.stats, "commit", "fetch"),
+                "push": summarize(fleet.stats, "commit", "push"),
+                "retries": fleet.retries,
+                "unreported": sum(1 for c in fleet.cells if c.reported != sha),
+            }
+            result["server_repo"] = {
+                "loose_refs": sum(1 for _ in (bare / "refs" / "heads" / "status").glob("*")),
+                "packed_refs_lines": (
+                    (bare / "packed-refs").read_text().count("\n")
+                    if (bare / "packed-refs").exists()
+                    else 0
+                ),
+                "size_mib": sum(p.stat().st_size for p in bare.rglob("*") if p.is_file()) / 2**20,
+            }
+        finally:
+            fleet.close()
+        result["load_after"] = loadavg()
+    finally:
+        server.stop()
+        cgroup.remove()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def commit_policy(tree: Path, bare: Path) -> str:
+    """A merged change: one more rule in one group, pushed to main."""
+    path = tree / "sg-00.yml"
+    path.write_text(
+        path.read_text() + "  - {protocol: tcp, destination: 198.19.200.1, ports: '443'}\n"
+    )
+    git("-C", str(tree), "commit", "-q", "-am", "one more rule")
+    git("-C", str(tree), "push", "-q", str(bare), "main")
+    return git("-C", str(tree), "rev-parse", "HEAD")
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def fmt(x: float, digits: int = 1) -> str:
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return "--" if math.isnan(x) else "not reached"
+    return f"{x:,.{digits}f}"
+
+
+def label(r: dict[str, Any]) -> str:
+    """A run's series: the server, whether its repository was maintained (`git gc`) or packed
+    itself during the run (`gc --auto` after ~6,700 loose objects), and the git config the
+    cells ran with, if any."""
+    out = r["server"] + (" +gc" if r.get("server_gc") else "")
+    if not r.get("server_gc") and r.get("server_repo", {}).get("packed_refs_lines"):
+        # receive.autogc packed the repository during the run: a state between the two
+        out += " (gc --auto ran)"
+    return out + (f" [{r['client_config']}]" if r.get("client_config") else "")
+
+
+def tables(rows: list[dict[str, Any]]) -> str:
+    """The measured points, one line per run (from bench/results/fleet.jsonl)."""
+    out = [
+        "### Per operation at each ref count (probe phase)",
+        "",
+        "| server | refs | fetch: refs advertised (v2) | push: refs advertised | server CPU "
+        "ms / no-op fetch | server CPU ms / push | fetch p50 / p99 s | push p50 / p99 s | "
+        "failed | revision |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        p, a = r["probe"], r["advertised"]
+        out.append(
+            f"| {label(r)} | {r['refs']:,} | {a['fetch_refs_advertised']} "
+            f"({'v2' if a['fetch_protocol_v2'] else 'v0'}) | {a['push_refs_advertised']:,} | "
+            f"{fmt(p['fetch_cpu_ms'], 2)} | {fmt(p['push_cpu_ms'], 2)} | "
+            f"{fmt(p['fetch']['p50_s'], 3)} / {fmt(p['fetch']['p99_s'], 3)} | "
+            f"{fmt(p['push']['p50_s'], 3)} / {fmt(p['push']['p99_s'], 3)} | "
+            f"{p['fetch']['failed'] + p['push']['failed']} | {r['revision']} |"
+        )
+    out += [
+        "",
+        "### Fleet start, steady state and a merged commit",
+        "",
+        "| server | cells (active) | compress | start: wall s, server CPU s, failed pushes "
+        "(retried) | steady: fetch/s, push/s | steady server cores (at real rate) | steady "
+        "fetch p99 s | commit: applied / reported p99, real s | unreported | server peak MiB |"
+        " load before / after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s, st, c = r["start"], r["steady"], r["commit"]
+        out.append(
+            f"| {label(r)} | {r['cells']:,} ({r['active']:,}) | {r['compress']:g} | "
+            f"{fmt(s['wall_s'])}, {fmt(s['server_cpu_s'])}, {s['push']['failed']} "
+            f"({s['retries']}) | {fmt(st['fetches_per_s'])}, {fmt(st['pushes_per_s'])} | "
+            f"{fmt(st['server_cores'], 2)} ({fmt(st['server_cores_real_rate'], 3)}) | "
+            f"{fmt(st['fetch']['p99_s'], 3)} | {fmt(c['applied_p99_real_s'])} / "
+            f"{fmt(c['reported_p99_real_s'])} | {c['unreported']} | "
+            f"{fmt(max(s.get('server_mem_peak_mib', 0), st.get('server_mem_peak_mib', 0)), 0)} |"
+            f" {r['load_before']} / {r['load_after']} |"
+        )
+    errs = [
+        f"- {label(r)} {r['cells']:,}: {phase} {kind}: {r[phase][kind]['errors']} "
+        f"(`{r[phase][kind]['error_sample']}`)"
+        for r in rows
+        for phase in ("start", "probe", "steady", "commit")
+        for kind in ("fetch", "push")
+        if r[phase][kind]["failed"]
+    ]
+    out += ["", "### Failures", ""] + (errs or ["none"])
+    pinned = [r for r in rows if r.get("client_config")]
+    if pinned:
+        out += [
+            "",
+            "### The cells' git configured otherwise (before / after a product change)",
+            "",
+            "| server | refs | cells' git config | revision | fetch: protocol, refs advertised "
+            "| server CPU ms / no-op fetch | steady server cores |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in pinned:
+            a = r["advertised"]
+            out.append(
+                f"| {r['server']} | {r['refs']:,} | `{r['client_config']}` | {r['revision']} | "
+                f"{'v2' if a['fetch_protocol_v2'] else 'v0'}, {a['fetch_refs_advertised']:,} | "
+                f"{fmt(r['probe']['fetch_cpu_ms'], 2)} | {fmt(r['steady']['server_cores'], 3)} |"
+            )
+    return "\n".join(out)
+
+
+def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares `y = a + b x` through `points` (x: refs, y: ms); (a, b)."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
+    return my - b * mx, b
+
+
+def model(rows: list[dict[str, Any]]) -> str:
+    """The cost model, fitted per server on the probe points, checked on the steady windows
+    and extrapolated to the issue's fleet sizes at the real rates.
+
+    server CPU per no-op fetch = a_f + b_f * refs, per status push = a_p + b_p * refs;
+    steady cores = fetches/s * fetch + pushes/s * push (pushes: the heartbeat's N / 600 s);
+    a merged commit adds, within one interval, N fetches that build a pack (their measured
+    cost in the commit phase) and N status pushes.
+    """
+    out = [
+        "### The model, fitted by code on the probe points",
+        "",
+        "| server | server CPU ms / no-op fetch | server CPU ms / status push | points |",
+        "|---|---|---|---|",
+    ]
+    fits: dict[str, dict[str, tuple[float, float]]] = {}
+    rows = [r for r in rows if not r.get("client_config")]  # those are the before/after
+    for server in sorted({label(r) for r in rows}):
+        mine = [r for r in rows if label(r) == server]
+        if len({r["refs"] for r in mine}) < 2 or "gc --auto" in server:
+            continue  # one point fits no line; a repository that changed state mid-run, none
+        f = fit([(r["refs"], r["probe"]["fetch_cpu_ms"]) for r in mine])
+        p = fit([(r["refs"], r["probe"]["push_cpu_ms"]) for r in mine])
+        fits[server] = {"fetch": f, "push": p}
+        out.append(
+            f"| {server} | {f[0]:.2f} + {f[1] * 1000:.3f} x refs/1000 | "
+            f"{p[0]:.2f} + {p[1] * 1000:.3f} x refs/1000 | {len(mine)} |"
+        )
+    out += [
+        "",
+        "Checked against the steady windows (the measured rates of each window times the fitted "
+        "costs at its ref count, against the cgroup's measured CPU; a run whose repository "
+        "packed itself mid-run is checked against the unmaintained and the maintained fit of "
+        "its server, which bound it):",
+        "",
+        "| server | refs | fetch/s | push/s | model | predicted cores | measured cores | error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        models = [label(r)] if label(r) in fits else []
+        if not models and r["server"] in fits:
+            models = [r["server"]] + (
+                [f"{r['server']} +gc"] if f"{r['server']} +gc" in fits else []
+            )
+        st = r["steady"]
+        meas = st["server_cores"]
+        for m in models:
+            (af, bf), (ap, bp) = fits[m]["fetch"], fits[m]["push"]
+            pred = (
+                st["fetches_per_s"] * (af + bf * r["refs"])
+                + st["pushes_per_s"] * (ap + bp * r["refs"])
+            ) / 1000
+            out.append(
+                f"| {label(r)} | {r['refs']:,} | {st['fetches_per_s']:.1f} | "
+                f"{st['pushes_per_s']:.1f} | {m} | {pred:.3f} | {meas:.3f} | "
+                f"{(pred - meas) / meas * 100 if meas else float('nan'):+.0f} % |"
+            )
+    out += [
+        "",
+        "Extrapolated to the real rates (interval 60 s, heartbeat 600 s, one repository holding "
+        "every cell's status branch); a merged commit adds N pack-building fetches and N "
+        "status pushes within one interval (pack fetch cost: the commit phase's server CPU "
+        "less its pushes and no-op fetches, per active cell, largest run):",
+        "",
+        "| server | cells | steady fetch cores | steady push cores | steady total | merged "
+        "commit: extra cores over one interval | server CPU s per merged commit |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for server, costs in fits.items():
+        (af, bf), (ap, bp) = costs["fetch"], costs["push"]
+        big = max((r for r in rows if label(r) == server), key=lambda r: r["refs"])
+        c = big["commit"]
+        # The commit phase: one pack-building fetch per active cell, the other fetches no-ops.
+        noop = c["fetch"]["count"] - big["active"]
+        rest = c["server_cpu_s"] * 1000 - c["push"]["count"] * (ap + bp * big["refs"])
+        pack_ms = max(0.0, (rest - noop * (af + bf * big["refs"])) / big["active"])
+        for n in (1000, 2000, 5000, 10000):
+            fetch_cores = n / INTERVAL * (af + bf * n) / 1000
+            push_cores = n / HEARTBEAT * (ap + bp * n) / 1000
+            storm_s = n * (pack_ms + ap + bp * n) / 1000
+            out.append(
+                f"| {server} | {n:,} | {fetch_cores:.3f} | {push_cores:.3f} | "
+                f"{fetch_cores + push_cores:.3f} | {storm_s / INTERVAL:.2f} | {storm_s:,.0f} |"
+            )
+    return "\n".join(out)
+
+
+def record(result: dict[str, Any]) -> None:
+    with JSONL.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    rows = [json.loads(x) for x in JSONL.read_text().splitlines() if x.strip()]
+    from bench.common import splice
+
+    splice(MD, BEGIN, END, tables(rows) + "\n\n" + model(rows))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--cells", type=int, default=1000, help="status branches on the server")
+    ap.add_argument("--active", type=int, default=0, help="simulated cells (default: --cells)")
+    ap.add_argument("--prefill", action="store_true", help="fast-import the inactive cells")
+    ap.add_argument("--server", choices=("daemon", "http"), default="daemon")
+    ap.add_argument("--compress", type=float, default=1.0, help="time compression factor")
+    ap.add_argument("--window", type=float, default=60.0, help="steady window, wall seconds")
+    ap.add_argument("--workers", type=int, default=32, help="concurrent agents at most")
+    ap.add_argument("--probe", type=int, default=300, help="operations per probe")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument(
+        "--server-gc",
+        action="store_true",
+        help="`git gc` the server repository after the fleet start (a maintained host)",
+    )
+    ap.add_argument(
+        "--client-config",
+        default="",
+        help="git config every simulated cell's git runs with, e.g. protocol.version=0",
+    )
+    ap.add_argument("--record", action="store_true")
+    ap.add_argument("--report", action="store_true", help="only rewrite fleet.md from the jsonl")
+    args = ap.parse_args()
+    if args.report:
+        rows = [json.loads(x) for x in JSONL.read_text().splitlines() if x.strip()]
+        from bench.common import splice
+
+        splice(MD, BEGIN, END, tables(rows) + "\n\n" + model(rows))
+        return 0
+    args.active = args.active or args.cells
+    args.target_head = ""
+    if args.client_config:
+        key, _, value = args.client_config.partition("=")
+        os.environ["GIT_CONFIG_PARAMETERS"] = f"'{key}'='{value}'"
+    result = run(args)
+    print(json.dumps(result, indent=1))
+    if args.record:
+        record(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
