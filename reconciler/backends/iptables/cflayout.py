@@ -3,8 +3,9 @@
 This is the baseline the benchmarks measure us against, so it follows what silk's
 cni-wrapper-plugin and the vxlan-policy-agent write, rule for rule (see
 `reference/cf-asg.md`): per container and underlay interface a
-`FORWARD -s <ip> -o <underlay> -j netout--<c>` jump (silk-release lib/rules/rules.go,
-NewNetOutJumpConditions, appended by cni-wrapper-plugin/netrules/common.go initChains; a plan
+`FORWARD -s <ip> -o <underlay> -j netout--<c>` jump (silk-release
+src/code.cloudfoundry.org/lib/rules/rules.go@0a8b534:50-62 NewNetOutJumpConditions, appended by
+cni-wrapper-plugin/netrules/common.go@7ed0ad5:11-27 initChains, BulkAppend at :19; a plan
 without an underlay gets one jump without `-o`, so a benchmark's packets, whatever interface
 they leave by, still meet CF's chains), `netout--<c>`
 jumping to `asg-<c>`, and in `asg-<c>` RELATED,ESTABLISHED accept, INVALID drop, every rule of
@@ -192,14 +193,15 @@ def _ports(p: NetworkPolicy) -> str:
 def vpa_chain_lines(plan: CellPlan, policies: Sequence[NetworkPolicy], chain: str) -> list[str]:
     """The vxlan-policy-agent's `vpa--<time>` chain for this cell's IPv4 containers.
 
-    silk-release vxlan-policy-agent/planner/planner_linux.go@25ea819 planIPTableRules: first a
-    MARK rule per local container of a policy's *source* app (`--source <ip> -j MARK
-    --set-xmark 0x<tag>`, lib/rules NewMarkSetRule), then per local container of a policy's
-    *destination* app `-d <ip> -p <proto> --dport <ports> -m mark --mark 0x<tag> -j ACCEPT`
-    (NewMarkAllowRule).  The enforcer inserts the chain's jump at FORWARD position 1
-    (enforcer/enforcer.go, BulkInsert at 1).  The mark travels to another cell in the VXLAN
-    header's group policy id (silk's vtep is created with GBP on, silk/daemon/vtep/factory.go
-    @85ad715 CreateVTEP), so a destination cell sees the source's tag.  Comments carrying app
+    silk-release vxlan-policy-agent/planner/planner_linux.go@25ea819:382-439 planIPTableRules:
+    first a MARK rule per local container of a policy's *source* app (:384-389; `--source <ip>
+    -j MARK --set-xmark 0x<tag>`, lib/rules/rules.go@0a8b534:108-113 NewMarkSetRule), then per
+    local container of a policy's *destination* app (:403-411) `-d <ip> -p <proto> --dport
+    <ports> -m mark --mark 0x<tag> -j ACCEPT` (rules.go@0a8b534:74-82 NewMarkAllowRule).  The
+    enforcer inserts the chain's jump at FORWARD position 1 (enforcer/enforcer.go@01b6775:258).
+    The mark travels to another cell in the VXLAN header's group policy id (silk's vtep is
+    created with GBP on, silk/daemon/vtep/factory.go@85ad715:38-61), so a destination cell
+    sees the source's tag.  Comments carrying app
     GUIDs are left out: they decide nothing, and no store field reaches our transactions.
     """
     tags = policy_tags(policies)
@@ -223,12 +225,13 @@ def vpa_chain_lines(plan: CellPlan, policies: Sequence[NetworkPolicy], chain: st
 def overlay_chain_lines(cp: ContainerPlan, vtep: str) -> tuple[str, list[str]]:
     """silk-cni's `overlay--<handle>` chain of one container and its FORWARD jump.
 
-    silk-release cni-wrapper-plugin/netrules/netout.go@17a1c64 defaultNetOutRules: FORWARD
-    `--jump overlay--<handle>` (appended, no condition), and in the chain
-    (lib/rules/rules.go): NewOverlayAllowEgress (`-s <ip> -o <vtep> -m mark ! --mark 0x0 -j
-    ACCEPT`: leaving over the overlay only when the VPA tagged it), NewOverlayRelatedEstablished
-    Rule, NewOverlayTagAcceptRule for the ingress routers' tag (no routers in the lab: left
-    out), NewOverlayDefaultRejectRule (`-d <ip> -j REJECT`): whatever the VPA did not accept.
+    silk-release cni-wrapper-plugin/netrules/netout.go@17a1c64:128-141 defaultNetOutRules:
+    FORWARD `--jump overlay--<handle>` (appended, no condition), and in the chain
+    (lib/rules/rules.go@0a8b534): NewOverlayAllowEgress :329-336 (`-s <ip> -o <vtep> -m mark !
+    --mark 0x0 -j ACCEPT`: leaving over the overlay only when the VPA tagged it),
+    NewOverlayRelatedEstablishedRule :338-344, NewOverlayTagAcceptRule for the ingress routers'
+    tag (no routers in the lab: left out), NewOverlayDefaultRejectRule :311-317 (`-d <ip> -j
+    REJECT`): whatever the VPA did not accept.
     """
     chain = f"overlay--{_short(cp.chain_id)}"
     ip = f"{cp.container.ip}/32"
