@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from reconciler.agent.commands import agent_cmd, status_cmd
-from reconciler.backends.contract import Mode
+from reconciler.backends.contract import ConvergeResult, Mode
 from reconciler.backends.iptables.render import render_text
 from reconciler.cf_commands import cf_group
 from reconciler.cli_inputs import (
@@ -356,6 +356,21 @@ def explain_cmd(
     sys.exit(0 if all(d.allowed for _, d in verdicts) else 3)
 
 
+def _report_converge(result: ConvergeResult, fmt: str, transactions: bool) -> None:
+    """The summary on stdout (text or JSON), each family's error once on stderr, and the exit
+    code `apply` and `uninstall` share: 0 in sync, 2 changed (or would be), 1 error."""
+    from reconciler.backends.summary import format_text
+
+    if fmt == "json":
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(format_text(result, transactions=transactions), nl=False)
+    for fam in result.families:
+        if fam.error is not None:
+            click.echo(f"error: ipv{fam.family}: {fam.error}", err=True)
+    sys.exit(1 if not result.ok else 0 if result.in_sync else 2)
+
+
 @main.command("apply")
 @containers_option
 @policies_option
@@ -394,7 +409,6 @@ def apply_cmd(
 
     from reconciler.backends import DataplaneError, Runner, converge, open_backend
     from reconciler.backends.kernel.underlay import detect_underlay
-    from reconciler.backends.summary import format_text
 
     settings = cell_settings_or_exit(agent_config, underlay, backend_name)
     if not settings.underlay4:  # on the cell itself: the underlay its default routes use
@@ -412,14 +426,7 @@ def apply_cmd(
     # A report-only run audits the host against the plan it is given: whatever the kernel
     # holds otherwise is drift (to --dry-run, with no last plan, it is a change to send).
     result = converge(backend, plan, plan if mode == "report-only" else None, mode=mode)
-    if fmt == "json":
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    else:
-        click.echo(format_text(result, transactions=dry_run), nl=False)
-    for fam in result.families:
-        if fam.error is not None:
-            click.echo(f"error: ipv{fam.family}: {fam.error}", err=True)
-    sys.exit(1 if not result.ok else 0 if result.in_sync else 2)
+    _report_converge(result, fmt, dry_run)
 
 
 @main.command("uninstall")
@@ -437,7 +444,6 @@ def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> N
     with --dry-run), 1 on error (nothing half-removed: one transaction per family).
     """
     from reconciler.backends import DataplaneError, open_backend, remove
-    from reconciler.backends.summary import format_text
 
     try:
         backend = open_backend(backend_name, variant)
@@ -451,14 +457,7 @@ def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> N
 
         with contextlib.suppress(DataplaneError):  # no ipset on this host: none of ours
             IpsetWriter(Runner()).prune(())
-    if fmt == "json":
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    else:
-        click.echo(format_text(result, transactions=dry_run), nl=False)
-    for fam in result.families:
-        if fam.error is not None:
-            click.echo(f"error: ipv{fam.family}: {fam.error}", err=True)
-    sys.exit(1 if not result.ok else 0 if result.in_sync else 2)
+    _report_converge(result, fmt, dry_run)
 
 
 @main.command("plan")

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from reconciler.agent.conditions import (
@@ -519,16 +520,17 @@ def decide(
     st, changed = note_source(replace(st, applied=obs.applied), cfg, obs.now)
     logs.extend([changed] if changed is not None else [])
     head, attempted = st.head, st.attempted
+    judge = partial(
+        judge_head,
+        applied=obs.applied,
+        inventory=st.inventory,
+        settings=obs.settings,
+        cfg=cfg,
+        compile=compile,
+        tests=tests,
+    )  # a head and a pinned revision go through the same gates
     if obs.head is not None:
-        head = judge_head(
-            obs.head,
-            applied=obs.applied,
-            inventory=st.inventory,
-            settings=obs.settings,
-            cfg=cfg,
-            compile=compile,
-            tests=tests,
-        )
+        head = judge(obs.head)
         attempted = obs.head.sha
         if head.tests is not None and head.tests.failures:
             logs.append(
@@ -547,15 +549,7 @@ def decide(
     pin = pinned_sha(head, st.applied)
     pinned = st.pinned if st.pinned is not None and st.pinned.sha == pin else None
     if pin is not None and obs.pinned is not None and obs.pinned.sha == pin:
-        pinned = judge_head(
-            obs.pinned,
-            applied=obs.applied,
-            inventory=st.inventory,
-            settings=obs.settings,
-            cfg=cfg,
-            compile=compile,
-            tests=tests,
-        )
+        pinned = judge(obs.pinned)
     candidate = head if pin is None else pinned
     hold, soaking = held_back(candidate, replace(st, pinned=pinned), obs, cfg, pin)
     st = replace(st, pinned=pinned, hold=hold, soaking=soaking)
