@@ -206,3 +206,29 @@ def test_durations(text: object, seconds: float) -> None:
 def test_bad_durations(text: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    minute=st.sampled_from(["*", "0", "*/15", "5,35", "59"]),
+    hour=st.sampled_from(["*", "0", "22", "9-17", "*/6"]),
+    dom=st.sampled_from(["*", "1", "15", "29", "31", "1-7"]),
+    month=st.sampled_from(["*", "2", "12", "1-6"]),
+    dow=st.sampled_from(["*", "0", "1-5", "6"]),
+    start=st.integers(min_value=0, max_value=3_000_000),
+    within=st.integers(min_value=0, max_value=3 * 1440),
+)
+def test_the_latest_match_is_the_one_a_minute_by_minute_look_back_finds(
+    minute: str, hour: str, dom: str, month: str, dow: str, start: int, within: int
+) -> None:
+    """`last_match` skips days and hours the schedule cannot hold; it must find exactly the
+    minute that looking at every minute back from `t` finds (or none)."""
+    try:
+        cron = parse_cron(f"{minute} {hour} {dom} {month} {dow}")
+    except CronError:  # a schedule no month can hold is refused before it is ever asked
+        return
+    t = start * 60.0 + 30
+    expected = next(
+        (m for m in range(start, start - within - 1, -1) if cron.matches(m * 60.0)), None
+    )
+    assert cron.last_match(t, within) == expected

@@ -59,7 +59,10 @@ class Cron:
     def _matches_minute(self, minute: int) -> bool:
         if minute % 60 not in self.minutes or (minute // 60) % 24 not in self.hours:
             return False
-        days = minute // 1440
+        return self._matches_day(minute // 1440)
+
+    def _matches_day(self, days: int) -> bool:
+        """Does the day `days` after 1970-01-01 match the month, day and weekday fields?"""
         _year, month, day = civil(days)
         if month not in self.months:
             return False
@@ -71,11 +74,25 @@ class Cron:
 
     def last_match(self, t: float, within_minutes: int) -> int | None:
         """The latest matching minute (epoch minutes) at or before `t`, looking back at most
-        `within_minutes` minutes; None when there is none that recent."""
+        `within_minutes` minutes; None when there is none that recent.
+
+        Walked day by day, and within a matching day through the schedule's own hours and
+        minutes, latest first: a policy author's windows (up to 100, of up to 31 days) cost
+        each agent one check per day looked back, not one per minute."""
         now = int(t // 60)
-        for minute in range(now, now - within_minutes - 1, -1):
-            if self._matches_minute(minute):
-                return minute
+        earliest = now - within_minutes
+        times = sorted((h * 60 + m for h in self.hours for m in self.minutes), reverse=True)
+        day = now // 1440
+        while (day + 1) * 1440 > earliest:
+            if self._matches_day(day):
+                for at in times:
+                    minute = day * 1440 + at
+                    if minute > now:
+                        continue
+                    if minute >= earliest:
+                        return minute
+                    break
+            day -= 1
         return None
 
 
