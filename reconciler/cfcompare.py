@@ -81,7 +81,7 @@ def cf_compare_cmd(
         sides = read_cf_sides(runner, families, variant)
     except (DataplaneError, CfParseError) as exc:
         fail(f"reading CF's chains: {exc}")
-        raise  # unreachable: _fail exits
+        raise  # unreachable: fail exits
     report = compare(policy, plan, sides, keep=limit)
     if fmt == "json":
         click.echo(json.dumps(report.to_dict(limit), indent=2))

@@ -63,7 +63,7 @@ def cell_plan_or_exit(
         return policy, compile_cell(policy, containers_or_exit(containers), cell, settings)
     except PlanError as exc:
         fail(str(exc))
-        raise  # unreachable: _fail exits
+        raise  # unreachable: fail exits
 
 
 def cell_settings_or_exit(
@@ -79,7 +79,7 @@ def cell_settings_or_exit(
         return file_cell_settings(values, underlay, backend)
     except ConfigError as exc:
         fail(f"{agent_config}: {exc}" if agent_config else str(exc))
-        raise  # unreachable: _fail exits
+        raise  # unreachable: fail exits
 
 
 def gate_settings_or_exit(agent_config: str | None) -> GateSettings:
@@ -91,9 +91,9 @@ def gate_settings_or_exit(agent_config: str | None) -> GateSettings:
         values = load_file(agent_config) if agent_config else {}  # its errors name the file
     except ConfigError as exc:
         fail(str(exc))
-        raise  # unreachable: _fail exits
+        raise  # unreachable: fail exits
     try:
         return file_gate_settings(values)
     except ConfigError as exc:
         fail(f"{agent_config}: {exc}")
-        raise  # unreachable: _fail exits
+        raise  # unreachable: fail exits

@@ -67,7 +67,6 @@ MAX_COMMIT_BYTES = 1024 * 1024
 SUBJECT_CHARS = 200
 """How much of a commit's subject goes into logs and the status (the author chose it)."""
 _IDENT = re.compile(r"^(.*) <([^<>\n]*)> ([0-9]{1,15}) ([+-][0-9]{4})$", re.ASCII)
-_OID = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +123,7 @@ def parse_commit(sha: str, raw: str) -> CommitInfo:
     for name in ("tree", "author", "committer"):
         if name not in seen:
             raise MalformedCommit(f"commit {sha[:12]} has no {name!r} line")
-    if not _OID.match(seen["tree"]):
+    if not gitio.FULL_SHA.fullmatch(seen["tree"]):
         raise MalformedCommit(f"commit {sha[:12]}: tree {clip(seen['tree'], 80)} is not an id")
     idents = {}
     for name in ("author", "committer"):

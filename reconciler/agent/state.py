@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +36,10 @@ from reconciler.sources.cellstore import (
     parse_store_document,
     store_document,
 )
+from reconciler.sources.gitio import FULL_SHA
 from reconciler.status.document import Condition
 
 STATE_VERSION = 1
-_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 """An applied revision is a commit id; anything else in its place is not ours to pass to git."""
 DRIFT_LOG_LIMIT = 10
 
@@ -152,7 +151,7 @@ def from_persisted(data: Mapping[str, Any]) -> AgentState:
         return AgentState()
     applied = None
     a = data.get("applied")
-    if isinstance(a, dict) and isinstance(a.get("sha"), str) and _SHA.fullmatch(a["sha"]):
+    if isinstance(a, dict) and isinstance(a.get("sha"), str) and FULL_SHA.fullmatch(a["sha"]):
         try:
             inventory = parse_store_document(a.get("store") or {}, "state.json")
         except InventoryError:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -73,6 +74,12 @@ _CORRUPT = (
     "invalid gitfile",
 )
 _DISK_FULL = ("no space left on device", "disk quota exceeded")
+
+
+FULL_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+"""A full object name (SHA-1 or SHA-256), checked with `fullmatch`: the only spelling of a
+commit that a status file, a state file or a server's listing may hand to git's command line
+(never a ref, never an option, no trailing newline)."""
 
 
 def classify(stderr: str) -> str:

@@ -38,6 +38,7 @@ from reconciler.core.cellplan import DEFAULT_GATE, GateSettings
 from reconciler.core.model import Container
 from reconciler.policy import yamlsafe
 from reconciler.sources.cellstore import InventoryError, parse_store_document
+from reconciler.sources.gitio import FULL_SHA
 
 MAX_STATUS_BYTES = 8 * 1024 * 1024
 """A cell of ~250 containers writes ~150 KB; 8 MB is room for ~13,000 containers."""
@@ -425,9 +426,6 @@ def summarize(header: dict[str, Any]) -> StatusSummary:
     )
 
 
-_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
-
-
 def revision_sha(revision: str) -> str:
     """`main@sha1:<sha>` -> `<sha>`; "" unless that is a full hex object name.
 
@@ -435,7 +433,7 @@ def revision_sha(revision: str) -> str:
     (`asgctl status`, `asgctl plan`): only a full hex name passes, never a ref or an option.
     """
     sha = revision.rsplit("sha1:", 1)[-1] if "sha1:" in revision else ""
-    return sha if _SHA.match(sha) else ""
+    return sha if FULL_SHA.fullmatch(sha) else ""
 
 
 def containers_of(doc: StatusDocument, origin: str) -> tuple[Container, ...]:

@@ -11,20 +11,15 @@ lists: a caller that puts a cell name anywhere but a terminal holds it to
 from __future__ import annotations
 
 import contextlib
-import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.sources.cellstore import InventoryError
-from reconciler.sources.gitio import run_git
+from reconciler.sources.gitio import FULL_SHA, run_git
 from reconciler.status.branch import FETCHED_PREFIX, STATUS_PREFIX, blob_spec, fetch_refspec
 from reconciler.status.read import read_status_blobs
-
-SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
-"""A full object name (SHA-1 or SHA-256), the only spelling of a commit taken from a server
-or a status file before it reaches git's command line."""
 
 
 class FetchError(Exception):
@@ -81,7 +76,7 @@ def fetched_status(
         pairs = (line.split("\t", 1) for line in listing.splitlines() if "\t" in line)
         refs = {ref: sha for sha, ref in pairs}
         head = refs.get(f"refs/heads/{branch}", "")
-        if not SHA.match(head):
+        if not FULL_SHA.fullmatch(head):
             head = ""
         listed = sorted(r[len(prefix) :] for r in refs if r.startswith(prefix))
         cells = tuple(listed[:limit] if limit is not None else listed)
