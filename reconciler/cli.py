@@ -32,6 +32,7 @@ from reconciler.core.compile import compile_cell
 from reconciler.core.endpoint import parse_endpoint
 from reconciler.core.explain import LIFECYCLES, explain, find_containers
 from reconciler.flows.command import flows_cmd
+from reconciler.flows.suggest_command import suggest_cmd
 from reconciler.notify.command import notify_cmd
 from reconciler.policy.findings import render_findings
 from reconciler.policy.load import load_policy
@@ -546,3 +547,4 @@ main.add_command(status_cmd)
 main.add_command(notify_cmd)
 main.add_command(cf_group)
 main.add_command(flows_cmd)
+main.add_command(suggest_cmd)

@@ -128,6 +128,15 @@ def check_record(doc: Any) -> tuple[dict[str, Any], float, float]:
 
 def read_records(paths: list[Path], query: Query, errors: list[str]) -> Iterator[dict[str, Any]]:
     """The records of `paths` that match `query`; each bad line appended to `errors`."""
+    for _where, doc in read_located(paths, query, errors):
+        yield doc
+
+
+def read_located(
+    paths: list[Path], query: Query, errors: list[str]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`read_records` with each record's `file:line`, for readers (`asgctl suggest`) that
+    check more of a record than the format and must say where a bad one is."""
     for path in paths:
         try:
             handle = path.open("rb")
@@ -155,7 +164,7 @@ def read_records(paths: list[Path], query: Query, errors: list[str]) -> Iterator
                     errors.append(f"{path}:{number}: {visible(reason)}")
                     continue
                 if _matches(doc, end, query):
-                    yield doc
+                    yield f"{path}:{number}", doc
 
 
 def _matches(doc: dict[str, Any], end: float, q: Query) -> bool:
