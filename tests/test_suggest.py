@@ -400,7 +400,7 @@ def test_it_never_writes_over_a_file_it_did_not_write_nor_through_a_symlink(
     mine = out / "payments_prod_frontend.yaml"
     mine.write_text("kind: Destination\nname: hand-written\n")
     res = _suggest("--file", str(FLOWS), "--out", str(out))
-    assert res.exit_code == 1 and "was not written by `asgctl suggest`" in res.stderr
+    assert res.exit_code == 1 and f"{mine}: exists; nothing was written" in res.stderr
     assert mine.read_text() == "kind: Destination\nname: hand-written\n"
     assert not (out / "marketing_web_blog.yaml").exists()  # nothing at all was written
     mine.unlink()
@@ -417,14 +417,50 @@ def test_it_never_writes_over_a_file_it_did_not_write_nor_through_a_symlink(
     assert list(out.iterdir()) == []
 
 
-def test_a_second_run_rewrites_its_own_files(tmp_path: Path) -> None:
+def test_a_second_run_into_the_same_folder_writes_nothing(tmp_path: Path) -> None:
+    """Rewritten from newer records (or with --policies), an earlier proposal would lose
+    what it granted: each proposal goes into a folder of its own."""
     out = tmp_path / "out"
     assert _suggest("--file", str(FLOWS), "--out", str(out)).exit_code == 0
     first = {p.name: p.read_text() for p in out.iterdir()}
     assert all(t.startswith(MARKER + "\n") for t in first.values())
-    (out / "payments_prod_frontend.yaml").write_text(MARKER + "\nstale\n")
-    assert _suggest("--file", str(FLOWS), "--out", str(out)).exit_code == 0
+    res = _suggest("--file", str(FLOWS), "--out", str(out))
+    assert res.exit_code == 1 and "exists; nothing was written" in res.stderr
     assert {p.name: p.read_text() for p in out.iterdir()} == first
+
+
+def test_with_policies_what_the_repository_already_allows_is_left_out(tmp_path: Path) -> None:
+    """A rerun after the first proposal was merged: the same records propose nothing more,
+    and a new flow gets names the repository does not use yet."""
+    repo = _repo(tmp_path)
+    assert _suggest("--file", str(FLOWS), "--out", str(repo / "suggested")).exit_code == 0
+    res = _suggest("--file", str(FLOWS), "--policies", str(repo), "--out", str(repo / "again"))
+    assert res.exit_code == 0, res.output
+    assert "nothing to propose" in res.stderr
+    assert "not proposed: 10 flows the policy already allows to its app" in res.stderr
+    assert not (repo / "again").exists()
+    # A new address on a port set already granted: a new Destination, under a new name.
+    more = tmp_path / "more.jsonl"
+    new = _record("198.19.40.99", 5432, time="2026-12-07T06:00:00Z", end="2026-12-07T06:00:00Z")
+    more.write_text(FLOWS.read_text() + json.dumps(new) + "\n")
+    res = _suggest("--file", str(more), "--policies", str(repo), "--out", str(repo / "again"))
+    assert res.exit_code == 0, res.output
+    (written,) = (repo / "again").iterdir()
+    docs = _documents([written.read_text()])
+    assert [(d["kind"], d["name"]) for d in docs] == [
+        ("Destination", f"{FRONTEND}-tcp-5432-v2"),
+        ("EgressPolicy", f"{FRONTEND}-tcp-5432-v2"),
+    ]
+    assert docs[0]["ips"] == ["198.19.40.99"]
+    assert load_folder(repo).ok
+
+
+def test_policies_that_do_not_validate_are_an_error(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    (repo / "broken.yaml").write_text("kind: Destination\nname: x\nprotocol: carrier-pigeon\n")
+    res = _suggest("--file", str(FLOWS), "--policies", str(repo))
+    assert res.exit_code == 1 and "broken.yaml" in res.stderr
+    assert f"--policies {repo}: does not validate" in res.stderr and res.stdout == ""
 
 
 def test_stdout_is_one_valid_multi_document_stream_and_filters_apply() -> None:

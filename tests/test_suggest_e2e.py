@@ -115,7 +115,7 @@ def test_suggested_policy_from_real_denies_allows_exactly_those_flows_once_appli
         flow_log_window="1s",
     ).start()
     wait_for(_applied(policy_repo, agent, sha), 30, what="the agent applies the policy")
-    echo = cell.services["echo"].ipv4
+    echo, other = cell.services["echo"].ipv4, cell.services["other"].ipv4
 
     # Denied by the firewall, and the agent records it.
     assert cell.probe_tcp("web", "echo", 8080).outcome is Outcome.REJECTED
@@ -153,12 +153,34 @@ def test_suggested_policy_from_real_denies_allows_exactly_those_flows_once_appli
     assert cell.probe_tcp("web", "echo", 8081).outcome is Outcome.REJECTED
     assert cell.probe_tcp("web", "other", 8080).outcome is Outcome.REJECTED
     assert cell.probe_udp("web", "other", 53).outcome is Outcome.REJECTED
-    # The new denies are recorded as before (the flow log still works after the change).
+    # A second proposal against the repository as merged: the flows granted above are left
+    # out (their old records are still in the file), only the new denies are proposed.
     wait_for(
-        lambda: any(r["port"] == 8081 for r in _deny_records(agent)),
+        lambda: (
+            {(r["destination"], r["port"]) for r in _deny_records(agent)}
+            >= {(echo, 8081), (other, 8080)}
+        ),
         15,
-        what="a deny record for the neighbouring port",
+        what="deny records for the neighbouring port and the other address",
     )
+    again = policy_repo.root / "policies" / "suggested-2"
+    res = _cli(
+        "suggest",
+        "--state-dir",
+        str(agent.state_dir),
+        "--policies",
+        str(policy_repo.root / "policies"),
+        "--out",
+        str(again),
+    )
+    assert res.returncode == 0, res.stderr
+    assert "not proposed: 2 flows the policy already allows to its app" in res.stderr
+    docs = [d for d in yaml.safe_load_all((again / "acme_prod_web.yaml").read_text()) if d]
+    assert {(d["protocol"], d["ips"][0], d["ports"][0]) for d in docs[::2]} == {
+        ("tcp", echo, 8081),
+        ("tcp", other, 8080),
+        ("udp", other, 53),
+    }
 
 
 def test_the_lab_services_really_listen_on_the_probed_ports(make_lab: Callable[..., Lab]) -> None:

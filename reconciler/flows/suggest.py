@@ -44,6 +44,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from reconciler.core.compile import compile_cell
+from reconciler.core.endpoint import Endpoint
+from reconciler.core.explain import explain
+from reconciler.core.model import Container, PolicySet
 from reconciler.escape import visible
 from reconciler.flows.read import RecordError, check_record
 from reconciler.flows.record import DENY, RATE_LIMIT, WOULD_DENY, iso
@@ -65,7 +69,7 @@ __all__ = [
     "render_app",
 ]
 
-MARKER = "# Proposed by `asgctl suggest` from flow records; review it. A new run rewrites it."
+MARKER = "# Proposed by `asgctl suggest` from flow records: review it before merging."
 PROPOSABLE = ("tcp", "udp")
 LIFECYCLE = "running"
 MAX_FLOWS = 100_000
@@ -79,6 +83,9 @@ MAX_NAME = 255  # schemas/directory.schema.json $defs.name.maxLength
 _GUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # directory.schema.json $defs.guid
 _NAME_PART = re.compile(r"[^/\s]{1,255}")  # directory.schema.json $defs.name
 _MAX_SLUG = 48
+_PROBE_V4, _PROBE_V6 = "198.18.0.2", "fd00:18::2"
+"""The container addresses a repository's grants are asked about with (as `asgctl test`'s
+synthetic containers): grants are per app and space, never per source address."""
 WIDEST = {4: 8, 6: 32}
 """The widest prefix `--widen-to` accepts per IP version: a policy wider than that is not a
 suggestion from observed flows any more."""
@@ -227,9 +234,17 @@ def _address(text: str) -> Address:
         raise RecordError("field 'destination': expected an IP address") from None
 
 
-def propose(records: Iterable[tuple[str, Mapping[str, Any]]], options: Options) -> Proposal:
+def propose(
+    records: Iterable[tuple[str, Mapping[str, Any]]],
+    options: Options,
+    policy: PolicySet | None = None,
+) -> Proposal:
     """The grants that allow exactly the flows of `records` (each given with its `file:line`)
     whose verdict is in `options.verdicts`.
+
+    With `policy` (the repository the proposal is for, validated): flows it already allows
+    to their app are left out -- records written before an earlier proposal was merged --
+    and no Destination or EgressPolicy name it uses is used again.
 
     Records of other verdicts are passed over; records that cannot become a grant (the
     connection limit's denies, a source that is no container, ICMP, other protocols, port 0)
@@ -237,6 +252,7 @@ def propose(records: Iterable[tuple[str, Mapping[str, Any]]], options: Options) 
     """
     flows: dict[tuple[str, Flow], _Acc] = {}
     names: dict[str, str] = {}
+    placed: dict[str, tuple[str, str]] = {}
     errors: list[str] = []
     error_count = 0
     skipped: dict[str, int] = {}
@@ -281,6 +297,9 @@ def propose(records: Iterable[tuple[str, Mapping[str, Any]]], options: Options) 
         if name and (app_id not in names or (names[app_id] and name < names[app_id])):
             names[app_id] = name  # the smallest name seen: independent of record order
         names.setdefault(app_id, "")
+        where_from = (doc.get("space_id", ""), doc.get("org_id", ""))
+        if where_from[0] and (app_id not in placed or where_from < placed[app_id]):
+            placed[app_id] = where_from  # the app's space and org, as the cell saw them
         key = (app_id, Flow(address.version, int(address), port, protocol))
         acc = flows.get(key)
         if acc is None:
@@ -297,14 +316,59 @@ def propose(records: Iterable[tuple[str, Mapping[str, Any]]], options: Options) 
     by_app: dict[str, list[tuple[Flow, Seen]]] = {}
     for (app_id, flow), acc in flows.items():
         by_app.setdefault(app_id, []).append((flow, acc.frozen()))
+    notes = [f"not proposed: {_n(n, 'record')} of {w}" for w, n in sorted(skipped.items())]
+    taken: set[str] = set()
+    if policy is not None:
+        taken = {d.name for d in policy.destinations} | {p.name for p in policy.egress_policies}
+        allowed = 0
+        for app_id in sorted(by_app):
+            space_id, org_id = placed.get(app_id, ("", ""))
+            keep = _not_allowed(policy, app_id, space_id, org_id, by_app[app_id])
+            allowed += len(by_app[app_id]) - len(keep)
+            by_app[app_id] = keep
+        if allowed:
+            notes.append(
+                f"not proposed: {_n(allowed, 'flow')} the policy already allows to its app"
+            )
     widened = _widened(options)
     apps = [
-        AppProposal(app_id, names[app_id], _grants(app_id, names[app_id], seen, options), widened)
+        AppProposal(
+            app_id, names[app_id], _grants(app_id, names[app_id], seen, options, taken), widened
+        )
         for app_id, seen in by_app.items()
+        if seen
     ]
     apps.sort(key=lambda a: (a.shown, a.app_id))
-    notes = tuple(f"not proposed: {_n(n, 'record')} of {w}" for w, n in sorted(skipped.items()))
-    return Proposal(tuple(apps), tuple(errors), notes, used)
+    return Proposal(tuple(apps), tuple(errors), tuple(notes), used)
+
+
+def _not_allowed(
+    policy: PolicySet, app_id: str, space_id: str, org_id: str, seen: list[tuple[Flow, Seen]]
+) -> list[tuple[Flow, Seen]]:
+    """The flows `policy` does not allow to a running container of the app, decided as
+    `asgctl explain` decides (the compiled plan of a container of the app, in its Directory
+    space when the Directory knows the app, else in the space its records named)."""
+    known = policy.directory.app(app_id)
+    if known is not None:
+        space_id = known.space_guid
+        space = policy.directory.space(space_id)
+        org_id = space.org_guid if space is not None else org_id
+    containers = [
+        Container(f"suggest-v{v}", ip, app_id, space_id, org_id, "", "app")
+        for v, ip in ((4, _PROBE_V4), (6, _PROBE_V6))
+    ]
+    plan = compile_cell(policy, containers, "suggest")
+    by_version = {cp.container.version: cp for cp in plan.containers}
+    return [
+        (flow, stats)
+        for flow, stats in seen
+        if not explain(
+            policy,
+            plan,
+            by_version[flow.version],
+            Endpoint(flow.version, flow.address, flow.protocol, flow.port),
+        ).allowed
+    ]
 
 
 def _widened(options: Options) -> str:
@@ -324,7 +388,11 @@ def _network(flow: Flow, options: Options) -> Network:
 
 
 def _grants(
-    app_id: str, name: str, seen: list[tuple[Flow, Seen]], options: Options
+    app_id: str,
+    name: str,
+    seen: list[tuple[Flow, Seen]],
+    options: Options,
+    taken: set[str],
 ) -> tuple[Grant, ...]:
     """Per protocol, addresses (or prefixes) grouped by the exact set of ports seen to them."""
     ports_of: dict[tuple[str, Network], set[int]] = {}
@@ -353,7 +421,7 @@ def _grants(
             for i in range(0, len(entries), MAX_DESTINATIONS_PER_RULE)
         ]
         for n, chunk in enumerate(chunks, 1):
-            dest_name = base if n == 1 else f"{base}-part{n}"
+            dest_name = _unused(base if n == 1 else f"{base}-part{n}", taken)
             mine = tuple(
                 (f, s)
                 for f, s in flows
@@ -379,6 +447,15 @@ def _grants(
             }
             grants.append(Grant(destination, policy, mine))
     return tuple(grants)
+
+
+def _unused(name: str, taken: set[str]) -> str:
+    """`name`, or `name-v2`, `-v3`... when the repository already uses it."""
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}-v{n}"
+    return candidate
 
 
 def _ip_entries(nets: list[Network]) -> list[tuple[str, int, int, int]]:

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 import click
 
-from reconciler.atomicfile import atomic_write_text
+from reconciler.core.model import PolicySet
 from reconciler.escape import visible
 from reconciler.flows.read import (
     MAX_ERRORS_SHOWN,
@@ -23,7 +23,6 @@ from reconciler.flows.read import (
 )
 from reconciler.flows.record import DENY, WOULD_DENY
 from reconciler.flows.suggest import (
-    MARKER,
     Options,
     Proposal,
     SuggestError,
@@ -33,8 +32,9 @@ from reconciler.flows.suggest import (
     render_app,
 )
 from reconciler.policy.importcf import schema_comment_for
+from reconciler.policy.load import load_policy
 
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 @click.command("suggest")
@@ -69,6 +69,13 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEX
     help="Widen IPv6 addresses to their /N prefix (/32 to /128); ports stay exact.",
 )
 @click.option(
+    "--policies",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="The policy folder the proposal is for: flows it already allows are left out "
+    "and its names are not reused.",
+)
+@click.option(
     "--out",
     "out_dir",
     default=None,
@@ -83,6 +90,7 @@ def suggest_cmd(
     verdicts: tuple[str, ...],
     widen_v4: str | None,
     widen_v6: str | None,
+    policies: str | None,
     out_dir: str | None,
 ) -> None:
     """Propose Destination + EgressPolicy documents that allow exactly the denied flows.
@@ -92,7 +100,8 @@ def suggest_cmd(
     flows it covers in a comment; nothing wider than observed unless --widen-to asks.
 
     Exit 0 (also when nothing is left to propose), or 1 when a file or option cannot be
-    used or a line is not a flow record (each named file:line on stderr; nothing is written).
+    used, the --policies folder does not validate, or a line is not a flow record (each
+    named file:line on stderr); then nothing is written.
     """
     if state_dir and file_:
         raise click.UsageError("--state-dir and --file: give one")
@@ -104,8 +113,9 @@ def suggest_cmd(
             widen_v4=parse_prefix_length(widen_v4, 4) if widen_v4 else None,
             widen_v6=parse_prefix_length(widen_v6, 6) if widen_v6 else None,
         )
+        policy = _policy(policies) if policies else None
         errors = _Errors()
-        proposal = propose(read_located(paths, query, errors), options)
+        proposal = propose(read_located(paths, query, errors), options, policy)
     except (FlowsError, SuggestError) as exc:
         _fail(str(exc))
     for note in proposal.notes:
@@ -143,28 +153,25 @@ class _Errors(list[str]):
             self.more += 1
 
 
+def _policy(path: str) -> PolicySet:
+    result = load_policy(path)
+    if not result.ok:
+        for finding in result.errors[:MAX_ERRORS_SHOWN]:
+            click.echo(f"error: {visible(str(finding))}", err=True)
+        raise SuggestError(f"--policies {path}: does not validate (asgctl validate {path})")
+    return result.policy
+
+
 def _fail(message: str) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
 
 
-def _ours(path: Path) -> bool | None:
-    """None: no such file; True: a regular file a previous run wrote; False: anything else."""
-    try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return False  # a symlink (ELOOP), a fifo, a folder: never written over
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            return False
-        return fh.read(len(MARKER) + 1) == MARKER.encode() + b"\n"
-
-
 def _write(out: Path, proposal: Proposal) -> list[Path]:
-    """One file per app into `out`, all checked before the first is written: a name held
-    by a file this command did not write (or a symlink) stops it with nothing written."""
+    """One new file per app into `out`, all checked before the first is written.  A file
+    that exists is never written over, not even an earlier proposal: rewritten from newer
+    records (or with --policies, which leaves out what it already grants) it would drop
+    what the earlier one granted.  Each proposal goes into a folder of its own."""
     out.mkdir(parents=True, exist_ok=True)
     if stat.S_ISLNK(os.lstat(out).st_mode):
         raise SuggestError(f"{out}: is a symlink; nothing was written")
@@ -173,12 +180,19 @@ def _write(out: Path, proposal: Proposal) -> list[Path]:
     for target in targets:
         if target.resolve().parent != base:
             raise SuggestError(f"{target}: would be outside {out}; nothing was written")
-        if _ours(target) is False:
+        if os.path.lexists(target):
             raise SuggestError(
-                f"{target}: exists and was not written by `asgctl suggest`; move it away "
-                "or write elsewhere; nothing was written"
+                f"{target}: exists; nothing was written (write each proposal into a new "
+                "folder: a rewrite would drop what the earlier one granted)"
             )
     hint = schema_comment_for(out)
     for app, target in zip(proposal.apps, targets, strict=True):
-        atomic_write_text(target, render_app(app, hint), mode=0o644)
+        _create(target, render_app(app, hint))
     return targets
+
+
+def _create(path: Path, text: str) -> None:
+    """A new file (O_EXCL: never one that appeared since the check, never through a link)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
