@@ -316,7 +316,8 @@ def test_a_hostile_app_name_cannot_break_the_yaml_or_leave_the_output_folder(
         "o/s/#:&*!|>'\"%@`{}[]": "app-four",
         "o/s/\u202eevil": "app-five",  # a bidi control: not printable, not a Directory name
     }
-    docs = [_record("198.19.0.1", 80, app=n, app_id=g) for n, g in names.items()]
+    cell = "cell\n- kind: EgressPolicy\x1b[2J\u2028#"  # in a comment: stays in it
+    docs = [_record("198.19.0.1", 80, app=n, app_id=g, cell=cell) for n, g in names.items()]
     out = tmp_path / "out"
     (tmp_path / "flows.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     res = _suggest("--file", str(tmp_path / "flows.jsonl"), "--out", str(out))
@@ -345,6 +346,8 @@ def test_a_hostile_app_name_cannot_break_the_yaml_or_leave_the_output_folder(
         (_record("198.19.0.1", None), "field 'port'"),
         (_record("198.19.0.1", 80, count=0), "field 'count'"),
         (_record("198.19.0.1", 80, verdict="maybe"), "field 'verdict'"),
+        (_record("198.19.0.1", 80, protocol="tcp\n"), "field 'protocol'"),
+        (_record("198.19.0.1", 80, protocol="x" * 40), "field 'protocol'"),
     ],
 )
 def test_a_bad_record_is_an_error_at_its_line_and_nothing_is_written(
@@ -370,6 +373,23 @@ def test_a_file_that_is_no_flows_file_is_errors_with_lines_never_a_traceback(
     assert f"{path}:2: line longer than" in res.stderr
     assert f"{path}:3: line longer than" in res.stderr
     assert res.stdout == ""
+
+
+def test_a_file_that_never_ends_is_refused(tmp_path: Path) -> None:
+    res = _suggest("--file", "/dev/zero")
+    assert res.exit_code == 1 and "/dev/zero: not a regular file" in res.stderr
+    res = _suggest("--file", str(tmp_path / "missing"))
+    assert res.exit_code == 1 and "No such file or directory" in res.stderr
+
+
+def test_other_protocols_are_noted_by_number_not_proposed() -> None:
+    docs = [_record("198.19.0.1", None, protocol=p) for p in ("47", "sctp", "47")]
+    proposal = propose(_located(docs), Options())
+    assert proposal.apps == () and not proposal.errors
+    assert proposal.notes == (
+        "not proposed: 2 records of protocol 47 (a Destination can say it only as protocol all)",
+        "not proposed: 1 record of protocol sctp (a Destination can say it only as protocol all)",
+    )
 
 
 def test_too_many_distinct_flows_is_a_clear_error_not_unbounded_memory(tmp_path: Path) -> None:

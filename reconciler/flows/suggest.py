@@ -37,6 +37,7 @@ Strings from a record reach the YAML only as values the one dumper quotes
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import ipaddress
 import re
@@ -49,6 +50,7 @@ from reconciler.core.endpoint import Endpoint
 from reconciler.core.explain import explain
 from reconciler.core.model import Container, PolicySet
 from reconciler.escape import visible
+from reconciler.flows.nflog import PROTOCOL_NAMES
 from reconciler.flows.read import RecordError, check_record
 from reconciler.flows.record import DENY, RATE_LIMIT, WOULD_DENY, iso
 from reconciler.policy.grammar import MAX_DESTINATIONS_PER_RULE, MAX_PORT, MIN_PORT
@@ -83,6 +85,7 @@ MAX_NAME = 255  # schemas/directory.schema.json $defs.name.maxLength
 _GUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # directory.schema.json $defs.guid
 _NAME_PART = re.compile(r"[^/\s]{1,255}")  # directory.schema.json $defs.name
 _MAX_SLUG = 48
+_PROTOCOL_NUMBER = re.compile(r"[0-9]{1,3}")  # what nflog.LoggedPacket writes for others
 _PROBE_V4, _PROBE_V6 = "198.18.0.2", "fd00:18::2"
 """The container addresses a repository's grants are asked about with (as `asgctl test`'s
 synthetic containers): grants are per app and space, never per source address."""
@@ -91,7 +94,8 @@ WIDEST = {4: 8, 6: 32}
 suggestion from observed flows any more."""
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Span = tuple[int, int, int]
+"""(IP version, first address, last address): an address or a prefix, as integers."""
 
 
 class SuggestError(ValueError):
@@ -274,12 +278,13 @@ def propose(
             address = _address(doc["destination"])
             protocol = doc["protocol"]
             if protocol not in PROPOSABLE:
-                why = (
-                    "records carry no ICMP type, and a Destination for it would allow every type"
-                    if protocol in ("icmp", "icmpv6")
-                    else "a Destination can say it only as protocol all"
-                )
-                _bump(skipped, f"protocol {visible(protocol)[:16]} ({why})")
+                if protocol in ("icmp", "icmpv6"):
+                    why = "records carry no ICMP type; a Destination would allow every type"
+                elif protocol in PROTOCOL_NAMES.values() or _PROTOCOL_NUMBER.fullmatch(protocol):
+                    why = "a Destination can say it only as protocol all"
+                else:
+                    raise RecordError("field 'protocol': expected a protocol name or number")
+                _bump(skipped, f"protocol {protocol} ({why})")
                 continue
             port = doc.get("port")
             if port is None:
@@ -381,10 +386,13 @@ def _bump(counter: dict[str, int], what: str) -> None:
     counter[what] = counter.get(what, 0) + 1
 
 
-def _network(flow: Flow, options: Options) -> Network:
+def _network(flow: Flow, options: Options) -> Span:
+    """The flow's address, or its prefix when widening asks for one, as (version, first,
+    last)."""
+    bits = 32 if flow.version == 4 else 128
     length = options.widen_v4 if flow.version == 4 else options.widen_v6
-    full = 32 if flow.version == 4 else 128
-    return ipaddress.ip_network((flow.ip, full if length is None else length), strict=False)
+    host = (1 << (bits - (bits if length is None else length))) - 1
+    return (flow.version, flow.address & ~host, flow.address | host)
 
 
 def _grants(
@@ -395,11 +403,11 @@ def _grants(
     taken: set[str],
 ) -> tuple[Grant, ...]:
     """Per protocol, addresses (or prefixes) grouped by the exact set of ports seen to them."""
-    ports_of: dict[tuple[str, Network], set[int]] = {}
+    ports_of: dict[tuple[str, Span], set[int]] = {}
     for flow, _ in seen:
         ports_of.setdefault((flow.protocol, _network(flow, options)), set()).add(flow.port)
     group_of = {where: (where[0], tuple(sorted(ports))) for where, ports in ports_of.items()}
-    nets_of: dict[tuple[str, tuple[int, ...]], list[Network]] = {}
+    nets_of: dict[tuple[str, tuple[int, ...]], list[Span]] = {}
     for (_, net), key in group_of.items():
         nets_of.setdefault(key, []).append(net)
     flows_of: dict[tuple[str, tuple[int, ...]], list[tuple[Flow, Seen]]] = {}
@@ -420,13 +428,15 @@ def _grants(
             entries[i : i + MAX_DESTINATIONS_PER_RULE]
             for i in range(0, len(entries), MAX_DESTINATIONS_PER_RULE)
         ]
+        starts = [(v, lo) for _, v, lo, _ in entries]
+        in_chunk: list[list[tuple[Flow, Seen]]] = [[] for _ in chunks]
+        for fs in flows:  # the entry holding the flow's address, and so its chunk
+            at = bisect.bisect_right(starts, (fs[0].version, fs[0].address)) - 1
+            in_chunk[at // MAX_DESTINATIONS_PER_RULE].append(fs)
         for n, chunk in enumerate(chunks, 1):
             dest_name = _unused(base if n == 1 else f"{base}-part{n}", taken)
-            mine = tuple(
-                (f, s)
-                for f, s in flows
-                if any(v == f.version and lo <= f.address <= hi for _, v, lo, hi in chunk)
-            )
+            taken.add(dest_name)
+            mine = tuple(in_chunk[n - 1])
             shown = name or app_id
             destination: dict[str, Any] = {
                 "kind": "Destination",
@@ -458,12 +468,10 @@ def _unused(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def _ip_entries(nets: list[Network]) -> list[tuple[str, int, int, int]]:
+def _ip_entries(nets: list[Span]) -> list[tuple[str, int, int, int]]:
     """The addresses of `nets` in as few `ips` entries as say exactly them -- an address, a
     CIDR, or an `a-b` range where adjacent ones join -- each with its (version, first, last)."""
-    spans: list[tuple[int, int, int]] = sorted(
-        (n.version, int(n.network_address), int(n.broadcast_address)) for n in nets
-    )
+    spans = sorted(nets)
     merged: list[list[int]] = []
     for version, lo, hi in spans:
         if merged and merged[-1][0] == version and lo <= merged[-1][2] + 1:

@@ -106,7 +106,7 @@ def suggest_cmd(
     if state_dir and file_:
         raise click.UsageError("--state-dir and --file: give one")
     try:
-        paths = [Path(file_)] if file_ else files_of(state_dir or "/var/lib/asgctl")
+        paths = [_regular(file_)] if file_ else files_of(state_dir or "/var/lib/asgctl")
         query = Query(app, parse_time(since, time.time()) if since else None)
         options = Options(
             verdicts=verdicts or (DENY, WOULD_DENY),
@@ -151,6 +151,17 @@ class _Errors(list[str]):
             super().append(line)
         else:
             self.more += 1
+
+
+def _regular(path: str) -> Path:
+    """--file must be a regular file: /dev/zero or a pipe never ends, and is no record file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise FlowsError(f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise FlowsError(f"{path}: not a regular file")
+    return Path(path)
 
 
 def _policy(path: str) -> PolicySet:
