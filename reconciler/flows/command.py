@@ -5,7 +5,9 @@ from __future__ import annotations
 import collections
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -21,17 +23,35 @@ from reconciler.flows.read import (
 )
 from reconciler.flows.record import VERDICTS
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def record_options(command: F) -> F:
+    """--state-dir, --file, --app and --since: where records are read and which, as every
+    command over flow records (`flows`, `suggest`) spells them."""
+    for option in reversed(
+        (
+            click.option(
+                "--state-dir",
+                default=None,
+                help="The agent's state directory: reads flows/flows.jsonl and its rotated "
+                "files.  [default: /var/lib/asgctl]",
+            ),
+            click.option("--file", "file_", default=None, help="Read this flows file instead."),
+            click.option(
+                "--app", default=None, help="Only this app: org/space/app, its name or its GUID."
+            ),
+            click.option(
+                "--since", default=None, help="Only flows seen since: 2026-12-06T06:00:00Z, 2h, 7d."
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
 
 @click.command("flows")
-@click.option(
-    "--state-dir",
-    default=None,
-    help="The agent's state directory: reads flows/flows.jsonl and its rotated files.  "
-    "[default: /var/lib/asgctl]",
-)
-@click.option("--file", "file_", default=None, help="Read this flows file instead.")
-@click.option("--app", default=None, help="Only this app: org/space/app, its name or its GUID.")
-@click.option("--since", default=None, help="Only flows seen since: 2026-12-06T06:00:00Z, 2h, 7d.")
+@record_options
 @click.option("--verdict", type=click.Choice(list(VERDICTS)), default=None)
 @click.option("--rule", default=None, help="Only allows by this rule or group id (a prefix).")
 @click.option(

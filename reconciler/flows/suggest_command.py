@@ -13,6 +13,7 @@ import click
 
 from reconciler.core.model import PolicySet
 from reconciler.escape import visible
+from reconciler.flows.command import record_options
 from reconciler.flows.read import (
     MAX_ERRORS_SHOWN,
     FlowsError,
@@ -38,15 +39,7 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 @click.command("suggest")
-@click.option(
-    "--state-dir",
-    default=None,
-    help="The agent's state directory: reads flows/flows.jsonl and its rotated files.  "
-    "[default: /var/lib/asgctl]",
-)
-@click.option("--file", "file_", default=None, help="Read this flows file instead.")
-@click.option("--app", default=None, help="Only this app: org/space/app, its name or its GUID.")
-@click.option("--since", default=None, help="Only flows seen since: 2026-12-06T06:00:00Z, 2h, 7d.")
+@record_options
 @click.option(
     "--verdict",
     "verdicts",
