@@ -13,7 +13,9 @@ Exactly the observed flows, and no more:
   (protocol, the exact set of ports seen to an address): every address with the same port
   set shares one Destination, so each Destination allows only (address, port) pairs that were
   observed.  Adjacent addresses are written as one range or CIDR, contiguous ports as one
-  range: the same set, written shorter.
+  range: the same set, written shorter.  This is the fewest Destinations in which each
+  address keeps one port set; covering the flows with the fewest products in general is
+  NP-hard (rectangle cover) and not attempted.
 * Nothing is widened unless asked: `widen_v4` / `widen_v6` (`--widen-to /24`,
   `--widen-to6 /64`) put each address in its prefix first; a prefix then gets the ports seen
   to any address in it.  Ports are never widened.
@@ -27,6 +29,11 @@ Exactly the observed flows, and no more:
   record carried is in the comments and descriptions for the reviewer.
 * `app_lifecycle: running`: records do not say whether the container was staging, and
   running is the narrower guess for what an app's own traffic is.
+* No SecurityGroup form: an ASG binds to spaces, so any ASG rule would hand the flows to
+  every app of the space, wider than observed.
+* Given the repository the proposal is for (`--policies`), flows it already allows to the
+  app -- records written before an earlier proposal was merged -- are left out, decided as
+  `asgctl explain` decides on a compiled plan, and names it uses are not used again.
 
 Records are untrusted (a `--file` may be anything): every field used is checked again here
 (`read.check_record`, then an address, a GUID, a port), a bad record is an error naming its
@@ -81,7 +88,6 @@ MAX_CELLS = 8
 MAX_LISTED = 50
 """Flows listed in one Destination's comment; the rest are counted."""
 MAX_ERRORS = 20
-MAX_NAME = 255  # schemas/directory.schema.json $defs.name.maxLength
 _GUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # directory.schema.json $defs.guid
 _NAME_PART = re.compile(r"[^/\s]{1,255}")  # directory.schema.json $defs.name
 _MAX_SLUG = 48
