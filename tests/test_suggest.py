@@ -246,6 +246,40 @@ def test_for_any_records_the_grants_are_exactly_the_flows(
     assert _granted(_documents([render_app(a, None) for a in proposal.apps])) == observed
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["tcp", "udp"]),
+            st.sampled_from(["198.19.0.", "fd00:19::"]),
+            st.integers(1, 40),
+            st.sampled_from([1, 2, 3, 443, 8080]),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_widened_grants_are_the_prefixes_of_the_flows_with_exactly_their_ports(
+    flows: list[tuple[str, str, int, int]],
+) -> None:
+    """With --widen-to /30 (--widen-to6 /126): an address is granted a port exactly when an
+    observed flow went to that port at an address of the same prefix."""
+    docs = [_record(f"{net}{host}", port, protocol=proto) for proto, net, host, port in flows]
+    proposal = propose(_located(docs), Options(widen_v4=30, widen_v6=126))
+    granted = _granted(_documents([render_app(a, None) for a in proposal.apps]))
+
+    def prefix(address: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        ip = ipaddress.ip_address(address)
+        return ipaddress.ip_network((ip, 30 if ip.version == 4 else 126), strict=False)
+
+    expected = {
+        (FRONTEND, proto, str(member), port)
+        for proto, net, host, port in flows
+        for member in prefix(f"{net}{host}")
+    }
+    assert granted == expected
+
+
 def test_the_order_of_the_records_does_not_change_a_byte() -> None:
     docs = [json.loads(line) for line in FLOWS.read_text().splitlines()]
     first = propose(_located(docs), Options())
