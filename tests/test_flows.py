@@ -388,6 +388,19 @@ def test_a_hostile_flows_file_gives_named_errors_never_a_traceback(tmp_path):
     assert len(table) == 3  # header and the two valid records
 
 
+def test_a_file_that_never_ends_or_never_stops_being_wrong_is_bounded(tmp_path):
+    """/dev/zero has no end and no newline; a million bad lines must not become a million
+    kept messages: the reader refuses what is not a regular file and counts past the first."""
+    res = _flows("--file", "/dev/zero")
+    assert res.exit_code == 1 and "/dev/zero: not a regular file" in res.output
+    path = tmp_path / "flows.jsonl"
+    path.write_bytes(b"{not json\n" * 100_000)
+    res = _flows("--file", str(path))
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert res.exit_code == 1 and len(errors) == 21
+    assert errors[-1] == f"error: ... and {100_000 - 20} more bad lines"
+
+
 def test_flows_without_records_says_where_it_looked(tmp_path):
     res = _flows("--state-dir", str(tmp_path))
     assert res.exit_code == 1 and "flows/flows.jsonl" in res.output

@@ -6,19 +6,19 @@ import collections
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from reconciler.cli_options import format_option
 from reconciler.flows.read import (
-    MAX_ERRORS_SHOWN,
+    BadLines,
     FlowsError,
     Query,
     files_of,
     parse_time,
     read_records,
+    regular_file,
     render,
 )
 from reconciler.flows.record import VERDICTS
@@ -80,16 +80,16 @@ def flows_cmd(
     if state_dir and file_:
         raise click.UsageError("--state-dir and --file: give one")
     try:
-        paths = [Path(file_)] if file_ else files_of(state_dir or "/var/lib/asgctl")
+        paths = [regular_file(file_)] if file_ else files_of(state_dir or "/var/lib/asgctl")
         query = Query(app, parse_time(since, time.time()) if since else None, verdict, rule)
     except FlowsError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    errors: list[str] = []
+    errors = BadLines()
     kept = collections.deque(read_records(paths, query, errors), maxlen=limit)
     click.echo(render(list(kept), fmt), nl=False)
-    for line in errors[:MAX_ERRORS_SHOWN]:
+    for line in errors:
         click.echo(f"error: {line}", err=True)
-    if len(errors) > MAX_ERRORS_SHOWN:
-        click.echo(f"error: ... and {len(errors) - MAX_ERRORS_SHOWN} more bad lines", err=True)
+    if errors.more:
+        click.echo(f"error: ... and {errors.more} more bad lines", err=True)
     sys.exit(1 if errors else 0)

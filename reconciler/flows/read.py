@@ -11,7 +11,9 @@ traceback.  Strings from the file reach the terminal only through `escape.visibl
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -74,6 +76,30 @@ def files_of(state_dir: str) -> list[Path]:
     if not found:
         raise FlowsError(f"{base}: no flow records (is the agent's flow-log nflog?)")
     return found
+
+
+class BadLines(list[str]):
+    """The reader's bad lines: the first `MAX_ERRORS_SHOWN` kept, the rest only counted, so
+    a file of a billion bad lines costs no memory."""
+
+    more = 0
+
+    def append(self, line: str) -> None:
+        if len(self) < MAX_ERRORS_SHOWN:
+            super().append(line)
+        else:
+            self.more += 1
+
+
+def regular_file(path: str) -> Path:
+    """`--file` must be a regular file: /dev/zero or a pipe never ends, and is no record file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise FlowsError(f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise FlowsError(f"{path}: not a regular file")
+    return Path(path)
 
 
 def _time(value: Any) -> float | None:

@@ -16,11 +16,13 @@ from reconciler.escape import visible
 from reconciler.flows.command import record_options
 from reconciler.flows.read import (
     MAX_ERRORS_SHOWN,
+    BadLines,
     FlowsError,
     Query,
     files_of,
     parse_time,
     read_located,
+    regular_file,
 )
 from reconciler.flows.record import DENY, WOULD_DENY
 from reconciler.flows.suggest import (
@@ -99,7 +101,7 @@ def suggest_cmd(
     if state_dir and file_:
         raise click.UsageError("--state-dir and --file: give one")
     try:
-        paths = [_regular(file_)] if file_ else files_of(state_dir or "/var/lib/asgctl")
+        paths = [regular_file(file_)] if file_ else files_of(state_dir or "/var/lib/asgctl")
         query = Query(app, parse_time(since, time.time()) if since else None)
         options = Options(
             verdicts=verdicts or (DENY, WOULD_DENY),
@@ -107,7 +109,7 @@ def suggest_cmd(
             widen_v6=parse_prefix_length(widen_v6, 6) if widen_v6 else None,
         )
         policy = _policy(policies) if policies else None
-        errors = _Errors()
+        errors = BadLines()
         proposal = propose(read_located(paths, query, errors), options, policy)
     except (FlowsError, SuggestError) as exc:
         _fail(str(exc))
@@ -131,30 +133,6 @@ def suggest_cmd(
             click.echo(f"wrote {path}")
     except (SuggestError, OSError) as exc:
         _fail(visible(str(exc)))
-
-
-class _Errors(list[str]):
-    """The reader's bad lines: the first `MAX_ERRORS_SHOWN` kept, the rest only counted, so
-    a file of a billion bad lines costs no memory."""
-
-    more = 0
-
-    def append(self, line: str) -> None:
-        if len(self) < MAX_ERRORS_SHOWN:
-            super().append(line)
-        else:
-            self.more += 1
-
-
-def _regular(path: str) -> Path:
-    """--file must be a regular file: /dev/zero or a pipe never ends, and is no record file."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise FlowsError(f"{path}: {exc.strerror}") from None
-    if not stat.S_ISREG(mode):
-        raise FlowsError(f"{path}: not a regular file")
-    return Path(path)
 
 
 def _policy(path: str) -> PolicySet:
