@@ -228,6 +228,10 @@ class ContainerPlan:
     groups: tuple[str, ...]
     names: tuple[str, ...] = ()
     """The ids of the name rules (`CellPlan.names`) the container gets, after its groups."""
+    audit: bool = False
+    """Audit mode (`kind: Enforcement`): what no rule allows is logged as would-deny
+    (`ASG AUDIT <chain log id>`) and accepted, where it would be rejected.  The cell's deny
+    networks and connection limit reject before the groups are asked, audited or not."""
 
     def to_dict(self) -> dict[str, Any]:
         c = self.container
@@ -243,6 +247,8 @@ class ContainerPlan:
         }
         if self.names:  # absent without names: plans by address keep their exact form
             out["names"] = list(self.names)
+        if self.audit:  # absent when enforced: plans without audit keep their exact form
+            out["mode"] = "audit"
         return out
 
 
@@ -565,6 +571,8 @@ class CellPlan:
             h.update(f"c {cp.container.ip} {cp.chain_id} {' '.join(cp.groups)}\n".encode())
             if cp.names:  # a plan without names keeps its old digest
                 h.update(f"n {' '.join(cp.names)}\n".encode())
+            if cp.audit:  # a plan without audit keeps its old digest
+                h.update(f"a {cp.chain_id}\n".encode())
         for g in self.groups:
             h.update(f"g {g.digest}\n".encode())
         for n in self.names:

@@ -301,6 +301,30 @@ class EgressPolicy:
         return self.app_lifecycle in ("all", lifecycle)
 
 
+ENFORCEMENT_MODES: tuple[str, ...] = ("audit", "enforce")
+
+
+@dataclass(frozen=True, slots=True)
+class Enforcement:
+    """Whether what no rule allows is rejected (`enforce`, the default) or accepted and
+    logged as would-deny (`audit`) for the containers of one app, one space, or all.
+
+    Precedence is by specificity, never by file order: a container's app's document decides,
+    else its space's, else the `all` one, else enforce (`compile.container_audit`).  Audit
+    never reaches the cell's deny networks, which reject before any of this is asked."""
+
+    name: str
+    scope_type: Literal["app", "space", "all"]
+    scope_id: str | None
+    mode: Literal["audit", "enforce"]
+    description: str = ""
+    location: Location | None = field(default=None, compare=False)
+
+    @property
+    def audit(self) -> bool:
+        return self.mode == "audit"
+
+
 @dataclass(frozen=True, slots=True)
 class Org:
     guid: str
@@ -402,6 +426,9 @@ class PolicySet:
     rollout: Rollout | None = None
     """The repository's one `kind: Rollout` document, if it has one (brakes, not policy: it
     changes when a cell applies a revision, never what a plan allows)."""
+    enforcements: tuple[Enforcement, ...] = ()
+    """`kind: Enforcement` documents: audit or enforce per app, space or every container
+    (validation has refused two documents that give one scope two modes)."""
 
     @cached_property
     def destination_by_name(self) -> dict[str, Destination]:

@@ -26,6 +26,7 @@ from reconciler.core.model import (
     Destination,
     Directory,
     EgressPolicy,
+    Enforcement,
     Location,
     Org,
     PolicySet,
@@ -54,6 +55,7 @@ SCHEMA_FILES = {
     "Directory": "directory.schema.json",
     "PolicyTest": "policy-test.schema.json",
     "Rollout": "rollout.schema.json",
+    "Enforcement": "enforcement.schema.json",
 }
 KINDS = tuple(SCHEMA_FILES)
 _ALL_PORTS = (PortRange(1, 65535),)
@@ -191,6 +193,9 @@ def validate_documents(docs: Iterable[Document], cache: ParseCache | None = None
     for ctx in broken["Rollout"]:
         _rollout(ctx)
     _check_one_rollout(every["Rollout"])
+    enforcements = _enforcements(by_kind["Enforcement"], directory)
+    for ctx in broken["Enforcement"]:
+        _enforcement(ctx, directory)
     policy = PolicySet(
         security_groups=tuple(sorted(groups, key=lambda g: g.name)),
         destinations=tuple(sorted(destinations, key=lambda d: d.name)),
@@ -198,6 +203,7 @@ def validate_documents(docs: Iterable[Document], cache: ParseCache | None = None
         directory=directory,
         tests=tests,
         rollout=rollouts[0] if len(rollouts) == 1 and len(every["Rollout"]) == 1 else None,
+        enforcements=tuple(sorted(enforcements, key=lambda e: e.name)),
     )
     return Result(policy, tuple(sorted(set(findings))))
 
@@ -253,7 +259,7 @@ def _short(value: Any) -> str:
 
 
 def _check_unique_names(by_kind: dict[str, list[_Context]], findings: list[Finding]) -> None:
-    for kind in ("SecurityGroup", "Destination", "EgressPolicy", "PolicyTest"):
+    for kind in ("SecurityGroup", "Destination", "EgressPolicy", "PolicyTest", "Enforcement"):
         seen: dict[str, Location] = {}
         for ctx in by_kind[kind]:
             first = seen.setdefault(ctx.name, ctx.loc(("name",)))
@@ -553,6 +559,73 @@ def _egress_policy(
         description=data.get("description", ""),
         location=ctx.loc(),
     )
+
+
+def _enforcement(ctx: _Context, directory: Directory) -> Enforcement | None:
+    """One Enforcement document: its scope resolved as an EgressPolicy source is (a name
+    not in the directory is an error, an unknown GUID a warning), its mode as written."""
+    data = ctx.doc.data
+    scope = data["scope"] if ctx.sound(("scope",)) else {"type": None}
+    stype = scope["type"]
+    ref = str(scope.get("name") or scope.get("id") or "")  # the schema made it a string
+    scope_id: str | None = None
+    ok = not ctx.unsound
+    if stype == "app":
+        scope_id = _resolve_app(ctx, directory, ("scope",), ref)
+        ok = ok and scope_id is not None
+    elif stype == "space":
+        scope_id = _resolve_space(ctx, directory, ("scope",), ref)
+        ok = ok and scope_id is not None
+    if not ok:
+        return None
+    return Enforcement(
+        name=data["name"],
+        scope_type=cast(Literal["app", "space", "all"], stype),  # the schema allows only these
+        scope_id=scope_id,
+        mode=cast(Literal["audit", "enforce"], data["mode"]),
+        description=data.get("description", ""),
+        location=ctx.loc(),
+    )
+
+
+def _enforcements(contexts: list[_Context], directory: Directory) -> list[Enforcement]:
+    """Every Enforcement document, and one mode per scope: two documents that give one app,
+    space or `all` different modes are an error naming both (which one wins would otherwise
+    be file order); a second one with the same mode only repeats the first (a warning)."""
+    out: list[Enforcement] = []
+    seen: dict[tuple[str, str | None], tuple[Enforcement, _Context]] = {}
+    for ctx in sorted(contexts, key=lambda c: c.loc()):
+        enf = _enforcement(ctx, directory)
+        if enf is None:
+            continue
+        key = (enf.scope_type, enf.scope_id)
+        first = seen.get(key)
+        if first is None:
+            seen[key] = (enf, ctx)
+            out.append(enf)
+            continue
+        other, octx = first
+        scope = _scope_text(enf, directory)
+        here = f"Enforcement/{enf.name} ({ctx.loc(('mode',)).short})"
+        there = f"Enforcement/{other.name} ({octx.loc(('mode',)).short})"
+        if other.mode != enf.mode:
+            ctx.error(
+                ("mode",),
+                f"{here} puts {scope} in {enf.mode}, {there} in {other.mode}: "
+                "one scope has one mode",
+            )
+        else:
+            ctx.warn(("scope",), f"{scope} is already in {enf.mode} by {there}")
+    return out
+
+
+def _scope_text(enf: Enforcement, directory: Directory) -> str:
+    """`app org/space/app`, `space org/space` (GUIDs where the directory has no name), `all`."""
+    if enf.scope_type == "app" and enf.scope_id:
+        return f"app {directory.app_path(enf.scope_id)}"
+    if enf.scope_type == "space" and enf.scope_id:
+        return f"space {directory.space_path(enf.scope_id)}"
+    return "all containers"
 
 
 def _policy_tests(ctx: _Context, directory: Directory) -> list[PolicyTest]:
