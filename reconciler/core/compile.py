@@ -554,10 +554,10 @@ def profile_names(policy: PolicySet, profile: Profile) -> dict[NameItem, frozens
     return {r.item: frozenset(r.sources) for r in _index_for(policy).names(profile)}
 
 
-def container_enforcement(policy: PolicySet, container: Container) -> Enforcement | None:
-    """The Enforcement document that decides a container's mode (None: enforce, no
-    document); `explain` names it."""
-    return _index_for(policy).enforcement(container.space_id, container.app_id)
+def enforcement_for(policy: PolicySet, space_id: str, app_id: str) -> Enforcement | None:
+    """The Enforcement document that decides the mode of a container of this space and app
+    (None: enforce, no document); `explain` and the plan diff name it."""
+    return _index_for(policy).enforcement(space_id, app_id)
 
 
 def profile_audit(policy: PolicySet, profile: Profile) -> bool:

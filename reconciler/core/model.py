@@ -324,6 +324,15 @@ class Enforcement:
     def audit(self) -> bool:
         return self.mode == "audit"
 
+    def scope_text(self, directory: Directory) -> str:
+        """`app org/space/app`, `space org/space` (the GUID where the directory has no
+        name), or `all containers`: how messages and the plan name the scope."""
+        if self.scope_type == "app" and self.scope_id:
+            return f"app {directory.app_path(self.scope_id)}"
+        if self.scope_type == "space" and self.scope_id:
+            return f"space {directory.space_path(self.scope_id)}"
+        return "all containers"
+
 
 @dataclass(frozen=True, slots=True)
 class Org:

@@ -605,7 +605,7 @@ def _enforcements(contexts: list[_Context], directory: Directory) -> list[Enforc
             out.append(enf)
             continue
         other, octx = first
-        scope = _scope_text(enf, directory)
+        scope = enf.scope_text(directory)
         here = f"Enforcement/{enf.name} ({ctx.loc(('mode',)).short})"
         there = f"Enforcement/{other.name} ({octx.loc(('mode',)).short})"
         if other.mode != enf.mode:
@@ -617,15 +617,6 @@ def _enforcements(contexts: list[_Context], directory: Directory) -> list[Enforc
         else:
             ctx.warn(("scope",), f"{scope} is already in {enf.mode} by {there}")
     return out
-
-
-def _scope_text(enf: Enforcement, directory: Directory) -> str:
-    """`app org/space/app`, `space org/space` (GUIDs where the directory has no name), `all`."""
-    if enf.scope_type == "app" and enf.scope_id:
-        return f"app {directory.app_path(enf.scope_id)}"
-    if enf.scope_type == "space" and enf.scope_id:
-        return f"space {directory.space_path(enf.scope_id)}"
-    return "all containers"
 
 
 def _policy_tests(ctx: _Context, directory: Directory) -> list[PolicyTest]:
