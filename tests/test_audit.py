@@ -43,7 +43,9 @@ from reconciler.flows.record import WOULD_DENY, log_prefix, parse_prefix
 from reconciler.policy.load import load_folder
 from reconciler.policy.validate import Result
 from tests.cases import REPO
-from tests.policyrepo import write_tree
+from tests.policyrepo import commit_all, write_tree
+from tests.test_plan import golden_pair
+from tests.test_plan import policy_repo as plan_repo
 
 PAYMENTS = "5e2f3c8a-0001-4a6e-9d1e-000000000001"
 PROD = "7b1d2e4f-0002-4c3a-8f2b-000000000002"
@@ -614,3 +616,46 @@ def test_explain_says_would_deny_for_an_audited_container_and_deny_for_its_deny_
     # What a rule allows stays an allow.
     dns = explain(policy, plan, backend, parse_endpoint("198.19.53.53:53/udp"))
     assert dns.verdict == "allow"
+
+
+# ----------------------------------------------------------------------------- PR comment
+
+
+AUDIT_FILE = """
+    kind: Enforcement
+    name: payments-prod-audit
+    description: run the tighter payments policy for a week
+    scope: {type: space, name: payments/prod}
+    mode: audit
+    ---
+    kind: Enforcement
+    name: frontend-enforced
+    scope: {type: app, name: payments/prod/frontend}
+    mode: enforce
+    """
+
+
+def test_pr_comment_a_space_moving_into_audit(tmp_path):
+    repo = plan_repo(tmp_path)
+    write_tree(repo / "policies", {"enforcement.yaml": AUDIT_FILE})
+    commit_all(repo, "payments/prod in audit, frontend stays enforced")
+    md = golden_pair(repo, "audit-on", 2)
+    assert "Plan: 1 cell changes, 3 containers gain access, 0 lose access" in md
+    assert f"+ all 0.0.0.0/0 {AUDIT_DETAIL}" in md
+    assert "Enforcement/payments-prod-audit added (policies/enforcement.yaml:1)" in md
+    assert "payments/prod/frontend" not in md  # its own document keeps it enforced
+
+
+def test_pr_comment_a_space_moving_back_to_enforce(tmp_path):
+    repo = plan_repo(tmp_path)
+    write_tree(repo / "policies", {"enforcement.yaml": AUDIT_FILE})
+    commit_all(repo, "payments/prod in audit")
+    text = (repo / "policies" / "enforcement.yaml").read_text()
+    (repo / "policies" / "enforcement.yaml").write_text(
+        text.replace("mode: audit", "mode: enforce", 1)
+    )
+    commit_all(repo, "a week of would-deny records read: enforce")
+    md = golden_pair(repo, "audit-off", 2)
+    assert "0 containers gain access, 3 lose access" in md
+    assert f"- all 0.0.0.0/0 {AUDIT_DETAIL}" in md
+    assert "Enforcement/payments-prod-audit mode changed to enforce" in md
