@@ -37,6 +37,8 @@ from reconciler.core.endpoint import parse_endpoint
 from reconciler.core.explain import explain
 from reconciler.core.gate import judge, revoke_count
 from reconciler.core.model import Container, PolicySet
+from reconciler.core.packetspace import contains
+from reconciler.core.parity import asgctl_space
 from reconciler.flows.collect import Aggregator, FlowContext
 from reconciler.flows.nflog import LoggedPacket
 from reconciler.flows.record import WOULD_DENY, log_prefix, parse_prefix
@@ -659,3 +661,20 @@ def test_pr_comment_a_space_moving_back_to_enforce(tmp_path):
     assert "0 containers gain access, 3 lose access" in md
     assert f"- all 0.0.0.0/0 {AUDIT_DETAIL}" in md
     assert "Enforcement/payments-prod-audit mode changed to enforce" in md
+
+
+def test_shadow_parity_counts_what_an_audited_chain_accepts(tmp_path):
+    """Before a takeover, parity says what the switch changes: for an audited container,
+    every packet but its deny networks', traced to the Enforcement document."""
+    policy = ok(tmp_path, {"e.yaml": PROD_AUDIT})
+    plan = compile_cell(policy, CONTAINERS, "c", CellSettings(deny_networks=DENY))
+    by = {cp.container.handle: cp for cp in plan.containers}
+    mine = asgctl_space(plan, by["backend-0"], policy=policy)
+    audit = [(rule, box) for rule, box in mine if rule.sources[0].kind == "Enforcement"]
+    assert audit and str(audit[0][0].sources[0]) == "Enforcement/prod-audit audit (e.yaml:1)"
+    boxes = [box for _, box in mine]
+    assert contains(boxes, parse_endpoint("198.19.99.9:8443"))
+    assert not contains(boxes, parse_endpoint("10.1.2.3:443"))  # a running deny network
+    assert not contains(boxes, parse_endpoint("169.254.169.254:80"))  # always
+    neighbour = [box for _, box in asgctl_space(plan, by["staging-backend-0"], policy=policy)]
+    assert not contains(neighbour, parse_endpoint("198.19.99.9:8443"))

@@ -87,6 +87,8 @@ class Provenance:
     def __str__(self) -> str:
         if self.kind == "SecurityGroup":
             return f"SecurityGroup/{self.name} rules[{self.index}] ({self.location})"
+        if self.kind == "Enforcement":  # audit mode: what no rule allows (shadow parity)
+            return f"Enforcement/{self.name} audit ({self.location})"
         return f"EgressPolicy/{self.name} -> Destination/{self.destination} ({self.location})"
 
     def to_dict(self) -> dict[str, Any]:

@@ -591,7 +591,7 @@ def _mode_changes(families: list[int], reasons: tuple[str, ...]) -> tuple[Access
     networks (cell settings, not policy) still reject, which the detail says."""
     return tuple(
         AccessChange(
-            Access("all", AddressRange(f, 0, (1 << (32 if f == 4 else 128)) - 1)),
+            Access("all", AddressRange.whole(f)),
             reasons,
             AUDIT_DETAIL,
         )

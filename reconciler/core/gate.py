@@ -173,7 +173,7 @@ def _container(
 
 def _everything(version: int) -> RuleItem:
     """Every packet of a family: what an audited container's chain accepts in the end."""
-    return RuleItem("all", AddressRange(version, 0, (1 << (32 if version == 4 else 128)) - 1))
+    return RuleItem("all", AddressRange.whole(version))
 
 
 def _with_audit(

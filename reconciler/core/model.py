@@ -79,6 +79,12 @@ class AddressRange:
         net = ipaddress.ip_network(text, strict=False)
         return cls(net.version, int(net.network_address), int(net.broadcast_address))
 
+    @classmethod
+    def whole(cls, version: int) -> AddressRange:
+        """Every address of a family (0.0.0.0/0, ::/0): what an audited container's chain
+        accepts in the end, as the diff, the gate and shadow parity count it."""
+        return cls(version, 0, (1 << (32 if version == 4 else 128)) - 1)
+
     @property
     def bits(self) -> int:
         return 32 if self.version == 4 else 128
@@ -237,7 +243,7 @@ class NameItem:
         """This grant's protocol, ports and ICMP match as an item to *every* address of a
         family.  Only for what adds the name's set match itself (the renderers) or asks
         about the protocol and ports alone (explain): never a rule on its own."""
-        everything = AddressRange(version, 0, (1 << (32 if version == 4 else 128)) - 1)
+        everything = AddressRange.whole(version)
         return RuleItem(self.protocol, everything, self.ports, self.icmp_type, self.icmp_code)
 
     def matches(self, qname: str) -> bool:
