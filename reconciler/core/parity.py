@@ -260,7 +260,7 @@ def compare(
     for addrs in local.values():
         addrs.sort()
     sets = _Sets(local)
-    ours: dict[tuple[tuple[str, ...], str, int], list[tuple[PlanRule, Box]]] = {}
+    ours: dict[tuple[tuple[str, ...], str, int, bool], list[tuple[PlanRule, Box]]] = {}
     out = []
     for cp in plan.containers:
         c = cp.container
