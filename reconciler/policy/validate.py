@@ -530,21 +530,29 @@ def _destination_fqdns(ctx: _Context) -> tuple[str, ...] | None:
     return tuple(sorted(set(names))) if ok else None
 
 
+def _principal(ctx: _Context, directory: Directory, key: str) -> tuple[Any, str | None, bool]:
+    """An EgressPolicy's `source` or an Enforcement's `scope`: its type, the app or space
+    GUID a name or id resolves to (a name not in the directory is an error, an unknown GUID
+    a warning), and whether the document is sound so far."""
+    field = ctx.doc.data[key] if ctx.sound((key,)) else {"type": None}
+    kind = field["type"]
+    ref = str(field.get("name") or field.get("id") or "")  # the schema made it a string
+    guid: str | None = None
+    ok = not ctx.unsound
+    if kind == "app":
+        guid = _resolve_app(ctx, directory, (key,), ref)
+        ok = ok and guid is not None
+    elif kind == "space":
+        guid = _resolve_space(ctx, directory, (key,), ref)
+        ok = ok and guid is not None
+    return kind, guid, ok
+
+
 def _egress_policy(
     ctx: _Context, directory: Directory, destinations: set[str]
 ) -> EgressPolicy | None:
     data = ctx.doc.data
-    source = data["source"] if ctx.sound(("source",)) else {"type": None}
-    stype = source["type"]
-    ref = str(source.get("name") or source.get("id") or "")  # the schema made it a string
-    source_id: str | None = None
-    ok = not ctx.unsound
-    if stype == "app":
-        source_id = _resolve_app(ctx, directory, ("source",), ref)
-        ok = ok and source_id is not None
-    elif stype == "space":
-        source_id = _resolve_space(ctx, directory, ("source",), ref)
-        ok = ok and source_id is not None
+    stype, source_id, ok = _principal(ctx, directory, "source")
     if ctx.sound(("destination",)) and data["destination"] not in destinations:
         ctx.error(("destination",), f"destination {data['destination']!r} is not defined")
         ok = False
@@ -565,17 +573,7 @@ def _enforcement(ctx: _Context, directory: Directory) -> Enforcement | None:
     """One Enforcement document: its scope resolved as an EgressPolicy source is (a name
     not in the directory is an error, an unknown GUID a warning), its mode as written."""
     data = ctx.doc.data
-    scope = data["scope"] if ctx.sound(("scope",)) else {"type": None}
-    stype = scope["type"]
-    ref = str(scope.get("name") or scope.get("id") or "")  # the schema made it a string
-    scope_id: str | None = None
-    ok = not ctx.unsound
-    if stype == "app":
-        scope_id = _resolve_app(ctx, directory, ("scope",), ref)
-        ok = ok and scope_id is not None
-    elif stype == "space":
-        scope_id = _resolve_space(ctx, directory, ("scope",), ref)
-        ok = ok and scope_id is not None
+    stype, scope_id, ok = _principal(ctx, directory, "scope")
     if not ok:
         return None
     return Enforcement(
