@@ -15,12 +15,26 @@ from __future__ import annotations
 import json
 import textwrap
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
 from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
 from asgctl_lab.probe import Outcome
+from reconciler.backends import Backend, Runner, converge
+from reconciler.backends.iptables.backend import IptablesBackend
+from reconciler.backends.nftables.backend import NftablesBackend
+from reconciler.core.cellplan import CellPlan, CellSettings, DenyNetworks
+from reconciler.core.compile import compile_cell
+from reconciler.core.model import (
+    AddressRange,
+    Container,
+    Enforcement,
+    PolicySet,
+    PortRange,
+    Rule,
+    SecurityGroup,
+)
 from tests.agentkit import (  # noqa: F401 - fixtures
     AgentProc,
     PolicyRepo,
@@ -168,3 +182,53 @@ def test_an_audited_container_reaches_what_no_rule_allows_and_it_is_recorded_as_
     # The audited chain reads back as rendered: never seen as drift.
     doc = read_status(policy_repo.bare, agent.name) or {}
     assert doc["drift"]["corrections"] == 0
+
+
+def _plan(lab: Lab, mode: Literal["audit", "enforce"] | None) -> CellPlan:
+    """web (acme/prod) and other (acme/dev), echo:80 allowed to both; `mode` for acme/prod
+    (None: no Enforcement document); far is a deny network of running containers."""
+    echo = AddressRange.parse(lab.services["echo"].ipv4)
+    group = SecurityGroup(
+        "echo-80", (Rule("tcp", (echo,), (PortRange(80, 80),)),), running_default=True
+    )
+    modes = (Enforcement("prod", "space", "space-prod", mode),) if mode else ()
+    policy = PolicySet(security_groups=(group,), enforcements=modes)
+    containers = [
+        Container(s.handle or s.name, lab.containers[s.name].ipv4, s.app_id, s.space_id, s.org_id)
+        for s in (WEB, OTHER)
+    ]
+    deny = DenyNetworks(running=(f"{lab.services['far'].ipv4}/32",))
+    return compile_cell(policy, containers, "lab", CellSettings(deny_networks=deny))
+
+
+@pytest.mark.parametrize("variant", ["legacy", "nft", "nftables"])
+def test_a_space_moves_into_audit_and_back_in_place_on_every_backend(
+    make_lab: Callable[..., Lab], variant: str
+) -> None:
+    """The dataplane's delta rewrites only the audited chains' tails, and each step is the
+    verdict the plan says: rejected, then connected (would-deny), then rejected again."""
+    require_netns()
+    lab = make_lab([WEB, OTHER], [ECHO, FAR])
+    runner = Runner.in_netns(lab.cell)
+    backend: Backend = (
+        NftablesBackend.open("auto", runner)
+        if variant == "nftables"
+        else IptablesBackend.open(variant, runner)
+    )
+    last = None
+    for mode, web_8080 in (
+        (None, Outcome.REJECTED),
+        ("audit", Outcome.CONNECTED),
+        ("enforce", Outcome.REJECTED),
+    ):
+        plan = _plan(lab, mode)
+        result = converge(backend, plan, last)
+        assert result.ok, result.to_dict()
+        last = plan
+        assert lab.probe_tcp("web", "echo", 8080).outcome is web_8080, mode
+        assert lab.probe_tcp("other", "echo", 8080).outcome is Outcome.REJECTED, mode
+        assert lab.probe_tcp("web", "far", 443).outcome is Outcome.REJECTED, mode
+        assert lab.probe_tcp("web", "echo", 80).outcome is Outcome.CONNECTED, mode
+    # Nothing left over: converging the last plan again finds the kernel in sync.
+    again = converge(backend, last, last)
+    assert again.ok and again.in_sync and again.drift == ()
