@@ -46,7 +46,8 @@ from reconciler.policy.load import load_folder
 from reconciler.policy.validate import Result
 from tests.cases import REPO
 from tests.policyrepo import commit_all, write_tree
-from tests.test_plan import golden_pair
+from tests.test_plan import HOSTILE, golden_pair
+from tests.test_plan import plan as plan_cli
 from tests.test_plan import policy_repo as plan_repo
 
 PAYMENTS = "5e2f3c8a-0001-4a6e-9d1e-000000000001"
@@ -678,3 +679,27 @@ def test_shadow_parity_counts_what_an_audited_chain_accepts(tmp_path):
     assert not contains(boxes, parse_endpoint("169.254.169.254:80"))  # always
     neighbour = [box for _, box in asgctl_space(plan, by["staging-backend-0"], policy=policy)]
     assert not contains(neighbour, parse_endpoint("198.19.99.9:8443"))
+
+
+def test_attack_a_hostile_enforcement_name_cannot_forge_a_plan_line(tmp_path):
+    """The name is the PR author's text; in the reasons it is escaped like any other."""
+    repo = plan_repo(tmp_path)
+    name = json.dumps(HOSTILE)
+    write_tree(repo / "policies", {"e.yaml": enf(name, "{type: all}", "audit")})
+    commit_all(repo, "hostile name")
+    for fmt in ("markdown", "text"):
+        code, out = plan_cli(repo, fmt)
+        assert code == 2, out
+        assert "Enforcement/" in out and "added" in out
+        assert "\x1b" not in out and "\u202e" not in out
+        assert "\n+ tcp 0.0.0.0/0" not in out and "\n- tcp" not in out
+
+
+def test_the_ci_plan_gates_a_cell_all_in_audit_moving_to_enforce(tmp_path):
+    audit = ok(tmp_path / "a", {"e.yaml": enf("all", "{type: all}", "audit")}, example=False)
+    enforce = ok(tmp_path / "e", {}, example=False)
+    diff = diff_plans(audit, enforce, _inventory())
+    (cell,) = diff.gated_cells
+    assert cell.gate is not None and cell.gate.rule == "to-nothing"
+    assert diff.containers_losing == len(CONTAINERS)
+    assert not diff_plans(enforce, audit, _inventory()).gated_cells
