@@ -703,3 +703,20 @@ def test_the_ci_plan_gates_a_cell_all_in_audit_moving_to_enforce(tmp_path):
     assert cell.gate is not None and cell.gate.rule == "to-nothing"
     assert diff.containers_losing == len(CONTAINERS)
     assert not diff_plans(enforce, audit, _inventory()).gated_cells
+
+
+def test_the_status_document_marks_audited_containers_and_still_reads_fast(tmp_path):
+    """`status/<cell>` says which containers run in audit; the plan's inventory reader (its
+    fast path included) reads such a document back to the same containers."""
+    from reconciler.agent.status import container_entries
+    from reconciler.status.document import _fast_parts, containers_from_status
+    from reconciler.status.write import dump_status
+
+    policy = ok(tmp_path, {"e.yaml": PROD_AUDIT})
+    plan = compile_cell(policy, CONTAINERS, "cell-x")
+    entries = container_entries(plan)
+    assert {e["handle"] for e in entries if e.get("mode") == "audit"} == audited(plan)
+    assert all(set(e) - {"mode"} == set(entries[0]) - {"mode"} for e in entries)
+    text = dump_status({"cell": "cell-x", "containers": entries, "history": []})
+    assert _fast_parts(text, "x") is not None
+    assert containers_from_status(text, "refs/heads/status/cell-x") == tuple(sorted(CONTAINERS))

@@ -182,6 +182,9 @@ def test_an_audited_container_reaches_what_no_rule_allows_and_it_is_recorded_as_
     # The audited chain reads back as rendered: never seen as drift.
     doc = read_status(policy_repo.bare, agent.name) or {}
     assert doc["drift"]["corrections"] == 0
+    # And the status branch says which containers run in audit.
+    modes = {c["handle"]: c.get("mode") for c in doc["containers"]}
+    assert modes == {"web": "audit", "other": None}
 
 
 def _plan(lab: Lab, mode: Literal["audit", "enforce"] | None) -> CellPlan:
