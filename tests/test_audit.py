@@ -720,3 +720,24 @@ def test_the_status_document_marks_audited_containers_and_still_reads_fast(tmp_p
     text = dump_status({"cell": "cell-x", "containers": entries, "history": []})
     assert _fast_parts(text, "x") is not None
     assert containers_from_status(text, "refs/heads/status/cell-x") == tuple(sorted(CONTAINERS))
+
+
+def test_explain_cli_golden_for_an_audited_app_and_its_enforced_neighbour():
+    """`asgctl explain` on the audit case: the backend's space is audited, the frontend's own
+    document keeps it enforced (tests/data/audit-policies/enforcement.yaml)."""
+    from click.testing import CliRunner
+
+    from reconciler.cli import main
+    from tests.cases import CASES
+    from tests.golden import assert_golden
+
+    policies, store = CASES["audit"]
+    out = []
+    for app in ("payments/prod/backend", "payments/prod/frontend"):
+        argv = ["explain", "--containers", str(store), "--policies", str(policies)]
+        result = CliRunner().invoke(main, [*argv, "--app", app, "--to", "198.19.20.20:80"])
+        assert result.exit_code == 3, result.output  # enforcing would reject either
+        out.append(result.output)
+    assert_golden("explain-would-deny.txt", "\n".join(out))
+    assert out[0].startswith("WOULD-DENY (allowed, audited) c-backend-1")
+    assert out[1].startswith("DENY c-frontend-1")
