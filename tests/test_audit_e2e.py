@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import textwrap
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Literal
 
 import pytest
@@ -46,7 +47,9 @@ from tests.agentkit import (  # noqa: F401 - fixtures
     sg,
     wait_for,
 )
+from tests.cases import case_plan, load_case
 from tests.conftest import require_netns
+from tests.test_dataplane import Host, assert_matches_plan, host  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.netns, pytest.mark.requires("git")]
 
@@ -235,3 +238,23 @@ def test_a_space_moves_into_audit_and_back_in_place_on_every_backend(
     # Nothing left over: converging the last plan again finds the kernel in sync.
     again = converge(backend, last, last)
     assert again.ok and again.in_sync and again.drift == ()
+
+
+def test_the_audit_case_reads_back_exactly_on_every_dataplane_and_a_second_apply_sends_nothing(
+    host: Host,  # noqa: F811 - the fixture
+) -> None:
+    """The audit goldens' plan (audited IPv4 and IPv6 chains beside an enforced one) through
+    each dataplane, libiptc included: what the kernel holds afterwards is what was rendered,
+    so an audited chain is never mistaken for drift; back to enforce, the same."""
+    plan = case_plan("audit", "audit")
+    backend = host.backend()
+    assert converge(backend, plan).ok
+    assert_matches_plan(host, plan)
+    again = converge(host.backend(), plan, plan)
+    assert again.ok and again.in_sync and again.drift == ()
+    enforced = compile_cell(
+        replace(load_case("audit")[0], enforcements=()), load_case("audit")[1], "audit"
+    )
+    assert not any(cp.audit for cp in enforced.containers)
+    assert converge(host.backend(), enforced, plan).ok
+    assert_matches_plan(host, enforced)
