@@ -296,7 +296,8 @@ def explain_cmd(
 
     One verdict per container of the app (or with the handle) on every cell given: running
     instances, tasks and staging containers get different groups.  JSON is a list of them.
-    Exit 0 when every container is allowed, 3 when any is denied, 1 on error.
+    Exit 0 when every container is allowed, 3 when any is denied or would-deny (an
+    audited container: enforcing would reject it), 1 on error.
     """
     from reconciler.sources.inventories import StoreFiles
 
@@ -350,9 +351,10 @@ def explain_cmd(
             blocks.append(where + d.text(name))
         if len(verdicts) > 1:
             allowed = sum(d.allowed for _, d in verdicts)
-            blocks.append(
-                f"{len(verdicts)} containers: {allowed} allowed, {len(verdicts) - allowed} denied\n"
-            )
+            audited = sum(d.verdict == "would-deny" for _, d in verdicts)
+            also = f", {audited} would-deny (audited)" if audited else ""
+            denied = len(verdicts) - allowed - audited
+            blocks.append(f"{len(verdicts)} containers: {allowed} allowed, {denied} denied{also}\n")
         click.echo(log_text("\n".join(blocks)), nl=False)
     sys.exit(0 if all(d.allowed for _, d in verdicts) else 3)
 

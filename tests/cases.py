@@ -22,6 +22,7 @@ DATA = Path(__file__).parent / "data"
 CASES = {
     "example": (REPO / "policies", DATA / "example-store.json"),
     "edge": (DATA / "edge-policies", DATA / "edge-store.json"),
+    "audit": (DATA / "audit-policies", DATA / "example-store.json"),
 }
 """Policy folder and container store of each repository the render tests hold to goldens."""
 

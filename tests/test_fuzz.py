@@ -54,6 +54,8 @@ KEYS = [
     "expect",
     "icmp_type",
     "icmp_code",
+    "scope",
+    "mode",
 ]
 SCALARS = st.one_of(
     st.none(),
@@ -68,6 +70,9 @@ SCALARS = st.one_of(
             "Directory",
             "PolicyTest",
             "Rollout",
+            "Enforcement",
+            "audit",
+            "enforce",
             "tcp",
             "udp",
             "icmp",

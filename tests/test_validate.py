@@ -81,7 +81,7 @@ def test_a_finding_names_file_line_column_subject_field_and_cf_message(tmp_path)
         (
             "kind: Firewall\nname: a\n",
             "x.yaml:1:7: Firewall/a: kind: unknown kind 'Firewall'; expected one of SecurityGroup, "
-            "Destination, EgressPolicy, Directory, PolicyTest, Rollout",
+            "Destination, EgressPolicy, Directory, PolicyTest, Rollout, Enforcement",
         ),
         ("- a\n- b\n", "x.yaml:1:1: a policy document must be a mapping with a 'kind'"),
         (

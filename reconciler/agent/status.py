@@ -75,6 +75,8 @@ def container_entries(plan: CellPlan | None) -> list[dict[str, Any]]:
                 "chain": cp.chain_id,
                 "groups": list(cp.groups),
                 "sources": sorted(grant.sources),
+                # Only for audited containers: a cell without audit keeps its document.
+                **({"mode": "audit"} if cp.audit else {}),
             }
         )
     return out

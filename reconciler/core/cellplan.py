@@ -87,6 +87,8 @@ class Provenance:
     def __str__(self) -> str:
         if self.kind == "SecurityGroup":
             return f"SecurityGroup/{self.name} rules[{self.index}] ({self.location})"
+        if self.kind == "Enforcement":  # audit mode: what no rule allows (shadow parity)
+            return f"Enforcement/{self.name} audit ({self.location})"
         return f"EgressPolicy/{self.name} -> Destination/{self.destination} ({self.location})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -228,6 +230,10 @@ class ContainerPlan:
     groups: tuple[str, ...]
     names: tuple[str, ...] = ()
     """The ids of the name rules (`CellPlan.names`) the container gets, after its groups."""
+    audit: bool = False
+    """Audit mode (`kind: Enforcement`): what no rule allows is logged as would-deny
+    (`ASG AUDIT <chain log id>`) and accepted, where it would be rejected.  The cell's deny
+    networks and connection limit reject before the groups are asked, audited or not."""
 
     def to_dict(self) -> dict[str, Any]:
         c = self.container
@@ -243,6 +249,8 @@ class ContainerPlan:
         }
         if self.names:  # absent without names: plans by address keep their exact form
             out["names"] = list(self.names)
+        if self.audit:  # absent when enforced: plans without audit keep their exact form
+            out["mode"] = "audit"
         return out
 
 
@@ -565,6 +573,8 @@ class CellPlan:
             h.update(f"c {cp.container.ip} {cp.chain_id} {' '.join(cp.groups)}\n".encode())
             if cp.names:  # a plan without names keeps its old digest
                 h.update(f"n {' '.join(cp.names)}\n".encode())
+            if cp.audit:  # a plan without audit keeps its old digest
+                h.update(f"a {cp.chain_id}\n".encode())
         for g in self.groups:
             h.update(f"g {g.digest}\n".encode())
         for n in self.names:

@@ -14,7 +14,11 @@ Cloud Foundry semantics, as the vxlan-policy-agent applies them:
   every claimant gets: the intersection of their rules, never wider than any one of them.
   Each claimant keeps its own chain, all with the same groups, so whichever the kernel
   dispatches to, the address gets the same narrow access.
-* Rules only allow; everything else is rejected.
+* Rules only allow; everything else is rejected -- or, for a container in audit mode
+  (`kind: Enforcement`), accepted and logged as would-deny.  The most specific scope decides
+  (the container's app, else its space, else `all`, else enforce); an IP several containers
+  claim is audited only when every claimant is (never wider than any one of them).  The
+  cell's deny networks reject before any of this, audited or not.
 
 Where CF installs every rule of every ASG again for every container, the plan installs each
 distinct rule once per cell: rules are partitioned by the exact set of container profiles
@@ -47,6 +51,7 @@ from reconciler.core.model import (
     LIFECYCLES,
     Container,
     EgressPolicy,
+    Enforcement,
     NameItem,
     PolicySet,
     Rule,
@@ -201,6 +206,9 @@ class _Index:
                     bound[key].append(src)
                 named[key].extend((prov, item) for item in dest.name_items())
         self.named: dict[BindingKey, list[tuple[Provenance, NameItem]]] = dict(named)
+        self.modes: dict[tuple[str, str | None], Enforcement] = {
+            (e.scope_type, e.scope_id): e for e in policy.enforcements
+        }
         self._names: dict[Profile, dict[NameRule, None]] = {}
         # Keys by kind, in the order a container's sources are listed (`bindings_for`).
         self.bound: dict[BindingKey, list[Source]] = dict(
@@ -433,6 +441,27 @@ class _Index:
             rules = self._atom_rules[part] = [(n, self._plan_rule(n, p)) for n, p in numbered]
         return rules
 
+    def enforcement(self, space: str, app: str) -> Enforcement | None:
+        """The document deciding the mode of a container of this space and app: its app's,
+        else its space's, else the one for all; None (enforce) without any."""
+        modes = self.modes
+        if not modes:
+            return None
+        return (
+            (modes.get(("app", app)) if app else None)
+            or (modes.get(("space", space)) if space else None)
+            or modes.get(("all", None))
+        )
+
+    def audited(self, profiles: tuple[Profile, ...]) -> bool:
+        """Whether an IP claimed by containers of these profiles is audited: only when every
+        claimant is, as its rules are what every claimant gets."""
+        for _, _, space, app in profiles:
+            decided = self.enforcement(space, app)
+            if decided is None or not decided.audit:
+                return False
+        return True
+
     def sources(self, lifecycle: str, space_id: str, app_id: str) -> list[Source]:
         return [
             src
@@ -525,6 +554,18 @@ def profile_names(policy: PolicySet, profile: Profile) -> dict[NameItem, frozens
     return {r.item: frozenset(r.sources) for r in _index_for(policy).names(profile)}
 
 
+def enforcement_for(policy: PolicySet, space_id: str, app_id: str) -> Enforcement | None:
+    """The Enforcement document that decides the mode of a container of this space and app
+    (None: enforce, no document); `explain` and the plan diff name it."""
+    return _index_for(policy).enforcement(space_id, app_id)
+
+
+def profile_audit(policy: PolicySet, profile: Profile) -> bool:
+    """Whether containers of this profile are in audit mode (the plan diff compares it per
+    principal, as access)."""
+    return _index_for(policy).audited((profile,))
+
+
 def container_name_sources(policy: PolicySet, container: Container) -> frozenset[Provenance]:
     """The egress policies that grant names to the container (used by `explain`)."""
     index = _index_for(policy)
@@ -607,6 +648,7 @@ def compile_cell(
 
     slots = [position[p] for p in slots_of]
     names_of = [index.shared_names(p) for p in profiles] if index.named else []
+    audit_of = [index.audited(p) for p in profiles] if index.modes else []
     # One rule per grant in the cell; its provenance is every document granting it to some
     # container here (as a group rule's is).
     merged: dict[str, NameRule] = {}
@@ -624,6 +666,7 @@ def compile_cell(
             _chain_id(c.handle),
             chain_groups[i],
             tuple(r.id for r in names_of[i]) if names_of else (),
+            audit_of[i] if audit_of else False,
         )
         for c, i in zip(containers, slots, strict=True)
     )

@@ -51,7 +51,9 @@ from reconciler.core.compile import (
     bindings_for,
     cf_equivalent_rules,
     compile_cell,
+    enforcement_for,
     group_bindings,
+    profile_audit,
     profile_names,
     profile_of,
     profile_rules,
@@ -294,7 +296,11 @@ def diff_plans(
         profiles_of_cell.append(profiles)
         for p in set(profiles):
             if p not in touched:
-                touched[p] = not same(p) or profile_names(base, p) != profile_names(head, p)
+                touched[p] = (
+                    not same(p)
+                    or profile_names(base, p) != profile_names(head, p)
+                    or profile_audit(base, p) != profile_audit(head, p)
+                )
             cells_of[p[1:]].add(cell.cell)
         for p in profiles:
             families[p[1:]][p[0]] += 1
@@ -391,6 +397,7 @@ def _family_diff(before: CellPlan, after: CellPlan, family: int) -> list[ChainDi
         or k not in new_cs
         or old_cs[k].groups != new_cs[k].groups
         or old_cs[k].names != new_cs[k].names  # name rule ids hash their content
+        or old_cs[k].audit != new_cs[k].audit  # the chain's tail: reject or would-deny
     )
     dispatch = {(c.container.ip, k) for k, c in old_cs.items()} != {
         (c.container.ip, k) for k, c in new_cs.items()
@@ -507,6 +514,14 @@ def _principal_diffs(
             names_after, names_before, partial(explainer.why, pr=pr, lost=False)
         )
         logging = _logging_changes(before, after, explainer, pr)
+        audit_before = profile_audit(base, (fams[0], *pr))  # the mode is the principal's
+        audit_after = profile_audit(head, (fams[0], *pr))
+        if audit_before != audit_after:
+            mode = _mode_changes(fams, explainer.why_mode(pr, lost=audit_before))
+            if audit_after:
+                gained = (*gained, *mode)
+            else:
+                lost = (*lost, *mode)
         if not (lost or gained or logging):
             continue
         name, kind, mismatch = explainer.principal_name(pr)
@@ -562,6 +577,26 @@ def _name_changes(
         )
         out.append(AccessChange(access, tuple(sorted({why(p) for p in sources[item]})), detail))
     return tuple(out)
+
+
+AUDIT_DETAIL = (
+    "(audit: everything no rule allows and no deny network rejects, logged as would-deny)"
+)
+
+
+def _mode_changes(families: list[int], reasons: tuple[str, ...]) -> tuple[AccessChange, ...]:
+    """A principal moving into audit gains, and moving back to enforce loses, every packet
+    no rule allows, per family of its containers: that is what the chain's last rule
+    accepts instead of rejecting.  Shown as all of the family's addresses; the cell's deny
+    networks (cell settings, not policy) still reject, which the detail says."""
+    return tuple(
+        AccessChange(
+            Access("all", AddressRange.whole(f)),
+            reasons,
+            AUDIT_DETAIL,
+        )
+        for f in families
+    )
 
 
 def _families(
@@ -745,6 +780,33 @@ class _Explainer:
             if d.knows_space(space) and not self._org_mismatch(d, space, ""):
                 return f"{space} ({d.space_path(space)})"
         return space
+
+    def why_mode(self, pr: Principal, *, lost: bool) -> tuple[str, ...]:
+        """Why a principal's mode changed: the Enforcement documents deciding it at base and
+        head that are not the same document at both (added, deleted, or changed)."""
+        _, space, app = pr
+        deciders = [
+            (side, e)
+            for side, policy in (("base", self.base), ("head", self.head))
+            if (e := enforcement_for(policy, space, app)) is not None
+        ]
+        out = []
+        for side, e in deciders:
+            theirs = self.head if side == "base" else self.base
+            other = next((x for x in theirs.enforcements if x.name == e.name), None)
+            where = self.loc(e.location)
+            subject = f"Enforcement/{e.name}"
+            if other is None:
+                out.append(f"{subject} {'deleted' if side == 'base' else 'added'}{where}")
+            elif other != e and side == "head":
+                what = "mode" if other.mode != e.mode else "scope"
+                now = e.mode if what == "mode" else e.scope_text(self.head.directory)
+                out.append(f"{subject} {what} changed to {now}{where}")
+            elif other != e and not any(x is other for _, x in deciders):
+                out.append(f"{subject} changed{self.loc(other.location)}")
+        if not out:  # the documents are the same: what moved is the principal (directory)
+            out = [f"Enforcement/{e.name} ({e.mode}){self.loc(e.location)}" for _, e in deciders]
+        return tuple(sorted(set(out))) or (f"mode {'enforce' if lost else 'audit'}",)
 
     def why(self, prov: Provenance, pr: Principal, *, lost: bool) -> str:
         """For `lost`, why base granted it and head does not; else why head now grants it."""

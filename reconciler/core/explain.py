@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from reconciler.core.cellplan import CellPlan, ContainerPlan, NameRule, PlanRule, Provenance
-from reconciler.core.compile import container_name_sources, container_sources
+from reconciler.core.compile import container_name_sources, container_sources, enforcement_for
 from reconciler.core.endpoint import Endpoint
-from reconciler.core.model import AddressRange, Container, PolicySet, RuleItem
+from reconciler.core.model import AddressRange, Container, Enforcement, PolicySet, RuleItem
 from reconciler.core.packetspace import contains, item_space
 
 
@@ -52,10 +52,23 @@ class Decision:
     names: tuple[NameMatch, ...] = ()
     """For an endpoint by name: the name rules covering it (wildcards among them allow
     nothing yet, see `explain_name`)."""
+    audit: Enforcement | None = None
+    """The document that puts the container in audit mode (None: enforced).  `allowed`
+    stays what the rules say; `verdict` is what the chain does with the packet."""
+
+    @property
+    def verdict(self) -> str:
+        """`allow`, `deny`, or `would-deny`: no rule allows it, the container is audited, and
+        no deny network rejects it, so it is accepted and logged (ASG AUDIT)."""
+        if self.allowed:
+            return "allow"
+        return "would-deny" if self.audit is not None and not self.denied_by else "deny"
 
     def text(self, directory_name: str = "") -> str:
         who = directory_name or self.container.app_id or self.container.handle
-        head = "ALLOW" if self.allowed else "DENY"
+        head = {"allow": "ALLOW", "deny": "DENY", "would-deny": "WOULD-DENY"}[self.verdict]
+        if self.verdict == "would-deny":
+            head += " (allowed, audited)"
         lines = [
             f"{head} {self.container.handle} ({who}, {self.container.lifecycle}) -> {self.endpoint}"
         ]
@@ -84,7 +97,17 @@ class Decision:
                     f"protocol/port, from:"
                 )
                 lines.extend(f"    {s}" for s in m.sources)
-        if not self.allowed and not self.denied_by and not self.endpoint.fqdn:
+        if self.audit is not None and not self.allowed:
+            where = f" ({self.audit.location.short})" if self.audit.location else ""
+            by = f"Enforcement/{self.audit.name}{where}"
+            if self.denied_by:
+                lines.append(f"  audit mode ({by}) never applies to the cell's deny networks")
+            else:
+                lines.append(
+                    f"  the container is in audit mode ({by}): what no rule allows is "
+                    "accepted and logged as would-deny (ASG AUDIT)"
+                )
+        elif not self.allowed and not self.denied_by and not self.endpoint.fqdn:
             lines.append("  everything not allowed is rejected and logged (ASG DENY)")
         # Names and sources come from the policy repo: a newline in one must not start a
         # line of its own (a forged ALLOW in a CI log), so each line is escaped on its own.
@@ -120,7 +143,7 @@ class Decision:
         return {
             "container": self.container.handle,
             "endpoint": str(self.endpoint),
-            "decision": "allow" if self.allowed else "deny",
+            "decision": self.verdict,
             "matches": [
                 {
                     "group": m.group,
@@ -130,6 +153,7 @@ class Decision:
             ],
             "near_misses": [{"group": m.group, "rule": m.rule.to_dict()} for m in self.near_misses],
             "deny_networks": [{"list": d.lifecycle, "network": d.network} for d in self.denied_by],
+            **({"audit": self.audit.name} if self.audit is not None else {}),
             **(
                 {
                     "names": [
@@ -183,7 +207,8 @@ def explain_name(policy: PolicySet, plan: CellPlan, cp: ContainerPlan, ep: Endpo
         if name_covers(by_id[n], ep)
     )
     allowed = any(not m.rule.item.wildcard for m in found)
-    return Decision(cp.container, ep, allowed, (), (), len(cp.names), (), found)
+    audit = _audit(policy, cp)
+    return Decision(cp.container, ep, allowed, (), (), len(cp.names), (), found, audit)
 
 
 def explain(policy: PolicySet, plan: CellPlan, cp: ContainerPlan, ep: Endpoint) -> Decision:
@@ -205,7 +230,25 @@ def explain(policy: PolicySet, plan: CellPlan, cp: ContainerPlan, ep: Endpoint) 
                 near.append(Match(gid, rule, sources))
     denied = deny_network_matches(plan, cp.container, ep)
     allowed = bool(matches) and not denied
-    return Decision(cp.container, ep, allowed, tuple(matches), tuple(near), count, denied)
+    return Decision(
+        cp.container,
+        ep,
+        allowed,
+        tuple(matches),
+        tuple(near),
+        count,
+        denied,
+        (),
+        _audit(policy, cp),
+    )
+
+
+def _audit(policy: PolicySet, cp: ContainerPlan) -> Enforcement | None:
+    """The document auditing the container, read off the plan (`ContainerPlan.audit`: a
+    shared IP is audited only when every claimant is) and named from the policy."""
+    if not cp.audit:
+        return None
+    return enforcement_for(policy, cp.container.space_id, cp.container.app_id)
 
 
 def deny_network_matches(

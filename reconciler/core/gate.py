@@ -32,6 +32,23 @@ most closely.  The gate is a brake on accidents of scale, not a reviewer: a chan
 takes 90 rules from a container and gives it 90 others is a big change, and the plan lists
 each of the 180.
 
+**Audit mode.**  A container in audit (`kind: Enforcement`) is allowed every packet: what
+no rule allows is accepted and logged as would-deny.  It holds one pair more than its rules,
+the *audit pair* (everything no rule allows), and its rules are covered by it.  So:
+
+* moving a container from audit to enforce loses the audit pair (one pair, unless its rules
+  cover everything of its family) and any rule the same change takes away from it (no
+  longer covered by anything); it gains nothing (everything was allowed before);
+* moving it into audit loses nothing;
+* a container audited at both revisions loses and gains nothing, whatever its rules do.
+
+One pair for "everything else" is a count of rules, as every pair is, not of traffic: the
+would-deny records, not the plan, say how much a container sent that no rule allows.  What
+makes the gate honest about it is that a move to enforce is never free: a cell all in audit
+without rules that moves to enforce goes to nothing (every container had access and keeps
+none), and the gate fires whatever the floor, as for any cell emptied.  Deny networks are
+the cell's and the same at both revisions, so they are left out of the count.
+
 **When it fires.**  Only when the cell had access (`total` > 0), and either
 
 * the net loss is more than `threshold` of the total *and* at least `minimum` pairs (the
@@ -54,6 +71,7 @@ from itertools import chain
 from typing import TYPE_CHECKING, Literal
 
 from reconciler.core.cellplan import GateSettings
+from reconciler.core.model import AddressRange, RuleItem
 from reconciler.core.packetspace import Box, covers, item_space
 
 if TYPE_CHECKING:
@@ -153,6 +171,31 @@ def _container(
     return pairs, lost, gained, none_left
 
 
+def _everything(version: int) -> RuleItem:
+    """Every packet of a family: what an audited container's chain accepts in the end."""
+    return RuleItem("all", AddressRange.whole(version))
+
+
+def _with_audit(
+    found: _PerContainer,
+    was: bool,
+    now: bool,
+    version: int,
+    new_groups: list[RuleGroup],
+    memo: Memo,
+) -> _PerContainer:
+    """One container's count (from its groups) with its modes at both sides (module
+    docstring, "Audit mode")."""
+    pairs, lost, _, none_left = found
+    if not (was or now):
+        return found
+    if now:  # audited after: every packet allowed, nothing lost
+        return pairs + was, 0, 0, False
+    everything = item_space(_everything(version))
+    audit_lost = 0 if covers(memo.space(new_groups), everything) else 1
+    return pairs + 1, lost + audit_lost, 0, none_left
+
+
 def revoke_count(old: CellPlan | None, new: CellPlan, memo: Memo | None = None) -> RevokeCount:
     """What `new` takes away from the access `old` allows, container by container.
 
@@ -166,6 +209,7 @@ def revoke_count(old: CellPlan | None, new: CellPlan, memo: Memo | None = None) 
     old_ids = {g.id: g for g in old.groups}
     new_ids = {g.id: g for g in new.groups}
     after = {cp.container.handle: cp.groups for cp in new.containers}
+    audited = {cp.container.handle for cp in new.containers if cp.audit}
     # Groups under the same id with the same digest at both sides: a container jumping to
     # exactly these, at both sides, keeps every rule (the usual container of a large cell).
     same = {i for i, g in old_ids.items() if i in new_ids and new_ids[i].digest == g.digest}
@@ -177,12 +221,14 @@ def revoke_count(old: CellPlan | None, new: CellPlan, memo: Memo | None = None) 
     # sizes, and the cell's total is every group's size times the containers jumping to it.
     jumps = Counter(chain.from_iterable(cp.groups for cp in old.containers))
     total = sum(len(old_ids[i].rules) * n for i, n in jumps.items())
+    total += sum(1 for cp in old.containers if cp.audit)  # the audit pair
     net = lost = gained = losing = 0
     some_kept = False  # some container that had access keeps some
     for cp in old.containers:
         ids = (cp.groups, after.get(cp.container.handle, ()))
-        if ids[0] == ids[1] and same.issuperset(ids[0]):
-            some_kept = some_kept or bool(ids[0])
+        now = cp.container.handle in audited
+        if ids[0] == ids[1] and same.issuperset(ids[0]) and cp.audit == now:
+            some_kept = some_kept or bool(ids[0]) or now
             continue
         found = local.get(ids)
         if found is None:
@@ -200,6 +246,9 @@ def revoke_count(old: CellPlan | None, new: CellPlan, memo: Memo | None = None) 
                 found = _container(*key, *by_digest, memo)
                 memo.counts[key] = found
             local[ids] = found
+        if cp.audit or now:
+            groups = [new_ids[i] for i in ids[1]]
+            found = _with_audit(found, cp.audit, now, cp.container.version, groups, memo)
         pairs, c_lost, c_gained, none_left = found
         lost += c_lost
         gained += c_gained

@@ -79,6 +79,12 @@ class AddressRange:
         net = ipaddress.ip_network(text, strict=False)
         return cls(net.version, int(net.network_address), int(net.broadcast_address))
 
+    @classmethod
+    def whole(cls, version: int) -> AddressRange:
+        """Every address of a family (0.0.0.0/0, ::/0): what an audited container's chain
+        accepts in the end, as the diff, the gate and shadow parity count it."""
+        return cls(version, 0, (1 << (32 if version == 4 else 128)) - 1)
+
     @property
     def bits(self) -> int:
         return 32 if self.version == 4 else 128
@@ -237,7 +243,7 @@ class NameItem:
         """This grant's protocol, ports and ICMP match as an item to *every* address of a
         family.  Only for what adds the name's set match itself (the renderers) or asks
         about the protocol and ports alone (explain): never a rule on its own."""
-        everything = AddressRange(version, 0, (1 << (32 if version == 4 else 128)) - 1)
+        everything = AddressRange.whole(version)
         return RuleItem(self.protocol, everything, self.ports, self.icmp_type, self.icmp_code)
 
     def matches(self, qname: str) -> bool:
@@ -299,6 +305,39 @@ class EgressPolicy:
 
     def applies_to(self, lifecycle: str) -> bool:
         return self.app_lifecycle in ("all", lifecycle)
+
+
+ENFORCEMENT_MODES: tuple[str, ...] = ("audit", "enforce")
+
+
+@dataclass(frozen=True, slots=True)
+class Enforcement:
+    """Whether what no rule allows is rejected (`enforce`, the default) or accepted and
+    logged as would-deny (`audit`) for the containers of one app, one space, or all.
+
+    Precedence is by specificity, never by file order: a container's app's document decides,
+    else its space's, else the `all` one, else enforce (`compile.container_audit`).  Audit
+    never reaches the cell's deny networks, which reject before any of this is asked."""
+
+    name: str
+    scope_type: Literal["app", "space", "all"]
+    scope_id: str | None
+    mode: Literal["audit", "enforce"]
+    description: str = ""
+    location: Location | None = field(default=None, compare=False)
+
+    @property
+    def audit(self) -> bool:
+        return self.mode == "audit"
+
+    def scope_text(self, directory: Directory) -> str:
+        """`app org/space/app`, `space org/space` (the GUID where the directory has no
+        name), or `all containers`: how messages and the plan name the scope."""
+        if self.scope_type == "app" and self.scope_id:
+            return f"app {directory.app_path(self.scope_id)}"
+        if self.scope_type == "space" and self.scope_id:
+            return f"space {directory.space_path(self.scope_id)}"
+        return "all containers"
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +441,9 @@ class PolicySet:
     rollout: Rollout | None = None
     """The repository's one `kind: Rollout` document, if it has one (brakes, not policy: it
     changes when a cell applies a revision, never what a plan allows)."""
+    enforcements: tuple[Enforcement, ...] = ()
+    """`kind: Enforcement` documents: audit or enforce per app, space or every container
+    (validation has refused two documents that give one scope two modes)."""
 
     @cached_property
     def destination_by_name(self) -> dict[str, Destination]:

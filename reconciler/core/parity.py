@@ -23,9 +23,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from reconciler.core.cellplan import CellPlan, ContainerPlan, PlanRule
-from reconciler.core.compile import container_sources
-from reconciler.core.model import AddressRange, PolicySet
+from reconciler.core.cellplan import CellPlan, ContainerPlan, PlanRule, Provenance, content_id
+from reconciler.core.compile import container_sources, enforcement_for
+from reconciler.core.model import AddressRange, PolicySet, RuleItem
 from reconciler.core.packetspace import (
     ANY_BYTE,
     ANY_PORT,
@@ -260,13 +260,13 @@ def compare(
     for addrs in local.values():
         addrs.sort()
     sets = _Sets(local)
-    ours: dict[tuple[tuple[str, ...], str, int], list[tuple[PlanRule, Box]]] = {}
+    ours: dict[tuple[tuple[str, ...], str, int, bool], list[tuple[PlanRule, Box]]] = {}
     out = []
     for cp in plan.containers:
         c = cp.container
-        key = (cp.groups, c.workload, c.version)
+        key = (cp.groups, c.workload, c.version, cp.audit)
         if key not in ours:
-            ours[key] = asgctl_space(plan, cp, groups)
+            ours[key] = asgctl_space(plan, cp, groups, policy)
         out.append(_one(policy, cp, cf.get(c.ip), ours[key], sets, keep))
     known = {cp.container.ip for cp in plan.containers}
     orphans = tuple(sorted(a for a in cf if a not in known))
@@ -320,10 +320,15 @@ def _one(
 
 
 def asgctl_space(
-    plan: CellPlan, cp: ContainerPlan, groups: Mapping[str, Any] | None = None
+    plan: CellPlan,
+    cp: ContainerPlan,
+    groups: Mapping[str, Any] | None = None,
+    policy: PolicySet | None = None,
 ) -> list[tuple[PlanRule, Box]]:
     """What the plan allows a container, rule by rule: its groups' rules, minus the cell's
-    deny networks for its workload (rendered before every group)."""
+    deny networks for its workload (rendered before every group); for a container in audit
+    mode, every packet but the deny networks' (its chain accepts what no rule allows), under
+    the Enforcement document that audits it."""
     groups = plan.group_by_id if groups is None else groups
     family = cp.container.version
     deny = []
@@ -331,11 +336,26 @@ def asgctl_space(
         r = AddressRange.parse(net)
         deny.append(Box(family, ANY_PROTOCOL, (r.first, r.last)))
     out: list[tuple[PlanRule, Box]] = []
-    for gid in cp.groups:
-        for rule in groups[gid].rules:
-            for box in item_space(rule.item):
-                out.extend((rule, piece) for piece in (subtract(box, deny) if deny else [box]))
+    rules = [rule for gid in cp.groups for rule in groups[gid].rules]
+    if cp.audit:
+        rules.append(_audit_rule(cp, family, policy))
+    for rule in rules:
+        for box in item_space(rule.item):
+            out.extend((rule, piece) for piece in (subtract(box, deny) if deny else [box]))
     return out
+
+
+def _audit_rule(cp: ContainerPlan, family: int, policy: PolicySet | None) -> PlanRule:
+    """The audited chain's last word as a rule: every packet of the family, from the
+    Enforcement document that decides the container's mode."""
+    c = cp.container
+    decided = enforcement_for(policy, c.space_id, c.app_id) if policy is not None else None
+    name = decided.name if decided is not None else "(audit)"
+    where = decided.location.short if decided is not None and decided.location else ""
+    item = RuleItem("all", AddressRange.whole(family))
+    return PlanRule(
+        content_id("audit " + item.key()), item, (Provenance("Enforcement", name, None, where),)
+    )
 
 
 def _beyond_the_cell(space: Sequence[Box], local: Sequence[int]) -> tuple[Box, ...]:

@@ -13,8 +13,9 @@ without `group`)::
 
     ASG DENY <container log id>    final reject of a container's chain        -> deny
     ASG OK <rule log id>           a `log: true` rule accepting a new flow    -> allow
-    ASG AUDIT <container log id>   reserved for audit mode (issue 16 item 4):
-                                   what would be rejected, logged and accepted -> would-deny
+    ASG AUDIT <container log id>   final accept of an audited container's chain
+                                   (kind: Enforcement, mode: audit): what would be
+                                   rejected, logged and accepted              -> would-deny
     ASG DENY RATE                  the connection limit (outbound_connections) -> deny
 
 An id is the first `LOG_ID_LEN` (16) hex digits of a plan id: a container's chain id (a

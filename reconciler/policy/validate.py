@@ -26,6 +26,7 @@ from reconciler.core.model import (
     Destination,
     Directory,
     EgressPolicy,
+    Enforcement,
     Location,
     Org,
     PolicySet,
@@ -54,6 +55,7 @@ SCHEMA_FILES = {
     "Directory": "directory.schema.json",
     "PolicyTest": "policy-test.schema.json",
     "Rollout": "rollout.schema.json",
+    "Enforcement": "enforcement.schema.json",
 }
 KINDS = tuple(SCHEMA_FILES)
 _ALL_PORTS = (PortRange(1, 65535),)
@@ -191,6 +193,9 @@ def validate_documents(docs: Iterable[Document], cache: ParseCache | None = None
     for ctx in broken["Rollout"]:
         _rollout(ctx)
     _check_one_rollout(every["Rollout"])
+    enforcements = _enforcements(by_kind["Enforcement"], directory)
+    for ctx in broken["Enforcement"]:
+        _enforcement(ctx, directory)
     policy = PolicySet(
         security_groups=tuple(sorted(groups, key=lambda g: g.name)),
         destinations=tuple(sorted(destinations, key=lambda d: d.name)),
@@ -198,6 +203,7 @@ def validate_documents(docs: Iterable[Document], cache: ParseCache | None = None
         directory=directory,
         tests=tests,
         rollout=rollouts[0] if len(rollouts) == 1 and len(every["Rollout"]) == 1 else None,
+        enforcements=tuple(sorted(enforcements, key=lambda e: e.name)),
     )
     return Result(policy, tuple(sorted(set(findings))))
 
@@ -253,7 +259,7 @@ def _short(value: Any) -> str:
 
 
 def _check_unique_names(by_kind: dict[str, list[_Context]], findings: list[Finding]) -> None:
-    for kind in ("SecurityGroup", "Destination", "EgressPolicy", "PolicyTest"):
+    for kind in ("SecurityGroup", "Destination", "EgressPolicy", "PolicyTest", "Enforcement"):
         seen: dict[str, Location] = {}
         for ctx in by_kind[kind]:
             first = seen.setdefault(ctx.name, ctx.loc(("name",)))
@@ -524,21 +530,29 @@ def _destination_fqdns(ctx: _Context) -> tuple[str, ...] | None:
     return tuple(sorted(set(names))) if ok else None
 
 
+def _principal(ctx: _Context, directory: Directory, key: str) -> tuple[Any, str | None, bool]:
+    """An EgressPolicy's `source` or an Enforcement's `scope`: its type, the app or space
+    GUID a name or id resolves to (a name not in the directory is an error, an unknown GUID
+    a warning), and whether the document is sound so far."""
+    field = ctx.doc.data[key] if ctx.sound((key,)) else {"type": None}
+    kind = field["type"]
+    ref = str(field.get("name") or field.get("id") or "")  # the schema made it a string
+    guid: str | None = None
+    ok = not ctx.unsound
+    if kind == "app":
+        guid = _resolve_app(ctx, directory, (key,), ref)
+        ok = ok and guid is not None
+    elif kind == "space":
+        guid = _resolve_space(ctx, directory, (key,), ref)
+        ok = ok and guid is not None
+    return kind, guid, ok
+
+
 def _egress_policy(
     ctx: _Context, directory: Directory, destinations: set[str]
 ) -> EgressPolicy | None:
     data = ctx.doc.data
-    source = data["source"] if ctx.sound(("source",)) else {"type": None}
-    stype = source["type"]
-    ref = str(source.get("name") or source.get("id") or "")  # the schema made it a string
-    source_id: str | None = None
-    ok = not ctx.unsound
-    if stype == "app":
-        source_id = _resolve_app(ctx, directory, ("source",), ref)
-        ok = ok and source_id is not None
-    elif stype == "space":
-        source_id = _resolve_space(ctx, directory, ("source",), ref)
-        ok = ok and source_id is not None
+    stype, source_id, ok = _principal(ctx, directory, "source")
     if ctx.sound(("destination",)) and data["destination"] not in destinations:
         ctx.error(("destination",), f"destination {data['destination']!r} is not defined")
         ok = False
@@ -553,6 +567,54 @@ def _egress_policy(
         description=data.get("description", ""),
         location=ctx.loc(),
     )
+
+
+def _enforcement(ctx: _Context, directory: Directory) -> Enforcement | None:
+    """One Enforcement document: its scope resolved as an EgressPolicy source is (a name
+    not in the directory is an error, an unknown GUID a warning), its mode as written."""
+    data = ctx.doc.data
+    stype, scope_id, ok = _principal(ctx, directory, "scope")
+    if not ok:
+        return None
+    return Enforcement(
+        name=data["name"],
+        scope_type=cast(Literal["app", "space", "all"], stype),  # the schema allows only these
+        scope_id=scope_id,
+        mode=cast(Literal["audit", "enforce"], data["mode"]),
+        description=data.get("description", ""),
+        location=ctx.loc(),
+    )
+
+
+def _enforcements(contexts: list[_Context], directory: Directory) -> list[Enforcement]:
+    """Every Enforcement document, and one mode per scope: two documents that give one app,
+    space or `all` different modes are an error naming both (which one wins would otherwise
+    be file order); a second one with the same mode only repeats the first (a warning)."""
+    out: list[Enforcement] = []
+    seen: dict[tuple[str, str | None], tuple[Enforcement, _Context]] = {}
+    for ctx in sorted(contexts, key=lambda c: c.loc()):
+        enf = _enforcement(ctx, directory)
+        if enf is None:
+            continue
+        key = (enf.scope_type, enf.scope_id)
+        first = seen.get(key)
+        if first is None:
+            seen[key] = (enf, ctx)
+            out.append(enf)
+            continue
+        other, octx = first
+        scope = enf.scope_text(directory)
+        here = f"Enforcement/{enf.name} ({ctx.loc(('mode',)).short})"
+        there = f"Enforcement/{other.name} ({octx.loc(('mode',)).short})"
+        if other.mode != enf.mode:
+            ctx.error(
+                ("mode",),
+                f"{here} puts {scope} in {enf.mode}, {there} in {other.mode}: "
+                "one scope has one mode",
+            )
+        else:
+            ctx.warn(("scope",), f"{scope} is already in {enf.mode} by {there}")
+    return out
 
 
 def _policy_tests(ctx: _Context, directory: Directory) -> list[PolicyTest]:

@@ -26,7 +26,7 @@ from reconciler.core.cellplan import (
     port_chunks,
 )
 from reconciler.core.model import RuleItem
-from reconciler.flows.record import ALLOW, DENY, RATE_ID, log_prefix
+from reconciler.flows.record import ALLOW, DENY, RATE_ID, WOULD_DENY, log_prefix
 
 TOP_CHAIN = "ASG-FORWARD"
 CONTAINER_PREFIX = "ASG-C-"
@@ -268,21 +268,36 @@ def _container_lines(
     if settings.deny(cp.container.workload, family):
         lines.append(f"-A {name} {_comment('asg:deny')} -j {deny_chain(cp.container.workload)}")
     lines.extend(f"-A {name} {_comment('asg:g:' + gid)} -j {group_chain(gid)}" for gid in cp.groups)
-    lines.append(
-        f"-A {name} {_log_limit(settings.flow_log)} {_comment('asg:deny-log')} "
-        f"{log_target(settings.flow_log, log_prefix(DENY, log_id(cp.chain_id)))}"
-    )
-    lines.append(f"-A {name} {_comment('asg:reject')} -j REJECT --reject-with {reject}")
+    lines.extend(_tail(name, cp, settings.flow_log, reject))
     return tuple(lines)
+
+
+def _tail(name: str, cp: ContainerPlan, flow: FlowLog, reject: str) -> tuple[str, str]:
+    """The chain's last word on what no rule allowed: logged (as deny logging is set up)
+    and rejected; in audit mode logged as would-deny (`ASG AUDIT`) and accepted.  Both come
+    after the deny networks' jump, so audit never reaches a deny network."""
+    limit = _log_limit(flow)
+    if cp.audit:
+        return (
+            f"-A {name} {limit} {_comment('asg:audit-log')} "
+            f"{log_target(flow, log_prefix(WOULD_DENY, log_id(cp.chain_id)))}",
+            f"-A {name} {_comment('asg:audit')} -j ACCEPT",
+        )
+    return (
+        f"-A {name} {limit} {_comment('asg:deny-log')} "
+        f"{log_target(flow, log_prefix(DENY, log_id(cp.chain_id)))}",
+        f"-A {name} {_comment('asg:reject')} -j REJECT --reject-with {reject}",
+    )
 
 
 def _with_names(
     lines: tuple[str, ...], chain: str, cp: ContainerPlan, plan: CellPlan
 ) -> tuple[str, ...]:
-    """A container chain with its grants by name after its groups, before LOG and REJECT."""
+    """A container chain with its grants by name after its groups, before its tail (LOG and
+    REJECT, or in audit the would-deny LOG and ACCEPT)."""
     by_id = plan.name_by_id
     named = [line for nid in cp.names for line in name_lines(chain, by_id[nid])]
-    tail = (_comment("asg:deny-log"), _comment("asg:reject"))
+    tail = tuple(_comment(c) for c in ("asg:deny-log", "asg:reject", "asg:audit-log", "asg:audit"))
     at = next(i for i, line in enumerate(lines) if any(t in line for t in tail))
     return (*lines[:at], *named, *lines[at:])
 

@@ -88,7 +88,7 @@ from reconciler.core.packetspace import (
     icmp_protocol,
     item_space,
 )
-from reconciler.flows.record import ALLOW, DENY, RATE_ID, log_prefix
+from reconciler.flows.record import ALLOW, DENY, RATE_ID, WOULD_DENY, log_prefix
 
 NFT_FAMILY = "inet"
 TABLE = "asgctl"
@@ -378,7 +378,7 @@ class RenderedGroup:
     entry: tuple[str, ...]
 
 
-_ContainerKey = tuple[str, tuple[str, ...], tuple[tuple[str, ...], ...], FlowLog]
+_ContainerKey = tuple[str, tuple[str, ...], tuple[tuple[str, ...], ...], FlowLog, bool]
 
 
 class RenderMemo:
@@ -415,12 +415,13 @@ class RenderMemo:
         head: tuple[str, ...],
         entries: tuple[tuple[str, ...], ...],
         flow: FlowLog = KERNEL_LOG,
+        audit: bool = False,
     ) -> tuple[str, ...]:
-        key: _ContainerKey = (chain_id, head, entries, flow)
+        key: _ContainerKey = (chain_id, head, entries, flow, audit)
         hit = self._chains.get(key)
         if hit is not None:
             return hit
-        out = _container_rules_of(chain_id, head, entries, flow)
+        out = _container_rules_of(chain_id, head, entries, flow, audit)
         if len(self._chains) >= self.max_chains:
             self._chains.clear()
         self._chains[key] = out
@@ -572,7 +573,16 @@ def _rate_log_rules(flow: FlowLog) -> tuple[str, ...]:
     return (log, canonical_rule([_reject_expr()], "asg:reject"))
 
 
-def _deny_rules(chain_id: str, flow: FlowLog) -> tuple[str, str]:
+def _deny_rules(chain_id: str, flow: FlowLog, audit: bool = False) -> tuple[str, str]:
+    """The chain's last word on what no rule allowed: logged and rejected; in audit mode
+    logged as would-deny (`ASG AUDIT`) and accepted.  The deny networks' rule comes before
+    the groups, so audit never reaches a deny network."""
+    if audit:
+        log = canonical_rule(
+            [_log_limit(flow), log_statement(flow, log_prefix(WOULD_DENY, log_id(chain_id)))],
+            "asg:audit-log",
+        )
+        return log, canonical_rule([ACCEPT], "asg:audit")
     log = canonical_rule(
         [_log_limit(flow), log_statement(flow, log_prefix(DENY, log_id(chain_id)))],
         "asg:deny-log",
@@ -626,12 +636,13 @@ def _container_rules_of(
     head: tuple[str, ...],
     entries: tuple[tuple[str, ...], ...],
     flow: FlowLog = KERNEL_LOG,
+    audit: bool = False,
 ) -> tuple[str, ...]:
     """A container chain (`RenderMemo.container` keeps them from one plan to the next)."""
     rules = [_invalid_rule(), *head]
     for entry in entries:
         rules.extend(entry)
-    rules.extend(_deny_rules(chain_id, flow))
+    rules.extend(_deny_rules(chain_id, flow, audit))
     return tuple(rules)
 
 
@@ -675,7 +686,9 @@ def _render_cell(plan: CellPlan, family: int, memo: RenderMemo) -> NftRuleset:
         named = _name_entry(cp, plan, sets)
         entries = (*(groups[g].entry for g in cp.groups), *named)
         head = _container_head(cp, settings, family)
-        chains[name] = memo.container(cp.chain_id, head, tuple(entries), settings.flow_log)
+        chains[name] = memo.container(
+            cp.chain_id, head, tuple(entries), settings.flow_log, cp.audit
+        )
         address = int(ipaddress.ip_address(cp.container.ip))
         if address in seen:  # two containers, one address: the first wins, as in iptables
             continue
