@@ -141,10 +141,9 @@ def test_every_panel_query_parses_with_promtool(tmp_path: Path) -> None:
     assert f"SUCCESS: {len(rules)} rules found" in res.stdout
 
 
+@pytest.mark.requires("promtool")
 def test_promtool_refuses_a_query_that_does_not_parse(tmp_path: Path) -> None:
     """The check above can fail: a broken query is refused."""
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool is not on PATH")
     path = tmp_path / "bad.yml"
     bad = {"record": "asgctl:bad", "expr": "sum by (cell (asgctl_agent_ready)"}
     path.write_text(json.dumps({"groups": [{"name": "bad", "rules": [bad]}]}))
