@@ -10,7 +10,7 @@ there to check the agent's accounting against), an `asgctl agent` process with
 `flow-log: nflog` at the highest `flow-log-rate` the kernel allows (10,000 log entries a
 second per container; the rest of the flood is rejected without being logged, as designed)
 and a small aggregate cap, so both of the agent's own bounds are hit.  The flood is our own
-sender (`FLOOD`: UDP over `sendmmsg(2)`, 256 datagrams per call, each to another port so
+sender (`asgctl_lab.flood`: UDP over `sendmmsg(2)`, 256 datagrams per call, each to another port so
 every packet is a distinct flow, the aggregator's worst case), two processes in the
 container sending as fast as they can (as `hping3 --flood` does; one syscall per 256
 packets, so the kernel's path, not the sender, sets the pace).  The rate the test claims is the rate
@@ -28,15 +28,13 @@ Runs in CI with the other netns tests; selectable alone with `pytest -m flood`.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from asgctl_lab.flood import finish, start_senders
 from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
 from asgctl_lab.probe import Outcome
 from tests.agentkit import (  # noqa: F401 - fixtures
@@ -59,50 +57,6 @@ SECONDS = 30.0
 SENDERS = 4
 LOG_RATE = 10_000  # flow-log-rate: xt_limit's ceiling, the most the agent can be sent
 CAP = 1_000  # flow-log-max-aggregates: a window of distinct flows overflows it
-
-FLOOD = textwrap.dedent(
-    """\
-    import ctypes, ctypes.util, socket, struct, sys, time
-    dst, seconds, first = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    class IoVec(ctypes.Structure):
-        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-    class MsgHdr(ctypes.Structure):
-        _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
-                    ("iov", ctypes.POINTER(IoVec)), ("iovlen", ctypes.c_size_t),
-                    ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
-                    ("flags", ctypes.c_int)]
-    class MMsgHdr(ctypes.Structure):
-        _fields_ = [("hdr", MsgHdr), ("len", ctypes.c_uint)]
-    BATCH = 256
-    payload = ctypes.create_string_buffer(b"x", 1)
-    iov = IoVec(ctypes.cast(payload, ctypes.c_void_p), 1)
-    ip = socket.inet_aton(dst)
-    batches = []
-    for b in range(4):  # 1,024 distinct destination ports from `first` on
-        names = (ctypes.c_char * 16 * BATCH)()
-        msgs = (MMsgHdr * BATCH)()
-        for i in range(BATCH):
-            port = first + b * BATCH + i
-            sin = struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + ip + bytes(8)
-            ctypes.memmove(names[i], sin, 16)
-            msgs[i].hdr.name = ctypes.cast(names[i], ctypes.c_void_p)
-            msgs[i].hdr.namelen = 16
-            msgs[i].hdr.iov = ctypes.pointer(iov)
-            msgs[i].hdr.iovlen = 1
-        batches.append((names, msgs))
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    fd, sent, k = s.fileno(), 0, 0
-    start = time.monotonic()
-    end = start + seconds
-    while time.monotonic() < end:
-        n = libc.sendmmsg(fd, batches[k % 4][1], BATCH, 0)
-        k += 1
-        if n > 0:
-            sent += n
-    print(sent, time.monotonic() - start)
-    """
-)
 
 ORG_GUID, SPACE_GUID = "org-acme", "space-prod"
 WEB = ContainerSpec("web", app_id="app-web", space_id=SPACE_GUID, org_id=ORG_GUID)
@@ -191,25 +145,7 @@ def test_a_flood_of_100k_denied_packets_a_second_for_30s(
     rss_before = _rss_kib(pid)
     rx_before = _rx_packets(lab, "web")
 
-    senders = [
-        subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                lab.containers["web"].netns,
-                sys.executable,
-                "-c",
-                FLOOD,
-                echo,
-                str(SECONDS),
-                str(1000 + 1024 * i),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(SENDERS)
-    ]
+    senders = start_senders(lab.containers["web"].netns, echo, SECONDS, count=SENDERS, ports=1024)
     rss: list[int] = []
     connects: list[Outcome] = []
     try:
@@ -219,15 +155,13 @@ def test_a_flood_of_100k_denied_packets_a_second_for_30s(
             connects.append(lab.probe_tcp("api", "echo", 80, timeout=3).outcome)
             rss.append(_rss_kib(pid))
             time.sleep(0.1)  # a steady client, not a second flood
-        results = [s.communicate(timeout=30)[0].split() for s in senders]
-    finally:
+    except BaseException:
         for s in senders:
-            if s.poll() is None:
-                s.kill()
-                s.wait()
+            s.kill()
+            s.wait()
+        raise
+    sent, window = finish(senders, timeout=30)
     rx = _rx_packets(lab, "web") - rx_before
-    sent = sum(int(r[0]) for r in results)
-    window = max(float(r[1]) for r in results)
 
     achieved = rx / window
     record_property("flood_packets_per_second", round(achieved))
