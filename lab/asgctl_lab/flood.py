@@ -50,7 +50,7 @@ for b in range(max(1, ports // BATCH)):
         msgs[i].hdr.namelen = 16
         msgs[i].hdr.iov = ctypes.pointer(iov)
         msgs[i].hdr.iovlen = 1
-    batches.append(msgs)
+    batches.append((names, msgs))  # the names too: msgs point into them
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 if src:
     s.bind((src, 0))
@@ -58,7 +58,7 @@ fd, sent, k = s.fileno(), 0, 0
 start = time.monotonic()
 end = start + seconds
 while time.monotonic() < end:
-    n = libc.sendmmsg(fd, batches[k % len(batches)], BATCH, 0)
+    n = libc.sendmmsg(fd, batches[k % len(batches)][1], BATCH, 0)
     k += 1
     if n > 0:
         sent += n
