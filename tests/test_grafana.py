@@ -323,7 +323,8 @@ def test_prometheus_scraping_the_lab_agents_has_data_for_every_panel(
         for name in cells:
             wait_for(lambda n=name: applied(n), 60, what=f"{name} applies the policy")
         targets = [wait_for(lambda a=a: _metrics_address(a), 10) for a in procs.values()]
-        prom = Prometheus(targets).start()
+        prom = Prometheus(targets)  # assigned first: stopped and removed even if start fails
+        prom.start()
 
         # Real packets: a denied connect and a hit of the first logged rule, in each cell.
         for lab in labs.values():
