@@ -298,7 +298,8 @@ def test_prometheus_scraping_the_lab_agents_has_data_for_every_panel(
             lab = labs[name]
             assert lab.workdir is not None
             server = LabDns(lab.services["dns"].netns, lab.services["dns"].ipv4, lab.workdir)
-            dns.append(server.start({DB: [echo]}))
+            dns.append(server)  # stopped in `finally`, even if it fails to start
+            server.start({DB: [echo]})
             procs[name] = agents(
                 name,
                 source=policy_repo.url,
