@@ -662,6 +662,8 @@ class Agent:
                 revision=self.cfg.revision(a.sha),
                 digest=a.digest,
             )
+        if self.flows is not None:
+            m.set("asgctl_agent_flow_unused_rules", len(self.flows.unused()))
         if self.cfg.mode == "shadow" and self.parity is not None:
             from reconciler.agent.shadow import parity_metrics
 

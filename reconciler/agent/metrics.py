@@ -30,6 +30,8 @@ asgctl_agent_flow_drops_total{reason}                  counter: kernel|aggregate
 asgctl_agent_flow_denied_total{app,space}              counter: denied packets (first 20 pairs,
                                                        the rest app="other",space="other")
 asgctl_agent_flow_rule_group_hits_total{group}         counter: log:true rule hits per group
+asgctl_agent_flow_unused_rules                         gauge: log:true rules with no flow for
+                                                       flow-unused-after (status lists them)
 =====================================================  ======================================
 """
 
@@ -89,6 +91,10 @@ _HELP = {
     "asgctl_agent_flow_rule_group_hits_total": (
         "counter",
         "Packets accepted by log:true rules, by rule group (the first 200; then other).",
+    ),
+    "asgctl_agent_flow_unused_rules": (
+        "gauge",
+        "log:true rules that matched nothing for flow-unused-after (the status branch lists them).",
     ),
 }
 

@@ -422,7 +422,20 @@ class Collector:
             "unusedRulesTotal": len(unused),
         }
 
+    def unused(self) -> list[tuple[str, float]]:
+        """(rule id, last hit or since) of `log: true` rules with no flow for unused-after
+        (under the lock: the writer thread records hits)."""
+        with self._lock:
+            return self.hits.unused(self.settings.unused_after, self.clock())
+
     def start(self) -> None:
+        # Every counter series exists from the start, at 0: a dashboard shows "no drops" rather
+        # than "no data", and rate() sees the first drop (a series born at 5 has no increase).
+        for reason in DROP_REASONS:
+            self._inc("asgctl_agent_flow_drops_total", 0, reason=reason)
+        for verdict in VERDICTS:
+            self._inc("asgctl_agent_flow_packets_total", 0, verdict=verdict)
+        self._inc("asgctl_agent_flow_records_total", 0)
         for target, name in ((self._read_loop, "flows-reader"), (self._write_loop, "flows-writer")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
