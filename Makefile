@@ -3,8 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSTEM_TOOLS := iptables iptables-legacy iptables-nft nft ip git socat sysctl ssh-keygen gpg jq ruby ipset dnsmasq prometheus promtool hping3
-APT_PACKAGES := iptables nftables iproute2 git socat netcat-openbsd conntrack procps libxtables-dev openssh-client gnupg jq ruby ipset dnsmasq-base prometheus hping3
+SYSTEM_TOOLS := iptables iptables-legacy iptables-nft nft ip git socat sysctl ssh-keygen gpg jq ruby ipset dnsmasq prometheus promtool
+APT_PACKAGES := iptables nftables iproute2 git socat netcat-openbsd conntrack procps libxtables-dev openssh-client gnupg jq ruby ipset dnsmasq-base prometheus
 
 .PHONY: test lint unit sysdeps venv bench clean demo soak fuzz
 
