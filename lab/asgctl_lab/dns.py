@@ -5,6 +5,14 @@ with a short TTL (`local-ttl`), and nothing else (no upstream, no /etc/hosts, no
 config).  `set_record` rewrites the file and sends SIGHUP, which makes dnsmasq read it
 again: the test's "the provider moves the service" without a restart.
 
+Round robin: a name with several addresses is answered with all of them, in an order that
+dnsmasq rotates by one place on every query ("Dnsmasq normally permutes the order of A or
+AAAA records for the same name on successive queries", man dnsmasq, `--no-round-robin`;
+Debian bookworm's 2.90 does it for `addn-hosts` names too, which `tests/test_lab_dns.py`
+checks on the wire).  So a name of 16 addresses is what a CDN or round-robin DNS looks like
+to a container: whichever address it picks first changes from one lookup to the next.
+`answer_order` reads an answer's addresses in wire order (the agent's client sorts them).
+
 Names served here must be in `.lab.example` (reserved by RFC 2606, never on the internet)
 and addresses in the lab's ranges (198.18.0.0/15, fd00::/8).
 """
@@ -13,15 +21,28 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
 
 from asgctl_lab.nsenter import netns_exec_argv
 from reconciler.backends.kernel.nsthread import run_in_netns
-from reconciler.fqdn.dns import QTYPE_A, QTYPE_AAAA, Client, DnsError
+from reconciler.fqdn.dns import (
+    QCLASS_IN,
+    QTYPE_A,
+    QTYPE_AAAA,
+    UDP_PAYLOAD,
+    Client,
+    DnsError,
+    build_query,
+    parse_response,
+    read_name,
+)
 
 LAB_DOMAIN = ".lab.example"
 _LAB_NETS = (ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("fd00::/8"))
@@ -127,6 +148,31 @@ class LabDns:
         qtype = QTYPE_AAAA if ipv6 else QTYPE_A
         return run_in_netns(self.netns, client.query, name, qtype).addresses
 
+    def answer_order(self, name: str, ipv6: bool = False) -> tuple[str, ...]:
+        """The addresses of one answer as the server ordered them (round robin shows here).
+
+        The answer is first checked to be ours by the agent's own `parse_response` (id,
+        question, flags); only then are its records read again in order."""
+        qtype = QTYPE_AAAA if ipv6 else QTYPE_A
+        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+        txid = secrets.randbits(16)
+
+        def ask() -> bytes:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(1.0)
+                sock.connect((self.address, 53))
+                sock.send(build_query(txid, name, qtype))
+                return sock.recv(UDP_PAYLOAD)
+
+        data = run_in_netns(self.netns, ask)
+        answer, truncated = parse_response(data, txid, name, qtype)
+        if truncated:
+            raise LabDnsError(f"the answer for {name} was truncated")
+        ordered = _addresses_in_order(data, name, qtype)
+        if sorted(ordered) != sorted(answer.addresses):
+            raise LabDnsError(f"the answer for {name} is not a plain list of addresses")
+        return ordered
+
     def _wait_answer(self, name: str, addresses: list[str], timeout: float = 5.0) -> None:
         """dnsmasq rereads on SIGHUP in its own time: wait until it answers the new record."""
         want4 = sorted(a for a in addresses if ":" not in a)
@@ -149,3 +195,19 @@ class LabDns:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+
+
+def _addresses_in_order(data: bytes, name: str, qtype: int) -> tuple[str, ...]:
+    """The answer section's `qtype` records owned by `name`, in message order."""
+    count = struct.unpack("!H", data[6:8])[0]
+    _, pos = read_name(data, 12)
+    pos += 4
+    out = []
+    for _ in range(count):
+        owner, pos = read_name(data, pos)
+        rtype, rclass, _ttl, size = struct.unpack("!HHIH", data[pos : pos + 10])
+        pos += 10
+        if owner == name and rtype == qtype and rclass == QCLASS_IN:
+            out.append(str(ipaddress.ip_address(data[pos : pos + size])))
+        pos += size
+    return tuple(out)
