@@ -191,13 +191,42 @@ def address_plan(target: str, port_number: int, ip: str) -> CellPlan:
     return compile_cell(policy, [Container("c", ip, "app", "space")], "bench")
 
 
-def last_set(plan: CellPlan, kind: str) -> str:
-    """The v4 name set whose rule a packet of the probe container reaches last."""
+SPREAD = 100
+"""Containers the names are spread over in the `spread` case (the probe among them)."""
+
+
+def spread_plan(n: int, port_number: int, ip: str) -> CellPlan:
+    """The N names spread over SPREAD containers, N / SPREAD each (the probe container last
+    in iptables' dispatch): the cell holds every set, a container's chain its own names."""
+    fqdns = names(n)
+    per = n // SPREAD
+    port = (PortRange(port_number, port_number),)
+    policy = PolicySet(
+        destinations=tuple(
+            Destination(f"d{i}", "tcp", (), port, fqdns=tuple(fqdns[i * per : (i + 1) * per]))
+            for i in range(SPREAD)
+        ),
+        egress_policies=tuple(
+            EgressPolicy(f"p{i}", "app", f"app{i}", f"d{i}") for i in range(SPREAD)
+        ),
+    )
+    ips = [*newconn_bench.FAKE_IPS[: SPREAD - 1], ip]
+    inventory = [Container(f"c{i}", a, f"app{i}", "space") for i, a in enumerate(ips)]
+    return compile_cell(policy, inventory, "bench")
+
+
+def last_set(plan: CellPlan, kind: str, ip: str) -> str:
+    """The v4 name set whose rule a new connection from `ip` reaches last in its chain."""
     if kind == "nftables":
-        text, pattern = render_nft(plan, 4).text(), r'"@(asgn4-[0-9a-f]+)"'
-    else:
-        text, pattern = render_iptables(plan, 4).text(), r"--match-set (asgn4-[0-9a-f]+) "
-    return re.findall(pattern, text)[-1]
+        text = render_nft(plan, 4).text()
+        chain = re.search(rf'\["{re.escape(ip)}",\{{"goto":\{{"target":"([^"]+)"', text)
+        assert chain is not None
+        rules = [ln for ln in text.splitlines() if f'"chain":"{chain[1]}"' in ln]
+        return re.findall(r'"@(asgn4-[0-9a-f]+)"', "\n".join(rules))[-1]
+    text = render_iptables(plan, 4).text()
+    jump = re.search(rf"^-A ASG-FORWARD -s {re.escape(ip)}/32 .* -j (\S+)$", text, re.M)
+    assert jump is not None
+    return re.findall(rf"^-A {jump[1]} .*--match-set (asgn4-[0-9a-f]+) ", text, re.M)[-1]
 
 
 def far_addresses(i: int, k: int) -> tuple[str, ...]:
@@ -205,60 +234,65 @@ def far_addresses(i: int, k: int) -> tuple[str, ...]:
     return tuple(f"198.19.{128 + ((i * k + j) >> 8) % 128}.{(i * k + j) & 0xFF}" for j in range(k))
 
 
+def fill(writer: SetWriter, plan: CellPlan, k: int, listener_in: str, target: str) -> None:
+    """Every name's k addresses; the listener is the last address of set `listener_in`."""
+    sets = [(r.set_name, r.item.fqdn) for r in plan.names if r.version == 4]
+    order = {fqdn: i for i, fqdn in enumerate(names(len({f for _, f in sets})))}
+    writes, seen = [], set()
+    for set_name, fqdn in sets:
+        if set_name in seen:
+            continue
+        seen.add(set_name)
+        addrs = far_addresses(order[fqdn], k)
+        if set_name == listener_in:
+            addrs = (*addrs[:-1], target)
+        writes.append(Write(set_name, 4, tuple((a, 600) for a in addrs)))
+    for i in range(0, len(writes), WRITE_BATCH):
+        writer.write(writes[i : i + WRITE_BATCH])
+
+
 def newconn_cell(kind: str, n: int, k: int, seconds: float, repeat: int) -> list[dict[str, object]]:
-    """Connect cost through one lab cell: with the N name sets, then with one address rule."""
+    """Connect cost through one lab cell, for each grant in turn (see the module docstring)."""
     cell = newconn_bench.start_cell()
     try:
         probe, target = cell.lab.containers["probe"].ipv4, cell.target
         runner = Runner.in_netns(cell.lab.cell, timeout=900)
         name = "nftables" if kind == "nftables" else "iptables-legacy"
+        port = newconn_bench.PORT
+        grants = (
+            (f"{n:,} names, all granted to the connecting container", plan_for(n, port, probe)),
+            (
+                f"{n:,} names over {SPREAD} containers, {n // SPREAD} to the connecting one",
+                spread_plan(n, port, probe),
+            ),
+            ("one address rule (no names)", address_plan(target, port, probe)),
+        )
         rows: list[dict[str, object]] = []
-        by_names = plan_for(n, newconn_bench.PORT, probe)
-        plans = (("names", by_names), ("address", address_plan(target, newconn_bench.PORT, probe)))
-        for label, plan in plans:
+        last: CellPlan | None = None
+        for grant, plan in grants:
             writer: SetWriter
             if kind == "nftables":
                 backend, writer = NftablesBackend.open("auto", runner), NftWriter(runner)
             else:
                 backend, writer = IptablesBackend.open("legacy", runner), IpsetWriter(runner)
-            result = converge(backend, plan, None)
+            result = converge(backend, plan, last)
             assert result.ok, result.to_dict()
-            if label == "names":
-                sets = [(r.set_name, r.item.fqdn) for r in plan.names if r.version == 4]
-                order = {fqdn: i for i, fqdn in enumerate(names(len(sets)))}
-                last = last_set(plan, kind)
-                writes = []
-                for set_name, fqdn in sets:
-                    addrs = far_addresses(order[fqdn], k)
-                    if set_name == last:  # the listener is the last address of the last name
-                        addrs = (*addrs[:-1], target)
-                    writes.append(Write(set_name, 4, tuple((a, 600) for a in addrs)))
-                for i in range(0, len(writes), WRITE_BATCH):
-                    writer.write(writes[i : i + WRITE_BATCH])
+            last = plan
+            if plan.names:
+                fill(writer, plan, k, last_set(plan, kind, probe), target)
             baseline, rate, extra, failed = cell.cost(name, seconds, repeat)
             rows.append(
                 {
                     "backend": "iptables-legacy + ipset" if kind != "nftables" else "nftables",
-                    "grant": (
-                        f"{n:,} names x {k} addresses (the listener in the last)"
-                        if label == "names"
-                        else "one address rule"
-                    ),
+                    "grant": grant,
+                    "sets": len({r.set_name for r in plan.names}),
                     "baseline": baseline,
                     "rate": rate,
                     "extra_us": extra,
                     "failed": failed,
                 }
             )
-            # The next plan starts from an empty cell: remove ours (sets go with the rules).
-            backend = (
-                NftablesBackend.open("auto", runner)
-                if kind == "nftables"
-                else IptablesBackend.open("legacy", runner)
-            )
-            if label == "names":
-                cleanup = converge(backend, address_plan(target, newconn_bench.PORT, probe), plan)
-                assert cleanup.ok, cleanup.to_dict()
+            print(f"  {rows[-1]['backend']}: {grant}: {extra:+.1f} µs/conn", flush=True)
         return rows
     finally:
         newconn_bench.stop_cell(cell)
@@ -270,20 +304,20 @@ def load_average() -> str:
 
 def newconn_text(rows: list[dict[str, object]], n: int, k: int, loads: tuple[str, str]) -> str:
     lines = [
-        f"New connections through one cell with {n:,} name sets of {k} addresses granted to the"
-        f" connecting container, and with one address rule instead; {machine()}; load average"
-        f" {loads[0]} at the start, {loads[1]} at the end (2 cores shared by other work);"
-        f" code {revision()}.",
+        f"New TCP connections through one cell whose names have {k} addresses each, the"
+        " listener being an address of the last name the connecting container's rules test;"
+        f" {machine()}; load average {loads[0]} at the start, {loads[1]} at the end (2 cores"
+        f" shared by other work); code {revision()}.",
         "",
-        "| backend | grant | conn/s without our rules | conn/s with them | µs/conn "
-        "| extra µs/conn (paired median) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| backend | grant | kernel sets | conn/s without our rules | conn/s with them "
+        "| µs/conn | extra µs/conn (paired median) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         fails = f" ({r['failed']} failed)" if r["failed"] else ""
         rate = float(str(r["rate"]))
         lines.append(
-            f"| {r['backend']} | {r['grant']} | {float(str(r['baseline'])):,.0f} | "
+            f"| {r['backend']} | {r['grant']} | {r['sets']:,} | {float(str(r['baseline'])):,.0f} | "
             f"{rate:,.0f}{fails} | {1e6 / rate:.1f} | {float(str(r['extra_us'])):+.1f} |"
         )
     return "\n".join(lines)

@@ -125,6 +125,18 @@ def test_default_spec_tells_the_seeds_stories() -> None:
             "share an address",
         ),
         (lambda: platform.default_spec(0), "cells"),
+        (lambda: platform.LabService("ns", ("198.19.1.1",), udp=(53,), dns=True), "53/tcp"),
+        (
+            lambda: platform.LabSpec(
+                ("cell-1",),
+                (),
+                tuple(
+                    platform.LabService(n, (a,), tcp=(53,), udp=(53,), dns=True)
+                    for n, a in (("a", "198.19.1.1"), ("b", "198.19.1.2"))
+                ),
+            ),
+            "one DNS server",
+        ),
     ],
 )
 def test_specs_refuse_what_the_lab_cannot_build(build, message: str) -> None:  # type: ignore[no-untyped-def]
