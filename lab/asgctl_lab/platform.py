@@ -1154,7 +1154,7 @@ def dns_records(info: LabInfo) -> dict[str, list[str]]:
     """The names the lab's DNS server serves now."""
     from asgctl_lab.dns import read_hosts
 
-    path = info.directory / "dns" / "lab-dns.hosts"
+    path = _lab_dns(info.directory, info.net, dns_service(info)).hosts
     try:
         return read_hosts(path)
     except OSError as exc:
