@@ -163,6 +163,20 @@ def ready(doc: dict[str, Any] | None) -> dict[str, Any]:
     return {}
 
 
+def applied(bare: Path, cell: str, sha: str) -> Callable[[], bool]:
+    """For `wait_for`: the cell's status branch says it applied commit `sha` and is Ready."""
+
+    def check() -> bool:
+        doc = read_status(bare, cell)
+        return (
+            bool(doc)
+            and doc["lastAppliedRevision"].endswith(f"@sha1:{sha}")
+            and ready(doc)["status"] == "True"
+        )
+
+    return check
+
+
 def cond(doc: dict[str, Any] | None, type_: str) -> dict[str, Any]:
     for c in (doc or {}).get("conditions") or ():
         if c["type"] == type_:
@@ -283,6 +297,12 @@ class AgentProc:
         with contextlib.suppress(OSError, ValueError):
             return json.loads((self.state_dir / "state.json").read_text())
         return {}
+
+    def flow_records(self) -> list[dict[str, Any]]:
+        """What the agent wrote to flows/flows.jsonl so far (none before its first window)."""
+        path = self.state_dir / "flows" / "flows.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [json.loads(line) for line in lines if line.strip()]
 
     def log_records(self, stream: str = "out") -> list[dict[str, Any]]:
         path = self.stdout_path if stream == "out" else self.stderr_path

@@ -12,7 +12,6 @@ Waits are bounded waits on state, never timings.
 
 from __future__ import annotations
 
-import json
 import textwrap
 from collections.abc import Callable
 from dataclasses import replace
@@ -40,6 +39,7 @@ from tests.agentkit import (  # noqa: F401 - fixtures
     AgentProc,
     PolicyRepo,
     agents,
+    applied,
     git_server,
     policy_repo,
     read_status,
@@ -88,13 +88,6 @@ AUDIT = textwrap.dedent(
 BACKENDS = [("iptables", "legacy"), ("iptables", "nft"), ("nftables", "auto")]
 
 
-def _records(agent: AgentProc) -> list[dict[str, Any]]:
-    path = agent.state_dir / "flows" / "flows.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 @pytest.fixture
 def cell(make_lab: Callable[..., Lab]) -> Lab:
     require_netns()
@@ -133,15 +126,7 @@ def test_an_audited_container_reaches_what_no_rule_allows_and_it_is_recorded_as_
         deny_networks={"running": [f"{far}/32"]},
     ).start()
 
-    def applied() -> bool:
-        doc = read_status(policy_repo.bare, agent.name)
-        return (
-            bool(doc)
-            and doc["lastAppliedRevision"].endswith(sha)
-            and ready(doc)["status"] == "True"
-        )
-
-    wait_for(applied, 30, what="the agent applies the policy")
+    wait_for(applied(policy_repo.bare, agent.name, sha), 30, what="the agent applies the policy")
 
     # No rule allows echo:8080; web's space is audited: it connects.
     assert cell.probe_tcp("web", "echo", 8080).outcome is Outcome.CONNECTED
@@ -157,7 +142,7 @@ def test_an_audited_container_reaches_what_no_rule_allows_and_it_is_recorded_as_
     assert cell.probe_tcp("web", "echo", 80).outcome is Outcome.CONNECTED
 
     def would_deny() -> list[dict[str, Any]]:
-        return [r for r in _records(agent) if r["verdict"] == "would-deny"]
+        return [r for r in agent.flow_records() if r["verdict"] == "would-deny"]
 
     found = wait_for(
         lambda: [r for r in would_deny() if r["destination"] == echo and r["port"] == 8080],
@@ -172,7 +157,7 @@ def test_an_audited_container_reaches_what_no_rule_allows_and_it_is_recorded_as_
     wait_for(
         lambda: [
             r
-            for r in _records(agent)
+            for r in agent.flow_records()
             if r["verdict"] == "deny" and r["container"] == "other" and r["port"] == 8080
         ],
         15,

@@ -26,6 +26,7 @@ from tests.agentkit import (  # noqa: F401 - fixtures
     AgentProc,
     PolicyRepo,
     agents,
+    applied,
     git_server,
     policy_repo,
     read_status,
@@ -62,16 +63,9 @@ def _policy(lab: Lab) -> dict[str, str]:
     return {"directory.yaml": DIRECTORY, "sg.yaml": sg("echo-logged", [rule])}
 
 
-def _records(agent: AgentProc) -> list[dict[str, Any]]:
-    path = agent.state_dir / "flows" / "flows.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _find(agent: AgentProc, **want: Any) -> Callable[[], list[dict[str, Any]]]:
     def check() -> list[dict[str, Any]]:
-        return [r for r in _records(agent) if all(r.get(k) == v for k, v in want.items())]
+        return [r for r in agent.flow_records() if all(r.get(k) == v for k, v in want.items())]
 
     return check
 
@@ -91,15 +85,7 @@ def _start(
         **extra,
     ).start()
 
-    def applied() -> bool:
-        doc = read_status(repo.bare, agent.name)
-        return (
-            bool(doc)
-            and doc["lastAppliedRevision"].endswith(sha)
-            and ready(doc)["status"] == "True"
-        )
-
-    wait_for(applied, 30, what="the agent applies the policy")
+    wait_for(applied(repo.bare, agent.name, sha), 30, what="the agent applies the policy")
     return agent
 
 
@@ -273,7 +259,7 @@ def test_a_flood_of_denies_is_bounded_counted_as_drops_and_other_traffic_flows(
     # holds at most `cap` aggregates and the writer queue four windows (slack: the
     # interpreter's own arenas).
     assert _rss_kib(agent.proc.pid) - rss_before < 16 * 1024
-    records = _records(agent)
+    records = agent.flow_records()
     denied_ports = {r["port"] for r in records if r["verdict"] == "deny"}
     assert len(denied_ports) < sent  # not every distinct flow was kept: bounded
     # Per window of one second at most `cap` records: as many records as distinct

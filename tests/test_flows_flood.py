@@ -41,6 +41,7 @@ from tests.agentkit import (  # noqa: F401 - fixtures
     AgentProc,
     PolicyRepo,
     agents,
+    applied,
     git_server,
     policy_repo,
     read_status,
@@ -130,15 +131,7 @@ def test_a_flood_of_100k_denied_packets_a_second_for_30s(
         metrics_textfile=str(tmp_path / "flood.prom"),
     ).start()
 
-    def applied() -> bool:
-        doc = read_status(policy_repo.bare, "flood")
-        return (
-            bool(doc)
-            and doc["lastAppliedRevision"].endswith(sha)
-            and (ready(doc)["status"] == "True")
-        )
-
-    wait_for(applied, 30, what="the agent applies the policy")
+    wait_for(applied(policy_repo.bare, "flood", sha), 30, what="the agent applies the policy")
     assert lab.probe_tcp("api", "echo", 80).outcome is Outcome.CONNECTED
     assert agent.proc is not None
     pid = agent.proc.pid

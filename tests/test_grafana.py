@@ -35,6 +35,7 @@ from tests.agentkit import (  # noqa: F401 - fixtures
     AgentProc,
     PolicyRepo,
     agents,
+    applied,
     git_server,
     policy_repo,
     read_status,
@@ -313,16 +314,8 @@ def test_prometheus_scraping_the_lab_agents_has_data_for_every_panel(
                 metrics_listen="127.0.0.1:0",
             ).start()
 
-        def applied(name: str) -> bool:
-            doc = read_status(policy_repo.bare, name)
-            return (
-                bool(doc)
-                and doc["lastAppliedRevision"].endswith(sha)
-                and (ready(doc)["status"] == "True")
-            )
-
         for name in cells:
-            wait_for(lambda n=name: applied(n), 60, what=f"{name} applies the policy")
+            wait_for(applied(policy_repo.bare, name, sha), 60, what=f"{name} applies the policy")
         targets = [wait_for(lambda a=a: _metrics_address(a), 10) for a in procs.values()]
         prom = Prometheus(targets)  # assigned first: stopped and removed even if start fails
         prom.start()

@@ -11,7 +11,6 @@ state, never timings.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import textwrap
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from tests.agentkit import (  # noqa: F401 - fixtures
     AgentProc,
     PolicyRepo,
     agents,
+    applied,
     git_server,
     policy_repo,
     read_status,
@@ -69,23 +69,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _deny_records(agent: AgentProc) -> list[dict[str, Any]]:
-    path = agent.state_dir / "flows" / "flows.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    return [r for r in map(json.loads, filter(None, lines)) if r["verdict"] == "deny"]
-
-
-def _applied(repo: PolicyRepo, agent: AgentProc, sha: str) -> Callable[[], bool]:
-    def check() -> bool:
-        doc = read_status(repo.bare, agent.name)
-        return (
-            bool(doc)
-            and doc["lastAppliedRevision"].endswith(sha)
-            and ready(doc)["status"] == "True"
-        )
-
-    return check
+    return [r for r in agent.flow_records() if r["verdict"] == "deny"]
 
 
 @pytest.fixture
@@ -114,7 +98,7 @@ def test_suggested_policy_from_real_denies_allows_exactly_those_flows_once_appli
         flow_log="nflog",
         flow_log_window="1s",
     ).start()
-    wait_for(_applied(policy_repo, agent, sha), 30, what="the agent applies the policy")
+    wait_for(applied(policy_repo.bare, agent.name, sha), 30, what="the agent applies the policy")
     echo, other = cell.services["echo"].ipv4, cell.services["other"].ipv4
 
     # Denied by the firewall, and the agent records it.
@@ -146,7 +130,9 @@ def test_suggested_policy_from_real_denies_allows_exactly_those_flows_once_appli
 
     # Committed and applied: exactly those flows pass.
     sha = policy_repo.commit("allow what web was denied (asgctl suggest)")
-    wait_for(_applied(policy_repo, agent, sha), 30, what="the agent applies the suggestion")
+    wait_for(
+        applied(policy_repo.bare, agent.name, sha), 30, what="the agent applies the suggestion"
+    )
     assert cell.probe_tcp("web", "echo", 8080).outcome is Outcome.CONNECTED
     assert cell.probe_udp("web", "echo", 53).outcome is Outcome.REPLIED
     # ... and nothing else: the neighbouring port, another address on the same ports.
