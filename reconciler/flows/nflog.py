@@ -178,7 +178,7 @@ class NflogSocket:
             try:
                 data = self.sock.recv(1 << 20)
                 break
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):  # a timeout of 0: nothing waiting
                 return []
             except OSError as exc:
                 if exc.errno != errno.ENOBUFS:

@@ -16,7 +16,6 @@ or a full queue (agent stuck) the kernel drops the answer; the kernel counts the
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -193,6 +192,3 @@ def drops(netns: str | None, queue: int) -> QueueDrops | None:
     else:
         table = read_proc()
     return table.get(queue)
-
-
-__all__ = ["NF_ACCEPT", "NF_DROP", "NfqueueSocket", "QueuedPacket", "drops", "os"]

@@ -1,0 +1,163 @@
+"""The interception's kernel rules: copy queries to trusted resolvers, hold their answers.
+
+Two chains of ours in the `mangle` table of each family, written with the iptables tooling
+of the backend's variant (legacy for the legacy and libiptc backends; iptables-nft for the
+nft variant and for the nftables backend, whose own `queue` statement this kernel refuses:
+the xt NFQUEUE target through nft's compat layer is the only queue it offers):
+
+    -A PREROUTING  -m comment --comment "asg:dnsl" -j ASG-DNSL
+    -A ASG-DNSL    -d <resolver> -p udp|tcp --dport 53 -j NFLOG --nflog-group Q --nflog-size 512
+    -A POSTROUTING -m comment --comment "asg:dnsq" -j ASG-DNSQ
+    -A ASG-DNSQ    -s <resolver> -p udp|tcp --sport 53 -m conntrack --ctstate ESTABLISHED
+                   --ctdir REPLY -j NFQUEUE --queue-num Q
+
+* Queries are copied in PREROUTING (before any DNAT: the resolver a container asked), held
+  answers in POSTROUTING (forwarded answers and a cell-local resolver's alike).
+* No `--queue-bypass`: with nobody reading (agent down) or the queue full (agent stuck),
+  the kernel drops the answer; the container's stub asks again.  Fail closed.
+* Only answers from trusted resolvers, in the reply direction of a flow a query opened, are
+  held: a container allowed to reach another DNS server cannot teach us its addresses.
+* Ownership: each chain's first rule is the ownership marker the iptables backend uses
+  (`render.marker_rule`); a chain of these names without it is someone else's, and we
+  refuse to write or remove it.  The jumps carry their own comments; removing deletes only
+  the exact rules we wrote.  Nothing else in the table is read or written.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from reconciler.backends.errors import DataplaneError
+from reconciler.backends.iptables.render import marker_rule
+from reconciler.backends.kernel.runner import Runner
+
+ANSWER_CHAIN = "ASG-DNSQ"
+QUERY_CHAIN = "ASG-DNSL"
+JUMPS = (
+    ("POSTROUTING", ANSWER_CHAIN, "asg:dnsq"),
+    ("PREROUTING", QUERY_CHAIN, "asg:dnsl"),
+)
+QUERY_COPY = 512
+"""Bytes of a query copied to us: an IPv6 header, a TCP header with options, the DNS
+header and a 255-octet question fit."""
+
+
+def variant_for(backend: str, variant: str) -> str:
+    """Which iptables tooling holds the interception for a backend (see the module doc)."""
+    if backend in ("nftables", "nft"):
+        return "nft"
+    if backend == "libiptc":
+        return "legacy"
+    if variant not in ("legacy", "nft"):
+        raise DataplaneError(f"unknown iptables variant {variant!r} for the DNS hold")
+    return variant
+
+
+def _tool(variant: str, family: int, kind: str) -> str:
+    return f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-{kind}"
+
+
+def _jump(hook: str, chain: str, comment: str) -> str:
+    return f'-A {hook} -m comment --comment "{comment}" -j {chain}'
+
+
+def render(family: int, resolvers: Sequence[tuple[str, int]], queue: int) -> str:
+    """iptables-restore input (`--noflush`) for our two chains of one family: declaring
+    them empties them, then they are filled.  Resolvers are re-printed from parsed
+    addresses and integers only."""
+    host = 32 if family == 4 else 128
+    lines = ["*mangle", f":{ANSWER_CHAIN} - [0:0]", f":{QUERY_CHAIN} - [0:0]"]
+    lines += [marker_rule(ANSWER_CHAIN), marker_rule(QUERY_CHAIN)]
+    for address, port in resolvers:
+        ip = ipaddress.ip_address(address)
+        if ip.version != family:
+            continue
+        for proto in ("udp", "tcp"):
+            lines.append(
+                f"-A {QUERY_CHAIN} -d {ip}/{host} -p {proto} -m {proto} --dport {int(port)} "
+                f"-j NFLOG --nflog-group {int(queue)} --nflog-size {QUERY_COPY}"
+            )
+            lines.append(
+                f"-A {ANSWER_CHAIN} -s {ip}/{host} -p {proto} -m {proto} --sport {int(port)} "
+                "-m conntrack --ctstate ESTABLISHED --ctdir REPLY "
+                f"-j NFQUEUE --queue-num {int(queue)}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class DnsHold:
+    """The interception's rules in one namespace, with one variant's tooling."""
+
+    runner: Runner
+    variant: str
+    queue: int
+
+    def _save(self, family: int) -> list[str] | None:
+        res = self.runner.run([_tool(self.variant, family, "save"), "-t", "mangle"])
+        if res.returncode != 0:
+            return None
+        return res.stdout.splitlines()
+
+    def _ours(self, lines: list[str], chain: str) -> bool | None:
+        """None: no such chain; True: ours (marker first); False: someone else's."""
+        if not any(line.startswith(f":{chain} ") for line in lines):
+            return None
+        rules = [line for line in lines if line.startswith(f"-A {chain} ")]
+        return bool(rules) and rules[0] == marker_rule(chain)
+
+    def install(self, resolvers: Sequence[tuple[str, int]]) -> None:
+        """Write (or rewrite) our chains and add the jumps that are missing."""
+        for family in (4, 6):
+            lines = self._save(family)
+            if lines is None:
+                if family == 6:
+                    continue  # no IPv6 tables here: nothing of IPv6 to hold
+                raise DataplaneError(f"{_tool(self.variant, 4, 'save')} failed: no mangle table")
+            for _, chain, _ in JUMPS:
+                if self._ours(lines, chain) is False:
+                    raise DataplaneError(
+                        f"mangle chain {chain} exists and is not ours (no ownership marker); "
+                        "refusing to write the DNS hold"
+                    )
+            text = render(family, resolvers, self.queue).removesuffix("\n")
+            jumps = [_jump(*j) for j in JUMPS if _jump(*j) not in lines]
+            text = "\n".join([text, *jumps, "COMMIT"]) + "\n"
+            res = self.runner.run([_tool(self.variant, family, "restore"), "--noflush"], stdin=text)
+            if res.returncode != 0:
+                raise DataplaneError(f"the DNS hold was refused: {res.stderr.strip()}")
+
+    def remove(self) -> None:
+        """Delete our jumps and chains (only if ours); nothing else is touched."""
+        for family in (4, 6):
+            lines = self._save(family)
+            if lines is None:
+                continue
+            out = ["*mangle"]
+            for hook, chain, comment in JUMPS:
+                if self._ours(lines, chain) is not True:
+                    continue
+                jump = _jump(hook, chain, comment)
+                out += ["-D" + jump[2:]] * lines.count(jump)
+                out += [f"-F {chain}", f"-X {chain}"]
+            if len(out) == 1:
+                continue
+            text = "\n".join([*out, "COMMIT"]) + "\n"
+            res = self.runner.run([_tool(self.variant, family, "restore"), "--noflush"], stdin=text)
+            if res.returncode != 0:
+                raise DataplaneError(f"the DNS hold could not be removed: {res.stderr.strip()}")
+
+    def held(self) -> int:
+        """Packets our NFQUEUE rules have sent to the queue (both families): with the
+        verdicts given, what was dropped while nobody read (agent down) is the difference."""
+        total = 0
+        for family in (4, 6):
+            res = self.runner.run([_tool(self.variant, family, "save"), "-c", "-t", "mangle"])
+            if res.returncode != 0:
+                continue
+            for line in res.stdout.splitlines():
+                if line.startswith("[") and f"-A {ANSWER_CHAIN} " in line and "NFQUEUE" in line:
+                    total += int(line[1:].split(":", 1)[0])
+        return total
