@@ -14,9 +14,11 @@ from __future__ import annotations
 import random
 import socket
 import struct
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -350,9 +352,10 @@ def test_with_the_agent_down_or_stuck_answers_are_dropped_and_counted(cell: Cell
     assert cell.connect("web", cell.addr("db1")) is Outcome.CONNECTED
 
 
-def test_the_hold_is_ours_alone_and_goes_on_remove(cell: Cell) -> None:
+def test_the_hold_is_ours_alone_and_goes_with_asgctl_uninstall(cell: Cell) -> None:
     """Our two chains carry the ownership marker; a converge of the ruleset leaves them;
-    `remove` deletes exactly them and their jumps, nothing else in the table."""
+    `asgctl uninstall` deletes exactly them and their jumps, nothing else in the table (left
+    without an agent, the hold would drop every answer to the containers)."""
     tool = "iptables-nft-save" if cell.variant in ("nft", "nftables") else "iptables-legacy-save"
     restore = tool.replace("-save", "-restore")
     cell.lab.cell_exec(
@@ -363,10 +366,21 @@ def test_the_hold_is_ours_alone_and_goes_on_remove(cell: Cell) -> None:
     assert converge(cell.backend, cell.plan, cell.plan).ok
     saved = cell.lab.cell_exec([tool, "-t", "mangle"], check=True).stdout
     assert '-A ASG-DNSQ -m comment --comment "asg:owned"' in saved
-    cell.intercept.stop(remove=True)
+    cell.intercept.stop()
+    backend = "nftables" if cell.variant == "nftables" else "iptables"
+    variant = "legacy" if cell.variant == "libiptc" else cell.variant
+    argv = [str(Path(sys.executable).parent / "asgctl"), "uninstall", "--backend", backend]
+    if backend == "iptables":
+        argv += ["--variant", variant]
     try:
+        done = cell.lab.cell_exec(argv, timeout=120)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "removed the DNS interception's hold" in done.stderr
         saved = cell.lab.cell_exec([tool, "-t", "mangle"], check=True).stdout
         assert "ASG-DNS" not in saved and "asg:dns" not in saved
         assert '-A POSTROUTING -m comment --comment "host rule" -j ACCEPT' in saved
+        # Without the hold, answers reach the containers again, agent or not.
+        assert cell.resolve("web", DB).addresses == (cell.addr("db1"),)
     finally:
+        assert converge(cell.backend, cell.plan).ok
         cell.intercept.start()

@@ -129,8 +129,10 @@ class DnsHold:
             if res.returncode != 0:
                 raise DataplaneError(f"the DNS hold was refused: {res.stderr.strip()}")
 
-    def remove(self) -> None:
-        """Delete our jumps and chains (only if ours); nothing else is touched."""
+    def remove(self) -> bool:
+        """Delete our jumps and chains (only if ours); nothing else is touched.  Whether
+        anything was there to delete."""
+        removed = False
         for family in (4, 6):
             lines = self._save(family)
             if lines is None:
@@ -148,6 +150,8 @@ class DnsHold:
             res = self.runner.run([_tool(self.variant, family, "restore"), "--noflush"], stdin=text)
             if res.returncode != 0:
                 raise DataplaneError(f"the DNS hold could not be removed: {res.stderr.strip()}")
+            removed = True
+        return removed
 
     def held(self) -> int:
         """Packets our NFQUEUE rules have sent to the queue (both families): with the
