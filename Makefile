@@ -42,9 +42,10 @@ bench: sysdeps venv
 	set -e; for b in $(BENCHES); do echo "== $$b"; $(PY) bench/$$b.py --record; done
 
 # The seeds' stories on this machine (root): a platform of Diego-like cells in network
-# namespaces (eth0 underlay, silk-vtep overlay, CF's own chains), an agent per cell, four
-# policy changes pushed through git, a reachability matrix after each; the lab is always
-# torn down.  DEMO_ARGS="--interval 5s" etc. (python -m asgctl_lab.demo -h).
+# namespaces (eth0 underlay, silk-vtep overlay, CF's own chains), a real DNS server
+# (dnsmasq), an agent per cell, five policy changes pushed through git (the last a grant by
+# name, whose record then moves with nothing in git), a reachability matrix after each; the
+# lab is always torn down.  DEMO_ARGS="--interval 5s" etc. (python -m asgctl_lab.demo -h).
 DEMO_ARGS ?=
 demo: sysdeps venv
 	$(PY) -m asgctl_lab.demo $(DEMO_ARGS)

@@ -10,15 +10,27 @@ what that costs per minute when every name is asked at half of a 300 s TTL, the 
 memory for the sets where it says (ipset's "Size in memory"), and the agent's memory for
 its per-name state.  Parsing answers is timed on its own (a K-address answer).
 
-Not measured here (docs/fqdn.md): new-connection cost with the sets compared to without,
-and the DNS-answer latency the interception will add.  Benchmarks never assert.
+New-connection cost (`--newconn`, on by default): in a lab cell (`newconn_bench`'s: a probe
+container, a listener in the outside world, conntrack on), the same N names x K addresses
+granted to the probe container on the listener's port, the listener's address being one of
+the K addresses of the name whose rule the packet reaches *last* (so a new connection walks
+past every name's rule and set lookup first); and, for comparison, the same cell with one
+address rule instead.  Each is measured as `newconn_bench` measures: TCP connects per second
+with our rules on the packets' path and off it, alternating, and the median of the paired
+extra cost per connection.
 
-Usage: .venv/bin/python bench/fqdn_bench.py [--names 5000] [--addresses 20] [--record]
+Not measured here (docs/fqdn.md): the DNS-answer latency the interception will add.
+Benchmarks never assert.
+
+Usage: .venv/bin/python bench/fqdn_bench.py [--names 5000] [--addresses 20]
+           [--no-newconn] [--seconds 0.5] [--repeat 5] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import resource
 import subprocess
 import sys
@@ -30,13 +42,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import newconn_bench  # noqa: E402
 from bench.common import RESULTS, machine, revision, splice  # noqa: E402
 from reconciler.backends import Runner, converge  # noqa: E402
 from reconciler.backends.iptables.backend import IptablesBackend  # noqa: E402
+from reconciler.backends.iptables.render import render_cell as render_iptables  # noqa: E402
 from reconciler.backends.nftables.backend import NftablesBackend  # noqa: E402
+from reconciler.backends.nftables.render import render_cell as render_nft  # noqa: E402
 from reconciler.core.cellplan import CellPlan  # noqa: E402
 from reconciler.core.compile import compile_cell  # noqa: E402
 from reconciler.core.model import (  # noqa: E402
+    AddressRange,
     Container,
     Destination,
     EgressPolicy,
@@ -51,17 +67,18 @@ from tests.dnskit import record, response  # noqa: E402
 
 REFRESH_EVERY = 150.0  # a 300 s TTL, asked again at half
 BEGIN, END = "<!-- fqdn-bench:begin -->", "<!-- fqdn-bench:end -->"
+NEWCONN_BEGIN, NEWCONN_END = "<!-- fqdn-newconn:begin -->", "<!-- fqdn-newconn:end -->"
 
 
 def names(n: int) -> list[str]:
     return [f"svc{i}.bench.lab.example" for i in range(n)]
 
 
-def plan_for(n: int) -> CellPlan:
+def plan_for(n: int, port_number: int = 443, ip: str = "198.18.0.2") -> CellPlan:
     """One container granted every name (tcp 443), as destinations of 256 names each."""
     fqdns = names(n)
     chunks = [tuple(fqdns[i : i + 256]) for i in range(0, n, 256)]
-    port = (PortRange(443, 443),)
+    port = (PortRange(port_number, port_number),)
     policy = PolicySet(
         destinations=tuple(
             Destination(f"d{i}", "tcp", (), port, fqdns=chunk) for i, chunk in enumerate(chunks)
@@ -70,7 +87,7 @@ def plan_for(n: int) -> CellPlan:
             EgressPolicy(f"p{i}", "default", None, f"d{i}") for i in range(len(chunks))
         ),
     )
-    return compile_cell(policy, [Container("c", "198.18.0.2", "app", "space")], "bench")
+    return compile_cell(policy, [Container("c", ip, "app", "space")], "bench")
 
 
 def addresses(i: int, k: int) -> tuple[str, ...]:
@@ -161,13 +178,173 @@ def parse_us(k: int) -> float:
     return timeit.timeit(lambda: parse_response(msg, 7, qname, QTYPE_A), number=n) / n * 1e6
 
 
+# -- new-connection cost with the name sets ------------------------------------------------
+
+
+def address_plan(target: str, port_number: int, ip: str) -> CellPlan:
+    """The comparison: the probe container granted the listener by one address rule."""
+    port = (PortRange(port_number, port_number),)
+    policy = PolicySet(
+        destinations=(Destination("sink", "tcp", (AddressRange.parse(target),), port),),
+        egress_policies=(EgressPolicy("p", "default", None, "sink"),),
+    )
+    return compile_cell(policy, [Container("c", ip, "app", "space")], "bench")
+
+
+SPREAD = 100
+"""Containers the names are spread over in the `spread` case (the probe among them)."""
+
+
+def spread_plan(n: int, port_number: int, ip: str) -> CellPlan:
+    """The N names spread over SPREAD containers, N / SPREAD each (the probe container last
+    in iptables' dispatch): the cell holds every set, a container's chain its own names."""
+    fqdns = names(n)
+    per = n // SPREAD
+    port = (PortRange(port_number, port_number),)
+    policy = PolicySet(
+        destinations=tuple(
+            Destination(f"d{i}", "tcp", (), port, fqdns=tuple(fqdns[i * per : (i + 1) * per]))
+            for i in range(SPREAD)
+        ),
+        egress_policies=tuple(
+            EgressPolicy(f"p{i}", "app", f"app{i}", f"d{i}") for i in range(SPREAD)
+        ),
+    )
+    ips = [*newconn_bench.FAKE_IPS[: SPREAD - 1], ip]
+    inventory = [Container(f"c{i}", a, f"app{i}", "space") for i, a in enumerate(ips)]
+    return compile_cell(policy, inventory, "bench")
+
+
+def last_set(plan: CellPlan, kind: str, ip: str) -> str:
+    """The v4 name set whose rule a new connection from `ip` reaches last in its chain."""
+    if kind == "nftables":
+        text = render_nft(plan, 4).text()
+        chain = re.search(rf'\["{re.escape(ip)}",\{{"goto":\{{"target":"([^"]+)"', text)
+        assert chain is not None
+        rules = [ln for ln in text.splitlines() if f'"chain":"{chain[1]}"' in ln]
+        return re.findall(r'"@(asgn4-[0-9a-f]+)"', "\n".join(rules))[-1]
+    text = render_iptables(plan, 4).text()
+    jump = re.search(rf"^-A ASG-FORWARD -s {re.escape(ip)}/32 .* -j (\S+)$", text, re.M)
+    assert jump is not None
+    return re.findall(rf"^-A {jump[1]} .*--match-set (asgn4-[0-9a-f]+) ", text, re.M)[-1]
+
+
+def far_addresses(i: int, k: int) -> tuple[str, ...]:
+    """K addresses for name i in 198.19.128.0/17, never the listener's (198.19.0.x)."""
+    return tuple(f"198.19.{128 + ((i * k + j) >> 8) % 128}.{(i * k + j) & 0xFF}" for j in range(k))
+
+
+def fill(writer: SetWriter, plan: CellPlan, k: int, listener_in: str, target: str) -> None:
+    """Every name's k addresses; the listener is the last address of set `listener_in`."""
+    sets = [(r.set_name, r.item.fqdn) for r in plan.names if r.version == 4]
+    order = {fqdn: i for i, fqdn in enumerate(names(len({f for _, f in sets})))}
+    writes, seen = [], set()
+    for set_name, fqdn in sets:
+        if set_name in seen:
+            continue
+        seen.add(set_name)
+        addrs = far_addresses(order[fqdn], k)
+        if set_name == listener_in:
+            addrs = (*addrs[:-1], target)
+        writes.append(Write(set_name, 4, tuple((a, 600) for a in addrs)))
+    for i in range(0, len(writes), WRITE_BATCH):
+        writer.write(writes[i : i + WRITE_BATCH])
+
+
+def newconn_cell(kind: str, n: int, k: int, seconds: float, repeat: int) -> list[dict[str, object]]:
+    """Connect cost through one lab cell, for each grant in turn (see the module docstring)."""
+    cell = newconn_bench.start_cell()
+    try:
+        probe, target = cell.lab.containers["probe"].ipv4, cell.target
+        runner = Runner.in_netns(cell.lab.cell, timeout=900)
+        name = "nftables" if kind == "nftables" else "iptables-legacy"
+        port = newconn_bench.PORT
+        grants = (
+            (f"{n:,} names, all granted to the connecting container", plan_for(n, port, probe)),
+            (
+                f"{n:,} names over {SPREAD} containers, {n // SPREAD} to the connecting one",
+                spread_plan(n, port, probe),
+            ),
+            ("one address rule (no names)", address_plan(target, port, probe)),
+        )
+        rows: list[dict[str, object]] = []
+        last: CellPlan | None = None
+        for grant, plan in grants:
+            writer: SetWriter
+            if kind == "nftables":
+                backend, writer = NftablesBackend.open("auto", runner), NftWriter(runner)
+            else:
+                backend, writer = IptablesBackend.open("legacy", runner), IpsetWriter(runner)
+            result = converge(backend, plan, last)
+            assert result.ok, result.to_dict()
+            last = plan
+            if plan.names:
+                fill(writer, plan, k, last_set(plan, kind, probe), target)
+            baseline, rate, extra, failed = cell.cost(name, seconds, repeat)
+            rows.append(
+                {
+                    "backend": "iptables-legacy + ipset" if kind != "nftables" else "nftables",
+                    "grant": grant,
+                    "sets": len({r.set_name for r in plan.names}),
+                    "baseline": baseline,
+                    "rate": rate,
+                    "extra_us": extra,
+                    "failed": failed,
+                }
+            )
+            print(f"  {rows[-1]['backend']}: {grant}: {extra:+.1f} µs/conn", flush=True)
+        return rows
+    finally:
+        newconn_bench.stop_cell(cell)
+
+
+def load_average() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def newconn_text(rows: list[dict[str, object]], n: int, k: int, loads: tuple[str, str]) -> str:
+    lines = [
+        f"New TCP connections through one cell whose names have {k} addresses each, the"
+        " listener being an address of the last name the connecting container's rules test;"
+        f" {machine()}; load average {loads[0]} at the start, {loads[1]} at the end (2 cores"
+        f" shared by other work); code {revision()}.",
+        "",
+        "| backend | grant | kernel sets | conn/s without our rules | conn/s with them "
+        "| µs/conn | extra µs/conn (paired median) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        fails = f" ({r['failed']} failed)" if r["failed"] else ""
+        rate = float(str(r["rate"]))
+        lines.append(
+            f"| {r['backend']} | {r['grant']} | {r['sets']:,} | {float(str(r['baseline'])):,.0f} | "
+            f"{rate:,.0f}{fails} | {1e6 / rate:.1f} | {float(str(r['extra_us'])):+.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--names", type=int, default=5000)
     ap.add_argument("--addresses", type=int, default=20)
     ap.add_argument("--record", action="store_true")
+    ap.add_argument("--no-newconn", action="store_true", help="skip the connect-cost part")
+    ap.add_argument("--no-sets", action="store_true", help="only the connect-cost part")
+    ap.add_argument("--seconds", type=float, default=0.5, help="per connect run")
+    ap.add_argument("--repeat", type=int, default=5, help="runs with and without rules")
     args = ap.parse_args()
     n, k = args.names, args.addresses
+    if not args.no_newconn:
+        start_load = load_average()
+        rows_nc: list[dict[str, object]] = []
+        for kind in ("iptables", "nftables"):
+            rows_nc += newconn_cell(kind, n, k, args.seconds, args.repeat)
+        text_nc = newconn_text(rows_nc, n, k, (start_load, load_average()))
+        print(text_nc, flush=True)
+        if args.record:
+            splice(RESULTS / "fqdn.md", NEWCONN_BEGIN, NEWCONN_END, text_nc)
+    if args.no_sets:
+        return 0
     plan = plan_for(n)
     rows = [one_backend(kind, plan, k) for kind in ("iptables", "nftables")]
     state = agent_state_bytes(n, k)

@@ -117,6 +117,19 @@ def test_the_stories_edits_keep_the_repo_valid_and_its_tests_green(tmp_path: Pat
     assert "mysql" not in {d.name for d in story4.policy.destinations}
     assert all(r.passed for r in run_tests(story4.policy))
 
+    # Story 5 grants the backend the card API by name: no address in the repo, and its
+    # policy tests (by name) hold.
+    for path, doc in demo.BY_NAME.items():
+        file = tree / path
+        file.write_text(demo.append_document(file.read_text(), doc))
+    story5 = load_folder(tree / "policies")
+    assert story5.ok, story5.findings
+    (card,) = [d for d in story5.policy.destinations if d.name == "card-network"]
+    assert card.fqdns == (demo.CARD_NAME,) and not card.ips
+    results = run_tests(story5.policy)
+    assert all(r.passed for r in results)
+    assert sum(r.test.name.startswith("card-network-by-name") for r in results) == 3
+
 
 # -- the run -------------------------------------------------------------------------------
 
@@ -126,7 +139,7 @@ def _verdicts(step: dict[str, Any], label: str) -> dict[str, str]:
 
 
 @pytest.mark.netns
-def test_make_demo_tells_the_four_stories(tmp_path: Path) -> None:
+def test_make_demo_tells_the_five_stories(tmp_path: Path) -> None:
     require_lab()
     env = {**os.environ, platform.STATE_ENV: str(tmp_path / "labs")}
     report_file = tmp_path / "report.json"
@@ -154,7 +167,15 @@ def test_make_demo_tells_the_four_stories(tmp_path: Path) -> None:
     report = json.loads(report_file.read_text())
     assert report["ok"] is True
     steps = {s["key"]: s for s in report["steps"]}
-    assert list(steps) == ["start", "story1", "story2-before", "story2", "story3", "story4"]
+    assert list(steps) == [
+        "start",
+        "story1",
+        "story2-before",
+        "story2",
+        "story3",
+        "story4",
+        "story5",
+    ]
     backends = ["backend-0", "backend-1"]
 
     # Before the stories: nobody reaches MySQL or the second resolver.
@@ -208,6 +229,30 @@ def test_make_demo_tells_the_four_stories(tmp_path: Path) -> None:
     assert all(report["overlay_held"]["checks"]) and report["overlay_held"]["open_at_end"]
     assert len(report["overlay_held"]["checks"]) == len(steps) + 1
 
+    # Story 5: the backend reaches the card API by name; the provider moves the name (the
+    # lab's DNS server, not git); the backends reach the new address by name, the old one is
+    # rejected after its TTL, and no agent restarted, no commit was made.
+    by_name = report["by_name"]
+    assert {c: v["verdict"] for c, v in by_name["before"].items()} == {
+        "backend-0": "open",
+        "backend-1": "open",
+        "frontend-0": "rejected",
+    }
+    assert {v["address"] for v in by_name["before"].values()} == {demo.CARD_OLD}
+    assert {c: v["verdict"] for c, v in by_name["after"].items()} == {
+        "backend-0": "open",
+        "backend-1": "open",
+        "frontend-0": "rejected",
+    }
+    assert {v["address"] for v in by_name["after"].values()} == {demo.CARD_NEW}
+    assert by_name["agents_same"] is True
+    assert by_name["head_before"] == by_name["head_after"] == steps["story5"]["revision"]
+    s5 = steps["story5"]
+    assert all(_verdicts(s5, "card-new")[b] == "open" for b in backends)
+    assert all(_verdicts(s5, "card-api")[b] == "rejected" for b in backends)
+    assert _verdicts(s5, "card-new")["frontend-0"] == "rejected"
+    assert set(_verdicts(start, "card-api").values()) == {"rejected"}
+
     # Nothing restarted, nothing disconnected; the fleet is Ready at the new revision.
     assert report["restarted"] == []
     assert report["held"]["open_at_end"] is True and all(report["held"]["checks"])
@@ -215,13 +260,15 @@ def test_make_demo_tells_the_four_stories(tmp_path: Path) -> None:
     assert report["status_exit"] == 0
     for cell in ("cell-1", "cell-2"):
         line = next(ln for ln in report["status_text"].splitlines() if ln.startswith(cell))
-        assert "True" in line and s4["revision"][:12] in line
+        assert "True" in line and s5["revision"][:12] in line
 
     for marker in (
         "Story 1",
         "Story 2",
         "Story 3",
         "Story 4",
+        "Story 5",
+        "asgctl lab dns set",
         "asgctl status",
         "Nothing restarted",
     ):

@@ -9,6 +9,7 @@ half-way through building (real namespaces; skipped without root, failing under 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import os
 import signal
@@ -87,6 +88,13 @@ def test_default_spec_tells_the_seeds_stories() -> None:
     assert services["mysql"].addresses == ("198.19.10.10",)
     assert services["mysql"].tcp == (3306,)
     assert services["dns"].udp == (53,) and services["dns"].tcp == (53,)
+    assert [s.name for s in spec.services if s.dns] == ["dns"]  # the one real DNS server
+    assert services["card-api"].addresses == (platform.CARD_API,)
+    assert len(services["cdn"].addresses) == 16
+    names = platform.lab_names(spec)
+    assert names["card-api.lab.example"] == [platform.CARD_API]
+    assert names["cdn.lab.example"] == list(services["cdn"].addresses)
+    assert names["mysql.lab.example"] == ["198.19.10.10"]
     assert "198.19.20.20" in services["payments-api"].addresses
     assert services["metrics"].udp == (8125,)
 
@@ -117,6 +125,18 @@ def test_default_spec_tells_the_seeds_stories() -> None:
             "share an address",
         ),
         (lambda: platform.default_spec(0), "cells"),
+        (lambda: platform.LabService("ns", ("198.19.1.1",), udp=(53,), dns=True), "53/tcp"),
+        (
+            lambda: platform.LabSpec(
+                ("cell-1",),
+                (),
+                tuple(
+                    platform.LabService(n, (a,), tcp=(53,), udp=(53,), dns=True)
+                    for n, a in (("a", "198.19.1.1"), ("b", "198.19.1.2"))
+                ),
+            ),
+            "one DNS server",
+        ),
     ],
 )
 def test_specs_refuse_what_the_lab_cannot_build(build, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -252,8 +272,10 @@ def asgctl(
 
 
 def leftovers(lab_id: str, state: Path, pids: list[int]) -> list[str]:
-    """Everything of a lab still on the host: namespaces, processes, state."""
+    """Everything of a lab still on the host: namespaces, processes, state, the containers'
+    resolv.conf folders."""
     found = [f"netns {n}" for n in list_netns() if n.startswith(f"{lab_id}-")]
+    found += [f"etc {d}" for d in platform.ETC_NETNS.glob(f"{lab_id}-*")]
     found += [f"pid {p}" for p in pids if platform.process_start_time(p) is not None]
     found += [f"dir {state}"] if state.exists() else []
     found += [f"process mentioning {state}: {p}" for p in platform._processes_mentioning(state)]
@@ -280,7 +302,7 @@ def test_up_and_down_twice_in_a_row_leave_nothing_behind(lab_env: dict[str, str]
         doc = json.loads((root / "twice" / "lab.json").read_text())
         lab_id, pids = doc["id"], [p["pid"] for p in doc["processes"]]
         roles = sorted({p["role"] for p in doc["processes"]})
-        assert roles == ["agent", "app", "container", "git-daemon", "service"], attempt
+        assert roles == ["agent", "app", "container", "dns", "git-daemon", "service"], attempt
         assert doc["phase"] == "up" and doc["git_url"].startswith("git://127.0.0.1:")
         status = asgctl("lab", "status", "--name", "twice", env=lab_env)
         assert status.returncode == 0 and "healthy" in status.stdout, status.stdout
@@ -378,3 +400,95 @@ def test_down_also_stops_agents_and_git_after_a_kill_of_the_demo(lab_env: dict[s
     assert all(platform.process_start_time(p) is not None for p in host)
     assert asgctl("lab", "down", "--name", "orphaned", env=lab_env).returncode == 0
     assert leftovers(doc["id"], root / "orphaned", pids) == []
+
+
+@pytest.mark.netns
+@pytest.mark.requires("dnsmasq", "getent")
+def test_up_serves_the_labs_names_and_containers_resolve_through_it(
+    lab_env: dict[str, str],
+) -> None:
+    """`asgctl lab up` starts the lab's DNS server in the outside world (dnsmasq, recorded as
+    every lab process); a container's own resolver (glibc, through the resolv.conf `ip netns
+    exec` mounts) asks it across the cell's firewall; `asgctl lab dns set` moves a record with
+    no restart; `asgctl lab down` leaves no process, namespace, resolv.conf or directory."""
+    root = Path(lab_env[platform.STATE_ENV])
+    up = asgctl("lab", "up", "--name", "names", "--cells", "1", "--no-agents", env=lab_env)
+    assert up.returncode == 0, up.stderr
+    doc = json.loads((root / "names" / "lab.json").read_text())
+    lab_id, pids = doc["id"], [p["pid"] for p in doc["processes"]]
+    (server,) = [p for p in doc["processes"] if p["role"] == "dns"]
+    assert Path(f"/proc/{server['pid']}/exe").resolve().name == "dnsmasq"
+    try:
+        container = f"{lab_id}-c-backend-0"
+        resolved = subprocess.run(
+            ["ip", "netns", "exec", container, "getent", "ahostsv4", "card-api.lab.example"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        assert resolved.stdout.split()[:1] == [platform.CARD_API], resolved
+        # The round-robin name, asked from a container: all sixteen, a new first each time.
+        firsts = []
+        for _ in range(4):
+            ask = asgctl(
+                "lab",
+                "dns",
+                "ask",
+                "--name",
+                "names",
+                "cdn.lab.example",
+                "--from",
+                "blog-0",
+                env=lab_env,
+            )
+            assert ask.returncode == 0, ask.stderr
+            assert sorted(ask.stdout.split()) == sorted(platform.CDN)
+            firsts.append(ask.stdout.split()[0])
+        assert all(a != b for a, b in itertools.pairwise(firsts)), firsts
+        # The provider moves the card API: the same server process answers the new address.
+        moved = asgctl(
+            "lab",
+            "dns",
+            "set",
+            "--name",
+            "names",
+            "card-api.lab.example",
+            "198.19.140.40",
+            env=lab_env,
+        )
+        assert moved.returncode == 0, moved.stderr
+        ask = asgctl(
+            "lab",
+            "dns",
+            "ask",
+            "--name",
+            "names",
+            "card-api.lab.example",
+            "--from",
+            "backend-0",
+            env=lab_env,
+        )
+        assert ask.stdout.split() == ["198.19.140.40"], ask
+        assert platform.process_start_time(server["pid"]) == server["start"]
+        shown = asgctl("lab", "dns", "show", "--name", "names", env=lab_env)
+        assert "card-api.lab.example             198.19.140.40\n" in shown.stdout
+        # Bad input: named, non-zero, nothing changed.
+        bad = asgctl(
+            "lab",
+            "dns",
+            "set",
+            "--name",
+            "names",
+            "card-api.lab.example",
+            "8.8.8.8",
+            env=lab_env,
+        )
+        assert bad.returncode == 1 and "8.8.8.8: lab addresses are in" in bad.stderr
+        still = asgctl("lab", "dns", "show", "--name", "names", env=lab_env)
+        assert still.stdout == shown.stdout
+    finally:
+        down = asgctl("lab", "down", "--name", "names", env=lab_env)
+    assert down.returncode == 0, down.stderr
+    assert leftovers(lab_id, root / "names", pids) == []
+    assert platform.process_start_time(server["pid"]) is None

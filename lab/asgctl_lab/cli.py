@@ -222,3 +222,75 @@ def demo_cmd(
     if cf_layout is not None:
         args.append("--cf-layout" if cf_layout else "--no-cf-layout")
     sys.exit(demo_main([*args, "--policies", policies, "--backend", backend]))
+
+
+@lab.group("dns")
+def dns_group() -> None:
+    """The lab's DNS server (dnsmasq in the outside world): its names, and moving them.
+
+    Every service is `<service>.lab.example`; `cdn.lab.example` has sixteen addresses,
+    rotated on every query.  Containers resolve through it (their resolv.conf names it).
+    """
+
+
+@dns_group.command("show")
+@name_option
+def dns_show_cmd(name: str) -> None:
+    """The names the server serves now, with their addresses."""
+    from asgctl_lab.platform import PlatformError, dns_records
+
+    _require_host()
+    info = _load(name)
+    try:
+        records = dns_records(info)
+    except PlatformError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    for fqdn, addresses in sorted(records.items()):
+        click.echo(f"{fqdn:<32} {' '.join(addresses)}")
+
+
+@dns_group.command("set")
+@name_option
+@click.argument("fqdn")
+@click.argument("addresses", nargs=-1, required=True)
+def dns_set_cmd(name: str, fqdn: str, addresses: tuple[str, ...]) -> None:
+    """The provider moves FQDN to ADDRESSES: the running server rereads its records (no
+    restart, nothing in git); returns once it answers with them."""
+    from asgctl_lab.platform import PlatformError, set_dns_record
+
+    _require_host()
+    info = _load(name)
+    try:
+        set_dns_record(info, fqdn, addresses)
+    except PlatformError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"{fqdn} -> {' '.join(addresses)}")
+
+
+@dns_group.command("ask")
+@name_option
+@click.argument("fqdn")
+@click.option("--from", "source", default=None, help="Ask from this container's namespace.")
+@click.option("--ipv6", is_flag=True, help="AAAA instead of A.")
+def dns_ask_cmd(name: str, fqdn: str, source: str | None, ipv6: bool) -> None:
+    """Ask the server for FQDN (from a container: through its cell's firewall); the
+    addresses in the server's order.  Exit 1 when no answer comes."""
+    from asgctl_lab.dns import LabDnsError, lookup
+    from asgctl_lab.platform import PlatformError, dns_service
+
+    _require_host()
+    info = _load(name)
+    try:
+        server = dns_service(info)
+        if source is None:
+            netns = info.net.services[server.name].netns
+        elif source in info.net.containers:
+            netns = info.net.containers[source].netns
+        else:
+            raise click.BadParameter(f"no container {source!r}", param_hint="--from")
+        click.echo(" ".join(lookup(netns, server.addresses[0], fqdn, ipv6=ipv6)))
+    except (PlatformError, LabDnsError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)

@@ -17,6 +17,11 @@
    backend), the blog, which has no network policy, is rejected by the destination's cell
    at every step: container-to-container traffic is the overlay policy's, underlay egress
    the ASGs'.
+5. *Issue 15*: payments reaches the card API by name (a Destination by `fqdns`, resolved
+   through the lab's DNS server); the provider moves the name to a new address; nothing is
+   edited in git and nothing restarts: the backend reaches the new address within the
+   name's TTL, the old one is rejected after it, and the agents' PIDs and the policy
+   repo's head are what they were.
 
 Everything goes through git as an operator would do it (clone, edit YAML, run the policy
 tests, commit, push), and the demo learns that a change is in force only from the cells'
@@ -49,6 +54,7 @@ from typing import Any, TextIO
 import yaml
 
 from asgctl_lab import platform
+from asgctl_lab.dns import LabDnsError, lookup
 from asgctl_lab.matrix import Matrix, Target, Verdict, classify, probe_matrix
 from asgctl_lab.policyrepo import CellStatus, GitError, Operator
 from asgctl_lab.probe import HeldConnection, probe_tcp
@@ -57,6 +63,9 @@ MYSQL_OLD = "198.19.10.10"
 MYSQL_NEW = "198.19.110.10"
 API = "198.19.20.20"
 DNS2 = "198.19.53.54"
+CARD_NAME = "card-api.lab.example"
+CARD_OLD = platform.CARD_API
+CARD_NEW = "198.19.140.40"
 TARGETS = (
     Target("mysql", MYSQL_OLD, 3306, "tcp"),
     Target("mysql-dc2", MYSQL_NEW, 3306, "tcp"),
@@ -65,6 +74,8 @@ TARGETS = (
     Target("dns-2", DNS2, 53, "udp"),
     Target("mirror", "198.19.80.10", 443, "tcp"),
     Target("metrics", "198.19.30.30", 8125, "udp"),
+    Target("card-api", CARD_OLD, 443, "tcp"),
+    Target("card-new", CARD_NEW, 443, "tcp"),
 )
 """The demo's columns, fixed for the whole run so each matrix compares with the last."""
 HELD_FROM = "backend-0"
@@ -164,6 +175,36 @@ def grant_documents(policies: Path) -> dict[str, str]:
         source = policies / Path(path).relative_to("policies")
         out[path] = remove_document(source.read_text(), kind, name)[1]
     return out
+
+
+BY_NAME = {
+    "policies/destinations.yaml": f"""\
+kind: Destination
+name: card-network
+description: The card network's API, by name; the provider moves it, the grant follows
+protocol: tcp
+fqdns: [{CARD_NAME}]
+ports: 443
+""",
+    "policies/egress-policies.yaml": """\
+kind: EgressPolicy
+name: backend-to-card-network
+description: The payments backend settles with the card network
+source: {type: app, name: payments/prod/backend}
+destination: card-network
+app_lifecycle: running
+""",
+    "policies/tests/payments.yaml": f"""\
+kind: PolicyTest
+name: card-network-by-name
+description: Only the payments backend reaches the card API by name, on 443 only
+cases:
+  - {{app: payments/prod/backend, to: "{CARD_NAME}:443", expect: allow}}
+  - {{app: payments/prod/frontend, to: "{CARD_NAME}:443", expect: deny}}
+  - {{app: payments/prod/backend, to: "{CARD_NAME}:80", expect: deny}}
+""",
+}
+"""Story 5's documents (the operator writes them): a grant by name, and its tests."""
 
 
 SECOND_RESOLVER = f"""\
@@ -618,6 +659,7 @@ class Demo:
                 ("frontend-0", "mysql", REJ),
                 (HELD_FROM, "api", OPEN),
                 *((c, "dns-2", REJ) for c in self.everyone),
+                *((c, "card-api", REJ) for c in self.everyone),
             ],
         )
 
@@ -821,6 +863,156 @@ class Demo:
         if not same:
             raise DemoError("an ASG change moved a verdict over the overlay")
 
+    # -- story 5: by name -------------------------------------------------------------------
+
+    def by_name(self, container: str) -> tuple[str, Verdict]:
+        """The container resolves CARD_NAME through the lab's DNS server (its query crosses
+        its cell's firewall like any other packet) and connects to the first address given:
+        (that address, the verdict); ("", ERROR) when no answer came."""
+        net = self.lab.net.containers[container]
+        server = platform.dns_service(self.lab).addresses[0]
+        try:
+            address = lookup(net.netns, server, CARD_NAME)[0]
+        except (LabDnsError, IndexError):
+            return "", Verdict.ERROR
+        result = probe_tcp(net.netns, address, 443, timeout=1.0)
+        return address, classify(result, net.gateway, address)
+
+    def _by_name_table(self, containers: Sequence[str]) -> dict[str, dict[str, str]]:
+        table = {}
+        for c in containers:
+            address, verdict = self.by_name(c)
+            table[c] = {"address": address, "verdict": verdict.value}
+            self.n.say(f"  {c:<14} {CARD_NAME} → {address or '(no answer)':<14} {verdict.symbol}")
+        return table
+
+    def _until(self, check: Callable[[], bool], what: str) -> float:
+        """Seconds until `check()` holds; DemoError after the demo's timeout."""
+        t0 = time.monotonic()
+        while not check():
+            if time.monotonic() - t0 > self.cfg.timeout:
+                raise DemoError(f"{what}: not within {self.cfg.timeout:g}s")
+            time.sleep(0.25)
+        return time.monotonic() - t0
+
+    def _names_shown(self, address: str) -> bool:
+        """Every cell's status branch lists `address` as CARD_NAME's (and only it)."""
+        with contextlib.suppress(GitError):
+            statuses = self.op.status_branches()
+            return all(
+                any(
+                    n.get("fqdn") == CARD_NAME and n.get("addresses") == [address]
+                    for n in (statuses[c].document.get("names") or [])
+                )
+                for c in self.lab.cells
+                if c in statuses
+            ) and set(statuses) >= set(self.lab.cells)
+        return False
+
+    def story_5(self) -> None:
+        n = self.n
+        name = self.cfg.name
+        n.section("Story 5: the card API by name; the provider moves it")
+        n.say(
+            f"The card network gives payments a name, {CARD_NAME}, not addresses: it "
+            "moves its\nAPI when it likes.  The lab's DNS server (dnsmasq, "
+            f"{platform.dns_service(self.lab).addresses[0]}) serves the name with a "
+            f"{platform.DNS_TTL}s TTL;\nthe containers resolve through it.  The operator "
+            "grants the backend the name, with its\nprotocol and port (no address anywhere):"
+        )
+        self.op.pull()
+        for path, doc in BY_NAME.items():
+            self.op.write(path, append_document(self.op.read(path), doc))
+        sha, pushed = self.commit(
+            "Let payments/prod/backend reach the card API by name\n\n"
+            f"Destination card-network ({CARD_NAME}:443/tcp, by fqdns) for the backend only;\n"
+            "the agents keep the name's addresses, nobody edits them here.\n"
+        )
+        applied, records = self.wait_applied(sha, pushed)
+        self._print_applied(sha, applied)
+        self._print_changes(records)
+        self._until(lambda: self._names_shown(CARD_OLD), "the status branches list the name")
+        for cell in self.lab.cells:
+            n.say(f"status/{cell}: names {CARD_NAME} → {CARD_OLD}")
+        n.say("Each container resolves the name and connects to what it was told:")
+        before = self._by_name_table([*self.backends, "frontend-0"])
+        wrong = [b for b in self.backends if before[b]["verdict"] != OPEN.value]
+        if wrong or before["frontend-0"]["verdict"] != REJ.value:
+            raise DemoError(f"by name, before the move: {before}")
+        agents = {c: (p.pid, p.start) for c, p in self.lab.agents().items()}
+        head = self.op.remote_head()
+        n.line()
+        n.say(
+            f"The card network moves its API to {CARD_NEW} (the old address still answers "
+            "while\nclients move).  Nobody touches the policy repo, no agent restarts:"
+        )
+        self.info = platform.add_service_address(self.lab, "card-api", CARD_NEW)
+        n.cmd(f"asgctl lab dns set --name {name} {CARD_NAME} {CARD_NEW}")
+        moved = subprocess.run(
+            [*platform.asgctl_argv(), "lab", "dns", "set", "--name", name, CARD_NAME, CARD_NEW],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        n.block((moved.stdout + moved.stderr).strip())
+        if moved.returncode != 0:
+            raise DemoError(f"asgctl lab dns set failed: {moved.stderr.strip()}")
+        new_after = self._until(
+            lambda: all(self.by_name(b) == (CARD_NEW, OPEN) for b in self.backends),
+            "the backends reach the new address by name",
+        )
+        n.say(f"the backends reach {CARD_NEW} by name {new_after:.1f}s after the move")
+        old_after = self._until(
+            lambda: all(
+                classify(
+                    probe_tcp(self.lab.net.containers[b].netns, CARD_OLD, 443, timeout=1.0),
+                    self.lab.net.containers[b].gateway,
+                    CARD_OLD,
+                )
+                is REJ
+                for b in self.backends
+            ),
+            "the old address is rejected",
+        )
+        n.say(
+            f"and {CARD_OLD}, which the name no longer gives, is rejected {old_after:.1f}s after "
+            f"the move\n(the TTL of the last answer that gave it, {platform.DNS_TTL}s, ran out "
+            "with nobody renewing it)"
+        )
+        after = self._by_name_table([*self.backends, "frontend-0"])
+        now = {c: (p.pid, p.start) for c, p in self.lab.agents().items()}
+        head_after = self.op.remote_head()
+        n.say(
+            "agents: "
+            + ", ".join(f"{c} pid {now.get(c, (None,))[0]}" for c in sorted(agents))
+            + (" (the same processes)" if now == agents else " (RESTARTED)")
+            + f"  ·  policy repo main@sha1:{head_after[:10]} "
+            + ("(unchanged)" if head_after == head else f"(was {head[:10]})")
+        )
+        self.report["by_name"] = {
+            "name": CARD_NAME,
+            "before": before,
+            "after": after,
+            "new_reached_after": round(new_after, 1),
+            "old_rejected_after": round(old_after, 1),
+            "agents_same": now == agents,
+            "head_before": head,
+            "head_after": head_after,
+        }
+        if now != agents or head_after != head:
+            raise DemoError("the move restarted an agent or changed the policy repo")
+        self._matrix(
+            "story5",
+            "the card API moved; the grant by name followed",
+            sha,
+            expect=[
+                *((b, "card-new", OPEN) for b in self.backends),
+                *((b, "card-api", REJ) for b in self.backends),
+                ("frontend-0", "card-new", REJ),
+            ],
+        )
+
     def finale(self) -> None:
         n = self.n
         lab = self.lab
@@ -875,6 +1067,7 @@ class Demo:
             self.story_2()
             self.story_3()
             self.story_4()
+            self.story_5()
             self.finale()
             self.report["ok"] = True
         finally:

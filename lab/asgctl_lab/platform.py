@@ -157,13 +157,17 @@ class LabContainer:
 
 @dataclass(frozen=True, slots=True)
 class LabService:
-    """An external service: echo servers on its ports, reachable at each of its addresses."""
+    """An external service: echo servers on its ports, reachable at each of its addresses.
+
+    With `dns`, the service is the lab's DNS server instead (dnsmasq on its first address,
+    port 53 over UDP and TCP), serving the lab's names (`lab_names`)."""
 
     name: str
     addresses: tuple[str, ...]
     tcp: tuple[int, ...] = ()
     udp: tuple[int, ...] = ()
     description: str = ""
+    dns: bool = False
 
     def __post_init__(self) -> None:
         if not _ENDPOINT_RE.match(self.name):
@@ -177,6 +181,8 @@ class LabService:
             check_service_address(address)
         if any(not 0 < p < 65536 for p in (*self.tcp, *self.udp)):
             raise ValueError(f"service {self.name}: ports must be in 1..65535")
+        if self.dns and (self.tcp, self.udp) != ((53,), (53,)):
+            raise ValueError(f"service {self.name}: a DNS server listens on 53/tcp and 53/udp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +237,8 @@ class LabSpec:
         addresses = [a for s in self.services for a in s.addresses]
         if len(set(addresses)) != len(addresses):
             raise ValueError("two services share an address")
+        if sum(s.dns for s in self.services) > 1:
+            raise ValueError("a lab has one DNS server")
 
 
 def check_service_address(address: str) -> str:
@@ -277,12 +285,16 @@ def default_spec(cells: int = 2) -> LabSpec:
             tcp=(443,),
             description="card network API",
         ),
-        LabService("dns", ("198.19.53.53",), tcp=(53,), udp=(53,), description="platform DNS"),
+        LabService(
+            "dns", ("198.19.53.53",), tcp=(53,), udp=(53,), description="platform DNS", dns=True
+        ),
         LabService(
             "dns-2", ("198.19.53.54",), tcp=(53,), udp=(53,), description="second DNS resolver"
         ),
         LabService("mirror", ("198.19.80.10",), tcp=(80, 443), description="package mirror"),
         LabService("metrics", ("198.19.30.30",), udp=(8125,), description="statsd collector"),
+        LabService("card-api", (CARD_API,), tcp=(443,), description="card network API, by name"),
+        LabService("cdn", CDN, tcp=(443,), description="one name, 16 addresses"),
     )
     policies = (LabNetworkPolicy("payments/prod/frontend", "payments/prod/backend", BACKEND_PORT),)
     return LabSpec(names, tuple(containers), services, policies)
@@ -291,6 +303,21 @@ def default_spec(cells: int = 2) -> LabSpec:
 BACKEND_PORT = 8080
 """Where the backends listen for the frontend, over the overlay (the default spec's one
 network policy: payments/prod/frontend -> payments/prod/backend, tcp 8080)."""
+CARD_API = "198.19.40.40"
+"""The card network's API as the lab's DNS names it first (`card-api.lab.example`); no ASG
+of the example repo covers it, so only a grant by name opens it."""
+CDN = tuple(f"198.19.70.{i}" for i in range(1, 17))
+"""Sixteen addresses behind one name (`cdn.lab.example`), rotated on every query."""
+DNS_TTL = 5
+"""The TTL of the lab's names: how long an address the provider moved away from is kept."""
+
+
+def lab_names(spec: LabSpec) -> dict[str, list[str]]:
+    """The names the lab's DNS server starts with: `<service>.lab.example` for every service,
+    with the service's addresses (so `cdn.lab.example` has sixteen)."""
+    from asgctl_lab.dns import LAB_DOMAIN
+
+    return {f"{s.name}{LAB_DOMAIN}": list(s.addresses) for s in spec.services}
 
 
 # -- the address plan (pure) ---------------------------------------------------------------
@@ -676,6 +703,7 @@ def _spec_to_dict(spec: LabSpec) -> dict[str, Any]:
                 "tcp": list(s.tcp),
                 "udp": list(s.udp),
                 "description": s.description,
+                "dns": s.dns,
             }
             for s in spec.services
         ],
@@ -696,6 +724,7 @@ def _spec_from_dict(d: Mapping[str, Any]) -> LabSpec:
                 tuple(s["tcp"]),
                 tuple(s["udp"]),
                 s.get("description", ""),
+                bool(s.get("dns", False)),
             )
             for s in d["services"]
         ),
@@ -800,7 +829,7 @@ def unavailable_reason() -> str | None:
         return f"the lab needs Linux network namespaces; this is {sys.platform}"
     if os.geteuid() != 0:
         return "the lab creates network namespaces and firewall rules: run it as root (sudo)"
-    missing = [t for t in ("ip", "git", "nft", "iptables") if shutil.which(t) is None]
+    missing = [t for t in ("ip", "git", "nft", "iptables", "dnsmasq") if shutil.which(t) is None]
     if missing:
         return f"missing tools: {', '.join(missing)} (`make sysdeps` installs them)"
     return netns_unavailable_reason()
@@ -1054,6 +1083,9 @@ def _start_services(directory: Path, spec: LabSpec, net: NetworkPlan) -> None:
     logs = directory / "logs"
     waiting = []
     for s in spec.services:
+        if s.dns:
+            _start_dns(directory, spec, net, s)
+            continue
         argv = [sys.executable, "-m", "asgctl_lab.serve"]
         argv += [a for p in s.tcp for a in ("--tcp", f"0.0.0.0:{p}")]
         argv += [a for p in s.udp for a in ("--udp", f"0.0.0.0:{p}")]
@@ -1061,6 +1093,89 @@ def _start_services(directory: Path, spec: LabSpec, net: NetworkPlan) -> None:
         spawn(directory, "service", argv, netns=net.services[s.name].netns, stdout=log, log=log)
         waiting.append(log)
     _wait_ready(waiting, "services")
+
+
+# -- the lab's DNS server ------------------------------------------------------------------
+
+
+def _lab_dns(directory: Path, net: NetworkPlan, service: LabService) -> Any:
+    """The LabDns of the lab's DNS service (its hosts file and log in the state dir)."""
+    from asgctl_lab.dns import LabDns, LabDnsError
+
+    workdir = directory / "dns"
+    workdir.mkdir(exist_ok=True)
+    try:
+        return LabDns(net.services[service.name].netns, service.addresses[0], workdir, DNS_TTL)
+    except LabDnsError as exc:
+        raise PlatformError(str(exc)) from None
+
+
+def _start_dns(directory: Path, spec: LabSpec, net: NetworkPlan, service: LabService) -> None:
+    """dnsmasq in the DNS service's namespace, recorded like every lab process; and each
+    container's resolv.conf naming it (`/etc/netns/<container netns>/resolv.conf`, which
+    `ip netns exec` mounts over /etc/resolv.conf: `getent hosts cdn.lab.example` in a
+    container asks the lab's server, through the cell's firewall)."""
+    from asgctl_lab.dns import LabDnsError
+
+    dns = _lab_dns(directory, net, service).prepare(lab_names(spec))
+    rec = spawn(directory, "dns", dns.argv(), netns=net.services[service.name].netns)
+    try:
+        dns.attach(rec.pid).wait_listening()
+    except LabDnsError as exc:
+        raise PlatformError(f"the lab's DNS server did not start: {exc}") from None
+    resolv = f"nameserver {service.addresses[0]}\noptions timeout:1 attempts:2\n"
+    for c in net.containers.values():
+        folder = ETC_NETNS / c.netns
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "resolv.conf").write_text(resolv)
+
+
+ETC_NETNS = Path("/etc/netns")
+"""Where `ip netns exec NAME` finds files to mount over /etc for that namespace."""
+
+
+def _remove_etc_netns(lab_id: str) -> list[str]:
+    """The containers' resolv.conf folders of lab `lab_id` (named after its namespaces)."""
+    removed = []
+    for folder in ETC_NETNS.glob(f"{lab_id}-*") if ETC_NETNS.is_dir() else []:
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(f"dir {folder}")
+    return removed
+
+
+def dns_service(info: LabInfo) -> LabService:
+    for s in info.spec.services:
+        if s.dns:
+            return s
+    raise PlatformError(f"lab {info.name} has no DNS server")
+
+
+def dns_records(info: LabInfo) -> dict[str, list[str]]:
+    """The names the lab's DNS server serves now."""
+    from asgctl_lab.dns import read_hosts
+
+    path = info.directory / "dns" / "lab-dns.hosts"
+    try:
+        return read_hosts(path)
+    except OSError as exc:
+        raise PlatformError(f"{path}: unreadable ({exc})") from None
+
+
+def set_dns_record(info: LabInfo, name: str, addresses: Sequence[str]) -> None:
+    """The provider moves `name` to `addresses`: the running server rereads its records
+    (no restart, nothing in git); returns once it answers with them."""
+    from asgctl_lab.dns import LabDnsError
+
+    service = dns_service(info)
+    running = [p for p in info.by_role("dns") if p.alive()]
+    if not running:
+        raise PlatformError(f"lab {info.name}: its DNS server is not running")
+    try:
+        _lab_dns(info.directory, info.net, service).attach(running[0].pid).set_record(
+            name, list(addresses)
+        )
+    except LabDnsError as exc:
+        raise PlatformError(str(exc)) from None
 
 
 # -- CF's own chains (--cf-layout) ---------------------------------------------------------
@@ -1282,19 +1397,27 @@ def agent_log(info: LabInfo, cell: str) -> Path:
 def start_agents(
     info: LabInfo, interval: str = "2s", extra: Sequence[str] = (), log: Log = _quiet
 ) -> LabInfo:
-    """One `asgctl agent` per cell, enforcing through `ip netns exec <cell>` (`--netns`).
+    """One `asgctl agent` per cell, enforcing through `ip netns exec <cell>` (`--netns`),
+    resolving grants by name with the lab's DNS server (`fqdn-resolvers` in its `--config`).
 
     They run in the host's namespace so they reach the git server on loopback like a real
     cell reaches its git server over the network; only their iptables commands enter the cell.
     """
     if info.agents():
         raise PlatformError(f"agents already run: {sorted(info.agents())}")
+    settings: dict[str, Any] = {}
+    with contextlib.suppress(PlatformError):  # names are resolved with the lab's DNS server
+        settings["fqdn-resolvers"] = [dns_service(info).addresses[0]]
     for cell in info.cells:
         state = info.directory / "agents" / cell
         state.mkdir(parents=True, exist_ok=True)
+        config = state.parent / f"{cell}.yml"
+        config.write_text(json.dumps(settings) + "\n")  # JSON is YAML
         argv = [
             *asgctl_argv(),
             "agent",
+            "--config",
+            str(config),
             "--source",
             info.git_url,
             "--branch",
@@ -1426,6 +1549,7 @@ def down(name: str = DEFAULT_NAME) -> list[str]:
         removed.append(f"process {pid} (by path)")
     if lab_id is not None:
         removed += remove_namespaces(lab_id)
+        removed += _remove_etc_netns(lab_id)
     _reap_children()
     shutil.rmtree(directory, ignore_errors=True)
     removed.append(f"dir {directory}")
@@ -1540,8 +1664,10 @@ def render_status(info: LabInfo) -> str:
     for s in info.spec.services:
         sn = info.net.services[s.name]
         ports = [f"{p}/tcp" for p in s.tcp] + [f"{p}/udp" for p in s.udp]
-        addrs = ",".join(info.service_addresses.get(s.name, s.addresses))
-        lines.append(f"  {s.name:<13} {addrs:<27} {' '.join(ports):<16} {pid('service', sn.netns)}")
+        held = info.service_addresses.get(s.name, s.addresses)
+        addrs = ",".join(held[:2]) + (f" (+{len(held) - 2})" if len(held) > 2 else "")
+        role = "dns" if s.dns else "service"
+        lines.append(f"  {s.name:<13} {addrs:<27} {' '.join(ports):<16} {pid(role, sn.netns)}")
     lines.append("")
     if h.ok:
         lines.append("healthy: every namespace and process is in place")

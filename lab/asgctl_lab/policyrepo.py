@@ -134,6 +134,11 @@ class Operator:
     def head(self) -> str:
         return git("rev-parse", "HEAD", cwd=self.workdir).strip()
 
+    def remote_head(self) -> str:
+        """The server's `main` now (not our working copy's): what every agent pulls."""
+        out = git("ls-remote", "--", self.url, "refs/heads/main", cwd=self.workdir)
+        return out.split()[0] if out.strip() else ""
+
     def diff(self) -> str:
         """The pending edit, as `git diff` shows it (what the reviewer would read)."""
         git("add", "--all", cwd=self.workdir)

@@ -20,6 +20,7 @@ import errno
 import ipaddress
 import itertools
 import os
+import secrets
 import socket
 import struct
 import time
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from asgctl_lab.nsenter import socket_in
+from reconciler.fqdn.dns import QTYPE_A, build_query
 
 LAB_NETWORKS = (ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("fd00::/8"))
 
@@ -169,9 +171,18 @@ def probe_tcp(netns: str, host: str, port: int, *, timeout: float = 1.0) -> Prob
 
 
 def probe_udp(
-    netns: str, host: str, port: int, *, timeout: float = 1.0, payload: bytes = b"asgt-probe\n"
+    netns: str, host: str, port: int, *, timeout: float = 1.0, payload: bytes | None = None
 ) -> ProbeResult:
-    """Send one datagram from `netns` to host:port and wait for any reply or ICMP error."""
+    """Send one datagram from `netns` to host:port and wait for any reply or ICMP error.
+
+    To port 53 the datagram is a DNS question (for `probe.lab.example`): the lab's DNS server
+    is a real one, which answers DNS messages only (an echo server answers it too)."""
+    if payload is None:
+        payload = (
+            build_query(secrets.randbits(16), "probe.lab.example", QTYPE_A)
+            if port == 53
+            else b"asgt-probe\n"
+        )
     addr = check_lab_address(host)
     family = _family(addr)
     target = _target(addr, port)
