@@ -18,7 +18,9 @@ itself is governed by the container's ASGs, so we do not drop what is not ours t
 
 from __future__ import annotations
 
+import os
 import select
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +37,16 @@ from reconciler.fqdn.netlinksets import NetlinkSets
 from reconciler.fqdn.nfqueue import NF_ACCEPT, NfqueueSocket, QueuedPacket, drops
 from reconciler.fqdn.service import FqdnService
 
+VERDICT_RT_PRIORITY = 1
+"""The verdict thread (this thread only) runs SCHED_RR at the lowest real-time priority: on
+a busy cell a held answer's added latency was mostly the thread's wait for a CPU, not its
+work (measured at load 13-16 on 2 cores: +2-5 ms p50 at nice 0 or -10, +0.3-0.5 ms as
+SCHED_RR; bench/results/fqdn.md).  The thread blocks in `select` between answers and
+sleeps after an error, and the kernel's real-time throttling (sched_rt_runtime_us) bounds
+it in any case.  Where the agent may not (no CAP_SYS_NICE), it runs at normal priority."""
+SWITCH_INTERVAL = 0.001
+"""Seconds another Python thread of the agent may hold the GIL while the verdict thread
+waits for it (CPython's default is 5 ms): set process-wide while the interception runs."""
 VERDICT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
 """Seconds from reading a held answer to its verdict: the histogram's upper bounds."""
 
@@ -114,6 +126,7 @@ class Interceptor:
         except BaseException:
             self._close()
             raise
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self._thread = threading.Thread(target=self._run, name="fqdn-intercept", daemon=True)
         self._thread.start()
 
@@ -136,6 +149,11 @@ class Interceptor:
     def _run(self) -> None:
         assert self._log is not None and self._q is not None
         log, q = self._log, self._q
+        try:  # answers wait in the kernel while this thread waits for a CPU
+            policy = os.sched_param(VERDICT_RT_PRIORITY)
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_RR, policy)
+        except OSError:
+            pass
         while not self._stop.is_set():
             try:
                 ready, _, _ = select.select([log.sock, q.sock], [], [], 0.2)
