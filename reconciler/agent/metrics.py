@@ -30,6 +30,12 @@ asgctl_agent_flow_drops_total{reason}                  counter: kernel|aggregate
 asgctl_agent_flow_denied_total{app,space}              counter: denied packets (first 20 pairs,
                                                        the rest app="other",space="other")
 asgctl_agent_flow_rule_group_hits_total{group}         counter: log:true rule hits per group
+asgctl_agent_fqdn_dns_answers_total{result}            counter: DNS answers to containers held:
+                                                       learned | unsolicited | unparsable |
+                                                       not-granted
+asgctl_agent_fqdn_dns_dropped_total{reason}            counter: answers the kernel dropped:
+                                                       queue-full | socket-overflow
+asgctl_agent_fqdn_dns_verdict_seconds                  histogram: held answer read -> verdict
 =====================================================  ======================================
 """
 
@@ -89,6 +95,18 @@ _HELP = {
     "asgctl_agent_flow_rule_group_hits_total": (
         "counter",
         "Packets accepted by log:true rules, by rule group (the first 200; then other).",
+    ),
+    "asgctl_agent_fqdn_dns_answers_total": (
+        "counter",
+        "DNS answers to containers held by the interception, by what they taught.",
+    ),
+    "asgctl_agent_fqdn_dns_dropped_total": (
+        "counter",
+        "DNS answers to containers the kernel dropped (fail closed), by reason.",
+    ),
+    "asgctl_agent_fqdn_dns_verdict_seconds": (
+        "histogram",
+        "Time from reading a held DNS answer to its verdict (learning included).",
     ),
 }
 
@@ -150,7 +168,7 @@ class Metrics:
             items = sorted(self._values.items())
         by_family: dict[str, list[str]] = {}
         for (name, labels), value in items:
-            family = name.removesuffix("_sum").removesuffix("_count")
+            family = name.removesuffix("_sum").removesuffix("_count").removesuffix("_bucket")
             if family not in _HELP:
                 family = name
             labels_out = {"cell": self.cell, **dict(labels)}
