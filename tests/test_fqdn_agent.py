@@ -49,13 +49,8 @@ destination: db
 """
 
 
-@pytest.mark.parametrize("backend", ["iptables", "nftables"])
-def test_the_provider_moves_the_service_and_the_container_follows(
-    backend: str,
-    make_lab: Callable[..., Lab],
-    policy_repo: PolicyRepo,  # noqa: F811
-    agents: Callable[..., AgentProc],  # noqa: F811
-) -> None:
+def lab_with_dns(make_lab: Callable[..., Lab]) -> tuple[Lab, LabDns]:
+    """web and other, two databases, and dnsmasq serving the name at db1 (TTL 2 s)."""
     require_netns()
     services = [
         ServiceSpec("db1", tcp_ports=(5432,)),
@@ -64,9 +59,20 @@ def test_the_provider_moves_the_service_and_the_container_follows(
     ]
     lab = make_lab([WEB, OTHER], services)
     assert lab.workdir is not None
-    db1, db2 = lab.services["db1"].ipv4, lab.services["db2"].ipv4
     dns = LabDns(lab.services["dns"].netns, lab.services["dns"].ipv4, lab.workdir, ttl=2)
-    dns.start({DB: [db1]})
+    dns.start({DB: [lab.services["db1"].ipv4]})
+    return lab, dns
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_the_provider_moves_the_service_and_the_container_follows(
+    backend: str,
+    make_lab: Callable[..., Lab],
+    policy_repo: PolicyRepo,  # noqa: F811
+    agents: Callable[..., AgentProc],  # noqa: F811
+) -> None:
+    lab, dns = lab_with_dns(make_lab)
+    db1, db2 = lab.services["db1"].ipv4, lab.services["db2"].ipv4
     try:
         policy_repo.commit("payments reaches the card API by name", {"db.yaml": POLICY})
         agents(
@@ -144,17 +150,8 @@ def test_the_agent_learns_from_the_answer_the_container_receives(
     here (fqdn-min-ttl 600), so when the provider moves the service, only the answer the
     container itself receives can open the new address -- and it does, on the first
     connect.  The status shows FqdnDnsHold=True."""
-    require_netns()
-    services = [
-        ServiceSpec("db1", tcp_ports=(5432,)),
-        ServiceSpec("db2", tcp_ports=(5432,)),
-        ServiceSpec("dns"),
-    ]
-    lab = make_lab([WEB, OTHER], services)
-    assert lab.workdir is not None
-    db1, db2 = lab.services["db1"].ipv4, lab.services["db2"].ipv4
-    dns = LabDns(lab.services["dns"].netns, lab.services["dns"].ipv4, lab.workdir, ttl=2)
-    dns.start({DB: [db1]})
+    lab, dns = lab_with_dns(make_lab)
+    db2 = lab.services["db2"].ipv4
     resolver = (
         "---\nkind: Destination\nname: dns\nprotocol: udp\nports: 53\n"
         f"ips: {dns.address}\n---\nkind: EgressPolicy\nname: dns\n"

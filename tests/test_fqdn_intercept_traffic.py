@@ -24,10 +24,8 @@ import pytest
 from asgctl_lab.dns import LabDns, lookup
 from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
 from asgctl_lab.probe import Outcome
-from reconciler.backends import Backend, Runner, converge, open_backend
-from reconciler.backends.iptables.backend import IptablesBackend
+from reconciler.backends import Backend, Runner, converge
 from reconciler.backends.kernel.nsthread import run_in_netns
-from reconciler.backends.nftables.backend import NftablesBackend
 from reconciler.core.cellplan import CellPlan
 from reconciler.core.compile import compile_cell
 from reconciler.core.model import (
@@ -42,13 +40,11 @@ from reconciler.fqdn.dns import QTYPE_A, QTYPE_AAAA, Answer, Client, DnsError
 from reconciler.fqdn.hold import DnsHold, variant_for
 from reconciler.fqdn.intercept import Interceptor
 from reconciler.fqdn.keeper import FqdnSettings
-from reconciler.fqdn.kernelsets import IpsetWriter, NftWriter, SetWriter
 from reconciler.fqdn.nfqueue import NfqueueSocket, drops
 from reconciler.fqdn.service import FqdnService
-from tests.conftest import require_netns, skip_unless_available, tool_unavailable_reason
 from tests.dnskit import record, response
+from tests.fqdnkit import VARIANTS, add_addresses, open_dataplane, require
 
-VARIANTS = ("legacy", "nft", "libiptc", "nftables")
 DB = "db.lab.example"
 RR = "rr.lab.example"
 S3 = "*.s3.lab.example"
@@ -146,20 +142,14 @@ class Cell:
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def cell(request: pytest.FixtureRequest, _stale_labs_reaped: None) -> Iterator[Cell]:
-    require_netns()
-    tools = ("ipset", "dnsmasq", *(("libiptc",) if request.param == "libiptc" else ()))
-    for tool in tools:
-        skip_unless_available(tool, tool_unavailable_reason(tool))
+    require(request.param)
     lab = Lab(CONTAINERS, SERVICES).start()
     dns: LabDns | None = None
     intercept: Interceptor | None = None
     try:
         assert lab.workdir is not None
         dns = LabDns(lab.services["dns"].netns, lab.services["dns"].ipv4, lab.workdir, TTL)
-        rr = lab.services["rr"]
-        for address in RR_ADDRESSES:
-            lab.exec_in("rr", ["ip", "addr", "add", f"{address}/32", "dev", rr.ifname], check=True)
-        lab.cell_exec(["ip", "route", "add", RR_NET, "via", rr.ipv4], check=True)
+        add_addresses(lab, "rr", RR_ADDRESSES, RR_NET)
         db1 = lab.services["db1"]
         records = {
             DB: [db1.ipv4, db1.ipv6 or ""],
@@ -169,14 +159,7 @@ def cell(request: pytest.FixtureRequest, _stale_labs_reaped: None) -> Iterator[C
         }
         dns.start(records)
         runner = Runner.in_netns(lab.cell)
-        backend: Backend
-        writer: SetWriter
-        if request.param == "nftables":
-            backend, writer = NftablesBackend.open("auto", runner), NftWriter(runner)
-        elif request.param == "libiptc":
-            backend, writer = open_backend("libiptc", "legacy", runner), IpsetWriter(runner)
-        else:
-            backend, writer = IptablesBackend.open(request.param, runner), IpsetWriter(runner)
+        backend, writer = open_dataplane(request.param, runner)
         plan = plan_for(lab)
         assert converge(backend, plan).ok
         settings = FqdnSettings(min_ttl=1, max_ttl=TTL)
