@@ -68,7 +68,7 @@ class AgentNames:
 
     def _start_interceptor(self) -> None:
         """With the lock held: start the interception if it should run and does not."""
-        if not (self.intercept and self._running) or self.service is None:
+        if not (self.intercept and self._running and self._sets) or self.service is None:
             return
         if self.interceptor is not None or self._plan is None:
             return
@@ -87,29 +87,35 @@ class AgentNames:
         self.interceptor = interceptor
 
     def follow(self, plan: CellPlan | None) -> None:
-        """After a cycle: keep the names of the plan now in the kernel (cheap when unchanged)."""
+        """After a cycle: keep the names of the plan now in the kernel (the resolver's work
+        only when they changed), and give the interception the plan's grants every time
+        (containers come and go under unchanged names).  Without names, the interception
+        stops and its hold goes: holding answers that can teach nothing only delays them."""
         sets = plan.name_sets() if plan is not None else ()
+        current = plan if plan is not None else CellPlan("", (), (), 0)
         with self._lock:
-            if sets == self._sets:
-                return
+            changed = sets != self._sets
             self._sets = sets
+            self._plan = current
             if self.service is None:
                 if not sets:
                     return
                 self.service = FqdnService(self._writer(), self.settings, netns=self.netns)
                 if self._running:
                     self.service.start()
-        assert self.service is not None
-        current = plan if plan is not None else CellPlan("", (), (), 0)
-        self.service.want(current)
+            service = self.service
+        if changed:
+            service.want(current)
         with self._lock:
-            self._plan = current
-            if self.interceptor is not None:
+            if self.interceptor is not None and not sets:
+                self.interceptor.stop(remove=True)
+                self.interceptor = None
+            elif self.interceptor is not None:
                 self.interceptor.follow(current)
-            else:
+            else:  # a first start, or a retry after a failed one
                 self._start_interceptor()
-        if not self._running:  # a one-shot agent (--once) resolves here, once
-            self.service.refresh(everything=True)
+        if changed and not self._running:  # a one-shot agent (--once) resolves here, once
+            service.refresh(everything=True)
 
     def start(self) -> None:
         with self._lock:
@@ -129,7 +135,7 @@ class AgentNames:
 
     def hold_condition(self) -> dict[str, str] | None:
         """The FqdnDnsHold condition while the interception should run; None otherwise."""
-        if not (self.intercept and self._running and self.service is not None):
+        if not (self.intercept and self._running and self._sets and self.service is not None):
             return None
         interceptor = self.interceptor
         if interceptor is None:
