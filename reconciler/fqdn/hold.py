@@ -95,11 +95,19 @@ class DnsHold:
     variant: str
     queue: int
 
-    def _save(self, family: int) -> list[str] | None:
-        res = self.runner.run([_tool(self.variant, family, "save"), "-t", "mangle"])
+    def _save(self, family: int, *, counters: bool = False) -> list[str] | None:
+        """The `mangle` table's lines ([] when the table does not exist); None when the
+        tool fails.  A full save, not `-t mangle`: it lists only tables that exist, so
+        reading loads no module and creates no table (as `backend.probe_variant` reads)."""
+        argv = [_tool(self.variant, family, "save"), *(["-c"] if counters else [])]
+        res = self.runner.run(argv)
         if res.returncode != 0:
             return None
-        return res.stdout.splitlines()
+        lines = res.stdout.splitlines()
+        if "*mangle" not in lines:
+            return []
+        table = lines[lines.index("*mangle") + 1 :]
+        return table[: table.index("COMMIT")] if "COMMIT" in table else table
 
     def _ours(self, lines: list[str], chain: str) -> bool | None:
         """None: no such chain; True: ours (marker first); False: someone else's."""
@@ -115,7 +123,9 @@ class DnsHold:
             if lines is None:
                 if family == 6:
                     continue  # no IPv6 tables here: nothing of IPv6 to hold
-                raise DataplaneError(f"{_tool(self.variant, 4, 'save')} failed: no mangle table")
+                raise DataplaneError(
+                    f"{_tool(self.variant, 4, 'save')} failed: cannot write the DNS hold"
+                )
             for _, chain, _ in JUMPS:
                 if self._ours(lines, chain) is False:
                     raise DataplaneError(
@@ -158,10 +168,7 @@ class DnsHold:
         verdicts given, what was dropped while nobody read (agent down) is the difference."""
         total = 0
         for family in (4, 6):
-            res = self.runner.run([_tool(self.variant, family, "save"), "-c", "-t", "mangle"])
-            if res.returncode != 0:
-                continue
-            for line in res.stdout.splitlines():
+            for line in self._save(family, counters=True) or []:
                 if line.startswith("[") and f"-A {ANSWER_CHAIN} " in line and "NFQUEUE" in line:
                     total += int(line[1:].split(":", 1)[0])
         return total
