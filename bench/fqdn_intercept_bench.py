@@ -11,6 +11,11 @@ latency is the difference of the percentiles of the two; the agent's own verdict
 reading a held answer to the verdict) is its histogram's.  Queue drops and lost answers are
 counted.
 
+The write path, measured apart in the same cell: one name-set write of one address as the
+verdict path does it (a netlink request on a kept-open socket, acknowledged) against the
+same write by a process (`ipset restore -exist` / `nft -j -f -`, what the agent's own
+resolution uses for its batches), each timed alone, p50/p99 over `--writes` writes.
+
 Usage: .venv/bin/python bench/fqdn_intercept_bench.py [--rate 1000] [--seconds 5]
            [--repeat 3] [--record]
 """
@@ -46,7 +51,8 @@ from reconciler.core.model import (  # noqa: E402
 from reconciler.fqdn.hold import DnsHold  # noqa: E402
 from reconciler.fqdn.intercept import VERDICT_BUCKETS, Interceptor  # noqa: E402
 from reconciler.fqdn.keeper import FqdnSettings  # noqa: E402
-from reconciler.fqdn.kernelsets import IpsetWriter, NftWriter, SetWriter  # noqa: E402
+from reconciler.fqdn.kernelsets import IpsetWriter, NftWriter, SetWriter, Write  # noqa: E402
+from reconciler.fqdn.netlinksets import NetlinkSets  # noqa: E402
 from reconciler.fqdn.nfqueue import drops  # noqa: E402
 from reconciler.fqdn.service import FqdnService  # noqa: E402
 
@@ -124,7 +130,32 @@ def bucket_quantile(buckets: list[int], count: int, q: float) -> str:
     return f"> {VERDICT_BUCKETS[-1] * 1e3:g} ms"
 
 
-def one_backend(kind: str, rate: float, seconds: float, repeat: int) -> dict[str, object]:
+def write_paths(
+    writer: SetWriter, sets: str, netns: str, set_name: str, writes: int
+) -> dict[str, float]:
+    """p50/p99 seconds of one one-address write: netlink (kept open) and a process."""
+    import time
+
+    netlink = NetlinkSets(sets, netns)
+    out: dict[str, float] = {}
+    try:
+        for label, path in (("netlink", netlink), ("process", writer)):
+            times = []
+            for i in range(writes):
+                one = [Write(set_name, 4, ((f"198.19.{100 + i // 250}.{i % 250 + 1}", 60),))]
+                start = time.perf_counter()
+                path.write(one)
+                times.append(time.perf_counter() - start)
+            out[f"{label}_p50"] = pct(times, 50)
+            out[f"{label}_p99"] = pct(times, 99)
+    finally:
+        netlink.close()
+    return out
+
+
+def one_backend(
+    kind: str, rate: float, seconds: float, repeat: int, writes: int
+) -> dict[str, object]:
     lab = Lab(
         [ContainerSpec("client", app_id="app-client", space_id="s")],
         [ServiceSpec("dns"), ServiceSpec("db", tcp_ports=(5432,))],
@@ -171,6 +202,8 @@ def one_backend(kind: str, rate: float, seconds: float, repeat: int) -> dict[str
         hold = DnsHold(runner, variant, QUEUE)
         icpt = Interceptor(service, hold, sets, [(dns.address, 53)], netns=lab.cell)
         icpt.follow(plan)
+        (set_name,) = {n.set_name for n in plan.names if n.version == 4}
+        paths = write_paths(writer, sets, lab.cell, set_name, writes)
         run_load(lab, dns.address, rate, 1.0)  # warm up dnsmasq and the sockets
         runs: dict[str, list[dict[str, object]]] = {"without": [], "with": []}
         for _ in range(repeat):
@@ -203,6 +236,7 @@ def one_backend(kind: str, rate: float, seconds: float, repeat: int) -> dict[str
         out["verdict_p50"] = bucket_quantile(m.verdict_buckets, m.verdict_count, 0.5)
         out["verdict_p99"] = bucket_quantile(m.verdict_buckets, m.verdict_count, 0.99)
         out["queue_dropped"] = (counters.queue_dropped + counters.user_dropped) if counters else 0
+        out.update(paths)
         return out
     finally:
         if icpt is not None:
@@ -221,10 +255,14 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--writes", type=int, default=200)
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
     start_load = load_average()
-    rows = [one_backend(k, args.rate, args.seconds, args.repeat) for k in ("iptables", "nftables")]
+    rows = [
+        one_backend(k, args.rate, args.seconds, args.repeat, args.writes)
+        for k in ("iptables", "nftables")
+    ]
     lines = [
         f"DNS answers at {args.rate:,.0f}/s for {args.seconds:g} s, {args.repeat} alternating runs"
         " each without and with the interception (every answer learned: parsed, matched,"
@@ -250,6 +288,20 @@ def main() -> int:
             f"| {r['without_lost']}/{r['with_lost']} | {r['queue_dropped']} "
             f"| {float(str(r['verdict_mean_us'])):.0f} µs | {r['verdict_p50']} "
             f"| {r['verdict_p99']} |"
+        )
+    lines += [
+        "",
+        f"One set write of one address, {args.writes} each, timed alone:",
+        "",
+        "| backend | netlink, kept open: p50 | p99 | a process per write: p50 | p99 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        us = {k: float(str(r[k])) * 1e6 for k in ("netlink_p50", "netlink_p99")}
+        ms = {k: float(str(r[k])) * 1e3 for k in ("process_p50", "process_p99")}
+        lines.append(
+            f"| {r['backend']} | {us['netlink_p50']:.0f} µs | {us['netlink_p99']:.0f} µs "
+            f"| {ms['process_p50']:.1f} ms | {ms['process_p99']:.1f} ms |"
         )
     text = "\n".join(lines)
     print(text)
