@@ -206,13 +206,16 @@ def one_backend(
         paths = write_paths(writer, sets, lab.cell, set_name, writes)
         run_load(lab, dns.address, rate, 1.0)  # warm up dnsmasq and the sockets
         runs: dict[str, list[dict[str, object]]] = {"without": [], "with": []}
+        dropped = 0
         for _ in range(repeat):
             hold.remove()
             runs["without"].append(run_load(lab, dns.address, rate, seconds))
             icpt.start()
             try:
                 runs["with"].append(run_load(lab, dns.address, rate, seconds))
-                counters = drops(lab.cell, QUEUE)
+                counters = drops(lab.cell, QUEUE)  # per binding: read before unbinding
+                if counters is not None:
+                    dropped += counters.queue_dropped + counters.user_dropped
             finally:
                 icpt.stop()
         out: dict[str, object] = {
@@ -231,11 +234,13 @@ def one_backend(
             )
         m = icpt.metrics
         out["learned"] = m.learned
+        out["write_errors"] = m.write_errors
+        out["last_error"] = m.last_error
         out["answers"] = m.answers
         out["verdict_mean_us"] = m.verdict_sum / m.verdict_count * 1e6 if m.verdict_count else 0
         out["verdict_p50"] = bucket_quantile(m.verdict_buckets, m.verdict_count, 0.5)
         out["verdict_p99"] = bucket_quantile(m.verdict_buckets, m.verdict_count, 0.99)
-        out["queue_dropped"] = (counters.queue_dropped + counters.user_dropped) if counters else 0
+        out["queue_dropped"] = dropped
         out.update(paths)
         return out
     finally:
@@ -271,9 +276,10 @@ def main() -> int:
         f" code {revision()}.",
         "",
         "| backend | answers/s sent | p50 without | p50 with | added p50 | p99 without "
-        "| p99 with | added p99 | lost (without/with) | queue drops | verdict mean "
+        "| p99 with | added p99 | lost (without/with) | kernel drops | write errors "
+        "| verdict mean "
         "| verdict p50 | verdict p99 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
 
@@ -285,7 +291,7 @@ def main() -> int:
             f"| {ms('with_p50'):.3f} ms | {ms('with_p50') - ms('without_p50'):+.3f} ms "
             f"| {ms('without_p99'):.3f} ms | {ms('with_p99'):.3f} ms "
             f"| {ms('with_p99') - ms('without_p99'):+.3f} ms "
-            f"| {r['without_lost']}/{r['with_lost']} | {r['queue_dropped']} "
+            f"| {r['without_lost']}/{r['with_lost']} | {r['queue_dropped']} | {r['write_errors']} "
             f"| {float(str(r['verdict_mean_us'])):.0f} µs | {r['verdict_p50']} "
             f"| {r['verdict_p99']} |"
         )
