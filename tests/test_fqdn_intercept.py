@@ -212,7 +212,8 @@ def test_the_hold_holds_only_trusted_resolvers_replies_and_never_bypasses() -> N
     text = render(4, [(RESOLVER, 53), ("fd00::53", 53)], 5353)
     assert "fd00::53" not in text  # one family per transaction
     assert "--queue-bypass" not in text and "--fail-open" not in text
-    assert f"-s {RESOLVER}/32 -p udp -m udp --sport 53 -m conntrack --ctstate ESTABLISHED" in text
+    answers = f"-s {RESOLVER}/32 -p udp -m udp --sport 53 -m addrtype ! --dst-type LOCAL "
+    assert answers + "-m conntrack --ctstate ESTABLISHED --ctdir REPLY -j NFQUEUE" in text
     assert f"-d {RESOLVER}/32 -p udp -m udp --dport 53 -j NFLOG --nflog-group 5353" in text
     assert text.count('--comment "asg:owned"') == 2
 

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from asgctl_lab.dns import LabDns, lookup
+from asgctl_lab.dns import LabDns, LabDnsError, lookup
 from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
 from asgctl_lab.nsenter import netns_exec_argv
 from asgctl_lab.probe import Outcome
 from reconciler.agent.metrics import Metrics
 from reconciler.backends import Backend, Runner, converge
+from reconciler.backends.kernel.nsthread import run_in_netns
 from reconciler.core.cellplan import CellPlan
 from reconciler.core.compile import compile_cell
 from reconciler.core.model import (
@@ -33,6 +34,7 @@ from reconciler.core.model import (
     PortRange,
 )
 from reconciler.fqdn.agent import AgentNames
+from reconciler.fqdn.dns import QTYPE_A, Client
 from reconciler.fqdn.keeper import FqdnSettings
 from reconciler.fqdn.nfqueue import NfqueueSocket
 from tests.fqdnkit import open_dataplane, require
@@ -175,3 +177,39 @@ def test_a_queue_taken_by_another_reader_is_reported_and_retried(agent: Agent) -
     assert agent.condition()["status"] == "True"
     agent.resolve("web")
     assert agent.lab.probe_tcp("web", "db", 5432).outcome is Outcome.CONNECTED
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_a_cell_local_resolver_is_held_for_containers_never_for_the_cell_itself(
+    backend: str, make_lab: Callable[..., Lab]
+) -> None:
+    """A resolver on the cell (bosh-dns on a Diego cell): its answers to containers leave
+    through POSTROUTING and are held and learned like forwarded ones; its answers to the
+    cell's own processes are never held, so they keep working while no agent runs."""
+    variant = "legacy" if backend == "iptables" else "nftables"
+    require(variant)
+    lab = make_lab([WEB], [ServiceSpec("db", tcp_ports=(5432,))])
+    assert lab.workdir is not None
+    local = lab.containers["web"].gateway4  # an address of the cell itself
+    workdir = lab.workdir / "cell-dns"
+    workdir.mkdir()
+    dns = LabDns(lab.cell, local, workdir, 2).start({DB: [lab.services["db"].ipv4]})
+    settings = FqdnSettings(min_ttl=600, max_ttl=3600, resolvers=(local,), intercept_queue=QUEUE)
+    names = AgentNames(settings, backend, lab.cell, intercept=True, variant="legacy")
+    dataplane, _ = open_dataplane(variant, Runner.in_netns(lab.cell))
+    agent = Agent(lab, dns, dataplane, names)
+    try:
+        names.start()
+        names.follow(agent.plan())
+        assert lookup(lab.containers["web"].netns, local, DB) == (lab.services["db"].ipv4,)
+        assert lab.probe_tcp("web", "db", 5432).outcome is Outcome.CONNECTED, "learned"
+        assert names.interceptor is not None and names.interceptor.metrics.learned == 1
+        names.stop()  # the agent is down; its hold stays
+        client = Client(local, 53, 1.0)
+        answer = run_in_netns(lab.cell, client.query, DB, QTYPE_A)
+        assert answer.addresses == (lab.services["db"].ipv4,), "the cell's own lookup works"
+        with pytest.raises(LabDnsError):  # a container's is held, and dropped: fail closed
+            lookup(lab.containers["web"].netns, local, DB)
+    finally:
+        names.stop()
+        dns.stop()

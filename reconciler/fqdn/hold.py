@@ -8,8 +8,8 @@ the xt NFQUEUE target through nft's compat layer is the only queue it offers):
     -A PREROUTING  -m comment --comment "asg:dnsl" -j ASG-DNSL
     -A ASG-DNSL    -d <resolver> -p udp|tcp --dport 53 -j NFLOG --nflog-group Q --nflog-size 512
     -A POSTROUTING -m comment --comment "asg:dnsq" -j ASG-DNSQ
-    -A ASG-DNSQ    -s <resolver> -p udp|tcp --sport 53 -m conntrack --ctstate ESTABLISHED
-                   --ctdir REPLY -j NFQUEUE --queue-num Q
+    -A ASG-DNSQ    -s <resolver> -p udp|tcp --sport 53 -m addrtype ! --dst-type LOCAL
+                   -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j NFQUEUE --queue-num Q
 
 * Queries are copied in PREROUTING (before any DNAT: the resolver a container asked), held
   answers in POSTROUTING (forwarded answers and a cell-local resolver's alike).
@@ -17,6 +17,9 @@ the xt NFQUEUE target through nft's compat layer is the only queue it offers):
   the kernel drops the answer; the container's stub asks again.  Fail closed.
 * Only answers from trusted resolvers, in the reply direction of a flow a query opened, are
   held: a container allowed to reach another DNS server cannot teach us its addresses.
+* Never an answer to the cell itself (`! --dst-type LOCAL`): a cell-local resolver's answers
+  to the host's own processes (bosh-dns, the agent's own resolution) pass POSTROUTING too,
+  and must not wait for, or be dropped without, an agent.
 * Ownership: each chain's first rule is the ownership marker the iptables backend uses
   (`render.marker_rule`); a chain of these names without it is someone else's, and we
   refuse to write or remove it.  The jumps carry their own comments; removing deletes only
@@ -81,7 +84,7 @@ def render(family: int, resolvers: Sequence[tuple[str, int]], queue: int) -> str
             )
             lines.append(
                 f"-A {ANSWER_CHAIN} -s {ip}/{host} -p {proto} -m {proto} --sport {int(port)} "
-                "-m conntrack --ctstate ESTABLISHED --ctdir REPLY "
+                "-m addrtype ! --dst-type LOCAL -m conntrack --ctstate ESTABLISHED --ctdir REPLY "
                 f"-j NFQUEUE --queue-num {int(queue)}"
             )
     return "\n".join(lines) + "\n"
