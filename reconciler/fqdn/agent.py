@@ -194,6 +194,7 @@ class AgentNames:
         ):
             m.set("asgctl_agent_fqdn_dns_answers_total", count, result=result)
         m.set("asgctl_agent_fqdn_dns_queries_total", im.queries)
+        m.set("asgctl_agent_fqdn_dns_queries_lost_total", im.queries_lost)
         m.set("asgctl_agent_fqdn_dns_write_errors_total", im.write_errors)
         m.set("asgctl_agent_fqdn_dns_queries_evicted_total", interceptor.table.evicted)
         dropped = interceptor.queue_drops() or (0, 0)

@@ -61,6 +61,10 @@ class InterceptMetrics:
     not_granted: int = 0
     write_errors: int = 0
     queries: int = 0
+    queries_lost: int = 0
+    """Query copies the kernel could not queue to us (NFLOG sequence gaps): their answers
+    then teach nothing (unsolicited), and the container's connect is rejected until the
+    agent's own resolution or a retried lookup."""
     verdict_buckets: list[int] = field(default_factory=lambda: [0] * len(VERDICT_BUCKETS))
     verdict_count: int = 0
     verdict_sum: float = 0.0
@@ -172,6 +176,7 @@ class Interceptor:
         assert self._log is not None
         while True:
             packets = self._log.receive(timeout)
+            self.metrics.queries_lost += self._log.lost()
             if not packets:
                 return
             now = self.clock()
