@@ -36,7 +36,15 @@ from reconciler.core.model import (
     PolicySet,
     PortRange,
 )
-from reconciler.fqdn.dns import QTYPE_A, QTYPE_AAAA, Answer, Client, DnsError
+from reconciler.fqdn.dns import (
+    QTYPE_A,
+    QTYPE_AAAA,
+    Answer,
+    Client,
+    DnsError,
+    build_query,
+    parse_response,
+)
 from reconciler.fqdn.hold import DnsHold, variant_for
 from reconciler.fqdn.intercept import Interceptor
 from reconciler.fqdn.keeper import FqdnSettings
@@ -60,18 +68,18 @@ SERVICES = (
     ServiceSpec("db1", tcp_ports=(5432, 5433), ipv6=True),
     ServiceSpec("db2", tcp_ports=(5432,)),
     ServiceSpec("evil", tcp_ports=(5432,)),
-    ServiceSpec("dns"),
+    ServiceSpec("dns", ipv6=True),
     ServiceSpec("rr", tcp_ports=(5432,)),
 )
 RR_NET = "198.19.200.0/28"
 RR_ADDRESSES = [f"198.19.200.{i}" for i in range(16)]
 
 
-def policy(resolver: str) -> PolicySet:
-    """web is granted the names; every container may ask the lab's resolver (DNS itself
+def policy(*resolvers: str) -> PolicySet:
+    """web is granted the names; every container may ask the lab's resolvers (DNS itself
     is governed by ASGs, as on CF)."""
     port = (PortRange(5432, 5432),)
-    dns = (AddressRange.parse(resolver),)
+    dns = tuple(AddressRange.parse(r) for r in resolvers)
     return PolicySet(
         destinations=(
             Destination("db", "tcp", (), port, fqdns=(DB, RR)),
@@ -94,7 +102,8 @@ def plan_for(lab: Lab) -> CellPlan:
     ]
     web6 = lab.containers["web"].ipv6 or ""
     inventory.append(Container("web-v6", web6, "app-web", "space-prod"))
-    return compile_cell(policy(lab.services["dns"].ipv4), inventory, "lab")
+    dns = lab.services["dns"]
+    return compile_cell(policy(dns.ipv4, dns.ipv6 or ""), inventory, "lab")
 
 
 @dataclass
@@ -106,6 +115,8 @@ class Cell:
     fqdn: FqdnService
     intercept: Interceptor
     plan: CellPlan
+    dns6: LabDns
+    """A second dnsmasq, on the DNS service's IPv6 address (same records)."""
 
     def addr(self, service: str) -> str:
         return self.lab.services[service].ipv4
@@ -145,10 +156,14 @@ def cell(request: pytest.FixtureRequest, _stale_labs_reaped: None) -> Iterator[C
     require(request.param)
     lab = Lab(CONTAINERS, SERVICES).start()
     dns: LabDns | None = None
+    dns6: LabDns | None = None
     intercept: Interceptor | None = None
     try:
         assert lab.workdir is not None
-        dns = LabDns(lab.services["dns"].netns, lab.services["dns"].ipv4, lab.workdir, TTL)
+        service = lab.services["dns"]
+        dns = LabDns(service.netns, service.ipv4, lab.workdir, TTL)
+        (lab.workdir / "dns6").mkdir()
+        dns6 = LabDns(service.netns, service.ipv6 or "", lab.workdir / "dns6", TTL)
         add_addresses(lab, "rr", RR_ADDRESSES, RR_NET)
         db1 = lab.services["db1"]
         records = {
@@ -158,6 +173,7 @@ def cell(request: pytest.FixtureRequest, _stale_labs_reaped: None) -> Iterator[C
             S3_DEEP: [lab.services["evil"].ipv4],
         }
         dns.start(records)
+        dns6.start(records)
         runner = Runner.in_netns(lab.cell)
         backend, writer = open_dataplane(request.param, runner)
         plan = plan_for(lab)
@@ -169,15 +185,17 @@ def cell(request: pytest.FixtureRequest, _stale_labs_reaped: None) -> Iterator[C
         variant = variant_for(request.param, request.param)
         hold = DnsHold(runner, variant, QUEUE)
         sets_kind = "nftables" if request.param == "nftables" else "ipset"
-        intercept = Interceptor(fqdn, hold, sets_kind, [(dns.address, 53)], netns=lab.cell)
+        resolvers = [(dns.address, 53), (dns6.address, 53)]
+        intercept = Interceptor(fqdn, hold, sets_kind, resolvers, netns=lab.cell)
         intercept.follow(plan)
         intercept.start()
-        yield Cell(lab, request.param, backend, dns, fqdn, intercept, plan)
+        yield Cell(lab, request.param, backend, dns, fqdn, intercept, plan, dns6)
     finally:
         if intercept is not None:
             intercept.stop(remove=True)
-        if dns is not None:
-            dns.stop()
+        for server in (dns, dns6):
+            if server is not None:
+                server.stop()
         lab.teardown()
 
 
@@ -368,3 +386,40 @@ def test_the_hold_is_ours_alone_and_goes_with_asgctl_uninstall(cell: Cell) -> No
     finally:
         assert converge(cell.backend, cell.plan).ok
         cell.intercept.start()
+    # Installed again, our jump goes before the host's ACCEPT (which would end mangle's
+    # traversal before our chain saw an answer).
+    saved = cell.lab.cell_exec([tool, "-t", "mangle"], check=True).stdout.splitlines()
+    hooks = [line for line in saved if line.startswith("-A POSTROUTING ")]
+    assert hooks[0] == '-A POSTROUTING -m comment --comment "asg:dnsq" -j ASG-DNSQ', hooks
+    cell.empty(DB)
+    assert cell.resolve("web", DB).addresses == (cell.addr("db1"),)
+    assert cell.connect("web", cell.addr("db1")) is Outcome.CONNECTED
+
+
+def test_an_ipv6_resolver_and_an_answer_over_tcp_are_held_and_learned(cell: Cell) -> None:
+    """The hold is per family (ip6tables' mangle for an IPv6 resolver), and an answer over
+    TCP is read from the segment that carries it; the connection's other segments are
+    released without counting as answers."""
+    cell.empty(DB)
+    cell.empty(DB, 6)
+    web = cell.lab.containers["web"]
+    db1 = cell.lab.services["db1"]
+    told = lookup(web.netns, cell.dns6.address, DB, ipv6=True)
+    assert told == (db1.ipv6,)
+    assert cell.lab.probe_tcp("web", "db1", 5432, ipv6=True).outcome is Outcome.CONNECTED
+    assert lookup(web.netns, cell.dns6.address, DB) == (db1.ipv4,)  # A over IPv6
+    assert cell.connect("web", db1.ipv4) is Outcome.CONNECTED
+    cell.empty(DB)
+    answers = cell.intercept.metrics.answers
+
+    def over_tcp() -> bytes:
+        query = build_query(4242, DB, QTYPE_A)
+        with socket.create_connection((cell.dns.address, 53), timeout=2) as s:
+            s.sendall(struct.pack("!H", len(query)) + query)
+            size = struct.unpack("!H", s.recv(2, socket.MSG_WAITALL))[0]
+            return s.recv(size, socket.MSG_WAITALL)
+
+    reply = run_in_netns(web.netns, over_tcp)
+    assert parse_response(reply, 4242, DB, QTYPE_A)[0].addresses == (db1.ipv4,)
+    assert cell.connect("web", db1.ipv4) is Outcome.CONNECTED, "learned from the TCP answer"
+    assert cell.intercept.metrics.answers == answers + 1, "one answer, whatever the segments"

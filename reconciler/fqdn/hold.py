@@ -20,6 +20,8 @@ the xt NFQUEUE target through nft's compat layer is the only queue it offers):
 * Never an answer to the cell itself (`! --dst-type LOCAL`): a cell-local resolver's answers
   to the host's own processes (bosh-dns, the agent's own resolution) pass POSTROUTING too,
   and must not wait for, or be dropped without, an agent.
+* The jumps go first in their hooks (`-I ... 1`): an ACCEPT of the host's own earlier in
+  mangle would end the table's traversal before our chains see the packet.
 * Ownership: each chain's first rule is the ownership marker the iptables backend uses
   (`render.marker_rule`); a chain of these names without it is someone else's, and we
   refuse to write or remove it.  The jumps carry their own comments; removing deletes only
@@ -136,7 +138,13 @@ class DnsHold:
                         "refusing to write the DNS hold"
                     )
             text = render(family, resolvers, self.queue).removesuffix("\n")
-            jumps = [_jump(*j) for j in JUMPS if _jump(*j) not in lines]
+            # First in the hook: a host's own ACCEPT in mangle would otherwise end the
+            # table's traversal before our chains see the packet.
+            jumps = [
+                _jump(*j).replace(f"-A {j[0]} ", f"-I {j[0]} 1 ", 1)
+                for j in JUMPS
+                if _jump(*j) not in lines
+            ]
             text = "\n".join([text, *jumps, "COMMIT"]) + "\n"
             res = self.runner.run([_tool(self.variant, family, "restore"), "--noflush"], stdin=text)
             if res.returncode != 0:

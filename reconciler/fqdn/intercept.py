@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from reconciler.backends.errors import DataplaneError
-from reconciler.backends.kernel.packets import parse_segment
+from reconciler.backends.kernel.packets import TCP, parse_segment
 from reconciler.core.cellplan import CellPlan
 from reconciler.flows.nflog import NflogSocket
 from reconciler.fqdn.answers import Flow, Grants, QueryTable, dns_message, question
@@ -209,8 +209,10 @@ class Interceptor:
 
     def learn(self, payload: bytes) -> int:
         """Learn from one answer; returns how many names' sets it wrote."""
-        self.metrics.answers += 1
         seg = parse_segment(payload)
+        if seg is not None and seg.protocol == TCP and not seg.data:
+            return 0  # the connection's own segments (SYN-ACK, ACK, FIN): not answers
+        self.metrics.answers += 1
         message = dns_message(seg) if seg is not None else None
         q = question(message, response=True) if message else None
         if seg is None or message is None or q is None:
