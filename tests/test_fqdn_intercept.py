@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from asgctl_lab.netns import Lab
+from reconciler.backends.errors import DataplaneError
 from reconciler.backends.kernel import nfnetlink as nl
 from reconciler.backends.kernel.packets import TCP, UDP, Segment, parse_segment
 from reconciler.backends.kernel.runner import Runner
@@ -310,3 +311,22 @@ def test_a_wildcard_learns_one_label_and_a_name_not_granted_nothing(
     assert icpt.learn(answer(4, "a.b.s3.lab.example", deep)) == 0
     assert members(icpt, writer, S3) == {"198.19.0.11"}
     assert icpt.metrics.not_granted == 1
+
+
+@pytest.mark.parametrize("variant", ["legacy", "nft"])
+def test_a_host_chain_under_our_name_is_never_written_nor_removed(
+    variant: str, make_lab: Callable[..., Lab]
+) -> None:
+    """A chain of the host's that happens to be called ASG-DNSQ (no ownership marker) is
+    not ours: installing refuses, removing leaves it and its rules as they were."""
+    require_netns()
+    lab = make_lab([], [], conntrack=False)
+    tool = f"iptables-{variant}"
+    host = "*mangle\n:ASG-DNSQ - [0:0]\n-A ASG-DNSQ -p udp -j ACCEPT\nCOMMIT\n"
+    lab.cell_exec([f"{tool}-restore", "--noflush"], input=host, check=True)
+    hold = DnsHold(Runner.in_netns(lab.cell), variant, 5353)
+    with pytest.raises(DataplaneError, match="not ours"):
+        hold.install([(RESOLVER, 53)])
+    assert not hold.remove()
+    saved = lab.cell_exec([f"{tool}-save", "-t", "mangle"], check=True).stdout
+    assert "-A ASG-DNSQ -p udp -j ACCEPT" in saved and "asg:" not in saved

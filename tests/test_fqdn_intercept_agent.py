@@ -61,6 +61,7 @@ class Agent:
     dns: LabDns
     backend: Backend
     names: AgentNames
+    backend_kind: str = "iptables"
 
     def plan(self, containers: tuple[str, ...] = ("web",), names: bool = True) -> CellPlan:
         inventory = [Container(c, self.lab.containers[c].ipv4, "app-web", "s") for c in containers]
@@ -93,7 +94,7 @@ def agent(request: pytest.FixtureRequest, make_lab: Callable[..., Lab]) -> Itera
     names = AgentNames(settings, request.param, lab.cell, intercept=True, variant="legacy")
     backend, _ = open_dataplane(variant, Runner.in_netns(lab.cell))
     try:
-        yield Agent(lab, dns, backend, names)
+        yield Agent(lab, dns, backend, names, request.param)
     finally:
         names.stop()  # the hold stays (fail closed); the lab's namespaces go with it
         dns.stop()
@@ -111,7 +112,13 @@ def test_it_starts_with_the_first_name_follows_new_containers_and_stops_without_
     agent.resolve("web")
     assert agent.lab.probe_tcp("web", "db", 5432).outcome is Outcome.CONNECTED
     # A container that arrives under unchanged names is followed too.
+    # Someone flushes the hold's chain: the next cycle writes it again.
+    agent.lab.cell_exec(["iptables-nft" if agent.backend_kind == "nftables" else "iptables-legacy",
+                         "-t", "mangle", "-F", "ASG-DNSQ"], check=True)  # fmt: skip
     agent.names.follow(agent.plan(("web", "late")))
+    assert agent.names.hold_repairs == 1
+    agent.names.follow(agent.plan(("web", "late")))
+    assert agent.names.hold_repairs == 1, "in place: nothing written"
     agent.resolve("late")
     assert agent.lab.probe_tcp("late", "db", 5432).outcome is Outcome.CONNECTED
     metrics = Metrics("lab")

@@ -52,6 +52,8 @@ class AgentNames:
         self.intercept = intercept and settings.intercept
         self.interceptor: Interceptor | None = None
         self.intercept_error = ""
+        self.hold_repairs = 0
+        """Cycles that found the hold's rules changed by someone else, and wrote them again."""
         self._drops_seen = 0
         self._plan: CellPlan | None = None
         self.service: FqdnService | None = None
@@ -112,6 +114,8 @@ class AgentNames:
                 self.interceptor = None
             elif self.interceptor is not None:
                 self.interceptor.follow(current)
+                if self.interceptor.hold.install(self.interceptor.resolvers, repair=True):
+                    self.hold_repairs += 1
             else:  # a first start, or a retry after a failed one
                 self._start_interceptor()
         if changed and not self._running:  # a one-shot agent (--once) resolves here, once
@@ -194,6 +198,7 @@ class AgentNames:
         ):
             m.set("asgctl_agent_fqdn_dns_answers_total", count, result=result)
         m.set("asgctl_agent_fqdn_dns_queries_total", im.queries)
+        m.set("asgctl_agent_fqdn_dns_hold_repairs_total", self.hold_repairs)
         m.set("asgctl_agent_fqdn_dns_queries_lost_total", im.queries_lost)
         m.set("asgctl_agent_fqdn_dns_write_errors_total", im.write_errors)
         m.set("asgctl_agent_fqdn_dns_queries_evicted_total", interceptor.table.evicted)

@@ -115,14 +115,20 @@ class DnsHold:
         return table[: table.index("COMMIT")] if "COMMIT" in table else table
 
     def _ours(self, lines: list[str], chain: str) -> bool | None:
-        """None: no such chain; True: ours (marker first); False: someone else's."""
+        """None: no such chain; True: ours (marker first, or flushed empty while our own
+        commented jump still leads to it); False: someone else's."""
         if not any(line.startswith(f":{chain} ") for line in lines):
             return None
         rules = [line for line in lines if line.startswith(f"-A {chain} ")]
-        return bool(rules) and rules[0] == marker_rule(chain)
+        if not rules:
+            return any(_jump(*j) in lines for j in JUMPS if j[1] == chain)
+        return rules[0] == marker_rule(chain)
 
-    def install(self, resolvers: Sequence[tuple[str, int]]) -> None:
-        """Write (or rewrite) our chains and add the jumps that are missing."""
+    def install(self, resolvers: Sequence[tuple[str, int]], *, repair: bool = False) -> bool:
+        """Write (or rewrite) our chains and add the jumps that are missing; whether
+        anything was written.  `repair` (every agent cycle): write only a family whose
+        chains or jumps are not as rendered (flushed, deleted, edited by someone)."""
+        wrote = False
         for family in (4, 6):
             lines = self._save(family)
             if lines is None:
@@ -138,6 +144,11 @@ class DnsHold:
                         "refusing to write the DNS hold"
                     )
             text = render(family, resolvers, self.queue).removesuffix("\n")
+            want = [line for line in text.splitlines() if line.startswith("-A ")]
+            have = [line for line in lines if line.startswith(("-A ASG-DNSQ ", "-A ASG-DNSL "))]
+            jumped = all(_jump(*j) in lines for j in JUMPS)
+            if repair and jumped and sorted(want) == sorted(have):
+                continue
             # First in the hook: a host's own ACCEPT in mangle would otherwise end the
             # table's traversal before our chains see the packet.
             jumps = [
@@ -149,6 +160,8 @@ class DnsHold:
             res = self.runner.run([_tool(self.variant, family, "restore"), "--noflush"], stdin=text)
             if res.returncode != 0:
                 raise DataplaneError(f"the DNS hold was refused: {res.stderr.strip()}")
+            wrote = True
+        return wrote
 
     def remove(self) -> bool:
         """Delete our jumps and chains (only if ours); nothing else is touched.  Whether
