@@ -74,13 +74,19 @@ class AgentNames:
             return
         if self.interceptor is not None or self._plan is None:
             return
-        variant = variant_for(self.backend, self.variant)
-        hold = DnsHold(self._runner(), variant, self.settings.intercept_queue)
         resolvers = [(c.server, c.port) for c in self.service.clients]
+        if not resolvers:
+            self.intercept_error = (
+                "DNS interception not started: no trusted resolvers "
+                "(fqdn-resolvers, or nameserver lines in /etc/resolv.conf)"
+            )
+            return
         kind = "nftables" if self.backend == "nftables" else "ipset"
-        interceptor = Interceptor(self.service, hold, kind, resolvers, netns=self.netns)
-        interceptor.follow(self._plan)
         try:
+            variant = variant_for(self.backend, self.variant)
+            hold = DnsHold(self._runner(), variant, self.settings.intercept_queue)
+            interceptor = Interceptor(self.service, hold, kind, resolvers, netns=self.netns)
+            interceptor.follow(self._plan)
             interceptor.start()
         except Exception as exc:  # shown as FqdnDnsHold=False; tried again next follow
             self.intercept_error = f"DNS interception not started: {exc}"
