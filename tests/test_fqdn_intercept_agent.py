@@ -190,9 +190,12 @@ def test_a_queue_taken_by_another_reader_is_reported_and_retried(agent: Agent) -
 def test_a_cell_local_resolver_is_held_for_containers_never_for_the_cell_itself(
     backend: str, make_lab: Callable[..., Lab]
 ) -> None:
-    """A resolver on the cell (bosh-dns on a Diego cell): its answers to containers leave
-    through POSTROUTING and are held and learned like forwarded ones; its answers to the
-    cell's own processes are never held, so they keep working while no agent runs."""
+    """A resolver on the cell: on a Diego cell, bosh-dns binds 169.254.0.2 on the VM itself
+    (cloudfoundry/bosh-dns-release jobs/bosh-dns/spec@90d2d3fc:36-38) and makes itself the
+    VM's own nameserver (`override_nameserver`, default true, :74-76), so the cell's own
+    processes ask it too.  Its answers to containers leave through POSTROUTING and are held
+    and learned like forwarded ones; its answers to the cell's own processes are never held,
+    so they keep working while no agent runs."""
     variant = "legacy" if backend == "iptables" else "nftables"
     require(variant)
     lab = make_lab([WEB], [ServiceSpec("db", tcp_ports=(5432,))])
