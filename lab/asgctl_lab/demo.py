@@ -598,7 +598,8 @@ class Demo:
             )
         for s in lab.spec.services:
             ports = " ".join([*(f"{p}/tcp" for p in s.tcp), *(f"{p}/udp" for p in s.udp)])
-            n.say(f"  service {s.name:<13} {','.join(s.addresses):<26} {ports:<15} {s.description}")
+            addrs = platform.short_addresses(s.addresses)
+            n.say(f"  service {s.name:<13} {addrs:<26} {ports:<15} {s.description}")
         self.pids_before = {
             name: (rec.pid, rec.start) for name, rec in lab.container_pids().items()
         }

@@ -1154,7 +1154,7 @@ def dns_records(info: LabInfo) -> dict[str, list[str]]:
     """The names the lab's DNS server serves now."""
     from asgctl_lab.dns import read_hosts
 
-    path = info.directory / "dns" / "lab-dns.hosts"
+    path = _lab_dns(info.directory, info.net, dns_service(info)).hosts
     try:
         return read_hosts(path)
     except OSError as exc:
@@ -1614,6 +1614,12 @@ def health(info: LabInfo) -> Health:
     return Health(missing, dead)
 
 
+def short_addresses(addresses: Sequence[str]) -> str:
+    """A service's addresses for a one-line listing: the first two, then how many more."""
+    more = f" (+{len(addresses) - 2})" if len(addresses) > 2 else ""
+    return ",".join(addresses[:2]) + more
+
+
 def render_status(info: LabInfo) -> str:
     """The lab at a glance: where everything is, and whether it is still alive."""
     h = health(info)
@@ -1664,8 +1670,7 @@ def render_status(info: LabInfo) -> str:
     for s in info.spec.services:
         sn = info.net.services[s.name]
         ports = [f"{p}/tcp" for p in s.tcp] + [f"{p}/udp" for p in s.udp]
-        held = info.service_addresses.get(s.name, s.addresses)
-        addrs = ",".join(held[:2]) + (f" (+{len(held) - 2})" if len(held) > 2 else "")
+        addrs = short_addresses(info.service_addresses.get(s.name, s.addresses))
         role = "dns" if s.dns else "service"
         lines.append(f"  {s.name:<13} {addrs:<27} {' '.join(ports):<16} {pid(role, sn.netns)}")
     lines.append("")
