@@ -223,3 +223,20 @@ def test_a_cell_local_resolver_is_held_for_containers_never_for_the_cell_itself(
     finally:
         names.stop()
         dns.stop()
+
+
+def test_a_failing_verdict_thread_turns_the_condition_false(agent: Agent) -> None:
+    """The thread survives any failure of one read (it logs, counts, carries on), and the
+    next report says so.  Here its query socket is closed under it."""
+    agent.names.start()
+    agent.names.follow(agent.plan())
+    assert agent.condition()["status"] == "True"
+    interceptor = agent.names.interceptor
+    assert interceptor is not None and interceptor._log is not None
+    interceptor._log.sock.close()
+    for _ in range(100):
+        if interceptor.metrics.errors:
+            break
+        time.sleep(0.05)
+    hold = agent.condition()
+    assert (hold["status"], hold["reason"]) == ("False", "InterceptionFailing"), hold

@@ -55,6 +55,7 @@ class AgentNames:
         self.hold_repairs = 0
         """Cycles that found the hold's rules changed by someone else, and wrote them again."""
         self._drops_seen = 0
+        self._errors_seen = 0
         self._plan: CellPlan | None = None
         self.service: FqdnService | None = None
         self._sets: tuple[tuple[int, str, str], ...] = ()
@@ -154,6 +155,18 @@ class AgentNames:
                 "status": "False",
                 "reason": "InterceptionDown",
                 "message": self.intercept_error or "the DNS interception is not running",
+            }
+        errors, self._errors_seen = (
+            interceptor.metrics.errors - self._errors_seen,
+            interceptor.metrics.errors,
+        )
+        if errors > 0:
+            return {
+                "type": HOLD,
+                "status": "False",
+                "reason": "InterceptionFailing",
+                "message": f"the verdict thread failed {errors} times since the last report "
+                f"(last: {interceptor.metrics.last_error}); held answers wait or are dropped",
             }
         dropped = interceptor.queue_drops()
         total = sum(dropped) if dropped is not None else 0
