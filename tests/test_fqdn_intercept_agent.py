@@ -226,8 +226,9 @@ def test_a_cell_local_resolver_is_held_for_containers_never_for_the_cell_itself(
 
 
 def test_a_failing_verdict_thread_turns_the_condition_false(agent: Agent) -> None:
-    """The thread survives any failure of one read (it logs, counts, carries on), and the
-    next report says so.  Here its query socket is closed under it."""
+    """The thread survives any failure of one read (it counts it, binds its sockets again
+    and carries on), and the next report says so.  Here its query socket is closed under
+    it; afterwards a container's answer is learned again."""
     agent.names.start()
     agent.names.follow(agent.plan())
     assert agent.condition()["status"] == "True"
@@ -240,3 +241,10 @@ def test_a_failing_verdict_thread_turns_the_condition_false(agent: Agent) -> Non
         time.sleep(0.05)
     hold = agent.condition()
     assert (hold["status"], hold["reason"]) == ("False", "InterceptionFailing"), hold
+    for _ in range(100):  # bound again
+        if interceptor._log is not None and interceptor._log.sock.fileno() >= 0:
+            break
+        time.sleep(0.05)
+    agent.resolve("web")
+    assert agent.lab.probe_tcp("web", "db", 5432).outcome is Outcome.CONNECTED
+    assert agent.condition()["status"] == "True"

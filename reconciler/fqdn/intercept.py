@@ -120,11 +120,8 @@ class Interceptor:
         """Open the sockets, then write the rules (an answer held before anyone reads the
         queue would be dropped), then serve on a thread of its own."""
         self._stop.clear()
-        self._log = NflogSocket(
-            self.queue, self.netns, copy_range=QUERY_COPY, qthresh=1, flush_ticks=0
-        )
+        self._open_readers()
         try:
-            self._q = NfqueueSocket(self.queue, self.netns)
             self._sets = NetlinkSets(self.sets_kind, self.netns)
             self.hold.install(self.resolvers)
         except BaseException:
@@ -144,21 +141,44 @@ class Interceptor:
         if remove:
             self.hold.remove()
 
-    def _close(self) -> None:
-        for s in (self._log, self._q, self._sets):
+    def _open_readers(self) -> None:
+        """Bind the query copies' NFLOG group and the answers' queue (both or neither)."""
+        log = NflogSocket(self.queue, self.netns, copy_range=QUERY_COPY, qthresh=1, flush_ticks=0)
+        try:
+            self._q = NfqueueSocket(self.queue, self.netns)
+        except BaseException:
+            log.close()
+            raise
+        self._log = log
+
+    def _close_readers(self) -> None:
+        for s in (self._log, self._q):
             if s is not None:
                 s.close()
-        self._log = self._q = self._sets = None
+        self._log = self._q = None
+
+    def _close(self) -> None:
+        self._close_readers()
+        if self._sets is not None:
+            self._sets.close()
+        self._sets = None
 
     def _run(self) -> None:
-        assert self._log is not None and self._q is not None
-        log, q = self._log, self._q
         try:  # answers wait in the kernel while this thread waits for a CPU
             policy = os.sched_param(VERDICT_RT_PRIORITY)
             os.sched_setscheduler(threading.get_native_id(), os.SCHED_RR, policy)
         except OSError:
             pass
         while not self._stop.is_set():
+            log, q = self._log, self._q
+            if log is None or q is None:  # after a failure: bind again, as the flow reader does
+                try:
+                    self._open_readers()
+                except Exception as exc:
+                    self.metrics.errors += 1
+                    self.metrics.last_error = f"could not bind again: {exc}"
+                    self._stop.wait(1.0)
+                continue
             try:
                 ready, _, _ = select.select([log.sock, q.sock], [], [], 0.2)
                 if log.sock in ready:
@@ -170,7 +190,10 @@ class Interceptor:
             except Exception as exc:  # never let the thread die: answers would be dropped
                 self.metrics.errors += 1
                 self.metrics.last_error = str(exc)
-                time.sleep(0.05)
+                # Held answers die with the queue's binding (the kernel drops them: their
+                # lookups are retried); the next pass binds both sockets afresh.
+                self._close_readers()
+                self._stop.wait(0.05)
 
     def _read_queries(self, timeout: float) -> None:
         assert self._log is not None
