@@ -104,7 +104,6 @@ class Interceptor:
         self.grants = Grants()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
         self._log: NflogSocket | None = None
         self._q: NfqueueSocket | None = None
         self._sets: NetlinkSets | None = None
@@ -226,6 +225,9 @@ class Interceptor:
         started = time.perf_counter()
         try:
             self.learn(packet.payload)
+        except Exception as exc:  # one answer's failure releases it unlearned, nothing more
+            self.metrics.errors += 1
+            self.metrics.last_error = f"learning from an answer: {exc}"
         finally:
             self.metrics.observe(time.perf_counter() - started)
         return NF_ACCEPT
