@@ -72,17 +72,19 @@ for _ in range(64):
     s.connect((server, 53)); s.setblocking(False); socks.append(s)
 pending = {}  # (socket index, txid) -> sent at
 rtts, sent, lost = [], 0, 0
-start = time.perf_counter(); total = int(rate * seconds); i = 0
+start = time.perf_counter(); total = int(rate * seconds); i = 0; last = start
 poller = select.epoll()
 for n, s in enumerate(socks):
     poller.register(s.fileno(), select.EPOLLIN)
 by_fd = {s.fileno(): n for n, s in enumerate(socks)}
-while i < total or (pending and time.perf_counter() - start < seconds + 2):
+# An answer counts as lost when it has not come 2 s after the last query was sent (a starved
+# generator may send its last queries after the run's planned end).
+while i < total or (pending and time.perf_counter() - last < 2):
     now = time.perf_counter()
     while i < total and now >= start + i / rate:
         n = i % len(socks); txid = random.getrandbits(16)
         pending[(n, txid)] = time.perf_counter()
-        socks[n].send(q(txid)); i += 1; sent += 1
+        socks[n].send(q(txid)); i += 1; sent += 1; last = time.perf_counter()
     wait = max(0.0, start + i / rate - time.perf_counter()) if i < total else 0.05
     for fd, _ in poller.poll(wait):
         n = by_fd[fd]
