@@ -445,6 +445,8 @@ def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> N
     marker, the previous release's shape), so the host's chains, even ones named like ours,
     stay.  Exit 0 when nothing of ours was there, 2 when something was removed (or would be,
     with --dry-run), 1 on error (nothing half-removed: one transaction per family).
+    The DNS interception's hold (mangle chains ASG-DNSQ/ASG-DNSL, ownership-marked) goes
+    too: left without an agent it would drop every answer to the containers.
     """
     from reconciler.backends import DataplaneError, open_backend, remove
 
@@ -460,6 +462,18 @@ def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> N
 
         with contextlib.suppress(DataplaneError):  # no ipset on this host: none of ours
             IpsetWriter(Runner()).prune(())
+    if not dry_run and result.ok:
+        from reconciler.backends import Runner
+        from reconciler.fqdn.hold import DnsHold, variant_for
+
+        hold_variant = variant_for(backend_name, str(getattr(backend, "variant", variant)))
+        try:
+            if DnsHold(Runner(), hold_variant, 0).remove():
+                click.echo(
+                    "removed the DNS interception's hold (mangle ASG-DNSQ, ASG-DNSL)", err=True
+                )
+        except DataplaneError as exc:
+            fail(str(exc))
     _report_converge(result, fmt, dry_run)
 
 

@@ -123,6 +123,8 @@ EVERY_SETTING: dict[str, tuple[str, Any, Any]] = {
     "fqdn_max_ttl": ("fqdn_max_ttl", 600, 600),
     "fqdn_max_ips": ("fqdn_max_ips", 64, 64),
     "fqdn_resolvers": ("fqdn_resolvers", ["169.254.0.2"], ("169.254.0.2",)),
+    "fqdn_intercept": ("fqdn_intercept", False, False),
+    "fqdn_intercept_queue": ("fqdn_intercept_queue", 153, 153),
     "flow_log": ("flow_log", "nflog", "nflog"),
     "flow_log_group": ("flow_log_group", 42, 42),
     "flow_log_rate": ("flow_log_rate", 200, 200),

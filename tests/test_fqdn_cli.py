@@ -45,7 +45,8 @@ cases:
   - {app: pay/prod/api, to: "db.lab.example:5432", expect: allow}
   - {app: pay/prod/api, to: "db.lab.example:5433", expect: deny}
   - {app: pay/prod/web, to: "db.lab.example:5432", expect: deny}
-  - {app: pay/prod/api, to: "x.s3.lab.example:5432", expect: deny}
+  - {app: pay/prod/api, to: "x.s3.lab.example:5432", expect: allow}
+  - {app: pay/prod/api, to: "a.x.s3.lab.example:5432", expect: deny}
 """
 
 
@@ -107,11 +108,13 @@ def test_explain_by_name_denies_what_no_grant_by_name_covers(repo, app, to):
     assert "no grant by name covers it" in result.output
 
 
-def test_a_wildcard_grant_is_shown_but_allows_nothing_yet(repo):
+def test_a_wildcard_grant_allows_exactly_one_more_label(repo):
     result = explain(repo, "pay/prod/api", "b.s3.lab.example:5432")
-    assert result.exit_code == 3, result.output
-    assert result.output.startswith("DENY c-api")
-    assert "wildcard tcp *.s3.lab.example ports 5432 would allow it" in result.output
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("ALLOW c-api")
+    assert "wildcard name rule" in result.output and "*.s3.lab.example" in result.output
+    deeper = explain(repo, "pay/prod/api", "a.b.s3.lab.example:5432")
+    assert deeper.exit_code == 3, deeper.output
 
 
 def test_explain_refuses_a_wildcard_or_a_bad_name(repo):
@@ -124,7 +127,7 @@ def test_explain_refuses_a_wildcard_or_a_bad_name(repo):
 def test_policy_tests_assert_by_name(repo):
     result = run("test", str(repo / "p"))
     assert result.exit_code == 0, result.output
-    assert "4 passed" in result.output, result.output
+    assert "5 passed" in result.output, result.output
 
 
 def test_a_failing_policy_test_by_name_fails(repo):

@@ -93,14 +93,11 @@ def test_a_non_string_name_is_an_error(tmp_path):
     assert len(got) == 1 and "Destination/db: fqdns" in got[0]
 
 
-def test_a_wildcard_is_a_warning_that_it_allows_nothing_yet(tmp_path):
+def test_a_wildcard_validates_without_a_warning_now_that_answers_fill_it(tmp_path):
+    """The DNS interception (reconciler/fqdn/intercept.py) enforces wildcards: no more
+    "allows nothing yet" warning; the one-label rule stays (`*.com` is refused above)."""
     doc = "kind: Destination\nname: s3\nprotocol: tcp\nports: 443\nfqdns: '*.s3.lab.example'\n"
-    got = findings(tmp_path, {"d.yaml": doc})
-    assert got == [
-        "d.yaml:5:8: Destination/s3: fqdns: warning: wildcard '*.s3.lab.example' is not "
-        "enforced yet: it needs the DNS answer interception (docs/fqdn.md); until then it "
-        "allows no address"
-    ]
+    assert findings(tmp_path, {"d.yaml": doc}) == []
     assert load_folder(tmp_path).ok
 
 

@@ -5,8 +5,8 @@ in the outside world.  The agent's resolver (`FqdnService`) asks dnsmasq from th
 namespace and fills the name's kernel set; the rules converged from the plan allow only
 the destination's protocol and port to what is in it.
 
-What is not tested here, because it is not built yet: the first-connection guarantee for a
-container's own lookup (DNS answer interception, docs/fqdn.md).
+The first-connection guarantee for a container's own lookup (the DNS answer interception)
+is tests/test_fqdn_intercept_traffic.py's.
 """
 
 from __future__ import annotations
@@ -20,20 +20,16 @@ import pytest
 from asgctl_lab.dns import LabDns
 from asgctl_lab.netns import ContainerSpec, Lab, ServiceSpec
 from asgctl_lab.probe import Outcome
-from reconciler.backends import Backend, Runner, converge, open_backend
-from reconciler.backends.iptables.backend import IptablesBackend
-from reconciler.backends.nftables.backend import NftablesBackend
+from reconciler.backends import Backend, Runner, converge
 from reconciler.core.cellplan import CellPlan
 from reconciler.core.compile import compile_cell
 from reconciler.core.model import Container, Destination, EgressPolicy, PolicySet, PortRange
 from reconciler.fqdn.dns import Client
 from reconciler.fqdn.keeper import FqdnSettings
-from reconciler.fqdn.kernelsets import IpsetWriter, NftWriter, SetWriter
 from reconciler.fqdn.service import FqdnService
-from tests.conftest import require_netns, skip_unless_available, tool_unavailable_reason
 from tests.dnskit import QTYPE_A, record, response
+from tests.fqdnkit import VARIANTS, add_addresses, open_dataplane, require
 
-VARIANTS = ("legacy", "nft", "libiptc", "nftables")
 DB = "db.lab.example"
 S3 = "*.s3.lab.example"
 TTL = 2
@@ -113,30 +109,17 @@ class Cell:
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def cell(request: pytest.FixtureRequest, _stale_labs_reaped: None) -> Iterator[Cell]:
-    require_netns()
-    tools = ("ipset", "dnsmasq", *(("libiptc",) if request.param == "libiptc" else ()))
-    for tool in tools:
-        skip_unless_available(tool, tool_unavailable_reason(tool))
+    require(request.param)
     lab = Lab(CONTAINERS, SERVICES).start()
     dns: LabDns | None = None
     try:
         assert lab.workdir is not None
         dns = LabDns(lab.services["dns"].netns, lab.services["dns"].ipv4, lab.workdir, TTL)
-        rr = lab.services["rr"]
-        for address in RR_ADDRESSES:
-            lab.exec_in("rr", ["ip", "addr", "add", f"{address}/32", "dev", rr.ifname], check=True)
-        lab.cell_exec(["ip", "route", "add", RR_NET, "via", rr.ipv4], check=True)
+        add_addresses(lab, "rr", RR_ADDRESSES, RR_NET)
         db1 = lab.services["db1"]
         dns.start({DB: [db1.ipv4, db1.ipv6 or ""], RR: RR_ADDRESSES})
         runner = Runner.in_netns(lab.cell)
-        backend: Backend
-        writer: SetWriter
-        if request.param == "nftables":
-            backend, writer = NftablesBackend.open("auto", runner), NftWriter(runner)
-        elif request.param == "libiptc":
-            backend, writer = open_backend("libiptc", "legacy", runner), IpsetWriter(runner)
-        else:
-            backend, writer = IptablesBackend.open(request.param, runner), IpsetWriter(runner)
+        backend, writer = open_dataplane(request.param, runner)
         plan = plan_for(lab)
         result = converge(backend, plan)
         assert result.ok, result.to_dict()

@@ -171,8 +171,9 @@ class LabDns:
             why = self._exited()
             if why:
                 raise LabDnsError(why)
+            host = f"[{self.address}]" if ":" in self.address else self.address  # IPv6
             out = subprocess.run(
-                netns_exec_argv(self.netns, ["ss", "-Hlun", f"src {self.address}:53"]),
+                netns_exec_argv(self.netns, ["ss", "-Hlun", f"src {host}:53"]),
                 capture_output=True,
                 text=True,
                 check=False,

@@ -34,7 +34,13 @@ from reconciler.core.cellplan import (
     check_interface_name,
     check_network,
 )
-from reconciler.fqdn.keeper import DEFAULT_MAX_IPS, DEFAULT_MAX_TTL, DEFAULT_MIN_TTL, FqdnSettings
+from reconciler.fqdn.keeper import (
+    DEFAULT_INTERCEPT_QUEUE,
+    DEFAULT_MAX_IPS,
+    DEFAULT_MAX_TTL,
+    DEFAULT_MIN_TTL,
+    FqdnSettings,
+)
 from reconciler.fqdn.service import parse_server
 from reconciler.status.branch import STATUS_PREFIX, branch_for
 
@@ -173,11 +179,22 @@ class AgentConfig:
     fqdn_max_ips: int = DEFAULT_MAX_IPS
     """Addresses per name and family at most (a metric counts answers that hit it)."""
     fqdn_resolvers: tuple[str, ...] = ()
-    """DNS servers the agent asks (`addr` or `addr:port`); empty: the cell's resolv.conf."""
+    """DNS servers the agent asks (`addr` or `addr:port`); empty: the cell's resolv.conf.
+    They are also the trusted resolvers whose answers to containers are intercepted."""
+    fqdn_intercept: bool = True
+    """Learn from the DNS answers containers receive, before they receive them (NFQUEUE,
+    fail closed): a container's first connection to a name it resolved works."""
+    fqdn_intercept_queue: int = DEFAULT_INTERCEPT_QUEUE
+    """The NFQUEUE number holding answers, and the NFLOG group copying queries."""
 
     def fqdn_settings(self) -> FqdnSettings:
         return FqdnSettings(
-            self.fqdn_min_ttl, self.fqdn_max_ttl, self.fqdn_max_ips, self.fqdn_resolvers
+            self.fqdn_min_ttl,
+            self.fqdn_max_ttl,
+            self.fqdn_max_ips,
+            self.fqdn_resolvers,
+            intercept=self.fqdn_intercept,
+            intercept_queue=self.fqdn_intercept_queue,
         )
 
     flow_log: str = "log"
@@ -275,8 +292,14 @@ _DURATIONS = {
     "flow_unused_after",
 }
 _SHARES = {"jitter", "mass_revoke_threshold"}
-_BOOLS = {"once", "allow_rewind", "heal_drift", "status_push", "flow_log_stdout"}
-_INTS = {"flow_log_group", "flow_log_rate", "flow_log_max_aggregates", "flow_log_max_bytes"}
+_BOOLS = {"once", "allow_rewind", "heal_drift", "status_push", "flow_log_stdout", "fqdn_intercept"}
+_INTS = {
+    "flow_log_group",
+    "flow_log_rate",
+    "flow_log_max_aggregates",
+    "flow_log_max_bytes",
+    "fqdn_intercept_queue",
+}
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -504,6 +527,15 @@ def _check(cfg: AgentConfig) -> None:
         cfg.fqdn_settings()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if (
+        cfg.fqdn_intercept
+        and cfg.flow_log == "nflog"
+        and cfg.fqdn_intercept_queue == cfg.flow_log_group
+    ):
+        raise ConfigError(
+            f"fqdn-intercept-queue {cfg.fqdn_intercept_queue} is also the NFLOG group copying "
+            "DNS queries: it must differ from flow-log-group"
+        )
 
 
 def parse_resolvers(value: object, key: str) -> tuple[str, ...]:

@@ -189,7 +189,9 @@ class Agent:
         self.parity: ParityReport | None = None
         """Shadow mode: the last comparison with CF's chains (None before the first)."""
         self._stopping = threading.Event()
-        self.names = AgentNames(cfg.fqdn_settings(), cfg.backend, cfg.netns)
+        self.names = AgentNames(
+            cfg.fqdn_settings(), cfg.backend, cfg.netns, intercept=self._backend_owned
+        )
         """Grants by name: the applied plan's names, resolved into their kernel sets."""
 
     # -- edges: the applied revision's source ---
@@ -596,6 +598,7 @@ class Agent:
         if self.cfg.mode == "shadow":
             return
         try:
+            self.names.variant = str(getattr(self._backend, "variant", self.cfg.variant))
             self.names.follow(st.applied.plan if st.applied is not None else None)
         except Exception as exc:
             self._log(self.err, {"event": "fqdn-failed", "error": str(exc)})
@@ -605,6 +608,9 @@ class Agent:
         names = self.names.status()
         if names is not None:
             doc["names"] = names
+        hold = self.names.hold_condition()
+        if hold is not None:
+            doc["conditions"] = [*(doc.get("conditions") or []), hold]
         return doc
 
     def _status_document(self, st: AgentState) -> dict[str, Any]:

@@ -32,6 +32,12 @@ asgctl_agent_flow_denied_total{app,space}              counter: denied packets (
 asgctl_agent_flow_rule_group_hits_total{group}         counter: log:true rule hits per group
 asgctl_agent_flow_unused_rules                         gauge: log:true rules with no flow for
                                                        flow-unused-after (status lists them)
+asgctl_agent_fqdn_dns_answers_total{result}            counter: DNS answers to containers held:
+                                                       learned | unsolicited | unparsable |
+                                                       not-granted
+asgctl_agent_fqdn_dns_dropped_total{reason}            counter: answers the kernel dropped:
+                                                       queue-full | socket-overflow
+asgctl_agent_fqdn_dns_verdict_seconds                  histogram: held answer read -> verdict
 =====================================================  ======================================
 """
 
@@ -96,6 +102,18 @@ _HELP = {
         "gauge",
         "log:true rules that matched nothing for flow-unused-after (the status branch lists them).",
     ),
+    "asgctl_agent_fqdn_dns_answers_total": (
+        "counter",
+        "DNS answers to containers held by the interception, by what they taught.",
+    ),
+    "asgctl_agent_fqdn_dns_dropped_total": (
+        "counter",
+        "DNS answers to containers the kernel dropped (fail closed), by reason.",
+    ),
+    "asgctl_agent_fqdn_dns_verdict_seconds": (
+        "histogram",
+        "Time from reading a held DNS answer to its verdict (learning included).",
+    ),
 }
 
 
@@ -156,7 +174,7 @@ class Metrics:
             items = sorted(self._values.items())
         by_family: dict[str, list[str]] = {}
         for (name, labels), value in items:
-            family = name.removesuffix("_sum").removesuffix("_count")
+            family = name.removesuffix("_sum").removesuffix("_count").removesuffix("_bucket")
             if family not in _HELP:
                 family = name
             labels_out = {"cell": self.cell, **dict(labels)}

@@ -572,9 +572,7 @@ def _name_changes(
             item.icmp_type,
             item.icmp_code,
         )
-        detail = (
-            "wildcard: allows nothing until DNS answers are intercepted" if item.wildcard else ""
-        )
+        detail = "wildcard: one label, from the answers containers receive" if item.wildcard else ""
         out.append(AccessChange(access, tuple(sorted({why(p) for p in sources[item]})), detail))
     return tuple(out)
 

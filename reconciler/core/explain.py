@@ -50,8 +50,7 @@ class Decision:
     rule_count: int
     denied_by: tuple[DenyNetworkMatch, ...] = ()
     names: tuple[NameMatch, ...] = ()
-    """For an endpoint by name: the name rules covering it (wildcards among them allow
-    nothing yet, see `explain_name`)."""
+    """For an endpoint by name: the name rules covering it (exact or wildcard)."""
     audit: Enforcement | None = None
     """The document that puts the container in audit mode (None: enforced).  `allowed`
     stays what the rules say; `verdict` is what the chain does with the packet."""
@@ -121,8 +120,8 @@ class Decision:
             item = m.rule.item
             if item.wildcard:
                 lines.append(
-                    f"  wildcard {_describe_name(m.rule)} would allow it, but wildcards are "
-                    "filled only from intercepted DNS answers, not built yet: nothing passes"
+                    f"  allowed by wildcard name rule {m.rule.id} ({_describe_name(m.rule)}, "
+                    "filled only from the DNS answers the container receives):"
                 )
             else:
                 lines.append(f"  allowed by name rule {m.rule.id} ({_describe_name(m.rule)}):")
@@ -130,7 +129,8 @@ class Decision:
         if self.allowed:
             lines.append(
                 f"  enforced at the cell for the addresses {self.endpoint.fqdn} resolves to "
-                "(the agent's own resolution, TTL-bound); the cell's deny networks still apply"
+                "(the answers the container receives and the agent's own resolution, "
+                "TTL-bound); the cell's deny networks still apply"
             )
         elif not self.names:
             lines.append(
@@ -197,8 +197,8 @@ def name_covers(rule: NameRule, ep: Endpoint) -> bool:
 
 def explain_name(policy: PolicySet, plan: CellPlan, cp: ContainerPlan, ep: Endpoint) -> Decision:
     """Allow or deny for an endpoint given by name: answered from the container's grants by
-    name.  A wildcard grant allows nothing yet (its set stays empty until DNS answers are
-    intercepted), so it is shown but does not make the answer ALLOW."""
+    name.  A wildcard grant allows exactly one more label (its set is filled from the
+    answers containers receive: the agent's DNS interception)."""
     mine = container_name_sources(policy, cp.container)
     by_id = plan.name_by_id
     found = tuple(
@@ -206,7 +206,7 @@ def explain_name(policy: PolicySet, plan: CellPlan, cp: ContainerPlan, ep: Endpo
         for n in cp.names
         if name_covers(by_id[n], ep)
     )
-    allowed = any(not m.rule.item.wildcard for m in found)
+    allowed = bool(found)
     audit = _audit(policy, cp)
     return Decision(cp.container, ep, allowed, (), (), len(cp.names), (), found, audit)
 

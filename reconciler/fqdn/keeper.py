@@ -9,8 +9,8 @@ The rules (issue 15, item 3):
   lapses at its TTL like any other;
 * a name holds at most fqdn-max-ips live addresses per family; an answer past that adds
   nothing more and is counted (`capped`), never by evicting what containers may be using;
-* a wildcard is never resolved: it cannot be asked ahead of time and stays empty until the
-  answer interception (docs/fqdn.md) fills it;
+* a wildcard is never resolved: it cannot be asked ahead of time; only the answers
+  containers receive fill it (`fqdn.intercept`, docs/fqdn.md);
 * an answer naming an address no container may be sent to through a name -- unspecified,
   loopback, link-local (the cloud metadata service at 169.254.169.254), multicast or
   reserved -- adds nothing: whoever controls a name's DNS must not be able to point a grant
@@ -27,6 +27,7 @@ from reconciler.fqdn.kernelsets import Write
 DEFAULT_MIN_TTL = 5
 DEFAULT_MAX_TTL = 3600
 DEFAULT_MAX_IPS = 1024
+DEFAULT_INTERCEPT_QUEUE = 5353
 STATUS_ADDRESSES = 32
 """Addresses per name a status document lists (the count is always complete)."""
 
@@ -41,8 +42,14 @@ class FqdnSettings:
     resolvers: tuple[str, ...] = ()
     """`address` or `address:port` ([v6]:port); empty: the cell's /etc/resolv.conf."""
     timeout: float = 2.0
+    intercept: bool = True
+    """Learn from the answers containers receive (`fqdn.intercept`): the first connection."""
+    intercept_queue: int = DEFAULT_INTERCEPT_QUEUE
+    """The NFQUEUE number holding answers, and the NFLOG group copying queries."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.intercept_queue <= 65535:
+            raise ValueError("fqdn-intercept-queue must be 0-65535")
         if not 1 <= self.min_ttl <= self.max_ttl:
             raise ValueError("fqdn-min-ttl must be at least 1 and at most fqdn-max-ttl")
         if self.max_ips < 1:
@@ -87,7 +94,7 @@ class NameState:
             "addresses": [a for a, _ in live[:limit]],
         }
         if self.wildcard:
-            out["note"] = "wildcard: filled only by DNS answer interception (not enforced yet)"
+            out["note"] = "wildcard: filled only from the answers containers receive"
         if self.error:
             out["error"] = self.error
         if self.capped:

@@ -68,10 +68,15 @@ class Write:
     elements: tuple[tuple[str, int], ...]
 
 
-class SetWriter(Protocol):
-    """What the agent needs of a backend's name sets."""
+class ElementWriter(Protocol):
+    """What writes elements: a process per transaction (`IpsetWriter`, `NftWriter`) or a
+    kept-open netlink socket (`netlinksets.NetlinkSets`, the interception's path)."""
 
     def write(self, writes: Iterable[Write]) -> None: ...
+
+
+class SetWriter(ElementWriter, Protocol):
+    """What the agent needs of a backend's name sets."""
 
     def members(self, set_name: str) -> dict[str, int] | None:
         """Addresses in the set with their seconds left; None when the set does not exist."""

@@ -23,7 +23,7 @@ from reconciler.backends.kernel.nsthread import run_in_netns
 from reconciler.core.cellplan import CellPlan, name_set
 from reconciler.fqdn.dns import QTYPE_A, QTYPE_AAAA, Answer, Client, DnsError, resolv_conf_servers
 from reconciler.fqdn.keeper import FqdnSettings, NameState, due, on_answer, on_failure
-from reconciler.fqdn.kernelsets import SetWriter, Write
+from reconciler.fqdn.kernelsets import ElementWriter, SetWriter, Write
 
 WRITE_BATCH = 256
 """Names whose answers go to the kernel in one set transaction."""
@@ -170,8 +170,45 @@ class FqdnService:
     def _store(self, new: NameState) -> None:
         with self._lock:
             key = (new.family, new.fqdn)
-            if key in self._states:  # still wanted (a new plan may have dropped it)
-                self._states[key] = new
+            current = self._states.get(key)
+            if current is not None:  # still wanted (a new plan may have dropped it)
+                # What the interception learned while this answer was asked is kept too.
+                merged = dict(current.addresses)
+                merged.update(new.addresses)
+                self._states[key] = replace(new, addresses=tuple(merged.items()))
+
+    def learn(
+        self,
+        fqdn: str,
+        family: int,
+        addresses: tuple[str, ...],
+        ttl: int,
+        writer: ElementWriter | None = None,
+    ) -> Write | None:
+        """An answer a container received for a name it is granted (the interception):
+        the same keeper rules as our own answers (TTL clamp, fqdn-max-ips, refused
+        addresses), written through `writer` (the interception's kept-open netlink path)
+        before this returns.  None when the plan does not use the name in that family (no
+        set to fill).  Raises DataplaneError when the kernel refuses the write (nothing is
+        recorded then)."""
+        with self._lock:
+            state = self._states.get((family, fqdn))
+            if state is None:
+                return None
+            new, write, hit = on_answer(state, addresses, ttl, self.clock(), self.settings)
+            # The schedule is our resolution's: an interception does not postpone it.
+            new = replace(
+                new,
+                next_refresh=state.next_refresh,
+                resolved_at=state.resolved_at,
+                error=state.error,
+            )
+            if write.elements:
+                (writer or self.writer).write([write])
+            if hit:
+                self.metrics.capped[fqdn] = self.metrics.capped.get(fqdn, 0) + 1
+            self._states[(family, fqdn)] = new
+        return write
 
     def next_due(self) -> float | None:
         with self._lock:

@@ -506,9 +506,9 @@ def _destination(ctx: _Context) -> Destination | None:
 
 
 def _destination_fqdns(ctx: _Context) -> tuple[str, ...] | None:
-    """A Destination's `fqdns`, each bad entry reported at its own line; a wildcard is
-    accepted with a warning: it is enforced only from intercepted DNS answers (docs/fqdn.md),
-    which this release does not do, so until then it allows nothing, never everything."""
+    """A Destination's `fqdns`, each bad entry reported at its own line.  A wildcard is
+    filled only from the answers containers receive (the agent's DNS interception,
+    docs/fqdn.md): it is never resolved ahead, and never stands for everything."""
     raw = ctx.doc.data["fqdns"]
     entries = raw if isinstance(raw, list) else [raw]
     names: list[str] = []
@@ -521,12 +521,6 @@ def _destination_fqdns(ctx: _Context) -> tuple[str, ...] | None:
             ok = False
         elif name is not None:
             names.append(name)
-            if name.startswith("*."):
-                ctx.warn(
-                    path,
-                    f"wildcard {name!r} is not enforced yet: it needs the DNS answer "
-                    "interception (docs/fqdn.md); until then it allows no address",
-                )
     return tuple(sorted(set(names))) if ok else None
 
 

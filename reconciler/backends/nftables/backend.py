@@ -4,7 +4,9 @@ Our rules live in a table of their own, `inet asgctl` (see `nftables.render` for
 layout and for why it hooks in at priority filter - 1 and rejects rather than drops or merely
 accepts).  Nothing outside that table is ever written: iptables (legacy or nft) and other
 programs' nft tables keep their rules and their own say over every packet.  The table has no
-global lock to share, unlike iptables-restore's.
+global lock to share, unlike iptables-restore's.  (The agent's DNS interception is not this
+backend's: its hold lives in iptables-nft's `mangle` table, `reconciler.fqdn.hold`, because
+this kernel refuses nft's own `queue`.)
 
 Reading back has two depths:
 
