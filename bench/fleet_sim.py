@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import heapq
 import json
 import math
@@ -346,6 +347,28 @@ def classify_error(text: str) -> str:
     return "other"
 
 
+def shard_of(cell: str, shards: int) -> int:
+    """The status repository a cell reports to: a stable hash of its name over `shards`
+    (the same cell always lands in the same repository, whatever the fleet's order)."""
+    return int.from_bytes(hashlib.sha256(cell.encode()).digest()[:8], "big") % shards
+
+
+def status_repo(args: argparse.Namespace, cell: str) -> str:
+    """The server repository `cell`'s status branch lives in: the policy repository, or
+    with `--status-shards K` one of K status repositories."""
+    return f"status-{shard_of(cell, args.status_shards):02d}" if args.status_shards else "policy"
+
+
+def status_url(server: Server, args: argparse.Namespace, cell: str) -> str:
+    return server.url(status_repo(args, cell))
+
+
+def fetch_url(server: Server, args: argparse.Namespace, i: int) -> str:
+    """What cell `i` fetches the policy from: the primary, or with `--mirrors M` mirror
+    i mod M (a URL per cell group, as docs/fleet.md has operators configure it)."""
+    return server.url(f"mirror-{i % args.mirrors}" if args.mirrors else "policy")
+
+
 # -- the simulation --------------------------------------------------------------------------
 
 
@@ -360,11 +383,16 @@ class Fleet:
         self.heartbeat = HEARTBEAT / args.compress
         self.cells = [
             Cell(
-                f"cell-{i:05d}",
-                GitSource(url, "main", work / f"c{i}" / "cache", timeout=120),
-                StatusWriter(url, branch_for(f"cell-{i:05d}"), work / f"c{i}" / "status", 120),
+                name,
+                GitSource(
+                    fetch_url(server, args, i), "main", work / f"c{i}" / "cache", timeout=120
+                ),
+                StatusWriter(
+                    status_url(server, args, name), branch_for(name), work / f"c{i}" / "status", 120
+                ),
             )
             for i in range(args.active)
+            for name in [f"cell-{i:05d}"]
         ]
         self.pool = ThreadPoolExecutor(max_workers=args.workers)
         self.retries = 0
@@ -440,6 +468,11 @@ class Fleet:
         for i, _cell in enumerate(self.cells):
             heapq.heappush(heap, (now + self.rng.uniform(0, self.interval), i, "fetch"))
             heapq.heappush(heap, (now + self.rng.uniform(0, self.heartbeat), i, "push"))
+            if commit_at is not None and self.args.notify_spread is not None:
+                # A push webhook (`listen-webhook`): every agent syncs at once, each after a
+                # random share of `--notify-spread` real seconds (0: all at the same moment).
+                spread = self.args.notify_spread / self.compress
+                heapq.heappush(heap, (commit_at + self.rng.uniform(0, spread), i, "notify"))
         end = now + seconds
         pending: set[Future[None]] = set()
         applied: dict[int, float] = {}
@@ -470,7 +503,7 @@ class Fleet:
         def run(i: int, kind: str, due: float) -> None:
             cell = self.cells[i]
             try:
-                if kind == "fetch":
+                if kind in ("fetch", "notify"):
                     sync(i, due)
                 elif time.monotonic() >= next_heartbeat.get(i, 0.0):
                     report(i, due)
@@ -490,9 +523,14 @@ class Fleet:
                 continue
             heapq.heappop(heap)
             period = self.interval * (1 + JITTER * self.rng.random())
-            heapq.heappush(heap, (due + (period if kind == "fetch" else self.heartbeat), i, kind))
+            if kind != "notify":  # a webhook sync is one-off; the timer goes on as it was
+                heapq.heappush(
+                    heap, (due + (period if kind == "fetch" else self.heartbeat), i, kind)
+                )
             cell = self.cells[i]
-            if cell.busy:  # the agent is still in its previous cycle: the sync waits
+            if cell.busy:  # the agent is still in its previous cycle
+                if kind == "notify":  # a coalesced webhook sync runs when the cycle ends
+                    heapq.heappush(heap, (t + 0.05, i, kind))
                 continue
             cell.busy = True
             lag.append(t - due)
@@ -519,13 +557,12 @@ class Fleet:
         self.pool.shutdown(wait=True)
 
 
-def prefill(bare: Path, first: int, last: int) -> float:
-    """Status branches `status/cell-<first..last-1>` on the server, each one root commit
-    holding a status.yaml (what the agent would have pushed), via one `git fast-import`."""
+def prefill(bare: Path, names: list[str]) -> float:
+    """Status branches `status/<name>` on the server, each one root commit holding a
+    status.yaml (what the agent would have pushed), via one `git fast-import`."""
     t0 = time.monotonic()
     lines: list[bytes] = []
-    for i in range(first, last):
-        name = f"cell-{i:05d}"
+    for name in names:
         data = status_text(name, "0" * 40, 0).encode()
         msg = f"status {name}".encode()
         lines += [
@@ -626,6 +663,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_before": loadavg(),
         "server_gc": args.server_gc,
         "client_config": args.client_config,
+        "status_shards": args.status_shards,
+        "mirrors": args.mirrors,
+        "mirror_sync": args.mirror_sync if args.mirrors else "",
+        "mirror_poll": args.mirror_poll if args.mirrors and args.mirror_sync == "poll" else None,
+        "notify_spread": args.notify_spread,
     }
     try:
         server.base.mkdir(parents=True)
@@ -643,10 +685,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         git("-C", str(tree), "add", "-A")
         git("-C", str(tree), "commit", "-q", "-m", "policies")
         git("-C", str(tree), "push", "-q", str(bare), "main")
+        status_repos = {"policy": bare}
+        for k in range(args.status_shards):
+            status_repos[f"status-{k:02d}"] = server.create(f"status-{k:02d}")
+        if args.status_shards:
+            del status_repos["policy"]
+        mirrors = [server.create(f"mirror-{j}") for j in range(args.mirrors)]
+        for m in mirrors:
+            git("-C", str(tree), "push", "-q", str(m), "main")
         if args.prefill and args.cells > args.active:
-            result["prefill_s"] = prefill(bare, args.active, args.cells)
+            by_repo: dict[str, list[str]] = {}
+            for i in range(args.active, args.cells):
+                name = f"cell-{i:05d}"
+                by_repo.setdefault(status_repo(args, name), []).append(name)
+            result["prefill_s"] = sum(prefill(status_repos[k], v) for k, v in by_repo.items())
         server.start()
         url = server.url("policy")
+        poller = start_mirrors(args, server, bare, mirrors)
         fleet = Fleet(args, server, work / "cells", url)
         try:
             with measured(server) as m:
@@ -659,11 +714,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             if args.server_gc:
                 t0 = time.monotonic()
-                git("-C", str(bare), "gc", "--quiet")  # packs refs and objects, commit-graph
+                for repo in {bare, *status_repos.values(), *mirrors}:
+                    git("-C", str(repo), "gc", "--quiet")  # packs refs, objects, commit-graph
                 result["server_gc_s"] = time.monotonic() - t0
-            result["refs"] = int(
-                git("-C", str(bare), "for-each-ref", "--count=1000000", "--format=x").count("x")
-            )
+            result["refs"] = count_refs(bare)
+            per_repo = [count_refs(r) for r in status_repos.values()]
+            result["status_repos"] = len(per_repo)
+            result["push_repo_refs"] = round(sum(per_repo) / len(per_repo))
+            result["push_repo_refs_max"] = max(per_repo)
             result["advertised"] = advertised(url, fleet.cells[0])
             with measured(server) as m:
                 m.update(fleet.probe(args.probe))
@@ -686,7 +744,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "server_cores": m["server_cpu_s"] / m["wall_s"],
                 "server_cores_real_rate": m["server_cpu_s"] / m["wall_s"] / args.compress,
             }
-            sha = commit_policy(tree, bare)
+            sha = commit_policy(tree, url)
+            result["mirror_lag_s"] = mirror_lag(mirrors, sha)
             args.target_head = sha
             fleet.retries = 0
             t_commit = time.monotonic()
@@ -701,17 +760,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "retries": fleet.retries,
                 "unreported": sum(1 for c in fleet.cells if c.reported != sha),
             }
+            repos = list(status_repos.values())
             result["server_repo"] = {
-                "loose_refs": sum(1 for _ in (bare / "refs" / "heads" / "status").glob("*")),
-                "packed_refs_lines": (
-                    (bare / "packed-refs").read_text().count("\n")
-                    if (bare / "packed-refs").exists()
-                    else 0
+                "loose_refs": sum(
+                    sum(1 for _ in (r / "refs" / "heads" / "status").glob("*")) for r in repos
                 ),
-                "size_mib": sum(p.stat().st_size for p in bare.rglob("*") if p.is_file()) / 2**20,
+                "packed_refs_lines": sum(
+                    (r / "packed-refs").read_text().count("\n")
+                    for r in repos
+                    if (r / "packed-refs").exists()
+                ),
+                "size_mib": sum(
+                    p.stat().st_size for r in repos for p in r.rglob("*") if p.is_file()
+                )
+                / 2**20,
             }
         finally:
             fleet.close()
+            if poller is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(poller.pid, signal.SIGKILL)
+                poller.wait()
         result["load_after"] = loadavg()
     finally:
         server.stop()
@@ -721,15 +790,65 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def commit_policy(tree: Path, bare: Path) -> str:
-    """A merged change: one more rule in one group, pushed to main."""
+def commit_policy(tree: Path, url: str) -> str:
+    """A merged change: one more rule in one group, pushed to main through the server (as
+    the forge's merge would be), so the primary's hooks run in the server's cgroup."""
     path = tree / "sg-00.yml"
     path.write_text(
         path.read_text() + "  - {protocol: tcp, destination: 198.19.200.1, ports: '443'}\n"
     )
     git("-C", str(tree), "commit", "-q", "-am", "one more rule")
-    git("-C", str(tree), "push", "-q", str(bare), "main")
+    git("-C", str(tree), "push", "-q", url, "main")
     return git("-C", str(tree), "rev-parse", "HEAD")
+
+
+def count_refs(repo: Path) -> int:
+    return git("-C", str(repo), "for-each-ref", "--count=1000000", "--format=x").count("x")
+
+
+MIRROR_HOOK = ROOT / "deploy" / "mirrors" / "post-receive"
+MIRROR_FETCH = ROOT / "deploy" / "mirrors" / "fetch-from-primary"
+
+
+def start_mirrors(
+    args: argparse.Namespace, server: Server, bare: Path, mirrors: list[Path]
+) -> subprocess.Popen[bytes] | None:
+    """Keep the mirrors fresh the way docs/fleet.md says: `hook` installs the shipped
+    post-receive hook in the primary (a push returns once every mirror has it); `poll` runs
+    the shipped fetch-from-primary for every mirror every `--mirror-poll` real seconds, in
+    the server's cgroup (its CPU is the mirrors' to pay).  The poller, if any, is returned."""
+    if not mirrors:
+        return None
+    if args.mirror_sync == "hook":
+        shutil.copy(MIRROR_HOOK, bare / "hooks" / "post-receive")
+        for j in range(len(mirrors)):
+            git("-C", str(bare), "config", "--add", "asgctl.mirror", server.url(f"mirror-{j}"))
+        return None
+    period = args.mirror_poll / args.compress
+    fetches = "; ".join(f"'{MIRROR_FETCH}' '{m}' '{server.url('policy')}'" for m in mirrors)
+    proc = subprocess.Popen(
+        ["sh", "-c", f"while :; do {fetches}; sleep {period:.3f}; done"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"},
+        start_new_session=True,
+    )
+    server.cgroup.add(proc.pid)
+    return proc
+
+
+def mirror_lag(mirrors: list[Path], sha: str, limit: float = 600.0) -> float | None:
+    """Wall seconds from the primary's push returning until every mirror serves `sha`
+    (0.0 with the hook, by construction); None without mirrors."""
+    if not mirrors:
+        return None
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        if all(git("-C", str(m), "rev-parse", "main") == sha for m in mirrors):
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    return float("inf")
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -949,6 +1068,22 @@ def main() -> int:
         "--client-config",
         default="",
         help="git config every simulated cell's git runs with, e.g. protocol.version=0",
+    )
+    ap.add_argument(
+        "--status-shards",
+        type=int,
+        default=0,
+        help="status in K separate status repositories (0: in the policy repository)",
+    )
+    ap.add_argument("--mirrors", type=int, default=0, help="policy fetches spread over M mirrors")
+    ap.add_argument("--mirror-sync", choices=("hook", "poll"), default="hook")
+    ap.add_argument("--mirror-poll", type=float, default=60.0, help="poll period, real seconds")
+    ap.add_argument(
+        "--notify-spread",
+        type=float,
+        default=None,
+        help="a push webhook makes every agent sync after the merge, spread over S real "
+        "seconds (default: no webhook, agents see the merge at their next interval)",
     )
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--report", action="store_true", help="only rewrite fleet.md from the jsonl")
