@@ -679,6 +679,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cgroup_accounting": cgroup.ok,
         "load_before": loadavg(),
         "server_gc": args.server_gc,
+        "server_pack_refs": args.server_pack_refs,
         "client_config": args.client_config,
         "status_shards": args.status_shards,
         "mirrors": args.mirrors,
@@ -733,6 +734,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 t0 = time.monotonic()
                 for repo in {bare, *status_repos.values(), *mirrors}:
                     git("-C", str(repo), "gc", "--quiet")  # packs refs, objects, commit-graph
+                result["server_gc_s"] = time.monotonic() - t0
+            elif args.server_pack_refs:
+                t0 = time.monotonic()
+                for repo in {bare, *status_repos.values(), *mirrors}:
+                    git("-C", str(repo), "pack-refs", "--all", "--prune")  # refs only
                 result["server_gc_s"] = time.monotonic() - t0
             result["refs"] = count_refs(bare)
             per_repo = [count_refs(r) for r in status_repos.values()]
@@ -898,6 +904,8 @@ def series(r: dict[str, Any]) -> str:
     were maintained (`git gc`) or packed themselves during the run (`gc --auto` after ~6,700
     loose objects), and the git config the cells ran with, if any."""
     out = r["server"] + (" +gc" if r.get("server_gc") else "")
+    if r.get("server_pack_refs"):
+        return out + " +pack-refs"  # refs packed once after the start, objects loose
     if not r.get("server_gc") and r.get("server_repo", {}).get("packed_refs_lines"):
         # receive.autogc packed the repository during the run: a state between the two
         out += " (gc --auto ran)"
@@ -1452,6 +1460,11 @@ def main() -> int:
         "--server-gc",
         action="store_true",
         help="`git gc` the server repository after the fleet start (a maintained host)",
+    )
+    ap.add_argument(
+        "--server-pack-refs",
+        action="store_true",
+        help="only `git pack-refs --all` the server repositories after the fleet start",
     )
     ap.add_argument(
         "--client-config",
