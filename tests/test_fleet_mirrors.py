@@ -29,12 +29,19 @@ from pathlib import Path
 import pytest
 
 from asgctl_lab.gitserver import GitDaemon, git
-from reconciler.agent.conditions import FALSE, HISTORY_REWRITTEN, RECONCILIATION_SUCCEEDED, TRUE
+from reconciler.agent.conditions import (
+    FALSE,
+    HISTORY_REWRITTEN,
+    RECONCILIATION_SUCCEEDED,
+    TRUE,
+    UNSIGNED_COMMIT,
+    UNTRUSTED_SIGNATURE,
+)
 from reconciler.agent.config import AgentConfig
 from reconciler.agent.loop import SYNC, Agent
 from reconciler.agent.state import AgentState
 from reconciler.status.write import StatusWriter
-from tests.agentkit import PolicyRepo, sg, tcp_rules
+from tests.agentkit import PolicyRepo, sg, ssh_signing_keys, tcp_rules
 from tests.test_agent_loop import MemoryDataplane
 from tests.test_agent_source_change import _cfg, _ready
 
@@ -322,3 +329,30 @@ def test_a_cell_group_repointed_to_a_mirror_that_is_behind_does_not_rewind(
     assert _ready(st) == (TRUE, RECONCILIATION_SUCCEEDED)
     assert st.applied is not None and st.applied.sha == applied
     assert allowed(cell.dp) == _granted(2)
+
+
+def test_a_mirror_adding_commits_on_top_is_stopped_by_signatures_not_by_ancestry(
+    tmp_path: Path, tier: Tier
+) -> None:
+    """What ancestry cannot catch: a mirror that serves a descendant of the applied revision
+    with content of its own.  That is what `verify: signed` is for -- run mirrors others
+    operate with it (docs/fleet.md): an unsigned or untrusted head is refused, kernel kept."""
+    trusted, stranger, signers = ssh_signing_keys(tmp_path)
+    tier.hook()
+    cfg = _cfg(tmp_path, tier.mirror_url, verify="signed", **{"allowed-signers": str(signers)})
+    cell = Cell(cfg)
+    applied = tier.repo.commit("3 rules", _rules(3), sign_with=trusted)
+    st = cell.sync()
+    assert st.applied is not None and st.applied.sha == applied
+
+    on_mirror = PolicyRepo(tmp_path / "mirror-work", tier.mirror_url, tier.mirror_bare)
+    git("fetch", "-q", tier.mirror_url, "main", cwd=on_mirror.root)
+    git("reset", "-q", "--hard", "FETCH_HEAD", cwd=on_mirror.root)
+    opened = {"sg.yaml": sg("web", ["{protocol: all, destination: 0.0.0.0/0}"])}
+    for reason, key in ((UNSIGNED_COMMIT, None), (UNTRUSTED_SIGNATURE, stranger)):
+        added = on_mirror.commit(f"on top, {reason}", opened, sign_with=key)
+        assert tier.mirror_head() == added
+        st = cell.sync()
+        assert _ready(st) == (FALSE, reason)
+        assert st.applied is not None and st.applied.sha == applied
+        assert allowed(cell.dp) == _granted(3)
