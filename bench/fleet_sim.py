@@ -35,13 +35,24 @@ Phases, per run:
    and what one fetch and one push are advertised (GIT_TRACE_PACKET of one of each).
 3. **steady**: `--window` wall seconds of the compressed schedule: server CPU, latencies.
 4. **commit**: a commit to the policy branch, then the schedule goes on until every active
-   cell has fetched it (applied) and pushed its status (reported): the time to 99 %.
+   cell has fetched it (applied) and pushed its status (reported): the time to 99 %.  With
+   `--notify-spread S` a push webhook (`listen-webhook`) makes every cell sync after the
+   merge, each after a random share of S real seconds (0: the agent as it is, all at once).
+
+The git side can be spread as docs/fleet.md describes: `--status-shards K` sends each cell's
+status to one of K status repositories (a stable hash of its name; `--prefill` fills them the
+same way), and `--mirrors M` has cell i fetch from mirror i mod M, kept by the shipped
+deploy/mirrors scripts (`--mirror-sync hook`: the primary's post-receive; `poll`:
+fetch-from-primary every `--mirror-poll` real seconds), all on the one server and charged to
+its cgroup -- per operation, a mirror or a shard costs what it would on a host of its own.
 
 Usage (as root, for the cgroups; lighttpd from Debian for `--server http`):
 
     apt-get install lighttpd        # only for --server http; not needed by make test
     python bench/fleet_sim.py --cells 1000 --server daemon --compress 2 --record
     python bench/fleet_sim.py --cells 10000 --active 1000 --prefill --server http --record
+    python bench/fleet_sim.py --cells 10000 --active 200 --prefill --server-gc --compress 1 \
+        --status-shards 10 --mirrors 4 --notify-spread 10 --record
 
 `--record` appends the run as one JSON line to bench/results/fleet.jsonl and rewrites the
 measured tables of bench/results/fleet.md (between its markers) from every line there.
