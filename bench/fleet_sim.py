@@ -779,12 +779,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "server_cores_real_rate": m["server_cpu_s"] / m["wall_s"] / args.compress,
             }
             sha = commit_policy(tree, url)
-            result["mirror_lag_s"] = mirror_lag(mirrors, sha)
+            t_commit = time.monotonic()
+            # The mirrors' lag is watched while the cells go on (a lagging mirror serves them
+            # the old head meanwhile), and counts in their time-to-effect.
+            lag: list[float | None] = []
+            watcher = threading.Thread(target=lambda: lag.append(mirror_lag(mirrors, sha)))
+            watcher.start()
             args.target_head = sha
             fleet.retries = 0
-            t_commit = time.monotonic()
             with measured(server) as m:
                 m.update(fleet.schedule(4 * fleet.interval, "commit", commit_at=t_commit))
+            watcher.join()
+            result["mirror_lag_s"] = lag[0] * args.compress if lag[0] is not None else None
             for k in (
                 "applied_p99_s",
                 "reported_p99_s",
@@ -890,7 +896,8 @@ def start_mirrors(
 
 def mirror_lag(mirrors: list[Path], sha: str, limit: float = 600.0) -> float | None:
     """Wall seconds from the primary's push returning until every mirror serves `sha`
-    (0.0 with the hook, by construction); None without mirrors."""
+    (about 0 with the hook, by construction); None without mirrors.  (The record keeps it
+    in real seconds: times the compression.)"""
     if not mirrors:
         return None
     t0 = time.monotonic()
@@ -1447,13 +1454,27 @@ def summary(rows: list[dict[str, Any]], fits: dict[str, Costs], name: str) -> li
     return out
 
 
+def report() -> None:
+    """Rewrite the tables of fleet.md from every line of fleet.jsonl.  A line marked
+    `discarded` (a run whose measurement was wrong, kept for the record) is listed with the
+    reason, and in no table."""
+    from bench.common import splice
+
+    rows = [json.loads(x) for x in JSONL.read_text().splitlines() if x.strip()]
+    kept = [r for r in rows if not r.get("discarded")]
+    gone = [
+        f"- {label(r)}, {r['machine'].rsplit('; ', 1)[-1]}, {r['revision']}: {r['discarded']}"
+        for r in rows
+        if r.get("discarded")
+    ]
+    extra = "\n\n### Discarded runs\n\n" + "\n".join(gone) if gone else ""
+    splice(MD, BEGIN, END, tables(kept) + "\n\n" + model(kept) + extra)
+
+
 def record(result: dict[str, Any]) -> None:
     with JSONL.open("a") as f:
         f.write(json.dumps(result) + "\n")
-    rows = [json.loads(x) for x in JSONL.read_text().splitlines() if x.strip()]
-    from bench.common import splice
-
-    splice(MD, BEGIN, END, tables(rows) + "\n\n" + model(rows))
+    report()
 
 
 def main() -> int:
@@ -1502,10 +1523,7 @@ def main() -> int:
     ap.add_argument("--report", action="store_true", help="only rewrite fleet.md from the jsonl")
     args = ap.parse_args()
     if args.report:
-        rows = [json.loads(x) for x in JSONL.read_text().splitlines() if x.strip()]
-        from bench.common import splice
-
-        splice(MD, BEGIN, END, tables(rows) + "\n\n" + model(rows))
+        report()
         return 0
     args.active = args.active or args.cells
     args.target_head = ""
