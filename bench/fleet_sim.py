@@ -1270,6 +1270,7 @@ def targets(rows: list[dict[str, Any]], fits: dict[str, Costs]) -> list[str]:
     out += [
         "Merge -> applied (the cell's fetch returned the new head) and -> reported (its status "
         "push succeeded), over the simulated cells (the others are prefilled refs). Model: the "
+        "mirrors' lag, then the "
         f"pickup (timer: {PICKUP_P99:.3f} x interval; webhook: 0.99 x its spread; or, when "
         "longer, 0.99 x the commit phase's server CPU over this machine's 2 cores) plus the "
         "commit phase's measured fetch p99, then its push p99 (the cells' own git processes "
@@ -1285,11 +1286,15 @@ def targets(rows: list[dict[str, Any]], fits: dict[str, Costs]) -> list[str]:
         c = r["commit"]
         spread = r.get("notify_spread")
         window = PICKUP_P99 / 0.99 * INTERVAL if spread is None else spread
-        # The run's own merge: its commit phase's server CPU on this machine's cores.
-        ma, mr = tte_model(
-            window, c["server_cpu_s"], HOST_CORES, c["fetch"]["p99_s"], c["push"]["p99_s"]
-        )
+        # The run's own merge: its commit phase's server CPU on this machine's cores; and
+        # the mirrors' lag, during which a cell's sync still finds the old head.
         lag = r.get("mirror_lag_s")
+        ma, mr = (
+            t + (lag or 0.0)
+            for t in tte_model(
+                window, c["server_cpu_s"], HOST_CORES, c["fetch"]["p99_s"], c["push"]["p99_s"]
+            )
+        )
         out.append(
             f"| {label(r)} | {r['cells']:,} ({r['active']:,}) | "
             f"{fmt(c['applied_p50_real_s'])} / {fmt(c['applied_p99_real_s'])} | "
