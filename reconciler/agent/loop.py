@@ -361,7 +361,9 @@ class Agent:
 
         On a new source, a head has no history to protect when the source does not hold the
         applied commit at all (another repository): a fresh start.  When it does (the same
-        repository moved, a mirror), the head must descend from it as always."""
+        repository moved, a mirror), the head must descend from it as always.  And when it
+        does not, but the old source's kept cache shows the head to be the applied revision's
+        own past (a mirror that is behind, docs/fleet.md), the head is a rewind."""
         sha = facts.sha
         if need is Need.COMMIT:
             try:
@@ -374,13 +376,15 @@ class Agent:
             if self.verifier is not None:
                 check = self.verifier.verify(self.source.path, sha, facts.commit.signed)
             descends = None
-            # A new source without the applied commit: nothing to descend from (None).
-            if (
-                applied_sha is not None
-                and applied_sha != sha
-                and (not new_source or self.source.holds(applied_sha))
-            ):
-                descends = self.source.is_ancestor(applied_sha, sha)
+            # A new source without the applied commit: nothing to descend from (None) --
+            # unless the head is in the applied revision's own past.
+            if applied_sha is not None and applied_sha != sha:
+                if not new_source or self.source.holds(applied_sha):
+                    descends = self.source.is_ancestor(applied_sha, sha)
+                elif self.applied_cache is not None and self.applied_cache.shows_ancestor(
+                    sha, applied_sha
+                ):
+                    descends = False
             return replace(facts, trust=HeadTrust(check, descends))
         if need is Need.REVISION:
             revision = load_revision(self.source.path, sha, self.cfg.policies_path)

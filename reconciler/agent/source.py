@@ -343,6 +343,15 @@ class GitSource:
             return False
         return False
 
+    def shows_ancestor(self, old: str, new: str) -> bool:
+        """Does the history this cache already holds show `new` descending from `old` (or
+        equal to it)?  Local only, never fetching: False when it cannot tell (`old` is not
+        here, or lies beyond a shallow boundary).  For a cache that is kept, not fetched
+        into -- the applied revision's old source after a move, which may be gone."""
+        if not (self.has_commit(old) and self.has_commit(new)):
+            return False
+        return self._git("merge-base", "--is-ancestor", old, new).returncode == 0
+
     def commit_info(self, sha: str) -> CommitInfo:
         """The commit's fields, parsed strictly (`parse_commit`); its size is asked first, so
         a commit with a 70 MB message is refused without being read.

@@ -19,7 +19,9 @@ not change the identity (`normalise_url`):
 The scheme, host, port and path stay: `https://` and `ssh://` to one host are two sources
 here, which is harmless, because a new source that does hold the applied commit (the same
 repository, or a mirror of it) must still descend from it; only a source without the applied
-commit starts without an ancestry check.  Pure: no I/O.
+commit starts without an ancestry check -- and not even then when the head it serves is, by
+the old source's kept history, an ancestor of the applied commit (a mirror that is behind:
+a rewind, docs/fleet.md).  Pure: no I/O.
 """
 
 from __future__ import annotations
