@@ -9,7 +9,8 @@ Each simulated cell does what an agent does on the wire, with the product's own 
   size an agent writes (20 containers, about 8 KiB) as a new root commit force-pushed to
   `status/<cell>`: after a fetch that saw a new head (the agent applies and reports), and
   every `heartbeat` otherwise; a failed push is retried with the agent's back-off
-  (`core.backoff`, base 2 s, cap 60 s) and always with the latest document;
+  (`agent.status.retry_wait`: base 2 s doubling to 60 s, stretched by up to half of itself at
+  random, since 2026-12-06) and always with the latest document;
 
 with no kernel dataplane: "applied" is the moment the fetch returned the new head.  Real
 rates are compressed in time by `--compress C`: interval 60 s / C, heartbeat 600 s / C, so a
@@ -89,8 +90,8 @@ sys.path.insert(0, str(ROOT))
 
 from asgctl_lab.gitserver import GitDaemon, free_port, git, proc_cpu  # noqa: E402
 from bench.common import RESULTS, machine, revision  # noqa: E402
-from reconciler.agent.core import backoff  # noqa: E402
 from reconciler.agent.source import GitSource, SourceError  # noqa: E402
+from reconciler.agent.status import retry_wait  # noqa: E402
 from reconciler.status.branch import branch_for  # noqa: E402
 from reconciler.status.write import StatusPushError, StatusWriter, dump_status  # noqa: E402
 
@@ -464,7 +465,10 @@ class Fleet:
             self.fetch(cell, now, "start")
             while not self.push(cell, time.monotonic(), "start"):
                 self.retries += 1
-                time.sleep(backoff(cell.push_failures, RETRY_BASE, RETRY_CAP) / self.compress)
+                time.sleep(
+                    retry_wait(cell.push_failures, RETRY_BASE, RETRY_CAP, random.random())
+                    / self.compress
+                )
 
         return self.burst([lambda c=c: one(c) for c in self.cells])
 
@@ -517,7 +521,10 @@ class Fleet:
             cell = self.cells[i]
             while not self.push(cell, due, phase):
                 self.retries += 1
-                time.sleep(backoff(cell.push_failures, RETRY_BASE, RETRY_CAP) / self.compress)
+                time.sleep(
+                    retry_wait(cell.push_failures, RETRY_BASE, RETRY_CAP, random.random())
+                    / self.compress
+                )
             if commit_at is not None and cell.reported == target and i not in reported:
                 with lock:
                     reported[i] = time.monotonic()

@@ -46,12 +46,30 @@ def test_next_delay_does_not_raise_after_many_failures() -> None:
 
 
 def test_status_pusher_waits_the_cap_after_many_failures() -> None:
-    pusher = StatusPusher(None, heartbeat=60, retry_base=2.0, retry_cap=60.0)  # type: ignore[arg-type]
+    pusher = StatusPusher(None, heartbeat=60, retry_base=2.0, retry_cap=60.0, rand=lambda: 0.0)  # type: ignore[arg-type]
     pusher.offer({"cell": "c"})
     pusher._failures = 5000
+    pusher._retry_wait = pusher.retry_after(5000)
     pusher._last_attempt = 100.0
     assert pusher._due(100.0) == 60.0
     assert pusher._due(200.0) == 0.0
+
+
+def test_pushes_that_failed_together_come_back_spread_over_half_their_back_off() -> None:
+    """A status server that restarts fails every cell's push in the same second; with the
+    same back-off they would all return in the same second too (bench/results/fleet.md saw
+    connection resets from exactly that).  Each pusher stretches its wait by its own random."""
+    waits = []
+    for r in (0.0, 0.25, 0.999):
+        pusher = StatusPusher(
+            None, heartbeat=60, retry_base=2.0, retry_cap=60.0, rand=lambda r=r: r
+        )  # type: ignore[arg-type]
+        waits.append([pusher.retry_after(n) for n in (1, 2, 10)])
+    assert waits[0] == [2.0, 4.0, 60.0]
+    assert waits[1] == [2.25, 4.5, 67.5]
+    assert [round(w, 2) for w in waits[2]] == [3.0, 6.0, 89.97]
+    spread = StatusPusher(None, heartbeat=60)  # type: ignore[arg-type]
+    assert len({spread.retry_after(1) for _ in range(50)}) > 40  # random.random by default
 
 
 def test_a_git_timeout_is_a_push_error_the_pusher_retries(

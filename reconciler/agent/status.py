@@ -15,7 +15,10 @@ contract's own; this module decides what to write and when.
 Pushing (`StatusPusher`) runs on its own thread: enforcement never waits for the git server.
 It pushes when the document's meaningful content changes (not its timestamps), as a
 heartbeat at a slower rate otherwise, merges bursts (`min_interval`), and retries failures
-with capped exponential back-off.
+with capped exponential back-off, stretched by a random part of itself (`RETRY_JITTER`): cells
+whose pushes failed together -- a status server restarting, its connection limit reached --
+must not all come back in the same second and fail together again.  A retry always pushes the
+newest document, never the one that failed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -193,6 +197,15 @@ class PushResult:
     seconds: float = 0.0
 
 
+RETRY_JITTER = 0.5
+"""A failed push waits its back-off times 1 to 1.5 (uniform), on the pusher's own random."""
+
+
+def retry_wait(failures: int, base: float, cap: float, rand: float) -> float:
+    """A failed push's back-off stretched by `rand` (0 <= rand < 1) times RETRY_JITTER of it."""
+    return backoff(failures, base, cap) * (1 + RETRY_JITTER * rand)
+
+
 class StatusPusher:
     """Pushes the latest document from its own thread; see the module docstring."""
 
@@ -205,8 +218,10 @@ class StatusPusher:
         retry_base: float = 2.0,
         retry_cap: float = 60.0,
         on_result: Callable[[PushResult], None] | None = None,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self.writer = writer
+        self.rand = rand
         self.heartbeat = heartbeat
         self.min_interval = min_interval
         self.retry_base = retry_base
@@ -219,6 +234,7 @@ class StatusPusher:
         self._last_push = float("-inf")
         self._last_attempt = float("-inf")
         self._failures = 0
+        self._retry_wait = 0.0
         self._stop = False
         self._busy = False
         self._thread: threading.Thread | None = None
@@ -239,8 +255,7 @@ class StatusPusher:
         if self._doc is None:
             return None
         if self._failures:
-            wait = backoff(self._failures, self.retry_base, self.retry_cap)
-            return max(0.0, self._last_attempt + wait - now)
+            return max(0.0, self._last_attempt + self._retry_wait - now)
         if self._fp != self._pushed_fp:
             return max(0.0, self._last_push + self.min_interval - now)
         return max(0.0, self._last_push + self.heartbeat - now)
@@ -268,7 +283,12 @@ class StatusPusher:
                     self._failures = 0
                 else:
                     self._failures += 1
+                    self._retry_wait = self.retry_after(self._failures)
                 self._cv.notify_all()
+
+    def retry_after(self, failures: int) -> float:
+        """Seconds from a failed attempt to the next, after `failures` in a row."""
+        return retry_wait(failures, self.retry_base, self.retry_cap, self.rand())
 
     def _push(self, doc: dict[str, Any]) -> PushResult:
         t0 = time.perf_counter()
