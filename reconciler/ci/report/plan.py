@@ -66,6 +66,19 @@ class BaseGroup:
 
 
 @dataclass(frozen=True)
+class ShardScope:
+    """What a partial report (`asgctl plan --shard I/N`) covers: shard `index` of `count`
+    of the inventory whose cells, in plan order, are `fleet` (empty when the plan failed
+    before reading it), identified by `identity` (a digest of every cell's containers, so
+    partials planned from two different reads of the status branches never merge)."""
+
+    index: int
+    count: int
+    fleet: tuple[str, ...] = ()
+    identity: str = ""
+
+
+@dataclass(frozen=True)
 class PlanReport:
     """Everything a plan presentation needs; built by `reconciler.ci.plan`, pure from here on.
 
@@ -87,6 +100,9 @@ class PlanReport:
     gate_settings: str = ""  # where the mass-revoke settings came from (ci.plan.gate_origin)
     groups: tuple[BaseGroup, ...] = field(default=())
     notes: tuple[str, ...] = field(default=())
+    shard: ShardScope | None = None
+    """Set on a partial: `diff` and `groups` then hold only the shard's cells and principals
+    (`ci.partial` merges the partials into the report of the whole inventory)."""
 
     @property
     def truth(self) -> bool:
