@@ -568,6 +568,7 @@ def _merged_plan(ctx: click.Context, head: str, policies: str, parts: tuple[str,
     """`plan --merge`: the partials as one report, or exit 1 naming what is wrong."""
     from reconciler.ci.partial import PartialError, merge_partials, read_partials
     from reconciler.ci.plan import resolve_revision
+    from reconciler.sources.gitio import FULL_SHA
 
     for name in ("base", "inventory", "agent_config", "shard"):
         if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
@@ -576,9 +577,11 @@ def _merged_plan(ctx: click.Context, head: str, policies: str, parts: tuple[str,
         fail("plan --merge: give the partial results (one file per shard)")
     head_sha = None
     if ctx.get_parameter_source("head") != click.core.ParameterSource.DEFAULT:
-        head_sha = resolve_revision(locate(policies).top, head)
+        # A full commit id is taken as it is (the merge job needs no checkout for it).
+        full = FULL_SHA.fullmatch(head) is not None
+        head_sha = head if full else resolve_revision(locate(policies).top, head)
         if head_sha is None:
-            fail(f"plan --merge: unknown revision {head!r}")
+            fail(f"plan --merge: unknown revision {head!r} (give the full commit id)")
     try:
         return merge_partials(read_partials(parts), head_sha)
     except PartialError as exc:
