@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,21 @@ from reconciler.ci.partial import (
 )
 from reconciler.ci.partition import PARTITION, Shard, ShardError, shard_of
 from reconciler.ci.plan import run_plan
+from reconciler.ci.report import COMMENT_LIMIT, MARKER, PlanReport, Revision, render_markdown
 from reconciler.cli import main
+from reconciler.core.diff import (
+    Access,
+    AccessChange,
+    CellDiff,
+    ChainDiff,
+    PlanDiff,
+    PrincipalDiff,
+    _limit_notices,
+    principal_order,
+)
+from reconciler.core.gate import RevokeCount
+from reconciler.core.model import AddressRange, PortRange
+from reconciler.policy.findings import Finding
 from reconciler.sources.cellstore import dump_store
 from tests.policyrepo import commit_all, git, write_tree
 from tests.test_plan import (
@@ -391,3 +407,129 @@ def test_partials_round_trip_without_loss(tmp_path):
     whole = run_plan(policies, "HEAD~1", "HEAD", fleet)
     alone = run_plan(policies, "HEAD~1", "HEAD", fleet, shard=Shard(1, 1))
     assert whole.shard is None and merge_partials([("p", alone)]) == whole
+
+
+# ----------------------------------------------------------------------------- the comment
+
+
+def fleet_change(cells: int = 10_000) -> PlanReport:
+    """A change to every cell of a 10,000-cell fleet, as the report holds it: a chain created
+    and one updated per cell, a distinct change per principal (nothing groups them), every
+    cell over CF's rule warning, refused by its gate, and a warning per cell."""
+    diffs = []
+    for n in range(cells):
+        create = ChainDiff(4, f"ASG-G-{n:022x}", "create", 2, 0, (f"+ -A x{n}", f"+ -A y{n}"))
+        update = ChainDiff(4, f"ASG-C-{n:022x}", "update", 1, 1, (f"- -j a{n}", f"+ -j b{n}"))
+        diffs.append(
+            CellDiff(
+                f"cell-{n:05d}",
+                f"refs/remotes/origin/status/cell-{n:05d}",
+                250,
+                1,
+                (create, update),
+                160_000,
+                160_001,
+                2_000,
+                2_001,
+                RevokeCount(net_lost=900, total=1_000, lost=900, containers_losing=200),
+            )
+        )
+    principals = []
+    for n in range(cells):
+        port = 1024 + n
+        access = Access("tcp", AddressRange(4, 0xC6130000, 0xC61300FF), (PortRange(port, port),))
+        lost = (AccessChange(access, (f"SecurityGroup/g{n} rules[0] changed",)),)
+        principals.append(
+            PrincipalDiff(
+                "running",
+                f"space-{n:05d}",
+                f"app-{n:05d}",
+                f"org/space/app-{n:05d}",
+                "app",
+                25,
+                10,
+                (),
+                lost,
+                containers_losing=25,
+            )
+        )
+    principals.sort(key=principal_order)
+    notices = tuple(n for c in diffs for n in _limit_notices(c))
+    diff = PlanDiff(tuple(diffs), tuple(principals), notices)
+    return PlanReport(
+        base=Revision("main", "b" * 40),
+        head=Revision("pr", "a" * 40),
+        policies="policies",
+        inventory=f"status branches ({cells:,} cells)",
+        diff=diff,
+        warnings=tuple(f"status/cell-{n:05d}: skipped (a bad field)" for n in range(cells)),
+    )
+
+
+def table_rows(comment: str, header: str) -> list[str]:
+    """The rows of the table whose header line starts with `header`."""
+    lines = comment.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    columns = lines[start].count("|")
+    assert all(r.count("|") == columns for r in rows), "a row cut mid-table"
+    return rows
+
+
+@pytest.mark.parametrize("limit", [COMMENT_LIMIT, 20_000])
+def test_a_ten_thousand_cell_change_summarises_within_the_comment_limit(limit):
+    report = fleet_change()
+    comment = render_markdown(report, limit)
+    assert len(comment) <= limit < 65_536
+    assert comment.startswith(MARKER)
+    assert "**Plan: 10,000 cells change, 0 containers gain access, 250,000 lose access;" in comment
+    # Counts per kind of change, for all of it.
+    counts = dict(r.removesuffix(" |").split(" | ")[:2] for r in table_rows(comment, "| change |"))
+    assert counts["| cells changing"] == "10,000 of 10,000"
+    assert counts["| chains created / updated / destroyed"] == "10,000 / 10,000 / 0"
+    assert counts["| principals losing access (containers)"] == "10,000 (250,000)"
+    assert counts["| cells whose mass-revoke gate refuses"] == "10,000"
+    # The first cells in the plan's order, and a closing row saying how many more.
+    rows = table_rows(comment, "| cell | containers |")
+    *listed, more = rows
+    shown = [r.split(" | ")[0].removeprefix("| ") for r in listed]
+    assert shown == [c.cell for c in report.diff.changed_cells[: len(shown)]] and shown
+    assert f"| … and {10_000 - len(shown):,} more changed cells (the full report) |" in more
+    # The first principals in the plan's order, and a line saying how many more.
+    firsts = [p.name for p in report.diff.principals[:3]]
+    assert all(f"<b>{name}</b>" in comment for name in firsts)
+    assert re.search(r"^- … and [\d,]+ more access changes \(the full report\)$", comment, re.M)
+    # Lists that grow with the fleet are bounded, and say how much is left out.
+    assert "> **And 9,970 more cells over CF's rule limits** (0 of them errors)" in comment
+    assert "> **And 9,970 more warnings:** see the full report." in comment
+    assert "| and 9970 more | | | |" in comment  # the gate table
+    assert "Cut to fit one comment" in comment and "log and artifact" in comment
+
+
+def test_a_huge_finding_list_and_long_warnings_still_fit():
+    findings = tuple(
+        Finding(
+            f"security-groups/g{n}.yaml",
+            3,
+            5,
+            "error",
+            "SecurityGroup",
+            f"g{n}",
+            "rules",
+            "destination is not an address " + "x" * 300,
+        )
+        for n in range(5_000)
+    )
+    failed = PlanReport(
+        Revision("main", "b" * 40), Revision("pr", "a" * 40), "policies", "", head_findings=findings
+    )
+    comment = render_markdown(failed)
+    assert len(comment) <= COMMENT_LIMIT and "more: asgctl validate lists all" in comment
+    report = replace(fleet_change(40), warnings=("w" * 100_000,) * 40)
+    comment = render_markdown(report)
+    assert len(comment) <= COMMENT_LIMIT
+    assert "(98,500 more characters in the full report)" in comment
