@@ -117,10 +117,13 @@ def inventory_identity(cells: Sequence[CellInventory]) -> str:
     refuses partials whose reads differ (a status branch pushed between two jobs)."""
     h = hashlib.sha256()
     for c in cells:
-        h.update(repr((c.cell, c.origin, c.gate)).encode())
-        for k in c.containers:
-            row = (k.handle, k.ip, k.app_id, k.space_id, k.org_id, k.policy_group_id, k.workload)
-            h.update("\t".join(row).encode("utf-8", "surrogateescape") + b"\n")
+        rows = [repr((c.cell, c.origin, c.gate, len(c.containers)))]
+        rows += [
+            f"{k.handle}\t{k.ip}\t{k.app_id}\t{k.space_id}\t{k.org_id}\t{k.policy_group_id}\t"
+            f"{k.workload}"
+            for k in c.containers
+        ]
+        h.update("\n".join(rows).encode("utf-8", "surrogateescape") + b"\n")
     return "sha256:" + h.hexdigest()
 
 
