@@ -345,10 +345,17 @@ def sharded(root: Path, inventory: str, against: str, shards: int, check: bool) 
     load = [os.getloadavg()[0]]
     serial: list[Job] = [_measured(job(i)) for i in range(1, shards + 1)]
     load.append(os.getloadavg()[0])
-    t = time.perf_counter()
-    running = [job(i) for i in range(1, shards + 1)]
-    parallel: list[Job] = [_measured(p) for p in running]
-    parallel_wall = time.perf_counter() - t
+    # All at once only when it cannot push the shared machine out of memory: the jobs'
+    # measured peaks must fit in half of what is available now.
+    need = shards * max(j[2] for j in serial)
+    room = _available_mib() / 2
+    parallel: list[Job] | None = None
+    parallel_wall = 0.0
+    if need <= room:
+        t = time.perf_counter()
+        running = [job(i) for i in range(1, shards + 1)]
+        parallel = [_measured(p) for p in running]
+        parallel_wall = time.perf_counter() - t
     load.append(os.getloadavg()[0])
     merged = root / "merged.md"
     merge_args = ["plan", "--merge", *map(str, parts), "--format", "markdown"]
@@ -358,6 +365,8 @@ def sharded(root: Path, inventory: str, against: str, shards: int, check: bool) 
         "serial": serial,
         "parallel": parallel,
         "parallel_wall": parallel_wall,
+        "parallel_skipped": f"{shards} x {max(j[2] for j in serial):,.0f} MiB > half of the "
+        f"{room * 2:,.0f} MiB available",
         "merge": merge,
         "comment": len(comment),
         "summary": next(x for x in comment.splitlines() if x.startswith("**")).strip("*"),
@@ -372,6 +381,46 @@ def sharded(root: Path, inventory: str, against: str, shards: int, check: bool) 
     return out
 
 
+def _available_mib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def shard_model(
+    phase_cpu: dict[str, float], cells: int, shards: int, target_cells: int, measured: float
+) -> str:
+    """Per-job CPU as a model of the phases of the unsharded plan measured here: the loads
+    are paid by every job, the inventory is read whole by every job, the diff is split N
+    ways.  Checked against the jobs measured at this size, then extrapolated."""
+    loads = sum(v for k, v in phase_cpu.items() if k.startswith("load"))
+    inventory = sum(v for k, v in phase_cpu.items() if k.startswith("inventory"))
+    diff = sum(v for k, v in phase_cpu.items() if k.startswith("diff"))
+
+    def job(n: int) -> float:
+        return loads + inventory * n / cells + diff * n / cells / shards
+
+    at = job(target_cells)
+    rows = [
+        "| model term (CPU s, from the unsharded phases above) | at this size | "
+        f"at {target_cells:,} cells |",
+        "|---|--:|--:|",
+        f"| loads and validations (every job) | {loads:.1f} | {loads:.1f} |",
+        f"| inventory read (every job reads all cells) | {inventory:.1f} | "
+        f"{inventory * target_cells / cells:.1f} |",
+        f"| diff (split {shards} ways) | {diff / shards:.1f} | "
+        f"{diff * target_cells / cells / shards:.1f} |",
+        f"| **per job** | **{job(cells):.1f}** (measured: {measured:.1f}) | **{at:.1f}** |",
+        "",
+        f"Wall per job at {target_cells:,} cells if the inventory read and the diff spread over "
+        f"the runner's cores (up to 4 forked workers) and the loads do not: "
+        f"{loads + (at - loads) / 2:.0f} s on a 2-core runner, "
+        f"{loads + (at - loads) / 4:.0f} s on a 4-core one, plus the merge.",
+    ]
+    return "\n".join(rows)
+
+
 def shard_table(r: dict[str, Any], shards: int) -> str:
     """The sharded run as markdown: per job, the merge, and what N runners would give."""
     lines = [
@@ -379,17 +428,17 @@ def shard_table(r: dict[str, Any], shards: int) -> str:
         "all at once: peak RSS | partial |",
         "|---|--:|--:|--:|--:|--:|--:|",
     ]
-    for i, (a, b, size) in enumerate(
-        zip(r["serial"], r["parallel"], r["partial_mib"], strict=True), 1
-    ):
+    parallel = r["parallel"] or [None] * shards
+    for i, (a, b, size) in enumerate(zip(r["serial"], parallel, r["partial_mib"], strict=True), 1):
+        at_once = f"{b[0]:.1f} s | {b[2]:,.0f} MiB" if b else "skipped | skipped"
         lines.append(
             f"| shard {i}/{shards} | {a[0]:.1f} s | {a[1]:.1f} s | {a[2]:,.0f} MiB | "
-            f"{b[0]:.1f} s | {b[2]:,.0f} MiB | {size:,.1f} MiB |"
+            f"{at_once} | {size:,.1f} MiB |"
         )
     m = r["merge"]
     lines.append(f"| merge | {m[0]:.1f} s | {m[1]:.1f} s | {m[2]:,.0f} MiB | | | |")
     alone = max(a[0] for a in r["serial"]) + m[0]
-    rss = max(x[2] for x in [*r["serial"], *r["parallel"], m])
+    rss = max(x[2] for x in [*r["serial"], *(r["parallel"] or []), m])
     ok = alone < SHARD_TARGET_SECONDS and rss < TARGET_MIB
     load = " / ".join(f"{x:.1f}" for x in r["load"])
     lines += [
@@ -398,7 +447,12 @@ def shard_table(r: dict[str, Any], shards: int) -> str:
         "|---|---|",
         f"| {shards} jobs one after another (sum of walls) | "
         f"{sum(a[0] for a in r['serial']):.1f} s |",
-        f"| {shards} jobs all at once on this machine (wall) | {r['parallel_wall']:.1f} s |",
+        f"| {shards} jobs all at once on this machine (wall) | "
+        + (
+            f"{r['parallel_wall']:.1f} s |"
+            if r["parallel"]
+            else f"skipped: {r['parallel_skipped']} |"
+        ),
         f"| {shards} runners (model: the slowest job alone, then the merge) | {alone:.1f} s "
         f"(target < {SHARD_TARGET_SECONDS:.0f} s) |",
         f"| largest peak RSS of any job | {rss:,.0f} MiB (target < {TARGET_MIB:,.0f} MiB) |",
@@ -555,6 +609,12 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=0, help="issue 19: the plan as N jobs")
     ap.add_argument("--check", action="store_true", help="with --shards: compare with one job")
     ap.add_argument(
+        "--model-cells",
+        type=int,
+        default=10_000,
+        help="with --shards: extrapolate the per-job cost to this many cells",
+    )
+    ap.add_argument(
         "--keep",
         metavar="DIR",
         help="build the repo in DIR and reuse it on later runs (same shape options)",
@@ -577,8 +637,23 @@ def main() -> None:
         setup = time.perf_counter() - t
         if args.shards:
             r = sharded(root, args.inventory, args.against, args.shards, args.check)
+            if truth:
+                steps, _stats = truth_phases(root, False)
+            else:
+                steps, _stats = phases(root, args.inventory, False)
             os.chdir(ROOT)
-            table = shard_table(r, args.shards)
+            measured = sum(j[1] for j in r["serial"]) / args.shards
+            model = shard_model(
+                {k: c for k, _w, c in steps}, args.cells, args.shards, args.model_cells, measured
+            )
+            phase_rows = [f"| {k} | {w:.2f} s | {c:.2f} s |" for k, w, c in steps if w]
+            table = (
+                shard_table(r, args.shards)
+                + "\n\n| phase of the unsharded plan (in-process) | wall | CPU |\n|---|--:|--:|\n"
+                + "\n".join(phase_rows)
+                + "\n\n"
+                + model
+            )
             print(table)
             print(f"\n(setup, not timed: {setup:.1f} s)")
             if args.record:
