@@ -60,7 +60,7 @@ from tests.test_plan import (
     edit,
     policy_repo,
 )
-from tests.test_plan_truth import broken_main
+from tests.test_plan_truth import BLOG_ONLY, PAYMENTS_STAGING, broken_main
 
 FORMATS = ("text", "markdown", "json")
 
@@ -144,6 +144,10 @@ def test_merged_shards_of_a_plan_against_the_truth_are_the_plan_byte_for_byte(tm
     bases are chosen fleet-wide in every job, so each shard plans its cells as the whole
     plan would."""
     fleet = broken_main(tmp_path)
+    # And two cells whose status claims what no commit is: unknown, planned against the
+    # revision most cells enforce -- a fleet-wide choice every job must make alike.
+    fleet.report("cell-5", PAYMENTS_STAGING, None, claim="main@sha1:" + "f" * 40)
+    fleet.report("cell-6", BLOG_ONLY, None, claim="not a revision")
     ci = fleet.ci_clone()
     args = ("--head", fleet.revs["head"], "--policies", str(ci / "policies"))
     parts = shard_files(tmp_path / "parts", count, *args)
@@ -152,7 +156,7 @@ def test_merged_shards_of_a_plan_against_the_truth_are_the_plan_byte_for_byte(tm
         got = cli("plan", "--merge", *parts, "--head", fleet.revs["head"], "--format", fmt)
         assert got[1:] == want[1:], fmt
         assert got[0] == 0 and want[0] == 2  # without --detailed-exitcode, 0
-    assert "payments" in want[1] and "4 cells" in want[1]
+    assert "payments" in want[1] and "6 cells" in want[1] and "is unknown" in want[1]
 
 
 def test_a_failed_plan_merges_into_the_same_failure(tmp_path):
