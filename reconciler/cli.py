@@ -533,6 +533,9 @@ def plan_cmd(
     what they enforce, or does not validate, is said so).  Exit 0, or 1 on error (a head
     that does not validate, an unreadable inventory, a cell over the rule limit); with
     --detailed-exitcode, 2 when there are changes.
+
+    A large fleet is planned by several jobs: `--shard I/N` in each, then `--merge PART...`
+    with every partial, which prints the report one plan would (README: sharded plans).
     """
     from reconciler.ci.plan import run_plan
     from reconciler.ci.report import render
