@@ -447,8 +447,12 @@ def shard_model(
     return "\n".join(rows)
 
 
-def shard_table(r: dict[str, Any], shards: int) -> str:
-    """The sharded run as markdown: per job, the merge, and what N runners would give."""
+def shard_table(r: dict[str, Any], shards: int, loads: float) -> str:
+    """The sharded run as markdown: per job, the merge, and what N runners would give.
+
+    On this loaded machine a job's wall time says more about the other helpers than about
+    the job, so the runners' figure is also given from CPU time: `loads` CPU seconds (the
+    policies' loads, one core) and the rest spread over a 2-core runner's two workers."""
     lines = [
         "| job | alone: wall | alone: CPU | alone: peak RSS | all at once: wall | "
         "all at once: peak RSS | partial |",
@@ -464,8 +468,9 @@ def shard_table(r: dict[str, Any], shards: int) -> str:
     m = r["merge"]
     lines.append(f"| merge | {m[0]:.1f} s | {m[1]:.1f} s | {m[2]:,.0f} MiB | | | |")
     alone = max(a[0] for a in r["serial"]) + m[0]
+    from_cpu = max(loads + (a[1] - loads) / 2 for a in r["serial"]) + m[1]
     rss = max(x[2] for x in [*r["serial"], *(r["parallel"] or []), m])
-    ok = alone < SHARD_TARGET_SECONDS and rss < TARGET_MIB
+    ok = from_cpu < SHARD_TARGET_SECONDS and rss < TARGET_MIB
     load = " / ".join(f"{x:.1f}" for x in r["load"])
     lines += [
         "",
@@ -479,8 +484,11 @@ def shard_table(r: dict[str, Any], shards: int) -> str:
             if r["parallel"]
             else f"skipped: {r['parallel_skipped']} |"
         ),
-        f"| {shards} runners (model: the slowest job alone, then the merge) | {alone:.1f} s "
-        f"(target < {SHARD_TARGET_SECONDS:.0f} s) |",
+        f"| {shards} runners, from wall (the slowest job alone here, then the merge) | "
+        f"{alone:.1f} s (target < {SHARD_TARGET_SECONDS:.0f} s) |",
+        f"| {shards} runners of 2 cores, from CPU (the slowest job: loads on one core, the "
+        f"rest on two; then the merge) | {from_cpu:.1f} s (target < "
+        f"{SHARD_TARGET_SECONDS:.0f} s) |",
         f"| largest peak RSS of any job | {rss:,.0f} MiB (target < {TARGET_MIB:,.0f} MiB) |",
         f"| merged comment | {r['comment']:,} characters (GitHub's limit: 65,536) |",
         f"| merged plan | {r['summary']} |",
@@ -488,7 +496,8 @@ def shard_table(r: dict[str, Any], shards: int) -> str:
         f"{'not checked (--check)' if r['equal'] is None else r['equal']} |",
         f"| load average before / after serial / after parallel | {load} on "
         f"{os.cpu_count()} cores |",
-        f"| verdict (model of {shards} runners) | {'within target' if ok else 'OVER TARGET'} |",
+        f"| verdict ({shards} runners of 2 cores, from CPU; peak RSS) | "
+        f"{'within target' if ok else 'OVER TARGET'} |",
     ]
     return "\n".join(lines)
 
@@ -693,12 +702,12 @@ def main() -> None:
                 steps, _stats = phases(root, args.inventory, False)
             os.chdir(ROOT)
             measured = sum(j[1] for j in r["serial"]) / args.shards
-            model = shard_model(
-                {k: c for k, _w, c in steps}, args.cells, args.shards, args.model_cells, measured
-            )
+            phase_cpu = {k: c for k, _w, c in steps}
+            model = shard_model(phase_cpu, args.cells, args.shards, args.model_cells, measured)
             phase_rows = [f"| {k} | {w:.2f} s | {c:.2f} s |" for k, w, c in steps if w]
+            loads = sum(v for k, v in phase_cpu.items() if k.startswith("load"))
             table = (
-                shard_table(r, args.shards)
+                shard_table(r, args.shards, loads)
                 + "\n\n| phase of the unsharded plan (in-process) | wall | CPU |\n|---|--:|--:|\n"
                 + "\n".join(phase_rows)
                 + "\n\n"
