@@ -496,7 +496,7 @@ def shard_table(r: dict[str, Any], shards: int, loads: float) -> str:
         f"{'not checked (--check)' if r['equal'] is None else r['equal']} |",
         f"| load average before / after serial / after parallel | {load} on "
         f"{os.cpu_count()} cores |",
-        f"| verdict ({shards} runners of 2 cores, from CPU; peak RSS) | "
+        f"| verdict at this fleet size ({shards} runners of 2 cores, from CPU; peak RSS) | "
         f"{'within target' if ok else 'OVER TARGET'} |",
     ]
     return "\n".join(lines)
