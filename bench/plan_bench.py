@@ -717,10 +717,11 @@ def main() -> None:
             print(f"\n(setup, not timed: {setup:.1f} s)")
             if args.record:
                 command = " ".join(sys.argv[1:]).replace(f"--keep {args.keep}", "").strip()
+                size = f" ({args.cells:,} cells)"  # one record per fleet size
                 splice(
                     RESULTS / "plan_shard.md",
-                    SHARD_BEGIN,
-                    SHARD_END,
+                    SHARD_BEGIN.replace(" -->", size + " -->"),
+                    SHARD_END.replace(" -->", size + " -->"),
                     f"Machine: {machine()}.\n\nCode: {revision()}.\n\n"
                     f"Command: `python bench/plan_bench.py {command}`\n\n"
                     f"Fleet: {args.cells:,} cells x {args.containers:,} containers = "
