@@ -512,7 +512,25 @@ def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> N
     is_flag=True,
     help="Exit 0 when nothing changes, 2 when something does, 1 on error.",
 )
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    help="Plan only shard I of N of the inventory (a cell's shard is a hash of its name) and "
+    "print the partial result as JSON, for `--merge`.  Exit 0 when it is written.",
+)
+@click.option(
+    "--merge",
+    "merge",
+    is_flag=True,
+    help="Merge the partial results given as arguments (one per shard, each exactly once, of "
+    "one plan) into the report of the whole inventory.  With an explicit --head, also "
+    "refuse partials that planned another head.",
+)
+@click.argument("parts", nargs=-1, type=click.Path(dir_okay=False))
+@click.pass_context
 def plan_cmd(
+    ctx: click.Context,
     base: str | None,
     head: str,
     policies: str,
@@ -520,6 +538,9 @@ def plan_cmd(
     agent_config: str | None,
     fmt: str,
     detailed_exitcode: bool,
+    shard: str | None,
+    merge: bool,
+    parts: tuple[str, ...],
 ) -> None:
     """What a change does: who gains and loses access, the iptables chains that change, and
     the cells whose mass-revoke gate would refuse it (with the trailer that lets it through).
@@ -529,14 +550,62 @@ def plan_cmd(
     what they enforce, or does not validate, is said so).  Exit 0, or 1 on error (a head
     that does not validate, an unreadable inventory, a cell over the rule limit); with
     --detailed-exitcode, 2 when there are changes.
+
+    A large fleet is planned by several jobs: `--shard I/N` in each, then `--merge PART...`
+    with every partial, which prints the report one plan would (README: sharded plans).
     """
     from reconciler.ci.plan import run_plan
     from reconciler.ci.report import render
 
+    if merge:
+        report = _merged_plan(ctx, head, policies, parts)
+        click.echo(render(report, fmt), nl=False)
+        sys.exit(report.exit_code(detailed_exitcode))
+    if parts:
+        fail("plan: partial results are given only with --merge")
     gate = gate_settings_or_exit(agent_config)
-    report = run_plan(policies, base, head, inventory, gate, agent_config or "")
+    part = None
+    if shard is not None:
+        from reconciler.ci.partition import Shard, ShardError
+
+        if ctx.get_parameter_source("fmt") != click.core.ParameterSource.DEFAULT:
+            fail("plan --shard writes its partial result as JSON; --format is for --merge")
+        try:
+            part = Shard.parse(shard)
+        except ShardError as exc:
+            fail(str(exc))
+    report = run_plan(policies, base, head, inventory, gate, agent_config or "", part)
+    if part is not None:
+        from reconciler.ci.partial import dump_partial
+
+        click.echo(dump_partial(report), nl=False)
+        sys.exit(0)
     click.echo(render(report, fmt), nl=False)
     sys.exit(report.exit_code(detailed_exitcode))
+
+
+def _merged_plan(ctx: click.Context, head: str, policies: str, parts: tuple[str, ...]) -> Any:
+    """`plan --merge`: the partials as one report, or exit 1 naming what is wrong."""
+    from reconciler.ci.partial import PartialError, merge_partials, read_partials
+    from reconciler.ci.plan import resolve_revision
+    from reconciler.sources.gitio import FULL_SHA
+
+    for name in ("base", "inventory", "agent_config", "shard"):
+        if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+            fail(f"plan --merge: --{name.replace('_', '-')} belongs to the --shard runs")
+    if not parts:
+        fail("plan --merge: give the partial results (one file per shard)")
+    head_sha = None
+    if ctx.get_parameter_source("head") != click.core.ParameterSource.DEFAULT:
+        # A full commit id is taken as it is (the merge job needs no checkout for it).
+        full = FULL_SHA.fullmatch(head) is not None
+        head_sha = head if full else resolve_revision(locate(policies).top, head)
+        if head_sha is None:
+            fail(f"plan --merge: unknown revision {head!r} (give the full commit id)")
+    try:
+        return merge_partials(read_partials(parts), head_sha)
+    except PartialError as exc:
+        fail(f"plan --merge: {exc}")
 
 
 @main.command("test")

@@ -7,13 +7,15 @@ so the CI plan differs from the agents' compile only in where its inputs come fr
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.ci.report.plan import BaseGroup, Enforces, PlanReport, Revision
+from reconciler.ci.partition import Shard
+from reconciler.ci.report.plan import BaseGroup, Enforces, PlanReport, Revision, ShardScope
 from reconciler.core.cellplan import DEFAULT_GATE, CellInventory, GateSettings, PlanError
 from reconciler.core.compile import prepare
 from reconciler.core.diff import PlanDiff, diff_plans
@@ -107,6 +109,32 @@ def load_inventory(
     source = StoreFiles(_store_paths(spec))
     cells = source.cells()
     return cells, f"{source.description} ({len(cells):,} cells)", ()
+
+
+def inventory_identity(cells: Sequence[CellInventory]) -> str:
+    """A digest of the inventory as planned: every cell's name, origin, reported gate and
+    containers.  Each job of a sharded plan reads the inventory on its own; the merge
+    refuses partials whose reads differ (a status branch pushed between two jobs)."""
+    h = hashlib.sha256()
+    for c in cells:
+        rows = [repr((c.cell, c.origin, c.gate, len(c.containers)))]
+        rows += [
+            f"{k.handle}\t{k.ip}\t{k.app_id}\t{k.space_id}\t{k.org_id}\t{k.policy_group_id}\t"
+            f"{k.workload}"
+            for k in c.containers
+        ]
+        h.update("\n".join(rows).encode("utf-8", "surrogateescape") + b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def _scoped(report: PlanReport, shard: Shard | None, cells: Sequence[CellInventory]) -> PlanReport:
+    """The report of a sharded plan says which inventory it partitioned."""
+    if shard is None:
+        return report
+    names = tuple(c.cell for c in cells)
+    return _with(
+        report, shard=ShardScope(shard.index, shard.count, names, inventory_identity(cells))
+    )
 
 
 def gate_origin(cells: Sequence[CellInventory], given: str) -> str:
@@ -352,6 +380,7 @@ def diff_groups(
     prefix: str,
     workers: int,
     gate: GateSettings = DEFAULT_GATE,
+    part: Shard | None = None,
 ) -> list[PlanDiff]:
     """`diff_plans(base, head, cells)` for every (base, cells) job, in order.
 
@@ -362,33 +391,36 @@ def diff_groups(
     what) run side by side for different groups, and the head's compiled groups, memoised
     in the process, serve each of its groups.  The head's index and its profiles' entries
     are built before the fork (`compile.prepare`), so the workers share one copy.  The
-    result is the same either way.
+    result is the same either way.  `part`: only that shard's cells and principals.
     """
+    holds = part.holds if part is not None else None
     total = sum(len(cells) for _base, cells in jobs) or 1
     out: dict[int, PlanDiff] = {}
     small: list[int] = []
     for i, (base, cells) in enumerate(jobs):
         if workers <= 1 or len(cells) * workers >= total:
-            out[i] = diff_plans(base, head, cells, prefix, workers, gate)
+            out[i] = diff_plans(base, head, cells, prefix, workers, gate, holds)
         else:
             small.append(i)
     small.sort(key=lambda i: -len(jobs[i][1]))
     if small:
         # Every worker compiles with the head: index it and its profiles here, once.
         prepare(head, (c for i in small for cell in jobs[i][1] for c in cell.containers))
-        shared = (jobs, small, head, prefix, gate)
-        for part in fork_ranges(_diff_group_range, shared, len(small), workers):
-            out.update(part)
+        shared = (jobs, small, head, prefix, gate, holds)
+        for done in fork_ranges(_diff_group_range, shared, len(small), workers):
+            out.update(done)
     return [out[i] for i in range(len(jobs))]
 
 
 def _diff_group_range(
-    shared: tuple[Sequence[DiffJob], list[int], PolicySet, str, GateSettings],
+    shared: tuple[
+        Sequence[DiffJob], list[int], PolicySet, str, GateSettings, Callable[[str], bool] | None
+    ],
     bounds: tuple[int, int],
 ) -> list[tuple[int, PlanDiff]]:
-    jobs, order, head, prefix, gate = shared
+    jobs, order, head, prefix, gate, holds = shared
     return [
-        (order[k], diff_plans(jobs[order[k]][0], head, jobs[order[k]][1], prefix, 1, gate))
+        (order[k], diff_plans(jobs[order[k]][0], head, jobs[order[k]][1], prefix, 1, gate, holds))
         for k in range(*bounds)
     ]
 
@@ -412,14 +444,18 @@ def _plan_truth(
     gate: GateSettings = DEFAULT_GATE,
     gate_from: str = "",
     cache: ParseCache | None = None,
+    shard: Shard | None = None,
 ) -> PlanReport:
     """The head against what each cell enforces, one diff per distinct base (each loaded
-    through `cache`, which holds the head's files)."""
+    through `cache`, which holds the head's files).  With `shard`, what every cell
+    enforces is still read and ranked over the whole inventory (so each job groups cells
+    and picks their bases as the unsharded plan does), and only the shard's are diffed."""
     assert place.top is not None
     try:
         cells, described, skipped = load_inventory(inventory, place, (head_policy,), found)
     except InventoryError as exc:
         return _with(report, error=str(exc))
+    report = _scoped(report, shard, cells)
     workers = min(os.cpu_count() or 1, MAX_WORKERS)
     names = [c.cell for c in cells]
     truth = read_truth(
@@ -430,7 +466,7 @@ def _plan_truth(
     jobs = [(truth.policies[a] if a else PolicySet(), members) for _k, _s, a, members in planned]
     gc.freeze()  # as in run_plan: the loaded policies and inventory live until the end
     try:
-        diffs = diff_groups(jobs, head_policy, place.prefix, workers, gate)
+        diffs = diff_groups(jobs, head_policy, place.prefix, workers, gate, shard)
     except PlanError as exc:
         return _with(report, error=str(exc))
     finally:
@@ -440,14 +476,15 @@ def _plan_truth(
             enforces=kind,
             revision=Revision(sha, sha),
             against=Revision(against, against),
-            cells=tuple(c.cell for c in members),
+            cells=tuple(c.cell for c in members if shard is None or shard.holds(c.cell)),
             diff=diff,
             subject=truth.subjects.get(sha, ""),
         )
         for (kind, sha, against, members), diff in zip(planned, diffs, strict=True)
     ]
     merged = merge_diffs([g.diff for g in groups])
-    warnings += _unverified(merged)
+    if shard is None:  # a partial's principals are a part: the merge counts them all
+        warnings += unverified_warnings(merged)
     return _with(
         report,
         base=Revision(""),
@@ -460,7 +497,8 @@ def _plan_truth(
     )
 
 
-def _unverified(diff: PlanDiff) -> list[str]:
+def unverified_warnings(diff: PlanDiff) -> list[str]:
+    """The warning for principals named by GUID; the last of a report's warnings."""
     flagged = {(p.lifecycle, p.space_id, p.app_id) for p in diff.principals if p.name_mismatch}
     n = len(flagged)
     if not n:
@@ -487,6 +525,7 @@ def run_plan(
     inventory: Sequence[str] = (),
     gate: GateSettings = DEFAULT_GATE,
     gate_from: str = "",
+    shard: Shard | None = None,
 ) -> PlanReport:
     """Load the revisions from git (no checkout), read the inventory, diff, and report.
 
@@ -495,6 +534,10 @@ def run_plan(
     the cells enforce, and comparing with what they enforce when `base` does not validate.
     `gate` is the mass-revoke settings for cells that do not report their own, read from
     `gate_from` (an agent config file; empty: the defaults).
+
+    With `shard`, the report is a partial (`PlanReport.shard`): everything is read as for
+    the whole inventory, and only the shard's cells and principals are diffed
+    (`ci.partial` writes it, checks it and merges the partials).
     """
     place = locate(policies)
     folder = place.folder or "."
@@ -506,6 +549,7 @@ def run_plan(
         policies=folder,
         inventory="",
         location_prefix=place.prefix,
+        shard=ShardScope(shard.index, shard.count) if shard is not None else None,
     )
     if place.top is None:
         return _with(report, error=f"{policies} is not in a git repository")
@@ -543,6 +587,7 @@ def run_plan(
             gate,
             gate_from,
             cache,
+            shard,
         )
     base_result = load_policy(policies, base_sha, cache=cache)
     warnings: list[str] = []
@@ -570,6 +615,7 @@ def run_plan(
                 gate,
                 gate_from,
                 cache,
+                shard,
             )
         base_policy = PolicySet()
         notes.append(
@@ -584,6 +630,7 @@ def run_plan(
         )
     except InventoryError as exc:
         return _with(report, error=str(exc), base_findings=base_result.findings)
+    report = _scoped(report, shard, cells)
     warnings.extend(skipped)
     if found is not None and base_result.ok:
         truth = read_truth(
@@ -605,12 +652,16 @@ def run_plan(
     gc.freeze()
     try:
         workers = min(os.cpu_count() or 1, MAX_WORKERS)
-        diff = diff_plans(base_policy, head_result.policy, cells, place.prefix, workers, gate)
+        holds = shard.holds if shard is not None else None
+        diff = diff_plans(
+            base_policy, head_result.policy, cells, place.prefix, workers, gate, holds
+        )
     except PlanError as exc:  # a hash collision: no agent would apply it either
         return _with(report, error=str(exc), base_findings=base_result.findings)
     finally:
         gc.unfreeze()  # a long-lived caller (tests, a server) gets its collector back
-    warnings += _unverified(diff)
+    if shard is None:  # a partial's principals are a part: the merge counts them all
+        warnings += unverified_warnings(diff)
     return _with(
         report,
         inventory=described,

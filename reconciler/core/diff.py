@@ -273,6 +273,7 @@ def diff_plans(
     location_prefix: str = "",
     workers: int = 1,
     gate: GateSettings = DEFAULT_GATE,
+    part: Callable[[str], bool] | None = None,
 ) -> PlanDiff:
     """Compare what `base` and `head` make every cell of `inventory` enforce.
 
@@ -280,6 +281,11 @@ def diff_plans(
     e.g. `policies/`), so PR readers get paths they can open.  `workers` > 1 compiles the
     touched cells in that many forked processes; the result is the same either way.
     `gate` is the mass-revoke settings for cells whose inventory does not report their own.
+
+    `part` (a sharded plan, `ci.shard`) limits the result to the cells whose name it holds
+    and the principals whose `principal_key` it holds; what a principal reaches (its
+    containers, cells and the orgs its space runs in) is still counted over the whole
+    inventory, so the parts of a partition, put together, are exactly the unsharded diff.
     """
     # Every distinct profile once: is it touched (different rule items at base and head)?
     touched: dict[Profile, bool] = {}
@@ -305,13 +311,32 @@ def diff_plans(
         for p in profiles:
             families[p[1:]][p[0]] += 1
 
-    work = (base, head, tuple(inventory), profiles_of_cell, touched, gate)
+    mine = [i for i, c in enumerate(inventory) if part is None or part(c.cell)]
+    work = (
+        base,
+        head,
+        tuple(inventory[i] for i in mine),
+        [profiles_of_cell[i] for i in mine],
+        touched,
+        gate,
+    )
     cells = _diff_cells(work, workers)
     notices = tuple(n for c in cells for n in _limit_notices(c))
     principals = _principal_diffs(
-        base, head, families, cells_of, touched, location_prefix, orgs_of_space
+        base,
+        head,
+        {pr: f for pr, f in families.items() if part is None or part(principal_key(pr))},
+        cells_of,
+        touched,
+        location_prefix,
+        orgs_of_space,
     )
     return PlanDiff(cells, principals, notices)
+
+
+def principal_key(pr: Principal) -> str:
+    """A principal as one string (`lifecycle/space GUID/app GUID`), for partitioning."""
+    return "/".join(pr)
 
 
 _MIN_CELLS_PER_WORKER = 32
@@ -545,8 +570,13 @@ def _principal_diffs(
                 name_mismatch=mismatch,
             )
         )
-    out.sort(key=lambda p: (p.name, p.lifecycle, p.space_id, p.app_id))
+    out.sort(key=principal_order)
     return tuple(out)
+
+
+def principal_order(p: PrincipalDiff) -> tuple[str, str, str, str]:
+    """The order of a diff's principals: by name, then lifecycle and GUIDs."""
+    return (p.name, p.lifecycle, p.space_id, p.app_id)
 
 
 def _name_changes(

@@ -66,6 +66,19 @@ class BaseGroup:
 
 
 @dataclass(frozen=True)
+class ShardScope:
+    """What a partial report (`asgctl plan --shard I/N`) covers: shard `index` of `count`
+    of the inventory whose cells, in plan order, are `fleet` (empty when the plan failed
+    before reading it), identified by `identity` (a digest of every cell's containers, so
+    partials planned from two different reads of the status branches never merge)."""
+
+    index: int
+    count: int
+    fleet: tuple[str, ...] = ()
+    identity: str = ""
+
+
+@dataclass(frozen=True)
 class PlanReport:
     """Everything a plan presentation needs; built by `reconciler.ci.plan`, pure from here on.
 
@@ -87,6 +100,9 @@ class PlanReport:
     gate_settings: str = ""  # where the mass-revoke settings came from (ci.plan.gate_origin)
     groups: tuple[BaseGroup, ...] = field(default=())
     notes: tuple[str, ...] = field(default=())
+    shard: ShardScope | None = None
+    """Set on a partial: `diff` and `groups` then hold only the shard's cells and principals
+    (`ci.partial` merges the partials into the report of the whole inventory)."""
 
     @property
     def truth(self) -> bool:
@@ -457,15 +473,108 @@ def _principal_order(diff: PlanDiff) -> list[PrincipalDiff]:
     return sorted(diff.principals, key=lambda p: (not p.lost, p.name, p.lifecycle))
 
 
+MAX_LISTED = 30
+"""Notices and warnings shown in a comment before "and N more": a fleet can have one per
+cell (over CF's rule limit; a status branch skipped), and the comment must still fit."""
+LIST_CHARS = 12_000  # characters the notices may take, and the warnings
+MAX_FINDINGS = 200  # findings of a head that does not validate, in the comment
+FINDINGS_CHARS = 30_000  # and the characters they may take
+MAX_ITEM = 1_500  # characters of one warning, notice, note or finding in the comment
+
+
+def _clip(text: str, most: int = MAX_ITEM) -> str:
+    """`text`, or its start and how much of it is left out (before escaping: a cut never
+    splits an escape)."""
+    if len(text) <= most:
+        return text
+    return f"{text[:most]} … ({len(text) - most:,} more characters in the full report)"
+
+
+def _take(items: list[str], most: int, chars: int) -> list[str]:
+    """The first items (each clipped) while at most `most` of them fit in `chars`."""
+    out: list[str] = []
+    for item in items:
+        item = _clip(item)
+        if len(out) == most or len(item) > chars:
+            break
+        out.append(item)
+        chars -= len(item) + 1
+    return out
+
+
+def _bounded_lists(report: PlanReport, ctx: dict[str, Any]) -> None:
+    """The comment's lists that grow with the fleet, each cut to a count and a size with
+    the number left out (the template says "and N more"); every entry clipped."""
+    notices = report.diff.notices if report.diff is not None else ()
+    kept = _take([f"{n.cell}: {n.message}" for n in notices], MAX_LISTED, LIST_CHARS)
+    ctx["notices"] = [
+        {"level": n.level, "cell": md(n.cell), "message": md(text[len(n.cell) + 2 :])}
+        for n, text in zip(notices, kept, strict=False)
+    ]
+    ctx["notices_more"] = f"{len(notices) - len(kept):,}"
+    rest = notices[len(kept) :]
+    ctx["notices_more_errors"] = f"{sum(n.level == 'error' for n in rest):,}"
+    warnings = _take(list(report.warnings), MAX_LISTED, LIST_CHARS)
+    ctx["warnings"] = [md(w) for w in warnings]
+    ctx["warnings_more"] = f"{len(report.warnings) - len(warnings):,}"
+    ctx["notes"] = [md(_clip(x)) for x in report.notes]
+    findings = _take(ctx["findings"], MAX_FINDINGS, FINDINGS_CHARS)
+    left = len(ctx["findings"]) - len(findings)
+    if left:
+        findings.append(f"... and {left:,} more: asgctl validate lists all")
+    ctx["findings_block"] = fence("\n".join(findings), "text")
+    ctx["gated_more"] = max(0, len(ctx["gated"]) - MAX_GATED)
+    ctx["gated"] = ctx["gated"][:MAX_GATED]
+
+
+def _counts_table(diff: PlanDiff) -> str:
+    """Counts per kind of change: what a comment cut to fit still says about all of it."""
+    actions = {"create": 0, "update": 0, "delete": 0}
+    for c in diff.changed_cells:
+        for ch in c.chains:
+            actions[ch.action] += 1
+    gaining = [p for p in diff.principals if p.gained]
+    losing = [p for p in diff.principals if p.lost]
+    logging = sum(1 for p in diff.principals if p.logging)
+    errors = len(diff.errors)
+    rows = [
+        ("cells changing", f"{len(diff.changed_cells):,} of {len(diff.cells):,}"),
+        (
+            "chains created / updated / destroyed",
+            f"{actions['create']:,} / {actions['update']:,} / {actions['delete']:,}",
+        ),
+        ("rules added / removed", f"+{diff.rules_added:,} -{diff.rules_removed:,}"),
+        (
+            "principals gaining access (containers)",
+            f"{len(gaining):,} ({diff.containers_gaining:,})",
+        ),
+        ("principals losing access (containers)", f"{len(losing):,} ({diff.containers_losing:,})"),
+        ("principals whose logging changes", f"{logging:,}"),
+        ("cells whose mass-revoke gate refuses", f"{len(diff.gated_cells):,}"),
+        (
+            "cells over CF's rule limits (errors / warnings)",
+            f"{errors:,} / {len(diff.notices) - errors:,}",
+        ),
+    ]
+    lines = ["#### Counts", "", "| change | count |", "|---|--:|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines) + "\n\n"
+
+
 def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
-    """The sticky PR comment; never longer than `limit` characters."""
+    """The sticky PR comment; never longer than `limit` characters.
+
+    Past the limit it summarises: the summary line, counts per kind of change, the first
+    principals and cells in the report's order (each list and table closed with how many
+    more there are), and a note saying where the full plan is.  Nothing is cut mid-table
+    or mid-line; lists that grow with the fleet (notices, warnings, findings, gated cells)
+    are always bounded."""
     env = _env()
     template = env.get_template("plan.md.j2")
     macros = env.get_template("blocks.md.j2").module
     ctx = _common(report, md)
-    ctx["findings_block"] = fence("\n".join(ctx["findings"]), "text")
-    ctx["gated_more"] = max(0, len(ctx["gated"]) - MAX_GATED)
-    ctx["gated"] = ctx["gated"][:MAX_GATED]
+    ctx["counts"] = ""
+    _bounded_lists(report, ctx)
     diff = report.diff
     principals = _principal_order(diff) if diff is not None else []
     cells = list(diff.changed_cells) if diff is not None else []
@@ -516,22 +625,35 @@ def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
         if len(full) <= limit:
             return full
 
-    # Too long for one comment: keep the summary, then fill greedily -- one line per
-    # principal, one row per cell, then access details, then dataplane details.
-    reserve = 700  # the cut note
+    # Too long for one comment: keep the summary and the counts, then fill greedily -- one
+    # line per principal, one row per cell, then access details, then dataplane details.
+    if diff is not None:
+        ctx["counts"] = _counts_table(diff)
+    reserve = 1_200  # the cut note and the "and N more" line and row
     budget = limit - len(render([], [], [], "")) - reserve
     chosen: list[str | None] = [None] * len(access_full)
-    for i, line in enumerate(access_short):
-        if len(line) > budget:
+    # Principals' lines take at most half when there are cells too: both lists start.
+    share = budget // 2 if cell_rows else budget
+    listed = 0
+    for line in access_short:
+        if len(line) > min(share, budget):
             break
-        chosen[i] = line
+        chosen[listed] = line
+        listed += 1
         budget -= len(line)
+        share -= len(line)
     rows_kept = 0
     for row in cell_rows:
         if len(row) > budget:
             break
         rows_kept += 1
         budget -= len(row)
+    for line in access_short[listed:]:  # what the cells left
+        if len(line) > budget:
+            break
+        chosen[listed] = line
+        listed += 1
+        budget -= len(line)
     for i, block in enumerate(access_full):
         if chosen[i] is None:
             break
@@ -563,7 +685,13 @@ def render_markdown(report: PlanReport, limit: int = COMMENT_LIMIT) -> str:
         cells_folded=rows_kept - len(details_kept),
         limit=limit,
     )
-    out = render(access_kept, cell_rows[:rows_kept], details_kept, note)
+    if unlisted:
+        access_kept.append(f"- … and {_n(unlisted, 'more access change')} (the full report)\n")
+    kept_rows = cell_rows[:rows_kept]
+    if rows_kept < len(cell_rows):
+        more = _n(len(cell_rows) - rows_kept, "more changed cell")
+        kept_rows.append(f"| … and {more} (the full report) | | | | | | |\n")
+    out = render(access_kept, kept_rows, details_kept, note)
     if len(out) > limit:  # cannot happen with the reserve above; never post an oversize one
         out = render([], [], [], note)
     return out
@@ -592,7 +720,8 @@ def _cut_note(
     return (
         f"**Cut to fit one comment ({limit:,} characters):** {cut} not shown. "
         f"The full plan: <code>asgctl plan {base}--head {ctx['head_name']}"
-        "</code> (text, or <code>--format json</code>), also in this job's log."
+        "</code> (text, or <code>--format json</code>), also in this job's log "
+        "and artifact."
     )
 
 

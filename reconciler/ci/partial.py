@@ -1,0 +1,393 @@
+"""Partial plans: what `asgctl plan --shard I/N` writes, and `asgctl plan --merge` trusts.
+
+A fleet of 10,000 cells is planned by several CI jobs, each diffing the cells of one shard
+(`ci.partition`) and the principals the same partition gives it; one more job merges their
+results into the one report, in every format, byte for byte what a single `asgctl plan`
+would print.  Between the jobs the partials are files (CI artifacts), so the merge reads them
+as untrusted input and refuses, with a message naming the file and what is wrong, anything
+that is not exactly one partial per shard of one plan:
+
+* the schema: a versioned document (`asgctl-plan-partial`, VERSION) whose report is decoded
+  field by field against the report's own types (a wrong type, a missing or unknown field
+  names its path);
+* one plan: the same partition, shard count, head, base, policies, inventory (its cell list
+  and content digest) and every fleet-wide part of the report (findings, notes, warnings,
+  groups) in every partial;
+* each shard exactly once, none missing;
+* each partial covers exactly its shard's cells (recomputed here from the names, never
+  taken from the partial), every one of them diffed once, and only principals its shard
+  holds: shards are then disjoint and complete.
+
+A missing, duplicated, stale or edited partial therefore fails the merge (exit 1); it can
+never produce "No changes".  What the merge cannot check is a partial recomputed by someone
+who controls a plan job: the jobs run the base revision's asgctl, as the unsharded plan did.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import MISSING, dataclass, fields, is_dataclass, replace
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from reconciler.ci.partition import PARTITION, Shard, shard_of
+from reconciler.ci.plan import merge_diffs, unverified_warnings
+from reconciler.ci.report.plan import PlanReport, ShardScope
+from reconciler.core.diff import PlanDiff, principal_key, principal_order
+from reconciler.sources.jsonsafe import JsonInputError, loads
+
+KIND = "asgctl-plan-partial"
+VERSION = 1
+MAX_PARTIAL_BYTES = 2 << 30
+"""A shard of 10,000 cells with every chain diffed is a few hundred MB; more is not ours."""
+
+
+class PartialError(ValueError):
+    """A partial that cannot be used, or partials that do not make one plan."""
+
+
+# ----------------------------------------------------------------------------- codec
+
+
+def _encode(value: Any) -> Any:
+    """Dataclasses as objects of their fields, tuples as lists.  (A field whose type is a
+    union of dataclasses, an access's destination, is told apart by its field names.)"""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _encode(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, tuple):
+        return [_encode(v) for v in value]
+    return value
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _decode(tp: Any, value: Any, where: str) -> Any:
+    """`value` (parsed JSON) as the type `tp`, or PartialError naming `where`."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        classes = [o for o in options if isinstance(o, type) and is_dataclass(o)]
+        if len(classes) > 1:  # tell dataclasses apart by their field names
+            if isinstance(value, dict):
+                for cls in classes:
+                    if set(value) == {f.name for f in fields(cls)}:
+                        return _decode(cls, value, where)
+            raise PartialError(f"{where}: expected one of {', '.join(c.__name__ for c in classes)}")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _decode(option, value, where)
+            except PartialError as exc:
+                errors.append(str(exc))
+        raise PartialError(errors[0] if errors else f"{where}: unexpected null")
+    if origin is Literal:
+        if value not in get_args(tp) or not isinstance(value, str):
+            allowed = ", ".join(repr(a) for a in get_args(tp))
+            raise PartialError(f"{where}: {value!r} is not one of {allowed}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise PartialError(f"{where}: expected a list, got {_kind(value)}")
+        item = get_args(tp)[0]
+        return tuple(_decode(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(tp, type) and is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise PartialError(f"{where}: expected an object, got {_kind(value)}")
+        known = {f.name: f for f in fields(tp) if f.init}
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise PartialError(f"{where}: unknown field {unknown[0]!r}")
+        hints = _hints(tp)
+        args: dict[str, Any] = {}
+        for name, f in known.items():
+            if name not in value:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise PartialError(f"{where}: missing field {name!r}")
+                continue
+            args[name] = _decode(hints[name], value[name], f"{where}.{name}")
+        try:
+            return tp(**args)
+        except (TypeError, ValueError) as exc:
+            raise PartialError(f"{where}: {exc}") from None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise PartialError(f"{where}: expected true or false, got {_kind(value)}")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise PartialError(f"{where}: expected an integer, got {_kind(value)}")
+        return value
+    if tp is float:  # an int stays an int: it was one when written, and prints as one
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise PartialError(f"{where}: expected a number, got {_kind(value)}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise PartialError(f"{where}: expected a string, got {_kind(value)}")
+        return value
+    raise PartialError(f"{where}: cannot read a {tp!r}")  # a type this module does not know
+
+
+def dump_partial(report: PlanReport) -> str:
+    """The partial a `--shard` run writes: a header a person (or a script) can read -- which
+    shard of which plan, the cells it covers -- and the report, every field of it."""
+    scope = report.shard
+    if scope is None:
+        raise ValueError("dump_partial: the report is not a shard's")
+    shard = Shard(scope.index, scope.count)
+    doc = {
+        "kind": KIND,
+        "version": VERSION,
+        "partition": PARTITION,
+        "shard": {"index": scope.index, "count": scope.count},
+        "head": _encode(report.head),
+        "base": _encode(report.base),
+        "inventory": {"identity": scope.identity, "cells": list(scope.fleet)},
+        "covers": [c for c in scope.fleet if shard.holds(c)],
+        "report": _encode(replace(report, shard=None)),
+    }
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def load_partial(data: str | bytes, source: str) -> PlanReport:
+    """A partial's report (with its `shard` scope), checked against the schema and against
+    itself (see the module docstring); PartialError names `source` and the field."""
+    if len(data) > MAX_PARTIAL_BYTES:
+        raise PartialError(f"{source}: {len(data):,} bytes, over {MAX_PARTIAL_BYTES:,}")
+    try:
+        doc = loads(data, source, reject_duplicate_keys=True)
+    except JsonInputError as exc:
+        raise PartialError(str(exc)) from None
+    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+        raise PartialError(f"{source}: not an asgctl plan partial (kind must be {KIND!r})")
+    if doc.get("version") != VERSION:
+        raise PartialError(
+            f"{source}: version {doc.get('version')!r}; this asgctl reads version {VERSION}"
+        )
+    expected = {"kind", "version", "partition", "shard", "head", "base", "inventory", "covers"}
+    missing = sorted((expected | {"report"}) - set(doc))
+    unknown = sorted(set(doc) - expected - {"report"})
+    if missing or unknown:
+        what = f"missing field {missing[0]!r}" if missing else f"unknown field {unknown[0]!r}"
+        raise PartialError(f"{source}: {what}")
+    if doc["partition"] != PARTITION:
+        raise PartialError(f"{source}: partition {doc['partition']!r}, not {PARTITION!r}")
+    try:
+        head_shard = _decode(_ShardHeader, doc["shard"], f"{source}: shard")
+        shard = Shard(head_shard.index, head_shard.count)
+        inventory = _decode(_Inventory, doc["inventory"], f"{source}: inventory")
+        covers = _decode(tuple[str, ...], doc["covers"], f"{source}: covers")
+        report: PlanReport = _decode(PlanReport, doc["report"], f"{source}: report")
+    except ValueError as exc:  # ShardError too
+        text = str(exc)
+        raise PartialError(text if text.startswith(source) else f"{source}: {text}") from None
+    if report.shard is not None:
+        raise PartialError(f"{source}: report.shard: the shard is given in the header")
+    for name in ("head", "base"):
+        if _decode(type(report.head), doc[name], f"{source}: {name}") != getattr(report, name):
+            raise PartialError(f"{source}: {name}: the header and the report disagree")
+    fleet = inventory.cells
+    if len(set(fleet)) != len(fleet):
+        raise PartialError(f"{source}: inventory.cells names a cell twice")
+    mine = tuple(c for c in fleet if shard.holds(c))
+    if covers != mine:
+        extra = sorted(set(covers) - set(mine))
+        raise PartialError(
+            f"{source}: covers is not shard {shard}'s cells"
+            + (
+                f" (it claims {extra[0]!r}, which shard {shard_of(extra[0], shard.count)} holds)"
+                if extra
+                else " of its inventory"
+            )
+        )
+    scope = ShardScope(shard.index, shard.count, fleet, inventory.identity)
+    report = replace(report, shard=scope)
+    _check_coverage(report, mine, source)
+    return report
+
+
+def _check_coverage(report: PlanReport, mine: tuple[str, ...], source: str) -> None:
+    """Every cell of the shard diffed exactly once, nothing else; only its principals."""
+    diff = report.diff
+    if diff is None:
+        if report.groups:
+            raise PartialError(f"{source}: report: groups without a diff")
+        return
+    shard = report.shard
+    assert shard is not None
+    diffs = [g.diff for g in report.groups] if report.groups else [diff]
+    if report.groups:
+        listed = [c for g in report.groups for c in g.cells]
+        if sorted(listed) != sorted(mine):
+            raise PartialError(
+                f"{source}: report.groups: the groups' cells are not shard "
+                f"{shard.index}/{shard.count}'s cells, each once"
+            )
+        for i, g in enumerate(report.groups):
+            if tuple(c.cell for c in g.diff.cells) != g.cells:
+                raise PartialError(
+                    f"{source}: report.groups[{i}].diff.cells: not the group's cells, in order"
+                )
+        if merge_diffs(diffs) != diff:
+            raise PartialError(f"{source}: report.diff: not the sum of its groups' diffs")
+    elif tuple(c.cell for c in diff.cells) != mine:
+        raise PartialError(
+            f"{source}: report.diff.cells: not shard {shard.index}/{shard.count}'s cells, "
+            "each once, in order"
+        )
+    for d in diffs:
+        for p in d.principals:
+            key = principal_key((p.lifecycle, p.space_id, p.app_id))
+            if shard_of(key, shard.count) != shard.index:
+                raise PartialError(
+                    f"{source}: principal {key!r} belongs to shard "
+                    f"{shard_of(key, shard.count)}/{shard.count}, not {shard.index}/{shard.count}"
+                )
+        for n in d.notices:
+            if n.cell not in mine:
+                raise PartialError(f"{source}: a notice names cell {n.cell!r}, not of this shard")
+
+
+@dataclass(frozen=True, slots=True)
+class _ShardHeader:
+    """The `shard` header: which shard of how many."""
+
+    index: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Inventory:
+    """The `inventory` header: the cells planned, in order, and their content digest."""
+
+    identity: str
+    cells: tuple[str, ...]
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def read_partials(paths: Sequence[str]) -> list[tuple[str, PlanReport]]:
+    """Each file's partial, checked on its own (`load_partial`)."""
+    out = []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise PartialError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+        out.append((path, load_partial(data, path)))
+    return out
+
+
+def _shared(report: PlanReport) -> PlanReport:
+    """What every partial of one plan holds alike: all but its own cells and principals."""
+    groups = tuple(replace(g, cells=(), diff=PlanDiff((), ())) for g in report.groups)
+    return replace(report, diff=None, groups=groups, shard=None)
+
+
+def _join(diffs: Sequence[PlanDiff], order: dict[str, int]) -> PlanDiff:
+    """Disjoint parts of one diff as `diff_plans` returns the whole: cells (and their
+    notices) in inventory order, principals in the diff's own order."""
+    cells = sorted((c for d in diffs for c in d.cells), key=lambda c: order[c.cell])
+    principals = sorted((p for d in diffs for p in d.principals), key=principal_order)
+    notices = sorted((n for d in diffs for n in d.notices), key=lambda n: order[n.cell])
+    return PlanDiff(tuple(cells), tuple(principals), tuple(notices))
+
+
+def merge_partials(
+    partials: Sequence[tuple[str, PlanReport]], head_sha: str | None = None
+) -> PlanReport:
+    """The partials of one sharded plan as the report of the whole inventory.
+
+    PartialError (naming the files) unless they are exactly one partial per shard of the
+    same plan; with `head_sha`, also unless that is the head they planned (a partial left
+    over from an earlier push is stale).
+    """
+    if not partials:
+        raise PartialError("no partials to merge")
+    first_src, first = partials[0]
+    assert first.shard is not None
+    count = first.shard.count
+    by_index: dict[int, str] = {}
+    for src, r in partials:
+        assert r.shard is not None
+        if r.shard.count != count:
+            raise PartialError(
+                f"{src} is shard {r.shard.index}/{r.shard.count} and {first_src} is shard "
+                f"{first.shard.index}/{count}: partials of one plan have one shard count"
+            )
+        if r.shard.index in by_index:
+            raise PartialError(
+                f"shard {r.shard.index}/{count} is given twice ({by_index[r.shard.index]} and "
+                f"{src}): each shard must be merged exactly once"
+            )
+        by_index[r.shard.index] = src
+    missing = [i for i in range(1, count + 1) if i not in by_index]
+    if missing:
+        names = ", ".join(f"{i}/{count}" for i in missing)
+        raise PartialError(
+            f"shard{'s' * (len(missing) > 1)} {names} missing: without every shard the plan "
+            "would leave cells out"
+        )
+    for src, r in partials:
+        if head_sha is not None and r.head.sha != head_sha:
+            raise PartialError(
+                f"{src} planned head {r.head.sha[:12] or r.head.name!r}, not "
+                f"{head_sha[:12]}: it is stale (from another push) or not of this pull request"
+            )
+        for what in ("head", "base"):
+            if getattr(r, what) != getattr(first, what):
+                a, b = getattr(r, what), getattr(first, what)
+                raise PartialError(
+                    f"{src} planned {what} {a.sha[:12] or a.name!r} and {first_src} planned "
+                    f"{b.sha[:12] or b.name!r}: partials of one plan only"
+                )
+        assert r.shard is not None
+        if (r.shard.fleet, r.shard.identity) != (first.shard.fleet, first.shard.identity):
+            raise PartialError(
+                f"{src} and {first_src} planned different inventories (a status branch "
+                "changed between the jobs?): run the plan again"
+            )
+        if _shared(r) != _shared(first):
+            raise PartialError(
+                f"{src} and {first_src} disagree on the plan's findings, notes, warnings or "
+                "groups: partials of one plan only"
+            )
+    ordered = [r for _src, r in sorted(partials, key=lambda p: p[1].shard.index)]  # type: ignore[union-attr]
+    merged = replace(first, shard=None)
+    if first.diff is None:
+        if any(r.diff is not None for r in ordered):
+            raise PartialError("some partials failed and some did not: partials of one plan only")
+        return merged
+    if any(r.diff is None for r in ordered):
+        raise PartialError("some partials failed and some did not: partials of one plan only")
+    order = {c: i for i, c in enumerate(first.shard.fleet)}
+    if first.groups:
+        groups = []
+        for k, g in enumerate(first.groups):
+            parts = [r.groups[k] for r in ordered]
+            cells = sorted((c for p in parts for c in p.cells), key=order.__getitem__)
+            groups.append(
+                replace(g, cells=tuple(cells), diff=_join([p.diff for p in parts], order))
+            )
+        diff = merge_diffs([g.diff for g in groups])
+        merged = replace(merged, groups=tuple(groups))
+    else:
+        diff = _join([r.diff for r in ordered if r.diff is not None], order)
+    warnings = merged.warnings + tuple(unverified_warnings(diff))
+    return replace(merged, diff=diff, warnings=warnings)

@@ -1,0 +1,539 @@
+"""`asgctl plan --shard I/N` and `asgctl plan --merge` (issue 19): one plan, several jobs.
+
+The spec: for real inventories (store files committed to a real repository; status branches
+pushed by the real status writer to a real bare repository and fetched as the workflow does),
+the merged report of N shards is the unsharded report, byte for byte, in every format and
+for several N.  And partials are files between CI jobs, so the merge trusts nothing in them:
+a missing, duplicated, stale or edited partial fails it with a message and exit 1, and never
+turns into "No changes".
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from reconciler.ci.partial import (
+    KIND,
+    VERSION,
+    PartialError,
+    dump_partial,
+    load_partial,
+    merge_partials,
+)
+from reconciler.ci.partition import PARTITION, Shard, ShardError, shard_of
+from reconciler.ci.plan import run_plan
+from reconciler.ci.report import COMMENT_LIMIT, MARKER, PlanReport, Revision, render_markdown
+from reconciler.cli import main
+from reconciler.core.diff import (
+    Access,
+    AccessChange,
+    CellDiff,
+    ChainDiff,
+    PlanDiff,
+    PrincipalDiff,
+    _limit_notices,
+    principal_order,
+)
+from reconciler.core.gate import RevokeCount
+from reconciler.core.model import AddressRange, PortRange
+from reconciler.policy.findings import Finding
+from reconciler.sources.cellstore import dump_store
+from tests.policyrepo import commit_all, git, write_tree
+from tests.test_plan import (
+    BACKEND,
+    BLOG,
+    FRONTEND,
+    MARKETING,
+    PAYMENTS,
+    PROD,
+    STAGING,
+    STAGING_BACKEND,
+    WEB,
+    c,
+    edit,
+    policy_repo,
+)
+from tests.test_plan_truth import BLOG_ONLY, PAYMENTS_STAGING, broken_main
+
+FORMATS = ("text", "markdown", "json")
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def store_fleet(tmp_path: Path, cells: int = 40) -> Path:
+    """A repository with `cells` store files and a pull request that both grants (DNS over
+    TLS for everyone) and revokes (payments/prod's card network).  Principals run on many
+    cells, in both families, and one space runs in the org the directory does not give it
+    on some cells only: what a principal reaches is fleet-wide, never one shard's view."""
+    repo = policy_repo(tmp_path)
+    rng = random.Random(19)
+    kinds = [
+        (BACKEND, PROD, PAYMENTS, "app"),
+        (FRONTEND, PROD, PAYMENTS, "app"),
+        (STAGING_BACKEND, STAGING, PAYMENTS, "app"),
+        (BLOG, WEB, MARKETING, "app"),
+        (BLOG, WEB, MARKETING, "task"),
+        (BACKEND, PROD, PAYMENTS, "staging"),
+    ]
+    for n in range(cells):
+        containers = []
+        for i in range(rng.randint(1, 4)):
+            app, space, org, workload = rng.choice(kinds)
+            v6 = rng.random() < 0.3
+            ip = f"fd00:19:{n}::{i + 2}" if v6 else f"198.18.{n}.{i + 2}"
+            containers.append(c(f"c{n:02d}-{i}", ip, app, space, org, workload))
+        if n % 13 == 5:  # web's containers in the wrong org, on a few cells
+            containers.append(c(f"odd-{n}", f"198.19.{n}.2", BLOG, WEB, PAYMENTS))
+        write_tree(repo / "fleet", {f"cell-{n:03d}.json": dump_store(containers)})
+    commit_all(repo, "fleet")
+    edit(repo, "security-groups/platform-dns.yaml", 'ports: "53"', 'ports: "53,853"')
+    edit(repo, "security-groups/payments-api.yaml", "  - payments/prod\n", "")
+    commit_all(repo, "DNS over TLS; payments/prod loses the card network")
+    return repo
+
+
+def shard_files(tmp: Path, count: int, *args: str) -> list[str]:
+    """Run every shard through the CLI, as the workflow's matrix does; the partials' paths."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(1, count + 1):
+        code, out, err = cli("plan", *args, "--shard", f"{i}/{count}")
+        assert code == 0, err
+        path = tmp / f"plan-{i}-of-{count}.json"
+        path.write_text(out)
+        paths.append(str(path))
+    return paths
+
+
+# ----------------------------------------------------------------------------- equality
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+def test_merged_shards_of_a_store_file_fleet_are_the_plan_byte_for_byte(tmp_path, count):
+    repo = store_fleet(tmp_path)
+    args = ("--base", "HEAD~1", "--head", "HEAD", "--policies", str(repo / "policies"))
+    args += ("--inventory", str(repo / "fleet"))
+    parts = shard_files(tmp_path / "parts", count, *args)
+    for fmt in FORMATS:
+        want = cli("plan", *args, "--format", fmt, "--detailed-exitcode")
+        got = cli("plan", "--merge", *parts, "--format", fmt, "--detailed-exitcode")
+        assert got == want, fmt
+        assert want[0] == 2  # a plan with changes: equality of two empty plans proves little
+    counts = json.loads(want[1])["counts"]  # the last format: json
+    assert counts["containers_gaining_access"] > 0 and counts["containers_losing_access"] > 0
+    assert "name unverified" in want[1]
+    covered = [set(json.loads(Path(p).read_text())["covers"]) for p in parts]
+    assert sum(len(x) for x in covered) == 40 and set().union(*covered) == {
+        f"cell-{n:03d}" for n in range(40)
+    }
+
+
+@pytest.mark.parametrize("count", [2, 3, 5])
+def test_merged_shards_of_a_plan_against_the_truth_are_the_plan_byte_for_byte(tmp_path, count):
+    """Status branches: cells on two revisions, one refusing everything; groups and their
+    bases are chosen fleet-wide in every job, so each shard plans its cells as the whole
+    plan would."""
+    fleet = broken_main(tmp_path)
+    # And two cells whose status claims what no commit is: unknown, planned against the
+    # revision most cells enforce -- a fleet-wide choice every job must make alike.
+    fleet.report("cell-5", PAYMENTS_STAGING, None, claim="main@sha1:" + "f" * 40)
+    fleet.report("cell-6", BLOG_ONLY, None, claim="not a revision")
+    ci = fleet.ci_clone()
+    args = ("--head", fleet.revs["head"], "--policies", str(ci / "policies"))
+    parts = shard_files(tmp_path / "parts", count, *args)
+    for fmt in FORMATS:
+        want = cli("plan", *args, "--format", fmt, "--detailed-exitcode")
+        got = cli("plan", "--merge", *parts, "--head", fleet.revs["head"], "--format", fmt)
+        assert got[1:] == want[1:], fmt
+        assert got[0] == 0 and want[0] == 2  # without --detailed-exitcode, 0
+    assert "payments" in want[1] and "6 cells" in want[1] and "is unknown" in want[1]
+
+
+def test_a_failed_plan_merges_into_the_same_failure(tmp_path):
+    """A head that does not validate: every shard says so, the merge says it once, exit 1."""
+    repo = store_fleet(tmp_path, cells=6)
+    edit(repo, "destinations.yaml", "ips: 198.19.30.30", "ips: 198.19.30.300")
+    commit_all(repo, "broken")
+    args = ("--base", "HEAD~1", "--head", "HEAD", "--policies", str(repo / "policies"))
+    args += ("--inventory", str(repo / "fleet"))
+    parts = shard_files(tmp_path / "parts", 3, *args)
+    for fmt in FORMATS:
+        want = cli("plan", *args, "--format", fmt)
+        assert cli("plan", "--merge", *parts, "--format", fmt) == want
+        assert want[0] == 1
+
+
+# ----------------------------------------------------------------------------- partition
+
+
+def test_the_partition_is_a_hash_of_the_name_alone():
+    names = [f"cell-{n:04d}" for n in range(2000)]
+    for count in (1, 2, 4, 7):
+        shards = [Shard(i, count) for i in range(1, count + 1)]
+        for name in names[:200]:
+            assert [s.holds(name) for s in shards].count(True) == 1
+        sizes = [sum(s.holds(n) for n in names) for s in shards]
+        assert sum(sizes) == 2000 and min(sizes) > 2000 / count * 0.85  # about even
+    # Pinned: a partial written by another asgctl version must mean the same cells.
+    assert [shard_of(f"cell-{n}", 4) for n in range(8)] == [
+        shard_of(f"cell-{n}", 4) for n in range(8)
+    ]
+    assert PARTITION == "sha256(name)[:8] mod N"
+    assert (
+        shard_of("cell-1", 4)
+        == 1 + int.from_bytes(__import__("hashlib").sha256(b"cell-1").digest()[:8], "big") % 4
+    )
+
+
+@pytest.mark.parametrize("spec", ["0/4", "5/4", "1/0", "a/b", "2", "1/999", " /4"])
+def test_a_shard_that_names_no_shard_is_refused(tmp_path, spec):
+    with pytest.raises(ShardError):
+        Shard.parse(spec)
+    code, out, err = cli("plan", "--shard", spec, "--policies", str(tmp_path))
+    assert code == 1 and out == "" and "shard" in err and "Traceback" not in err
+
+
+def test_shard_and_merge_are_not_mixed_with_what_belongs_to_the_other(tmp_path):
+    code, _out, err = cli("plan", "--shard", "1/2", "--format", "markdown")
+    assert code == 1 and "--format is for --merge" in err
+    code, _out, err = cli("plan", "--merge", "--inventory", "x", str(tmp_path / "a.json"))
+    assert code == 1 and "--inventory belongs to the --shard runs" in err
+    code, _out, err = cli("plan", "--merge")
+    assert code == 1 and "give the partial results" in err
+    code, _out, err = cli("plan", str(tmp_path / "a.json"))
+    assert code == 1 and "only with --merge" in err
+
+
+# ----------------------------------------------------------------------------- attacks
+
+
+@pytest.fixture
+def one_change(tmp_path: Path) -> tuple[Path, tuple[str, ...], str]:
+    """Twelve cells; only one runs the blog, and the pull request lets the blog reach
+    MySQL: the shard holding that cell holds the only change."""
+    repo = policy_repo(tmp_path)
+    for n in range(12):
+        containers = [c(f"be-{n}", f"198.18.{n}.2", BACKEND, PROD, PAYMENTS)]
+        if n == 7:
+            containers.append(c("blog-0", "198.18.7.3", BLOG, WEB, MARKETING))
+        write_tree(repo / "fleet", {f"cell-{n:02d}.json": dump_store(containers)})
+    commit_all(repo, "fleet")
+    grants = repo / "policies" / "egress-policies.yaml"
+    grants.write_text(
+        grants.read_text() + "---\nkind: EgressPolicy\nname: blog-to-mysql\n"
+        "source: {type: app, name: marketing/web/blog}\ndestination: mysql\n"
+    )
+    commit_all(repo, "the blog reaches MySQL")
+    args = ("--base", "HEAD~1", "--head", "HEAD", "--policies", str(repo / "policies"))
+    args += ("--inventory", str(repo / "fleet"))
+    return repo, args, "cell-07"
+
+
+def refused(parts: list[str], *more: str) -> str:
+    """Merge in every format: each must fail, say why, and never say "No changes"."""
+    messages = set()
+    for fmt in FORMATS:
+        code, out, err = cli("plan", "--merge", *parts, *more, "--format", fmt)
+        assert code == 1, (fmt, out)
+        assert out == "" and "No changes" not in err and "Traceback" not in err
+        messages.add(err)
+    (message,) = messages
+    return message
+
+
+def test_dropping_the_shard_with_the_only_change_fails_the_merge(tmp_path, one_change):
+    _repo, args, changed = one_change
+    parts = shard_files(tmp_path / "parts", 4, *args)
+    holder = shard_of(changed, 4)
+    code, out, _err = cli("plan", "--merge", *parts, "--format", "text", "--detailed-exitcode")
+    assert code == 2 and "Plan: 1 cell changes, 1 container gains access" in out
+    others = [p for i, p in enumerate(parts, 1) if i != holder]
+    assert f"shard {holder}/4 missing" in refused(others)
+    # Renamed copies of another shard in its place: "given twice", not a plan.
+    twice = [*others, others[0]]
+    assert "is given twice" in refused(twice)
+
+
+def test_a_partial_of_another_head_fails_the_merge(tmp_path, one_change):
+    repo, args, _changed = one_change
+    old = shard_files(tmp_path / "old", 3, *args)
+    edit(repo, "security-groups/platform-dns.yaml", 'ports: "53"', 'ports: "53,853"')
+    commit_all(repo, "a second push")
+    new = shard_files(tmp_path / "new", 3, *args)
+    assert "partials of one plan only" in refused([new[0], old[1], new[2]])
+    # All stale, and consistent among themselves: the expected head still refuses them.
+    head = git(repo, "rev-parse", "HEAD")
+    message = refused(old, "--head", head, "--policies", str(repo / "policies"))
+    assert "stale" in message and old[0] in message
+    assert (
+        cli("plan", "--merge", *new, "--head", head, "--policies", str(repo / "policies"))[0] == 0
+    )
+
+
+def rewrite(path: str, change) -> None:
+    doc = json.loads(Path(path).read_text())
+    change(doc)
+    Path(path).write_text(json.dumps(doc))
+
+
+def test_an_edited_partial_whose_cells_overlap_fails_the_merge(tmp_path, one_change):
+    _repo, args, changed = one_change
+    parts = shard_files(tmp_path / "parts", 3, *args)
+    holder = shard_of(changed, 3)
+    other = next(i for i in (1, 2, 3) if i != holder)
+    held = json.loads(Path(parts[holder - 1]).read_text())
+    cell_diff = next(x for x in held["report"]["diff"]["cells"] if x["cell"] == changed)
+
+    def claim_the_changed_cell_unchanged(doc):
+        # Another shard says it covers the changed cell, and that it does not change.
+        doc["covers"].append(changed)
+        doc["report"]["diff"]["cells"].append({**cell_diff, "chains": []})
+
+    rewrite(parts[other - 1], claim_the_changed_cell_unchanged)
+    message = refused(parts)
+    assert f"covers is not shard {other}/3's cells" in message and changed in message
+
+    # The holder, edited to drop the cell (and its diff): its coverage no longer adds up.
+    parts = shard_files(tmp_path / "again", 3, *args)
+
+    def drop_the_changed_cell(doc):
+        doc["covers"].remove(changed)
+        doc["report"]["diff"]["cells"] = [
+            x for x in doc["report"]["diff"]["cells"] if x["cell"] != changed
+        ]
+        doc["report"]["diff"]["principals"] = []
+
+    rewrite(parts[holder - 1], drop_the_changed_cell)
+    assert "covers is not shard" in refused(parts)
+
+    # Covers left alone, the cell's diff taken out: each covered cell must be diffed once.
+    parts = shard_files(tmp_path / "third", 3, *args)
+    rewrite(
+        parts[holder - 1],
+        lambda doc: doc["report"]["diff"].update(
+            cells=[x for x in doc["report"]["diff"]["cells"] if x["cell"] != changed]
+        ),
+    )
+    assert "report.diff.cells: not shard" in refused(parts)
+
+
+def test_a_principal_moved_to_another_shard_fails_the_merge(tmp_path, one_change):
+    _repo, args, _changed = one_change
+    parts = shard_files(tmp_path / "parts", 3, *args)
+    docs = [json.loads(Path(p).read_text()) for p in parts]
+    (owner,) = [i for i, d in enumerate(docs) if d["report"]["diff"]["principals"]]
+    moved = docs[owner]["report"]["diff"]["principals"]
+    thief = (owner + 1) % 3
+    rewrite(parts[thief], lambda d: d["report"]["diff"].update(principals=moved))
+    rewrite(parts[owner], lambda d: d["report"]["diff"].update(principals=[]))
+    assert f"belongs to shard {owner + 1}/3" in refused(parts)
+
+
+def test_a_partial_of_another_inventory_read_fails_the_merge(tmp_path, one_change):
+    repo, args, _changed = one_change
+    parts = shard_files(tmp_path / "parts", 2, *args)
+    store = repo / "fleet" / "cell-03.json"
+    store.write_text(dump_store([c("be-3", "198.18.3.9", BACKEND, PROD, PAYMENTS)]))
+    later = shard_files(tmp_path / "later", 2, *args)
+    assert "different inventories" in refused([parts[0], later[1]])
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda d: d.update(version=2), "version 2; this asgctl reads version 1"),
+        (lambda d: d.update(kind="terraform-plan"), "not an asgctl plan partial"),
+        (lambda d: d.update(partition="first half"), "partition 'first half'"),
+        (lambda d: d.update(extra=1), "unknown field 'extra'"),
+        (lambda d: d.pop("covers"), "missing field 'covers'"),
+        (lambda d: d["shard"].update(index=9), "shard 9 of 2 must be 1 to 2"),
+        (lambda d: d["report"].update(error=7), "report.error: expected a string, got int"),
+        (
+            lambda d: d["report"]["diff"]["cells"][0].update(rules_added=1),
+            "report.diff.cells[0]: unknown field 'rules_added'",
+        ),
+        (
+            lambda d: d["report"]["diff"]["cells"][0].update(containers=True),
+            "report.diff.cells[0].containers: expected an integer, got bool",
+        ),
+        (lambda d: d["head"].update(sha="0" * 40), "head: the header and the report disagree"),
+        (lambda d: d["inventory"]["cells"].append("cell-00"), "names a cell twice"),
+    ],
+)
+def test_a_partial_that_breaks_the_schema_is_named_with_its_field(
+    tmp_path, one_change, change, expected
+):
+    _repo, args, _changed = one_change
+    parts = shard_files(tmp_path / "parts", 2, *args)
+    rewrite(parts[0], change)
+    message = refused(parts)
+    assert expected in message and parts[0] in message
+
+
+def test_a_partial_that_is_not_json_is_named(tmp_path):
+    bad = tmp_path / "plan-1.json"
+    bad.write_text('{"kind": "asgctl-plan-partial", "version": 1, "kind": "x"}')
+    assert "duplicate" in refused([str(bad)]).lower()
+    bad.write_text("[" * 10_000)
+    assert str(bad) in refused([str(bad)])
+    assert "cannot read it" in refused([str(tmp_path / "missing.json")])
+
+
+def test_partials_round_trip_without_loss(tmp_path):
+    """The codec is lossless: a partial read back is the report that was written."""
+    repo = store_fleet(tmp_path, cells=12)
+    for i in (1, 2):
+        report = run_plan(
+            str(repo / "policies"),
+            "HEAD~1",
+            "HEAD",
+            (str(repo / "fleet"),),
+            shard=Shard(i, 2),
+        )
+        text = dump_partial(report)
+        doc = json.loads(text)
+        assert (doc["kind"], doc["version"]) == (KIND, VERSION)
+        assert doc["head"]["sha"] == report.head.sha and doc["shard"] == {"index": i, "count": 2}
+        assert load_partial(text, "p") == report
+    with pytest.raises(PartialError, match="no partials"):
+        merge_partials([])
+    policies, fleet = str(repo / "policies"), (str(repo / "fleet"),)
+    whole = run_plan(policies, "HEAD~1", "HEAD", fleet)
+    alone = run_plan(policies, "HEAD~1", "HEAD", fleet, shard=Shard(1, 1))
+    assert whole.shard is None and merge_partials([("p", alone)]) == whole
+
+
+# ----------------------------------------------------------------------------- the comment
+
+
+def fleet_change(cells: int = 10_000) -> PlanReport:
+    """A change to every cell of a 10,000-cell fleet, as the report holds it: a chain created
+    and one updated per cell, a distinct change per principal (nothing groups them), every
+    cell over CF's rule warning, refused by its gate, and a warning per cell."""
+    diffs = []
+    for n in range(cells):
+        create = ChainDiff(4, f"ASG-G-{n:022x}", "create", 2, 0, (f"+ -A x{n}", f"+ -A y{n}"))
+        update = ChainDiff(4, f"ASG-C-{n:022x}", "update", 1, 1, (f"- -j a{n}", f"+ -j b{n}"))
+        diffs.append(
+            CellDiff(
+                f"cell-{n:05d}",
+                f"refs/remotes/origin/status/cell-{n:05d}",
+                250,
+                1,
+                (create, update),
+                160_000,
+                160_001,
+                2_000,
+                2_001,
+                RevokeCount(net_lost=900, total=1_000, lost=900, containers_losing=200),
+            )
+        )
+    principals = []
+    for n in range(cells):
+        port = 1024 + n
+        access = Access("tcp", AddressRange(4, 0xC6130000, 0xC61300FF), (PortRange(port, port),))
+        lost = (AccessChange(access, (f"SecurityGroup/g{n} rules[0] changed",)),)
+        principals.append(
+            PrincipalDiff(
+                "running",
+                f"space-{n:05d}",
+                f"app-{n:05d}",
+                f"org/space/app-{n:05d}",
+                "app",
+                25,
+                10,
+                (),
+                lost,
+                containers_losing=25,
+            )
+        )
+    principals.sort(key=principal_order)
+    notices = tuple(n for c in diffs for n in _limit_notices(c))
+    diff = PlanDiff(tuple(diffs), tuple(principals), notices)
+    return PlanReport(
+        base=Revision("main", "b" * 40),
+        head=Revision("pr", "a" * 40),
+        policies="policies",
+        inventory=f"status branches ({cells:,} cells)",
+        diff=diff,
+        warnings=tuple(f"status/cell-{n:05d}: skipped (a bad field)" for n in range(cells)),
+    )
+
+
+def table_rows(comment: str, header: str) -> list[str]:
+    """The rows of the table whose header line starts with `header`."""
+    lines = comment.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    columns = lines[start].count("|")
+    assert all(r.count("|") == columns for r in rows), "a row cut mid-table"
+    return rows
+
+
+@pytest.mark.parametrize("limit", [COMMENT_LIMIT, 20_000])
+def test_a_ten_thousand_cell_change_summarises_within_the_comment_limit(limit):
+    report = fleet_change()
+    comment = render_markdown(report, limit)
+    assert len(comment) <= limit < 65_536
+    assert comment.startswith(MARKER)
+    assert "**Plan: 10,000 cells change, 0 containers gain access, 250,000 lose access;" in comment
+    # Counts per kind of change, for all of it.
+    counts = dict(r.removesuffix(" |").split(" | ")[:2] for r in table_rows(comment, "| change |"))
+    assert counts["| cells changing"] == "10,000 of 10,000"
+    assert counts["| chains created / updated / destroyed"] == "10,000 / 10,000 / 0"
+    assert counts["| principals losing access (containers)"] == "10,000 (250,000)"
+    assert counts["| cells whose mass-revoke gate refuses"] == "10,000"
+    # The first cells in the plan's order, and a closing row saying how many more.
+    rows = table_rows(comment, "| cell | containers |")
+    *listed, more = rows
+    shown = [r.split(" | ")[0].removeprefix("| ") for r in listed]
+    assert shown == [c.cell for c in report.diff.changed_cells[: len(shown)]] and shown
+    assert f"| … and {10_000 - len(shown):,} more changed cells (the full report) |" in more
+    # The first principals in the plan's order, and a line saying how many more.
+    firsts = [p.name for p in report.diff.principals[:3]]
+    assert all(f"<b>{name}</b>" in comment for name in firsts)
+    assert re.search(r"^- … and [\d,]+ more access changes \(the full report\)$", comment, re.M)
+    # Lists that grow with the fleet are bounded, and say how much is left out.
+    assert "> **And 9,970 more cells over CF's rule limits** (0 of them errors)" in comment
+    assert "> **And 9,970 more warnings:** see the full report." in comment
+    assert "| and 9970 more | | | |" in comment  # the gate table
+    assert "Cut to fit one comment" in comment and "log and artifact" in comment
+
+
+def test_a_huge_finding_list_and_long_warnings_still_fit():
+    findings = tuple(
+        Finding(
+            f"security-groups/g{n}.yaml",
+            3,
+            5,
+            "error",
+            "SecurityGroup",
+            f"g{n}",
+            "rules",
+            "destination is not an address " + "x" * 300,
+        )
+        for n in range(5_000)
+    )
+    failed = PlanReport(
+        Revision("main", "b" * 40), Revision("pr", "a" * 40), "policies", "", head_findings=findings
+    )
+    comment = render_markdown(failed)
+    assert len(comment) <= COMMENT_LIMIT and "more: asgctl validate lists all" in comment
+    report = replace(fleet_change(40), warnings=("w" * 100_000,) * 40)
+    comment = render_markdown(report)
+    assert len(comment) <= COMMENT_LIMIT
+    assert "(98,500 more characters in the full report)" in comment
