@@ -26,7 +26,13 @@ from reconciler.cli_inputs import (
     gate_settings_or_exit,
     policy_or_exit,
 )
-from reconciler.cli_options import backend_option, format_option, variant_option
+from reconciler.cli_options import (
+    backend_option,
+    format_option,
+    status_repo_options,
+    status_repos_or_exit,
+    variant_option,
+)
 from reconciler.core.cellplan import PlanError
 from reconciler.core.compile import compile_cell
 from reconciler.core.endpoint import parse_endpoint
@@ -489,6 +495,13 @@ def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> N
     "-min and -trailer, for cells whose status branch does not report them.  "
     "[default: the agent's defaults]",
 )
+@status_repo_options
+@click.option(
+    "--status-cache",
+    default=None,
+    help="With --status-url: keep the fetched status branches (and each file's parse) in "
+    "this folder between runs, so a run fetches and parses only what changed.",
+)
 @format_option("text", "markdown", "json")
 @click.option(
     "--detailed-exitcode",
@@ -501,6 +514,9 @@ def plan_cmd(
     policies: str,
     inventory: tuple[str, ...],
     agent_config: str | None,
+    status_url: str | None,
+    status_shards: int,
+    status_cache: str | None,
     fmt: str,
     detailed_exitcode: bool,
 ) -> None:
@@ -517,7 +533,15 @@ def plan_cmd(
     from reconciler.ci.report import render
 
     gate = gate_settings_or_exit(agent_config)
-    report = run_plan(policies, base, head, inventory, gate, agent_config or "")
+    status = None
+    if status_url is not None:
+        from reconciler.sources.inventories import StatusBranches
+
+        repos = status_repos_or_exit(status_url, status_shards, status_url)
+        status = StatusBranches(".", remote=repos, cache=status_cache)
+    elif status_shards != 1 or status_cache is not None:
+        raise click.UsageError("--status-shards and --status-cache go with --status-url")
+    report = run_plan(policies, base, head, inventory, gate, agent_config or "", status)
     click.echo(render(report, fmt), nl=False)
     sys.exit(report.exit_code(detailed_exitcode))
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from reconciler.status.fetch import StatusRepos
 
 
 def format_option(*choices: str, help: str | None = None) -> Callable[[Any], Any]:
@@ -67,7 +70,7 @@ def status_repo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
-def status_repos_or_exit(url: str | None, shards: int, default: str) -> Any:
+def status_repos_or_exit(url: str | None, shards: int, default: str) -> StatusRepos:
     """The `StatusRepos` the two options name (`default` when no URL is given); a usage
     error naming the option when they do not fit together."""
     from reconciler.status.fetch import StatusRepos
