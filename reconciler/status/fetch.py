@@ -233,7 +233,10 @@ def _git(repo: Path, *args: str, url: str = "", timeout: float = 120.0) -> str:
     try:
         return gitio.run_git(repo, *args, timeout=timeout, error=FetchError)
     except FetchError as exc:
-        raise FetchError(gitio.redacted(str(exc), url) if url else str(exc)) from None
+        if not url:
+            raise
+        said = gitio.redacted(str(exc), url)
+        raise FetchError(f"{gitio.redact_url(url)}: {said}") from None
 
 
 def fetch_shards(
@@ -386,12 +389,13 @@ def read_cells(
         if info is None or info.type != "blob":
             results[i] = CellStatus(cell, ref, error=f"{origin}: no such file")
             continue
-        total += info.size
         oids.add(info.oid)
         if info.size > budget.max_blob:
             error = f"{origin}: {info.size} bytes, over the limit of {budget.max_blob} bytes"
             results[i] = CellStatus(cell, ref, error=error)
-        elif total > budget.max_total:
+            continue
+        total += info.size
+        if total > budget.max_total:
             error = (
                 f"{origin}: not read: the status files read so far pass the read's budget "
                 f"of {budget.max_total} bytes"
