@@ -165,6 +165,7 @@ def main() -> None:
         child(args.child, args.policy, args.template, args.child_shards, args.cache)
         return
     shards = [int(s) for s in args.shards.split(",")]
+    measured = revision()  # now: later edits to the work tree are not what ran
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="status-read-") as tmp:
         work = Path(tmp)
@@ -195,12 +196,15 @@ def main() -> None:
         finally:
             daemon.stop()
     if args.record:
-        record(args, made, runs)
+        record(args, made, runs, measured)
 
 
-def record(args: argparse.Namespace, made: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+def record(
+    args: argparse.Namespace, made: dict[str, Any], runs: list[dict[str, Any]], measured: str
+) -> None:
     lines = [
-        f"Machine: {machine()}; git {git('--version').split()[-1]}; commit measured {revision()}.",
+        f"Machine: {machine()} (end of the run); git {git('--version').split()[-1]}; "
+        f"commit measured {measured}.",
         f"Fleet: {args.cells:,} cells x {args.containers} containers, one status document "
         f"{made['doc_bytes']:,} bytes each (fleet_sim.status_text), made by `fleet_sim.prefill` "
         f"in {made['prefill_s']} s ({made['seed_mib']} MiB packed); between the warm and the "
