@@ -427,3 +427,25 @@ def test_agents_push_to_their_shard_and_the_waves_and_readers_find_them_there(
     result = CliRunner().invoke(main, [*args, "--status-shards", "2", "--format", "json"])
     assert result.exit_code == 0, result.output
     assert [c["cell"] for c in json.loads(result.output)["cells"]] == ["canary-1", "late-1"]
+
+
+def test_notify_reads_the_status_repositories(shards: Shards, tmp_path: Path) -> None:
+    from reconciler.notify.run import Settings, notify_once
+    from reconciler.notify.sinks import GitHubStatuses
+    from tests.notifykit import FakeGitHub
+
+    work = init_repo(tmp_path / "work")
+    write_tree(work, {"policies/sg.yaml": sg("web", [])})
+    sha = commit_all(work, "policy")
+    for cell in ("cell-1", "cell-2"):
+        shards.push(cell, status(cell, lastAppliedRevision=f"main@sha1:{sha}"))
+    with FakeGitHub() as github:
+        sink = GitHubStatuses("acme/policy", "ghp_notify_test_token_0123456789", api=github.url)
+        report = notify_once(
+            Settings(str(work), tmp_path / "notify.json", github=sink, status=shards.repos)
+        )
+        assert report.ok, report.failed
+        assert sorted(json.loads(s.body)["context"] for s in github.seen) == [
+            "asgctl/cell-1",
+            "asgctl/cell-2",
+        ]

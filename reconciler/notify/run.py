@@ -51,6 +51,8 @@ class Settings:
     webhook: Webhook | None = None
     max_cells: int = MAX_CELLS
     retry: Retry = field(default_factory=Retry)
+    status: StatusRepos | None = None
+    """Where the status branches are (`--status-url`); None: the policy repository."""
 
 
 @dataclass
@@ -99,7 +101,8 @@ def read_notices(settings: Settings) -> tuple[list[str], list[Notice], list[Skip
     """Every listed cell (up to `max_cells`), the notices of those that have one, and the
     branches skipped; FetchError when the remote cannot be read."""
     with status_cache(settings.cache) as repo:
-        got = read_remote(repo, StatusRepos(settings.source), HEADER, limit=settings.max_cells)
+        repos = settings.status or StatusRepos(settings.source)
+        got = read_remote(repo, repos, HEADER, limit=settings.max_cells)
     listed = [c.cell for c in got.cells]
     notices: list[Notice] = []
     skipped: list[Skipped] = []
