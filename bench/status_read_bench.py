@@ -16,8 +16,9 @@ in a fresh interpreter, through the product's own code:
 
 each **cold** (an empty cache), **warm** (nothing changed), and **changed** (after
 `--changed` cells pushed a new status with the agent's own `StatusWriter`).  Wall time, the
-files parsed, and peak RSS (the reader's, and its largest child's: git or a forked parse
-worker) are recorded.
+files parsed, and peak RSS are recorded: the reader's own (VmHWM), and its largest child's
+(git or a forked parse worker; `ru_maxrss`, which Linux carries across exec, so a git child
+counts the reader's RSS at the moment it was started: an upper bound).
 
     python bench/status_read_bench.py --cells 10000 --containers 250 --shards 1,4 --record
 
@@ -129,11 +130,20 @@ def child(reader: str, policy: str, template: str, shards: int, cache: str) -> N
     seconds = time.perf_counter() - t0
     kept = list((Path(cache) / "asgctl-parsed").rglob("*.json"))
     parsed = sum(1 for p in kept if p.stat().st_mtime >= started)
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    own = _peak_rss_mib()
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     figures = {"seconds": seconds, "cells": cells, "errors": errors, "parsed": parsed,
                "parses_kept": len(kept), "rss_mib": own, "child_rss_mib": kids}  # fmt: skip
     print(json.dumps(figures))
+
+
+def _peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM).  Not `ru_maxrss`: Linux keeps that across
+    exec, so a reader started by this script would inherit the fleet builder's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(reader: str, policy: str, template: str, shards: int, cache: Path) -> dict[str, Any]:

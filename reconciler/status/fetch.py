@@ -5,22 +5,24 @@ Every fleet reader comes through here -- `asgctl status`, `asgctl plan --invento
 in the policy repository (the default) or in separate status repositories, sharded by cell
 name (`StatusRepos`: the agent's `status-url` and `status-shards`).  A read:
 
-1. **fetch** (`read_remote`; `read_local` reads a clone's refs as they are): per
-   repository, one `git ls-remote` of `refs/heads/<prefix>*`, whose count is held to the
-   budget before anything is written, then one fetch of those branches into the cache, a
-   bare repository (a temporary one, or a folder kept between runs):
-   `+refs/heads/<prefix>*:refs/shards/<i>/<prefix>*`, depth 1 (a status branch is one root
-   commit; a pusher's deep history is not fetched) and `--prune` (a deleted branch is
-   gone).  git negotiates with what the cache holds, so a warm read transfers only the
-   objects of the cells that changed: one round trip per repository, never one per cell.
+1. **list** (`read_remote`; `read_local` reads a clone's refs as they are): per repository,
+   in parallel, one `git ls-remote` of `refs/heads/<prefix>*`; their count over all shards
+   is held to the budget before anything is fetched.
 2. **route**: a branch whose name is not a cell name, or that sits in a shard its cell does
-   not hash to (`branch.shard_of`), is named in `skipped` and ignored: whoever can push to
-   one shard cannot speak for another shard's cells.
-3. **budget** (`ReadBudget`): sizes are asked of git first (`cat-file --batch-check`), then,
+   not hash to (`branch.shard_of`), is named in `skipped`, never fetched and never read:
+   whoever can push to one shard cannot speak for another shard's cells.
+3. **fetch** only what changed, into the cache, a bare repository (a temporary one, or a
+   folder kept between runs): the branches whose commit differs from the cache's
+   `refs/shards/<i>/<prefix><cell>`, named on `git fetch --stdin` (by the pattern when more
+   than `MAX_NAMED` changed, as on a cold read), one commit deep (a
+   status branch is one root commit; a pusher's deep history is not fetched), one fetch per
+   repository; branches no longer listed are deleted from the cache.  A warm read of an
+   unchanged fleet is one `ls-remote` per repository, never a round trip per cell.
+4. **budget** (`ReadBudget`): sizes are asked of git first (`cat-file --batch-check`), then,
    in cell order, a blob over `max_blob` or past `max_total` bytes summed over the read is
    that cell's error and is never read.  Sizes count whether or not the parse is cached, so
    which cells are refused never depends on the cache.
-4. **parse, cached by blob id** (`Parse`, `ParsedStore`): a parse turns one blob into a
+5. **parse, cached by blob id** (`Parse`, `ParsedStore`): a parse turns one blob into a
    JSON value; values are kept per `kind` (which names the parse and its version) under
    `<cache>/asgctl-parsed/`, so a warm read parses only the blobs that changed.  Blobs are
    read in chunks of at most `CHUNK_BYTES` (memory stays bounded whatever the fleet) and
@@ -39,6 +41,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,12 @@ MAX_BRANCHES = 20_000
 """Status branches one read accepts over all shards: more is not a fleet, it is someone
 pushing refs."""
 _MIN_JOBS_PER_WORKER = 64
+MAX_PARALLEL = 8
+"""Status repositories listed at once."""
+MAX_NAMED = 200
+"""Changed branches fetched by name at most; more are fetched by the pattern (git matches
+named refspecs against the listing one by one: 10,000 names take a minute, the pattern
+three seconds) and what the listing did not want is deleted after."""
 
 
 class FetchError(Exception):
@@ -239,85 +248,123 @@ def _git(repo: Path, *args: str, url: str = "", timeout: float = 120.0) -> str:
         raise FetchError(f"{gitio.redact_url(url)}: {said}") from None
 
 
-def fetch_shards(
-    repo: Path, repos: StatusRepos, budget: ReadBudget = DEFAULT_BUDGET, timeout: float = 120.0
-) -> list[str]:
-    """Bring every shard's status branches into `repo` (step 1 of the module docstring):
-    the refs the cache then holds, `refs/shards/<i>/<prefix><name>`, sorted."""
+@dataclass(frozen=True)
+class _Listing:
+    """One shard's `ls-remote`: the branches to hold (`{cache ref: commit}`), the branches
+    named and ignored, and how many status branches the shard listed in all."""
+
+    wanted: dict[str, str]
+    skipped: list[str]
+    listed: int
+
+
+def _list_shard(repo: Path, repos: StatusRepos, shard: int, timeout: float) -> _Listing:
+    """Step 2 of the module docstring at listing time: only branches of cells that hash to
+    `shard` are wanted; the server's words (names, ids) are checked before git sees them."""
+    url = shard_url(repos.url, shard)
     heads = f"refs/heads/{repos.prefix}"
-    listed = 0
-    for i, url in enumerate(repos.urls()):
-        shown = gitio.redact_url(url)
-        out = _git(repo, "ls-remote", "--refs", "--", url, f"{heads}*", url=url, timeout=timeout)
-        count = sum(1 for line in out.splitlines() if line.partition("\t")[2].startswith(heads))
-        listed += count
-        if listed > budget.max_branches:
-            raise FetchError(
-                f"{shown}: {listed} status branches, over the limit of {budget.max_branches}"
-            )
-        local = f"{SHARDS_REFS}{i}/{repos.prefix}"
-        if count:
-            _git(
-                repo,
-                "fetch",
-                "--quiet",
-                "--no-tags",
-                "--prune",
-                "--no-write-fetch-head",
-                "--depth=1",
-                "--",
-                url,
-                f"+{heads}*:{local}*",
-                url=url,
-                timeout=timeout,
-            )
-        else:  # no fetch, so no prune: forget what the shard used to hold
-            _drop_refs(repo, _under(local))
-    # Shards a smaller `status-shards` no longer has, and whatever else is in the namespace.
-    wanted = tuple(f"{SHARDS_REFS}{i}/{repos.prefix}" for i in range(repos.shards))
-    _drop_refs(repo, lambda ref: not ref.startswith(wanted))
-    return _refs(repo)
-
-
-def _under(prefix: str) -> Callable[[str], bool]:
-    return lambda ref: ref.startswith(prefix)
-
-
-def _refs(repo: Path) -> list[str]:
-    out = _git(repo, "for-each-ref", "--format=%(refname)", "--", SHARDS_REFS)
-    return sorted(out.split())
-
-
-def _drop_refs(repo: Path, drop: Callable[[str], bool]) -> None:
-    """Delete the cache's shard refs `drop` picks, in one `update-ref --stdin`."""
-    gone = [ref for ref in _refs(repo) if drop(ref)]
-    if gone:
-        commands = "".join(f"delete {ref}\0\0" for ref in gone)
-        gitio.run_git(
-            repo, "update-ref", "--stdin", "-z", input=commands, timeout=120.0, error=FetchError
-        )
-
-
-def route(refs: Sequence[str], repos: StatusRepos) -> tuple[list[tuple[str, str]], list[str]]:
-    """`refs/shards/<i>/<prefix><cell>` -> (cell, ref) when the name is a cell's and the cell
-    hashes to shard i; every other branch named in the second list, with why."""
-    cells: list[tuple[str, str]] = []
+    out = _git(repo, "ls-remote", "--refs", "--", url, f"{heads}*", url=url, timeout=timeout)
+    wanted: dict[str, str] = {}
     skipped: list[str] = []
-    for ref in refs:
-        shard_text, _, branch = ref[len(SHARDS_REFS) :].partition("/")
-        cell = branch[len(repos.prefix) :]
-        where = f"{branch} in {gitio.redact_url(shard_url(repos.url, int(shard_text)))}"
-        if not CELL_NAME.match(cell):
+    listed = 0
+    shown = gitio.redact_url(url)
+    for line in out.splitlines():
+        sha, _, ref = line.partition("\t")
+        if not ref.startswith(heads):
+            continue
+        listed += 1
+        cell = ref[len(heads) :]
+        where = f"{repos.prefix}{cell} in {shown}"
+        if not CELL_NAME.match(cell) or ".." in cell or cell.endswith((".lock", ".")):
             skipped.append(f"{where}: cell name {cell!r} must match {CELL_NAME.pattern}")
-        elif shard_of(cell, repos.shards) != int(shard_text):
+        elif shard_of(cell, repos.shards) != shard:
             home = shard_of(cell, repos.shards)
             skipped.append(
                 f"{where}: cell {cell} belongs in shard {home} of {repos.shards}, not shard "
-                f"{shard_text}: ignored"
+                f"{shard}: ignored"
             )
+        elif not gitio.FULL_SHA.fullmatch(sha):
+            skipped.append(f"{where}: the server listed {sha[:80]!r}, not an object id")
         else:
-            cells.append((cell, ref))
-    return sorted(cells), skipped
+            wanted[f"{SHARDS_REFS}{shard}/{repos.prefix}{cell}"] = sha
+    return _Listing(wanted, skipped, listed)
+
+
+def fetch_shards(
+    repo: Path, repos: StatusRepos, budget: ReadBudget = DEFAULT_BUDGET, timeout: float = 120.0
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Bring every shard's status branches into `repo` (steps 1 and 2 of the module
+    docstring): `[(cell, cache ref)]` sorted by cell, and the branches named and ignored.
+
+    Every shard is listed (in parallel); over `max_branches` in all, nothing is fetched.
+    Then only branches whose commit differs from the cache's are fetched, by name, and the
+    cache's branches no shard lists any more are deleted: a warm read of an unchanged fleet
+    is one `ls-remote` per repository."""
+    with ThreadPoolExecutor(max_workers=min(repos.shards, MAX_PARALLEL)) as pool:
+        listings = list(
+            pool.map(lambda i: _list_shard(repo, repos, i, timeout), range(repos.shards))
+        )
+    listed = sum(x.listed for x in listings)
+    if listed > budget.max_branches:
+        raise FetchError(
+            f"{repos.shown}: {listed} status branches, over the limit of {budget.max_branches}"
+        )
+    held = _held(repo)
+    wanted = {ref: sha for x in listings for ref, sha in x.wanted.items()}
+    for shard, x in enumerate(listings):  # one after the other: depth 1 locks `shallow`
+        changed = [ref for ref, sha in x.wanted.items() if held.get(ref) != sha]
+        if len(changed) > MAX_NAMED:
+            _fetch(repo, repos, shard, [f"{SHARDS_REFS}{shard}/{repos.prefix}*"], timeout)
+        elif changed:
+            _fetch(repo, repos, shard, changed, timeout)
+    _delete_refs(repo, [ref for ref in _held(repo) if ref not in wanted])
+    prefix = len(SHARDS_REFS)
+    cells = sorted((ref[prefix:].partition("/")[2][len(repos.prefix) :], ref) for ref in wanted)
+    return cells, [m for x in listings for m in x.skipped]
+
+
+def _fetch(repo: Path, repos: StatusRepos, shard: int, refs: list[str], timeout: float) -> None:
+    """Exactly `refs` (cache names, or one `<prefix>*` pattern) of `shard`, one commit
+    deep, named on stdin."""
+    if not refs:
+        return
+    url = shard_url(repos.url, shard)
+    local = f"{SHARDS_REFS}{shard}/"
+    specs = "".join(f"+refs/heads/{ref[len(local) :]}:{ref}\n" for ref in refs)
+    try:
+        gitio.run_git(
+            repo,
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-write-fetch-head",
+            "--depth=1",
+            "--stdin",
+            "--",
+            url,
+            input=specs,
+            timeout=timeout,
+            error=FetchError,
+        )
+    except FetchError as exc:
+        said = gitio.redacted(str(exc), url)
+        raise FetchError(f"{gitio.redact_url(url)}: {said}") from None
+
+
+def _held(repo: Path) -> dict[str, str]:
+    """`{cache ref: commit}` of everything under `refs/shards/`."""
+    out = _git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "--", SHARDS_REFS)
+    pairs = (line.split(" ", 1) for line in out.splitlines() if " " in line)
+    return {ref: sha for sha, ref in pairs}
+
+
+def _delete_refs(repo: Path, refs: Sequence[str]) -> None:
+    """Delete cache refs in one `update-ref --stdin` (their objects go at the next gc)."""
+    if refs:
+        commands = "".join(f"delete {ref}\0\0" for ref in refs)
+        gitio.run_git(
+            repo, "update-ref", "--stdin", "-z", input=commands, timeout=120.0, error=FetchError
+        )
 
 
 def read_remote(
@@ -335,7 +382,7 @@ def read_remote(
     of `repos` (with `limit`, the first `limit` cells by name; the rest are counted in
     `more`).  `store` defaults to one kept inside `repo`.  FetchError when a shard cannot be
     read."""
-    cells, skipped = route(fetch_shards(repo, repos, budget, timeout), repos)
+    cells, skipped = fetch_shards(repo, repos, budget, timeout)
     store = store if store is not None else ParsedStore(repo / PARSED_DIR)
     more = max(0, len(cells) - limit) if limit is not None else 0
     batch = read_cells(repo, cells[: len(cells) - more], parse, budget, store, workers, skipped)
@@ -375,7 +422,7 @@ def read_cells(
     workers: int = 1,
     skipped: Sequence[str] = (),
 ) -> StatusBatch:
-    """Steps 3 and 4 of the module docstring for `[(cell, ref)]` of `repo`."""
+    """Steps 4 and 5 of the module docstring for `[(cell, ref)]` of `repo`."""
     try:
         infos = gitio.blob_sizes(repo, [blob_spec(ref) for _c, ref in cells])
     except OSError as exc:
