@@ -27,6 +27,7 @@ from reconciler.agent.config import ConfigError, build_config
 from reconciler.agent.fleet import read_fleet
 from reconciler.agent.peers import PeerReader
 from reconciler.cli import main
+from reconciler.status import fetch as status_fetch
 from reconciler.status.branch import shard_of, shard_url
 from reconciler.status.fetch import (
     PARSED_DIR,
@@ -159,9 +160,13 @@ def test_a_status_push_that_fails_never_shows_the_urls_credentials(tmp_path: Pat
 # -- the reader: routing, cache, budget --------------------------------------------------------
 
 
+@pytest.mark.parametrize("named", [200, 0], ids=["by-name", "by-pattern"])
 def test_every_shard_is_read_and_a_branch_in_the_wrong_shard_is_named_and_ignored(
-    shards: Shards, tmp_path: Path
+    shards: Shards, tmp_path: Path, named: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Few changed branches are fetched by name, many by the pattern (then the branches the
+    # listing did not want are deleted from the cache): both end in the same read.
+    monkeypatch.setattr(status_fetch, "MAX_NAMED", named)
     cells = [f"cell-{i}" for i in range(9)]
     for cell in cells:
         shards.push(cell, status(cell))
@@ -173,9 +178,11 @@ def test_every_shard_is_read_and_a_branch_in_the_wrong_shard_is_named_and_ignore
     shards.push(victim, forged, url=shard_url(shards.repos.url, 0))
     ghost = next(f"ghost-{i}" for i in range(50) if shard_of(f"ghost-{i}", 3) == 1)
     shards.push(ghost, status(ghost), url=shard_url(shards.repos.url, 0))
-    with status_cache(None) as repo:
+    with status_cache(tmp_path / "cache.git") as repo:
         batch = read_remote(repo, shards.repos, HEADER)
     assert [c.cell for c in batch.cells] == cells and not any(c.error for c in batch.cells)
+    held = git("--git-dir", str(tmp_path / "cache.git"), "for-each-ref", "--format=%(refname)")
+    assert sorted(r.rsplit("/", 1)[1] for r in held.split()) == cells  # no forged branch kept
     assert {c.cell: c.value["lastAppliedRevision"] for c in batch.cells}[victim] == REV
     assert len(batch.skipped) == 2
     said = " ".join(batch.skipped)
