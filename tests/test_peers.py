@@ -88,7 +88,9 @@ def test_too_many_branches_or_an_unreachable_source_holds_the_waves(
     url, _bare = origin
     for i in range(3):
         _push(url, tmp_path, f"status/c{i}", _status(f"c{i}", REV, "True", "Ok"))
-    fleet = PeerReader(StatusRepos(url), tmp_path / "p1.git", budget=ReadBudget(max_branches=2)).read()
+    fleet = PeerReader(
+        StatusRepos(url), tmp_path / "p1.git", budget=ReadBudget(max_branches=2)
+    ).read()
     assert fleet.cells == () and fleet.error.endswith(": 3 status branches, over the limit of 2")
     secret = "http://ops:hunter2@127.0.0.1:9/policy.git"
     fleet = PeerReader(StatusRepos(secret), tmp_path / "p2.git", timeout=10).read()
