@@ -26,7 +26,13 @@ from reconciler.cli_inputs import (
     gate_settings_or_exit,
     policy_or_exit,
 )
-from reconciler.cli_options import backend_option, format_option, variant_option
+from reconciler.cli_options import (
+    backend_option,
+    format_option,
+    status_repo_options,
+    status_repos_or_exit,
+    variant_option,
+)
 from reconciler.core.cellplan import PlanError
 from reconciler.core.compile import compile_cell
 from reconciler.core.endpoint import parse_endpoint
@@ -506,6 +512,13 @@ def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> N
     "-min and -trailer, for cells whose status branch does not report them.  "
     "[default: the agent's defaults]",
 )
+@status_repo_options
+@click.option(
+    "--status-cache",
+    default=None,
+    help="With --status-url: keep the fetched status branches (and each file's parse) in "
+    "this folder between runs, so a run fetches and parses only what changed.",
+)
 @format_option("text", "markdown", "json")
 @click.option(
     "--detailed-exitcode",
@@ -536,6 +549,9 @@ def plan_cmd(
     policies: str,
     inventory: tuple[str, ...],
     agent_config: str | None,
+    status_url: str | None,
+    status_shards: int,
+    status_cache: str | None,
     fmt: str,
     detailed_exitcode: bool,
     shard: str | None,
@@ -564,6 +580,14 @@ def plan_cmd(
     if parts:
         fail("plan: partial results are given only with --merge")
     gate = gate_settings_or_exit(agent_config)
+    status = None
+    if status_url is not None:
+        from reconciler.sources.inventories import StatusBranches
+
+        repos = status_repos_or_exit(status_url, status_shards, status_url)
+        status = StatusBranches(".", remote=repos, cache=status_cache)
+    elif status_shards != 1 or status_cache is not None:
+        raise click.UsageError("--status-shards and --status-cache go with --status-url")
     part = None
     if shard is not None:
         from reconciler.ci.partition import Shard, ShardError
@@ -574,7 +598,9 @@ def plan_cmd(
             part = Shard.parse(shard)
         except ShardError as exc:
             fail(str(exc))
-    report = run_plan(policies, base, head, inventory, gate, agent_config or "", part)
+    report = run_plan(
+        policies, base, head, inventory, gate, agent_config or "", shard=part, status=status
+    )
     if part is not None:
         from reconciler.ci.partial import dump_partial
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from reconciler.status.fetch import StatusRepos
 
 
 def format_option(*choices: str, help: str | None = None) -> Callable[[Any], Any]:
@@ -47,3 +50,32 @@ def backend_option(help: str) -> Callable[[Any], Any]:
         show_default=True,
         help=help,
     )
+
+
+def status_repo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--status-url` and `--status-shards`, as the agents' `status-url` and `status-shards`
+    name where they push (readers must be given the same two, or they look elsewhere)."""
+    fn = click.option(
+        "--status-shards",
+        type=click.IntRange(1, 1024),
+        default=1,
+        show_default=True,
+        help="Status repositories the fleet is spread over (the agents' status-shards).",
+    )(fn)
+    return click.option(
+        "--status-url",
+        default=None,
+        help="Status repository the agents push to (their status-url), with {shard} for "
+        "each shard's number.  [default: the policy repository]",
+    )(fn)
+
+
+def status_repos_or_exit(url: str | None, shards: int, default: str) -> StatusRepos:
+    """The `StatusRepos` the two options name (`default` when no URL is given); a usage
+    error naming the option when they do not fit together."""
+    from reconciler.status.fetch import StatusRepos
+
+    try:
+        return StatusRepos(url or default, shards)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None

@@ -100,6 +100,12 @@ EVERY_SETTING: dict[str, tuple[str, Any, Any]] = {
     "heal_drift": ("heal_drift", False, False),
     "status_push": ("status_push", False, False),
     "status_branch_prefix": ("status_branch_prefix", "fleet-status/", "fleet-status/"),
+    "status_url": (
+        "status_url",
+        "ssh://git@git.example.internal/platform/status-{shard}.git",
+        "ssh://git@git.example.internal/platform/status-{shard}.git",
+    ),
+    "status_shards": ("status_shards", 8, 8),
     "heartbeat": ("heartbeat", "5m", 300.0),
     "status_min_interval": ("status_min_interval", "2s", 2.0),
     "metrics_listen": ("metrics_listen", "127.0.0.1:9999", "127.0.0.1:9999"),

@@ -13,6 +13,7 @@ from asgctl_lab.gitserver import git
 from reconciler.agent.peers import PeerReader
 from reconciler.agent.rollout import CellReport
 from reconciler.status.document import MAX_STATUS_BYTES
+from reconciler.status.fetch import ReadBudget, StatusRepos
 from reconciler.status.write import StatusWriter
 
 pytestmark = pytest.mark.requires("git")
@@ -54,7 +55,7 @@ def test_each_cell_is_read_as_its_status_says(origin: tuple[str, Path], tmp_path
         "status/canary-2",
         _status("canary-2", "main@sha1:" + "a" * 40, "False", "UnsignedCommit", refused=refused),
     )
-    fleet = PeerReader(url, "status/", tmp_path / "peers.git").read()
+    fleet = PeerReader(StatusRepos(url), tmp_path / "peers.git").read()
     assert fleet.error is None
     assert fleet.cells == (
         CellReport("canary-1", REV, REV, "", "True", "Ok"),
@@ -70,7 +71,7 @@ def test_a_hostile_branch_costs_only_its_own_cell(origin: tuple[str, Path], tmp_
     _push(url, tmp_path, "status/huge", "x: " + "y" * (MAX_STATUS_BYTES + 10) + "\n")
     _push(url, tmp_path, "status/bad", _status("bad", REV, "True", "Ok", conditions="no"))
     _push(url, tmp_path, "status/nested/x", _status("x", REV, "True", "Ok"))  # no cell name
-    fleet = PeerReader(url, "status/", tmp_path / "peers.git").read()
+    fleet = PeerReader(StatusRepos(url), tmp_path / "peers.git").read()
     assert fleet.error is None
     by_cell = {r.cell: r for r in fleet.cells}
     assert set(by_cell) == {"good", "list", "bomb", "huge", "bad"}
@@ -87,10 +88,12 @@ def test_too_many_branches_or_an_unreachable_source_holds_the_waves(
     url, _bare = origin
     for i in range(3):
         _push(url, tmp_path, f"status/c{i}", _status(f"c{i}", REV, "True", "Ok"))
-    fleet = PeerReader(url, "status/", tmp_path / "p1.git", max_peers=2).read()
-    assert fleet.cells == () and fleet.error == "3 status branches, over the limit of 2"
+    fleet = PeerReader(
+        StatusRepos(url), tmp_path / "p1.git", budget=ReadBudget(max_branches=2)
+    ).read()
+    assert fleet.cells == () and fleet.error.endswith(": 3 status branches, over the limit of 2")
     secret = "http://ops:hunter2@127.0.0.1:9/policy.git"
-    fleet = PeerReader(secret, "status/", tmp_path / "p2.git", timeout=10).read()
+    fleet = PeerReader(StatusRepos(secret), tmp_path / "p2.git", timeout=10).read()
     assert fleet.cells == () and fleet.error
     assert "hunter2" not in fleet.error
 
@@ -99,9 +102,9 @@ def test_branches_that_are_gone_are_forgotten(origin: tuple[str, Path], tmp_path
     url, bare = origin
     for cell in ("a", "b"):
         _push(url, tmp_path, f"status/{cell}", _status(cell, REV, "True", "Ok"))
-    reader = PeerReader(url, "status/", tmp_path / "peers.git")
+    reader = PeerReader(StatusRepos(url), tmp_path / "peers.git")
     assert [r.cell for r in reader.read().cells] == ["a", "b"]
     git("--git-dir", str(bare), "update-ref", "-d", "refs/heads/status/b")
     assert [r.cell for r in reader.read().cells] == ["a"]
     refs = git("--git-dir", str(tmp_path / "peers.git"), "for-each-ref", "--format=%(refname)")
-    assert refs.split() == ["refs/remotes/origin/status/a"]
+    assert refs.split() == ["refs/shards/0/status/a"]

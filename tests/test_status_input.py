@@ -382,12 +382,9 @@ def test_asgctl_status_reports_each_hostile_branch_and_escapes_terminal_text(
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(tuple(files))}
     assert rows["a-good"].split()[1] == "True"
     notes = "\n".join(out.splitlines())
-    assert "b-bomb: refs/remotes/origin/status/b-bomb:status.yaml" in notes and "expands" in notes
-    assert "c-types: refs/remotes/origin/status/c-types:status.yaml: counts.installedRules" in notes
-    assert (
-        "e-big: refs/remotes/origin/status/e-big:status.yaml: " in notes
-        and "over the limit" in notes
-    )
+    assert "b-bomb: refs/shards/0/status/b-bomb:status.yaml" in notes and "expands" in notes
+    assert "c-types: refs/shards/0/status/c-types:status.yaml: counts.installedRules" in notes
+    assert "e-big: refs/shards/0/status/e-big:status.yaml: " in notes and "over the limit" in notes
     as_json = CliRunner().invoke(main, ["status", "--source", url, "--format", "json"])
     assert as_json.exit_code == 3 and "\x1b" not in as_json.output
     by_cell = {c["cell"]: c for c in json.loads(as_json.output)["cells"]}

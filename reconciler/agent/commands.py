@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from reconciler.cli_options import format_option
+from reconciler.cli_options import format_option, status_repo_options, status_repos_or_exit
 
 
 def _opt(*names: str, **kwargs: Any) -> Any:
@@ -60,6 +60,12 @@ def _opt(*names: str, **kwargs: Any) -> Any:
 @_opt("--policy-tests", help="PolicyTests of a new head: enforce, warn or off.  [default: warn]")
 @_opt("--heal-drift/--no-heal-drift", help="Repair changes made by others.  [default: on]")
 @_opt("--status-push/--no-status-push", help="Write status/<cell>.  [default: on]")
+@_opt(
+    "--status-url",
+    help="Push status to this repository instead of the policy repository; {shard} in it "
+    "is the cell's shard (see --status-shards).  [default: the policy repository]",
+)
+@_opt("--status-shards", type=int, help="Status repositories the fleet uses.  [default: 1]")
 @_opt("--heartbeat", help="Push an unchanged status this often.  [default: 10m]")
 @_opt("--status-min-interval", help="Merge status pushes closer than this.  [default: 1s]")
 @_opt("--metrics-listen", help="Serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9465).")
@@ -98,9 +104,22 @@ def agent_cmd(config_file: str | None, **flags: Any) -> None:
 @click.command("status")
 @click.option("--source", required=True, help="Policy repository URL.")
 @click.option("--branch", default="main", show_default=True, help="Policy branch.")
-@click.option("--cache", default=None, help="Keep a bare repository here between runs.")
+@click.option(
+    "--cache",
+    default=None,
+    help="Keep a bare repository here between runs: later runs fetch only the branches that "
+    "changed and reuse each file's parse.",
+)
+@status_repo_options
 @format_option("text", "json")
-def status_cmd(source: str, branch: str, cache: str | None, fmt: str) -> None:
+def status_cmd(
+    source: str,
+    branch: str,
+    cache: str | None,
+    status_url: str | None,
+    status_shards: int,
+    fmt: str,
+) -> None:
     """Every cell's status from the status/<cell> branches: applied revision, commits behind
     the branch head, last sync, Ready, drift and rule counts.
 
@@ -108,8 +127,9 @@ def status_cmd(source: str, branch: str, cache: str | None, fmt: str) -> None:
     """
     from reconciler.agent.fleet import FleetError, read_fleet, render_fleet
 
+    repos = status_repos_or_exit(status_url, status_shards, source)
     try:
-        fleet = read_fleet(source, branch, cache)
+        fleet = read_fleet(source, branch, cache, repos)
     except (FleetError, OSError) as exc:  # OSError: the --cache folder cannot be made
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

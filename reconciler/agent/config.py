@@ -42,7 +42,9 @@ from reconciler.fqdn.keeper import (
     FqdnSettings,
 )
 from reconciler.fqdn.service import parse_server
+from reconciler.sources.gitio import redact_url as redact_url  # the one spelling, re-exported
 from reconciler.status.branch import STATUS_PREFIX, branch_for
+from reconciler.status.fetch import StatusRepos
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -149,6 +151,12 @@ class AgentConfig:
     with a failing test (PolicyTestsFailed), `warn` applies it and reports the failures."""
     status_push: bool = True
     status_branch_prefix: str = STATUS_PREFIX
+    status_url: str | None = None
+    """The repository status is pushed to (unset: the policy repository, `source`); a
+    `{shard}` in it is the cell's shard of `status-shards` (`branch.shard_of`).  Credentials
+    are as the source's: in the URL (hidden in status and logs) or the SSH key."""
+    status_shards: int = 1
+    """Status repositories the fleet is spread over; every reader is given the same two."""
     heartbeat: float = 600.0
     status_min_interval: float = 1.0
     """Pushes closer together than this are merged into one (bursts of container changes)."""
@@ -241,6 +249,13 @@ class AgentConfig:
     def status_branch(self) -> str:
         return branch_for(self.cell, self.status_branch_prefix)
 
+    def status_repos(self) -> StatusRepos:
+        """Where the fleet's status branches are: this cell pushes to `url_for(cell)`, the
+        waves read them all."""
+        return StatusRepos(
+            self.status_url or self.source, self.status_shards, self.status_branch_prefix
+        )
+
     @property
     def effective_retry_cap(self) -> float:
         return self.retry_cap if self.retry_cap > 0 else max(self.interval, self.retry_base)
@@ -254,6 +269,8 @@ class AgentConfig:
         return {
             "url": redact_url(self.source),
             "branch": self.branch,
+            "statusUrl": redact_url(self.status_url or self.source),
+            "statusShards": self.status_shards,
             "policiesPath": self.policies_path,
             "interval": self.interval,
             "jitter": self.jitter,
@@ -273,11 +290,6 @@ class AgentConfig:
         }
 
 
-def redact_url(url: str) -> str:
-    """`https://user:token@host/x` -> `https://***@host/x`: status and logs are world-readable."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@]+@", r"\1***@", url)
-
-
 _KEYS = {f.name.replace("_", "-"): f.name for f in fields(AgentConfig)}
 _DURATIONS = {
     "interval",
@@ -294,6 +306,7 @@ _DURATIONS = {
 _SHARES = {"jitter", "mass_revoke_threshold"}
 _BOOLS = {"once", "allow_rewind", "heal_drift", "status_push", "flow_log_stdout", "fqdn_intercept"}
 _INTS = {
+    "status_shards",
     "flow_log_group",
     "flow_log_rate",
     "flow_log_max_aggregates",
@@ -369,6 +382,7 @@ def build_config(file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> Ag
             "netns",
             "listen_webhook",
             "webhook_secret_file",
+            "status_url",
         ):
             out[name] = None
         else:
@@ -502,6 +516,10 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError("branch: the policy branch cannot be a status branch")
     if not _BRANCH.match(cfg.status_branch):
         raise ConfigError(f"status-branch-prefix: {cfg.status_branch_prefix!r} is not usable")
+    try:
+        cfg.status_repos()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.interval <= 0:
         raise ConfigError("interval: must be longer than 0")
     if cfg.retry_base <= 0:

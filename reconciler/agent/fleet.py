@@ -1,10 +1,13 @@
-"""`asgctl status`: the fleet at a glance, read from every `status/<cell>` branch of a remote.
+"""`asgctl status`: the fleet at a glance, read from every `status/<cell>` branch.
 
-`git ls-remote` lists the branches; one fetch brings the policy branch and every status
-branch into a bare repository (a temporary one, or `--cache DIR` to fetch incrementally);
-each `status.yaml` is read straight from git objects.  "Behind" is counted on the policy
-branch's own history: how many commits the cell's applied revision is behind the head, or
-`diverged` when the applied revision is no longer in that history (a rewind).
+The branches are read by the one status reader (`reconciler.status.fetch`): from the policy
+repository, or from the status repositories the agents push to (`--status-url`, sharded
+with `--status-shards`), one batched fetch per repository into a bare repository (a
+temporary one, or `--cache DIR`, which fetches only what changed and keeps each file's
+parse by blob id).  The policy branch is fetched into the same repository, and "behind" is
+counted on its own history: how many commits the cell's applied revision is behind the
+head, or `diverged` when the applied revision is no longer in that history (a rewind).
+A branch that is no cell's, or sits in another cell's shard, is listed as skipped.
 
 Whoever can push a status branch writes what this shows, so each file is read like the plan
 reads it (`reconciler.status`: size asked of git first, the safe loader with budgets, the
@@ -15,7 +18,9 @@ so a status branch cannot move the cursor, clear the screen or forge table rows.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +28,13 @@ from typing import Any
 from reconciler.agent.config import redact_url
 from reconciler.agent.source import clip
 from reconciler.escape import visible
+from reconciler.sources import gitio
 from reconciler.sources.cellstore import InventoryError
 from reconciler.sources.gitio import run_git
 from reconciler.status.document import UnusedRule, parse_status, summarize
 from reconciler.status.document import revision_sha as _sha_of
-from reconciler.status.fetch import FetchError, fetched_status
+from reconciler.status.fetch import FetchError, StatusRepos, read_remote, status_cache
+from reconciler.status.read import HEADER
 
 
 class FleetError(Exception):
@@ -65,6 +72,8 @@ class Fleet:
     branch: str
     head: str
     cells: tuple[CellRow, ...]
+    skipped: tuple[str, ...] = ()
+    """Status branches that are no cell's (a bad name, another cell's shard), with why."""
 
     @property
     def all_ready(self) -> bool:
@@ -76,6 +85,7 @@ class Fleet:
             "branch": self.branch,
             "head": self.head,
             "cells": [asdict(c) for c in self.cells],
+            "skipped": list(self.skipped),
         }
 
 
@@ -83,40 +93,94 @@ def _git(git_dir: Path, *args: str, timeout: float = 120.0) -> str:
     return run_git(git_dir, *args, timeout=timeout, error=FleetError)
 
 
-def read_fleet(url: str, branch: str = "main", cache: str | None = None) -> Fleet:
-    """Every cell's status on the remote `url` (see the module docstring)."""
+def read_fleet(
+    url: str,
+    branch: str = "main",
+    cache: str | None = None,
+    status: StatusRepos | None = None,
+) -> Fleet:
+    """Every cell's status: its branch in `status` (default: the policy repository `url`
+    itself), the policy `branch` of `url` for "behind" (see the module docstring)."""
+    repos = status or StatusRepos(url)
     try:
-        with fetched_status(url, branch, cache) as got:
-            if not got.cells:
-                return Fleet(redact_url(url), branch, "", ())
+        with status_cache(cache) as repo:
+            batch = read_remote(repo, repos, HEADER, workers=4)
+            if not batch.cells:
+                return Fleet(redact_url(url), branch, "", (), batch.skipped)
+            head = _policy_head(repo, url, branch)
             rows = [
-                _row(got.repo, cell, spec, data, got.head)
-                for cell, spec, data in zip(got.cells, got.specs, got.blobs, strict=True)
+                _row(
+                    repo,
+                    c.cell,
+                    c.origin,
+                    c.value if not c.error else InventoryError(c.error),
+                    head,
+                )
+                for c in batch.cells
             ]
-            return Fleet(redact_url(url), branch, got.head, tuple(rows))
+            return Fleet(redact_url(url), branch, head, tuple(rows), batch.skipped)
     except FetchError as exc:
         raise FleetError(str(exc)) from None
 
 
-def _row(repo: Path, cell: str, origin: str, data: bytes | InventoryError, head: str) -> CellRow:
-    """One cell's row; a status file that cannot be used is the row's error, named."""
+def _policy_head(repo: Path, url: str, branch: str) -> str:
+    """The policy branch's head, fetched with its history into `repo`; "" when the
+    repository has no such branch."""
+    local = f"refs/remotes/origin/{branch}"
+    res = gitio.run(
+        repo,
+        "fetch",
+        "--quiet",
+        "--no-tags",
+        "--no-write-fetch-head",
+        "--",
+        url,
+        f"+refs/heads/{branch}:{local}",
+        timeout=120.0,
+    )
+    if res.returncode != 0:
+        if gitio.classify(res.stderr) == "BranchNotFound":
+            return ""
+        lines = [x.strip() for x in res.stderr.splitlines() if x.strip()]
+        said = gitio.redacted(" / ".join(lines[-3:]) or "failed", url)
+        raise FleetError(f"git fetch {redact_url(url)} {branch}: {said}")
+    head = _git(repo, "rev-parse", "--verify", "--quiet", f"{local}^{{commit}}").strip()
+    return head if gitio.FULL_SHA.fullmatch(head) else ""
+
+
+@functools.lru_cache(maxsize=256)
+def _behind(repo: Path, sha: str, head: str) -> tuple[int | None, bool]:
+    """Commits `sha` is behind `head` on the policy branch's history, or diverged.  A fleet
+    enforces a handful of revisions, so each is asked of git once, not once per cell (two
+    git processes per cell are minutes at 10,000 cells)."""
+    if not (sha and head):
+        return None, False
+    try:
+        _git(repo, "merge-base", "--is-ancestor", sha, head)
+        return int(_git(repo, "rev-list", "--count", f"{sha}..{head}").strip()), False
+    except FleetError:
+        return None, True
+
+
+def _row(
+    repo: Path,
+    cell: str,
+    origin: str,
+    data: Mapping[str, Any] | bytes | InventoryError,
+    head: str,
+) -> CellRow:
+    """One cell's row from its header (or its file's bytes); a status file that cannot be
+    used is the row's error, named."""
     try:
         if isinstance(data, InventoryError):
             raise data
-        said = summarize(parse_status(data, origin).header)
+        header = parse_status(data, origin).header if isinstance(data, bytes) else dict(data)
+        said = summarize(header)
     except InventoryError as exc:
         return CellRow(
             cell, "Unknown", "", "", "", None, False, "", "", "", 0, 0, 0, 0, "", str(exc)
         )
-    sha = _sha_of(said.applied_revision)
-    behind: int | None = None
-    diverged = False
-    if sha and head:
-        try:
-            _git(repo, "merge-base", "--is-ancestor", sha, head)
-            behind = int(_git(repo, "rev-list", "--count", f"{sha}..{head}").strip())
-        except FleetError:
-            diverged = True
+    behind, diverged = _behind(repo, _sha_of(said.applied_revision), head)
     return CellRow(
         cell=cell,
         ready=said.ready.status,
@@ -151,7 +215,9 @@ def render_fleet(fleet: Fleet, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(fleet.to_dict(), indent=2) + "\n"
     if not fleet.cells:
-        return f"no status/<cell> branches on {_shown(fleet.source)}\n"
+        said = [f"no status/<cell> branches on {_shown(fleet.source)}"]
+        said += [f"skipped {_shown(m, _NOTE_CHARS)}" for m in fleet.skipped]
+        return "\n".join(said) + "\n"
     head = fleet.head[:12] or "(missing)"
     lines = [
         f"{_shown(fleet.source)} {_shown(fleet.branch)} at {head}: {len(fleet.cells)} cells",
@@ -204,6 +270,7 @@ def render_fleet(fleet: Fleet, fmt: str) -> str:
         for c in fleet.cells
         if c.refused
     ]
+    notes += [f"skipped {_shown(m, _NOTE_CHARS)}" for m in fleet.skipped]
     if notes:
         lines.append("")
         lines.extend(notes)

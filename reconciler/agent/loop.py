@@ -150,8 +150,7 @@ class Agent:
             else None
         )
         self.peers = PeerReader(
-            cfg.source,
-            cfg.status_branch_prefix,
+            cfg.status_repos(),
             self.state_dir / "peers.git",
             timeout=cfg.git_timeout,
         )
@@ -171,7 +170,10 @@ class Agent:
         self.pusher: StatusPusher | None = None
         if cfg.status_push:
             writer = StatusWriter(
-                cfg.source, cfg.status_branch, self.state_dir / "status.git", cfg.git_timeout
+                cfg.status_repos().url_for(cfg.cell),
+                cfg.status_branch,
+                self.state_dir / "status.git",
+                cfg.git_timeout,
             )
             self.pusher = StatusPusher(
                 writer,

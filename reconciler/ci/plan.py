@@ -72,15 +72,17 @@ def load_inventory(
     place: RepoPlace,
     policies: Sequence[PolicySet],
     found: StatusRead | None = None,
+    remote: StatusBranches | None = None,
 ) -> tuple[tuple[CellInventory, ...], str, tuple[str, ...]]:
     """The cells to plan for, a description of where they came from, and the status
     branches skipped as unusable (each with the reason, for the report's warnings).
 
     `spec` is empty (status branches when there are any, else a synthetic cell), `status`,
     `directory` (the synthetic cell), or store files and folders of them.  `found` is the
-    status branches when the caller has read them already.
+    status branches when the caller has read them already; `remote`, where they are when
+    not in the clone (`--status-url`).
     """
-    status = StatusBranches(str(place.top)) if place.top is not None else None
+    status = remote or (StatusBranches(str(place.top)) if place.top is not None else None)
     has_status = found is not None or (status is not None and status.exists())
     if list(spec) == [STATUS] or (not spec and has_status):
         if status is None:
@@ -510,8 +512,12 @@ def unverified_warnings(diff: PlanDiff) -> list[str]:
     ]
 
 
-def _read_status(place: RepoPlace) -> StatusRead | None:
-    """The status branches, read once, or None when the repository has none."""
+def _read_status(place: RepoPlace, remote: StatusBranches | None = None) -> StatusRead | None:
+    """The status branches, read once (from `remote`'s status repositories when given, else
+    the clone's refs), or None when there are none."""
+    if remote is not None:
+        found = remote.read()
+        return found if found.cells or found.skipped else None
     if place.top is None:
         return None
     status = StatusBranches(str(place.top))
@@ -526,6 +532,7 @@ def run_plan(
     gate: GateSettings = DEFAULT_GATE,
     gate_from: str = "",
     shard: Shard | None = None,
+    status: StatusBranches | None = None,
 ) -> PlanReport:
     """Load the revisions from git (no checkout), read the inventory, diff, and report.
 
@@ -533,7 +540,8 @@ def run_plan(
     branch's applied revision, checked); else with `base`, saying where that is not what
     the cells enforce, and comparing with what they enforce when `base` does not validate.
     `gate` is the mass-revoke settings for cells that do not report their own, read from
-    `gate_from` (an agent config file; empty: the defaults).
+    `gate_from` (an agent config file; empty: the defaults).  `status` reads the status
+    branches from the status repositories (`--status-url`) instead of the clone's refs.
 
     With `shard`, the report is a partial (`PlanReport.shard`): everything is read as for
     the whole inventory, and only the shard's cells and principals are diffed
@@ -565,7 +573,7 @@ def run_plan(
         return _with(report, head_findings=head_result.findings)
     report = _with(report, head_findings=head_result.findings)
     try:
-        found = _read_status(place)
+        found = _read_status(place, status)
     except InventoryError as exc:
         return _with(report, error=str(exc))
     if base is None:
@@ -626,7 +634,7 @@ def run_plan(
         )
     try:
         cells, described, skipped = load_inventory(
-            inventory, place, (base_policy, head_result.policy), found
+            inventory, place, (base_policy, head_result.policy), found, status
         )
     except InventoryError as exc:
         return _with(report, error=str(exc), base_findings=base_result.findings)

@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from reconciler.cli_options import format_option
+from reconciler.cli_options import format_option, status_repo_options, status_repos_or_exit
 from reconciler.hmacsig import WEBHOOK_SECRET_ENV
 
 WEBHOOK_URL_ENV = "ASGCTL_NOTIFY_WEBHOOK"
@@ -64,6 +64,7 @@ def _emit(line: str) -> None:
 @click.option("--watch", is_flag=True, help="Keep running, one run per --interval.")
 @click.option("--interval", default="60s", show_default=True, help="Time between runs.")
 @click.option("--max-cells", default=10_000, show_default=True, help="Status branches read.")
+@status_repo_options
 @format_option("text", "json")
 def notify_cmd(**opts: Any) -> None:
     """Turn status-branch changes into GitHub commit statuses (`asgctl/<cell>` on the
@@ -111,6 +112,7 @@ def notify_cmd(**opts: Any) -> None:
         github=github,
         webhook=webhook,
         max_cells=opts["max_cells"],
+        status=status_repos_or_exit(opts["status_url"], opts["status_shards"], opts["source"]),
     )
     if opts["watch"]:
         stop = threading.Event()

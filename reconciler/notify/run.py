@@ -30,9 +30,8 @@ from reconciler.atomicfile import atomic_write_text
 from reconciler.notify.events import Notice, Skipped, notice_of
 from reconciler.notify.http import FATAL, REJECTED, DeliveryError, Retry
 from reconciler.notify.sinks import GitHubStatuses, Webhook
-from reconciler.sources.cellstore import InventoryError
-from reconciler.status.document import parse_status
-from reconciler.status.fetch import FetchError, fetched_status
+from reconciler.status.fetch import FetchError, StatusRepos, read_remote, status_cache
+from reconciler.status.read import HEADER
 
 STATE_VERSION = 1
 MAX_CELLS = 10_000
@@ -52,6 +51,8 @@ class Settings:
     webhook: Webhook | None = None
     max_cells: int = MAX_CELLS
     retry: Retry = field(default_factory=Retry)
+    status: StatusRepos | None = None
+    """Where the status branches are (`--status-url`); None: the policy repository."""
 
 
 @dataclass
@@ -99,28 +100,25 @@ def save_sent(path: Path, sent: Sent) -> None:
 def read_notices(settings: Settings) -> tuple[list[str], list[Notice], list[Skipped]]:
     """Every listed cell (up to `max_cells`), the notices of those that have one, and the
     branches skipped; FetchError when the remote cannot be read."""
-    with fetched_status(
-        settings.source, settings.branch, settings.cache, settings.max_cells
-    ) as got:
-        listed = list(got.cells)
-        notices: list[Notice] = []
-        skipped: list[Skipped] = []
-        if got.more:
-            skipped.append(Skipped("*", f"{got.more} more status branches past --max-cells"))
-        for cell, spec, data in zip(listed, got.specs, got.blobs, strict=True):
-            try:
-                if isinstance(data, InventoryError):
-                    raise data
-                header = parse_status(data, spec).header
-            except InventoryError as exc:
-                skipped.append(Skipped(clip(cell, 80), clip(str(exc), 300)))
-                continue
-            found = notice_of(cell, header)
-            if isinstance(found, Notice):
-                notices.append(found)
-            elif isinstance(found, Skipped):
-                skipped.append(found)
-        return listed, notices, skipped
+    with status_cache(settings.cache) as repo:
+        repos = settings.status or StatusRepos(settings.source)
+        got = read_remote(repo, repos, HEADER, limit=settings.max_cells)
+    listed = [c.cell for c in got.cells]
+    notices: list[Notice] = []
+    skipped: list[Skipped] = []
+    if got.more:
+        skipped.append(Skipped("*", f"{got.more} more status branches past --max-cells"))
+    skipped += [Skipped("*", clip(said, 300)) for said in got.skipped]
+    for c in got.cells:
+        if c.error:
+            skipped.append(Skipped(clip(c.cell, 80), clip(c.error, 300)))
+            continue
+        found = notice_of(c.cell, c.value)
+        if isinstance(found, Notice):
+            notices.append(found)
+        elif isinstance(found, Skipped):
+            skipped.append(found)
+    return listed, notices, skipped
 
 
 def notify_once(

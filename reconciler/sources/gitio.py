@@ -131,6 +131,17 @@ def git_env() -> dict[str, str]:
     return env
 
 
+def redact_url(url: str) -> str:
+    """`https://user:token@host/x` -> `https://***@host/x`: status and logs are world-readable."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@]+@", r"\1***@", url)
+
+
+def redacted(text: str, url: str) -> str:
+    """`text` (git's words) with every spelling of `url` that carries credentials hidden."""
+    shown = redact_url(url)
+    return text.replace(url, shown) if shown != url else text
+
+
 class GitTimeout(Exception):
     """git gave no answer within its timeout; it was killed with its process group."""
 
@@ -436,47 +447,75 @@ class BlobReader:
         self.close()
 
 
-def read_blobs(
-    repo: str | os.PathLike[str], names: Sequence[str], limit: int, timeout: float = 120.0
-) -> list[bytes | str]:
-    """Many blobs at once: each one's bytes, or why it cannot be used (a short reason).
-
-    Sizes come first from one `git cat-file --batch-check`, so a blob over `limit` (say a
-    file that compresses 2 GB into 10 MB on the server) is never read; the rest come from one
-    `git cat-file --batch`.  Two processes for any number of blobs: a fleet of status
-    branches costs two forks, not one per cell.  `repo` is a bare repository or any folder
-    of a work tree.  OSError when git itself cannot run.
-    """
+def blob_sizes(
+    repo: str | os.PathLike[str], names: Sequence[str], timeout: float = 120.0
+) -> list[ObjectInfo | None]:
+    """What each name (`<rev>:<path>` or an id) is, from one `git cat-file --batch-check`:
+    its id, type and size, or None when it names nothing.  Nothing of any object is read, so
+    a caller can refuse an oversized one first.  OSError when git itself cannot run."""
     if not names:
         return []
     if any("\n" in n for n in names):
         raise ValueError("an object name cannot hold a newline")
     checked = _cat_file(repo, "--batch-check", names, timeout).split(b"\n")
-    out: list[bytes | str] = []
-    wanted: list[tuple[int, str, int]] = []
+    out: list[ObjectInfo | None] = []
     for i in range(len(names)):
         header = checked[i].split() if i < len(checked) else []
-        if len(header) != 3 or header[1] != b"blob" or not header[2].isdigit():
+        if len(header) != 3 or not header[2].isdigit():
+            out.append(None)
+        else:
+            out.append(
+                ObjectInfo(header[0].decode("ascii"), header[1].decode("ascii"), int(header[2]))
+            )
+    return out
+
+
+def read_objects(
+    repo: str | os.PathLike[str], wanted: Sequence[ObjectInfo], timeout: float = 120.0
+) -> list[bytes | None]:
+    """The contents of objects whose ids and sizes `blob_sizes` gave (and the caller
+    accepted), from one `git cat-file --batch`; None for one that changed while being read
+    (it, and the ones after it, are not trusted).  OSError when git itself cannot run."""
+    if not wanted:
+        return []
+    data = _cat_file(repo, "--batch", [o.oid for o in wanted], timeout)
+    out: list[bytes | None] = [None] * len(wanted)
+    pos = 0
+    for i, info in enumerate(wanted):
+        eol = data.find(b"\n", pos)
+        header = data[pos:eol].split() if eol >= 0 else []
+        if header[:1] != [info.oid.encode()] or header[2:3] != [str(info.size).encode()]:
+            break
+        pos = eol + 1
+        out[i] = data[pos : pos + info.size]
+        pos += info.size + 1
+    return out
+
+
+def read_blobs(
+    repo: str | os.PathLike[str], names: Sequence[str], limit: int, timeout: float = 120.0
+) -> list[bytes | str]:
+    """Many blobs at once: each one's bytes, or why it cannot be used (a short reason).
+
+    Sizes come first (`blob_sizes`), so a blob over `limit` (say a file that compresses
+    2 GB into 10 MB on the server) is never read; the rest come from one `read_objects`.
+    Two processes for any number of blobs: a fleet of status branches costs two forks, not
+    one per cell.  `repo` is a bare repository or any folder of a work tree.  OSError when
+    git itself cannot run.
+    """
+    out: list[bytes | str] = []
+    wanted: list[tuple[int, ObjectInfo]] = []
+    for i, info in enumerate(blob_sizes(repo, names, timeout)):
+        if info is None or info.type != "blob":
             out.append("no such file")
-            continue
-        size = int(header[2])
-        if size > limit:
-            out.append(f"{size} bytes, over the limit of {limit} bytes")
-            continue
-        out.append(b"")
-        wanted.append((i, header[0].decode("ascii"), size))
-    if wanted:
-        data = _cat_file(repo, "--batch", [oid for _i, oid, _s in wanted], timeout)
-        pos = 0
-        for i, oid, size in wanted:
-            eol = data.index(b"\n", pos)
-            header = data[pos:eol].split()
-            pos = eol + 1
-            if header[:1] != [oid.encode()] or header[2:3] != [str(size).encode()]:
-                out[i] = "changed while being read"
-                break
-            out[i] = data[pos : pos + size]
-            pos += size + 1
+        elif info.size > limit:
+            out.append(f"{info.size} bytes, over the limit of {limit} bytes")
+        else:
+            out.append(b"")
+            wanted.append((i, info))
+    read = read_objects(repo, [info for _i, info in wanted], timeout)
+    for (i, _info), data in zip(wanted, read, strict=True):
+        out[i] = data if data is not None else "changed while being read"
     return out
 
 

@@ -7,7 +7,9 @@ A plan diff is only as true as its inventory, so the sources sit behind one smal
   the file's parent folder when the file is called `store.json`
   (`cells/cell-1/store.json` -> `cell-1`), else the file's stem (`cell-1.json` -> `cell-1`).
 * `StatusBranches`: what every agent last reported, read from the policy repository's
-  `status/<cell>` branches without a checkout.
+  `status/<cell>` branches without a checkout, or fetched from the status repositories the
+  agents push to (`remote`: `--status-url`, sharded with `--status-shards`), incrementally
+  into `cache` (`reconciler.status.fetch`).
 * `synthetic_inventory`: when neither exists (a repo with no agents yet), one made-up cell
   holding a container per app and lifecycle of the directory, so a pull request still gets a
   per-app access diff.  The report says so.
@@ -29,7 +31,12 @@ from reconciler.core.cellplan import CellInventory
 from reconciler.core.model import Container, PolicySet
 from reconciler.sources.cellstore import InventoryError, read_store
 from reconciler.status.branch import CELL_NAME
-from reconciler.status.read import has_status_branches, read_fleet_containers
+from reconciler.status.fetch import FetchError, StatusRepos
+from reconciler.status.read import (
+    has_status_branches,
+    read_fleet_containers,
+    read_remote_containers,
+)
 
 SYNTHETIC_CELL = "directory"
 
@@ -111,6 +118,10 @@ class StatusBranches:
 
     repo_path: str
     workers: int = 4
+    remote: StatusRepos | None = None
+    """The status repositories to fetch from; None: the clone's own refs (`repo_path`)."""
+    cache: str | None = None
+    """Where a remote read keeps its bare repository between runs (None: a temporary one)."""
 
     @property
     def description(self) -> str:
@@ -118,6 +129,9 @@ class StatusBranches:
 
     def exists(self) -> bool:
         """Are there any status branches to read?  (Decides the default inventory.)"""
+        if self.remote is not None:
+            found = self.read()
+            return bool(found.cells or found.skipped)
         return has_status_branches(self.repo_path)
 
     def cells(self) -> tuple[CellInventory, ...]:
@@ -125,7 +139,14 @@ class StatusBranches:
         return self.read().cells
 
     def read(self) -> StatusRead:
-        found = read_fleet_containers(self.repo_path, self.workers)
+        """Every cell's containers; InventoryError when the branches cannot be read at all."""
+        if self.remote is not None:
+            try:
+                found = read_remote_containers(self.remote, self.cache, self.workers)
+            except (FetchError, OSError) as exc:
+                raise InventoryError(f"status repositories {self.remote.shown}: {exc}") from None
+        else:
+            found = read_fleet_containers(self.repo_path, self.workers)
         cells = (CellInventory(c.cell, c.containers, c.ref, c.gate) for c in found.cells)
         applied = {c.cell: c.applied for c in found.cells}
         return StatusRead(_sorted_unique(cells), found.skipped, applied)

@@ -22,6 +22,12 @@ plan --inventory status`, `asgctl status`, the lab) cannot drift apart:
 * `read`: whoever can push a status branch is untrusted, so blobs are sized by git before
   they are read, parsed by the safe YAML loader with budgets, and a branch that breaks any
   rule is skipped with a message naming it and the field, never failing the other cells.
+* `fetch`: the one reader every fleet reader goes through (`asgctl status`, `plan
+  --inventory status`, `asgctl notify`, the waves): the policy repository's status branches
+  or the agents' `status-url` shards (`branch.shard_of`: SHA-256 of the cell name, first 8
+  bytes big-endian, modulo the shard count), one fetch per repository into an incremental
+  cache, a branch in another cell's shard ignored, a branch and byte budget per read, each
+  file parsed once per blob id.
 * `write`: the document's text (`dump_status`, the block style the reader's fast path
   proves equal to a full YAML load) and the commit and push (`StatusWriter`).
 """

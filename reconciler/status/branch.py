@@ -7,6 +7,7 @@ that fetches it from the remote, and the lab all agree on the same names.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 
@@ -31,6 +32,30 @@ class StatusBranchError(Exception):
 def branch_for(cell: str, prefix: str = STATUS_PREFIX) -> str:
     """`cell-1` -> `status/cell-1`: the branch an agent pushes its status to."""
     return f"{prefix}{cell}"
+
+
+MAX_SHARDS = 1024
+"""Status repositories a fleet may be spread over at most (`status-shards`)."""
+SHARD_FIELD = "{shard}"
+"""The placeholder of a status URL template that a shard's number replaces."""
+
+
+def shard_of(cell: str, shards: int) -> int:
+    """The status shard a cell writes to and every reader looks for it in: the first 8 bytes
+    of SHA-256 of the cell name (UTF-8), read as a big-endian unsigned integer, modulo
+    `shards`.  Stable across processes, versions and languages (unlike Python's `hash`), so
+    the agent, `asgctl status`, `asgctl plan` and the waves agree on where a cell is."""
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ValueError(f"shards: from 1 to {MAX_SHARDS}, got {shards}")
+    digest = hashlib.sha256(cell.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % shards
+
+
+def shard_url(template: str, shard: int) -> str:
+    """`https://git/status-{shard}.git`, 3 -> `https://git/status-3.git` (a template without
+    `{shard}` is one repository for every shard).  Plain replacement, not `str.format`: a URL
+    may hold other braces."""
+    return template.replace(SHARD_FIELD, str(shard))
 
 
 def is_status_branch(branch: str) -> bool:

@@ -1,52 +1,230 @@
-"""Fetching every status branch of a remote: one `ls-remote`, one fetch, the blobs read.
+"""The one reader of status branches: fetched into an incremental cache, bounded, parsed once.
 
-The fleet readers that look at a remote rather than a clone (`asgctl status`, `asgctl
-notify`) come through here, so both list the same branches, fetch them the same way (into a
-temporary bare repository, or `cache` to fetch incrementally) and read each `status.yaml`
-with the budgets of `reconciler.status.read`.  The branch names are whatever the server
-lists: a caller that puts a cell name anywhere but a terminal holds it to
-`branch.CELL_NAME` first.
+Every fleet reader comes through here -- `asgctl status`, `asgctl plan --inventory status`,
+`asgctl notify` and the agent's waves (`reconciler.agent.peers`) -- whether the branches are
+in the policy repository (the default) or in separate status repositories, sharded by cell
+name (`StatusRepos`: the agent's `status-url` and `status-shards`).  A read:
+
+1. **list** (`read_remote`; `read_local` reads a clone's refs as they are): per repository,
+   in parallel, one `git ls-remote` of `refs/heads/<prefix>*`; their count over all shards
+   is held to the budget before anything is fetched.
+2. **route**: a branch whose name is not a cell name, or that sits in a shard its cell does
+   not hash to (`branch.shard_of`), is named in `skipped`, never fetched and never read:
+   whoever can push to one shard cannot speak for another shard's cells.
+3. **fetch** only what changed, into the cache, a bare repository (a temporary one, or a
+   folder kept between runs): the branches whose commit differs from the cache's
+   `refs/shards/<i>/<prefix><cell>`, named on `git fetch --stdin` (by the pattern when more
+   than `MAX_NAMED` changed, as on a cold read), one commit deep (a
+   status branch is one root commit; a pusher's deep history is not fetched), one fetch per
+   repository; branches no longer listed are deleted from the cache.  A warm read of an
+   unchanged fleet is one `ls-remote` per repository, never a round trip per cell.
+4. **budget** (`ReadBudget`): sizes are asked of git first (`cat-file --batch-check`), then,
+   in cell order, a blob over `max_blob` or past `max_total` bytes summed over the read is
+   that cell's error and is never read.  Sizes count whether or not the parse is cached, so
+   which cells are refused never depends on the cache.
+5. **parse, cached by blob id** (`Parse`, `ParsedStore`): a parse turns one blob into a
+   JSON value; values are kept per `kind` (which names the parse and its version) under
+   `<cache>/asgctl-parsed/`, so a warm read parses only the blobs that changed.  Blobs are
+   read in chunks of at most `CHUNK_BYTES` (memory stays bounded whatever the fleet) and
+   parsed in forked workers when there are many (`forkpool.fork_ranges`).
+
+A bad branch costs only its own cell: its `CellStatus.error` names the branch and the field.
+A repository that cannot be listed or fetched, or holds more branches than the budget, is
+`FetchError` (with credentials in its URL hidden): a reader that misses a shard would show a
+fleet with cells missing, so it says so instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+from reconciler.forkpool import fork_ranges
+from reconciler.sources import gitio
 from reconciler.sources.cellstore import InventoryError
-from reconciler.sources.gitio import FULL_SHA, run_git
-from reconciler.status.branch import FETCHED_PREFIX, STATUS_PREFIX, blob_spec, fetch_refspec
-from reconciler.status.read import read_status_blobs
+from reconciler.status.branch import (
+    CELL_NAME,
+    MAX_SHARDS,
+    SHARD_FIELD,
+    STATUS_PREFIX,
+    StatusBranchError,
+    blob_spec,
+    shard_of,
+    shard_url,
+    status_refs,
+)
+from reconciler.status.document import MAX_STATUS_BYTES
+
+SHARDS_REFS = "refs/shards/"
+"""Where the cache keeps shard `i`'s branches: `refs/shards/<i>/<prefix><cell>`."""
+PARSED_DIR = "asgctl-parsed"
+"""The parsed-document cache's folder inside a kept cache repository."""
+CHUNK_BYTES = 64 * 1024 * 1024
+"""Blob bytes read (and held) at once; the rest waits for the next chunk."""
+MAX_READ_BYTES = 2 * 1024 * 1024 * 1024
+"""Status bytes one read accepts in all: 10,000 cells of 250 containers are ~0.7 GB."""
+MAX_BRANCHES = 20_000
+"""Status branches one read accepts over all shards: more is not a fleet, it is someone
+pushing refs."""
+_MIN_JOBS_PER_WORKER = 64
+MAX_PARALLEL = 8
+"""Status repositories listed at once."""
+MAX_NAMED = 200
+"""Changed branches fetched by name at most; more are fetched by the pattern (git matches
+named refspecs against the listing one by one: 10,000 names take a minute, the pattern
+three seconds) and what the listing did not want is deleted after."""
 
 
 class FetchError(Exception):
-    """The remote could not be listed or fetched."""
+    """A status repository could not be listed or fetched, or holds too many branches."""
 
 
 @dataclass(frozen=True)
-class FetchedStatus:
-    """The status branches of a remote as fetched: the bare repository holding them, the
-    policy branch's head ("" when missing), and per cell its blob spec and its bytes (or why
-    they cannot be used)."""
+class StatusRepos:
+    """Where the status branches are: one repository, or `shards` of them named by the URL
+    template's `{shard}` (0 .. shards-1).  Each cell's branch is in `url_for(cell)` only."""
+
+    url: str
+    shards: int = 1
+    prefix: str = STATUS_PREFIX
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise ValueError(f"status-shards: from 1 to {MAX_SHARDS}, got {self.shards}")
+        if self.shards > 1 and SHARD_FIELD not in self.url:
+            raise ValueError(
+                f"status-url: {self.shards} shards need {SHARD_FIELD} in the URL "
+                "(each shard is its own repository)"
+            )
+
+    def urls(self) -> tuple[str, ...]:
+        """Every shard's repository, in shard order."""
+        return tuple(shard_url(self.url, i) for i in range(self.shards))
+
+    def url_for(self, cell: str) -> str:
+        """The repository `cell` pushes its status to."""
+        return shard_url(self.url, shard_of(cell, self.shards))
+
+    @property
+    def shown(self) -> str:
+        """The template as status, logs and messages may show it (no credentials)."""
+        return gitio.redact_url(self.url)
+
+
+@dataclass(frozen=True)
+class ReadBudget:
+    """What one read accepts at most: branches over all shards, bytes per status file, and
+    status bytes in all (the total is what keeps a hostile fleet from filling memory)."""
+
+    max_branches: int = MAX_BRANCHES
+    max_blob: int = MAX_STATUS_BYTES
+    max_total: int = MAX_READ_BYTES
+
+
+DEFAULT_BUDGET = ReadBudget()
+
+
+@dataclass(frozen=True)
+class Parse:
+    """How a reader turns one status file into the JSON value it keeps: `fn(data, origin)`,
+    raising InventoryError for a file it cannot use.  `kind` names the parse and its
+    version in the cache: change what `fn` returns, change `kind`."""
+
+    kind: str
+    fn: Callable[[bytes, str], Any]
+
+
+@dataclass(frozen=True)
+class CellStatus:
+    """One cell's status branch: the ref it was read from, the parse's value, or why not."""
+
+    cell: str
+    ref: str
+    value: Any = None
+    error: str = ""
+
+    @property
+    def origin(self) -> str:
+        """`<ref>:status.yaml`: how messages about this cell's file name it."""
+        return blob_spec(self.ref)
+
+
+@dataclass(frozen=True)
+class StatusBatch:
+    """A read: every cell found (sorted by name), the branches that are no cell's, and how
+    many files were parsed rather than taken from the cache (for benchmarks and tests)."""
 
     repo: Path
-    head: str
-    cells: tuple[str, ...]
-    specs: tuple[str, ...]
-    blobs: tuple[bytes | InventoryError, ...]
+    cells: tuple[CellStatus, ...]
+    skipped: tuple[str, ...] = ()
+    parsed: int = 0
     more: int = 0
-    """Status branches listed past `limit`, and not read."""
+    """Cells past the caller's `limit` (by name), listed and not read."""
 
 
-def _git(git_dir: Path, *args: str, timeout: float = 120.0) -> str:
-    return run_git(git_dir, *args, timeout=timeout, error=FetchError)
+class ParsedStore:
+    """Parse results by (kind, blob id): in memory for the process's life, and on disk when
+    given a folder.  Only successful parses are kept (an error names the branch it was read
+    from, which another cell pushing the same blob must not inherit).  The folder is the
+    reader's own; a file in it that cannot be read back is a miss, never an error."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self._memory: dict[tuple[str, str], Any] = {}
+
+    def _path(self, kind: str, oid: str) -> Path | None:
+        if self.folder is None or not gitio.FULL_SHA.fullmatch(oid):
+            return None
+        return self.folder / kind / oid[:2] / f"{oid}.json"
+
+    def get(self, kind: str, oid: str) -> tuple[bool, Any]:
+        key = (kind, oid)
+        if key in self._memory:
+            return True, self._memory[key]
+        path = self._path(kind, oid)
+        if path is None:
+            return False, None
+        try:
+            value = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return False, None
+        self._memory[key] = value
+        return True, value
+
+    def put(self, kind: str, oid: str, value: Any) -> None:
+        self._memory[(kind, oid)] = value
+        path = self._path(kind, oid)
+        if path is None:
+            return
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(value, separators=(",", ":"), default=str))
+            os.replace(tmp, path)
+
+    def keep_only(self, kind: str, oids: set[str]) -> None:
+        """Forget the values of blobs no branch holds any more."""
+        for key in [k for k in self._memory if k[0] == kind and k[1] not in oids]:
+            del self._memory[key]
+        if self.folder is None or not (self.folder / kind).is_dir():
+            return
+        for sub in (self.folder / kind).iterdir():
+            for path in sub.glob("*.json") if sub.is_dir() else ():
+                if path.stem not in oids:
+                    path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def _repo(cache: str | None) -> Iterator[Path]:
+def status_cache(cache: str | os.PathLike[str] | None) -> Iterator[Path]:
+    """The bare repository a read fetches into: `cache` (made when missing, kept after), or
+    a temporary one removed afterwards.  OSError when the folder cannot be made."""
     if cache:
         path = Path(cache)
         if not (path / "HEAD").exists():
@@ -60,36 +238,286 @@ def _repo(cache: str | None) -> Iterator[Path]:
         yield path
 
 
-@contextlib.contextmanager
-def fetched_status(
-    url: str, branch: str = "main", cache: str | None = None, limit: int | None = None
-) -> Iterator[FetchedStatus]:
-    """Every `status/<cell>` branch of `url` (and `branch`, for its head), fetched and read;
-    with `limit`, the blobs of the first `limit` cells (by name) only, the rest counted.
+def _git(repo: Path, *args: str, url: str = "", timeout: float = 120.0) -> str:
+    try:
+        return gitio.run_git(repo, *args, timeout=timeout, error=FetchError)
+    except FetchError as exc:
+        if not url:
+            raise
+        said = gitio.redacted(str(exc), url)
+        raise FetchError(f"{gitio.redact_url(url)}: {said}") from None
 
-    The repository lives as long as the context (a caller may ask git more about it, e.g.
-    ancestry); FetchError when the remote cannot be listed or fetched, or git cannot run.
-    """
-    with _repo(cache) as repo:
-        prefix = f"refs/heads/{STATUS_PREFIX}"
-        listing = _git(repo, "ls-remote", "--", url, f"{prefix}*", f"refs/heads/{branch}")
-        pairs = (line.split("\t", 1) for line in listing.splitlines() if "\t" in line)
-        refs = {ref: sha for sha, ref in pairs}
-        head = refs.get(f"refs/heads/{branch}", "")
-        if not FULL_SHA.fullmatch(head):
-            head = ""
-        listed = sorted(r[len(prefix) :] for r in refs if r.startswith(prefix))
-        cells = tuple(listed[:limit] if limit is not None else listed)
-        if not cells:
-            yield FetchedStatus(repo, head, (), (), (), len(listed))
-            return
-        specs = [fetch_refspec()]
-        if f"refs/heads/{branch}" in refs:
-            specs.append(f"+refs/heads/{branch}:refs/remotes/origin/{branch}")
-        _git(repo, "fetch", "--quiet", "--no-tags", "--prune", "--", url, *specs)
-        blob_specs = tuple(blob_spec(f"{FETCHED_PREFIX}{cell}") for cell in cells)
+
+@dataclass(frozen=True)
+class _Listing:
+    """One shard's `ls-remote`: the branches to hold (`{cache ref: commit}`), the branches
+    named and ignored, and how many status branches the shard listed in all."""
+
+    wanted: dict[str, str]
+    skipped: list[str]
+    listed: int
+
+
+def _list_shard(repo: Path, repos: StatusRepos, shard: int, timeout: float) -> _Listing:
+    """Step 2 of the module docstring at listing time: only branches of cells that hash to
+    `shard` are wanted; the server's words (names, ids) are checked before git sees them."""
+    url = shard_url(repos.url, shard)
+    heads = f"refs/heads/{repos.prefix}"
+    out = _git(repo, "ls-remote", "--refs", "--", url, f"{heads}*", url=url, timeout=timeout)
+    wanted: dict[str, str] = {}
+    skipped: list[str] = []
+    listed = 0
+    shown = gitio.redact_url(url)
+    for line in out.splitlines():
+        sha, _, ref = line.partition("\t")
+        if not ref.startswith(heads):
+            continue
+        listed += 1
+        cell = ref[len(heads) :]
+        where = f"{repos.prefix}{cell} in {shown}"
+        if not CELL_NAME.match(cell) or ".." in cell or cell.endswith((".lock", ".")):
+            skipped.append(f"{where}: cell name {cell!r} must match {CELL_NAME.pattern}")
+        elif shard_of(cell, repos.shards) != shard:
+            home = shard_of(cell, repos.shards)
+            skipped.append(
+                f"{where}: cell {cell} belongs in shard {home} of {repos.shards}, not shard "
+                f"{shard}: ignored"
+            )
+        elif not gitio.FULL_SHA.fullmatch(sha):
+            skipped.append(f"{where}: the server listed {sha[:80]!r}, not an object id")
+        else:
+            wanted[f"{SHARDS_REFS}{shard}/{repos.prefix}{cell}"] = sha
+    return _Listing(wanted, skipped, listed)
+
+
+def fetch_shards(
+    repo: Path, repos: StatusRepos, budget: ReadBudget = DEFAULT_BUDGET, timeout: float = 120.0
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Bring every shard's status branches into `repo` (steps 1 and 2 of the module
+    docstring): `[(cell, cache ref)]` sorted by cell, and the branches named and ignored.
+
+    Every shard is listed (in parallel); over `max_branches` in all, nothing is fetched.
+    Then only branches whose commit differs from the cache's are fetched, by name, and the
+    cache's branches no shard lists any more are deleted: a warm read of an unchanged fleet
+    is one `ls-remote` per repository."""
+    with ThreadPoolExecutor(max_workers=min(repos.shards, MAX_PARALLEL)) as pool:
+        listings = list(
+            pool.map(lambda i: _list_shard(repo, repos, i, timeout), range(repos.shards))
+        )
+    listed = sum(x.listed for x in listings)
+    if listed > budget.max_branches:
+        raise FetchError(
+            f"{repos.shown}: {listed} status branches, over the limit of {budget.max_branches}"
+        )
+    held = _held(repo)
+    wanted = {ref: sha for x in listings for ref, sha in x.wanted.items()}
+    for shard, x in enumerate(listings):  # one after the other: depth 1 locks `shallow`
+        changed = [ref for ref, sha in x.wanted.items() if held.get(ref) != sha]
+        if len(changed) > MAX_NAMED:
+            _fetch(repo, repos, shard, [f"{SHARDS_REFS}{shard}/{repos.prefix}*"], timeout)
+        elif changed:
+            _fetch(repo, repos, shard, changed, timeout)
+    _delete_refs(repo, [ref for ref in _held(repo) if ref not in wanted])
+    prefix = len(SHARDS_REFS)
+    cells = sorted((ref[prefix:].partition("/")[2][len(repos.prefix) :], ref) for ref in wanted)
+    return cells, [m for x in listings for m in x.skipped]
+
+
+def _fetch(repo: Path, repos: StatusRepos, shard: int, refs: list[str], timeout: float) -> None:
+    """Exactly `refs` (cache names, or one `<prefix>*` pattern) of `shard`, one commit
+    deep, named on stdin."""
+    if not refs:
+        return
+    url = shard_url(repos.url, shard)
+    local = f"{SHARDS_REFS}{shard}/"
+    specs = "".join(f"+refs/heads/{ref[len(local) :]}:{ref}\n" for ref in refs)
+    try:
+        gitio.run_git(
+            repo,
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-write-fetch-head",
+            "--depth=1",
+            "--stdin",
+            "--",
+            url,
+            input=specs,
+            timeout=timeout,
+            error=FetchError,
+        )
+    except FetchError as exc:
+        said = gitio.redacted(str(exc), url)
+        raise FetchError(f"{gitio.redact_url(url)}: {said}") from None
+
+
+def _held(repo: Path) -> dict[str, str]:
+    """`{cache ref: commit}` of everything under `refs/shards/`."""
+    out = _git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "--", SHARDS_REFS)
+    pairs = (line.split(" ", 1) for line in out.splitlines() if " " in line)
+    return {ref: sha for sha, ref in pairs}
+
+
+def _delete_refs(repo: Path, refs: Sequence[str]) -> None:
+    """Delete cache refs in one `update-ref --stdin` (their objects go at the next gc)."""
+    if refs:
+        commands = "".join(f"delete {ref}\0\0" for ref in refs)
+        gitio.run_git(
+            repo, "update-ref", "--stdin", "-z", input=commands, timeout=120.0, error=FetchError
+        )
+
+
+def read_remote(
+    repo: Path,
+    repos: StatusRepos,
+    parse: Parse,
+    *,
+    budget: ReadBudget = DEFAULT_BUDGET,
+    store: ParsedStore | None = None,
+    workers: int = 1,
+    timeout: float = 120.0,
+    limit: int | None = None,
+) -> StatusBatch:
+    """Fetch (into `repo`, see `status_cache`), route, budget and parse every status branch
+    of `repos` (with `limit`, the first `limit` cells by name; the rest are counted in
+    `more`).  `store` defaults to one kept inside `repo`.  FetchError when a shard cannot be
+    read."""
+    cells, skipped = fetch_shards(repo, repos, budget, timeout)
+    store = store if store is not None else ParsedStore(repo / PARSED_DIR)
+    more = max(0, len(cells) - limit) if limit is not None else 0
+    batch = read_cells(repo, cells[: len(cells) - more], parse, budget, store, workers, skipped)
+    return replace(batch, more=more)
+
+
+def read_local(
+    repo: str | os.PathLike[str],
+    parse: Parse,
+    *,
+    budget: ReadBudget = DEFAULT_BUDGET,
+    workers: int = 1,
+) -> StatusBatch:
+    """The status branches a clone already holds (`branch.status_refs`: its remotes' and its
+    own), read with the same budget and parse as `read_remote`, nothing fetched or written.
+    InventoryError when `repo` is not in a git repository."""
+    try:
+        listed = status_refs(repo)
+    except StatusBranchError as exc:
+        raise InventoryError(str(exc)) from None
+    cells: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    for cell, ref in sorted(listed.items()):
+        if CELL_NAME.match(cell):
+            cells.append((cell, ref))
+        else:
+            skipped.append(f"{ref}: cell name {cell!r} must match {CELL_NAME.pattern}")
+    return read_cells(Path(repo), cells, parse, budget, ParsedStore(), workers, skipped)
+
+
+def read_cells(
+    repo: Path,
+    cells: Sequence[tuple[str, str]],
+    parse: Parse,
+    budget: ReadBudget,
+    store: ParsedStore,
+    workers: int = 1,
+    skipped: Sequence[str] = (),
+) -> StatusBatch:
+    """Steps 4 and 5 of the module docstring for `[(cell, ref)]` of `repo`."""
+    try:
+        infos = gitio.blob_sizes(repo, [blob_spec(ref) for _c, ref in cells])
+    except OSError as exc:
+        raise InventoryError(f"{os.fspath(repo)}: git cat-file failed: {exc}") from None
+    results: list[CellStatus | None] = [None] * len(cells)
+    todo: list[tuple[int, gitio.ObjectInfo]] = []
+    total = 0
+    oids: set[str] = set()
+    for i, ((cell, ref), info) in enumerate(zip(cells, infos, strict=True)):
+        origin = blob_spec(ref)
+        if info is None or info.type != "blob":
+            results[i] = CellStatus(cell, ref, error=f"{origin}: no such file")
+            continue
+        oids.add(info.oid)
+        if info.size > budget.max_blob:
+            error = f"{origin}: {info.size} bytes, over the limit of {budget.max_blob} bytes"
+            results[i] = CellStatus(cell, ref, error=error)
+            continue
+        total += info.size
+        if total > budget.max_total:
+            error = (
+                f"{origin}: not read: the status files read so far pass the read's budget "
+                f"of {budget.max_total} bytes"
+            )
+            results[i] = CellStatus(cell, ref, error=error)
+        else:
+            found, value = store.get(parse.kind, info.oid)
+            if found:
+                results[i] = CellStatus(cell, ref, value)
+            else:
+                todo.append((i, info))
+    parsed = 0
+    for chunk in _chunks(todo):
+        parsed += len(chunk)
         try:
-            blobs = read_status_blobs(str(repo), list(blob_specs))
+            blobs = gitio.read_objects(repo, [info for _i, info in chunk])
+        except OSError as exc:
+            raise InventoryError(f"{os.fspath(repo)}: git cat-file failed: {exc}") from None
+        jobs = [
+            (blob_spec(cells[i][1]), data) for (i, _info), data in zip(chunk, blobs, strict=True)
+        ]
+        answers = _parse_all(parse, jobs, workers)
+        for (i, info), (ok, value) in zip(chunk, answers, strict=True):
+            cell, ref = cells[i]
+            if ok:
+                store.put(parse.kind, info.oid, value)
+                results[i] = CellStatus(cell, ref, value)
+            else:
+                results[i] = CellStatus(cell, ref, error=str(value))
+    store.keep_only(parse.kind, oids)
+    done = tuple(r for r in results if r is not None)
+    return StatusBatch(repo, done, tuple(skipped), parsed)
+
+
+def _chunks(
+    todo: list[tuple[int, gitio.ObjectInfo]],
+) -> Iterator[list[tuple[int, gitio.ObjectInfo]]]:
+    chunk: list[tuple[int, gitio.ObjectInfo]] = []
+    size = 0
+    for item in todo:
+        if chunk and size + item[1].size > CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += item[1].size
+    if chunk:
+        yield chunk
+
+
+Job = tuple[str, bytes | None]
+Answer = tuple[bool, Any]
+
+
+@dataclass(frozen=True)
+class _Work:
+    parse: Parse
+    jobs: list[Job] = field(default_factory=list)
+
+
+def _parse_range(work: _Work, bounds: tuple[int, int]) -> list[Answer]:
+    """(True, value) or (False, why) per file; workers inherit the blobs rather than have
+    them pickled, and send back plain JSON values."""
+    out: list[Answer] = []
+    for origin, data in work.jobs[bounds[0] : bounds[1]]:
+        if data is None:
+            out.append((False, f"{origin}: changed while being read"))
+            continue
+        try:
+            out.append((True, work.parse.fn(data, origin)))
         except InventoryError as exc:
-            raise FetchError(str(exc)) from None
-        yield FetchedStatus(repo, head, cells, blob_specs, tuple(blobs), len(listed) - len(cells))
+            out.append((False, str(exc)))
+    return out
+
+
+def _parse_all(parse: Parse, jobs: list[Job], workers: int) -> list[Answer]:
+    workers = min(os.cpu_count() or 1, workers, len(jobs) // _MIN_JOBS_PER_WORKER)
+    parts = fork_ranges(_parse_range, _Work(parse, jobs), len(jobs), workers)
+    return [answer for part in parts for answer in part]

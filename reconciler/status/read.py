@@ -1,28 +1,39 @@
-"""Reading status branches out of a repository: the blobs, with budgets, and the fleet-wide parse.
+"""What the fleet readers parse out of status branches, on top of the one reader (`fetch`).
 
-Both fleet readers come through here: `asgctl plan --inventory status` (every cell's
-containers, `read_fleet_containers`) and `asgctl status` (every cell's document, via
-`read_status_blobs` and `document.parse_status`).  Whoever can push a status branch chose
-what is read, so one bad branch costs only its own cell: it comes back as a message naming
-the branch and the field, never as an exception that stops the others.
+`HEADER` (each cell's document without its containers: `asgctl status`, `asgctl notify`,
+the waves) and `CONTAINERS` (each cell's containers, gate settings and applied revision:
+`asgctl plan --inventory status`) are the two parses, cached by blob id between reads.
+Whoever can push a status branch chose what is read, so one bad branch costs only its own
+cell: it comes back as a message naming the branch and the field, never as an exception
+that stops the others.  `read_status_blobs` is the budgeted blob read for readers of single
+files (the lab).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from reconciler.core.cellplan import DEFAULT_GATE, GateSettings
 from reconciler.core.model import Container
-from reconciler.forkpool import fork_ranges
 from reconciler.sources import gitio
 from reconciler.sources.cellstore import InventoryError
-from reconciler.status.branch import CELL_NAME, StatusBranchError, blob_spec, status_refs
+from reconciler.status.branch import StatusBranchError, status_refs
 from reconciler.status.document import (
     MAX_STATUS_BYTES,
     containers_of,
     parse_status,
     reported_gate,
+)
+from reconciler.status.fetch import (
+    Parse,
+    StatusBatch,
+    StatusRepos,
+    read_local,
+    read_remote,
+    status_cache,
 )
 
 
@@ -68,35 +79,36 @@ class FleetContainers:
     skipped: tuple[str, ...]
 
 
-_MIN_CELLS_PER_WORKER = 64
-ContainerRow = tuple[str, str, str, str, str, str, str]
-Parsed = tuple[str, str, list[ContainerRow] | str, tuple[float, int, str] | None, str]
+def _header(data: bytes, origin: str) -> dict[str, Any]:
+    """The document's top-level fields but `containers`, schema-checked, as JSON values."""
+    header = parse_status(data, origin).header
+    value: dict[str, Any] = json.loads(json.dumps(header, default=str))
+    return value
 
 
-def _parse_range(jobs: list[tuple[str, str, bytes]], bounds: tuple[int, int]) -> list[Parsed]:
-    """Each cell's container rows, gate settings and applied revision, or why it is skipped.
+HEADER = Parse("header-v1", _header)
+"""What `asgctl status`, `asgctl notify` and the waves read of each cell: its header."""
 
-    Workers inherit the jobs (~100 MB of status files at fleet scale) rather than have them
-    pickled, and send plain tuples back: far cheaper to pickle than dataclass instances.
-    """
-    out: list[Parsed] = []
-    for cell, ref, data in jobs[bounds[0] : bounds[1]]:
-        origin = blob_spec(ref)
-        try:
-            doc = parse_status(data, origin)
-            containers = containers_of(doc, origin)
-            gate = reported_gate(doc, origin)
-        except InventoryError as exc:
-            out.append((cell, ref, str(exc), None, ""))
-            continue
-        rows = [
-            (c.handle, c.ip, c.app_id, c.space_id, c.org_id, c.policy_group_id, c.workload)
+
+def _containers(data: bytes, origin: str) -> dict[str, Any]:
+    """The cell's container rows (the `Container` fields, in order), gate settings and
+    applied revision: plain lists and strings, cheap to keep and to load back."""
+    doc = parse_status(data, origin)
+    containers = containers_of(doc, origin)
+    gate = reported_gate(doc, origin)
+    return {
+        "rows": [
+            [c.handle, c.ip, c.app_id, c.space_id, c.org_id, c.policy_group_id, c.workload]
             for c in containers
-        ]
+        ],
+        "gate": [gate.threshold, gate.minimum, gate.trailer],
         # The schema made it a string when present.
-        applied = str(doc.header.get("lastAppliedRevision") or "")
-        out.append((cell, ref, rows, (gate.threshold, gate.minimum, gate.trailer), applied))
-    return out
+        "applied": str(doc.header.get("lastAppliedRevision") or ""),
+    }
+
+
+CONTAINERS = Parse("containers-v1", _containers)
+"""What `asgctl plan --inventory status` reads of each cell."""
 
 
 def has_status_branches(repo: str | os.PathLike[str]) -> bool:
@@ -107,40 +119,34 @@ def has_status_branches(repo: str | os.PathLike[str]) -> bool:
         return False
 
 
+def fleet_containers(batch: StatusBatch) -> FleetContainers:
+    """A read of the `CONTAINERS` parse as the plan takes it: usable cells, and a message
+    for every cell and branch skipped."""
+    skipped = list(batch.skipped)
+    cells = []
+    for c in batch.cells:
+        if c.error:
+            skipped.append(c.error)
+            continue
+        containers = tuple(Container(*row) for row in c.value["rows"])
+        settings = GateSettings(*c.value["gate"])
+        cells.append(CellContainers(c.cell, c.ref, containers, settings, c.value["applied"]))
+    return FleetContainers(tuple(cells), tuple(skipped))
+
+
 def read_fleet_containers(repo: str | os.PathLike[str], workers: int = 4) -> FleetContainers:
-    """Every status branch's containers, in the order `status_refs` lists them.
+    """Every status branch's containers of the clone holding `repo` (`fetch.read_local`).
 
     InventoryError when `repo` is not in a git repository; a branch that breaks any rule of
-    the contract is in `skipped`.  Parsing a fleet's status files is CPU-bound and per cell,
-    so it is split across up to `workers` forked processes (`forkpool.fork_ranges`).
+    the contract is in `skipped`.  Parsing is split across up to `workers` forked processes.
     """
-    try:
-        listed = status_refs(repo)
-    except StatusBranchError as exc:
-        raise InventoryError(str(exc)) from None
-    skipped: list[str] = []
-    refs: dict[str, str] = {}
-    for cell, ref in listed.items():
-        if CELL_NAME.match(cell):
-            refs[cell] = ref
-        else:
-            skipped.append(f"{ref}: cell name {cell!r} must match {CELL_NAME.pattern}")
-    blobs = read_status_blobs(repo, [blob_spec(ref) for ref in refs.values()])
-    jobs = []
-    for (cell, ref), data in zip(refs.items(), blobs, strict=True):
-        if isinstance(data, InventoryError):
-            skipped.append(str(data))
-        else:
-            jobs.append((cell, ref, data))
-    workers = min(os.cpu_count() or 1, workers, len(jobs) // _MIN_CELLS_PER_WORKER)
-    parts = fork_ranges(_parse_range, jobs, len(jobs), workers)
-    cells = []
-    for part in parts:
-        for cell, ref, rows, gate, applied in part:
-            if isinstance(rows, str) or gate is None:
-                skipped.append(str(rows))
-            else:
-                containers = tuple(Container(*row) for row in rows)
-                settings = GateSettings(*gate)
-                cells.append(CellContainers(cell, ref, containers, settings, applied))
-    return FleetContainers(tuple(cells), tuple(skipped))
+    return fleet_containers(read_local(repo, CONTAINERS, workers=workers))
+
+
+def read_remote_containers(
+    repos: StatusRepos, cache: str | None = None, workers: int = 4
+) -> FleetContainers:
+    """Every status branch's containers in `repos` (one repository or every shard), fetched
+    into `cache` incrementally (`fetch.read_remote`); FetchError when a shard cannot be read."""
+    with status_cache(cache) as repo:
+        return fleet_containers(read_remote(repo, repos, CONTAINERS, workers=workers))

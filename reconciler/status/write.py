@@ -98,15 +98,18 @@ class StatusWriter:
     def push(self, text: str, message: str, when: int | None = None) -> str:
         """Commit and force-push; StatusPushError on failure (the caller retries later)."""
         sha = self.commit(text, message, int(when if when is not None else time.time()))
-        self._git(
-            "push",
-            "--quiet",
-            "--force",
-            "--no-verify",
-            "--",
-            self.url,
-            f"{sha}:refs/heads/{self.branch}",
-        )
+        try:
+            self._git(
+                "push",
+                "--quiet",
+                "--force",
+                "--no-verify",
+                "--",
+                self.url,
+                f"{sha}:refs/heads/{self.branch}",
+            )
+        except StatusPushError as exc:  # logged and counted: never the URL's credentials
+            raise StatusPushError(gitio.redacted(str(exc), self.url)) from None
         self.pushes += 1
         if self.pushes % 50 == 0:
             # Every push leaves the previous root commit unreachable here too.
