@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import hashlib
 import heapq
 import json
 import math
@@ -92,7 +91,10 @@ from asgctl_lab.gitserver import GitDaemon, free_port, git, proc_cpu  # noqa: E4
 from bench.common import RESULTS, machine, revision  # noqa: E402
 from reconciler.agent.source import GitSource, SourceError  # noqa: E402
 from reconciler.agent.status import retry_wait  # noqa: E402
-from reconciler.status.branch import branch_for  # noqa: E402
+from reconciler.status.branch import (
+    branch_for,
+    shard_of,
+)
 from reconciler.status.write import StatusPushError, StatusWriter, dump_status  # noqa: E402
 
 INTERVAL = 60.0
@@ -363,12 +365,6 @@ def classify_error(text: str) -> str:
         if key in t:
             return kind
     return "other"
-
-
-def shard_of(cell: str, shards: int) -> int:
-    """The status repository a cell reports to: a stable hash of its name over `shards`
-    (the same cell always lands in the same repository, whatever the fleet's order)."""
-    return int.from_bytes(hashlib.sha256(cell.encode()).digest()[:8], "big") % shards
 
 
 def status_repo(args: argparse.Namespace, cell: str) -> str:
