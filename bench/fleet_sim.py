@@ -91,10 +91,7 @@ from asgctl_lab.gitserver import GitDaemon, free_port, git, proc_cpu  # noqa: E4
 from bench.common import RESULTS, machine, revision  # noqa: E402
 from reconciler.agent.source import GitSource, SourceError  # noqa: E402
 from reconciler.agent.status import retry_wait  # noqa: E402
-from reconciler.status.branch import (
-    branch_for,
-    shard_of,
-)
+from reconciler.status.branch import branch_for, shard_of  # noqa: E402
 from reconciler.status.write import StatusPushError, StatusWriter, dump_status  # noqa: E402
 
 INTERVAL = 60.0
