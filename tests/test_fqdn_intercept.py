@@ -243,9 +243,14 @@ def learner(make_lab: Callable[..., Lab]) -> Iterator[tuple[Interceptor, IpsetWr
         interceptor._sets.close()
 
 
-def members(interceptor: Interceptor, writer: IpsetWriter, fqdn: str) -> set[str]:
+def timeouts(interceptor: Interceptor, writer: IpsetWriter, fqdn: str) -> dict[str, int]:
+    """The name's IPv4 set in the kernel: address -> seconds left."""
     states = {s["fqdn"]: s for s in interceptor.service.status() if s["family"] == 4}
-    return set(writer.members(str(states[fqdn]["set"])) or {})
+    return dict(writer.members(str(states[fqdn]["set"])) or {})
+
+
+def members(interceptor: Interceptor, writer: IpsetWriter, fqdn: str) -> set[str]:
+    return set(timeouts(interceptor, writer, fqdn))
 
 
 def ask(interceptor: Interceptor, txid: int, qname: str, port: int = 40000) -> None:
@@ -275,6 +280,33 @@ def test_only_the_reply_to_the_containers_own_query_teaches_addresses(
     assert members(icpt, writer, DB) == {"198.19.0.9"}
     assert icpt.metrics.unsolicited == 3 and icpt.metrics.not_granted == 1
     assert icpt.metrics.learned == 1
+
+
+def test_an_answer_with_nothing_new_is_released_before_its_renewal_is_written(
+    learner: tuple[Interceptor, IpsetWriter],
+) -> None:
+    """The verdict thread's path (`defer=True`): a name asked again gives addresses already
+    in the set, so the container can connect before the renewal is written; an answer with
+    a new address is still written before its release (reconciler/fqdn/intercept.py)."""
+    icpt, writer = learner
+
+    ask(icpt, 1, DB)
+    assert icpt.learn(answer(1, DB, [record(DB, QTYPE_A, 10, "198.19.0.9")]), defer=True) == 1
+    first = timeouts(icpt, writer, DB)
+    assert set(first) == {"198.19.0.9"} and first["198.19.0.9"] <= 10
+
+    ask(icpt, 2, DB)  # the same address, a longer TTL: nothing new, renewed after release
+    assert icpt.learn(answer(2, DB, [record(DB, QTYPE_A, 60, "198.19.0.9")]), defer=True) == 0
+    assert timeouts(icpt, writer, DB)["198.19.0.9"] <= 10, "not renewed yet"
+    assert icpt.renew() == 1
+    assert timeouts(icpt, writer, DB)["198.19.0.9"] > 10, "renewed once released"
+    assert icpt.metrics.renewed_after_release == 1
+
+    ask(icpt, 3, DB)  # a new address beside the known one: written before the release
+    both = [record(DB, QTYPE_A, 60, "198.19.0.9"), record(DB, QTYPE_A, 60, "198.19.0.11")]
+    assert icpt.learn(answer(3, DB, both), defer=True) == 1
+    assert set(timeouts(icpt, writer, DB)) == {"198.19.0.9", "198.19.0.11"}
+    assert icpt.renew() == 0
 
 
 def test_cnames_are_followed_and_refused_addresses_and_the_bound_hold(

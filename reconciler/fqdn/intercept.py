@@ -9,7 +9,10 @@ has the query: it cannot lose that race), then decides (`answers`): a reply to a
 query, for a name the container is granted, puts its addresses into the name's set through
 `FqdnService.learn` (the keeper's TTL clamp, fqdn-max-ips and refused addresses) over a
 kept-open netlink socket (`netlinksets`), and only then is the answer released
-(NF_ACCEPT).  No process starts on this path.
+(NF_ACCEPT).  No process starts on this path.  An answer that teaches nothing new -- every
+address it gives is already in the name's set for `RENEW_AFTER_RELEASE` seconds more, the
+common case of a name asked again -- is released first and its renewal written right after:
+the container's connect needs the element for milliseconds, and it is there.
 
 What is released without teaching anything: answers to no recorded query (unsolicited or
 forged), answers we cannot parse, and answers for names the container is not granted; DNS
@@ -47,6 +50,10 @@ it in any case.  Where the agent may not (no CAP_SYS_NICE), it runs at normal pr
 SWITCH_INTERVAL = 0.001
 """Seconds another Python thread of the agent may hold the GIL while the verdict thread
 waits for it (CPython's default is 5 ms): set process-wide while the interception runs."""
+RENEW_AFTER_RELEASE = 2.0
+"""An answer whose addresses all stay in their sets at least this long is released before
+its renewal is written (nft renews an element by delete and add in one transaction, whose
+commit was the largest part of the nftables backend's p99: bench/results/fqdn.md)."""
 VERDICT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
 """Seconds from reading a held answer to its verdict: the histogram's upper bounds."""
 
@@ -70,6 +77,8 @@ class InterceptMetrics:
     verdict_sum: float = 0.0
     errors: int = 0
     last_error: str = ""
+    renewed_after_release: int = 0
+    """Answers released before their renewal was written (nothing new in them)."""
 
     def observe(self, seconds: float) -> None:
         self.verdict_count += 1
@@ -107,6 +116,9 @@ class Interceptor:
         self._log: NflogSocket | None = None
         self._q: NfqueueSocket | None = None
         self._sets: NetlinkSets | None = None
+        self._renewals: list[tuple[tuple[str, ...], int, tuple[str, ...], int]] = []
+        """Renewals of answers already released (`learn(..., defer=True)`), written by
+        `renew` once the verdicts of a batch are given."""
 
     def follow(self, plan: CellPlan) -> None:
         """The applied plan's grants by name (swapped whole: the thread reads one or the
@@ -186,6 +198,7 @@ class Interceptor:
                     for packet in q.receive(0):
                         self._read_queries(0)  # every query copied before this answer
                         q.verdict(packet.packet_id, self.decide(packet))
+                    self.renew()
             except Exception as exc:  # never let the thread die: answers would be dropped
                 self.metrics.errors += 1
                 self.metrics.last_error = str(exc)
@@ -224,7 +237,7 @@ class Interceptor:
         """The verdict for one held answer, after learning what it may teach."""
         started = time.perf_counter()
         try:
-            self.learn(packet.payload)
+            self.learn(packet.payload, defer=True)
         except Exception as exc:  # one answer's failure releases it unlearned, nothing more
             self.metrics.errors += 1
             self.metrics.last_error = f"learning from an answer: {exc}"
@@ -232,8 +245,9 @@ class Interceptor:
             self.metrics.observe(time.perf_counter() - started)
         return NF_ACCEPT
 
-    def learn(self, payload: bytes) -> int:
-        """Learn from one answer; returns how many names' sets it wrote."""
+    def learn(self, payload: bytes, *, defer: bool = False) -> int:
+        """Learn from one answer; returns how many names' sets it wrote.  With `defer`, an
+        answer that teaches nothing new writes nothing yet: its renewal waits for `renew`."""
         seg = parse_segment(payload)
         if seg is not None and seg.protocol == TCP and not seg.data:
             return 0  # the connection's own segments (SYN-ACK, ACK, FIN): not answers
@@ -260,12 +274,31 @@ class Interceptor:
         if not answer.addresses:
             return 0
         family = 4 if q.qtype == QTYPE_A else 6
+        if defer and all(
+            self.service.holds(fqdn, family, answer.addresses, RENEW_AFTER_RELEASE)
+            for fqdn in names
+        ):
+            self._renewals.append((names, family, answer.addresses, answer.ttl))
+            return 0
+        return self._teach(names, family, answer.addresses, answer.ttl)
+
+    def renew(self) -> int:
+        """Write the renewals of the answers released before them; returns how many
+        answers' renewals were written."""
+        pending, self._renewals = self._renewals, []
+        for names, family, addresses, ttl in pending:
+            self._teach(names, family, addresses, ttl)
+        self.metrics.renewed_after_release += len(pending)
+        return len(pending)
+
+    def _teach(
+        self, names: tuple[str, ...], family: int, addresses: tuple[str, ...], ttl: int
+    ) -> int:
+        """An answer's addresses into each granted name's set (the keeper's rules)."""
         written = 0
         for fqdn in names:
             try:
-                write = self.service.learn(
-                    fqdn, family, answer.addresses, answer.ttl, writer=self._sets
-                )
+                write = self.service.learn(fqdn, family, addresses, ttl, writer=self._sets)
             except DataplaneError as exc:
                 self.metrics.write_errors += 1
                 self.metrics.last_error = str(exc)

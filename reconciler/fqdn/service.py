@@ -22,7 +22,7 @@ from reconciler.backends.errors import DataplaneError
 from reconciler.backends.kernel.nsthread import run_in_netns
 from reconciler.core.cellplan import CellPlan, name_set
 from reconciler.fqdn.dns import QTYPE_A, QTYPE_AAAA, Answer, Client, DnsError, resolv_conf_servers
-from reconciler.fqdn.keeper import FqdnSettings, NameState, due, on_answer, on_failure
+from reconciler.fqdn.keeper import FqdnSettings, NameState, due, on_answer, on_failure, usable
 from reconciler.fqdn.kernelsets import ElementWriter, SetWriter, Write
 
 WRITE_BATCH = 256
@@ -209,6 +209,17 @@ class FqdnService:
                 self.metrics.capped[fqdn] = self.metrics.capped.get(fqdn, 0) + 1
             self._states[(family, fqdn)] = new
         return write
+
+    def holds(self, fqdn: str, family: int, addresses: tuple[str, ...], margin: float) -> bool:
+        """Whether every address of an answer that may enter the name's set is in it for at
+        least `margin` seconds more: then the container can connect at once, and the
+        answer's renewal need not be written before the answer is released."""
+        with self._lock:
+            state = self._states.get((family, fqdn))
+            if state is None:
+                return True  # the plan has no set for it: nothing would be written
+            live = dict(state.live(self.clock() + margin))
+        return all(a in live for a in addresses if usable(a))
 
     def next_due(self) -> float | None:
         with self._lock:
