@@ -27,9 +27,12 @@ name (`StatusRepos`: the agent's `status-url` and `status-shards`).  A read:
    which cells are refused never depends on the cache.
 5. **parse, cached by blob id** (`Parse`, `ParsedStore`): a parse turns one blob into a
    JSON value; values are kept per `kind` (which names the parse and its version) under
-   `<cache>/asgctl-parsed/`, so a warm read parses only the blobs that changed.  Blobs are
-   read in chunks of at most `CHUNK_BYTES` (memory stays bounded whatever the fleet) and
-   parsed in forked workers when there are many (`forkpool.fork_ranges`).
+   `<cache>/asgctl-parsed/`, so a warm read parses only the blobs that changed.  The blobs
+   to parse are split over forked workers when there are many (`forkpool.fork_ranges`);
+   each worker reads its own blobs (`git cat-file --batch`, in chunks: the workers hold at
+   most `CHUNK_BYTES` between them, whatever the fleet), parses them and writes their
+   cache files, so reading, parsing and storing all run on every core, and only the
+   parsed values come back to the reader.
 
 A bad branch costs only its own cell: its `CellStatus.error` names the branch and the field.
 A repository that cannot be listed or fetched, or holds more branches than the budget, is
@@ -45,7 +48,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,14 +206,20 @@ class ParsedStore:
         self._memory[key] = value
         return True, value
 
+    def remember(self, kind: str, oid: str, value: Any) -> None:
+        """Keep `value` in memory only (a worker has written its file)."""
+        self._memory[(kind, oid)] = value
+
     def put(self, kind: str, oid: str, value: Any) -> None:
+        """Keep `value` in memory and on disk; safe from several processes at once (each
+        writes its own temporary file, and the last rename wins with a whole file)."""
         self._memory[(kind, oid)] = value
         path = self._path(kind, oid)
         if path is None:
             return
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(value, separators=(",", ":"), default=str))
             os.replace(tmp, path)
 
@@ -508,71 +517,75 @@ def read_cells(
                 results[i] = CellStatus(cell, ref, value)
             else:
                 todo.append((i, info))
-    parsed = 0
-    for chunk in _chunks(todo):
-        parsed += len(chunk)
-        try:
-            blobs = gitio.read_objects(repo, [info for _i, info in chunk])
-        except OSError as exc:
-            raise InventoryError(f"{os.fspath(repo)}: git cat-file failed: {exc}") from None
-        jobs = [
-            (blob_spec(cells[i][1]), data) for (i, _info), data in zip(chunk, blobs, strict=True)
-        ]
-        answers = _parse_all(parse, jobs, workers)
-        for (i, info), (ok, value) in zip(chunk, answers, strict=True):
-            cell, ref = cells[i]
-            if ok:
-                store.put(parse.kind, info.oid, value)
-                results[i] = CellStatus(cell, ref, value)
-            else:
-                results[i] = CellStatus(cell, ref, error=str(value))
+    jobs = [(blob_spec(cells[i][1]), info) for i, info in todo]
+    try:
+        answers = _parse_all(_Work(parse, repo, store, jobs), workers)
+    except OSError as exc:
+        raise InventoryError(f"{os.fspath(repo)}: git cat-file failed: {exc}") from None
+    for (i, info), (ok, value) in zip(todo, answers, strict=True):
+        cell, ref = cells[i]
+        if ok:
+            store.remember(parse.kind, info.oid, value)
+            results[i] = CellStatus(cell, ref, value)
+        else:
+            results[i] = CellStatus(cell, ref, error=str(value))
     if prune:
         store.keep_only(parse.kind, oids)
     done = tuple(r for r in results if r is not None)
-    return StatusBatch(repo, done, tuple(skipped), parsed)
+    return StatusBatch(repo, done, tuple(skipped), len(todo))
 
 
-def _chunks(
-    todo: list[tuple[int, gitio.ObjectInfo]],
-) -> Iterator[list[tuple[int, gitio.ObjectInfo]]]:
-    chunk: list[tuple[int, gitio.ObjectInfo]] = []
-    size = 0
-    for item in todo:
-        if chunk and size + item[1].size > CHUNK_BYTES:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(item)
-        size += item[1].size
-    if chunk:
-        yield chunk
-
-
-Job = tuple[str, bytes | None]
+Job = tuple[str, gitio.ObjectInfo]
+"""A blob to parse: the origin messages name it by, and its id and size (budgeted)."""
 Answer = tuple[bool, Any]
 
 
 @dataclass(frozen=True)
 class _Work:
     parse: Parse
-    jobs: list[Job] = field(default_factory=list)
+    repo: Path
+    store: ParsedStore
+    jobs: list[Job]
+    chunk_bytes: int = CHUNK_BYTES
+
+
+def _chunks(jobs: Sequence[Job], limit: int) -> Iterator[Sequence[Job]]:
+    """Consecutive runs of `jobs` of at most `limit` blob bytes (or one blob)."""
+    start, size = 0, 0
+    for i, (_origin, info) in enumerate(jobs):
+        if i > start and size + info.size > limit:
+            yield jobs[start:i]
+            start, size = i, 0
+        size += info.size
+    if start < len(jobs):
+        yield jobs[start:]
 
 
 def _parse_range(work: _Work, bounds: tuple[int, int]) -> list[Answer]:
-    """(True, value) or (False, why) per file; workers inherit the blobs rather than have
-    them pickled, and send back plain JSON values."""
+    """(True, value) or (False, why) per blob of the range: read a chunk at a time, parsed,
+    and each value stored (its cache file written here, in the worker); only plain JSON
+    values go back.  OSError when git cannot run."""
     out: list[Answer] = []
-    for origin, data in work.jobs[bounds[0] : bounds[1]]:
-        if data is None:
-            out.append((False, f"{origin}: changed while being read"))
-            continue
-        try:
-            out.append((True, work.parse.fn(data, origin)))
-        except InventoryError as exc:
-            out.append((False, str(exc)))
+    for chunk in _chunks(work.jobs[bounds[0] : bounds[1]], work.chunk_bytes):
+        blobs = gitio.read_objects(work.repo, [info for _origin, info in chunk])
+        for (origin, info), data in zip(chunk, blobs, strict=True):
+            if data is None:
+                out.append((False, f"{origin}: changed while being read"))
+                continue
+            try:
+                value = work.parse.fn(data, origin)
+            except InventoryError as exc:
+                out.append((False, str(exc)))
+                continue
+            work.store.put(work.parse.kind, info.oid, value)
+            out.append((True, value))
     return out
 
 
-def _parse_all(parse: Parse, jobs: list[Job], workers: int) -> list[Answer]:
-    workers = min(os.cpu_count() or 1, workers, len(jobs) // _MIN_JOBS_PER_WORKER)
-    parts = fork_ranges(_parse_range, _Work(parse, jobs), len(jobs), workers)
+def _parse_all(work: _Work, workers: int) -> list[Answer]:
+    """Every job's answer, in order, from up to `workers` forked workers that share
+    `CHUNK_BYTES` of blobs held at once."""
+    workers = max(1, min(os.cpu_count() or 1, workers, len(work.jobs) // _MIN_JOBS_PER_WORKER))
+    work = replace(work, chunk_bytes=max(1, CHUNK_BYTES // workers))
+    parts = fork_ranges(_parse_range, work, len(work.jobs), workers)
     return [answer for part in parts for answer in part]
