@@ -309,6 +309,43 @@ def test_a_kept_cache_fetches_and_parses_only_what_changed_and_forgets_deleted_b
     assert all(shard_of(c.cell, 2) == int(c.ref.split("/")[2]) for c in regrouped.cells)
 
 
+def test_forked_workers_read_parse_and_store_in_chunks_what_one_process_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Many cells are parsed by forked workers, each reading its own blobs in chunks of its
+    # share of CHUNK_BYTES and writing their cache files; the reader gets the same cells.
+    bare = tmp_path / "status-0.git"
+    git("init", "-q", "--bare", "-b", "main", str(bare))
+    cells = [f"cell-{n:03d}" for n in range(160)]
+    stream = "".join(
+        f"commit refs/heads/status/{cell}\ncommitter t <t@example.invalid> 1700000000 +0000\n"
+        f"data 1\nx\nM 100644 inline status.yaml\ndata {len(text.encode())}\n{text}\n"
+        for cell in cells
+        for text in [
+            status(cell, containers=len(cell) % 4 + int(cell[-1]) % 3)
+            if cell != "cell-077"
+            else "- no\n"
+        ]
+    )
+    git("--git-dir", str(bare), "fast-import", "--quiet", input=stream)
+    repos = StatusRepos(f"file://{bare}")
+    monkeypatch.setattr(status_fetch, "CHUNK_BYTES", 20_000)  # many chunks per worker
+    with status_cache(tmp_path / "one.git") as repo:
+        one = read_remote(repo, repos, HEADER, workers=1)
+    with status_cache(tmp_path / "forked.git") as repo:
+        forked = read_remote(repo, repos, HEADER, workers=2)
+    assert forked.cells == one.cells and forked.parsed == one.parsed == len(cells)
+    assert [c.cell for c in forked.cells if c.error] == ["cell-077"]
+    kept = list((tmp_path / "forked.git" / PARSED_DIR / HEADER.kind).rglob("*"))
+    assert sum(p.suffix == ".json" for p in kept) == len(
+        {json.dumps(c.value) for c in one.cells if not c.error}
+    )
+    assert not [p for p in kept if p.suffix == ".tmp"]
+    with status_cache(tmp_path / "forked.git") as repo:
+        warm = read_remote(repo, repos, HEADER, workers=2)
+    assert warm.parsed == 1 and warm.cells == one.cells  # only the bad file is parsed again
+
+
 def test_a_hostile_status_branch_costs_only_its_own_cell_and_never_passes_the_budget(
     shards: Shards, tmp_path: Path
 ) -> None:

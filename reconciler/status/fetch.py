@@ -73,7 +73,8 @@ SHARDS_REFS = "refs/shards/"
 PARSED_DIR = "asgctl-parsed"
 """The parsed-document cache's folder inside a kept cache repository."""
 CHUNK_BYTES = 64 * 1024 * 1024
-"""Blob bytes read (and held) at once; the rest waits for the next chunk."""
+"""Blob bytes read (and held) at once by all the parse workers together; each worker reads
+its share of the blobs in chunks of `CHUNK_BYTES / workers`."""
 MAX_READ_BYTES = 2 * 1024 * 1024 * 1024
 """Status bytes one read accepts in all: 10,000 cells of 250 containers are ~0.7 GB."""
 MAX_BRANCHES = 20_000
