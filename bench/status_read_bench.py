@@ -66,7 +66,7 @@ def build_fleet(
     fleet_sim.CONTAINERS = containers  # the document an agent with this many writes
     git("init", "-q", "--bare", "-b", "main", str(seed))
     t0 = time.monotonic()
-    fleet_sim.prefill(seed, 0, cells)
+    fleet_sim.prefill(seed, [_cell(i) for i in range(cells)])
     made: dict[str, Any] = {"prefill_s": round(time.monotonic() - t0, 1)}
     spec = f"refs/heads/{branch_for(_cell(0))}:status.yaml"
     made["doc_bytes"] = int(git("--git-dir", str(seed), "cat-file", "-s", spec))

@@ -82,13 +82,17 @@ VALUES = [
 
 def _agent_doc(rng: st.DataObject) -> dict[str, Any]:
     entries = []
+    # Half the files have every field in every entry, as the agent writes them (the
+    # fast path's quickest reading, `document._AGENT_ENTRY`); the rest leave fields out.
+    full = rng.draw(st.booleans())
     for i in range(rng.draw(st.integers(0, 4))):
         e: dict[str, Any] = {"handle": f"h{i}"}
         for key in ("ip", "app_id", "space_id", "org_id", "workload", "chain"):
-            if rng.draw(st.booleans()):
+            if full or rng.draw(st.booleans()):
                 e[key] = rng.draw(st.sampled_from(VALUES))
-        if rng.draw(st.booleans()):
-            e["groups"] = rng.draw(st.sampled_from([[], ["a", "b"], None, "x", {"k": [1]}]))
+        for key in ("groups", "sources"):
+            if full or rng.draw(st.booleans()):
+                e[key] = rng.draw(st.sampled_from([[], ["a", "b"], None, "x", {"k": [1]}]))
         entries.append(e)
     message = rng.draw(st.sampled_from(VALUES))
     return {
@@ -165,7 +169,9 @@ def test_the_fast_path_reads_plain_agent_files(data: st.DataObject) -> None:
     for e in doc["containers"]:
         for k in list(e):
             e[k] = f"v-{k}" if k in CONTRACT_KEYS[1:] else e[k]
-        e.pop("groups", None)
+        for key in ("groups", "sources"):
+            if key in e:
+                e[key] = ["public_networks", "sg-00"]
         e["chain"] = "0123456789abcdef"
     doc["conditions"][0]["message"] = "Applied revision: main@sha1:abc"
     text = dump_status(doc)

@@ -113,6 +113,15 @@ _FIELD_RE = rf"{_KEY}:(?: {_VALUE}\n|\n(?:  - {_VALUE}\n)*)"
 _BLOCK = re.compile(rf"(?:- {_FIELD_RE}(?:  {_FIELD_RE})*)*")
 # Every field line of the block: `- ` opens an entry, `  ` continues it.
 _FIELDS = re.compile(rf"^(- |  )({_KEY}):(?: ([^\n]*))?$", re.M)
+# One entry exactly as the agent writes it (`agent/status.py`): the contract fields in
+# order, each a one-line scalar, then the agent's own fields, each at most once.  Its
+# language is inside `_BLOCK`'s and its keys are fixed, distinct strings, so an entry it
+# matches needs no per-field checks but the values' (`_agent_entries`).
+_LIST_FIELD = rf"(?: {_VALUE}\n|\n(?:  - {_VALUE}\n)*)"
+_AGENT_ENTRY = re.compile(
+    "".join(f"{'- ' if i == 0 else '  '}{key}: ({_VALUE})\n" for i, key in enumerate(CONTRACT_KEYS))
+    + rf"(?:  chain: {_VALUE}\n)?(?:  groups:{_LIST_FIELD})?(?:  sources:{_LIST_FIELD})?"
+)
 _TOP_KEY = re.compile(rf"{_KEY}:(?: |\n)")
 _NEXT_TOP = re.compile(r"\n[^ \n-]|\n-[^ ]")
 _CONTAINERS = "containers:"
@@ -171,6 +180,28 @@ def _mapping_part(text: str, origin: str) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and "containers" not in doc else None
 
 
+def _agent_entries(block: str, checked: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The contract fields of each entry when every entry of `block` is exactly the
+    agent's (`_AGENT_ENTRY`, one after the other to the end); None when one is not (the
+    per-field reading decides) or a value is one only the loader can read."""
+    entries: list[dict[str, Any]] = []
+    at = 0
+    for m in _AGENT_ENTRY.finditer(block):
+        if m.start() != at:
+            return None
+        at = m.end()
+        values = []
+        for raw in m.groups():
+            value = checked.get(raw, _UNSEEN)
+            if value is _UNSEEN:
+                value = checked[raw] = _scalar(raw)
+            if value is _UNSEEN:
+                return None
+            values.append(value)
+        entries.append(dict(zip(CONTRACT_KEYS, values, strict=True)))
+    return entries if at == len(block) else None
+
+
 def _fast_parts(text: str, origin: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
     """(everything but `containers`, the contract fields of each entry), without a full YAML
     load; None whenever the file is not exactly in the agent's block style (see the module
@@ -194,16 +225,19 @@ def _fast_parts(text: str, origin: str) -> tuple[dict[str, Any], list[dict[str, 
         return None
     if rest not in _EMPTY or (rest and block):
         return None
-    if _BLOCK.fullmatch(block) is None:
+    checked: dict[str, Any] = {}
+    agents = _agent_entries(block, checked)
+    if agents is None and _BLOCK.fullmatch(block) is None:
         return None
     head = _mapping_part(text[:at], origin)
     tail = _mapping_part(text[body_end:], origin)
     if head is None or tail is None or head.keys() & tail.keys():
         return None
+    if agents is not None:
+        return {**head, **tail}, agents
     entries: list[dict[str, Any]] = []
     entry: dict[str, Any] = {}
     seen: set[str] = set()
-    checked: dict[str, Any] = {}
     key_ok: dict[str, bool] = {}
     for dash, key, raw in _FIELDS.findall(block):
         if dash == "- ":
