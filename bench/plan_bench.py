@@ -755,6 +755,11 @@ def phases(root: Path, inventory: str, profile: bool) -> tuple[list[tuple[str, f
     return _finish(prof, text, times)
 
 
+def _command(keep: str | None) -> str:
+    """This run's arguments as a record states them: without `--keep DIR` (a local path)."""
+    return " ".join(" ".join(sys.argv[1:]).replace(f"--keep {keep}", "").split())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=int, default=1000)
@@ -819,7 +824,7 @@ def main() -> None:
             os.chdir(ROOT)
             print(table)
             if args.record:
-                command = " ".join(sys.argv[1:]).replace(f"--keep {args.keep}", "").strip()
+                command = _command(args.keep)
                 splice(
                     RESULTS / "plan_shard.md",
                     FACTS_BEGIN,
@@ -837,7 +842,7 @@ def main() -> None:
             os.chdir(ROOT)
             print(table)
             if args.record:
-                command = " ".join(sys.argv[1:]).replace(f"--keep {args.keep}", "").strip()
+                command = _command(args.keep)
                 splice(
                     RESULTS / "plan_shard.md",
                     ONE_BEGIN,
@@ -873,7 +878,7 @@ def main() -> None:
             print(table)
             print(f"\n(setup, not timed: {setup:.1f} s)")
             if args.record:
-                command = " ".join(sys.argv[1:]).replace(f"--keep {args.keep}", "").strip()
+                command = _command(args.keep)
                 size = f" ({args.cells:,} cells)"  # one record per fleet size
                 splice(
                     RESULTS / "plan_shard.md",
