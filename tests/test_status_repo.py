@@ -27,6 +27,7 @@ from reconciler.agent.config import ConfigError, build_config
 from reconciler.agent.fleet import read_fleet
 from reconciler.agent.peers import PeerReader
 from reconciler.cli import main
+from reconciler.sources.inventories import StatusBranches
 from reconciler.status import fetch as status_fetch
 from reconciler.status.branch import shard_of, shard_url
 from reconciler.status.fetch import (
@@ -188,6 +189,87 @@ def test_every_shard_is_read_and_a_branch_in_the_wrong_shard_is_named_and_ignore
     said = " ".join(batch.skipped)
     assert f"status/{victim} in file://" in said and "belongs in shard 2 of 3" in said
     assert f"status/{ghost}" in said and "belongs in shard 1 of 3, not shard 0" in said
+
+
+def test_a_reader_of_some_cells_fetches_and_parses_only_those_and_still_names_forgeries(
+    shards: Shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A plan job reads only its shard of the fleet (`only`: cell -> read it?).  The listing
+    # stays whole (counted against the budget, routed, forgeries named), but the cells left
+    # out are neither fetched nor parsed, and a kept cache keeps their entries for others.
+    monkeypatch.setattr(status_fetch, "MAX_NAMED", 0)  # a whole-fleet read would use the pattern
+    cells = [f"cell-{i}" for i in range(9)]
+    for cell in cells:
+        shards.push(cell, status(cell))
+    mine = [c for c in cells if shard_of(c, 2) == 0]
+    others = [c for c in cells if c not in mine]
+    assert mine and others
+    # The attack: a shard-0 pusher forges a cell this job does not read.
+    victim = next(c for c in others if shard_of(c, 3) != 0)
+    shards.push(victim, status(victim, ready="False"), url=shard_url(shards.repos.url, 0))
+    seen: list[str] = []
+
+    def spy(data: bytes, origin: str) -> Any:
+        seen.append(origin)
+        return HEADER.fn(data, origin)
+
+    parse = status_fetch.Parse(HEADER.kind, spy)
+    cache = tmp_path / "cache.git"
+
+    def read(only: Callable[[str], bool] | None) -> status_fetch.StatusBatch:
+        seen.clear()
+        with status_cache(cache) as repo:
+            return read_remote(repo, shards.repos, parse, only=only)
+
+    def held() -> list[str]:
+        out = git("--git-dir", str(cache), "for-each-ref", "--format=%(refname)")
+        return sorted(r.rsplit("/", 1)[1] for r in out.split())
+
+    def in_cache(cell: str) -> bool:
+        shard = shard_of(cell, 3)
+        blob = git("--git-dir", str(shards.bare(shard)), "rev-parse", f"status/{cell}:status.yaml")
+        found = status_fetch.gitio.blob_sizes(cache, [blob])
+        return found[0] is not None
+
+    ours = read(lambda c: shard_of(c, 2) == 0)
+    assert [c.cell for c in ours.cells] == mine and not any(c.error for c in ours.cells)
+    assert ours.left_out == len(others) and ours.parsed == len(mine)
+    assert sorted(o.split("/")[-1].split(":")[0] for o in seen) == mine  # nothing else parsed
+    assert held() == mine and not any(in_cache(c) for c in others)  # nor fetched
+    assert len(ours.skipped) == 1 and f"status/{victim} in file://" in ours.skipped[0]
+    # The whole fleet from the same cache: only the cells left out are fetched and parsed;
+    # then the filtered read again forgets nothing the whole-fleet read still wants.
+    whole = read(None)
+    assert [c.cell for c in whole.cells] == cells and whole.parsed == len(others)
+    assert whole.left_out == 0 and held() == cells
+    again = read(lambda c: shard_of(c, 2) == 0)
+    assert again.parsed == 0 and again.cells == ours.cells and held() == cells
+    assert read(None).parsed == 0
+    # The count budget is over the whole listing, whatever the filter.
+    with status_cache(None) as repo, pytest.raises(FetchError, match="over the"):
+        read_remote(repo, shards.repos, HEADER, budget=ReadBudget(max_branches=9), only=bool)
+
+
+def test_the_plan_inventory_reads_only_the_cells_its_filter_keeps(
+    shards: Shards, tmp_path: Path
+) -> None:
+    for cell in ("cell-1", "cell-2", "late-1"):
+        shards.push(cell, status(cell, containers=2))
+    shards.push("cell-2", status("cell-2", containers=0), url=shard_url(shards.repos.url, 0))
+    keep = {"cell-1", "late-1"}
+    remote = StatusBranches(
+        ".", remote=shards.repos, cache=str(tmp_path / "c"), only=keep.__contains__
+    )
+    found = remote.read()
+    assert [c.cell for c in found.cells] == ["cell-1", "late-1"] and found.left_out == 1
+    assert [len(c.containers) for c in found.cells] == [2, 2]
+    assert len(found.skipped) == 1 and "status/cell-2 in file://" in found.skipped[0]
+    # The same filter over the branches a clone holds (here: one status repository).
+    one = Shards(tmp_path / "one", 1)
+    for cell in ("cell-1", "cell-2", "late-1"):
+        one.push(cell, status(cell, containers=1))
+    local = StatusBranches(str(one.bare(0)), only=keep.__contains__).read()
+    assert [c.cell for c in local.cells] == ["cell-1", "late-1"] and local.left_out == 1
 
 
 def test_a_kept_cache_fetches_and_parses_only_what_changed_and_forgets_deleted_branches(

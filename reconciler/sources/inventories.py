@@ -9,7 +9,8 @@ A plan diff is only as true as its inventory, so the sources sit behind one smal
 * `StatusBranches`: what every agent last reported, read from the policy repository's
   `status/<cell>` branches without a checkout, or fetched from the status repositories the
   agents push to (`remote`: `--status-url`, sharded with `--status-shards`), incrementally
-  into `cache` (`reconciler.status.fetch`).
+  into `cache` (`reconciler.status.fetch`); with `only`, just the cells it keeps (a plan
+  job's shard of the fleet), the others neither fetched nor parsed.
 * `synthetic_inventory`: when neither exists (a repo with no agents yet), one made-up cell
   holding a container per app and lifecycle of the directory, so a pull request still gets a
   per-app access diff.  The report says so.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -105,6 +106,8 @@ class StatusRead:
     cells: tuple[CellInventory, ...]
     skipped: tuple[str, ...]
     applied: Mapping[str, str] = field(default_factory=dict)
+    left_out: int = 0
+    """Cells with a status branch that the source's `only` left out (not read)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,9 @@ class StatusBranches:
     """The status repositories to fetch from; None: the clone's own refs (`repo_path`)."""
     cache: str | None = None
     """Where a remote read keeps its bare repository between runs (None: a temporary one)."""
+    only: Callable[[str], bool] | None = None
+    """Which cells to read (cell name -> read it?); None: every cell.  The others are
+    listed and counted (`read().left_out`), never fetched or parsed."""
 
     @property
     def description(self) -> str:
@@ -131,7 +137,7 @@ class StatusBranches:
         """Are there any status branches to read?  (Decides the default inventory.)"""
         if self.remote is not None:
             found = self.read()
-            return bool(found.cells or found.skipped)
+            return bool(found.cells or found.skipped or found.left_out)
         return has_status_branches(self.repo_path)
 
     def cells(self) -> tuple[CellInventory, ...]:
@@ -142,14 +148,16 @@ class StatusBranches:
         """Every cell's containers; InventoryError when the branches cannot be read at all."""
         if self.remote is not None:
             try:
-                found = read_remote_containers(self.remote, self.cache, self.workers)
+                found = read_remote_containers(
+                    self.remote, self.cache, self.workers, only=self.only
+                )
             except (FetchError, OSError) as exc:
                 raise InventoryError(f"status repositories {self.remote.shown}: {exc}") from None
         else:
-            found = read_fleet_containers(self.repo_path, self.workers)
+            found = read_fleet_containers(self.repo_path, self.workers, only=self.only)
         cells = (CellInventory(c.cell, c.containers, c.ref, c.gate) for c in found.cells)
         applied = {c.cell: c.applied for c in found.cells}
-        return StatusRead(_sorted_unique(cells), found.skipped, applied)
+        return StatusRead(_sorted_unique(cells), found.skipped, applied, found.left_out)
 
 
 def synthetic_inventory(policies: Sequence[PolicySet]) -> CellInventory:

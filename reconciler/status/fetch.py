@@ -10,7 +10,10 @@ name (`StatusRepos`: the agent's `status-url` and `status-shards`).  A read:
    is held to the budget before anything is fetched.
 2. **route**: a branch whose name is not a cell name, or that sits in a shard its cell does
    not hash to (`branch.shard_of`), is named in `skipped`, never fetched and never read:
-   whoever can push to one shard cannot speak for another shard's cells.
+   whoever can push to one shard cannot speak for another shard's cells.  A reader that
+   wants only some cells (`only`: a plan job reading its own shard of the fleet) names them
+   here, after the listing was counted and routed: the cells it leaves out are counted in
+   `left_out`, neither fetched nor parsed, and their cache entries are kept for other reads.
 3. **fetch** only what changed, into the cache, a bare repository (a temporary one, or a
    folder kept between runs): the branches whose commit differs from the cache's
    `refs/shards/<i>/<prefix><cell>`, named on `git fetch --stdin` (by the pattern when more
@@ -167,6 +170,8 @@ class StatusBatch:
     parsed: int = 0
     more: int = 0
     """Cells past the caller's `limit` (by name), listed and not read."""
+    left_out: int = 0
+    """Cells listed and routed but left out by the caller's `only`, not fetched or read."""
 
 
 class ParsedStore:
@@ -251,21 +256,31 @@ def _git(repo: Path, *args: str, url: str = "", timeout: float = 120.0) -> str:
 @dataclass(frozen=True)
 class _Listing:
     """One shard's `ls-remote`: the branches to hold (`{cache ref: commit}`), the branches
-    named and ignored, and how many status branches the shard listed in all."""
+    named and ignored, how many status branches the shard listed in all, and the cache refs
+    of the cells the reader's `only` left out (kept in the cache, not fetched)."""
 
     wanted: dict[str, str]
     skipped: list[str]
     listed: int
+    left_out: frozenset[str] = frozenset()
 
 
-def _list_shard(repo: Path, repos: StatusRepos, shard: int, timeout: float) -> _Listing:
+Only = Callable[[str], bool]
+"""A reader's cell filter: cell name -> read it?  (None: every cell.)"""
+
+
+def _list_shard(
+    repo: Path, repos: StatusRepos, shard: int, timeout: float, only: Only | None = None
+) -> _Listing:
     """Step 2 of the module docstring at listing time: only branches of cells that hash to
-    `shard` are wanted; the server's words (names, ids) are checked before git sees them."""
+    `shard` (and that `only` keeps) are wanted; the server's words (names, ids) are checked
+    before git sees them."""
     url = shard_url(repos.url, shard)
     heads = f"refs/heads/{repos.prefix}"
     out = _git(repo, "ls-remote", "--refs", "--", url, f"{heads}*", url=url, timeout=timeout)
     wanted: dict[str, str] = {}
     skipped: list[str] = []
+    left_out: set[str] = set()
     listed = 0
     shown = gitio.redact_url(url)
     for line in out.splitlines():
@@ -285,24 +300,41 @@ def _list_shard(repo: Path, repos: StatusRepos, shard: int, timeout: float) -> _
             )
         elif not gitio.FULL_SHA.fullmatch(sha):
             skipped.append(f"{where}: the server listed {sha[:80]!r}, not an object id")
+        elif only is not None and not only(cell):
+            left_out.add(f"{SHARDS_REFS}{shard}/{repos.prefix}{cell}")
         else:
             wanted[f"{SHARDS_REFS}{shard}/{repos.prefix}{cell}"] = sha
-    return _Listing(wanted, skipped, listed)
+    return _Listing(wanted, skipped, listed, frozenset(left_out))
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What `fetch_shards` brought into the cache: `[(cell, cache ref)]` sorted by cell, the
+    branches named and ignored, and how many routed cells `only` left out."""
+
+    cells: list[tuple[str, str]]
+    skipped: list[str]
+    left_out: int = 0
 
 
 def fetch_shards(
-    repo: Path, repos: StatusRepos, budget: ReadBudget = DEFAULT_BUDGET, timeout: float = 120.0
-) -> tuple[list[tuple[str, str]], list[str]]:
+    repo: Path,
+    repos: StatusRepos,
+    budget: ReadBudget = DEFAULT_BUDGET,
+    timeout: float = 120.0,
+    only: Only | None = None,
+) -> Fetched:
     """Bring every shard's status branches into `repo` (steps 1 and 2 of the module
-    docstring): `[(cell, cache ref)]` sorted by cell, and the branches named and ignored.
+    docstring), those of the cells `only` keeps when it is given.
 
-    Every shard is listed (in parallel); over `max_branches` in all, nothing is fetched.
-    Then only branches whose commit differs from the cache's are fetched, by name, and the
-    cache's branches no shard lists any more are deleted: a warm read of an unchanged fleet
-    is one `ls-remote` per repository."""
+    Every shard is listed (in parallel) and counted whole; over `max_branches` in all,
+    nothing is fetched.  Then only wanted branches whose commit differs from the cache's are
+    fetched, and the cache's branches no shard lists any more are deleted (those `only` left
+    out are kept, for a later read of other cells): a warm read of an unchanged fleet is one
+    `ls-remote` per repository."""
     with ThreadPoolExecutor(max_workers=min(repos.shards, MAX_PARALLEL)) as pool:
         listings = list(
-            pool.map(lambda i: _list_shard(repo, repos, i, timeout), range(repos.shards))
+            pool.map(lambda i: _list_shard(repo, repos, i, timeout, only), range(repos.shards))
         )
     listed = sum(x.listed for x in listings)
     if listed > budget.max_branches:
@@ -313,14 +345,16 @@ def fetch_shards(
     wanted = {ref: sha for x in listings for ref, sha in x.wanted.items()}
     for shard, x in enumerate(listings):  # one after the other: depth 1 locks `shallow`
         changed = [ref for ref, sha in x.wanted.items() if held.get(ref) != sha]
-        if len(changed) > MAX_NAMED:
+        if len(changed) > MAX_NAMED and not x.left_out:
             _fetch(repo, repos, shard, [f"{SHARDS_REFS}{shard}/{repos.prefix}*"], timeout)
         elif changed:
             _fetch(repo, repos, shard, changed, timeout)
-    _delete_refs(repo, [ref for ref in _held(repo) if ref not in wanted])
+    keep = wanted.keys() | {ref for x in listings for ref in x.left_out}
+    _delete_refs(repo, [ref for ref in _held(repo) if ref not in keep])
     prefix = len(SHARDS_REFS)
     cells = sorted((ref[prefix:].partition("/")[2][len(repos.prefix) :], ref) for ref in wanted)
-    return cells, [m for x in listings for m in x.skipped]
+    skipped = [m for x in listings for m in x.skipped]
+    return Fetched(cells, skipped, sum(len(x.left_out) for x in listings))
 
 
 def _fetch(repo: Path, repos: StatusRepos, shard: int, refs: list[str], timeout: float) -> None:
@@ -377,16 +411,27 @@ def read_remote(
     workers: int = 1,
     timeout: float = 120.0,
     limit: int | None = None,
+    only: Only | None = None,
 ) -> StatusBatch:
     """Fetch (into `repo`, see `status_cache`), route, budget and parse every status branch
-    of `repos` (with `limit`, the first `limit` cells by name; the rest are counted in
-    `more`).  `store` defaults to one kept inside `repo`.  FetchError when a shard cannot be
-    read."""
-    cells, skipped = fetch_shards(repo, repos, budget, timeout)
+    of `repos`, or those of the cells `only` keeps (the others are counted in `left_out`;
+    with `limit`, the first `limit` cells by name; the rest are counted in `more`).  `store`
+    defaults to one kept inside `repo`.  FetchError when a shard cannot be read."""
+    got = fetch_shards(repo, repos, budget, timeout, only)
     store = store if store is not None else ParsedStore(repo / PARSED_DIR)
+    cells = got.cells
     more = max(0, len(cells) - limit) if limit is not None else 0
-    batch = read_cells(repo, cells[: len(cells) - more], parse, budget, store, workers, skipped)
-    return replace(batch, more=more)
+    batch = read_cells(
+        repo,
+        cells[: len(cells) - more],
+        parse,
+        budget,
+        store,
+        workers,
+        got.skipped,
+        prune=only is None,
+    )
+    return replace(batch, more=more, left_out=got.left_out)
 
 
 def read_local(
@@ -395,22 +440,27 @@ def read_local(
     *,
     budget: ReadBudget = DEFAULT_BUDGET,
     workers: int = 1,
+    only: Only | None = None,
 ) -> StatusBatch:
     """The status branches a clone already holds (`branch.status_refs`: its remotes' and its
-    own), read with the same budget and parse as `read_remote`, nothing fetched or written.
-    InventoryError when `repo` is not in a git repository."""
+    own), read with the same budget and parse as `read_remote` (and the same `only`),
+    nothing fetched or written.  InventoryError when `repo` is not in a git repository."""
     try:
         listed = status_refs(repo)
     except StatusBranchError as exc:
         raise InventoryError(str(exc)) from None
     cells: list[tuple[str, str]] = []
     skipped: list[str] = []
+    left_out = 0
     for cell, ref in sorted(listed.items()):
-        if CELL_NAME.match(cell):
-            cells.append((cell, ref))
-        else:
+        if not CELL_NAME.match(cell):
             skipped.append(f"{ref}: cell name {cell!r} must match {CELL_NAME.pattern}")
-    return read_cells(Path(repo), cells, parse, budget, ParsedStore(), workers, skipped)
+        elif only is not None and not only(cell):
+            left_out += 1
+        else:
+            cells.append((cell, ref))
+    batch = read_cells(Path(repo), cells, parse, budget, ParsedStore(), workers, skipped)
+    return replace(batch, left_out=left_out)
 
 
 def read_cells(
@@ -421,8 +471,12 @@ def read_cells(
     store: ParsedStore,
     workers: int = 1,
     skipped: Sequence[str] = (),
+    *,
+    prune: bool = True,
 ) -> StatusBatch:
-    """Steps 4 and 5 of the module docstring for `[(cell, ref)]` of `repo`."""
+    """Steps 4 and 5 of the module docstring for `[(cell, ref)]` of `repo`.  `prune`: forget
+    the cached parses of blobs these cells do not hold (not when they are a filtered part of
+    the fleet, whose other cells' parses a later read still wants)."""
     try:
         infos = gitio.blob_sizes(repo, [blob_spec(ref) for _c, ref in cells])
     except OSError as exc:
@@ -472,7 +526,8 @@ def read_cells(
                 results[i] = CellStatus(cell, ref, value)
             else:
                 results[i] = CellStatus(cell, ref, error=str(value))
-    store.keep_only(parse.kind, oids)
+    if prune:
+        store.keep_only(parse.kind, oids)
     done = tuple(r for r in results if r is not None)
     return StatusBatch(repo, done, tuple(skipped), parsed)
 

@@ -28,6 +28,7 @@ from reconciler.status.document import (
     reported_gate,
 )
 from reconciler.status.fetch import (
+    Only,
     Parse,
     StatusBatch,
     StatusRepos,
@@ -77,6 +78,8 @@ class FleetContainers:
 
     cells: tuple[CellContainers, ...]
     skipped: tuple[str, ...]
+    left_out: int = 0
+    """Cells listed but left out by the reader's `only` (neither fetched nor parsed)."""
 
 
 def _header(data: bytes, origin: str) -> dict[str, Any]:
@@ -131,22 +134,27 @@ def fleet_containers(batch: StatusBatch) -> FleetContainers:
         containers = tuple(Container(*row) for row in c.value["rows"])
         settings = GateSettings(*c.value["gate"])
         cells.append(CellContainers(c.cell, c.ref, containers, settings, c.value["applied"]))
-    return FleetContainers(tuple(cells), tuple(skipped))
+    return FleetContainers(tuple(cells), tuple(skipped), batch.left_out)
 
 
-def read_fleet_containers(repo: str | os.PathLike[str], workers: int = 4) -> FleetContainers:
-    """Every status branch's containers of the clone holding `repo` (`fetch.read_local`).
+def read_fleet_containers(
+    repo: str | os.PathLike[str], workers: int = 4, only: Only | None = None
+) -> FleetContainers:
+    """Every status branch's containers of the clone holding `repo` (`fetch.read_local`),
+    or those of the cells `only` keeps.
 
     InventoryError when `repo` is not in a git repository; a branch that breaks any rule of
     the contract is in `skipped`.  Parsing is split across up to `workers` forked processes.
     """
-    return fleet_containers(read_local(repo, CONTAINERS, workers=workers))
+    return fleet_containers(read_local(repo, CONTAINERS, workers=workers, only=only))
 
 
 def read_remote_containers(
-    repos: StatusRepos, cache: str | None = None, workers: int = 4
+    repos: StatusRepos, cache: str | None = None, workers: int = 4, only: Only | None = None
 ) -> FleetContainers:
-    """Every status branch's containers in `repos` (one repository or every shard), fetched
-    into `cache` incrementally (`fetch.read_remote`); FetchError when a shard cannot be read."""
+    """Every status branch's containers in `repos` (one repository or every shard), or those
+    of the cells `only` keeps (the others are neither fetched nor parsed), fetched into
+    `cache` incrementally (`fetch.read_remote`); FetchError when a shard cannot be read."""
     with status_cache(cache) as repo:
-        return fleet_containers(read_remote(repo, repos, CONTAINERS, workers=workers))
+        batch = read_remote(repo, repos, CONTAINERS, workers=workers, only=only)
+        return fleet_containers(batch)
