@@ -38,6 +38,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -607,8 +608,14 @@ def _prefix_claims(root: Path, refs: dict[str, str]) -> dict[str, str]:
         stdout=subprocess.PIPE,
     )
     assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(specs)
-    proc.stdin.close()
+    stdin = proc.stdin
+
+    def feed() -> None:  # while the blobs are read: git stops reading when its output is full
+        stdin.write(specs)
+        stdin.close()
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
     out: dict[str, str] = {}
     for cell in refs:
         header = proc.stdout.readline().split()
@@ -623,6 +630,7 @@ def _prefix_claims(root: Path, refs: dict[str, str]) -> dict[str, str]:
             if line.startswith("lastAppliedRevision: "):
                 out[cell] = line.split(": ", 1)[1].strip("'\"")
                 break
+    feeder.join()
     proc.wait()
     return out
 
