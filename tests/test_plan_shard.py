@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,12 +40,14 @@ from reconciler.core.diff import (
     PlanDiff,
     PrincipalDiff,
     _limit_notices,
+    principal_key,
     principal_order,
 )
 from reconciler.core.gate import RevokeCount
-from reconciler.core.model import AddressRange, PortRange
+from reconciler.core.model import AddressRange, Container, PortRange
 from reconciler.policy.findings import Finding
 from reconciler.sources.cellstore import dump_store
+from reconciler.sources.inventories import StoreFiles
 from tests.policyrepo import commit_all, git, write_tree
 from tests.test_plan import (
     BACKEND,
@@ -157,6 +160,85 @@ def test_merged_shards_of_a_plan_against_the_truth_are_the_plan_byte_for_byte(tm
         assert got[1:] == want[1:], fmt
         assert got[0] == 0 and want[0] == 2  # without --detailed-exitcode, 0
     assert "payments" in want[1] and "6 cells" in want[1] and "is unknown" in want[1]
+
+
+# ----------------------------------------------------------------------------- fleet-wide facts
+#
+# What a job needs of the cells of other shards, pinned for whoever makes the jobs read less:
+# which principals those cells run (in which family, space and org) and nothing else of
+# their containers -- and that much it does need.
+
+
+def plan_of(repo: Path, shard: Shard | None, cells: tuple[str, ...] = ()) -> PlanReport:
+    """The store-file plan of the fleet (or of the given cell files), whole or one shard."""
+    inventory = cells or (str(repo / "fleet"),)
+    return run_plan(str(repo / "policies"), "HEAD~1", "HEAD", inventory, shard=shard)
+
+
+def rewrite_cells(repo: Path, change: Callable[[int, list[Container]], list[Container]]) -> None:
+    """Each store file of the fleet, its containers rewritten by `change(cell number, ...)`."""
+    for path in sorted((repo / "fleet").glob("cell-*.json")):
+        (cell,) = StoreFiles((str(path),)).cells()
+        n = int(path.stem.rsplit("-", 1)[1])
+        path.write_text(dump_store(change(n, list(cell.containers))))
+
+
+def test_a_shard_reads_other_shards_cells_only_for_the_principals_they_run(tmp_path):
+    """Other shards' cells with every handle and address changed (in the same family) and
+    their containers reversed: the same principals, families, spaces and orgs.  The job's
+    partial is the same but for the inventory digest, which makes the merge refuse partials
+    of two different reads."""
+    repo = store_fleet(tmp_path)
+    shard = Shard(1, 3)
+    before = plan_of(repo, shard)
+
+    def renumbered(n: int, containers: list[Container]) -> list[Container]:
+        if shard.holds(f"cell-{n:03d}"):
+            return containers
+        return [
+            replace(
+                k,
+                handle=f"moved-{n}-{i}",
+                ip=f"fd00:20:{n}::{i + 2:x}" if ":" in k.ip else f"198.19.{100 + n}.{i + 2}",
+            )
+            for i, k in enumerate(reversed(containers))
+        ]
+
+    rewrite_cells(repo, renumbered)
+    after = plan_of(repo, shard)
+    assert before.diff is not None and before.diff.principals and before.diff.cells
+    assert before.shard is not None and after.shard is not None
+    assert after.shard.identity != before.shard.identity
+    assert replace(after, shard=replace(after.shard, identity="")) == replace(
+        before, shard=replace(before.shard, identity="")
+    )
+
+
+def test_a_principal_is_counted_over_every_shard_s_cells(tmp_path):
+    """The job holding a principal reports the containers and cells it runs on in every
+    shard, as the unsharded plan does; a job that read only its own cells would report
+    less.  So reading only a shard's cells needs these counts (and the orgs each space
+    runs in) from the other shards' cells -- no status header holds them."""
+    repo = store_fleet(tmp_path)
+    whole = plan_of(repo, None)
+    count = 3
+    files = sorted((repo / "fleet").glob("cell-*.json"))
+    jobs, alone = {}, {}
+    for i in range(1, count + 1):
+        shard = Shard(i, count)
+        jobs[i] = plan_of(repo, shard)
+        mine = tuple(str(f) for f in files if shard.holds(f.stem))
+        alone[i] = plan_of(repo, None, mine)  # what the shard's cells alone would say
+    assert whole.diff is not None and whole.diff.principals
+    undercounted = 0
+    for p in whole.diff.principals:
+        i = shard_of(principal_key((p.lifecycle, p.space_id, p.app_id)), count)
+        assert jobs[i].diff is not None and alone[i].diff is not None
+        (held,) = [q for q in jobs[i].diff.principals if principal_order(q) == principal_order(p)]
+        assert held == p
+        own = [q for q in alone[i].diff.principals if principal_order(q) == principal_order(p)]
+        undercounted += not own or (own[0].containers, own[0].cells) != (p.containers, p.cells)
+    assert undercounted == len(whole.diff.principals)  # every principal runs in every shard
 
 
 def test_a_failed_plan_merges_into_the_same_failure(tmp_path):
