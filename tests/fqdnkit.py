@@ -3,6 +3,7 @@ and a round-robin service answering on many addresses."""
 
 from __future__ import annotations
 
+from asgctl_lab.dns import LabDns
 from asgctl_lab.netns import Lab
 from reconciler.backends import Backend, Runner, open_backend
 from reconciler.backends.iptables.backend import IptablesBackend
@@ -37,3 +38,29 @@ def add_addresses(lab: Lab, service: str, addresses: list[str], net: str) -> Non
     for address in addresses:
         lab.exec_in(service, ["ip", "addr", "add", f"{address}/32", "dev", ep.ifname], check=True)
     lab.cell_exec(["ip", "route", "add", net, "via", ep.ipv4], check=True)
+
+
+def spray_from_resolver(
+    lab: Lab, dns: LabDns, answer: bytes, to: str, ports: range, txids: range | None = None
+) -> None:
+    """A forger in the outside world: with the lab's DNS server stopped, it takes the
+    server's own address and port 53 and sends `answer` to `to` on every port of `ports`,
+    as it is or once per transaction id of `txids`.  The server is started again after."""
+    ids = f"range({txids.start},{txids.stop},{txids.step})" if txids else "[None]"
+    script = (
+        "import socket\n"
+        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+        "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+        f"s.bind(('{dns.address}',53))\n"
+        f"m=bytes.fromhex('{answer.hex()}')\n"
+        f"for p in range({ports.start},{ports.stop},{ports.step}):\n"
+        f"    for txid in {ids}:\n"
+        "        b=m if txid is None else txid.to_bytes(2,'big')+m[2:]\n"
+        f"        s.sendto(b,('{to}',p))\n"
+    )
+    dns.stop()
+    try:
+        out = lab.exec_in("dns", ["python3", "-c", script])
+        assert out.returncode == 0, out.stderr
+    finally:
+        dns.start(dns.records)

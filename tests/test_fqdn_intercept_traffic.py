@@ -51,7 +51,7 @@ from reconciler.fqdn.keeper import FqdnSettings
 from reconciler.fqdn.nfqueue import NfqueueSocket, drops
 from reconciler.fqdn.service import FqdnService
 from tests.dnskit import record, response
-from tests.fqdnkit import VARIANTS, add_addresses, open_dataplane, require
+from tests.fqdnkit import VARIANTS, add_addresses, open_dataplane, require, spray_from_resolver
 
 DB = "db.lab.example"
 RR = "rr.lab.example"
@@ -287,22 +287,9 @@ def test_an_unsolicited_forged_answer_adds_nothing(cell: Cell) -> None:
         port = sock.getsockname()[1]
         before = cell.intercept.metrics.unsolicited
         forged = response(0, DB, QTYPE_A, [record(DB, QTYPE_A, 3600, evil)])
-        script = (
-            "import socket\n"
-            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-            "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-            f"s.bind(('{cell.dns.address}',53))\n"
-            "for txid in range(0,65536,128):\n"
-            f"    m=bytes.fromhex('{forged.hex()}')\n"
-            "    s.sendto(txid.to_bytes(2,'big')+m[2:],"
-            f"('{web.ipv4}',{port}))\n"
+        spray_from_resolver(
+            cell.lab, cell.dns, forged, web.ipv4, range(port, port + 1), range(0, 65536, 128)
         )
-        cell.dns.stop()  # the forger takes the server's own address and port
-        try:
-            out = cell.lab.exec_in("dns", ["python3", "-c", script])
-            assert out.returncode == 0, out.stderr
-        finally:
-            cell.dns.start(cell.dns.records)
         deadline = time.monotonic() + 5
         while cell.intercept.metrics.unsolicited < before + 512 and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -28,7 +28,7 @@ from reconciler.fqdn.dns import Client
 from reconciler.fqdn.keeper import FqdnSettings
 from reconciler.fqdn.service import FqdnService
 from tests.dnskit import QTYPE_A, record, response
-from tests.fqdnkit import VARIANTS, add_addresses, open_dataplane, require
+from tests.fqdnkit import VARIANTS, add_addresses, open_dataplane, require, spray_from_resolver
 
 DB = "db.lab.example"
 S3 = "*.s3.lab.example"
@@ -197,20 +197,7 @@ def test_unsolicited_forged_answers_add_nothing(cell: Cell) -> None:
     evil = cell.addr("evil")
     cell_side = cell.lab.services["dns"].gateway4
     forged = response(1234, DB, QTYPE_A, [record(DB, QTYPE_A, 3600, evil)])
-    script = (
-        "import socket,sys\n"
-        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-        "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-        f"s.bind(('{cell.dns.address}',53))\n"
-        "for p in range(32768,32768+2000):\n"
-        f"    s.sendto(bytes.fromhex('{forged.hex()}'),('{cell_side}',p))\n"
-    )
-    cell.dns.stop()  # the forger takes the server's own address and port
-    try:
-        out = cell.lab.exec_in("dns", ["python3", "-c", script])
-        assert out.returncode == 0, out.stderr
-    finally:
-        cell.dns.start(cell.dns.records)
+    spray_from_resolver(cell.lab, cell.dns, forged, cell_side, range(32768, 32768 + 2000))
     cell.refresh_now()
     assert evil not in cell.members()
     assert cell.members() == before
