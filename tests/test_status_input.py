@@ -316,10 +316,11 @@ def test_each_bad_status_branch_is_skipped_with_its_reason(tmp_path: Path) -> No
     read = StatusBranches(str(repo)).read()
     assert [c.cell for c in read.cells] == ["good", "quoted"]
     assert read.cells[1].containers == ()  # the quoted block is a string, not containers
-    skipped = sorted(read.skipped)
-    assert len(skipped) == 2
-    assert skipped[0].startswith("refs/heads/status/bomb:status.yaml") and "expands" in skipped[0]
-    assert skipped[1].startswith("refs/heads/status/types:status.yaml: containers[0].ip")
+    # A bad file costs its cell (`unusable`); `skipped` is for branches that are no cell.
+    assert read.skipped == () and sorted(read.unusable) == ["bomb", "types"]
+    bomb, types = read.unusable["bomb"], read.unusable["types"]
+    assert bomb.startswith("refs/heads/status/bomb:status.yaml") and "expands" in bomb
+    assert types.startswith("refs/heads/status/types:status.yaml: containers[0].ip")
 
 
 def test_an_oversized_blob_is_never_read(tmp_path: Path) -> None:

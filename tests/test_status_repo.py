@@ -191,13 +191,14 @@ def test_every_shard_is_read_and_a_branch_in_the_wrong_shard_is_named_and_ignore
     assert f"status/{ghost}" in said and "belongs in shard 1 of 3, not shard 0" in said
 
 
-def test_a_reader_of_some_cells_fetches_and_parses_only_those_and_still_names_forgeries(
+def test_a_reader_of_some_cells_parses_only_those_fetches_every_cell_and_names_forgeries(
     shards: Shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A plan job reads only its shard of the fleet (`only`: cell -> read it?).  The listing
-    # stays whole (counted against the budget, routed, forgeries named), but the cells left
-    # out are neither fetched nor parsed, and a kept cache keeps their entries for others.
-    monkeypatch.setattr(status_fetch, "MAX_NAMED", 0)  # a whole-fleet read would use the pattern
+    # A plan job reads only its shard of the fleet in full (`only`: cell -> parse it?).  The
+    # listing stays whole (counted against the budget, routed, forgeries named) and every
+    # routed cell is fetched (the job reads every document's claim), but only the cells
+    # kept are parsed; the parses of the others stay in a kept cache for other reads.
+    monkeypatch.setattr(status_fetch, "MAX_NAMED", 0)  # many changed: fetched by the pattern
     cells = [f"cell-{i}" for i in range(9)]
     for cell in cells:
         shards.push(cell, status(cell))
@@ -235,9 +236,10 @@ def test_a_reader_of_some_cells_fetches_and_parses_only_those_and_still_names_fo
     assert [c.cell for c in ours.cells] == mine and not any(c.error for c in ours.cells)
     assert ours.left_out == len(others) and ours.parsed == len(mine)
     assert sorted(o.split("/")[-1].split(":")[0] for o in seen) == mine  # nothing else parsed
-    assert held() == mine and not any(in_cache(c) for c in others)  # nor fetched
+    assert held() == cells and all(in_cache(c) for c in others)  # but every cell fetched
+    assert [c for c, _ref in ours.listing] == cells
     assert len(ours.skipped) == 1 and f"status/{victim} in file://" in ours.skipped[0]
-    # The whole fleet from the same cache: only the cells left out are fetched and parsed;
+    # The whole fleet from the same cache: only the cells left out are parsed;
     # then the filtered read again forgets nothing the whole-fleet read still wants.
     whole = read(None)
     assert [c.cell for c in whole.cells] == cells and whole.parsed == len(others)

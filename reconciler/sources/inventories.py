@@ -9,8 +9,9 @@ A plan diff is only as true as its inventory, so the sources sit behind one smal
 * `StatusBranches`: what every agent last reported, read from the policy repository's
   `status/<cell>` branches without a checkout, or fetched from the status repositories the
   agents push to (`remote`: `--status-url`, sharded with `--status-shards`), incrementally
-  into `cache` (`reconciler.status.fetch`); with `only`, just the cells it keeps (a plan
-  job's shard of the fleet), the others neither fetched nor parsed.
+  into `cache` (`reconciler.status.fetch`); with `only`, the containers of just the cells
+  it keeps (a plan job's shard of the fleet), while every cell is still fetched, budgeted
+  and read for its claimed revision (`StatusRead.claims`).
 * `synthetic_inventory`: when neither exists (a repo with no agents yet), one made-up cell
   holding a container per app and lifecycle of the directory, so a pull request still gets a
   per-app access diff.  The report says so.
@@ -100,14 +101,30 @@ class StoreFiles:
 
 @dataclass(frozen=True)
 class StatusRead:
-    """The cells whose status files could be used, a message for each one skipped, and what
-    each usable cell says it enforces (`{cell: lastAppliedRevision}`, unchecked text)."""
+    """The cells whose status files could be used, what each usable cell says it enforces
+    (`{cell: lastAppliedRevision}`, unchecked text), and of the whole listing -- whatever
+    `only` keeps -- each cell's claimed revision, the listing itself and its identity
+    (`reconciler.status.read.FleetContainers` says what each field holds)."""
 
     cells: tuple[CellInventory, ...]
     skipped: tuple[str, ...]
+    """Listing-level messages only: branches that are no cell (bad names, wrong shard)."""
     applied: Mapping[str, str] = field(default_factory=dict)
     left_out: int = 0
-    """Cells with a status branch that the source's `only` left out (not read)."""
+    """Cells with a status branch that the source's `only` left out (not read in full)."""
+    claims: Mapping[str, str] = field(default_factory=dict)
+    """`{cell: revision}` from each document's first bytes, for every listed cell that
+    has a claim, kept by `only` or not, usable or not."""
+    unclaimed: Mapping[str, str] = field(default_factory=dict)
+    """`{cell: why}` for every other listed cell (`claims | unclaimed` is the listing)."""
+    fleet: tuple[str, ...] = ()
+    """Every listed cell with a valid name, sorted."""
+    identity: str = ""
+    """`sha256:` over the listing's (cell, status blob id): alike in every job reading the
+    same branches, whatever `only` keeps."""
+    unusable: Mapping[str, str] = field(default_factory=dict)
+    """`{cell: message}` for the cells `only` keeps that could not be used (a broken file,
+    over the budget, a claim the whole document contradicts)."""
 
 
 @dataclass(frozen=True)
@@ -126,8 +143,9 @@ class StatusBranches:
     cache: str | None = None
     """Where a remote read keeps its bare repository between runs (None: a temporary one)."""
     only: Callable[[str], bool] | None = None
-    """Which cells to read (cell name -> read it?); None: every cell.  The others are
-    listed and counted (`read().left_out`), never fetched or parsed."""
+    """Which cells to read in full (cell name -> read it?); None: every cell.  The others
+    are listed, fetched, budgeted and read for their claims alike, and counted
+    (`read().left_out`), never parsed in full."""
 
     @property
     def description(self) -> str:
@@ -137,7 +155,7 @@ class StatusBranches:
         """Are there any status branches to read?  (Decides the default inventory.)"""
         if self.remote is not None:
             found = self.read()
-            return bool(found.cells or found.skipped or found.left_out)
+            return bool(found.fleet or found.skipped)
         return has_status_branches(self.repo_path)
 
     def cells(self) -> tuple[CellInventory, ...]:
@@ -156,8 +174,17 @@ class StatusBranches:
         else:
             found = read_fleet_containers(self.repo_path, self.workers, only=self.only)
         cells = (CellInventory(c.cell, c.containers, c.ref, c.gate) for c in found.cells)
-        applied = {c.cell: c.applied for c in found.cells}
-        return StatusRead(_sorted_unique(cells), found.skipped, applied, found.left_out)
+        return StatusRead(
+            _sorted_unique(cells),
+            found.skipped,
+            {c.cell: c.applied for c in found.cells},
+            found.left_out,
+            found.claims,
+            found.unclaimed,
+            found.fleet,
+            found.identity,
+            found.unusable,
+        )
 
 
 def synthetic_inventory(policies: Sequence[PolicySet]) -> CellInventory:

@@ -264,6 +264,70 @@ def _fast_parts(text: str, origin: str) -> tuple[dict[str, Any], list[dict[str, 
     return {**head, **tail}, entries
 
 
+# -- the claim: the applied revision from the document's first bytes ----------------------
+
+CLAIM_BYTES = 16 * 1024
+"""How much of a status document the claims read looks at.  The agent writes
+`lastAppliedRevision` after `apiVersion`, `kind`, `cell`, `reportedAt`, `agent`, `source`
+(every public setting), `observedRevision` and `lastAttemptedRevision`
+(`agent/status.py`), and before its conditions and containers.  Measured with
+`dump_status` of `build_status` for a real `AgentConfig` (tests/test_status_claims.py):
+the line ends near byte 1,400 with typical settings, and near byte 12,400 with 600
+deny-network CIDRs and 16 underlay interfaces, the settings that grow without bound.  16 KiB
+is ten times the typical place and still holds such an outlier; a cell whose line lies
+further is read as claiming nothing ("unknown" to the plan), which costs precision, never
+safety.  Reading 16 KiB instead of a whole document (~100 KiB at 250 containers) is what
+makes the claims of a whole fleet cheap."""
+CLAIM_KEY = "lastAppliedRevision:"
+_CLAIM_VALUE = re.compile(rf"{_VALUE}\n")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a status document's first `CLAIM_BYTES` say it enforces: `revision`, or None
+    with `why` not.  A function of the blob alone (so every reader of the same blob gets
+    the same answer), and not a parse of the document: `asgctl plan` checks it against the
+    whole document for the cells it reads in full (`reconciler.status.read`)."""
+
+    revision: str | None
+    why: str = ""
+
+
+def read_claim(data: bytes) -> Claim:
+    """The claim in `data[:CLAIM_BYTES]`, by one rule: the prefix decodes as strict UTF-8
+    (a character cut at the bound is dropped); the first line starting at column 0 with
+    `lastAppliedRevision:` gives the claim, whose value must be what the fast path reads
+    alone (`_VALUE` and `_scalar`: a one-line plain or single-quoted string, `''` being
+    "") and end on a line break inside the prefix.  No such line, a column-0 `containers:`
+    line before it, or any other value: no claim, and why.  The reasons name no branch:
+    the answer is cached by blob id and shared by every cell pushing those bytes."""
+    head = data[:CLAIM_BYTES]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        cut = exc.reason == "unexpected end of data" and exc.end == len(head)
+        if not (cut and len(head) == CLAIM_BYTES):
+            return Claim(None, f"not UTF-8 in the first {CLAIM_BYTES:,} bytes")
+        text = head[: exc.start].decode("utf-8")
+    for line in text.split("\n")[:-1]:  # whole lines only: the last may be cut
+        if line.startswith(_CONTAINERS):
+            return Claim(None, "a containers: line comes before the lastAppliedRevision: line")
+        if not line.startswith(CLAIM_KEY):
+            continue
+        raw = line[len(CLAIM_KEY) :]
+        value = (
+            _scalar(raw[1:])
+            if raw.startswith(" ") and _CLAIM_VALUE.fullmatch(raw[1:] + "\n")
+            else _UNSEEN
+        )
+        if not isinstance(value, str):
+            return Claim(None, "lastAppliedRevision is not a one-line string")
+        return Claim(value)
+    if len(data) > CLAIM_BYTES:
+        return Claim(None, f"no {CLAIM_KEY} line in the first {CLAIM_BYTES:,} bytes")
+    return Claim(None, f"no {CLAIM_KEY} line")
+
+
 # -- the document --------------------------------------------------------------------------
 
 

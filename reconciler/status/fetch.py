@@ -11,9 +11,11 @@ name (`StatusRepos`: the agent's `status-url` and `status-shards`).  A read:
 2. **route**: a branch whose name is not a cell name, or that sits in a shard its cell does
    not hash to (`branch.shard_of`), is named in `skipped`, never fetched and never read:
    whoever can push to one shard cannot speak for another shard's cells.  A reader that
-   wants only some cells (`only`: a plan job reading its own shard of the fleet) names them
-   here, after the listing was counted and routed: the cells it leaves out are counted in
-   `left_out`, neither fetched nor parsed, and their cache entries are kept for other reads.
+   wants only some cells (`only`: a plan job reading its own shard of the fleet) still
+   gets every routed cell fetched and budgeted (steps 3 and 4): only the parse (step 5)
+   is limited to the cells `only` keeps, the others counted in `left_out`.  So which cells
+   are refused never depends on `only`, and the blobs of every cell are in the cache for
+   a cheap parse of them all (the plan's claims read, `reconciler.status.read.CLAIM`).
 3. **fetch** only what changed, into the cache, a bare repository (a temporary one, or a
    folder kept between runs): the branches whose commit differs from the cache's
    `refs/shards/<i>/<prefix><cell>`, named on `git fetch --stdin` (by the pattern when more
@@ -23,8 +25,9 @@ name (`StatusRepos`: the agent's `status-url` and `status-shards`).  A read:
    unchanged fleet is one `ls-remote` per repository, never a round trip per cell.
 4. **budget** (`ReadBudget`): sizes are asked of git first (`cat-file --batch-check`), then,
    in cell order, a blob over `max_blob` or past `max_total` bytes summed over the read is
-   that cell's error and is never read.  Sizes count whether or not the parse is cached, so
-   which cells are refused never depends on the cache.
+   that cell's error and is never read.  Sizes count whether or not the parse is cached,
+   and whether or not `only` keeps the cell, so which cells are refused never depends on
+   the cache or on the filter.
 5. **parse, cached by blob id** (`Parse`, `ParsedStore`): a parse turns one blob into a
    JSON value; values are kept per `kind` (which names the parse and its version) under
    `<cache>/asgctl-parsed/`, so a warm read parses only the blobs that changed.  The blobs
@@ -156,6 +159,8 @@ class CellStatus:
     ref: str
     value: Any = None
     error: str = ""
+    blob: str = ""
+    """The status file's blob id (it names the bytes read), or "" when there is no file."""
 
     @property
     def origin(self) -> str:
@@ -175,7 +180,11 @@ class StatusBatch:
     more: int = 0
     """Cells past the caller's `limit` (by name), listed and not read."""
     left_out: int = 0
-    """Cells listed and routed but left out by the caller's `only`, not fetched or read."""
+    """Cells listed, routed, fetched and budgeted but left out of the parse by the caller's
+    `only`."""
+    listing: tuple[tuple[str, str], ...] = ()
+    """`(cell, ref)` of every listed and routed cell, sorted, whatever `only` and `limit`
+    keep: what a read of every cell's blob (the claims read) goes over."""
 
 
 class ParsedStore:
@@ -266,31 +275,25 @@ def _git(repo: Path, *args: str, url: str = "", timeout: float = 120.0) -> str:
 @dataclass(frozen=True)
 class _Listing:
     """One shard's `ls-remote`: the branches to hold (`{cache ref: commit}`), the branches
-    named and ignored, how many status branches the shard listed in all, and the cache refs
-    of the cells the reader's `only` left out (kept in the cache, not fetched)."""
+    named and ignored, and how many status branches the shard listed in all."""
 
     wanted: dict[str, str]
     skipped: list[str]
     listed: int
-    left_out: frozenset[str] = frozenset()
 
 
 Only = Callable[[str], bool]
 """A reader's cell filter: cell name -> read it?  (None: every cell.)"""
 
 
-def _list_shard(
-    repo: Path, repos: StatusRepos, shard: int, timeout: float, only: Only | None = None
-) -> _Listing:
+def _list_shard(repo: Path, repos: StatusRepos, shard: int, timeout: float) -> _Listing:
     """Step 2 of the module docstring at listing time: only branches of cells that hash to
-    `shard` (and that `only` keeps) are wanted; the server's words (names, ids) are checked
-    before git sees them."""
+    `shard` are wanted; the server's words (names, ids) are checked before git sees them."""
     url = shard_url(repos.url, shard)
     heads = f"refs/heads/{repos.prefix}"
     out = _git(repo, "ls-remote", "--refs", "--", url, f"{heads}*", url=url, timeout=timeout)
     wanted: dict[str, str] = {}
     skipped: list[str] = []
-    left_out: set[str] = set()
     listed = 0
     shown = gitio.redact_url(url)
     for line in out.splitlines():
@@ -310,21 +313,18 @@ def _list_shard(
             )
         elif not gitio.FULL_SHA.fullmatch(sha):
             skipped.append(f"{where}: the server listed {sha[:80]!r}, not an object id")
-        elif only is not None and not only(cell):
-            left_out.add(f"{SHARDS_REFS}{shard}/{repos.prefix}{cell}")
         else:
             wanted[f"{SHARDS_REFS}{shard}/{repos.prefix}{cell}"] = sha
-    return _Listing(wanted, skipped, listed, frozenset(left_out))
+    return _Listing(wanted, skipped, listed)
 
 
 @dataclass(frozen=True)
 class Fetched:
-    """What `fetch_shards` brought into the cache: `[(cell, cache ref)]` sorted by cell, the
-    branches named and ignored, and how many routed cells `only` left out."""
+    """What `fetch_shards` brought into the cache: `[(cell, cache ref)]` sorted by cell, and
+    the branches named and ignored."""
 
     cells: list[tuple[str, str]]
     skipped: list[str]
-    left_out: int = 0
 
 
 def fetch_shards(
@@ -332,19 +332,17 @@ def fetch_shards(
     repos: StatusRepos,
     budget: ReadBudget = DEFAULT_BUDGET,
     timeout: float = 120.0,
-    only: Only | None = None,
 ) -> Fetched:
-    """Bring every shard's status branches into `repo` (steps 1 and 2 of the module
-    docstring), those of the cells `only` keeps when it is given.
+    """Bring every shard's status branches into `repo` (steps 1 to 3 of the module
+    docstring).
 
     Every shard is listed (in parallel) and counted whole; over `max_branches` in all,
     nothing is fetched.  Then only wanted branches whose commit differs from the cache's are
-    fetched, and the cache's branches no shard lists any more are deleted (those `only` left
-    out are kept, for a later read of other cells): a warm read of an unchanged fleet is one
-    `ls-remote` per repository."""
+    fetched, and the cache's branches no shard lists any more are deleted: a warm read of an
+    unchanged fleet is one `ls-remote` per repository."""
     with ThreadPoolExecutor(max_workers=min(repos.shards, MAX_PARALLEL)) as pool:
         listings = list(
-            pool.map(lambda i: _list_shard(repo, repos, i, timeout, only), range(repos.shards))
+            pool.map(lambda i: _list_shard(repo, repos, i, timeout), range(repos.shards))
         )
     listed = sum(x.listed for x in listings)
     if listed > budget.max_branches:
@@ -355,16 +353,15 @@ def fetch_shards(
     wanted = {ref: sha for x in listings for ref, sha in x.wanted.items()}
     for shard, x in enumerate(listings):  # one after the other: depth 1 locks `shallow`
         changed = [ref for ref, sha in x.wanted.items() if held.get(ref) != sha]
-        if len(changed) > MAX_NAMED and not x.left_out:
+        if len(changed) > MAX_NAMED:
             _fetch(repo, repos, shard, [f"{SHARDS_REFS}{shard}/{repos.prefix}*"], timeout)
         elif changed:
             _fetch(repo, repos, shard, changed, timeout)
-    keep = wanted.keys() | {ref for x in listings for ref in x.left_out}
-    _delete_refs(repo, [ref for ref in _held(repo) if ref not in keep])
+    _delete_refs(repo, [ref for ref in _held(repo) if ref not in wanted])
     prefix = len(SHARDS_REFS)
     cells = sorted((ref[prefix:].partition("/")[2][len(repos.prefix) :], ref) for ref in wanted)
     skipped = [m for x in listings for m in x.skipped]
-    return Fetched(cells, skipped, sum(len(x.left_out) for x in listings))
+    return Fetched(cells, skipped)
 
 
 def _fetch(repo: Path, repos: StatusRepos, shard: int, refs: list[str], timeout: float) -> None:
@@ -424,24 +421,18 @@ def read_remote(
     only: Only | None = None,
 ) -> StatusBatch:
     """Fetch (into `repo`, see `status_cache`), route, budget and parse every status branch
-    of `repos`, or those of the cells `only` keeps (the others are counted in `left_out`;
-    with `limit`, the first `limit` cells by name; the rest are counted in `more`).  `store`
-    defaults to one kept inside `repo`.  FetchError when a shard cannot be read."""
-    got = fetch_shards(repo, repos, budget, timeout, only)
+    of `repos`; with `only`, every branch is still fetched and budgeted but only the cells
+    it keeps are parsed (the others are counted in `left_out`); with `limit`, the first
+    `limit` cells by name are read and the rest counted in `more`.  `store` defaults to one
+    kept inside `repo`.  FetchError when a shard cannot be read."""
+    got = fetch_shards(repo, repos, budget, timeout)
     store = store if store is not None else ParsedStore(repo / PARSED_DIR)
     cells = got.cells
     more = max(0, len(cells) - limit) if limit is not None else 0
     batch = read_cells(
-        repo,
-        cells[: len(cells) - more],
-        parse,
-        budget,
-        store,
-        workers,
-        got.skipped,
-        prune=only is None,
+        repo, cells[: len(cells) - more], parse, budget, store, workers, got.skipped, only=only
     )
-    return replace(batch, more=more, left_out=got.left_out)
+    return replace(batch, more=more, listing=tuple(cells))
 
 
 def read_local(
@@ -453,24 +444,22 @@ def read_local(
     only: Only | None = None,
 ) -> StatusBatch:
     """The status branches a clone already holds (`branch.status_refs`: its remotes' and its
-    own), read with the same budget and parse as `read_remote` (and the same `only`),
-    nothing fetched or written.  InventoryError when `repo` is not in a git repository."""
+    own), read with the same budget and parse as `read_remote` (and the same `only`: every
+    cell budgeted, only those it keeps parsed), nothing fetched or written.  InventoryError
+    when `repo` is not in a git repository."""
     try:
         listed = status_refs(repo)
     except StatusBranchError as exc:
         raise InventoryError(str(exc)) from None
     cells: list[tuple[str, str]] = []
     skipped: list[str] = []
-    left_out = 0
     for cell, ref in sorted(listed.items()):
         if not CELL_NAME.match(cell):
             skipped.append(f"{ref}: cell name {cell!r} must match {CELL_NAME.pattern}")
-        elif only is not None and not only(cell):
-            left_out += 1
         else:
             cells.append((cell, ref))
-    batch = read_cells(Path(repo), cells, parse, budget, ParsedStore(), workers, skipped)
-    return replace(batch, left_out=left_out)
+    batch = read_cells(Path(repo), cells, parse, budget, ParsedStore(), workers, skipped, only=only)
+    return replace(batch, listing=tuple(cells))
 
 
 def read_cells(
@@ -482,11 +471,13 @@ def read_cells(
     workers: int = 1,
     skipped: Sequence[str] = (),
     *,
-    prune: bool = True,
+    only: Only | None = None,
 ) -> StatusBatch:
-    """Steps 4 and 5 of the module docstring for `[(cell, ref)]` of `repo`.  `prune`: forget
-    the cached parses of blobs these cells do not hold (not when they are a filtered part of
-    the fleet, whose other cells' parses a later read still wants)."""
+    """Steps 4 and 5 of the module docstring for `[(cell, ref)]` of `repo`: every cell is
+    budgeted in order, and those `only` keeps (all, without it) are parsed and returned;
+    the others are counted in `left_out`.  The cached parses of blobs none of these cells
+    holds are forgotten (every cell counts, kept or not: a later read of other cells
+    still finds theirs)."""
     try:
         infos = gitio.blob_sizes(repo, [blob_spec(ref) for _c, ref in cells])
     except OSError as exc:
@@ -495,29 +486,35 @@ def read_cells(
     todo: list[tuple[int, gitio.ObjectInfo]] = []
     total = 0
     oids: set[str] = set()
+    left_out = 0
     for i, ((cell, ref), info) in enumerate(zip(cells, infos, strict=True)):
         origin = blob_spec(ref)
         if info is None or info.type != "blob":
-            results[i] = CellStatus(cell, ref, error=f"{origin}: no such file")
-            continue
-        oids.add(info.oid)
-        if info.size > budget.max_blob:
-            error = f"{origin}: {info.size} bytes, over the limit of {budget.max_blob} bytes"
-            results[i] = CellStatus(cell, ref, error=error)
-            continue
-        total += info.size
-        if total > budget.max_total:
-            error = (
-                f"{origin}: not read: the status files read so far pass the read's budget "
-                f"of {budget.max_total} bytes"
-            )
-            results[i] = CellStatus(cell, ref, error=error)
+            error = f"{origin}: no such file"
         else:
-            found, value = store.get(parse.kind, info.oid)
-            if found:
-                results[i] = CellStatus(cell, ref, value)
+            oids.add(info.oid)
+            if info.size > budget.max_blob:
+                error = f"{origin}: {info.size} bytes, over the limit of {budget.max_blob} bytes"
             else:
-                todo.append((i, info))
+                total += info.size
+                error = (
+                    f"{origin}: not read: the status files read so far pass the read's budget "
+                    f"of {budget.max_total} bytes"
+                    if total > budget.max_total
+                    else ""
+                )
+        if only is not None and not only(cell):
+            left_out += 1  # budgeted above like every cell, never parsed
+            continue
+        blob = info.oid if info is not None and info.type == "blob" else ""
+        if error or info is None:
+            results[i] = CellStatus(cell, ref, error=error, blob=blob)
+            continue
+        found, value = store.get(parse.kind, info.oid)
+        if found:
+            results[i] = CellStatus(cell, ref, value, blob=blob)
+        else:
+            todo.append((i, info))
     jobs = [(blob_spec(cells[i][1]), info) for i, info in todo]
     try:
         answers = _parse_all(_Work(parse, repo, store, jobs), workers)
@@ -527,13 +524,12 @@ def read_cells(
         cell, ref = cells[i]
         if ok:
             store.remember(parse.kind, info.oid, value)
-            results[i] = CellStatus(cell, ref, value)
+            results[i] = CellStatus(cell, ref, value, blob=info.oid)
         else:
-            results[i] = CellStatus(cell, ref, error=str(value))
-    if prune:
-        store.keep_only(parse.kind, oids)
+            results[i] = CellStatus(cell, ref, error=str(value), blob=info.oid)
+    store.keep_only(parse.kind, oids)
     done = tuple(r for r in results if r is not None)
-    return StatusBatch(repo, done, tuple(skipped), len(todo))
+    return StatusBatch(repo, done, tuple(skipped), len(todo), left_out=left_out)
 
 
 Job = tuple[str, gitio.ObjectInfo]

@@ -1,8 +1,10 @@
 """What the fleet readers parse out of status branches, on top of the one reader (`fetch`).
 
 `HEADER` (each cell's document without its containers: `asgctl status`, `asgctl notify`,
-the waves) and `CONTAINERS` (each cell's containers, gate settings and applied revision:
-`asgctl plan --inventory status`) are the two parses, cached by blob id between reads.
+the waves), `CONTAINERS` (each cell's containers, gate settings and applied revision:
+`asgctl plan --inventory status`) and `CLAIM` (the revision each cell claims in its
+document's first bytes, `document.read_claim`: what a plan job takes of the cells it does
+not read in full) are the parses, cached by blob id between reads.
 Whoever can push a status branch chose what is read, so one bad branch costs only its own
 cell: it comes back as a message naming the branch and the field, never as an exception
 that stops the others.  `read_status_blobs` is the budgeted blob read for readers of single
@@ -11,9 +13,11 @@ files (the lab).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.core.cellplan import DEFAULT_GATE, GateSettings
@@ -22,16 +26,23 @@ from reconciler.sources import gitio
 from reconciler.sources.cellstore import InventoryError
 from reconciler.status.branch import StatusBranchError, status_refs
 from reconciler.status.document import (
+    CLAIM_BYTES,
     MAX_STATUS_BYTES,
     containers_of,
     parse_status,
+    read_claim,
     reported_gate,
 )
 from reconciler.status.fetch import (
+    DEFAULT_BUDGET,
+    PARSED_DIR,
+    CellStatus,
     Only,
     Parse,
+    ParsedStore,
     StatusBatch,
     StatusRepos,
+    read_cells,
     read_local,
     read_remote,
     status_cache,
@@ -74,12 +85,29 @@ class CellContainers:
 
 @dataclass(frozen=True)
 class FleetContainers:
-    """The cells whose status files could be used, and a message for each one skipped."""
+    """The cells whose status files could be used, the branches that are no cell's, each
+    unusable cell's reason, and what every listed cell claims (`CLAIM`)."""
 
     cells: tuple[CellContainers, ...]
     skipped: tuple[str, ...]
+    """Listing-level messages: branches that are no cell (a bad name, the wrong shard)."""
     left_out: int = 0
-    """Cells listed but left out by the reader's `only` (neither fetched nor parsed)."""
+    """Cells listed, fetched and budgeted but not parsed in full: the reader's `only` left
+    them out."""
+    claims: Mapping[str, str] = field(default_factory=dict)
+    """`{cell: revision}` claimed in the first `CLAIM_BYTES` of its document, for every
+    listed cell that has a claim, whether `only` keeps it and whether it is usable."""
+    unclaimed: Mapping[str, str] = field(default_factory=dict)
+    """`{cell: why}` for every other listed cell: `claims | unclaimed` is the listing."""
+    fleet: tuple[str, ...] = ()
+    """Every listed cell with a valid name, sorted: the listing."""
+    identity: str = ""
+    """`sha256:` over the listing's `(cell, status blob id or "-")`: the same for every
+    reader of the same branches, whatever `only` keeps (`fleet_identity`)."""
+    unusable: Mapping[str, str] = field(default_factory=dict)
+    """`{cell: message naming the branch}` for the cells read in full that cannot be used:
+    a file that breaks the contract, over the budget, or whose claim the whole document
+    contradicts."""
 
 
 def _header(data: bytes, origin: str) -> dict[str, Any]:
@@ -114,6 +142,33 @@ CONTAINERS = Parse("containers-v1", _containers)
 """What `asgctl plan --inventory status` reads of each cell."""
 
 
+def _claim(data: bytes, origin: str) -> dict[str, Any]:
+    """`{"claim": revision or None, "why": why there is none}` (`document.read_claim`):
+    never an error, and no branch named, since the value is the blob's, shared by every
+    cell that pushes the same bytes."""
+    found = read_claim(data)
+    return {"claim": found.revision, "why": found.why}
+
+
+CLAIM = Parse("claim-v1", _claim)
+"""What a plan job reads of every listed cell: the revision its document's first
+`CLAIM_BYTES` claim.  (A change to the rule or to `CLAIM_BYTES` changes the kind.)"""
+_SHOWN = 100
+"""Characters of a claimed revision a message quotes at most (it is the pusher's text)."""
+
+
+def fleet_identity(listing: StatusBatch) -> str:
+    """`sha256:` + the digest of `<cell> <blob id or ->` lines over every cell of a read of
+    the whole listing: the blob ids name every byte read, so two readers of the same
+    branches agree on it, and any change to any cell's file changes it."""
+    lines = "".join(f"{c.cell} {c.blob or '-'}\n" for c in sorted(listing.cells, key=_cell))
+    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _cell(c: CellStatus) -> str:
+    return c.cell
+
+
 def has_status_branches(repo: str | os.PathLike[str]) -> bool:
     """Are there any status branches to read?  (False outside a repository.)"""
     try:
@@ -122,39 +177,87 @@ def has_status_branches(repo: str | os.PathLike[str]) -> bool:
         return False
 
 
-def fleet_containers(batch: StatusBatch) -> FleetContainers:
-    """A read of the `CONTAINERS` parse as the plan takes it: usable cells, and a message
-    for every cell and branch skipped."""
-    skipped = list(batch.skipped)
+def fleet_containers(batch: StatusBatch, claimed: StatusBatch) -> FleetContainers:
+    """A read of the `CONTAINERS` parse (`batch`, the cells a reader's `only` keeps) and of
+    the `CLAIM` parse over the whole listing (`claimed`), as the plan takes them: usable
+    cells, a message for every unusable cell and for every branch that is no cell, and
+    every listed cell's claim or why it has none.
+
+    The cross-check: a cell read in full whose document states another applied revision
+    than its first bytes claim is unusable, never planned with either.  No claim is no
+    contradiction (the plan treats such a cell as unknown)."""
+    claims: dict[str, str] = {}
+    unclaimed: dict[str, str] = {}
+    blobs: dict[str, str] = {}
+    for c in claimed.cells:
+        blobs[c.cell] = c.blob
+        if c.error:
+            unclaimed[c.cell] = c.error
+        elif c.value["claim"] is None:
+            unclaimed[c.cell] = f"{c.origin}: {c.value['why']}"
+        else:
+            claims[c.cell] = c.value["claim"]
+    unusable: dict[str, str] = {}
     cells = []
     for c in batch.cells:
+        claim = claims.get(c.cell)
         if c.error:
-            skipped.append(c.error)
-            continue
-        containers = tuple(Container(*row) for row in c.value["rows"])
-        settings = GateSettings(*c.value["gate"])
-        cells.append(CellContainers(c.cell, c.ref, containers, settings, c.value["applied"]))
-    return FleetContainers(tuple(cells), tuple(skipped), batch.left_out)
+            unusable[c.cell] = c.error
+        elif blobs.get(c.cell) != c.blob:
+            unusable[c.cell] = f"{c.origin}: changed while being read"
+        elif claim is not None and claim != c.value["applied"]:
+            unusable[c.cell] = (
+                f"{c.origin}: lastAppliedRevision reads {claim[:_SHOWN]!r} in the first "
+                f"{CLAIM_BYTES:,} bytes and {c.value['applied'][:_SHOWN]!r} in the whole "
+                "document"
+            )
+        else:
+            containers = tuple(Container(*row) for row in c.value["rows"])
+            settings = GateSettings(*c.value["gate"])
+            applied = c.value["applied"]
+            cells.append(CellContainers(c.cell, c.ref, containers, settings, applied))
+    return FleetContainers(
+        tuple(cells),
+        batch.skipped,
+        batch.left_out,
+        claims,
+        unclaimed,
+        tuple(sorted(blobs)),
+        fleet_identity(claimed),
+        unusable,
+    )
+
+
+def read_claims(batch: StatusBatch, store: ParsedStore, workers: int = 4) -> StatusBatch:
+    """The `CLAIM` parse of every cell `batch` listed (`StatusBatch.listing`, whatever its
+    `only` kept), from the same repository, with the same budget: one `git cat-file
+    --batch` stream per worker over the blobs, cached by blob id in `store`."""
+    return read_cells(batch.repo, batch.listing, CLAIM, DEFAULT_BUDGET, store, workers)
 
 
 def read_fleet_containers(
     repo: str | os.PathLike[str], workers: int = 4, only: Only | None = None
 ) -> FleetContainers:
     """Every status branch's containers of the clone holding `repo` (`fetch.read_local`),
-    or those of the cells `only` keeps.
+    or those of the cells `only` keeps, and every listed cell's claim.
 
-    InventoryError when `repo` is not in a git repository; a branch that breaks any rule of
-    the contract is in `skipped`.  Parsing is split across up to `workers` forked processes.
+    InventoryError when `repo` is not in a git repository; a branch whose name is no cell's
+    is in `skipped`, a cell whose file breaks any rule of the contract in `unusable`.
+    Parsing is split across up to `workers` forked processes.
     """
-    return fleet_containers(read_local(repo, CONTAINERS, workers=workers, only=only))
+    batch = read_local(repo, CONTAINERS, workers=workers, only=only)
+    return fleet_containers(batch, read_claims(batch, ParsedStore(), workers))
 
 
 def read_remote_containers(
     repos: StatusRepos, cache: str | None = None, workers: int = 4, only: Only | None = None
 ) -> FleetContainers:
     """Every status branch's containers in `repos` (one repository or every shard), or those
-    of the cells `only` keeps (the others are neither fetched nor parsed), fetched into
-    `cache` incrementally (`fetch.read_remote`); FetchError when a shard cannot be read."""
+    of the cells `only` keeps (every cell is still fetched and budgeted: the others are
+    only not parsed in full), and every listed cell's claim from the same cache, fetched
+    into `cache` incrementally (`fetch.read_remote`); FetchError when a shard cannot be
+    read."""
     with status_cache(cache) as repo:
         batch = read_remote(repo, repos, CONTAINERS, workers=workers, only=only)
-        return fleet_containers(batch)
+        claimed = read_claims(batch, ParsedStore(repo / PARSED_DIR), workers)
+        return fleet_containers(batch, claimed)
