@@ -540,6 +540,14 @@ def uninstall_cmd(backend_name: str, variant: str, dry_run: bool, fmt: str) -> N
     "one plan) into the report of the whole inventory.  With an explicit --head, also "
     "refuse partials that planned another head.",
 )
+@click.option(
+    "--save",
+    "saves",
+    multiple=True,
+    metavar="FORMAT=PATH",
+    help="Also write the report as FORMAT (text, markdown or json) to PATH, from this same "
+    "run (repeatable): a merge job gets every format for one merge.",
+)
 @click.argument("parts", nargs=-1, type=click.Path(dir_okay=False))
 @click.pass_context
 def plan_cmd(
@@ -556,6 +564,7 @@ def plan_cmd(
     detailed_exitcode: bool,
     shard: str | None,
     merge: bool,
+    saves: tuple[str, ...],
     parts: tuple[str, ...],
 ) -> None:
     """What a change does: who gains and loses access, the iptables chains that change, and
@@ -573,8 +582,10 @@ def plan_cmd(
     from reconciler.ci.plan import run_plan
     from reconciler.ci.report import render
 
+    outputs = _plan_saves(saves)
     if merge:
         report = _merged_plan(ctx, head, policies, parts)
+        _save_plan(report, outputs)
         click.echo(render(report, fmt), nl=False)
         sys.exit(report.exit_code(detailed_exitcode))
     if parts:
@@ -604,16 +615,48 @@ def plan_cmd(
     if part is not None:
         from reconciler.ci.partial import dump_partial
 
+        if outputs:
+            fail("plan --shard writes its partial result as JSON; --save is for the report")
         click.echo(dump_partial(report), nl=False)
         sys.exit(0)
+    _save_plan(report, outputs)
     click.echo(render(report, fmt), nl=False)
     sys.exit(report.exit_code(detailed_exitcode))
+
+
+PLAN_FORMATS = ("text", "markdown", "json")
+
+
+def _plan_saves(saves: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """`--save FORMAT=PATH` values, checked before any work is done."""
+    out = []
+    for item in saves:
+        fmt, sep, path = item.partition("=")
+        if not sep or fmt not in PLAN_FORMATS or not path:
+            raise click.BadParameter(
+                f"{item!r}: expected FORMAT=PATH, FORMAT one of {', '.join(PLAN_FORMATS)}",
+                param_hint="--save",
+            )
+        out.append((fmt, Path(path)))
+    return out
+
+
+def _save_plan(report: Any, outputs: list[tuple[str, Path]]) -> None:
+    """Write the report in each `--save` format (whole files: a reader never sees half)."""
+    from reconciler.atomicfile import atomic_write_text
+    from reconciler.ci.report import render
+
+    for fmt, path in outputs:
+        try:
+            atomic_write_text(path, render(report, fmt), mode=0o644)
+        except OSError as exc:
+            fail(f"plan --save {fmt}={path}: {exc.strerror or exc}")
 
 
 def _merged_plan(ctx: click.Context, head: str, policies: str, parts: tuple[str, ...]) -> Any:
     """`plan --merge`: the partials as one report, or exit 1 naming what is wrong."""
     from reconciler.ci.partial import PartialError, merge_partials, read_partials
-    from reconciler.ci.plan import resolve_revision
+    from reconciler.ci.plan import RevisionError, resolve_revision, revision_loader
     from reconciler.sources.gitio import FULL_SHA
 
     for name in ("base", "inventory", "agent_config", "shard"):
@@ -629,8 +672,8 @@ def _merged_plan(ctx: click.Context, head: str, policies: str, parts: tuple[str,
         if head_sha is None:
             fail(f"plan --merge: unknown revision {head!r} (give the full commit id)")
     try:
-        return merge_partials(read_partials(parts), head_sha)
-    except PartialError as exc:
+        return merge_partials(read_partials(parts), revision_loader(policies), head_sha)
+    except (PartialError, RevisionError) as exc:
         fail(f"plan --merge: {exc}")
 
 

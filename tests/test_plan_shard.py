@@ -24,12 +24,13 @@ from reconciler.ci.partial import (
     KIND,
     VERSION,
     PartialError,
+    _encode,
     dump_partial,
     load_partial,
     merge_partials,
 )
 from reconciler.ci.partition import PARTITION, Shard, ShardError, shard_of
-from reconciler.ci.plan import run_plan
+from reconciler.ci.plan import revision_loader, run_plan
 from reconciler.ci.report import COMMENT_LIMIT, MARKER, PlanReport, Revision, render_markdown
 from reconciler.cli import main
 from reconciler.core.diff import (
@@ -40,7 +41,8 @@ from reconciler.core.diff import (
     PlanDiff,
     PrincipalDiff,
     _limit_notices,
-    principal_key,
+    diff_part,
+    join_facts,
     principal_order,
 )
 from reconciler.core.gate import RevokeCount
@@ -66,6 +68,11 @@ from tests.test_plan import (
 from tests.test_plan_truth import BLOG_ONLY, PAYMENTS_STAGING, broken_main
 
 FORMATS = ("text", "markdown", "json")
+
+
+def policies_flag(repo: Path) -> tuple[str, str]:
+    """The merge loads the head and bases from the repository the shard jobs planned."""
+    return ("--policies", str(repo / "policies"))
 
 
 def cli(*args: str) -> tuple[int, str, str]:
@@ -129,9 +136,25 @@ def test_merged_shards_of_a_store_file_fleet_are_the_plan_byte_for_byte(tmp_path
     parts = shard_files(tmp_path / "parts", count, *args)
     for fmt in FORMATS:
         want = cli("plan", *args, "--format", fmt, "--detailed-exitcode")
-        got = cli("plan", "--merge", *parts, "--format", fmt, "--detailed-exitcode")
+        got = cli(
+            "plan", "--merge", *parts, *policies_flag(repo), "--format", fmt, "--detailed-exitcode"
+        )
         assert got == want, fmt
         assert want[0] == 2  # a plan with changes: equality of two empty plans proves little
+    # One merge writes every format, as the workflow's merge job runs it.
+    saved = {fmt: tmp_path / f"plan.{fmt}" for fmt in ("text", "json")}
+    code, out, _ = cli(
+        "plan",
+        "--merge",
+        *parts,
+        *policies_flag(repo),
+        "--format",
+        "markdown",
+        *(f"--save={fmt}={path}" for fmt, path in saved.items()),
+    )
+    assert (code, out) == (0, cli("plan", *args, "--format", "markdown")[1])
+    for fmt, path in saved.items():
+        assert path.read_text() == cli("plan", *args, "--format", fmt)[1]
     counts = json.loads(want[1])["counts"]  # the last format: json
     assert counts["containers_gaining_access"] > 0 and counts["containers_losing_access"] > 0
     assert "name unverified" in want[1]
@@ -156,7 +179,7 @@ def test_merged_shards_of_a_plan_against_the_truth_are_the_plan_byte_for_byte(tm
     parts = shard_files(tmp_path / "parts", count, *args)
     for fmt in FORMATS:
         want = cli("plan", *args, "--format", fmt, "--detailed-exitcode")
-        got = cli("plan", "--merge", *parts, "--head", fleet.revs["head"], "--format", fmt)
+        got = cli("plan", "--merge", *parts, *args[:4], "--format", fmt)
         assert got[1:] == want[1:], fmt
         assert got[0] == 0 and want[0] == 2  # without --detailed-exitcode, 0
     assert "payments" in want[1] and "6 cells" in want[1] and "is unknown" in want[1]
@@ -164,9 +187,9 @@ def test_merged_shards_of_a_plan_against_the_truth_are_the_plan_byte_for_byte(tm
 
 # ----------------------------------------------------------------------------- fleet-wide facts
 #
-# What a job needs of the cells of other shards, pinned for whoever makes the jobs read less:
-# which principals those cells run (in which family, space and org) and nothing else of
-# their containers -- and that much it does need.
+# What a job takes of the cells of other shards: nothing of their containers.  A principal
+# runs on cells of every shard, so each job counts its own cells' principal facts and the
+# merge diffs every principal from their sum.
 
 
 def plan_of(repo: Path, shard: Shard | None, cells: tuple[str, ...] = ()) -> PlanReport:
@@ -183,31 +206,25 @@ def rewrite_cells(repo: Path, change: Callable[[int, list[Container]], list[Cont
         path.write_text(dump_store(change(n, list(cell.containers))))
 
 
-def test_a_shard_reads_other_shards_cells_only_for_the_principals_they_run(tmp_path):
-    """Other shards' cells with every handle and address changed (in the same family) and
-    their containers reversed: the same principals, families, spaces and orgs.  The job's
-    partial is the same but for the inventory digest, which makes the merge refuse partials
-    of two different reads."""
+def test_a_job_takes_nothing_of_other_shards_containers(tmp_path):
+    """Other shards' cells made to run other principals entirely (every container the
+    blog's, in another family): the job's partial is the same but for the inventory
+    digest, which makes the merge refuse partials of two different reads."""
     repo = store_fleet(tmp_path)
     shard = Shard(1, 3)
     before = plan_of(repo, shard)
 
-    def renumbered(n: int, containers: list[Container]) -> list[Container]:
+    def others_run_the_blog(n: int, containers: list[Container]) -> list[Container]:
         if shard.holds(f"cell-{n:03d}"):
             return containers
         return [
-            replace(
-                k,
-                handle=f"moved-{n}-{i}",
-                ip=f"fd00:20:{n}::{i + 2:x}" if ":" in k.ip else f"198.19.{100 + n}.{i + 2}",
-            )
-            for i, k in enumerate(reversed(containers))
+            c(f"moved-{n}-{i}", f"fd00:20:{n}::{i + 2:x}", BLOG, WEB, MARKETING) for i in range(5)
         ]
 
-    rewrite_cells(repo, renumbered)
+    rewrite_cells(repo, others_run_the_blog)
     after = plan_of(repo, shard)
-    assert before.diff is not None and before.diff.principals and before.diff.cells
-    assert before.shard is not None and after.shard is not None
+    assert before.diff is not None and before.diff.cells and not before.diff.principals
+    assert before.shard is not None and after.shard is not None and before.shard.facts
     assert after.shard.identity != before.shard.identity
     assert replace(after, shard=replace(after.shard, identity="")) == replace(
         before, shard=replace(before.shard, identity="")
@@ -215,30 +232,45 @@ def test_a_shard_reads_other_shards_cells_only_for_the_principals_they_run(tmp_p
 
 
 def test_a_principal_is_counted_over_every_shard_s_cells(tmp_path):
-    """The job holding a principal reports the containers and cells it runs on in every
-    shard, as the unsharded plan does; a job that read only its own cells would report
-    less.  So reading only a shard's cells needs these counts (and the orgs each space
-    runs in) from the other shards' cells -- no status header holds them."""
+    """Each job counts a principal's containers and cells on its own cells only; the sum
+    of the jobs' facts is the whole fleet's, so the merge reports every principal as the
+    unsharded plan does, though no job saw more than a third of the fleet."""
     repo = store_fleet(tmp_path)
     whole = plan_of(repo, None)
     count = 3
-    files = sorted((repo / "fleet").glob("cell-*.json"))
-    jobs, alone = {}, {}
-    for i in range(1, count + 1):
-        shard = Shard(i, count)
-        jobs[i] = plan_of(repo, shard)
-        mine = tuple(str(f) for f in files if shard.holds(f.stem))
-        alone[i] = plan_of(repo, None, mine)  # what the shard's cells alone would say
+    jobs = [plan_of(repo, Shard(i, count)) for i in range(1, count + 1)]
+    parts = [j.shard.facts[0].facts for j in jobs if j.shard is not None]
+    fleet = StoreFiles(tuple(str(f) for f in sorted((repo / "fleet").glob("*.json")))).cells()
+    policy_of = revision_loader(str(repo / "policies"))
+    base, head = (policy_of(git(repo, "rev-parse", rev)) for rev in ("HEAD~1", "HEAD"))
+    assert join_facts(parts) == diff_part(base, head, fleet).facts
     assert whole.diff is not None and whole.diff.principals
-    undercounted = 0
-    for p in whole.diff.principals:
-        i = shard_of(principal_key((p.lifecycle, p.space_id, p.app_id)), count)
-        assert jobs[i].diff is not None and alone[i].diff is not None
-        (held,) = [q for q in jobs[i].diff.principals if principal_order(q) == principal_order(p)]
-        assert held == p
-        own = [q for q in alone[i].diff.principals if principal_order(q) == principal_order(p)]
-        undercounted += not own or (own[0].containers, own[0].cells) != (p.containers, p.cells)
-    assert undercounted == len(whole.diff.principals)  # every principal runs in every shard
+    for p in whole.diff.principals:  # every principal runs in every shard, and is under-counted
+        counted = [
+            f
+            for part in parts
+            for f in part.principals
+            if f.principal == (p.lifecycle, p.space_id, p.app_id)
+        ]
+        assert len(counted) == count
+        assert all(f.cells < p.cells for f in counted)
+        assert sum(f.cells for f in counted) == p.cells
+        assert sum(f.ipv4 + f.ipv6 for f in counted) == p.containers
+
+
+def test_principals_diffed_in_forked_workers_are_the_same(tmp_path, monkeypatch):
+    """The merge diffs a fleet's principals over the runner's cores; split or not, the
+    same principal diffs in the same order."""
+    import reconciler.core.diff as diff
+
+    repo = store_fleet(tmp_path)
+    fleet = StoreFiles(tuple(str(f) for f in sorted((repo / "fleet").glob("*.json")))).cells()
+    policy_of = revision_loader(str(repo / "policies"))
+    base, head = (policy_of(git(repo, "rev-parse", rev)) for rev in ("HEAD~1", "HEAD"))
+    facts = diff_part(base, head, fleet).facts
+    alone = diff.diff_principals(base, head, facts, "policies/", workers=1)
+    monkeypatch.setattr(diff, "_MIN_PRINCIPALS_PER_WORKER", 1)
+    assert len(alone) > 2 and diff.diff_principals(base, head, facts, "policies/", 3) == alone
 
 
 def test_a_failed_plan_merges_into_the_same_failure(tmp_path):
@@ -283,6 +315,12 @@ def test_a_shard_that_names_no_shard_is_refused(tmp_path, spec):
         Shard.parse(spec)
     code, out, err = cli("plan", "--shard", spec, "--policies", str(tmp_path))
     assert code == 1 and out == "" and "shard" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("save", ["yaml=out.yaml", "text", "json="])
+def test_a_save_that_names_no_format_and_path_is_refused_before_any_work(tmp_path, save):
+    code, _out, err = cli("plan", "--merge", str(tmp_path / "none.json"), "--save", save)
+    assert code == 2 and "--save" in err and "FORMAT=PATH" in err
 
 
 def test_shard_and_merge_are_not_mixed_with_what_belongs_to_the_other(tmp_path):
@@ -337,7 +375,8 @@ def test_dropping_the_shard_with_the_only_change_fails_the_merge(tmp_path, one_c
     _repo, args, changed = one_change
     parts = shard_files(tmp_path / "parts", 4, *args)
     holder = shard_of(changed, 4)
-    code, out, _err = cli("plan", "--merge", *parts, "--format", "text", "--detailed-exitcode")
+    merge = ("plan", "--merge", *policies_flag(_repo), "--format", "text", "--detailed-exitcode")
+    code, out, _err = cli(*merge[:2], *parts, *merge[2:])
     assert code == 2 and "Plan: 1 cell changes, 1 container gains access" in out
     others = [p for i, p in enumerate(parts, 1) if i != holder]
     assert f"shard {holder}/4 missing" in refused(others)
@@ -409,16 +448,39 @@ def test_an_edited_partial_whose_cells_overlap_fails_the_merge(tmp_path, one_cha
     assert "report.diff.cells: not shard" in refused(parts)
 
 
-def test_a_principal_moved_to_another_shard_fails_the_merge(tmp_path, one_change):
-    _repo, args, _changed = one_change
+def test_a_partial_that_diffs_or_hides_a_principal_fails_the_merge(tmp_path, one_change):
+    """The merge diffs every principal itself; a partial that brings a principal's diff,
+    or hides one by dropping or shrinking its facts, is refused (its counts must add up
+    to the containers its cells' diffs hold)."""
+    repo, args, changed = one_change
     parts = shard_files(tmp_path / "parts", 3, *args)
-    docs = [json.loads(Path(p).read_text()) for p in parts]
-    (owner,) = [i for i, d in enumerate(docs) if d["report"]["diff"]["principals"]]
-    moved = docs[owner]["report"]["diff"]["principals"]
-    thief = (owner + 1) % 3
-    rewrite(parts[thief], lambda d: d["report"]["diff"].update(principals=moved))
-    rewrite(parts[owner], lambda d: d["report"]["diff"].update(principals=[]))
-    assert f"belongs to shard {owner + 1}/3" in refused(parts)
+    merged = cli("plan", "--merge", *parts, *policies_flag(repo), "--format", "json")
+    (blog,) = json.loads(merged[1])["principals"]
+    assert blog["name"] == "marketing/web/blog"
+    holder = shard_of(changed, 3) - 1
+    other = (holder + 1) % 3
+
+    def add_a_principal(doc):
+        forged = PrincipalDiff("app", blog["space_id"], BLOG, "blog", "app", 1, 1, (), ())
+        doc["report"]["diff"]["principals"] = [_encode(forged)]
+
+    rewrite(parts[other], add_a_principal)
+    assert "a partial diffs no principal" in refused(parts)
+
+    parts = shard_files(tmp_path / "hide", 3, *args)
+    facts = json.loads(Path(parts[holder]).read_text())["facts"][0]["facts"]
+    blog_fact = next(f for f in facts["principals"] if f["app_id"] == BLOG)
+    rewrite(
+        parts[holder],
+        lambda d: d["facts"][0]["facts"].update(
+            principals=[f for f in d["facts"][0]["facts"]["principals"] if f != blog_fact]
+        ),
+    )
+    assert "facts[0]" in refused(parts) and "containers" in refused(parts)
+
+    parts = shard_files(tmp_path / "shrink", 3, *args)
+    rewrite(parts[holder], lambda d: d["facts"][0]["facts"]["principals"][0].update(cells=99))
+    assert "cannot be counted on" in refused(parts)
 
 
 def test_a_partial_of_another_inventory_read_fails_the_merge(tmp_path, one_change):
@@ -433,7 +495,7 @@ def test_a_partial_of_another_inventory_read_fails_the_merge(tmp_path, one_chang
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (lambda d: d.update(version=2), "version 2; this asgctl reads version 1"),
+        (lambda d: d.update(version=1), "version 1; this asgctl reads version 2"),
         (lambda d: d.update(kind="terraform-plan"), "not an asgctl plan partial"),
         (lambda d: d.update(partition="first half"), "partition 'first half'"),
         (lambda d: d.update(extra=1), "unknown field 'extra'"),
@@ -487,12 +549,14 @@ def test_partials_round_trip_without_loss(tmp_path):
         assert (doc["kind"], doc["version"]) == (KIND, VERSION)
         assert doc["head"]["sha"] == report.head.sha and doc["shard"] == {"index": i, "count": 2}
         assert load_partial(text, "p") == report
-    with pytest.raises(PartialError, match="no partials"):
-        merge_partials([])
     policies, fleet = str(repo / "policies"), (str(repo / "fleet"),)
+    with pytest.raises(PartialError, match="no partials"):
+        merge_partials([], revision_loader(policies))
     whole = run_plan(policies, "HEAD~1", "HEAD", fleet)
     alone = run_plan(policies, "HEAD~1", "HEAD", fleet, shard=Shard(1, 1))
-    assert whole.shard is None and merge_partials([("p", alone)]) == whole
+    assert (
+        whole.shard is None and merge_partials([("p", alone)], revision_loader(policies)) == whole
+    )
 
 
 # ----------------------------------------------------------------------------- the comment

@@ -146,8 +146,12 @@ def test_policy_pr_plans_as_a_matrix_of_shards_and_one_merge():
     (download,) = [s for s in steps if s.get("uses", "").startswith("actions/download-artifact")]
     assert download["with"] == {"pattern": "plan-part-*", "path": "parts", "merge-multiple": True}
     (merge_step,) = [s for s in steps if "asgctl plan --merge" in s.get("run", "")]
-    merges = [x for x in merge_step["run"].splitlines() if "asgctl plan --" in x]
-    assert len(merges) == 3 and all('--merge "${parts[@]}" --head "$HEAD_SHA"' in x for x in merges)
+    # One merge (it diffs every principal of the fleet) writes every format.
+    (merged,) = [x for x in merge_step["run"].splitlines() if "asgctl plan --" in x]
+    assert '--merge "${parts[@]}" --head "$HEAD_SHA" --policies policies' in merged
+    assert "--save text=plan.txt --save json=plan.json > plan.md" in merged
+    (checkout,) = [s for s in steps if s.get("uses", "").startswith("actions/checkout")]
+    assert checkout["with"]["fetch-depth"] == 0  # the merge loads the head and bases from git
     assert merge_step["env"]["HEAD_SHA"] == "${{ github.event.pull_request.head.sha }}"
     (post,) = [s for s in steps if "--method PATCH" in s.get("run", "")]
     assert steps.index(download) < steps.index(merge_step) < steps.index(post)
@@ -207,6 +211,10 @@ def test_the_workflows_shard_and_merge_scripts_post_the_unsharded_plan(tmp_path)
     assert (ci / "plan.md").read_text() == want.stdout and want.stdout.startswith(MARKER)
     assert "exitcode=2" in (tmp_path / "out").read_text()
     assert json.loads((ci / "plan.json").read_text())["status"] == "changes"
+    text = CliRunner().invoke(
+        main, ["plan", "--head", head, "--policies", str(ci / "policies"), "--format", "text"]
+    )
+    assert (ci / "plan.txt").read_text() == text.stdout
     # One partial lost: the merge fails, and the comment says the plan failed.
     (parts / "plan-2.json").unlink()
     done = run_step(merge_step, ci, {**env, **outputs})

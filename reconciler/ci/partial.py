@@ -1,10 +1,15 @@
 """Partial plans: what `asgctl plan --shard I/N` writes, and `asgctl plan --merge` trusts.
 
-A fleet of 10,000 cells is planned by several CI jobs, each diffing the cells of one shard
-(`ci.partition`) and the principals the same partition gives it; one more job merges their
-results into the one report, in every format, byte for byte what a single `asgctl plan`
-would print.  Between the jobs the partials are files (CI artifacts), so the merge reads them
-as untrusted input and refuses, with a message naming the file and what is wrong, anything
+A fleet of 10,000 cells is planned by several CI jobs, each reading and diffing the cells of
+one shard (`ci.partition`) and, of the others, only what every job reads alike (the listing
+and each cell's claimed revision).  A principal runs on cells of every shard, so a job
+diffs no principal: it counts its cells' principal facts (`diff.PrincipalFacts`), and the
+merge diffs every principal from their sum, with the head and bases loaded from git
+(`plan.complete`, which an unsharded plan runs too).  The merged report is, in every
+format, byte for byte what a single `asgctl plan` prints.
+
+Between the jobs the partials are files (CI artifacts), so the merge reads them as
+untrusted input and refuses, with a message naming the file and what is wrong, anything
 that is not exactly one partial per shard of one plan:
 
 * the schema: a versioned document (`asgctl-plan-partial`, VERSION) whose report is decoded
@@ -15,12 +20,14 @@ that is not exactly one partial per shard of one plan:
   groups) in every partial;
 * each shard exactly once, none missing;
 * each partial covers exactly its shard's cells (recomputed here from the names, never
-  taken from the partial), every one of them diffed once, and only principals its shard
-  holds: shards are then disjoint and complete.
+  taken from the partial), every one of them diffed or left out once, no principal
+  diffed, and one set of principal facts per diff, against that diff's base: shards are
+  then disjoint and complete.
 
 A missing, duplicated, stale or edited partial therefore fails the merge (exit 1); it can
 never produce "No changes".  What the merge cannot check is a partial recomputed by someone
-who controls a plan job: the jobs run the base revision's asgctl, as the unsharded plan did.
+who controls a plan job (its cells' diffs and facts): the jobs run the base revision's
+asgctl, as the unsharded plan did.
 """
 
 from __future__ import annotations
@@ -28,20 +35,21 @@ from __future__ import annotations
 import json
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, fields, is_dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from reconciler.ci.partition import PARTITION, Shard, shard_of
-from reconciler.ci.plan import merge_diffs, unverified_warnings
-from reconciler.ci.report.plan import PlanReport, ShardScope
-from reconciler.core.diff import PlanDiff, principal_key, principal_order
+from reconciler.ci.plan import complete, merge_diffs
+from reconciler.ci.report.plan import LeftOut, PartFacts, PlanReport, ShardScope
+from reconciler.core.diff import PlanDiff, PrincipalFacts
+from reconciler.core.model import PolicySet
 from reconciler.sources.jsonsafe import JsonInputError, loads
 
 KIND = "asgctl-plan-partial"
-VERSION = 1
+VERSION = 2
 MAX_PARTIAL_BYTES = 2 << 30
 """A shard of 10,000 cells with every chain diffed is a few hundred MB; more is not ours."""
 
@@ -159,6 +167,8 @@ def dump_partial(report: PlanReport) -> str:
         "base": _encode(report.base),
         "inventory": {"identity": scope.identity, "cells": list(scope.fleet)},
         "covers": [c for c in scope.fleet if shard.holds(c)],
+        "left_out": _encode(scope.left_out),
+        "facts": _encode(scope.facts),
         "report": _encode(replace(report, shard=None)),
     }
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")) + "\n"
@@ -180,6 +190,7 @@ def load_partial(data: str | bytes, source: str) -> PlanReport:
             f"{source}: version {doc.get('version')!r}; this asgctl reads version {VERSION}"
         )
     expected = {"kind", "version", "partition", "shard", "head", "base", "inventory", "covers"}
+    expected |= {"left_out", "facts"}
     missing = sorted((expected | {"report"}) - set(doc))
     unknown = sorted(set(doc) - expected - {"report"})
     if missing or unknown:
@@ -192,6 +203,8 @@ def load_partial(data: str | bytes, source: str) -> PlanReport:
         shard = Shard(head_shard.index, head_shard.count)
         inventory = _decode(_Inventory, doc["inventory"], f"{source}: inventory")
         covers = _decode(tuple[str, ...], doc["covers"], f"{source}: covers")
+        left_out = _decode(tuple[LeftOut, ...], doc["left_out"], f"{source}: left_out")
+        facts = _decode(tuple[PartFacts, ...], doc["facts"], f"{source}: facts")
         report: PlanReport = _decode(PlanReport, doc["report"], f"{source}: report")
     except ValueError as exc:  # ShardError too
         text = str(exc)
@@ -215,28 +228,37 @@ def load_partial(data: str | bytes, source: str) -> PlanReport:
                 else " of its inventory"
             )
         )
-    scope = ShardScope(shard.index, shard.count, fleet, inventory.identity)
+    scope = ShardScope(shard.index, shard.count, fleet, inventory.identity, left_out, facts)
     report = replace(report, shard=scope)
     _check_coverage(report, mine, source)
     return report
 
 
 def _check_coverage(report: PlanReport, mine: tuple[str, ...], source: str) -> None:
-    """Every cell of the shard diffed exactly once, nothing else; only its principals."""
-    diff = report.diff
-    if diff is None:
-        if report.groups:
-            raise PartialError(f"{source}: report: groups without a diff")
-        return
+    """Every cell of the shard diffed or left out exactly once, nothing else; no principal
+    diffed; one set of facts per diff, each against that diff's base, each counting no
+    more cells than the diff holds."""
     shard = report.shard
     assert shard is not None
+    left = [x.cell for x in shard.left_out]
+    if report.diff is None:
+        if report.groups or left or shard.facts:
+            raise PartialError(f"{source}: report: groups, left_out or facts without a diff")
+        return
+    if left != [c for c in mine if c in set(left)]:
+        raise PartialError(
+            f"{source}: left_out: not cells of shard {shard.index}/{shard.count}, each once, "
+            "in order"
+        )
+    planned = [c for c in mine if c not in set(left)]
+    diff = report.diff
     diffs = [g.diff for g in report.groups] if report.groups else [diff]
     if report.groups:
         listed = [c for g in report.groups for c in g.cells]
-        if sorted(listed) != sorted(mine):
+        if sorted(listed) != planned:
             raise PartialError(
                 f"{source}: report.groups: the groups' cells are not shard "
-                f"{shard.index}/{shard.count}'s cells, each once"
+                f"{shard.index}/{shard.count}'s cells (less those left out), each once"
             )
         for i, g in enumerate(report.groups):
             if tuple(c.cell for c in g.diff.cells) != g.cells:
@@ -245,22 +267,58 @@ def _check_coverage(report: PlanReport, mine: tuple[str, ...], source: str) -> N
                 )
         if merge_diffs(diffs) != diff:
             raise PartialError(f"{source}: report.diff: not the sum of its groups' diffs")
-    elif tuple(c.cell for c in diff.cells) != mine:
-        raise PartialError(
-            f"{source}: report.diff.cells: not shard {shard.index}/{shard.count}'s cells, "
-            "each once, in order"
-        )
+        againsts = [g.against.sha for g in report.groups]
+    else:
+        if [c.cell for c in diff.cells] != planned:
+            raise PartialError(
+                f"{source}: report.diff.cells: not shard {shard.index}/{shard.count}'s cells "
+                "(less those left out), each once, in order"
+            )
+        againsts = [shard.facts[0].against if shard.facts else report.base.sha]
+        if againsts[0] not in (report.base.sha, ""):
+            raise PartialError(f"{source}: facts[0].against: not the plan's base")
     for d in diffs:
-        for p in d.principals:
-            key = principal_key((p.lifecycle, p.space_id, p.app_id))
-            if shard_of(key, shard.count) != shard.index:
-                raise PartialError(
-                    f"{source}: principal {key!r} belongs to shard "
-                    f"{shard_of(key, shard.count)}/{shard.count}, not {shard.index}/{shard.count}"
-                )
+        if d.principals:
+            raise PartialError(
+                f"{source}: a partial diffs no principal (the merge does, from every shard's facts)"
+            )
         for n in d.notices:
             if n.cell not in mine:
                 raise PartialError(f"{source}: a notice names cell {n.cell!r}, not of this shard")
+    if [f.against for f in shard.facts] != againsts:
+        raise PartialError(f"{source}: facts: not one per diff, against each diff's base, in order")
+    for k, (part, d) in enumerate(zip(shard.facts, diffs, strict=True)):
+        _check_facts(part.facts, d, f"{source}: facts[{k}]")
+
+
+def _check_facts(facts: PrincipalFacts, diff: PlanDiff, where: str) -> None:
+    """Facts that could be a count of the diff's cells: principals and spaces sorted and
+    distinct, every principal on 1 to that many cells with at least a container on each,
+    and as many containers in all as the cells' diffs hold (so a principal cannot be
+    dropped from the facts, or counted short, without a cell's count saying otherwise)."""
+    cells = len(diff.cells)
+    keys = [p.principal for p in facts.principals]
+    if keys != sorted(set(keys)):
+        raise PartialError(f"{where}.facts.principals: not sorted, each principal once")
+    spaces = [s.space_id for s in facts.spaces]
+    if spaces != sorted(set(spaces)):
+        raise PartialError(f"{where}.facts.spaces: not sorted, each space once")
+    for i, p in enumerate(facts.principals):
+        if not 1 <= p.cells <= cells or p.ipv4 < 0 or p.ipv6 < 0 or p.ipv4 + p.ipv6 < p.cells:
+            raise PartialError(
+                f"{where}.facts.principals[{i}]: {p.cells} cells and {p.ipv4} + {p.ipv6} "
+                f"containers cannot be counted on {cells} cells"
+            )
+    for i, s in enumerate(facts.spaces):
+        if list(s.orgs) != sorted(set(s.orgs)) or not s.orgs:
+            raise PartialError(f"{where}.facts.spaces[{i}].orgs: not sorted, each org once")
+    counted = sum(p.ipv4 + p.ipv6 for p in facts.principals)
+    held = sum(c.containers for c in diff.cells)
+    if counted != held:
+        raise PartialError(
+            f"{where}.facts.principals: {counted:,} containers counted, and the diff's cells "
+            f"hold {held:,}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,24 +353,19 @@ def read_partials(paths: Sequence[str]) -> list[tuple[str, PlanReport]]:
 
 
 def _shared(report: PlanReport) -> PlanReport:
-    """What every partial of one plan holds alike: all but its own cells and principals."""
+    """What every partial of one plan holds alike: all but its own cells and facts."""
     groups = tuple(replace(g, cells=(), diff=PlanDiff((), ())) for g in report.groups)
     return replace(report, diff=None, groups=groups, shard=None)
 
 
-def _join(diffs: Sequence[PlanDiff], order: dict[str, int]) -> PlanDiff:
-    """Disjoint parts of one diff as `diff_plans` returns the whole: cells (and their
-    notices) in inventory order, principals in the diff's own order."""
-    cells = sorted((c for d in diffs for c in d.cells), key=lambda c: order[c.cell])
-    principals = sorted((p for d in diffs for p in d.principals), key=principal_order)
-    notices = sorted((n for d in diffs for n in d.notices), key=lambda n: order[n.cell])
-    return PlanDiff(tuple(cells), tuple(principals), tuple(notices))
-
-
 def merge_partials(
-    partials: Sequence[tuple[str, PlanReport]], head_sha: str | None = None
+    partials: Sequence[tuple[str, PlanReport]],
+    policy_of: Callable[[str], PolicySet],
+    head_sha: str | None = None,
 ) -> PlanReport:
-    """The partials of one sharded plan as the report of the whole inventory.
+    """The partials of one sharded plan as the report of the whole inventory
+    (`plan.complete`, with `policy_of(sha)` the policy of each revision the principals
+    are diffed at: the head's and each diff's base; `""` is an empty policy).
 
     PartialError (naming the files) unless they are exactly one partial per shard of the
     same plan; with `head_sha`, also unless that is the head they planned (a partial left
@@ -369,25 +422,6 @@ def merge_partials(
                 "groups: partials of one plan only"
             )
     ordered = [r for _src, r in sorted(partials, key=lambda p: p[1].shard.index)]  # type: ignore[union-attr]
-    merged = replace(first, shard=None)
-    if first.diff is None:
-        if any(r.diff is not None for r in ordered):
-            raise PartialError("some partials failed and some did not: partials of one plan only")
-        return merged
-    if any(r.diff is None for r in ordered):
+    if any((r.diff is None) != (first.diff is None) for r in ordered):
         raise PartialError("some partials failed and some did not: partials of one plan only")
-    order = {c: i for i, c in enumerate(first.shard.fleet)}
-    if first.groups:
-        groups = []
-        for k, g in enumerate(first.groups):
-            parts = [r.groups[k] for r in ordered]
-            cells = sorted((c for p in parts for c in p.cells), key=order.__getitem__)
-            groups.append(
-                replace(g, cells=tuple(cells), diff=_join([p.diff for p in parts], order))
-            )
-        diff = merge_diffs([g.diff for g in groups])
-        merged = replace(merged, groups=tuple(groups))
-    else:
-        diff = _join([r.diff for r in ordered if r.diff is not None], order)
-    warnings = merged.warnings + tuple(unverified_warnings(diff))
-    return replace(merged, diff=diff, warnings=warnings)
+    return complete(ordered, policy_of)

@@ -1,8 +1,8 @@
-"""Which shard of a sharded `asgctl plan` holds a cell (or a principal): a stable partition.
+"""Which shard of a sharded `asgctl plan` holds a cell: a stable partition.
 
 `asgctl plan --shard I/N` plans the cells of shard I of N; `asgctl plan --merge` puts the N
-partial results back together (`ci.partial`).  A key (a cell name; a principal as
-`diff.principal_key`) belongs to shard `1 + (first 8 bytes of sha256(key), big-endian) mod N`.
+partial results back together (`ci.partial`).  A cell belongs to shard
+`1 + (first 8 bytes of sha256(name), big-endian) mod N`.
 
 Why a hash of the name and not a slice of the sorted list: a cell's shard depends on its
 name and N only, never on which other cells exist, so every job of a CI matrix computes the
@@ -56,7 +56,7 @@ class Shard:
         return cls(int(m.group(1)), int(m.group(2)))
 
     def holds(self, key: str) -> bool:
-        """Is `key` (a cell name or a principal key) in this shard?"""
+        """Is `key` (a cell name) in this shard?"""
         return shard_of(key, self.count) == self.index
 
     def __str__(self) -> str:

@@ -11,14 +11,29 @@ import hashlib
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from reconciler.ci.partition import Shard
-from reconciler.ci.report.plan import BaseGroup, Enforces, PlanReport, Revision, ShardScope
+from reconciler.ci.report.plan import (
+    BaseGroup,
+    Enforces,
+    LeftOut,
+    PartFacts,
+    PlanReport,
+    Revision,
+    ShardScope,
+)
 from reconciler.core.cellplan import DEFAULT_GATE, CellInventory, GateSettings, PlanError
 from reconciler.core.compile import prepare
-from reconciler.core.diff import PlanDiff, diff_plans
+from reconciler.core.diff import (
+    DiffPart,
+    PlanDiff,
+    PrincipalFacts,
+    diff_part,
+    diff_principals,
+    join_facts,
+)
 from reconciler.core.model import PolicySet
 from reconciler.forkpool import fork_ranges
 from reconciler.policy.load import load_policy
@@ -42,6 +57,8 @@ MAX_BASES = 16
 """Distinct revisions a plan against the truth compiles.  A fleet mid-rollout runs two or
 three; each costs a load and a validation, so whoever can push status branches must not be
 able to make CI compile hundreds: cells on rarer revisions are planned as unknown."""
+WHOLE = Shard(1, 1)
+"""An unsharded plan: the one shard of one."""
 FETCH_STATUS = "git fetch origin '+refs/heads/status/*:refs/remotes/origin/status/*'"
 
 
@@ -67,56 +84,100 @@ def _store_paths(spec: Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class Inventory:
+    """The cells a plan diffs, and what it knows of the whole inventory.
+
+    Every job of a sharded plan reads the same `fleet`, `identity` and `skipped` (they come
+    from the listing of the status branches, or from every store file), and diffs only its
+    own `cells`; `left_out` are its cells that could not be used.  Unsharded, a plan is the
+    one job of one shard."""
+
+    cells: tuple[CellInventory, ...]
+    described: str
+    fleet: tuple[str, ...]
+    """Every cell of the inventory, planned or not, in plan order."""
+    identity: str
+    """A digest of what was read (`ShardScope.identity`)."""
+    skipped: tuple[str, ...] = ()
+    """Branches that are no cell (a warning each; the same for every job)."""
+    left_out: tuple[LeftOut, ...] = ()
+    """Cells of `cells`' shard whose status could not be used (a warning each)."""
+    gate_settings: str = ""
+
+
+LEFT_OUT = " (this cell is left out of the plan)"
+
+
 def load_inventory(
     spec: Sequence[str],
     place: RepoPlace,
     policies: Sequence[PolicySet],
     found: StatusRead | None = None,
     remote: StatusBranches | None = None,
-) -> tuple[tuple[CellInventory, ...], str, tuple[str, ...]]:
-    """The cells to plan for, a description of where they came from, and the status
-    branches skipped as unusable (each with the reason, for the report's warnings).
+    shard: Shard | None = None,
+    gate_from: str = "",
+) -> Inventory:
+    """The cells to plan for (of `shard`, when given) and what the plan knows of the rest.
 
     `spec` is empty (status branches when there are any, else a synthetic cell), `status`,
     `directory` (the synthetic cell), or store files and folders of them.  `found` is the
-    status branches when the caller has read them already; `remote`, where they are when
-    not in the clone (`--status-url`).
+    status branches when the caller has read them already (for `shard`: its cells in full,
+    every cell's claim); `remote`, where they are when not in the clone (`--status-url`).
     """
     status = remote or (StatusBranches(str(place.top)) if place.top is not None else None)
     has_status = found is not None or (status is not None and status.exists())
     if list(spec) == [STATUS] or (not spec and has_status):
         if status is None:
             raise InventoryError("--inventory status: the policies are not in a git repository")
-        found = found if found is not None else status.read()
-        if not found.cells:
+        if found is None:
+            found = replace(status, only=shard.holds if shard else None).read()
+        if not found.fleet:
             if found.skipped:
                 raise InventoryError(
                     "--inventory status: no usable status/<cell> branch; skipped: "
                     + "; ".join(found.skipped)
                 )
             raise InventoryError("--inventory status: there are no status/<cell> branches")
-        skipped = [f"{m} (this cell is left out of the plan)" for m in found.skipped]
-        n = len(found.cells)
-        return found.cells, f"status branches ({n:,} cells)", tuple(skipped)
-    if not spec or list(spec) == [SYNTHETIC]:
-        cell = synthetic_inventory(policies)
-        return (
-            (cell,),
-            "synthetic (one container per app and lifecycle from the directory; "
-            "no status branches yet)",
-            (),
+        cells = tuple(c for c in found.cells if shard is None or shard.holds(c.cell))
+        return Inventory(
+            cells,
+            f"status branches ({len(found.fleet):,} cells)",
+            found.fleet,
+            found.identity,
+            tuple(m + LEFT_OUT for m in found.skipped),
+            tuple(
+                LeftOut(cell, found.unusable[cell] + LEFT_OUT)
+                for cell in found.fleet
+                if cell in found.unusable and (shard is None or shard.holds(cell))
+            ),
+            REPORTED_GATES,  # every status document states its gate (the reader's defaults
+            # when it says nothing), whichever of them a shard's job holds
         )
-    if STATUS in spec or SYNTHETIC in spec:
+    if not spec or list(spec) == [SYNTHETIC]:
+        every: tuple[CellInventory, ...] = (synthetic_inventory(policies),)
+        described = (
+            "synthetic (one container per app and lifecycle from the directory; "
+            "no status branches yet)"
+        )
+    elif STATUS in spec or SYNTHETIC in spec:
         raise InventoryError("--inventory: 'status' and 'directory' cannot be mixed with files")
-    source = StoreFiles(_store_paths(spec))
-    cells = source.cells()
-    return cells, f"{source.description} ({len(cells):,} cells)", ()
+    else:
+        source = StoreFiles(_store_paths(spec))
+        every = source.cells()
+        described = f"{source.description} ({len(every):,} cells)"
+    return Inventory(
+        tuple(c for c in every if shard is None or shard.holds(c.cell)),
+        described,
+        tuple(c.cell for c in every),
+        inventory_identity(every),
+        gate_settings=gate_origin(every, gate_from),
+    )
 
 
 def inventory_identity(cells: Sequence[CellInventory]) -> str:
-    """A digest of the inventory as planned: every cell's name, origin, reported gate and
-    containers.  Each job of a sharded plan reads the inventory on its own; the merge
-    refuses partials whose reads differ (a status branch pushed between two jobs)."""
+    """A digest of an inventory read in full by every job: each cell's name, origin,
+    reported gate and containers.  The merge refuses partials whose reads differ."""
     h = hashlib.sha256()
     for c in cells:
         rows = [repr((c.cell, c.origin, c.gate, len(c.containers)))]
@@ -129,21 +190,14 @@ def inventory_identity(cells: Sequence[CellInventory]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _scoped(report: PlanReport, shard: Shard | None, cells: Sequence[CellInventory]) -> PlanReport:
-    """The report of a sharded plan says which inventory it partitioned."""
-    if shard is None:
-        return report
-    names = tuple(c.cell for c in cells)
-    return _with(
-        report, shard=ShardScope(shard.index, shard.count, names, inventory_identity(cells))
-    )
+REPORTED_GATES = "as each cell reports on its status branch"
 
 
 def gate_origin(cells: Sequence[CellInventory], given: str) -> str:
     """Where the mass-revoke settings the plan judges each cell with come from, in words:
     what each cell reports (status branches), else the agent config given, else defaults."""
     if cells and all(c.gate is not None for c in cells):
-        return "as each cell reports on its status branch"
+        return REPORTED_GATES
     return f"from {given}" if given else "the agent's defaults"
 
 
@@ -216,12 +270,14 @@ def read_truth(
     head_sha: str,
     cells: Sequence[str],
     applied: Mapping[str, str],
+    unclaimed: Mapping[str, str] | None = None,
     compile_revisions: bool = True,
     workers: int = 1,
     cache: ParseCache | None = None,
 ) -> FleetTruth:
     """Check every cell's claim (`applied`: `{cell: lastAppliedRevision}`; a cell missing
-    from it has no status branch) and, with `compile_revisions`, load each trusted revision
+    from it is in `unclaimed`, with why its status states none, or has no status branch)
+    and, with `compile_revisions`, load each trusted revision
     once, most-enforced first, in up to `workers` forked processes: at most MAX_BASES that
     validate, out of at most twice as many tried.  `cache` holds the files parsed so far
     (the head's): revisions share most of them."""
@@ -231,7 +287,9 @@ def read_truth(
     with gitio.BlobReader(git_dir or str(top)) as reader:
         for cell in cells:
             if cell not in applied:
-                out[cell] = Enforced("unknown", reason="it has no status branch")
+                why = (unclaimed or {}).get(cell)
+                said = f"its status states no revision the plan can read ({why})"
+                out[cell] = Enforced("unknown", reason=said if why else "it has no status branch")
                 continue
             raw = applied[cell]
             if raw not in checked:
@@ -358,13 +416,16 @@ def base_groups(
     truth: FleetTruth, cells: Sequence[CellInventory]
 ) -> list[tuple[Enforces, str, str, list[CellInventory]]]:
     """(kind, revision, planned against, cells): revisions by cells enforcing them, most
-    first; then the cells enforcing nothing; then the unknown ones."""
-    by: dict[tuple[Enforces, str], list[CellInventory]] = {}
+    first; then the cells enforcing nothing; then the unknown ones.  The groups and their
+    order are the whole inventory's (`truth`), so every job of a sharded plan lists the
+    same groups, each with its own cells (some with none)."""
+    counts = Counter((e.kind, e.sha) for e in truth.cells.values())
+    by: dict[tuple[Enforces, str], list[CellInventory]] = {key: [] for key in counts}
     for cell in cells:
         e = truth.cells[cell.cell]
-        by.setdefault((e.kind, e.sha), []).append(cell)
+        by[(e.kind, e.sha)].append(cell)
     order = {"revision": 0, "nothing": 1, "unknown": 2}
-    keys = sorted(by, key=lambda k: (order[k[0]], -len(by[k]), k[1]))
+    keys = sorted(by, key=lambda k: (order[k[0]], -counts[k], k[1]))
     ref = _reference(truth)
     out: list[tuple[Enforces, str, str, list[CellInventory]]] = []
     for kind, sha in keys:
@@ -379,50 +440,45 @@ DiffJob = tuple[PolicySet, Sequence[CellInventory]]
 def diff_groups(
     jobs: Sequence[DiffJob],
     head: PolicySet,
-    prefix: str,
     workers: int,
     gate: GateSettings = DEFAULT_GATE,
-    part: Shard | None = None,
-) -> list[PlanDiff]:
-    """`diff_plans(base, head, cells)` for every (base, cells) job, in order.
+) -> list[DiffPart]:
+    """`diff_part(base, head, cells)` for every (base, cells) job, in order.
 
     A group holding at least a worker's share of the cells is diffed on its own, split
     across the workers as a one-base plan is.  The others are shared out whole, one forked
-    process per worker, largest first: each runs its groups one after another, so the
-    parts of a diff that do not split by cell (which profiles changed, who gains and loses
-    what) run side by side for different groups, and the head's compiled groups, memoised
-    in the process, serve each of its groups.  The head's index and its profiles' entries
-    are built before the fork (`compile.prepare`), so the workers share one copy.  The
-    result is the same either way.  `part`: only that shard's cells and principals.
+    process per worker, largest first: each runs its groups one after another, and the
+    head's compiled groups, memoised in the process, serve each of its groups.  The head's
+    index and its profiles' entries are built before the fork (`compile.prepare`), so the
+    workers share one copy.  The result is the same either way.
     """
-    holds = part.holds if part is not None else None
     total = sum(len(cells) for _base, cells in jobs) or 1
-    out: dict[int, PlanDiff] = {}
+    out: dict[int, DiffPart] = {}
     small: list[int] = []
     for i, (base, cells) in enumerate(jobs):
-        if workers <= 1 or len(cells) * workers >= total:
-            out[i] = diff_plans(base, head, cells, prefix, workers, gate, holds)
+        if not cells:
+            out[i] = DiffPart(PlanDiff((), ()), PrincipalFacts())
+        elif workers <= 1 or len(cells) * workers >= total:
+            out[i] = diff_part(base, head, cells, workers, gate)
         else:
             small.append(i)
     small.sort(key=lambda i: -len(jobs[i][1]))
     if small:
         # Every worker compiles with the head: index it and its profiles here, once.
         prepare(head, (c for i in small for cell in jobs[i][1] for c in cell.containers))
-        shared = (jobs, small, head, prefix, gate, holds)
+        shared = (jobs, small, head, gate)
         for done in fork_ranges(_diff_group_range, shared, len(small), workers):
             out.update(done)
     return [out[i] for i in range(len(jobs))]
 
 
 def _diff_group_range(
-    shared: tuple[
-        Sequence[DiffJob], list[int], PolicySet, str, GateSettings, Callable[[str], bool] | None
-    ],
+    shared: tuple[Sequence[DiffJob], list[int], PolicySet, GateSettings],
     bounds: tuple[int, int],
-) -> list[tuple[int, PlanDiff]]:
-    jobs, order, head, prefix, gate, holds = shared
+) -> list[tuple[int, DiffPart]]:
+    jobs, order, head, gate = shared
     return [
-        (order[k], diff_plans(jobs[order[k]][0], head, jobs[order[k]][1], prefix, 1, gate, holds))
+        (order[k], diff_part(jobs[order[k]][0], head, jobs[order[k]][1], 1, gate))
         for k in range(*bounds)
     ]
 
@@ -442,33 +498,42 @@ def _plan_truth(
     head_policy: PolicySet,
     inventory: Sequence[str],
     found: StatusRead,
+    loaded: dict[str, PolicySet],
     notes: Sequence[str] = (),
     gate: GateSettings = DEFAULT_GATE,
     gate_from: str = "",
     cache: ParseCache | None = None,
-    shard: Shard | None = None,
+    shard: Shard = WHOLE,
 ) -> PlanReport:
     """The head against what each cell enforces, one diff per distinct base (each loaded
-    through `cache`, which holds the head's files).  With `shard`, what every cell
-    enforces is still read and ranked over the whole inventory (so each job groups cells
-    and picks their bases as the unsharded plan does), and only the shard's are diffed."""
+    through `cache`, which holds the head's files, and kept in `loaded`).  What every cell
+    enforces is read from the whole inventory's claims, so every job of a sharded plan
+    groups the cells and picks their bases alike, and diffs its own cells."""
     assert place.top is not None
     try:
-        cells, described, skipped = load_inventory(inventory, place, (head_policy,), found)
+        inv = load_inventory(
+            inventory, place, (head_policy,), found, shard=shard, gate_from=gate_from
+        )
     except InventoryError as exc:
         return _with(report, error=str(exc))
-    report = _scoped(report, shard, cells)
     workers = min(os.cpu_count() or 1, MAX_WORKERS)
-    names = [c.cell for c in cells]
     truth = read_truth(
-        policies, place.top, report.head.sha, names, found.applied, True, workers, cache
+        policies,
+        place.top,
+        report.head.sha,
+        inv.fleet,
+        found.claims,
+        found.unclaimed,
+        True,
+        workers,
+        cache,
     )
-    warnings = truth_warnings(truth) + list(skipped)
-    planned = base_groups(truth, cells)
-    jobs = [(truth.policies[a] if a else PolicySet(), members) for _k, _s, a, members in planned]
+    loaded.update(truth.policies)
+    planned = base_groups(truth, inv.cells)
+    jobs = [(loaded[a] if a else PolicySet(), members) for _k, _s, a, members in planned]
     gc.freeze()  # as in run_plan: the loaded policies and inventory live until the end
     try:
-        diffs = diff_groups(jobs, head_policy, place.prefix, workers, gate, shard)
+        parts = diff_groups(jobs, head_policy, workers, gate)
     except PlanError as exc:
         return _with(report, error=str(exc))
     finally:
@@ -478,25 +543,126 @@ def _plan_truth(
             enforces=kind,
             revision=Revision(sha, sha),
             against=Revision(against, against),
-            cells=tuple(c.cell for c in members if shard is None or shard.holds(c.cell)),
-            diff=diff,
+            cells=tuple(c.cell for c in members),
+            diff=part.diff,
             subject=truth.subjects.get(sha, ""),
         )
-        for (kind, sha, against, members), diff in zip(planned, diffs, strict=True)
+        for (kind, sha, against, members), part in zip(planned, parts, strict=True)
     ]
-    merged = merge_diffs([g.diff for g in groups])
-    if shard is None:  # a partial's principals are a part: the merge counts them all
-        warnings += unverified_warnings(merged)
+    facts = tuple(
+        PartFacts(against, part.facts)
+        for (_k, _s, against, _m), part in zip(planned, parts, strict=True)
+    )
     return _with(
-        report,
+        _scoped(report, shard, inv, facts),
         base=Revision(""),
-        inventory=described,
-        diff=merged,
+        inventory=inv.described,
+        diff=merge_diffs([g.diff for g in groups]),
         groups=tuple(groups),
         notes=tuple(notes),
-        warnings=tuple(warnings),
-        gate_settings=gate_origin(cells, gate_from),
+        warnings=tuple(truth_warnings(truth)) + inv.skipped,
+        gate_settings=inv.gate_settings,
     )
+
+
+def _scoped(
+    report: PlanReport, shard: Shard, inv: Inventory, facts: tuple[PartFacts, ...]
+) -> PlanReport:
+    """The report of one shard's job: which inventory it partitioned, its cells left out,
+    and its principal facts."""
+    scope = ShardScope(shard.index, shard.count, inv.fleet, inv.identity, inv.left_out, facts)
+    return _with(report, shard=scope)
+
+
+def complete(parts: Sequence[PlanReport], policy_of: Callable[[str], PolicySet]) -> PlanReport:
+    """The reports of every shard of one plan (checked, in shard order: `ci.partial`) as
+    the report of the whole inventory: each diff's cells joined in inventory order, the
+    groups no cell is left in dropped, every shard's cells left out warned about in
+    inventory order, and every principal diffed from the sum of the shards' facts, with
+    the policies `policy_of(sha)` gives (`""`: an empty one).  An unsharded plan is the
+    one shard's report, completed here too: one way to a report."""
+    first = parts[0]
+    scope = first.shard
+    assert scope is not None
+    merged = replace(first, shard=None)
+    if first.diff is None:
+        return merged
+    order = {c: i for i, c in enumerate(scope.fleet)}
+    left = sorted((x for r in parts for x in r.shard.left_out), key=lambda x: order[x.cell])  # type: ignore[union-attr]
+    planned = sum(len(r.diff.cells) for r in parts if r.diff is not None)
+    if left and not planned:
+        said = "; ".join(x.message for x in left)
+        return PlanReport(
+            base=first.base,
+            head=first.head,
+            policies=first.policies,
+            inventory="",
+            head_findings=first.head_findings,
+            base_findings=first.base_findings,
+            location_prefix=first.location_prefix,
+            error=f"--inventory status: no usable status/<cell> branch: {said}",
+        )
+    head = policy_of(first.head.sha)
+
+    def whole(k: int, diffs: Sequence[PlanDiff]) -> PlanDiff:
+        joined = _join(diffs, order)
+        facts = join_facts([r.shard.facts[k].facts for r in parts])  # type: ignore[union-attr]
+        base = policy_of(scope.facts[k].against)
+        workers = min(os.cpu_count() or 1, MAX_WORKERS)
+        principals = diff_principals(base, head, facts, first.location_prefix, workers)
+        return replace(joined, principals=principals)
+
+    if first.groups:
+        groups = []
+        for k, g in enumerate(first.groups):
+            mine = [r.groups[k] for r in parts]
+            if not any(m.cells for m in mine):
+                continue
+            cells = sorted((c for m in mine for c in m.cells), key=order.__getitem__)
+            groups.append(replace(g, cells=tuple(cells), diff=whole(k, [m.diff for m in mine])))
+        diff = merge_diffs([g.diff for g in groups])
+        merged = replace(merged, groups=tuple(groups))
+    else:
+        diff = whole(0, [r.diff for r in parts if r.diff is not None])
+    warnings = merged.warnings + tuple(x.message for x in left) + tuple(unverified_warnings(diff))
+    return replace(merged, diff=diff, warnings=warnings)
+
+
+class RevisionError(ValueError):
+    """A revision a merge must load that does not load here."""
+
+
+def revision_loader(policies: str) -> Callable[[str], PolicySet]:
+    """`policy_of(sha)` for `complete` in a merge job: each revision of the repository
+    holding `policies` loaded and validated once (sharing one parse cache), `""` an empty
+    policy; RevisionError when one does not validate (the shard jobs validated it, so the
+    merge runs another asgctl or another repository than they did)."""
+    cache = ParseCache()
+    loaded: dict[str, PolicySet] = {"": PolicySet()}
+
+    def policy_of(sha: str) -> PolicySet:
+        if sha not in loaded:
+            result = load_policy(policies, sha, cache=cache)
+            if not result.ok:
+                n = len(result.errors)
+                raise RevisionError(
+                    f"{policies} at {sha[:12]} does not load here ({n} error{'s' * (n != 1)}"
+                    f"{': ' + str(result.errors[0]) if result.errors else ''}), and the "
+                    "shard jobs planned with it: run the merge in a clone with the history "
+                    "and the asgctl of the shard jobs"
+                )
+            loaded[sha] = result.policy
+        return loaded[sha]
+
+    return policy_of
+
+
+def _join(diffs: Sequence[PlanDiff], order: Mapping[str, int]) -> PlanDiff:
+    """Disjoint parts of one diff's cells as `diff_part` gives the whole: cells (and their
+    notices) in inventory order."""
+    cells = sorted((c for d in diffs for c in d.cells), key=lambda c: order[c.cell])
+    notices = sorted((n for d in diffs for n in d.notices), key=lambda n: order[n.cell])
+    return PlanDiff(tuple(cells), (), tuple(notices))
 
 
 def unverified_warnings(diff: PlanDiff) -> list[str]:
@@ -512,15 +678,18 @@ def unverified_warnings(diff: PlanDiff) -> list[str]:
     ]
 
 
-def _read_status(place: RepoPlace, remote: StatusBranches | None = None) -> StatusRead | None:
+def _read_status(
+    place: RepoPlace, remote: StatusBranches | None = None, shard: Shard = WHOLE
+) -> StatusRead | None:
     """The status branches, read once (from `remote`'s status repositories when given, else
-    the clone's refs), or None when there are none."""
+    the clone's refs): `shard`'s cells in full, every cell's claim; None when there are none."""
+    only = None if shard == WHOLE else shard.holds
     if remote is not None:
-        found = remote.read()
-        return found if found.cells or found.skipped else None
+        found = replace(remote, only=only).read()
+        return found if found.fleet or found.skipped else None
     if place.top is None:
         return None
-    status = StatusBranches(str(place.top))
+    status = StatusBranches(str(place.top), only=only)
     return status.read() if status.exists() else None
 
 
@@ -543,10 +712,32 @@ def run_plan(
     `gate_from` (an agent config file; empty: the defaults).  `status` reads the status
     branches from the status repositories (`--status-url`) instead of the clone's refs.
 
-    With `shard`, the report is a partial (`PlanReport.shard`): everything is read as for
-    the whole inventory, and only the shard's cells and principals are diffed
-    (`ci.partial` writes it, checks it and merges the partials).
+    With `shard`, the report is a partial (`PlanReport.shard`): the shard's cells are read
+    and diffed, and of the others only what every job needs alike (the listing, the
+    revision each cell claims); `ci.partial` writes it, checks it and merges the partials
+    with `complete`, as this does with the one part of an unsharded plan.
     """
+    loaded: dict[str, PolicySet] = {"": PolicySet()}
+    report = _plan_part(
+        policies, base, head, inventory, gate, gate_from, shard or WHOLE, status, loaded
+    )
+    if shard is not None or report.shard is None:
+        return report
+    return complete([report], loaded.__getitem__)
+
+
+def _plan_part(
+    policies: str,
+    base: str | None,
+    head: str,
+    inventory: Sequence[str],
+    gate: GateSettings,
+    gate_from: str,
+    shard: Shard,
+    status: StatusBranches | None,
+    loaded: dict[str, PolicySet],
+) -> PlanReport:
+    """`run_plan`'s report of `shard`'s part, with every policy it loaded in `loaded`."""
     place = locate(policies)
     folder = place.folder or "."
     base_sha = resolve_revision(place.top, base) if base is not None else ""
@@ -557,7 +748,7 @@ def run_plan(
         policies=folder,
         inventory="",
         location_prefix=place.prefix,
-        shard=ShardScope(shard.index, shard.count) if shard is not None else None,
+        shard=ShardScope(shard.index, shard.count),
     )
     if place.top is None:
         return _with(report, error=f"{policies} is not in a git repository")
@@ -572,8 +763,9 @@ def run_plan(
     if not head_result.ok:
         return _with(report, head_findings=head_result.findings)
     report = _with(report, head_findings=head_result.findings)
+    loaded[head_sha] = head_result.policy
     try:
-        found = _read_status(place, status)
+        found = _read_status(place, status, shard)
     except InventoryError as exc:
         return _with(report, error=str(exc))
     if base is None:
@@ -591,6 +783,7 @@ def run_plan(
             head_result.policy,
             inventory,
             found,
+            loaded,
             (),
             gate,
             gate_from,
@@ -598,9 +791,9 @@ def run_plan(
             shard,
         )
     base_result = load_policy(policies, base_sha, cache=cache)
-    warnings: list[str] = []
     notes: list[str] = []
     base_policy = base_result.policy
+    against = base_sha
     if not base_result.ok:
         n = len(base_result.errors)
         invalid = (
@@ -619,34 +812,42 @@ def run_plan(
                 head_result.policy,
                 inventory,
                 found,
+                loaded,
                 [note],
                 gate,
                 gate_from,
                 cache,
                 shard,
             )
-        base_policy = PolicySet()
+        base_policy, against = PolicySet(), ""
         notes.append(
             f"{invalid}, which this plan cannot see without the cells' status branches. "
             "It compares the head with an EMPTY policy, so no access lost is shown: fetch "
             f"the status branches ({FETCH_STATUS}) and run `asgctl plan --head {head}` "
             "without --base"
         )
+    else:
+        loaded[base_sha] = base_policy
     try:
-        cells, described, skipped = load_inventory(
-            inventory, place, (base_policy, head_result.policy), found, status
+        inv = load_inventory(
+            inventory,
+            place,
+            (base_policy, head_result.policy),
+            found,
+            status,
+            shard,
+            gate_from,
         )
     except InventoryError as exc:
         return _with(report, error=str(exc), base_findings=base_result.findings)
-    report = _scoped(report, shard, cells)
-    warnings.extend(skipped)
     if found is not None and base_result.ok:
         truth = read_truth(
             policies,
             place.top,
             head_sha,
-            [c.cell for c in cells],
-            found.applied,
+            inv.fleet,
+            found.claims,
+            found.unclaimed,
             compile_revisions=False,
         )
         if any(e.kind != "revision" or e.sha != base_sha for e in truth.cells.values()):
@@ -660,30 +861,23 @@ def run_plan(
     gc.freeze()
     try:
         workers = min(os.cpu_count() or 1, MAX_WORKERS)
-        holds = shard.holds if shard is not None else None
-        diff = diff_plans(
-            base_policy, head_result.policy, cells, place.prefix, workers, gate, holds
-        )
+        part = diff_part(base_policy, head_result.policy, inv.cells, workers, gate)
     except PlanError as exc:  # a hash collision: no agent would apply it either
         return _with(report, error=str(exc), base_findings=base_result.findings)
     finally:
         gc.unfreeze()  # a long-lived caller (tests, a server) gets its collector back
-    if shard is None:  # a partial's principals are a part: the merge counts them all
-        warnings += unverified_warnings(diff)
     return _with(
-        report,
-        inventory=described,
-        diff=diff,
+        _scoped(report, shard, inv, (PartFacts(against, part.facts),)),
+        inventory=inv.described,
+        diff=part.diff,
         head_findings=head_result.findings,
         base_findings=base_result.findings,
-        warnings=tuple(warnings),
-        gate_settings=gate_origin(cells, gate_from),
+        warnings=inv.skipped,
+        gate_settings=inv.gate_settings,
         notes=tuple(notes),
     )
 
 
 def _with(report: PlanReport, **changes: object) -> PlanReport:
-    from dataclasses import replace
-
     # `changes` names fields of PlanReport; mypy cannot check keyword splats into replace().
     return replace(report, **changes)  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import difflib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal
 
@@ -273,7 +273,6 @@ def diff_plans(
     location_prefix: str = "",
     workers: int = 1,
     gate: GateSettings = DEFAULT_GATE,
-    part: Callable[[str], bool] | None = None,
 ) -> PlanDiff:
     """Compare what `base` and `head` make every cell of `inventory` enforce.
 
@@ -282,61 +281,180 @@ def diff_plans(
     touched cells in that many forked processes; the result is the same either way.
     `gate` is the mass-revoke settings for cells whose inventory does not report their own.
 
-    `part` (a sharded plan, `ci.shard`) limits the result to the cells whose name it holds
-    and the principals whose `principal_key` it holds; what a principal reaches (its
-    containers, cells and the orgs its space runs in) is still counted over the whole
-    inventory, so the parts of a partition, put together, are exactly the unsharded diff.
+    The two halves are also there apart, for a plan split over several jobs (`ci.partial`):
+    `diff_part` (the cells of one part of the inventory, and its principal facts) and
+    `diff_principals` (every principal, from the facts of all the parts put together).
     """
-    # Every distinct profile once: is it touched (different rule items at base and head)?
-    touched: dict[Profile, bool] = {}
-    # Per principal: containers per family, and the cells they run on.
-    families: dict[Principal, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-    cells_of: dict[Principal, set[str]] = defaultdict(set)
+    part = diff_part(base, head, inventory, workers, gate)
+    principals = diff_principals(base, head, part.facts, location_prefix)
+    return replace(part.diff, principals=principals)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PrincipalFact:
+    """One principal as an inventory runs it: its containers per IP family and its cells."""
+
+    lifecycle: str
+    space_id: str
+    app_id: str
+    ipv4: int
+    ipv6: int
+    cells: int
+
+    @property
+    def principal(self) -> Principal:
+        return (self.lifecycle, self.space_id, self.app_id)
+
+    @property
+    def families(self) -> dict[int, int]:
+        """Containers per family, for the families it runs in."""
+        return {f: n for f, n in ((4, self.ipv4), (6, self.ipv6)) if n}
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class SpaceOrgs:
+    """The orgs an inventory runs one space's containers in (one, unless it disagrees
+    with itself; the principal diff names a principal only where the Directory agrees)."""
+
+    space_id: str
+    orgs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PrincipalFacts:
+    """What the access half of a diff needs of an inventory, and nothing else: per
+    principal, its containers per family and the cells it runs on; per space, its orgs.
+
+    Facts of disjoint sets of cells add up (`join_facts`), so the jobs of a sharded plan
+    each count their own cells and the merge diffs every principal once, from the sum:
+    a principal runs on cells of every shard.
+    """
+
+    principals: tuple[PrincipalFact, ...] = ()
+    spaces: tuple[SpaceOrgs, ...] = ()
+
+
+def join_facts(parts: Sequence[PrincipalFacts]) -> PrincipalFacts:
+    """The facts of the union of disjoint inventories: counts add, org sets join."""
+    counts: dict[Principal, list[int]] = {}
+    orgs: dict[str, set[str]] = defaultdict(set)
+    for part in parts:
+        for p in part.principals:
+            row = counts.setdefault(p.principal, [0, 0, 0])
+            row[0] += p.ipv4
+            row[1] += p.ipv6
+            row[2] += p.cells
+        for s in part.spaces:
+            orgs[s.space_id].update(s.orgs)
+    return PrincipalFacts(
+        tuple(PrincipalFact(*pr, *row) for pr, row in sorted(counts.items())),
+        tuple(SpaceOrgs(space, tuple(sorted(o))) for space, o in sorted(orgs.items())),
+    )
+
+
+@dataclass(frozen=True)
+class DiffPart:
+    """The cells half of a diff (no principals) and the principal facts of its cells."""
+
+    diff: PlanDiff
+    facts: PrincipalFacts
+
+
+def diff_part(
+    base: PolicySet,
+    head: PolicySet,
+    inventory: Sequence[CellInventory],
+    workers: int = 1,
+    gate: GateSettings = DEFAULT_GATE,
+) -> DiffPart:
+    """Every cell's chain diff and notices, and the facts its principals' diff needs."""
+    touched = _Touched(base, head)
+    families: dict[Principal, list[int]] = {}
+    cells_of: dict[Principal, int] = defaultdict(int)
     orgs_of_space: dict[str, set[str]] = defaultdict(set)  # what the inventory says
     profiles_of_cell = []
-    same = signature_comparer(base, head)
     for cell in inventory:
         for space, org in {(c.space_id, c.org_id) for c in cell.containers}:
             orgs_of_space[space].add(org)
         profiles = [profile_of(c) for c in cell.containers]
         profiles_of_cell.append(profiles)
         for p in set(profiles):
-            if p not in touched:
-                touched[p] = (
-                    not same(p)
-                    or profile_names(base, p) != profile_names(head, p)
-                    or profile_audit(base, p) != profile_audit(head, p)
-                )
-            cells_of[p[1:]].add(cell.cell)
+            touched(p)
+        for pr in {p[1:] for p in profiles}:
+            cells_of[pr] += 1
         for p in profiles:
-            families[p[1:]][p[0]] += 1
-
-    mine = [i for i, c in enumerate(inventory) if part is None or part(c.cell)]
-    work = (
-        base,
-        head,
-        tuple(inventory[i] for i in mine),
-        [profiles_of_cell[i] for i in mine],
-        touched,
-        gate,
-    )
+            row = families.get(p[1:])
+            if row is None:
+                row = families[p[1:]] = [0, 0]
+            row[p[0] == 6] += 1
+    work = (base, head, tuple(inventory), profiles_of_cell, touched.seen, gate)
     cells = _diff_cells(work, workers)
     notices = tuple(n for c in cells for n in _limit_notices(c))
-    principals = _principal_diffs(
-        base,
-        head,
-        {pr: f for pr, f in families.items() if part is None or part(principal_key(pr))},
-        cells_of,
-        touched,
-        location_prefix,
-        orgs_of_space,
+    facts = PrincipalFacts(
+        tuple(
+            PrincipalFact(*pr, v4, v6, cells_of[pr]) for pr, (v4, v6) in sorted(families.items())
+        ),
+        tuple(SpaceOrgs(s, tuple(sorted(o))) for s, o in sorted(orgs_of_space.items())),
     )
-    return PlanDiff(cells, principals, notices)
+    return DiffPart(PlanDiff(cells, (), notices), facts)
 
 
-def principal_key(pr: Principal) -> str:
-    """A principal as one string (`lifecycle/space GUID/app GUID`), for partitioning."""
-    return "/".join(pr)
+class _Touched:
+    """Is a profile touched (different rule items, names or mode at base and head)?
+    Each distinct profile is asked once; `seen` holds the answers so far."""
+
+    def __init__(self, base: PolicySet, head: PolicySet) -> None:
+        self.base, self.head = base, head
+        self.same = signature_comparer(base, head)
+        self.seen: dict[Profile, bool] = {}
+
+    def __call__(self, p: Profile) -> bool:
+        known = self.seen.get(p)
+        if known is None:
+            base, head = self.base, self.head
+            known = self.seen[p] = (
+                not self.same(p)
+                or profile_names(base, p) != profile_names(head, p)
+                or profile_audit(base, p) != profile_audit(head, p)
+            )
+        return known
+
+
+def diff_principals(
+    base: PolicySet,
+    head: PolicySet,
+    facts: PrincipalFacts,
+    location_prefix: str = "",
+    workers: int = 1,
+) -> tuple[PrincipalDiff, ...]:
+    """What each principal of `facts` gains and loses from `base` to `head`, in the diff's
+    order (`principal_order`); in up to `workers` forked processes when there are many
+    (each principal's diff is its own; the merge of a sharded plan diffs a whole fleet's)."""
+    orgs = {s.space_id: set(s.orgs) for s in facts.spaces}
+    n = len(facts.principals)
+    workers = max(1, min(workers, n // _MIN_PRINCIPALS_PER_WORKER))
+    work = (base, head, facts.principals, location_prefix, orgs)
+    parts = fork_ranges(_principal_range, work, n, workers)
+    return tuple(sorted((d for part in parts for d in part), key=principal_order))
+
+
+_MIN_PRINCIPALS_PER_WORKER = 500
+
+
+def _principal_range(work: tuple[Any, ...], bounds: tuple[int, int]) -> list[PrincipalDiff]:
+    base, head, rows, prefix, orgs = work
+    mine = rows[bounds[0] : bounds[1]]
+    return list(
+        _principal_diffs(
+            base,
+            head,
+            {p.principal: p.families for p in mine},
+            {p.principal: p.cells for p in mine},
+            _Touched(base, head),
+            prefix,
+            orgs,
+        )
+    )
 
 
 _MIN_CELLS_PER_WORKER = 32
@@ -514,8 +632,8 @@ def _principal_diffs(
     base: PolicySet,
     head: PolicySet,
     families: dict[Principal, dict[int, int]],
-    cells: dict[Principal, set[str]],
-    touched: dict[Profile, bool],
+    cells: dict[Principal, int],
+    touched: Callable[[Profile], bool],
     prefix: str,
     orgs_of_space: dict[str, set[str]],
 ) -> tuple[PrincipalDiff, ...]:
@@ -523,7 +641,7 @@ def _principal_diffs(
     out: list[PrincipalDiff] = []
     for pr in sorted(families):
         fams = sorted(families[pr])
-        if not any(touched[(f, *pr)] for f in fams):
+        if not any(touched((f, *pr)) for f in fams):
             continue
         before: dict[RuleItem, frozenset[Provenance]] = {}
         after: dict[RuleItem, frozenset[Provenance]] = {}
@@ -561,7 +679,7 @@ def _principal_diffs(
                 name=name,
                 kind=kind,
                 containers=sum(per_family.values()),
-                cells=len(cells[pr]),
+                cells=cells[pr],
                 gained=gained,
                 lost=lost,
                 logging=logging,

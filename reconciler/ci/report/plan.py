@@ -21,7 +21,14 @@ from typing import Any, Literal
 
 import jinja2
 
-from reconciler.core.diff import AccessChange, CellDiff, ChainDiff, PlanDiff, PrincipalDiff
+from reconciler.core.diff import (
+    AccessChange,
+    CellDiff,
+    ChainDiff,
+    PlanDiff,
+    PrincipalDiff,
+    PrincipalFacts,
+)
 from reconciler.core.gate import percent
 from reconciler.escape import fence, log_text, md, visible
 from reconciler.policy.findings import Finding
@@ -65,17 +72,42 @@ class BaseGroup:
     subject: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class LeftOut:
+    """A cell of the inventory that is not planned, and why (its status document could not
+    be used): one of a report's warnings, and a partial's own until the merge."""
+
+    cell: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class PartFacts:
+    """A partial's principal facts for one diff (a group's, or the plan's one diff), and
+    the revision the merge diffs the principals against (`""`: an empty policy)."""
+
+    against: str
+    facts: PrincipalFacts
+
+
 @dataclass(frozen=True)
 class ShardScope:
     """What a partial report (`asgctl plan --shard I/N`) covers: shard `index` of `count`
     of the inventory whose cells, in plan order, are `fleet` (empty when the plan failed
-    before reading it), identified by `identity` (a digest of every cell's containers, so
-    partials planned from two different reads of the status branches never merge)."""
+    before reading it), identified by `identity` (a digest of every cell's status blob or
+    containers, so partials planned from two different reads never merge).
+
+    A partial's diffs hold its cells and no principals: a principal runs on cells of every
+    shard, so each partial gives its cells' `facts` (one per diff, in order) and the merge
+    diffs every principal from their sum.  `left_out` are the shard's cells that could not
+    be used (the merge puts every shard's into the warnings, in fleet order)."""
 
     index: int
     count: int
     fleet: tuple[str, ...] = ()
     identity: str = ""
+    left_out: tuple[LeftOut, ...] = ()
+    facts: tuple[PartFacts, ...] = ()
 
 
 @dataclass(frozen=True)
