@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -420,30 +421,39 @@ def _available_mib() -> float:
 def shard_model(
     phase_cpu: dict[str, float], cells: int, shards: int, target_cells: int, measured: float
 ) -> str:
-    """Per-job CPU as a model of the phases of the unsharded plan measured here: the loads
-    are paid by every job, the inventory is read whole by every job, the diff is split N
-    ways.  Checked against the jobs measured at this size, then extrapolated."""
-    loads = sum(v for k, v in phase_cpu.items() if k.startswith("load"))
-    inventory = sum(v for k, v in phase_cpu.items() if k.startswith("inventory"))
-    diff = sum(v for k, v in phase_cpu.items() if k.startswith("diff"))
+    """Per-job CPU as a model of the phases of the unsharded plan measured here: every job
+    loads the policies and reads every cell's claim; it reads and diffs only its cells (a
+    1/N share of the containers read and of the cells' diff).  The merge loads the policies
+    again and diffs every principal.  Checked against the jobs measured at this size, then
+    extrapolated (claims, containers and the diff grow with the cells; loads do not)."""
+    loads = sum(v for k, v in phase_cpu.items() if k.startswith(("load", "check claims")))
+    claims = sum(v for k, v in phase_cpu.items() if k.startswith("inventory: every cell's claim"))
+    containers = sum(
+        v for k, v in phase_cpu.items() if k.startswith("inventory: every cell's containers")
+    )
+    diff = sum(v for k, v in phase_cpu.items() if k.startswith("diff cells"))
+    principals = sum(v for k, v in phase_cpu.items() if k.startswith("diff principals"))
+    scale = target_cells / cells
 
-    def job(n: int) -> float:
-        return loads + inventory * n / cells + diff * n / cells / shards
+    def job(k: float) -> float:
+        return loads + claims * k + (containers + diff) * k / shards
 
-    at = job(target_cells)
+    at = job(scale)
     rows = [
         "| model term (CPU s, from the unsharded phases above) | at this size | "
         f"at {target_cells:,} cells |",
         "|---|--:|--:|",
         f"| loads and validations (every job) | {loads:.1f} | {loads:.1f} |",
-        f"| inventory read (every job reads all cells) | {inventory:.1f} | "
-        f"{inventory * target_cells / cells:.1f} |",
-        f"| diff (split {shards} ways) | {diff / shards:.1f} | "
-        f"{diff * target_cells / cells / shards:.1f} |",
-        f"| **per job** | **{job(cells):.1f}** (measured: {measured:.1f}) | **{at:.1f}** |",
+        f"| every cell's claim (every job) | {claims:.1f} | {claims * scale:.1f} |",
+        f"| its cells' containers (1/{shards} of the read) | {containers / shards:.1f} | "
+        f"{containers * scale / shards:.1f} |",
+        f"| its cells' diff (1/{shards}) | {diff / shards:.1f} | {diff * scale / shards:.1f} |",
+        f"| **per job** | **{job(1):.1f}** (measured: {measured:.1f}) | **{at:.1f}** |",
+        f"| merge: loads and every principal's diff | {loads + principals:.1f} | (grows with "
+        "the principals, not the cells: see the 10,000-cell record) |",
         "",
-        f"Wall per job at {target_cells:,} cells if the inventory read and the diff spread over "
-        f"the runner's cores (up to 4 forked workers) and the loads do not: "
+        f"Wall per job at {target_cells:,} cells if the claims, the containers and the diff "
+        f"spread over the runner's cores (up to 4 forked workers) and the loads do not: "
         f"{loads + (at - loads) / 2:.0f} s on a 2-core runner, "
         f"{loads + (at - loads) / 4:.0f} s on a 4-core one, plus the merge.",
     ]
@@ -551,46 +561,82 @@ def truth_phases(root: Path, profile: bool) -> tuple[list[tuple[str, float, floa
         diff_groups,
         load_inventory,
         locate,
+        merge_diffs,
         read_truth,
     )
-    from reconciler.ci.report.plan import PlanReport, Revision, render_markdown
+    from reconciler.ci.report.plan import BaseGroup, PlanReport, Revision, render_markdown
+    from reconciler.core.diff import diff_principals
     from reconciler.core.model import PolicySet
     from reconciler.policy.yamlsafe import ParseCache
-    from reconciler.sources.inventories import StatusBranches
 
     cache = ParseCache()  # one per plan, as run_plan has it
     prof, times, head = _start(profile, cache)
-    t, c = time.perf_counter(), _cpu()
     place = locate("policies")
-    found = StatusBranches(str(place.top)).read()
-    cells, described, _skipped = load_inventory(["status"], place, (head.policy,), found)
-    times.append(
-        ("inventory (status), with applied revisions", time.perf_counter() - t, _cpu() - c)
-    )
+    found = _inventory_phases(place, times)
+    inv = load_inventory(["status"], place, (head.policy,), found)
     t, c = time.perf_counter(), _cpu()
     sha = git("rev-parse", "HEAD", cwd=root).strip()
     assert place.top is not None
     workers = min(os.cpu_count() or 1, MAX_WORKERS)
-    names = [x.cell for x in cells]
-    truth = read_truth("policies", place.top, sha, names, found.applied, True, workers, cache)
+    truth = read_truth(
+        "policies", place.top, sha, inv.fleet, found.claims, found.unclaimed, True, workers, cache
+    )
     n = len(truth.policies)
     times.append((f"check claims, load + validate {n} bases", time.perf_counter() - t, _cpu() - c))
     t, c = time.perf_counter(), _cpu()
     gc.freeze()  # as run_plan does
-    jobs = [
-        (truth.policies[a] if a else PolicySet(), m) for _k, _s, a, m in base_groups(truth, cells)
-    ]
-    diffs = diff_groups(jobs, head.policy, place.prefix, workers)
-    times.append((f"diff {len(diffs)} groups", time.perf_counter() - t, _cpu() - c))
+    planned = base_groups(truth, inv.cells)
+    jobs = [(truth.policies[a] if a else PolicySet(), m) for _k, _s, a, m in planned]
+    parts = diff_groups(jobs, head.policy, workers)
+    times.append((f"diff cells ({len(parts)} groups)", time.perf_counter() - t, _cpu() - c))
     t, c = time.perf_counter(), _cpu()
-    from reconciler.ci.plan import merge_diffs
-
+    groups = [
+        BaseGroup(
+            kind,
+            Revision(s, s),
+            Revision(a, a),
+            tuple(x.cell for x in m),
+            replace(
+                part.diff, principals=diff_principals(base, head.policy, part.facts, "", workers)
+            ),
+        )
+        for (kind, s, a, m), (base, _m), part in zip(planned, jobs, parts, strict=True)
+    ]
+    times.append(("diff principals", time.perf_counter() - t, _cpu() - c))
+    t, c = time.perf_counter(), _cpu()
     report = PlanReport(
-        Revision(""), Revision("HEAD"), "policies", described, merge_diffs(diffs), head.findings
+        Revision(""),
+        Revision("HEAD"),
+        "policies",
+        inv.described,
+        merge_diffs([g.diff for g in groups]),
+        head.findings,
+        groups=tuple(groups),
     )
     text = render_markdown(report)
     times.append(("markdown report", time.perf_counter() - t, _cpu() - c))
     return _finish(prof, text, times)
+
+
+def _inventory_phases(place: Any, times: list[tuple[str, float, float]]) -> Any:
+    """The status read as a shard job splits it: every cell's claim (and the listing, the
+    fetch and the budget), then every cell's containers on top; returns the full read."""
+    from reconciler.sources.inventories import StatusBranches
+
+    t, c = time.perf_counter(), _cpu()
+    StatusBranches(str(place.top), only=lambda _cell: False).read()
+    times.append(("inventory: every cell's claim", time.perf_counter() - t, _cpu() - c))
+    t, c = time.perf_counter(), _cpu()
+    found = StatusBranches(str(place.top)).read()
+    claims = times[-1][2]
+    times.append(
+        (
+            "inventory: every cell's containers (the full read, less the claims)",
+            time.perf_counter() - t - times[-1][1],
+            _cpu() - c - claims,
+        )
+    )
+    return found
 
 
 def fleet_facts(root: Path, shards: int) -> str:
@@ -604,7 +650,7 @@ def fleet_facts(root: Path, shards: int) -> str:
     from reconciler.ci.plan import locate
     from reconciler.core.cellplan import CellInventory
     from reconciler.core.compile import profile_of
-    from reconciler.core.diff import diff_plans
+    from reconciler.core.diff import diff_part, diff_principals
     from reconciler.policy.load import load_policy
     from reconciler.status.branch import status_refs
     from reconciler.status.document import CLAIM_BYTES
@@ -663,13 +709,12 @@ def fleet_facts(root: Path, shards: int) -> str:
     gc.freeze()
     timed(
         f"diff shard 1/{shards}'s cells only (base HEAD~1, no principals)",
-        lambda: diff_plans(
-            base, head, inventory, place.prefix, 1, part=lambda k: "/" not in k and one.holds(k)
-        ),
+        lambda: diff_part(base, head, [x for x in inventory if one.holds(x.cell)], 1),
     )
+    every = diff_part(base, head, inventory, 1).facts  # not timed: the jobs' facts, summed
     timed(
         "diff every principal of the fleet only (no cells)",
-        lambda: diff_plans(base, head, inventory, place.prefix, 1, part=lambda k: "/" in k),
+        lambda: diff_principals(base, head, every, place.prefix, 1),
     )
     gc.unfreeze()
     n = len(refs)
@@ -696,26 +741,39 @@ def phases(root: Path, inventory: str, profile: bool) -> tuple[list[tuple[str, f
     os.chdir(root)
     from reconciler.ci.plan import MAX_WORKERS, load_inventory, locate
     from reconciler.ci.report.plan import PlanReport, Revision, render_markdown
-    from reconciler.core.diff import diff_plans
+    from reconciler.core.diff import diff_part, diff_principals
     from reconciler.policy.load import load_policy
 
     prof, times, head = _start(profile)
     t, c = time.perf_counter(), _cpu()
     base = load_policy("policies", "HEAD~1")
     times.append(("load + validate base", time.perf_counter() - t, _cpu() - c))
-    t, c = time.perf_counter(), _cpu()
     place = locate("policies")
-    spec = ["cells"] if inventory == "files" else ["status"]
-    cells, described, _skipped = load_inventory(spec, place, (base.policy, head.policy))
-    times.append((f"inventory ({inventory})", time.perf_counter() - t, _cpu() - c))
+    if inventory == "files":
+        t, c = time.perf_counter(), _cpu()
+        inv = load_inventory(["cells"], place, (base.policy, head.policy))
+        times.append(
+            ("inventory: every cell's containers (files)", time.perf_counter() - t, _cpu() - c)
+        )
+    else:
+        found = _inventory_phases(place, times)
+        inv = load_inventory(["status"], place, (base.policy, head.policy), found)
     t, c = time.perf_counter(), _cpu()
     gc.freeze()  # as run_plan does
     workers = min(os.cpu_count() or 1, MAX_WORKERS)
-    diff = diff_plans(base.policy, head.policy, cells, place.prefix, workers)
-    times.append(("diff (compile, render, compare)", time.perf_counter() - t, _cpu() - c))
+    part = diff_part(base.policy, head.policy, inv.cells, workers)
+    times.append(("diff cells (compile, render, compare)", time.perf_counter() - t, _cpu() - c))
+    t, c = time.perf_counter(), _cpu()
+    principals = diff_principals(base.policy, head.policy, part.facts, place.prefix, workers)
+    times.append(("diff principals", time.perf_counter() - t, _cpu() - c))
     t, c = time.perf_counter(), _cpu()
     report = PlanReport(
-        Revision("HEAD~1"), Revision("HEAD"), "policies", described, diff, head.findings
+        Revision("HEAD~1"),
+        Revision("HEAD"),
+        "policies",
+        inv.described,
+        replace(part.diff, principals=principals),
+        head.findings,
     )
     text = render_markdown(report)
     times.append(("markdown report", time.perf_counter() - t, _cpu() - c))
@@ -834,7 +892,7 @@ def main() -> None:
             phase_cpu = {k: c for k, _w, c in steps}
             model = shard_model(phase_cpu, args.cells, args.shards, args.model_cells, measured)
             phase_rows = [f"| {k} | {w:.2f} s | {c:.2f} s |" for k, w, c in steps if w]
-            loads = sum(v for k, v in phase_cpu.items() if k.startswith("load"))
+            loads = sum(v for k, v in phase_cpu.items() if k.startswith(("load", "check claims")))
             table = (
                 shard_table(r, args.shards, loads)
                 + "\n\n| phase of the unsharded plan (in-process) | wall | CPU |\n|---|--:|--:|\n"
