@@ -185,6 +185,62 @@ def test_merged_shards_of_a_plan_against_the_truth_are_the_plan_byte_for_byte(tm
     assert "payments" in want[1] and "6 cells" in want[1] and "is unknown" in want[1]
 
 
+def test_a_job_reads_in_full_only_its_own_cells_and_the_merge_warns_as_the_plan_does(tmp_path):
+    """Two status documents no job but their own could find fault with: a broken tail, and
+    first bytes that claim r0 where the whole document says r1 (a quoted scalar's column-0
+    line; status/document.py read_claim).  Only the job holding each cell reads it in full
+    and leaves it out; every job groups by the claims alike (the forged one counts for r0).
+    The merge names both, once each, in inventory order, as the unsharded plan does."""
+    fleet = broken_main(tmp_path)
+    r0, r1 = (f"main@sha1:{fleet.revs[r]}" for r in ("r0", "r1"))
+    fleet.report("cell-7", PAYMENTS_STAGING, "r1", mangle=lambda t: t + "bogus: [\n")
+
+    def forge_r0(text: str) -> str:
+        line = f"lastAppliedRevision: {r1}\n"
+        assert line in text
+        return text.replace(line, f"note: 'x\nlastAppliedRevision: {r0}\n'\n{line}")
+
+    fleet.report("cell-8", BLOG_ONLY, "r1", mangle=forge_r0)
+    ci = fleet.ci_clone()
+    args = ("--head", fleet.revs["head"], "--policies", str(ci / "policies"))
+    for count in (2, 3):
+        parts = shard_files(tmp_path / f"parts-{count}", count, *args)
+        for i, path in enumerate(parts, 1):
+            left = [x["cell"] for x in json.loads(Path(path).read_text())["left_out"]]
+            assert left == [c for c in ("cell-7", "cell-8") if shard_of(c, count) == i]
+        for fmt in FORMATS:
+            want = cli("plan", *args, "--format", fmt)
+            assert cli("plan", "--merge", *parts, *args[:4], "--format", fmt) == want, fmt
+    text = fleet.stable(cli("plan", *args, "--format", "text")[1])
+    for cell in ("cell-7", "cell-8"):
+        (line,) = [x for x in text.splitlines() if f"status/{cell}:status.yaml" in x]
+        assert line.endswith("(this cell is left out of the plan)")
+    assert "in the first 16,384 bytes and 'main@sha1:<r1>' in the whole document" in text
+    assert "inventory: status branches (6 cells)" in text  # listed: 4 planned, 2 left out
+    # Grouped by the claims every job reads: the forged cell counts for r0, so r0 holds two
+    # cells of which one is planned.
+    assert "1 cell enforces <r0> (r0)" in text
+
+
+def test_a_fleet_none_of_whose_status_can_be_used_fails_alike_sharded_or_not(tmp_path):
+    """Every cell left out: the plan fails naming them (never "No changes" over no cells),
+    and so does the merge of jobs that each found only their own cells unusable."""
+    fleet = broken_main(tmp_path)
+    for cell in ("cell-1", "cell-2", "cell-3", "cell-4"):
+        fleet.report(cell, BLOG_ONLY, "r1", mangle=lambda t: t + "bogus: [\n")
+    ci = fleet.ci_clone()
+    args = ("--head", fleet.revs["head"], "--policies", str(ci / "policies"))
+    parts = shard_files(tmp_path / "parts", 3, *args)
+    for fmt in FORMATS:
+        want = cli("plan", *args, "--format", fmt, "--detailed-exitcode")
+        assert (
+            cli("plan", "--merge", *parts, *args[:4], "--format", fmt, "--detailed-exitcode")
+            == want
+        )
+        assert want[0] == 1 and "No changes" not in want[1] + want[2]
+    assert "no usable status/<cell> branch" in want[1] and "cell-4" in want[1]
+
+
 # ----------------------------------------------------------------------------- fleet-wide facts
 #
 # What a job takes of the cells of other shards: nothing of their containers.  A principal

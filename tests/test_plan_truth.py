@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -87,11 +88,13 @@ class Fleet:
         applied: str | None,
         refused: str | None = None,
         claim: str | None = None,
+        mangle: Callable[[str], str] | None = None,
     ) -> str:
         """The agent's status document for `cell`, pushed by the real status writer.
 
         `applied` names the revision it enforces (compiled for real); `claim` overrides the
-        document's `lastAppliedRevision` with any text, as a hostile pusher would.
+        document's `lastAppliedRevision` with any text, and `mangle` rewrites the document's
+        text, as a hostile pusher would.
         """
         state = AgentState()
         if applied is not None:
@@ -120,7 +123,8 @@ class Fleet:
         if claim is not None:
             doc["lastAppliedRevision"] = claim
         writer = StatusWriter(str(self.bare), f"status/{cell}", self.tmp / f"agent-{cell}.git")
-        return writer.push(dump_status(doc), commit_message(doc), when=WHEN)
+        text = dump_status(doc)
+        return writer.push(mangle(text) if mangle else text, commit_message(doc), when=WHEN)
 
     def ci_clone(self) -> Path:
         """A clone that fetched the status branches, as the policy-PR workflow does."""
