@@ -298,18 +298,21 @@ def read_claim(data: bytes) -> Claim:
     (a character cut at the bound is dropped); the first line starting at column 0 with
     `lastAppliedRevision:` gives the claim, whose value must be what the fast path reads
     alone (`_VALUE` and `_scalar`: a one-line plain or single-quoted string, `''` being
-    "") and end on a line break inside the prefix.  No such line, a column-0 `containers:`
-    line before it, or any other value: no claim, and why.  The reasons name no branch:
-    the answer is cached by blob id and shared by every cell pushing those bytes."""
+    "") and end on a line break inside the prefix, followed by the document's end or by a
+    line that cannot continue it (neither blank nor indented, nor past the bound).  No such
+    line, a column-0 `containers:` line before it, or any other value: no claim, and why.
+    The reasons name no branch: the answer is cached by blob id and shared by every cell
+    pushing those bytes."""
     head = data[:CLAIM_BYTES]
+    cut = len(data) > CLAIM_BYTES
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError as exc:
-        cut = exc.reason == "unexpected end of data" and exc.end == len(head)
-        if not (cut and len(head) == CLAIM_BYTES):
+        if not (cut and exc.reason == "unexpected end of data" and exc.end == len(head)):
             return Claim(None, f"not UTF-8 in the first {CLAIM_BYTES:,} bytes")
         text = head[: exc.start].decode("utf-8")
-    for line in text.split("\n")[:-1]:  # whole lines only: the last may be cut
+    lines = text.split("\n")
+    for i, line in enumerate(lines[:-1]):  # whole lines only: the last may be cut
         if line.startswith(_CONTAINERS):
             return Claim(None, "a containers: line comes before the lastAppliedRevision: line")
         if not line.startswith(CLAIM_KEY):
@@ -320,10 +323,15 @@ def read_claim(data: bytes) -> Claim:
             if raw.startswith(" ") and _CLAIM_VALUE.fullmatch(raw[1:] + "\n")
             else _UNSEEN
         )
-        if not isinstance(value, str):
+        after = lines[i + 1]  # a blank or indented next line may continue the scalar
+        if not isinstance(value, str) or after[:1].isspace() or (not after and i + 2 < len(lines)):
             return Claim(None, "lastAppliedRevision is not a one-line string")
+        if not after and cut:
+            return Claim(
+                None, f"the {CLAIM_KEY} line may go on past the first {CLAIM_BYTES:,} bytes"
+            )
         return Claim(value)
-    if len(data) > CLAIM_BYTES:
+    if cut:
         return Claim(None, f"no {CLAIM_KEY} line in the first {CLAIM_BYTES:,} bytes")
     return Claim(None, f"no {CLAIM_KEY} line")
 
