@@ -1,7 +1,8 @@
 """`asgctl plan` and `asgctl test` at the edge: git, files and inventories are read here.
 
-Everything after this module is pure (`diff.diff_plans`, `report.*`, `policytest.run_tests`),
-so the CI plan differs from the agents' compile only in where its inputs come from.
+Everything after this module is pure (`diff.diff_part`, `diff.diff_principals`, `report.*`,
+`policytest.run_tests`), and so is `complete` here (the policies come in as a function), so
+the CI plan differs from the agents' compile only in where its inputs come from.
 """
 
 from __future__ import annotations
