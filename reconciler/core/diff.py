@@ -433,7 +433,8 @@ def diff_principals(
     orgs = {s.space_id: set(s.orgs) for s in facts.spaces}
     n = len(facts.principals)
     workers = max(1, min(workers, n // _MIN_PRINCIPALS_PER_WORKER))
-    work = (base, head, facts.principals, location_prefix, orgs)
+    # Both policies' indexes are built here, before the fork: the workers share them.
+    work = (base, head, facts.principals, location_prefix, orgs, _Touched(base, head))
     parts = fork_ranges(_principal_range, work, n, workers)
     return tuple(sorted((d for part in parts for d in part), key=principal_order))
 
@@ -442,7 +443,7 @@ _MIN_PRINCIPALS_PER_WORKER = 500
 
 
 def _principal_range(work: tuple[Any, ...], bounds: tuple[int, int]) -> list[PrincipalDiff]:
-    base, head, rows, prefix, orgs = work
+    base, head, rows, prefix, orgs, touched = work
     mine = rows[bounds[0] : bounds[1]]
     return list(
         _principal_diffs(
@@ -450,7 +451,7 @@ def _principal_range(work: tuple[Any, ...], bounds: tuple[int, int]) -> list[Pri
             head,
             {p.principal: p.families for p in mine},
             {p.principal: p.cells for p in mine},
-            _Touched(base, head),
+            touched,
             prefix,
             orgs,
         )
