@@ -329,6 +329,20 @@ def test_principals_diffed_in_forked_workers_are_the_same(tmp_path, monkeypatch)
     assert len(alone) > 2 and diff.diff_principals(base, head, facts, "policies/", 3) == alone
 
 
+def test_cells_diffed_in_forked_workers_count_the_same_facts(tmp_path, monkeypatch):
+    """Each worker of a diff counts its own cells' facts; joined, they are one process's."""
+    import reconciler.core.diff as diff
+
+    repo = store_fleet(tmp_path)
+    fleet = StoreFiles(tuple(str(f) for f in sorted((repo / "fleet").glob("*.json")))).cells()
+    policy_of = revision_loader(str(repo / "policies"))
+    base, head = (policy_of(git(repo, "rev-parse", rev)) for rev in ("HEAD~1", "HEAD"))
+    alone = diff.diff_part(base, head, fleet, workers=1)
+    monkeypatch.setattr(diff, "_MIN_CELLS_PER_WORKER", 1)
+    assert diff.diff_part(base, head, fleet, workers=3) == alone
+    assert alone.diff.changed_cells and alone.facts.principals
+
+
 def test_a_failed_plan_merges_into_the_same_failure(tmp_path):
     """A head that does not validate: every shard says so, the merge says it once, exit 1."""
     repo = store_fleet(tmp_path, cells=6)

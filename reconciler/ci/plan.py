@@ -52,7 +52,7 @@ from reconciler.sources.inventories import (
 from reconciler.status.document import revision_sha
 
 STATUS = "status"
-MAX_WORKERS = 4  # forked processes for a fleet-wide diff (see diff._diff_cells)
+MAX_WORKERS = 4  # forked processes for a fleet-wide diff (see diff.diff_part)
 SYNTHETIC = "directory"
 MAX_BASES = 16
 """Distinct revisions a plan against the truth compiles.  A fleet mid-rollout runs two or
