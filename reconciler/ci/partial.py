@@ -64,11 +64,24 @@ class PartialError(ValueError):
 def _encode(value: Any) -> Any:
     """Dataclasses as objects of their fields, tuples as lists.  (A field whose type is a
     union of dataclasses, an access's destination, is told apart by its field names.)"""
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _encode(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, tuple):
+        if value and type(value[0]) is str:  # a tuple[str, ...]: a chain's lines
+            return list(value)
         return [_encode(v) for v in value]
+    names = _field_names(type(value))
+    if names is not None:
+        return {name: _encode(getattr(value, name)) for name in names}
     return value
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    """A dataclass's field names (None for any other type), asked once per class."""
+    if cls not in _FIELD_NAMES:
+        _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls)) if is_dataclass(cls) else None
+    return _FIELD_NAMES[cls]
 
 
 @cache
@@ -112,6 +125,8 @@ def _decode(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise PartialError(f"{where}: expected a list, got {_kind(value)}")
         item = get_args(tp)[0]
+        if item is str and all(type(v) is str for v in value):  # a chain's lines, at once
+            return tuple(value)
         return tuple(_decode(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if isinstance(tp, type) and is_dataclass(tp):
         if not isinstance(value, dict):
