@@ -168,6 +168,12 @@ def test_the_agents_status_commit_states_its_claim_in_a_trailer_git_reads(
     fmt = f"--format=%(trailers:key={CLAIM_TRAILER},valueonly)"
     assert git(server, "for-each-ref", fmt, ref) == stated
     assert claim_of_trailers((f"{CLAIM_TRAILER}: {stated}",), cut=False) == Claim(applied)
-    # And the fleet reader takes that claim from the commit.
-    found = read_fleet_containers(server)
-    assert found.claims == {"cell-1": applied} and not found.unusable
+    # And the fleet reader takes that claim from the commit: in the server's own refs, and
+    # in a clone's (refs/remotes/origin/status/*), as `asgctl plan` reads its checkout.
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(server), str(clone))
+    git(clone, "fetch", "-q", "origin", "+refs/heads/status/*:refs/remotes/origin/status/*")
+    for repo in (server, clone / "policies"):
+        repo.mkdir(exist_ok=True)
+        found = read_fleet_containers(repo)
+        assert found.claims == {"cell-1": applied} and not found.unusable

@@ -392,9 +392,9 @@ def _fetch(repo: Path, repos: StatusRepos, shard: int, refs: list[str], timeout:
         raise FetchError(f"{gitio.redact_url(url)}: {said}") from None
 
 
-def _held(repo: Path, patterns: Sequence[str] = (SHARDS_REFS,)) -> dict[str, str]:
-    """`{ref: commit}` of every ref `patterns` match (the cache's: all under `refs/shards/`)."""
-    out = _git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "--", *patterns)
+def _held(repo: Path) -> dict[str, str]:
+    """`{cache ref: commit}` of everything under `refs/shards/`."""
+    out = _git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "--", SHARDS_REFS)
     pairs = (line.split(" ", 1) for line in out.splitlines() if " " in line)
     return {ref: sha for sha, ref in pairs}
 
@@ -443,8 +443,23 @@ def ref_trailers(repo: Path, patterns: Sequence[str]) -> dict[str, Trailers]:
 
 def moved_refs(repo: Path, patterns: Sequence[str], commits: dict[str, str]) -> set[str]:
     """The refs of `{ref: commit}` that no longer name that commit (a fetch into the clone
-    while it was read): what was read from their commits and their files may not agree."""
-    now = _held(repo, patterns)
+    while it was read): what was read from their commits and their files may not agree.
+    `repo` is any folder of the repository (`git -C`, as `ref_trailers`)."""
+    try:
+        out = gitio.run_git(
+            None,
+            "-C",
+            os.fspath(repo),
+            "for-each-ref",
+            "--format=%(objectname) %(refname)",
+            "--",
+            *patterns,
+            timeout=120.0,
+            error=InventoryError,
+        )
+    except InventoryError as exc:
+        raise InventoryError(f"{os.fspath(repo)}: {exc}") from None
+    now = {ref: sha for sha, _, ref in (line.partition(" ") for line in out.splitlines())}
     return {ref for ref, commit in commits.items() if now.get(ref) != commit}
 
 
