@@ -15,7 +15,9 @@ name (`StatusRepos`: the agent's `status-url` and `status-shards`).  A read:
    gets every routed cell fetched and budgeted (steps 3 and 4): only the parse (step 5)
    is limited to the cells `only` keeps, the others counted in `left_out`.  So which cells
    are refused never depends on `only`, and the blobs of every cell are in the cache for
-   a cheap parse of them all (the plan's claims read, `reconciler.status.read.CLAIM`).
+   a cheap parse of them all (the plan's claims read, `reconciler.status.read.CLAIM`, for
+   the cells whose commit states no claim: `ref_trailers` reads the others' from their
+   commits, no blob read).
 3. **fetch** only what changed, into the cache, a bare repository (a temporary one, or a
    folder kept between runs): the branches whose commit differs from the cache's
    `refs/shards/<i>/<prefix><cell>`, named on `git fetch --stdin` (by the pattern when more

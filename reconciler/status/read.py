@@ -3,8 +3,9 @@
 `HEADER` (each cell's document without its containers: `asgctl status`, `asgctl notify`,
 the waves), `CONTAINERS` (each cell's containers, gate settings and applied revision:
 `asgctl plan --inventory status`) and `CLAIM` (the revision each cell claims in its
-document's first bytes, `document.read_claim`: what a plan job takes of the cells it does
-not read in full) are the parses, cached by blob id between reads.
+document's first bytes, `document.read_claim`) are the parses, cached by blob id between
+reads.  What a plan job takes of the cells it does not read in full is each cell's claim
+(`read_claims`): from its status commit's trailer when the commit states one, else `CLAIM`.
 Whoever can push a status branch chose what is read, so one bad branch costs only its own
 cell: it comes back as a message naming the branch and the field, never as an exception
 that stops the others.  `read_status_blobs` is the budgeted blob read for readers of single
@@ -100,8 +101,9 @@ class FleetContainers:
     """Cells listed, fetched and budgeted but not parsed in full: the reader's `only` left
     them out."""
     claims: Mapping[str, str] = field(default_factory=dict)
-    """`{cell: revision}` claimed in the first `CLAIM_BYTES` of its document, for every
-    listed cell that has a claim, whether `only` keeps it and whether it is usable."""
+    """`{cell: revision}` claimed (`read_claims`: in its commit's trailer, or in the first
+    `CLAIM_BYTES` of its document), for every listed cell that has a claim, whether `only`
+    keeps it and whether it is usable."""
     unclaimed: Mapping[str, str] = field(default_factory=dict)
     """`{cell: why}` for every other listed cell: `claims | unclaimed` is the listing."""
     fleet: tuple[str, ...] = ()
