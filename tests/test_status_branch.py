@@ -177,3 +177,25 @@ def test_the_agents_status_commit_states_its_claim_in_a_trailer_git_reads(
         repo.mkdir(exist_ok=True)
         found = read_fleet_containers(repo)
         assert found.claims == {"cell-1": applied} and not found.unusable
+
+
+@pytest.mark.parametrize("applied", ["x" * 2000, "main\x1b[31m@sha1:x"], ids=["long", "escape"])
+def test_a_revision_no_trailer_can_hold_is_left_to_the_document(
+    tmp_path: Path, applied: str
+) -> None:
+    # Over the bytes the reader keeps of a trailer, or outside the one-line grammar: the
+    # commit states no claim at all (never a cut or escaped one), and the reader takes the
+    # document's first bytes, as for an older agent's commit.
+    doc = {"cell": "cell-1", "lastAppliedRevision": applied, "conditions": []}
+    message = commit_message(doc)
+    assert CLAIM_TRAILER not in message and "\n" not in message
+    server = tmp_path / "server.git"
+    git(tmp_path, "init", "-q", "--bare", str(server))
+    StatusWriter(str(server), branch_for("cell-1"), tmp_path / "w.git").push(
+        dump_status({**doc, "containers": []}), message
+    )
+    found = read_fleet_containers(server)
+    if applied.isprintable():
+        assert found.claims == {"cell-1": applied}
+    else:  # dumped double-quoted: no claim in the first bytes either
+        assert not found.claims and "not a one-line string" in found.unclaimed["cell-1"]

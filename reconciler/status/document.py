@@ -354,16 +354,18 @@ the reader keeps at most: a revision is ~60 bytes; more is no claim, never more 
 def trailer_value(revision: str) -> str | None:
     """`revision` as the agent's commit states it: `NOTHING_APPLIED` for "", the document's
     own one-line spelling otherwise (plain, or single-quoted when plain would read as
-    something else); None for a revision the one-line grammar cannot hold (the commit then
-    states no claim, and readers take the document's)."""
+    something else); None for a revision the one-line grammar cannot hold, or too long for
+    the reader to keep (`MAX_TRAILER_BYTES`): the commit then states no claim, and readers
+    take the document's."""
     if revision == "":
         return NOTHING_APPLIED
-    plain = revision != NOTHING_APPLIED and _CLAIM_VALUE.fullmatch(revision + "\n")
-    if plain and _scalar(revision) == revision:
-        return revision
     quoted = "'" + revision.replace("'", "''") + "'"
-    fits = _CLAIM_VALUE.fullmatch(quoted + "\n") and _scalar(quoted) == revision
-    return quoted if fits and len(quoted) + len(CLAIM_TRAILER) + 2 <= MAX_TRAILER_BYTES else None
+    for value in (revision, quoted):
+        stated = value != NOTHING_APPLIED and _CLAIM_VALUE.fullmatch(value + "\n")
+        if stated and _scalar(value) == revision:
+            fits = len(f"{CLAIM_TRAILER}: {value}".encode()) <= MAX_TRAILER_BYTES
+            return value if fits else None
+    return None
 
 
 def claim_of_trailers(items: tuple[str, ...], cut: bool) -> Claim | None:
