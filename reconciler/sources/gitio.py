@@ -278,7 +278,14 @@ def nul_fields(
             env=_environment(None),
             start_new_session=True,
         )
-        timer = threading.Timer(timeout, _kill_group, (proc,))
+        late = threading.Event()
+
+        def stop() -> None:  # the reader below then sees the pipe end
+            late.set()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, stop)
         timer.start()
         fields: list[tuple[bytes, bool]] = []
         field, cut = bytearray(), False
@@ -299,6 +306,8 @@ def nul_fields(
                 _kill_group(proc)
             if proc.stdout is not None:
                 proc.stdout.close()
+        if late.is_set():
+            raise OSError(f"git {_subcommand(args)}: no answer within {timeout:g} s")
         if code != 0:
             err.seek(0)
             said = decode(err.read()[-2000:]).strip()
