@@ -53,8 +53,10 @@ from reconciler.status.fetch import (
     ReadBudget,
     StatusBatch,
     StatusRepos,
+    moved_refs,
     read_local,
     read_remote,
+    ref_trailers,
     status_cache,
 )
 from reconciler.status.read import CLAIM, CONTAINERS
@@ -586,3 +588,24 @@ def test_a_commit_that_states_its_claim_badly_has_none_and_never_breaks_the_list
         assert found.unclaimed == {c: f"{fleet.ref(c)}: {why}" for c, (_m, why) in bad.items()}
         assert not found.unusable and not found.skipped
     assert len(fleet.read().cells) == len(bad) + 4
+
+
+def test_a_ref_that_moved_after_its_commits_trailers_were_read_is_found(fleet: Fleet) -> None:
+    # The claims read takes a cell's claim from its commit, and its blob id (the identity)
+    # through its ref: a ref that moved between the two (a fetch into the clone meanwhile)
+    # is found by `moved_refs`, and `read_claims` makes that cell "changed while being read".
+    fleet.push("cell-1", status("cell-1", A), f"s\n\n{T}: {A}\n".encode())
+    fleet.read()  # remote: into the cache
+    repo, ref = fleet.read_from, fleet.ref("cell-1")
+    patterns = ["refs/"]
+    (stated,) = [t for r, t in ref_trailers(repo, patterns).items() if r == ref]
+    assert stated.items == (f"{T}: {A}",) and not stated.cut
+    assert moved_refs(repo, patterns, {ref: stated.commit}) == set()
+    later = subprocess.run(
+        ["git", "-C", str(repo), "commit-tree", "-m", "later", f"{stated.commit}^{{tree}}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    subprocess.run(["git", "-C", str(repo), "update-ref", ref, later], check=True)
+    assert moved_refs(repo, patterns, {ref: stated.commit}) == {ref}
