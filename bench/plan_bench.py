@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from asgctl_lab.gitserver import git  # noqa: E402
 from bench.common import RESULTS, machine, revision, splice  # noqa: E402
-from reconciler.status.write import dump_status  # noqa: E402
+from reconciler.status.write import commit_message, dump_status  # noqa: E402
 
 ORGS, SPACES_PER_ORG, APPS_PER_SPACE = 100, 10, 10  # 1,000 spaces, 10,000 apps
 ASG_RULES = 5
@@ -233,8 +233,10 @@ def build(
 
 
 def _status_branches(root: Path, stores: dict[str, dict], applied: list[str]) -> None:
-    """One `status/<cell>` branch per cell with a status.yaml, written by git fast-import;
-    with `applied`, cell n says it enforces `applied[n % len(applied)]`."""
+    """One `status/<cell>` branch per cell with a status.yaml, written by git fast-import
+    in a commit with the agent's message (`commit_message`: its claim as a trailer, which
+    the plan's claims read takes instead of the document); with `applied`, cell n says it
+    enforces `applied[n % len(applied)]`."""
     buf = io.StringIO()
     rng = random.Random(7)
     for n, (name, store) in enumerate(stores.items()):
@@ -268,7 +270,8 @@ def _status_branches(root: Path, stores: dict[str, dict], applied: list[str]) ->
         data = dump_status(doc).encode()
         buf.write(f"commit refs/heads/status/{name}\n")
         buf.write("committer bench <bench@example.invalid> 1700000000 +0000\n")
-        buf.write("data 6\nstatus\n")
+        message = commit_message(doc).encode()
+        buf.write(f"data {len(message)}\n{message.decode()}\n")
         buf.write(f"M 100644 inline status.yaml\ndata {len(data)}\n")
         buf.write(data.decode() + "\n")
     subprocess.run(

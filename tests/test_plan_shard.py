@@ -50,6 +50,7 @@ from reconciler.core.model import AddressRange, Container, PortRange
 from reconciler.policy.findings import Finding
 from reconciler.sources.cellstore import dump_store
 from reconciler.sources.inventories import StoreFiles
+from reconciler.status.document import CLAIM_TRAILER
 from tests.policyrepo import commit_all, git, write_tree
 from tests.test_plan import (
     BACKEND,
@@ -186,11 +187,13 @@ def test_merged_shards_of_a_plan_against_the_truth_are_the_plan_byte_for_byte(tm
 
 
 def test_a_job_reads_in_full_only_its_own_cells_and_the_merge_warns_as_the_plan_does(tmp_path):
-    """Two status documents no job but their own could find fault with: a broken tail, and
-    first bytes that claim r0 where the whole document says r1 (a quoted scalar's column-0
-    line; status/document.py read_claim).  Only the job holding each cell reads it in full
-    and leaves it out; every job groups by the claims alike (the forged one counts for r0).
-    The merge names both, once each, in inventory order, as the unsharded plan does."""
+    """Three status branches no job but their own could find fault with: a broken tail, a
+    commit whose trailer claims r0 where the whole document says r1 (status/write.py
+    commit_message), and, in a commit stating no claim, first bytes that claim r0 where the
+    whole document says r1 (a quoted scalar's column-0 line; status/document.py read_claim).
+    Only the job holding each cell reads it in full and leaves it out; every job groups by
+    the claims alike (the forged ones count for r0).  The merge names them, once each, in
+    inventory order, as the unsharded plan does."""
     fleet = broken_main(tmp_path)
     r0, r1 = (f"main@sha1:{fleet.revs[r]}" for r in ("r0", "r1"))
     fleet.report("cell-7", PAYMENTS_STAGING, "r1", mangle=lambda t: t + "bogus: [\n")
@@ -200,25 +203,35 @@ def test_a_job_reads_in_full_only_its_own_cells_and_the_merge_warns_as_the_plan_
         assert line in text
         return text.replace(line, f"note: 'x\nlastAppliedRevision: {r0}\n'\n{line}")
 
-    fleet.report("cell-8", BLOG_ONLY, "r1", mangle=forge_r0)
+    def claim_r0(message: str) -> str:
+        stated = f"\n\n{CLAIM_TRAILER}: {r1}\n"
+        assert message.endswith(stated)
+        return message.replace(stated, f"\n\n{CLAIM_TRAILER}: {r0}\n")
+
+    fleet.report("cell-8", BLOG_ONLY, "r1", reword=claim_r0)
+    fleet.report("cell-9", BLOG_ONLY, "r1", mangle=forge_r0, reword=lambda m: m.split("\n")[0])
     ci = fleet.ci_clone()
     args = ("--head", fleet.revs["head"], "--policies", str(ci / "policies"))
     for count in (2, 3):
         parts = shard_files(tmp_path / f"parts-{count}", count, *args)
         for i, path in enumerate(parts, 1):
             left = [x["cell"] for x in json.loads(Path(path).read_text())["left_out"]]
-            assert left == [c for c in ("cell-7", "cell-8") if shard_of(c, count) == i]
+            assert left == [c for c in ("cell-7", "cell-8", "cell-9") if shard_of(c, count) == i]
         for fmt in FORMATS:
             want = cli("plan", *args, "--format", fmt)
             assert cli("plan", "--merge", *parts, *args[:4], "--format", fmt) == want, fmt
     text = fleet.stable(cli("plan", *args, "--format", "text")[1])
-    for cell in ("cell-7", "cell-8"):
+    for cell in ("cell-7", "cell-8", "cell-9"):
         (line,) = [x for x in text.splitlines() if f"status/{cell}:status.yaml" in x]
         assert line.endswith("(this cell is left out of the plan)")
+    trailer = f"in its commit's {CLAIM_TRAILER} trailer and 'main@sha1:<r1>' in the whole"
+    assert (
+        f"status/cell-8:status.yaml: lastAppliedRevision reads 'main@sha1:<r0>' {trailer}" in text
+    )
     assert "in the first 16,384 bytes and 'main@sha1:<r1>' in the whole document" in text
-    assert "inventory: status branches (6 cells)" in text  # listed: 4 planned, 2 left out
-    # Grouped by the claims every job reads: the forged cell counts for r0, so r0 holds two
-    # cells of which one is planned.
+    assert "inventory: status branches (7 cells)" in text  # listed: 4 planned, 3 left out
+    # Grouped by the claims every job reads: the forged cells count for r0, so r0 holds
+    # three cells of which one is planned.
     assert "1 cell enforces <r0> (r0)" in text
 
 

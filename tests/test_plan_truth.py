@@ -89,12 +89,13 @@ class Fleet:
         refused: str | None = None,
         claim: str | None = None,
         mangle: Callable[[str], str] | None = None,
+        reword: Callable[[str], str] | None = None,
     ) -> str:
         """The agent's status document for `cell`, pushed by the real status writer.
 
         `applied` names the revision it enforces (compiled for real); `claim` overrides the
-        document's `lastAppliedRevision` with any text, and `mangle` rewrites the document's
-        text, as a hostile pusher would.
+        document's `lastAppliedRevision` with any text, `mangle` rewrites the document's
+        text and `reword` the commit's message, as a hostile pusher would.
         """
         state = AgentState()
         if applied is not None:
@@ -124,7 +125,8 @@ class Fleet:
             doc["lastAppliedRevision"] = claim
         writer = StatusWriter(str(self.bare), f"status/{cell}", self.tmp / f"agent-{cell}.git")
         text = dump_status(doc)
-        return writer.push(mangle(text) if mangle else text, commit_message(doc), when=WHEN)
+        message = reword(commit_message(doc)) if reword else commit_message(doc)
+        return writer.push(mangle(text) if mangle else text, message, when=WHEN)
 
     def ci_clone(self) -> Path:
         """A clone that fetched the status branches, as the policy-PR workflow does."""

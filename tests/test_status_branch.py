@@ -3,6 +3,7 @@ agreeing through them, on real repositories."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,9 @@ from reconciler.status.branch import (
     choose_refs,
     status_refs,
 )
+from reconciler.status.document import CLAIM_TRAILER, Claim, claim_of_trailers
 from reconciler.status.read import has_status_branches, read_fleet_containers
-from reconciler.status.write import StatusWriter, dump_status
+from reconciler.status.write import StatusWriter, commit_message, dump_status
 from tests.policyrepo import commit_all, git, init_repo
 
 C1 = Container("h-1", "198.18.0.2", "app-1", "space-1", "org-1", "", "app")
@@ -119,3 +121,81 @@ def test_what_the_writer_pushes_the_fleet_reader_reads(tmp_path: Path) -> None:
 def test_the_writer_refuses_a_branch_outside_the_contract(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a status/ branch"):
         StatusWriter(str(tmp_path / "s.git"), "main", tmp_path / "w.git")
+
+
+A = "main@sha1:" + "a" * 40
+
+
+@pytest.mark.parametrize(
+    ("applied", "stated"),
+    [
+        (A, A),
+        ("", "none"),  # nothing applied, spelled out
+        ("none", "'none'"),  # the text `none` itself, quoted: the spelling means one thing
+        ("it's: x", "'it''s: x'"),  # the document's own single-quoted spelling
+    ],
+)
+def test_the_agents_status_commit_states_its_claim_in_a_trailer_git_reads(
+    tmp_path: Path, applied: str, stated: str
+) -> None:
+    # The subject is what it was; the claim is the message's last paragraph, after a blank
+    # line, so git's own trailer parser (interpret-trailers, for-each-ref) reads it.
+    server = tmp_path / "server.git"
+    git(tmp_path, "init", "-q", "--bare", str(server))
+    doc = {
+        "apiVersion": "asgctl.io/v1",
+        "cell": "cell-1",
+        "lastAppliedRevision": applied,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Applied"}],
+        "containers": [],
+    }
+    StatusWriter(str(server), branch_for("cell-1"), tmp_path / "w.git").push(
+        dump_status(doc), commit_message(doc)
+    )
+    ref = "refs/heads/status/cell-1"
+    assert git(server, "log", "-1", "--format=%s", ref) == (
+        f"status cell-1: Ready=True (Applied), {applied or 'nothing applied'}"
+    )
+    message = git(server, "log", "-1", "--format=%B", ref)
+    parsed = subprocess.run(
+        ["git", "interpret-trailers", "--parse"],
+        input=message,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert parsed == f"{CLAIM_TRAILER}: {stated}\n"
+    fmt = f"--format=%(trailers:key={CLAIM_TRAILER},valueonly)"
+    assert git(server, "for-each-ref", fmt, ref) == stated
+    assert claim_of_trailers((f"{CLAIM_TRAILER}: {stated}",), cut=False) == Claim(applied)
+    # And the fleet reader takes that claim from the commit: in the server's own refs, and
+    # in a clone's (refs/remotes/origin/status/*), as `asgctl plan` reads its checkout.
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(server), str(clone))
+    git(clone, "fetch", "-q", "origin", "+refs/heads/status/*:refs/remotes/origin/status/*")
+    for repo in (server, clone / "policies"):
+        repo.mkdir(exist_ok=True)
+        found = read_fleet_containers(repo)
+        assert found.claims == {"cell-1": applied} and not found.unusable
+
+
+@pytest.mark.parametrize("applied", ["x" * 2000, "main\x1b[31m@sha1:x"], ids=["long", "escape"])
+def test_a_revision_no_trailer_can_hold_is_left_to_the_document(
+    tmp_path: Path, applied: str
+) -> None:
+    # Over the bytes the reader keeps of a trailer, or outside the one-line grammar: the
+    # commit states no claim at all (never a cut or escaped one), and the reader takes the
+    # document's first bytes, as for an older agent's commit.
+    doc = {"cell": "cell-1", "lastAppliedRevision": applied, "conditions": []}
+    message = commit_message(doc)
+    assert CLAIM_TRAILER not in message and "\n" not in message
+    server = tmp_path / "server.git"
+    git(tmp_path, "init", "-q", "--bare", str(server))
+    StatusWriter(str(server), branch_for("cell-1"), tmp_path / "w.git").push(
+        dump_status({**doc, "containers": []}), message
+    )
+    found = read_fleet_containers(server)
+    if applied.isprintable():
+        assert found.claims == {"cell-1": applied}
+    else:  # dumped double-quoted: no claim in the first bytes either
+        assert not found.claims and "not a one-line string" in found.unclaimed["cell-1"]

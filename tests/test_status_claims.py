@@ -7,6 +7,11 @@ job needs of the other shards' cells").  The claim is read from the first `CLAIM
 each document (`document.read_claim`, the `CLAIM` parse), where the agent writes it
 (`agent/status.py`), and checked against the whole document for every cell read in full.
 
+The agent's status commit also states the claim, as an `Asgctl-Applied-Revision` trailer
+(`write.commit_message`); the reader then takes it from one `git for-each-ref` over the
+commits and reads no document of a cell it leaves out (`read.read_claims`); a commit that
+states none (an old agent's, a hand-pushed one) falls back to the first bytes.
+
 Whoever can push a status branch writes every byte read here, so the attacks are tests:
 first bytes that claim one revision while the whole YAML says another, a huge value before
 the claim, a claim that is not a scalar.  Each fleet test runs against the branches of one
@@ -17,7 +22,9 @@ loopback (`remote`), the two readers `asgctl plan --inventory status` has.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +40,9 @@ from reconciler.policy.load import load_folder
 from reconciler.sources.inventories import StatusBranches, StatusRead
 from reconciler.status.document import (
     CLAIM_BYTES,
+    CLAIM_TRAILER,
     MAX_STATUS_BYTES,
+    MAX_TRAILER_BYTES,
     Claim,
     parse_status,
     read_claim,
@@ -44,12 +53,14 @@ from reconciler.status.fetch import (
     ReadBudget,
     StatusBatch,
     StatusRepos,
+    moved_refs,
     read_local,
     read_remote,
+    ref_trailers,
     status_cache,
 )
 from reconciler.status.read import CLAIM, CONTAINERS
-from reconciler.status.write import dump_status
+from reconciler.status.write import StatusWriter, commit_message, dump_status
 from tests.agentkit import container, sg, tcp_rules
 
 pytestmark = pytest.mark.requires("git")
@@ -118,6 +129,11 @@ LONG_SETTINGS = {
 def agent_document(tmp_path: Path, settings: dict[str, Any], applied: bool) -> bytes:
     """What the agent pushes (`build_status`, `dump_status`) for a real config and a real
     compiled plan of 250 containers; `applied` False: nothing applied yet."""
+    return dump_status(agent_status(tmp_path, settings, applied)).encode()
+
+
+def agent_status(tmp_path: Path, settings: dict[str, Any], applied: bool) -> dict[str, Any]:
+    """The document `agent_document` dumps (`build_status`)."""
     cfg = build_config(settings, {})
     (tmp_path / "policies").mkdir(exist_ok=True)
     (tmp_path / "policies" / "sg.yaml").write_text(sg("web", tcp_rules(3)))
@@ -141,7 +157,7 @@ def agent_document(tmp_path: Path, settings: dict[str, Any], applied: bool) -> b
         containers_path=cfg.containers,
         now="2027-01-15T08:00:00.123456Z",
     )
-    return dump_status(doc).encode()
+    return doc
 
 
 @pytest.mark.parametrize("applied", [True, False], ids=["applied", "nothing-applied"])
@@ -264,20 +280,49 @@ class Fleet:
         done = subprocess.run(["git", *args], input=input, capture_output=True, check=True)
         return done.stdout.decode().strip()
 
-    def push(self, cell: str, data: bytes) -> None:
+    def push(self, cell: str, data: bytes, message: bytes = b"status\n") -> None:
+        """`data` as `cell`'s status file, in a commit whose message is exactly `message`
+        (any bytes, a NUL included: the commit object is written as is)."""
         at = ["--git-dir", str(self.bare)]
         blob = self._git(*at, "hash-object", "-w", "--stdin", input=data)
         tree = self._git(*at, "mktree", input=f"100644 blob {blob}\tstatus.yaml\n".encode())
-        commit = self._git(*at, "commit-tree", tree, "-m", "status")
+        who = b"pusher <pusher@example.invalid> 1700000000 +0000"
+        body = b"tree %s\nauthor %s\ncommitter %s\n\n%s" % (tree.encode(), who, who, message)
+        commit = self._git(
+            *at, "hash-object", "-t", "commit", "--literally", "-w", "--stdin", input=body
+        )
         self._git(*at, "update-ref", f"refs/heads/status/{cell}", commit)
+
+    def agent_push(self, cell: str, doc: dict[str, Any]) -> None:
+        """What the agent pushes: `doc` through the real `StatusWriter`, with its message."""
+        writer = StatusWriter(str(self.bare), f"status/{cell}", self.root / f"w-{cell}.git")
+        writer.push(dump_status(doc), commit_message(doc))
+
+    def corrupt_blob(self, repo: Path, cell: str) -> None:
+        """Replace `cell`'s status file in `repo` (loose) by as many bytes that are no UTF-8,
+        under the same id and size: git's size check still passes, and any read of the file
+        gets bytes that claim nothing."""
+        oid = self.blob(cell)
+        path = repo / "objects" / oid[:2] / oid[2:]
+        size = len(zlib.decompress(path.read_bytes()).partition(b"\0")[2])
+        path.chmod(0o644)
+        path.write_bytes(zlib.compress(b"blob %d\0" % size + b"\xff" * size))
 
     def blob(self, cell: str) -> str:
         return self._git("--git-dir", str(self.bare), "rev-parse", f"status/{cell}:status.yaml")
 
+    def ref(self, cell: str) -> str:
+        """The ref the reader reads `cell` from (how messages about its commit name it)."""
+        return f"refs/shards/0/status/{cell}" if self.daemon else f"refs/heads/status/{cell}"
+
     def origin(self, cell: str) -> str:
         """How the reader's messages name `cell`'s file."""
-        ref = f"refs/shards/0/status/{cell}" if self.daemon else f"refs/heads/status/{cell}"
-        return f"{ref}:status.yaml"
+        return f"{self.ref(cell)}:status.yaml"
+
+    @property
+    def read_from(self) -> Path:
+        """The repository the reader reads objects from: the bare one, or its fetch cache."""
+        return self.cache if self.daemon else self.bare
 
     def read(self, only: Callable[[str], bool] | None = None) -> StatusRead:
         """What `asgctl plan --inventory status` reads (`StatusBranches`)."""
@@ -433,3 +478,134 @@ def test_a_claim_line_with_a_value_that_is_no_scalar_is_no_claim(fleet: Fleet) -
     assert sorted(whole.unusable) == sorted(bodies) and not ours.unusable
     for cell, message in whole.unusable.items():
         assert message.startswith(f"{fleet.origin(cell)}: lastAppliedRevision: must be string")
+
+
+# -- the claim in the agent's commit -----------------------------------------------------------
+
+T = CLAIM_TRAILER
+ONE_LINE = f"its commit's {T} trailer is not a one-line string"
+
+
+def test_an_agent_written_fleet_is_claimed_from_its_commits_without_reading_left_out_files(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    # Three cells pushed by the real writer (two applied, one nothing yet) and one by an old
+    # agent whose commit states nothing.  A job keeping only cell-1 reads the others' claims
+    # from their commits: their files are made unreadable first (same id and size, bytes
+    # that claim nothing), so any read of them would lose their claims -- as it does for the
+    # old agent's cell, the control that proves the corruption would be seen.
+    cells = ["cell-1", "cell-2", "cell-3"]
+    for cell in cells:
+        settings = {**TYPICAL_SETTINGS, "cell": cell}
+        fleet.agent_push(cell, agent_status(tmp_path, settings, applied=cell != "cell-3"))
+    fleet.push("old", status("old", B))
+    revision = build_config(TYPICAL_SETTINGS, {}).revision("a" * 40)
+    whole = fleet.read()
+    assert whole.claims == {"cell-1": revision, "cell-2": revision, "cell-3": "", "old": B}
+    assert [c.cell for c in whole.cells] == [*cells, "old"] and not whole.unusable
+    mine = {"cell-1"}.__contains__
+    fleet.read(mine)  # remote: fetches into the cache, which then holds the blobs read
+    for cell in ("cell-2", "cell-3", "old"):
+        fleet.corrupt_blob(fleet.read_from, cell)
+    shutil.rmtree(fleet.cache / PARSED_DIR, ignore_errors=True)  # no parse kept by blob id
+    ours = fleet.read(mine)
+    assert ours.claims == {"cell-1": revision, "cell-2": revision, "cell-3": ""}
+    assert ours.unclaimed == {"old": f"{fleet.origin('old')}: not UTF-8 in the first 16,384 bytes"}
+    assert [c.cell for c in ours.cells] == ["cell-1"] and ours.left_out == 3
+    assert ours.identity == whole.identity and not ours.unusable
+
+
+def test_a_commit_without_the_trailer_falls_back_to_the_documents_first_bytes(
+    fleet: Fleet,
+) -> None:
+    # Git's rules: a trailer is a line of the message's last paragraph, after a blank line;
+    # in the subject's paragraph it is text.  Either way the document's first bytes decide,
+    # and the cross-check names them.
+    fleet.push("plain", status("plain", A))
+    fleet.push("unblank", status("unblank", A), f"status\n{T}: {B}\n".encode())
+    forged = f"cell: forged\nnote: 'x\nlastAppliedRevision: {A}\n'\nlastAppliedRevision: {B}\n"
+    fleet.push("forged", (forged + "containers: []\n").encode())
+    fleet.push("stated", status("stated", A), f"status\n\n{T}: {A}\n".encode())
+    found = fleet.read()
+    assert found.claims == {"plain": A, "unblank": A, "stated": A, "forged": A}
+    assert found.unusable == {
+        "forged": f"{fleet.origin('forged')}: lastAppliedRevision reads {A!r} in the first "
+        f"{CLAIM_BYTES:,} bytes and {B!r} in the whole document"
+    }
+
+
+def test_a_trailer_the_whole_document_contradicts_costs_the_cell_read_in_full(
+    fleet: Fleet,
+) -> None:
+    fleet.push("liar", status("liar", A), f"status\n\n{T}: {B}\n".encode())
+    fleet.push("good", status("good", A), f"status\n\n{T}: {A}\n".encode())
+    found = fleet.read()
+    assert [c.cell for c in found.cells] == ["good"]
+    assert found.unusable == {
+        "liar": f"{fleet.origin('liar')}: lastAppliedRevision reads {B!r} in its commit's "
+        f"{T} trailer and {A!r} in the whole document"
+    }
+    # A job that leaves it out takes the commit's word, as every job does for its claim;
+    # the job reading the cell in full is the one that refuses it.
+    other = fleet.read({"good"}.__contains__)
+    assert other.claims == found.claims == {"liar": B, "good": A} and not other.unusable
+
+
+def test_a_commit_that_states_its_claim_badly_has_none_and_never_breaks_the_listing(
+    fleet: Fleet,
+) -> None:
+    # Each document claims A in its first bytes and whole: a commit that states its claim
+    # badly gets no second chance there (no claim, "unknown" to the plan), and still costs
+    # only its own cell.  The NUL and the huge messages sit between good cells in the
+    # listing, whose claims must come through intact.
+    over = f"its commit's {T} trailers are over {MAX_TRAILER_BYTES:,} bytes"
+    bad: dict[str, tuple[bytes, str]] = {
+        "b-two": (f"s\n\n{T}: {A}\n{T}: {A}\n".encode(), f"its commit has 2 {T} trailers, not one"),
+        "b-cased": (
+            f"s\n\n{T}: {A}\nasgctl-applied-revision: {A}\n".encode(),
+            f"its commit has 2 {T} trailers, not one",
+        ),
+        "b-escape": (f"s\n\n{T}: main\x1b[31m@x\n".encode(), ONE_LINE),
+        "b-control": (f"s\n\n{T}: main\x01x\n".encode(), ONE_LINE),
+        "b-empty": (f"s\n\n{T}:\n".encode(), ONE_LINE),
+        "b-flow": (f"s\n\n{T}: [a]\n".encode(), ONE_LINE),
+        "b-number": (f"s\n\n{T}: 12\n".encode(), ONE_LINE),
+        "b-huge": (f"s\n\n{T}: {'y' * 1_000_000}\n".encode(), over),
+        "b-many": (("s\n\n" + f"{T}: {A}\n" * 10_000).encode(), over),
+    }
+    for cell, (message, _why) in bad.items():
+        fleet.push(cell, status(cell, A), message)
+    # Continuation lines are unfolded by git: one line, whatever the pusher broke it into.
+    fleet.push("c-folded", status("c-folded", "main x"), f"s\n\n{T}: main\n  x\n".encode())
+    # Git reads a message up to a NUL: what follows it is not there.
+    nul = f"s\n\n{T}: {A}\0\n{T}: {B}\n".encode()
+    fleet.push("c-nul", status("c-nul", A), nul)
+    fleet.push("c-none", status("c-none", ""), f"s\n\n{T}: none\n".encode())
+    fleet.push("z-good", status("z-good", A), f"s\n\n{T}: {A}\n".encode())
+    for only in (None, {"z-good"}.__contains__):
+        found = fleet.read(only)
+        assert found.claims == {"c-folded": "main x", "c-nul": A, "c-none": "", "z-good": A}
+        assert found.unclaimed == {c: f"{fleet.ref(c)}: {why}" for c, (_m, why) in bad.items()}
+        assert not found.unusable and not found.skipped
+    assert len(fleet.read().cells) == len(bad) + 4
+
+
+def test_a_ref_that_moved_after_its_commits_trailers_were_read_is_found(fleet: Fleet) -> None:
+    # The claims read takes a cell's claim from its commit, and its blob id (the identity)
+    # through its ref: a ref that moved between the two (a fetch into the clone meanwhile)
+    # is found by `moved_refs`, and `read_claims` makes that cell "changed while being read".
+    fleet.push("cell-1", status("cell-1", A), f"s\n\n{T}: {A}\n".encode())
+    fleet.read()  # remote: into the cache
+    repo, ref = fleet.read_from, fleet.ref("cell-1")
+    patterns = ["refs/"]
+    (stated,) = [t for r, t in ref_trailers(repo, patterns).items() if r == ref]
+    assert stated.items == (f"{T}: {A}",) and not stated.cut
+    assert moved_refs(repo, patterns, {ref: stated.commit}) == set()
+    later = subprocess.run(
+        ["git", "-C", str(repo), "commit-tree", "-m", "later", f"{stated.commit}^{{tree}}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    subprocess.run(["git", "-C", str(repo), "update-ref", ref, later], check=True)
+    assert moved_refs(repo, patterns, {ref: stated.commit}) == {ref}

@@ -26,6 +26,8 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -257,6 +259,60 @@ def run_git(
         lines = [x.strip() for x in res.stderr.splitlines() if x.strip()]
         raise error(f"git {_subcommand(args)}: " + (" / ".join(lines[-3:]) or "failed"))
     return res.stdout
+
+
+def nul_fields(
+    repo: str | os.PathLike[str], args: Sequence[str], cap: int, timeout: float = 120.0
+) -> list[tuple[bytes, bool]]:
+    """The NUL-terminated fields `git -C <repo> <args>` writes (a format of `%00`-ended
+    atoms), each as `(its first cap bytes, whether it was longer)`, read as git writes them:
+    a field of any length (a commit message a pusher made huge) costs at most `cap` bytes
+    here.  Bytes after the last NUL are dropped.  OSError when git fails or gives no answer
+    within `timeout` seconds (it is killed)."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            _command(None, ["-C", os.fspath(repo), *args]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=_environment(None),
+            start_new_session=True,
+        )
+        late = threading.Event()
+
+        def stop() -> None:  # the reader below then sees the pipe end
+            late.set()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, stop)
+        timer.start()
+        fields: list[tuple[bytes, bool]] = []
+        field, cut = bytearray(), False
+        try:
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read(65536):
+                parts = chunk.split(b"\0")
+                for i, part in enumerate(parts):
+                    cut = cut or len(field) + len(part) > cap
+                    field += part[: max(0, cap - len(field))]
+                    if i < len(parts) - 1:  # a NUL ends the field
+                        fields.append((bytes(field), cut))
+                        field, cut = bytearray(), False
+            code = proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                _kill_group(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        if late.is_set():
+            raise OSError(f"git {_subcommand(args)}: no answer within {timeout:g} s")
+        if code != 0:
+            err.seek(0)
+            said = decode(err.read()[-2000:]).strip()
+            raise OSError(f"git {_subcommand(args)} failed ({code}): {said[-300:]}")
+        return fields
 
 
 # -- reading objects -----------------------------------------------------------------------

@@ -113,8 +113,9 @@ class StatusRead:
     left_out: int = 0
     """Cells with a status branch that the source's `only` left out (not read in full)."""
     claims: Mapping[str, str] = field(default_factory=dict)
-    """`{cell: revision}` from each document's first bytes, for every listed cell that
-    has a claim, kept by `only` or not, usable or not."""
+    """`{cell: revision}` from each cell's status commit's trailer or its document's first
+    bytes (`read.read_claims`), for every listed cell that has a claim, kept by `only` or
+    not, usable or not."""
     unclaimed: Mapping[str, str] = field(default_factory=dict)
     """`{cell: why}` for every other listed cell (`claims | unclaimed` is the listing)."""
     fleet: tuple[str, ...] = ()

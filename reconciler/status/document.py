@@ -336,6 +336,64 @@ def read_claim(data: bytes) -> Claim:
     return Claim(None, f"no {CLAIM_KEY} line")
 
 
+CLAIM_TRAILER = "Asgctl-Applied-Revision"
+"""The git trailer of the agent's status commit that states its claim (`write.commit_message`),
+so a reader takes every cell's claim from one `git for-each-ref` over the commits
+(`fetch.ref_trailers`) and reads no document for the cells it leaves out."""
+NOTHING_APPLIED = "none"
+"""The trailer's value for "nothing applied" (`lastAppliedRevision: ''` in the document).
+Spelled out because git trims a trailer's value and `Key:` with nothing after it reads as a
+line someone forgot to finish; and `none` because no revision the agent writes can be it
+(`AgentConfig.revision` is always `<branch>@sha1:<sha>`).  A revision that *is* the text
+`none` is written quoted (`'none'`), so the spelling never stands for anything else."""
+MAX_TRAILER_BYTES = 1024
+"""Bytes of a commit's `Asgctl-Applied-Revision` trailers (key, `: ` and value, all of them)
+the reader keeps at most: a revision is ~60 bytes; more is no claim, never more memory."""
+
+
+def trailer_value(revision: str) -> str | None:
+    """`revision` as the agent's commit states it: `NOTHING_APPLIED` for "", the document's
+    own one-line spelling otherwise (plain, or single-quoted when plain would read as
+    something else); None for a revision the one-line grammar cannot hold, or too long for
+    the reader to keep (`MAX_TRAILER_BYTES`): the commit then states no claim, and readers
+    take the document's."""
+    if revision == "":
+        return NOTHING_APPLIED
+    quoted = "'" + revision.replace("'", "''") + "'"
+    for value in (revision, quoted):
+        stated = value != NOTHING_APPLIED and _CLAIM_VALUE.fullmatch(value + "\n")
+        if stated and _scalar(value) == revision:
+            fits = len(f"{CLAIM_TRAILER}: {value}".encode()) <= MAX_TRAILER_BYTES
+            return value if fits else None
+    return None
+
+
+def claim_of_trailers(items: tuple[str, ...], cut: bool) -> Claim | None:
+    """The claim a status commit states in its `CLAIM_TRAILER` trailers (`items`: each
+    `<key>: <value>` as git's trailer parser gave it, `cut` when they passed
+    `MAX_TRAILER_BYTES`), by one rule: none -> None (the commit states nothing: an old
+    agent's, or a hand-pushed one; the reader takes the document's first bytes); exactly one
+    whose value is `NOTHING_APPLIED` or what `read_claim` accepts on a document's line ->
+    that claim; more than one, or any other value -> no claim, and why.  A commit that
+    states its claim badly is not given a second chance in the document: which of two
+    places a claim came from never depends on how the first one is broken, and a cell with
+    no claim is only "unknown" to the plan."""
+    if cut:
+        over = f"over {MAX_TRAILER_BYTES:,} bytes"
+        return Claim(None, f"its commit's {CLAIM_TRAILER} trailers are {over}")
+    if not items:
+        return None
+    if len(items) > 1:
+        return Claim(None, f"its commit has {len(items)} {CLAIM_TRAILER} trailers, not one")
+    raw = items[0].partition(": ")[2]
+    if raw == NOTHING_APPLIED:
+        return Claim("")
+    value = _scalar(raw) if _CLAIM_VALUE.fullmatch(raw + "\n") else _UNSEEN
+    if not isinstance(value, str):
+        return Claim(None, f"its commit's {CLAIM_TRAILER} trailer is not a one-line string")
+    return Claim(value)
+
+
 # -- the document --------------------------------------------------------------------------
 
 

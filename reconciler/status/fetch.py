@@ -15,7 +15,9 @@ name (`StatusRepos`: the agent's `status-url` and `status-shards`).  A read:
    gets every routed cell fetched and budgeted (steps 3 and 4): only the parse (step 5)
    is limited to the cells `only` keeps, the others counted in `left_out`.  So which cells
    are refused never depends on `only`, and the blobs of every cell are in the cache for
-   a cheap parse of them all (the plan's claims read, `reconciler.status.read.CLAIM`).
+   a cheap parse of them all (the plan's claims read, `reconciler.status.read.CLAIM`, for
+   the cells whose commit states no claim: `ref_trailers` reads the others' from their
+   commits, no blob read).
 3. **fetch** only what changed, into the cache, a bare repository (a temporary one, or a
    folder kept between runs): the branches whose commit differs from the cache's
    `refs/shards/<i>/<prefix><cell>`, named on `git fetch --stdin` (by the pattern when more
@@ -49,7 +51,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -69,7 +71,7 @@ from reconciler.status.branch import (
     shard_url,
     status_refs,
 )
-from reconciler.status.document import MAX_STATUS_BYTES
+from reconciler.status.document import CLAIM_TRAILER, MAX_STATUS_BYTES, MAX_TRAILER_BYTES
 
 SHARDS_REFS = "refs/shards/"
 """Where the cache keeps shard `i`'s branches: `refs/shards/<i>/<prefix><cell>`."""
@@ -399,6 +401,70 @@ def _held(repo: Path) -> dict[str, str]:
     return {ref: sha for sha, ref in pairs}
 
 
+@dataclass(frozen=True)
+class Trailers:
+    """What one ref's commit states in its `document.CLAIM_TRAILER` trailers: the commit,
+    each trailer as `<key>: <value>` (git's trailer rules, continuation lines unfolded), and
+    whether they passed `MAX_TRAILER_BYTES` (then `items` is empty: none is kept)."""
+
+    commit: str
+    items: tuple[str, ...]
+    cut: bool = False
+
+
+_TRAILERS_FORMAT = (
+    f"--format=%(objectname) %(refname)%00%(trailers:key={CLAIM_TRAILER},unfold,separator=%x0a)%00"
+)
+
+
+def ref_trailers(repo: Path, patterns: Sequence[str]) -> dict[str, Trailers]:
+    """`{ref: Trailers}` for every ref `patterns` match, from one `git for-each-ref`: no
+    blob is read, and each commit is parsed by git itself (so a trailer is what `git
+    interpret-trailers` calls one).  The commit message is the pusher's text, so the format
+    ends every field with a NUL (which no message can hold: git stops at one) and each
+    field is kept to `MAX_TRAILER_BYTES` however long git's is (`gitio.nul_fields`): a
+    huge message, a thousand trailers, control characters or a NUL cost the reader at most
+    git's linear pass over the commits the fetch already brought in, and never break the
+    listing.  (The trailers are separated by line breaks, which unfolded values cannot
+    hold; a value that held one would only read as two trailers, i.e. no claim.)
+    InventoryError when git cannot run."""
+    cap = MAX_TRAILER_BYTES
+    try:
+        fields = gitio.nul_fields(repo, ["for-each-ref", _TRAILERS_FORMAT, "--", *patterns], cap)
+    except OSError as exc:
+        raise InventoryError(f"{os.fspath(repo)}: git for-each-ref failed: {exc}") from None
+    found: dict[str, Trailers] = {}
+    for (head, head_cut), (body, cut) in zip(fields[0::2], fields[1::2], strict=False):
+        commit, _, ref = gitio.decode(head).lstrip("\n").partition(" ")
+        if head_cut or not gitio.FULL_SHA.fullmatch(commit):
+            continue  # a ref name no cell has (a cell's is at most 128 characters)
+        items = () if cut else tuple(gitio.decode(body).split("\n")) if body else ()
+        found[ref] = Trailers(commit, items, cut)
+    return found
+
+
+def moved_refs(repo: Path, patterns: Sequence[str], commits: dict[str, str]) -> set[str]:
+    """The refs of `{ref: commit}` that no longer name that commit (a fetch into the clone
+    while it was read): what was read from their commits and their files may not agree.
+    `repo` is any folder of the repository (`git -C`, as `ref_trailers`)."""
+    try:
+        out = gitio.run_git(
+            None,
+            "-C",
+            os.fspath(repo),
+            "for-each-ref",
+            "--format=%(objectname) %(refname)",
+            "--",
+            *patterns,
+            timeout=120.0,
+            error=InventoryError,
+        )
+    except InventoryError as exc:
+        raise InventoryError(f"{os.fspath(repo)}: {exc}") from None
+    now = {ref: sha for sha, _, ref in (line.partition(" ") for line in out.splitlines())}
+    return {ref for ref, commit in commits.items() if now.get(ref) != commit}
+
+
 def _delete_refs(repo: Path, refs: Sequence[str]) -> None:
     """Delete cache refs in one `update-ref --stdin` (their objects go at the next gc)."""
     if refs:
@@ -472,12 +538,15 @@ def read_cells(
     skipped: Sequence[str] = (),
     *,
     only: Only | None = None,
+    known: Mapping[str, Any] | None = None,
 ) -> StatusBatch:
     """Steps 4 and 5 of the module docstring for `[(cell, ref)]` of `repo`: every cell is
     budgeted in order, and those `only` keeps (all, without it) are parsed and returned;
-    the others are counted in `left_out`.  The cached parses of blobs none of these cells
-    holds are forgotten (every cell counts, kept or not: a later read of other cells
-    still finds theirs)."""
+    the others are counted in `left_out`.  A cell in `known` (a value read elsewhere: the
+    claim its commit states) is budgeted and returned with that value and its blob id, its
+    blob never read nor its value kept by blob id (it is the commit's, not the blob's).
+    The cached parses of blobs none of these cells holds are forgotten (every cell counts,
+    kept or not: a later read of other cells still finds theirs)."""
     try:
         infos = gitio.blob_sizes(repo, [blob_spec(ref) for _c, ref in cells])
     except OSError as exc:
@@ -509,6 +578,9 @@ def read_cells(
         blob = info.oid if info is not None and info.type == "blob" else ""
         if error or info is None:
             results[i] = CellStatus(cell, ref, error=error, blob=blob)
+            continue
+        if known is not None and cell in known:
+            results[i] = CellStatus(cell, ref, known[cell], blob=blob)
             continue
         found, value = store.get(parse.kind, info.oid)
         if found:

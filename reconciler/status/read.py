@@ -3,8 +3,9 @@
 `HEADER` (each cell's document without its containers: `asgctl status`, `asgctl notify`,
 the waves), `CONTAINERS` (each cell's containers, gate settings and applied revision:
 `asgctl plan --inventory status`) and `CLAIM` (the revision each cell claims in its
-document's first bytes, `document.read_claim`: what a plan job takes of the cells it does
-not read in full) are the parses, cached by blob id between reads.
+document's first bytes, `document.read_claim`) are the parses, cached by blob id between
+reads.  What a plan job takes of the cells it does not read in full is each cell's claim
+(`read_claims`): from its status commit's trailer when the commit states one, else `CLAIM`.
 Whoever can push a status branch chose what is read, so one bad branch costs only its own
 cell: it comes back as a message naming the branch and the field, never as an exception
 that stops the others.  `read_status_blobs` is the budgeted blob read for readers of single
@@ -16,18 +17,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from reconciler.core.cellplan import DEFAULT_GATE, GateSettings
 from reconciler.core.model import Container
 from reconciler.sources import gitio
 from reconciler.sources.cellstore import InventoryError
-from reconciler.status.branch import StatusBranchError, status_refs
+from reconciler.status.branch import STATUS_REF_PATTERNS, StatusBranchError, status_refs
 from reconciler.status.document import (
     CLAIM_BYTES,
+    CLAIM_TRAILER,
     MAX_STATUS_BYTES,
+    claim_of_trailers,
     containers_of,
     parse_status,
     read_claim,
@@ -36,15 +39,18 @@ from reconciler.status.document import (
 from reconciler.status.fetch import (
     DEFAULT_BUDGET,
     PARSED_DIR,
+    SHARDS_REFS,
     CellStatus,
     Only,
     Parse,
     ParsedStore,
     StatusBatch,
     StatusRepos,
+    moved_refs,
     read_cells,
     read_local,
     read_remote,
+    ref_trailers,
     status_cache,
 )
 
@@ -95,8 +101,9 @@ class FleetContainers:
     """Cells listed, fetched and budgeted but not parsed in full: the reader's `only` left
     them out."""
     claims: Mapping[str, str] = field(default_factory=dict)
-    """`{cell: revision}` claimed in the first `CLAIM_BYTES` of its document, for every
-    listed cell that has a claim, whether `only` keeps it and whether it is usable."""
+    """`{cell: revision}` claimed (`read_claims`: in its commit's trailer, or in the first
+    `CLAIM_BYTES` of its document), for every listed cell that has a claim, whether `only`
+    keeps it and whether it is usable."""
     unclaimed: Mapping[str, str] = field(default_factory=dict)
     """`{cell: why}` for every other listed cell: `claims | unclaimed` is the listing."""
     fleet: tuple[str, ...] = ()
@@ -184,19 +191,25 @@ def fleet_containers(batch: StatusBatch, claimed: StatusBatch) -> FleetContainer
     every listed cell's claim or why it has none.
 
     The cross-check: a cell read in full whose document states another applied revision
-    than its first bytes claim is unusable, never planned with either.  No claim is no
+    than its claim (its commit's trailer, or its first bytes) is unusable, never planned
+    with either, the message naming where the claim was read.  No claim is no
     contradiction (the plan treats such a cell as unknown)."""
     claims: dict[str, str] = {}
     unclaimed: dict[str, str] = {}
     blobs: dict[str, str] = {}
+    stated: set[str] = set()  # the cells whose claim their commit states
     for c in claimed.cells:
         blobs[c.cell] = c.blob
         if c.error:
             unclaimed[c.cell] = c.error
         elif c.value["claim"] is None:
-            unclaimed[c.cell] = f"{c.origin}: {c.value['why']}"
+            # A commit's trailer is the ref's, a document's first bytes the file's.
+            where = c.ref if c.value.get("trailer") else c.origin
+            unclaimed[c.cell] = f"{where}: {c.value['why']}"
         else:
             claims[c.cell] = c.value["claim"]
+            if c.value.get("trailer"):
+                stated.add(c.cell)
     unusable: dict[str, str] = {}
     cells = []
     for c in batch.cells:
@@ -206,10 +219,14 @@ def fleet_containers(batch: StatusBatch, claimed: StatusBatch) -> FleetContainer
         elif blobs.get(c.cell) != c.blob:
             unusable[c.cell] = f"{c.origin}: changed while being read"
         elif claim is not None and claim != c.value["applied"]:
+            where = (
+                f"in its commit's {CLAIM_TRAILER} trailer"
+                if c.cell in stated
+                else f"in the first {CLAIM_BYTES:,} bytes"
+            )
             unusable[c.cell] = (
-                f"{c.origin}: lastAppliedRevision reads {claim[:_SHOWN]!r} in the first "
-                f"{CLAIM_BYTES:,} bytes and {c.value['applied'][:_SHOWN]!r} in the whole "
-                "document"
+                f"{c.origin}: lastAppliedRevision reads {claim[:_SHOWN]!r} {where} and "
+                f"{c.value['applied'][:_SHOWN]!r} in the whole document"
             )
         else:
             containers = tuple(Container(*row) for row in c.value["rows"])
@@ -228,11 +245,45 @@ def fleet_containers(batch: StatusBatch, claimed: StatusBatch) -> FleetContainer
     )
 
 
-def read_claims(batch: StatusBatch, store: ParsedStore, workers: int = 4) -> StatusBatch:
-    """The `CLAIM` parse of every cell `batch` listed (`StatusBatch.listing`, whatever its
-    `only` kept), from the same repository, with the same budget: one `git cat-file
-    --batch` stream per worker over the blobs, cached by blob id in `store`."""
-    return read_cells(batch.repo, batch.listing, CLAIM, DEFAULT_BUDGET, store, workers)
+def read_claims(
+    batch: StatusBatch,
+    store: ParsedStore,
+    workers: int = 4,
+    patterns: Sequence[str] = STATUS_REF_PATTERNS,
+) -> StatusBatch:
+    """Every cell's claim of those `batch` listed (`StatusBatch.listing`, whatever its `only`
+    kept), from the same repository, with the same budget, in `CLAIM`'s form.
+
+    First from the commits (`patterns`: where the listing's refs are): one `git for-each-ref`
+    reads every commit's `CLAIM_TRAILER` trailers (`fetch.ref_trailers`), and a commit that
+    states one decides its cell's claim (`document.claim_of_trailers`), value marked
+    `"trailer": True`, its blob never read.  The other cells (an old agent's commit, a
+    hand-pushed one) get the `CLAIM` parse of their document's first bytes: one `git
+    cat-file --batch` stream per worker, cached by blob id in `store`.  Every cell is
+    budgeted alike either way, so which cells are refused and the identity do not change.
+    A cell whose ref moved between the two reads is "changed while being read"."""
+    trailers = ref_trailers(batch.repo, patterns)
+    known: dict[str, dict[str, Any]] = {}
+    commits: dict[str, str] = {}
+    for cell, ref in batch.listing:
+        stated = trailers.get(ref)
+        claim = claim_of_trailers(stated.items, stated.cut) if stated is not None else None
+        if stated is not None and claim is not None:
+            known[cell] = {"claim": claim.revision, "why": claim.why, "trailer": True}
+            commits[ref] = stated.commit
+    claimed = read_cells(
+        batch.repo, batch.listing, CLAIM, DEFAULT_BUDGET, store, workers, known=known
+    )
+    moved = moved_refs(batch.repo, patterns, commits) if commits else set()
+    if not moved:
+        return claimed
+    cells = tuple(
+        replace(c, value=None, error=f"{c.origin}: changed while being read")
+        if c.ref in moved
+        else c
+        for c in claimed.cells
+    )
+    return replace(claimed, cells=cells)
 
 
 def read_fleet_containers(
@@ -259,5 +310,5 @@ def read_remote_containers(
     read."""
     with status_cache(cache) as repo:
         batch = read_remote(repo, repos, CONTAINERS, workers=workers, only=only)
-        claimed = read_claims(batch, ParsedStore(repo / PARSED_DIR), workers)
+        claimed = read_claims(batch, ParsedStore(repo / PARSED_DIR), workers, (SHARDS_REFS,))
         return fleet_containers(batch, claimed)

@@ -20,6 +20,7 @@ import yaml
 
 from reconciler.sources import gitio
 from reconciler.status.branch import STATUS_FILE, STATUS_PREFIX, is_status_branch
+from reconciler.status.document import CLAIM_TRAILER, trailer_value
 
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
@@ -118,12 +119,20 @@ class StatusWriter:
 
 
 def commit_message(doc: Mapping[str, Any]) -> str:
-    """The status commit's subject: the cell, its Ready condition and what it applied."""
+    """The status commit's message: a subject naming the cell, its Ready condition and what
+    it applied, then, after a blank line (git's trailer block is the message's last
+    paragraph), the claim as a trailer, `Asgctl-Applied-Revision: <lastAppliedRevision>`
+    (`document.trailer_value`: `none` for nothing applied), so a fleet reader takes every
+    cell's claim from the commits alone (`read.read_claims`) and reads no document for the
+    cells it leaves out.  A revision no trailer can hold states nothing (readers take the
+    document's)."""
     ready: Mapping[str, Any] = next(
         (c for c in doc.get("conditions", ()) if c.get("type") == "Ready"), {}
     )
     applied = doc.get("lastAppliedRevision") or "nothing applied"
-    return (
+    subject = (
         f"status {doc.get('cell')}: Ready={ready.get('status', 'Unknown')} "
         f"({ready.get('reason', '')}), {applied}"
     )
+    value = trailer_value(str(doc.get("lastAppliedRevision") or ""))
+    return subject if value is None else f"{subject}\n\n{CLAIM_TRAILER}: {value}\n"
