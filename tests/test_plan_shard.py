@@ -356,6 +356,24 @@ def test_cells_diffed_in_forked_workers_count_the_same_facts(tmp_path, monkeypat
     assert alone.diff.changed_cells and alone.facts.principals
 
 
+def test_a_base_that_does_not_validate_merges_into_the_plan_against_an_empty_policy(tmp_path):
+    """Store files and a base that does not validate: the plan compares the head with an
+    empty policy (and says so); each partial's facts are against it, and the merge too."""
+    repo = store_fleet(tmp_path, cells=9)
+    edit(repo, "destinations.yaml", "ips: 198.19.30.30", "ips: 198.19.30.300")
+    commit_all(repo, "broken")
+    edit(repo, "destinations.yaml", "ips: 198.19.30.300", "ips: 198.19.30.30")
+    commit_all(repo, "fixed")
+    args = ("--base", "HEAD~1", "--head", "HEAD", *policies_flag(repo))
+    args += ("--inventory", str(repo / "fleet"))
+    parts = shard_files(tmp_path / "parts", 3, *args)
+    assert all(json.loads(Path(p).read_text())["facts"][0]["against"] == "" for p in parts)
+    for fmt in FORMATS:
+        want = cli("plan", *args, "--format", fmt)
+        assert cli("plan", "--merge", *parts, *policies_flag(repo), "--format", fmt) == want
+    assert "EMPTY policy" in want[1] and want[0] == 0
+
+
 def test_a_failed_plan_merges_into_the_same_failure(tmp_path):
     """A head that does not validate: every shard says so, the merge says it once, exit 1."""
     repo = store_fleet(tmp_path, cells=6)
@@ -564,6 +582,11 @@ def test_a_partial_that_diffs_or_hides_a_principal_fails_the_merge(tmp_path, one
     parts = shard_files(tmp_path / "shrink", 3, *args)
     rewrite(parts[holder], lambda d: d["facts"][0]["facts"]["principals"][0].update(cells=99))
     assert "cannot be counted on" in refused(parts)
+
+    # Against an empty policy instead of the base: every grant would show as gained.
+    parts = shard_files(tmp_path / "empty", 3, *args)
+    rewrite(parts[holder], lambda d: d["facts"][0].update(against=""))
+    assert "facts: not one per diff, against each diff's base" in refused(parts)
 
 
 def test_a_partial_of_another_inventory_read_fails_the_merge(tmp_path, one_change):
