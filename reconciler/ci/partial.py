@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, fields, is_dataclass, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, TypeAlias, Union, get_args, get_origin
 
 from reconciler.ci.partition import PARTITION, Shard, shard_of
 from reconciler.ci.plan import complete, merge_diffs
@@ -93,77 +93,169 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _decode(tp: Any, value: Any, where: str) -> Any:
+Where: TypeAlias = "str | tuple[Where, str | int]"
+"""Where a value sits in a partial: the file (and field) as text, or (parent, key), which
+`_text` spells `parent.key` or `parent[i]` -- only for a message, so the millions of
+values of a fleet's partial are not each given a path string they never need."""
+
+
+def _text(where: Where) -> str:
+    if isinstance(where, str):
+        return where
+    parent, key = where
+    return f"{_text(parent)}[{key}]" if isinstance(key, int) else f"{_text(parent)}.{key}"
+
+
+Decoder = Callable[[Any, Where], Any]
+
+
+def _decode(tp: Any, value: Any, where: Where) -> Any:
     """`value` (parsed JSON) as the type `tp`, or PartialError naming `where`."""
+    return _decoder(tp)(value, where)
+
+
+_DECODERS: dict[Any, Decoder] = {}
+
+
+def _decoder(tp: Any) -> Decoder:
+    """The reader of values of type `tp`, built once per type: a fleet's partial holds a
+    few hundred thousand values of a dozen types, so what to check for each type is worked
+    out once, not per value."""
+    found = _DECODERS.get(tp)
+    if found is None:
+        found = _DECODERS[tp] = _build(tp)
+    return found
+
+
+def _fail(where: Where, what: str) -> PartialError:
+    return PartialError(f"{_text(where)}: {what}")
+
+
+def _build(tp: Any) -> Decoder:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        options = get_args(tp)
-        if value is None and type(None) in options:
+        return _union_decoder(get_args(tp))
+    if origin is Literal:
+        allowed = get_args(tp)
+
+        def literal(value: Any, where: Where) -> Any:
+            if value not in allowed or not isinstance(value, str):
+                shown = ", ".join(repr(a) for a in allowed)
+                raise _fail(where, f"{value!r} is not one of {shown}")
+            return value
+
+        return literal
+    if origin is tuple:
+        item = get_args(tp)[0]
+        each = _decoder(item)
+
+        def sequence(value: Any, where: Where) -> Any:
+            if not isinstance(value, list):
+                raise _fail(where, f"expected a list, got {_kind(value)}")
+            if item is str and all(type(v) is str for v in value):  # a chain's lines
+                return tuple(value)
+            return tuple([each(v, (where, i)) for i, v in enumerate(value)])
+
+        return sequence
+    if isinstance(tp, type) and is_dataclass(tp):
+        return _dataclass_decoder(tp)
+    if tp in _SCALARS:
+        check, expected = _SCALARS[tp]
+
+        def scalar(value: Any, where: Where) -> Any:
+            if not check(value):
+                raise _fail(where, f"expected {expected}, got {_kind(value)}")
+            return value
+
+        return scalar
+
+    def unknown(value: Any, where: Where) -> Any:  # a type this module does not know
+        raise _fail(where, f"cannot read a {tp!r}")
+
+    return unknown
+
+
+_SCALARS: dict[Any, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    # An int stays an int: it was one when written, and prints as one.
+    float: (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _union_decoder(options: tuple[Any, ...]) -> Decoder:
+    classes = [o for o in options if isinstance(o, type) and is_dataclass(o)]
+    nullable = type(None) in options
+    if len(classes) > 1:  # tell dataclasses apart by their field names
+        by_names = {frozenset(f.name for f in fields(c) if f.init): c for c in classes}
+        names = ", ".join(c.__name__ for c in classes)
+
+        def tagged(value: Any, where: Where) -> Any:
+            if value is None and nullable:
+                return None
+            cls = by_names.get(frozenset(value)) if isinstance(value, dict) else None
+            if cls is None:
+                raise _fail(where, f"expected one of {names}")
+            return _decoder(cls)(value, where)
+
+        return tagged
+    others = [o for o in options if o is not type(None)]
+
+    def first_that_fits(value: Any, where: Where) -> Any:
+        if value is None and nullable:
             return None
-        classes = [o for o in options if isinstance(o, type) and is_dataclass(o)]
-        if len(classes) > 1:  # tell dataclasses apart by their field names
-            if isinstance(value, dict):
-                for cls in classes:
-                    if set(value) == {f.name for f in fields(cls)}:
-                        return _decode(cls, value, where)
-            raise PartialError(f"{where}: expected one of {', '.join(c.__name__ for c in classes)}")
         errors = []
-        for option in options:
-            if option is type(None):
-                continue
+        for option in others:
             try:
-                return _decode(option, value, where)
+                return _decoder(option)(value, where)
             except PartialError as exc:
                 errors.append(str(exc))
-        raise PartialError(errors[0] if errors else f"{where}: unexpected null")
-    if origin is Literal:
-        if value not in get_args(tp) or not isinstance(value, str):
-            allowed = ", ".join(repr(a) for a in get_args(tp))
-            raise PartialError(f"{where}: {value!r} is not one of {allowed}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise PartialError(f"{where}: expected a list, got {_kind(value)}")
-        item = get_args(tp)[0]
-        if item is str and all(type(v) is str for v in value):  # a chain's lines, at once
-            return tuple(value)
-        return tuple(_decode(item, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if isinstance(tp, type) and is_dataclass(tp):
+        raise PartialError(errors[0] if errors else f"{_text(where)}: unexpected null")
+
+    return first_that_fits
+
+
+def _dataclass_decoder(cls: type) -> Decoder:
+    known = [f for f in fields(cls) if f.init]
+    hints = _hints(cls)
+    names = frozenset(f.name for f in known)
+    required = tuple(f.name for f in known if f.default is MISSING and f.default_factory is MISSING)
+    # A plain scalar field is checked here, by the exact JSON type it must have; any other
+    # field by its decoder (built on first use: a field's type may be this class's own).
+    exact = {f.name: _EXACT[hints[f.name]] for f in known if hints[f.name] in _EXACT}
+    readers: dict[str, Decoder] = {}
+
+    def instance(value: Any, where: Where) -> Any:
         if not isinstance(value, dict):
-            raise PartialError(f"{where}: expected an object, got {_kind(value)}")
-        known = {f.name: f for f in fields(tp) if f.init}
-        unknown = sorted(set(value) - set(known))
-        if unknown:
-            raise PartialError(f"{where}: unknown field {unknown[0]!r}")
-        hints = _hints(tp)
-        args: dict[str, Any] = {}
-        for name, f in known.items():
-            if name not in value:
-                if f.default is MISSING and f.default_factory is MISSING:
-                    raise PartialError(f"{where}: missing field {name!r}")
-                continue
-            args[name] = _decode(hints[name], value[name], f"{where}.{name}")
+            raise _fail(where, f"expected an object, got {_kind(value)}")
+        if len(value) != len(names) or not names.issuperset(value):
+            if not names.issuperset(value):
+                raise _fail(where, f"unknown field {sorted(set(value) - names)[0]!r}")
+            for name in required:
+                if name not in value:
+                    raise _fail(where, f"missing field {name!r}")
+        if not readers:
+            readers.update({f.name: _decoder(hints[f.name]) for f in known})
+        args = {}
+        for name, v in value.items():
+            allowed = exact.get(name)
+            if allowed is None:
+                args[name] = readers[name](v, (where, name))
+            elif type(v) in allowed:
+                args[name] = v
+            else:
+                readers[name](v, (where, name))  # raises, with the scalar's own message
         try:
-            return tp(**args)
+            return cls(**args)
         except (TypeError, ValueError) as exc:
-            raise PartialError(f"{where}: {exc}") from None
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise PartialError(f"{where}: expected true or false, got {_kind(value)}")
-        return value
-    if tp is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise PartialError(f"{where}: expected an integer, got {_kind(value)}")
-        return value
-    if tp is float:  # an int stays an int: it was one when written, and prints as one
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise PartialError(f"{where}: expected a number, got {_kind(value)}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise PartialError(f"{where}: expected a string, got {_kind(value)}")
-        return value
-    raise PartialError(f"{where}: cannot read a {tp!r}")  # a type this module does not know
+            raise _fail(where, str(exc)) from None
+
+    return instance
+
+
+_EXACT: dict[Any, tuple[type, ...]] = {str: (str,), int: (int,), bool: (bool,), float: (int, float)}
+"""The JSON types a scalar field accepts, exactly (`type(True)` is bool, never int)."""
 
 
 def dump_partial(report: PlanReport) -> str:
