@@ -35,6 +35,7 @@ import os
 import pstats
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -343,8 +344,14 @@ def end_to_end(
 Job = tuple[float, float, float, int]  # wall s, CPU s, peak RSS MiB, exit code
 
 
-def sharded(root: Path, inventory: str, against: str, shards: int, check: bool) -> dict[str, Any]:
-    """The plan as `shards` jobs, one after another and then all at once; the merge."""
+def sharded(
+    root: Path, inventory: str, against: str, shards: int, check: bool, repeat: int = 1
+) -> dict[str, Any]:
+    """The plan as `shards` jobs, one after another and then all at once; the merge.
+
+    With `repeat` > 1, every job alone and the merge run that many times, round after
+    round (so a slow spell of this shared machine hits every job alike), and each figure
+    is the median of its runs."""
     args = ["plan", *_plan_args(inventory, against)]
     parts = [root / f"plan-{i}.json" for i in range(1, shards + 1)]
 
@@ -352,7 +359,8 @@ def sharded(root: Path, inventory: str, against: str, shards: int, check: bool) 
         return _asgctl(root, parts[i - 1], [*args, "--shard", f"{i}/{shards}"])
 
     load = [os.getloadavg()[0]]
-    serial: list[Job] = [_measured(job(i)) for i in range(1, shards + 1)]
+    rounds = [[_measured(job(i)) for i in range(1, shards + 1)] for _ in range(repeat)]
+    serial: list[Job] = [_median_job([r[i] for r in rounds]) for i in range(shards)]
     load.append(os.getloadavg()[0])
     # All at once only when it cannot push the shared machine out of memory: the jobs'
     # measured peaks must fit in half of what is available now.
@@ -368,10 +376,16 @@ def sharded(root: Path, inventory: str, against: str, shards: int, check: bool) 
     load.append(os.getloadavg()[0])
     merged = root / "merged.md"
     merge_args = ["plan", "--merge", *map(str, parts), "--format", "markdown"]
-    merge = _measured(_asgctl(root, merged, [*merge_args, "--detailed-exitcode"]))
+    merge = _median_job(
+        [
+            _measured(_asgctl(root, merged, [*merge_args, "--detailed-exitcode"]))
+            for _ in range(repeat)
+        ]
+    )
     comment = merged.read_text()
     out: dict[str, Any] = {
         "serial": serial,
+        "repeat": repeat,
         "parallel": parallel,
         "parallel_wall": parallel_wall,
         "parallel_skipped": f"{shards} x {max(j[2] for j in serial):,.0f} MiB > half of the "
@@ -388,6 +402,18 @@ def sharded(root: Path, inventory: str, against: str, shards: int, check: bool) 
         _measured(_asgctl(root, whole, [*args, "--format", "markdown"]))
         out["equal"] = whole.read_text() == comment
     return out
+
+
+def _median_job(runs: list[Job]) -> Job:
+    """Each figure's median over the runs (the exit code must be the same in every run)."""
+    codes = {r[3] for r in runs}
+    assert len(codes) == 1, f"the runs exited differently: {sorted(codes)}"
+    return (
+        statistics.median(r[0] for r in runs),
+        statistics.median(r[1] for r in runs),
+        statistics.median(r[2] for r in runs),
+        runs[0][3],
+    )
 
 
 def one_job(root: Path, inventory: str, against: str, shards: int) -> str:
@@ -469,8 +495,9 @@ def shard_table(r: dict[str, Any], shards: int, loads: float) -> str:
     On this loaded machine a job's wall time says more about the other helpers than about
     the job, so the runners' figure is also given from CPU time: `loads` CPU seconds (the
     policies' loads, one core) and the rest spread over a 2-core runner's two workers."""
+    runs = f" (median of {r['repeat']})" if r.get("repeat", 1) > 1 else ""
     lines = [
-        "| job | alone: wall | alone: CPU | alone: peak RSS | all at once: wall | "
+        f"| job | alone{runs}: wall | alone: CPU | alone: peak RSS | all at once: wall | "
         "all at once: peak RSS | partial |",
         "|---|--:|--:|--:|--:|--:|--:|",
     ]
@@ -492,7 +519,7 @@ def shard_table(r: dict[str, Any], shards: int, loads: float) -> str:
         "",
         "| measure | value |",
         "|---|---|",
-        f"| {shards} jobs one after another (sum of walls) | "
+        f"| {shards} jobs one after another (sum of the walls{runs}) | "
         f"{sum(a[0] for a in r['serial']):.1f} s |",
         f"| {shards} jobs all at once on this machine (wall) | "
         + (
@@ -811,6 +838,12 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=0, help="issue 19: the plan as N jobs")
     ap.add_argument("--check", action="store_true", help="with --shards: compare with one job")
     ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="with --shards: run every job alone and the merge N times; record the medians",
+    )
+    ap.add_argument(
         "--one-job",
         action="store_true",
         help="with --shards: run only shard 1 (alone), for sizes where every job will not fit",
@@ -885,7 +918,7 @@ def main() -> None:
                 print(f"wrote {RESULTS / 'plan_shard.md'}")
             return
         if args.shards:
-            r = sharded(root, args.inventory, args.against, args.shards, args.check)
+            r = sharded(root, args.inventory, args.against, args.shards, args.check, args.repeat)
             if truth:
                 steps, _stats = truth_phases(root, False)
             else:
